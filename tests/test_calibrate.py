@@ -18,15 +18,16 @@ from vramcalc.cli import app
 from vramcalc.commands import calibrate as calibrate_cmd
 from vramcalc.errors import NoGpuError
 from vramcalc.estimate import CUDA_CONTEXT, estimate
+from vramcalc.optimizer import optimizer_bytes
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ModelSpec, get_spec
-from vramcalc.static_bytes import (
+from vramcalc.trainable import lora_param_bytes
+from vramcalc.weights import (
     DYNAMIC_MAP_BYTES,
     NESTED_BLOCKSIZE,
     NF4_BLOCKSIZE,
-    optimizer_bytes,
     rounded,
-    static_bytes,
+    weight_bytes,
 )
 
 MiB = 2**20
@@ -63,9 +64,9 @@ def test_measured_static_bytes_equal_estimator(tiny_measured: tuple[TrainPlan, d
     plan, result = tiny_measured
     assert result["oom"] is False
     got = result["static_after_peft"]
-    st = static_bytes(TINY, plan)
-    assert got["base_weights"] == st.quantized_weights  # packed nf4: numel / 2 per Linear
-    assert got["lora"] == st.lora_params  # fp32 A (r x in) and B (out x r)
+    st = weight_bytes(TINY, plan)
+    assert got["base_weights"] == st.base_weights  # packed nf4: numel / 2 per Linear
+    assert got["lora"] == lora_param_bytes(TINY, plan)  # fp32 A (r x in) and B (out x r)
     assert got["unquantized"] == st.unquantized_params  # embeddings, lm_head, norms in fp32
     assert result["optimizer_state_bytes"] == {
         "device": optimizer_bytes(TINY, plan).device, "paged": 0,
@@ -87,7 +88,7 @@ def test_measured_quant_constants_match_per_tensor(tiny_measured: tuple[TrainPla
         rounded_sum += sum(rounded(t) for t in tensors)
     layers = TINY.num_hidden_layers
     assert result["static_after_peft"]["quant_constants"] == layers * exact
-    assert static_bytes(TINY, plan).quant_constants == layers * rounded_sum
+    assert weight_bytes(TINY, plan).quant_constants == layers * rounded_sum
 
 
 # ---- store -----------------------------------------------------------------------------------
@@ -360,7 +361,7 @@ def test_measure_point_on_gpu_matches_static_bytes() -> None:
 
     plan = TrainPlan(batch_size=1, seq_len=64, optimizer="adamw_torch")
     result = measure_point(TINY, plan, None, steps=1, device="cuda")
-    st = static_bytes(TINY, plan)
-    assert result["static_after_peft"]["base_weights"] == st.quantized_weights
-    assert result["static_after_peft"]["lora"] == st.lora_params
-    assert result["peak_allocated_bytes"] > st.quantized_weights + st.lora_params
+    st = weight_bytes(TINY, plan)
+    assert result["static_after_peft"]["base_weights"] == st.base_weights
+    assert result["static_after_peft"]["lora"] == lora_param_bytes(TINY, plan)
+    assert result["peak_allocated_bytes"] > st.base_weights + lora_param_bytes(TINY, plan)

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from vramcalc.estimate import COMPONENTS, CUDA_CONTEXT, estimate
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ModelSpec, get_spec
-from vramcalc.static_bytes import quant_constant_bytes, quantized_weight_bytes, static_bytes
+from vramcalc.trainable import lora_param_bytes
+from vramcalc.weights import quant_constant_bytes, quantized_weight_bytes, weight_bytes
 
 TINY = ModelSpec(
     name="tiny", model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=128,
@@ -29,8 +30,8 @@ def test_nf4_bytes_written_out() -> None:
 
 def test_double_quant_is_smaller_for_a_real_model() -> None:
     spec = get_spec("llama-2-7b")
-    dq = static_bytes(spec, TrainPlan(double_quant=True)).quant_constants
-    single = static_bytes(spec, TrainPlan(double_quant=False)).quant_constants
+    dq = weight_bytes(spec, TrainPlan(double_quant=True)).quant_constants
+    single = weight_bytes(spec, TrainPlan(double_quant=False)).quant_constants
     assert dq < single
     # ~0.127 vs 0.5 bits per parameter (QLoRA paper, section 3)
     n = spec.quantizable_params()
@@ -39,26 +40,27 @@ def test_double_quant_is_smaller_for_a_real_model() -> None:
 
 
 def test_tiny_static_bytes_by_hand() -> None:
-    s = static_bytes(TINY, TrainPlan(rank=4))
+    s = weight_bytes(TINY, TrainPlan(rank=4))
+    adapters = lora_param_bytes(TINY, TrainPlan(rank=4))
     # per layer: q 64x64, k 64x32, v 64x32, o 64x64, gate/up 64x128, down 128x64
     numels = [4096, 2048, 2048, 4096, 8192, 8192, 8192]
     packed = sum(max(512, -(-n // 2 // 512) * 512) for n in numels)
-    assert s.quantized_weights == 2 * packed
+    assert s.base_weights == 2 * packed
     # embeddings + untied lm_head in fp32 = 2 x 1000 x 64 x 4; norms 2/layer + final, 256 B -> 512
     assert s.unquantized_params == 2 * 256000 + (2 * 2 + 1) * 512
     # LoRA: A r x in and B out x r, fp32
     lora = sum(4 * 4 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64),
                                             (64, 128), (64, 128), (128, 64)])
-    assert s.lora_params == 2 * sum(
+    assert adapters == 2 * sum(
         max(512, -(-4 * 4 * x // 512) * 512) for x in (64, 64, 64, 32, 64, 32, 64, 64,
                                                          64, 128, 64, 128, 128, 64)
     )
-    assert s.lora_params >= lora
+    assert adapters >= lora
 
 
 def test_components_add_up_and_totals_are_ordered() -> None:
     est = estimate(get_spec("llama-3.1-8b"), TrainPlan(batch_size=4))
-    assert set(est.components) == set(COMPONENTS)
+    assert {name for name, _ in est.components.items()} == set(COMPONENTS)
     assert est.total == est.peak_device_bytes
     assert est.peak_allocated_bytes < est.peak_reserved_bytes < est.peak_device_bytes
     assert est.peak_allocated_bytes < est.required_device_bytes <= est.peak_device_bytes
@@ -118,9 +120,9 @@ def test_optimizer_ordering(optimizer: str) -> None:
 
 def test_quant_none_is_bf16_weights() -> None:
     spec = get_spec("llama-2-7b")
-    s = static_bytes(spec, TrainPlan(quant="none"))
+    s = weight_bytes(spec, TrainPlan(quant="none"))
     assert s.quant_constants == 0
-    assert s.quantized_weights == pytest.approx(2 * spec.quantizable_params(), rel=1e-4)
+    assert s.base_weights == pytest.approx(2 * spec.quantizable_params(), rel=1e-4)
 
 
 def test_fits_calls_match_the_h100_boundary_runs() -> None:

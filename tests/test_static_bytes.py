@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import pytest
 
+from vramcalc.optimizer import optimizer_bytes
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ModelSpec
-from vramcalc.static_bytes import optimizer_bytes, rounded, static_bytes
+from vramcalc.trainable import lora_param_bytes
+from vramcalc.weights import rounded, weight_bytes
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -61,7 +63,7 @@ def _load(spec: ModelSpec, plan: TrainPlan, tmp_path) -> object:  # type: ignore
 def _measured(model) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """Allocated bytes by component, each distinct storage counted once, rounded to 512."""
     seen: set[int] = set()
-    out = {"quantized_weights": 0, "quant_constants": 0, "unquantized_params": 0, "lora": 0}
+    out = {"base_weights": 0, "quant_constants": 0, "unquantized_params": 0, "lora": 0}
 
     def add(key: str, t) -> None:  # type: ignore[no-untyped-def]
         if t is None or not hasattr(t, "untyped_storage"):
@@ -76,7 +78,7 @@ def _measured(model) -> dict[str, int]:  # type: ignore[no-untyped-def]
         if "lora_" in name:
             add("lora", p)
         elif p.__class__.__name__ == "Params4bit":
-            add("quantized_weights", p)
+            add("base_weights", p)
             qs = p.quant_state
             for t in (qs.absmax, qs.code, qs.offset):
                 add("quant_constants", t)
@@ -104,11 +106,11 @@ def test_static_bytes_match_real_tensors(spec_kwargs, plan, tmp_path) -> None:  
     spec = ModelSpec(**spec_kwargs)
     model = _load(spec, plan, tmp_path)
     measured = _measured(model)
-    est = static_bytes(spec, plan)
-    assert est.quantized_weights == measured["quantized_weights"]
+    est = weight_bytes(spec, plan)
+    assert est.base_weights == measured["base_weights"]
     assert est.quant_constants == measured["quant_constants"]
     assert est.unquantized_params == measured["unquantized_params"]
-    assert est.lora_params == measured["lora"]
+    assert lora_param_bytes(spec, plan) == measured["lora"]
 
 
 def test_adamw_torch_states_match_a_real_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -128,4 +130,4 @@ def test_adamw_torch_states_match_a_real_step(tmp_path) -> None:  # type: ignore
     )
     assert optimizer_bytes(spec, plan).device == state
     grads = sum(rounded(p.grad.numel() * p.grad.element_size()) for p in params)
-    assert grads == static_bytes(spec, plan).lora_params
+    assert grads == lora_param_bytes(spec, plan)

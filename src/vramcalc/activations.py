@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ModelSpec
-from vramcalc.static_bytes import DTYPE_BYTES, lora_targets
+from vramcalc.trainable import lora_targets
+from vramcalc.weights import DTYPE_BYTES
 
 SOFTMAX_BYTES_PER_SCORE = 4 + 2  # fp32 softmax output + its bf16 copy (eager_attention_forward)
 SOFTCAP_BYTES_PER_SCORE = 2

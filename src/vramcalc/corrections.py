@@ -30,22 +30,24 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vramcalc.estimate import CUDA_CONTEXT, Estimate
+from vramcalc.allocator import CUDA_CONTEXT
+from vramcalc.result import Components, Estimate
 
 SCHEMA_VERSION = 1
 FILE_KIND = "vramcalc-corrections"
 
 # Components that `k_act` leaves alone (bytes the estimator counts tensor by tensor).
 STATIC_COMPONENTS: tuple[str, ...] = (
-    "quantized_weights",
+    "base_weights",
     "quant_constants",
     "unquantized_params",
-    "lora_params",
+    "expert_weights",
+    "adapter_weights",
     "optimizer_states",
     "cublas_workspace",
 )
 # Components that `k_act` scales: the per-step part of the peak allocated bytes.
-DYNAMIC_COMPONENTS: tuple[str, ...] = ("lora_gradients", "activations", "logits_loss", "transient")
+DYNAMIC_COMPONENTS: tuple[str, ...] = ("gradients", "activations", "logits_loss", "transient")
 
 # calibration/corrections.json of a source checkout (src/vramcalc/ -> repo root).
 REPO_CORRECTIONS = Path(__file__).resolve().parents[2] / "calibration" / "corrections.json"
@@ -141,7 +143,7 @@ def static_part(est: Estimate) -> int:
 
 def corrected(est: Estimate, c: Corrections) -> Estimate:
     """`est` with the fitted factors applied; components still add up to peak device."""
-    comps = dict(est.components)
+    comps = dict(est.components.items())
     static = static_part(est)
     dynamic = est.peak_allocated_bytes - static
     for name in DYNAMIC_COMPONENTS:
@@ -166,7 +168,7 @@ def corrected(est: Estimate, c: Corrections) -> Estimate:
     }
     return est.model_copy(
         update={
-            "components": comps,
+            "components": Components(**comps),
             "phases": phases,
             "peak_allocated_bytes": peak_alloc,
             "peak_reserved_bytes": peak_reserved,

@@ -7,24 +7,27 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from vramcalc.estimate import COMPONENTS, Estimate
 from vramcalc.plan_settings import TrainPlan
+from vramcalc.result import COMPONENTS, Estimate
 
 GiB = 2**30
 BAR_WIDTH = 24
 
 LABELS = {
-    "quantized_weights": "quantized base weights",
+    "base_weights": "quantized base weights",
     "quant_constants": "quantization constants",
     "unquantized_params": "unquantized params (emb, lm_head, norms)",
-    "lora_params": "LoRA parameters",
-    "lora_gradients": "LoRA gradients",
+    "expert_weights": "MoE experts (not quantized)",
+    "adapter_weights": "LoRA parameters",
+    "gradients": "LoRA gradients",
     "optimizer_states": "optimizer states",
     "optimizer_paged": "optimizer states (paged, managed)",
     "activations": "activations",
+    "kv_cache": "KV cache",
     "logits_loss": "logits + loss",
     "transient": "transients (dequant, casts, grads)",
     "cublas_workspace": "cuBLAS workspaces",
+    "comm_buffers": "communication buffers",
     "allocator_slack": "allocator slack (reserved - allocated)",
     "cuda_context": "CUDA context + kernels",
 }
@@ -40,7 +43,7 @@ def estimate_to_dict(est: Estimate, plan: TrainPlan) -> dict[str, Any]:
         "params": est.params,
         "trainable_params": est.trainable_params,
         "plan": plan.model_dump(mode="json"),
-        "components": est.components,
+        "components": dict(est.components.items()),
         "phases": est.phases,
         "peak_phase": est.peak_phase,
         "peak_allocated_bytes": est.peak_allocated_bytes,
@@ -58,7 +61,7 @@ def breakdown_table(est: Estimate, title: str) -> Table:
     table.add_column("", no_wrap=True)
     peak = max(est.peak_device_bytes, 1)
     for name in COMPONENTS:
-        nbytes = est.components.get(name, 0)
+        nbytes = est.components[name]
         if nbytes == 0:
             continue
         share = nbytes / peak

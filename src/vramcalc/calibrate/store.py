@@ -65,7 +65,7 @@ class Prediction(BaseModel):
     @classmethod
     def of(cls, est: Estimate) -> Prediction:
         return cls(
-            components=dict(est.components),
+            components=dict(est.components.items()),
             peak_phase=est.peak_phase,
             peak_allocated_bytes=est.peak_allocated_bytes,
             peak_reserved_bytes=est.peak_reserved_bytes,

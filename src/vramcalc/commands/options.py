@@ -107,7 +107,7 @@ def build_plan(
 
 def validate_targets(spec: ModelSpec, plan: TrainPlan) -> None:
     """Fail early (one PlanError line) on a target module the model does not have."""
-    from vramcalc.static_bytes import lora_targets
+    from vramcalc.trainable import lora_targets
 
     lora_targets(spec, plan)
 

@@ -1,4 +1,4 @@
-"""Bytes of the tensors that live for the whole run: weights, quant constants, LoRA, optimizer.
+"""Bytes of the model's weights by storage: 4-bit / int8 quantized, 16-bit, never quantized.
 
 Every function returns what torch's caching allocator counts as *allocated*: each tensor's
 size rounded up to 512 bytes (c10/cuda/CUDACachingAllocator.cpp, kMinBlockSize = 512).
@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramcalc.errors import PlanError
 from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import LinearShape, ModelSpec
+from vramcalc.specs import ModelSpec
 
 ALLOC_ROUND = 512  # CUDACachingAllocator kMinBlockSize: every block is a multiple of 512 B
 
@@ -21,10 +20,6 @@ NF4_BLOCKSIZE = 64  # bitsandbytes functional.quantize_4bit: blocksize defaults 
 NESTED_BLOCKSIZE = 256  # QuantState compress_statistics -> quantize_blockwise(absmax, 256)
 CODE_4BIT_BYTES = 16 * 4  # functional.get_4bit_type: 16 fp32 entries, one per Linear
 DYNAMIC_MAP_BYTES = 256 * 4  # functional.create_dynamic_map: 256 fp32 entries
-
-ADAM_8BIT_MIN_SIZE = 4096  # bnb optim.Optimizer8bit min_8bit_size: smaller tensors stay 32-bit
-ADAM_8BIT_BLOCKSIZE = 256  # bnb blockwise 8-bit optimizer states: one fp32 absmax per 256
-PAGED_MIN_NUMEL = 100_000  # bnb Optimizer8bit.get_state_buffer: numel < 1e5 is never paged
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -73,13 +68,13 @@ def quant_constant_bytes(numel: int, out_features: int, quant: str, double_quant
 
 
 @dataclass(frozen=True)
-class StaticBytes:
-    """Allocated bytes of everything that exists from load to the end of training."""
+class WeightBytes:
+    """Allocated bytes of the model's own tensors after loading (and kbit preparation)."""
 
-    quantized_weights: int  # packed base Linear weights (or bf16 ones with quant none)
+    base_weights: int  # block Linear weights: packed 4-bit, int8, or 16/32-bit
     quant_constants: int
-    unquantized_params: int  # embeddings, lm_head, norms, biases, experts
-    lora_params: int
+    unquantized_params: int  # embeddings, lm_head, norms, biases
+    expert_weights: int  # MoE experts (3-D tensors bitsandbytes does not quantize)
     buffers: int  # rotary inv_freq and the like
 
 
@@ -100,13 +95,18 @@ def _small_param_tensors(spec: ModelSpec) -> list[int]:
             tensors += [spec.q_size, spec.kv_size]
         else:
             tensors += [spec.head_size, spec.head_size]
-    if spec.is_moe:
-        tensors.append(spec.expert_params_per_layer())
     return tensors
 
 
+def expert_bytes(spec: ModelSpec, dtype_bytes: int) -> int:
+    """One layer's MoE expert tensors and router (transformers 5: fused 3-D parameters)."""
+    if not spec.is_moe:
+        return 0
+    return rounded(spec.expert_params_per_layer() * dtype_bytes)
+
+
 def unquantized_param_bytes(spec: ModelSpec, dtype_bytes: int) -> int:
-    """Embeddings, untied lm_head, final norm and every per-layer small tensor."""
+    """Embeddings, untied lm_head, final norm and every per-layer small tensor (no experts)."""
     total = rounded(spec.embedding_params() * dtype_bytes)
     if not spec.tie_word_embeddings:
         total += rounded(spec.vocab_size * spec.hidden_size * dtype_bytes)
@@ -122,101 +122,11 @@ def rotary_buffer_bytes(spec: ModelSpec) -> int:
     return rounded(4 * (spec.head_size // 2))
 
 
-# ---- LoRA ---------------------------------------------------------------------------------
+# ---- all weights ---------------------------------------------------------------------
 
 
-def lora_targets(spec: ModelSpec, plan: TrainPlan) -> list[LinearShape]:
-    """The block Linears LoRA wraps. 'all-linear' is every Linear in the blocks, never
-    lm_head (peft utils/other.py _maybe_include_all_linear_layers)."""
-    linears = spec.block_linears()
-    if plan.targets == "all-linear":
-        return linears
-    names = {lin.name for lin in linears}
-    wanted = plan.target_list()
-    unknown = [w for w in wanted if w not in names]
-    if unknown:
-        raise PlanError(
-            f"unknown target module {', '.join(repr(u) for u in unknown)} for "
-            f"{spec.name}; valid: all-linear or a comma list of {', '.join(sorted(names))}"
-        )
-    return [lin for lin in linears if lin.name in wanted]
-
-
-def lora_tensor_numels(spec: ModelSpec, plan: TrainPlan) -> list[int]:
-    """numel of every trainable tensor in one layer: A (r x in), B (out x r), DoRA
-    magnitude (out) (peft tuners/lora/layer.py update_layer)."""
-    out: list[int] = []
-    for lin in lora_targets(spec, plan):
-        out += [plan.rank * lin.in_features, lin.out_features * plan.rank]
-        if plan.use_dora:
-            out.append(lin.out_features)
-    return out
-
-
-def lora_param_count(spec: ModelSpec, plan: TrainPlan) -> int:
-    return spec.num_hidden_layers * sum(lora_tensor_numels(spec, plan))
-
-
-def lora_param_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
-    """LoRA weights are fp32 (peft autocast_adapter_dtype=True upcasts bf16 adapters)."""
-    per_layer = sum(rounded(4 * n) for n in lora_tensor_numels(spec, plan))
-    return spec.num_hidden_layers * per_layer
-
-
-# ---- optimizer ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OptimizerBytes:
-    device: int  # allocated through torch (counted by max_memory_allocated)
-    paged: int  # cudaMallocManaged by bitsandbytes: outside torch's statistics
-    step_transient: int  # extra allocated while optimizer.step() runs
-
-
-def _adam8bit_state(numel: int) -> int:
-    """Two uint8 states + one fp32 absmax per 256-block each (bnb 8-bit blockwise Adam)."""
-    if numel < ADAM_8BIT_MIN_SIZE:
-        return 2 * rounded(4 * numel)
-    absmax = rounded(4 * ceil_div(numel, ADAM_8BIT_BLOCKSIZE))
-    return 2 * (rounded(numel) + absmax)
-
-
-def optimizer_bytes(spec: ModelSpec, plan: TrainPlan) -> OptimizerBytes:
-    """Optimizer state of the LoRA parameters after the first step.
-
-    adamw_torch / _fused: exp_avg + exp_avg_sq, fp32 (torch/optim/adamw.py); the foreach
-    implementation allocates one fp32 copy of the params while stepping (measured).
-    adamw_8bit / paged_adamw_8bit: bnb blockwise 8-bit states; paged_* put tensors of
-    >= 1e5 elements in managed memory. sgd without momentum keeps no state.
-    """
-    numels = lora_tensor_numels(spec, plan)
-    layers = spec.num_hidden_layers
-    opt = plan.optimizer
-    if opt == "sgd":
-        return OptimizerBytes(0, 0, 0)
-    if opt in ("adamw_torch", "adamw_torch_fused"):
-        device = layers * sum(2 * rounded(4 * n) for n in numels)
-        fused_steps = layers * len(numels) * rounded(4) if opt == "adamw_torch_fused" else 0
-        transient = lora_param_bytes(spec, plan) if opt == "adamw_torch" else 0
-        return OptimizerBytes(device + fused_steps, 0, transient)
-    paged_flag = opt.startswith("paged_")
-    eight_bit = opt.endswith("8bit")
-    device = paged = 0
-    for n in numels:
-        state = _adam8bit_state(n) if eight_bit else 2 * rounded(4 * n)
-        if paged_flag and n >= PAGED_MIN_NUMEL:
-            paged += state
-        else:
-            device += state
-    shared_maps = 2 * rounded(DYNAMIC_MAP_BYTES) if eight_bit else 0
-    return OptimizerBytes(layers * device + shared_maps, layers * paged, 0)
-
-
-# ---- all static --------------------------------------------------------------------------
-
-
-def static_bytes(spec: ModelSpec, plan: TrainPlan) -> StaticBytes:
-    """Static tensors after prepare_model_for_kbit_training + get_peft_model."""
+def weight_bytes(spec: ModelSpec, plan: TrainPlan) -> WeightBytes:
+    """The model's tensors after from_pretrained (+ prepare_model_for_kbit_training)."""
     layers = spec.num_hidden_layers
     linears = spec.block_linears()
     if plan.quant == "none":
@@ -225,6 +135,7 @@ def static_bytes(spec: ModelSpec, plan: TrainPlan) -> StaticBytes:
         constants = 0
         # plain LoRA skips prepare_model_for_kbit_training: everything stays in the load dtype
         unquantized = unquantized_param_bytes(spec, wbytes)
+        experts = layers * expert_bytes(spec, wbytes)
     else:
         weights = layers * sum(quantized_weight_bytes(lin.weight_numel, plan.quant)
                                for lin in linears)
@@ -236,10 +147,11 @@ def static_bytes(spec: ModelSpec, plan: TrainPlan) -> StaticBytes:
         # prepare_model_for_kbit_training casts every non-Params4bit fp16/bf16 param to fp32
         # (peft utils/other.py); Int8Params are int8, so only the rest is upcast.
         unquantized = unquantized_param_bytes(spec, 4)
-    return StaticBytes(
-        quantized_weights=weights,
+        experts = layers * expert_bytes(spec, 4)
+    return WeightBytes(
+        base_weights=weights,
         quant_constants=constants,
         unquantized_params=unquantized,
-        lora_params=lora_param_bytes(spec, plan),
+        expert_weights=experts,
         buffers=rotary_buffer_bytes(spec),
     )
