@@ -10,7 +10,17 @@ import typer
 from pydantic import ValidationError
 
 from vramcalc.errors import PlanError
-from vramcalc.plan_settings import ATTENTIONS, COMPUTE_DTYPES, OPTIMIZERS, QUANTS, TrainPlan
+from vramcalc.plan_settings import (
+    ATTENTIONS,
+    COMPUTE_DTYPES,
+    LOOPS,
+    METHODS,
+    MOE_EXPERTS,
+    OPTIMIZERS,
+    QUANTS,
+    WEIGHTS_DTYPES,
+    TrainPlan,
+)
 from vramcalc.specs import ModelSpec
 
 R = TypeVar("R")
@@ -31,7 +41,36 @@ DropoutOpt = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout 
 DoraOpt = Annotated[bool, typer.Option("--dora/--no-dora", help="DoRA magnitude vectors.")]
 BatchOpt = Annotated[int, typer.Option("--batch", "-b", help="Per-device batch size.")]
 SeqOpt = Annotated[int, typer.Option("--seq-len", "-s", help="Tokens per sequence (packed).")]
-QuantOpt = Annotated[str, typer.Option("--quant", help=f"Base weights: {'|'.join(QUANTS)}.")]
+MethodOpt = Annotated[
+    str | None,
+    typer.Option("--method", help=f"{'|'.join(METHODS)}: quantized base + LoRA, 16-bit base + "
+                 "LoRA, or every parameter trained. Default: qlora, or lora with --quant none."),
+]
+QuantOpt = Annotated[
+    str | None,
+    typer.Option("--quant", help=f"Base weights: {'|'.join(QUANTS)} (default nf4 for qlora, "
+                 "none for lora and full)."),
+]
+WeightsDtypeOpt = Annotated[
+    str | None,
+    typer.Option("--weights-dtype", help=f"Dtype the 16-bit base is loaded in: "
+                 f"{'|'.join(WEIGHTS_DTYPES)} (default: the compute dtype; fp32 with "
+                 "--method full = fp32 master weights under autocast)."),
+]
+LoopOpt = Annotated[
+    str, typer.Option("--loop", help=f"Training loop: {'|'.join(LOOPS)} (HF Trainer or a plain "
+                      "PyTorch loop).")
+]
+ExpandableOpt = Annotated[
+    bool | None,
+    typer.Option("--expandable-segments/--no-expandable-segments",
+                 help="Plan for PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (default: "
+                 "what the environment variable says)."),
+]
+MoeExpertsOpt = Annotated[
+    str, typer.Option("--moe-experts", help=f"MoE experts: {'|'.join(MOE_EXPERTS)} "
+                      "(transformers 5 leaves 3-D experts unquantized).")
+]
 DoubleQuantOpt = Annotated[
     bool, typer.Option("--double-quant/--no-double-quant", help="Quantize the absmax constants.")
 ]
@@ -62,8 +101,21 @@ def _one_of(name: str, value: str, valid: tuple[str, ...]) -> str:
     return value
 
 
+def expandable_from_env() -> bool:
+    """Whether PYTORCH_CUDA_ALLOC_CONF turns expandable segments on."""
+    import os
+
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower()
+    return "expandable_segments:true" in conf
+
+
 def build_plan(
     *,
+    method: str | None = None,
+    weights_dtype: str | None = None,
+    loop: str = "trainer",
+    expandable_segments: bool | None = None,
+    moe_experts: str = "unquantized",
     rank: int,
     alpha: float,
     targets: str,
@@ -71,7 +123,7 @@ def build_plan(
     dora: bool,
     batch: int,
     seq_len: int,
-    quant: str,
+    quant: str | None,
     double_quant: bool,
     compute_dtype: str,
     optimizer: str,
@@ -84,8 +136,21 @@ def build_plan(
             raise PlanError(f"{name} must be a positive integer, got {value}")
     if not 0.0 <= lora_dropout < 1.0:
         raise PlanError(f"--lora-dropout must be in [0, 1), got {lora_dropout}")
+    extra: dict[str, Any] = {}
+    if method is not None:
+        extra["method"] = _one_of("method", method, METHODS)
+    if quant is not None:
+        extra["quant"] = _one_of("quantization", quant, QUANTS)
+    if weights_dtype is not None:
+        extra["weights_dtype"] = _one_of("weights dtype", weights_dtype, WEIGHTS_DTYPES)
+    if expandable_segments is None:
+        expandable_segments = expandable_from_env()
     try:
         return TrainPlan(
+            **extra,
+            loop=_one_of("loop", loop, LOOPS),  # type: ignore[arg-type]
+            expandable_segments=expandable_segments,
+            moe_experts=_one_of("moe experts", moe_experts, MOE_EXPERTS),  # type: ignore[arg-type]
             rank=rank,
             alpha=alpha,
             targets=targets,
@@ -93,7 +158,6 @@ def build_plan(
             use_dora=dora,
             batch_size=batch,
             seq_len=seq_len,
-            quant=_one_of("quantization", quant, QUANTS),  # type: ignore[arg-type]
             double_quant=double_quant,
             compute_dtype=_one_of("compute dtype", compute_dtype, COMPUTE_DTYPES),  # type: ignore[arg-type]
             optimizer=_one_of("optimizer", optimizer, OPTIMIZERS),  # type: ignore[arg-type]
@@ -102,7 +166,8 @@ def build_plan(
         )
     except ValidationError as err:
         first = err.errors()[0]
-        raise PlanError(f"--{first['loc'][0]}: {first['msg']}") from None
+        where = f"--{first['loc'][0]}: " if first["loc"] else ""
+        raise PlanError(f"{where}{first['msg'].removeprefix('Value error, ')}") from None
 
 
 def validate_targets(spec: ModelSpec, plan: TrainPlan) -> None:
@@ -116,6 +181,7 @@ def validate_targets(spec: ModelSpec, plan: TrainPlan) -> None:
 
 # name -> (annotated type, default), in --help order; the defaults are the seeds' recipe.
 PLAN_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "method": (MethodOpt, None),
     "rank": (RankOpt, 16),
     "alpha": (AlphaOpt, 32.0),
     "targets": (TargetsOpt, "all-linear"),
@@ -123,12 +189,16 @@ PLAN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "dora": (DoraOpt, False),
     "batch": (BatchOpt, 1),
     "seq_len": (SeqOpt, 512),
-    "quant": (QuantOpt, "nf4"),
+    "quant": (QuantOpt, None),
     "double_quant": (DoubleQuantOpt, True),
     "compute_dtype": (ComputeOpt, "bf16"),
     "optimizer": (OptimizerOpt, "paged_adamw_8bit"),
     "gradient_checkpointing": (CheckpointOpt, True),
     "attn": (AttnOpt, "sdpa"),
+    "weights_dtype": (WeightsDtypeOpt, None),
+    "loop": (LoopOpt, "trainer"),
+    "expandable_segments": (ExpandableOpt, None),
+    "moe_experts": (MoeExpertsOpt, "unquantized"),
 }
 
 
