@@ -318,3 +318,17 @@ def test_models_table() -> None:
     assert "qwen2.5-0.5b" in out and "494 M" in out
     assert "32 / 8" in out
     assert f"{len(catalog())} models" in err
+
+
+@pytest.mark.parametrize("spec", catalog(), ids=lambda s: s.name)
+def test_typed_features_match_what_the_importer_derives(spec: ModelSpec) -> None:
+    """hidden_act, dropouts, softcapping and max positions of every catalog spec are what
+    the config importer reads from the same config (a falcon spec that said gelu_new, or a
+    phi-2 spec without its residual dropout, fails here)."""
+    from vramcalc.hf_config import spec_from_hf_config
+
+    imported = spec_from_hf_config(spec.to_hf_config(), spec.name, name=spec.name)
+    for field in ("hidden_act", "resid_dropout", "embd_dropout", "attention_dropout",
+                  "attn_logit_softcapping", "final_logit_softcapping",
+                  "max_position_embeddings"):
+        assert getattr(imported, field) == getattr(spec, field), field

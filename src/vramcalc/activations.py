@@ -1,34 +1,46 @@
-"""Bytes autograd keeps alive during a training step, per token and per layer.
+"""Bytes autograd keeps alive during a training step, per token and per layer, by method.
 
-What a decoder layer saves for backward under the canonical QLoRA recipe, read from the
-sources and checked against H100 measurements (docs/memory-model.md):
+What a decoder layer saves for backward, read from the sources (transformers 5.x
+modeling_*.py, peft 0.21 tuners/lora/{layer,bnb}.py, bitsandbytes 0.50 autograd/_functions.py,
+torch 2.11 autograd formulas) and counted with `saved_tensors_hooks` on tiny models on CPU
+(tests/test_saved_activations.py). Notation: h hidden, q = heads x head_dim, kv = kv heads
+x head_dim, I intermediate, r rank; bytes per token.
 
-- The residual stream is fp32: prepare_model_for_kbit_training upcasts embeddings and
-  norms (peft utils/other.py), autocast only lowers matmul inputs, and bitsandbytes
-  Linear4bit.forward returns `.to(inp_dtype)` (nn/modules.py), so base Linear outputs on
-  an fp32 input are fp32 too. Plain LoRA (no quantization) keeps the load dtype.
-- bnb MatMul4Bit saves no input (autograd/_functions.py: `ctx.tensors = (None, B)`), nor
-  does a frozen nn.Linear; frozen norm weights make `weight * x` save only the weight.
-- RMSNorm / LayerNorm save their input (one residual-width tensor per norm).
-- Each LoRA module saves the dropout mask (bool, 1 B per input element), the bf16 cast of
-  the dropped input that lora_A's autocast matmul keeps, and lora_A's bf16 output (r wide)
-  (peft tuners/lora/bnb.py Linear4bit.forward).
-- sdpa / flash keep bf16 q, k, v, the output and the log-sum-exp (O(T)); eager keeps the
-  fp32 softmax output and its bf16 copy per score (6 B x batch x heads x S^2 per layer).
-- Gated MLP: gate output, activation output and up output (3 x I residual-width); phi-2's
-  python `gelu_new` keeps 4 x I, a fused gelu 1 x I.
+Dtypes. `residual`: the dtype of the hidden states between modules. QLoRA / int8: fp32,
+because prepare_model_for_kbit_training upcasts embeddings and norms (peft utils/other.py),
+autocast only lowers matmul inputs, and bitsandbytes returns `.to(inp_dtype)` (4-bit) or
+`A.dtype` (int8) outputs. 16-bit LoRA and full fine-tuning: the load dtype (bf16, or fp32
+for fp32 master weights). `mlp`: the dtype of base Linear outputs: the residual dtype for
+bitsandbytes layers, the compute dtype for nn.Linear under autocast.
+
+- Norms: RMSNorm (`hidden_states.to(torch.float32)` then pow/mul) keeps an fp32 copy of its
+  input (4h); LayerNorm under autocast runs in fp32 and keeps the fp32 cast (4h). When the
+  norm weight trains (full), `weight * normed` also keeps the normalized tensor.
+- Base Linear: a 4-bit layer (MatMul4Bit) and a frozen nn.Linear keep nothing; an int8
+  layer (MatMul8bitLt) keeps its input A (`ctx.tensors = (CAt, subA, A)`); a trained
+  Linear keeps its compute-dtype input for the weight gradient (one autocast copy per
+  Linear when the input is not already in the compute dtype, one shared tensor otherwise).
+- LoRA module: the dropout mask (bool, 1 B) and the dropout's output (residual dtype; the
+  compute-dtype cast lora_A's autocast matmul keeps when they differ), lora_A's output
+  (compute dtype, r wide). Without dropout (Identity) the input itself is kept.
+- sdpa / flash: q, k, v, output (compute dtype) and the fp32 log-sum-exp per head. eager:
+  repeated k/v for the matmuls, 6 B per score (fp32 softmax + its compute-dtype copy).
+- MLP: the activation keeps `ACTIVATION_SAVED_TENSORS[hidden_act]` intermediate-wide
+  tensors; a gated MLP's product keeps the activation output and the up projection.
+- Residual dropout (phi-2 resid_pdrop): a bool mask after attention and after the MLP.
 """
 
 from __future__ import annotations
 
 from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import ModelSpec
+from vramcalc.specs import ACTIVATION_SAVED_TENSORS, ModelSpec
 from vramcalc.trainable import lora_targets
 from vramcalc.weights import DTYPE_BYTES
 
 SOFTMAX_BYTES_PER_SCORE = 4 + 2  # fp32 softmax output + its bf16 copy (eager_attention_forward)
 SOFTCAP_BYTES_PER_SCORE = 2
 LSE_BYTES_PER_HEAD = 4  # flash / mem-efficient kernels keep one fp32 log-sum-exp per head
+NORM_FP32_BYTES = 4  # RMSNorm / autocast LayerNorm keep an fp32 copy of their input
 # Extra bytes per batch x S^2 that eager attention keeps alive at the end of the forward
 # under gradient checkpointing (the materialised causal mask and its copies), measured on
 # the H100 (calibration/raw/h100-run1.jsonl, llama-3.1-8b b2 s2048 eager): 12.8 B.
@@ -36,41 +48,140 @@ EAGER_MASK_BYTES_PER_BS2 = 12
 
 
 def residual_bytes(plan: TrainPlan) -> int:
-    """Bytes per element of the residual stream (fp32 after kbit preparation)."""
-    return 4 if plan.quant != "none" else DTYPE_BYTES[plan.compute_dtype]
+    """Bytes per element of the hidden states between modules."""
+    if plan.method == "qlora":
+        return 4  # fp32 after prepare_model_for_kbit_training
+    return DTYPE_BYTES[plan.load_dtype]
 
 
-def _mlp_saved_factor(spec: ModelSpec) -> int:
-    """How many I-wide residual-dtype tensors the MLP keeps (see module docstring)."""
-    if spec.is_moe or spec.mlp_layout in ("gated", "fused_gated"):
-        return 3
-    act = str(spec.extra_config.get("hidden_act", "gelu_new"))
-    return 4 if act in ("gelu_new", "gelu_pytorch_tanh_python") else 1
+def compute_bytes(plan: TrainPlan) -> int:
+    return DTYPE_BYTES[plan.compute_dtype]
+
+
+def mlp_bytes(plan: TrainPlan) -> int:
+    """Bytes per element of base Linear outputs (see module docstring)."""
+    if plan.method == "qlora":
+        return 4
+    return min(DTYPE_BYTES[plan.load_dtype], compute_bytes(plan))
+
+
+def _intermediate(spec: ModelSpec) -> int:
+    """Intermediate width one token passes through in the MLP (experts: top-k of them)."""
+    inter = spec.moe_intermediate_size or spec.intermediate_size
+    if spec.is_moe:
+        return inter * spec.num_experts_per_tok + spec.shared_expert_intermediate_size
+    return inter
+
+
+def _linear_inputs(spec: ModelSpec) -> dict[str, tuple[int, str]]:
+    """Each block Linear's input: (width, the tensor it reads). Linears that read the same
+    tensor (q/k/v from the input norm, gate/up from the second norm) share it."""
+    out: dict[str, tuple[int, str]] = {}
+    for lin in spec.block_linears():
+        if lin.role in ("q", "k", "v", "qkv"):
+            source = "norm1"
+        elif lin.role == "o":
+            source = "attn_out"
+        elif lin.role in ("gate", "up", "gate_up", "fc1"):
+            source = "norm2" if spec.norms_per_layer > 1 else "norm1"
+        else:
+            source = "mlp_act"
+        out[lin.name] = (lin.in_features, source)
+    return out
+
+
+def _source_dtype(source: str, plan: TrainPlan) -> int:
+    """Bytes per element of the tensor a Linear reads."""
+    if source == "attn_out":
+        return compute_bytes(plan)  # sdpa / eager output under autocast
+    if source == "mlp_act":
+        return mlp_bytes(plan)
+    return residual_bytes(plan)  # norm outputs are cast back to the input dtype
+
+
+def _lora_saved(spec: ModelSpec, plan: TrainPlan) -> int:
+    if not plan.is_lora:
+        return 0
+    c = compute_bytes(plan)
+    inputs = _linear_inputs(spec)
+    total = 0
+    shared: dict[str, int] = {}
+    for lin in lora_targets(spec, plan):
+        width, source = inputs[lin.name]
+        if plan.lora_dropout > 0:
+            # mask + the dropout output (or its compute-dtype cast, kept by lora_A's matmul)
+            total += (1 + c) * width
+        elif _source_dtype(source, plan) != c:
+            total += c * width  # each lora_A casts the input separately (not a leaf)
+        else:
+            shared[source] = c * width  # the input itself, once per distinct tensor
+        total += c * plan.rank  # lora_A output, kept by lora_B
+    return total + sum(shared.values())
+
+
+def _base_linear_saved(spec: ModelSpec, plan: TrainPlan) -> int:
+    """What the base Linears keep: nothing (4-bit, frozen 16-bit); the input (int8, full)."""
+    inputs = _linear_inputs(spec)
+    if plan.method == "full":
+        c = compute_bytes(plan)
+        total = 0
+        shared: dict[str, int] = {}
+        for width, source in inputs.values():
+            if _source_dtype(source, plan) != c:
+                total += c * width  # one autocast copy per Linear
+            else:
+                shared[source] = c * width
+        return total + sum(shared.values())
+    if plan.quant == "int8":
+        distinct = {source: width for width, source in inputs.values()}
+        return sum(_source_dtype(s, plan) * w for s, w in distinct.items())
+    return 0
+
+
+def _norms_saved(spec: ModelSpec, plan: TrainPlan) -> int:
+    h = spec.hidden_size
+    per_norm = NORM_FP32_BYTES * h
+    if plan.method == "full" and spec.norm == "rmsnorm":
+        # weight * normed keeps the normalized tensor for the weight's gradient; Gemma's
+        # `output * (1.0 + self.weight.float())` keeps it in fp32.
+        per_norm += (4 if spec.model_type.startswith("gemma") else residual_bytes(plan)) * h
+    total = spec.norms_per_layer * per_norm
+    if spec.qk_norm:
+        width = spec.q_size + spec.kv_size
+        total += NORM_FP32_BYTES * width
+        if plan.method == "full":
+            total += residual_bytes(plan) * width
+    return total
+
+
+def _attention_saved(spec: ModelSpec, plan: TrainPlan) -> int:
+    c = compute_bytes(plan)
+    if plan.attn == "eager":
+        return 3 * c * spec.q_size  # q, repeated k and v (repeat_kv) for the matmuls
+    return c * (spec.q_size + 2 * spec.kv_size) + c * spec.q_size + (
+        LSE_BYTES_PER_HEAD * spec.num_attention_heads
+    )
+
+
+def _mlp_saved(spec: ModelSpec, plan: TrainPlan) -> int:
+    per_act = ACTIVATION_SAVED_TENSORS.get(spec.hidden_act, 1)
+    gated = spec.is_moe or spec.mlp_layout in ("gated", "fused_gated")
+    tensors = per_act + 2 if gated else per_act
+    return tensors * mlp_bytes(plan) * _intermediate(spec)
 
 
 def layer_saved_bytes_per_token(spec: ModelSpec, plan: TrainPlan) -> int:
     """Bytes one decoder layer saves for backward, per token, without checkpointing
     (eager attention's S^2 scores are separate: `eager_scores_bytes`)."""
-    act = residual_bytes(plan)
-    h = spec.hidden_size
-    total = spec.norms_per_layer * act * h
-    if spec.qk_norm:
-        width = 2 * spec.head_size if spec.qk_norm_width == "head" else 0
-        total += act * (spec.q_size + spec.kv_size) + width
-    mask = 1 if plan.lora_dropout > 0 else 0
-    for lin in lora_targets(spec, plan):
-        total += (mask + 2) * lin.in_features + 2 * plan.rank
-    if plan.attn == "eager":
-        total += 6 * spec.q_size  # bf16 q, repeated k and v (repeat_kv) for the matmuls
-    else:
-        total += 2 * (spec.q_size + 2 * spec.kv_size) + 2 * spec.q_size
-        total += LSE_BYTES_PER_HEAD * spec.num_attention_heads
-    inter = spec.moe_intermediate_size or spec.intermediate_size
-    if spec.is_moe:
-        inter = inter * spec.num_experts_per_tok + spec.shared_expert_intermediate_size
-    total += _mlp_saved_factor(spec) * act * inter
-    if float(spec.extra_config.get("resid_pdrop", 0.0) or 0.0) > 0:
-        total += 2 * h  # phi-2 resid_dropout masks after attention and MLP (bool)
+    total = (
+        _norms_saved(spec, plan)
+        + _lora_saved(spec, plan)
+        + _base_linear_saved(spec, plan)
+        + _attention_saved(spec, plan)
+        + _mlp_saved(spec, plan)
+    )
+    if spec.resid_dropout > 0:
+        total += 2 * spec.hidden_size  # bool masks after attention and after the MLP
     return total
 
 
@@ -86,8 +197,9 @@ def eager_scores_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
     scores = eager_score_count(spec, plan)
     # Gemma-2 attn_logit_softcapping (tanh of the scores) keeps the tanh output: +2 B per
     # score, measured 2.4 B on gemma-2-2b eager without checkpointing (h100-run2).
-    softcap = SOFTCAP_BYTES_PER_SCORE if spec.extra_config.get("attn_logit_softcapping") else 0
-    return (SOFTMAX_BYTES_PER_SCORE + softcap) * scores
+    softcap = SOFTCAP_BYTES_PER_SCORE if spec.attn_logit_softcapping else 0
+    dropout = 1 if spec.attention_dropout > 0 else 0  # bool mask on the probabilities
+    return (SOFTMAX_BYTES_PER_SCORE + softcap + dropout) * scores
 
 
 def eager_mask_bytes(plan: TrainPlan) -> int:

@@ -37,7 +37,11 @@ from vramcalc.optimizer import optimizer_bytes
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.result import COMPONENTS, Components, Estimate
 from vramcalc.specs import ModelSpec
-from vramcalc.trainable import lora_param_bytes, lora_param_count
+from vramcalc.trainable import (
+    check_lora_can_start,
+    trainable_param_bytes,
+    trainable_param_count,
+)
 from vramcalc.weights import DTYPE_BYTES, rounded, weight_bytes
 
 __all__ = ["COMPONENTS", "CUDA_CONTEXT", "Components", "Estimate", "estimate"]
@@ -52,10 +56,13 @@ LAYER_GRAD_FACTOR = 3
 
 def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     """Peak memory of `plan` on `spec`, by phase and component. See module docstring."""
+    check_lora_can_start(spec, plan)
     wb = weight_bytes(spec, plan)
-    adapters = lora_param_bytes(spec, plan)
     opt = optimizer_bytes(spec, plan)
-    grads = adapters  # one fp32 gradient per LoRA parameter, same allocation sizes
+    full = plan.method == "full"
+    trained = trainable_param_bytes(spec, plan)
+    adapters = 0 if full else trained
+    grads = trained  # one gradient per trainable tensor, same dtype and allocation sizes
 
     tokens = plan.tokens
     h, v, layers = spec.hidden_size, spec.vocab_size, spec.num_hidden_layers
@@ -63,28 +70,43 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     per_layer = layer_saved_bytes_per_token(spec, plan)
     scores = eager_scores_bytes(spec, plan)
     compute = DTYPE_BYTES[plan.compute_dtype]
+    notes: list[str] = []
 
-    # The lm_head weight's autocast cast to the compute dtype is saved for backward
-    # (its input requires grad); with the fp32 upcast it is a separate copy.
-    lm_head_copy = rounded(v * h * compute) if plan.quant != "none" else 0
+    # Autocast casts a weight that is not in the compute dtype for each matmul; the cast
+    # of a leaf that requires grad is cached until the forward's autocast region ends
+    # (torch autocast `cached_cast`), and matmuls keep it for backward. QLoRA: the fp32
+    # lm_head (after prepare) is cast. fp32 weights under bf16 autocast: every Linear.
+    lm_head_copy = 0
+    weight_copies = 0  # autocast copies of the block Linears alive at the forward's end
+    if plan.method == "qlora" or DTYPE_BYTES[plan.load_dtype] > compute:
+        lm_head_copy = rounded(v * h * compute)
+    if DTYPE_BYTES[plan.load_dtype] > compute and plan.method != "qlora":
+        weight_copies = layers * sum(rounded(lin.weight_numel * compute)
+                                     for lin in spec.block_linears())
     logits_unit = tokens * v
     # with checkpointing each layer keeps only its input (also a source of slack below)
     checkpoints = layers * tokens * act * h if plan.gradient_checkpointing else 0
     if plan.gradient_checkpointing:
         layer_acts = checkpoints + eager_mask_bytes(plan)
+        saved_copies = 0  # recomputed per layer in backward
     else:
         layer_acts = layers * (tokens * per_layer + scores)
+        saved_copies = weight_copies
     final_norm = tokens * act * h
-    softcap = SOFTCAP_SAVED_UNITS if spec.extra_config.get("final_logit_softcapping") else 0
+    softcap = SOFTCAP_SAVED_UNITS if spec.final_logit_softcapping else 0
+    # A plain loop holds the model output (its compute-dtype logits) through backward;
+    # Trainer's compute_loss returns the loss alone, so they are freed before backward.
+    held_logits = compute if plan.loop == "plain" else 0
     logits_saved = (LOGITS_SAVED_UNITS + softcap) * logits_unit
-    # Later in backward: logits are gone, every LoRA gradient may exist, and (with
+    # Later in backward: logits are gone, every gradient may exist, and (with
     # checkpointing) one layer is recomputed while its gradients flow.
     inter = spec.moe_intermediate_size or spec.intermediate_size
     layer_grads = max(
         LAYER_GRAD_FACTOR * tokens * act * max(inter, h),
         EAGER_BACKWARD_BYTES_PER_SCORE * eager_score_count(spec, plan),
     )
-    recompute = tokens * per_layer + scores
+    layer_copies = weight_copies // layers if layers else 0
+    recompute = tokens * per_layer + scores + layer_copies
 
     weights = {
         "base_weights": wb.base_weights,
@@ -96,25 +118,26 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     steady = {**weights, "optimizer_states": opt.device, "cublas_workspace": CUBLAS_WORKSPACES}
     fwd_h = int(FORWARD_END_BYTES_PER_HIDDEN * tokens * h)
     logits_fwd = logits_saved + LOGITS_FORWARD_EXTRA_UNITS * logits_unit
-    logits_ce = logits_saved + LOGITS_BACKWARD_EXTRA_UNITS * logits_unit
+    logits_ce = logits_saved + (LOGITS_BACKWARD_EXTRA_UNITS + held_logits) * logits_unit
     candidates: dict[str, dict[str, int]] = {
         "load": {**weights, "adapter_weights": 0},
         "forward": {
             **steady,
             "activations": layer_acts + final_norm,
             "logits_loss": logits_fwd,
-            "transient": lm_head_copy + fwd_h,
+            "transient": lm_head_copy + weight_copies + fwd_h,
         },
         "backward": {
             **steady,
             "activations": layer_acts + final_norm,
             "logits_loss": logits_ce,
-            "transient": lm_head_copy,
+            "transient": lm_head_copy + saved_copies,
         },
         "backward_layers": {
             **steady,
             "gradients": grads,
             "activations": layer_acts + (recompute if plan.gradient_checkpointing else 0),
+            "logits_loss": held_logits * logits_unit,
             "transient": layer_grads,
         },
         "optimizer": {**steady, "gradients": grads, "transient": opt.step_transient},
@@ -137,6 +160,11 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     required_device = (
         peak_allocated + unreleasable_slack(slack, logits_saved) + CUDA_CONTEXT + paged
     )
+    if plan.attn == "flash_attention_2":
+        notes.append("flash_attention_2 is modelled as sdpa (the same O(T) saved tensors)")
+    if spec.is_moe and plan.moe_experts == "unquantized" and plan.method == "qlora":
+        notes.append("MoE experts are 3-D tensors that bitsandbytes leaves unquantized "
+                     "(transformers 5); --moe-experts quantized for stacks that quantize them")
     components = Components(
         **candidates[worst],
         optimizer_paged=paged,
@@ -146,7 +174,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     return Estimate(
         model=spec.name,
         params=spec.num_params(),
-        trainable_params=lora_param_count(spec, plan),
+        trainable_params=trainable_param_count(spec, plan),
         components=components,
         phases=phases,
         peak_phase=peak_phase,
@@ -155,4 +183,5 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         peak_device_bytes=peak_device,
         required_device_bytes=required_device,
         paged_bytes=paged,
+        notes=tuple(notes),
     )

@@ -411,6 +411,58 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(FAMILIES))
 _ALIASES: dict[str, frozenset[str]] = {"falcon": frozenset({"n_embed", "n_head", "n_layer"})}
 
 
+# The activation key and default of each family (transformers configuration_*.py).
+_ACT_KEY: dict[str, tuple[str, str]] = {
+    "falcon": ("activation", "gelu"),
+    "gemma": ("hidden_act", "gelu_pytorch_tanh"),
+    "gemma2": ("hidden_activation", "gelu_pytorch_tanh"),
+    "gemma3_text": ("hidden_activation", "gelu_pytorch_tanh"),
+    "phi": ("hidden_act", "gelu_new"),
+    "starcoder2": ("hidden_act", "gelu_pytorch_tanh"),
+}
+# Residual / embedding dropout keys (phi: resid_pdrop, embd_pdrop; starcoder2:
+# residual_dropout, embedding_dropout; falcon: hidden_dropout via dropout_add).
+_RESID_DROPOUT_KEYS = ("resid_pdrop", "residual_dropout", "hidden_dropout")
+_EMBD_DROPOUT_KEYS = ("embd_pdrop", "embedding_dropout")
+# Gemma-2 softcapping defaults (Gemma2Config): 50.0 on scores, 30.0 on logits.
+_SOFTCAP_DEFAULTS: dict[str, tuple[float | None, float | None]] = {
+    "gemma2": (50.0, 30.0),
+}
+
+
+def _features(model_type: str, data: dict[str, Any], r: _Reader) -> dict[str, Any]:
+    """The memory-relevant features of a family: activation, dropouts, softcapping."""
+    key, default = _ACT_KEY.get(model_type, ("hidden_act", "silu"))
+    act = data.get(key) or data.get("hidden_act") or default
+    if model_type == "gemma" and act == "gelu":
+        act = "gelu_pytorch_tanh"  # GemmaConfig turns the legacy "gelu" into the tanh form
+
+    def prob(keys: tuple[str, ...]) -> float:
+        for k in keys:
+            v = data.get(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if not 0.0 <= float(v) < 1.0:
+                    raise r.error(k, f"must be a probability in [0, 1), got {v}")
+                return float(v)
+        return 0.0
+
+    attn_cap, final_cap = _SOFTCAP_DEFAULTS.get(model_type, (None, None))
+    if "attn_logit_softcapping" in data:
+        attn_cap = data["attn_logit_softcapping"]
+    if "final_logit_softcapping" in data:
+        final_cap = data["final_logit_softcapping"]
+    max_pos = data.get("max_position_embeddings")
+    return {
+        "hidden_act": act,
+        "resid_dropout": prob(_RESID_DROPOUT_KEYS),
+        "embd_dropout": prob(_EMBD_DROPOUT_KEYS),
+        "attention_dropout": prob(("attention_dropout",)),
+        "attn_logit_softcapping": attn_cap,
+        "final_logit_softcapping": final_cap,
+        "max_position_embeddings": max_pos if isinstance(max_pos, int) and max_pos > 0 else None,
+    }
+
+
 def _text_part(cfg: dict[str, Any], r: _Reader) -> tuple[dict[str, Any], _Reader]:
     """Use a nested `text_config` when the top level is only a wrapper around it."""
     model_type = cfg.get("model_type")
@@ -458,6 +510,7 @@ def spec_from_hf_config(cfg: dict[str, Any], origin: str, *, name: str | None = 
             "describe the model in a spec YAML instead (see model_specs/ for examples)",
         )
     fields = family(r)
+    fields.update(_features(model_type, data, r))
     drop = _SPEC_KEYS | _NOT_ARCHITECTURE | _ALIASES.get(model_type, frozenset())
     extra = {k: v for k, v in data.items() if k not in drop}
     if "head_dim" not in fields:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ModelSpec
-from vramcalc.trainable import lora_param_bytes, lora_tensor_numels
+from vramcalc.trainable import trainable_tensors
 from vramcalc.weights import DYNAMIC_MAP_BYTES, ceil_div, rounded
 
 ADAM_8BIT_MIN_SIZE = 4096  # bnb optim.Optimizer8bit min_8bit_size: smaller tensors stay 32-bit
@@ -33,33 +33,34 @@ def _adam8bit_state(numel: int) -> int:
 
 
 def optimizer_bytes(spec: ModelSpec, plan: TrainPlan) -> OptimizerBytes:
-    """Optimizer state of the LoRA parameters after the first step.
+    """Optimizer state of the trainable tensors after the first step.
 
-    adamw_torch / _fused: exp_avg + exp_avg_sq, fp32 (torch/optim/adamw.py); the foreach
-    implementation allocates one fp32 copy of the params while stepping (measured).
-    adamw_8bit / paged_adamw_8bit: bnb blockwise 8-bit states; paged_* put tensors of
-    >= 1e5 elements in managed memory. sgd without momentum keeps no state.
+    adamw_torch / _fused: exp_avg + exp_avg_sq in the parameter's dtype (torch/optim/
+    adamw.py `_init_group`: zeros_like(p)); fused keeps a device `step` per tensor. The
+    foreach implementation (`_multi_tensor_adamw`) allocates `torch._foreach_sqrt(exp_avg_sqs)`
+    while stepping: one more copy of the states' size. adamw_8bit / paged_adamw_8bit:
+    bitsandbytes blockwise 8-bit states (Optimizer8bit: tensors under 4096 elements keep
+    32-bit states); paged_* put tensors of >= 1e5 elements in managed memory. sgd without
+    momentum keeps no state.
     """
-    numels = lora_tensor_numels(spec, plan)
-    layers = spec.num_hidden_layers
+    tensors = trainable_tensors(spec, plan)
     opt = plan.optimizer
     if opt == "sgd":
         return OptimizerBytes(0, 0, 0)
     if opt in ("adamw_torch", "adamw_torch_fused"):
-        device = layers * sum(2 * rounded(4 * n) for n in numels)
-        fused_steps = layers * len(numels) * rounded(4) if opt == "adamw_torch_fused" else 0
-        transient = lora_param_bytes(spec, plan) if opt == "adamw_torch" else 0
-        return OptimizerBytes(device + fused_steps, 0, transient)
+        device = sum(2 * t.allocated for t in tensors)
+        if opt == "adamw_torch_fused":
+            steps = sum(t.count for t in tensors) * rounded(4)
+            return OptimizerBytes(device + steps, 0, 0)
+        return OptimizerBytes(device, 0, sum(t.allocated for t in tensors))
     paged_flag = opt.startswith("paged_")
     eight_bit = opt.endswith("8bit")
     device = paged = 0
-    for n in numels:
-        state = _adam8bit_state(n) if eight_bit else 2 * rounded(4 * n)
-        if paged_flag and n >= PAGED_MIN_NUMEL:
-            paged += state
+    for t in tensors:
+        state = _adam8bit_state(t.numel) if eight_bit else 2 * rounded(4 * t.numel)
+        if paged_flag and t.numel >= PAGED_MIN_NUMEL:
+            paged += t.count * state
         else:
-            device += state
+            device += t.count * state
     shared_maps = 2 * rounded(DYNAMIC_MAP_BYTES) if eight_bit else 0
-    return OptimizerBytes(layers * device + shared_maps, layers * paged, 0)
-
-
+    return OptimizerBytes(device + shared_maps, paged, 0)

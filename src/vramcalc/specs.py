@@ -35,6 +35,22 @@ NormKind = Literal["rmsnorm", "layernorm"]
 # num_key_value_heads * head_dim for k (OLMo-2, Cohere, StableLM's per-head LayerNorms).
 QkNormWidth = Literal["head", "all_heads"]
 
+# Activation functions of the MLP (transformers activations.py ACT2FN) and how many
+# intermediate-wide tensors each keeps for backward (counted with saved_tensors_hooks on
+# CPU: tests/test_saved_activations.py). silu/gelu/relu and GELUTanh are single torch ops
+# that keep their input (relu its output); NewGELUActivation and FastGELUActivation are
+# Python formulas whose products and tanh keep several intermediates.
+ACTIVATION_SAVED_TENSORS: dict[str, int] = {
+    "silu": 1,
+    "swish": 1,
+    "gelu": 1,
+    "gelu_pytorch_tanh": 1,
+    "relu": 1,
+    "gelu_new": 4,
+    "gelu_fast": 5,
+}
+Activation = Literal["silu", "swish", "gelu", "gelu_pytorch_tanh", "relu", "gelu_new", "gelu_fast"]
+
 # Canonical role -> default HF module name. A spec overrides names in `module_names`
 # (phi-2 calls o_proj "dense"; falcon calls qkv "query_key_value").
 DEFAULT_MODULE_NAMES: dict[str, str] = {
@@ -102,6 +118,16 @@ class ModelSpec(BaseModel):
     num_experts_per_tok: int = Field(default=0, ge=0)
     moe_intermediate_size: PositiveInt | None = None  # None: intermediate_size
     shared_expert_intermediate_size: int = Field(default=0, ge=0)
+
+    # Memory-relevant features beyond the shapes, set by the config importer per family
+    # (hf_config.py) from the keys each transformers family reads, with its defaults.
+    hidden_act: Activation = "silu"
+    resid_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # after attention and MLP
+    embd_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # on the input embeddings
+    attention_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # on the probabilities
+    attn_logit_softcapping: float | None = None  # Gemma-2: tanh(scores / cap) * cap
+    final_logit_softcapping: float | None = None  # Gemma-2: tanh(logits / cap) * cap
+    max_position_embeddings: PositiveInt | None = None
 
     module_names: dict[str, str] = {}
     extra_config: dict[str, Any] = {}  # other HF config keys needed to rebuild the model

@@ -102,7 +102,19 @@ def expert_bytes(spec: ModelSpec, dtype_bytes: int) -> int:
     """One layer's MoE expert tensors and router (transformers 5: fused 3-D parameters)."""
     if not spec.is_moe:
         return 0
-    return rounded(spec.expert_params_per_layer() * dtype_bytes)
+    e, h = spec.num_local_experts, spec.hidden_size
+    inter = spec.moe_intermediate_size or spec.intermediate_size
+    tensors = [e * 2 * inter * h, e * inter * h, e * h]  # gate_up_proj, down_proj, router
+    if spec.shared_expert_intermediate_size:
+        tensors.append(h)  # Qwen2-MoE shared_expert_gate
+    return sum(rounded(n * dtype_bytes) for n in tensors)
+
+
+def expert_linear_numels(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(numel, out_features) of one expert's w1/w3 (h -> I) and w2 (I -> h) Linears."""
+    h = spec.hidden_size
+    inter = spec.moe_intermediate_size or spec.intermediate_size
+    return [(h * inter, inter), (h * inter, inter), (inter * h, h)]
 
 
 def unquantized_param_bytes(spec: ModelSpec, dtype_bytes: int) -> int:
@@ -130,7 +142,7 @@ def weight_bytes(spec: ModelSpec, plan: TrainPlan) -> WeightBytes:
     layers = spec.num_hidden_layers
     linears = spec.block_linears()
     if plan.quant == "none":
-        wbytes = DTYPE_BYTES[plan.compute_dtype]
+        wbytes = DTYPE_BYTES[plan.load_dtype]
         weights = layers * sum(rounded(lin.weight_numel * wbytes) for lin in linears)
         constants = 0
         # plain LoRA skips prepare_model_for_kbit_training: everything stays in the load dtype
@@ -147,7 +159,16 @@ def weight_bytes(spec: ModelSpec, plan: TrainPlan) -> WeightBytes:
         # prepare_model_for_kbit_training casts every non-Params4bit fp16/bf16 param to fp32
         # (peft utils/other.py); Int8Params are int8, so only the rest is upcast.
         unquantized = unquantized_param_bytes(spec, 4)
-        experts = layers * expert_bytes(spec, 4)
+        if spec.is_moe and plan.moe_experts == "quantized":
+            # per-expert nn.Linear modules (transformers 4.x, axolotl): quantized like the rest
+            e_lin = expert_linear_numels(spec)
+            weights += layers * spec.num_local_experts * sum(
+                quantized_weight_bytes(n, plan.quant) for n, _ in e_lin)
+            constants += layers * spec.num_local_experts * sum(
+                quant_constant_bytes(n, out, plan.quant, plan.double_quant) for n, out in e_lin)
+            experts = layers * rounded(4 * spec.num_local_experts * spec.hidden_size)  # router
+        else:
+            experts = layers * expert_bytes(spec, 4)
     return WeightBytes(
         base_weights=weights,
         quant_constants=constants,
