@@ -455,7 +455,7 @@ def spec_from_hf_config(cfg: dict[str, Any], origin: str, *, name: str | None = 
         raise r.error(
             "model_type",
             f"'{model_type}' is not supported (supported: {supported}); "
-            "describe the model in a spec YAML instead (see model_specs/ for examples)",
+            "write a spec YAML for it and pass its path (see README 'Adding a model')",
         )
     fields = family(r)
     drop = _SPEC_KEYS | _NOT_ARCHITECTURE | _ALIASES.get(model_type, frozenset())
