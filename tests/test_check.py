@@ -161,7 +161,7 @@ def test_not_fitting_exits_3_with_suggestions_that_fit(gpus: Any) -> None:
         assert peak + MARGIN <= 81000 * MIB
     batch = next(s for s in data["suggestions"] if s["kind"] == "batch")
     n = batch["changes"]["batch_size"]
-    assert batch["gradient_accumulation_steps"] == -(-16 // n)
+    assert 16 % n == 0 and batch["gradient_accumulation_steps"] == 16 // n  # exactly 16
     text = run(*BIG)
     assert text.exit_code == 3 and "does NOT fit" in text.stdout
     assert "gradient accumulation" in text.stdout
@@ -209,7 +209,10 @@ def test_gpu_by_name_needs_no_nvml(gpus: Any, name: str) -> None:
     code, data = as_json("--model", "llama-3.1-8b", "--gpu", name)
     assert code == 0 and state["calls"] == 0
     (v,) = data["gpus"]
-    assert v["name"] == "rtx-4090" and v["total_bytes"] == v["free_bytes"] == 24564 * MIB
+    gpu = resolve_gpu("rtx-4090")
+    assert v["name"] == "rtx-4090" and v["total_bytes"] == 24564 * MIB
+    # an empty card offers its total less the driver's reservation, as a detected one does
+    assert v["free_bytes"] == v["empty_bytes"] == gpu.usable_bytes < 24564 * MIB
 
 
 def test_unknown_gpu_is_exit_1_with_suggestion(gpus: Any) -> None:

@@ -39,19 +39,22 @@ def test_json_contract() -> None:
 
 def test_fits_and_does_not_fit() -> None:
     est = estimate(get_spec("llama-3.1-8b"), TrainPlan())
-    gib = est.required_device_bytes / 2**30
+    gib = est.required_device_bytes / 2**30 + 0.5  # + the default margin, as check
     ok = run("plan", "-m", "llama-3.1-8b", "--gpu-memory", f"{gib + 0.1:.3f}", "--json")
     assert ok.exit_code == 0 and json.loads(ok.stdout)["fits"] is True
     no = run("plan", "-m", "llama-3.1-8b", "--gpu-memory", f"{gib - 0.1:.3f}", "--json")
     assert no.exit_code == 3 and json.loads(no.stdout)["fits"] is False
+    zero = run("plan", "-m", "llama-3.1-8b", "--gpu-memory", f"{gib - 0.4:.3f}", "--margin", "0")
+    assert zero.exit_code == 0
 
 
 def test_max_batch_is_the_boundary() -> None:
     r = run("plan", "-m", "qwen2.5-7b", "--gpu-memory", "24", "--max", "batch", "--json")
     best = json.loads(r.stdout)["value"]
     spec = get_spec("qwen2.5-7b")
-    assert estimate(spec, TrainPlan(batch_size=best)).required_device_bytes <= 24 * 2**30
-    assert estimate(spec, TrainPlan(batch_size=best + 1)).required_device_bytes > 24 * 2**30
+    budget = 24 * 2**30 - 2**29  # less the default 0.5 GiB margin
+    assert estimate(spec, TrainPlan(batch_size=best)).required_device_bytes <= budget
+    assert estimate(spec, TrainPlan(batch_size=best + 1)).required_device_bytes > budget
 
 
 def test_max_seq_len_nothing_fits_exits_3() -> None:
@@ -81,7 +84,7 @@ def test_config_json_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
         (("--model", "llama-7b", "--lora-dropout", "1.0"), "--lora-dropout must be in [0, 1)"),
         (("--model", "./missing/config.json"), "no such file"),
         (("--model", "llama-7b", "--max", "rank", "--gpu-memory", "8"), "--max takes one of"),
-        (("--model", "llama-7b", "--max", "batch"), "--max needs --gpu-memory"),
+        (("--model", "llama-7b", "--max", "batch"), "--max needs --gpu NAME or --gpu-memory"),
     ],
 )
 def test_bad_input_is_one_line_exit_1(args: tuple[str, ...], needle: str) -> None:

@@ -8,9 +8,8 @@ margin). Nothing here imports rich, typer, pynvml or torch.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -49,6 +48,12 @@ class Suggestion(BaseModel):
     def apply(self, plan: TrainPlan) -> TrainPlan:
         return plan.model_copy(update=self.changes)
 
+    @property
+    def command_flags(self) -> str:
+        """The options, plus the trainer's accumulation where the change keeps the batch."""
+        acc = self.gradient_accumulation_steps
+        return self.flags + (f", gradient accumulation {acc}" if acc else "")
+
 
 def _flag(field: str, value: Any) -> str:
     if field == "gradient_checkpointing":
@@ -86,11 +91,15 @@ def attention_targets(spec: ModelSpec) -> list[str]:
 
 
 def _batch_change(plan: TrainPlan, batch: int) -> tuple[str, dict[str, Any], int | None]:
-    steps = math.ceil(plan.batch_size / batch)
-    text = f"batch {batch}"
+    """Batch `batch` or less with accumulation that keeps the effective batch exactly: the
+    largest divisor of the asked batch that is at most `batch` (8 -> 4 x 2; 7 -> 1 x 7)."""
+    asked = plan.batch_size
+    size = max(d for d in range(1, min(batch, asked) + 1) if asked % d == 0)
+    steps = asked // size
+    text = f"batch {size}"
     if steps > 1:
-        text += f" with gradient accumulation {steps} (effective batch {batch * steps})"
-    return text, {"batch_size": batch}, steps if steps > 1 else None
+        text += f" x gradient accumulation {steps} (effective batch {asked}, as asked)"
+    return text, {"batch_size": size}, steps if steps > 1 else None
 
 
 def candidates(
@@ -196,17 +205,32 @@ def for_gpu(plan: TrainPlan, bf16_supported: bool) -> TrainPlan:
     return plan
 
 
+class GpuAnswer(NamedTuple):
+    """The smallest catalog GPU a plan fits, and the change it needs there (None: as is)."""
+
+    gpu: GpuModel
+    suggestion: Suggestion | None
+
+
 def smallest_fitting_gpu(
     spec: ModelSpec,
     plan: TrainPlan,
     margin_bytes: int,
     gpus: Iterable[GpuModel],
-    estimate_fn: EstimateFn = estimate,
-) -> GpuModel | None:
-    """The catalog GPU with the least memory on which `plan` (fp16 where bf16 is missing)
-    fits an empty card with `margin_bytes` to spare; None if none does."""
-    for gpu in sorted(gpus, key=lambda g: g.memory_bytes):
-        peak = estimate_fn(spec, for_gpu(plan, gpu.bf16_supported)).required_device_bytes
-        if peak + margin_bytes <= gpu.memory_bytes:
-            return gpu
+    estimate_for: Callable[[GpuModel], EstimateFn] = lambda _gpu: estimate,
+) -> GpuAnswer | None:
+    """The catalog GPU with the least usable memory (total less the driver's reservation) on
+    which `plan` (fp16 where bf16 is missing) fits an empty card with `margin_bytes` to
+    spare, as is or else with the first of `suggest`'s changes. None if no GPU fits even
+    with a change. `estimate_for` gives each GPU its estimate function (its
+    family's corrections)."""
+    for gpu in sorted(gpus, key=lambda g: g.usable_bytes):
+        fn = estimate_for(gpu)
+        p = for_gpu(plan, gpu.bf16_supported)
+        budget = gpu.usable_bytes - margin_bytes
+        if fn(spec, p).required_device_bytes <= budget:
+            return GpuAnswer(gpu, None)
+        found = suggest(spec, p, budget, fn)
+        if found:
+            return GpuAnswer(gpu, found[0])
     return None

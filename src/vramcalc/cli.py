@@ -21,6 +21,9 @@ app = typer.Typer(
     help="How much GPU memory will this QLoRA / LoRA fine-tune take, and does it fit?",
     no_args_is_help=True,
     pretty_exceptions_enable=False,  # a traceback always means a bug
+    # Plain click help and errors: option names never cut at 80 columns, and a usage error
+    # is one `Error: ...` line (after Usage/Try) like ours, not a rich box.
+    rich_markup_mode=None,
     add_completion=False,
 )
 

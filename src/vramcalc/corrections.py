@@ -61,9 +61,9 @@ class Corrections(BaseModel):
 
     gpu_family: str  # "H100"
     stack: str  # "torch2.11-transformers5"
-    k_act: float = 1.0
-    k_slack: float = 1.0
-    context_bytes: int = CUDA_CONTEXT
+    k_act: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    k_slack: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    context_bytes: int = Field(default=CUDA_CONTEXT, ge=0)
     n_points: int = Field(default=0, ge=0)
     models: tuple[str, ...] = ()
 

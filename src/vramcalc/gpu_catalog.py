@@ -25,6 +25,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveInt,
     ValidationError,
     computed_field,
@@ -35,6 +36,10 @@ from vramcalc.errors import SpecError, UnknownGpuError
 
 CATALOG_ORIGIN = "vramcalc/data/gpus.yaml"
 MIB = 2**20
+# What the driver keeps of memory.total on an empty card (NVML v2 `reserved`): 480 MiB of 81559
+# on our H100 (driver 580.159.04, vramcalc.gpus.DeviceInfo). An entry without a measured
+# `reserved_mib` is taken to reserve the same share: a nominal figure, not checked on a card.
+MEASURED_RESERVED_SHARE = 480 / 81559
 
 Architecture = Literal["volta", "turing", "ampere", "ada", "hopper", "blackwell"]
 MemoryBasis = Literal["measured", "reported", "nominal"]
@@ -79,6 +84,7 @@ class GpuModel(BaseModel):
     aliases: tuple[str, ...] = ()
     nvml_names: tuple[str, ...] = Field(min_length=1)  # exactly as nvmlDeviceGetName returns
     memory_mib: PositiveInt
+    reserved_mib: NonNegativeInt | None = None  # driver reservation, where measured
     compute_capability: str = Field(pattern=r"^\d{1,2}\.\d$")  # "8.9"
     architecture: Architecture
     memory_basis: MemoryBasis
@@ -99,6 +105,8 @@ class GpuModel(BaseModel):
                 f"{where}: compute capability {self.compute_capability} is {arch}, "
                 f"not {self.architecture}"
             )
+        if self.reserved_mib is not None and self.reserved_mib >= self.memory_mib:
+            raise ValueError(f"{where}: reserved_mib must be less than memory_mib")
         if self.memory_basis == "reported" and "https://" not in self.source:
             raise ValueError(f"{where}: a reported figure needs the URL of the output in source")
         return self
@@ -107,6 +115,17 @@ class GpuModel(BaseModel):
     @property
     def memory_bytes(self) -> int:
         return self.memory_mib * MIB
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def usable_bytes(self) -> int:
+        """What an empty card of this model offers a new process: memory.total less the
+        driver's reservation (measured `reserved_mib`, else MEASURED_RESERVED_SHARE of it),
+        as `check` counts a detected card."""
+        reserved = self.reserved_mib
+        if reserved is None:
+            reserved = round(self.memory_mib * MEASURED_RESERVED_SHARE)
+        return (self.memory_mib - reserved) * MIB
 
     @property
     def cc(self) -> tuple[int, int]:

@@ -507,7 +507,7 @@ def spec_from_hf_config(cfg: dict[str, Any], origin: str, *, name: str | None = 
         raise r.error(
             "model_type",
             f"'{model_type}' is not supported (supported: {supported}); "
-            "describe the model in a spec YAML instead (see model_specs/ for examples)",
+            "write a spec YAML for it and pass its path (see README 'Adding a model')",
         )
     fields = family(r)
     fields.update(_features(model_type, data, r))

@@ -44,6 +44,7 @@ DEFAULT_DIR = REPO_CORRECTIONS.parent if REPO_CORRECTIONS.parent.is_dir() else P
 app = typer.Typer(
     help="Measure real QLoRA steps on a GPU, fit corrections, replay the measurements.",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # as the main app: plain help and errors
 )
 
 OptModel = Annotated[
@@ -420,6 +421,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
 
 
+def _replay_folder(data: Path) -> dict[str, Any]:
+    """replay(data), after checking that DATA is a folder of measurements."""
+    if not data.is_dir():
+        raise CalibrationError(f"{data}: no such folder; give --data the folder of measured "
+                               "points (raw/*.jsonl, runs/*.json), e.g. the repo's calibration/")
+    return replay(data)
+
+
 @app.command("report")
 @reports_errors
 def report(data: DataOpt = DEFAULT_DIR, json_output: JsonOpt = False) -> None:
@@ -433,31 +442,38 @@ def report(data: DataOpt = DEFAULT_DIR, json_output: JsonOpt = False) -> None:
       vramcalc calibrate report
       vramcalc calibrate report --json
     """
-    result = replay(data)
+    result = _replay_folder(data)
     if json_output:
         print_json(result)
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="calibration replay (GiB; corrected = leave-one-architecture-out)")
-    for col in ("model", "b", "seq", "r", "gc", "attn", "optimizer", "measured", "raw",
-                "corrected", "raw err", "cor err"):
-        table.add_column(col, justify="left" if col in ("model", "attn", "optimizer") else "right")
+    # Fits 80 columns (a pipe, a CI log): numbers never wrap, names fold.
+    table = Table(title="calibration replay, peak allocated in GiB (meas: measured; corr: "
+                  "corrected, leave-one-architecture-out; err %: estimate vs measured)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("model", "batch x seq, rank, ckpt, attn, optim", "meas", "raw", "corr",
+                "raw err", "corr err"):
+        text = not col.startswith(("meas", "raw", "corr"))
+        table.add_column(col.replace(" err", "\nerr %"), justify="left" if text else "right",
+                         no_wrap=not text, overflow="fold", ratio=1 if text else None)
     for p in result["points"]:
         meas = p["measured_peak_allocated_bytes"]
         est = p["estimated_peak_allocated_bytes"]
         err = p.get("error_allocated", {})
+        setting = (f"{p['batch_size']}x{p['seq_len']} r{p['rank']} "
+                   f"{'ckpt' if p['gradient_checkpointing'] else 'no-ckpt'} {p['attn']} "
+                   f"{p['optimizer']}")
         table.add_row(
-            p["model"], str(p["batch_size"]), str(p["seq_len"]), str(p["rank"]),
-            str(int(p["gradient_checkpointing"])), p["attn"], p["optimizer"],
+            p["model"], setting,
             "OOM" if p["oom"] else (f"{meas / GiB:.2f}" if meas else "-"),
             f"{est['raw'] / GiB:.2f}", f"{est['corrected'] / GiB:.2f}",
-            _pct(err.get("raw")) if err else "-", _pct(err.get("corrected")) if err else "-",
+            _pct(err.get("raw")).rstrip("%") if err else "-",
+            _pct(err.get("corrected")).rstrip("%") if err else "-",
         )
-    console = Console()
-    console.width = max(console.width, 150)  # a piped report keeps whole rows
-    console.print(table)
+    Console().print(table)
     _print_summary(result["summary"])
 
 
@@ -476,7 +492,7 @@ def fit_cmd(data: DataOpt = DEFAULT_DIR, json_output: JsonOpt = False) -> None:
     """
     from vramcalc.corrections import Corrections, save
 
-    result = replay(data)
+    result = _replay_folder(data)
     entries = [Corrections.model_validate(e) for e in result["corrections"]]
     if not entries:
         raise CalibrationError(f"no measured points under {data} (raw/*.jsonl, runs/*.json)")

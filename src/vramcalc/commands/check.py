@@ -1,8 +1,9 @@
 """`vramcalc check`: the GPUs of this machine, and whether a plan fits them.
 
 Alone it lists the detected GPUs. With --model it estimates the plan once per compute dtype
-and gives a verdict per GPU; with --gpu NAME or --gpu-memory GIB it checks an empty card
-instead and never calls NVML. rich, pynvml and the catalog load inside the function bodies.
+and corrections and gives a verdict per GPU (vramcalc.verdict: required free memory + margin
+<= memory); with --gpu NAME (repeatable) or --gpu-memory GIB it checks empty cards instead
+and never calls NVML. rich, pynvml and the catalog load inside the function bodies.
 """
 
 from __future__ import annotations
@@ -11,27 +12,36 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
-from vramcalc.commands.common import print_json, reports_errors, warn
+from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
 from vramcalc.commands.options import (
+    GpuMemOpt,
     JsonOpt,
+    MarginOpt,
+    MaxOpt,
     NoCalibrationOpt,
     build_plan,
+    check_max,
+    gpu_memory_bytes,
+    margin_bytes,
     validate_targets,
+    warn_long_sequence,
     with_plan_options,
 )
 from vramcalc.errors import PlanError
+from vramcalc.verdict import DEFAULT_MARGIN_GIB, Target
 
 if TYPE_CHECKING:
-    from vramcalc.advice import Suggestion
+    from vramcalc.advice import GpuAnswer, Suggestion
+    from vramcalc.corrections import Corrections
     from vramcalc.estimate import Estimate
     from vramcalc.gpus import DeviceInfo
     from vramcalc.plan_settings import TrainPlan
     from vramcalc.planning import EstimateFn
     from vramcalc.specs import ModelSpec
+    from vramcalc.verdict import Verdict
 
 GiB = 2**30
 EXIT_DOES_NOT_FIT = 3
-DEFAULT_MARGIN_GIB = 0.5
 
 CheckModelOpt = Annotated[
     str | None,
@@ -42,19 +52,10 @@ CheckModelOpt = Annotated[
     ),
 ]
 GpuOpt = Annotated[
-    str | None,
-    typer.Option("--gpu", help="Plan for this catalog GPU (empty card) instead of detecting; "
-                 "see 'vramcalc gpus'."),
-]
-GpuMemOpt = Annotated[
-    float | None,
-    typer.Option("--gpu-memory", help="Plan for an empty card of this many GiB (2**30) "
-                 "instead of detecting."),
-]
-MarginOpt = Annotated[
-    float,
-    typer.Option("--margin", help="Safety margin in GiB kept free on top of the estimate, "
-                 "for estimation error and fragmentation (default 0.5 GiB)."),
+    list[str] | None,
+    typer.Option("--gpu", help="Check an empty card of this catalog GPU (its total less the "
+                 "driver's reservation) instead of detecting; repeat for several; see "
+                 "'vramcalc gpus'."),
 ]
 
 
@@ -65,25 +66,27 @@ def _detect_devices() -> list[DeviceInfo]:
     return query_devices()
 
 
-class Target(NamedTuple):
-    """A card to check against: a detected GPU, or an empty catalog / sized one."""
+class GpuVerdict(NamedTuple):
+    """A plan checked on one card: now (free memory) and on the empty card."""
 
-    name: str
-    index: int | None  # NVML index; None for --gpu / --gpu-memory
-    label: str | None  # "0", or "0:1" for a MIG instance
-    total_bytes: int
-    free_bytes: int
-    bf16_supported: bool
-    compute_capability: str | None
-
-
-class Verdict(NamedTuple):
     target: Target
     plan: TrainPlan
     estimate: Estimate
-    fits_free: bool
-    fits_empty: bool
-    headroom_bytes: int  # free - peak device (the margin not subtracted)
+    now: Verdict
+    empty: Verdict
+    estimate_fn: EstimateFn
+
+    @property
+    def fits_free(self) -> bool:
+        return self.now.fits
+
+    @property
+    def fits_empty(self) -> bool:
+        return self.empty.fits
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.now.headroom_bytes
 
     def to_dict(self) -> dict[str, Any]:
         t = self.target
@@ -93,6 +96,7 @@ class Verdict(NamedTuple):
             "label": t.label,
             "total_bytes": t.total_bytes,
             "free_bytes": t.free_bytes,
+            "empty_bytes": t.empty_bytes,
             "compute_capability": t.compute_capability,
             "compute_dtype": self.plan.compute_dtype,
             "peak_device_bytes": self.estimate.peak_device_bytes,
@@ -121,7 +125,7 @@ def _list_devices(devices: list[DeviceInfo], json_output: bool) -> None:
     for col in ("GPU", "Name", "Total", "Free", "Used", "Other", "CC", "bf16", "MIG"):
         # numbers never wrap; a long name does
         table.add_column(col, justify="left" if col in ("GPU", "Name") else "right",
-                         no_wrap=col != "Name")
+                         no_wrap=col != "Name", min_width=len(col))
     for d in devices:
         major, minor = d.compute_capability
         table.add_row(
@@ -135,106 +139,159 @@ def _list_devices(devices: list[DeviceInfo], json_output: bool) -> None:
 # ---- checking -----------------------------------------------------------------------------
 
 
-def _targets(gpu: str | None, gpu_memory: float | None) -> list[Target]:
-    if gpu is not None:
+def _targets(gpu: list[str], gpu_memory: float | None) -> list[Target]:
+    from vramcalc.verdict import catalog_target, detected_target, sized_target
+
+    if gpu:
         from vramcalc.gpu_catalog import resolve_gpu
 
-        g = resolve_gpu(gpu)
-        return [Target(g.name, None, None, g.memory_bytes, g.memory_bytes, g.bf16_supported,
-                       g.compute_capability)]
+        return [catalog_target(resolve_gpu(name)) for name in dict.fromkeys(gpu)]
     if gpu_memory is not None:
-        size = int(gpu_memory * GiB)
-        return [Target(f"{gpu_memory:g} GiB card", None, None, size, size, True, None)]
-    return [
-        # An empty card offers its total less what the driver reserves (NVML v2 `reserved`:
-        # 480 MiB on our H100), not the whole total.
-        Target(d.name, d.index, d.label, d.total_bytes - (d.reserved_bytes or 0), d.free_bytes,
-               d.bf16_supported, "{}.{}".format(*d.compute_capability))
-        for d in _detect_devices()
-    ]
+        return [sized_target(gpu_memory_bytes(gpu_memory), f"{gpu_memory:g} GiB card")]
+    return [detected_target(d) for d in _detect_devices()]
+
+
+class _Estimators:
+    """One estimate function per corrections entry; the note about each said once."""
+
+    def __init__(self, use_calibration: bool) -> None:
+        self.use = use_calibration
+        self.by_gpu: dict[str | None, tuple[EstimateFn, Corrections | None]] = {}
+        self.used: dict[str | None, Corrections | None] = {}
+
+    def __call__(self, gpu_name: str | None) -> EstimateFn:
+        from vramcalc.planning import calibration_note, estimator
+
+        if gpu_name not in self.by_gpu:
+            fn, corr = estimator(gpu_name, use_calibration=self.use)
+            self.by_gpu[gpu_name] = (fn, corr)
+            key = None if corr is None else corr.key
+            if key not in self.used:
+                self.used[key] = corr
+                note = calibration_note(corr)
+                if note:
+                    warn(note)
+        return self.by_gpu[gpu_name][0]
+
+    def keys(self) -> list[str]:
+        return [k for k in self.used if k is not None]
 
 
 def _verdicts(
     spec: ModelSpec, train: TrainPlan, targets: list[Target], margin: int,
-    estimate: EstimateFn,
-) -> list[Verdict]:
+    estimators: _Estimators,
+) -> list[GpuVerdict]:
     from vramcalc.advice import for_gpu
+    from vramcalc.verdict import verdict
 
-    cache: dict[str, Estimate] = {}
+    cache: dict[tuple[int, str], Estimate] = {}
     out = []
     for t in targets:
         p = for_gpu(train, t.bf16_supported)
         if p is not train:
-            where = f"GPU {t.label} ({t.name})" if t.label is not None else t.name
-            warn(f"note: {where}, compute capability {t.compute_capability}, has no "
+            warn(f"note: {t.where}, compute capability {t.compute_capability}, has no "
                  "bf16; planning with --compute-dtype fp16 for it")
-        est = cache.get(p.compute_dtype) or cache.setdefault(p.compute_dtype, estimate(spec, p))
-        peak = est.required_device_bytes
-        out.append(Verdict(t, p, est, peak + margin <= t.free_bytes,
-                           peak + margin <= t.total_bytes, t.free_bytes - peak))
+        fn = estimators(t.corrections_gpu)
+        key = (id(fn), p.compute_dtype)
+        if key not in cache:
+            cache[key] = fn(spec, p)
+        est = cache[key]
+        need = est.required_device_bytes
+        out.append(GpuVerdict(t, p, est, verdict(t.free_bytes, need, margin),
+                              verdict(t.empty_bytes, need, margin), fn))
     return out
 
 
-def _where(v: Verdict) -> str:
-    t = v.target
-    return f"GPU {t.label} ({t.name})" if t.label is not None else t.name
+def _verdict_table(verdicts: list[GpuVerdict], margin: int, detected: bool) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"Per GPU, GiB: fits = required free memory + {_gib(margin)} margin "
+                  "<= memory", title_justify="left")
+    cols = ["GPU", "Name", "Free" if detected else "Memory", "Needs", "Fits", "Headroom"]
+    if detected:
+        cols.insert(3, "Empty")
+        cols.insert(6, "Empty fits")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("GPU", "Name") else "right",
+                         no_wrap=col != "Name", min_width=len(col) if col != "Name" else 4)
+    for v in verdicts:
+        t = v.target
+        row = [t.label or "-", t.name, _gib(t.free_bytes), _gib(v.estimate.required_device_bytes),
+               "[green]yes[/green]" if v.fits_free else "[red]no[/red]",
+               f"{v.headroom_bytes / GiB:+.2f}"]
+        if detected:
+            row.insert(3, _gib(t.empty_bytes))
+            row.insert(6, "[green]yes[/green]" if v.fits_empty else "[red]no[/red]")
+        table.add_row(*row)
+    return table
 
 
 def _render(
-    verdicts: list[Verdict],
-    best: Verdict,
+    verdicts: list[GpuVerdict],
+    best: GpuVerdict,
     margin: int,
     suggestions: list[Suggestion],
-    larger: str | None,
+    larger: GpuAnswer | None,
     detected: bool,
 ) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     from vramcalc.render import print_breakdown
 
     console = Console()
     print_breakdown(best.estimate, best.plan, console)
-    table = Table(title=f"Verdict per GPU in GiB (2**30 bytes); fits: peak + {_gib(margin)} "
-                  "GiB margin <= memory; headroom: memory - peak")
-    for col in ("GPU", "Name", "Free", "Total", "Needs", "Fits free", "Fits empty", "Headroom"):
-        table.add_column(col, justify="left" if col in ("GPU", "Name") else "right",
-                         no_wrap=True)
-    for v in verdicts:
-        t = v.target
-        table.add_row(
-            t.label or "-", t.name, _gib(t.free_bytes), _gib(t.total_bytes),
-            _gib(v.estimate.required_device_bytes),
-            "[green]yes[/green]" if v.fits_free else "[red]no[/red]",
-            "[green]yes[/green]" if v.fits_empty else "[red]no[/red]",
-            f"{v.headroom_bytes / GiB:+.2f}",
-        )
-    console.print(table)
+    console.print(_verdict_table(verdicts, margin, detected))
     memory = "free memory" if detected else "memory"
     if best.fits_free:
-        console.print(f"[green]fits[/green] on {_where(best)}: {best.headroom_bytes / GiB:+.2f} "
-                      f"GiB headroom in {memory} (margin {_gib(margin)} GiB)")
+        console.print(f"[green]fits[/green] on {best.target.where}: "
+                      f"{best.headroom_bytes / GiB:+.2f} GiB headroom in {memory} "
+                      f"(margin {_gib(margin)} GiB)", highlight=False)
         return
-    console.print(f"[red]does NOT fit[/red] on {_where(best)}: needs "
-                  f"{_gib(best.estimate.required_device_bytes)} GiB + {_gib(margin)} GiB margin, "
-                  f"{_gib(best.target.free_bytes)} GiB {memory}")
+    console.print(f"[red]does NOT fit[/red] on {best.target.where}: needs "
+                  f"{_gib(best.estimate.required_device_bytes)} GiB required free memory + "
+                  f"{_gib(margin)} GiB margin, {_gib(best.target.free_bytes)} GiB {memory}",
+                  highlight=False)
     if detected and best.fits_empty:
         console.print("it would fit on the empty card: other processes hold the memory it "
                       "needs")
     if suggestions:
         console.print("Changes that make it fit (each estimated):")
         for s in suggestions:
-            acc = (f", gradient accumulation {s.gradient_accumulation_steps}"
-                   if s.gradient_accumulation_steps else "")
             console.print(f"  - {s.description}: needs {_gib(s.required_device_bytes)} GiB  "
-                          f"[dim]({s.flags}{acc})[/dim]", highlight=False)
+                          f"[dim]({s.command_flags})[/dim]", highlight=False)
         return
-    console.print(f"it does not fit {_where(best)} even at batch 1 with every memory-saving "
-                  "switch")
-    if larger is not None:
-        console.print(f"smallest catalog GPU it fits: {larger} (vramcalc check ... --gpu {larger})")
+    console.print(f"it does not fit {best.target.where} even at batch 1 with every "
+                  "memory-saving change", highlight=False)
+    if larger is None:
+        console.print("no GPU of the catalog fits it, not even with the changes above")
+    elif larger.suggestion is None:
+        console.print(f"smallest catalog GPU it fits: {larger.gpu.name} "
+                      f"(vramcalc check ... --gpu {larger.gpu.name})", highlight=False)
     else:
-        console.print("no GPU of the catalog fits it")
+        console.print(f"smallest catalog GPU it fits with a change: {larger.gpu.name}, "
+                      f"{larger.suggestion.description} ({larger.suggestion.command_flags})",
+                      highlight=False)
+
+
+def _render_max(
+    what: str, rows: list[tuple[GpuVerdict, int]], margin: int, json_output: bool
+) -> None:
+    if json_output:
+        print_json({"max": what, "margin_bytes": margin,
+                    "gpus": [{**v.to_dict(), "value": n} for v, n in rows]})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Largest {what} per GPU (fits = required free memory + "
+                  f"{_gib(margin)} GiB margin <= memory)", title_justify="left")
+    for col in ("GPU", "Name", "Memory", what):
+        table.add_column(col, justify="left" if col in ("GPU", "Name") else "right",
+                         no_wrap=col != "Name", min_width=len(col))
+    for v, n in rows:
+        table.add_row(v.target.label or "-", v.target.name, _gib(v.target.free_bytes),
+                      str(n) if n else "none fits")
+    Console().print(table)
 
 
 @reports_errors
@@ -245,82 +302,98 @@ def check(
     gpu: GpuOpt = None,
     gpu_memory: GpuMemOpt = None,
     margin: MarginOpt = DEFAULT_MARGIN_GIB,
+    max_: MaxOpt = None,
     no_calibration: NoCalibrationOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     """List this machine's GPUs, or check whether a plan fits them.
 
-    Without --model: the detected GPUs (NVML). With --model: the estimate, a
-    verdict per GPU (fits in free memory now; fits on the empty card), and
-    when it does not fit, changes that make it fit, each estimated. Fits
-    means peak device memory + --margin (default 0.5 GiB, for estimation
-    error and fragmentation) <= memory. Several GPUs: the plan is shown for
-    the one with the most free memory. Exit 0 fits, 3 does not fit, 4 no GPU.
+    Without --model: the detected GPUs (NVML). With --model: the estimate and
+    a verdict per GPU, and when it does not fit, changes that make it fit,
+    each estimated. Fits: required free memory + --margin (default 0.5 GiB,
+    for estimation error and fragmentation) <= memory: NVML's free memory
+    for a detected GPU; for an empty card (--gpu, or "Empty" of a detected
+    one) its total less the driver's reservation. --gpu repeats (one verdict
+    each); --max batch|seq-len answers the largest that fits, per GPU. The
+    plan is shown for the GPU with the most memory; the exit code is its
+    verdict: 0 fits, 3 does not fit, 4 no GPU.
 
     \b
     Examples:
       vramcalc check
       vramcalc check --model llama-3.1-8b --batch 4 --seq-len 2048
-      vramcalc check -m qwen2.5-7b --gpu rtx-4090 --json
+      vramcalc check -m qwen2.5-7b --gpu rtx-4090 --gpu a100-40gb --json
       vramcalc check -m llama-3.1-8b --gpu-memory 24 --margin 1
+      vramcalc check -m llama-3.1-8b --gpu rtx-4090 --max batch
     """
+    gpu = list(gpu or [])
     if model is None:
-        if gpu is not None or gpu_memory is not None:
-            raise PlanError("--gpu and --gpu-memory need --model MODEL (the plan to check)")
+        if gpu or gpu_memory is not None or max_ is not None:
+            raise PlanError("--gpu, --gpu-memory and --max need --model MODEL (the plan to "
+                            "check)")
         _list_devices(_detect_devices(), json_output)
         return
-    if gpu is not None and gpu_memory is not None:
+    if gpu and gpu_memory is not None:
         raise PlanError("give either --gpu NAME or --gpu-memory GIB, not both")
-    if gpu_memory is not None and gpu_memory <= 0:
-        raise PlanError(f"--gpu-memory must be a positive number of GiB, got {gpu_memory}")
-    if margin < 0:
-        raise PlanError(f"--margin must be zero or more GiB, got {margin}")
+    check_max(max_)
+    margin_b = margin_bytes(margin)
+    if gpu_memory is not None:
+        gpu_memory_bytes(gpu_memory)  # validated before the model loads
 
     from vramcalc import advice
-    from vramcalc.planning import calibration_note, estimator
-    from vramcalc.specs import resolve_model
 
-    spec = resolve_model(model)
+    spec = resolve_model_arg(model)
     train = build_plan(**(plan_options or {}))
     validate_targets(spec, train)
-    margin_bytes = int(margin * GiB)
-    detected = gpu is None and gpu_memory is None
+    long_seq = warn_long_sequence(spec, train)
+    if long_seq:
+        warn(long_seq)
+    detected = not gpu and gpu_memory is None
     targets_ = _targets(gpu, gpu_memory)
-    # Corrections are fitted per GPU family: those of the first detected / named GPU.
-    estimate_fn, corrections = estimator(
-        targets_[0].name if gpu_memory is None else None, use_calibration=not no_calibration
-    )
-    note = calibration_note(corrections)
-    if note:
-        warn(note)
-    verdicts = _verdicts(spec, train, targets_, margin_bytes, estimate_fn)
+    estimators = _Estimators(use_calibration=not no_calibration)
+    verdicts = _verdicts(spec, train, targets_, margin_b, estimators)
+    if max_ is not None:
+        from vramcalc.search import largest_fitting
+        from vramcalc.verdict import budget
+
+        rows = [(v, largest_fitting(spec, v.plan, max_, budget(v.target.free_bytes, margin_b),
+                                    estimate_fn=v.estimate_fn)) for v in verdicts]
+        _render_max(max_, rows, margin_b, json_output)
+        if not any(n for _, n in rows):
+            raise typer.Exit(EXIT_DOES_NOT_FIT)
+        return
     best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals
     suggestions: list[Suggestion] = []
     larger = None
     if not best.fits_free:
+        from vramcalc.verdict import budget
+
         suggestions = advice.suggest(
-            spec, best.plan, best.target.free_bytes - margin_bytes, estimate_fn
+            spec, best.plan, budget(best.target.free_bytes, margin_b), best.estimate_fn
         )
         if not suggestions:
             from vramcalc.gpu_catalog import catalog
 
-            found = advice.smallest_fitting_gpu(spec, train, margin_bytes, catalog(), estimate_fn)
-            larger = found.name if found is not None else None
+            larger = advice.smallest_fitting_gpu(
+                spec, train, margin_b, catalog(), lambda g: estimators(g.name)
+            )
 
     if json_output:
         from vramcalc.render import estimate_to_dict
 
         print_json({
             "fits": best.fits_free,
-            "margin_bytes": margin_bytes,
+            "margin_bytes": margin_b,
             "best_gpu": best.to_dict(),
             "gpus": [v.to_dict() for v in verdicts],
             "estimate": estimate_to_dict(best.estimate, best.plan),
             "suggestions": [s.model_dump(mode="json") for s in suggestions],
-            "larger_gpu": larger,
-            "calibration": None if corrections is None else corrections.key,
+            "larger_gpu": None if larger is None else larger.gpu.name,
+            "larger_gpu_change": (None if larger is None or larger.suggestion is None
+                                  else larger.suggestion.model_dump(mode="json")),
+            "calibration": estimators.keys()[0] if estimators.keys() else None,
         })
     else:
-        _render(verdicts, best, margin_bytes, suggestions, larger, detected)
+        _render(verdicts, best, margin_b, suggestions, larger, detected)
     if not best.fits_free:
         raise typer.Exit(EXIT_DOES_NOT_FIT)

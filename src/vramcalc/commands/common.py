@@ -6,11 +6,15 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import typer
 
 from vramcalc.errors import VramcalcError
+
+if TYPE_CHECKING:
+    from vramcalc.specs import ModelSpec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -40,3 +44,37 @@ def print_json(obj: Any) -> None:
 
 def warn(message: str) -> None:
     typer.echo(message, err=True)
+
+
+def resolve_model_arg(arg: str) -> ModelSpec:
+    """--model as the user meant it: a catalog name, alias, spec YAML or config.json.
+
+    A bare name that is both a catalog entry and a folder here goes to the catalog, unless the
+    folder holds a config.json; either way a warning says which was used. `./name` is always
+    the folder.
+    """
+    from vramcalc.errors import PlanError, SpecError, UnknownModelError
+    from vramcalc.specs import get_spec, resolve_model
+
+    if not arg.strip():
+        raise PlanError("--model is empty; give a catalog name (see 'vramcalc models'), "
+                        "a config.json or its folder, or a spec YAML")
+    path = Path(arg).expanduser()
+    path_like = arg.startswith((".", "/", "~")) or path.suffix in {".json", ".yaml", ".yml"}
+    if not path_like and path.is_dir():
+        try:
+            spec = get_spec(arg)
+        except UnknownModelError:
+            pass
+        else:
+            if not (path / "config.json").is_file():
+                warn(f"warning: '{arg}' is a catalog model and a folder here without "
+                     f"config.json; using the catalog model (write ./{arg} for the folder)")
+                return spec
+            warn(f"warning: '{arg}' is a catalog model and a folder here with a config.json; "
+                 "using the folder's config.json (use an alias from 'vramcalc models --json' "
+                 "for the catalog model)")
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise SpecError(f"{arg}: not a file or folder; give a config.json, its folder or a "
+                        "spec YAML")
+    return resolve_model(arg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -93,6 +94,49 @@ NoCalibrationOpt = Annotated[
     typer.Option("--no-calibration", help="Ignore the fitted corrections (calibration/)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+GpuMemOpt = Annotated[
+    float | None,
+    typer.Option("--gpu-memory", help="Check against an empty card of this many GiB (2**30)."),
+]
+MarginOpt = Annotated[
+    float,
+    typer.Option("--margin", help="GiB kept free on top of the required free memory, for "
+                 "estimation error and fragmentation. Fits: required free memory + margin "
+                 "<= memory."),
+]
+MaxOpt = Annotated[
+    str | None,
+    typer.Option("--max", help="Answer the largest 'batch' or 'seq-len' that fits instead."),
+]
+
+GiB = 2**30
+# Upper bounds: past these an input is a typo, not a plan (and the arithmetic would overflow).
+MAX_GPU_MEMORY_GIB = 2.0**20  # 1 PiB: a thousand times the largest card
+MAX_RANK = 2**16  # far past any hidden size in the catalog
+MAX_SEQ_LEN = 2**24  # 16M tokens: past every max_position_embeddings
+MAX_TOKENS = 2**40  # batch x seq-len per step
+
+
+def gpu_memory_bytes(gib: float) -> int:
+    """--gpu-memory GIB in bytes; a PlanError unless a finite positive size up to 1 PiB."""
+    if not math.isfinite(gib) or gib <= 0 or gib > MAX_GPU_MEMORY_GIB:
+        raise PlanError(f"--gpu-memory must be a positive number of GiB up to "
+                        f"{MAX_GPU_MEMORY_GIB:.0f}, got {gib}")
+    return int(gib * GiB)
+
+
+def margin_bytes(gib: float) -> int:
+    """--margin GIB in bytes; a PlanError unless finite and in [0, 1 PiB]."""
+    if not math.isfinite(gib) or gib < 0 or gib > MAX_GPU_MEMORY_GIB:
+        raise PlanError(f"--margin must be zero or more GiB (a finite number), got {gib}")
+    return int(gib * GiB)
+
+
+def check_max(what: str | None) -> None:
+    from vramcalc.search import SEARCHABLE
+
+    if what is not None and what not in SEARCHABLE:
+        raise PlanError(f"--max takes one of {', '.join(SEARCHABLE)}, got '{what}'")
 
 
 def _one_of(name: str, value: str, valid: tuple[str, ...]) -> str:
@@ -134,8 +178,24 @@ def build_plan(
     for name, value in (("--rank", rank), ("--batch", batch), ("--seq-len", seq_len)):
         if value <= 0:
             raise PlanError(f"{name} must be a positive integer, got {value}")
-    if not 0.0 <= lora_dropout < 1.0:
+    if rank > MAX_RANK:
+        raise PlanError(f"--rank {rank} is beyond any model's width; use at most {MAX_RANK}")
+    if seq_len > MAX_SEQ_LEN:
+        raise PlanError(f"--seq-len {seq_len} is beyond any model's context; use at most "
+                        f"{MAX_SEQ_LEN}")
+    if batch * seq_len > MAX_TOKENS:
+        raise PlanError(f"--batch x --seq-len = {batch * seq_len} tokens per step is absurd "
+                        f"(at most 2**40); lower --batch or --seq-len")
+    if not math.isfinite(alpha):
+        raise PlanError(f"--alpha must be a finite number, got {alpha}")
+    if not 0.0 <= lora_dropout < 1.0:  # NaN fails this too
         raise PlanError(f"--lora-dropout must be in [0, 1), got {lora_dropout}")
+    if not targets.strip() or not all(t.strip() for t in targets.split(",")):
+        raise PlanError(f"--targets must be 'all-linear' or a comma list of module names "
+                        f"(q_proj,v_proj), got '{targets}'")
+    if "all-linear" in targets.split(",") and targets != "all-linear":
+        raise PlanError(f"--targets is either 'all-linear' or a comma list of module names, "
+                        f"not both: '{targets}'")
     extra: dict[str, Any] = {}
     if method is not None:
         extra["method"] = _one_of("method", method, METHODS)
@@ -166,8 +226,18 @@ def build_plan(
         )
     except ValidationError as err:
         first = err.errors()[0]
-        where = f"--{first['loc'][0]}: " if first["loc"] else ""
+        where = f"--{str(first['loc'][0]).replace('_', '-')}: " if first["loc"] else ""
         raise PlanError(f"{where}{first['msg'].removeprefix('Value error, ')}") from None
+
+
+def warn_long_sequence(spec: ModelSpec, plan: TrainPlan) -> str | None:
+    """A warning when --seq-len passes the model's max_position_embeddings (not an error:
+    RoPE scaling can stretch a context; the estimate still holds)."""
+    limit = spec.max_position_embeddings
+    if limit is not None and limit < plan.seq_len:
+        return (f"warning: --seq-len {plan.seq_len} is longer than {spec.name}'s "
+                f"max_position_embeddings ({limit}); estimating anyway")
+    return None
 
 
 def validate_targets(spec: ModelSpec, plan: TrainPlan) -> None:

@@ -2,32 +2,56 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from vramcalc.commands.common import print_json, reports_errors, warn
+from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
 from vramcalc.commands.options import (
+    GpuMemOpt,
     JsonOpt,
+    MarginOpt,
+    MaxOpt,
     ModelOpt,
     NoCalibrationOpt,
     build_plan,
+    check_max,
+    gpu_memory_bytes,
+    margin_bytes,
     validate_targets,
+    warn_long_sequence,
     with_plan_options,
 )
 from vramcalc.errors import PlanError
+from vramcalc.verdict import DEFAULT_MARGIN_GIB
+
+if TYPE_CHECKING:
+    from vramcalc.planning import EstimateFn
+    from vramcalc.specs import ModelSpec
+    from vramcalc.verdict import Target
 
 GiB = 2**30
 EXIT_DOES_NOT_FIT = 3
 
-GpuMemOpt = Annotated[
-    float | None,
-    typer.Option("--gpu-memory", help="GPU memory in GiB (2**30) to check the plan against."),
-]
-MaxOpt = Annotated[
+PlanGpuOpt = Annotated[
     str | None,
-    typer.Option("--max", help="With --gpu-memory: the largest 'batch' or 'seq-len' that fits."),
+    typer.Option("--gpu", help="Check against an empty card of this catalog GPU (its total "
+                 "less the driver's reservation); see 'vramcalc gpus'."),
 ]
+
+
+def _target(gpu: str | None, gpu_memory: float | None) -> Target | None:
+    from vramcalc.verdict import catalog_target, sized_target
+
+    if gpu is not None and gpu_memory is not None:
+        raise PlanError("give either --gpu NAME or --gpu-memory GIB, not both")
+    if gpu is not None:
+        from vramcalc.gpu_catalog import resolve_gpu
+
+        return catalog_target(resolve_gpu(gpu))
+    if gpu_memory is not None:
+        return sized_target(gpu_memory_bytes(gpu_memory), f"{gpu_memory:g} GiB card")
+    return None
 
 
 @reports_errors
@@ -35,51 +59,67 @@ MaxOpt = Annotated[
 def plan(
     model: ModelOpt,
     plan_options: dict[str, Any],
+    gpu: PlanGpuOpt = None,
     gpu_memory: GpuMemOpt = None,
+    margin: MarginOpt = DEFAULT_MARGIN_GIB,
     max_: MaxOpt = None,
     no_calibration: NoCalibrationOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Estimate the peak GPU memory of one QLoRA / LoRA training step.
 
+    With --gpu NAME or --gpu-memory GIB it also says whether the step fits an
+    empty card, by the rule `check` uses: required free memory + --margin
+    (default 0.5 GiB) <= memory, where a catalog GPU offers its total less
+    the driver's reservation. Exit 0 fits (or no card given), 3 does not fit.
+
     \b
     Examples:
       vramcalc plan --model llama-7b --rank 16 --batch 4
-      vramcalc plan -m meta-llama/Llama-3.1-8B --seq-len 2048 --gpu-memory 24
+      vramcalc plan -m meta-llama/Llama-3.1-8B --seq-len 2048 --gpu rtx-4090
       vramcalc plan -m qwen2.5-7b --gpu-memory 24 --max batch --json
       vramcalc plan -m ./my-model/config.json --quant none --optimizer adamw_torch
     """
+    from vramcalc.advice import for_gpu
     from vramcalc.planning import calibration_note, estimator
     from vramcalc.render import estimate_to_dict
-    from vramcalc.specs import resolve_model
+    from vramcalc.verdict import verdict
 
-    spec = resolve_model(model)
+    check_max(max_)
+    margin_b = margin_bytes(margin)
+    target = _target(gpu, gpu_memory)
+    if max_ is not None and target is None:
+        raise PlanError("--max needs --gpu NAME or --gpu-memory GIB (the card to fit in)")
+    spec = resolve_model_arg(model)
     train = build_plan(**plan_options)
     validate_targets(spec, train)
-    if gpu_memory is not None and gpu_memory <= 0:
-        raise PlanError(f"--gpu-memory must be a positive number of GiB, got {gpu_memory}")
-    if max_ is not None:
-        from vramcalc.search import SEARCHABLE
-
-        if max_ not in SEARCHABLE:
-            raise PlanError(f"--max takes one of {', '.join(SEARCHABLE)}, got '{max_}'")
-        if gpu_memory is None:
-            raise PlanError("--max needs --gpu-memory GIB (the budget to fit in)")
-    estimate, corrections = estimator(None, use_calibration=not no_calibration)
+    long_seq = warn_long_sequence(spec, train)
+    if long_seq:
+        warn(long_seq)
+    if target is not None:
+        train = for_gpu(train, target.bf16_supported)
+    estimate, corrections = estimator(
+        None if target is None else target.corrections_gpu, use_calibration=not no_calibration
+    )
     note = calibration_note(corrections)
     if note:
         warn(note)
     if max_ is not None:
-        _answer_max(spec, train, max_, gpu_memory, json_output, estimate)
+        assert target is not None
+        _answer_max(spec, train, max_, target, margin_b, json_output, estimate)
         return
     est = estimate(spec, train)
-    fits = None if gpu_memory is None else est.required_device_bytes <= gpu_memory * GiB
+    v = None if target is None else verdict(target.free_bytes, est.required_device_bytes,
+                                            margin_b)
     if json_output:
         out = estimate_to_dict(est, train)
         out["calibration"] = None if corrections is None else corrections.key
-        if fits is not None:
-            out["gpu_memory_bytes"] = int(gpu_memory * GiB)  # type: ignore[operator]
-            out["fits"] = fits
+        if v is not None and target is not None:
+            out["gpu"] = target.name
+            out["gpu_memory_bytes"] = target.free_bytes
+            out["margin_bytes"] = margin_b
+            out["fits"] = v.fits
+            out["headroom_bytes"] = v.headroom_bytes
         print_json(out)
     else:
         from rich.console import Console
@@ -88,28 +128,36 @@ def plan(
 
         console = Console()
         print_breakdown(est, train, console)
-        if fits is not None:
-            verdict = "[green]fits[/green]" if fits else "[red]does NOT fit[/red]"
-            head = gpu_memory - est.required_device_bytes / GiB  # type: ignore[operator]
-            console.print(f"{verdict} in {gpu_memory:g} GiB (headroom {head:+.2f} GiB)")
-    if fits is False:
+        if v is not None and target is not None:
+            word = "[green]fits[/green]" if v.fits else "[red]does NOT fit[/red]"
+            console.print(
+                f"{word} {target.name}: needs {est.required_device_bytes / GiB:.2f} GiB "
+                f"+ {margin_b / GiB:.2f} GiB margin, the card offers "
+                f"{target.free_bytes / GiB:.2f} GiB (headroom {v.headroom_bytes / GiB:+.2f} GiB)",
+                highlight=False,
+            )
+    if v is not None and not v.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 
 
-def _answer_max(  # type: ignore[no-untyped-def]
-    spec, train, what: str, gpu_memory: float | None, json_output: bool, estimate_fn
+def _answer_max(
+    spec: ModelSpec, train: Any, what: str, target: Target, margin_b: int, json_output: bool,
+    estimate_fn: EstimateFn,
 ) -> None:
     from vramcalc.search import largest_fitting
+    from vramcalc.verdict import budget
 
-    assert gpu_memory is not None  # checked by plan()
-    best = largest_fitting(spec, train, what, int(gpu_memory * GiB), estimate_fn=estimate_fn)
+    best = largest_fitting(spec, train, what, budget(target.free_bytes, margin_b),
+                           estimate_fn=estimate_fn)
     if json_output:
         print_json({"model": spec.name, "max": what, "value": best, "fits": best > 0,
-                    "gpu_memory_bytes": int(gpu_memory * GiB)})
+                    "gpu": target.name, "gpu_memory_bytes": target.free_bytes,
+                    "margin_bytes": margin_b})
     else:
+        where = f"{target.name} ({target.free_bytes / GiB:.2f} GiB, margin {margin_b / GiB:.2f})"
         typer.echo(
-            f"largest {what} that fits {gpu_memory:g} GiB: {best}" if best
-            else f"nothing fits in {gpu_memory:g} GiB, not even {what} 1"
+            f"largest {what} that fits {where}: {best}" if best
+            else f"nothing fits {where}, not even {what} 1"
         )
     if best == 0:
         raise typer.Exit(EXIT_DOES_NOT_FIT)

@@ -1,0 +1,101 @@
+"""Does a plan fit? One rule for `plan` and `check`: required free memory + margin <= memory.
+
+`required_device_bytes` (vramcalc.estimate.Estimate) is the free memory the step needs; the
+margin (default 0.5 GiB) covers estimation error and fragmentation. The memory is what a card
+offers a new process: NVML's free memory for a detected card, and for an empty card its total
+less the driver's reservation (`GpuModel.usable_bytes`; an empty H100 offers 79.18 of its
+79.65 GiB). Pure: nothing here imports rich, typer, pynvml or torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, computed_field
+
+if TYPE_CHECKING:
+    from vramcalc.gpu_catalog import GpuModel
+    from vramcalc.gpus import DeviceInfo
+
+GiB = 2**30
+DEFAULT_MARGIN_GIB = 0.5
+FIT_RULE = "fits: required free memory + margin <= memory"
+
+
+class Verdict(BaseModel):
+    """The answer for one card: memory it offers, memory the plan needs, and the margin."""
+
+    model_config = ConfigDict(frozen=True)
+
+    memory_bytes: int  # what the card offers (free now, or an empty card's usable total)
+    required_bytes: int  # Estimate.required_device_bytes
+    margin_bytes: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def fits(self) -> bool:
+        return self.required_bytes + self.margin_bytes <= self.memory_bytes
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def headroom_bytes(self) -> int:
+        """memory - required (the margin not subtracted); negative when short."""
+        return self.memory_bytes - self.required_bytes
+
+
+def verdict(memory_bytes: int, required_bytes: int, margin_bytes: int) -> Verdict:
+    """Whether `required_bytes` + `margin_bytes` fit in `memory_bytes`."""
+    return Verdict(memory_bytes=memory_bytes, required_bytes=required_bytes,
+                   margin_bytes=margin_bytes)
+
+
+def budget(memory_bytes: int, margin_bytes: int) -> int:
+    """The largest `required_device_bytes` that fits: memory less the margin."""
+    return memory_bytes - margin_bytes
+
+
+class Target(BaseModel):
+    """A card to check a plan against: a detected GPU, a catalog GPU or a sized empty card.
+
+    `free_bytes` is what it offers now (NVML free for a detected card; the usable total for
+    an empty one); `empty_bytes` what it offers empty (total less the driver's reservation).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    index: int | None = None  # NVML index; None for --gpu / --gpu-memory
+    label: str | None = None  # "0", or "0:1" for a MIG instance
+    total_bytes: int  # memory.total
+    free_bytes: int
+    empty_bytes: int
+    bf16_supported: bool = True
+    compute_capability: str | None = None
+    corrections_gpu: str | None = None  # the GPU name corrections are chosen by; None: any
+
+    @property
+    def where(self) -> str:
+        return f"GPU {self.label} ({self.name})" if self.label is not None else self.name
+
+
+def catalog_target(gpu: GpuModel) -> Target:
+    """An empty card of a catalog model: it offers its total less the driver's reservation."""
+    return Target(name=gpu.name, total_bytes=gpu.memory_bytes, free_bytes=gpu.usable_bytes,
+                  empty_bytes=gpu.usable_bytes, bf16_supported=gpu.bf16_supported,
+                  compute_capability=gpu.compute_capability, corrections_gpu=gpu.name)
+
+
+def sized_target(memory_bytes: int, name: str) -> Target:
+    """An empty card of `memory_bytes` usable memory (--gpu-memory), of no known family."""
+    return Target(name=name, total_bytes=memory_bytes, free_bytes=memory_bytes,
+                  empty_bytes=memory_bytes)
+
+
+def detected_target(d: DeviceInfo) -> Target:
+    """A detected card: NVML free now; empty, its total less the driver's reservation
+    (NVML v2 `reserved`: 480 MiB on our H100)."""
+    return Target(name=d.name, index=d.index, label=d.label, total_bytes=d.total_bytes,
+                  free_bytes=d.free_bytes, empty_bytes=d.total_bytes - (d.reserved_bytes or 0),
+                  bf16_supported=d.bf16_supported,
+                  compute_capability="{}.{}".format(*d.compute_capability),
+                  corrections_gpu=d.name)

@@ -1,0 +1,160 @@
+"""plan and check answer "does it fit?" with one rule (vramcalc.verdict), on every catalog
+GPU x catalog model; readable at 80 columns."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from vramcalc.advice import for_gpu, smallest_fitting_gpu, suggest
+from vramcalc.commands import check as check_mod
+from vramcalc.estimate import estimate
+from vramcalc.gpu_catalog import MIB, catalog, resolve_gpu
+from vramcalc.plan_settings import TrainPlan
+from vramcalc.specs import catalog as model_catalog
+from vramcalc.specs import get_spec
+from vramcalc.verdict import Target, catalog_target, verdict
+
+GIB = 2**30
+MARGIN = GIB // 2
+runner = CliRunner()
+
+
+def test_empty_h100_offers_its_total_less_the_reservation() -> None:
+    h100 = resolve_gpu("h100")
+    assert h100.memory_bytes == 81559 * MIB and h100.usable_bytes == 81079 * MIB
+    assert f"{h100.usable_bytes / GIB:.2f}" == "79.18"
+    assert all(0 < g.usable_bytes < g.memory_bytes for g in catalog())
+
+
+def test_verdict_rule() -> None:
+    assert verdict(10, 9, 1).fits and not verdict(10, 9, 2).fits
+    assert verdict(10, 12, 0).headroom_bytes == -2
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_plan_and_check_agree_on_every_gpu_and_model(batch: int) -> None:
+    """The same pure function and the same usable memory decide both commands."""
+    gpus = catalog()
+    targets = [catalog_target(g) for g in gpus]
+    mismatches = []
+    for spec in model_catalog():
+        # MoE experts under peft 0.21 need lora_dropout 0 (the default plan cannot start)
+        base = TrainPlan(batch_size=batch, lora_dropout=0.0 if spec.is_moe else 0.05)
+        for gpu, t in zip(gpus, targets, strict=True):
+            plan = for_gpu(base, gpu.bf16_supported)
+            need = estimate(spec, plan).required_device_bytes
+            by_plan = verdict(t.free_bytes, need, MARGIN)
+            by_check = check_mod._verdicts(spec, base, [t], MARGIN,
+                                           check_mod._Estimators(False))[0]
+            if by_plan.fits != by_check.fits_free or by_check.now != by_plan:
+                mismatches.append((spec.name, gpu.name))
+    assert not mismatches
+
+
+@pytest.mark.parametrize(("model", "gpu", "batch"), [
+    ("llama-3.1-8b", "rtx-4090", 1), ("llama-3.1-8b", "t4", 4), ("qwen2.5-7b", "h100", 32),
+    ("llama-3.1-70b", "a100-40gb", 1), ("llama-3.1-70b", "h100", 1),
+])
+def test_cli_plan_and_check_agree(model: str, gpu: str, batch: int) -> None:
+    args = ["--model", model, "--gpu", gpu, "--batch", str(batch), "--json"]
+    p = runner.invoke(__import__("vramcalc.cli").cli.app, ["plan", *args])
+    c = runner.invoke(__import__("vramcalc.cli").cli.app, ["check", *args])
+    pj, cj = json.loads(p.stdout), json.loads(c.stdout)
+    assert pj["fits"] == cj["fits"] and p.exit_code == c.exit_code
+    assert pj["required_device_bytes"] == cj["best_gpu"]["required_device_bytes"]
+    assert pj["gpu_memory_bytes"] == cj["best_gpu"]["free_bytes"] == resolve_gpu(gpu).usable_bytes
+
+
+def test_several_gpus_one_verdict_each() -> None:
+    from vramcalc.cli import app
+
+    r = runner.invoke(app, ["check", "-m", "llama-3.1-8b", "--gpu", "t4", "--gpu", "h100",
+                            "--batch", "16", "--seq-len", "2048", "--json"])
+    data = json.loads(r.stdout)
+    assert [v["name"] for v in data["gpus"]] == ["t4", "h100-sxm"]
+    assert data["best_gpu"]["name"] == "h100-sxm"
+    assert r.exit_code == (0 if data["fits"] else 3)
+
+
+def test_check_max_per_gpu() -> None:
+    from vramcalc.cli import app
+
+    r = runner.invoke(app, ["check", "-m", "qwen2.5-7b", "--gpu", "rtx-4090", "--gpu", "h100",
+                            "--max", "batch", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["gpus"]
+    spec = get_spec("qwen2.5-7b")
+    for row in rows:
+        budget = row["free_bytes"] - MARGIN
+        n = row["value"]
+        assert estimate(spec, TrainPlan(batch_size=n)).required_device_bytes <= budget
+        assert estimate(spec, TrainPlan(batch_size=n + 1)).required_device_bytes > budget
+    assert rows[0]["value"] < rows[1]["value"]
+
+
+def test_batch_suggestion_keeps_the_effective_batch_exactly() -> None:
+    spec = get_spec("llama-3.1-8b")
+    for asked in (8, 12, 7):
+        plan = TrainPlan(batch_size=asked, seq_len=4096)
+        need = estimate(spec, plan).required_device_bytes
+        budget = need - (need - estimate(spec, plan.model_copy(update={"batch_size": 1}))
+                         .required_device_bytes) // 2
+        (s,) = [s for s in suggest(spec, plan, budget) if s.kind == "batch"]
+        size, acc = s.changes["batch_size"], s.gradient_accumulation_steps or 1
+        assert size * acc == asked and s.fits
+        assert f"effective batch {asked}" in s.description or acc == 1
+
+
+def test_smallest_gpu_applies_suggestions() -> None:
+    spec = get_spec("llama-3.1-70b")
+    plan = TrainPlan(batch_size=8, seq_len=2048)
+    found = smallest_fitting_gpu(spec, plan, MARGIN, catalog())
+    assert found is not None and found.suggestion is not None
+    assert found.suggestion.required_device_bytes + MARGIN <= found.gpu.usable_bytes
+    # it is smaller than the smallest GPU the plan fits as is
+    as_is = [g for g in catalog() if estimate(spec, for_gpu(plan, g.bf16_supported))
+             .required_device_bytes + MARGIN <= g.usable_bytes]
+    assert not as_is or found.gpu.usable_bytes < min(g.usable_bytes for g in as_is)
+
+
+# ---- 80 columns ---------------------------------------------------------------------------
+
+NUMBER = re.compile(r"\d+\.\d\d")
+
+
+def test_check_tables_keep_whole_numbers_at_80_columns() -> None:
+    spec = get_spec("llama-3.1-8b")
+    plan = TrainPlan(batch_size=16, seq_len=4096)
+    targets = [catalog_target(g) for g in catalog()[:6]] + [
+        Target(name="NVIDIA GeForce RTX 4090 with a very long name indeed", index=3, label="3",
+               total_bytes=24564 * MIB, free_bytes=123 * MIB, empty_bytes=24000 * MIB)]
+    verdicts = check_mod._verdicts(spec, plan, targets, MARGIN, check_mod._Estimators(False))
+    for detected in (True, False):
+        console = Console(width=80, record=True, force_terminal=False)
+        console.print(check_mod._verdict_table(verdicts, MARGIN, detected))
+        text = console.export_text()
+        assert "…" not in text
+        assert all(len(line) <= 80 for line in text.splitlines())
+        for v in verdicts:
+            assert f"{v.estimate.required_device_bytes / GIB:.2f}" in text
+            assert f"{v.headroom_bytes / GIB:+.2f}" in text
+
+
+@pytest.mark.parametrize("cmd", ["plan", "check", "gpus", "models", "calibrate"])
+def test_help_at_80_columns_cuts_no_option(cmd: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vramcalc.cli import app
+
+    monkeypatch.setenv("COLUMNS", "80")
+    r = runner.invoke(app, [cmd, "--help"], terminal_width=80)
+    assert r.exit_code == 0 and "…" not in r.stdout
+    assert all(len(line) <= 80 for line in r.stdout.splitlines())
+    if cmd in ("plan", "check"):
+        for name in ("--gradient-checkpointing", "--no-gradient-checkpointing", "--margin",
+                     "--double-quant", "--gpu-memory"):
+            assert name in r.stdout
+        assert "required free memory + --margin" in " ".join(r.stdout.split())
