@@ -184,7 +184,8 @@ def _find_marks(events: list[dict[str, Any]], pair: tuple[int, int]) -> list[int
 class _State:
     """Live blocks (addr -> (size, frames)) and segments (addr -> size) while replaying."""
 
-    def __init__(self, live: dict[int, tuple[int, list[Frame]]], segs: dict[int, int]) -> None:
+    def __init__(self, live: dict[int, tuple[int, list[Frame] | None]],
+                 segs: dict[int, int]) -> None:
         self.live = dict(live)
         self.segs = dict(segs)
         self.allocated = sum(size for size, _ in self.live.values())
@@ -233,8 +234,9 @@ def _initial_state(snap: dict[str, Any], events: list[dict[str, Any]]) -> _State
                 segs[addr] = left
         elif action in ("segment_free", "segment_unmap"):
             segs[addr] = segs.get(addr, 0) + size
-    # Blocks live before the trace carry no allocation frames that belong to this trace.
-    return _State({a: (s, []) for a, (s, _) in live.items()}, segs)
+    # Blocks live before the trace: frames None (named by `known`, else static_before_trace);
+    # a traced allocation without frames has [] and counts as no_frames.
+    return _State({a: (s, None) for a, (s, _) in live.items()}, segs)
 
 
 def _segment_layout(state: _State) -> dict[str, dict[str, int]]:
@@ -302,7 +304,7 @@ def summarize_snapshot(
     frames_bytes: dict[str, int] = {}
     recompute = 0
     for addr, (size, frames) in state.live.items():
-        if frames:
+        if frames is not None:
             cat, frame = classify(frames)
             if any("torch/utils/checkpoint" in _fn(f) for f in frames):
                 recompute += size
