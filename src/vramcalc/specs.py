@@ -421,3 +421,40 @@ def parse_json_text(text: str, origin: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise SpecError(f"{origin}: malformed JSON (line {err.lineno}: {err.msg})") from None
+
+
+def depth_cut(spec: ModelSpec, layers: int) -> ModelSpec:
+    """`spec` with its first `layers` decoder layers only: every shape the same.
+
+    The name gets a suffix (`llama-3.1-8b@4L`) and no aliases, so a cut never shadows the
+    full model. Per-layer lists in `extra_config` of length num_hidden_layers (e.g.
+    `layer_types`) are cut too. `expected_params` is recomputed when the full spec's
+    formula matched it exactly, else dropped (None): it stays a measured number.
+    """
+    if layers < 1:
+        raise SpecError(f"spec '{spec.name}': a depth cut needs at least 1 layer, got {layers}")
+    if layers == spec.num_hidden_layers:
+        return spec
+    if layers > spec.num_hidden_layers:
+        raise SpecError(
+            f"spec '{spec.name}': cannot cut {spec.num_hidden_layers} layers to {layers}"
+        )
+    full = spec.num_hidden_layers
+    extra = {
+        k: (v[:layers] if isinstance(v, list) and len(v) == full else v)
+        for k, v in spec.extra_config.items()
+    }
+    if "num_hidden_layers" in extra:
+        extra["num_hidden_layers"] = layers
+    data = spec.model_dump()
+    data.update(
+        name=f"{spec.name}@{layers}L",
+        aliases=(),
+        num_hidden_layers=layers,
+        extra_config=extra,
+        expected_params=None,
+    )
+    cut = ModelSpec.model_validate(data)
+    if spec.expected_params is not None and spec.expected_params == spec.num_params():
+        cut = cut.model_copy(update={"expected_params": cut.num_params()})
+    return cut

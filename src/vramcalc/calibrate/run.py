@@ -1,11 +1,14 @@
-"""Measure one QLoRA training point for real: the canonical recipe, under HF Trainer.
+"""Measure one training point for real: qlora, lora or full, under HF Trainer or a plain loop.
 
-The recipe (../shared/QLORA_MEMORY.md): `from_pretrained(..., quantization_config=
+The QLoRA recipe (../shared/QLORA_MEMORY.md): `from_pretrained(..., quantization_config=
 BitsAndBytesConfig(...), dtype=bf16)`, `prepare_model_for_kbit_training`, `get_peft_model`,
 then `Trainer(bf16=True, optim=..., gradient_checkpointing=...)` steps on full-length random
-token sequences. Memory is read at every phase boundary: torch allocator statistics
-(allocated / reserved, current and peak), NVML device memory (a polling thread keeps its
-peak) and the exact bytes of every static tensor by category.
+token sequences. lora skips the quantization and prepare; full skips peft and trains every
+parameter in its load dtype. Memory is read at every phase boundary and at every step:
+torch allocator statistics (allocated / reserved, current and peak), NVML memory (a
+polling thread keeps the peaks of the device and of this process) and the exact bytes of
+every static tensor by category. `snapshot=True` summarizes the allocator trace at the
+peak (`trace.py`).
 
 This is the only module, with `weights.py`, that imports torch, transformers,
 bitsandbytes and peft; it is imported inside command bodies only. It runs one point per
@@ -47,15 +50,25 @@ class PhaseLog:
 
 
 class NvmlPoller:
-    """Polls NVML device 'used' memory in a thread and keeps the maximum (bytes)."""
+    """Polls NVML in a thread and keeps the maxima (bytes) of device-wide 'used' memory and
+    of this process's own memory.
 
-    def __init__(self, index: int = 0, period_s: float = 0.002) -> None:
+    With several workers on one GPU the device-wide 'used' is shared, so the process's
+    entry in `nvmlDeviceGetComputeRunningProcesses` (nvidia-smi's per-process column) is
+    the reading that belongs to this point. Some containers list no processes (or list
+    host pids): then `process_source` is "device" and only device-wide readings exist.
+    """
+
+    def __init__(self, index: int = 0, period_s: float = 0.005) -> None:
         self.peak_used = 0
         self.last_used = 0
+        self.peak_process_used = 0
+        self.process_seen = False
         self._stop = threading.Event()
         self._period = period_s
         self._thread: threading.Thread | None = None
         self._handle: Any = None
+        self._pid = os.getpid()
         try:
             import pynvml
 
@@ -65,27 +78,37 @@ class NvmlPoller:
         except Exception:  # NVML missing (CPU runs): the poller stays silent
             self._nvml = None
 
+    @property
+    def process_source(self) -> str:
+        return "process" if self.process_seen else "device"
+
     def used(self) -> int:
         if self._nvml is None:
             return 0
         return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
 
-    def process_used(self) -> int:
-        """This process's memory as NVML lists it (nvidia-smi's per-process column)."""
+    def process_used(self) -> int | None:
+        """This process's memory as NVML lists it; None when NVML does not list it."""
         if self._nvml is None:
-            return 0
-        pid = os.getpid()
+            return None
         try:
             procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
         except Exception:
-            return 0
-        return sum(int(p.usedGpuMemory or 0) for p in procs if p.pid == pid)
+            return None
+        mine = [int(p.usedGpuMemory or 0) for p in procs if p.pid == self._pid]
+        if not mine:
+            return None
+        self.process_seen = True
+        return sum(mine)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             used = self.used()
             self.last_used = used
             self.peak_used = max(self.peak_used, used)
+            mine = self.process_used()
+            if mine is not None:
+                self.peak_process_used = max(self.peak_process_used, mine)
             time.sleep(self._period)
 
     def start(self) -> None:
@@ -148,24 +171,148 @@ def _quant_state_bytes(param: Any) -> int:
 
 
 def _bnb_config(plan: TrainPlan) -> Any:
+    """The quantization config of the plan: None for lora/full (a 16/32-bit base)."""
     import torch
     from transformers import BitsAndBytesConfig
 
-    compute = getattr(torch, _TORCH_DTYPES[plan.compute_dtype])
+    if plan.method != "qlora" or plan.quant == "none":
+        return None
     if plan.quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    if plan.quant == "none":
-        return None
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=plan.quant,
         bnb_4bit_use_double_quant=plan.double_quant,
-        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_compute_dtype=getattr(torch, _TORCH_DTYPES[plan.compute_dtype]),
     )
 
 
 def lora_target_modules(spec: ModelSpec, plan: TrainPlan) -> Any:
     return "all-linear" if plan.targets == "all-linear" else plan.target_list()
+
+
+def is_pure_low_precision(plan: TrainPlan) -> bool:
+    """Full fine-tuning of a 16-bit model: weights, gradients and AdamW states all 16-bit,
+    so the plain loop runs without autocast."""
+    return plan.method == "full" and plan.load_dtype in ("bf16", "fp16")
+
+
+# Step markers written into the allocator trace (`snapshot: true`): two small-pool
+# allocations of unusual sizes back to back begin step k; another pair ends the run.
+# Multiples of 512 below 1 MiB, so the block size equals the requested size.
+MARK_STEP = (512 * 1999, 512 * 1997)
+MARK_END = (512 * 1993, 512 * 1987)
+
+
+def _trace_mark(pair: tuple[int, int]) -> None:
+    import torch
+
+    a = torch.empty(pair[0], dtype=torch.uint8, device="cuda")
+    b = torch.empty(pair[1], dtype=torch.uint8, device="cuda")
+    del a, b
+
+
+def _step_begin(readings: list[dict[str, int]], tracing: bool) -> None:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    readings.append({"step_begin": torch.cuda.memory_allocated()})
+    if tracing:
+        _trace_mark(MARK_STEP)
+
+
+def _before_optimizer(readings: list[dict[str, int]]) -> None:
+    import torch
+
+    torch.cuda.synchronize()
+    readings[-1]["fwd_bwd_peak"] = torch.cuda.max_memory_allocated()
+    readings[-1]["fwd_bwd_peak_reserved"] = torch.cuda.max_memory_reserved()
+    readings[-1]["after_backward"] = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _after_optimizer(readings: list[dict[str, int]]) -> None:
+    import torch
+
+    torch.cuda.synchronize()
+    readings[-1]["optimizer_peak"] = torch.cuda.max_memory_allocated()
+    readings[-1]["optimizer_peak_reserved"] = torch.cuda.max_memory_reserved()
+    readings[-1]["after_optimizer"] = torch.cuda.memory_allocated()
+
+
+def _load_model(spec: ModelSpec, plan: TrainPlan, weights_dir: str, on_gpu: bool,
+                trust_remote_code: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        weights_dir,
+        quantization_config=_bnb_config(plan),
+        dtype=getattr(torch, _TORCH_DTYPES[plan.load_dtype]),
+        device_map={"": 0} if on_gpu else {"": "cpu"},
+        attn_implementation=plan.attn,
+        trust_remote_code=trust_remote_code,  # off unless --trust-remote-code
+    )
+
+
+def _wrap_for_method(model: Any, spec: ModelSpec, plan: TrainPlan) -> Any:
+    """prepare_model_for_kbit_training (qlora), get_peft_model (qlora, lora); full: as is.
+
+    lora with checkpointing calls `enable_input_require_grads()` as peft's
+    prepare_model_for_kbit_training and TRL's SFTTrainer do, so that checkpointed blocks
+    whose parameters are all frozen still get a gradient path.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if plan.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=plan.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    if plan.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    if plan.method == "lora" and plan.gradient_checkpointing:
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=plan.rank,
+        lora_alpha=plan.alpha,
+        lora_dropout=plan.lora_dropout,
+        target_modules=lora_target_modules(spec, plan),
+        use_dora=plan.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _known_addresses(model: Any, optimizer: Any) -> dict[int, str]:
+    """data_ptr -> category for blocks the allocator trace may not have seen allocated."""
+    known: dict[int, str] = {}
+    for param in model.parameters():
+        if param.device.type != "cuda":
+            continue
+        kind = "parameters_trainable" if param.requires_grad else "parameters_frozen"
+        known.setdefault(param.data_ptr(), kind)
+        qs = getattr(param, "quant_state", None)
+        if qs is not None:
+            for t in (qs.absmax, getattr(getattr(qs, "state2", None), "absmax", None)):
+                if t is not None:
+                    known.setdefault(t.data_ptr(), "quant_constants")
+        if param.grad is not None:
+            known.setdefault(param.grad.data_ptr(), "gradients")
+    for _, buf in model.named_buffers():
+        if buf.device.type == "cuda":
+            known.setdefault(buf.data_ptr(), "buffers")
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in getattr(inner, "state", {}).values():
+        for value in state.values():
+            if hasattr(value, "data_ptr") and getattr(value, "is_cuda", False):
+                known.setdefault(value.data_ptr(), "optimizer_states")
+    return known
 
 
 def measure_point(
@@ -175,8 +322,19 @@ def measure_point(
     steps: int = 3,
     device: str = "cuda",
     trust_remote_code: bool = False,
+    snapshot: bool = False,
 ) -> dict[str, Any]:
-    """Run the canonical recipe for `steps` optimizer steps and return every reading.
+    """Run `plan` for `steps` optimizer steps and return every reading.
+
+    Methods: qlora (4-bit nf4/fp4 or int8 base, prepare_model_for_kbit_training, LoRA),
+    lora (16-bit base, LoRA), full (every parameter trained; bf16 weights = pure bf16,
+    fp32 weights = fp32 master weights under bf16 autocast). Loops: HF Trainer, or a plain
+    loop with the optimizer the Trainer would build (`trainer.create_optimizer()`).
+
+    A failure to build the model (e.g. peft refusing a module) is a result:
+    `error` and `cannot_start: true`; an out-of-memory error is a result (`oom: true`);
+    another error in training is recorded in `error`. `snapshot` records the allocator
+    trace during training and returns its summary (`trace.summarize_snapshot`).
 
     `weights_dir` holds a saved checkpoint (random or real weights); None builds the model
     from `spec` (CPU tests of tiny models only: a 4-bit load needs a checkpoint on disk,
@@ -184,15 +342,22 @@ def measure_point(
     """
     import torch
     import transformers
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     on_gpu = device == "cuda"
+    tracing = snapshot and on_gpu
     log = PhaseLog()
     poller = NvmlPoller()
     baseline_used = poller.used()
-    result: dict[str, Any] = {"oom": False, "oom_phase": None}
+    result: dict[str, Any] = {
+        "oom": False,
+        "oom_phase": None,
+        "method": plan.method,
+        "loop": plan.loop,
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+    }
     readings: list[dict[str, int]] = []
+    forward_marks: list[dict[str, int]] = []
     t0 = time.perf_counter()
 
     if on_gpu:
@@ -200,9 +365,15 @@ def measure_point(
         torch.zeros(1, device="cuda")
         torch.cuda.synchronize()
         result["context_bytes"] = poller.used() - baseline_used - torch.cuda.memory_reserved()
+        mine = poller.process_used()
+        if mine is not None:
+            result["context_bytes_process"] = mine - torch.cuda.memory_reserved()
     poller.start()
     phase = "load"
     tmp: tempfile.TemporaryDirectory[str] | None = None
+    model: Any = None
+    trainer: Any = None
+    optimizer: Any = None
     try:
         if weights_dir is None:
             from vramcalc.calibrate.weights import save_random_weights
@@ -210,64 +381,25 @@ def measure_point(
             tmp = tempfile.TemporaryDirectory(prefix="vramcalc-weights-")
             save_random_weights(spec, tmp.name, device="cpu")
             weights_dir = tmp.name
-        dtype = getattr(torch, _TORCH_DTYPES[plan.compute_dtype])
-        model = AutoModelForCausalLM.from_pretrained(
-            weights_dir,
-            quantization_config=_bnb_config(plan),
-            dtype=dtype,
-            device_map={"": 0} if on_gpu else {"": "cpu"},
-            attn_implementation=plan.attn,
-            trust_remote_code=trust_remote_code,  # off unless --trust-remote-code
-        )
-        log.mark("after_load")
-        result["static_after_load"] = static_tensor_bytes(model)
-        phase = "prepare"
-        if plan.quant != "none":
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=plan.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
-            )
+        try:
+            model = _load_model(spec, plan, weights_dir, on_gpu, trust_remote_code)
+            log.mark("after_load")
+            result["static_after_load"] = static_tensor_bytes(model)
+            phase = "prepare"
+            model = _wrap_for_method(model, spec, plan)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # peft/transformers refused the setup: a result
+            result["error"] = _one_line(err)
+            result["cannot_start"] = True
+            result["error_phase"] = phase
+            raise _Stop from None
         log.mark("after_prepare")
-        phase = "peft"
-        lora = LoraConfig(
-            r=plan.rank,
-            lora_alpha=plan.alpha,
-            lora_dropout=plan.lora_dropout,
-            target_modules=lora_target_modules(spec, plan),
-            use_dora=plan.use_dora,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
         log.mark("after_peft")
         result["static_after_peft"] = static_tensor_bytes(model)
-
-        phase = "train"
-
-        class Recorder(TrainerCallback):  # phase boundaries of each optimizer step
-            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                if on_gpu:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    readings.append({"step_begin": torch.cuda.memory_allocated()})
-
-            def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any):
-                if on_gpu:
-                    torch.cuda.synchronize()
-                    readings[-1]["fwd_bwd_peak"] = torch.cuda.max_memory_allocated()
-                    readings[-1]["fwd_bwd_peak_reserved"] = torch.cuda.max_memory_reserved()
-                    readings[-1]["after_backward"] = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-
-            def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any):
-                if on_gpu:
-                    torch.cuda.synchronize()
-                    readings[-1]["optimizer_peak"] = torch.cuda.max_memory_allocated()
-                    readings[-1]["optimizer_peak_reserved"] = torch.cuda.max_memory_reserved()
-                    readings[-1]["after_optimizer"] = torch.cuda.memory_allocated()
-
-        forward_marks: list[dict[str, int]] = []
+        result["trainable_params"] = sum(
+            p.numel() for p in model.parameters() if p.requires_grad
+        )
 
         def after_forward(module: Any, inputs: Any, output: Any) -> None:
             if on_gpu:
@@ -279,6 +411,19 @@ def measure_point(
                 )
 
         model.register_forward_hook(after_forward)
+
+        class Recorder(TrainerCallback):  # phase boundaries of each optimizer step
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if on_gpu:
+                    _step_begin(readings, tracing)
+
+            def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any):
+                if on_gpu:
+                    _before_optimizer(readings)
+
+            def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any):
+                if on_gpu:
+                    _after_optimizer(readings)
 
         ids = torch.randint(0, spec.vocab_size, (plan.batch_size * steps * 2, plan.seq_len))
         dataset = [{"input_ids": row, "labels": row} for row in ids]
@@ -301,45 +446,49 @@ def measure_point(
             use_cpu=not on_gpu,
             disable_tqdm=True,
         )
+        phase = "train"
         trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[Recorder()])
         if on_gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         log.mark("before_train")
-        trainer.train()
-        if on_gpu:
-            torch.cuda.synchronize()
+        if tracing:
+            torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+        try:
+            if plan.loop == "trainer":
+                trainer.train()
+                optimizer = trainer.optimizer
+            else:
+                optimizer = _plain_loop(model, trainer, plan, ids, steps, on_gpu, readings,
+                                        tracing)
+            if on_gpu:
+                torch.cuda.synchronize()
+        finally:
+            if tracing:
+                result["snapshot"] = _trace_summary(model, optimizer or trainer.optimizer)
         log.mark("after_train")
         result["steps"] = readings
         result["forward_marks"] = forward_marks
         result["static_after_train"] = static_tensor_bytes(model)
-        result["optimizer_state_bytes"] = _optimizer_state_bytes(trainer.optimizer)
+        result["optimizer_state_bytes"] = _optimizer_state_bytes(optimizer)
     except torch.cuda.OutOfMemoryError as err:
         result["oom"] = True
         result["oom_phase"] = phase
         result["oom_message"] = str(err).splitlines()[0][:300]
+        result["steps"] = readings
+    except _Stop:
+        pass
+    except Exception as err:  # an error in training: recorded, the driver goes on
+        result["error"] = _one_line(err)
+        result["error_phase"] = phase
+        result["steps"] = readings
     finally:
         poller.stop()
         if tmp is not None:
             tmp.cleanup()
 
     if on_gpu:
-        stats = torch.cuda.memory_stats()
-        result["torch_peak_allocated"] = int(stats.get("allocated_bytes.all.peak", 0))
-        result["torch_peak_reserved"] = int(stats.get("reserved_bytes.all.peak", 0))
-        result["num_alloc_retries"] = int(stats.get("num_alloc_retries", 0))
-        result["num_ooms"] = int(stats.get("num_ooms", 0))
-        result["nvml_peak_used_minus_baseline"] = poller.peak_used - baseline_used
-        result["nvml_end_used_minus_baseline"] = poller.used() - baseline_used
-        result["nvml_process_used_end"] = poller.process_used()
-        # Peaks are reset at every phase boundary; the run's peak is the max over phases.
-        phase_peaks = [m["max_allocated"] for m in log.marks.values()]
-        phase_peaks += [v for s in readings for k, v in s.items() if k.endswith("_peak")]
-        reserved = [m["max_reserved"] for m in log.marks.values()]
-        reserved += [v for s in readings for k, v in s.items() if k.endswith("_peak_reserved")]
-        result["peak_allocated_bytes"] = max(phase_peaks + [result["torch_peak_allocated"]])
-        result["peak_reserved_bytes"] = max(reserved + [result["torch_peak_reserved"]])
-        result["peak_device_bytes"] = result["nvml_peak_used_minus_baseline"]
+        _final_readings(result, log, readings, poller, baseline_used)
     result["marks"] = log.marks
     result["wall_s"] = round(time.perf_counter() - t0, 2)
     result["versions"] = {
@@ -347,13 +496,112 @@ def measure_point(
         "transformers": transformers.__version__,
         "peft": _version("peft"),
         "bitsandbytes": _version("bitsandbytes"),
+        "accelerate": _version("accelerate"),
         "cuda": torch.version.cuda,
     }
     return result
 
 
+class _Stop(Exception):
+    """The setup failed and the failure is already recorded in the result."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}"[:500]
+
+
+def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
+                on_gpu: bool, readings: list[dict[str, int]], tracing: bool) -> Any:
+    """forward with labels, backward, optimizer.step(), zero_grad(set_to_none=True).
+
+    The optimizer is the one HF Trainer builds from the same `optim` name
+    (`Trainer.create_optimizer`), so only the loop differs from the trainer path: no
+    accelerate wrapper (no `convert_outputs_to_fp32`), autocast only when the trainable
+    weights are not already 16-bit (`is_pure_low_precision`).
+    """
+    import contextlib
+
+    import torch
+
+    optimizer = trainer.create_optimizer()
+    if plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if plan.method != "full":
+            model.enable_input_require_grads()
+    model.train()
+    dev = "cuda" if on_gpu else "cpu"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.compute_dtype)
+    use_amp = on_gpu and amp_dtype is not None and not is_pure_low_precision(plan)
+    for step in range(steps):
+        batch = ids[step * plan.batch_size:(step + 1) * plan.batch_size].to(dev)
+        if on_gpu:
+            _step_begin(readings, tracing)
+        ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+        with ctx:
+            out = model(input_ids=batch, labels=batch)
+        out.loss.backward()
+        del out
+        if on_gpu:
+            _before_optimizer(readings)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_gpu:
+            _after_optimizer(readings)
+    return optimizer
+
+
+def _trace_summary(model: Any, optimizer: Any) -> dict[str, Any]:
+    import torch
+
+    from vramcalc.calibrate.trace import summarize_snapshot
+
+    try:
+        _trace_mark(MARK_END)
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    try:
+        known = _known_addresses(model, optimizer) if optimizer is not None else {}
+        return summarize_snapshot(snap, step=-1, known=known, step_mark=MARK_STEP,
+                                  end_mark=MARK_END)
+    except Exception as err:  # a summary must never cost the measurement
+        return {"error": _one_line(err)}
+
+
+def _final_readings(result: dict[str, Any], log: PhaseLog, readings: list[dict[str, int]],
+                    poller: NvmlPoller, baseline_used: int) -> None:
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    result["torch_peak_allocated"] = int(stats.get("allocated_bytes.all.peak", 0))
+    result["torch_peak_reserved"] = int(stats.get("reserved_bytes.all.peak", 0))
+    result["num_alloc_retries"] = int(stats.get("num_alloc_retries", 0))
+    result["num_ooms"] = int(stats.get("num_ooms", 0))
+    result["nvml_peak_used_minus_baseline"] = poller.peak_used - baseline_used
+    result["nvml_end_used_minus_baseline"] = poller.used() - baseline_used
+    result["nvml_process_used_end"] = poller.process_used()
+    result["nvml_process_peak_used"] = poller.peak_process_used if poller.process_seen else None
+    result["nvml_process_source"] = poller.process_source
+    # Peaks are reset at every phase boundary; the run's peak is the max over phases.
+    phase_peaks = [m["max_allocated"] for m in log.marks.values()]
+    phase_peaks += [v for s in readings for k, v in s.items() if k.endswith("_peak")]
+    reserved = [m["max_reserved"] for m in log.marks.values()]
+    reserved += [v for s in readings for k, v in s.items() if k.endswith("_peak_reserved")]
+    result["peak_allocated_bytes"] = max(phase_peaks + [result["torch_peak_allocated"]])
+    result["peak_reserved_bytes"] = max(reserved + [result["torch_peak_reserved"]])
+    # This process's own NVML reading when NVML lists it (several workers share the
+    # device-wide number); device-wide minus the baseline otherwise.
+    if poller.process_seen:
+        result["peak_device_bytes"] = poller.peak_process_used
+    else:
+        result["peak_device_bytes"] = result["nvml_peak_used_minus_baseline"]
+
+
 def _optimizer_state_bytes(optimizer: Any) -> dict[str, int]:
     """Optimizer state tensors, split into device (torch allocator) and paged (managed)."""
+    if optimizer is None:
+        return {"device": 0, "paged": 0}
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
     device = paged = 0
     for state in inner.state.values():

@@ -1,22 +1,41 @@
-"""`python -m vramcalc.calibrate.worker POINT_JSON`: measure one point in this process.
+"""`python -m vramcalc.calibrate.worker JOB`: measure one training point in this process.
 
+JOB is a JSON object or the path of a file holding one: {"spec": ModelSpec fields, "plan":
+TrainPlan fields, "weights_dir", "steps", "device", "snapshot", "trust_remote_code"}.
 Run once per point by the matrix driver, so every peak starts from a clean process.
 Prints one JSON object on the last line of stdout.
+
+Imports on this path before torch: vramcalc.specs and vramcalc.plan_settings (pydantic,
+pyyaml). `expandable_segments` is put into PYTORCH_CUDA_ALLOC_CONF here too, before torch
+is imported, in case the caller did not.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ModelSpec
 
 
+def read_job(arg: str) -> dict[str, Any]:
+    text = arg if arg.lstrip().startswith("{") else Path(arg).read_text(encoding="utf-8")
+    job = json.loads(text)
+    if not isinstance(job, dict):
+        raise ValueError("a job is a JSON object")
+    return job
+
+
 def main(argv: list[str]) -> int:
-    job = json.loads(argv[0])
+    job = read_job(argv[0])
     spec = ModelSpec.model_validate(job["spec"])
     plan = TrainPlan.model_validate(job["plan"])
+    if plan.expandable_segments and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     from vramcalc.calibrate.run import measure_point
 
     result = measure_point(
@@ -24,10 +43,12 @@ def main(argv: list[str]) -> int:
         plan,
         job.get("weights_dir"),
         steps=job.get("steps", 3),
-        device=job["device"],
+        device=job.get("device", "cuda"),
         trust_remote_code=bool(job.get("trust_remote_code", False)),
+        snapshot=bool(job.get("snapshot", False)),
     )
     sys.stdout.write("\n" + json.dumps(result) + "\n")
+    sys.stdout.flush()
     return 0
 
 
