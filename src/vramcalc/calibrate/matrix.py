@@ -97,6 +97,7 @@ def _need_bytes(spec: ModelSpec, plan: TrainPlan, predicted_device: int) -> int:
 def load_points(raw_points: list[dict[str, Any]]) -> list[Point]:
     """Resolve specs, depth cuts, plans and predictions; a bad point is kept with `error`."""
     from vramcalc.calibrate.store import Prediction
+    from vramcalc.errors import PlanError
     from vramcalc.estimate import estimate
 
     points: list[Point] = []
@@ -116,9 +117,18 @@ def load_points(raw_points: list[dict[str, Any]]) -> list[Point]:
                 if point.spec is None:
                     raise ValueError("a train point needs a spec")
                 point.plan = TrainPlan.model_validate(raw.get("plan", {}))
-                est = estimate(point.spec, point.plan)
-                point.prediction = Prediction.of(est).model_dump(mode="json")
-                point.need_bytes = _need_bytes(point.spec, point.plan, est.peak_device_bytes)
+                try:
+                    est = estimate(point.spec, point.plan)
+                except PlanError as err:  # predicted not to start: run it to see
+                    point.prediction = {"cannot_start": str(err)}
+                    point.need_bytes = int(float(raw.get("reserve_gib", 8)) * GiB)
+                else:
+                    point.prediction = Prediction.of(est).model_dump(mode="json")
+                    point.need_bytes = _need_bytes(point.spec, point.plan,
+                                                   est.peak_device_bytes)
+                limit = raw.get("memory_limit_gib")
+                if limit is not None:  # an emulated smaller card: it cannot take more
+                    point.need_bytes = min(point.need_bytes, int((float(limit) + 1.5) * GiB))
             else:
                 reserve = float(raw.get("reserve_gib", DEFAULT_RESERVE_GIB))
                 point.need_bytes = int(reserve * GiB)
@@ -220,6 +230,7 @@ def _job_for(point: Point, device: str) -> dict[str, Any]:
             "weights_dir": point.weights_dir,
             "steps": int(point.raw.get("steps", 3)),
             "snapshot": bool(point.raw.get("snapshot", False)),
+            "memory_limit_gib": point.raw.get("memory_limit_gib"),
             "device": device,
         }
     job = dict(point.job)

@@ -323,6 +323,7 @@ def measure_point(
     device: str = "cuda",
     trust_remote_code: bool = False,
     snapshot: bool = False,
+    memory_limit_gib: float | None = None,
 ) -> dict[str, Any]:
     """Run `plan` for `steps` optimizer steps and return every reading.
 
@@ -363,6 +364,13 @@ def measure_point(
     if on_gpu:
         torch.cuda.init()
         torch.zeros(1, device="cuda")
+        if memory_limit_gib is not None:
+            # Emulate a smaller card for boundary runs: the caching allocator raises
+            # out-of-memory once its reserved bytes would pass this (CUDACachingAllocator
+            # set_memory_fraction); managed (paged) memory and the context are outside it.
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(memory_limit_gib * 2**30 / total)
+            result["memory_limit_bytes"] = int(memory_limit_gib * 2**30)
         torch.cuda.synchronize()
         result["context_bytes"] = poller.used() - baseline_used - torch.cuda.memory_reserved()
         mine = poller.process_used()

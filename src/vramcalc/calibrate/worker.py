@@ -46,6 +46,7 @@ def main(argv: list[str]) -> int:
         device=job.get("device", "cuda"),
         trust_remote_code=bool(job.get("trust_remote_code", False)),
         snapshot=bool(job.get("snapshot", False)),
+        memory_limit_gib=job.get("memory_limit_gib"),
     )
     sys.stdout.write("\n" + json.dumps(result) + "\n")
     sys.stdout.flush()

@@ -1,0 +1,250 @@
+"""Draw the measurement matrices at random from a seed (issue 10's designed matrix).
+
+    python calibration/design.py design   > calibration/matrices/h200-design.json
+    python calibration/design.py holdout  > calibration/matrices/h200-holdout.json
+
+`design`: 16 architectures (MHA, GQA, MQA, tied/untied, 32k-256k vocabularies, fused
+modules, qk-norm, softcapping, plain gelu_new MLP with residual dropout, MoE with few large
+and many small experts), each point drawn at random over method x quantization x compute
+dtype x checkpointing x attention x optimizer x rank x targets x batch x sequence length x
+loop x allocator, plus allocator-trace points and emulated-card boundary points.
+`holdout`: architectures never used in `design` (OLMo-2, StarCoder2, Gemma-3, StableLM,
+Qwen2-MoE, Mistral-NeMo), drawn the same way; its predictions are committed before the run.
+
+Large models are depth-cut (same shapes, fewer layers); small ones run at full depth. A
+draw whose predicted peak passes `MAX_PEAK_GIB` is redrawn, so points run side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from typing import Any
+
+sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
+
+from vramcalc.errors import PlanError  # noqa: E402
+from vramcalc.estimate import estimate  # noqa: E402
+from vramcalc.hf_config import spec_from_hf_config  # noqa: E402
+from vramcalc.plan_settings import TrainPlan  # noqa: E402
+from vramcalc.specs import ModelSpec, depth_cut, get_spec  # noqa: E402
+
+GiB = 2**30
+MAX_PEAK_GIB = 60
+
+# name -> layers measured (None: full depth)
+DESIGN_ARCHS: dict[str, int | None] = {
+    "llama-2-7b": 4, "llama-3.1-8b": 4, "mistral-7b": 4, "qwen2.5-7b": 4,
+    "qwen2.5-0.5b": None, "qwen3-8b": 4, "phi-3-mini": 4, "phi-2": 6, "gemma-2-2b": 6,
+    "gemma-2-9b": 4, "falcon-7b": 4, "tinyllama-1.1b": None, "llama-3.2-1b": None,
+    "mixtral-8x7b": 2, "qwen3-moe": 2, "smollm2-1.7b": 8,
+}
+
+# Configs of architectures outside the catalog, as their config.json files give them.
+INLINE_CONFIGS: dict[str, dict[str, Any]] = {
+    # Qwen/Qwen3-30B-A3B config.json (128 experts, top 8)
+    "qwen3-moe": {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
+                  "intermediate_size": 6144, "moe_intermediate_size": 768,
+                  "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+                  "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+                  "tie_word_embeddings": False, "max_position_embeddings": 40960,
+                  "rope_theta": 1000000.0},
+    # allenai/OLMo-2-1124-7B config.json
+    "olmo2-7b": {"model_type": "olmo2", "vocab_size": 100352, "hidden_size": 4096,
+                 "intermediate_size": 11008, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 32,
+                 "tie_word_embeddings": False, "max_position_embeddings": 4096,
+                 "rope_theta": 500000},
+    # bigcode/starcoder2-7b config.json
+    "starcoder2-7b": {"model_type": "starcoder2", "vocab_size": 49152, "hidden_size": 4608,
+                      "intermediate_size": 18432, "num_hidden_layers": 32,
+                      "num_attention_heads": 36, "num_key_value_heads": 4,
+                      "hidden_act": "gelu_pytorch_tanh", "use_bias": True,
+                      "max_position_embeddings": 16384, "sliding_window": 4096,
+                      "rope_theta": 1000000},
+    # google/gemma-3-1b-pt config.json (text-only gemma3_text)
+    "gemma-3-1b": {"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152,
+                   "intermediate_size": 6912, "num_hidden_layers": 26,
+                   "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+                   "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 512,
+                   "max_position_embeddings": 32768, "query_pre_attn_scalar": 256,
+                   "rope_theta": 1000000, "tie_word_embeddings": True},
+    # stabilityai/stablelm-2-1_6b config.json
+    "stablelm-2-1.6b": {"model_type": "stablelm", "vocab_size": 100352, "hidden_size": 2048,
+                        "intermediate_size": 5632, "num_hidden_layers": 24,
+                        "num_attention_heads": 32, "num_key_value_heads": 32,
+                        "use_qkv_bias": True, "partial_rotary_factor": 0.25,
+                        "max_position_embeddings": 4096, "tie_word_embeddings": False},
+    # Qwen/Qwen1.5-MoE-A2.7B config.json (60 experts, top 4, a shared expert)
+    "qwen2-moe": {"model_type": "qwen2_moe", "vocab_size": 151936, "hidden_size": 2048,
+                  "intermediate_size": 5632, "moe_intermediate_size": 1408,
+                  "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24,
+                  "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60,
+                  "num_experts_per_tok": 4, "max_position_embeddings": 8192,
+                  "tie_word_embeddings": False},
+}
+
+HOLDOUT_ARCHS: dict[str, int | None] = {
+    "olmo2-7b": 4, "starcoder2-7b": 4, "gemma-3-1b": 8, "stablelm-2-1.6b": None,
+    "qwen2-moe": 2, "mistral-nemo-12b": 4,
+}
+
+METHODS = [  # (weight, plan fields)
+    (30, {"method": "qlora", "quant": "nf4"}),
+    (4, {"method": "qlora", "quant": "nf4", "double_quant": False}),
+    (4, {"method": "qlora", "quant": "fp4"}),
+    (12, {"method": "qlora", "quant": "int8"}),
+    (20, {"method": "lora"}),
+    (14, {"method": "full"}),
+    (8, {"method": "full", "weights_dtype": "fp32"}),
+]
+LORA_OPTIMIZERS = ["paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused",
+                   "paged_adamw_32bit", "sgd"]
+FULL_OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"]
+SEQ_LENS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
+
+
+def spec_named(name: str) -> ModelSpec:
+    if name in INLINE_CONFIGS:
+        return spec_from_hf_config(dict(INLINE_CONFIGS[name]), name, name=name)
+    return get_spec(name)
+
+
+def cut(name: str, layers: int | None) -> ModelSpec:
+    spec = spec_named(name)
+    return depth_cut(spec, layers) if layers else spec
+
+
+def weighted(rng: random.Random, options: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    total = sum(w for w, _ in options)
+    x = rng.uniform(0, total)
+    for w, o in options:
+        x -= w
+        if x <= 0:
+            return dict(o)
+    return dict(options[-1][1])
+
+
+def draw_plan(rng: random.Random, spec: ModelSpec) -> dict[str, Any]:
+    plan = weighted(rng, METHODS)
+    full = plan["method"] == "full"
+    if rng.random() < 0.15:
+        plan["compute_dtype"] = "fp16"
+        if full:
+            plan["weights_dtype"] = "fp32"  # fp16 Trainer needs fp32 master weights
+        elif plan["method"] == "lora":
+            plan["weights_dtype"] = "fp16"
+    plan["gradient_checkpointing"] = rng.random() < 0.6
+    plan["attn"] = "eager" if rng.random() < 0.2 else "sdpa"
+    plan["optimizer"] = rng.choice(FULL_OPTIMIZERS if full else LORA_OPTIMIZERS)
+    if not full:
+        plan["rank"] = rng.choice([8, 16, 32, 64, 128])
+        t = rng.random()
+        if t < 0.2 and spec.attention_layout == "separate":
+            plan["targets"] = ",".join(spec.module_name(r) for r in ("q", "k", "v", "o"))
+        elif t < 0.3 and spec.attention_layout == "separate":
+            plan["targets"] = ",".join(spec.module_name(r) for r in ("q", "v"))
+        plan["lora_dropout"] = 0.0 if (rng.random() < 0.2 or spec.is_moe) else 0.05
+    plan["batch_size"] = rng.choice([1, 1, 2, 4, 8])
+    seqs = SEQ_LENS if plan["attn"] == "sdpa" else SEQ_LENS[:5]
+    plan["seq_len"] = rng.choice(seqs)
+    if rng.random() < 0.15:
+        plan["loop"] = "plain"
+    if rng.random() < 0.15:
+        plan["expandable_segments"] = True
+    return plan
+
+
+def predicted_gib(spec: ModelSpec, plan: dict[str, Any]) -> float:
+    est = estimate(spec, TrainPlan.model_validate(plan))
+    return est.peak_device_bytes / GiB
+
+
+def random_points(archs: dict[str, int | None], n: int, seed: int, prefix: str
+                  ) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    names = list(archs)
+    points: list[dict[str, Any]] = []
+    while len(points) < n:
+        name = names[len(points) % len(names)]
+        spec = cut(name, archs[name])
+        for _ in range(50):
+            plan = draw_plan(rng, spec)
+            try:
+                if predicted_gib(spec, plan) <= MAX_PEAK_GIB:
+                    break
+            except PlanError:
+                continue
+        else:
+            continue
+        steps = 4 if plan.get("quant") == "int8" else 3
+        points.append({"id": f"{prefix}{len(points):03d}-{name}", "spec": spec_ref(name),
+                       "layers": archs[name], "plan": plan, "steps": steps})
+    return points
+
+
+def spec_ref(name: str) -> Any:
+    """A catalog name, or the inline spec (the device has no config files)."""
+    if name in INLINE_CONFIGS:
+        return spec_named(name).model_dump(mode="json")
+    return name
+
+
+def snapshot_points() -> list[dict[str, Any]]:
+    base = {"batch_size": 2, "seq_len": 2048}
+    variants = {
+        "qlora-ckpt": {},
+        "qlora-nockpt": {"gradient_checkpointing": False},
+        "int8-nockpt": {"quant": "int8", "gradient_checkpointing": False},
+        "lora-nockpt": {"method": "lora", "gradient_checkpointing": False},
+        "full-bf16": {"method": "full", "optimizer": "adamw_torch"},
+        "full-fp32": {"method": "full", "weights_dtype": "fp32", "optimizer": "adamw_torch"},
+        "plain-loop": {"loop": "plain"},
+        "eager-nockpt": {"attn": "eager", "gradient_checkpointing": False},
+    }
+    pts = [{"id": f"snap-{k}", "spec": "llama-2-7b", "layers": 4, "plan": {**base, **v},
+            "steps": 3, "snapshot": True} for k, v in variants.items()]
+    pts.append({"id": "snap-mixtral-qlora", "spec": "mixtral-8x7b", "layers": 2,
+                "plan": {"batch_size": 1, "seq_len": 2048, "lora_dropout": 0.0},
+                "steps": 3, "snapshot": True})
+    pts.append({"id": "cannot-start-mixtral", "spec": "mixtral-8x7b", "layers": 2,
+                "plan": {"batch_size": 1, "seq_len": 512}, "steps": 2})
+    return pts
+
+
+def boundary_points() -> list[dict[str, Any]]:
+    """Emulated small cards (set_per_process_memory_fraction): the trainer and the plain
+    loop, default and expandable allocator, around the predicted boundary."""
+    pts = []
+    cases = [("qwen2.5-0.5b", None, 2048, 10.0), ("llama-3.2-1b", None, 2048, 14.0)]
+    for name, layers, seq, limit in cases:
+        spec = cut(name, layers)
+        for batch in (2, 3, 4, 5, 6, 7, 8):
+            plan = {"batch_size": batch, "seq_len": seq}
+            need = estimate(spec, TrainPlan.model_validate(plan)).required_device_bytes / GiB
+            if abs(need - limit - 0.75) > 3.0:
+                continue
+            for loop in ("trainer", "plain"):
+                for exp in (False, True):
+                    p = {**plan, "loop": loop, "expandable_segments": exp}
+                    pts.append({"id": f"edge-{name}-b{batch}-{loop}-{'exp' if exp else 'def'}",
+                                "spec": name, "layers": layers, "plan": p, "steps": 3,
+                                "memory_limit_gib": limit})
+    return pts
+
+
+def main(which: str) -> None:
+    if which == "design":
+        points = snapshot_points() + random_points(DESIGN_ARCHS, 96, seed=10, prefix="d")
+        points += boundary_points()
+    elif which == "holdout":
+        points = random_points(HOLDOUT_ARCHS, 36, seed=20, prefix="h")
+    else:
+        raise SystemExit("usage: design.py design|holdout")
+    json.dump({"points": points}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "design")

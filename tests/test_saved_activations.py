@@ -1,0 +1,160 @@
+"""What each decoder layer saves for backward, counted on real tiny models on CPU.
+
+An independent check of `activations.layer_saved_bytes_per_token`: a tiny model of each
+architecture is built from its config (random weights), prepared as each method prepares
+it (4-bit + prepare_model_for_kbit_training + LoRA, 16-bit + LoRA, full in bf16 or in fp32
+under bf16 autocast), and one forward runs under `torch.autograd.graph.saved_tensors_hooks`.
+Every tensor autograd saves is recorded by its storage, and the storages first saved while
+a decoder layer runs are that layer's activations. No formula from vramcalc is used to
+count them. int8 (MatMul8bitLt) runs a different kernel on CPU and is checked on the GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vramcalc.activations import layer_saved_bytes_per_token
+from vramcalc.plan_settings import TrainPlan
+from vramcalc.specs import ModelSpec
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+BATCH, SEQ = 2, 64
+
+SPECS: dict[str, dict[str, Any]] = {
+    "llama-gqa": dict(model_type="llama", vocab_size=512, hidden_size=128,
+                      intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2),
+    "llama-mha": dict(model_type="llama", vocab_size=512, hidden_size=128,
+                      intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=4),
+    "qwen2-bias-tied": dict(model_type="qwen2", vocab_size=384, hidden_size=64,
+                            intermediate_size=160, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2,
+                            tie_word_embeddings=True, qkv_bias=True),
+    "qwen3-qknorm": dict(model_type="qwen3", vocab_size=384, hidden_size=64,
+                         intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, qk_norm=True),
+    "phi3-fused": dict(model_type="phi3", vocab_size=256, hidden_size=96,
+                       intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=4, attention_layout="fused_qkv",
+                       mlp_layout="fused_gated",
+                       extra_config={"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "phi2-gelu-new": dict(model_type="phi", vocab_size=256, hidden_size=64,
+                          intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=4, mlp_layout="plain", qkv_bias=True,
+                          o_bias=True, mlp_bias=True, lm_head_bias=True, norm="layernorm",
+                          norms_per_layer=1, module_names={"o": "dense"},
+                          hidden_act="gelu_new", resid_dropout=0.1,
+                          extra_config={"hidden_act": "gelu_new", "resid_pdrop": 0.1,
+                                        "partial_rotary_factor": 0.5}),
+    "gemma2-4norms": dict(model_type="gemma2", vocab_size=256, hidden_size=64,
+                          intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                          norms_per_layer=4, hidden_act="gelu_pytorch_tanh",
+                          attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+}
+
+PLANS: dict[str, dict[str, Any]] = {
+    "qlora": dict(method="qlora", quant="nf4"),
+    "qlora-nodrop": dict(method="qlora", quant="nf4", lora_dropout=0.0),
+    "lora": dict(method="lora"),
+    "lora-nodrop": dict(method="lora", lora_dropout=0.0),
+    "full-bf16": dict(method="full"),
+    "full-fp32": dict(method="full", weights_dtype="fp32"),
+}
+
+
+def _spec(key: str) -> ModelSpec:
+    return ModelSpec(name=key, **SPECS[key])
+
+
+def _model(spec: ModelSpec, plan: TrainPlan, tmp_path: Any) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from vramcalc.calibrate.weights import save_random_weights
+
+    save_random_weights(spec, str(tmp_path), device="cpu")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[plan.load_dtype]
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": "cpu"},
+                              "attn_implementation": "sdpa"}
+    if plan.method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), **kwargs)
+    if plan.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if plan.method != "full":
+        model = get_peft_model(model, LoraConfig(
+            r=plan.rank, lora_alpha=plan.alpha, lora_dropout=plan.lora_dropout,
+            target_modules="all-linear", task_type="CAUSAL_LM"))
+        if plan.method == "lora":
+            model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def _saved_per_layer(model: Any, spec: ModelSpec) -> list[int]:
+    """Bytes of the storages first saved for backward inside each decoder layer."""
+    layers = [m for name, m in model.named_modules()
+              if name.endswith(f"layers.{len(name.split('.')) and name.split('.')[-1]}")
+              and name.split(".")[-2] == "layers"]
+    assert len(layers) == spec.num_hidden_layers
+    seen: set[int] = set()
+    current: list[int | None] = [None]
+    per_layer = [0] * len(layers)
+
+    def pack(t: Any) -> Any:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in seen and current[0] is not None and storage.nbytes() > 0:
+            seen.add(key)
+            per_layer[current[0]] += storage.nbytes()
+        elif current[0] is None:
+            seen.add(key)
+        return t
+
+    def enter(i: int) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any = None) -> None:
+            current[0] = i
+        return hook
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        current[0] = None
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(enter(i)))
+        handles.append(layer.register_forward_hook(leave))
+    ids = torch.randint(3, spec.vocab_size, (BATCH, SEQ))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    for h in handles:
+        h.remove()
+    assert out.loss.requires_grad
+    return per_layer
+
+
+CASES = [(s, p) for s in SPECS for p in PLANS]
+
+
+@pytest.mark.parametrize(("spec_key", "plan_key"), CASES)
+def test_layer_saved_bytes_match_autograd(spec_key: str, plan_key: str, tmp_path: Any) -> None:
+    spec = _spec(spec_key)
+    plan = TrainPlan(batch_size=BATCH, seq_len=SEQ, rank=8, gradient_checkpointing=False,
+                     **PLANS[plan_key])
+    torch.manual_seed(0)
+    model = _model(spec, plan, tmp_path)
+    counted = _saved_per_layer(model, spec)
+    # the middle layer: its input is the previous layer's output, saved by its first norm
+    measured = counted[1] / (BATCH * SEQ)
+    predicted = layer_saved_bytes_per_token(spec, plan)
+    assert predicted == pytest.approx(measured, rel=0.03), (counted, predicted)
