@@ -35,7 +35,7 @@ def commands() -> dict[str, list[str]]:
 def measure(runs: int) -> dict[str, float]:
     cmds = commands()
     times: dict[str, list[float]] = {k: [] for k in cmds}
-    for name, cmd in cmds.items():  # warm the OS file cache once, untimed
+    for cmd in cmds.values():  # warm the OS file cache once, untimed
         subprocess.run(cmd, check=True, capture_output=True)
     for _ in range(runs):
         for name, cmd in cmds.items():

@@ -245,14 +245,14 @@ def measure_point(
 
         phase = "train"
 
-        class Recorder(TrainerCallback):  # phase boundaries of each optimizer step
+        class Recorder(TrainerCallback):  # type: ignore[misc]  # phases of each optimizer step
             def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 if on_gpu:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     readings.append({"step_begin": torch.cuda.memory_allocated()})
 
-            def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any):
+            def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 if on_gpu:
                     torch.cuda.synchronize()
                     readings[-1]["fwd_bwd_peak"] = torch.cuda.max_memory_allocated()
@@ -260,7 +260,7 @@ def measure_point(
                     readings[-1]["after_backward"] = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
 
-            def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any):
+            def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 if on_gpu:
                     torch.cuda.synchronize()
                     readings[-1]["optimizer_peak"] = torch.cuda.max_memory_allocated()

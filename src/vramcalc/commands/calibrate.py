@@ -176,7 +176,7 @@ def _fetch_weights(weights: str) -> str:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise MissingExtraError(NO_EXTRA.format("huggingface_hub")) from None
-    return snapshot_download(weights, allow_patterns=["*.json", "*.safetensors"])
+    return str(snapshot_download(weights, allow_patterns=["*.json", "*.safetensors"]))
 
 
 # ---- run ---------------------------------------------------------------------------------
@@ -377,8 +377,7 @@ def replay(data: Path) -> dict[str, Any]:
     # per entry key: (raw, held-out corrected) errors on the points that had a correction
     by_key: dict[str, tuple[dict[str, list[float]], dict[str, list[float]]]] = {}
     for point, est, obs in usable:
-        stack = obs.stack if obs else None
-        c = match(held_out.get(point.model, entries), point.gpu, stack)
+        c = match(held_out.get(point.model, entries), point.gpu, obs.stack if obs else None)
         cor = corrected(est, c) if c is not None else est
         row: dict[str, Any] = {
             "source": point.source,

@@ -69,7 +69,7 @@ class Target(NamedTuple):
     """A card to check against: a detected GPU, or an empty catalog / sized one."""
 
     name: str
-    index: int | None  # NVML index; None for --gpu / --gpu-memory
+    index: int | None  # type: ignore[assignment]  # NVML index; None for --gpu / --gpu-memory
     label: str | None  # "0", or "0:1" for a MIG instance
     total_bytes: int
     free_bytes: int
