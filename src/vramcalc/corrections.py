@@ -423,13 +423,13 @@ def select_corrections(gpu_name: str | None) -> Selection:
     module docstring; cheap: two small JSON files, package metadata, never torch."""
     if os.environ.get(ENV_PATH) == "":
         return Selection(None, None, "")  # turned off on purpose: nothing to say
-    entries = available()
-    if not entries:
-        return Selection(None, None, "calibration: raw estimate (no corrections installed)")
-    if gpu_name is None:
+    if gpu_name is None:  # `plan`: no file to read
         return Selection(None, None, (
             "calibration: raw estimate (corrections are fitted per GPU family and no GPU is "
             "named; 'vramcalc check --gpu NAME' applies them)"))
+    entries = available()
+    if not entries:
+        return Selection(None, None, "calibration: raw estimate (no corrections installed)")
     fam = gpu_family(gpu_name)
     same_family = [(e, o) for e, o in entries if e.gpu_family == fam]
     if not same_family:
