@@ -1,11 +1,15 @@
-"""Unit tests run on the raw estimate: the committed corrections (calibration/) are
-switched off here, and tested on their own (test_corrections_applied.py)."""
+"""Unit tests run on the raw estimate: the fitted corrections (shipped and user) are
+switched off here, and tested on their own (test_corrections_applied.py); the user data
+folder is a temporary one, so no test reads or writes the real one."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 
 @pytest.fixture(autouse=True)
-def _no_committed_corrections(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_committed_corrections(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VRAMCALC_CORRECTIONS", "")
+    monkeypatch.setenv("VRAMCALC_DATA_DIR", str(tmp_path / "user-data"))

@@ -158,7 +158,8 @@ def test_corrupt_and_foreign_files_are_skipped(
 @pytest.mark.parametrize(
     ("name", "family"),
     [(H100, "H100"), ("NVIDIA H200", "H200"), ("NVIDIA A100-SXM4-80GB", "A100"),
-     ("NVIDIA GeForce RTX 4090", "RTX 4090"), ("NVIDIA L40S", "L40S"), ("Tesla T4", "T4"),
+     ("NVIDIA GeForce RTX 4090", "RTX 4090"), ("rtx-4090", "RTX 4090"), ("h100", "H100"),
+     ("NVIDIA L40S", "L40S"), ("Tesla T4", "T4"),
      ("NVIDIA RTX A6000", "RTX A6000")],
 )
 def test_gpu_family(name: str, family: str) -> None:
@@ -166,7 +167,8 @@ def test_gpu_family(name: str, family: str) -> None:
 
 
 def test_stack_key() -> None:
-    assert corr.stack_key("2.11.0+cu130", "5.17.0") == "torch2.11-transformers5"
+    assert corr.stack_key("2.11.0+cu130", "5.17.0") == "torch2.11-transformers5.17"
+    assert corr.stack_key(None, "5.17.0") == "torch?-transformers5.17"
 
 
 def test_fit_recovers_known_factors() -> None:
@@ -202,19 +204,33 @@ def test_corrected_keeps_the_sum_and_identity_is_a_no_op() -> None:
         0.5 * est.components["allocator_slack"])
 
 
-def test_save_load_and_find(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_save_load_and_select(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "corrections.json"
     a = corr.Corrections(gpu_family="H100", stack=corr.installed_stack() or "x", k_act=1.01,
-                         n_points=3)
-    b = corr.Corrections(gpu_family="H100", stack="torch1.0-transformers1", n_points=30)
+                         n_points=3, helps=True)
+    b = corr.Corrections(gpu_family="H100", stack="torch1.0-transformers1.0", n_points=30,
+                         helps=True)
     corr.save(path, [a, b])
     assert corr.load(path) == [a, b]
     monkeypatch.setenv(corr.ENV_PATH, str(path))
     corr._load_cached.cache_clear()
-    assert corr.find_corrections(H100) == a  # the installed stack wins over more points
-    assert corr.find_corrections("NVIDIA A100-SXM4-80GB") is None
-    assert corr.choose([a, b], None, "other") == b  # no match: the best-measured entry
+    assert corr.select_corrections(H100).corrections == a  # only the installed stack
+    assert corr.select_corrections(H100).origin == str(path)
+    assert corr.select_corrections("NVIDIA A100-SXM4-80GB").corrections is None
+    assert corr.select_corrections(None).corrections is None  # no GPU, no family
+    assert corr.match([a, b], H100, "torch1.0-transformers1.0") == b
+    assert corr.match([a, b], H100, "other") is None
     corr._load_cached.cache_clear()
+
+
+def test_validation_verdict() -> None:
+    helps, v = corr.validation_of({"allocated": [0.02, 0.04], "device": [0.03]},
+                                  {"allocated": [0.01, 0.02], "device": [0.01]})
+    assert helps and v.n_points == 2 and v.raw_median_abs_error["allocated"] == 0.03
+    worse, _ = corr.validation_of({"allocated": [0.01], "device": [0.03]},
+                                  {"allocated": [0.02], "device": [0.01]})
+    assert not worse  # better device, worse allocated: not applied
+    assert corr.validation_of({}, {}) == (False, corr.Validation())
 
 
 def test_broken_corrections_file_is_ignored(
@@ -231,6 +247,8 @@ def test_broken_corrections_file_is_ignored(
 
 def test_report_replays_committed_data() -> None:
     result = calibrate_cmd.replay(REPO / "calibration")
+    (entry,) = result["corrections"]
+    assert entry["helps"] is not None and entry["validation"]["n_points"] >= 10
     summary = result["summary"]
     assert summary["n_measured"] >= 10 and len(summary["models"]) >= 2
     assert summary["validation"] == "leave-one-architecture-out"
@@ -244,20 +262,39 @@ def test_report_replays_committed_data() -> None:
 
 
 def test_report_json_cli() -> None:
-    res = CliRunner().invoke(app, ["calibrate", "report", "--json"])
+    res = CliRunner().invoke(app, ["calibrate", "report", "--json", "--data",
+                                   str(REPO / "calibration")])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["summary"]["median_abs_error"] is not None
+
+
+def test_report_without_measurements_says_so() -> None:
+    res = CliRunner().invoke(app, ["calibrate", "report"])  # the (empty) user data folder
+    assert res.exit_code == 0, res.output
+    assert "no measured points under" in res.stderr
 
 
 def test_fit_cli_writes_corrections(tmp_path: Path) -> None:
     (tmp_path / "raw").mkdir()
     src = sorted((REPO / "calibration" / "raw").glob("*.jsonl"))[0]
     (tmp_path / "raw" / src.name).write_text(src.read_text())
+    user_file = corr.user_corrections_path()
+    other = corr.Corrections(gpu_family="A100", stack="torch2.11-transformers5.17")
+    corr.save(user_file, [other])
     res = CliRunner().invoke(app, ["calibrate", "fit", "--data", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    (entry,) = corr.load(tmp_path / "corrections.json")
+    assert user_file.parent == tmp_path / "user-data"  # VRAMCALC_DATA_DIR (conftest)
+    kept, entry = corr.load(user_file)  # the other GPU's entry is kept
+    assert kept == other
     assert entry.gpu_family == "H100" and entry.n_points >= 10
     assert 0.9 < entry.k_act < 1.1
+    assert entry.helps is not None and entry.validation is not None
+    assert not list(user_file.parent.glob("*.tmp"))  # written atomically, nothing left
+
+
+def test_shipped_corrections_are_in_the_package() -> None:
+    (entry,) = corr.shipped_entries()
+    assert entry.gpu_family == "H100" and entry.validation is not None
 
 
 # ---- calibrate run -----------------------------------------------------------------------------

@@ -33,3 +33,43 @@ def test_plan_command_imports_nothing_heavy() -> None:
     )
     loaded = _modules_after(code)
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
+CALIBRATE = ("vramcalc.calibrate", "vramcalc.commands.calibrate")
+
+
+def _run_cli(*args: str) -> set[str]:
+    """Modules loaded by a real `vramcalc ARGS` in a fresh interpreter (main(), exit 0)."""
+    code = (
+        "import sys\n"
+        f"sys.argv = ['vramcalc', *{list(args)!r}]\n"
+        "from vramcalc.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "print()\n"
+    )
+    return _modules_after(code)
+
+
+def test_help_imports_no_command() -> None:
+    loaded = _run_cli("--help")
+    assert not loaded & set(HEAVY)
+    assert not {m for m in loaded if m.startswith("vramcalc.commands.")}, loaded
+    assert "vramcalc.estimate" not in loaded and "vramcalc.specs" not in loaded
+
+
+def test_plan_imports_neither_heavy_nor_calibrate() -> None:
+    loaded = _run_cli("plan", "--model", "llama-7b")
+    assert not loaded & set(HEAVY), loaded & set(HEAVY)
+    assert not loaded & set(CALIBRATE), loaded & set(CALIBRATE)
+    assert "vramcalc.commands.check" not in loaded
+
+
+def test_help_summaries_match_the_commands() -> None:
+    from vramcalc.cli import COMMANDS, load_command
+
+    for name, entry in COMMANDS.items():
+        command = load_command(name)
+        assert (command.help or "").strip().splitlines()[0] == entry.summary, name

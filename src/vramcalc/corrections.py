@@ -13,7 +13,23 @@ Three factors, each fitted by least squares on measured points (`vramcalc calibr
 
 `k_act` and `k_slack` are fitted on relative residuals (each point weighted by 1 / its
 measured value squared), so a 0.5B and a 70B model count alike. Everything here is pure
-arithmetic on pydantic models: no torch; `find_corrections` reads one small JSON file.
+arithmetic on pydantic models: no torch; `select_corrections` reads two small JSON files.
+
+Where corrections come from, and which one `plan` / `check` apply (`select_corrections`):
+
+- shipped: `vramcalc/data/corrections.json` inside the package (fitted on the project's
+  own measurements, calibration/ in the repo);
+- user: `<user data dir>/corrections.json`, written by `vramcalc calibrate fit` on the
+  user's own GPU; the folder is platformdirs' `user_data_dir("vramcalc")`
+  (~/.local/share/vramcalc on Linux) or `$VRAMCALC_DATA_DIR`;
+- `$VRAMCALC_CORRECTIONS=FILE` reads that one file instead of both ("" turns corrections off).
+
+A user entry with the same GPU family and stack replaces the shipped one. An entry is
+applied only when (1) its GPU family is the target GPU's, (2) its stack (torch
+major.minor, transformers major.minor) is the installed one (no torch or transformers
+installed: the stack is unknown and nothing is applied), and (3) its held-out
+(leave-one-architecture-out) replay at fit time showed it reduces the error
+(`helps`). Otherwise the raw estimate, and the note says why.
 """
 
 from __future__ import annotations
@@ -24,8 +40,9 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, version
+from importlib import resources
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -49,9 +66,25 @@ STATIC_COMPONENTS: tuple[str, ...] = (
 # Components that `k_act` scales: the per-step part of the peak allocated bytes.
 DYNAMIC_COMPONENTS: tuple[str, ...] = ("gradients", "activations", "logits_loss", "transient")
 
-# calibration/corrections.json of a source checkout (src/vramcalc/ -> repo root).
-REPO_CORRECTIONS = Path(__file__).resolve().parents[2] / "calibration" / "corrections.json"
-ENV_PATH = "VRAMCALC_CORRECTIONS"  # points find_corrections at another file ("" disables)
+SHIPPED = "shipped"  # origin label of the file inside the package (vramcalc/data/)
+SHIPPED_RESOURCE = "data/corrections.json"  # relative to the vramcalc package
+ENV_PATH = "VRAMCALC_CORRECTIONS"  # one file instead of shipped + user ("" disables)
+ENV_DATA_DIR = "VRAMCALC_DATA_DIR"  # the user data folder instead of platformdirs'
+USER_FILE = "corrections.json"
+VALIDATION_METHOD = "leave-one-architecture-out"
+PEAKS = ("allocated", "reserved", "device")
+
+
+class Validation(BaseModel):
+    """The held-out replay of an entry at fit time: each model's points predicted with
+    factors fitted on the other models only, vs the raw estimate on the same points."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str = VALIDATION_METHOD
+    n_points: int = Field(default=0, ge=0)  # points with a held-out correction
+    raw_median_abs_error: dict[str, float] = {}  # per peak: allocated / reserved / device
+    corrected_median_abs_error: dict[str, float] = {}
 
 
 class Corrections(BaseModel):
@@ -60,12 +93,16 @@ class Corrections(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     gpu_family: str  # "H100"
-    stack: str  # "torch2.11-transformers5"
+    stack: str  # "torch2.11-transformers5.17"
     k_act: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     k_slack: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     context_bytes: int = Field(default=CUDA_CONTEXT, ge=0)
     n_points: int = Field(default=0, ge=0)
     models: tuple[str, ...] = ()
+    # Verdict of the held-out replay (`validation`): True when the corrected estimate's
+    # median error is lower than the raw one's. None: never validated (not applied).
+    helps: bool | None = None
+    validation: Validation | None = None
 
     @property
     def key(self) -> str:
@@ -73,7 +110,7 @@ class Corrections(BaseModel):
 
 
 class CorrectionsFile(BaseModel):
-    """calibration/corrections.json: every fitted entry."""
+    """A corrections file (vramcalc/data/corrections.json, the user's): fitted entries."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -105,8 +142,8 @@ _FAMILY = re.compile(r"RTX\s*A?\d{4}\b(?:\s*TI\b)?|\b(?:[A-Z]{1,2}\d{1,3}S?)\b")
 
 
 def gpu_family(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'H100'; 'NVIDIA GeForce RTX 4090' -> 'RTX 4090'."""
-    upper = name.upper().replace("NVIDIA", " ")
+    """'NVIDIA H100 80GB HBM3' -> 'H100'; 'NVIDIA GeForce RTX 4090', 'rtx-4090' -> 'RTX 4090'."""
+    upper = name.upper().replace("NVIDIA", " ").replace("-", " ")  # catalog: "rtx-4090"
     for match in _FAMILY.finditer(upper):
         token = match.group(0)
         if re.fullmatch(r"\d+GB", token):
@@ -116,18 +153,20 @@ def gpu_family(name: str) -> str:
 
 
 def stack_key(torch_version: str | None, transformers_version: str | None) -> str:
-    """'2.11.0+cu130', '5.17.0' -> 'torch2.11-transformers5'."""
-    def major_minor(v: str | None, parts: int) -> str:
+    """'2.11.0+cu130', '5.17.0' -> 'torch2.11-transformers5.17' (major.minor of each)."""
+    def major_minor(v: str | None) -> str:
         if not v or v == "missing":
             return "?"
-        return ".".join(re.split(r"[.+]", v)[:parts])
+        return ".".join(re.split(r"[.+]", v)[:2])
 
-    torch_part = major_minor(torch_version, 2)
-    return f"torch{torch_part}-transformers{major_minor(transformers_version, 1)}"
+    return f"torch{major_minor(torch_version)}-transformers{major_minor(transformers_version)}"
 
 
 def installed_stack() -> str | None:
-    """Stack key of this environment from package metadata (never imports torch)."""
+    """Stack key of this environment from package metadata (never imports torch);
+    None when torch or transformers is not installed (the light install)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return stack_key(version("torch"), version("transformers"))
     except PackageNotFoundError:
@@ -280,23 +319,23 @@ def load(path: Path) -> list[Corrections]:
     except OSError as err:
         print(f"warning: cannot read {path}: {err}; corrections ignored", file=sys.stderr)
         return []
-    try:
-        doc = CorrectionsFile.model_validate_json(text)
-    except ValidationError as err:
-        first = err.errors()[0]["msg"]
-        print(f"warning: {path} is not a corrections file ({first}); ignored", file=sys.stderr)
-        return []
-    if doc.kind != FILE_KIND or doc.schema_version != SCHEMA_VERSION:
-        print(f"warning: {path}: unsupported kind/schema_version; ignored", file=sys.stderr)
-        return []
-    return doc.entries
+    return _parse(text, str(path))
 
 
-def default_path() -> Path:
-    env = os.environ.get(ENV_PATH)
-    if env is not None:
-        return Path(env)
-    return REPO_CORRECTIONS
+def user_data_dir() -> Path:
+    """Where a user's own calibration goes: $VRAMCALC_DATA_DIR, else platformdirs'
+    user_data_dir("vramcalc") (~/.local/share/vramcalc on Linux,
+    ~/Library/Application Support/vramcalc on macOS, %LOCALAPPDATA%\\vramcalc on Windows)."""
+    env = os.environ.get(ENV_DATA_DIR)
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir as platform_dir
+
+    return Path(platform_dir("vramcalc", appauthor=False))
+
+
+def user_corrections_path() -> Path:
+    return user_data_dir() / USER_FILE
 
 
 @lru_cache(maxsize=8)
@@ -304,24 +343,145 @@ def _load_cached(path: str) -> tuple[Corrections, ...]:
     return tuple(load(Path(path)))
 
 
-def choose(
-    entries: Sequence[Corrections], gpu_name: str | None, stack: str | None
+@lru_cache(maxsize=1)
+def shipped_entries() -> tuple[Corrections, ...]:
+    """The entries of vramcalc/data/corrections.json inside the installed package."""
+    try:
+        text = (resources.files("vramcalc") / SHIPPED_RESOURCE).read_text(encoding="utf-8")
+    except (FileNotFoundError, OSError):
+        return ()
+    return tuple(_parse(text, f"vramcalc/{SHIPPED_RESOURCE}"))
+
+
+def _parse(text: str, where: str) -> list[Corrections]:
+    try:
+        doc = CorrectionsFile.model_validate_json(text)
+    except ValidationError as err:
+        first = err.errors()[0]["msg"]
+        print(f"warning: {where} is not a corrections file ({first}); ignored", file=sys.stderr)
+        return []
+    if doc.kind != FILE_KIND or doc.schema_version != SCHEMA_VERSION:
+        print(f"warning: {where}: unsupported kind/schema_version; ignored", file=sys.stderr)
+        return []
+    return doc.entries
+
+
+def available() -> list[tuple[Corrections, str]]:
+    """Every entry `plan` / `check` may apply, with its origin ("shipped" or a file path);
+    a user entry replaces the shipped one of the same GPU family and stack."""
+    env = os.environ.get(ENV_PATH)
+    if env is not None:
+        return [(e, env) for e in _load_cached(env)] if env else []
+    merged: dict[str, tuple[Corrections, str]] = {e.key: (e, SHIPPED) for e in shipped_entries()}
+    user = str(user_corrections_path())
+    for e in _load_cached(user):
+        merged[e.key] = (e, user)
+    return list(merged.values())
+
+
+def match(
+    entries: Sequence[Corrections], gpu_name: str, stack: str | None
 ) -> Corrections | None:
-    """The entry for this GPU's family, preferring this stack, else the one with the most
-    points. No GPU name (planning for no particular device): the best-measured entry."""
-    if gpu_name is not None:
-        fam = gpu_family(gpu_name)
-        entries = [e for e in entries if e.gpu_family == fam]
+    """The entry of this GPU's family and this stack, if any (pure)."""
+    fam = gpu_family(gpu_name)
+    found = [e for e in entries if e.gpu_family == fam and e.stack == stack]
+    return max(found, key=lambda e: e.n_points) if found else None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What `plan` / `check` do about corrections: the entry applied (None: the raw
+    estimate), where it came from, and the one-line note saying so or why not."""
+
+    corrections: Corrections | None
+    origin: str | None
+    note: str
+
+    @property
+    def key(self) -> str | None:
+        return self.corrections.key if self.corrections is not None else None
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def verdict_text(c: Corrections) -> str:
+    """'held-out median device error 1.60% raw -> 1.20% corrected' (or why unknown)."""
+    v = c.validation
+    if v is None or not v.n_points:
+        return "no held-out validation recorded"
+    peak = "device" if "device" in v.raw_median_abs_error else "allocated"
+    return (f"held-out median {peak} error {_pct(v.raw_median_abs_error.get(peak))} raw -> "
+            f"{_pct(v.corrected_median_abs_error.get(peak))} corrected, {v.n_points} points")
+
+
+def _origin_text(origin: str) -> str:
+    return "the shipped file" if origin == SHIPPED else origin
+
+
+def select_corrections(gpu_name: str | None) -> Selection:
+    """The corrections `plan` / `check` apply for `gpu_name`, by the three rules of the
+    module docstring; cheap: two small JSON files, package metadata, never torch."""
+    if os.environ.get(ENV_PATH) == "":
+        return Selection(None, None, "")  # turned off on purpose: nothing to say
+    if gpu_name is None:  # `plan`: no file to read
+        return Selection(None, None, (
+            "calibration: raw estimate (corrections are fitted per GPU family and no GPU is "
+            "named; 'vramcalc check --gpu NAME' applies them)"))
+    entries = available()
     if not entries:
-        return None
-    same = [e for e in entries if stack is not None and e.stack == stack]
-    return max(same or entries, key=lambda e: e.n_points)
+        return Selection(None, None, "calibration: raw estimate (no corrections installed)")
+    fam = gpu_family(gpu_name)
+    same_family = [(e, o) for e, o in entries if e.gpu_family == fam]
+    if not same_family:
+        have = ", ".join(sorted({e.gpu_family for e, _ in entries}))
+        return Selection(None, None, (
+            f"calibration: raw estimate (no corrections for {fam}; there are for {have}; "
+            "'vramcalc calibrate run' + 'fit' on your GPU adds them)"))
+    stack = installed_stack()
+    stacks = ", ".join(sorted({e.stack for e, _ in same_family}))
+    if stack is None:
+        return Selection(None, None, (
+            f"calibration: raw estimate (torch/transformers not installed, so the software "
+            f"stack the {fam} corrections were fitted on ({stacks}) cannot be checked)"))
+    found = [(e, o) for e, o in same_family if e.stack == stack]
+    if not found:
+        return Selection(None, None, (
+            f"calibration: raw estimate ({fam} corrections were fitted on {stacks}; this "
+            f"environment has {stack})"))
+    c, origin = max(found, key=lambda eo: eo[0].n_points)
+    where = _origin_text(origin)
+    if c.helps is not True:
+        why = ("did not reduce the error" if c.helps is False
+               else "carry no held-out verdict; refit with 'vramcalc calibrate fit'")
+        return Selection(None, origin, (
+            f"calibration: raw estimate ({c.key} corrections from {where} {why}: "
+            f"{verdict_text(c)})"))
+    user_over = origin != SHIPPED and any(e.key == c.key for e in shipped_entries())
+    return Selection(c, origin, (
+        f"calibration: applied {c.gpu_family} corrections ({c.stack}, {c.n_points} measured "
+        f"points; {verdict_text(c)}) from {where}"
+        f"{' (user entry, replaces the shipped one)' if user_over else ''}; "
+        f"--no-calibration for the raw estimate"))
 
 
-def find_corrections(gpu_name: str | None) -> Corrections | None:
-    """The committed corrections matching `gpu_name` (see `choose`); None when there are
-    none. Cheap: one small JSON file, read once per process; never imports torch."""
-    path = default_path()
-    if not str(path):
-        return None
-    return choose(_load_cached(str(path)), gpu_name, installed_stack())
+def validation_of(
+    raw_errors: dict[str, list[float]], corrected_errors: dict[str, list[float]]
+) -> tuple[bool, Validation]:
+    """(helps, Validation) from absolute relative errors per peak, raw and held-out
+    corrected on the same points. Helps: the corrected median is lower for peak device
+    (what decides fits), or for peak allocated when no device peak was measured, and
+    not higher for any other peak."""
+    import statistics
+
+    raw = {k: statistics.median(v) for k, v in raw_errors.items() if v}
+    cor = {k: statistics.median(v) for k, v in corrected_errors.items() if v}
+    n = len(corrected_errors.get("allocated", []))
+    v = Validation(n_points=n, raw_median_abs_error={k: round(x, 6) for k, x in raw.items()},
+                   corrected_median_abs_error={k: round(x, 6) for k, x in cor.items()})
+    main = "device" if "device" in raw and "device" in cor else "allocated"
+    if n == 0 or main not in raw or main not in cor:
+        return False, v
+    helps = cor[main] < raw[main] and all(cor[k] <= raw[k] for k in raw if k in cor)
+    return helps, v

@@ -262,11 +262,13 @@ def query_devices(nvml: ModuleType | None = None) -> list[DeviceInfo]:
     """
     if nvml is None:
         try:
-            import pynvml as nvml  # nvidia-ml-py; kept out of module import time
+            import pynvml  # nvidia-ml-py; kept out of module import time
         except ImportError as err:
             raise NoGpuError(
                 f"cannot import pynvml ({err}; install nvidia-ml-py); {NO_GPU_HINT}"
             ) from None
+        nvml = pynvml
+    assert nvml is not None
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as err:

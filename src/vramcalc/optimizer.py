@@ -50,7 +50,7 @@ def optimizer_bytes(spec: ModelSpec, plan: TrainPlan) -> OptimizerBytes:
     if opt in ("adamw_torch", "adamw_torch_fused"):
         device = sum(2 * t.allocated for t in tensors)
         if opt == "adamw_torch_fused":
-            steps = sum(t.count for t in tensors) * rounded(4)
+            steps = sum(t.copies for t in tensors) * rounded(4)
             return OptimizerBytes(device + steps, 0, 0)
         return OptimizerBytes(device, 0, sum(t.allocated for t in tensors))
     paged_flag = opt.startswith("paged_")
@@ -59,8 +59,8 @@ def optimizer_bytes(spec: ModelSpec, plan: TrainPlan) -> OptimizerBytes:
     for t in tensors:
         state = _adam8bit_state(t.numel) if eight_bit else 2 * rounded(4 * t.numel)
         if paged_flag and t.numel >= PAGED_MIN_NUMEL:
-            paged += t.count * state
+            paged += t.copies * state
         else:
-            device += t.count * state
+            device += t.copies * state
     shared_maps = 2 * rounded(DYNAMIC_MAP_BYTES) if eight_bit else 0
     return OptimizerBytes(device + shared_maps, paged, 0)

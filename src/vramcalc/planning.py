@@ -1,14 +1,15 @@
-"""The estimate that `plan` and `check` show: raw, or with the committed corrections.
+"""The estimate that `plan` and `check` show: raw, or with fitted corrections.
 
-Corrections (fitted by `vramcalc calibrate fit` from measured points) apply when a file
-matches the GPU family (any family when no GPU is named) and `--no-calibration` is off.
+Which corrections apply, from where, and why not when none do, is decided by
+`vramcalc.corrections.select_corrections` (GPU family, installed stack, held-out verdict;
+a user's own fit beats the shipped one); `--no-calibration` skips all of it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from vramcalc.corrections import Corrections, corrected, find_corrections
+from vramcalc.corrections import Selection, corrected, select_corrections
 from vramcalc.estimate import Estimate, estimate
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ModelSpec
@@ -16,23 +17,22 @@ from vramcalc.specs import ModelSpec
 EstimateFn = Callable[[ModelSpec, TrainPlan], Estimate]
 
 
-def estimator(gpu_name: str | None, use_calibration: bool) -> tuple[EstimateFn, Corrections | None]:
-    """The estimate function to use, and the corrections it applies (None: raw)."""
-    found = find_corrections(gpu_name) if use_calibration else None
-    if found is None:
+def estimator(gpu_name: str | None, use_calibration: bool) -> tuple[EstimateFn, Selection | None]:
+    """The estimate function to use, and the corrections decision behind it (None when
+    --no-calibration; `.key` is None when the raw estimate is used)."""
+    if not use_calibration:
         return estimate, None
-    c = found
+    selection = select_corrections(gpu_name)
+    c = selection.corrections
+    if c is None:
+        return estimate, selection
 
     def corrected_estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         return corrected(estimate(spec, plan), c)
 
-    return corrected_estimate, c
+    return corrected_estimate, selection
 
 
-def calibration_note(c: Corrections | None) -> str | None:
-    if c is None:
-        return None
-    return (
-        f"applied {c.gpu_family} corrections ({c.stack}, {c.n_points} measured points); "
-        "--no-calibration for the raw estimate"
-    )
+def calibration_note(selection: Selection | None) -> str | None:
+    """The stderr line saying which corrections were applied and from where, or why none."""
+    return None if selection is None else selection.note or None

@@ -21,15 +21,15 @@ LORA_DTYPE_BYTES = 4  # peft autocast_adapter_dtype=True: adapters in fp32
 
 
 class TrainableTensor(NamedTuple):
-    """`count` tensors of `numel` elements of `dtype_bytes` each (one allocation each)."""
+    """`copies` tensors of `numel` elements of `dtype_bytes` each (one allocation each)."""
 
     numel: int
     dtype_bytes: int
-    count: int
+    copies: int
 
     @property
     def allocated(self) -> int:
-        return self.count * rounded(self.numel * self.dtype_bytes)
+        return self.copies * rounded(self.numel * self.dtype_bytes)
 
 
 # ---- LoRA ---------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def trainable_tensors(spec: ModelSpec, plan: TrainPlan) -> list[TrainableTensor]
 
 
 def trainable_param_count(spec: ModelSpec, plan: TrainPlan) -> int:
-    return sum(t.numel * t.count for t in trainable_tensors(spec, plan))
+    return sum(t.numel * t.copies for t in trainable_tensors(spec, plan))
 
 
 def trainable_param_bytes(spec: ModelSpec, plan: TrainPlan) -> int:

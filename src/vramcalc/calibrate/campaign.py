@@ -57,7 +57,7 @@ def measure_in_subprocess(job: dict[str, Any]) -> dict[str, Any]:
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     if rc != 0 or not lines:
         return {"error": f"worker exit {rc}: {err[-1500:]}"}
-    result = json.loads(lines[-1])
+    result: dict[str, Any] = json.loads(lines[-1])
     result["process_wall_s"] = round(time.perf_counter() - t0, 2)
     return result
 

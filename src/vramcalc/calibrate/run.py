@@ -420,16 +420,18 @@ def measure_point(
 
         model.register_forward_hook(after_forward)
 
-        class Recorder(TrainerCallback):  # phase boundaries of each optimizer step
+        class Recorder(TrainerCallback):  # type: ignore[misc]  # phases of each step
             def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 if on_gpu:
                     _step_begin(readings, tracing)
 
-            def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any):
+            def on_pre_optimizer_step(
+                self, args: Any, state: Any, control: Any, **kw: Any
+            ) -> None:
                 if on_gpu:
                     _before_optimizer(readings)
 
-            def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any):
+            def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 if on_gpu:
                     _after_optimizer(readings)
 

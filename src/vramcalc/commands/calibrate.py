@@ -2,11 +2,17 @@
 
 - `calibrate run` (or `calibrate --model M`): a small matrix of points around one plan,
   each measured in a fresh process (vramcalc.calibrate.campaign), saved after every point
-  to calibration/runs/<gpu>-<time>.json (vramcalc.calibrate.store);
-- `calibrate fit`: least-squares corrections (vramcalc.corrections) from every committed
-  measurement, written to calibration/corrections.json;
+  to DATA/runs/<gpu>-<time>.json (vramcalc.calibrate.store);
+- `calibrate fit`: least-squares corrections (vramcalc.corrections) from every measurement
+  under DATA, each entry with its leave-one-architecture-out verdict (`helps`), written
+  atomically to the user's corrections file (merged with its other entries);
 - `calibrate report`: raw and corrected estimate vs measured peak for every point, with
   leave-one-architecture-out errors; no GPU needed.
+
+DATA defaults to the user data folder (vramcalc.corrections.user_data_dir: platformdirs,
+or $VRAMCALC_DATA_DIR); in a source checkout, `--data calibration` replays the project's
+own measurements, and `fit --data calibration --out src/vramcalc/data/corrections.json`
+refits the shipped file.
 
 torch, transformers, bitsandbytes and peft are only ever imported by the worker processes.
 """
@@ -28,7 +34,6 @@ from vramcalc.commands.options import (
     build_plan,
     with_plan_options,
 )
-from vramcalc.corrections import REPO_CORRECTIONS
 from vramcalc.errors import CalibrationError, MissingExtraError, NoGpuError, UnknownModelError
 from vramcalc.plan_settings import TrainPlan
 
@@ -39,7 +44,6 @@ NO_EXTRA = (
     "calibrate needs torch, transformers, bitsandbytes and peft (missing: {}); "
     "pip install 'qlora-vramcalc[calibrate]'"
 )
-DEFAULT_DIR = REPO_CORRECTIONS.parent if REPO_CORRECTIONS.parent.is_dir() else Path("calibration")
 
 app = typer.Typer(
     help="Measure real QLoRA steps on a GPU, fit corrections, replay the measurements.",
@@ -66,10 +70,27 @@ WeightsOpt = Annotated[
 RemoteOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow the checkpoint's own model code.")
 ]
-OutOpt = Annotated[Path, typer.Option("--out", help="Calibration folder (runs/ goes under it).")]
-DataOpt = Annotated[
-    Path, typer.Option("--data", help="Calibration folder holding raw/*.jsonl and runs/*.json.")
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", help="Calibration folder (runs/ goes under it); default: the user "
+                 "data folder."),
 ]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", help="Calibration folder holding raw/*.jsonl and runs/*.json; "
+                 "default: the user data folder."),
+]
+FitOutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", help="Corrections file to write (entries of other GPUs / stacks "
+                 "in it are kept); default: the user's corrections.json."),
+]
+
+
+def _data_dir(arg: Path | None) -> Path:
+    from vramcalc.corrections import user_data_dir
+
+    return arg if arg is not None else user_data_dir()
 
 
 # ---- matrix ----------------------------------------------------------------------------------
@@ -156,7 +177,7 @@ def _fetch_weights(weights: str) -> str:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise MissingExtraError(NO_EXTRA.format("huggingface_hub")) from None
-    return snapshot_download(weights, allow_patterns=["*.json", "*.safetensors"])
+    return str(snapshot_download(weights, allow_patterns=["*.json", "*.safetensors"]))
 
 
 # ---- run ---------------------------------------------------------------------------------
@@ -186,7 +207,7 @@ def run(
     steps: StepsOpt = 3,
     weights: WeightsOpt = None,
     trust_remote_code: RemoteOpt = False,
-    out: OutOpt = DEFAULT_DIR,
+    out: OutOpt = None,
 ) -> None:
     """Measure a matrix of QLoRA points around a plan on this GPU, one process each.
 
@@ -219,7 +240,7 @@ def run(
     missing = _missing_extras()
     if missing:
         raise MissingExtraError(NO_EXTRA.format(", ".join(missing)))
-    _run_points(spec, model, plans, device, steps, weights, trust_remote_code, out)
+    _run_points(spec, model, plans, device, steps, weights, trust_remote_code, _data_dir(out))
 
 
 def _run_points(  # type: ignore[no-untyped-def]
@@ -313,12 +334,13 @@ def replay(data: Path) -> dict[str, Any]:
     """Every committed point: raw estimate, corrected estimate (factors fitted without
     the point's model: leave-one-architecture-out) and measured peaks. No GPU, no torch."""
     from vramcalc.corrections import (
-        choose,
+        PEAKS,
         corrected,
         fit,
-        gpu_family,
+        match,
         observation,
         stack_key,
+        validation_of,
     )
     from vramcalc.estimate import estimate
     from vramcalc.specs import resolve_model
@@ -351,13 +373,12 @@ def replay(data: Path) -> dict[str, Any]:
         held_out[model] = fit([o for o in all_obs if o.model != model])
 
     errs: dict[str, dict[str, list[float]]] = {
-        k: {"allocated": [], "reserved": [], "device": []} for k in ("raw", "corrected")
+        k: {p: [] for p in PEAKS} for k in ("raw", "corrected")
     }
+    # per entry key: (raw, held-out corrected) errors on the points that had a correction
+    by_key: dict[str, tuple[dict[str, list[float]], dict[str, list[float]]]] = {}
     for point, est, obs in usable:
-        stack = obs.stack if obs else None
-        c = choose(held_out.get(point.model, entries), point.gpu, stack)
-        if c is not None and gpu_family(point.gpu) != c.gpu_family:
-            c = None
+        c = match(held_out.get(point.model, entries), point.gpu, obs.stack if obs else None)
         cor = corrected(est, c) if c is not None else est
         row: dict[str, Any] = {
             "source": point.source,
@@ -381,6 +402,10 @@ def replay(data: Path) -> dict[str, Any]:
                 errs["raw"][kind].append(abs(e_raw))
                 if c is not None:
                     errs["corrected"][kind].append(abs(e_cor))
+                    raw_k, cor_k = by_key.setdefault(
+                        c.key, ({p: [] for p in PEAKS}, {p: [] for p in PEAKS}))
+                    raw_k[kind].append(abs(e_raw))
+                    cor_k[kind].append(abs(e_cor))
         rows.append(row)
 
     def stats(kind: str) -> dict[str, Any]:
@@ -391,6 +416,10 @@ def replay(data: Path) -> dict[str, Any]:
         }
 
     corrected_stats = stats("corrected")
+    judged = []
+    for e in entries:
+        helps, validation = validation_of(*by_key.get(e.key, ({}, {})))
+        judged.append(e.model_copy(update={"helps": helps, "validation": validation}))
     return {
         "points": rows,
         "summary": {
@@ -402,7 +431,7 @@ def replay(data: Path) -> dict[str, Any]:
             "corrected": corrected_stats,
             "raw": stats("raw"),
         },
-        "corrections": [e.model_dump(mode="json") for e in entries],
+        "corrections": [e.model_dump(mode="json") for e in judged],
     }
 
 
@@ -421,30 +450,52 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
 
 
-def _replay_folder(data: Path) -> dict[str, Any]:
-    """replay(data), after checking that DATA is a folder of measurements."""
-    if not data.is_dir():
-        raise CalibrationError(f"{data}: no such folder; give --data the folder of measured "
+def _replay_folder(data: Path | None) -> tuple[Path, dict[str, Any]]:
+    """replay() of DATA (default: the user data folder), after checking it is a folder."""
+    folder = _data_dir(data)
+    if data is not None and not folder.is_dir():  # the default folder may not exist yet
+        raise CalibrationError(f"{folder}: no such folder; give --data the folder of measured "
                                "points (raw/*.jsonl, runs/*.json), e.g. the repo's calibration/")
-    return replay(data)
+    return folder, replay(folder)
+
+
+def _print_installed() -> None:
+    """The corrections plan / check may apply, their origin and held-out verdict."""
+    from vramcalc.corrections import SHIPPED, available, verdict_text
+
+    entries = available()
+    if not entries:
+        typer.echo("corrections: none installed")
+    for e, origin in entries:
+        use = "applied when it matches" if e.helps else "not applied (did not help)"
+        typer.echo(f"corrections {e.key} ({'shipped' if origin == SHIPPED else origin}): "
+                   f"{e.n_points} points, {verdict_text(e)}; {use}")
 
 
 @app.command("report")
 @reports_errors
-def report(data: DataOpt = DEFAULT_DIR, json_output: JsonOpt = False) -> None:
-    """Replay the committed measurements: raw and corrected estimate vs measured peak.
+def report(data: DataOpt = None, json_output: JsonOpt = False) -> None:
+    """Replay measurements: raw and corrected estimate vs measured peak, per point.
 
     Corrected errors are leave-one-architecture-out: each model's points are predicted
-    with factors fitted on the other models only. No GPU needed.
+    with factors fitted on the other models only. Also lists the corrections that plan
+    and check may apply (shipped and user). No GPU needed. DATA defaults to the user
+    data folder; in a source checkout, --data calibration replays the project's own
+    measurements.
 
     \b
     Examples:
       vramcalc calibrate report
-      vramcalc calibrate report --json
+      vramcalc calibrate report --data calibration --json
     """
-    result = _replay_folder(data)
+    folder, result = _replay_folder(data)
     if json_output:
         print_json(result)
+        return
+    if not result["points"]:
+        warn(f"no measured points under {folder} (raw/*.jsonl, runs/*.json): measure some "
+             "with 'vramcalc calibrate run' on a GPU")
+        _print_installed()
         return
     from rich import box
     from rich.console import Console
@@ -475,37 +526,47 @@ def report(data: DataOpt = DEFAULT_DIR, json_output: JsonOpt = False) -> None:
         )
     Console().print(table)
     _print_summary(result["summary"])
+    _print_installed()
 
 
 @app.command("fit")
 @reports_errors
-def fit_cmd(data: DataOpt = DEFAULT_DIR, json_output: JsonOpt = False) -> None:
-    """Fit corrections on every measured point and write DATA/corrections.json.
+def fit_cmd(data: DataOpt = None, out: FitOutOpt = None, json_output: JsonOpt = False) -> None:
+    """Fit corrections on every measured point and write them to the user's corrections file.
 
-    One entry per GPU family and stack (torch major.minor, transformers major), with the
-    number of points behind it; also prints the leave-one-architecture-out errors.
+    One entry per GPU family and stack (torch and transformers major.minor), with the
+    number of points behind it and the verdict of a leave-one-architecture-out replay:
+    plan and check apply an entry only where it reduced the held-out error. The file
+    (default: corrections.json in the user data folder) is written atomically; its
+    entries for other GPUs / stacks are kept, and a user entry replaces the shipped one
+    of the same GPU family and stack.
 
     \b
     Examples:
       vramcalc calibrate fit
-      vramcalc calibrate fit --data ./calibration --json
+      vramcalc calibrate fit --data ./calibration --out src/vramcalc/data/corrections.json
     """
-    from vramcalc.corrections import Corrections, save
+    from vramcalc.corrections import Corrections, load, save, user_corrections_path
 
-    result = _replay_folder(data)
+    folder, result = _replay_folder(data)
     entries = [Corrections.model_validate(e) for e in result["corrections"]]
     if not entries:
-        raise CalibrationError(f"no measured points under {data} (raw/*.jsonl, runs/*.json)")
-    target = data / "corrections.json"
-    save(target, entries)
+        raise CalibrationError(f"no measured points under {folder} (raw/*.jsonl, runs/*.json)")
+    target = out if out is not None else user_corrections_path()
+    new_keys = {e.key for e in entries}
+    kept = [e for e in load(target) if e.key not in new_keys]
+    save(target, kept + entries)
     if json_output:
         print_json({"path": str(target), "corrections": result["corrections"],
                     "summary": result["summary"]})
         return
+    from vramcalc.corrections import verdict_text
+
     for e in entries:
         typer.echo(
             f"{e.key}: k_act {e.k_act:.4f}, k_slack {e.k_slack:.4f}, context "
-            f"{e.context_bytes / 2**20:.0f} MiB ({e.n_points} points: {', '.join(e.models)})"
+            f"{e.context_bytes / 2**20:.0f} MiB ({e.n_points} points: {', '.join(e.models)}); "
+            f"{verdict_text(e)}: {'applied' if e.helps else 'NOT applied (did not help)'}"
         )
     _print_summary(result["summary"])
     typer.echo(f"wrote {target}")

@@ -32,7 +32,7 @@ from vramcalc.verdict import DEFAULT_MARGIN_GIB, Target
 
 if TYPE_CHECKING:
     from vramcalc.advice import GpuAnswer, Suggestion
-    from vramcalc.corrections import Corrections
+    from vramcalc.corrections import Selection
     from vramcalc.estimate import Estimate
     from vramcalc.gpus import DeviceInfo
     from vramcalc.plan_settings import TrainPlan
@@ -156,8 +156,8 @@ class _Estimators:
 
     def __init__(self, use_calibration: bool) -> None:
         self.use = use_calibration
-        self.by_gpu: dict[str | None, tuple[EstimateFn, Corrections | None]] = {}
-        self.used: dict[str | None, Corrections | None] = {}
+        self.by_gpu: dict[str | None, tuple[EstimateFn, Selection | None]] = {}
+        self.used: dict[str | None, Selection | None] = {}
 
     def __call__(self, gpu_name: str | None) -> EstimateFn:
         from vramcalc.planning import calibration_note, estimator

@@ -1,0 +1,1 @@
+"""Data shipped in the wheel (GPU catalog, fitted corrections), read via importlib.resources."""
