@@ -118,7 +118,6 @@ def make_adapter(weights_dir: str, rank: int, targets: str, out_dir: str) -> Non
 def load_with_adapter(weights_dir: str, adapter_dir: str | None, *, quant: str,
                       compute_dtype: str, double_quant: bool, device: str, attn: str = "sdpa",
                       adapter_dtype: str = "fp32") -> Any:
-    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(

@@ -19,6 +19,7 @@ from vramcalc.commands.options import (
     validate_targets,
     with_plan_options,
 )
+from vramcalc.commands.task_options import with_task_options
 from vramcalc.errors import PlanError
 
 if TYPE_CHECKING:
@@ -238,6 +239,7 @@ def _render(
 
 
 @reports_errors
+@with_task_options("check")  # --task infer|merge: commands/task_options.py
 @with_plan_options
 def check(
     model: CheckModelOpt = None,

@@ -15,6 +15,7 @@ from vramcalc.commands.options import (
     validate_targets,
     with_plan_options,
 )
+from vramcalc.commands.task_options import with_task_options
 from vramcalc.errors import PlanError
 
 GiB = 2**30
@@ -31,6 +32,7 @@ MaxOpt = Annotated[
 
 
 @reports_errors
+@with_task_options("plan")  # --task infer|merge: commands/task_options.py
 @with_plan_options
 def plan(
     model: ModelOpt,
