@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 from vramcalc.cli import app
 from vramcalc.inference import (
     LARGE_BUFFER,
-    MiB,
     InferPlan,
     MergePlan,
+    MiB,
     adapter_bytes,
     estimate_inference,
     estimate_merge,
