@@ -27,6 +27,7 @@ from vramcalc.commands.options import (
     warn_long_sequence,
     with_plan_options,
 )
+from vramcalc.commands.task_options import with_task_options
 from vramcalc.errors import PlanError
 from vramcalc.verdict import DEFAULT_MARGIN_GIB, Target
 
@@ -295,6 +296,7 @@ def _render_max(
 
 
 @reports_errors
+@with_task_options("check")  # --task infer|merge: commands/task_options.py
 @with_plan_options
 def check(
     model: CheckModelOpt = None,

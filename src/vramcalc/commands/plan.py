@@ -22,6 +22,7 @@ from vramcalc.commands.options import (
     warn_long_sequence,
     with_plan_options,
 )
+from vramcalc.commands.task_options import with_task_options
 from vramcalc.errors import PlanError
 from vramcalc.verdict import DEFAULT_MARGIN_GIB
 
@@ -55,6 +56,7 @@ def _target(gpu: str | None, gpu_memory: float | None) -> Target | None:
 
 
 @reports_errors
+@with_task_options("plan")  # --task infer|merge: commands/task_options.py
 @with_plan_options
 def plan(
     model: ModelOpt,

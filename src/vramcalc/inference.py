@@ -1,0 +1,552 @@
+"""After training: GPU memory of generating with the adapter, and of merging it.
+
+Pure arithmetic (no torch), like the training estimator. Two tasks return the same typed
+result (`result.Estimate`, task "infer" or "merge"):
+
+- `estimate_inference(spec, plan)`: `model.generate()` of `plan.new_tokens` tokens after a
+  prompt of `plan.prompt_len`, batch `plan.batch_size`, on a base loaded in 4-bit / int8 /
+  16-bit with the LoRA adapter unmerged (peft `PeftModel.from_pretrained`, fp32 by
+  default) or merged (no adapter tensors).
+- `estimate_merge(spec, plan)`: `from_pretrained` in 16-bit, `PeftModel.from_pretrained`,
+  `merge_and_unload()`; plus the merged checkpoint's disk size (`merged_disk_bytes`) and,
+  for a merge on the CPU, the host memory it needs.
+
+Mechanisms and sources (transformers 5.x, peft 0.21, bitsandbytes 0.50, torch 2.13), with
+what is modelled and what is not: docs/memory-model.md, "Inference and merging".
+Terms that come from reading the sources, not from a measurement, are marked as such in the
+docs; the H200 matrix calibration/matrices/h200-infer.json is what will check them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+
+from vramcalc.allocator import CUBLAS_WORKSPACES, CUDA_CONTEXT
+from vramcalc.plan_settings import TrainPlan
+from vramcalc.result import Components, Estimate
+from vramcalc.specs import LinearShape, ModelSpec
+from vramcalc.trainable import lora_targets, lora_tensor_numels
+from vramcalc.weights import (
+    DTYPE_BYTES,
+    ceil_div,
+    expert_bytes,
+    quant_constant_bytes,
+    quantized_weight_bytes,
+    rotary_buffer_bytes,
+    rounded,
+    unquantized_param_bytes,
+)
+
+MiB = 2**20
+
+InferQuant = Literal["nf4", "fp4", "int8", "none"]
+Dtype16 = Literal["bf16", "fp16"]
+AdapterDtype = Literal["fp32", "bf16", "fp16"]
+CacheKind = Literal["dynamic", "static"]
+MergeOn = Literal["gpu", "cpu"]
+MergeBase = Literal["none", "nf4", "fp4"]
+
+CACHES: tuple[str, ...] = get_args(CacheKind)
+ADAPTER_DTYPES: tuple[str, ...] = get_args(AdapterDtype)
+INFER_QUANTS: tuple[str, ...] = get_args(InferQuant)
+DTYPES16: tuple[str, ...] = get_args(Dtype16)
+MERGE_ON: tuple[str, ...] = get_args(MergeOn)
+MERGE_BASES: tuple[str, ...] = get_args(MergeBase)
+
+# torch CublasHandlePool.cpp: one 32 MiB cuBLAS workspace per handle on Hopper. Inference
+# runs under no_grad on the main thread only: one handle (training has two, allocator.py).
+CUBLAS_WORKSPACE_INFER = CUBLAS_WORKSPACES // 2
+
+# torch c10/cuda/CUDACachingAllocator.cpp (2.13): how a request becomes a segment.
+SMALL_SIZE = 1 * MiB  # kSmallSize: requests up to this share 2 MiB segments
+SMALL_BUFFER = 2 * MiB  # kSmallBuffer
+LARGE_BUFFER = 20 * MiB  # kLargeBuffer: segment for requests in (1 MiB, 10 MiB)
+MIN_LARGE_ALLOC = 10 * MiB  # kMinLargeAlloc
+ROUND_LARGE = 2 * MiB  # kRoundLarge: requests of 10 MiB and more round up to 2 MiB
+
+# generate() after each forward (transformers generation/utils.py _sample):
+#   next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=float32)   4 B x V
+#   next_token_scores = logits_processor(...)  MinNewTokensLength clones:    4 B x V
+# The previous step's two fp32 tensors stay referenced until reassigned, and the model's
+# logits (compute dtype, last position only: logits_to_keep=1) are alive meanwhile.
+LOGITS_FP32_TENSORS = 2
+
+
+# transformers 5 refuses sdpa for these (`_supports_sdpa = False`: attention logit
+# soft-capping); from_pretrained(attn_implementation="sdpa") raises, so they run eager.
+EAGER_ONLY_MODEL_TYPES = frozenset({"gemma2"})
+
+
+def attention_impl(spec: ModelSpec, requested: str) -> str:
+    """The attention implementation the model will really run."""
+    return "eager" if spec.model_type in EAGER_ONLY_MODEL_TYPES else requested
+
+
+def _dtype_bytes(name: str) -> int:
+    return DTYPE_BYTES[name]
+
+
+class InferPlan(BaseModel):
+    """One generation run: `generate(input_ids[batch x prompt_len], max_new_tokens=N)`,
+    greedy, on a base loaded with `quant`, with a LoRA adapter of `rank` on `targets`
+    (unmerged, in `adapter_dtype`), or none when `merged`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: PositiveInt = 1
+    prompt_len: PositiveInt = 512
+    new_tokens: PositiveInt = 128
+    quant: InferQuant = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    rank: PositiveInt = 16
+    targets: str = "all-linear"
+    adapter_dtype: AdapterDtype = "fp32"  # peft autocast_adapter_dtype=True: fp32
+    merged: bool = False  # adapter merged into the weights (or no adapter): no LoRA tensors
+    cache: CacheKind = "dynamic"
+    attn: Literal["sdpa", "eager"] = "sdpa"
+
+    @field_validator("targets")
+    @classmethod
+    def _normalize_targets(cls, value: str) -> str:
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        if not parts:
+            raise ValueError("targets is empty; use 'all-linear' or names like 'q_proj,v_proj'")
+        return ",".join(parts)
+
+    @property
+    def total_len(self) -> int:
+        """Tokens in the cache after generate(): the last new token never goes through
+        the model, so prompt + new - 1 (the static cache's max_cache_len too, measured)."""
+        return self.prompt_len + self.new_tokens - 1
+
+    def lora_plan(self) -> TrainPlan:
+        """The adapter's shape as trainable.py reads it (rank, targets)."""
+        return TrainPlan(rank=self.rank, targets=self.targets, use_dora=False)
+
+
+class MergePlan(BaseModel):
+    """`merge_and_unload()` of a LoRA adapter into a base loaded in `dtype` (or into a
+    4-bit base, `base_quant`, dequantize + add + requantize), on the GPU or the CPU."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rank: PositiveInt = 16
+    targets: str = "all-linear"
+    dtype: Dtype16 = "bf16"
+    adapter_dtype: AdapterDtype = "fp32"
+    on: MergeOn = "gpu"
+    base_quant: MergeBase = "none"
+    double_quant: bool = True
+
+    @field_validator("targets")
+    @classmethod
+    def _normalize_targets(cls, value: str) -> str:
+        return InferPlan._normalize_targets(value)
+
+    def lora_plan(self) -> TrainPlan:
+        return TrainPlan(rank=self.rank, targets=self.targets, use_dora=False)
+
+
+class MergeSizes(BaseModel):
+    """What a merge produces besides its GPU peak."""
+
+    model_config = ConfigDict(frozen=True)
+
+    disk_bytes: int = Field(description="safetensors tensor bytes of the saved merged model")
+    host_peak_bytes: int  # tensors in host RAM for --on cpu (process baseline not counted)
+
+
+# ---- the caching allocator ------------------------------------------------------------
+
+
+def segment_bytes(nbytes: int) -> int:
+    """Size of the segment cudaMalloc'ed for a request of `nbytes` when no cached block
+    fits (CUDACachingAllocator get_allocation_size)."""
+    size = rounded(nbytes)
+    if size <= SMALL_SIZE:
+        return SMALL_BUFFER
+    if size < MIN_LARGE_ALLOC:
+        return LARGE_BUFFER
+    return ceil_div(size, ROUND_LARGE) * ROUND_LARGE
+
+
+def growing_tensors_reserved(count: int, sizes: list[int]) -> int:
+    """Segments reserved by `count` tensors that are re-allocated, one at a time, at each
+    size of `sizes` (DynamicLayer.update: torch.cat makes the new tensor before the old one
+    is freed), when nothing else reuses the freed blocks.
+
+    Large tensors (>= 10 MiB) have their own segment rounded to 2 MiB, reused while the
+    tensor still fits in it. When the size crosses the segment's end, every tensor needs a
+    new segment and the old ones (one more: the block that rotates between tensors) stay
+    cached: no later, larger request fits in them (best fit, CUDACachingAllocator
+    get_free_block). Small tensors share 20 MiB segments whose freed neighbours coalesce:
+    one spare segment.
+    """
+    if not sizes or count == 0:
+        return 0
+    final = sizes[-1]
+    if rounded(final) < MIN_LARGE_ALLOC:
+        live = count * rounded(final)
+        return ceil_div(live, LARGE_BUFFER) * LARGE_BUFFER + LARGE_BUFFER
+    segs: list[int] = []
+    for s in sizes:
+        seg = segment_bytes(s)
+        if not segs or seg > segs[-1]:
+            segs.append(seg)
+    stale = sum((count + 1) * seg for seg in segs[:-1])
+    return (count + 1) * segs[-1] + stale
+
+
+# ---- KV cache -------------------------------------------------------------------------
+
+
+def layer_windows(spec: ModelSpec) -> list[int | None]:
+    """The sliding window of each layer's cache, None for full attention.
+
+    transformers cache_utils.get_layer_types_and_kwargs: `layer_types` of the config, else
+    every layer with a `sliding_window` is "sliding_attention". Gemma-2's config
+    (configuration_gemma2.py) sets layer_types: even layers sliding, odd layers full.
+    """
+    window = spec.extra_config.get("sliding_window")
+    layers = spec.num_hidden_layers
+    types = spec.extra_config.get("layer_types")
+    if types is None and spec.model_type == "gemma2":
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+    if types is not None:
+        return [int(window) if t == "sliding_attention" and window else None for t in types]
+    return [int(window) if window else None] * layers
+
+
+def kv_token_bytes(spec: ModelSpec, plan: InferPlan) -> int:
+    """Bytes of one token of one layer's keys (or values) for the whole batch."""
+    return plan.batch_size * spec.kv_heads * spec.head_size * _dtype_bytes(plan.compute_dtype)
+
+
+def _cached_len(length: int, window: int | None, after_prefill: bool) -> int:
+    """Tokens held by one layer's tensor when `length` tokens have gone through it.
+
+    DynamicSlidingWindowLayer.update keeps `full[:, :, -window + 1:]`, a view of the
+    concatenated tensor: its storage is the whole concatenation, `window` tokens once
+    decoding, the whole prompt right after the prefill.
+    """
+    if window is None or after_prefill:
+        return length
+    return min(length, window)
+
+
+def kv_cache_bytes(spec: ModelSpec, plan: InferPlan, length: int | None = None,
+                   after_prefill: bool = False) -> int:
+    """Allocated bytes of keys + values of every layer after `length` tokens (default:
+    the end of generate()). Static cache: max_cache_len = prompt + new tokens, allocated
+    at the first update (StaticLayer.lazy_initialization); sliding layers hold
+    min(window, max_cache_len) (StaticSlidingWindowLayer)."""
+    per_token = kv_token_bytes(spec, plan)
+    total = 0
+    for window in layer_windows(spec):
+        if plan.cache == "static":
+            cap = plan.total_len
+            n = min(cap, window) if window else cap
+        else:
+            if length is None:  # the end of generate(); one new token: only the prefill ran
+                length, after_prefill = plan.total_len, plan.new_tokens == 1
+            n = _cached_len(length, window, after_prefill)
+        total += 2 * rounded(per_token * n)
+    return total
+
+
+def _kv_reserved(spec: ModelSpec, plan: InferPlan) -> int:
+    """Segments the dynamic cache leaves reserved at the end of generate()."""
+    per_token = kv_token_bytes(spec, plan)
+    groups: dict[int | None, int] = {}
+    for window in layer_windows(spec):
+        groups[window] = groups.get(window, 0) + 2
+    total = 0
+    for window, count in groups.items():
+        lengths = [plan.prompt_len] + [
+            _cached_len(n, window, False) for n in range(plan.prompt_len + 1, plan.total_len + 1)
+        ]
+        total += growing_tensors_reserved(count, [per_token * n for n in lengths])
+    return total
+
+
+# ---- weights and adapter ----------------------------------------------------------------
+
+
+def inference_weight_bytes(spec: ModelSpec, quant: str, dtype: str, double_quant: bool
+                           ) -> tuple[int, int, int, int]:
+    """(block Linear weights, quantization constants, unquantized params + buffers, experts)
+    after `from_pretrained(dtype=dtype, quantization_config=...)`, no kbit preparation:
+    embeddings, lm_head and norms stay in the load dtype."""
+    layers = spec.num_hidden_layers
+    linears = spec.block_linears()
+    wbytes = _dtype_bytes(dtype)
+    if quant == "none":
+        weights = layers * sum(rounded(lin.weight_numel * wbytes) for lin in linears)
+        constants = 0
+    else:
+        weights = layers * sum(quantized_weight_bytes(lin.weight_numel, quant) for lin in linears)
+        constants = layers * sum(
+            quant_constant_bytes(lin.weight_numel, lin.out_features, quant, double_quant)
+            for lin in linears
+        )
+    unquantized = unquantized_param_bytes(spec, wbytes) + rotary_buffer_bytes(spec)
+    experts = layers * expert_bytes(spec, wbytes)
+    return weights, constants, unquantized, experts
+
+
+def adapter_bytes(spec: ModelSpec, lora: TrainPlan, dtype: str) -> int:
+    """LoRA A (r x in) and B (out x r) of every targeted Linear, in `dtype` (peft
+    PeftModel.from_pretrained: autocast_adapter_dtype=True keeps fp32)."""
+    nbytes = _dtype_bytes(dtype)
+    per_layer = sum(rounded(n * nbytes) for n in lora_tensor_numels(spec, lora))
+    return spec.num_hidden_layers * per_layer
+
+
+def adapter_param_count(spec: ModelSpec, lora: TrainPlan) -> int:
+    return spec.num_hidden_layers * sum(lora_tensor_numels(spec, lora))
+
+
+# ---- the prefill's live tensors ------------------------------------------------------------
+
+
+def _linear_transient(tokens: int, lin: LinearShape, plan: InferPlan, wrapped: bool) -> int:
+    """Extra bytes alive inside one Linear call, beyond its input and its output.
+
+    bitsandbytes MatMul4Bit (more than one token): dequantizes the weight to the compute
+    dtype (out x in); a single token (decode, batch 1) takes the gemv path without it.
+    peft bnb Linear4bit.forward clones the base result; every LoRA forward casts x to the
+    adapter dtype when it differs, then A(x) (r wide) and B(A(x)) * scaling (out wide,
+    twice: the product and the scaled copy).
+    """
+    c = _dtype_bytes(plan.compute_dtype)
+    dequant = 0
+    if plan.quant in ("nf4", "fp4") and tokens > 1:
+        dequant = rounded(lin.weight_numel * c)
+    elif plan.quant == "int8":
+        dequant = rounded(tokens * lin.in_features) + rounded(tokens * lin.out_features * 4)
+    if not wrapped or plan.merged:
+        return dequant
+    a = _dtype_bytes(plan.adapter_dtype)
+    lora = (rounded(tokens * lin.in_features * a) if a != c else 0) + rounded(
+        tokens * plan.rank * a) + 2 * rounded(tokens * lin.out_features * max(a, c))
+    clone = rounded(tokens * lin.out_features * c) if plan.quant != "none" else 0
+    return max(dequant, clone + lora)
+
+
+def layer_live_bytes(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int) -> int:
+    """Peak bytes alive inside one decoder layer's forward under no_grad, for `tokens`
+    query tokens attending to `kv_len` keys (prefill: tokens = batch x prompt).
+
+    Attention half: the norm's output, q, k, v, their rotary copies, the attention
+    output (sdpa: plus a fp32 logsumexp per query and head; eager: the fp32 scores, their
+    softmax and the compute-dtype probabilities), and the widest Linear's transient.
+    MLP half: gated act(gate) * up keeps three intermediate-wide tensors alive (act, up,
+    product), plain two; plus down_proj's transient. Norm: a fp32 upcast of its input.
+    """
+    c = _dtype_bytes(plan.compute_dtype)
+    h, q, kv = spec.hidden_size, spec.q_size, spec.kv_size
+    inter = spec.moe_intermediate_size or spec.intermediate_size
+    targets = {lin.name for lin in lora_targets(spec, plan.lora_plan())} if not plan.merged \
+        else set()
+    linears = spec.block_linears()
+    attn_lin = [lin for lin in linears if lin.role in ("q", "k", "v", "qkv", "o")]
+    mlp_lin = [lin for lin in linears if lin.role not in ("q", "k", "v", "qkv", "o")]
+
+    def worst(lins: list[LinearShape]) -> int:
+        return max((_linear_transient(tokens, lin, plan, lin.name in targets) for lin in lins),
+                   default=0)
+
+    batch = plan.batch_size
+    queries = tokens // batch
+    if attention_impl(spec, plan.attn) == "eager":
+        scores = batch * spec.num_attention_heads * queries * kv_len
+        attn_work = scores * (4 + 4 + c)
+    else:
+        attn_work = rounded(batch * spec.num_attention_heads * queries * 4)
+    norm_tmp = 2 * rounded(tokens * h * 4)
+    attn_live = (rounded(tokens * h * c) + 2 * rounded(tokens * (q + 2 * kv) * c)
+                 + rounded(tokens * q * c) + attn_work)
+    attn = max(attn_live + worst(attn_lin), norm_tmp + rounded(tokens * h * c))
+    widths = 3 if spec.mlp_layout == "gated" else 2
+    mlp = rounded(tokens * h * c) + widths * rounded(tokens * inter * c) + worst(mlp_lin)
+    residual = 2 * rounded(tokens * h * c)  # the residual stream and the block's output
+    return residual + max(attn, mlp)
+
+
+# ---- the estimate -------------------------------------------------------------------------
+
+
+def estimate_inference(spec: ModelSpec, plan: InferPlan) -> Estimate:
+    """Peak memory of `generate()` with the adapter: phases load, prefill, decode."""
+    weights, constants, unquantized, experts = inference_weight_bytes(
+        spec, plan.quant, plan.compute_dtype, plan.double_quant)
+    lora = plan.lora_plan()
+    adapter = 0 if plan.merged else adapter_bytes(spec, lora, plan.adapter_dtype)
+    static = weights + constants + unquantized + experts + adapter
+    b, p, v = plan.batch_size, plan.prompt_len, spec.vocab_size
+    c = _dtype_bytes(plan.compute_dtype)
+    logits_c = rounded(b * v * c)  # logits_to_keep=1: the last position only
+    logits_32 = rounded(b * v * 4)
+
+    # prefill: every layer's cache holds the prompt; the last layer's forward is live.
+    cache_prefill = kv_cache_bytes(spec, plan, p, after_prefill=True)
+    embed = rounded(b * p * spec.hidden_size * c)
+    rope = 2 * rounded(b * p * spec.head_size * c)  # cos, sin
+    prefill_layer = layer_live_bytes(spec, plan, b * p, p)
+    prefill_logits = logits_c + LOGITS_FP32_TENSORS * logits_32
+    prefill_act = embed + rope + prefill_layer
+    prefill = static + cache_prefill + max(prefill_act, prefill_logits)
+
+    # decode: the last step (the longest cache); cat keeps one old layer tensor alive.
+    cache_end = kv_cache_bytes(spec, plan)
+    windows = layer_windows(spec)
+    per_token = kv_token_bytes(spec, plan)
+    old = 0
+    if plan.cache == "dynamic":
+        old = max(rounded(per_token * _cached_len(plan.total_len - 1, w, False))
+                  for w in windows)
+    decode_layer = layer_live_bytes(spec, plan, b, plan.total_len)
+    carried = LOGITS_FP32_TENSORS * logits_32  # previous step's fp32 logits and scores
+    decode_act = max(old + decode_layer, logits_c + LOGITS_FP32_TENSORS * logits_32)
+    decode = static + cache_end + carried + decode_act if plan.new_tokens > 1 else 0
+
+    phases = {"load": static, "prefill": prefill, "decode": decode}
+    peak_phase = max(phases, key=lambda k: phases[k])
+    peak_alloc = phases[peak_phase] + CUBLAS_WORKSPACE_INFER
+
+    # reserved: the dynamic cache's stale segments (see growing_tensors_reserved).
+    kv_reserved = _kv_reserved(spec, plan) if plan.cache == "dynamic" else cache_end
+    decode_reserved = static + kv_reserved + carried + decode_act if plan.new_tokens > 1 else 0
+    prefill_reserved = prefill
+    peak_reserved = max(prefill_reserved, decode_reserved) + CUBLAS_WORKSPACE_INFER
+    peak_reserved = max(peak_reserved, peak_alloc)
+    slack = peak_reserved - peak_alloc
+
+    if peak_phase == "prefill":
+        parts = {"activations": prefill_act if prefill_act >= prefill_logits else 0,
+                 "logits_loss": prefill_logits if prefill_logits > prefill_act else 0,
+                 "kv_cache": cache_prefill}
+    elif peak_phase == "decode":
+        logit_peak = decode_act == logits_c + LOGITS_FP32_TENSORS * logits_32
+        parts = {"activations": 0 if logit_peak else decode_layer,
+                 "transient": 0 if logit_peak else old,
+                 "logits_loss": carried + (decode_act if logit_peak else 0),
+                 "kv_cache": cache_end}
+    else:
+        parts = {}
+    components = Components(
+        base_weights=weights, quant_constants=constants, unquantized_params=unquantized,
+        expert_weights=experts, adapter_weights=adapter, cublas_workspace=CUBLAS_WORKSPACE_INFER,
+        allocator_slack=slack, cuda_context=CUDA_CONTEXT, **parts,
+    )
+    # The stale cache segments are released when an allocation would fail
+    # (release_cached_blocks), so what must be free is the allocated peak.
+    required = peak_alloc + CUDA_CONTEXT
+    notes = [
+        f"generate(): prompt {p} + {plan.new_tokens} new tokens, batch {b}, greedy, "
+        f"{plan.cache} cache ({plan.total_len} tokens per layer at the end)",
+        "adapter merged: no LoRA tensors" if plan.merged
+        else f"adapter unmerged in {plan.adapter_dtype} (peft autocast_adapter_dtype)",
+    ]
+    if any(w is not None for w in windows):
+        notes.append("sliding-window layers keep at most the window once decoding")
+    if plan.cache == "dynamic" and slack > 0:
+        notes.append("reserved > allocated: torch.cat grows each layer's cache; outgrown "
+                     "segments stay cached until an allocation would fail")
+    return Estimate(
+        model=spec.name, task="infer", params=spec.num_params(),
+        trainable_params=0 if plan.merged else adapter_param_count(spec, lora),
+        components=components, phases=phases, peak_phase=peak_phase,
+        peak_allocated_bytes=peak_alloc, peak_reserved_bytes=peak_reserved,
+        peak_device_bytes=peak_reserved + CUDA_CONTEXT, required_device_bytes=required,
+        paged_bytes=0, notes=tuple(notes),
+    )
+
+
+# ---- merging ----------------------------------------------------------------------------
+
+
+MERGE_4BIT_WARNING = (
+    "merging into a 4-bit base dequantizes, adds and requantizes each weight: peft warns "
+    "'Merge lora module to 4-bit linear may get different generations due to rounding errors.'"
+)
+
+
+def _merge_transient(spec: ModelSpec, plan: MergePlan) -> int:
+    """Largest transient of one Linear's merge (peft tuners/lora/layer.py Linear.merge,
+    bnb.py Linear4bit.merge).
+
+    16-bit: get_delta_weight = (B @ A) * scaling in the adapter dtype, two out x in
+    tensors alive at once, then added in place. 4-bit: dequantize (out x in, dtype), the
+    delta (two), their sum promoted to the adapter dtype, then `Params4bit(w.to("cpu"))
+    .to(device)` requantizes from the host: the new packed weight and constants.
+    """
+    a = _dtype_bytes(plan.adapter_dtype)
+    d = _dtype_bytes(plan.dtype)
+    worst = 0
+    for lin in lora_targets(spec, plan.lora_plan()):
+        n = lin.weight_numel
+        delta = 2 * rounded(n * a)
+        if plan.base_quant == "none":
+            t = delta
+        else:
+            t = rounded(n * d) + delta + rounded(n * max(a, d))
+        worst = max(worst, t)
+    return worst
+
+
+def merged_disk_bytes(spec: ModelSpec, plan: MergePlan) -> int:
+    """Tensor bytes of the merged model's safetensors (tied embeddings once; header and
+    config not counted). A 4-bit merge saves packed weights and their constants."""
+    weights, constants, unquantized, experts = inference_weight_bytes(
+        spec, plan.base_quant, plan.dtype, plan.double_quant)
+    d = _dtype_bytes(plan.dtype)
+    # the saved tensors are the unrounded numel x bytes
+    blocks = spec.num_hidden_layers * sum(lin.weight_numel for lin in spec.block_linears())
+    if plan.base_quant == "none":
+        block_bytes = blocks * d
+    else:
+        block_bytes = weights + constants  # allocation-rounded: within 512 B per tensor
+    return block_bytes + (spec.num_params() - blocks) * d
+
+
+def estimate_merge(spec: ModelSpec, plan: MergePlan) -> Estimate:
+    """Peak memory of loading the base, attaching the adapter and merge_and_unload()."""
+    weights, constants, unquantized, experts = inference_weight_bytes(
+        spec, plan.base_quant, plan.dtype, plan.double_quant)
+    lora = plan.lora_plan()
+    adapter = adapter_bytes(spec, lora, plan.adapter_dtype)
+    transient = _merge_transient(spec, plan)
+    static = weights + constants + unquantized + experts
+    phases = {"load": static, "attach": static + adapter, "merge": static + adapter + transient}
+    on_gpu = plan.on == "gpu"
+    workspace = CUBLAS_WORKSPACE_INFER if on_gpu else 0
+    peak_alloc = phases["merge"] + workspace
+    context = CUDA_CONTEXT if on_gpu else 0
+    notes = [f"merge_and_unload() on the {plan.on.upper()}; merged checkpoint "
+             f"{merged_disk_bytes(spec, plan)} bytes of tensors on disk"]
+    if not on_gpu:
+        notes.append("host RAM of the tensors only: the Python process (torch, "
+                     "transformers) adds its own baseline")
+    if plan.base_quant != "none":
+        notes.append(MERGE_4BIT_WARNING)
+    return Estimate(
+        model=spec.name, task="merge", params=spec.num_params(),
+        trainable_params=adapter_param_count(spec, lora),
+        components=Components(base_weights=weights, quant_constants=constants,
+                              unquantized_params=unquantized, expert_weights=experts,
+                              adapter_weights=adapter, transient=transient,
+                              cublas_workspace=workspace, cuda_context=context),
+        phases=phases, peak_phase="merge", peak_allocated_bytes=peak_alloc,
+        peak_reserved_bytes=peak_alloc, peak_device_bytes=peak_alloc + context,
+        required_device_bytes=peak_alloc + context, paged_bytes=0, notes=tuple(notes),
+    )
+
+
+def merge_sizes(spec: ModelSpec, plan: MergePlan) -> MergeSizes:
+    est = estimate_merge(spec, plan.model_copy(update={"on": "cpu"}))
+    return MergeSizes(disk_bytes=merged_disk_bytes(spec, plan),
+                      host_peak_bytes=est.peak_allocated_bytes)
