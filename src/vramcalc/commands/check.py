@@ -19,6 +19,7 @@ from vramcalc.commands.options import (
     validate_targets,
     with_plan_options,
 )
+from vramcalc.commands.parallel import GpusOpt, OffloadOpt, StrategyOpt
 from vramcalc.errors import PlanError
 
 if TYPE_CHECKING:
@@ -247,6 +248,9 @@ def check(
     margin: MarginOpt = DEFAULT_MARGIN_GIB,
     no_calibration: NoCalibrationOpt = False,
     json_output: JsonOpt = False,
+    gpus: GpusOpt = None,
+    strategy: StrategyOpt = None,
+    offload: OffloadOpt = "none",
 ) -> None:
     """List this machine's GPUs, or check whether a plan fits them.
 
@@ -263,6 +267,7 @@ def check(
       vramcalc check --model llama-3.1-8b --batch 4 --seq-len 2048
       vramcalc check -m qwen2.5-7b --gpu rtx-4090 --json
       vramcalc check -m llama-3.1-8b --gpu-memory 24 --margin 1
+      vramcalc check -m llama-2-70b --gpu rtx-4090 --gpus 2 --strategy fsdp --offload cpu
     """
     if model is None:
         if gpu is not None or gpu_memory is not None:
@@ -286,6 +291,23 @@ def check(
     margin_bytes = int(margin * GiB)
     detected = gpu is None and gpu_memory is None
     targets_ = _targets(gpu, gpu_memory)
+    from vramcalc.commands.parallel import parallel_from_options
+
+    parallel = parallel_from_options(gpus or (len(targets_) if strategy else None), strategy,
+                                     offload)
+    if parallel is not None:  # several GPUs: the busiest one against the smallest of them
+        from vramcalc.commands.parallel import check_parallel
+
+        used = targets_ if detected else targets_ * parallel.gpus
+        if len(used) < parallel.gpus:
+            raise PlanError(f"--gpus {parallel.gpus} but {len(used)} GPU(s) detected; use "
+                            "--gpu NAME --gpus N to plan for GPUs this machine lacks")
+        smallest = min(used[: parallel.gpus], key=lambda t: t.free_bytes)
+        where = f"{parallel.gpus} x {smallest.name}"
+        if not check_parallel(spec, train, parallel, smallest.free_bytes - margin_bytes, where,
+                              json_output):
+            raise typer.Exit(EXIT_DOES_NOT_FIT)
+        return
     # Corrections are fitted per GPU family: those of the first detected / named GPU.
     estimate_fn, corrections = estimator(
         targets_[0].name if gpu_memory is None else None, use_calibration=not no_calibration
@@ -307,6 +329,11 @@ def check(
             found = advice.smallest_fitting_gpu(spec, train, margin_bytes, catalog(), estimate_fn)
             larger = found.name if found is not None else None
 
+    several: list[dict[str, Any]] = []
+    if not best.fits_free:
+        from vramcalc.commands.parallel import parallel_suggestions
+
+        several = parallel_suggestions(spec, best.plan, best.target.total_bytes - margin_bytes)
     if json_output:
         from vramcalc.render import estimate_to_dict
 
@@ -318,9 +345,13 @@ def check(
             "estimate": estimate_to_dict(best.estimate, best.plan),
             "suggestions": [s.model_dump(mode="json") for s in suggestions],
             "larger_gpu": larger,
+            "several_gpus": several,
             "calibration": None if corrections is None else corrections.key,
         })
     else:
         _render(verdicts, best, margin_bytes, suggestions, larger, detected)
+        for o in several[:3]:
+            typer.echo(f"  on several {best.target.name}: {o['flags']} needs "
+                       f"{_gib(o['required_device_bytes'])} GiB per GPU")
     if not best.fits_free:
         raise typer.Exit(EXIT_DOES_NOT_FIT)

@@ -15,6 +15,16 @@ from vramcalc.commands.options import (
     validate_targets,
     with_plan_options,
 )
+from vramcalc.commands.parallel import (
+    BalanceOpt,
+    GpusOpt,
+    GpusPerNodeOpt,
+    OffloadOpt,
+    OrigParamsOpt,
+    ShardingOpt,
+    StrategyOpt,
+    parallel_from_options,
+)
 from vramcalc.errors import PlanError
 
 GiB = 2**30
@@ -39,6 +49,13 @@ def plan(
     max_: MaxOpt = None,
     no_calibration: NoCalibrationOpt = False,
     json_output: JsonOpt = False,
+    gpus: GpusOpt = None,
+    strategy: StrategyOpt = None,
+    offload: OffloadOpt = "none",
+    gpus_per_node: GpusPerNodeOpt = None,
+    sharding_strategy: ShardingOpt = "FULL_SHARD",
+    use_orig_params: OrigParamsOpt = False,
+    device_map: BalanceOpt = "balanced",
 ) -> None:
     """Estimate the peak GPU memory of one QLoRA / LoRA training step.
 
@@ -48,6 +65,7 @@ def plan(
       vramcalc plan -m meta-llama/Llama-3.1-8B --seq-len 2048 --gpu-memory 24
       vramcalc plan -m qwen2.5-7b --gpu-memory 24 --max batch --json
       vramcalc plan -m ./my-model/config.json --quant none --optimizer adamw_torch
+      vramcalc plan -m llama-2-70b --gpus 2 --strategy fsdp --gpu-memory 24 --offload cpu
     """
     from vramcalc.planning import calibration_note, estimator
     from vramcalc.render import estimate_to_dict
@@ -65,6 +83,15 @@ def plan(
             raise PlanError(f"--max takes one of {', '.join(SEARCHABLE)}, got '{max_}'")
         if gpu_memory is None:
             raise PlanError("--max needs --gpu-memory GIB (the budget to fit in)")
+    parallel = parallel_from_options(
+        gpus, strategy, offload, gpus_per_node, sharding_strategy, use_orig_params, device_map,
+        None if gpu_memory is None else int(gpu_memory * GiB))
+    if parallel is not None:
+        from vramcalc.commands.parallel import plan_parallel
+
+        if plan_parallel(spec, train, parallel, gpu_memory, max_, json_output) is False:
+            raise typer.Exit(EXIT_DOES_NOT_FIT)
+        return
     estimate, corrections = estimator(None, use_calibration=not no_calibration)
     note = calibration_note(corrections)
     if note:
