@@ -180,3 +180,37 @@ def test_check_several_named_gpus() -> None:
     assert res.exit_code in (0, 3), res.output
     out = json.loads(res.stdout)
     assert len(out["per_gpu"]) == 2 and "fits" in out
+
+
+def test_multi_gpu_run_pieces(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import yaml
+
+    from vramcalc.calibrate.multi_gpu_run import (
+        SAFE_ENV,
+        accelerate_config,
+        child_env,
+        launch_command,
+        merge_ranks,
+        write_config,
+    )
+
+    par = ParallelPlan(gpus=2, strategy="fsdp", offload="cpu")
+    cfg = yaml.safe_load(write_config(par, tmp_path / "a.yaml").read_text())
+    assert cfg["distributed_type"] == "FSDP" and cfg["num_processes"] == 2
+    assert cfg["fsdp_config"]["fsdp_offload_params"] is True
+    assert cfg["fsdp_config"]["fsdp_use_orig_params"] is False
+    assert accelerate_config(ParallelPlan(gpus=2))["distributed_type"] == "MULTI_GPU"
+    with pytest.raises(ValueError):
+        accelerate_config(ParallelPlan(gpus=2, strategy="zero3"))
+    env = child_env({"PATH": "/bin"})
+    assert all(env[k] == v for k, v in SAFE_ENV.items())
+    cmd = launch_command(tmp_path / "a.yaml", par, tmp_path / "p.json", tmp_path)
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
+    assert "--num_processes" in cmd and cmd[cmd.index("--num_processes") + 1] == "2"
+    for r, peak in ((0, 10), (1, 12)):
+        (tmp_path / f"rank{r}.json").write_text(json.dumps(
+            {"rank": r, "point": {}, "max_allocated": peak, "max_reserved": peak + 1,
+             "nvml_peak_used": peak + 5}))
+    merged = merge_ranks(tmp_path)
+    assert merged["busiest_rank"] == 1 and merged["nvml_peak_used"] == 17
+    assert len(merged["ranks"]) == 2
