@@ -51,7 +51,7 @@ def load_command(name: str) -> Any:
         group = typer.main.get_command(obj)
         group.name = name
         return group
-    single = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+    single = typer.Typer(pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
     single.command(name)(obj)
     return typer.main.get_command(single)
 

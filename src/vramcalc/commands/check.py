@@ -27,6 +27,7 @@ from vramcalc.commands.options import (
     warn_long_sequence,
     with_plan_options,
 )
+from vramcalc.commands.parallel import GpusOpt, OffloadOpt, StrategyOpt
 from vramcalc.commands.task_options import with_task_options
 from vramcalc.errors import PlanError
 from vramcalc.verdict import DEFAULT_MARGIN_GIB, Target
@@ -307,6 +308,9 @@ def check(
     max_: MaxOpt = None,
     no_calibration: NoCalibrationOpt = False,
     json_output: JsonOpt = False,
+    gpus: GpusOpt = None,
+    strategy: StrategyOpt = None,
+    offload: OffloadOpt = "none",
 ) -> None:
     """List this machine's GPUs, or check whether a plan fits them.
 
@@ -327,6 +331,7 @@ def check(
       vramcalc check -m qwen2.5-7b --gpu rtx-4090 --gpu a100-40gb --json
       vramcalc check -m llama-3.1-8b --gpu-memory 24 --margin 1
       vramcalc check -m llama-3.1-8b --gpu rtx-4090 --max batch
+      vramcalc check -m llama-2-70b --gpu rtx-4090 --gpus 2 --strategy fsdp
     """
     gpu = list(gpu or [])
     if model is None:
@@ -352,6 +357,23 @@ def check(
         warn(long_seq)
     detected = not gpu and gpu_memory is None
     targets_ = _targets(gpu, gpu_memory)
+    from vramcalc.commands.parallel import parallel_from_options
+
+    parallel = parallel_from_options(gpus or (len(targets_) if strategy else None), strategy,
+                                     offload)
+    if parallel is not None:  # several GPUs: the busiest one against the smallest of them
+        from vramcalc.commands.parallel import check_parallel
+
+        used = targets_ if detected else targets_ * parallel.gpus
+        if len(used) < parallel.gpus:
+            raise PlanError(f"--gpus {parallel.gpus} but {len(used)} GPU(s) detected; use "
+                            "--gpu NAME --gpus N to plan for GPUs this machine lacks")
+        smallest = min(used[: parallel.gpus], key=lambda t: t.free_bytes)
+        where = f"{parallel.gpus} x {smallest.name}"
+        if not check_parallel(spec, train, parallel, smallest.free_bytes - margin_b, where,
+                              json_output):
+            raise typer.Exit(EXIT_DOES_NOT_FIT)
+        return
     estimators = _Estimators(use_calibration=not no_calibration)
     verdicts = _verdicts(spec, train, targets_, margin_b, estimators)
     if max_ is not None:
@@ -380,6 +402,11 @@ def check(
                 spec, train, margin_b, catalog(), lambda g: estimators(g.name)
             )
 
+    several: list[dict[str, Any]] = []
+    if not best.fits_free:
+        from vramcalc.commands.parallel import parallel_suggestions
+
+        several = parallel_suggestions(spec, best.plan, best.target.total_bytes - margin_b)
     if json_output:
         from vramcalc.render import estimate_to_dict
 
@@ -393,9 +420,13 @@ def check(
             "larger_gpu": None if larger is None else larger.gpu.name,
             "larger_gpu_change": (None if larger is None or larger.suggestion is None
                                   else larger.suggestion.model_dump(mode="json")),
+            "several_gpus": several,
             "calibration": estimators.keys()[0] if estimators.keys() else None,
         })
     else:
         _render(verdicts, best, margin_b, suggestions, larger, detected)
+        for o in several[:3]:
+            typer.echo(f"  on several {best.target.name}: {o['flags']} needs "
+                       f"{_gib(o['required_device_bytes'])} GiB per GPU")
     if not best.fits_free:
         raise typer.Exit(EXIT_DOES_NOT_FIT)

@@ -22,6 +22,16 @@ from vramcalc.commands.options import (
     warn_long_sequence,
     with_plan_options,
 )
+from vramcalc.commands.parallel import (
+    BalanceOpt,
+    GpusOpt,
+    GpusPerNodeOpt,
+    OffloadOpt,
+    OrigParamsOpt,
+    ShardingOpt,
+    StrategyOpt,
+    parallel_from_options,
+)
 from vramcalc.commands.task_options import with_task_options
 from vramcalc.errors import PlanError
 from vramcalc.verdict import DEFAULT_MARGIN_GIB
@@ -67,6 +77,13 @@ def plan(
     max_: MaxOpt = None,
     no_calibration: NoCalibrationOpt = False,
     json_output: JsonOpt = False,
+    gpus: GpusOpt = None,
+    strategy: StrategyOpt = None,
+    offload: OffloadOpt = "none",
+    gpus_per_node: GpusPerNodeOpt = None,
+    sharding_strategy: ShardingOpt = "FULL_SHARD",
+    use_orig_params: OrigParamsOpt = False,
+    device_map: BalanceOpt = "balanced",
 ) -> None:
     """Estimate the peak GPU memory of one QLoRA / LoRA training step.
 
@@ -81,6 +98,7 @@ def plan(
       vramcalc plan -m meta-llama/Llama-3.1-8B --seq-len 2048 --gpu rtx-4090
       vramcalc plan -m qwen2.5-7b --gpu-memory 24 --max batch --json
       vramcalc plan -m ./my-model/config.json --quant none --optimizer adamw_torch
+      vramcalc plan -m llama-2-70b --gpus 2 --strategy fsdp --gpu rtx-4090
     """
     from vramcalc.advice import for_gpu
     from vramcalc.planning import calibration_note, estimator
@@ -98,6 +116,16 @@ def plan(
     long_seq = warn_long_sequence(spec, train)
     if long_seq:
         warn(long_seq)
+    parallel = parallel_from_options(
+        gpus, strategy, offload, gpus_per_node, sharding_strategy, use_orig_params, device_map,
+        None if target is None else target.free_bytes - margin_b)
+    if parallel is not None:
+        from vramcalc.commands.parallel import plan_parallel
+
+        budget_gib = None if target is None else (target.free_bytes - margin_b) / GiB
+        if plan_parallel(spec, train, parallel, budget_gib, max_, json_output) is False:
+            raise typer.Exit(EXIT_DOES_NOT_FIT)
+        return
     if target is not None:
         train = for_gpu(train, target.bf16_supported)
     estimate, corrections = estimator(
