@@ -420,20 +420,24 @@ FAMILIES: dict[str, Callable[[_Reader], dict[str, Any]]] = {
     "llama": _llama,
     "mistral": _mistral,
     "mixtral": _mixtral,
-    "mllama_text_model": _mllama_text,
     "olmo2": _olmo2,
     "phi": _phi,
     "phi3": _phi3,
     "qwen2": _qwen2,
-    "qwen2_5_vl_text": _qwen2_vl_text,
     "qwen2_moe": _qwen2_moe,
-    "qwen2_vl_text": _qwen2_vl_text,
     "qwen3": _qwen3,
     "qwen3_moe": _qwen3_moe,
     "stablelm": _stablelm,
     "starcoder2": _starcoder2,
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(FAMILIES))
+# Language models that exist only inside a multimodal wrapper (no ...ForCausalLM of their
+# own); checked against the wrapper built on the meta device in tests/test_hub.py.
+TEXT_ONLY_IN_WRAPPERS: dict[str, Callable[[_Reader], dict[str, Any]]] = {
+    "mllama_text_model": _mllama_text,
+    "qwen2_5_vl_text": _qwen2_vl_text,
+    "qwen2_vl_text": _qwen2_vl_text,
+}
 
 # Alias keys a family reads instead of the canonical name; dropped from extra_config.
 _ALIASES: dict[str, frozenset[str]] = {"falcon": frozenset({"n_embed", "n_head", "n_layer"})}
@@ -545,6 +549,8 @@ def spec_from_hf_config(cfg: dict[str, Any], origin: str, *, name: str | None = 
             f"causal LMs (supported model_types: {supported})",
         )
     family = FAMILIES.get(model_type)
+    if family is None and data is not cfg:
+        family = TEXT_ONLY_IN_WRAPPERS.get(model_type)
     if family is None:
         raise r.error(
             "model_type",

@@ -7,11 +7,13 @@ instead and never calls NVML. rich, pynvml and the catalog load inside the funct
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
 from vramcalc.commands.common import print_json, reports_errors, warn
+from vramcalc.commands.from_config import announce_spec, with_from_config
 from vramcalc.commands.options import (
     JsonOpt,
     NoCalibrationOpt,
@@ -238,6 +240,7 @@ def _render(
 
 
 @reports_errors
+@functools.partial(with_from_config, model_required=False)
 @with_plan_options
 def check(
     model: CheckModelOpt = None,
@@ -281,6 +284,7 @@ def check(
     from vramcalc.specs import resolve_model
 
     spec = resolve_model(model)
+    announce_spec(spec)
     train = build_plan(**(plan_options or {}))
     validate_targets(spec, train)
     margin_bytes = int(margin * GiB)

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from vramcalc.commands.common import print_json, reports_errors, warn
+from vramcalc.commands.from_config import announce_spec, with_from_config
 from vramcalc.commands.options import (
     JsonOpt,
     ModelOpt,
@@ -31,6 +32,7 @@ MaxOpt = Annotated[
 
 
 @reports_errors
+@with_from_config
 @with_plan_options
 def plan(
     model: ModelOpt,
@@ -48,12 +50,14 @@ def plan(
       vramcalc plan -m meta-llama/Llama-3.1-8B --seq-len 2048 --gpu-memory 24
       vramcalc plan -m qwen2.5-7b --gpu-memory 24 --max batch --json
       vramcalc plan -m ./my-model/config.json --quant none --optimizer adamw_torch
+      vramcalc plan --from-config axolotl.yaml --batch 2
     """
     from vramcalc.planning import calibration_note, estimator
     from vramcalc.render import estimate_to_dict
     from vramcalc.specs import resolve_model
 
     spec = resolve_model(model)
+    announce_spec(spec)
     train = build_plan(**plan_options)
     validate_targets(spec, train)
     if gpu_memory is not None and gpu_memory <= 0:
