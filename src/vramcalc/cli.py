@@ -15,6 +15,7 @@ from vramcalc.commands import check as check_cmd
 from vramcalc.commands import gpus as gpus_cmd
 from vramcalc.commands import models as models_cmd
 from vramcalc.commands import plan as plan_cmd
+from vramcalc.commands import sweep as sweep_cmd
 
 app = typer.Typer(
     name="vramcalc",
@@ -43,6 +44,7 @@ def _root(
 app.command("models")(models_cmd.models)
 app.command("plan")(plan_cmd.plan)
 app.command("check")(check_cmd.check)
+app.command("sweep")(sweep_cmd.sweep)
 app.command("gpus")(gpus_cmd.gpus)
 app.add_typer(calibrate_cmd.app, name="calibrate")
 
