@@ -133,3 +133,11 @@ def test_cli_check_from_config() -> None:
                                  "--gpu-memory", "80", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["estimate"]["plan"]["seq_len"] == 2048
+
+
+def test_trl_activation_checkpointing_name(tmp_path: Path) -> None:
+    # transformers 5.2x's TrainingArguments renames gradient_checkpointing
+    f = tmp_path / "args.json"
+    f.write_text(json.dumps({"output_dir": "o", "per_device_train_batch_size": 1,
+                             "activation_checkpointing": False}))
+    assert read_training_config(f).options["gradient_checkpointing"] is False

@@ -265,6 +265,7 @@ def _trl(m: _Mapper) -> TrainingConfig:
                             "sequence)")
     _packing_note(m, "packing", key)
     m.bool_("gradient_checkpointing", "gradient_checkpointing")
+    m.bool_("activation_checkpointing", "gradient_checkpointing")  # transformers 5.2x name
     m.optimizer("optim")
     attn = d.get("attn_implementation") or init.get("attn_implementation")
     if attn in _ATTN:
