@@ -479,14 +479,27 @@ def test_phi_qk_layernorm(tmp_path: Path) -> None:
     assert import_error(tmp_path, cfg).startswith("key 'qk_layernorm': phi with q/k LayerNorms")
 
 
-def test_multimodal_wrapper(tmp_path: Path) -> None:
+def test_multimodal_wrapper_plans_the_text_model(tmp_path: Path) -> None:
+    # The language model from text_config (absent keys: Gemma3TextConfig's defaults); the
+    # vision tower is not counted and a note says so (counts: tests/test_hub.py).
     cfg = {
         "model_type": "gemma3",
         "text_config": {"model_type": "gemma3_text", "hidden_size": 2560},
         "vision_config": {"model_type": "siglip_vision_model"},
     }
+    spec = spec_from_hf_config(cfg, "x")
+    assert (spec.model_type, spec.hidden_size, spec.vocab_size) == ("gemma3_text", 2560, 262208)
+    assert spec.notes == ("'gemma3' is multimodal: the language model (text_config) is "
+                          "planned; its vision tower and projector are NOT counted (add their "
+                          "weights if your training loads them, e.g. an "
+                          "...ForConditionalGeneration model)",)
+
+
+def test_audio_wrapper_is_refused(tmp_path: Path) -> None:
+    cfg = {"model_type": "some_audio", "text_config": CONFIGS["Qwen/Qwen2-1.5B"],
+           "audio_config": {"model_type": "whisper"}}
     msg = import_error(tmp_path, cfg)
-    assert msg.startswith("key 'vision_config': model_type 'gemma3' is multimodal")
+    assert msg.startswith("key 'audio_config': model_type 'some_audio' has an audio tower")
 
 
 def test_nested_error_names_nested_key(tmp_path: Path) -> None:

@@ -34,6 +34,9 @@ COMMANDS: dict[str, LazyCommand] = {
     "check": LazyCommand(
         "vramcalc.commands.check", "check",
         "List this machine's GPUs, or check whether a plan fits them."),
+    "sweep": LazyCommand(
+        "vramcalc.commands.sweep", "sweep",
+        "Peak memory against sequence length, batch size or LoRA rank, with GPU lines."),
     "gpus": LazyCommand(
         "vramcalc.commands.gpus", "gpus",
         "List the GPUs that --gpu NAME accepts, with the memory NVML reports."),
@@ -51,7 +54,9 @@ def load_command(name: str) -> Any:
         group = typer.main.get_command(obj)
         group.name = name
         return group
-    single = typer.Typer(pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+    single = typer.Typer(
+        pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None
+    )
     single.command(name)(obj)
     return typer.main.get_command(single)
 

@@ -384,6 +384,31 @@ def _cohere(r: _Reader) -> dict[str, Any]:
     }
 
 
+def _qwen2_vl_text(r: _Reader) -> dict[str, Any]:
+    # Qwen2VLTextConfig: num_key_value_heads defaults to 8; q/k/v biased, o_proj not.
+    return {**_sizes(r, kv_default=8, tie_default=False), "qkv_bias": True}
+
+
+def _mllama_text(r: _Reader) -> dict[str, Any]:
+    # MllamaTextConfig; the cross-attention layers are counted as self-attention layers.
+    return _sizes(r, kv_default=8, tie_default=False)
+
+
+def _mllama_note(data: dict[str, Any], fields: dict[str, Any]) -> str:
+    """What a Llama-3.2-Vision language model has that the spec does not hold."""
+    cross = data.get("cross_attention_layers") or []
+    heads = fields["num_attention_heads"]
+    head_dim = fields.get("head_dim") or fields["hidden_size"] // heads
+    # 8 extra embedding rows (image tokens); per cross layer q_norm + k_norm over head_dim
+    # and two scalar gates (MllamaTextModel, MllamaCrossAttentionDecoderLayer).
+    missing = 8 * fields["hidden_size"] + len(cross) * (2 * head_dim + 2)
+    return (
+        f"mllama: the {len(cross)} cross-attention layers are counted as self-attention "
+        f"layers ({missing:,} parameters of their norms, gates and image-token embeddings "
+        "are left out; text-only batches skip those layers, so activations are over-counted)"
+    )
+
+
 # model_type -> reader. Each one is checked against transformers in tests/test_hf_config.py.
 FAMILIES: dict[str, Callable[[_Reader], dict[str, Any]]] = {
     "cohere": _cohere,
@@ -406,6 +431,13 @@ FAMILIES: dict[str, Callable[[_Reader], dict[str, Any]]] = {
     "starcoder2": _starcoder2,
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(FAMILIES))
+# Language models that exist only inside a multimodal wrapper (no ...ForCausalLM of their
+# own); checked against the wrapper built on the meta device in tests/test_hub.py.
+TEXT_ONLY_IN_WRAPPERS: dict[str, Callable[[_Reader], dict[str, Any]]] = {
+    "mllama_text_model": _mllama_text,
+    "qwen2_5_vl_text": _qwen2_vl_text,
+    "qwen2_vl_text": _qwen2_vl_text,
+}
 
 # Alias keys a family reads instead of the canonical name; dropped from extra_config.
 _ALIASES: dict[str, frozenset[str]] = {"falcon": frozenset({"n_embed", "n_head", "n_layer"})}
@@ -463,21 +495,87 @@ def _features(model_type: str, data: dict[str, Any], r: _Reader) -> dict[str, An
     }
 
 
-def _text_part(cfg: dict[str, Any], r: _Reader) -> tuple[dict[str, Any], _Reader]:
-    """Use a nested `text_config` when the top level is only a wrapper around it."""
+# Multimodal wrappers: the language model is planned from `text_config`; the vision tower
+# and the projector are not counted (a note on the spec says so). Values: the defaults of the
+# wrapper's text config class for the size keys a saved `text_config` may omit (hub configs
+# written with `to_diff_dict` leave them out), and the wrapper's `tie_word_embeddings`
+# default (transformers 5 ties the lm_head from the top-level key). From transformers 5.x:
+# Gemma3TextConfig, Mistral3Config.sub_configs_defaults, MllamaTextConfig, Qwen2VLTextConfig.
+_MULTIMODAL: dict[str, tuple[dict[str, Any], bool]] = {
+    "gemma3": (
+        {"model_type": "gemma3_text", "vocab_size": 262_208, "hidden_size": 2304,
+         "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+         "num_key_value_heads": 4, "head_dim": 256},
+        True,
+    ),
+    "mistral3": (
+        {"model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120,
+         "intermediate_size": 32768, "num_hidden_layers": 40, "num_attention_heads": 32,
+         "num_key_value_heads": 8, "head_dim": 128},
+        True,
+    ),
+    "mllama": (
+        {"model_type": "mllama_text_model", "vocab_size": 128256, "hidden_size": 4096,
+         "intermediate_size": 14336, "num_hidden_layers": 40, "num_attention_heads": 32,
+         "num_key_value_heads": 8},
+        False,
+    ),
+    "qwen2_vl": ({"model_type": "qwen2_vl_text"}, False),
+    "qwen2_5_vl": ({"model_type": "qwen2_5_vl_text"}, False),
+}
+# Qwen2-VL / Qwen2.5-VL hub configs are flat: the text keys sit at the top level next to
+# `vision_config` (Qwen2VLConfig.__post_init__ moves them into text_config).
+_FLAT_MULTIMODAL = frozenset({"qwen2_vl", "qwen2_5_vl"})
+# Top-level keys of a flat multimodal config that belong to the vision side.
+_VISION_KEYS = frozenset(
+    {"vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
+     "vision_end_token_id", "vision_token_id", "text_config"}
+)
+
+
+def vision_note(model_type: str) -> str:
+    return (
+        f"'{model_type}' is multimodal: the language model (text_config) is planned; its "
+        "vision tower and projector are NOT counted (add their weights if your training "
+        "loads them, e.g. an ...ForConditionalGeneration model)"
+    )
+
+
+def _text_part(
+    cfg: dict[str, Any], r: _Reader
+) -> tuple[dict[str, Any], _Reader, str | None]:
+    """Use a nested `text_config` when the top level is only a wrapper around it.
+
+    Returns the text mapping, its reader, and a note when a vision/audio tower is left out.
+    """
     model_type = cfg.get("model_type")
     text = cfg.get("text_config")
+    tower = next((k for k in ("vision_config", "audio_config") if cfg.get(k) is not None), None)
+    if model_type in _FLAT_MULTIMODAL and not isinstance(text, dict):
+        defaults, tie = _MULTIMODAL[model_type]
+        flat = {k: v for k, v in cfg.items() if k not in _VISION_KEYS}
+        flat = {**defaults, **flat, "model_type": defaults["model_type"]}
+        flat.setdefault("tie_word_embeddings", tie)
+        return flat, r, vision_note(model_type) if tower else None
     if model_type in FAMILIES or not isinstance(text, dict):
-        return cfg, r
-    for other in ("vision_config", "audio_config"):
-        if cfg.get(other) is not None:
+        return cfg, r, None
+    note = None
+    if tower is not None:
+        if tower == "audio_config" or not isinstance(model_type, str):
             raise r.error(
-                other,
-                f"model_type '{model_type}' is multimodal; vramcalc counts decoder-only text "
-                "models only (save its text_config as a config.json to estimate the "
-                "language model alone)",
+                tower,
+                f"model_type '{model_type}' has an audio tower; vramcalc counts text models "
+                "only (save its text_config as a config.json to estimate the language model "
+                "alone)",
             )
-    return text, _Reader(text, r.origin, prefix="text_config.")
+        note = vision_note(model_type)
+    defaults, tie = _MULTIMODAL.get(str(model_type), ({}, None))  # type: ignore[arg-type]
+    merged = {**defaults, **text}
+    if "tie_word_embeddings" in cfg:  # transformers 5 reads the top-level key
+        merged["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    elif tie is not None and "tie_word_embeddings" not in text:
+        merged["tie_word_embeddings"] = tie
+    return merged, _Reader(merged, r.origin, prefix="text_config."), note
 
 
 def spec_from_hf_config(cfg: dict[str, Any], origin: str, *, name: str | None = None) -> ModelSpec:
@@ -488,7 +586,7 @@ def spec_from_hf_config(cfg: dict[str, Any], origin: str, *, name: str | None = 
     if not isinstance(cfg, dict):
         raise SpecError(f"{origin}: expected a JSON object at the top level")
     top = _Reader(cfg, origin)
-    data, r = _text_part(cfg, top)
+    data, r, note = _text_part(cfg, top)
     model_type = data.get("model_type")
     supported = ", ".join(SUPPORTED_MODEL_TYPES)
     if not isinstance(model_type, str) or not model_type:
@@ -503,6 +601,8 @@ def spec_from_hf_config(cfg: dict[str, Any], origin: str, *, name: str | None = 
             f"causal LMs (supported model_types: {supported})",
         )
     family = FAMILIES.get(model_type)
+    if family is None and data is not cfg:
+        family = TEXT_ONLY_IN_WRAPPERS.get(model_type)
     if family is None:
         raise r.error(
             "model_type",
@@ -511,6 +611,9 @@ def spec_from_hf_config(cfg: dict[str, Any], origin: str, *, name: str | None = 
         )
     fields = family(r)
     fields.update(_features(model_type, data, r))
+    notes = [note] if note else []
+    if model_type == "mllama_text_model":
+        notes.append(_mllama_note(data, fields))
     drop = _SPEC_KEYS | _NOT_ARCHITECTURE | _ALIASES.get(model_type, frozenset())
     extra = {k: v for k, v in data.items() if k not in drop}
     if "head_dim" not in fields:
@@ -523,6 +626,8 @@ def spec_from_hf_config(cfg: dict[str, Any], origin: str, *, name: str | None = 
         **fields,
         "extra_config": extra,
     }
+    if notes:
+        mapping["notes"] = tuple(notes)
     return spec_from_mapping(mapping, origin)
 
 

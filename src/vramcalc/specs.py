@@ -90,6 +90,9 @@ class ModelSpec(BaseModel):
     name: str = Field(min_length=1)
     aliases: tuple[str, ...] = ()
     source: str | None = None
+    # What importing the model assumed that the user should know (e.g. a multimodal model's
+    # vision tower not counted); commands print them, the Python API adds them to the result.
+    notes: tuple[str, ...] = ()
     # HF `model_type`; with `extra_config` it rebuilds the transformers config (tests, calibrate).
     model_type: str = Field(min_length=1)
 
@@ -413,7 +416,14 @@ def resolve_model(arg: str) -> ModelSpec:
         # A hub id also contains '/', so only a path-shaped miss is reported as a file.
         if path.suffix in {".json", ".yaml", ".yml"} or arg.startswith((".", "/", "~")):
             raise SpecError(f"{arg}: no such file") from None
-        raise
+        from vramcalc.hub import is_hub_id
+
+        if not is_hub_id(arg):
+            raise
+    # Not in the catalog: fetch the hub model's config.json (huggingface_hub loads here).
+    from vramcalc.hub import resolve_hub_model
+
+    return resolve_hub_model(arg)
 
 
 def parse_json_text(text: str, origin: str) -> Any:

@@ -8,11 +8,13 @@ and never calls NVML. rich, pynvml and the catalog load inside the function bodi
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
 from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
+from vramcalc.commands.from_config import announce_spec, with_from_config
 from vramcalc.commands.options import (
     GpuMemOpt,
     JsonOpt,
@@ -298,6 +300,7 @@ def _render_max(
 
 @reports_errors
 @with_task_options("check")  # --task infer|merge: commands/task_options.py
+@functools.partial(with_from_config, model_required=False)
 @with_plan_options
 def check(
     model: CheckModelOpt = None,
@@ -350,6 +353,7 @@ def check(
     from vramcalc import advice
 
     spec = resolve_model_arg(model)
+    announce_spec(spec)
     train = build_plan(**(plan_options or {}))
     validate_targets(spec, train)
     long_seq = warn_long_sequence(spec, train)

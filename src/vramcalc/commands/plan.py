@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
+from vramcalc.commands.from_config import announce_spec, with_from_config
 from vramcalc.commands.options import (
     GpuMemOpt,
     JsonOpt,
@@ -67,6 +68,7 @@ def _target(gpu: str | None, gpu_memory: float | None) -> Target | None:
 
 @reports_errors
 @with_task_options("plan")  # --task infer|merge: commands/task_options.py
+@with_from_config
 @with_plan_options
 def plan(
     model: ModelOpt,
@@ -99,6 +101,7 @@ def plan(
       vramcalc plan -m qwen2.5-7b --gpu-memory 24 --max batch --json
       vramcalc plan -m ./my-model/config.json --quant none --optimizer adamw_torch
       vramcalc plan -m llama-2-70b --gpus 2 --strategy fsdp --gpu rtx-4090
+      vramcalc plan --from-config axolotl.yaml --batch 2
     """
     from vramcalc.advice import for_gpu
     from vramcalc.planning import calibration_note, estimator
@@ -111,6 +114,7 @@ def plan(
     if max_ is not None and target is None:
         raise PlanError("--max needs --gpu NAME or --gpu-memory GIB (the card to fit in)")
     spec = resolve_model_arg(model)
+    announce_spec(spec)
     train = build_plan(**plan_options)
     validate_targets(spec, train)
     long_seq = warn_long_sequence(spec, train)

@@ -1,0 +1,223 @@
+"""The Python API: `from vramcalc import plan, check`.
+
+The same computation as `vramcalc plan` / `vramcalc check --gpu NAME`: the model resolved
+the same way (catalog name, alias, hub id, spec YAML or config.json path, or a ModelSpec),
+the plan validated by the same TrainPlan, the committed corrections applied the same way.
+Importing it loads neither rich nor typer (nor torch).
+
+    >>> from vramcalc import plan, check
+    >>> est = plan("llama-3.1-8b", batch_size=4, seq_len=2048)
+    >>> est.required_device_bytes / 2**30          # GiB that must be free
+    >>> check("llama-3.1-8b", gpus=["rtx-4090", "a100-80gb"], batch_size=4).fits
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from vramcalc.errors import PlanError
+from vramcalc.plan_settings import (
+    Attention,
+    ComputeDtype,
+    Loop,
+    Method,
+    MoeExperts,
+    Optimizer,
+    Quant,
+    TrainPlan,
+    WeightsDtype,
+)
+from vramcalc.result import Estimate
+from vramcalc.specs import ModelSpec
+
+GiB = 2**30
+DEFAULT_MARGIN_GIB = 0.5  # as `vramcalc check --margin`
+
+__all__ = ["CheckResult", "GpuVerdict", "PlanEstimate", "check", "make_plan", "plan"]
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / GiB:.2f} GiB"
+
+
+class PlanEstimate(Estimate):
+    """An Estimate with the plan it was computed for (and the model's import notes)."""
+
+    plan: TrainPlan
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k}={_gib(v)}" for k, v in self.components.items() if v)
+        return (
+            f"PlanEstimate({self.model!r}, required={_gib(self.required_device_bytes)}, "
+            f"peak_device={_gib(self.peak_device_bytes)}, peak_phase={self.peak_phase!r}, "
+            f"{parts})"
+        )
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{k}</td><td style='text-align:right'>{v / GiB:.2f}</td></tr>"
+            for k, v in self.components.items()
+            if v
+        )
+        notes = "".join(f"<li>{n}</li>" for n in self.notes)
+        return (
+            f"<b>{self.model}</b>: requires {_gib(self.required_device_bytes)} free "
+            f"(peak device {_gib(self.peak_device_bytes)}, phase {self.peak_phase})"
+            f"<table><tr><th>component</th><th>GiB</th></tr>{rows}</table>"
+            + (f"<ul>{notes}</ul>" if notes else "")
+        )
+
+
+class GpuVerdict(BaseModel):
+    """Whether the plan fits one empty GPU of the catalog (memory - margin)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    gpu: str
+    memory_bytes: int
+    required_bytes: int
+    margin_bytes: int
+    fits: bool
+    headroom_bytes: int  # memory - required (the margin not subtracted)
+    compute_dtype: str  # fp16 on a GPU without bf16
+
+
+class CheckResult(BaseModel):
+    """The plan's verdict on each GPU asked about; `estimate` is for the first."""
+
+    model_config = ConfigDict(frozen=True)
+
+    estimate: PlanEstimate
+    verdicts: tuple[GpuVerdict, ...]
+
+    @property
+    def fits(self) -> bool:
+        """True when it fits on every GPU asked about."""
+        return all(v.fits for v in self.verdicts)
+
+    def __repr__(self) -> str:
+        each = ", ".join(
+            f"{v.gpu}: {'fits' if v.fits else 'does NOT fit'} ({v.headroom_bytes / GiB:+.2f} GiB)"
+            for v in self.verdicts
+        )
+        need = _gib(self.estimate.required_device_bytes)
+        return f"CheckResult({self.estimate.model!r}, needs {need}; {each})"
+
+
+def make_plan(**options: Any) -> TrainPlan:
+    """A TrainPlan from keyword options (None: the default); one PlanError on a bad value."""
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        return TrainPlan(**given)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = f"{first['loc'][0]}: " if first["loc"] else ""
+        raise PlanError(f"{where}{first['msg'].removeprefix('Value error, ')}") from None
+
+
+def _resolve(model: str | ModelSpec) -> ModelSpec:
+    if isinstance(model, ModelSpec):
+        return model
+    from vramcalc.specs import resolve_model
+
+    return resolve_model(model)
+
+
+def _with_plan(est: Estimate, spec: ModelSpec, train: TrainPlan) -> PlanEstimate:
+    data = est.model_dump(exclude={"total"})
+    data["notes"] = (*spec.notes, *est.notes)
+    return PlanEstimate(**data, plan=train)
+
+
+def plan(
+    model: str | ModelSpec,
+    *,
+    method: Method | None = None,
+    quant: Quant | None = None,
+    rank: int | None = None,
+    alpha: float | None = None,
+    targets: str | None = None,
+    lora_dropout: float | None = None,
+    use_dora: bool | None = None,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    double_quant: bool | None = None,
+    compute_dtype: ComputeDtype | None = None,
+    optimizer: Optimizer | None = None,
+    gradient_checkpointing: bool | None = None,
+    attn: Attention | None = None,
+    weights_dtype: WeightsDtype | None = None,
+    loop: Loop | None = None,
+    expandable_segments: bool | None = None,
+    moe_experts: MoeExperts | None = None,
+    calibration: bool = True,
+    gpu: str | None = None,
+) -> PlanEstimate:
+    """Peak memory of one training step of `model` (as `vramcalc plan`).
+
+    Options are TrainPlan's fields (None: its default, the usual QLoRA recipe).
+    `calibration=False` gives the raw estimate; `gpu` picks the corrections fitted for
+    that GPU family (as `vramcalc check --gpu`). Raises a VramcalcError subclass on a bad
+    model or option.
+    """
+    from vramcalc.planning import estimator
+    from vramcalc.trainable import lora_targets
+
+    spec = _resolve(model)
+    train = make_plan(
+        method=method, quant=quant, rank=rank, alpha=alpha, targets=targets,
+        lora_dropout=lora_dropout, use_dora=use_dora, batch_size=batch_size, seq_len=seq_len,
+        double_quant=double_quant, compute_dtype=compute_dtype, optimizer=optimizer,
+        gradient_checkpointing=gradient_checkpointing, attn=attn, weights_dtype=weights_dtype,
+        loop=loop, expandable_segments=expandable_segments, moe_experts=moe_experts,
+    )
+    lora_targets(spec, train)  # a target the model does not have: one PlanError
+    fn, _ = estimator(gpu, use_calibration=calibration)
+    return _with_plan(fn(spec, train), spec, train)
+
+
+def check(
+    model: str | ModelSpec,
+    *,
+    gpus: Sequence[str],
+    margin_gib: float = DEFAULT_MARGIN_GIB,
+    calibration: bool = True,
+    **options: Any,
+) -> CheckResult:
+    """Whether the plan fits each named catalog GPU (empty card), as `vramcalc check --gpu`.
+
+    `options` are `plan`'s keyword options. Fits: required memory + margin <= the GPU's
+    memory. A GPU without bf16 is planned with fp16 compute, as the CLI does.
+    """
+    from vramcalc.advice import for_gpu
+    from vramcalc.gpu_catalog import resolve_gpu
+
+    if isinstance(gpus, str):
+        gpus = [gpus]
+    if not gpus:
+        raise PlanError("check needs at least one GPU name (see 'vramcalc gpus')")
+    if margin_gib < 0:
+        raise PlanError(f"margin_gib must be zero or more, got {margin_gib}")
+    margin = int(margin_gib * GiB)
+    models = [resolve_gpu(g) for g in gpus]
+    spec = _resolve(model)
+    first: PlanEstimate | None = None
+    verdicts = []
+    for g in models:
+        est = plan(spec, calibration=calibration, gpu=g.name, **options)
+        p = for_gpu(est.plan, g.bf16_supported)
+        if p is not est.plan:
+            est = plan(spec, calibration=calibration, gpu=g.name,
+                       **{**options, "compute_dtype": p.compute_dtype})
+        first = first or est
+        need = est.required_device_bytes
+        verdicts.append(GpuVerdict(
+            gpu=g.name, memory_bytes=g.memory_bytes, required_bytes=need, margin_bytes=margin,
+            fits=need + margin <= g.memory_bytes, headroom_bytes=g.memory_bytes - need,
+            compute_dtype=est.plan.compute_dtype,
+        ))
+    assert first is not None
+    return CheckResult(estimate=first, verdicts=tuple(verdicts))

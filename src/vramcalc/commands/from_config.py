@@ -1,0 +1,114 @@
+"""`--from-config FILE` for plan / check / sweep, and the notes a resolved model carries.
+
+`with_from_config` wraps a command made by `options.with_plan_options`: it adds
+`--from-config FILE` (axolotl, TRL / TrainingArguments, LLaMA-Factory; see
+`vramcalc.training_config`), fills every plan option the user did not give on the command
+line from the file (typer's parameter source tells given from default), takes the model
+from the file when --model is absent, and prints on stderr the settings it used and every
+memory-relevant key it does not model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar, get_args
+
+import typer
+
+from vramcalc.commands.common import warn
+from vramcalc.specs import ModelSpec
+
+R = TypeVar("R")
+_CTX = "vramcalc_from_config_ctx"
+
+FromConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--from-config",
+        help="Read the model and training settings from an axolotl YAML, a TRL SFTConfig / "
+        "TrainingArguments JSON or YAML, or a LLaMA-Factory YAML; flags given on the "
+        "command line override the file.",
+        dir_okay=False,
+    ),
+]
+
+
+def announce_spec(spec: ModelSpec) -> None:
+    """What importing the model assumed (hub fetch, vision tower), on stderr."""
+    for note in spec.notes:
+        warn(f"note: {note}")
+
+
+def _flag(option: str) -> str:
+    return "--" + {"batch": "batch", "dora": "dora"}.get(option, option.replace("_", "-"))
+
+
+def apply_training_config(
+    path: Path, kwargs: dict[str, Any], given: set[str], model_key: str = "model"
+) -> None:
+    """Fill `kwargs` (plan options and the model) from the file, except options in `given`."""
+    from vramcalc.errors import PlanError
+    from vramcalc.training_config import read_training_config
+
+    tc = read_training_config(path)
+    used: list[str] = []
+    for option, value in tc.options.items():
+        if option in kwargs and option not in given:
+            kwargs[option] = value
+            used.append(f"{_flag(option)} {value} ({tc.used[option]})")
+    if kwargs.get(model_key) is None:
+        if tc.model is None:
+            raise PlanError(f"--from-config {path}: the file names no base model; add --model")
+        kwargs[model_key] = tc.model
+        used.insert(0, f"--model {tc.model}")
+    overridden = sorted(_flag(o) for o in given if o in tc.options)
+    line = f"from {path} ({tc.format}): " + (", ".join(used) or "no plan settings")
+    if overridden:
+        line += f"; command line overrides {', '.join(overridden)}"
+    warn(line)
+    for note in tc.notes:
+        warn(f"note: {note}")
+    for key in tc.unmodelled:
+        warn(f"not modelled: {key}")
+
+
+def with_from_config(
+    func: Callable[..., R], *, model_required: bool = True
+) -> Callable[..., R]:
+    """Add --from-config to a command whose plan options are flat keyword parameters."""
+    sig = inspect.signature(func)
+    params = []
+    for p in sig.parameters.values():
+        if p.name == "model" and p.default is inspect.Parameter.empty:
+            base, *meta = get_args(p.annotation)
+            p = p.replace(annotation=Annotated[(base | None, *meta)], default=None)
+        params.append(p)
+    params.append(inspect.Parameter("from_config", inspect.Parameter.KEYWORD_ONLY,
+                                    default=None, annotation=FromConfigOpt))
+    params.append(inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY,
+                                    annotation=typer.Context))
+
+    def wrapper(**kwargs: Any) -> R:
+        ctx = kwargs.pop(_CTX)
+        path = kwargs.pop("from_config")
+        if path is not None:
+            given = set()
+            for name in kwargs:
+                source = ctx.get_parameter_source(name)
+                if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+                    given.add(name)
+            apply_training_config(path, kwargs, given)
+        elif model_required and kwargs.get("model") is None:
+            raise typer.BadParameter("give --model MODEL (or --from-config FILE)",
+                                     param_hint="'--model'")
+        return func(**kwargs)
+
+    wrapper.__name__ = func.__name__
+    wrapper.__qualname__ = func.__qualname__
+    wrapper.__doc__ = func.__doc__
+    wrapper.__module__ = func.__module__
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper

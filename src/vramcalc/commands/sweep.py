@@ -1,0 +1,269 @@
+"""`vramcalc sweep`: peak memory against one swept setting, with the GPUs' capacity lines.
+
+The plan is estimated once per value of --over (seq-len, batch or rank); the terminal
+chart stacks the breakdown in four groups per value, marks each GPU's memory, and says
+where each GPU stops fitting (required free memory <= the GPU's memory, as `plan
+--gpu-memory`). --json / --csv print the series; --plot FILE.png|.svg draws it with
+matplotlib (the `plot` extra, imported only there).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
+
+import typer
+
+from vramcalc.commands.common import print_json, reports_errors, warn
+from vramcalc.commands.from_config import announce_spec, with_from_config
+from vramcalc.commands.options import (
+    JsonOpt,
+    ModelOpt,
+    NoCalibrationOpt,
+    build_plan,
+    validate_targets,
+    with_plan_options,
+)
+from vramcalc.errors import PlanError
+
+if TYPE_CHECKING:
+    from vramcalc.result import Estimate
+
+GiB = 2**30
+CHART_WIDTH = 80
+MAX_POINTS = 64
+# --over name -> TrainPlan field
+SWEEPABLE = {"seq-len": "seq_len", "batch": "batch_size", "rank": "rank"}
+# The breakdown stacked in four groups (components of result.Components).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "weights": ("base_weights", "quant_constants", "unquantized_params", "expert_weights",
+                "adapter_weights"),
+    "grads + optimizer": ("gradients", "optimizer_states", "optimizer_paged"),
+    "activations + logits": ("activations", "kv_cache", "logits_loss", "transient"),
+    "overhead": ("cublas_workspace", "comm_buffers", "allocator_slack", "cuda_context"),
+}
+GLYPHS = ("█", "▓", "▒", "░")
+
+OverOpt = Annotated[
+    str,
+    typer.Option("--over", help="NAME=START:STOP[:STEP]: NAME is seq-len, batch or rank; "
+                 "STEP is *F (multiply, default *2), +N (add) or N (N points, geometric)."),
+]
+SweepGpuOpt = Annotated[
+    list[str] | None,
+    typer.Option("--gpu", help="Draw this catalog GPU's memory and where it stops fitting "
+                 "(repeatable); see 'vramcalc gpus'."),
+]
+CsvOpt = Annotated[bool, typer.Option("--csv", help="Print the series as CSV on stdout.")]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option("--plot", help="Write the chart to FILE.png or FILE.svg (needs the `plot` "
+                 "extra: pip install 'qlora-vramcalc[plot]').", dir_okay=False),
+]
+
+
+class Sweep(NamedTuple):
+    name: str  # seq-len | batch | rank
+    values: list[int]
+
+
+class Capacity(NamedTuple):
+    name: str
+    memory_bytes: int
+    fits_up_to: int | None  # the largest swept value that fits; None: none fits
+
+
+def parse_over(text: str) -> Sweep:
+    """NAME=START:STOP[:STEP] -> the values, START and STOP included."""
+    m = re.fullmatch(r"([a-z-]+)=(\d+):(\d+)(?::(\*\d+(?:\.\d+)?|\+\d+|\d+))?", text.strip())
+    if m is None:
+        raise PlanError(f"--over '{text}': expected NAME=START:STOP[:STEP], e.g. "
+                        "seq-len=512:32768 or batch=1:64:+4")
+    name, start, stop, step = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4) or "*2"
+    if name not in SWEEPABLE:
+        raise PlanError(f"--over: cannot sweep '{name}'; use one of {', '.join(SWEEPABLE)}")
+    if not 0 < start < stop:
+        raise PlanError(f"--over {name}: need 0 < START < STOP, got {start}:{stop}")
+    values: list[int] = []
+    if step.startswith("*"):
+        factor = float(step[1:])
+        if factor <= 1:
+            raise PlanError(f"--over {name}: the factor must be above 1, got {step}")
+        v = float(start)
+        while v < stop:
+            values.append(int(v))
+            v *= factor
+    elif step.startswith("+"):
+        inc = int(step[1:])
+        if inc <= 0:
+            raise PlanError(f"--over {name}: the step must be positive, got {step}")
+        values = list(range(start, stop, inc))
+    else:
+        n = int(step)
+        if n < 2:
+            raise PlanError(f"--over {name}: need at least 2 points, got {n}")
+        values = [round(start * (stop / start) ** (i / (n - 1))) for i in range(n - 1)]
+    values = sorted(set(values) | {stop})
+    if len(values) > MAX_POINTS:
+        raise PlanError(f"--over {name}: {len(values)} points; use a larger step (at most "
+                        f"{MAX_POINTS})")
+    return Sweep(name, values)
+
+
+def group_bytes(est: Estimate) -> dict[str, int]:
+    return {g: sum(est.components[c] for c in names) for g, names in GROUPS.items()}
+
+
+def capacities(sweep: Sweep, points: list[Estimate], gpus: list[Any]) -> list[Capacity]:
+    out = []
+    for g in gpus:
+        fitting = [v for v, e in zip(sweep.values, points, strict=True)
+                   if e.required_device_bytes <= g.memory_bytes]
+        out.append(Capacity(g.name, g.memory_bytes, max(fitting) if fitting else None))
+    return out
+
+
+def render_chart(sweep: Sweep, points: list[Estimate], caps: list[Capacity],
+                 width: int = CHART_WIDTH) -> str:
+    """Plain-text chart: one stacked bar per value, GPU lines as '|' (80 columns)."""
+    label_w = max(len(str(v)) for v in sweep.values) + 1
+    num_w = 9  # " 123.45 G"
+    bar_w = width - label_w - num_w - 1
+    top = max([e.peak_device_bytes for e in points] + [c.memory_bytes for c in caps])
+    scale = bar_w / top
+    marks = {min(bar_w - 1, int(c.memory_bytes * scale)): str(i + 1) for i, c in enumerate(caps)}
+    lines = [f"peak device memory (GiB = 2**30) against {sweep.name}"]
+    for v, e in zip(sweep.values, points, strict=True):
+        cells: list[str] = []
+        for glyph, nbytes in zip(GLYPHS, group_bytes(e).values(), strict=True):
+            cells.extend(glyph * round(nbytes * scale))
+        cells = (cells + [" "] * bar_w)[:bar_w]
+        for col, mark in marks.items():
+            cells[col] = "|" if cells[col] == " " else mark
+        lines.append(f"{v:>{label_w}} {''.join(cells)} {e.peak_device_bytes / GiB:7.2f}")
+    legend = "  ".join(f"{g} {n}" for g, n in zip(GLYPHS, GROUPS, strict=True))
+    lines.append(" " * label_w + " " + legend)
+    for i, c in enumerate(caps):
+        where = (f"fits up to {sweep.name} {c.fits_up_to}" if c.fits_up_to is not None
+                 else f"does not fit even at {sweep.name} {sweep.values[0]}")
+        lines.append(f"  |{i + 1}: {c.name} ({c.memory_bytes / GiB:.1f} GiB): {where}")
+    return "\n".join(lines)
+
+
+def series(sweep: Sweep, points: list[Estimate]) -> list[dict[str, Any]]:
+    return [
+        {sweep.name: v, "required_device_bytes": e.required_device_bytes,
+         "peak_device_bytes": e.peak_device_bytes, "peak_allocated_bytes":
+         e.peak_allocated_bytes, "peak_phase": e.peak_phase, **dict(e.components.items())}
+        for v, e in zip(sweep.values, points, strict=True)
+    ]
+
+
+def write_plot(path: Path, model: str, sweep: Sweep, points: list[Estimate],
+               caps: list[Capacity]) -> None:
+    """PNG or SVG by the file's suffix, written to a temporary file and renamed."""
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in ("png", "svg"):
+        raise PlanError(f"--plot {path}: the file must end in .png or .svg")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlanError("--plot needs matplotlib: pip install 'qlora-vramcalc[plot]'") from None
+    xs = sweep.values
+    stacks = [[group_bytes(e)[g] / GiB for e in points] for g in GROUPS]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.stackplot(xs, stacks, labels=list(GROUPS), alpha=0.85)
+    ax.plot(xs, [e.required_device_bytes / GiB for e in points], "k--", lw=1,
+            label="required free memory")
+    for c in caps:
+        ax.axhline(c.memory_bytes / GiB, color="red", lw=0.8)
+        ax.text(xs[0], c.memory_bytes / GiB, f" {c.name}", va="bottom", fontsize=8)
+        if c.fits_up_to is not None:
+            ax.axvline(c.fits_up_to, color="red", lw=0.6, ls=":")
+    if xs[-1] / xs[0] >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(sweep.name)
+    ax.set_ylabel("GiB (2**30 bytes)")
+    ax.set_title(f"{model}: peak memory against {sweep.name}")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=fmt)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+
+
+@reports_errors
+@with_from_config
+@with_plan_options
+def sweep(
+    model: ModelOpt,
+    plan_options: dict[str, Any],
+    over: OverOpt = "seq-len=512:32768",
+    gpu: SweepGpuOpt = None,
+    plot: PlotOpt = None,
+    csv_output: CsvOpt = False,
+    no_calibration: NoCalibrationOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Peak memory against sequence length, batch size or LoRA rank, with GPU lines.
+
+    \b
+    Examples:
+      vramcalc sweep -m llama-3.1-8b --over seq-len=512:32768 --gpu rtx-4090 --gpu a100-80gb
+      vramcalc sweep -m qwen2.5-7b --over batch=1:64 --seq-len 2048 --json
+      vramcalc sweep -m llama-3.1-8b --over rank=8:256 --plot rank.svg
+    """
+    from vramcalc.gpu_catalog import resolve_gpu
+    from vramcalc.planning import calibration_note, estimator
+    from vramcalc.specs import resolve_model
+
+    if json_output and csv_output:
+        raise PlanError("give either --json or --csv, not both")
+    sw = parse_over(over)
+    gpus = [resolve_gpu(g) for g in gpu or []]
+    spec = resolve_model(model)
+    announce_spec(spec)
+    train = build_plan(**plan_options)
+    validate_targets(spec, train)
+    estimate_fn, corrections = estimator(gpus[0].name if gpus else None,
+                                         use_calibration=not no_calibration)
+    note = calibration_note(corrections)
+    if note:
+        warn(note)
+    field = SWEEPABLE[sw.name]
+    points = [estimate_fn(spec, train.model_copy(update={field: v})) for v in sw.values]
+    caps = capacities(sw, points, gpus)
+    if plot is not None:
+        write_plot(plot, spec.name, sw, points, caps)
+        warn(f"wrote {plot}")
+    if json_output:
+        print_json({
+            "model": spec.name, "over": sw.name, "plan": train.model_dump(mode="json"),
+            "gpus": [c._asdict() for c in caps], "points": series(sw, points),
+        })
+    elif csv_output:
+        rows = series(sw, points)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        sys.stdout.write(buf.getvalue())
+    else:
+        typer.echo(render_chart(sw, points, caps))

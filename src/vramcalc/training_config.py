@@ -1,0 +1,389 @@
+"""The training config you already have -> plan options: axolotl, TRL, LLaMA-Factory.
+
+`read_training_config(path)` parses an axolotl YAML, a TRL `SFTConfig` / transformers
+`TrainingArguments` JSON or YAML (as `to_json_string()` writes it, optionally with TRL's
+`ModelConfig` keys as `trl sft --config` reads them), or a LLaMA-Factory YAML, detects the
+format by its keys, and returns the model id, the plan options (keys of
+`commands.options.PLAN_OPTIONS`, i.e. `build_plan` keyword arguments), what each came from,
+and every key that changes memory but is not modelled (shown on stderr, never dropped).
+
+Sources of the key names and defaults:
+  axolotl        https://docs.axolotl.ai/docs/config-reference.html
+  TRL            https://huggingface.co/docs/trl/sft_trainer (SFTConfig),
+                 https://huggingface.co/docs/trl/script_utils (ModelConfig),
+                 https://huggingface.co/docs/transformers/main_classes/trainer (TrainingArguments)
+  LLaMA-Factory  https://llamafactory.readthedocs.io/en/latest/advanced/arguments.html,
+                 examples/train_qlora/llama3_lora_sft_otfq.yaml in hiyouga/LLaMA-Factory
+
+Pure: reads one file, imports no CLI library.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from vramcalc.errors import PlanError
+
+Format = Literal["axolotl", "trl", "llama-factory"]
+
+# HF / axolotl / LLaMA-Factory optimizer names -> vramcalc's (plan_settings.OPTIMIZERS)
+_OPTIMIZERS = {
+    "adamw_torch": "adamw_torch",
+    "adamw_hf": "adamw_torch",
+    "adamw_torch_fused": "adamw_torch_fused",
+    "adamw_bnb_8bit": "adamw_8bit",
+    "adamw_8bit": "adamw_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw_32bit": "paged_adamw_32bit",
+    "sgd": "sgd",
+}
+_ATTN = {"flash_attention_2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager"}
+_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16",
+           "fp16": "fp16", "fp32": "fp32"}
+MULTI_GPU = "several GPUs (sharding, ZeRO) are not modelled: the plan is for one GPU"
+
+
+class TrainingConfig(BaseModel):
+    """What a training config file says about memory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    format: Format
+    model: str | None
+    options: dict[str, Any]  # build_plan keyword -> value
+    used: dict[str, str]  # build_plan keyword -> the file key it came from
+    unmodelled: tuple[str, ...]  # "key: why", keys that change memory but are not modelled
+    notes: tuple[str, ...] = ()
+
+
+class _Mapper:
+    def __init__(self, data: dict[str, Any], path: str) -> None:
+        self.data = data
+        self.path = path
+        self.options: dict[str, Any] = {}
+        self.used: dict[str, str] = {}
+        self.unmodelled: list[str] = []
+        self.notes: list[str] = []
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def set(self, option: str, value: Any, key: str) -> None:
+        self.options[option] = value
+        self.used[option] = key
+
+    def int_(self, key: str, option: str) -> None:
+        value = self.data.get(key)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise PlanError(f"{self.path}: key '{key}': expected a positive integer, got "
+                            f"{value!r}")
+        self.set(option, value, key)
+
+    def num(self, key: str, option: str) -> None:
+        value = self.data.get(key)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PlanError(f"{self.path}: key '{key}': expected a number, got {value!r}")
+        self.set(option, float(value), key)
+
+    def bool_(self, key: str, option: str, *, invert: bool = False) -> None:
+        value = self.data.get(key)
+        if value is None:
+            return
+        if not isinstance(value, bool):
+            raise PlanError(f"{self.path}: key '{key}': expected true or false, got {value!r}")
+        self.set(option, value != invert, key)
+
+    def optimizer(self, key: str) -> None:
+        value = self.data.get(key)
+        if value is None:
+            return
+        name = str(value).lower()
+        if name in _OPTIMIZERS:
+            self.set("optimizer", _OPTIMIZERS[name], key)
+        else:
+            self.unmodelled.append(f"{key}: {value} (optimizer not modelled; pass --optimizer "
+                                   "with the closest of adamw_torch, adamw_8bit, "
+                                   "paged_adamw_8bit, ...)")
+
+    def targets(self, key: str, value: Any) -> None:
+        if value is None:
+            return
+        if isinstance(value, str):
+            names = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            names = value
+        else:
+            raise PlanError(f"{self.path}: key '{key}': expected module names, got {value!r}")
+        if names in (["all"], ["all-linear"], ["all_linear"]):
+            self.set("targets", "all-linear", key)
+        elif names:
+            self.set("targets", ",".join(names), key)
+
+    def precision(self, bf16: str = "bf16", fp16: str = "fp16") -> None:
+        b, f = self.data.get(bf16), self.data.get(fp16)
+        if b is True or b == "auto":
+            self.set("compute_dtype", "bf16", bf16)
+        elif f is True:
+            self.set("compute_dtype", "fp16", fp16)
+        elif b is False and f is False and "compute_dtype" not in self.options:
+            # no autocast: the model computes in the dtype it is loaded in
+            dtype = self.options.get("weights_dtype", "fp32")
+            self.set("compute_dtype", dtype, f"{bf16}/{fp16}")
+
+    def unmodelled_keys(self, keys: dict[str, str]) -> None:
+        for key, why in keys.items():
+            value = self.data.get(key)
+            if value not in (None, False, "", [], {}):
+                self.unmodelled.append(f"{key}: {why}")
+
+    def result(self, fmt: Format, model: Any) -> TrainingConfig:
+        return TrainingConfig(path=self.path, format=fmt,
+                              model=None if model is None else str(model),
+                              options=self.options, used=self.used,
+                              unmodelled=tuple(self.unmodelled), notes=tuple(self.notes))
+
+
+def _packing_note(m: _Mapper, key: str, option_key: str) -> None:
+    if m.data.get(key) is True:
+        m.notes.append(f"{key}: sequences are packed to {option_key}; planned as full "
+                       "sequences of that length")
+    elif key in m.data and "seq_len" in m.options:
+        m.notes.append(f"{key} off: sequences are at most {option_key} tokens; the plan "
+                       "assumes every sequence reaches it (an upper bound)")
+
+
+def _axolotl(m: _Mapper) -> TrainingConfig:
+    d = m.data
+    adapter = d.get("adapter")
+    if d.get("load_in_4bit"):
+        m.set("quant", "nf4", "load_in_4bit")
+    elif d.get("load_in_8bit"):
+        m.set("quant", "int8", "load_in_8bit")
+    if adapter in ("lora", "qlora"):
+        method = "qlora" if adapter == "qlora" or "quant" in m.options else "lora"
+        m.set("method", method, "adapter")
+        if method == "qlora" and "quant" not in m.options:
+            m.set("quant", "nf4", "adapter")
+    elif adapter is None:
+        m.set("method", "full", "adapter")
+    else:
+        m.unmodelled.append(f"adapter: {adapter} (only lora and qlora are modelled)")
+    bnb = d.get("bnb_config_kwargs") or {}
+    if isinstance(bnb, dict):
+        if bnb.get("bnb_4bit_quant_type") in ("nf4", "fp4") and m.options.get("quant") != "int8":
+            m.set("quant", bnb["bnb_4bit_quant_type"], "bnb_config_kwargs.bnb_4bit_quant_type")
+        if isinstance(bnb.get("bnb_4bit_use_double_quant"), bool):
+            m.set("double_quant", bnb["bnb_4bit_use_double_quant"],
+                  "bnb_config_kwargs.bnb_4bit_use_double_quant")
+    m.int_("lora_r", "rank")
+    m.num("lora_alpha", "alpha")
+    m.num("lora_dropout", "lora_dropout")
+    m.bool_("peft_use_dora", "dora")
+    if d.get("lora_target_linear") is True:
+        m.set("targets", "all-linear", "lora_target_linear")
+    else:
+        m.targets("lora_target_modules", d.get("lora_target_modules"))
+    m.int_("micro_batch_size", "batch")
+    m.int_("sequence_len", "seq_len")
+    _packing_note(m, "sample_packing", "sequence_len")
+    gc = d.get("gradient_checkpointing")
+    if isinstance(gc, bool):
+        m.set("gradient_checkpointing", gc, "gradient_checkpointing")
+    elif gc is not None:
+        m.set("gradient_checkpointing", True, "gradient_checkpointing")
+        m.unmodelled.append(f"gradient_checkpointing: {gc} (offloading checkpoints to the "
+                            "CPU is not modelled; planned as plain checkpointing)")
+    m.optimizer("optimizer")
+    m.precision()
+    if d.get("flash_attention"):
+        m.set("attn", "flash_attention_2", "flash_attention")
+    elif d.get("sdp_attention"):
+        m.set("attn", "sdpa", "sdp_attention")
+    elif d.get("eager_attention"):
+        m.set("attn", "eager", "eager_attention")
+    m.unmodelled_keys({
+        "deepspeed": MULTI_GPU, "fsdp": MULTI_GPU, "fsdp_config": MULTI_GPU,
+        "xformers_attention": "xformers attention is not modelled",
+        "s2_attention": "shifted-sparse attention is not modelled",
+        "lora_modules_to_save": "fully trained modules (embeddings, lm_head) are not modelled",
+        "unfrozen_parameters": "partially unfrozen parameters are not modelled",
+        "cut_cross_entropy": "cut cross-entropy changes the logits memory; not modelled",
+        "liger_fused_linear_cross_entropy": "Liger's fused loss changes the logits memory",
+        "unsloth_lora_mlp": "unsloth kernels are not modelled",
+        "lora_mlp_kernel": "axolotl's LoRA kernels are not modelled",
+        "torch_compile": "torch.compile changes activation memory; not modelled",
+        "rl": "preference training (reference model, pairs) is not modelled",
+        "relora_steps": "ReLoRA is not modelled",
+        "gptq": "GPTQ weights are not modelled",
+    })
+    return m.result("axolotl", d.get("base_model"))
+
+
+def _trl(m: _Mapper) -> TrainingConfig:
+    d = m.data
+    init = d.get("model_init_kwargs") if isinstance(d.get("model_init_kwargs"), dict) else {}
+    dtype = d.get("torch_dtype") or d.get("dtype") or init.get("torch_dtype") or init.get("dtype")
+    if dtype in _DTYPES:
+        m.set("weights_dtype", _DTYPES[dtype], "torch_dtype")
+    if d.get("load_in_4bit"):
+        m.set("quant", d.get("bnb_4bit_quant_type") or "nf4", "load_in_4bit")
+        if isinstance(d.get("use_bnb_nested_quant"), bool):
+            m.set("double_quant", d["use_bnb_nested_quant"], "use_bnb_nested_quant")
+    elif d.get("load_in_8bit"):
+        m.set("quant", "int8", "load_in_8bit")
+    if d.get("use_peft"):
+        m.set("method", "qlora" if "quant" in m.options else "lora", "use_peft")
+    elif "use_peft" in d or "model_name_or_path" in d:
+        m.set("method", "full", "use_peft")
+    if m.options.get("method") == "qlora":
+        m.options.pop("weights_dtype", None)  # the quantized base: dtype is the compute's
+        m.used.pop("weights_dtype", None)
+    m.int_("lora_r", "rank")
+    m.num("lora_alpha", "alpha")
+    m.num("lora_dropout", "lora_dropout")
+    m.bool_("use_dora", "dora")
+    m.targets("lora_target_modules", d.get("lora_target_modules"))
+    # TrainingArguments' default per_device_train_batch_size is 8
+    if "per_device_train_batch_size" in d:
+        m.int_("per_device_train_batch_size", "batch")
+    else:
+        m.set("batch", 8, "per_device_train_batch_size (TrainingArguments default)")
+    key = "max_length" if "max_length" in d else "max_seq_length"
+    m.int_(key, "seq_len")
+    if key in d and d[key] is None:
+        m.unmodelled.append(f"{key}: null (no truncation: pass --seq-len with your longest "
+                            "sequence)")
+    _packing_note(m, "packing", key)
+    m.bool_("gradient_checkpointing", "gradient_checkpointing")
+    m.bool_("activation_checkpointing", "gradient_checkpointing")  # transformers 5.2x name
+    m.optimizer("optim")
+    attn = d.get("attn_implementation") or init.get("attn_implementation")
+    if attn in _ATTN:
+        m.set("attn", _ATTN[attn], "attn_implementation")
+    elif attn is not None:
+        m.unmodelled.append(f"attn_implementation: {attn} (not modelled)")
+    m.precision()
+    m.unmodelled_keys({
+        "deepspeed": MULTI_GPU, "fsdp": MULTI_GPU, "fsdp_config": MULTI_GPU,
+        "torch_compile": "torch.compile changes activation memory; not modelled",
+        "use_liger_kernel": "Liger kernels change the logits memory; not modelled",
+        "padding_free": "padding-free batches are not modelled (planned as padded)",
+        "activation_offloading": "activation offloading to the CPU is not modelled",
+        "lora_modules_to_save": "fully trained modules (embeddings, lm_head) are not modelled",
+        "modules_to_save": "fully trained modules (embeddings, lm_head) are not modelled",
+        "neftune_noise_alpha": "NEFTune noise is not modelled",
+    })
+    return m.result("trl", d.get("model_name_or_path"))
+
+
+def _llama_factory(m: _Mapper) -> TrainingConfig:
+    d = m.data
+    ft = d.get("finetuning_type", "lora")  # LLaMA-Factory's default
+    bits = d.get("quantization_bit")
+    if bits is not None and d.get("quantization_method", "bnb") != "bnb":
+        m.unmodelled.append(f"quantization_method: {d['quantization_method']} (only bnb is "
+                            "modelled)")
+    elif bits == 4:
+        m.set("quant", d.get("quantization_type", "nf4"), "quantization_bit")
+        if isinstance(d.get("double_quantization"), bool):
+            m.set("double_quant", d["double_quantization"], "double_quantization")
+    elif bits == 8:
+        m.set("quant", "int8", "quantization_bit")
+    elif bits is not None:
+        m.unmodelled.append(f"quantization_bit: {bits} (only 4 and 8 are modelled)")
+    if ft == "lora":
+        m.set("method", "qlora" if "quant" in m.options else "lora", "finetuning_type")
+    elif ft == "full":
+        m.set("method", "full", "finetuning_type")
+    else:
+        m.unmodelled.append(f"finetuning_type: {ft} (only lora and full are modelled)")
+    m.int_("lora_rank", "rank")
+    if "lora_alpha" in d:
+        m.num("lora_alpha", "alpha")
+    elif "rank" in m.options:
+        m.set("alpha", 2.0 * m.options["rank"], "lora_alpha (default: 2 x lora_rank)")
+    m.num("lora_dropout", "lora_dropout")
+    m.bool_("use_dora", "dora")
+    m.targets("lora_target", d.get("lora_target"))
+    m.int_("per_device_train_batch_size", "batch")
+    if "cutoff_len" in d:
+        m.int_("cutoff_len", "seq_len")
+    else:
+        m.set("seq_len", 2048, "cutoff_len (LLaMA-Factory default)")
+    _packing_note(m, "packing", "cutoff_len")
+    m.bool_("disable_gradient_checkpointing", "gradient_checkpointing", invert=True)
+    m.optimizer("optim")
+    fa = d.get("flash_attn")
+    fa_map = {"fa2": "flash_attention_2", "sdpa": "sdpa", "disabled": "eager"}
+    if fa in fa_map:
+        m.set("attn", fa_map[fa], "flash_attn")
+    if d.get("pure_bf16"):
+        m.set("weights_dtype", "bf16", "pure_bf16")
+    m.precision()
+    stage = d.get("stage", "sft")
+    if stage not in ("sft", "pt"):
+        m.unmodelled.append(f"stage: {stage} (reward / preference / PPO training is not "
+                            "modelled: reference and value models)")
+    m.unmodelled_keys({
+        "deepspeed": MULTI_GPU,
+        "fsdp": MULTI_GPU,
+        "use_unsloth": "unsloth kernels are not modelled",
+        "enable_liger_kernel": "Liger kernels change the logits memory; not modelled",
+        "use_galore": "GaLore optimizer states are not modelled",
+        "use_badam": "BAdam is not modelled",
+        "use_apollo": "APOLLO is not modelled",
+        "additional_target": "fully trained modules are not modelled",
+        "upcast_layernorm": "fp32 layernorms are not modelled",
+        "mixture_of_depths": "mixture of depths is not modelled",
+        "neat_packing": "packing without cross-attention is not modelled",
+    })
+    return m.result("llama-factory", d.get("model_name_or_path"))
+
+
+def detect_format(data: dict[str, Any]) -> Format | None:
+    """Which project wrote the file, by its keys."""
+    if "base_model" in data and any(
+        k in data for k in ("micro_batch_size", "sequence_len", "adapter", "datasets", "lora_r")
+    ):
+        return "axolotl"
+    if any(k in data for k in ("finetuning_type", "cutoff_len", "quantization_bit", "stage",
+                               "lora_target", "template")):
+        return "llama-factory"
+    if any(k in data for k in ("per_device_train_batch_size", "optim", "output_dir",
+                               "max_seq_length", "packing", "use_peft", "model_name_or_path")):
+        return "trl"
+    return None
+
+
+def read_training_config(path: Path) -> TrainingConfig:
+    """Parse one training config file; every problem is one PlanError line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise PlanError(f"--from-config {path}: cannot read: {err.strerror or err}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError):
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise PlanError(f"--from-config {path}: malformed {kind}") from None
+    if not isinstance(data, dict):
+        raise PlanError(f"--from-config {path}: expected a mapping of keys at the top level")
+    fmt = detect_format(data)
+    if fmt is None:
+        raise PlanError(
+            f"--from-config {path}: not an axolotl, TRL/TrainingArguments or LLaMA-Factory "
+            "config (none of base_model, per_device_train_batch_size, finetuning_type, "
+            "cutoff_len found)"
+        )
+    m = _Mapper(data, str(path))
+    return {"axolotl": _axolotl, "trl": _trl, "llama-factory": _llama_factory}[fmt](m)

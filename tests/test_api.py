@@ -1,0 +1,62 @@
+"""The Python API: `from vramcalc import plan, check`, the same numbers as the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from vramcalc import CheckResult, PlanEstimate, check, plan
+from vramcalc.cli import app
+from vramcalc.errors import PlanError, UnknownGpuError, UnknownModelError
+from vramcalc.result import Estimate
+
+
+def test_plan_matches_the_cli() -> None:
+    est = plan("llama-7b", rank=8, batch_size=4, seq_len=1024)
+    assert isinstance(est, PlanEstimate) and isinstance(est, Estimate)
+    assert est.plan.batch_size == 4 and est.plan.rank == 8
+    r = CliRunner().invoke(app, ["plan", "-m", "llama-7b", "-r", "8", "-b", "4", "-s", "1024",
+                                 "--json"])
+    out = json.loads(r.stdout)
+    assert est.required_device_bytes == out["required_device_bytes"]
+    assert dict(est.components.items()) == out["components"]
+    assert "required=" in repr(est) and "<table>" in est._repr_html_()
+
+
+def test_plan_options_are_validated() -> None:
+    with pytest.raises(PlanError, match="method qlora needs a quantized base"):
+        plan("llama-7b", method="qlora", quant="none")
+    with pytest.raises(PlanError, match="batch_size"):
+        plan("llama-7b", batch_size=0)
+    with pytest.raises(UnknownModelError):
+        plan("no-such-model")
+
+
+def test_check_matches_the_cli() -> None:
+    res = check("llama-7b", gpus=["rtx-4090", "t4"], batch_size=2)
+    assert isinstance(res, CheckResult)
+    assert len(res.verdicts) == 2
+    r = CliRunner().invoke(app, ["check", "-m", "llama-7b", "-b", "2", "--gpu", "rtx-4090",
+                                 "--json"])
+    cli = json.loads(r.stdout)["best_gpu"]
+    v = res.verdicts[0]
+    assert v.required_bytes == cli["required_device_bytes"]
+    assert v.fits == cli["fits_empty"]
+    assert res.verdicts[1].compute_dtype == "fp16"  # a T4 has no bf16, as the CLI plans it
+    assert "fits" in repr(res)
+    with pytest.raises(UnknownGpuError):
+        check("llama-7b", gpus=["no-such-gpu"])
+
+
+def test_api_import_loads_no_cli_or_heavy_library() -> None:
+    code = (
+        "import sys\nfrom vramcalc import plan, check\n"
+        "e = plan('llama-7b', batch_size=2)\nc = check('llama-7b', gpus=['a100-80gb'])\n"
+        "bad = {'rich', 'typer', 'torch', 'transformers', 'huggingface_hub'} & set(sys.modules)\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
