@@ -41,6 +41,7 @@ SOFTMAX_BYTES_PER_SCORE = 4 + 2  # fp32 softmax output + its bf16 copy (eager_at
 SOFTCAP_BYTES_PER_SCORE = 2
 LSE_BYTES_PER_HEAD = 4  # flash / mem-efficient kernels keep one fp32 log-sum-exp per head
 NORM_FP32_BYTES = 4  # RMSNorm / autocast LayerNorm keep an fp32 copy of their input
+RSQRT_BYTES = 4  # and one fp32 rsqrt (RMSNorm) or mean/rstd pair's share per token
 # Extra bytes per batch x S^2 that eager attention keeps alive at the end of the forward
 # under gradient checkpointing (the materialised causal mask and its copies), measured on
 # the H100 (calibration/raw/h100-run1.jsonl, llama-3.1-8b b2 s2048 eager): 12.8 B.
@@ -100,28 +101,34 @@ def _source_dtype(source: str, plan: TrainPlan) -> int:
 
 
 def _lora_saved(spec: ModelSpec, plan: TrainPlan) -> int:
+    """Per LoRA module: the dropout mask (bool, when dropout > 0), the compute-dtype input
+    lora_A's matmul keeps, and lora_A's output kept by lora_B. peft casts the (dropped)
+    input to the adapter's fp32 (`_cast_input_dtype`) and autocast casts it back, so every
+    module keeps its own copy, even when modules read the same tensor (counted on CPU:
+    tests/test_saved_activations.py)."""
     if not plan.is_lora:
         return 0
     c = compute_bytes(plan)
     inputs = _linear_inputs(spec)
+    mask = 1 if plan.lora_dropout > 0 else 0
     total = 0
-    shared: dict[str, int] = {}
     for lin in lora_targets(spec, plan):
-        width, source = inputs[lin.name]
-        if plan.lora_dropout > 0:
-            # mask + the dropout output (or its compute-dtype cast, kept by lora_A's matmul)
-            total += (1 + c) * width
-        elif _source_dtype(source, plan) != c:
-            total += c * width  # each lora_A casts the input separately (not a leaf)
-        else:
-            shared[source] = c * width  # the input itself, once per distinct tensor
-        total += c * plan.rank  # lora_A output, kept by lora_B
-    return total + sum(shared.values())
+        width, _ = inputs[lin.name]
+        total += (mask + c) * width + c * plan.rank
+    return total
+
+
+def _kept_elsewhere(source: str, plan: TrainPlan) -> bool:
+    """The attention output o_proj reads is a view of what sdpa already keeps (its output
+    comes back in (batch, seq, heads, dim) layout, so `transpose(1, 2).contiguous()` copies
+    nothing); eager attention's `probs @ v` output is copied."""
+    return source == "attn_out" and plan.attn != "eager"
 
 
 def _base_linear_saved(spec: ModelSpec, plan: TrainPlan) -> int:
     """What the base Linears keep: nothing (4-bit, frozen 16-bit); the input (int8, full)."""
-    inputs = _linear_inputs(spec)
+    inputs = {name: (w, src) for name, (w, src) in _linear_inputs(spec).items()
+              if not _kept_elsewhere(src, plan)}
     if plan.method == "full":
         c = compute_bytes(plan)
         total = 0
@@ -133,24 +140,47 @@ def _base_linear_saved(spec: ModelSpec, plan: TrainPlan) -> int:
                 shared[source] = c * width
         return total + sum(shared.values())
     if plan.quant == "int8":
-        distinct = {source: width for width, source in inputs.values()}
-        return sum(_source_dtype(s, plan) * w for s, w in distinct.items())
+        return int8_saved_bytes_per_token(spec, plan)
     return 0
+
+
+def int8_saved_bytes_per_token(spec: ModelSpec, plan: TrainPlan) -> int:
+    """What MatMul8bitLt keeps per layer (bitsandbytes autograd/_functions.py):
+    `ctx.tensors = (CAt, subA, A)`: the input A of each distinct tensor the base Linears
+    read, and subA = A[:, outlier_cols], the columns holding a value over the 6.0 threshold
+    (BitsAndBytesConfig llm_int8_threshold), in A's dtype. On the MLP's down_proj input
+    nearly every column passes it (measured: subA = the whole fp32 input on every H200
+    point, calibration/h200/run1-design.jsonl snap-int8-nockpt); q/k/v, o and gate/up
+    inputs have almost none. Stored as ctx attributes, not with save_for_backward, so
+    non-reentrant gradient checkpointing (saved-tensor hooks) never drops them: they stay
+    for every layer whether or not checkpointing is on.
+    """
+    if plan.quant != "int8":
+        return 0
+    inputs = {name: (w, src) for name, (w, src) in _linear_inputs(spec).items()
+              if not _kept_elsewhere(src, plan)}
+    distinct = {source: width for width, source in inputs.values()}
+    total = sum(_source_dtype(s, plan) * w for s, w in distinct.items())
+    if "mlp_act" in distinct:
+        total += mlp_bytes(plan) * distinct["mlp_act"]  # subA of the down_proj input
+    return total
 
 
 def _norms_saved(spec: ModelSpec, plan: TrainPlan) -> int:
     h = spec.hidden_size
-    per_norm = NORM_FP32_BYTES * h
+    per_norm = NORM_FP32_BYTES * h + RSQRT_BYTES
     if plan.method == "full" and spec.norm == "rmsnorm":
         # weight * normed keeps the normalized tensor for the weight's gradient; Gemma's
         # `output * (1.0 + self.weight.float())` keeps it in fp32.
         per_norm += (4 if spec.model_type.startswith("gemma") else residual_bytes(plan)) * h
     total = spec.norms_per_layer * per_norm
     if spec.qk_norm:
+        # q_norm / k_norm run on the q/k projections (compute dtype under autocast): the
+        # fp32 copy, one rsqrt per head, and (trained weight) the normalized tensor
         width = spec.q_size + spec.kv_size
-        total += NORM_FP32_BYTES * width
+        total += NORM_FP32_BYTES * width + RSQRT_BYTES * (spec.num_attention_heads + spec.kv_heads)
         if plan.method == "full":
-            total += residual_bytes(plan) * width
+            total += compute_bytes(plan) * width
     return total
 
 

@@ -16,6 +16,7 @@ from vramcalc.activations import (
     eager_mask_bytes,
     eager_score_count,
     eager_scores_bytes,
+    int8_saved_bytes_per_token,
     layer_saved_bytes_per_token,
     residual_bytes,
 )
@@ -39,10 +40,11 @@ from vramcalc.result import COMPONENTS, Components, Estimate
 from vramcalc.specs import ModelSpec
 from vramcalc.trainable import (
     check_lora_can_start,
+    lora_on_experts,
     trainable_param_bytes,
     trainable_param_count,
 )
-from vramcalc.weights import DTYPE_BYTES, rounded, weight_bytes
+from vramcalc.weights import DTYPE_BYTES, expert_bytes, rounded, weight_bytes
 
 __all__ = ["COMPONENTS", "CUDA_CONTEXT", "Components", "Estimate", "estimate"]
 
@@ -83,11 +85,15 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     if DTYPE_BYTES[plan.load_dtype] > compute and plan.method != "qlora":
         weight_copies = layers * sum(rounded(lin.weight_numel * compute)
                                      for lin in spec.block_linears())
+        if plan.method == "full":  # trained 3-D experts are leaves too: cast and cached
+            weight_copies += layers * expert_bytes(spec, compute)
     logits_unit = tokens * v
     # with checkpointing each layer keeps only its input (also a source of slack below)
     checkpoints = layers * tokens * act * h if plan.gradient_checkpointing else 0
     if plan.gradient_checkpointing:
-        layer_acts = checkpoints + eager_mask_bytes(plan)
+        # int8 layers keep their inputs outside the checkpoint's hooks (activations.py)
+        layer_acts = (checkpoints + eager_mask_bytes(plan)
+                      + layers * tokens * int8_saved_bytes_per_token(spec, plan))
         saved_copies = 0  # recomputed per layer in backward
     else:
         layer_acts = layers * (tokens * per_layer + scores)
@@ -107,6 +113,20 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     )
     layer_copies = weight_copies // layers if layers else 0
     recompute = tokens * per_layer + scores + layer_copies
+    # peft ParamWrapper folds the LoRA delta into a full copy of a layer's expert stack
+    # (tuners/lora/layer.py _LoraFactorsProxy.forward: torch.baddbmm(W, lhs, rhs)) in the
+    # experts' dtype; the copy lives until that layer's backward: every layer's without
+    # checkpointing, the recomputed layer's with it (H200 trace, snap-mixtral-qlora).
+    fold = 0
+    if lora_on_experts(spec, plan):
+        fold = expert_bytes(spec, 4 if plan.method == "qlora" else DTYPE_BYTES[plan.load_dtype])
+    fold_transient = fold if plan.gradient_checkpointing else 0
+    if not plan.gradient_checkpointing:
+        layer_acts += layers * fold
+    # Full fine-tuning with tied embeddings: the embedding's gradient is accumulated into
+    # the lm_head's (same parameter): a second vocab x hidden gradient lives meanwhile.
+    tied_grad = (rounded(v * h * DTYPE_BYTES[plan.load_dtype])
+                 if full and spec.tie_word_embeddings else 0)
 
     weights = {
         "base_weights": wb.base_weights,
@@ -136,9 +156,14 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         "backward_layers": {
             **steady,
             "gradients": grads,
-            "activations": layer_acts + (recompute if plan.gradient_checkpointing else 0),
+            # with every gradient allocated, the activations left are those of the last
+            # layers backward reaches: the checkpoints and one recomputed layer, or (without
+            # checkpointing) one layer's saved tensors when the gradients are large (full)
+            "activations": (layer_acts + recompute if plan.gradient_checkpointing
+                            else (tokens * per_layer + scores if full else layer_acts)),
+            "expert_weights": wb.expert_weights,
             "logits_loss": held_logits * logits_unit,
-            "transient": layer_grads,
+            "transient": layer_grads + fold_transient + tied_grad,
         },
         "optimizer": {**steady, "gradients": grads, "transient": opt.step_transient},
     }

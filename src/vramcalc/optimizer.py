@@ -57,7 +57,10 @@ def optimizer_bytes(spec: ModelSpec, plan: TrainPlan) -> OptimizerBytes:
     eight_bit = opt.endswith("8bit")
     device = paged = 0
     for t in tensors:
-        state = _adam8bit_state(t.numel) if eight_bit else 2 * rounded(4 * t.numel)
+        # HF Trainer.create_optimizer registers `optim_bits: 32` for every nn.Embedding
+        # weight with bitsandbytes 8-bit optimizers (GlobalOptimManager override).
+        eight = eight_bit and not t.embedding
+        state = _adam8bit_state(t.numel) if eight else 2 * rounded(4 * t.numel)
         if paged_flag and t.numel >= PAGED_MIN_NUMEL:
             paged += t.copies * state
         else:

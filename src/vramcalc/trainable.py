@@ -26,6 +26,7 @@ class TrainableTensor(NamedTuple):
     numel: int
     dtype_bytes: int
     copies: int
+    embedding: bool = False  # an nn.Embedding weight (8-bit optimizers keep it 32-bit)
 
     @property
     def allocated(self) -> int:
@@ -100,7 +101,8 @@ def lora_tensor_numels(spec: ModelSpec, plan: TrainPlan) -> list[int]:
 
 
 def _model_tensors(spec: ModelSpec) -> list[tuple[int, int]]:
-    """(numel, count) of every parameter tensor of the model (tied embeddings once)."""
+    """(numel, count) of every parameter tensor of the model (tied embeddings once); the
+    input embedding first."""
     h, layers = spec.hidden_size, spec.num_hidden_layers
     norm = [(h, 1)] * (2 if spec.norm == "layernorm" else 1)
     out: list[tuple[int, int]] = [(spec.vocab_size * h, 1), *norm]
@@ -130,7 +132,9 @@ def trainable_tensors(spec: ModelSpec, plan: TrainPlan) -> list[TrainableTensor]
     """Every tensor the optimizer updates, with its dtype."""
     if plan.method == "full":
         dtype = DTYPE_BYTES[plan.load_dtype]
-        return [TrainableTensor(n, dtype, c) for n, c in _model_tensors(spec)]
+        tensors = _model_tensors(spec)
+        return [TrainableTensor(n, dtype, c, embedding=(i == 0)) for i, (n, c) in
+                enumerate(tensors)]
     layers = spec.num_hidden_layers
     return [TrainableTensor(n, LORA_DTYPE_BYTES, layers) for n in lora_tensor_numels(spec, plan)]
 

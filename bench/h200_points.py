@@ -1,0 +1,57 @@
+"""Read the H200 matrix runs (calibration/h200/*.jsonl) back with their specs and plans.
+
+Each record names its point id; the spec (catalog name or inline config) and the depth cut
+come from the matrix file the run used (calibration/matrices/h200-*.json), so a record is
+replayed against the same model it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vramcalc.plan_settings import TrainPlan  # noqa: E402
+from vramcalc.specs import ModelSpec, depth_cut, resolve_model  # noqa: E402
+
+RUNS = {  # run file -> the matrix it measured
+    "run1-design.jsonl": "h200-design.json",
+    "run2-holdout.jsonl": "h200-holdout.json",
+    "run2-more.jsonl": "h200-more.json",
+}
+
+
+def _matrix_points(name: str) -> dict[str, dict[str, Any]]:
+    path = ROOT / "calibration" / "matrices" / name
+    return {p["id"]: p for p in json.loads(path.read_text())["points"]}
+
+
+def spec_of(point: dict[str, Any]) -> ModelSpec:
+    raw = point["spec"]
+    spec = ModelSpec.model_validate(raw) if isinstance(raw, dict) else resolve_model(str(raw))
+    layers = point.get("layers")
+    return depth_cut(spec, int(layers)) if layers else spec
+
+
+def records(run: str | None = None) -> Iterator[tuple[dict[str, Any], ModelSpec, TrainPlan]]:
+    """(record, spec, plan) of every training record of the H200 runs."""
+    for fname, matrix in RUNS.items():
+        if run is not None and fname != run:
+            continue
+        path = ROOT / "calibration" / "h200" / fname
+        if not path.exists():
+            continue
+        points = _matrix_points(matrix)
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            point = points.get(rec["id"])
+            if point is None or point.get("worker") or "plan" not in point:
+                continue
+            yield rec, spec_of(point), TrainPlan.model_validate(point["plan"])
