@@ -23,6 +23,7 @@ RUNS = {  # run file -> the matrix it measured
     "run1-design.jsonl": "h200-design.json",
     "run2-holdout.jsonl": "h200-holdout.json",
     "run2-more.jsonl": "h200-more.json",
+    "run3-infer.jsonl": "h200-infer2.json",
 }
 
 
