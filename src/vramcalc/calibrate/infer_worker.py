@@ -307,7 +307,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         sys.stderr.write("usage: python -m vramcalc.calibrate.infer_worker JOB_JSON\n")
         return 2
-    job = json.loads(argv[0])
+    from vramcalc.calibrate.worker import read_job
+
+    job = read_job(argv[0])  # the JSON itself, or @FILE / a path as the matrix driver passes
     result = measure(job)
     sys.stdout.write("\n" + json.dumps(result) + "\n")
     sys.stdout.flush()
