@@ -24,8 +24,8 @@ from vramcalc.errors import PlanError
 from vramcalc.estimate import estimate
 from vramcalc.gpu_catalog import GpuModel
 from vramcalc.plan_settings import Optimizer, TrainPlan
-from vramcalc.result import Estimate
 from vramcalc.planning import EstimateFn
+from vramcalc.result import Estimate
 from vramcalc.search import largest_fitting
 from vramcalc.specs import ModelSpec
 from vramcalc.verdict import Verdict, budget, verdict
