@@ -304,3 +304,19 @@ def test_help_at_80_columns(cmd: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert r.exit_code == 0 and "…" not in r.stdout
     assert all(len(line) <= 80 for line in r.stdout.splitlines())
     assert "adamw_torch_fused" in r.stdout and "Examples:" in r.stdout
+
+
+def test_api_check_agrees_with_cli_check() -> None:
+    """The Python API decides by check's rule: usable memory, certainty and spread."""
+    from vramcalc import check
+
+    for gpu, seq in (("rtx-4090", 1024), ("rtx-4090", 6144), ("t4", 4096)):
+        res = check("llama-3.1-8b", gpus=[gpu], seq_len=seq)
+        (v,) = res.verdicts
+        r = runner.invoke(app, ["check", "-m", "llama-3.1-8b", "--gpu", gpu, "--seq-len",
+                                str(seq), "--json"])
+        cli = json.loads(r.stdout)["gpus"][0]
+        assert v.memory_bytes == cli["free_bytes"] == resolve_gpu(gpu).usable_bytes
+        assert (v.fits, v.certainty, v.spread_bytes, v.required_bytes) == (
+            cli["fits_free"], cli["certainty"], cli["spread_bytes"],
+            cli["required_device_bytes"])
