@@ -73,3 +73,11 @@ def test_help_summaries_match_the_commands() -> None:
     for name, entry in COMMANDS.items():
         command = load_command(name)
         assert (command.help or "").strip().splitlines()[0] == entry.summary, name
+
+
+def test_compare_and_fit_import_nothing_heavy() -> None:
+    for args in (("compare", "--model", "llama-7b"), ("compare", "-m", "qwen2.5-0.5b", "--json"),
+                 ("fit", "--gpu", "t4"), ("fit", "--gpu", "rtx-4090", "--json")):
+        loaded = _run_cli(*args)
+        assert not loaded & set(HEAVY), (args, loaded & set(HEAVY))
+        assert not loaded & set(CALIBRATE), (args, loaded & set(CALIBRATE))

@@ -158,3 +158,61 @@ def test_help_at_80_columns_cuts_no_option(cmd: str, monkeypatch: pytest.MonkeyP
                      "--double-quant", "--gpu-memory"):
             assert name in r.stdout
         assert "required free memory + --margin" in " ".join(r.stdout.split())
+
+
+# ---- certainty: fits / tight / does_not_fit (issue 11) -------------------------------------
+
+
+def test_certainty_band() -> None:
+    from vramcalc.verdict import SPREAD_ABS_BYTES, SPREAD_REL, spread_bytes
+
+    # small plans: the absolute 1 GiB; large ones: 3 % of the required bytes
+    assert spread_bytes(10 * GIB) == SPREAD_ABS_BYTES == GIB
+    assert spread_bytes(100 * GIB) == int(SPREAD_REL * 100 * GIB) == int(3.0 * GIB)
+    need = 20 * GIB
+    assert verdict(need + 2 * GIB, need, MARGIN).certainty == "fits"
+    assert verdict(need + GIB, need, MARGIN).certainty == "fits"  # headroom == spread
+    tight = verdict(need + GIB - 1, need, MARGIN)
+    assert tight.certainty == "tight" and tight.fits and tight.word == "fits, tight"
+    assert verdict(need + MARGIN, need, MARGIN).certainty == "tight"
+    short = verdict(need + MARGIN - 1, need, MARGIN)
+    assert short.certainty == "does_not_fit" and not short.fits
+    # a margin wider than the spread leaves no tight verdict
+    assert verdict(need + 2 * GIB, need, 2 * GIB).certainty == "fits"
+    assert verdict(80 * GIB + 2 * GIB, 80 * GIB, MARGIN).certainty == "tight"  # 2 < 2.4
+    d = tight.model_dump()
+    assert d["certainty"] == "tight" and d["spread_bytes"] == GIB
+
+
+def _seq_len_with_headroom(lo_gib: float, hi_gib: float) -> int:
+    """A seq-len whose llama-3.1-8b plan leaves lo..hi GiB of an empty rtx-4090."""
+    spec, usable = get_spec("llama-3.1-8b"), resolve_gpu("rtx-4090").usable_bytes
+    for seq in range(4096, 8192, 64):
+        head = usable - estimate(spec, TrainPlan(seq_len=seq)).required_device_bytes
+        if lo_gib * GIB <= head < hi_gib * GIB:
+            return seq
+    raise AssertionError("no such seq-len")
+
+
+def test_plan_and_check_say_tight_and_exit_0() -> None:
+    from vramcalc.cli import app
+
+    seq = _seq_len_with_headroom(0.6, 0.9)
+    args = ["-m", "llama-3.1-8b", "--gpu", "rtx-4090", "--seq-len", str(seq)]
+    for cmd in ("plan", "check"):
+        r = runner.invoke(app, [cmd, *args], terminal_width=80)
+        assert r.exit_code == 0, r.output
+        assert "fits, tight" in r.stdout and "measured spread (1.00 GiB)" in r.stdout
+        assert all(len(line) <= 80 for line in r.stdout.splitlines())
+        j = runner.invoke(app, [cmd, *args, "--json"])
+        assert j.exit_code == 0
+        data = json.loads(j.stdout)
+        assert data["fits"] is True and data["certainty"] == "tight"
+        assert data["spread_bytes"] == GIB
+    comfy = str(_seq_len_with_headroom(1.5, 4.0))
+    data = json.loads(runner.invoke(app, ["plan", *args[:4], "--seq-len", comfy,
+                                          "--json"]).stdout)
+    assert data["certainty"] == "fits"
+    over = runner.invoke(app, ["check", *args[:4], "--seq-len", "16384", "--json"])
+    assert over.exit_code == 3
+    assert json.loads(over.stdout)["gpus"][0]["certainty"] == "does_not_fit"

@@ -32,6 +32,7 @@ from vramcalc.plan_settings import (
 )
 from vramcalc.result import Estimate
 from vramcalc.specs import ModelSpec
+from vramcalc.verdict import CERTAINTY_WORDS, Certainty, verdict
 
 GiB = 2**30
 DEFAULT_MARGIN_GIB = 0.5  # as `vramcalc check --margin`
@@ -72,15 +73,18 @@ class PlanEstimate(Estimate):
 
 
 class GpuVerdict(BaseModel):
-    """Whether the plan fits one empty GPU of the catalog (memory - margin)."""
+    """Whether the plan fits one empty GPU of the catalog, by `check`'s rule: required +
+    margin <= its usable memory (total less the driver's reservation)."""
 
     model_config = ConfigDict(frozen=True)
 
     gpu: str
-    memory_bytes: int
+    memory_bytes: int  # usable: GpuModel.usable_bytes, as `check --gpu`
     required_bytes: int
     margin_bytes: int
     fits: bool
+    certainty: Certainty  # fits, tight (within the measured spread) or does_not_fit
+    spread_bytes: int
     headroom_bytes: int  # memory - required (the margin not subtracted)
     compute_dtype: str  # fp16 on a GPU without bf16
 
@@ -100,7 +104,7 @@ class CheckResult(BaseModel):
 
     def __repr__(self) -> str:
         each = ", ".join(
-            f"{v.gpu}: {'fits' if v.fits else 'does NOT fit'} ({v.headroom_bytes / GiB:+.2f} GiB)"
+            f"{v.gpu}: {CERTAINTY_WORDS[v.certainty]} ({v.headroom_bytes / GiB:+.2f} GiB)"
             for v in self.verdicts
         )
         need = _gib(self.estimate.required_device_bytes)
@@ -213,10 +217,11 @@ def check(
             est = plan(spec, calibration=calibration, gpu=g.name,
                        **{**options, "compute_dtype": p.compute_dtype})
         first = first or est
-        need = est.required_device_bytes
+        v = verdict(g.usable_bytes, est.required_device_bytes, margin)
         verdicts.append(GpuVerdict(
-            gpu=g.name, memory_bytes=g.memory_bytes, required_bytes=need, margin_bytes=margin,
-            fits=need + margin <= g.memory_bytes, headroom_bytes=g.memory_bytes - need,
+            gpu=g.name, memory_bytes=v.memory_bytes, required_bytes=v.required_bytes,
+            margin_bytes=margin, fits=v.fits, certainty=v.certainty,
+            spread_bytes=v.spread_bytes, headroom_bytes=v.headroom_bytes,
             compute_dtype=est.plan.compute_dtype,
         ))
     assert first is not None

@@ -37,6 +37,12 @@ COMMANDS: dict[str, LazyCommand] = {
     "sweep": LazyCommand(
         "vramcalc.commands.sweep", "sweep",
         "Peak memory against sequence length, batch size or LoRA rank, with GPU lines."),
+    "compare": LazyCommand(
+        "vramcalc.commands.compare", "compare",
+        "Compare full fine-tuning, LoRA, QLoRA and 8-bit LoRA of one model."),
+    "fit": LazyCommand(
+        "vramcalc.commands.fit", "fit",
+        "Every catalog model and method that fits one GPU, with its largest batch."),
     "gpus": LazyCommand(
         "vramcalc.commands.gpus", "gpus",
         "List the GPUs that --gpu NAME accepts, with the memory NVML reports."),

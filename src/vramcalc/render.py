@@ -158,3 +158,130 @@ def print_task_breakdown(est: Estimate, title: str, console: Console,
     console.print(f"peak phase: {est.peak_phase}")
     for note in est.notes:
         console.print(f"[dim]note: {note}[/dim]", highlight=False)
+
+
+# ---- compare (one model, every method) and fit (every model, one GPU) -----------------------
+
+_CERTAINTY_CELL = {"fits": "yes", "tight": "[yellow]tight[/yellow]", "does_not_fit": "no"}
+
+
+def _count(n: int) -> str:
+    """Parameters as 8.03B / 41.9M."""
+    return f"{n / 1e9:.2f}B" if n >= 10**9 else f"{n / 1e6:.1f}M"
+
+
+def comparison_to_dict(model: str, rows: list[Any], margin_bytes: int) -> dict[str, Any]:
+    """`compare --json`: one entry per method (comparison.MethodRow)."""
+    out = []
+    for r in rows:
+        e, s = r.estimate, r.smallest_gpu
+        out.append({
+            "method": r.method,
+            "label": r.label,
+            "plan": r.plan.model_dump(mode="json"),
+            "error": r.error,
+            "trainable_params": None if e is None else e.trainable_params,
+            "peak_allocated_bytes": None if e is None else e.peak_allocated_bytes,
+            "peak_device_bytes": None if e is None else e.peak_device_bytes,
+            "required_device_bytes": None if e is None else e.required_device_bytes,
+            "smallest_gpu": None if s is None else {
+                "name": s.gpu, "compute_dtype": s.compute_dtype,
+                "memory_bytes": s.verdict.memory_bytes,
+                "certainty": s.verdict.certainty, "spread_bytes": s.verdict.spread_bytes,
+                "headroom_bytes": s.verdict.headroom_bytes,
+            },
+        })
+    return {"model": model, "margin_bytes": margin_bytes, "methods": out}
+
+
+def print_comparison(model: str, params: int, rows: list[Any], margin_bytes: int,
+                     console: Console) -> None:
+    """The methods side by side; rows that cannot start say why under the table."""
+    first = rows[0].plan
+    table = Table(
+        title=f"{model} ({_count(params)} params), batch {first.batch_size} x "
+        f"{first.seq_len} tokens, r={first.rank}; GiB. Peak: peak allocated; Needs: "
+        f"required free memory; smallest catalog GPU it fits (+ {gib(margin_bytes)} margin)",
+        title_justify="left")
+    for col in ("Method", "Trainable", "Peak", "Needs", "Smallest GPU"):
+        table.add_column(col, justify="left" if col in ("Method", "Smallest GPU") else "right",
+                         no_wrap=col != "Smallest GPU", min_width=len(col))
+    errors: dict[str, list[str]] = {}  # the same reason is said once
+    for r in rows:
+        e = r.estimate
+        if e is None:
+            table.add_row(r.label, "-", "-", "-", "[red]cannot start[/red]")
+            errors.setdefault(str(r.error), []).append(r.label)
+            continue
+        s = r.smallest_gpu
+        if s is None:
+            where = "[red]none in the catalog[/red]"
+        else:
+            where = s.gpu + (" [yellow](tight)[/yellow]" if s.verdict.certainty == "tight"
+                             else "")
+        table.add_row(r.label, _count(e.trainable_params), gib(e.peak_allocated_bytes),
+                      gib(e.required_device_bytes), where)
+    console.print(table)
+    by_optimizer: dict[str, list[str]] = {}
+    for r in rows:
+        by_optimizer.setdefault(r.plan.optimizer, []).append(r.method)
+    used = "; ".join(f"{o} for {', '.join(m)}" for o, m in by_optimizer.items())
+    console.print(f"optimizer: {used}", highlight=False)
+    for reason, labels in errors.items():
+        reason = reason.removeprefix("this run cannot start: ")
+        console.print(f"[red]{', '.join(labels)} cannot start:[/red] {reason}",
+                      highlight=False)
+
+
+def fit_to_dict(gpu: str, memory_bytes: int, rows: list[Any], margin_bytes: int,
+                plan: TrainPlan) -> dict[str, Any]:
+    """`fit --json`: every model x method (comparison.FitRow), fitting or not."""
+    return {
+        "gpu": gpu, "gpu_memory_bytes": memory_bytes, "margin_bytes": margin_bytes,
+        "batch_size": plan.batch_size, "seq_len": plan.seq_len,
+        "rows": [{
+            "model": r.model, "params": r.params, "method": r.method, "label": r.label,
+            "fits": r.fits,
+            "certainty": None if r.verdict is None else r.verdict.certainty,
+            "spread_bytes": None if r.verdict is None else r.verdict.spread_bytes,
+            "required_device_bytes": r.required_device_bytes,
+            "max_batch": r.max_batch, "max_seq_len": r.max_seq_len,
+            "max_position_embeddings": r.max_position_embeddings, "error": r.error,
+        } for r in rows],
+    }
+
+
+def print_fit(gpu: str, memory_bytes: int, rows: list[Any], margin_bytes: int,
+              plan: TrainPlan, console: Console) -> None:
+    """The rows that fit at batch 1; a count of the rest; * past max_position_embeddings."""
+    table = Table(
+        title=f"Fits {gpu} ({gib(memory_bytes)} GiB, margin {gib(margin_bytes)}) at batch 1 x "
+        f"{plan.seq_len} tokens. Needs: required free memory at batch 1, GiB; max batch "
+        f"at {plan.seq_len} tokens; max seq-len at batch {plan.batch_size}",
+        title_justify="left")
+    for col in ("Model", "Params", "Method", "Needs", "Fits", "Max batch", "Max seq"):
+        table.add_column(col, justify="left" if col in ("Model", "Method") else "right",
+                         no_wrap=True, min_width=len(col))
+    past = False
+    for r in rows:
+        if not r.fits:
+            continue
+        seq = str(r.max_seq_len) if r.max_seq_len else "-"
+        limit = r.max_position_embeddings
+        if r.max_seq_len and limit is not None and r.max_seq_len > limit:
+            seq += "*"
+            past = True
+        table.add_row(r.model, _count(r.params), r.method, gib(r.required_device_bytes),
+                      _CERTAINTY_CELL[r.verdict.certainty], str(r.max_batch), seq)
+    console.print(table)
+    if past:
+        console.print("* longer than the model's max_position_embeddings")
+    short = sum(1 for r in rows if not r.fits and r.error is None)
+    console.print(f"{short} model x method pairs do not fit at batch 1", highlight=False)
+    cannot: dict[str, list[str]] = {}
+    for r in rows:
+        if r.error is not None:
+            cannot.setdefault(r.model, []).append(r.method)
+    for model, methods in cannot.items():
+        console.print(f"cannot start: {model} {', '.join(methods)} (--json says why)",
+                      highlight=False)

@@ -107,6 +107,9 @@ class GpuVerdict(NamedTuple):
             "required_device_bytes": self.estimate.required_device_bytes,
             "fits_free": self.fits_free,
             "fits_empty": self.fits_empty,
+            "certainty": self.now.certainty,
+            "certainty_empty": self.empty.certainty,
+            "spread_bytes": self.now.spread_bytes,
             "headroom_bytes": self.headroom_bytes,
         }
 
@@ -206,6 +209,11 @@ def _verdicts(
     return out
 
 
+def _fits_cell(v: Verdict) -> str:
+    return {"fits": "[green]yes[/green]", "tight": "[yellow]tight[/yellow]"}.get(
+        v.certainty, "[red]no[/red]")
+
+
 def _verdict_table(verdicts: list[GpuVerdict], margin: int, detected: bool) -> Any:
     from rich.table import Table
 
@@ -221,11 +229,11 @@ def _verdict_table(verdicts: list[GpuVerdict], margin: int, detected: bool) -> A
     for v in verdicts:
         t = v.target
         row = [t.label or "-", t.name, _gib(t.free_bytes), _gib(v.estimate.required_device_bytes),
-               "[green]yes[/green]" if v.fits_free else "[red]no[/red]",
+               _fits_cell(v.now),
                f"{v.headroom_bytes / GiB:+.2f}"]
         if detected:
             row.insert(3, _gib(t.empty_bytes))
-            row.insert(6, "[green]yes[/green]" if v.fits_empty else "[red]no[/red]")
+            row.insert(6, _fits_cell(v.empty))
         table.add_row(*row)
     return table
 
@@ -247,9 +255,14 @@ def _render(
     console.print(_verdict_table(verdicts, margin, detected))
     memory = "free memory" if detected else "memory"
     if best.fits_free:
-        console.print(f"[green]fits[/green] on {best.target.where}: "
+        tight = best.now.certainty == "tight"
+        word = "[yellow]fits, tight[/yellow]" if tight else "[green]fits[/green]"
+        console.print(f"{word} on {best.target.where}: "
                       f"{best.headroom_bytes / GiB:+.2f} GiB headroom in {memory} "
                       f"(margin {_gib(margin)} GiB)", highlight=False)
+        if tight:
+            console.print(f"tight: the headroom is within the estimate's measured spread "
+                          f"({_gib(best.now.spread_bytes)} GiB)", highlight=False)
         return
     console.print(f"[red]does NOT fit[/red] on {best.target.where}: needs "
                   f"{_gib(best.estimate.required_device_bytes)} GiB required free memory + "
@@ -325,7 +338,8 @@ def check(
     one) its total less the driver's reservation. --gpu repeats (one verdict
     each); --max batch|seq-len answers the largest that fits, per GPU. The
     plan is shown for the GPU with the most memory; the exit code is its
-    verdict: 0 fits, 3 does not fit, 4 no GPU.
+    verdict: 0 fits (also "fits, tight": headroom within the estimate's
+    measured spread, max(1 GiB, 3 %)), 3 does not fit, 4 no GPU.
 
     \b
     Examples:
@@ -416,6 +430,8 @@ def check(
 
         print_json({
             "fits": best.fits_free,
+            "certainty": best.now.certainty,
+            "spread_bytes": best.now.spread_bytes,
             "margin_bytes": margin_b,
             "best_gpu": best.to_dict(),
             "gpus": [v.to_dict() for v in verdicts],

@@ -92,7 +92,9 @@ def plan(
     With --gpu NAME or --gpu-memory GIB it also says whether the step fits an
     empty card, by the rule `check` uses: required free memory + --margin
     (default 0.5 GiB) <= memory, where a catalog GPU offers its total less
-    the driver's reservation. Exit 0 fits (or no card given), 3 does not fit.
+    the driver's reservation. "fits, tight" when the headroom is within the
+    estimate's measured spread (max(1 GiB, 3 %)); it still counts as fitting.
+    Exit 0 fits or fits tight (or no card given), 3 does not fit.
 
     \b
     Examples:
@@ -153,6 +155,8 @@ def plan(
             out["gpu_memory_bytes"] = target.free_bytes
             out["margin_bytes"] = margin_b
             out["fits"] = v.fits
+            out["certainty"] = v.certainty
+            out["spread_bytes"] = v.spread_bytes
             out["headroom_bytes"] = v.headroom_bytes
         print_json(out)
     else:
@@ -163,13 +167,20 @@ def plan(
         console = Console()
         print_breakdown(est, train, console)
         if v is not None and target is not None:
-            word = "[green]fits[/green]" if v.fits else "[red]does NOT fit[/red]"
+            color = {"fits": "green", "tight": "yellow"}.get(v.certainty, "red")
+            word = f"[{color}]{v.word}[/{color}]"
             console.print(
                 f"{word} {target.name}: needs {est.required_device_bytes / GiB:.2f} GiB "
                 f"+ {margin_b / GiB:.2f} GiB margin, the card offers "
                 f"{target.free_bytes / GiB:.2f} GiB (headroom {v.headroom_bytes / GiB:+.2f} GiB)",
                 highlight=False,
             )
+            if v.certainty == "tight":
+                console.print(
+                    f"tight: the headroom is within the estimate's measured spread "
+                    f"({v.spread_bytes / GiB:.2f} GiB)",
+                    highlight=False,
+                )
     if v is not None and not v.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 

@@ -1,0 +1,131 @@
+"""`vramcalc compare`: one model under every fine-tuning method, side by side.
+
+Parse -> vramcalc.comparison.compare (pure) -> vramcalc.render. The method, its
+quantization and weights dtype are set per row; every other plan option applies to all
+rows, and --optimizer, when given, replaces each method's usual optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
+from vramcalc.commands.options import (
+    JsonOpt,
+    MarginOpt,
+    ModelOpt,
+    NoCalibrationOpt,
+    build_plan,
+    margin_bytes,
+    validate_targets,
+    warn_long_sequence,
+    with_plan_options,
+)
+from vramcalc.errors import PlanError
+from vramcalc.verdict import DEFAULT_MARGIN_GIB
+
+if TYPE_CHECKING:
+    from vramcalc.gpu_catalog import GpuModel
+    from vramcalc.plan_settings import Optimizer
+    from vramcalc.planning import EstimateFn
+
+
+def per_method_options(plan_options: dict[str, Any], command: str) -> None:
+    """compare / fit set --method, --quant and --weights-dtype per row: refuse them."""
+    from vramcalc.comparison import PER_METHOD_OPTIONS
+
+    given = [f"--{n.replace('_', '-')}" for n in PER_METHOD_OPTIONS
+             if plan_options.get(n) is not None]
+    if given:
+        raise PlanError(f"{', '.join(given)}: {command} sets these per method (full, lora, "
+                        f"qlora, int8); drop them, or use 'vramcalc plan' for one method")
+
+
+def user_optimizer(ctx: typer.Context, plan_options: dict[str, Any]) -> Optimizer | None:
+    """The --optimizer the user gave, or None (each method then uses its usual one)."""
+    source = ctx.get_parameter_source("optimizer")
+    if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+        return None
+    return plan_options["optimizer"]  # type: ignore[no-any-return]
+
+
+class GpuEstimators:
+    """One estimate function per catalog GPU (its family's corrections, as `check --gpu`);
+    `applied` holds the notes of the corrections actually used."""
+
+    def __init__(self, use_calibration: bool) -> None:
+        self.use = use_calibration
+        self.fns: dict[str, EstimateFn] = {}
+        self.applied: dict[str, str] = {}
+
+    def __call__(self, gpu: GpuModel) -> EstimateFn:
+        from vramcalc.planning import estimator
+
+        if gpu.name not in self.fns:
+            fn, selection = estimator(gpu.name, use_calibration=self.use)
+            self.fns[gpu.name] = fn
+            if selection is not None and selection.key is not None:
+                self.applied[selection.key] = selection.note
+        return self.fns[gpu.name]
+
+
+@reports_errors
+@with_plan_options
+def compare(
+    ctx: typer.Context,
+    model: ModelOpt,
+    plan_options: dict[str, Any],
+    margin: MarginOpt = DEFAULT_MARGIN_GIB,
+    no_calibration: NoCalibrationOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Compare full fine-tuning, LoRA, QLoRA and 8-bit LoRA of one model.
+
+    One row per method: full fine-tuning in the compute dtype (bf16) and
+    with fp32 master weights, LoRA on a 16-bit base, QLoRA (nf4) and 8-bit
+    LoRA (int8). Each shows the peak allocated memory, the required free
+    memory and the smallest catalog GPU it fits, by the rule of plan and
+    check (required free memory + --margin <= the card's memory less the
+    driver's reservation; "tight" within the estimate's measured spread).
+    --method, --quant and --weights-dtype are set per row; every other
+    option applies to all rows. The optimizer is each method's usual one,
+    adamw_torch_fused for full and paged_adamw_8bit for the LoRA methods,
+    unless --optimizer is given. A method that cannot start says why.
+
+    \b
+    Examples:
+      vramcalc compare --model llama-3.1-8b
+      vramcalc compare -m qwen2.5-7b --batch 4 --seq-len 2048 --json
+      vramcalc compare -m mistral-7b --optimizer adamw_8bit --rank 64
+    """
+    from vramcalc.comparison import compare as compare_methods
+    from vramcalc.gpu_catalog import catalog
+
+    per_method_options(plan_options, "compare")
+    margin_b = margin_bytes(margin)
+    spec = resolve_model_arg(model)
+    for note in spec.notes:
+        warn(f"note: {note}")
+    base = build_plan(**plan_options)
+    validate_targets(spec, base)
+    long_seq = warn_long_sequence(spec, base)
+    if long_seq:
+        warn(long_seq)
+    estimators = GpuEstimators(use_calibration=not no_calibration)
+    rows = compare_methods(spec, base, margin_b, catalog(),
+                           optimizer=user_optimizer(ctx, plan_options),
+                           estimate_for=estimators)
+    for note in estimators.applied.values():
+        warn(note)
+    if json_output:
+        from vramcalc.render import comparison_to_dict
+
+        print_json(comparison_to_dict(spec.name, rows, margin_b))
+        return
+    from rich.console import Console
+
+    from vramcalc.render import print_comparison
+
+    print_comparison(spec.name, spec.num_params(), rows, margin_b, Console())
