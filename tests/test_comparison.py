@@ -137,7 +137,10 @@ def test_compare_rows_use_each_method_and_the_fit_rule() -> None:
         est = by[name].estimate
         assert est is not None and est == estimate(spec, p)
     need = {n: r.estimate.required_device_bytes for n, r in by.items() if r.estimate}
-    assert need["full-fp32"] > need["full"] > need["lora"] > need["int8"] > need["qlora"]
+    assert need["full-fp32"] > need["full"] > need["lora"] > need["qlora"]
+    # int8 keeps every layer's fp32 inputs outside checkpointing (activations.py,
+    # measured on the H200): above QLoRA, and not necessarily below 16-bit LoRA
+    assert need["int8"] > need["qlora"]
     # the smallest GPU: fits by the rule there, and no GPU with less usable memory does
     for r in rows:
         small = r.smallest_gpu
