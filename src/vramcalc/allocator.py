@@ -31,6 +31,11 @@ SLACK_BASE = 280 * MiB
 SLACK_LOGITS_FRACTION = 0.57  # of the fp32 tokens x vocab tensor
 SLACK_CHECKPOINT_FRACTION = 0.52  # of all checkpointed layer inputs
 SLACK_EAGER_FRACTION = 0.16  # of one layer's eager attention probabilities
+# Full fine-tuning: gradients and optimizer-step temporaries are freed and reallocated in
+# sizes the next step's activations cannot reuse. 0.25 x the trainable bytes: least squares
+# on the 16 full-fine-tuning points of the H200 design run (calibration/h200/run1-design.jsonl,
+# bench/accuracy_h200.py), with the other coefficients held; not measured on the H100.
+SLACK_TRAINABLE_FRACTION = 0.25
 # Under memory pressure the caching allocator frees its cached blocks and retries before
 # it raises out-of-memory (CUDACachingAllocator release_cached_blocks), so the slack above
 # is not all needed: only the free space inside partly used segments is. Set from the
@@ -44,12 +49,14 @@ REQUIRED_SLACK_BASE = 1 * GiB
 REQUIRED_SLACK_LOGITS_FRACTION = 0.166
 
 
-def allocator_slack(logits_fp32_bytes: int, checkpoint_bytes: int, eager_scores: int) -> int:
+def allocator_slack(logits_fp32_bytes: int, checkpoint_bytes: int, eager_scores: int,
+                    trained_full_bytes: int = 0) -> int:
     """Reserved - allocated at the peak when memory is plentiful."""
     return SLACK_BASE + int(
         SLACK_LOGITS_FRACTION * logits_fp32_bytes
         + SLACK_CHECKPOINT_FRACTION * checkpoint_bytes
         + SLACK_EAGER_FRACTION * eager_scores
+        + SLACK_TRAINABLE_FRACTION * trained_full_bytes
     )
 
 

@@ -178,7 +178,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     peak_phase = "backward" if worst == "backward_layers" else worst
     peak_allocated = totals[worst]
 
-    slack = allocator_slack(4 * logits_unit, checkpoints, scores)
+    slack = allocator_slack(4 * logits_unit, checkpoints, scores, trained if full else 0)
     peak_reserved = peak_allocated + slack
     paged = paged_resident(opt.paged)
     peak_device = peak_reserved + CUDA_CONTEXT + paged
