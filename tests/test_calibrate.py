@@ -293,8 +293,9 @@ def test_fit_cli_writes_corrections(tmp_path: Path) -> None:
 
 
 def test_shipped_corrections_are_in_the_package() -> None:
-    (entry,) = corr.shipped_entries()
-    assert entry.gpu_family == "H100" and entry.validation is not None
+    entries = {e.gpu_family: e for e in corr.shipped_entries()}
+    assert set(entries) == {"H100", "H200"}
+    assert all(e.validation is not None and e.helps is not None for e in entries.values())
 
 
 # ---- calibrate run -----------------------------------------------------------------------------
