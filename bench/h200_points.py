@@ -24,6 +24,7 @@ RUNS = {  # run file -> the matrix it measured
     "run2-holdout.jsonl": "h200-holdout.json",
     "run2-more.jsonl": "h200-more.json",
     "run3-infer.jsonl": "h200-infer2.json",
+    "run4-holdout2.jsonl": "h200-holdout2.json",
 }
 
 

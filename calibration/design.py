@@ -240,8 +240,13 @@ def main(which: str) -> None:
         points += boundary_points()
     elif which == "holdout":
         points = random_points(HOLDOUT_ARCHS, 36, seed=20, prefix="h")
+    elif which == "holdout2":
+        # After the model was corrected on run 1 (and run 2 was seen): fresh draws over
+        # every architecture, predictions committed before run 4.
+        archs = {**DESIGN_ARCHS, **HOLDOUT_ARCHS}
+        points = random_points(archs, 40, seed=30, prefix="v")
     else:
-        raise SystemExit("usage: design.py design|holdout")
+        raise SystemExit("usage: design.py design|holdout|holdout2")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 
