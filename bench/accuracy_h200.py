@@ -111,6 +111,13 @@ def main(argv: list[str]) -> None:
            collect("run2-holdout.jsonl", pre), show)
     report("holdout, current estimator (not a holdout any more: seen since)",
            collect("run2-holdout.jsonl"), show)
+    pre2_path = ROOT / "calibration" / "matrices" / "h200-holdout2-predictions.json"
+    pre2 = {p["id"]: p for p in json.loads(pre2_path.read_text())["points"]}
+    rows = [r for r in collect("run4-holdout2.jsonl", pre2) if not r["id"].startswith("snap")]
+    report("holdout 2 (run 4, fresh draws over all 22 architectures after the corrections), "
+           "PRE-REGISTERED predictions", rows, show)
+    rows = [r for r in collect("run4-holdout2.jsonl") if not r["id"].startswith("snap")]
+    report("holdout 2, current estimator (seen since)", rows, show)
 
 
 if __name__ == "__main__":
