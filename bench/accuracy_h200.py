@@ -50,7 +50,8 @@ def summary(errors: list[float]) -> str:
         return "n=0"
     a = sorted(abs(e) for e in errors)
     p90 = a[min(len(a) - 1, int(round(0.9 * (len(a) - 1))))]
-    return f"n={len(a):3d} median {statistics.median(a):5.2f}%  p90 {p90:5.2f}%  worst {a[-1]:6.2f}%"
+    med = statistics.median(a)
+    return f"n={len(a):3d} median {med:5.2f}%  p90 {p90:5.2f}%  worst {a[-1]:6.2f}%"
 
 
 def collect(run: str, preregistered: dict[str, dict[str, Any]] | None = None

@@ -193,11 +193,22 @@ def _attention_saved(spec: ModelSpec, plan: TrainPlan) -> int:
     )
 
 
+# Python-formula activations that call torch.pow (NewGELUActivation, FastGELUActivation
+# uses `input * input`: not pow): pow is on autocast's fp32 list, so under autocast its
+# result and everything computed from it is fp32, whatever the input dtype.
+FP32_UNDER_AUTOCAST = {"gelu_new"}
+
+
 def _mlp_saved(spec: ModelSpec, plan: TrainPlan) -> int:
     per_act = ACTIVATION_SAVED_TENSORS.get(spec.hidden_act, 1)
     gated = spec.is_moe or spec.mlp_layout in ("gated", "fused_gated")
+    inter = _intermediate(spec)
+    if spec.hidden_act in FP32_UNDER_AUTOCAST:
+        # the activation's own intermediates in fp32 (the first keeps the input: its dtype)
+        act = mlp_bytes(plan) * inter + 4 * (per_act - 1) * inter
+        return act + (2 * mlp_bytes(plan) * inter if gated else 0)
     tensors = per_act + 2 if gated else per_act
-    return tensors * mlp_bytes(plan) * _intermediate(spec)
+    return tensors * mlp_bytes(plan) * inter
 
 
 def layer_saved_bytes_per_token(spec: ModelSpec, plan: TrainPlan) -> int:

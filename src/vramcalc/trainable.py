@@ -60,10 +60,21 @@ def _expert_target_names(spec: ModelSpec) -> list[str]:
     return ["experts"] if spec.is_moe else []
 
 
+# MoE model types whose v4 expert projections peft 0.21 maps onto the fused v5 expert
+# tensors (`_convert_peft_config_moe` in peft utils/transformers_weight_conversion.py, via
+# transformers' `_MODEL_TO_CONVERSION_PATTERN`: mixtral -> mixtral, qwen3_moe ->
+# qwen2_moe). qwen2_moe itself has no entry there, so all-linear leaves its experts alone
+# (H200 trace snap-qwen2moe-nockpt: no expert adapters, no fold copy).
+EXPERT_LORA_MODEL_TYPES = frozenset({"mixtral", "qwen3_moe"})
+
+
 def lora_on_experts(spec: ModelSpec, plan: TrainPlan) -> bool:
     """Whether LoRA wraps the 3-D expert tensors (peft ParamWrapper): with all-linear or
-    'experts' among the targets, on a transformers-5 MoE whose experts stay unquantized."""
+    'experts' among the targets, on a transformers-5 MoE whose experts stay unquantized
+    and whose model type peft converts (EXPERT_LORA_MODEL_TYPES)."""
     if not (plan.is_lora and spec.is_moe and plan.moe_experts == "unquantized"):
+        return False
+    if spec.model_type not in EXPERT_LORA_MODEL_TYPES:
         return False
     return plan.targets == "all-linear" or "experts" in plan.target_list()
 
