@@ -14,7 +14,9 @@ result (`result.Estimate`, task "infer" or "merge"):
 Mechanisms and sources (transformers 5.x, peft 0.21, bitsandbytes 0.50, torch 2.13), with
 what is modelled and what is not: docs/memory-model.md, "Inference and merging".
 Terms that come from reading the sources, not from a measurement, are marked as such in the
-docs; the H200 matrix calibration/matrices/h200-infer.json is what will check them.
+docs. The H200 run 3 (calibration/h200/run3-infer.jsonl, replayed by bench/accuracy_infer.py)
+measured the peak allocated of 30 points; the prefill's live sets below were corrected on
+those points (no fitted coefficient).
 """
 
 from __future__ import annotations
