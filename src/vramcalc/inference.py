@@ -14,7 +14,9 @@ result (`result.Estimate`, task "infer" or "merge"):
 Mechanisms and sources (transformers 5.x, peft 0.21, bitsandbytes 0.50, torch 2.13), with
 what is modelled and what is not: docs/memory-model.md, "Inference and merging".
 Terms that come from reading the sources, not from a measurement, are marked as such in the
-docs; the H200 matrix calibration/matrices/h200-infer.json is what will check them.
+docs. The H200 run 3 (calibration/h200/run3-infer.jsonl, replayed by bench/accuracy_infer.py)
+measured the peak allocated of 30 points; the prefill's live sets below were corrected on
+those points (no fitted coefficient).
 """
 
 from __future__ import annotations
@@ -312,68 +314,133 @@ def adapter_param_count(spec: ModelSpec, lora: TrainPlan) -> int:
 # ---- the prefill's live tensors ------------------------------------------------------------
 
 
-def _linear_transient(tokens: int, lin: LinearShape, plan: InferPlan, wrapped: bool) -> int:
-    """Extra bytes alive inside one Linear call, beyond its input and its output.
+def linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, wrapped: bool) -> int:
+    """Peak bytes alive inside one Linear call, its output included, its input not.
 
-    bitsandbytes MatMul4Bit (more than one token): dequantizes the weight to the compute
-    dtype (out x in); a single token (decode, batch 1) takes the gemv path without it.
-    peft bnb Linear4bit.forward clones the base result; every LoRA forward casts x to the
-    adapter dtype when it differs, then A(x) (r wide) and B(A(x)) * scaling (out wide,
-    twice: the product and the scaled copy).
+    bitsandbytes `matmul_4bit` (more than one token): `MatMul4Bit` dequantizes the weight
+    to the compute dtype (out x in) for `F.linear`; a single token (decode, batch 1) takes
+    the gemv path without it. int8: the int8 copy of x and the int32 product.
+    Unmerged LoRA (peft 0.21 tuners/lora/bnb.py `Linear4bit.forward`):
+    `result = self.base_layer(x).clone()` (the base output is freed once cloned), then
+    `x = self._cast_input_dtype(x, lora_A.weight.dtype)` (alive until the call returns),
+    `output = lora_B(lora_A(x)) * scaling`: the B product and its scaled copy in the
+    adapter dtype, then `.to(result.dtype)` and `result + output`. The 16-bit path
+    (tuners/lora/layer.py `Linear.forward`, `result = result + lora_B(lora_A(x)) * scaling`)
+    keeps the same number of bytes: the base output, the scaled product and the sum,
+    promoted to the adapter dtype. Peak: out x c + x in the adapter dtype (when it differs)
+    + r + 2 x out x max(adapter, compute) bytes; the output itself is the `out x c`.
     """
     c = _dtype_bytes(plan.compute_dtype)
-    dequant = 0
+    out_c = rounded(tokens * lin.out_features * c)
+    base = out_c
     if plan.quant in ("nf4", "fp4") and tokens > 1:
-        dequant = rounded(lin.weight_numel * c)
+        base += rounded(lin.weight_numel * c)
     elif plan.quant == "int8":
-        dequant = rounded(tokens * lin.in_features) + rounded(tokens * lin.out_features * 4)
+        base += rounded(tokens * lin.in_features) + rounded(tokens * lin.out_features * 4)
     if not wrapped or plan.merged:
-        return dequant
+        return base
     a = _dtype_bytes(plan.adapter_dtype)
-    lora = (rounded(tokens * lin.in_features * a) if a != c else 0) + rounded(
-        tokens * plan.rank * a) + 2 * rounded(tokens * lin.out_features * max(a, c))
-    clone = rounded(tokens * lin.out_features * c) if plan.quant != "none" else 0
-    return max(dequant, clone + lora)
+    clone = 2 * out_c if plan.quant != "none" else 0  # result.clone(): both alive at once
+    lora = (out_c + (rounded(tokens * lin.in_features * a) if a != c else 0)
+            + rounded(tokens * plan.rank * a)
+            + 2 * rounded(tokens * lin.out_features * max(a, c)))
+    return max(base, clone, lora)
 
 
-def layer_live_bytes(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int) -> int:
-    """Peak bytes alive inside one decoder layer's forward under no_grad, for `tokens`
-    query tokens attending to `kv_len` keys (prefill: tokens = batch x prompt).
+def _attention_peak(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int,
+                    peak: dict[str, int]) -> int:
+    """Peak bytes of the attention half beyond its input (the normed hidden states).
 
-    Attention half: the norm's output, q, k, v, their rotary copies, the attention
-    output (sdpa: plus a fp32 logsumexp per query and head; eager: the fp32 scores, their
-    softmax and the compute-dtype probabilities), and the widest Linear's transient.
-    MLP half: gated act(gate) * up keeps three intermediate-wide tensors alive (act, up,
-    product), plain two; plus down_proj's transient. Norm: a fp32 upcast of its input.
+    transformers 5 LlamaAttention.forward: q, k, v projections (Phi-3: one fused qkv
+    output whose storage the q/k/v views keep alive until the return), then
+    apply_rotary_pos_emb: `q * cos + rotate_half(q) * sin` holds three q-sized temporaries
+    next to q, k, v; then k likewise next to the rotated q. The cache update copies k and v
+    into the cache (counted with the cache). sdpa (GQA without repeat_kv: no mask in the
+    prefill of an unpadded batch) writes the output and a fp32 logsumexp per query and head;
+    `.transpose(1, 2).contiguous()` copies it; o_proj runs with the rotated q and the
+    attention output alive. eager (modeling_llama / gemma2 eager_attention_forward):
+    repeat_kv expands k and v to every head, the bf16 scores, softmax(dtype=float32)
+    converts them to fp32 first (aten softmax: only fp16 inputs take the half-to-float
+    kernel) and writes a fp32 result, then `.to(dtype)`: c + 4 + 4 bytes per score.
     """
     c = _dtype_bytes(plan.compute_dtype)
-    h, q, kv = spec.hidden_size, spec.q_size, spec.kv_size
-    inter = spec.moe_intermediate_size or spec.intermediate_size
-    targets = {lin.name for lin in lora_targets(spec, plan.lora_plan())} if not plan.merged \
-        else set()
-    linears = spec.block_linears()
-    attn_lin = [lin for lin in linears if lin.role in ("q", "k", "v", "qkv", "o")]
-    mlp_lin = [lin for lin in linears if lin.role not in ("q", "k", "v", "qkv", "o")]
-
-    def worst(lins: list[LinearShape]) -> int:
-        return max((_linear_transient(tokens, lin, plan, lin.name in targets) for lin in lins),
-                   default=0)
-
+    q_c = rounded(tokens * spec.q_size * c)
+    kv_c = rounded(tokens * spec.kv_size * c)
     batch = plan.batch_size
     queries = tokens // batch
     if attention_impl(spec, plan.attn) == "eager":
         scores = batch * spec.num_attention_heads * queries * kv_len
-        attn_work = scores * (4 + 4 + c)
+        full_kv = 2 * rounded(batch * spec.num_attention_heads * kv_len * spec.head_size * c)
+        attn_work = full_kv + scores * (4 + 4 + c)
     else:
-        attn_work = rounded(batch * spec.num_attention_heads * queries * 4)
-    norm_tmp = 2 * rounded(tokens * h * 4)
-    attn_live = (rounded(tokens * h * c) + 2 * rounded(tokens * (q + 2 * kv) * c)
-                 + rounded(tokens * q * c) + attn_work)
-    attn = max(attn_live + worst(attn_lin), norm_tmp + rounded(tokens * h * c))
-    widths = 3 if spec.mlp_layout == "gated" else 2
-    mlp = rounded(tokens * h * c) + widths * rounded(tokens * inter * c) + worst(mlp_lin)
-    residual = 2 * rounded(tokens * h * c)  # the residual stream and the block's output
-    return residual + max(attn, mlp)
+        attn_work = rounded(batch * spec.num_attention_heads * queries * 4) + q_c
+    if spec.attention_layout == "separate":
+        held = 0
+        steps = [peak["q"], q_c + peak["k"], q_c + kv_c + peak["v"]]
+    else:
+        held = rounded(tokens * (spec.q_size + 2 * spec.kv_size) * c)
+        steps = [peak["qkv"]]
+    steps += [held + q_c + 2 * kv_c + 3 * q_c,  # rotating q
+              held + 2 * q_c + 2 * kv_c + 3 * kv_c,  # rotating k next to the rotated q
+              held + q_c + attn_work,  # attention (k, v live in the cache by now)
+              held + q_c + q_c + peak["o"]]
+    return max(steps)
+
+
+def _mlp_peak(spec: ModelSpec, tokens: int, c: int, peak: dict[str, int]) -> int:
+    """Peak bytes of the MLP beyond its input (the normed hidden states).
+
+    transformers 5 LlamaMLP: `down_proj(act_fn(gate_proj(x)) * up_proj(x))`: gate's output
+    is freed once activated, so up_proj runs next to one intermediate-wide tensor, the
+    product next to two, down_proj next to the product. Phi3MLP: `gate_up_proj(x).chunk(2)`
+    then `up * act(gate)`; the `gate` view keeps the fused output alive through down_proj.
+    Plain MLP: fc1, act, fc2. MoE blocks (not measured): three intermediate-wide tensors
+    next to the widest Linear, as before.
+    """
+    inter = spec.moe_intermediate_size or spec.intermediate_size
+    i_c = rounded(tokens * inter * c)
+    if spec.is_moe:
+        return 3 * i_c + max(peak.values(), default=0)
+    if spec.mlp_layout == "gated":
+        return max(peak["gate"], 2 * i_c, i_c + peak["up"], 3 * i_c, i_c + peak["down"])
+    if spec.mlp_layout == "fused_gated":
+        return max(peak["gate_up"], 4 * i_c, 3 * i_c + peak["down"])
+    return max(peak["fc1"], 2 * i_c, i_c + peak["fc2"])
+
+
+def layer_live_bytes(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int) -> int:
+    """Peak bytes alive inside one decoder layer's forward under no_grad, for `tokens`
+    query tokens attending to `kv_len` keys (prefill: tokens = batch x prompt), beyond the
+    model's embeddings output and the position embeddings (counted by the caller).
+
+    Around the attention: the layer's input (held by the model's loop variable and
+    `residual`) and the normed input. Around the MLP: the layer's input (the caller's
+    reference), the residual sum and the normed sum. Norm: a fp32 upcast of its input and
+    the normalized fp32 product. The halves: `_attention_peak`, `_mlp_peak`, each Linear
+    with `linear_peak`. eager attention adds its masks (whole layer) and the returned
+    probabilities (through the MLP).
+    """
+    c = _dtype_bytes(plan.compute_dtype)
+    h_c = rounded(tokens * spec.hidden_size * c)
+    targets = {lin.name for lin in lora_targets(spec, plan.lora_plan())} if not plan.merged \
+        else set()
+    peak = {lin.role: linear_peak(tokens, lin, plan, lin.name in targets)
+            for lin in spec.block_linears()}
+    norm_tmp = 2 * rounded(tokens * spec.hidden_size * 4)
+    attn = h_c + max(h_c + _attention_peak(spec, plan, tokens, kv_len, peak), norm_tmp)
+    mlp_peak = {k: v for k, v in peak.items() if k not in ("q", "k", "v", "qkv", "o")}
+    mlp = 2 * h_c + max(h_c + _mlp_peak(spec, tokens, c, mlp_peak), norm_tmp)
+    masks = probs = 0
+    if attention_impl(spec, plan.attn) == "eager":
+        # masking_utils eager_mask: one (batch, 1, queries, keys) mask in the compute dtype
+        # per layer type (full, sliding), built before the first layer, alive throughout.
+        queries = tokens // plan.batch_size
+        kinds = {w is None for w in layer_windows(spec)}
+        masks = len(kinds) * rounded(plan.batch_size * queries * kv_len * c)
+        # eager_attention_forward returns the probabilities; the decoder layer binds them
+        # (`hidden_states, _ = self.self_attn(...)`), so they live until the layer returns.
+        probs = rounded(plan.batch_size * spec.num_attention_heads * queries * kv_len * c)
+    return masks + max(attn, probs + mlp)
 
 
 # ---- the estimate -------------------------------------------------------------------------

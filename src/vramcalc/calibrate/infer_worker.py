@@ -65,7 +65,9 @@ class ProcessPoller:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak_process = max(self.peak_process, self._nvml.process_used())
+            # process_used() is None while NVML does not list this process (not yet, or
+            # never inside some containers): that reading carries no peak.
+            self.peak_process = max(self.peak_process, self._nvml.process_used() or 0)
             self.peak_device = max(self.peak_device, self._nvml.used())
             time.sleep(self._period)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from vramcalc.commands.common import print_json, warn
 from vramcalc.errors import PlanError
@@ -104,7 +104,10 @@ def _one_of(flag: str, value: str, valid: tuple[str, ...]) -> str:
     return value
 
 
-def _validated(cls: Any, **fields: Any) -> Any:
+_PlanT = TypeVar("_PlanT", bound=BaseModel)
+
+
+def _validated(cls: type[_PlanT], **fields: Any) -> _PlanT:
     try:
         return cls(**fields)
     except ValidationError as err:
@@ -293,8 +296,10 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
     --gpu-memory), fits = required + margin <= free memory."""
     from vramcalc.commands import check as check_cmd
 
-    gpu, gpu_memory, margin = kw.get("gpu"), kw.get("gpu_memory"), kw["margin"]
-    if gpu is not None and gpu_memory is not None:
+    gpu: list[str] = kw.get("gpu") or []  # no --gpu: detected GPUs or --gpu-memory
+    gpu_memory: float | None = kw.get("gpu_memory")
+    margin = kw["margin"]
+    if gpu and gpu_memory is not None:
         raise PlanError("give either --gpu NAME or --gpu-memory GIB, not both")
     if margin < 0:
         raise PlanError(f"--margin must be zero or more GiB, got {margin}")
@@ -302,10 +307,11 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
     est = _estimate(spec, plan)
     targets = check_cmd._targets(gpu, gpu_memory)
     need = est.required_device_bytes + margin_bytes
-    rows = [{"name": t.name, "label": t.label, "total_bytes": t.total_bytes,
-             "free_bytes": t.free_bytes, "required_device_bytes": est.required_device_bytes,
-             "fits_free": need <= t.free_bytes, "fits_empty": need <= t.total_bytes,
-             "headroom_bytes": t.free_bytes - est.required_device_bytes} for t in targets]
+    rows: list[dict[str, Any]] = [
+        {"name": t.name, "label": t.label, "total_bytes": t.total_bytes,
+         "free_bytes": t.free_bytes, "required_device_bytes": est.required_device_bytes,
+         "fits_free": need <= t.free_bytes, "fits_empty": need <= t.total_bytes,
+         "headroom_bytes": t.free_bytes - est.required_device_bytes} for t in targets]
     best = max(rows, key=lambda r: r["free_bytes"])
     if kw["json_output"]:
         from vramcalc.render import task_estimate_to_dict

@@ -1,0 +1,159 @@
+"""Inference and merge estimates vs the H200 run 3 measurements (calibration/h200/run3-infer.jsonl).
+
+    python bench/accuracy_infer.py
+
+Joins each record to its point of calibration/matrices/h200-infer2.json by id and prints,
+per point, the measured peak (torch allocated, reserved, NVML process peak = device), the
+pre-registered prediction (committed in the matrix before measuring) and the current
+estimate (`estimate_inference` / `estimate_merge` now), with relative errors. Then the
+median and worst |error| of both, and the out-of-memory verdicts: a point is called
+out-of-memory when its required_device_bytes exceeds what an empty H200 offers
+(cudaMemGetInfo free, calibration/h200/run1-gpu.txt).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from vramcalc.inference import (  # noqa: E402
+    InferPlan,
+    MergePlan,
+    estimate_inference,
+    estimate_merge,
+)
+from vramcalc.result import Estimate  # noqa: E402
+from vramcalc.specs import depth_cut, get_spec  # noqa: E402
+
+GiB = 2**30
+ROOT = Path(__file__).resolve().parents[1] / "calibration"
+RECORDS = ROOT / "h200" / "run3-infer.jsonl"
+MATRIX = ROOT / "matrices" / "h200-infer2.json"
+H200_USABLE = 149557477376  # run1-gpu.txt: mem_get_info free of an empty H200
+
+
+def current_estimate(point: dict[str, Any]) -> Estimate:
+    spec = get_spec(point["spec"].split("@")[0])
+    if point.get("layers"):
+        spec = depth_cut(spec, int(point["layers"]))
+    job = point["job"]
+    if job["task"] == "merge":
+        return estimate_merge(spec, MergePlan.model_validate(job["plan"]))
+    return estimate_inference(spec, InferPlan.model_validate(job["plan"]))
+
+
+def describe(point: dict[str, Any]) -> str:
+    plan = point["job"]["plan"]
+    adapter = plan.get("adapter_dtype", "fp32")
+    if point["job"]["task"] == "merge":
+        return f"merge {plan.get('base_quant', 'none')} on {plan.get('on', 'gpu')}"
+    return (f"b{plan['batch_size']} p{plan['prompt_len']} n{plan['new_tokens']} "
+            f"{plan['quant']}{' merged' if plan.get('merged') else ''}"
+            f"{' ' + plan['cache'] if plan.get('cache', 'dynamic') != 'dynamic' else ''}"
+            f"{' ad-' + adapter if adapter != 'fp32' else ''}")
+
+
+def err(est: int | None, meas: int | None) -> float | None:
+    if est is None or not meas:
+        return None
+    return est / meas - 1
+
+
+def summary(name: str, vals: list[float]) -> str:
+    if not vals:
+        return f"{name}: no points"
+    a = sorted(abs(x) for x in vals)
+    n = len(a)
+    med = a[n // 2] if n % 2 else (a[n // 2 - 1] + a[n // 2]) / 2
+    return f"{name}: n={n} median |err| {100 * med:.2f}%  worst {100 * a[-1]:.2f}%"
+
+
+def pct(x: float | None) -> str:
+    return "     -" if x is None else f"{100 * x:6.1f}"
+
+
+def main(argv: list[str]) -> int:
+    points = {p["id"]: p for p in json.loads(MATRIX.read_text())["points"]}
+    records = [json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()]
+    keys = ("alloc", "reserved", "device")
+    errs: dict[str, dict[str, list[float]]] = {
+        who: {k: [] for k in keys} for who in ("pre", "now")}
+    by_task: dict[str, dict[str, list[float]]] = {}
+    verdicts = []
+    print(f"{'id':28} {'model':16} {'plan':30} {'meas GiB':>8} {'pre GiB':>8} {'now GiB':>8} "
+          f"{'pre%':>6} {'now%':>6} {'res pre%':>8} {'res now%':>8} {'dev pre%':>8} "
+          f"{'dev now%':>8} phase")
+    for rec in sorted(records, key=lambda r: r["id"]):
+        point = points[rec["id"]]
+        pre = point["prediction"]
+        now = current_estimate(point)
+        model = point["spec"] + (f"@{point['layers']}L" if point.get("layers")
+                                 and "@" not in point["spec"] else "")
+        if rec["status"] != "ok":
+            verdicts.append((rec["id"], rec["status"], pre["required_device_bytes"],
+                             now.required_device_bytes))
+            print(f"{rec['id'][:28]:28} {model[:16]:16} {describe(point)[:30]:30} "
+                  f"{rec['status']:>8} {pre['peak_allocated_bytes'] / GiB:8.2f} "
+                  f"{now.peak_allocated_bytes / GiB:8.2f}")
+            continue
+        meas = rec["measurement"]
+        m = {"alloc": meas.get("peak_allocated_bytes"),
+             "reserved": meas.get("peak_reserved_bytes"),
+             "device": meas.get("nvml_process_peak") or None}
+        e_pre = {"alloc": err(pre["peak_allocated_bytes"], m["alloc"]),
+                 "reserved": err(pre["peak_reserved_bytes"], m["reserved"]),
+                 "device": err(pre["peak_device_bytes"], m["device"])}
+        e_now = {"alloc": err(now.peak_allocated_bytes, m["alloc"]),
+                 "reserved": err(now.peak_reserved_bytes, m["reserved"]),
+                 "device": err(now.peak_device_bytes, m["device"])}
+        for k in keys:
+            if e_pre[k] is not None:
+                errs["pre"][k].append(e_pre[k])  # type: ignore[arg-type]
+            if e_now[k] is not None:
+                errs["now"][k].append(e_now[k])  # type: ignore[arg-type]
+        task = point["job"]["task"]
+        slot = by_task.setdefault(task, {"pre": [], "now": []})
+        slot["pre"].append(e_pre["alloc"])  # type: ignore[arg-type]
+        slot["now"].append(e_now["alloc"])  # type: ignore[arg-type]
+        verdicts.append((rec["id"], "ok", pre["required_device_bytes"],
+                         now.required_device_bytes))
+        print(f"{rec['id'][:28]:28} {model[:16]:16} {describe(point)[:30]:30} "
+              f"{m['alloc'] / GiB:8.2f} {pre['peak_allocated_bytes'] / GiB:8.2f} "
+              f"{now.peak_allocated_bytes / GiB:8.2f} {pct(e_pre['alloc'])} "
+              f"{pct(e_now['alloc'])} {pct(e_pre['reserved']):>8} {pct(e_now['reserved']):>8} "
+              f"{pct(e_pre['device']):>8} {pct(e_now['device']):>8} {now.peak_phase}")
+    print()
+    for who, label in (("pre", "pre-registered"), ("now", "current model")):
+        for k in keys:
+            print(summary(f"{label:14} peak {k:9}", errs[who][k]))
+        for task, slot in sorted(by_task.items()):
+            print(summary(f"{label:14} peak alloc ({task})", slot[who]))
+        print()
+    print(f"out-of-memory verdicts (required_device_bytes vs {H200_USABLE / GiB:.2f} GiB usable "
+          f"on an empty H200):")
+    for who, idx in (("pre-registered", 2), ("current model", 3)):
+        right = wrong = 0
+        for v in verdicts:
+            if v[1] == "timeout":
+                continue
+            predicted_oom = v[idx] > H200_USABLE
+            if predicted_oom == (v[1] == "oom"):
+                right += 1
+            else:
+                wrong += 1
+        print(f"  {who:14}: {right} of {right + wrong} right")
+    for v in verdicts:
+        if v[1] != "ok":
+            print(f"  {v[0]}: {v[1]}; required pre-registered {v[2] / GiB:.1f} GiB, "
+                  f"now {v[3] / GiB:.1f} GiB"
+                  + ("" if v[1] == "timeout" else
+                     f" -> {'right' if v[3] > H200_USABLE else 'WRONG'}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
