@@ -1,0 +1,74 @@
+"""Draw a fresh inference holdout (for the next GPU session) and pre-register it.
+
+    python calibration/design_infer.py > calibration/matrices/h200-infer-holdout.json
+
+24 generate() points and 3 merges drawn at random (seed 40) over 7 architectures (MHA and
+GQA, 32k-256k vocabularies), batch 1-64, prompt 128-32k, new tokens 1-2048, nf4 and bf16
+bases, each with the estimate of `vramcalc.inference` at commit time in "prediction".
+Nothing here was measured when it was committed: the inference model was corrected on
+run 3 (bench/accuracy_infer.py), and this matrix is the holdout that has to confirm it.
+Run it as h200-infer2.json was run (calibration/DEVICE.md).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from vramcalc.inference import InferPlan, MergePlan, estimate_inference, estimate_merge  # noqa: E402
+from vramcalc.specs import depth_cut, get_spec  # noqa: E402
+
+ARCHS = ["llama-3.1-8b", "llama-2-7b", "qwen2.5-7b", "gemma-2-2b", "phi-3-mini", "mistral-7b",
+         "qwen3-8b"]
+GiB = 2**30
+
+
+def main() -> None:
+    rng = random.Random(40)
+    points = []
+    while len(points) < 24:
+        name = ARCHS[len(points) % len(ARCHS)]
+        spec = depth_cut(get_spec(name), 4)
+        plan = {"batch_size": rng.choice([1, 2, 4, 8, 16, 32, 64]),
+                "prompt_len": rng.choice([128, 512, 1024, 2048, 4096, 8192, 16384, 32768]),
+                "new_tokens": rng.choice([1, 16, 64, 256, 1024, 2048]),
+                "quant": rng.choice(["nf4", "nf4", "none"]), "rank": rng.choice([8, 16, 64])}
+        if plan["batch_size"] * plan["new_tokens"] > 16384:
+            continue
+        if name == "gemma-2-2b":
+            plan["attn"] = "eager"
+            plan["prompt_len"] = min(plan["prompt_len"], 4096)
+        est = estimate_inference(spec, InferPlan.model_validate(plan))
+        if est.peak_device_bytes > 60 * GiB:
+            continue
+        points.append(_point(f"ih{len(points):02d}-{name}", name, "infer", plan, est))
+    for i, (name, plan) in enumerate([
+        ("mistral-7b", {"rank": 32, "dtype": "bf16", "on": "gpu", "base_quant": "none"}),
+        ("qwen3-8b", {"rank": 16, "dtype": "bf16", "on": "gpu", "base_quant": "none"}),
+        ("llama-2-7b", {"rank": 64, "dtype": "fp16", "on": "gpu", "base_quant": "none"}),
+    ]):
+        spec = depth_cut(get_spec(name), 4)
+        est = estimate_merge(spec, MergePlan.model_validate(plan))
+        points.append(_point(f"im{i}-{name}", name, "merge", plan, est))
+    json.dump({"note": "pre-registered inference holdout: predictions made before any "
+               "measurement of these points", "points": points}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+def _point(pid: str, name: str, task: str, plan: dict, est: object) -> dict:
+    spec = get_spec(name)
+    return {"id": pid, "worker": "vramcalc.calibrate.infer_worker", "spec": name, "layers": 4,
+            "job": {"task": task, "spec": spec.model_dump(mode="json"), "layers": 4,
+                    "plan": plan, "device": "cuda"},
+            "reserve_gib": round(min(120, max(4, est.peak_device_bytes / GiB * 1.3 + 2)), 1),
+            "prediction": {k: getattr(est, k) for k in (
+                "peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes",
+                "required_device_bytes", "peak_phase")}}
+
+
+if __name__ == "__main__":
+    main()
