@@ -41,6 +41,14 @@ smoke 0 vramcalc plan --model llama-7b --rank 16 --batch 4
 smoke 0 vramcalc plan -m llama-3.1-8b --json
 smoke "0 3" vramcalc check --model llama-3.1-8b --gpu rtx-4090
 smoke 0 vramcalc calibrate report
+smoke 0 vramcalc gpus
+smoke 0 vramcalc compare -m llama-3.1-8b
+smoke 0 vramcalc fit --gpu rtx-4090
+smoke "0 3" vramcalc sweep -m llama-3.1-8b --over seq-len=512:8192 --gpu rtx-4090
+smoke "0 3" vramcalc plan -m llama-3.1-8b --task infer --batch 4 --prompt-len 1024 --new-tokens 256
+smoke "0 3" vramcalc plan -m llama-2-70b --gpus 2 --strategy fsdp --gpu rtx-4090
+smoke "0 3" vramcalc check --gpu h100 -m qwen2.5-7b --batch 8
+smoke 0 python -c "from vramcalc import plan; print(plan('llama-3.1-8b', batch_size=2))"
 smoke 0 python -m vramcalc --version
 # the JSON is one object, and the installed package read its data from the wheel
 smoke 0 python -c "

@@ -81,3 +81,17 @@ def test_compare_and_fit_import_nothing_heavy() -> None:
         loaded = _run_cli(*args)
         assert not loaded & set(HEAVY), (args, loaded & set(HEAVY))
         assert not loaded & set(CALIBRATE), (args, loaded & set(CALIBRATE))
+
+
+def test_parallel_choices_match_multi_gpu() -> None:
+    """commands/parallel.py spells the multi-GPU choices so `plan` need not load multi_gpu."""
+    from vramcalc import multi_gpu
+    from vramcalc.commands import parallel
+
+    for name in ("STRATEGIES", "OFFLOADS", "SHARDING_STRATEGIES", "BALANCES"):
+        assert getattr(parallel, name) == getattr(multi_gpu, name), name
+
+
+def test_plan_without_gpus_skips_multi_gpu() -> None:
+    loaded = _run_cli("plan", "--model", "llama-7b")
+    assert "vramcalc.multi_gpu" not in loaded

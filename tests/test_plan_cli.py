@@ -105,3 +105,16 @@ def test_incomplete_config_json(tmp_path) -> None:  # type: ignore[no-untyped-de
     p.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     r = run("plan", "-m", str(p))
     assert r.exit_code == 1 and "required key missing" in r.stderr
+
+
+def test_option_values_from_the_command_line_are_still_coerced() -> None:
+    """cli._AlreadyTyped passes typed defaults through; strings still go to typer."""
+    from typer.testing import CliRunner
+
+    from vramcalc.cli import app
+
+    r = CliRunner().invoke(app, ["plan", "-m", "llama-7b", "--rank", "abc"])
+    assert r.exit_code == 2 and "--rank" in r.output
+    r = CliRunner().invoke(app, ["plan", "-m", "llama-7b", "--rank", "8", "--json",
+                                 "--gpu-memory", "24", "--margin", "1"])
+    assert r.exit_code == 0, r.output

@@ -332,3 +332,16 @@ def test_typed_features_match_what_the_importer_derives(spec: ModelSpec) -> None
                   "attn_logit_softcapping", "final_logit_softcapping",
                   "max_position_embeddings"):
         assert getattr(imported, field) == getattr(spec, field), field
+
+
+def test_named_file_lookup_agrees_with_the_index() -> None:
+    """get_spec reads model_specs/NAME.yaml alone before the catalog loads (cold start);
+    every catalog name must give the same spec either way."""
+    from vramcalc import specs
+
+    for spec in specs.catalog():
+        direct = specs._named_file_spec(spec.name.lower())
+        if direct is not None:
+            assert direct == spec, spec.name
+    assert specs._named_file_spec("../pyproject") is None
+    assert specs._named_file_spec("no-such-model") is None

@@ -9,16 +9,18 @@ margin). Nothing here imports rich, typer, pynvml or torch.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
 from vramcalc.estimate import estimate
-from vramcalc.gpu_catalog import GpuModel
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.planning import EstimateFn
 from vramcalc.search import largest_fitting
 from vramcalc.specs import ModelSpec
+
+if TYPE_CHECKING:
+    from vramcalc.gpu_catalog import GpuModel
 
 # Smaller LoRA ranks tried, largest first (the ranks QLoRA recipes use).
 SMALLER_RANKS = (64, 32, 16, 8, 4)

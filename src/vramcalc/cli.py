@@ -9,7 +9,10 @@ bitsandbytes, peft, pynvml) are imported inside command bodies only.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import types
+import typing
 from typing import Any, NamedTuple
 
 import typer
@@ -52,6 +55,79 @@ COMMANDS: dict[str, LazyCommand] = {
 }
 
 
+_SCALARS = (str, int, float, bool)
+
+
+class _AlreadyTyped:
+    """Coercion of one option that skips typer's when the value already has the option's type.
+
+    typer 0.26+ coerces every value, defaults included, through a pydantic TypeAdapter that
+    it builds per option on first use; `plan` has ~45 options, so building them (and
+    importing typer._adapters) was a large part of a cold `vramcalc plan` (issue 9). A
+    single-valued option's None is None in typer's coercion too; for a plain str / int /
+    float / bool option (optionally `| None`) without parser, min or max, typer's adapter
+    returns a value of that exact type unchanged, so this returns it as is. Any other value
+    (a command-line "4" for an int option) goes to typer's own coercion, built then.
+    """
+
+    def __init__(self, param: Any, kind: type | None) -> None:
+        self._param = param
+        self._kind = kind
+        self._typer: Any = None
+
+    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
+        if value is None or type(value) is self._kind:
+            return value
+        if self._typer is None:
+            from typer._coercion import build_runtime_param
+
+            self._typer = build_runtime_param(self._param.type_descriptor)
+        return self._typer.coerce(value, param=param, ctx=ctx)
+
+
+def _plain_scalar(annotation: Any) -> type | None:
+    """str, int, float or bool for `X` or `X | None` with X one of them, else None."""
+    if annotation in _SCALARS:
+        return typing.cast(type, annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and args[0] in _SCALARS:
+            return typing.cast(type, args[0])
+    return None
+
+
+def _skip_coercion_of(param: Any) -> None:
+    """Give one single-valued option `_AlreadyTyped`, through typer's lazy `_runtime_param`
+    slot; an option (or a typer) without that slot keeps typer's own coercion."""
+    desc = getattr(param, "type_descriptor", None)
+    info = getattr(desc, "parameter_info", None)
+    if (desc is None or info is None or getattr(param, "_runtime_param", 0) is not None
+            or param.multiple or param.nargs != 1):
+        return
+    plain = getattr(desc, "file_annotation", 0) is None and all(
+        getattr(info, k, 0) is None for k in ("parser", "min", "max"))
+    param._runtime_param = _AlreadyTyped(param, _plain_scalar(desc.annotation) if plain
+                                         else None)
+
+
+def _help_option_skipping_coercion(get_help_option: Any, ctx: Any) -> Any:
+    """A command's --help option (click makes it on first use), its coercion skipped too."""
+    option = get_help_option(ctx)
+    if option is not None:
+        _skip_coercion_of(option)
+    return option
+
+
+def _skip_needless_coercion(command: Any) -> None:
+    """`_AlreadyTyped` for every option of `command` and its subcommands, --help included."""
+    for sub in getattr(command, "commands", {}).values():
+        _skip_needless_coercion(sub)
+    for param in getattr(command, "params", ()):
+        _skip_coercion_of(param)
+    command.get_help_option = functools.partial(_help_option_skipping_coercion,
+                                                command.get_help_option)
+
+
 def load_command(name: str) -> Any:
     """The real click command behind `name` (imports its module)."""
     entry = COMMANDS[name]
@@ -59,12 +135,15 @@ def load_command(name: str) -> Any:
     if isinstance(obj, typer.Typer):
         group = typer.main.get_command(obj)
         group.name = name
+        _skip_needless_coercion(group)
         return group
     single = typer.Typer(
         pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None
     )
     single.command(name)(obj)
-    return typer.main.get_command(single)
+    command = typer.main.get_command(single)
+    _skip_needless_coercion(command)
+    return command
 
 
 class LazyGroup(TyperGroup):
@@ -89,6 +168,9 @@ class LazyGroup(TyperGroup):
         if cmd_name not in self.commands:
             self.commands[cmd_name] = load_command(cmd_name)
         return self.commands[cmd_name]
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _help_option_skipping_coercion(super().get_help_option, ctx)
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         self._formatting_help = True

@@ -569,12 +569,13 @@ def _text_part(
                 "alone)",
             )
         note = vision_note(model_type)
-    defaults, tie = _MULTIMODAL.get(str(model_type), ({}, None))  # type: ignore[arg-type]
-    merged = {**defaults, **text}
+    known: tuple[dict[str, Any], bool | None] = _MULTIMODAL.get(str(model_type), ({}, None))
+    text_defaults, text_tie = known
+    merged = {**text_defaults, **text}
     if "tie_word_embeddings" in cfg:  # transformers 5 reads the top-level key
         merged["tie_word_embeddings"] = cfg["tie_word_embeddings"]
-    elif tie is not None and "tie_word_embeddings" not in text:
-        merged["tie_word_embeddings"] = tie
+    elif text_tie is not None and "tie_word_embeddings" not in text:
+        merged["tie_word_embeddings"] = text_tie
     return merged, _Reader(merged, r.origin, prefix="text_config."), note
 
 

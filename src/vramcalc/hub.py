@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from vramcalc.errors import SpecError, UnknownModelError
 from vramcalc.specs import ModelSpec
@@ -43,7 +44,8 @@ def is_hub_id(arg: str) -> bool:
     return bool(_REPO_ID.match(arg)) and "--" not in arg and ".." not in arg
 
 
-class HubFiles(NamedTuple):
+@dataclass(frozen=True)
+class HubFiles:
     config: Path
     index: Path | None  # model.safetensors.index.json when the repository has one
 
@@ -148,7 +150,8 @@ def _index_total_params(index: Path, config: dict[str, Any]) -> int | None:
     if isinstance(meta.get("total_parameters"), int):  # written by newer transformers
         return int(meta["total_parameters"])
     size = meta.get("total_size")
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    raw_text = config.get("text_config")
+    text: dict[str, Any] = raw_text if isinstance(raw_text, dict) else {}
     dtype = config.get("torch_dtype") or config.get("dtype") or text.get("torch_dtype")
     if not isinstance(size, int) or dtype not in _DTYPE_BYTES:
         return None

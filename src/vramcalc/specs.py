@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -384,8 +385,36 @@ def catalog() -> tuple[ModelSpec, ...]:
     return _catalog()[0]
 
 
+# A catalog file's stem as `get_spec` may try it directly (no separators, no leading dot).
+_FILE_STEM = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+
+@functools.cache
+def _named_file_spec(key: str) -> ModelSpec | None:
+    """The spec in model_specs/KEY.yaml when that file's `name` is KEY: one file read
+    instead of the whole catalog (a cold `vramcalc plan -m llama-7b`). None when no file
+    has that stem or it names another model; the full index then decides. Names and
+    aliases are unique across the catalog (tests/test_specs.py), so both ways agree."""
+    if not _FILE_STEM.fullmatch(key):
+        return None
+    entry = _catalog_root() / f"{key}.yaml"
+    if not entry.is_file():
+        return None
+    origin = f"model_specs/{key}.yaml"
+    try:
+        data = yaml.load(entry.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+    except yaml.YAMLError:
+        raise SpecError(f"{origin}: malformed YAML") from None
+    spec = spec_from_mapping(data, origin)
+    return spec if spec.name.lower() == key else None
+
+
 def get_spec(name: str) -> ModelSpec:
     """Look a catalog name or alias up, case-insensitively; suggest close names on a miss."""
+    if _catalog.cache_info().currsize == 0:  # catalog not loaded yet: try KEY.yaml alone
+        direct = _named_file_spec(name.lower())
+        if direct is not None:
+            return direct
     specs, index = _catalog()
     found = index.get(name.lower())
     if found is not None:

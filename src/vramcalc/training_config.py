@@ -231,7 +231,8 @@ def _axolotl(m: _Mapper) -> TrainingConfig:
 
 def _trl(m: _Mapper) -> TrainingConfig:
     d = m.data
-    init = d.get("model_init_kwargs") if isinstance(d.get("model_init_kwargs"), dict) else {}
+    raw_init = d.get("model_init_kwargs")
+    init: dict[str, Any] = raw_init if isinstance(raw_init, dict) else {}
     dtype = d.get("torch_dtype") or d.get("dtype") or init.get("torch_dtype") or init.get("dtype")
     if dtype in _DTYPES:
         m.set("weights_dtype", _DTYPES[dtype], "torch_dtype")

@@ -83,7 +83,8 @@ def with_from_config(
     for p in sig.parameters.values():
         if p.name == "model" and p.default is inspect.Parameter.empty:
             base, *meta = get_args(p.annotation)
-            p = p.replace(annotation=Annotated[(base | None, *meta)], default=None)
+            optional = (base | None, *meta)  # the same metadata on `MODEL | None`
+            p = p.replace(annotation=Annotated[optional], default=None)
         params.append(p)
     params.append(inspect.Parameter("from_config", inspect.Parameter.KEYWORD_ONLY,
                                     default=None, annotation=FromConfigOpt))

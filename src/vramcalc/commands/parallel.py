@@ -12,7 +12,6 @@ import typer
 from pydantic import ValidationError
 
 from vramcalc.errors import PlanError
-from vramcalc.multi_gpu import BALANCES, OFFLOADS, SHARDING_STRATEGIES, STRATEGIES
 
 if TYPE_CHECKING:
     from vramcalc.multi_gpu import ParallelEstimate, ParallelPlan
@@ -20,6 +19,13 @@ if TYPE_CHECKING:
     from vramcalc.specs import ModelSpec
 
 GiB = 2**30
+# The choices of vramcalc.multi_gpu's Literals (Strategy, Offload, ShardingStrategy, Balance),
+# spelled here so that `plan` without --gpus never imports multi_gpu (issue 9: cold start);
+# tests/test_light_imports.py keeps them equal.
+STRATEGIES: tuple[str, ...] = ("ddp", "fsdp", "zero2", "zero3", "device-map")
+OFFLOADS: tuple[str, ...] = ("none", "cpu")
+SHARDING_STRATEGIES: tuple[str, ...] = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+BALANCES: tuple[str, ...] = ("balanced", "sequential")
 
 GpusOpt = Annotated[
     int | None,
@@ -58,10 +64,10 @@ def parallel_from_options(
     max_memory_bytes: int | None = None,
 ) -> ParallelPlan | None:
     """A ParallelPlan, or None when no multi-GPU option was given. One PlanError per problem."""
-    from vramcalc.multi_gpu import ParallelPlan
-
     if gpus is None and strategy is None and offload == "none" and gpus_per_node is None:
         return None
+    from vramcalc.multi_gpu import ParallelPlan
+
     if gpus is not None and gpus <= 0:
         raise PlanError(f"--gpus must be a positive integer, got {gpus}")
     if gpus_per_node is not None and gpus_per_node <= 0:

@@ -105,7 +105,6 @@ def plan(
       vramcalc plan -m llama-2-70b --gpus 2 --strategy fsdp --gpu rtx-4090
       vramcalc plan --from-config axolotl.yaml --batch 2
     """
-    from vramcalc.advice import for_gpu
     from vramcalc.planning import calibration_note, estimator
     from vramcalc.render import estimate_to_dict
     from vramcalc.verdict import verdict
@@ -133,6 +132,8 @@ def plan(
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
     if target is not None:
+        from vramcalc.advice import for_gpu
+
         train = for_gpu(train, target.bf16_supported)
     estimate, corrections = estimator(
         None if target is None else target.corrections_gpu, use_calibration=not no_calibration
