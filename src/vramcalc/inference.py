@@ -26,7 +26,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from vramcalc.allocator import CUBLAS_WORKSPACES, CUDA_CONTEXT
-from vramcalc.plan_settings import TrainPlan
+from vramcalc.plan_settings import TrainPlan, normalize_targets
 from vramcalc.result import Components, Estimate
 from vramcalc.specs import LinearShape, ModelSpec
 from vramcalc.trainable import lora_targets, lora_tensor_numels
@@ -113,10 +113,7 @@ class InferPlan(BaseModel):
     @field_validator("targets")
     @classmethod
     def _normalize_targets(cls, value: str) -> str:
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        if not parts:
-            raise ValueError("targets is empty; use 'all-linear' or names like 'q_proj,v_proj'")
-        return ",".join(parts)
+        return normalize_targets(value)
 
     @property
     def total_len(self) -> int:

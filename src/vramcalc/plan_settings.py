@@ -39,6 +39,14 @@ ATTENTIONS: tuple[str, ...] = get_args(Attention)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 
 
+def normalize_targets(value: str) -> str:
+    """'q_proj, v_proj' -> 'q_proj,v_proj'; an empty list is an error."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("targets is empty; use 'all-linear' or names like 'q_proj,v_proj'")
+    return ",".join(parts)
+
+
 class TrainPlan(BaseModel):
     """One fine-tuning configuration. Defaults follow the seeds' SFT recipe: QLoRA with
     nf4 + double quant, bf16 compute, paged_adamw_8bit, gradient checkpointing, sdpa.
@@ -99,10 +107,7 @@ class TrainPlan(BaseModel):
     @field_validator("targets")
     @classmethod
     def _normalize_targets(cls, value: str) -> str:
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        if not parts:
-            raise ValueError("targets is empty; use 'all-linear' or names like 'q_proj,v_proj'")
-        return ",".join(parts)
+        return normalize_targets(value)
 
     @property
     def load_dtype(self) -> str:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, TypeVar, get_args
 import typer
 
 from vramcalc.commands.common import warn
+from vramcalc.commands.options import with_signature
 from vramcalc.specs import ModelSpec
 
 R = TypeVar("R")
@@ -106,10 +107,4 @@ def with_from_config(
                                      param_hint="'--model'")
         return func(**kwargs)
 
-    wrapper.__name__ = func.__name__
-    wrapper.__qualname__ = func.__qualname__
-    wrapper.__doc__ = func.__doc__
-    wrapper.__module__ = func.__module__
-    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in params}
-    return wrapper
+    return with_signature(wrapper, func, sig.replace(parameters=params))

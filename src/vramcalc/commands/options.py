@@ -294,10 +294,16 @@ def with_plan_options(func: Callable[..., R]) -> Callable[..., R]:
         options = {name: kwargs.pop(name) for name in PLAN_OPTIONS}
         return func(plan_options=options, **kwargs)
 
+    return with_signature(wrapper, func, sig.replace(parameters=params))
+
+
+def with_signature(wrapper: Callable[..., R], func: Callable[..., Any],
+                   sig: inspect.Signature) -> Callable[..., R]:
+    """`wrapper` named and documented as `func`, with the signature typer should read."""
     wrapper.__name__ = func.__name__
     wrapper.__qualname__ = func.__qualname__
     wrapper.__doc__ = func.__doc__
     wrapper.__module__ = func.__module__
-    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    wrapper.__signature__ = sig  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
     return wrapper

@@ -16,6 +16,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 from vramcalc.commands.common import print_json, warn
+from vramcalc.commands.options import with_signature
 from vramcalc.errors import PlanError
 
 if TYPE_CHECKING:
@@ -84,13 +85,7 @@ def with_task_options(command: str) -> Callable[[Callable[..., R]], Callable[...
             run_task(command, task, opts, kwargs)
             return None  # type: ignore[return-value]
 
-        wrapper.__name__ = func.__name__
-        wrapper.__qualname__ = func.__qualname__
-        wrapper.__doc__ = func.__doc__
-        wrapper.__module__ = func.__module__
-        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {p.name: p.annotation for p in params}
-        return wrapper
+        return with_signature(wrapper, func, sig.replace(parameters=params))
 
     return decorate
 
