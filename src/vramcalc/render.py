@@ -53,7 +53,29 @@ def estimate_to_dict(est: Estimate, plan: TrainPlan) -> dict[str, Any]:
     }
 
 
-def breakdown_table(est: Estimate, title: str) -> Table:
+def train_labels(plan: TrainPlan) -> dict[str, str]:
+    """Component labels that say what the plan's tensors are (dtype, trained or frozen)."""
+    labels = dict(LABELS)
+    if plan.method == "full":
+        labels["base_weights"] = f"model weights ({plan.load_dtype}, trained)"
+        labels["gradients"] = f"gradients ({plan.load_dtype})"
+        labels["unquantized_params"] = f"embeddings, lm_head, norms ({plan.load_dtype}, trained)"
+    elif plan.method == "lora":
+        labels["base_weights"] = f"base weights ({plan.load_dtype}, frozen)"
+        labels["unquantized_params"] = f"embeddings, lm_head, norms ({plan.load_dtype})"
+    else:
+        labels["base_weights"] = f"quantized base weights ({plan.quant})"
+        labels["unquantized_params"] = "unquantized params (emb, lm_head, norms; fp32)"
+    if plan.method != "full":
+        labels["adapter_weights"] = "LoRA parameters (fp32)"
+        labels["gradients"] = "LoRA gradients (fp32)"
+    labels["expert_weights"] = ("MoE experts (3-D, not quantized)" if plan.method != "full"
+                                else "MoE experts (trained)")
+    return labels
+
+
+def breakdown_table(est: Estimate, title: str, labels: dict[str, str] | None = None) -> Table:
+    labels = labels or LABELS
     table = Table(title=title, title_justify="left")
     table.add_column("component")
     table.add_column("GiB", justify="right")
@@ -66,7 +88,7 @@ def breakdown_table(est: Estimate, title: str) -> Table:
             continue
         share = nbytes / peak
         bar = "█" * max(1, round(share * BAR_WIDTH))
-        table.add_row(LABELS[name], gib(nbytes), f"{100 * share:.1f}%", bar)
+        table.add_row(labels[name], gib(nbytes), f"{100 * share:.1f}%", bar)
     table.add_section()
     table.add_row("peak allocated (torch max_memory_allocated)", gib(est.peak_allocated_bytes))
     table.add_row("peak reserved (torch max_memory_reserved)", gib(est.peak_reserved_bytes))
@@ -78,14 +100,23 @@ def breakdown_table(est: Estimate, title: str) -> Table:
 
 def print_breakdown(est: Estimate, plan: TrainPlan, console: Console) -> None:
     p = plan
+    if p.method == "full":
+        what = f"full fine-tuning, {p.load_dtype} weights"
+    elif p.method == "lora":
+        what = f"16-bit LoRA ({p.load_dtype} base), r={p.rank}"
+    else:
+        dq = "+dq" if p.double_quant and p.quant in ("nf4", "fp4") else ""
+        what = f"QLoRA {p.quant}{dq}, r={p.rank}"
     title = (
         f"{est.model} ({est.params / 1e9:.2f} B params, {est.trainable_params / 1e6:.1f} M "
-        f"trainable): {p.quant}{'+dq' if p.double_quant and p.quant in ('nf4', 'fp4') else ''}, "
-        f"r={p.rank}, batch {p.batch_size} x {p.seq_len} tokens, {p.optimizer}, "
-        f"{'grad ckpt' if p.gradient_checkpointing else 'no grad ckpt'}, {p.attn}"
+        f"trainable): {what}, {p.compute_dtype} compute, batch {p.batch_size} x {p.seq_len} "
+        f"tokens, {p.optimizer}, {'grad ckpt' if p.gradient_checkpointing else 'no grad ckpt'}, "
+        f"{p.attn}{', plain loop' if p.loop == 'plain' else ''}"
     )
-    console.print(breakdown_table(est, title))
+    console.print(breakdown_table(est, title, train_labels(p)))
     console.print(f"peak phase: {est.peak_phase}")
+    for note in est.notes:
+        console.print(f"note: {note}", highlight=False)
 
 
 # ---- inference and merging (task "infer" / "merge") -----------------------------------------
