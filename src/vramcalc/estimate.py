@@ -18,6 +18,7 @@ from vramcalc.activations import (
     eager_scores_bytes,
     int8_saved_bytes_per_token,
     layer_saved_bytes_per_token,
+    mlp_bytes,
     residual_bytes,
 )
 from vramcalc.allocator import (
@@ -107,8 +108,10 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     # Later in backward: logits are gone, every gradient may exist, and (with
     # checkpointing) one layer is recomputed while its gradients flow.
     inter = spec.moe_intermediate_size or spec.intermediate_size
+    # gradients of the MLP intermediates come in their dtype (fp32 under QLoRA, the
+    # compute dtype when the base Linears run under autocast), the residual's in its own
     layer_grads = max(
-        LAYER_GRAD_FACTOR * tokens * act * max(inter, h),
+        LAYER_GRAD_FACTOR * tokens * max(mlp_bytes(plan) * inter, act * h),
         EAGER_BACKWARD_BYTES_PER_SCORE * eager_score_count(spec, plan),
     )
     layer_copies = weight_copies // layers if layers else 0
