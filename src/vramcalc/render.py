@@ -37,12 +37,13 @@ def gib(nbytes: int) -> str:
     return f"{nbytes / GiB:.2f}"
 
 
-def estimate_to_dict(est: Estimate, plan: TrainPlan) -> dict[str, Any]:
+def _estimate_fields(est: Estimate, plan: Any) -> dict[str, Any]:
+    """The keys every estimate's JSON has, in their order (`plan` as given)."""
     return {
         "model": est.model,
         "params": est.params,
         "trainable_params": est.trainable_params,
-        "plan": plan.model_dump(mode="json"),
+        "plan": plan,
         "components": dict(est.components.items()),
         "phases": est.phases,
         "peak_phase": est.peak_phase,
@@ -51,6 +52,10 @@ def estimate_to_dict(est: Estimate, plan: TrainPlan) -> dict[str, Any]:
         "peak_device_bytes": est.peak_device_bytes,
         "required_device_bytes": est.required_device_bytes,
     }
+
+
+def estimate_to_dict(est: Estimate, plan: TrainPlan) -> dict[str, Any]:
+    return _estimate_fields(est, plan.model_dump(mode="json"))
 
 
 def train_labels(plan: TrainPlan) -> dict[str, str]:
@@ -146,46 +151,15 @@ def task_label(task: str, name: str, adapter_dtype: str | None = None) -> str:
 
 def task_estimate_to_dict(est: Estimate, plan: dict[str, Any]) -> dict[str, Any]:
     """The same keys as a training estimate, plus the task and its notes."""
-    return {
-        "model": est.model,
-        "task": est.task,
-        "params": est.params,
-        "trainable_params": est.trainable_params,
-        "plan": plan,
-        "components": dict(est.components.items()),
-        "phases": est.phases,
-        "peak_phase": est.peak_phase,
-        "peak_allocated_bytes": est.peak_allocated_bytes,
-        "peak_reserved_bytes": est.peak_reserved_bytes,
-        "peak_device_bytes": est.peak_device_bytes,
-        "required_device_bytes": est.required_device_bytes,
-        "notes": list(est.notes),
-    }
+    return {"model": est.model, "task": est.task, **_estimate_fields(est, plan),
+            "notes": list(est.notes)}
 
 
 def print_task_breakdown(est: Estimate, title: str, console: Console,
                          adapter_dtype: str | None = None) -> None:
     """Breakdown of an inference or merge estimate, labelled for the task."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("component")
-    table.add_column("GiB", justify="right")
-    table.add_column("share", justify="right")
-    table.add_column("", no_wrap=True)
-    peak = max(est.peak_device_bytes, 1)
-    for name in COMPONENTS:
-        nbytes = est.components[name]
-        if nbytes == 0:
-            continue
-        share = nbytes / peak
-        table.add_row(task_label(est.task, name, adapter_dtype), gib(nbytes),
-                      f"{100 * share:.1f}%", "█" * max(1, round(share * BAR_WIDTH)))
-    table.add_section()
-    table.add_row("peak allocated (torch max_memory_allocated)", gib(est.peak_allocated_bytes))
-    table.add_row("peak reserved (torch max_memory_reserved)", gib(est.peak_reserved_bytes))
-    table.add_row("peak device (NVML, when memory is plentiful)", gib(est.peak_device_bytes))
-    table.add_row("[bold]required free memory (decides fit)[/bold]",
-                  f"[bold]{gib(est.required_device_bytes)}[/bold]")
-    console.print(table)
+    labels = {name: task_label(est.task, name, adapter_dtype) for name in COMPONENTS}
+    console.print(breakdown_table(est, title, labels))
     console.print(f"peak phase: {est.peak_phase}")
     for note in est.notes:
         console.print(f"[dim]note: {note}[/dim]", highlight=False)
