@@ -15,6 +15,7 @@ from vramcalc.commands import check as check_mod
 from vramcalc.estimate import estimate
 from vramcalc.gpu_catalog import MIB, catalog, resolve_gpu
 from vramcalc.plan_settings import TrainPlan
+from vramcalc.planning import Estimators
 from vramcalc.specs import catalog as model_catalog
 from vramcalc.specs import get_spec
 from vramcalc.verdict import Target, catalog_target, verdict
@@ -50,7 +51,7 @@ def test_plan_and_check_agree_on_every_gpu_and_model(batch: int) -> None:
             need = estimate(spec, plan).required_device_bytes
             by_plan = verdict(t.free_bytes, need, MARGIN)
             by_check = check_mod._verdicts(spec, base, [t], MARGIN,
-                                           check_mod._Estimators(False))[0]
+                                           Estimators(False))[0]
             if by_plan.fits != by_check.fits_free or by_check.now != by_plan:
                 mismatches.append((spec.name, gpu.name))
     assert not mismatches
@@ -133,7 +134,7 @@ def test_check_tables_keep_whole_numbers_at_80_columns() -> None:
     targets = [catalog_target(g) for g in catalog()[:6]] + [
         Target(name="NVIDIA GeForce RTX 4090 with a very long name indeed", index=3, label="3",
                total_bytes=24564 * MIB, free_bytes=123 * MIB, empty_bytes=24000 * MIB)]
-    verdicts = check_mod._verdicts(spec, plan, targets, MARGIN, check_mod._Estimators(False))
+    verdicts = check_mod._verdicts(spec, plan, targets, MARGIN, Estimators(False))
     for detected in (True, False):
         console = Console(width=80, record=True, force_terminal=False)
         console.print(check_mod._verdict_table(verdicts, MARGIN, detected))

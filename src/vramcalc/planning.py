@@ -36,3 +36,31 @@ def estimator(gpu_name: str | None, use_calibration: bool) -> tuple[EstimateFn, 
 def calibration_note(selection: Selection | None) -> str | None:
     """The stderr line saying which corrections were applied and from where, or why none."""
     return None if selection is None else selection.note or None
+
+
+class Estimators:
+    """One estimate function per GPU name, built once (that GPU family's corrections, as
+    `check --gpu` applies them). Each corrections decision met is kept by key in first-use
+    order, and `on_new` hears of it the first time (check prints its note then)."""
+
+    def __init__(self, use_calibration: bool,
+                 on_new: Callable[[Selection | None], None] | None = None) -> None:
+        self.use = use_calibration
+        self.on_new = on_new
+        self._fns: dict[str | None, EstimateFn] = {}
+        self.selections: dict[str | None, Selection | None] = {}
+
+    def __call__(self, gpu_name: str | None) -> EstimateFn:
+        if gpu_name not in self._fns:
+            fn, selection = estimator(gpu_name, use_calibration=self.use)
+            self._fns[gpu_name] = fn
+            key = None if selection is None else selection.key
+            if key not in self.selections:
+                self.selections[key] = selection
+                if self.on_new is not None:
+                    self.on_new(selection)
+        return self._fns[gpu_name]
+
+    def applied(self) -> list[Selection]:
+        """The corrections entries actually applied, in first-use order."""
+        return [s for k, s in self.selections.items() if k is not None and s is not None]

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from vramcalc.estimate import Estimate
     from vramcalc.gpus import DeviceInfo
     from vramcalc.plan_settings import TrainPlan
-    from vramcalc.planning import EstimateFn
+    from vramcalc.planning import EstimateFn, Estimators
     from vramcalc.specs import ModelSpec
     from vramcalc.verdict import Verdict
 
@@ -158,35 +158,21 @@ def _targets(gpu: list[str], gpu_memory: float | None) -> list[Target]:
     return [detected_target(d) for d in _detect_devices()]
 
 
-class _Estimators:
-    """One estimate function per corrections entry; the note about each said once."""
+def _estimators(use_calibration: bool) -> Estimators:
+    """Estimate functions per GPU; each corrections note said once, on stderr."""
+    from vramcalc.planning import Estimators, calibration_note
 
-    def __init__(self, use_calibration: bool) -> None:
-        self.use = use_calibration
-        self.by_gpu: dict[str | None, tuple[EstimateFn, Selection | None]] = {}
-        self.used: dict[str | None, Selection | None] = {}
+    def say(selection: Selection | None) -> None:
+        note = calibration_note(selection)
+        if note:
+            warn(note)
 
-    def __call__(self, gpu_name: str | None) -> EstimateFn:
-        from vramcalc.planning import calibration_note, estimator
-
-        if gpu_name not in self.by_gpu:
-            fn, corr = estimator(gpu_name, use_calibration=self.use)
-            self.by_gpu[gpu_name] = (fn, corr)
-            key = None if corr is None else corr.key
-            if key not in self.used:
-                self.used[key] = corr
-                note = calibration_note(corr)
-                if note:
-                    warn(note)
-        return self.by_gpu[gpu_name][0]
-
-    def keys(self) -> list[str]:
-        return [k for k in self.used if k is not None]
+    return Estimators(use_calibration, on_new=say)
 
 
 def _verdicts(
     spec: ModelSpec, train: TrainPlan, targets: list[Target], margin: int,
-    estimators: _Estimators,
+    estimators: Estimators,
 ) -> list[GpuVerdict]:
     from vramcalc.advice import for_gpu
     from vramcalc.verdict import verdict
@@ -392,7 +378,7 @@ def check(
                               json_output):
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
-    estimators = _Estimators(use_calibration=not no_calibration)
+    estimators = _estimators(use_calibration=not no_calibration)
     verdicts = _verdicts(spec, train, targets_, margin_b, estimators)
     if max_ is not None:
         from vramcalc.search import largest_fitting
@@ -441,7 +427,7 @@ def check(
             "larger_gpu_change": (None if larger is None or larger.suggestion is None
                                   else larger.suggestion.model_dump(mode="json")),
             "several_gpus": several,
-            "calibration": estimators.keys()[0] if estimators.keys() else None,
+            "calibration": next((s.key for s in estimators.applied()), None),
         })
     else:
         _render(verdicts, best, margin_b, suggestions, larger, detected)

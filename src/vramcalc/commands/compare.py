@@ -27,9 +27,7 @@ from vramcalc.errors import PlanError
 from vramcalc.verdict import DEFAULT_MARGIN_GIB
 
 if TYPE_CHECKING:
-    from vramcalc.gpu_catalog import GpuModel
     from vramcalc.plan_settings import Optimizer
-    from vramcalc.planning import EstimateFn
 
 
 def per_method_options(plan_options: dict[str, Any], command: str) -> None:
@@ -49,26 +47,6 @@ def user_optimizer(ctx: typer.Context, plan_options: dict[str, Any]) -> Optimize
     if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
         return None
     return plan_options["optimizer"]  # type: ignore[no-any-return]
-
-
-class GpuEstimators:
-    """One estimate function per catalog GPU (its family's corrections, as `check --gpu`);
-    `applied` holds the notes of the corrections actually used."""
-
-    def __init__(self, use_calibration: bool) -> None:
-        self.use = use_calibration
-        self.fns: dict[str, EstimateFn] = {}
-        self.applied: dict[str, str] = {}
-
-    def __call__(self, gpu: GpuModel) -> EstimateFn:
-        from vramcalc.planning import estimator
-
-        if gpu.name not in self.fns:
-            fn, selection = estimator(gpu.name, use_calibration=self.use)
-            self.fns[gpu.name] = fn
-            if selection is not None and selection.key is not None:
-                self.applied[selection.key] = selection.note
-        return self.fns[gpu.name]
 
 
 @reports_errors
@@ -113,12 +91,14 @@ def compare(
     long_seq = warn_long_sequence(spec, base)
     if long_seq:
         warn(long_seq)
-    estimators = GpuEstimators(use_calibration=not no_calibration)
+    from vramcalc.planning import Estimators
+
+    estimators = Estimators(use_calibration=not no_calibration)
     rows = compare_methods(spec, base, margin_b, catalog(),
                            optimizer=user_optimizer(ctx, plan_options),
-                           estimate_for=estimators)
-    for note in estimators.applied.values():
-        warn(note)
+                           estimate_for=lambda gpu: estimators(gpu.name))
+    for selection in estimators.applied():
+        warn(selection.note)
     if json_output:
         from vramcalc.render import comparison_to_dict
 
