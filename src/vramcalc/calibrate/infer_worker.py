@@ -29,15 +29,13 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from vramcalc.calibrate.run import NvmlPoller, quant_config, torch_dtype
 from vramcalc.inference import InferPlan, MergePlan, attention_impl
 from vramcalc.specs import ModelSpec
-
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def job_spec(job: dict[str, Any]) -> ModelSpec:
@@ -47,57 +45,6 @@ def job_spec(job: dict[str, Any]) -> ModelSpec:
     if layers:
         spec = spec.model_copy(update={"num_hidden_layers": int(layers), "expected_params": None})
     return spec
-
-
-class ProcessPoller:
-    """Peak NVML memory of this process and of the device, polled in a thread."""
-
-    def __init__(self, period_s: float = 0.002) -> None:
-        from vramcalc.calibrate.run import NvmlPoller
-
-        self._nvml = NvmlPoller()
-        self.peak_process = 0
-        self.peak_device = 0
-        self.baseline_device = self._nvml.used()
-        self._stop = threading.Event()
-        self._period = period_s
-        self._thread: threading.Thread | None = None
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            # process_used() is None while NVML does not list this process (not yet, or
-            # never inside some containers): that reading carries no peak.
-            self.peak_process = max(self.peak_process, self._nvml.process_used() or 0)
-            self.peak_device = max(self.peak_device, self._nvml.used())
-            time.sleep(self._period)
-
-    def start(self) -> None:
-        if self._nvml._nvml is not None:
-            self._thread = threading.Thread(target=self._loop, daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return getattr(torch, _DTYPES[name])
-
-
-def quant_config(quant: str, compute_dtype: str, double_quant: bool) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    if quant == "none":
-        return None
-    if quant == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
-                              bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=_torch_dtype(compute_dtype))
 
 
 def make_adapter(weights_dir: str, rank: int, targets: str, out_dir: str) -> None:
@@ -124,7 +71,7 @@ def load_with_adapter(weights_dir: str, adapter_dir: str | None, *, quant: str,
 
     model = AutoModelForCausalLM.from_pretrained(
         weights_dir, quantization_config=quant_config(quant, compute_dtype, double_quant),
-        dtype=_torch_dtype(compute_dtype),
+        dtype=torch_dtype(compute_dtype),
         device_map={"": 0} if device == "cuda" else {"": "cpu"},
         attn_implementation=attn,
     )
@@ -135,7 +82,7 @@ def load_with_adapter(weights_dir: str, adapter_dir: str | None, *, quant: str,
     peft_model = PeftModel.from_pretrained(model, adapter_dir,
                                            autocast_adapter_dtype=adapter_dtype == "fp32")
     if adapter_dtype != "fp32":
-        wanted = _torch_dtype(adapter_dtype)
+        wanted = torch_dtype(adapter_dtype)
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.data = p.data.to(wanted)
@@ -222,7 +169,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        poller = ProcessPoller()
+        poller = NvmlPoller(period_s=0.002)  # this process's and the device's peaks
+        baseline_device = poller.used()
         poller.start()
         phase = "load"
         try:
@@ -259,9 +207,9 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
             _cuda_stats(result)
             result["peak_allocated_bytes"] = result["torch_peak_allocated"]
             result["peak_reserved_bytes"] = result["torch_peak_reserved"]
-            result["nvml_process_peak"] = poller.peak_process
-            result["nvml_device_peak_minus_baseline"] = poller.peak_device - poller.baseline_device
-            result["peak_device_bytes"] = poller.peak_process
+            result["nvml_process_peak"] = poller.peak_process_used
+            result["nvml_device_peak_minus_baseline"] = poller.peak_used - baseline_device
+            result["peak_device_bytes"] = poller.peak_process_used
     result["wall_s"] = round(time.perf_counter() - t0, 2)
     from vramcalc.calibrate.run import _version
 

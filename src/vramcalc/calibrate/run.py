@@ -170,21 +170,34 @@ def _quant_state_bytes(param: Any) -> int:
     return total
 
 
-def _bnb_config(plan: TrainPlan) -> Any:
-    """The quantization config of the plan: None for lora/full (a 16/32-bit base)."""
+def torch_dtype(name: str) -> Any:
+    """'bf16' -> torch.bfloat16."""
     import torch
+
+    return getattr(torch, _TORCH_DTYPES[name])
+
+
+def quant_config(quant: str, compute_dtype: str, double_quant: bool) -> Any:
+    """The BitsAndBytesConfig of a base: None for a 16/32-bit one (quant none)."""
     from transformers import BitsAndBytesConfig
 
-    if plan.method != "qlora" or plan.quant == "none":
+    if quant == "none":
         return None
-    if plan.quant == "int8":
+    if quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=plan.quant,
-        bnb_4bit_use_double_quant=plan.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, _TORCH_DTYPES[plan.compute_dtype]),
+        bnb_4bit_quant_type=quant,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
     )
+
+
+def _bnb_config(plan: TrainPlan) -> Any:
+    """The quantization config of the plan: None for lora/full (a 16/32-bit base)."""
+    if plan.method != "qlora":
+        return None
+    return quant_config(plan.quant, plan.compute_dtype, plan.double_quant)
 
 
 def lora_target_modules(spec: ModelSpec, plan: TrainPlan) -> Any:
@@ -243,13 +256,12 @@ def _after_optimizer(readings: list[dict[str, int]]) -> None:
 
 def _load_model(spec: ModelSpec, plan: TrainPlan, weights_dir: str, on_gpu: bool,
                 trust_remote_code: bool) -> Any:
-    import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
         weights_dir,
         quantization_config=_bnb_config(plan),
-        dtype=getattr(torch, _TORCH_DTYPES[plan.load_dtype]),
+        dtype=torch_dtype(plan.load_dtype),
         device_map={"": 0} if on_gpu else {"": "cpu"},
         attn_implementation=plan.attn,
         trust_remote_code=trust_remote_code,  # off unless --trust-remote-code
