@@ -20,6 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from vramcalc.calibrate.matrix import point_spec  # noqa: E402
 from vramcalc.inference import (  # noqa: E402
     InferPlan,
     MergePlan,
@@ -27,7 +28,6 @@ from vramcalc.inference import (  # noqa: E402
     estimate_merge,
 )
 from vramcalc.result import Estimate  # noqa: E402
-from vramcalc.specs import depth_cut, get_spec  # noqa: E402
 
 GiB = 2**30
 ROOT = Path(__file__).resolve().parents[1] / "calibration"
@@ -37,9 +37,7 @@ H200_USABLE = 149557477376  # run1-gpu.txt: mem_get_info free of an empty H200
 
 
 def current_estimate(point: dict[str, Any]) -> Estimate:
-    spec = get_spec(point["spec"].split("@")[0])
-    if point.get("layers"):
-        spec = depth_cut(spec, int(point["layers"]))
+    spec = point_spec(point)
     job = point["job"]
     if job["task"] == "merge":
         return estimate_merge(spec, MergePlan.model_validate(job["plan"]))

@@ -16,8 +16,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from vramcalc.calibrate.matrix import point_spec  # noqa: E402
 from vramcalc.plan_settings import TrainPlan  # noqa: E402
-from vramcalc.specs import ModelSpec, depth_cut, resolve_model  # noqa: E402
+from vramcalc.specs import ModelSpec  # noqa: E402
 
 RUNS = {  # run file -> the matrix it measured
     "run1-design.jsonl": "h200-design.json",
@@ -34,10 +35,7 @@ def _matrix_points(name: str) -> dict[str, dict[str, Any]]:
 
 
 def spec_of(point: dict[str, Any]) -> ModelSpec:
-    raw = point["spec"]
-    spec = ModelSpec.model_validate(raw) if isinstance(raw, dict) else resolve_model(str(raw))
-    layers = point.get("layers")
-    return depth_cut(spec, int(layers)) if layers else spec
+    return point_spec(point)
 
 
 def records(run: str | None = None) -> Iterator[tuple[dict[str, Any], ModelSpec, TrainPlan]]:

@@ -79,10 +79,13 @@ class Running:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _resolve_spec(value: Any) -> ModelSpec:
-    if isinstance(value, dict):
-        return ModelSpec.model_validate(value)
-    return resolve_model(str(value))
+def point_spec(raw: dict[str, Any]) -> ModelSpec:
+    """A matrix point's model: its "spec" (catalog name, path or inline spec), cut to
+    "layers" decoder layers when given."""
+    value = raw["spec"]
+    spec = ModelSpec.model_validate(value) if isinstance(value, dict) else resolve_model(
+        str(value))
+    return depth_cut(spec, int(raw["layers"])) if raw.get("layers") else spec
 
 
 def _need_bytes(spec: ModelSpec, plan: TrainPlan, predicted_device: int) -> int:
@@ -111,8 +114,7 @@ def load_points(raw_points: list[dict[str, Any]]) -> list[Point]:
                       worker=str(raw.get("worker", TRAIN_WORKER)), job=dict(raw.get("job", {})))
         try:
             if raw.get("spec") is not None:
-                spec = _resolve_spec(raw["spec"])
-                point.spec = depth_cut(spec, int(raw["layers"])) if raw.get("layers") else spec
+                point.spec = point_spec(raw)
             if point.worker == TRAIN_WORKER:
                 if point.spec is None:
                     raise ValueError("a train point needs a spec")
