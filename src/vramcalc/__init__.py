@@ -1,4 +1,4 @@
-"""vramcalc: predict the GPU memory of a QLoRA / LoRA fine-tune before it runs.
+"""vramcalc: predict the GPU memory of a fine-tune, inference or merge before it runs.
 
 `from vramcalc import plan, check` loads the Python API (vramcalc.api) on first use; the
 package itself imports nothing else, so the CLI and the API start fast.

@@ -33,7 +33,7 @@ COMMANDS: dict[str, LazyCommand] = {
         "List the built-in models: parameters, layers, sizes, heads."),
     "plan": LazyCommand(
         "vramcalc.commands.plan", "plan",
-        "Estimate the peak GPU memory of one QLoRA / LoRA training step."),
+        "Estimate the peak GPU memory of a training step, an inference or a merge."),
     "check": LazyCommand(
         "vramcalc.commands.check", "check",
         "List this machine's GPUs, or check whether a plan fits them."),
@@ -183,7 +183,7 @@ class LazyGroup(TyperGroup):
 app = typer.Typer(
     name="vramcalc",
     cls=LazyGroup,
-    help="How much GPU memory will this QLoRA / LoRA fine-tune take, and does it fit?",
+    help="How much GPU memory will this fine-tune (or inference) take, and does it fit?",
     no_args_is_help=True,
     pretty_exceptions_enable=False,  # a traceback always means a bug
     # Plain click help and errors: option names never cut at 80 columns, and a usage error
@@ -205,7 +205,7 @@ def _root(
         False, "--version", callback=_version, is_eager=True, help="Print the version."
     ),
 ) -> None:
-    """Predict the GPU memory of a QLoRA / LoRA fine-tune before it runs."""
+    """Predict the GPU memory of a fine-tune, inference or merge before it runs."""
 
 
 def main() -> None:

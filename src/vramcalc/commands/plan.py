@@ -87,7 +87,7 @@ def plan(
     use_orig_params: OrigParamsOpt = False,
     device_map: BalanceOpt = "balanced",
 ) -> None:
-    """Estimate the peak GPU memory of one QLoRA / LoRA training step.
+    """Estimate the peak GPU memory of a training step, an inference or a merge.
 
     With --gpu NAME or --gpu-memory GIB it also says whether the step fits an
     empty card, by the rule `check` uses: required free memory + --margin
