@@ -1,8 +1,11 @@
-"""Inference and merge estimates vs the H200 run 3 measurements (calibration/h200/run3-infer.jsonl).
+"""Inference and merge estimates vs the H200 measurements: run 3 (calibration/h200/
+run3-infer.jsonl, the points the inference model was written and fixed on) and run 5 (the
+pre-registered holdout, calibration/matrices/h200-infer-holdout.json, measured in
+calibration/h200/run5-infer-holdout-snaps.jsonl).
 
-    python bench/accuracy_infer.py
+    python bench/accuracy_infer.py [--run run3|run5]
 
-Joins each record to its point of calibration/matrices/h200-infer2.json by id and prints,
+Joins each record to its point of the run's matrix by id and prints,
 per point, the measured peak (torch allocated, reserved, NVML process peak = device), the
 pre-registered prediction (committed in the matrix before measuring) and the current
 estimate (`estimate_inference` / `estimate_merge` now), with relative errors. Then the
@@ -31,8 +34,13 @@ from vramcalc.result import Estimate  # noqa: E402
 
 GiB = 2**30
 ROOT = Path(__file__).resolve().parents[1] / "calibration"
-RECORDS = ROOT / "h200" / "run3-infer.jsonl"
-MATRIX = ROOT / "matrices" / "h200-infer2.json"
+RUNS = {  # run -> (records, matrix, title)
+    "run3": (ROOT / "h200" / "run3-infer.jsonl", ROOT / "matrices" / "h200-infer2.json",
+             "run 3: the points the model was written and fixed on (not a holdout)"),
+    "run5": (ROOT / "h200" / "run5-infer-holdout-snaps.jsonl",
+             ROOT / "matrices" / "h200-run5.json",
+             "run 5: the PRE-REGISTERED holdout (predictions committed before measuring)"),
+}
 H200_USABLE = 149557477376  # run1-gpu.txt: mem_get_info free of an empty H200
 
 
@@ -75,8 +83,19 @@ def pct(x: float | None) -> str:
 
 
 def main(argv: list[str]) -> int:
-    points = {p["id"]: p for p in json.loads(MATRIX.read_text())["points"]}
-    records = [json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()]
+    runs = [argv[argv.index("--run") + 1]] if "--run" in argv else list(RUNS)
+    for run in runs:
+        report(*RUNS[run])
+        print()
+    return 0
+
+
+def report(records_path: Path, matrix_path: Path, title: str) -> None:
+    print(f"== {title}")
+    points = {p["id"]: p for p in json.loads(matrix_path.read_text())["points"]
+              if p.get("worker") == "vramcalc.calibrate.infer_worker"}
+    records = [r for r in (json.loads(line) for line in records_path.read_text().splitlines()
+                           if line.strip()) if r["id"] in points]
     keys = ("alloc", "reserved", "device")
     errs: dict[str, dict[str, list[float]]] = {
         who: {k: [] for k in keys} for who in ("pre", "now")}
@@ -150,7 +169,6 @@ def main(argv: list[str]) -> int:
                   f"now {v[3] / GiB:.1f} GiB"
                   + ("" if v[1] == "timeout" else
                      f" -> {'right' if v[3] > H200_USABLE else 'WRONG'}"))
-    return 0
 
 
 if __name__ == "__main__":

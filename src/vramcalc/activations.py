@@ -33,7 +33,7 @@ bitsandbytes layers, the compute dtype for nn.Linear under autocast.
 from __future__ import annotations
 
 from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import ACTIVATION_SAVED_TENSORS, ModelSpec
+from vramcalc.specs import ACTIVATION_SAVED_TENSORS, ModelSpec, sdpa_window_masks
 from vramcalc.trainable import lora_targets
 from vramcalc.weights import DTYPE_BYTES
 
@@ -199,10 +199,48 @@ def _attention_saved(spec: ModelSpec, plan: TrainPlan) -> int:
 FP32_UNDER_AUTOCAST = {"gelu_new"}
 
 
+def fused_experts(spec: ModelSpec, plan: TrainPlan) -> bool:
+    """transformers-5 MoE: experts are 3-D tensors run by `torch._grouped_mm`
+    (integrations/moe.py `grouped_mm_experts_forward`), not per-expert Linears."""
+    return spec.is_moe and plan.moe_experts == "unquantized"
+
+
+def expert_dtype_bytes(plan: TrainPlan) -> int:
+    """The dtype the fused experts compute in: their own. `_grouped_mm` is on no autocast
+    list, so fp32 experts (QLoRA: prepare_model_for_kbit_training upcasts every non-4-bit
+    parameter; full fine-tuning with fp32 master weights) run in fp32 (H200 run 5 trace
+    d061: 4 B per element)."""
+    return 4 if plan.method == "qlora" else DTYPE_BYTES[plan.load_dtype]
+
+
+def experts_train(spec: ModelSpec, plan: TrainPlan) -> bool:
+    """Whether the expert tensors need a weight gradient: full fine-tuning, or LoRA folded
+    into them (peft ParamWrapper)."""
+    from vramcalc.trainable import lora_on_experts
+
+    return plan.method == "full" or lora_on_experts(spec, plan)
+
+
+def routed_saved_per_token(spec: ModelSpec, plan: TrainPlan) -> int:
+    """What the fused experts keep per token (k routed rows each, I expert width, h hidden):
+    the gate_up output (2I; SiLU keeps its `gate` view of it), the activation output (I) and
+    the routed down output (h, kept by the routing-weight multiply); when the expert weights
+    need a gradient `_grouped_mm` also keeps its inputs: the gathered hidden states (h) and
+    the product (I). Traced on the H200 (run 5 snap d061, run 1 snap-mixtral-qlora)."""
+    inter = spec.moe_intermediate_size or spec.intermediate_size
+    per_row = 2 * inter + inter + spec.hidden_size
+    if experts_train(spec, plan):
+        per_row += inter + spec.hidden_size
+    return expert_dtype_bytes(plan) * spec.num_experts_per_tok * per_row
+
+
 def _mlp_saved(spec: ModelSpec, plan: TrainPlan) -> int:
     per_act = ACTIVATION_SAVED_TENSORS.get(spec.hidden_act, 1)
     gated = spec.is_moe or spec.mlp_layout in ("gated", "fused_gated")
     inter = _intermediate(spec)
+    if fused_experts(spec, plan):
+        shared = spec.shared_expert_intermediate_size
+        return routed_saved_per_token(spec, plan) + (per_act + 2) * mlp_bytes(plan) * shared
     if spec.hidden_act in FP32_UNDER_AUTOCAST:
         # the activation's own intermediates in fp32 (the first keeps the input: its dtype)
         act = mlp_bytes(plan) * inter + 4 * (per_act - 1) * inter
@@ -247,3 +285,20 @@ def eager_mask_bytes(plan: TrainPlan) -> int:
     if plan.attn != "eager":
         return 0
     return EAGER_MASK_BYTES_PER_BS2 * plan.batch_size * plan.seq_len**2
+
+
+def window_mask_bytes(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
+    """Sliding-window attention under sdpa at seq_len >= the window: (the bool mask of the
+    whole forward and backward, the per-layer additive copy each sliding layer's sdpa
+    saves for backward). The bool (batch, 1, S, S) mask is built once
+    (masking_utils `sdpa_mask`); aten `scaled_dot_product_attention` converts a bool mask
+    to an additive one in the query dtype (`convert_boolean_attn_mask`) and the
+    memory-efficient kernel keeps it as `attn_bias` for backward. H200: mistral-7b s16384
+    without checkpointing, +2.33 GiB measured for 0.25 + 4 x 0.5 GiB (run 1 d034)."""
+    if plan.attn != "sdpa":
+        return 0, 0
+    n = sdpa_window_masks(spec, plan.seq_len)
+    if not n:
+        return 0, 0
+    elems = plan.batch_size * plan.seq_len * plan.seq_len
+    return elems, n * compute_bytes(plan) * elems

@@ -20,6 +20,7 @@ from vramcalc.activations import (
     layer_saved_bytes_per_token,
     mlp_bytes,
     residual_bytes,
+    window_mask_bytes,
 )
 from vramcalc.allocator import (
     CUBLAS_WORKSPACES,
@@ -86,18 +87,22 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     if DTYPE_BYTES[plan.load_dtype] > compute and plan.method != "qlora":
         weight_copies = layers * sum(rounded(lin.weight_numel * compute)
                                      for lin in spec.block_linears())
-        if plan.method == "full":  # trained 3-D experts are leaves too: cast and cached
-            weight_copies += layers * expert_bytes(spec, compute)
+        # fused 3-D experts are not cast: `_grouped_mm` is on no autocast list, so they run
+        # in their own dtype (activations.expert_dtype_bytes; H200 run 5 trace d061)
     logits_unit = tokens * v
     # with checkpointing each layer keeps only its input (also a source of slack below)
     checkpoints = layers * tokens * act * h if plan.gradient_checkpointing else 0
+    # sdpa with a sliding window reached: one bool mask for the step, an additive copy
+    # saved per sliding layer (activations.window_mask_bytes)
+    window_bool, window_saved = window_mask_bytes(spec, plan)
+    window_copy = compute * window_bool if window_saved else 0
     if plan.gradient_checkpointing:
         # int8 layers keep their inputs outside the checkpoint's hooks (activations.py)
-        layer_acts = (checkpoints + eager_mask_bytes(plan)
+        layer_acts = (checkpoints + eager_mask_bytes(plan) + window_bool
                       + layers * tokens * int8_saved_bytes_per_token(spec, plan))
         saved_copies = 0  # recomputed per layer in backward
     else:
-        layer_acts = layers * (tokens * per_layer + scores)
+        layer_acts = layers * (tokens * per_layer + scores) + window_bool + window_saved
         saved_copies = weight_copies
     final_norm = tokens * act * h
     softcap = SOFTCAP_SAVED_UNITS if spec.final_logit_softcapping else 0
@@ -115,7 +120,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         EAGER_BACKWARD_BYTES_PER_SCORE * eager_score_count(spec, plan),
     )
     layer_copies = weight_copies // layers if layers else 0
-    recompute = tokens * per_layer + scores + layer_copies
+    recompute = tokens * per_layer + scores + layer_copies + window_copy
     # peft ParamWrapper folds the LoRA delta into a full copy of a layer's expert stack
     # (tuners/lora/layer.py _LoraFactorsProxy.forward: torch.baddbmm(W, lhs, rhs)) in the
     # experts' dtype; the copy lives until that layer's backward: every layer's without
@@ -124,12 +129,33 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     if lora_on_experts(spec, plan):
         fold = expert_bytes(spec, 4 if plan.method == "qlora" else DTYPE_BYTES[plan.load_dtype])
     fold_transient = fold if plan.gradient_checkpointing else 0
+    if fold:
+        # backward through the folded stacks: `_grouped_mm` returns the gradient of the
+        # folded weight (a full stack) while the folds are alive; down_proj first (next to
+        # both folds), then gate_up_proj (its fold and its gradient, down's fold freed).
+        # H200 snapshots (run 1 snap-mixtral-qlora, run 5 v013): unframed backward blocks.
+        e, inter = spec.num_local_experts, spec.moe_intermediate_size or spec.intermediate_size
+        fold_bytes = 4 if plan.method == "qlora" else DTYPE_BYTES[plan.load_dtype]
+        f_down = rounded(e * inter * h * fold_bytes)
+        f_gate_up = rounded(e * 2 * inter * h * fold_bytes)
+        fold_transient += max(f_down, f_gate_up - f_down)
     if not plan.gradient_checkpointing:
         layer_acts += layers * fold
-    # Full fine-tuning with tied embeddings: the embedding's gradient is accumulated into
-    # the lm_head's (same parameter): a second vocab x hidden gradient lives meanwhile.
-    tied_grad = (rounded(v * h * DTYPE_BYTES[plan.load_dtype])
-                 if full and spec.tie_word_embeddings else 0)
+    # Full fine-tuning: the lm_head's gradient (vocab x hidden) comes first in backward, the
+    # input embedding's last. Tied embeddings (one parameter): autograd holds the lm_head's
+    # gradient in the AccumulateGrad node's input buffer until the embedding's arrives, and
+    # sums the two (torch/csrc/autograd/input_buffer.cpp `accumulate`). In pure 16-bit the
+    # lm_head's gradient is the Linear backward's transposed mm output, which the buffer
+    # cannot add into in place: the end of backward holds every gradient plus two more
+    # vocab x hidden tensors (run 5 snapshots of gemma-2-9b, gemma-3-1b, smollm2: exact to
+    # 1 MiB). With fp32 master weights it arrives through autocast's cast backward as a
+    # fresh tensor: one more (d009 gemma-2-9b, d060 llama-3.2-1b, within 0.3 %).
+    vocab_grad = rounded(v * h * DTYPE_BYTES[plan.load_dtype]) if full else 0
+    autocast_cast = DTYPE_BYTES[plan.load_dtype] > compute
+    tied_extra = ((1 if autocast_cast else 2) * vocab_grad
+                  if spec.tie_word_embeddings else 0)
+    # the input embedding's gradient does not exist yet while the layers run backward
+    embed_grad_later = vocab_grad if not spec.tie_word_embeddings else 0
 
     weights = {
         "base_weights": wb.base_weights,
@@ -160,16 +186,38 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
             **steady,
             "gradients": grads,
             # with every gradient allocated, the activations left are those of the last
-            # layers backward reaches: the checkpoints and one recomputed layer, or (without
-            # checkpointing) one layer's saved tensors when the gradients are large (full)
-            "activations": (layer_acts + recompute if plan.gradient_checkpointing
-                            else (tokens * per_layer + scores if full else layer_acts)),
+            # layers backward reaches: the checkpoints and one recomputed layer
+            "activations": layer_acts + recompute if plan.gradient_checkpointing else layer_acts,
             "expert_weights": wb.expert_weights,
             "logits_loss": held_logits * logits_unit,
-            "transient": layer_grads + fold_transient + tied_grad,
+            "transient": layer_grads + fold_transient,
         },
         "optimizer": {**steady, "gradients": grads, "transient": opt.step_transient},
     }
+    if full:
+        # Gradients grow layer by layer while the saved activations shrink: the worst moment
+        # is at the first layer backward reaches (the lm_head's gradient, every layer's
+        # activations) or at the last (every layer's gradients, one layer's activations),
+        # then the embedding's backward (every gradient, nothing saved).
+        one_layer = (layer_acts // max(layers, 1)
+                     + (recompute if plan.gradient_checkpointing else layer_copies))
+        per_layer_grads = (grads - vocab_grad
+                           - (0 if spec.tie_word_embeddings else vocab_grad)) // max(layers, 1)
+        top = {**candidates["backward_layers"],
+               "gradients": vocab_grad + per_layer_grads,
+               # without checkpointing every layer's autocast weight copies are still saved
+               "transient": candidates["backward_layers"]["transient"] + saved_copies}
+        bottom = {**candidates["backward_layers"],
+                  "gradients": grads - embed_grad_later,
+                  "activations": one_layer}
+        candidates["backward_layers"] = max(top, bottom, key=lambda c: sum(c.values()))
+        candidates["backward_end"] = {
+            **steady,
+            "gradients": grads,
+            "expert_weights": wb.expert_weights,
+            "logits_loss": held_logits * logits_unit,
+            "transient": tied_extra,
+        }
     totals = {name: sum(c.values()) for name, c in candidates.items()}
     phases = {
         "load": totals["load"],
@@ -177,8 +225,10 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         "backward": max(totals["backward"], totals["backward_layers"]),
         "optimizer": totals["optimizer"],
     }
+    if "backward_end" in totals:
+        phases["backward"] = max(phases["backward"], totals["backward_end"])
     worst = max(totals, key=lambda k: totals[k])
-    peak_phase = "backward" if worst == "backward_layers" else worst
+    peak_phase = "backward" if worst.startswith("backward") else worst
     peak_allocated = totals[worst]
 
     slack = allocator_slack(4 * logits_unit, checkpoints, scores, trained if full else 0)

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from vramcalc.allocator import CUBLAS_WORKSPACES, CUDA_CONTEXT
 from vramcalc.plan_settings import TrainPlan, normalize_targets
 from vramcalc.result import Components, Estimate
-from vramcalc.specs import LinearShape, ModelSpec
+from vramcalc.specs import LinearShape, ModelSpec, layer_windows, sdpa_window_masks
 from vramcalc.trainable import lora_targets, lora_tensor_numels
 from vramcalc.weights import (
     DTYPE_BYTES,
@@ -200,23 +200,6 @@ def growing_tensors_reserved(count: int, sizes: list[int]) -> int:
 
 
 # ---- KV cache -------------------------------------------------------------------------
-
-
-def layer_windows(spec: ModelSpec) -> list[int | None]:
-    """The sliding window of each layer's cache, None for full attention.
-
-    transformers cache_utils.get_layer_types_and_kwargs: `layer_types` of the config, else
-    every layer with a `sliding_window` is "sliding_attention". Gemma-2's config
-    (configuration_gemma2.py) sets layer_types: even layers sliding, odd layers full.
-    """
-    window = spec.extra_config.get("sliding_window")
-    layers = spec.num_hidden_layers
-    types = spec.extra_config.get("layer_types")
-    if types is None and spec.model_type == "gemma2":
-        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
-    if types is not None:
-        return [int(window) if t == "sliding_attention" and window else None for t in types]
-    return [int(window) if window else None] * layers
 
 
 def kv_token_bytes(spec: ModelSpec, plan: InferPlan) -> int:
@@ -437,6 +420,12 @@ def layer_live_bytes(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int)
         # eager_attention_forward returns the probabilities; the decoder layer binds them
         # (`hidden_states, _ = self.self_attn(...)`), so they live until the layer returns.
         probs = rounded(plan.batch_size * spec.num_attention_heads * queries * kv_len * c)
+    elif sdpa_window_masks(spec, kv_len):
+        # sdpa with a sliding window reached (kv_len >= window): masking_utils builds one
+        # (batch, 1, queries, keys) bool mask instead of relying on `is_causal`, alive for
+        # the whole prefill (specs.sdpa_window_masks). H200 run 5: mistral-7b prefill of 8 x
+        # 32768 (ih19) and 8 x 8192 (ih12) measured exactly this much above the estimate.
+        masks = rounded(plan.batch_size * (tokens // plan.batch_size) * kv_len)
     return masks + max(attn, probs + mlp)
 
 

@@ -497,3 +497,32 @@ def depth_cut(spec: ModelSpec, layers: int) -> ModelSpec:
     if spec.expected_params is not None and spec.expected_params == spec.num_params():
         cut = cut.model_copy(update={"expected_params": cut.num_params()})
     return cut
+
+
+def layer_windows(spec: ModelSpec) -> list[int | None]:
+    """The sliding window of each layer's cache, None for full attention.
+
+    transformers cache_utils.get_layer_types_and_kwargs: `layer_types` of the config, else
+    every layer with a `sliding_window` is "sliding_attention". Gemma-2's config
+    (configuration_gemma2.py) sets layer_types: even layers sliding, odd layers full.
+    """
+    window = spec.extra_config.get("sliding_window")
+    if spec.extra_config.get("use_sliding_window") is False:  # Qwen2: the window is unused
+        window = None
+    layers = spec.num_hidden_layers
+    types = spec.extra_config.get("layer_types")
+    if types is None and spec.model_type == "gemma2":
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+    if types is not None:
+        return [int(window) if t == "sliding_attention" and window else None
+                for t in list(types)[:layers]]
+    return [int(window) if window else None] * layers
+
+
+def sdpa_window_masks(spec: ModelSpec, kv_length: int) -> int:
+    """How many layers get a materialised sliding-window mask under sdpa at `kv_length`
+    keys. masking_utils `_ignore_causal_mask_sdpa` lets sdpa use `is_causal` instead of a
+    mask, except for a sliding window when kv_length >= the window: then
+    `create_sliding_window_causal_mask` builds one (batch, 1, queries, keys) bool mask,
+    shared by every sliding layer. 0 when no layer slides that far."""
+    return sum(1 for w in layer_windows(spec) if w is not None and kv_length >= w)

@@ -4,7 +4,8 @@ LoRA / QLoRA: the adapters peft adds (tuners/lora/layer.py `update_layer`: A is 
 B is out x r, DoRA adds a magnitude of out), kept in fp32 (`autocast_adapter_dtype=True`
 upcasts 16-bit adapters). MoE experts stored as 3-D tensors (transformers 5) are wrapped by
 `ParamWrapper` when targeted: A is (r * experts) x in, B is out x (r * experts), in the
-expert tensor's dtype and then upcast to fp32; peft 0.21 refuses `lora_dropout != 0` there.
+expert tensor's dtype and then upcast to fp32 (rank 2r on the fused gate_up_proj, plus the
+router); peft 0.21 refuses `lora_dropout != 0` there.
 Full fine-tuning: every parameter of the model, in the dtype it was loaded in.
 """
 
@@ -99,12 +100,19 @@ def lora_tensor_numels(spec: ModelSpec, plan: TrainPlan) -> list[int]:
         out += [plan.rank * lin.in_features, lin.out_features * plan.rank]
         if plan.use_dora:
             out.append(lin.out_features)
+    if plan.is_lora and plan.targets == "all-linear" and spec.shared_expert_intermediate_size:
+        # Qwen2-MoE's shared_expert_gate, nn.Linear(h, 1): all-linear wraps it too
+        out += [plan.rank * spec.hidden_size, plan.rank]
     if lora_on_experts(spec, plan):
-        e, h = spec.num_local_experts, spec.hidden_size
+        e, h, r = spec.num_local_experts, spec.hidden_size, plan.rank
         inter = spec.moe_intermediate_size or spec.intermediate_size
-        # gate_up_proj (E, 2I, h) and down_proj (E, h, I): ParamWrapper A/B over r * E
-        out += [plan.rank * e * h, 2 * inter * plan.rank * e]
-        out += [plan.rank * e * inter, h * plan.rank * e]
+        # peft maps the v4 names onto the fused v5 tensors (utils/transformers_weight_conversion
+        # .py `_convert_peft_config_moe`): gate_up_proj (E, 2I, h) fuses two v4 targets (w1+w3,
+        # gate_proj+up_proj), so its rank_pattern is 2r; down_proj (E, h, I) keeps r; the router
+        # `gate.weight` (E x h) becomes a target parameter too. ParamWrapper A/B span rank * E.
+        out += [2 * r * e * h, 2 * inter * 2 * r * e]
+        out += [r * e * inter, h * r * e]
+        out += [r * h, e * r]
     return out
 
 
