@@ -2,6 +2,7 @@
 
     python calibration/design.py design   > calibration/matrices/h200-design.json
     python calibration/design.py holdout  > calibration/matrices/h200-holdout.json
+    python calibration/design.py holdout3 > calibration/matrices/h200-holdout3.json
 
 `design`: 16 architectures (MHA, GQA, MQA, tied/untied, 32k-256k vocabularies, fused
 modules, qk-norm, softcapping, plain gelu_new MLP with residual dropout, MoE with few large
@@ -245,8 +246,16 @@ def main(which: str) -> None:
         # every architecture, predictions committed before run 4.
         archs = {**DESIGN_ARCHS, **HOLDOUT_ARCHS}
         points = random_points(archs, 40, seed=30, prefix="v")
+    elif which == "holdout3":
+        # After the run-5 traces changed the model (full fine-tuning backward, MoE experts,
+        # sliding-window masks): fresh draws over every architecture plus three never
+        # measured (qwen2.5-1.5b, llama-3.2-3b, codellama-7b); predictions committed before
+        # run 6 (h200-holdout3-predictions.json).
+        archs = {**DESIGN_ARCHS, **HOLDOUT_ARCHS, "qwen2.5-1.5b": None, "llama-3.2-3b": None,
+                 "codellama-7b": 4}
+        points = random_points(archs, 44, seed=50, prefix="w")
     else:
-        raise SystemExit("usage: design.py design|holdout|holdout2")
+        raise SystemExit("usage: design.py design|holdout|holdout2|holdout3")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 

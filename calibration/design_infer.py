@@ -1,6 +1,7 @@
 """Draw a fresh inference holdout (for the next GPU session) and pre-register it.
 
     python calibration/design_infer.py > calibration/matrices/h200-infer-holdout.json
+    python calibration/design_infer.py holdout2 > calibration/matrices/h200-infer-holdout2.json
 
 24 generate() points and 3 merges drawn at random (seed 40) over 7 architectures (MHA and
 GQA, 32k-256k vocabularies), batch 1-64, prompt 128-32k, new tokens 1-2048, nf4 and bf16
@@ -28,6 +29,9 @@ GiB = 2**30
 
 
 def main() -> None:
+    if sys.argv[1:] == ["holdout2"]:
+        holdout2()
+        return
     rng = random.Random(40)
     points = []
     while len(points) < 24:
@@ -56,6 +60,32 @@ def main() -> None:
         points.append(_point(f"im{i}-{name}", name, "merge", plan, est))
     json.dump({"note": "pre-registered inference holdout: predictions made before any "
                "measurement of these points", "points": points}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+def holdout2() -> None:
+    """12 generate() points, pre-registered after the run-5 fix (sdpa sliding-window
+    masks): mistral-7b (window 4096) on both sides of its window, and other archs."""
+    rng = random.Random(41)
+    points = []
+    archs = ["mistral-7b", "mistral-7b", "qwen2.5-7b", "llama-3.1-8b", "mistral-7b",
+             "phi-3-mini", "qwen3-8b"]
+    while len(points) < 12:
+        name = archs[len(points) % len(archs)]
+        spec = depth_cut(get_spec(name), 4)
+        plan = {"batch_size": rng.choice([1, 2, 4, 8, 16]),
+                "prompt_len": rng.choice([1024, 3000, 4096, 6000, 8192, 16384, 24576]),
+                "new_tokens": rng.choice([1, 16, 64, 256, 1024]),
+                "quant": rng.choice(["nf4", "nf4", "none"]), "rank": rng.choice([8, 16, 64])}
+        if plan["batch_size"] * plan["new_tokens"] > 16384:
+            continue
+        est = estimate_inference(spec, InferPlan.model_validate(plan))
+        if est.peak_device_bytes > 60 * GiB:
+            continue
+        points.append(_point(f"ij{len(points):02d}-{name}", name, "infer", plan, est))
+    json.dump({"note": "pre-registered inference holdout 2 (after the sliding-window fix): "
+               "predictions made before any measurement of these points", "points": points},
+              sys.stdout, indent=1)
     sys.stdout.write("\n")
 
 
