@@ -121,7 +121,8 @@ def multi(
     Every rank's torch peak allocated / reserved, NVML peak used and peak host RSS go to
     OUT/merged.json; the estimate of the same point (as 'vramcalc plan ... --json' prints
     it) goes to OUT/plan.json. Strategies: ddp, fsdp (PEFT's FSDP-QLoRA settings;
-    --offload cpu), device-map (one process). Every process runs with
+    --offload cpu), device-map (one process). Steps run in a plain loop (--loop is
+    ignored), with the optimizer HF Trainer builds for --optimizer. Every process runs with
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1.
 
     \b
