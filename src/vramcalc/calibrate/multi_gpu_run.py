@@ -3,9 +3,19 @@ peaks in one JSON (calibration/MULTI_GPU.md has the commands and the matrix).
 
 The driver (`run_point`) writes an accelerate config (DDP, or FSDP FULL_SHARD with PEFT's
 FSDP-QLoRA settings, optionally CPU offload), launches this module once per GPU with
-`--rank-main`, and merges the per-rank files. device-map runs in one process without
-accelerate launch. Each rank records torch's max_memory_allocated / max_memory_reserved
-and NVML's used memory of its own device (polled) after a few steps of random tokens.
+`--rank-main`, and merges the per-rank files into OUT/merged.json. device-map runs in one
+process without accelerate launch. Each rank records torch's max_memory_allocated /
+max_memory_reserved and NVML's used memory of its own device (polled) after a few steps of
+random tokens, and its own peak resident host memory (getrusage), which is what CPU
+offload moves to the host.
+
+`device="cpu"` is a smoke test of everything but the GPU readings (config, launch, one
+process per rank, gloo process group, DDP wrapping, per-rank files, merge): the launcher
+is the same (torch elastic through `accelerate launch`), each rank builds
+`Accelerator(cpu=True)`, so accelerate picks MULTI_CPU and gloo (accelerate/state.py
+PartialState._prepare_backend). FSDP cannot run that way: accelerate turns
+ACCELERATE_USE_FSDP into an FSDP state only for GPU-like process groups (state.py,
+AcceleratorState.__init__), so `fsdp` on cpu is refused instead of silently running DDP.
 
 The pure pieces (config, command, environment, merge) import nothing heavy and are tested
 on CPU; torch, transformers, bitsandbytes, peft and accelerate load inside `rank_main`.
@@ -15,20 +25,33 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vramcalc.multi_gpu import ParallelPlan
 from vramcalc.plan_settings import TrainPlan
 
+Device = Literal["cuda", "cpu"]
+LAUNCHED_STRATEGIES = ("ddp", "fsdp", "device-map")
 # Every process this driver starts: no NVLink SHARP / multicast (the lent machines forbid it).
 SAFE_ENV = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
+# What every rank file holds (merge_ranks checks it; tests assert it).
+RANK_FIELDS = ("rank", "local_rank", "world_size", "device", "distributed_type", "backend",
+               "wrapper", "steps", "losses", "max_allocated", "max_reserved", "per_device",
+               "nvml_peak_used", "nvml_process_peak_used", "host_peak_rss", "wall_s", "env",
+               "versions", "point")
+
+
+class LaunchError(RuntimeError):
+    """`accelerate launch` failed or a rank wrote no file; the message names the log."""
 
 
 def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -37,7 +60,27 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def accelerate_config(parallel: ParallelPlan, mixed_precision: str = "bf16") -> dict[str, Any]:
+def check_launchable(parallel: ParallelPlan, device: Device) -> None:
+    """ValueError (one line) for what the driver cannot launch."""
+    if parallel.strategy not in LAUNCHED_STRATEGIES:
+        raise ValueError(f"calibrate multi launches {', '.join(LAUNCHED_STRATEGIES)}, not "
+                         f"{parallel.strategy} (DeepSpeed ZeRO is estimated, not measured yet)")
+    if parallel.nodes > 1:
+        raise ValueError("calibrate multi measures one machine; drop --gpus-per-node")
+    if device == "cpu" and parallel.strategy != "ddp":
+        raise ValueError(f"--device cpu runs ddp only: accelerate enables {parallel.strategy} "
+                         "for GPU process groups only")
+
+
+def free_port() -> int:
+    """A free TCP port for the rendezvous (so two launches never share 29500)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def accelerate_config(parallel: ParallelPlan, mixed_precision: str = "bf16",
+                      port: int | None = None) -> dict[str, Any]:
     """The accelerate config file for `parallel` (keys as `accelerate config` writes them).
 
     FSDP follows PEFT's FSDP-QLoRA example (docs/source/accelerate/fsdp.md):
@@ -59,6 +102,8 @@ def accelerate_config(parallel: ParallelPlan, mixed_precision: str = "bf16") -> 
         "same_network": True,
         "use_cpu": False,
     }
+    if port is not None:
+        cfg["main_process_port"] = port
     if parallel.strategy == "fsdp":
         cfg["fsdp_config"] = {
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
@@ -75,16 +120,19 @@ def accelerate_config(parallel: ParallelPlan, mixed_precision: str = "bf16") -> 
     return cfg
 
 
-def write_config(parallel: ParallelPlan, path: Path) -> Path:
+def write_config(parallel: ParallelPlan, path: Path, port: int | None = None) -> Path:
     import yaml
 
-    path.write_text(yaml.safe_dump(accelerate_config(parallel), sort_keys=True))
+    path.write_text(yaml.safe_dump(accelerate_config(parallel, port=port), sort_keys=True))
     return path
 
 
 def launch_command(config: Path, parallel: ParallelPlan, point: Path, out_dir: Path,
                    python: str = sys.executable) -> list[str]:
-    """`accelerate launch` one process per GPU running `rank_main` (device-map: plain python)."""
+    """`accelerate launch` one process per GPU running `rank_main` (device-map: plain python).
+
+    The launch stays `MULTI_GPU` / `FSDP` on cpu as well: that is the launcher that starts
+    N processes (torch elastic); the ranks then choose the device (`point.json`)."""
     tail = ["-m", "vramcalc.calibrate.multi_gpu_run", "--rank-main", str(point), str(out_dir)]
     if parallel.strategy == "device-map":
         return [python, *tail]
@@ -92,75 +140,165 @@ def launch_command(config: Path, parallel: ParallelPlan, point: Path, out_dir: P
             "--num_processes", str(parallel.gpus), *tail]
 
 
-def merge_ranks(out_dir: Path) -> dict[str, Any]:
-    """One record from every rank's file: per-rank peaks and the busiest rank."""
+def _busiest_key(r: dict[str, Any]) -> int:
+    return int(r.get("nvml_peak_used") or r.get("max_reserved") or r.get("host_peak_rss") or 0)
+
+
+def _max_of(ranks: list[dict[str, Any]], key: str) -> int | None:
+    values = [r[key] for r in ranks if r.get(key) is not None]
+    return max(values) if values else None
+
+
+def merge_ranks(out_dir: Path, expected: int | None = None) -> dict[str, Any]:
+    """One record from every rank's file: per-rank peaks and the busiest rank.
+
+    GPU readings are None on cpu (never 0 for unknown); `expected` ranks must all be there."""
     ranks = sorted((json.loads(p.read_text()) for p in out_dir.glob("rank*.json")),
                    key=lambda r: r["rank"])
     if not ranks:
         raise FileNotFoundError(f"no rank*.json in {out_dir}")
-    busiest = max(ranks, key=lambda r: r.get("nvml_peak_used", 0) or r["max_reserved"])
+    if expected is not None and [r["rank"] for r in ranks] != list(range(expected)):
+        got = ", ".join(str(r["rank"]) for r in ranks)
+        raise FileNotFoundError(f"{out_dir}: rank files of ranks {got}, expected 0..{expected - 1}")
+    busiest = max(ranks, key=_busiest_key)
     return {
         "point": ranks[0]["point"],
         "versions": ranks[0].get("versions", {}),
+        "device": ranks[0].get("device", "cuda"),
+        "world_size": len(ranks),
         "ranks": ranks,
         "busiest_rank": busiest["rank"],
-        "max_allocated": max(r["max_allocated"] for r in ranks),
-        "max_reserved": max(r["max_reserved"] for r in ranks),
-        "nvml_peak_used": max(r.get("nvml_peak_used", 0) for r in ranks),
+        "max_allocated": _max_of(ranks, "max_allocated"),
+        "max_reserved": _max_of(ranks, "max_reserved"),
+        "nvml_peak_used": _max_of(ranks, "nvml_peak_used"),
+        "host_peak_rss": _max_of(ranks, "host_peak_rss"),
     }
 
 
 def run_point(model_id: str, plan: TrainPlan, parallel: ParallelPlan, out_dir: Path,
-              steps: int = 3, timeout_s: int = 1800) -> dict[str, Any]:
-    """Write the config and point, launch, merge (raises CalledProcessError on failure)."""
+              steps: int = 3, timeout_s: int = 1800, device: Device = "cuda",
+              env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write the config and point, launch, merge. `model_id`: a checkpoint folder or hub id.
+
+    The launch's output goes to OUT/launch.log; LaunchError (naming it) when the launch
+    fails, times out or a rank wrote nothing."""
+    check_launchable(parallel, device)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("rank*.json"):
+        old.unlink()
     point = out_dir / "point.json"
     point.write_text(json.dumps({"model_id": model_id, "plan": plan.model_dump(mode="json"),
-                                 "parallel": parallel.model_dump(mode="json"), "steps": steps}))
-    config = write_config(parallel, out_dir / "accelerate.yaml")
+                                 "parallel": parallel.model_dump(mode="json"), "steps": steps,
+                                 "device": device}))
+    config = write_config(parallel, out_dir / "accelerate.yaml", port=free_port())
     cmd = launch_command(config, parallel, point, out_dir)
-    subprocess.run(cmd, env=child_env(), check=True, timeout=timeout_s)
-    merged = merge_ranks(out_dir)
+    log = out_dir / "launch.log"
+    penv = child_env(env)
+    if plan.expandable_segments and "PYTORCH_CUDA_ALLOC_CONF" not in penv:
+        penv["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # as worker.py does
+    with log.open("w") as fh:
+        try:
+            proc = subprocess.run(cmd, env=penv, stdout=fh, stderr=subprocess.STDOUT,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise LaunchError(f"launch timed out after {timeout_s} s; see {log}") from None
+    if proc.returncode != 0:
+        raise LaunchError(f"launch exited {proc.returncode}: {_last_error(log)}; see {log}")
+    try:
+        merged = merge_ranks(out_dir, expected=1 if parallel.strategy == "device-map"
+                             else parallel.gpus)
+    except FileNotFoundError as err:
+        raise LaunchError(f"{err}; see {log}") from None
     (out_dir / "merged.json").write_text(json.dumps(merged, indent=2))
     return merged
+
+
+def _last_error(log: Path) -> str:
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    errs = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (errs or lines or ["no output"])[-1][:200]
 
 
 # ---- inside each launched process (heavy imports) ----------------------------------------
 
 
-def rank_main(point_path: Path, out_dir: Path) -> None:  # pragma: no cover - needs GPUs
+def _optimizer(params: list[Any], name: str) -> Any:
+    """The optimizer HF Trainer builds for `name` (transformers Trainer.get_optimizer_cls_and_
+    kwargs: adamw_torch[_fused] -> torch AdamW, *adamw_8bit / paged_adamw_32bit ->
+    bitsandbytes AdamW with optim_bits and is_paged), with Trainer's default betas / eps.
+    Built here, not through TrainingArguments: that resets accelerate's shared state."""
     import torch
-    import transformers
-    from accelerate import Accelerator
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from vramcalc.calibrate.run import NvmlPoller
+    lr = 1e-5
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        return torch.optim.AdamW(params, lr=lr, fused=name == "adamw_torch_fused" or None)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    import bitsandbytes as bnb
 
+    return bnb.optim.AdamW(params, lr=lr, optim_bits=32 if name == "paged_adamw_32bit" else 8,
+                           is_paged=name.startswith("paged"))
+
+
+def _host_peak_rss() -> int:
+    import resource
+
+    # Linux reports ru_maxrss in KiB (getrusage(2)); macOS in bytes.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def rank_main(point_path: Path, out_dir: Path) -> None:
+    """One rank: load, wrap (LoRA / k-bit prep as the single-GPU recipe), prepare with
+    accelerate, take `steps` steps on random tokens, write OUT/rank<R>.json."""
+    t0 = time.perf_counter()
     point = json.loads(point_path.read_text())
     plan = TrainPlan(**point["plan"])
     parallel = ParallelPlan(**point["parallel"])
+    on_gpu = point.get("device", "cuda") == "cuda"
+
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from vramcalc.calibrate.run import NvmlPoller, quant_config, torch_dtype
+
     device_map = parallel.strategy == "device-map"
-    accelerator = None if device_map else Accelerator()
+    accelerator = None
+    if not device_map:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not on_gpu)
     rank = 0 if accelerator is None else accelerator.process_index
     local = 0 if accelerator is None else accelerator.local_process_index
-    if not device_map:
+    if on_gpu and not device_map:
         torch.cuda.set_device(local)
-    dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[
-        plan.load_dtype])
+    dtype = torch_dtype(plan.load_dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": plan.attn}
-    sharded = parallel.strategy == "fsdp" and plan.method == "qlora"
+    sharded = parallel.strategy == "fsdp"
     if plan.method == "qlora":
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=plan.quant,
-            bnb_4bit_use_double_quant=plan.double_quant, bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=dtype if sharded else torch.uint8)
+        kwargs["quantization_config"] = qc = quant_config(
+            plan.quant, plan.compute_dtype, plan.double_quant)
+        if sharded and plan.quant in ("nf4", "fp4"):  # FSDP-QLoRA: bf16 storage (PEFT docs)
+            qc.bnb_4bit_quant_storage = dtype
     if device_map:
         kwargs["device_map"] = "auto" if parallel.device_map_balance == "balanced" else "sequential"
-    elif not sharded:
+    elif on_gpu and not sharded:
         kwargs["device_map"] = {"": local}
-    poller = NvmlPoller(index=local)
-    poller.start()
+    poller = NvmlPoller(index=local) if on_gpu else None
+    if poller is not None:
+        poller.start()
     model = transformers.AutoModelForCausalLM.from_pretrained(point["model_id"], **kwargs)
+    vocab = int(model.config.vocab_size)
     if plan.method == "qlora" and not sharded:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=plan.gradient_checkpointing)
@@ -172,36 +310,64 @@ def rank_main(point_path: Path, out_dir: Path) -> None:  # pragma: no cover - ne
             r=plan.rank, lora_alpha=plan.alpha, lora_dropout=plan.lora_dropout,
             target_modules=plan.targets if plan.targets == "all-linear" else plan.target_list(),
             task_type="CAUSAL_LM"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], plan.optimizer)
     if accelerator is not None:
-        if parallel.strategy == "fsdp" and plan.is_lora:
+        if sharded and plan.is_lora:
             from peft.utils.other import fsdp_auto_wrap_policy
 
             accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
         model, optimizer = accelerator.prepare(model, optimizer)
-    first = next(model.parameters()).device if device_map else torch.device("cuda", local)
-    torch.cuda.reset_peak_memory_stats()
+    if device_map:
+        first = next(model.parameters()).device
+    else:
+        first = torch.device("cuda", local) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    losses = []
     for _ in range(point["steps"]):
-        ids = torch.randint(0, model.config.vocab_size if hasattr(model, "config") else 1000,
-                            (plan.batch_size, plan.seq_len), device=first)
+        ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len), device=first)
         loss = model(input_ids=ids, labels=ids).loss
         (accelerator.backward(loss) if accelerator is not None else loss.backward())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    poller.stop()
-    devices = range(torch.cuda.device_count()) if device_map else [local]
-    record = {
-        "rank": rank, "point": point,
-        "max_allocated": max(torch.cuda.max_memory_allocated(d) for d in devices),
-        "max_reserved": max(torch.cuda.max_memory_reserved(d) for d in devices),
-        "per_device": {str(d): {"max_allocated": torch.cuda.max_memory_allocated(d),
-                                "max_reserved": torch.cuda.max_memory_reserved(d)}
-                       for d in devices},
-        "nvml_peak_used": poller.peak_used,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        losses.append(float(loss.detach()))
+    record: dict[str, Any] = {
+        "rank": rank, "local_rank": local,
+        "world_size": 1 if accelerator is None else accelerator.num_processes,
+        "device": "cuda" if on_gpu else "cpu",
+        "distributed_type": "device_map" if accelerator is None
+        else str(accelerator.distributed_type).split(".")[-1],
+        "backend": None if accelerator is None else accelerator.state.backend,
+        "wrapper": type(model).__name__, "steps": point["steps"], "losses": losses,
+        "max_allocated": None, "max_reserved": None, "per_device": {},
+        "nvml_peak_used": None, "nvml_process_peak_used": None,
     }
+    if on_gpu:
+        torch.cuda.synchronize()
+        assert poller is not None
+        poller.stop()
+        devices = range(torch.cuda.device_count()) if device_map else [local]
+        record.update(
+            max_allocated=max(torch.cuda.max_memory_allocated(d) for d in devices),
+            max_reserved=max(torch.cuda.max_memory_reserved(d) for d in devices),
+            per_device={str(d): {"max_allocated": torch.cuda.max_memory_allocated(d),
+                                 "max_reserved": torch.cuda.max_memory_reserved(d)}
+                        for d in devices},
+            nvml_peak_used=poller.peak_used or None,
+            nvml_process_peak_used=poller.peak_process_used or None,
+        )
+    record.update(
+        host_peak_rss=_host_peak_rss(),
+        wall_s=round(time.perf_counter() - t0, 2),
+        env={k: os.environ.get(k) for k in SAFE_ENV},
+        versions={d: _version(d) for d in ("torch", "transformers", "accelerate", "peft",
+                                           "bitsandbytes")},
+        point=point,
+    )
     (out_dir / f"rank{rank}.json").write_text(json.dumps(record, indent=2))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -574,3 +574,12 @@ def fit_cmd(data: DataOpt = None, out: FitOutOpt = None, json_output: JsonOpt = 
 
 app.callback(invoke_without_command=True)(run)
 app.command("run")(run)
+
+
+def _register_multi() -> None:
+    from vramcalc.commands.calibrate_multi import multi
+
+    app.command("multi")(multi)
+
+
+_register_multi()
