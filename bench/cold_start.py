@@ -7,11 +7,22 @@ else `python -m vramcalc`) vs (a) a cold `python -c "import typer, rich, pydanti
 (the libraries any command needs) and (b) a cold `python -c pass` (the interpreter alone).
 Targets (issue 9): plan <= 1.6x (a) and <= 6x (b). Runs are interleaved, so a busy
 machine slows all three alike; the ratios are what to compare across machines.
+
+    python bench/cold_start.py --breakdown [--runs 21]
+
+also times, interleaved with the three above, the library floor under plan: cold processes
+that do only what plan needs from its libraries, each step on top of the one before
+(a pydantic model with a constrained field validated once; rich.console + rich.table
+imported; a 16-row table printed), with the same process settings as `vramcalc.cli.main`
+(gc.freeze, PYDANTIC_DISABLE_PLUGINS). plan minus the last step is vramcalc's own time.
+The untimed warm-up run writes the .pyc files even under PYTHONDONTWRITEBYTECODE, so a
+source tree is timed as an install is: with its bytecode cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -32,11 +43,44 @@ def commands() -> dict[str, list[str]]:
     }
 
 
-def measure(runs: int) -> dict[str, float]:
+_DEPS = "import typer, rich, pydantic, yaml"
+_MAIN = "import gc, os; gc.freeze(); os.environ.setdefault('PYDANTIC_DISABLE_PLUGINS', '__all__')"
+_MODEL = """
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+class M(BaseModel):
+    model_config = ConfigDict(extra='forbid', frozen=True)
+    n: PositiveInt = 1
+    f: float = Field(default=0.0, ge=0.0, lt=1.0)
+M(n=2)
+"""
+_RICH = "\nimport rich.console, rich.table"
+_TABLE = """
+t = rich.table.Table(title='title', title_justify='left')
+for c in ('component', 'GiB', 'share', ''):
+    t.add_column(c, justify='right')
+for i in range(16):
+    t.add_row(f'component {i}', f'{i:.2f}', f'{i:.1f}%', '#' * i)
+rich.console.Console(emoji=False).print(t)
+"""
+# Cumulative steps: each is the one before plus one more piece of plan's library work.
+FLOOR = {
+    "+ a validated pydantic model": _DEPS + "; " + _MAIN + _MODEL,
+    "+ import rich.console, rich.table": _DEPS + "; " + _MAIN + _MODEL + _RICH,
+    "+ print a 16-row rich table": _DEPS + "; " + _MAIN + _MODEL + _RICH + _TABLE,
+}
+
+
+def measure(runs: int, breakdown: bool = False) -> dict[str, float]:
     cmds = commands()
+    if breakdown:
+        cmds.update({k: [sys.executable, "-c", code] for k, code in FLOOR.items()})
     times: dict[str, list[float]] = {k: [] for k in cmds}
-    for cmd in cmds.values():  # warm the OS file cache once, untimed
-        subprocess.run(cmd, check=True, capture_output=True)
+    # Warm the OS file cache once, untimed, and write the .pyc files a cold start reads (a
+    # user's install has them): without PYTHONDONTWRITEBYTECODE, else every timed run would
+    # compile vramcalc's sources again (~15 ms in a dev tree).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    for cmd in cmds.values():
+        subprocess.run(cmd, check=True, capture_output=True, env=env)
     for _ in range(runs):
         for name, cmd in cmds.items():
             t0 = time.perf_counter()
@@ -48,8 +92,10 @@ def measure(runs: int) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=21)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the library floor under plan, step by step")
     args = parser.parse_args()
-    med = measure(args.runs)
+    med = measure(args.runs, args.breakdown)
     r_deps, r_py = med["plan"] / med["deps"], med["plan"] / med["python"]
     print(f"median of {args.runs} cold runs:")
     print(f"  vramcalc plan --model llama-7b   {1000 * med['plan']:7.1f} ms")
@@ -57,6 +103,14 @@ def main() -> int:
           f"   plan / deps   = {r_deps:.2f}x (target <= {TARGET_DEPS}x)")
     print(f"  python -c pass                   {1000 * med['python']:7.1f} ms"
           f"   plan / python = {r_py:.2f}x (target <= {TARGET_PYTHON}x)")
+    if args.breakdown:
+        print("library floor under plan (each step adds to the one before):")
+        prev = med["deps"]
+        for name in FLOOR:
+            print(f"  {name:34s} {1000 * med[name]:7.1f} ms   +{1000 * (med[name] - prev):5.1f} ms")
+            prev = med[name]
+        print(f"  {'vramcalc plan itself':34s} {1000 * med['plan']:7.1f} ms   "
+              f"+{1000 * (med['plan'] - prev):5.1f} ms")
     return 0 if r_deps <= TARGET_DEPS and r_py <= TARGET_PYTHON else 1
 
 

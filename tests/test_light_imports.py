@@ -95,3 +95,23 @@ def test_parallel_choices_match_multi_gpu() -> None:
 def test_plan_without_gpus_skips_multi_gpu() -> None:
     loaded = _run_cli("plan", "--model", "llama-7b")
     assert "vramcalc.multi_gpu" not in loaded
+
+
+# Modules a cold `vramcalc plan --model NAME` has no use for (issue 9: it runs in loops).
+NOT_ON_PLAN_PATH = (
+    "vramcalc.multi_gpu", "vramcalc.inference", "vramcalc.calibrate", "vramcalc.hub",
+    "vramcalc.hf_config", "vramcalc.gpu_catalog", "vramcalc.advice", "vramcalc.comparison",
+    "vramcalc.training_config", "vramcalc.api", "huggingface_hub", "platformdirs",
+)
+
+
+def test_plan_imports_only_what_it_uses() -> None:
+    loaded = _run_cli("plan", "--model", "llama-7b")
+    assert not loaded & set(NOT_ON_PLAN_PATH), loaded & set(NOT_ON_PLAN_PATH)
+
+
+def test_plan_json_imports_no_rich_renderer() -> None:
+    """--json needs the dict helpers of vramcalc.render, not rich's console or tables."""
+    loaded = _run_cli("plan", "--model", "llama-7b", "--json")
+    assert not {m for m in loaded if m.startswith("rich.")}, sorted(
+        m for m in loaded if m.startswith("rich."))

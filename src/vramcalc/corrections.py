@@ -75,11 +75,15 @@ VALIDATION_METHOD = "leave-one-architecture-out"
 PEAKS = ("allocated", "reserved", "device")
 
 
+# defer_build on every model here: `plan` without a GPU imports this module but reads no
+# corrections, so their validators are built on first use, not at import (issue 9).
+
+
 class Validation(BaseModel):
     """The held-out replay of an entry at fit time: each model's points predicted with
     factors fitted on the other models only, vs the raw estimate on the same points."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     method: str = VALIDATION_METHOD
     n_points: int = Field(default=0, ge=0)  # points with a held-out correction
@@ -90,7 +94,7 @@ class Validation(BaseModel):
 class Corrections(BaseModel):
     """Correction factors fitted on the points of one GPU family and stack."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     gpu_family: str  # "H100"
     stack: str  # "torch2.11-transformers5.17"
@@ -112,7 +116,7 @@ class Corrections(BaseModel):
 class CorrectionsFile(BaseModel):
     """A corrections file (vramcalc/data/corrections.json, the user's): fitted entries."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     schema_version: int = SCHEMA_VERSION
     kind: str = FILE_KIND
@@ -122,7 +126,7 @@ class CorrectionsFile(BaseModel):
 class Observation(BaseModel):
     """One measured point next to its raw estimate: what `fit` needs, all in bytes."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     model: str
     gpu_family: str

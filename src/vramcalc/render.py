@@ -1,13 +1,18 @@
-"""Estimates and verdicts -> rich tables or JSON-ready dicts. GiB = 2**30, labelled GiB."""
+"""Estimates and verdicts -> rich tables or JSON-ready dicts. GiB = 2**30, labelled GiB.
+
+rich.table loads inside the functions that build a table, so `--json` (which only needs
+the dict helpers here) never imports rich (issue 9).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
-from vramcalc.plan_settings import TrainPlan
+    from vramcalc.plan_settings import TrainPlan
 from vramcalc.result import COMPONENTS, Estimate
 
 GiB = 2**30
@@ -80,6 +85,8 @@ def train_labels(plan: TrainPlan) -> dict[str, str]:
 
 
 def breakdown_table(est: Estimate, title: str, labels: dict[str, str] | None = None) -> Table:
+    from rich.table import Table
+
     labels = labels or LABELS
     table = Table(title=title, title_justify="left")
     table.add_column("component")
@@ -119,7 +126,7 @@ def print_breakdown(est: Estimate, plan: TrainPlan, console: Console) -> None:
         f"{p.attn}{', plain loop' if p.loop == 'plain' else ''}"
     )
     console.print(breakdown_table(est, title, train_labels(p)))
-    console.print(f"peak phase: {est.peak_phase}")
+    console.print(f"peak phase: {est.peak_phase}", highlight=False)  # no highlighter to build
     for note in est.notes:
         console.print(f"note: {note}", highlight=False)
 
@@ -160,7 +167,7 @@ def print_task_breakdown(est: Estimate, title: str, console: Console,
     """Breakdown of an inference or merge estimate, labelled for the task."""
     labels = {name: task_label(est.task, name, adapter_dtype) for name in COMPONENTS}
     console.print(breakdown_table(est, title, labels))
-    console.print(f"peak phase: {est.peak_phase}")
+    console.print(f"peak phase: {est.peak_phase}", highlight=False)
     for note in est.notes:
         console.print(f"[dim]note: {note}[/dim]", highlight=False)
 
@@ -202,6 +209,8 @@ def comparison_to_dict(model: str, rows: list[Any], margin_bytes: int) -> dict[s
 def print_comparison(model: str, params: int, rows: list[Any], margin_bytes: int,
                      console: Console) -> None:
     """The methods side by side; rows that cannot start say why under the table."""
+    from rich.table import Table
+
     first = rows[0].plan
     table = Table(
         title=f"{model} ({_count(params)} params), batch {first.batch_size} x "
@@ -259,6 +268,8 @@ def fit_to_dict(gpu: str, memory_bytes: int, rows: list[Any], margin_bytes: int,
 def print_fit(gpu: str, memory_bytes: int, rows: list[Any], margin_bytes: int,
               plan: TrainPlan, console: Console) -> None:
     """The rows that fit at batch 1; a count of the rest; * past max_position_embeddings."""
+    from rich.table import Table
+
     table = Table(
         title=f"Fits {gpu} ({gib(memory_bytes)} GiB, margin {gib(margin_bytes)}) at batch 1 x "
         f"{plan.seq_len} tokens. Needs: required free memory at batch 1, GiB; max batch "

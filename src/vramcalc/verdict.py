@@ -58,7 +58,7 @@ def certainty(memory_bytes: int, required_bytes: int, margin_bytes: int) -> Cert
 class Verdict(BaseModel):
     """The answer for one card: memory it offers, memory the plan needs, and the margin."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # built on first use (issue 9)
 
     memory_bytes: int  # what the card offers (free now, or an empty card's usable total)
     required_bytes: int  # Estimate.required_device_bytes
@@ -112,7 +112,7 @@ class Target(BaseModel):
     an empty one); `empty_bytes` what it offers empty (total less the driver's reservation).
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # built on first use (issue 9)
 
     name: str
     index: int | None = None  # NVML index; None for --gpu / --gpu-memory
