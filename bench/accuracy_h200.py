@@ -119,6 +119,11 @@ def main(argv: list[str]) -> None:
            "PRE-REGISTERED predictions", rows, show)
     rows = [r for r in collect("run4-holdout2.jsonl") if not r["id"].startswith("snap")]
     report("holdout 2, current estimator (seen since)", rows, show)
+    pre3_path = ROOT / "calibration" / "matrices" / "h200-holdout3-predictions.json"
+    pre3 = {p["id"]: p for p in json.loads(pre3_path.read_text())["points"]}
+    report("holdout 3 (run 6, fresh draws over 25 architectures after the run-5 traces), "
+           "PRE-REGISTERED predictions", collect("run6-holdout3.jsonl", pre3), show)
+    report("holdout 3, current estimator", collect("run6-holdout3.jsonl"), show)
 
 
 if __name__ == "__main__":

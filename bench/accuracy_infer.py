@@ -40,6 +40,8 @@ RUNS = {  # run -> (records, matrix, title)
     "run5": (ROOT / "h200" / "run5-infer-holdout-snaps.jsonl",
              ROOT / "matrices" / "h200-run5.json",
              "run 5: the PRE-REGISTERED holdout (predictions committed before measuring)"),
+    "run6": (ROOT / "h200" / "run6-holdout3.jsonl", ROOT / "matrices" / "h200-run6.json",
+             "run 6: PRE-REGISTERED holdout 2, after the sliding-window fix"),
 }
 H200_USABLE = 149557477376  # run1-gpu.txt: mem_get_info free of an empty H200
 

@@ -26,6 +26,8 @@ RUNS = {  # run file -> the matrix it measured
     "run2-more.jsonl": "h200-more.json",
     "run3-infer.jsonl": "h200-infer2.json",
     "run4-holdout2.jsonl": "h200-holdout2.json",
+    "run5-infer-holdout-snaps.jsonl": "h200-run5.json",
+    "run6-holdout3.jsonl": "h200-run6.json",
 }
 
 
