@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ACTIVATION_SAVED_TENSORS, ModelSpec, sdpa_window_masks
-from vramcalc.trainable import lora_targets
+from vramcalc.trainable import lora_on_experts, lora_targets
 from vramcalc.weights import DTYPE_BYTES
 
 SOFTMAX_BYTES_PER_SCORE = 4 + 2  # fp32 softmax output + its bf16 copy (eager_attention_forward)
@@ -216,8 +216,6 @@ def expert_dtype_bytes(plan: TrainPlan) -> int:
 def experts_train(spec: ModelSpec, plan: TrainPlan) -> bool:
     """Whether the expert tensors need a weight gradient: full fine-tuning, or LoRA folded
     into them (peft ParamWrapper)."""
-    from vramcalc.trainable import lora_on_experts
-
     return plan.method == "full" or lora_on_experts(spec, plan)
 
 

@@ -16,6 +16,7 @@ from vramcalc.activations import (
     eager_mask_bytes,
     eager_score_count,
     eager_scores_bytes,
+    expert_dtype_bytes,
     int8_saved_bytes_per_token,
     layer_saved_bytes_per_token,
     mlp_bytes,
@@ -82,9 +83,10 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     # lm_head (after prepare) is cast. fp32 weights under bf16 autocast: every Linear.
     lm_head_copy = 0
     weight_copies = 0  # autocast copies of the block Linears alive at the forward's end
-    if plan.method == "qlora" or DTYPE_BYTES[plan.load_dtype] > compute:
+    autocast_cast = DTYPE_BYTES[plan.load_dtype] > compute  # weights above the compute dtype
+    if plan.method == "qlora" or autocast_cast:
         lm_head_copy = rounded(v * h * compute)
-    if DTYPE_BYTES[plan.load_dtype] > compute and plan.method != "qlora":
+    if autocast_cast and plan.method != "qlora":
         weight_copies = layers * sum(rounded(lin.weight_numel * compute)
                                      for lin in spec.block_linears())
         # fused 3-D experts are not cast: `_grouped_mm` is on no autocast list, so they run
@@ -127,7 +129,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     # checkpointing, the recomputed layer's with it (H200 trace, snap-mixtral-qlora).
     fold = 0
     if lora_on_experts(spec, plan):
-        fold = expert_bytes(spec, 4 if plan.method == "qlora" else DTYPE_BYTES[plan.load_dtype])
+        fold = expert_bytes(spec, expert_dtype_bytes(plan))
     fold_transient = fold if plan.gradient_checkpointing else 0
     if fold:
         # backward through the folded stacks: `_grouped_mm` returns the gradient of the
@@ -135,9 +137,8 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         # both folds), then gate_up_proj (its fold and its gradient, down's fold freed).
         # H200 snapshots (run 1 snap-mixtral-qlora, run 5 v013): unframed backward blocks.
         e, inter = spec.num_local_experts, spec.moe_intermediate_size or spec.intermediate_size
-        fold_bytes = 4 if plan.method == "qlora" else DTYPE_BYTES[plan.load_dtype]
-        f_down = rounded(e * inter * h * fold_bytes)
-        f_gate_up = rounded(e * 2 * inter * h * fold_bytes)
+        f_down = rounded(e * inter * h * expert_dtype_bytes(plan))
+        f_gate_up = rounded(e * 2 * inter * h * expert_dtype_bytes(plan))
         fold_transient += max(f_down, f_gate_up - f_down)
     if not plan.gradient_checkpointing:
         layer_acts += layers * fold
@@ -151,7 +152,6 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     # 1 MiB). With fp32 master weights it arrives through autocast's cast backward as a
     # fresh tensor: one more (d009 gemma-2-9b, d060 llama-3.2-1b, within 0.3 %).
     vocab_grad = rounded(v * h * DTYPE_BYTES[plan.load_dtype]) if full else 0
-    autocast_cast = DTYPE_BYTES[plan.load_dtype] > compute
     tied_extra = ((1 if autocast_cast else 2) * vocab_grad
                   if spec.tie_word_embeddings else 0)
     # the input embedding's gradient does not exist yet while the layers run backward
@@ -222,11 +222,9 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     phases = {
         "load": totals["load"],
         "forward": totals["forward"],
-        "backward": max(totals["backward"], totals["backward_layers"]),
+        "backward": max(t for name, t in totals.items() if name.startswith("backward")),
         "optimizer": totals["optimizer"],
     }
-    if "backward_end" in totals:
-        phases["backward"] = max(phases["backward"], totals["backward_end"])
     worst = max(totals, key=lambda k: totals[k])
     peak_phase = "backward" if worst.startswith("backward") else worst
     peak_allocated = totals[worst]

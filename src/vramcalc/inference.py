@@ -425,7 +425,7 @@ def layer_live_bytes(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int)
         # (batch, 1, queries, keys) bool mask instead of relying on `is_causal`, alive for
         # the whole prefill (specs.sdpa_window_masks). H200 run 5: mistral-7b prefill of 8 x
         # 32768 (ih19) and 8 x 8192 (ih12) measured exactly this much above the estimate.
-        masks = rounded(plan.batch_size * (tokens // plan.batch_size) * kv_len)
+        masks = rounded(tokens * kv_len)  # tokens = batch x queries
     return masks + max(attn, probs + mlp)
 
 
