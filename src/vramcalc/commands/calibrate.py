@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vramcalc.commands.common import print_json, reports_errors, warn
+from vramcalc.commands.common import print_json, reports_errors, uninstalled, warn
 from vramcalc.commands.options import (
     JsonOpt,
     build_plan,
@@ -149,17 +149,7 @@ def _require_gpu() -> Any:
 
 
 def _missing_extras() -> list[str]:
-    import importlib.util
-
-    missing = []
-    for name in EXTRAS:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
+    return uninstalled(EXTRAS)
 
 
 def _version(dist: str) -> str | None:

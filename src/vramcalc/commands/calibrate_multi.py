@@ -23,7 +23,12 @@ from typing import Annotated, Any
 
 import typer
 
-from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg
+from vramcalc.commands.common import (
+    print_json,
+    reports_errors,
+    resolve_model_arg,
+    uninstalled,
+)
 from vramcalc.commands.options import JsonOpt, build_plan, with_plan_options
 from vramcalc.commands.parallel import (
     BalanceOpt,
@@ -81,21 +86,10 @@ def visible_gpus(environ: dict[str, str] | None = None, nvml: Any = None) -> int
 
 def missing_libraries(plan: Any, find: Any = None) -> list[str]:
     """The launched processes' imports that are not installed."""
-    import importlib.util
-
-    find = find or importlib.util.find_spec
     needed = ["torch", "transformers", "peft", "accelerate"]
     if plan.method == "qlora" or plan.optimizer not in ("adamw_torch", "adamw_torch_fused", "sgd"):
         needed.append("bitsandbytes")
-    missing = []
-    for name in needed:
-        try:
-            found = find(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
+    return uninstalled(needed, find)
 
 
 @reports_errors

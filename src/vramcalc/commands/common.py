@@ -78,3 +78,20 @@ def resolve_model_arg(arg: str) -> ModelSpec:
         raise SpecError(f"{arg}: not a file or folder; give a config.json, its folder or a "
                         "spec YAML")
     return resolve_model(arg)
+
+
+def uninstalled(names: list[str] | tuple[str, ...], find: Any = None) -> list[str]:
+    """The modules of `names` that cannot be imported (not installed), in order; `find`
+    replaces importlib.util.find_spec (tests)."""
+    import importlib.util
+
+    find = find or importlib.util.find_spec
+    missing = []
+    for name in names:
+        try:
+            found = find(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
