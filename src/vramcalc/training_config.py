@@ -46,6 +46,8 @@ _ATTN = {"flash_attention_2": "flash_attention_2", "sdpa": "sdpa", "eager": "eag
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16",
            "fp16": "fp16", "fp32": "fp32"}
 MULTI_GPU = "several GPUs (sharding, ZeRO) are not modelled: the plan is for one GPU"
+TORCH_COMPILE = "torch.compile changes activation memory; not modelled"
+MODULES_TO_SAVE = "fully trained modules (embeddings, lm_head) are not modelled"
 
 
 class TrainingConfig(BaseModel):
@@ -215,13 +217,13 @@ def _axolotl(m: _Mapper) -> TrainingConfig:
         "deepspeed": MULTI_GPU, "fsdp": MULTI_GPU, "fsdp_config": MULTI_GPU,
         "xformers_attention": "xformers attention is not modelled",
         "s2_attention": "shifted-sparse attention is not modelled",
-        "lora_modules_to_save": "fully trained modules (embeddings, lm_head) are not modelled",
+        "lora_modules_to_save": MODULES_TO_SAVE,
         "unfrozen_parameters": "partially unfrozen parameters are not modelled",
         "cut_cross_entropy": "cut cross-entropy changes the logits memory; not modelled",
         "liger_fused_linear_cross_entropy": "Liger's fused loss changes the logits memory",
         "unsloth_lora_mlp": "unsloth kernels are not modelled",
         "lora_mlp_kernel": "axolotl's LoRA kernels are not modelled",
-        "torch_compile": "torch.compile changes activation memory; not modelled",
+        "torch_compile": TORCH_COMPILE,
         "rl": "preference training (reference model, pairs) is not modelled",
         "relora_steps": "ReLoRA is not modelled",
         "gptq": "GPTQ weights are not modelled",
@@ -276,12 +278,12 @@ def _trl(m: _Mapper) -> TrainingConfig:
     m.precision()
     m.unmodelled_keys({
         "deepspeed": MULTI_GPU, "fsdp": MULTI_GPU, "fsdp_config": MULTI_GPU,
-        "torch_compile": "torch.compile changes activation memory; not modelled",
+        "torch_compile": TORCH_COMPILE,
         "use_liger_kernel": "Liger kernels change the logits memory; not modelled",
         "padding_free": "padding-free batches are not modelled (planned as padded)",
         "activation_offloading": "activation offloading to the CPU is not modelled",
-        "lora_modules_to_save": "fully trained modules (embeddings, lm_head) are not modelled",
-        "modules_to_save": "fully trained modules (embeddings, lm_head) are not modelled",
+        "lora_modules_to_save": MODULES_TO_SAVE,
+        "modules_to_save": MODULES_TO_SAVE,
         "neftune_noise_alpha": "NEFTune noise is not modelled",
     })
     return m.result("trl", d.get("model_name_or_path"))
