@@ -189,8 +189,8 @@ def test_advice_checkpointing_optimizer_rank_targets_attn() -> None:
                      attn="eager", batch_size=2, seq_len=2048)
     peak = estimate(spec, plan).required_device_bytes
     found = {s.kind: s for s in advice.candidates(spec, plan, peak - 1)}
-    assert set(found) == {"gradient_checkpointing", "optimizer", "attn", "batch", "seq_len",
-                          "rank", "targets"}
+    assert set(found) == {"allocator", "gradient_checkpointing", "optimizer", "attn", "batch",
+                          "seq_len", "rank", "targets"}
     assert found["targets"].changes == {"targets": "q_proj,k_proj,v_proj,o_proj"}
     assert found["rank"].changes == {"rank": 64}
     for s in found.values():

@@ -60,6 +60,8 @@ class Suggestion(BaseModel):
 def _flag(field: str, value: Any) -> str:
     if field == "gradient_checkpointing":
         return "--gradient-checkpointing" if value else "--no-gradient-checkpointing"
+    if field == "expandable_segments":
+        return "--expandable-segments" if value else "--no-expandable-segments"
     name = {"batch_size": "batch", "seq_len": "seq-len"}.get(field, field.replace("_", "-"))
     return f"--{name} {value}"
 
@@ -85,6 +87,26 @@ def _suggestion(
         required_device_bytes=peak,
         fits=peak <= budget_bytes,
     )
+
+
+def allocator_suggestion(
+    spec: ModelSpec, plan: TrainPlan, budget_bytes: int, estimate_fn: EstimateFn = estimate
+) -> Suggestion | None:
+    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, with the required free memory it
+    saves (the fragmentation an out-of-memory retry could not give back,
+    allocator.unreleasable_slack); None when the plan already has it or it saves nothing."""
+    if plan.expandable_segments:
+        return None
+    now = estimate_fn(spec, plan).required_device_bytes
+    new_plan = plan.model_copy(update={"expandable_segments": True})
+    saved = now - estimate_fn(spec, new_plan).required_device_bytes
+    if saved <= 0:
+        return None
+    return _suggestion(
+        spec, plan, budget_bytes, "allocator",
+        f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ({saved / 2**30:.2f} GiB less "
+        "required: the retry after a failed request can unmap free pages)",
+        {"expandable_segments": True}, None, estimate_fn)
 
 
 def attention_targets(spec: ModelSpec) -> list[str]:
@@ -118,6 +140,9 @@ def candidates(
             _suggestion(spec, plan, budget_bytes, kind, description, changes, acc, estimate_fn)
         )
 
+    allocator = allocator_suggestion(spec, plan, budget_bytes, estimate_fn)
+    if allocator is not None:
+        out.append(allocator)
     if not plan.gradient_checkpointing:
         add("gradient_checkpointing", "enable gradient checkpointing",
             {"gradient_checkpointing": True})

@@ -47,6 +47,17 @@ SLACK_TRAINABLE_FRACTION = 0.25
 # boundary observations: keep a margin (check --margin).
 REQUIRED_SLACK_BASE = 1 * GiB
 REQUIRED_SLACK_LOGITS_FRACTION = 0.166
+# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: one growing segment per stream and pool,
+# mapped in pages of kLargeBuffer = 20 MiB (large pool) or kSmallBuffer = 2 MiB (small pool)
+# (CUDACachingAllocator.cpp, get_expandable_segment). On out-of-memory the retry unmaps
+# every page that lies wholly in a free block (release_cached_blocks ->
+# release_expandable_segment / unmap_block), so what cannot be given back is only the
+# partial pages at the two ends of each free range: at most 2 x 20 MiB per gap between
+# live blocks. Bounded here by a dozen such gaps at the peak (the live blocks of a
+# checkpointed step are the weights, one checkpoint per layer, allocated back to back, and
+# the recomputed layer); measured 0.11 GiB on the emulated-card edge points of
+# calibration/h200/run2-more.jsonl (plain loop, 1 retry).
+EXPANDABLE_REQUIRED_SLACK = 256 * MiB
 
 
 def allocator_slack(logits_fp32_bytes: int, checkpoint_bytes: int, eager_scores: int,
@@ -60,8 +71,11 @@ def allocator_slack(logits_fp32_bytes: int, checkpoint_bytes: int, eager_scores:
     )
 
 
-def unreleasable_slack(slack: int, logits_saved_bytes: int) -> int:
-    """The part of the slack an out-of-memory retry cannot give back."""
+def unreleasable_slack(slack: int, logits_saved_bytes: int, expandable: bool = False) -> int:
+    """The part of the slack an out-of-memory retry cannot give back: free space inside
+    partly used segments (default allocator) or partial pages (expandable segments)."""
+    if expandable:
+        return min(slack, EXPANDABLE_REQUIRED_SLACK)
     required = REQUIRED_SLACK_BASE + int(REQUIRED_SLACK_LOGITS_FRACTION * logits_saved_bytes)
     return min(slack, required)
 

@@ -108,8 +108,11 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         saved_copies = weight_copies
     final_norm = tokens * act * h
     softcap = SOFTCAP_SAVED_UNITS if spec.final_logit_softcapping else 0
-    # A plain loop holds the model output (its compute-dtype logits) through backward;
-    # Trainer's compute_loss returns the loss alone, so they are freed before backward.
+    # A plain loop (`out = model(**batch); out.loss.backward(); optimizer.step()`, the loop
+    # of transformers' "training in native PyTorch" docs) holds the model output (its
+    # compute-dtype logits) through backward, and the previous step's output through the
+    # next forward until `out` is rebound; Trainer's compute_loss returns the loss alone, so
+    # they are freed before backward (trainer.py Trainer.compute_loss / training_step).
     held_logits = compute if plan.loop == "plain" else 0
     logits_saved = (LOGITS_SAVED_UNITS + softcap) * logits_unit
     # Later in backward: logits are gone, every gradient may exist, and (with
@@ -173,7 +176,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         "forward": {
             **steady,
             "activations": layer_acts + final_norm,
-            "logits_loss": logits_fwd,
+            "logits_loss": logits_fwd + held_logits * logits_unit,
             "transient": lm_head_copy + weight_copies + fwd_h,
         },
         "backward": {
@@ -192,7 +195,8 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
             "logits_loss": held_logits * logits_unit,
             "transient": layer_grads + fold_transient,
         },
-        "optimizer": {**steady, "gradients": grads, "transient": opt.step_transient},
+        "optimizer": {**steady, "gradients": grads, "transient": opt.step_transient,
+                      "logits_loss": held_logits * logits_unit},
     }
     if full:
         # Gradients grow layer by layer while the saved activations shrink: the worst moment
@@ -234,7 +238,8 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     paged = paged_resident(opt.paged)
     peak_device = peak_reserved + CUDA_CONTEXT + paged
     required_device = (
-        peak_allocated + unreleasable_slack(slack, logits_saved) + CUDA_CONTEXT + paged
+        peak_allocated + unreleasable_slack(slack, logits_saved, plan.expandable_segments)
+        + CUDA_CONTEXT + paged
     )
     if (spec.model_type == "falcon" and plan.attn != "eager"
             and spec.kv_heads != spec.num_attention_heads):

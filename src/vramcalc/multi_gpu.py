@@ -180,7 +180,7 @@ def _allocated(c: dict[str, int]) -> int:
 
 
 def _assemble(ref: Estimate, c: dict[str, int], logits_saved: int, notes: tuple[str, ...] = (),
-              trainable: int | None = None) -> Estimate:
+              trainable: int | None = None, expandable: bool = False) -> Estimate:
     """An Estimate from per-GPU components, with the single-GPU totals' formulas
     (estimate.py): reserved = allocated + slack, device = reserved + context + paged,
     required = allocated + unreleasable slack + context + paged. Phases other than the
@@ -201,8 +201,8 @@ def _assemble(ref: Estimate, c: dict[str, int], logits_saved: int, notes: tuple[
         peak_allocated_bytes=allocated,
         peak_reserved_bytes=allocated + slack,
         peak_device_bytes=allocated + slack + context + paged,
-        required_device_bytes=allocated + unreleasable_slack(slack, logits_saved) + context
-        + paged,
+        required_device_bytes=allocated + unreleasable_slack(slack, logits_saved, expandable)
+        + context + paged,
         paged_bytes=paged,
         notes=ref.notes + notes,
     )
@@ -239,7 +239,8 @@ def _sharded_qlora_reference(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         unquantized_params=unquantized_param_bytes(spec, load) + wb.buffers,
         expert_weights=spec.num_hidden_layers * expert_bytes(spec, load),
     )
-    return _assemble(ref, comps, _logits_saved(spec, plan))
+    return _assemble(ref, comps, _logits_saved(spec, plan),
+                     expandable=plan.expandable_segments)
 
 
 def _layer_unit_bytes(spec: ModelSpec, plan: TrainPlan, ref: Estimate) -> int:
@@ -463,7 +464,8 @@ def _device_map(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estima
         comps["cuda_context"] = CUDA_CONTEXT
         logits32 = 4 * plan.tokens * spec.vocab_size if is_last else 0
         comps["allocator_slack"] = allocator_slack(logits32, int(checkpoints * share), 0)
-        out.append(_assemble(ref, comps, logits_saved if is_last else 0))
+        out.append(_assemble(ref, comps, logits_saved if is_last else 0,
+                             expandable=plan.expandable_segments))
     return out, counts, notes
 
 
@@ -505,7 +507,8 @@ def estimate_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan
         host_loading = copies * model_bytes
     else:
         comps, placement, detail, notes, host_offload = _zero(spec, plan, parallel, ref)
-    est = _assemble(ref, comps, logits_saved, trainable=_trainable_count(spec, plan))
+    est = _assemble(ref, comps, logits_saved, trainable=_trainable_count(spec, plan),
+                    expandable=plan.expandable_segments)
     return ParallelEstimate(
         parallel=parallel, busiest=est, busiest_gpu=0, per_gpu=[est] * parallel.gpus,
         single_gpu=single, placement=placement, comm_detail=detail,

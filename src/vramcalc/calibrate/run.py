@@ -496,8 +496,10 @@ def measure_point(
     except torch.cuda.OutOfMemoryError as err:
         result["oom"] = True
         result["oom_phase"] = phase
-        result["oom_message"] = str(err).splitlines()[0][:300]
+        result["oom_message"] = " ".join(str(err).split())[:800]
         result["steps"] = readings
+        if on_gpu:
+            result["oom_segments"] = _oom_segments()
     except _Stop:
         pass
     except Exception as err:  # an error in training: recorded, the driver goes on
@@ -535,7 +537,9 @@ def _one_line(err: BaseException) -> str:
 
 def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
                 on_gpu: bool, readings: list[dict[str, int]], tracing: bool) -> Any:
-    """forward with labels, backward, optimizer.step(), zero_grad(set_to_none=True).
+    """forward with labels, backward, optimizer.step(), zero_grad(set_to_none=True), as in
+    transformers' "training in native PyTorch" docs: `out` is rebound by the next forward,
+    so the previous step's output (its logits) lives through that forward.
 
     The optimizer is the one HF Trainer builds from the same `optim` name
     (`Trainer.create_optimizer`), so only the loop differs from the trainer path: no
@@ -563,7 +567,6 @@ def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
         with ctx:
             out = model(input_ids=batch, labels=batch)
         out.loss.backward()
-        del out
         if on_gpu:
             _before_optimizer(readings)
         optimizer.step()
@@ -589,6 +592,35 @@ def _trace_summary(model: Any, optimizer: Any) -> dict[str, Any]:
                                   end_mark=MARK_END)
     except Exception as err:  # a summary must never cost the measurement
         return {"error": _one_line(err)}
+
+
+def _oom_segments() -> dict[str, Any]:
+    """The allocator's segments right after an out-of-memory error (before the step's
+    tensors, still held by the traceback, are freed): the caching allocator has already
+    released every fully free segment (release_cached_blocks), so the free bytes left are
+    the ones it could not give back. Per pool: segments, reserved, allocated, free, the
+    largest free block. The message's "reserved by PyTorch but unallocated" is the same
+    figure at the failing request itself."""
+    import torch
+
+    try:
+        segments = torch.cuda.memory._snapshot()["segments"]
+    except Exception as err:  # a summary must never cost the measurement
+        return {"error": _one_line(err)}
+    out: dict[str, Any] = {}
+    for seg in segments:
+        pool = out.setdefault(seg.get("segment_type", "?"), {
+            "segments": 0, "reserved": 0, "allocated": 0, "free": 0, "largest_free": 0,
+            "free_blocks": 0})
+        pool["segments"] += 1
+        pool["reserved"] += int(seg["total_size"])
+        pool["allocated"] += int(seg["allocated_size"])
+        for block in seg.get("blocks", []):
+            if block.get("state") == "inactive":
+                pool["free"] += int(block["size"])
+                pool["free_blocks"] += 1
+                pool["largest_free"] = max(pool["largest_free"], int(block["size"]))
+    return out
 
 
 def _final_readings(result: dict[str, Any], log: PhaseLog, readings: list[dict[str, int]],

@@ -249,6 +249,10 @@ def _render(
         if tight:
             console.print(f"tight: the headroom is within the estimate's measured spread "
                           f"({_gib(best.now.spread_bytes)} GiB)", highlight=False)
+        for s in suggestions:  # only the allocator switch is offered for a tight fit
+            console.print(f"more room: {s.description}: needs "
+                          f"{_gib(s.required_device_bytes)} GiB  [dim]({s.command_flags})[/dim]",
+                          highlight=False)
         return
     console.print(f"[red]does NOT fit[/red] on {best.target.where}: needs "
                   f"{_gib(best.estimate.required_device_bytes)} GiB required free memory + "
@@ -393,6 +397,12 @@ def check(
     best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals
     suggestions: list[Suggestion] = []
     larger = None
+    if best.fits_free and best.now.certainty == "tight":
+        from vramcalc.verdict import budget
+
+        allocator = advice.allocator_suggestion(
+            spec, best.plan, budget(best.target.free_bytes, margin_b), best.estimate_fn)
+        suggestions = [] if allocator is None else [allocator]
     if not best.fits_free:
         from vramcalc.verdict import budget
 
