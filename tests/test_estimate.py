@@ -63,7 +63,7 @@ def test_components_add_up_and_totals_are_ordered() -> None:
     assert {name for name, _ in est.components.items()} == set(COMPONENTS)
     assert est.total == est.peak_device_bytes
     assert est.peak_allocated_bytes < est.peak_reserved_bytes < est.peak_device_bytes
-    assert est.peak_allocated_bytes < est.required_device_bytes <= est.peak_device_bytes
+    assert est.peak_allocated_bytes < est.required_low <= est.required_device_bytes
     assert est.components["cuda_context"] == CUDA_CONTEXT
     assert est.peak_phase in est.phases
     assert est.phases[est.peak_phase] == est.peak_allocated_bytes
@@ -126,14 +126,18 @@ def test_quant_none_is_bf16_weights() -> None:
 
 
 def test_fits_calls_match_the_h100_boundary_runs() -> None:
-    """Every measured H100 point, out-of-memory ones included, is called right by
-    required_device_bytes against the card's free memory (79.18 GiB as NVML reported)."""
+    """Every measured H100 point, out-of-memory ones included, against the card's free
+    memory (79.18 GiB as NVML reported): no "fits" ran out of memory, no "does not fit"
+    ran; the "tight" band (the allocator's history decides) holds both outcomes."""
     from pathlib import Path
 
     from vramcalc.calibration_data import fit_calls
 
     raw = Path(__file__).resolve().parents[1] / "calibration" / "raw"
     calls = fit_calls(raw, int(79.18 * 2**30))
-    wrong = [source for source, predicted, ran in calls if predicted != ran]
+    wrong = [source for source, c, ran in calls
+             if (c == "fits" and not ran) or (c == "does_not_fit" and ran)]
     assert len(calls) >= 50 and not wrong, wrong
     assert sum(not ran for _, _, ran in calls) >= 10  # out-of-memory points among them
+    tight = [ran for _, c, ran in calls if c == "tight"]
+    assert len(tight) <= 12 and any(tight) and not all(tight)

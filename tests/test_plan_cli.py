@@ -39,7 +39,7 @@ def test_json_contract() -> None:
 
 def test_fits_and_does_not_fit() -> None:
     est = estimate(get_spec("llama-3.1-8b"), TrainPlan())
-    gib = est.required_device_bytes / 2**30 + 0.5  # + the default margin, as check
+    gib = est.required_low / 2**30 + 0.5  # + the default margin, as check
     ok = run("plan", "-m", "llama-3.1-8b", "--gpu-memory", f"{gib + 0.1:.3f}", "--json")
     assert ok.exit_code == 0 and json.loads(ok.stdout)["fits"] is True
     no = run("plan", "-m", "llama-3.1-8b", "--gpu-memory", f"{gib - 0.1:.3f}", "--json")

@@ -36,28 +36,34 @@ SLACK_EAGER_FRACTION = 0.16  # of one layer's eager attention probabilities
 # on the 16 full-fine-tuning points of the H200 design run (calibration/h200/run1-design.jsonl,
 # bench/accuracy_h200.py), with the other coefficients held; not measured on the H100.
 SLACK_TRAINABLE_FRACTION = 0.25
-# Under memory pressure the caching allocator frees its cached blocks and retries before
-# it raises out-of-memory (CUDACachingAllocator release_cached_blocks), so the slack above
-# is not all needed: only the free space inside partly used segments is. Set from the
-# boundary runs on the H100 (calibration/raw/h100-run5-check-verify.jsonl,
-# h100-run6-boundary.jsonl, h100-run7-boundary-holdout.jsonl): the largest point that ran
-# and the smallest that ran out of memory, for llama-3.1-8b, qwen2.5-0.5b, phi-3-mini,
-# gemma-2-2b and mistral-7b, bound the unreleasable part to 1 GiB + 0.161-0.171 x the
-# logits bytes kept for backward (8 or 10 x tokens x vocab). A narrow window from 9
-# boundary observations: keep a margin (check --margin).
-REQUIRED_SLACK_BASE = 1 * GiB
-REQUIRED_SLACK_LOGITS_FRACTION = 0.166
+# Under memory pressure the caching allocator frees its fully free cached segments and
+# retries before it raises out-of-memory (CUDACachingAllocator.cpp malloc ->
+# release_cached_blocks), so only the free space inside partly used segments is needed on
+# top of the allocated bytes. Measured on emulated cards (calibration/h200/
+# run7-boundary-sweep.jsonl, 120 runs, 6 QLoRA cases x 2 loops x 2 allocators x 5 limits;
+# every out-of-memory request was the fp32 upcast of the logits, tokens x vocab x 4 bytes):
+# - first step: 0.35-1.02 GiB reserved but unallocated at the failing request.
+# - later steps, plain loop: the previous step's output keeps its compute-dtype logits block
+#   through the next forward, so the new logits take the cached fp32-logits segment and the
+#   fp32 request finds no block: first-step slack + tokens x vocab x compute bytes (within
+#   0.13 GiB on all 6 cases).
+# - later steps, Trainer: in 2 of 6 cases the cached fp32-logits segment had been split by a
+#   longer-lived block and the request needed a new one (first-step slack + 0.9-1.0 x the
+#   fp32 logits); in 4 of 6 it was reused (thresholds <= 0.75 GiB). Which happens depends on
+#   the order of earlier requests, not modelled: the band between the two is "tight".
+# - expandable segments: every limit >= peak allocated + 0.40 GiB ran, 7 of 12 at + 0.15
+#   failed (partial 20 MiB pages, below).
+REQUIRED_SLACK_BASE = 1 * GiB  # the most a first step left (1.02 GiB, tinyllama)
+REQUIRED_SLACK_LOW = 350 * MiB  # the least (0.35 GiB, qwen2.5-0.5b; it ran at + 0.40)
 # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: one growing segment per stream and pool,
 # mapped in pages of kLargeBuffer = 20 MiB (large pool) or kSmallBuffer = 2 MiB (small pool)
 # (CUDACachingAllocator.cpp, get_expandable_segment). On out-of-memory the retry unmaps
 # every page that lies wholly in a free block (release_cached_blocks ->
 # release_expandable_segment / unmap_block), so what cannot be given back is only the
-# partial pages at the two ends of each free range: at most 2 x 20 MiB per gap between
-# live blocks. Bounded here by a dozen such gaps at the peak (the live blocks of a
-# checkpointed step are the weights, one checkpoint per layer, allocated back to back, and
-# the recomputed layer); measured 0.11 GiB on the emulated-card edge points of
-# calibration/h200/run2-more.jsonl (plain loop, 1 retry).
-EXPANDABLE_REQUIRED_SLACK = 256 * MiB
+# partial pages at the two ends of each free range: 0.15-0.22 GiB at the failing request on
+# the sweep; the bound is the sweep's lowest limit at which every case ran.
+EXPANDABLE_REQUIRED_SLACK = 410 * MiB
+EXPANDABLE_REQUIRED_SLACK_LOW = 150 * MiB  # the least at a failing request; 3 of 12 ran at + 0.15
 
 
 def allocator_slack(logits_fp32_bytes: int, checkpoint_bytes: int, eager_scores: int,
@@ -71,13 +77,16 @@ def allocator_slack(logits_fp32_bytes: int, checkpoint_bytes: int, eager_scores:
     )
 
 
-def unreleasable_slack(slack: int, logits_saved_bytes: int, expandable: bool = False) -> int:
-    """The part of the slack an out-of-memory retry cannot give back: free space inside
-    partly used segments (default allocator) or partial pages (expandable segments)."""
+def required_slack(logits_fp32_bytes: int, logits_compute_bytes: int, plain_loop: bool,
+                   expandable: bool) -> tuple[int, int]:
+    """(low, high): the free space inside partly used segments an out-of-memory retry cannot
+    give back, at best and at worst (see the constants above). Below peak allocated + low
+    the step cannot run; at peak allocated + high it runs whatever the allocator's history."""
     if expandable:
-        return min(slack, EXPANDABLE_REQUIRED_SLACK)
-    required = REQUIRED_SLACK_BASE + int(REQUIRED_SLACK_LOGITS_FRACTION * logits_saved_bytes)
-    return min(slack, required)
+        return EXPANDABLE_REQUIRED_SLACK_LOW, EXPANDABLE_REQUIRED_SLACK
+    low = REQUIRED_SLACK_LOW + (logits_compute_bytes if plain_loop else 0)
+    high = REQUIRED_SLACK_BASE + logits_fp32_bytes
+    return low, max(low, high)
 
 
 def paged_resident(paged_bytes: int) -> int:

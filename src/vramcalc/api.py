@@ -217,7 +217,7 @@ def check(
             est = plan(spec, calibration=calibration, gpu=g.name,
                        **{**options, "compute_dtype": p.compute_dtype})
         first = first or est
-        v = verdict(g.usable_bytes, est.required_device_bytes, margin)
+        v = verdict(g.usable_bytes, est.required_device_bytes, margin, est.required_low)
         verdicts.append(GpuVerdict(
             gpu=g.name, memory_bytes=v.memory_bytes, required_bytes=v.required_bytes,
             margin_bytes=margin, fits=v.fits, certainty=v.certainty,

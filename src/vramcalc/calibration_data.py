@@ -87,11 +87,12 @@ def load_raw_points(root: Path) -> Iterator[MeasuredPoint]:
                 continue
 
 
-def fit_calls(root: Path, free_bytes: int) -> list[tuple[str, bool, bool]]:
+def fit_calls(root: Path, free_bytes: int) -> list[tuple[str, str, bool]]:
     """For every measured record under `root`, out-of-memory ones included:
-    (source, predicted to fit by required_device_bytes, actually ran)."""
+    (source, certainty with no margin: fits / tight / does_not_fit, actually ran)."""
     from vramcalc.estimate import estimate
     from vramcalc.specs import get_spec
+    from vramcalc.verdict import certainty
 
     calls = []
     for path in sorted(root.glob("*.jsonl")):
@@ -100,6 +101,6 @@ def fit_calls(root: Path, free_bytes: int) -> list[tuple[str, bool, bool]]:
             if "error" in rec:
                 continue
             est = estimate(get_spec(rec["model"]), TrainPlan.model_validate(rec["plan"]))
-            calls.append((f"{path.name}:{n}", est.required_device_bytes <= free_bytes,
-                          not rec["oom"]))
+            calls.append((f"{path.name}:{n}", certainty(free_bytes, est.required_device_bytes, 0,
+                                                         est.required_low), not rec["oom"]))
     return calls

@@ -120,7 +120,7 @@ def smallest_gpu(
         fn = estimate_for(gpu)
         p = for_gpu(plan, gpu.bf16_supported)
         key = (id(fn), p.compute_dtype)
-        if key not in cache:
+        if key not in cache:  # a GPU to rent: it must fit whatever the allocator does
             cache[key] = fn(spec, p).required_device_bytes
         v = verdict(gpu.usable_bytes, cache[key], margin_bytes)
         if v.fits:
@@ -207,12 +207,13 @@ def fit_rows(
                 "max_position_embeddings": spec.max_position_embeddings,
             }
             try:
-                need = estimate_fn(spec, one).required_device_bytes
+                e = estimate_fn(spec, one)
+                need, low = e.required_device_bytes, e.required_low
             except PlanError as err:
                 rows.append(FitRow(**common, required_device_bytes=None, verdict=None,
                                    max_batch=0, max_seq_len=0, error=str(err)))
                 continue
-            v = verdict(memory, need, margin_bytes)
+            v = verdict(memory, need, margin_bytes, low)
             batch = seq = 0
             if v.fits:
                 batch = largest_fitting(spec, p, "batch", limit, estimate_fn=estimate_fn)

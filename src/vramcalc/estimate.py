@@ -28,7 +28,7 @@ from vramcalc.allocator import (
     CUDA_CONTEXT,
     allocator_slack,
     paged_resident,
-    unreleasable_slack,
+    required_slack,
 )
 from vramcalc.logits import (
     FORWARD_END_BYTES_PER_HIDDEN,
@@ -237,10 +237,10 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     peak_reserved = peak_allocated + slack
     paged = paged_resident(opt.paged)
     peak_device = peak_reserved + CUDA_CONTEXT + paged
-    required_device = (
-        peak_allocated + unreleasable_slack(slack, logits_saved, plan.expandable_segments)
-        + CUDA_CONTEXT + paged
-    )
+    low, high = required_slack(4 * logits_unit, compute * logits_unit, plan.loop == "plain",
+                               plan.expandable_segments)
+    required_device = peak_allocated + high + CUDA_CONTEXT + paged
+    required_low = peak_allocated + low + CUDA_CONTEXT + paged
     if (spec.model_type == "falcon" and plan.attn != "eager"
             and spec.kv_heads != spec.num_attention_heads):
         # modeling_falcon.py calls sdpa with 1 kv head for all query heads and no enable_gqa:
@@ -270,6 +270,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         peak_reserved_bytes=peak_reserved,
         peak_device_bytes=peak_device,
         required_device_bytes=required_device,
+        required_device_low_bytes=required_low,
         paged_bytes=paged,
         notes=tuple(notes),
     )

@@ -26,11 +26,10 @@ from vramcalc.allocator import (
     CUDA_CONTEXT,
     MiB,
     allocator_slack,
-    unreleasable_slack,
+    required_slack,
 )
 from vramcalc.errors import PlanError
 from vramcalc.estimate import estimate
-from vramcalc.logits import LOGITS_SAVED_UNITS, SOFTCAP_SAVED_UNITS
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.result import Components, Estimate
 from vramcalc.specs import ModelSpec
@@ -169,24 +168,26 @@ def _div(nbytes: int, n: int) -> int:
     return -(-nbytes // n) if nbytes > 0 else 0
 
 
-def _logits_saved(spec: ModelSpec, plan: TrainPlan) -> int:
-    softcap = SOFTCAP_SAVED_UNITS if spec.extra_config.get("final_logit_softcapping") else 0
-    return (LOGITS_SAVED_UNITS + softcap) * plan.tokens * spec.vocab_size
-
-
 def _allocated(c: dict[str, int]) -> int:
     outside = ("optimizer_paged", "allocator_slack", "cuda_context")
     return sum(v for k, v in c.items() if k not in outside)
 
 
-def _assemble(ref: Estimate, c: dict[str, int], logits_saved: int, notes: tuple[str, ...] = (),
-              trainable: int | None = None, expandable: bool = False) -> Estimate:
+def _assemble(ref: Estimate, c: dict[str, int], has_logits: bool = True,
+              notes: tuple[str, ...] = (), trainable: int | None = None,
+              expandable: bool = False) -> Estimate:
     """An Estimate from per-GPU components, with the single-GPU totals' formulas
     (estimate.py): reserved = allocated + slack, device = reserved + context + paged,
     required = allocated + unreleasable slack + context + paged. Phases other than the
     peak are the single-GPU phases shifted by the same static difference."""
     allocated = _allocated(c)
     slack, context, paged = c["allocator_slack"], c["cuda_context"], c["optimizer_paged"]
+    # the unreleasable slack of the single-GPU plan (it follows the logits: none on a GPU
+    # that does not compute them)
+    outside = ref.peak_allocated_bytes + ref.components.cuda_context + ref.paged_bytes
+    low, high = ref.required_low - outside, ref.required_device_bytes - outside
+    if not has_logits:
+        low = high = required_slack(0, 0, False, expandable)[0]
     delta = allocated - ref.peak_allocated_bytes
     phases = {k: max(0, v + delta) for k, v in ref.phases.items()}
     phases[ref.peak_phase] = allocated
@@ -201,8 +202,8 @@ def _assemble(ref: Estimate, c: dict[str, int], logits_saved: int, notes: tuple[
         peak_allocated_bytes=allocated,
         peak_reserved_bytes=allocated + slack,
         peak_device_bytes=allocated + slack + context + paged,
-        required_device_bytes=allocated + unreleasable_slack(slack, logits_saved, expandable)
-        + context + paged,
+        required_device_bytes=allocated + high + context + paged,
+        required_device_low_bytes=allocated + low + context + paged,
         paged_bytes=paged,
         notes=ref.notes + notes,
     )
@@ -239,8 +240,7 @@ def _sharded_qlora_reference(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         unquantized_params=unquantized_param_bytes(spec, load) + wb.buffers,
         expert_weights=spec.num_hidden_layers * expert_bytes(spec, load),
     )
-    return _assemble(ref, comps, _logits_saved(spec, plan),
-                     expandable=plan.expandable_segments)
+    return _assemble(ref, comps, expandable=plan.expandable_segments)
 
 
 def _layer_unit_bytes(spec: ModelSpec, plan: TrainPlan, ref: Estimate) -> int:
@@ -438,7 +438,6 @@ def _device_map(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estima
     embed = spec.embedding_params() * load
     head = (spec.lm_head_params() + spec.hidden_size) * load
     per_layer_unq = max(0, c.unquantized_params - embed - head)
-    logits_saved = _logits_saved(spec, plan)
     checkpoints = layers * plan.tokens * (4 if plan.quant != "none" else load) * spec.hidden_size
     checkpoints = checkpoints if plan.gradient_checkpointing else 0
     out: list[Estimate] = []
@@ -464,7 +463,7 @@ def _device_map(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estima
         comps["cuda_context"] = CUDA_CONTEXT
         logits32 = 4 * plan.tokens * spec.vocab_size if is_last else 0
         comps["allocator_slack"] = allocator_slack(logits32, int(checkpoints * share), 0)
-        out.append(_assemble(ref, comps, logits_saved if is_last else 0,
+        out.append(_assemble(ref, comps, is_last,
                              expandable=plan.expandable_segments))
     return out, counts, notes
 
@@ -482,7 +481,6 @@ def estimate_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan
     sharded_qlora = plan.method == "qlora" and plan.quant in ("nf4", "fp4") and (
         parallel.strategy == "fsdp" or parallel.strategy == "zero3")
     ref = _sharded_qlora_reference(spec, plan) if sharded_qlora else single
-    logits_saved = _logits_saved(spec, plan)
     notes: list[str] = []
     host_loading = 0
     layers_per_gpu = None
@@ -507,7 +505,7 @@ def estimate_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan
         host_loading = copies * model_bytes
     else:
         comps, placement, detail, notes, host_offload = _zero(spec, plan, parallel, ref)
-    est = _assemble(ref, comps, logits_saved, trainable=_trainable_count(spec, plan),
+    est = _assemble(ref, comps, trainable=_trainable_count(spec, plan),
                     expandable=plan.expandable_segments)
     return ParallelEstimate(
         parallel=parallel, busiest=est, busiest_gpu=0, per_gpu=[est] * parallel.gpus,

@@ -77,6 +77,16 @@ class Estimate(BaseModel):
     required_device_bytes: int
     paged_bytes: int
     notes: tuple[str, ...] = ()  # what the estimate assumed that the user may not expect
+    # Below this much free memory the step cannot run whatever the allocator's history (the
+    # fragmentation of a first step); between it and required_device_bytes it depends on
+    # how the cached segments were reused (allocator.required_slack). None: the same.
+    required_device_low_bytes: int | None = None
+
+    @property
+    def required_low(self) -> int:
+        """required_device_low_bytes, or required_device_bytes where there is no band."""
+        low = self.required_device_low_bytes
+        return self.required_device_bytes if low is None else min(low, self.required_device_bytes)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -190,8 +190,9 @@ def _verdicts(
             cache[key] = fn(spec, p)
         est = cache[key]
         need = est.required_device_bytes
-        out.append(GpuVerdict(t, p, est, verdict(t.free_bytes, need, margin),
-                              verdict(t.empty_bytes, need, margin), fn))
+        low = est.required_low
+        out.append(GpuVerdict(t, p, est, verdict(t.free_bytes, need, margin, low),
+                              verdict(t.empty_bytes, need, margin, low), fn))
     return out
 
 
@@ -247,8 +248,7 @@ def _render(
                       f"{best.headroom_bytes / GiB:+.2f} GiB headroom in {memory} "
                       f"(margin {_gib(margin)} GiB)", highlight=False)
         if tight:
-            console.print(f"tight: the headroom is within the estimate's measured spread "
-                          f"({_gib(best.now.spread_bytes)} GiB)", highlight=False)
+            console.print(best.now.tight_reason, highlight=False)
         for s in suggestions:  # only the allocator switch is offered for a tight fit
             console.print(f"more room: {s.description}: needs "
                           f"{_gib(s.required_device_bytes)} GiB  [dim]({s.command_flags})[/dim]",

@@ -147,7 +147,7 @@ def plan(
         return
     est = estimate(spec, train)
     v = None if target is None else verdict(target.free_bytes, est.required_device_bytes,
-                                            margin_b)
+                                            margin_b, est.required_low)
     if json_output:
         out = estimate_to_dict(est, train)
         out["calibration"] = None if corrections is None else corrections.key
@@ -178,11 +178,7 @@ def plan(
                 highlight=False,
             )
             if v.certainty == "tight":
-                console.print(
-                    f"tight: the headroom is within the estimate's measured spread "
-                    f"({v.spread_bytes / GiB:.2f} GiB)",
-                    highlight=False,
-                )
+                console.print(v.tight_reason, highlight=False)
     if v is not None and not v.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 

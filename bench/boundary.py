@@ -1,0 +1,74 @@
+"""Verdicts at the edge: emulated-card boundary runs (issue 11) against the fit rule.
+
+    python bench/boundary.py calibration/h200/run7-boundary-sweep.jsonl [--margin GIB]
+
+An emulated card of limit L (torch.cuda.set_per_process_memory_fraction) offers
+L + the CUDA context + paged state to the rule (calibration/design_boundary.py). Each run's
+verdict (plan/check's certainty, same margin) is set against what happened; wrong: "fits"
+that ran out of memory, "does not fit" that ran. "tight" is counted with its outcomes.
+Prints one line per case x loop x allocator and a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from vramcalc.estimate import estimate  # noqa: E402
+from vramcalc.plan_settings import TrainPlan  # noqa: E402
+from vramcalc.specs import get_spec  # noqa: E402
+from vramcalc.verdict import certainty  # noqa: E402
+
+GiB = 2**30
+
+
+def verdict_of(rec: dict[str, Any], margin: int) -> tuple[str, float, float]:
+    """(certainty, required low - offered, required - offered) in GiB for one run."""
+    est = estimate(get_spec(rec["spec"]), TrainPlan.model_validate(rec["plan"]))
+    limit = rec["measurement"]["memory_limit_bytes"]
+    offered = limit + est.components.cuda_context + est.paged_bytes
+    c = certainty(offered, est.required_device_bytes, margin, est.required_low)
+    return c, (est.required_low - offered) / GiB, (est.required_device_bytes - offered) / GiB
+
+
+def main(argv: list[str]) -> int:
+    paths = [a for a in argv if not a.startswith("--")]
+    margin = 0.0
+    if "--margin" in argv:
+        margin = float(argv[argv.index("--margin") + 1])
+        paths = [p for p in paths if p != argv[argv.index("--margin") + 1]]
+    rows: list[tuple[str, str, bool]] = []
+    by_case: dict[str, list[str]] = defaultdict(list)
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            rec = json.loads(line)
+            m = rec.get("measurement") or {}
+            if m.get("memory_limit_bytes") is None or rec.get("status") not in ("ok", "oom"):
+                continue
+            if m.get("error") or m.get("cannot_start"):
+                continue
+            ran = not m.get("oom")
+            c, lo, hi = verdict_of(rec, int(margin * GiB))
+            rows.append((rec["id"], c, ran))
+            case = rec["id"].rsplit("-o", 1)[0].rsplit("-r", 1)[0]
+            by_case[case].append(f"{'ran' if ran else 'OOM'}:{c}({lo:+.2f}/{hi:+.2f})")
+    for case, outs in by_case.items():
+        print(case, " ".join(outs))
+    wrong = [i for i, c, ran in rows if (c == "fits" and not ran) or (c == "does_not_fit" and ran)]
+    tight = [ran for _, c, ran in rows if c == "tight"]
+    print(f"\n{len(rows)} runs (margin {margin} GiB): wrong {len(wrong)} "
+          f"(fits but out of memory: {sum(c == 'fits' and not r for _, c, r in rows)}, "
+          f"does not fit but ran: {sum(c == 'does_not_fit' and r for _, c, r in rows)}); "
+          f"tight {len(tight)} ({sum(tight)} ran, {len(tight) - sum(tight)} out of memory)")
+    for i in wrong:
+        print("  wrong:", i)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
