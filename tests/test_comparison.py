@@ -279,8 +279,9 @@ def test_fit_cli_json_covers_every_pair_and_text_fits_80_columns() -> None:
     assert data["gpu"] == "l4" and data["gpu_memory_bytes"] == resolve_gpu("l4").usable_bytes
     assert len(data["rows"]) == len(model_catalog()) * len(FIT_METHODS)
     fitting = [r for r in data["rows"] if r["fits"]]
-    assert fitting and all(r["max_batch"] >= 1 and r["certainty"] in ("fits", "tight")
-                           for r in fitting)
+    assert fitting and all(r["certainty"] in ("fits", "tight") for r in fitting)
+    # the largest batch is one that fits whatever the allocator does
+    assert all(r["max_batch"] >= 1 for r in fitting if r["certainty"] == "fits")
     assert any(r["error"] for r in data["rows"])  # mixtral's LoRA rows cannot start
     t = runner.invoke(app, ["fit", "--gpu", "l4"], terminal_width=80)
     assert t.exit_code == 0

@@ -182,7 +182,8 @@ def test_certainty_band() -> None:
     # the allocator band: at least `low`, at most `need`
     low = need - 3 * GIB
     band = verdict(need - GIB, need, MARGIN, low)
-    assert band.certainty == "tight" and band.fits and "needs 17.00 GiB at least" in band.tight_reason
+    assert band.certainty == "tight" and band.fits
+    assert "needs 17.00 GiB at least" in band.tight_reason
     assert verdict(low + MARGIN, need, MARGIN, low).certainty == "tight"
     assert not verdict(low + MARGIN - 1, need, MARGIN, low).fits
     assert verdict(need + 2 * GIB, need, MARGIN, low).certainty == "fits"

@@ -94,7 +94,7 @@ def fit_calls(root: Path, free_bytes: int) -> list[tuple[str, str, bool]]:
     from vramcalc.specs import get_spec
     from vramcalc.verdict import certainty
 
-    calls = []
+    calls: list[tuple[str, str, bool]] = []
     for path in sorted(root.glob("*.jsonl")):
         for n, line in enumerate(path.read_text().splitlines(), start=1):
             rec = json.loads(line)
