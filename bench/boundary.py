@@ -11,6 +11,7 @@ Prints one line per case x loop x allocator and a summary.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
@@ -19,6 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from vramcalc.calibrate.matrix import emulated_card_bytes  # noqa: E402
 from vramcalc.estimate import estimate  # noqa: E402
 from vramcalc.plan_settings import TrainPlan  # noqa: E402
 from vramcalc.specs import get_spec  # noqa: E402
@@ -30,22 +32,21 @@ GiB = 2**30
 def verdict_of(rec: dict[str, Any], margin: int) -> tuple[str, float, float]:
     """(certainty, required low - offered, required - offered) in GiB for one run."""
     est = estimate(get_spec(rec["spec"]), TrainPlan.model_validate(rec["plan"]))
-    limit = rec["measurement"]["memory_limit_bytes"]
-    offered = limit + est.components.cuda_context + est.paged_bytes
+    offered = emulated_card_bytes(est, rec["measurement"]["memory_limit_bytes"])
     c = certainty(offered, est.required_device_bytes, margin, est.required_low)
     return c, (est.required_low - offered) / GiB, (est.required_device_bytes - offered) / GiB
 
 
 def main(argv: list[str]) -> int:
-    paths = [a for a in argv if not a.startswith("--")]
-    margin = 0.0
-    if "--margin" in argv:
-        margin = float(argv[argv.index("--margin") + 1])
-        paths = [p for p in paths if p != argv[argv.index("--margin") + 1]]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run .jsonl files")
+    parser.add_argument("--margin", type=float, default=0.0, help="check's margin, GiB")
+    args = parser.parse_args(argv)
+    margin = args.margin
     rows: list[tuple[str, str, bool]] = []
     by_case: dict[str, list[str]] = defaultdict(list)
-    for path in paths:
-        for line in Path(path).read_text().splitlines():
+    for path in args.runs:
+        for line in path.read_text().splitlines():
             rec = json.loads(line)
             m = rec.get("measurement") or {}
             if m.get("memory_limit_bytes") is None or rec.get("status") not in ("ok", "oom"):

@@ -14,7 +14,7 @@ card, so an emulated card of limit L offers L + context + paged to the fit rule.
 
 `sweep`: for each case (model x plan) and each loop x allocator, limits at the variant's
 predicted peak allocated + offsets: which offsets run and which run out of memory bound the
-unreleasable slack the required-free-memory rule must cover (allocator.unreleasable_slack);
+unreleasable slack the required-free-memory rule must cover (allocator.required_slack);
 every out-of-memory run also records the allocator's own figures at the failing request.
 """
 
@@ -26,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
 
+from vramcalc.calibrate.matrix import emulated_card_bytes  # noqa: E402
 from vramcalc.estimate import estimate  # noqa: E402
 from vramcalc.plan_settings import TrainPlan  # noqa: E402
 from vramcalc.specs import get_spec  # noqa: E402
@@ -85,10 +86,6 @@ REPEATS = 3
 MARGIN = GiB // 2  # check's default margin: the suggestions are planned with it
 
 
-def _offered(est: Any, limit_bytes: int) -> int:
-    return limit_bytes + est.components.cuda_context + est.paged_bytes
-
-
 def holdout_points() -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The grid (cases x loops x allocators x repeats) and, for every variant that check
     calls "does not fit", each suggestion it prints, run once in the same loop and card.
@@ -101,7 +98,7 @@ def holdout_points() -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
     def predict(pid: str, spec: Any, plan: dict[str, Any], limit_gib: float) -> None:
         est = estimate(spec, TrainPlan.model_validate(plan))
-        offered = _offered(est, int(limit_gib * GiB))
+        offered = emulated_card_bytes(est, int(limit_gib * GiB))
         preds[pid] = {
             "peak_allocated_bytes": est.peak_allocated_bytes,
             "required_low_bytes": est.required_low,
@@ -131,7 +128,7 @@ def holdout_points() -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 predict(pid, spec, plan, limit)
             tp = TrainPlan.model_validate(plan)
             est = estimate(spec, tp)
-            offered = _offered(est, int(limit * GiB))
+            offered = emulated_card_bytes(est, int(limit * GiB))
             if certainty(offered, est.required_device_bytes, MARGIN,
                          est.required_low) != "does_not_fit":
                 continue

@@ -94,19 +94,17 @@ def allocator_suggestion(
 ) -> Suggestion | None:
     """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, with the required free memory it
     saves (the fragmentation an out-of-memory retry could not give back,
-    allocator.unreleasable_slack); None when the plan already has it or it saves nothing."""
+    allocator.required_slack); None when the plan already has it or it saves nothing."""
     if plan.expandable_segments:
         return None
-    now = estimate_fn(spec, plan).required_device_bytes
-    new_plan = plan.model_copy(update={"expandable_segments": True})
-    saved = now - estimate_fn(spec, new_plan).required_device_bytes
+    switched = _suggestion(spec, plan, budget_bytes, "allocator", "",
+                           {"expandable_segments": True}, None, estimate_fn)
+    saved = estimate_fn(spec, plan).required_device_bytes - switched.required_device_bytes
     if saved <= 0:
         return None
-    return _suggestion(
-        spec, plan, budget_bytes, "allocator",
+    return switched.model_copy(update={"description": (
         f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ({saved / 2**30:.2f} GiB less "
-        "required: the retry after a failed request can unmap free pages)",
-        {"expandable_segments": True}, None, estimate_fn)
+        "required: the retry after a failed request can unmap free pages)")})
 
 
 def attention_targets(spec: ModelSpec) -> list[str]:

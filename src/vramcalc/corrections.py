@@ -201,9 +201,9 @@ def corrected(est: Estimate, c: Corrections) -> Estimate:
     peak_reserved = peak_alloc + slack
     peak_device = peak_reserved + c.context_bytes + est.paged_bytes
     # the unreleasable part of the slack is not rescaled: it was set on out-of-memory runs
-    outside = est.peak_allocated_bytes + est.paged_bytes + est.components.get("cuda_context", 0)
-    required = est.required_device_bytes - outside + peak_alloc + c.context_bytes + est.paged_bytes
-    required_low = est.required_low - outside + peak_alloc + c.context_bytes + est.paged_bytes
+    shift = (peak_alloc + c.context_bytes) - (est.peak_allocated_bytes
+                                              + est.components.get("cuda_context", 0))
+    required, required_low = est.required_device_bytes + shift, est.required_low + shift
     phases = {
         name: (static + round(c.k_act * (v - static)) if v > static else v)
         for name, v in est.phases.items()

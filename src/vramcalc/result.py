@@ -85,8 +85,9 @@ class Estimate(BaseModel):
     @property
     def required_low(self) -> int:
         """required_device_low_bytes, or required_device_bytes where there is no band."""
-        low = self.required_device_low_bytes
-        return self.required_device_bytes if low is None else min(low, self.required_device_bytes)
+        from vramcalc.verdict import least_required
+
+        return least_required(self.required_device_bytes, self.required_device_low_bytes)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

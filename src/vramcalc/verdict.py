@@ -42,14 +42,19 @@ def spread_bytes(required_bytes: int) -> int:
     return max(SPREAD_ABS_BYTES, int(SPREAD_REL * max(required_bytes, 0)))
 
 
+def least_required(required_bytes: int, required_low_bytes: int | None) -> int:
+    """The least the step needs: required_low_bytes, never above required_bytes (None:
+    no band, required_bytes itself)."""
+    return required_bytes if required_low_bytes is None else min(required_low_bytes,
+                                                                 required_bytes)
+
+
 def certainty(memory_bytes: int, required_bytes: int, margin_bytes: int,
               required_low_bytes: int | None = None) -> Certainty:
     """"does_not_fit" when the least the step needs (required_low) + margin > memory;
     "tight" when it fits that but not the most it may need (required + margin: the
     allocator's history decides), or the headroom is less than the spread; else "fits"."""
-    low = required_bytes if required_low_bytes is None else min(required_low_bytes,
-                                                                 required_bytes)
-    if low + margin_bytes > memory_bytes:
+    if least_required(required_bytes, required_low_bytes) + margin_bytes > memory_bytes:
         return "does_not_fit"
     if (required_bytes + margin_bytes > memory_bytes
             or memory_bytes - required_bytes < spread_bytes(required_bytes)):
@@ -96,7 +101,7 @@ class Verdict(BaseModel):
     @property
     def tight_reason(self) -> str:
         """Why a verdict is tight: the allocator band or the estimate's spread."""
-        low = self.required_bytes if self.required_low_bytes is None else self.required_low_bytes
+        low = least_required(self.required_bytes, self.required_low_bytes)
         if self.required_bytes + self.margin_bytes > self.memory_bytes > low:
             return (f"tight: needs {low / GiB:.2f} GiB at least and {self.required_bytes / GiB:.2f}"
                     " GiB if the allocator's cached segments are fragmented (the order of "

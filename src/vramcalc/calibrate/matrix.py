@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from vramcalc.plan_settings import TrainPlan
+from vramcalc.result import Estimate
 from vramcalc.specs import ModelSpec, depth_cut, resolve_model
 
 GiB = 2**30
@@ -87,6 +88,13 @@ def point_spec(raw: dict[str, Any]) -> ModelSpec:
     spec = ModelSpec.model_validate(value) if isinstance(value, dict) else resolve_model(
         str(value))
     return depth_cut(spec, int(raw["layers"])) if raw.get("layers") else spec
+
+
+def emulated_card_bytes(est: Estimate, limit_bytes: int) -> int:
+    """What a card emulated with `memory_limit_gib` offers the fit rule: the limit caps
+    torch's reserved bytes only (set_per_process_memory_fraction), so the CUDA context and
+    managed (paged) memory come on top, as they lie outside torch on a real card."""
+    return limit_bytes + est.components.cuda_context + est.paged_bytes
 
 
 def _need_bytes(spec: ModelSpec, plan: TrainPlan, predicted_device: int) -> int:

@@ -397,19 +397,16 @@ def check(
     best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals
     suggestions: list[Suggestion] = []
     larger = None
-    if best.fits_free and best.now.certainty == "tight":
+    if not best.fits_free or best.now.certainty == "tight":
         from vramcalc.verdict import budget
 
-        allocator = advice.allocator_suggestion(
-            spec, best.plan, budget(best.target.free_bytes, margin_b), best.estimate_fn)
-        suggestions = [] if allocator is None else [allocator]
-    if not best.fits_free:
-        from vramcalc.verdict import budget
-
-        suggestions = advice.suggest(
-            spec, best.plan, budget(best.target.free_bytes, margin_b), best.estimate_fn
-        )
-        if not suggestions:
+        room = budget(best.target.free_bytes, margin_b)
+        if best.fits_free:  # tight: only the allocator switch, for more room
+            allocator = advice.allocator_suggestion(spec, best.plan, room, best.estimate_fn)
+            suggestions = [] if allocator is None else [allocator]
+        else:
+            suggestions = advice.suggest(spec, best.plan, room, best.estimate_fn)
+        if not suggestions and not best.fits_free:
             from vramcalc.gpu_catalog import catalog
 
             larger = advice.smallest_fitting_gpu(
