@@ -83,7 +83,7 @@ class GpuVerdict(BaseModel):
     required_bytes: int
     margin_bytes: int
     fits: bool
-    certainty: Certainty  # fits, tight (within the measured spread) or does_not_fit
+    certainty: Certainty  # fits, tight (inside the allocator band or the spread) or does_not_fit
     spread_bytes: int
     headroom_bytes: int  # memory - required (the margin not subtracted)
     compute_dtype: str  # fp16 on a GPU without bf16

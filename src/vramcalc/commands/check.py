@@ -328,8 +328,9 @@ def check(
     one) its total less the driver's reservation. --gpu repeats (one verdict
     each); --max batch|seq-len answers the largest that fits, per GPU. The
     plan is shown for the GPU with the most memory; the exit code is its
-    verdict: 0 fits (also "fits, tight": headroom within the estimate's
-    measured spread, max(1 GiB, 3 %)), 3 does not fit, 4 no GPU.
+    verdict: 0 fits (also "fits, tight": inside the required-memory band of
+    the allocator, or within the estimate's spread, max(256 MiB, 3 %)), 3
+    does not fit, 4 no GPU.
 
     \b
     Examples:

@@ -66,7 +66,8 @@ def compare(
     LoRA (int8). Each shows the peak allocated memory, the required free
     memory and the smallest catalog GPU it fits, by the rule of plan and
     check (required free memory + --margin <= the card's memory less the
-    driver's reservation; "tight" within the estimate's measured spread).
+    driver's reservation; "tight" inside the allocator's band or the
+    estimate's spread).
     --method, --quant and --weights-dtype are set per row; every other
     option applies to all rows. The optimizer is each method's usual one,
     adamw_torch_fused for full and paged_adamw_8bit for the LoRA methods,

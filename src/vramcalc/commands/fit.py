@@ -46,7 +46,8 @@ def fit(
     Each catalog model is tried with full fine-tuning, LoRA (16-bit base),
     QLoRA (nf4) and 8-bit LoRA (int8) at batch 1 and --seq-len on an empty
     card of --gpu, by the rule of plan and check (required free memory +
-    --margin <= memory; "tight" within the estimate's measured spread).
+    --margin <= memory; "tight" inside the allocator's band or the estimate's
+    spread).
     For each that fits: the largest batch at --seq-len and the longest
     sequence at --batch. --method, --quant and --weights-dtype are set per
     method; the optimizer is adamw_torch_fused for full and paged_adamw_8bit

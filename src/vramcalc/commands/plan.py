@@ -92,8 +92,10 @@ def plan(
     With --gpu NAME or --gpu-memory GIB it also says whether the step fits an
     empty card, by the rule `check` uses: required free memory + --margin
     (default 0.5 GiB) <= memory, where a catalog GPU offers its total less
-    the driver's reservation. "fits, tight" when the headroom is within the
-    estimate's measured spread (max(1 GiB, 3 %)); it still counts as fitting.
+    the driver's reservation. Required free memory is a band (the allocator's
+    cache may fail to reuse the fp32 logits block): "does NOT fit" below its
+    least, "fits, tight" inside it or within the estimate's spread (max(256
+    MiB, 3 %)); tight still counts as fitting.
     Exit 0 fits or fits tight (or no card given), 3 does not fit.
 
     \b
