@@ -141,3 +141,36 @@ def test_fits_calls_match_the_h100_boundary_runs() -> None:
     assert sum(not ran for _, _, ran in calls) >= 10  # out-of-memory points among them
     tight = [ran for _, c, ran in calls if c == "tight"]
     assert len(tight) <= 16 and any(tight) and not all(tight)
+
+
+def test_falcon_qlora_is_planned_as_lora_on_an_fp32_base() -> None:
+    """transformers 5 leaves FalconLinear unquantized (tests/test_static_bytes.py checks it
+    on real tensors) and prepare casts it to fp32: the QLoRA plan is that LoRA plan, with a
+    note and `planned_as` saying so; a model bitsandbytes does convert is left alone."""
+    falcon = get_spec("falcon-7b")
+    assert not falcon.bnb_quantizes_linears
+    for quant in ("nf4", "int8"):
+        qlora = estimate(falcon, TrainPlan(quant=quant, attn="eager", seq_len=1024))
+        lora = estimate(falcon, TrainPlan(method="lora", weights_dtype="fp32", attn="eager",
+                                          seq_len=1024))
+        assert qlora.peak_allocated_bytes == lora.peak_allocated_bytes
+        assert qlora.planned_as == {"method": "lora", "quant": "none", "weights_dtype": "fp32"}
+        assert any("does not quantize" in n for n in qlora.notes)
+    # 6.9 B parameters in fp32: far above what a 4-bit base would hold
+    assert qlora.components.base_weights > 24 * 2**30
+    llama = estimate(get_spec("llama-2-7b"), TrainPlan())
+    assert llama.planned_as == {} and llama.components.base_weights < 4 * 2**30
+
+
+def test_falcon_sdpa_runs_math_attention_as_eager() -> None:
+    """Falcon-7B (one kv head, no enable_gqa, explicit mask) under sdpa gets torch's math
+    backend: planned as eager, S^2 per head; a GQA llama under sdpa keeps its O(T) memory."""
+    falcon = get_spec("falcon-7b")
+    plan = TrainPlan(method="lora", batch_size=2, seq_len=4096)
+    sdpa = estimate(falcon, plan)
+    eager = estimate(falcon, plan.model_copy(update={"attn": "eager"}))
+    assert sdpa.peak_allocated_bytes == eager.peak_allocated_bytes
+    assert sdpa.planned_as == {"attn": "eager"}
+    llama = get_spec("llama-3.1-8b")
+    assert (estimate(llama, plan).peak_allocated_bytes
+            < estimate(llama, plan.model_copy(update={"attn": "eager"})).peak_allocated_bytes)

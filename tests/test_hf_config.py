@@ -338,6 +338,9 @@ def test_catalog_round_trip(spec: Any) -> None:
     assert imported.num_params() == spec.num_params()
     assert imported.block_linears() == spec.block_linears()
     assert imported.unquantized_params() == spec.unquantized_params()
+    # the memory-relevant features the importer sets per family match the catalog's
+    assert imported.bnb_quantizes_linears == spec.bnb_quantizes_linears
+    assert imported.hidden_act == spec.hidden_act
 
 
 def test_falcon_legacy_key_names() -> None:

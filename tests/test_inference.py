@@ -188,7 +188,7 @@ def _load(spec: ModelSpec, tmp_path, quant: str, rank: int, targets: str,  # typ
           merged: bool = False):
     from vramcalc.calibrate.infer_worker import load_with_adapter, make_adapter
     from vramcalc.calibrate.weights import save_random_weights
-    from vramcalc.inference import attention_impl
+    from vramcalc.effective import attention_impl
 
     wdir, adir = tmp_path / "w", tmp_path / "a"
     save_random_weights(spec, str(wdir), device="cpu")

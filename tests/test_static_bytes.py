@@ -131,3 +131,35 @@ def test_adamw_torch_states_match_a_real_step(tmp_path) -> None:  # type: ignore
     assert optimizer_bytes(spec, plan).device == state
     grads = sum(rounded(p.grad.numel() * p.grad.element_size()) for p in params)
     assert grads == lora_param_bytes(spec, plan)
+
+
+TINY_FALCON = dict(
+    name="tiny-falcon", model_type="falcon", vocab_size=256, hidden_size=64,
+    intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+    tie_word_embeddings=True, attention_layout="fused_qkv", mlp_layout="plain",
+    norm="layernorm", norms_per_layer=1, hidden_act="gelu", bnb_quantizes_linears=False,
+    module_names={"qkv": "query_key_value", "o": "dense", "fc1": "dense_h_to_4h",
+                  "fc2": "dense_4h_to_h"},
+    extra_config={"multi_query": True, "parallel_attn": True,
+                  "new_decoder_architecture": False, "bias": False, "alibi": False},
+)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_falcon_linears_stay_unquantized_and_become_fp32(quant, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The spec's `bnb_quantizes_linears: false` is what the stack does: transformers 5's
+    bitsandbytes integration skips FalconLinear (an nn.Linear subclass), so a 4-bit load
+    holds no Params4bit, and prepare_model_for_kbit_training casts every weight to fp32 --
+    the bytes of the plan `effective_train_plan` makes of it (LoRA on an fp32 base)."""
+    from vramcalc.effective import effective_train_plan
+
+    spec = ModelSpec(**TINY_FALCON)
+    plan = TrainPlan(rank=8, quant=quant, attn="eager")
+    measured = _measured(_load(spec, plan, tmp_path))
+    assert measured["base_weights"] == 0 and measured["quant_constants"] == 0
+    ran, planned_as, notes = effective_train_plan(spec, plan)
+    assert planned_as == {"method": "lora", "quant": "none", "weights_dtype": "fp32"}
+    assert notes and "does not quantize" in notes[0]
+    est = weight_bytes(spec, ran)
+    assert est.base_weights + est.unquantized_params == measured["unquantized_params"]
+    assert lora_param_bytes(spec, ran) == measured["lora"]

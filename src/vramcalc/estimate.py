@@ -30,6 +30,7 @@ from vramcalc.allocator import (
     paged_resident,
     required_slack,
 )
+from vramcalc.effective import effective_train_plan
 from vramcalc.logits import (
     FORWARD_END_BYTES_PER_HIDDEN,
     LOGITS_BACKWARD_EXTRA_UNITS,
@@ -62,6 +63,7 @@ LAYER_GRAD_FACTOR = 3
 def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     """Peak memory of `plan` on `spec`, by phase and component. See module docstring."""
     check_lora_can_start(spec, plan)
+    plan, planned_as, notes = effective_train_plan(spec, plan)
     wb = weight_bytes(spec, plan)
     opt = optimizer_bytes(spec, plan)
     full = plan.method == "full"
@@ -75,12 +77,14 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     per_layer = layer_saved_bytes_per_token(spec, plan)
     scores = eager_scores_bytes(spec, plan)
     compute = DTYPE_BYTES[plan.compute_dtype]
-    notes: list[str] = []
 
-    # Autocast casts a weight that is not in the compute dtype for each matmul; the cast
-    # of a leaf that requires grad is cached until the forward's autocast region ends
-    # (torch autocast `cached_cast`), and matmuls keep it for backward. QLoRA: the fp32
-    # lm_head (after prepare) is cast. fp32 weights under bf16 autocast: every Linear.
+    # Autocast casts a weight that is not in the compute dtype for each matmul, and the
+    # matmul keeps the cast for backward when its input requires grad. The cast of a leaf
+    # that requires grad is also cached until the forward's autocast region ends (torch
+    # autocast `cached_cast`: `arg.requires_grad() && arg.is_leaf()`): full fine-tuning's
+    # copies are alive at the forward's end even with checkpointing; a frozen base's
+    # (LoRA on fp32 weights) only where the layer keeps its graph. QLoRA: the fp32 lm_head
+    # (after prepare) is cast. fp32 weights under bf16 autocast: every Linear.
     lm_head_copy = 0
     weight_copies = 0  # autocast copies of the block Linears alive at the forward's end
     autocast_cast = DTYPE_BYTES[plan.load_dtype] > compute  # weights above the compute dtype
@@ -177,7 +181,8 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
             **steady,
             "activations": layer_acts + final_norm,
             "logits_loss": logits_fwd + held_logits * logits_unit,
-            "transient": lm_head_copy + weight_copies + fwd_h,
+            "transient": lm_head_copy + fwd_h + (
+                weight_copies if full or not plan.gradient_checkpointing else 0),
         },
         "backward": {
             **steady,
@@ -241,13 +246,6 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
                                plan.expandable_segments)
     required_device = peak_allocated + high + CUDA_CONTEXT + paged
     required_low = peak_allocated + low + CUDA_CONTEXT + paged
-    if (spec.model_type == "falcon" and plan.attn != "eager"
-            and spec.kv_heads != spec.num_attention_heads):
-        # modeling_falcon.py calls sdpa with 1 kv head for all query heads and no enable_gqa:
-        # only torch's math backend takes that, which materialises the S^2 scores per head.
-        notes.append("falcon with sdpa runs torch's math attention (heads differ, no "
-                     "enable_gqa): S^2 scores per head are not modelled, the estimate is low "
-                     "(measured -67 % at 4 x 4096)")
     if plan.attn == "flash_attention_2":
         notes.append("flash_attention_2 is modelled as sdpa (the same O(T) saved tensors)")
     if spec.is_moe and plan.moe_experts == "unquantized" and plan.method == "qlora":
@@ -273,4 +271,5 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         required_device_low_bytes=required_low,
         paged_bytes=paged,
         notes=tuple(notes),
+        planned_as=planned_as,
     )

@@ -456,6 +456,9 @@ _ACT_KEY: dict[str, tuple[str, str]] = {
 # residual_dropout, embedding_dropout; falcon: hidden_dropout via dropout_add).
 _RESID_DROPOUT_KEYS = ("resid_pdrop", "residual_dropout", "hidden_dropout")
 _EMBD_DROPOUT_KEYS = ("embd_pdrop", "embedding_dropout")
+# Families whose block Linears subclass nn.Linear (modeling_falcon.py `FalconLinear`), which
+# transformers 5's bitsandbytes integration does not convert (`type(module) is nn.Linear`).
+_LINEAR_SUBCLASS_FAMILIES = frozenset({"falcon"})
 # Gemma-2 softcapping defaults (Gemma2Config): 50.0 on scores, 30.0 on logits.
 _SOFTCAP_DEFAULTS: dict[str, tuple[float | None, float | None]] = {
     "gemma2": (50.0, 30.0),
@@ -492,6 +495,7 @@ def _features(model_type: str, data: dict[str, Any], r: _Reader) -> dict[str, An
         "attn_logit_softcapping": attn_cap,
         "final_logit_softcapping": final_cap,
         "max_position_embeddings": max_pos if isinstance(max_pos, int) and max_pos > 0 else None,
+        "bnb_quantizes_linears": model_type not in _LINEAR_SUBCLASS_FAMILIES,
     }
 
 

@@ -26,6 +26,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from vramcalc.allocator import CUBLAS_WORKSPACES, CUDA_CONTEXT
+from vramcalc.effective import attention_impl, effective_load_quant
 from vramcalc.plan_settings import TrainPlan, normalize_targets
 from vramcalc.result import Components, Estimate
 from vramcalc.specs import LinearShape, ModelSpec, layer_windows, sdpa_window_masks
@@ -74,16 +75,6 @@ ROUND_LARGE = 2 * MiB  # kRoundLarge: requests of 10 MiB and more round up to 2 
 # The previous step's two fp32 tensors stay referenced until reassigned, and the model's
 # logits (compute dtype, last position only: logits_to_keep=1) are alive meanwhile.
 LOGITS_FP32_TENSORS = 2
-
-
-# transformers 5 refuses sdpa for these (`_supports_sdpa = False`: attention logit
-# soft-capping); from_pretrained(attn_implementation="sdpa") raises, so they run eager.
-EAGER_ONLY_MODEL_TYPES = frozenset({"gemma2"})
-
-
-def attention_impl(spec: ModelSpec, requested: str) -> str:
-    """The attention implementation the model will really run."""
-    return "eager" if spec.model_type in EAGER_ONLY_MODEL_TYPES else requested
 
 
 def _dtype_bytes(name: str) -> int:
@@ -434,6 +425,9 @@ def layer_live_bytes(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int)
 
 def estimate_inference(spec: ModelSpec, plan: InferPlan) -> Estimate:
     """Peak memory of `generate()` with the adapter: phases load, prefill, decode."""
+    quant, load_notes = effective_load_quant(spec, plan.quant, plan.compute_dtype)
+    planned_as = {"quant": quant} if quant != plan.quant else {}
+    plan = plan.model_copy(update=planned_as)
     weights, constants, unquantized, experts = inference_weight_bytes(
         spec, plan.quant, plan.compute_dtype, plan.double_quant)
     lora = plan.lora_plan()
@@ -504,6 +498,7 @@ def estimate_inference(spec: ModelSpec, plan: InferPlan) -> Estimate:
         "adapter merged: no LoRA tensors" if plan.merged
         else f"adapter unmerged in {plan.adapter_dtype} (peft autocast_adapter_dtype)",
     ]
+    notes += load_notes
     if any(w is not None for w in windows):
         notes.append("sliding-window layers keep at most the window once decoding")
     if plan.cache == "dynamic" and slack > 0:
@@ -515,7 +510,7 @@ def estimate_inference(spec: ModelSpec, plan: InferPlan) -> Estimate:
         components=components, phases=phases, peak_phase=peak_phase,
         peak_allocated_bytes=peak_alloc, peak_reserved_bytes=peak_reserved,
         peak_device_bytes=peak_reserved + CUDA_CONTEXT, required_device_bytes=required,
-        paged_bytes=0, notes=tuple(notes),
+        paged_bytes=0, notes=tuple(notes), planned_as=planned_as,
     )
 
 
@@ -568,6 +563,9 @@ def merged_disk_bytes(spec: ModelSpec, plan: MergePlan) -> int:
 
 def estimate_merge(spec: ModelSpec, plan: MergePlan) -> Estimate:
     """Peak memory of loading the base, attaching the adapter and merge_and_unload()."""
+    base_quant, load_notes = effective_load_quant(spec, plan.base_quant, plan.dtype)
+    planned_as = {"base_quant": base_quant} if base_quant != plan.base_quant else {}
+    plan = plan.model_copy(update=planned_as)
     weights, constants, unquantized, experts = inference_weight_bytes(
         spec, plan.base_quant, plan.dtype, plan.double_quant)
     lora = plan.lora_plan()
@@ -584,6 +582,7 @@ def estimate_merge(spec: ModelSpec, plan: MergePlan) -> Estimate:
     if not on_gpu:
         notes.append("host RAM of the tensors only: the Python process (torch, "
                      "transformers) adds its own baseline")
+    notes += load_notes
     if plan.base_quant != "none":
         notes.append(MERGE_4BIT_WARNING)
     return Estimate(
@@ -596,6 +595,7 @@ def estimate_merge(spec: ModelSpec, plan: MergePlan) -> Estimate:
         phases=phases, peak_phase="merge", peak_allocated_bytes=peak_alloc,
         peak_reserved_bytes=peak_alloc, peak_device_bytes=peak_alloc + context,
         required_device_bytes=peak_alloc + context, paged_bytes=0, notes=tuple(notes),
+        planned_as=planned_as,
     )
 
 

@@ -49,6 +49,7 @@ def _estimate_fields(est: Estimate, plan: Any) -> dict[str, Any]:
         "params": est.params,
         "trainable_params": est.trainable_params,
         "plan": plan,
+        "planned_as": est.planned_as,  # settings the stack really runs (see the notes)
         "components": dict(est.components.items()),
         "phases": est.phases,
         "peak_phase": est.peak_phase,
@@ -125,7 +126,9 @@ def print_breakdown(est: Estimate, plan: TrainPlan, console: Console) -> None:
         f"tokens, {p.optimizer}, {'grad ckpt' if p.gradient_checkpointing else 'no grad ckpt'}, "
         f"{p.attn}{', plain loop' if p.loop == 'plain' else ''}"
     )
-    console.print(breakdown_table(est, title, train_labels(p)))
+    # label the tensors the stack really holds (est.planned_as: e.g. an unquantized base)
+    labels = train_labels(p.model_copy(update=est.planned_as) if est.planned_as else p)
+    console.print(breakdown_table(est, title, labels))
     console.print(f"peak phase: {est.peak_phase}", highlight=False)  # no highlighter to build
     for note in est.notes:
         console.print(f"note: {note}", highlight=False)

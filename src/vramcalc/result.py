@@ -81,6 +81,10 @@ class Estimate(BaseModel):
     # fragmentation of a first step); between it and required_device_bytes it depends on
     # how the cached segments were reused (allocator.required_slack). None: the same.
     required_device_low_bytes: int | None = None
+    # Plan settings the stack really runs where they differ from the request (a "QLoRA" base
+    # bitsandbytes leaves unquantized, falcon's sdpa running as math attention; see
+    # effective.py and the notes): {"method": "lora", "weights_dtype": "fp32", ...}.
+    planned_as: dict[str, str] = {}
 
     @property
     def required_low(self) -> int:

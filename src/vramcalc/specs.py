@@ -132,6 +132,11 @@ class ModelSpec(BaseModel):
     attn_logit_softcapping: float | None = None  # Gemma-2: tanh(scores / cap) * cap
     final_logit_softcapping: float | None = None  # Gemma-2: tanh(logits / cap) * cap
     max_position_embeddings: PositiveInt | None = None
+    # False when the block Linears are a subclass of nn.Linear (FalconLinear): transformers
+    # 5's bitsandbytes integration converts only `type(module) is nn.Linear`
+    # (integrations/bitsandbytes.py `replace_with_bnb_linear`), so a "quantized" load leaves
+    # them in 16 bit and prepare_model_for_kbit_training casts them to fp32.
+    bnb_quantizes_linears: bool = True
 
     module_names: dict[str, str] = {}
     extra_config: dict[str, Any] = {}  # other HF config keys needed to rebuild the model

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.calibrate.run import NvmlPoller, quant_config, torch_dtype
-from vramcalc.inference import InferPlan, MergePlan, attention_impl
+from vramcalc.effective import attention_impl
+from vramcalc.inference import InferPlan, MergePlan
 from vramcalc.specs import ModelSpec
 
 
