@@ -3,6 +3,8 @@
     python calibration/design.py design   > calibration/matrices/h200-design.json
     python calibration/design.py holdout  > calibration/matrices/h200-holdout.json
     python calibration/design.py holdout3 > calibration/matrices/h200-holdout3.json
+    python calibration/design.py holdout4 > calibration/matrices/h200-holdout4.json
+    python calibration/design.py predict MATRIX.json "NOTE" > PREDICTIONS.json
 
 `design`: 16 architectures (MHA, GQA, MQA, tied/untied, 32k-256k vocabularies, fused
 modules, qk-norm, softcapping, plain gelu_new MLP with residual dropout, MoE with few large
@@ -235,7 +237,49 @@ def boundary_points() -> list[dict[str, Any]]:
     return pts
 
 
+def targeted_points() -> list[dict[str, Any]]:
+    """The rules added after run 6 on points drawn by hand (effective.py): falcon QLoRA
+    (an unquantized fp32 base), falcon sdpa (math attention), LoRA on an fp32 base (autocast
+    copies of frozen weights, not cached)."""
+    cases = [
+        ("falcon-7b", 4, {"quant": "nf4", "batch_size": 1, "seq_len": 2048}),
+        ("falcon-7b", 4, {"quant": "nf4", "attn": "eager", "gradient_checkpointing": False,
+                          "batch_size": 1, "seq_len": 1024}),
+        ("falcon-7b", 4, {"quant": "int8", "batch_size": 2, "seq_len": 1024,
+                          "optimizer": "adamw_torch"}),
+        ("llama-3.2-1b", None, {"method": "lora", "weights_dtype": "fp32", "batch_size": 4,
+                                "seq_len": 1024}),
+        ("mistral-7b", 4, {"method": "lora", "weights_dtype": "fp32", "batch_size": 2,
+                           "seq_len": 2048, "gradient_checkpointing": False}),
+    ]
+    return [{"id": f"xt{i}-{name}", "spec": spec_ref(name), "layers": layers, "plan": plan,
+             "steps": 4 if plan.get("quant") == "int8" else 3}
+            for i, (name, layers, plan) in enumerate(cases)]
+
+
+def predictions(matrix: str, note: str) -> dict[str, Any]:
+    """The raw estimator's predictions for every training point of a matrix file: what a
+    holdout commits before the run (bench/accuracy_h200.py compares them)."""
+    sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
+    from vramcalc.calibrate.matrix import point_spec
+
+    out = []
+    for point in json.loads(open(matrix, encoding="utf-8").read())["points"]:
+        try:
+            est = estimate(point_spec(point), TrainPlan.model_validate(point["plan"]))
+        except PlanError:
+            continue
+        out.append({"id": point["id"], **{k: getattr(est, k) for k in (
+            "peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes",
+            "required_device_bytes", "paged_bytes", "peak_phase")}})
+    return {"note": note, "points": out}
+
+
 def main(which: str) -> None:
+    if which == "predict":  # design.py predict MATRIX.json "NOTE"
+        json.dump(predictions(sys.argv[2], sys.argv[3]), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return
     if which == "design":
         points = snapshot_points() + random_points(DESIGN_ARCHS, 96, seed=10, prefix="d")
         points += boundary_points()
@@ -254,8 +298,17 @@ def main(which: str) -> None:
         archs = {**DESIGN_ARCHS, **HOLDOUT_ARCHS, "qwen2.5-1.5b": None, "llama-3.2-3b": None,
                  "codellama-7b": 4}
         points = random_points(archs, 44, seed=50, prefix="w")
+    elif which == "holdout4":
+        # After effective.py (falcon's unquantized base and math attention) and the
+        # frozen-base autocast copies: fresh draws over every architecture plus four never
+        # measured (qwen3-4b, gemma-7b, qwen2.5-3b, llama-2-13b), and targeted points for the
+        # new rules; predictions committed before run 9 (h200-holdout4-predictions.json).
+        archs = {**DESIGN_ARCHS, **HOLDOUT_ARCHS, "qwen2.5-1.5b": None, "llama-3.2-3b": 8,
+                 "codellama-7b": 4, "qwen3-4b": 8, "gemma-7b": 4, "qwen2.5-3b": 12,
+                 "llama-2-13b": 4}
+        points = random_points(archs, 40, seed=70, prefix="x") + targeted_points()
     else:
-        raise SystemExit("usage: design.py design|holdout|holdout2|holdout3")
+        raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 

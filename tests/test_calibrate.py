@@ -403,3 +403,15 @@ def test_measure_point_on_gpu_matches_static_bytes() -> None:
     assert result["static_after_peft"]["base_weights"] == st.base_weights
     assert result["static_after_peft"]["lora"] == lora_param_bytes(TINY, plan)
     assert result["peak_allocated_bytes"] > st.base_weights + lora_param_bytes(TINY, plan)
+
+
+def test_weights_that_cannot_fit_on_disk_are_refused_before_writing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from vramcalc.calibrate.matrix import build_one, disk_shortfall
+    from vramcalc.specs import get_spec
+
+    assert disk_shortfall(get_spec("qwen2.5-0.5b").model_copy(
+        update={"num_hidden_layers": 1}), tmp_path) is None
+    huge = get_spec("llama-3.1-405b")  # 810 GB of bf16 weights: more than this disk
+    msg = build_one(huge, tmp_path / "w", "cpu", timeout_s=5)
+    assert msg is not None and msg.startswith("not enough disk for the weights")
+    assert not any(tmp_path.iterdir())  # nothing half-written

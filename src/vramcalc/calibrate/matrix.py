@@ -158,10 +158,30 @@ def _weights_ready(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+# Headroom kept free on the weights disk beyond one model's bf16 safetensors.
+DISK_HEADROOM = 2 * 2**30
+
+
+def disk_shortfall(spec: ModelSpec, cache: Path) -> str | None:
+    """Why the bf16 weights of `spec` cannot be written under `cache`, or None. A full disk
+    mid-write left three points of run 6 unmeasured (`No space left on device`)."""
+    import shutil
+
+    need = 2 * spec.num_params() + DISK_HEADROOM
+    free = shutil.disk_usage(cache).free
+    if free >= need:
+        return None
+    return (f"not enough disk for the weights: {need / 2**30:.1f} GiB needed, "
+            f"{free / 2**30:.1f} GiB free under {cache} (use a larger --weights-cache disk)")
+
+
 def build_one(spec: ModelSpec, out_dir: Path, device: str, timeout_s: float) -> str | None:
     """Build random weights in a fresh process; None on success, else the error tail."""
     if _weights_ready(out_dir):
         return None
+    short = disk_shortfall(spec, out_dir.parent)
+    if short is not None:
+        return short
     tmp = out_dir.with_name(out_dir.name + ".partial")
     code = (
         "import json, sys; from vramcalc.specs import ModelSpec;"
