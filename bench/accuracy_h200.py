@@ -123,7 +123,11 @@ def main(argv: list[str]) -> None:
     pre3 = {p["id"]: p for p in json.loads(pre3_path.read_text())["points"]}
     report("holdout 3 (run 6, fresh draws over 25 architectures after the run-5 traces), "
            "PRE-REGISTERED predictions", collect("run6-holdout3.jsonl", pre3), show)
-    report("holdout 3, current estimator", collect("run6-holdout3.jsonl"), show)
+    report("holdout 3, current estimator (seen since)", collect("run6-holdout3.jsonl"), show)
+    pre4_path = ROOT / "calibration" / "matrices" / "h200-holdout4-predictions.json"
+    pre4 = {p["id"]: p for p in json.loads(pre4_path.read_text())["points"]}
+    report("holdout 4 (run 9, fresh draws over 29 architectures after effective.py), "
+           "PRE-REGISTERED predictions", collect("run9-holdout4.jsonl", pre4), show)
 
 
 if __name__ == "__main__":
