@@ -128,6 +128,7 @@ def main(argv: list[str]) -> None:
     pre4 = {p["id"]: p for p in json.loads(pre4_path.read_text())["points"]}
     report("holdout 4 (run 9, fresh draws over 29 architectures after effective.py), "
            "PRE-REGISTERED predictions", collect("run9-holdout4.jsonl", pre4), show)
+    report("holdout 4, current estimator (seen since)", collect("run9-holdout4.jsonl"), show)
 
 
 if __name__ == "__main__":

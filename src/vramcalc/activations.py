@@ -168,7 +168,11 @@ def int8_saved_bytes_per_token(spec: ModelSpec, plan: TrainPlan) -> int:
 
 def _norms_saved(spec: ModelSpec, plan: TrainPlan) -> int:
     h = spec.hidden_size
-    per_norm = NORM_FP32_BYTES * h + RSQRT_BYTES
+    # RMSNorm upcasts its input itself (`hidden_states.to(torch.float32)`); LayerNorm runs in
+    # fp32 only because layer_norm is on autocast's fp32 list: without autocast it keeps its
+    # input in the residual dtype.
+    norm_in = NORM_FP32_BYTES if spec.norm == "rmsnorm" or plan.autocast else residual_bytes(plan)
+    per_norm = norm_in * h + RSQRT_BYTES
     if plan.method == "full" and spec.norm == "rmsnorm":
         # weight * normed keeps the normalized tensor for the weight's gradient; Gemma's
         # `output * (1.0 + self.weight.float())` keeps it in fp32.
@@ -239,7 +243,7 @@ def _mlp_saved(spec: ModelSpec, plan: TrainPlan) -> int:
     if fused_experts(spec, plan):
         shared = spec.shared_expert_intermediate_size
         return routed_saved_per_token(spec, plan) + (per_act + 2) * mlp_bytes(plan) * shared
-    if spec.hidden_act in FP32_UNDER_AUTOCAST:
+    if spec.hidden_act in FP32_UNDER_AUTOCAST and plan.autocast:
         # the activation's own intermediates in fp32 (the first keeps the input: its dtype)
         act = mlp_bytes(plan) * inter + 4 * (per_act - 1) * inter
         return act + (2 * mlp_bytes(plan) * inter if gated else 0)

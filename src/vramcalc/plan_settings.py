@@ -115,6 +115,15 @@ class TrainPlan(BaseModel):
         return self.weights_dtype or self.compute_dtype
 
     @property
+    def autocast(self) -> bool:
+        """Whether the step runs under torch autocast. HF Trainer with bf16/fp16 always does
+        (accelerate's mixed precision). The plain loop of transformers' native-PyTorch docs
+        has none; it needs autocast only when trained weights are not already 16-bit, so
+        pure 16-bit full fine-tuning runs without it (calibrate/run.py `_plain_loop`)."""
+        pure_16bit = self.method == "full" and self.load_dtype in ("bf16", "fp16")
+        return not (self.loop == "plain" and pure_16bit)
+
+    @property
     def is_lora(self) -> bool:
         return self.method != "full"
 

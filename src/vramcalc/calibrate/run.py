@@ -204,12 +204,6 @@ def lora_target_modules(spec: ModelSpec, plan: TrainPlan) -> Any:
     return "all-linear" if plan.targets == "all-linear" else plan.target_list()
 
 
-def is_pure_low_precision(plan: TrainPlan) -> bool:
-    """Full fine-tuning of a 16-bit model: weights, gradients and AdamW states all 16-bit,
-    so the plain loop runs without autocast."""
-    return plan.method == "full" and plan.load_dtype in ("bf16", "fp16")
-
-
 # Step markers written into the allocator trace (`snapshot: true`): two small-pool
 # allocations of unusual sizes back to back begin step k; another pair ends the run.
 # Multiples of 512 below 1 MiB, so the block size equals the requested size.
@@ -544,7 +538,7 @@ def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
     The optimizer is the one HF Trainer builds from the same `optim` name
     (`Trainer.create_optimizer`), so only the loop differs from the trainer path: no
     accelerate wrapper (no `convert_outputs_to_fp32`), autocast only when the trainable
-    weights are not already 16-bit (`is_pure_low_precision`).
+    weights are not already 16-bit (`TrainPlan.autocast`).
     """
     import contextlib
 
@@ -558,7 +552,7 @@ def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
     model.train()
     dev = "cuda" if on_gpu else "cpu"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.compute_dtype)
-    use_amp = on_gpu and amp_dtype is not None and not is_pure_low_precision(plan)
+    use_amp = on_gpu and amp_dtype is not None and plan.autocast
     for step in range(steps):
         batch = ids[step * plan.batch_size:(step + 1) * plan.batch_size].to(dev)
         if on_gpu:
