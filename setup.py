@@ -1,11 +1,37 @@
-"""Package discovery; all metadata is in pyproject.toml.
+"""Package discovery and the catalog index; all metadata is in pyproject.toml.
 
 pyproject.toml cannot combine `packages.find` with one extra package, so the list is
 built here: every package found under src/ (vramcalc and its subpackages, so a new
 subpackage ships without editing anything) plus vramcalc.model_specs, which
 [tool.setuptools.package-dir] maps to the repo's top-level model_specs/ folder.
+
+The build step also writes vramcalc/model_specs/_catalog.json, the catalog's YAML files
+parsed once (src/vramcalc/catalog_index.py): a cold `vramcalc plan` then needs no PyYAML.
 """
 
-from setuptools import find_packages, setup
+import importlib.util
+from pathlib import Path
 
-setup(packages=[*find_packages("src", include=["vramcalc", "vramcalc.*"]), "vramcalc.model_specs"])
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+class build_py_with_catalog_index(build_py):
+    def run(self) -> None:
+        super().run()
+        spec = importlib.util.spec_from_file_location(
+            "catalog_index", ROOT / "src" / "vramcalc" / "catalog_index.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        out_dir = Path(self.build_lib) / "vramcalc" / "model_specs"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        module.write_index(ROOT / "model_specs", out_dir)
+
+
+setup(
+    packages=[*find_packages("src", include=["vramcalc", "vramcalc.*"]), "vramcalc.model_specs"],
+    cmdclass={"build_py": build_py_with_catalog_index},
+)

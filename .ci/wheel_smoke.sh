@@ -50,6 +50,13 @@ smoke "0 3" vramcalc plan -m llama-2-70b --gpus 2 --strategy fsdp --gpu rtx-4090
 smoke "0 3" vramcalc check --gpu h100 -m qwen2.5-7b --batch 8
 smoke 0 python -c "from vramcalc import plan; print(plan('llama-3.1-8b', batch_size=2))"
 smoke 0 python -m vramcalc --version
+# the catalog comes from the build-time JSON index: a cold plan imports no PyYAML
+smoke 0 python -c "
+import sys
+from vramcalc.specs import catalog, get_spec
+get_spec('llama-7b'); catalog()
+assert 'yaml' not in sys.modules, 'the wheel parsed YAML: model_specs/_catalog.json missing'
+"
 # the JSON is one object, and the installed package read its data from the wheel
 smoke 0 python -c "
 import json, subprocess, vramcalc

@@ -345,3 +345,31 @@ def test_named_file_lookup_agrees_with_the_index() -> None:
             assert direct == spec, spec.name
     assert specs._named_file_spec("../pyproject") is None
     assert specs._named_file_spec("no-such-model") is None
+
+
+def test_the_wheels_json_index_gives_the_same_catalog(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A wheel reads the catalog from the index setup.py writes (catalog_index.write_index);
+    a source tree reads the YAML files: both give the same specs, and with the index no
+    YAML is parsed."""
+    import shutil
+    from pathlib import Path
+
+    import vramcalc.specs as specs_mod
+    from vramcalc.catalog_index import write_index
+
+    src = Path(specs_mod.__file__).resolve().parents[2] / "model_specs"
+    from_yaml = specs_mod.catalog()
+    shipped = tmp_path / "model_specs"
+    shutil.copytree(src, shipped, ignore=shutil.ignore_patterns("__pycache__"))
+    write_index(src, shipped)
+    for f in shipped.glob("*.yaml"):  # prove the index alone is read
+        f.write_text("not: [valid", encoding="utf-8")
+    monkeypatch.setattr(specs_mod, "_catalog_root", lambda: shipped)
+    for cached in (specs_mod._index, specs_mod._catalog, specs_mod._named_file_spec):
+        cached.cache_clear()
+    try:
+        assert specs_mod.catalog() == from_yaml
+        assert specs_mod.get_spec("llama-7b") == specs_mod.get_spec("huggyllama/llama-7b")
+    finally:
+        for cached in (specs_mod._index, specs_mod._catalog, specs_mod._named_file_spec):
+            cached.cache_clear()

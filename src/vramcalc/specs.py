@@ -20,13 +20,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from vramcalc.catalog_index import INDEX_NAME, INDEX_VERSION
 from vramcalc.errors import SpecError, UnknownModelError
-
-# libyaml's C loader parses the 40 catalog files ~10x faster than the pure-Python one.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 AttentionLayout = Literal["separate", "fused_qkv"]
 MlpLayout = Literal["gated", "fused_gated", "plain"]
@@ -327,19 +324,32 @@ def spec_from_mapping(data: Any, origin: str) -> ModelSpec:
         raise SpecError(_format_validation_error(origin, err)) from None
 
 
+def _yaml_loader() -> Any:
+    """PyYAML's loader, imported on first use: a wheel's catalog is a JSON index (below).
+    libyaml's C loader parses the 40 catalog files ~10x faster than the pure-Python one."""
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _parse_yaml(text: str, origin: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise SpecError(f"{origin}: malformed YAML{where}") from None
+
+
 def load_spec_file(path: Path) -> ModelSpec:
     """Read one spec YAML file."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise SpecError(f"{path}: cannot read: {err.strerror or err}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise SpecError(f"{path}: malformed YAML{where}") from None
-    return spec_from_mapping(data, str(path))
+    return spec_from_mapping(_parse_yaml(text, str(path)), str(path))
 
 
 def _catalog_root() -> Any:
@@ -350,11 +360,35 @@ def _catalog_root() -> Any:
         return Path(__file__).resolve().parents[2] / "model_specs"
 
 
-def _catalog_files() -> Iterator[tuple[str, str]]:
+@functools.cache
+def _index() -> dict[str, Any] | None:
+    """The catalog files parsed at build time (catalog_index.py: a wheel has it), or None
+    in a source tree, which reads the YAML files."""
+    entry = _catalog_root() / INDEX_NAME
+    if not entry.is_file():
+        return None
+    try:
+        data = json.loads(entry.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # unreadable: the YAML files next to it are the source
+    if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
+        return None
+    specs = data.get("specs")
+    return specs if isinstance(specs, dict) else None
+
+
+def _catalog_mappings() -> Iterator[tuple[str, Any]]:
+    """(origin, parsed mapping) of every catalog file, sorted by file name."""
+    index = _index()
+    if index is not None:
+        for name in sorted(index):
+            yield f"model_specs/{name}", index[name]
+        return
     root = _catalog_root()
     for entry in sorted(root.iterdir(), key=lambda e: e.name):
         if entry.name.endswith((".yaml", ".yml")):
-            yield f"model_specs/{entry.name}", entry.read_text(encoding="utf-8")
+            origin = f"model_specs/{entry.name}"
+            yield origin, _parse_yaml(entry.read_text(encoding="utf-8"), origin)
 
 
 def build_index(specs: list[tuple[str, ModelSpec]]) -> dict[str, ModelSpec]:
@@ -375,13 +409,7 @@ def build_index(specs: list[tuple[str, ModelSpec]]) -> dict[str, ModelSpec]:
 
 @functools.cache
 def _catalog() -> tuple[tuple[ModelSpec, ...], dict[str, ModelSpec]]:
-    loaded: list[tuple[str, ModelSpec]] = []
-    for origin, text in _catalog_files():
-        try:
-            data = yaml.load(text, Loader=_YAML_LOADER)
-        except yaml.YAMLError:
-            raise SpecError(f"{origin}: malformed YAML") from None
-        loaded.append((origin, spec_from_mapping(data, origin)))
+    loaded = [(origin, spec_from_mapping(data, origin)) for origin, data in _catalog_mappings()]
     return tuple(s for _, s in loaded), build_index(loaded)
 
 
@@ -402,14 +430,18 @@ def _named_file_spec(key: str) -> ModelSpec | None:
     aliases are unique across the catalog (tests/test_specs.py), so both ways agree."""
     if not _FILE_STEM.fullmatch(key):
         return None
-    entry = _catalog_root() / f"{key}.yaml"
-    if not entry.is_file():
-        return None
-    origin = f"model_specs/{key}.yaml"
-    try:
-        data = yaml.load(entry.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
-    except yaml.YAMLError:
-        raise SpecError(f"{origin}: malformed YAML") from None
+    name = f"{key}.yaml"
+    origin = f"model_specs/{name}"
+    index = _index()
+    if index is not None:
+        if name not in index:
+            return None
+        data = index[name]
+    else:
+        entry = _catalog_root() / name
+        if not entry.is_file():
+            return None
+        data = _parse_yaml(entry.read_text(encoding="utf-8"), origin)
     spec = spec_from_mapping(data, origin)
     return spec if spec.name.lower() == key else None
 
