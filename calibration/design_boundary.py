@@ -146,6 +146,42 @@ def holdout_points() -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return pts, preds
 
 
+# Issue 11's own measurement (llama-3.1-8b, r16 all-linear, seq 4096, checkpointing,
+# paged_adamw_8bit, sdpa, an empty 80 GB H100 with 79.18 GiB free): Trainer b7 and b8 ran;
+# a plain loop b7 ran out of memory (default allocator); with expandable segments b7 and b8
+# ran, b9 did not. Replayed on the H200 with the card emulated at 79.18 GiB free, full depth.
+ISSUE_FREE_GIB = 79.18
+ISSUE_CASES = [  # (tag, loop, expandable, batch)
+    ("t-def-b7", "trainer", False, 7), ("t-def-b8", "trainer", False, 8),
+    ("p-def-b7", "plain", False, 7), ("pl-def-b7", "plain-loss", False, 7),
+    ("p-exp-b8", "plain", True, 8), ("pl-exp-b8", "plain-loss", True, 8),
+    ("pl-exp-b9", "plain-loss", True, 9),
+]
+
+
+def issue_points() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Issue 11's H100 case on an emulated card; predictions (no margin) alongside."""
+    from vramcalc.verdict import certainty
+
+    spec = get_spec("llama-3.1-8b")
+    pts, preds = [], {}
+    for tag, loop, exp, batch in ISSUE_CASES:
+        plan = {"batch_size": batch, "seq_len": 4096, "loop": loop, "expandable_segments": exp}
+        est = estimate(spec, TrainPlan.model_validate(plan))
+        limit = round((ISSUE_FREE_GIB * GiB - est.components.cuda_context - est.paged_bytes)
+                      / GiB, 3)
+        pid = f"issue11-{tag}"
+        pts.append({"id": pid, "spec": "llama-3.1-8b", "layers": None, "plan": plan,
+                    "steps": 3, "memory_limit_gib": limit})
+        offered = emulated_card_bytes(est, int(limit * GiB))
+        preds[pid] = {"peak_allocated_bytes": est.peak_allocated_bytes,
+                      "required_low_bytes": est.required_low,
+                      "required_bytes": est.required_device_bytes, "offered_bytes": offered,
+                      "certainty": certainty(offered, est.required_device_bytes, 0,
+                                             est.required_low)}
+    return pts, preds
+
+
 def main(which: str) -> None:
     if which == "sweep":
         points = sweep_points()
@@ -154,8 +190,13 @@ def main(which: str) -> None:
         with open(sys.argv[2], "w", encoding="utf-8") as fh:
             json.dump(preds, fh, indent=1)
             fh.write("\n")
+    elif which == "issue":
+        points, preds = issue_points()
+        with open(sys.argv[2], "w", encoding="utf-8") as fh:
+            json.dump(preds, fh, indent=1)
+            fh.write("\n")
     else:
-        raise SystemExit("usage: design_boundary.py sweep | holdout PREDICTIONS.json")
+        raise SystemExit("usage: design_boundary.py sweep | holdout PRED.json | issue PRED.json")
     json.dump({"note": __doc__.split("\n\n")[0], "points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 

@@ -89,10 +89,11 @@ def test_full(dtype: str, nbytes: int) -> None:
     assert r["optimizer_state_bytes"]["device"] == 2 * nbytes * n
 
 
-def test_plain_loop_uses_the_trainer_optimizer() -> None:
-    r = _measure(TINY, method="lora", loop="plain")
+@pytest.mark.parametrize("loop", ["plain", "plain-loss"])
+def test_plain_loop_uses_the_trainer_optimizer(loop: str) -> None:
+    r = _measure(TINY, method="lora", loop=loop)
     _ok(r)
-    assert r["loop"] == "plain"
+    assert r["loop"] == loop
     assert r["optimizer_state_bytes"]["device"] == 2 * r["static_after_peft"]["lora"]
 
 

@@ -117,7 +117,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     # compute-dtype logits) through backward, and the previous step's output through the
     # next forward until `out` is rebound; Trainer's compute_loss returns the loss alone, so
     # they are freed before backward (trainer.py Trainer.compute_loss / training_step).
-    held_logits = compute if plan.loop == "plain" else 0
+    held_logits = compute if plan.holds_output else 0
     logits_saved = (LOGITS_SAVED_UNITS + softcap) * logits_unit
     # Later in backward: logits are gone, every gradient may exist, and (with
     # checkpointing) one layer is recomputed while its gradients flow.
@@ -242,7 +242,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     peak_reserved = peak_allocated + slack
     paged = paged_resident(opt.paged)
     peak_device = peak_reserved + CUDA_CONTEXT + paged
-    low, high = required_slack(4 * logits_unit, compute * logits_unit, plan.loop == "plain",
+    low, high = required_slack(4 * logits_unit, compute * logits_unit, plan.holds_output,
                                plan.expandable_segments)
     required_device = peak_allocated + high + CUDA_CONTEXT + paged
     required_low = peak_allocated + low + CUDA_CONTEXT + paged

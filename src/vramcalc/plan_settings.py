@@ -13,7 +13,7 @@ Quant = Literal["nf4", "fp4", "int8", "none"]
 WeightsDtype = Literal["bf16", "fp16", "fp32"]
 # The training loop: HF Trainer, or a plain PyTorch loop (forward with labels, backward,
 # optimizer.step(), zero_grad(set_to_none=True)).
-Loop = Literal["trainer", "plain"]
+Loop = Literal["trainer", "plain", "plain-loss"]
 # MoE experts stored as 3-D tensors (transformers 5) are left unquantized by bitsandbytes;
 # stacks with per-expert nn.Linear modules (transformers 4.x, axolotl's option) quantize them.
 MoeExperts = Literal["unquantized", "quantized"]
@@ -121,7 +121,15 @@ class TrainPlan(BaseModel):
         has none; it needs autocast only when trained weights are not already 16-bit, so
         pure 16-bit full fine-tuning runs without it (calibrate/run.py `_plain_loop`)."""
         pure_16bit = self.method == "full" and self.load_dtype in ("bf16", "fp16")
-        return not (self.loop == "plain" and pure_16bit)
+        return not (self.loop != "trainer" and pure_16bit)
+
+    @property
+    def holds_output(self) -> bool:
+        """The loop keeps the model output (its logits) through backward and the next
+        forward: `out = model(**batch); out.loss.backward()` (transformers' native-PyTorch
+        docs). `plain-loss` takes `model(**batch).loss` and drops the output, as Trainer's
+        compute_loss does."""
+        return self.loop == "plain"
 
     @property
     def is_lora(self) -> bool:

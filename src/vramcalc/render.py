@@ -124,7 +124,7 @@ def print_breakdown(est: Estimate, plan: TrainPlan, console: Console) -> None:
         f"{est.model} ({est.params / 1e9:.2f} B params, {est.trainable_params / 1e6:.1f} M "
         f"trainable): {what}, {p.compute_dtype} compute, batch {p.batch_size} x {p.seq_len} "
         f"tokens, {p.optimizer}, {'grad ckpt' if p.gradient_checkpointing else 'no grad ckpt'}, "
-        f"{p.attn}{', plain loop' if p.loop == 'plain' else ''}"
+        f"{p.attn}{'' if p.loop == 'trainer' else f', {p.loop} loop'}"
     )
     # label the tensors the stack really holds (est.planned_as: e.g. an unquantized base)
     labels = train_labels(p.model_copy(update=est.planned_as) if est.planned_as else p)

@@ -533,7 +533,8 @@ def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
                 on_gpu: bool, readings: list[dict[str, int]], tracing: bool) -> Any:
     """forward with labels, backward, optimizer.step(), zero_grad(set_to_none=True), as in
     transformers' "training in native PyTorch" docs: `out` is rebound by the next forward,
-    so the previous step's output (its logits) lives through that forward.
+    so the previous step's output (its logits) lives through that forward. `plain-loss`
+    keeps only `model(...).loss`: the output is freed before backward, as under Trainer.
 
     The optimizer is the one HF Trainer builds from the same `optim` name
     (`Trainer.create_optimizer`), so only the loop differs from the trainer path: no
@@ -558,9 +559,15 @@ def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
         if on_gpu:
             _step_begin(readings, tracing)
         ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-        with ctx:
-            out = model(input_ids=batch, labels=batch)
-        out.loss.backward()
+        if plan.holds_output:
+            with ctx:
+                out = model(input_ids=batch, labels=batch)
+            out.loss.backward()
+        else:  # plain-loss: the output is dropped, only the loss lives on
+            with ctx:
+                loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            del loss
         if on_gpu:
             _before_optimizer(readings)
         optimizer.step()

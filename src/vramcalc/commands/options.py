@@ -59,8 +59,10 @@ WeightsDtypeOpt = Annotated[
                  "--method full = fp32 master weights under autocast)."),
 ]
 LoopOpt = Annotated[
-    str, typer.Option("--loop", help=f"Training loop: {'|'.join(LOOPS)} (HF Trainer or a plain "
-                      "PyTorch loop).")
+    str, typer.Option("--loop", help=f"Training loop: {'|'.join(LOOPS)} (HF Trainer; a plain "
+                      "PyTorch loop that keeps `out = model(...)` through backward, as "
+                      "transformers' docs write it; or one that keeps only "
+                      "`model(...).loss`).")
 ]
 ExpandableOpt = Annotated[
     bool | None,
