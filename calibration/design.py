@@ -153,7 +153,7 @@ def draw_plan(rng: random.Random, spec: ModelSpec) -> dict[str, Any]:
     seqs = SEQ_LENS if plan["attn"] == "sdpa" else SEQ_LENS[:5]
     plan["seq_len"] = rng.choice(seqs)
     if rng.random() < 0.15:
-        plan["loop"] = "plain"
+        plan["loop"] = "plain-outputs"  # the loop runs 1-9 measured (holds `out`)
     if rng.random() < 0.15:
         plan["expandable_segments"] = True
     return plan
@@ -203,7 +203,7 @@ def snapshot_points() -> list[dict[str, Any]]:
         "lora-nockpt": {"method": "lora", "gradient_checkpointing": False},
         "full-bf16": {"method": "full", "optimizer": "adamw_torch"},
         "full-fp32": {"method": "full", "weights_dtype": "fp32", "optimizer": "adamw_torch"},
-        "plain-loop": {"loop": "plain"},
+        "plain-loop": {"loop": "plain-outputs"},
         "eager-nockpt": {"attn": "eager", "gradient_checkpointing": False},
     }
     pts = [{"id": f"snap-{k}", "spec": "llama-2-7b", "layers": 4, "plan": {**base, **v},
@@ -228,7 +228,7 @@ def boundary_points() -> list[dict[str, Any]]:
             need = estimate(spec, TrainPlan.model_validate(plan)).required_device_bytes / GiB
             if abs(need - limit - 0.75) > 3.0:
                 continue
-            for loop in ("trainer", "plain"):
+            for loop in ("trainer", "plain-outputs"):
                 for exp in (False, True):
                     p = {**plan, "loop": loop, "expandable_segments": exp}
                     pts.append({"id": f"edge-{name}-b{batch}-{loop}-{'exp' if exp else 'def'}",

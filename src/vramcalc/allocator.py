@@ -43,7 +43,8 @@ SLACK_TRAINABLE_FRACTION = 0.25
 # run7-boundary-sweep.jsonl, 120 runs, 6 QLoRA cases x 2 loops x 2 allocators x 5 limits;
 # every out-of-memory request was the fp32 upcast of the logits, tokens x vocab x 4 bytes):
 # - first step: 0.35-1.02 GiB reserved but unallocated at the failing request.
-# - later steps, plain loop: the previous step's output keeps its compute-dtype logits block
+# - later steps, a loop that keeps the outputs (--loop plain-outputs): the previous step's
+#   output keeps its compute-dtype logits block
 #   through the next forward, so the new logits take the cached fp32-logits segment and the
 #   fp32 request finds no block: first-step slack + tokens x vocab x compute bytes (within
 #   0.13 GiB on all 6 cases).
@@ -77,14 +78,14 @@ def allocator_slack(logits_fp32_bytes: int, checkpoint_bytes: int, eager_scores:
     )
 
 
-def required_slack(logits_fp32_bytes: int, logits_compute_bytes: int, plain_loop: bool,
+def required_slack(logits_fp32_bytes: int, logits_compute_bytes: int, holds_output: bool,
                    expandable: bool) -> tuple[int, int]:
     """(low, high): the free space inside partly used segments an out-of-memory retry cannot
     give back, at best and at worst (see the constants above). Below peak allocated + low
     the step cannot run; at peak allocated + high it runs whatever the allocator's history."""
     if expandable:
         return EXPANDABLE_REQUIRED_SLACK_LOW, EXPANDABLE_REQUIRED_SLACK
-    low = REQUIRED_SLACK_LOW + (logits_compute_bytes if plain_loop else 0)
+    low = REQUIRED_SLACK_LOW + (logits_compute_bytes if holds_output else 0)
     high = REQUIRED_SLACK_BASE + logits_fp32_bytes
     return low, max(low, high)
 

@@ -13,7 +13,7 @@ Quant = Literal["nf4", "fp4", "int8", "none"]
 WeightsDtype = Literal["bf16", "fp16", "fp32"]
 # The training loop: HF Trainer, or a plain PyTorch loop (forward with labels, backward,
 # optimizer.step(), zero_grad(set_to_none=True)).
-Loop = Literal["trainer", "plain", "plain-loss"]
+Loop = Literal["trainer", "plain", "plain-outputs"]
 # MoE experts stored as 3-D tensors (transformers 5) are left unquantized by bitsandbytes;
 # stacks with per-expert nn.Linear modules (transformers 4.x, axolotl's option) quantize them.
 MoeExperts = Literal["unquantized", "quantized"]
@@ -126,10 +126,10 @@ class TrainPlan(BaseModel):
     @property
     def holds_output(self) -> bool:
         """The loop keeps the model output (its logits) through backward and the next
-        forward: `out = model(**batch); out.loss.backward()` (transformers' native-PyTorch
-        docs). `plain-loss` takes `model(**batch).loss` and drops the output, as Trainer's
-        compute_loss does."""
-        return self.loop == "plain"
+        forward: `plain-outputs`, `outputs = model(**batch); outputs.loss.backward()` as
+        transformers' native-PyTorch docs write it. `plain` takes `model(**batch).loss` and
+        drops the output, as Trainer's compute_loss does."""
+        return self.loop == "plain-outputs"
 
     @property
     def is_lora(self) -> bool:

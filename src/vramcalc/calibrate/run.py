@@ -533,8 +533,9 @@ def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
                 on_gpu: bool, readings: list[dict[str, int]], tracing: bool) -> Any:
     """forward with labels, backward, optimizer.step(), zero_grad(set_to_none=True), as in
     transformers' "training in native PyTorch" docs: `out` is rebound by the next forward,
-    so the previous step's output (its logits) lives through that forward. `plain-loss`
-    keeps only `model(...).loss`: the output is freed before backward, as under Trainer.
+    so the previous step's output (its logits) lives through that forward (`plain-outputs`).
+    `plain` keeps only `model(...).loss`: the output is freed before backward, as under
+    Trainer.
 
     The optimizer is the one HF Trainer builds from the same `optim` name
     (`Trainer.create_optimizer`), so only the loop differs from the trainer path: no
@@ -563,7 +564,7 @@ def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
             with ctx:
                 out = model(input_ids=batch, labels=batch)
             out.loss.backward()
-        else:  # plain-loss: the output is dropped, only the loss lives on
+        else:  # plain: the output is dropped, only the loss lives on
             with ctx:
                 loss = model(input_ids=batch, labels=batch).loss
             loss.backward()

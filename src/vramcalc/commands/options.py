@@ -60,9 +60,9 @@ WeightsDtypeOpt = Annotated[
 ]
 LoopOpt = Annotated[
     str, typer.Option("--loop", help=f"Training loop: {'|'.join(LOOPS)} (HF Trainer; a plain "
-                      "PyTorch loop that keeps `out = model(...)` through backward, as "
-                      "transformers' docs write it; or one that keeps only "
-                      "`model(...).loss`).")
+                      "PyTorch loop, `loss = model(...).loss; loss.backward()`; or one that "
+                      "keeps `outputs = model(...)` through backward, as transformers' docs "
+                      "write it: + tokens x vocab logits).")
 ]
 ExpandableOpt = Annotated[
     bool | None,
