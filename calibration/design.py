@@ -129,7 +129,8 @@ def weighted(rng: random.Random, options: list[tuple[int, dict[str, Any]]]) -> d
     return dict(options[-1][1])
 
 
-def draw_plan(rng: random.Random, spec: ModelSpec) -> dict[str, Any]:
+def draw_plan(rng: random.Random, spec: ModelSpec, plain: str = "plain-outputs"
+              ) -> dict[str, Any]:
     plan = weighted(rng, METHODS)
     full = plan["method"] == "full"
     if rng.random() < 0.15:
@@ -153,7 +154,7 @@ def draw_plan(rng: random.Random, spec: ModelSpec) -> dict[str, Any]:
     seqs = SEQ_LENS if plan["attn"] == "sdpa" else SEQ_LENS[:5]
     plan["seq_len"] = rng.choice(seqs)
     if rng.random() < 0.15:
-        plan["loop"] = "plain-outputs"  # the loop runs 1-9 measured (holds `out`)
+        plan["loop"] = plain  # runs 1-9 drew the loop that keeps `out` (plain-outputs)
     if rng.random() < 0.15:
         plan["expandable_segments"] = True
     return plan
@@ -164,8 +165,8 @@ def predicted_gib(spec: ModelSpec, plan: dict[str, Any]) -> float:
     return est.peak_device_bytes / GiB
 
 
-def random_points(archs: dict[str, int | None], n: int, seed: int, prefix: str
-                  ) -> list[dict[str, Any]]:
+def random_points(archs: dict[str, int | None], n: int, seed: int, prefix: str,
+                  plain: str = "plain-outputs") -> list[dict[str, Any]]:
     rng = random.Random(seed)
     names = list(archs)
     points: list[dict[str, Any]] = []
@@ -173,7 +174,7 @@ def random_points(archs: dict[str, int | None], n: int, seed: int, prefix: str
         name = names[len(points) % len(names)]
         spec = cut(name, archs[name])
         for _ in range(50):
-            plan = draw_plan(rng, spec)
+            plan = draw_plan(rng, spec, plain)
             try:
                 if predicted_gib(spec, plan) <= MAX_PEAK_GIB:
                     break
@@ -307,8 +308,17 @@ def main(which: str) -> None:
                  "codellama-7b": 4, "qwen3-4b": 8, "gemma-7b": 4, "qwen2.5-3b": 12,
                  "llama-2-13b": 4}
         points = random_points(archs, 40, seed=70, prefix="x") + targeted_points()
+    elif which == "holdout5":
+        # After the post-run-9 changes (TrainPlan.autocast, --loop plain keeping only the
+        # loss): fresh draws over every architecture plus three never measured (qwen3-14b,
+        # phi-3-medium, gemma-2b); the plain loop drawn is the new, loss-only one.
+        # Predictions committed before run 11 (h200-holdout5-predictions.json).
+        archs = {**DESIGN_ARCHS, **HOLDOUT_ARCHS, "qwen2.5-1.5b": None, "llama-3.2-3b": 8,
+                 "codellama-7b": 4, "qwen3-4b": 8, "gemma-7b": 4, "qwen2.5-3b": 12,
+                 "llama-2-13b": 4, "qwen3-14b": 4, "phi-3-medium": 4, "gemma-2b": 8}
+        points = random_points(archs, 40, seed=90, prefix="y", plain="plain")
     else:
-        raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4")
+        raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 
