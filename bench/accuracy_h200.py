@@ -129,6 +129,10 @@ def main(argv: list[str]) -> None:
     report("holdout 4 (run 9, fresh draws over 29 architectures after effective.py), "
            "PRE-REGISTERED predictions", collect("run9-holdout4.jsonl", pre4), show)
     report("holdout 4, current estimator (seen since)", collect("run9-holdout4.jsonl"), show)
+    pre5_path = ROOT / "calibration" / "matrices" / "h200-holdout5-predictions.json"
+    pre5 = {p["id"]: p for p in json.loads(pre5_path.read_text())["points"]}
+    report("holdout 5 (run 11, fresh draws over 32 architectures after the run-9 fixes), "
+           "PRE-REGISTERED predictions", collect("run11-holdout5.jsonl", pre5), show)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ RUNS = {  # run file -> the matrix it measured
     "run5-infer-holdout-snaps.jsonl": "h200-run5.json",
     "run6-holdout3.jsonl": "h200-run6.json",
     "run9-holdout4.jsonl": "h200-holdout4.json",
+    "run11-holdout5.jsonl": "h200-holdout5.json",
 }
 
 
