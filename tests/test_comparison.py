@@ -324,3 +324,16 @@ def test_api_check_agrees_with_cli_check() -> None:
         assert (v.fits, v.certainty, v.spread_bytes, v.required_bytes) == (
             cli["fits_free"], cli["certainty"], cli["spread_bytes"],
             cli["required_device_bytes"])
+
+
+def test_compare_says_when_the_stack_runs_another_plan() -> None:
+    """falcon's QLoRA rows are planned as LoRA on an fp32 base (effective.py): the table's
+    QLoRA needs more than 16-bit LoRA, and the lines under it say why, once."""
+    result = CliRunner().invoke(app, ["compare", "-m", "falcon-7b"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert result.output.count("does not quantize its Linears") == 1
+    assert "QLoRA (nf4), 8-bit LoRA (int8): falcon-7b" in result.output
+    data = json.loads(CliRunner().invoke(app, ["compare", "-m", "falcon-7b", "--json"]).output)
+    qlora = next(m for m in data["methods"] if m["method"] == "qlora")
+    assert qlora["planned_as"] == {"method": "lora", "quant": "none", "weights_dtype": "fp32",
+                                   "attn": "eager"}

@@ -199,6 +199,7 @@ def comparison_to_dict(model: str, rows: list[Any], margin_bytes: int) -> dict[s
             "peak_allocated_bytes": None if e is None else e.peak_allocated_bytes,
             "peak_device_bytes": None if e is None else e.peak_device_bytes,
             "required_device_bytes": None if e is None else e.required_device_bytes,
+            "planned_as": None if e is None else e.planned_as,
             "smallest_gpu": None if s is None else {
                 "name": s.gpu, "compute_dtype": s.compute_dtype,
                 "memory_bytes": s.verdict.memory_bytes,
@@ -248,6 +249,15 @@ def print_comparison(model: str, params: int, rows: list[Any], margin_bytes: int
         reason = reason.removeprefix("this run cannot start: ")
         console.print(f"[red]{', '.join(labels)} cannot start:[/red] {reason}",
                       highlight=False)
+    # where the stack runs something else than asked (effective.py), each reason once
+    planned: dict[str, list[str]] = {}
+    for r in rows:
+        if r.estimate is not None and r.estimate.planned_as:
+            for note in r.estimate.notes:
+                if "planned as" in note:
+                    planned.setdefault(note, []).append(r.label)
+    for note, labels in planned.items():
+        console.print(f"{', '.join(labels)}: {note}", highlight=False)
 
 
 def fit_to_dict(gpu: str, memory_bytes: int, rows: list[Any], margin_bytes: int,
