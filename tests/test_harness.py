@@ -211,6 +211,9 @@ def test_summarize_snapshot_finds_the_peak_of_the_last_step() -> None:
     assert s["top_frames"][0] == {"frame": "bitsandbytes/functional.py:dequantize_4bit:1000",
                                   "bytes": 8 * MiB}
     assert s["reserved_at_peak"] == 22 * MiB
+    assert [b["bytes"] for b in s["largest_blocks"]] == [8 * MiB, 4 * MiB, 2 * MiB]
+    assert s["largest_blocks"][0]["category"] == "bnb_dequant_matmul"
+    assert s["before_peak"][-1]["action"] == "alloc"  # the request that made the peak
     large = s["segments"]["segments_2_to_20MiB"]
     assert large == {"segments": 1, "reserved": 20 * MiB, "allocated": 14 * MiB,
                      "free": 6 * MiB}

@@ -302,6 +302,7 @@ def summarize_snapshot(
 
     categories: dict[str, int] = {}
     frames_bytes: dict[str, int] = {}
+    blocks: list[tuple[int, str, str]] = []  # (bytes, category, frame) of each live block
     recompute = 0
     for addr, (size, frames) in state.live.items():
         if frames is not None:
@@ -314,7 +315,17 @@ def summarize_snapshot(
             key = f"<{cat}>"
         categories[cat] = categories.get(cat, 0) + size
         frames_bytes[key] = frames_bytes.get(key, 0) + size
+        blocks.append((size, cat, key))
     top_frames = sorted(frames_bytes.items(), key=lambda kv: -kv[1])[:top]
+
+    def described(e: dict[str, Any]) -> dict[str, Any]:
+        frames = e.get("frames") or []
+        key = frame_key(classify(frames)[1]) if frames else "<no frames>"
+        return {"action": e.get("action"), "bytes": e.get("size", 0), "frame": key}
+
+    # the requests around the peak (>= 1 MiB): which tensors meet there, in what order
+    near = [described(e) for e in events[max(0, peak_i - 400): peak_i + 1]
+            if e.get("action") in ("alloc", "free_completed") and e.get("size", 0) >= MiB]
     return {
         "window": window,
         "events": len(events),
@@ -325,5 +336,8 @@ def summarize_snapshot(
         "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
         "under_checkpoint_recompute": recompute,
         "top_frames": [{"frame": k, "bytes": v} for k, v in top_frames],
+        "largest_blocks": [{"bytes": b, "category": c, "frame": f}
+                           for b, c, f in sorted(blocks, reverse=True)[:top]],
+        "before_peak": near[-24:],
         "segments": _segment_layout(state),
     }
