@@ -133,6 +133,7 @@ def main(argv: list[str]) -> None:
     pre5 = {p["id"]: p for p in json.loads(pre5_path.read_text())["points"]}
     report("holdout 5 (run 11, fresh draws over 32 architectures after the run-9 fixes), "
            "PRE-REGISTERED predictions", collect("run11-holdout5.jsonl", pre5), show)
+    report("holdout 5, current estimator (seen since)", collect("run11-holdout5.jsonl"), show)
 
 
 if __name__ == "__main__":

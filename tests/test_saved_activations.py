@@ -21,6 +21,7 @@ from vramcalc.activations import (
     eager_scores_bytes,
     layer_saved_bytes_per_token,
     mlp_bytes,
+    pre_attention_saved_bytes_per_token,
 )
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ACTIVATION_SAVED_TENSORS, ModelSpec
@@ -109,8 +110,9 @@ def _model(spec: ModelSpec, plan: TrainPlan, tmp_path: Any) -> Any:
     return model
 
 
-def _saved_per_layer(model: Any, spec: ModelSpec) -> list[int]:
-    """Bytes of the storages first saved for backward inside each decoder layer."""
+def _saved_per_layer(model: Any, spec: ModelSpec, stop_at: str | None = None) -> list[int]:
+    """Bytes of the storages first saved for backward inside each decoder layer (with
+    `stop_at`: only before the layer first calls the module of that name)."""
     layers = [m for name, m in model.named_modules()
               if name.endswith(f"layers.{len(name.split('.')) and name.split('.')[-1]}")
               and name.split(".")[-2] == "layers"]
@@ -140,10 +142,17 @@ def _saved_per_layer(model: Any, spec: ModelSpec) -> list[int]:
     def leave(module: Any, args: Any, output: Any) -> None:
         current[0] = None
 
+    def stop(module: Any, args: Any) -> None:
+        current[0] = None
+
     handles = []
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(enter(i)))
         handles.append(layer.register_forward_hook(leave))
+        if stop_at is not None:
+            target = next(m for n, m in layer.named_modules() if n.endswith(stop_at)
+                          and n.split(".")[-1] == stop_at)
+            handles.append(target.register_forward_pre_hook(stop))
     ids = torch.randint(3, spec.vocab_size, (BATCH, SEQ))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16):
@@ -189,4 +198,25 @@ def test_layer_saved_bytes_match_autograd(spec_key: str, plan_key: str, tmp_path
         # intermediates stay bf16 (the H200 phi-2 points check the CUDA form)
         per_act = ACTIVATION_SAVED_TENSORS[spec.hidden_act]
         predicted -= (4 - 2) * (per_act - 1) * spec.intermediate_size
+    assert predicted == pytest.approx(measured, rel=0.03), (counted, predicted)
+
+
+@pytest.mark.parametrize("plan_key", list(PLANS))
+@pytest.mark.parametrize("spec_key", ["llama-gqa", "llama-mha", "qwen2-bias-tied",
+                                      "qwen3-qknorm"])
+def test_pre_attention_saved_bytes_match_autograd(spec_key: str, plan_key: str,
+                                                  tmp_path: Any) -> None:
+    """What a layer has saved by the time it calls o_proj: still alive while the attention
+    core's backward runs (estimate.py's eager-attention backward moment). sdpa: CPU
+    autocast keeps eager's probabilities in other dtypes than CUDA's, so the per-score
+    terms are checked on the GPU (H200 run 12 snapshots)."""
+    spec = _spec(spec_key)
+    plan = TrainPlan(batch_size=BATCH, seq_len=SEQ, rank=8, gradient_checkpointing=False,
+                     attn="sdpa", **PLANS[plan_key])
+    torch.manual_seed(0)
+    model = _model(spec, plan, tmp_path)
+    counted = _saved_per_layer(model, spec, stop_at=spec.module_name("o"))
+    measured = counted[1] / (BATCH * SEQ)
+    predicted = pre_attention_saved_bytes_per_token(spec, plan) + eager_scores_bytes(
+        spec, plan) / (BATCH * SEQ)
     assert predicted == pytest.approx(measured, rel=0.03), (counted, predicted)

@@ -125,10 +125,12 @@ def _kept_elsewhere(source: str, plan: TrainPlan) -> bool:
     return source == "attn_out" and plan.attn != "eager"
 
 
-def _base_linear_saved(spec: ModelSpec, plan: TrainPlan) -> int:
-    """What the base Linears keep: nothing (4-bit, frozen 16-bit); the input (int8, full)."""
+def _base_linear_saved(spec: ModelSpec, plan: TrainPlan, sources: set[str] | None = None
+                       ) -> int:
+    """What the base Linears keep: nothing (4-bit, frozen 16-bit); the input (int8, full).
+    `sources`: only the Linears reading those tensors (norm1: q/k/v)."""
     inputs = {name: (w, src) for name, (w, src) in _linear_inputs(spec).items()
-              if not _kept_elsewhere(src, plan)}
+              if not _kept_elsewhere(src, plan) and (sources is None or src in sources)}
     if plan.method == "full":
         c = compute_bytes(plan)
         total = 0
@@ -140,11 +142,12 @@ def _base_linear_saved(spec: ModelSpec, plan: TrainPlan) -> int:
                 shared[source] = c * width
         return total + sum(shared.values())
     if plan.quant == "int8":
-        return int8_saved_bytes_per_token(spec, plan)
+        return int8_saved_bytes_per_token(spec, plan, sources)
     return 0
 
 
-def int8_saved_bytes_per_token(spec: ModelSpec, plan: TrainPlan) -> int:
+def int8_saved_bytes_per_token(spec: ModelSpec, plan: TrainPlan,
+                               sources: set[str] | None = None) -> int:
     """What MatMul8bitLt keeps per layer (bitsandbytes autograd/_functions.py):
     `ctx.tensors = (CAt, subA, A)`: the input A of each distinct tensor the base Linears
     read, and subA = A[:, outlier_cols], the columns holding a value over the 6.0 threshold
@@ -158,7 +161,7 @@ def int8_saved_bytes_per_token(spec: ModelSpec, plan: TrainPlan) -> int:
     if plan.quant != "int8":
         return 0
     inputs = {name: (w, src) for name, (w, src) in _linear_inputs(spec).items()
-              if not _kept_elsewhere(src, plan)}
+              if not _kept_elsewhere(src, plan) and (sources is None or src in sources)}
     distinct = {source: width for width, source in inputs.values()}
     total = sum(_source_dtype(s, plan) * w for s, w in distinct.items())
     if "mlp_act" in distinct:
@@ -166,7 +169,8 @@ def int8_saved_bytes_per_token(spec: ModelSpec, plan: TrainPlan) -> int:
     return total
 
 
-def _norms_saved(spec: ModelSpec, plan: TrainPlan) -> int:
+def _norms_saved(spec: ModelSpec, plan: TrainPlan, norms: int | None = None) -> int:
+    """The layer's norms (`norms`: how many of its norms_per_layer), q/k norms included."""
     h = spec.hidden_size
     # RMSNorm upcasts its input itself (`hidden_states.to(torch.float32)`); LayerNorm runs in
     # fp32 only because layer_norm is on autocast's fp32 list: without autocast it keeps its
@@ -177,7 +181,7 @@ def _norms_saved(spec: ModelSpec, plan: TrainPlan) -> int:
         # weight * normed keeps the normalized tensor for the weight's gradient; Gemma's
         # `output * (1.0 + self.weight.float())` keeps it in fp32.
         per_norm += (4 if spec.model_type.startswith("gemma") else residual_bytes(plan)) * h
-    total = spec.norms_per_layer * per_norm
+    total = (spec.norms_per_layer if norms is None else norms) * per_norm
     if spec.qk_norm:
         # q_norm / k_norm run on the q/k projections (compute dtype under autocast): the
         # fp32 copy, one rsqrt per head, and (trained weight) the normalized tensor
@@ -234,6 +238,27 @@ def routed_saved_per_token(spec: ModelSpec, plan: TrainPlan) -> int:
     if experts_train(spec, plan):
         per_row += inter + spec.hidden_size
     return expert_dtype_bytes(plan) * spec.num_experts_per_tok * per_row
+
+
+def pre_attention_saved_bytes_per_token(spec: ModelSpec, plan: TrainPlan) -> int:
+    """What a layer keeps for the ops up to its attention core: the input norm (and q/k
+    norms), the q/k/v projections' adapters and inputs, the core's own inputs. While the
+    core's backward runs these are still alive; everything after it in the forward (o_proj
+    on, the MLP, a parallel block's MLP too: created later, its backward runs first) has
+    been freed (H200 run 12 snapshots: at eager attention's backward peak the layer held
+    its attention tensors, q/k/v adapters and the probabilities, no MLP or o_proj tensor).
+    Eager attention's S^2 probabilities are not included (eager_scores_bytes)."""
+    qkv = {name for name, (_, src) in _linear_inputs(spec).items() if src == "norm1"
+           and any(lin.name == name and lin.role in ("q", "k", "v", "qkv")
+                   for lin in spec.block_linears())}
+    total = (_norms_saved(spec, plan, norms=1) + _attention_saved(spec, plan)
+             + _base_linear_saved(spec, plan, sources={"norm1"}))
+    if plan.is_lora:
+        c, mask = compute_bytes(plan), 1 if plan.lora_dropout > 0 else 0
+        for lin in lora_targets(spec, plan):
+            if lin.name in qkv:
+                total += (mask + c) * lin.in_features + c * plan.rank
+    return total
 
 
 def _mlp_saved(spec: ModelSpec, plan: TrainPlan) -> int:

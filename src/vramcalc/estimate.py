@@ -20,6 +20,7 @@ from vramcalc.activations import (
     int8_saved_bytes_per_token,
     layer_saved_bytes_per_token,
     mlp_bytes,
+    pre_attention_saved_bytes_per_token,
     residual_bytes,
     window_mask_bytes,
 )
@@ -52,9 +53,14 @@ from vramcalc.weights import DTYPE_BYTES, expert_bytes, rounded, weight_bytes
 
 __all__ = ["COMPONENTS", "CUDA_CONTEXT", "Components", "Estimate", "estimate"]
 
-# Backward through eager attention of one recomputed layer: the gradient of the softmax
-# (fp32) and of the probabilities (bf16) per score; 6.8 B measured on phi-3-mini (run2).
-EAGER_BACKWARD_BYTES_PER_SCORE = 7
+# Backward through eager attention (eager_attention_forward: fp32 softmax, `.to(bf16)`,
+# `probs @ v`): at its peak the saved fp32 probabilities and three fp32 score-sized
+# gradients are live (the bf16 probabilities' gradient cast back to fp32 and the softmax
+# backward's two), the bf16 probabilities already freed with the matmul's node, and the
+# layer's MLP saved tensors freed by its own backward before. Per score, beyond the 6 B the
+# layer's activations count: 3 x 4 - 2 = 10 B. Allocator snapshots, H200 run 12 (tinyllama
+# QLoRA, llama-2-7b full bf16, llama-3.1-8b QLoRA; 4 x 2048 MiB blocks at each peak).
+EAGER_BACKWARD_BYTES_PER_SCORE = 10
 # Backward through a recomputed layer: gradients of the widest fp32 intermediates (gate,
 # up and their product) live together with the layer's recomputed activations.
 LAYER_GRAD_FACTOR = 3
@@ -124,9 +130,12 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     inter = spec.moe_intermediate_size or spec.intermediate_size
     # gradients of the MLP intermediates come in their dtype (fp32 under QLoRA, the
     # compute dtype when the base Linears run under autocast), the residual's in its own
+    # eager attention's backward: its score-sized transients, less what the layer has freed
+    # by then (its tensors after the attention core, the bf16 probabilities: the constant)
+    post_attention = per_layer - pre_attention_saved_bytes_per_token(spec, plan)
     layer_grads = max(
         LAYER_GRAD_FACTOR * tokens * max(mlp_bytes(plan) * inter, act * h),
-        EAGER_BACKWARD_BYTES_PER_SCORE * eager_score_count(spec, plan),
+        EAGER_BACKWARD_BYTES_PER_SCORE * eager_score_count(spec, plan) - tokens * post_attention,
     )
     layer_copies = weight_copies // layers if layers else 0
     recompute = tokens * per_layer + scores + layer_copies + window_copy
