@@ -317,8 +317,27 @@ def main(which: str) -> None:
                  "codellama-7b": 4, "qwen3-4b": 8, "gemma-7b": 4, "qwen2.5-3b": 12,
                  "llama-2-13b": 4, "qwen3-14b": 4, "phi-3-medium": 4, "gemma-2b": 8}
         points = random_points(archs, 40, seed=90, prefix="y", plain="plain")
+    elif which == "eager":
+        # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
+        # with sdpa turned eager, sequences capped at 4096); predictions committed before
+        # run 13 (h200-eager-holdout-predictions.json).
+        archs = {k: v for k, v in {**DESIGN_ARCHS, **HOLDOUT_ARCHS, "llama-3.2-3b": 8,
+                                   "qwen3-4b": 8, "gemma-7b": 4}.items()
+                 if k not in ("gemma-2-2b", "gemma-2-9b")}  # gemma-2 runs eager always
+        points = []
+        for p in random_points(archs, 60, seed=110, prefix="z"):
+            p["plan"]["attn"] = "eager"
+            p["plan"]["seq_len"] = min(p["plan"]["seq_len"], 4096)
+            spec = cut(p["spec"] if isinstance(p["spec"], str) else p["spec"]["name"],
+                       p["layers"]) if isinstance(p["spec"], str) else None
+            if spec is not None and predicted_gib(spec, p["plan"]) > 40:
+                continue
+            points.append(p)
+            if len(points) == 16:
+                break
     else:
-        raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5")
+        raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5|"
+                         "eager")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 
