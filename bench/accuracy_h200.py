@@ -134,6 +134,10 @@ def main(argv: list[str]) -> None:
     report("holdout 5 (run 11, fresh draws over 32 architectures after the run-9 fixes), "
            "PRE-REGISTERED predictions", collect("run11-holdout5.jsonl", pre5), show)
     report("holdout 5, current estimator (seen since)", collect("run11-holdout5.jsonl"), show)
+    pre6_path = ROOT / "calibration" / "matrices" / "h200-eager-holdout-predictions.json"
+    pre6 = {p["id"]: p for p in json.loads(pre6_path.read_text())["points"]}
+    report("eager holdout (run 13, fresh eager draws after the run-12 traces), "
+           "PRE-REGISTERED predictions", collect("run13-eager-holdout.jsonl", pre6), show)
 
 
 if __name__ == "__main__":

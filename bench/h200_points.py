@@ -30,6 +30,8 @@ RUNS = {  # run file -> the matrix it measured
     "run6-holdout3.jsonl": "h200-run6.json",
     "run9-holdout4.jsonl": "h200-holdout4.json",
     "run11-holdout5.jsonl": "h200-holdout5.json",
+    "run12-eager-snaps.jsonl": "h200-eager-snaps.json",
+    "run13-eager-holdout.jsonl": "h200-eager-holdout.json",
 }
 
 
