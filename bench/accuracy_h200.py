@@ -1,12 +1,12 @@
-"""Accuracy of the estimator on the H200 runs, per regime, fit set and holdout apart.
+"""Accuracy of the estimator on the H200 runs, per regime, fit set and holdouts apart.
 
     python bench/accuracy_h200.py [--points]
 
 Replays calibration/h200/run1-design.jsonl (the design matrix the model was traced and
-corrected on: the fit set) and run2-holdout.jsonl (36 points on 6 architectures never used
-before, whose predictions were committed before the run: calibration/matrices/
-h200-holdout-predictions.json). For the holdout both the pre-registered predictions and
-the current estimator are shown; only the first is a holdout result.
+corrected on: the fit set) and every holdout in `HOLDOUTS`, whose predictions were
+committed before its run (calibration/matrices/h200-*-predictions.json). For each holdout
+both the pre-registered predictions and the current estimator are shown; only the first is
+a holdout result.
 
 Device: the runs read NVML per process (several points ran side by side), which does not
 count bitsandbytes' paged (managed) optimizer memory, so the measured device peak is
@@ -102,42 +102,37 @@ def report(title: str, rows: list[dict[str, Any]], show_points: bool) -> None:
             print(f"    {r['id']:28s} alloc {r['alloc']:+7.2f}%{dev}")
 
 
+# (run, its pre-registered predictions, title): each holdout is reported with the
+# predictions committed before it ran, then (but for the last) with the current estimator.
+HOLDOUTS = [
+    ("run2-holdout.jsonl", "h200-holdout-predictions.json",
+     "holdout (run 2, 6 architectures never used before)"),
+    ("run4-holdout2.jsonl", "h200-holdout2-predictions.json",
+     "holdout 2 (run 4, fresh draws over all 22 architectures after the corrections)"),
+    ("run6-holdout3.jsonl", "h200-holdout3-predictions.json",
+     "holdout 3 (run 6, fresh draws over 25 architectures after the run-5 traces)"),
+    ("run9-holdout4.jsonl", "h200-holdout4-predictions.json",
+     "holdout 4 (run 9, fresh draws over 29 architectures after effective.py)"),
+    ("run11-holdout5.jsonl", "h200-holdout5-predictions.json",
+     "holdout 5 (run 11, fresh draws over 32 architectures after the run-9 fixes)"),
+    ("run13-eager-holdout.jsonl", "h200-eager-holdout-predictions.json",
+     "eager holdout (run 13, fresh eager draws after the run-12 traces)"),
+]
+
+
+def _no_snaps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if not r["id"].startswith("snap")]
+
+
 def main(argv: list[str]) -> None:
     show = "--points" in argv
-    pre_path = ROOT / "calibration" / "matrices" / "h200-holdout-predictions.json"
-    pre = {p["id"]: p for p in json.loads(pre_path.read_text())["points"]}
     report("design matrix (fit set: traced and corrected on these), current estimator",
            collect("run1-design.jsonl"), show)
-    report("holdout, PRE-REGISTERED predictions (committed before run 2)",
-           collect("run2-holdout.jsonl", pre), show)
-    report("holdout, current estimator (not a holdout any more: seen since)",
-           collect("run2-holdout.jsonl"), show)
-    pre2_path = ROOT / "calibration" / "matrices" / "h200-holdout2-predictions.json"
-    pre2 = {p["id"]: p for p in json.loads(pre2_path.read_text())["points"]}
-    rows = [r for r in collect("run4-holdout2.jsonl", pre2) if not r["id"].startswith("snap")]
-    report("holdout 2 (run 4, fresh draws over all 22 architectures after the corrections), "
-           "PRE-REGISTERED predictions", rows, show)
-    rows = [r for r in collect("run4-holdout2.jsonl") if not r["id"].startswith("snap")]
-    report("holdout 2, current estimator (seen since)", rows, show)
-    pre3_path = ROOT / "calibration" / "matrices" / "h200-holdout3-predictions.json"
-    pre3 = {p["id"]: p for p in json.loads(pre3_path.read_text())["points"]}
-    report("holdout 3 (run 6, fresh draws over 25 architectures after the run-5 traces), "
-           "PRE-REGISTERED predictions", collect("run6-holdout3.jsonl", pre3), show)
-    report("holdout 3, current estimator (seen since)", collect("run6-holdout3.jsonl"), show)
-    pre4_path = ROOT / "calibration" / "matrices" / "h200-holdout4-predictions.json"
-    pre4 = {p["id"]: p for p in json.loads(pre4_path.read_text())["points"]}
-    report("holdout 4 (run 9, fresh draws over 29 architectures after effective.py), "
-           "PRE-REGISTERED predictions", collect("run9-holdout4.jsonl", pre4), show)
-    report("holdout 4, current estimator (seen since)", collect("run9-holdout4.jsonl"), show)
-    pre5_path = ROOT / "calibration" / "matrices" / "h200-holdout5-predictions.json"
-    pre5 = {p["id"]: p for p in json.loads(pre5_path.read_text())["points"]}
-    report("holdout 5 (run 11, fresh draws over 32 architectures after the run-9 fixes), "
-           "PRE-REGISTERED predictions", collect("run11-holdout5.jsonl", pre5), show)
-    report("holdout 5, current estimator (seen since)", collect("run11-holdout5.jsonl"), show)
-    pre6_path = ROOT / "calibration" / "matrices" / "h200-eager-holdout-predictions.json"
-    pre6 = {p["id"]: p for p in json.loads(pre6_path.read_text())["points"]}
-    report("eager holdout (run 13, fresh eager draws after the run-12 traces), "
-           "PRE-REGISTERED predictions", collect("run13-eager-holdout.jsonl", pre6), show)
+    for run, predictions, title in HOLDOUTS:
+        path = ROOT / "calibration" / "matrices" / predictions
+        pre = {p["id"]: p for p in json.loads(path.read_text())["points"]}
+        report(f"{title}, PRE-REGISTERED predictions", _no_snaps(collect(run, pre)), show)
+        report(f"{title}, current estimator (seen since)", _no_snaps(collect(run)), show)
 
 
 if __name__ == "__main__":
