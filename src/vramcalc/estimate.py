@@ -56,10 +56,11 @@ __all__ = ["COMPONENTS", "CUDA_CONTEXT", "Components", "Estimate", "estimate"]
 # Backward through eager attention (eager_attention_forward: fp32 softmax, `.to(bf16)`,
 # `probs @ v`): at its peak the saved fp32 probabilities and three fp32 score-sized
 # gradients are live (the bf16 probabilities' gradient cast back to fp32 and the softmax
-# backward's two), the bf16 probabilities already freed with the matmul's node, and the
-# layer's MLP saved tensors freed by its own backward before. Per score, beyond the 6 B the
-# layer's activations count: 3 x 4 - 2 = 10 B. Allocator snapshots, H200 run 12 (tinyllama
-# QLoRA, llama-2-7b full bf16, llama-3.1-8b QLoRA; 4 x 2048 MiB blocks at each peak).
+# backward's two), the bf16 probabilities already freed with the matmul's node, and what
+# the layer saved after its attention core (o_proj on, the MLP) freed by their backward.
+# Per score, beyond the 6 B the layer's activations count: 3 x 4 - 2 = 10 B. Allocator
+# snapshots, H200 run 12 (tinyllama QLoRA, llama-2-7b full bf16, llama-3.1-8b QLoRA; four
+# 2048 MiB blocks at each peak).
 EAGER_BACKWARD_BYTES_PER_SCORE = 10
 # Backward through a recomputed layer: gradients of the widest fp32 intermediates (gate,
 # up and their product) live together with the layer's recomputed activations.
@@ -118,21 +119,22 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         saved_copies = weight_copies
     final_norm = tokens * act * h
     softcap = SOFTCAP_SAVED_UNITS if spec.final_logit_softcapping else 0
-    # A plain loop (`out = model(**batch); out.loss.backward(); optimizer.step()`, the loop
-    # of transformers' "training in native PyTorch" docs) holds the model output (its
-    # compute-dtype logits) through backward, and the previous step's output through the
-    # next forward until `out` is rebound; Trainer's compute_loss returns the loss alone, so
-    # they are freed before backward (trainer.py Trainer.compute_loss / training_step).
+    # A loop that keeps the outputs (`--loop plain-outputs`: `out = model(**batch);
+    # out.loss.backward(); optimizer.step()`, the loop of transformers' "training in native
+    # PyTorch" docs) holds the model output (its compute-dtype logits) through backward, and
+    # the previous step's output through the next forward until `out` is rebound. Trainer's
+    # compute_loss returns the loss alone, as `--loop plain` (`model(**batch).loss`) keeps
+    # it: the logits are freed before backward (trainer.py Trainer.compute_loss).
     held_logits = compute if plan.holds_output else 0
     logits_saved = (LOGITS_SAVED_UNITS + softcap) * logits_unit
     # Later in backward: logits are gone, every gradient may exist, and (with
     # checkpointing) one layer is recomputed while its gradients flow.
     inter = spec.moe_intermediate_size or spec.intermediate_size
-    # gradients of the MLP intermediates come in their dtype (fp32 under QLoRA, the
-    # compute dtype when the base Linears run under autocast), the residual's in its own
     # eager attention's backward: its score-sized transients, less what the layer has freed
     # by then (its tensors after the attention core, the bf16 probabilities: the constant)
     post_attention = per_layer - pre_attention_saved_bytes_per_token(spec, plan)
+    # the MLP's backward: gradients of its intermediates in their dtype (fp32 under QLoRA,
+    # the compute dtype when the base Linears run under autocast), the residual's in its own
     layer_grads = max(
         LAYER_GRAD_FACTOR * tokens * max(mlp_bytes(plan) * inter, act * h),
         EAGER_BACKWARD_BYTES_PER_SCORE * eager_score_count(spec, plan) - tokens * post_attention,
