@@ -117,9 +117,10 @@ class TrainPlan(BaseModel):
     @property
     def autocast(self) -> bool:
         """Whether the step runs under torch autocast. HF Trainer with bf16/fp16 always does
-        (accelerate's mixed precision). The plain loop of transformers' native-PyTorch docs
-        has none; it needs autocast only when trained weights are not already 16-bit, so
-        pure 16-bit full fine-tuning runs without it (calibrate/run.py `_plain_loop`)."""
+        (accelerate's mixed precision). A plain loop (`plain`, `plain-outputs`, as
+        transformers' native-PyTorch docs write it) has none of its own; it needs autocast
+        only when trained weights are not already 16-bit, so pure 16-bit full fine-tuning
+        runs without it (calibrate/run.py `_plain_loop`)."""
         pure_16bit = self.method == "full" and self.load_dtype in ("bf16", "fp16")
         return not (self.loop != "trainer" and pure_16bit)
 
