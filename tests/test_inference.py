@@ -341,3 +341,22 @@ def test_h200_inference_replay(run: str, n_ok: int) -> None:
             assert abs(est.peak_allocated_bytes / meas - 1) < 0.02, rec["id"]
             checked += 1
     assert checked == n_ok
+
+
+def test_a_base_bitsandbytes_does_not_convert_loads_unquantized() -> None:
+    """falcon's FalconLinear is not converted by transformers 5's bitsandbytes integration
+    (effective.py): a 4-bit inference or merge of falcon holds the base in its load dtype,
+    the same bytes as asking for no quantization, with planned_as and a note saying so."""
+    from vramcalc.inference import MergePlan, estimate_merge
+
+    falcon = get_spec("falcon-7b")
+    nf4 = estimate_inference(falcon, InferPlan(quant="nf4"))
+    none = estimate_inference(falcon, InferPlan(quant="none"))
+    assert nf4.peak_allocated_bytes == none.peak_allocated_bytes
+    assert nf4.planned_as == {"quant": "none"} and none.planned_as == {}
+    assert any("does not quantize" in n for n in nf4.notes)
+    merge = estimate_merge(falcon, MergePlan(base_quant="nf4"))
+    assert merge.planned_as == {"base_quant": "none"}
+    assert merge.peak_allocated_bytes == estimate_merge(falcon, MergePlan()).peak_allocated_bytes
+    llama = estimate_inference(get_spec("llama-2-7b"), InferPlan(quant="nf4"))
+    assert llama.planned_as == {}

@@ -6,6 +6,10 @@ plan what runs, and a note tells the user why.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+from pydantic import BaseModel
+
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ModelSpec
 
@@ -68,9 +72,16 @@ def effective_train_plan(spec: ModelSpec, plan: TrainPlan
     return plan.model_copy(update=update), update, notes
 
 
-def effective_load_quant(spec: ModelSpec, quant: str, dtype: str) -> tuple[str, list[str]]:
-    """The quantization a bitsandbytes load really gives (inference, merging: no kbit
-    preparation, so an unconverted base stays in the load dtype)."""
-    if quant != "none" and not spec.bnb_quantizes_linears:
-        return "none", [UNQUANTIZED_LOAD_NOTE.format(name=spec.name, dtype=dtype)]
-    return quant, []
+PlanT = TypeVar("PlanT", bound=BaseModel)
+
+
+def effective_load_plan(spec: ModelSpec, plan: PlanT, quant_field: str, dtype: str
+                        ) -> tuple[PlanT, dict[str, str], list[str]]:
+    """The inference or merge plan a bitsandbytes load really gives (no kbit preparation,
+    so an unconverted base stays in the load dtype `dtype`): the plan, the settings that
+    changed and the note. `quant_field` names the plan's quantization setting."""
+    if getattr(plan, quant_field) == "none" or spec.bnb_quantizes_linears:
+        return plan, {}, []
+    update = {quant_field: "none"}
+    note = UNQUANTIZED_LOAD_NOTE.format(name=spec.name, dtype=dtype)
+    return plan.model_copy(update=update), update, [note]

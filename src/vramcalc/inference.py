@@ -26,7 +26,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from vramcalc.allocator import CUBLAS_WORKSPACES, CUDA_CONTEXT
-from vramcalc.effective import attention_impl, effective_load_quant
+from vramcalc.effective import attention_impl, effective_load_plan
 from vramcalc.plan_settings import TrainPlan, normalize_targets
 from vramcalc.result import Components, Estimate
 from vramcalc.specs import LinearShape, ModelSpec, layer_windows, sdpa_window_masks
@@ -425,9 +425,7 @@ def layer_live_bytes(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int)
 
 def estimate_inference(spec: ModelSpec, plan: InferPlan) -> Estimate:
     """Peak memory of `generate()` with the adapter: phases load, prefill, decode."""
-    quant, load_notes = effective_load_quant(spec, plan.quant, plan.compute_dtype)
-    planned_as = {"quant": quant} if quant != plan.quant else {}
-    plan = plan.model_copy(update=planned_as)
+    plan, planned_as, load_notes = effective_load_plan(spec, plan, "quant", plan.compute_dtype)
     weights, constants, unquantized, experts = inference_weight_bytes(
         spec, plan.quant, plan.compute_dtype, plan.double_quant)
     lora = plan.lora_plan()
@@ -563,9 +561,7 @@ def merged_disk_bytes(spec: ModelSpec, plan: MergePlan) -> int:
 
 def estimate_merge(spec: ModelSpec, plan: MergePlan) -> Estimate:
     """Peak memory of loading the base, attaching the adapter and merge_and_unload()."""
-    base_quant, load_notes = effective_load_quant(spec, plan.base_quant, plan.dtype)
-    planned_as = {"base_quant": base_quant} if base_quant != plan.base_quant else {}
-    plan = plan.model_copy(update=planned_as)
+    plan, planned_as, load_notes = effective_load_plan(spec, plan, "base_quant", plan.dtype)
     weights, constants, unquantized, experts = inference_weight_bytes(
         spec, plan.base_quant, plan.dtype, plan.double_quant)
     lora = plan.lora_plan()
