@@ -37,6 +37,8 @@ from vramcalc.specs import ACTIVATION_SAVED_TENSORS, ModelSpec, sdpa_window_mask
 from vramcalc.trainable import lora_on_experts, lora_targets
 from vramcalc.weights import DTYPE_BYTES
 
+# The projections that read a layer's input norm and feed its attention core.
+QKV_ROLES = frozenset({"q", "k", "v", "qkv"})
 SOFTMAX_BYTES_PER_SCORE = 4 + 2  # fp32 softmax output + its bf16 copy (eager_attention_forward)
 SOFTCAP_BYTES_PER_SCORE = 2
 LSE_BYTES_PER_HEAD = 4  # flash / mem-efficient kernels keep one fp32 log-sum-exp per head
@@ -79,7 +81,7 @@ def _linear_inputs(spec: ModelSpec) -> dict[str, tuple[int, str]]:
     tensor (q/k/v from the input norm, gate/up from the second norm) share it."""
     out: dict[str, tuple[int, str]] = {}
     for lin in spec.block_linears():
-        if lin.role in ("q", "k", "v", "qkv"):
+        if lin.role in QKV_ROLES:
             source = "norm1"
         elif lin.role == "o":
             source = "attn_out"
@@ -100,12 +102,12 @@ def _source_dtype(source: str, plan: TrainPlan) -> int:
     return residual_bytes(plan)  # norm outputs are cast back to the input dtype
 
 
-def _lora_saved(spec: ModelSpec, plan: TrainPlan) -> int:
+def _lora_saved(spec: ModelSpec, plan: TrainPlan, roles: frozenset[str] | None = None) -> int:
     """Per LoRA module: the dropout mask (bool, when dropout > 0), the compute-dtype input
     lora_A's matmul keeps, and lora_A's output kept by lora_B. peft casts the (dropped)
     input to the adapter's fp32 (`_cast_input_dtype`) and autocast casts it back, so every
     module keeps its own copy, even when modules read the same tensor (counted on CPU:
-    tests/test_saved_activations.py)."""
+    tests/test_saved_activations.py). `roles`: only the modules of those roles."""
     if not plan.is_lora:
         return 0
     c = compute_bytes(plan)
@@ -113,8 +115,9 @@ def _lora_saved(spec: ModelSpec, plan: TrainPlan) -> int:
     mask = 1 if plan.lora_dropout > 0 else 0
     total = 0
     for lin in lora_targets(spec, plan):
-        width, _ = inputs[lin.name]
-        total += (mask + c) * width + c * plan.rank
+        if roles is None or lin.role in roles:
+            width, _ = inputs[lin.name]
+            total += (mask + c) * width + c * plan.rank
     return total
 
 
@@ -248,17 +251,9 @@ def pre_attention_saved_bytes_per_token(spec: ModelSpec, plan: TrainPlan) -> int
     been freed (H200 run 12 snapshots: at eager attention's backward peak the layer held
     its attention tensors, q/k/v adapters and the probabilities, no MLP or o_proj tensor).
     Eager attention's S^2 probabilities are not included (eager_scores_bytes)."""
-    qkv = {name for name, (_, src) in _linear_inputs(spec).items() if src == "norm1"
-           and any(lin.name == name and lin.role in ("q", "k", "v", "qkv")
-                   for lin in spec.block_linears())}
-    total = (_norms_saved(spec, plan, norms=1) + _attention_saved(spec, plan)
-             + _base_linear_saved(spec, plan, sources={"norm1"}))
-    if plan.is_lora:
-        c, mask = compute_bytes(plan), 1 if plan.lora_dropout > 0 else 0
-        for lin in lora_targets(spec, plan):
-            if lin.name in qkv:
-                total += (mask + c) * lin.in_features + c * plan.rank
-    return total
+    return (_norms_saved(spec, plan, norms=1) + _attention_saved(spec, plan)
+            + _base_linear_saved(spec, plan, sources={"norm1"})
+            + _lora_saved(spec, plan, roles=QKV_ROLES))
 
 
 def _mlp_saved(spec: ModelSpec, plan: TrainPlan) -> int:
