@@ -18,15 +18,21 @@ INDEX_NAME = "_catalog.json"
 INDEX_VERSION = 1
 
 
-def build_index(spec_dir: Path) -> dict[str, Any]:
-    """{"version": 1, "specs": {file name: parsed YAML mapping}} for every catalog file."""
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely, with libyaml's C loader where PyYAML has it (it parses the 40
+    catalog files ~10x faster than the pure-Python one). PyYAML is imported here, on first
+    use: a wheel's plan reads the JSON index and never calls this."""
     import yaml
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def build_index(spec_dir: Path) -> dict[str, Any]:
+    """{"version": 1, "specs": {file name: parsed YAML mapping}} for every catalog file."""
     specs = {}
     for path in sorted(spec_dir.iterdir(), key=lambda p: p.name):
         if path.name.endswith((".yaml", ".yml")):
-            specs[path.name] = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+            specs[path.name] = load_yaml(path.read_text(encoding="utf-8"))
     return {"version": INDEX_VERSION, "specs": specs}
 
 

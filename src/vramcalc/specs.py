@@ -22,7 +22,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from vramcalc.catalog_index import INDEX_NAME, INDEX_VERSION
+from vramcalc.catalog_index import INDEX_NAME, INDEX_VERSION, load_yaml
 from vramcalc.errors import SpecError, UnknownModelError
 
 AttentionLayout = Literal["separate", "fused_qkv"]
@@ -324,19 +324,12 @@ def spec_from_mapping(data: Any, origin: str) -> ModelSpec:
         raise SpecError(_format_validation_error(origin, err)) from None
 
 
-def _yaml_loader() -> Any:
-    """PyYAML's loader, imported on first use: a wheel's catalog is a JSON index (below).
-    libyaml's C loader parses the 40 catalog files ~10x faster than the pure-Python one."""
-    import yaml
-
-    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def _parse_yaml(text: str, origin: str) -> Any:
+    """A spec file's YAML (a wheel's catalog is a JSON index instead: `_index`)."""
     import yaml
 
     try:
-        return yaml.load(text, Loader=_yaml_loader())
+        return load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
