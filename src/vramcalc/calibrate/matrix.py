@@ -252,6 +252,15 @@ def _child_env(plan: TrainPlan | None, threads: int) -> dict[str, str]:
     return env
 
 
+def _trace_file(point: Point) -> str | None:
+    """Where a point with `"snapshot": true` writes its whole allocator trace: under
+    VRAMCALC_TRACE_DIR (`--trace-dir`), none when that is unset."""
+    folder = os.environ.get("VRAMCALC_TRACE_DIR")
+    if not folder or not point.raw.get("snapshot"):
+        return None
+    return str(Path(folder) / f"{point.id}.json.gz")
+
+
 def _job_for(point: Point, device: str) -> dict[str, Any]:
     if point.worker == TRAIN_WORKER:
         assert point.spec is not None and point.plan is not None
@@ -262,6 +271,7 @@ def _job_for(point: Point, device: str) -> dict[str, Any]:
             "steps": int(point.raw.get("steps", 3)),
             "snapshot": bool(point.raw.get("snapshot", False)),
             "memory_limit_gib": point.raw.get("memory_limit_gib"),
+            "trace_file": _trace_file(point),
             "device": device,
         }
     job = dict(point.job)
@@ -464,6 +474,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--build-parallel", type=int, default=2)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--only", default="", help="comma list of point ids to run")
+    ap.add_argument("--trace-dir", type=Path, default=None,
+                    help="snapshot points also write their whole allocator trace here")
     return ap.parse_args(argv)
 
 
@@ -481,6 +493,8 @@ def main(argv: list[str]) -> int:
         raw = [p for p in raw if str(p.get("id")) in wanted]
     points = load_points(raw)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.trace_dir is not None:
+        os.environ["VRAMCALC_TRACE_DIR"] = str(args.trace_dir.resolve())
     build_timeout = max(30.0, args.deadline_s / 2)
     timings = build_weights(points, args.weights_cache, args.device, args.build_parallel,
                             build_timeout)

@@ -17,11 +17,13 @@ process (see `worker.py`): peaks are only clean in a fresh process.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vramcalc.plan_settings import TrainPlan
@@ -330,6 +332,7 @@ def measure_point(
     trust_remote_code: bool = False,
     snapshot: bool = False,
     memory_limit_gib: float | None = None,
+    trace_file: str | None = None,
 ) -> dict[str, Any]:
     """Run `plan` for `steps` optimizer steps and return every reading.
 
@@ -341,7 +344,9 @@ def measure_point(
     A failure to build the model (e.g. peft refusing a module) is a result:
     `error` and `cannot_start: true`; an out-of-memory error is a result (`oom: true`);
     another error in training is recorded in `error`. `snapshot` records the allocator
-    trace during training and returns its summary (`trace.summarize_snapshot`).
+    trace during training and returns its summary (`trace.summarize_snapshot`);
+    `trace_file` (with `snapshot`) also writes the whole trace without stacks there
+    (`trace.compact_trace`, gzip JSON) for the allocator replay.
 
     `weights_dir` holds a saved checkpoint (random or real weights); None builds the model
     from `spec` (CPU tests of tiny models only: a 4-bit load needs a checkpoint on disk,
@@ -469,7 +474,8 @@ def measure_point(
             torch.cuda.reset_peak_memory_stats()
         log.mark("before_train")
         if tracing:
-            torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+            torch.cuda.memory._record_memory_history(
+                max_entries=2_000_000 if trace_file else 200_000, stacks="python")
         try:
             if plan.loop == "trainer":
                 trainer.train()
@@ -481,7 +487,8 @@ def measure_point(
                 torch.cuda.synchronize()
         finally:
             if tracing:
-                result["snapshot"] = _trace_summary(model, optimizer or trainer.optimizer)
+                result["snapshot"] = _trace_summary(model, optimizer or trainer.optimizer,
+                                                    trace_file)
         log.mark("after_train")
         result["steps"] = readings
         result["forward_marks"] = forward_marks
@@ -578,22 +585,38 @@ def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
     return optimizer
 
 
-def _trace_summary(model: Any, optimizer: Any) -> dict[str, Any]:
+def _trace_summary(model: Any, optimizer: Any, trace_file: str | None = None
+                   ) -> dict[str, Any]:
     import torch
 
-    from vramcalc.calibrate.trace import summarize_snapshot
+    from vramcalc.calibrate.trace import compact_trace, summarize_snapshot
 
     try:
         _trace_mark(MARK_END)
         snap = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
+    if trace_file:
+        try:
+            _write_gzip_json(Path(trace_file), compact_trace(snap))
+        except Exception as err:  # a trace must never cost the measurement
+            return {"error": "trace_file: " + _one_line(err)}
     try:
         known = _known_addresses(model, optimizer) if optimizer is not None else {}
         return summarize_snapshot(snap, step=-1, known=known, step_mark=MARK_STEP,
                                   end_mark=MARK_END)
     except Exception as err:  # a summary must never cost the measurement
         return {"error": _one_line(err)}
+
+
+def _write_gzip_json(path: Path, data: Any) -> None:
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with gzip.open(tmp, "wt", encoding="utf-8") as fh:
+        json.dump(data, fh, separators=(",", ":"))
+    tmp.replace(path)
 
 
 def _oom_segments() -> dict[str, Any]:

@@ -341,3 +341,46 @@ def summarize_snapshot(
         "before_peak": near[-24:],
         "segments": _segment_layout(state),
     }
+
+
+# Event actions of a compact trace, by code (compact_trace).
+ACTIONS = ("alloc", "free_requested", "free_completed", "segment_alloc", "segment_free",
+           "segment_map", "segment_unmap", "oom", "snapshot")
+
+
+def compact_trace(snap: dict[str, Any], device: int | None = None) -> dict[str, Any]:
+    """The whole allocator trace without its stacks, for replaying it offline
+    (`vramcalc.allocator_replay`): the final segments and blocks, then every event as
+    [action code (ACTIONS), address, size, stream, frame index]; the frame index points
+    into `frames` (the deciding frame of `classify`, -1 for none), kept so the request
+    sequence of a step can be read by who asked."""
+    events = _device_trace(snap, device)
+    frames: list[str] = []
+    index: dict[str, int] = {}
+    out_events: list[list[int]] = []
+    for e in events:
+        action = str(e.get("action"))
+        code = ACTIONS.index(action) if action in ACTIONS else -1
+        fid = -1
+        if action == "alloc" and e.get("frames"):
+            key = frame_key(classify(e["frames"])[1])
+            fid = index.setdefault(key, len(frames))
+            if fid == len(frames):
+                frames.append(key)
+        out_events.append([code, int(e.get("addr", 0)), int(e.get("size", 0)),
+                           int(e.get("stream", 0)), fid])
+    segments = []
+    for seg in snap.get("segments") or []:
+        if device is not None and seg.get("device", device) != device:
+            continue
+        segments.append({
+            "address": int(seg.get("address", 0)),
+            "total_size": int(seg.get("total_size", 0)),
+            "segment_type": seg.get("segment_type"),
+            "stream": int(seg.get("stream", 0)),
+            "is_expandable": bool(seg.get("is_expandable", False)),
+            "blocks": [[int(b.get("address", 0)), int(b.get("size", 0)),
+                        str(b.get("state", ""))] for b in seg.get("blocks") or []],
+        })
+    return {"actions": list(ACTIONS), "segments": segments, "events": out_events,
+            "frames": frames}
