@@ -32,6 +32,7 @@ RUNS = {  # run file -> the matrix it measured
     "run11-holdout5.jsonl": "h200-holdout5.json",
     "run12-eager-snaps.jsonl": "h200-eager-snaps.json",
     "run13-eager-holdout.jsonl": "h200-eager-holdout.json",
+    "run14-traces.jsonl": "h200-traces.json",
 }
 
 

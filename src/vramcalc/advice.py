@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from vramcalc.estimate import estimate
+from vramcalc.estimate import estimate, required_only
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.planning import EstimateFn
 from vramcalc.search import largest_fitting
@@ -89,6 +89,7 @@ def _suggestion(
     )
 
 
+@required_only
 def allocator_suggestion(
     spec: ModelSpec, plan: TrainPlan, budget_bytes: int, estimate_fn: EstimateFn = estimate
 ) -> Suggestion | None:
@@ -124,6 +125,7 @@ def _batch_change(plan: TrainPlan, batch: int) -> tuple[str, dict[str, Any], int
     return text, {"batch_size": size}, steps if steps > 1 else None
 
 
+@required_only
 def candidates(
     spec: ModelSpec, plan: TrainPlan, budget_bytes: int, estimate_fn: EstimateFn = estimate
 ) -> list[Suggestion]:
@@ -175,6 +177,7 @@ def candidates(
     return out
 
 
+@required_only
 def combined(
     spec: ModelSpec, plan: TrainPlan, budget_bytes: int, estimate_fn: EstimateFn = estimate
 ) -> Suggestion | None:
@@ -206,6 +209,7 @@ def combined(
                        changes, acc, estimate_fn)
 
 
+@required_only
 def suggest(
     spec: ModelSpec, plan: TrainPlan, budget_bytes: int, estimate_fn: EstimateFn = estimate
 ) -> list[Suggestion]:
@@ -237,6 +241,7 @@ class GpuAnswer(NamedTuple):
     suggestion: Suggestion | None
 
 
+@required_only
 def smallest_fitting_gpu(
     spec: ModelSpec,
     plan: TrainPlan,

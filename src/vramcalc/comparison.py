@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from vramcalc.advice import for_gpu
 from vramcalc.errors import PlanError
-from vramcalc.estimate import estimate
+from vramcalc.estimate import estimate, required_only
 from vramcalc.gpu_catalog import GpuModel
 from vramcalc.plan_settings import Optimizer, TrainPlan
 from vramcalc.planning import EstimateFn
@@ -105,6 +105,7 @@ class MethodRow(BaseModel):
     error: str | None = None
 
 
+@required_only
 def smallest_gpu(
     spec: ModelSpec,
     plan: TrainPlan,
@@ -181,6 +182,7 @@ class FitRow(BaseModel):
         return self.verdict is not None and self.verdict.fits
 
 
+@required_only
 def fit_rows(
     specs: Iterable[ModelSpec],
     base: TrainPlan,

@@ -12,6 +12,12 @@ say so where they are defined, with the data file they come from.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import ParamSpec, TypeVar
+
 from vramcalc.activations import (
     eager_mask_bytes,
     eager_score_count,
@@ -43,6 +49,7 @@ from vramcalc.optimizer import optimizer_bytes
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.result import COMPONENTS, Components, Estimate
 from vramcalc.specs import ModelSpec
+from vramcalc.step_requests import replayed_slack
 from vramcalc.trainable import (
     check_lora_can_start,
     lora_on_experts,
@@ -65,6 +72,34 @@ EAGER_BACKWARD_BYTES_PER_SCORE = 10
 # Backward through a recomputed layer: gradients of the widest fp32 intermediates (gate,
 # up and their product) live together with the layer's recomputed activations.
 LAYER_GRAD_FACTOR = 3
+
+
+_REPLAY = ContextVar("vramcalc_replay_allocator", default=True)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@contextmanager
+def required_only_context() -> Iterator[None]:
+    """Estimates made inside need only `required_device_bytes` (the searches over batch,
+    sequence, rank and GPUs): the allocator replay, which sets only the reserved and
+    device peaks, is skipped there and the linear slack rule stands in."""
+    token = _REPLAY.set(False)
+    try:
+        yield
+    finally:
+        _REPLAY.reset(token)
+
+
+def required_only(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorator form of `required_only_context`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with required_only_context():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
@@ -249,7 +284,13 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     peak_phase = "backward" if worst.startswith("backward") else worst
     peak_allocated = totals[worst]
 
-    slack = allocator_slack(4 * logits_unit, checkpoints, scores, trained if full else 0)
+    # Reserved - allocated: the caching allocator replayed on the step's requests
+    # (step_requests, allocator_replay); MoE layers are not in those programs, and the
+    # searches skip the replay (required_only): there the linear rule stands in.
+    if _REPLAY.get() and not spec.is_moe:
+        slack = replayed_slack(spec, plan)
+    else:
+        slack = allocator_slack(4 * logits_unit, checkpoints, scores, trained if full else 0)
     peak_reserved = peak_allocated + slack
     paged = paged_resident(opt.paged)
     peak_device = peak_reserved + CUDA_CONTEXT + paged

@@ -67,3 +67,25 @@ def optimizer_bytes(spec: ModelSpec, plan: TrainPlan) -> OptimizerBytes:
             device += t.copies * state
     shared_maps = 2 * rounded(DYNAMIC_MAP_BYTES) if eight_bit else 0
     return OptimizerBytes(device + shared_maps, paged, 0)
+
+
+def optimizer_state_sizes(spec: ModelSpec, plan: TrainPlan) -> list[int]:
+    """The allocated size of every state tensor the optimizer makes on the device at its
+    first step (the tensors behind `optimizer_bytes(...).device`, one by one)."""
+    opt = plan.optimizer
+    if opt == "sgd":
+        return []
+    out: list[int] = []
+    for t in trainable_tensors(spec, plan):
+        if opt in ("adamw_torch", "adamw_torch_fused"):
+            out += [rounded(t.numel * t.dtype_bytes)] * (2 * t.copies)
+            continue
+        if opt.startswith("paged_") and t.numel >= PAGED_MIN_NUMEL:
+            continue  # managed memory, outside the caching allocator
+        eight = opt.endswith("8bit") and not t.embedding and t.numel >= ADAM_8BIT_MIN_SIZE
+        if eight:
+            absmax = rounded(4 * ceil_div(t.numel, ADAM_8BIT_BLOCKSIZE))
+            out += [rounded(t.numel), absmax] * (2 * t.copies)
+        else:
+            out += [rounded(4 * t.numel)] * (2 * t.copies)
+    return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vramcalc.estimate import Estimate, estimate
+from vramcalc.estimate import Estimate, estimate, required_only
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.planning import EstimateFn
 from vramcalc.specs import ModelSpec
@@ -22,6 +22,7 @@ _FIELD = {"batch": "batch_size", "seq-len": "seq_len"}
 UPPER_LIMIT = 1 << 22  # 4M tokens per sequence or sequences per batch: far past any GPU
 
 
+@required_only
 def largest_fitting(
     spec: ModelSpec,
     plan: TrainPlan,

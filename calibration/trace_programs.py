@@ -1,0 +1,105 @@
+"""Compare the requests of a recorded step (calibration/h200/run14-traces) with the ones
+`vramcalc.step_requests` generates for the same point: counts of allocations by size,
+largest first, and the reserved bytes each sequence leaves.
+
+    python calibration/trace_programs.py tr-d081-llama-3.1-8b [--min-mib 8] [--seq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "src"))
+
+from h200_points import records  # noqa: E402
+
+from vramcalc.allocator_replay import replay_requests, replay_trace  # noqa: E402
+from vramcalc.effective import effective_train_plan  # noqa: E402
+from vramcalc.step_requests import step_requests  # noqa: E402
+
+MiB = 2**20
+
+
+def recorded_step(trace: dict, step: int) -> list[tuple[str, int]]:
+    """(+/-, size) of the allocations and frees of recorded step `step` (0-based)."""
+    actions = trace["actions"]
+    alloc, free = actions.index("alloc"), actions.index("free_completed")
+    events = trace["events"]
+    marks = [i for i in range(len(events) - 1)
+             if events[i][0] == alloc and events[i][2] == 512 * 1999
+             and events[i + 1][0] == alloc and events[i + 1][2] == 512 * 1997]
+    lo = marks[step] if step < len(marks) else 0
+    hi = marks[step + 1] if step + 1 < len(marks) else len(events)
+    live: dict[int, int] = {}
+    out = []
+    for e in events[:hi]:
+        if e[0] == alloc:
+            live[e[1]] = e[2]
+        elif e[0] == free:
+            live.pop(e[1], None)
+    for e in events[lo:hi]:
+        if e[0] == alloc:
+            out.append(("+", e[2]))
+        elif e[0] == free:
+            out.append(("-", e[2]))
+    return out
+
+
+def generated_step(requests: list[tuple[int, int]], steps: int, step: int
+                   ) -> list[tuple[str, int]]:
+    sizes: dict[int, int] = {}
+    out = []
+    for tid, size in requests:
+        if size:
+            sizes[tid] = size
+            out.append(("+", size))
+        else:
+            out.append(("-", sizes[tid]))
+    # steps are cut where the per-step sequences repeat: split evenly by allocations
+    n = len(out)
+    return out[step * n // steps:(step + 1) * n // steps]
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("point")
+    ap.add_argument("--min-mib", type=float, default=8.0)
+    ap.add_argument("--step", type=int, default=1)
+    ap.add_argument("--seq", action="store_true", help="print both sequences")
+    args = ap.parse_args(argv)
+    trace = json.loads(gzip.open(ROOT / "calibration" / "h200" / "run14-traces"
+                                 / f"{args.point}.json.gz", "rt").read())
+    found = [(s, p) for r, s, p in records("run14-traces.jsonl") if r["id"] == args.point]
+    if not found:
+        raise SystemExit(f"{args.point}: not a point of run 14")
+    spec, plan = found[0]
+    eff, _, _ = effective_train_plan(spec, plan)
+    gen = step_requests(spec, eff)
+    sim = replay_requests(gen.requests, expandable=eff.expandable_segments)
+    real = replay_trace(trace)
+    print(f"recorded: reserved {real.measured_reserved_end / 2**30:.2f} GiB; generated: "
+          f"peak allocated {sim.peak_allocated / 2**30:.2f}, reserved "
+          f"{sim.peak_reserved / 2**30:.2f}, slack "
+          f"{(sim.peak_reserved - sim.peak_allocated) / 2**30:.2f} GiB")
+    lim = args.min_mib * MiB
+    r = [x for x in recorded_step(trace, args.step) if x[1] >= lim]
+    g = [x for x in generated_step(gen.requests, gen.steps, args.step) if x[1] >= lim]
+    rc = collections.Counter(round(s / MiB, 1) for a, s in r if a == "+")
+    gc = collections.Counter(round(s / MiB, 1) for a, s in g if a == "+")
+    print(f"{'MiB':>10s} {'recorded':>9s} {'generated':>9s}")
+    for size in sorted(set(rc) | set(gc), reverse=True):
+        print(f"{size:10.1f} {rc.get(size, 0):9d} {gc.get(size, 0):9d}")
+    if args.seq:
+        print("recorded:  " + " ".join(f"{a}{s / MiB:.0f}" for a, s in r))
+        print("generated: " + " ".join(f"{a}{s / MiB:.0f}" for a, s in g))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

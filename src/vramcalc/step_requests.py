@@ -1,0 +1,611 @@
+"""The allocation requests of training steps, generated from the plan: what the caching
+allocator sees (sizes and order of every tensor of at least a few KiB), so that
+`allocator_replay` can give the reserved bytes they leave.
+
+A small autograd: every forward op allocates its temporaries and its output, and keeps
+the tensors its backward needs (saved tensors); backward runs the ops in reverse, each
+allocating the gradients of its inputs, then freeing its output's gradient and its saved
+tensors (torch/csrc/autograd: a node's SavedVariables are released after it runs). A
+gradient that reaches a tensor twice is summed out of place. Python references drop where
+the modeling code's locals go out of scope. Non-reentrant gradient checkpointing
+(torch/utils/checkpoint.py, use_reentrant=False) runs each layer's forward keeping only
+its input, and recomputes the layer right before its backward.
+
+The op programs follow the requests recorded on the H200 (calibration/h200/run14-traces,
+read with `calibration/trace_programs.py`): transformers 5 Llama-style decoder layers
+(RMSNorm in fp32, rotary by `rotate_half`, sdpa or eager attention, gated or plain MLP),
+peft 0.21 LoRA (input cast to the fp32 adapters, dropout mask, compute-dtype copy for
+lora_A), bitsandbytes 4-bit (dequantized weight per matmul), the fp32 upcast and
+log-softmax of the loss (transformers loss_utils.ForCausalLMLoss), and the optimizer's
+state tensors, made at the first step. Sizes below 64 KiB are left out: they sit in the
+small pool's 2 MiB segments and move reserved memory by a few MiB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vramcalc.activations import residual_bytes
+from vramcalc.allocator_replay import replay_requests
+from vramcalc.optimizer import optimizer_bytes, optimizer_state_sizes
+from vramcalc.plan_settings import TrainPlan
+from vramcalc.specs import LinearShape, ModelSpec
+from vramcalc.trainable import lora_targets
+from vramcalc.weights import DTYPE_BYTES
+
+MIN_REQUEST = 64 * 1024
+
+
+@dataclass(eq=False)
+class Buf:
+    size: int
+    id: int
+    refs: int = 1
+
+
+@dataclass(eq=False)
+class Var:
+    """A tensor in the forward: its buffer and whether a gradient flows to it."""
+
+    buf: Buf | None  # None: too small to track
+    size: int
+    grad_bytes: int  # bytes of its gradient
+    requires_grad: bool
+    param: bool = False  # a leaf parameter: its gradient stays until zero_grad
+    grad: Buf | None = None
+    grads_in: int = 0
+
+
+@dataclass(eq=False)
+class Node:
+    out: Var
+    inputs: list[Var]
+    saved: list[Buf]
+    bwd_temps: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class CheckpointNode:
+    """A checkpointed layer: its input is kept; backward recomputes it first."""
+
+    out: Var
+    inp: Var
+    layer: Callable[[Graph, Var], Var]
+
+
+class Graph:
+    def __init__(self) -> None:
+        self.requests: list[tuple[int, int]] = []  # (buffer id, size) / (id, 0) = free
+        self.nodes: list[Node | CheckpointNode] = []
+        self.grad_mode = True
+        self.cache: list[Var] = []
+        self._next = 0
+
+    # -- buffers ----------------------------------------------------------------------
+    def alloc(self, size: int) -> Buf | None:
+        if size < MIN_REQUEST:
+            return None
+        self._next += 1
+        b = Buf(size, self._next)
+        self.requests.append((b.id, size))
+        return b
+
+    def ref(self, b: Buf | None) -> Buf | None:
+        if b is not None:
+            b.refs += 1
+        return b
+
+    def unref(self, b: Buf | None) -> None:
+        if b is None or b.id == 0:  # untracked (the loss's scalar gradient)
+            return
+        b.refs -= 1
+        if b.refs == 0:
+            self.requests.append((b.id, 0))
+
+    def temp(self, *sizes: int) -> None:
+        """Temporaries made and freed in order (each freed after the next is made)."""
+        prev: Buf | None = None
+        for s in sizes:
+            b = self.alloc(s)
+            self.unref(prev)
+            prev = b
+        self.unref(prev)
+
+    def drop(self, *vs: Var) -> None:
+        for v in vs:
+            self.unref(v.buf)
+
+    # -- ops --------------------------------------------------------------------------
+    def op(self, size: int, inputs: list[Var], save: tuple[Var, ...] = (),
+           grad_bytes: int | None = None, bwd_temps: tuple[int, ...] = (),
+           temps: tuple[int, ...] = (), save_out: bool = False) -> Var:
+        """A forward op: temporaries, then its output (of `size` bytes); keeps `save` (and
+        its output with `save_out`) for backward when a gradient flows through it."""
+        self.temp(*temps)
+        out = Var(self.alloc(size), size, size if grad_bytes is None else grad_bytes,
+                  any(v.requires_grad for v in inputs))
+        if self.grad_mode and out.requires_grad:
+            kept = [*save, out] if save_out else list(save)
+            saved = [b for b in (self.ref(v.buf) for v in kept) if b is not None]
+            self.nodes.append(Node(out, [v for v in inputs if v.requires_grad], saved,
+                                   list(bwd_temps)))
+        return out
+
+    def cast_cached(self, w: Var, size: int) -> Var:
+        """Autocast's cast of an fp32 leaf that requires grad: cached until the autocast
+        region ends (torch autocast `cached_cast`), so alive through the forward."""
+        wc = self.op(size, [w])
+        self.cache.append(wc)
+        return wc
+
+    def clear_cache(self) -> None:
+        self.drop(*self.cache)
+        self.cache = []
+
+    def leaf(self, size: int, requires_grad: bool, param: bool = False) -> Var:
+        return Var(None, size, size, requires_grad, param=param)
+
+    # -- backward ---------------------------------------------------------------------
+    def _grad_into(self, v: Var) -> None:
+        if v.grad is None:
+            v.grad = self.alloc(v.grad_bytes)
+        elif not v.param:
+            s = self.alloc(v.grad_bytes)  # out-of-place sum, the old gradient freed
+            self.unref(v.grad)
+            v.grad = s
+        else:
+            self.temp(v.grad_bytes)
+
+    def _run(self, n: Node) -> None:
+        if n.out.grad is None:
+            for b in n.saved:
+                self.unref(b)
+            return
+        self.temp(*n.bwd_temps)
+        for v in n.inputs:
+            self._grad_into(v)
+        self.unref(n.out.grad)
+        n.out.grad = None
+        for b in n.saved:
+            self.unref(b)
+
+    def backward(self, loss: Var, then_drop: Var | None = None) -> None:
+        """Backward from a scalar loss; `then_drop` is released after the first node runs
+        (what Trainer's step still holds until backward has begun)."""
+        loss.grad = self.alloc(loss.grad_bytes) or Buf(0, 0, refs=1)
+        nodes, self.nodes = self.nodes, []
+        if nodes and then_drop is not None:
+            first = nodes.pop()
+            assert isinstance(first, Node)
+            self._run(first)
+            self.drop(then_drop)
+        elif then_drop is not None:
+            self.drop(then_drop)
+        self._backward(nodes)
+
+    def _backward(self, nodes: list[Node | CheckpointNode]) -> None:
+        for n in reversed(nodes):
+            if isinstance(n, CheckpointNode):
+                self._recompute(n)
+            else:
+                self._run(n)
+
+    def _recompute(self, c: CheckpointNode) -> None:
+        outer = self.nodes
+        self.nodes = []
+        inp = Var(c.inp.buf, c.inp.size, c.inp.grad_bytes, c.inp.requires_grad)
+        out = c.layer(self, inp)
+        self.clear_cache()
+        out.grad, c.out.grad = c.out.grad, None
+        inner, self.nodes = self.nodes, outer
+        self.drop(out)
+        self._backward(inner)
+        c.inp.grad = inp.grad
+        self.unref(c.inp.buf)  # the checkpoint's saved input
+
+    def checkpoint(self, layer: Callable[[Graph, Var], Var], x: Var) -> Var:
+        self.grad_mode = False
+        out = layer(self, x)
+        self.grad_mode = True
+        out.requires_grad = True
+        self.ref(x.buf)
+        self.nodes.append(CheckpointNode(out, x, layer))
+        return out
+
+
+# ---- the model's programs -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    tokens: int
+    c: int  # compute dtype bytes
+    act: int  # residual stream bytes
+    lin_out: int  # bytes of base Linear outputs
+    targets: frozenset[str]
+    rank: int
+    dropout: bool
+    method: str
+    quant: str
+    autocast_weights: bool  # 16-bit full fine-tuning with fp32 master weights
+
+
+def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = None,
+            weights: dict[str, Var] | None = None) -> Var:
+    t = s.tokens if rows is None else rows
+    i, o = lin.in_features, lin.out_features
+    in_bytes = x.size // max(t * i, 1)
+    if s.method == "qlora":
+        # bnb Linear4bit: x to the compute dtype, the weight dequantized for the matmul,
+        # the output cast back to the input's dtype (nn/modules.py forward)
+        x16 = g.alloc(t * i * s.c) if in_bytes != s.c else None
+        deq = g.alloc(o * i * s.c)
+        y = g.op(t * o * s.c, [x])
+        g.unref(deq)
+        if in_bytes != s.c:
+            y2 = g.op(t * o * in_bytes, [y])
+            g.drop(y)
+            y = y2
+        g.unref(x16)
+    elif s.method == "full":
+        w = (weights or {}).get(lin.name) or g.leaf(o * i * s.c, True, param=True)
+        if s.autocast_weights:
+            wc = g.cast_cached(w, o * i * s.c)
+            xc = g.op(t * i * s.c, [x]) if in_bytes != s.c else x
+            y = g.op(t * o * s.c, [xc, wc], save=(xc, wc))
+            if xc is not x:
+                g.drop(xc)
+        else:
+            y = g.op(t * o * s.c, [x, w], save=(x,))
+    else:
+        y = g.op(t * o * s.c, [x])
+    if lin.name not in s.targets and lin.role not in s.targets:
+        return y
+    # peft LoRA: result.clone() under bnb, x cast to the fp32 adapters, dropout, a
+    # compute-dtype copy for lora_A (autocast), lora_B, scaling, sum
+    res_bytes = y.size // max(t * o, 1)
+    if s.method == "qlora":
+        y2 = g.op(y.size, [y])
+        g.drop(y)
+        y = y2
+    xv = g.op(t * i * 4, [x]) if in_bytes != 4 else x  # _cast_input_dtype to fp32
+    if s.dropout:
+        mask = g.op(t * i, [])
+        xd = g.op(t * i * 4, [xv], save=(mask,))
+        g.drop(mask)
+    else:
+        xd = xv
+    a_w = (weights or {}).get(lin.name + ".A") or g.leaf(i * s.rank * 4, True, param=True)
+    xa = g.op(t * i * s.c, [xd])  # autocast copy
+    if xd is not x:
+        g.drop(xd)
+    if xv is not x and xv is not xd:
+        g.drop(xv)
+    a = g.op(t * s.rank * s.c, [xa, a_w], save=(xa,))
+    g.drop(xa)
+    b_w = (weights or {}).get(lin.name + ".B") or g.leaf(s.rank * o * 4, True, param=True)
+    b = g.op(t * o * s.c, [a, b_w], save=(a,))
+    g.drop(a)
+    sc = g.op(t * o * s.c, [b])
+    g.drop(b)
+    if res_bytes != s.c:
+        sc2 = g.op(t * o * res_bytes, [sc])
+        g.drop(sc)
+        sc = sc2
+    out = g.op(y.size, [y, sc])
+    g.drop(y, sc)
+    return out
+
+
+def _norm(g: Graph, s: _Shapes, x: Var, width: int, rows: int | None = None) -> Var:
+    """RMSNorm in fp32 (modeling_llama LlamaRMSNorm: x.float(), pow, mean, x * rsqrt,
+    weight * x.to(dtype)): keeps the fp32 input; the cast back is kept only where the
+    norm's weight trains (full fine-tuning). Out in the input's dtype (fp32 under QLoRA,
+    whose norms prepare_model_for_kbit_training made fp32)."""
+    t = s.tokens if rows is None else rows
+    n = t * width
+    in_bytes = x.size // max(n, 1)
+    xf = g.op(n * 4, [x]) if in_bytes != 4 else x
+    g.temp(n * 4)  # pow
+    y = g.op(n * 4, [xf], save=(xf,))
+    trains = s.method == "full"
+    if in_bytes != 4:
+        yc = g.op(n * in_bytes, [y])
+        g.drop(y)
+        out = g.op(n * in_bytes, [yc], save=(yc,) if trains else ())
+        g.drop(yc)
+    else:
+        out = g.op(n * 4, [y], save=(y,) if trains else ())
+        g.drop(y)
+    if xf is not x:
+        g.drop(xf)
+    return out
+
+
+def _rotary(g: Graph, q: Var) -> Var:
+    n = q.size
+    a = g.op(n, [q])
+    neg = g.alloc(n // 2)
+    cat = g.op(n, [q])
+    g.unref(neg)
+    b = g.op(n, [cat])
+    g.drop(cat)
+    out = g.op(n, [a, b])
+    g.drop(a, b)
+    return out
+
+
+def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k: Var,
+               v: Var) -> Var:
+    t = s.tokens
+    qb = q.size // max(t * spec.q_size, 1)
+    if plan.attn == "eager":
+        # transformers eager_attention_forward under autocast: q @ k^T in the compute
+        # dtype (fp32 q and k cast first), + mask, softmax(dtype=float32) (an fp32 copy of
+        # its input, then its output, kept), .to(q.dtype), dropout, probabilities @ v
+        b = plan.batch_size
+        scores = b * spec.num_attention_heads * plan.seq_len * plan.seq_len
+        rep = spec.num_attention_heads != spec.kv_heads
+        kr = g.op(t * spec.q_size * qb, [k]) if rep else k  # repeat_kv
+        vr = g.op(t * spec.q_size * qb, [v]) if rep else v
+        qm, km = q, kr
+        if qb != s.c:
+            qm, km = g.op(t * spec.q_size * s.c, [q]), g.op(t * spec.q_size * s.c, [kr])
+        sc = g.op(scores * s.c, [qm, km], save=(qm, km))
+        if qm is not q:
+            g.drop(qm, km)
+        masked = g.op(scores * s.c, [sc])
+        g.drop(sc)
+        up = g.op(scores * 4, [masked])
+        g.drop(masked)
+        p32 = g.op(scores * 4, [up], save_out=True)
+        g.drop(up)
+        p = g.op(scores * qb, [p32]) if qb != 4 else p32
+        if spec.attention_dropout > 0:
+            mask = g.op(scores, [])
+            pd = g.op(scores * qb, [p], save=(mask,))
+            g.drop(mask)
+            if p is not p32:
+                g.drop(p)
+            p = pd
+        pm, vm = p, vr
+        if qb != s.c:
+            vm, pm = g.op(t * spec.q_size * s.c, [vr]), g.op(scores * s.c, [p])
+        o = g.op(t * spec.q_size * s.c, [pm, vm], save=(pm, vm))
+        for tmp in {id(x): x for x in (pm, vm, p, p32)}.values():
+            if tmp is not vr:
+                g.drop(tmp)
+        if rep:
+            g.drop(kr, vr)
+    else:
+        # flash / efficient backward: fp32 accumulators of dq (and the softmax stats)
+        o = g.op(t * spec.q_size * qb, [q, k, v], save=(q, k, v), save_out=True,
+                 bwd_temps=(2 * t * spec.q_size * 4,))
+    out = g.op(o.size, [o])  # transpose(1, 2).contiguous()
+    g.drop(o)
+    return out
+
+
+def _mlp(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, lins: dict[str, LinearShape],
+         rows: int | None = None, weights: dict[str, Var] | None = None) -> Var:
+    if "gate_up" in lins or "gate" in lins:
+        if "gate_up" in lins:
+            gu = _linear(g, s, x, lins["gate_up"], rows, weights)
+            half = gu.size // 2
+            gate = Var(None, half, half, gu.requires_grad)
+            up = Var(None, half, half, gu.requires_grad)
+            keep: list[Var] = [gu]
+        else:
+            gate = _linear(g, s, x, lins["gate"], rows, weights)
+            keep = []
+        act = g.op(gate.size, [gate], save=(gate,))
+        if "gate_up" not in lins:
+            g.drop(gate)
+            up = _linear(g, s, x, lins["up"], rows, weights)
+        prod = g.op(act.size, [act, up], save=(act, up))
+        g.drop(act, up, *keep)
+        out = _linear(g, s, prod, lins["down"], rows, weights)
+        g.drop(prod)
+        return out
+    f1 = _linear(g, s, x, lins["fc1"], rows, weights)
+    act = g.op(f1.size, [f1], save=(f1,))
+    g.drop(f1)
+    out = _linear(g, s, act, lins["fc2"], rows, weights)
+    g.drop(act)
+    return out
+
+
+def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
+              weights: dict[str, Var]) -> Callable[[Graph, Var], Var]:
+    lins = {lin.role: lin for lin in spec.block_linears()}
+    h = spec.hidden_size
+
+    def attn_block(g: Graph, n1: Var) -> Var:
+        if "qkv" in lins:
+            qkv = _linear(g, s, n1, lins["qkv"], weights=weights)
+            per = qkv.size // max(spec.q_size + 2 * spec.kv_size, 1)
+            q = g.op(per * spec.q_size, [qkv])
+            k = g.op(per * spec.kv_size, [qkv])
+            v = g.op(per * spec.kv_size, [qkv])
+            g.drop(qkv)
+        else:
+            q = _linear(g, s, n1, lins["q"], weights=weights)
+            k = _linear(g, s, n1, lins["k"], weights=weights)
+            v = _linear(g, s, n1, lins["v"], weights=weights)
+        if spec.qk_norm:
+            wq = spec.head_size if spec.qk_norm_width == "head" else spec.q_size
+            wk = spec.head_size if spec.qk_norm_width == "head" else spec.kv_size
+            rq = s.tokens * spec.q_size // wq
+            rk = s.tokens * spec.kv_size // wk
+            q2, k2 = _norm(g, s, q, wq, rq), _norm(g, s, k, wk, rk)
+            g.drop(q, k)
+            q, k = q2, k2
+        qe, ke = _rotary(g, q), _rotary(g, k)
+        g.drop(q, k)
+        a = _attention(g, spec, plan, s, qe, ke, v)
+        g.drop(qe, ke, v)
+        o = _linear(g, s, a, lins["o"], weights=weights)
+        g.drop(a)
+        return o
+
+    def layer(g: Graph, x: Var) -> Var:
+        if spec.norms_per_layer == 1:  # parallel attention and MLP (phi-2, falcon)
+            n1 = _norm(g, s, x, h)
+            o = attn_block(g, n1)
+            m = _mlp(g, spec, s, n1, lins, weights=weights)
+            g.drop(n1)
+            r1 = g.op(x.size, [x, o])
+            g.drop(o)
+            out = g.op(x.size, [r1, m])
+            g.drop(r1, m)
+            return out
+        n1 = _norm(g, s, x, h)
+        o = attn_block(g, n1)
+        g.drop(n1)
+        if spec.norms_per_layer == 4:
+            o2 = _norm(g, s, o, h)
+            g.drop(o)
+            o = o2
+        r1 = g.op(x.size, [x, o])
+        g.drop(o)
+        n2 = _norm(g, s, r1, h)
+        rows = None
+        if spec.is_moe:
+            rows = s.tokens * max(spec.num_experts_per_tok, 1)
+            inter = spec.moe_intermediate_size or spec.intermediate_size
+            moe = {"gate": LinearShape("experts.gate", "gate", h, inter, False),
+                   "up": LinearShape("experts.up", "up", h, inter, False),
+                   "down": LinearShape("experts.down", "down", inter, h, False)}
+            per = n2.size // max(s.tokens, 1)
+            routed = g.op(rows * per, [n2])
+            m0 = _mlp(g, spec, s, routed, moe, rows)
+            g.drop(routed)
+            m = g.op(n2.size, [m0])
+            g.drop(m0)
+        else:
+            m = _mlp(g, spec, s, n2, lins, weights=weights)
+        g.drop(n2)
+        if spec.norms_per_layer == 4:
+            m2 = _norm(g, s, m, h)
+            g.drop(m)
+            m = m2
+        out = g.op(x.size, [r1, m])
+        g.drop(r1, m)
+        return out
+
+    return layer
+
+
+def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
+    targets = {lin.name for lin in lora_targets(spec, plan)}
+    return _Shapes(
+        tokens=plan.tokens,
+        c=DTYPE_BYTES[plan.compute_dtype],
+        act=residual_bytes(plan),
+        lin_out=DTYPE_BYTES[plan.compute_dtype],
+        targets=frozenset(targets),
+        rank=plan.rank,
+        dropout=plan.lora_dropout > 0,
+        method=plan.method,
+        quant=plan.quant,
+        autocast_weights=plan.method == "full" and DTYPE_BYTES[plan.load_dtype] == 4,
+    )
+
+
+@dataclass
+class StepRequests:
+    requests: list[tuple[int, int]]
+    steps: int
+
+
+def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepRequests:
+    """The requests of `steps` training steps (forward, loss, backward, optimizer step,
+    zero_grad(set_to_none=True)), after the weights are loaded."""
+    s = _shapes(spec, plan)
+    g = Graph()
+    layers = spec.num_hidden_layers
+    t, h, vocab = s.tokens, spec.hidden_size, spec.vocab_size
+    full = plan.method == "full"
+    wbytes = DTYPE_BYTES[plan.load_dtype]
+    per_layer_weights: list[dict[str, Var]] = []
+    for _ in range(layers):
+        w: dict[str, Var] = {}
+        for lin in spec.block_linears():
+            if full:
+                w[lin.name] = Var(None, lin.weight_numel * s.c, lin.weight_numel * wbytes,
+                                  True, param=True)
+            elif lin.name in s.targets:
+                w[lin.name + ".A"] = Var(None, 0, lin.in_features * s.rank * 4, True,
+                                         param=True)
+                w[lin.name + ".B"] = Var(None, 0, s.rank * lin.out_features * 4, True,
+                                         param=True)
+        per_layer_weights.append(w)
+    fns = [_layer_fn(spec, plan, s, w) for w in per_layer_weights]
+    embed_w = Var(None, vocab * h * wbytes, vocab * h * wbytes, full, param=True)
+    head_w = embed_w if spec.tie_word_embeddings else Var(
+        None, vocab * h * wbytes, vocab * h * wbytes, full, param=True)
+    params = [embed_w, head_w] + [v for w in per_layer_weights for v in w.values()]
+    opt = optimizer_bytes(spec, plan)
+    state_sizes = optimizer_state_sizes(spec, plan)
+    states: list[Buf | None] = []
+    held: Var | None = None
+    for step in range(steps):
+        ck = plan.gradient_checkpointing
+        x = g.op(t * h * s.act, [embed_w])
+        if ck and not full:
+            x.requires_grad = True  # enable_input_require_grads
+        for fn in fns:
+            nx = g.checkpoint(fn, x) if ck else fn(g, x)
+            g.drop(x)
+            x = nx
+        n = _norm(g, s, x, h)
+        g.drop(x)
+        head_copy: Var | None = None
+        if plan.method == "qlora" or s.autocast_weights:
+            # the fp32 lm_head weight cast for the matmul (kept for backward)
+            head_copy = g.op(vocab * h * s.c, [head_w])
+        logits = g.op(t * vocab * s.c, [n, head_w],
+                      save=tuple(v for v in ((n if full else None), head_copy)
+                                 if v is not None))
+        if head_copy is not None:
+            g.drop(head_copy)
+        g.drop(n)
+        if held is not None:
+            g.drop(held)
+            held = None
+        up = g.op(t * vocab * 4, [logits])
+        logp = g.op(t * vocab * 4, [up], save_out=True)  # log_softmax keeps its output
+        g.drop(up)
+        loss = g.op(4, [logp])
+        g.drop(logp)
+        g.clear_cache()  # autocast's region ends with the forward and loss
+        if plan.holds_output:
+            held = logits
+            g.backward(loss)
+        elif plan.loop == "trainer":
+            # Trainer's step lets go of the model output once backward has begun
+            # (recorded: the logits are freed after the loss node's first gradient)
+            g.backward(loss, then_drop=logits)
+        else:
+            g.drop(logits)
+            g.backward(loss)
+        # optimizer: states at the first step, then zero_grad frees every gradient
+        if step == 0:
+            states = [g.alloc(sz) for sz in state_sizes]
+        if opt.step_transient:
+            g.temp(opt.step_transient)
+        for v in params:
+            if v.grad is not None:
+                g.unref(v.grad)
+                v.grad = None
+    del states
+    return StepRequests(g.requests, steps)
+
+
+def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
+    """Reserved - allocated at the peak: the caching allocator replayed on the requests of
+    `steps` training steps (what `calibrate` measures: three steps)."""
+    sim = replay_requests(step_requests(spec, plan, steps).requests,
+                          expandable=plan.expandable_segments)
+    return sim.peak_reserved - sim.peak_allocated

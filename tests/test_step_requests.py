@@ -1,0 +1,90 @@
+"""The generated requests of a training step (vramcalc.step_requests) and the replayed
+slack that `estimate` reports as reserved - allocated."""
+
+from __future__ import annotations
+
+import pytest
+
+from vramcalc.activations import layer_saved_bytes_per_token
+from vramcalc.allocator import allocator_slack
+from vramcalc.allocator_replay import replay_requests
+from vramcalc.estimate import estimate, required_only_context
+from vramcalc.plan_settings import TrainPlan
+from vramcalc.specs import get_spec
+from vramcalc.step_requests import replayed_slack, step_requests
+
+
+def _forward_saved(spec_name: str, plan: TrainPlan, layers: int) -> int:
+    spec = get_spec(spec_name).model_copy(update={"num_hidden_layers": layers})
+    sim = replay_requests(step_requests(spec, plan, steps=1).requests)
+    return sim.peak_allocated
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,k_proj,v_proj,o_proj"])
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_one_more_layer_keeps_what_autograd_keeps(targets: str, dropout: float) -> None:
+    """The generated forward of a 16-bit LoRA layer keeps, per token, the bytes the
+    estimator counts (activations.layer_saved_bytes_per_token, itself checked against
+    autograd's saved tensors on CPU): the ops' saved tensors are the same ones."""
+    plan = TrainPlan(method="lora", rank=16, batch_size=1, seq_len=2048, targets=targets,
+                     lora_dropout=dropout, gradient_checkpointing=False)
+    per_layer = (_forward_saved("llama-3.1-8b", plan, 3)
+                 - _forward_saved("llama-3.1-8b", plan, 2)) / plan.tokens
+    want = layer_saved_bytes_per_token(get_spec("llama-3.1-8b"), plan)
+    assert per_layer == pytest.approx(want, rel=0.002)
+
+
+@pytest.mark.parametrize("plan", [
+    TrainPlan(method="qlora", rank=16, batch_size=2, seq_len=1024),
+    TrainPlan(method="lora", rank=8, batch_size=2, seq_len=1024, attn="eager",
+              gradient_checkpointing=False, loop="plain-outputs"),
+    TrainPlan(method="full", batch_size=1, seq_len=512, optimizer="adamw_torch",
+              weights_dtype="fp32", expandable_segments=True),
+])
+def test_every_generated_buffer_is_freed_once(plan: TrainPlan) -> None:
+    spec = get_spec("qwen2.5-0.5b")
+    reqs = step_requests(spec, plan).requests
+    sizes: dict[int, int] = {}
+    for tid, size in reqs:
+        if size:
+            assert tid not in sizes
+            sizes[tid] = size
+        else:
+            assert sizes.pop(tid) > 0  # a free of a live buffer
+    sim = replay_requests(reqs, expandable=plan.expandable_segments)
+    assert sim.peak_reserved >= sim.peak_allocated > 0
+
+
+@pytest.mark.replay
+def test_estimate_reports_the_replayed_slack() -> None:
+    spec, plan = get_spec("llama-3.2-1b"), TrainPlan(method="qlora", batch_size=2, seq_len=1024)
+    est = estimate(spec, plan)
+    assert est.components.allocator_slack == replayed_slack(spec, plan)
+    assert est.peak_reserved_bytes == est.peak_allocated_bytes + replayed_slack(spec, plan)
+    assert est.peak_device_bytes == (est.peak_reserved_bytes + est.components.cuda_context
+                                     + est.paged_bytes)
+
+
+@pytest.mark.replay
+def test_searches_skip_the_replay_and_need_the_same_memory() -> None:
+    """`required_device_bytes` (what fits decides) does not depend on the slack model,
+    so the batch / GPU searches use the linear rule's cheap estimate."""
+    spec, plan = get_spec("llama-3.2-1b"), TrainPlan(method="lora", batch_size=2, seq_len=1024)
+    full = estimate(spec, plan)
+    with required_only_context():
+        quick = estimate(spec, plan)
+    assert quick.required_device_bytes == full.required_device_bytes
+    assert quick.peak_allocated_bytes == full.peak_allocated_bytes
+    assert quick.components.allocator_slack != full.components.allocator_slack
+
+
+@pytest.mark.replay
+def test_moe_keeps_the_linear_rule() -> None:
+    """Expert layers are not in the generated programs: MoE models keep the linear rule."""
+    spec = get_spec("mixtral-8x7b").model_copy(update={"num_hidden_layers": 2})
+    plan = TrainPlan(method="qlora", batch_size=1, seq_len=512, lora_dropout=0.0)
+    est = estimate(spec, plan)
+    with required_only_context():
+        rule = estimate(spec, plan)
+    assert est.components.allocator_slack == rule.components.allocator_slack
+    assert allocator_slack(0, 0, 0) < est.components.allocator_slack
