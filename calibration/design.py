@@ -4,6 +4,7 @@
     python calibration/design.py holdout  > calibration/matrices/h200-holdout.json
     python calibration/design.py holdout3 > calibration/matrices/h200-holdout3.json
     python calibration/design.py holdout4 > calibration/matrices/h200-holdout4.json
+    python calibration/design.py holdout6 > calibration/matrices/h200-holdout6.json
     python calibration/design.py predict MATRIX.json "NOTE" > PREDICTIONS.json
 
 `design`: 16 architectures (MHA, GQA, MQA, tied/untied, 32k-256k vocabularies, fused
@@ -316,6 +317,16 @@ def main(which: str) -> None:
                  "codellama-7b": 4, "qwen3-4b": 8, "gemma-7b": 4, "qwen2.5-3b": 12,
                  "llama-2-13b": 4, "qwen3-14b": 4, "phi-3-medium": 4, "gemma-2b": 8}
         points = random_points(archs, 40, seed=90, prefix="y", plain="plain")
+    elif which == "holdout6":
+        # After the allocator replay (step_requests + allocator_replay replaced the linear
+        # slack rule for dense models): fresh draws over every architecture plus four never
+        # measured (qwen2.5-14b, qwen2.5-32b, gemma-2-27b, llama-3.1-70b); predictions
+        # committed before run 15 (h200-holdout6-predictions.json).
+        archs = {**DESIGN_ARCHS, **HOLDOUT_ARCHS, "qwen2.5-1.5b": None, "llama-3.2-3b": 8,
+                 "codellama-7b": 4, "qwen3-4b": 8, "gemma-7b": 4, "qwen2.5-3b": 12,
+                 "llama-2-13b": 4, "qwen3-14b": 4, "phi-3-medium": 4, "gemma-2b": 8,
+                 "qwen2.5-14b": 4, "qwen2.5-32b": 2, "gemma-2-27b": 2, "llama-3.1-70b": 2}
+        points = random_points(archs, 40, seed=130, prefix="r", plain="plain")
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
         # with sdpa turned eager, sequences capped at 4096); predictions committed before
@@ -336,7 +347,7 @@ def main(which: str) -> None:
                 break
     else:
         raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5|"
-                         "eager")
+                         "holdout6|eager")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 

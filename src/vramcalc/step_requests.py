@@ -162,7 +162,9 @@ class Graph:
             for b in n.saved:
                 self.unref(b)
             return
-        self.temp(*n.bwd_temps)
+        held = [self.alloc(t) for t in n.bwd_temps]  # live together while the node runs
+        for b in held:
+            self.unref(b)
         for v in n.inputs:
             self._grad_into(v)
         self.unref(n.out.grad)
@@ -308,7 +310,8 @@ def _norm(g: Graph, s: _Shapes, x: Var, width: int, rows: int | None = None) -> 
     in_bytes = x.size // max(n, 1)
     xf = g.op(n * 4, [x]) if in_bytes != 4 else x
     g.temp(n * 4)  # pow
-    y = g.op(n * 4, [xf], save=(xf,))
+    # backward of pow, mean, rsqrt and the product: fp32 temporaries of the input's size
+    y = g.op(n * 4, [xf], save=(xf,), bwd_temps=(n * 4, n * 4, n * 4))
     trains = s.method == "full"
     if in_bytes != 4:
         yc = g.op(n * in_bytes, [y])
