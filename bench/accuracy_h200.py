@@ -117,6 +117,8 @@ HOLDOUTS = [
      "holdout 5 (run 11, fresh draws over 32 architectures after the run-9 fixes)"),
     ("run13-eager-holdout.jsonl", "h200-eager-holdout-predictions.json",
      "eager holdout (run 13, fresh eager draws after the run-12 traces)"),
+    ("run15-holdout6.jsonl", "h200-holdout6-predictions.json",
+     "holdout 6 (run 15, fresh draws over 36 architectures after the allocator replay)"),
 ]
 
 

@@ -33,6 +33,7 @@ RUNS = {  # run file -> the matrix it measured
     "run12-eager-snaps.jsonl": "h200-eager-snaps.json",
     "run13-eager-holdout.jsonl": "h200-eager-holdout.json",
     "run14-traces.jsonl": "h200-traces.json",
+    "run15-holdout6.jsonl": "h200-holdout6.json",
 }
 
 
