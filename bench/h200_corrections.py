@@ -79,6 +79,13 @@ def main(argv: list[str]) -> None:
         print(f"  {key:9s} raw {100 * statistics.median(raw[key]):5.2f} %   corrected "
               f"{100 * statistics.median(cor[key]):5.2f} %")
     print(f"helps: {helps}")
+    for run in ("run15-holdout6.jsonl",):
+        later = points(run)
+        raw6, cor6 = errors(later, None), errors(later, fitted)
+        print(f"later holdout ({run}, n={len(later)}): median |error|")
+        for key in raw6:
+            print(f"  {key:9s} raw {100 * statistics.median(raw6[key]):5.2f} %   corrected "
+                  f"{100 * statistics.median(cor6[key]):5.2f} %")
     if "--write" in argv:
         path = ROOT / "src" / "vramcalc" / "data" / "corrections.json"
         entries = [e for e in corr.load(path) if e.key != fitted.key] + [fitted]
