@@ -163,8 +163,8 @@ class Graph:
                 self.unref(b)
             return
         held = [self.alloc(t) for t in n.bwd_temps]  # live together while the node runs
-        for b in held:
-            self.unref(b)
+        for tmp in held:
+            self.unref(tmp)
         for v in n.inputs:
             self._grad_into(v)
         self.unref(n.out.grad)
