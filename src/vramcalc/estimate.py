@@ -291,6 +291,9 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         slack = replayed_slack(spec, plan)
     else:
         slack = allocator_slack(4 * logits_unit, checkpoints, scores, trained if full else 0)
+        if _REPLAY.get():
+            notes.append("allocator slack from the linear rule: MoE expert layers are not in "
+                         "the replayed request programs (peak reserved/device less certain)")
     peak_reserved = peak_allocated + slack
     paged = paged_resident(opt.paged)
     peak_device = peak_reserved + CUDA_CONTEXT + paged

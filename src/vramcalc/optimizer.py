@@ -71,21 +71,28 @@ def optimizer_bytes(spec: ModelSpec, plan: TrainPlan) -> OptimizerBytes:
 
 def optimizer_state_sizes(spec: ModelSpec, plan: TrainPlan) -> list[int]:
     """The allocated size of every state tensor the optimizer makes on the device at its
-    first step (the tensors behind `optimizer_bytes(...).device`, one by one)."""
+    first step (the tensors behind `optimizer_bytes(...).device`, one by one), parameter
+    by parameter in the model's order (layer by layer: torch/optim/adamw.py `_init_group`
+    and bitsandbytes `Optimizer8bit.init_state` make a parameter's states together)."""
     opt = plan.optimizer
     if opt == "sgd":
         return []
-    out: list[int] = []
+    per_tensor: list[tuple[list[int], int]] = []  # (one parameter's states, copies)
     for t in trainable_tensors(spec, plan):
         if opt in ("adamw_torch", "adamw_torch_fused"):
-            out += [rounded(t.numel * t.dtype_bytes)] * (2 * t.copies)
+            per_tensor.append(([rounded(t.numel * t.dtype_bytes)] * 2, t.copies))
             continue
         if opt.startswith("paged_") and t.numel >= PAGED_MIN_NUMEL:
             continue  # managed memory, outside the caching allocator
         eight = opt.endswith("8bit") and not t.embedding and t.numel >= ADAM_8BIT_MIN_SIZE
         if eight:
             absmax = rounded(4 * ceil_div(t.numel, ADAM_8BIT_BLOCKSIZE))
-            out += [rounded(t.numel), absmax] * (2 * t.copies)
+            per_tensor.append(([rounded(t.numel), absmax] * 2, t.copies))
         else:
-            out += [rounded(4 * t.numel)] * (2 * t.copies)
+            per_tensor.append(([rounded(4 * t.numel)] * 2, t.copies))
+    out: list[int] = []
+    for copy in range(max((c for _, c in per_tensor), default=0)):
+        for states, copies in per_tensor:
+            if copy < copies:
+                out += states
     return out

@@ -148,14 +148,20 @@ class Graph:
 
     # -- backward ---------------------------------------------------------------------
     def _grad_into(self, v: Var) -> None:
+        """A gradient for `v` arrives: the first is kept; a later one is added into it in
+        place and freed (torch/csrc/autograd/input_buffer.cpp `accumulate`), but for a
+        parameter (tied embeddings: the embedding's gradient meets the lm_head's, a
+        transposed mm output the buffer cannot add into) the sum is a new tensor that
+        replaces both."""
         if v.grad is None:
             v.grad = self.alloc(v.grad_bytes)
-        elif not v.param:
-            s = self.alloc(v.grad_bytes)  # out-of-place sum, the old gradient freed
+            return
+        incoming = self.alloc(v.grad_bytes)
+        if v.param:
+            total = self.alloc(v.grad_bytes)
             self.unref(v.grad)
-            v.grad = s
-        else:
-            self.temp(v.grad_bytes)
+            v.grad = total
+        self.unref(incoming)
 
     def _run(self, n: Node) -> None:
         if n.out.grad is None:
@@ -243,7 +249,9 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
         # the output cast back to the input's dtype (nn/modules.py forward)
         x16 = g.alloc(t * i * s.c) if in_bytes != s.c else None
         deq = g.alloc(o * i * s.c)
-        y = g.op(t * o * s.c, [x])
+        # backward dequantizes the weight again for grad_input (bitsandbytes
+        # autograd/_functions.py MatMul4Bit.backward)
+        y = g.op(t * o * s.c, [x], bwd_temps=(o * i * s.c,))
         g.unref(deq)
         if in_bytes != s.c:
             y2 = g.op(t * o * in_bytes, [y])
@@ -597,7 +605,11 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         if step == 0:
             states = [g.alloc(sz) for sz in state_sizes]
         if opt.step_transient:
-            g.temp(opt.step_transient)
+            # foreach AdamW: torch._foreach_sqrt(exp_avg_sqs), one new tensor per state
+            # (torch/optim/adamw.py _multi_tensor_adamw), all alive until the step ends
+            sqrt = [g.alloc(sz) for sz in state_sizes[1::2]]
+            for b in sqrt:
+                g.unref(b)
         for v in params:
             if v.grad is not None:
                 g.unref(v.grad)
