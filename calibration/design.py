@@ -327,6 +327,16 @@ def main(which: str) -> None:
                  "llama-2-13b": 4, "qwen3-14b": 4, "phi-3-medium": 4, "gemma-2b": 8,
                  "qwen2.5-14b": 4, "qwen2.5-32b": 2, "gemma-2-27b": 2, "llama-3.1-70b": 2}
         points = random_points(archs, 40, seed=130, prefix="r", plain="plain")
+    elif which == "holdout7":
+        # After the post-holdout-6 changes to the step programs (optimizer states in model
+        # order, foreach AdamW's sqrt list, in-place gradient sums): fresh draws over the
+        # same architectures as holdout 6; predictions committed before run 16
+        # (h200-holdout7-predictions.json).
+        archs = {**DESIGN_ARCHS, **HOLDOUT_ARCHS, "qwen2.5-1.5b": None, "llama-3.2-3b": 8,
+                 "codellama-7b": 4, "qwen3-4b": 8, "gemma-7b": 4, "qwen2.5-3b": 12,
+                 "llama-2-13b": 4, "qwen3-14b": 4, "phi-3-medium": 4, "gemma-2b": 8,
+                 "qwen2.5-14b": 4, "qwen2.5-32b": 2, "gemma-2-27b": 2, "llama-3.1-70b": 2}
+        points = random_points(archs, 40, seed=150, prefix="q", plain="plain")
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
         # with sdpa turned eager, sequences capped at 4096); predictions committed before
@@ -347,7 +357,7 @@ def main(which: str) -> None:
                 break
     else:
         raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5|"
-                         "holdout6|eager")
+                         "holdout6|holdout7|eager")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 

@@ -88,3 +88,18 @@ def test_moe_keeps_the_linear_rule() -> None:
         rule = estimate(spec, plan)
     assert est.components.allocator_slack == rule.components.allocator_slack
     assert allocator_slack(0, 0, 0) < est.components.allocator_slack
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_torch", "adamw_8bit", "paged_adamw_32bit",
+                                       "sgd"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_state_tensors_add_up_to_the_optimizer_bytes(optimizer: str, method: str) -> None:
+    """The replayed state tensors are the ones `optimizer_bytes` counts (less the 8-bit
+    optimizers' two shared quantization maps, too small to replay)."""
+    from vramcalc.optimizer import DYNAMIC_MAP_BYTES, optimizer_bytes, optimizer_state_sizes
+    from vramcalc.weights import rounded
+
+    spec = get_spec("qwen2.5-0.5b")
+    plan = TrainPlan(method=method, optimizer=optimizer, batch_size=1, seq_len=256)
+    maps = 2 * rounded(DYNAMIC_MAP_BYTES) if optimizer.endswith("8bit") else 0
+    assert sum(optimizer_state_sizes(spec, plan)) == optimizer_bytes(spec, plan).device - maps
