@@ -119,6 +119,8 @@ HOLDOUTS = [
      "eager holdout (run 13, fresh eager draws after the run-12 traces)"),
     ("run15-holdout6.jsonl", "h200-holdout6-predictions.json",
      "holdout 6 (run 15, fresh draws over 36 architectures after the allocator replay)"),
+    ("run16-holdout7.jsonl", "h200-holdout7-predictions.json",
+     "holdout 7 (run 16, fresh draws over 36 architectures after the post-run-15 changes)"),
 ]
 
 

@@ -34,6 +34,7 @@ RUNS = {  # run file -> the matrix it measured
     "run13-eager-holdout.jsonl": "h200-eager-holdout.json",
     "run14-traces.jsonl": "h200-traces.json",
     "run15-holdout6.jsonl": "h200-holdout6.json",
+    "run16-holdout7.jsonl": "h200-holdout7.json",
 }
 
 
