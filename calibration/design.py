@@ -189,6 +189,15 @@ def random_points(archs: dict[str, int | None], n: int, seed: int, prefix: str,
     return points
 
 
+# holdouts 6 and 7: every architecture measured so far plus four never measured before
+REPLAY_HOLDOUT_ARCHS: dict[str, int | None] = {
+    **DESIGN_ARCHS, **HOLDOUT_ARCHS, "qwen2.5-1.5b": None, "llama-3.2-3b": 8,
+    "codellama-7b": 4, "qwen3-4b": 8, "gemma-7b": 4, "qwen2.5-3b": 12, "llama-2-13b": 4,
+    "qwen3-14b": 4, "phi-3-medium": 4, "gemma-2b": 8, "qwen2.5-14b": 4, "qwen2.5-32b": 2,
+    "gemma-2-27b": 2, "llama-3.1-70b": 2,
+}
+
+
 def spec_ref(name: str) -> Any:
     """A catalog name, or the inline spec (the device has no config files)."""
     if name in INLINE_CONFIGS:
@@ -322,20 +331,14 @@ def main(which: str) -> None:
         # slack rule for dense models): fresh draws over every architecture plus four never
         # measured (qwen2.5-14b, qwen2.5-32b, gemma-2-27b, llama-3.1-70b); predictions
         # committed before run 15 (h200-holdout6-predictions.json).
-        archs = {**DESIGN_ARCHS, **HOLDOUT_ARCHS, "qwen2.5-1.5b": None, "llama-3.2-3b": 8,
-                 "codellama-7b": 4, "qwen3-4b": 8, "gemma-7b": 4, "qwen2.5-3b": 12,
-                 "llama-2-13b": 4, "qwen3-14b": 4, "phi-3-medium": 4, "gemma-2b": 8,
-                 "qwen2.5-14b": 4, "qwen2.5-32b": 2, "gemma-2-27b": 2, "llama-3.1-70b": 2}
+        archs = REPLAY_HOLDOUT_ARCHS
         points = random_points(archs, 40, seed=130, prefix="r", plain="plain")
     elif which == "holdout7":
         # After the post-holdout-6 changes to the step programs (optimizer states in model
         # order, foreach AdamW's sqrt list, in-place gradient sums): fresh draws over the
         # same architectures as holdout 6; predictions committed before run 16
         # (h200-holdout7-predictions.json).
-        archs = {**DESIGN_ARCHS, **HOLDOUT_ARCHS, "qwen2.5-1.5b": None, "llama-3.2-3b": 8,
-                 "codellama-7b": 4, "qwen3-4b": 8, "gemma-7b": 4, "qwen2.5-3b": 12,
-                 "llama-2-13b": 4, "qwen3-14b": 4, "phi-3-medium": 4, "gemma-2b": 8,
-                 "qwen2.5-14b": 4, "qwen2.5-32b": 2, "gemma-2-27b": 2, "llama-3.1-70b": 2}
+        archs = REPLAY_HOLDOUT_ARCHS
         points = random_points(archs, 40, seed=150, prefix="q", plain="plain")
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws

@@ -206,6 +206,20 @@ class CachingAllocator:
         pool.remove(b)
         return b
 
+    def _absorb(self, b: Block, other: Block) -> None:
+        """Splice neighbour `other` into `b` (one address range, one chain link less)."""
+        if other is b.prev:
+            b.addr, b.prev = other.addr, other.prev
+            if other.prev is not None:
+                other.prev.next = b
+            elif self._chains.get((b.small, b.stream)) is other:
+                self._chains[(b.small, b.stream)] = b
+        else:
+            b.next = other.next
+            if other.next is not None:
+                other.next.prev = b
+        b.size += other.size
+
     def _merge(self, b: Block) -> Block:
         """Merge free mapped block `b` with its free mapped neighbours; into the pool."""
         pool = self._pool(b.small, b.stream)
@@ -213,17 +227,7 @@ class CachingAllocator:
             if other is None or other.allocated or not other.mapped:
                 continue
             pool.remove(other)
-            if other is b.prev:
-                b.addr, b.prev = other.addr, other.prev
-                if other.prev is not None:
-                    other.prev.next = b
-                elif self._chains.get((b.small, b.stream)) is other:
-                    self._chains[(b.small, b.stream)] = b
-            else:
-                b.next = other.next
-                if other.next is not None:
-                    other.next.prev = b
-            b.size += other.size
+            self._absorb(b, other)
         pool.add(b)
         return b
 
@@ -311,19 +315,8 @@ class CachingAllocator:
 
     def _merge_unmapped(self, b: Block) -> None:
         for other in (b.prev, b.next):
-            if other is None or other.mapped:
-                continue
-            if other is b.prev:
-                b.addr, b.prev = other.addr, other.prev
-                if other.prev is not None:
-                    other.prev.next = b
-                elif self._chains.get((b.small, b.stream)) is other:
-                    self._chains[(b.small, b.stream)] = b
-            else:
-                b.next = other.next
-                if other.next is not None:
-                    other.next.prev = b
-            b.size += other.size
+            if other is not None and not other.mapped:
+                self._absorb(b, other)
 
     def place(self, ranges: list[tuple[int, int]], small: bool, stream: int = 0) -> None:
         """Start from existing segments (a trace's state before its first event): each

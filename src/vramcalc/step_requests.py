@@ -460,6 +460,14 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
         g.drop(a)
         return o
 
+    def post_norm(g: Graph, v: Var) -> Var:
+        """Gemma-2/3's norm after attention and after the MLP (four norms a layer)."""
+        if spec.norms_per_layer != 4:
+            return v
+        out = _norm(g, s, v, h)
+        g.drop(v)
+        return out
+
     def layer(g: Graph, x: Var) -> Var:
         if spec.norms_per_layer == 1:  # parallel attention and MLP (phi-2, falcon)
             n1 = _norm(g, s, x, h)
@@ -474,10 +482,7 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
         n1 = _norm(g, s, x, h)
         o = attn_block(g, n1)
         g.drop(n1)
-        if spec.norms_per_layer == 4:
-            o2 = _norm(g, s, o, h)
-            g.drop(o)
-            o = o2
+        o = post_norm(g, o)
         r1 = g.op(x.size, [x, o])
         g.drop(o)
         n2 = _norm(g, s, r1, h)
@@ -497,10 +502,7 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
         else:
             m = _mlp(g, spec, s, n2, lins, weights=weights)
         g.drop(n2)
-        if spec.norms_per_layer == 4:
-            m2 = _norm(g, s, m, h)
-            g.drop(m)
-            m = m2
+        m = post_norm(g, m)
         out = g.op(x.size, [r1, m])
         g.drop(r1, m)
         return out
