@@ -168,11 +168,12 @@ class Graph:
             for b in n.saved:
                 self.unref(b)
             return
-        held = [self.alloc(t) for t in n.bwd_temps]  # live together while the node runs
-        for tmp in held:
-            self.unref(tmp)
+        # the node's temporaries live while it computes its input gradients
+        held = [self.alloc(t) for t in n.bwd_temps]
         for v in n.inputs:
             self._grad_into(v)
+        for tmp in held:
+            self.unref(tmp)
         self.unref(n.out.grad)
         n.out.grad = None
         for b in n.saved:
@@ -334,6 +335,18 @@ def _norm(g: Graph, s: _Shapes, x: Var, width: int, rows: int | None = None) -> 
     return out
 
 
+def _softcap(g: Graph, x: Var) -> Var:
+    """Gemma-2's soft capping, cap * tanh(x / cap): tanh keeps its output for backward
+    (modeling_gemma2: attention scores and final logits)."""
+    d = g.op(x.size, [x])
+    g.drop(x)
+    th = g.op(x.size, [d], save_out=True)
+    g.drop(d)
+    out = g.op(x.size, [th])
+    g.drop(th)
+    return out
+
+
 def _rotary(g: Graph, q: Var) -> Var:
     n = q.size
     a = g.op(n, [q])
@@ -366,11 +379,15 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
         sc = g.op(scores * s.c, [qm, km], save=(qm, km))
         if qm is not q:
             g.drop(qm, km)
+        if spec.attn_logit_softcapping:
+            sc = _softcap(g, sc)
         masked = g.op(scores * s.c, [sc])
         g.drop(sc)
         up = g.op(scores * 4, [masked])
         g.drop(masked)
-        p32 = g.op(scores * 4, [up], save_out=True)
+        # softmax backward: grad * output, a score-sized fp32 temporary (run 12 traces:
+        # four fp32 score blocks live at eager attention's backward peak)
+        p32 = g.op(scores * 4, [up], save_out=True, bwd_temps=(scores * 4,))
         g.drop(up)
         p = g.op(scores * qb, [p32]) if qb != 4 else p32
         if spec.attention_dropout > 0:
@@ -581,6 +598,8 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         logits = g.op(t * vocab * s.c, [n, head_w],
                       save=tuple(v for v in ((n if full else None), head_copy)
                                  if v is not None))
+        if spec.final_logit_softcapping:
+            logits = _softcap(g, logits)
         if head_copy is not None:
             g.drop(head_copy)
         g.drop(n)
