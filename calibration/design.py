@@ -340,6 +340,25 @@ def main(which: str) -> None:
         # (h200-holdout7-predictions.json).
         archs = REPLAY_HOLDOUT_ARCHS
         points = random_points(archs, 40, seed=150, prefix="q", plain="plain")
+    elif which == "holdout8":
+        # After the post-run-16 changes (Gemma-2 soft capping, softmax backward's temporary
+        # in the step programs): a small set that fits the last device minutes, small
+        # architectures at full depth or few layers, every other draw eager; predictions
+        # committed before run 17 (h200-holdout8-predictions.json).
+        archs = {"qwen2.5-0.5b": None, "llama-3.2-1b": None, "tinyllama-1.1b": None,
+                 "gemma-3-1b": None, "gemma-2-2b": 6, "smollm2-1.7b": 8,
+                 "qwen2.5-1.5b": None, "stablelm-2-1.6b": None, "phi-2": 6, "gemma-2-9b": 2}
+        points = []
+        for i, p in enumerate(random_points(archs, 24, seed=170, prefix="p", plain="plain")):
+            if i % 2:
+                p["plan"]["attn"] = "eager"
+                p["plan"]["seq_len"] = min(p["plan"]["seq_len"], 2048)
+            if (isinstance(p["spec"], str)
+                    and predicted_gib(cut(p["spec"], p["layers"]), p["plan"]) > 30):
+                continue
+            points.append(p)
+            if len(points) == 10:
+                break
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
         # with sdpa turned eager, sequences capped at 4096); predictions committed before
@@ -360,7 +379,7 @@ def main(which: str) -> None:
                 break
     else:
         raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5|"
-                         "holdout6|holdout7|eager")
+                         "holdout6|holdout7|holdout8|eager")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 
