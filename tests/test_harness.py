@@ -273,3 +273,28 @@ def test_matrix_driver_end_to_end_on_cpu(tmp_path: Path) -> None:
     assert records["lora"]["measurement"]["alloc_conf"] == ""
     assert (tmp_path / "w" / "tiny-llama@1L" / "config.json").is_file()
     assert "full-plain" in proc.stdout and "err %" in proc.stdout
+
+
+def test_summarize_snapshot_expandable_segment_maps_inside_its_range() -> None:
+    """expandable_segments:True: segment_map events map pages inside one segment's range
+    (not at its start); undoing them leaves nothing reserved before the trace."""
+    from vramcalc.calibrate.trace import summarize_snapshot
+
+    base = 0x7F0000000000
+    trace = [
+        {"action": "segment_map", "addr": base, "size": 20 * MiB},
+        {"action": "alloc", "addr": base, "size": 12 * MiB, "frames": []},
+        {"action": "segment_map", "addr": base + 20 * MiB, "size": 20 * MiB},
+        {"action": "alloc", "addr": base + 12 * MiB, "size": 24 * MiB, "frames": []},
+        {"action": "free_completed", "addr": base, "size": 12 * MiB},
+    ]
+    snap = {"segments": [{"address": base, "total_size": 40 * MiB, "segment_type": "large",
+                          "blocks": [{"address": base, "size": 12 * MiB, "state": "inactive"},
+                                     {"address": base + 12 * MiB, "size": 24 * MiB,
+                                      "state": "active_allocated", "frames": []},
+                                     {"address": base + 36 * MiB, "size": 4 * MiB,
+                                      "state": "inactive"}]}],
+            "device_traces": [trace]}
+    s = summarize_snapshot(snap)
+    assert s["peak_allocated"] == 36 * MiB
+    assert s["reserved_at_peak"] == 40 * MiB

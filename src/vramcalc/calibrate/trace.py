@@ -204,13 +204,28 @@ class _State:
             if old is not None:
                 self.allocated -= old[0]
         elif action in ("segment_alloc", "segment_map"):
-            self.segs[addr] = self.segs.get(addr, 0) + size
+            key = _segment_of(self.segs, addr) if action == "segment_map" else None
+            key = addr if key is None else key
+            self.segs[key] = self.segs.get(key, 0) + size
             self.reserved += size
         elif action in ("segment_free", "segment_unmap"):
             self.reserved -= size
-            left = self.segs.pop(addr, 0) - size
+            key = _segment_of(self.segs, addr)
+            key = addr if key is None else key
+            left = self.segs.pop(key, 0) - size
             if left > 0:
-                self.segs[addr] = left
+                self.segs[key] = left
+
+
+def _segment_of(segs: dict[int, int], addr: int) -> int | None:
+    """The start of the segment whose range holds `addr` or ends right at it (where an
+    expandable segment maps its next pages), None if none does."""
+    if addr in segs:
+        return addr
+    for start, size in segs.items():
+        if start <= addr <= start + size:
+            return start
+    return None
 
 
 def _initial_state(snap: dict[str, Any], events: list[dict[str, Any]]) -> _State:
@@ -229,11 +244,16 @@ def _initial_state(snap: dict[str, Any], events: list[dict[str, Any]]) -> _State
         elif action == "free_completed":
             live[addr] = (size, [])  # allocated before the trace (or its alloc is seen later)
         elif action in ("segment_alloc", "segment_map"):
-            left = segs.pop(addr, 0) - size
+            # an expandable segment maps pages inside its range: undo on the segment
+            key = _segment_of(segs, addr)
+            key = addr if key is None else key
+            left = segs.pop(key, 0) - size
             if left > 0:
-                segs[addr] = left
+                segs[key] = left
         elif action in ("segment_free", "segment_unmap"):
-            segs[addr] = segs.get(addr, 0) + size
+            key = _segment_of(segs, addr)
+            key = addr if key is None else key
+            segs[key] = segs.get(key, 0) + size
     # Blocks live before the trace: frames None (named by `known`, else static_before_trace);
     # a traced allocation without frames has [] and counts as no_frames.
     return _State({a: (s, None) for a, (s, _) in live.items()}, segs)
