@@ -376,20 +376,25 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
         qm, km = q, kr
         if qb != s.c:
             qm, km = g.op(t * spec.q_size * s.c, [q]), g.op(t * spec.q_size * s.c, [kr])
-        sc = g.op(scores * s.c, [qm, km], save=(qm, km))
+        mm = g.op(scores * s.c, [qm, km], save=(qm, km))
         if qm is not q:
             g.drop(qm, km)
+        sc = g.op(scores * s.c, [mm])  # matmul(q, k^T) * scaling: a new tensor
+        g.drop(mm)
         if spec.attn_logit_softcapping:
             sc = _softcap(g, sc)
-        masked = g.op(scores * s.c, [sc])
+        # + the causal mask, made in the embeddings' dtype: fp32 under QLoRA (its embeddings
+        # are fp32 after prepare_model_for_kbit_training), so the sum is fp32 there
+        masked = g.op(scores * max(s.c, s.act), [sc])
         g.drop(sc)
-        up = g.op(scores * 4, [masked])
-        g.drop(masked)
+        up = g.op(scores * 4, [masked]) if s.act != 4 else masked  # softmax's fp32 copy
         # softmax backward: grad * output, a score-sized fp32 temporary (run 12 traces:
         # four fp32 score blocks live at eager attention's backward peak)
         p32 = g.op(scores * 4, [up], save_out=True, bwd_temps=(scores * 4,))
-        g.drop(up)
+        if up is not masked:
+            g.drop(up)
         p = g.op(scores * qb, [p32]) if qb != 4 else p32
+        g.drop(masked)  # `attn_weights` is rebound after softmax(...).to(...)
         if spec.attention_dropout > 0:
             mask = g.op(scores, [])
             pd = g.op(scores * qb, [p], save=(mask,))
@@ -603,12 +608,12 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         if head_copy is not None:
             g.drop(head_copy)
         g.drop(n)
-        if held is not None:
-            g.drop(held)
-            held = None
         up = g.op(t * vocab * 4, [logits])
         logp = g.op(t * vocab * 4, [up], save_out=True)  # log_softmax keeps its output
         g.drop(up)
+        if held is not None:  # `out` is rebound once the forward (with its loss) returns
+            g.drop(held)
+            held = None
         loss = g.op(4, [logp])
         g.drop(logp)
         g.clear_cache()  # autocast's region ends with the forward and loss
