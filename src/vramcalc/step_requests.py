@@ -19,6 +19,10 @@ lora_A), bitsandbytes 4-bit (dequantized weight per matmul), the fp32 upcast and
 log-softmax of the loss (transformers loss_utils.ForCausalLMLoss), and the optimizer's
 state tensors, made at the first step. Sizes below 64 KiB are left out: they sit in the
 small pool's 2 MiB segments and move reserved memory by a few MiB.
+
+Not traced, so approximate: int8 bases (bnb Linear8bitLt) run the 4-bit program; a frozen
+fp32 base under autocast (falcon "QLoRA", LoRA on fp32 weights) runs the 16-bit one; MoE
+experts are not generated at all (estimate() keeps the linear slack rule for MoE).
 """
 
 from __future__ import annotations
@@ -54,7 +58,6 @@ class Var:
     requires_grad: bool
     param: bool = False  # a leaf parameter: its gradient stays until zero_grad
     grad: Buf | None = None
-    grads_in: int = 0
 
 
 @dataclass(eq=False)
@@ -231,12 +234,10 @@ class _Shapes:
     tokens: int
     c: int  # compute dtype bytes
     act: int  # residual stream bytes
-    lin_out: int  # bytes of base Linear outputs
     targets: frozenset[str]
     rank: int
     dropout: bool
     method: str
-    quant: str
     autocast_weights: bool  # 16-bit full fine-tuning with fp32 master weights
 
 
@@ -538,12 +539,10 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
         tokens=plan.tokens,
         c=DTYPE_BYTES[plan.compute_dtype],
         act=residual_bytes(plan),
-        lin_out=DTYPE_BYTES[plan.compute_dtype],
         targets=frozenset(targets),
         rank=plan.rank,
         dropout=plan.lora_dropout > 0,
         method=plan.method,
-        quant=plan.quant,
         autocast_weights=plan.method == "full" and DTYPE_BYTES[plan.load_dtype] == 4,
     )
 
