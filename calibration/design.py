@@ -198,6 +198,27 @@ REPLAY_HOLDOUT_ARCHS: dict[str, int | None] = {
 }
 
 
+def as_eager(point: dict[str, Any], max_seq: int) -> None:
+    """Turn a drawn point to eager attention, its sequence capped at `max_seq`."""
+    point["plan"]["attn"] = "eager"
+    point["plan"]["seq_len"] = min(point["plan"]["seq_len"], max_seq)
+
+
+def first_fitting(draws: list[dict[str, Any]], n: int, max_gib: float
+                  ) -> list[dict[str, Any]]:
+    """The first `n` draws whose predicted peak is at most `max_gib`; inline specs (no
+    catalog name) are kept unchecked, as the eager matrix was drawn."""
+    out: list[dict[str, Any]] = []
+    for p in draws:
+        if (isinstance(p["spec"], str)
+                and predicted_gib(cut(p["spec"], p["layers"]), p["plan"]) > max_gib):
+            continue
+        out.append(p)
+        if len(out) == n:
+            break
+    return out
+
+
 def spec_ref(name: str) -> Any:
     """A catalog name, or the inline spec (the device has no config files)."""
     if name in INLINE_CONFIGS:
@@ -348,17 +369,10 @@ def main(which: str) -> None:
         archs = {"qwen2.5-0.5b": None, "llama-3.2-1b": None, "tinyllama-1.1b": None,
                  "gemma-3-1b": None, "gemma-2-2b": 6, "smollm2-1.7b": 8,
                  "qwen2.5-1.5b": None, "stablelm-2-1.6b": None, "phi-2": 6, "gemma-2-9b": 2}
-        points = []
-        for i, p in enumerate(random_points(archs, 24, seed=170, prefix="p", plain="plain")):
-            if i % 2:
-                p["plan"]["attn"] = "eager"
-                p["plan"]["seq_len"] = min(p["plan"]["seq_len"], 2048)
-            if (isinstance(p["spec"], str)
-                    and predicted_gib(cut(p["spec"], p["layers"]), p["plan"]) > 30):
-                continue
-            points.append(p)
-            if len(points) == 10:
-                break
+        draws = random_points(archs, 24, seed=170, prefix="p", plain="plain")
+        for p in draws[1::2]:
+            as_eager(p, 2048)
+        points = first_fitting(draws, 10, max_gib=30)
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
         # with sdpa turned eager, sequences capped at 4096); predictions committed before
@@ -366,17 +380,10 @@ def main(which: str) -> None:
         archs = {k: v for k, v in {**DESIGN_ARCHS, **HOLDOUT_ARCHS, "llama-3.2-3b": 8,
                                    "qwen3-4b": 8, "gemma-7b": 4}.items()
                  if k not in ("gemma-2-2b", "gemma-2-9b")}  # gemma-2 runs eager always
-        points = []
-        for p in random_points(archs, 60, seed=110, prefix="z"):
-            p["plan"]["attn"] = "eager"
-            p["plan"]["seq_len"] = min(p["plan"]["seq_len"], 4096)
-            # inline specs (no catalog name) are kept unchecked, as the matrix was drawn
-            if (isinstance(p["spec"], str)
-                    and predicted_gib(cut(p["spec"], p["layers"]), p["plan"]) > 40):
-                continue
-            points.append(p)
-            if len(points) == 16:
-                break
+        draws = random_points(archs, 60, seed=110, prefix="z")
+        for p in draws:
+            as_eager(p, 4096)
+        points = first_fitting(draws, 16, max_gib=40)
     else:
         raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5|"
                          "holdout6|holdout7|holdout8|eager")

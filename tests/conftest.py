@@ -4,6 +4,7 @@ folder is a temporary one, so no test reads or writes the real one."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +25,14 @@ def _hub_offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture(autouse=True)
-def _replay_only_where_marked(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+def _replay_only_where_marked(request: pytest.FixtureRequest) -> Iterator[None]:
     """The allocator replay (vramcalc.step_requests, ~0.1-0.2 s per estimate of a full-size
     model) sets only the reserved and device peaks; tests run with the linear slack rule
     in its place unless marked `replay` (those test the replayed numbers themselves)."""
-    from vramcalc.estimate import _REPLAY
+    from vramcalc.estimate import required_only_context
 
-    token = None if request.node.get_closest_marker("replay") else _REPLAY.set(False)
-    yield
-    if token is not None:
-        _REPLAY.reset(token)
+    if request.node.get_closest_marker("replay"):
+        yield
+        return
+    with required_only_context():
+        yield

@@ -298,3 +298,19 @@ def test_summarize_snapshot_expandable_segment_maps_inside_its_range() -> None:
     s = summarize_snapshot(snap)
     assert s["peak_allocated"] == 36 * MiB
     assert s["reserved_at_peak"] == 40 * MiB
+
+
+def test_compact_trace_is_written_gzip_and_atomically(tmp_path: Path) -> None:
+    """`--trace-dir` files: the stack-free trace as compact gzip JSON, no temporary left."""
+    import gzip
+
+    from vramcalc.calibrate.trace import ACTIONS, compact_trace
+    from vramcalc.corrections import write_json_atomic
+
+    snap, _ = _synthetic_snapshot()
+    out = tmp_path / "traces" / "p.json.gz"
+    write_json_atomic(out, compact_trace(snap))
+    back = json.loads(gzip.open(out, "rt", encoding="utf-8").read())
+    assert back["actions"] == list(ACTIONS)
+    assert len(back["events"]) == len(snap["device_traces"][0])
+    assert [p.name for p in out.parent.iterdir()] == ["p.json.gz"]

@@ -299,14 +299,23 @@ def save(path: Path, entries: Sequence[Corrections]) -> None:
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
+    """JSON to `path` through a temporary file in the same folder, then os.replace; a
+    `.gz` path is written gzip-compressed and compact (the allocator traces)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        if path.suffix == ".gz":
+            import gzip  # only the calibrate worker writes these
+
+            os.close(fd)
+            with gzip.open(tmp, "wt", encoding="utf-8") as gz:
+                json.dump(obj, gz, separators=(",", ":"))
+        else:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(obj, fh, indent=1)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -106,14 +106,9 @@ class Graph:
         if b.refs == 0:
             self.requests.append((b.id, 0))
 
-    def temp(self, *sizes: int) -> None:
-        """Temporaries made and freed in order (each freed after the next is made)."""
-        prev: Buf | None = None
-        for s in sizes:
-            b = self.alloc(s)
-            self.unref(prev)
-            prev = b
-        self.unref(prev)
+    def temp(self, size: int) -> None:
+        """A temporary, made and freed."""
+        self.unref(self.alloc(size))
 
     def drop(self, *vs: Var) -> None:
         for v in vs:
@@ -121,13 +116,11 @@ class Graph:
 
     # -- ops --------------------------------------------------------------------------
     def op(self, size: int, inputs: list[Var], save: tuple[Var, ...] = (),
-           grad_bytes: int | None = None, bwd_temps: tuple[int, ...] = (),
-           temps: tuple[int, ...] = (), save_out: bool = False) -> Var:
-        """A forward op: temporaries, then its output (of `size` bytes); keeps `save` (and
-        its output with `save_out`) for backward when a gradient flows through it."""
-        self.temp(*temps)
-        out = Var(self.alloc(size), size, size if grad_bytes is None else grad_bytes,
-                  any(v.requires_grad for v in inputs))
+           bwd_temps: tuple[int, ...] = (), save_out: bool = False) -> Var:
+        """A forward op: its output (of `size` bytes, its gradient the same); keeps `save`
+        (and its output with `save_out`) for backward when a gradient flows through it,
+        and makes `bwd_temps` while its backward runs."""
+        out = Var(self.alloc(size), size, size, any(v.requires_grad for v in inputs))
         if self.grad_mode and out.requires_grad:
             kept = [*save, out] if save_out else list(save)
             saved = [b for b in (self.ref(v.buf) for v in kept) if b is not None]
@@ -272,7 +265,7 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
             y = g.op(t * o * s.c, [x, w], save=(x,))
     else:
         y = g.op(t * o * s.c, [x])
-    if lin.name not in s.targets and lin.role not in s.targets:
+    if lin.name not in s.targets:
         return y
     # peft LoRA: result.clone() under bnb, x cast to the fp32 adapters, dropout, a
     # compute-dtype copy for lora_A (autocast), lora_B, scaling, sum
@@ -582,10 +575,9 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
     params = [embed_w, head_w] + [v for w in per_layer_weights for v in w.values()]
     opt = optimizer_bytes(spec, plan)
     state_sizes = optimizer_state_sizes(spec, plan)
-    states: list[Buf | None] = []
+    ck = plan.gradient_checkpointing
     held: Var | None = None
     for step in range(steps):
-        ck = plan.gradient_checkpointing
         x = g.op(t * h * s.act, [embed_w])
         if ck and not full:
             x.requires_grad = True  # enable_input_require_grads
@@ -627,8 +619,9 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
             g.drop(logits)
             g.backward(loss)
         # optimizer: states at the first step, then zero_grad frees every gradient
-        if step == 0:
-            states = [g.alloc(sz) for sz in state_sizes]
+        if step == 0:  # kept for good: never freed
+            for sz in state_sizes:
+                g.alloc(sz)
         if opt.step_transient:
             # foreach AdamW: torch._foreach_sqrt(exp_avg_sqs), one new tensor per state
             # (torch/optim/adamw.py _multi_tensor_adamw), all alive until the step ends
@@ -639,7 +632,6 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
             if v.grad is not None:
                 g.unref(v.grad)
                 v.grad = None
-    del states
     return StepRequests(g.requests, steps)
 
 

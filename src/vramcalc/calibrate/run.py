@@ -17,7 +17,6 @@ process (see `worker.py`): peaks are only clean in a fresh process.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import threading
@@ -590,6 +589,7 @@ def _trace_summary(model: Any, optimizer: Any, trace_file: str | None = None
     import torch
 
     from vramcalc.calibrate.trace import compact_trace, summarize_snapshot
+    from vramcalc.corrections import write_json_atomic
 
     try:
         _trace_mark(MARK_END)
@@ -598,7 +598,7 @@ def _trace_summary(model: Any, optimizer: Any, trace_file: str | None = None
         torch.cuda.memory._record_memory_history(enabled=None)
     if trace_file:
         try:
-            _write_gzip_json(Path(trace_file), compact_trace(snap))
+            write_json_atomic(Path(trace_file), compact_trace(snap))
         except Exception as err:  # a trace must never cost the measurement
             return {"error": "trace_file: " + _one_line(err)}
     try:
@@ -607,16 +607,6 @@ def _trace_summary(model: Any, optimizer: Any, trace_file: str | None = None
                                   end_mark=MARK_END)
     except Exception as err:  # a summary must never cost the measurement
         return {"error": _one_line(err)}
-
-
-def _write_gzip_json(path: Path, data: Any) -> None:
-    import gzip
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with gzip.open(tmp, "wt", encoding="utf-8") as fh:
-        json.dump(data, fh, separators=(",", ":"))
-    tmp.replace(path)
 
 
 def _oom_segments() -> dict[str, Any]:
