@@ -103,3 +103,20 @@ def test_state_tensors_add_up_to_the_optimizer_bytes(optimizer: str, method: str
     plan = TrainPlan(method=method, optimizer=optimizer, batch_size=1, seq_len=256)
     maps = 2 * rounded(DYNAMIC_MAP_BYTES) if optimizer.endswith("8bit") else 0
     assert sum(optimizer_state_sizes(spec, plan)) == optimizer_bytes(spec, plan).device - maps
+
+
+def test_a_gradient_too_small_to_track_still_flows() -> None:
+    """A tensor under MIN_REQUEST gets no buffer, but backward must still run through it:
+    LoRA's lora_A output (tokens x rank) is one, and the large gradient behind it
+    (tokens x in_features) must still be made."""
+    from vramcalc.step_requests import MIN_REQUEST, Graph, Var
+
+    g = Graph()
+    x = Var(g.alloc(100 * MIN_REQUEST), 100 * MIN_REQUEST, 100 * MIN_REQUEST, True)
+    small = g.op(MIN_REQUEST // 4, [x], save=(x,))  # e.g. lora_A(x): below the threshold
+    loss = g.op(4, [small])
+    g.drop(small)
+    before = len(g.requests)
+    g.backward(loss)
+    made = [size for _, size in g.requests[before:] if size]
+    assert made == [100 * MIN_REQUEST]  # x's gradient

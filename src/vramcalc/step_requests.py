@@ -57,7 +57,8 @@ class Var:
     grad_bytes: int  # bytes of its gradient
     requires_grad: bool
     param: bool = False  # a leaf parameter: its gradient stays until zero_grad
-    grad: Buf | None = None
+    grad: Buf | None = None  # None also when the gradient is too small to track
+    has_grad: bool = False  # a gradient has reached it (tracked or not)
 
 
 @dataclass(eq=False)
@@ -100,7 +101,7 @@ class Graph:
         return b
 
     def unref(self, b: Buf | None) -> None:
-        if b is None or b.id == 0:  # untracked (the loss's scalar gradient)
+        if b is None:
             return
         b.refs -= 1
         if b.refs == 0:
@@ -149,8 +150,8 @@ class Graph:
         parameter (tied embeddings: the embedding's gradient meets the lm_head's, a
         transposed mm output the buffer cannot add into) the sum is a new tensor that
         replaces both."""
-        if v.grad is None:
-            v.grad = self.alloc(v.grad_bytes)
+        if not v.has_grad:
+            v.grad, v.has_grad = self.alloc(v.grad_bytes), True
             return
         incoming = self.alloc(v.grad_bytes)
         if v.param:
@@ -160,7 +161,7 @@ class Graph:
         self.unref(incoming)
 
     def _run(self, n: Node) -> None:
-        if n.out.grad is None:
+        if not n.out.has_grad:
             for b in n.saved:
                 self.unref(b)
             return
@@ -171,14 +172,14 @@ class Graph:
         for tmp in held:
             self.unref(tmp)
         self.unref(n.out.grad)
-        n.out.grad = None
+        n.out.grad, n.out.has_grad = None, False
         for b in n.saved:
             self.unref(b)
 
     def backward(self, loss: Var, then_drop: Var | None = None) -> None:
         """Backward from a scalar loss; `then_drop` is released after the first node runs
         (what Trainer's step still holds until backward has begun)."""
-        loss.grad = self.alloc(loss.grad_bytes) or Buf(0, 0, refs=1)
+        loss.grad, loss.has_grad = self.alloc(loss.grad_bytes), True
         nodes, self.nodes = self.nodes, []
         if nodes and then_drop is not None:
             first = nodes.pop()
@@ -202,11 +203,12 @@ class Graph:
         inp = Var(c.inp.buf, c.inp.size, c.inp.grad_bytes, c.inp.requires_grad)
         out = c.layer(self, inp)
         self.clear_cache()
-        out.grad, c.out.grad = c.out.grad, None
+        out.grad, out.has_grad = c.out.grad, c.out.has_grad
+        c.out.grad, c.out.has_grad = None, False
         inner, self.nodes = self.nodes, outer
         self.drop(out)
         self._backward(inner)
-        c.inp.grad = inp.grad
+        c.inp.grad, c.inp.has_grad = inp.grad, inp.has_grad
         self.unref(c.inp.buf)  # the checkpoint's saved input
 
     def checkpoint(self, layer: Callable[[Graph, Var], Var], x: Var) -> Var:
@@ -629,9 +631,8 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
             for b in sqrt:
                 g.unref(b)
         for v in params:
-            if v.grad is not None:
-                g.unref(v.grad)
-                v.grad = None
+            g.unref(v.grad)
+            v.grad, v.has_grad = None, False
     return StepRequests(g.requests, steps)
 
 
