@@ -314,3 +314,13 @@ def test_compact_trace_is_written_gzip_and_atomically(tmp_path: Path) -> None:
     assert back["actions"] == list(ACTIONS)
     assert len(back["events"]) == len(snap["device_traces"][0])
     assert [p.name for p in out.parent.iterdir()] == ["p.json.gz"]
+
+
+def test_only_snapshot_points_get_a_trace_file(tmp_path: Path) -> None:
+    from vramcalc.calibrate.matrix import _job_for, load_points
+
+    base = {"spec": "qwen2.5-0.5b", "plan": {"batch_size": 1, "seq_len": 256}}
+    snap, plain = load_points([{**base, "id": "a", "snapshot": True}, {**base, "id": "b"}])
+    assert _job_for(snap, "cuda", tmp_path)["trace_file"] == str(tmp_path.resolve() / "a.json.gz")
+    assert _job_for(plain, "cuda", tmp_path)["trace_file"] is None
+    assert _job_for(snap, "cuda")["trace_file"] is None  # no --trace-dir

@@ -168,11 +168,8 @@ class CachingAllocator:
         page = SMALL_BUFFER if b.small else LARGE_BUFFER
         size = min(b.size, page * ((size + page - 1) // page))
         if size < b.size:
-            rest = Block(b.addr + size, b.size - size, b.small, b.stream, mapped=False,
-                         prev=b, next=b.next)
-            if b.next is not None:
-                b.next.prev = rest
-            b.next = rest
+            rest = Block(b.addr + size, b.size - size, b.small, b.stream, mapped=False)
+            self._relink(b, [b, rest])
             b.size = size
         b.mapped = True
         self.segments += 1
@@ -249,10 +246,8 @@ class CachingAllocator:
         rest = b.size - size
         split = rest >= MIN_BLOCK if (small or self.expandable) else rest > SMALL_SIZE
         if split:
-            r = Block(b.addr + size, rest, small, stream, prev=b, next=b.next)
-            if b.next is not None:
-                b.next.prev = r
-            b.next = r
+            r = Block(b.addr + size, rest, small, stream)
+            self._relink(b, [b, r])
             b.size = size
             pool.add(r)
         b.allocated = True

@@ -252,16 +252,15 @@ def _child_env(plan: TrainPlan | None, threads: int) -> dict[str, str]:
     return env
 
 
-def _trace_file(point: Point) -> str | None:
+def _trace_file(point: Point, trace_dir: Path | None) -> str | None:
     """Where a point with `"snapshot": true` writes its whole allocator trace: under
-    VRAMCALC_TRACE_DIR (`--trace-dir`), none when that is unset."""
-    folder = os.environ.get("VRAMCALC_TRACE_DIR")
-    if not folder or not point.raw.get("snapshot"):
+    `--trace-dir`, none without it."""
+    if trace_dir is None or not point.raw.get("snapshot"):
         return None
-    return str(Path(folder) / f"{point.id}.json.gz")
+    return str(trace_dir.resolve() / f"{point.id}.json.gz")
 
 
-def _job_for(point: Point, device: str) -> dict[str, Any]:
+def _job_for(point: Point, device: str, trace_dir: Path | None = None) -> dict[str, Any]:
     if point.worker == TRAIN_WORKER:
         assert point.spec is not None and point.plan is not None
         return {
@@ -271,7 +270,7 @@ def _job_for(point: Point, device: str) -> dict[str, Any]:
             "steps": int(point.raw.get("steps", 3)),
             "snapshot": bool(point.raw.get("snapshot", False)),
             "memory_limit_gib": point.raw.get("memory_limit_gib"),
-            "trace_file": _trace_file(point),
+            "trace_file": _trace_file(point, trace_dir),
             "device": device,
         }
     job = dict(point.job)
@@ -348,8 +347,10 @@ def _record(point: Point, status: str, measurement: dict[str, Any] | None,
 
 def run_points(points: list[Point], out: Path, device: str, max_parallel: int,
                budget_bytes: int, deadline_s: float, point_timeout_s: float,
-               launch_margin_s: float, t_start: float) -> dict[str, dict[str, Any]]:
-    """Run every point, several at once under the byte budget; returns id -> record."""
+               launch_margin_s: float, t_start: float, trace_dir: Path | None = None
+               ) -> dict[str, dict[str, Any]]:
+    """Run every point, several at once under the byte budget; returns id -> record.
+    Snapshot points write their whole allocator trace under `trace_dir` if given."""
     records: dict[str, dict[str, Any]] = {}
     pending = [p for p in points if p.error is None]
     for p in points:
@@ -411,7 +412,7 @@ def run_points(points: list[Point], out: Path, device: str, max_parallel: int,
                     continue  # a smaller point may fit now (largest first, then backfill)
                 pending.remove(p)
                 running.append(_launch(p, device, scratch, threads, point_timeout_s,
-                                       max(1.0, deadline_s - now)))
+                                       max(1.0, deadline_s - now), trace_dir))
         elif not running:
             break
         time.sleep(0.1)
@@ -424,9 +425,9 @@ def run_points(points: list[Point], out: Path, device: str, max_parallel: int,
 
 
 def _launch(p: Point, device: str, scratch: Path, threads: int, point_timeout_s: float,
-            left_s: float) -> Running:
+            left_s: float, trace_dir: Path | None) -> Running:
     job_path = scratch / f"{_weights_key_id(p.id)}.job.json"
-    job_path.write_text(json.dumps(_job_for(p, device)), encoding="utf-8")
+    job_path.write_text(json.dumps(_job_for(p, device, trace_dir)), encoding="utf-8")
     stdout = open(scratch / f"{_weights_key_id(p.id)}.out", "wb")  # noqa: SIM115
     stderr = open(scratch / f"{_weights_key_id(p.id)}.err", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -493,8 +494,6 @@ def main(argv: list[str]) -> int:
         raw = [p for p in raw if str(p.get("id")) in wanted]
     points = load_points(raw)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.trace_dir is not None:
-        os.environ["VRAMCALC_TRACE_DIR"] = str(args.trace_dir.resolve())
     build_timeout = max(30.0, args.deadline_s / 2)
     timings = build_weights(points, args.weights_cache, args.device, args.build_parallel,
                             build_timeout)
@@ -502,7 +501,7 @@ def main(argv: list[str]) -> int:
           f"{time.perf_counter() - t_start:.1f} s", flush=True)
     records = run_points(points, args.out, args.device, args.max_parallel,
                          int(args.gpu_budget_gib * GiB), args.deadline_s, args.point_timeout_s,
-                         args.launch_margin_s, t_start)
+                         args.launch_margin_s, t_start, args.trace_dir)
     print(table(points, records))
     not_run = [p.id for p in points if records.get(p.id, {}).get("status") == "not_run"]
     counts: dict[str, int] = {}
