@@ -1,7 +1,9 @@
-"""Matrix of allocator-trace points (run 14): measured points of earlier runs, run again
-with the whole allocator trace written (`--trace-dir`), for `vramcalc.allocator_replay`.
+"""Matrix of allocator-trace points: measured points of earlier runs, run again with the
+whole allocator trace written (`--trace-dir`), for `vramcalc.allocator_replay` and the step
+programs of `vramcalc.step_requests`.
 
-    python calibration/trace_matrix.py > calibration/matrices/h200-traces.json
+    python calibration/trace_matrix.py > calibration/matrices/h200-traces.json          # run 14
+    python calibration/trace_matrix.py run17 > calibration/matrices/h200-traces17.json  # run 17
 
 The points were picked for the spread of their reserved - allocated (bench/slack_by_point
 in docs/memory-model.md): the largest under- and over-estimates of the linear slack rule,
@@ -11,6 +13,7 @@ both allocators, both loops, every method.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,26 +23,37 @@ PICK = [
     "d081-llama-3.1-8b", "y028-llama-2-13b", "h001-starcoder2-7b", "d036-qwen2.5-0.5b",
     "y001-llama-3.1-8b", "d052-qwen2.5-0.5b", "d091-tinyllama-1.1b", "y035-qwen2.5-7b",
 ]
+# Run 17: the regimes whose programs were not traced (int8, MoE experts, full fine-tuning
+# with fp32 masters, eager with checkpointing), each the point of its regime with the
+# largest peak-device error of the replay (bench/accuracy_h200.py rows, 2026-12-01),
+# leaving out the old outputs-keeping loop.
+PICK17 = [
+    "w029-qwen2.5-0.5b", "y004-qwen2.5-0.5b", "y012-llama-3.2-1b", "x013-mixtral-8x7b",
+    "x014-qwen3-moe", "q014-qwen3-moe", "y013-mixtral-8x7b", "r015-smollm2-1.7b",
+    "q029-qwen3-14b", "w009-gemma-2-9b", "y036-qwen2.5-0.5b", "r022-qwen2.5-1.5b",
+    "q032-qwen2.5-14b", "y008-gemma-2-2b",
+]
 
 
-def main() -> None:
+def main(which: str = "run14") -> None:
+    pick, prefix = ((PICK17, "t17-") if which == "run17" else (PICK, "tr-"))
     found: dict[str, dict[str, object]] = {}
     for path in sorted((ROOT / "calibration" / "matrices").glob("h200-*.json")):
-        if path.name == "h200-traces.json" or "predictions" in path.name:
+        if "traces" in path.name or "predictions" in path.name:
             continue
         data = json.loads(path.read_text())
         if not isinstance(data, dict):
             continue
         for p in data.get("points", []):
-            if isinstance(p, dict) and p.get("id") in PICK and p["id"] not in found:
-                found[str(p["id"])] = {**p, "id": "tr-" + str(p["id"]), "snapshot": True,
+            if isinstance(p, dict) and p.get("id") in pick and p["id"] not in found:
+                found[str(p["id"])] = {**p, "id": prefix + str(p["id"]), "snapshot": True,
                                        "steps": 3, "from": path.name}
-    missing = [pid for pid in PICK if pid not in found]
+    missing = [pid for pid in pick if pid not in found]
     if missing:
         raise SystemExit(f"not in any matrix: {missing}")
     print(json.dumps({"note": __doc__.splitlines()[0],
-                      "points": [found[pid] for pid in PICK]}, indent=1))
+                      "points": [found[pid] for pid in pick]}, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else "run14")
