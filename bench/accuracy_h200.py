@@ -121,6 +121,8 @@ HOLDOUTS = [
      "holdout 6 (run 15, fresh draws over 36 architectures after the allocator replay)"),
     ("run16-holdout7.jsonl", "h200-holdout7-predictions.json",
      "holdout 7 (run 16, fresh draws over 36 architectures after the post-run-15 changes)"),
+    ("run17-holdout8.jsonl", "h200-holdout8-predictions.json",
+     "holdout 8 (run 17, 10 small points, half eager, after the post-run-16 changes)"),
 ]
 
 

@@ -35,6 +35,8 @@ RUNS = {  # run file -> the matrix it measured
     "run14-traces.jsonl": "h200-traces.json",
     "run15-holdout6.jsonl": "h200-holdout6.json",
     "run16-holdout7.jsonl": "h200-holdout7.json",
+    "run17-holdout8.jsonl": "h200-holdout8.json",
+    "run17-traces.jsonl": "h200-traces17.json",
 }
 
 

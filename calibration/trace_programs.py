@@ -1,5 +1,5 @@
-"""Compare the requests of a recorded step (calibration/h200/run14-traces) with the ones
-`vramcalc.step_requests` generates for the same point: counts of allocations by size,
+"""Compare the requests of a recorded step (calibration/h200/run14-traces, run17-traces)
+with the ones `vramcalc.step_requests` generates for the same point: counts of allocations by size,
 largest first, and the reserved bytes each sequence leaves.
 
     python calibration/trace_programs.py tr-d081-llama-3.1-8b [--min-mib 8] [--seq]
@@ -74,11 +74,12 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--step", type=int, default=1)
     ap.add_argument("--seq", action="store_true", help="print both sequences")
     args = ap.parse_args(argv)
-    trace = json.loads(gzip.open(ROOT / "calibration" / "h200" / "run14-traces"
+    run = "run17" if args.point.startswith("t17-") else "run14"
+    trace = json.loads(gzip.open(ROOT / "calibration" / "h200" / f"{run}-traces"
                                  / f"{args.point}.json.gz", "rt").read())
-    found = [(s, p) for r, s, p in records("run14-traces.jsonl") if r["id"] == args.point]
+    found = [(s, p) for r, s, p in records(f"{run}-traces.jsonl") if r["id"] == args.point]
     if not found:
-        raise SystemExit(f"{args.point}: not a point of run 14")
+        raise SystemExit(f"{args.point}: not a traced point of run 14 or run 17")
     spec, plan = found[0]
     eff, _, _ = effective_train_plan(spec, plan)
     gen = step_requests(spec, eff)
