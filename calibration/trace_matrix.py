@@ -4,6 +4,7 @@ programs of `vramcalc.step_requests`.
 
     python calibration/trace_matrix.py > calibration/matrices/h200-traces.json          # run 14
     python calibration/trace_matrix.py run17 > calibration/matrices/h200-traces17.json  # run 17
+    python calibration/trace_matrix.py run18 > calibration/matrices/h200-traces18.json  # run 18
 
 The points were picked for the spread of their reserved - allocated (bench/slack_by_point
 in docs/memory-model.md): the largest under- and over-estimates of the linear slack rule,
@@ -34,9 +35,20 @@ PICK17 = [
     "q032-qwen2.5-14b", "y008-gemma-2-2b",
 ]
 
+# Run 18: traces that start before the model is loaded (the load and prepare phases leave
+# 0-7 GiB free in the cache: `marks.before_train` reserved - allocated), the points with
+# the largest such gap in each regime, and small ones for contrast.
+PICK18 = [
+    "r035-llama-3.1-70b", "r033-qwen2.5-32b", "q032-qwen2.5-14b", "r029-qwen3-14b",
+    "y028-llama-2-13b", "z014-olmo2-7b", "d091-tinyllama-1.1b", "w029-qwen2.5-0.5b",
+    "d093-mixtral-8x7b", "v035-mixtral-8x7b", "v013-mixtral-8x7b", "w014-qwen3-moe",
+    "y014-qwen3-moe", "y020-qwen2-moe", "r010-falcon-7b", "x013-mixtral-8x7b",
+]
+SETS = {"run14": (PICK, "tr-"), "run17": (PICK17, "t17-"), "run18": (PICK18, "l18-")}
+
 
 def main(which: str = "run14") -> None:
-    pick, prefix = ((PICK17, "t17-") if which == "run17" else (PICK, "tr-"))
+    pick, prefix = SETS[which]
     found: dict[str, dict[str, object]] = {}
     for path in sorted((ROOT / "calibration" / "matrices").glob("h200-*.json")):
         if "traces" in path.name or "predictions" in path.name:

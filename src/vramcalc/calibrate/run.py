@@ -210,6 +210,7 @@ def lora_target_modules(spec: ModelSpec, plan: TrainPlan) -> Any:
 # Multiples of 512 below 1 MiB, so the block size equals the requested size.
 MARK_STEP = (512 * 1999, 512 * 1997)
 MARK_END = (512 * 1993, 512 * 1987)
+MARK_TRAIN = (512 * 1979, 512 * 1973)  # load and prepare done (trace files only)
 
 
 def _trace_mark(pair: tuple[int, int]) -> None:
@@ -387,6 +388,11 @@ def measure_point(
         if mine is not None:
             result["context_bytes_process"] = mine - torch.cuda.memory_reserved()
     poller.start()
+    if tracing and trace_file:
+        # A trace file holds the load and prepare phases too: the blocks they leave free
+        # in the cache (the 16-bit copies quantized away, the fp32 upcasts) are where the
+        # first step's requests land.
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     phase = "load"
     tmp: tempfile.TemporaryDirectory[str] | None = None
     model: Any = None
@@ -472,9 +478,10 @@ def measure_point(
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         log.mark("before_train")
-        if tracing:
-            torch.cuda.memory._record_memory_history(
-                max_entries=2_000_000 if trace_file else 200_000, stacks="python")
+        if tracing and trace_file:
+            _trace_mark(MARK_TRAIN)
+        elif tracing:
+            torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
         try:
             if plan.loop == "trainer":
                 trainer.train()
