@@ -37,6 +37,7 @@ RUNS = {  # run file -> the matrix it measured
     "run16-holdout7.jsonl": "h200-holdout7.json",
     "run17-holdout8.jsonl": "h200-holdout8.json",
     "run17-traces.jsonl": "h200-traces17.json",
+    "run18-load-traces.jsonl": "h200-traces18.json",
 }
 
 
