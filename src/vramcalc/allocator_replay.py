@@ -482,14 +482,18 @@ def _joined(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def replay_requests(requests: Iterable[tuple[int, int]], expandable: bool = False,
-                    stream: int = 0) -> CachingAllocator:
+                    stream: int = 0, sim: CachingAllocator | None = None,
+                    live: dict[int, Block] | None = None) -> CachingAllocator:
     """Replay (tensor id, bytes) requests: a positive size allocates tensor `id`, a size of
-    0 frees it. Returns the allocator after the sequence (its peak_reserved etc.)."""
-    sim = CachingAllocator(expandable=expandable)
-    live: dict[int, Block] = {}
+    0 frees it, a negative one empties the cache. Returns the allocator after the sequence
+    (its peak_reserved etc.); `sim` and `live` continue an earlier replay."""
+    sim = sim if sim is not None else CachingAllocator(expandable=expandable)
+    live = live if live is not None else {}
     for tid, size in requests:
         if size > 0:
             live[tid] = sim.malloc(size, stream)
-        else:
+        elif size == 0:
             sim.free(live.pop(tid))
+        else:
+            sim.empty_cache()
     return sim

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from vramcalc.activations import residual_bytes
 from vramcalc.allocator_replay import replay_requests
+from vramcalc.load_requests import load_requests
 from vramcalc.optimizer import optimizer_bytes, optimizer_state_sizes
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import LinearShape, ModelSpec
@@ -639,6 +640,8 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
 def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
     """Reserved - allocated at the peak: the caching allocator replayed on the requests of
     `steps` training steps (what `calibrate` measures: three steps)."""
-    sim = replay_requests(step_requests(spec, plan, steps).requests,
-                          expandable=plan.expandable_segments)
+    sim = replay_requests(load_requests(spec, plan), expandable=plan.expandable_segments)
+    # the measured peaks start at training (calibrate resets them before the first step)
+    sim.peak_reserved, sim.peak_allocated = sim.reserved, sim.allocated
+    replay_requests(step_requests(spec, plan, steps).requests, sim=sim)
     return sim.peak_reserved - sim.peak_allocated
