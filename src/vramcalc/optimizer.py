@@ -24,6 +24,16 @@ class OptimizerBytes:
     step_transient: int  # extra allocated while optimizer.step() runs
 
 
+def _absmax_bytes(numel: int) -> int:
+    """The two fp32 absmax tensors of a blockwise 8-bit state pair (0 under 4096 elements,
+    whose states stay 32-bit). Plain device tensors even for paged optimizers: bitsandbytes
+    optim/optimizer.py `Optimizer8bit.init_state` makes them with torch.zeros on the
+    parameter's device, only `get_state_buffer` (state1, state2) pages."""
+    if numel < ADAM_8BIT_MIN_SIZE:
+        return 0
+    return 2 * rounded(4 * ceil_div(numel, ADAM_8BIT_BLOCKSIZE))
+
+
 def _adam8bit_state(numel: int) -> int:
     """Two uint8 states + one fp32 absmax per 256-block each (bnb 8-bit blockwise Adam)."""
     if numel < ADAM_8BIT_MIN_SIZE:
@@ -62,7 +72,9 @@ def optimizer_bytes(spec: ModelSpec, plan: TrainPlan) -> OptimizerBytes:
         eight = eight_bit and not t.embedding
         state = _adam8bit_state(t.numel) if eight else 2 * rounded(4 * t.numel)
         if paged_flag and t.numel >= PAGED_MIN_NUMEL:
-            paged += t.copies * state
+            absmax = _absmax_bytes(t.numel) if eight else 0
+            paged += t.copies * (state - absmax)
+            device += t.copies * absmax
         else:
             device += t.copies * state
     shared_maps = 2 * rounded(DYNAMIC_MAP_BYTES) if eight_bit else 0
@@ -82,9 +94,13 @@ def optimizer_state_sizes(spec: ModelSpec, plan: TrainPlan) -> list[int]:
         if opt in ("adamw_torch", "adamw_torch_fused"):
             per_tensor.append(([rounded(t.numel * t.dtype_bytes)] * 2, t.copies))
             continue
-        if opt.startswith("paged_") and t.numel >= PAGED_MIN_NUMEL:
-            continue  # managed memory, outside the caching allocator
         eight = opt.endswith("8bit") and not t.embedding and t.numel >= ADAM_8BIT_MIN_SIZE
+        if opt.startswith("paged_") and t.numel >= PAGED_MIN_NUMEL:
+            # the states are managed memory, outside the caching allocator; the absmax
+            # tensors are not (init_state: state1, state2, absmax1, absmax2)
+            if eight:
+                per_tensor.append(([_absmax_bytes(t.numel) // 2] * 2, t.copies))
+            continue
         if eight:
             absmax = rounded(4 * ceil_div(t.numel, ADAM_8BIT_BLOCKSIZE))
             per_tensor.append(([rounded(t.numel), absmax] * 2, t.copies))

@@ -16,9 +16,10 @@ read with `calibration/trace_programs.py`): transformers 5 Llama-style decoder l
 (RMSNorm in fp32, rotary by `rotate_half`, sdpa or eager attention, gated or plain MLP),
 peft 0.21 LoRA (input cast to the fp32 adapters, dropout mask, compute-dtype copy for
 lora_A), bitsandbytes 4-bit (dequantized weight per matmul), the fp32 upcast and
-log-softmax of the loss (transformers loss_utils.ForCausalLMLoss), and the optimizer's
-state tensors, made at the first step. Sizes below 64 KiB are left out: they sit in the
-small pool's 2 MiB segments and move reserved memory by a few MiB.
+log-softmax of the loss (transformers loss_utils.ForCausalLMLoss), accelerate's fp32 cast
+of the output under Trainer, the cuBLAS workspaces of the forward and backward threads, and
+the optimizer's state tensors, made at the first step. Sizes below 64 KiB are left out:
+they sit in the small pool's 2 MiB segments and move reserved memory by a few MiB.
 
 Not traced, so approximate: int8 bases (bnb Linear8bitLt) run the 4-bit program; a frozen
 fp32 base under autocast (falcon "QLoRA", LoRA on fp32 weights) runs the 16-bit one; MoE
@@ -40,6 +41,12 @@ from vramcalc.trainable import lora_targets
 from vramcalc.weights import DTYPE_BYTES
 
 MIN_REQUEST = 64 * 1024
+# torch CublasHandlePool.cpp: the cuBLAS workspace of a handle (32 MiB on Hopper) comes from
+# the caching allocator at the handle's first matmul and is kept for good. Forward runs on
+# the main thread, backward (and checkpoint recomputation) on autograd's device thread: two
+# handles, two workspaces (recorded: one after the first forward matmul's output, one after
+# the first backward matmul's, never freed).
+CUBLAS_WORKSPACE = 32 * 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -58,6 +65,9 @@ class Var:
     grad_bytes: int  # bytes of its gradient
     requires_grad: bool
     param: bool = False  # a leaf parameter: its gradient stays until zero_grad
+    # a second gradient is summed into a new tensor (tied embeddings of 16-bit weights; see
+    # Graph._grad_into); otherwise it is added into the first in place
+    sum_out_of_place: bool = False
     grad: Buf | None = None  # None also when the gradient is too small to track
     has_grad: bool = False  # a gradient has reached it (tracked or not)
 
@@ -68,6 +78,7 @@ class Node:
     inputs: list[Var]
     saved: list[Buf]
     bwd_temps: list[int] = field(default_factory=list)
+    mm: bool = False  # a cuBLAS matmul: its backward may make the backward thread's workspace
 
 
 @dataclass(eq=False)
@@ -86,6 +97,8 @@ class Graph:
         self.grad_mode = True
         self.cache: list[Var] = []
         self._next = 0
+        self.in_backward = False
+        self._workspaces: set[bool] = set()  # threads whose cuBLAS workspace exists
 
     # -- buffers ----------------------------------------------------------------------
     def alloc(self, size: int) -> Buf | None:
@@ -116,18 +129,28 @@ class Graph:
         for v in vs:
             self.unref(v.buf)
 
+    def workspace(self) -> None:
+        """A cuBLAS matmul ran on this thread: its handle's workspace, made once, kept."""
+        if self.in_backward not in self._workspaces:
+            self._workspaces.add(self.in_backward)
+            self.alloc(CUBLAS_WORKSPACE)
+
     # -- ops --------------------------------------------------------------------------
     def op(self, size: int, inputs: list[Var], save: tuple[Var, ...] = (),
-           bwd_temps: tuple[int, ...] = (), save_out: bool = False) -> Var:
+           bwd_temps: tuple[int, ...] = (), save_out: bool = False, mm: bool = False
+           ) -> Var:
         """A forward op: its output (of `size` bytes, its gradient the same); keeps `save`
         (and its output with `save_out`) for backward when a gradient flows through it,
-        and makes `bwd_temps` while its backward runs."""
+        and makes `bwd_temps` while its backward runs. `mm`: a cuBLAS matmul (its inputs
+        listed weight first: the backward computes the weight's gradient first)."""
         out = Var(self.alloc(size), size, size, any(v.requires_grad for v in inputs))
+        if mm:
+            self.workspace()
         if self.grad_mode and out.requires_grad:
             kept = [*save, out] if save_out else list(save)
             saved = [b for b in (self.ref(v.buf) for v in kept) if b is not None]
             self.nodes.append(Node(out, [v for v in inputs if v.requires_grad], saved,
-                                   list(bwd_temps)))
+                                   list(bwd_temps), mm))
         return out
 
     def cast_cached(self, w: Var, size: int) -> Var:
@@ -147,15 +170,16 @@ class Graph:
     # -- backward ---------------------------------------------------------------------
     def _grad_into(self, v: Var) -> None:
         """A gradient for `v` arrives: the first is kept; a later one is added into it in
-        place and freed (torch/csrc/autograd/input_buffer.cpp `accumulate`), but for a
-        parameter (tied embeddings: the embedding's gradient meets the lm_head's, a
-        transposed mm output the buffer cannot add into) the sum is a new tensor that
-        replaces both."""
+        place and freed (torch/csrc/autograd/input_buffer.cpp `accumulate`), but where
+        `sum_out_of_place` (tied 16-bit embeddings: the embedding's gradient meets the
+        lm_head's, a transposed mm output the buffer cannot add into) the sum is a new
+        tensor that replaces both. Under autocast the lm_head's fp32 gradient is a fresh
+        contiguous cast (ToCopyBackward), which the embedding's is added into in place."""
         if not v.has_grad:
             v.grad, v.has_grad = self.alloc(v.grad_bytes), True
             return
         incoming = self.alloc(v.grad_bytes)
-        if v.param:
+        if v.sum_out_of_place:
             total = self.alloc(v.grad_bytes)
             self.unref(v.grad)
             v.grad = total
@@ -168,8 +192,10 @@ class Graph:
             return
         # the node's temporaries live while it computes its input gradients
         held = [self.alloc(t) for t in n.bwd_temps]
-        for v in n.inputs:
+        for i, v in enumerate(n.inputs):
             self._grad_into(v)
+            if n.mm and i == 0:
+                self.workspace()
         for tmp in held:
             self.unref(tmp)
         self.unref(n.out.grad)
@@ -177,19 +203,13 @@ class Graph:
         for b in n.saved:
             self.unref(b)
 
-    def backward(self, loss: Var, then_drop: Var | None = None) -> None:
-        """Backward from a scalar loss; `then_drop` is released after the first node runs
-        (what Trainer's step still holds until backward has begun)."""
+    def backward(self, loss: Var) -> None:
+        """Backward from a scalar loss (on autograd's device thread)."""
+        self.in_backward = True
         loss.grad, loss.has_grad = self.alloc(loss.grad_bytes), True
         nodes, self.nodes = self.nodes, []
-        if nodes and then_drop is not None:
-            first = nodes.pop()
-            assert isinstance(first, Node)
-            self._run(first)
-            self.drop(then_drop)
-        elif then_drop is not None:
-            self.drop(then_drop)
         self._backward(nodes)
+        self.in_backward = False
 
     def _backward(self, nodes: list[Node | CheckpointNode]) -> None:
         for n in reversed(nodes):
@@ -249,7 +269,7 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
         deq = g.alloc(o * i * s.c)
         # backward dequantizes the weight again for grad_input (bitsandbytes
         # autograd/_functions.py MatMul4Bit.backward)
-        y = g.op(t * o * s.c, [x], bwd_temps=(o * i * s.c,))
+        y = g.op(t * o * s.c, [x], bwd_temps=(o * i * s.c,), mm=True)
         g.unref(deq)
         if in_bytes != s.c:
             y2 = g.op(t * o * in_bytes, [y])
@@ -261,13 +281,13 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
         if s.autocast_weights:
             wc = g.cast_cached(w, o * i * s.c)
             xc = g.op(t * i * s.c, [x]) if in_bytes != s.c else x
-            y = g.op(t * o * s.c, [xc, wc], save=(xc, wc))
+            y = g.op(t * o * s.c, [wc, xc], save=(xc, wc), mm=True)
             if xc is not x:
                 g.drop(xc)
         else:
-            y = g.op(t * o * s.c, [x, w], save=(x,))
+            y = g.op(t * o * s.c, [w, x], save=(x,), mm=True)
     else:
-        y = g.op(t * o * s.c, [x])
+        y = g.op(t * o * s.c, [x], mm=True)
     if lin.name not in s.targets:
         return y
     # peft LoRA: result.clone() under bnb, x cast to the fp32 adapters, dropout, a
@@ -290,10 +310,10 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
         g.drop(xd)
     if xv is not x and xv is not xd:
         g.drop(xv)
-    a = g.op(t * s.rank * s.c, [xa, a_w], save=(xa,))
+    a = g.op(t * s.rank * s.c, [a_w, xa], save=(xa,), mm=True)
     g.drop(xa)
     b_w = (weights or {}).get(lin.name + ".B") or g.leaf(s.rank * o * 4, True, param=True)
-    b = g.op(t * o * s.c, [a, b_w], save=(a,))
+    b = g.op(t * o * s.c, [b_w, a], save=(a,), mm=True)
     g.drop(a)
     sc = g.op(t * o * s.c, [b])
     g.drop(b)
@@ -358,8 +378,11 @@ def _rotary(g: Graph, q: Var) -> Var:
 
 
 def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k: Var,
-               v: Var) -> Var:
+               v: Var) -> tuple[Var, Var | None]:
+    """The attention output, and eager attention's probabilities (`attn_weights`, which
+    the attention module returns and the decoder layer holds as `_` until it returns)."""
     t = s.tokens
+    probs: Var | None = None
     qb = q.size // max(t * spec.q_size, 1)
     if plan.attn == "eager":
         # transformers eager_attention_forward under autocast: q @ k^T in the compute
@@ -373,7 +396,7 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
         qm, km = q, kr
         if qb != s.c:
             qm, km = g.op(t * spec.q_size * s.c, [q]), g.op(t * spec.q_size * s.c, [kr])
-        mm = g.op(scores * s.c, [qm, km], save=(qm, km))
+        mm = g.op(scores * s.c, [qm, km], save=(qm, km), mm=True)
         if qm is not q:
             g.drop(qm, km)
         sc = g.op(scores * s.c, [mm])  # matmul(q, k^T) * scaling: a new tensor
@@ -391,21 +414,23 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
         if up is not masked:
             g.drop(up)
         p = g.op(scores * qb, [p32]) if qb != 4 else p32
+        if p is not p32:
+            g.drop(p32)  # softmax's output: a temporary of `.to(q.dtype)` (unless saved)
         g.drop(masked)  # `attn_weights` is rebound after softmax(...).to(...)
         if spec.attention_dropout > 0:
             mask = g.op(scores, [])
             pd = g.op(scores * qb, [p], save=(mask,))
             g.drop(mask)
-            if p is not p32:
-                g.drop(p)
+            g.drop(p)
             p = pd
         pm, vm = p, vr
         if qb != s.c:
             vm, pm = g.op(t * spec.q_size * s.c, [vr]), g.op(scores * s.c, [p])
-        o = g.op(t * spec.q_size * s.c, [pm, vm], save=(pm, vm))
-        for tmp in {id(x): x for x in (pm, vm, p, p32)}.values():
-            if tmp is not vr:
+        o = g.op(t * spec.q_size * s.c, [pm, vm], save=(pm, vm), mm=True)
+        for tmp in {id(x): x for x in (pm, vm)}.values():
+            if tmp is not vr and tmp is not p:
                 g.drop(tmp)
+        probs = p
         if rep:
             g.drop(kr, vr)
     else:
@@ -414,7 +439,7 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
                  bwd_temps=(2 * t * spec.q_size * 4,))
     out = g.op(o.size, [o])  # transpose(1, 2).contiguous()
     g.drop(o)
-    return out
+    return out, probs
 
 
 def _mlp(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, lins: dict[str, LinearShape],
@@ -451,7 +476,7 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
     lins = {lin.role: lin for lin in spec.block_linears()}
     h = spec.hidden_size
 
-    def attn_block(g: Graph, n1: Var) -> Var:
+    def attn_block(g: Graph, n1: Var, held: list[Var]) -> Var:
         if "qkv" in lins:
             qkv = _linear(g, s, n1, lins["qkv"], weights=weights)
             per = qkv.size // max(spec.q_size + 2 * spec.kv_size, 1)
@@ -473,7 +498,9 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
             q, k = q2, k2
         qe, ke = _rotary(g, q), _rotary(g, k)
         g.drop(q, k)
-        a = _attention(g, spec, plan, s, qe, ke, v)
+        a, probs = _attention(g, spec, plan, s, qe, ke, v)
+        if probs is not None:
+            held.append(probs)
         g.drop(qe, ke, v)
         o = _linear(g, s, a, lins["o"], weights=weights)
         g.drop(a)
@@ -488,18 +515,21 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
         return out
 
     def layer(g: Graph, x: Var) -> Var:
+        # eager attention's probabilities, held by the layer's `_` until it returns
+        # (`hidden_states, _ = self.self_attn(...)`)
+        held: list[Var] = []
         if spec.norms_per_layer == 1:  # parallel attention and MLP (phi-2, falcon)
             n1 = _norm(g, s, x, h)
-            o = attn_block(g, n1)
+            o = attn_block(g, n1, held)
             m = _mlp(g, spec, s, n1, lins, weights=weights)
             g.drop(n1)
             r1 = g.op(x.size, [x, o])
             g.drop(o)
             out = g.op(x.size, [r1, m])
-            g.drop(r1, m)
+            g.drop(r1, m, *held)
             return out
         n1 = _norm(g, s, x, h)
-        o = attn_block(g, n1)
+        o = attn_block(g, n1, held)
         g.drop(n1)
         o = post_norm(g, o)
         r1 = g.op(x.size, [x, o])
@@ -523,7 +553,7 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
         g.drop(n2)
         m = post_norm(g, m)
         out = g.op(x.size, [r1, m])
-        g.drop(r1, m)
+        g.drop(r1, m, *held)
         return out
 
     return layer
@@ -572,7 +602,10 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                                          param=True)
         per_layer_weights.append(w)
     fns = [_layer_fn(spec, plan, s, w) for w in per_layer_weights]
-    embed_w = Var(None, vocab * h * wbytes, vocab * h * wbytes, full, param=True)
+    # tied 16-bit embeddings: the lm_head's gradient arrives first as a transposed mm
+    # output, so the embedding's is summed into a new tensor (Graph._grad_into)
+    embed_w = Var(None, vocab * h * wbytes, vocab * h * wbytes, full, param=True,
+                  sum_out_of_place=not s.autocast_weights)
     head_w = embed_w if spec.tie_word_embeddings else Var(
         None, vocab * h * wbytes, vocab * h * wbytes, full, param=True)
     params = [embed_w, head_w] + [v for w in per_layer_weights for v in w.values()]
@@ -592,9 +625,11 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         g.drop(x)
         head_copy: Var | None = None
         if plan.method == "qlora" or s.autocast_weights:
-            # the fp32 lm_head weight cast for the matmul (kept for backward)
+            # the fp32 lm_head weight cast for the matmul (kept for backward); a trained
+            # one gets its compute-dtype gradient first, then the fp32 cast of it
+            # (ToCopyBackward)
             head_copy = g.op(vocab * h * s.c, [head_w])
-        logits = g.op(t * vocab * s.c, [n, head_w],
+        logits = g.op(t * vocab * s.c, [head_copy or head_w, n], mm=True,
                       save=tuple(v for v in ((n if full else None), head_copy)
                                  if v is not None))
         if spec.final_logit_softcapping:
@@ -613,14 +648,17 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         g.clear_cache()  # autocast's region ends with the forward and loss
         if plan.holds_output:
             held = logits
-            g.backward(loss)
-        elif plan.loop == "trainer":
-            # Trainer's step lets go of the model output once backward has begun
-            # (recorded: the logits are freed after the loss node's first gradient)
-            g.backward(loss, then_drop=logits)
         else:
+            if plan.loop == "trainer":
+                # accelerate's mixed-precision wrapper (utils/operations.py
+                # convert_outputs_to_fp32) returns the output with fp32 logits: the cast
+                # is made, the 16-bit logits let go, and Trainer's compute_loss drops
+                # the output (only the loss lives on) before backward
+                conv = g.op(t * vocab * 4, [logits])
+                g.drop(logits)
+                logits = conv
             g.drop(logits)
-            g.backward(loss)
+        g.backward(loss)
         # optimizer: states at the first step, then zero_grad frees every gradient
         if step == 0:  # kept for good: never freed
             for sz in state_sizes:
