@@ -285,15 +285,12 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     peak_allocated = totals[worst]
 
     # Reserved - allocated: the caching allocator replayed on the step's requests
-    # (step_requests, allocator_replay); MoE layers are not in those programs, and the
-    # searches skip the replay (required_only): there the linear rule stands in.
-    if _REPLAY.get() and not spec.is_moe:
+    # (step_requests, allocator_replay); the searches skip the replay (required_only):
+    # there the linear rule stands in.
+    if _REPLAY.get():
         slack = replayed_slack(spec, plan)
     else:
         slack = allocator_slack(4 * logits_unit, checkpoints, scores, trained if full else 0)
-        if _REPLAY.get():
-            notes.append("allocator slack from the linear rule: MoE expert layers are not in "
-                         "the replayed request programs (peak reserved/device less certain)")
     peak_reserved = peak_allocated + slack
     paged = paged_resident(opt.paged)
     peak_device = peak_reserved + CUDA_CONTEXT + paged

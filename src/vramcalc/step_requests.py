@@ -21,9 +21,18 @@ of the output under Trainer, the cuBLAS workspaces of the forward and backward t
 the optimizer's state tensors, made at the first step. Sizes below 64 KiB are left out:
 they sit in the small pool's 2 MiB segments and move reserved memory by a few MiB.
 
+MoE layers (run17-traces t17-y013 / t17-x013 mixtral, t17-x014 / t17-q014 qwen3-moe): the
+top-k router, transformers 5 `grouped_mm_experts_forward` over the fused 3-D stacks in their
+own dtype (all tokens x top-k rows, gathered by expert: an even split or not, the grouped
+tensors are the same size), Qwen2-MoE's shared expert, and peft ParamWrapper's folded
+stacks where LoRA targets the experts.
+
 Not traced, so approximate: int8 bases (bnb Linear8bitLt) run the 4-bit program; a frozen
-fp32 base under autocast (falcon "QLoRA", LoRA on fp32 weights) runs the 16-bit one; MoE
-experts are not generated at all (estimate() keeps the linear slack rule for MoE).
+fp32 base under autocast (falcon "QLoRA", LoRA on fp32 weights) runs the 16-bit one;
+experts that a stack quantizes into per-expert Linears (`moe_experts="quantized"`) run
+every routed row through one gated MLP. Non-reentrant checkpointing's early stop (the
+recompute ends at the layer's last saved tensor) and the backward nodes that run before
+the recompute is triggered (those without saved tensors) are not modelled.
 """
 
 from __future__ import annotations
@@ -31,13 +40,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vramcalc.activations import residual_bytes
+from vramcalc.activations import expert_dtype_bytes, fused_experts, residual_bytes
 from vramcalc.allocator_replay import replay_requests
 from vramcalc.load_requests import load_requests
 from vramcalc.optimizer import optimizer_bytes, optimizer_state_sizes
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import LinearShape, ModelSpec
-from vramcalc.trainable import lora_targets
+from vramcalc.trainable import lora_on_experts, lora_targets
 from vramcalc.weights import DTYPE_BYTES
 
 MIN_REQUEST = 64 * 1024
@@ -82,6 +91,15 @@ class Node:
 
 
 @dataclass(eq=False)
+class ChunkNode:
+    """`chunk` of a tensor into views (views share its buffer): backward puts the views'
+    gradients together into one gradient of the whole (aten `cat`), then frees them."""
+
+    outs: list[Var]
+    inp: Var
+
+
+@dataclass(eq=False)
 class CheckpointNode:
     """A checkpointed layer: its input is kept; backward recomputes it first."""
 
@@ -93,7 +111,7 @@ class CheckpointNode:
 class Graph:
     def __init__(self) -> None:
         self.requests: list[tuple[int, int]] = []  # (buffer id, size) / (id, 0) = free
-        self.nodes: list[Node | CheckpointNode] = []
+        self.nodes: list[Node | ChunkNode | CheckpointNode] = []
         self.grad_mode = True
         self.cache: list[Var] = []
         self._next = 0
@@ -124,6 +142,12 @@ class Graph:
     def temp(self, size: int) -> None:
         """A temporary, made and freed."""
         self.unref(self.alloc(size))
+
+    def temp_pair(self, first: int, second: int) -> None:
+        """Two temporaries alive together, freed second first."""
+        a = self.alloc(first)
+        self.unref(self.alloc(second))
+        self.unref(a)
 
     def drop(self, *vs: Var) -> None:
         for v in vs:
@@ -164,6 +188,14 @@ class Graph:
         self.drop(*self.cache)
         self.cache = []
 
+    def chunk(self, x: Var, n: int) -> list[Var]:
+        """`x.chunk(n, dim=-1)`: n views of x, no new memory; each view keeps x alive."""
+        outs = [Var(self.ref(x.buf), x.size // n, x.grad_bytes // n, x.requires_grad)
+                for _ in range(n)]
+        if self.grad_mode and x.requires_grad:
+            self.nodes.append(ChunkNode(outs, x))
+        return outs
+
     def leaf(self, size: int, requires_grad: bool, param: bool = False) -> Var:
         return Var(None, size, size, requires_grad, param=param)
 
@@ -184,6 +216,13 @@ class Graph:
             self.unref(v.grad)
             v.grad = total
         self.unref(incoming)
+
+    def _run_chunk(self, n: ChunkNode) -> None:
+        if any(v.has_grad for v in n.outs):
+            self._grad_into(n.inp)
+        for v in n.outs:
+            self.unref(v.grad)
+            v.grad, v.has_grad = None, False
 
     def _run(self, n: Node) -> None:
         if not n.out.has_grad:
@@ -211,10 +250,12 @@ class Graph:
         self._backward(nodes)
         self.in_backward = False
 
-    def _backward(self, nodes: list[Node | CheckpointNode]) -> None:
+    def _backward(self, nodes: list[Node | ChunkNode | CheckpointNode]) -> None:
         for n in reversed(nodes):
             if isinstance(n, CheckpointNode):
                 self._recompute(n)
+            elif isinstance(n, ChunkNode):
+                self._run_chunk(n)
             else:
                 self._run(n)
 
@@ -255,6 +296,9 @@ class _Shapes:
     dropout: bool
     method: str
     autocast_weights: bool  # 16-bit full fine-tuning with fp32 master weights
+    autocast: bool
+    expert_bytes: int  # the fused experts' dtype (activations.expert_dtype_bytes)
+    expert_fold: bool  # LoRA on the expert stacks (peft ParamWrapper)
 
 
 def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = None,
@@ -471,6 +515,197 @@ def _mlp(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, lins: dict[str, LinearSh
     return out
 
 
+def _expert_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """The fused expert stacks (modeling_mixtral MixtralExperts, qwen3_moe / qwen2_moe
+    alike): gate_up_proj (E, 2I, h) and down_proj (E, h, I), as (dim 1, dim 2)."""
+    inter = spec.moe_intermediate_size or spec.intermediate_size
+    h = spec.hidden_size
+    return {"gate_up": (2 * inter, h), "down": (h, inter)}
+
+
+def expert_weights(spec: ModelSpec, plan: TrainPlan) -> dict[str, Var]:
+    """One layer's trainable expert tensors: the stacks themselves (full fine-tuning) or
+    the ParamWrapper factors of their LoRA (rank 2r on the fused gate_up, r on down:
+    trainable.lora_tensor_numels), as (E, dim 1, rank) and (E, rank, dim 2) fp32 leaves."""
+    e = spec.num_local_experts
+    w: dict[str, Var] = {}
+    if not fused_experts(spec, plan):
+        return w
+    for name, (d1, d2) in _expert_shapes(spec).items():
+        if plan.method == "full":
+            n = e * d1 * d2 * DTYPE_BYTES[plan.load_dtype]
+            w["experts." + name] = Var(None, n, n, True, param=True)
+        elif lora_on_experts(spec, plan):
+            r = plan.rank * (2 if name == "gate_up" else 1)
+            w["experts." + name + ".lhs"] = Var(None, 0, e * d1 * r * 4, True, param=True)
+            w["experts." + name + ".rhs"] = Var(None, 0, e * r * d2 * 4, True, param=True)
+    return w
+
+
+def _router(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, trains: bool) -> Var:
+    """The top-k router (modeling_mixtral MixtralTopKRouter, Qwen3MoeTopKRouter):
+    F.linear under autocast (an fp32 input is cast to the compute dtype, kept for the
+    weight's gradient where the router trains: full fine-tuning, or peft's ParamWrapper on
+    `gate.weight`), softmax in fp32 (kept), topk. Returns the top-k weights: fp32 for
+    Mixtral, cast back to the logits' dtype for Qwen (`router_top_value.to(...)`)."""
+    t, h, e, k = s.tokens, spec.hidden_size, spec.num_local_experts, spec.num_experts_per_tok
+    in_bytes = x.size // max(t * h, 1)
+    xc = g.op(t * h * s.c, [x]) if in_bytes != s.c else x
+    logits = g.op(t * e * s.c, [xc], save=(xc,) if trains else ())
+    if xc is not x:
+        g.drop(xc)
+    probs = g.op(t * e * 4, [logits], save_out=True)  # softmax(..., dtype=float32)
+    g.drop(logits)
+    top = g.op(t * k * 4, [probs])
+    g.drop(probs)
+    if spec.model_type != "mixtral" and s.c != 4:
+        top2 = g.op(t * k * s.c, [top])
+        g.drop(top)
+        top = top2
+    return top
+
+
+def _fold(g: Graph, spec: ModelSpec, s: _Shapes, name: str, factors: tuple[Var, Var],
+          check: bool) -> Var:
+    """peft ParamWrapper's expert stack W + scaling * lhs @ rhs (tuners/lora/layer.py
+    `_LoraFactorsProxy.forward`: torch.baddbmm in the stack's dtype, with a temporary of
+    lhs's size). `register_parametrization` evaluates the parametrization once to check it
+    (torch/nn/utils/parametrize.py), a full stack made and freed; the fold used by the
+    experts is then cached (`parametrize.cached()`) until the experts' forward returns and
+    kept by `_grouped_mm` for backward. H200 traces t17-y013, t17-x014."""
+    e = spec.num_local_experts
+    d1, d2 = _expert_shapes(spec)[name]
+    eb = s.expert_bytes
+    lhs, rhs = factors
+    r = lhs.grad_bytes // max(e * d1 * 4, 1)
+    if check:
+        g.temp_pair(e * d1 * d2 * eb, e * d1 * r * eb)
+        return lhs
+    w = g.op(e * d1 * d2 * eb, [lhs, rhs], save=(lhs, rhs))
+    g.temp(e * d1 * r * eb)
+    return w
+
+
+def _experts(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, top: Var,
+             weights: dict[str, Var]) -> Var:
+    """transformers 5 `grouped_mm_experts_forward` (integrations/moe.py): the routed rows
+    gathered by expert (`hidden_states[perm // k]`), `_grouped_mm` with the gate_up stack,
+    `masked_fill` (a new tensor), the gate (`act(gate) * up` on chunks of it), `_grouped_mm`
+    with the down stack, `masked_fill`, the routing-weight product, the rows put back in
+    token order (`weighted_out[inv_perm]`) and summed over top-k (`sum` runs in fp32 under
+    autocast: `fp32_set_opt_dtype`), cast back to the input's dtype. `_grouped_mm` is on
+    no autocast list: the stacks compute in their own dtype (QLoRA: fp32 after
+    prepare_model_for_kbit_training; `input.to(weight.dtype)` first). Tokens per expert are
+    not needed: the grouped tensors hold all tokens x top-k rows."""
+    t, h, k = s.tokens, spec.hidden_size, spec.num_experts_per_tok
+    inter = spec.moe_intermediate_size or spec.intermediate_size
+    rows = t * k
+    eb = s.expert_bytes
+    in_bytes = x.size // max(t * h, 1)
+    top_bytes = top.size // max(t * k, 1)
+    fold = s.expert_fold
+    stacks: dict[str, Var] = {}
+    factors: dict[str, tuple[Var, Var]] = {}
+    casts: list[Var] = []
+    for name in ("down", "gate_up"):
+        if fold:
+            lhs, rhs = weights["experts." + name + ".lhs"], weights["experts." + name + ".rhs"]
+            if eb != 4:  # get_delta_factors: lhs.to(param.dtype), rhs.to(param.dtype)
+                lhs = g.op(lhs.grad_bytes // 4 * eb, [lhs])
+                rhs = g.op(rhs.grad_bytes // 4 * eb, [rhs])
+                casts += [lhs, rhs]
+            factors[name] = (lhs, rhs)
+            _fold(g, spec, s, name, factors[name], check=True)
+        else:
+            stacks[name] = weights.get("experts." + name) or g.leaf(0, False)
+    idx = g.alloc(rows * 8)  # perm // k, kept by the gather for backward
+    sel = g.op(rows * h * in_bytes, [x])
+    if in_bytes != eb:
+        sel2 = g.op(rows * h * eb, [sel])
+        g.drop(sel)
+        sel = sel2
+
+    def grouped(inp: Var, name: str, out_size: int) -> Var:
+        w = _fold(g, spec, s, name, factors[name], check=False) if fold else stacks[name]
+        save = tuple(v for v, other in ((inp, w), (w, inp)) if other.requires_grad)
+        y = g.op(out_size, [w, inp], save=save)
+        if fold:
+            g.drop(w)
+        return y
+
+    gu = grouped(sel, "gate_up", rows * 2 * inter * eb)
+    g.drop(sel)
+    m = g.op(gu.size, [gu])  # masked_fill: a new tensor
+    g.drop(gu)
+    gate, up = g.chunk(m, 2)
+    g.drop(m)
+    act = g.op(gate.size, [gate], save=(gate,))
+    g.drop(gate)
+    prod = g.op(act.size, [act, up], save=(act, up))
+    g.drop(act, up)
+    dn = grouped(prod, "down", rows * h * eb)
+    g.drop(prod)
+    m2 = g.op(dn.size, [dn])
+    g.drop(dn)
+    wb = max(eb, top_bytes)
+    # proj_out * sample_weights: backward also makes the product with the saved rows
+    # before reducing it to the weights' gradient
+    wo = g.op(rows * h * wb, [m2, top], save=(m2,), bwd_temps=(rows * h * wb,))
+    g.drop(m2)
+    inv = g.alloc(rows * 8)
+    wi = g.op(wo.size, [wo])  # weighted_out[inv_perm]
+    g.drop(wo)
+    sb = 4 if s.autocast else wb
+    out = g.op(t * h * sb, [wi])  # .view(t, k, h).sum(dim=1)
+    g.drop(wi)
+    if sb != in_bytes:
+        o2 = g.op(t * h * in_bytes, [out])
+        g.drop(out)
+        out = o2
+    g.unref(idx)
+    g.unref(inv)
+    g.drop(*casts)  # the proxies' factors, released with the parametrization
+    return out
+
+
+def _moe(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, x: Var,
+         lins: dict[str, LinearShape], weights: dict[str, Var]) -> Var:
+    """The sparse MoE block: router and fused experts (Mixtral, Qwen3-MoE), plus Qwen2-MoE's
+    shared expert (an MLP of Linears, run first) and its sigmoid gate
+    (modeling_qwen2_moe Qwen2MoeSparseMoeBlock.forward)."""
+    t, h = s.tokens, spec.hidden_size
+    shared: Var | None = None
+    if spec.shared_expert_intermediate_size:
+        shared = _mlp(g, spec, s, x, lins, weights=weights)
+    trains = plan.method == "full" or s.expert_fold
+    top = _router(g, spec, s, x, trains)
+    if fused_experts(spec, plan):
+        out = _experts(g, spec, s, x, top, weights)
+    else:
+        # per-expert Linears (experts quantized by the stack): every routed row through
+        # one gated MLP
+        rows = t * max(spec.num_experts_per_tok, 1)
+        inter = spec.moe_intermediate_size or spec.intermediate_size
+        moe = {"gate": LinearShape("experts.gate", "gate", h, inter, False),
+               "up": LinearShape("experts.up", "up", h, inter, False),
+               "down": LinearShape("experts.down", "down", inter, h, False)}
+        per = x.size // max(t, 1)
+        routed = g.op(rows * per, [x])
+        m0 = _mlp(g, spec, s, routed, moe, rows)
+        g.drop(routed)
+        out = g.op(x.size, [m0, top])
+        g.drop(m0)
+    g.drop(top)
+    if shared is not None:
+        # sigmoid(shared_expert_gate(x)) * shared, + the experts' output
+        gated = g.op(shared.size, [shared], save=(shared,))
+        g.drop(shared)
+        total = g.op(out.size, [out, gated])
+        g.drop(out, gated)
+        out = total
+    return out
+
+
 def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
               weights: dict[str, Var]) -> Callable[[Graph, Var], Var]:
     lins = {lin.role: lin for lin in spec.block_linears()}
@@ -535,19 +770,8 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
         r1 = g.op(x.size, [x, o])
         g.drop(o)
         n2 = _norm(g, s, r1, h)
-        rows = None
         if spec.is_moe:
-            rows = s.tokens * max(spec.num_experts_per_tok, 1)
-            inter = spec.moe_intermediate_size or spec.intermediate_size
-            moe = {"gate": LinearShape("experts.gate", "gate", h, inter, False),
-                   "up": LinearShape("experts.up", "up", h, inter, False),
-                   "down": LinearShape("experts.down", "down", inter, h, False)}
-            per = n2.size // max(s.tokens, 1)
-            routed = g.op(rows * per, [n2])
-            m0 = _mlp(g, spec, s, routed, moe, rows)
-            g.drop(routed)
-            m = g.op(n2.size, [m0])
-            g.drop(m0)
+            m = _moe(g, spec, plan, s, n2, lins, weights)
         else:
             m = _mlp(g, spec, s, n2, lins, weights=weights)
         g.drop(n2)
@@ -570,6 +794,9 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
         dropout=plan.lora_dropout > 0,
         method=plan.method,
         autocast_weights=plan.method == "full" and DTYPE_BYTES[plan.load_dtype] == 4,
+        autocast=plan.autocast,
+        expert_bytes=expert_dtype_bytes(plan),
+        expert_fold=lora_on_experts(spec, plan),
     )
 
 
@@ -600,6 +827,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                                          param=True)
                 w[lin.name + ".B"] = Var(None, 0, s.rank * lin.out_features * 4, True,
                                          param=True)
+        w.update(expert_weights(spec, plan))
         per_layer_weights.append(w)
     fns = [_layer_fn(spec, plan, s, w) for w in per_layer_weights]
     # tied 16-bit embeddings: the lm_head's gradient arrives first as a transposed mm
