@@ -149,27 +149,65 @@ def _base_linear_saved(spec: ModelSpec, plan: TrainPlan, sources: set[str] | Non
     return 0
 
 
+# bitsandbytes int8_vectorwise_quant (backends/cuda/ops.py): the columns of A holding a
+# value of magnitude >= llm_int8_threshold (6.0) in any row are the outlier columns; the
+# mixed matmul (backends/default/ops.py int8_mixed_scaled_mm) keeps them as
+# subA = A[:, outlier_cols].contiguous(), in A's dtype, for backward. How many columns pass
+# depends on the weights and the data, not on the config: on every H200 trace the q/k/v,
+# o and gate/up inputs had almost none, and the MLP's down_proj input had all of them on
+# llama-2-7b@4L (run 1 snap-int8-nockpt), 9-16 % on llama-3.2-1b (run 4
+# snap-int8-eager-ckpt, run 17 t17-y012) and none on qwen2.5-0.5b (run 17 t17-w029).
+# The fraction of the down_proj input kept as subA:
+INT8_OUTLIER_FRACTION = 1.0
+
+
 def int8_saved_bytes_per_token(spec: ModelSpec, plan: TrainPlan,
                                sources: set[str] | None = None) -> int:
     """What MatMul8bitLt keeps per layer (bitsandbytes autograd/_functions.py):
     `ctx.tensors = (CAt, subA, A)`: the input A of each distinct tensor the base Linears
-    read, and subA = A[:, outlier_cols], the columns holding a value over the 6.0 threshold
-    (BitsAndBytesConfig llm_int8_threshold), in A's dtype. On the MLP's down_proj input
-    nearly every column passes it (measured: subA = the whole fp32 input on every H200
-    point, calibration/h200/run1-design.jsonl snap-int8-nockpt); q/k/v, o and gate/up
-    inputs have almost none. Stored as ctx attributes, not with save_for_backward, so
-    non-reentrant gradient checkpointing (saved-tensor hooks) never drops them: they stay
-    for every layer whether or not checkpointing is on.
+    read (CAt is None: the frozen weight needs no gradient, so the forward takes the
+    int8_vectorwise_quant path) and subA, the outlier columns of A
+    (`INT8_OUTLIER_FRACTION` of the down_proj input). Stored as ctx attributes, not with
+    save_for_backward, so non-reentrant gradient checkpointing (saved-tensor hooks) never
+    drops them: they stay for every layer whether or not checkpointing is on, and under
+    checkpointing the attention output o_proj reads is kept here even for sdpa (whose own
+    saved tensors the checkpoint drops). They are freed with the graph at the end of
+    backward, not by their layer's backward (H200 run 17 traces t17-w029, t17-y012).
     """
     if plan.quant != "int8":
         return 0
     inputs = {name: (w, src) for name, (w, src) in _linear_inputs(spec).items()
-              if not _kept_elsewhere(src, plan) and (sources is None or src in sources)}
+              if (plan.gradient_checkpointing or not _kept_elsewhere(src, plan))
+              and (sources is None or src in sources)}
     distinct = {source: width for width, source in inputs.values()}
     total = sum(_source_dtype(s, plan) * w for s, w in distinct.items())
     if "mlp_act" in distinct:
-        total += mlp_bytes(plan) * distinct["mlp_act"]  # subA of the down_proj input
+        total += int(INT8_OUTLIER_FRACTION * mlp_bytes(plan) * distinct["mlp_act"])
     return total
+
+
+def first_layer_unsaved_bytes_per_token(spec: ModelSpec, plan: TrainPlan) -> int:
+    """What the first layer does not keep, per token, when nothing before it requires grad:
+    LoRA without checkpointing (frozen embeddings; enable_input_require_grads only comes
+    with checkpointing, peft prepare_model_for_kbit_training(use_gradient_checkpointing)).
+    Its input norm keeps no input (autograd saves for backward only what requires grad),
+    the LoRA dropouts on that norm's output keep no mask, and int8 Linears reading it keep
+    no A (MatMul8bitLt keeps ctx.tensors only when any(ctx.needs_input_grad[:2])). H200
+    trace t17-y012: layer 0's norm output and dropout masks are freed within the forward.
+    Counted for quantized bases (QLoRA / int8: the allocated peak of every no-checkpoint
+    point moves toward the measurement); 16-bit LoRA points would move below theirs by
+    about as much, so something there that the layer formula leaves out is not yet known,
+    and they are left as they were.
+    """
+    if plan.method != "qlora" or plan.gradient_checkpointing:
+        return 0
+    unsaved = _norms_saved(spec, plan, norms=1) - (_norms_saved(spec, plan, norms=0))
+    unsaved += int8_saved_bytes_per_token(spec, plan, sources={"norm1"})
+    if plan.lora_dropout > 0:
+        inputs = _linear_inputs(spec)
+        unsaved += sum(inputs[lin.name][0] for lin in lora_targets(spec, plan)
+                       if inputs[lin.name][1] == "norm1")
+    return unsaved
 
 
 def _norms_saved(spec: ModelSpec, plan: TrainPlan, norms: int | None = None) -> int:

@@ -23,6 +23,7 @@ from vramcalc.activations import (
     eager_score_count,
     eager_scores_bytes,
     expert_dtype_bytes,
+    first_layer_unsaved_bytes_per_token,
     int8_saved_bytes_per_token,
     layer_saved_bytes_per_token,
     mlp_bytes,
@@ -150,7 +151,9 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
                       + layers * tokens * int8_saved_bytes_per_token(spec, plan))
         saved_copies = 0  # recomputed per layer in backward
     else:
-        layer_acts = layers * (tokens * per_layer + scores) + window_bool + window_saved
+        # the first layer keeps less: nothing before it requires grad (activations.py)
+        layer_acts = (layers * (tokens * per_layer + scores) + window_bool + window_saved
+                      - tokens * first_layer_unsaved_bytes_per_token(spec, plan))
         saved_copies = weight_copies
     final_norm = tokens * act * h
     softcap = SOFTCAP_SAVED_UNITS if spec.final_logit_softcapping else 0

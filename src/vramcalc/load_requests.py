@@ -28,7 +28,8 @@ run18-traces, H200, transformers 5.17, bitsandbytes 0.50.2, peft 0.21):
    bf16 parameter that is not Params4bit to fp32 in `model.parameters()` order (new
    tensor, then the 16-bit one freed: the embeddings, lm_head and MoE experts leave their
    16-bit room free in the warmup segment), then calls `torch.cuda.empty_cache()`.
-5. peft creates the LoRA adapters on the GPU (fp32, lora_A then lora_B per module).
+5. peft creates the LoRA adapters on the GPU (fp32, lora_A then lora_B per module, the
+   ParamWrapper factors of MoE experts: `trainable.lora_tensor_numels`).
 
 Requests under `MIN_REQUEST` (norms, biases, small adapters) are left out, as in
 `step_requests`.
@@ -40,7 +41,7 @@ from itertools import count
 
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import LinearShape, ModelSpec
-from vramcalc.trainable import lora_targets
+from vramcalc.trainable import lora_tensor_numels
 from vramcalc.weights import NESTED_BLOCKSIZE, NF4_BLOCKSIZE, ceil_div
 
 MIN_REQUEST = 64 * 1024
@@ -203,10 +204,10 @@ def load_requests(spec: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
                 r.alloc(size * 2)
                 r.free(tid)
         r.out.append(EMPTY_CACHE)
+    adapters = lora_tensor_numels(spec, plan) if plan.is_lora else []
     for _ in range(spec.num_hidden_layers):
-        for lin in lora_targets(spec, plan):
-            r.alloc(lin.in_features * plan.rank * 4)
-            r.alloc(plan.rank * lin.out_features * 4)
+        for numel in adapters:  # fp32 (peft autocast_adapter_dtype)
+            r.alloc(numel * 4)
     return r.out
 
 

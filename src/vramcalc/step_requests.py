@@ -27,12 +27,13 @@ own dtype (all tokens x top-k rows, gathered by expert: an even split or not, th
 tensors are the same size), Qwen2-MoE's shared expert, and peft ParamWrapper's folded
 stacks where LoRA targets the experts.
 
-Not traced, so approximate: int8 bases (bnb Linear8bitLt) run the 4-bit program; a frozen
-fp32 base under autocast (falcon "QLoRA", LoRA on fp32 weights) runs the 16-bit one;
-experts that a stack quantizes into per-expert Linears (`moe_experts="quantized"`) run
-every routed row through one gated MLP. Non-reentrant checkpointing's early stop (the
-recompute ends at the layer's last saved tensor) and the backward nodes that run before
-the recompute is triggered (those without saved tensors) are not modelled.
+int8 bases (bnb Linear8bitLt) run their own program (run17-traces t17-w029, t17-y012).
+Not traced, so approximate: a frozen fp32 base under autocast (falcon "QLoRA", LoRA on
+fp32 weights) runs the 16-bit one; experts that a stack quantizes into per-expert Linears
+(`moe_experts="quantized"`) run every routed row through one gated MLP. Non-reentrant
+checkpointing's early stop (the recompute ends at the layer's last saved tensor) and the
+backward nodes that run before the recompute is triggered (those without saved tensors)
+are not modelled.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vramcalc.activations import expert_dtype_bytes, fused_experts, residual_bytes
+from vramcalc.activations import (
+    INT8_OUTLIER_FRACTION,
+    expert_dtype_bytes,
+    fused_experts,
+    residual_bytes,
+)
 from vramcalc.allocator_replay import replay_requests
 from vramcalc.load_requests import load_requests
 from vramcalc.optimizer import optimizer_bytes, optimizer_state_sizes
@@ -113,7 +119,11 @@ class Graph:
         self.requests: list[tuple[int, int]] = []  # (buffer id, size) / (id, 0) = free
         self.nodes: list[Node | ChunkNode | CheckpointNode] = []
         self.grad_mode = True
+        self.recomputing = False
         self.cache: list[Var] = []
+        # tensors kept as autograd ctx attributes (bnb MatMul8bitLt `ctx.tensors`): not
+        # saved tensors, so released only when the graph is, after backward
+        self.graph_held: list[Buf] = []
         self._next = 0
         self.in_backward = False
         self._workspaces: set[bool] = set()  # threads whose cuBLAS workspace exists
@@ -249,6 +259,9 @@ class Graph:
         nodes, self.nodes = self.nodes, []
         self._backward(nodes)
         self.in_backward = False
+        for b in self.graph_held:
+            self.unref(b)
+        self.graph_held = []
 
     def _backward(self, nodes: list[Node | ChunkNode | CheckpointNode]) -> None:
         for n in reversed(nodes):
@@ -263,7 +276,9 @@ class Graph:
         outer = self.nodes
         self.nodes = []
         inp = Var(c.inp.buf, c.inp.size, c.inp.grad_bytes, c.inp.requires_grad)
+        self.recomputing = True
         out = c.layer(self, inp)
+        self.recomputing = False
         self.clear_cache()
         out.grad, out.has_grad = c.out.grad, c.out.has_grad
         c.out.grad, c.out.has_grad = None, False
@@ -299,6 +314,46 @@ class _Shapes:
     autocast: bool
     expert_bytes: int  # the fused experts' dtype (activations.expert_dtype_bytes)
     expert_fold: bool  # LoRA on the expert stacks (peft ParamWrapper)
+    int8: bool = False  # bnb Linear8bitLt bases (qlora with quant int8)
+
+
+# Linears whose input carries int8 outlier columns (the MLP's down projection input)
+OUTLIER_ROLES = frozenset({"down", "fc2"})
+
+
+def _int8_matmul(g: Graph, x: Var, t: int, i: int, o: int, in_bytes: int,
+                 outliers: bool) -> Var:
+    """bitsandbytes 0.50.2 MatMul8bitLt on a frozen int8 weight (autograd/_functions.py):
+    the weight needs no gradient, so the forward takes int8_vectorwise_quant (no CAt):
+    A.to(float16), the int8 rows CA, `A.abs() >= threshold` and its bool, then
+    int8_scaled_mm: the int32 product, its fp16 dequant (`int8_mm_dequant`) and the cast
+    to A's dtype, the output (backends/cuda/ops.py). It keeps `ctx.tensors = (CAt, subA,
+    A)` as ctx attributes, which stay until the graph is freed after backward (also under
+    checkpointing; a recomputed layer's go with its backward), subA = A[:, outlier_cols]
+    (backends/default/ops.py int8_mixed_scaled_mm; activations.INT8_OUTLIER_FRACTION).
+    Backward: `state.CB.to(A.dtype, copy=True)`, the dequantized weight in A's dtype,
+    then grad_A. Recorded order: H200 run 17 traces t17-y012, t17-w029."""
+    a16 = g.alloc(t * i * 2)
+    ca = g.alloc(t * i)
+    absa = g.alloc(t * i * 2)  # A.abs()
+    over = g.alloc(t * i)  # its >= threshold bool
+    g.unref(absa)
+    g.unref(over)
+    g.unref(a16)
+    sub = Var(g.alloc(int(INT8_OUTLIER_FRACTION * t * i) * in_bytes) if outliers else None,
+              0, 0, False)
+    prod32 = g.alloc(t * o * 4)
+    f16 = g.alloc(t * o * 2)
+    # a recomputed layer's ctx tensors go with its nodes; the first forward's stay
+    kept = (x, sub) if g.recomputing else ()
+    y = g.op(t * o * in_bytes, [x], save=kept, bwd_temps=(o * i * in_bytes,))
+    g.unref(f16)
+    g.unref(prod32)
+    g.unref(ca)
+    if x.requires_grad and not g.recomputing:
+        g.graph_held.extend(b for b in (g.ref(x.buf), g.ref(sub.buf)) if b is not None)
+    g.drop(sub)
+    return y
 
 
 def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = None,
@@ -306,7 +361,9 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
     t = s.tokens if rows is None else rows
     i, o = lin.in_features, lin.out_features
     in_bytes = x.size // max(t * i, 1)
-    if s.method == "qlora":
+    if s.int8:
+        y = _int8_matmul(g, x, t, i, o, in_bytes, lin.role in OUTLIER_ROLES)
+    elif s.method == "qlora":
         # bnb Linear4bit: x to the compute dtype, the weight dequantized for the matmul,
         # the output cast back to the input's dtype (nn/modules.py forward)
         x16 = g.alloc(t * i * s.c) if in_bytes != s.c else None
@@ -337,31 +394,37 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
     # peft LoRA: result.clone() under bnb, x cast to the fp32 adapters, dropout, a
     # compute-dtype copy for lora_A (autocast), lora_B, scaling, sum
     res_bytes = y.size // max(t * o, 1)
-    if s.method == "qlora":
+    if s.method == "qlora" and not s.int8:
         y2 = g.op(y.size, [y])
         g.drop(y)
         y = y2
-    xv = g.op(t * i * 4, [x]) if in_bytes != 4 else x  # _cast_input_dtype to fp32
+    # peft 0.21 lora/bnb.py Linear8bitLt.forward: no result.clone(), and under autocast
+    # (`requires_conversion = not torch.is_autocast_enabled()`) no cast of x or of the
+    # output: dropout runs in x's dtype, lora_A's autocast copy only when that is not the
+    # compute dtype, and `result + output` promotes to the result's dtype (t17-y012)
+    xb = in_bytes if s.int8 else 4
+    xv = g.op(t * i * 4, [x]) if xb != in_bytes else x  # _cast_input_dtype to fp32
     if s.dropout:
         mask = g.op(t * i, [])
-        xd = g.op(t * i * 4, [xv], save=(mask,))
+        xd = g.op(t * i * xb, [xv], save=(mask,))
         g.drop(mask)
     else:
         xd = xv
     a_w = (weights or {}).get(lin.name + ".A") or g.leaf(i * s.rank * 4, True, param=True)
-    xa = g.op(t * i * s.c, [xd])  # autocast copy
-    if xd is not x:
+    xa = g.op(t * i * s.c, [xd]) if not (s.int8 and xb == s.c) else xd  # autocast copy
+    if xd is not x and xd is not xa:
         g.drop(xd)
     if xv is not x and xv is not xd:
         g.drop(xv)
     a = g.op(t * s.rank * s.c, [a_w, xa], save=(xa,), mm=True)
-    g.drop(xa)
+    if xa is not x:
+        g.drop(xa)
     b_w = (weights or {}).get(lin.name + ".B") or g.leaf(s.rank * o * 4, True, param=True)
     b = g.op(t * o * s.c, [b_w, a], save=(a,), mm=True)
     g.drop(a)
     sc = g.op(t * o * s.c, [b])
     g.drop(b)
-    if res_bytes != s.c:
+    if res_bytes != s.c and not s.int8:
         sc2 = g.op(t * o * res_bytes, [sc])
         g.drop(sc)
         sc = sc2
@@ -797,6 +860,7 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
         autocast=plan.autocast,
         expert_bytes=expert_dtype_bytes(plan),
         expert_fold=lora_on_experts(spec, plan),
+        int8=plan.method == "qlora" and plan.quant == "int8",
     )
 
 
