@@ -373,6 +373,15 @@ def main(which: str) -> None:
         for p in draws[1::2]:
             as_eager(p, 2048)
         points = first_fitting(draws, 10, max_gib=30)
+    elif which == "holdout9":
+        # After the load programs (load_requests) and the traced int8, MoE and full
+        # fine-tuning step programs (runs 17-18): fresh draws, one per architecture, over
+        # every architecture of holdouts 6-7 plus four never measured (llama-3-8b,
+        # mistral-7b-v0.3, llama-7b, qwen2.5-72b); predictions committed before run 19
+        # (h200-holdout9-predictions.json).
+        archs = {**REPLAY_HOLDOUT_ARCHS, "llama-3-8b": 4, "mistral-7b-v0.3": 4,
+                 "llama-7b": 4, "qwen2.5-72b": 2}
+        points = random_points(archs, 40, seed=190, prefix="n", plain="plain")
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
         # with sdpa turned eager, sequences capped at 4096); predictions committed before
@@ -386,7 +395,7 @@ def main(which: str) -> None:
         points = first_fitting(draws, 16, max_gib=40)
     else:
         raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5|"
-                         "holdout6|holdout7|holdout8|eager")
+                         "holdout6|holdout7|holdout8|holdout9|eager")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 
