@@ -84,6 +84,7 @@ class Graph:
         self.nodes: list[Node | CheckpointNode] = []
         self.grad_mode = True
         self.cache: list[Var] = []
+        self.gone: set[int] = set()  # freed (or never made) outside unref: no request
         self._next = 0
 
     # -- buffers ----------------------------------------------------------------------
@@ -104,7 +105,7 @@ class Graph:
         if b is None:
             return
         b.refs -= 1
-        if b.refs == 0:
+        if b.refs == 0 and b.id not in self.gone:
             self.requests.append((b.id, 0))
 
     def temp(self, size: int) -> None:
@@ -198,14 +199,41 @@ class Graph:
                 self._run(n)
 
     def _recompute(self, c: CheckpointNode) -> None:
+        """The layer's backward under non-reentrant checkpointing (torch/utils/checkpoint.py,
+        early stop on by default): the recompute stops (_StopRecomputationError) as soon as
+        the last saved tensor is packed again, so the ops after it are not rerun, and what
+        the interrupted forward held is freed as the exception unwinds it (innermost first;
+        recorded in run 14: the recompute ends at the last LoRA's lora_A). The layer's
+        trailing nodes that keep nothing (residual and LoRA sums, scaling) run before the
+        recompute there, passing their gradient through without a copy; here they still
+        run after it, each making its inputs' gradients (an add's pass-through is not
+        modeled, so moving them ahead would hold those copies across the recompute)."""
         outer = self.nodes
         self.nodes = []
         inp = Var(c.inp.buf, c.inp.size, c.inp.grad_bytes, c.inp.requires_grad)
+        start = len(self.requests)
         out = c.layer(self, inp)
         self.clear_cache()
+        inner, self.nodes = self.nodes, outer
+        rerun = self.requests[start:]
+        saved = {b.id for n in inner if isinstance(n, Node) for b in n.saved}
+        last = max((k for k, (bid, size) in enumerate(rerun) if size and bid in saved),
+                   default=len(rerun) - 1)
+        kept = rerun[:last + 1]
+        live: dict[int, None] = {}
+        for bid, size in kept:
+            if size:
+                live[bid] = None
+            else:
+                live.pop(bid, None)
+        unwound = [bid for bid in reversed(live)
+                   if bid not in saved and (inp.buf is None or bid != inp.buf.id)]
+        # buffers the stopped forward never made, or let go as it unwound: no later free
+        self.gone.update(bid for bid, size in rerun[last + 1:] if size)
+        self.gone.update(unwound)
+        self.requests[start:] = kept + [(bid, 0) for bid in unwound]
         out.grad, out.has_grad = c.out.grad, c.out.has_grad
         c.out.grad, c.out.has_grad = None, False
-        inner, self.nodes = self.nodes, outer
         self.drop(out)
         self._backward(inner)
         c.inp.grad, c.inp.has_grad = inp.grad, inp.has_grad
@@ -271,35 +299,43 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
         return y
     # peft LoRA: result.clone() under bnb, x cast to the fp32 adapters, dropout, a
     # compute-dtype copy for lora_A (autocast), lora_B, scaling, sum
-    res_bytes = y.size // max(t * o, 1)
     if s.method == "qlora":
         y2 = g.op(y.size, [y])
         g.drop(y)
         y = y2
-    xv = g.op(t * i * 4, [x]) if in_bytes != 4 else x  # _cast_input_dtype to fp32
+    # peft tuners/lora/bnb.py Linear4bit/Linear8bitLt.forward cast x to the adapters' fp32
+    # only where autocast is off (`requires_conversion = not torch.is_autocast_enabled()`),
+    # and every LoRA / QLoRA step here runs under autocast (TrainPlan.autocast): x goes to
+    # the dropout in its own dtype. tuners/lora/layer.py Linear.forward (16-bit bases)
+    # casts it always (_cast_input_dtype).
+    lora_in = in_bytes if s.method == "qlora" else 4
+    xv = g.op(t * i * lora_in, [x]) if lora_in != in_bytes else x
     if s.dropout:
         mask = g.op(t * i, [])
-        xd = g.op(t * i * 4, [xv], save=(mask,))
+        xd = g.op(t * i * lora_in, [xv], save=(mask,))
         g.drop(mask)
     else:
         xd = xv
     a_w = (weights or {}).get(lin.name + ".A") or g.leaf(i * s.rank * 4, True, param=True)
-    xa = g.op(t * i * s.c, [xd])  # autocast copy
-    if xd is not x:
-        g.drop(xd)
-    if xv is not x and xv is not xd:
-        g.drop(xv)
+    # autocast's copy for lora_A (none where x already is in the compute dtype)
+    xa = g.op(t * i * s.c, [xd]) if lora_in != s.c else xd
     a = g.op(t * s.rank * s.c, [xa, a_w], save=(xa,))
-    g.drop(xa)
+    # the cast inside F.linear goes first, then the dropout output, an argument of
+    # lora_A(...) (recorded: autocast copy, then dropout output freed, no grad)
+    if xa is not xd:
+        g.drop(xa)
+    if xd is not x and xd is not xv:
+        g.drop(xd)
+    if xv is not x:
+        g.drop(xv)
     b_w = (weights or {}).get(lin.name + ".B") or g.leaf(s.rank * o * 4, True, param=True)
     b = g.op(t * o * s.c, [a, b_w], save=(a,))
     g.drop(a)
     sc = g.op(t * o * s.c, [b])
     g.drop(b)
-    if res_bytes != s.c:
-        sc2 = g.op(t * o * res_bytes, [sc])
-        g.drop(sc)
-        sc = sc2
+    # `result + output`: type promotion makes the sum in the result's dtype (fp32 under
+    # QLoRA) without a cast of `output` first; its gradient is cast back to the compute
+    # dtype by the engine (recorded: one fp32 request at peft tuners/lora/bnb.py:552)
     out = g.op(y.size, [y, sc])
     g.drop(y, sc)
     return out
@@ -314,9 +350,14 @@ def _norm(g: Graph, s: _Shapes, x: Var, width: int, rows: int | None = None) -> 
     n = t * width
     in_bytes = x.size // max(n, 1)
     xf = g.op(n * 4, [x]) if in_bytes != 4 else x
-    g.temp(n * 4)  # pow
-    # backward of pow, mean, rsqrt and the product: fp32 temporaries of the input's size
-    y = g.op(n * 4, [xf], save=(xf,), bwd_temps=(n * 4, n * 4, n * 4))
+    g.temp(n * 4)  # pow, reduced by mean to the per-row inverse rms
+    # rsqrt(pow(2).mean(-1) + eps): its backward (mean's expand / n, pow's self.pow(1) and
+    # * 2, then grad * that, added into xf's gradient) makes input-sized fp32 tensors
+    # (recorded, run 14: four at the final norm, the sum among them)
+    r = g.op(t * 4, [xf], save=(xf,), bwd_temps=(n * 4, n * 4, n * 4))
+    # xf * r: grad * r for xf (xf's first gradient) and grad * xf, summed to r's shape
+    y = g.op(n * 4, [xf, r], save=(xf,), bwd_temps=(n * 4,))
+    g.drop(r)
     trains = s.method == "full"
     if in_bytes != 4:
         yc = g.op(n * in_bytes, [y])
@@ -408,9 +449,28 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
         if rep:
             g.drop(kr, vr)
     else:
-        # flash / efficient backward: fp32 accumulators of dq (and the softmax stats)
-        o = g.op(t * spec.q_size * qb, [q, k, v], save=(q, k, v), save_out=True,
-                 bwd_temps=(2 * t * spec.q_size * 4,))
+        # scaled_dot_product_attention is on autocast's lower-precision list: fp32 q, k, v
+        # (QLoRA: fp32 norms, so fp32 projections and rotary) are cast to the compute dtype
+        # first, and the casts are what the kernel saves (recorded, run 14: three
+        # compute-dtype copies at transformers integrations/sdpa_attention.py
+        # sdpa_attention_forward, an output in the compute dtype). The fused kernels write
+        # their output in (batch, seq, heads, dim) order, so the `transpose(1, 2)
+        # .contiguous()` after it copies nothing (no request recorded there).
+        qc, kc, vc = q, k, v
+        if qb != s.c:
+            qc = g.op(t * spec.q_size * s.c, [q])
+            kc = g.op(k.size // qb * s.c, [k])
+            vc = g.op(v.size // qb * s.c, [v])
+        # the fused backward's one workspace: fp32 accumulators of dq and the softmax's
+        # per-row stats, batch x heads x seq in fp32 (recorded, run 14: t * q_size * 4 * k
+        # + that, one request per layer, k = 2 on most points, 1 on the long-sequence
+        # QLoRA ones, which is not modeled)
+        stats = plan.batch_size * spec.num_attention_heads * plan.seq_len * 4
+        out = g.op(t * spec.q_size * s.c, [qc, kc, vc], save=(qc, kc, vc), save_out=True,
+                   bwd_temps=(2 * t * spec.q_size * 4 + stats,))
+        if qc is not q:
+            g.drop(qc, kc, vc)
+        return out
     out = g.op(o.size, [o])  # transpose(1, 2).contiguous()
     g.drop(o)
     return out
@@ -473,9 +533,12 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
         qe, ke = _rotary(g, q), _rotary(g, k)
         g.drop(q, k)
         a = _attention(g, spec, plan, s, qe, ke, v)
-        g.drop(qe, ke, v)
         o = _linear(g, s, a, lins["o"], weights=weights)
+        # `attn_output = self.o_proj(attn_output)` lets the attention output go; the
+        # query/key/value states are locals of the attention's forward, freed when it
+        # returns (transformers modeling_llama LlamaAttention.forward; recorded in run 14)
         g.drop(a)
+        g.drop(qe, ke, v)
         return o
 
     def post_norm(g: Graph, v: Var) -> Var:
@@ -546,6 +609,7 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
 class StepRequests:
     requests: list[tuple[int, int]]
     steps: int
+    starts: list[int] = field(default_factory=list)  # index of each step's first request
 
 
 def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepRequests:
@@ -579,7 +643,9 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
     state_sizes = optimizer_state_sizes(spec, plan)
     ck = plan.gradient_checkpointing
     held: Var | None = None
+    starts: list[int] = []
     for step in range(steps):
+        starts.append(len(g.requests))
         x = g.op(t * h * s.act, [embed_w])
         if ck and not full:
             x.requires_grad = True  # enable_input_require_grads
@@ -593,14 +659,19 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         if plan.method == "qlora" or s.autocast_weights:
             # the fp32 lm_head weight cast for the matmul (kept for backward)
             head_copy = g.op(vocab * h * s.c, [head_w])
-        logits = g.op(t * vocab * s.c, [n, head_w],
-                      save=tuple(v for v in ((n if full else None), head_copy)
+        # autocast casts an fp32 final hidden state (QLoRA's fp32 norm) for the matmul too;
+        # kept only where the head trains (recorded: a compute-dtype copy made and freed
+        # around the logits at modeling_llama LlamaForCausalLM.forward)
+        nc = g.op(t * h * s.c, [n]) if n.size != t * h * s.c else n
+        logits = g.op(t * vocab * s.c, [nc, head_w],
+                      save=tuple(v for v in ((nc if full else None), head_copy)
                                  if v is not None))
+        if nc is not n:
+            g.drop(nc)
         if spec.final_logit_softcapping:
             logits = _softcap(g, logits)
         if head_copy is not None:
             g.drop(head_copy)
-        g.drop(n)
         up = g.op(t * vocab * 4, [logits])
         logp = g.op(t * vocab * 4, [up], save_out=True)  # log_softmax keeps its output
         g.drop(up)
@@ -609,16 +680,23 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
             held = None
         loss = g.op(4, [logp])
         g.drop(logp)
+        # the final hidden state is a local of the CausalLM forward: freed when it returns,
+        # after its loss (recorded in every run 14 trace)
+        g.drop(n)
         g.clear_cache()  # autocast's region ends with the forward and loss
         if plan.holds_output:
             held = logits
             g.backward(loss)
-        elif plan.loop == "trainer":
-            # Trainer's step lets go of the model output once backward has begun
-            # (recorded: the logits are freed after the loss node's first gradient)
-            g.backward(loss, then_drop=logits)
         else:
-            g.drop(logits)
+            if plan.loop == "trainer" and logits.size != t * vocab * 4:
+                # accelerate's convert_outputs_to_fp32 (utils/operations.py) replaces the
+                # output's logits by an fp32 copy, which Trainer.compute_loss drops with the
+                # output, keeping only the loss: both go before backward begins (recorded)
+                conv = g.alloc(t * vocab * 4)
+                g.drop(logits)
+                g.unref(conv)
+            else:
+                g.drop(logits)
             g.backward(loss)
         # optimizer: states at the first step, then zero_grad frees every gradient
         if step == 0:  # kept for good: never freed
@@ -633,7 +711,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         for v in params:
             g.unref(v.grad)
             v.grad, v.has_grad = None, False
-    return StepRequests(g.requests, steps)
+    return StepRequests(g.requests, steps, starts)
 
 
 def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
