@@ -5,11 +5,12 @@ allocator sees (sizes and order of every tensor of at least a few KiB), so that
 A small autograd: every forward op allocates its temporaries and its output, and keeps
 the tensors its backward needs (saved tensors); backward runs the ops in reverse, each
 allocating the gradients of its inputs, then freeing its output's gradient and its saved
-tensors (torch/csrc/autograd: a node's SavedVariables are released after it runs). A
-gradient that reaches a tensor twice is summed out of place. Python references drop where
-the modeling code's locals go out of scope. Non-reentrant gradient checkpointing
-(torch/utils/checkpoint.py, use_reentrant=False) runs each layer's forward keeping only
-its input, and recomputes the layer right before its backward.
+tensors (torch/csrc/autograd: a node's SavedVariables are released after it runs). An
+add or a clone hands its output's gradient on to its inputs as the same tensor; a
+gradient that reaches a tensor twice is summed (input_buffer.cpp accumulate). Python
+references drop where the modeling code's locals go out of scope. Non-reentrant gradient
+checkpointing (torch/utils/checkpoint.py, use_reentrant=False) runs each layer's forward
+keeping only its input, and recomputes the layer right before its backward.
 
 The op programs follow the requests recorded on the H200 (calibration/h200/run14-traces,
 read with `calibration/trace_programs.py`): transformers 5 Llama-style decoder layers
@@ -67,6 +68,7 @@ class Node:
     inputs: list[Var]
     saved: list[Buf]
     bwd_temps: list[int] = field(default_factory=list)
+    passthrough: bool = False  # add / clone: its inputs get its own gradient tensor
 
 
 @dataclass(eq=False)
@@ -118,16 +120,18 @@ class Graph:
 
     # -- ops --------------------------------------------------------------------------
     def op(self, size: int, inputs: list[Var], save: tuple[Var, ...] = (),
-           bwd_temps: tuple[int, ...] = (), save_out: bool = False) -> Var:
+           bwd_temps: tuple[int, ...] = (), save_out: bool = False,
+           passthrough: bool = False) -> Var:
         """A forward op: its output (of `size` bytes, its gradient the same); keeps `save`
         (and its output with `save_out`) for backward when a gradient flows through it,
-        and makes `bwd_temps` while its backward runs."""
+        and makes `bwd_temps` while its backward runs. `passthrough`: an add or a clone,
+        whose backward hands its output's gradient on to the inputs as it is."""
         out = Var(self.alloc(size), size, size, any(v.requires_grad for v in inputs))
         if self.grad_mode and out.requires_grad:
             kept = [*save, out] if save_out else list(save)
             saved = [b for b in (self.ref(v.buf) for v in kept) if b is not None]
             self.nodes.append(Node(out, [v for v in inputs if v.requires_grad], saved,
-                                   list(bwd_temps)))
+                                   list(bwd_temps), passthrough))
         return out
 
     def cast_cached(self, w: Var, size: int) -> Var:
@@ -145,20 +149,28 @@ class Graph:
         return Var(None, size, size, requires_grad, param=param)
 
     # -- backward ---------------------------------------------------------------------
-    def _grad_into(self, v: Var) -> None:
-        """A gradient for `v` arrives: the first is kept; a later one is added into it in
-        place and freed (torch/csrc/autograd/input_buffer.cpp `accumulate`), but for a
-        parameter (tied embeddings: the embedding's gradient meets the lm_head's, a
-        transposed mm output the buffer cannot add into) the sum is a new tensor that
-        replaces both."""
+    def _grad_into(self, v: Var, given: Buf | None = None, passed: bool = False) -> None:
+        """A gradient for `v` arrives: a new tensor, or (`passed`) the tensor `given`
+        handed on by an add or a clone. The first is kept; a later one is added into it in
+        place (torch/csrc/autograd/input_buffer.cpp `accumulate`: into the buffer's tensor
+        where the buffer holds its last reference, else into the incoming one where that is
+        new), else the sum is a new tensor that replaces both: where both are shared, and
+        for a parameter (tied embeddings: the embedding's gradient meets the lm_head's, a
+        transposed mm output the buffer cannot add into)."""
         if not v.has_grad:
-            v.grad, v.has_grad = self.alloc(v.grad_bytes), True
+            v.grad = self.ref(given) if passed else self.alloc(v.grad_bytes)
+            v.has_grad = True
             return
-        incoming = self.alloc(v.grad_bytes)
-        if v.param:
+        incoming = self.ref(given) if passed else self.alloc(v.grad_bytes)
+        old_shared = v.grad is not None and v.grad.refs > 1
+        new_shared = passed and incoming is not None and incoming.refs > 1
+        if v.param or (old_shared and new_shared):
             total = self.alloc(v.grad_bytes)
             self.unref(v.grad)
             v.grad = total
+        elif old_shared:  # var.add_(old_var): the incoming tensor becomes the buffer's
+            self.unref(v.grad)
+            v.grad, incoming = incoming, None
         self.unref(incoming)
 
     def _run(self, n: Node) -> None:
@@ -169,7 +181,10 @@ class Graph:
         # the node's temporaries live while it computes its input gradients
         held = [self.alloc(t) for t in n.bwd_temps]
         for v in n.inputs:
-            self._grad_into(v)
+            # an add hands its gradient on as it is (AddBackward0, CloneBackward0); the
+            # engine casts it where the input's dtype differs (validate_outputs)
+            passed = n.passthrough and v.grad_bytes == n.out.grad_bytes
+            self._grad_into(v, n.out.grad, passed)
         for tmp in held:
             self.unref(tmp)
         self.unref(n.out.grad)
@@ -204,10 +219,9 @@ class Graph:
         the last saved tensor is packed again, so the ops after it are not rerun, and what
         the interrupted forward held is freed as the exception unwinds it (innermost first;
         recorded in run 14: the recompute ends at the last LoRA's lora_A). The layer's
-        trailing nodes that keep nothing (residual and LoRA sums, scaling) run before the
-        recompute there, passing their gradient through without a copy; here they still
-        run after it, each making its inputs' gradients (an add's pass-through is not
-        modeled, so moving them ahead would hold those copies across the recompute)."""
+        trailing nodes that keep nothing (residual and LoRA sums) run before the recompute
+        there; here they run after it, which moves no request: they hand their gradient
+        on without a copy (Node.passthrough)."""
         outer = self.nodes
         self.nodes = []
         inp = Var(c.inp.buf, c.inp.size, c.inp.grad_bytes, c.inp.requires_grad)
@@ -300,7 +314,7 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
     # peft LoRA: result.clone() under bnb, x cast to the fp32 adapters, dropout, a
     # compute-dtype copy for lora_A (autocast), lora_B, scaling, sum
     if s.method == "qlora":
-        y2 = g.op(y.size, [y])
+        y2 = g.op(y.size, [y], passthrough=True)
         g.drop(y)
         y = y2
     # peft tuners/lora/bnb.py Linear4bit/Linear8bitLt.forward cast x to the adapters' fp32
@@ -336,7 +350,7 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
     # `result + output`: type promotion makes the sum in the result's dtype (fp32 under
     # QLoRA) without a cast of `output` first; its gradient is cast back to the compute
     # dtype by the engine (recorded: one fp32 request at peft tuners/lora/bnb.py:552)
-    out = g.op(y.size, [y, sc])
+    out = g.op(y.size, [y, sc], passthrough=True)
     g.drop(y, sc)
     return out
 
@@ -392,7 +406,7 @@ def _rotary(g: Graph, q: Var) -> Var:
     g.unref(neg)
     b = g.op(n, [cat])
     g.drop(cat)
-    out = g.op(n, [a, b])
+    out = g.op(n, [a, b], passthrough=True)
     g.drop(a, b)
     return out
 
@@ -555,16 +569,16 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
             o = attn_block(g, n1)
             m = _mlp(g, spec, s, n1, lins, weights=weights)
             g.drop(n1)
-            r1 = g.op(x.size, [x, o])
+            r1 = g.op(x.size, [x, o], passthrough=True)
             g.drop(o)
-            out = g.op(x.size, [r1, m])
+            out = g.op(x.size, [r1, m], passthrough=True)
             g.drop(r1, m)
             return out
         n1 = _norm(g, s, x, h)
         o = attn_block(g, n1)
         g.drop(n1)
         o = post_norm(g, o)
-        r1 = g.op(x.size, [x, o])
+        r1 = g.op(x.size, [x, o], passthrough=True)
         g.drop(o)
         n2 = _norm(g, s, r1, h)
         rows = None
@@ -584,7 +598,7 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
             m = _mlp(g, spec, s, n2, lins, weights=weights)
         g.drop(n2)
         m = post_norm(g, m)
-        out = g.op(x.size, [r1, m])
+        out = g.op(x.size, [r1, m], passthrough=True)
         g.drop(r1, m)
         return out
 
