@@ -2,13 +2,14 @@
 with the ones `vramcalc.step_requests` generates for the same point: counts of allocations by size,
 largest first, and the reserved bytes each sequence leaves.
 
-    python calibration/trace_programs.py tr-d081-llama-3.1-8b [--min-mib 8] [--seq]
+    python calibration/trace_programs.py tr-d081-llama-3.1-8b [--min-mib 8] [--seq] [--diff]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import difflib
 import gzip
 import json
 import sys
@@ -22,7 +23,7 @@ from h200_points import records  # noqa: E402
 
 from vramcalc.allocator_replay import replay_requests, replay_trace  # noqa: E402
 from vramcalc.effective import effective_train_plan  # noqa: E402
-from vramcalc.step_requests import step_requests  # noqa: E402
+from vramcalc.step_requests import StepRequests, step_requests  # noqa: E402
 
 MiB = 2**20
 
@@ -52,19 +53,17 @@ def recorded_step(trace: dict, step: int) -> list[tuple[str, int]]:
     return out
 
 
-def generated_step(requests: list[tuple[int, int]], steps: int, step: int
-                   ) -> list[tuple[str, int]]:
+def generated_step(gen: StepRequests, step: int) -> list[tuple[str, int]]:
+    """(+/-, size) of generated step `step` (0-based), cut where the step begins."""
     sizes: dict[int, int] = {}
+    bounds = [*gen.starts, len(gen.requests)]
     out = []
-    for tid, size in requests:
+    for k, (tid, size) in enumerate(gen.requests[:bounds[step + 1]]):
         if size:
             sizes[tid] = size
-            out.append(("+", size))
-        else:
-            out.append(("-", sizes[tid]))
-    # steps are cut where the per-step sequences repeat: split evenly by allocations
-    n = len(out)
-    return out[step * n // steps:(step + 1) * n // steps]
+        if k >= bounds[step]:
+            out.append(("+", size) if size else ("-", sizes[tid]))
+    return out
 
 
 def main(argv: list[str]) -> None:
@@ -73,6 +72,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--min-mib", type=float, default=8.0)
     ap.add_argument("--step", type=int, default=1)
     ap.add_argument("--seq", action="store_true", help="print both sequences")
+    ap.add_argument("--diff", action="store_true",
+                    help="print where the two sequences differ (difflib opcodes)")
     args = ap.parse_args(argv)
     run = "run17" if args.point.startswith("t17-") else "run14"
     trace = json.loads(gzip.open(ROOT / "calibration" / "h200" / f"{run}-traces"
@@ -85,18 +86,31 @@ def main(argv: list[str]) -> None:
     gen = step_requests(spec, eff)
     sim = replay_requests(gen.requests, expandable=eff.expandable_segments)
     real = replay_trace(trace)
-    print(f"recorded: reserved {real.measured_reserved_end / 2**30:.2f} GiB; generated: "
+    print(f"recorded: reserved {real.measured_reserved_end / 2**30:.2f}, peak allocated "
+          f"{real.measured_peak_allocated / 2**30:.2f}, slack "
+          f"{(real.measured_reserved_end - real.measured_peak_allocated) / 2**30:.2f} GiB; "
+          "generated: "
           f"peak allocated {sim.peak_allocated / 2**30:.2f}, reserved "
           f"{sim.peak_reserved / 2**30:.2f}, slack "
           f"{(sim.peak_reserved - sim.peak_allocated) / 2**30:.2f} GiB")
     lim = args.min_mib * MiB
     r = [x for x in recorded_step(trace, args.step) if x[1] >= lim]
-    g = [x for x in generated_step(gen.requests, gen.steps, args.step) if x[1] >= lim]
+    g = [x for x in generated_step(gen, args.step) if x[1] >= lim]
     rc = collections.Counter(round(s / MiB, 1) for a, s in r if a == "+")
     gc = collections.Counter(round(s / MiB, 1) for a, s in g if a == "+")
     print(f"{'MiB':>10s} {'recorded':>9s} {'generated':>9s}")
     for size in sorted(set(rc) | set(gc), reverse=True):
         print(f"{size:10.1f} {rc.get(size, 0):9d} {gc.get(size, 0):9d}")
+    if args.diff:
+        rt = [f"{a}{s / MiB:.0f}" for a, s in r]
+        gt = [f"{a}{s / MiB:.0f}" for a, s in g]
+        sm = difflib.SequenceMatcher(None, rt, gt, autojunk=False)
+        for op, i1, i2, j1, j2 in sm.get_opcodes():
+            if op == "equal":
+                print(f"= {i2 - i1} requests")
+            else:
+                print(f"{op} recorded[{i1}:{i2}] {' '.join(rt[i1:i2])} | generated[{j1}:{j2}] "
+                      f"{' '.join(gt[j1:j2])}")
     if args.seq:
         print("recorded:  " + " ".join(f"{a}{s / MiB:.0f}" for a, s in r))
         print("generated: " + " ".join(f"{a}{s / MiB:.0f}" for a, s in g))

@@ -5,11 +5,12 @@ allocator sees (sizes and order of every tensor of at least a few KiB), so that
 A small autograd: every forward op allocates its temporaries and its output, and keeps
 the tensors its backward needs (saved tensors); backward runs the ops in reverse, each
 allocating the gradients of its inputs, then freeing its output's gradient and its saved
-tensors (torch/csrc/autograd: a node's SavedVariables are released after it runs). A
-gradient that reaches a tensor twice is summed out of place. Python references drop where
-the modeling code's locals go out of scope. Non-reentrant gradient checkpointing
-(torch/utils/checkpoint.py, use_reentrant=False) runs each layer's forward keeping only
-its input, and recomputes the layer right before its backward.
+tensors (torch/csrc/autograd: a node's SavedVariables are released after it runs). An
+add or a clone hands its output's gradient on to its inputs as the same tensor; a
+gradient that reaches a tensor twice is summed (input_buffer.cpp accumulate). Python
+references drop where the modeling code's locals go out of scope. Non-reentrant gradient
+checkpointing (torch/utils/checkpoint.py, use_reentrant=False) runs each layer's forward
+keeping only its input, and recomputes the layer right before its backward.
 
 The op programs follow the requests recorded on the H200 (calibration/h200/run14-traces,
 read with `calibration/trace_programs.py`): transformers 5 Llama-style decoder layers
@@ -31,9 +32,9 @@ int8 bases (bnb Linear8bitLt) run their own program (run17-traces t17-w029, t17-
 Not traced, so approximate: a frozen fp32 base under autocast (falcon "QLoRA", LoRA on
 fp32 weights) runs the 16-bit one; experts that a stack quantizes into per-expert Linears
 (`moe_experts="quantized"`) run every routed row through one gated MLP. Non-reentrant
-checkpointing's early stop (the recompute ends at the layer's last saved tensor) and the
-backward nodes that run before the recompute is triggered (those without saved tensors)
-are not modelled.
+checkpointing: the backward nodes that run before the recompute is triggered (those
+without saved tensors) run after it here (they hand their gradient on without a copy, so
+no request moves).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class Node:
     saved: list[Buf]
     bwd_temps: list[int] = field(default_factory=list)
     mm: bool = False  # a cuBLAS matmul: its backward may make the backward thread's workspace
+    passthrough: bool = False  # add / clone: its inputs get its own gradient tensor
 
 
 @dataclass(eq=False)
@@ -124,6 +126,8 @@ class Graph:
         # tensors kept as autograd ctx attributes (bnb MatMul8bitLt `ctx.tensors`): not
         # saved tensors, so released only when the graph is, after backward
         self.graph_held: list[Buf] = []
+        self.gone: set[int] = set()  # freed (or never made) outside unref: no request
+        self.for_good: set[int] = set()  # cuBLAS workspaces: never freed
         self._next = 0
         self.in_backward = False
         self._workspaces: set[bool] = set()  # threads whose cuBLAS workspace exists
@@ -146,7 +150,7 @@ class Graph:
         if b is None:
             return
         b.refs -= 1
-        if b.refs == 0:
+        if b.refs == 0 and b.id not in self.gone:
             self.requests.append((b.id, 0))
 
     def temp(self, size: int) -> None:
@@ -167,16 +171,20 @@ class Graph:
         """A cuBLAS matmul ran on this thread: its handle's workspace, made once, kept."""
         if self.in_backward not in self._workspaces:
             self._workspaces.add(self.in_backward)
-            self.alloc(CUBLAS_WORKSPACE)
+            b = self.alloc(CUBLAS_WORKSPACE)
+            if b is not None:
+                self.for_good.add(b.id)
 
     # -- ops --------------------------------------------------------------------------
     def op(self, size: int, inputs: list[Var], save: tuple[Var, ...] = (),
-           bwd_temps: tuple[int, ...] = (), save_out: bool = False, mm: bool = False
-           ) -> Var:
+           bwd_temps: tuple[int, ...] = (), save_out: bool = False, mm: bool = False,
+           passthrough: bool = False) -> Var:
         """A forward op: its output (of `size` bytes, its gradient the same); keeps `save`
         (and its output with `save_out`) for backward when a gradient flows through it,
         and makes `bwd_temps` while its backward runs. `mm`: a cuBLAS matmul (its inputs
-        listed weight first: the backward computes the weight's gradient first)."""
+        listed weight first: the backward computes the weight's gradient first).
+        `passthrough`: an add or a clone, whose backward hands its output's gradient on to
+        the inputs as it is."""
         out = Var(self.alloc(size), size, size, any(v.requires_grad for v in inputs))
         if mm:
             self.workspace()
@@ -184,7 +192,7 @@ class Graph:
             kept = [*save, out] if save_out else list(save)
             saved = [b for b in (self.ref(v.buf) for v in kept) if b is not None]
             self.nodes.append(Node(out, [v for v in inputs if v.requires_grad], saved,
-                                   list(bwd_temps), mm))
+                                   list(bwd_temps), mm, passthrough))
         return out
 
     def cast_cached(self, w: Var, size: int) -> Var:
@@ -210,21 +218,30 @@ class Graph:
         return Var(None, size, size, requires_grad, param=param)
 
     # -- backward ---------------------------------------------------------------------
-    def _grad_into(self, v: Var) -> None:
-        """A gradient for `v` arrives: the first is kept; a later one is added into it in
-        place and freed (torch/csrc/autograd/input_buffer.cpp `accumulate`), but where
-        `sum_out_of_place` (tied 16-bit embeddings: the embedding's gradient meets the
-        lm_head's, a transposed mm output the buffer cannot add into) the sum is a new
-        tensor that replaces both. Under autocast the lm_head's fp32 gradient is a fresh
-        contiguous cast (ToCopyBackward), which the embedding's is added into in place."""
+    def _grad_into(self, v: Var, given: Buf | None = None, passed: bool = False) -> None:
+        """A gradient for `v` arrives: a new tensor, or (`passed`) the tensor `given`
+        handed on by an add or a clone. The first is kept; a later one is added into it in
+        place (torch/csrc/autograd/input_buffer.cpp `accumulate`: into the buffer's tensor
+        where the buffer holds its last reference, else into the incoming one where that is
+        new), else the sum is a new tensor that replaces both: where both are shared, and
+        where `sum_out_of_place` (tied 16-bit embeddings: the embedding's gradient meets the
+        lm_head's, a transposed mm output the buffer cannot add into). Under autocast the
+        lm_head's fp32 gradient is a fresh contiguous cast (ToCopyBackward), which the
+        embedding's is added into in place."""
         if not v.has_grad:
-            v.grad, v.has_grad = self.alloc(v.grad_bytes), True
+            v.grad = self.ref(given) if passed else self.alloc(v.grad_bytes)
+            v.has_grad = True
             return
-        incoming = self.alloc(v.grad_bytes)
-        if v.sum_out_of_place:
+        incoming = self.ref(given) if passed else self.alloc(v.grad_bytes)
+        old_shared = v.grad is not None and v.grad.refs > 1
+        new_shared = passed and incoming is not None and incoming.refs > 1
+        if v.sum_out_of_place or (old_shared and new_shared):
             total = self.alloc(v.grad_bytes)
             self.unref(v.grad)
             v.grad = total
+        elif old_shared:  # var.add_(old_var): the incoming tensor becomes the buffer's
+            self.unref(v.grad)
+            v.grad, incoming = incoming, None
         self.unref(incoming)
 
     def _run_chunk(self, n: ChunkNode) -> None:
@@ -242,7 +259,10 @@ class Graph:
         # the node's temporaries live while it computes its input gradients
         held = [self.alloc(t) for t in n.bwd_temps]
         for i, v in enumerate(n.inputs):
-            self._grad_into(v)
+            # an add hands its gradient on as it is (AddBackward0, CloneBackward0); the
+            # engine casts it where the input's dtype differs (validate_outputs)
+            passed = n.passthrough and v.grad_bytes == n.out.grad_bytes
+            self._grad_into(v, n.out.grad, passed)
             if n.mm and i == 0:
                 self.workspace()
         for tmp in held:
@@ -273,16 +293,44 @@ class Graph:
                 self._run(n)
 
     def _recompute(self, c: CheckpointNode) -> None:
+        """The layer's backward under non-reentrant checkpointing (torch/utils/checkpoint.py,
+        early stop on by default): the recompute stops (_StopRecomputationError) as soon as
+        the last saved tensor is packed again, so the ops after it are not rerun, and what
+        the interrupted forward held is freed as the exception unwinds it (innermost first;
+        recorded in run 14: the recompute ends at the last LoRA's lora_A). The layer's
+        trailing nodes that keep nothing (residual and LoRA sums) run before the recompute
+        there; here they run after it, which moves no request: they hand their gradient
+        on without a copy (Node.passthrough)."""
         outer = self.nodes
         self.nodes = []
         inp = Var(c.inp.buf, c.inp.size, c.inp.grad_bytes, c.inp.requires_grad)
         self.recomputing = True
+        start = len(self.requests)
         out = c.layer(self, inp)
         self.recomputing = False
         self.clear_cache()
+        inner, self.nodes = self.nodes, outer
+        rerun = self.requests[start:]
+        saved = {b.id for n in inner if isinstance(n, Node) for b in n.saved}
+        last = max((k for k, (bid, size) in enumerate(rerun) if size and bid in saved),
+                   default=len(rerun) - 1)
+        kept = rerun[:last + 1]
+        live: dict[int, None] = {}
+        for bid, size in kept:
+            if size:
+                live[bid] = None
+            else:
+                live.pop(bid, None)
+        # (a cuBLAS workspace made by the recompute is the thread's, kept)
+        unwound = [bid for bid in reversed(live)
+                   if bid not in saved and bid not in self.for_good
+                   and (inp.buf is None or bid != inp.buf.id)]
+        # buffers the stopped forward never made, or let go as it unwound: no later free
+        self.gone.update(bid for bid, size in rerun[last + 1:] if size)
+        self.gone.update(unwound)
+        self.requests[start:] = kept + [(bid, 0) for bid in unwound]
         out.grad, out.has_grad = c.out.grad, c.out.has_grad
         c.out.grad, c.out.has_grad = None, False
-        inner, self.nodes = self.nodes, outer
         self.drop(out)
         self._backward(inner)
         c.inp.grad, c.inp.has_grad = inp.grad, inp.has_grad
@@ -393,17 +441,19 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
         return y
     # peft LoRA: result.clone() under bnb, x cast to the fp32 adapters, dropout, a
     # compute-dtype copy for lora_A (autocast), lora_B, scaling, sum
-    res_bytes = y.size // max(t * o, 1)
     if s.method == "qlora" and not s.int8:
-        y2 = g.op(y.size, [y])
+        y2 = g.op(y.size, [y], passthrough=True)
         g.drop(y)
         y = y2
-    # peft 0.21 lora/bnb.py Linear8bitLt.forward: no result.clone(), and under autocast
-    # (`requires_conversion = not torch.is_autocast_enabled()`) no cast of x or of the
-    # output: dropout runs in x's dtype, lora_A's autocast copy only when that is not the
-    # compute dtype, and `result + output` promotes to the result's dtype (t17-y012)
-    xb = in_bytes if s.int8 else 4
-    xv = g.op(t * i * 4, [x]) if xb != in_bytes else x  # _cast_input_dtype to fp32
+    # peft tuners/lora/bnb.py Linear4bit/Linear8bitLt.forward cast x to the adapters' fp32
+    # only where autocast is off (`requires_conversion = not torch.is_autocast_enabled()`),
+    # and every LoRA / QLoRA step here runs under autocast (TrainPlan.autocast): x goes to
+    # the dropout in its own dtype, lora_A's autocast copy only when that is not the
+    # compute dtype, and `result + output` promotes to the result's dtype (run 14 y028,
+    # t17-y012). peft 0.21 Linear8bitLt makes no result.clone(). tuners/lora/layer.py
+    # Linear.forward (16-bit bases) casts x always (_cast_input_dtype).
+    xb = in_bytes if s.method == "qlora" else 4
+    xv = g.op(t * i * xb, [x]) if xb != in_bytes else x
     if s.dropout:
         mask = g.op(t * i, [])
         xd = g.op(t * i * xb, [xv], save=(mask,))
@@ -411,24 +461,35 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
     else:
         xd = xv
     a_w = (weights or {}).get(lin.name + ".A") or g.leaf(i * s.rank * 4, True, param=True)
-    xa = g.op(t * i * s.c, [xd]) if not (s.int8 and xb == s.c) else xd  # autocast copy
-    if xd is not x and xd is not xa:
-        g.drop(xd)
-    if xv is not x and xv is not xd:
-        g.drop(xv)
-    a = g.op(t * s.rank * s.c, [a_w, xa], save=(xa,), mm=True)
-    if xa is not x:
-        g.drop(xa)
+    # autocast's copy for lora_A (none where x already is in the compute dtype)
+    xa = g.op(t * i * s.c, [xd]) if xb != s.c else xd
+    if s.int8:
+        if xd is not x and xd is not xa:
+            g.drop(xd)
+        if xv is not x and xv is not xd:
+            g.drop(xv)
+        a = g.op(t * s.rank * s.c, [a_w, xa], save=(xa,), mm=True)
+        if xa is not x:
+            g.drop(xa)
+    else:
+        a = g.op(t * s.rank * s.c, [a_w, xa], save=(xa,), mm=True)
+        # the cast inside F.linear goes first, then the dropout output, an argument of
+        # lora_A(...) (recorded: autocast copy, then dropout output freed, no grad)
+        if xa is not xd:
+            g.drop(xa)
+        if xd is not x and xd is not xv:
+            g.drop(xd)
+        if xv is not x:
+            g.drop(xv)
     b_w = (weights or {}).get(lin.name + ".B") or g.leaf(s.rank * o * 4, True, param=True)
     b = g.op(t * o * s.c, [b_w, a], save=(a,), mm=True)
     g.drop(a)
     sc = g.op(t * o * s.c, [b])
     g.drop(b)
-    if res_bytes != s.c and not s.int8:
-        sc2 = g.op(t * o * res_bytes, [sc])
-        g.drop(sc)
-        sc = sc2
-    out = g.op(y.size, [y, sc])
+    # `result + output`: type promotion makes the sum in the result's dtype (fp32 under
+    # QLoRA) without a cast of `output` first; its gradient is cast back to the compute
+    # dtype by the engine (recorded: one fp32 request at peft tuners/lora/bnb.py:552)
+    out = g.op(y.size, [y, sc], passthrough=True)
     g.drop(y, sc)
     return out
 
@@ -442,9 +503,14 @@ def _norm(g: Graph, s: _Shapes, x: Var, width: int, rows: int | None = None) -> 
     n = t * width
     in_bytes = x.size // max(n, 1)
     xf = g.op(n * 4, [x]) if in_bytes != 4 else x
-    g.temp(n * 4)  # pow
-    # backward of pow, mean, rsqrt and the product: fp32 temporaries of the input's size
-    y = g.op(n * 4, [xf], save=(xf,), bwd_temps=(n * 4, n * 4, n * 4))
+    g.temp(n * 4)  # pow, reduced by mean to the per-row inverse rms
+    # rsqrt(pow(2).mean(-1) + eps): its backward (mean's expand / n, pow's self.pow(1) and
+    # * 2, then grad * that, added into xf's gradient) makes input-sized fp32 tensors
+    # (recorded, run 14: four at the final norm, the sum among them)
+    r = g.op(t * 4, [xf], save=(xf,), bwd_temps=(n * 4, n * 4, n * 4))
+    # xf * r: grad * r for xf (xf's first gradient) and grad * xf, summed to r's shape
+    y = g.op(n * 4, [xf, r], save=(xf,), bwd_temps=(n * 4,))
+    g.drop(r)
     trains = s.method == "full"
     if in_bytes != 4:
         yc = g.op(n * in_bytes, [y])
@@ -479,7 +545,7 @@ def _rotary(g: Graph, q: Var) -> Var:
     g.unref(neg)
     b = g.op(n, [cat])
     g.drop(cat)
-    out = g.op(n, [a, b])
+    out = g.op(n, [a, b], passthrough=True)
     g.drop(a, b)
     return out
 
@@ -541,9 +607,28 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
         if rep:
             g.drop(kr, vr)
     else:
-        # flash / efficient backward: fp32 accumulators of dq (and the softmax stats)
-        o = g.op(t * spec.q_size * qb, [q, k, v], save=(q, k, v), save_out=True,
-                 bwd_temps=(2 * t * spec.q_size * 4,))
+        # scaled_dot_product_attention is on autocast's lower-precision list: fp32 q, k, v
+        # (QLoRA: fp32 norms, so fp32 projections and rotary) are cast to the compute dtype
+        # first, and the casts are what the kernel saves (recorded, run 14: three
+        # compute-dtype copies at transformers integrations/sdpa_attention.py
+        # sdpa_attention_forward, an output in the compute dtype). The fused kernels write
+        # their output in (batch, seq, heads, dim) order, so the `transpose(1, 2)
+        # .contiguous()` after it copies nothing (no request recorded there).
+        qc, kc, vc = q, k, v
+        if qb != s.c:
+            qc = g.op(t * spec.q_size * s.c, [q])
+            kc = g.op(k.size // qb * s.c, [k])
+            vc = g.op(v.size // qb * s.c, [v])
+        # the fused backward's one workspace: fp32 accumulators of dq and the softmax's
+        # per-row stats, batch x heads x seq in fp32 (recorded, run 14: t * q_size * 4 * k
+        # + that, one request per layer, k = 2 on most points, 1 on the long-sequence
+        # QLoRA ones, which is not modeled)
+        stats = plan.batch_size * spec.num_attention_heads * plan.seq_len * 4
+        out = g.op(t * spec.q_size * s.c, [qc, kc, vc], save=(qc, kc, vc), save_out=True,
+                   bwd_temps=(2 * t * spec.q_size * 4 + stats,))
+        if qc is not q:
+            g.drop(qc, kc, vc)
+        return out, None
     out = g.op(o.size, [o])  # transpose(1, 2).contiguous()
     g.drop(o)
     return out, probs
@@ -799,9 +884,12 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
         a, probs = _attention(g, spec, plan, s, qe, ke, v)
         if probs is not None:
             held.append(probs)
-        g.drop(qe, ke, v)
         o = _linear(g, s, a, lins["o"], weights=weights)
+        # `attn_output = self.o_proj(attn_output)` lets the attention output go; the
+        # query/key/value states are locals of the attention's forward, freed when it
+        # returns (transformers modeling_llama LlamaAttention.forward; recorded in run 14)
         g.drop(a)
+        g.drop(qe, ke, v)
         return o
 
     def post_norm(g: Graph, v: Var) -> Var:
@@ -821,16 +909,16 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
             o = attn_block(g, n1, held)
             m = _mlp(g, spec, s, n1, lins, weights=weights)
             g.drop(n1)
-            r1 = g.op(x.size, [x, o])
+            r1 = g.op(x.size, [x, o], passthrough=True)
             g.drop(o)
-            out = g.op(x.size, [r1, m])
+            out = g.op(x.size, [r1, m], passthrough=True)
             g.drop(r1, m, *held)
             return out
         n1 = _norm(g, s, x, h)
         o = attn_block(g, n1, held)
         g.drop(n1)
         o = post_norm(g, o)
-        r1 = g.op(x.size, [x, o])
+        r1 = g.op(x.size, [x, o], passthrough=True)
         g.drop(o)
         n2 = _norm(g, s, r1, h)
         if spec.is_moe:
@@ -839,7 +927,7 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
             m = _mlp(g, spec, s, n2, lins, weights=weights)
         g.drop(n2)
         m = post_norm(g, m)
-        out = g.op(x.size, [r1, m])
+        out = g.op(x.size, [r1, m], passthrough=True)
         g.drop(r1, m, *held)
         return out
 
@@ -868,6 +956,7 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
 class StepRequests:
     requests: list[tuple[int, int]]
     steps: int
+    starts: list[int] = field(default_factory=list)  # index of each step's first request
 
 
 def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepRequests:
@@ -905,7 +994,9 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
     state_sizes = optimizer_state_sizes(spec, plan)
     ck = plan.gradient_checkpointing
     held: Var | None = None
+    starts: list[int] = []
     for step in range(steps):
+        starts.append(len(g.requests))
         x = g.op(t * h * s.act, [embed_w])
         if ck and not full:
             x.requires_grad = True  # enable_input_require_grads
@@ -921,14 +1012,19 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
             # one gets its compute-dtype gradient first, then the fp32 cast of it
             # (ToCopyBackward)
             head_copy = g.op(vocab * h * s.c, [head_w])
-        logits = g.op(t * vocab * s.c, [head_copy or head_w, n], mm=True,
-                      save=tuple(v for v in ((n if full else None), head_copy)
+        # autocast casts an fp32 final hidden state (QLoRA's fp32 norm) for the matmul too;
+        # kept only where the head trains (recorded: a compute-dtype copy made and freed
+        # around the logits at modeling_llama LlamaForCausalLM.forward)
+        nc = g.op(t * h * s.c, [n]) if n.size != t * h * s.c else n
+        logits = g.op(t * vocab * s.c, [head_copy or head_w, nc], mm=True,
+                      save=tuple(v for v in ((nc if full else None), head_copy)
                                  if v is not None))
+        if nc is not n:
+            g.drop(nc)
         if spec.final_logit_softcapping:
             logits = _softcap(g, logits)
         if head_copy is not None:
             g.drop(head_copy)
-        g.drop(n)
         up = g.op(t * vocab * 4, [logits])
         logp = g.op(t * vocab * 4, [up], save_out=True)  # log_softmax keeps its output
         g.drop(up)
@@ -937,20 +1033,24 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
             held = None
         loss = g.op(4, [logp])
         g.drop(logp)
+        # the final hidden state is a local of the CausalLM forward: freed when it returns,
+        # after its loss (recorded in every run 14 trace)
+        g.drop(n)
         g.clear_cache()  # autocast's region ends with the forward and loss
         if plan.holds_output:
             held = logits
+            g.backward(loss)
         else:
-            if plan.loop == "trainer":
-                # accelerate's mixed-precision wrapper (utils/operations.py
-                # convert_outputs_to_fp32) returns the output with fp32 logits: the cast
-                # is made, the 16-bit logits let go, and Trainer's compute_loss drops
-                # the output (only the loss lives on) before backward
-                conv = g.op(t * vocab * 4, [logits])
+            if plan.loop == "trainer" and logits.size != t * vocab * 4:
+                # accelerate's convert_outputs_to_fp32 (utils/operations.py) replaces the
+                # output's logits by an fp32 copy, which Trainer.compute_loss drops with the
+                # output, keeping only the loss: both go before backward begins (recorded)
+                conv = g.alloc(t * vocab * 4)
                 g.drop(logits)
-                logits = conv
-            g.drop(logits)
-        g.backward(loss)
+                g.unref(conv)
+            else:
+                g.drop(logits)
+            g.backward(loss)
         # optimizer: states at the first step, then zero_grad frees every gradient
         if step == 0:  # kept for good: never freed
             for sz in state_sizes:
@@ -964,7 +1064,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         for v in params:
             g.unref(v.grad)
             v.grad, v.has_grad = None, False
-    return StepRequests(g.requests, steps)
+    return StepRequests(g.requests, steps, starts)
 
 
 def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
