@@ -140,3 +140,16 @@ def test_a_gradient_too_small_to_track_still_flows() -> None:
     g.backward(loss)
     made = [size for _, size in g.requests[before:] if size]
     assert made == [100 * MIN_REQUEST]  # x's gradient
+
+
+def test_a_fused_gate_up_output_gets_its_gradient() -> None:
+    """Phi-3's `gate, up = gate_up_proj(x).chunk(2)`: the two views' gradients join into
+    one of the fused output's size in backward (SplitBackward0), so the MLP's backward
+    reaches gate_up_proj and the layers below."""
+    from vramcalc.specs import depth_cut
+
+    spec = depth_cut(get_spec("phi-3-mini"), 1)
+    plan = TrainPlan(method="lora", quant="none", batch_size=1, seq_len=512)
+    fused = 512 * 2 * spec.intermediate_size * 2  # tokens x 2I in bf16
+    sizes = [size for _, size in step_requests(spec, plan, steps=1).requests]
+    assert sizes.count(fused) >= 2  # the forward output and its gradient

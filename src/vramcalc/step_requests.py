@@ -638,17 +638,17 @@ def _mlp(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, lins: dict[str, LinearSh
          rows: int | None = None, weights: dict[str, Var] | None = None) -> Var:
     if "gate_up" in lins or "gate" in lins:
         if "gate_up" in lins:
+            # `gate, up_states = up_states.chunk(2, dim=-1)` (modeling_phi3 Phi3MLP): two
+            # views of the fused output; backward joins their gradients (SplitBackward0)
             gu = _linear(g, s, x, lins["gate_up"], rows, weights)
-            half = gu.size // 2
-            gate = Var(None, half, half, gu.requires_grad)
-            up = Var(None, half, half, gu.requires_grad)
+            gate, up = g.chunk(gu, 2)
             keep: list[Var] = [gu]
         else:
             gate = _linear(g, s, x, lins["gate"], rows, weights)
             keep = []
         act = g.op(gate.size, [gate], save=(gate,))
+        g.drop(gate)
         if "gate_up" not in lins:
-            g.drop(gate)
             up = _linear(g, s, x, lins["up"], rows, weights)
         prod = g.op(act.size, [act, up], save=(act, up))
         g.drop(act, up, *keep)
