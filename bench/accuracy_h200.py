@@ -123,6 +123,9 @@ HOLDOUTS = [
      "holdout 7 (run 16, fresh draws over 36 architectures after the post-run-15 changes)"),
     ("run17-holdout8.jsonl", "h200-holdout8-predictions.json",
      "holdout 8 (run 17, 10 small points, half eager, after the post-run-16 changes)"),
+    ("run19-holdout9.jsonl", "h200-holdout9-predictions.json",
+     "holdout 9 (run 19, one draw per architecture over 40, 4 never measured, after the "
+     "load programs and the run-17/18 traces)"),
 ]
 
 

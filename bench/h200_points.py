@@ -38,6 +38,7 @@ RUNS = {  # run file -> the matrix it measured
     "run17-holdout8.jsonl": "h200-holdout8.json",
     "run17-traces.jsonl": "h200-traces17.json",
     "run18-load-traces.jsonl": "h200-traces18.json",
+    "run19-holdout9.jsonl": "h200-holdout9.json",
 }
 
 
