@@ -382,6 +382,13 @@ def main(which: str) -> None:
         archs = {**REPLAY_HOLDOUT_ARCHS, "llama-3-8b": 4, "mistral-7b-v0.3": 4,
                  "llama-7b": 4, "qwen2.5-72b": 2}
         points = random_points(archs, 40, seed=190, prefix="n", plain="plain")
+    elif which == "holdout10":
+        # A replication of holdout 9 with the estimator unchanged since (fresh draws, same
+        # architectures, another seed); predictions committed before run 20
+        # (h200-holdout10-predictions.json).
+        archs = {**REPLAY_HOLDOUT_ARCHS, "llama-3-8b": 4, "mistral-7b-v0.3": 4,
+                 "llama-7b": 4, "qwen2.5-72b": 2}
+        points = random_points(archs, 40, seed=210, prefix="m", plain="plain")
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
         # with sdpa turned eager, sequences capped at 4096); predictions committed before
@@ -395,7 +402,7 @@ def main(which: str) -> None:
         points = first_fitting(draws, 16, max_gib=40)
     else:
         raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5|"
-                         "holdout6|holdout7|holdout8|holdout9|eager")
+                         "holdout6|holdout7|holdout8|holdout9|holdout10|eager")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 
