@@ -126,6 +126,8 @@ HOLDOUTS = [
     ("run19-holdout9.jsonl", "h200-holdout9-predictions.json",
      "holdout 9 (run 19, one draw per architecture over 40, 4 never measured, after the "
      "load programs and the run-17/18 traces)"),
+    ("run20-holdout10.jsonl", "h200-holdout10-predictions.json",
+     "holdout 10 (run 20, a replication of holdout 9 with another seed, estimator unchanged)"),
 ]
 
 

@@ -39,6 +39,7 @@ RUNS = {  # run file -> the matrix it measured
     "run17-traces.jsonl": "h200-traces17.json",
     "run18-load-traces.jsonl": "h200-traces18.json",
     "run19-holdout9.jsonl": "h200-holdout9.json",
+    "run20-holdout10.jsonl": "h200-holdout10.json",
 }
 
 
