@@ -154,3 +154,27 @@ def test_a_fused_gate_up_output_gets_its_gradient() -> None:
     gate_up_b_grad = 2 * spec.intermediate_size * 16 * 4
     sizes = [size for _, size in step_requests(spec, plan, steps=1).requests]
     assert gate_up_b_grad in sizes
+
+
+def _live_bytes(spec: ModelSpec, plan: TrainPlan, steps: int) -> int:
+    live: dict[int, int] = {}
+    for tid, size in step_requests(spec, plan, steps=steps).requests:
+        if size:
+            live[tid] = size
+        else:
+            del live[tid]
+    return sum(live.values())
+
+
+@pytest.mark.parametrize("plan", [
+    TrainPlan(method="qlora", batch_size=1, seq_len=512),
+    TrainPlan(method="qlora", quant="int8", batch_size=1, seq_len=512, attn="eager"),
+    TrainPlan(method="lora", batch_size=1, seq_len=512, loop="plain-outputs"),
+    TrainPlan(method="full", batch_size=1, seq_len=512, optimizer="adamw_torch"),
+])
+def test_no_buffer_outlives_its_step(plan: TrainPlan) -> None:
+    """What is left after a step (optimizer states, workspaces, a held output) is the same
+    after the next one: the embedding output's gradient under enable_input_require_grads
+    goes with the graph, not kept step over step."""
+    spec = get_spec("qwen2.5-0.5b").model_copy(update={"num_hidden_layers": 2})
+    assert _live_bytes(spec, plan, 3) == _live_bytes(spec, plan, 2)

@@ -126,6 +126,10 @@ class Graph:
         # tensors kept as autograd ctx attributes (bnb MatMul8bitLt `ctx.tensors`): not
         # saved tensors, so released only when the graph is, after backward
         self.graph_held: list[Buf] = []
+        # leaves outside the parameters that require grad (the embedding output under
+        # enable_input_require_grads): their `.grad` goes with the leaf, which the graph's
+        # AccumulateGrad node keeps until the graph is freed after backward
+        self.leaves: list[Var] = []
         self.gone: set[int] = set()  # freed (or never made) outside unref: no request
         self.for_good: set[int] = set()  # cuBLAS workspaces: never freed
         self._next = 0
@@ -282,6 +286,10 @@ class Graph:
         for b in self.graph_held:
             self.unref(b)
         self.graph_held = []
+        for v in self.leaves:
+            self.unref(v.grad)
+            v.grad, v.has_grad = None, False
+        self.leaves = []
 
     def _backward(self, nodes: list[Node | ChunkNode | CheckpointNode]) -> None:
         for n in reversed(nodes):
@@ -1000,6 +1008,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         x = g.op(t * h * s.act, [embed_w])
         if ck and not full:
             x.requires_grad = True  # enable_input_require_grads
+            g.leaves.append(x)
         for fn in fns:
             nx = g.checkpoint(fn, x) if ck else fn(g, x)
             g.drop(x)
