@@ -178,3 +178,14 @@ def test_no_buffer_outlives_its_step(plan: TrainPlan) -> None:
     goes with the graph, not kept step over step."""
     spec = get_spec("qwen2.5-0.5b").model_copy(update={"num_hidden_layers": 2})
     assert _live_bytes(spec, plan, 3) == _live_bytes(spec, plan, 2)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_quantized_experts_setting_needs_a_quantized_base(method: str) -> None:
+    """moe_experts="quantized" on a 16-bit base changes nothing: the loader fuses the
+    experts (load_requests, weights), so the step program runs the same fused stacks."""
+    spec = get_spec("mixtral-8x7b").model_copy(update={"num_hidden_layers": 2})
+    kw = dict(method=method, seq_len=256, lora_dropout=0.0)
+    fused = step_requests(spec, TrainPlan(**kw), steps=1).requests
+    assert step_requests(spec, TrainPlan(**kw, moe_experts="quantized"),
+                         steps=1).requests == fused

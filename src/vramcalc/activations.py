@@ -250,8 +250,10 @@ FP32_UNDER_AUTOCAST = {"gelu_new"}
 
 def fused_experts(spec: ModelSpec, plan: TrainPlan) -> bool:
     """transformers-5 MoE: experts are 3-D tensors run by `torch._grouped_mm`
-    (integrations/moe.py `grouped_mm_experts_forward`), not per-expert Linears."""
-    return spec.is_moe and plan.moe_experts == "unquantized"
+    (integrations/moe.py `grouped_mm_experts_forward`), not per-expert Linears.
+    `moe_experts="quantized"` only changes that on a quantized base (weights.weight_bytes,
+    load_requests): a 16-bit base has nothing to quantize."""
+    return spec.is_moe and not (plan.moe_experts == "quantized" and plan.quant != "none")
 
 
 def expert_dtype_bytes(plan: TrainPlan) -> int:

@@ -73,7 +73,8 @@ def lora_on_experts(spec: ModelSpec, plan: TrainPlan) -> bool:
     """Whether LoRA wraps the 3-D expert tensors (peft ParamWrapper): with all-linear or
     'experts' among the targets, on a transformers-5 MoE whose experts stay unquantized
     and whose model type peft converts (EXPERT_LORA_MODEL_TYPES)."""
-    if not (plan.is_lora and spec.is_moe and plan.moe_experts == "unquantized"):
+    quantized_experts = plan.moe_experts == "quantized" and plan.quant != "none"
+    if not (plan.is_lora and spec.is_moe and not quantized_experts):
         return False
     if spec.model_type not in EXPERT_LORA_MODEL_TYPES:
         return False
