@@ -389,6 +389,16 @@ def main(which: str) -> None:
         archs = {**REPLAY_HOLDOUT_ARCHS, "llama-3-8b": 4, "mistral-7b-v0.3": 4,
                  "llama-7b": 4, "qwen2.5-72b": 2}
         points = random_points(archs, 40, seed=210, prefix="m", plain="plain")
+    elif which == "holdout11":
+        # After the post-run-20 review fixes (the checkpointed LoRA programs' leaked
+        # embedding-output gradient): 20 fresh draws over 20 of holdout 9's architectures
+        # picked at random, what the last device minutes of the session allow; predictions
+        # committed before run 21 (h200-holdout11-predictions.json).
+        pool = {**REPLAY_HOLDOUT_ARCHS, "llama-3-8b": 4, "mistral-7b-v0.3": 4,
+                "llama-7b": 4, "qwen2.5-72b": 2}
+        picked = random.Random(231).sample(sorted(pool), 20)
+        points = random_points({k: pool[k] for k in picked}, 20, seed=230, prefix="k",
+                               plain="plain")
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
         # with sdpa turned eager, sequences capped at 4096); predictions committed before
@@ -402,7 +412,7 @@ def main(which: str) -> None:
         points = first_fitting(draws, 16, max_gib=40)
     else:
         raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5|"
-                         "holdout6|holdout7|holdout8|holdout9|holdout10|eager")
+                         "holdout6|holdout7|holdout8|holdout9|holdout10|holdout11|eager")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 
