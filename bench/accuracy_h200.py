@@ -128,6 +128,8 @@ HOLDOUTS = [
      "load programs and the run-17/18 traces)"),
     ("run20-holdout10.jsonl", "h200-holdout10-predictions.json",
      "holdout 10 (run 20, a replication of holdout 9 with another seed, estimator unchanged)"),
+    ("run21-holdout11.jsonl", "h200-holdout11-predictions.json",
+     "holdout 11 (run 21, 20 points, after the post-run-20 review fixes)"),
 ]
 
 

@@ -80,7 +80,8 @@ def main(argv: list[str]) -> None:
               f"{100 * statistics.median(cor[key]):5.2f} %")
     print(f"helps: {helps}")
     for run in ("run15-holdout6.jsonl", "run16-holdout7.jsonl", "run17-holdout8.jsonl",
-                "run19-holdout9.jsonl", "run20-holdout10.jsonl"):
+                "run19-holdout9.jsonl", "run20-holdout10.jsonl",
+                "run21-holdout11.jsonl"):
         later = points(run)
         raw6, cor6 = errors(later, None), errors(later, fitted)
         print(f"later holdout ({run}, n={len(later)}): median |error|")

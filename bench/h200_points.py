@@ -40,6 +40,7 @@ RUNS = {  # run file -> the matrix it measured
     "run18-load-traces.jsonl": "h200-traces18.json",
     "run19-holdout9.jsonl": "h200-holdout9.json",
     "run20-holdout10.jsonl": "h200-holdout10.json",
+    "run21-holdout11.jsonl": "h200-holdout11.json",
 }
 
 
