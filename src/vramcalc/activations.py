@@ -35,7 +35,7 @@ from __future__ import annotations
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ACTIVATION_SAVED_TENSORS, ModelSpec, sdpa_window_masks
 from vramcalc.trainable import lora_on_experts, lora_targets
-from vramcalc.weights import DTYPE_BYTES
+from vramcalc.weights import DTYPE_BYTES, fused_experts
 
 # The projections that read a layer's input norm and feed its attention core.
 QKV_ROLES = frozenset({"q", "k", "v", "qkv"})
@@ -70,7 +70,7 @@ def mlp_bytes(plan: TrainPlan) -> int:
 
 def _intermediate(spec: ModelSpec) -> int:
     """Intermediate width one token passes through in the MLP (experts: top-k of them)."""
-    inter = spec.moe_intermediate_size or spec.intermediate_size
+    inter = spec.expert_intermediate_size
     if spec.is_moe:
         return inter * spec.num_experts_per_tok + spec.shared_expert_intermediate_size
     return inter
@@ -248,14 +248,6 @@ def _attention_saved(spec: ModelSpec, plan: TrainPlan) -> int:
 FP32_UNDER_AUTOCAST = {"gelu_new"}
 
 
-def fused_experts(spec: ModelSpec, plan: TrainPlan) -> bool:
-    """transformers-5 MoE: experts are 3-D tensors run by `torch._grouped_mm`
-    (integrations/moe.py `grouped_mm_experts_forward`), not per-expert Linears.
-    `moe_experts="quantized"` only changes that on a quantized base (weights.weight_bytes,
-    load_requests): a 16-bit base has nothing to quantize."""
-    return spec.is_moe and not (plan.moe_experts == "quantized" and plan.quant != "none")
-
-
 def expert_dtype_bytes(plan: TrainPlan) -> int:
     """The dtype the fused experts compute in: their own. `_grouped_mm` is on no autocast
     list, so fp32 experts (QLoRA: prepare_model_for_kbit_training upcasts every non-4-bit
@@ -276,7 +268,7 @@ def routed_saved_per_token(spec: ModelSpec, plan: TrainPlan) -> int:
     the routed down output (h, kept by the routing-weight multiply); when the expert weights
     need a gradient `_grouped_mm` also keeps its inputs: the gathered hidden states (h) and
     the product (I). Traced on the H200 (run 5 snap d061, run 1 snap-mixtral-qlora)."""
-    inter = spec.moe_intermediate_size or spec.intermediate_size
+    inter = spec.expert_intermediate_size
     per_row = 2 * inter + inter + spec.hidden_size
     if experts_train(spec, plan):
         per_row += inter + spec.hidden_size

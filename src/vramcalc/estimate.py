@@ -167,7 +167,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     logits_saved = (LOGITS_SAVED_UNITS + softcap) * logits_unit
     # Later in backward: logits are gone, every gradient may exist, and (with
     # checkpointing) one layer is recomputed while its gradients flow.
-    inter = spec.moe_intermediate_size or spec.intermediate_size
+    inter = spec.expert_intermediate_size
     # eager attention's backward: its score-sized transients, less what the layer has freed
     # by then (its tensors after the attention core, the bf16 probabilities: the constant)
     post_attention = per_layer - pre_attention_saved_bytes_per_token(spec, plan)
@@ -192,7 +192,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         # folded weight (a full stack) while the folds are alive; down_proj first (next to
         # both folds), then gate_up_proj (its fold and its gradient, down's fold freed).
         # H200 snapshots (run 1 snap-mixtral-qlora, run 5 v013): unframed backward blocks.
-        e, inter = spec.num_local_experts, spec.moe_intermediate_size or spec.intermediate_size
+        e, inter = spec.num_local_experts, spec.expert_intermediate_size
         f_down = rounded(e * inter * h * expert_dtype_bytes(plan))
         f_gate_up = rounded(e * 2 * inter * h * expert_dtype_bytes(plan))
         fold_transient += max(f_down, f_gate_up - f_down)

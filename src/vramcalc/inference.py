@@ -368,7 +368,7 @@ def _mlp_peak(spec: ModelSpec, tokens: int, c: int, peak: dict[str, int]) -> int
     Plain MLP: fc1, act, fc2. MoE blocks (not measured): three intermediate-wide tensors
     next to the widest Linear, as before.
     """
-    inter = spec.moe_intermediate_size or spec.intermediate_size
+    inter = spec.expert_intermediate_size
     i_c = rounded(tokens * inter * c)
     if spec.is_moe:
         return 3 * i_c + max(peak.values(), default=0)

@@ -42,12 +42,18 @@ from itertools import count
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import LinearShape, ModelSpec
 from vramcalc.trainable import lora_tensor_numels
-from vramcalc.weights import NESTED_BLOCKSIZE, NF4_BLOCKSIZE, ceil_div
+from vramcalc.weights import (
+    DTYPE_BYTES,
+    NESTED_BLOCKSIZE,
+    NF4_BLOCKSIZE,
+    ceil_div,
+    expert_linear_numels,
+    fused_experts,
+)
 
 MIN_REQUEST = 64 * 1024
 EMPTY_CACHE = (0, -1)  # a request that empties the cache (`torch.cuda.empty_cache()`)
 
-_LOAD_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
 
 
@@ -78,7 +84,7 @@ def _checkpoint_order(spec: ModelSpec) -> list[LinearShape]:
 
 def warmup_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
     """`get_total_byte_count`: what `caching_allocator_warmup` allocates (and frees)."""
-    load = _LOAD_BYTES[plan.load_dtype]
+    load = DTYPE_BYTES[plan.load_dtype]
     linears = spec.quantizable_params()
     rest = spec.num_params() - linears
     if plan.quant in ("nf4", "fp4") and spec.bnb_quantizes_linears:
@@ -110,80 +116,84 @@ def _materialize_linear(r: _Requests, lin: LinearShape, plan: TrainPlan, load: i
     r.free(x)
 
 
+def _expert_piece(spec: ModelSpec, load: int) -> int:
+    """Bytes of one expert's gate, up or down projection as the checkpoint holds it."""
+    return spec.hidden_size * spec.expert_intermediate_size * load
+
+
 def _expert_pieces(r: _Requests, spec: ModelSpec, load: int) -> list[list[int | None]]:
     """One layer's per-expert checkpoint tensors materialized in key order (expert-major:
     gate, down, up of expert 0, then expert 1, ...): [gate pieces, up pieces, down pieces]."""
-    h = spec.hidden_size
-    inter = spec.moe_intermediate_size or spec.intermediate_size
+    piece = _expert_piece(spec, load)
     gate: list[int | None] = []
     up: list[int | None] = []
     down: list[int | None] = []
     for _ in range(spec.num_local_experts):
-        gate.append(r.alloc(h * inter * load))
-        down.append(r.alloc(h * inter * load))
-        up.append(r.alloc(h * inter * load))
+        gate.append(r.alloc(piece))
+        down.append(r.alloc(piece))
+        up.append(r.alloc(piece))
     return [gate, up, down]
 
 
-def _fuse_experts(r: _Requests, spec: ModelSpec, load: int, pieces: list[list[int | None]],
-                  keep: list[tuple[int | None, int]], synchronous: bool = False) -> None:
+def _fuse_experts(r: _Requests, spec: ModelSpec, load: int, gate: list[int | None],
+                  up: list[int | None], down: list[int | None] | None,
+                  keep: list[tuple[int | None, int]]) -> None:
     """MergeModulelist (stack, pieces freed) for gate and up, Concatenate into gate_up_proj
-    (the two stacks freed), MergeModulelist for down_proj. `synchronous` (a quantizer
-    loads one converter group at a time): down's pieces are materialized only now."""
-    h = spec.hidden_size
-    inter = spec.moe_intermediate_size or spec.intermediate_size
-    stack = spec.num_local_experts * h * inter * load
+    (the two stacks freed), MergeModulelist for down_proj. `down` None (a quantizer loads
+    one converter group at a time): down's pieces are materialized only now."""
+    piece = _expert_piece(spec, load)
+    stack = spec.num_local_experts * piece
     stacks = []
-    for proj in pieces[:2]:
+    for proj in (gate, up):
         stacks.append(r.alloc(stack))
         for p in proj:
             r.free(p)
     gate_up = r.alloc(2 * stack)
     for st in stacks:
         r.free(st)
-    if synchronous:
-        pieces[2] = [r.alloc(h * inter * load) for _ in range(spec.num_local_experts)]
-    down = r.alloc(stack)
-    for p in pieces[2]:
+    if down is None:
+        down = [r.alloc(piece) for _ in range(spec.num_local_experts)]
+    down_proj = r.alloc(stack)
+    for p in down:
         r.free(p)
-    keep += [(gate_up, 2 * stack), (down, stack)]
+    keep += [(gate_up, 2 * stack), (down_proj, stack)]
 
 
 def load_requests(spec: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
     """(id, bytes) requests from an empty allocator to the start of training: a size of 0
     frees tensor `id`, `EMPTY_CACHE` empties the cache."""
     r = _Requests()
-    load = _LOAD_BYTES[plan.load_dtype]
+    load = DTYPE_BYTES[plan.load_dtype]
     quantized = plan.quant != "none" and spec.bnb_quantizes_linears
     r.free(r.alloc(warmup_bytes(spec, plan)))
-    # (id, bytes) of the 16-bit parameters prepare_model_for_kbit_training upcasts, in
-    # model.parameters() order
-    keep_embed: list[tuple[int | None, int]] = []
-    embed = spec.embedding_params() * load
     head = None if spec.tie_word_embeddings else r.alloc(spec.lm_head_params() * load)
-    keep_embed.append((r.alloc(embed), embed))
+    embed = spec.embedding_params() * load
+    embed_id = r.alloc(embed)
+    # each layer's 16-bit parameters (id, bytes), which prepare_model_for_kbit_training
+    # upcasts (an unquantized MoE layer's expert stacks are added once they are fused)
     layers: list[list[tuple[int | None, int]]] = []
-    fused = spec.is_moe and not (plan.moe_experts == "quantized" and quantized)
-    pending: tuple[list[list[int | None]], list[tuple[int | None, int]]] | None = None
+    fused = fused_experts(spec, plan)
+    pending: list[list[int | None]] = []  # the previous layer's expert pieces
     for _ in range(spec.num_hidden_layers):
         keep: list[tuple[int | None, int]] = []
         if fused and quantized:
             # with a quantizer the loader materializes one converter group at a time:
             # gate's and up's pieces (projection-major), then down's
-            e, piece = spec.num_local_experts, spec.hidden_size * (
-                spec.moe_intermediate_size or spec.intermediate_size) * load
-            groups = [[r.alloc(piece) for _ in range(e)] for _ in range(2)]
-            _fuse_experts(r, spec, load, [*groups, []], keep, synchronous=True)
+            piece = _expert_piece(spec, load)
+            gate, up = ([r.alloc(piece) for _ in range(spec.num_local_experts)]
+                        for _ in range(2))
+            _fuse_experts(r, spec, load, gate, up, None, keep)
         elif fused:
             # without one, its threads materialize a layer's expert tensors (in key order,
             # expert-major) while the previous layer's are being fused: a lag of one layer
             pieces = _expert_pieces(r, spec, load)
-            if pending is not None:
-                _fuse_experts(r, spec, load, *pending)
-            pending = (pieces, keep)
+            if pending:
+                gate, up, down = pending
+                _fuse_experts(r, spec, load, gate, up, down, layers[-1])
+            pending = pieces
         elif spec.is_moe:  # per-expert Linears, quantized like the rest
             for _ in range(spec.num_local_experts):
-                for numel, out in _expert_linears(spec):
+                for numel, out in expert_linear_numels(spec):
                     _materialize_linear(r, LinearShape("expert", "expert", numel // out, out,
                                                        False), plan, load)
         for lin in _checkpoint_order(spec):
@@ -193,10 +203,12 @@ def load_requests(spec: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
                 size = lin.weight_numel * load
                 keep.append((r.alloc(size), size))
         layers.append(keep)
-    if pending is not None:
-        _fuse_experts(r, spec, load, *pending)
+    if pending:
+        gate, up, down = pending
+        _fuse_experts(r, spec, load, gate, up, down, layers[-1])
     if plan.method == "qlora":
-        upcast = keep_embed + [t for keep in layers for t in keep]
+        # in model.parameters() order: the embeddings, the layers', the lm_head
+        upcast = [(embed_id, embed)] + [t for keep in layers for t in keep]
         if head is not None:
             upcast.append((head, spec.lm_head_params() * load))
         if load == 2:
@@ -209,10 +221,3 @@ def load_requests(spec: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
         for numel in adapters:  # fp32 (peft autocast_adapter_dtype)
             r.alloc(numel * 4)
     return r.out
-
-
-def _expert_linears(spec: ModelSpec) -> list[tuple[int, int]]:
-    """(numel, out_features) of one expert's gate, up and down Linears."""
-    h = spec.hidden_size
-    inter = spec.moe_intermediate_size or spec.intermediate_size
-    return [(h * inter, inter), (h * inter, inter), (inter * h, h)]

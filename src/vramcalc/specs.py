@@ -232,12 +232,17 @@ class ModelSpec(BaseModel):
     def linear_names(self) -> list[str]:
         return [lin.name for lin in self.block_linears()]
 
+    @property
+    def expert_intermediate_size(self) -> int:
+        """One MoE expert's MLP width (`moe_intermediate_size`, else `intermediate_size`)."""
+        return self.moe_intermediate_size or self.intermediate_size
+
     def expert_params_per_layer(self) -> int:
         """Fused expert weights (gate_up + down for every expert) plus the router."""
         if not self.is_moe:
             return 0
         h = self.hidden_size
-        e_i = self.moe_intermediate_size or self.intermediate_size
+        e_i = self.expert_intermediate_size
         experts = self.num_local_experts * (2 * e_i * h + e_i * h)
         router = self.num_local_experts * h
         shared_gate = h if self.shared_expert_intermediate_size else 0  # Qwen2-MoE

@@ -42,21 +42,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vramcalc.activations import (
-    INT8_OUTLIER_FRACTION,
-    expert_dtype_bytes,
-    fused_experts,
-    residual_bytes,
-)
+from vramcalc.activations import INT8_OUTLIER_FRACTION, expert_dtype_bytes, residual_bytes
 from vramcalc.allocator_replay import replay_requests
-from vramcalc.load_requests import load_requests
+from vramcalc.load_requests import MIN_REQUEST, load_requests
 from vramcalc.optimizer import optimizer_bytes, optimizer_state_sizes
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import LinearShape, ModelSpec
 from vramcalc.trainable import lora_on_experts, lora_targets
-from vramcalc.weights import DTYPE_BYTES
+from vramcalc.weights import DTYPE_BYTES, fused_experts
 
-MIN_REQUEST = 64 * 1024
 # torch CublasHandlePool.cpp: the cuBLAS workspace of a handle (32 MiB on Hopper) comes from
 # the caching allocator at the handle's first matmul and is kept for good. Forward runs on
 # the main thread, backward (and checkpoint recomputation) on autograd's device thread: two
@@ -674,7 +668,7 @@ def _mlp(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, lins: dict[str, LinearSh
 def _expert_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     """The fused expert stacks (modeling_mixtral MixtralExperts, qwen3_moe / qwen2_moe
     alike): gate_up_proj (E, 2I, h) and down_proj (E, h, I), as (dim 1, dim 2)."""
-    inter = spec.moe_intermediate_size or spec.intermediate_size
+    inter = spec.expert_intermediate_size
     h = spec.hidden_size
     return {"gate_up": (2 * inter, h), "down": (h, inter)}
 
@@ -754,7 +748,7 @@ def _experts(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, top: Var,
     prepare_model_for_kbit_training; `input.to(weight.dtype)` first). Tokens per expert are
     not needed: the grouped tensors hold all tokens x top-k rows."""
     t, h, k = s.tokens, spec.hidden_size, spec.num_experts_per_tok
-    inter = spec.moe_intermediate_size or spec.intermediate_size
+    inter = spec.expert_intermediate_size
     rows = t * k
     eb = s.expert_bytes
     in_bytes = x.size // max(t * h, 1)
@@ -841,7 +835,7 @@ def _moe(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, x: Var,
         # per-expert Linears (experts quantized by the stack): every routed row through
         # one gated MLP
         rows = t * max(spec.num_experts_per_tok, 1)
-        inter = spec.moe_intermediate_size or spec.intermediate_size
+        inter = spec.expert_intermediate_size
         moe = {"gate": LinearShape("experts.gate", "gate", h, inter, False),
                "up": LinearShape("experts.up", "up", h, inter, False),
                "down": LinearShape("experts.down", "down", inter, h, False)}

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from vramcalc.errors import PlanError
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import LinearShape, ModelSpec
-from vramcalc.weights import DTYPE_BYTES, rounded
+from vramcalc.weights import DTYPE_BYTES, fused_experts, rounded
 
 LORA_DTYPE_BYTES = 4  # peft autocast_adapter_dtype=True: adapters in fp32
 
@@ -73,8 +73,7 @@ def lora_on_experts(spec: ModelSpec, plan: TrainPlan) -> bool:
     """Whether LoRA wraps the 3-D expert tensors (peft ParamWrapper): with all-linear or
     'experts' among the targets, on a transformers-5 MoE whose experts stay unquantized
     and whose model type peft converts (EXPERT_LORA_MODEL_TYPES)."""
-    quantized_experts = plan.moe_experts == "quantized" and plan.quant != "none"
-    if not (plan.is_lora and spec.is_moe and not quantized_experts):
+    if not (plan.is_lora and fused_experts(spec, plan)):
         return False
     if spec.model_type not in EXPERT_LORA_MODEL_TYPES:
         return False
@@ -106,7 +105,7 @@ def lora_tensor_numels(spec: ModelSpec, plan: TrainPlan) -> list[int]:
         out += [plan.rank * spec.hidden_size, plan.rank]
     if lora_on_experts(spec, plan):
         e, h, r = spec.num_local_experts, spec.hidden_size, plan.rank
-        inter = spec.moe_intermediate_size or spec.intermediate_size
+        inter = spec.expert_intermediate_size
         # peft maps the v4 names onto the fused v5 tensors (utils/transformers_weight_conversion
         # .py `_convert_peft_config_moe`): gate_up_proj (E, 2I, h) fuses two v4 targets (w1+w3,
         # gate_proj+up_proj), so its rank_pattern is 2r; down_proj (E, h, I) keeps r; the router
@@ -141,7 +140,7 @@ def _model_tensors(spec: ModelSpec) -> list[tuple[int, int]]:
         out += [(w, layers) for w in widths]
     if spec.is_moe:
         e = spec.num_local_experts
-        inter = spec.moe_intermediate_size or spec.intermediate_size
+        inter = spec.expert_intermediate_size
         out += [(e * 2 * inter * h, layers), (e * inter * h, layers), (e * h, layers)]
         if spec.shared_expert_intermediate_size:
             out.append((h, layers))  # Qwen2-MoE shared_expert_gate

@@ -98,12 +98,22 @@ def _small_param_tensors(spec: ModelSpec) -> list[int]:
     return tensors
 
 
+def fused_experts(spec: ModelSpec, plan: TrainPlan) -> bool:
+    """transformers-5 MoE: experts are 3-D tensors run by `torch._grouped_mm`
+    (integrations/moe.py `grouped_mm_experts_forward`), not per-expert Linears.
+    `moe_experts="quantized"` (per-expert Linears, as transformers 4.x and axolotl load
+    them) only changes that on a quantized base: a 16-bit base has nothing to quantize.
+    The one rule that weight_bytes, trainable, activations, load_requests and
+    step_requests follow."""
+    return spec.is_moe and not (plan.moe_experts == "quantized" and plan.quant != "none")
+
+
 def expert_bytes(spec: ModelSpec, dtype_bytes: int) -> int:
     """One layer's MoE expert tensors and router (transformers 5: fused 3-D parameters)."""
     if not spec.is_moe:
         return 0
     e, h = spec.num_local_experts, spec.hidden_size
-    inter = spec.moe_intermediate_size or spec.intermediate_size
+    inter = spec.expert_intermediate_size
     tensors = [e * 2 * inter * h, e * inter * h, e * h]  # gate_up_proj, down_proj, router
     if spec.shared_expert_intermediate_size:
         tensors.append(h)  # Qwen2-MoE shared_expert_gate
@@ -113,7 +123,7 @@ def expert_bytes(spec: ModelSpec, dtype_bytes: int) -> int:
 def expert_linear_numels(spec: ModelSpec) -> list[tuple[int, int]]:
     """(numel, out_features) of one expert's w1/w3 (h -> I) and w2 (I -> h) Linears."""
     h = spec.hidden_size
-    inter = spec.moe_intermediate_size or spec.intermediate_size
+    inter = spec.expert_intermediate_size
     return [(h * inter, inter), (h * inter, inter), (inter * h, h)]
 
 
@@ -159,7 +169,7 @@ def weight_bytes(spec: ModelSpec, plan: TrainPlan) -> WeightBytes:
         # prepare_model_for_kbit_training casts every non-Params4bit fp16/bf16 param to fp32
         # (peft utils/other.py); Int8Params are int8, so only the rest is upcast.
         unquantized = unquantized_param_bytes(spec, 4)
-        if spec.is_moe and plan.moe_experts == "quantized":
+        if spec.is_moe and not fused_experts(spec, plan):
             # per-expert nn.Linear modules (transformers 4.x, axolotl): quantized like the rest
             e_lin = expert_linear_numels(spec)
             weights += layers * spec.num_local_experts * sum(
