@@ -21,6 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from accuracy_h200 import HOLDOUTS  # noqa: E402
 from h200_points import ROOT, records  # noqa: E402
 
 from vramcalc import corrections as corr  # noqa: E402
@@ -79,9 +80,8 @@ def main(argv: list[str]) -> None:
         print(f"  {key:9s} raw {100 * statistics.median(raw[key]):5.2f} %   corrected "
               f"{100 * statistics.median(cor[key]):5.2f} %")
     print(f"helps: {helps}")
-    for run in ("run15-holdout6.jsonl", "run16-holdout7.jsonl", "run17-holdout8.jsonl",
-                "run19-holdout9.jsonl", "run20-holdout10.jsonl",
-                "run21-holdout11.jsonl"):
+    runs = [run for run, _, _ in HOLDOUTS]
+    for run in runs[runs.index("run15-holdout6.jsonl"):]:  # the holdouts since the replay
         later = points(run)
         raw6, cor6 = errors(later, None), errors(later, fitted)
         print(f"later holdout ({run}, n={len(later)}): median |error|")

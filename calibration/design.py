@@ -197,6 +197,12 @@ REPLAY_HOLDOUT_ARCHS: dict[str, int | None] = {
     "gemma-2-27b": 2, "llama-3.1-70b": 2,
 }
 
+# holdouts 9-11: those plus four more never measured
+HOLDOUT9_ARCHS: dict[str, int | None] = {
+    **REPLAY_HOLDOUT_ARCHS, "llama-3-8b": 4, "mistral-7b-v0.3": 4, "llama-7b": 4,
+    "qwen2.5-72b": 2,
+}
+
 
 def as_eager(point: dict[str, Any], max_seq: int) -> None:
     """Turn a drawn point to eager attention, its sequence capped at `max_seq`."""
@@ -379,25 +385,20 @@ def main(which: str) -> None:
         # every architecture of holdouts 6-7 plus four never measured (llama-3-8b,
         # mistral-7b-v0.3, llama-7b, qwen2.5-72b); predictions committed before run 19
         # (h200-holdout9-predictions.json).
-        archs = {**REPLAY_HOLDOUT_ARCHS, "llama-3-8b": 4, "mistral-7b-v0.3": 4,
-                 "llama-7b": 4, "qwen2.5-72b": 2}
-        points = random_points(archs, 40, seed=190, prefix="n", plain="plain")
+        points = random_points(HOLDOUT9_ARCHS, 40, seed=190, prefix="n", plain="plain")
     elif which == "holdout10":
         # A replication of holdout 9 with the estimator unchanged since (fresh draws, same
         # architectures, another seed); predictions committed before run 20
         # (h200-holdout10-predictions.json).
-        archs = {**REPLAY_HOLDOUT_ARCHS, "llama-3-8b": 4, "mistral-7b-v0.3": 4,
-                 "llama-7b": 4, "qwen2.5-72b": 2}
-        points = random_points(archs, 40, seed=210, prefix="m", plain="plain")
+        points = random_points(HOLDOUT9_ARCHS, 40, seed=210, prefix="m", plain="plain")
     elif which == "holdout11":
         # After the post-run-20 review fixes (the checkpointed LoRA programs' leaked
         # embedding-output gradient): 20 fresh draws over 20 of holdout 9's architectures
         # picked at random, what the last device minutes of the session allow; predictions
         # committed before run 21 (h200-holdout11-predictions.json).
-        pool = {**REPLAY_HOLDOUT_ARCHS, "llama-3-8b": 4, "mistral-7b-v0.3": 4,
-                "llama-7b": 4, "qwen2.5-72b": 2}
-        picked = random.Random(231).sample(sorted(pool), 20)
-        points = random_points({k: pool[k] for k in picked}, 20, seed=230, prefix="k",
+        picked = random.Random(231).sample(sorted(HOLDOUT9_ARCHS), 20)
+        points = random_points({k: HOLDOUT9_ARCHS[k] for k in picked}, 20, seed=230,
+                               prefix="k",
                                plain="plain")
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws

@@ -102,7 +102,7 @@ def optimizer_state_sizes(spec: ModelSpec, plan: TrainPlan) -> list[int]:
                 per_tensor.append(([_absmax_bytes(t.numel) // 2] * 2, t.copies))
             continue
         if eight:
-            absmax = rounded(4 * ceil_div(t.numel, ADAM_8BIT_BLOCKSIZE))
+            absmax = _absmax_bytes(t.numel) // 2
             per_tensor.append(([rounded(t.numel), absmax] * 2, t.copies))
         else:
             per_tensor.append(([rounded(4 * t.numel)] * 2, t.copies))

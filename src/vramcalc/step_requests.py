@@ -1072,7 +1072,8 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
 
 def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
     """Reserved - allocated at the peak: the caching allocator replayed on the requests of
-    `steps` training steps (what `calibrate` measures: three steps)."""
+    loading and preparing the model (load_requests), then of `steps` training steps (what
+    `calibrate` measures: three steps, peaks reset in between)."""
     sim = replay_requests(load_requests(spec, plan), expandable=plan.expandable_segments)
     # the measured peaks start at training (calibrate resets them before the first step)
     sim.peak_reserved, sim.peak_allocated = sim.reserved, sim.allocated
