@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from h200_points import records  # noqa: E402
 
 from vramcalc.allocator_replay import replay_requests, replay_trace  # noqa: E402
+from vramcalc.calibrate.run import MARK_STEP  # noqa: E402
 from vramcalc.effective import effective_train_plan  # noqa: E402
 from vramcalc.step_requests import StepRequests, step_requests  # noqa: E402
 
@@ -34,17 +35,11 @@ def recorded_step(trace: dict, step: int) -> list[tuple[str, int]]:
     alloc, free = actions.index("alloc"), actions.index("free_completed")
     events = trace["events"]
     marks = [i for i in range(len(events) - 1)
-             if events[i][0] == alloc and events[i][2] == 512 * 1999
-             and events[i + 1][0] == alloc and events[i + 1][2] == 512 * 1997]
+             if events[i][0] == alloc and events[i][2] == MARK_STEP[0]
+             and events[i + 1][0] == alloc and events[i + 1][2] == MARK_STEP[1]]
     lo = marks[step] if step < len(marks) else 0
     hi = marks[step + 1] if step + 1 < len(marks) else len(events)
-    live: dict[int, int] = {}
     out = []
-    for e in events[:hi]:
-        if e[0] == alloc:
-            live[e[1]] = e[2]
-        elif e[0] == free:
-            live.pop(e[1], None)
     for e in events[lo:hi]:
         if e[0] == alloc:
             out.append(("+", e[2]))
