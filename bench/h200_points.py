@@ -44,6 +44,23 @@ RUNS = {  # run file -> the matrix it measured
 }
 
 
+# Runs 1-6 ran calibrate's plain loop before commit c5caccc, which freed the output after
+# backward (`out.loss.backward(); del out`); their records say plain-outputs (relabelled in
+# 074a522, which took them for the loop that keeps `out` into the next step). Read back as
+# the loop they ran. Runs 7 on keep `out` until the next forward rebinds it.
+DEL_OUT_RUNS = frozenset({
+    "run1-design.jsonl", "run2-holdout.jsonl", "run2-more.jsonl", "run3-infer.jsonl",
+    "run4-holdout2.jsonl", "run5-infer-holdout-snaps.jsonl", "run6-holdout3.jsonl",
+})
+
+
+def measured_plan(fname: str, plan: dict[str, Any]) -> TrainPlan:
+    """The plan a record of run `fname` measured (see DEL_OUT_RUNS)."""
+    if fname in DEL_OUT_RUNS and plan.get("loop") == "plain-outputs":
+        plan = {**plan, "loop": "plain-outputs-del"}
+    return TrainPlan.model_validate(plan)
+
+
 def _matrix_points(name: str) -> dict[str, dict[str, Any]]:
     path = ROOT / "calibration" / "matrices" / name
     return {p["id"]: p for p in json.loads(path.read_text())["points"]}
@@ -69,4 +86,4 @@ def records(run: str | None = None) -> Iterator[tuple[dict[str, Any], ModelSpec,
             point = points.get(rec["id"])
             if point is None or point.get("worker") or "plan" not in point:
                 continue
-            yield rec, spec_of(point), TrainPlan.model_validate(point["plan"])
+            yield rec, spec_of(point), measured_plan(fname, point["plan"])

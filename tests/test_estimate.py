@@ -176,6 +176,27 @@ def test_falcon_sdpa_runs_math_attention_as_eager() -> None:
             < estimate(llama, plan.model_copy(update={"attn": "eager"})).peak_allocated_bytes)
 
 
+def test_a_held_int8_output_keeps_its_graph_into_the_next_step() -> None:
+    """`plain-outputs` keeps `out` until the next forward rebinds it, and with it the
+    previous graph, whose int8 MatMul8bitLt nodes hold every distinct input of the base
+    Linears (ctx attributes, freed with the graph; H200 run 13 z004: step 2 starts 4.16 GB
+    above step 1). `plain-outputs-del` (`del out` after backward) frees both: its forward
+    holds neither; 4-bit bases keep nothing as ctx attributes, so only logits differ."""
+    spec = get_spec("qwen2.5-0.5b")
+    base = TrainPlan(quant="int8", batch_size=1, seq_len=4096, attn="eager")
+    kept = estimate(spec, base.model_copy(update={"loop": "plain-outputs"}))
+    freed = estimate(spec, base.model_copy(update={"loop": "plain-outputs-del"}))
+    logits = base.tokens * spec.vocab_size * 2
+    graph = kept.phases["forward"] - freed.phases["forward"] - logits
+    # every distinct input (hidden + attention output + MLP input), bf16, 24 layers
+    assert graph >= spec.num_hidden_layers * base.tokens * 2 * (
+        2 * spec.hidden_size + spec.intermediate_size)
+    nf4 = base.model_copy(update={"quant": "nf4"})
+    kept4 = estimate(spec, nf4.model_copy(update={"loop": "plain-outputs"}))
+    freed4 = estimate(spec, nf4.model_copy(update={"loop": "plain-outputs-del"}))
+    assert kept4.phases["forward"] - freed4.phases["forward"] == logits
+
+
 def test_the_loops_differ_by_the_held_output_only() -> None:
     """`plain-outputs` keeps `out` (its compute-dtype logits) through backward: the
     Trainer's peak + tokens x vocab x 2; `plain` drops it as Trainer does: the same tensors

@@ -89,7 +89,7 @@ def test_full(dtype: str, nbytes: int) -> None:
     assert r["optimizer_state_bytes"]["device"] == 2 * nbytes * n
 
 
-@pytest.mark.parametrize("loop", ["plain", "plain-outputs"])
+@pytest.mark.parametrize("loop", ["plain", "plain-outputs", "plain-outputs-del"])
 def test_plain_loop_uses_the_trainer_optimizer(loop: str) -> None:
     r = _measure(TINY, method="lora", loop=loop)
     _ok(r)

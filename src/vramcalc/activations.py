@@ -32,6 +32,9 @@ bitsandbytes layers, the compute dtype for nn.Linear under autocast.
 
 from __future__ import annotations
 
+import functools
+import math
+
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ACTIVATION_SAVED_TENSORS, ModelSpec, sdpa_window_masks
 from vramcalc.trainable import lora_on_experts, lora_targets
@@ -150,39 +153,110 @@ def _base_linear_saved(spec: ModelSpec, plan: TrainPlan, sources: set[str] | Non
 
 
 # bitsandbytes int8_vectorwise_quant (backends/cuda/ops.py): the columns of A holding a
-# value of magnitude >= llm_int8_threshold (6.0) in any row are the outlier columns; the
+# value of magnitude >= llm_int8_threshold (6.0) in any row are the outlier columns
+# (`outliers = A.abs() >= threshold; outlier_cols = argwhere(outliers.any(dim=0))`); the
 # mixed matmul (backends/default/ops.py int8_mixed_scaled_mm) keeps them as
 # subA = A[:, outlier_cols].contiguous(), in A's dtype, for backward. How many columns pass
-# depends on the weights and the data, not on the config: on every H200 trace the q/k/v,
-# o and gate/up inputs had almost none, and the MLP's down_proj input had all of them on
-# llama-2-7b@4L (run 1 snap-int8-nockpt), 9-16 % on llama-3.2-1b (run 4
-# snap-int8-eager-ckpt, run 17 t17-y012) and none on qwen2.5-0.5b (run 17 t17-w029).
-# The fraction of the down_proj input kept as subA:
-INT8_OUTLIER_FRACTION = 1.0
+# depends on the weights and the data. For the weights `from_config` draws (transformers
+# `_init_weights`: Linear weights ~ N(0, initializer_range^2), zero biases, unit norm
+# weights) it follows from the shapes; see `int8_outlier_fraction`.
+INT8_THRESHOLD = 6.0  # transformers BitsAndBytesConfig llm_int8_threshold default
+# initializer_range of transformers' config classes where it is not 0.02
+# (configuration_starcoder2.py Starcoder2Config); a config.json's own value wins.
+_INIT_STD_DEFAULTS = {"starcoder2": 0.018042}
+# Families whose MLP reads the residual stream without a norm in front (OLMo-2 normalizes
+# after each block): its scale grows with depth, so every column is counted.
+_UNNORMED_MLP_INPUT = frozenset({"olmo2"})
+
+
+def _act(name: str, g: float) -> float:
+    if name == "silu":
+        return g / (1.0 + math.exp(-g)) if g > -700.0 else 0.0
+    if name == "relu":
+        return max(g, 0.0)
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python_tanh"):
+        return 0.5 * g * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g**3)))
+    return 0.5 * g * (1.0 + math.erf(g / math.sqrt(2.0)))  # gelu (erf) and the rest
+
+
+@functools.lru_cache(maxsize=64)
+def _outlier_tail(s: float, act: str, gated: bool, steps: int = 2000) -> float:
+    """P(|a| >= INT8_THRESHOLD) for one element a of the down projection's input when the
+    gate (g) and up (u) pre-activations are N(0, s^2): a = act(g) * u (gated) or act(g)
+    (plain). Gated: E_g[P(|u| >= 6 / |act(g)|)] = E_g[erfc(6 / (|act(g)| s sqrt 2))]."""
+    lo, hi = -10.0 * s, 10.0 * s
+    h = (hi - lo) / steps
+    total = 0.0
+    for k in range(steps + 1):
+        g = lo + k * h
+        w = (0.5 if k in (0, steps) else 1.0) * h * math.exp(-0.5 * (g / s) ** 2)
+        a = abs(_act(act, g))
+        if gated:
+            if a > 0.0:
+                total += w * math.erfc(INT8_THRESHOLD / (a * s * math.sqrt(2.0)))
+        elif a >= INT8_THRESHOLD:
+            total += w
+    return min(1.0, total / (s * math.sqrt(2.0 * math.pi)))
+
+
+def int8_outlier_fraction(spec: ModelSpec, rows: int) -> float:
+    """The fraction of the down projection input's columns MatMul8bitLt keeps as subA.
+
+    The MLP input is a norm output, so each token's vector has squared norm h (RMSNorm and
+    LayerNorm with unit weights; Gemma's 1 + 0); gate and up rows drawn N(0, sigma^2) make
+    each pre-activation N(0, sigma^2 h) over tokens (sigma = initializer_range), so an
+    element of the down input passes the threshold with probability p (`_outlier_tail`;
+    counted on a from_config llama of h = 2048: 5.1e-5, here 4.9e-5), and a column with any
+    of `rows` rows passing is kept: 1 - (1 - p)^rows, taking the rows as independent.
+    They are not quite: attention mixes a component shared by all tokens into the MLP input
+    (in a one-layer model at init, a fifth of its energy), so a column's outliers cluster
+    and fewer columns pass: counted 0.135 for 0.184 here (h = 2048, 4096 rows); the
+    per-column variation of the widths (chi^2 of the weight rows) changes it by < 0.001.
+    tests/test_int8_outliers.py holds both. On the full-depth H200 points the implied
+    fraction of the measured peaks is llama-3.2-1b 0.06 / 0.07 / 0.24 / 0.29 at 1k / 2k /
+    4k / 8k tokens (here 0.05 / 0.10 / 0.18 / 0.33) and 1.0 on every model with h >= 3072.
+    Pretrained weights have other statistics (a few systematic outlier features, LLM.int8
+    paper, Dettmers et al. 2022): on large models this is then an upper bound."""
+    if spec.model_type in _UNNORMED_MLP_INPUT or rows <= 0:
+        return 1.0
+    sigma = spec.extra_config.get("initializer_range")
+    if not isinstance(sigma, (int, float)) or sigma <= 0:
+        sigma = _INIT_STD_DEFAULTS.get(spec.model_type, 0.02)
+    s = round(float(sigma) * math.sqrt(spec.hidden_size), 6)
+    p = _outlier_tail(s, spec.hidden_act, spec.mlp_layout != "plain")
+    if p >= 1.0:
+        return 1.0
+    return -math.expm1(rows * math.log1p(-p))
 
 
 def int8_saved_bytes_per_token(spec: ModelSpec, plan: TrainPlan,
-                               sources: set[str] | None = None) -> int:
+                               sources: set[str] | None = None,
+                               after_backward: bool = False) -> int:
     """What MatMul8bitLt keeps per layer (bitsandbytes autograd/_functions.py):
     `ctx.tensors = (CAt, subA, A)`: the input A of each distinct tensor the base Linears
     read (CAt is None: the frozen weight needs no gradient, so the forward takes the
     int8_vectorwise_quant path) and subA, the outlier columns of A
-    (`INT8_OUTLIER_FRACTION` of the down_proj input). Stored as ctx attributes, not with
+    (`int8_outlier_fraction` of the down_proj input). Stored as ctx attributes, not with
     save_for_backward, so non-reentrant gradient checkpointing (saved-tensor hooks) never
     drops them: they stay for every layer whether or not checkpointing is on, and under
     checkpointing the attention output o_proj reads is kept here even for sdpa (whose own
     saved tensors the checkpoint drops). They are freed with the graph at the end of
     backward, not by their layer's backward (H200 run 17 traces t17-w029, t17-y012).
+    `after_backward`: what they hold once backward has freed the saved tensors (a loop
+    that keeps the output keeps its graph, `Graph.backward(keep_graph)` in
+    step_requests): every distinct input, also those that were views of saved ones.
     """
     if plan.quant != "int8":
         return 0
     inputs = {name: (w, src) for name, (w, src) in _linear_inputs(spec).items()
-              if (plan.gradient_checkpointing or not _kept_elsewhere(src, plan))
+              if (plan.gradient_checkpointing or after_backward
+                  or not _kept_elsewhere(src, plan))
               and (sources is None or src in sources)}
     distinct = {source: width for width, source in inputs.values()}
     total = sum(_source_dtype(s, plan) * w for s, w in distinct.items())
     if "mlp_act" in distinct:
-        total += int(INT8_OUTLIER_FRACTION * mlp_bytes(plan) * distinct["mlp_act"])
+        frac = int8_outlier_fraction(spec, plan.tokens)
+        total += int(frac * mlp_bytes(plan) * distinct["mlp_act"])
     return total
 
 

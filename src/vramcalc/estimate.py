@@ -164,6 +164,14 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     # compute_loss returns the loss alone, as `--loop plain` (`model(**batch).loss`) keeps
     # it: the logits are freed before backward (trainer.py Trainer.compute_loss).
     held_logits = compute if plan.holds_output else 0
+    # ... and with it the previous step's graph, whose int8 nodes keep their ctx tensors
+    # (activations.int8_saved_bytes_per_token) until `out` is rebound after the forward
+    # (H200 run 13 z004: step 2 starts 4.16 GB above step 1; bf16 logits 1.24 GB, the
+    # int8 inputs 2.79 GB). `del out` after backward (`plain-outputs-del`) frees both
+    # before the optimizer step.
+    held_next = held_logits if plan.holds_output_past_step else 0
+    held_graph = (layers * tokens * int8_saved_bytes_per_token(spec, plan, after_backward=True)
+                  if plan.holds_output_past_step else 0)
     logits_saved = (LOGITS_SAVED_UNITS + softcap) * logits_unit
     # Later in backward: logits are gone, every gradient may exist, and (with
     # checkpointing) one layer is recomputed while its gradients flow.
@@ -228,8 +236,8 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         "load": {**weights, "adapter_weights": 0},
         "forward": {
             **steady,
-            "activations": layer_acts + final_norm,
-            "logits_loss": logits_fwd + held_logits * logits_unit,
+            "activations": layer_acts + final_norm + held_graph,
+            "logits_loss": logits_fwd + held_next * logits_unit,
             "transient": lm_head_copy + fwd_h + (
                 weight_copies if full or not plan.gradient_checkpointing else 0),
         },
@@ -250,7 +258,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
             "transient": layer_grads + fold_transient,
         },
         "optimizer": {**steady, "gradients": grads, "transient": opt.step_transient,
-                      "logits_loss": held_logits * logits_unit},
+                      "logits_loss": held_next * logits_unit},
     }
     if full:
         # Gradients grow layer by layer while the saved activations shrink: the worst moment

@@ -13,7 +13,7 @@ Quant = Literal["nf4", "fp4", "int8", "none"]
 WeightsDtype = Literal["bf16", "fp16", "fp32"]
 # The training loop: HF Trainer, or a plain PyTorch loop (forward with labels, backward,
 # optimizer.step(), zero_grad(set_to_none=True)).
-Loop = Literal["trainer", "plain", "plain-outputs"]
+Loop = Literal["trainer", "plain", "plain-outputs", "plain-outputs-del"]
 # MoE experts stored as 3-D tensors (transformers 5) are left unquantized by bitsandbytes;
 # stacks with per-expert nn.Linear modules (transformers 4.x, axolotl's option) quantize them.
 MoeExperts = Literal["unquantized", "quantized"]
@@ -130,6 +130,13 @@ class TrainPlan(BaseModel):
         forward: `plain-outputs`, `outputs = model(**batch); outputs.loss.backward()` as
         transformers' native-PyTorch docs write it. `plain` takes `model(**batch).loss` and
         drops the output, as Trainer's compute_loss does."""
+        return self.loop in ("plain-outputs", "plain-outputs-del")
+
+    @property
+    def holds_output_past_step(self) -> bool:
+        """The held output (and the graph its grad_fn reaches) lives on into the next
+        step's forward: `plain-outputs`. `plain-outputs-del` frees it after backward
+        (`out.loss.backward(); del out`, the loop H200 runs 1-9 measured)."""
         return self.loop == "plain-outputs"
 
     @property

@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vramcalc.activations import INT8_OUTLIER_FRACTION, expert_dtype_bytes, residual_bytes
+from vramcalc.activations import expert_dtype_bytes, int8_outlier_fraction, residual_bytes
 from vramcalc.allocator_replay import replay_requests
 from vramcalc.load_requests import MIN_REQUEST, load_requests
 from vramcalc.optimizer import optimizer_bytes, optimizer_state_sizes
@@ -270,20 +270,26 @@ class Graph:
         for b in n.saved:
             self.unref(b)
 
-    def backward(self, loss: Var) -> None:
-        """Backward from a scalar loss (on autograd's device thread)."""
+    def backward(self, loss: Var, keep_graph: bool = False) -> list[Buf]:
+        """Backward from a scalar loss (on autograd's device thread). What the graph's
+        nodes hold as ctx attributes (`graph_held`) goes when the graph is freed: at the
+        end of backward, or, when the loop still holds an output whose grad_fn reaches the
+        graph (`keep_graph`), when that output goes; those buffers are returned."""
         self.in_backward = True
         loss.grad, loss.has_grad = self.alloc(loss.grad_bytes), True
         nodes, self.nodes = self.nodes, []
         self._backward(nodes)
         self.in_backward = False
-        for b in self.graph_held:
-            self.unref(b)
+        kept = self.graph_held if keep_graph else []
+        if not keep_graph:
+            for b in self.graph_held:
+                self.unref(b)
         self.graph_held = []
         for v in self.leaves:
             self.unref(v.grad)
             v.grad, v.has_grad = None, False
         self.leaves = []
+        return kept
 
     def _backward(self, nodes: list[Node | ChunkNode | CheckpointNode]) -> None:
         for n in reversed(nodes):
@@ -365,6 +371,8 @@ class _Shapes:
     expert_bytes: int  # the fused experts' dtype (activations.expert_dtype_bytes)
     expert_fold: bool  # LoRA on the expert stacks (peft ParamWrapper)
     int8: bool = False  # bnb Linear8bitLt bases (qlora with quant int8)
+    # the share of the down projection input's columns int8 keeps as subA (every token)
+    outlier_fraction: float = 1.0
 
 
 # Linears whose input carries int8 outlier columns (the MLP's down projection input)
@@ -372,7 +380,7 @@ OUTLIER_ROLES = frozenset({"down", "fc2"})
 
 
 def _int8_matmul(g: Graph, x: Var, t: int, i: int, o: int, in_bytes: int,
-                 outliers: bool) -> Var:
+                 outliers: float) -> Var:
     """bitsandbytes 0.50.2 MatMul8bitLt on a frozen int8 weight (autograd/_functions.py):
     the weight needs no gradient, so the forward takes int8_vectorwise_quant (no CAt):
     A.to(float16), the int8 rows CA, `A.abs() >= threshold` and its bool, then
@@ -380,7 +388,8 @@ def _int8_matmul(g: Graph, x: Var, t: int, i: int, o: int, in_bytes: int,
     to A's dtype, the output (backends/cuda/ops.py). It keeps `ctx.tensors = (CAt, subA,
     A)` as ctx attributes, which stay until the graph is freed after backward (also under
     checkpointing; a recomputed layer's go with its backward), subA = A[:, outlier_cols]
-    (backends/default/ops.py int8_mixed_scaled_mm; activations.INT8_OUTLIER_FRACTION).
+    (backends/default/ops.py int8_mixed_scaled_mm), `outliers` of the columns
+    (activations.int8_outlier_fraction).
     Backward: `state.CB.to(A.dtype, copy=True)`, the dequantized weight in A's dtype,
     then grad_A. Recorded order: H200 run 17 traces t17-y012, t17-w029."""
     a16 = g.alloc(t * i * 2)
@@ -390,7 +399,7 @@ def _int8_matmul(g: Graph, x: Var, t: int, i: int, o: int, in_bytes: int,
     g.unref(absa)
     g.unref(over)
     g.unref(a16)
-    sub = Var(g.alloc(int(INT8_OUTLIER_FRACTION * t * i) * in_bytes) if outliers else None,
+    sub = Var(g.alloc(int(outliers * t * i) * in_bytes) if outliers > 0 else None,
               0, 0, False)
     prod32 = g.alloc(t * o * 4)
     f16 = g.alloc(t * o * 2)
@@ -412,7 +421,8 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
     i, o = lin.in_features, lin.out_features
     in_bytes = x.size // max(t * i, 1)
     if s.int8:
-        y = _int8_matmul(g, x, t, i, o, in_bytes, lin.role in OUTLIER_ROLES)
+        y = _int8_matmul(g, x, t, i, o, in_bytes,
+                         s.outlier_fraction if lin.role in OUTLIER_ROLES else 0.0)
     elif s.method == "qlora":
         # bnb Linear4bit: x to the compute dtype, the weight dequantized for the matmul,
         # the output cast back to the input's dtype (nn/modules.py forward)
@@ -951,6 +961,7 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
         expert_bytes=expert_dtype_bytes(plan),
         expert_fold=lora_on_experts(spec, plan),
         int8=plan.method == "qlora" and plan.quant == "int8",
+        outlier_fraction=int8_outlier_fraction(spec, plan.tokens),
     )
 
 
@@ -996,6 +1007,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
     state_sizes = optimizer_state_sizes(spec, plan)
     ck = plan.gradient_checkpointing
     held: Var | None = None
+    held_graph: list[Buf] = []
     starts: list[int] = []
     for step in range(steps):
         starts.append(len(g.requests))
@@ -1032,8 +1044,13 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         logp = g.op(t * vocab * 4, [up], save_out=True)  # log_softmax keeps its output
         g.drop(up)
         if held is not None:  # `out` is rebound once the forward (with its loss) returns
+            # and the old output's graph goes with it (bitsandbytes int8's ctx.tensors:
+            # H200 run 13 z004: step 2 starts 4.16 GB above step 1, logits 1.24 GB)
             g.drop(held)
             held = None
+            for kept in held_graph:
+                g.unref(kept)
+            held_graph = []
         loss = g.op(4, [logp])
         g.drop(logp)
         # the final hidden state is a local of the CausalLM forward: freed when it returns,
@@ -1042,7 +1059,13 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         g.clear_cache()  # autocast's region ends with the forward and loss
         if plan.holds_output:
             held = logits
-            g.backward(loss)
+            held_graph = g.backward(loss, keep_graph=True)
+            if not plan.holds_output_past_step:  # `del out` after backward
+                g.drop(held)
+                held = None
+                for kept in held_graph:
+                    g.unref(kept)
+                held_graph = []
         else:
             if plan.loop == "trainer" and logits.size != t * vocab * 4:
                 # accelerate's convert_outputs_to_fp32 (utils/operations.py) replaces the

@@ -577,6 +577,8 @@ def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
             with ctx:
                 out = model(input_ids=batch, labels=batch)
             out.loss.backward()
+            if not plan.holds_output_past_step:
+                del out
         else:  # plain: the output is dropped, only the loss lives on
             with ctx:
                 loss = model(input_ids=batch, labels=batch).loss
