@@ -400,6 +400,31 @@ def main(which: str) -> None:
         points = random_points({k: HOLDOUT9_ARCHS[k] for k in picked}, 20, seed=230,
                                prefix="k",
                                plain="plain")
+    elif which == "holdout12":
+        # After the int8 outlier-column fraction (activations.int8_outlier_fraction), the
+        # graph a held int8 output keeps into the next step, and `plain-outputs-del`: 40
+        # fresh draws over holdout 9's architectures (the plain loop drawn as the one that
+        # keeps `out`), plus 8 int8 draws over the models of hidden <= 3072, where the
+        # fraction moves; predictions committed before run 22
+        # (h200-holdout12-predictions.json).
+        points = random_points(HOLDOUT9_ARCHS, 40, seed=250, prefix="j")
+        small = {k: v for k, v in HOLDOUT9_ARCHS.items()
+                 if spec_named(k).hidden_size <= 3072 and not spec_named(k).is_moe}
+        for p in random_points(small, 40, seed=251, prefix="i"):
+            p["plan"].update(method="qlora", quant="int8")
+            p["plan"].pop("weights_dtype", None)
+            p["plan"].setdefault("rank", 16)
+            p["steps"] = 4
+            try:
+                if predicted_gib(cut(p["spec"] if isinstance(p["spec"], str)
+                                     else p["id"].split("-", 1)[1], p["layers"]),
+                                 p["plan"]) > MAX_PEAK_GIB:
+                    continue
+            except PlanError:
+                continue
+            points.append(p)
+            if len(points) == 48:
+                break
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
         # with sdpa turned eager, sequences capped at 4096); predictions committed before
@@ -413,7 +438,8 @@ def main(which: str) -> None:
         points = first_fitting(draws, 16, max_gib=40)
     else:
         raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5|"
-                         "holdout6|holdout7|holdout8|holdout9|holdout10|holdout11|eager")
+                         "holdout6|holdout7|holdout8|holdout9|holdout10|holdout11|holdout12|"
+                         "eager")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 
