@@ -130,6 +130,8 @@ HOLDOUTS = [
      "holdout 10 (run 20, a replication of holdout 9 with another seed, estimator unchanged)"),
     ("run21-holdout11.jsonl", "h200-holdout11-predictions.json",
      "holdout 11 (run 21, 20 points, after the post-run-20 review fixes)"),
+    ("run22-holdout12.jsonl", "h200-holdout12-predictions.json",
+     "holdout 12 (run 22, 48 points, after the int8 outlier fraction and the held graph)"),
 ]
 
 
