@@ -1,12 +1,12 @@
 """Accuracy of the estimator on the H200 runs, per regime, fit set and holdouts apart.
 
-    python bench/accuracy_h200.py [--points]
+    python bench/accuracy_h200.py [--points] [--all]
 
 Replays calibration/h200/run1-design.jsonl (the design matrix the model was traced and
 corrected on: the fit set) and every holdout in `HOLDOUTS`, whose predictions were
 committed before its run (calibration/matrices/h200-*-predictions.json). For each holdout
 both the pre-registered predictions and the current estimator are shown; only the first is
-a holdout result.
+a holdout result. `--all` adds every training point of every run (current estimator; seen).
 
 Device: the runs read NVML per process (several points ran side by side), which does not
 count bitsandbytes' paged (managed) optimizer memory, so the measured device peak is
@@ -54,7 +54,7 @@ def summary(errors: list[float]) -> str:
     return f"n={len(a):3d} median {med:5.2f}%  p90 {p90:5.2f}%  worst {a[-1]:6.2f}%"
 
 
-def collect(run: str, preregistered: dict[str, dict[str, Any]] | None = None
+def collect(run: str | None, preregistered: dict[str, dict[str, Any]] | None = None
             ) -> list[dict[str, Any]]:
     rows = []
     for rec, spec, plan in records(run):
@@ -148,6 +148,9 @@ def main(argv: list[str]) -> None:
         pre = {p["id"]: p for p in json.loads(path.read_text())["points"]}
         report(f"{title}, PRE-REGISTERED predictions", _no_snaps(collect(run, pre)), show)
         report(f"{title}, current estimator (seen since)", _no_snaps(collect(run)), show)
+    if "--all" in argv:
+        report("every H200 training point of every run, current estimator (seen)",
+               collect(None), show)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ RUNS = {  # run file -> the matrix it measured
     "run20-holdout10.jsonl": "h200-holdout10.json",
     "run21-holdout11.jsonl": "h200-holdout11.json",
     "run22-holdout12.jsonl": "h200-holdout12.json",
+    "run23-traces.jsonl": "h200-traces23.json",
 }
 
 

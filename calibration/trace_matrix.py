@@ -5,6 +5,7 @@ programs of `vramcalc.step_requests`.
     python calibration/trace_matrix.py > calibration/matrices/h200-traces.json          # run 14
     python calibration/trace_matrix.py run17 > calibration/matrices/h200-traces17.json  # run 17
     python calibration/trace_matrix.py run18 > calibration/matrices/h200-traces18.json  # run 18
+    python calibration/trace_matrix.py run23 > calibration/matrices/h200-traces23.json  # run 23
 
 The points were picked for the spread of their reserved - allocated (bench/slack_by_point
 in docs/memory-model.md): the largest under- and over-estimates of the linear slack rule,
@@ -44,7 +45,16 @@ PICK18 = [
     "d093-mixtral-8x7b", "v035-mixtral-8x7b", "v013-mixtral-8x7b", "w014-qwen3-moe",
     "y014-qwen3-moe", "y020-qwen2-moe", "r010-falcon-7b", "x013-mixtral-8x7b",
 ]
-SETS = {"run14": (PICK, "tr-"), "run17": (PICK17, "t17-"), "run18": (PICK18, "l18-")}
+# Run 23: the largest allocated and device errors left after holdout 12 (bench/
+# accuracy_h200.py --all, 2026-12-02): mistral-7b int8 with checkpointing under at 512
+# tokens and over at 8192, falcon-7b and mixtral full fp32, starcoder2 and phi-2 int8, the
+# llama-2-7b QLoRA eager device outlier, and llama-2-7b int8 (same widths, exact) for contrast.
+PICK23 = [
+    "d066-mistral-7b", "j002-mistral-7b", "n010-falcon-7b", "q013-mixtral-8x7b",
+    "m017-starcoder2-7b", "k017-phi-2", "k015-llama-2-7b", "v000-llama-2-7b",
+]
+SETS = {"run14": (PICK, "tr-"), "run17": (PICK17, "t17-"), "run18": (PICK18, "l18-"),
+        "run23": (PICK23, "t23-")}
 
 
 def main(which: str = "run14") -> None:

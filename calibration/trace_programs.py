@@ -1,4 +1,5 @@
-"""Compare the requests of a recorded step (calibration/h200/run14-traces, run17-traces)
+"""Compare the requests of a recorded step (calibration/h200/run14-traces, run17-traces,
+run23-traces)
 with the ones `vramcalc.step_requests` generates for the same point: counts of allocations by size,
 largest first, and the reserved bytes each sequence leaves.
 
@@ -70,12 +71,12 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--diff", action="store_true",
                     help="print where the two sequences differ (difflib opcodes)")
     args = ap.parse_args(argv)
-    run = "run17" if args.point.startswith("t17-") else "run14"
+    run = {"t17-": "run17", "t23-": "run23"}.get(args.point[:4], "run14")
     trace = json.loads(gzip.open(ROOT / "calibration" / "h200" / f"{run}-traces"
                                  / f"{args.point}.json.gz", "rt").read())
     found = [(s, p) for r, s, p in records(f"{run}-traces.jsonl") if r["id"] == args.point]
     if not found:
-        raise SystemExit(f"{args.point}: not a traced point of run 14 or run 17")
+        raise SystemExit(f"{args.point}: not a traced point of run 14, 17 or 23")
     spec, plan = found[0]
     eff, _, _ = effective_train_plan(spec, plan)
     gen = step_requests(spec, eff)
