@@ -39,15 +39,16 @@ no request moves).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vramcalc.activations import expert_dtype_bytes, int8_outlier_fraction, residual_bytes
-from vramcalc.allocator_replay import replay_requests
+from vramcalc.allocator_replay import Block, replay_requests
 from vramcalc.load_requests import MIN_REQUEST, load_requests
 from vramcalc.optimizer import optimizer_bytes, optimizer_state_sizes
 from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import LinearShape, ModelSpec
+from vramcalc.specs import LinearShape, ModelSpec, layer_windows
 from vramcalc.trainable import lora_on_experts, lora_targets
 from vramcalc.weights import DTYPE_BYTES, fused_experts
 
@@ -380,7 +381,7 @@ OUTLIER_ROLES = frozenset({"down", "fc2"})
 
 
 def _int8_matmul(g: Graph, x: Var, t: int, i: int, o: int, in_bytes: int,
-                 outliers: float) -> Var:
+                 outliers: float, c: int) -> Var:
     """bitsandbytes 0.50.2 MatMul8bitLt on a frozen int8 weight (autograd/_functions.py):
     the weight needs no gradient, so the forward takes int8_vectorwise_quant (no CAt):
     A.to(float16), the int8 rows CA, `A.abs() >= threshold` and its bool, then
@@ -399,15 +400,45 @@ def _int8_matmul(g: Graph, x: Var, t: int, i: int, o: int, in_bytes: int,
     g.unref(absa)
     g.unref(over)
     g.unref(a16)
-    sub = Var(g.alloc(int(outliers * t * i) * in_bytes) if outliers > 0 else None,
-              0, 0, False)
+    cols = int(outliers * i)
+    sub = Var(g.alloc(t * cols * in_bytes) if cols else None, 0, 0, False)
+    # subB: the weight's outlier columns dequantized, `int8_vectorwise_dequant(
+    # CB[:, outlier_cols].contiguous(), SCB)` (int8 o x n, then `A * stats * scale`: two
+    # fp32 products) and `.to(A.dtype)` (H200 run 23 trace t23-j002: +o n, +4 o n, +4 o n)
+    subb = None
+    if cols:
+        cb_cols = g.alloc(o * cols)
+        first = g.alloc(o * cols * 4)
+        subb = g.alloc(o * cols * 4)
+        g.unref(first)
+        g.unref(cb_cols)
+        if in_bytes != 4:
+            cast = g.alloc(o * cols * in_bytes)
+            g.unref(subb)
+            subb = cast
     prod32 = g.alloc(t * o * 4)
     f16 = g.alloc(t * o * 2)
     # a recomputed layer's ctx tensors go with its nodes; the first forward's stay
     kept = (x, sub) if g.recomputing else ()
-    y = g.op(t * o * in_bytes, [x], save=kept, bwd_temps=(o * i * in_bytes,))
-    g.unref(f16)
-    g.unref(prod32)
+    if not cols:
+        y = g.op(t * o * in_bytes, [x], save=kept, bwd_temps=(o * i * in_bytes,))
+        g.unref(f16)
+        g.unref(prod32)
+    else:
+        # `output.addmm(subA, subB)` inside the Function's forward: addmm is on autocast's
+        # lower-precision list, so subB, subA and the A-dtype output are cast to the
+        # compute dtype and the Function's output comes out in it (t23-j002: +2 o n,
+        # +2 t n, +2 t o, +2 t o; then the copies, the A-dtype output and subB go)
+        y_a = g.alloc(t * o * in_bytes)
+        g.unref(f16)
+        g.unref(prod32)
+        sizes = (o * cols * c, t * cols * c, t * o * c) if in_bytes != c else ()
+        copies = [g.alloc(size) for size in sizes]
+        y = g.op(t * o * c, [x], save=kept, bwd_temps=(o * i * in_bytes,))
+        for b in reversed(copies):
+            g.unref(b)
+        g.unref(y_a)
+        g.unref(subb)
     g.unref(ca)
     if x.requires_grad and not g.recomputing:
         g.graph_held.extend(b for b in (g.ref(x.buf), g.ref(sub.buf)) if b is not None)
@@ -422,7 +453,7 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
     in_bytes = x.size // max(t * i, 1)
     if s.int8:
         y = _int8_matmul(g, x, t, i, o, in_bytes,
-                         s.outlier_fraction if lin.role in OUTLIER_ROLES else 0.0)
+                         s.outlier_fraction if lin.role in OUTLIER_ROLES else 0.0, s.c)
     elif s.method == "qlora":
         # bnb Linear4bit: x to the compute dtype, the weight dequantized for the matmul,
         # the output cast back to the input's dtype (nn/modules.py forward)
@@ -563,7 +594,7 @@ def _rotary(g: Graph, q: Var) -> Var:
 
 
 def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k: Var,
-               v: Var) -> tuple[Var, Var | None]:
+               v: Var, window: bool = False) -> tuple[Var, Var | None]:
     """The attention output, and eager attention's probabilities (`attn_weights`, which
     the attention module returns and the decoder layer holds as `_` until it returns)."""
     t = s.tokens
@@ -636,8 +667,17 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
         # + that, one request per layer, k = 2 on most points, 1 on the long-sequence
         # QLoRA ones, which is not modeled)
         stats = plan.batch_size * spec.num_attention_heads * plan.seq_len * 4
-        out = g.op(t * spec.q_size * s.c, [qc, kc, vc], save=(qc, kc, vc), save_out=True,
+        # a sliding layer past its window gets the step's bool mask, which aten
+        # scaled_dot_product_attention turns into an additive one in the query dtype
+        # (`convert_boolean_attn_mask`); the memory-efficient kernel keeps it as attn_bias
+        # for backward (activations.window_mask_bytes; H200 run 1 d034)
+        bias = (g.op(plan.batch_size * plan.seq_len * plan.seq_len * s.c, [])
+                if window else None)
+        out = g.op(t * spec.q_size * s.c, [qc, kc, vc],
+                   save=(qc, kc, vc) if bias is None else (qc, kc, vc, bias), save_out=True,
                    bwd_temps=(2 * t * spec.q_size * 4 + stats,))
+        if bias is not None:
+            g.drop(bias)
         if qc is not q:
             g.drop(qc, kc, vc)
         return out, None
@@ -867,7 +907,7 @@ def _moe(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, x: Var,
 
 
 def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
-              weights: dict[str, Var]) -> Callable[[Graph, Var], Var]:
+              weights: dict[str, Var], window: bool = False) -> Callable[[Graph, Var], Var]:
     lins = {lin.role: lin for lin in spec.block_linears()}
     h = spec.hidden_size
 
@@ -893,7 +933,7 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
             q, k = q2, k2
         qe, ke = _rotary(g, q), _rotary(g, k)
         g.drop(q, k)
-        a, probs = _attention(g, spec, plan, s, qe, ke, v)
+        a, probs = _attention(g, spec, plan, s, qe, ke, v, window)
         if probs is not None:
             held.append(probs)
         o = _linear(g, s, a, lins["o"], weights=weights)
@@ -970,6 +1010,9 @@ class StepRequests:
     requests: list[tuple[int, int]]
     steps: int
     starts: list[int] = field(default_factory=list)  # index of each step's first request
+    # (phase, index of its first request) of every step, in order: "forward" (with the
+    # loss), "backward", "optimizer" (with zero_grad)
+    phases: list[tuple[str, int]] = field(default_factory=list)
 
 
 def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepRequests:
@@ -995,7 +1038,12 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                                          param=True)
         w.update(expert_weights(spec, plan))
         per_layer_weights.append(w)
-    fns = [_layer_fn(spec, plan, s, w) for w in per_layer_weights]
+    # sdpa layers that slide past their window (specs.sdpa_window_masks)
+    wins = layer_windows(spec)
+    windows = [plan.attn == "sdpa" and k < len(wins) and wins[k] is not None
+               and plan.seq_len >= (wins[k] or 0) for k in range(layers)]
+    fns = [_layer_fn(spec, plan, s, w, win)
+           for w, win in zip(per_layer_weights, windows, strict=True)]
     # tied 16-bit embeddings: the lm_head's gradient arrives first as a transposed mm
     # output, so the embedding's is summed into a new tensor (Graph._grad_into)
     embed_w = Var(None, vocab * h * wbytes, vocab * h * wbytes, full, param=True,
@@ -1009,9 +1057,15 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
     held: Var | None = None
     held_graph: list[Buf] = []
     starts: list[int] = []
+    phases: list[tuple[str, int]] = []
     for step in range(steps):
         starts.append(len(g.requests))
+        phases.append(("forward", len(g.requests)))
         x = g.op(t * h * s.act, [embed_w])
+        # the (batch, 1, S, S) bool sliding-window mask, built once per forward
+        # (masking_utils create_sliding_window_causal_mask) and held by the layers'
+        # arguments through backward (checkpointing recomputes the layers with it)
+        mask = g.alloc(plan.batch_size * plan.seq_len * plan.seq_len) if any(windows) else None
         if ck and not full:
             x.requires_grad = True  # enable_input_require_grads
             g.leaves.append(x)
@@ -1057,6 +1111,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         # after its loss (recorded in every run 14 trace)
         g.drop(n)
         g.clear_cache()  # autocast's region ends with the forward and loss
+        phases.append(("backward", len(g.requests)))
         if plan.holds_output:
             held = logits
             held_graph = g.backward(loss, keep_graph=True)
@@ -1077,6 +1132,8 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
             else:
                 g.drop(logits)
             g.backward(loss)
+        g.unref(mask)
+        phases.append(("optimizer", len(g.requests)))
         # optimizer: states at the first step, then zero_grad frees every gradient
         if step == 0:  # kept for good: never freed
             for sz in state_sizes:
@@ -1090,7 +1147,37 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         for v in params:
             g.unref(v.grad)
             v.grad, v.has_grad = None, False
-    return StepRequests(g.requests, steps, starts)
+    return StepRequests(g.requests, steps, starts, phases)
+
+
+@dataclass(frozen=True)
+class ProgramPeaks:
+    """The load and step programs replayed on the caching allocator: the peak allocated
+    of each phase (what `torch.cuda.max_memory_allocated` would read over it) and the
+    peaks over the steps, as `calibrate` measures them (peaks reset after loading)."""
+
+    phases: dict[str, int]  # "load", "forward", "backward", "optimizer"
+    peak_allocated: int  # over the steps
+    peak_reserved: int  # over the steps
+
+
+def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> ProgramPeaks:
+    """Replay the requests of loading and preparing the model (load_requests), then of
+    `steps` training steps, phase by phase."""
+    sim = replay_requests(load_requests(spec, plan), expandable=plan.expandable_segments)
+    phases = {"load": int(sim.peak_allocated), "forward": 0, "backward": 0, "optimizer": 0}
+    # the measured peaks start at training (calibrate resets them before the first step)
+    sim.peak_reserved, sim.peak_allocated = sim.reserved, sim.allocated
+    gen = step_requests(spec, plan, steps)
+    live: dict[int, Block] = {}
+    bounds = [*gen.phases, ("", len(gen.requests))]
+    overall = sim.peak_allocated
+    for (name, lo), (_, hi) in itertools.pairwise(bounds):
+        sim.peak_allocated = sim.allocated
+        replay_requests(gen.requests[lo:hi], sim=sim, live=live)
+        phases[name] = max(phases[name], int(sim.peak_allocated))
+        overall = max(overall, sim.peak_allocated)
+    return ProgramPeaks(phases, int(overall), int(sim.peak_reserved))
 
 
 def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
