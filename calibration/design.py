@@ -425,6 +425,29 @@ def main(which: str) -> None:
             points.append(p)
             if len(points) == 48:
                 break
+    elif which == "holdout13":
+        # After the step program became the peak where it covers the plan (estimate
+        # step_program_covers), with int8's subB and the sliding-window masks in it: 40
+        # fresh draws over holdout 9's architectures, plus 12 int8 draws over every dense
+        # one (checkpointed int8 on hidden 4096 was the formula's worst); predictions
+        # committed before run 24 (h200-holdout13-predictions.json).
+        points = random_points(HOLDOUT9_ARCHS, 40, seed=260, prefix="g")
+        dense = {k: v for k, v in HOLDOUT9_ARCHS.items() if not spec_named(k).is_moe}
+        for p in random_points(dense, 60, seed=261, prefix="e"):
+            p["plan"].update(method="qlora", quant="int8")
+            p["plan"].pop("weights_dtype", None)
+            p["plan"].setdefault("rank", 16)
+            p["steps"] = 4
+            try:
+                if predicted_gib(cut(p["spec"] if isinstance(p["spec"], str)
+                                     else p["id"].split("-", 1)[1], p["layers"]),
+                                 p["plan"]) > MAX_PEAK_GIB:
+                    continue
+            except PlanError:
+                continue
+            points.append(p)
+            if len(points) == 52:
+                break
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
         # with sdpa turned eager, sequences capped at 4096); predictions committed before
@@ -439,7 +462,7 @@ def main(which: str) -> None:
     else:
         raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5|"
                          "holdout6|holdout7|holdout8|holdout9|holdout10|holdout11|holdout12|"
-                         "eager")
+                         "holdout13|eager")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 

@@ -50,7 +50,7 @@ from vramcalc.optimizer import optimizer_bytes
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.result import COMPONENTS, Components, Estimate
 from vramcalc.specs import ModelSpec
-from vramcalc.step_requests import replayed_slack
+from vramcalc.step_requests import program_peaks
 from vramcalc.trainable import (
     check_lora_can_start,
     lora_on_experts,
@@ -101,6 +101,36 @@ def required_only(fn: Callable[_P, _R]) -> Callable[_P, _R]:
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def step_program_covers(spec: ModelSpec, plan: TrainPlan) -> bool:
+    """Whether the step program models every mechanism the phase formula has for `plan`.
+    Not for parallel blocks (phi-2's gelu_new and partial rotary, falcon: the program
+    is 10-35 % under on their H200 points) nor for a frozen base held above the compute
+    dtype (LoRA on fp32 weights: the 16-bit program, 16 % under on xt4)
+    (`python bench/program_vs_formula.py`)."""
+    frozen_upcast = (plan.method != "full"
+                     and DTYPE_BYTES[plan.load_dtype] > DTYPE_BYTES[plan.compute_dtype])
+    return spec.norms_per_layer != 1 and not frozen_upcast
+
+
+def _program_breakdown(formula: dict[str, int], total: int) -> dict[str, int]:
+    """The components of the phase formula's candidate for the program's peak phase,
+    made to add up to the program's peak: weights, gradients and optimizer states are
+    the same in both; the difference goes to the transients (the program's peak lies
+    inside an op: temporaries the formula's phase sums do not hold), and where the
+    program is below the formula, comes off the transients, then the activations, then
+    the logits."""
+    out = dict(formula)
+    diff = total - sum(out.values())
+    for name in ("transient", "activations", "logits_loss"):
+        if diff >= 0:
+            break
+        take = min(out.get(name, 0), -diff)
+        out[name] = out.get(name, 0) - take
+        diff += take
+    out["transient"] = out.get("transient", 0) + diff
+    return out
 
 
 def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
@@ -285,23 +315,33 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
             "transient": tied_extra,
         }
     totals = {name: sum(c.values()) for name, c in candidates.items()}
-    phases = {
-        "load": totals["load"],
-        "forward": totals["forward"],
-        "backward": max(t for name, t in totals.items() if name.startswith("backward")),
-        "optimizer": totals["optimizer"],
-    }
-    worst = max(totals, key=lambda k: totals[k])
-    peak_phase = "backward" if worst.startswith("backward") else worst
-    peak_allocated = totals[worst]
+    # each phase's worst candidate
+    phase_of = {"load": "load", "forward": "forward", "optimizer": "optimizer",
+                "backward": max((n for n in totals if n.startswith("backward")),
+                                key=lambda n: totals[n])}
+    phases = {phase: totals[name] for phase, name in phase_of.items()}
+    peak_phase = max(phases, key=lambda k: phases[k])
+    breakdown = candidates[phase_of[peak_phase]]
 
-    # Reserved - allocated: the caching allocator replayed on the step's requests
-    # (step_requests, allocator_replay); the searches skip the replay (required_only):
-    # there the linear rule stands in.
+    # The step program (step_requests: the requests of loading and of three steps,
+    # replayed on the caching allocator) gives reserved - allocated and, where it models
+    # every mechanism of the plan (`step_program_covers`), the peak allocated of each step
+    # phase too; the searches skip the replay (required_only): there the phase formula
+    # above and the linear slack rule stand in.
     if _REPLAY.get():
-        slack = replayed_slack(spec, plan)
+        program = program_peaks(spec, plan)
+        slack = program.peak_reserved - program.peak_allocated
+        if step_program_covers(spec, plan):
+            phases = {"load": phases["load"],
+                      **{k: v for k, v in program.phases.items() if k != "load"}}
+            peak_phase = max(phases, key=lambda k: phases[k])
+            breakdown = _program_breakdown(candidates[phase_of[peak_phase]],
+                                           phases[peak_phase])
+            if peak_phase != "load":
+                slack = program.peak_reserved - phases[peak_phase]
     else:
         slack = allocator_slack(4 * logits_unit, checkpoints, scores, trained if full else 0)
+    peak_allocated = phases[peak_phase]
     peak_reserved = peak_allocated + slack
     paged = paged_resident(opt.paged)
     peak_device = peak_reserved + CUDA_CONTEXT + paged
@@ -315,7 +355,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         notes.append("MoE experts are 3-D tensors that bitsandbytes leaves unquantized "
                      "(transformers 5); --moe-experts quantized for stacks that quantize them")
     components = Components(
-        **candidates[worst],
+        **breakdown,
         optimizer_paged=paged,
         allocator_slack=slack,
         cuda_context=CUDA_CONTEXT,

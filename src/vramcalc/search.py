@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vramcalc.estimate import Estimate, estimate, required_only
+from vramcalc.estimate import Estimate, estimate, required_only_context
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.planning import EstimateFn
 from vramcalc.specs import ModelSpec
@@ -22,7 +22,6 @@ _FIELD = {"batch": "batch_size", "seq-len": "seq_len"}
 UPPER_LIMIT = 1 << 22  # 4M tokens per sequence or sequences per batch: far past any GPU
 
 
-@required_only
 def largest_fitting(
     spec: ModelSpec,
     plan: TrainPlan,
@@ -30,15 +29,33 @@ def largest_fitting(
     budget_bytes: int,
     measure: Callable[[Estimate], int] = lambda e: e.required_device_bytes,
     estimate_fn: EstimateFn = estimate,
+    confirm: bool = False,
 ) -> int:
     """Largest value of `what` (batch or seq-len), at most UPPER_LIMIT, whose estimate
-    fits `budget_bytes`; 0 when even 1 does not fit."""
+    fits `budget_bytes`; 0 when even 1 does not fit.
+
+    The search runs on the quick estimate (required_only: the phase formula). `confirm`
+    checks its answer with the full one (the replayed step program, what `plan` and
+    `check` report for a single plan, within a few percent of the formula) and moves it
+    to that estimate's own boundary: a few full estimates more (bench/fit_speed.py)."""
     field = _FIELD[what]
 
     def need(n: int) -> int:
         return measure(estimate_fn(spec, plan.model_copy(update={field: n})))
 
-    return largest_at_most(need, budget_bytes, UPPER_LIMIT)
+    with required_only_context():
+        quick = largest_at_most(need, budget_bytes, UPPER_LIMIT)
+    if not confirm:
+        return quick
+    return largest_near(need, budget_bytes, max(quick, 1), UPPER_LIMIT)
+
+
+def largest_near(need: Callable[[int], int], budget: int, n: int, upper: int) -> int:
+    """`largest_at_most(need, budget, upper)`, searched from a guess `n` close to it: up
+    from n while n fits, else down among 1..n-1."""
+    if need(n) <= budget:
+        return n - 1 + largest_at_most(lambda m: need(n - 1 + m), budget, upper - n + 1)
+    return largest_at_most(need, budget, n - 1) if n > 1 else 0
 
 
 def largest_at_most(need: Callable[[int], int], budget: int, upper: int) -> int:

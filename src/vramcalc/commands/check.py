@@ -390,7 +390,8 @@ def check(
         from vramcalc.verdict import budget
 
         rows = [(v, largest_fitting(spec, v.plan, max_, budget(v.target.free_bytes, margin_b),
-                                    estimate_fn=v.estimate_fn)) for v in verdicts]
+                                    estimate_fn=v.estimate_fn, confirm=True))
+                for v in verdicts]
         _render_max(max_, rows, margin_b, json_output)
         if not any(n for _, n in rows):
             raise typer.Exit(EXIT_DOES_NOT_FIT)

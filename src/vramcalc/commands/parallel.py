@@ -171,7 +171,7 @@ def plan_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
         assert budget is not None  # checked by plan()
         best = largest_fitting(
             spec, plan, max_, budget,
-            estimate_fn=lambda s, p: estimate_parallel(s, p, parallel).busiest)
+            estimate_fn=lambda s, p: estimate_parallel(s, p, parallel).busiest, confirm=True)
         if json_output:
             print_json({"model": spec.name, "max": max_, "value": best, "fits": best > 0,
                         "gpu_memory_bytes": budget, "gpus": parallel.gpus,

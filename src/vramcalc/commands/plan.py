@@ -193,7 +193,7 @@ def _answer_max(
     from vramcalc.verdict import budget
 
     best = largest_fitting(spec, train, what, budget(target.free_bytes, margin_b),
-                           estimate_fn=estimate_fn)
+                           estimate_fn=estimate_fn, confirm=True)
     if json_output:
         print_json({"model": spec.name, "max": what, "value": best, "fits": best > 0,
                     "gpu": target.name, "gpu_memory_bytes": target.free_bytes,
