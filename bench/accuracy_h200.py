@@ -132,6 +132,9 @@ HOLDOUTS = [
      "holdout 11 (run 21, 20 points, after the post-run-20 review fixes)"),
     ("run22-holdout12.jsonl", "h200-holdout12-predictions.json",
      "holdout 12 (run 22, 48 points, after the int8 outlier fraction and the held graph)"),
+    ("run24-holdout13.jsonl", "h200-holdout13-predictions.json",
+     "holdout 13 (run 24, 52 points, after the step program became the peak where it "
+     "covers the plan)"),
 ]
 
 

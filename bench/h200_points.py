@@ -43,6 +43,7 @@ RUNS = {  # run file -> the matrix it measured
     "run21-holdout11.jsonl": "h200-holdout11.json",
     "run22-holdout12.jsonl": "h200-holdout12.json",
     "run23-traces.jsonl": "h200-traces23.json",
+    "run24-holdout13.jsonl": "h200-holdout13.json",
 }
 
 
