@@ -44,6 +44,7 @@ RUNS = {  # run file -> the matrix it measured
     "run22-holdout12.jsonl": "h200-holdout12.json",
     "run23-traces.jsonl": "h200-traces23.json",
     "run24-holdout13.jsonl": "h200-holdout13.json",
+    "run25-traces.jsonl": "h200-traces25.json",
 }
 
 

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--diff", action="store_true",
                     help="print where the two sequences differ (difflib opcodes)")
     args = ap.parse_args(argv)
-    run = {"t17-": "run17", "t23-": "run23"}.get(args.point[:4], "run14")
+    run = {"t17-": "run17", "t23-": "run23", "t25-": "run25"}.get(args.point[:4], "run14")
     trace = json.loads(gzip.open(ROOT / "calibration" / "h200" / f"{run}-traces"
                                  / f"{args.point}.json.gz", "rt").read())
     found = [(s, p) for r, s, p in records(f"{run}-traces.jsonl") if r["id"] == args.point]

@@ -3,6 +3,8 @@ slack that `estimate` reports as reserved - allocated."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from vramcalc.activations import layer_saved_bytes_per_token
@@ -230,3 +232,26 @@ def test_quantized_experts_setting_needs_a_quantized_base(method: str) -> None:
     fused = step_requests(spec, TrainPlan(**kw), steps=1).requests
     assert step_requests(spec, TrainPlan(**kw, moe_experts="quantized"),
                          steps=1).requests == fused
+
+
+@pytest.mark.replay
+def test_a_load_that_reserves_more_than_the_steps_sets_the_reserved_peak() -> None:
+    """prepare_model_for_kbit_training upcasts a transformers-5 MoE's fused experts to
+    fp32: with expandable segments, qwen2-moe int8 reserves more there than in any step
+    (H200 run 24 g020: 9.34 GiB in prepare, 7.57 in the steps, 9.02 replayed). The
+    estimate's reserved peak is the larger of the two; the allocated peak stays the
+    steps'."""
+    from pathlib import Path
+
+    from vramcalc.calibrate.matrix import point_spec
+
+    matrix = Path(__file__).resolve().parents[1] / "calibration/matrices/h200-holdout13.json"
+    point = next(p for p in json.loads(matrix.read_text())["points"]
+                 if p["id"] == "g020-qwen2-moe")
+    spec, plan = point_spec(point), TrainPlan.model_validate(point["plan"])
+    eff, _, _ = effective_train_plan(spec, plan)
+    program = program_peaks(spec, eff)
+    assert program.load_reserved > program.peak_reserved
+    est = estimate(spec, plan)
+    assert est.peak_reserved_bytes == program.load_reserved
+    assert est.peak_allocated_bytes == program.peak_allocated

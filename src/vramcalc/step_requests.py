@@ -1159,6 +1159,7 @@ class ProgramPeaks:
     phases: dict[str, int]  # "load", "forward", "backward", "optimizer"
     peak_allocated: int  # over the steps
     peak_reserved: int  # over the steps
+    load_reserved: int  # the peak reserved of loading and preparing the model
 
 
 def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> ProgramPeaks:
@@ -1166,6 +1167,7 @@ def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> ProgramPe
     `steps` training steps, phase by phase."""
     sim = replay_requests(load_requests(spec, plan), expandable=plan.expandable_segments)
     phases = {"load": int(sim.peak_allocated), "forward": 0, "backward": 0, "optimizer": 0}
+    load_reserved = int(sim.peak_reserved)
     # the measured peaks start at training (calibrate resets them before the first step)
     sim.peak_reserved, sim.peak_allocated = sim.reserved, sim.allocated
     gen = step_requests(spec, plan, steps)
@@ -1177,7 +1179,7 @@ def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> ProgramPe
         replay_requests(gen.requests[lo:hi], sim=sim, live=live)
         phases[name] = max(phases[name], int(sim.peak_allocated))
         overall = max(overall, sim.peak_allocated)
-    return ProgramPeaks(phases, int(overall), int(sim.peak_reserved))
+    return ProgramPeaks(phases, int(overall), int(sim.peak_reserved), load_reserved)
 
 
 def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
