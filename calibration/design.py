@@ -448,6 +448,28 @@ def main(which: str) -> None:
             points.append(p)
             if len(points) == 52:
                 break
+    elif which == "holdout14":
+        # After the reserved peak took in loading and preparing (run 24's g020): 24 fresh
+        # draws over holdout 9's architectures plus 6 int8 draws over the dense ones, sized
+        # for the device time left in the session; predictions committed before run 26
+        # (h200-holdout14-predictions.json).
+        points = random_points(HOLDOUT9_ARCHS, 24, seed=270, prefix="a")
+        dense = {k: v for k, v in HOLDOUT9_ARCHS.items() if not spec_named(k).is_moe}
+        for p in random_points(dense, 40, seed=271, prefix="c"):
+            p["plan"].update(method="qlora", quant="int8")
+            p["plan"].pop("weights_dtype", None)
+            p["plan"].setdefault("rank", 16)
+            p["steps"] = 4
+            try:
+                if predicted_gib(cut(p["spec"] if isinstance(p["spec"], str)
+                                     else p["id"].split("-", 1)[1], p["layers"]),
+                                 p["plan"]) > MAX_PEAK_GIB:
+                    continue
+            except PlanError:
+                continue
+            points.append(p)
+            if len(points) == 30:
+                break
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
         # with sdpa turned eager, sequences capped at 4096); predictions committed before
@@ -462,7 +484,7 @@ def main(which: str) -> None:
     else:
         raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5|"
                          "holdout6|holdout7|holdout8|holdout9|holdout10|holdout11|holdout12|"
-                         "holdout13|eager")
+                         "holdout13|holdout14|eager")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 
