@@ -135,6 +135,8 @@ HOLDOUTS = [
     ("run24-holdout13.jsonl", "h200-holdout13-predictions.json",
      "holdout 13 (run 24, 52 points, after the step program became the peak where it "
      "covers the plan)"),
+    ("run26-holdout14.jsonl", "h200-holdout14-predictions.json",
+     "holdout 14 (run 26, 30 points, after the reserved peak took in loading and preparing)"),
 ]
 
 

@@ -45,6 +45,7 @@ RUNS = {  # run file -> the matrix it measured
     "run23-traces.jsonl": "h200-traces23.json",
     "run24-holdout13.jsonl": "h200-holdout13.json",
     "run25-traces.jsonl": "h200-traces25.json",
+    "run26-holdout14.jsonl": "h200-holdout14.json",
 }
 
 
