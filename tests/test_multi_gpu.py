@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vramcalc.cli import app
+from vramcalc.commands.check import EXIT_DOES_NOT_FIT
 from vramcalc.estimate import estimate
 from vramcalc.multi_gpu import (
     FSDP_UNITS_IN_FLIGHT,
@@ -130,6 +131,20 @@ def test_smallest_fitting_parallel_for_70b_on_24gb() -> None:
     found = smallest_fitting_parallel(get_spec("llama-2-70b"), QLORA, 22 * 2**30)
     assert found and found[0].gpus >= 2
     assert all(o.required_device_bytes <= 22 * 2**30 for o in found)
+
+
+def test_int8_suggestions_skip_the_strategies_it_cannot_use() -> None:
+    """int8 weights cannot be sharded (FSDP / ZeRO-3 raise a PlanError for them): the
+    multi-GPU suggestions leave those strategies out instead of failing `check`."""
+    int8 = TrainPlan(method="qlora", quant="int8", batch_size=8, seq_len=1024)
+    found = smallest_fitting_parallel(get_spec("mistral-7b"), int8, 22 * 2**30)
+    assert found
+    assert {o.strategy for o in found} <= {"ddp", "device-map"}
+    result = runner.invoke(app, ["check", "-m", "mistral-7b", "--quant", "int8", "--batch",
+                                 "8", "--seq-len", "1024", "--gpu", "rtx-4090"])
+    assert result.exit_code == EXIT_DOES_NOT_FIT  # a verdict, not an error (exit 1)
+    assert "does NOT fit" in result.output
+    assert "cannot be sharded" not in result.output
 
 
 def test_bad_parallel_plans() -> None:

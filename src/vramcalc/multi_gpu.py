@@ -29,7 +29,7 @@ from vramcalc.allocator import (
     required_slack,
 )
 from vramcalc.errors import PlanError
-from vramcalc.estimate import estimate
+from vramcalc.estimate import estimate, required_only
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.result import Components, Estimate
 from vramcalc.specs import ModelSpec
@@ -532,11 +532,13 @@ SUGGESTED = (("ddp", "none"), ("fsdp", "none"), ("zero3", "none"), ("device-map"
              ("fsdp", "cpu"))
 
 
+@required_only
 def smallest_fitting_parallel(spec: ModelSpec, plan: TrainPlan, budget_bytes: int,
                               max_gpus: int = 8, gpus_per_node: int | None = None
                               ) -> list[ParallelOption]:
     """For each strategy, the smallest N in 2..max_gpus whose busiest GPU needs at most
-    `budget_bytes`; sorted by N (then by what the busiest GPU needs)."""
+    `budget_bytes`; sorted by N (then by what the busiest GPU needs). A search: the quick
+    estimate (`estimate.required_only`), as the other suggestions use."""
     found: list[ParallelOption] = []
     for strategy, offload in SUGGESTED:
         for n in range(2, max_gpus + 1):
@@ -546,7 +548,10 @@ def smallest_fitting_parallel(spec: ModelSpec, plan: TrainPlan, budget_bytes: in
                                    n % gpus_per_node == 0 and strategy != "device-map" else None)
             except ValueError:
                 continue
-            need = estimate_parallel(spec, plan, par).busiest.required_device_bytes
+            try:
+                need = estimate_parallel(spec, plan, par).busiest.required_device_bytes
+            except PlanError:  # a strategy this plan cannot use (int8 under FSDP / ZeRO-3)
+                break
             if need <= budget_bytes:
                 flags = f"--gpus {n} --strategy {strategy}" + (
                     f" --offload {offload}" if offload != "none" else "")
