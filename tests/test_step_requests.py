@@ -255,3 +255,21 @@ def test_a_load_that_reserves_more_than_the_steps_sets_the_reserved_peak() -> No
     est = estimate(spec, plan)
     assert est.peak_reserved_bytes == program.load_reserved
     assert est.peak_allocated_bytes == program.peak_allocated
+
+
+def test_the_program_breakdown_adds_up_and_stays_non_negative() -> None:
+    """The formula's components for the program's peak phase are made to add up to the
+    program's peak: a program above the formula adds to the transients; one below takes
+    from transients, then activations, then logits, then (rounding of the static parts on
+    the largest full fine-tunes) the largest component."""
+    from vramcalc.estimate import _program_breakdown
+
+    formula = {"base_weights": 1000, "gradients": 500, "activations": 40, "transient": 10,
+               "logits_loss": 5}
+    above = _program_breakdown(formula, 1600)
+    assert above["transient"] == 10 + 45 and sum(above.values()) == 1600
+    below = _program_breakdown(formula, 1520)
+    assert below == {**formula, "transient": 0, "activations": 15}
+    static = _program_breakdown(formula, 1490)
+    assert sum(static.values()) == 1490 and min(static.values()) == 0
+    assert static["base_weights"] == 990
