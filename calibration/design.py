@@ -189,6 +189,30 @@ def random_points(archs: dict[str, int | None], n: int, seed: int, prefix: str,
     return points
 
 
+def int8_draws(archs: dict[str, int | None], n: int, seed: int, prefix: str,
+               wanted: int) -> list[dict[str, Any]]:
+    """`wanted` int8 LoRA points out of `n` random draws over `archs` (each draw turned
+    to int8, rank 16 where unset, 4 steps: int8's peak comes at the second step), keeping
+    those whose predicted peak fits MAX_PEAK_GIB."""
+    out: list[dict[str, Any]] = []
+    for p in random_points(archs, n, seed=seed, prefix=prefix):
+        p["plan"].update(method="qlora", quant="int8")
+        p["plan"].pop("weights_dtype", None)
+        p["plan"].setdefault("rank", 16)
+        p["steps"] = 4
+        try:
+            if predicted_gib(cut(p["spec"] if isinstance(p["spec"], str)
+                                 else p["id"].split("-", 1)[1], p["layers"]),
+                             p["plan"]) > MAX_PEAK_GIB:
+                continue
+        except PlanError:
+            continue
+        out.append(p)
+        if len(out) == wanted:
+            break
+    return out
+
+
 # holdouts 6 and 7: every architecture measured so far plus four never measured before
 REPLAY_HOLDOUT_ARCHS: dict[str, int | None] = {
     **DESIGN_ARCHS, **HOLDOUT_ARCHS, "qwen2.5-1.5b": None, "llama-3.2-3b": 8,
@@ -410,21 +434,7 @@ def main(which: str) -> None:
         points = random_points(HOLDOUT9_ARCHS, 40, seed=250, prefix="j")
         small = {k: v for k, v in HOLDOUT9_ARCHS.items()
                  if spec_named(k).hidden_size <= 3072 and not spec_named(k).is_moe}
-        for p in random_points(small, 40, seed=251, prefix="i"):
-            p["plan"].update(method="qlora", quant="int8")
-            p["plan"].pop("weights_dtype", None)
-            p["plan"].setdefault("rank", 16)
-            p["steps"] = 4
-            try:
-                if predicted_gib(cut(p["spec"] if isinstance(p["spec"], str)
-                                     else p["id"].split("-", 1)[1], p["layers"]),
-                                 p["plan"]) > MAX_PEAK_GIB:
-                    continue
-            except PlanError:
-                continue
-            points.append(p)
-            if len(points) == 48:
-                break
+        points += int8_draws(small, 40, seed=251, prefix="i", wanted=8)
     elif which == "holdout13":
         # After the step program became the peak where it covers the plan (estimate
         # step_program_covers), with int8's subB and the sliding-window masks in it: 40
@@ -433,21 +443,7 @@ def main(which: str) -> None:
         # committed before run 24 (h200-holdout13-predictions.json).
         points = random_points(HOLDOUT9_ARCHS, 40, seed=260, prefix="g")
         dense = {k: v for k, v in HOLDOUT9_ARCHS.items() if not spec_named(k).is_moe}
-        for p in random_points(dense, 60, seed=261, prefix="e"):
-            p["plan"].update(method="qlora", quant="int8")
-            p["plan"].pop("weights_dtype", None)
-            p["plan"].setdefault("rank", 16)
-            p["steps"] = 4
-            try:
-                if predicted_gib(cut(p["spec"] if isinstance(p["spec"], str)
-                                     else p["id"].split("-", 1)[1], p["layers"]),
-                                 p["plan"]) > MAX_PEAK_GIB:
-                    continue
-            except PlanError:
-                continue
-            points.append(p)
-            if len(points) == 52:
-                break
+        points += int8_draws(dense, 60, seed=261, prefix="e", wanted=12)
     elif which == "holdout14":
         # After the reserved peak took in loading and preparing (run 24's g020): 24 fresh
         # draws over holdout 9's architectures plus 6 int8 draws over the dense ones, sized
@@ -455,21 +451,7 @@ def main(which: str) -> None:
         # (h200-holdout14-predictions.json).
         points = random_points(HOLDOUT9_ARCHS, 24, seed=270, prefix="a")
         dense = {k: v for k, v in HOLDOUT9_ARCHS.items() if not spec_named(k).is_moe}
-        for p in random_points(dense, 40, seed=271, prefix="c"):
-            p["plan"].update(method="qlora", quant="int8")
-            p["plan"].pop("weights_dtype", None)
-            p["plan"].setdefault("rank", 16)
-            p["steps"] = 4
-            try:
-                if predicted_gib(cut(p["spec"] if isinstance(p["spec"], str)
-                                     else p["id"].split("-", 1)[1], p["layers"]),
-                                 p["plan"]) > MAX_PEAK_GIB:
-                    continue
-            except PlanError:
-                continue
-            points.append(p)
-            if len(points) == 30:
-                break
+        points += int8_draws(dense, 40, seed=271, prefix="c", wanted=6)
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
         # with sdpa turned eager, sequences capped at 4096); predictions committed before
