@@ -22,19 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from h200_points import records  # noqa: E402
 
-from vramcalc.allocator_replay import replay_requests  # noqa: E402
 from vramcalc.effective import effective_train_plan  # noqa: E402
 from vramcalc.estimate import estimate, required_only_context  # noqa: E402
-from vramcalc.load_requests import load_requests  # noqa: E402
-from vramcalc.step_requests import step_requests  # noqa: E402
+from vramcalc.step_requests import program_peaks  # noqa: E402
 
 
 def program_peak(spec: Any, plan: Any) -> int:
     eff, _, _ = effective_train_plan(spec, plan)
-    sim = replay_requests(load_requests(spec, eff), expandable=eff.expandable_segments)
-    sim.peak_reserved, sim.peak_allocated = sim.reserved, sim.allocated
-    replay_requests(step_requests(spec, eff, 3).requests, sim=sim)
-    return int(sim.peak_allocated)
+    return program_peaks(spec, eff).peak_allocated
 
 
 def summary(errors: list[float]) -> str:

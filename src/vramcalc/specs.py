@@ -554,10 +554,18 @@ def layer_windows(spec: ModelSpec) -> list[int | None]:
     return [int(window) if window else None] * layers
 
 
+def sliding_past_window(spec: ModelSpec, kv_length: int) -> list[bool]:
+    """For each layer, whether it gets a materialised sliding-window mask under sdpa at
+    `kv_length` keys. masking_utils `_ignore_causal_mask_sdpa` lets sdpa use `is_causal`
+    instead of a mask, except for a sliding window when kv_length >= the window: then
+    `create_sliding_window_causal_mask` builds one (batch, 1, queries, keys) bool mask,
+    shared by every sliding layer."""
+    windows = layer_windows(spec)
+    return [k < len(windows) and windows[k] is not None and kv_length >= (windows[k] or 0)
+            for k in range(spec.num_hidden_layers)]
+
+
 def sdpa_window_masks(spec: ModelSpec, kv_length: int) -> int:
     """How many layers get a materialised sliding-window mask under sdpa at `kv_length`
-    keys. masking_utils `_ignore_causal_mask_sdpa` lets sdpa use `is_causal` instead of a
-    mask, except for a sliding window when kv_length >= the window: then
-    `create_sliding_window_causal_mask` builds one (batch, 1, queries, keys) bool mask,
-    shared by every sliding layer. 0 when no layer slides that far."""
-    return sum(1 for w in layer_windows(spec) if w is not None and kv_length >= w)
+    keys (`sliding_past_window`); 0 when no layer slides that far."""
+    return sum(sliding_past_window(spec, kv_length))

@@ -48,7 +48,7 @@ from vramcalc.allocator_replay import Block, replay_requests
 from vramcalc.load_requests import MIN_REQUEST, load_requests
 from vramcalc.optimizer import optimizer_bytes, optimizer_state_sizes
 from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import LinearShape, ModelSpec, layer_windows
+from vramcalc.specs import LinearShape, ModelSpec, sliding_past_window
 from vramcalc.trainable import lora_on_experts, lora_targets
 from vramcalc.weights import DTYPE_BYTES, fused_experts
 
@@ -1009,10 +1009,14 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
 class StepRequests:
     requests: list[tuple[int, int]]
     steps: int
-    starts: list[int] = field(default_factory=list)  # index of each step's first request
     # (phase, index of its first request) of every step, in order: "forward" (with the
     # loss), "backward", "optimizer" (with zero_grad)
     phases: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def starts(self) -> list[int]:
+        """Index of each step's first request."""
+        return [k for name, k in self.phases if name == "forward"]
 
 
 def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepRequests:
@@ -1038,10 +1042,8 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                                          param=True)
         w.update(expert_weights(spec, plan))
         per_layer_weights.append(w)
-    # sdpa layers that slide past their window (specs.sdpa_window_masks)
-    wins = layer_windows(spec)
-    windows = [plan.attn == "sdpa" and k < len(wins) and wins[k] is not None
-               and plan.seq_len >= (wins[k] or 0) for k in range(layers)]
+    # sdpa layers that slide past their window
+    windows = [plan.attn == "sdpa" and w for w in sliding_past_window(spec, plan.seq_len)]
     fns = [_layer_fn(spec, plan, s, w, win)
            for w, win in zip(per_layer_weights, windows, strict=True)]
     # tied 16-bit embeddings: the lm_head's gradient arrives first as a transposed mm
@@ -1056,10 +1058,8 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
     ck = plan.gradient_checkpointing
     held: Var | None = None
     held_graph: list[Buf] = []
-    starts: list[int] = []
     phases: list[tuple[str, int]] = []
     for step in range(steps):
-        starts.append(len(g.requests))
         phases.append(("forward", len(g.requests)))
         x = g.op(t * h * s.act, [embed_w])
         # the (batch, 1, S, S) bool sliding-window mask, built once per forward
@@ -1147,7 +1147,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         for v in params:
             g.unref(v.grad)
             v.grad, v.has_grad = None, False
-    return StepRequests(g.requests, steps, starts, phases)
+    return StepRequests(g.requests, steps, phases)
 
 
 @dataclass(frozen=True)
@@ -1183,11 +1183,7 @@ def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> ProgramPe
 
 
 def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
-    """Reserved - allocated at the peak: the caching allocator replayed on the requests of
-    loading and preparing the model (load_requests), then of `steps` training steps (what
-    `calibrate` measures: three steps, peaks reset in between)."""
-    sim = replay_requests(load_requests(spec, plan), expandable=plan.expandable_segments)
-    # the measured peaks start at training (calibrate resets them before the first step)
-    sim.peak_reserved, sim.peak_allocated = sim.reserved, sim.allocated
-    replay_requests(step_requests(spec, plan, steps).requests, sim=sim)
-    return sim.peak_reserved - sim.peak_allocated
+    """Reserved - allocated at the steps' peak (`program_peaks`: what `calibrate` measures,
+    three steps, peaks reset after loading)."""
+    peaks = program_peaks(spec, plan, steps)
+    return peaks.peak_reserved - peaks.peak_allocated
