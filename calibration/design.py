@@ -31,7 +31,7 @@ sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
 from vramcalc.errors import PlanError  # noqa: E402
 from vramcalc.estimate import estimate  # noqa: E402
 from vramcalc.hf_config import spec_from_hf_config  # noqa: E402
-from vramcalc.plan_settings import TrainPlan  # noqa: E402
+from vramcalc.plan_settings import LOOP_NAMES, TrainPlan, current_loop_names  # noqa: E402
 from vramcalc.specs import ModelSpec, depth_cut, get_spec  # noqa: E402
 
 GiB = 2**30
@@ -161,8 +161,10 @@ def draw_plan(rng: random.Random, spec: ModelSpec, plain: str = "plain-outputs"
     return plan
 
 
-def predicted_gib(spec: ModelSpec, plan: dict[str, Any]) -> float:
-    est = estimate(spec, TrainPlan.model_validate(plan))
+def predicted_gib(spec: ModelSpec, plan: dict[str, Any], loop_names: int = 1) -> float:
+    """The predicted peak device of a drawn plan, whose loop names are `loop_names`' (1:
+    the names of the matrices before issue 27, plan_settings.LEGACY_LOOPS)."""
+    est = estimate(spec, TrainPlan.model_validate(current_loop_names(plan, loop_names)))
     return est.peak_device_bytes / GiB
 
 
@@ -322,10 +324,10 @@ def targeted_points() -> list[dict[str, Any]]:
 def predictions(matrix: str, note: str) -> dict[str, Any]:
     """The raw estimator's predictions for every training point of a matrix file: what a
     holdout commits before the run (bench/accuracy_h200.py compares them)."""
-    from vramcalc.calibrate.matrix import point_spec
+    from vramcalc.calibrate.matrix import matrix_points, point_spec
 
     out = []
-    for point in json.loads(open(matrix, encoding="utf-8").read())["points"]:
+    for point in matrix_points(json.loads(open(matrix, encoding="utf-8").read())):
         try:
             est = estimate(point_spec(point), TrainPlan.model_validate(point["plan"]))
         except PlanError:
