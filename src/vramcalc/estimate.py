@@ -348,10 +348,17 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     # transients) can hold more than the steps, allocated or reserved (H200 run 24 g020:
     # qwen2-moe int8 reserved 9.34 GiB in prepare, 7.57 in the steps): what `calibrate`
     # measures and NVML reads is the peak over both.
+    # Required free memory decides fit, so it must not fall when the work grows: it rests
+    # on a peak that cannot (docs/memory-model.md "Required memory never falls"). The
+    # formula's phases are sums of terms that grow with batch, sequence length and rank;
+    # the program's allocated peak is not (a block's unsplit rest depends on where a
+    # request lands), so the program gives its requested peak (`requested_peaks`) here.
+    required_peak = max(phases.values())
     if _REPLAY.get():
         program = program_peaks(spec, plan)
         slack = program.peak_reserved - program.peak_allocated
         if step_program_covers(spec, plan):
+            required_peak = max(phases["load"], *program.requested.values())
             phases = {"load": max(phases["load"], program.phases["load"]),
                       **{k: v for k, v in program.phases.items() if k != "load"}}
             peak_phase = max(phases, key=lambda k: phases[k])
@@ -368,8 +375,11 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     peak_device = peak_reserved + CUDA_CONTEXT + paged
     low, high = required_slack(4 * logits_unit, compute * logits_unit, plan.holds_output,
                                plan.expandable_segments)
-    required_device = peak_allocated + high + CUDA_CONTEXT + paged
-    required_low = peak_allocated + low + CUDA_CONTEXT + paged
+    required_device = required_peak + high + CUDA_CONTEXT + paged
+    required_low = required_peak + low + CUDA_CONTEXT + paged
+    if plan.use_cache and plan.gradient_checkpointing:
+        notes.append("use_cache has no effect under gradient checkpointing: transformers turns "
+                     "it off in training (utils/generic.py merge_with_config_defaults)")
     if plan.attn == "flash_attention_2":
         notes.append("flash_attention_2 is modelled as sdpa (the same O(T) saved tensors)")
     if spec.is_moe and plan.moe_experts == "unquantized" and plan.method == "qlora":

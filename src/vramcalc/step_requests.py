@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vramcalc.activations import expert_dtype_bytes, int8_outlier_fraction, residual_bytes
-from vramcalc.allocator_replay import Block, replay_requests
+from vramcalc.allocator_replay import Block, replay_requests, round_size
 from vramcalc.load_requests import MIN_REQUEST, load_requests
 from vramcalc.optimizer import optimizer_bytes, optimizer_state_sizes
 from vramcalc.plan_settings import TrainPlan
@@ -1204,12 +1204,48 @@ class ProgramPeaks:
     peak_allocated: int  # over the steps
     peak_reserved: int  # over the steps
     load_reserved: int  # the peak reserved of loading and preparing the model
+    # the peak of the requested bytes alive (each rounded to 512 B, c10 round_size), per
+    # phase: what the allocator's allocated peak is before a block's unsplit rest, and,
+    # unlike it, independent of where the requests land (`requested_peaks`)
+    requested: dict[str, int] = field(default_factory=dict)
+
+
+def requested_peaks(load: list[tuple[int, int]], gen: StepRequests) -> dict[str, int]:
+    """The peak of the rounded requested bytes alive in loading and in each step phase.
+    The allocator's allocated bytes count a whole block where the rest is too small to
+    split off (c10 `should_split`), so they depend on which free block a request lands in,
+    and can fall when a tensor grows; these cannot: the requests are the same program
+    whatever the sizes, and every size grows with batch, sequence length and rank."""
+    live: dict[int, int] = {}
+    total = peak = 0
+    for tid, size in load:
+        if size > 0:
+            live[tid] = round_size(size)
+            total += live[tid]
+        elif size == 0:
+            total -= live.pop(tid)
+        peak = max(peak, total)
+    out = {"load": peak, "forward": 0, "backward": 0, "optimizer": 0}
+    steps: dict[int, int] = {}
+    bounds = [*gen.phases, ("", len(gen.requests))]
+    for (name, lo), (_, hi) in itertools.pairwise(bounds):
+        peak = total
+        for tid, size in gen.requests[lo:hi]:
+            if size > 0:
+                steps[tid] = round_size(size)
+                total += steps[tid]
+            elif size == 0:
+                total -= steps.pop(tid)
+            peak = max(peak, total)
+        out[name] = max(out[name], peak)
+    return out
 
 
 def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> ProgramPeaks:
     """Replay the requests of loading and preparing the model (load_requests), then of
     `steps` training steps, phase by phase."""
-    sim = replay_requests(load_requests(spec, plan), expandable=plan.expandable_segments)
+    load = load_requests(spec, plan)
+    sim = replay_requests(load, expandable=plan.expandable_segments)
     phases = {"load": int(sim.peak_allocated), "forward": 0, "backward": 0, "optimizer": 0}
     load_reserved = int(sim.peak_reserved)
     # the measured peaks start at training (calibrate resets them before the first step)
@@ -1223,7 +1259,8 @@ def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> ProgramPe
         replay_requests(gen.requests[lo:hi], sim=sim, live=live)
         phases[name] = max(phases[name], int(sim.peak_allocated))
         overall = max(overall, sim.peak_allocated)
-    return ProgramPeaks(phases, int(overall), int(sim.peak_reserved), load_reserved)
+    return ProgramPeaks(phases, int(overall), int(sim.peak_reserved), load_reserved,
+                        requested_peaks(load, gen))
 
 
 def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
