@@ -304,6 +304,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
             "transient": layer_grads + fold_transient,
         },
         "optimizer": {**steady, "gradients": grads, "transient": opt.step_transient,
+                      "activations": held_graph,  # the surviving graph, from backward on
                       "logits_loss": held_next * logits_unit},
     }
     if full:

@@ -1166,8 +1166,8 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                 g.unref(conv)
             else:
                 g.drop(logits)
-            for b in cache:
-                g.unref(b)
+            for buf in cache:
+                g.unref(buf)
             if plan.survives == "loss":
                 # `loss = model(...).loss` rebinds `loss` once the output is dropped: the
                 # previous loss goes, and the graph its grad_fn reached with it
