@@ -137,6 +137,8 @@ HOLDOUTS = [
      "covers the plan)"),
     ("run26-holdout14.jsonl", "h200-holdout14-predictions.json",
      "holdout 14 (run 26, 30 points, after the reserved peak took in loading and preparing)"),
+    ("run27-holdout15.jsonl", "h200-holdout15-predictions.json",
+     "holdout 15 (run 27, 36 points, issue 27: the tutorial loop three ways, Trainer draws)"),
 ]
 
 

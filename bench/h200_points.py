@@ -46,6 +46,7 @@ RUNS = {  # run file -> the matrix it measured
     "run24-holdout13.jsonl": "h200-holdout13.json",
     "run25-traces.jsonl": "h200-traces25.json",
     "run26-holdout14.jsonl": "h200-holdout14.json",
+    "run27-holdout15.jsonl": "h200-holdout15.json",
 }
 
 
