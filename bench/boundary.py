@@ -31,7 +31,8 @@ GiB = 2**30
 
 def verdict_of(rec: dict[str, Any], margin: int) -> tuple[str, float, float]:
     """(certainty, required low - offered, required - offered) in GiB for one run."""
-    est = estimate(get_spec(rec["spec"]), TrainPlan.model_validate(current_loop_names(rec["plan"])))
+    est = estimate(get_spec(rec["spec"]), TrainPlan.model_validate(
+        current_loop_names(rec["plan"], rec.get("loop_names", 1))))
     offered = emulated_card_bytes(est, rec["measurement"]["memory_limit_bytes"])
     c = certainty(offered, est.required_device_bytes, margin, est.required_low)
     return c, (est.required_low - offered) / GiB, (est.required_device_bytes - offered) / GiB

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from vramcalc.plan_settings import TrainPlan, current_loop_names
+from vramcalc.plan_settings import LOOP_NAMES, TrainPlan, current_loop_names
 from vramcalc.result import Estimate
 from vramcalc.specs import ModelSpec, depth_cut, resolve_model
 
@@ -348,6 +348,7 @@ def _record(point: Point, status: str, measurement: dict[str, Any] | None,
         "worker": point.worker,
         "task": point.raw.get("task", "train"),
         "plan": point.plan.model_dump(mode="json") if point.plan is not None else None,
+        "loop_names": LOOP_NAMES,  # the plan's loop names (plan_settings.current_loop_names)
         "steps": point.raw.get("steps", 3) if point.worker == TRAIN_WORKER else None,
         "admitted_bytes": point.need_bytes,
         "prediction": point.prediction,
