@@ -72,7 +72,7 @@ def collect(run: str | None, preregistered: dict[str, dict[str, Any]] | None = N
         clean = not (m.get("num_alloc_retries") or m.get("memory_limit_bytes"))
         row = {
             "id": rec["id"], "regime": regime(spec, plan),
-            "ckpt": plan.gradient_checkpointing, "attn": plan.attn,
+            "ckpt": plan.gradient_checkpointing, "attn": plan.attn, "loop": plan.loop,
             "alloc": pct(pred_alloc, m["peak_allocated_bytes"]),
             "reserved": pct(pred_res, m["peak_reserved_bytes"]) if clean else None,
             "device": None,
@@ -96,6 +96,13 @@ def report(title: str, rows: list[dict[str, Any]], show_points: bool) -> None:
         print(f"    {label:24s} {summary([r['alloc'] for r in rows if r['ckpt'] is pick])}")
     print(f"    {'eager attention':24s} "
           f"{summary([r['alloc'] for r in rows if r['attn'] == 'eager'])}")
+    loops = sorted({r["loop"] for r in rows})
+    if len(loops) > 1:
+        print("  by loop (peak allocated; peak device):")
+        for loop in loops:
+            sub = [r for r in rows if r["loop"] == loop]
+            print(f"    {loop:24s} {summary([r['alloc'] for r in sub])}")
+            print(f"    {'':24s} {summary([r['device'] for r in sub if r['device'] is not None])}")
     if show_points:
         for r in sorted(rows, key=lambda r: -abs(r["alloc"])):
             dev = "" if r["device"] is None else f" device {r['device']:+6.2f}%"
@@ -137,6 +144,8 @@ HOLDOUTS = [
      "covers the plan)"),
     ("run26-holdout14.jsonl", "h200-holdout14-predictions.json",
      "holdout 14 (run 26, 30 points, after the reserved peak took in loading and preparing)"),
+    ("run27-holdout15.jsonl", "h200-holdout15-predictions.json",
+     "holdout 15 (run 27, 36 points, issue 27: the tutorial loop three ways, Trainer draws)"),
 ]
 
 

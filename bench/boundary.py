@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vramcalc.calibrate.matrix import emulated_card_bytes  # noqa: E402
 from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.plan_settings import TrainPlan  # noqa: E402
+from vramcalc.plan_settings import TrainPlan, current_loop_names  # noqa: E402
 from vramcalc.specs import get_spec  # noqa: E402
 from vramcalc.verdict import certainty  # noqa: E402
 
@@ -31,7 +31,8 @@ GiB = 2**30
 
 def verdict_of(rec: dict[str, Any], margin: int) -> tuple[str, float, float]:
     """(certainty, required low - offered, required - offered) in GiB for one run."""
-    est = estimate(get_spec(rec["spec"]), TrainPlan.model_validate(rec["plan"]))
+    est = estimate(get_spec(rec["spec"]), TrainPlan.model_validate(
+        current_loop_names(rec["plan"], rec.get("loop_names", 1))))
     offered = emulated_card_bytes(est, rec["measurement"]["memory_limit_bytes"])
     c = certainty(offered, est.required_device_bytes, margin, est.required_low)
     return c, (est.required_low - offered) / GiB, (est.required_device_bytes - offered) / GiB

@@ -16,7 +16,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vramcalc.calibrate.matrix import point_spec  # noqa: E402
+from vramcalc.calibrate.matrix import matrix_points, point_spec  # noqa: E402
 from vramcalc.plan_settings import TrainPlan  # noqa: E402
 from vramcalc.specs import ModelSpec  # noqa: E402
 
@@ -46,13 +46,15 @@ RUNS = {  # run file -> the matrix it measured
     "run24-holdout13.jsonl": "h200-holdout13.json",
     "run25-traces.jsonl": "h200-traces25.json",
     "run26-holdout14.jsonl": "h200-holdout14.json",
+    "run27-holdout15.jsonl": "h200-holdout15.json",
 }
 
 
 # Runs 1-6 ran calibrate's plain loop before commit c5caccc, which freed the output after
 # backward (`out.loss.backward(); del out`); their records say plain-outputs (relabelled in
-# 074a522, which took them for the loop that keeps `out` into the next step). Read back as
-# the loop they ran. Runs 7 on keep `out` until the next forward rebinds it.
+# 074a522, which took them for the loop that keeps `out` into the next step; read as
+# trainer-plain-outputs since issue 27's names, matrix_points). Read back as the loop they
+# ran. Runs 7 on keep `out` until the next forward rebinds it.
 DEL_OUT_RUNS = frozenset({
     "run1-design.jsonl", "run2-holdout.jsonl", "run2-more.jsonl", "run3-infer.jsonl",
     "run4-holdout2.jsonl", "run5-infer-holdout-snaps.jsonl", "run6-holdout3.jsonl",
@@ -61,14 +63,14 @@ DEL_OUT_RUNS = frozenset({
 
 def measured_plan(fname: str, plan: dict[str, Any]) -> TrainPlan:
     """The plan a record of run `fname` measured (see DEL_OUT_RUNS)."""
-    if fname in DEL_OUT_RUNS and plan.get("loop") == "plain-outputs":
-        plan = {**plan, "loop": "plain-outputs-del"}
+    if fname in DEL_OUT_RUNS and plan.get("loop") == "trainer-plain-outputs":
+        plan = {**plan, "loop": "trainer-plain-outputs-del"}
     return TrainPlan.model_validate(plan)
 
 
 def _matrix_points(name: str) -> dict[str, dict[str, Any]]:
     path = ROOT / "calibration" / "matrices" / name
-    return {p["id"]: p for p in json.loads(path.read_text())["points"]}
+    return {p["id"]: p for p in matrix_points(json.loads(path.read_text()))}
 
 
 def spec_of(point: dict[str, Any]) -> ModelSpec:

@@ -5,6 +5,7 @@
     python calibration/design.py holdout3 > calibration/matrices/h200-holdout3.json
     python calibration/design.py holdout4 > calibration/matrices/h200-holdout4.json
     python calibration/design.py holdout6 > calibration/matrices/h200-holdout6.json
+    python calibration/design.py holdout15 > calibration/matrices/h200-holdout15.json
     python calibration/design.py predict MATRIX.json "NOTE" > PREDICTIONS.json
 
 `design`: 16 architectures (MHA, GQA, MQA, tied/untied, 32k-256k vocabularies, fused
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
@@ -31,7 +33,7 @@ sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
 from vramcalc.errors import PlanError  # noqa: E402
 from vramcalc.estimate import estimate  # noqa: E402
 from vramcalc.hf_config import spec_from_hf_config  # noqa: E402
-from vramcalc.plan_settings import TrainPlan  # noqa: E402
+from vramcalc.plan_settings import LOOP_NAMES, TrainPlan, current_loop_names  # noqa: E402
 from vramcalc.specs import ModelSpec, depth_cut, get_spec  # noqa: E402
 
 GiB = 2**30
@@ -161,8 +163,10 @@ def draw_plan(rng: random.Random, spec: ModelSpec, plain: str = "plain-outputs"
     return plan
 
 
-def predicted_gib(spec: ModelSpec, plan: dict[str, Any]) -> float:
-    est = estimate(spec, TrainPlan.model_validate(plan))
+def predicted_gib(spec: ModelSpec, plan: dict[str, Any], loop_names: int = 1) -> float:
+    """The predicted peak device of a drawn plan, whose loop names are `loop_names`' (1:
+    the names of the matrices before issue 27, plan_settings.LEGACY_LOOPS)."""
+    est = estimate(spec, TrainPlan.model_validate(current_loop_names(plan, loop_names)))
     return est.peak_device_bytes / GiB
 
 
@@ -226,6 +230,108 @@ HOLDOUT9_ARCHS: dict[str, int | None] = {
     **REPLAY_HOLDOUT_ARCHS, "llama-3-8b": 4, "mistral-7b-v0.3": 4, "llama-7b": 4,
     "qwen2.5-72b": 2,
 }
+
+
+# holdout 15 (issue 27): the loop people write, three ways, plus Trainer draws
+H15_FULL_DEPTH = ("qwen2.5-0.5b", "qwen2.5-1.5b", "llama-3.2-1b", "tinyllama-1.1b",
+                  "stablelm-2-1.6b", "smollm2-1.7b", "gemma-3-1b", "gemma-2-2b")
+# the issue's three example settings, at full depth
+H15_ISSUE: list[tuple[str, str, dict[str, Any]]] = [
+    ("llama-2-7b", "cache", {"method": "qlora", "quant": "nf4", "rank": 64,
+                             "targets": "q_proj,v_proj", "batch_size": 2, "seq_len": 1024,
+                             "gradient_checkpointing": False, "loop": "plain"}),
+    ("llama-2-7b", "nocache", {"method": "qlora", "quant": "nf4", "rank": 64,
+                               "targets": "q_proj,v_proj", "batch_size": 2, "seq_len": 1024,
+                               "gradient_checkpointing": False, "loop": "plain",
+                               "use_cache": False}),
+    ("llama-3.1-8b", "loss", {"method": "qlora", "quant": "int8", "rank": 16,
+                              "batch_size": 2, "seq_len": 1024, "optimizer": "adamw_torch",
+                              "loop": "plain"}),
+    ("llama-3.1-8b", "del", {"method": "qlora", "quant": "int8", "rank": 16,
+                             "batch_size": 2, "seq_len": 1024, "optimizer": "adamw_torch",
+                             "loop": "trainer-plain"}),
+]
+
+
+def holdout15_points() -> list[dict[str, Any]]:
+    """Issue 27's holdout: the tutorial loop (`--loop plain`) three ways, Trainer draws,
+    and the issue's examples. Seeded draws over holdout 9's architectures:
+    - `u`: use_cache on, no checkpointing (8);
+    - `h`: the loss kept into the next step: int8 x4, nf4 x2, lora x2, full x2 (10);
+    - `o`: the directly built 8-bit optimizer on full fine-tuning of large tied
+      embeddings, at full depth, with Trainer twins of the first two (6);
+    - `t`: Trainer draws (8);
+    - `x`: the issue's examples at full depth (4).
+    Small models run at full depth (H15_FULL_DEPTH): with `x` and `o` over a quarter."""
+    rng = random.Random(290)
+    # a dozen of the architectures, drawn once, so that few checkpoints are built (the
+    # run's weights phase counts against its deadline)
+    pool = sorted(rng.sample(sorted(HOLDOUT9_ARCHS), 12))
+    dense = [n for n in pool if not spec_named(n).is_moe]
+    points: list[dict[str, Any]] = []
+
+    def layers_of(name: str) -> int | None:
+        return None if name in H15_FULL_DEPTH else HOLDOUT9_ARCHS.get(name, 4)
+
+    def add(prefix: str, name: str, plan: dict[str, Any], layers: int | None,
+            tag: str = "") -> bool:
+        try:
+            if predicted_gib(cut(name, layers), plan, LOOP_NAMES) > MAX_PEAK_GIB:
+                return False
+        except PlanError:
+            return False
+        steps = 4 if plan.get("quant") == "int8" or plan.get("loop") == "plain" else 3
+        pid = f"{prefix}{len(points):03d}-{name}{'-' + tag if tag else ''}"
+        points.append({"id": pid, "spec": spec_ref(name), "layers": layers, "plan": plan,
+                       "steps": steps})
+        return True
+
+    def drawn(prefix: str, n: int, names: list[str], fix: Callable[[dict[str, Any]], None]
+              ) -> None:
+        goal = len(points) + n
+        while len(points) < goal:
+            name = rng.choice(names)
+            plan = draw_plan(rng, cut(name, layers_of(name)))
+            plan.pop("loop", None)
+            fix(plan)
+            add(prefix, name, plan, layers_of(name))
+
+    def cache(plan: dict[str, Any]) -> None:
+        plan.update(loop="plain", gradient_checkpointing=False)
+        plan["seq_len"] = min(plan["seq_len"], 4096)
+
+    drawn("u", 8, dense, cache)
+    kinds = ([{"method": "qlora", "quant": "int8"}] * 4 + [{"method": "qlora", "quant": "nf4"}] * 2
+             + [{"method": "lora"}] * 2 + [{"method": "full"}] * 2)
+    for kind in kinds:
+        def held(plan: dict[str, Any], kind: dict[str, Any] = kind) -> None:
+            for key in ("method", "quant", "weights_dtype", "double_quant"):
+                plan.pop(key, None)
+            plan.update(kind, loop="plain")
+            if kind["method"] == "full":
+                plan.pop("rank", None)
+                plan.pop("targets", None)
+                plan.pop("lora_dropout", None)
+            else:
+                plan.setdefault("rank", 16)
+            if rng.random() < 0.7:
+                plan["gradient_checkpointing"] = True
+        drawn("h", 1, dense, held)
+    tied = ["qwen2.5-1.5b", "smollm2-1.7b", "qwen2.5-0.5b", "gemma-3-1b"]
+    for name in tied:
+        plan = {"method": "full", "optimizer": rng.choice(["adamw_8bit", "paged_adamw_8bit"]),
+                "batch_size": 2, "seq_len": rng.choice([1024, 2048]), "loop": "plain"}
+        add("o", name, plan, None)
+    for p in [p for p in points if p["id"].startswith("o")][:2]:
+        add("o", p["id"].split("-", 1)[1], {**p["plan"], "loop": "trainer"}, None, "trainer")
+
+    def trainer(plan: dict[str, Any]) -> None:
+        plan["loop"] = "trainer"
+
+    drawn("t", 8, pool, trainer)
+    for name, tag, plan in H15_ISSUE:
+        add("x", name, dict(plan), None, tag)
+    return points
 
 
 def as_eager(point: dict[str, Any], max_seq: int) -> None:
@@ -322,10 +428,10 @@ def targeted_points() -> list[dict[str, Any]]:
 def predictions(matrix: str, note: str) -> dict[str, Any]:
     """The raw estimator's predictions for every training point of a matrix file: what a
     holdout commits before the run (bench/accuracy_h200.py compares them)."""
-    from vramcalc.calibrate.matrix import point_spec
+    from vramcalc.calibrate.matrix import matrix_points, point_spec
 
     out = []
-    for point in json.loads(open(matrix, encoding="utf-8").read())["points"]:
+    for point in matrix_points(json.loads(open(matrix, encoding="utf-8").read())):
         try:
             est = estimate(point_spec(point), TrainPlan.model_validate(point["plan"]))
         except PlanError:
@@ -452,6 +558,14 @@ def main(which: str) -> None:
         points = random_points(HOLDOUT9_ARCHS, 24, seed=270, prefix="a")
         dense = {k: v for k, v in HOLDOUT9_ARCHS.items() if not spec_named(k).is_moe}
         points += int8_draws(dense, 40, seed=271, prefix="c", wanted=6)
+    elif which == "holdout15":
+        # Issue 27: the loop people write (no Trainer, optimizer built directly, `loss`
+        # kept into the next step, use_cache on) and required memory that never falls;
+        # predictions committed before the run (h200-holdout15-predictions.json).
+        json.dump({"loop_names": LOOP_NAMES, "points": holdout15_points()}, sys.stdout,
+                  indent=1)
+        sys.stdout.write("\n")
+        return
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
         # with sdpa turned eager, sequences capped at 4096); predictions committed before
@@ -466,7 +580,7 @@ def main(which: str) -> None:
     else:
         raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5|"
                          "holdout6|holdout7|holdout8|holdout9|holdout10|holdout11|holdout12|"
-                         "holdout13|holdout14|eager")
+                         "holdout13|holdout14|holdout15|eager")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 

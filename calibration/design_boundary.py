@@ -28,7 +28,7 @@ sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
 
 from vramcalc.calibrate.matrix import emulated_card_bytes  # noqa: E402
 from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.plan_settings import TrainPlan  # noqa: E402
+from vramcalc.plan_settings import TrainPlan, current_loop_names  # noqa: E402
 from vramcalc.specs import get_spec  # noqa: E402
 
 GiB = 2**30
@@ -56,7 +56,7 @@ def sweep_points() -> list[dict[str, Any]]:
         for loop, exp in VARIANTS:
             plan = {"batch_size": batch, "seq_len": seq, "loop": loop,
                     "expandable_segments": exp}
-            est = estimate(spec, TrainPlan.model_validate(plan))
+            est = estimate(spec, TrainPlan.model_validate(current_loop_names(plan)))
             for off in SWEEP_OFFSETS_GIB:
                 limit = round(est.peak_allocated_bytes / GiB + off, 3)
                 pts.append({"id": f"sweep-{name}-b{batch}s{seq}-{variant_tag(loop, exp)}"
@@ -99,7 +99,7 @@ def holdout_points() -> tuple[list[dict[str, Any]], dict[str, Any]]:
     preds: dict[str, Any] = {}
 
     def predict(pid: str, spec: Any, plan: dict[str, Any], limit_gib: float) -> None:
-        est = estimate(spec, TrainPlan.model_validate(plan))
+        est = estimate(spec, TrainPlan.model_validate(current_loop_names(plan)))
         offered = emulated_card_bytes(est, int(limit_gib * GiB))
         preds[pid] = {
             "peak_allocated_bytes": est.peak_allocated_bytes,
@@ -128,7 +128,7 @@ def holdout_points() -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 pts.append({"id": pid, "spec": name, "layers": None, "plan": plan,
                             "steps": 3, "memory_limit_gib": limit})
                 predict(pid, spec, plan, limit)
-            tp = TrainPlan.model_validate(plan)
+            tp = TrainPlan.model_validate(current_loop_names(plan))
             est = estimate(spec, tp)
             offered = emulated_card_bytes(est, int(limit * GiB))
             if certainty(offered, est.required_device_bytes, MARGIN,
@@ -169,7 +169,7 @@ def issue_points() -> tuple[list[dict[str, Any]], dict[str, Any]]:
     pts, preds = [], {}
     for tag, loop, exp, batch in ISSUE_CASES:
         plan = {"batch_size": batch, "seq_len": 4096, "loop": loop, "expandable_segments": exp}
-        est = estimate(spec, TrainPlan.model_validate(plan))
+        est = estimate(spec, TrainPlan.model_validate(current_loop_names(plan)))
         limit = round((ISSUE_FREE_GIB * GiB - est.components.cuda_context - est.paged_bytes)
                       / GiB, 3)
         pid = f"issue11-{tag}"

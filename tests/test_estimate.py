@@ -6,11 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vramcalc.activations import int8_saved_bytes_per_token
 from vramcalc.estimate import COMPONENTS, CUDA_CONTEXT, estimate
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ModelSpec, get_spec
 from vramcalc.trainable import lora_param_bytes
 from vramcalc.weights import quant_constant_bytes, quantized_weight_bytes, weight_bytes
+
+GiB = 2**30
 
 TINY = ModelSpec(
     name="tiny", model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=128,
@@ -177,36 +180,116 @@ def test_falcon_sdpa_runs_math_attention_as_eager() -> None:
 
 
 def test_a_held_int8_output_keeps_its_graph_into_the_next_step() -> None:
-    """`plain-outputs` keeps `out` until the next forward rebinds it, and with it the
-    previous graph, whose int8 MatMul8bitLt nodes hold every distinct input of the base
+    """`trainer-plain-outputs` keeps `out` until the next forward rebinds it, and with it
+    the previous graph, whose int8 MatMul8bitLt nodes hold every distinct input of the base
     Linears (ctx attributes, freed with the graph; H200 run 13 z004: step 2 starts 4.16 GB
-    above step 1). `plain-outputs-del` (`del out` after backward) frees both: its forward
-    holds neither; 4-bit bases keep nothing as ctx attributes, so only logits differ."""
+    above step 1). `trainer-plain-outputs-del` (`del out` after backward) frees both: its
+    forward holds neither; 4-bit bases keep nothing as ctx attributes, so only the logits
+    and the embedding output (a leaf under checkpointing) with its gradient differ."""
     spec = get_spec("qwen2.5-0.5b")
     base = TrainPlan(quant="int8", batch_size=1, seq_len=4096, attn="eager")
-    kept = estimate(spec, base.model_copy(update={"loop": "plain-outputs"}))
-    freed = estimate(spec, base.model_copy(update={"loop": "plain-outputs-del"}))
+    kept = estimate(spec, base.model_copy(update={"loop": "trainer-plain-outputs"}))
+    freed = estimate(spec, base.model_copy(update={"loop": "trainer-plain-outputs-del"}))
     logits = base.tokens * spec.vocab_size * 2
     graph = kept.phases["forward"] - freed.phases["forward"] - logits
     # every distinct input (hidden + attention output + MLP input), bf16, 24 layers
     assert graph >= spec.num_hidden_layers * base.tokens * 2 * (
         2 * spec.hidden_size + spec.intermediate_size)
     nf4 = base.model_copy(update={"quant": "nf4"})
-    kept4 = estimate(spec, nf4.model_copy(update={"loop": "plain-outputs"}))
-    freed4 = estimate(spec, nf4.model_copy(update={"loop": "plain-outputs-del"}))
-    assert kept4.phases["forward"] - freed4.phases["forward"] == logits
+    kept4 = estimate(spec, nf4.model_copy(update={"loop": "trainer-plain-outputs"}))
+    freed4 = estimate(spec, nf4.model_copy(update={"loop": "trainer-plain-outputs-del"}))
+    leaf = 2 * base.tokens * spec.hidden_size * 4  # fp32 after prepare, and its .grad
+    assert kept4.phases["forward"] - freed4.phases["forward"] == logits + leaf
 
 
 def test_the_loops_differ_by_the_held_output_only() -> None:
-    """`plain-outputs` keeps `out` (its compute-dtype logits) through backward: the
-    Trainer's peak + tokens x vocab x 2; `plain` drops it as Trainer does: the same tensors
-    (H200 run 10, issue 11's case: both exact to 0.1 %)."""
+    """`trainer-plain-outputs` keeps `out` (its compute-dtype logits) through backward: the
+    Trainer's peak + tokens x vocab x 2; `trainer-plain` drops it as Trainer does: the same
+    tensors (H200 run 10, issue 11's case: both exact to 0.1 %)."""
     spec = get_spec("llama-3.1-8b")
     base = TrainPlan(batch_size=2, seq_len=2048)
     trainer = estimate(spec, base)
-    plain = estimate(spec, base.model_copy(update={"loop": "plain-outputs"}))
-    loss_only = estimate(spec, base.model_copy(update={"loop": "plain"}))
+    plain = estimate(spec, base.model_copy(update={"loop": "trainer-plain-outputs"}))
+    loss_only = estimate(spec, base.model_copy(update={"loop": "trainer-plain"}))
     assert loss_only.peak_allocated_bytes == trainer.peak_allocated_bytes
     assert (plain.peak_allocated_bytes - trainer.peak_allocated_bytes
             == 2 * base.tokens * spec.vocab_size)
     assert loss_only.required_low == trainer.required_low < plain.required_low
+
+
+# ---- issue 27: the loop people write --------------------------------------------------------
+
+
+def test_the_tutorial_loop_keeps_the_kv_cache_without_checkpointing() -> None:
+    """`--loop plain` leaves config.use_cache on: without checkpointing the forward's
+    DynamicCache holds every layer's key (after rotary) and value, num_key_value_heads
+    wide, fp32 under QLoRA (its sdpa saves bf16 casts, so the cache comes on top), until
+    the output goes after the loss. Issue 27's llama-2-7b QLoRA r64 q,v 2 x 1024 measured
+    21.06 GiB with it, 19.15 without: 1.91 GiB; the cache is 2 GiB."""
+    spec = get_spec("llama-2-7b")
+    base = TrainPlan(rank=64, targets="q_proj,v_proj", batch_size=2, seq_len=1024,
+                     gradient_checkpointing=False, loop="plain")
+    on, off = estimate(spec, base), estimate(spec, base.model_copy(update={"use_cache": False}))
+    cache = spec.num_hidden_layers * base.tokens * 2 * spec.kv_size * 4
+    assert cache == 2 * 2**30
+    assert on.phases["forward"] - off.phases["forward"] == cache
+    assert off.peak_allocated_bytes == estimate(
+        spec, base.model_copy(update={"loop": "trainer"})).peak_allocated_bytes
+    # a Trainer turns it off; --use-cache turns it on again
+    assert estimate(spec, base.model_copy(update={"loop": "trainer", "use_cache": True})
+                    ).phases["forward"] == on.phases["forward"]
+    # 16-bit LoRA: sdpa saves the cache's own bf16 tensors, nothing comes on top
+    lora = base.model_copy(update={"method": "lora", "quant": "none"})
+    assert (estimate(spec, lora).peak_allocated_bytes
+            == estimate(spec, lora.model_copy(update={"use_cache": False})).peak_allocated_bytes)
+    # under checkpointing transformers turns it off in training: no effect, and a note
+    ck = base.model_copy(update={"gradient_checkpointing": True, "use_cache": True})
+    est = estimate(spec, ck)
+    assert est.peak_allocated_bytes == estimate(
+        spec, ck.model_copy(update={"use_cache": False})).peak_allocated_bytes
+    assert any("use_cache" in n for n in est.notes)
+
+
+def test_the_tutorial_loop_keeps_the_loss_graph_into_the_next_forward() -> None:
+    """`loss = model(...).loss` is rebound once the next forward returns: the previous
+    graph lives through that forward, with every int8 MatMul8bitLt node's ctx.tensors and
+    the embedding output leaf (checkpointing's enable_input_require_grads) with its
+    gradient. Issue 27: llama-3.1-8b int8 r16 all-linear, 2 x 1024, checkpointing, AdamW:
+    34.6 GiB measured in this loop, 25.4 with `del loss`."""
+    spec = get_spec("llama-3.1-8b")
+    base = TrainPlan(quant="int8", batch_size=2, seq_len=1024, optimizer="adamw_torch",
+                     loop="plain")
+    kept = estimate(spec, base)
+    dropped = estimate(spec, base.model_copy(update={"loop": "trainer-plain"}))
+    graph = spec.num_hidden_layers * base.tokens * int8_saved_bytes_per_token(
+        spec, base, after_backward=True)
+    leaf = 2 * base.tokens * spec.hidden_size * 4
+    assert kept.phases["forward"] - dropped.phases["forward"] == graph + leaf
+    assert 33.5 < kept.peak_allocated_bytes / GiB < 35.5
+    assert 24.5 < dropped.peak_allocated_bytes / GiB < 26
+    # a 16-bit base keeps only the leaf (bf16 there)
+    lora = base.model_copy(update={"method": "lora", "quant": "none"})
+    assert (estimate(spec, lora).phases["forward"]
+            - estimate(spec, lora.model_copy(update={"loop": "trainer-plain"})).phases["forward"]
+            == leaf // 2)
+
+
+def test_a_directly_built_8bit_optimizer_keeps_embedding_states_in_8_bits() -> None:
+    """Trainer.create_optimizer registers 32-bit states for nn.Embedding weights under
+    bitsandbytes 8-bit optimizers; `--loop plain` builds the optimizer itself, without the
+    override (issue 27: full fine-tuning with adamw_8bit over by 5.6-9.7 % on the models
+    with large tied embeddings)."""
+    from vramcalc.optimizer import _adam8bit_state, optimizer_bytes
+    from vramcalc.weights import rounded
+
+    spec = get_spec("qwen2.5-1.5b")
+    plan = TrainPlan(method="full", optimizer="adamw_8bit", batch_size=2, seq_len=2048,
+                     loop="plain")
+    trainer = plan.model_copy(update={"loop": "trainer"})
+    embed = spec.vocab_size * spec.hidden_size
+    assert (optimizer_bytes(spec, trainer).device - optimizer_bytes(spec, plan).device
+            == 2 * rounded(4 * embed) - _adam8bit_state(embed))
+    # 32-bit optimizers keep 32-bit states whoever builds them
+    torch_plan = plan.model_copy(update={"optimizer": "adamw_torch"})
+    assert (optimizer_bytes(spec, torch_plan)
+            == optimizer_bytes(spec, torch_plan.model_copy(update={"loop": "trainer"})))

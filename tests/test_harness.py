@@ -89,12 +89,43 @@ def test_full(dtype: str, nbytes: int) -> None:
     assert r["optimizer_state_bytes"]["device"] == 2 * nbytes * n
 
 
-@pytest.mark.parametrize("loop", ["plain", "plain-outputs", "plain-outputs-del"])
-def test_plain_loop_uses_the_trainer_optimizer(loop: str) -> None:
+@pytest.mark.parametrize("loop", ["trainer-plain", "trainer-plain-outputs",
+                                  "trainer-plain-outputs-del"])
+def test_trainer_plain_loop_uses_the_trainer_optimizer(loop: str) -> None:
     r = _measure(TINY, method="lora", loop=loop)
     _ok(r)
     assert r["loop"] == loop
+    assert r["use_cache"] is False  # Trainer.__init__: config.use_cache = args.use_cache
     assert r["optimizer_state_bytes"]["device"] == 2 * r["static_after_peft"]["lora"]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_tutorial_loop_builds_no_trainer(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--loop plain`: no Trainer constructed (constructing one fails here), the optimizer
+    built directly, use_cache left on; it records the same fields as the Trainer paths."""
+    import transformers
+
+    def no_trainer(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the plain loop constructed a Trainer")
+
+    monkeypatch.setattr(transformers, "Trainer", no_trainer)
+    dtype: dict[str, Any] = {"weights_dtype": "bf16"} if method == "full" else {}
+    r = _measure(TINY, method=method, loop="plain", **dtype)
+    _ok(r)
+    assert r["loop"] == "plain" and r["use_cache"] is True
+    # AdamW states follow the trained tensors' dtype: 2 x the LoRA weights, 2 x bf16 params
+    trained = r["static_after_peft"]["lora"] if method == "lora" else 2 * TINY.num_params()
+    assert r["optimizer_state_bytes"]["device"] == 2 * trained
+    monkeypatch.undo()
+    trainer = _measure(TINY, method=method, **dtype)
+    _ok(trainer)
+    assert set(trainer) == set(r)
+
+
+def test_tutorial_loop_use_cache_off() -> None:
+    r = _measure(TINY, method="lora", loop="plain", use_cache=False)
+    _ok(r)
+    assert r["use_cache"] is False
 
 
 def test_moe_all_linear_with_dropout_cannot_start() -> None:
@@ -246,7 +277,7 @@ def test_matrix_driver_end_to_end_on_cpu(tmp_path: Path) -> None:
         {"id": "lora", "spec": spec, "plan": {"method": "lora", "batch_size": 1, "seq_len": 16,
                                               "optimizer": "adamw_torch"}, "steps": 1},
         {"id": "full-plain", "spec": spec, "layers": 1, "steps": 1,
-         "plan": {"method": "full", "weights_dtype": "bf16", "loop": "plain", "seq_len": 16,
+         "plan": {"method": "full", "weights_dtype": "bf16", "loop": "trainer-plain", "seq_len": 16,
                   "optimizer": "adamw_torch", "expandable_segments": True}},
         {"id": "bad", "spec": "no-such-model", "plan": {}},
     ]

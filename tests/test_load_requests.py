@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from vramcalc.allocator_replay import replay_requests
-from vramcalc.calibrate.matrix import point_spec
+from vramcalc.calibrate.matrix import matrix_points, point_spec
 from vramcalc.effective import effective_train_plan
 from vramcalc.load_requests import EMPTY_CACHE, load_requests, warmup_bytes
 from vramcalc.plan_settings import TrainPlan
@@ -23,7 +23,7 @@ MATRIX = H200.parent / "matrices" / "h200-traces18.json"
 
 
 def _points() -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    points = {p["id"]: p for p in json.loads(MATRIX.read_text())["points"]}
+    points = {p["id"]: p for p in matrix_points(json.loads(MATRIX.read_text()))}
     out = []
     for line in (H200 / "run18-load-traces.jsonl").read_text().splitlines():
         rec = json.loads(line)

@@ -118,3 +118,25 @@ def test_option_values_from_the_command_line_are_still_coerced() -> None:
     r = CliRunner().invoke(app, ["plan", "-m", "llama-7b", "--rank", "8", "--json",
                                  "--gpu-memory", "24", "--margin", "1"])
     assert r.exit_code == 0, r.output
+
+
+def test_loop_plain_and_use_cache_options() -> None:
+    """`--loop plain` keeps the KV cache without checkpointing; `--no-use-cache` turns it
+    off (the Trainer's tensors again); a name from before issue 27 is one Error line."""
+    args = ("plan", "-m", "llama-2-7b", "--rank", "64", "--targets", "q_proj,v_proj",
+            "--batch", "2", "--seq-len", "1024", "--no-gradient-checkpointing", "--json")
+    peak = {}
+    for extra in ((), ("--loop", "plain"), ("--loop", "plain", "--no-use-cache"),
+                  ("--use-cache",)):
+        r = run(*args, *extra)
+        assert r.exit_code == 0, r.output
+        peak[extra] = json.loads(r.stdout)["peak_allocated_bytes"]
+    cache = 32 * 2048 * 2 * 4096 * 4  # layers x tokens x K and V x width x fp32
+    # (the exact sum is test_estimate's; `plan` shows the step program's peak)
+    assert abs(peak[("--loop", "plain")] - peak[()] - cache) < 0.01 * cache
+    assert peak[("--loop", "plain", "--no-use-cache")] == peak[()]
+    assert peak[("--use-cache",)] == peak[("--loop", "plain")]
+    r = run("plan", "-m", "llama-2-7b", "--loop", "plain-outputs")
+    assert r.exit_code == 1
+    assert r.stderr.startswith("Error: unknown loop 'plain-outputs'; valid: trainer, plain,")
+    assert r.stderr.count("\n") == 1

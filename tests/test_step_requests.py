@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from vramcalc.activations import layer_saved_bytes_per_token
+from vramcalc.activations import int8_saved_bytes_per_token, layer_saved_bytes_per_token
 from vramcalc.allocator_replay import replay_requests
 from vramcalc.effective import effective_train_plan
 from vramcalc.estimate import estimate, required_only_context
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.search import largest_fitting
-from vramcalc.specs import ModelSpec, get_spec
+from vramcalc.specs import ModelSpec, depth_cut, get_spec
 from vramcalc.step_requests import program_peaks, replayed_slack, step_requests
 
 
@@ -40,7 +40,7 @@ def test_one_more_layer_keeps_what_autograd_keeps(targets: str, dropout: float) 
 @pytest.mark.parametrize("plan", [
     TrainPlan(method="qlora", rank=16, batch_size=2, seq_len=1024),
     TrainPlan(method="lora", rank=8, batch_size=2, seq_len=1024, attn="eager",
-              gradient_checkpointing=False, loop="plain-outputs"),
+              gradient_checkpointing=False, loop="trainer-plain-outputs"),
     TrainPlan(method="full", batch_size=1, seq_len=512, optimizer="adamw_torch",
               weights_dtype="fp32", expandable_segments=True),
 ])
@@ -212,7 +212,7 @@ def _live_bytes(spec: ModelSpec, plan: TrainPlan, steps: int) -> int:
 @pytest.mark.parametrize("plan", [
     TrainPlan(method="qlora", batch_size=1, seq_len=512),
     TrainPlan(method="qlora", quant="int8", batch_size=1, seq_len=512, attn="eager"),
-    TrainPlan(method="lora", batch_size=1, seq_len=512, loop="plain-outputs"),
+    TrainPlan(method="lora", batch_size=1, seq_len=512, loop="trainer-plain-outputs"),
     TrainPlan(method="full", batch_size=1, seq_len=512, optimizer="adamw_torch"),
 ])
 def test_no_buffer_outlives_its_step(plan: TrainPlan) -> None:
@@ -273,3 +273,29 @@ def test_the_program_breakdown_adds_up_and_stays_non_negative() -> None:
     static = _program_breakdown(formula, 1490)
     assert sum(static.values()) == 1490 and min(static.values()) == 0
     assert static["base_weights"] == 990
+
+
+@pytest.mark.replay
+def test_the_tutorial_loop_in_the_step_program() -> None:
+    """`--loop plain` in the program: the DynamicCache's fp32 keys and values on top of the
+    forward's peak (QLoRA, no checkpointing), and the int8 graph the surviving loss keeps
+    (ctx.tensors, the embedding leaf and its gradient) through the optimizer step and the
+    next forward: what the phase formula adds (activations.kv_cache_bytes_per_token,
+    int8_saved_bytes_per_token(after_backward=True)), to the request's rounding."""
+    spec = depth_cut(get_spec("llama-2-7b"), 4)
+    base = TrainPlan(rank=64, targets="q_proj,v_proj", batch_size=2, seq_len=1024,
+                     gradient_checkpointing=False, loop="plain")
+    on = program_peaks(spec, base)
+    off = program_peaks(spec, base.model_copy(update={"use_cache": False}))
+    assert on.phases["forward"] - off.phases["forward"] == 4 * base.tokens * 2 * spec.kv_size * 4
+    assert on.phases["backward"] == off.phases["backward"]
+    spec = depth_cut(get_spec("llama-3.1-8b"), 4)
+    plan = TrainPlan(quant="int8", batch_size=2, seq_len=1024, optimizer="adamw_torch",
+                     loop="plain")
+    kept = program_peaks(spec, plan)
+    dropped = program_peaks(spec, plan.model_copy(update={"loop": "trainer-plain"}))
+    graph = (4 * plan.tokens * int8_saved_bytes_per_token(spec, plan, after_backward=True)
+             + 2 * plan.tokens * spec.hidden_size * 4)
+    for phase in ("forward", "optimizer"):
+        assert abs(kept.phases[phase] - dropped.phases[phase] - graph) < 2**20
+    assert kept.phases["backward"] == dropped.phases["backward"]

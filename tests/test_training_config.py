@@ -141,3 +141,15 @@ def test_trl_activation_checkpointing_name(tmp_path: Path) -> None:
     f.write_text(json.dumps({"output_dir": "o", "per_device_train_batch_size": 1,
                              "activation_checkpointing": False}))
     assert read_training_config(f).options["gradient_checkpointing"] is False
+
+
+def test_trl_use_cache(tmp_path: Path) -> None:
+    """TrainingArguments.use_cache: what Trainer.__init__ sets model.config.use_cache to."""
+    f = tmp_path / "args.json"
+    f.write_text(json.dumps({"per_device_train_batch_size": 2, "use_cache": True,
+                             "gradient_checkpointing": False}))
+    tc = read_training_config(f)
+    assert tc.options["use_cache"] is True and tc.used["use_cache"] == "use_cache"
+    f.write_text(json.dumps({"per_device_train_batch_size": 2, "use_cache": "yes"}))
+    with pytest.raises(PlanError, match="use_cache"):
+        read_training_config(f)

@@ -430,3 +430,26 @@ def window_mask_bytes(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
         return 0, 0
     elems = plan.batch_size * plan.seq_len * plan.seq_len
     return elems, n * compute_bytes(plan) * elems
+
+
+def kv_cache_bytes_per_token(spec: ModelSpec, plan: TrainPlan) -> int:
+    """Per layer and token, what the DynamicCache of a forward with use_cache on holds
+    (TrainPlan.kv_cache): transformers cache_utils.py `DynamicLayer.update` keeps
+    `torch.cat([self.keys, key_states], dim=-2)`, a copy of the key after rotary and of the
+    value, num_key_value_heads wide, in the projections' dtype (fp32 under QLoRA, whose
+    norms prepare_model_for_kbit_training made fp32), until the output goes."""
+    return 2 * spec.kv_size * mlp_bytes(plan) if plan.kv_cache else 0
+
+
+def kv_cache_unsaved_bytes_per_token(spec: ModelSpec, plan: TrainPlan) -> int:
+    """The part of `kv_cache_bytes_per_token` the layer's saved tensors do not already
+    hold: the attention uses the cache's key and value as its own, so where it saves them
+    as they are (sdpa in the compute dtype; eager without repeat_kv) the cache adds
+    nothing; where it saves compute-dtype casts (QLoRA's fp32 keys) or repeated copies
+    (eager attention with fewer key/value heads), the cache's tensors come on top."""
+    cached = kv_cache_bytes_per_token(spec, plan)
+    if not cached or mlp_bytes(plan) != compute_bytes(plan):
+        return cached
+    if plan.attn == "eager" and spec.kv_heads != spec.num_attention_heads:
+        return cached
+    return 0

@@ -43,7 +43,7 @@ SLACK_TRAINABLE_FRACTION = 0.25
 # run7-boundary-sweep.jsonl, 120 runs, 6 QLoRA cases x 2 loops x 2 allocators x 5 limits;
 # every out-of-memory request was the fp32 upcast of the logits, tokens x vocab x 4 bytes):
 # - first step: 0.35-1.02 GiB reserved but unallocated at the failing request.
-# - later steps, a loop that keeps the outputs (--loop plain-outputs): the previous step's
+# - later steps, a loop that keeps the outputs (--loop trainer-plain-outputs): the previous step's
 #   output keeps its compute-dtype logits block
 #   through the next forward, so the new logits take the cached fp32-logits segment and the
 #   fp32 request finds no block: first-step slack + tokens x vocab x compute bytes (within

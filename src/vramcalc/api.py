@@ -155,6 +155,7 @@ def plan(
     attn: Attention | None = None,
     weights_dtype: WeightsDtype | None = None,
     loop: Loop | None = None,
+    use_cache: bool | None = None,
     expandable_segments: bool | None = None,
     moe_experts: MoeExperts | None = None,
     calibration: bool = True,
@@ -176,7 +177,8 @@ def plan(
         lora_dropout=lora_dropout, use_dora=use_dora, batch_size=batch_size, seq_len=seq_len,
         double_quant=double_quant, compute_dtype=compute_dtype, optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing, attn=attn, weights_dtype=weights_dtype,
-        loop=loop, expandable_segments=expandable_segments, moe_experts=moe_experts,
+        loop=loop, use_cache=use_cache, expandable_segments=expandable_segments,
+        moe_experts=moe_experts,
     )
     lora_targets(spec, train)  # a target the model does not have: one PlanError
     fn, _ = estimator(gpu, use_calibration=calibration)

@@ -25,6 +25,7 @@ from vramcalc.activations import (
     expert_dtype_bytes,
     first_layer_unsaved_bytes_per_token,
     int8_saved_bytes_per_token,
+    kv_cache_unsaved_bytes_per_token,
     layer_saved_bytes_per_token,
     mlp_bytes,
     pre_attention_saved_bytes_per_token,
@@ -190,21 +191,33 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         saved_copies = weight_copies
     final_norm = tokens * act * h
     softcap = SOFTCAP_SAVED_UNITS if spec.final_logit_softcapping else 0
-    # A loop that keeps the outputs (`--loop plain-outputs`: `out = model(**batch);
+    # A loop that keeps the outputs (`--loop trainer-plain-outputs`: `out = model(**batch);
     # out.loss.backward(); optimizer.step()`, the loop of transformers' "training in native
     # PyTorch" docs) holds the model output (its compute-dtype logits) through backward, and
     # the previous step's output through the next forward until `out` is rebound. Trainer's
-    # compute_loss returns the loss alone, as `--loop plain` (`model(**batch).loss`) keeps
-    # it: the logits are freed before backward (trainer.py Trainer.compute_loss).
+    # compute_loss returns the loss alone, as `--loop plain` and `trainer-plain`
+    # (`model(**batch).loss`) keep it: the logits are freed before backward (trainer.py
+    # Trainer.compute_loss).
     held_logits = compute if plan.holds_output else 0
     # ... and with it the previous step's graph, whose int8 nodes keep their ctx tensors
     # (activations.int8_saved_bytes_per_token) until `out` is rebound after the forward
     # (H200 run 13 z004: step 2 starts 4.16 GB above step 1; bf16 logits 1.24 GB, the
-    # int8 inputs 2.79 GB). `del out` after backward (`plain-outputs-del`) frees both
-    # before the optimizer step.
+    # int8 inputs 2.79 GB). `del out` after backward (`trainer-plain-outputs-del`) frees
+    # both before the optimizer step. A loss that survives the step (`--loop plain`: `loss`
+    # is rebound once the next forward returns) keeps the same graph without the logits,
+    # and, under checkpointing, the embedding output enable_input_require_grads made a leaf
+    # with its gradient (its AccumulateGrad node; step_requests `Graph.backward`).
     held_next = held_logits if plan.holds_output_past_step else 0
-    held_graph = (layers * tokens * int8_saved_bytes_per_token(spec, plan, after_backward=True)
-                  if plan.holds_output_past_step else 0)
+    held_graph = 0
+    if plan.holds_graph_past_step:
+        held_graph = layers * tokens * int8_saved_bytes_per_token(spec, plan,
+                                                                  after_backward=True)
+        if plan.gradient_checkpointing and not full:
+            held_graph += 2 * tokens * act * h
+    # use_cache without checkpointing (`--loop plain`, or --use-cache): the forward's
+    # DynamicCache holds every layer's keys and values until the output goes, after the
+    # loss (activations.kv_cache_unsaved_bytes_per_token)
+    kv_cache = layers * tokens * kv_cache_unsaved_bytes_per_token(spec, plan)
     logits_saved = (LOGITS_SAVED_UNITS + softcap) * logits_unit
     # Later in backward: logits are gone, every gradient may exist, and (with
     # checkpointing) one layer is recomputed while its gradients flow.
@@ -269,7 +282,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         "load": {**weights, "adapter_weights": 0},
         "forward": {
             **steady,
-            "activations": layer_acts + final_norm + held_graph,
+            "activations": layer_acts + final_norm + held_graph + kv_cache,
             "logits_loss": logits_fwd + held_next * logits_unit,
             "transient": lm_head_copy + fwd_h + (
                 weight_copies if full or not plan.gradient_checkpointing else 0),
@@ -291,6 +304,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
             "transient": layer_grads + fold_transient,
         },
         "optimizer": {**steady, "gradients": grads, "transient": opt.step_transient,
+                      "activations": held_graph,  # the surviving graph, from backward on
                       "logits_loss": held_next * logits_unit},
     }
     if full:
@@ -335,10 +349,17 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     # transients) can hold more than the steps, allocated or reserved (H200 run 24 g020:
     # qwen2-moe int8 reserved 9.34 GiB in prepare, 7.57 in the steps): what `calibrate`
     # measures and NVML reads is the peak over both.
+    # Required free memory decides fit, so it must not fall when the work grows: it rests
+    # on a peak that cannot (docs/memory-model.md "Required memory never falls"). The
+    # formula's phases are sums of terms that grow with batch, sequence length and rank;
+    # the program's allocated peak is not (a block's unsplit rest depends on where a
+    # request lands), so the program gives its requested peak (`requested_peaks`) here.
+    required_peak = max(phases.values())
     if _REPLAY.get():
         program = program_peaks(spec, plan)
         slack = program.peak_reserved - program.peak_allocated
         if step_program_covers(spec, plan):
+            required_peak = max(phases["load"], *program.requested.values())
             phases = {"load": max(phases["load"], program.phases["load"]),
                       **{k: v for k, v in program.phases.items() if k != "load"}}
             peak_phase = max(phases, key=lambda k: phases[k])
@@ -355,8 +376,11 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     peak_device = peak_reserved + CUDA_CONTEXT + paged
     low, high = required_slack(4 * logits_unit, compute * logits_unit, plan.holds_output,
                                plan.expandable_segments)
-    required_device = peak_allocated + high + CUDA_CONTEXT + paged
-    required_low = peak_allocated + low + CUDA_CONTEXT + paged
+    required_device = required_peak + high + CUDA_CONTEXT + paged
+    required_low = required_peak + low + CUDA_CONTEXT + paged
+    if plan.use_cache and plan.gradient_checkpointing:
+        notes.append("use_cache has no effect under gradient checkpointing: transformers turns "
+                     "it off in training (utils/generic.py merge_with_config_defaults)")
     if plan.attn == "flash_attention_2":
         notes.append("flash_attention_2 is modelled as sdpa (the same O(T) saved tensors)")
     if spec.is_moe and plan.moe_experts == "unquantized" and plan.method == "qlora":

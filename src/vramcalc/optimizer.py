@@ -24,6 +24,15 @@ class OptimizerBytes:
     step_transient: int  # extra allocated while optimizer.step() runs
 
 
+def _states_32bit(embedding: bool, plan: TrainPlan) -> bool:
+    """An nn.Embedding weight under a bitsandbytes 8-bit optimizer keeps 32-bit states when
+    a Trainer built the optimizer: transformers trainer.py `Trainer.create_optimizer`
+    registers `{"optim_bits": 32}` for every nn.Embedding weight
+    (`GlobalOptimManager.register_module_override`). One built directly (`--loop plain`:
+    `bnb.optim.AdamW8bit(model.parameters())`) has no override: 8-bit states like the rest."""
+    return embedding and plan.trainer_built
+
+
 def _absmax_bytes(numel: int) -> int:
     """The two fp32 absmax tensors of a blockwise 8-bit state pair (0 under 4096 elements,
     whose states stay 32-bit). Plain device tensors even for paged optimizers: bitsandbytes
@@ -67,9 +76,7 @@ def optimizer_bytes(spec: ModelSpec, plan: TrainPlan) -> OptimizerBytes:
     eight_bit = opt.endswith("8bit")
     device = paged = 0
     for t in tensors:
-        # HF Trainer.create_optimizer registers `optim_bits: 32` for every nn.Embedding
-        # weight with bitsandbytes 8-bit optimizers (GlobalOptimManager override).
-        eight = eight_bit and not t.embedding
+        eight = eight_bit and not _states_32bit(t.embedding, plan)
         state = _adam8bit_state(t.numel) if eight else 2 * rounded(4 * t.numel)
         if paged_flag and t.numel >= PAGED_MIN_NUMEL:
             absmax = _absmax_bytes(t.numel) if eight else 0
@@ -94,7 +101,8 @@ def optimizer_state_sizes(spec: ModelSpec, plan: TrainPlan) -> list[int]:
         if opt in ("adamw_torch", "adamw_torch_fused"):
             per_tensor.append(([rounded(t.numel * t.dtype_bytes)] * 2, t.copies))
             continue
-        eight = opt.endswith("8bit") and not t.embedding and t.numel >= ADAM_8BIT_MIN_SIZE
+        eight = (opt.endswith("8bit") and not _states_32bit(t.embedding, plan)
+                 and t.numel >= ADAM_8BIT_MIN_SIZE)
         if opt.startswith("paged_") and t.numel >= PAGED_MIN_NUMEL:
             # the states are managed memory, outside the caching allocator; the absmax
             # tensors are not (init_state: state1, state2, absmax1, absmax2)

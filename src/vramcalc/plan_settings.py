@@ -11,9 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator,
 Method = Literal["qlora", "lora", "full"]
 Quant = Literal["nf4", "fp4", "int8", "none"]
 WeightsDtype = Literal["bf16", "fp16", "fp32"]
-# The training loop: HF Trainer, or a plain PyTorch loop (forward with labels, backward,
-# optimizer.step(), zero_grad(set_to_none=True)).
-Loop = Literal["trainer", "plain", "plain-outputs", "plain-outputs-del"]
+# The training loop (TrainPlan.loop): what built the model and optimizer, and what the loop
+# keeps into the next step.
+Loop = Literal["trainer", "plain", "trainer-plain", "trainer-plain-outputs",
+               "trainer-plain-outputs-del"]
+# What survives one step into the next: nothing, the loss (and the graph its grad_fn
+# reaches), or the model output (its logits and graph)
+Survives = Literal["nothing", "loss", "outputs"]
 # MoE experts stored as 3-D tensors (transformers 5) are left unquantized by bitsandbytes;
 # stacks with per-expert nn.Linear modules (transformers 4.x, axolotl's option) quantize them.
 MoeExperts = Literal["unquantized", "quantized"]
@@ -37,6 +41,24 @@ QUANTS: tuple[str, ...] = get_args(Quant)
 COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDtype)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+
+# The loop names of calibration matrices and records made before issue 27 (runs 1-26):
+# their `plain` loops were plain steps on a model and optimizer a Trainer had built.
+# `loop_names` of a matrix file says which names it uses (absent: 1).
+LEGACY_LOOPS: dict[str, str] = {
+    "plain": "trainer-plain",
+    "plain-outputs": "trainer-plain-outputs",
+    "plain-outputs-del": "trainer-plain-outputs-del",
+}
+LOOP_NAMES = 2  # the `loop_names` of the names above
+
+
+def current_loop_names(plan: dict[str, Any], loop_names: int = 1) -> dict[str, Any]:
+    """A plan dict read from a matrix or record that uses `loop_names`, in today's names."""
+    loop = plan.get("loop")
+    if loop_names >= LOOP_NAMES or not isinstance(loop, str) or loop not in LEGACY_LOOPS:
+        return plan
+    return {**plan, "loop": LEGACY_LOOPS[loop]}
 
 
 def normalize_targets(value: str) -> str:
@@ -78,6 +100,8 @@ class TrainPlan(BaseModel):
     attn: Attention = "sdpa"
     weights_dtype: WeightsDtype | None = None
     loop: Loop = "trainer"
+    # config.use_cache as the step sees it; None: what the loop leaves (TrainPlan.kv_cache)
+    use_cache: bool | None = None
     expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     moe_experts: MoeExperts = "unquantized"
 
@@ -115,29 +139,69 @@ class TrainPlan(BaseModel):
         return self.weights_dtype or self.compute_dtype
 
     @property
+    def trainer_built(self) -> bool:
+        """A Trainer (or TRL's SFTTrainer) built the model and the optimizer: every loop but
+        `plain`, the tutorial loop (`opt = torch.optim.AdamW(model.parameters())` or
+        `bnb.optim.PagedAdamW8bit(...)`, no Trainer constructed). Trainer.__init__ sets
+        `model.config.use_cache = args.use_cache` (False; transformers trainer.py), and its
+        `create_optimizer` keeps 32-bit states for nn.Embedding weights under bitsandbytes
+        8-bit optimizers (`GlobalOptimManager.register_module_override(module, "weight",
+        {"optim_bits": 32})`)."""
+        return self.loop != "plain"
+
+    @property
+    def survives(self) -> Survives:
+        """What the loop keeps into the next step. `plain`: `loss = model(...).loss` is
+        rebound only once the next forward returns, so the previous loss and the graph its
+        grad_fn reaches live through that forward. `trainer-plain-outputs`: `out =
+        model(...)`, the same with the output (its logits). The others drop both (Trainer's
+        training_step returns `loss.detach()`; `trainer-plain` does `del loss`,
+        `trainer-plain-outputs-del` `del out`)."""
+        if self.loop == "plain":
+            return "loss"
+        return "outputs" if self.loop == "trainer-plain-outputs" else "nothing"
+
+    @property
+    def kv_cache(self) -> bool:
+        """The forward fills a DynamicCache: config.use_cache on (the config default True
+        where no Trainer set it False, or `use_cache`) and no gradient checkpointing, under
+        which transformers turns it off in training (utils/generic.py
+        `merge_with_config_defaults`: `gradient_checkpointing and self.training and
+        torch.is_grad_enabled()` -> use_cache False)."""
+        on = (not self.trainer_built) if self.use_cache is None else self.use_cache
+        return on and not self.gradient_checkpointing
+
+    @property
     def autocast(self) -> bool:
         """Whether the step runs under torch autocast. HF Trainer with bf16/fp16 always does
-        (accelerate's mixed precision). A plain loop (`plain`, `plain-outputs`, as
-        transformers' native-PyTorch docs write it) has none of its own; it needs autocast
-        only when trained weights are not already 16-bit, so pure 16-bit full fine-tuning
-        runs without it (calibrate/run.py `_plain_loop`)."""
+        (accelerate's mixed precision), and so does `plain` (the tutorial loop's `with
+        torch.autocast("cuda", dtype=torch.bfloat16)`). The Trainer-built plain loops
+        (`trainer-plain*`, as transformers' native-PyTorch docs write the loop) have none of
+        their own; they need autocast only when trained weights are not already 16-bit, so
+        pure 16-bit full fine-tuning runs without it (calibrate/run.py `_plain_loop`)."""
         pure_16bit = self.method == "full" and self.load_dtype in ("bf16", "fp16")
-        return not (self.loop != "trainer" and pure_16bit)
+        return not (self.loop.startswith("trainer-") and pure_16bit)
 
     @property
     def holds_output(self) -> bool:
-        """The loop keeps the model output (its logits) through backward and the next
-        forward: `plain-outputs`, `outputs = model(**batch); outputs.loss.backward()` as
-        transformers' native-PyTorch docs write it. `plain` takes `model(**batch).loss` and
-        drops the output, as Trainer's compute_loss does."""
-        return self.loop in ("plain-outputs", "plain-outputs-del")
+        """The loop keeps the model output (its logits) through backward:
+        `trainer-plain-outputs(-del)`, `outputs = model(**batch); outputs.loss.backward()` as
+        transformers' native-PyTorch docs write it. The others take `model(**batch).loss`
+        and drop the output, as Trainer's compute_loss does."""
+        return self.loop in ("trainer-plain-outputs", "trainer-plain-outputs-del")
 
     @property
     def holds_output_past_step(self) -> bool:
         """The held output (and the graph its grad_fn reaches) lives on into the next
-        step's forward: `plain-outputs`. `plain-outputs-del` frees it after backward
-        (`out.loss.backward(); del out`, the loop H200 runs 1-9 measured)."""
-        return self.loop == "plain-outputs"
+        step's forward: `trainer-plain-outputs`. `trainer-plain-outputs-del` frees it after
+        backward (`out.loss.backward(); del out`, the loop H200 runs 1-9 measured)."""
+        return self.survives == "outputs"
+
+    @property
+    def holds_graph_past_step(self) -> bool:
+        """The previous step's graph (what its nodes keep after backward) lives through the
+        next forward: the loss or the output survives the step."""
+        return self.survives != "nothing"
 
     @property
     def is_lora(self) -> bool:

@@ -125,6 +125,7 @@ def print_breakdown(est: Estimate, plan: TrainPlan, console: Console) -> None:
         f"trainable): {what}, {p.compute_dtype} compute, batch {p.batch_size} x {p.seq_len} "
         f"tokens, {p.optimizer}, {'grad ckpt' if p.gradient_checkpointing else 'no grad ckpt'}, "
         f"{p.attn}{'' if p.loop == 'trainer' else f', {p.loop} loop'}"
+        f"{'' if p.use_cache is None else ', use_cache ' + ('on' if p.use_cache else 'off')}"
     )
     # label the tensors the stack really holds (est.planned_as: e.g. an unquantized base)
     labels = train_labels(p.model_copy(update=est.planned_as) if est.planned_as else p)

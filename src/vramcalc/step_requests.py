@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vramcalc.activations import expert_dtype_bytes, int8_outlier_fraction, residual_bytes
-from vramcalc.allocator_replay import Block, replay_requests
+from vramcalc.allocator_replay import Block, replay_requests, round_size
 from vramcalc.load_requests import MIN_REQUEST, load_requests
 from vramcalc.optimizer import optimizer_bytes, optimizer_state_sizes
 from vramcalc.plan_settings import TrainPlan
@@ -273,9 +273,10 @@ class Graph:
 
     def backward(self, loss: Var, keep_graph: bool = False) -> list[Buf]:
         """Backward from a scalar loss (on autograd's device thread). What the graph's
-        nodes hold as ctx attributes (`graph_held`) goes when the graph is freed: at the
-        end of backward, or, when the loop still holds an output whose grad_fn reaches the
-        graph (`keep_graph`), when that output goes; those buffers are returned."""
+        nodes hold as ctx attributes (`graph_held`) and the gradients of its leaves go when
+        the graph is freed: at the end of backward, or, when the loop still holds a loss or
+        an output whose grad_fn reaches the graph (`keep_graph`), when that goes; those
+        buffers are returned."""
         self.in_backward = True
         loss.grad, loss.has_grad = self.alloc(loss.grad_bytes), True
         nodes, self.nodes = self.nodes, []
@@ -287,7 +288,10 @@ class Graph:
                 self.unref(b)
         self.graph_held = []
         for v in self.leaves:
-            self.unref(v.grad)
+            if keep_graph:  # the leaf's AccumulateGrad node keeps its `.grad` too
+                kept += [v.grad] if v.grad is not None else []
+            else:
+                self.unref(v.grad)
             v.grad, v.has_grad = None, False
         self.leaves = []
         return kept
@@ -374,6 +378,7 @@ class _Shapes:
     int8: bool = False  # bnb Linear8bitLt bases (qlora with quant int8)
     # the share of the down projection input's columns int8 keeps as subA (every token)
     outlier_fraction: float = 1.0
+    kv_cache: bool = False  # the forward fills a DynamicCache (TrainPlan.kv_cache)
 
 
 # Linears whose input carries int8 outlier columns (the MLP's down projection input)
@@ -906,8 +911,25 @@ def _moe(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, x: Var,
     return out
 
 
+def _cache_update(g: Graph, kv: list[Buf], k: Var, v: Var) -> tuple[Var, Var]:
+    """transformers cache_utils.py `DynamicLayer.update` on an empty layer: `self.keys =
+    torch.cat([self.keys, key_states], dim=-2)` (and the values): a copy of the key (after
+    rotary) and of the value, which the cache keeps and the attention then uses as its key
+    and value; the layer's own `key_states` / `value_states` are rebound to them
+    (modeling_llama LlamaAttention.forward). CatBackward hands its gradient on as a view."""
+    kc = g.op(k.size, [k], passthrough=True)
+    g.drop(k)
+    vc = g.op(v.size, [v], passthrough=True)
+    g.drop(v)
+    kv.extend(b for b in (g.ref(kc.buf), g.ref(vc.buf)) if b is not None)
+    return kc, vc
+
+
 def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
-              weights: dict[str, Var], window: bool = False) -> Callable[[Graph, Var], Var]:
+              weights: dict[str, Var], window: bool = False,
+              kv: list[Buf] | None = None) -> Callable[[Graph, Var], Var]:
+    """One decoder layer's program; `kv`: the DynamicCache's tensors, where the forward
+    fills one (TrainPlan.kv_cache)."""
     lins = {lin.role: lin for lin in spec.block_linears()}
     h = spec.hidden_size
 
@@ -933,6 +955,8 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
             q, k = q2, k2
         qe, ke = _rotary(g, q), _rotary(g, k)
         g.drop(q, k)
+        if kv is not None:
+            ke, v = _cache_update(g, kv, ke, v)
         a, probs = _attention(g, spec, plan, s, qe, ke, v, window)
         if probs is not None:
             held.append(probs)
@@ -1002,6 +1026,7 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
         expert_fold=lora_on_experts(spec, plan),
         int8=plan.method == "qlora" and plan.quant == "int8",
         outlier_fraction=int8_outlier_fraction(spec, plan.tokens),
+        kv_cache=plan.kv_cache,
     )
 
 
@@ -1044,7 +1069,9 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         per_layer_weights.append(w)
     # sdpa layers that slide past their window
     windows = [plan.attn == "sdpa" and w for w in sliding_past_window(spec, plan.seq_len)]
-    fns = [_layer_fn(spec, plan, s, w, win)
+    # the DynamicCache's keys and values of the current forward (TrainPlan.kv_cache)
+    kv: list[Buf] = []
+    fns = [_layer_fn(spec, plan, s, w, win, kv if s.kv_cache else None)
            for w, win in zip(per_layer_weights, windows, strict=True)]
     # tied 16-bit embeddings: the lm_head's gradient arrives first as a transposed mm
     # output, so the embedding's is summed into a new tensor (Graph._grad_into)
@@ -1057,7 +1084,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
     state_sizes = optimizer_state_sizes(spec, plan)
     ck = plan.gradient_checkpointing
     held: Var | None = None
-    held_graph: list[Buf] = []
+    held_graph: list[Buf] = []  # what the previous step's surviving loss or output keeps
     phases: list[tuple[str, int]] = []
     for step in range(steps):
         phases.append(("forward", len(g.requests)))
@@ -1066,9 +1093,14 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         # (masking_utils create_sliding_window_causal_mask) and held by the layers'
         # arguments through backward (checkpointing recomputes the layers with it)
         mask = g.alloc(plan.batch_size * plan.seq_len * plan.seq_len) if any(windows) else None
+        leaf_ref: Buf | None = None
         if ck and not full:
             x.requires_grad = True  # enable_input_require_grads
             g.leaves.append(x)
+            if plan.holds_graph_past_step:
+                # the leaf's AccumulateGrad node holds it (and its .grad) while the graph
+                # lives: past backward, where the loss or the output survives the step
+                leaf_ref = g.ref(x.buf)
         for fn in fns:
             nx = g.checkpoint(fn, x) if ck else fn(g, x)
             g.drop(x)
@@ -1111,10 +1143,13 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         # after its loss (recorded in every run 14 trace)
         g.drop(n)
         g.clear_cache()  # autocast's region ends with the forward and loss
+        # the output's DynamicCache goes with the output (TrainPlan.kv_cache)
+        cache, kv[:] = list(kv), []
+        leaf_refs = [leaf_ref] if leaf_ref is not None else []
         phases.append(("backward", len(g.requests)))
         if plan.holds_output:
             held = logits
-            held_graph = g.backward(loss, keep_graph=True)
+            held_graph = g.backward(loss, keep_graph=True) + cache + leaf_refs
             if not plan.holds_output_past_step:  # `del out` after backward
                 g.drop(held)
                 held = None
@@ -1131,7 +1166,16 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                 g.unref(conv)
             else:
                 g.drop(logits)
-            g.backward(loss)
+            for buf in cache:
+                g.unref(buf)
+            if plan.survives == "loss":
+                # `loss = model(...).loss` rebinds `loss` once the output is dropped: the
+                # previous loss goes, and the graph its grad_fn reached with it
+                for kept in held_graph:
+                    g.unref(kept)
+                held_graph = g.backward(loss, keep_graph=True) + leaf_refs
+            else:
+                g.backward(loss)
         g.unref(mask)
         phases.append(("optimizer", len(g.requests)))
         # optimizer: states at the first step, then zero_grad frees every gradient
@@ -1160,12 +1204,48 @@ class ProgramPeaks:
     peak_allocated: int  # over the steps
     peak_reserved: int  # over the steps
     load_reserved: int  # the peak reserved of loading and preparing the model
+    # the peak of the requested bytes alive (each rounded to 512 B, c10 round_size), per
+    # phase: what the allocator's allocated peak is before a block's unsplit rest, and,
+    # unlike it, independent of where the requests land (`requested_peaks`)
+    requested: dict[str, int] = field(default_factory=dict)
+
+
+def requested_peaks(load: list[tuple[int, int]], gen: StepRequests) -> dict[str, int]:
+    """The peak of the rounded requested bytes alive in loading and in each step phase.
+    The allocator's allocated bytes count a whole block where the rest is too small to
+    split off (c10 `should_split`), so they depend on which free block a request lands in,
+    and can fall when a tensor grows; these cannot: the requests are the same program
+    whatever the sizes, and every size grows with batch, sequence length and rank."""
+    live: dict[int, int] = {}
+    total = peak = 0
+    for tid, size in load:
+        if size > 0:
+            live[tid] = round_size(size)
+            total += live[tid]
+        elif size == 0:
+            total -= live.pop(tid)
+        peak = max(peak, total)
+    out = {"load": peak, "forward": 0, "backward": 0, "optimizer": 0}
+    steps: dict[int, int] = {}
+    bounds = [*gen.phases, ("", len(gen.requests))]
+    for (name, lo), (_, hi) in itertools.pairwise(bounds):
+        peak = total
+        for tid, size in gen.requests[lo:hi]:
+            if size > 0:
+                steps[tid] = round_size(size)
+                total += steps[tid]
+            elif size == 0:
+                total -= steps.pop(tid)
+            peak = max(peak, total)
+        out[name] = max(out[name], peak)
+    return out
 
 
 def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> ProgramPeaks:
     """Replay the requests of loading and preparing the model (load_requests), then of
     `steps` training steps, phase by phase."""
-    sim = replay_requests(load_requests(spec, plan), expandable=plan.expandable_segments)
+    load = load_requests(spec, plan)
+    sim = replay_requests(load, expandable=plan.expandable_segments)
     phases = {"load": int(sim.peak_allocated), "forward": 0, "backward": 0, "optimizer": 0}
     load_reserved = int(sim.peak_reserved)
     # the measured peaks start at training (calibrate resets them before the first step)
@@ -1179,7 +1259,8 @@ def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> ProgramPe
         replay_requests(gen.requests[lo:hi], sim=sim, live=live)
         phases[name] = max(phases[name], int(sim.peak_allocated))
         overall = max(overall, sim.peak_allocated)
-    return ProgramPeaks(phases, int(overall), int(sim.peak_reserved), load_reserved)
+    return ProgramPeaks(phases, int(overall), int(sim.peak_reserved), load_reserved,
+                        requested_peaks(load, gen))
 
 
 def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:

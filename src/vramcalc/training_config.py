@@ -269,6 +269,8 @@ def _trl(m: _Mapper) -> TrainingConfig:
     _packing_note(m, "packing", key)
     m.bool_("gradient_checkpointing", "gradient_checkpointing")
     m.bool_("activation_checkpointing", "gradient_checkpointing")  # transformers 5.2x name
+    # TrainingArguments.use_cache: what Trainer.__init__ sets model.config.use_cache to
+    m.bool_("use_cache", "use_cache")
     m.optimizer("optim")
     attn = d.get("attn_implementation") or init.get("attn_implementation")
     if attn in _ATTN:

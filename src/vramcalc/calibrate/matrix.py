@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from vramcalc.plan_settings import TrainPlan
+from vramcalc.plan_settings import LOOP_NAMES, TrainPlan, current_loop_names
 from vramcalc.result import Estimate
 from vramcalc.specs import ModelSpec, depth_cut, resolve_model
 
@@ -79,6 +79,17 @@ class Running:
     stderr: IO[bytes]
     job_path: str
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def matrix_points(data: Any) -> list[Any]:
+    """The points of a matrix file (its JSON: `{"points": [...]}` or the list itself), their
+    plans in today's loop names: a file without `loop_names` predates issue 27 and names
+    the Trainer-built plain loops `plain*` (plan_settings.current_loop_names)."""
+    raw = data.get("points", []) if isinstance(data, dict) else data
+    names = int(data.get("loop_names", 1)) if isinstance(data, dict) else 1
+    return [{**p, "plan": current_loop_names(p["plan"], names)}
+            if isinstance(p, dict) and isinstance(p.get("plan"), dict) else p
+            for p in raw]
 
 
 def point_spec(raw: dict[str, Any]) -> ModelSpec:
@@ -337,6 +348,7 @@ def _record(point: Point, status: str, measurement: dict[str, Any] | None,
         "worker": point.worker,
         "task": point.raw.get("task", "train"),
         "plan": point.plan.model_dump(mode="json") if point.plan is not None else None,
+        "loop_names": LOOP_NAMES,  # the plan's loop names (plan_settings.current_loop_names)
         "steps": point.raw.get("steps", 3) if point.worker == TRAIN_WORKER else None,
         "admitted_bytes": point.need_bytes,
         "prediction": point.prediction,
@@ -488,7 +500,7 @@ def main(argv: list[str]) -> int:
     except (OSError, json.JSONDecodeError) as err:
         print(f"Error: {args.matrix}: {err}", file=sys.stderr)
         return 1
-    raw = data.get("points", []) if isinstance(data, dict) else data
+    raw = matrix_points(data)
     if args.only:
         wanted = set(args.only.split(","))
         raw = [p for p in raw if str(p.get("id")) in wanted]

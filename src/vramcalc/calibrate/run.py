@@ -338,8 +338,9 @@ def measure_point(
 
     Methods: qlora (4-bit nf4/fp4 or int8 base, prepare_model_for_kbit_training, LoRA),
     lora (16-bit base, LoRA), full (every parameter trained; bf16 weights = pure bf16,
-    fp32 weights = fp32 master weights under bf16 autocast). Loops: HF Trainer, or a plain
-    loop with the optimizer the Trainer would build (`trainer.create_optimizer()`).
+    fp32 weights = fp32 master weights under bf16 autocast). Loops: HF Trainer; `plain`,
+    the tutorial loop with no Trainer constructed (`_tutorial_loop`); or plain steps on
+    the optimizer the Trainer would build (`trainer-plain*`, `_plain_loop`).
 
     A failure to build the model (e.g. peft refusing a module) is a result:
     `error` and `cannot_start: true`; an out-of-memory error is a result (`oom: true`);
@@ -473,7 +474,15 @@ def measure_point(
             disable_tqdm=True,
         )
         phase = "train"
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[Recorder()])
+        if plan.trainer_built:
+            # Trainer.__init__ sets model.config.use_cache = args.use_cache (False)
+            trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                              callbacks=[Recorder()])
+        if plan.use_cache is not None:
+            model.config.use_cache = plan.use_cache
+        elif not plan.trainer_built:
+            model.config.use_cache = True  # PretrainedConfig's default, as loaded
+        result["use_cache"] = bool(getattr(model.config, "use_cache", False))
         if on_gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -486,6 +495,8 @@ def measure_point(
             if plan.loop == "trainer":
                 trainer.train()
                 optimizer = trainer.optimizer
+            elif not plan.trainer_built:
+                optimizer = _tutorial_loop(model, plan, ids, steps, on_gpu, readings, tracing)
             else:
                 optimizer = _plain_loop(model, trainer, plan, ids, steps, on_gpu, readings,
                                         tracing)
@@ -493,8 +504,8 @@ def measure_point(
                 torch.cuda.synchronize()
         finally:
             if tracing:
-                result["snapshot"] = _trace_summary(model, optimizer or trainer.optimizer,
-                                                    trace_file)
+                result["snapshot"] = _trace_summary(
+                    model, optimizer or getattr(trainer, "optimizer", None), trace_file)
         log.mark("after_train")
         result["steps"] = readings
         result["forward_marks"] = forward_marks
@@ -542,13 +553,75 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"[:500]
 
 
+def direct_optimizer(model: Any, plan: TrainPlan) -> Any:
+    """The optimizer a plain loop builds itself (no Trainer: no GlobalOptimManager override
+    keeping nn.Embedding states 32-bit): torch.optim.AdamW (foreach, or fused), SGD, or
+    bitsandbytes' AdamW8bit / PagedAdamW8bit / PagedAdamW32bit over the parameters that
+    train (a frozen quantized weight is no float tensor, which fused AdamW refuses)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = 2e-4
+    if plan.optimizer == "adamw_torch":
+        return torch.optim.AdamW(params, lr=lr)
+    if plan.optimizer == "adamw_torch_fused":
+        return torch.optim.AdamW(params, lr=lr, fused=True)
+    if plan.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[plan.optimizer]
+    return cls(params, lr=lr)
+
+
+def _tutorial_loop(model: Any, plan: TrainPlan, ids: Any, steps: int, on_gpu: bool,
+                   readings: list[dict[str, int]], tracing: bool) -> Any:
+    """`--loop plain`, the loop tutorials write (issue 27): no Trainer constructed, the
+    optimizer built directly (`direct_optimizer`), the forward under torch.autocast, and
+    `loss = model(input_ids=batch, labels=batch).loss` kept until the next forward rebinds
+    it; config.use_cache as loaded (True) unless the plan says otherwise (set by the
+    caller). Checkpointing as prepare_model_for_kbit_training(use_gradient_checkpointing)
+    leaves it (non-reentrant, inputs made to require grad)."""
+    import contextlib
+
+    import torch
+
+    if plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if plan.method != "full":
+            model.enable_input_require_grads()
+    model.train()
+    optimizer = direct_optimizer(model, plan)
+    dev = "cuda" if on_gpu else "cpu"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.compute_dtype)
+    use_amp = on_gpu and amp_dtype is not None
+    loss = None
+    for step in range(steps):
+        batch = ids[step * plan.batch_size:(step + 1) * plan.batch_size].to(dev)
+        if on_gpu:
+            _step_begin(readings, tracing)
+        ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+        with ctx:
+            loss = model(input_ids=batch, labels=batch).loss  # the old loss lives until here
+        loss.backward()
+        if on_gpu:
+            _before_optimizer(readings)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_gpu:
+            _after_optimizer(readings)
+    del loss
+    return optimizer
+
+
 def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
                 on_gpu: bool, readings: list[dict[str, int]], tracing: bool) -> Any:
     """forward with labels, backward, optimizer.step(), zero_grad(set_to_none=True), as in
     transformers' "training in native PyTorch" docs: `out` is rebound by the next forward,
-    so the previous step's output (its logits) lives through that forward (`plain-outputs`).
-    `plain` keeps only `model(...).loss`: the output is freed before backward, as under
-    Trainer.
+    so the previous step's output (its logits) lives through that forward
+    (`trainer-plain-outputs`). `trainer-plain` keeps only `model(...).loss` and deletes it
+    after backward: the output is freed before backward, as under Trainer.
 
     The optimizer is the one HF Trainer builds from the same `optim` name
     (`Trainer.create_optimizer`), so only the loop differs from the trainer path: no

@@ -59,10 +59,19 @@ WeightsDtypeOpt = Annotated[
                  "--method full = fp32 master weights under autocast)."),
 ]
 LoopOpt = Annotated[
-    str, typer.Option("--loop", help=f"Training loop: {'|'.join(LOOPS)} (HF Trainer; a plain "
-                      "PyTorch loop, `loss = model(...).loss; loss.backward()`; or one that "
-                      "keeps `outputs = model(...)` through backward, as transformers' docs "
-                      "write it: + tokens x vocab logits).")
+    str, typer.Option("--loop", help=f"Training loop: {'|'.join(LOOPS)}. trainer: HF Trainer "
+                      "or TRL. plain: the tutorial loop, optimizer built directly, `loss = "
+                      "model(...).loss` kept until the next forward, use_cache left on. "
+                      "trainer-plain: plain steps on a Trainer's model and optimizer, `del "
+                      "loss`; trainer-plain-outputs(-del): the same keeping `outputs = "
+                      "model(...)` into the next step (or deleting it after backward).")
+]
+UseCacheOpt = Annotated[
+    bool | None,
+    typer.Option("--use-cache/--no-use-cache",
+                 help="config.use_cache in the training forward (default: what the loop "
+                 "leaves: off under a Trainer, on in the plain loop; no effect under "
+                 "gradient checkpointing)."),
 ]
 ExpandableOpt = Annotated[
     bool | None,
@@ -160,6 +169,7 @@ def build_plan(
     method: str | None = None,
     weights_dtype: str | None = None,
     loop: str = "trainer",
+    use_cache: bool | None = None,
     expandable_segments: bool | None = None,
     moe_experts: str = "unquantized",
     rank: int,
@@ -211,6 +221,7 @@ def build_plan(
         return TrainPlan(
             **extra,
             loop=_one_of("loop", loop, LOOPS),  # type: ignore[arg-type]
+            use_cache=use_cache,
             expandable_segments=expandable_segments,
             moe_experts=_one_of("moe experts", moe_experts, MOE_EXPERTS),  # type: ignore[arg-type]
             rank=rank,
@@ -269,6 +280,7 @@ PLAN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "attn": (AttnOpt, "sdpa"),
     "weights_dtype": (WeightsDtypeOpt, None),
     "loop": (LoopOpt, "trainer"),
+    "use_cache": (UseCacheOpt, None),
     "expandable_segments": (ExpandableOpt, None),
     "moe_experts": (MoeExpertsOpt, "unquantized"),
 }
