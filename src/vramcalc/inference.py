@@ -230,21 +230,6 @@ def kv_cache_bytes(spec: ModelSpec, plan: InferPlan, length: int | None = None,
     return total
 
 
-def _kv_reserved(spec: ModelSpec, plan: InferPlan) -> int:
-    """Segments the dynamic cache leaves reserved at the end of generate()."""
-    per_token = kv_token_bytes(spec, plan)
-    groups: dict[int | None, int] = {}
-    for window in layer_windows(spec):
-        groups[window] = groups.get(window, 0) + 2
-    total = 0
-    for window, count in groups.items():
-        lengths = [plan.prompt_len] + [
-            _cached_len(n, window, False) for n in range(plan.prompt_len + 1, plan.total_len + 1)
-        ]
-        total += growing_tensors_reserved(count, [per_token * n for n in lengths])
-    return total
-
-
 # ---- weights and adapter ----------------------------------------------------------------
 
 
@@ -443,7 +428,6 @@ def estimate_inference(spec: ModelSpec, plan: InferPlan) -> Estimate:
     prefill_layer = layer_live_bytes(spec, plan, b * p, p)
     prefill_logits = logits_c + LOGITS_FP32_TENSORS * logits_32
     prefill_act = embed + rope + prefill_layer
-    prefill = static + cache_prefill + max(prefill_act, prefill_logits)
 
     # decode: the last step (the longest cache); cat keeps one old layer tensor alive.
     cache_end = kv_cache_bytes(spec, plan)
@@ -456,30 +440,40 @@ def estimate_inference(spec: ModelSpec, plan: InferPlan) -> Estimate:
     decode_layer = layer_live_bytes(spec, plan, b, plan.total_len)
     carried = LOGITS_FP32_TENSORS * logits_32  # previous step's fp32 logits and scores
     decode_act = max(old + decode_layer, logits_c + LOGITS_FP32_TENSORS * logits_32)
-    decode = static + cache_end + carried + decode_act if plan.new_tokens > 1 else 0
 
-    phases = {"load": static, "prefill": prefill, "decode": decode}
+    # The peaks come from generate()'s requests replayed on the caching allocator
+    # (infer_requests.py); the formulas above name the components at the peak.
+    from vramcalc.infer_requests import infer_program_peaks
+
+    replay = infer_program_peaks(spec, plan)
+    # tensors under infer_requests' smallest request (norms, biases, small adapters) and
+    # per-tensor rounding: the static bytes are the formulas'; they sit in small segments
+    offset = static - replay.load_allocated
+    small_segments = ceil_div(max(offset, 0), SMALL_BUFFER) * SMALL_BUFFER
+    phases = {"load": static,
+              "prefill": replay.prefill_allocated + offset - CUBLAS_WORKSPACE_INFER,
+              "decode": (replay.decode_allocated + offset - CUBLAS_WORKSPACE_INFER
+                         if plan.new_tokens > 1 else 0)}
     peak_phase = max(phases, key=lambda k: phases[k])
     peak_alloc = phases[peak_phase] + CUBLAS_WORKSPACE_INFER
-
-    # reserved: the dynamic cache's stale segments (see growing_tensors_reserved).
-    kv_reserved = _kv_reserved(spec, plan) if plan.cache == "dynamic" else cache_end
-    decode_reserved = static + kv_reserved + carried + decode_act if plan.new_tokens > 1 else 0
-    prefill_reserved = prefill
-    peak_reserved = max(prefill_reserved, decode_reserved) + CUBLAS_WORKSPACE_INFER
-    peak_reserved = max(peak_reserved, peak_alloc)
+    peak_reserved = max(replay.peak_reserved + small_segments, peak_alloc)
     slack = peak_reserved - peak_alloc
 
+    # the components at the peak: the formulas' kv cache and logits, the rest activations
+    # (or transient: the old layer tensor torch.cat keeps alive)
     if peak_phase == "prefill":
-        parts = {"activations": prefill_act if prefill_act >= prefill_logits else 0,
-                 "logits_loss": prefill_logits if prefill_logits > prefill_act else 0,
-                 "kv_cache": cache_prefill}
+        rest = max(phases["prefill"] - static - cache_prefill, 0)
+        logits_part = prefill_logits if prefill_logits > prefill_act else 0
+        parts = {"kv_cache": phases["prefill"] - static - rest,
+                 "logits_loss": min(logits_part, rest),
+                 "activations": rest - min(logits_part, rest)}
     elif peak_phase == "decode":
+        rest = max(phases["decode"] - static - cache_end, 0)
         logit_peak = decode_act == logits_c + LOGITS_FP32_TENSORS * logits_32
-        parts = {"activations": 0 if logit_peak else decode_layer,
-                 "transient": 0 if logit_peak else old,
-                 "logits_loss": carried + (decode_act if logit_peak else 0),
-                 "kv_cache": cache_end}
+        logits_part = min(carried + (decode_act if logit_peak else 0), rest)
+        transient = 0 if logit_peak else min(old, rest - logits_part)
+        parts = {"kv_cache": phases["decode"] - static - rest, "logits_loss": logits_part,
+                 "transient": transient, "activations": rest - logits_part - transient}
     else:
         parts = {}
     components = Components(
