@@ -4,6 +4,7 @@ pre-registered holdout, calibration/matrices/h200-infer-holdout.json, measured i
 calibration/h200/run5-infer-holdout-snaps.jsonl).
 
     python bench/accuracy_infer.py [--run run3|run5|run6]
+    python bench/accuracy_infer.py --records RUN.jsonl --matrix MATRIX.json
 
 Joins each record to its point of the run's matrix by id and prints,
 per point, the measured peak (torch allocated, reserved, NVML process peak = device), the
@@ -87,6 +88,10 @@ def pct(x: float | None) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if "--records" in argv:  # a new run: its records and the matrix it ran
+        report(Path(argv[argv.index("--records") + 1]), Path(argv[argv.index("--matrix") + 1]),
+               "records " + argv[argv.index("--records") + 1])
+        return 0
     runs = [argv[argv.index("--run") + 1]] if "--run" in argv else list(RUNS)
     for run in runs:
         report(*RUNS[run])
