@@ -72,20 +72,23 @@ from vramcalc.trainable import lora_targets
 from vramcalc.weights import DTYPE_BYTES, NF4_BLOCKSIZE, ceil_div
 
 MiB = 2**20
-# the replay of every step up to this many decode steps is the reference of the shortcut
-# (tests/test_inference_program.py); `shortcut=False` replays every step whatever the count
+# A decode step's temporaries of the small pool (1 MiB and less) are left out: they take
+# and give back the same small blocks every step, next to the large pool's cache tensors,
+# dequantized weights and logits, and left in they are most of the requests of a step.
+DECODE_SMALLEST = SMALL_SIZE + 1
 
 
 class _Emit:
     """Requests of one stretch of the program; ids positive (load_requests' are negative)."""
 
-    def __init__(self, ids: count[int]) -> None:
+    def __init__(self, ids: count[int], smallest: int = MIN_REQUEST) -> None:
         self.out: list[tuple[int, int]] = []
         self._ids = ids
+        self._smallest = smallest  # requests below this (cache tensors excepted) left out
         self.largest_other = 0  # the largest request that is not a cache tensor
 
     def alloc(self, size: int, cache: bool = False) -> int | None:
-        if size < MIN_REQUEST:
+        if size < (MIN_REQUEST if cache else self._smallest):
             return None
         if not cache:
             self.largest_other = max(self.largest_other, size)
@@ -444,7 +447,7 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
     if plan.new_tokens > 1:
         sim.peak_allocated = sim.allocated
         # the constant temporaries of a decode step, for the crossings' offsets
-        probe = _Emit(count(1))
+        probe = _Emit(count(1), DECODE_SMALLEST)
         _forward(probe, s, [_Cache(c.window, None, None, c.tokens) for c in caches], 1, p + 1,
                  False, [None] * 2)
         temps = sorted({round_size(sz) for _, sz in probe.out if sz > 0})
@@ -481,7 +484,7 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
                 sizes = _growing_sizes(s, caches, n)
                 crossing = True
             if not shortcut or crossing or replay_next or n in (p + 1, last - 1, last):
-                e = _Emit(ids)
+                e = _Emit(ids, DECODE_SMALLEST)
                 carried = _forward(e, s, caches, 1, n, False, carried)
                 replay_requests(e.out, sim=sim, live=live)
                 nreq += len(e.out)
