@@ -599,3 +599,30 @@ def _jump(s: _Shape, caches: list[_Cache], sim: CachingAllocator, live: dict[int
         cache.tokens = n
     replay_requests(e.out, sim=sim, live=live)
     return len(e.out)
+
+
+@dataclass(frozen=True)
+class MergePeaks:
+    """`from_pretrained` + `PeftModel.from_pretrained` + `merge_and_unload()` replayed."""
+
+    load_allocated: int  # allocated once the adapter is attached
+    peak_allocated: int
+    peak_reserved: int
+
+
+def merge_program_peaks(spec: ModelSpec, plan: InferPlan) -> MergePeaks:
+    """The load (base in `plan.quant` / `plan.compute_dtype`, adapters) and the merge of
+    every targeted Linear (`_merge`), after the cuBLAS workspace of the first B @ A."""
+    s = _shape(spec, plan.model_copy(update={"merged": False}))
+    ids = count(1)
+    sim = CachingAllocator()
+    live: dict[int, Block] = {}
+    load_plan = _load_plan(plan)
+    if load_plan is not None:
+        replay_requests(load_requests(spec, load_plan, kbit_prepare=False), sim=sim, live=live)
+    load_allocated = sim.allocated
+    e = _Emit(ids)
+    e.alloc(CUBLAS_WORKSPACE_INFER)
+    _merge(e, s)
+    replay_requests(e.out, sim=sim, live=live)
+    return MergePeaks(load_allocated, sim.peak_allocated, sim.peak_reserved)

@@ -575,6 +575,18 @@ def estimate_merge(spec: ModelSpec, plan: MergePlan) -> Estimate:
     on_gpu = plan.on == "gpu"
     workspace = CUBLAS_WORKSPACE_INFER if on_gpu else 0
     peak_alloc = phases["merge"] + workspace
+    peak_reserved = peak_alloc
+    if on_gpu:
+        # reserved from the load and the merge's requests replayed on the caching
+        # allocator (infer_requests.merge_program_peaks); allocated stays the formulas'
+        from vramcalc.infer_requests import merge_program_peaks
+
+        program = merge_program_peaks(spec, InferPlan(
+            quant=plan.base_quant, double_quant=plan.double_quant, compute_dtype=plan.dtype,
+            rank=plan.rank, targets=plan.targets, adapter_dtype=plan.adapter_dtype))
+        offset = static + adapter - program.load_allocated
+        peak_reserved = max(peak_alloc, program.peak_reserved
+                            + ceil_div(max(offset, 0), SMALL_BUFFER) * SMALL_BUFFER)
     context = CUDA_CONTEXT if on_gpu else 0
     notes = [f"merge_and_unload() on the {plan.on.upper()}; merged checkpoint "
              f"{merged_disk_bytes(spec, plan)} bytes of tensors on disk"]
@@ -590,9 +602,10 @@ def estimate_merge(spec: ModelSpec, plan: MergePlan) -> Estimate:
         components=Components(base_weights=weights, quant_constants=constants,
                               unquantized_params=unquantized, expert_weights=experts,
                               adapter_weights=adapter, transient=transient,
-                              cublas_workspace=workspace, cuda_context=context),
+                              cublas_workspace=workspace,
+                              allocator_slack=peak_reserved - peak_alloc, cuda_context=context),
         phases=phases, peak_phase="merge", peak_allocated_bytes=peak_alloc,
-        peak_reserved_bytes=peak_alloc, peak_device_bytes=peak_alloc + context,
+        peak_reserved_bytes=peak_reserved, peak_device_bytes=peak_reserved + context,
         required_device_bytes=peak_alloc + context, paged_bytes=0, notes=tuple(notes),
         planned_as=planned_as,
     )
