@@ -23,19 +23,19 @@ The program (one request per tensor of at least `load_requests.MIN_REQUEST` byte
    fp32 logits and scores are freed when the new ones replace them.
 
 Decode is long, so not every step is replayed. A decode step changes the allocator's
-decisions only when a growing tensor's size crosses a size where a decision flips: a
-multiple of 1 MiB (the small pool's limit, `kSmallSize`; the 2 MiB rounding of large
-segments, `kRoundLarge`; the split rule, remainder > 1 MiB) or where the remainder of its
-2 MiB-rounded segment falls below one of the step's constant temporaries. Between two
-such crossings the steps repeat with larger sizes and the same placement, so only the
-steps at a crossing (and the one after it, where the rotating spare block moves) are
-replayed, plus the first and the last. Once the cache tensors are larger than any other
-request's segment (`_settled`), they only ever fit in segments made for them: each time
-their 2 MiB-rounded size grows, each of the `c` growing tensors gets a new segment and one
-more rotates between them (c + 1), and the outgrown ones stay cached
+decisions only when a growing cache tensor's size crosses a size where a decision flips:
+a free block's size (read from the allocator after each replayed step, `_marks`), the
+block less 1 MiB (the large pool's split rule) or less one of the step's temporaries, the
+room its own block leaves when freed (`_extents`), the 2 MiB grid of large segments
+(`kRoundLarge`, `_crossings`) and the shares of a 2 MiB or 20 MiB segment
+(`_shared_marks`). Only the steps at a crossing (and the one after it, where the rotating
+spare block moves) are replayed, with the first and the last two. Once the cache tensors
+are larger than any other block or request, they only ever fit in segments made for them:
+each time their 2 MiB-rounded size grows, each of the `c` growing tensors gets a new
+segment and one more rotates between them (c + 1), and the outgrown ones stay cached
 (`inference.growing_tensors_reserved`); the rest of the decode is summed in that closed
-form. tests/test_inference_program.py checks both shortcuts against the replay of every
-step.
+form (`_closed_form`). tests/test_inference_program.py checks both shortcuts against the
+replay of every step (`shortcut=False`); docs/memory-model.md lists where they differ.
 """
 
 from __future__ import annotations
