@@ -3,7 +3,8 @@ run3-infer.jsonl, the points the inference model was written and fixed on) and r
 pre-registered holdout, calibration/matrices/h200-infer-holdout.json, measured in
 calibration/h200/run5-infer-holdout-snaps.jsonl).
 
-    python bench/accuracy_infer.py [--run run3|run5]
+    python bench/accuracy_infer.py [--run run3|run5|run6]
+    python bench/accuracy_infer.py --records RUN.jsonl --matrix MATRIX.json
 
 Joins each record to its point of the run's matrix by id and prints,
 per point, the measured peak (torch allocated, reserved, NVML process peak = device), the
@@ -77,7 +78,9 @@ def summary(name: str, vals: list[float]) -> str:
     a = sorted(abs(x) for x in vals)
     n = len(a)
     med = a[n // 2] if n % 2 else (a[n // 2 - 1] + a[n // 2]) / 2
-    return f"{name}: n={n} median |err| {100 * med:.2f}%  worst {100 * a[-1]:.2f}%"
+    p90 = a[min(n - 1, -(-9 * n // 10) - 1)]  # nearest rank
+    return (f"{name}: n={n} median |err| {100 * med:.2f}%  p90 {100 * p90:.2f}%  "
+            f"worst {100 * a[-1]:.2f}%")
 
 
 def pct(x: float | None) -> str:
@@ -85,6 +88,10 @@ def pct(x: float | None) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if "--records" in argv:  # a new run: its records and the matrix it ran
+        report(Path(argv[argv.index("--records") + 1]), Path(argv[argv.index("--matrix") + 1]),
+               "records " + argv[argv.index("--records") + 1])
+        return 0
     runs = [argv[argv.index("--run") + 1]] if "--run" in argv else list(RUNS)
     for run in runs:
         report(*RUNS[run])
@@ -135,9 +142,11 @@ def report(records_path: Path, matrix_path: Path, title: str) -> None:
             if e_now[k] is not None:
                 errs["now"][k].append(e_now[k])  # type: ignore[arg-type]
         task = point["job"]["task"]
-        slot = by_task.setdefault(task, {"pre": [], "now": []})
-        slot["pre"].append(e_pre["alloc"])  # type: ignore[arg-type]
-        slot["now"].append(e_now["alloc"])  # type: ignore[arg-type]
+        for k in keys:
+            slot = by_task.setdefault(f"{k}, {task}", {"pre": [], "now": []})
+            if e_pre[k] is not None and e_now[k] is not None:
+                slot["pre"].append(e_pre[k])  # type: ignore[arg-type]
+                slot["now"].append(e_now[k])  # type: ignore[arg-type]
         verdicts.append((rec["id"], "ok", pre["required_device_bytes"],
                          now.required_device_bytes))
         print(f"{rec['id'][:28]:28} {model[:16]:16} {describe(point)[:30]:30} "
@@ -150,7 +159,7 @@ def report(records_path: Path, matrix_path: Path, title: str) -> None:
         for k in keys:
             print(summary(f"{label:14} peak {k:9}", errs[who][k]))
         for task, slot in sorted(by_task.items()):
-            print(summary(f"{label:14} peak alloc ({task})", slot[who]))
+            print(summary(f"{label:14} peak {task}", slot[who]))
         print()
     print(f"out-of-memory verdicts (required_device_bytes vs {H200_USABLE / GiB:.2f} GiB usable "
           f"on an empty H200):")

@@ -2,6 +2,7 @@
 
     python calibration/design_infer.py > calibration/matrices/h200-infer-holdout.json
     python calibration/design_infer.py holdout2 > calibration/matrices/h200-infer-holdout2.json
+    python calibration/design_infer.py holdout3 > calibration/matrices/h200-infer-holdout3.json
 
 24 generate() points and 3 merges drawn at random (seed 40) over 7 architectures (MHA and
 GQA, 32k-256k vocabularies), batch 1-64, prompt 128-32k, new tokens 1-2048, nf4 and bf16
@@ -31,6 +32,9 @@ GiB = 2**30
 def main() -> None:
     if sys.argv[1:] == ["holdout2"]:
         holdout2()
+        return
+    if sys.argv[1:] == ["holdout3"]:
+        holdout3()
         return
     rng = random.Random(40)
     points = []
@@ -89,10 +93,49 @@ def holdout2() -> None:
     sys.stdout.write("\n")
 
 
-def _point(pid: str, name: str, task: str, plan: dict, est: object) -> dict:
+FULL_DEPTH = ["qwen2.5-0.5b", "qwen2.5-1.5b", "gemma-2-2b", "llama-3.2-1b", "smollm2-1.7b"]
+
+
+def holdout3() -> None:
+    """16 generate() points pre-registered for issue 27 (peaks from generate()'s requests
+    replayed on the caching allocator, infer_requests.py): seed 43, nf4 / int8 / bf16,
+    batch 1-32, prompt 128-8192, new tokens 64-1024; 12 at 4 layers over 7 architectures
+    and 4 at full depth over small models (FULL_DEPTH). Bounded to fit the matrix runner's
+    parallel budget in about 240 s of one H200: estimated peak device <= 40 GiB, batch x
+    new tokens <= 8192."""
+    rng = random.Random(43)
+    points = []
+    while len(points) < 16:
+        full = len(points) >= 12
+        name = (FULL_DEPTH[rng.randrange(len(FULL_DEPTH))] if full
+                else ARCHS[len(points) % len(ARCHS)])
+        layers = None if full else 4
+        spec = get_spec(name) if full else depth_cut(get_spec(name), 4)
+        plan = {"batch_size": rng.choice([1, 2, 4, 8, 16, 32]),
+                "prompt_len": rng.choice([128, 512, 1024, 2048, 4096, 8192]),
+                "new_tokens": rng.choice([64, 128, 256, 512, 1024]),
+                "quant": rng.choice(["nf4", "nf4", "int8", "none"]),
+                "rank": rng.choice([8, 16, 64])}
+        if plan["batch_size"] * plan["new_tokens"] > 8192:
+            continue
+        est = estimate_inference(spec, InferPlan.model_validate(plan))
+        if est.peak_device_bytes > 40 * GiB:
+            continue
+        tag = "full" if full else "4L"
+        points.append(_point(f"ik{len(points):02d}-{name}-{tag}", name, "infer", plan, est,
+                             layers))
+    json.dump({"note": "pre-registered inference holdout 3 (issue 27: generate() replayed on "
+               "the caching allocator): predictions made before any measurement of these "
+               "points", "points": points}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+def _point(pid: str, name: str, task: str, plan: dict, est: object,
+           layers: int | None = 4) -> dict:
     spec = get_spec(name)
-    return {"id": pid, "worker": "vramcalc.calibrate.infer_worker", "spec": name, "layers": 4,
-            "job": {"task": task, "spec": spec.model_dump(mode="json"), "layers": 4,
+    return {"id": pid, "worker": "vramcalc.calibrate.infer_worker", "spec": name,
+            "layers": layers,
+            "job": {"task": task, "spec": spec.model_dump(mode="json"), "layers": layers,
                     "plan": plan, "device": "cuda"},
             "reserve_gib": round(min(120, max(4, est.peak_device_bytes / GiB * 1.3 + 2)), 1),
             "prediction": {k: getattr(est, k) for k in (

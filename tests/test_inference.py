@@ -133,9 +133,12 @@ def test_monotone(model: str, field: str) -> None:
     prev = None
     for n in (1, 8, 64, 512, 4096):
         est = estimate_inference(spec, InferPlan(**{field: n}))
+        # reserved memory can fall when the work grows (the replayed allocator places the
+        # tensors differently); what decides "fits" must not (issue 27)
+        assert est.peak_reserved_bytes >= est.peak_allocated_bytes
         if prev is not None:
             assert est.peak_allocated_bytes >= prev.peak_allocated_bytes
-            assert est.peak_reserved_bytes >= prev.peak_reserved_bytes
+            assert est.required_device_bytes >= prev.required_device_bytes
         prev = est
 
 
@@ -145,11 +148,10 @@ def test_static_cache_and_merged_adapter(model: str) -> None:
     plan = InferPlan(batch_size=4, prompt_len=2048, new_tokens=256)
     dyn = estimate_inference(spec, plan)
     static = estimate_inference(spec, plan.model_copy(update={"cache": "static"}))
-    # static allocates max_cache_len at the prefill: its prefill holds more, and it
-    # never leaves outgrown segments behind
+    # static allocates max_cache_len at the prefill: its prefill holds more. (It does not
+    # leave less slack: calibration/h200/run3-infer.jsonl inf05, static, measured 1.81 GiB
+    # of reserved - allocated against 1.59 GiB for the same plan with a dynamic cache, inf01.)
     assert static.phases["prefill"] > dyn.phases["prefill"]
-    assert static.peak_reserved_bytes - static.peak_allocated_bytes <= \
-        dyn.peak_reserved_bytes - dyn.peak_allocated_bytes
     merged = estimate_inference(spec, plan.model_copy(update={"merged": True}))
     assert merged.components.adapter_weights == 0 < dyn.components.adapter_weights
     assert merged.peak_allocated_bytes < dyn.peak_allocated_bytes
@@ -169,11 +171,16 @@ def test_components_add_up(plan: InferPlan) -> None:
 
 
 def test_dynamic_cache_leaves_outgrown_segments_reserved() -> None:
-    # batch 1, 8 kv heads x 128: 2 KiB per token and tensor, a 2 MiB boundary every 1024
-    # tokens: 32k prompt + 2048 new tokens crosses two
-    est = estimate_inference(get_spec("llama-3.1-8b"),
-                             InferPlan(prompt_len=32768, new_tokens=2048, merged=True))
-    assert est.peak_reserved_bytes - est.peak_allocated_bytes > 4 * 2**30
+    # llama-2-7b, batch 1: 8 KiB per token and tensor, a 2 MiB boundary every 256 tokens
+    # from 10 MiB on: each leaves the 64 tensors' (and one rotating) segments cached, with
+    # nothing from a short prefill that could reuse them
+    est = estimate_inference(get_spec("llama-2-7b"), InferPlan(
+        prompt_len=128, new_tokens=4096, merged=True, quant="none"))
+    assert est.peak_reserved_bytes - est.peak_allocated_bytes > 65 * 10 * 2**20
+    # a 32k prompt's prefill leaves blocks that the growing cache moves into instead
+    long = estimate_inference(get_spec("llama-3.1-8b"),
+                              InferPlan(prompt_len=32768, new_tokens=2048, merged=True))
+    assert long.peak_reserved_bytes - long.peak_allocated_bytes < 2**30
 
 
 # ---- against real tensors (CPU) -----------------------------------------------------------

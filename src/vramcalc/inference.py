@@ -230,21 +230,6 @@ def kv_cache_bytes(spec: ModelSpec, plan: InferPlan, length: int | None = None,
     return total
 
 
-def _kv_reserved(spec: ModelSpec, plan: InferPlan) -> int:
-    """Segments the dynamic cache leaves reserved at the end of generate()."""
-    per_token = kv_token_bytes(spec, plan)
-    groups: dict[int | None, int] = {}
-    for window in layer_windows(spec):
-        groups[window] = groups.get(window, 0) + 2
-    total = 0
-    for window, count in groups.items():
-        lengths = [plan.prompt_len] + [
-            _cached_len(n, window, False) for n in range(plan.prompt_len + 1, plan.total_len + 1)
-        ]
-        total += growing_tensors_reserved(count, [per_token * n for n in lengths])
-    return total
-
-
 # ---- weights and adapter ----------------------------------------------------------------
 
 
@@ -423,8 +408,11 @@ def layer_live_bytes(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int)
 # ---- the estimate -------------------------------------------------------------------------
 
 
-def estimate_inference(spec: ModelSpec, plan: InferPlan) -> Estimate:
-    """Peak memory of `generate()` with the adapter: phases load, prefill, decode."""
+def estimate_inference(spec: ModelSpec, plan: InferPlan, replay: bool = True) -> Estimate:
+    """Peak memory of `generate()` with the adapter: phases load, prefill, decode.
+
+    `replay=False` (searches over many plans): the peaks from the phase formulas alone
+    (peak allocated within 0.3 % of the replay's on the records), reserved = allocated."""
     plan, planned_as, load_notes = effective_load_plan(spec, plan, "quant", plan.compute_dtype)
     weights, constants, unquantized, experts = inference_weight_bytes(
         spec, plan.quant, plan.compute_dtype, plan.double_quant)
@@ -443,7 +431,6 @@ def estimate_inference(spec: ModelSpec, plan: InferPlan) -> Estimate:
     prefill_layer = layer_live_bytes(spec, plan, b * p, p)
     prefill_logits = logits_c + LOGITS_FP32_TENSORS * logits_32
     prefill_act = embed + rope + prefill_layer
-    prefill = static + cache_prefill + max(prefill_act, prefill_logits)
 
     # decode: the last step (the longest cache); cat keeps one old layer tensor alive.
     cache_end = kv_cache_bytes(spec, plan)
@@ -456,30 +443,46 @@ def estimate_inference(spec: ModelSpec, plan: InferPlan) -> Estimate:
     decode_layer = layer_live_bytes(spec, plan, b, plan.total_len)
     carried = LOGITS_FP32_TENSORS * logits_32  # previous step's fp32 logits and scores
     decode_act = max(old + decode_layer, logits_c + LOGITS_FP32_TENSORS * logits_32)
-    decode = static + cache_end + carried + decode_act if plan.new_tokens > 1 else 0
 
+    prefill = static + cache_prefill + max(prefill_act, prefill_logits)
+    decode = static + cache_end + carried + decode_act if plan.new_tokens > 1 else 0
     phases = {"load": static, "prefill": prefill, "decode": decode}
+    peak_reserved = 0
+    if replay:
+        # The peaks come from generate()'s requests replayed on the caching allocator
+        # (infer_requests.py); the formulas above name the components at the peak.
+        from vramcalc.infer_requests import infer_program_peaks
+
+        program = infer_program_peaks(spec, plan)
+        # tensors under infer_requests' smallest request (norms, biases, small adapters)
+        # and per-tensor rounding: the static bytes are the formulas'; in small segments
+        offset = static - program.load_allocated
+        small_segments = ceil_div(max(offset, 0), SMALL_BUFFER) * SMALL_BUFFER
+        phases = {"load": static,
+                  "prefill": program.prefill_allocated + offset - CUBLAS_WORKSPACE_INFER,
+                  "decode": (program.decode_allocated + offset - CUBLAS_WORKSPACE_INFER
+                             if plan.new_tokens > 1 else 0)}
+        peak_reserved = program.peak_reserved + small_segments
     peak_phase = max(phases, key=lambda k: phases[k])
     peak_alloc = phases[peak_phase] + CUBLAS_WORKSPACE_INFER
-
-    # reserved: the dynamic cache's stale segments (see growing_tensors_reserved).
-    kv_reserved = _kv_reserved(spec, plan) if plan.cache == "dynamic" else cache_end
-    decode_reserved = static + kv_reserved + carried + decode_act if plan.new_tokens > 1 else 0
-    prefill_reserved = prefill
-    peak_reserved = max(prefill_reserved, decode_reserved) + CUBLAS_WORKSPACE_INFER
     peak_reserved = max(peak_reserved, peak_alloc)
     slack = peak_reserved - peak_alloc
 
+    # the components at the peak: the formulas' kv cache and logits, the rest activations
+    # (or transient: the old layer tensor torch.cat keeps alive)
     if peak_phase == "prefill":
-        parts = {"activations": prefill_act if prefill_act >= prefill_logits else 0,
-                 "logits_loss": prefill_logits if prefill_logits > prefill_act else 0,
-                 "kv_cache": cache_prefill}
+        rest = max(phases["prefill"] - static - cache_prefill, 0)
+        logits_part = prefill_logits if prefill_logits > prefill_act else 0
+        parts = {"kv_cache": phases["prefill"] - static - rest,
+                 "logits_loss": min(logits_part, rest),
+                 "activations": rest - min(logits_part, rest)}
     elif peak_phase == "decode":
+        rest = max(phases["decode"] - static - cache_end, 0)
         logit_peak = decode_act == logits_c + LOGITS_FP32_TENSORS * logits_32
-        parts = {"activations": 0 if logit_peak else decode_layer,
-                 "transient": 0 if logit_peak else old,
-                 "logits_loss": carried + (decode_act if logit_peak else 0),
-                 "kv_cache": cache_end}
+        logits_part = min(carried + (decode_act if logit_peak else 0), rest)
+        transient = 0 if logit_peak else min(old, rest - logits_part)
+        parts = {"kv_cache": phases["decode"] - static - rest, "logits_loss": logits_part,
+                 "transient": transient, "activations": rest - logits_part - transient}
     else:
         parts = {}
     components = Components(
@@ -572,6 +575,18 @@ def estimate_merge(spec: ModelSpec, plan: MergePlan) -> Estimate:
     on_gpu = plan.on == "gpu"
     workspace = CUBLAS_WORKSPACE_INFER if on_gpu else 0
     peak_alloc = phases["merge"] + workspace
+    peak_reserved = peak_alloc
+    if on_gpu:
+        # reserved from the load and the merge's requests replayed on the caching
+        # allocator (infer_requests.merge_program_peaks); allocated stays the formulas'
+        from vramcalc.infer_requests import merge_program_peaks
+
+        program = merge_program_peaks(spec, InferPlan(
+            quant=plan.base_quant, double_quant=plan.double_quant, compute_dtype=plan.dtype,
+            rank=plan.rank, targets=plan.targets, adapter_dtype=plan.adapter_dtype))
+        offset = static + adapter - program.load_allocated
+        peak_reserved = max(peak_alloc, program.peak_reserved
+                            + ceil_div(max(offset, 0), SMALL_BUFFER) * SMALL_BUFFER)
     context = CUDA_CONTEXT if on_gpu else 0
     notes = [f"merge_and_unload() on the {plan.on.upper()}; merged checkpoint "
              f"{merged_disk_bytes(spec, plan)} bytes of tensors on disk"]
@@ -587,9 +602,10 @@ def estimate_merge(spec: ModelSpec, plan: MergePlan) -> Estimate:
         components=Components(base_weights=weights, quant_constants=constants,
                               unquantized_params=unquantized, expert_weights=experts,
                               adapter_weights=adapter, transient=transient,
-                              cublas_workspace=workspace, cuda_context=context),
+                              cublas_workspace=workspace,
+                              allocator_slack=peak_reserved - peak_alloc, cuda_context=context),
         phases=phases, peak_phase="merge", peak_allocated_bytes=peak_alloc,
-        peak_reserved_bytes=peak_alloc, peak_device_bytes=peak_alloc + context,
+        peak_reserved_bytes=peak_reserved, peak_device_bytes=peak_reserved + context,
         required_device_bytes=peak_alloc + context, paged_bytes=0, notes=tuple(notes),
         planned_as=planned_as,
     )

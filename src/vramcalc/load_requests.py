@@ -159,9 +159,12 @@ def _fuse_experts(r: _Requests, spec: ModelSpec, load: int, gate: list[int | Non
     keep += [(gate_up, 2 * stack), (down_proj, stack)]
 
 
-def load_requests(spec: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
+def load_requests(spec: ModelSpec, plan: TrainPlan, kbit_prepare: bool = True
+                  ) -> list[tuple[int, int]]:
     """(id, bytes) requests from an empty allocator to the start of training: a size of 0
-    frees tensor `id`, `EMPTY_CACHE` empties the cache."""
+    frees tensor `id`, `EMPTY_CACHE` empties the cache. `kbit_prepare=False`: a load for
+    inference (`PeftModel.from_pretrained` on the base, no `prepare_model_for_kbit_training`,
+    step 4 above left out)."""
     r = _Requests()
     load = DTYPE_BYTES[plan.load_dtype]
     quantized = plan.quant != "none" and spec.bnb_quantizes_linears
@@ -206,7 +209,7 @@ def load_requests(spec: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
     if pending:
         gate, up, down = pending
         _fuse_experts(r, spec, load, gate, up, down, layers[-1])
-    if plan.method == "qlora":
+    if plan.method == "qlora" and kbit_prepare:
         # in model.parameters() order: the embeddings, the layers', the lm_head
         upcast = [(embed_id, embed)] + [t for keep in layers for t in keep]
         if head is not None:

@@ -177,7 +177,8 @@ def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, budget: i
     field = {"batch": "batch_size", "prompt-len": "prompt_len"}[what]
 
     def fits(n: int) -> bool:
-        est = estimate_inference(spec, plan.model_copy(update={field: n}))
+        # the phase formulas: the required bytes are the allocated peak (+ context)
+        est = estimate_inference(spec, plan.model_copy(update={field: n}), replay=False)
         return est.required_device_bytes <= budget
 
     if not fits(1):
