@@ -21,6 +21,7 @@ those points (no fitted coefficient).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
@@ -231,18 +232,100 @@ def kv_cache_bytes(spec: ModelSpec, plan: InferPlan, length: int | None = None,
 
 
 def _kv_reserved(spec: ModelSpec, plan: InferPlan) -> int:
-    """Segments the dynamic cache leaves reserved at the end of generate()."""
+    """Segments the dynamic cache leaves reserved at the end of generate().
+
+    The tensors of a group of layers (same window) grow through the lengths
+    `prompt_len` (the prefill), then `_cached_len(n, window)` for n = prompt_len + 1 ..
+    total_len: `growing_tensors_reserved` of those sizes, computed by
+    `growing_run_reserved` without listing them (the cost does not grow with the tokens).
+    """
     per_token = kv_token_bytes(spec, plan)
     groups: dict[int | None, int] = {}
     for window in layer_windows(spec):
         groups[window] = groups.get(window, 0) + 2
     total = 0
     for window, count in groups.items():
-        lengths = [plan.prompt_len] + [
-            _cached_len(n, window, False) for n in range(plan.prompt_len + 1, plan.total_len + 1)
-        ]
-        total += growing_tensors_reserved(count, [per_token * n for n in lengths])
+        lo, hi = plan.prompt_len + 1, plan.total_len
+        if window is not None:
+            lo, hi = min(lo, window), min(hi, window)
+        tail = None if plan.new_tokens == 1 else (lo, hi)
+        total += growing_run_reserved(count, per_token, plan.prompt_len, tail)
     return total
+
+
+def _floor_sum(n: int, m: int, a: int, b: int) -> int:
+    """sum(floor((a * i + b) / m) for i in range(n)), for a, b >= 0, m > 0, in
+    O(log m) steps (the Euclid-like reduction of AtCoder Library's floor_sum)."""
+    total = 0
+    while n > 0:
+        if a >= m:
+            total += (n - 1) * n // 2 * (a // m)
+            a %= m
+        if b >= m:
+            total += n * (b // m)
+            b %= m
+        y_max = a * n + b
+        if y_max < m:
+            break
+        n, b, m, a = y_max // m, y_max % m, a, m
+    return total
+
+
+def _first_true(lo: int, hi: int, pred: Callable[[int], bool]) -> int:
+    """The least n in [lo, hi] with pred(n) for a monotone pred (False..True); hi + 1 when
+    none."""
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid - 1
+        else:
+            lo = mid + 1
+    return lo
+
+
+def growing_run_reserved(count: int, per_token: int, first: int,
+                         tail: tuple[int, int] | None) -> int:
+    """`growing_tensors_reserved(count, sizes)` for sizes `per_token * first`, then
+    `per_token * n` for n = tail[0] .. tail[1] (non-decreasing), in steps that do not grow
+    with the number of sizes.
+
+    growing_tensors_reserved keeps a new segment each time one passes the largest so far,
+    and returns (count + 1) x their sum. In n, a segment is 2 MiB (kSmallBuffer) while the
+    request rounds to at most 1 MiB, 20 MiB (kLargeBuffer) below 10 MiB, then the request
+    rounded up to 2 MiB (kRoundLarge; 512 B rounding first changes nothing, 2 MiB being a
+    multiple of it): ceil(per_token * n / 2 MiB) x 2 MiB, non-decreasing. Past the largest
+    segment so far, every value of it is a new segment: when per_token <= 2 MiB they are
+    consecutive multiples of 2 MiB (an arithmetic sum), else each n gives its own (a floor
+    sum).
+    """
+    if count == 0:
+        return 0
+    final = per_token * (first if tail is None else tail[1])
+    if rounded(final) < MIN_LARGE_ALLOC:
+        return growing_tensors_reserved(count, [final])
+    best = segment_bytes(per_token * first)
+    kept = best
+    if tail is not None:
+        lo, hi = tail
+        mid_from = _first_true(lo, hi, lambda n: rounded(per_token * n) > SMALL_SIZE)
+        large_from = _first_true(lo, hi, lambda n: rounded(per_token * n) >= MIN_LARGE_ALLOC)
+        for start, stop, seg in ((lo, mid_from - 1, SMALL_BUFFER),
+                                 (mid_from, large_from - 1, LARGE_BUFFER)):
+            if start <= stop and seg > best:
+                kept += seg
+                best = seg
+        start = _first_true(max(lo, large_from), hi,
+                            lambda n: segment_bytes(per_token * n) > best)
+        if start <= hi:
+            units_lo = ceil_div(per_token * start, ROUND_LARGE)
+            units_hi = ceil_div(per_token * hi, ROUND_LARGE)
+            if per_token <= ROUND_LARGE:
+                units = (units_lo + units_hi) * (units_hi - units_lo + 1) // 2
+            else:  # sum of ceil(per_token * n / R) for n = start .. hi
+                units = _floor_sum(hi - start + 1, ROUND_LARGE, per_token,
+                                   per_token * start + ROUND_LARGE - 1)
+            kept += units * ROUND_LARGE
+    return (count + 1) * kept
 
 
 # ---- weights and adapter ----------------------------------------------------------------
