@@ -89,11 +89,14 @@ def with_from_config(
         params.append(p)
     params.append(inspect.Parameter("from_config", inspect.Parameter.KEYWORD_ONLY,
                                     default=None, annotation=FromConfigOpt))
-    params.append(inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY,
-                                    annotation=typer.Context))
+    # typer passes the context to one parameter only: share the command's own, if any
+    shared = next((p.name for p in params if p.annotation is typer.Context), None)
+    if shared is None:
+        params.append(inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=typer.Context))
 
     def wrapper(**kwargs: Any) -> R:
-        ctx = kwargs.pop(_CTX)
+        ctx = kwargs.pop(_CTX) if shared is None else kwargs[shared]
         path = kwargs.pop("from_config")
         if path is not None:
             given = set()
