@@ -401,7 +401,14 @@ def runnable_dropout(spec: ModelSpec, plan: TrainPlan, given: frozenset[str]) ->
     return plan.model_copy(update={"lora_dropout": 0.0})
 
 
-def with_plan_options(func: Callable[..., R]) -> Callable[..., R]:
+def without_per_method_options(func: Callable[..., R]) -> Callable[..., R]:
+    """`with_plan_options` without --method, --quant and --weights-dtype: for compare and
+    fit, which set them per row."""
+    return with_plan_options(func, exclude=("method", "quant", "weights_dtype"))
+
+
+def with_plan_options(func: Callable[..., R],
+                      exclude: tuple[str, ...] = ()) -> Callable[..., R]:
     """Give a command every plan option (after its own first parameter, the model).
 
     The command declares `plan_options: dict[str, Any]` instead of the 13 options and
@@ -412,18 +419,22 @@ def with_plan_options(func: Callable[..., R]) -> Callable[..., R]:
     own = [p for p in sig.parameters.values() if p.name != "plan_options"]
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann)
-        for name, (ann, default) in PLAN_OPTIONS.items()
+        for name, (ann, default) in PLAN_OPTIONS.items() if name not in exclude
     ]
     first, rest = own[:1], own[1:]
     if first and first[0].annotation is typer.Context:  # keep the context, then the model
         first, rest = own[:2], own[2:]
     params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in first + added + rest]
-    params.append(inspect.Parameter(_PLAN_CTX, inspect.Parameter.KEYWORD_ONLY,
-                                    annotation=typer.Context))
+    # typer passes the context to one parameter only: share the command's own, if any
+    shared = next((p.name for p in params if p.annotation is typer.Context), None)
+    if shared is None:
+        params.append(inspect.Parameter(_PLAN_CTX, inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=typer.Context))
 
     def wrapper(**kwargs: Any) -> R:
-        ctx = kwargs.pop(_PLAN_CTX)
-        options = PlanOptions({name: kwargs.pop(name) for name in PLAN_OPTIONS})
+        ctx = kwargs.pop(_PLAN_CTX) if shared is None else kwargs[shared]
+        options = PlanOptions({name: kwargs.pop(name) if name not in exclude else None
+                               for name in PLAN_OPTIONS})
         options.given = given_options(ctx, [*PLAN_OPTIONS, *kwargs])
         return func(plan_options=options, **kwargs)
 
