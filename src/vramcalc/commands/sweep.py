@@ -95,13 +95,17 @@ def parse_over(text: str) -> Sweep:
     if not 0 < start < stop:
         raise PlanError(f"--over {name}: need 0 < START < STOP, got {start}:{stop}")
     values: list[int] = []
-    too_many = PlanError(f"--over {name}: more than {MAX_POINTS} points; use a larger step")
+    def too_many(count: int | str) -> PlanError:  # counted before the values are listed
+        return PlanError(f"--over {name}: {count} points; use a larger step (at most "
+                         f"{MAX_POINTS})")
+
     if step.startswith("*"):
         factor = float(step[1:])
         if factor <= 1:
             raise PlanError(f"--over {name}: the factor must be above 1, got {step}")
-        if math.log(stop / start) / math.log(factor) > 2 * MAX_POINTS:
-            raise too_many  # counted before the values are listed
+        about = math.log(stop / start) / math.log(factor)
+        if about > 2 * MAX_POINTS:
+            raise too_many(f"about {about:.0f}")
         v = float(start)
         while v < stop:
             values.append(int(v))
@@ -110,15 +114,15 @@ def parse_over(text: str) -> Sweep:
         inc = int(step[1:])
         if inc <= 0:
             raise PlanError(f"--over {name}: the step must be positive, got {step}")
-        if (stop - start) // inc > 2 * MAX_POINTS:
-            raise too_many
+        if len(range(start, stop, inc)) + 1 > MAX_POINTS:
+            raise too_many(len(range(start, stop, inc)) + 1)
         values = list(range(start, stop, inc))
     else:
         n = int(step)
         if n < 2:
             raise PlanError(f"--over {name}: need at least 2 points, got {n}")
         if n > MAX_POINTS:
-            raise too_many
+            raise too_many(n)
         values = [round(start * (stop / start) ** (i / (n - 1))) for i in range(n - 1)]
     values = sorted(set(values) | {stop})
     if len(values) > MAX_POINTS:
@@ -237,7 +241,7 @@ def sweep(
 
     \b
     Examples:
-      vramcalc sweep -m llama-3.1-8b --over seq-len=512:32768 --gpu rtx-4090 --gpu a100-80gb
+      vramcalc sweep -m qwen2.5-7b --over seq-len=512:4096 --gpu l4 --gpu h100
       vramcalc sweep -m qwen2.5-7b --over batch=1:64 --seq-len 2048 --json
       vramcalc sweep -m llama-3.1-8b --over rank=8:256 --plot rank.svg
     """
