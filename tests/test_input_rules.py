@@ -236,14 +236,16 @@ REFUSED: list[tuple[list[str], str]] = [
     (["check", "--batch", "4"], "plan options need --model"),
     (["check", "--rank", "4", "--json"], "plan options need --model"),
     # an explicit bf16 on a card without bf16 is never silently changed
-    (["plan", *M, "--gpu", "t4", "--compute-dtype", "bf16"], "t4 (compute capability 7.5) has no bf16"),
+    (["plan", *M, "--gpu", "t4", "--compute-dtype", "bf16"],
+     "t4 (compute capability 7.5) has no bf16"),
     (["check", *M, "--gpu", "t4", "--compute-dtype", "bf16"], "has no bf16"),
     (["check", *M, "--gpu", "a100-80gb", "--gpu", "v100-16gb", "--compute-dtype", "bf16"],
      "has no bf16"),
 ]
 
 
-@pytest.mark.parametrize(("args", "text"), REFUSED, ids=[" ".join(a[:1] + a[3:]) for a, _ in REFUSED])
+@pytest.mark.parametrize(("args", "text"), REFUSED,
+                         ids=[" ".join(a[:1] + a[3:]) for a, _ in REFUSED])
 def test_options_a_plan_does_not_use_are_refused(args: list[str], text: str) -> None:
     one_error(args, 1, text)
 

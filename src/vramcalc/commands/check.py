@@ -345,7 +345,7 @@ def check(
       vramcalc check -m llama-3.1-8b --gpu rtx-4090 --max batch
       vramcalc check -m llama-2-70b --gpu rtx-4090 --gpus 2 --strategy fsdp
     """
-    given = getattr(plan_options, "given", frozenset())
+    given: frozenset[str] = getattr(plan_options, "given", frozenset())
     gpu = list(gpu or [])
     if model is None:
         if gpu or gpu_memory is not None or max_ is not None:

@@ -23,7 +23,6 @@ from vramcalc.commands.options import (
     warn_long_sequence,
     without_per_method_options,
 )
-from vramcalc.errors import PlanError
 from vramcalc.verdict import DEFAULT_MARGIN_GIB
 
 if TYPE_CHECKING:
@@ -58,9 +57,10 @@ def compare(
     driver's reservation; "tight" inside the allocator's band or the
     estimate's spread).
     The method, its quantization and weights dtype are set per row (no
-    options for them); every other option applies to all rows. The optimizer is each method's usual one,
-    adamw_torch_fused for full and paged_adamw_8bit for the LoRA methods,
-    unless --optimizer is given. A method that cannot start says why.
+    options for them); every other option applies to all rows. The
+    optimizer is each method's usual one, adamw_torch_fused for full and
+    paged_adamw_8bit for the LoRA methods (the rule of plan too), unless
+    --optimizer is given. A method that cannot start says why.
 
     \b
     Examples:

@@ -115,7 +115,7 @@ def plan(
     from vramcalc.render import estimate_to_dict
     from vramcalc.verdict import verdict
 
-    given = getattr(plan_options, "given", frozenset())
+    given: frozenset[str] = getattr(plan_options, "given", frozenset())
     check_max(max_)
     margin_b = margin_bytes(margin)
     target = _target(gpu, gpu_memory)

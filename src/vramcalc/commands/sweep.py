@@ -253,7 +253,7 @@ def sweep(
         raise PlanError("give either --json or --csv, not both")
     sw = parse_over(over)
     option = {"seq-len": "seq_len", "batch": "batch", "rank": "rank"}[sw.name]
-    given = getattr(plan_options, "given", frozenset())
+    given: frozenset[str] = getattr(plan_options, "given", frozenset())
     refuse_given(given, (option,), f"--over {sw.name} sets it; drop one of the two")
     gpus = [resolve_gpu(g) for g in gpu or []]
     spec = resolve_model(model)

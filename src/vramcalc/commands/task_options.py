@@ -191,9 +191,8 @@ def build_infer_plan(opts: dict[str, Any], kw: dict[str, Any]) -> InferPlan:
 
 
 def build_merge_plan(opts: dict[str, Any], kw: dict[str, Any]) -> MergePlan:
-    from vramcalc.inference import ADAPTER_DTYPES, DTYPES16, MERGE_BASES, MERGE_ON, MergePlan
-
     from vramcalc.commands.options import MAX_RANK, bounded_count, refuse_given
+    from vramcalc.inference import ADAPTER_DTYPES, DTYPES16, MERGE_BASES, MERGE_ON, MergePlan
 
     for flag in ("prompt_len", "new_tokens", "cache", "merged"):
         if opts[flag] not in (None, False):
