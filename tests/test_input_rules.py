@@ -228,6 +228,7 @@ REFUSED: list[tuple[list[str], str]] = [
     (["plan", *M, "--task", "infer", "--merged", "--adapter-dtype", "bf16"], "--merged has"),
     (["check", *M, "--gpu", "t4", "--task", "infer", "--seq-len", "64"], "--seq-len: not"),
     (["check", *M, "--gpu", "t4", "--task", "merge", "--gpus", "2"], "--gpus: not used"),
+    (["check", *M, "--gpu", "t4", "--task", "infer", "--max", "batch"], "gives a verdict only"),
     # sweep: the swept option given too
     (["sweep", *M, "--over", "seq-len=512:4096", "--seq-len", "100"], "--over seq-len sets"),
     (["sweep", *M, "--over", "batch=1:8", "--batch", "2"], "--over batch sets it"),
@@ -446,3 +447,38 @@ def test_help_fits_80_columns(command: list[str]) -> None:
     assert r.exit_code == 0, r.output
     wide = [line for line in r.stdout.splitlines() if len(line) > 80]
     assert not wide, wide
+
+
+def test_check_several_gpus_json_has_the_verdict_keys() -> None:
+    r = runner.invoke(app, ["check", "-m", "llama-2-70b", "--gpu", "rtx-4090", "--gpus", "2",
+                            "--strategy", "fsdp", "--json"])
+    assert r.exit_code in (0, 3), r.output
+    out = json.loads(r.stdout)
+    for key in ("fits", "certainty", "spread_bytes", "gpu_memory_bytes", "margin_bytes",
+                "headroom_bytes"):
+        assert key in out, key
+    assert out["headroom_bytes"] == out["gpu_memory_bytes"] - out["required_device_bytes"]
+    assert out["fits"] is (r.exit_code == 0)
+
+
+def test_check_max_says_what_it_assumed() -> None:
+    r = runner.invoke(app, ["check", *M, "--gpu", "rtx-4090", "--max", "batch",
+                            "--seq-len", "1024"])
+    assert r.exit_code == 0, r.output
+    assert "at --seq-len 1024" in " ".join(r.stdout.split())  # rich wraps the title
+
+
+def test_compare_mixtral_with_defaults_runs_every_lora_row() -> None:
+    r = runner.invoke(app, ["compare", "-m", "mixtral-8x7b", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["methods"]
+    assert all(row["error"] is None for row in rows), [row["error"] for row in rows]
+    assert "--lora-dropout 0" in r.stderr
+
+
+def test_api_full_fine_tuning_default_optimizer_is_the_cli_rule() -> None:
+    from vramcalc import plan
+
+    assert plan("llama-7b", method="full").plan.optimizer == "adamw_torch_fused"
+    assert plan("llama-7b").plan.optimizer == "paged_adamw_8bit"
+    assert plan("llama-7b", method="full", optimizer="sgd").plan.optimizer == "sgd"

@@ -294,7 +294,10 @@ def _render_max(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Largest {what} per GPU (fits = required free memory + "
+    plan = rows[0][0].plan if rows else None
+    at = "" if plan is None else (f" at --seq-len {plan.seq_len}" if what == "batch"
+                                  else f" at --batch {plan.batch_size}")
+    table = Table(title=f"Largest {what} per GPU{at} (fits = required free memory + "
                   f"{_gib(margin)} GiB margin <= memory)", title_justify="left")
     for col in ("GPU", "Name", "Memory", what):
         table.add_column(col, justify="left" if col in ("GPU", "Name") else "right",
@@ -390,7 +393,7 @@ def check(
                             "--gpu NAME --gpus N to plan for GPUs this machine lacks")
         smallest = min(used[: parallel.gpus], key=lambda t: t.free_bytes)
         where = f"{parallel.gpus} x {smallest.name}"
-        if not check_parallel(spec, train, parallel, smallest.free_bytes - margin_b, where,
+        if not check_parallel(spec, train, parallel, smallest.free_bytes, margin_b, where,
                               json_output):
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return

@@ -19,6 +19,7 @@ from vramcalc.commands.options import (
     NoCalibrationOpt,
     build_plan,
     margin_bytes,
+    runnable_dropout,
     validate_targets,
     warn_long_sequence,
     without_per_method_options,
@@ -76,6 +77,10 @@ def compare(
     for note in spec.notes:
         warn(f"note: {note}")
     base = build_plan(**plan_options)
+    given: frozenset[str] = getattr(plan_options, "given", frozenset())
+    lora_row = runnable_dropout(spec, base.model_copy(update={"method": "lora",
+                                                              "quant": "none"}), given)
+    base = base.model_copy(update={"lora_dropout": lora_row.lora_dropout})
     validate_targets(spec, base)
     long_seq = warn_long_sequence(spec, base)
     if long_seq:

@@ -252,22 +252,30 @@ def plan_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
     return None if v is None else v.fits
 
 
-def check_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan, budget_bytes: int,
-                   where: str, json_output: bool) -> bool:
-    """`check --gpus N --strategy ...`: whether the busiest GPU fits `budget_bytes`
-    (each GPU's memory less the margin; `where` names the GPUs)."""
+def check_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
+                   memory_bytes: int, margin_b: int, where: str, json_output: bool) -> bool:
+    """`check --gpus N --strategy ...`: whether the busiest GPU fits `memory_bytes` (the
+    smallest GPU's) with `margin_b`, by the rule of the one-GPU check (vramcalc.verdict);
+    `where` names the GPUs."""
     from vramcalc.commands.common import print_json
     from vramcalc.multi_gpu import estimate_parallel
+    from vramcalc.verdict import verdict
 
     pe = estimate_parallel(spec, plan, parallel)
-    fits = pe.busiest.required_device_bytes <= budget_bytes
+    need = pe.busiest.required_device_bytes
+    v = verdict(memory_bytes, need, margin_b, pe.busiest.required_low)
     if json_output:
         out = parallel_to_dict(pe, plan)
-        out.update(fits=fits, budget_bytes_per_gpu=budget_bytes, gpus_checked=where)
+        out.update(fits=v.fits, certainty=v.certainty, spread_bytes=v.spread_bytes,
+                   gpu_memory_bytes=memory_bytes, margin_bytes=margin_b,
+                   headroom_bytes=v.headroom_bytes,
+                   budget_bytes_per_gpu=memory_bytes - margin_b, gpus_checked=where)
         print_json(out)
     else:
         show_parallel(pe, plan)
-        typer.echo(f"{'fits' if fits else 'does NOT fit'} on {where}: busiest GPU needs "
-                   f"{pe.busiest.required_device_bytes / GiB:.2f} GiB of "
-                   f"{budget_bytes / GiB:.2f} GiB (after the margin)")
-    return fits
+        typer.echo(f"{v.word} on {where}: busiest GPU needs {need / GiB:.2f} GiB + "
+                   f"{margin_b / GiB:.2f} GiB margin, each GPU offers "
+                   f"{memory_bytes / GiB:.2f} GiB")
+        if v.certainty == "tight":
+            typer.echo(v.tight_reason)
+    return v.fits

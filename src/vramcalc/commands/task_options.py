@@ -291,6 +291,9 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
                  f"is longer than {spec.name}'s max_position_embeddings ({limit}); "
                  "estimating anyway")
     if command == "check":
+        if kw.get("max_") is not None:
+            raise PlanError(f"--max: check --task {task} gives a verdict only; use 'vramcalc "
+                            f"plan --task {task} --gpu NAME --max ...'")
         _check(spec, plan, kw)
         return
     max_ = kw.get("max_")
