@@ -482,3 +482,12 @@ def test_api_full_fine_tuning_default_optimizer_is_the_cli_rule() -> None:
     assert plan("llama-7b", method="full").plan.optimizer == "adamw_torch_fused"
     assert plan("llama-7b").plan.optimizer == "paged_adamw_8bit"
     assert plan("llama-7b", method="full", optimizer="sgd").plan.optimizer == "sgd"
+
+
+@pytest.mark.parametrize(("what", "expect"), [("prompt-len", 2**24 - 128), ("batch", 2**20)])
+def test_infer_max_reaches_the_option_bound(what: str, expect: int) -> None:
+    """On a huge card the search answers the largest value the option accepts."""
+    r = runner.invoke(app, ["plan", "-m", "qwen2.5-0.5b", "--task", "infer", "--gpu-memory",
+                            "1000000", "--max", what, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["value"] == expect

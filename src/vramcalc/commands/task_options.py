@@ -235,13 +235,19 @@ def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, budget: i
         est = estimate_inference(spec, plan.model_copy(update={field: n}))
         return est.required_device_bytes <= budget
 
+    from vramcalc.commands.options import MAX_BATCH, MAX_SEQ_LEN
+
+    # the largest value the option itself accepts (build_infer_plan's bounds)
+    limit = MAX_BATCH if what == "batch" else MAX_SEQ_LEN - plan.new_tokens
     if not fits(1):
         return 0
     lo, hi = 1, 2
-    while hi <= 1 << 22 and fits(hi):
+    while hi <= limit and fits(hi):
         lo, hi = hi, hi * 2
-    if hi > 1 << 22:
-        return lo
+    if hi > limit:
+        if fits(limit):
+            return limit
+        hi = limit
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
