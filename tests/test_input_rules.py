@@ -229,6 +229,8 @@ REFUSED: list[tuple[list[str], str]] = [
     (["check", *M, "--gpu", "t4", "--task", "infer", "--seq-len", "64"], "--seq-len: not"),
     (["check", *M, "--gpu", "t4", "--task", "merge", "--gpus", "2"], "--gpus: not used"),
     (["check", *M, "--gpu", "t4", "--task", "infer", "--max", "batch"], "gives a verdict only"),
+    (["plan", *M, "--task", "infer", "--from-config", "no-such.yml"], "--from-config: not used"),
+    (["check", *M, "--gpu", "t4", "--task", "merge", "--from-config", "x.yml"], "--from-config"),
     # sweep: the swept option given too
     (["sweep", *M, "--over", "seq-len=512:4096", "--seq-len", "100"], "--over seq-len sets"),
     (["sweep", *M, "--over", "batch=1:8", "--batch", "2"], "--over batch sets it"),

@@ -99,7 +99,9 @@ def plan(
     the driver's reservation. Required free memory is a band (the allocator's
     cache may fail to reuse the fp32 logits block): "does NOT fit" below its
     least, "fits, tight" inside it or within the estimate's spread (max(256
-    MiB, 3 %)); tight still counts as fitting.
+    MiB, 3 %)); tight still counts as fitting. The same with --task infer
+    or merge. An option this plan does not use (--rank with --method full,
+    --seq-len with --task infer, ...) is an error, never ignored.
     Exit 0 fits or fits tight (or no card given), 3 does not fit.
 
     \b

@@ -36,7 +36,8 @@ TaskOpt = Annotated[
                       "adapter) or merge (merge_and_unload() of the adapter).")
 ]
 PromptOpt = Annotated[int | None, typer.Option("--prompt-len", help="--task infer: prompt "
-                                               "tokens per sequence (default 512).")]
+                                               "tokens per sequence (default 512; prompt + "
+                                               "new tokens up to 2**24).")]
 NewTokensOpt = Annotated[int | None, typer.Option("--new-tokens", help="--task infer: tokens "
                                                   "generated per sequence (default 128).")]
 AdapterDtypeOpt = Annotated[str | None, typer.Option(
