@@ -187,7 +187,7 @@ def _drive(scratch: Path, args: list[str], plot: str | None) -> None:
 
 
 def _property(name: str) -> Any:
-    @settings(max_examples=40, deadline=None, database=None,
+    @settings(max_examples=40, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture,
                                      HealthCheck.too_slow])
     @given(run=_runs(name))
@@ -205,3 +205,21 @@ test_sweep_random = _property("sweep")
 test_models_random = _property("models")
 test_gpus_random = _property("gpus")
 test_calibrate_report_random = _property("calibrate report")
+
+
+# Every special path in every place a command reads or writes one, once each (the random
+# runs above may not draw them all).
+PATH_PLACES = {
+    "plan -m": ["plan", "-m"], "check -m": ["check", "--gpu", "t4", "-m"],
+    "compare -m": ["compare", "-m"], "sweep -m": ["sweep", "-m"],
+    "plan --from-config": ["plan", "--from-config"],
+    "calibrate report --data": ["calibrate", "report", "--data"],
+    "sweep --plot": ["sweep", "-m", "llama-7b", "--plot"],
+}
+
+
+@pytest.mark.parametrize("place", list(PATH_PLACES))
+@pytest.mark.parametrize("path", ["/dev/null", "/proc/self/mem", "DIR", "FIFO", "BINARY",
+                                  "READONLY", "MISSING"])
+def test_special_paths_everywhere(scratch: Path, place: str, path: str) -> None:
+    _drive(scratch, [*PATH_PLACES[place], path], None)
