@@ -197,13 +197,14 @@ def test_compare_cli_text_and_json() -> None:
         assert f"{est.required_device_bytes / GIB:.2f}" in r.stdout
 
 
-def test_compare_and_fit_refuse_per_method_options() -> None:
+def test_compare_and_fit_do_not_offer_per_method_options() -> None:
+    """The method, --quant and --weights-dtype are set per row: not options of either."""
     for cmd in (["compare", "-m", "llama-3.1-8b"], ["fit", "--gpu", "t4"]):
         for extra in (["--method", "full"], ["--quant", "int8"], ["--weights-dtype", "fp32"]):
             r = runner.invoke(app, [*cmd, *extra])
-            assert r.exit_code == 1
-            assert r.stderr.startswith("Error: --") and len(r.stderr.splitlines()) == 1
-            assert "per method" in r.stderr
+            assert r.exit_code == 2
+            assert "No such option" in r.stderr and extra[0] in r.stderr
+        assert "--weights-dtype" not in runner.invoke(app, [cmd[0], "--help"]).stdout
 
 
 @pytest.mark.parametrize(("args", "code", "text"), [

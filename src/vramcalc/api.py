@@ -114,6 +114,9 @@ class CheckResult(BaseModel):
 def make_plan(**options: Any) -> TrainPlan:
     """A TrainPlan from keyword options (None: the default); one PlanError on a bad value."""
     given = {k: v for k, v in options.items() if v is not None}
+    if given.get("method") == "full" and "optimizer" not in given:
+        # the CLI's rule (commands/options.py DEFAULT_OPTIMIZER): full fine-tuning's usual one
+        given["optimizer"] = "adamw_torch_fused"
     try:
         return TrainPlan(**given)
     except ValidationError as err:

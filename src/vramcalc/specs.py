@@ -80,6 +80,13 @@ class LinearShape(NamedTuple):
         return self.in_features * self.out_features
 
 
+MAX_VOCAB = 2**22  # 16 x Gemma 3's 262144
+MAX_WIDTH = 2**20  # hidden, intermediate, head and expert sizes: 19 x Llama 3.1 405B's 53248
+MAX_LAYERS = 2**12  # 32 x the deepest (126-128 layers)
+MAX_HEADS = 2**12  # 32 x the most attention heads (128)
+MAX_EXPERTS = 2**13  # 21 x the most routed experts (384)
+
+
 class ModelSpec(BaseModel):
     """Architecture of one decoder-only causal LM (keys as in HF config.json)."""
 
@@ -94,13 +101,17 @@ class ModelSpec(BaseModel):
     # HF `model_type`; with `extra_config` it rebuilds the transformers config (tests, calibrate).
     model_type: str = Field(min_length=1)
 
-    vocab_size: PositiveInt
-    hidden_size: PositiveInt
-    intermediate_size: PositiveInt
-    num_hidden_layers: PositiveInt
-    num_attention_heads: PositiveInt
-    num_key_value_heads: PositiveInt | None = None  # None: same as num_attention_heads (MHA)
-    head_dim: PositiveInt | None = None  # None: hidden_size // num_attention_heads
+    # Upper bounds: 16 x (or more than) the largest of any released decoder-only LM, so that
+    # a typo'd config (a 10**12 vocabulary) is an error, not a plan of "4096000 B params".
+    # Largest known: vocab 262144 (Gemma 3), hidden 16384 and intermediate 53248
+    # (Llama 3.1 405B, model_specs/llama-3.1-405b.yaml), 128 layers, 128 heads, 384 experts.
+    vocab_size: int = Field(gt=0, le=MAX_VOCAB)
+    hidden_size: int = Field(gt=0, le=MAX_WIDTH)
+    intermediate_size: int = Field(gt=0, le=MAX_WIDTH)
+    num_hidden_layers: int = Field(gt=0, le=MAX_LAYERS)
+    num_attention_heads: int = Field(gt=0, le=MAX_HEADS)
+    num_key_value_heads: int | None = Field(default=None, gt=0, le=MAX_HEADS)  # None: MHA
+    head_dim: int | None = Field(default=None, gt=0, le=MAX_WIDTH)  # None: hidden / heads
     tie_word_embeddings: bool = False
 
     attention_layout: AttentionLayout = "separate"
@@ -115,10 +126,10 @@ class ModelSpec(BaseModel):
     qk_norm_width: QkNormWidth = "head"  # "all_heads": q/k norms over the whole projection
 
     # Mixture of experts (transformers 5 stores experts as fused 3D parameters, not nn.Linear).
-    num_local_experts: int = Field(default=0, ge=0)
-    num_experts_per_tok: int = Field(default=0, ge=0)
-    moe_intermediate_size: PositiveInt | None = None  # None: intermediate_size
-    shared_expert_intermediate_size: int = Field(default=0, ge=0)
+    num_local_experts: int = Field(default=0, ge=0, le=MAX_EXPERTS)
+    num_experts_per_tok: int = Field(default=0, ge=0, le=MAX_EXPERTS)
+    moe_intermediate_size: int | None = Field(default=None, gt=0, le=MAX_WIDTH)  # None: dense
+    shared_expert_intermediate_size: int = Field(default=0, ge=0, le=MAX_WIDTH)
 
     # Memory-relevant features beyond the shapes, set by the config importer per family
     # (hf_config.py) from the keys each transformers family reads, with its defaults.

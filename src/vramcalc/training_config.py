@@ -45,7 +45,9 @@ _OPTIMIZERS = {
 _ATTN = {"flash_attention_2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager"}
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16",
            "fp16": "fp16", "fp32": "fp32"}
-MULTI_GPU = "several GPUs (sharding, ZeRO) are not modelled: the plan is for one GPU"
+MULTI_GPU = ("the DeepSpeed / sharding config is not read: plan several GPUs with --gpus N "
+             "--strategy ddp|fsdp|zero2|zero3")
+FSDP = "fsdp"  # mapped to --strategy fsdp (commands/from_config.py apply_training_config)
 TORCH_COMPILE = "torch.compile changes activation memory; not modelled"
 MODULES_TO_SAVE = "fully trained modules (embeddings, lm_head) are not modelled"
 
@@ -62,11 +64,32 @@ class TrainingConfig(BaseModel):
     used: dict[str, str]  # build_plan keyword -> the file key it came from
     unmodelled: tuple[str, ...]  # "key: why", keys that change memory but are not modelled
     notes: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()  # top-level keys never read (no memory effect, or unknown)
+
+
+class _ReadKeys(dict[str, Any]):
+    """A config's top-level mapping that remembers which keys the mapper looked at."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(data)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
 
 
 class _Mapper:
     def __init__(self, data: dict[str, Any], path: str) -> None:
-        self.data = data
+        self.data = _ReadKeys(data)
         self.path = path
         self.options: dict[str, Any] = {}
         self.used: dict[str, str] = {}
@@ -152,7 +175,17 @@ class _Mapper:
         return TrainingConfig(path=self.path, format=fmt,
                               model=None if model is None else str(model),
                               options=self.options, used=self.used,
-                              unmodelled=tuple(self.unmodelled), notes=tuple(self.notes))
+                              unmodelled=tuple(self.unmodelled), notes=tuple(self.notes),
+                              ignored=tuple(str(k) for k in self.data
+                                            if str(k) not in self.data.read))
+
+
+def _fsdp(m: _Mapper) -> None:
+    """`fsdp:` (and `fsdp_config:`) -> --strategy fsdp; the number of GPUs is the launcher's,
+    so --gpus N gives it (commands/from_config.py)."""
+    m.data.get("fsdp_config")
+    if m.data.get("fsdp") not in (None, False, "", [], {}):
+        m.set("strategy", FSDP, "fsdp")
 
 
 def _packing_note(m: _Mapper, key: str, option_key: str) -> None:
@@ -213,8 +246,9 @@ def _axolotl(m: _Mapper) -> TrainingConfig:
         m.set("attn", "sdpa", "sdp_attention")
     elif d.get("eager_attention"):
         m.set("attn", "eager", "eager_attention")
+    _fsdp(m)
     m.unmodelled_keys({
-        "deepspeed": MULTI_GPU, "fsdp": MULTI_GPU, "fsdp_config": MULTI_GPU,
+        "deepspeed": MULTI_GPU,
         "xformers_attention": "xformers attention is not modelled",
         "s2_attention": "shifted-sparse attention is not modelled",
         "lora_modules_to_save": MODULES_TO_SAVE,
@@ -278,8 +312,9 @@ def _trl(m: _Mapper) -> TrainingConfig:
     elif attn is not None:
         m.unmodelled.append(f"attn_implementation: {attn} (not modelled)")
     m.precision()
+    _fsdp(m)
     m.unmodelled_keys({
-        "deepspeed": MULTI_GPU, "fsdp": MULTI_GPU, "fsdp_config": MULTI_GPU,
+        "deepspeed": MULTI_GPU,
         "torch_compile": TORCH_COMPILE,
         "use_liger_kernel": "Liger kernels change the logits memory; not modelled",
         "padding_free": "padding-free batches are not modelled (planned as padded)",
@@ -339,9 +374,9 @@ def _llama_factory(m: _Mapper) -> TrainingConfig:
     if stage not in ("sft", "pt"):
         m.unmodelled.append(f"stage: {stage} (reward / preference / PPO training is not "
                             "modelled: reference and value models)")
+    _fsdp(m)
     m.unmodelled_keys({
         "deepspeed": MULTI_GPU,
-        "fsdp": MULTI_GPU,
         "use_unsloth": "unsloth kernels are not modelled",
         "enable_liger_kernel": "Liger kernels change the logits memory; not modelled",
         "use_galore": "GaLore optimizer states are not modelled",

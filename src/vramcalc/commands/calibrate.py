@@ -208,7 +208,7 @@ def run(
     \b
     Examples:
       vramcalc calibrate run --model llama-3.1-8b --batch 4 --seq-len 1024
-      vramcalc calibrate --model qwen2.5-0.5b --matrix calibration/matrices/h100-run1.json
+      vramcalc calibrate run -m qwen2.5-0.5b --matrix my-matrix.json
       vramcalc calibrate run -m ./my-model/config.json --weights ./my-model
     """
     if ctx.info_name != "run":  # the group callback: `vramcalc calibrate [--model M]`
@@ -534,7 +534,7 @@ def fit_cmd(data: DataOpt = None, out: FitOutOpt = None, json_output: JsonOpt = 
     \b
     Examples:
       vramcalc calibrate fit
-      vramcalc calibrate fit --data ./calibration --out src/vramcalc/data/corrections.json
+      vramcalc calibrate fit --data ./calibration --out corrections.json
     """
     from vramcalc.corrections import Corrections, load, save, user_corrections_path
 

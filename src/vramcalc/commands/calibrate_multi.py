@@ -122,7 +122,7 @@ def multi(
     \b
     Examples:
       vramcalc calibrate multi -m llama-3.1-8b --gpus 2 --strategy fsdp --batch 4
-      vramcalc calibrate multi -m llama-3.1-8b --gpus 2 --strategy ddp --out runs/ddp-8b
+      vramcalc calibrate multi -m llama-3.1-8b --gpus 2 --strategy ddp --out ddp8b
       vramcalc calibrate multi -m ./tiny.yaml --gpus 2 --device cpu --quant none
     """
     if steps <= 0:

@@ -22,9 +22,13 @@ from vramcalc.commands.options import (
     MaxOpt,
     NoCalibrationOpt,
     build_plan,
+    check_applies,
     check_max,
+    for_target,
     gpu_memory_bytes,
     margin_bytes,
+    refuse_given,
+    runnable_dropout,
     validate_targets,
     warn_long_sequence,
     with_plan_options,
@@ -290,7 +294,10 @@ def _render_max(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Largest {what} per GPU (fits = required free memory + "
+    plan = rows[0][0].plan if rows else None
+    at = "" if plan is None else (f" at --seq-len {plan.seq_len}" if what == "batch"
+                                  else f" at --batch {plan.batch_size}")
+    table = Table(title=f"Largest {what} per GPU{at} (fits = required free memory + "
                   f"{_gib(margin)} GiB margin <= memory)", title_justify="left")
     for col in ("GPU", "Name", "Memory", what):
         table.add_column(col, justify="left" if col in ("GPU", "Name") else "right",
@@ -341,11 +348,14 @@ def check(
       vramcalc check -m llama-3.1-8b --gpu rtx-4090 --max batch
       vramcalc check -m llama-2-70b --gpu rtx-4090 --gpus 2 --strategy fsdp
     """
+    given: frozenset[str] = getattr(plan_options, "given", frozenset())
     gpu = list(gpu or [])
     if model is None:
         if gpu or gpu_memory is not None or max_ is not None:
             raise PlanError("--gpu, --gpu-memory and --max need --model MODEL (the plan to "
                             "check)")
+        refuse_given(given, [n for n in given if n != "json_output"],
+                     "plan options need --model MODEL (without it, check lists the GPUs)")
         _list_devices(_detect_devices(), json_output)
         return
     if gpu and gpu_memory is not None:
@@ -360,6 +370,8 @@ def check(
     spec = resolve_model_arg(model)
     announce_spec(spec)
     train = build_plan(**(plan_options or {}))
+    check_applies(spec, train, given)
+    train = runnable_dropout(spec, train, given)
     validate_targets(spec, train)
     long_seq = warn_long_sequence(spec, train)
     if long_seq:
@@ -368,8 +380,10 @@ def check(
     targets_ = _targets(gpu, gpu_memory)
     from vramcalc.commands.parallel import parallel_from_options
 
+    for t in targets_:  # an explicit --compute-dtype bf16 on a card without bf16: refused
+        for_target(train, t, given, note=False)
     parallel = parallel_from_options(gpus or (len(targets_) if strategy else None), strategy,
-                                     offload)
+                                     offload, given=given, gpus_from="the GPUs checked")
     if parallel is not None:  # several GPUs: the busiest one against the smallest of them
         from vramcalc.commands.parallel import check_parallel
 
@@ -379,7 +393,7 @@ def check(
                             "--gpu NAME --gpus N to plan for GPUs this machine lacks")
         smallest = min(used[: parallel.gpus], key=lambda t: t.free_bytes)
         where = f"{parallel.gpus} x {smallest.name}"
-        if not check_parallel(spec, train, parallel, smallest.free_bytes - margin_b, where,
+        if not check_parallel(spec, train, parallel, smallest.free_bytes, margin_b, where,
                               json_output):
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return

@@ -28,13 +28,18 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except VramcalcError as err:
-            typer.echo(f"Error: {err}", err=True)
+            typer.echo(f"Error: {one_line(str(err))}", err=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("Interrupted.", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters (a typed \r or \n in a value) escaped: one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def print_json(obj: Any) -> None:

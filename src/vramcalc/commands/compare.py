@@ -19,26 +19,15 @@ from vramcalc.commands.options import (
     NoCalibrationOpt,
     build_plan,
     margin_bytes,
+    runnable_dropout,
     validate_targets,
     warn_long_sequence,
-    with_plan_options,
+    without_per_method_options,
 )
-from vramcalc.errors import PlanError
 from vramcalc.verdict import DEFAULT_MARGIN_GIB
 
 if TYPE_CHECKING:
     from vramcalc.plan_settings import Optimizer
-
-
-def per_method_options(plan_options: dict[str, Any], command: str) -> None:
-    """compare / fit set --method, --quant and --weights-dtype per row: refuse them."""
-    from vramcalc.comparison import PER_METHOD_OPTIONS
-
-    given = [f"--{n.replace('_', '-')}" for n in PER_METHOD_OPTIONS
-             if plan_options.get(n) is not None]
-    if given:
-        raise PlanError(f"{', '.join(given)}: {command} sets these per method (full, lora, "
-                        f"qlora, int8); drop them, or use 'vramcalc plan' for one method")
 
 
 def user_optimizer(ctx: typer.Context, plan_options: dict[str, Any]) -> Optimizer | None:
@@ -50,7 +39,7 @@ def user_optimizer(ctx: typer.Context, plan_options: dict[str, Any]) -> Optimize
 
 
 @reports_errors
-@with_plan_options
+@without_per_method_options
 def compare(
     ctx: typer.Context,
     model: ModelOpt,
@@ -68,10 +57,11 @@ def compare(
     check (required free memory + --margin <= the card's memory less the
     driver's reservation; "tight" inside the allocator's band or the
     estimate's spread).
-    --method, --quant and --weights-dtype are set per row; every other
-    option applies to all rows. The optimizer is each method's usual one,
-    adamw_torch_fused for full and paged_adamw_8bit for the LoRA methods,
-    unless --optimizer is given. A method that cannot start says why.
+    The method, its quantization and weights dtype are set per row (no
+    options for them); every other option applies to all rows. The
+    optimizer is each method's usual one, adamw_torch_fused for full and
+    paged_adamw_8bit for the LoRA methods (the rule of plan too), unless
+    --optimizer is given. A method that cannot start says why.
 
     \b
     Examples:
@@ -82,12 +72,15 @@ def compare(
     from vramcalc.comparison import compare as compare_methods
     from vramcalc.gpu_catalog import catalog
 
-    per_method_options(plan_options, "compare")
     margin_b = margin_bytes(margin)
     spec = resolve_model_arg(model)
     for note in spec.notes:
         warn(f"note: {note}")
     base = build_plan(**plan_options)
+    given: frozenset[str] = getattr(plan_options, "given", frozenset())
+    lora_row = runnable_dropout(spec, base.model_copy(update={"method": "lora",
+                                                              "quant": "none"}), given)
+    base = base.model_copy(update={"lora_dropout": lora_row.lora_dropout})
     validate_targets(spec, base)
     long_seq = warn_long_sequence(spec, base)
     if long_seq:

@@ -13,14 +13,14 @@ from typing import Annotated, Any
 import typer
 
 from vramcalc.commands.common import print_json, reports_errors, warn
-from vramcalc.commands.compare import per_method_options, user_optimizer
+from vramcalc.commands.compare import user_optimizer
 from vramcalc.commands.options import (
     JsonOpt,
     MarginOpt,
     NoCalibrationOpt,
     build_plan,
     margin_bytes,
-    with_plan_options,
+    without_per_method_options,
 )
 from vramcalc.verdict import DEFAULT_MARGIN_GIB
 
@@ -32,7 +32,7 @@ FitGpuOpt = Annotated[
 
 
 @reports_errors
-@with_plan_options
+@without_per_method_options
 def fit(
     ctx: typer.Context,
     gpu: FitGpuOpt,
@@ -49,7 +49,7 @@ def fit(
     --margin <= memory; "tight" inside the allocator's band or the estimate's
     spread).
     For each that fits: the largest batch at --seq-len and the longest
-    sequence at --batch. --method, --quant and --weights-dtype are set per
+    sequence at --batch. The method, its quantization and weights dtype are set per
     method; the optimizer is adamw_torch_fused for full and paged_adamw_8bit
     for the LoRA methods unless --optimizer is given. --json lists every
     pair, fitting or not, and why a pair cannot start.
@@ -65,7 +65,6 @@ def fit(
     from vramcalc.planning import calibration_note, estimator
     from vramcalc.specs import catalog
 
-    per_method_options(plan_options, "fit")
     margin_b = margin_bytes(margin)
     card = resolve_gpu(gpu)
     base = build_plan(**plan_options)

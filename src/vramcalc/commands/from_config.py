@@ -55,7 +55,12 @@ def apply_training_config(
 
     tc = read_training_config(path)
     used: list[str] = []
+    later: list[str] = []
     for option, value in tc.options.items():
+        if option == "strategy" and (kwargs.get("gpus") is None or option not in kwargs):
+            later.append(f"note: {tc.used[option]}: planned for one GPU; give --gpus N to "
+                         "plan it over N GPUs (--strategy fsdp)")
+            continue
         if option in kwargs and option not in given:
             kwargs[option] = value
             used.append(f"{_flag(option)} {value} ({tc.used[option]})")
@@ -71,8 +76,12 @@ def apply_training_config(
     warn(line)
     for note in tc.notes:
         warn(f"note: {note}")
+    for line in later:
+        warn(line)
     for key in tc.unmodelled:
         warn(f"not modelled: {key}")
+    if tc.ignored:
+        warn(f"ignored keys (no memory effect, or unknown to vramcalc): {', '.join(tc.ignored)}")
 
 
 def with_from_config(
@@ -89,11 +98,14 @@ def with_from_config(
         params.append(p)
     params.append(inspect.Parameter("from_config", inspect.Parameter.KEYWORD_ONLY,
                                     default=None, annotation=FromConfigOpt))
-    params.append(inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY,
-                                    annotation=typer.Context))
+    # typer passes the context to one parameter only: share the command's own, if any
+    shared = next((p.name for p in params if p.annotation is typer.Context), None)
+    if shared is None:
+        params.append(inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=typer.Context))
 
     def wrapper(**kwargs: Any) -> R:
-        ctx = kwargs.pop(_CTX)
+        ctx = kwargs.pop(_CTX) if shared is None else kwargs[shared]
         path = kwargs.pop("from_config")
         if path is not None:
             given = set()

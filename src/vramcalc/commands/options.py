@@ -32,16 +32,23 @@ ModelOpt = Annotated[
         "--model", "-m", help="Catalog name, alias (HF hub id), spec YAML, or config.json path."
     ),
 ]
-RankOpt = Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r.")]
-AlphaOpt = Annotated[float, typer.Option("--alpha", help="LoRA alpha (no memory effect).")]
+RankOpt = Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r (1 to 65536).")]
+AlphaOpt = Annotated[float, typer.Option("--alpha", help="LoRA alpha, positive (no memory "
+                                         "effect).")]
 TargetsOpt = Annotated[
     str,
     typer.Option("--targets", help="'all-linear' or a comma list of module names (q_proj,v_proj)."),
 ]
-DropoutOpt = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout in [0, 1).")]
+DropoutOpt = Annotated[
+    float | None,
+    typer.Option("--lora-dropout", help="LoRA dropout in [0, 1) (default 0.05; 0 where peft "
+                 "refuses dropout: LoRA on a transformers-5 MoE's 3-D experts)."),
+]
 DoraOpt = Annotated[bool, typer.Option("--dora/--no-dora", help="DoRA magnitude vectors.")]
-BatchOpt = Annotated[int, typer.Option("--batch", "-b", help="Per-device batch size.")]
-SeqOpt = Annotated[int, typer.Option("--seq-len", "-s", help="Tokens per sequence (packed).")]
+BatchOpt = Annotated[int, typer.Option("--batch", "-b", help="Per-device batch size (1 to "
+                                        "2**20).")]
+SeqOpt = Annotated[int, typer.Option("--seq-len", "-s", help="Tokens per sequence (packed; "
+                                     "1 to 2**24, 128 x the longest catalog context).")]
 MethodOpt = Annotated[
     str | None,
     typer.Option("--method", help=f"{'|'.join(METHODS)}: quantized base + LoRA, 16-bit base + "
@@ -90,7 +97,10 @@ ComputeOpt = Annotated[
     str, typer.Option("--compute-dtype", help=f"Compute dtype: {'|'.join(COMPUTE_DTYPES)}.")
 ]
 OptimizerOpt = Annotated[
-    str, typer.Option("--optimizer", "--optim", help=f"HF optim name: {', '.join(OPTIMIZERS)}.")
+    str | None,
+    typer.Option("--optimizer", "--optim", help=f"HF optim name: {', '.join(OPTIMIZERS)} "
+                 "(default: adamw_torch_fused for --method full, paged_adamw_8bit for LoRA "
+                 "and QLoRA, as compare uses them)."),
 ]
 CheckpointOpt = Annotated[
     bool,
@@ -121,11 +131,23 @@ MaxOpt = Annotated[
 ]
 
 GiB = 2**30
-# Upper bounds: past these an input is a typo, not a plan (and the arithmetic would overflow).
+# Upper bounds: past these an input is a typo, not a plan (and the arithmetic would overflow
+# or, for a search, run long). The largest context in model_specs/ is 131072 tokens
+# (max_position_embeddings); the token bounds are 128 times that.
 MAX_GPU_MEMORY_GIB = 2.0**20  # 1 PiB: a thousand times the largest card
 MAX_RANK = 2**16  # far past any hidden size in the catalog
-MAX_SEQ_LEN = 2**24  # 16M tokens: past every max_position_embeddings
+MAX_SEQ_LEN = 2**24  # 16M tokens: 128 x the largest max_position_embeddings of the catalog
+MAX_BATCH = 2**20  # sequences per device per step
 MAX_TOKENS = 2**40  # batch x seq-len per step
+
+
+def bounded_count(flag: str, value: int, limit: int, what: str) -> int:
+    """A count option in [1, limit]; one PlanError line naming the limit otherwise."""
+    if value <= 0:
+        raise PlanError(f"{flag} must be a positive integer, got {value}")
+    if value > limit:
+        raise PlanError(f"{flag} {value} is beyond {what}; use at most {limit}")
+    return value
 
 
 def gpu_memory_bytes(gib: float) -> int:
@@ -157,11 +179,22 @@ def _one_of(name: str, value: str, valid: tuple[str, ...]) -> str:
 
 
 def expandable_from_env() -> bool:
-    """Whether PYTORCH_CUDA_ALLOC_CONF turns expandable segments on."""
+    """Whether PYTORCH_CUDA_ALLOC_CONF turns expandable segments on. torch reads the value
+    as True or False only and refuses anything else (c10/cuda/CUDAAllocatorConfig.cpp
+    `parseExpandableSegments`: "Expected a single True/False argument"), so does this."""
     import os
 
-    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower()
-    return "expandable_segments:true" in conf
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    on = False
+    for item in conf.split(","):
+        key, _, value = item.partition(":")
+        if key.strip() != "expandable_segments":
+            continue
+        if value.strip() not in ("True", "False"):
+            raise PlanError(f"PYTORCH_CUDA_ALLOC_CONF: expandable_segments takes True or False "
+                            f"(as torch reads it), got '{value.strip()}'")
+        on = value.strip() == "True"
+    return on
 
 
 def build_plan(
@@ -175,31 +208,33 @@ def build_plan(
     rank: int,
     alpha: float,
     targets: str,
-    lora_dropout: float,
+    lora_dropout: float | None,
     dora: bool,
     batch: int,
     seq_len: int,
     quant: str | None,
     double_quant: bool,
     compute_dtype: str,
-    optimizer: str,
+    optimizer: str | None,
     gradient_checkpointing: bool,
     attn: str,
 ) -> TrainPlan:
-    """Validate the options into a TrainPlan; every problem is one PlanError line."""
-    for name, value in (("--rank", rank), ("--batch", batch), ("--seq-len", seq_len)):
-        if value <= 0:
-            raise PlanError(f"{name} must be a positive integer, got {value}")
-    if rank > MAX_RANK:
-        raise PlanError(f"--rank {rank} is beyond any model's width; use at most {MAX_RANK}")
-    if seq_len > MAX_SEQ_LEN:
-        raise PlanError(f"--seq-len {seq_len} is beyond any model's context; use at most "
-                        f"{MAX_SEQ_LEN}")
+    """Validate the options into a TrainPlan; every problem is one PlanError line.
+
+    `optimizer` None is the method's usual one (DEFAULT_OPTIMIZER), `lora_dropout` None is
+    DEFAULT_DROPOUT (see `runnable_dropout` for the models where it cannot apply).
+    """
+    bounded_count("--rank", rank, MAX_RANK, "any model's width")
+    bounded_count("--batch", batch, MAX_BATCH, "any per-device batch")
+    bounded_count("--seq-len", seq_len, MAX_SEQ_LEN,
+                  "128 x the longest context of the catalog (131072)")
     if batch * seq_len > MAX_TOKENS:
         raise PlanError(f"--batch x --seq-len = {batch * seq_len} tokens per step is absurd "
                         f"(at most 2**40); lower --batch or --seq-len")
-    if not math.isfinite(alpha):
-        raise PlanError(f"--alpha must be a finite number, got {alpha}")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise PlanError(f"--alpha must be a positive finite number, got {alpha}")
+    if lora_dropout is None:
+        lora_dropout = DEFAULT_DROPOUT
     if not 0.0 <= lora_dropout < 1.0:  # NaN fails this too
         raise PlanError(f"--lora-dropout must be in [0, 1), got {lora_dropout}")
     if not targets.strip() or not all(t.strip() for t in targets.split(",")):
@@ -217,6 +252,9 @@ def build_plan(
         extra["weights_dtype"] = _one_of("weights dtype", weights_dtype, WEIGHTS_DTYPES)
     if expandable_segments is None:
         expandable_segments = expandable_from_env()
+    if optimizer is None:
+        full = method == "full"
+        optimizer = DEFAULT_OPTIMIZER["full" if full else "lora"]
     try:
         return TrainPlan(
             **extra,
@@ -268,14 +306,14 @@ PLAN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "rank": (RankOpt, 16),
     "alpha": (AlphaOpt, 32.0),
     "targets": (TargetsOpt, "all-linear"),
-    "lora_dropout": (DropoutOpt, 0.05),
+    "lora_dropout": (DropoutOpt, None),
     "dora": (DoraOpt, False),
     "batch": (BatchOpt, 1),
     "seq_len": (SeqOpt, 512),
     "quant": (QuantOpt, None),
     "double_quant": (DoubleQuantOpt, True),
     "compute_dtype": (ComputeOpt, "bf16"),
-    "optimizer": (OptimizerOpt, "paged_adamw_8bit"),
+    "optimizer": (OptimizerOpt, None),
     "gradient_checkpointing": (CheckpointOpt, True),
     "attn": (AttnOpt, "sdpa"),
     "weights_dtype": (WeightsDtypeOpt, None),
@@ -286,7 +324,103 @@ PLAN_OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
-def with_plan_options(func: Callable[..., R]) -> Callable[..., R]:
+# The rule for the defaults that depend on the method: the optimizer each method is usually
+# trained with (the same as vramcalc.comparison FULL_OPTIMIZER / LORA_OPTIMIZER, which
+# compare and fit use; tests/test_input_rules.py keeps them equal), and LoRA dropout.
+DEFAULT_OPTIMIZER: dict[str, str] = {"full": "adamw_torch_fused", "lora": "paged_adamw_8bit"}
+DEFAULT_DROPOUT = 0.05
+_PLAN_CTX = "vramcalc_plan_ctx"
+
+
+class PlanOptions(dict[str, Any]):
+    """The plan options as keyword arguments of `build_plan`, and which of them the user gave
+    on the command line (`given`, option names), as typer's parameter source tells."""
+
+    given: frozenset[str] = frozenset()
+
+
+def given_options(ctx: Any, names: Any) -> frozenset[str]:
+    """Which of `names` (parameter names) the command line or the environment set: click's
+    ParameterSource, neither DEFAULT nor DEFAULT_MAP."""
+    out = set()
+    for name in names:
+        source = ctx.get_parameter_source(name) if ctx is not None else None
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            out.add(name)
+    return frozenset(out)
+
+
+def flag(name: str) -> str:
+    """The option of a parameter name: lora_dropout -> --lora-dropout."""
+    return "--" + {"dora": "dora", "max_": "max", "json_output": "json"}.get(
+        name, name.replace("_", "-"))
+
+
+def refuse_given(given: frozenset[str] | set[str], names: Any, why: str) -> None:
+    """One PlanError naming the options of `names` the user gave, with `why`."""
+    bad = [flag(n) for n in names if n in given]
+    if bad:
+        raise PlanError(f"{', '.join(bad)}: {why}")
+
+
+def check_applies(spec: ModelSpec, plan: TrainPlan, given: frozenset[str]) -> None:
+    """Refuse a given plan option that this plan does not use, in one line: LoRA options
+    with --method full, --double-quant without a 4-bit base, --moe-experts without a
+    quantized MoE."""
+    if plan.method == "full":
+        refuse_given(given, ("rank", "alpha", "targets", "lora_dropout", "dora"),
+                     "LoRA options; --method full trains every parameter, no adapter")
+    if plan.quant not in ("nf4", "fp4"):
+        refuse_given(given, ("double_quant",), f"only with a 4-bit base (--quant nf4 or "
+                     f"fp4); this plan's base is {plan.quant}")
+    if not spec.is_moe or plan.quant == "none":
+        refuse_given(given, ("moe_experts",), "only with a quantized base of an MoE model "
+                     f"({spec.name}, quant {plan.quant})")
+
+
+def for_target(plan: TrainPlan, target: Any, given: frozenset[str],
+               note: bool = True) -> TrainPlan:
+    """The plan for a card (vramcalc.advice `for_gpu`: fp16 compute on a card without bf16),
+    or a PlanError when the user asked for bf16 there: an explicit choice is never changed
+    (HF Trainer refuses bf16=True on such a card, too)."""
+    from vramcalc.advice import for_gpu
+
+    out = for_gpu(plan, target.bf16_supported)
+    if out is not plan:
+        if "compute_dtype" in given:
+            raise PlanError(f"--compute-dtype {plan.compute_dtype}: {target.name} (compute "
+                            f"capability {target.compute_capability}) has no bf16; use "
+                            "--compute-dtype fp16 or leave it out (then fp16 is planned)")
+        if note:
+            from vramcalc.commands.common import warn
+
+            warn(f"note: {target.name} has no bf16; planning with --compute-dtype fp16")
+    return out
+
+
+def runnable_dropout(spec: ModelSpec, plan: TrainPlan, given: frozenset[str]) -> TrainPlan:
+    """The default LoRA dropout where it can run: 0 when LoRA wraps a transformers-5 MoE's
+    3-D experts (peft ParamWrapper refuses dropout, vramcalc.trainable
+    `check_lora_can_start`) and the user gave no --lora-dropout; a note says so."""
+    from vramcalc.trainable import lora_on_experts
+
+    if "lora_dropout" in given or plan.lora_dropout == 0 or not lora_on_experts(spec, plan):
+        return plan
+    from vramcalc.commands.common import warn
+
+    warn(f"note: --lora-dropout 0: peft cannot apply dropout to {spec.name}'s 3-D MoE "
+         f"experts (the default {DEFAULT_DROPOUT} elsewhere)")
+    return plan.model_copy(update={"lora_dropout": 0.0})
+
+
+def without_per_method_options(func: Callable[..., R]) -> Callable[..., R]:
+    """`with_plan_options` without --method, --quant and --weights-dtype: for compare and
+    fit, which set them per row."""
+    return with_plan_options(func, exclude=("method", "quant", "weights_dtype"))
+
+
+def with_plan_options(func: Callable[..., R],
+                      exclude: tuple[str, ...] = ()) -> Callable[..., R]:
     """Give a command every plan option (after its own first parameter, the model).
 
     The command declares `plan_options: dict[str, Any]` instead of the 13 options and
@@ -297,15 +431,23 @@ def with_plan_options(func: Callable[..., R]) -> Callable[..., R]:
     own = [p for p in sig.parameters.values() if p.name != "plan_options"]
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann)
-        for name, (ann, default) in PLAN_OPTIONS.items()
+        for name, (ann, default) in PLAN_OPTIONS.items() if name not in exclude
     ]
     first, rest = own[:1], own[1:]
     if first and first[0].annotation is typer.Context:  # keep the context, then the model
         first, rest = own[:2], own[2:]
     params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in first + added + rest]
+    # typer passes the context to one parameter only: share the command's own, if any
+    shared = next((p.name for p in params if p.annotation is typer.Context), None)
+    if shared is None:
+        params.append(inspect.Parameter(_PLAN_CTX, inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=typer.Context))
 
     def wrapper(**kwargs: Any) -> R:
-        options = {name: kwargs.pop(name) for name in PLAN_OPTIONS}
+        ctx = kwargs.pop(_PLAN_CTX) if shared is None else kwargs[shared]
+        options = PlanOptions({name: kwargs.pop(name) if name not in exclude else None
+                               for name in PLAN_OPTIONS})
+        options.given = given_options(ctx, [*PLAN_OPTIONS, *kwargs])
         return func(plan_options=options, **kwargs)
 
     return with_signature(wrapper, func, sig.replace(parameters=params))

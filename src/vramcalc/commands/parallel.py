@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from vramcalc.multi_gpu import ParallelEstimate, ParallelPlan
     from vramcalc.plan_settings import TrainPlan
     from vramcalc.specs import ModelSpec
+    from vramcalc.verdict import Target
 
 GiB = 2**30
 # The choices of vramcalc.multi_gpu's Literals (Strategy, Offload, ShardingStrategy, Balance),
@@ -27,13 +28,19 @@ OFFLOADS: tuple[str, ...] = ("none", "cpu")
 SHARDING_STRATEGIES: tuple[str, ...] = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 BALANCES: tuple[str, ...] = ("balanced", "sequential")
 
+# Llama 3 405B trained on 16384 H100s (arXiv 2407.21783, section 3.3): the largest job
+# a per-GPU plan is asked of.
+MAX_GPUS = 16384
+
 GpusOpt = Annotated[
     int | None,
-    typer.Option("--gpus", help="Number of GPUs (one process each; device-map: one process)."),
+    typer.Option("--gpus", help="Number of GPUs, 1 to 16384 (one process each; device-map: "
+                 "one process)."),
 ]
 StrategyOpt = Annotated[
     str | None,
-    typer.Option("--strategy", help=f"Several GPUs: {'|'.join(STRATEGIES)} (default ddp)."),
+    typer.Option("--strategy", help=f"Several GPUs: {'|'.join(STRATEGIES)} (default ddp; "
+                 "needs --gpus)."),
 ]
 OffloadOpt = Annotated[
     str, typer.Option("--offload", help=f"{'|'.join(OFFLOADS)}: move sharded state to host RAM "
@@ -45,15 +52,17 @@ GpusPerNodeOpt = Annotated[
                  "HYBRID_SHARD)."),
 ]
 ShardingOpt = Annotated[
-    str, typer.Option("--sharding-strategy", help=f"FSDP: {'|'.join(SHARDING_STRATEGIES)}.")
+    str, typer.Option("--sharding-strategy", help=f"--strategy fsdp only: "
+                      f"{'|'.join(SHARDING_STRATEGIES)}.")
 ]
 OrigParamsOpt = Annotated[
     bool, typer.Option("--use-orig-params/--no-use-orig-params",
-                       help="FSDP use_orig_params (True makes LoRA gradients cover frozen "
-                       "elements).")
+                       help="--strategy fsdp only: use_orig_params (True makes LoRA "
+                       "gradients cover frozen elements).")
 ]
 BalanceOpt = Annotated[
-    str, typer.Option("--device-map", help=f"device-map placement: {'|'.join(BALANCES)}.")
+    str, typer.Option("--device-map", help=f"--strategy device-map only: placement "
+                      f"{'|'.join(BALANCES)}.")
 ]
 
 
@@ -61,17 +70,38 @@ def parallel_from_options(
     gpus: int | None, strategy: str | None, offload: str = "none",
     gpus_per_node: int | None = None, sharding_strategy: str = "FULL_SHARD",
     use_orig_params: bool = False, device_map: str = "balanced",
-    max_memory_bytes: int | None = None,
+    max_memory_bytes: int | None = None, given: frozenset[str] = frozenset(),
+    gpus_from: str = "--gpus N",
 ) -> ParallelPlan | None:
-    """A ParallelPlan, or None when no multi-GPU option was given. One PlanError per problem."""
+    """A ParallelPlan, or None when no multi-GPU option was given. One PlanError per problem,
+    and one for an option given (`given`, parameter names) that the strategy does not use.
+    `gpus_from` says where the GPU count comes from when --gpus is absent (check: the GPUs
+    checked); None when it must be --gpus."""
+    from vramcalc.commands.options import refuse_given
+
+    per_strategy = ("sharding_strategy", "use_orig_params", "device_map")
     if gpus is None and strategy is None and offload == "none" and gpus_per_node is None:
+        refuse_given(given, per_strategy, "only with several GPUs (--gpus N --strategy ...)")
         return None
+    if gpus is None and gpus_from == "--gpus N":
+        refuse_given(given, ("strategy", "offload", "gpus_per_node"),
+                     "needs --gpus N (the number of GPUs to split the step over)")
     from vramcalc.multi_gpu import ParallelPlan
 
-    if gpus is not None and gpus <= 0:
-        raise PlanError(f"--gpus must be a positive integer, got {gpus}")
-    if gpus_per_node is not None and gpus_per_node <= 0:
-        raise PlanError(f"--gpus-per-node must be a positive integer, got {gpus_per_node}")
+    if gpus is not None:
+        from vramcalc.commands.options import bounded_count
+
+        bounded_count("--gpus", gpus, MAX_GPUS, "the largest training job (16384 GPUs)")
+    if gpus_per_node is not None:
+        from vramcalc.commands.options import bounded_count
+
+        bounded_count("--gpus-per-node", gpus_per_node, MAX_GPUS, "any machine")
+    chosen = strategy or "ddp"
+    if chosen != "fsdp":
+        refuse_given(given, ("sharding_strategy", "use_orig_params"),
+                     f"only with --strategy fsdp, not {chosen}")
+    if chosen != "device-map":
+        refuse_given(given, ("device_map",), f"only with --strategy device-map, not {chosen}")
     for name, value, valid in (("strategy", strategy or "ddp", STRATEGIES),
                                ("offload", offload, OFFLOADS),
                                ("sharding strategy", sharding_strategy, SHARDING_STRATEGIES),
@@ -125,15 +155,21 @@ def show_parallel(pe: ParallelEstimate, plan: TrainPlan) -> None:
     cols = ["GPU", "layers", "weights", "grad+opt", "act", "comm", "alloc", "needs"]
     for col in cols:
         table.add_column(col, justify="left" if col == "GPU" else "right", no_wrap=True)
+    rows: list[tuple[int, int, list[str]]] = []  # first GPU, last GPU, cells
     for i, e in enumerate(pe.per_gpu):
         c = e.components
         weights = (c.base_weights + c.quant_constants + c.unquantized_params + c.expert_weights
                    + c.adapter_weights)
         layers = str(pe.layers_per_gpu[i]) if pe.layers_per_gpu else "all"
-        table.add_row(str(i), layers, gib(weights),
-                      gib(c.gradients + c.optimizer_states + c.optimizer_paged),
-                      gib(c.activations + c.logits_loss), gib(c.comm_buffers),
-                      gib(e.peak_allocated_bytes), gib(e.required_device_bytes))
+        cells = [layers, gib(weights), gib(c.gradients + c.optimizer_states + c.optimizer_paged),
+                 gib(c.activations + c.logits_loss), gib(c.comm_buffers),
+                 gib(e.peak_allocated_bytes), gib(e.required_device_bytes)]
+        if rows and rows[-1][2] == cells:  # equal GPUs share one row: 0-7
+            rows[-1] = (rows[-1][0], i, cells)
+        else:
+            rows.append((i, i, cells))
+    for first, last, cells in rows:
+        table.add_row(str(first) if first == last else f"{first}-{last}", *cells)
     console.print(table)
     for comp, where in pe.placement.items():
         if comp in pe.busiest.components.model_fields and not pe.single_gpu.components[comp]:
@@ -157,63 +193,89 @@ def parallel_suggestions(spec: ModelSpec, plan: TrainPlan, budget_bytes: int,
 
 
 def plan_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
-                  gpu_memory: float | None, max_: str | None, json_output: bool) -> bool | None:
-    """`plan --gpus N ...`: print the estimate (or --max per GPU) and return whether it fits
-    each GPU's --gpu-memory (None when no budget). Raw estimate: the fitted corrections
-    (calibration/) were measured on one GPU and are not applied."""
+                  target: Target | None, margin_b: int, max_: str | None,
+                  json_output: bool) -> bool | None:
+    """`plan --gpus N ...`: print the estimate (or --max per GPU) and return whether the
+    busiest GPU fits each GPU's card (`target`, less `margin_b`; None when no card), by the
+    rule of the one-GPU plan (vramcalc.verdict). --json keeps the one-GPU keys' meaning:
+    gpu_memory_bytes is one card's memory, margin_bytes the margin. Raw estimate: the
+    fitted corrections (calibration/) were measured on one GPU and are not applied."""
     from vramcalc.commands.common import print_json
     from vramcalc.multi_gpu import estimate_parallel
+    from vramcalc.verdict import budget, verdict
 
-    budget = None if gpu_memory is None else int(gpu_memory * GiB)
     if max_ is not None:
         from vramcalc.search import largest_fitting
 
-        assert budget is not None  # checked by plan()
+        assert target is not None  # checked by plan()
         best = largest_fitting(
-            spec, plan, max_, budget,
+            spec, plan, max_, budget(target.free_bytes, margin_b),
             estimate_fn=lambda s, p: estimate_parallel(s, p, parallel).busiest, confirm=True)
         if json_output:
             print_json({"model": spec.name, "max": max_, "value": best, "fits": best > 0,
-                        "gpu_memory_bytes": budget, "gpus": parallel.gpus,
+                        "gpu": target.name, "gpu_memory_bytes": target.free_bytes,
+                        "margin_bytes": margin_b, "gpus": parallel.gpus,
                         "strategy": parallel.strategy, "per_gpu": True})
         else:
-            typer.echo(f"largest {max_} per GPU that fits {gpu_memory:g} GiB on each of "
-                       f"{parallel.label}: {best}" if best else
-                       f"nothing fits in {gpu_memory:g} GiB per GPU, not even {max_} 1")
+            other = ("--seq-len", plan.seq_len) if max_ == "batch" else ("--batch",
+                                                                         plan.batch_size)
+            where = (f"{target.name} ({target.free_bytes / GiB:.2f} GiB, margin "
+                     f"{margin_b / GiB:.2f}) on each of {parallel.label}, at {other[0]} "
+                     f"{other[1]}")
+            typer.echo(f"largest {max_} per GPU that fits {where}: {best}" if best else
+                       f"nothing fits {where}, not even {max_} 1")
         return best > 0
     pe = estimate_parallel(spec, plan, parallel)
-    fits = None if budget is None else pe.busiest.required_device_bytes <= budget
+    need = pe.busiest.required_device_bytes
+    v = (None if target is None
+         else verdict(target.free_bytes, need, margin_b, pe.busiest.required_low))
     if json_output:
         out = parallel_to_dict(pe, plan)
-        if budget is not None:
-            out["gpu_memory_bytes"] = budget
-            out["fits"] = fits
+        if v is not None and target is not None:
+            out["gpu"] = target.name
+            out["gpu_memory_bytes"] = target.free_bytes
+            out["margin_bytes"] = margin_b
+            out["fits"] = v.fits
+            out["certainty"] = v.certainty
+            out["spread_bytes"] = v.spread_bytes
+            out["headroom_bytes"] = v.headroom_bytes
         print_json(out)
     else:
         show_parallel(pe, plan)
-        if fits is not None:
-            head = (budget - pe.busiest.required_device_bytes) / GiB  # type: ignore[operator]
-            typer.echo(f"{'fits' if fits else 'does NOT fit'} in {gpu_memory:g} GiB per GPU "
-                       f"(busiest GPU headroom {head:+.2f} GiB)")
-    return fits
+        if v is not None and target is not None:
+            typer.echo(f"{v.word} {target.name}, per GPU: the busiest needs {need / GiB:.2f} "
+                       f"GiB + {margin_b / GiB:.2f} GiB margin, the card offers "
+                       f"{target.free_bytes / GiB:.2f} GiB (headroom "
+                       f"{v.headroom_bytes / GiB:+.2f} GiB)")
+            if v.certainty == "tight":
+                typer.echo(v.tight_reason)
+    return None if v is None else v.fits
 
 
-def check_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan, budget_bytes: int,
-                   where: str, json_output: bool) -> bool:
-    """`check --gpus N --strategy ...`: whether the busiest GPU fits `budget_bytes`
-    (each GPU's memory less the margin; `where` names the GPUs)."""
+def check_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
+                   memory_bytes: int, margin_b: int, where: str, json_output: bool) -> bool:
+    """`check --gpus N --strategy ...`: whether the busiest GPU fits `memory_bytes` (the
+    smallest GPU's) with `margin_b`, by the rule of the one-GPU check (vramcalc.verdict);
+    `where` names the GPUs."""
     from vramcalc.commands.common import print_json
     from vramcalc.multi_gpu import estimate_parallel
+    from vramcalc.verdict import verdict
 
     pe = estimate_parallel(spec, plan, parallel)
-    fits = pe.busiest.required_device_bytes <= budget_bytes
+    need = pe.busiest.required_device_bytes
+    v = verdict(memory_bytes, need, margin_b, pe.busiest.required_low)
     if json_output:
         out = parallel_to_dict(pe, plan)
-        out.update(fits=fits, budget_bytes_per_gpu=budget_bytes, gpus_checked=where)
+        out.update(fits=v.fits, certainty=v.certainty, spread_bytes=v.spread_bytes,
+                   gpu_memory_bytes=memory_bytes, margin_bytes=margin_b,
+                   headroom_bytes=v.headroom_bytes,
+                   budget_bytes_per_gpu=memory_bytes - margin_b, gpus_checked=where)
         print_json(out)
     else:
         show_parallel(pe, plan)
-        typer.echo(f"{'fits' if fits else 'does NOT fit'} on {where}: busiest GPU needs "
-                   f"{pe.busiest.required_device_bytes / GiB:.2f} GiB of "
-                   f"{budget_bytes / GiB:.2f} GiB (after the margin)")
-    return fits
+        typer.echo(f"{v.word} on {where}: busiest GPU needs {need / GiB:.2f} GiB + "
+                   f"{margin_b / GiB:.2f} GiB margin, each GPU offers "
+                   f"{memory_bytes / GiB:.2f} GiB")
+        if v.certainty == "tight":
+            typer.echo(v.tight_reason)
+    return v.fits

@@ -16,9 +16,13 @@ from vramcalc.commands.options import (
     ModelOpt,
     NoCalibrationOpt,
     build_plan,
+    check_applies,
     check_max,
+    for_target,
     gpu_memory_bytes,
     margin_bytes,
+    refuse_given,
+    runnable_dropout,
     validate_targets,
     warn_long_sequence,
     with_plan_options,
@@ -95,7 +99,9 @@ def plan(
     the driver's reservation. Required free memory is a band (the allocator's
     cache may fail to reuse the fp32 logits block): "does NOT fit" below its
     least, "fits, tight" inside it or within the estimate's spread (max(256
-    MiB, 3 %)); tight still counts as fitting.
+    MiB, 3 %)); tight still counts as fitting. The same with --task infer
+    or merge. An option this plan does not use (--rank with --method full,
+    --seq-len with --task infer, ...) is an error, never ignored.
     Exit 0 fits or fits tight (or no card given), 3 does not fit.
 
     \b
@@ -111,32 +117,35 @@ def plan(
     from vramcalc.render import estimate_to_dict
     from vramcalc.verdict import verdict
 
+    given: frozenset[str] = getattr(plan_options, "given", frozenset())
     check_max(max_)
     margin_b = margin_bytes(margin)
     target = _target(gpu, gpu_memory)
     if max_ is not None and target is None:
         raise PlanError("--max needs --gpu NAME or --gpu-memory GIB (the card to fit in)")
+    if target is None:
+        refuse_given(given, ("margin",), "only with --gpu NAME or --gpu-memory GIB (the card "
+                     "to fit in)")
     spec = resolve_model_arg(model)
     announce_spec(spec)
     train = build_plan(**plan_options)
+    check_applies(spec, train, given)
+    train = runnable_dropout(spec, train, given)
     validate_targets(spec, train)
     long_seq = warn_long_sequence(spec, train)
     if long_seq:
         warn(long_seq)
+    if target is not None:
+        train = for_target(train, target, given)
     parallel = parallel_from_options(
         gpus, strategy, offload, gpus_per_node, sharding_strategy, use_orig_params, device_map,
-        None if target is None else target.free_bytes - margin_b)
+        None if target is None else target.free_bytes - margin_b, given=given)
     if parallel is not None:
         from vramcalc.commands.parallel import plan_parallel
 
-        budget_gib = None if target is None else (target.free_bytes - margin_b) / GiB
-        if plan_parallel(spec, train, parallel, budget_gib, max_, json_output) is False:
+        if plan_parallel(spec, train, parallel, target, margin_b, max_, json_output) is False:
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
-    if target is not None:
-        from vramcalc.advice import for_gpu
-
-        train = for_gpu(train, target.bf16_supported)
     estimate, corrections = estimator(
         None if target is None else target.corrections_gpu, use_calibration=not no_calibration
     )
@@ -199,7 +208,9 @@ def _answer_max(
                     "gpu": target.name, "gpu_memory_bytes": target.free_bytes,
                     "margin_bytes": margin_b})
     else:
-        where = f"{target.name} ({target.free_bytes / GiB:.2f} GiB, margin {margin_b / GiB:.2f})"
+        other = ("--seq-len", train.seq_len) if what == "batch" else ("--batch", train.batch_size)
+        where = (f"{target.name} ({target.free_bytes / GiB:.2f} GiB, margin "
+                 f"{margin_b / GiB:.2f}) at {other[0]} {other[1]}")
         typer.echo(
             f"largest {what} that fits {where}: {best}" if best
             else f"nothing fits {where}, not even {what} 1"

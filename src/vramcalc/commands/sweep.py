@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import re
 import sys
@@ -27,6 +28,9 @@ from vramcalc.commands.options import (
     ModelOpt,
     NoCalibrationOpt,
     build_plan,
+    check_applies,
+    refuse_given,
+    runnable_dropout,
     validate_targets,
     with_plan_options,
 )
@@ -91,10 +95,17 @@ def parse_over(text: str) -> Sweep:
     if not 0 < start < stop:
         raise PlanError(f"--over {name}: need 0 < START < STOP, got {start}:{stop}")
     values: list[int] = []
+    def too_many(count: int | str) -> PlanError:  # counted before the values are listed
+        return PlanError(f"--over {name}: {count} points; use a larger step (at most "
+                         f"{MAX_POINTS})")
+
     if step.startswith("*"):
         factor = float(step[1:])
         if factor <= 1:
             raise PlanError(f"--over {name}: the factor must be above 1, got {step}")
+        about = math.log(stop / start) / math.log(factor)
+        if about > 2 * MAX_POINTS:
+            raise too_many(f"about {about:.0f}")
         v = float(start)
         while v < stop:
             values.append(int(v))
@@ -103,11 +114,15 @@ def parse_over(text: str) -> Sweep:
         inc = int(step[1:])
         if inc <= 0:
             raise PlanError(f"--over {name}: the step must be positive, got {step}")
+        if len(range(start, stop, inc)) + 1 > MAX_POINTS:
+            raise too_many(len(range(start, stop, inc)) + 1)
         values = list(range(start, stop, inc))
     else:
         n = int(step)
         if n < 2:
             raise PlanError(f"--over {name}: need at least 2 points, got {n}")
+        if n > MAX_POINTS:
+            raise too_many(n)
         values = [round(start * (stop / start) ** (i / (n - 1))) for i in range(n - 1)]
     values = sorted(set(values) | {stop})
     if len(values) > MAX_POINTS:
@@ -226,7 +241,7 @@ def sweep(
 
     \b
     Examples:
-      vramcalc sweep -m llama-3.1-8b --over seq-len=512:32768 --gpu rtx-4090 --gpu a100-80gb
+      vramcalc sweep -m qwen2.5-7b --over seq-len=512:4096 --gpu l4 --gpu h100
       vramcalc sweep -m qwen2.5-7b --over batch=1:64 --seq-len 2048 --json
       vramcalc sweep -m llama-3.1-8b --over rank=8:256 --plot rank.svg
     """
@@ -237,10 +252,18 @@ def sweep(
     if json_output and csv_output:
         raise PlanError("give either --json or --csv, not both")
     sw = parse_over(over)
+    option = {"seq-len": "seq_len", "batch": "batch", "rank": "rank"}[sw.name]
+    given: frozenset[str] = getattr(plan_options, "given", frozenset())
+    refuse_given(given, (option,), f"--over {sw.name} sets it; drop one of the two")
     gpus = [resolve_gpu(g) for g in gpu or []]
     spec = resolve_model(model)
     announce_spec(spec)
     train = build_plan(**plan_options)
+    build_plan(**{**plan_options, option: sw.values[-1]})  # the largest swept value: bounds
+    check_applies(spec, train, given)
+    if sw.name == "rank" and train.method == "full":
+        raise PlanError("--over rank: --method full has no LoRA rank")
+    train = runnable_dropout(spec, train, given)
     validate_targets(spec, train)
     estimate_fn, corrections = estimator(gpus[0].name if gpus else None,
                                          use_calibration=not no_calibration)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from vramcalc.inference import InferPlan, MergePlan
     from vramcalc.result import Estimate
     from vramcalc.specs import ModelSpec
+    from vramcalc.verdict import Target
 
 R = TypeVar("R")
 GiB = 2**30
@@ -35,7 +36,8 @@ TaskOpt = Annotated[
                       "adapter) or merge (merge_and_unload() of the adapter).")
 ]
 PromptOpt = Annotated[int | None, typer.Option("--prompt-len", help="--task infer: prompt "
-                                               "tokens per sequence (default 512).")]
+                                               "tokens per sequence (default 512; prompt + "
+                                               "new tokens up to 2**24).")]
 NewTokensOpt = Annotated[int | None, typer.Option("--new-tokens", help="--task infer: tokens "
                                                   "generated per sequence (default 128).")]
 AdapterDtypeOpt = Annotated[str | None, typer.Option(
@@ -82,6 +84,10 @@ def with_task_options(command: str) -> Callable[[Callable[..., R]], Callable[...
                 if given:
                     raise PlanError(f"{', '.join(given)}: only with --task infer or --task merge")
                 return func(**kwargs)
+            from vramcalc.commands.options import given_options
+
+            ctx = next((v for k, v in kwargs.items() if k.endswith("_ctx")), None)
+            kwargs["given"] = given_options(ctx, kwargs)
             run_task(command, task, opts, kwargs)
             return None  # type: ignore[return-value]
 
@@ -111,7 +117,42 @@ def _validated(cls: type[_PlanT], **fields: Any) -> _PlanT:
         raise PlanError(f"{where}{first['msg'].removeprefix('Value error, ')}") from None
 
 
+# Options of a training step that --task infer / merge do not use: refused when given.
+TRAIN_ONLY = ("method", "lora_dropout", "dora", "seq_len", "optimizer",
+              "gradient_checkpointing", "weights_dtype", "loop", "expandable_segments",
+              "moe_experts", "from_config", "no_calibration", "gpus", "strategy", "offload",
+              "gpus_per_node", "sharding_strategy", "use_orig_params", "device_map")
+_TRAIN_ONLY_WHY = {
+    "seq_len": "use --prompt-len and --new-tokens",
+    "from_config": "it reads training settings",
+    "no_calibration": "no fitted corrections exist for it",
+    "gpus": "several GPUs are planned for training only",
+}
+
+
+def refuse_train_only(task: str, kw: dict[str, Any]) -> None:
+    """One PlanError for the first given option that --task `task` does not use."""
+    from vramcalc.commands.options import flag
+
+    given = kw.get("given", frozenset())
+    extra: tuple[str, ...] = ()
+    if task == "merge":
+        extra = ("batch", "compute_dtype", "attn", "max_")
+    for name in (*TRAIN_ONLY, *extra):
+        if name in given:
+            why = _TRAIN_ONLY_WHY.get(name)
+            raise PlanError(f"{flag(name)}: not used by --task {task}"
+                            + (f" ({why})" if why else ""))
+
+
 def build_infer_plan(opts: dict[str, Any], kw: dict[str, Any]) -> InferPlan:
+    from vramcalc.commands.options import (
+        MAX_BATCH,
+        MAX_RANK,
+        MAX_SEQ_LEN,
+        bounded_count,
+        refuse_given,
+    )
     from vramcalc.inference import ADAPTER_DTYPES, CACHES, INFER_QUANTS, InferPlan
 
     for flag in ("dtype", "on"):
@@ -119,11 +160,23 @@ def build_infer_plan(opts: dict[str, Any], kw: dict[str, Any]) -> InferPlan:
             raise PlanError(f"{_FLAG[flag]} is a --task merge option")
     prompt = 512 if opts["prompt_len"] is None else opts["prompt_len"]
     new = 128 if opts["new_tokens"] is None else opts["new_tokens"]
-    for flag, value in (("--batch", kw["batch"]), ("--prompt-len", prompt),
-                        ("--new-tokens", new), ("--rank", kw["rank"])):
-        if value <= 0:
-            raise PlanError(f"{flag} must be a positive integer, got {value}")
+    context = "128 x the longest context of the catalog (131072)"
+    bounded_count("--batch", kw["batch"], MAX_BATCH, "any batch")
+    bounded_count("--prompt-len", prompt, MAX_SEQ_LEN, context)
+    bounded_count("--new-tokens", new, MAX_SEQ_LEN, context)
+    if prompt + new > MAX_SEQ_LEN:
+        raise PlanError(f"--prompt-len + --new-tokens = {prompt + new} tokens is beyond "
+                        f"{context}; use at most {MAX_SEQ_LEN}")
+    bounded_count("--rank", kw["rank"], MAX_RANK, "any model's width")
+    given = kw.get("given", frozenset())
+    if opts["merged"]:
+        refuse_given(given, ("rank", "alpha", "targets"), "--merged has no adapter tensors")
+        if opts["adapter_dtype"] is not None:
+            raise PlanError("--adapter-dtype: --merged has no adapter tensors")
     quant = "nf4" if kw["quant"] is None else _one_of("--quant", kw["quant"], INFER_QUANTS)
+    if quant not in ("nf4", "fp4"):
+        refuse_given(given, ("double_quant",), f"only with a 4-bit base (--quant nf4 or fp4), "
+                     f"not {quant}")
     attn = kw["attn"]
     if attn not in ("sdpa", "eager"):
         raise PlanError(f"--attn with --task infer takes sdpa or eager, got '{attn}'")
@@ -139,17 +192,20 @@ def build_infer_plan(opts: dict[str, Any], kw: dict[str, Any]) -> InferPlan:
 
 
 def build_merge_plan(opts: dict[str, Any], kw: dict[str, Any]) -> MergePlan:
+    from vramcalc.commands.options import MAX_RANK, bounded_count, refuse_given
     from vramcalc.inference import ADAPTER_DTYPES, DTYPES16, MERGE_BASES, MERGE_ON, MergePlan
 
     for flag in ("prompt_len", "new_tokens", "cache", "merged"):
         if opts[flag] not in (None, False):
             raise PlanError(f"{_FLAG[flag]} is a --task infer option")
-    if kw["rank"] <= 0:
-        raise PlanError(f"--rank must be a positive integer, got {kw['rank']}")
+    bounded_count("--rank", kw["rank"], MAX_RANK, "any model's width")
     base = "none" if kw["quant"] is None else kw["quant"]
     if base not in MERGE_BASES:
         raise PlanError(f"--quant with --task merge takes none (a 16-bit base), nf4 or fp4; "
                         f"got '{base}'")
+    if base == "none":
+        refuse_given(kw.get("given", frozenset()), ("double_quant",),
+                     "only with a 4-bit base (--quant nf4 or fp4)")
     return _validated(
         MergePlan, rank=kw["rank"], targets=kw["targets"],
         dtype=_one_of("--dtype", opts["dtype"] or "bf16", DTYPES16),
@@ -181,13 +237,19 @@ def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, budget: i
         est = estimate_inference(spec, plan.model_copy(update={field: n}), replay=False)
         return est.required_device_bytes <= budget
 
+    from vramcalc.commands.options import MAX_BATCH, MAX_SEQ_LEN
+
+    # the largest value the option itself accepts (build_infer_plan's bounds)
+    limit = MAX_BATCH if what == "batch" else MAX_SEQ_LEN - plan.new_tokens
     if not fits(1):
         return 0
     lo, hi = 1, 2
-    while hi <= 1 << 22 and fits(hi):
+    while hi <= limit and fits(hi):
         lo, hi = hi, hi * 2
-    if hi > 1 << 22:
-        return lo
+    if hi > limit:
+        if fits(limit):
+            return limit
+        hi = limit
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -208,19 +270,38 @@ def _title(est: Estimate, plan: InferPlan | MergePlan) -> str:
 
 
 def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) -> None:
-    from vramcalc.specs import resolve_model
+    from vramcalc.commands.common import resolve_model_arg
+    from vramcalc.commands.options import margin_bytes, refuse_given
 
     if kw.get("model") is None:
         raise PlanError(f"--task {task} needs --model MODEL")
-    spec = resolve_model(kw["model"])
+    refuse_train_only(task, kw)
+    margin_b = margin_bytes(kw["margin"])
+    target = None
+    if command == "plan":
+        from vramcalc.commands.plan import _target
+
+        target = _target(kw.get("gpu"), kw.get("gpu_memory"))
+        if target is None:
+            refuse_given(kw.get("given", frozenset()), ("margin",),
+                         "only with --gpu NAME or --gpu-memory GIB (the card to fit in)")
+    spec = resolve_model_arg(kw["model"])
     plan = build_infer_plan(opts, kw) if task == "infer" else build_merge_plan(opts, kw)
     from vramcalc.trainable import lora_targets
 
     lora_targets(spec, plan.lora_plan())  # an unknown target module: one Error line
-    gpu_memory = kw.get("gpu_memory")
-    if gpu_memory is not None and gpu_memory <= 0:
-        raise PlanError(f"--gpu-memory must be a positive number of GiB, got {gpu_memory}")
+    from vramcalc.inference import InferPlan
+
+    if isinstance(plan, InferPlan):
+        limit = spec.max_position_embeddings
+        if limit is not None and plan.prompt_len + plan.new_tokens > limit:
+            warn(f"warning: --prompt-len + --new-tokens = {plan.prompt_len + plan.new_tokens} "
+                 f"is longer than {spec.name}'s max_position_embeddings ({limit}); "
+                 "estimating anyway")
     if command == "check":
+        if kw.get("max_") is not None:
+            raise PlanError(f"--max: check --task {task} gives a verdict only; use 'vramcalc "
+                            f"plan --task {task} --gpu NAME --max ...'")
         _check(spec, plan, kw)
         return
     max_ = kw.get("max_")
@@ -230,23 +311,27 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
         if max_ not in INFER_MAX:
             raise PlanError(f"--max with --task infer takes one of {', '.join(INFER_MAX)}, "
                             f"got '{max_}'")
-        if gpu_memory is None:
-            raise PlanError("--max needs --gpu-memory GIB (the budget to fit in)")
-        best = largest_fitting_infer(spec, plan, max_, int(gpu_memory * GiB))  # type: ignore[arg-type]
+        if target is None:
+            raise PlanError("--max needs --gpu NAME or --gpu-memory GIB (the card to fit in)")
+        room = target.free_bytes - margin_b
+        best = largest_fitting_infer(spec, plan, max_, room)  # type: ignore[arg-type]
         if kw["json_output"]:
             print_json({"model": spec.name, "task": task, "max": max_, "value": best,
-                        "fits": best > 0, "gpu_memory_bytes": int(gpu_memory * GiB)})
+                        "fits": best > 0, "gpu": target.name,
+                        "gpu_memory_bytes": target.free_bytes, "margin_bytes": margin_b})
         else:
-            typer.echo(f"largest {max_} that fits {gpu_memory:g} GiB: {best}" if best
-                       else f"nothing fits in {gpu_memory:g} GiB, not even {max_} 1")
+            other = (f"--batch {plan.batch_size}" if max_ == "prompt-len" else  # type: ignore[union-attr]
+                     f"--prompt-len {plan.prompt_len}")  # type: ignore[union-attr]
+            where = (f"{target.name} ({target.free_bytes / GiB:.2f} GiB, margin "
+                     f"{margin_b / GiB:.2f}) at {other}, --new-tokens "
+                     f"{plan.new_tokens}")  # type: ignore[union-attr]
+            typer.echo(f"largest {max_} that fits {where}: {best}" if best
+                       else f"nothing fits {where}, not even {max_} 1")
         if best == 0:
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
     est = _estimate(spec, plan)
-    fits = None if gpu_memory is None else est.required_device_bytes <= gpu_memory * GiB
-    _output(est, plan, spec, kw["json_output"], gpu_memory, fits)
-    if fits is False:
-        raise typer.Exit(EXIT_DOES_NOT_FIT)
+    _output(est, plan, spec, kw["json_output"], target, margin_b)
 
 
 def _extras(spec: ModelSpec, plan: InferPlan | MergePlan) -> dict[str, Any]:
@@ -260,31 +345,49 @@ def _extras(spec: ModelSpec, plan: InferPlan | MergePlan) -> dict[str, Any]:
 
 
 def _output(est: Estimate, plan: InferPlan | MergePlan, spec: ModelSpec, json_output: bool,
-            gpu_memory: float | None, fits: bool | None) -> None:
+            target: Target | None = None, margin_b: int = 0) -> None:
+    """The estimate, and with a card its verdict by the rule of the training plan
+    (vramcalc.verdict); exit 3 when it does not fit."""
     from vramcalc.render import task_estimate_to_dict
+    from vramcalc.verdict import verdict
 
     extras = _extras(spec, plan)
+    v = (None if target is None else
+         verdict(target.free_bytes, est.required_device_bytes, margin_b, est.required_low))
     if json_output:
         out = task_estimate_to_dict(est, plan.model_dump(mode="json"))
         out.update(extras)
-        if fits is not None:
-            out["gpu_memory_bytes"] = int(gpu_memory * GiB)  # type: ignore[operator]
-            out["fits"] = fits
+        if v is not None and target is not None:
+            out["gpu"] = target.name
+            out["gpu_memory_bytes"] = target.free_bytes
+            out["margin_bytes"] = margin_b
+            out["fits"] = v.fits
+            out["certainty"] = v.certainty
+            out["spread_bytes"] = v.spread_bytes
+            out["headroom_bytes"] = v.headroom_bytes
         print_json(out)
-        return
-    from rich.console import Console
+    else:
+        from rich.console import Console
 
-    from vramcalc.render import print_task_breakdown
+        from vramcalc.render import print_task_breakdown
 
-    console = Console()
-    print_task_breakdown(est, _title(est, plan), console, getattr(plan, "adapter_dtype", None))
-    if extras:
-        console.print(f"merged checkpoint on disk: {extras['disk_bytes'] / GiB:.2f} GiB "
-                      "(safetensors tensors)")
-    if fits is not None:
-        verdict = "[green]fits[/green]" if fits else "[red]does NOT fit[/red]"
-        head = gpu_memory - est.required_device_bytes / GiB  # type: ignore[operator]
-        console.print(f"{verdict} in {gpu_memory:g} GiB (headroom {head:+.2f} GiB)")
+        console = Console()
+        print_task_breakdown(est, _title(est, plan), console,
+                             getattr(plan, "adapter_dtype", None))
+        if extras:
+            console.print(f"merged checkpoint on disk: {extras['disk_bytes'] / GiB:.2f} GiB "
+                          "(safetensors tensors)")
+        if v is not None and target is not None:
+            color = {"fits": "green", "tight": "yellow"}.get(v.certainty, "red")
+            console.print(
+                f"[{color}]{v.word}[/{color}] {target.name}: needs "
+                f"{est.required_device_bytes / GiB:.2f} GiB + {margin_b / GiB:.2f} GiB margin, "
+                f"the card offers {target.free_bytes / GiB:.2f} GiB (headroom "
+                f"{v.headroom_bytes / GiB:+.2f} GiB)", highlight=False)
+            if v.certainty == "tight":
+                console.print(v.tight_reason, highlight=False)
+    if v is not None and not v.fits:
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
 
 
 def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> None:
@@ -297,9 +400,9 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
     margin = kw["margin"]
     if gpu and gpu_memory is not None:
         raise PlanError("give either --gpu NAME or --gpu-memory GIB, not both")
-    if margin < 0:
-        raise PlanError(f"--margin must be zero or more GiB, got {margin}")
-    margin_bytes = int(margin * GiB)
+    from vramcalc.commands.options import margin_bytes as to_bytes
+
+    margin_bytes = to_bytes(margin)
     est = _estimate(spec, plan)
     targets = check_cmd._targets(gpu, gpu_memory)
     need = est.required_device_bytes + margin_bytes
@@ -317,13 +420,13 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
         print_json({"fits": best["fits_free"], "margin_bytes": margin_bytes, "best_gpu": best,
                     "gpus": rows, "estimate": estimate})
     else:
-        _output(est, plan, spec, False, None, None)
+        _output(est, plan, spec, False)
         where = best["name"] if best["label"] is None else f"GPU {best['label']} ({best['name']})"
         if best["fits_free"]:
             typer.echo(f"fits on {where}: {best['headroom_bytes'] / GiB:+.2f} GiB headroom "
                        f"(margin {margin:g} GiB)")
-        else:
-            warn(f"does NOT fit on {where}: needs {est.required_device_bytes / GiB:.2f} GiB + "
-                 f"{margin:g} GiB margin, {best['free_bytes'] / GiB:.2f} GiB free")
+        else:  # on stdout, like the training verdict
+            typer.echo(f"does NOT fit on {where}: needs {est.required_device_bytes / GiB:.2f} "
+                       f"GiB + {margin:g} GiB margin, {best['free_bytes'] / GiB:.2f} GiB free")
     if not best["fits_free"]:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
