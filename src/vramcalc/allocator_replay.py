@@ -28,13 +28,15 @@ The rules are those of `c10/cuda/CUDACachingAllocator.cpp` (torch 2.11-2.13,
 left at their defaults (off).
 
 Pure Python, no torch. `replay_trace` replays a recorded trace (calibrate/trace.py
-`compact_trace`) as a check of these rules against the GPU.
+`compact_trace`) as a check of these rules against the GPU. `replay_program` replays the
+load-and-steps program of an estimate (step_requests.program_peaks).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -531,3 +533,51 @@ def replay_requests(requests: Iterable[tuple[int, int]], expandable: bool = Fals
             sim.empty_cache()
     return sim
 
+
+
+# (ids, strides, sizes, count): the requests (ids[k] + r * strides[k], sizes[k]) for k in
+# order, for r in range(count) (step_templates.StepProgram), int64 arrays
+RequestBlock = tuple["array[int]", "array[int]", "array[int]", int]  # generic from 3.12
+
+
+def expand(blocks: Sequence[RequestBlock]) -> list[tuple[int, int]]:
+    """The (id, bytes) requests that `blocks` stand for."""
+    return [(tid + r * stride, size) for ids, strides, sizes, count in blocks
+            for r in range(count) for tid, stride, size in zip(ids, strides, sizes,
+                                                                strict=True)]
+
+
+@dataclass(frozen=True)
+class ProgramReplay:
+    """What `replay_program` reads off the simulated allocator."""
+
+    load_peak_allocated: int
+    load_peak_reserved: int
+    segment_peaks: tuple[int, ...]  # peak allocated of each step segment, from its start
+    peak_allocated: int  # over the steps, peaks reset after loading
+    peak_reserved: int  # over the steps
+
+
+def replay_program(load: Sequence[tuple[int, int]], steps: Sequence[RequestBlock],
+                   bounds: Sequence[int], expandable: bool) -> ProgramReplay:
+    """Replay the requests of loading (`load`, from an empty allocator), reset the peaks
+    (as `calibrate` does before the first step), then the step requests (`steps`, the
+    blocks of a step_templates.StepProgram) segment by segment: segment k is requests
+    bounds[k] to bounds[k + 1] of the sequence the blocks stand for, the last one to its
+    end. Requests are (tensor id, bytes) as in `replay_requests`, ids distinct over both.
+    """
+    requests = expand(steps)
+    sim = replay_requests(load, expandable=expandable)
+    load_alloc, load_res = sim.peak_allocated, sim.peak_reserved
+    sim.peak_reserved, sim.peak_allocated = sim.reserved, sim.allocated
+    overall = sim.peak_allocated
+    live: dict[int, Block] = {}
+    ends = [*bounds[1:], len(requests)]
+    segment_peaks = []
+    for lo, hi in zip(bounds, ends, strict=True):
+        sim.peak_allocated = sim.allocated
+        replay_requests(requests[lo:hi], sim=sim, live=live)
+        segment_peaks.append(sim.peak_allocated)
+        overall = max(overall, sim.peak_allocated)
+    return ProgramReplay(load_alloc, load_res, tuple(segment_peaks), overall,
+                         sim.peak_reserved)
