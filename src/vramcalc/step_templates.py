@@ -84,6 +84,20 @@ _LAYER = 1 << 40
 _END = 1 << 50
 
 
+def _key(run: int, there: tuple[int, int] | None, here: tuple[int, int] | None,
+         n: int) -> int | None:
+    """The key (above) of a tensor of run `run`, at `there` (sweep, layer; None: of no
+    layer), from a run at `here`; None where the template cannot follow it."""
+    if there is None:
+        return run
+    if here is not None:
+        d = there[1] - here[1]
+        return _LAYER + 3 * there[0] + d + 1 if abs(d) <= 1 else None
+    if there[1] in (0, n - 1):
+        return _END + 2 * there[0] + int(there[1] == n - 1)
+    return None
+
+
 def template_program(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
                      runs: list[tuple[int, int]], layers: int) -> StepProgram | None:
     """The program of a model of `layers` layers from the requests, phases and runs
@@ -116,28 +130,25 @@ def template_program(requests: Sequence[tuple[int, int]], phases: list[tuple[str
     for k, (_, lo, hi) in enumerate(spans):
         here = sweep_of[k]
         toks: list[Token] = []
+        append = toks.append
+        keys: dict[int, int | None] = {}  # owner run -> its key from here
         local = 0
         for tid, size in requests[lo:hi]:
             if size > 0:
                 owner[tid] = (k, local)
-                toks.append((_OWN, local, size))
+                append((_OWN, local, size))
                 local += 1
                 continue
-            if size < 0 or tid not in owner:
+            found = owner.get(tid) if size == 0 else None
+            if found is None:
                 return None
-            ok, off = owner[tid]
-            there = sweep_of[ok]
-            if there is None:
-                toks.append((ok, off, 0))
-            elif here is not None:
-                d = there[1] - here[1]
-                if abs(d) > 1:
-                    return None
-                toks.append((_LAYER + 3 * there[0] + d + 1, off, 0))
-            elif there[1] in (0, n - 1):
-                toks.append((_END + 2 * there[0] + int(there[1] == n - 1), off, 0))
-            else:
+            ok, off = found
+            if ok not in keys:
+                keys[ok] = _key(ok, sweep_of[ok], here, n)
+            key = keys[ok]
+            if key is None:
                 return None
+            append((key, off, 0))
         tokens.append(toks)
         counts.append(local)
     by_layer = [{spans[k][0]: k for k in sw} for sw in sweeps]
@@ -146,8 +157,10 @@ def template_program(requests: Sequence[tuple[int, int]], phases: list[tuple[str
         if any(a != allocs[0] for a in allocs) or tokens[runs_of[2]] != tokens[runs_of[3]]:
             return None
 
+    ends = {0: 0, 1: 1, layers - 2: n - 2, layers - 1: n - 1}
+
     def template(i: int) -> int:  # instance i of a sweep -> the cut's layer it repeats
-        return {0: 0, 1: 1, layers - 2: n - 2, layers - 1: n - 1}.get(i, 2)
+        return ends.get(i, 2)
 
     def order(w: int) -> range:  # a sweep's layers in the order it runs them
         return range(layers) if spans[sweeps[w][0]][0] == 0 else range(layers - 1, -1, -1)
@@ -208,15 +221,13 @@ def template_program(requests: Sequence[tuple[int, int]], phases: list[tuple[str
                 block(tk, ids(tk, sweep_base[w][i], i))
                 length += len(tokens[tk])
             elif i == middle[0]:
+                # the middle copies refer to layers 1 to L - 2, which all allocate as
+                # many tensors: every id advances by the same stride from one to the next
                 first = ids(tk, sweep_base[w][i], i)
                 stride = None
                 if len(middle) > 1:
                     second = ids(tk, sweep_base[w][middle[1]], middle[1])
                     stride = array("q", [b - a for a, b in zip(first, second, strict=True)])
-                    last = ids(tk, sweep_base[w][middle[-1]], middle[-1])
-                    r = len(middle) - 1
-                    if any(a + r * s != c for a, s, c in zip(first, stride, last, strict=True)):
-                        return None
                 block(tk, first, stride, len(middle))
                 length += len(tokens[tk]) * len(middle)
     run_at = {}
