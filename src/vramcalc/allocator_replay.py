@@ -29,16 +29,20 @@ left at their defaults (off).
 
 Pure Python, no torch. `replay_trace` replays a recorded trace (calibrate/trace.py
 `compact_trace`) as a check of these rules against the GPU. `replay_program` replays the
-load-and-steps program of an estimate (step_requests.program_peaks).
+load-and-steps program of an estimate (step_requests.program_peaks), here or in the
+compiled extension `vramcalc._replay` (src/vramcalc/_replay.c, the same rules for one
+stream) where it was built: `ENGINE` says which runs by default.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import Any, Literal
 
 MiB = 2**20
 MIN_BLOCK = 512
@@ -534,6 +538,26 @@ def replay_requests(requests: Iterable[tuple[int, int]], expandable: bool = Fals
     return sim
 
 
+Engine = Literal["compiled", "python"]
+
+
+def _compiled_module() -> ModuleType | None:
+    """The compiled replay, or None where it was not built (setup.py builds it optionally)
+    or `VRAMCALC_NO_EXTENSIONS` is set, which runs the package as an install without it
+    (as aiohttp's AIOHTTP_NO_EXTENSIONS does): read once, here."""
+    if os.environ.get("VRAMCALC_NO_EXTENSIONS"):
+        return None
+    try:
+        from vramcalc import _replay
+    except ImportError:
+        return None
+    return _replay
+
+
+_COMPILED = _compiled_module()
+# the replay `replay_program` runs unless told otherwise (`vramcalc --version` says it)
+ENGINE: Engine = "compiled" if _COMPILED is not None else "python"
+
 
 # (ids, strides, sizes, count): the requests (ids[k] + r * strides[k], sizes[k]) for k in
 # order, for r in range(count) (step_templates.StepProgram), int64 arrays
@@ -559,13 +583,22 @@ class ProgramReplay:
 
 
 def replay_program(load: Sequence[tuple[int, int]], steps: Sequence[RequestBlock],
-                   bounds: Sequence[int], expandable: bool) -> ProgramReplay:
+                   bounds: Sequence[int], expandable: bool,
+                   engine: Engine | None = None) -> ProgramReplay:
     """Replay the requests of loading (`load`, from an empty allocator), reset the peaks
     (as `calibrate` does before the first step), then the step requests (`steps`, the
     blocks of a step_templates.StepProgram) segment by segment: segment k is requests
     bounds[k] to bounds[k + 1] of the sequence the blocks stand for, the last one to its
     end. Requests are (tensor id, bytes) as in `replay_requests`, ids distinct over both.
-    """
+    `engine`: "compiled" (an error where it is not built), "python", or None for
+    `ENGINE`; both give the same numbers (tests/test_replay_engines.py)."""
+    engine = engine or ENGINE
+    if engine == "compiled":
+        if _COMPILED is None:
+            raise RuntimeError("the compiled replay (vramcalc._replay) is not built here")
+        load_alloc, load_res, peaks, overall, reserved = _COMPILED.replay_program(
+            load, steps, bounds, expandable)
+        return ProgramReplay(load_alloc, load_res, peaks, overall, reserved)
     requests = expand(steps)
     sim = replay_requests(load, expandable=expandable)
     load_alloc, load_res = sim.peak_allocated, sim.peak_reserved

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vramcalc.activations import expert_dtype_bytes, int8_outlier_fraction, residual_bytes
-from vramcalc.allocator_replay import replay_program
+from vramcalc.allocator_replay import Engine, replay_program
 from vramcalc.load_requests import MIN_REQUEST, load_requests
 from vramcalc.optimizer import optimizer_bytes, optimizer_state_groups
 from vramcalc.plan_settings import TrainPlan
@@ -142,7 +142,11 @@ class Graph:
 
     def set_layer(self, layer: int, new_run: bool = False) -> None:
         """The requests from here on are `layer`'s (-1: no layer's); `new_run` starts a
-        new run even for the same layer (a phase of the step begins)."""
+        new run even for the same layer (a phase of the step begins). Every loop over the
+        layers marks each layer's requests so, and the rest with -1 before and after:
+        step_templates repeats the middle layer's runs, and requests made layer by layer
+        under -1 would be repeated as often as the cut has layers
+        (tests/test_step_templates.py compares with the full generation)."""
         if layer != self.layer or new_run:
             self.layer = layer
             self.runs.append((layer, len(self.requests)))
@@ -1235,13 +1239,14 @@ def step_program(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepProgra
     return StepProgram.plain(gen.requests, gen.phases)
 
 
-def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> ProgramPeaks:
+def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3,
+                  engine: Engine | None = None) -> ProgramPeaks:
     """Replay the requests of loading and preparing the model (load_requests), then of
     `steps` training steps (step_program), phase by phase (`allocator_replay.
-    replay_program`)."""
+    replay_program`; `engine` None: the compiled replay where it was built)."""
     program = step_program(spec, plan, steps)
     r = replay_program(load_requests(spec, plan), program.blocks,
-                       [k for _, k in program.phases], plan.expandable_segments)
+                       [k for _, k in program.phases], plan.expandable_segments, engine)
     phases = {"load": r.load_peak_allocated, "forward": 0, "backward": 0, "optimizer": 0}
     for (name, _), peak in zip(program.phases, r.segment_peaks, strict=True):
         phases[name] = max(phases[name], peak)
