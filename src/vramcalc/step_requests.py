@@ -184,7 +184,11 @@ class Graph:
 
     def drop(self, *vs: Var) -> None:
         for v in vs:
-            self.unref(v.buf)
+            b = v.buf  # unref(v.buf), inline: the generator's most frequent call
+            if b is not None:
+                b.refs -= 1
+                if b.refs == 0 and b.id not in self.gone:
+                    self.requests.append((b.id, 0))
 
     def workspace(self) -> None:
         """A cuBLAS matmul ran on this thread: its handle's workspace, made once, kept."""
@@ -204,14 +208,19 @@ class Graph:
         listed weight first: the backward computes the weight's gradient first).
         `passthrough`: an add or a clone, whose backward hands its output's gradient on to
         the inputs as it is."""
-        out = Var(self.alloc(size), size, size, any(v.requires_grad for v in inputs))
+        grad_inputs = [v for v in inputs if v.requires_grad]
+        out = Var(self.alloc(size), size, size, bool(grad_inputs))
         if mm:
             self.workspace()
-        if self.grad_mode and out.requires_grad:
-            kept = [*save, out] if save_out else list(save)
-            saved = [b for b in (self.ref(v.buf) for v in kept) if b is not None]
-            self.nodes.append(Node(out, [v for v in inputs if v.requires_grad], saved,
-                                   list(bwd_temps), mm, passthrough, self.layer))
+        if self.grad_mode and grad_inputs:
+            saved = []
+            for v in (*save, out) if save_out else save:
+                b = v.buf
+                if b is not None:
+                    b.refs += 1
+                    saved.append(b)
+            self.nodes.append(Node(out, grad_inputs, saved, list(bwd_temps), mm, passthrough,
+                                   self.layer))
         return out
 
     def cast_cached(self, w: Var, size: int) -> Var:
@@ -324,7 +333,8 @@ class Graph:
 
     def _backward(self, nodes: list[Node | ChunkNode | CheckpointNode]) -> None:
         for n in reversed(nodes):
-            self.set_layer(n.layer)
+            if n.layer != self.layer:
+                self.set_layer(n.layer)
             if isinstance(n, CheckpointNode):
                 self._recompute(n)
             elif isinstance(n, ChunkNode):
