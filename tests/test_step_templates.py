@@ -79,3 +79,16 @@ def test_a_cut_whose_middle_layers_differ_is_refused() -> None:
 def test_a_model_no_deeper_than_the_cut_is_generated_whole() -> None:
     _same_as_generated(depth_cut(get_spec("llama-3.2-1b"), TEMPLATE_LAYERS),
                        TrainPlan(**SHORT), templated=False)
+
+
+def test_a_spec_the_cut_refuses_is_generated_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spec whose cut does not validate (a config from the hub) still gets its program."""
+    from vramcalc import step_requests as module
+    from vramcalc.errors import SpecError
+
+    def refuse(spec: ModelSpec, layers: int) -> ModelSpec:
+        raise SpecError("no cut")
+
+    monkeypatch.setattr(module, "depth_cut", refuse)
+    _same_as_generated(depth_cut(get_spec("llama-3.2-1b"), 8), TrainPlan(**SHORT),
+                       templated=False)

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 from vramcalc.activations import expert_dtype_bytes, int8_outlier_fraction, residual_bytes
 from vramcalc.allocator_replay import Engine, replay_program
+from vramcalc.errors import VramcalcError
 from vramcalc.load_requests import MIN_REQUEST, load_requests
 from vramcalc.optimizer import optimizer_bytes, optimizer_state_groups
 from vramcalc.plan_settings import TrainPlan
@@ -1241,10 +1242,15 @@ def step_program(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepProgra
     sequence, tensor ids renumbered: step_templates.canonical), else generated whole."""
     layers = spec.num_hidden_layers
     if layers > TEMPLATE_LAYERS and len(set(sliding_past_window(spec, plan.seq_len))) == 1:
-        cut = step_requests(depth_cut(spec, TEMPLATE_LAYERS), plan, steps)
-        program = template_program(cut.requests, cut.phases, cut.runs, layers)
-        if program is not None:
-            return program
+        try:
+            cut: StepRequests | None = step_requests(depth_cut(spec, TEMPLATE_LAYERS), plan,
+                                                     steps)
+        except (VramcalcError, ValueError):
+            cut = None  # a spec the cut does not validate for (a config from the hub)
+        if cut is not None:
+            program = template_program(cut.requests, cut.phases, cut.runs, layers)
+            if program is not None:
+                return program
     gen = step_requests(spec, plan, steps)
     return StepProgram.plain(gen.requests, gen.phases)
 
