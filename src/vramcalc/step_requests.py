@@ -157,7 +157,7 @@ class Graph:
         if size < MIN_REQUEST:
             return None
         self._next += 1
-        b = Buf(size, self._next, layer=self.layer)
+        b = Buf(size, self._next, 1, self.layer)
         self.requests.append((b.id, size))
         return b
 
@@ -364,8 +364,12 @@ class Graph:
         assert self.runs[-1][1] <= start  # the rewrite below keeps the runs' starts
         rerun = self.requests[start:]
         saved = {b.id for n in inner if isinstance(n, Node) for b in n.saved}
-        last = max((k for k, (bid, size) in enumerate(rerun) if size and bid in saved),
-                   default=len(rerun) - 1)
+        last = len(rerun) - 1  # the last request that packs a saved tensor, else the end
+        for k in range(len(rerun) - 1, -1, -1):
+            bid, size = rerun[k]
+            if size and bid in saved:
+                last = k
+                break
         kept = rerun[:last + 1]
         live: dict[int, None] = {}
         for bid, size in kept:
