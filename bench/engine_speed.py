@@ -3,7 +3,9 @@
     python bench/engine_speed.py [--runs N] [--cold-runs N]
 
 In-process: the median time of one full estimate (`vramcalc.api.plan`, the allocator
-replay on) for llama-3.1-8b, llama-2-70b and llama-3.1-405b, after one warm-up call.
+replay on) for llama-3.1-8b, llama-2-70b and llama-3.1-405b, after one warm-up call: wall
+time (what the targets are), and the process's CPU time, which other processes on the
+machine disturb less.
 Cold processes: each command's median wall time over N runs, as a ratio to the median
 of `python -c pass` measured in the same rounds (the commands and the baseline take
 turns, so a change in the machine's load reaches both). Prints PASS or MISS for each
@@ -45,14 +47,16 @@ COLD = [  # label, arguments to `vramcalc`, target ratio to `python -c pass`
 ]
 
 
-def median_ms(fn: Callable[[], object], runs: int) -> float:
+def median_ms(fn: Callable[[], object], runs: int) -> tuple[float, float]:
+    """Median wall and CPU time of `fn`, in ms."""
     fn()  # warm-up: imports, the catalog, the corrections
-    times = []
+    wall_s, cpu_s = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        wall_s.append(time.perf_counter() - t0)
+        cpu_s.append(time.process_time() - c0)
+    return 1e3 * statistics.median(wall_s), 1e3 * statistics.median(cpu_s)
 
 
 def wall(cmd: list[str]) -> float:
@@ -83,10 +87,10 @@ def main() -> None:
     print("\nin-process, one full estimate (vramcalc.api.plan), median of "
           f"{args.runs}:")
     for model, target in IN_PROCESS:
-        ms = median_ms(lambda model=model: plan(model), args.runs)  # type: ignore[misc]
+        ms, cpu = median_ms(lambda model=model: plan(model), args.runs)  # type: ignore[misc]
         goal = "" if target is None else (f"  target <= {target:.0f} ms  "
                                           f"{verdict(ms <= target)}")
-        print(f"  {model:<16} {ms:7.1f} ms{goal}")
+        print(f"  {model:<16} {ms:7.1f} ms (CPU {cpu:5.1f} ms){goal}")
 
     print(f"\ncold processes, median of {args.cold_runs}, ratio to `python -c pass`:")
     base: list[float] = []
