@@ -1079,9 +1079,10 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
     full = plan.method == "full"
     wbytes = DTYPE_BYTES[plan.load_dtype]
     per_layer_weights: list[dict[str, Var]] = []
+    linears = spec.block_linears()
     for _ in range(layers):
         w: dict[str, Var] = {}
-        for lin in spec.block_linears():
+        for lin in linears:
             if full:
                 w[lin.name] = Var(None, lin.weight_numel * s.c, lin.weight_numel * wbytes,
                                   True, param=True)

@@ -179,10 +179,14 @@ def template_program(requests: Sequence[tuple[int, int]], phases: list[tuple[str
                 sweep_base[w][i] = next_id
                 next_id += counts[by_layer[w][template(i)]]
 
+    keys_of: dict[int, set[int]] = {}  # run -> the keys its tokens use, but _OWN
+
     def ids(k: int, own: int, i: int) -> array[int]:
         """Run k's ids as the run of layer i (of no layer: i unused) starting at `own`."""
+        if k not in keys_of:
+            keys_of[k] = {key for key, _, _ in tokens[k]} - {_OWN}
         bases = {_OWN: own}
-        for key in {key for key, _, _ in tokens[k]} - {_OWN}:
+        for key in keys_of[k]:
             if key < _LAYER:
                 bases[key] = run_base[key]
             elif key < _END:
