@@ -7,12 +7,17 @@ subpackage ships without editing anything) plus vramcalc.model_specs, which
 
 The build step also writes vramcalc/model_specs/_catalog.json, the catalog's YAML files
 parsed once (src/vramcalc/catalog_index.py): a cold `vramcalc plan` then needs no PyYAML.
+
+`vramcalc._replay` (src/vramcalc/_replay.c) is the compiled replay of an estimate's
+request program. It is optional: where no C compiler is found or the build fails, the
+install goes on without it and `vramcalc.allocator_replay` runs its pure-Python replay,
+which gives the same bytes (`vramcalc --version` says which one runs).
 """
 
 import importlib.util
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -34,4 +39,5 @@ class build_py_with_catalog_index(build_py):
 setup(
     packages=[*find_packages("src", include=["vramcalc", "vramcalc.*"]), "vramcalc.model_specs"],
     cmdclass={"build_py": build_py_with_catalog_index},
+    ext_modules=[Extension("vramcalc._replay", ["src/vramcalc/_replay.c"], optional=True)],
 )

@@ -28,15 +28,21 @@ The rules are those of `c10/cuda/CUDACachingAllocator.cpp` (torch 2.11-2.13,
 left at their defaults (off).
 
 Pure Python, no torch. `replay_trace` replays a recorded trace (calibrate/trace.py
-`compact_trace`) as a check of these rules against the GPU.
+`compact_trace`) as a check of these rules against the GPU. `replay_program` replays the
+load-and-steps program of an estimate (step_requests.program_peaks), here or in the
+compiled extension `vramcalc._replay` (src/vramcalc/_replay.c, the same rules for one
+stream) where it was built: `ENGINE` says which runs by default.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+import os
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Literal
 
 MiB = 2**20
 MIN_BLOCK = 512
@@ -66,48 +72,60 @@ def allocation_size(size: int) -> int:
     return ROUND_LARGE * ((size + ROUND_LARGE - 1) // ROUND_LARGE)
 
 
-@dataclass(eq=False)
 class Block:
-    addr: int
-    size: int
-    small: bool
-    stream: int
-    allocated: bool = False
-    mapped: bool = True  # False: unmapped address space of an expandable segment
-    prev: Block | None = None
-    next: Block | None = None
+    """A block of a segment: its address range, whether a tensor holds it, and its
+    neighbours in the segment (an expandable segment's chain includes unmapped space)."""
+
+    __slots__ = ("addr", "size", "small", "stream", "allocated", "mapped", "prev", "next")
+
+    def __init__(self, addr: int, size: int, small: bool, stream: int,
+                 allocated: bool = False, mapped: bool = True) -> None:
+        self.addr = addr
+        self.size = size
+        self.small = small
+        self.stream = stream
+        self.allocated = allocated
+        self.mapped = mapped  # False: unmapped address space of an expandable segment
+        self.prev: Block | None = None
+        self.next: Block | None = None
 
 
-@dataclass
+# a pool orders its free blocks by (size, address) as one int: size << _ADDR_BITS | addr
+# (addresses, simulated or a trace's CUDA ones, stay below 2**64)
+_ADDR_BITS = 64
+
+
 class _Pool:
     """Free mapped blocks of one pool and stream, sorted by (size, address)."""
 
-    keys: list[tuple[int, int]] = field(default_factory=list)
-    blocks: dict[tuple[int, int], Block] = field(default_factory=dict)
+    __slots__ = ("keys", "blocks")
+
+    def __init__(self) -> None:
+        self.keys: list[int] = []
+        self.blocks: dict[int, Block] = {}
 
     def add(self, b: Block) -> None:
-        key = (b.size, b.addr)
+        key = b.size << _ADDR_BITS | b.addr
         bisect.insort(self.keys, key)
         self.blocks[key] = b
 
     def remove(self, b: Block) -> None:
-        key = (b.size, b.addr)
-        i = bisect.bisect_left(self.keys, key)
-        if i < len(self.keys) and self.keys[i] == key:
-            del self.keys[i]
-            del self.blocks[key]
+        key = b.size << _ADDR_BITS | b.addr
+        if self.blocks.pop(key, None) is not None:
+            del self.keys[bisect.bisect_left(self.keys, key)]
 
     def best_fit(self, size: int, expandable: bool) -> Block | None:
-        i = bisect.bisect_left(self.keys, (size, -1))
-        if i >= len(self.keys):
+        keys = self.keys
+        i = bisect.bisect_left(keys, size << _ADDR_BITS)
+        if i >= len(keys):
             return None
-        b = self.blocks[self.keys[i]]
+        b = self.blocks[keys[i]]
         if expandable:
             # a block followed by unmapped space counts as the size it could grow to; the
             # search walks on while the next candidate's such size is smaller
             # (get_free_block's expandable_size loop)
-            while i + 1 < len(self.keys):
-                nxt = self.blocks[self.keys[i + 1]]
+            while i + 1 < len(keys):
+                nxt = self.blocks[keys[i + 1]]
                 if _expandable_size(nxt) < _expandable_size(b):
                     b, i = nxt, i + 1
                 else:
@@ -140,7 +158,10 @@ class CachingAllocator:
         self._chains: dict[tuple[bool, int], Block] = {}
 
     def _pool(self, small: bool, stream: int) -> _Pool:
-        return self.pools.setdefault((small, stream), _Pool())
+        pool = self.pools.get((small, stream))
+        if pool is None:
+            pool = self.pools[(small, stream)] = _Pool()
+        return pool
 
     def _address(self, size: int) -> int:
         if self.next_segment_addr is not None:
@@ -148,11 +169,13 @@ class CachingAllocator:
             return addr
         addr = self._next_addr
         self._next_addr += _SEGMENT_GAP + size
+        assert self._next_addr < 1 << _ADDR_BITS
         return addr
 
     def _grow(self, size: int) -> None:
         self.reserved += size
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        if self.reserved > self.peak_reserved:
+            self.peak_reserved = self.reserved
 
     # -- expandable segments ----------------------------------------------------------
     def _chain(self, small: bool, stream: int) -> Block:
@@ -220,9 +243,12 @@ class CachingAllocator:
     def _merge(self, b: Block) -> Block:
         """Merge free mapped block `b` with its free mapped neighbours; into the pool."""
         pool = self._pool(b.small, b.stream)
-        for other in (b.prev, b.next):
-            if other is None or other.allocated or not other.mapped:
-                continue
+        other = b.prev
+        if other is not None and not other.allocated and other.mapped:
+            pool.remove(other)
+            self._absorb(b, other)
+        other = b.next
+        if other is not None and not other.allocated and other.mapped:
             pool.remove(other)
             self._absorb(b, other)
         pool.add(b)
@@ -230,29 +256,41 @@ class CachingAllocator:
 
     # -- the allocator's interface ----------------------------------------------------
     def malloc(self, size: int, stream: int = 0) -> Block:
-        size = round_size(size)
+        size = MIN_BLOCK if size < MIN_BLOCK else -(-size // MIN_BLOCK) * MIN_BLOCK
         small = size <= SMALL_SIZE
-        pool = self._pool(small, stream)
-        b = pool.best_fit(size, self.expandable)
-        if b is not None:
-            pool.remove(b)
-        elif self.expandable:
-            b = self._expand(size, small, stream)
+        pool = self.pools.get((small, stream)) or self._pool(small, stream)
+        if self.expandable:
+            b = pool.best_fit(size, True)
+            if b is not None:
+                pool.remove(b)
+            else:
+                b = self._expand(size, small, stream)
+            split = b.size - size >= MIN_BLOCK
         else:
-            seg = allocation_size(size)
-            b = Block(self._address(seg), seg, small, stream)
-            self.segments += 1
-            self._grow(seg)
-        rest = b.size - size
-        split = rest >= MIN_BLOCK if (small or self.expandable) else rest > SMALL_SIZE
+            keys = pool.keys
+            i = bisect.bisect_left(keys, size << _ADDR_BITS)
+            if i < len(keys):
+                b = pool.blocks.pop(keys.pop(i))
+            else:
+                seg = allocation_size(size)
+                b = Block(self._address(seg), seg, small, stream)
+                self.segments += 1
+                self._grow(seg)
+            split = b.size - size >= MIN_BLOCK if small else b.size - size > SMALL_SIZE
         if split:
-            r = Block(b.addr + size, rest, small, stream)
-            self._relink(b, [b, r])
+            # the request takes the front; the rest stays free (c10 alloc_found_block)
+            r = Block(b.addr + size, b.size - size, small, stream)
+            nxt = r.next = b.next
+            if nxt is not None:
+                nxt.prev = r
+            r.prev = b
+            b.next = r
             b.size = size
             pool.add(r)
         b.allocated = True
         self.allocated += b.size
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
         return b
 
     def free(self, b: Block) -> None:
@@ -489,11 +527,90 @@ def replay_requests(requests: Iterable[tuple[int, int]], expandable: bool = Fals
     (its peak_reserved etc.); `sim` and `live` continue an earlier replay."""
     sim = sim if sim is not None else CachingAllocator(expandable=expandable)
     live = live if live is not None else {}
+    malloc, free, pop = sim.malloc, sim.free, live.pop
     for tid, size in requests:
         if size > 0:
-            live[tid] = sim.malloc(size, stream)
+            live[tid] = malloc(size, stream)
         elif size == 0:
-            sim.free(live.pop(tid))
+            free(pop(tid))
         else:
             sim.empty_cache()
     return sim
+
+
+Engine = Literal["compiled", "python"]
+
+
+def _compiled_module() -> ModuleType | None:
+    """The compiled replay, or None where it was not built (setup.py builds it optionally)
+    or `VRAMCALC_NO_EXTENSIONS` is set, which runs the package as an install without it
+    (as aiohttp's AIOHTTP_NO_EXTENSIONS does): read once, here."""
+    if os.environ.get("VRAMCALC_NO_EXTENSIONS"):
+        return None
+    try:
+        from vramcalc import _replay
+    except ImportError:
+        return None
+    return _replay
+
+
+_COMPILED = _compiled_module()
+# the replay `replay_program` runs unless told otherwise (`vramcalc --version` says it)
+ENGINE: Engine = "compiled" if _COMPILED is not None else "python"
+
+
+# (ids, strides, sizes, count): the requests (ids[k] + r * strides[k], sizes[k]) for k in
+# order, for r in range(count) (step_templates.StepProgram), int64 arrays
+RequestBlock = tuple["array[int]", "array[int]", "array[int]", int]  # generic from 3.12
+
+
+def expand(blocks: Sequence[RequestBlock]) -> list[tuple[int, int]]:
+    """The (id, bytes) requests that `blocks` stand for."""
+    return [(tid + r * stride, size) for ids, strides, sizes, count in blocks
+            for r in range(count) for tid, stride, size in zip(ids, strides, sizes,
+                                                                strict=True)]
+
+
+@dataclass(frozen=True)
+class ProgramReplay:
+    """What `replay_program` reads off the simulated allocator."""
+
+    load_peak_allocated: int
+    load_peak_reserved: int
+    segment_peaks: tuple[int, ...]  # peak allocated of each step segment, from its start
+    peak_allocated: int  # over the steps, peaks reset after loading
+    peak_reserved: int  # over the steps
+
+
+def replay_program(load: Sequence[tuple[int, int]], steps: Sequence[RequestBlock],
+                   bounds: Sequence[int], expandable: bool,
+                   engine: Engine | None = None) -> ProgramReplay:
+    """Replay the requests of loading (`load`, from an empty allocator), reset the peaks
+    (as `calibrate` does before the first step), then the step requests (`steps`, the
+    blocks of a step_templates.StepProgram) segment by segment: segment k is requests
+    bounds[k] to bounds[k + 1] of the sequence the blocks stand for, the last one to its
+    end. Requests are (tensor id, bytes) as in `replay_requests`, ids distinct over both.
+    `engine`: "compiled" (an error where it is not built), "python", or None for
+    `ENGINE`; both give the same numbers (tests/test_replay_engines.py)."""
+    engine = engine or ENGINE
+    if engine == "compiled":
+        if _COMPILED is None:
+            raise RuntimeError("the compiled replay (vramcalc._replay) is not built here")
+        load_alloc, load_res, peaks, overall, reserved = _COMPILED.replay_program(
+            load, steps, bounds, expandable)
+        return ProgramReplay(load_alloc, load_res, peaks, overall, reserved)
+    requests = expand(steps)
+    sim = replay_requests(load, expandable=expandable)
+    load_alloc, load_res = sim.peak_allocated, sim.peak_reserved
+    sim.peak_reserved, sim.peak_allocated = sim.reserved, sim.allocated
+    overall = sim.peak_allocated
+    live: dict[int, Block] = {}
+    ends = [*bounds[1:], len(requests)]
+    segment_peaks = []
+    for lo, hi in zip(bounds, ends, strict=True):
+        sim.peak_allocated = sim.allocated
+        replay_requests(requests[lo:hi], sim=sim, live=live)
+        segment_peaks.append(sim.peak_allocated)
+        overall = max(overall, sim.peak_allocated)
+    return ProgramReplay(load_alloc, load_res, tuple(segment_peaks), overall,
+                         sim.peak_reserved)

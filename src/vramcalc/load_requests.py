@@ -177,6 +177,7 @@ def load_requests(spec: ModelSpec, plan: TrainPlan, kbit_prepare: bool = True
     layers: list[list[tuple[int | None, int]]] = []
     fused = fused_experts(spec, plan)
     pending: list[list[int | None]] = []  # the previous layer's expert pieces
+    linears = _checkpoint_order(spec)
     for _ in range(spec.num_hidden_layers):
         keep: list[tuple[int | None, int]] = []
         if fused and quantized:
@@ -199,7 +200,7 @@ def load_requests(spec: ModelSpec, plan: TrainPlan, kbit_prepare: bool = True
                 for numel, out in expert_linear_numels(spec):
                     _materialize_linear(r, LinearShape("expert", "expert", numel // out, out,
                                                        False), plan, load)
-        for lin in _checkpoint_order(spec):
+        for lin in linears:
             if quantized:
                 _materialize_linear(r, lin, plan, load)
             else:

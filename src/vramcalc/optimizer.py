@@ -93,6 +93,13 @@ def optimizer_state_sizes(spec: ModelSpec, plan: TrainPlan) -> list[int]:
     first step (the tensors behind `optimizer_bytes(...).device`, one by one), parameter
     by parameter in the model's order (layer by layer: torch/optim/adamw.py `_init_group`
     and bitsandbytes `Optimizer8bit.init_state` make a parameter's states together)."""
+    return [size for group in optimizer_state_groups(spec, plan) for size in group]
+
+
+def optimizer_state_groups(spec: ModelSpec, plan: TrainPlan) -> list[list[int]]:
+    """`optimizer_state_sizes` cut by copy: group k holds the states of the k-th copy of
+    every tensor that has more than k (the model-wide tensors in group 0 only, then a
+    layer's tensors, or its k-th norm); each parameter's states stay together."""
     opt = plan.optimizer
     if opt == "sgd":
         return []
@@ -114,9 +121,5 @@ def optimizer_state_sizes(spec: ModelSpec, plan: TrainPlan) -> list[int]:
             per_tensor.append(([rounded(t.numel), absmax] * 2, t.copies))
         else:
             per_tensor.append(([rounded(4 * t.numel)] * 2, t.copies))
-    out: list[int] = []
-    for copy in range(max((c for _, c in per_tensor), default=0)):
-        for states, copies in per_tensor:
-            if copy < copies:
-                out += states
-    return out
+    return [[size for states, copies in per_tensor if copy < copies for size in states]
+            for copy in range(max((c for _, c in per_tensor), default=0))]

@@ -44,11 +44,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vramcalc.activations import expert_dtype_bytes, int8_outlier_fraction, residual_bytes
-from vramcalc.allocator_replay import Block, replay_requests, round_size
+from vramcalc.allocator_replay import Engine, replay_program, round_size
+from vramcalc.errors import VramcalcError
 from vramcalc.load_requests import MIN_REQUEST, load_requests
-from vramcalc.optimizer import optimizer_bytes, optimizer_state_sizes
+from vramcalc.optimizer import optimizer_bytes, optimizer_state_groups
 from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import LinearShape, ModelSpec, sliding_past_window
+from vramcalc.specs import LinearShape, ModelSpec, depth_cut, sliding_past_window
+from vramcalc.step_templates import TEMPLATE_LAYERS, StepProgram, template_program
 from vramcalc.trainable import lora_on_experts, lora_targets
 from vramcalc.weights import DTYPE_BYTES, fused_experts
 
@@ -60,14 +62,15 @@ from vramcalc.weights import DTYPE_BYTES, fused_experts
 CUBLAS_WORKSPACE = 32 * 1024 * 1024
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Buf:
     size: int
     id: int
     refs: int = 1
+    layer: int = -1  # the layer whose requests allocated it (Graph.layer), -1 none
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Var:
     """A tensor in the forward: its buffer and whether a gradient flows to it."""
 
@@ -83,7 +86,7 @@ class Var:
     has_grad: bool = False  # a gradient has reached it (tracked or not)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     out: Var
     inputs: list[Var]
@@ -91,24 +94,27 @@ class Node:
     bwd_temps: list[int] = field(default_factory=list)
     mm: bool = False  # a cuBLAS matmul: its backward may make the backward thread's workspace
     passthrough: bool = False  # add / clone: its inputs get its own gradient tensor
+    layer: int = -1  # the layer whose forward made it (Graph.layer)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ChunkNode:
     """`chunk` of a tensor into views (views share its buffer): backward puts the views'
     gradients together into one gradient of the whole (aten `cat`), then frees them."""
 
     outs: list[Var]
     inp: Var
+    layer: int = -1
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class CheckpointNode:
     """A checkpointed layer: its input is kept; backward recomputes it first."""
 
     out: Var
     inp: Var
-    layer: Callable[[Graph, Var], Var]
+    fn: Callable[[Graph, Var], Var]
+    layer: int = -1
 
 
 class Graph:
@@ -130,13 +136,29 @@ class Graph:
         self._next = 0
         self.in_backward = False
         self._workspaces: set[bool] = set()  # threads whose cuBLAS workspace exists
+        # the decoder layer whose work makes the requests (-1: the rest), and where each
+        # run of one layer's (or the rest's) requests starts: (layer, index of its first
+        # request); step_templates.py repeats a middle layer's runs
+        self.layer = -1
+        self.runs: list[tuple[int, int]] = [(-1, 0)]
+
+    def set_layer(self, layer: int, new_run: bool = False) -> None:
+        """The requests from here on are `layer`'s (-1: no layer's); `new_run` starts a
+        new run even for the same layer (a phase of the step begins). Every loop over the
+        layers marks each layer's requests so, and the rest with -1 before and after:
+        step_templates repeats the middle layer's runs, and requests made layer by layer
+        under -1 would be repeated as often as the cut has layers
+        (tests/test_step_templates.py compares with the full generation)."""
+        if layer != self.layer or new_run:
+            self.layer = layer
+            self.runs.append((layer, len(self.requests)))
 
     # -- buffers ----------------------------------------------------------------------
     def alloc(self, size: int) -> Buf | None:
         if size < MIN_REQUEST:
             return None
         self._next += 1
-        b = Buf(size, self._next)
+        b = Buf(size, self._next, 1, self.layer)
         self.requests.append((b.id, size))
         return b
 
@@ -164,7 +186,11 @@ class Graph:
 
     def drop(self, *vs: Var) -> None:
         for v in vs:
-            self.unref(v.buf)
+            b = v.buf  # unref(v.buf), inline: the generator's most frequent call
+            if b is not None:
+                b.refs -= 1
+                if b.refs == 0 and b.id not in self.gone:
+                    self.requests.append((b.id, 0))
 
     def workspace(self) -> None:
         """A cuBLAS matmul ran on this thread: its handle's workspace, made once, kept."""
@@ -184,14 +210,19 @@ class Graph:
         listed weight first: the backward computes the weight's gradient first).
         `passthrough`: an add or a clone, whose backward hands its output's gradient on to
         the inputs as it is."""
-        out = Var(self.alloc(size), size, size, any(v.requires_grad for v in inputs))
+        grad_inputs = [v for v in inputs if v.requires_grad]
+        out = Var(self.alloc(size), size, size, bool(grad_inputs))
         if mm:
             self.workspace()
-        if self.grad_mode and out.requires_grad:
-            kept = [*save, out] if save_out else list(save)
-            saved = [b for b in (self.ref(v.buf) for v in kept) if b is not None]
-            self.nodes.append(Node(out, [v for v in inputs if v.requires_grad], saved,
-                                   list(bwd_temps), mm, passthrough))
+        if self.grad_mode and grad_inputs:
+            saved = []
+            for v in (*save, out) if save_out else save:
+                b = v.buf
+                if b is not None:
+                    b.refs += 1
+                    saved.append(b)
+            self.nodes.append(Node(out, grad_inputs, saved, list(bwd_temps), mm, passthrough,
+                                   self.layer))
         return out
 
     def cast_cached(self, w: Var, size: int) -> Var:
@@ -202,15 +233,24 @@ class Graph:
         return wc
 
     def clear_cache(self) -> None:
-        self.drop(*self.cache)
+        for v in self.cache:
+            if v.buf is not None:
+                self.set_layer(v.buf.layer)
+            self.unref(v.buf)
         self.cache = []
+
+    def release(self, bufs: list[Buf]) -> None:
+        """Let go of `bufs` in order, each among its own layer's requests."""
+        for b in bufs:
+            self.set_layer(b.layer)
+            self.unref(b)
 
     def chunk(self, x: Var, n: int) -> list[Var]:
         """`x.chunk(n, dim=-1)`: n views of x, no new memory; each view keeps x alive."""
         outs = [Var(self.ref(x.buf), x.size // n, x.grad_bytes // n, x.requires_grad)
                 for _ in range(n)]
         if self.grad_mode and x.requires_grad:
-            self.nodes.append(ChunkNode(outs, x))
+            self.nodes.append(ChunkNode(outs, x, self.layer))
         return outs
 
     def leaf(self, size: int, requires_grad: bool, param: bool = False) -> Var:
@@ -281,11 +321,12 @@ class Graph:
         loss.grad, loss.has_grad = self.alloc(loss.grad_bytes), True
         nodes, self.nodes = self.nodes, []
         self._backward(nodes)
+        self.set_layer(-1)
         self.in_backward = False
         kept = self.graph_held if keep_graph else []
         if not keep_graph:
-            for b in self.graph_held:
-                self.unref(b)
+            self.release(self.graph_held)
+            self.set_layer(-1)
         self.graph_held = []
         for v in self.leaves:
             if keep_graph:  # the leaf's AccumulateGrad node keeps its `.grad` too
@@ -298,6 +339,8 @@ class Graph:
 
     def _backward(self, nodes: list[Node | ChunkNode | CheckpointNode]) -> None:
         for n in reversed(nodes):
+            if n.layer != self.layer:
+                self.set_layer(n.layer)
             if isinstance(n, CheckpointNode):
                 self._recompute(n)
             elif isinstance(n, ChunkNode):
@@ -319,14 +362,19 @@ class Graph:
         inp = Var(c.inp.buf, c.inp.size, c.inp.grad_bytes, c.inp.requires_grad)
         self.recomputing = True
         start = len(self.requests)
-        out = c.layer(self, inp)
+        out = c.fn(self, inp)
         self.recomputing = False
         self.clear_cache()
         inner, self.nodes = self.nodes, outer
+        assert self.runs[-1][1] <= start  # the rewrite below keeps the runs' starts
         rerun = self.requests[start:]
         saved = {b.id for n in inner if isinstance(n, Node) for b in n.saved}
-        last = max((k for k, (bid, size) in enumerate(rerun) if size and bid in saved),
-                   default=len(rerun) - 1)
+        last = len(rerun) - 1  # the last request that packs a saved tensor, else the end
+        for k in range(len(rerun) - 1, -1, -1):
+            bid, size = rerun[k]
+            if size and bid in saved:
+                last = k
+                break
         kept = rerun[:last + 1]
         live: dict[int, None] = {}
         for bid, size in kept:
@@ -355,7 +403,7 @@ class Graph:
         self.grad_mode = True
         out.requires_grad = True
         self.ref(x.buf)
-        self.nodes.append(CheckpointNode(out, x, layer))
+        self.nodes.append(CheckpointNode(out, x, layer, self.layer))
         return out
 
 
@@ -1037,6 +1085,9 @@ class StepRequests:
     # (phase, index of its first request) of every step, in order: "forward" (with the
     # loss), "backward", "optimizer" (with zero_grad)
     phases: list[tuple[str, int]] = field(default_factory=list)
+    # (layer, index of its first request) of each run of one layer's requests (-1: the
+    # rest), Graph.runs
+    runs: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def starts(self) -> list[int]:
@@ -1054,9 +1105,10 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
     full = plan.method == "full"
     wbytes = DTYPE_BYTES[plan.load_dtype]
     per_layer_weights: list[dict[str, Var]] = []
+    linears = spec.block_linears()
     for _ in range(layers):
         w: dict[str, Var] = {}
-        for lin in spec.block_linears():
+        for lin in linears:
             if full:
                 w[lin.name] = Var(None, lin.weight_numel * s.c, lin.weight_numel * wbytes,
                                   True, param=True)
@@ -1079,14 +1131,17 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                   sum_out_of_place=not s.autocast_weights)
     head_w = embed_w if spec.tie_word_embeddings else Var(
         None, vocab * h * wbytes, vocab * h * wbytes, full, param=True)
-    params = [embed_w, head_w] + [v for w in per_layer_weights for v in w.values()]
+    params = [(-1, embed_w), (-1, head_w)] + [(i, v) for i, w in enumerate(per_layer_weights)
+                                               for v in w.values()]
     opt = optimizer_bytes(spec, plan)
-    state_sizes = optimizer_state_sizes(spec, plan)
+    # a group per copy of the trainable tensors: group k among layer k % layers' requests
+    state_groups = optimizer_state_groups(spec, plan)
     ck = plan.gradient_checkpointing
     held: Var | None = None
     held_graph: list[Buf] = []  # what the previous step's surviving loss or output keeps
     phases: list[tuple[str, int]] = []
     for step in range(steps):
+        g.set_layer(-1, new_run=True)
         phases.append(("forward", len(g.requests)))
         x = g.op(t * h * s.act, [embed_w])
         # the (batch, 1, S, S) bool sliding-window mask, built once per forward
@@ -1101,10 +1156,12 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                 # the leaf's AccumulateGrad node holds it (and its .grad) while the graph
                 # lives: past backward, where the loss or the output survives the step
                 leaf_ref = g.ref(x.buf)
-        for fn in fns:
+        for i, fn in enumerate(fns):
+            g.set_layer(i)
             nx = g.checkpoint(fn, x) if ck else fn(g, x)
             g.drop(x)
             x = nx
+        g.set_layer(-1)
         n = _norm(g, s, x, h)
         g.drop(x)
         head_copy: Var | None = None
@@ -1134,8 +1191,8 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
             # H200 run 13 z004: step 2 starts 4.16 GB above step 1, logits 1.24 GB)
             g.drop(held)
             held = None
-            for kept in held_graph:
-                g.unref(kept)
+            g.release(held_graph)
+            g.set_layer(-1)
             held_graph = []
         loss = g.op(4, [logp])
         g.drop(logp)
@@ -1146,6 +1203,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         # the output's DynamicCache goes with the output (TrainPlan.kv_cache)
         cache, kv[:] = list(kv), []
         leaf_refs = [leaf_ref] if leaf_ref is not None else []
+        g.set_layer(-1, new_run=True)
         phases.append(("backward", len(g.requests)))
         if plan.holds_output:
             held = logits
@@ -1153,8 +1211,8 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
             if not plan.holds_output_past_step:  # `del out` after backward
                 g.drop(held)
                 held = None
-                for kept in held_graph:
-                    g.unref(kept)
+                g.release(held_graph)
+                g.set_layer(-1)
                 held_graph = []
         else:
             if plan.loop == "trainer" and logits.size != t * vocab * 4:
@@ -1177,21 +1235,43 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
             else:
                 g.backward(loss)
         g.unref(mask)
+        g.set_layer(-1, new_run=True)
         phases.append(("optimizer", len(g.requests)))
         # optimizer: states at the first step, then zero_grad frees every gradient
         if step == 0:  # kept for good: never freed
-            for sz in state_sizes:
-                g.alloc(sz)
+            for k, group in enumerate(state_groups):
+                _group_layer(g, k, layers)
+                for sz in group:
+                    g.alloc(sz)
+            g.set_layer(-1)
         if opt.step_transient:
             # foreach AdamW: torch._foreach_sqrt(exp_avg_sqs), one new tensor per state
             # (torch/optim/adamw.py _multi_tensor_adamw), all alive until the step ends
-            sqrt = [g.alloc(sz) for sz in state_sizes[1::2]]
-            for b in sqrt:
-                g.unref(b)
-        for v in params:
+            # (each group holds whole parameters, two states each: [1::2] per group is
+            # [1::2] of them all)
+            sqrt: list[list[Buf | None]] = []
+            for k, group in enumerate(state_groups):
+                _group_layer(g, k, layers)
+                sqrt.append([g.alloc(sz) for sz in group[1::2]])
+            for k, bufs in enumerate(sqrt):
+                _group_layer(g, k, layers)
+                for b in bufs:
+                    g.unref(b)
+            g.set_layer(-1)
+        for i, v in params:
+            g.set_layer(i)
             g.unref(v.grad)
             v.grad, v.has_grad = None, False
-    return StepRequests(g.requests, steps, phases)
+        g.set_layer(-1)
+    return StepRequests(g.requests, steps, phases, g.runs)
+
+
+def _group_layer(g: Graph, k: int, layers: int) -> None:
+    """The requests of optimizer state group `k` (optimizer_state_groups) are layer
+    k % layers'; each pass over the layers is a run of its own."""
+    if k % layers == 0:
+        g.set_layer(-1)
+    g.set_layer(k % layers)
 
 
 @dataclass(frozen=True)
@@ -1210,7 +1290,8 @@ class ProgramPeaks:
     requested: dict[str, int] = field(default_factory=dict)
 
 
-def requested_peaks(load: list[tuple[int, int]], gen: StepRequests) -> dict[str, int]:
+def requested_peaks(load: list[tuple[int, int]], requests: list[tuple[int, int]],
+                    phases: list[tuple[str, int]]) -> dict[str, int]:
     """The peak of the rounded requested bytes alive in loading and in each step phase.
     The allocator's allocated bytes count a whole block where the rest is too small to
     split off (c10 `should_split`), so they depend on which free block a request lands in,
@@ -1227,10 +1308,10 @@ def requested_peaks(load: list[tuple[int, int]], gen: StepRequests) -> dict[str,
         peak = max(peak, total)
     out = {"load": peak, "forward": 0, "backward": 0, "optimizer": 0}
     steps: dict[int, int] = {}
-    bounds = [*gen.phases, ("", len(gen.requests))]
+    bounds = [*phases, ("", len(requests))]
     for (name, lo), (_, hi) in itertools.pairwise(bounds):
         peak = total
-        for tid, size in gen.requests[lo:hi]:
+        for tid, size in requests[lo:hi]:
             if size > 0:
                 steps[tid] = round_size(size)
                 total += steps[tid]
@@ -1241,26 +1322,39 @@ def requested_peaks(load: list[tuple[int, int]], gen: StepRequests) -> dict[str,
     return out
 
 
-def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> ProgramPeaks:
-    """Replay the requests of loading and preparing the model (load_requests), then of
-    `steps` training steps, phase by phase."""
-    load = load_requests(spec, plan)
-    sim = replay_requests(load, expandable=plan.expandable_segments)
-    phases = {"load": int(sim.peak_allocated), "forward": 0, "backward": 0, "optimizer": 0}
-    load_reserved = int(sim.peak_reserved)
-    # the measured peaks start at training (calibrate resets them before the first step)
-    sim.peak_reserved, sim.peak_allocated = sim.reserved, sim.allocated
+def step_program(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepProgram:
+    """The requests of `step_requests` as a StepProgram: repeated from a cut of the model
+    to step_templates.TEMPLATE_LAYERS layers where its layers are alike (the same
+    sequence, tensor ids renumbered: step_templates.canonical), else generated whole."""
+    layers = spec.num_hidden_layers
+    if layers > TEMPLATE_LAYERS and len(set(sliding_past_window(spec, plan.seq_len))) == 1:
+        try:
+            cut: StepRequests | None = step_requests(depth_cut(spec, TEMPLATE_LAYERS), plan,
+                                                     steps)
+        except (VramcalcError, ValueError):
+            cut = None  # a spec the cut does not validate for (a config from the hub)
+        if cut is not None:
+            program = template_program(cut.requests, cut.phases, cut.runs, layers)
+            if program is not None:
+                return program
     gen = step_requests(spec, plan, steps)
-    live: dict[int, Block] = {}
-    bounds = [*gen.phases, ("", len(gen.requests))]
-    overall = sim.peak_allocated
-    for (name, lo), (_, hi) in itertools.pairwise(bounds):
-        sim.peak_allocated = sim.allocated
-        replay_requests(gen.requests[lo:hi], sim=sim, live=live)
-        phases[name] = max(phases[name], int(sim.peak_allocated))
-        overall = max(overall, sim.peak_allocated)
-    return ProgramPeaks(phases, int(overall), int(sim.peak_reserved), load_reserved,
-                        requested_peaks(load, gen))
+    return StepProgram.plain(gen.requests, gen.phases)
+
+
+def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3,
+                  engine: Engine | None = None) -> ProgramPeaks:
+    """Replay the requests of loading and preparing the model (load_requests), then of
+    `steps` training steps (step_program), phase by phase (`allocator_replay.
+    replay_program`; `engine` None: the compiled replay where it was built)."""
+    program = step_program(spec, plan, steps)
+    load = load_requests(spec, plan)
+    r = replay_program(load, program.blocks,
+                       [k for _, k in program.phases], plan.expandable_segments, engine)
+    phases = {"load": r.load_peak_allocated, "forward": 0, "backward": 0, "optimizer": 0}
+    for (name, _), peak in zip(program.phases, r.segment_peaks, strict=True):
+        phases[name] = max(phases[name], peak)
+    return ProgramPeaks(phases, r.peak_allocated, r.peak_reserved, r.load_peak_reserved,
+                        requested_peaks(load, program.requests(), program.phases))
 
 
 def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
