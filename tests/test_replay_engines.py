@@ -106,3 +106,17 @@ def test_no_extensions_runs_the_python_replay() -> None:
         [sys.executable, "-c", "from vramcalc.allocator_replay import ENGINE; print(ENGINE)"],
         env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "python"
+
+
+@pytest.mark.parametrize(("name", "options"), PLANS[:5])
+def test_requested_peaks_come_from_either_replay(name: str, options: dict[str, object]) -> None:
+    """The requested peaks (the rounded request bytes alive, step_requests.requested_peaks)
+    that both replays track equal the reference over the expanded program."""
+    from vramcalc.step_requests import requested_peaks
+
+    spec, plan = _case(name, options)
+    program = step_program(spec, plan)
+    want = requested_peaks(load_requests(spec, plan), program.requests(), program.phases)
+    engines = ["python", "compiled"] if ENGINE == "compiled" else ["python"]
+    for engine in engines:
+        assert program_peaks(spec, plan, engine=engine).requested == want  # type: ignore[arg-type]

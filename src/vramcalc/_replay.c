@@ -66,6 +66,8 @@ typedef struct {
     int32_t chains[2]; /* expandable: first block of each pool's segment, -1 none */
     int expandable;
     int64_t reserved, allocated, peak_reserved, peak_allocated, next_addr;
+    /* the rounded requested bytes alive, and their peak (step_requests.requested_peaks) */
+    int64_t requested, peak_requested;
     int oom; /* 1 after a failed realloc */
 } Sim;
 
@@ -714,6 +716,7 @@ done:
 
 typedef struct { /* tensor id -> block, over a dense range of ids */
     int32_t *slot; /* -1: not live */
+    int64_t *req;  /* the live tensor's rounded request (round_size) */
     int64_t lo;
     Py_ssize_t n;
 } Live;
@@ -736,6 +739,12 @@ static int replay(Sim *s, Live *live, const Requests *r, Py_ssize_t from, Py_ssi
                 return -1;
             }
             *slot = b;
+            int64_t rounded = size < 512 ? 512 : ((size + 511) / 512) * 512;
+            live->req[r->id[k] - live->lo] = rounded;
+            s->requested += rounded;
+            if (s->requested > s->peak_requested) {
+                s->peak_requested = s->requested;
+            }
         } else {
             if (*slot < 0) {
                 PyErr_Format(PyExc_KeyError, "free of tensor %lld, which is not live",
@@ -746,6 +755,7 @@ static int replay(Sim *s, Live *live, const Requests *r, Py_ssize_t from, Py_ssi
                 return -1;
             }
             *slot = -1;
+            s->requested -= live->req[r->id[k] - live->lo];
         }
         if (s->oom) {
             PyErr_NoMemory();
@@ -783,7 +793,7 @@ static PyObject *replay_program(PyObject *self, PyObject *args) {
     s.chains[0] = s.chains[1] = -1;
     s.next_addr = SEGMENT_GAP;
     Live live = {0};
-    PyObject *bounds = NULL, *result = NULL, *peaks = NULL;
+    PyObject *bounds = NULL, *result = NULL, *peaks = NULL, *req_peaks = NULL;
     if (read_requests(load_seq, &load) < 0 || read_blocks(steps_seq, &steps) < 0) {
         goto done;
     }
@@ -805,7 +815,8 @@ static PyObject *replay_program(PyObject *self, PyObject *args) {
     live.lo = lo;
     live.n = (Py_ssize_t)(hi - lo + 1);
     live.slot = malloc((size_t)live.n * sizeof(int32_t));
-    if (live.slot == NULL) {
+    live.req = malloc((size_t)live.n * sizeof(int64_t));
+    if (live.slot == NULL || live.req == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -814,13 +825,15 @@ static PyObject *replay_program(PyObject *self, PyObject *args) {
         goto done;
     }
     int64_t load_alloc = s.peak_allocated, load_reserved = s.peak_reserved;
+    int64_t load_requested = s.peak_requested;
     /* the measured peaks start at training */
     s.peak_reserved = s.reserved;
     s.peak_allocated = s.allocated;
     int64_t overall = s.peak_allocated;
     Py_ssize_t nb = PySequence_Fast_GET_SIZE(bounds);
     peaks = PyTuple_New(nb);
-    if (peaks == NULL) {
+    req_peaks = PyTuple_New(nb);
+    if (peaks == NULL || req_peaks == NULL) {
         goto done;
     }
     for (Py_ssize_t k = 0; k < nb; k++) {
@@ -835,6 +848,7 @@ static PyObject *replay_program(PyObject *self, PyObject *args) {
             goto done;
         }
         s.peak_allocated = s.allocated;
+        s.peak_requested = s.requested;
         if (replay(&s, &live, &steps, from, to) < 0) {
             goto done;
         }
@@ -843,20 +857,28 @@ static PyObject *replay_program(PyObject *self, PyObject *args) {
             goto done;
         }
         PyTuple_SET_ITEM(peaks, k, v);
+        v = PyLong_FromLongLong(s.peak_requested);
+        if (v == NULL) {
+            goto done;
+        }
+        PyTuple_SET_ITEM(req_peaks, k, v);
         if (s.peak_allocated > overall) {
             overall = s.peak_allocated;
         }
     }
-    result = Py_BuildValue("LLOLL", (long long)load_alloc, (long long)load_reserved, peaks,
-                           (long long)overall, (long long)s.peak_reserved);
+    result = Py_BuildValue("LLOLLLO", (long long)load_alloc, (long long)load_reserved, peaks,
+                           (long long)overall, (long long)s.peak_reserved,
+                           (long long)load_requested, req_peaks);
 done:
     Py_XDECREF(peaks);
+    Py_XDECREF(req_peaks);
     Py_XDECREF(bounds);
     free(load.id);
     free(load.size);
     free(steps.id);
     free(steps.size);
     free(live.slot);
+    free(live.req);
     free(s.b);
     free(s.spare);
     for (int q = 0; q < 2; q++) {
@@ -874,7 +896,9 @@ static PyMethodDef methods[] = {
     {"replay_program", replay_program, METH_VARARGS,
      "replay_program(load, steps, bounds, expandable) -> (load peak allocated, load peak "
      "reserved, peak allocated of each step segment, peak allocated over the steps, peak "
-     "reserved over the steps); `load` (id, bytes) tuples, `steps` request blocks; see "
+     "reserved over the steps, load peak requested, peak requested of each step segment); "
+     "requested: the rounded request bytes alive (step_requests.requested_peaks); "
+     "`load` (id, bytes) tuples, `steps` request blocks; see "
      "vramcalc.allocator_replay.replay_program."},
     {NULL, NULL, 0, NULL},
 };

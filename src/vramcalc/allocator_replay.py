@@ -580,6 +580,11 @@ class ProgramReplay:
     segment_peaks: tuple[int, ...]  # peak allocated of each step segment, from its start
     peak_allocated: int  # over the steps, peaks reset after loading
     peak_reserved: int  # over the steps
+    # the rounded (round_size) request bytes alive, which unlike allocated bytes do not
+    # depend on where a request lands (step_requests.requested_peaks): their peak in
+    # loading, and in each step segment from its start
+    load_peak_requested: int = 0
+    segment_requested: tuple[int, ...] = ()
 
 
 def replay_program(load: Sequence[tuple[int, int]], steps: Sequence[RequestBlock],
@@ -596,10 +601,27 @@ def replay_program(load: Sequence[tuple[int, int]], steps: Sequence[RequestBlock
     if engine == "compiled":
         if _COMPILED is None:
             raise RuntimeError("the compiled replay (vramcalc._replay) is not built here")
-        load_alloc, load_res, peaks, overall, reserved = _COMPILED.replay_program(
-            load, steps, bounds, expandable)
-        return ProgramReplay(load_alloc, load_res, peaks, overall, reserved)
+        load_alloc, load_res, peaks, overall, reserved, load_req, req_peaks = (
+            _COMPILED.replay_program(load, steps, bounds, expandable))
+        return ProgramReplay(load_alloc, load_res, peaks, overall, reserved, load_req,
+                             req_peaks)
     requests = expand(steps)
+    sizes: dict[int, int] = {}
+    requested = 0
+
+    def requested_peak(segment: Sequence[tuple[int, int]]) -> int:
+        nonlocal requested
+        peak = requested
+        for tid, size in segment:
+            if size > 0:
+                sizes[tid] = round_size(size)
+                requested += sizes[tid]
+                peak = max(peak, requested)
+            elif size == 0:
+                requested -= sizes.pop(tid)
+        return peak
+
+    load_req = requested_peak(load)
     sim = replay_requests(load, expandable=expandable)
     load_alloc, load_res = sim.peak_allocated, sim.peak_reserved
     sim.peak_reserved, sim.peak_allocated = sim.reserved, sim.allocated
@@ -607,10 +629,12 @@ def replay_program(load: Sequence[tuple[int, int]], steps: Sequence[RequestBlock
     live: dict[int, Block] = {}
     ends = [*bounds[1:], len(requests)]
     segment_peaks = []
+    segment_requested = []
     for lo, hi in zip(bounds, ends, strict=True):
         sim.peak_allocated = sim.allocated
         replay_requests(requests[lo:hi], sim=sim, live=live)
+        segment_requested.append(requested_peak(requests[lo:hi]))
         segment_peaks.append(sim.peak_allocated)
         overall = max(overall, sim.peak_allocated)
     return ProgramReplay(load_alloc, load_res, tuple(segment_peaks), overall,
-                         sim.peak_reserved)
+                         sim.peak_reserved, load_req, tuple(segment_requested))

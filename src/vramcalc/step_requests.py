@@ -1351,10 +1351,13 @@ def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3,
     r = replay_program(load, program.blocks,
                        [k for _, k in program.phases], plan.expandable_segments, engine)
     phases = {"load": r.load_peak_allocated, "forward": 0, "backward": 0, "optimizer": 0}
-    for (name, _), peak in zip(program.phases, r.segment_peaks, strict=True):
+    requested = {"load": r.load_peak_requested, "forward": 0, "backward": 0, "optimizer": 0}
+    for (name, _), peak, req in zip(program.phases, r.segment_peaks, r.segment_requested,
+                                    strict=True):
         phases[name] = max(phases[name], peak)
+        requested[name] = max(requested[name], req)
     return ProgramPeaks(phases, r.peak_allocated, r.peak_reserved, r.load_peak_reserved,
-                        requested_peaks(load, program.requests(), program.phases))
+                        requested)
 
 
 def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
