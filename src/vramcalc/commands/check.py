@@ -379,7 +379,7 @@ def check(
                             "--gpu NAME --gpus N to plan for GPUs this machine lacks")
         smallest = min(used[: parallel.gpus], key=lambda t: t.free_bytes)
         where = f"{parallel.gpus} x {smallest.name}"
-        if not check_parallel(spec, train, parallel, smallest.free_bytes - margin_b, where,
+        if not check_parallel(spec, train, parallel, smallest.free_bytes, margin_b, where,
                               json_output):
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
@@ -387,10 +387,9 @@ def check(
     verdicts = _verdicts(spec, train, targets_, margin_b, estimators)
     if max_ is not None:
         from vramcalc.search import largest_fitting
-        from vramcalc.verdict import budget
 
-        rows = [(v, largest_fitting(spec, v.plan, max_, budget(v.target.free_bytes, margin_b),
-                                    estimate_fn=v.estimate_fn, confirm=True))
+        rows = [(v, largest_fitting(spec, v.plan, max_, v.target.free_bytes, margin_b,
+                                    estimate_fn=v.estimate_fn))
                 for v in verdicts]
         _render_max(max_, rows, margin_b, json_output)
         if not any(n for _, n in rows):
@@ -400,14 +399,13 @@ def check(
     suggestions: list[Suggestion] = []
     larger = None
     if not best.fits_free or best.now.certainty == "tight":
-        from vramcalc.verdict import budget
-
-        room = budget(best.target.free_bytes, margin_b)
+        room = best.target.free_bytes
         if best.fits_free:  # tight: only the allocator switch, for more room
-            allocator = advice.allocator_suggestion(spec, best.plan, room, best.estimate_fn)
+            allocator = advice.allocator_suggestion(spec, best.plan, room, margin_b,
+                                                    best.estimate_fn)
             suggestions = [] if allocator is None else [allocator]
         else:
-            suggestions = advice.suggest(spec, best.plan, room, best.estimate_fn)
+            suggestions = advice.suggest(spec, best.plan, room, margin_b, best.estimate_fn)
         if not suggestions and not best.fits_free:
             from vramcalc.gpu_catalog import catalog
 
@@ -419,7 +417,7 @@ def check(
     if not best.fits_free:
         from vramcalc.commands.parallel import parallel_suggestions
 
-        several = parallel_suggestions(spec, best.plan, best.target.total_bytes - margin_b)
+        several = parallel_suggestions(spec, best.plan, best.target.empty_bytes, margin_b)
     if json_output:
         from vramcalc.render import estimate_to_dict
 

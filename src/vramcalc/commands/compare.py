@@ -97,7 +97,8 @@ def compare(
     estimators = Estimators(use_calibration=not no_calibration)
     rows = compare_methods(spec, base, margin_b, catalog(),
                            optimizer=user_optimizer(ctx, plan_options),
-                           estimate_for=lambda gpu: estimators(gpu.name))
+                           estimate_for=lambda gpu: estimators(gpu.name),
+                           estimate_fn=estimators(None))
     for selection in estimators.applied():
         warn(selection.note)
     if json_output:

@@ -147,73 +147,92 @@ def show_parallel(pe: ParallelEstimate, plan: TrainPlan) -> None:
         console.print(f"[dim]note: {note}[/dim]", highlight=False)
 
 
-def parallel_suggestions(spec: ModelSpec, plan: TrainPlan, budget_bytes: int,
+def parallel_suggestions(spec: ModelSpec, plan: TrainPlan, memory_bytes: int, margin_bytes: int,
                          max_gpus: int = 8) -> list[dict[str, Any]]:
-    """For `check`: the smallest N per strategy that fits `budget_bytes` on each GPU."""
+    """For `check`: the smallest N per strategy that fits cards offering `memory_bytes`
+    each with `margin_bytes` to spare (the rule of every suggestion)."""
     from vramcalc.multi_gpu import smallest_fitting_parallel
 
     return [o.model_dump(mode="json")
-            for o in smallest_fitting_parallel(spec, plan, budget_bytes, max_gpus)]
+            for o in smallest_fitting_parallel(spec, plan, memory_bytes, margin_bytes, max_gpus)]
 
 
 def plan_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
-                  gpu_memory: float | None, max_: str | None, json_output: bool) -> bool | None:
+                  memory_bytes: int | None, margin_bytes: int, max_: str | None,
+                  json_output: bool) -> bool | None:
     """`plan --gpus N ...`: print the estimate (or --max per GPU) and return whether it fits
-    each GPU's --gpu-memory (None when no budget). Raw estimate: the fitted corrections
-    (calibration/) were measured on one GPU and are not applied."""
+    each GPU's `memory_bytes` with `margin_bytes` to spare, by the rule of `plan` (None when
+    no card is given). Raw estimate: the fitted corrections (calibration/) were measured on
+    one GPU and are not applied."""
     from vramcalc.commands.common import print_json
     from vramcalc.multi_gpu import estimate_parallel
+    from vramcalc.verdict import verdict
 
-    budget = None if gpu_memory is None else int(gpu_memory * GiB)
     if max_ is not None:
-        from vramcalc.search import largest_fitting
+        from vramcalc.search import largest_fitting, quick_estimate
 
-        assert budget is not None  # checked by plan()
+        assert memory_bytes is not None  # checked by plan()
         best = largest_fitting(
-            spec, plan, max_, budget,
-            estimate_fn=lambda s, p: estimate_parallel(s, p, parallel).busiest, confirm=True)
+            spec, plan, max_, memory_bytes, margin_bytes,
+            estimate_fn=lambda s, p: estimate_parallel(s, p, parallel).busiest,
+            guess_fn=lambda s, p: estimate_parallel(s, p, parallel, quick_estimate).busiest)
         if json_output:
             print_json({"model": spec.name, "max": max_, "value": best, "fits": best > 0,
-                        "gpu_memory_bytes": budget, "gpus": parallel.gpus,
-                        "strategy": parallel.strategy, "per_gpu": True})
+                        "gpu_memory_bytes": memory_bytes, "margin_bytes": margin_bytes,
+                        "gpus": parallel.gpus, "strategy": parallel.strategy, "per_gpu": True})
         else:
-            typer.echo(f"largest {max_} per GPU that fits {gpu_memory:g} GiB on each of "
+            where = f"{memory_bytes / GiB:.2f} GiB (margin {margin_bytes / GiB:.2f})"
+            typer.echo(f"largest {max_} per GPU that fits {where} on each of "
                        f"{parallel.label}: {best}" if best else
-                       f"nothing fits in {gpu_memory:g} GiB per GPU, not even {max_} 1")
+                       f"nothing fits in {where} per GPU, not even {max_} 1")
         return best > 0
     pe = estimate_parallel(spec, plan, parallel)
-    fits = None if budget is None else pe.busiest.required_device_bytes <= budget
+    need = pe.busiest.required_device_bytes
+    v = None if memory_bytes is None else verdict(memory_bytes, need, margin_bytes,
+                                                  pe.busiest.required_low)
     if json_output:
         out = parallel_to_dict(pe, plan)
-        if budget is not None:
-            out["gpu_memory_bytes"] = budget
-            out["fits"] = fits
+        if v is not None:
+            out["gpu_memory_bytes"] = memory_bytes
+            out["margin_bytes"] = margin_bytes
+            out["fits"] = v.fits
+            out["certainty"] = v.certainty
+            out["spread_bytes"] = v.spread_bytes
+            out["headroom_bytes"] = v.headroom_bytes
         print_json(out)
     else:
         show_parallel(pe, plan)
-        if fits is not None:
-            head = (budget - pe.busiest.required_device_bytes) / GiB  # type: ignore[operator]
-            typer.echo(f"{'fits' if fits else 'does NOT fit'} in {gpu_memory:g} GiB per GPU "
-                       f"(busiest GPU headroom {head:+.2f} GiB)")
-    return fits
+        if v is not None:
+            typer.echo(f"{v.word} in {memory_bytes / GiB:.2f} GiB per GPU with "  # type: ignore[operator]
+                       f"{margin_bytes / GiB:.2f} GiB margin (busiest GPU headroom "
+                       f"{v.headroom_bytes / GiB:+.2f} GiB)")
+            if v.certainty == "tight":
+                typer.echo(v.tight_reason)
+    return None if v is None else v.fits
 
 
-def check_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan, budget_bytes: int,
-                   where: str, json_output: bool) -> bool:
-    """`check --gpus N --strategy ...`: whether the busiest GPU fits `budget_bytes`
-    (each GPU's memory less the margin; `where` names the GPUs)."""
+def check_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan, memory_bytes: int,
+                   margin_bytes: int, where: str, json_output: bool) -> bool:
+    """`check --gpus N --strategy ...`: whether the busiest GPU fits `memory_bytes` (the
+    smallest GPU's) with `margin_bytes` to spare, by the rule of `check`; `where` names
+    the GPUs."""
     from vramcalc.commands.common import print_json
     from vramcalc.multi_gpu import estimate_parallel
+    from vramcalc.verdict import verdict
 
     pe = estimate_parallel(spec, plan, parallel)
-    fits = pe.busiest.required_device_bytes <= budget_bytes
+    need = pe.busiest.required_device_bytes
+    v = verdict(memory_bytes, need, margin_bytes, pe.busiest.required_low)
     if json_output:
         out = parallel_to_dict(pe, plan)
-        out.update(fits=fits, budget_bytes_per_gpu=budget_bytes, gpus_checked=where)
+        out.update(fits=v.fits, certainty=v.certainty, spread_bytes=v.spread_bytes,
+                   budget_bytes_per_gpu=memory_bytes - margin_bytes,
+                   gpu_memory_bytes=memory_bytes, margin_bytes=margin_bytes, gpus_checked=where)
         print_json(out)
     else:
         show_parallel(pe, plan)
-        typer.echo(f"{'fits' if fits else 'does NOT fit'} on {where}: busiest GPU needs "
-                   f"{pe.busiest.required_device_bytes / GiB:.2f} GiB of "
-                   f"{budget_bytes / GiB:.2f} GiB (after the margin)")
-    return fits
+        typer.echo(f"{v.word} on {where}: busiest GPU needs {need / GiB:.2f} GiB + "
+                   f"{margin_bytes / GiB:.2f} GiB margin of {memory_bytes / GiB:.2f} GiB")
+        if v.certainty == "tight":
+            typer.echo(v.tight_reason)
+    return v.fits

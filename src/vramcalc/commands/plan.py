@@ -129,8 +129,8 @@ def plan(
     if parallel is not None:
         from vramcalc.commands.parallel import plan_parallel
 
-        budget_gib = None if target is None else (target.free_bytes - margin_b) / GiB
-        if plan_parallel(spec, train, parallel, budget_gib, max_, json_output) is False:
+        memory = None if target is None else target.free_bytes
+        if plan_parallel(spec, train, parallel, memory, margin_b, max_, json_output) is False:
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
     if target is not None:
@@ -190,10 +190,9 @@ def _answer_max(
     estimate_fn: EstimateFn,
 ) -> None:
     from vramcalc.search import largest_fitting
-    from vramcalc.verdict import budget
 
-    best = largest_fitting(spec, train, what, budget(target.free_bytes, margin_b),
-                           estimate_fn=estimate_fn, confirm=True)
+    best = largest_fitting(spec, train, what, target.free_bytes, margin_b,
+                           estimate_fn=estimate_fn)
     if json_output:
         print_json({"model": spec.name, "max": what, "value": best, "fits": best > 0,
                     "gpu": target.name, "gpu_memory_bytes": target.free_bytes,
