@@ -292,7 +292,7 @@ def test_fit_cli_json_covers_every_pair_and_text_fits_80_columns() -> None:
     assert all(len(line) <= 80 for line in t.stdout.splitlines())
     for r in fitting:
         assert any(line.split("│")[1].strip() == r["model"] and r["method"] in line
-                   and str(r["max_batch"]) in line for line in t.stdout.splitlines()
+                   and str(r["max_batch"] or "-") in line for line in t.stdout.splitlines()
                    if line.count("│") > 2)
 
 

@@ -301,7 +301,7 @@ def print_fit(gpu: str, memory_bytes: int, rows: list[Any], margin_bytes: int,
             seq += "*"
             past = True
         table.add_row(r.model, _count(r.params), r.method, gib(r.required_device_bytes),
-                      _CERTAINTY_CELL[r.verdict.certainty], str(r.max_batch), seq)
+                      _CERTAINTY_CELL[r.verdict.certainty], str(r.max_batch or "-"), seq)
     console.print(table)
     if past:
         console.print("* longer than the model's max_position_embeddings")

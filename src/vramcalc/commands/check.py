@@ -36,6 +36,7 @@ from vramcalc.verdict import DEFAULT_MARGIN_GIB, Target
 
 if TYPE_CHECKING:
     from vramcalc.advice import GpuAnswer, Suggestion
+    from vramcalc.api import GpuVerdict
     from vramcalc.corrections import Selection
     from vramcalc.estimate import Estimate
     from vramcalc.gpus import DeviceInfo
@@ -70,48 +71,45 @@ def _detect_devices() -> list[DeviceInfo]:
     return query_devices()
 
 
-class GpuVerdict(NamedTuple):
-    """A plan checked on one card: now (free memory) and on the empty card."""
+class Checked(NamedTuple):
+    """One card's verdict (vramcalc.api.GpuVerdict, the API's type) with what the searches
+    and suggestions on that card need: the plan as it runs there and its estimate
+    function (that GPU family's corrections)."""
 
-    target: Target
+    verdict: GpuVerdict
     plan: TrainPlan
-    estimate: Estimate
-    now: Verdict
-    empty: Verdict
     estimate_fn: EstimateFn
 
     @property
+    def target(self) -> Target:
+        return self.verdict.target
+
+    @property
+    def estimate(self) -> Estimate:
+        return self.verdict.estimate
+
+    @property
+    def now(self) -> Verdict:
+        return self.verdict.now
+
+    @property
+    def empty(self) -> Verdict:
+        return self.verdict.empty
+
+    @property
     def fits_free(self) -> bool:
-        return self.now.fits
+        return self.verdict.fits_free
 
     @property
     def fits_empty(self) -> bool:
-        return self.empty.fits
+        return self.verdict.fits_empty
 
     @property
     def headroom_bytes(self) -> int:
-        return self.now.headroom_bytes
+        return self.verdict.headroom_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        t = self.target
-        return {
-            "name": t.name,
-            "index": t.index,
-            "label": t.label,
-            "total_bytes": t.total_bytes,
-            "free_bytes": t.free_bytes,
-            "empty_bytes": t.empty_bytes,
-            "compute_capability": t.compute_capability,
-            "compute_dtype": self.plan.compute_dtype,
-            "peak_device_bytes": self.estimate.peak_device_bytes,
-            "required_device_bytes": self.estimate.required_device_bytes,
-            "fits_free": self.fits_free,
-            "fits_empty": self.fits_empty,
-            "certainty": self.now.certainty,
-            "certainty_empty": self.empty.certainty,
-            "spread_bytes": self.now.spread_bytes,
-            "headroom_bytes": self.headroom_bytes,
-        }
+        return self.verdict.to_dict()
 
 
 def _gib(nbytes: int) -> str:
@@ -173,9 +171,9 @@ def _estimators(use_calibration: bool) -> Estimators:
 def _verdicts(
     spec: ModelSpec, train: TrainPlan, targets: list[Target], margin: int,
     estimators: Estimators,
-) -> list[GpuVerdict]:
+) -> list[Checked]:
     from vramcalc.advice import for_gpu
-    from vramcalc.verdict import verdict
+    from vramcalc.api import verdict_on
 
     cache: dict[tuple[int, str], Estimate] = {}
     out = []
@@ -188,11 +186,7 @@ def _verdicts(
         key = (id(fn), p.compute_dtype)
         if key not in cache:
             cache[key] = fn(spec, p)
-        est = cache[key]
-        need = est.required_device_bytes
-        low = est.required_low
-        out.append(GpuVerdict(t, p, est, verdict(t.free_bytes, need, margin, low),
-                              verdict(t.empty_bytes, need, margin, low), fn))
+        out.append(Checked(verdict_on(t, cache[key], p.compute_dtype, margin), p, fn))
     return out
 
 
@@ -201,7 +195,7 @@ def _fits_cell(v: Verdict) -> str:
         v.certainty, "[red]no[/red]")
 
 
-def _verdict_table(verdicts: list[GpuVerdict], margin: int, detected: bool) -> Any:
+def _verdict_table(verdicts: list[Checked], margin: int, detected: bool) -> Any:
     from rich.table import Table
 
     table = Table(title=f"Per GPU, GiB: fits = required free memory + {_gib(margin)} margin "
@@ -226,8 +220,8 @@ def _verdict_table(verdicts: list[GpuVerdict], margin: int, detected: bool) -> A
 
 
 def _render(
-    verdicts: list[GpuVerdict],
-    best: GpuVerdict,
+    verdicts: list[Checked],
+    best: Checked,
     margin: int,
     suggestions: list[Suggestion],
     larger: GpuAnswer | None,
@@ -281,7 +275,7 @@ def _render(
 
 
 def _render_max(
-    what: str, rows: list[tuple[GpuVerdict, int]], margin: int, json_output: bool
+    what: str, rows: list[tuple[Checked, int]], margin: int, json_output: bool
 ) -> None:
     if json_output:
         print_json({"max": what, "margin_bytes": margin,

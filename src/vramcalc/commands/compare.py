@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
+from vramcalc.commands.from_config import announce_spec
 from vramcalc.commands.options import (
     JsonOpt,
     MarginOpt,
@@ -66,8 +67,9 @@ def compare(
     LoRA (int8). Each shows the peak allocated memory, the required free
     memory and the smallest catalog GPU it fits, by the rule of plan and
     check (required free memory + --margin <= the card's memory less the
-    driver's reservation; "tight" inside the allocator's band or the
-    estimate's spread).
+    driver's reservation): the smallest on which plan --gpu says "fits"
+    (a GPU where it is only "fits, tight", inside the allocator's band or
+    the estimate's spread, does not count).
     --method, --quant and --weights-dtype are set per row; every other
     option applies to all rows. The optimizer is each method's usual one,
     adamw_torch_fused for full and paged_adamw_8bit for the LoRA methods,
@@ -85,8 +87,7 @@ def compare(
     per_method_options(plan_options, "compare")
     margin_b = margin_bytes(margin)
     spec = resolve_model_arg(model)
-    for note in spec.notes:
-        warn(f"note: {note}")
+    announce_spec(spec)
     base = build_plan(**plan_options)
     validate_targets(spec, base)
     long_seq = warn_long_sequence(spec, base)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
-from vramcalc.commands.common import print_json, reports_errors, warn
+from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
 from vramcalc.commands.from_config import announce_spec, with_from_config
 from vramcalc.commands.options import (
     JsonOpt,
@@ -265,7 +265,6 @@ def sweep(
     """
     from vramcalc.gpu_catalog import resolve_gpu
     from vramcalc.planning import Estimators, calibration_note
-    from vramcalc.specs import resolve_model
     from vramcalc.verdict import catalog_target
 
     if json_output and csv_output:
@@ -273,7 +272,7 @@ def sweep(
     sw = parse_over(over)
     margin_b = margin_bytes(margin)
     targets = [catalog_target(resolve_gpu(g)) for g in gpu or []]
-    spec = resolve_model(model)
+    spec = resolve_model_arg(model)
     announce_spec(spec)
     train = build_plan(**plan_options)
     validate_targets(spec, train)

@@ -20,6 +20,7 @@ from vramcalc.commands.options import with_signature
 from vramcalc.errors import PlanError
 
 if TYPE_CHECKING:
+    from vramcalc.api import GpuVerdict
     from vramcalc.inference import InferPlan, MergePlan
     from vramcalc.result import Estimate
     from vramcalc.specs import ModelSpec
@@ -170,27 +171,29 @@ def _estimate(spec: ModelSpec, plan: InferPlan | MergePlan) -> Estimate:
     return estimate_merge(spec, plan)
 
 
-def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, budget: int) -> int:
-    """Largest batch or prompt length whose required memory fits `budget` (0: none)."""
+def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, memory_bytes: int,
+                          margin_bytes: int) -> int:
+    """Largest batch or prompt length that `plan --task infer` calls "fits" on a card
+    offering `memory_bytes` with `margin_bytes` to spare (0: none), by the rule of every
+    search (verdict.fits_certainly: "fits, tight" does not count)."""
     from vramcalc.inference import estimate_inference
+    from vramcalc.search import UPPER_LIMIT, largest_from_guess
+    from vramcalc.verdict import certain_need
 
     field = {"batch": "batch_size", "prompt-len": "prompt_len"}[what]
 
-    def fits(n: int) -> bool:
+    def need(n: int) -> int:
         est = estimate_inference(spec, plan.model_copy(update={field: n}))
-        return est.required_device_bytes <= budget
+        return certain_need(est.required_device_bytes, margin_bytes)
 
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= 1 << 22 and fits(hi):
-        lo, hi = hi, hi * 2
-    if hi > 1 << 22:
-        return lo
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return largest_from_guess(need, memory_bytes, UPPER_LIMIT)
+
+
+def _dtype(plan: InferPlan | MergePlan) -> str:
+    """The dtype the plan computes in (a merge: its base's)."""
+    from vramcalc.inference import InferPlan
+
+    return plan.compute_dtype if isinstance(plan, InferPlan) else plan.dtype
 
 
 def _title(est: Estimate, plan: InferPlan | MergePlan) -> str:
@@ -207,11 +210,13 @@ def _title(est: Estimate, plan: InferPlan | MergePlan) -> str:
 
 
 def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) -> None:
-    from vramcalc.specs import resolve_model
+    from vramcalc.commands.common import resolve_model_arg
+    from vramcalc.commands.from_config import announce_spec
 
     if kw.get("model") is None:
         raise PlanError(f"--task {task} needs --model MODEL")
-    spec = resolve_model(kw["model"])
+    spec = resolve_model_arg(kw["model"])  # the door of every command, with its notes
+    announce_spec(spec)
     plan = build_infer_plan(opts, kw) if task == "infer" else build_merge_plan(opts, kw)
     from vramcalc.trainable import lora_targets
 
@@ -222,6 +227,12 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
     if command == "check":
         _check(spec, plan, kw)
         return
+    from vramcalc.api import verdict_on
+    from vramcalc.commands.options import margin_bytes
+    from vramcalc.commands.plan import _target
+
+    target = _target(kw.get("gpu"), gpu_memory)
+    margin_b = margin_bytes(kw["margin"])
     max_ = kw.get("max_")
     if max_ is not None:
         if task != "infer":
@@ -229,22 +240,24 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
         if max_ not in INFER_MAX:
             raise PlanError(f"--max with --task infer takes one of {', '.join(INFER_MAX)}, "
                             f"got '{max_}'")
-        if gpu_memory is None:
-            raise PlanError("--max needs --gpu-memory GIB (the budget to fit in)")
-        best = largest_fitting_infer(spec, plan, max_, int(gpu_memory * GiB))  # type: ignore[arg-type]
+        if target is None:
+            raise PlanError("--max needs --gpu NAME or --gpu-memory GIB (the card to fit in)")
+        best = largest_fitting_infer(spec, plan, max_, target.free_bytes, margin_b)  # type: ignore[arg-type]
+        where = f"{target.name} ({target.free_bytes / GiB:.2f} GiB, margin {margin_b / GiB:.2f})"
         if kw["json_output"]:
             print_json({"model": spec.name, "task": task, "max": max_, "value": best,
-                        "fits": best > 0, "gpu_memory_bytes": int(gpu_memory * GiB)})
+                        "fits": best > 0, "gpu": target.name,
+                        "gpu_memory_bytes": target.free_bytes, "margin_bytes": margin_b})
         else:
-            typer.echo(f"largest {max_} that fits {gpu_memory:g} GiB: {best}" if best
-                       else f"nothing fits in {gpu_memory:g} GiB, not even {max_} 1")
+            typer.echo(f"largest {max_} that fits {where}: {best}" if best
+                       else f"nothing fits {where}, not even {max_} 1")
         if best == 0:
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
     est = _estimate(spec, plan)
-    fits = None if gpu_memory is None else est.required_device_bytes <= gpu_memory * GiB
-    _output(est, plan, spec, kw["json_output"], gpu_memory, fits)
-    if fits is False:
+    v = None if target is None else verdict_on(target, est, _dtype(plan), margin_b)
+    _output(est, plan, spec, kw["json_output"], v)
+    if v is not None and not v.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 
 
@@ -259,16 +272,21 @@ def _extras(spec: ModelSpec, plan: InferPlan | MergePlan) -> dict[str, Any]:
 
 
 def _output(est: Estimate, plan: InferPlan | MergePlan, spec: ModelSpec, json_output: bool,
-            gpu_memory: float | None, fits: bool | None) -> None:
+            v: GpuVerdict | None) -> None:
     from vramcalc.render import task_estimate_to_dict
 
     extras = _extras(spec, plan)
     if json_output:
         out = task_estimate_to_dict(est, plan.model_dump(mode="json"))
         out.update(extras)
-        if fits is not None:
-            out["gpu_memory_bytes"] = int(gpu_memory * GiB)  # type: ignore[operator]
-            out["fits"] = fits
+        if v is not None:  # as `plan --gpu` for a training step
+            out["gpu"] = v.gpu
+            out["gpu_memory_bytes"] = v.memory_bytes
+            out["margin_bytes"] = v.margin_bytes
+            out["fits"] = v.fits
+            out["certainty"] = v.certainty
+            out["spread_bytes"] = v.spread_bytes
+            out["headroom_bytes"] = v.headroom_bytes
         print_json(out)
         return
     from rich.console import Console
@@ -280,15 +298,21 @@ def _output(est: Estimate, plan: InferPlan | MergePlan, spec: ModelSpec, json_ou
     if extras:
         console.print(f"merged checkpoint on disk: {extras['disk_bytes'] / GiB:.2f} GiB "
                       "(safetensors tensors)")
-    if fits is not None:
-        verdict = "[green]fits[/green]" if fits else "[red]does NOT fit[/red]"
-        head = gpu_memory - est.required_device_bytes / GiB  # type: ignore[operator]
-        console.print(f"{verdict} in {gpu_memory:g} GiB (headroom {head:+.2f} GiB)")
+    if v is not None:
+        color = {"fits": "green", "tight": "yellow"}.get(v.certainty, "red")
+        console.print(
+            f"[{color}]{v.now.word}[/{color}] {v.gpu}: needs "
+            f"{est.required_device_bytes / GiB:.2f} GiB + {v.margin_bytes / GiB:.2f} GiB "
+            f"margin, the card offers {v.memory_bytes / GiB:.2f} GiB (headroom "
+            f"{v.headroom_bytes / GiB:+.2f} GiB)", highlight=False)
+        if v.certainty == "tight":
+            console.print(v.now.tight_reason, highlight=False)
 
 
 def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> None:
     """`check --task infer|merge`: the estimate against each GPU (detected, --gpu, or
-    --gpu-memory), fits = required + margin <= free memory."""
+    --gpu-memory), by check's rule and verdict type (api.verdict_on: required + margin <=
+    free memory, tight inside the band or the spread; empty: the usable total)."""
     from vramcalc.commands import check as check_cmd
 
     gpu: list[str] = kw.get("gpu") or []  # no --gpu: detected GPUs or --gpu-memory
@@ -299,30 +323,31 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
     if margin < 0:
         raise PlanError(f"--margin must be zero or more GiB, got {margin}")
     margin_bytes = int(margin * GiB)
+    from vramcalc.api import verdict_on
+
     est = _estimate(spec, plan)
-    targets = check_cmd._targets(gpu, gpu_memory)
-    need = est.required_device_bytes + margin_bytes
-    rows: list[dict[str, Any]] = [
-        {"name": t.name, "label": t.label, "total_bytes": t.total_bytes,
-         "free_bytes": t.free_bytes, "required_device_bytes": est.required_device_bytes,
-         "fits_free": need <= t.free_bytes, "fits_empty": need <= t.total_bytes,
-         "headroom_bytes": t.free_bytes - est.required_device_bytes} for t in targets]
-    best = max(rows, key=lambda r: r["free_bytes"])
+    verdicts = [verdict_on(t, est, _dtype(plan), margin_bytes)
+                for t in check_cmd._targets(gpu, gpu_memory)]
+    best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals, as check's
     if kw["json_output"]:
         from vramcalc.render import task_estimate_to_dict
 
         estimate = task_estimate_to_dict(est, plan.model_dump(mode="json"))
         estimate.update(_extras(spec, plan))
-        print_json({"fits": best["fits_free"], "margin_bytes": margin_bytes, "best_gpu": best,
-                    "gpus": rows, "estimate": estimate})
+        print_json({"fits": best.fits_free, "certainty": best.certainty,
+                    "spread_bytes": best.spread_bytes, "margin_bytes": margin_bytes,
+                    "best_gpu": best.to_dict(), "gpus": [v.to_dict() for v in verdicts],
+                    "estimate": estimate})
     else:
-        _output(est, plan, spec, False, None, None)
-        where = best["name"] if best["label"] is None else f"GPU {best['label']} ({best['name']})"
-        if best["fits_free"]:
-            typer.echo(f"fits on {where}: {best['headroom_bytes'] / GiB:+.2f} GiB headroom "
-                       f"(margin {margin:g} GiB)")
+        _output(est, plan, spec, False, None)
+        where = best.target.where
+        if best.fits_free:
+            typer.echo(f"{best.now.word} on {where}: {best.headroom_bytes / GiB:+.2f} GiB "
+                       f"headroom (margin {margin:g} GiB)")
+            if best.certainty == "tight":
+                typer.echo(best.now.tight_reason)
         else:
             warn(f"does NOT fit on {where}: needs {est.required_device_bytes / GiB:.2f} GiB + "
-                 f"{margin:g} GiB margin, {best['free_bytes'] / GiB:.2f} GiB free")
-    if not best["fits_free"]:
+                 f"{margin:g} GiB margin, {best.target.free_bytes / GiB:.2f} GiB free")
+    if not best.fits_free:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
