@@ -203,6 +203,7 @@ def comparison_to_dict(model: str, rows: list[Any], margin_bytes: int) -> dict[s
             "smallest_gpu": None if s is None else {
                 "name": s.gpu, "compute_dtype": s.compute_dtype,
                 "memory_bytes": s.verdict.memory_bytes,
+                "required_device_bytes": s.verdict.required_bytes,
                 "certainty": s.verdict.certainty, "spread_bytes": s.verdict.spread_bytes,
                 "headroom_bytes": s.verdict.headroom_bytes,
             },
