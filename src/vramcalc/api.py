@@ -79,9 +79,10 @@ class GpuVerdict(BaseModel):
     """A plan checked on one card, by the rule of `plan` and `check`: now (the memory the
     card offers: NVML free for a detected card, the usable total of an empty one) and on
     the empty card (its total less the driver's reservation). The one verdict type of the
-    API and the CLI (`vramcalc check`'s rows and JSON are `to_dict`)."""
+    API and the CLI (`vramcalc check`'s rows and JSON are `to_dict`, `plan --gpu`'s
+    `verdict_fields`)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # built on first use (issue 9)
 
     target: Target
     compute_dtype: str  # fp16 on a GPU without bf16
@@ -140,6 +141,13 @@ class GpuVerdict(BaseModel):
     @property
     def fits_empty(self) -> bool:
         return self.empty.fits
+
+    def verdict_fields(self) -> dict[str, Any]:
+        """The verdict's keys in `plan --gpu ... --json` (training, inference, merging)."""
+        return {"gpu": self.gpu, "gpu_memory_bytes": self.memory_bytes,
+                "margin_bytes": self.margin_bytes, "fits": self.fits,
+                "certainty": self.certainty, "spread_bytes": self.spread_bytes,
+                "headroom_bytes": self.headroom_bytes}
 
     def to_dict(self) -> dict[str, Any]:
         """The card's row of `check --json` (`gpus`, `best_gpu`)."""

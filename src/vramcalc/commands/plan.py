@@ -109,7 +109,6 @@ def plan(
     """
     from vramcalc.planning import calibration_note, estimator
     from vramcalc.render import estimate_to_dict
-    from vramcalc.verdict import verdict
 
     check_max(max_)
     margin_b = margin_bytes(margin)
@@ -148,19 +147,17 @@ def plan(
         _answer_max(spec, train, max_, target, margin_b, json_output, estimate)
         return
     est = estimate(spec, train)
-    v = None if target is None else verdict(target.free_bytes, est.required_device_bytes,
-                                            margin_b, est.required_low)
+    gv = None
+    if target is not None:
+        from vramcalc.api import verdict_on
+
+        gv = verdict_on(target, est, train.compute_dtype, margin_b)
+    v = None if gv is None else gv.now
     if json_output:
         out = estimate_to_dict(est, train)
         out["calibration"] = None if corrections is None else corrections.key
-        if v is not None and target is not None:
-            out["gpu"] = target.name
-            out["gpu_memory_bytes"] = target.free_bytes
-            out["margin_bytes"] = margin_b
-            out["fits"] = v.fits
-            out["certainty"] = v.certainty
-            out["spread_bytes"] = v.spread_bytes
-            out["headroom_bytes"] = v.headroom_bytes
+        if gv is not None:
+            out.update(gv.verdict_fields())
         print_json(out)
     else:
         from rich.console import Console

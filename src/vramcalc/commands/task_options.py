@@ -280,13 +280,7 @@ def _output(est: Estimate, plan: InferPlan | MergePlan, spec: ModelSpec, json_ou
         out = task_estimate_to_dict(est, plan.model_dump(mode="json"))
         out.update(extras)
         if v is not None:  # as `plan --gpu` for a training step
-            out["gpu"] = v.gpu
-            out["gpu_memory_bytes"] = v.memory_bytes
-            out["margin_bytes"] = v.margin_bytes
-            out["fits"] = v.fits
-            out["certainty"] = v.certainty
-            out["spread_bytes"] = v.spread_bytes
-            out["headroom_bytes"] = v.headroom_bytes
+            out.update(v.verdict_fields())
         print_json(out)
         return
     from rich.console import Console
