@@ -41,7 +41,7 @@ def search_seconds() -> tuple[float, int]:
     n = 0
     for gib in (8, 12, 16, 24, 40, 48, 80, 141):
         for what in ("batch", "seq-len"):
-            largest_fitting(spec, TrainPlan(), what, gib * 2**30)
+            largest_fitting(spec, TrainPlan(), what, gib * 2**30, 2**29)
     # and a brute-force sweep of 2,000 candidate settings
     for batch in range(1, 41):
         for seq in range(256, 256 * 51, 256):

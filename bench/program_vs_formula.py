@@ -1,5 +1,5 @@
 """Peak allocated two ways on every H200 training point: the phase formula (the quick
-estimate, `estimate.required_only_context`, what the searches use), and the replayed step
+estimate, `estimate(..., replay=False)`, the searches' first guess), and the replayed step
 program (load_requests + three steps of step_requests, what `estimate` reports where
 `estimate.step_program_covers` the plan, since ad8e7e7).
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from h200_points import records  # noqa: E402
 
 from vramcalc.effective import effective_train_plan  # noqa: E402
-from vramcalc.estimate import estimate, required_only_context  # noqa: E402
+from vramcalc.estimate import estimate  # noqa: E402
 from vramcalc.step_requests import program_peaks  # noqa: E402
 
 
@@ -47,8 +47,7 @@ def main(argv: list[str]) -> None:
                 or rec["id"].startswith("snap")):
             continue
         meas = m["peak_allocated_bytes"]
-        with required_only_context():
-            formula = estimate(spec, plan).peak_allocated_bytes
+        formula = estimate(spec, plan, replay=False).peak_allocated_bytes
         rows.append({"id": rec["id"], "family": spec.model_type,
                      "regime": f"{plan.method}-{plan.quant}{' MoE' if spec.is_moe else ''}",
                      "formula": 100 * (formula / meas - 1),

@@ -1,6 +1,6 @@
 """Peak reserved / device on the pre-registered allocator-replay holdouts (runs 15-16):
 the predictions committed before each run against what the linear slack rule
-(`allocator.allocator_slack`, the estimate inside `required_only_context`) gives on the
+(`allocator.allocator_slack`, `estimate(..., replay=False)`) gives on the
 same points, dense and MoE apart (MoE keeps the rule).
 
     python bench/replay_vs_rule.py
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from h200_points import ROOT, records  # noqa: E402
 
-from vramcalc.estimate import estimate, required_only_context  # noqa: E402
+from vramcalc.estimate import estimate  # noqa: E402
 
 SETS = [("run15-holdout6.jsonl", "h200-holdout6-predictions.json"),
         ("run16-holdout7.jsonl", "h200-holdout7-predictions.json")]
@@ -41,8 +41,7 @@ def main() -> None:
                     or m.get("nvml_process_source") != "process"):
                 continue
             p = pre[rec["id"]]
-            with required_only_context():
-                rule = estimate(spec, plan)
+            rule = estimate(spec, plan, replay=False)
             rows.append((run, spec.is_moe,
                          100 * abs(p["peak_device_bytes"] - p["paged_bytes"] - dev) / dev,
                          100 * abs(rule.peak_device_bytes - rule.paged_bytes - dev) / dev))

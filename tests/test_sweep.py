@@ -14,8 +14,10 @@ from vramcalc.cli import app
 from vramcalc.commands.sweep import parse_over
 from vramcalc.errors import PlanError
 from vramcalc.estimate import estimate
+from vramcalc.gpu_catalog import resolve_gpu
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import get_spec
+from vramcalc.verdict import fits_certainly
 
 GiB = 2**30
 
@@ -55,8 +57,10 @@ def test_json_series_and_where_each_gpu_stops() -> None:
         assert p["required_device_bytes"] == est.required_device_bytes
     req = [p["required_device_bytes"] for p in pts]
     assert req == sorted(req)
-    for gpu in out["gpus"]:
-        fit = [p["seq-len"] for p in pts if p["required_device_bytes"] <= gpu["memory_bytes"]]
+    for gpu in out["gpus"]:  # the bytes plan --gpu offers, and its rule for "fits"
+        assert gpu["memory_bytes"] == resolve_gpu(gpu["name"]).usable_bytes
+        fit = [p["seq-len"] for p in pts if fits_certainly(
+            gpu["memory_bytes"], p["required_device_bytes"], gpu["margin_bytes"])]
         assert gpu["fits_up_to"] == (max(fit) if fit else None)
     assert out["gpus"][0]["name"] == "rtx-4090" and out["gpus"][0]["fits_up_to"] < 32768
 
@@ -71,7 +75,7 @@ def test_csv_and_chart() -> None:
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     assert all(len(line) <= 80 for line in lines)
-    assert lines[-1].startswith("  |1: rtx-4090 (24.0 GiB): ")
+    assert lines[-1].startswith("  |1: rtx-4090 (23.8 GiB): ")  # usable: as plan --gpu
 
 
 def test_bad_input_is_one_line(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from vramcalc.plan_settings import TrainPlan
 from vramcalc.planning import Estimators
 from vramcalc.specs import catalog as model_catalog
 from vramcalc.specs import get_spec
-from vramcalc.verdict import Target, catalog_target, verdict
+from vramcalc.verdict import Target, catalog_target, certainty, fits_certainly, verdict
 
 GIB = 2**30
 MARGIN = GIB // 2
@@ -35,6 +35,18 @@ def test_empty_h100_offers_its_total_less_the_reservation() -> None:
 def test_verdict_rule() -> None:
     assert verdict(10, 9, 1).fits and not verdict(10, 9, 2).fits
     assert verdict(10, 12, 0).headroom_bytes == -2
+
+
+def test_fits_certainly_is_the_fits_certainty() -> None:
+    """The searches' rule (fits_certainly, a bisectable need) is exactly `certainty`'s
+    "fits", for any band: every required, least and margin around the spread's edges."""
+    mib = 2**20
+    for required in (0, 100 * mib, 8 * GIB, 20 * GIB, 40 * GIB):
+        for low in (None, required - 300 * mib, required - 2 * GIB):
+            for margin in (0, 100 * mib, MARGIN, 2 * GIB):
+                for memory in range(max(required - 3 * GIB, 0), required + 3 * GIB, 7 * mib):
+                    assert fits_certainly(memory, required, margin) == (
+                        certainty(memory, required, margin, low) == "fits")
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -91,10 +103,10 @@ def test_check_max_per_gpu() -> None:
     rows = json.loads(r.stdout)["gpus"]
     spec = get_spec("qwen2.5-7b")
     for row in rows:
-        budget = row["free_bytes"] - MARGIN
         n = row["value"]
-        assert estimate(spec, TrainPlan(batch_size=n)).required_device_bytes <= budget
-        assert estimate(spec, TrainPlan(batch_size=n + 1)).required_device_bytes > budget
+        need = [estimate(spec, TrainPlan(batch_size=b)).required_device_bytes for b in (n, n + 1)]
+        assert fits_certainly(row["free_bytes"], need[0], MARGIN)
+        assert not fits_certainly(row["free_bytes"], need[1], MARGIN)
     assert rows[0]["value"] < rows[1]["value"]
 
 
@@ -103,9 +115,9 @@ def test_batch_suggestion_keeps_the_effective_batch_exactly() -> None:
     for asked in (8, 12, 7):
         plan = TrainPlan(batch_size=asked, seq_len=4096)
         need = estimate(spec, plan).required_device_bytes
-        budget = need - (need - estimate(spec, plan.model_copy(update={"batch_size": 1}))
+        memory = need - (need - estimate(spec, plan.model_copy(update={"batch_size": 1}))
                          .required_device_bytes) // 2
-        (s,) = [s for s in suggest(spec, plan, budget) if s.kind == "batch"]
+        (s,) = [s for s in suggest(spec, plan, memory, MARGIN) if s.kind == "batch"]
         size, acc = s.changes["batch_size"], s.gradient_accumulation_steps or 1
         assert size * acc == asked and s.fits
         assert f"effective batch {asked}" in s.description or acc == 1
@@ -116,10 +128,11 @@ def test_smallest_gpu_applies_suggestions() -> None:
     plan = TrainPlan(batch_size=8, seq_len=2048)
     found = smallest_fitting_gpu(spec, plan, MARGIN, catalog())
     assert found is not None and found.suggestion is not None
-    assert found.suggestion.required_device_bytes + MARGIN <= found.gpu.usable_bytes
+    assert fits_certainly(found.gpu.usable_bytes, found.suggestion.required_device_bytes, MARGIN)
     # it is smaller than the smallest GPU the plan fits as is
-    as_is = [g for g in catalog() if estimate(spec, for_gpu(plan, g.bf16_supported))
-             .required_device_bytes + MARGIN <= g.usable_bytes]
+    as_is = [g for g in catalog() if fits_certainly(
+        g.usable_bytes, estimate(spec, for_gpu(plan, g.bf16_supported)).required_device_bytes,
+        MARGIN)]
     assert not as_is or found.gpu.usable_bytes < min(g.usable_bytes for g in as_is)
 
 

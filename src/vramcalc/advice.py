@@ -1,9 +1,10 @@
 """What to change when a plan does not fit: each suggestion is computed by the estimator.
 
-Pure functions over (spec, plan, budget): every candidate change is applied to the plan and
-estimated again, and only the ones whose `required_device_bytes` fits the budget are offered.
-The budget is what a caller wants the peak to stay under (available memory minus its safety
-margin). Nothing here imports rich, typer, pynvml or torch.
+Pure functions over (spec, plan, memory, margin): every candidate change is applied to the
+plan and estimated again (the full estimate, as `plan` shows it), and only the ones that
+`plan` would call "fits" on a card offering `memory_bytes` with `margin_bytes` to spare
+(verdict.fits_certainly; "fits, tight" does not count) are offered. Nothing here imports
+rich, typer, pynvml or torch.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from vramcalc.estimate import estimate, required_only
+from vramcalc.estimate import estimate
 from vramcalc.plan_settings import TrainPlan
-from vramcalc.planning import EstimateFn
+from vramcalc.planning import EstimateFn, memoized
 from vramcalc.search import largest_fitting
 from vramcalc.specs import ModelSpec
+from vramcalc.verdict import fits_certainly
 
 if TYPE_CHECKING:
     from vramcalc.gpu_catalog import GpuModel
@@ -45,7 +47,7 @@ class Suggestion(BaseModel):
     changes: dict[str, Any]
     gradient_accumulation_steps: int | None = None
     required_device_bytes: int  # free memory the changed plan needs (Estimate field)
-    fits: bool
+    fits: bool  # what `plan` calls "fits" (not tight) for the changed plan
 
     def apply(self, plan: TrainPlan) -> TrainPlan:
         return plan.model_copy(update=self.changes)
@@ -69,7 +71,8 @@ def _flag(field: str, value: Any) -> str:
 def _suggestion(
     spec: ModelSpec,
     plan: TrainPlan,
-    budget_bytes: int,
+    memory_bytes: int,
+    margin_bytes: int,
     kind: str,
     description: str,
     changes: dict[str, Any],
@@ -85,20 +88,20 @@ def _suggestion(
         changes=changes,
         gradient_accumulation_steps=accumulation,
         required_device_bytes=peak,
-        fits=peak <= budget_bytes,
+        fits=fits_certainly(memory_bytes, peak, margin_bytes),
     )
 
 
-@required_only
 def allocator_suggestion(
-    spec: ModelSpec, plan: TrainPlan, budget_bytes: int, estimate_fn: EstimateFn = estimate
+    spec: ModelSpec, plan: TrainPlan, memory_bytes: int, margin_bytes: int,
+    estimate_fn: EstimateFn = estimate,
 ) -> Suggestion | None:
     """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, with the required free memory it
     saves (the fragmentation an out-of-memory retry could not give back,
     allocator.required_slack); None when the plan already has it or it saves nothing."""
     if plan.expandable_segments:
         return None
-    switched = _suggestion(spec, plan, budget_bytes, "allocator", "",
+    switched = _suggestion(spec, plan, memory_bytes, margin_bytes, "allocator", "",
                            {"expandable_segments": True}, None, estimate_fn)
     saved = estimate_fn(spec, plan).required_device_bytes - switched.required_device_bytes
     if saved <= 0:
@@ -125,9 +128,9 @@ def _batch_change(plan: TrainPlan, batch: int) -> tuple[str, dict[str, Any], int
     return text, {"batch_size": size}, steps if steps > 1 else None
 
 
-@required_only
 def candidates(
-    spec: ModelSpec, plan: TrainPlan, budget_bytes: int, estimate_fn: EstimateFn = estimate
+    spec: ModelSpec, plan: TrainPlan, memory_bytes: int, margin_bytes: int,
+    estimate_fn: EstimateFn = estimate,
 ) -> list[Suggestion]:
     """Every single change that saves memory on `plan`, estimated; fitting or not.
 
@@ -137,10 +140,11 @@ def candidates(
 
     def add(kind: str, description: str, changes: dict[str, Any], acc: int | None = None) -> None:
         out.append(
-            _suggestion(spec, plan, budget_bytes, kind, description, changes, acc, estimate_fn)
+            _suggestion(spec, plan, memory_bytes, margin_bytes, kind, description, changes,
+                        acc, estimate_fn)
         )
 
-    allocator = allocator_suggestion(spec, plan, budget_bytes, estimate_fn)
+    allocator = allocator_suggestion(spec, plan, memory_bytes, margin_bytes, estimate_fn)
     if allocator is not None:
         out.append(allocator)
     if not plan.gradient_checkpointing:
@@ -152,19 +156,21 @@ def candidates(
     if plan.attn == "eager":
         add("attn", "use sdpa attention instead of eager", {"attn": "sdpa"})
     if plan.batch_size > 1:
-        batch = largest_fitting(spec, plan, "batch", budget_bytes, estimate_fn=estimate_fn)
+        batch = largest_fitting(spec, plan, "batch", memory_bytes, margin_bytes,
+                                estimate_fn=estimate_fn)
         if 0 < batch < plan.batch_size:
             text, changes, acc = _batch_change(plan, batch)
             add("batch", text, changes, acc)
     if plan.seq_len > 1:
-        seq = largest_fitting(spec, plan, "seq-len", budget_bytes, estimate_fn=estimate_fn)
+        seq = largest_fitting(spec, plan, "seq-len", memory_bytes, margin_bytes,
+                              estimate_fn=estimate_fn)
         if 0 < seq < plan.seq_len:
             add("seq_len", f"sequences of at most {seq} tokens (was {plan.seq_len})",
                 {"seq_len": seq})
     smaller = [r for r in SMALLER_RANKS if r < plan.rank]
     for rank in smaller:  # largest first: the first that fits, else the smallest tried
         peak = estimate_fn(spec, plan.model_copy(update={"rank": rank})).required_device_bytes
-        if peak <= budget_bytes or rank == smaller[-1]:
+        if fits_certainly(memory_bytes, peak, margin_bytes) or rank == smaller[-1]:
             add("rank", f"LoRA rank {rank} (was {plan.rank})", {"rank": rank})
             break
     attention = attention_targets(spec)
@@ -177,9 +183,9 @@ def candidates(
     return out
 
 
-@required_only
 def combined(
-    spec: ModelSpec, plan: TrainPlan, budget_bytes: int, estimate_fn: EstimateFn = estimate
+    spec: ModelSpec, plan: TrainPlan, memory_bytes: int, margin_bytes: int,
+    estimate_fn: EstimateFn = estimate,
 ) -> Suggestion | None:
     """Every memory-saving switch at once (checkpointing, paged 8-bit optimizer, sdpa), with
     the largest batch that then fits (accumulation keeps the effective batch); None when
@@ -193,7 +199,8 @@ def combined(
         switches["attn"] = "sdpa"
     switched = plan.model_copy(update=switches)
     batch = min(
-        largest_fitting(spec, switched, "batch", budget_bytes, estimate_fn=estimate_fn),
+        largest_fitting(spec, switched, "batch", memory_bytes, margin_bytes,
+                        estimate_fn=estimate_fn),
         plan.batch_size,
     )
     if batch == 0 or (not switches and batch == plan.batch_size):
@@ -205,20 +212,22 @@ def combined(
         text, batch_changes, acc = _batch_change(plan, batch)
         changes.update(batch_changes)
         parts.append(text)
-    return _suggestion(spec, plan, budget_bytes, "combined", "together: " + ", ".join(parts),
-                       changes, acc, estimate_fn)
+    return _suggestion(spec, plan, memory_bytes, margin_bytes, "combined",
+                       "together: " + ", ".join(parts), changes, acc, estimate_fn)
 
 
-@required_only
 def suggest(
-    spec: ModelSpec, plan: TrainPlan, budget_bytes: int, estimate_fn: EstimateFn = estimate
+    spec: ModelSpec, plan: TrainPlan, memory_bytes: int, margin_bytes: int,
+    estimate_fn: EstimateFn = estimate,
 ) -> list[Suggestion]:
-    """The changes that make `plan` fit `budget_bytes`, each estimated: single changes first,
+    """The changes that make `plan` fit `memory_bytes` with `margin_bytes` to spare (as
+    `plan` calls "fits"), each estimated: single changes first,
     then all switches together with the largest batch that fits, when no single change is
     enough or it keeps a larger batch than a smaller batch alone. Empty when nothing fits,
     not even batch 1."""
-    fitting = [s for s in candidates(spec, plan, budget_bytes, estimate_fn) if s.fits]
-    both = combined(spec, plan, budget_bytes, estimate_fn)
+    fitting = [s for s in candidates(spec, plan, memory_bytes, margin_bytes, estimate_fn)
+               if s.fits]
+    both = combined(spec, plan, memory_bytes, margin_bytes, estimate_fn)
     if both is not None and both.fits:
         batch_alone = max((s.changes["batch_size"] for s in fitting if s.kind == "batch"),
                           default=0)
@@ -241,26 +250,26 @@ class GpuAnswer(NamedTuple):
     suggestion: Suggestion | None
 
 
-@required_only
 def smallest_fitting_gpu(
     spec: ModelSpec,
     plan: TrainPlan,
     margin_bytes: int,
     gpus: Iterable[GpuModel],
-    estimate_for: Callable[[GpuModel], EstimateFn] = lambda _gpu: estimate,
+    estimate_for: Callable[[GpuModel], EstimateFn] | None = None,
 ) -> GpuAnswer | None:
-    """The catalog GPU with the least usable memory (total less the driver's reservation) on
-    which `plan` (fp16 where bf16 is missing) fits an empty card with `margin_bytes` to
-    spare, as is or else with the first of `suggest`'s changes. None if no GPU fits even
-    with a change. `estimate_for` gives each GPU its estimate function (its
-    family's corrections)."""
+    """The catalog GPU with the least usable memory (total less the driver's reservation)
+    on which `plan` (fp16 where bf16 is missing) fits an empty card with `margin_bytes` to
+    spare ("fits", not tight, as `plan --gpu` would call it), as is or else with the first
+    of `suggest`'s changes. None if no GPU fits even with a change. `estimate_for` gives
+    each GPU its estimate function (its family's corrections; memoize it: the GPUs' plans
+    repeat; None: the raw estimate, memoized)."""
+    raw = memoized(estimate)
     for gpu in sorted(gpus, key=lambda g: g.usable_bytes):
-        fn = estimate_for(gpu)
+        fn = raw if estimate_for is None else estimate_for(gpu)
         p = for_gpu(plan, gpu.bf16_supported)
-        budget = gpu.usable_bytes - margin_bytes
-        if fn(spec, p).required_device_bytes <= budget:
+        if fits_certainly(gpu.usable_bytes, fn(spec, p).required_device_bytes, margin_bytes):
             return GpuAnswer(gpu, None)
-        found = suggest(spec, p, budget, fn)
+        found = suggest(spec, p, gpu.usable_bytes, margin_bytes, fn)
         if found:
             return GpuAnswer(gpu, found[0])
     return None

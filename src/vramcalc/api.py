@@ -3,6 +3,8 @@
 The same computation as `vramcalc plan` / `vramcalc check --gpu NAME`: the model resolved
 the same way (catalog name, alias, hub id, spec YAML or config.json path, or a ModelSpec),
 the plan validated by the same TrainPlan, the committed corrections applied the same way.
+`GpuVerdict` (`verdict_on`) is the one verdict type: `check` builds its table and JSON from
+it (`GpuVerdict.to_dict`), for training, inference and merging alike.
 Importing it loads neither rich nor typer (nor torch).
 
     >>> from vramcalc import plan, check
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
 from vramcalc.errors import PlanError
 from vramcalc.plan_settings import (
@@ -32,12 +34,13 @@ from vramcalc.plan_settings import (
 )
 from vramcalc.result import Estimate
 from vramcalc.specs import ModelSpec
-from vramcalc.verdict import CERTAINTY_WORDS, Certainty, verdict
+from vramcalc.verdict import CERTAINTY_WORDS, Certainty, Target, Verdict, verdict
 
 GiB = 2**30
 DEFAULT_MARGIN_GIB = 0.5  # as `vramcalc check --margin`
 
-__all__ = ["CheckResult", "GpuVerdict", "PlanEstimate", "check", "make_plan", "plan"]
+__all__ = ["CheckResult", "GpuVerdict", "PlanEstimate", "check", "make_plan", "plan",
+           "verdict_on"]
 
 
 def _gib(nbytes: int) -> str:
@@ -73,20 +76,110 @@ class PlanEstimate(Estimate):
 
 
 class GpuVerdict(BaseModel):
-    """Whether the plan fits one empty GPU of the catalog, by `check`'s rule: required +
-    margin <= its usable memory (total less the driver's reservation)."""
+    """A plan checked on one card, by the rule of `plan` and `check`: now (the memory the
+    card offers: NVML free for a detected card, the usable total of an empty one) and on
+    the empty card (its total less the driver's reservation). The one verdict type of the
+    API and the CLI (`vramcalc check`'s rows and JSON are `to_dict`, `plan --gpu`'s
+    `verdict_fields`)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # built on first use (issue 9)
 
-    gpu: str
-    memory_bytes: int  # usable: GpuModel.usable_bytes, as `check --gpu`
-    required_bytes: int
-    margin_bytes: int
-    fits: bool
-    certainty: Certainty  # fits, tight (inside the allocator band or the spread) or does_not_fit
-    spread_bytes: int
-    headroom_bytes: int  # memory - required (the margin not subtracted)
+    target: Target
     compute_dtype: str  # fp16 on a GPU without bf16
+    estimate: Estimate  # of the plan as it runs on this card
+    now: Verdict
+    empty: Verdict
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def gpu(self) -> str:
+        return self.target.name
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def memory_bytes(self) -> int:
+        """What the card offers now (an empty catalog card: GpuModel.usable_bytes)."""
+        return self.now.memory_bytes
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def required_bytes(self) -> int:
+        return self.now.required_bytes
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def margin_bytes(self) -> int:
+        return self.now.margin_bytes
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def fits(self) -> bool:
+        """Fits or fits tight in what the card offers now (exit code 0)."""
+        return self.now.fits
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def certainty(self) -> Certainty:
+        """fits, tight (inside the allocator band or the spread) or does_not_fit."""
+        return self.now.certainty
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def spread_bytes(self) -> int:
+        return self.now.spread_bytes
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def headroom_bytes(self) -> int:
+        """memory - required (the margin not subtracted)."""
+        return self.now.headroom_bytes
+
+    @property
+    def fits_free(self) -> bool:
+        return self.now.fits
+
+    @property
+    def fits_empty(self) -> bool:
+        return self.empty.fits
+
+    def verdict_fields(self) -> dict[str, Any]:
+        """The verdict's keys in `plan --gpu ... --json` (training, inference, merging)."""
+        return {"gpu": self.gpu, "gpu_memory_bytes": self.memory_bytes,
+                "margin_bytes": self.margin_bytes, "fits": self.fits,
+                "certainty": self.certainty, "spread_bytes": self.spread_bytes,
+                "headroom_bytes": self.headroom_bytes}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The card's row of `check --json` (`gpus`, `best_gpu`)."""
+        t = self.target
+        return {
+            "name": t.name,
+            "index": t.index,
+            "label": t.label,
+            "total_bytes": t.total_bytes,
+            "free_bytes": t.free_bytes,
+            "empty_bytes": t.empty_bytes,
+            "compute_capability": t.compute_capability,
+            "compute_dtype": self.compute_dtype,
+            "peak_device_bytes": self.estimate.peak_device_bytes,
+            "required_device_bytes": self.estimate.required_device_bytes,
+            "fits_free": self.fits_free,
+            "fits_empty": self.fits_empty,
+            "certainty": self.now.certainty,
+            "certainty_empty": self.empty.certainty,
+            "spread_bytes": self.now.spread_bytes,
+            "headroom_bytes": self.headroom_bytes,
+        }
+
+
+def verdict_on(target: Target, estimate: Estimate, compute_dtype: str,
+               margin_bytes: int) -> GpuVerdict:
+    """`estimate` checked on `target`, now and empty, by verdict.verdict (required free
+    memory + margin <= memory; tight inside the allocator's band or the spread)."""
+    need, low = estimate.required_device_bytes, estimate.required_low
+    return GpuVerdict(target=target, compute_dtype=compute_dtype, estimate=estimate,
+                      now=verdict(target.free_bytes, need, margin_bytes, low),
+                      empty=verdict(target.empty_bytes, need, margin_bytes, low))
 
 
 class CheckResult(BaseModel):
@@ -172,20 +265,27 @@ def plan(
     model or option.
     """
     from vramcalc.planning import estimator
-    from vramcalc.trainable import lora_targets
 
     spec = _resolve(model)
-    train = make_plan(
-        method=method, quant=quant, rank=rank, alpha=alpha, targets=targets,
+    train = _train_plan(
+        spec, method=method, quant=quant, rank=rank, alpha=alpha, targets=targets,
         lora_dropout=lora_dropout, use_dora=use_dora, batch_size=batch_size, seq_len=seq_len,
         double_quant=double_quant, compute_dtype=compute_dtype, optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing, attn=attn, weights_dtype=weights_dtype,
         loop=loop, use_cache=use_cache, expandable_segments=expandable_segments,
         moe_experts=moe_experts,
     )
-    lora_targets(spec, train)  # a target the model does not have: one PlanError
     fn, _ = estimator(gpu, use_calibration=calibration)
     return _with_plan(fn(spec, train), spec, train)
+
+
+def _train_plan(spec: ModelSpec, **options: Any) -> TrainPlan:
+    """make_plan, and the LoRA targets checked against the model (one PlanError)."""
+    from vramcalc.trainable import lora_targets
+
+    train = make_plan(**options)
+    lora_targets(spec, train)
+    return train
 
 
 def check(
@@ -203,6 +303,8 @@ def check(
     """
     from vramcalc.advice import for_gpu
     from vramcalc.gpu_catalog import resolve_gpu
+    from vramcalc.planning import Estimators
+    from vramcalc.verdict import catalog_target
 
     if isinstance(gpus, str):
         gpus = [gpus]
@@ -213,21 +315,17 @@ def check(
     margin = int(margin_gib * GiB)
     models = [resolve_gpu(g) for g in gpus]
     spec = _resolve(model)
-    first: PlanEstimate | None = None
+    unknown = set(options) - set(TrainPlan.model_fields)
+    if unknown:
+        raise PlanError(f"unknown option(s) {', '.join(sorted(unknown))}; the options are "
+                        "TrainPlan's fields")
+    train = _train_plan(spec, **options)
+    estimators = Estimators(calibration)  # memoized: GPUs under the same corrections share
     verdicts = []
     for g in models:
-        est = plan(spec, calibration=calibration, gpu=g.name, **options)
-        p = for_gpu(est.plan, g.bf16_supported)
-        if p is not est.plan:
-            est = plan(spec, calibration=calibration, gpu=g.name,
-                       **{**options, "compute_dtype": p.compute_dtype})
-        first = first or est
-        v = verdict(g.usable_bytes, est.required_device_bytes, margin, est.required_low)
-        verdicts.append(GpuVerdict(
-            gpu=g.name, memory_bytes=v.memory_bytes, required_bytes=v.required_bytes,
-            margin_bytes=margin, fits=v.fits, certainty=v.certainty,
-            spread_bytes=v.spread_bytes, headroom_bytes=v.headroom_bytes,
-            compute_dtype=est.plan.compute_dtype,
-        ))
-    assert first is not None
+        p = for_gpu(train, g.bf16_supported)
+        est = _with_plan(estimators(g.name)(spec, p), spec, p)
+        verdicts.append(verdict_on(catalog_target(g), est, p.compute_dtype, margin))
+    first = verdicts[0].estimate
+    assert isinstance(first, PlanEstimate)
     return CheckResult(estimate=first, verdicts=tuple(verdicts))

@@ -2,9 +2,11 @@
 
 Pure functions over (spec, plan): each method is the user's plan with the method's own
 settings (method, quant, weights dtype, and the usual optimizer unless one was asked for)
-and estimated by the same `estimate`; "fits" is `vramcalc.verdict`'s rule on a catalog
-GPU's usable memory (its total less the driver's reservation), as `plan --gpu` and
-`check --gpu` decide it. Nothing here imports rich, typer, pynvml or torch.
+and estimated by the same `estimate` (the full one `plan` shows); "fits" is
+`vramcalc.verdict`'s rule on a catalog GPU's usable memory (its total less the driver's
+reservation), as `plan --gpu` and `check --gpu` decide it. The smallest GPU and the largest
+batch / longest sequence ask for "fits" (verdict.fits_certainly: not "fits, tight").
+Nothing here imports rich, typer, pynvml or torch.
 
 Per-method optimizer (used unless the user gives --optimizer, which then applies to every
 row): full fine-tuning `adamw_torch_fused` (HF Trainer's default AdamW on torch >= 2.8,
@@ -21,14 +23,14 @@ from pydantic import BaseModel, ConfigDict
 
 from vramcalc.advice import for_gpu
 from vramcalc.errors import PlanError
-from vramcalc.estimate import estimate, required_only
+from vramcalc.estimate import estimate
 from vramcalc.gpu_catalog import GpuModel
 from vramcalc.plan_settings import Optimizer, TrainPlan
-from vramcalc.planning import EstimateFn
+from vramcalc.planning import EstimateFn, memoized
 from vramcalc.result import Estimate
 from vramcalc.search import largest_fitting
 from vramcalc.specs import ModelSpec
-from vramcalc.verdict import Verdict, budget, verdict
+from vramcalc.verdict import Verdict, verdict
 
 FULL_OPTIMIZER: Optimizer = "adamw_torch_fused"
 LORA_OPTIMIZER: Optimizer = "paged_adamw_8bit"
@@ -105,7 +107,6 @@ class MethodRow(BaseModel):
     error: str | None = None
 
 
-@required_only
 def smallest_gpu(
     spec: ModelSpec,
     plan: TrainPlan,
@@ -114,17 +115,19 @@ def smallest_gpu(
     estimate_for: Callable[[GpuModel], EstimateFn] = lambda _gpu: estimate,
 ) -> SmallestGpu | None:
     """The catalog GPU with the least usable memory on which `plan` (fp16 compute where
-    bf16 is missing) fits an empty card with `margin_bytes` to spare; None if none does.
-    Ties in usable memory go to the first in catalog order."""
-    cache: dict[tuple[int, str], int] = {}
+    bf16 is missing) fits an empty card with `margin_bytes` to spare: its verdict is
+    "fits", as `plan --gpu` gives it (a GPU on which it is "fits, tight" is not one to
+    rent); None if none does. Ties in usable memory go to the first in catalog order."""
+    cache: dict[tuple[int, str], Estimate] = {}
     for gpu in sorted(gpus, key=lambda g: g.usable_bytes):
         fn = estimate_for(gpu)
         p = for_gpu(plan, gpu.bf16_supported)
         key = (id(fn), p.compute_dtype)
         if key not in cache:  # a GPU to rent: it must fit whatever the allocator does
-            cache[key] = fn(spec, p).required_device_bytes
-        v = verdict(gpu.usable_bytes, cache[key], margin_bytes)
-        if v.fits:
+            cache[key] = fn(spec, p)
+        est = cache[key]
+        v = verdict(gpu.usable_bytes, est.required_device_bytes, margin_bytes, est.required_low)
+        if v.certainty == "fits":
             return SmallestGpu(gpu=gpu.name, compute_dtype=p.compute_dtype, verdict=v)
     return None
 
@@ -137,16 +140,18 @@ def compare(
     optimizer: Optimizer | None = None,
     methods: Sequence[str] = COMPARE_METHODS,
     estimate_for: Callable[[GpuModel], EstimateFn] = lambda _gpu: estimate,
+    estimate_fn: EstimateFn = estimate,
 ) -> list[MethodRow]:
-    """`base` under each of `methods`: the raw estimate (as `plan` without --gpu) and the
-    smallest catalog GPU it fits. A method that cannot start (`estimate` raises PlanError,
-    e.g. LoRA dropout on transformers-5 MoE experts) is a row with its error."""
+    """`base` under each of `methods`: the estimate of `plan` without --gpu (`estimate_fn`)
+    and the smallest catalog GPU it fits (each GPU's `estimate_for`). A method that cannot
+    start (`estimate` raises PlanError, e.g. LoRA dropout on transformers-5 MoE experts) is
+    a row with its error."""
     rows = []
     for name in methods:
         p = method_plan(base, name, optimizer)
         label = method_label(name, p)
         try:
-            est = estimate(spec, p)
+            est = estimate_fn(spec, p)
         except PlanError as err:
             rows.append(MethodRow(method=name, label=label, plan=p, estimate=None,
                                   smallest_gpu=None, error=str(err)))
@@ -182,7 +187,6 @@ class FitRow(BaseModel):
         return self.verdict is not None and self.verdict.fits
 
 
-@required_only
 def fit_rows(
     specs: Iterable[ModelSpec],
     base: TrainPlan,
@@ -194,10 +198,11 @@ def fit_rows(
 ) -> list[FitRow]:
     """Every model x method on an empty `gpu` (fp16 compute where bf16 is missing).
 
-    The searches run only for rows that fit at batch 1; the longest sequence is searched
-    at the plan's batch (0 when that batch does not fit at any length)."""
+    The searches run only for rows that fit at batch 1 (fits or fits, tight); the largest
+    batch and the longest sequence (at the plan's batch) are the largest values `plan`
+    calls "fits" (search.largest_fitting), 0 when none is (a row tight at batch 1)."""
     memory = gpu.usable_bytes
-    limit = budget(memory, margin_bytes)
+    estimate_fn = memoized(estimate_fn)
     rows = []
     for spec in specs:
         for name in methods:
@@ -218,8 +223,10 @@ def fit_rows(
             v = verdict(memory, need, margin_bytes, low)
             batch = seq = 0
             if v.fits:
-                batch = largest_fitting(spec, p, "batch", limit, estimate_fn=estimate_fn)
-                seq = largest_fitting(spec, p, "seq-len", limit, estimate_fn=estimate_fn)
+                batch = largest_fitting(spec, p, "batch", memory, margin_bytes,
+                                        estimate_fn=estimate_fn)
+                seq = largest_fitting(spec, p, "seq-len", memory, margin_bytes,
+                                      estimate_fn=estimate_fn)
             rows.append(FitRow(**common, required_device_bytes=need, verdict=v,
                                max_batch=batch, max_seq_len=seq))
     return rows

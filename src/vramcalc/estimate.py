@@ -12,12 +12,6 @@ say so where they are defined, with the data file they come from.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import ParamSpec, TypeVar
-
 from vramcalc.activations import (
     eager_mask_bytes,
     eager_score_count,
@@ -76,34 +70,6 @@ EAGER_BACKWARD_BYTES_PER_SCORE = 10
 LAYER_GRAD_FACTOR = 3
 
 
-_REPLAY = ContextVar("vramcalc_replay_allocator", default=True)
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-@contextmanager
-def required_only_context() -> Iterator[None]:
-    """Estimates made inside need only `required_device_bytes` (the searches over batch,
-    sequence, rank and GPUs): the allocator replay, which sets only the reserved and
-    device peaks, is skipped there and the linear slack rule stands in."""
-    token = _REPLAY.set(False)
-    try:
-        yield
-    finally:
-        _REPLAY.reset(token)
-
-
-def required_only(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Decorator form of `required_only_context`."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with required_only_context():
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
 def step_program_covers(spec: ModelSpec, plan: TrainPlan) -> bool:
     """Whether the step program models every mechanism the phase formula has for `plan`.
     Not for parallel blocks (phi-2's gelu_new and partial rotary, falcon: the program
@@ -137,8 +103,13 @@ def _program_breakdown(formula: dict[str, int], total: int) -> dict[str, int]:
     return out
 
 
-def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
-    """Peak memory of `plan` on `spec`, by phase and component. See module docstring."""
+def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estimate:
+    """Peak memory of `plan` on `spec`, by phase and component. See module docstring.
+
+    `replay=False` skips the step program's replay (step_requests.program_peaks) and gives
+    the phase formula with the linear slack rule: within a few percent of the full
+    estimate, for a search's first guess only (search.largest_fitting confirms every
+    answer on the full estimate); no number a command shows comes from it."""
     check_lora_can_start(spec, plan)
     plan, planned_as, notes = effective_train_plan(spec, plan)
     wb = weight_bytes(spec, plan)
@@ -343,8 +314,8 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     # The step program (step_requests: the requests of loading and of three steps,
     # replayed on the caching allocator) gives reserved - allocated and, where it models
     # every mechanism of the plan (`step_program_covers`), the peak allocated of each step
-    # phase too; the searches skip the replay (required_only): there the phase formula
-    # above and the linear slack rule stand in.
+    # phase too; without the replay (`replay=False`, a search's first guess) the phase
+    # formula above and the linear slack rule stand in.
     # Loading and preparing the model (load_requests: the quantization and upcast
     # transients) can hold more than the steps, allocated or reserved (H200 run 24 g020:
     # qwen2-moe int8 reserved 9.34 GiB in prepare, 7.57 in the steps): what `calibrate`
@@ -355,7 +326,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     # the program's allocated peak is not (a block's unsplit rest depends on where a
     # request lands), so the program gives its requested peak (`requested_peaks`) here.
     required_peak = max(phases.values())
-    if _REPLAY.get():
+    if replay:
         program = program_peaks(spec, plan)
         slack = program.peak_reserved - program.peak_allocated
         if step_program_covers(spec, plan):

@@ -17,6 +17,7 @@ differences of data-parallel ranks (rank 0 is assumed equal to the others).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
@@ -29,13 +30,15 @@ from vramcalc.allocator import (
     required_slack,
 )
 from vramcalc.errors import PlanError
-from vramcalc.estimate import estimate, required_only
+from vramcalc.estimate import estimate
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.result import Components, Estimate
 from vramcalc.specs import ModelSpec
 from vramcalc.trainable import lora_param_bytes, lora_param_count
 from vramcalc.weights import DTYPE_BYTES, expert_bytes, unquantized_param_bytes, weight_bytes
 
+# a one-GPU estimate function (estimate.estimate, or planning.memoized of it)
+SingleEstimate = Callable[[ModelSpec, TrainPlan], Estimate]
 Strategy = Literal["ddp", "fsdp", "zero2", "zero3", "device-map"]
 ShardingStrategy = Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"]
 Offload = Literal["none", "cpu"]
@@ -221,7 +224,8 @@ def _trainable_count(spec: ModelSpec, plan: TrainPlan) -> int:
     return lora_param_count(spec, plan) if plan.is_lora else spec.num_params()
 
 
-def _sharded_qlora_reference(spec: ModelSpec, plan: TrainPlan) -> Estimate:
+def _sharded_qlora_reference(spec: ModelSpec, plan: TrainPlan,
+                             estimate_fn: SingleEstimate = estimate) -> Estimate:
     """FSDP-QLoRA / ZeRO-3-QLoRA as PEFT's recipe runs it: `bnb_4bit_quant_storage=bf16`,
     the model loaded with dtype=bf16, and TRL's SFTTrainer skips
     prepare_model_for_kbit_training for sharded QLoRA (`is_sharded_qlora`, Params4bit on cpu
@@ -230,7 +234,7 @@ def _sharded_qlora_reference(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     bf16 base (method lora); weights are the 4-bit ones with the unquantized part in bf16.
     Packed 4-bit weights stored as bf16 are numel/4 elements: the same bytes as uint8."""
     lora_plan = plan.model_copy(update={"method": "lora", "quant": "none"})
-    ref = estimate(spec, lora_plan)
+    ref = estimate_fn(spec, lora_plan)
     wb = weight_bytes(spec, plan)
     load = DTYPE_BYTES[plan.load_dtype]
     comps = dict(ref.components.items())
@@ -471,16 +475,18 @@ def _device_map(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estima
 # ---- entry point --------------------------------------------------------------------------
 
 
-def estimate_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan
-                      ) -> ParallelEstimate:
-    """Per-GPU peak memory of `plan` (per-device batch) spread as `parallel` says."""
+def estimate_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
+                      estimate_fn: SingleEstimate = estimate) -> ParallelEstimate:
+    """Per-GPU peak memory of `plan` (per-device batch) spread as `parallel` says, from
+    `estimate_fn`'s one-GPU estimates (the full estimate; a search's first guess passes
+    the quick one, search.quick_estimate)."""
     if plan.quant == "int8" and parallel.strategy in ("fsdp", "zero3"):
         raise PlanError("int8 (LLM.int8) weights cannot be sharded by FSDP or ZeRO-3; use "
                         "--quant nf4 (FSDP-QLoRA) or --strategy ddp / zero2 / device-map")
-    single = estimate(spec, plan)
+    single = estimate_fn(spec, plan)
     sharded_qlora = plan.method == "qlora" and plan.quant in ("nf4", "fp4") and (
         parallel.strategy == "fsdp" or parallel.strategy == "zero3")
-    ref = _sharded_qlora_reference(spec, plan) if sharded_qlora else single
+    ref = _sharded_qlora_reference(spec, plan, estimate_fn) if sharded_qlora else single
     notes: list[str] = []
     host_loading = 0
     layers_per_gpu = None
@@ -532,13 +538,17 @@ SUGGESTED = (("ddp", "none"), ("fsdp", "none"), ("zero3", "none"), ("device-map"
              ("fsdp", "cpu"))
 
 
-@required_only
-def smallest_fitting_parallel(spec: ModelSpec, plan: TrainPlan, budget_bytes: int,
-                              max_gpus: int = 8, gpus_per_node: int | None = None
-                              ) -> list[ParallelOption]:
-    """For each strategy, the smallest N in 2..max_gpus whose busiest GPU needs at most
-    `budget_bytes`; sorted by N (then by what the busiest GPU needs). A search: the quick
-    estimate (`estimate.required_only`), as the other suggestions use."""
+def smallest_fitting_parallel(spec: ModelSpec, plan: TrainPlan, memory_bytes: int,
+                              margin_bytes: int, max_gpus: int = 8,
+                              gpus_per_node: int | None = None) -> list[ParallelOption]:
+    """For each strategy, the smallest N in 2..max_gpus whose busiest GPU "fits" a card
+    offering `memory_bytes` with `margin_bytes` to spare (verdict.fits_certainly, the rule
+    of every suggestion); sorted by N (then by what the busiest GPU needs). On the full
+    estimate: the one-GPU estimates every N and strategy start from are made once."""
+    from vramcalc.planning import memoized
+    from vramcalc.verdict import fits_certainly
+
+    single = memoized(estimate)
     found: list[ParallelOption] = []
     for strategy, offload in SUGGESTED:
         for n in range(2, max_gpus + 1):
@@ -549,10 +559,10 @@ def smallest_fitting_parallel(spec: ModelSpec, plan: TrainPlan, budget_bytes: in
             except ValueError:
                 continue
             try:
-                need = estimate_parallel(spec, plan, par).busiest.required_device_bytes
+                need = estimate_parallel(spec, plan, par, single).busiest.required_device_bytes
             except PlanError:  # a strategy this plan cannot use (int8 under FSDP / ZeRO-3)
                 break
-            if need <= budget_bytes:
+            if fits_certainly(memory_bytes, need, margin_bytes):
                 flags = f"--gpus {n} --strategy {strategy}" + (
                     f" --offload {offload}" if offload != "none" else "")
                 found.append(ParallelOption(strategy=strategy, gpus=n, offload=offload,

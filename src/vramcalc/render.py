@@ -204,6 +204,7 @@ def comparison_to_dict(model: str, rows: list[Any], margin_bytes: int) -> dict[s
             "smallest_gpu": None if s is None else {
                 "name": s.gpu, "compute_dtype": s.compute_dtype,
                 "memory_bytes": s.verdict.memory_bytes,
+                "required_device_bytes": s.verdict.required_bytes,
                 "certainty": s.verdict.certainty, "spread_bytes": s.verdict.spread_bytes,
                 "headroom_bytes": s.verdict.headroom_bytes,
             },
@@ -302,7 +303,7 @@ def print_fit(gpu: str, memory_bytes: int, rows: list[Any], margin_bytes: int,
             seq += "*"
             past = True
         table.add_row(r.model, _count(r.params), r.method, gib(r.required_device_bytes),
-                      _CERTAINTY_CELL[r.verdict.certainty], str(r.max_batch), seq)
+                      _CERTAINTY_CELL[r.verdict.certainty], str(r.max_batch or "-"), seq)
     console.print(table)
     if past:
         console.print("* longer than the model's max_position_embeddings")

@@ -6,56 +6,99 @@ unbounded, interpolation once it is bracketed) and falls back to doubling and bi
 whenever a guess does not shrink the search enough: the answer is exact for any monotone
 estimate, and a near-linear one takes about five estimates instead of the ~40 of plain
 doubling + bisection (`vramcalc fit` runs thousands of these: bench/fit_speed.py).
+
+The searches of every command (`plan --max`, `check --max`, `fit`, the suggestions) answer
+on the full estimate, the one `plan` shows, by the rule `plan` uses for "fits"
+(verdict.fits_certainly); the phase formula only gives them their first guess.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from vramcalc.estimate import Estimate, estimate, required_only_context
+from vramcalc.estimate import Estimate, estimate
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.planning import EstimateFn
 from vramcalc.specs import ModelSpec
+from vramcalc.verdict import certain_need
 
 SEARCHABLE = ("batch", "seq-len")
 _FIELD = {"batch": "batch_size", "seq-len": "seq_len"}
 UPPER_LIMIT = 1 << 22  # 4M tokens per sequence or sequences per batch: far past any GPU
 
 
+def quick_estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
+    """The phase formula without the replay (`estimate(..., replay=False)`): a first guess
+    for a search, never a number shown."""
+    return estimate(spec, plan, replay=False)
+
+
 def largest_fitting(
     spec: ModelSpec,
     plan: TrainPlan,
     what: str,
-    budget_bytes: int,
-    measure: Callable[[Estimate], int] = lambda e: e.required_device_bytes,
+    memory_bytes: int,
+    margin_bytes: int,
     estimate_fn: EstimateFn = estimate,
-    confirm: bool = False,
+    guess_fn: EstimateFn | None = quick_estimate,
 ) -> int:
-    """Largest value of `what` (batch or seq-len), at most UPPER_LIMIT, whose estimate
-    fits `budget_bytes`; 0 when even 1 does not fit.
+    """Largest value of `what` (batch or seq-len), at most UPPER_LIMIT, that `plan` calls
+    "fits" on a card offering `memory_bytes` with `margin_bytes` to spare
+    (verdict.fits_certainly: "fits, tight" does not count); 0 when 1 does not fit.
 
-    The search runs on the quick estimate (required_only: the phase formula). `confirm`
-    checks its answer with the full one (the replayed step program, what `plan` and
-    `check` report for a single plan, within a few percent of the formula) and moves it
-    to that estimate's own boundary: a few full estimates more (bench/fit_speed.py)."""
+    The answer is exact for `estimate_fn` (the full estimate, what `plan` shows): the
+    phase formula (`guess_fn`, about 1 ms) finds a first guess, and the search moves from
+    there to `estimate_fn`'s own boundary, usually in two full estimates (each value is
+    estimated once). `guess_fn=None` searches `estimate_fn` alone."""
     field = _FIELD[what]
 
-    def need(n: int) -> int:
-        return measure(estimate_fn(spec, plan.model_copy(update={field: n})))
+    def need_of(fn: EstimateFn) -> Callable[[int], int]:
+        def need(n: int) -> int:
+            est = fn(spec, plan.model_copy(update={field: n}))
+            return certain_need(est.required_device_bytes, margin_bytes)
 
-    with required_only_context():
-        quick = largest_at_most(need, budget_bytes, UPPER_LIMIT)
-    if not confirm:
-        return quick
-    return largest_near(need, budget_bytes, max(quick, 1), UPPER_LIMIT)
+        return need
+
+    return largest_from_guess(need_of(estimate_fn), memory_bytes, UPPER_LIMIT,
+                              None if guess_fn is None else need_of(guess_fn))
+
+
+def largest_from_guess(need: Callable[[int], int], budget: int, upper: int,
+                       guess_need: Callable[[int], int] | None = None) -> int:
+    """`largest_at_most(need, budget, upper)` for a costly `need` (memoized here): searched
+    from the answer of a cheap `guess_need` that tracks it, when one is given."""
+    memo: dict[int, int] = {}
+
+    def cached(n: int) -> int:
+        if n not in memo:
+            memo[n] = need(n)
+        return memo[n]
+
+    if guess_need is None:
+        return largest_at_most(cached, budget, upper)
+    return largest_near(cached, budget, max(largest_at_most(guess_need, budget, upper), 1),
+                        upper)
 
 
 def largest_near(need: Callable[[int], int], budget: int, n: int, upper: int) -> int:
     """`largest_at_most(need, budget, upper)`, searched from a guess `n` close to it: up
-    from n while n fits, else down among 1..n-1."""
+    from n while n fits; else down from n in steps that double (n-1, n-2, n-4, ...) until
+    one fits, then inside that bracket."""
     if need(n) <= budget:
-        return n - 1 + largest_at_most(lambda m: need(n - 1 + m), budget, upper - n + 1)
-    return largest_at_most(need, budget, n - 1) if n > 1 else 0
+        return n - 1 + largest_at_most(_shifted(need, n - 1), budget, upper - n + 1)
+    hi, step = n, 1  # need(hi) > budget
+    while True:
+        lo = hi - step
+        if lo < 1:
+            return largest_at_most(need, budget, hi - 1) if hi > 1 else 0
+        if need(lo) <= budget:
+            return lo - 1 + largest_at_most(_shifted(need, lo - 1), budget, hi - lo)
+        hi, step = lo, 2 * step
+
+
+def _shifted(need: Callable[[int], int], base: int) -> Callable[[int], int]:
+    """need(base + m) as a function of m."""
+    return lambda m: need(base + m)
 
 
 def largest_at_most(need: Callable[[int], int], budget: int, upper: int) -> int:

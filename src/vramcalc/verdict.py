@@ -1,7 +1,9 @@
-"""Does a plan fit? One rule for `plan` and `check`: required free memory + margin <= memory.
+"""Does a plan fit? One rule for every command: required free memory + margin <= memory.
 
 Each verdict also says how sure it is: "fits", "tight" (fits, but by less than the measured
-spread of the rule, SPREAD_ABS_BYTES / SPREAD_REL) or "does_not_fit".
+spread of the rule, SPREAD_ABS_BYTES / SPREAD_REL) or "does_not_fit". Every "largest batch /
+longest sequence" (`plan --max`, `check --max`, `fit`, `sweep`'s "fits up to"), suggestion
+and smallest GPU asks for "fits" (`fits_certainly`): a tight value is not offered.
 
 `required_device_bytes` (vramcalc.estimate.Estimate) is the free memory the step needs; the
 margin (default 0.5 GiB) covers estimation error and fragmentation. The memory is what a card
@@ -60,6 +62,21 @@ def certainty(memory_bytes: int, required_bytes: int, margin_bytes: int,
             or memory_bytes - required_bytes < spread_bytes(required_bytes)):
         return "tight"
     return "fits"
+
+
+def certain_need(required_bytes: int, margin_bytes: int) -> int:
+    """The memory a card must offer for `certainty` to say "fits" (not tight) on a plan
+    that requires `required_bytes`: required + max(margin, spread). `certainty` is "fits"
+    exactly when this is at most the memory (the least required is never above the
+    required), and it grows with required_bytes, so a search can bisect on it."""
+    return required_bytes + max(margin_bytes, spread_bytes(required_bytes))
+
+
+def fits_certainly(memory_bytes: int, required_bytes: int, margin_bytes: int) -> bool:
+    """The rule of every "largest batch / longest sequence", suggestion and smallest GPU:
+    the value that `plan` and `check` call "fits" (not "fits, tight", which may run out
+    of memory): `certainty(...) == "fits"`, whatever the band's least."""
+    return certain_need(required_bytes, margin_bytes) <= memory_bytes
 
 
 class Verdict(BaseModel):

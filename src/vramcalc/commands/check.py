@@ -40,6 +40,7 @@ from vramcalc.verdict import DEFAULT_MARGIN_GIB, Target
 
 if TYPE_CHECKING:
     from vramcalc.advice import GpuAnswer, Suggestion
+    from vramcalc.api import GpuVerdict
     from vramcalc.corrections import Selection
     from vramcalc.estimate import Estimate
     from vramcalc.gpus import DeviceInfo
@@ -74,48 +75,45 @@ def _detect_devices() -> list[DeviceInfo]:
     return query_devices()
 
 
-class GpuVerdict(NamedTuple):
-    """A plan checked on one card: now (free memory) and on the empty card."""
+class Checked(NamedTuple):
+    """One card's verdict (vramcalc.api.GpuVerdict, the API's type) with what the searches
+    and suggestions on that card need: the plan as it runs there and its estimate
+    function (that GPU family's corrections)."""
 
-    target: Target
+    verdict: GpuVerdict
     plan: TrainPlan
-    estimate: Estimate
-    now: Verdict
-    empty: Verdict
     estimate_fn: EstimateFn
 
     @property
+    def target(self) -> Target:
+        return self.verdict.target
+
+    @property
+    def estimate(self) -> Estimate:
+        return self.verdict.estimate
+
+    @property
+    def now(self) -> Verdict:
+        return self.verdict.now
+
+    @property
+    def empty(self) -> Verdict:
+        return self.verdict.empty
+
+    @property
     def fits_free(self) -> bool:
-        return self.now.fits
+        return self.verdict.fits_free
 
     @property
     def fits_empty(self) -> bool:
-        return self.empty.fits
+        return self.verdict.fits_empty
 
     @property
     def headroom_bytes(self) -> int:
-        return self.now.headroom_bytes
+        return self.verdict.headroom_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        t = self.target
-        return {
-            "name": t.name,
-            "index": t.index,
-            "label": t.label,
-            "total_bytes": t.total_bytes,
-            "free_bytes": t.free_bytes,
-            "empty_bytes": t.empty_bytes,
-            "compute_capability": t.compute_capability,
-            "compute_dtype": self.plan.compute_dtype,
-            "peak_device_bytes": self.estimate.peak_device_bytes,
-            "required_device_bytes": self.estimate.required_device_bytes,
-            "fits_free": self.fits_free,
-            "fits_empty": self.fits_empty,
-            "certainty": self.now.certainty,
-            "certainty_empty": self.empty.certainty,
-            "spread_bytes": self.now.spread_bytes,
-            "headroom_bytes": self.headroom_bytes,
-        }
+        return self.verdict.to_dict()
 
 
 def _gib(nbytes: int) -> str:
@@ -177,9 +175,9 @@ def _estimators(use_calibration: bool) -> Estimators:
 def _verdicts(
     spec: ModelSpec, train: TrainPlan, targets: list[Target], margin: int,
     estimators: Estimators,
-) -> list[GpuVerdict]:
+) -> list[Checked]:
     from vramcalc.advice import for_gpu
-    from vramcalc.verdict import verdict
+    from vramcalc.api import verdict_on
 
     cache: dict[tuple[int, str], Estimate] = {}
     out = []
@@ -192,11 +190,7 @@ def _verdicts(
         key = (id(fn), p.compute_dtype)
         if key not in cache:
             cache[key] = fn(spec, p)
-        est = cache[key]
-        need = est.required_device_bytes
-        low = est.required_low
-        out.append(GpuVerdict(t, p, est, verdict(t.free_bytes, need, margin, low),
-                              verdict(t.empty_bytes, need, margin, low), fn))
+        out.append(Checked(verdict_on(t, cache[key], p.compute_dtype, margin), p, fn))
     return out
 
 
@@ -205,7 +199,7 @@ def _fits_cell(v: Verdict) -> str:
         v.certainty, "[red]no[/red]")
 
 
-def _verdict_table(verdicts: list[GpuVerdict], margin: int, detected: bool) -> Any:
+def _verdict_table(verdicts: list[Checked], margin: int, detected: bool) -> Any:
     from rich.table import Table
 
     table = Table(title=f"Per GPU, GiB: fits = required free memory + {_gib(margin)} margin "
@@ -230,8 +224,8 @@ def _verdict_table(verdicts: list[GpuVerdict], margin: int, detected: bool) -> A
 
 
 def _render(
-    verdicts: list[GpuVerdict],
-    best: GpuVerdict,
+    verdicts: list[Checked],
+    best: Checked,
     margin: int,
     suggestions: list[Suggestion],
     larger: GpuAnswer | None,
@@ -285,7 +279,7 @@ def _render(
 
 
 def _render_max(
-    what: str, rows: list[tuple[GpuVerdict, int]], margin: int, json_output: bool
+    what: str, rows: list[tuple[Checked, int]], margin: int, json_output: bool
 ) -> None:
     if json_output:
         print_json({"max": what, "margin_bytes": margin,
@@ -401,10 +395,9 @@ def check(
     verdicts = _verdicts(spec, train, targets_, margin_b, estimators)
     if max_ is not None:
         from vramcalc.search import largest_fitting
-        from vramcalc.verdict import budget
 
-        rows = [(v, largest_fitting(spec, v.plan, max_, budget(v.target.free_bytes, margin_b),
-                                    estimate_fn=v.estimate_fn, confirm=True))
+        rows = [(v, largest_fitting(spec, v.plan, max_, v.target.free_bytes, margin_b,
+                                    estimate_fn=v.estimate_fn))
                 for v in verdicts]
         _render_max(max_, rows, margin_b, json_output)
         if not any(n for _, n in rows):
@@ -414,14 +407,13 @@ def check(
     suggestions: list[Suggestion] = []
     larger = None
     if not best.fits_free or best.now.certainty == "tight":
-        from vramcalc.verdict import budget
-
-        room = budget(best.target.free_bytes, margin_b)
+        room = best.target.free_bytes
         if best.fits_free:  # tight: only the allocator switch, for more room
-            allocator = advice.allocator_suggestion(spec, best.plan, room, best.estimate_fn)
+            allocator = advice.allocator_suggestion(spec, best.plan, room, margin_b,
+                                                    best.estimate_fn)
             suggestions = [] if allocator is None else [allocator]
         else:
-            suggestions = advice.suggest(spec, best.plan, room, best.estimate_fn)
+            suggestions = advice.suggest(spec, best.plan, room, margin_b, best.estimate_fn)
         if not suggestions and not best.fits_free:
             from vramcalc.gpu_catalog import catalog
 
@@ -433,7 +425,7 @@ def check(
     if not best.fits_free:
         from vramcalc.commands.parallel import parallel_suggestions
 
-        several = parallel_suggestions(spec, best.plan, best.target.total_bytes - margin_b)
+        several = parallel_suggestions(spec, best.plan, best.target.empty_bytes, margin_b)
     if json_output:
         from vramcalc.render import estimate_to_dict
 

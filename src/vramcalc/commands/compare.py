@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
+from vramcalc.commands.from_config import announce_spec
 from vramcalc.commands.options import (
     JsonOpt,
     MarginOpt,
@@ -55,8 +56,9 @@ def compare(
     LoRA (int8). Each shows the peak allocated memory, the required free
     memory and the smallest catalog GPU it fits, by the rule of plan and
     check (required free memory + --margin <= the card's memory less the
-    driver's reservation; "tight" inside the allocator's band or the
-    estimate's spread).
+    driver's reservation): the smallest on which plan --gpu says "fits"
+    (a GPU where it is only "fits, tight", inside the allocator's band or
+    the estimate's spread, does not count).
     The method, its quantization and weights dtype are set per row (no
     options for them); every other option applies to all rows. The
     optimizer is each method's usual one, adamw_torch_fused for full and
@@ -74,8 +76,7 @@ def compare(
 
     margin_b = margin_bytes(margin)
     spec = resolve_model_arg(model)
-    for note in spec.notes:
-        warn(f"note: {note}")
+    announce_spec(spec)
     base = build_plan(**plan_options)
     given: frozenset[str] = getattr(plan_options, "given", frozenset())
     lora_row = runnable_dropout(spec, base.model_copy(update={"method": "lora",
@@ -90,7 +91,8 @@ def compare(
     estimators = Estimators(use_calibration=not no_calibration)
     rows = compare_methods(spec, base, margin_b, catalog(),
                            optimizer=user_optimizer(ctx, plan_options),
-                           estimate_for=lambda gpu: estimators(gpu.name))
+                           estimate_for=lambda gpu: estimators(gpu.name),
+                           estimate_fn=estimators(None))
     for selection in estimators.applied():
         warn(selection.note)
     if json_output:

@@ -49,7 +49,9 @@ def fit(
     --margin <= memory; "tight" inside the allocator's band or the estimate's
     spread).
     For each that fits: the largest batch at --seq-len and the longest
-    sequence at --batch. The method, its quantization and weights dtype are set per
+    sequence at --batch, as plan --max answers them: the largest value plan
+    calls "fits" ("fits, tight" does not count: "-" when batch 1 is only
+    tight). The method, its quantization and weights dtype are set per
     method; the optimizer is adamw_torch_fused for full and paged_adamw_8bit
     for the LoRA methods unless --optimizer is given. --json lists every
     pair, fitting or not, and why a pair cannot start.

@@ -127,7 +127,9 @@ MarginOpt = Annotated[
 ]
 MaxOpt = Annotated[
     str | None,
-    typer.Option("--max", help="Answer the largest 'batch' or 'seq-len' that fits instead."),
+    typer.Option("--max", help="Answer the largest 'batch' or 'seq-len' that fits instead: "
+                 "the largest value plan calls \"fits\" (a \"fits, tight\" value may run "
+                 "out of memory and does not count)."),
 ]
 
 GiB = 2**30

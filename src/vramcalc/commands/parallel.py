@@ -183,13 +183,14 @@ def show_parallel(pe: ParallelEstimate, plan: TrainPlan) -> None:
         console.print(f"[dim]note: {note}[/dim]", highlight=False)
 
 
-def parallel_suggestions(spec: ModelSpec, plan: TrainPlan, budget_bytes: int,
+def parallel_suggestions(spec: ModelSpec, plan: TrainPlan, memory_bytes: int, margin_bytes: int,
                          max_gpus: int = 8) -> list[dict[str, Any]]:
-    """For `check`: the smallest N per strategy that fits `budget_bytes` on each GPU."""
+    """For `check`: the smallest N per strategy that fits cards offering `memory_bytes`
+    each with `margin_bytes` to spare (the rule of every suggestion)."""
     from vramcalc.multi_gpu import smallest_fitting_parallel
 
     return [o.model_dump(mode="json")
-            for o in smallest_fitting_parallel(spec, plan, budget_bytes, max_gpus)]
+            for o in smallest_fitting_parallel(spec, plan, memory_bytes, margin_bytes, max_gpus)]
 
 
 def plan_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
@@ -202,15 +203,16 @@ def plan_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
     fitted corrections (calibration/) were measured on one GPU and are not applied."""
     from vramcalc.commands.common import print_json
     from vramcalc.multi_gpu import estimate_parallel
-    from vramcalc.verdict import budget, verdict
+    from vramcalc.verdict import verdict
 
     if max_ is not None:
-        from vramcalc.search import largest_fitting
+        from vramcalc.search import largest_fitting, quick_estimate
 
         assert target is not None  # checked by plan()
         best = largest_fitting(
-            spec, plan, max_, budget(target.free_bytes, margin_b),
-            estimate_fn=lambda s, p: estimate_parallel(s, p, parallel).busiest, confirm=True)
+            spec, plan, max_, target.free_bytes, margin_b,
+            estimate_fn=lambda s, p: estimate_parallel(s, p, parallel).busiest,
+            guess_fn=lambda s, p: estimate_parallel(s, p, parallel, quick_estimate).busiest)
         if json_output:
             print_json({"model": spec.name, "max": max_, "value": best, "fits": best > 0,
                         "gpu": target.name, "gpu_memory_bytes": target.free_bytes,

@@ -115,7 +115,6 @@ def plan(
     """
     from vramcalc.planning import calibration_note, estimator
     from vramcalc.render import estimate_to_dict
-    from vramcalc.verdict import verdict
 
     given: frozenset[str] = getattr(plan_options, "given", frozenset())
     check_max(max_)
@@ -157,19 +156,17 @@ def plan(
         _answer_max(spec, train, max_, target, margin_b, json_output, estimate)
         return
     est = estimate(spec, train)
-    v = None if target is None else verdict(target.free_bytes, est.required_device_bytes,
-                                            margin_b, est.required_low)
+    gv = None
+    if target is not None:
+        from vramcalc.api import verdict_on
+
+        gv = verdict_on(target, est, train.compute_dtype, margin_b)
+    v = None if gv is None else gv.now
     if json_output:
         out = estimate_to_dict(est, train)
         out["calibration"] = None if corrections is None else corrections.key
-        if v is not None and target is not None:
-            out["gpu"] = target.name
-            out["gpu_memory_bytes"] = target.free_bytes
-            out["margin_bytes"] = margin_b
-            out["fits"] = v.fits
-            out["certainty"] = v.certainty
-            out["spread_bytes"] = v.spread_bytes
-            out["headroom_bytes"] = v.headroom_bytes
+        if gv is not None:
+            out.update(gv.verdict_fields())
         print_json(out)
     else:
         from rich.console import Console
@@ -199,10 +196,9 @@ def _answer_max(
     estimate_fn: EstimateFn,
 ) -> None:
     from vramcalc.search import largest_fitting
-    from vramcalc.verdict import budget
 
-    best = largest_fitting(spec, train, what, budget(target.free_bytes, margin_b),
-                           estimate_fn=estimate_fn, confirm=True)
+    best = largest_fitting(spec, train, what, target.free_bytes, margin_b,
+                           estimate_fn=estimate_fn)
     if json_output:
         print_json({"model": spec.name, "max": what, "value": best, "fits": best > 0,
                     "gpu": target.name, "gpu_memory_bytes": target.free_bytes,

@@ -1,10 +1,11 @@
 """`vramcalc sweep`: peak memory against one swept setting, with the GPUs' capacity lines.
 
 The plan is estimated once per value of --over (seq-len, batch or rank); the terminal
-chart stacks the breakdown in four groups per value, marks each GPU's memory, and says
-where each GPU stops fitting (required free memory <= the GPU's memory, as `plan
---gpu-memory`). --json / --csv print the series; --plot FILE.png|.svg draws it with
-matplotlib (the `plot` extra, imported only there).
+chart stacks the breakdown in four groups per value, marks each GPU's memory (an empty
+card's usable memory, as `plan --gpu` offers it), and says up to which value each GPU
+fits: the largest swept value that `plan --gpu` calls "fits" (with --margin; "fits,
+tight" does not count), the rule of `plan --max`. --json / --csv print the series; --plot
+FILE.png|.svg draws it with matplotlib (the `plot` extra, imported only there).
 """
 
 from __future__ import annotations
@@ -21,23 +22,30 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
-from vramcalc.commands.common import print_json, reports_errors, warn
+from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
 from vramcalc.commands.from_config import announce_spec, with_from_config
 from vramcalc.commands.options import (
     JsonOpt,
+    MarginOpt,
     ModelOpt,
     NoCalibrationOpt,
     build_plan,
     check_applies,
+    margin_bytes,
     refuse_given,
     runnable_dropout,
     validate_targets,
     with_plan_options,
 )
 from vramcalc.errors import PlanError
+from vramcalc.verdict import DEFAULT_MARGIN_GIB
 
 if TYPE_CHECKING:
+    from vramcalc.plan_settings import TrainPlan
+    from vramcalc.planning import Estimators
     from vramcalc.result import Estimate
+    from vramcalc.specs import ModelSpec
+    from vramcalc.verdict import Target
 
 GiB = 2**30
 CHART_WIDTH = 80
@@ -79,8 +87,10 @@ class Sweep(NamedTuple):
 
 class Capacity(NamedTuple):
     name: str
-    memory_bytes: int
-    fits_up_to: int | None  # the largest swept value that fits; None: none fits
+    memory_bytes: int  # what an empty card offers (verdict.Target.free_bytes), as plan --gpu
+    margin_bytes: int
+    fits_up_to: int | None  # the largest swept value `plan --gpu` calls "fits"; None: none
+    certainty: list[str]  # plan --gpu's verdict at each swept value (fits, tight, ...)
 
 
 def parse_over(text: str) -> Sweep:
@@ -135,12 +145,28 @@ def group_bytes(est: Estimate) -> dict[str, int]:
     return {g: sum(est.components[c] for c in names) for g, names in GROUPS.items()}
 
 
-def capacities(sweep: Sweep, points: list[Estimate], gpus: list[Any]) -> list[Capacity]:
+def capacities(sweep: Sweep, spec: ModelSpec, train: TrainPlan, points: list[Estimate],
+               targets: list[Target], margin: int, estimators: Estimators) -> list[Capacity]:
+    """Each card's verdict at every swept value, as `plan --gpu` gives it: the plan as it
+    runs there (fp16 without bf16) under that card's corrections; the series' own
+    estimates where those are the same."""
+    from vramcalc.advice import for_gpu
+    from vramcalc.verdict import verdict
+
+    field = SWEEPABLE[sweep.name]
+    series_fn = estimators(targets[0].corrections_gpu if targets else None)
     out = []
-    for g in gpus:
-        fitting = [v for v, e in zip(sweep.values, points, strict=True)
-                   if e.required_device_bytes <= g.memory_bytes]
-        out.append(Capacity(g.name, g.memory_bytes, max(fitting) if fitting else None))
+    for t in targets:
+        p = for_gpu(train, t.bf16_supported)
+        fn = estimators(t.corrections_gpu)
+        ests = points if (fn is series_fn and p == train) else [
+            fn(spec, p.model_copy(update={field: v})) for v in sweep.values]
+        words: list[str] = [
+            verdict(t.free_bytes, e.required_device_bytes, margin, e.required_low).certainty
+            for e in ests]
+        fitting = [v for v, c in zip(sweep.values, words, strict=True) if c == "fits"]
+        out.append(Capacity(t.name, t.free_bytes, margin, max(fitting) if fitting else None,
+                            words))
     return out
 
 
@@ -234,10 +260,17 @@ def sweep(
     gpu: SweepGpuOpt = None,
     plot: PlotOpt = None,
     csv_output: CsvOpt = False,
+    margin: MarginOpt = DEFAULT_MARGIN_GIB,
     no_calibration: NoCalibrationOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Peak memory against sequence length, batch size or LoRA rank, with GPU lines.
+
+    Each --gpu is an empty card offering its total less the driver's
+    reservation, as in plan --gpu. "fits up to" is the largest swept value
+    that plan --gpu calls "fits" (required free memory + --margin <= memory,
+    outside the estimate's spread); a "fits, tight" value does not count, as
+    for plan --max, which answers between the swept values.
 
     \b
     Examples:
@@ -246,8 +279,8 @@ def sweep(
       vramcalc sweep -m llama-3.1-8b --over rank=8:256 --plot rank.svg
     """
     from vramcalc.gpu_catalog import resolve_gpu
-    from vramcalc.planning import calibration_note, estimator
-    from vramcalc.specs import resolve_model
+    from vramcalc.planning import Estimators, calibration_note
+    from vramcalc.verdict import catalog_target
 
     if json_output and csv_output:
         raise PlanError("give either --json or --csv, not both")
@@ -255,8 +288,9 @@ def sweep(
     option = {"seq-len": "seq_len", "batch": "batch", "rank": "rank"}[sw.name]
     given: frozenset[str] = getattr(plan_options, "given", frozenset())
     refuse_given(given, (option,), f"--over {sw.name} sets it; drop one of the two")
-    gpus = [resolve_gpu(g) for g in gpu or []]
-    spec = resolve_model(model)
+    margin_b = margin_bytes(margin)
+    targets = [catalog_target(resolve_gpu(g)) for g in gpu or []]
+    spec = resolve_model_arg(model)
     announce_spec(spec)
     train = build_plan(**plan_options)
     build_plan(**{**plan_options, option: sw.values[-1]})  # the largest swept value: bounds
@@ -265,14 +299,17 @@ def sweep(
         raise PlanError("--over rank: --method full has no LoRA rank")
     train = runnable_dropout(spec, train, given)
     validate_targets(spec, train)
-    estimate_fn, corrections = estimator(gpus[0].name if gpus else None,
-                                         use_calibration=not no_calibration)
-    note = calibration_note(corrections)
-    if note:
-        warn(note)
+
+    def say(selection: Any) -> None:
+        note = calibration_note(selection)
+        if note:
+            warn(note)
+
+    estimators = Estimators(use_calibration=not no_calibration, on_new=say)
+    estimate_fn = estimators(targets[0].corrections_gpu if targets else None)
     field = SWEEPABLE[sw.name]
     points = [estimate_fn(spec, train.model_copy(update={field: v})) for v in sw.values]
-    caps = capacities(sw, points, gpus)
+    caps = capacities(sw, spec, train, points, targets, margin_b, estimators)
     if plot is not None:
         write_plot(plot, spec.name, sw, points, caps)
         warn(f"wrote {plot}")

@@ -20,10 +20,10 @@ from vramcalc.commands.options import with_signature
 from vramcalc.errors import PlanError
 
 if TYPE_CHECKING:
+    from vramcalc.api import GpuVerdict
     from vramcalc.inference import InferPlan, MergePlan
     from vramcalc.result import Estimate
     from vramcalc.specs import ModelSpec
-    from vramcalc.verdict import Target
 
 R = TypeVar("R")
 GiB = 2**30
@@ -226,34 +226,33 @@ def _estimate(spec: ModelSpec, plan: InferPlan | MergePlan) -> Estimate:
     return estimate_merge(spec, plan)
 
 
-def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, budget: int) -> int:
-    """Largest batch or prompt length whose required memory fits `budget` (0: none)."""
+def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, memory_bytes: int,
+                          margin_bytes: int) -> int:
+    """Largest batch or prompt length that `plan --task infer` calls "fits" on a card
+    offering `memory_bytes` with `margin_bytes` to spare (0: none), by the rule of every
+    search (verdict.fits_certainly: "fits, tight" does not count)."""
     from vramcalc.inference import estimate_inference
+    from vramcalc.search import largest_from_guess
+    from vramcalc.verdict import certain_need
 
     field = {"batch": "batch_size", "prompt-len": "prompt_len"}[what]
 
-    def fits(n: int) -> bool:
-        # the phase formulas: the required bytes are the allocated peak (+ context)
-        est = estimate_inference(spec, plan.model_copy(update={field: n}), replay=False)
-        return est.required_device_bytes <= budget
+    def need(n: int) -> int:
+        est = estimate_inference(spec, plan.model_copy(update={field: n}))
+        return certain_need(est.required_device_bytes, margin_bytes)
 
     from vramcalc.commands.options import MAX_BATCH, MAX_SEQ_LEN
 
     # the largest value the option itself accepts (build_infer_plan's bounds)
     limit = MAX_BATCH if what == "batch" else MAX_SEQ_LEN - plan.new_tokens
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    if hi > limit:
-        if fits(limit):
-            return limit
-        hi = limit
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return largest_from_guess(need, memory_bytes, limit)
+
+
+def _dtype(plan: InferPlan | MergePlan) -> str:
+    """The dtype the plan computes in (a merge: its base's)."""
+    from vramcalc.inference import InferPlan
+
+    return plan.compute_dtype if isinstance(plan, InferPlan) else plan.dtype
 
 
 def _title(est: Estimate, plan: InferPlan | MergePlan) -> str:
@@ -271,6 +270,7 @@ def _title(est: Estimate, plan: InferPlan | MergePlan) -> str:
 
 def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) -> None:
     from vramcalc.commands.common import resolve_model_arg
+    from vramcalc.commands.from_config import announce_spec
     from vramcalc.commands.options import margin_bytes, refuse_given
 
     if kw.get("model") is None:
@@ -285,7 +285,8 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
         if target is None:
             refuse_given(kw.get("given", frozenset()), ("margin",),
                          "only with --gpu NAME or --gpu-memory GIB (the card to fit in)")
-    spec = resolve_model_arg(kw["model"])
+    spec = resolve_model_arg(kw["model"])  # the door of every command, with its notes
+    announce_spec(spec)
     plan = build_infer_plan(opts, kw) if task == "infer" else build_merge_plan(opts, kw)
     from vramcalc.trainable import lora_targets
 
@@ -304,6 +305,8 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
                             f"plan --task {task} --gpu NAME --max ...'")
         _check(spec, plan, kw)
         return
+    from vramcalc.api import verdict_on
+
     max_ = kw.get("max_")
     if max_ is not None:
         if task != "infer":
@@ -313,8 +316,7 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
                             f"got '{max_}'")
         if target is None:
             raise PlanError("--max needs --gpu NAME or --gpu-memory GIB (the card to fit in)")
-        room = target.free_bytes - margin_b
-        best = largest_fitting_infer(spec, plan, max_, room)  # type: ignore[arg-type]
+        best = largest_fitting_infer(spec, plan, max_, target.free_bytes, margin_b)  # type: ignore[arg-type]
         if kw["json_output"]:
             print_json({"model": spec.name, "task": task, "max": max_, "value": best,
                         "fits": best > 0, "gpu": target.name,
@@ -331,7 +333,10 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
     est = _estimate(spec, plan)
-    _output(est, plan, spec, kw["json_output"], target, margin_b)
+    v = None if target is None else verdict_on(target, est, _dtype(plan), margin_b)
+    _output(est, plan, spec, kw["json_output"], v)
+    if v is not None and not v.fits:
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
 
 
 def _extras(spec: ModelSpec, plan: InferPlan | MergePlan) -> dict[str, Any]:
@@ -345,54 +350,43 @@ def _extras(spec: ModelSpec, plan: InferPlan | MergePlan) -> dict[str, Any]:
 
 
 def _output(est: Estimate, plan: InferPlan | MergePlan, spec: ModelSpec, json_output: bool,
-            target: Target | None = None, margin_b: int = 0) -> None:
-    """The estimate, and with a card its verdict by the rule of the training plan
-    (vramcalc.verdict); exit 3 when it does not fit."""
+            v: GpuVerdict | None) -> None:
+    """The estimate, and with a card its verdict (api.verdict_on: the rule of a training
+    plan)."""
     from vramcalc.render import task_estimate_to_dict
-    from vramcalc.verdict import verdict
 
     extras = _extras(spec, plan)
-    v = (None if target is None else
-         verdict(target.free_bytes, est.required_device_bytes, margin_b, est.required_low))
     if json_output:
         out = task_estimate_to_dict(est, plan.model_dump(mode="json"))
         out.update(extras)
-        if v is not None and target is not None:
-            out["gpu"] = target.name
-            out["gpu_memory_bytes"] = target.free_bytes
-            out["margin_bytes"] = margin_b
-            out["fits"] = v.fits
-            out["certainty"] = v.certainty
-            out["spread_bytes"] = v.spread_bytes
-            out["headroom_bytes"] = v.headroom_bytes
+        if v is not None:  # as `plan --gpu` for a training step
+            out.update(v.verdict_fields())
         print_json(out)
-    else:
-        from rich.console import Console
+        return
+    from rich.console import Console
 
-        from vramcalc.render import print_task_breakdown
+    from vramcalc.render import print_task_breakdown
 
-        console = Console()
-        print_task_breakdown(est, _title(est, plan), console,
-                             getattr(plan, "adapter_dtype", None))
-        if extras:
-            console.print(f"merged checkpoint on disk: {extras['disk_bytes'] / GiB:.2f} GiB "
-                          "(safetensors tensors)")
-        if v is not None and target is not None:
-            color = {"fits": "green", "tight": "yellow"}.get(v.certainty, "red")
-            console.print(
-                f"[{color}]{v.word}[/{color}] {target.name}: needs "
-                f"{est.required_device_bytes / GiB:.2f} GiB + {margin_b / GiB:.2f} GiB margin, "
-                f"the card offers {target.free_bytes / GiB:.2f} GiB (headroom "
-                f"{v.headroom_bytes / GiB:+.2f} GiB)", highlight=False)
-            if v.certainty == "tight":
-                console.print(v.tight_reason, highlight=False)
-    if v is not None and not v.fits:
-        raise typer.Exit(EXIT_DOES_NOT_FIT)
+    console = Console()
+    print_task_breakdown(est, _title(est, plan), console, getattr(plan, "adapter_dtype", None))
+    if extras:
+        console.print(f"merged checkpoint on disk: {extras['disk_bytes'] / GiB:.2f} GiB "
+                      "(safetensors tensors)")
+    if v is not None:
+        color = {"fits": "green", "tight": "yellow"}.get(v.certainty, "red")
+        console.print(
+            f"[{color}]{v.now.word}[/{color}] {v.gpu}: needs "
+            f"{est.required_device_bytes / GiB:.2f} GiB + {v.margin_bytes / GiB:.2f} GiB "
+            f"margin, the card offers {v.memory_bytes / GiB:.2f} GiB (headroom "
+            f"{v.headroom_bytes / GiB:+.2f} GiB)", highlight=False)
+        if v.certainty == "tight":
+            console.print(v.now.tight_reason, highlight=False)
 
 
 def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> None:
     """`check --task infer|merge`: the estimate against each GPU (detected, --gpu, or
-    --gpu-memory), fits = required + margin <= free memory."""
+    --gpu-memory), by check's rule and verdict type (api.verdict_on: required + margin <=
+    free memory, tight inside the band or the spread; empty: the usable total)."""
     from vramcalc.commands import check as check_cmd
 
     gpu: list[str] = kw.get("gpu") or []  # no --gpu: detected GPUs or --gpu-memory
@@ -400,33 +394,34 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
     margin = kw["margin"]
     if gpu and gpu_memory is not None:
         raise PlanError("give either --gpu NAME or --gpu-memory GIB, not both")
+    from vramcalc.api import verdict_on
     from vramcalc.commands.options import margin_bytes as to_bytes
 
     margin_bytes = to_bytes(margin)
     est = _estimate(spec, plan)
-    targets = check_cmd._targets(gpu, gpu_memory)
-    need = est.required_device_bytes + margin_bytes
-    rows: list[dict[str, Any]] = [
-        {"name": t.name, "label": t.label, "total_bytes": t.total_bytes,
-         "free_bytes": t.free_bytes, "required_device_bytes": est.required_device_bytes,
-         "fits_free": need <= t.free_bytes, "fits_empty": need <= t.total_bytes,
-         "headroom_bytes": t.free_bytes - est.required_device_bytes} for t in targets]
-    best = max(rows, key=lambda r: r["free_bytes"])
+    verdicts = [verdict_on(t, est, _dtype(plan), margin_bytes)
+                for t in check_cmd._targets(gpu, gpu_memory)]
+    best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals, as check's
     if kw["json_output"]:
         from vramcalc.render import task_estimate_to_dict
 
         estimate = task_estimate_to_dict(est, plan.model_dump(mode="json"))
         estimate.update(_extras(spec, plan))
-        print_json({"fits": best["fits_free"], "margin_bytes": margin_bytes, "best_gpu": best,
-                    "gpus": rows, "estimate": estimate})
+        print_json({"fits": best.fits_free, "certainty": best.certainty,
+                    "spread_bytes": best.spread_bytes, "margin_bytes": margin_bytes,
+                    "best_gpu": best.to_dict(), "gpus": [v.to_dict() for v in verdicts],
+                    "estimate": estimate})
     else:
-        _output(est, plan, spec, False)
-        where = best["name"] if best["label"] is None else f"GPU {best['label']} ({best['name']})"
-        if best["fits_free"]:
-            typer.echo(f"fits on {where}: {best['headroom_bytes'] / GiB:+.2f} GiB headroom "
-                       f"(margin {margin:g} GiB)")
-        else:  # on stdout, like the training verdict
+        _output(est, plan, spec, False, None)
+        where = best.target.where
+        if best.fits_free:
+            typer.echo(f"{best.now.word} on {where}: {best.headroom_bytes / GiB:+.2f} GiB "
+                       f"headroom (margin {margin:g} GiB)")
+            if best.certainty == "tight":
+                typer.echo(best.now.tight_reason)
+        else:
+            # on stdout, like the training verdict
             typer.echo(f"does NOT fit on {where}: needs {est.required_device_bytes / GiB:.2f} "
-                       f"GiB + {margin:g} GiB margin, {best['free_bytes'] / GiB:.2f} GiB free")
-    if not best["fits_free"]:
+                       f"GiB + {margin:g} GiB margin, {best.target.free_bytes / GiB:.2f} GiB free")
+    if not best.fits_free:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
