@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from vramcalc.errors import VramcalcError
-from vramcalc.estimate import Estimate, estimate, required_only_context
+from vramcalc.estimate import Estimate, estimate
 from vramcalc.plan_settings import LOOPS, TrainPlan
 from vramcalc.specs import ModelSpec, catalog, depth_cut
 
@@ -48,10 +48,7 @@ def _plans(seed: int, n: int) -> list[tuple[ModelSpec, dict[str, Any]]]:
 
 def _estimate(spec: ModelSpec, kw: dict[str, Any], replay: bool) -> Estimate | None:
     try:
-        if replay:
-            return estimate(spec, TrainPlan(**kw))
-        with required_only_context():
-            return estimate(spec, TrainPlan(**kw))
+        return estimate(spec, TrainPlan(**kw), replay=replay)
     except VramcalcError:  # e.g. LoRA that cannot start on this model
         return None
 
