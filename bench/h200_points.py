@@ -48,6 +48,9 @@ RUNS = {  # run file -> the matrix it measured
     "run26-holdout14.jsonl": "h200-holdout14.json",
     "run27-holdout15.jsonl": "h200-holdout15.json",
 }
+# Runs measured on another card than the H200: the folder under calibration/ that holds
+# them (run 27 was given an H100 80GB HBM3: calibration/h100/run27-gpu.txt).
+RUN_DIRS = {"run27-holdout15.jsonl": "h100"}
 
 
 # Runs 1-6 ran calibrate's plain loop before commit c5caccc, which freed the output after
@@ -82,7 +85,7 @@ def records(run: str | None = None) -> Iterator[tuple[dict[str, Any], ModelSpec,
     for fname, matrix in RUNS.items():
         if run is not None and fname != run:
             continue
-        path = ROOT / "calibration" / "h200" / fname
+        path = ROOT / "calibration" / RUN_DIRS.get(fname, "h200") / fname
         if not path.exists():
             continue
         points = _matrix_points(matrix)

@@ -48,9 +48,20 @@ class Draw(NamedTuple):
     rank: int
     gpu: str
 
-    def flags(self, batch: int | None = None, seq: int | None = None) -> list[str]:
-        """The plan options of this draw, method included (as `plan` / `check` take them)."""
-        return ["-m", self.model, *METHOD_FLAGS[self.method], *self.shared(batch, seq)]
+    def flags(self, batch: int | None = None, seq: int | None = None,
+              swept: str | None = None) -> list[str]:
+        """The plan options of this draw, method included (as `plan` / `check` take them):
+        no --rank for full fine-tuning and not the option `sweep --over` sets, which both
+        are refused."""
+        shared = self.shared(batch, seq)
+        drop = {"--rank"} if self.method == "full" else set()
+        if swept is not None:
+            drop.add(swept)
+        out = []
+        for name, value in zip(shared[::2], shared[1::2], strict=True):
+            if name not in drop:
+                out += [name, value]
+        return ["-m", self.model, *METHOD_FLAGS[self.method], *out]
 
     def shared(self, batch: int | None = None, seq: int | None = None) -> list[str]:
         """The options compare / fit apply to every row."""
@@ -152,7 +163,7 @@ def assert_one_answer(d: Draw, monkeypatch: pytest.MonkeyPatch) -> None:
     # sweep over the batch: each point is plan's, "fits up to" is plan's rule
     start = max(maxima["batch"] - 2, 1)  # around plan's largest batch
     over = f"batch={start}:{maxima['batch'] + 2}:+1"
-    _, sw = cli("sweep", *d.flags(), "--over", over, "--gpu", d.gpu, "--json")
+    _, sw = cli("sweep", *d.flags(swept="--batch"), "--over", over, "--gpu", d.gpu, "--json")
     (g,) = sw["gpus"]
     assert g["memory_bytes"] == offered
     for p in sw["points"][:2]:  # the series is plan's, without a card

@@ -529,9 +529,9 @@ def _free_blocks(sim: CachingAllocator, small: bool | None = None) -> list[int]:
     """Sizes of the free blocks of the allocator's pools (all, or the small or large
     pool's), read from its pools."""
     sizes: list[int] = []
-    for (is_small, _stream), pool in getattr(sim, "pools", {}).items():
+    for (is_small, _stream), pool in sim.pools.items():
         if small is None or is_small == small:
-            sizes += [size for size, _addr in getattr(pool, "keys", [])]
+            sizes += sorted(b.size for b in pool.blocks.values())
     return sizes
 
 
