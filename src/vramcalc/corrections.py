@@ -34,11 +34,9 @@ installed: the stack is unknown and nothing is applied), and (3) its held-out
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -292,45 +290,33 @@ def fit(obs: Sequence[Observation]) -> list[Corrections]:
 # ---- files -----------------------------------------------------------------------------------
 
 
-def save(path: Path, entries: Sequence[Corrections]) -> None:
-    """Write atomically: a temporary file in the same folder, then os.replace."""
+def save(path: Path, entries: Sequence[Corrections], what: str = "corrections file") -> None:
+    """Write atomically, never over anything but a regular file (vramcalc.user_files)."""
     doc = CorrectionsFile(entries=list(entries))
-    write_json_atomic(path, doc.model_dump(mode="json"))
+    write_json_atomic(path, doc.model_dump(mode="json"), what)
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
-    """JSON to `path` through a temporary file in the same folder, then os.replace; a
-    `.gz` path is written gzip-compressed and compact (the allocator traces)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        if path.suffix == ".gz":
-            import gzip  # only the calibrate worker writes these
+def write_json_atomic(path: Path, obj: object, what: str = "output file") -> None:
+    """JSON to `path` through a temporary file in the same folder, then os.replace, by the
+    rules of vramcalc.user_files (regular files and new paths only, modes kept); a `.gz`
+    path is written gzip-compressed and compact (the allocator traces)."""
+    from vramcalc.user_files import write_json
 
-            os.close(fd)
-            with gzip.open(tmp, "wt", encoding="utf-8") as gz:
-                json.dump(obj, gz, separators=(",", ":"))
-        else:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(obj, fh, indent=1)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, obj, what)
 
 
 def load(path: Path) -> list[Corrections]:
     """Entries of a corrections file; a missing file is empty, a broken one is reported
     on stderr and read as empty (never fatal: the raw estimate still works)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    from vramcalc.errors import VramcalcError
+    from vramcalc.user_files import read_text
+
+    if not os.path.lexists(path):
         return []
-    except OSError as err:
-        print(f"warning: cannot read {path}: {err}; corrections ignored", file=sys.stderr)
+    try:
+        text = read_text(path, str(path), VramcalcError)
+    except VramcalcError as err:
+        print(f"warning: {err}; corrections ignored", file=sys.stderr)
         return []
     return _parse(text, str(path))
 

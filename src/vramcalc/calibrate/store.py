@@ -117,7 +117,7 @@ def run_file_name(run: RunFile) -> str:
 
 def write_run(path: Path, run: RunFile) -> None:
     """Atomic: the old file stays whole if anything fails before the rename."""
-    write_json_atomic(path, run.model_dump(mode="json"))
+    write_json_atomic(path, run.model_dump(mode="json"), "calibration run file")
 
 
 def read_run(path: Path) -> RunFile | None:
