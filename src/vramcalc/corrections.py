@@ -311,14 +311,42 @@ def load(path: Path) -> list[Corrections]:
     from vramcalc.errors import VramcalcError
     from vramcalc.user_files import read_text
 
-    if not os.path.lexists(path):
-        return []
     try:
+        os.lstat(path)
         text = read_text(path, str(path), VramcalcError)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as err:  # a locked folder on the way
+        print(f"warning: cannot read {path}: {err.strerror or err}; corrections ignored",
+              file=sys.stderr)
+        return []
     except VramcalcError as err:
         print(f"warning: {err}; corrections ignored", file=sys.stderr)
         return []
     return _parse(text, str(path))
+
+
+def read_entries(path: Path, what: str) -> list[Corrections]:
+    """The entries of a corrections file about to be rewritten: a missing file is empty,
+    and one that cannot be read or is not a corrections file is a CalibrationError (the
+    file would otherwise be replaced by the new entries alone)."""
+    from vramcalc.errors import CalibrationError
+    from vramcalc.user_files import read_text
+
+    if not os.path.lexists(path):
+        return []
+    text = read_text(path, f"{what} {path}", CalibrationError)
+    if not text.strip():  # an empty file holds nothing to keep
+        return []
+    hint = "not replaced: move it away or give another --out"
+    try:
+        doc = CorrectionsFile.model_validate_json(text)
+    except ValidationError as err:
+        raise CalibrationError(f"{what} {path}: not a corrections file "
+                               f"({err.errors()[0]['msg']}); {hint}") from None
+    if doc.kind != FILE_KIND or doc.schema_version != SCHEMA_VERSION:
+        raise CalibrationError(f"{what} {path}: unsupported kind/schema_version; {hint}")
+    return doc.entries
 
 
 def user_data_dir() -> Path:
@@ -363,6 +391,21 @@ def _parse(text: str, where: str) -> list[Corrections]:
         print(f"warning: {where}: unsupported kind/schema_version; ignored", file=sys.stderr)
         return []
     return doc.entries
+
+
+def none_installed() -> str:
+    """Why `available()` is empty: 'no corrections installed', or what is wrong with the
+    file VRAMCALC_CORRECTIONS names (missing, not a file, holding no entries)."""
+    env = os.environ.get(ENV_PATH)
+    if env is None:
+        return "no corrections installed"
+    if not env:
+        return f"turned off: {ENV_PATH} is empty"
+    if not os.path.lexists(env):
+        return f"{ENV_PATH}={env}: no such file"
+    if not os.path.isfile(env):
+        return f"{ENV_PATH}={env}: not a regular file"
+    return f"{ENV_PATH}={env}: no usable corrections in it"
 
 
 def available() -> list[tuple[Corrections, str]]:
@@ -430,7 +473,7 @@ def select_corrections(gpu_name: str | None) -> Selection:
             "named; 'vramcalc check --gpu NAME' applies them)"))
     entries = available()
     if not entries:
-        return Selection(None, None, "calibration: raw estimate (no corrections installed)")
+        return Selection(None, None, f"calibration: raw estimate ({none_installed()})")
     fam = gpu_family(gpu_name)
     same_family = [(e, o) for e, o in entries if e.gpu_family == fam]
     if not same_family:

@@ -213,26 +213,36 @@ def write_json(path: Path, obj: object, what: str) -> None:
                 fh.write("\n")
 
 
-def output_folder(path: Path, what: str) -> Path:
-    """A folder to write files into: an existing folder or a new path (created); a file,
+def output_folder(path: Path, what: str, *, create: bool = True) -> Path:
+    """A folder to write files into: an existing folder or a new path (created unless
+    `create` is False: then only checked, through its nearest existing parent). A file,
     device, FIFO or socket there, or a folder the user cannot write into, is an
     OutputFileError."""
     label = f"{what} {path}"
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as err:
-        raise OutputFileError(f"{label}: cannot reach it: {_reason(err)}") from None
-    if st is not None and not stat.S_ISDIR(st.st_mode):
+    probe_at = path
+    while True:
+        try:
+            st = os.stat(probe_at)
+            break
+        except FileNotFoundError:
+            if probe_at.parent == probe_at:
+                raise OutputFileError(f"{label}: no folder on the way exists") from None
+            probe_at = probe_at.parent
+        except OSError as err:
+            raise OutputFileError(f"{label}: cannot reach it: {_reason(err)}") from None
+    if not stat.S_ISDIR(st.st_mode):
         kind = "a file" if stat.S_ISREG(st.st_mode) else kind_of(st.st_mode)
-        raise OutputFileError(f"{label}: {kind}, not a folder; give a folder or a new path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputFileError(f"{label}: cannot create the folder: {_reason(err)}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise OutputFileError(f"{label}: cannot create files in it: Permission denied")
+        if probe_at == path:
+            raise OutputFileError(f"{label}: {kind}, not a folder; give a folder or a new path")
+        raise OutputFileError(f"{label}: {probe_at} is {kind}, not a folder")
+    if not os.access(probe_at, os.W_OK | os.X_OK):
+        raise OutputFileError(f"{label}: cannot create files in {probe_at}: Permission denied")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputFileError(f"{label}: cannot create the folder: "
+                                  f"{_reason(err)}") from None
     return path
 
 
