@@ -155,7 +155,9 @@ def _why_skipped(raw: bytes) -> tuple[str | None, dict[str, Any] | None]:
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as err:
-        ran_out = line.lstrip().startswith("{") and err.pos >= len(line.rstrip())
+        # a line cut short: an object that opens and then ends mid-value or mid-string
+        ran_out = line.lstrip().startswith("{") and (
+            err.pos >= len(line.rstrip()) - 1 or err.msg.startswith("Unterminated string"))
         return (TRUNCATED if ran_out else NOT_JSON), None
     if not isinstance(rec, dict):
         return NOT_OBJECT, None

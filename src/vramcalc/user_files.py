@@ -71,6 +71,8 @@ def _target(path: Path, what: str) -> tuple[Path, os.stat_result | None]:
         link = os.lstat(path)
     except FileNotFoundError:
         link = None
+    except NotADirectoryError:
+        raise OutputFileError(f"{label}: {_first_non_folder(path)} is not a folder") from None
     except OSError as err:
         raise OutputFileError(f"{label}: cannot reach it: {_reason(err)}") from None
     real = Path(os.path.realpath(path))
@@ -88,6 +90,14 @@ def _target(path: Path, what: str) -> tuple[Path, os.stat_result | None]:
         raise OutputFileError(f"{label}: {kind_of(st.st_mode)}{via}, not a regular file; "
                               "nothing written: give a new file name or a regular file")
     return real, st
+
+
+def _first_non_folder(path: Path) -> Path:
+    """The first part of `path` that exists and is not a folder (ENOTDIR's cause)."""
+    for part in reversed(path.parents):
+        if part.exists() and not part.is_dir():
+            return part
+    return path.parent
 
 
 def _check_replaceable(path: Path, real: Path, st: os.stat_result, what: str) -> None:
@@ -133,8 +143,22 @@ def check_writable(path: Path, what: str) -> Path:
     real, st = _target(path, what)
     if st is not None:
         _check_replaceable(path, real, st, what)
-    _folder_for(path, real, what)
+    folder = _folder_for(path, real, what)
+    _make_temporary(folder, real, f"{what} {path}").unlink()  # the actual check
     return real
+
+
+def _make_temporary(folder: Path, real: Path, label: str) -> Path:
+    """An empty temporary file in `folder` (tempfile.mkstemp: mode 0600, closed)."""
+    import tempfile  # writers only: `plan` reads through this module
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=folder)
+    except OSError as err:
+        raise OutputFileError(f"{label}: cannot create a file in {folder}: "
+                              f"{_reason(err)}") from None
+    os.close(fd)
+    return Path(name)
 
 
 @contextmanager
@@ -147,15 +171,7 @@ def replacing(path: Path, what: str) -> Iterator[Path]:
         _check_replaceable(path, real, st, what)
     folder = _folder_for(path, real, what)
     label = f"{what} {path}"
-    import tempfile  # writers only: `plan` reads through this module
-
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=folder)
-    except OSError as err:
-        raise OutputFileError(f"{label}: cannot create a file in {folder}: "
-                              f"{_reason(err)}") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _make_temporary(folder, real, label)
     try:
         yield tmp
         _finish(tmp, st)
@@ -224,7 +240,7 @@ def output_folder(path: Path, what: str, *, create: bool = True) -> Path:
         try:
             st = os.stat(probe_at)
             break
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             if probe_at.parent == probe_at:
                 raise OutputFileError(f"{label}: no folder on the way exists") from None
             probe_at = probe_at.parent

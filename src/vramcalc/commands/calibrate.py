@@ -236,11 +236,10 @@ def run(
     spec = resolve_model(model)
     base = build_plan(**(plan_options or {}))
     plans = read_matrix(matrix, base)
-    from vramcalc.calibrate.store import RUNS_DIR
     from vramcalc.user_files import output_folder
 
-    output_folder(_data_dir(out) / RUNS_DIR, "--out" if out is not None else "data folder",
-                  create=False)  # created when the first point is saved
+    output_folder(_data_dir(out), "--out" if out is not None else "data folder",
+                  create=False)  # runs/ is created in it when the first point is saved
     device = _require_gpu()
     missing = _missing_extras()
     if missing:

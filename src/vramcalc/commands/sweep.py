@@ -64,7 +64,7 @@ PlotOpt = Annotated[
     typer.Option("--plot", help="Write the chart to FILE.png or FILE.svg (needs the `plot` "
                  "extra: pip install 'qlora-vramcalc[plot]'). Only a new file or a regular "
                  "file you can write is replaced (its mode kept); anything else is an "
-                 "error.", dir_okay=False),
+                 "error."),
 ]
 
 
