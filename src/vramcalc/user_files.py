@@ -138,11 +138,15 @@ def _folder_for(path: Path, real: Path, what: str) -> Path:
 
 def check_writable(path: Path, what: str) -> Path:
     """The regular file (existing or new) a write to `path` goes to, symlinks followed;
-    OutputFileError (one line) for anything the rules of this module refuse. Creates
-    missing parent folders."""
+    OutputFileError (one line) for anything the rules of this module refuse. Changes
+    nothing: a missing folder is checked through its nearest existing parent (created by
+    the write itself), an existing one by making and removing a temporary file in it."""
     real, st = _target(path, what)
     if st is not None:
         _check_replaceable(path, real, st, what)
+    if not real.parent.exists():
+        output_folder(real.parent, what, create=False)
+        return real
     folder = _folder_for(path, real, what)
     _make_temporary(folder, real, f"{what} {path}").unlink()  # the actual check
     return real

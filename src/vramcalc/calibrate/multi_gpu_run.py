@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -198,12 +200,19 @@ def run_point(model_id: str, plan: TrainPlan, parallel: ParallelPlan, out_dir: P
     penv = child_env(env)
     if plan.expandable_segments and "PYTORCH_CUDA_ALLOC_CONF" not in penv:
         penv["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # as worker.py does
-    with log.open("w") as fh:
-        try:
+    # torch elastic (torch/distributed/elastic/multiprocessing/api.py) makes a
+    # torchelastic_* folder in the temp folder per launch and leaves it: the launch gets a
+    # temp folder of its own, removed after it.
+    scratch = tempfile.mkdtemp(prefix="vramcalc-launch-")
+    penv["TMPDIR"] = scratch
+    try:
+        with log.open("w") as fh:
             proc = subprocess.run(cmd, env=penv, stdout=fh, stderr=subprocess.STDOUT,
                                   timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise LaunchError(f"launch timed out after {timeout_s} s; see {log}") from None
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"launch timed out after {timeout_s} s; see {log}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if proc.returncode != 0:
         raise LaunchError(f"launch exited {proc.returncode}: {_last_error(log)}; see {log}")
     try:

@@ -83,8 +83,8 @@ DataOpt = Annotated[
 FitOutOpt = Annotated[
     Path | None,
     typer.Option("--out", help="Corrections file to write (entries of other GPUs / stacks "
-                 "in it are kept); default: the user's corrections.json. Only a new file or "
-                 "a corrections file you can write is replaced (its mode kept)."),
+                 "in it are kept); default: the user's corrections.json. Writes a new file, or "
+                 "replaces a corrections file you can write (its mode kept)."),
 ]
 
 

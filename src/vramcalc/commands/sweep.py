@@ -62,8 +62,8 @@ CsvOpt = Annotated[bool, typer.Option("--csv", help="Print the series as CSV on 
 PlotOpt = Annotated[
     Path | None,
     typer.Option("--plot", help="Write the chart to FILE.png or FILE.svg (needs the `plot` "
-                 "extra: pip install 'qlora-vramcalc[plot]'). Only a new file or a regular "
-                 "file you can write is replaced (its mode kept); anything else is an "
+                 "extra: pip install 'qlora-vramcalc[plot]'). Writes a new file, or replaces "
+                 "a regular file you can write (its mode kept); anything else is an "
                  "error."),
 ]
 
