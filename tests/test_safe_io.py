@@ -658,3 +658,17 @@ def test_fit_keeps_other_entries_of_its_out_file(area: Path) -> None:
     o = run_cli(["calibrate", "fit", "--data", str(_data_folder(area)), "--out", str(out)])
     assert o.rc == 0, o.err
     assert [e.gpu_family for e in corr.load(out)] == ["A100", "H100"]
+
+
+def test_binary_cached_hub_config_is_one_error_line(area: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from vramcalc import hub
+    from vramcalc.errors import SpecError
+
+    cached = area / "config.json"
+    cached.write_bytes(BINARY)
+    monkeypatch.setattr(hub, "fetch_files", lambda repo, revision=None: hub.HubFiles(cached,
+                                                                                     None))
+    with pytest.raises(SpecError, match="not UTF-8") as err:
+        hub.resolve_hub_model("someone/some-model")
+    assert "\n" not in str(err.value) and "someone/some-model" in str(err.value)

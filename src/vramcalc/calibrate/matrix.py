@@ -436,10 +436,15 @@ def _launch(p: Point, device: str, scratch: Path, threads: int, point_timeout_s:
     job_path.write_text(json.dumps(_job_for(p, device, trace_dir)), encoding="utf-8")
     stdout = open(scratch / f"{_weights_key_id(p.id)}.out", "wb")  # noqa: SIM115
     stderr = open(scratch / f"{_weights_key_id(p.id)}.err", "wb")  # noqa: SIM115
+    env = _child_env(p.plan, threads)
+    # The worker's own temp folder inside the scratch folder: what a worker killed at its
+    # timeout leaves (HF Trainer's output_dir, random weights) goes with the scratch.
+    worker_tmp = scratch / f"{_weights_key_id(p.id)}.tmp"
+    worker_tmp.mkdir(exist_ok=True)
+    env["TMPDIR"] = str(worker_tmp)
     proc = subprocess.Popen(
         [sys.executable, "-m", p.worker, str(job_path)],
-        stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-        env=_child_env(p.plan, threads),
+        stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env,
     )
     print(f"[launch] {p.id} ({p.need_bytes / GiB:.1f} GiB admitted)", flush=True)
     return Running(p, proc, time.perf_counter(), min(point_timeout_s, left_s), stdout, stderr,
