@@ -242,6 +242,16 @@ def _readonly_file(area: Path, suffix: str) -> Path:
     return path
 
 
+def _others_file(area: Path, suffix: str) -> Path:
+    """A 0644 file of root's: writable by its owner, not by the unprivileged user."""
+    if not IS_ROOT:
+        pytest.skip("a file of another user needs root to make")
+    path = area / f"roots{suffix}"
+    path.write_text('{"mine": true}\n')
+    path.chmod(0o644)
+    return path
+
+
 def _readonly_folder(area: Path, suffix: str) -> Path:
     folder = area / "readonly-folder"
     folder.mkdir()
@@ -295,6 +305,7 @@ REFUSED: dict[str, tuple[Callable[[Path, str], Path], bool, str]] = {
     "folder": (_folder, False, "a folder"),
     "read-only file": (_readonly_file, True, "read-only file"),
     "read-only file as root": (_readonly_file, False, "read-only file"),
+    "another user's file": (_others_file, True, "read-only file for you"),
     "read-only folder": (_readonly_folder, True, "Permission denied"),
     "locked folder": (_locked_folder, True, "Permission denied"),
     "new path under /proc": (_proc_new, False, "/proc"),

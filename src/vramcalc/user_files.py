@@ -103,9 +103,12 @@ def _first_non_folder(path: Path) -> Path:
 def _check_replaceable(path: Path, real: Path, st: os.stat_result, what: str) -> None:
     label = f"{what} {path}"
     mode = stat.S_IMODE(st.st_mode)
-    if not mode & 0o222 or not os.access(real, os.W_OK):
+    if not mode & 0o222:
         raise OutputFileError(f"{label}: read-only file (mode {mode:04o}); not replaced: make "
                               "it writable or give another name")
+    if not os.access(real, os.W_OK):
+        raise OutputFileError(f"{label}: read-only file for you (mode {mode:04o}, owner uid "
+                              f"{st.st_uid}); not replaced: give another name")
     try:  # the actual check: open for writing, no truncation, nothing written
         fd = os.open(real, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as err:
