@@ -236,14 +236,14 @@ def sweep(
     from vramcalc.planning import calibration_note, estimator
     from vramcalc.specs import resolve_model
 
-    if json_output and csv_output:
-        raise PlanError("give either --json or --csv, not both")
-    sw = parse_over(over)
     if plot is not None:  # before the sweep: a path that cannot be written fails at once
         from vramcalc.user_files import check_writable
 
         plot_format(plot)
         check_writable(plot, "--plot")
+    if json_output and csv_output:
+        raise PlanError("give either --json or --csv, not both")
+    sw = parse_over(over)
     gpus = [resolve_gpu(g) for g in gpu or []]
     spec = resolve_model(model)
     announce_spec(spec)
