@@ -16,6 +16,29 @@ def _no_committed_corrections(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 
 @pytest.fixture(autouse=True)
+def _leaves_no_temporary_files(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+                               tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test runs with its own empty temp folder (TMPDIR, for subprocesses too) and
+    fails if it, or the code it runs, leaves anything there (issue 28: the suite left
+    ~30 folders in /tmp)."""
+    import tempfile
+
+    scratch = tmp_path_factory.mktemp("system-tmp")
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    def nothing_left() -> None:
+        # torch's compile cache, one folder per user reused by every run
+        # (torch/_inductor/runtime/cache_dir_utils.py default_cache_dir): not a leftover.
+        left = sorted(p.name for p in scratch.iterdir()
+                      if not p.name.startswith("torchinductor_"))
+        if left:
+            pytest.fail(f"left in the temp folder: {', '.join(left)}", pytrace=False)
+
+    request.addfinalizer(nothing_left)
+
+
+@pytest.fixture(autouse=True)
 def _hub_offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """No test touches the network: an empty Hugging Face cache, offline mode."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -13,10 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from vramcalc import corrections as corr
+from vramcalc import user_files
 from vramcalc.calibrate import campaign, store
 from vramcalc.cli import app
 from vramcalc.commands import calibrate as calibrate_cmd
-from vramcalc.errors import NoGpuError
+from vramcalc.errors import NoGpuError, OutputFileError
 from vramcalc.estimate import CUDA_CONTEXT, estimate
 from vramcalc.optimizer import optimizer_bytes
 from vramcalc.plan_settings import TrainPlan
@@ -130,8 +131,8 @@ def test_atomic_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
         fh.write('{"half": ')
         raise OSError("disk full")
 
-    monkeypatch.setattr(corr.json, "dump", broken_dump)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(user_files.json, "dump", broken_dump)
+    with pytest.raises(OutputFileError, match="disk full"):
         store.write_run(path, _run_doc(3))
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary file left

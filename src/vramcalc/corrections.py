@@ -34,11 +34,9 @@ installed: the stack is unknown and nothing is applied), and (3) its held-out
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -292,47 +290,63 @@ def fit(obs: Sequence[Observation]) -> list[Corrections]:
 # ---- files -----------------------------------------------------------------------------------
 
 
-def save(path: Path, entries: Sequence[Corrections]) -> None:
-    """Write atomically: a temporary file in the same folder, then os.replace."""
+def save(path: Path, entries: Sequence[Corrections], what: str = "corrections file") -> None:
+    """Write atomically, never over anything but a regular file (vramcalc.user_files)."""
     doc = CorrectionsFile(entries=list(entries))
-    write_json_atomic(path, doc.model_dump(mode="json"))
+    write_json_atomic(path, doc.model_dump(mode="json"), what)
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
-    """JSON to `path` through a temporary file in the same folder, then os.replace; a
-    `.gz` path is written gzip-compressed and compact (the allocator traces)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        if path.suffix == ".gz":
-            import gzip  # only the calibrate worker writes these
+def write_json_atomic(path: Path, obj: object, what: str = "output file") -> None:
+    """JSON to `path` through a temporary file in the same folder, then os.replace, by the
+    rules of vramcalc.user_files (regular files and new paths only, modes kept); a `.gz`
+    path is written gzip-compressed and compact (the allocator traces)."""
+    from vramcalc.user_files import write_json
 
-            os.close(fd)
-            with gzip.open(tmp, "wt", encoding="utf-8") as gz:
-                json.dump(obj, gz, separators=(",", ":"))
-        else:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(obj, fh, indent=1)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, obj, what)
 
 
 def load(path: Path) -> list[Corrections]:
     """Entries of a corrections file; a missing file is empty, a broken one is reported
     on stderr and read as empty (never fatal: the raw estimate still works)."""
+    from vramcalc.errors import VramcalcError
+    from vramcalc.user_files import read_text
+
     try:
-        text = path.read_text()
-    except FileNotFoundError:
+        os.lstat(path)
+        text = read_text(path, str(path), VramcalcError)
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    except OSError as err:
-        print(f"warning: cannot read {path}: {err}; corrections ignored", file=sys.stderr)
+    except OSError as err:  # a locked folder on the way
+        print(f"warning: cannot read {path}: {err.strerror or err}; corrections ignored",
+              file=sys.stderr)
+        return []
+    except VramcalcError as err:
+        print(f"warning: {err}; corrections ignored", file=sys.stderr)
         return []
     return _parse(text, str(path))
+
+
+def read_entries(path: Path, what: str) -> list[Corrections]:
+    """The entries of a corrections file about to be rewritten: a missing file is empty,
+    and one that cannot be read or is not a corrections file is a CalibrationError (the
+    file would otherwise be replaced by the new entries alone)."""
+    from vramcalc.errors import CalibrationError
+    from vramcalc.user_files import read_text
+
+    if not os.path.lexists(path):
+        return []
+    text = read_text(path, f"{what} {path}", CalibrationError)
+    if not text.strip():  # an empty file holds nothing to keep
+        return []
+    hint = "not replaced: move it away or give another --out"
+    try:
+        doc = CorrectionsFile.model_validate_json(text)
+    except ValidationError as err:
+        raise CalibrationError(f"{what} {path}: not a corrections file "
+                               f"({err.errors()[0]['msg']}); {hint}") from None
+    if doc.kind != FILE_KIND or doc.schema_version != SCHEMA_VERSION:
+        raise CalibrationError(f"{what} {path}: unsupported kind/schema_version; {hint}")
+    return doc.entries
 
 
 def user_data_dir() -> Path:
@@ -377,6 +391,21 @@ def _parse(text: str, where: str) -> list[Corrections]:
         print(f"warning: {where}: unsupported kind/schema_version; ignored", file=sys.stderr)
         return []
     return doc.entries
+
+
+def none_installed() -> str:
+    """Why `available()` is empty: 'no corrections installed', or what is wrong with the
+    file VRAMCALC_CORRECTIONS names (missing, not a file, holding no entries)."""
+    env = os.environ.get(ENV_PATH)
+    if env is None:
+        return "no corrections installed"
+    if not env:
+        return f"turned off: {ENV_PATH} is empty"
+    if not os.path.lexists(env):
+        return f"{ENV_PATH}={env}: no such file"
+    if not os.path.isfile(env):
+        return f"{ENV_PATH}={env}: not a regular file"
+    return f"{ENV_PATH}={env}: no usable corrections in it"
 
 
 def available() -> list[tuple[Corrections, str]]:
@@ -444,7 +473,7 @@ def select_corrections(gpu_name: str | None) -> Selection:
             "named; 'vramcalc check --gpu NAME' applies them)"))
     entries = available()
     if not entries:
-        return Selection(None, None, "calibration: raw estimate (no corrections installed)")
+        return Selection(None, None, f"calibration: raw estimate ({none_installed()})")
     fam = gpu_family(gpu_name)
     same_family = [(e, o) for e, o in entries if e.gpu_family == fam]
     if not same_family:

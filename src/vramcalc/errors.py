@@ -24,6 +24,11 @@ class PlanError(VramcalcError):
     """Training settings that cannot be estimated (bad target module, rank, ...)."""
 
 
+class OutputFileError(VramcalcError):
+    """A file vramcalc would write is not a regular file or a new path, or cannot be written
+    (vramcalc.user_files)."""
+
+
 class UnknownGpuError(VramcalcError):
     """A GPU name matches no entry of the GPU catalog."""
 

@@ -638,10 +638,9 @@ def spec_from_hf_config(cfg: dict[str, Any], origin: str, *, name: str | None = 
 
 def load_config_json(path: Path) -> ModelSpec:
     """Read a HF config.json; the spec is named by `_name_or_path`, else the folder's name."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise SpecError(f"{path}: cannot read: {err.strerror or err}") from None
+    from vramcalc.user_files import read_text
+
+    text = read_text(path, str(path), SpecError)
     cfg = parse_json_text(text, str(path))
     if not isinstance(cfg, dict):
         raise SpecError(f"{path}: expected a JSON object at the top level")

@@ -184,12 +184,10 @@ def resolve_hub_model(repo_id: str, *, revision: str | None = None) -> ModelSpec
     """The spec of a hub model outside the catalog, from its config.json."""
     from vramcalc.hf_config import spec_from_hf_config
     from vramcalc.specs import parse_json_text
+    from vramcalc.user_files import read_text
 
     files = fetch_files(repo_id, revision=revision)
-    try:
-        text = files.config.read_text(encoding="utf-8")
-    except OSError as err:
-        raise SpecError(f"{repo_id}: cannot read the cached {CONFIG}: {err}") from None
+    text = read_text(files.config, f"{repo_id}: the cached {CONFIG} {files.config}", SpecError)
     config = parse_json_text(text, f"{repo_id}/{CONFIG}")
     if not isinstance(config, dict):
         raise SpecError(f"{repo_id}/{CONFIG}: expected a JSON object at the top level")

@@ -15,6 +15,7 @@ import difflib
 import functools
 import json
 import re
+import stat
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -354,10 +355,9 @@ def _parse_yaml(text: str, origin: str) -> Any:
 
 def load_spec_file(path: Path) -> ModelSpec:
     """Read one spec YAML file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise SpecError(f"{path}: cannot read: {err.strerror or err}") from None
+    from vramcalc.user_files import read_text
+
+    text = read_text(path, str(path), SpecError)
     return spec_from_mapping(_parse_yaml(text, str(path)), str(path))
 
 
@@ -474,12 +474,16 @@ def get_spec(name: str) -> ModelSpec:
 
 def resolve_model(arg: str) -> ModelSpec:
     """A catalog name, an alias, a spec YAML, or a HF config.json (file or its folder)."""
+    from vramcalc.user_files import probe
+
     path = Path(arg).expanduser()
-    if path.is_dir():
+    found = probe(path, arg, SpecError)  # a locked folder on the way: one line, not a trace
+    if found is not None and stat.S_ISDIR(found.st_mode):
         path = path / "config.json"
-        if not path.is_file():
+        found = probe(path, str(path), SpecError)
+        if found is None or not stat.S_ISREG(found.st_mode):
             raise SpecError(f"{arg}: folder has no config.json")
-    if path.is_file():
+    if found is not None and not stat.S_ISDIR(found.st_mode):
         if path.suffix in {".yaml", ".yml"}:
             return load_spec_file(path)
         from vramcalc.hf_config import load_config_json

@@ -407,10 +407,9 @@ def detect_format(data: dict[str, Any]) -> Format | None:
 
 def read_training_config(path: Path) -> TrainingConfig:
     """Parse one training config file; every problem is one PlanError line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise PlanError(f"--from-config {path}: cannot read: {err.strerror or err}") from None
+    from vramcalc.user_files import read_text
+
+    text = read_text(path, f"--from-config {path}", PlanError)
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError):

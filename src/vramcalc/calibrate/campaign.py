@@ -103,6 +103,14 @@ def main(argv: list[str]) -> int:
     device = argv[argv.index("--device") + 1] if "--device" in argv else "cuda"
     steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else 3
     points = json.loads(matrix.read_text())
+    from vramcalc.errors import OutputFileError
+    from vramcalc.user_files import check_writable
+
+    try:  # lines are appended: a regular file or a new path only
+        check_writable(out, "OUT")
+    except OutputFileError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 1
     run_matrix(points, out, device, steps)
     return 0
 

@@ -400,34 +400,40 @@ def run_points(points: list[Point], out: Path, device: str, max_parallel: int,
               + (f" alloc {m / GiB:.2f} GiB" if isinstance(m, int) else "")
               + f" in {wall:.1f} s", flush=True)
 
-    while pending or running:
-        now = time.perf_counter() - t_start
-        # reap
-        for r in list(running):
-            elapsed = time.perf_counter() - r.started
-            if r.proc.poll() is not None:
-                running.remove(r)
-                finish(r, None, None)
-            elif elapsed > r.timeout_s or now > deadline_s:
-                r.proc.kill()
-                r.proc.wait()
-                running.remove(r)
-                why = "timeout" if elapsed > r.timeout_s else "killed_at_deadline"
-                finish(r, why, f"worker {why} after {elapsed:.0f} s")
-        # launch
-        if now < deadline_s - launch_margin_s:
-            for p in list(pending):
-                if len(running) >= max_parallel:
-                    break
-                fits = in_use() + p.need_bytes <= budget_bytes
-                if not fits and running:
-                    continue  # a smaller point may fit now (largest first, then backfill)
-                pending.remove(p)
-                running.append(_launch(p, device, scratch, threads, point_timeout_s,
-                                       max(1.0, deadline_s - now), trace_dir))
-        elif not running:
-            break
-        time.sleep(0.1)
+    try:
+        while pending or running:
+            now = time.perf_counter() - t_start
+            # reap
+            for r in list(running):
+                elapsed = time.perf_counter() - r.started
+                if r.proc.poll() is not None:
+                    running.remove(r)
+                    finish(r, None, None)
+                elif elapsed > r.timeout_s or now > deadline_s:
+                    r.proc.kill()
+                    r.proc.wait()
+                    running.remove(r)
+                    why = "timeout" if elapsed > r.timeout_s else "killed_at_deadline"
+                    finish(r, why, f"worker {why} after {elapsed:.0f} s")
+            # launch
+            if now < deadline_s - launch_margin_s:
+                for p in list(pending):
+                    if len(running) >= max_parallel:
+                        break
+                    fits = in_use() + p.need_bytes <= budget_bytes
+                    if not fits and running:
+                        continue  # a smaller point may fit now (largest first, then backfill)
+                    pending.remove(p)
+                    running.append(_launch(p, device, scratch, threads, point_timeout_s,
+                                           max(1.0, deadline_s - now), trace_dir))
+            elif not running:
+                break
+            time.sleep(0.1)
+
+    finally:  # the workers' job files and output tails
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
 
     for p in pending:
         records[p.id] = _record(p, "not_run", {"error": "deadline reached before launch"},
@@ -442,10 +448,15 @@ def _launch(p: Point, device: str, scratch: Path, threads: int, point_timeout_s:
     job_path.write_text(json.dumps(_job_for(p, device, trace_dir)), encoding="utf-8")
     stdout = open(scratch / f"{_weights_key_id(p.id)}.out", "wb")  # noqa: SIM115
     stderr = open(scratch / f"{_weights_key_id(p.id)}.err", "wb")  # noqa: SIM115
+    env = _child_env(p.plan, threads)
+    # The worker's own temp folder inside the scratch folder: what a worker killed at its
+    # timeout leaves (HF Trainer's output_dir, random weights) goes with the scratch.
+    worker_tmp = scratch / f"{_weights_key_id(p.id)}.tmp"
+    worker_tmp.mkdir(exist_ok=True)
+    env["TMPDIR"] = str(worker_tmp)
     proc = subprocess.Popen(
         [sys.executable, "-m", p.worker, str(job_path)],
-        stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-        env=_child_env(p.plan, threads),
+        stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env,
     )
     print(f"[launch] {p.id} ({p.need_bytes / GiB:.1f} GiB admitted)", flush=True)
     return Running(p, proc, time.perf_counter(), min(point_timeout_s, left_s), stdout, stderr,
@@ -505,7 +516,14 @@ def main(argv: list[str]) -> int:
         wanted = set(args.only.split(","))
         raw = [p for p in raw if str(p.get("id")) in wanted]
     points = load_points(raw)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from vramcalc.errors import OutputFileError
+    from vramcalc.user_files import check_writable
+
+    try:  # lines are appended: a regular file or a new path only
+        check_writable(args.out, "--out")
+    except OutputFileError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 1
     build_timeout = max(30.0, args.deadline_s / 2)
     timings = build_weights(points, args.weights_cache, args.device, args.build_parallel,
                             build_timeout)

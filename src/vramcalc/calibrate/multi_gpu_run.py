@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from vramcalc.multi_gpu import ParallelPlan
 from vramcalc.plan_settings import TrainPlan
+from vramcalc.user_files import check_writable, write_text
 
 Device = Literal["cuda", "cpu"]
 LAUNCHED_STRATEGIES = ("ddp", "fsdp", "device-map")
@@ -123,7 +126,8 @@ def accelerate_config(parallel: ParallelPlan, mixed_precision: str = "bf16",
 def write_config(parallel: ParallelPlan, path: Path, port: int | None = None) -> Path:
     import yaml
 
-    path.write_text(yaml.safe_dump(accelerate_config(parallel, port=port), sort_keys=True))
+    write_text(path, yaml.safe_dump(accelerate_config(parallel, port=port), sort_keys=True),
+               "accelerate config")
     return path
 
 
@@ -187,21 +191,28 @@ def run_point(model_id: str, plan: TrainPlan, parallel: ParallelPlan, out_dir: P
     for old in out_dir.glob("rank*.json"):
         old.unlink()
     point = out_dir / "point.json"
-    point.write_text(json.dumps({"model_id": model_id, "plan": plan.model_dump(mode="json"),
-                                 "parallel": parallel.model_dump(mode="json"), "steps": steps,
-                                 "device": device}))
+    write_text(point, json.dumps({"model_id": model_id, "plan": plan.model_dump(mode="json"),
+                                  "parallel": parallel.model_dump(mode="json"),
+                                  "steps": steps, "device": device}), "point file")
     config = write_config(parallel, out_dir / "accelerate.yaml", port=free_port())
     cmd = launch_command(config, parallel, point, out_dir)
-    log = out_dir / "launch.log"
+    log = check_writable(out_dir / "launch.log", "launch log")
     penv = child_env(env)
     if plan.expandable_segments and "PYTORCH_CUDA_ALLOC_CONF" not in penv:
         penv["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # as worker.py does
-    with log.open("w") as fh:
-        try:
+    # torch elastic (torch/distributed/elastic/multiprocessing/api.py) makes a
+    # torchelastic_* folder in the temp folder per launch and leaves it: the launch gets a
+    # temp folder of its own, removed after it.
+    scratch = tempfile.mkdtemp(prefix="vramcalc-launch-")
+    penv["TMPDIR"] = scratch
+    try:
+        with log.open("w") as fh:
             proc = subprocess.run(cmd, env=penv, stdout=fh, stderr=subprocess.STDOUT,
                                   timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise LaunchError(f"launch timed out after {timeout_s} s; see {log}") from None
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"launch timed out after {timeout_s} s; see {log}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if proc.returncode != 0:
         raise LaunchError(f"launch exited {proc.returncode}: {_last_error(log)}; see {log}")
     try:
@@ -209,7 +220,7 @@ def run_point(model_id: str, plan: TrainPlan, parallel: ParallelPlan, out_dir: P
                              else parallel.gpus)
     except FileNotFoundError as err:
         raise LaunchError(f"{err}; see {log}") from None
-    (out_dir / "merged.json").write_text(json.dumps(merged, indent=2))
+    write_text(out_dir / "merged.json", json.dumps(merged, indent=2), "merged file")
     return merged
 
 
@@ -364,7 +375,7 @@ def rank_main(point_path: Path, out_dir: Path) -> None:
                                            "bitsandbytes")},
         point=point,
     )
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(record, indent=2))
+    write_text(out_dir / f"rank{rank}.json", json.dumps(record, indent=2), "rank file")
     if accelerator is not None:
         accelerator.wait_for_everyone()
         accelerator.end_training()

@@ -18,6 +18,7 @@ process (see `worker.py`): peaks are only clean in a fresh process.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -396,6 +397,7 @@ def measure_point(
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     phase = "load"
     tmp: tempfile.TemporaryDirectory[str] | None = None
+    out_dir: str | None = None  # HF Trainer's output_dir (save_strategy "no": stays empty)
     model: Any = None
     trainer: Any = None
     optimizer: Any = None
@@ -454,7 +456,7 @@ def measure_point(
 
         ids = torch.randint(0, spec.vocab_size, (plan.batch_size * steps * 2, plan.seq_len))
         dataset = [{"input_ids": row, "labels": row} for row in ids]
-        out_dir = tempfile.mkdtemp(prefix="vramcalc-trainer-")
+        out_dir = tempfile.mkdtemp(prefix="vramcalc-trainer-")  # removed in `finally`
         args = TrainingArguments(
             output_dir=out_dir,
             per_device_train_batch_size=plan.batch_size,
@@ -528,6 +530,8 @@ def measure_point(
         poller.stop()
         if tmp is not None:
             tmp.cleanup()
+        if out_dir is not None:
+            shutil.rmtree(out_dir, ignore_errors=True)
 
     if on_gpu:
         _final_readings(result, log, readings, poller, baseline_used)

@@ -26,7 +26,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from vramcalc.calibration_data import MeasuredPoint, peaks_from_record
+from vramcalc.calibration_data import (
+    ERROR_RECORD,
+    MeasuredPoint,
+    SkipLog,
+    bad_peaks,
+    peaks_from_record,
+)
 from vramcalc.corrections import write_json_atomic
 from vramcalc.estimate import Estimate
 from vramcalc.plan_settings import TrainPlan
@@ -117,7 +123,7 @@ def run_file_name(run: RunFile) -> str:
 
 def write_run(path: Path, run: RunFile) -> None:
     """Atomic: the old file stays whole if anything fails before the rename."""
-    write_json_atomic(path, run.model_dump(mode="json"))
+    write_json_atomic(path, run.model_dump(mode="json"), "calibration run file")
 
 
 def read_run(path: Path) -> RunFile | None:
@@ -156,13 +162,23 @@ def load_runs(folder: Path) -> list[tuple[Path, RunFile]]:
     return out
 
 
-def measured_points(path: Path, run: RunFile) -> list[MeasuredPoint]:
-    """The run's points as calibration_data.MeasuredPoint (errors left out, OOMs kept)."""
+def measured_points(path: Path, run: RunFile,
+                    skipped: SkipLog | None = None) -> list[MeasuredPoint]:
+    """The run's points as calibration_data.MeasuredPoint (OOMs kept); points that recorded
+    an error or whose readings are NaN / negative are left out and logged in `skipped`."""
+    log = skipped if skipped is not None else SkipLog()
     out = []
     for n, p in enumerate(run.points, start=1):
+        where = f"{path.parent.name}/{path.name}:point {n}"
         if p.error:
+            log.add(ERROR_RECORD, where)
+            continue
+        bad = bad_peaks(p.measurement)
+        if bad is not None:
+            log.add(bad, where)
             continue
         alloc, reserved, device = peaks_from_record(p.measurement)
+        log.read += 1
         out.append(
             MeasuredPoint(
                 source=f"{path.name}:{n}",

@@ -72,8 +72,8 @@ RemoteOpt = Annotated[
 ]
 OutOpt = Annotated[
     Path | None,
-    typer.Option("--out", help="Calibration folder (runs/ goes under it); default: the user "
-                 "data folder."),
+    typer.Option("--out", help="Calibration folder (runs/ goes under it; a folder or a new "
+                 "path, never a file); default: the user data folder."),
 ]
 DataOpt = Annotated[
     Path | None,
@@ -83,7 +83,8 @@ DataOpt = Annotated[
 FitOutOpt = Annotated[
     Path | None,
     typer.Option("--out", help="Corrections file to write (entries of other GPUs / stacks "
-                 "in it are kept); default: the user's corrections.json."),
+                 "in it are kept); default: the user's corrections.json. Writes a new file, or "
+                 "replaces a corrections file you can write (its mode kept)."),
 ]
 
 
@@ -121,12 +122,16 @@ def read_matrix(arg: str, plan: TrainPlan) -> list[TrainPlan]:
 
     from pydantic import ValidationError
 
+    from vramcalc.user_files import read_text
+
     try:
-        items = json.loads(Path(arg).read_text())
+        items = json.loads(read_text(Path(arg), f"--matrix {arg}", CalibrationError))
         if not isinstance(items, list):
             raise ValueError("not a JSON list")
         base = plan.model_dump()
         return [TrainPlan.model_validate({**base, **(i.get("plan") or {})}) for i in items]
+    except CalibrationError:
+        raise
     except (OSError, ValueError, AttributeError, ValidationError) as err:
         msg = str(err).splitlines()[0]
         raise CalibrationError(f"--matrix {arg}: {msg}") from None
@@ -161,7 +166,12 @@ def _version(dist: str) -> str | None:
 
 def _fetch_weights(weights: str) -> str:
     """A local folder as is; otherwise a hub id, downloaded (config + safetensors only)."""
-    if Path(weights).expanduser().is_dir():
+    import stat
+
+    from vramcalc.user_files import probe
+
+    local = probe(Path(weights).expanduser(), f"--weights {weights}", CalibrationError)
+    if local is not None and stat.S_ISDIR(local.st_mode):
         return str(Path(weights).expanduser())
     try:
         from huggingface_hub import snapshot_download
@@ -226,6 +236,10 @@ def run(
     spec = resolve_model(model)
     base = build_plan(**(plan_options or {}))
     plans = read_matrix(matrix, base)
+    from vramcalc.user_files import output_folder
+
+    output_folder(_data_dir(out), "--out" if out is not None else "data folder",
+                  create=False)  # runs/ is created in it when the first point is saved
     device = _require_gpu()
     missing = _missing_extras()
     if missing:
@@ -306,13 +320,43 @@ def _run_points(  # type: ignore[no-untyped-def]
 # ---- replay, fit, report -------------------------------------------------------------------
 
 
-def _all_points(data: Path) -> list[Any]:
-    from vramcalc.calibrate import store
-    from vramcalc.calibration_data import load_raw_points
+def _listable(folder: Path) -> bool:
+    """Whether `folder` is there to read; CalibrationError when it cannot be listed (a
+    locked folder would otherwise read as an empty one)."""
+    import os
+    import stat
 
-    points = list(load_raw_points(data / "raw"))
-    for path, run_doc in store.load_runs(data / store.RUNS_DIR):
-        points += store.measured_points(path, run_doc)
+    from vramcalc.user_files import probe
+
+    found = probe(folder, str(folder), CalibrationError)
+    if found is None:
+        return False
+    if not stat.S_ISDIR(found.st_mode):
+        raise CalibrationError(f"{folder}: not a folder; the calibration folder holds "
+                               "raw/*.jsonl and runs/*.json")
+    try:
+        os.listdir(folder)
+    except OSError as err:
+        raise CalibrationError(f"{folder}: cannot read the folder: "
+                               f"{err.strerror or err}") from None
+    return True
+
+
+def _all_points(data: Path, skipped: Any = None) -> list[Any]:
+    """Every measured point under DATA (raw/*.jsonl, runs/*.json); what is left out is
+    logged in `skipped` (a calibration_data.SkipLog)."""
+    from vramcalc.calibrate import store
+    from vramcalc.calibration_data import SkipLog, load_raw_points
+
+    log = skipped if skipped is not None else SkipLog()
+    points = list(load_raw_points(data / "raw", log)) if _listable(data / "raw") else []
+    runs_dir = data / store.RUNS_DIR
+    if _listable(runs_dir):
+        runs = store.load_runs(runs_dir)
+        for path in sorted(set(runs_dir.glob("*.json")) - {p for p, _ in runs}):
+            log.add("unusable run file (above)", f"{runs_dir.name}/{path.name}")
+        for path, run_doc in runs:
+            points += store.measured_points(path, run_doc, log)
     return points
 
 
@@ -320,9 +364,10 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def replay(data: Path) -> dict[str, Any]:
+def replay(data: Path, skipped: Any = None) -> dict[str, Any]:
     """Every committed point: raw estimate, corrected estimate (factors fitted without
-    the point's model: leave-one-architecture-out) and measured peaks. No GPU, no torch."""
+    the point's model: leave-one-architecture-out) and measured peaks. No GPU, no torch.
+    Lines and files left out are logged in `skipped` (a calibration_data.SkipLog)."""
     from vramcalc.corrections import (
         PEAKS,
         corrected,
@@ -337,7 +382,7 @@ def replay(data: Path) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     usable: list[tuple[Any, Any, Any]] = []  # (point, estimate, observation)
-    for point in _all_points(data):
+    for point in _all_points(data, skipped):
         try:
             spec = resolve_model(point.model)
         except (UnknownModelError, CalibrationError) as err:
@@ -440,22 +485,36 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
 
 
-def _replay_folder(data: Path | None) -> tuple[Path, dict[str, Any]]:
-    """replay() of DATA (default: the user data folder), after checking it is a folder."""
+def _replay_folder(data: Path | None, *, refuse_unreadable: bool = False
+                   ) -> tuple[Path, dict[str, Any]]:
+    """replay() of DATA (default: the user data folder), after checking it is a folder;
+    what was skipped is said on stderr, and with `refuse_unreadable` (a fit) more damaged
+    lines than readable ones is a CalibrationError."""
+    from vramcalc.calibration_data import SkipLog
+
     folder = _data_dir(data)
-    if data is not None and not folder.is_dir():  # the default folder may not exist yet
+    if not _listable(folder) and data is not None:  # the default folder may not exist yet
         raise CalibrationError(f"{folder}: no such folder; give --data the folder of measured "
                                "points (raw/*.jsonl, runs/*.json), e.g. the repo's calibration/")
-    return folder, replay(folder)
+    log = SkipLog()
+    result = replay(folder, log)
+    summary = log.summary()
+    if summary is not None:
+        if refuse_unreadable and log.unreadable() > log.read:
+            raise CalibrationError(f"most of the measurements under {folder} cannot be used, "
+                                   f"nothing fitted: {summary}; fix or remove those lines")
+        warn(f"warning: {summary}")
+    result["summary"]["skipped"] = log.by_reason
+    return folder, result
 
 
 def _print_installed() -> None:
     """The corrections plan / check may apply, their origin and held-out verdict."""
-    from vramcalc.corrections import SHIPPED, available, verdict_text
+    from vramcalc.corrections import SHIPPED, available, none_installed, verdict_text
 
     entries = available()
     if not entries:
-        typer.echo("corrections: none installed")
+        typer.echo(f"corrections: none ({none_installed()})")
     for e, origin in entries:
         use = "applied when it matches" if e.helps else "not applied (did not help)"
         typer.echo(f"corrections {e.key} ({'shipped' if origin == SHIPPED else origin}): "
@@ -536,16 +595,20 @@ def fit_cmd(data: DataOpt = None, out: FitOutOpt = None, json_output: JsonOpt = 
       vramcalc calibrate fit
       vramcalc calibrate fit --data ./calibration --out corrections.json
     """
-    from vramcalc.corrections import Corrections, load, save, user_corrections_path
+    from vramcalc.corrections import Corrections, read_entries, save, user_corrections_path
+    from vramcalc.user_files import check_writable
 
-    folder, result = _replay_folder(data)
+    target = out if out is not None else user_corrections_path()
+    what = "--out" if out is not None else "corrections file"
+    check_writable(target, what)  # before the replay: a path that cannot be written fails now
+    old = read_entries(target, what)  # a file that is not a corrections file is not replaced
+    folder, result = _replay_folder(data, refuse_unreadable=True)
     entries = [Corrections.model_validate(e) for e in result["corrections"]]
     if not entries:
         raise CalibrationError(f"no measured points under {folder} (raw/*.jsonl, runs/*.json)")
-    target = out if out is not None else user_corrections_path()
     new_keys = {e.key for e in entries}
-    kept = [e for e in load(target) if e.key not in new_keys]
-    save(target, kept + entries)
+    kept = [e for e in old if e.key not in new_keys]
+    save(target, kept + entries, what)
     if json_output:
         print_json({"path": str(target), "corrections": result["corrections"],
                     "summary": result["summary"]})

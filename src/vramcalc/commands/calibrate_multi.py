@@ -58,7 +58,8 @@ WeightsOpt = Annotated[
 ]
 OutDirOpt = Annotated[
     Path | None,
-    typer.Option("--out", help="Folder for merged.json, plan.json and the launch log; default: "
+    typer.Option("--out", help="Folder for merged.json, plan.json and the launch log (a folder "
+                 "or a new path, never a file); default: "
                  "multi/<model>-<strategy>-<N>gpu-<time> in the user data folder."),
 ]
 DeviceOpt = Annotated[
@@ -129,6 +130,10 @@ def multi(
         raise CalibrationError(f"--steps must be a positive integer, got {steps}")
     if device not in ("cuda", "cpu"):
         raise CalibrationError(f"--device must be cuda or cpu, got '{device}'")
+    if out is not None:  # checked now, created once the launch is about to run
+        from vramcalc.user_files import output_folder
+
+        output_folder(out, "--out", create=False)
     spec = resolve_model_arg(model)
     plan = build_plan(**plan_options)
     parallel = parallel_from_options(gpus, strategy or "ddp", offload, None, sharding_strategy,
@@ -156,9 +161,11 @@ def multi(
     pe = estimate_parallel(spec, plan, parallel)
     folder = out or user_data_dir() / "multi" / (
         f"{spec.name}-{parallel.strategy}-{parallel.gpus}gpu-{time.strftime('%Y%m%d-%H%M%S')}")
-    folder.mkdir(parents=True, exist_ok=True)
+    from vramcalc.user_files import output_folder, write_text
+
+    output_folder(folder, "--out" if out is not None else "output folder")
     estimated = parallel_to_dict(pe, plan)
-    (folder / "plan.json").write_text(json.dumps(estimated, indent=2))
+    write_text(folder / "plan.json", json.dumps(estimated, indent=2), "--out")
 
     scratch: str | None = None
     try:

@@ -64,22 +64,28 @@ def resolve_model_arg(arg: str) -> ModelSpec:
     if not arg.strip():
         raise PlanError("--model is empty; give a catalog name (see 'vramcalc models'), "
                         "a config.json or its folder, or a spec YAML")
+    import stat
+
+    from vramcalc.user_files import probe
+
     path = Path(arg).expanduser()
     path_like = arg.startswith((".", "/", "~")) or path.suffix in {".json", ".yaml", ".yml"}
-    if not path_like and path.is_dir():
+    found = probe(path, arg, SpecError)  # a locked folder on the way: one line
+    if not path_like and found is not None and stat.S_ISDIR(found.st_mode):
         try:
             spec = get_spec(arg)
         except UnknownModelError:
             pass
         else:
-            if not (path / "config.json").is_file():
+            config = probe(path / "config.json", f"{arg}/config.json", SpecError)
+            if config is None or not stat.S_ISREG(config.st_mode):
                 warn(f"warning: '{arg}' is a catalog model and a folder here without "
                      f"config.json; using the catalog model (write ./{arg} for the folder)")
                 return spec
             warn(f"warning: '{arg}' is a catalog model and a folder here with a config.json; "
                  "using the folder's config.json (use an alias from 'vramcalc models --json' "
                  "for the catalog model)")
-    if path.exists() and not path.is_dir() and not path.is_file():
+    if found is not None and not (stat.S_ISDIR(found.st_mode) or stat.S_ISREG(found.st_mode)):
         raise SpecError(f"{arg}: not a file or folder; give a config.json, its folder or a "
                         "spec YAML")
     return resolve_model(arg)

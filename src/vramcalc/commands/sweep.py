@@ -13,10 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
@@ -76,7 +74,9 @@ CsvOpt = Annotated[bool, typer.Option("--csv", help="Print the series as CSV on 
 PlotOpt = Annotated[
     Path | None,
     typer.Option("--plot", help="Write the chart to FILE.png or FILE.svg (needs the `plot` "
-                 "extra: pip install 'qlora-vramcalc[plot]').", dir_okay=False),
+                 "extra: pip install 'qlora-vramcalc[plot]'). Writes a new file, or replaces "
+                 "a regular file you can write (its mode kept); anything else is an "
+                 "error."),
 ]
 
 
@@ -206,12 +206,18 @@ def series(sweep: Sweep, points: list[Estimate]) -> list[dict[str, Any]]:
     ]
 
 
-def write_plot(path: Path, model: str, sweep: Sweep, points: list[Estimate],
-               caps: list[Capacity]) -> None:
-    """PNG or SVG by the file's suffix, written to a temporary file and renamed."""
+def plot_format(path: Path) -> str:
+    """'png' or 'svg' by the file's suffix; PlanError for any other."""
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in ("png", "svg"):
         raise PlanError(f"--plot {path}: the file must end in .png or .svg")
+    return fmt
+
+
+def write_plot(path: Path, model: str, sweep: Sweep, points: list[Estimate],
+               caps: list[Capacity]) -> None:
+    """PNG or SVG by the file's suffix, written by vramcalc.user_files.replacing."""
+    fmt = plot_format(path)
     try:
         import matplotlib
 
@@ -237,15 +243,11 @@ def write_plot(path: Path, model: str, sweep: Sweep, points: list[Estimate],
     ax.set_title(f"{model}: peak memory against {sweep.name}")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    from vramcalc.user_files import replacing
+
     try:
-        fig.savefig(tmp, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with replacing(path, "--plot") as tmp:
+            fig.savefig(tmp, format=fmt)
     finally:
         plt.close(fig)
 
@@ -282,6 +284,11 @@ def sweep(
     from vramcalc.planning import Estimators, calibration_note
     from vramcalc.verdict import catalog_target
 
+    if plot is not None:  # before the sweep: a path that cannot be written fails at once
+        from vramcalc.user_files import check_writable
+
+        plot_format(plot)
+        check_writable(plot, "--plot")
     if json_output and csv_output:
         raise PlanError("give either --json or --csv, not both")
     sw = parse_over(over)
