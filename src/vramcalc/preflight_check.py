@@ -34,6 +34,16 @@ __all__ = ["DoesNotFitError", "PreflightResult", "PreflightVerdict", "preflight"
 
 # build_plan keyword (training_config's option names) -> TrainPlan field
 _PLAN_FIELDS = {"batch": "batch_size", "dora": "use_dora"}
+# TRL's key (what the mapper reports reading) -> the user's object and field it came from
+_SOURCES = {
+    "use_peft": "peft_config", "lora_r": "peft_config.r", "lora_alpha": "peft_config.lora_alpha",
+    "lora_dropout": "peft_config.lora_dropout", "use_dora": "peft_config.use_dora",
+    "lora_target_modules": "peft_config.target_modules",
+    "load_in_4bit": "quantization_config.load_in_4bit",
+    "load_in_8bit": "quantization_config.load_in_8bit",
+    "use_bnb_nested_quant": "quantization_config.bnb_4bit_use_double_quant",
+    "torch_dtype": "model.dtype",
+}
 # torch dtype names (str(torch.bfloat16) == "torch.bfloat16") -> TRL's torch_dtype values
 _TORCH_DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16",
                  "torch.float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
@@ -75,6 +85,7 @@ class PreflightResult(BaseModel):
     suggestions: tuple[Suggestion, ...]  # for that GPU, when it does not fit (or is tight)
     settings: dict[str, str]  # TrainPlan field -> what it was read from
     unmodelled: tuple[str, ...]  # settings that change memory but are not modelled
+    notes: tuple[str, ...] = ()  # what the plan assumed (packing, world size)
 
     @property
     def plan(self) -> TrainPlan:
@@ -88,9 +99,12 @@ class PreflightResult(BaseModel):
     def summary(self) -> str:
         """A few lines for a training log: the plan, the verdict per GPU, what to change."""
         p, e = self.plan, self.estimate
-        lines = [f"vramcalc preflight: {e.model}, {p.method} (quant {p.quant}), batch "
-                 f"{p.batch_size} x {p.seq_len} tokens, rank {p.rank}, gradient checkpointing "
-                 f"{'on' if p.gradient_checkpointing else 'off'}, {p.optimizer}: needs "
+        method = {"qlora": f"QLoRA ({p.quant}) rank {p.rank}", "lora": f"LoRA rank {p.rank}",
+                  "full": "full fine-tuning"}[p.method]
+        lines = [f"vramcalc preflight: {e.model}, {method}, {p.load_dtype} weights, "
+                 f"{p.compute_dtype} compute, batch {p.batch_size} x {p.seq_len} tokens, "
+                 f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}, "
+                 f"{p.optimizer}: needs "
                  f"{e.required_device_bytes / GiB:.2f} GiB free (peak device "
                  f"{e.peak_device_bytes / GiB:.2f} GiB)"]
         for v in self.verdicts:
@@ -104,6 +118,7 @@ class PreflightResult(BaseModel):
                       f"({s.command_flags})" for s in self.suggestions]
         elif not self.fits:
             lines.append("  nothing fits, not even batch 1 with every memory-saving change")
+        lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  not modelled: {u}" for u in self.unmodelled]
         return "\n".join(lines)
 
@@ -130,6 +145,11 @@ def _as_dict(obj: Any, what: str) -> dict[str, Any]:
     if hasattr(obj, "__dict__"):
         return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
     raise PlanError(f"{what}: expected a config object or a dict, got {type(obj).__name__}")
+
+
+def _enum_value(value: Any) -> Any:
+    """An enum's value (peft's PeftType.LORA -> "LORA"), anything else as is."""
+    return getattr(value, "value", value)
 
 
 def _dtype_name(dtype: Any) -> str | None:
@@ -171,7 +191,7 @@ def _model_spec(model: Any) -> tuple[ModelSpec, dict[str, Any]]:
 def _peft_keys(peft_config: Any, spec: ModelSpec) -> dict[str, Any]:
     """A peft LoraConfig as the TRL ModelConfig keys the mapper reads (lora_r, ...)."""
     data = _as_dict(peft_config, "peft_config")
-    kind = str(data.get("peft_type", "LORA")).rsplit(".", 1)[-1].upper()
+    kind = str(_enum_value(data.get("peft_type", "LORA"))).upper()
     if kind != "LORA":
         raise PlanError(f"peft_config: {kind} is not modelled; vramcalc plans LoRA adapters")
     targets = data.get("target_modules")
@@ -206,7 +226,7 @@ def _peft_default_targets(spec: ModelSpec) -> list[str]:
 def _quant_keys(quant: Any) -> dict[str, Any]:
     """A BitsAndBytesConfig (or a model config's quantization_config dict) as TRL's keys."""
     data = _as_dict(quant, "quantization_config")
-    method = str(data.get("quant_method", "bitsandbytes")).rsplit(".", 1)[-1].lower()
+    method = str(_enum_value(data.get("quant_method", "bitsandbytes"))).lower()
     if method != "bitsandbytes":
         raise PlanError(f"quantization_config: {method} is not modelled; vramcalc plans "
                         "bitsandbytes 4-bit and 8-bit bases")
@@ -225,9 +245,9 @@ def plan_from_objects(
     peft_config: Any = None,
     quantization_config: Any = None,
     max_seq_len: int | None = None,
-) -> tuple[ModelSpec, TrainPlan, dict[str, str], tuple[str, ...]]:
+) -> tuple[ModelSpec, TrainPlan, dict[str, str], tuple[str, ...], tuple[str, ...]]:
     """The spec and TrainPlan the script's objects describe, what each setting came from,
-    and what changes memory but is not modelled."""
+    what changes memory but is not modelled, and notes on what the plan assumed."""
     from vramcalc.training_config import map_training_config
 
     spec, facts = _model_spec(model_or_id)
@@ -251,7 +271,8 @@ def plan_from_objects(
         raise PlanError("preflight: no sequence length; pass max_seq_len=N (TrainingArguments "
                         "has none; SFTConfig's max_length is None)")
     fields = {_PLAN_FIELDS.get(k, k): v for k, v in options.items()}
-    settings = {_PLAN_FIELDS.get(k, k): v for k, v in tc.used.items()}
+    settings = {_PLAN_FIELDS.get(k, k): _SOURCES.get(v, v if " " in v else f"training_args.{v}")
+                for k, v in tc.used.items()}
     if max_seq_len is not None:
         settings["seq_len"] = "max_seq_len"
     if "expandable_segments" not in fields:  # as the CLI: what the environment says
@@ -261,12 +282,12 @@ def plan_from_objects(
     from vramcalc.trainable import lora_targets
 
     lora_targets(spec, train)  # a target the model does not have: one PlanError
-    unmodelled = [*tc.unmodelled, *tc.notes]
+    notes = list(tc.notes)
     world = getattr(training_args, "world_size", 1)
     if isinstance(world, int) and world > 1:
-        unmodelled.append(f"world_size {world}: planned per GPU as one process's step; DDP's "
+        notes.append(f"world_size {world}: planned per GPU as one process's step; DDP's "
                           "gradient buckets are not counted")
-    return spec, train, settings, tuple(unmodelled)
+    return spec, train, settings, tc.unmodelled, tuple(notes)
 
 
 # ---- the GPUs -----------------------------------------------------------------------------
@@ -342,7 +363,7 @@ def preflight(
     if not math.isfinite(margin_gib) or margin_gib < 0:
         raise PlanError(f"margin_gib must be zero or more, got {margin_gib}")
     margin = int(margin_gib * GiB)
-    spec, train, settings, unmodelled = plan_from_objects(
+    spec, train, settings, unmodelled, notes = plan_from_objects(
         model_or_id, training_args, peft_config, quantization_config, max_seq_len)
     targets = _targets(gpus)
     rows = []
@@ -366,4 +387,4 @@ def preflight(
             margin_bytes=margin, fits=vv.fits, certainty=vv.certainty,
             headroom_bytes=vv.headroom_bytes, compute_dtype=pp.compute_dtype)
             for tt, pp, _, _, vv in rows),
-        suggestions=tuple(suggestions), settings=settings, unmodelled=unmodelled)
+        suggestions=tuple(suggestions), settings=settings, unmodelled=unmodelled, notes=notes)
