@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from vramcalc.preflight_check import PreflightResult
 
-__all__ = ["VramcalcCallback"]
+__all__ = ["VramcalcCallback"]  # noqa: F822 (made on first use by __getattr__ below)
 
 logger = logging.getLogger("vramcalc")
 

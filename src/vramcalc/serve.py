@@ -7,8 +7,9 @@ answers with what the command printed on stdout: the page's JSON is `plan --json
 byte, its limits on numbers are the command line's (`commands/options.py build_plan`), and
 a bad value is the command's own `Error: ...` line, returned as a 400 with `{"error": ...}`.
 What the command printed on stderr (notes, the calibration line) comes in the
-`X-Vramcalc-Notes` header as a JSON list. Commands write to sys.stdout, so one command runs
-at a time (`_COMMAND_LOCK`); static files are served in parallel.
+`X-Vramcalc-Notes` header as a JSON list. Each command's output is captured per thread
+(`_ThreadStream`); one command runs at a time (`_COMMAND_LOCK`); static files are served in
+parallel.
 
 What the server refuses, because a page in the user's browser is not the user at a shell:
 options that read or write files (`--from-config`, `--plot`), models given as paths (an
@@ -19,7 +20,6 @@ address it is bound to when that is a loopback address (DNS rebinding), a query 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.resources
 import io
@@ -56,6 +56,7 @@ FALSE_WORDS = {"false", "0", "no", "off"}
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 _COMMAND_LOCK = threading.Lock()
+_STREAMS_LOCK = threading.Lock()
 _commands: dict[str, Any] = {}
 
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -178,21 +179,71 @@ class CommandAnswer:
         return [ln for ln in self.stderr.splitlines() if ln.strip()]
 
 
-def run_command(name: str, argv: list[str]) -> CommandAnswer:
-    """Run `vramcalc NAME ARGV...` in this process, stdout and stderr captured.
+class _ThreadStream(io.TextIOBase):
+    """sys.stdout / sys.stderr while the server runs: a thread that runs a command writes to
+    its own buffer, every other thread to the stream this one replaced. (contextlib's
+    redirect_stdout swaps the stream for the whole process: a line another thread printed
+    meanwhile would land in the command's answer.)"""
 
-    One at a time: commands print to sys.stdout. Exit codes are the command line's (0 ok,
-    1 error, 2 usage error, 3 does not fit, 4 no GPU). An exception that is not a
-    SystemExit is a bug and propagates.
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self._local = threading.local()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def _target(self) -> Any:
+        buf = getattr(self._local, "buf", None)
+        return self.real if buf is None else buf
+
+    def capture(self, buf: io.StringIO | None) -> None:
+        self._local.buf = buf
+
+    def write(self, text: str) -> int:
+        return int(self._target().write(text))
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def isatty(self) -> bool:
+        return bool(self._target().isatty())
+
+    def writable(self) -> bool:
+        return True
+
+
+def _thread_streams() -> tuple[_ThreadStream, _ThreadStream]:
+    """sys.stdout and sys.stderr as _ThreadStreams (installed once; again if replaced)."""
+    with _STREAMS_LOCK:
+        if not isinstance(sys.stdout, _ThreadStream):
+            sys.stdout = _ThreadStream(sys.stdout)
+        if not isinstance(sys.stderr, _ThreadStream):
+            sys.stderr = _ThreadStream(sys.stderr)
+        return sys.stdout, sys.stderr
+
+
+def run_command(name: str, argv: list[str]) -> CommandAnswer:
+    """Run `vramcalc NAME ARGV...` in this process, its stdout and stderr captured.
+
+    Exit codes are the command line's (0 ok, 1 error, 2 usage error, 3 does not fit, 4 no
+    GPU). One command at a time (the catalog and corrections caches are filled on first
+    use). An exception that is not a SystemExit is a bug and propagates.
     """
     command = _command(name)
     out, err = io.StringIO(), io.StringIO()
-    with _COMMAND_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with _COMMAND_LOCK:
+        stdout, stderr = _thread_streams()
+        stdout.capture(out)
+        stderr.capture(err)
         try:
             command.main(args=argv, prog_name=f"vramcalc {name}", standalone_mode=True)
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            stdout.capture(None)
+            stderr.capture(None)
     return CommandAnswer(code, out.getvalue(), err.getvalue())
 
 
@@ -318,6 +369,8 @@ class Handler(BaseHTTPRequestHandler):
             work()
         except RequestError as err:
             self._error(err.status, str(err))
+        except ConnectionError:  # the browser went away (a tab closed, a newer request)
+            self.close_connection = True
         except Exception as err:  # a bug: the traceback goes to the server's terminal only
             traceback.print_exc(file=sys.stderr)
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR,
@@ -427,9 +480,9 @@ class VramcalcServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        shown = f"[{host}]" if ":" in str(host) else str(host)
-        return f"http://{shown}:{port}/"
+        port = self.server_address[1]
+        host = self.bound_host
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
     def server_close(self) -> None:
         super().server_close()

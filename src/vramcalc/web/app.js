@@ -200,11 +200,15 @@ async function update() {
   for (const g of gpus) checkParams.append("gpu", g);
   $("status").textContent = "computing...";
   try {
+    const planParams = apiParams(s, "plan");
     const [plan, check] = await Promise.all([
-      api("plan", apiParams(s, "plan")),
+      api("plan", planParams),
       gpus.length ? api("check", checkParams) : Promise.resolve(null),
     ]);
     if (gen !== generation) return;
+    // the queries behind what is drawn (the browser test reads them)
+    document.body.dataset.planQuery = planParams.toString();
+    document.body.dataset.checkQuery = gpus.length ? checkParams.toString() : "";
     lastPlan = plan;
     lastCheck = check;
     $("error").hidden = true;
@@ -329,9 +333,14 @@ function renderSuggestions(check) {
 
 // ---- the curve --------------------------------------------------------------------------
 
+// Memory vs sequence length, one /api/plan per point, drawn as the points arrive. One
+// request at a time, abandoned when the form changes: the server runs one estimate at a
+// time, so a long `sweep` request would hold back the chart of the next slider move.
+const CURVE_X = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768];
+
 function scheduleCurve(s) {
   clearTimeout(scheduleCurve.timer);
-  scheduleCurve.timer = setTimeout(() => renderCurve(s, generation), 250);
+  scheduleCurve.timer = setTimeout(() => renderCurve(s, generation), 200);
 }
 
 async function renderCurve(s, gen) {
@@ -339,32 +348,39 @@ async function renderCurve(s, gen) {
     $("curve").innerHTML = '<p class="dim">The curve is drawn for one-GPU training plans.</p>';
     return;
   }
-  const p = apiParams(s, "sweep");
-  p.set("over", "seq-len=256:32768");
-  for (const g of gpuList(s)) p.append("gpu", g);
-  let sweep;
-  try {
-    sweep = await api("sweep", p);
-  } catch (err) {
-    $("curve").innerHTML = `<p class="error">${esc(err.message)}</p>`;
-    return;
+  const caps = (lastCheck && lastCheck.gpus ? lastCheck.gpus : []).map((g) => ({
+    name: g.name, memory: g.free_bytes, budget: g.free_bytes - lastCheck.margin_bytes }));
+  const pts = [];
+  for (const x of CURVE_X) {
+    if (gen !== generation) return;
+    const p = apiParams(s, "plan");
+    if (x !== Number(DEFAULTS["seq-len"])) p.set("seq-len", String(x)); else p.delete("seq-len");
+    let plan;
+    try {
+      plan = await api("plan", p);
+    } catch (err) {
+      if (gen === generation) $("curve").innerHTML = `<p class="error">${esc(err.message)}</p>`;
+      return;
+    }
+    if (gen !== generation) return;
+    pts.push([x, plan.required_device_bytes]);
+    drawCurve(s, pts, caps, pts.length === CURVE_X.length);
   }
-  if (gen !== generation) return;
-  const pts = sweep.points;
-  const key = sweep.over.replace("-", "_");
-  const xs = pts.map((q) => q[key] !== undefined ? q[key] : q[sweep.over]);
-  const ys = pts.map((q) => q.required_device_bytes);
-  const caps = sweep.gpus || [];
+}
+
+function drawCurve(s, pts, caps, done) {
+  const xs = CURVE_X;
   const W = 860, H = 260, L = 58, R = 16, T = 14, B = 36;
   // The y range ends near the GPUs' memory (or the current point): a 32k-token step of a
   // large model needs ten times a card, and a full range would flatten every line.
   const cur = Number(s["seq-len"]);
-  const curIdx = xs.findIndex((v) => v >= cur);
-  const near = Math.max(...caps.map((c) => c.memory_bytes), curIdx < 0 ? 0 : ys[curIdx], ys[0]);
-  const ymax = Math.min(Math.max(...ys), near * 1.6) * 1.08;
+  const ys = pts.map(([, y]) => y);
+  const near = Math.max(...caps.map((c) => c.memory), ...ys.slice(0, 4));
+  const ymax = Math.min(Math.max(...ys, near), near * 1.6) * 1.08;
   const lx = (v) => L + (Math.log2(v / xs[0]) / Math.log2(xs[xs.length - 1] / xs[0])) * (W - L - R);
   const ly = (b) => T + (1 - b / ymax) * (H - T - B);
-  let svg = `<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="memory vs ${sweep.over}" id="curve-svg">`;
+  let svg = `<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="memory vs sequence length" ` +
+    `id="curve-svg" data-done="${done}">`;
   const step = niceStep(ymax / GiB);
   for (let g = 0; g * step * GiB <= ymax; g++) {
     const y = ly(g * step * GiB);
@@ -374,21 +390,24 @@ async function renderCurve(s, gen) {
   xs.forEach((v) => {
     svg += `<text x="${lx(v)}" y="${H - B + 16}" text-anchor="middle" class="axis">${v}</text>`;
   });
-  svg += `<text x="${L}" y="${H - 4}" class="axis">${esc(sweep.over)} (log scale); GiB required</text>`;
+  svg += `<text x="${L}" y="${H - 4}" class="axis">sequence length (log scale); GiB required` +
+    `${done ? "" : " (computing...)"}</text>`;
   caps.forEach((c, i) => {
     const right = i % 2 === 0;  // labels alternate sides, so close lines keep both readable
-    svg += `<line x1="${L}" x2="${W - R}" y1="${ly(c.memory_bytes)}" y2="${ly(c.memory_bytes)}" ` +
-      `class="gpu-line"/><text x="${right ? W - R : L + 6}" y="${ly(c.memory_bytes) - 4}" ` +
-      `text-anchor="${right ? "end" : "start"}" ` +
-      `class="gpu-label">${esc(c.name)}: fits up to ${c.fits_up_to === null ? "none" : c.fits_up_to}</text>`;
+    const last = pts.filter(([, y]) => y <= c.budget).map(([x]) => x).pop();
+    const upto = !done ? "" : last === undefined ? ": none fits" : `: fits up to ${last}`;
+    svg += `<line x1="${L}" x2="${W - R}" y1="${ly(c.memory)}" y2="${ly(c.memory)}" ` +
+      `class="gpu-line"/><text x="${right ? W - R : L + 6}" y="${ly(c.memory) - 4}" ` +
+      `text-anchor="${right ? "end" : "start"}" class="gpu-label">${esc(c.name)} ` +
+      `${gib(c.memory)} GiB${upto}</text>`;
   });
   svg += `<clipPath id="plot-area"><rect x="${L}" y="${T - 4}" width="${W - L - R + 4}" ` +
     `height="${H - T - B + 4}"/></clipPath><g clip-path="url(#plot-area)">`;
-  const path = xs.map((v, i) => `${i ? "L" : "M"}${lx(v).toFixed(1)},${ly(ys[i]).toFixed(1)}`).join("");
+  const path = pts.map(([x, y], i) => `${i ? "L" : "M"}${lx(x).toFixed(1)},${ly(y).toFixed(1)}`).join("");
   svg += `<path d="${path}" class="curve"/>`;
-  xs.forEach((v, i) => {
-    svg += `<circle cx="${lx(v)}" cy="${ly(ys[i])}" r="3.5" class="pt" data-x="${v}" ` +
-      `data-bytes="${ys[i]}"><title>${v}: ${gib(ys[i])} GiB</title></circle>`;
+  pts.forEach(([x, y]) => {
+    svg += `<circle cx="${lx(x)}" cy="${ly(y)}" r="3.5" class="pt" data-x="${x}" ` +
+      `data-bytes="${y}"><title>${x}: ${gib(y)} GiB</title></circle>`;
   });
   svg += "</g>";
   if (cur >= xs[0] && cur <= xs[xs.length - 1]) {
