@@ -143,8 +143,12 @@ def test_page_slider_chart_verdicts_link_and_exports(server: VramcalcServer, bro
     check = api(server, "check", tab.shown("check")[0])
     assert tab.verdicts() == {g["name"]: g["certainty"] for g in check["gpus"]}
     assert check["gpus"][0]["certainty"] == "does_not_fit"  # 8 x 2048 on a 4090
-    shown = tab.page.locator("#suggestions li").all_inner_texts()
+    shown = tab.page.locator("#suggestions ul").first.locator("li").all_inner_texts()
     assert len(shown) == len(check["suggestions"]) > 0
+    for text, sg in zip(shown, check["suggestions"], strict=True):
+        assert text.startswith(sg["description"]) and sg["flags"] in text
+    several = tab.page.locator("#suggestions ul").nth(1).locator("li").all_inner_texts()
+    assert len(several) == min(3, len(check["several_gpus"]))
 
     # the shared link reproduces the plan in a fresh tab
     link = tab.page.url

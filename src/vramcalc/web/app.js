@@ -255,11 +255,14 @@ function renderChart(plan, check) {
   const comps = Object.entries(componentsOf(plan)).filter(([, b]) => b > 0);
   const total = comps.reduce((a, [, b]) => a + b, 0);
   const required = requiredOf(plan);
-  const lines = (check && check.gpus ? check.gpus : []).map((g) => [g.name, g.free_bytes]);
+  let lines = (check && check.gpus ? check.gpus : []).map((g) => [g.name, g.free_bytes]);
+  if (check && check.gpus_checked) {
+    lines = [[`${check.gpus_checked} less margin`, check.budget_bytes_per_gpu]];
+  }
   const scale = Math.max(total, required || 0, ...lines.map(([, b]) => b)) * 1.04 || 1;
-  const W = 860, left = 10, barY = 26, barH = 46, usable = W - 2 * left;
+  const W = 860, left = 10, barY = 36, barH = 46, usable = W - 2 * left;
   const x = (b) => left + (b / scale) * usable;
-  let svg = `<svg viewBox="0 0 ${W} 110" role="img" aria-label="memory breakdown" id="bar">`;
+  let svg = `<svg viewBox="0 0 ${W} 120" role="img" aria-label="memory breakdown" id="bar">`;
   let at = 0;
   comps.forEach(([name, b]) => {
     const w = Math.max((b / scale) * usable, 0.5);
@@ -268,16 +271,18 @@ function renderChart(plan, check) {
       `data-bytes="${b}"><title>${esc(LABELS[name] || name)}: ${gib(b)} GiB</title></rect>`;
     at += b;
   });
-  for (const [name, b] of lines) {
-    svg += `<line x1="${x(b)}" x2="${x(b)}" y1="12" y2="${barY + barH + 8}" class="gpu-line"/>` +
-      `<text x="${x(b) - 4}" y="10" class="gpu-label" text-anchor="end">${esc(name)} ` +
+  lines.sort((a, b) => a[1] - b[1]).forEach(([name, b], i) => {
+    const y = i % 2 ? 11 : 25;  // close lines' labels on two rows
+    svg += `<line x1="${x(b)}" x2="${x(b)}" y1="${y + 3}" y2="${barY + barH + 8}" class="gpu-line"/>` +
+      `<text x="${x(b) - 4}" y="${y}" class="gpu-label" text-anchor="end">${esc(name)} ` +
       `${gib(b)} GiB</text>`;
-  }
+  });
   if (required !== null) {
     svg += `<line x1="${x(required)}" x2="${x(required)}" y1="${barY - 4}" ` +
       `y2="${barY + barH + 14}" class="req-line"/>` +
       `<text x="${x(required)}" y="${barY + barH + 28}" class="req-label" ` +
-      `text-anchor="middle">required ${gib(required)} GiB</text>`;
+      `text-anchor="${x(required) > W * 0.85 ? "end" : "middle"}">required ${gib(required)} ` +
+      "GiB</text>";
   }
   svg += "</svg>";
   let legend = '<table class="legend" id="legend"><tbody>';
@@ -296,16 +301,25 @@ function renderChart(plan, check) {
 }
 
 function renderVerdicts(check) {
+  if (check && check.gpus_checked) {  // several GPUs (--gpus N --strategy): the busiest one
+    const c = check.fits ? "fits" : "does_not_fit";
+    $("verdicts").innerHTML = `<div class="verdict ${c}" data-gpu="${esc(check.gpus_checked)}" ` +
+      `data-certainty="${c}"><div class="word">${CERTAINTY[c]}</div>` +
+      `<div class="gpu">${esc(check.gpus_checked)}</div><div class="dim">the busiest GPU needs ` +
+      `${gib(check.required_device_bytes)} GiB of ${gib(check.budget_bytes_per_gpu)} GiB ` +
+      "(memory less the margin)</div></div>";
+    return;
+  }
   if (!check || !check.gpus) {
-    $("verdicts").innerHTML = check && check.fits !== undefined
-      ? `<div class="verdict ${check.fits ? "fits" : "does_not_fit"}">` +
-        `${check.fits ? "fits" : "does NOT fit"}</div>` : "";
+    $("verdicts").innerHTML = "";
     return;
   }
   $("verdicts").innerHTML = check.gpus.map((g) => {
-    const word = CERTAINTY[g.certainty] || g.certainty;
-    return `<div class="verdict ${esc(g.certainty)}" data-gpu="${esc(g.name)}" ` +
-      `data-certainty="${esc(g.certainty)}" data-required="${g.required_device_bytes}">` +
+    // --task infer|merge answers fits_free without a certainty band
+    const certainty = g.certainty || (g.fits_free ? "fits" : "does_not_fit");
+    const word = CERTAINTY[certainty];
+    return `<div class="verdict ${esc(certainty)}" data-gpu="${esc(g.name)}" ` +
+      `data-certainty="${esc(certainty)}" data-required="${g.required_device_bytes}">` +
       `<div class="word">${esc(word)}</div><div class="gpu">${esc(g.name)}</div>` +
       `<div class="dim">needs ${gib(g.required_device_bytes)} + ` +
       `${gib(check.margin_bytes)} GiB margin of ${gib(g.free_bytes)} GiB; headroom ` +
@@ -320,13 +334,28 @@ function renderSuggestions(check) {
     html += `<h3>${check.fits ? "More room" : "Changes that make it fit"} ` +
       `(${esc(check.best_gpu.name)})</h3><ul class="suggestions">`;
     for (const sg of check.suggestions) {
+      // advice.py Suggestion.command_flags: the flags, plus the trainer's accumulation
+      const acc = sg.gradient_accumulation_steps;
+      const flags = sg.flags + (acc ? `, gradient accumulation ${acc}` : "");
       html += `<li>${esc(sg.description)}: needs ${gib(sg.required_device_bytes)} GiB ` +
-        `<code>${esc(sg.command_flags)}</code></li>`;
+        `<code>${esc(flags)}</code></li>`;
     }
     html += "</ul>";
-  } else if (!check.fits && check.larger_gpu) {
+  }
+  const failing = (check.gpus || []).filter((g) => g.certainty === "does_not_fit");
+  if (check.fits && failing.length) {
+    html += `<p class="dim">Changes are searched for the GPU with the most memory ` +
+      `(${esc(check.best_gpu.name)}, as <code>vramcalc check</code> does); pick ` +
+      `${esc(failing[0].name)} alone to see what makes it fit there.</p>`;
+  }
+  if (!check.suggestions.length && !check.fits && check.larger_gpu) {
     html += `<p>Nothing makes it fit ${esc(check.best_gpu.name)}; the smallest catalog GPU ` +
       `it fits: <b>${esc(check.larger_gpu)}</b>.</p>`;
+  }
+  if (!check.fits && check.several_gpus && check.several_gpus.length) {
+    html += `<h3>Or on several ${esc(check.best_gpu.name)}</h3><ul class="suggestions">` +
+      check.several_gpus.slice(0, 3).map((o) => `<li><code>${esc(o.flags)}</code>: needs ` +
+        `${gib(o.required_device_bytes)} GiB per GPU</li>`).join("") + "</ul>";
   }
   $("suggestions").innerHTML = html;
 }
@@ -537,6 +566,7 @@ function trlSnippet(s) {
     `    gradient_checkpointing=${s["gradient-checkpointing"] === "true" ? "True" : "False"},`,
     `    optim="${s.optimizer}",`,
     "    bf16=True,",
+    ...(s.strategy ? [`    # ${s.gpus} GPUs, ${s.strategy}: launch with accelerate / torchrun and its config`] : []),
     "    model_init_kwargs={",
     '        "quantization_config": quantization_config,',
     `        "attn_implementation": "${s.attn}",`,
