@@ -225,6 +225,31 @@ def test_bad_input_shows_the_error_line(server: VramcalcServer, browser: Any) ->
     assert all("400" in e for e in tab.errors), tab.errors
 
 
+def test_uploaded_config_is_planned(server: VramcalcServer, browser: Any,
+                                    tmp_path: Path) -> None:
+    """A config.json chosen in the page is uploaded, planned, and kept in the link."""
+    config = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 2048,
+              "tie_word_embeddings": False}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    tab = Page(browser, f"{server.url}?model=llama-3.1-8b&gpu=")
+    before = tab.generation()
+    tab.page.set_input_files("#upload", str(path))
+    tab.settle(before)
+    query, body = tab.shown("plan")
+    model = tab.page.input_value("#model")
+    assert model.startswith("upload:") and "model=upload%3A" in query
+    stored = server.uploads.root / model.removeprefix("upload:") / "config.json"
+    out = subprocess.run([sys.executable, "-m", "vramcalc", "plan", "--json", "--model",
+                          str(stored)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == body
+    assert "2 layers" in tab.page.inner_text("#model-info")
+    assert f"model={model.replace(':', '%3A')}" in tab.page.url
+    assert tab.errors == []
+
+
 def test_slider_latency_is_reported(server: VramcalcServer, browser: Any) -> None:
     """Slider move -> chart drawn, in this browser on this machine (printed; the estimate
     itself is most of it)."""

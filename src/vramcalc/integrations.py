@@ -101,7 +101,6 @@ def _make_callback() -> type:
         """A transformers / TRL TrainerCallback: vramcalc.preflight at on_train_begin."""
 
     VramcalcCallback.__module__ = __name__
-    VramcalcCallback.__init__.__doc__ = _PreflightCheck.__init__.__doc__
     return VramcalcCallback
 
 

@@ -41,6 +41,7 @@ MAX_QUERY_BYTES = 8 * 1024  # a page's state is ~300 bytes; 8 KiB is far past an
 MAX_BODY_BYTES = 1024 * 1024  # a config.json is a few KiB; the largest multimodal ~100 KiB
 MAX_REPEATS = 16  # a repeatable option (--gpu) given more often than this is refused
 MAX_MODEL_RESULTS = 50  # /api/models answers at most this many matches
+MAX_NOTES_HEADER = 4096  # bytes of X-Vramcalc-Notes (the last notes are dropped past it)
 
 # endpoint -> the command it runs (cli.COMMANDS)
 API_COMMANDS = {"plan": "plan", "check": "check", "compare": "compare", "fit": "fit",
@@ -57,6 +58,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 _COMMAND_LOCK = threading.Lock()
 _STREAMS_LOCK = threading.Lock()
+_LOAD_LOCK = threading.Lock()
 _commands: dict[str, Any] = {}
 
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -73,11 +75,12 @@ class RequestError(Exception):
 
 def _command(name: str) -> Any:
     """The click command behind `vramcalc NAME` (cli.load_command), loaded once."""
-    if name not in _commands:
-        from vramcalc.cli import load_command
+    with _LOAD_LOCK:
+        if name not in _commands:
+            from vramcalc.cli import load_command
 
-        _commands[name] = load_command(name)
-    return _commands[name]
+            _commands[name] = load_command(name)
+        return _commands[name]
 
 
 def _options(command: Any) -> dict[str, Any]:
@@ -148,10 +151,13 @@ def _model_value(value: str, uploads: UploadStore | None) -> str:
             raise RequestError("uploads are not available here")
         return str(uploads.path(value.removeprefix(UPLOAD_PREFIX)))
     path = Path(value).expanduser()
-    if (value.startswith((".", "/", "~", "\\")) or path.suffix in {".json", ".yaml", ".yml"}
-            or (value.strip() and path.exists())):
+    if value.startswith((".", "/", "~", "\\")) or path.suffix in {".json", ".yaml", ".yml"}:
         raise RequestError(f"model '{value}': the page's server takes catalog names, aliases "
                            "and hub ids, not paths; upload a config.json instead")
+    if value.strip() and path.exists():  # the command would read it (commands/common.py)
+        raise RequestError(f"model '{value}' is also a file or folder where the server runs, "
+                           "which the command would read; start the server in another folder "
+                           "or upload the config.json")
     return value
 
 
@@ -434,7 +440,11 @@ class Handler(BaseHTTPRequestHandler):
     def _api(self, command: str, pairs: list[tuple[str, str]]) -> None:
         argv = query_to_argv(command, pairs, self.server.uploads)
         answer = run_command(command, argv)
-        notes = json.dumps(answer.notes)[:4096]  # ASCII (json escapes the rest)
+        notes_list = answer.notes
+        notes = json.dumps(notes_list)  # ASCII: json escapes the rest
+        while len(notes) > MAX_NOTES_HEADER and notes_list:
+            notes_list = notes_list[:-1]
+            notes = json.dumps(notes_list)
         if answer.error is not None:
             status = HTTPStatus.BAD_REQUEST
             self._send(status, _json_bytes({"error": answer.error, "exit_code": answer.code}),
