@@ -80,6 +80,17 @@ def test_preflight_takes_an_sft_config(tmp_path: Path) -> None:
         "lora", 32, 768, 2)
     assert res.settings["seq_len"] == "training_args.max_length"
     assert res.verdicts[0].gpu == "a 16 GiB card" and res.fits
+    # a model TRL loads by name: model_init_kwargs carries the quantization and the dtype
+    torch = pytest.importorskip("torch")
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True)
+    cfg = trl.SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[],
+                        max_length=512, bf16=False,
+                        model_init_kwargs={"quantization_config": bnb, "dtype": torch.bfloat16})
+    res = preflight("qwen2.5-0.5b", cfg, peft.LoraConfig(r=8, target_modules="all-linear"),
+                    gpus=["t4"], calibration=False)
+    # BitsAndBytesConfig's own default bnb_4bit_quant_type is fp4 (not the recipe's nf4)
+    assert (res.plan.method, res.plan.quant, res.plan.double_quant) == ("qlora", "fp4", True)
+    assert res.plan.batch_size == 8  # TrainingArguments' default per_device_train_batch_size
 
 
 def test_preflight_errors_are_one_line(tmp_path: Path) -> None:

@@ -254,15 +254,20 @@ def plan_from_objects(
     data = _as_dict(training_args, "training_args")
     data.pop("model_name_or_path", None)
     data["use_peft"] = False
-    quant = quantization_config if quantization_config is not None else \
-        facts.get("quantization_config")
+    # SFTConfig(model_init_kwargs={"quantization_config": ..., "dtype": torch.bfloat16}):
+    # how TRL loads a model given by name
+    raw_init = data.get("model_init_kwargs")
+    init: dict[str, Any] = raw_init if isinstance(raw_init, dict) else {}
+    init_dtype = _dtype_name(init.get("dtype") or init.get("torch_dtype"))
+    quant = next((q for q in (quantization_config, facts.get("quantization_config"),
+                              init.get("quantization_config")) if q is not None), None)
     if quant is not None:
         data.update(_quant_keys(quant))
     peft = peft_config if peft_config is not None else facts.get("peft_config")
     if peft is not None:
         data.update(_peft_keys(peft, spec))
-    if facts.get("dtype"):
-        data["torch_dtype"] = facts["dtype"]
+    if facts.get("dtype") or init_dtype:
+        data["torch_dtype"] = facts.get("dtype") or init_dtype
     if max_seq_len is not None:
         data["max_length"] = max_seq_len
     tc = map_training_config(data, "preflight", "trl")
@@ -286,7 +291,7 @@ def plan_from_objects(
     world = getattr(training_args, "world_size", 1)
     if isinstance(world, int) and world > 1:
         notes.append(f"world_size {world}: planned per GPU as one process's step; DDP's "
-                          "gradient buckets are not counted")
+                     "gradient buckets are not counted")
     return spec, train, settings, tc.unmodelled, tuple(notes)
 
 

@@ -199,27 +199,40 @@ async function update() {
   const checkParams = apiParams(s, "check");
   for (const g of gpus) checkParams.append("gpu", g);
   $("status").textContent = "computing...";
+  const started = inputAt;
+  inputAt = null;
   try {
+    // Both requests leave now; the server answers them in turn, plan first. The chart is
+    // drawn as soon as the plan arrives, the verdicts when the check does.
     const planParams = apiParams(s, "plan");
-    const [plan, check] = await Promise.all([
-      api("plan", planParams),
-      gpus.length ? api("check", checkParams) : Promise.resolve(null),
-    ]);
+    const planAnswer = api("plan", planParams);
+    const checkAnswer = gpus.length ? api("check", checkParams) : Promise.resolve(null);
+    checkAnswer.catch(() => {});  // a failed check is reported below, after the plan's
+    const plan = await planAnswer;
+    if (gen !== generation) return;
+    const sameGpus = lastCheck && document.body.dataset.checkGpus === gpus.join(",");
+    renderChart(plan, sameGpus ? lastCheck : null);  // the GPU lines of the last check
+    $("error").hidden = true;
+    const chartMs = started === null ? null : performance.now() - started;
+    const check = await checkAnswer;
     if (gen !== generation) return;
     // the queries behind what is drawn (the browser test reads them)
     document.body.dataset.planQuery = planParams.toString();
     document.body.dataset.checkQuery = gpus.length ? checkParams.toString() : "";
+    document.body.dataset.checkGpus = gpus.join(",");
     lastPlan = plan;
     lastCheck = check;
-    $("error").hidden = true;
     renderChart(plan, check);
     renderVerdicts(check);
     renderSuggestions(check);
-    const took = inputAt === null ? null : performance.now() - inputAt;
-    inputAt = null;
-    if (took !== null) document.body.dataset.updateMs = took.toFixed(1);
+    const took = started === null ? null : performance.now() - started;
+    if (took !== null) {
+      document.body.dataset.chartMs = chartMs.toFixed(1);
+      document.body.dataset.updateMs = took.toFixed(1);
+    }
     document.body.dataset.generation = String(gen);
-    $("status").textContent = took === null ? "" : `updated in ${took.toFixed(0)} ms`;
+    $("status").textContent = took === null ? "" :
+      `chart in ${chartMs.toFixed(0)} ms, verdicts in ${took.toFixed(0)} ms`;
   } catch (err) {
     if (gen !== generation) return;
     showError(err.message);
