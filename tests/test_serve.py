@@ -275,6 +275,10 @@ def test_body_size_limit(server: VramcalcServer) -> None:
     status, _, answer = request(server, "POST", "/api/config", big,
                                 {"Content-Type": "application/json"})
     assert status == 413 and "at most" in json.loads(answer)["error"]
+    # a length far past it: refused from the header, the body never read
+    status, _, answer = request(server, "POST", "/api/config", b"{}",
+                                {"Content-Length": str(10 * 2**30)})
+    assert status == 413 and "at most" in json.loads(answer)["error"]
     status, _, answer = request(server, "POST", "/api/plan", b"{}")
     assert status == 404
 

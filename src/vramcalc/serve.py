@@ -463,7 +463,9 @@ class Handler(BaseHTTPRequestHandler):
                                HTTPStatus.LENGTH_REQUIRED)
         length = int(length_text)
         if length > MAX_BODY_BYTES:
-            self.close_connection = True  # the body is not read
+            self.close_connection = True
+            if length <= 4 * MAX_BODY_BYTES:  # read it (a little), so the client sees the 413
+                self.rfile.read(length)  # rather than a reset while it still sends
             raise RequestError(f"the body is {length} bytes; a config.json is at most "
                                f"{MAX_BODY_BYTES} bytes here", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         body = self.rfile.read(length)

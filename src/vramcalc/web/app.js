@@ -102,12 +102,17 @@ function writeState(params) {
   }
   if (get("seq-len") !== null) {
     const n = Number(get("seq-len"));
-    let i = SEQ_VALUES.indexOf(n);
-    if (i < 0) {  // a length the slider lacks: the nearest one above
-      i = SEQ_VALUES.findIndex((v) => v >= n);
-      if (i < 0) i = SEQ_VALUES.length - 1;
+    if (Number.isInteger(n) && n > 0 && !SEQ_VALUES.includes(n)) {
+      // a length the slider lacks (a link written by hand): the slider gets it as a stop
+      SEQ_VALUES.push(n);
+      SEQ_VALUES.sort((a, b) => a - b);
+      $("seq").max = String(SEQ_VALUES.length - 1);
     }
-    $("seq").value = String(i);
+    $("seq").value = String(Math.max(0, SEQ_VALUES.indexOf(n)));
+  }
+  const unknown = [...params.keys()].filter((k) => !STATE_KEYS.includes(k));
+  if (unknown.length) {
+    $("model-info").textContent = `not understood in the link, left out: ${unknown.join(", ")}`;
   }
 }
 
