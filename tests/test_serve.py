@@ -173,6 +173,21 @@ def test_api_fit_equals_fit_json(server: VramcalcServer) -> None:
     assert_same_as_cli(server, "fit", params, _argv(params))
 
 
+def test_answers_are_kept(server: VramcalcServer) -> None:
+    """The same query is answered again from memory, byte for byte; check of this machine's
+    GPUs (NVML's free memory changes) is always run again."""
+    from vramcalc.serve import AnswerCache
+
+    query = "/api/plan?model=qwen2.5-0.5b&batch=3&seq-len=384"
+    first = get(server, query)
+    hits = server.answers.hits
+    again = get(server, query)
+    assert server.answers.hits == hits + 1
+    assert first[0] == again[0] == 200 and first[2] == again[2]
+    assert not AnswerCache.cacheable("check", ["--json", "--model=llama-7b"])
+    assert AnswerCache.cacheable("check", ["--json", "--model=llama-7b", "--gpu=t4"])
+
+
 def test_models_search(server: VramcalcServer) -> None:
     status, _, body = get(server, "/api/models?q=qwen+7b")
     names = [m["name"] for m in json.loads(body)["models"]]

@@ -9,7 +9,8 @@ a bad value is the command's own `Error: ...` line, returned as a 400 with `{"er
 What the command printed on stderr (notes, the calibration line) comes in the
 `X-Vramcalc-Notes` header as a JSON list. Each command's output is captured per thread
 (`_ThreadStream`); one command runs at a time (`_COMMAND_LOCK`); static files are served in
-parallel.
+parallel. Answers are kept (`AnswerCache`): the same command line in the same environment
+is answered again from memory.
 
 What the server refuses, because a page in the user's browser is not the user at a shell:
 options that read or write files (`--from-config`, `--plot`), models given as paths (an
@@ -24,11 +25,13 @@ import hashlib
 import importlib.resources
 import io
 import json
+import os
 import socket
 import sys
 import tempfile
 import threading
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -253,6 +256,58 @@ def run_command(name: str, argv: list[str]) -> CommandAnswer:
     return CommandAnswer(code, out.getvalue(), err.getvalue())
 
 
+# What an answer depends on besides the command line: the environment the command reads
+# (commands/options.py expandable_from_env, corrections.available, hub.py through
+# huggingface_hub). The corrections files themselves are read once per process
+# (corrections._load_cached), so a process already answers with the ones it started with.
+ANSWER_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "VRAMCALC_CORRECTIONS", "VRAMCALC_DATA_DIR",
+              "HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
+MAX_CACHED_ANSWERS = 512  # a few KiB each
+
+
+class AnswerCache:
+    """The answers of the commands already run, by command line and environment (LRU).
+
+    A slider that goes back, and the memory curve (the same points while only the sequence
+    length moves), ask the same questions again; the answer is the same bytes, as the
+    command is deterministic for a command line and environment."""
+
+    def __init__(self, size: int = MAX_CACHED_ANSWERS) -> None:
+        self.size = size
+        self._answers: OrderedDict[tuple[Any, ...], CommandAnswer] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    @staticmethod
+    def key(name: str, argv: list[str]) -> tuple[Any, ...]:
+        return (name, tuple(argv), tuple(os.environ.get(k) for k in ANSWER_ENV))
+
+    @staticmethod
+    def cacheable(name: str, argv: list[str]) -> bool:
+        """Not `check` of this machine's GPUs: NVML's free memory changes as it runs."""
+        return name != "check" or any(a.startswith(("--gpu=", "--gpu-memory=")) for a in argv)
+
+    def run(self, name: str, argv: list[str]) -> CommandAnswer:
+        if not self.cacheable(name, argv):
+            return run_command(name, argv)
+        key = self.key(name, argv)
+        with self._lock:
+            found = self._answers.get(key)
+            if found is not None:
+                self._answers.move_to_end(key)
+                self.hits += 1
+                return found
+        answer = run_command(name, argv)
+        with self._lock:
+            self._answers[key] = answer
+            while len(self._answers) > self.size:
+                self._answers.popitem(last=False)
+        return answer
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+
 class UploadStore:
     """Uploaded config.json files, kept in a temporary folder while the server runs.
 
@@ -439,7 +494,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _api(self, command: str, pairs: list[tuple[str, str]]) -> None:
         argv = query_to_argv(command, pairs, self.server.uploads)
-        answer = run_command(command, argv)
+        answer = self.server.answers.run(command, argv)
         notes_list = answer.notes
         notes = json.dumps(notes_list)  # ASCII: json escapes the rest
         while len(notes) > MAX_NOTES_HEADER and notes_list:
@@ -486,6 +541,7 @@ class VramcalcServer(ThreadingHTTPServer):
         self.bound_host = host
         self.verbose = verbose
         self.uploads = UploadStore()
+        self.answers = AnswerCache()
         if ":" in host:  # an IPv6 address ('::1')
             self.address_family = socket.AF_INET6
         super().__init__((host, port), Handler)
