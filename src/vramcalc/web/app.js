@@ -506,17 +506,29 @@ async function showFit() {
   try {
     const f = await api("fit", p);
     const rows = f.rows.filter((r) => r.fits);
-    let html = `<h3>What fits ${esc(f.gpu)} (${gib(f.gpu_memory_bytes)} GiB) at ` +
-      `${f.seq_len} tokens: ${rows.length} of ${f.rows.length}</h3>` +
+    // as `vramcalc fit` prints it (render.py print_fit): the pairs that fit at batch 1
+    let html = `<h3>What fits ${esc(f.gpu)} (${gib(f.gpu_memory_bytes)} GiB, margin ` +
+      `${gib(f.margin_bytes)}) at batch 1 x ${f.seq_len} tokens: ${rows.length} of ` +
+      `${f.rows.length} model x method pairs</h3>` +
       '<table class="grid-table" id="fit-table"><thead><tr><th>Model</th><th>Method</th>' +
-      "<th>Required GiB (batch 1)</th><th>Largest batch</th><th>Longest sequence</th></tr>" +
+      "<th>Needs GiB</th><th>Fits</th><th>Max batch</th><th>Max seq-len</th></tr>" +
       "</thead><tbody>";
+    let past = false;
     for (const r of rows) {
+      let seq = r.max_seq_len ? String(r.max_seq_len) : "-";
+      if (r.max_seq_len && r.max_position_embeddings !== null &&
+          r.max_seq_len > r.max_position_embeddings) { seq += "*"; past = true; }
       html += `<tr><td>${esc(r.model)}</td><td>${esc(r.label)}</td>` +
-        `<td class="num">${gib(r.required_device_bytes)}</td><td class="num">${r.max_batch}</td>` +
-        `<td class="num">${r.max_seq_len}</td></tr>`;
+        `<td class="num">${gib(r.required_device_bytes)}</td>` +
+        `<td>${r.certainty === "tight" ? "tight" : "yes"}</td>` +
+        `<td class="num">${r.max_batch || "-"}</td><td class="num">${seq}</td></tr>`;
     }
-    $("tables").innerHTML = html + "</tbody></table>";
+    html += "</tbody></table>";
+    if (past) html += '<p class="dim">* longer than the model\'s max_position_embeddings</p>';
+    html += '<p class="dim">Max batch at this sequence length and max seq-len at batch 1 are ' +
+      "searched with the upper end of the required band (as <code>--max</code>), so a pair " +
+      "that fits only tight shows - or less than asked.</p>";
+    $("tables").innerHTML = html;
   } catch (err) {
     $("tables").innerHTML = `<p class="error">${esc(err.message)}</p>`;
   }
