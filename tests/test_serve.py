@@ -140,6 +140,7 @@ def test_api_plan_equals_plan_json(server: VramcalcServer, seed: int) -> None:
     assert_same_as_cli(server, "plan", params, _argv(params))
 
 
+@pytest.mark.replay  # the subprocess replays; conftest.py may turn it off in this process
 def test_api_plan_equals_the_installed_command(server: VramcalcServer) -> None:
     """Against a real `vramcalc plan --json` process, not only the CLI runner."""
     params = [("model", "llama-3.1-8b"), ("batch", "4"), ("seq-len", "2048"),
