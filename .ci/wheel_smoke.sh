@@ -67,4 +67,16 @@ assert json.loads(out)['peak_device_bytes'] > 0
 from vramcalc.corrections import shipped_entries
 assert shipped_entries(), 'shipped corrections missing from the wheel'
 "
+# the page of `vramcalc serve` ships in the wheel and is served from it
+smoke 0 python -c "
+import subprocess, sys, urllib.request, re
+p = subprocess.Popen(['vramcalc', 'serve', '--port', '0', '--no-browser'],
+                     stdout=subprocess.PIPE, text=True)
+try:
+    url = re.search(r'http://127\.0\.0\.1:\d+/', p.stdout.readline()).group(0)
+    for path in ('', 'static/app.js', 'static/style.css', 'api/plan?model=llama-7b'):
+        assert urllib.request.urlopen(url + path, timeout=60).status == 200, path
+finally:
+    p.terminate(); p.wait(timeout=30)
+"
 exit $fail

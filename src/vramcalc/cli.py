@@ -51,6 +51,9 @@ COMMANDS: dict[str, LazyCommand] = {
     "gpus": LazyCommand(
         "vramcalc.commands.gpus", "gpus",
         "List the GPUs that --gpu NAME accepts, with the memory NVML reports."),
+    "serve": LazyCommand(
+        "vramcalc.commands.serve", "serve",
+        "Open a local page to play with a plan: sliders, breakdown chart, verdicts, exports."),
     "calibrate": LazyCommand(
         "vramcalc.commands.calibrate", "app",
         "Measure real QLoRA steps on a GPU, fit corrections, replay the measurements."),

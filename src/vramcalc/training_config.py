@@ -426,3 +426,11 @@ def read_training_config(path: Path) -> TrainingConfig:
         )
     m = _Mapper(data, str(path))
     return {"axolotl": _axolotl, "trl": _trl, "llama-factory": _llama_factory}[fmt](m)
+
+
+def map_training_config(data: dict[str, Any], source: str, fmt: Format) -> TrainingConfig:
+    """The plan options of a config already parsed into `data` (keys as the file of `fmt`
+    writes them); `source` names it in messages. `vramcalc.preflight` maps the objects of
+    a training script (TrainingArguments.to_dict(), LoraConfig fields) through here."""
+    m = _Mapper(data, source)
+    return {"axolotl": _axolotl, "trl": _trl, "llama-factory": _llama_factory}[fmt](m)
