@@ -321,6 +321,7 @@ def test_serve_binds_loopback_and_prints_the_port() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    assert proc.returncode == 0  # SIGTERM ends it cleanly (its uploads folder removed)
 
 
 def test_serve_refuses_a_bad_port() -> None:

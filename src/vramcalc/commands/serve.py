@@ -59,6 +59,12 @@ def serve(
 
         if not webbrowser.open(server.url):
             typer.echo("no browser found; open the address above", err=True)
+    import signal
+    import sys
+
+    # SIGTERM (kill, a service manager) ends it as Ctrl-C does: the uploads' temporary
+    # folder is removed by server_close.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(0))
     try:
         server.serve_forever()
     finally:
