@@ -41,7 +41,9 @@ Pure arithmetic on the spec and the plan, like `estimate`: no torch. Two halves:
   max(FLOPs / (peak x efficiency), bytes / (bandwidth x efficiency), kernels x floor);
   the host launches the kernels meanwhile, so forward+backward takes the longer of the GPU
   and the host, and the optimizer likewise; HF Trainer synchronizes between them (its
-  `logging_nan_inf_filter` reads the loss), and a fixed per-step cost comes on top.
+  `logging_nan_inf_filter` reads the loss), and a fixed per-step cost comes on top. Where
+  the host waits for the GPU inside a phase (int8's outlier check in every Linear's
+  forward, bitsandbytes optimizers' synchronize after every tensor) the two add instead.
 
 What it ignores: the data loader (the batch is ready), communication between GPUs, torch
 compile / fused kernels (unsloth, liger), power throttling, the first step's warm-up.
@@ -93,9 +95,11 @@ FLASH_BACKWARD_FACTOR = 2.5
 DEQUANT4_BYTES = 2.5 + 4 / 64
 # int8 backward weight: CB.to(dtype) r1 w2; .mul_(SCB / 127) r2 w2.
 DEQUANT8_BYTES = 7.0
-# int8_vectorwise_quant of the activations: r2 w1 (+ row stats), the int32->16-bit output
-# dequant: r4 w2 per output element.
-INT8_ACT_IN_BYTES = 3
+# MatMul8bitLt forward per input element (bitsandbytes backends/cuda/ops.py
+# int8_vectorwise_quant): A.to(float16) r2 w2, A.abs() r2 w2, >= threshold r2 w1,
+# any(dim=0) r1, the row-wise quantization r2 w1; per output element the int32 -> 16-bit
+# dequant of int8_mixed_scaled_mm r4 w2.
+INT8_ACT_IN_BYTES = 15
 INT8_ACT_OUT_BYTES = 6
 # Optimizer element accesses per trainable parameter, times its state bytes (see
 # `_optimizer_bytes`): torch foreach AdamW (torch/optim/adamw.py `_multi_tensor_adamw`:
@@ -111,7 +115,7 @@ KERNELS_PER_LAYER_BWD = 45
 KERNELS_PER_LORA_FWD = 7  # dropout, A, B, scaling, add, autocast casts of A and B
 KERNELS_PER_LORA_BWD = 10
 KERNELS_PER_QUANT_FWD = 2  # dequantize_4bit, matmul
-KERNELS_PER_INT8_FWD = 5  # quantize A, outlier columns, int8 GEMM, dequant, bias/add
+KERNELS_PER_INT8_FWD = 10  # to(fp16), abs, ge, any, any, argwhere, quantize, GEMM, dequant
 KERNEL_FLOOR_S = 3e-6  # the shortest kernel on the GPU, launch to end
 HOST_LAYER_FWD_S = 350e-6  # one decoder layer's forward (modules, ops, autograd records)
 HOST_LAYER_BWD_S = 250e-6  # the autograd engine in C++: fewer Python frames
@@ -119,12 +123,18 @@ HOST_LORA_FWD_S = 60e-6  # peft LoraLayer.forward's Python per targeted module
 HOST_LORA_BWD_S = 25e-6
 HOST_QUANT_FWD_S = 40e-6  # bnb Linear4bit/Linear8bitLt forward and its autograd Function
 HOST_QUANT_BWD_S = 25e-6
-HOST_STEP_S = 6e-3  # HF Trainer per step: inputs to device, callbacks, scheduler, loss sync
+# int8 forward: ~10 ops, and `if outliers.any()` (int8_vectorwise_quant) waits for the GPU
+# in every Linear's forward, so the host cannot run ahead: forward passes are serial.
+HOST_INT8_FWD_S = 100e-6
+HOST_STEP_S = 12e-3  # HF Trainer per step: inputs to device, callbacks, scheduler, loss sync
 HOST_STEP_PLAIN_S = 1e-3  # a plain loop: the batch to the device, zero_grad
 HOST_OPT_TENSOR_S = {  # host time per trainable tensor in the optimizer step
     "adamw_torch": 4e-6, "adamw_torch_fused": 2e-6, "sgd": 3e-6,
-    "adamw_8bit": 30e-6, "paged_adamw_8bit": 30e-6, "paged_adamw_32bit": 30e-6,
-}  # torch groups tensors (foreach / fused); bitsandbytes launches one kernel per tensor
+    "adamw_8bit": 35e-6, "paged_adamw_8bit": 50e-6, "paged_adamw_32bit": 50e-6,
+}  # torch groups tensors (foreach / fused); bitsandbytes runs one Python update per tensor
+# (optim/optimizer.py Optimizer8bit.step: update_step, then sync_gpu(p) =
+# torch.cuda.synchronize() after every parameter; paged states add two prefetch calls)
+BNB_OPTIMIZERS = frozenset({"adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"})
 HOST_CLIP_TENSOR_S = 2e-6
 # GEMM efficiency falls for few rows (tile quantization): efficiency x M / (M + GEMM_M_HALF).
 GEMM_M_HALF = 128
@@ -155,7 +165,10 @@ class StepWork(BaseModel):
     classes: tuple[KernelClass, ...]
     optimizer: KernelClass
     host_fwd_bwd_s: float
+    host_forward_s: float = 0.0  # the forward passes' share of host_fwd_bwd_s
+    serial_forward: bool = False  # the forward waits for the GPU in every layer (int8)
     host_optimizer_s: float
+    serial_optimizer: bool = False  # a synchronize after every tensor (bitsandbytes)
     host_step_s: float = HOST_STEP_S
 
     @property
@@ -260,6 +273,10 @@ def _attention(spec: ModelSpec, plan: TrainPlan, impl: str, passes_fwd: int
 
 def _elementwise(spec: ModelSpec, plan: TrainPlan, passes_fwd: int, act_bytes: int
                  ) -> KernelClass:
+    """Norms, residual adds, rotary, the MLP activation, dropouts. The residual stream is
+    fp32 where the norms' weights are (QLoRA: `prepare_model_for_kbit_training` casts them
+    and the embeddings to fp32; full fine-tuning with fp32 weights): `weight *
+    hidden.to(dtype)` then returns fp32, so norms and residual adds move twice the bytes."""
     h, i = spec.hidden_size, spec.intermediate_size
     if spec.is_moe:
         i = spec.expert_intermediate_size * spec.num_experts_per_tok
@@ -270,7 +287,8 @@ def _elementwise(spec: ModelSpec, plan: TrainPlan, passes_fwd: int, act_bytes: i
     drop = 0.0
     if spec.resid_dropout:
         drop += 2 * DROPOUT_BYTES * h
-    per_token = (norms + resid + rotary + act + drop) * act_bytes / 2
+    stream = 4 if plan.method == "qlora" or plan.load_dtype == "fp32" else act_bytes
+    per_token = (norms + resid + drop) * stream / 2 + (rotary + act) * act_bytes / 2
     fwd = per_token * plan.tokens * spec.num_hidden_layers
     return KernelClass(name="elementwise", bytes=fwd * (passes_fwd + BACKWARD_BYTES))
 
@@ -392,19 +410,20 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
             cast += (numel * layers + h * v * (0 if spec.tie_word_embeddings else 1)) * 6.0 \
                 * fwd_gemms
             cast += numel * layers * 10.0  # 16-bit weight gradients into the fp32 .grad
-        elif plan.method == "qlora" and not spec.tie_word_embeddings:
-            cast += h * v * 6.0  # prepare_model_for_kbit_training leaves lm_head fp32
+        elif plan.method == "qlora":
+            # prepare_model_for_kbit_training leaves lm_head (or the tied embedding) fp32
+            cast += h * v * 6.0
     if cast:
         classes.append(KernelClass(name="casts", bytes=cast, kernels=layers * n_lin * 2))
 
     kernels = (layers * (KERNELS_PER_LAYER_FWD * passes_fwd + KERNELS_PER_LAYER_BWD))
     classes.append(KernelClass(name="other_kernels", kernels=kernels))
 
-    host_layer = (HOST_LAYER_FWD_S * passes_fwd + HOST_LAYER_BWD_S)
-    host_lora = n_lora * (HOST_LORA_FWD_S * passes_fwd + HOST_LORA_BWD_S)
-    host_quant = (n_lin * (HOST_QUANT_FWD_S * passes_fwd + HOST_QUANT_BWD_S)
-                  if quant != "none" else 0.0)
-    host = layers * (host_layer + host_lora + host_quant)
+    quant_fwd = HOST_INT8_FWD_S if quant == "int8" else HOST_QUANT_FWD_S
+    host_fwd = layers * passes_fwd * (HOST_LAYER_FWD_S + n_lora * HOST_LORA_FWD_S
+                                      + (n_lin * quant_fwd if quant != "none" else 0.0))
+    host_bwd = layers * (HOST_LAYER_BWD_S + n_lora * HOST_LORA_BWD_S
+                         + (n_lin * HOST_QUANT_BWD_S if quant != "none" else 0.0))
 
     tensors = trainable_tensors(spec, plan)
     count = sum(x.copies for x in tensors)
@@ -416,10 +435,12 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
         opt_bytes += per * x.numel * x.copies
     per_tensor = (HOST_OPT_TENSOR_S.get(plan.optimizer, 4e-6)
                   + (HOST_CLIP_TENSOR_S if trainer else 0.0))
-    opt_kernels = count * (1 if "8bit" in plan.optimizer or "32bit" in plan.optimizer else 0)
+    opt_kernels = count if plan.optimizer in BNB_OPTIMIZERS else 0
     optimizer = KernelClass(name="optimizer", bytes=opt_bytes, kernels=opt_kernels + 20)
     return StepWork(tokens=t, classes=tuple(classes), optimizer=optimizer,
-                    host_fwd_bwd_s=host, host_optimizer_s=count * per_tensor,
+                    host_fwd_bwd_s=host_fwd + host_bwd, host_forward_s=host_fwd,
+                    serial_forward=quant == "int8", host_optimizer_s=count * per_tensor,
+                    serial_optimizer=plan.optimizer in BNB_OPTIMIZERS,
                     host_step_s=HOST_STEP_S if trainer else HOST_STEP_PLAIN_S)
 
 
@@ -453,7 +474,12 @@ def step_time(work: StepWork, speed: GpuSpeed) -> StepTime:
     host_fb = work.host_fwd_bwd_s * speed.host_factor
     host_opt = work.host_optimizer_s * speed.host_factor
     host_step = work.host_step_s * speed.host_factor
-    step = max(gpu_fb, host_fb) + max(opt.seconds, host_opt) + host_step
+    fwd_bwd = max(gpu_fb, host_fb)
+    if work.serial_forward:  # the forward's host time no longer hides behind the GPU
+        share = work.host_forward_s / work.host_fwd_bwd_s if work.host_fwd_bwd_s else 0.0
+        fwd_bwd += min(gpu_fb * share, host_fb * share)
+    opt_s = host_opt + opt.seconds if work.serial_optimizer else max(opt.seconds, host_opt)
+    step = fwd_bwd + opt_s + host_step
     return StepTime(gpu=speed.name, basis=speed.basis, tokens=work.tokens,
                     step_seconds=step, gpu_seconds=gpu_fb + opt.seconds,
                     host_seconds=host_fb + host_opt + host_step, classes=(*times, opt))
