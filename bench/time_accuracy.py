@@ -6,8 +6,9 @@ RESULTS is the matrix driver's output (`python -m vramcalc.calibrate.matrix ...`
 per matrix point; a `vramcalc.calibrate.time_worker` point holds several timed points in
 `measurement.points`, a plain training point its own `measurement.step_seconds`.
 PREDICTIONS (default: calibration/matrices/h200-time1-predictions.json) are the step times
-committed before the run; `--current` also shows the time model as it is now (on the
-H200's speed entry), which is not a holdout result once the model has changed.
+committed before the run, for the H200 (`step_seconds`) and the H100 SXM (`by_gpu`): the
+card the time workers report (`device_name`) picks which. `--current` also shows the time
+model as it is now, which is not a holdout result once the model has changed.
 
 Only timing-grade records count: the point ran alone on the GPU (`timing_grade`, from
 `--max-parallel 1`); others are listed and left out. Targets (issue 30): median |error|
@@ -73,7 +74,17 @@ def timed_points(lines: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
     return points, skipped
 
 
-def current_prediction(spec_name: str, layers: int | None, plan: dict[str, Any]) -> float:
+def gpu_of(lines: list[str]) -> str:
+    """The catalog GPU the predictions are read for: h100-sxm when the time workers ran on
+    an H100, else h200."""
+    for line in lines:
+        if '"device_name"' in line and "H100" in line:
+            return "h100-sxm"
+    return "h200"
+
+
+def current_prediction(spec_name: str, layers: int | None, plan: dict[str, Any],
+                       gpu: str = "h200") -> float:
     from vramcalc.gpu_catalog import resolve_gpu
     from vramcalc.gpu_speed import gpu_speed
     from vramcalc.plan_settings import TrainPlan
@@ -83,7 +94,7 @@ def current_prediction(spec_name: str, layers: int | None, plan: dict[str, Any])
     base = spec_name.split("@")[0]
     spec = resolve_model(base)
     spec = depth_cut(spec, layers) if layers else spec
-    speed = gpu_speed(resolve_gpu("h200"))
+    speed = gpu_speed(resolve_gpu(gpu))
     assert speed is not None
     return step_time(train_work(spec, TrainPlan.model_validate(plan)), speed).step_seconds
 
@@ -152,17 +163,20 @@ def main(argv: list[str]) -> int:
         lines = Path(args[0]).read_text(encoding="utf-8").splitlines()
         pred_path = Path(args[1]) if len(args) > 1 else DEFAULT_PREDICTIONS
         preds = json.loads(pred_path.read_text(encoding="utf-8"))
-        predicted = {str(p["id"]): float(p["step_seconds"]) for p in preds["points"]}
+        gpu = gpu_of(lines)
+        predicted = {str(p["id"]): float(p.get("by_gpu", {}).get(gpu, p["step_seconds"]))
+                     for p in preds["points"]}
         points, skipped = timed_points(lines)
     except (OSError, ValueError, KeyError, TypeError) as err:
         print(f"Error: {err}", file=sys.stderr)
         return 1
     current = None
     if "--current" in flags:
-        current = {p["id"]: current_prediction(str(p["spec"]), p["layers"], p["plan"])
+        current = {p["id"]: current_prediction(str(p["spec"]), p["layers"], p["plan"], gpu)
                    for p in points}
     if preds.get("note"):
         print(f"predictions: {preds['note']}")
+    print(f"predictions read for: {gpu}")
     med, top, n = report(points, predicted, current, "--points" in flags)
     for s in skipped:
         print(f"left out: {s}")

@@ -95,8 +95,12 @@ def matrix() -> dict[str, Any]:
     return {"points": points}
 
 
+PREDICTED_GPUS = ("h200", "h100-sxm")  # the run may get either card
+
+
 def _predict_all(path: str) -> list[dict[str, Any]]:
-    speed = gpu_speed(resolve_gpu("h200"))
+    speeds = {name: gpu_speed(resolve_gpu(name)) for name in PREDICTED_GPUS}
+    speed = speeds["h200"]
     assert speed is not None
     out = []
     for group in json.loads(open(path, encoding="utf-8").read())["points"]:
@@ -105,8 +109,11 @@ def _predict_all(path: str) -> list[dict[str, Any]]:
         for sub in group["job"]["points"]:
             plan = TrainPlan.model_validate(sub["plan"])
             st = step_time(train_work(spec, plan), speed)
+            work = train_work(spec, plan)
+            by_gpu = {name: round(step_time(work, sp).step_seconds, 6)
+                      for name, sp in speeds.items() if sp is not None}
             out.append({"id": sub["id"], "gpu": "h200", "basis": st.basis,
-                        "step_seconds": round(st.step_seconds, 6),
+                        "step_seconds": round(st.step_seconds, 6), "by_gpu": by_gpu,
                         "tokens_per_second": round(st.tokens_per_second, 1),
                         "gpu_seconds": round(st.gpu_seconds, 6),
                         "host_seconds": round(st.host_seconds, 6),
