@@ -69,7 +69,6 @@ def test_lm_head_flops() -> None:
 def test_lora_trains_only_adapters() -> None:
     """LoRA's base Linears get no weight gradient; the adapters' FLOPs are tiny."""
     tokens = 2 * 32
-    full = train_work(TINY, plan(method="full", gradient_checkpointing=False))
     lora = train_work(TINY, plan(method="lora", gradient_checkpointing=False, rank=1))
     assert lora.of("block_matmuls").flops == 2 * 2 * tokens * LINEAR_NUMEL * 2
     io = (64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64)
