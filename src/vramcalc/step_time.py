@@ -250,7 +250,9 @@ def _attention(spec: ModelSpec, plan: TrainPlan, impl: str, passes_fwd: int
     flops = 0.0
     nbytes = 0.0
     for window in layer_windows(spec):
-        masked = window is not None and s >= window  # sdpa gets a materialised mask
+        # sdpa gets a materialised mask (specs.sliding_past_window); flash-attention-2 runs
+        # the window natively (a narrower band of blocks)
+        masked = impl == "sdpa" and window is not None and s >= window
         if impl == "eager":
             fwd = 4.0 * b * heads * s * s * d
             flops += fwd * (passes_fwd + 2.0)  # backward: 4 matmuls
@@ -483,3 +485,89 @@ def step_time(work: StepWork, speed: GpuSpeed) -> StepTime:
     return StepTime(gpu=speed.name, basis=speed.basis, tokens=work.tokens,
                     step_seconds=step, gpu_seconds=gpu_fb + opt.seconds,
                     host_seconds=host_fb + host_opt + host_step, classes=(*times, opt))
+
+
+# ---- inference: prefill and decode ------------------------------------------------------
+
+# transformers generate(), eager: per new token the whole stack runs once from Python
+# (per-layer host time as a training forward) plus generate()'s own step (logits
+# processors, stopping criteria, cache update, the `unfinished_sequences.max() == 0`
+# check that waits for the GPU every token).
+HOST_GENERATE_STEP_S = 2e-3
+# bitsandbytes 4-bit inference with one token (matmul_4bit: `A.numel() == A.shape[-1]`)
+# runs gemv_4bit on the packed weights (0.5 byte per weight + absmax); more tokens
+# dequantize first (DEQUANT4_BYTES) and read the 16-bit copy.
+GEMV4_BYTES = 0.5 + 4 / 64
+
+
+class InferTime(BaseModel):
+    """Prefill and decode speed of `generate()` on one GPU."""
+
+    model_config = ConfigDict(frozen=True)
+
+    gpu: str
+    basis: TimeBasis
+    prefill_seconds: float
+    prefill_tokens_per_second: float
+    decode_step_seconds: float  # one new token for the whole batch (average over the run)
+    decode_tokens_per_second: float  # new tokens per second, whole batch
+    total_seconds: float
+
+
+def infer_time(spec: ModelSpec, *, batch_size: int, prompt_len: int, new_tokens: int,
+               quant: str, compute_dtype: str, lora_modules_per_layer: int,
+               attn: str, speed: GpuSpeed) -> InferTime:
+    """`generate()` of `new_tokens` after a `prompt_len` prompt, greedy, with a KV cache.
+
+    Prefill: one forward over batch x prompt tokens (compute-bound: 2 x params per token,
+    the S^2 attention term, 4-bit weights dequantized once); only the last position goes
+    through lm_head (transformers' `logits_to_keep`). Decode: each new token reads every
+    weight once (bandwidth-bound at small batch) and the KV cache so far (on average
+    prompt + new/2 positions), plus the host's per-token work (HOST_GENERATE_STEP_S and
+    the per-layer forward), which dominates small models.
+    """
+    b, p, n = batch_size, prompt_len, new_tokens
+    layers = spec.num_hidden_layers
+    act = _dtype_bytes(compute_dtype)
+    linears = spec.block_linears()
+    numel = sum(lin.in_features * lin.out_features for lin in linears)
+    io = sum(lin.in_features + lin.out_features for lin in linears)
+    h, v = spec.hidden_size, spec.vocab_size
+    peak: Peak = "fp32" if compute_dtype == "fp32" else "tensor16"
+    w16 = 4 if compute_dtype == "fp32" else 2
+    stored = {"nf4": GEMV4_BYTES, "fp4": GEMV4_BYTES, "int8": 1.0}.get(quant, float(w16))
+    if spec.is_moe:  # every expert's weights are read; top-k of them compute
+        ei, e, k = spec.expert_intermediate_size, spec.num_local_experts, spec.num_experts_per_tok
+        expert_numel, active_numel = e * 3 * h * ei, k * 3 * h * ei
+    else:
+        expert_numel = active_numel = 0
+    host_layer = HOST_LAYER_FWD_S + lora_modules_per_layer * HOST_LORA_FWD_S + (
+        len(linears) * (HOST_INT8_FWD_S if quant == "int8" else HOST_QUANT_FWD_S)
+        if quant != "none" else 0.0)
+
+    def forward(tokens: int, kv_len: float, one_token: bool) -> float:
+        flops = 2.0 * tokens * (numel + active_numel) * layers + 2.0 * b * h * v
+        heads, d = spec.num_attention_heads, spec.head_size
+        q_len = tokens // b
+        flops += 4.0 * b * heads * q_len * kv_len * d * (0.5 if not one_token else 1.0) \
+            * layers
+        weights = layers * (numel * (stored if (one_token and b == 1 or quant == "int8")
+                                     else w16) + expert_numel * w16) + h * v * w16
+        if quant in ("nf4", "fp4") and not (one_token and b == 1):
+            weights += layers * numel * DEQUANT4_BYTES
+        kv = 2.0 * layers * b * kv_len * spec.kv_size * act
+        acts = tokens * layers * (io + spec.norms_per_layer * NORM_BYTES * h) * act
+        gemm = KernelClass(name="gemm", flops=flops, bytes=weights + acts, peak=peak,
+                           gemm_rows=tokens)
+        cache = KernelClass(name="kv", bytes=kv)
+        gpu = sum(class_seconds(c, speed).seconds for c in (gemm, cache))
+        gpu = max(gpu, layers * KERNELS_PER_LAYER_FWD * KERNEL_FLOOR_S)
+        host = (layers * host_layer + HOST_GENERATE_STEP_S) * speed.host_factor
+        return max(gpu, host)
+
+    prefill = forward(b * p, p / 2, one_token=False)
+    decode = forward(b, p + n / 2, one_token=True)
+    return InferTime(gpu=speed.name, basis=speed.basis, prefill_seconds=prefill,
+                     prefill_tokens_per_second=b * p / prefill, decode_step_seconds=decode,
+                     decode_tokens_per_second=b / decode,
+                     total_seconds=prefill + decode * max(0, n - 1))

@@ -34,6 +34,13 @@ from vramcalc.commands.parallel import (
     parallel_from_options,
 )
 from vramcalc.commands.task_options import with_task_options
+from vramcalc.commands.time_options import (
+    DatasetTokensOpt,
+    EpochsOpt,
+    PriceOpt,
+    PricesOpt,
+    time_settings,
+)
 from vramcalc.errors import PlanError
 from vramcalc.verdict import DEFAULT_MARGIN_GIB
 
@@ -86,6 +93,10 @@ def plan(
     sharding_strategy: ShardingOpt = "FULL_SHARD",
     use_orig_params: OrigParamsOpt = False,
     device_map: BalanceOpt = "balanced",
+    dataset_tokens: DatasetTokensOpt = None,
+    epochs: EpochsOpt = None,
+    price: PriceOpt = None,
+    prices: PricesOpt = None,
 ) -> None:
     """Estimate the peak GPU memory of a training step, an inference or a merge.
 
@@ -97,6 +108,10 @@ def plan(
     least, "fits, tight" inside it or within the estimate's spread (max(256
     MiB, 3 %)); tight still counts as fitting.
     Exit 0 fits or fits tight (or no card given), 3 does not fit.
+    With --gpu NAME it also gives seconds per step and tokens per second on
+    that card (the time model: FLOPs and bytes on its peaks), and with
+    --dataset-tokens N [--epochs E] the wall time and, at a $/GPU-hour price
+    (shipped, --prices FILE or --price GPU=USD), the cost.
 
     \b
     Examples:
@@ -106,6 +121,7 @@ def plan(
       vramcalc plan -m ./my-model/config.json --quant none --optimizer adamw_torch
       vramcalc plan -m llama-2-70b --gpus 2 --strategy fsdp --gpu rtx-4090
       vramcalc plan --from-config axolotl.yaml --batch 2
+      vramcalc plan -m llama-3.1-8b --gpu h100-sxm --dataset-tokens 50000000 --epochs 3
     """
     from vramcalc.planning import calibration_note, estimator
     from vramcalc.render import estimate_to_dict
@@ -113,6 +129,7 @@ def plan(
 
     check_max(max_)
     margin_b = margin_bytes(margin)
+    timing = time_settings(dataset_tokens, epochs, price, prices)
     target = _target(gpu, gpu_memory)
     if max_ is not None and target is None:
         raise PlanError("--max needs --gpu NAME or --gpu-memory GIB (the card to fit in)")
@@ -126,7 +143,10 @@ def plan(
     parallel = parallel_from_options(
         gpus, strategy, offload, gpus_per_node, sharding_strategy, use_orig_params, device_map,
         None if target is None else target.free_bytes - margin_b)
+    if gpu is None:
+        timing.refuse("need --gpu NAME (a catalog GPU: the time model uses its throughput)")
     if parallel is not None:
+        timing.refuse("not with --gpus N (the time of several GPUs is not modeled)")
         from vramcalc.commands.parallel import plan_parallel
 
         budget_gib = None if target is None else (target.free_bytes - margin_b) / GiB
@@ -145,13 +165,26 @@ def plan(
         warn(note)
     if max_ is not None:
         assert target is not None
+        timing.refuse("not with --max (which plan would they time?)")
         _answer_max(spec, train, max_, target, margin_b, json_output, estimate)
         return
     est = estimate(spec, train)
     v = None if target is None else verdict(target.free_bytes, est.required_device_bytes,
                                             margin_b, est.required_low)
+    timed = None
+    if gpu is not None:
+        from vramcalc.gpu_catalog import resolve_gpu
+        from vramcalc.time_cost import train_time
+
+        timed = train_time(spec, train, resolve_gpu(gpu), timing.table(),
+                           timing.dataset_tokens, timing.epochs)
+        if timed is None:
+            warn(f"time: no throughput figures for {resolve_gpu(gpu).name} "
+                 "(vramcalc/data/gpu_speed.yaml): no time or cost")
     if json_output:
         out = estimate_to_dict(est, train)
+        if timed is not None:
+            out.update(timed.fields())
         out["calibration"] = None if corrections is None else corrections.key
         if v is not None and target is not None:
             out["gpu"] = target.name
@@ -181,6 +214,10 @@ def plan(
             )
             if v.certainty == "tight":
                 console.print(v.tight_reason, highlight=False)
+        if timed is not None:
+            from vramcalc.time_cost import describe
+
+            console.print(describe(timed), highlight=False)
     if v is not None and not v.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 

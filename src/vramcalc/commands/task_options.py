@@ -206,9 +206,39 @@ def _title(est: Estimate, plan: InferPlan | MergePlan) -> str:
     return f"{head}, merge_and_unload() into {base} on the {plan.on.upper()}, r={plan.rank}"
 
 
+TIME_FLAGS = {"dataset_tokens": "--dataset-tokens", "epochs": "--epochs", "price": "--price",
+              "prices": "--prices"}
+
+
+def _infer_times(spec: ModelSpec, plan: InferPlan | MergePlan, names: list[str]
+                 ) -> dict[str, Any]:
+    """catalog name -> generate() speed (step_time.InferTime) of an inference plan."""
+    from vramcalc.errors import UnknownGpuError
+    from vramcalc.gpu_catalog import resolve_gpu
+    from vramcalc.inference import InferPlan
+    from vramcalc.time_cost import infer_time_on
+
+    if not isinstance(plan, InferPlan):
+        return {}
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            gpu = resolve_gpu(name)
+        except UnknownGpuError:
+            continue
+        t = infer_time_on(spec, plan, gpu)
+        if t is not None:
+            out[name] = t
+    return out
+
+
 def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) -> None:
     from vramcalc.specs import resolve_model
 
+    given = [flag for name, flag in TIME_FLAGS.items() if kw.get(name)]
+    if given:
+        raise PlanError(f"{', '.join(given)}: only with --task train (the time of a "
+                        "training run); --task infer gives prefill and decode speed per GPU")
     if kw.get("model") is None:
         raise PlanError(f"--task {task} needs --model MODEL")
     spec = resolve_model(kw["model"])
@@ -243,7 +273,13 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
         return
     est = _estimate(spec, plan)
     fits = None if gpu_memory is None else est.required_device_bytes <= gpu_memory * GiB
-    _output(est, plan, spec, kw["json_output"], gpu_memory, fits)
+    plan_gpu = kw.get("gpu")
+    if task == "merge" and plan_gpu:
+        raise PlanError("--gpu with --task merge: a merge's time is not modeled; give "
+                        "--gpu-memory GIB for its fit")
+    times = _infer_times(spec, plan, [plan_gpu] if isinstance(plan_gpu, str) else [])
+    _output(est, plan, spec, kw["json_output"], gpu_memory, fits, next(iter(times.values()),
+                                                                      None))
     if fits is False:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 
@@ -259,10 +295,12 @@ def _extras(spec: ModelSpec, plan: InferPlan | MergePlan) -> dict[str, Any]:
 
 
 def _output(est: Estimate, plan: InferPlan | MergePlan, spec: ModelSpec, json_output: bool,
-            gpu_memory: float | None, fits: bool | None) -> None:
+            gpu_memory: float | None, fits: bool | None, speed: Any = None) -> None:
     from vramcalc.render import task_estimate_to_dict
 
     extras = _extras(spec, plan)
+    if speed is not None:
+        extras.update(speed.model_dump(mode="json"))
     if json_output:
         out = task_estimate_to_dict(est, plan.model_dump(mode="json"))
         out.update(extras)
@@ -277,7 +315,11 @@ def _output(est: Estimate, plan: InferPlan | MergePlan, spec: ModelSpec, json_ou
 
     console = Console()
     print_task_breakdown(est, _title(est, plan), console, getattr(plan, "adapter_dtype", None))
-    if extras:
+    if speed is not None:
+        from vramcalc.time_cost import describe_infer
+
+        console.print(describe_infer(speed), highlight=False)
+    if "disk_bytes" in extras:
         console.print(f"merged checkpoint on disk: {extras['disk_bytes'] / GiB:.2f} GiB "
                       "(safetensors tensors)")
     if fits is not None:
@@ -302,11 +344,14 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
     est = _estimate(spec, plan)
     targets = check_cmd._targets(gpu, gpu_memory)
     need = est.required_device_bytes + margin_bytes
+    times = _infer_times(spec, plan, [t.name for t in targets])
     rows: list[dict[str, Any]] = [
         {"name": t.name, "label": t.label, "total_bytes": t.total_bytes,
          "free_bytes": t.free_bytes, "required_device_bytes": est.required_device_bytes,
          "fits_free": need <= t.free_bytes, "fits_empty": need <= t.total_bytes,
-         "headroom_bytes": t.free_bytes - est.required_device_bytes} for t in targets]
+         "headroom_bytes": t.free_bytes - est.required_device_bytes,
+         **(times[t.name].model_dump(mode="json") if t.name in times else {})}
+        for t in targets]
     best = max(rows, key=lambda r: r["free_bytes"])
     if kw["json_output"]:
         from vramcalc.render import task_estimate_to_dict
@@ -324,5 +369,9 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
         else:
             warn(f"does NOT fit on {where}: needs {est.required_device_bytes / GiB:.2f} GiB + "
                  f"{margin:g} GiB margin, {best['free_bytes'] / GiB:.2f} GiB free")
+        from vramcalc.time_cost import describe_infer
+
+        for t in times.values():
+            typer.echo(describe_infer(t))
     if not best["fits_free"]:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
