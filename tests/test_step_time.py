@@ -253,3 +253,118 @@ def test_committed_time_holdout_is_predicted_and_serial_sized() -> None:
     for method, quant in (("full", None), ("lora", None), ("qlora", "nf4"), ("qlora", "int8")):
         assert (method, quant, True) in kinds and (method, quant, False) in kinds
     assert {s["plan"]["batch_size"] for s in subs} >= {1, 16}
+
+
+# ---- prices, JSON fields, ranking (the CLI) ----------------------------------------------
+
+
+def _cli(*args: str):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from vramcalc.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_shipped_prices_are_catalog_gpus_with_sources() -> None:
+    from vramcalc.time_cost import shipped_prices
+
+    names = {g.name for g in catalog()}
+    table = shipped_prices()
+    assert table.prices and set(table.prices) <= names
+    for entry in table.prices.values():
+        assert entry.source.startswith("https://") and entry.date is not None
+
+
+def test_price_overrides(tmp_path: Path) -> None:
+    from vramcalc.errors import PlanError
+    from vramcalc.time_cost import price_table, shipped_prices
+
+    shipped = shipped_prices().prices["h100-sxm"].usd_per_hour
+    f = tmp_path / "p.yaml"
+    f.write_text("prices:\n  H100 SXM: {usd_per_hour: 1.5, source: my invoice}\n"
+                 "  a10g: {usd_per_hour: 1.0, source: my invoice}\n")
+    table = price_table(f, ["rtx-4090=0.2"])
+    assert table.prices["h100-sxm"].usd_per_hour == 1.5 != shipped  # the file beats shipped
+    assert table.prices["a10g"].usd_per_hour == 1.0  # aliases resolve; new cards added
+    assert table.prices["rtx-4090"].usd_per_hour == 0.2  # --price beats both
+    assert price_table(f, ["h100-sxm=9"]).prices["h100-sxm"].usd_per_hour == 9
+    for bad in ("h100-sxm", "h100-sxm=-1", "h100-sxm=nan", "=3"):
+        with pytest.raises(PlanError, match="GPU=USD"):
+            price_table(None, [bad])
+
+
+def test_plan_json_has_time_fields_and_cost() -> None:
+    r = _cli("plan", "-m", "llama-3.1-8b", "--gpu", "h100-sxm", "--batch", "2",
+             "--dataset-tokens", "1000000", "--epochs", "2", "--price", "h100-sxm=3", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["time_basis"] in ("measured", "derived", "calibrated")
+    assert out["step_seconds"] > 0
+    assert out["tokens_per_second"] == pytest.approx(2 * 512 / out["step_seconds"])
+    assert out["steps"] == -(-2_000_000 // 1024)
+    assert out["total_seconds"] == pytest.approx(out["steps"] * out["step_seconds"])
+    assert out["cost_usd"] == pytest.approx(out["total_seconds"] / 3600 * 3)
+    plain = json.loads(_cli("plan", "-m", "llama-3.1-8b", "--json").stdout)
+    assert "step_seconds" not in plain  # no GPU named: no time
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset-tokens", "100"], "need --gpu NAME"),
+    (["--gpu", "h100-sxm", "--epochs", "2"], "--epochs needs --dataset-tokens"),
+    (["--gpu", "h100-sxm", "--dataset-tokens", "0"], "positive number of tokens"),
+    (["--gpu", "h100-sxm", "--price", "nope=1"], "unknown GPU"),
+    (["--gpu-memory", "24", "--price", "h100-sxm=1"], "need --gpu NAME"),
+    (["--gpu", "h100-sxm", "--prices", "/no/such/file.yaml"], "--prices"),
+])
+def test_time_options_refused_where_they_cannot_apply(args: list[str], message: str) -> None:
+    r = _cli("plan", "-m", "llama-3.1-8b", *args)
+    assert r.exit_code == 1
+    assert r.output.count("Error:") == 1 and message in r.output
+
+
+def test_infer_refuses_training_time_options_and_times_generate() -> None:
+    r = _cli("plan", "-m", "llama-3.1-8b", "--task", "infer", "--dataset-tokens", "5")
+    assert r.exit_code == 1 and "only with --task train" in r.output
+    r = _cli("check", "-m", "llama-3.1-8b", "--task", "infer", "--gpu", "h100-sxm",
+             "--gpu", "rtx-4090", "--json")
+    rows = {g["name"]: g for g in json.loads(r.stdout)["gpus"]}
+    for row in rows.values():
+        assert row["prefill_tokens_per_second"] > row["decode_tokens_per_second"] > 0
+
+
+def test_check_ranks_fitting_gpus_by_cost_to_finish() -> None:
+    r = _cli("check", "-m", "qwen2.5-7b", "--gpu", "h100-sxm", "--gpu", "rtx-4090",
+             "--gpu", "a100-sxm4-80gb", "--gpu", "l4", "--batch", "4", "--seq-len", "2048",
+             "--dataset-tokens", "100000000", "--price", "h100-sxm=2", "--json")
+    out = json.loads(r.stdout)
+    fitting = {g["name"] for g in out["gpus"] if g["fits_free"]}
+    ranking = out["ranking"]
+    assert {x["name"] for x in ranking} == fitting and "l4" not in fitting
+    costs = [x["cost_usd"] for x in ranking]
+    assert costs == sorted(costs)
+    for g in out["gpus"]:  # every GPU with known peaks is timed, fitting or not
+        assert g["step_seconds"] > 0
+    # at $2/h the H100 finishes cheaper than the A100 at its shipped price
+    assert ranking[0]["name"] == "h100-sxm"
+
+
+def test_rank_by_cost_without_prices_ranks_by_time() -> None:
+    from vramcalc.time_cost import TrainTime, rank_by_cost
+
+    def t(name: str, secs: float, cost: float | None) -> TrainTime:
+        return TrainTime(gpu=name, time_basis="derived", step_seconds=1.0, tokens_per_step=1,
+                         tokens_per_second=1.0, steps=1, total_seconds=secs, cost_usd=cost)
+
+    ranked = rank_by_cost([t("a", 10, None), t("b", 5, None), t("c", 50, 1.0), t("d", 1, 2.0)])
+    assert [x.gpu for x in ranked] == ["c", "d", "b", "a"]
+
+
+def test_compare_and_fit_carry_time() -> None:
+    out = json.loads(_cli("compare", "-m", "llama-3.1-8b", "--json").stdout)
+    timed = [m for m in out["methods"] if m["time"] is not None]
+    assert timed and all(m["time"]["gpu"] == m["smallest_gpu"]["name"] for m in timed)
+    out = json.loads(_cli("fit", "--gpu", "rtx-4090", "--json").stdout)
+    fits = [row for row in out["rows"] if row["fits"] and row["max_batch"] >= 1]
+    assert fits and all(row["time"]["gpu"] == "rtx-4090" for row in fits)
+    assert all(row["time"] is None for row in out["rows"] if not row["fits"])

@@ -48,8 +48,10 @@ class PriceTable(BaseModel):
 def parse_price_table(text: str, origin: str) -> PriceTable:
     """A price table from YAML or JSON text; keys must be catalog GPU names (aliases are
     resolved to the name)."""
+    from vramcalc.gpu_speed import load_yaml
+
     try:
-        data: Any = yaml.safe_load(text)
+        data: Any = load_yaml(text)
     except yaml.YAMLError:
         raise SpecError(f"{origin}: malformed YAML/JSON") from None
     try:
