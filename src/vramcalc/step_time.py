@@ -51,9 +51,7 @@ compile / fused kernels (unsloth, liger), power throttling, the first step's war
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict
+from typing import Literal, NamedTuple
 
 from vramcalc.effective import attention_impl, effective_train_plan
 from vramcalc.plan_settings import TrainPlan
@@ -142,10 +140,8 @@ GEMM_M_HALF = 128
 GROUPED_MM_FACTOR = 0.5
 
 
-class KernelClass(BaseModel):
+class KernelClass(NamedTuple):
     """One class of kernels of a step: what it computes and moves, on which peak."""
-
-    model_config = ConfigDict(frozen=True)
 
     name: str
     flops: float = 0.0
@@ -156,18 +152,16 @@ class KernelClass(BaseModel):
     grouped: bool = False
 
 
-class StepWork(BaseModel):
+class StepWork(NamedTuple):
     """What one optimizer step does, before any GPU is chosen."""
-
-    model_config = ConfigDict(frozen=True)
 
     tokens: int
     classes: tuple[KernelClass, ...]
     optimizer: KernelClass
     host_fwd_bwd_s: float
+    host_optimizer_s: float
     host_forward_s: float = 0.0  # the forward passes' share of host_fwd_bwd_s
     serial_forward: bool = False  # the forward waits for the GPU in every layer (int8)
-    host_optimizer_s: float
     serial_optimizer: bool = False  # a synchronize after every tensor (bitsandbytes)
     host_step_s: float = HOST_STEP_S
 
@@ -182,7 +176,7 @@ class StepWork(BaseModel):
         raise KeyError(name)
 
 
-class GpuSpeed(BaseModel):
+class GpuSpeed(NamedTuple):
     """A GPU's dense peaks (FLOP/s per dtype, bytes/s) and the share of them a step reaches.
 
     `tensor16` is the dense bf16 (or fp16 where the card has no bf16) tensor-core rate with
@@ -190,17 +184,15 @@ class GpuSpeed(BaseModel):
     matmuls), `int8` the dense int8 tensor-core rate (None: no int8 tensor cores).
     """
 
-    model_config = ConfigDict(frozen=True)
-
     name: str
     architecture: str
     tensor16_flops: float
     fp32_flops: float
-    int8_ops: float | None = None
     bandwidth: float  # bytes/s
     matmul_efficiency: float
     attention_efficiency: float
     memory_efficiency: float
+    int8_ops: float | None = None
     host_factor: float = 1.0  # host time relative to the reference machine (H100 host)
     basis: TimeBasis = "derived"
 
@@ -210,18 +202,14 @@ class GpuSpeed(BaseModel):
         return self.tensor16_flops if which == "tensor16" else self.fp32_flops
 
 
-class ClassTime(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class ClassTime(NamedTuple):
     name: str
     seconds: float
     bound: Literal["compute", "memory", "launch"]
 
 
-class StepTime(BaseModel):
+class StepTime(NamedTuple):
     """Seconds of one step on one GPU, and what bounds each kernel class."""
-
-    model_config = ConfigDict(frozen=True)
 
     gpu: str
     basis: TimeBasis
@@ -500,10 +488,8 @@ HOST_GENERATE_STEP_S = 2e-3
 GEMV4_BYTES = 0.5 + 4 / 64
 
 
-class InferTime(BaseModel):
+class InferTime(NamedTuple):
     """Prefill and decode speed of `generate()` on one GPU."""
-
-    model_config = ConfigDict(frozen=True)
 
     gpu: str
     basis: TimeBasis

@@ -15,12 +15,11 @@ import functools
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
 
-from vramcalc.errors import PlanError, SpecError
+from vramcalc.errors import PlanError, SpecError, UnknownGpuError
 from vramcalc.gpu_catalog import GpuModel, resolve_gpu
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.specs import ModelSpec
@@ -30,44 +29,63 @@ PRICES_ORIGIN = "vramcalc/data/prices.yaml"
 HOUR = 3600.0
 
 
-class PriceEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    usd_per_hour: PositiveFloat
-    provider: str = Field(default="", description="who charges it")
+class PriceEntry(NamedTuple):
+    usd_per_hour: float
+    source: str
+    provider: str = ""  # who charges it
     date: datetime.date | None = None
-    source: str = Field(min_length=1)
 
 
-class PriceTable(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class PriceTable(NamedTuple):
     prices: dict[str, PriceEntry]
 
 
+_PRICE_KEYS = {"usd_per_hour", "source", "provider", "date"}
+
+
+def _price_entry(where: str, entry: Any) -> PriceEntry:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a mapping")
+    unknown = set(entry) - _PRICE_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    usd = entry.get("usd_per_hour")
+    if isinstance(usd, bool) or not isinstance(usd, (int, float)) or not 0 < usd < math.inf:
+        raise ValueError(f"{where}: usd_per_hour must be a positive number, got {usd!r}")
+    source = entry.get("source")
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{where}: source must be a non-empty string (where the price is from)")
+    date = entry.get("date")
+    if isinstance(date, str):
+        try:
+            date = datetime.date.fromisoformat(date)
+        except ValueError:
+            raise ValueError(f"{where}: date must be YYYY-MM-DD, got {date!r}") from None
+    if date is not None and not isinstance(date, datetime.date):
+        raise ValueError(f"{where}: date must be YYYY-MM-DD, got {date!r}")
+    return PriceEntry(float(usd), source, str(entry.get("provider") or ""), date)
+
+
 def parse_price_table(text: str, origin: str) -> PriceTable:
-    """A price table from YAML or JSON text; keys must be catalog GPU names (aliases are
-    resolved to the name)."""
+    """A price table from YAML or JSON text: `prices: {GPU: {usd_per_hour, source,
+    provider?, date?}}`; keys may be any catalog name or alias (resolved to the name)."""
     from vramcalc.gpu_speed import load_yaml
 
     try:
         data: Any = load_yaml(text)
     except yaml.YAMLError:
         raise SpecError(f"{origin}: malformed YAML/JSON") from None
-    try:
-        table = PriceTable.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "(top)"
-        raise SpecError(f"{origin}: {loc}: {first['msg']} (expected 'prices: {{GPU: "
-                        "{usd_per_hour: N, source: ...}}}')") from None
+    if not isinstance(data, dict) or set(data) != {"prices"} or not isinstance(
+            data["prices"], dict):
+        raise SpecError(f"{origin}: expected one top-level key 'prices' holding a mapping "
+                        "'GPU: {usd_per_hour: N, source: ...}'")
     named: dict[str, PriceEntry] = {}
-    for key, entry in table.prices.items():
+    for key, entry in data["prices"].items():
         try:
-            named[resolve_gpu(key).name] = entry
-        except Exception as err:  # UnknownGpuError: say which file
+            named[resolve_gpu(str(key)).name] = _price_entry(f"gpu {key!r}", entry)
+        except (ValueError, UnknownGpuError) as err:
             raise SpecError(f"{origin}: {err}") from None
-    return PriceTable(prices=named)
+    return PriceTable(named)
 
 
 @functools.cache
@@ -96,9 +114,7 @@ def parse_price_options(values: list[str]) -> dict[str, PriceEntry]:
         if not sep or not name.strip() or not math.isfinite(amount) or amount <= 0:
             raise PlanError(f"--price {value!r}: expected GPU=USD with a positive price per "
                             "GPU-hour, e.g. --price h100-sxm=2.49")
-        out[resolve_gpu(name.strip()).name] = PriceEntry(usd_per_hour=amount,
-                                                          provider="--price",
-                                                          source="--price")
+        out[resolve_gpu(name.strip()).name] = PriceEntry(amount, "--price", "--price")
     return out
 
 
@@ -111,10 +127,8 @@ def price_table(file: Path | None = None, options: list[str] | None = None) -> P
     return PriceTable(prices=prices)
 
 
-class TrainTime(BaseModel):
+class TrainTime(NamedTuple):
     """A training plan's time (and cost) on one GPU."""
-
-    model_config = ConfigDict(frozen=True)
 
     gpu: str
     time_basis: TimeBasis
@@ -130,7 +144,7 @@ class TrainTime(BaseModel):
 
     def fields(self) -> dict[str, Any]:
         """The JSON fields `plan` / `check` add (None values left out)."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if v is not None}
+        return {k: v for k, v in self._asdict().items() if v is not None}
 
 
 def train_time(spec: ModelSpec, plan: TrainPlan, gpu: GpuModel, prices: PriceTable,

@@ -300,7 +300,7 @@ def _output(est: Estimate, plan: InferPlan | MergePlan, spec: ModelSpec, json_ou
 
     extras = _extras(spec, plan)
     if speed is not None:
-        extras.update(speed.model_dump(mode="json"))
+        extras.update(speed._asdict())
     if json_output:
         out = task_estimate_to_dict(est, plan.model_dump(mode="json"))
         out.update(extras)
@@ -343,6 +343,7 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
     margin_bytes = int(margin * GiB)
     est = _estimate(spec, plan)
     targets = check_cmd._targets(gpu, gpu_memory)
+
     need = est.required_device_bytes + margin_bytes
     times = _infer_times(spec, plan, [t.name for t in targets])
     rows: list[dict[str, Any]] = [
@@ -350,7 +351,7 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
          "free_bytes": t.free_bytes, "required_device_bytes": est.required_device_bytes,
          "fits_free": need <= t.free_bytes, "fits_empty": need <= t.total_bytes,
          "headroom_bytes": t.free_bytes - est.required_device_bytes,
-         **(times[t.name].model_dump(mode="json") if t.name in times else {})}
+         **(times[t.name]._asdict() if t.name in times else {})}
         for t in targets]
     best = max(rows, key=lambda r: r["free_bytes"])
     if kw["json_output"]:
