@@ -368,3 +368,28 @@ def test_compare_and_fit_carry_time() -> None:
     fits = [row for row in out["rows"] if row["fits"] and row["max_batch"] >= 1]
     assert fits and all(row["time"]["gpu"] == "rtx-4090" for row in fits)
     assert all(row["time"] is None for row in out["rows"] if not row["fits"])
+
+
+def test_api_train_time_matches_the_cli() -> None:
+    from vramcalc.api import train_time as api_train_time
+    from vramcalc.errors import PlanError
+
+    t = api_train_time("llama-3.1-8b", "h100-sxm", batch_size=2, dataset_tokens=10**6,
+                       prices={"h100-sxm": 3.0})
+    cli = json.loads(_cli("plan", "-m", "llama-3.1-8b", "--gpu", "h100-sxm", "--batch", "2",
+                          "--dataset-tokens", "1000000", "--price", "h100-sxm=3",
+                          "--json").stdout)
+    assert t.fields()["cost_usd"] == pytest.approx(cli["cost_usd"])
+    with pytest.raises(PlanError, match="no throughput"):
+        api_train_time("llama-3.1-8b", "a10g")
+
+
+def test_published_throughput_within_target() -> None:
+    """bench/published_throughput.py: median |error| <= 25 % (issue 30); the eager IBM rows
+    within 15 % each."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "published_throughput.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for line in proc.stdout.splitlines():
+        if line.startswith("ibm-"):
+            assert abs(float(line.split()[-1])) <= 15, line
