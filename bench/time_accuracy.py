@@ -1,6 +1,7 @@
 """Step-time accuracy on a timing run: measured vs pre-registered step_seconds.
 
     python bench/time_accuracy.py RESULTS.jsonl [PREDICTIONS.json] [--current] [--points]
+                                  [--fit]
 
 RESULTS is the matrix driver's output (`python -m vramcalc.calibrate.matrix ...`): one line
 per matrix point; a `vramcalc.calibrate.time_worker` point holds several timed points in
@@ -9,6 +10,11 @@ PREDICTIONS (default: calibration/matrices/h200-time1-predictions.json) are the 
 committed before the run, for the H200 (`step_seconds`) and the H100 SXM (`by_gpu`): the
 card the time workers report (`device_name`) picks which. `--current` also shows the time
 model as it is now, which is not a holdout result once the model has changed.
+
+`--fit` searches the efficiencies (matmul, attention, memory) and a host-time factor that
+minimize the median |error| on this run and prints them with their errors: what to write
+into gpu_speed.yaml as `measured` for the card's generation. Fitted on the run itself, so
+its errors are not a holdout result.
 
 Only timing-grade records count: the point ran alone on the GPU (`timing_grade`, from
 `--max-parallel 1`); others are listed and left out. Targets (issue 30): median |error|
@@ -99,6 +105,40 @@ def current_prediction(spec_name: str, layers: int | None, plan: dict[str, Any],
     return step_time(train_work(spec, TrainPlan.model_validate(plan)), speed).step_seconds
 
 
+def fit(points: list[dict[str, Any]], gpu: str) -> None:
+    """Grid search of (matmul, attention, memory, host factor) on the run's points."""
+    import itertools
+
+    from vramcalc.gpu_catalog import resolve_gpu
+    from vramcalc.gpu_speed import gpu_speed
+    from vramcalc.plan_settings import TrainPlan
+    from vramcalc.specs import depth_cut, resolve_model
+    from vramcalc.step_time import step_time, train_work
+
+    base = gpu_speed(resolve_gpu(gpu))
+    assert base is not None
+    works = []
+    for p in points:
+        spec = resolve_model(str(p["spec"]).split("@")[0])
+        spec = depth_cut(spec, p["layers"]) if p["layers"] else spec
+        works.append((train_work(spec, TrainPlan.model_validate(p["plan"])), p["step_seconds"]))
+    grid = itertools.product([x / 20 for x in range(6, 17)], [x / 20 for x in range(4, 15)],
+                             [x / 20 for x in range(10, 20)], [x / 4 for x in range(2, 13)])
+    best: tuple[float, float, tuple[float, ...]] | None = None
+    for mm, att, mem, host in grid:
+        speed = base._replace(matmul_efficiency=mm, attention_efficiency=att,
+                              memory_efficiency=mem, host_factor=host)
+        errs = [abs(pct(step_time(w, speed).step_seconds, m)) for w, m in works]
+        score = (statistics.median(errs), p90(errs))
+        if best is None or score < best[:2]:
+            best = (*score, (mm, att, mem, host))
+    assert best is not None
+    mm, att, mem, host = best[2]
+    print(f"fitted on this run ({gpu}, {len(works)} points; seen, not a holdout): matmul "
+          f"{mm:.2f}, attention {att:.2f}, memory {mem:.2f}, host factor {host:.2f}: "
+          f"median |err| {best[0]:.1f} %, p90 {best[1]:.1f} %")
+
+
 def label(plan: dict[str, Any]) -> str:
     method = str(plan.get("method", "qlora"))
     if method == "qlora":
@@ -154,10 +194,10 @@ def report(points: list[dict[str, Any]], predicted: dict[str, float],
 def main(argv: list[str]) -> int:
     args = [a for a in argv if not a.startswith("--")]
     flags = {a for a in argv if a.startswith("--")}
-    unknown = flags - {"--current", "--points"}
+    unknown = flags - {"--current", "--points", "--fit"}
     if not args or len(args) > 2 or unknown:
-        print("usage: time_accuracy.py RESULTS.jsonl [PREDICTIONS.json] [--current] [--points]",
-              file=sys.stderr)
+        print("usage: time_accuracy.py RESULTS.jsonl [PREDICTIONS.json] [--current] [--points] "
+              "[--fit]", file=sys.stderr)
         return 2
     try:
         lines = Path(args[0]).read_text(encoding="utf-8").splitlines()
@@ -183,6 +223,8 @@ def main(argv: list[str]) -> int:
     missing = [p["id"] for p in points if p["id"] not in predicted]
     if missing:
         print(f"no prediction for: {', '.join(missing)}")
+    if "--fit" in flags and points:
+        fit(points, gpu)
     return 0 if n and med <= MEDIAN_TARGET and top <= P90_TARGET else 3
 
 

@@ -393,3 +393,27 @@ def test_published_throughput_within_target() -> None:
     for line in proc.stdout.splitlines():
         if line.startswith("ibm-"):
             assert abs(float(line.split()[-1])) <= 15, line
+
+
+def test_time_accuracy_fit_recovers_efficiencies(tmp_path: Path) -> None:
+    """--fit on a run 'measured' with known efficiencies finds them again (host time and
+    matmul efficiency are what the short and the long steps pin down)."""
+    from vramcalc.specs import get_spec
+
+    truth = gpu_speed(resolve_gpu("h200"))
+    assert truth is not None
+    truth = truth._replace(matmul_efficiency=0.45, memory_efficiency=0.7, host_factor=1.5)
+    spec = get_spec("qwen2.5-0.5b")
+    subs = []
+    for k, (method, batch) in enumerate([("full", 16), ("lora", 1), ("qlora", 8)]):
+        p = {"method": method, "batch_size": batch, "seq_len": 1024}
+        secs = step_time(train_work(spec, TrainPlan.model_validate(p)), truth).step_seconds
+        subs.append({"id": f"g/{k}", "plan": p, "status": "ok", "step_seconds": secs})
+    rec = {"id": "g", "status": "ok", "spec": "qwen2.5-0.5b", "layers": None,
+           "timing_grade": True, "measurement": {"points": subs, "device_name": "NVIDIA H200"}}
+    res, pred = tmp_path / "r.jsonl", tmp_path / "p.json"
+    res.write_text(json.dumps(rec) + "\n")
+    pred.write_text(json.dumps({"points": [{"id": s["id"], "step_seconds": 1.0}
+                                           for s in subs]}))
+    proc = _accuracy(str(res), str(pred), "--fit")
+    assert "matmul 0.45" in proc.stdout and "host factor 1.50" in proc.stdout, proc.stdout
