@@ -112,8 +112,12 @@ KERNELS_PER_LAYER_FWD = 30
 KERNELS_PER_LAYER_BWD = 45
 KERNELS_PER_LORA_FWD = 7  # dropout, A, B, scaling, add, autocast casts of A and B
 KERNELS_PER_LORA_BWD = 10
-KERNELS_PER_QUANT_FWD = 2  # dequantize_4bit, matmul
-KERNELS_PER_INT8_FWD = 10  # to(fp16), abs, ge, any, any, argwhere, quantize, GEMM, dequant
+KERNELS_PER_DEQUANT4 = 1  # dequantize_4bit per Linear per pass (the GEMM is a block matmul)
+# int8 per Linear, besides its GEMM: forward quantize A, outlier columns, output dequant;
+# backward CB.to(dtype), mul_(SCB / 127) (the small abs / >= / any kernels of the outlier
+# check are in the host's serial forward)
+KERNELS_PER_INT8_FWD = 3
+KERNELS_PER_INT8_BWD = 2
 KERNEL_FLOOR_S = 3e-6  # the shortest kernel on the GPU, launch to end
 HOST_LAYER_FWD_S = 350e-6  # one decoder layer's forward (modules, ops, autograd records)
 HOST_LAYER_BWD_S = 250e-6  # the autograd engine in C++: fewer Python frames
@@ -366,14 +370,15 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
     if quant in ("nf4", "fp4"):
         classes.append(KernelClass(
             name="dequant", bytes=layers * numel * DEQUANT4_BYTES * (fwd_gemms + 1),
-            kernels=layers * n_lin * (fwd_gemms + 1)))
+            kernels=layers * n_lin * KERNELS_PER_DEQUANT4 * (fwd_gemms + 1)))
     elif quant == "int8":
         act_bytes = t * sum(lin.in_features * INT8_ACT_IN_BYTES
                             + lin.out_features * INT8_ACT_OUT_BYTES for lin in linears)
         classes.append(KernelClass(
             name="dequant",
             bytes=layers * (numel * DEQUANT8_BYTES + act_bytes * fwd_gemms),
-            kernels=layers * n_lin * (3 * fwd_gemms + 2)))
+            kernels=layers * n_lin * (KERNELS_PER_INT8_FWD * fwd_gemms
+                                      + KERNELS_PER_INT8_BWD)))
 
     # LoRA adapters: forward(s), input gradient, weight gradients (they always train)
     targets = lora_targets(spec, plan)
@@ -395,16 +400,19 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
 
     # autocast copies of fp32 weights (r4 w2 per forward pass)
     cast = 0.0
+    cast_kernels = 0
     if plan.compute_dtype != "fp32" and plan.autocast:
         if full and plan.load_dtype == "fp32":
             cast += (numel * layers + h * v * (0 if spec.tie_word_embeddings else 1)) * 6.0 \
                 * fwd_gemms
             cast += numel * layers * 10.0  # 16-bit weight gradients into the fp32 .grad
+            cast_kernels = (layers * n_lin + 1) * (fwd_gemms + 1)
         elif plan.method == "qlora":
             # prepare_model_for_kbit_training leaves lm_head (or the tied embedding) fp32
             cast += h * v * 6.0
+            cast_kernels = 1
     if cast:
-        classes.append(KernelClass(name="casts", bytes=cast, kernels=layers * n_lin * 2))
+        classes.append(KernelClass(name="casts", bytes=cast, kernels=cast_kernels))
 
     kernels = (layers * (KERNELS_PER_LAYER_FWD * passes_fwd + KERNELS_PER_LAYER_BWD))
     classes.append(KernelClass(name="other_kernels", kernels=kernels))
