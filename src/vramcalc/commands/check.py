@@ -419,7 +419,7 @@ def check(
       vramcalc check -m llama-3.1-8b --gpu-memory 24 --margin 1
       vramcalc check -m llama-3.1-8b --gpu rtx-4090 --max batch
       vramcalc check -m llama-2-70b --gpu rtx-4090 --gpus 2 --strategy fsdp
-      vramcalc check -m qwen2.5-7b --gpu rtx-4090 --gpu h100-sxm --dataset-tokens 100000000
+      vramcalc check -m qwen2.5-7b --gpu l4 --gpu a10 --dataset-tokens 9000000
     """
     gpu = list(gpu or [])
     timing = time_settings(dataset_tokens, epochs, price, prices)

@@ -121,7 +121,7 @@ def plan(
       vramcalc plan -m ./my-model/config.json --quant none --optimizer adamw_torch
       vramcalc plan -m llama-2-70b --gpus 2 --strategy fsdp --gpu rtx-4090
       vramcalc plan --from-config axolotl.yaml --batch 2
-      vramcalc plan -m llama-3.1-8b --gpu h100-sxm --dataset-tokens 50000000 --epochs 3
+      vramcalc plan -m llama-3.1-8b --gpu h100-sxm --dataset-tokens 5000000
     """
     from vramcalc.planning import calibration_note, estimator
     from vramcalc.render import estimate_to_dict
