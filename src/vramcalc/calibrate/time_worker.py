@@ -12,7 +12,8 @@ the median of the steps after the first. The matrix driver marks a point timing-
 when it ran alone on the GPU (`--max-parallel 1`).
 
 Prints one JSON object on the last line of stdout: {"points": [{"id", "plan", "status",
-"step_seconds", "step_seconds_each", "wall_s", "error"?}], "versions", "device_name"}.
+"step_seconds", "step_seconds_each", "wall_s", "allocated_after_bytes", "error"?}],
+"versions", "device_name"}.
 A point's error or out-of-memory is its result; the next point still runs.
 """
 
@@ -66,6 +67,8 @@ def time_points(job: dict[str, Any]) -> dict[str, Any]:
         gc.collect()
         if device == "cuda" and torch.cuda.is_available():
             torch.cuda.empty_cache()
+            # what the point left behind: a leak would crowd the next points
+            rec["allocated_after_bytes"] = torch.cuda.memory_allocated()
     name = torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() \
         else "cpu"
     return {"points": out, "versions": versions, "timing": True, "device_name": name}
