@@ -417,3 +417,13 @@ def test_time_accuracy_fit_recovers_efficiencies(tmp_path: Path) -> None:
                                            for s in subs]}))
     proc = _accuracy(str(res), str(pred), "--fit")
     assert "matmul 0.45" in proc.stdout and "host factor 1.50" in proc.stdout, proc.stdout
+
+
+def test_time_options_refused_when_nothing_can_be_timed() -> None:
+    r = _cli("check", "-m", "llama-3.1-8b", "--gpu-memory", "24", "--dataset-tokens", "100")
+    assert r.exit_code == 1 and "no GPU checked here has throughput" in r.output
+    r = _cli("fit", "--gpu", "a10g", "--price", "a10g=1")
+    assert r.exit_code == 1 and "nothing on a10g can be timed" in r.output
+    r = _cli("check", "-m", "llama-3.1-8b", "--gpu", "h100-sxm", "--gpus", "2",
+             "--strategy", "fsdp", "--dataset-tokens", "100")
+    assert r.exit_code == 1 and "time of several GPUs is not modeled" in r.output

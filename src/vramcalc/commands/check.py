@@ -500,6 +500,9 @@ def check(
             )
 
     times = _times(spec, verdicts, timing)
+    if not times:
+        timing.refuse("no GPU checked here has throughput figures (name catalog GPUs with "
+                      "--gpu; see vramcalc/data/gpu_speed.yaml)")
     ranking = _ranking(verdicts, times)
     several: list[dict[str, Any]] = []
     if not best.fits_free:

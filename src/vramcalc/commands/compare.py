@@ -116,6 +116,8 @@ def compare(
     for selection in estimators.applied():
         warn(selection.note)
     times = _row_times(spec, rows, timing)
+    if not any(times):
+        timing.refuse("no method fits a catalog GPU with throughput figures: nothing to time")
     if json_output:
         from vramcalc.render import comparison_to_dict
 

@@ -92,6 +92,9 @@ def fit(
     rows = fit_rows(catalog(), base, card, margin_b, optimizer=user_optimizer(ctx, plan_options),
                     estimate_fn=estimate_fn)
     times = _fit_times(rows, base, card, timing, user_optimizer(ctx, plan_options))
+    if not any(times):
+        timing.refuse(f"nothing on {card.name} can be timed (no pair fits, or the card has no "
+                      "throughput figures in vramcalc/data/gpu_speed.yaml)")
     if json_output:
         from vramcalc.render import fit_to_dict
 
