@@ -53,6 +53,8 @@ def main() -> int:
         if not row.get("compiled"):
             eager.append(err)
         mark = " (compiled)" if row.get("compiled") else ""
+        if row.get("gpus", 1) > 1:
+            mark += f" ({row['gpus']} GPUs, per GPU)"
         print(f"{row['id']:32} {row['gpu']:15} {pub:9.0f} {pred:9.0f} {err:+7.1f}{mark}")
     med = statistics.median(abs(e) for e in errors)
     print(f"median |error| {med:.1f} % over {len(errors)} rows (target <= {TARGET:.0f} %), "
