@@ -70,3 +70,13 @@ def test_time_worker_through_the_matrix_on_cpu(tmp_path: Path) -> None:
         assert len(subs[pid]["step_seconds_each"]) == 3
         assert subs[pid]["step_seconds"] > 0
     assert rec["measurement"]["device_name"] == "cpu"
+
+
+def test_calibrate_point_line_shows_the_step_time() -> None:
+    from vramcalc.commands.calibrate import _point_line
+    from vramcalc.plan_settings import TrainPlan
+
+    result = {"peak_allocated_bytes": 2**30, "steps": [], "step_seconds": 0.1234}
+    line = _point_line(TrainPlan(), result, 2**30)
+    assert line.endswith("step 0.123 s"), line
+    assert "step" not in _point_line(TrainPlan(), {"peak_allocated_bytes": 2**30}, 2**30)
