@@ -534,7 +534,8 @@ def measure_point(
                 trainer.train()
                 optimizer = trainer.optimizer
             elif not plan.trainer_built:
-                optimizer = _tutorial_loop(model, plan, ids, steps, on_gpu, readings, tracing)
+                optimizer = _tutorial_loop(model, plan, ids, steps, on_gpu, readings, tracing,
+                                           clock)
             else:
                 optimizer = _plain_loop(model, trainer, plan, ids, steps, on_gpu, readings,
                                         tracing, clock)
@@ -617,7 +618,7 @@ def direct_optimizer(model: Any, plan: TrainPlan) -> Any:
 
 
 def _tutorial_loop(model: Any, plan: TrainPlan, ids: Any, steps: int, on_gpu: bool,
-                   readings: list[dict[str, int]], tracing: bool) -> Any:
+                   readings: list[dict[str, int]], tracing: bool, clock: list[float]) -> Any:
     """`--loop plain`, the loop tutorials write (issue 27): no Trainer constructed, the
     optimizer built directly (`direct_optimizer`), the forward under torch.autocast, and
     `loss = model(input_ids=batch, labels=batch).loss` kept until the next forward rebinds
@@ -640,6 +641,7 @@ def _tutorial_loop(model: Any, plan: TrainPlan, ids: Any, steps: int, on_gpu: bo
     loss = None
     for step in range(steps):
         batch = ids[step * plan.batch_size:(step + 1) * plan.batch_size].to(dev)
+        _tick(clock, on_gpu)
         if on_gpu:
             _step_begin(readings, tracing)
         ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
@@ -652,6 +654,7 @@ def _tutorial_loop(model: Any, plan: TrainPlan, ids: Any, steps: int, on_gpu: bo
         optimizer.zero_grad(set_to_none=True)
         if on_gpu:
             _after_optimizer(readings)
+        _tick(clock, on_gpu)  # the step's end (begin, end, ...: step_seconds)
     del loss
     return optimizer
 
