@@ -329,3 +329,38 @@ def check(
     first = verdicts[0].estimate
     assert isinstance(first, PlanEstimate)
     return CheckResult(estimate=first, verdicts=tuple(verdicts))
+
+
+def train_time(
+    model: str | ModelSpec,
+    gpu: str,
+    *,
+    dataset_tokens: int | None = None,
+    epochs: float = 1.0,
+    prices: dict[str, float] | None = None,
+    **options: Any,
+) -> Any:
+    """Seconds per step, tokens per second and, with `dataset_tokens`, the wall time and
+    cost of a training plan on a catalog GPU: what `vramcalc plan --gpu GPU
+    --dataset-tokens N --epochs E --price GPU=USD` prints (vramcalc.time_cost.TrainTime;
+    `.fields()` is its --json). `prices` maps GPU names to $/GPU-hour over the shipped
+    table. Raises PlanError when the GPU has no throughput figures.
+
+        >>> from vramcalc.api import train_time
+        >>> t = train_time("llama-3.1-8b", "h100-sxm", batch_size=4, dataset_tokens=10**8)
+        >>> t.total_seconds / 3600, t.cost_usd
+    """
+    from vramcalc.gpu_catalog import resolve_gpu
+    from vramcalc.time_cost import price_table
+    from vramcalc.time_cost import train_time as _train_time
+
+    if dataset_tokens is not None and dataset_tokens < 1:
+        raise PlanError(f"dataset_tokens must be positive, got {dataset_tokens}")
+    if not epochs > 0:
+        raise PlanError(f"epochs must be more than 0, got {epochs}")
+    card = resolve_gpu(gpu)
+    table = price_table(None, [f"{name}={usd}" for name, usd in (prices or {}).items()])
+    t = _train_time(_resolve(model), make_plan(**options), card, table, dataset_tokens, epochs)
+    if t is None:
+        raise PlanError(f"no throughput figures for {card.name} (vramcalc/data/gpu_speed.yaml)")
+    return t

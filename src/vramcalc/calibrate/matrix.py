@@ -12,6 +12,11 @@ A point may name another worker module and its job instead:
 Such a worker gets its job plus "device" (and "spec", "weights_dir" when the point has a
 spec) as a JSON file path in argv[1], and prints one JSON object on its last stdout line.
 
+Timing: every record says how many points ran at once beside it (`max_running`) and
+whether its step times are timing-grade (`timing_grade`: it ran alone). Time a matrix
+with `--max-parallel 1`; points of `vramcalc.calibrate.time_worker` time several plans of
+one model in one process.
+
 Order of work: random bf16 weights are built once per distinct (spec, layers) into
 --weights-cache (kept between runs), two builds at a time; then points run largest first,
 admitted only while the sum of the running points' estimated peak device bytes (the raw
@@ -339,7 +344,10 @@ def append_line(out: Path, record: dict[str, Any]) -> None:
 
 
 def _record(point: Point, status: str, measurement: dict[str, Any] | None,
-            wall_s: float | None) -> dict[str, Any]:
+            wall_s: float | None, max_running: int | None = None) -> dict[str, Any]:
+    """One result line. `timing_grade` is true only for a point that ran alone on the GPU
+    (`max_running` == 1): neighbours share the GPU's compute and memory bandwidth, so the
+    step times of points run side by side are not the card's."""
     return {
         "id": point.id,
         "status": status,
@@ -354,6 +362,8 @@ def _record(point: Point, status: str, measurement: dict[str, Any] | None,
         "prediction": point.prediction,
         "measurement": measurement,
         "wall_s": wall_s,
+        "max_running": max_running,
+        "timing_grade": max_running == 1,
     }
 
 
@@ -392,7 +402,7 @@ def run_points(points: list[Point], out: Path, device: str, max_parallel: int,
             status = status_of(measurement)
             if r.proc.returncode != 0:
                 measurement["worker_exit"] = r.proc.returncode
-        rec = _record(r.point, status, measurement, wall)
+        rec = _record(r.point, status, measurement, wall, int(r.extra.get("max_running", 1)))
         records[r.point.id] = rec
         append_line(out, rec)
         m = measurement.get("peak_allocated_bytes")
@@ -428,6 +438,8 @@ def run_points(points: list[Point], out: Path, device: str, max_parallel: int,
                                            max(1.0, deadline_s - now), trace_dir))
             elif not running:
                 break
+            for r in running:  # how many points shared the GPU with each, at most
+                r.extra["max_running"] = max(int(r.extra.get("max_running", 1)), len(running))
             time.sleep(0.1)
 
     finally:  # the workers' job files and output tails

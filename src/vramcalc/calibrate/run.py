@@ -61,7 +61,7 @@ class NvmlPoller:
     host pids): then `process_source` is "device" and only device-wide readings exist.
     """
 
-    def __init__(self, index: int = 0, period_s: float = 0.005) -> None:
+    def __init__(self, index: int = 0, period_s: float = 0.005, enabled: bool = True) -> None:
         self.peak_used = 0
         self.last_used = 0
         self.peak_process_used = 0
@@ -71,6 +71,9 @@ class NvmlPoller:
         self._thread: threading.Thread | None = None
         self._handle: Any = None
         self._pid = os.getpid()
+        self._nvml: Any = None
+        if not enabled:  # a timing run: no thread, no readings
+            return
         try:
             import pynvml
 
@@ -242,6 +245,27 @@ def _before_optimizer(readings: list[dict[str, int]]) -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
+def _tick(clock: list[float], on_gpu: bool) -> None:
+    """A step boundary on the clock, after every queued kernel has finished."""
+    import torch
+
+    if on_gpu:
+        torch.cuda.synchronize()
+    clock.append(time.perf_counter())
+
+
+def step_seconds(clock: list[float]) -> dict[str, Any]:
+    """Step times from `clock` (begin, end, begin, end, ...): every step's seconds, and the
+    median over the steps after the first (the first step warms up cuBLAS, the caching
+    allocator and bitsandbytes' paged buffers); None when fewer than two steps ended."""
+    import statistics
+
+    each = [round(clock[k + 1] - clock[k], 6) for k in range(0, len(clock) - 1, 2)]
+    timed = each[1:]
+    return {"step_seconds_each": each,
+            "step_seconds": statistics.median(timed) if timed else None}
+
+
 def _after_optimizer(readings: list[dict[str, int]]) -> None:
     import torch
 
@@ -334,6 +358,7 @@ def measure_point(
     snapshot: bool = False,
     memory_limit_gib: float | None = None,
     trace_file: str | None = None,
+    poll_nvml: bool = True,
 ) -> dict[str, Any]:
     """Run `plan` for `steps` optimizer steps and return every reading.
 
@@ -353,6 +378,12 @@ def measure_point(
     `weights_dir` holds a saved checkpoint (random or real weights); None builds the model
     from `spec` (CPU tests of tiny models only: a 4-bit load needs a checkpoint on disk,
     so one is written to a temporary folder first).
+
+    Step time: each step is timed from its beginning to its end (optimizer, scheduler and
+    zero_grad included), both after `torch.cuda.synchronize()`; `step_seconds` is the
+    median over the steps after the first (`step_seconds()`). `poll_nvml=False` leaves the
+    NVML polling thread off (a timing run: the thread takes the GIL every 5 ms; device
+    peaks are then not read).
     """
     import torch
     import transformers
@@ -361,8 +392,9 @@ def measure_point(
     on_gpu = device == "cuda"
     tracing = snapshot and on_gpu
     log = PhaseLog()
-    poller = NvmlPoller()
+    poller = NvmlPoller(enabled=poll_nvml)
     baseline_used = poller.used()
+    clock: list[float] = []
     result: dict[str, Any] = {
         "oom": False,
         "oom_phase": None,
@@ -441,8 +473,12 @@ def measure_point(
 
         class Recorder(TrainerCallback):  # type: ignore[misc]  # phases of each step
             def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                _tick(clock, on_gpu)
                 if on_gpu:
                     _step_begin(readings, tracing)
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                _tick(clock, on_gpu)
 
             def on_pre_optimizer_step(
                 self, args: Any, state: Any, control: Any, **kw: Any
@@ -498,10 +534,11 @@ def measure_point(
                 trainer.train()
                 optimizer = trainer.optimizer
             elif not plan.trainer_built:
-                optimizer = _tutorial_loop(model, plan, ids, steps, on_gpu, readings, tracing)
+                optimizer = _tutorial_loop(model, plan, ids, steps, on_gpu, readings, tracing,
+                                           clock)
             else:
                 optimizer = _plain_loop(model, trainer, plan, ids, steps, on_gpu, readings,
-                                        tracing)
+                                        tracing, clock)
             if on_gpu:
                 torch.cuda.synchronize()
         finally:
@@ -509,6 +546,7 @@ def measure_point(
                 result["snapshot"] = _trace_summary(
                     model, optimizer or getattr(trainer, "optimizer", None), trace_file)
         log.mark("after_train")
+        result.update(step_seconds(clock))
         result["steps"] = readings
         result["forward_marks"] = forward_marks
         result["static_after_train"] = static_tensor_bytes(model)
@@ -580,7 +618,7 @@ def direct_optimizer(model: Any, plan: TrainPlan) -> Any:
 
 
 def _tutorial_loop(model: Any, plan: TrainPlan, ids: Any, steps: int, on_gpu: bool,
-                   readings: list[dict[str, int]], tracing: bool) -> Any:
+                   readings: list[dict[str, int]], tracing: bool, clock: list[float]) -> Any:
     """`--loop plain`, the loop tutorials write (issue 27): no Trainer constructed, the
     optimizer built directly (`direct_optimizer`), the forward under torch.autocast, and
     `loss = model(input_ids=batch, labels=batch).loss` kept until the next forward rebinds
@@ -603,6 +641,7 @@ def _tutorial_loop(model: Any, plan: TrainPlan, ids: Any, steps: int, on_gpu: bo
     loss = None
     for step in range(steps):
         batch = ids[step * plan.batch_size:(step + 1) * plan.batch_size].to(dev)
+        _tick(clock, on_gpu)
         if on_gpu:
             _step_begin(readings, tracing)
         ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
@@ -615,12 +654,14 @@ def _tutorial_loop(model: Any, plan: TrainPlan, ids: Any, steps: int, on_gpu: bo
         optimizer.zero_grad(set_to_none=True)
         if on_gpu:
             _after_optimizer(readings)
+        _tick(clock, on_gpu)  # the step's end (begin, end, ...: step_seconds)
     del loss
     return optimizer
 
 
 def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
-                on_gpu: bool, readings: list[dict[str, int]], tracing: bool) -> Any:
+                on_gpu: bool, readings: list[dict[str, int]], tracing: bool,
+                clock: list[float]) -> Any:
     """forward with labels, backward, optimizer.step(), zero_grad(set_to_none=True), as in
     transformers' "training in native PyTorch" docs: `out` is rebound by the next forward,
     so the previous step's output (its logits) lives through that forward
@@ -647,6 +688,7 @@ def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
     use_amp = on_gpu and amp_dtype is not None and plan.autocast
     for step in range(steps):
         batch = ids[step * plan.batch_size:(step + 1) * plan.batch_size].to(dev)
+        _tick(clock, on_gpu)
         if on_gpu:
             _step_begin(readings, tracing)
         ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
@@ -667,6 +709,7 @@ def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
         optimizer.zero_grad(set_to_none=True)
         if on_gpu:
             _after_optimizer(readings)
+        _tick(clock, on_gpu)
     return optimizer
 
 

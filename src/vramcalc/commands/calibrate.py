@@ -194,7 +194,10 @@ def _point_line(plan: TrainPlan, result: dict[str, Any], est_alloc: int) -> str:
 
     alloc = peaks_from_record(result)[0] or 0
     err = f"{100 * (est_alloc / alloc - 1):+.1f}%" if alloc else "n/a"
-    return f"{head}: peak alloc {alloc / GiB:.2f} GiB, estimate {est_alloc / GiB:.2f} ({err})"
+    step = result.get("step_seconds")  # run.step_seconds: median after the first step
+    timed = f", step {step:.3g} s" if isinstance(step, (int, float)) else ""
+    return (f"{head}: peak alloc {alloc / GiB:.2f} GiB, estimate {est_alloc / GiB:.2f} "
+            f"({err}){timed}")
 
 
 @reports_errors

@@ -35,6 +35,14 @@ from vramcalc.commands.options import (
 )
 from vramcalc.commands.parallel import GpusOpt, OffloadOpt, StrategyOpt
 from vramcalc.commands.task_options import with_task_options
+from vramcalc.commands.time_options import (
+    DatasetTokensOpt,
+    EpochsOpt,
+    PriceOpt,
+    PricesOpt,
+    TimeSettings,
+    time_settings,
+)
 from vramcalc.errors import PlanError
 from vramcalc.verdict import DEFAULT_MARGIN_GIB, Target
 
@@ -47,6 +55,7 @@ if TYPE_CHECKING:
     from vramcalc.plan_settings import TrainPlan
     from vramcalc.planning import EstimateFn, Estimators
     from vramcalc.specs import ModelSpec
+    from vramcalc.time_cost import TrainTime
     from vramcalc.verdict import Verdict
 
 GiB = 2**30
@@ -302,6 +311,68 @@ def _render_max(
     Console().print(table)
 
 
+def catalog_gpu_of(target: Target) -> Any:
+    """The catalog entry of a target (a --gpu name or a detected card NVML names), or None
+    (a --gpu-memory card, an unknown detected card)."""
+    from vramcalc.errors import UnknownGpuError
+    from vramcalc.gpu_catalog import match_detected, resolve_gpu
+
+    if target.index is None:
+        try:
+            return resolve_gpu(target.name)
+        except UnknownGpuError:
+            return None
+    return match_detected(target.name, target.total_bytes)
+
+
+def _times(spec: ModelSpec, verdicts: list[Checked], timing: TimeSettings
+           ) -> dict[int, TrainTime]:
+    """Each verdict's time and cost on its card (index in `verdicts` -> time), where the card
+    is a catalog GPU with throughput figures."""
+    from vramcalc.time_cost import train_time
+
+    table = timing.table()
+    out: dict[int, TrainTime] = {}
+    for k, v in enumerate(verdicts):
+        model = catalog_gpu_of(v.target)
+        t = None if model is None else train_time(spec, v.plan, model, table,
+                                                  timing.dataset_tokens, timing.epochs)
+        if t is not None:
+            out[k] = t
+    return out
+
+
+def _ranking(verdicts: list[Checked], times: dict[int, TrainTime]) -> list[dict[str, Any]]:
+    """The GPUs that fit, cheapest to finish first (then fastest): `check --gpu A --gpu B`."""
+    from vramcalc.time_cost import rank_by_cost
+
+    fitting = {id(times[k]): verdicts[k] for k in times if verdicts[k].fits_free}
+    ranked = rank_by_cost([times[k] for k in times if verdicts[k].fits_free])
+    return [{"name": fitting[id(t)].target.name, "label": fitting[id(t)].target.label,
+             **t.fields()} for t in ranked]
+
+
+def _time_table(ranking: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    from vramcalc.time_cost import format_duration
+
+    table = Table(title="Time and cost on the GPUs that fit (cheapest to finish first)",
+                  title_justify="left")
+    for col in ("GPU", "Name", "s/step", "tokens/s", "Total", "$/h", "Cost", "Basis"):
+        table.add_column(col, justify="left" if col in ("GPU", "Name", "Basis") else "right",
+                         no_wrap=col != "Name")
+    for r in ranking:
+        total = r.get("total_seconds")
+        table.add_row(r["label"] or "-", r["name"], f"{r['step_seconds']:.3g}",
+                      f"{r['tokens_per_second']:,.0f}",
+                      "-" if total is None else format_duration(total),
+                      "-" if r.get("usd_per_hour") is None else f"{r['usd_per_hour']:g}",
+                      "-" if r.get("cost_usd") is None else f"${r['cost_usd']:,.2f}",
+                      r["time_basis"])
+    return table
+
+
 @reports_errors
 @with_task_options("check")  # --task infer|merge: commands/task_options.py
 @functools.partial(with_from_config, model_required=False)
@@ -318,6 +389,10 @@ def check(
     gpus: GpusOpt = None,
     strategy: StrategyOpt = None,
     offload: OffloadOpt = "none",
+    dataset_tokens: DatasetTokensOpt = None,
+    epochs: EpochsOpt = None,
+    price: PriceOpt = None,
+    prices: PricesOpt = None,
 ) -> None:
     """List this machine's GPUs, or check whether a plan fits them.
 
@@ -331,7 +406,11 @@ def check(
     plan is shown for the GPU with the most memory; the exit code is its
     verdict: 0 fits (also "fits, tight": inside the required-memory band of
     the allocator, or within the estimate's spread, max(256 MiB, 3 %)), 3
-    does not fit, 4 no GPU.
+    does not fit, 4 no GPU. Each catalog (or recognized detected) GPU also
+    gets seconds per step and tokens per second; with --dataset-tokens N
+    [--epochs E] the wall time and the cost at its $/GPU-hour (shipped
+    prices, --prices FILE, --price GPU=USD), and the GPUs that fit are
+    ranked by cost to finish.
 
     \b
     Examples:
@@ -341,10 +420,13 @@ def check(
       vramcalc check -m llama-3.1-8b --gpu-memory 24 --margin 1
       vramcalc check -m llama-3.1-8b --gpu rtx-4090 --max batch
       vramcalc check -m llama-2-70b --gpu rtx-4090 --gpus 2 --strategy fsdp
+      vramcalc check -m qwen2.5-7b --gpu l4 --gpu a10 --dataset-tokens 9000000
     """
     given: frozenset[str] = getattr(plan_options, "given", frozenset())
     gpu = list(gpu or [])
+    timing = time_settings(dataset_tokens, epochs, price, prices)
     if model is None:
+        timing.refuse("need --model MODEL (the plan to time)")
         if gpu or gpu_memory is not None or max_ is not None:
             raise PlanError("--gpu, --gpu-memory and --max need --model MODEL (the plan to "
                             "check)")
@@ -379,6 +461,7 @@ def check(
     parallel = parallel_from_options(gpus or (len(targets_) if strategy else None), strategy,
                                      offload, given=given, gpus_from="the GPUs checked")
     if parallel is not None:  # several GPUs: the busiest one against the smallest of them
+        timing.refuse("not with --gpus N (the time of several GPUs is not modeled)")
         from vramcalc.commands.parallel import check_parallel
 
         used = targets_ if detected else targets_ * parallel.gpus
@@ -396,6 +479,7 @@ def check(
     if max_ is not None:
         from vramcalc.search import largest_fitting
 
+        timing.refuse("not with --max (which plan would they time?)")
         rows = [(v, largest_fitting(spec, v.plan, max_, v.target.free_bytes, margin_b,
                                     estimate_fn=v.estimate_fn))
                 for v in verdicts]
@@ -421,6 +505,11 @@ def check(
                 spec, train, margin_b, catalog(), lambda g: estimators(g.name)
             )
 
+    times = _times(spec, verdicts, timing)
+    if not times:
+        timing.refuse("no GPU checked here has throughput figures (name catalog GPUs with "
+                      "--gpu; see vramcalc/data/gpu_speed.yaml)")
+    ranking = _ranking(verdicts, times)
     several: list[dict[str, Any]] = []
     if not best.fits_free:
         from vramcalc.commands.parallel import parallel_suggestions
@@ -435,7 +524,9 @@ def check(
             "spread_bytes": best.now.spread_bytes,
             "margin_bytes": margin_b,
             "best_gpu": best.to_dict(),
-            "gpus": [v.to_dict() for v in verdicts],
+            "gpus": [{**v.to_dict(), **(times[k].fields() if k in times else {})}
+                     for k, v in enumerate(verdicts)],
+            "ranking": ranking,
             "estimate": estimate_to_dict(best.estimate, best.plan),
             "suggestions": [s.model_dump(mode="json") for s in suggestions],
             "larger_gpu": None if larger is None else larger.gpu.name,
@@ -446,6 +537,10 @@ def check(
         })
     else:
         _render(verdicts, best, margin_b, suggestions, larger, detected)
+        if ranking:
+            from rich.console import Console
+
+            Console().print(_time_table(ranking))
         for o in several[:3]:
             typer.echo(f"  on several {best.target.name}: {o['flags']} needs "
                        f"{_gib(o['required_device_bytes'])} GiB per GPU")

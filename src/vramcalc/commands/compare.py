@@ -25,6 +25,13 @@ from vramcalc.commands.options import (
     warn_long_sequence,
     without_per_method_options,
 )
+from vramcalc.commands.time_options import (
+    DatasetTokensOpt,
+    EpochsOpt,
+    PriceOpt,
+    PricesOpt,
+    time_settings,
+)
 from vramcalc.verdict import DEFAULT_MARGIN_GIB
 
 if TYPE_CHECKING:
@@ -48,6 +55,10 @@ def compare(
     margin: MarginOpt = DEFAULT_MARGIN_GIB,
     no_calibration: NoCalibrationOpt = False,
     json_output: JsonOpt = False,
+    dataset_tokens: DatasetTokensOpt = None,
+    epochs: EpochsOpt = None,
+    price: PriceOpt = None,
+    prices: PricesOpt = None,
 ) -> None:
     """Compare full fine-tuning, LoRA, QLoRA and 8-bit LoRA of one model.
 
@@ -64,6 +75,9 @@ def compare(
     optimizer is each method's usual one, adamw_torch_fused for full and
     paged_adamw_8bit for the LoRA methods (the rule of plan too), unless
     --optimizer is given. A method that cannot start says why.
+    Each method is also timed on its smallest GPU (seconds per step, tokens
+    per second; with --dataset-tokens N [--epochs E] the wall time and the
+    cost at that GPU's $/GPU-hour).
 
     \b
     Examples:
@@ -75,6 +89,7 @@ def compare(
     from vramcalc.gpu_catalog import catalog
 
     margin_b = margin_bytes(margin)
+    timing = time_settings(dataset_tokens, epochs, price, prices)
     spec = resolve_model_arg(model)
     announce_spec(spec)
     base = build_plan(**plan_options)
@@ -95,13 +110,41 @@ def compare(
                            estimate_fn=estimators(None))
     for selection in estimators.applied():
         warn(selection.note)
+    times = _row_times(spec, rows, timing)
+    if not any(times):
+        timing.refuse("no method fits a catalog GPU with throughput figures: nothing to time")
     if json_output:
         from vramcalc.render import comparison_to_dict
 
-        print_json(comparison_to_dict(spec.name, rows, margin_b))
+        out = comparison_to_dict(spec.name, rows, margin_b)
+        for entry, t in zip(out["methods"], times, strict=True):
+            entry["time"] = None if t is None else t.fields()
+        print_json(out)
         return
     from rich.console import Console
 
     from vramcalc.render import print_comparison
+    from vramcalc.render_time import print_times
 
-    print_comparison(spec.name, spec.num_params(), rows, margin_b, Console())
+    console = Console()
+    print_comparison(spec.name, spec.num_params(), rows, margin_b, console)
+    print_times("Time on each method's smallest GPU", [
+        (r.label, r.smallest_gpu.gpu if r.smallest_gpu else "-", t)
+        for r, t in zip(rows, times, strict=True)], console)
+
+
+def _row_times(spec: Any, rows: list[Any], timing: Any) -> list[Any]:
+    """Each method row's time on its smallest GPU (None: no GPU fits, or no peaks known)."""
+    from vramcalc.gpu_catalog import resolve_gpu
+    from vramcalc.time_cost import train_time
+
+    table = timing.table()
+    out: list[Any] = []
+    for r in rows:
+        if r.estimate is None or r.smallest_gpu is None:
+            out.append(None)
+            continue
+        plan = r.plan.model_copy(update={"compute_dtype": r.smallest_gpu.compute_dtype})
+        out.append(train_time(spec, plan, resolve_gpu(r.smallest_gpu.gpu), table,
+                              timing.dataset_tokens, timing.epochs))
+    return out

@@ -22,6 +22,14 @@ from vramcalc.commands.options import (
     margin_bytes,
     without_per_method_options,
 )
+from vramcalc.commands.time_options import (
+    DatasetTokensOpt,
+    EpochsOpt,
+    PriceOpt,
+    PricesOpt,
+    TimeSettings,
+    time_settings,
+)
 from vramcalc.verdict import DEFAULT_MARGIN_GIB
 
 FitGpuOpt = Annotated[
@@ -40,6 +48,10 @@ def fit(
     margin: MarginOpt = DEFAULT_MARGIN_GIB,
     no_calibration: NoCalibrationOpt = False,
     json_output: JsonOpt = False,
+    dataset_tokens: DatasetTokensOpt = None,
+    epochs: EpochsOpt = None,
+    price: PriceOpt = None,
+    prices: PricesOpt = None,
 ) -> None:
     """Every catalog model and method that fits one GPU, with its largest batch.
 
@@ -55,6 +67,9 @@ def fit(
     method; the optimizer is adamw_torch_fused for full and paged_adamw_8bit
     for the LoRA methods unless --optimizer is given. --json lists every
     pair, fitting or not, and why a pair cannot start.
+    Each pair that fits is timed on the GPU at --batch (or its largest batch
+    when --batch does not fit): seconds per step, tokens per second, and with
+    --dataset-tokens N [--epochs E] the wall time and the cost.
 
     \b
     Examples:
@@ -68,6 +83,7 @@ def fit(
     from vramcalc.specs import catalog
 
     margin_b = margin_bytes(margin)
+    timing = time_settings(dataset_tokens, epochs, price, prices)
     card = resolve_gpu(gpu)
     base = build_plan(**plan_options)
     estimate_fn, corrections = estimator(card.name, use_calibration=not no_calibration)
@@ -76,13 +92,48 @@ def fit(
         warn(note)
     rows = fit_rows(catalog(), base, card, margin_b, optimizer=user_optimizer(ctx, plan_options),
                     estimate_fn=estimate_fn)
+    times = _fit_times(rows, base, card, timing, user_optimizer(ctx, plan_options))
+    if not any(times):
+        timing.refuse(f"nothing on {card.name} can be timed (no pair fits, or the card has no "
+                      "throughput figures in vramcalc/data/gpu_speed.yaml)")
     if json_output:
         from vramcalc.render import fit_to_dict
 
-        print_json(fit_to_dict(card.name, card.usable_bytes, rows, margin_b, base))
+        out = fit_to_dict(card.name, card.usable_bytes, rows, margin_b, base)
+        for entry, t in zip(out["rows"], times, strict=True):
+            entry["time"] = None if t is None else t.fields()
+        print_json(out)
         return
     from rich.console import Console
 
     from vramcalc.render import print_fit
+    from vramcalc.render_time import print_times
 
-    print_fit(card.name, card.usable_bytes, rows, margin_b, base, Console())
+    console = Console()
+    print_fit(card.name, card.usable_bytes, rows, margin_b, base, console)
+    timed = [(f"{r.model} {r.method} b{t.tokens_per_step // base.seq_len}", card.name, t)
+             for r, t in zip(rows, times, strict=True) if t is not None]
+    if timed:
+        print_times(f"Time on {card.name} at --batch {base.batch_size} (or the largest batch "
+                    "that fits)", timed, console)
+
+
+def _fit_times(rows: list[Any], base: Any, card: Any, timing: TimeSettings,
+               optimizer: Any) -> list[Any]:
+    """Each fitting row's time at min(--batch, its largest batch); None otherwise."""
+    from vramcalc.advice import for_gpu
+    from vramcalc.comparison import method_plan
+    from vramcalc.specs import get_spec
+    from vramcalc.time_cost import train_time
+
+    table = timing.table()
+    out: list[Any] = []
+    for r in rows:
+        if not r.fits or r.max_batch < 1:
+            out.append(None)
+            continue
+        plan = for_gpu(method_plan(base, r.method, optimizer), card.bf16_supported)
+        plan = plan.model_copy(update={"batch_size": min(base.batch_size, r.max_batch)})
+        out.append(train_time(get_spec(r.model), plan, card, table, timing.dataset_tokens,
+                              timing.epochs))
+    return out

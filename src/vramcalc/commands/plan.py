@@ -38,6 +38,13 @@ from vramcalc.commands.parallel import (
     parallel_from_options,
 )
 from vramcalc.commands.task_options import with_task_options
+from vramcalc.commands.time_options import (
+    DatasetTokensOpt,
+    EpochsOpt,
+    PriceOpt,
+    PricesOpt,
+    time_settings,
+)
 from vramcalc.errors import PlanError
 from vramcalc.verdict import DEFAULT_MARGIN_GIB
 
@@ -90,6 +97,10 @@ def plan(
     sharding_strategy: ShardingOpt = "FULL_SHARD",
     use_orig_params: OrigParamsOpt = False,
     device_map: BalanceOpt = "balanced",
+    dataset_tokens: DatasetTokensOpt = None,
+    epochs: EpochsOpt = None,
+    price: PriceOpt = None,
+    prices: PricesOpt = None,
 ) -> None:
     """Estimate the peak GPU memory of a training step, an inference or a merge.
 
@@ -103,6 +114,10 @@ def plan(
     or merge. An option this plan does not use (--rank with --method full,
     --seq-len with --task infer, ...) is an error, never ignored.
     Exit 0 fits or fits tight (or no card given), 3 does not fit.
+    With --gpu NAME it also gives seconds per step and tokens per second on
+    that card (the time model: FLOPs and bytes on its peaks), and with
+    --dataset-tokens N [--epochs E] the wall time and, at a $/GPU-hour price
+    (shipped, --prices FILE or --price GPU=USD), the cost.
 
     \b
     Examples:
@@ -112,6 +127,7 @@ def plan(
       vramcalc plan -m ./my-model/config.json --quant none --optimizer adamw_torch
       vramcalc plan -m llama-2-70b --gpus 2 --strategy fsdp --gpu rtx-4090
       vramcalc plan --from-config axolotl.yaml --batch 2
+      vramcalc plan -m llama-3.1-8b --gpu h100-sxm --dataset-tokens 5000000
     """
     from vramcalc.planning import calibration_note, estimator
     from vramcalc.render import estimate_to_dict
@@ -119,6 +135,7 @@ def plan(
     given: frozenset[str] = getattr(plan_options, "given", frozenset())
     check_max(max_)
     margin_b = margin_bytes(margin)
+    timing = time_settings(dataset_tokens, epochs, price, prices)
     target = _target(gpu, gpu_memory)
     if max_ is not None and target is None:
         raise PlanError("--max needs --gpu NAME or --gpu-memory GIB (the card to fit in)")
@@ -139,7 +156,10 @@ def plan(
     parallel = parallel_from_options(
         gpus, strategy, offload, gpus_per_node, sharding_strategy, use_orig_params, device_map,
         None if target is None else target.free_bytes - margin_b, given=given)
+    if gpu is None:
+        timing.refuse("need --gpu NAME (a catalog GPU: the time model uses its throughput)")
     if parallel is not None:
+        timing.refuse("not with --gpus N (the time of several GPUs is not modeled)")
         from vramcalc.commands.parallel import plan_parallel
 
         if plan_parallel(spec, train, parallel, target, margin_b, max_, json_output) is False:
@@ -153,6 +173,7 @@ def plan(
         warn(note)
     if max_ is not None:
         assert target is not None
+        timing.refuse("not with --max (which plan would they time?)")
         _answer_max(spec, train, max_, target, margin_b, json_output, estimate)
         return
     est = estimate(spec, train)
@@ -162,8 +183,20 @@ def plan(
 
         gv = verdict_on(target, est, train.compute_dtype, margin_b)
     v = None if gv is None else gv.now
+    timed = None
+    if gpu is not None:
+        from vramcalc.gpu_catalog import resolve_gpu
+        from vramcalc.time_cost import train_time
+
+        timed = train_time(spec, train, resolve_gpu(gpu), timing.table(),
+                           timing.dataset_tokens, timing.epochs)
+        if timed is None:
+            warn(f"time: no throughput figures for {resolve_gpu(gpu).name} "
+                 "(vramcalc/data/gpu_speed.yaml): no time or cost")
     if json_output:
         out = estimate_to_dict(est, train)
+        if timed is not None:
+            out.update(timed.fields())
         out["calibration"] = None if corrections is None else corrections.key
         if gv is not None:
             out.update(gv.verdict_fields())
@@ -187,6 +220,10 @@ def plan(
             )
             if v.certainty == "tight":
                 console.print(v.tight_reason, highlight=False)
+        if timed is not None:
+            from vramcalc.time_cost import describe
+
+            console.print(describe(timed), highlight=False)
     if v is not None and not v.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 

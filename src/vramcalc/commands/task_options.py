@@ -268,11 +268,41 @@ def _title(est: Estimate, plan: InferPlan | MergePlan) -> str:
     return f"{head}, merge_and_unload() into {base} on the {plan.on.upper()}, r={plan.rank}"
 
 
+TIME_FLAGS = {"dataset_tokens": "--dataset-tokens", "epochs": "--epochs", "price": "--price",
+              "prices": "--prices"}
+
+
+def _infer_times(spec: ModelSpec, plan: InferPlan | MergePlan, names: list[str]
+                 ) -> dict[str, Any]:
+    """catalog name -> generate() speed (step_time.InferTime) of an inference plan."""
+    from vramcalc.errors import UnknownGpuError
+    from vramcalc.gpu_catalog import resolve_gpu
+    from vramcalc.inference import InferPlan
+    from vramcalc.time_cost import infer_time_on
+
+    if not isinstance(plan, InferPlan):
+        return {}
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            gpu = resolve_gpu(name)
+        except UnknownGpuError:
+            continue
+        t = infer_time_on(spec, plan, gpu)
+        if t is not None:
+            out[name] = t
+    return out
+
+
 def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) -> None:
     from vramcalc.commands.common import resolve_model_arg
     from vramcalc.commands.from_config import announce_spec
     from vramcalc.commands.options import margin_bytes, refuse_given
 
+    given = [flag for name, flag in TIME_FLAGS.items() if kw.get(name)]
+    if given:
+        raise PlanError(f"{', '.join(given)}: only with --task train (the time of a "
+                        "training run); --task infer gives prefill and decode speed per GPU")
     if kw.get("model") is None:
         raise PlanError(f"--task {task} needs --model MODEL")
     refuse_train_only(task, kw)
@@ -333,8 +363,10 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
     est = _estimate(spec, plan)
+    plan_gpu = kw.get("gpu")
+    times = _infer_times(spec, plan, [plan_gpu] if isinstance(plan_gpu, str) else [])
     v = None if target is None else verdict_on(target, est, _dtype(plan), margin_b)
-    _output(est, plan, spec, kw["json_output"], v)
+    _output(est, plan, spec, kw["json_output"], v, next(iter(times.values()), None))
     if v is not None and not v.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 
@@ -350,12 +382,14 @@ def _extras(spec: ModelSpec, plan: InferPlan | MergePlan) -> dict[str, Any]:
 
 
 def _output(est: Estimate, plan: InferPlan | MergePlan, spec: ModelSpec, json_output: bool,
-            v: GpuVerdict | None) -> None:
+            v: GpuVerdict | None, speed: Any = None) -> None:
     """The estimate, and with a card its verdict (api.verdict_on: the rule of a training
-    plan)."""
+    plan) and generate()'s speed on it (`speed`, step_time.InferTime)."""
     from vramcalc.render import task_estimate_to_dict
 
     extras = _extras(spec, plan)
+    if speed is not None:
+        extras.update(speed._asdict())
     if json_output:
         out = task_estimate_to_dict(est, plan.model_dump(mode="json"))
         out.update(extras)
@@ -369,7 +403,11 @@ def _output(est: Estimate, plan: InferPlan | MergePlan, spec: ModelSpec, json_ou
 
     console = Console()
     print_task_breakdown(est, _title(est, plan), console, getattr(plan, "adapter_dtype", None))
-    if extras:
+    if speed is not None:
+        from vramcalc.time_cost import describe_infer
+
+        console.print(describe_infer(speed), highlight=False)
+    if "disk_bytes" in extras:
         console.print(f"merged checkpoint on disk: {extras['disk_bytes'] / GiB:.2f} GiB "
                       "(safetensors tensors)")
     if v is not None:
@@ -401,6 +439,7 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
     est = _estimate(spec, plan)
     verdicts = [verdict_on(t, est, _dtype(plan), margin_bytes)
                 for t in check_cmd._targets(gpu, gpu_memory)]
+    times = _infer_times(spec, plan, [v.target.name for v in verdicts])
     best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals, as check's
     if kw["json_output"]:
         from vramcalc.render import task_estimate_to_dict
@@ -409,7 +448,10 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
         estimate.update(_extras(spec, plan))
         print_json({"fits": best.fits_free, "certainty": best.certainty,
                     "spread_bytes": best.spread_bytes, "margin_bytes": margin_bytes,
-                    "best_gpu": best.to_dict(), "gpus": [v.to_dict() for v in verdicts],
+                    "best_gpu": best.to_dict(),
+                    "gpus": [{**v.to_dict(), **(times[v.target.name]._asdict()
+                                                if v.target.name in times else {})}
+                             for v in verdicts],
                     "estimate": estimate})
     else:
         _output(est, plan, spec, False, None)
@@ -423,5 +465,9 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
             # on stdout, like the training verdict
             typer.echo(f"does NOT fit on {where}: needs {est.required_device_bytes / GiB:.2f} "
                        f"GiB + {margin:g} GiB margin, {best.target.free_bytes / GiB:.2f} GiB free")
+        from vramcalc.time_cost import describe_infer
+
+        for t in times.values():
+            typer.echo(describe_infer(t))
     if not best.fits_free:
         raise typer.Exit(EXIT_DOES_NOT_FIT)

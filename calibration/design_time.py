@@ -1,0 +1,154 @@
+"""The pre-registered step-time holdout (issue 30): a serial matrix and its predictions.
+
+    python calibration/design_time.py matrix > calibration/matrices/h200-time1.json
+    python calibration/design_time.py predict calibration/matrices/h200-time1.json "NOTE" \\
+        > calibration/matrices/h200-time1-predictions.json
+    python calibration/design_time.py budget calibration/matrices/h200-time1.json
+
+Four catalog architectures (GQA and MHA, 32k-256k vocabularies, fused qkv/gate_up, Gemma-2's
+eager-only attention with soft capping, a 28-layer model at full depth), eight points each:
+full fine-tuning, 16-bit LoRA, QLoRA nf4 and int8 LoRA, each with checkpointing on and off;
+batch 1 to 16, sequences 512 to 2048. One `time_worker` process per
+architecture runs its points one after another; run the matrix with `--max-parallel 1`
+so every point has the GPU to itself (`timing_grade` in its record).
+
+`budget` prints the estimated device seconds: weights builds (about 20 s each, four at a
+time: calibration/h200/run26-holdout14.log), one process start per architecture (about
+15 s of imports and CUDA start), per point about 4 s of load, prepare and Trainer set-up
+(run 26's `measurement.wall_s` of 4-layer points less their steps) plus its steps at the
+predicted step time (the first step counted twice for warm-up).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
+
+from vramcalc.estimate import estimate  # noqa: E402
+from vramcalc.gpu_catalog import resolve_gpu  # noqa: E402
+from vramcalc.gpu_speed import gpu_speed  # noqa: E402
+from vramcalc.plan_settings import TrainPlan  # noqa: E402
+from vramcalc.specs import depth_cut, get_spec  # noqa: E402
+from vramcalc.step_time import step_time, train_work  # noqa: E402
+
+GiB = 2**30
+TIME_WORKER = "vramcalc.calibrate.time_worker"
+STEPS = 6  # one warm-up step, five timed (run.step_seconds: the median after the first)
+MAX_PEAK_GIB = 100  # one point at a time on a 141 GB H200: room for the process's leftovers
+ARCHS: dict[str, int | None] = {  # catalog name -> layers (None: full depth)
+    "llama-3.1-8b": 4, "qwen2.5-1.5b": None, "gemma-2-2b": 6, "phi-3-mini": 4,
+}
+# Each method twice per architecture: checkpointing on (even slots) and off (odd slots).
+SLOTS: list[dict[str, Any]] = [
+    {"method": "full"}, {"method": "full"},
+    {"method": "lora"}, {"method": "lora"},
+    {"method": "qlora", "quant": "nf4"}, {"method": "qlora", "quant": "nf4"},
+    {"method": "qlora", "quant": "int8"}, {"method": "qlora", "quant": "int8"},
+]
+BATCHES = [1, 2, 4, 8, 16]
+SEQS = [512, 1024, 512, 2048, 512, 1024, 512]
+PROCESS_START_S = 15.0
+POINT_SETUP_S = 4.0
+WEIGHTS_S = 20.0
+BUILD_PARALLEL = 4
+
+
+def plan_for(arch_index: int, slot: int) -> dict[str, Any]:
+    plan: dict[str, Any] = dict(SLOTS[slot])
+    plan["gradient_checkpointing"] = slot % 2 == 0
+    plan["batch_size"] = BATCHES[(slot + arch_index) % len(BATCHES)]
+    plan["seq_len"] = SEQS[(slot + arch_index) % len(SEQS)]
+    if plan["method"] == "full":
+        plan["optimizer"] = "adamw_torch_fused" if (slot + arch_index) % 2 else "adamw_torch"
+    elif plan.get("quant") == "int8":
+        plan["optimizer"] = "adamw_8bit"
+    elif plan["method"] == "lora":
+        plan["optimizer"] = "adamw_torch"
+    else:
+        plan["optimizer"] = "paged_adamw_8bit"
+    return plan
+
+
+def _fit(name: str, layers: int | None, plan: dict[str, Any]) -> dict[str, Any]:
+    """Halve the batch (then the sequence) until the predicted peak fits MAX_PEAK_GIB."""
+    spec = get_spec(name)
+    spec = depth_cut(spec, layers) if layers else spec
+    while estimate(spec, TrainPlan.model_validate(plan)).peak_device_bytes > MAX_PEAK_GIB * GiB:
+        if plan["batch_size"] > 1:
+            plan["batch_size"] //= 2
+        else:
+            plan["seq_len"] //= 2
+    return plan
+
+
+def matrix() -> dict[str, Any]:
+    points = []
+    for a, (name, layers) in enumerate(ARCHS.items()):
+        group = f"t{a}-{name}"
+        subs = [{"id": f"{group}/{j}", "plan": _fit(name, layers, plan_for(a, j)),
+                 "steps": STEPS} for j in range(len(SLOTS))]
+        points.append({"id": group, "worker": TIME_WORKER, "spec": name, "layers": layers,
+                       "reserve_gib": MAX_PEAK_GIB, "job": {"points": subs}})
+    return {"points": points}
+
+
+PREDICTED_GPUS = ("h200", "h100-sxm")  # the run may get either card
+
+
+def _predict_all(path: str) -> list[dict[str, Any]]:
+    speeds = {name: gpu_speed(resolve_gpu(name)) for name in PREDICTED_GPUS}
+    speed = speeds["h200"]
+    assert speed is not None
+    out = []
+    for group in json.loads(open(path, encoding="utf-8").read())["points"]:
+        spec = get_spec(group["spec"])
+        spec = depth_cut(spec, group["layers"]) if group.get("layers") else spec
+        for sub in group["job"]["points"]:
+            plan = TrainPlan.model_validate(sub["plan"])
+            st = step_time(train_work(spec, plan), speed)
+            work = train_work(spec, plan)
+            by_gpu = {name: round(step_time(work, sp).step_seconds, 6)
+                      for name, sp in speeds.items() if sp is not None}
+            out.append({"id": sub["id"], "gpu": "h200", "basis": st.basis,
+                        "step_seconds": round(st.step_seconds, 6), "by_gpu": by_gpu,
+                        "tokens_per_second": round(st.tokens_per_second, 1),
+                        "gpu_seconds": round(st.gpu_seconds, 6),
+                        "host_seconds": round(st.host_seconds, 6),
+                        "steps": sub.get("steps", STEPS)})
+    return out
+
+
+def predictions(path: str, note: str) -> dict[str, Any]:
+    return {"note": note, "points": _predict_all(path)}
+
+
+def budget(path: str) -> float:
+    preds = _predict_all(path)
+    groups = json.loads(open(path, encoding="utf-8").read())["points"]
+    weights = WEIGHTS_S * -(-len(groups) // BUILD_PARALLEL)
+    steps = sum(p["step_seconds"] * (p["steps"] + 1) for p in preds)
+    total = weights + PROCESS_START_S * len(groups) + POINT_SETUP_S * len(preds) + steps
+    print(f"{len(groups)} processes, {len(preds)} points: weights {weights:.0f} s, starts "
+          f"{PROCESS_START_S * len(groups):.0f} s, set-up {POINT_SETUP_S * len(preds):.0f} s, "
+          f"steps {steps:.0f} s; total {total:.0f} s")
+    return total
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["matrix"]:
+        json.dump(matrix(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif argv[:1] == ["predict"] and len(argv) == 3:
+        json.dump(predictions(argv[1], argv[2]), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif argv[:1] == ["budget"] and len(argv) == 2:
+        budget(argv[1])
+    else:
+        raise SystemExit("usage: design_time.py matrix | predict MATRIX NOTE | budget MATRIX")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
