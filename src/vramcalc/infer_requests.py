@@ -48,6 +48,7 @@ from pydantic import ValidationError
 
 from vramcalc.allocator_replay import (
     LARGE_BUFFER,
+    MIN_BLOCK,
     MIN_LARGE_ALLOC,
     ROUND_LARGE,
     SMALL_BUFFER,
@@ -401,6 +402,41 @@ def _crossings(lo: int, hi: int, offsets: list[int]) -> bool:
     return any((hi - off) // ROUND_LARGE != (lo - off) // ROUND_LARGE for off in offsets)
 
 
+def _growing_until(s: _Shape, caches: list[_Cache], last: int) -> int:
+    """The last cache length at which some cache tensor still grows (0: none grows)."""
+    if s.plan.cache == "static":
+        return 0
+    return max(last if c.window is None else min(c.window, last) for c in caches)
+
+
+def _first_length(per_token: int, size: int) -> int:
+    """The smallest length L with round_size(per_token * L) >= size."""
+    if size <= MIN_BLOCK:
+        return 1
+    return MIN_BLOCK * (ceil_div(size, MIN_BLOCK) - 1) // per_token + 1
+
+
+def _next_crossing(s: _Shape, caches: list[_Cache], n: int, last: int, prev_sizes: list[int],
+                   marks: list[int], offsets: list[int]) -> int:
+    """The first length after `n` whose growing size crosses a mark or a grid point above
+    the last replayed step's (`prev_sizes`), or where the set of growing sizes changes;
+    `last + 1` if none does. Every growing tensor holds `_cached_len` = the length tokens
+    while it grows (a sliding one up to its window), so the growing sizes are one,
+    round_size(per_token * length): its first value at or past the next threshold is
+    `_first_length` of that threshold."""
+    until = _growing_until(s, caches, last)
+    if not prev_sizes:
+        return last + 1  # nothing grows any more
+    (lo,) = prev_sizes  # one size (_growing_sizes at equal lengths)
+    above = bisect_left(marks, lo + 1)
+    thresholds = [off + ROUND_LARGE * ((lo - off) // ROUND_LARGE + 1) for off in offsets]
+    if above < len(marks):
+        thresholds.append(marks[above])
+    first = max(n + 1, _first_length(s.per_token, min(thresholds)))
+    # past `until` no size grows: `_growing_sizes` drops the group (a crossing)
+    return max(n + 1, min(first, until + 1))
+
+
 def _growing_sizes(s: _Shape, caches: list[_Cache], length: int) -> list[int]:
     """Storage bytes of each still-growing cache group at `length` tokens."""
     if s.plan.cache == "static":
@@ -494,7 +530,12 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
                     crossed_settled = True
                 replay_next = crossing
                 prev_sizes = sizes
-            n += 1
+            if not shortcut or replay_next or crossed_settled:
+                n += 1
+            else:  # the steps before the next crossing or fixed step change nothing
+                n = min(m for m in (_next_crossing(s, caches, n, last, prev_sizes, marks,
+                                                   offsets), last - 1, last, last + 1)
+                        if m > n)
         decode_allocated = sim.peak_allocated
     peak_reserved = jumped_reserved + closed if closed else sim.peak_reserved
     return InferPeaks(
