@@ -457,8 +457,8 @@ def _pool_changes(s: _Shape, n: int, last: int) -> list[int]:
     return sorted(m for m in out if n < m <= last)
 
 
-def _eager_profile(seen: list[tuple[int, int, int]], x: int,
-                   changes: list[int]) -> tuple[int, int] | None:
+def _eager_profile(seen: list[tuple[int, int, int]], x: int, changes: list[int],
+                   free: list[int]) -> tuple[int, int] | None:
     """(k1, k2) once the replayed steps show the eager decode's steady pattern, else None.
 
     The pattern: each time the largest growing request (`_largest_per_token`, 2 MiB-rounded)
@@ -470,6 +470,10 @@ def _eager_profile(seen: list[tuple[int, int, int]], x: int,
     two steps (x below 1 MiB per token), or no tail is taken."""
     if x + MIN_BLOCK > ROUND_LARGE // 2:
         return None
+    n = seen[-1][0]
+    made = sum(segs for m, segs, _ in seen if _level(x, m) == _level(x, n))
+    if sum(1 for f in free if f >= round_size(x * n)) > made:
+        return None  # a free block other than this level's new segments holds the largest
     starts = [i for i, (n, _, _) in enumerate(seen) if _level(x, n) > _level(x, n - 1)]
     # the latest level start whose next step was replayed too
     while starts and (starts[-1] + 1 >= len(seen)
@@ -654,7 +658,8 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
                 replay_requests(e.out, sim=sim, live=live)
                 seen.append((n, sim.segments - segments, sim.reserved - reserved))
                 if s.eager and shortcut and not jumped:
-                    profile = _eager_profile(seen, x, _pool_changes(s, n, last))
+                    profile = _eager_profile(seen, x, _pool_changes(s, n, last),
+                                             _free_blocks(sim))
                 nreq += len(e.out)
                 steps += 1
                 prev_len = n
