@@ -13,7 +13,6 @@ documented verdict (exit 0 fits, 3 does not fit), or a correct answer. The optio
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any
