@@ -23,18 +23,37 @@ The program (one request per tensor of at least `load_requests.MIN_REQUEST` byte
    fp32 logits and scores are freed when the new ones replace them.
 
 Decode is long, so not every step is replayed. A decode step changes the allocator's
-decisions only when a growing cache tensor's size crosses a size where a decision flips:
+decisions only when a growing tensor's size crosses a size where a decision flips:
 a free block's size (read from the allocator after each replayed step, `_marks`), the
 block less 1 MiB (the large pool's split rule) or less one of the step's temporaries, the
 room its own block leaves when freed (`_extents`), the 2 MiB grid of large segments
 (`kRoundLarge`, `_crossings`) and the shares of a 2 MiB or 20 MiB segment
-(`_shared_marks`). Only the steps at a crossing (and the one after it, where the rotating
-spare block moves) are replayed, with the first and the last two. Once the cache tensors
-are larger than any other block or request, they only ever fit in segments made for them:
-each time their 2 MiB-rounded size grows, each of the `c` growing tensors gets a new
-segment and one more rotates between them (c + 1), and the outgrown ones stay cached
-(`inference.growing_tensors_reserved`); the rest of the decode is summed in that closed
-form (`_closed_form`). tests/test_inference_program.py checks both shortcuts against the
+(`_shared_marks`). With eager attention the step's growing temporaries (repeat_kv's
+copies, the scores, the masks: `_eager_transients`) cross the same sizes, and the largest
+of them crossing into a new 2 MiB segment counts too. Only the steps at a crossing (and the
+one after it, where the rotating spare block moves) are replayed, with the first and the
+last two. Every growing tensor holds `length` tokens (a sliding one up to its window), so
+the next crossing is computed, not searched: the smallest threshold above the last
+replayed size, divided by the bytes per token (`_next_crossing`, `_first_length`); the loop
+runs once per crossing, not once per token.
+
+The crossings stop where the decode settles, and the rest is summed in closed form:
+- sdpa: once the cache tensors are larger than any other block or request, they only ever
+  fit in segments made for them: each time their 2 MiB-rounded size grows, each of the
+  `c` growing tensors gets a new segment and one more rotates between them (c + 1), and
+  the outgrown ones stay cached (`inference.growing_tensors_reserved`, `_closed_form`).
+- eager: the largest request is repeat_kv's copy (`_largest_per_token`), and the other
+  growing tensors end up in its outgrown segments. The pattern (k1 new segments of its new
+  size when it outgrows its segment, k2 at the next step, none anywhere else) is read from
+  the replayed steps, not derived (`_eager_profile`): it must hold on the last
+  `EAGER_LEVELS_SEEN` levels, with no free block but that level's new segments holding the
+  largest request, and no growing request changing pool (1 MiB, 10 MiB: `_pool_changes`)
+  within `EAGER_LEVELS_AHEAD` levels; then `_level_sum` adds (k1 + k2) segments per level,
+  an arithmetic series.
+The last step is replayed after the cache tensors are set to their final length (`_jump`),
+for its allocated bytes. The cost then depends on where the decode settles (the model's
+and the prefill's blocks, the lengths where a growing request changes pool), not on the
+number of new tokens. tests/test_inference_program.py checks both shortcuts against the
 replay of every step (`shortcut=False`); docs/memory-model.md lists where they differ.
 """
 
