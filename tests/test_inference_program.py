@@ -5,6 +5,7 @@ the breakdown against the peak, and the peaks against the committed H200 records
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,96 @@ def test_cost_does_not_grow_with_new_tokens() -> None:
     # and at 64 new tokens (every step replayed) no more requests than that
     short = infer_program_peaks(spec, plan.model_copy(update={"new_tokens": 64}))
     assert short.requests <= few.requests
+
+
+# 2**24 - prompt new tokens: the largest plan the input rules allow (issue 28)
+LONGEST = 2**24 - 128
+
+
+@pytest.mark.parametrize(("name", "layers", "settings"), [
+    ("llama-3.1-8b", 4, {}),
+    ("llama-3.1-8b", 4, {"quant": "int8"}),
+    ("llama-3.1-8b", 4, {"quant": "none"}),
+    ("llama-3.1-8b", 4, {"attn": "eager"}),
+    ("llama-3.1-8b", 4, {"attn": "eager", "quant": "int8"}),
+    ("llama-3.1-8b", 4, {"attn": "eager", "quant": "none"}),
+    ("gemma-2-2b", 4, {}),  # eager, sliding layers
+    ("mistral-7b", 4, {}),  # every layer sliding (window 4096)
+    ("qwen2.5-0.5b", 4, {"attn": "eager", "batch_size": 16}),
+])
+def test_cost_independent_of_new_tokens(name: str, layers: int,
+                                        settings: dict[str, Any]) -> None:
+    """The decode jumps from crossing to crossing and ends in a closed form: the same
+    requests for 2**20 and 2**24 - 128 new tokens, and the longest plan in < 2 s of CPU."""
+    spec = cut(name, layers)
+    few = infer_program_peaks(spec, InferPlan(prompt_len=128, new_tokens=2**20, **settings))
+    start = time.process_time()
+    many = infer_program_peaks(spec, InferPlan(prompt_len=128, new_tokens=LONGEST, **settings))
+    assert time.process_time() - start < 2
+    assert many.requests == few.requests
+    assert many.steps_replayed == few.steps_replayed
+    assert many.peak_allocated >= few.peak_allocated
+
+
+def _against_every_step(name: str, layers: int, plan: InferPlan) -> tuple[int, int, int]:
+    """(shortcut - every step) peak reserved and peak allocated, and the tail's bytes."""
+    spec = cut(name, layers)
+    short = infer_program_peaks(spec, plan)
+    full = infer_program_peaks(spec, plan, shortcut=False)
+    return (short.peak_reserved - full.peak_reserved,
+            short.peak_allocated - full.peak_allocated, short.closed_form_bytes)
+
+
+# eager decodes that reach the closed form read from the observed levels (_eager_profile)
+EAGER_EXACT = [
+    ("llama-3.1-8b", 2, InferPlan(batch_size=8, prompt_len=128, new_tokens=3000, attn="eager",
+                                  quant="int8")),
+    ("llama-3.1-8b", 2, InferPlan(batch_size=8, prompt_len=128, new_tokens=3000, attn="eager",
+                                  quant="none")),
+    ("qwen2.5-0.5b", 2, InferPlan(batch_size=16, prompt_len=128, new_tokens=3000,
+                                  attn="eager")),
+]
+
+
+@pytest.mark.parametrize(("name", "layers", "plan"), EAGER_EXACT)
+def test_eager_tail_against_every_step(name: str, layers: int, plan: InferPlan) -> None:
+    reserved, allocated, tail = _against_every_step(name, layers, plan)
+    assert tail > 0
+    assert reserved == 0
+    # a cache tensor's block keeps a remainder of up to 1 MiB unsplit (should_split): the
+    # blocks the shortcut's last steps land in may differ by that much
+    assert abs(allocated) <= 2 * 2**20
+
+
+# Measured (shortcut - every step), peak reserved: the shortcut's state drifts from the
+# every-step replay's across the skipped steps (the cache tensors rotate through their
+# blocks once per step, the shortcut rotates them once per gap); the closed forms add
+# exactly what the replayed continuation adds (same figures with the tails turned off).
+MISSES = [
+    ("llama-2-7b", 2, InferPlan(batch_size=2, prompt_len=64, new_tokens=3000, quant="none"),
+     -60),
+    ("llama-3.1-8b", 2, InferPlan(batch_size=4, prompt_len=128, new_tokens=4000, quant="int8"),
+     -158),
+    ("qwen2.5-0.5b", 2, InferPlan(batch_size=16, prompt_len=128, new_tokens=3000), 2),
+    ("smollm2-1.7b", 2, InferPlan(batch_size=8, prompt_len=64, new_tokens=2000, merged=True),
+     -726),
+    ("llama-3.1-8b", 2, InferPlan(batch_size=8, prompt_len=128, new_tokens=3000, attn="eager"),
+     -110),
+    ("llama-2-7b", 2, InferPlan(batch_size=8, prompt_len=64, new_tokens=3000, attn="eager"),
+     -1246),
+    ("gemma-2-2b", 2, InferPlan(batch_size=8, prompt_len=128, new_tokens=3000), -42),
+]
+
+
+@pytest.mark.parametrize(("name", "layers", "plan", "miss_mib"), MISSES)
+def test_known_misses_against_every_step(name: str, layers: int, plan: InferPlan,
+                                         miss_mib: int) -> None:
+    """Passes once a miss is fixed; a miss that changes size fails (update the table)."""
+    reserved, _, _ = _against_every_step(name, layers, plan)
+    if reserved != 0:
+        assert round(reserved / 2**20) == miss_mib
+        pytest.xfail(f"shortcut {miss_mib:+d} MiB vs every step: placement drift across "
+                     "skipped decode steps")
 
 
 @pytest.mark.parametrize("plan", [

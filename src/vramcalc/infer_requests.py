@@ -23,18 +23,37 @@ The program (one request per tensor of at least `load_requests.MIN_REQUEST` byte
    fp32 logits and scores are freed when the new ones replace them.
 
 Decode is long, so not every step is replayed. A decode step changes the allocator's
-decisions only when a growing cache tensor's size crosses a size where a decision flips:
+decisions only when a growing tensor's size crosses a size where a decision flips:
 a free block's size (read from the allocator after each replayed step, `_marks`), the
 block less 1 MiB (the large pool's split rule) or less one of the step's temporaries, the
 room its own block leaves when freed (`_extents`), the 2 MiB grid of large segments
 (`kRoundLarge`, `_crossings`) and the shares of a 2 MiB or 20 MiB segment
-(`_shared_marks`). Only the steps at a crossing (and the one after it, where the rotating
-spare block moves) are replayed, with the first and the last two. Once the cache tensors
-are larger than any other block or request, they only ever fit in segments made for them:
-each time their 2 MiB-rounded size grows, each of the `c` growing tensors gets a new
-segment and one more rotates between them (c + 1), and the outgrown ones stay cached
-(`inference.growing_tensors_reserved`); the rest of the decode is summed in that closed
-form (`_closed_form`). tests/test_inference_program.py checks both shortcuts against the
+(`_shared_marks`). With eager attention the step's growing temporaries (repeat_kv's
+copies, the scores, the masks: `_eager_transients`) cross the same sizes, and the largest
+of them crossing into a new 2 MiB segment counts too. Only the steps at a crossing (and the
+one after it, where the rotating spare block moves) are replayed, with the first and the
+last two. Every growing tensor holds `length` tokens (a sliding one up to its window), so
+the next crossing is computed, not searched: the smallest threshold above the last
+replayed size, divided by the bytes per token (`_next_crossing`, `_first_length`); the loop
+runs once per crossing, not once per token.
+
+The crossings stop where the decode settles, and the rest is summed in closed form:
+- sdpa: once the cache tensors are larger than any other block or request, they only ever
+  fit in segments made for them: each time their 2 MiB-rounded size grows, each of the
+  `c` growing tensors gets a new segment and one more rotates between them (c + 1), and
+  the outgrown ones stay cached (`inference.growing_tensors_reserved`, `_closed_form`).
+- eager: the largest request is repeat_kv's copy (`_largest_per_token`), and the other
+  growing tensors end up in its outgrown segments. The pattern (k1 new segments of its new
+  size when it outgrows its segment, k2 at the next step, none anywhere else) is read from
+  the replayed steps, not derived (`_eager_profile`): it must hold on the last
+  `EAGER_LEVELS_SEEN` levels, with no free block but that level's new segments holding the
+  largest request, and no growing request changing pool (1 MiB, 10 MiB: `_pool_changes`)
+  within `EAGER_LEVELS_AHEAD` levels; then `_level_sum` adds (k1 + k2) segments per level,
+  an arithmetic series.
+The last step is replayed after the cache tensors are set to their final length (`_jump`),
+for its allocated bytes. The cost then depends on where the decode settles (the model's
+and the prefill's blocks, the lengths where a growing request changes pool), not on the
+number of new tokens. tests/test_inference_program.py checks both shortcuts against the
 replay of every step (`shortcut=False`); docs/memory-model.md lists where they differ.
 """
 
@@ -48,6 +67,7 @@ from pydantic import ValidationError
 
 from vramcalc.allocator_replay import (
     LARGE_BUFFER,
+    MIN_BLOCK,
     MIN_LARGE_ALLOC,
     ROUND_LARGE,
     SMALL_BUFFER,
@@ -401,6 +421,149 @@ def _crossings(lo: int, hi: int, offsets: list[int]) -> bool:
     return any((hi - off) // ROUND_LARGE != (lo - off) // ROUND_LARGE for off in offsets)
 
 
+def _crossed(lo: int, hi: int, offsets: list[int], marks: list[int]) -> bool:
+    """Whether a size growing from `lo` to `hi` crosses a grid point or a mark."""
+    return _crossings(lo, hi, offsets) or bisect_left(marks, lo + 1) != bisect_left(
+        marks, hi + 1)
+
+
+def _threshold(lo: int, offsets: list[int], marks: list[int]) -> int:
+    """The smallest size above `lo` that `_crossed` counts: a grid point or a mark."""
+    above = bisect_left(marks, lo + 1)
+    return min([_next_grid(lo, off) for off in offsets]
+               + ([marks[above]] if above < len(marks) else []))
+
+
+def _eager_transients(s: _Shape) -> list[int]:
+    """Bytes per cached token of the growing temporaries of an eager decode step
+    (`_attention`, `_forward`): repeat_kv's copies, the bf16 and fp32 scores, the masks."""
+    spec, b = s.spec, s.plan.batch_size
+    heads = b * spec.num_attention_heads
+    return sorted({_largest_per_token(s), heads * s.c, heads * 4, b * s.c})
+
+
+def _next_grid(size: int, offset: int) -> int:
+    """The smallest k * 2 MiB + offset above `size` (`_crossings`' grid)."""
+    return offset + ROUND_LARGE * ((size - offset) // ROUND_LARGE + 1)
+
+
+def _largest_per_token(s: _Shape) -> int:
+    """Bytes per cached token of a decode step's largest growing request: eager
+    attention's repeat_kv copies (every query head, `_attention`), else a cache tensor."""
+    if s.eager:
+        return s.per_token * s.spec.num_attention_heads // s.spec.kv_heads
+    return s.per_token
+
+
+def _level(x: int, length: int) -> int:
+    """The segment a request of `x * length` bytes gets when no free block holds it."""
+    return allocation_size(round_size(x * length))
+
+
+# levels of the largest growing request seen with the same new segments before the tail
+EAGER_LEVELS_SEEN = 4
+# a pool change of a growing request closer than this many levels is replayed through
+EAGER_LEVELS_AHEAD = 64
+
+
+def _pool_changes(s: _Shape, n: int, last: int) -> list[int]:
+    """Lengths in (n, last] where one of an eager decode step's growing requests changes
+    how it is served: past 1 MiB it enters the replay (`DECODE_SMALLEST`) and the large
+    pool, past 10 MiB it gets 2 MiB-rounded segments of its own (`allocation_size`):
+    the cache tensors, repeat_kv's copies, the masks, the bf16 and fp32 scores."""
+    out = {_first_length(x, edge + MIN_BLOCK) for x in [s.per_token, *_eager_transients(s)]
+           for edge in (SMALL_SIZE, MIN_LARGE_ALLOC - MIN_BLOCK)}
+    return sorted(m for m in out if n < m <= last)
+
+
+def _eager_profile(seen: list[tuple[int, int, int]], x: int, changes: list[int],
+                   free: list[int]) -> tuple[int, int] | None:
+    """(k1, k2) once the replayed steps show the eager decode's steady pattern, else None.
+
+    The pattern: each time the largest growing request (`_largest_per_token`, 2 MiB-rounded)
+    outgrows its segment, k1 new segments of its new size at that step and k2 at the next
+    one, and no other segment anywhere (every other request finds a free block: an outgrown
+    segment of a larger class, or its own). It is read, not derived: it must hold on the
+    last `EAGER_LEVELS_SEEN` levels, every replayed step between them included, in the
+    large pool (past 20 MiB, where a level is one 2 MiB step) and with levels of at least
+    two steps (x below 1 MiB per token), or no tail is taken."""
+    if x + MIN_BLOCK > ROUND_LARGE // 2:
+        return None
+    n = seen[-1][0]
+    made = sum(segs for m, segs, _ in seen if _level(x, m) == _level(x, n))
+    if sum(1 for f in free if f >= round_size(x * n)) > made:
+        return None  # a free block other than this level's new segments holds the largest
+    starts = [i for i, (n, _, _) in enumerate(seen) if _level(x, n) > _level(x, n - 1)]
+    # the latest level start whose next step was replayed too
+    while starts and (starts[-1] + 1 >= len(seen)
+                      or seen[starts[-1] + 1][0] != seen[starts[-1]][0] + 1):
+        starts.pop()
+    if len(starts) < EAGER_LEVELS_SEEN:
+        return None
+    first = starts[-EAGER_LEVELS_SEEN]
+    if _level(x, seen[first][0] - 1) <= LARGE_BUFFER:
+        return None
+    k1 = seen[starts[-1]][1]
+    k2 = seen[starts[-1] + 1][1]
+    if k1 == 0:  # the largest request still fits in a free block: not the steady state
+        return None
+    if changes and _level(x, changes[0]) - _level(x, seen[-1][0]) \
+            <= EAGER_LEVELS_AHEAD * ROUND_LARGE:
+        return None  # a request changes pool soon: replay through it
+    for n, segs, nbytes in seen[first:starts[-1] + 2]:
+        k = (k1 if _level(x, n) > _level(x, n - 1) else 0) + (
+            k2 if _level(x, n - 1) > _level(x, n - 2) else 0)
+        if segs != k or nbytes != k * _level(x, n):
+            return None
+    return k1, k2
+
+
+def _level_sum(x: int, k1: int, k2: int, done: int, last: int) -> int:
+    """Reserved bytes the steady pattern (`_eager_profile`) adds after length `done`, up to
+    `last`: k1 + k2 segments of each new level, the k2 of a level that starts at `last`
+    left out. Levels grow by one 2 MiB step at a time (x < 1 MiB per token, large pool), so
+    the sum is an arithmetic series."""
+    lo, hi = _level(x, done), _level(x, last)
+    m = (hi - lo) // ROUND_LARGE  # levels after `done`
+    if m == 0:
+        return 0
+    total = (k1 + k2) * (m * lo + ROUND_LARGE * m * (m + 1) // 2)
+    if _first_length(x, hi - ROUND_LARGE + MIN_BLOCK) == last:
+        total -= k2 * hi
+    return total
+
+
+def _growing_until(s: _Shape, caches: list[_Cache], last: int) -> int:
+    """The last cache length at which some cache tensor still grows (0: none grows)."""
+    if s.plan.cache == "static":
+        return 0
+    return max(last if c.window is None else min(c.window, last) for c in caches)
+
+
+def _first_length(per_token: int, size: int) -> int:
+    """The smallest length L with round_size(per_token * L) >= size."""
+    if size <= MIN_BLOCK:
+        return 1
+    return MIN_BLOCK * (ceil_div(size, MIN_BLOCK) - 1) // per_token + 1
+
+
+def _next_crossing(s: _Shape, caches: list[_Cache], n: int, last: int, prev_sizes: list[int],
+                   marks: list[int], offsets: list[int]) -> int:
+    """The first length after `n` whose growing size crosses a mark or a grid point above
+    the last replayed step's (`prev_sizes`), or where the set of growing sizes changes;
+    `last + 1` if none does. Every growing tensor holds `_cached_len` = the length tokens
+    while it grows (a sliding one up to its window), so the growing sizes are one,
+    round_size(per_token * length): its first value at or past the next threshold is
+    `_first_length` of that threshold."""
+    until = _growing_until(s, caches, last)
+    if not prev_sizes:
+        return last + 1  # nothing grows any more
+    (lo,) = prev_sizes  # one size (_growing_sizes at equal lengths)
+    first = max(n + 1, _first_length(s.per_token, _threshold(lo, offsets, marks)))
+    # past `until` no size grows: `_growing_sizes` drops the group (a crossing)
+    return max(n + 1, min(first, until + 1))
+
+
 def _growing_sizes(s: _Shape, caches: list[_Cache], length: int) -> list[int]:
     """Storage bytes of each still-growing cache group at `length` tokens."""
     if s.plan.cache == "static":
@@ -444,6 +607,7 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
     steps = 0
     closed = 0
     jumped_reserved = 0
+    jumped = False
     if plan.new_tokens > 1:
         sim.peak_allocated = sim.allocated
         # the constant temporaries of a decode step, for the crossings' offsets
@@ -461,14 +625,36 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
                          *free])
         n = p + 1  # the cache's length after this step
         prev_sizes = _growing_sizes(s, caches, p)
+        prev_len = p
         replay_next = True
         crossed_settled = False
+        x = _largest_per_token(s)
+        transients = _eager_transients(s) if s.eager else []
+        seen: list[tuple[int, int, int]] = []  # replayed: (length, new segments, bytes)
+        profile: tuple[int, int] | None = None
         while n <= last:
             sizes = _growing_sizes(s, caches, n)
             crossing = len(sizes) != len(prev_sizes) or any(
                 _crossings(lo, hi, offsets)
                 or bisect_left(marks, lo + 1) != bisect_left(marks, hi + 1)
                 for lo, hi in zip(prev_sizes, sizes, strict=True))
+            if s.eager:  # the step's growing temporaries, and a new level of the largest
+                crossing = crossing or _crossings(round_size(x * prev_len),
+                                                  round_size(x * n), [MIN_BLOCK]) or any(
+                    round_size(k * n) >= DECODE_SMALLEST
+                    and _crossed(round_size(k * prev_len), round_size(k * n), offsets, marks)
+                    for k in transients)
+            if shortcut and profile is not None and not replay_next and n < last:
+                # eager: the rest in closed form from the observed levels (_eager_profile)
+                closed = _level_sum(x, *profile, n - 1, last)
+                jumped_reserved = sim.peak_reserved
+                jumped = True
+                peak = sim.peak_allocated
+                nreq += _jump(s, caches, sim, live, ids, last - 1)
+                sim.peak_allocated = max(peak, sim.allocated)
+                n = last
+                sizes = _growing_sizes(s, caches, n)
+                crossing = True
             settled = (s.plan.cache == "dynamic" and not s.eager and len(sizes) == 1
                        and all(c.window is None or n > c.window for c in caches
                                if c.window is not None)
@@ -477,6 +663,7 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
                 # the rest in closed form; the last step replayed for its allocated bytes
                 closed = _closed_form(s, caches, n - 1, last)
                 jumped_reserved = sim.peak_reserved
+                jumped = True
                 peak = sim.peak_allocated
                 nreq += _jump(s, caches, sim, live, ids, last - 1)
                 sim.peak_allocated = max(peak, sim.allocated)
@@ -486,17 +673,35 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
             if not shortcut or crossing or replay_next or n in (p + 1, last - 1, last):
                 e = _Emit(ids, DECODE_SMALLEST)
                 carried = _forward(e, s, caches, 1, n, False, carried)
+                segments, reserved = sim.segments, sim.reserved
                 replay_requests(e.out, sim=sim, live=live)
+                seen.append((n, sim.segments - segments, sim.reserved - reserved))
+                if s.eager and shortcut and not jumped:
+                    profile = _eager_profile(seen, x, _pool_changes(s, n, last),
+                                             _free_blocks(sim))
                 nreq += len(e.out)
                 steps += 1
+                prev_len = n
                 marks = _marks(sim, temps, shared, _extents(caches, live))
                 if crossing and settled:
                     crossed_settled = True
                 replay_next = crossing
                 prev_sizes = sizes
-            n += 1
+            if not shortcut or replay_next or crossed_settled:
+                n += 1
+            else:  # the steps before the next crossing or fixed step change nothing
+                nxt = [_next_crossing(s, caches, n, last, prev_sizes, marks, offsets),
+                       last - 1, last, last + 1]
+                if s.eager:
+                    nxt.append(_first_length(x, _next_grid(round_size(x * prev_len),
+                                                           MIN_BLOCK)))
+                    nxt += [max(_first_length(k, DECODE_SMALLEST),
+                                _first_length(k, _threshold(round_size(k * prev_len), offsets,
+                                                            marks)))
+                            for k in transients]
+                n = min(m for m in nxt if m > n)
         decode_allocated = sim.peak_allocated
-    peak_reserved = jumped_reserved + closed if closed else sim.peak_reserved
+    peak_reserved = jumped_reserved + closed if jumped else sim.peak_reserved
     return InferPeaks(
         load_allocated=load_allocated, load_reserved=load_reserved,
         prefill_allocated=prefill_allocated, decode_allocated=decode_allocated,
