@@ -347,6 +347,25 @@ static int32_t chain(Sim *s, int small) {
 }
 
 /* CachingAllocator._map */
+/* Cut block `bi` after its first `size` bytes: the rest becomes a new free block (mapped or
+ * not) linked after it in its segment; returns the new block's index, -1 when out of memory
+ * (sim_malloc's split, and map_block's pages of an expandable segment). */
+static int32_t split_block(Sim *s, int32_t bi, int64_t size, int small, int mapped) {
+    int32_t r = new_block(s, s->b[bi].addr + size, s->b[bi].size - size, small, 0, mapped);
+    if (r < 0) {
+        return -1;
+    }
+    Block *b = &s->b[bi];
+    s->b[r].next = b->next;
+    if (b->next >= 0) {
+        s->b[b->next].prev = r;
+    }
+    s->b[r].prev = bi;
+    b->next = r;
+    b->size = size;
+    return r;
+}
+
 static int32_t map_block(Sim *s, int32_t bi, int64_t size) {
     int small = s->b[bi].small;
     int64_t page = small ? SMALL_BUFFER : LARGE_BUFFER;
@@ -355,19 +374,8 @@ static int32_t map_block(Sim *s, int32_t bi, int64_t size) {
     if (size > bsize) {
         size = bsize;
     }
-    if (size < bsize) {
-        int32_t r = new_block(s, s->b[bi].addr + size, bsize - size, small, 0, 0);
-        if (r < 0) {
-            return -1;
-        }
-        Block *b = &s->b[bi];
-        s->b[r].next = b->next;
-        if (b->next >= 0) {
-            s->b[b->next].prev = r;
-        }
-        s->b[r].prev = bi;
-        b->next = r;
-        b->size = size;
+    if (size < bsize && split_block(s, bi, size, small, 0) < 0) {
+        return -1;
     }
     s->b[bi].mapped = 1;
     grow(s, size);
@@ -445,18 +453,10 @@ static int32_t sim_malloc(Sim *s, int64_t size) {
         split = small ? rest >= MIN_BLOCK : rest > SMALL_SIZE;
     }
     if (split) {
-        int32_t r = new_block(s, s->b[bi].addr + size, s->b[bi].size - size, small, 0, 1);
+        int32_t r = split_block(s, bi, size, small, 1);
         if (r < 0) {
             return -1;
         }
-        Block *b = &s->b[bi];
-        s->b[r].next = b->next;
-        if (b->next >= 0) {
-            s->b[b->next].prev = r;
-        }
-        s->b[r].prev = bi;
-        b->next = r;
-        b->size = size;
         pool_add(s, r);
     }
     s->b[bi].allocated = 1;
