@@ -538,6 +538,23 @@ def replay_requests(requests: Iterable[tuple[int, int]], expandable: bool = Fals
     return sim
 
 
+def requested_run(sizes: dict[int, int], total: int,
+                  requests: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The rounded request bytes alive (round_size per allocation, a free gives back its
+    own; `sizes` holds the live ones) over `requests`, from `total`: the total after them
+    and its peak. Unlike allocated bytes they do not depend on where a request lands
+    (step_requests.requested_peaks)."""
+    peak = total
+    for tid, size in requests:
+        if size > 0:
+            sizes[tid] = round_size(size)
+            total += sizes[tid]
+            peak = max(peak, total)
+        elif size == 0:
+            total -= sizes.pop(tid)
+    return total, peak
+
+
 Engine = Literal["compiled", "python"]
 
 
@@ -607,21 +624,7 @@ def replay_program(load: Sequence[tuple[int, int]], steps: Sequence[RequestBlock
                              req_peaks)
     requests = expand(steps)
     sizes: dict[int, int] = {}
-    requested = 0
-
-    def requested_peak(segment: Sequence[tuple[int, int]]) -> int:
-        nonlocal requested
-        peak = requested
-        for tid, size in segment:
-            if size > 0:
-                sizes[tid] = round_size(size)
-                requested += sizes[tid]
-                peak = max(peak, requested)
-            elif size == 0:
-                requested -= sizes.pop(tid)
-        return peak
-
-    load_req = requested_peak(load)
+    requested, load_req = requested_run(sizes, 0, load)
     sim = replay_requests(load, expandable=expandable)
     load_alloc, load_res = sim.peak_allocated, sim.peak_reserved
     sim.peak_reserved, sim.peak_allocated = sim.reserved, sim.allocated
@@ -633,7 +636,8 @@ def replay_program(load: Sequence[tuple[int, int]], steps: Sequence[RequestBlock
     for lo, hi in zip(bounds, ends, strict=True):
         sim.peak_allocated = sim.allocated
         replay_requests(requests[lo:hi], sim=sim, live=live)
-        segment_requested.append(requested_peak(requests[lo:hi]))
+        requested, peak = requested_run(sizes, requested, requests[lo:hi])
+        segment_requested.append(peak)
         segment_peaks.append(sim.peak_allocated)
         overall = max(overall, sim.peak_allocated)
     return ProgramReplay(load_alloc, load_res, tuple(segment_peaks), overall,

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vramcalc.activations import expert_dtype_bytes, int8_outlier_fraction, residual_bytes
-from vramcalc.allocator_replay import Engine, replay_program, round_size
+from vramcalc.allocator_replay import Engine, replay_program, requested_run
 from vramcalc.errors import VramcalcError
 from vramcalc.load_requests import MIN_REQUEST, load_requests
 from vramcalc.optimizer import optimizer_bytes, optimizer_state_groups
@@ -1297,27 +1297,12 @@ def requested_peaks(load: list[tuple[int, int]], requests: list[tuple[int, int]]
     split off (c10 `should_split`), so they depend on which free block a request lands in,
     and can fall when a tensor grows; these cannot: the requests are the same program
     whatever the sizes, and every size grows with batch, sequence length and rank."""
-    live: dict[int, int] = {}
-    total = peak = 0
-    for tid, size in load:
-        if size > 0:
-            live[tid] = round_size(size)
-            total += live[tid]
-        elif size == 0:
-            total -= live.pop(tid)
-        peak = max(peak, total)
+    sizes: dict[int, int] = {}
+    total, peak = requested_run(sizes, 0, load)
     out = {"load": peak, "forward": 0, "backward": 0, "optimizer": 0}
-    steps: dict[int, int] = {}
     bounds = [*phases, ("", len(requests))]
     for (name, lo), (_, hi) in itertools.pairwise(bounds):
-        peak = total
-        for tid, size in requests[lo:hi]:
-            if size > 0:
-                steps[tid] = round_size(size)
-                total += steps[tid]
-            elif size == 0:
-                total -= steps.pop(tid)
-            peak = max(peak, total)
+        total, peak = requested_run(sizes, total, requests[lo:hi])
         out[name] = max(out[name], peak)
     return out
 
