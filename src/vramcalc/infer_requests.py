@@ -644,24 +644,17 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
                     round_size(k * n) >= DECODE_SMALLEST
                     and _crossed(round_size(k * prev_len), round_size(k * n), offsets, marks)
                     for k in transients)
-            if shortcut and profile is not None and not replay_next and n < last:
-                # eager: the rest in closed form from the observed levels (_eager_profile)
-                closed = _level_sum(x, *profile, n - 1, last)
-                jumped_reserved = sim.peak_reserved
-                jumped = True
-                peak = sim.peak_allocated
-                nreq += _jump(s, caches, sim, live, ids, last - 1)
-                sim.peak_allocated = max(peak, sim.allocated)
-                n = last
-                sizes = _growing_sizes(s, caches, n)
-                crossing = True
+            # never for eager attention, which takes its own tail (profile) instead
             settled = (s.plan.cache == "dynamic" and not s.eager and len(sizes) == 1
                        and all(c.window is None or n > c.window for c in caches
                                if c.window is not None)
                        and min(sizes, default=0) > settle_at)
-            if shortcut and settled and crossed_settled and not replay_next and n < last:
-                # the rest in closed form; the last step replayed for its allocated bytes
-                closed = _closed_form(s, caches, n - 1, last)
+            if shortcut and not replay_next and n < last and (
+                    profile is not None or (settled and crossed_settled)):
+                # the rest in closed form (eager: from the observed levels, _eager_profile);
+                # the last step replayed for its allocated bytes
+                closed = (_closed_form(s, caches, n - 1, last) if profile is None
+                          else _level_sum(x, *profile, n - 1, last))
                 jumped_reserved = sim.peak_reserved
                 jumped = True
                 peak = sim.peak_allocated
