@@ -330,22 +330,6 @@ def _targets(gpus: Sequence[Any] | None) -> list[Target]:
     return out
 
 
-def _advise(search: Any, spec: ModelSpec, plan: TrainPlan, memory: int, margin: int,
-            fn: Any) -> Any:
-    """advice.suggest / advice.allocator_suggestion on a card of `memory` bytes with
-    `margin` to spare. They took the budget (memory - margin, verdict.budget) until main's
-    input rules (issue 28) gave them (memory_bytes, margin_bytes); either is called as it
-    is declared, so this branch works before and after that merge. Once merged, call
-    `search(spec, plan, memory, margin, fn)` directly."""
-    import inspect
-
-    if "margin_bytes" in inspect.signature(search).parameters:
-        return search(spec, plan, memory, margin, fn)
-    from vramcalc.verdict import budget
-
-    return search(spec, plan, budget(memory, margin), fn)
-
-
 def preflight(
     model_or_id: Any,
     training_args: Any,
@@ -397,9 +381,9 @@ def preflight(
     t, p, fn, est, v = min(rows, key=lambda r: r[4].headroom_bytes)  # the GPU that decides
     suggestions: list[Suggestion] = []
     if not v.fits:
-        suggestions = _advise(advice.suggest, spec, p, t.free_bytes, margin, fn)
+        suggestions = advice.suggest(spec, p, t.free_bytes, margin, fn)
     elif v.certainty == "tight":
-        more = _advise(advice.allocator_suggestion, spec, p, t.free_bytes, margin, fn)
+        more = advice.allocator_suggestion(spec, p, t.free_bytes, margin, fn)
         suggestions = [] if more is None else [more]
     return PreflightResult(
         estimate=_with_plan(est, spec, p),

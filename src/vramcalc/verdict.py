@@ -140,11 +140,6 @@ def verdict(memory_bytes: int, required_bytes: int, margin_bytes: int,
                    margin_bytes=margin_bytes, required_low_bytes=required_low_bytes)
 
 
-def budget(memory_bytes: int, margin_bytes: int) -> int:
-    """The largest `required_device_bytes` that fits: memory less the margin."""
-    return memory_bytes - margin_bytes
-
-
 class Target(BaseModel):
     """A card to check a plan against: a detected GPU, a catalog GPU or a sized empty card.
 
