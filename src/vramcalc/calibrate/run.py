@@ -617,6 +617,16 @@ def direct_optimizer(model: Any, plan: TrainPlan) -> Any:
     return cls(params, lr=lr)
 
 
+def _checkpointing(model: Any, plan: TrainPlan) -> None:
+    """Gradient checkpointing as the loops outside Trainer turn it on: non-reentrant, and
+    the inputs made to require grad where the base is frozen (what
+    prepare_model_for_kbit_training(use_gradient_checkpointing=True) leaves)."""
+    if plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if plan.method != "full":
+            model.enable_input_require_grads()
+
+
 def _tutorial_loop(model: Any, plan: TrainPlan, ids: Any, steps: int, on_gpu: bool,
                    readings: list[dict[str, int]], tracing: bool, clock: list[float]) -> Any:
     """`--loop plain`, the loop tutorials write (issue 27): no Trainer constructed, the
@@ -629,10 +639,7 @@ def _tutorial_loop(model: Any, plan: TrainPlan, ids: Any, steps: int, on_gpu: bo
 
     import torch
 
-    if plan.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if plan.method != "full":
-            model.enable_input_require_grads()
+    _checkpointing(model, plan)
     model.train()
     optimizer = direct_optimizer(model, plan)
     dev = "cuda" if on_gpu else "cpu"
@@ -678,10 +685,7 @@ def _plain_loop(model: Any, trainer: Any, plan: TrainPlan, ids: Any, steps: int,
     import torch
 
     optimizer = trainer.create_optimizer()
-    if plan.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if plan.method != "full":
-            model.enable_input_require_grads()
+    _checkpointing(model, plan)
     model.train()
     dev = "cuda" if on_gpu else "cpu"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.compute_dtype)
