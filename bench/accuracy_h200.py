@@ -54,10 +54,12 @@ def summary(errors: list[float]) -> str:
     return f"n={len(a):3d} median {med:5.2f}%  p90 {p90:5.2f}%  worst {a[-1]:6.2f}%"
 
 
-def collect(run: str | None, preregistered: dict[str, dict[str, Any]] | None = None
-            ) -> list[dict[str, Any]]:
+def collect(run: str | tuple[str, ...] | None,
+            preregistered: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Rows of one run, of several runs of one matrix (a tuple), or of every run (None)."""
+    runs: tuple[str | None, ...] = run if isinstance(run, tuple) else (run,)
     rows = []
-    for rec, spec, plan in records(run):
+    for rec, spec, plan in (r for one in runs for r in records(one)):
         m = rec.get("measurement") or {}
         if rec["status"] != "ok" or not m.get("peak_allocated_bytes"):
             continue
@@ -73,6 +75,7 @@ def collect(run: str | None, preregistered: dict[str, dict[str, Any]] | None = N
         row = {
             "id": rec["id"], "regime": regime(spec, plan),
             "ckpt": plan.gradient_checkpointing, "attn": plan.attn, "loop": plan.loop,
+            "full_depth": "@" not in str(rec.get("spec", "")),
             "alloc": pct(pred_alloc, m["peak_allocated_bytes"]),
             "reserved": pct(pred_res, m["peak_reserved_bytes"]) if clean else None,
             "device": None,
@@ -94,6 +97,8 @@ def report(title: str, rows: list[dict[str, Any]], show_points: bool) -> None:
         print(f"    {reg:24s} {summary([r['alloc'] for r in sub])}")
     for label, pick in (("checkpointing on", True), ("checkpointing off", False)):
         print(f"    {label:24s} {summary([r['alloc'] for r in rows if r['ckpt'] is pick])}")
+    for label, full in (("full depth", True), ("depth cut", False)):
+        print(f"    {label:24s} {summary([r['alloc'] for r in rows if r['full_depth'] is full])}")
     print(f"    {'eager attention':24s} "
           f"{summary([r['alloc'] for r in rows if r['attn'] == 'eager'])}")
     loops = sorted({r["loop"] for r in rows})
@@ -144,8 +149,9 @@ HOLDOUTS = [
      "covers the plan)"),
     ("run26-holdout14.jsonl", "h200-holdout14-predictions.json",
      "holdout 14 (run 26, 30 points, after the reserved peak took in loading and preparing)"),
-    ("run27-holdout15.jsonl", "h200-holdout15-predictions.json",
-     "holdout 15 (run 27, 36 points, issue 27: the tutorial loop three ways, Trainer draws)"),
+    (("run27-holdout15.jsonl", "run28-holdout15.jsonl"), "h200-holdout15-predictions.json",
+     "holdout 15 (runs 27 + 28 on an H100, 36 points, issue 27: the tutorial loop three ways, "
+     "Trainer draws)"),
 ]
 
 
@@ -154,6 +160,7 @@ def _no_snaps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str]) -> None:
+    """Every holdout with its pre-registered predictions, then the current estimator."""
     show = "--points" in argv
     report("design matrix (fit set: traced and corrected on these), current estimator",
            collect("run1-design.jsonl"), show)

@@ -47,10 +47,17 @@ RUNS = {  # run file -> the matrix it measured
     "run25-traces.jsonl": "h200-traces25.json",
     "run26-holdout14.jsonl": "h200-holdout14.json",
     "run27-holdout15.jsonl": "h200-holdout15.json",
+    "run28-holdout15.jsonl": "h200-holdout15.json",
+    "run28-gemma2-trace.jsonl": "h100-gemma2-trace28.json",
 }
 # Runs measured on another card than the H200: the folder under calibration/ that holds
-# them (run 27 was given an H100 80GB HBM3: calibration/h100/run27-gpu.txt).
-RUN_DIRS = {"run27-holdout15.jsonl": "h100"}
+# them (runs 27 and 28 were given an H100 80GB HBM3: calibration/h100/run27-gpu.txt,
+# run28-gpu.txt). Run 28 measured the 23 holdout-15 points that could not start in run 27.
+RUN_DIRS = {
+    "run27-holdout15.jsonl": "h100",
+    "run28-holdout15.jsonl": "h100",
+    "run28-gemma2-trace.jsonl": "h100",
+}
 
 
 # Runs 1-6 ran calibrate's plain loop before commit c5caccc, which freed the output after
