@@ -71,10 +71,17 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--diff", action="store_true",
                     help="print where the two sequences differ (difflib opcodes)")
     args = ap.parse_args(argv)
-    run = {"t17-": "run17", "t23-": "run23", "t25-": "run25"}.get(args.point[:4], "run14")
-    trace = json.loads(gzip.open(ROOT / "calibration" / "h200" / f"{run}-traces"
-                                 / f"{args.point}.json.gz", "rt").read())
-    found = [(s, p) for r, s, p in records(f"{run}-traces.jsonl") if r["id"] == args.point]
+    # (records file, trace folder) by point id prefix; run 28's gemma-2 traces ran on an H100
+    run, folder = {
+        "t17-": ("run17-traces.jsonl", "h200/run17-traces"),
+        "t23-": ("run23-traces.jsonl", "h200/run23-traces"),
+        "t25-": ("run25-traces.jsonl", "h200/run25-traces"),
+        "g004": ("run28-gemma2-trace.jsonl", "h100/traces28"),
+        "g031": ("run28-gemma2-trace.jsonl", "h100/traces28"),
+    }.get(args.point[:4], ("run14-traces.jsonl", "h200/run14-traces"))
+    trace = json.loads(gzip.open(ROOT / "calibration" / folder / f"{args.point}.json.gz",
+                                 "rt").read())
+    found = [(s, p) for r, s, p in records(run) if r["id"] == args.point]
     if not found:
         raise SystemExit(f"{args.point}: not a traced point of run 14, 17 or 23")
     spec, plan = found[0]

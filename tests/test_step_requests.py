@@ -297,3 +297,23 @@ def test_the_tutorial_loop_in_the_step_program() -> None:
     for phase in ("forward", "optimizer"):
         assert abs(kept.phases[phase] - dropped.phases[phase] - graph) < 2**20
     assert kept.phases["backward"] == dropped.phases["backward"]
+
+
+@pytest.mark.parametrize("name", ["gemma-2-2b", "gemma-7b"])
+def test_a_gemma_norm_keeps_its_fp32_product_where_the_weight_trains(name: str) -> None:
+    """GemmaRMSNorm scales in fp32 and casts afterwards (specs.FP32_SCALED_NORM_FAMILIES):
+    under full fine-tuning one more layer keeps, per token, 2 B per norm and hidden unit
+    more than the same layer whose norm casts first (LlamaRMSNorm keeps the bf16 cast)."""
+    plan = TrainPlan(method="full", batch_size=4, seq_len=2048, gradient_checkpointing=False,
+                     optimizer="sgd")
+    spec = get_spec(name)
+
+    def layer(model_type: str) -> float:
+        def peak(n: int) -> int:
+            cut = spec.model_copy(update={"model_type": model_type, "num_hidden_layers": n})
+            return replay_requests(step_requests(cut, plan, steps=1).requests).peak_allocated
+        return (peak(3) - peak(2)) / plan.tokens
+
+    assert spec.norm_scales_in_fp32
+    assert layer(spec.model_type) - layer("llama") == pytest.approx(
+        2 * spec.norms_per_layer * spec.hidden_size, rel=0.02)

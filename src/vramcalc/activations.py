@@ -294,8 +294,8 @@ def _norms_saved(spec: ModelSpec, plan: TrainPlan, norms: int | None = None) -> 
     per_norm = norm_in * h + RSQRT_BYTES
     if plan.method == "full" and spec.norm == "rmsnorm":
         # weight * normed keeps the normalized tensor for the weight's gradient; Gemma's
-        # `output * (1.0 + self.weight.float())` keeps it in fp32.
-        per_norm += (4 if spec.model_type.startswith("gemma") else residual_bytes(plan)) * h
+        # `output * (1.0 + self.weight.float())` keeps it in fp32 (specs.norm_scales_in_fp32).
+        per_norm += (4 if spec.norm_scales_in_fp32 else residual_bytes(plan)) * h
     total = (spec.norms_per_layer if norms is None else norms) * per_norm
     if spec.qk_norm:
         # q_norm / k_norm run on the q/k projections (compute dtype under autocast): the

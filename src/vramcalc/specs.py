@@ -88,6 +88,14 @@ MAX_HEADS = 2**12  # 32 x the most attention heads (128)
 MAX_EXPERTS = 2**13  # 21 x the most routed experts (384)
 
 
+# Families whose RMSNorm scales in fp32, then casts to the input dtype (transformers 5.17
+# and 5.25 alike): modeling_gemma.py GemmaRMSNorm.forward `(self._norm(x.float()) * (1.0 +
+# self.weight.float())).type_as(x)`, the same in modeling_gemma2.py and modeling_gemma3.py;
+# modeling_olmo2.py Olmo2RMSNorm.forward `(self.weight * hidden_states).to(input_dtype)`.
+# LlamaRMSNorm and its copies cast first: `self.weight * hidden_states.to(input_dtype)`.
+FP32_SCALED_NORM_FAMILIES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "olmo2"})
+
+
 class ModelSpec(BaseModel):
     """Architecture of one decoder-only causal LM (keys as in HF config.json)."""
 
@@ -195,6 +203,12 @@ class ModelSpec(BaseModel):
     @property
     def kv_size(self) -> int:
         return self.kv_heads * self.head_size
+
+    @property
+    def norm_scales_in_fp32(self) -> bool:
+        """The RMSNorm multiplies by its weight in fp32 and casts afterwards (see
+        FP32_SCALED_NORM_FAMILIES), so a trained weight keeps the fp32 normalized tensor."""
+        return self.norm == "rmsnorm" and self.model_type in FP32_SCALED_NORM_FAMILIES
 
     @property
     def is_moe(self) -> bool:

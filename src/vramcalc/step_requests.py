@@ -427,6 +427,7 @@ class _Shapes:
     # the share of the down projection input's columns int8 keeps as subA (every token)
     outlier_fraction: float = 1.0
     kv_cache: bool = False  # the forward fills a DynamicCache (TrainPlan.kv_cache)
+    fp32_norm_scale: bool = False  # ModelSpec.norm_scales_in_fp32
 
 
 # Linears whose input carries int8 outlier columns (the MLP's down projection input)
@@ -608,7 +609,20 @@ def _norm(g: Graph, s: _Shapes, x: Var, width: int, rows: int | None = None) -> 
     y = g.op(n * 4, [xf, r], save=(xf,), bwd_temps=(n * 4,))
     g.drop(r)
     trains = s.method == "full"
-    if in_bytes != 4:
+    if in_bytes != 4 and s.fp32_norm_scale:
+        # (normed * weight) in fp32, then the cast: the product keeps the fp32 normalized
+        # tensor where the weight trains (specs.FP32_SCALED_NORM_FAMILIES; recorded, run 28
+        # trace g031-gemma-2-2b: one more input-sized fp32 tensor per norm and step)
+        # Its backward, where the weight trains, makes the weight's `grad * normed` (fp32,
+        # input-sized, before its sum over tokens) and, while it lives, one transient of
+        # twice that (recorded, run 28 g031: `+9 +9 +18 -18 -9` MiB in each norm's backward;
+        # which kernel asks for the second is not identified)
+        z = g.op(n * 4, [y], save=(y,) if trains else (),
+                 bwd_temps=(n * 4, 2 * n * 4) if trains else ())
+        g.drop(y)
+        out = g.op(n * in_bytes, [z])
+        g.drop(z)
+    elif in_bytes != 4:
         yc = g.op(n * in_bytes, [y])
         g.drop(y)
         out = g.op(n * in_bytes, [yc], save=(yc,) if trains else ())
@@ -726,11 +740,26 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
         # for backward (activations.window_mask_bytes; H200 run 1 d034)
         bias = (g.op(plan.batch_size * plan.seq_len * plan.seq_len * s.c, [])
                 if window else None)
-        out = g.op(t * spec.q_size * s.c, [qc, kc, vc],
-                   save=(qc, kc, vc) if bias is None else (qc, kc, vc, bias), save_out=True,
-                   bwd_temps=(2 * t * spec.q_size * 4 + stats,))
+        # ... and with a mask, transformers repeats the grouped keys and values to every
+        # head before the call, since the CUDA kernels take GQA only without one
+        # (integrations/sdpa_attention.py use_gqa_in_sdpa, sdpa_attention_forward:
+        # repeat_kv, a copy; 5.17 and 5.25); the kernel saves the copies (recorded, run 28
+        # trace g004-gemma-2-2b: two 16 MiB requests in each sliding layer)
+        kr, vr = kc, vc
+        if bias is not None and spec.kv_heads != spec.num_attention_heads:
+            kr = g.op(t * spec.q_size * s.c, [kc])
+            vr = g.op(t * spec.q_size * s.c, [vc])
+        # With that mask sdpa runs the memory-efficient kernel, whose backward asks for one
+        # fp32 dq-sized workspace instead of two (recorded, run 28 trace g004-gemma-2-2b:
+        # 32.1 MiB in each of the 13 sliding layers, 64.1 MiB in the 13 full ones)
+        k_ws = 1 if bias is not None else 2
+        out = g.op(t * spec.q_size * s.c, [qc, kr, vr],
+                   save=(qc, kr, vr) if bias is None else (qc, kr, vr, bias), save_out=True,
+                   bwd_temps=(k_ws * t * spec.q_size * 4 + stats,))
         if bias is not None:
             g.drop(bias)
+        if kr is not kc:
+            g.drop(kr, vr)
         if qc is not q:
             g.drop(qc, kc, vc)
         return out, None
@@ -1075,6 +1104,7 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
         int8=plan.method == "qlora" and plan.quant == "int8",
         outlier_fraction=int8_outlier_fraction(spec, plan.tokens),
         kv_cache=plan.kv_cache,
+        fp32_norm_scale=spec.norm_scales_in_fp32,
     )
 
 
