@@ -6,6 +6,7 @@
     python calibration/design.py holdout4 > calibration/matrices/h200-holdout4.json
     python calibration/design.py holdout6 > calibration/matrices/h200-holdout6.json
     python calibration/design.py holdout15 > calibration/matrices/h200-holdout15.json
+    python calibration/design.py holdout16 > calibration/matrices/h200-holdout16.json
     python calibration/design.py predict MATRIX.json "NOTE" > PREDICTIONS.json
 
 `design`: 16 architectures (MHA, GQA, MQA, tied/untied, 32k-256k vocabularies, fused
@@ -253,7 +254,15 @@ H15_ISSUE: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-def holdout15_points() -> list[dict[str, Any]]:
+def holdout15_points(seed: int = 290, n_cache: int = 8,
+                     held: tuple[tuple[dict[str, Any], int], ...] = (
+                         ({"method": "qlora", "quant": "int8"}, 4),
+                         ({"method": "qlora", "quant": "nf4"}, 2),
+                         ({"method": "lora"}, 2), ({"method": "full"}, 2)),
+                     tied: tuple[str, ...] = ("qwen2.5-1.5b", "smollm2-1.7b",
+                                              "qwen2.5-0.5b", "gemma-3-1b"),
+                     n_trainer: int = 8,
+                     issue: bool = True) -> list[dict[str, Any]]:
     """Issue 27's holdout: the tutorial loop (`--loop plain`) three ways, Trainer draws,
     and the issue's examples. Seeded draws over holdout 9's architectures:
     - `u`: use_cache on, no checkpointing (8);
@@ -262,8 +271,9 @@ def holdout15_points() -> list[dict[str, Any]]:
       embeddings, at full depth, with Trainer twins of the first two (6);
     - `t`: Trainer draws (8);
     - `x`: the issue's examples at full depth (4).
-    Small models run at full depth (H15_FULL_DEPTH): with `x` and `o` over a quarter."""
-    rng = random.Random(290)
+    Small models run at full depth (H15_FULL_DEPTH): with `x` and `o` over a quarter.
+    The arguments draw other holdouts the same way (holdout 16)."""
+    rng = random.Random(seed)
     # a dozen of the architectures, drawn once, so that few checkpoints are built (the
     # run's weights phase counts against its deadline)
     pool = sorted(rng.sample(sorted(HOLDOUT9_ARCHS), 12))
@@ -300,9 +310,8 @@ def holdout15_points() -> list[dict[str, Any]]:
         plan.update(loop="plain", gradient_checkpointing=False)
         plan["seq_len"] = min(plan["seq_len"], 4096)
 
-    drawn("u", 8, dense, cache)
-    kinds = ([{"method": "qlora", "quant": "int8"}] * 4 + [{"method": "qlora", "quant": "nf4"}] * 2
-             + [{"method": "lora"}] * 2 + [{"method": "full"}] * 2)
+    drawn("u", n_cache, dense, cache)
+    kinds = [k for k, n in held for _ in range(n)]
     for kind in kinds:
         def held(plan: dict[str, Any], kind: dict[str, Any] = kind) -> None:
             for key in ("method", "quant", "weights_dtype", "double_quant"):
@@ -317,7 +326,6 @@ def holdout15_points() -> list[dict[str, Any]]:
             if rng.random() < 0.7:
                 plan["gradient_checkpointing"] = True
         drawn("h", 1, dense, held)
-    tied = ["qwen2.5-1.5b", "smollm2-1.7b", "qwen2.5-0.5b", "gemma-3-1b"]
     for name in tied:
         plan = {"method": "full", "optimizer": rng.choice(["adamw_8bit", "paged_adamw_8bit"]),
                 "batch_size": 2, "seq_len": rng.choice([1024, 2048]), "loop": "plain"}
@@ -328,8 +336,8 @@ def holdout15_points() -> list[dict[str, Any]]:
     def trainer(plan: dict[str, Any]) -> None:
         plan["loop"] = "trainer"
 
-    drawn("t", 8, pool, trainer)
-    for name, tag, plan in H15_ISSUE:
+    drawn("t", n_trainer, pool, trainer)
+    for name, tag, plan in H15_ISSUE if issue else []:
         add("x", name, dict(plan), None, tag)
     return points
 
@@ -566,6 +574,36 @@ def main(which: str) -> None:
                   indent=1)
         sys.stdout.write("\n")
         return
+    elif which == "holdout16":
+        # After run 28's gemma-2 traces (fp32-scaled norms, repeat_kv under a mask): the
+        # loop people write and Trainer draws again with a new seed, smaller so that it runs
+        # beside the issue-29 matrices on one H100, plus the gemma family at full depth or
+        # cut; predictions committed before the run (h200-holdout16-predictions.json).
+        points = holdout15_points(seed=300, n_cache=6, held=(
+            ({"method": "qlora", "quant": "int8"}, 2), ({"method": "qlora", "quant": "nf4"}, 1),
+            ({"method": "lora"}, 1), ({"method": "full"}, 2)), tied=(), n_trainer=6,
+            issue=False)
+        rng = random.Random(301)
+        # `g`: the gemma family; `f`: more models at full depth, 7-8B ones included
+        drawn = {"gemma-2-2b": None, "gemma-3-1b": None, "gemma-2-9b": 4, "gemma-7b": 4,
+                 "llama-3.1-8b": None, "mistral-7b-v0.3": None, "qwen2.5-1.5b": None,
+                 "llama-3.2-1b": None}
+        for i, name in enumerate(drawn):
+            spec = cut(name, drawn[name])
+            for _ in range(50):
+                plan = draw_plan(rng, spec)
+                plan["loop"] = "plain" if i % 2 else "trainer"
+                try:
+                    if predicted_gib(spec, plan, LOOP_NAMES) <= 24:
+                        break
+                except PlanError:
+                    continue
+            prefix = "g" if name.startswith("gemma") else "f"
+            points.append({"id": f"{prefix}{len(points):03d}-{name}", "spec": spec_ref(name),
+                           "layers": drawn[name], "plan": plan, "steps": 4})
+        json.dump({"loop_names": LOOP_NAMES, "points": points}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return
     elif which == "eager":
         # After run 12 rewrote eager attention's backward: fresh eager points only (the draws
         # with sdpa turned eager, sequences capped at 4096); predictions committed before
@@ -580,7 +618,7 @@ def main(which: str) -> None:
     else:
         raise SystemExit("usage: design.py design|holdout|holdout2|holdout3|holdout4|holdout5|"
                          "holdout6|holdout7|holdout8|holdout9|holdout10|holdout11|holdout12|"
-                         "holdout13|holdout14|holdout15|eager")
+                         "holdout13|holdout14|holdout15|holdout16|eager")
     json.dump({"points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 

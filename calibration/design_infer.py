@@ -3,6 +3,7 @@
     python calibration/design_infer.py > calibration/matrices/h200-infer-holdout.json
     python calibration/design_infer.py holdout2 > calibration/matrices/h200-infer-holdout2.json
     python calibration/design_infer.py holdout3 > calibration/matrices/h200-infer-holdout3.json
+    python calibration/design_infer.py holdout4 > calibration/matrices/h200-infer-holdout4.json
 
 24 generate() points and 3 merges drawn at random (seed 40) over 7 architectures (MHA and
 GQA, 32k-256k vocabularies), batch 1-64, prompt 128-32k, new tokens 1-2048, nf4 and bf16
@@ -35,6 +36,9 @@ def main() -> None:
         return
     if sys.argv[1:] == ["holdout3"]:
         holdout3()
+        return
+    if sys.argv[1:] == ["holdout4"]:
+        holdout4()
         return
     rng = random.Random(40)
     points = []
@@ -127,6 +131,49 @@ def holdout3() -> None:
     json.dump({"note": "pre-registered inference holdout 3 (issue 27: generate() replayed on "
                "the caching allocator): predictions made before any measurement of these "
                "points", "points": points}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+def holdout4() -> None:
+    """Inference holdout 4, pre-registered after run 28 (gemma-2's norms and repeat_kv under
+    a mask in the training program; generate() unchanged since holdout 3): seed 44, 10
+    generate() points (4 at full depth over FULL_DEPTH, 6 at 4 layers) and 4 merges (2 at
+    full depth), sized to share one H100 with three training matrices: estimated peak
+    device <= 20 GiB, batch x new tokens <= 4096."""
+    rng = random.Random(44)
+    points = []
+    while len(points) < 10:
+        full = len(points) >= 6
+        name = (FULL_DEPTH[rng.randrange(len(FULL_DEPTH))] if full
+                else ARCHS[len(points) % len(ARCHS)])
+        layers = None if full else 4
+        spec = get_spec(name) if full else depth_cut(get_spec(name), 4)
+        plan = {"batch_size": rng.choice([1, 2, 4, 8, 16, 32]),
+                "prompt_len": rng.choice([128, 512, 1024, 2048, 4096, 8192]),
+                "new_tokens": rng.choice([64, 128, 256, 512]),
+                "quant": rng.choice(["nf4", "nf4", "int8", "none"]),
+                "rank": rng.choice([8, 16, 64])}
+        if plan["batch_size"] * plan["new_tokens"] > 4096:
+            continue
+        est = estimate_inference(spec, InferPlan.model_validate(plan))
+        if est.peak_device_bytes > 20 * GiB:
+            continue
+        tag = "full" if full else "4L"
+        points.append(_point(f"il{len(points):02d}-{name}-{tag}", name, "infer", plan, est,
+                             layers))
+    for i, (name, layers, plan) in enumerate([
+        ("qwen2.5-1.5b", None, {"rank": 16, "dtype": "bf16", "on": "gpu", "base_quant": "none"}),
+        ("llama-3.2-1b", None, {"rank": 64, "dtype": "bf16", "on": "gpu", "base_quant": "none"}),
+        ("qwen3-8b", 4, {"rank": 32, "dtype": "bf16", "on": "gpu", "base_quant": "none"}),
+        ("gemma-2-2b", 4, {"rank": 8, "dtype": "fp16", "on": "gpu", "base_quant": "none"}),
+    ]):
+        spec = get_spec(name) if layers is None else depth_cut(get_spec(name), layers)
+        est = estimate_merge(spec, MergePlan.model_validate(plan))
+        points.append(_point(f"in{i}-{name}-{'full' if layers is None else '4L'}", name,
+                             "merge", plan, est, layers))
+    json.dump({"note": "pre-registered inference holdout 4 (after run 28): predictions made "
+               "before any measurement of these points", "points": points}, sys.stdout,
+              indent=1)
     sys.stdout.write("\n")
 
 
