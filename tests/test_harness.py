@@ -355,3 +355,15 @@ def test_only_snapshot_points_get_a_trace_file(tmp_path: Path) -> None:
     assert _job_for(snap, "cuda", tmp_path)["trace_file"] == str(tmp_path.resolve() / "a.json.gz")
     assert _job_for(plain, "cuda", tmp_path)["trace_file"] is None
     assert _job_for(snap, "cuda")["trace_file"] is None  # no --trace-dir
+
+
+def test_an_inference_snapshot_point_gets_a_trace_file(tmp_path: Path) -> None:
+    """The inference worker records the allocator trace of a `snapshot` point too."""
+    from vramcalc.calibrate.matrix import _job_for, load_points
+
+    root = Path(__file__).resolve().parents[1]
+    point = json.loads((root / "calibration" / "matrices" / "h200-infer-holdout4.json")
+                       .read_text())["points"][0]
+    snap, plain = load_points([{**point, "id": "i1", "snapshot": True}, {**point, "id": "i2"}])
+    assert _job_for(snap, "cuda", tmp_path)["trace_file"] == str(tmp_path.resolve() / "i1.json.gz")
+    assert "trace_file" not in _job_for(plain, "cuda", tmp_path)

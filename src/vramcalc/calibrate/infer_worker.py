@@ -173,6 +173,9 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         poller = NvmlPoller(period_s=0.002)  # this process's and the device's peaks
         baseline_device = poller.used()
         poller.start()
+        trace_file = job.get("trace_file") if on_gpu else None
+        if trace_file:  # the whole allocator trace, load included (matrix `snapshot` points)
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
         phase = "load"
         try:
             if task == "merge":
@@ -204,6 +207,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
             result["oom_message"] = str(err).splitlines()[0][:300]
         finally:
             poller.stop()
+        if trace_file:
+            _write_trace(trace_file, result)
         if on_gpu:
             _cuda_stats(result)
             result["peak_allocated_bytes"] = result["torch_peak_allocated"]
@@ -217,6 +222,23 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     result["versions"] = {d: _version(d) for d in ("torch", "transformers", "peft",
                                                    "bitsandbytes")}
     return result
+
+
+def _write_trace(trace_file: str, result: dict[str, Any]) -> None:
+    """Stop recording and write the compact allocator trace (calibrate.trace.compact_trace);
+    a trace must never cost the measurement."""
+    import torch
+
+    from vramcalc.calibrate.trace import compact_trace
+    from vramcalc.corrections import write_json_atomic
+
+    try:
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        write_json_atomic(Path(trace_file), compact_trace(snap))
+        result["trace_file"] = Path(trace_file).name
+    except Exception as err:
+        result["trace_error"] = str(err).splitlines()[0][:300] if str(err) else repr(err)
 
 
 def dir_tensor_bytes(path: Path) -> tuple[int, int]:

@@ -291,6 +291,9 @@ def _job_for(point: Point, device: str, trace_dir: Path | None = None) -> dict[s
         }
     job = dict(point.job)
     job["device"] = device
+    trace_file = _trace_file(point, trace_dir)
+    if trace_file:
+        job["trace_file"] = trace_file
     if point.spec is not None:
         job.setdefault("spec", point.spec.model_dump(mode="json"))
         job.setdefault("weights_dir", point.weights_dir)
