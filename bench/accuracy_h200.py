@@ -152,6 +152,9 @@ HOLDOUTS = [
     (("run27-holdout15.jsonl", "run28-holdout15.jsonl"), "h200-holdout15-predictions.json",
      "holdout 15 (runs 27 + 28 on an H100, 36 points, issue 27: the tutorial loop three ways, "
      "Trainer draws)"),
+    (("run29-holdout16.jsonl", "run29b-holdout16.jsonl"), "h200-holdout16-predictions.json",
+     "holdout 16 (run 29 on an H100, 26 points, after the run-28 gemma-2 traces; the points "
+     "that could not start for a full disk ran in the same session's second call)"),
 ]
 
 

@@ -35,7 +35,7 @@ from vramcalc.result import Estimate  # noqa: E402
 
 GiB = 2**30
 ROOT = Path(__file__).resolve().parents[1] / "calibration"
-RUNS = {  # run -> (records, matrix, title)
+RUNS: dict[str, tuple[Path | tuple[Path, ...], Path, str]] = {  # run -> (records, matrix, title)
     "run3": (ROOT / "h200" / "run3-infer.jsonl", ROOT / "matrices" / "h200-infer2.json",
              "run 3: the points the model was written and fixed on (not a holdout)"),
     "run5": (ROOT / "h200" / "run5-infer-holdout-snaps.jsonl",
@@ -43,6 +43,14 @@ RUNS = {  # run -> (records, matrix, title)
              "run 5: the PRE-REGISTERED holdout (predictions committed before measuring)"),
     "run6": (ROOT / "h200" / "run6-holdout3.jsonl", ROOT / "matrices" / "h200-run6.json",
              "run 6: PRE-REGISTERED holdout 2, after the sliding-window fix"),
+    "run27": (ROOT / "h100" / "run27-infer-holdout3.jsonl",
+              ROOT / "matrices" / "h200-infer-holdout3.json",
+              "run 27 (H100): PRE-REGISTERED inference holdout 3, generate() replayed"),
+    # the points of run 29's first call that crashed for a full disk ran in its second
+    "run29": ((ROOT / "h100" / "run29-infer-holdout4.jsonl",
+               ROOT / "h100" / "run29b-infer-holdout4.jsonl"),
+              ROOT / "matrices" / "h200-infer-holdout4.json",
+              "run 29 (H100): PRE-REGISTERED inference holdout 4, 10 generate() + 4 merges"),
 }
 H200_USABLE = 149557477376  # run1-gpu.txt: mem_get_info free of an empty H200
 
@@ -99,12 +107,23 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def report(records_path: Path, matrix_path: Path, title: str) -> None:
+def report(records_path: Path | tuple[Path, ...], matrix_path: Path, title: str) -> None:
+    """One run's table and summaries; a run of several calls gives its record files in
+    order, and a point's last ok record counts (else its last record)."""
     print(f"== {title}")
     points = {p["id"]: p for p in json.loads(matrix_path.read_text())["points"]
               if p.get("worker") == "vramcalc.calibrate.infer_worker"}
-    records = [r for r in (json.loads(line) for line in records_path.read_text().splitlines()
-                           if line.strip()) if r["id"] in points]
+    paths = records_path if isinstance(records_path, tuple) else (records_path,)
+    last: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if r["id"] in points and (r.get("status") == "ok"
+                                      or last.get(r["id"], {}).get("status") != "ok"):
+                last[r["id"]] = r
+    records = list(last.values())
     keys = ("alloc", "reserved", "device")
     errs: dict[str, dict[str, list[float]]] = {
         who: {k: [] for k in keys} for who in ("pre", "now")}

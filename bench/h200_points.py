@@ -49,6 +49,8 @@ RUNS = {  # run file -> the matrix it measured
     "run27-holdout15.jsonl": "h200-holdout15.json",
     "run28-holdout15.jsonl": "h200-holdout15.json",
     "run28-gemma2-trace.jsonl": "h100-gemma2-trace28.json",
+    "run29-holdout16.jsonl": "h200-holdout16.json",
+    "run29b-holdout16.jsonl": "h200-holdout16.json",
 }
 # Runs measured on another card than the H200: the folder under calibration/ that holds
 # them (runs 27 and 28 were given an H100 80GB HBM3: calibration/h100/run27-gpu.txt,
@@ -57,6 +59,8 @@ RUN_DIRS = {
     "run27-holdout15.jsonl": "h100",
     "run28-holdout15.jsonl": "h100",
     "run28-gemma2-trace.jsonl": "h100",
+    "run29-holdout16.jsonl": "h100",
+    "run29b-holdout16.jsonl": "h100",
 }
 
 
