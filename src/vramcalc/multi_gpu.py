@@ -381,7 +381,18 @@ def _fsdp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
     shardable = ("base_weights", "unquantized_params", "expert_weights", "adapter_weights")
     offload = par.offload == "cpu"
     had_grads = any(pc.get("gradients", 0) for pc in _phase_inputs(ref).values())
-    unit_grad = _div(trainable_grad_bytes(spec, plan), spec.num_hidden_layers) if had_grads else 0
+    # a layer unit's gradient; full fine-tuning: the root unit (embeddings, lm_head, norm)
+    # is trainable too, and its FlatParameter's gradient forms from the lm_head's (the first
+    # backward reaches: use_orig_params=False makes the parameters views of the flat one,
+    # `_use_unsharded_views`, so autograd builds a flat-size gradient) and waits for the
+    # embedding's (the last) before the root's AccumulateGrad post-backward hook
+    # (`_register_post_backward_hooks`) reduce-scatters it: unsharded all through backward.
+    full = not plan.is_lora
+    root_grad = root if full and had_grads and s > 1 else 0
+    unit_grad = 0
+    if had_grads:
+        unit_grad = _div(trainable_grad_bytes(spec, plan) - (root if full else 0),
+                         spec.num_hidden_layers)
     full_shard = par.sharding_strategy == "FULL_SHARD" and s > 1
     grad_op = par.sharding_strategy == "SHARD_GRAD_OP" and s > 1
     if par.use_orig_params and plan.is_lora and had_grads:
@@ -441,7 +452,8 @@ def _fsdp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
         # returns, but its block is not reused until the reduce-scatter ends, while the next
         # unit's gradient is computed: one more unit's gradient reserved, not allocated.
         # NO_SHARD (S = 1): `_reduce_grad_no_shard` all-reduces the gradient in place.
-        grads = unit_grad + _div(unit_grad, s) if phase == "backward" and s > 1 else 0
+        grads = (unit_grad + _div(unit_grad, s) + root_grad
+                 if phase == "backward" and s > 1 else 0)
         c["comm_buffers"] = gathered + grads
         slack_extra[phase] = unit_grad if phase == "backward" and s > 1 else 0
         c["allocator_slack"] += slack_extra[phase]
@@ -453,6 +465,7 @@ def _fsdp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
                                  "grad and its reduce-scatter output")
     peak = _busiest_phase(per_phase, ref)
     detail = {"gathered_params": gathered_of[peak], "unsharded_unit_grad": grads_of[peak],
+              "unsharded_root_grad": root_grad if peak == "backward" else 0,
               "reduce_scatter_in_flight": slack_extra[peak], "nccl": NCCL_BUFFERS}
     if plan.method == "qlora":
         notes.append("FSDP-QLoRA: bnb_4bit_quant_storage=bf16, no fp32 upcast (TRL "
@@ -465,7 +478,7 @@ def _fsdp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
         "gathered_params": (gathered_of[peak], "all-gathered units (FSDP_UNITS_IN_FLIGHT "
                             "layers + the root: embeddings, lm_head, norm)"),
         "unsharded_grads": (grads_of[peak], "one unit's unsharded gradient + its 1/S "
-                            "reduce-scatter output"),
+                            "reduce-scatter output (full: + the root unit's, all backward)"),
         "reduce_scatter_in_flight": (slack_extra[peak], "the previous unit's gradient, held "
                                      "by the post-backward stream (reserved)"),
     }, s, offload)
