@@ -167,3 +167,26 @@ def test_ddp_and_device_map_keep_the_one_gpu_peak_phase() -> None:
         pe = estimate_parallel(L8, FULL, ParallelPlan(gpus=2, strategy=strategy))  # type: ignore[arg-type]
         assert pe.busiest.peak_phase == estimate(L8, FULL).peak_phase
         assert pe.peak_terms == []
+
+
+def test_fsdp_mixed_precision_over_fp32_weights() -> None:
+    """fp32 weights, bf16 compute: FSDP gathers bf16 units (MixedPrecision param_dtype) and
+    the one-GPU estimate's autocast weight copies are not made."""
+    plan = TrainPlan(method="full", optimizer="adamw_torch", weights_dtype="fp32")
+    spec = L8
+    pe = estimate_parallel(spec, plan, ParallelPlan(gpus=4, strategy="fsdp"))
+    root16 = (spec.embedding_params() + spec.lm_head_params() + spec.hidden_size) * 2
+    fwd = pe.busiest.phase_components["forward"]
+    layer16 = _layer_params("llama-3.1-8b") * 2
+    # 2 layers in flight + the root, all bf16, + the _mp_shard of one unit (1/4)
+    gathered = fwd["comm_buffers"]
+    assert abs(gathered - (FSDP_UNITS_IN_FLIGHT * layer16 + root16 + layer16 // 4)) < 2**20
+    copies = spec.num_hidden_layers * sum(lin.weight_numel * 2 for lin in spec.block_linears())
+    one = pe.single_gpu.phase_components["forward"]["transient"]
+    assert one > copies  # the one-GPU forward holds every Linear's bf16 cast
+    assert fwd["transient"] < one - copies + 2**20
+    # the fp32 shards stay fp32: 1/4 of the one-GPU weights
+    assert pe.busiest.components.base_weights == -(-pe.single_gpu.components.base_weights // 4)
+    # DeepSpeed: module.bfloat16(): ZeRO-2 keeps 16-bit replicated weights
+    z2 = estimate_parallel(spec, plan, ParallelPlan(gpus=4, strategy="zero2"))
+    assert z2.busiest.components.base_weights == pe.single_gpu.components.base_weights // 2

@@ -36,7 +36,13 @@ from vramcalc.plan_settings import TrainPlan
 from vramcalc.result import Components, Estimate
 from vramcalc.specs import ModelSpec
 from vramcalc.trainable import lora_param_bytes, lora_param_count
-from vramcalc.weights import DTYPE_BYTES, expert_bytes, unquantized_param_bytes, weight_bytes
+from vramcalc.weights import (
+    DTYPE_BYTES,
+    expert_bytes,
+    rounded,
+    unquantized_param_bytes,
+    weight_bytes,
+)
 
 # a one-GPU estimate function (estimate.estimate, or planning.memoized of it)
 SingleEstimate = Callable[[ModelSpec, TrainPlan], Estimate]
@@ -315,6 +321,39 @@ def _root_unit_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
     return (spec.embedding_params() + spec.lm_head_params() + spec.hidden_size) * dtype
 
 
+def _low_precision_compute(plan: TrainPlan) -> bool:
+    """Weights stored above the compute dtype (fp32 weights, bf16 compute) that the
+    strategy casts itself: FSDP MixedPrecision(param_dtype=bf16) (accelerate's
+    FullyShardedDataParallelPlugin.set_mixed_precision for mixed_precision bf16) gathers
+    16-bit copies; DeepSpeed bf16 casts the module (engine.py `module.bfloat16()`)."""
+    return DTYPE_BYTES[plan.load_dtype] > DTYPE_BYTES[plan.compute_dtype]
+
+
+def _autocast_copies(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
+    """The one-GPU estimate's autocast weight casts (estimate.py: `weight_copies`, alive at
+    the forward's end for full fine-tuning, and `lm_head_copy`), forward and backward, that
+    do not exist when the strategy hands the layers 16-bit parameters (autocast's
+    `cached_cast` casts only tensors above the compute dtype). 0 where the weights are in
+    the compute dtype."""
+    if not _low_precision_compute(plan) or plan.method == "qlora":
+        return 0, 0
+    compute = DTYPE_BYTES[plan.compute_dtype]
+    layers = spec.num_hidden_layers
+    copies = layers * sum(rounded(lin.weight_numel * compute) for lin in spec.block_linears())
+    lm_head = rounded(spec.vocab_size * spec.hidden_size * compute)
+    forward = lm_head + (copies if plan.method == "full" or not plan.gradient_checkpointing
+                         else 0)
+    backward = lm_head + (0 if plan.gradient_checkpointing else copies)
+    return forward, backward
+
+
+def _drop_casts(c: dict[str, int], phase: str, casts: tuple[int, int]) -> None:
+    """Take the autocast copies the strategy makes unnecessary off the phase's
+    transients (what the one-GPU attribution puts there)."""
+    drop = {"forward": casts[0], "backward": casts[1]}.get(phase, 0)
+    c["transient"] = max(0, c["transient"] - drop)
+
+
 def _phase_inputs(ref: Estimate) -> dict[str, dict[str, int]]:
     """Each phase's one-GPU components at that phase's peak (Estimate.phase_components);
     only the peak phase's where the estimate has no per-phase attribution."""
@@ -380,6 +419,18 @@ def _fsdp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
     root = _root_unit_bytes(spec, plan)
     shardable = ("base_weights", "unquantized_params", "expert_weights", "adapter_weights")
     offload = par.offload == "cpu"
+    # MixedPrecision(param_dtype=bf16) over fp32 parameters: each unit's shard is cast to a
+    # 16-bit `_mp_shard` (FlatParamHandle._use_low_precision_shard) and all-gathered into a
+    # 16-bit unsharded flat parameter; the unsharded gradient is 16-bit too (param_dtype)
+    # and its reduced shard is cast back to fp32 (`_cast_grad_to_param_dtype`). No autocast
+    # casts of the weights are left to make.
+    mp = _low_precision_compute(plan) and plan.method != "qlora"
+    casts = _autocast_copies(spec, plan) if mp else (0, 0)
+    scale = (DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.load_dtype]) if mp else (1, 1)
+    if mp:
+        notes.append(f"MixedPrecision(param_dtype={plan.compute_dtype}) over "
+                     f"{plan.load_dtype} parameters: {plan.compute_dtype} units gathered, "
+                     f"no autocast weight copies")
     had_grads = any(pc.get("gradients", 0) for pc in _phase_inputs(ref).values())
     # a layer unit's gradient; full fine-tuning: the root unit (embeddings, lm_head, norm)
     # is trainable too, and its FlatParameter's gradient forms from the lm_head's (the first
@@ -388,11 +439,14 @@ def _fsdp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
     # embedding's (the last) before the root's AccumulateGrad post-backward hook
     # (`_register_post_backward_hooks`) reduce-scatters it: unsharded all through backward.
     full = not plan.is_lora
-    root_grad = root if full and had_grads and s > 1 else 0
     unit_grad = 0
     if had_grads:
         unit_grad = _div(trainable_grad_bytes(spec, plan) - (root if full else 0),
                          spec.num_hidden_layers)
+        if full:  # param_dtype gradients
+            unit_grad = unit_grad * scale[0] // scale[1]
+    unit, root = unit * scale[0] // scale[1], root * scale[0] // scale[1]
+    root_grad = root if full and had_grads and s > 1 else 0
     full_shard = par.sharding_strategy == "FULL_SHARD" and s > 1
     grad_op = par.sharding_strategy == "SHARD_GRAD_OP" and s > 1
     if par.use_orig_params and plan.is_lora and had_grads:
@@ -430,6 +484,7 @@ def _fsdp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
                 placement[k] = f"sharded 1/{s}" if s > 1 else "replicated (NO_SHARD)"
         host = max(host, phase_host)
         _step_on_gpu(step_transient, phase, c, shard_step)
+        _drop_casts(c, phase, casts)
         # All-gathered parameters. FULL_SHARD: _runtime_utils._post_forward_reshard does not
         # free the root's parameters after the forward, and layers are gathered
         # FSDP_UNITS_IN_FLIGHT at a time (forward and BACKWARD_PRE prefetch); every unit,
@@ -442,6 +497,8 @@ def _fsdp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
             gathered = FSDP_UNITS_IN_FLIGHT * unit + root if computing else 0
         elif grad_op:
             gathered = full_params - one["adapter_weights"] if computing else 0
+            if mp:
+                gathered = gathered * scale[0] // scale[1]
         else:
             gathered = full_params if offload and computing else 0
         # Backward: a unit's unsharded gradient (its FlatParameter's .grad) until its
@@ -454,6 +511,8 @@ def _fsdp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
         # NO_SHARD (S = 1): `_reduce_grad_no_shard` all-reduces the gradient in place.
         grads = (unit_grad + _div(unit_grad, s) + root_grad
                  if phase == "backward" and s > 1 else 0)
+        if mp and s > 1 and phase in ("forward", "backward"):
+            grads += _div(unit, s)  # the `_mp_shard` of the unit being gathered
         c["comm_buffers"] = gathered + grads
         slack_extra[phase] = unit_grad if phase == "backward" and s > 1 else 0
         c["allocator_slack"] += slack_extra[phase]
@@ -520,10 +579,23 @@ def _zero(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
     host = 0
     gathered_of: dict[str, int] = {}
     unit = _layer_unit_bytes(spec, plan, ref)
+    if _low_precision_compute(plan) and plan.method != "qlora":
+        unit = unit * DTYPE_BYTES[plan.compute_dtype] // DTYPE_BYTES[plan.load_dtype]
     lm = max(spec.embedding_params(), spec.lm_head_params()) * 2
+    # bf16 over fp32 weights: DeepSpeed casts the module to 16 bits (engine.py
+    # `_configure_distributed_model`: module.bfloat16()): 16-bit weights, no autocast casts
+    cast16 = _low_precision_compute(plan) and plan.method != "qlora"
+    casts = _autocast_copies(spec, plan) if cast16 else (0, 0)
+    if cast16:
+        notes.append(f"DeepSpeed bf16 casts the {plan.load_dtype} module to "
+                     f"{plan.compute_dtype}: 16-bit weights, no autocast weight copies")
     for phase, one in _phase_inputs(ref).items():
         c = dict(one)
         phase_host = 0
+        if cast16:
+            for k in ("base_weights", "unquantized_params", "expert_weights"):
+                c[k] = c[k] * DTYPE_BYTES[plan.compute_dtype] // DTYPE_BYTES[plan.load_dtype]
+            _drop_casts(c, phase, casts)
         if plan.is_lora and c["adapter_weights"]:
             c["adapter_weights"] = trainable16
         states = c["optimizer_states"]
