@@ -190,3 +190,22 @@ def test_fsdp_mixed_precision_over_fp32_weights() -> None:
     # DeepSpeed: module.bfloat16(): ZeRO-2 keeps 16-bit replicated weights
     z2 = estimate_parallel(spec, plan, ParallelPlan(gpus=4, strategy="zero2"))
     assert z2.busiest.components.base_weights == pe.single_gpu.components.base_weights // 2
+
+
+def test_published_fsdp_verdicts() -> None:
+    """bench/published_fsdp.py: every published run's verdict (it trained, or the source
+    says it did not fit) is ours on the card it ran on; every peak row has a number."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        import published_fsdp as bench
+    finally:
+        sys.path.pop(0)
+    rows = bench.rows()
+    assert len(rows) >= 20
+    assert any(not r["ran"] for r in rows)  # at least one "did not fit" row
+    wrong = [r["id"] for r in rows if not r["verdict_right"]]
+    assert wrong == []
+    assert all(r["published_gib"] > 0 for r in rows if r["error"] is not None)
