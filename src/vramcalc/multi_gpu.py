@@ -50,10 +50,12 @@ Strategy = Literal["ddp", "fsdp", "zero2", "zero3", "device-map"]
 ShardingStrategy = Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"]
 Offload = Literal["none", "cpu"]
 Balance = Literal["balanced", "sequential"]
+QuantStorage = Literal["bf16", "fp16", "fp32", "uint8"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 SHARDING_STRATEGIES: tuple[str, ...] = get_args(ShardingStrategy)
 OFFLOADS: tuple[str, ...] = get_args(Offload)
 BALANCES: tuple[str, ...] = get_args(Balance)
+QUANT_STORAGES: tuple[str, ...] = get_args(QuantStorage)
 
 # ---- constants, each with its source ------------------------------------------------------
 
@@ -119,7 +121,7 @@ class ParallelPlan(BaseModel):
     # "Must flatten tensors with uniform dtype"), so uint8 storage cannot be wrapped with
     # the 16-bit norms / embeddings; a float storage dtype holds the same packed bytes
     # (numel / (dtype bytes * 2) elements) and sets the dtype of the unquantized parameters.
-    quant_storage: Literal["bf16", "fp16", "fp32", "uint8"] | None = None
+    quant_storage: QuantStorage | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ParallelPlan:
