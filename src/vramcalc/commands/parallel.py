@@ -190,7 +190,7 @@ def show_parallel(pe: ParallelEstimate, plan: TrainPlan) -> None:
             amount = f"{gib(t.bytes):>7} GiB" if t.bytes else " " * 11
             console.print(f"  {amount}  {t.name}: {t.why}", highlight=False)
     for comp, where in pe.placement.items():
-        if comp in pe.busiest.components.model_fields and not pe.single_gpu.components[comp]:
+        if comp in type(pe.busiest.components).model_fields and not pe.single_gpu.components[comp]:
             continue
         console.print(f"  {comp}: {where}", highlight=False)
     if pe.host_offload_bytes or pe.host_loading_bytes:
