@@ -39,6 +39,18 @@ GAP_REASONS = {
         "bitsandbytes < 0.43.2 keeping an extra input per 4-bit matmul if the run predates "
         "it) weigh relatively more; host RAM 107 GB also counts the Python processes, "
         "dataset and CPU AdamW states, which we model only as offloaded shards"),
+    "answerai-7b-qlora-fsdp-b1-s512": (
+        f"{_ANSWERAI_STACK}. Under since the optimizer step is sharded (multi_gpu `_fsdp`: the "
+        "foreach step over this rank's FlatParameter shards, -0.27 GiB; it was -9.0 % with "
+        "the unsharded step): at batch 1 x 512 the static part dominates and what train.py "
+        "reserves beyond it is not split in the source (reserved only); candidates, none "
+        "measured by us: per-stream allocator pools (all-gather outputs on FSDP's unshard "
+        "stream, reduce-scatter on the post-backward stream), torch 2.2's allocator"),
+    "answerai-7b-lora-fsdp-b1-s512": (
+        f"{_ANSWERAI_STACK}. As the QLoRA row at the same point: -7.0 % with the unsharded "
+        "step, -10.4 % with the sharded one; bf16 adapters and states in train.py would make "
+        "us higher, not lower; the allocated twin (answerai-7b-lora-fsdp-b1-s512-alloc) is "
+        "+7 %, so the gap is in what train.py reserves beyond its allocations"),
     "answerai-7b-lora-fsdp-b1-s512-alloc": (
         f"{_ANSWERAI_STACK}. At batch 1 x 512 the fp32 adapters, gradients and AdamW states we "
         "count (rank 64 on 6 modules: 143 M parameters, 16 B each, half per GPU: 1.07 GiB) are "

@@ -88,7 +88,7 @@ def test_parallel_choices_match_multi_gpu() -> None:
     from vramcalc import multi_gpu
     from vramcalc.commands import parallel
 
-    for name in ("STRATEGIES", "OFFLOADS", "SHARDING_STRATEGIES", "BALANCES"):
+    for name in ("STRATEGIES", "OFFLOADS", "SHARDING_STRATEGIES", "BALANCES", "QUANT_STORAGES"):
         assert getattr(parallel, name) == getattr(multi_gpu, name), name
 
 

@@ -363,6 +363,14 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
         allocator_slack=slack,
         cuda_context=CUDA_CONTEXT,
     )
+    # every phase attributed as the peak phase is (the program's phase peak spread over the
+    # formula's candidate for it, `_program_breakdown`), for multi_gpu's per-phase placement
+    outside = {"optimizer_paged": paged, "allocator_slack": slack, "cuda_context": CUDA_CONTEXT}
+    phase_components = {phase: {**Components(**(
+        breakdown if phase == peak_phase else
+        _program_breakdown(candidates[phase_of[phase]], phases[phase])
+        if replay and step_program_covers(spec, plan) else candidates[phase_of[phase]]),
+        **outside).model_dump()} for phase in phases}
     return Estimate(
         model=spec.name,
         params=spec.num_params(),
@@ -378,4 +386,5 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
         paged_bytes=paged,
         notes=tuple(notes),
         planned_as=planned_as,
+        phase_components=phase_components,
     )

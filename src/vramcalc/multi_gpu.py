@@ -31,11 +31,18 @@ from vramcalc.allocator import (
 )
 from vramcalc.errors import PlanError
 from vramcalc.estimate import estimate
+from vramcalc.optimizer import optimizer_bytes
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.result import Components, Estimate
 from vramcalc.specs import ModelSpec
 from vramcalc.trainable import lora_param_bytes, lora_param_count
-from vramcalc.weights import DTYPE_BYTES, expert_bytes, unquantized_param_bytes, weight_bytes
+from vramcalc.weights import (
+    DTYPE_BYTES,
+    expert_bytes,
+    rounded,
+    unquantized_param_bytes,
+    weight_bytes,
+)
 
 # a one-GPU estimate function (estimate.estimate, or planning.memoized of it)
 SingleEstimate = Callable[[ModelSpec, TrainPlan], Estimate]
@@ -43,10 +50,12 @@ Strategy = Literal["ddp", "fsdp", "zero2", "zero3", "device-map"]
 ShardingStrategy = Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"]
 Offload = Literal["none", "cpu"]
 Balance = Literal["balanced", "sequential"]
+QuantStorage = Literal["bf16", "fp16", "fp32", "uint8"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 SHARDING_STRATEGIES: tuple[str, ...] = get_args(ShardingStrategy)
 OFFLOADS: tuple[str, ...] = get_args(Offload)
 BALANCES: tuple[str, ...] = get_args(Balance)
+QUANT_STORAGES: tuple[str, ...] = get_args(QuantStorage)
 
 # ---- constants, each with its source ------------------------------------------------------
 
@@ -67,6 +76,11 @@ FSDP_UNITS_IN_FLIGHT = 2
 # contiguous_gradients=True).
 ZERO_REDUCE_BUCKET_ELEMS = 500_000_000
 ZERO_PREFETCH_BUCKET_ELEMS = 50_000_000
+# DeepSpeed runtime/zero/config.py ZERO_OPTIMIZATION_SUB_GROUP_SIZE_DEFAULT: stage 3 splits
+# each rank's fp32 master partition into sub-groups of this many elements
+# (stage3.py `_create_fp16_sub_groups`) and steps them one at a time (`step` ->
+# `_prepare_fp32_grad_for_sub_group`, `_optimizer_step(sub_group_id)`).
+ZERO_SUB_GROUP_ELEMS = 1_000_000_000
 # transformers quantizers (bnb 4-bit / 8-bit) adjust_max_memory: 90 % of each device's
 # max_memory "for buffers that are created during quantization".
 BNB_MAX_MEMORY_FRACTION = 0.90
@@ -99,6 +113,15 @@ class ParallelPlan(BaseModel):
     cpu_ram_efficient_loading: bool = True  # fsdp: rank 0 loads, others on meta
     zero_reduce_bucket_elems: PositiveInt = ZERO_REDUCE_BUCKET_ELEMS
     zero_prefetch_bucket_elems: PositiveInt = ZERO_PREFETCH_BUCKET_ELEMS
+    zero_sub_group_elems: PositiveInt = ZERO_SUB_GROUP_ELEMS
+    # FSDP-QLoRA / ZeRO-3-QLoRA: bnb_4bit_quant_storage, the dtype the packed 4-bit weights
+    # are stored in (None: the load dtype, as PEFT's recipe sets it). FSDP1 flattens a
+    # unit's parameters into one FlatParameter and needs one dtype for them
+    # (torch/distributed/fsdp/_flat_param.py FlatParamHandle._validate_tensors_to_flatten:
+    # "Must flatten tensors with uniform dtype"), so uint8 storage cannot be wrapped with
+    # the 16-bit norms / embeddings; a float storage dtype holds the same packed bytes
+    # (numel / (dtype bytes * 2) elements) and sets the dtype of the unquantized parameters.
+    quant_storage: QuantStorage | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ParallelPlan:
@@ -110,6 +133,14 @@ class ParallelPlan(BaseModel):
             raise ValueError(f"--gpus {self.gpus} is not a multiple of --gpus-per-node {node}")
         if self.strategy == "device-map" and self.gpus_per_node is not None and node < self.gpus:
             raise ValueError("device-map runs in one process: all its GPUs must be in one node")
+        if self.quant_storage is not None and self.strategy not in ("fsdp", "zero3"):
+            raise ValueError(f"--quant-storage applies to sharded QLoRA (--strategy fsdp or "
+                             f"zero3), not {self.strategy}")
+        if self.quant_storage == "uint8" and self.strategy == "fsdp":
+            raise ValueError("FSDP cannot flatten uint8-stored 4-bit weights with the 16-bit "
+                             "norms of their layer (FlatParamHandle: 'Must flatten tensors "
+                             "with uniform dtype'); use --quant-storage bf16 (PEFT's "
+                             "FSDP-QLoRA recipe)")
         return self
 
     @property
@@ -142,6 +173,16 @@ class ParallelPlan(BaseModel):
         return ", ".join(parts)
 
 
+class PeakTerm(BaseModel):
+    """One term of the busiest GPU's peak: bytes and the mechanism behind them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    bytes: int
+    why: str
+
+
 class ParallelEstimate(BaseModel):
     """The busiest GPU's estimate (same fields as one GPU), every GPU's, and host RAM."""
 
@@ -158,6 +199,10 @@ class ParallelEstimate(BaseModel):
     host_offload_bytes: int = 0  # per node: offloaded shards of every local process
     host_loading_bytes: int = 0  # per node: peak host RAM while loading the weights
     notes: tuple[str, ...] = ()
+    # fsdp / zero: the busiest GPU's peak term by term, each with its mechanism (they add up
+    # to busiest.peak_device_bytes); left out of model_dump (derived from `busiest`), shown
+    # by `plan` and in its JSON
+    peak_terms: list[PeakTerm] = Field(default_factory=list, exclude=True)
 
     @property
     def host_ram_bytes(self) -> int:
@@ -178,11 +223,15 @@ def _allocated(c: dict[str, int]) -> int:
 
 def _assemble(ref: Estimate, c: dict[str, int], has_logits: bool = True,
               notes: tuple[str, ...] = (), trainable: int | None = None,
-              expandable: bool = False) -> Estimate:
+              expandable: bool = False, phases: dict[str, int] | None = None,
+              peak_phase: str | None = None,
+              phase_components: dict[str, dict[str, int]] | None = None) -> Estimate:
     """An Estimate from per-GPU components, with the single-GPU totals' formulas
     (estimate.py): reserved = allocated + slack, device = reserved + context + paged,
-    required = allocated + unreleasable slack + context + paged. Phases other than the
-    peak are the single-GPU phases shifted by the same static difference."""
+    required = allocated + unreleasable slack + context + paged. `phases` (with
+    `peak_phase`, whose components `c` are): each phase's own allocated peak, where the
+    caller placed every phase; else phases other than the peak are the single-GPU phases
+    shifted by the same static difference."""
     allocated = _allocated(c)
     slack, context, paged = c["allocator_slack"], c["cuda_context"], c["optimizer_paged"]
     # the unreleasable slack of the single-GPU plan (it follows the logits: none on a GPU
@@ -191,9 +240,12 @@ def _assemble(ref: Estimate, c: dict[str, int], has_logits: bool = True,
     low, high = ref.required_low - outside, ref.required_device_bytes - outside
     if not has_logits:
         low = high = required_slack(0, 0, False, expandable)[0]
-    delta = allocated - ref.peak_allocated_bytes
-    phases = {k: max(0, v + delta) for k, v in ref.phases.items()}
-    phases[ref.peak_phase] = allocated
+    if phases is None:
+        delta = allocated - ref.peak_allocated_bytes
+        phases = {k: max(0, v + delta) for k, v in ref.phases.items()}
+        phases[ref.peak_phase] = allocated
+        peak_phase = ref.peak_phase
+    assert peak_phase is not None
     return Estimate(
         model=ref.model,
         task=ref.task,
@@ -201,7 +253,7 @@ def _assemble(ref: Estimate, c: dict[str, int], has_logits: bool = True,
         trainable_params=ref.trainable_params if trainable is None else trainable,
         components=Components(**c),
         phases=phases,
-        peak_phase=ref.peak_phase,
+        peak_phase=peak_phase,
         peak_allocated_bytes=allocated,
         peak_reserved_bytes=allocated + slack,
         peak_device_bytes=allocated + slack + context + paged,
@@ -209,6 +261,7 @@ def _assemble(ref: Estimate, c: dict[str, int], has_logits: bool = True,
         required_device_low_bytes=allocated + low + context + paged,
         paged_bytes=paged,
         notes=ref.notes + notes,
+        phase_components=phase_components or {},
     )
 
 
@@ -225,26 +278,30 @@ def _trainable_count(spec: ModelSpec, plan: TrainPlan) -> int:
 
 
 def _sharded_qlora_reference(spec: ModelSpec, plan: TrainPlan,
-                             estimate_fn: SingleEstimate = estimate) -> Estimate:
+                             estimate_fn: SingleEstimate = estimate) -> tuple[Estimate, TrainPlan]:
     """FSDP-QLoRA / ZeRO-3-QLoRA as PEFT's recipe runs it: `bnb_4bit_quant_storage=bf16`,
     the model loaded with dtype=bf16, and TRL's SFTTrainer skips
     prepare_model_for_kbit_training for sharded QLoRA (`is_sharded_qlora`, Params4bit on cpu
     or meta), so nothing is upcast to fp32: norms, embeddings, lm_head and the residual
     stream stay bf16. Activations, logits and transients are those of the same plan on a
     bf16 base (method lora); weights are the 4-bit ones with the unquantized part in bf16.
-    Packed 4-bit weights stored as bf16 are numel/4 elements: the same bytes as uint8."""
+    Packed 4-bit weights stored as bf16 are numel/4 elements: the same bytes as uint8.
+    Returns the reference and the plan its step ran (the lora plan)."""
     lora_plan = plan.model_copy(update={"method": "lora", "quant": "none"})
     ref = estimate_fn(spec, lora_plan)
     wb = weight_bytes(spec, plan)
     load = DTYPE_BYTES[plan.load_dtype]
-    comps = dict(ref.components.items())
-    comps.update(
+    weights = dict(
         base_weights=wb.base_weights,
         quant_constants=wb.quant_constants,
         unquantized_params=unquantized_param_bytes(spec, load) + wb.buffers,
         expert_weights=spec.num_hidden_layers * expert_bytes(spec, load),
     )
-    return _assemble(ref, comps, expandable=plan.expandable_segments)
+    comps = dict(ref.components.items())
+    comps.update(weights)
+    per_phase = {phase: {**pc, **weights} for phase, pc in ref.phase_components.items()}
+    return _assemble(ref, comps, expandable=plan.expandable_segments,
+                     phase_components=per_phase), lora_plan
 
 
 def _layer_unit_bytes(spec: ModelSpec, plan: TrainPlan, ref: Estimate) -> int:
@@ -259,11 +316,59 @@ def _layer_unit_bytes(spec: ModelSpec, plan: TrainPlan, ref: Estimate) -> int:
 
 
 def _root_unit_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
-    """Embeddings, untied lm_head and final norm: the root FSDP unit (outside every layer)."""
+    """Embeddings, untied lm_head and final norm: the root FSDP unit (outside every layer),
+    in the load dtype (sharded QLoRA: the quant_storage dtype, which FSDP's uniform-dtype
+    flat parameter makes the same)."""
     dtype = DTYPE_BYTES[plan.load_dtype]
-    if plan.quant != "none" and plan.method == "qlora":
-        dtype = 2  # sharded QLoRA keeps them in the bf16 storage dtype
     return (spec.embedding_params() + spec.lm_head_params() + spec.hidden_size) * dtype
+
+
+def _low_precision_compute(plan: TrainPlan) -> bool:
+    """Weights stored above the compute dtype (fp32 weights, bf16 compute) that the
+    strategy casts itself: FSDP MixedPrecision(param_dtype=bf16) (accelerate's
+    FullyShardedDataParallelPlugin.set_mixed_precision for mixed_precision bf16) gathers
+    16-bit copies; DeepSpeed bf16 casts the module (engine.py `module.bfloat16()`)."""
+    return DTYPE_BYTES[plan.load_dtype] > DTYPE_BYTES[plan.compute_dtype]
+
+
+def _autocast_copies(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
+    """The one-GPU estimate's autocast weight casts (estimate.py: `weight_copies`, alive at
+    the forward's end for full fine-tuning, and `lm_head_copy`), forward and backward, that
+    do not exist when the strategy hands the layers 16-bit parameters (autocast's
+    `cached_cast` casts only tensors above the compute dtype). 0 where the weights are in
+    the compute dtype."""
+    if not _low_precision_compute(plan) or plan.method == "qlora":
+        return 0, 0
+    compute = DTYPE_BYTES[plan.compute_dtype]
+    layers = spec.num_hidden_layers
+    copies = layers * sum(rounded(lin.weight_numel * compute) for lin in spec.block_linears())
+    lm_head = rounded(spec.vocab_size * spec.hidden_size * compute)
+    forward = lm_head + (copies if plan.method == "full" or not plan.gradient_checkpointing
+                         else 0)
+    backward = lm_head + (0 if plan.gradient_checkpointing else copies)
+    return forward, backward
+
+
+def _drop_casts(c: dict[str, int], phase: str, casts: tuple[int, int]) -> None:
+    """Take the autocast copies the strategy makes unnecessary off the phase's
+    transients (what the one-GPU attribution puts there)."""
+    drop = {"forward": casts[0], "backward": casts[1]}.get(phase, 0)
+    c["transient"] = max(0, c["transient"] - drop)
+
+
+def _phase_inputs(ref: Estimate) -> dict[str, dict[str, int]]:
+    """Each phase's one-GPU components at that phase's peak (Estimate.phase_components);
+    only the peak phase's where the estimate has no per-phase attribution."""
+    if ref.phase_components:
+        return {phase: dict(c) for phase, c in ref.phase_components.items()}
+    return {ref.peak_phase: dict(ref.components.items())}
+
+
+def _busiest_phase(per_phase: dict[str, dict[str, int]], ref: Estimate) -> str:
+    """The phase whose placed components allocate the most (ties: the one-GPU peak phase,
+    then the phase order)."""
+    order = [ref.peak_phase, *(p for p in per_phase if p != ref.peak_phase)]
+    return max(order, key=lambda p: _allocated(per_phase[p]))
 
 
 # ---- strategies ---------------------------------------------------------------------------
@@ -282,111 +387,326 @@ def _ddp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate
     return c, placement, {"ddp_buckets": buckets, "nccl": NCCL_BUFFERS}, notes
 
 
-def _fsdp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate
-          ) -> tuple[dict[str, int], dict[str, str], dict[str, int], list[str], int]:
+class _Placed(BaseModel):
+    """A sharded strategy's placement of every phase: the busiest phase's components, each
+    phase's allocated peak, the communication terms of the busiest phase (with those that
+    are reserved, not allocated), host bytes and notes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    comps: dict[str, int]
+    phases: dict[str, int]
+    peak_phase: str
+    phase_components: dict[str, dict[str, int]]
+    placement: dict[str, str]
+    detail: dict[str, int]
+    notes: list[str]
+    host: int
+    terms: list[PeakTerm]
+
+
+def _step_on_gpu(step_transient: int, phase: str, c: dict[str, int], shard_step: int) -> None:
+    """The optimizer phase's step transient (the single-GPU foreach step's, in `c`) replaced
+    by what the GPU runs: `shard_step` bytes (0: the step runs on the host)."""
+    if phase == "optimizer":
+        c["transient"] = max(0, c["transient"] - step_transient) + shard_step
+
+
+def _fsdp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
+          step_transient: int) -> _Placed:
     s = par.shard_group
-    c = dict(ref.components.items())
     placement: dict[str, str] = {}
     notes: list[str] = []
     unit = _layer_unit_bytes(spec, plan, ref)
     root = _root_unit_bytes(spec, plan)
     shardable = ("base_weights", "unquantized_params", "expert_weights", "adapter_weights")
-    full_params = sum(c[k] for k in shardable)
-    # gradients: the flat parameter's gradient. use_orig_params=False with PEFT's wrap
-    # policy: LoRA units hold only trainable params. use_orig_params=True with frozen and
-    # trainable params in one flat parameter: the gradient covers every element.
-    if c["gradients"] and par.use_orig_params and plan.is_lora:
-        c["gradients"] = full_params - c["adapter_weights"] + c["gradients"]
-        notes.append("use_orig_params=True: each layer's flat gradient covers its frozen "
-                      "elements too (PEFT: keep it False to save memory)")
     offload = par.offload == "cpu"
-    had_grads = c["gradients"] > 0
+    # MixedPrecision(param_dtype=bf16) over fp32 parameters: each unit's shard is cast to a
+    # 16-bit `_mp_shard` (FlatParamHandle._use_low_precision_shard) and all-gathered into a
+    # 16-bit unsharded flat parameter; the unsharded gradient is 16-bit too (param_dtype)
+    # and its reduced shard is cast back to fp32 (`_cast_grad_to_param_dtype`). No autocast
+    # casts of the weights are left to make.
+    mp = _low_precision_compute(plan) and plan.method != "qlora"
+    casts = _autocast_copies(spec, plan) if mp else (0, 0)
+    scale = (DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.load_dtype]) if mp else (1, 1)
+    if mp:
+        notes.append(f"MixedPrecision(param_dtype={plan.compute_dtype}) over "
+                     f"{plan.load_dtype} parameters: {plan.compute_dtype} units gathered, "
+                     f"no autocast weight copies")
+    had_grads = any(pc.get("gradients", 0) for pc in _phase_inputs(ref).values())
+    # a layer unit's gradient; full fine-tuning: the root unit (embeddings, lm_head, norm)
+    # is trainable too, and its FlatParameter's gradient forms from the lm_head's (the first
+    # backward reaches: use_orig_params=False makes the parameters views of the flat one,
+    # `_use_unsharded_views`, so autograd builds a flat-size gradient) and waits for the
+    # embedding's (the last) before the root's AccumulateGrad post-backward hook
+    # (`_register_post_backward_hooks`) reduce-scatters it: unsharded all through backward.
+    full = not plan.is_lora
+    unit_grad = 0
+    if had_grads:
+        unit_grad = _div(trainable_grad_bytes(spec, plan) - (root if full else 0),
+                         spec.num_hidden_layers)
+        if full:  # param_dtype gradients
+            unit_grad = unit_grad * scale[0] // scale[1]
+    unit, root = unit * scale[0] // scale[1], root * scale[0] // scale[1]
+    root_grad = root if full and had_grads and s > 1 else 0
+    full_shard = par.sharding_strategy == "FULL_SHARD" and s > 1
+    grad_op = par.sharding_strategy == "SHARD_GRAD_OP" and s > 1
+    if par.use_orig_params and plan.is_lora and had_grads:
+        notes.append("use_orig_params=True: each layer's flat gradient covers its frozen "
+                     "elements too (PEFT: keep it False to save memory)")
+    # The foreach step (torch/optim/adamw.py _multi_tensor_adamw) runs over the parameters
+    # the optimizer holds: each rank's FlatParameter shards (FSDP1 use_orig_params=False;
+    # views of them with True), so its temporaries are 1/S of the one-GPU step's. With
+    # CPUOffload(offload_params=True) the shards, their gradients and the optimizer states
+    # are on the host and the step runs there (torch/distributed/fsdp/_runtime_utils.py
+    # `_post_reduce_grad_callback` -> `_offload_grad` copies the sharded gradient to CPU).
+    shard_step = 0 if offload else _div(step_transient, s)
+    per_phase: dict[str, dict[str, int]] = {}
+    slack_extra: dict[str, int] = {}
     host = 0
-    for k in (*shardable, "gradients", "optimizer_states", "optimizer_paged"):
-        shard = _div(c[k], s)
-        if offload:
-            host += shard
-            c[k] = 0
-            placement[k] = f"sharded 1/{s}, on host (CPU offload)"
+    gathered_of: dict[str, int] = {}
+    grads_of: dict[str, int] = {}
+    for phase, one in _phase_inputs(ref).items():
+        c = dict(one)
+        full_params = sum(c[k] for k in shardable)
+        # gradients: the flat parameter's gradient. use_orig_params=False with PEFT's wrap
+        # policy: LoRA units hold only trainable params. use_orig_params=True with frozen
+        # and trainable params in one flat parameter: the gradient covers every element.
+        if c["gradients"] and par.use_orig_params and plan.is_lora:
+            c["gradients"] = full_params - c["adapter_weights"] + c["gradients"]
+        phase_host = 0
+        for k in (*shardable, "gradients", "optimizer_states", "optimizer_paged"):
+            shard = _div(c[k], s)
+            if offload:
+                phase_host += shard
+                c[k] = 0
+                placement[k] = f"sharded 1/{s}, on host (CPU offload)"
+            else:
+                c[k] = shard
+                placement[k] = f"sharded 1/{s}" if s > 1 else "replicated (NO_SHARD)"
+        host = max(host, phase_host)
+        _step_on_gpu(step_transient, phase, c, shard_step)
+        _drop_casts(c, phase, casts)
+        # All-gathered parameters. FULL_SHARD: _runtime_utils._post_forward_reshard does not
+        # free the root's parameters after the forward, and layers are gathered
+        # FSDP_UNITS_IN_FLIGHT at a time (forward and BACKWARD_PRE prefetch); every unit,
+        # the root included, is resharded in the post-backward (`_post_backward_reshard`),
+        # so the optimizer step sees shards only. SHARD_GRAD_OP: unsharded from the
+        # forward to the backward. NO_SHARD with offload: the whole model on the GPU
+        # while it computes.
+        computing = phase in ("forward", "backward")
+        if full_shard:
+            gathered = FSDP_UNITS_IN_FLIGHT * unit + root if computing else 0
+        elif grad_op:
+            gathered = full_params - one["adapter_weights"] if computing else 0
+            if mp:
+                gathered = gathered * scale[0] // scale[1]
         else:
-            c[k] = shard
-            placement[k] = f"sharded 1/{s}" if s > 1 else "replicated (NO_SHARD)"
+            gathered = full_params if offload and computing else 0
+        # Backward: a unit's unsharded gradient (its FlatParameter's .grad) until its
+        # post-backward hook reduce-scatters it (`_reduce_grad` -> `_get_reduce_scatter_
+        # tensors`: the unsharded gradient is the input, `torch.empty_like(chunks[0])` the
+        # 1/S output). The input is handed to the post-backward stream
+        # (`_no_dispatch_record_stream`): freed (allocated stats drop) when `_reduce_grad`
+        # returns, but its block is not reused until the reduce-scatter ends, while the next
+        # unit's gradient is computed: one more unit's gradient reserved, not allocated.
+        # NO_SHARD (S = 1): `_reduce_grad_no_shard` all-reduces the gradient in place.
+        grads = (unit_grad + _div(unit_grad, s) + root_grad
+                 if phase == "backward" and s > 1 else 0)
+        if mp and s > 1 and phase in ("forward", "backward"):
+            grads += _div(unit, s)  # the `_mp_shard` of the unit being gathered
+        c["comm_buffers"] = gathered + grads
+        slack_extra[phase] = unit_grad if phase == "backward" and s > 1 else 0
+        c["allocator_slack"] += slack_extra[phase]
+        c["cuda_context"] += NCCL_BUFFERS
+        gathered_of[phase], grads_of[phase] = gathered, grads
+        per_phase[phase] = c
     placement["quant_constants"] = "replicated (QuantState is not an FSDP parameter)"
-    if par.sharding_strategy == "FULL_SHARD" and s > 1:
-        # _runtime_utils._post_forward_reshard: the root's parameters are not freed after
-        # the forward for FULL_SHARD; layers are gathered FSDP_UNITS_IN_FLIGHT at a time.
-        gathered = FSDP_UNITS_IN_FLIGHT * unit + root
-    elif par.sharding_strategy == "SHARD_GRAD_OP" and s > 1:
-        gathered = full_params - c["adapter_weights"]  # unsharded from forward to backward
-    else:
-        gathered = full_params if offload else 0
-    unit_grad = _div(trainable_grad_bytes(spec, plan), spec.num_hidden_layers) if had_grads else 0
-    c["comm_buffers"] = gathered + unit_grad
-    c["cuda_context"] += NCCL_BUFFERS
-    placement["comm_buffers"] = "all-gathered units (2 layers + root) + one layer's unsharded grad"
-    detail = {"gathered_params": gathered, "unsharded_unit_grad": unit_grad, "nccl": NCCL_BUFFERS}
+    placement["comm_buffers"] = ("all-gathered units (2 layers + root) + one layer's unsharded "
+                                 "grad and its reduce-scatter output")
+    peak = _busiest_phase(per_phase, ref)
+    detail = {"gathered_params": gathered_of[peak], "unsharded_unit_grad": grads_of[peak],
+              "unsharded_root_grad": root_grad if peak == "backward" else 0,
+              "reduce_scatter_in_flight": slack_extra[peak], "nccl": NCCL_BUFFERS}
     if plan.method == "qlora":
         notes.append("FSDP-QLoRA: bnb_4bit_quant_storage=bf16, no fp32 upcast (TRL "
                      "is_sharded_qlora); quantization constants replicated on every GPU")
-    return c, placement, detail, notes, host * par.node_size
+    if step_transient:
+        notes.append("the optimizer step runs on the host (CPU offload)" if offload else
+                     f"the foreach optimizer step touches only this GPU's 1/{s} shard")
+    c = per_phase[peak]
+    terms = _terms(c, peak, {
+        "gathered_params": (gathered_of[peak], "all-gathered units (FSDP_UNITS_IN_FLIGHT "
+                            "layers + the root: embeddings, lm_head, norm)"),
+        "unsharded_grads": (grads_of[peak], "one unit's unsharded gradient + its 1/S "
+                            "reduce-scatter output (full: + the root unit's, all backward)"),
+        "reduce_scatter_in_flight": (slack_extra[peak], "the previous unit's gradient, held "
+                                     "by the post-backward stream (reserved)"),
+    }, s, offload)
+    return _Placed(comps=c, phases={p: _allocated(v) for p, v in per_phase.items()},
+                   peak_phase=peak, phase_components=per_phase, placement=placement,
+                   detail=detail, notes=notes, host=host * par.node_size, terms=terms)
 
 
-def _zero(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate
-          ) -> tuple[dict[str, int], dict[str, str], dict[str, int], list[str], int]:
+def _zero(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
+          step_transient: int) -> _Placed:
     n = par.gpus
     stage3 = par.strategy == "zero3"
-    c = dict(ref.components.items())
     placement: dict[str, str] = {}
     notes: list[str] = []
     p_t = _trainable_count(spec, plan)
     # DeepSpeed bf16 (runtime/engine.py _configure_distributed_model casts the module with
     # module.bfloat16() up to v0.19.1; #8066 changed that): 16-bit trainable params on the
     # GPU, fp32 master partition (4 B) in the optimizer, 16-bit gradient partition; the
-    # optimizer's own states partitioned.
+    # optimizer's own states partitioned, made by the client optimizer over the fp32 master
+    # partition (torch AdamW `_init_group`: zeros_like(p), so fp32 exp_avg / exp_avg_sq;
+    # bitsandbytes 8-bit states are uint8 + fp32 absmax whatever the parameter dtype).
     trainable16 = 2 * p_t
     master = _div(4 * p_t, n)
-    grads16 = _div(2 * p_t, n) if c["gradients"] else 0
-    ipg = 2 * par.zero_reduce_bucket_elems
     offload = par.offload == "cpu"
+    adam_torch = plan.optimizer in ("adamw_torch", "adamw_torch_fused")
+    param_dtype = 4 if plan.is_lora else DTYPE_BYTES[plan.load_dtype]
+    ipg = 2 * par.zero_reduce_bucket_elems
+    # The step, without offload: rank by rank over its fp32 partition, stage 3 one sub-group
+    # at a time: the sub-group's 16-bit gradient partition flattened and cast to fp32
+    # (stage3.py `_prepare_fp32_grad_for_sub_group`; stage_1_and_2.py `step`:
+    # `single_grad_partition = ...to(fp32)`), and the foreach AdamW temporaries over that
+    # fp32 tensor (one sqrt of exp_avg_sq, 4 B per element). With offload_optimizer cpu the
+    # step is DeepSpeedCPUAdam on the host's fp32 partition (ops/adam/cpu_adam.py), nothing
+    # of it on the GPU.
+    part = _div(p_t, n)
+    stepped = min(part, par.zero_sub_group_elems) if stage3 else part
+    shard_step = 0 if offload else 4 * stepped + (4 * stepped if step_transient else 0)
+    per_phase: dict[str, dict[str, int]] = {}
     host = 0
-    if plan.is_lora:
-        c["adapter_weights"] = trainable16
-    opt = _div(c["optimizer_states"], n) + master
-    paged = _div(c["optimizer_paged"], n)
-    if offload:  # ZeRO-Offload: optimizer states, fp32 master and fp32 grads on the host
-        host += opt + paged + _div(4 * p_t, n)
-        opt = paged = 0
-        grads16 = 0
-    c["optimizer_states"], c["optimizer_paged"], c["gradients"] = opt, paged, grads16
+    gathered_of: dict[str, int] = {}
+    unit = _layer_unit_bytes(spec, plan, ref)
+    if _low_precision_compute(plan) and plan.method != "qlora":
+        unit = unit * DTYPE_BYTES[plan.compute_dtype] // DTYPE_BYTES[plan.load_dtype]
+    lm = max(spec.embedding_params(), spec.lm_head_params()) * 2
+    # bf16 over fp32 weights: DeepSpeed casts the module to 16 bits (engine.py
+    # `_configure_distributed_model`: module.bfloat16()): 16-bit weights, no autocast casts
+    cast16 = _low_precision_compute(plan) and plan.method != "qlora"
+    casts = _autocast_copies(spec, plan) if cast16 else (0, 0)
+    if cast16:
+        notes.append(f"DeepSpeed bf16 casts the {plan.load_dtype} module to "
+                     f"{plan.compute_dtype}: 16-bit weights, no autocast weight copies")
+    for phase, one in _phase_inputs(ref).items():
+        c = dict(one)
+        phase_host = 0
+        if cast16:
+            for k in ("base_weights", "unquantized_params", "expert_weights"):
+                c[k] = c[k] * DTYPE_BYTES[plan.compute_dtype] // DTYPE_BYTES[plan.load_dtype]
+            _drop_casts(c, phase, casts)
+        if plan.is_lora and c["adapter_weights"]:
+            c["adapter_weights"] = trainable16
+        states = c["optimizer_states"]
+        if adam_torch and states:
+            states = states * 4 // param_dtype
+        opt = _div(states, n) + (master if phase != "load" else 0)
+        paged = _div(c["optimizer_paged"], n)
+        grads16 = _div(2 * p_t, n) if c["gradients"] else 0
+        if offload:  # ZeRO-Offload: optimizer states, fp32 master and fp32 grads on the host
+            phase_host += opt + paged + (_div(4 * p_t, n) if phase != "load" else 0)
+            opt = paged = 0
+            grads16 = 0
+        c["optimizer_states"], c["optimizer_paged"], c["gradients"] = opt, paged, grads16
+        _step_on_gpu(step_transient, phase, c, 0)
+        if phase == "optimizer":
+            c["transient"] += shard_step
+        gathered = 0
+        if stage3:
+            for k in ("base_weights", "unquantized_params", "expert_weights", "adapter_weights"):
+                shard = _div(c[k], n)
+                if offload:
+                    phase_host += shard
+                    c[k] = 0
+                else:
+                    c[k] = shard
+                placement[k] = (f"sharded 1/{n}"
+                                + (", on host (offload_param cpu)" if offload else ""))
+            # partitioned_param_coordinator.py fetch_sub_module: the module being computed
+            # (a layer, or the embedding / lm_head) and the prefetch bucket; both released
+            # after the module's backward (`release_sub_module`), so the step sees none
+            if phase in ("forward", "backward"):
+                gathered = max(unit, lm) + 2 * par.zero_prefetch_bucket_elems
+        else:
+            for k in ("base_weights", "unquantized_params", "expert_weights", "adapter_weights"):
+                if c[k]:
+                    placement[k] = "replicated"
+        host = max(host, phase_host)
+        c["comm_buffers"] = gathered + (ipg if phase != "load" else 0)
+        c["cuda_context"] += NCCL_BUFFERS
+        gathered_of[phase] = gathered
+        per_phase[phase] = c
     where = "host (offload_optimizer cpu)" if offload else f"sharded 1/{n}"
     placement.update(optimizer_states=f"{where} (+ fp32 master weights)",
                      optimizer_paged=where, gradients=where)
-    gathered = 0
-    if stage3:
-        for k in ("base_weights", "unquantized_params", "expert_weights", "adapter_weights"):
-            shard = _div(c[k], n)
-            if offload:
-                host += shard
-                c[k] = 0
-            else:
-                c[k] = shard
-            placement[k] = f"sharded 1/{n}" + (", on host (offload_param cpu)" if offload else "")
-        unit = _layer_unit_bytes(spec, plan, ref)
-        lm = max(spec.embedding_params(), spec.lm_head_params()) * 2
-        gathered = max(unit, lm) + 2 * par.zero_prefetch_bucket_elems
-        placement["comm_buffers"] = "gathered module + prefetch bucket + ipg gradient bucket"
-    else:
-        for k in ("base_weights", "unquantized_params", "expert_weights", "adapter_weights"):
-            if c[k]:
-                placement[k] = "replicated"
-        placement["comm_buffers"] = "ipg gradient bucket (reduce_bucket_size, 16-bit)"
+    placement["comm_buffers"] = ("gathered module + prefetch bucket + ipg gradient bucket"
+                                 if stage3 else
+                                 "ipg gradient bucket (reduce_bucket_size, 16-bit)")
     placement["quant_constants"] = "replicated"
-    c["comm_buffers"] = gathered + ipg
-    c["cuda_context"] += NCCL_BUFFERS
     notes.append(f"ZeRO reduce_bucket_size {par.zero_reduce_bucket_elems:,} elements (DeepSpeed "
                  "default; 'auto' in a config file means hidden^2)")
-    detail = {"gathered_params": gathered, "ipg_bucket": ipg, "nccl": NCCL_BUFFERS}
-    return c, placement, detail, notes, host * par.node_size
+    if offload:
+        notes.append("offload_optimizer cpu: the optimizer step runs on the host "
+                     "(DeepSpeedCPUAdam), not on the GPU")
+    peak = _busiest_phase(per_phase, ref)
+    c = per_phase[peak]
+    detail = {"gathered_params": gathered_of[peak],
+              "ipg_bucket": ipg if peak != "load" else 0, "nccl": NCCL_BUFFERS}
+    terms = _terms(c, peak, {
+        "gathered_params": (gathered_of[peak], "the module being computed (a layer, or the "
+                            "embedding / lm_head) + stage3_prefetch_bucket_size"),
+        "ipg_bucket": (detail["ipg_bucket"], "reduce_bucket_size elements in 16 bits"),
+    }, n, offload)
+    return _Placed(comps=c, phases={p: _allocated(v) for p, v in per_phase.items()},
+                   peak_phase=peak, phase_components=per_phase, placement=placement,
+                   detail=detail, notes=notes, host=host * par.node_size, terms=terms)
+
+
+_TERM_WHY = {
+    "base_weights": "weights", "quant_constants": "4-bit quantization constants (replicated)",
+    "unquantized_params": "embeddings, lm_head, norms", "expert_weights": "MoE experts",
+    "adapter_weights": "LoRA adapters", "gradients": "gradients",
+    "optimizer_states": "optimizer states", "optimizer_paged": "paged optimizer states",
+    "activations": "saved activations (as on one GPU, per-device batch)",
+    "logits_loss": "logits and loss (as on one GPU)",
+    "transient": "transients of the phase (as on one GPU; the optimizer step's: this GPU's)",
+    "cublas_workspace": "cuBLAS workspaces",
+    "allocator_slack": "reserved - allocated (the one-GPU replay's slack, not replayed per GPU)",
+    "cuda_context": "CUDA context + kernels + NCCL buffers (assumed channel count)",
+}
+
+
+def _terms(c: dict[str, int], phase: str, comm: dict[str, tuple[int, str]], s: int,
+           offload: bool) -> list[PeakTerm]:
+    """The busiest GPU's peak (phase `phase`, components `c`) term by term, communication
+    split into its parts; the terms add up to peak device bytes."""
+    out = [PeakTerm(name="phase", bytes=0, why=f"the busiest phase on this GPU: {phase}")]
+    sharded = ("base_weights", "unquantized_params", "expert_weights", "adapter_weights",
+               "gradients", "optimizer_states", "optimizer_paged")
+    for k, v in c.items():
+        if k == "comm_buffers":
+            for name, (b, why) in comm.items():
+                if b and name != "reduce_scatter_in_flight":
+                    out.append(PeakTerm(name=name, bytes=b, why=why))
+            continue
+        if k == "allocator_slack":
+            held = comm.get("reduce_scatter_in_flight", (0, ""))
+            if held[0]:
+                out.append(PeakTerm(name="reduce_scatter_in_flight", bytes=held[0], why=held[1]))
+                v -= held[0]
+        if not v:
+            continue
+        why = _TERM_WHY.get(k, k)
+        if k in sharded:
+            why += f", this GPU's 1/{s} shard"
+        out.append(PeakTerm(name=k, bytes=v, why=why))
+    if offload:
+        out.append(PeakTerm(name="offloaded", bytes=0, why="sharded weights, gradients, "
+                            "optimizer states and the optimizer step are on the host"))
+    return out
 
 
 # ---- device_map="auto" --------------------------------------------------------------------
@@ -486,7 +806,23 @@ def estimate_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
     single = estimate_fn(spec, plan)
     sharded_qlora = plan.method == "qlora" and plan.quant in ("nf4", "fp4") and (
         parallel.strategy == "fsdp" or parallel.strategy == "zero3")
-    ref = _sharded_qlora_reference(spec, plan, estimate_fn) if sharded_qlora else single
+    storage = parallel.quant_storage
+    if storage is not None and not sharded_qlora:
+        raise PlanError("--quant-storage is the storage dtype of 4-bit weights: it needs "
+                        "--method qlora --quant nf4|fp4 with --strategy fsdp or zero3")
+    if storage is not None and parallel.strategy == "fsdp" and storage != plan.load_dtype:
+        raise PlanError(f"FSDP flattens a layer's 4-bit weights with its {plan.load_dtype} "
+                        f"norms into one FlatParameter, which needs one dtype "
+                        f"(FlatParamHandle: 'Must flatten tensors with uniform dtype'): "
+                        f"--quant-storage must be the load dtype {plan.load_dtype}, not "
+                        f"{storage}")
+    step_plan = plan
+    ref = single
+    if sharded_qlora:
+        ref, step_plan = _sharded_qlora_reference(spec, plan, estimate_fn)
+    # the one-GPU foreach step's temporaries (optimizer.optimizer_bytes), which a sharded
+    # step replaces by its own
+    step_transient = optimizer_bytes(spec, step_plan).step_transient
     notes: list[str] = []
     host_loading = 0
     layers_per_gpu = None
@@ -500,23 +836,30 @@ def estimate_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
             per_gpu=per_gpu, single_gpu=single, placement=placement, comm_detail={},
             layers_per_gpu=layers_per_gpu, notes=tuple(notes))
         return pe
-    host_offload = 0
     if parallel.strategy == "ddp":
         comps, placement, detail, notes = _ddp(spec, plan, parallel, ref)
-    elif parallel.strategy == "fsdp":
-        comps, placement, detail, notes, host_offload = _fsdp(spec, plan, parallel, ref)
+        est = _assemble(ref, comps, trainable=_trainable_count(spec, plan),
+                        expandable=plan.expandable_segments)
+        return ParallelEstimate(
+            parallel=parallel, busiest=est, busiest_gpu=0, per_gpu=[est] * parallel.gpus,
+            single_gpu=single, placement=placement, comm_detail=detail, notes=tuple(notes))
+    if parallel.strategy == "fsdp":
+        placed = _fsdp(spec, plan, parallel, ref, step_transient)
         model_bytes = sum(ref.components[k] for k in (
             "base_weights", "quant_constants", "unquantized_params", "expert_weights"))
         copies = 1 if parallel.cpu_ram_efficient_loading else parallel.node_size
         host_loading = copies * model_bytes
     else:
-        comps, placement, detail, notes, host_offload = _zero(spec, plan, parallel, ref)
-    est = _assemble(ref, comps, trainable=_trainable_count(spec, plan),
-                    expandable=plan.expandable_segments)
+        placed = _zero(spec, plan, parallel, ref, step_transient)
+    # each phase placed on the GPU as the strategy puts it; the busiest phase is the peak
+    est = _assemble(ref, placed.comps, trainable=_trainable_count(spec, plan),
+                    expandable=plan.expandable_segments, phases=placed.phases,
+                    peak_phase=placed.peak_phase, phase_components=placed.phase_components)
     return ParallelEstimate(
         parallel=parallel, busiest=est, busiest_gpu=0, per_gpu=[est] * parallel.gpus,
-        single_gpu=single, placement=placement, comm_detail=detail,
-        host_offload_bytes=host_offload, host_loading_bytes=host_loading, notes=tuple(notes))
+        single_gpu=single, placement=placed.placement, comm_detail=placed.detail,
+        host_offload_bytes=placed.host, host_loading_bytes=host_loading,
+        notes=tuple(placed.notes), peak_terms=placed.terms)
 
 
 # ---- what fits ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pydantic import BaseModel, ConfigDict, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 
 class Components(BaseModel):
@@ -85,6 +85,11 @@ class Estimate(BaseModel):
     # bitsandbytes leaves unquantized, falcon's sdpa running as math attention; see
     # effective.py and the notes): {"method": "lora", "weights_dtype": "fp32", ...}.
     planned_as: dict[str, str] = {}
+    # Each phase's components at that phase's own peak (the peak phase's are `components`),
+    # for what rearranges them per phase (multi_gpu: a sharded optimizer step, units
+    # gathered only while forward and backward run). Left out of model_dump / JSON: derived
+    # from the same attribution as `components`; empty where no one filled it in.
+    phase_components: dict[str, dict[str, int]] = Field(default_factory=dict, exclude=True)
 
     @property
     def required_low(self) -> int:

@@ -60,6 +60,12 @@ OrigParamsOpt = Annotated[
                        help="--strategy fsdp only: use_orig_params (True makes LoRA "
                        "gradients cover frozen elements).")
 ]
+QUANT_STORAGES: tuple[str, ...] = ("bf16", "fp16", "fp32", "uint8")
+QuantStorageOpt = Annotated[
+    str | None, typer.Option("--quant-storage", help=f"--strategy fsdp|zero3 with QLoRA: "
+                             f"bnb_4bit_quant_storage {'|'.join(QUANT_STORAGES)} (default: the "
+                             "load dtype, PEFT's recipe; FSDP needs it equal to the load dtype).")
+]
 BalanceOpt = Annotated[
     str, typer.Option("--device-map", help=f"--strategy device-map only: placement "
                       f"{'|'.join(BALANCES)}.")
@@ -71,7 +77,7 @@ def parallel_from_options(
     gpus_per_node: int | None = None, sharding_strategy: str = "FULL_SHARD",
     use_orig_params: bool = False, device_map: str = "balanced",
     max_memory_bytes: int | None = None, given: frozenset[str] = frozenset(),
-    gpus_from: str = "--gpus N",
+    gpus_from: str = "--gpus N", quant_storage: str | None = None,
 ) -> ParallelPlan | None:
     """A ParallelPlan, or None when no multi-GPU option was given. One PlanError per problem,
     and one for an option given (`given`, parameter names) that the strategy does not use.
@@ -79,7 +85,7 @@ def parallel_from_options(
     checked); None when it must be --gpus."""
     from vramcalc.commands.options import refuse_given
 
-    per_strategy = ("sharding_strategy", "use_orig_params", "device_map")
+    per_strategy = ("sharding_strategy", "use_orig_params", "device_map", "quant_storage")
     if gpus is None and strategy is None and offload == "none" and gpus_per_node is None:
         refuse_given(given, per_strategy, "only with several GPUs (--gpus N --strategy ...)")
         return None
@@ -102,10 +108,14 @@ def parallel_from_options(
                      f"only with --strategy fsdp, not {chosen}")
     if chosen != "device-map":
         refuse_given(given, ("device_map",), f"only with --strategy device-map, not {chosen}")
+    if chosen not in ("fsdp", "zero3"):
+        refuse_given(given, ("quant_storage",), f"only with --strategy fsdp or zero3 (sharded "
+                     f"QLoRA), not {chosen}")
     for name, value, valid in (("strategy", strategy or "ddp", STRATEGIES),
                                ("offload", offload, OFFLOADS),
                                ("sharding strategy", sharding_strategy, SHARDING_STRATEGIES),
-                               ("device map", device_map, BALANCES)):
+                               ("device map", device_map, BALANCES),
+                               ("quant storage", quant_storage or "bf16", QUANT_STORAGES)):
         if value not in valid:
             raise PlanError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
     try:
@@ -113,7 +123,7 @@ def parallel_from_options(
             gpus=gpus or 1, strategy=strategy or "ddp", offload=offload,  # type: ignore[arg-type]
             gpus_per_node=gpus_per_node, sharding_strategy=sharding_strategy,  # type: ignore[arg-type]
             use_orig_params=use_orig_params, device_map_balance=device_map,  # type: ignore[arg-type]
-            max_memory_bytes=max_memory_bytes,
+            max_memory_bytes=max_memory_bytes, quant_storage=quant_storage,  # type: ignore[arg-type]
         )
     except ValidationError as err:
         raise PlanError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
@@ -137,6 +147,8 @@ def parallel_to_dict(pe: ParallelEstimate, plan: TrainPlan) -> dict[str, Any]:
     out["host_loading_bytes"] = pe.host_loading_bytes
     out["single_gpu_required_device_bytes"] = pe.single_gpu.required_device_bytes
     out["notes"] = list(pe.notes)
+    # fsdp / zero: the busiest GPU's peak term by term (multi_gpu.PeakTerm)
+    out["peak_terms"] = [t.model_dump(mode="json") for t in pe.peak_terms]
     return out
 
 
@@ -171,8 +183,14 @@ def show_parallel(pe: ParallelEstimate, plan: TrainPlan) -> None:
     for first, last, cells in rows:
         table.add_row(str(first) if first == last else f"{first}-{last}", *cells)
     console.print(table)
+    if pe.peak_terms:
+        console.print(f"busiest GPU's peak, term by term ({pe.peak_terms[0].why}):",
+                      highlight=False)
+        for t in pe.peak_terms[1:]:
+            amount = f"{gib(t.bytes):>7} GiB" if t.bytes else " " * 11
+            console.print(f"  {amount}  {t.name}: {t.why}", highlight=False)
     for comp, where in pe.placement.items():
-        if comp in pe.busiest.components.model_fields and not pe.single_gpu.components[comp]:
+        if comp in type(pe.busiest.components).model_fields and not pe.single_gpu.components[comp]:
             continue
         console.print(f"  {comp}: {where}", highlight=False)
     if pe.host_offload_bytes or pe.host_loading_bytes:

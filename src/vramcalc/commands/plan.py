@@ -33,6 +33,7 @@ from vramcalc.commands.parallel import (
     GpusPerNodeOpt,
     OffloadOpt,
     OrigParamsOpt,
+    QuantStorageOpt,
     ShardingOpt,
     StrategyOpt,
     parallel_from_options,
@@ -97,6 +98,7 @@ def plan(
     sharding_strategy: ShardingOpt = "FULL_SHARD",
     use_orig_params: OrigParamsOpt = False,
     device_map: BalanceOpt = "balanced",
+    quant_storage: QuantStorageOpt = None,
     dataset_tokens: DatasetTokensOpt = None,
     epochs: EpochsOpt = None,
     price: PriceOpt = None,
@@ -155,7 +157,8 @@ def plan(
         train = for_target(train, target, given)
     parallel = parallel_from_options(
         gpus, strategy, offload, gpus_per_node, sharding_strategy, use_orig_params, device_map,
-        None if target is None else target.free_bytes - margin_b, given=given)
+        None if target is None else target.free_bytes - margin_b, given=given,
+        quant_storage=quant_storage)
     if gpu is None:
         timing.refuse("need --gpu NAME (a catalog GPU: the time model uses its throughput)")
     if parallel is not None:
