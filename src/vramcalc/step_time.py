@@ -115,21 +115,21 @@ CLIP_ACCESSES = 3  # clip_grad_norm_: the norm reads every gradient, the scale r
 # the kernels per decoder layer are about the same as the dispatched ops.
 KERNELS_PER_LAYER_FWD = 30
 KERNELS_PER_LAYER_BWD = 45
-OPS_LAYER_FWD = 74  # Llama block forward, use_cache off (norms, rotary, sdpa, MLP, adds)
-OPS_LAYER_BWD = 146  # its backward with every weight trained (full fine-tuning)
+OPS_LAYER_FWD = 77  # Llama block forward, use_cache off (norms, rotary, sdpa, MLP, adds)
+OPS_LAYER_BWD = 142  # its backward with every weight trained (full fine-tuning)
 OPS_WGRAD = 3  # per trained Linear or norm weight: its gradient's mm/sum, t, accumulate
 # Other blocks, per layer (forward, backward) beyond Llama's, counted the same way:
 OPS_BIAS_BWD = 3  # per Linear with a bias (Qwen2's q/k/v): its gradient's sum
-OPS_QK_NORM = (16, 40)  # Qwen3's per-head q_norm and k_norm
+OPS_QK_NORM = (18, 40)  # Qwen3's per-head q_norm and k_norm
 OPS_NORM = (9, 14)  # each norm beyond two (Gemma-2's four)
-OPS_EAGER = (26, 20)  # eager attention instead of sdpa (Llama block counted both ways)
-OPS_SOFTCAP = (8, 24)  # the rest of Gemma-2's count: soft capping, sliding-window masks
+OPS_EAGER = (25, 24)  # eager attention instead of sdpa (Llama block counted both ways)
+OPS_SOFTCAP = (12, 20)  # the rest of Gemma-2's count: soft capping, sliding-window masks
 # non-reentrant checkpointing's recompute beyond the forward's own operators (the saved-
-# tensor hooks): 56 for the Llama block, 74 with LoRA on its 7 Linears; more for blocks
-# with more operators (Qwen3 78, Gemma-2 81): 56 + 3 per LoRA module + half the extra
-OPS_CKPT_LAYER = 56
+# tensor hooks): 57 for the Llama block, 75 with LoRA on its 7 Linears; more for blocks
+# with more operators (Qwen3 77, Gemma-2 79): 57 + 3 per LoRA module + half the extra
+OPS_CKPT_LAYER = 57
 OPS_CKPT_LORA = 3
-OPS_STEP = 85  # embedding, final norm, lm_head, loss: forward and backward
+OPS_STEP = 85  # embedding, final norm, lm_head, loss: forward and backward (36-48 + 37)
 # peft LoraLayer.forward per targeted module: _cast_input_dtype (x to the fp32 adapters'
 # dtype), dropout, lora_A and lora_B under autocast (weight and input casts), * scaling,
 # the add, result.to(dtype): 18 forward, 23 backward (counted as above, the frozen base's
