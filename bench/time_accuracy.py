@@ -6,8 +6,9 @@
 RESULTS is the matrix driver's output (`python -m vramcalc.calibrate.matrix ...`): one line
 per matrix point; a `vramcalc.calibrate.time_worker` point holds several timed points in
 `measurement.points`, a plain training point its own `measurement.step_seconds`.
-PREDICTIONS (default: calibration/matrices/h200-time1-predictions.json) are the step times
-committed before the run, for the H200 (`step_seconds`) and the H100 SXM (`by_gpu`): the
+PREDICTIONS (default: calibration/matrices/h200-time1-predictions.json; time holdout 2:
+calibration/matrices/h200-time2-predictions.json) are the step times committed before the
+run, for the H200 (`step_seconds`) and the H100 SXM (`by_gpu`): the
 card the time workers report (`device_name`) picks which. `--current` also shows the time
 model as it is now, which is not a holdout result once the model has changed.
 

@@ -100,6 +100,54 @@ def test_dequant_only_on_quantized_bases() -> None:
         lora.of("dequant")
 
 
+def test_int8_input_gradient_is_fp32_under_the_fp32_stream() -> None:
+    """MatMul8bitLt keeps its input's dtype (fp32 under prepare_model_for_kbit_training's
+    fp32 norms): backward's input-gradient matmul runs on the fp32 peak for every Linear
+    but o (fed by sdpa's 16-bit output); the 16-bit GEMMs keep only o's input gradient."""
+    p = plan(method="qlora", quant="int8", gradient_checkpointing=False)
+    work = train_work(TINY, p)
+    t, o_numel = 2 * 32, 64 * 64
+    fp32 = work.of("int8_fp32_grad")
+    assert fp32.peak == "fp32"
+    assert fp32.flops == pytest.approx(2.0 * t * (LINEAR_NUMEL - o_numel) * 2)
+    assert work.of("block_matmuls").flops == pytest.approx(2.0 * t * o_numel * 2)
+    # a bf16 LoRA base has no fp32 stream and no such class
+    with pytest.raises(KeyError):
+        train_work(TINY, plan(method="lora")).of("int8_fp32_grad")
+
+
+def test_host_time_counts_operators_per_module_and_recompute() -> None:
+    """Host time is operators x HOST_OP_S: each LoRA module and each quantized Linear adds
+    its operators; checkpointing adds the recompute; dropout 0 drops one each way."""
+    from vramcalc import step_time as st
+
+    def host(**kw: object) -> float:
+        return train_work(TINY, plan(gradient_checkpointing=False, **kw)).host_fwd_bwd_s
+
+    n_lin, layers = 7, 2
+    full, lora = host(method="full"), host(method="lora")
+    wgrad = st.OPS_WGRAD * (n_lin + TINY.norms_per_layer) * layers * st.HOST_OP_S
+    per_lora = (st.OPS_LORA_FWD + st.OPS_LORA_BWD) * n_lin * layers * st.HOST_OP_S
+    assert lora - full == pytest.approx(per_lora - wgrad)
+    nf4 = host(method="qlora", quant="nf4")
+    assert nf4 - lora == pytest.approx(
+        (st.OPS_NF4_FWD + st.OPS_NF4_BWD) * n_lin * layers * st.HOST_OP_S)
+    assert host(method="lora", lora_dropout=0.0) == pytest.approx(
+        lora - 2 * n_lin * layers * st.HOST_OP_S)
+    ckpt = train_work(TINY, plan(method="lora", gradient_checkpointing=True))
+    assert ckpt.host_forward_s == pytest.approx(
+        2 * train_work(TINY, plan(method="lora", gradient_checkpointing=False)).host_forward_s)
+
+
+def test_int8_forward_is_serial() -> None:
+    """int8's outlier check syncs in every Linear's forward: host and GPU forward add,
+    so its step is longer than max(GPU, host) of the same work without the syncs."""
+    work = train_work(TINY, plan(method="qlora", quant="int8", batch_size=8, seq_len=256))
+    serial = step_time(work, FLAT).step_seconds
+    overlapped = step_time(work._replace(serial_forward=False), FLAT).step_seconds
+    assert serial > overlapped
+
+
 # ---- timing invariants -------------------------------------------------------------------
 
 
@@ -253,6 +301,37 @@ def test_committed_time_holdout_is_predicted_and_serial_sized() -> None:
     for method, quant in (("full", None), ("lora", None), ("qlora", "nf4"), ("qlora", "int8")):
         assert (method, quant, True) in kinds and (method, quant, False) in kinds
     assert {s["plan"]["batch_size"] for s in subs} >= {1, 16}
+
+
+def test_time_holdout_2_is_new_serial_sized_and_fits_the_h100() -> None:
+    """h200-time2: >= 30 points, every method with checkpointing on and off, batch 1 and
+    16, >= 4 architectures with at least one not in time 1, about a quarter at full depth,
+    every estimated peak <= 50 GiB (an 80 GB H100), a prediction per point for both cards."""
+    from vramcalc.estimate import estimate
+    from vramcalc.specs import depth_cut, get_spec
+
+    matrix = json.loads((ROOT / "calibration/matrices/h200-time2.json").read_text())
+    preds = json.loads((ROOT / "calibration/matrices/h200-time2-predictions.json").read_text())
+    time1 = json.loads((ROOT / "calibration/matrices/h200-time1.json").read_text())
+    subs = [(g, s) for g in matrix["points"] for s in g["job"]["points"]]
+    assert len(subs) >= 30
+    by_id = {p["id"]: p for p in preds["points"]}
+    assert {s["id"] for _, s in subs} == set(by_id)
+    assert all(set(p["by_gpu"]) == {"h200", "h100-sxm"} for p in by_id.values())
+    kinds = {(s["plan"]["method"], s["plan"].get("quant"), s["plan"]["gradient_checkpointing"])
+             for _, s in subs}
+    for method, quant in (("full", None), ("lora", None), ("qlora", "nf4"), ("qlora", "int8")):
+        assert (method, quant, True) in kinds and (method, quant, False) in kinds
+    assert {s["plan"]["batch_size"] for _, s in subs} >= {1, 16}
+    archs = {g["spec"] for g in matrix["points"]}
+    assert len(archs) >= 4 and archs - {g["spec"] for g in time1["points"]}
+    full_depth = sum(1 for g, _ in subs if not g.get("layers"))
+    assert 0.15 <= full_depth / len(subs) <= 0.35
+    for g, s in subs:
+        spec = get_spec(g["spec"])
+        spec = depth_cut(spec, g["layers"]) if g.get("layers") else spec
+        peak = estimate(spec, TrainPlan.model_validate(s["plan"])).peak_device_bytes
+        assert peak <= 50 * 2**30, s["id"]
 
 
 # ---- prices, JSON fields, ranking (the CLI) ----------------------------------------------

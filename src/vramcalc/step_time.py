@@ -106,29 +106,71 @@ INT8_ACT_OUT_BYTES = 6
 # (r p g, w p in the parameter dtype, r/w two 1-byte states); paged 32-bit (fp32 states);
 # SGD without momentum (r p g, w p).
 CLIP_ACCESSES = 3  # clip_grad_norm_: the norm reads every gradient, the scale r/w it
-# Launches and host time (eager PyTorch). Per-op dispatch with autograd recording is about
-# 10 us; the counts are kernels per decoder layer in transformers' Llama block.
+# Launches and host time (eager PyTorch). The host issues every operator from Python
+# through the dispatcher (and records its autograd node in forward); the GPU runs the
+# kernels meanwhile. The counts are dispatched operators (aten ops, views included, and
+# bitsandbytes' torch.library ops with their ctypes launches), counted with a
+# TorchDispatchMode over forward and backward of transformers 5.25's Llama block under
+# autocast (peft 0.21.2 LoRA, non-reentrant checkpointing; tools: calibration/count_ops.py):
+# the kernels per decoder layer are about the same as the dispatched ops.
 KERNELS_PER_LAYER_FWD = 30
 KERNELS_PER_LAYER_BWD = 45
+OPS_LAYER_FWD = 77  # Llama block forward, use_cache off (norms, rotary, sdpa, MLP, adds)
+OPS_LAYER_BWD = 142  # its backward with every weight trained (full fine-tuning)
+OPS_WGRAD = 3  # per trained Linear or norm weight: its gradient's mm/sum, t, accumulate
+# Other blocks, per layer (forward, backward) beyond Llama's, counted the same way:
+OPS_BIAS_BWD = 3  # per Linear with a bias (Qwen2's q/k/v): its gradient's sum
+OPS_QK_NORM = (18, 40)  # Qwen3's per-head q_norm and k_norm
+OPS_NORM = (9, 14)  # each norm beyond two (Gemma-2's four)
+OPS_EAGER = (25, 24)  # eager attention instead of sdpa (Llama block counted both ways)
+OPS_SOFTCAP = (12, 20)  # the rest of Gemma-2's count: soft capping, sliding-window masks
+# non-reentrant checkpointing's recompute beyond the forward's own operators (the saved-
+# tensor hooks): 57 for the Llama block, 75 with LoRA on its 7 Linears; more for blocks
+# with more operators (Qwen3 77, Gemma-2 79): 57 + 3 per LoRA module + half the extra
+OPS_CKPT_LAYER = 57
+OPS_CKPT_LORA = 3
+OPS_STEP = 85  # embedding, final norm, lm_head, loss: forward and backward (36-48 + 37)
+# peft LoraLayer.forward per targeted module: _cast_input_dtype (x to the fp32 adapters'
+# dtype), dropout, lora_A and lora_B under autocast (weight and input casts), * scaling,
+# the add, result.to(dtype): 18 forward, 23 backward (counted as above, the frozen base's
+# own backward without its weight gradients); lora_dropout 0 is nn.Identity (one fewer
+# each way)
+OPS_LORA_FWD = 18
+OPS_LORA_BWD = 23
+# bitsandbytes 0.50.2 Linear4bit per Linear (nn/modules.py Linear4bit.forward,
+# autograd/_functions.py MatMul4Bit, backends/cuda/ops.py gemm_4bit ->
+# _dequant_linear_fallback for more than 1536 rows): x.to(compute dtype), the Function,
+# the gemm_4bit op, the nested absmax (empty_like, dequantize_blockwise launch, + offset),
+# empty, dequantize_4bit launch, linear, .to(input dtype); peft's Linear4bit
+# `result.clone()`: 12. Backward (MatMul4Bit.backward): dequantize_4bit again through
+# functional.dequantize_4bit (dequantize_blockwise op, += offset, dequantize_4bit op, their
+# empties and launches), matmul, the two casts' backward: 11.
+OPS_NF4_FWD = 12
+OPS_NF4_BWD = 11
+# Linear8bitLt / MatMul8bitLt (autograd/_functions.py) per Linear: reshape, A.to(float16),
+# int8_vectorwise_quant (2 empty, abs, >=, any, launch: backends/cuda/ops.py),
+# int8_mixed_scaled_mm (numel, empty), int8_scaled_mm -> int8_linear_matmul (empty,
+# cublasLt launch) and int8_mm_dequant (empty, launch), each a torch.library op; reshape:
+# 22. Backward: CB.to(dtype_A), SCB.unsqueeze, mul, mul_, grad.to, matmul, reshapes: 10.
+OPS_INT8_FWD = 22
+OPS_INT8_BWD = 10
 KERNELS_PER_LORA_FWD = 7  # dropout, A, B, scaling, add, autocast casts of A and B
 KERNELS_PER_LORA_BWD = 10
-KERNELS_PER_DEQUANT4 = 1  # dequantize_4bit per Linear per pass (the GEMM is a block matmul)
+KERNELS_PER_DEQUANT4 = 3  # nested absmax, + offset, dequantize_4bit per Linear per pass
 # int8 per Linear, besides its GEMM: forward quantize A, outlier columns, output dequant;
 # backward CB.to(dtype), mul_(SCB / 127) (the small abs / >= / any kernels of the outlier
 # check are in the host's serial forward)
 KERNELS_PER_INT8_FWD = 3
 KERNELS_PER_INT8_BWD = 2
 KERNEL_FLOOR_S = 3e-6  # the shortest kernel on the GPU, launch to end
-HOST_LAYER_FWD_S = 350e-6  # one decoder layer's forward (modules, ops, autograd records)
-HOST_LAYER_BWD_S = 250e-6  # the autograd engine in C++: fewer Python frames
-HOST_LORA_FWD_S = 60e-6  # peft LoraLayer.forward's Python per targeted module
-HOST_LORA_BWD_S = 25e-6
-HOST_QUANT_FWD_S = 40e-6  # bnb Linear4bit/Linear8bitLt forward and its autograd Function
-HOST_QUANT_BWD_S = 25e-6
-# int8 forward: ~10 ops, and `if outliers.any()` (int8_vectorwise_quant) waits for the GPU
-# in every Linear's forward, so the host cannot run ahead: forward passes are serial.
-HOST_INT8_FWD_S = 100e-6
-HOST_STEP_S = 12e-3  # HF Trainer per step: inputs to device, callbacks, scheduler, loss sync
+# Host seconds per dispatched operator on the reference host (the H100 SXM machine of
+# calibration/h100): set from run 28's host-bound points (docs/time-model.md, "measured").
+HOST_OP_S = 13e-6
+# int8's `if outliers.any()` (int8_vectorwise_quant) copies a flag to the host in every
+# Linear's forward: the host waits for the GPU, and the GPU then idles until the host
+# has issued the next kernels (a round trip per sync).
+HOST_SYNC_S = 20e-6
+HOST_STEP_S = 6e-3  # HF Trainer per step: inputs to device, callbacks, scheduler, loss sync
 HOST_STEP_PLAIN_S = 1e-3  # a plain loop: the batch to the device, zero_grad
 HOST_OPT_TENSOR_S = {  # host time per trainable tensor in the optimizer step
     "adamw_torch": 4e-6, "adamw_torch_fused": 2e-6, "sgd": 3e-6,
@@ -138,6 +180,26 @@ HOST_OPT_TENSOR_S = {  # host time per trainable tensor in the optimizer step
 # torch.cuda.synchronize() after every parameter; paged states add two prefetch calls)
 BNB_OPTIMIZERS = frozenset({"adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"})
 HOST_CLIP_TENSOR_S = 2e-6
+# peft LoRA per input element of a targeted Linear (layer.py Linear.forward): the adapters
+# are fp32 (get_peft_model's autocast_adapter_dtype), so `_cast_input_dtype` makes an fp32
+# copy of a 16-bit x (r2 w4), dropout runs in fp32 (r4 w4, a 1-byte mask), autocast casts
+# the dropped input back to 16-bit for lora_A (r4 w2), which reads it (r2). Backward: the
+# casts' and dropout's gradients (r2 w4, r4 r1 w4, r4 w2), the add into x's gradient
+# (r2 r2 w2) and lora_A's weight gradient reading its input (r2).
+LORA_CAST_IN_BYTES = 6  # the fp32 copy of a 16-bit input (absent when x is fp32 already)
+LORA_DROPOUT_FWD_BYTES = 9
+LORA_AUTOCAST_IN_BYTES = 8
+LORA_IN_BWD_BYTES = 29
+LORA_DROPOUT_BWD_BYTES = 9
+# int8 under an fp32 residual stream (prepare_model_for_kbit_training casts norms and
+# embeddings to fp32): MatMul8bitLt's ctx.dtype_A is fp32, so backward builds an fp32
+# weight (`state.CB.to(ctx.dtype_A, copy=True).mul_(...)`: r1 w4, r4 w4) and runs the
+# input gradient as an fp32 matmul outside autocast (the autograd engine's thread): on the
+# fp32 peak (TF32 off). Linears fed by sdpa's 16-bit output (o) stay 16-bit.
+DEQUANT8_FP32_BYTES = 13.0
+# Linear4bit.forward with an fp32 input: x.to(bf16) (r4 w2) and the output
+# .to(input dtype) (r2 w4); backward the two casts again.
+NF4_CAST_BYTES = 6
 # GEMM efficiency falls for few rows (tile quantization): efficiency x M / (M + GEMM_M_HALF).
 GEMM_M_HALF = 128
 # _grouped_mm over many small experts reaches a fraction of a dense GEMM.
@@ -154,6 +216,7 @@ class KernelClass(NamedTuple):
     peak: Peak = "tensor16"
     gemm_rows: int = 0  # rows (tokens) of its GEMMs: 0 = not GEMMs
     grouped: bool = False
+    forward_share: float = -1.0  # its forward passes' share of its time; < 0: by passes
 
 
 class StepWork(NamedTuple):
@@ -166,6 +229,8 @@ class StepWork(NamedTuple):
     host_optimizer_s: float
     host_forward_s: float = 0.0  # the forward passes' share of host_fwd_bwd_s
     serial_forward: bool = False  # the forward waits for the GPU in every layer (int8)
+    forward_passes: int = 1  # forward passes (2 under checkpointing) of the blocks
+    host_syncs_s: float = 0.0  # round trips of the forward's device-to-host syncs
     serial_optimizer: bool = False  # a synchronize after every tensor (bitsandbytes)
     host_step_s: float = HOST_STEP_S
 
@@ -275,6 +340,8 @@ def _elementwise(spec: ModelSpec, plan: TrainPlan, passes_fwd: int, act_bytes: i
     if spec.is_moe:
         i = spec.expert_intermediate_size * spec.num_experts_per_tok
     norms = spec.norms_per_layer * NORM_BYTES * h
+    if spec.qk_norm:  # Qwen3's q_norm / k_norm run over every head of q and k
+        norms += NORM_BYTES * (spec.q_size + spec.kv_size)
     resid = 2 * RESIDUAL_BYTES * h
     rotary = ROTARY_BYTES * (spec.q_size + spec.kv_size)
     act = (GATED_ACT_BYTES if spec.mlp_layout != "plain" else PLAIN_ACT_BYTES) * i
@@ -298,6 +365,29 @@ def _optimizer_bytes(optimizer: str, dtype_bytes: int) -> float:
     if optimizer == "paged_adamw_32bit":
         return 3 * d + 16
     return 3 * d  # sgd
+
+
+def _block_ops(spec: ModelSpec, impl: str, full: bool) -> tuple[int, int]:
+    """Dispatched operators of one decoder block's forward and backward (the OPS_* counts):
+    without weight gradients when the base is frozen."""
+    linears = spec.block_linears()
+    fwd, bwd = OPS_LAYER_FWD, OPS_LAYER_BWD
+    bwd += OPS_BIAS_BWD * sum(1 for lin in linears if lin.bias)
+    extra_norms = max(0, spec.norms_per_layer - 2)
+    fwd += extra_norms * OPS_NORM[0]
+    bwd += extra_norms * OPS_NORM[1]
+    if spec.qk_norm:
+        fwd += OPS_QK_NORM[0]
+        bwd += OPS_QK_NORM[1]
+    if impl == "eager":
+        fwd += OPS_EAGER[0]
+        bwd += OPS_EAGER[1]
+        if spec.attn_logit_softcapping:
+            fwd += OPS_SOFTCAP[0]
+            bwd += OPS_SOFTCAP[1]
+    if not full:  # frozen: no weight gradients for the Linears and the norms
+        bwd -= OPS_WGRAD * (len(linears) + spec.norms_per_layer)
+    return fwd, bwd
 
 
 def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
@@ -328,17 +418,34 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
     gemm_w = 4 if plan.compute_dtype == "fp32" else 2
     classes: list[KernelClass] = []
 
-    mm16_flops = 2.0 * t * numel * ((0 if quant == "int8" else fwd_gemms) + bwd_gemms)
+    # the residual stream is fp32 under prepare_model_for_kbit_training (norms and
+    # embeddings cast to fp32): the norms hand the Linears fp32 inputs, sdpa (autocast)
+    # hands o_proj a 16-bit one; a quantized Linear's output keeps its input's dtype
+    stream32 = plan.method == "qlora" or plan.load_dtype == "fp32"
+    fp32_in = [lin for lin in linears if stream32 and lin.role != "o"]
+    numel32 = sum(lin.in_features * lin.out_features for lin in fp32_in) \
+        if quant == "int8" and plan.compute_dtype != "fp32" else 0
+    io32 = sum(lin.in_features + lin.out_features for lin in fp32_in) if numel32 else 0
     mm16_gemms = (0 if quant == "int8" else fwd_gemms) + bwd_gemms
+    mm16_flops = 2.0 * t * (numel * mm16_gemms - numel32)
     classes.append(KernelClass(
         name="block_matmuls", flops=mm16_flops * layers,
-        bytes=layers * mm16_gemms * (numel * gemm_w + t * io * act),
-        kernels=layers * n_lin * mm16_gemms, peak=gemm_peak, gemm_rows=t))
+        bytes=layers * (mm16_gemms * (numel * gemm_w + t * io * act)
+                        - numel32 * gemm_w - t * io32 * act),
+        kernels=layers * n_lin * mm16_gemms, peak=gemm_peak, gemm_rows=t,
+        forward_share=(fwd_gemms / mm16_gemms) if quant != "int8" else 0.0))
     if quant == "int8":
         classes.append(KernelClass(
             name="int8_matmuls", flops=2.0 * t * numel * fwd_gemms * layers,
             bytes=layers * fwd_gemms * (numel + t * io),
-            kernels=layers * n_lin * fwd_gemms, peak="int8", gemm_rows=t))
+            kernels=layers * n_lin * fwd_gemms, peak="int8", gemm_rows=t, forward_share=1.0))
+        if numel32:
+            # MatMul8bitLt.backward: fp32 weight and fp32 input-gradient matmul
+            classes.append(KernelClass(
+                name="int8_fp32_grad", flops=2.0 * t * numel32 * layers,
+                bytes=layers * (numel32 * (DEQUANT8_FP32_BYTES + 4) + t * io32 * 4),
+                kernels=layers * len(fp32_in) * 3, peak="fp32", gemm_rows=t,
+                forward_share=0.0))
 
     if spec.is_moe and fused_experts(spec, plan):
         e, k, ei, h = (spec.num_local_experts, spec.num_experts_per_tok,
@@ -371,14 +478,26 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
         classes.append(KernelClass(
             name="dequant", bytes=layers * numel * DEQUANT4_BYTES * (fwd_gemms + 1),
             kernels=layers * n_lin * KERNELS_PER_DEQUANT4 * (fwd_gemms + 1)))
+        if stream32:  # Linear4bit.forward's casts of an fp32 input and of its output
+            cast4 = sum(lin.in_features + lin.out_features for lin in fp32_in)
+            classes.append(KernelClass(
+                name="quant_casts", bytes=layers * t * cast4 * NF4_CAST_BYTES * (fwd_gemms + 1),
+                kernels=layers * len(fp32_in) * 2 * (fwd_gemms + 1),
+                forward_share=fwd_gemms / (fwd_gemms + 1)))
     elif quant == "int8":
-        act_bytes = t * sum(lin.in_features * INT8_ACT_IN_BYTES
-                            + lin.out_features * INT8_ACT_OUT_BYTES for lin in linears)
+        # an fp32 input: A.to(float16) reads 4 bytes, int8_mm_dequant writes 4
+        extra = 2 if stream32 else 0
+        act_bytes = t * sum(lin.in_features * (INT8_ACT_IN_BYTES + extra)
+                            + lin.out_features * (INT8_ACT_OUT_BYTES + extra)
+                            for lin in linears)
+        w_bytes = (numel - numel32) * DEQUANT8_BYTES  # the 16-bit backward weights
+        fwd_part = act_bytes * fwd_gemms
         classes.append(KernelClass(
             name="dequant",
-            bytes=layers * (numel * DEQUANT8_BYTES + act_bytes * fwd_gemms),
+            bytes=layers * (w_bytes + fwd_part),
             kernels=layers * n_lin * (KERNELS_PER_INT8_FWD * fwd_gemms
-                                      + KERNELS_PER_INT8_BWD)))
+                                      + KERNELS_PER_INT8_BWD),
+            forward_share=fwd_part / (w_bytes + fwd_part) if w_bytes + fwd_part else 0.0))
 
     # LoRA adapters: forward(s), input gradient, weight gradients (they always train)
     targets = lora_targets(spec, plan)
@@ -386,12 +505,20 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
     if targets:
         r = plan.rank
         lflops = sum(2.0 * t * r * (lin.in_features + lin.out_features) for lin in targets)
-        fwd_b = sum(t * (lin.in_features + 4 * lin.out_features) * act for lin in targets)
-        bwd_b = sum(t * (5 * lin.in_features + 2 * lin.out_features) * act for lin in targets)
-        if plan.lora_dropout > 0:
-            drop = sum(t * lin.in_features for lin in targets) * DROPOUT_BYTES
-            fwd_b += drop
-            bwd_b += drop
+        fp32_roles = {lin.role for lin in fp32_in}
+        drop_f = LORA_DROPOUT_FWD_BYTES if plan.lora_dropout > 0 else 0
+        drop_b = LORA_DROPOUT_BWD_BYTES if plan.lora_dropout > 0 else 0
+        fwd_b = 0.0
+        bwd_b = 0.0
+        for lin in targets:
+            # a 16-bit input is copied to the adapters' fp32 first (none when fp32 already,
+            # or when the compute dtype is fp32 and no autocast casts back)
+            cast_in = 0 if (lin.role in fp32_roles or act == 4) else LORA_CAST_IN_BYTES
+            fwd_b += t * (lin.in_features * (cast_in + drop_f + LORA_AUTOCAST_IN_BYTES)
+                          + 4 * lin.out_features * act)
+            bwd_b += t * (lin.in_features * (LORA_IN_BWD_BYTES - LORA_DROPOUT_BWD_BYTES
+                                             + drop_b)
+                          + 2 * lin.out_features * act)
         classes.append(KernelClass(
             name="lora", flops=layers * lflops * (fwd_gemms + 2),
             bytes=layers * (fwd_b * fwd_gemms + bwd_b),
@@ -417,11 +544,22 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
     kernels = (layers * (KERNELS_PER_LAYER_FWD * passes_fwd + KERNELS_PER_LAYER_BWD))
     classes.append(KernelClass(name="other_kernels", kernels=kernels))
 
-    quant_fwd = HOST_INT8_FWD_S if quant == "int8" else HOST_QUANT_FWD_S
-    host_fwd = layers * passes_fwd * (HOST_LAYER_FWD_S + n_lora * HOST_LORA_FWD_S
-                                      + (n_lin * quant_fwd if quant != "none" else 0.0))
-    host_bwd = layers * (HOST_LAYER_BWD_S + n_lora * HOST_LORA_BWD_S
-                         + (n_lin * HOST_QUANT_BWD_S if quant != "none" else 0.0))
+    # host: dispatched operators per layer and module (the counts above), the recompute's
+    # forward again under checkpointing
+    q_fwd, q_bwd = {"int8": (OPS_INT8_FWD, OPS_INT8_BWD), "none": (0, 0)}.get(
+        quant, (OPS_NF4_FWD, OPS_NF4_BWD))
+    block_f, block_b = _block_ops(spec, impl, full)
+    lora_drop = 0 if plan.lora_dropout > 0 else 1
+    ops_fwd = block_f + n_lora * (OPS_LORA_FWD - lora_drop) + n_lin * q_fwd
+    ops_bwd = block_b + n_lora * (OPS_LORA_BWD - lora_drop) + n_lin * q_bwd
+    # the recompute is a forward again (host_forward_s counts both: under int8 both wait
+    # on the syncs), plus the checkpoint's own operators in backward
+    hooks = (OPS_CKPT_LAYER + OPS_CKPT_LORA * n_lora
+             + (block_f - OPS_LAYER_FWD) / 2) if ckpt else 0.0
+    host_fwd = layers * ops_fwd * passes_fwd * HOST_OP_S
+    host_bwd = (layers * (ops_bwd + hooks) + OPS_STEP) * HOST_OP_S
+    # int8: one device-to-host sync per Linear per forward pass (the recompute's too)
+    syncs = layers * n_lin * passes_fwd * HOST_SYNC_S if quant == "int8" else 0.0
 
     tensors = trainable_tensors(spec, plan)
     count = sum(x.copies for x in tensors)
@@ -437,7 +575,8 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
     optimizer = KernelClass(name="optimizer", bytes=opt_bytes, kernels=opt_kernels + 20)
     return StepWork(tokens=t, classes=tuple(classes), optimizer=optimizer,
                     host_fwd_bwd_s=host_fwd + host_bwd, host_forward_s=host_fwd,
-                    serial_forward=quant == "int8", host_optimizer_s=count * per_tensor,
+                    serial_forward=quant == "int8", forward_passes=passes_fwd,
+                    host_syncs_s=syncs, host_optimizer_s=count * per_tensor,
                     serial_optimizer=plan.optimizer in BNB_OPTIMIZERS,
                     host_step_s=HOST_STEP_S if trainer else HOST_STEP_PLAIN_S)
 
@@ -472,10 +611,17 @@ def step_time(work: StepWork, speed: GpuSpeed) -> StepTime:
     host_fb = work.host_fwd_bwd_s * speed.host_factor
     host_opt = work.host_optimizer_s * speed.host_factor
     host_step = work.host_step_s * speed.host_factor
-    fwd_bwd = max(gpu_fb, host_fb)
-    if work.serial_forward:  # the forward's host time no longer hides behind the GPU
-        share = work.host_forward_s / work.host_fwd_bwd_s if work.host_fwd_bwd_s else 0.0
-        fwd_bwd += min(gpu_fb * share, host_fb * share)
+    if work.serial_forward:
+        # the forward's syncs (int8) empty the GPU's queue in every Linear: the host's
+        # forward and the GPU's no longer overlap; the backward still does
+        by_passes = work.forward_passes / (work.forward_passes + 2.0)
+        gpu_f = sum(x.seconds * (c.forward_share if c.forward_share >= 0 else by_passes)
+                    for x, c in zip(times, work.classes, strict=True))
+        host_f = work.host_forward_s * speed.host_factor
+        fwd_bwd = (gpu_f + host_f + work.host_syncs_s * speed.host_factor
+                   + max(gpu_fb - gpu_f, host_fb - host_f))
+    else:
+        fwd_bwd = max(gpu_fb, host_fb)
     opt_s = host_opt + opt.seconds if work.serial_optimizer else max(opt.seconds, host_opt)
     step = fwd_bwd + opt_s + host_step
     return StepTime(gpu=speed.name, basis=speed.basis, tokens=work.tokens,
@@ -485,6 +631,13 @@ def step_time(work: StepWork, speed: GpuSpeed) -> StepTime:
 
 # ---- inference: prefill and decode ------------------------------------------------------
 
+# Host time of one eager forward per decoder layer in generate() (no autograd records),
+# per LoRA module and per quantized Linear: priors, not yet measured (the training step's
+# per-operator cost, HOST_OP_S, was set from run 28; decode was not re-fitted with it).
+HOST_LAYER_FWD_S = 350e-6
+HOST_LORA_FWD_S = 60e-6
+HOST_QUANT_FWD_S = 40e-6
+HOST_INT8_FWD_S = 100e-6
 # transformers generate(), eager: per new token the whole stack runs once from Python
 # (per-layer host time as a training forward) plus generate()'s own step (logits
 # processors, stopping criteria, cache update, the `unfinished_sequences.max() == 0`
