@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pydantic import BaseModel, ConfigDict, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 
 class Components(BaseModel):
@@ -85,6 +85,10 @@ class Estimate(BaseModel):
     # bitsandbytes leaves unquantized, falcon's sdpa running as math attention; see
     # effective.py and the notes): {"method": "lora", "weights_dtype": "fp32", ...}.
     planned_as: dict[str, str] = {}
+    # Host memory the offloaded activations take (TrainPlan.offload_activations; pinned but
+    # for DeepSpeed cpu_checkpointing): step_requests.offload_host_bytes. Left out of the
+    # dump when 0, so the estimates of plans without offloading dump as before.
+    host_bytes: int = Field(default=0, exclude_if=lambda v: v == 0)
 
     @property
     def required_low(self) -> int:
