@@ -48,6 +48,8 @@ class Suggestion(BaseModel):
     gradient_accumulation_steps: int | None = None
     required_device_bytes: int  # free memory the changed plan needs (Estimate field)
     fits: bool  # what `plan` calls "fits" (not tight) for the changed plan
+    # what the change costs besides memory (host RAM, throughput); "" where nothing
+    cost: str = ""
 
     def apply(self, plan: TrainPlan) -> TrainPlan:
         return plan.model_copy(update=self.changes)
@@ -173,6 +175,13 @@ def candidates(
         if fits_certainly(memory_bytes, peak, margin_bytes) or rank == smaller[-1]:
             add("rank", f"LoRA rank {rank} (was {plan.rank})", {"rank": rank})
             break
+    for mode in offload_modes(plan):
+        changes = {"offload_activations": mode}
+        host = estimate_fn(spec, TrainPlan.model_validate(
+            {**plan.model_dump(), **changes})).host_bytes
+        out.append(_suggestion(spec, plan, memory_bytes, margin_bytes, "offload_activations",
+                               OFFLOAD_TEXT[mode], changes, None, estimate_fn)
+                   .model_copy(update={"cost": offload_cost(host)}))
     attention = attention_targets(spec)
     current = {lin.name for lin in spec.block_linears()} if plan.targets == "all-linear" else set(
         plan.target_list()
@@ -181,6 +190,29 @@ def candidates(
         add("targets", f"LoRA on the attention projections only ({', '.join(attention)})",
             {"targets": ",".join(attention)})
     return out
+
+
+# --offload-activations, as check offers it (commands/options.py OffloadActivationsOpt)
+OFFLOAD_TEXT = {
+    "checkpoints": "offload the checkpointed layer inputs to host memory (Unsloth "
+                   "use_gradient_checkpointing=\"unsloth\", DeepSpeed cpu_checkpointing)",
+    "all": "offload the saved activations to host memory (TRL / axolotl "
+           "activation_offloading=True, torchtune OffloadActivations)",
+}
+
+
+def offload_modes(plan: TrainPlan) -> list[str]:
+    """The activation offloading to try on `plan`: the checkpoint inputs under checkpointing
+    (the cheaper: one copy of each layer input each way), every saved activation without."""
+    if plan.offload_activations != "none":
+        return []
+    return ["checkpoints"] if plan.gradient_checkpointing else ["all"]
+
+
+def offload_cost(host_bytes: int) -> str:
+    return (f"{host_bytes / 2**30:.2f} GiB of pinned host memory, and throughput: each "
+            "offloaded tensor is copied to the host and back every step (overlapped on a "
+            "side stream where the PCIe bandwidth allows)")
 
 
 def combined(

@@ -24,9 +24,11 @@ from vramcalc.errors import PlanError
 from vramcalc.plan_settings import (
     Attention,
     ComputeDtype,
+    Layout,
     Loop,
     Method,
     MoeExperts,
+    OffloadActivations,
     Optimizer,
     Quant,
     TrainPlan,
@@ -254,6 +256,9 @@ def plan(
     use_cache: bool | None = None,
     expandable_segments: bool | None = None,
     moe_experts: MoeExperts | None = None,
+    layout: Layout | None = None,
+    tokens_per_step: int | None = None,
+    offload_activations: OffloadActivations | None = None,
     calibration: bool = True,
     gpu: str | None = None,
 ) -> PlanEstimate:
@@ -273,7 +278,8 @@ def plan(
         double_quant=double_quant, compute_dtype=compute_dtype, optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing, attn=attn, weights_dtype=weights_dtype,
         loop=loop, use_cache=use_cache, expandable_segments=expandable_segments,
-        moe_experts=moe_experts,
+        moe_experts=moe_experts, layout=layout, tokens_per_step=tokens_per_step,
+        offload_activations=offload_activations,
     )
     fn, _ = estimator(gpu, use_calibration=calibration)
     return _with_plan(fn(spec, train), spec, train)
