@@ -253,3 +253,41 @@ def test_one_answer_with_the_new_options() -> None:
                         tokens_per_step=3000, offload_activations="checkpoints")
     assert api.required_device_bytes == plan["required_device_bytes"]
     assert api.host_bytes == plan["host_bytes"] > 0
+
+
+# ---- the calibration worker (CPU, a tiny model) -------------------------------------------
+
+@pytest.mark.parametrize("layout", ["padding-free", "packed"])
+def test_worker_runs_layouts_and_offloaded_checkpoints(layout: str) -> None:
+    """The worker feeds padding-free / packed rows with position_ids and offloads the
+    checkpointed layer inputs as the program models it: (layers - 1) inputs on the host."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from vramcalc.calibrate.run import measure_point
+
+    tiny = get_spec("qwen2.5-0.5b").model_copy(update={
+        "name": "tiny-qwen", "vocab_size": 256, "hidden_size": 128, "intermediate_size": 256,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": None, "tie_word_embeddings": False})
+    plan = TrainPlan(batch_size=2, seq_len=16, optimizer="adamw_torch", layout=layout,
+                     offload_activations="checkpoints", lora_dropout=0.0)
+    got = measure_point(tiny, plan, None, steps=1, device="cpu")
+    assert "error" not in got, got.get("error")
+    assert got["offload"]["layers"] == tiny.num_hidden_layers
+    one = plan.tokens * tiny.hidden_size * residual_bytes(plan)
+    assert got["offload"]["host_peak_bytes"] == (tiny.num_hidden_layers - 1) * one
+    assert got["offload"]["host_peak_bytes"] == offload_host_bytes(tiny, plan)
+
+
+def test_worker_refuses_layouts_outside_the_trainer() -> None:
+    pytest.importorskip("peft")
+    from vramcalc.calibrate.run import measure_point
+
+    tiny = get_spec("qwen2.5-0.5b").model_copy(update={
+        "name": "tiny-qwen", "vocab_size": 256, "hidden_size": 128, "intermediate_size": 256,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": None, "tie_word_embeddings": False})
+    plan = TrainPlan(batch_size=1, seq_len=16, optimizer="adamw_torch", loop="plain",
+                     layout="padding-free")
+    got = measure_point(tiny, plan, None, steps=1, device="cpu")
+    assert got.get("cannot_start") and "--loop trainer" in got["error"]

@@ -481,8 +481,7 @@ class Graph:
         if self.offload == "all" and x.buf is not None and x.buf not in self.stash:
             offloaded = True
             self._offload(x.buf)
-        elif (self.offload == "checkpoints" and x.buf is not None
-              and index != self.last_checkpoint):
+        elif self.offload == "checkpoints" and x.requires_grad and index != self.last_checkpoint:
             # unsloth_zoo gradient_checkpointing.py UnslothCheckpointFunction.forward: each
             # checkpointed layer's hidden_states is copied into a pinned host buffer of its
             # own (CPU_BUFFERS, kept for good), and brought back in backward into one GPU
@@ -492,7 +491,7 @@ class Graph:
             offloaded = True
             self.host += x.size
             self.host_peak = max(self.host_peak, self.host)
-            if self.offload_buffer is None:
+            if self.offload_buffer is None and x.buf is not None:
                 self.offload_buffer = self.alloc(x.size)
                 if self.offload_buffer is not None:
                     self.for_good.add(self.offload_buffer.id)
