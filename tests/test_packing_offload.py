@@ -233,6 +233,9 @@ def test_config_keys_mapped(tmp_path: Path) -> None:
     axo2 = _config(tmp_path, "d.yml", "base_model: m\nsequence_len: 2048\n"
                    "gradient_checkpointing: true\nactivation_offloading: hidden_states\n")
     assert axo2["offload_activations"] == "checkpoints"
+    hf = _config(tmp_path, "f.yaml", "model_name_or_path: m\ngradient_checkpointing: true\n"
+                 "activation_checkpointing_kwargs:\n  offload: true\n")
+    assert hf["offload_activations"] == "checkpoints"
     lf = _config(tmp_path, "e.yaml", "model_name_or_path: m\nfinetuning_type: lora\n"
                  "neat_packing: true\nuse_unsloth_gc: true\n")
     assert (lf["batch_layout"], lf["offload_activations"]) == ("packed", "checkpoints")
@@ -291,3 +294,22 @@ def test_worker_refuses_layouts_outside_the_trainer() -> None:
                      layout="padding-free")
     got = measure_point(tiny, plan, None, steps=1, device="cpu")
     assert got.get("cannot_start") and "--loop trainer" in got["error"]
+
+
+def test_suggestions_keep_the_real_tokens_runnable() -> None:
+    """A smaller batch for a padding-free plan whose --tokens-per-step it cannot hold
+    suggests the tokens too (TrainPlan.tokens: at most batch x seq_len): every suggested
+    plan passes the options' rule, and its bytes are the plan's."""
+    from vramcalc.advice import suggest
+
+    spec = get_spec("llama-3.1-8b")
+    plan = TrainPlan(batch_size=8, seq_len=4096, layout="padding-free", tokens_per_step=30000)
+    found = suggest(spec, plan, 40 * 2**30, 2**29)
+    resized = [s for s in found if {"batch_size", "seq_len"} & set(s.changes)]
+    assert resized
+    for s in resized:
+        new = s.apply(plan)
+        assert new.tokens_per_step is not None
+        assert new.tokens_per_step <= new.batch_size * new.seq_len
+        assert "--tokens-per-step" in s.flags
+        assert estimate(spec, new).required_device_bytes == s.required_device_bytes

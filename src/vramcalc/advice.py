@@ -81,6 +81,7 @@ def _suggestion(
     accumulation: int | None = None,
     estimate_fn: EstimateFn = estimate,
 ) -> Suggestion:
+    changes = with_real_tokens(plan, changes)
     new_plan = TrainPlan.model_validate({**plan.model_dump(), **changes})
     peak = estimate_fn(spec, new_plan).required_device_bytes
     return Suggestion(
@@ -92,6 +93,18 @@ def _suggestion(
         required_device_bytes=peak,
         fits=fits_certainly(memory_bytes, peak, margin_bytes),
     )
+
+
+def with_real_tokens(plan: TrainPlan, changes: dict[str, Any]) -> dict[str, Any]:
+    """A smaller batch or shorter rows of a padding-free plan whose --tokens-per-step they
+    cannot hold: the tokens too (TrainPlan.tokens: at most batch x seq_len), so that the
+    flags run as given."""
+    if plan.tokens_per_step is None or not {"batch_size", "seq_len"} & set(changes):
+        return changes
+    rows = plan.model_copy(update=changes)
+    if rows.tokens < plan.tokens_per_step:
+        return {**changes, "tokens_per_step": rows.tokens}
+    return changes
 
 
 def allocator_suggestion(

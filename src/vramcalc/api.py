@@ -213,11 +213,16 @@ def make_plan(**options: Any) -> TrainPlan:
         # the CLI's rule (commands/options.py DEFAULT_OPTIMIZER): full fine-tuning's usual one
         given["optimizer"] = "adamw_torch_fused"
     try:
-        return TrainPlan(**given)
+        plan = TrainPlan(**given)
     except ValidationError as err:
         first = err.errors()[0]
         where = f"{first['loc'][0]}: " if first["loc"] else ""
         raise PlanError(f"{where}{first['msg'].removeprefix('Value error, ')}") from None
+    if plan.tokens_per_step is not None and plan.tokens_per_step > (
+            plan.batch_size * plan.seq_len):
+        raise PlanError(f"tokens_per_step {plan.tokens_per_step} is more than batch_size x "
+                        f"seq_len = {plan.batch_size * plan.seq_len}, the most a step holds")
+    return plan
 
 
 def _resolve(model: str | ModelSpec) -> ModelSpec:

@@ -152,10 +152,6 @@ class TrainPlan(BaseModel):
             if self.layout != "padding-free":
                 raise ValueError("tokens_per_step is for the padding-free layout (a padded or "
                                  "packed batch holds batch x seq_len tokens whatever is real)")
-            if self.tokens_per_step > self.batch_size * self.seq_len:
-                raise ValueError(f"tokens_per_step {self.tokens_per_step} is more than batch "
-                                 f"x seq_len = {self.batch_size * self.seq_len}, the most a "
-                                 "step holds")
         if self.offload_activations == "checkpoints" and not self.gradient_checkpointing:
             raise ValueError("offload_activations checkpoints offloads the checkpointed layer "
                              "inputs: it needs gradient checkpointing")
@@ -244,9 +240,14 @@ class TrainPlan(BaseModel):
     def tokens(self) -> int:
         """The tokens of one step: every row in full (padded, packed), or the real ones
         (padding-free, `tokens_per_step`)."""
+        rows = self.batch_size * self.seq_len
         if self.layout == "padding-free" and self.tokens_per_step is not None:
-            return self.tokens_per_step
-        return self.batch_size * self.seq_len
+            # at most the rows: a plan made with a smaller batch or shorter sequences (a
+            # search, a suggestion) keeps the real tokens where the rows still hold them
+            # (an upper bound); the options refuse more than batch x seq_len
+            # (commands/options.py build_plan, api.make_plan)
+            return min(self.tokens_per_step, rows)
+        return rows
 
     @property
     def rows(self) -> tuple[int, int]:

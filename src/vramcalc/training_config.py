@@ -362,6 +362,16 @@ def _trl(m: _Mapper) -> TrainingConfig:
             "row (give --tokens-per-step or --lengths for the real tokens; planned full)")
     if d.get("activation_offloading") is True:
         _offload(m, "activation_offloading", True, "all", _TRL_OFFLOAD)
+    # transformers 5.25 modeling_utils `_activation_checkpointing_enable(offload=True)`
+    # (Trainer pops `offload` from these kwargs): each checkpoint runs under
+    # `save_on_cpu(pin_memory=True)`, its inputs in pinned host memory
+    for kw in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        ck = d.get(kw)
+        if isinstance(ck, dict) and ck.get("offload") is True and \
+                "offload_activations" not in m.options:
+            _offload(m, f"{kw}.offload", True, "checkpoints", "the checkpointed layer inputs "
+                     "to pinned host memory (save_on_cpu: every layer's, each brought back "
+                     "as a new tensor; planned as Unsloth's, within one layer input)")
     m.bool_("gradient_checkpointing", "gradient_checkpointing")
     m.bool_("activation_checkpointing", "gradient_checkpointing")  # transformers 5.2x name
     # TrainingArguments.use_cache: what Trainer.__init__ sets model.config.use_cache to

@@ -308,6 +308,9 @@ def build_plan(
             raise PlanError(f"--tokens-per-step: only with --batch-layout padding-free (a "
                             f"{batch_layout} batch computes every row in full: "
                             f"--batch x --seq-len tokens)")
+        if tokens_per_step > batch * seq_len:
+            raise PlanError(f"--tokens-per-step {tokens_per_step} is more than --batch x "
+                            f"--seq-len = {batch * seq_len}, the most a step holds")
     if offload_activations == "checkpoints" and not gradient_checkpointing:
         raise PlanError("--offload-activations checkpoints offloads the checkpointed layer "
                         "inputs: not with --no-gradient-checkpointing (use all)")
