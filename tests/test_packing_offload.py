@@ -313,3 +313,16 @@ def test_suggestions_keep_the_real_tokens_runnable() -> None:
         assert new.tokens_per_step <= new.batch_size * new.seq_len
         assert "--tokens-per-step" in s.flags
         assert estimate(spec, new).required_device_bytes == s.required_device_bytes
+
+
+@pytest.mark.replay
+def test_required_memory_grows_with_the_real_tokens() -> None:
+    """Required free memory never falls as the padding-free step's tokens grow (one more,
+    and doubled), with and without offloading (docs "Required memory never falls")."""
+    spec = get_spec("llama-3.2-1b")
+    for offload in ("none", "checkpoints", "all"):
+        base = TrainPlan(batch_size=4, seq_len=2048, layout="padding-free",
+                         offload_activations=offload)
+        needs = [estimate(spec, base.model_copy(update={"tokens_per_step": t}))
+                 .required_device_bytes for t in (1000, 1001, 2002, 4004)]
+        assert needs == sorted(needs), (offload, needs)
