@@ -28,10 +28,12 @@ def test_axolotl() -> None:
         "quant": "nf4", "method": "qlora", "rank": 32, "alpha": 16.0, "lora_dropout": 0.05,
         "targets": "all-linear", "batch": 2, "seq_len": 4096, "gradient_checkpointing": True,
         "optimizer": "paged_adamw_32bit", "compute_dtype": "bf16", "attn": "flash_attention_2",
+        "batch_layout": "packed",
     }
     assert tc.used["batch"] == "micro_batch_size"
+    assert tc.used["batch_layout"] == "sample_packing"
     assert [u.split(":")[0] for u in tc.unmodelled] == ["deepspeed", "lora_modules_to_save"]
-    assert tc.notes[0].startswith("sample_packing: sequences are packed to sequence_len")
+    assert tc.notes[0].startswith("sample_packing: micro_batch_size rows of sequence_len")
 
 
 def test_trl_training_arguments_json() -> None:
@@ -51,6 +53,7 @@ def test_trl_yaml_with_model_config_keys() -> None:
         "quant": "nf4", "double_quant": False, "method": "qlora", "rank": 32, "alpha": 16.0,
         "targets": "q_proj,k_proj,v_proj,o_proj", "batch": 2, "seq_len": 2048,
         "gradient_checkpointing": True, "attn": "sdpa", "compute_dtype": "bf16",
+        "batch_layout": "padding-free",  # packing: true, bfd by default
     }
 
 

@@ -36,7 +36,12 @@ import functools
 import math
 
 from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import ACTIVATION_SAVED_TENSORS, ModelSpec, sdpa_window_masks
+from vramcalc.specs import (
+    ACTIVATION_SAVED_TENSORS,
+    ModelSpec,
+    layer_windows,
+    sliding_past_window,
+)
 from vramcalc.trainable import lora_on_experts, lora_targets
 from vramcalc.weights import DTYPE_BYTES, fused_experts
 
@@ -396,7 +401,8 @@ def eager_score_count(spec: ModelSpec, plan: TrainPlan) -> int:
     """Attention scores of one layer (batch x heads x S^2); 0 for sdpa / flash."""
     if plan.attn != "eager":
         return 0
-    return plan.batch_size * spec.num_attention_heads * plan.seq_len**2
+    b, seq = plan.rows  # padding-free: one row of the step's tokens
+    return b * spec.num_attention_heads * seq**2
 
 
 def eager_scores_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
@@ -412,7 +418,8 @@ def eager_scores_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
 def eager_mask_bytes(plan: TrainPlan) -> int:
     if plan.attn != "eager":
         return 0
-    return EAGER_MASK_BYTES_PER_BS2 * plan.batch_size * plan.seq_len**2
+    b, seq = plan.rows
+    return EAGER_MASK_BYTES_PER_BS2 * b * seq**2
 
 
 def window_mask_bytes(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
@@ -425,11 +432,37 @@ def window_mask_bytes(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
     without checkpointing, +2.33 GiB measured for 0.25 + 4 x 0.5 GiB (run 1 d034)."""
     if plan.attn != "sdpa":
         return 0, 0
-    n = sdpa_window_masks(spec, plan.seq_len)
+    b, seq = plan.rows
+    n = sum(masked_layers(spec, plan))
     if not n:
         return 0, 0
-    elems = plan.batch_size * plan.seq_len * plan.seq_len
-    return elems, n * compute_bytes(plan) * elems
+    elems = b * seq * seq
+    return sdpa_masks(spec, plan) * elems, n * compute_bytes(plan) * elems
+
+
+def masked_layers(spec: ModelSpec, plan: TrainPlan) -> list[bool]:
+    """For each layer, whether its sdpa gets a materialised bool mask: a sliding layer past
+    its window (`sliding_past_window`), or every layer of packed and padding-free rows
+    (TrainPlan.attention_masked)."""
+    if plan.attn != "sdpa":
+        return [False] * spec.num_hidden_layers
+    if plan.attention_masked:
+        return [True] * spec.num_hidden_layers
+    return sliding_past_window(spec, plan.rows[1])
+
+
+def sdpa_masks(spec: ModelSpec, plan: TrainPlan) -> int:
+    """How many (batch, 1, S, S) bool masks one forward builds: one for the sliding layers
+    past their window, one for the full-attention layers of packed rows (transformers 5
+    builds a causal and a sliding-window mapping for models that have both:
+    create_causal_mask and create_sliding_window_causal_mask), 0 without masked layers."""
+    masked = masked_layers(spec, plan)
+    if not any(masked):
+        return 0
+    sliding = [w is not None for w in layer_windows(spec)]
+    sliding += [False] * (len(masked) - len(sliding))
+    kinds = {sliding[k] for k, m in enumerate(masked) if m}
+    return len(kinds)
 
 
 def kv_cache_bytes_per_token(spec: ModelSpec, plan: TrainPlan) -> int:

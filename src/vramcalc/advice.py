@@ -48,6 +48,8 @@ class Suggestion(BaseModel):
     gradient_accumulation_steps: int | None = None
     required_device_bytes: int  # free memory the changed plan needs (Estimate field)
     fits: bool  # what `plan` calls "fits" (not tight) for the changed plan
+    # what the change costs besides memory (host RAM, throughput); "" where nothing
+    cost: str = ""
 
     def apply(self, plan: TrainPlan) -> TrainPlan:
         return plan.model_copy(update=self.changes)
@@ -79,6 +81,7 @@ def _suggestion(
     accumulation: int | None = None,
     estimate_fn: EstimateFn = estimate,
 ) -> Suggestion:
+    changes = with_real_tokens(plan, changes)
     new_plan = TrainPlan.model_validate({**plan.model_dump(), **changes})
     peak = estimate_fn(spec, new_plan).required_device_bytes
     return Suggestion(
@@ -90,6 +93,18 @@ def _suggestion(
         required_device_bytes=peak,
         fits=fits_certainly(memory_bytes, peak, margin_bytes),
     )
+
+
+def with_real_tokens(plan: TrainPlan, changes: dict[str, Any]) -> dict[str, Any]:
+    """A smaller batch or shorter rows of a padding-free plan whose --tokens-per-step they
+    cannot hold: the tokens too (TrainPlan.tokens: at most batch x seq_len), so that the
+    flags run as given."""
+    if plan.tokens_per_step is None or not {"batch_size", "seq_len"} & set(changes):
+        return changes
+    rows = plan.model_copy(update=changes)
+    if rows.tokens < plan.tokens_per_step:
+        return {**changes, "tokens_per_step": rows.tokens}
+    return changes
 
 
 def allocator_suggestion(
@@ -173,6 +188,13 @@ def candidates(
         if fits_certainly(memory_bytes, peak, margin_bytes) or rank == smaller[-1]:
             add("rank", f"LoRA rank {rank} (was {plan.rank})", {"rank": rank})
             break
+    for mode in offload_modes(plan):
+        changes = {"offload_activations": mode}
+        host = estimate_fn(spec, TrainPlan.model_validate(
+            {**plan.model_dump(), **changes})).host_bytes
+        out.append(_suggestion(spec, plan, memory_bytes, margin_bytes, "offload_activations",
+                               OFFLOAD_TEXT[mode], changes, None, estimate_fn)
+                   .model_copy(update={"cost": offload_cost(host)}))
     attention = attention_targets(spec)
     current = {lin.name for lin in spec.block_linears()} if plan.targets == "all-linear" else set(
         plan.target_list()
@@ -181,6 +203,29 @@ def candidates(
         add("targets", f"LoRA on the attention projections only ({', '.join(attention)})",
             {"targets": ",".join(attention)})
     return out
+
+
+# --offload-activations, as check offers it (commands/options.py OffloadActivationsOpt)
+OFFLOAD_TEXT = {
+    "checkpoints": "offload the checkpointed layer inputs to host memory (Unsloth "
+                   "use_gradient_checkpointing=\"unsloth\", DeepSpeed cpu_checkpointing)",
+    "all": "offload the saved activations to host memory (TRL / axolotl "
+           "activation_offloading=True, torchtune OffloadActivations)",
+}
+
+
+def offload_modes(plan: TrainPlan) -> list[str]:
+    """The activation offloading to try on `plan`: the checkpoint inputs under checkpointing
+    (the cheaper: one copy of each layer input each way), every saved activation without."""
+    if plan.offload_activations != "none":
+        return []
+    return ["checkpoints"] if plan.gradient_checkpointing else ["all"]
+
+
+def offload_cost(host_bytes: int) -> str:
+    return (f"{host_bytes / 2**30:.2f} GiB of pinned host memory, and throughput: each "
+            "offloaded tensor is copied to the host and back every step (overlapped on a "
+            "side stream where the PCIe bandwidth allows)")
 
 
 def combined(

@@ -24,9 +24,11 @@ from vramcalc.errors import PlanError
 from vramcalc.plan_settings import (
     Attention,
     ComputeDtype,
+    Layout,
     Loop,
     Method,
     MoeExperts,
+    OffloadActivations,
     Optimizer,
     Quant,
     TrainPlan,
@@ -211,11 +213,16 @@ def make_plan(**options: Any) -> TrainPlan:
         # the CLI's rule (commands/options.py DEFAULT_OPTIMIZER): full fine-tuning's usual one
         given["optimizer"] = "adamw_torch_fused"
     try:
-        return TrainPlan(**given)
+        plan = TrainPlan(**given)
     except ValidationError as err:
         first = err.errors()[0]
         where = f"{first['loc'][0]}: " if first["loc"] else ""
         raise PlanError(f"{where}{first['msg'].removeprefix('Value error, ')}") from None
+    if plan.tokens_per_step is not None and plan.tokens_per_step > (
+            plan.batch_size * plan.seq_len):
+        raise PlanError(f"tokens_per_step {plan.tokens_per_step} is more than batch_size x "
+                        f"seq_len = {plan.batch_size * plan.seq_len}, the most a step holds")
+    return plan
 
 
 def _resolve(model: str | ModelSpec) -> ModelSpec:
@@ -254,6 +261,9 @@ def plan(
     use_cache: bool | None = None,
     expandable_segments: bool | None = None,
     moe_experts: MoeExperts | None = None,
+    layout: Layout | None = None,
+    tokens_per_step: int | None = None,
+    offload_activations: OffloadActivations | None = None,
     calibration: bool = True,
     gpu: str | None = None,
 ) -> PlanEstimate:
@@ -273,7 +283,8 @@ def plan(
         double_quant=double_quant, compute_dtype=compute_dtype, optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing, attn=attn, weights_dtype=weights_dtype,
         loop=loop, use_cache=use_cache, expandable_segments=expandable_segments,
-        moe_experts=moe_experts,
+        moe_experts=moe_experts, layout=layout, tokens_per_step=tokens_per_step,
+        offload_activations=offload_activations,
     )
     fn, _ = estimator(gpu, use_calibration=calibration)
     return _with_plan(fn(spec, train), spec, train)

@@ -21,6 +21,7 @@ from vramcalc.activations import (
     int8_saved_bytes_per_token,
     kv_cache_unsaved_bytes_per_token,
     layer_saved_bytes_per_token,
+    masked_layers,
     mlp_bytes,
     pre_attention_saved_bytes_per_token,
     residual_bytes,
@@ -45,7 +46,7 @@ from vramcalc.optimizer import optimizer_bytes
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.result import COMPONENTS, Components, Estimate
 from vramcalc.specs import ModelSpec
-from vramcalc.step_requests import program_peaks
+from vramcalc.step_requests import offload_host_bytes, program_peaks
 from vramcalc.trainable import (
     check_lora_can_start,
     lora_on_experts,
@@ -149,7 +150,8 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
     # sdpa with a sliding window reached: one bool mask for the step, an additive copy
     # saved per sliding layer (activations.window_mask_bytes)
     window_bool, window_saved = window_mask_bytes(spec, plan)
-    window_copy = compute * window_bool if window_saved else 0
+    # (the additive copy of one layer's mask: window_saved is one per masked layer)
+    window_copy = window_saved // max(sum(masked_layers(spec, plan)), 1)
     if plan.gradient_checkpointing:
         # int8 layers keep their inputs outside the checkpoint's hooks (activations.py)
         layer_acts = (checkpoints + eager_mask_bytes(plan) + window_bool
@@ -223,6 +225,11 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
         fold_transient += max(f_down, f_gate_up - f_down)
     if not plan.gradient_checkpointing:
         layer_acts += layers * fold
+    # Activation offloading (step_requests Graph._offload): what goes to host memory leaves
+    # the layers' saved activations on the GPU (the program brings each back around its
+    # backward; the formula, a first guess, only takes it off).
+    host = offload_host_bytes(spec, plan)
+    layer_acts -= min(host, layer_acts)
     # Full fine-tuning: the lm_head's gradient (vocab x hidden) comes first in backward, the
     # input embedding's last. Tied embeddings (one parameter): autograd holds the lm_head's
     # gradient in the AccumulateGrad node's input buffer until the embedding's arrives, and
@@ -354,6 +361,15 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
                      "it off in training (utils/generic.py merge_with_config_defaults)")
     if plan.attn == "flash_attention_2":
         notes.append("flash_attention_2 is modelled as sdpa (the same O(T) saved tensors)")
+    if plan.layout != "padded" and plan.attn != "flash_attention_2":
+        rows, seq = plan.rows
+        notes.append(f"{plan.layout} rows under {plan.attn}: one ({rows}, 1, {seq}, {seq}) "
+                     "attention mask per forward (transformers create_causal_mask finds the "
+                     "packed sequences from position_ids); flash_attention_2 needs none")
+    if plan.offload_activations != "none":
+        notes.append(f"offloaded activations take {host / 2**30:.2f} GiB of host memory "
+                     f"({plan.offload_activations}); copies to and from the CPU cost "
+                     "throughput")
     if spec.is_moe and plan.moe_experts == "unquantized" and plan.method == "qlora":
         notes.append("MoE experts are 3-D tensors that bitsandbytes leaves unquantized "
                      "(transformers 5); --moe-experts quantized for stacks that quantize them")
@@ -387,4 +403,5 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
         notes=tuple(notes),
         planned_as=planned_as,
         phase_components=phase_components,
+        host_bytes=host,
     )

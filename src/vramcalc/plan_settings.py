@@ -23,6 +23,17 @@ Survives = Literal["nothing", "loss", "outputs"]
 MoeExperts = Literal["unquantized", "quantized"]
 ComputeDtype = Literal["bf16", "fp16", "fp32"]
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
+# How a step's sequences reach the model (TrainPlan.layout): padded rows (a padding
+# collator: batch x the longest in the batch), packed rows (batch rows of seq_len, several
+# sequences each with their own position_ids: axolotl sample_packing), or padding-free (every
+# sequence of the step flattened into one row, position_ids restarting per sequence: TRL
+# padding_free, and TRL packing=True, whose default "bfd" strategy forces padding-free).
+Layout = Literal["padded", "packed", "padding-free"]
+# Activation offloading to host memory (TrainPlan.offload_activations): none; the inputs of
+# the checkpointed layers (Unsloth use_gradient_checkpointing="unsloth", DeepSpeed
+# cpu_checkpointing, axolotl gradient_checkpointing: offload); every saved tensor of the
+# forward outside the lm_head (torchtune / TRL OffloadActivations).
+OffloadActivations = Literal["none", "checkpoints", "all"]
 Optimizer = Literal[
     "adamw_torch",
     "adamw_torch_fused",
@@ -41,6 +52,8 @@ QUANTS: tuple[str, ...] = get_args(Quant)
 COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDtype)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+OFFLOAD_ACTIVATIONS: tuple[str, ...] = get_args(OffloadActivations)
 
 # The loop names of calibration matrices and records made before issue 27 (runs 1-26):
 # their `plain` loops were plain steps on a model and optimizer a Trainer had built.
@@ -104,6 +117,11 @@ class TrainPlan(BaseModel):
     use_cache: bool | None = None
     expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     moe_experts: MoeExperts = "unquantized"
+    layout: Layout = "padded"
+    # padding-free only: the real tokens of the step planned (its worst step); None: every
+    # row full, batch_size x seq_len
+    tokens_per_step: PositiveInt | None = None
+    offload_activations: OffloadActivations = "none"
 
     @model_validator(mode="before")
     @classmethod
@@ -126,6 +144,17 @@ class TrainPlan(BaseModel):
         if self.method in ("lora", "full") and self.quant != "none":
             raise ValueError(f"method {self.method} trains on a 16/32-bit base: quant must be "
                              f"none, got {self.quant} (a quantized base is method qlora)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_layout_and_offload(self) -> TrainPlan:
+        if self.tokens_per_step is not None:
+            if self.layout != "padding-free":
+                raise ValueError("tokens_per_step is for the padding-free layout (a padded or "
+                                 "packed batch holds batch x seq_len tokens whatever is real)")
+        if self.offload_activations == "checkpoints" and not self.gradient_checkpointing:
+            raise ValueError("offload_activations checkpoints offloads the checkpointed layer "
+                             "inputs: it needs gradient checkpointing")
         return self
 
     @field_validator("targets")
@@ -209,7 +238,35 @@ class TrainPlan(BaseModel):
 
     @property
     def tokens(self) -> int:
-        return self.batch_size * self.seq_len
+        """The tokens of one step: every row in full (padded, packed), or the real ones
+        (padding-free, `tokens_per_step`)."""
+        rows = self.batch_size * self.seq_len
+        if self.layout == "padding-free" and self.tokens_per_step is not None:
+            # at most the rows: a plan made with a smaller batch or shorter sequences (a
+            # search, a suggestion) keeps the real tokens where the rows still hold them
+            # (an upper bound); the options refuse more than batch x seq_len
+            # (commands/options.py build_plan, api.make_plan)
+            return min(self.tokens_per_step, rows)
+        return rows
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """(batch, sequence) of the tensors the model sees: padding-free flattens the step
+        into one row (TRL DataCollatorForLanguageModeling with padding_free: `input_ids =
+        [torch.cat(input_ids)]`, trl/trainer/sft_trainer.py)."""
+        if self.layout == "padding-free":
+            return 1, self.tokens
+        return self.batch_size, self.seq_len
+
+    @property
+    def attention_masked(self) -> bool:
+        """Every layer's attention gets an explicit mask: packed or padding-free rows
+        under sdpa. transformers 5.25 masking_utils `create_causal_mask` finds the packed
+        sequences from position_ids (`find_packed_sequence_indices`, with no 2-D
+        attention_mask) and then turns `allow_is_causal_skip` off: sdpa gets a (batch, 1,
+        S, S) bool block-causal mask instead of is_causal. Flash attention takes the
+        sequences' boundaries (varlen, cu_seqlens) and no mask; eager has a mask anyway."""
+        return self.layout != "padded" and self.attn == "sdpa"
 
     def target_list(self) -> list[str]:
         return self.targets.split(",")

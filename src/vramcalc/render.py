@@ -57,6 +57,8 @@ def _estimate_fields(est: Estimate, plan: Any) -> dict[str, Any]:
         "peak_reserved_bytes": est.peak_reserved_bytes,
         "peak_device_bytes": est.peak_device_bytes,
         "required_device_bytes": est.required_device_bytes,
+        # host memory of offloaded activations (0 without offloading)
+        "host_bytes": est.host_bytes,
     }
 
 
@@ -126,11 +128,16 @@ def print_breakdown(est: Estimate, plan: TrainPlan, console: Console) -> None:
         f"tokens, {p.optimizer}, {'grad ckpt' if p.gradient_checkpointing else 'no grad ckpt'}, "
         f"{p.attn}{'' if p.loop == 'trainer' else f', {p.loop} loop'}"
         f"{'' if p.use_cache is None else ', use_cache ' + ('on' if p.use_cache else 'off')}"
+        f"{'' if p.layout == 'padded' else f', {p.layout} ({p.tokens} tokens)'}"
+        f"{'' if p.offload_activations == 'none' else f', offload {p.offload_activations}'}"
     )
     # label the tensors the stack really holds (est.planned_as: e.g. an unquantized base)
     labels = train_labels(p.model_copy(update=est.planned_as) if est.planned_as else p)
     console.print(breakdown_table(est, title, labels))
     console.print(f"peak phase: {est.peak_phase}", highlight=False)  # no highlighter to build
+    if est.host_bytes:
+        console.print(f"host memory (offloaded activations, {p.offload_activations}): "
+                      f"{gib(est.host_bytes)} GiB", highlight=False)
     for note in est.notes:
         console.print(f"note: {note}", highlight=False)
 

@@ -43,7 +43,13 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vramcalc.activations import expert_dtype_bytes, int8_outlier_fraction, residual_bytes
+from vramcalc.activations import (
+    expert_dtype_bytes,
+    int8_outlier_fraction,
+    masked_layers,
+    residual_bytes,
+    sdpa_masks,
+)
 from vramcalc.allocator_replay import Engine, replay_program, requested_run
 from vramcalc.errors import VramcalcError
 from vramcalc.load_requests import MIN_REQUEST, load_requests
@@ -95,6 +101,9 @@ class Node:
     mm: bool = False  # a cuBLAS matmul: its backward may make the backward thread's workspace
     passthrough: bool = False  # add / clone: its inputs get its own gradient tensor
     layer: int = -1  # the layer whose forward made it (Graph.layer)
+    # the sizes of the saved tensors offloaded to host memory (Graph.offload "all"): their
+    # backward brings each back as a new tensor first
+    offloaded: list[int] = field(default_factory=list)
 
 
 @dataclass(eq=False, slots=True)
@@ -115,6 +124,7 @@ class CheckpointNode:
     inp: Var
     fn: Callable[[Graph, Var], Var]
     layer: int = -1
+    offloaded: bool = False  # the input went to host memory (Graph.offload)
 
 
 class Graph:
@@ -141,6 +151,15 @@ class Graph:
         # request); step_templates.py repeats a middle layer's runs
         self.layer = -1
         self.runs: list[tuple[int, int]] = [(-1, 0)]
+        # activation offloading (TrainPlan.offload_activations), see `_offload`
+        self.offload = "none"
+        self.noop = False  # inside the lm_head: TRL's NoOpManager keeps its saved tensors
+        self.stash: list[Buf] = []  # offloaded tensors still kept on the GPU
+        self.host = 0  # bytes of offloaded tensors in host memory now
+        self.host_peak = 0
+        self.offload_buffer: Buf | None = None  # Unsloth's GPU_BUFFERS (checkpoints)
+        self.checkpoints = 0  # checkpointed layers so far in this forward
+        self.last_checkpoint = -1  # the index of the last one (Unsloth keeps its input)
 
     def set_layer(self, layer: int, new_run: bool = False) -> None:
         """The requests from here on are `layer`'s (-1: no layer's); `new_run` starts a
@@ -216,14 +235,51 @@ class Graph:
             self.workspace()
         if self.grad_mode and grad_inputs:
             saved = []
+            offloaded: list[int] = []
+            offload = self.offload == "all" and not self.noop and not self.recomputing
             for v in (*save, out) if save_out else save:
                 b = v.buf
                 if b is not None:
+                    if offload and b not in self.stash:
+                        offloaded.append(self._offload(b))
+                        continue
                     b.refs += 1
                     saved.append(b)
             self.nodes.append(Node(out, grad_inputs, saved, list(bwd_temps), mm, passthrough,
-                                   self.layer))
+                                   self.layer, offloaded))
         return out
+
+    # -- activation offloading ----------------------------------------------------------
+    # torchtune / TRL `OffloadActivations` (trl/models/activation_offloading.py, TRL 1.x;
+    # torchtune/training/_activation_offloading.py): a saved_tensors_hooks pack copies each
+    # saved tensor of at least 1 KiB that is no parameter into pinned host memory
+    # (`torch.empty_like(..., pin_memory=True)`, on a side stream) and the node keeps only
+    # an id; the GPU tensor stays in `fwd_stash` until `max_fwd_stash_size` (5) later
+    # tensors are offloaded, or backward begins. A tensor whose storage is still in the
+    # stash is not offloaded again: the node keeps it on the GPU. Unpack, when the node's
+    # backward runs, copies it back into a new GPU tensor, freed after the node (with
+    # streams: once the next node runs, not modelled). The lm_head runs under NoOpManager
+    # (get_act_offloading_ctx_manager). Inside a checkpointed layer the checkpoint's own
+    # hooks take over: only its inputs are packed (torch/utils/checkpoint.py
+    # `_NoopSaveInputs` saves them under the outer hooks).
+    STASH = 5
+
+    def _offload(self, b: Buf) -> int:
+        """`b` is saved for backward and goes to host memory; its size to bring back."""
+        self.host += b.size
+        self.host_peak = max(self.host_peak, self.host)
+        b.refs += 1
+        self.stash.append(b)
+        if len(self.stash) > self.STASH:
+            self.unref(self.stash.pop(0))
+        return b.size
+
+    def release_stash(self) -> None:
+        """Backward begins: the stash's GPU tensors go (OffloadActivations' first unpack
+        hook: "if there are still things in the fwd_stash, get rid of them")."""
+        stash, self.stash = self.stash, []
+        for b in stash:
+            self.unref(b)
 
     def cast_cached(self, w: Var, size: int) -> Var:
         """Autocast's cast of an fp32 leaf that requires grad: cached until the autocast
@@ -294,7 +350,11 @@ class Graph:
         if not n.out.has_grad:
             for b in n.saved:
                 self.unref(b)
+            self.host -= sum(n.offloaded)
             return
+        # the offloaded saved tensors come back first (OffloadActivations' unpack)
+        back = [self.alloc(size) for size in n.offloaded]
+        self.host -= sum(n.offloaded)
         # the node's temporaries live while it computes its input gradients
         held = [self.alloc(t) for t in n.bwd_temps]
         for i, v in enumerate(n.inputs):
@@ -310,6 +370,8 @@ class Graph:
         n.out.grad, n.out.has_grad = None, False
         for b in n.saved:
             self.unref(b)
+        for buf in back:
+            self.unref(buf)
 
     def backward(self, loss: Var, keep_graph: bool = False) -> list[Buf]:
         """Backward from a scalar loss (on autograd's device thread). What the graph's
@@ -318,6 +380,7 @@ class Graph:
         an output whose grad_fn reaches the graph (`keep_graph`), when that goes; those
         buffers are returned."""
         self.in_backward = True
+        self.release_stash()
         loss.grad, loss.has_grad = self.alloc(loss.grad_bytes), True
         nodes, self.nodes = self.nodes, []
         self._backward(nodes)
@@ -359,6 +422,15 @@ class Graph:
         on without a copy (Node.passthrough)."""
         outer = self.nodes
         self.nodes = []
+        if c.offloaded:
+            # the offloaded input comes back: into Unsloth's one GPU buffer, kept for good
+            # (unsloth_zoo UnslothCheckpointFunction.backward: `buffer.copy_(x)`), or as a
+            # new tensor (OffloadActivations' unpack), freed after the layer's backward
+            self.host -= c.inp.size
+            if self.offload == "checkpoints":
+                c.inp.buf = self.offload_buffer
+            else:
+                c.inp.buf = self.alloc(c.inp.size)
         inp = Var(c.inp.buf, c.inp.size, c.inp.grad_bytes, c.inp.requires_grad)
         self.recomputing = True
         start = len(self.requests)
@@ -395,6 +467,8 @@ class Graph:
         self.drop(out)
         self._backward(inner)
         c.inp.grad, c.inp.has_grad = inp.grad, inp.has_grad
+        if c.offloaded and self.offload == "checkpoints":
+            return  # the GPU buffer stays
         self.unref(c.inp.buf)  # the checkpoint's saved input
 
     def checkpoint(self, layer: Callable[[Graph, Var], Var], x: Var) -> Var:
@@ -402,8 +476,28 @@ class Graph:
         out = layer(self, x)
         self.grad_mode = True
         out.requires_grad = True
-        self.ref(x.buf)
-        self.nodes.append(CheckpointNode(out, x, layer, self.layer))
+        index, self.checkpoints = self.checkpoints, self.checkpoints + 1
+        offloaded = False
+        if self.offload == "all" and x.buf is not None and x.buf not in self.stash:
+            offloaded = True
+            self._offload(x.buf)
+        elif self.offload == "checkpoints" and x.requires_grad and index != self.last_checkpoint:
+            # unsloth_zoo gradient_checkpointing.py UnslothCheckpointFunction.forward: each
+            # checkpointed layer's hidden_states is copied into a pinned host buffer of its
+            # own (CPU_BUFFERS, kept for good), and brought back in backward into one GPU
+            # buffer (GPU_BUFFERS, grown to the largest input, kept); the last layer's input
+            # stays on the GPU (LAST_GC_INDEX); inputs under 1 Mi elements stay too
+            # (MINIMUM_SIZE, not modelled)
+            offloaded = True
+            self.host += x.size
+            self.host_peak = max(self.host_peak, self.host)
+            if self.offload_buffer is None and x.buf is not None:
+                self.offload_buffer = self.alloc(x.size)
+                if self.offload_buffer is not None:
+                    self.for_good.add(self.offload_buffer.id)
+        else:
+            self.ref(x.buf)
+        self.nodes.append(CheckpointNode(out, x, layer, self.layer, offloaded))
         return out
 
 
@@ -671,8 +765,8 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
         # transformers eager_attention_forward under autocast: q @ k^T in the compute
         # dtype (fp32 q and k cast first), + mask, softmax(dtype=float32) (an fp32 copy of
         # its input, then its output, kept), .to(q.dtype), dropout, probabilities @ v
-        b = plan.batch_size
-        scores = b * spec.num_attention_heads * plan.seq_len * plan.seq_len
+        b, seq = plan.rows  # padding-free: one row of the step's tokens
+        scores = b * spec.num_attention_heads * seq * seq
         rep = spec.num_attention_heads != spec.kv_heads
         kr = g.op(t * spec.q_size * qb, [k]) if rep else k  # repeat_kv
         vr = g.op(t * spec.q_size * qb, [v]) if rep else v
@@ -733,12 +827,13 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
         # per-row stats, batch x heads x seq in fp32 (recorded, run 14: t * q_size * 4 * k
         # + that, one request per layer, k = 2 on most points, 1 on the long-sequence
         # QLoRA ones, which is not modeled)
-        stats = plan.batch_size * spec.num_attention_heads * plan.seq_len * 4
+        rows, seq = plan.rows
+        stats = rows * spec.num_attention_heads * seq * 4
         # a sliding layer past its window gets the step's bool mask, which aten
         # scaled_dot_product_attention turns into an additive one in the query dtype
         # (`convert_boolean_attn_mask`); the memory-efficient kernel keeps it as attn_bias
         # for backward (activations.window_mask_bytes; H200 run 1 d034)
-        bias = (g.op(plan.batch_size * plan.seq_len * plan.seq_len * s.c, [])
+        bias = (g.op(rows * seq * seq * s.c, [])
                 if window else None)
         # ... and with a mask, transformers repeats the grouped keys and values to every
         # head before the call, since the CUDA kernels take GQA only without one
@@ -1118,6 +1213,8 @@ class StepRequests:
     # (layer, index of its first request) of each run of one layer's requests (-1: the
     # rest), Graph.runs
     runs: list[tuple[int, int]] = field(default_factory=list)
+    # the most bytes of offloaded activations in host memory at once (Graph.host_peak)
+    host_peak: int = 0
 
     @property
     def starts(self) -> list[int]:
@@ -1131,6 +1228,8 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
     s = _shapes(spec, plan)
     g = Graph()
     layers = spec.num_hidden_layers
+    g.offload = plan.offload_activations
+    g.last_checkpoint = layers - 1
     t, h, vocab = s.tokens, spec.hidden_size, spec.vocab_size
     full = plan.method == "full"
     wbytes = DTYPE_BYTES[plan.load_dtype]
@@ -1150,7 +1249,9 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         w.update(expert_weights(spec, plan))
         per_layer_weights.append(w)
     # sdpa layers that slide past their window
-    windows = [plan.attn == "sdpa" and w for w in sliding_past_window(spec, plan.seq_len)]
+    # (and every layer of packed or padding-free rows: activations.masked_layers)
+    windows = masked_layers(spec, plan)
+    rows, seq = plan.rows
     # the DynamicCache's keys and values of the current forward (TrainPlan.kv_cache)
     kv: list[Buf] = []
     fns = [_layer_fn(spec, plan, s, w, win, kv if s.kv_cache else None)
@@ -1173,11 +1274,13 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
     for step in range(steps):
         g.set_layer(-1, new_run=True)
         phases.append(("forward", len(g.requests)))
+        g.checkpoints = 0
         x = g.op(t * h * s.act, [embed_w])
         # the (batch, 1, S, S) bool sliding-window mask, built once per forward
         # (masking_utils create_sliding_window_causal_mask) and held by the layers'
         # arguments through backward (checkpointing recomputes the layers with it)
-        mask = g.alloc(plan.batch_size * plan.seq_len * plan.seq_len) if any(windows) else None
+        # (packed rows: a block-causal one too, activations.sdpa_masks)
+        masks = [g.alloc(rows * seq * seq) for _ in range(sdpa_masks(spec, plan))]
         leaf_ref: Buf | None = None
         if ck and not full:
             x.requires_grad = True  # enable_input_require_grads
@@ -1204,9 +1307,11 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         # kept only where the head trains (recorded: a compute-dtype copy made and freed
         # around the logits at modeling_llama LlamaForCausalLM.forward)
         nc = g.op(t * h * s.c, [n]) if n.size != t * h * s.c else n
+        g.noop = True  # the lm_head's saved tensors stay (OffloadActivations' NoOpManager)
         logits = g.op(t * vocab * s.c, [head_copy or head_w, nc], mm=True,
                       save=tuple(v for v in ((nc if full else None), head_copy)
                                  if v is not None))
+        g.noop = False
         if nc is not n:
             g.drop(nc)
         if spec.final_logit_softcapping:
@@ -1264,7 +1369,8 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                 held_graph = g.backward(loss, keep_graph=True) + leaf_refs
             else:
                 g.backward(loss)
-        g.unref(mask)
+        for mask in masks:
+            g.unref(mask)
         g.set_layer(-1, new_run=True)
         phases.append(("optimizer", len(g.requests)))
         # optimizer: states at the first step, then zero_grad frees every gradient
@@ -1293,7 +1399,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
             g.unref(v.grad)
             v.grad, v.has_grad = None, False
         g.set_layer(-1)
-    return StepRequests(g.requests, steps, phases, g.runs)
+    return StepRequests(g.requests, steps, phases, g.runs, g.host_peak)
 
 
 def _group_layer(g: Graph, k: int, layers: int) -> None:
@@ -1342,7 +1448,12 @@ def step_program(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepProgra
     to step_templates.TEMPLATE_LAYERS layers where its layers are alike (the same
     sequence, tensor ids renumbered: step_templates.canonical), else generated whole."""
     layers = spec.num_hidden_layers
-    if layers > TEMPLATE_LAYERS and len(set(sliding_past_window(spec, plan.seq_len))) == 1:
+    # (OffloadActivations' stash frees a tensor of an earlier layer among a later one's
+    # requests: generated whole)
+    alike = (len(set(sliding_past_window(spec, plan.rows[1]))) == 1
+             and len(set(masked_layers(spec, plan))) == 1
+             and plan.offload_activations != "all")
+    if layers > TEMPLATE_LAYERS and alike:
         try:
             cut: StepRequests | None = step_requests(depth_cut(spec, TEMPLATE_LAYERS), plan,
                                                      steps)
@@ -1380,3 +1491,27 @@ def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
     three steps, peaks reset after loading)."""
     peaks = program_peaks(spec, plan, steps)
     return peaks.peak_reserved - peaks.peak_allocated
+
+
+def offload_host_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
+    """The host memory the offloaded activations of a step take at most
+    (`Graph.host_peak`), pinned by every technique modelled but DeepSpeed's
+    cpu_checkpointing (`.cpu()`, pageable). Unsloth keeps its host buffers for good
+    (one per offloaded layer); torch's pinned CachingHostAllocator keeps OffloadActivations'
+    freed blocks cached, so the peak stays held too. The peak is at the forward's end, and
+    grows by the same bytes per alike layer: where the layers are alike (as
+    `step_program` repeats them), from cuts of 2 and 3 layers."""
+    if plan.offload_activations == "none":
+        return 0
+    layers = spec.num_hidden_layers
+    alike = (len(set(sliding_past_window(spec, plan.rows[1]))) == 1
+             and len(set(masked_layers(spec, plan))) == 1)
+    if layers > 3 and alike:
+        try:
+            two = step_requests(depth_cut(spec, 2), plan, steps=1).host_peak
+            three = step_requests(depth_cut(spec, 3), plan, steps=1).host_peak
+        except (VramcalcError, ValueError):
+            pass
+        else:
+            return two + (layers - 2) * (three - two)
+    return step_requests(spec, plan, steps=1).host_peak

@@ -302,14 +302,18 @@ def _dtype_bytes(name: str) -> int:
 
 def _attention(spec: ModelSpec, plan: TrainPlan, impl: str, passes_fwd: int
                ) -> KernelClass:
-    b, s = plan.batch_size, plan.seq_len
+    # padding-free rows under eager or sdpa: one row of the step's tokens, computed whole
+    # under its block-causal mask (TrainPlan.rows, attention_masked); flash attention's
+    # varlen kernel works per sequence (at most seq_len each)
+    b, s = plan.rows if impl != "flash_attention_2" else (plan.batch_size, plan.seq_len)
     heads, d = spec.num_attention_heads, spec.head_size
     flops = 0.0
     nbytes = 0.0
     for window in layer_windows(spec):
         # sdpa gets a materialised mask (specs.sliding_past_window); flash-attention-2 runs
         # the window natively (a narrower band of blocks)
-        masked = impl == "sdpa" and window is not None and s >= window
+        masked = impl == "sdpa" and (plan.attention_masked
+                                     or (window is not None and s >= window))
         if impl == "eager":
             fwd = 4.0 * b * heads * s * s * d
             flops += fwd * (passes_fwd + 2.0)  # backward: 4 matmuls

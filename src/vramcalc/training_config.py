@@ -189,12 +189,35 @@ def _fsdp(m: _Mapper) -> None:
 
 
 def _packing_note(m: _Mapper, key: str, option_key: str) -> None:
-    if m.data.get(key) is True:
-        m.notes.append(f"{key}: sequences are packed to {option_key}; planned as full "
-                       "sequences of that length")
-    elif key in m.data and "seq_len" in m.options:
+    if key in m.data and m.data.get(key) is not True and "seq_len" in m.options:
         m.notes.append(f"{key} off: sequences are at most {option_key} tokens; the plan "
-                       "assumes every sequence reaches it (an upper bound)")
+                       "assumes the longest reaches it (an upper bound; --lengths FILE "
+                       "plans the worst step of your data)")
+
+
+def _layout(m: _Mapper, key: str, layout: str, why: str) -> None:
+    """`key: true` -> --batch-layout `layout`, with a note on the mechanism."""
+    value = m.data.get(key)
+    if value is None:
+        return
+    if not isinstance(value, bool):
+        raise PlanError(f"{m.path}: key '{key}': expected true or false, got {value!r}")
+    if value:
+        m.set("batch_layout", layout, key)
+        m.notes.append(f"{key}: {why}")
+
+
+def _offload(m: _Mapper, key: str, value: Any, mode: str | None, why: str) -> None:
+    """An offloading key -> --offload-activations `mode` (None: not modelled)."""
+    if mode is None:
+        m.unmodelled.append(f"{key}: {value} ({why})")
+    else:
+        m.set("offload_activations", mode, key)
+        m.notes.append(f"{key}: {value}: {why}")
+
+
+_TRL_OFFLOAD = "every saved activation outside the lm_head to pinned host memory (TRL " \
+    "OffloadActivations)"
 
 
 def _axolotl(m: _Mapper) -> TrainingConfig:
@@ -230,14 +253,37 @@ def _axolotl(m: _Mapper) -> TrainingConfig:
         m.targets("lora_target_modules", d.get("lora_target_modules"))
     m.int_("micro_batch_size", "batch")
     m.int_("sequence_len", "seq_len")
-    _packing_note(m, "sample_packing", "sequence_len")
+    # multipack: micro_batch_size rows of sequence_len, several samples each with their
+    # own position_ids (padded to sequence_len: pad_to_sequence_len defaults to true with
+    # sample_packing)
+    _layout(m, "sample_packing", "packed", "micro_batch_size rows of sequence_len tokens, "
+            "several sequences each (planned full)")
+    if d.get("pad_to_sequence_len") is True and d.get("sample_packing") is not True:
+        m.notes.append("pad_to_sequence_len: every row padded to sequence_len, as planned")
+    elif d.get("sample_packing") is not True and "seq_len" in m.options:
+        m.notes.append("sample_packing off: sequences are at most sequence_len tokens; the "
+                       "plan assumes the longest reaches it (give --lengths FILE for the "
+                       "worst step of your data)")
     gc = d.get("gradient_checkpointing")
     if isinstance(gc, bool):
         m.set("gradient_checkpointing", gc, "gradient_checkpointing")
     elif gc is not None:
         m.set("gradient_checkpointing", True, "gradient_checkpointing")
-        m.unmodelled.append(f"gradient_checkpointing: {gc} (offloading checkpoints to the "
-                            "CPU is not modelled; planned as plain checkpointing)")
+        # axolotl schemas/validation.py check_gradient_checkpointing_w_offload: "offload"
+        # is `activation_offloading: true`, "offload_disk" is `activation_offloading: disk`
+        if gc == "offload":
+            _offload(m, "gradient_checkpointing", gc, "all", _TRL_OFFLOAD)
+        else:
+            _offload(m, "gradient_checkpointing", gc, None, "offloading to disk is not "
+                     "modelled; planned as plain checkpointing")
+    ao = d.get("activation_offloading")
+    if ao in (True, "legacy"):
+        _offload(m, "activation_offloading", ao, "all", _TRL_OFFLOAD)
+    elif ao == "hidden_states":
+        _offload(m, "activation_offloading", ao, "checkpoints", "the checkpointed layer "
+                 "inputs to host memory")
+    elif ao not in (None, False):
+        _offload(m, "activation_offloading", ao, None, "offloading to disk is not modelled")
     m.optimizer("optimizer")
     m.precision()
     if d.get("flash_attention"):
@@ -300,7 +346,32 @@ def _trl(m: _Mapper) -> TrainingConfig:
     if key in d and d[key] is None:
         m.unmodelled.append(f"{key}: null (no truncation: pass --seq-len with your longest "
                             "sequence)")
-    _packing_note(m, "packing", key)
+    # sft_trainer.py: padding_free = args.padding_free or (args.packing and
+    # args.packing_strategy in {"bfd", "bfd_split"}); "wrapped" packing fills rows of
+    # max_length without position_ids: padded rows, every one full
+    strategy = d.get("packing_strategy", "bfd")
+    if d.get("packing") is True and strategy == "wrapped":
+        m.notes.append("packing (wrapped): rows of max_length tokens, planned full")
+    else:
+        _layout(m, "packing", "padding-free", f"packing_strategy {strategy} makes the "
+                "batch padding-free: the packed rows flattened into one of batch x "
+                "max_length tokens (planned full)")
+    if d.get("padding_free") is not True:
+        _packing_note(m, "packing", key)
+    _layout(m, "padding_free", "padding-free", "the batch's sequences flattened into one "
+            "row (give --tokens-per-step or --lengths for the real tokens; planned full)")
+    if d.get("activation_offloading") is True:
+        _offload(m, "activation_offloading", True, "all", _TRL_OFFLOAD)
+    # transformers 5.25 modeling_utils `_activation_checkpointing_enable(offload=True)`
+    # (Trainer pops `offload` from these kwargs): each checkpoint runs under
+    # `save_on_cpu(pin_memory=True)`, its inputs in pinned host memory
+    for kw in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        ck = d.get(kw)
+        if isinstance(ck, dict) and ck.get("offload") is True and \
+                "offload_activations" not in m.options:
+            _offload(m, f"{kw}.offload", True, "checkpoints", "the checkpointed layer inputs "
+                     "to pinned host memory (save_on_cpu: every layer's, each brought back "
+                     "as a new tensor; planned as Unsloth's, within one layer input)")
     m.bool_("gradient_checkpointing", "gradient_checkpointing")
     m.bool_("activation_checkpointing", "gradient_checkpointing")  # transformers 5.2x name
     # TrainingArguments.use_cache: what Trainer.__init__ sets model.config.use_cache to
@@ -317,8 +388,6 @@ def _trl(m: _Mapper) -> TrainingConfig:
         "deepspeed": MULTI_GPU,
         "torch_compile": TORCH_COMPILE,
         "use_liger_kernel": "Liger kernels change the logits memory; not modelled",
-        "padding_free": "padding-free batches are not modelled (planned as padded)",
-        "activation_offloading": "activation offloading to the CPU is not modelled",
         "lora_modules_to_save": MODULES_TO_SAVE,
         "modules_to_save": MODULES_TO_SAVE,
         "neftune_noise_alpha": "NEFTune noise is not modelled",
@@ -360,8 +429,21 @@ def _llama_factory(m: _Mapper) -> TrainingConfig:
         m.int_("cutoff_len", "seq_len")
     else:
         m.set("seq_len", 2048, "cutoff_len (LLaMA-Factory default)")
-    _packing_note(m, "packing", "cutoff_len")
+    # LLaMA-Factory data/processor/supervised.py PackedSupervisedDatasetProcessor: packing
+    # fills rows of cutoff_len (attention across the packed sequences: planned as padded
+    # full rows); neat_packing gives each sequence its own index in the attention mask,
+    # made block-diagonal (model/model_utils/packing.py): packed rows
+    if d.get("neat_packing") is True:
+        _layout(m, "neat_packing", "packed", "per_device_train_batch_size rows of "
+                "cutoff_len tokens, several sequences each, no attention across them")
+    elif d.get("packing") is True:
+        m.notes.append("packing: rows of cutoff_len tokens, planned full")
+    else:
+        _packing_note(m, "packing", "cutoff_len")
     m.bool_("disable_gradient_checkpointing", "gradient_checkpointing", invert=True)
+    if d.get("use_unsloth_gc") is True:
+        _offload(m, "use_unsloth_gc", True, "checkpoints", "Unsloth's gradient "
+                 "checkpointing: the checkpointed layer inputs to pinned host memory")
     m.optimizer("optim")
     fa = d.get("flash_attn")
     fa_map = {"fa2": "flash_attention_2", "sdpa": "sdpa", "disabled": "eager"}
@@ -385,7 +467,6 @@ def _llama_factory(m: _Mapper) -> TrainingConfig:
         "additional_target": "fully trained modules are not modelled",
         "upcast_layernorm": "fp32 layernorms are not modelled",
         "mixture_of_depths": "mixture of depths is not modelled",
-        "neat_packing": "packing without cross-attention is not modelled",
     })
     return m.result("llama-factory", d.get("model_name_or_path"))
 

@@ -472,6 +472,11 @@ def measure_point(
         model.register_forward_hook(after_forward)
 
         class Recorder(TrainerCallback):  # type: ignore[misc]  # phases of each step
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if offloader is not None:  # after Trainer's activation_checkpointing_enable
+                    result["offload"] = {"impl": "unsloth-style",
+                                         "layers": offloader.install(model)}
+
             def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 _tick(clock, on_gpu)
                 if on_gpu:
@@ -492,10 +497,24 @@ def measure_point(
 
         ids = torch.randint(0, spec.vocab_size, (plan.batch_size * steps * 2, plan.seq_len))
         dataset = [{"input_ids": row, "labels": row} for row in ids]
+        from vramcalc.calibrate import offload as off
+
+        offloader: Any = None  # "checkpoints": installed once Trainer enabled checkpointing
+        if plan.layout != "padded" or plan.offload_activations != "none":
+            if plan.loop != "trainer":
+                result["error"] = ("batch layouts and activation offloading are measured "
+                                   "under --loop trainer only (TRL / axolotl / Unsloth run "
+                                   "them in a Trainer)")
+                result["cannot_start"] = True
+                raise _Stop
+            dataset = off.layout_rows(plan, spec.vocab_size,
+                                      off.per_device_batch(plan) * steps * 2)
+            if plan.offload_activations == "checkpoints":
+                offloader = off.CheckpointOffload(spec.num_hidden_layers)
         out_dir = tempfile.mkdtemp(prefix="vramcalc-trainer-")  # removed in `finally`
         args = TrainingArguments(
             output_dir=out_dir,
-            per_device_train_batch_size=plan.batch_size,
+            per_device_train_batch_size=off.per_device_batch(plan),
             gradient_accumulation_steps=1,
             max_steps=steps,
             learning_rate=2e-4,
@@ -514,8 +533,21 @@ def measure_point(
         phase = "train"
         if plan.trainer_built:
             # Trainer.__init__ sets model.config.use_cache = args.use_cache (False)
-            trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                              callbacks=[Recorder()])
+            trainer_cls = Trainer
+            if plan.offload_activations == "all":
+                context, impl = off.offload_context(model)
+                result["offload"] = {"impl": impl}
+
+                class OffloadTrainer(Trainer):  # type: ignore[misc]
+                    """TRL SFTTrainer.training_step: the step under the offload context."""
+
+                    def training_step(self, *a: Any, **kw: Any) -> Any:
+                        with context:
+                            return super().training_step(*a, **kw)
+
+                trainer_cls = OffloadTrainer
+            trainer = trainer_cls(model=model, args=args, train_dataset=dataset,
+                                  callbacks=[Recorder()])
         if plan.use_cache is not None:
             model.config.use_cache = plan.use_cache
         elif not plan.trainer_built:
@@ -546,6 +578,12 @@ def measure_point(
                 result["snapshot"] = _trace_summary(
                     model, optimizer or getattr(trainer, "optimizer", None), trace_file)
         log.mark("after_train")
+        if "offload" in result:
+            own = offloader if offloader is not None else (
+                context if plan.offload_activations == "all" else None)
+            result["offload"]["host_peak_bytes"] = getattr(own, "host_peak", None)
+            if on_gpu:
+                result["offload"]["host_allocator_peak_bytes"] = off.host_allocator_peak()
         result.update(step_seconds(clock))
         result["steps"] = readings
         result["forward_marks"] = forward_marks

@@ -271,8 +271,9 @@ def _render(
     if suggestions:
         console.print("Changes that make it fit (each estimated):")
         for s in suggestions:
-            console.print(f"  - {s.description}: needs {_gib(s.required_device_bytes)} GiB  "
-                          f"[dim]({s.command_flags})[/dim]", highlight=False)
+            cost = f"; costs {s.cost}" if s.cost else ""
+            console.print(f"  - {s.description}: needs {_gib(s.required_device_bytes)} GiB"
+                          f"{cost}  [dim]({s.command_flags})[/dim]", highlight=False)
         return
     console.print(f"it does not fit {best.target.where} even at batch 1 with every "
                   "memory-saving change", highlight=False)

@@ -46,14 +46,20 @@ def _flag(option: str) -> str:
     return "--" + {"batch": "batch", "dora": "dora"}.get(option, option.replace("_", "-"))
 
 
+# ctx.meta key: the plan options --from-config filled (a --trainer preset leaves them)
+CONFIG_FILLED = "vramcalc_config_filled"
+
+
 def apply_training_config(
     path: Path, kwargs: dict[str, Any], given: set[str], model_key: str = "model"
-) -> None:
-    """Fill `kwargs` (plan options and the model) from the file, except options in `given`."""
+) -> set[str]:
+    """Fill `kwargs` (plan options and the model) from the file, except options in `given`;
+    the options filled."""
     from vramcalc.errors import PlanError
     from vramcalc.training_config import read_training_config
 
     tc = read_training_config(path)
+    filled: set[str] = set()
     used: list[str] = []
     later: list[str] = []
     for option, value in tc.options.items():
@@ -63,6 +69,7 @@ def apply_training_config(
             continue
         if option in kwargs and option not in given:
             kwargs[option] = value
+            filled.add(option)
             used.append(f"{_flag(option)} {value} ({tc.used[option]})")
     if kwargs.get(model_key) is None:
         if tc.model is None:
@@ -82,6 +89,7 @@ def apply_training_config(
         warn(f"not modelled: {key}")
     if tc.ignored:
         warn(f"ignored keys (no memory effect, or unknown to vramcalc): {', '.join(tc.ignored)}")
+    return filled
 
 
 def with_from_config(
@@ -113,7 +121,7 @@ def with_from_config(
                 source = ctx.get_parameter_source(name)
                 if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
                     given.add(name)
-            apply_training_config(path, kwargs, given)
+            ctx.meta[CONFIG_FILLED] = apply_training_config(path, kwargs, given)
         elif model_required and kwargs.get("model") is None:
             raise typer.BadParameter("give --model MODEL (or --from-config FILE)",
                                      param_hint="'--model'")

@@ -14,9 +14,11 @@ from vramcalc.errors import PlanError
 from vramcalc.plan_settings import (
     ATTENTIONS,
     COMPUTE_DTYPES,
+    LAYOUTS,
     LOOPS,
     METHODS,
     MOE_EXPERTS,
+    OFFLOAD_ACTIVATIONS,
     OPTIMIZERS,
     QUANTS,
     WEIGHTS_DTYPES,
@@ -89,6 +91,38 @@ ExpandableOpt = Annotated[
 MoeExpertsOpt = Annotated[
     str, typer.Option("--moe-experts", help=f"MoE experts: {'|'.join(MOE_EXPERTS)} "
                       "(transformers 5 leaves 3-D experts unquantized).")
+]
+LayoutOpt = Annotated[
+    str, typer.Option("--batch-layout", help=f"How a step's sequences reach the model: "
+                      f"{'|'.join(LAYOUTS)}. padded: a padding collator, every row as long as "
+                      "--seq-len (the longest in the batch). packed: --batch rows of --seq-len "
+                      "holding several sequences (axolotl sample_packing). padding-free: the "
+                      "step's sequences in one row (TRL padding_free, or packing=True).")
+]
+TokensPerStepOpt = Annotated[
+    int | None,
+    typer.Option("--tokens-per-step", help="With --batch-layout padding-free: the real "
+                 "tokens of the step to plan (default: --batch x --seq-len, every sequence "
+                 "full).")
+]
+LengthsOpt = Annotated[
+    str | None,
+    typer.Option("--lengths", help="A file of the dataset's sequence lengths in tokens, one "
+                 "a line: plan the worst step. Padded: --seq-len becomes the longest (at "
+                 "most --seq-len, the truncation); padding-free: --tokens-per-step becomes "
+                 "the sum of the --batch longest.")
+]
+OffloadActivationsOpt = Annotated[
+    str, typer.Option("--offload-activations", help=f"{'|'.join(OFFLOAD_ACTIVATIONS)}. "
+                      "checkpoints: the checkpointed layer inputs go to host memory (Unsloth "
+                      "use_gradient_checkpointing='unsloth', DeepSpeed cpu_checkpointing; needs "
+                      "gradient checkpointing). all: every saved activation outside the "
+                      "lm_head (torchtune / TRL activation_offloading).")
+]
+TrainerOpt = Annotated[
+    str | None,
+    typer.Option("--trainer", help="Set the defaults as this trainer applies them: "
+                 "trl|hf|unsloth|axolotl|plain (given options override; plain = --loop plain)."),
 ]
 DoubleQuantOpt = Annotated[
     bool, typer.Option("--double-quant/--no-double-quant", help="Quantize the absmax constants.")
@@ -220,6 +254,11 @@ def build_plan(
     optimizer: str | None,
     gradient_checkpointing: bool,
     attn: str,
+    batch_layout: str = "padded",
+    tokens_per_step: int | None = None,
+    lengths: str | None = None,
+    offload_activations: str = "none",
+    trainer: str | None = None,
 ) -> TrainPlan:
     """Validate the options into a TrainPlan; every problem is one PlanError line.
 
@@ -257,6 +296,36 @@ def build_plan(
     if optimizer is None:
         full = method == "full"
         optimizer = DEFAULT_OPTIMIZER["full" if full else "lora"]
+    _one_of("batch layout", batch_layout, LAYOUTS)
+    if trainer is not None:
+        from vramcalc.trainers import check_loop, trainer_preset
+
+        trainer_preset(trainer)
+        check_loop(trainer, loop)
+    if tokens_per_step is not None:
+        bounded_count("--tokens-per-step", tokens_per_step, MAX_TOKENS, "any step")
+        if batch_layout != "padding-free":
+            raise PlanError(f"--tokens-per-step: only with --batch-layout padding-free (a "
+                            f"{batch_layout} batch computes every row in full: "
+                            f"--batch x --seq-len tokens)")
+        if tokens_per_step > batch * seq_len:
+            raise PlanError(f"--tokens-per-step {tokens_per_step} is more than --batch x "
+                            f"--seq-len = {batch * seq_len}, the most a step holds")
+    if offload_activations == "checkpoints" and not gradient_checkpointing:
+        raise PlanError("--offload-activations checkpoints offloads the checkpointed layer "
+                        "inputs: not with --no-gradient-checkpointing (use all)")
+    if lengths is not None:
+        if tokens_per_step is not None:
+            raise PlanError("--lengths and --tokens-per-step both set the step's tokens; "
+                            "give one")
+        found = read_lengths(lengths)
+        seq_len, tokens_per_step = worst_step(found, batch, seq_len, batch_layout)
+        from vramcalc.commands.common import warn
+
+        worst = (f"--seq-len {seq_len}" if tokens_per_step is None
+                 else f"--tokens-per-step {tokens_per_step}")
+        warn(f"note: --lengths {lengths}: {len(found)} sequences, the longest {max(found)}; "
+             f"the worst step planned: {worst}")
     try:
         return TrainPlan(
             **extra,
@@ -276,11 +345,61 @@ def build_plan(
             optimizer=_one_of("optimizer", optimizer, OPTIMIZERS),  # type: ignore[arg-type]
             gradient_checkpointing=gradient_checkpointing,
             attn=_one_of("attention", attn, ATTENTIONS),  # type: ignore[arg-type]
+            layout=batch_layout,  # type: ignore[arg-type]
+            tokens_per_step=tokens_per_step,
+            offload_activations=_one_of(  # type: ignore[arg-type]
+                "activation offloading", offload_activations, OFFLOAD_ACTIVATIONS),
         )
     except ValidationError as err:
         first = err.errors()[0]
         where = f"--{str(first['loc'][0]).replace('_', '-')}: " if first["loc"] else ""
         raise PlanError(f"{where}{first['msg'].removeprefix('Value error, ')}") from None
+
+
+MAX_LENGTHS = 10_000_000  # lines of a --lengths file
+
+
+def read_lengths(path: str) -> list[int]:
+    """The sequence lengths of a --lengths file: one positive integer a line (blank lines
+    and `#` comments skipped); one PlanError line otherwise."""
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PlanError(f"--lengths {path}: cannot read it ({err.__class__.__name__})") from None
+    out: list[int] = []
+    for k, line in enumerate(text.splitlines(), 1):
+        item = line.split("#", 1)[0].strip()
+        if not item:
+            continue
+        if not item.isdigit() or int(item) <= 0:
+            raise PlanError(f"--lengths {path}: line {k}: expected a positive integer (tokens), "
+                            f"got {item[:40]!r}")
+        out.append(int(item))
+        if len(out) > MAX_LENGTHS:
+            raise PlanError(f"--lengths {path}: more than {MAX_LENGTHS} lengths")
+    if not out:
+        raise PlanError(f"--lengths {path}: no lengths in the file")
+    return out
+
+
+def worst_step(lengths: list[int], batch: int, seq_len: int, layout: str
+               ) -> tuple[int, int | None]:
+    """(seq_len, tokens_per_step) of the step that needs the most memory, given the
+    dataset's lengths, each truncated to `seq_len` (TRL max_length, axolotl sequence_len).
+    A padding collator pads each row to the longest in the batch (transformers
+    DataCollatorWithPadding, TRL DataCollatorForLanguageModeling `pad`): the worst step has
+    the longest sequence, whatever the rest, so the row length is the longest. Padding-free
+    flattens the batch's real tokens: the worst step is the `batch` longest together.
+    Packed rows are --seq-len long whatever the lengths: a PlanError."""
+    cut = sorted((min(n, seq_len) for n in lengths), reverse=True)
+    if layout == "padded":
+        return cut[0], None
+    if layout == "padding-free":
+        return seq_len, sum(cut[:batch])
+    raise PlanError("--lengths: packed rows are filled to --seq-len whatever the lengths; "
+                    "plan them with --seq-len (or use --batch-layout padding-free)")
 
 
 def warn_long_sequence(spec: ModelSpec, plan: TrainPlan) -> str | None:
@@ -323,6 +442,11 @@ PLAN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "use_cache": (UseCacheOpt, None),
     "expandable_segments": (ExpandableOpt, None),
     "moe_experts": (MoeExpertsOpt, "unquantized"),
+    "batch_layout": (LayoutOpt, "padded"),
+    "tokens_per_step": (TokensPerStepOpt, None),
+    "lengths": (LengthsOpt, None),
+    "offload_activations": (OffloadActivationsOpt, "none"),
+    "trainer": (TrainerOpt, None),
 }
 
 
@@ -450,9 +574,28 @@ def with_plan_options(func: Callable[..., R],
         options = PlanOptions({name: kwargs.pop(name) if name not in exclude else None
                                for name in PLAN_OPTIONS})
         options.given = given_options(ctx, [*PLAN_OPTIONS, *kwargs])
+        if options.get("trainer") is not None:
+            options = with_trainer(options, ctx, exclude)
         return func(plan_options=options, **kwargs)
 
     return with_signature(wrapper, func, sig.replace(parameters=params))
+
+
+def with_trainer(options: PlanOptions, ctx: Any, exclude: tuple[str, ...]) -> PlanOptions:
+    """The options with --trainer's defaults for those neither given nor read from
+    --from-config (commands/from_config.py CONFIG_FILLED) nor set per row (`exclude`); the
+    notes on stderr."""
+    from vramcalc.commands.common import warn
+    from vramcalc.trainers import apply_trainer
+
+    filled = set(ctx.meta.get("vramcalc_config_filled", ())) if ctx is not None else set()
+    keep = options.given | filled | set(exclude)
+    values, notes = apply_trainer(dict(options), options["trainer"], keep)
+    out = PlanOptions(values)
+    out.given = options.given
+    for note in notes:
+        warn(f"note: {note}")
+    return out
 
 
 def with_signature(wrapper: Callable[..., R], func: Callable[..., Any],

@@ -1,0 +1,132 @@
+"""Trainer presets (`--trainer`): the defaults each trainer applies, as plan options.
+
+Pure data and one function; no torch. Each preset gives `build_plan` keyword arguments
+(commands/options.py PLAN_OPTIONS names) for the options the user did not give (on the
+command line or through --from-config), the loss kernel the trainer applies (data only:
+see TODO below), and what the trainer does that no plan option models (printed as notes).
+
+Sources (read at the commits named):
+  hf       transformers 5.25.0 training_args.py TrainingArguments: per_device_train_batch_size
+           8, optim adamw_torch_fused (torch >= 2.8, else adamw_torch), bf16 / fp16 False (no
+           autocast: fp32 compute), gradient_checkpointing off.
+  trl      huggingface/trl f2cd577 (2026-07-24) trl/trainer/sft_config.py SFTConfig and
+           base_config.py: max_length 1024, packing False (packing_strategy "bfd", which
+           forces padding_free: sft_trainer.py `self.padding_free = args.padding_free or
+           (args.packing and args.packing_strategy in {"bfd", "bfd_split"})`),
+           padding_free False, gradient_checkpointing True, bf16 True unless fp16,
+           loss_type "chunked_nll" unless use_liger_kernel ("nll"), activation_offloading
+           False; TrainingArguments' batch 8 and optim. SFTTrainer.__init__ casts the
+           trainable parameters of a quantized model to bf16 and calls no
+           prepare_model_for_kbit_training; compute_loss sets use_cache False.
+  unsloth  unslothai/unsloth 015bdef (2026-08-22) models/loader.py FastLanguageModel.
+           from_pretrained (load_in_4bit True, max_seq_length 2048; nf4 with double quant,
+           models/llama.py) and models/llama.py get_peft_model (r 16, lora_alpha 16,
+           lora_dropout 0, q/k/v/o/gate/up/down, use_gradient_checkpointing "unsloth":
+           unsloth-zoo ce232d6 gradient_checkpointing.py, the checkpointed layer inputs
+           offloaded to pinned host buffers); trained with TRL's SFTTrainer (its defaults).
+  axolotl  axolotl-ai-cloud/axolotl 067b021 (2026-07-24) src/axolotl/utils/schemas:
+           micro_batch_size 1, sequence_len 512, optimizer adamw_torch_fused,
+           gradient_checkpointing False, sample_packing None (off), bf16 "auto" (bf16 where
+           the card has it).
+  plain    the tutorial loop (`--loop plain`): vramcalc's own defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vramcalc.errors import PlanError
+
+TRAINER_NAMES = ("trl", "hf", "unsloth", "axolotl", "plain")
+
+
+@dataclass(frozen=True)
+class TrainerPreset:
+    name: str
+    options: dict[str, Any]  # build_plan keyword -> the trainer's default
+    # The loss kernel the trainer applies by default: "none" (transformers' loss_utils
+    # ForCausalLMLoss on full logits), "chunked_nll" (TRL), "unsloth_fused_ce" (Unsloth).
+    # TODO(integrator): a plan field `loss_kernel` (--loss-kernel liger|cce|chunked) is being
+    # added in parallel; map this value onto it once it exists (here it is data only: the
+    # plan is made with the full-logits loss, and a note says so).
+    loss_kernel: str = "none"
+    unmodelled: tuple[str, ...] = field(default=())
+
+
+_TRL_ARGS = {"batch": 8, "optimizer": "adamw_torch_fused"}  # TrainingArguments'
+_TRL = {**_TRL_ARGS, "seq_len": 1024, "gradient_checkpointing": True,
+        "compute_dtype": "bf16", "batch_layout": "padded", "offload_activations": "none"}
+_TRL_UNMODELLED = (
+    "TRL casts a quantized model's trainable (LoRA) parameters to bf16 and does not call "
+    "prepare_model_for_kbit_training: planned with fp32 adapters and fp32 norms/embeddings",
+)
+
+TRAINERS: dict[str, TrainerPreset] = {
+    "hf": TrainerPreset("hf", {"loop": "trainer", "batch": 8,
+                               "optimizer": "adamw_torch_fused",
+                               "gradient_checkpointing": False, "compute_dtype": "fp32"}),
+    "trl": TrainerPreset("trl", {"loop": "trainer", **_TRL}, loss_kernel="chunked_nll",
+                         unmodelled=_TRL_UNMODELLED),
+    "unsloth": TrainerPreset(
+        "unsloth",
+        {"loop": "trainer", **_TRL, "seq_len": 2048, "method": "qlora", "quant": "nf4",
+         "double_quant": True, "rank": 16, "alpha": 16.0, "lora_dropout": 0.0,
+         "targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+         "offload_activations": "checkpoints"},
+        loss_kernel="unsloth_fused_ce",
+        unmodelled=("Unsloth's own kernels (RMSNorm, RoPE, SwiGLU, LoRA MLP) and its fused "
+                    "cross-entropy: planned with transformers' modules and full logits",),
+    ),
+    "axolotl": TrainerPreset("axolotl", {"loop": "trainer", "batch": 1, "seq_len": 512,
+                                         "optimizer": "adamw_torch_fused",
+                                         "gradient_checkpointing": False,
+                                         "compute_dtype": "bf16", "batch_layout": "padded"}),
+    "plain": TrainerPreset("plain", {"loop": "plain"}),
+}
+
+
+def trainer_preset(name: str) -> TrainerPreset:
+    if name not in TRAINERS:
+        raise PlanError(f"unknown trainer '{name}'; valid: {', '.join(TRAINER_NAMES)}")
+    return TRAINERS[name]
+
+
+def check_loop(trainer: str, loop: str) -> None:
+    """`--trainer plain` is the tutorial loop (`--loop plain`); every other trainer builds
+    the model and optimizer itself (`--loop trainer`, or `trainer-plain*` for your own steps
+    on the Trainer's model and optimizer). One PlanError line on a contradiction."""
+    if trainer == "plain" and loop != "plain":
+        raise PlanError(f"--loop {loop} contradicts --trainer plain (the tutorial loop: "
+                        "--loop plain)")
+    if trainer != "plain" and not loop.startswith("trainer"):
+        raise PlanError(f"--loop {loop} contradicts --trainer {trainer} (the trainer builds "
+                        "the model and optimizer: --loop trainer or trainer-plain*)")
+
+
+def apply_trainer(options: dict[str, Any], trainer: str, keep: frozenset[str] | set[str]
+                  ) -> tuple[dict[str, Any], list[str]]:
+    """`options` with the trainer's defaults for every option not in `keep` (given on the
+    command line or read from a config), and the notes that say what was set and what is
+    not modelled. The loop is checked against the trainer either way."""
+    preset = trainer_preset(trainer)
+    out = dict(options)
+    set_: list[str] = []
+    for name, value in preset.options.items():
+        if name in keep or name not in out:
+            continue
+        if name == "quant" and out.get("method") not in (None, "qlora"):
+            continue  # --method lora/full given: their quant follows (none)
+        if name == "method" and "quant" in keep:
+            continue  # --quant given: the method follows it
+        if name == "offload_activations" and out.get("gradient_checkpointing") is False:
+            continue  # Unsloth's offloading is its checkpointing's: off with it
+        out[name] = value
+        set_.append(f"--{name.replace('_', '-')} {value}")
+    check_loop(trainer, out.get("loop", "trainer"))
+    notes = [f"trainer {trainer}: " + (", ".join(set_) or "nothing beyond the given options")]
+    if preset.loss_kernel != "none":
+        notes.append(f"trainer {trainer} applies the loss kernel '{preset.loss_kernel}': not "
+                     "modelled yet, planned with the full logits (an upper bound)")
+    notes += [f"not modelled: {u}" for u in preset.unmodelled]
+    return out, notes
