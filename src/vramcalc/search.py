@@ -76,14 +76,40 @@ def largest_from_guess(need: Callable[[int], int], budget: int, upper: int,
 
     if guess_need is None:
         return largest_at_most(cached, budget, upper)
-    return largest_near(cached, budget, max(largest_at_most(guess_need, budget, upper), 1),
-                        upper)
+    n = max(largest_at_most(guess_need, budget, upper), 1)
+    slope = guess_need(n + 1) - guess_need(n) if n < upper else 0
+    return largest_near(cached, budget, n, upper, slope)
 
 
-def largest_near(need: Callable[[int], int], budget: int, n: int, upper: int) -> int:
-    """`largest_at_most(need, budget, upper)`, searched from a guess `n` close to it: up
-    from n while n fits; else down from n in steps that double (n-1, n-2, n-4, ...) until
-    one fits, then inside that bracket."""
+def largest_near(need: Callable[[int], int], budget: int, n: int, upper: int,
+                 slope: int = 0) -> int:
+    """`largest_at_most(need, budget, upper)`, searched from a guess `n` close to it.
+
+    With a `slope` > 0 (bytes per step of the cheap guess's own line, which the full
+    estimate's tracks): from need(n), a step along that slope to the value it predicts
+    fits last, then one to the neighbour that confirms it (the value after a fitting
+    one, the one before one over budget); most searches end there, in two or three
+    estimates: need(m) <= budget < need(m + 1) makes m the answer of a non-decreasing
+    need. At most three values are tried so; what is left of the bracket they leave
+    (the largest that fits, the smallest over) is searched by `largest_at_most`, so
+    the answer is exact for any non-decreasing need, whatever the slope.
+    Without a slope: up from n while n fits; else down from n in steps that double
+    (n-1, n-2, n-4, ...) until one fits, then inside that bracket."""
+    if slope > 0:
+        lo, hi = 0, upper + 1  # need(lo) <= budget (lo 0: none known yet) < need(hi)
+        guess = n
+        for _ in range(3):
+            f = need(guess)
+            if f <= budget:
+                lo = guess
+            else:
+                hi = guess
+            if hi - lo <= 1:
+                return lo
+            # floor: a fitting value steps up by whole slopes that still fit (0: confirm
+            # guess + 1); one over budget steps down at least one
+            guess = min(max(guess + (budget - f) // slope, lo + 1), hi - 1)
+        return lo + largest_at_most(_shifted(need, lo), budget, hi - 1 - lo)
     if need(n) <= budget:
         return n - 1 + largest_at_most(_shifted(need, n - 1), budget, upper - n + 1)
     hi, step = n, 1  # need(hi) > budget
