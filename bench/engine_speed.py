@@ -11,6 +11,17 @@ of `python -c pass` measured in the same rounds (the commands and the baseline t
 turns, so a change in the machine's load reaches both). Prints PASS or MISS for each
 target, the replay that ran (`vramcalc --version`) and the load average before and after:
 other processes on the machine slow every number here, so run it when the load is low.
+
+The cold processes read their bytecode from a cache, as an installed package does (pip
+writes the .pyc files at install): one untimed run of each command writes it into a
+temporary PYTHONPYCACHEPREFIX (no source tree is written to), and every timed run,
+`python -c pass` included, reads from there. `--compile-sources` times them in the
+environment as it is, as this bench did before: with PYTHONDONTWRITEBYTECODE set (as on
+the dev machine) a source checkout compiles vramcalc's modules at every start, ~60 ms of
+a cold plan there (2026-12-07).
+To time another checkout's code with the same bench in the same minute, run a copy of
+this file from outside the repo with PYTHONPATH=/that/checkout/src: the in-process part
+imports from PYTHONPATH, and the commands inherit it.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,9 +71,10 @@ def median_ms(fn: Callable[[], object], runs: int) -> tuple[float, float]:
     return 1e3 * statistics.median(wall_s), 1e3 * statistics.median(cpu_s)
 
 
-def wall(cmd: list[str]) -> float:
+def wall(cmd: list[str], env: dict[str, str] | None = None) -> float:
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=env)
     elapsed = time.perf_counter() - t0
     if done.returncode not in (0, 3):  # 3: estimated not to fit
         raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()}")
@@ -76,6 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=21, help="in-process runs per model")
     parser.add_argument("--cold-runs", type=int, default=11, help="cold runs per command")
+    parser.add_argument("--compile-sources", action="store_true",
+                        help="cold runs without a bytecode cache (see the module docstring)")
     args = parser.parse_args()
     exe = shutil.which("vramcalc", path=str(Path(sys.executable).parent)) or "vramcalc"
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
@@ -92,13 +107,23 @@ def main() -> None:
                                           f"{verdict(ms <= target)}")
         print(f"  {model:<16} {ms:7.1f} ms (CPU {cpu:5.1f} ms){goal}")
 
-    print(f"\ncold processes, median of {args.cold_runs}, ratio to `python -c pass`:")
+    cache = tempfile.TemporaryDirectory(prefix="vramcalc-pyc-")
+    env: dict[str, str] | None = None
+    if not args.compile_sources:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["PYTHONPYCACHEPREFIX"] = cache.name
+        wall([sys.executable, "-c", "pass"], env)  # untimed: writes the bytecode cache
+        for _, argv, _ in COLD:
+            wall([exe, *argv], env)
+    print(f"\ncold processes, median of {args.cold_runs}, ratio to `python -c pass` "
+          f"({'sources compiled at every start' if env is None else 'bytecode cached'}):")
     base: list[float] = []
     runs: dict[str, list[float]] = {label: [] for label, _, _ in COLD}
     for _ in range(args.cold_runs):
         for label, argv, _ in COLD:
-            base.append(wall([sys.executable, "-c", "pass"]))
-            runs[label].append(wall([exe, *argv]))
+            base.append(wall([sys.executable, "-c", "pass"], env))
+            runs[label].append(wall([exe, *argv], env))
+    cache.cleanup()
     b = statistics.median(base)
     print(f"  {'python -c pass':<30} {1e3 * b:7.1f} ms")
     for label, _, target in COLD:
