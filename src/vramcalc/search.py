@@ -9,7 +9,10 @@ doubling + bisection (`vramcalc fit` runs thousands of these: bench/fit_speed.py
 
 The searches of every command (`plan --max`, `check --max`, `fit`, the suggestions) answer
 on the full estimate, the one `plan` shows, by the rule `plan` uses for "fits"
-(verdict.fits_certainly); the phase formula only gives them their first guess.
+(verdict.fits_certainly); the phase formula only gives them their first guess and the
+slope of its line, along which the full estimate's search steps from there
+(`largest_near`): over the catalog on an RTX 4090 (`vramcalc fit`), 493 full estimates in
+the searches where stepping from the guess one value at a time took 774 (2026-12-07).
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ def largest_fitting(
     (verdict.fits_certainly: "fits, tight" does not count); 0 when 1 does not fit.
 
     The answer is exact for `estimate_fn` (the full estimate, what `plan` shows): the
-    phase formula (`guess_fn`, about 1 ms) finds a first guess, and the search moves from
-    there to `estimate_fn`'s own boundary, usually in two full estimates (each value is
-    estimated once). `guess_fn=None` searches `estimate_fn` alone."""
+    phase formula (`guess_fn`, about 1 ms) finds a first guess and its slope there, and
+    the search moves from there to `estimate_fn`'s own boundary, usually in two or three
+    full estimates (each value is estimated once). `guess_fn=None` searches `estimate_fn`
+    alone."""
     field = _FIELD[what]
 
     def need_of(fn: EstimateFn) -> Callable[[int], int]:
