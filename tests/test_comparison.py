@@ -125,7 +125,7 @@ def test_search_from_a_guess_and_a_slope_is_exact() -> None:
                     calls: list[int] = []
 
                     def counted(m: int, need: Callable[[int], int] = need,
-                                calls: list[int] = calls) -> int:
+                                calls: list[int] = calls, upper: int = upper) -> int:
                         assert 1 <= m <= upper, m
                         calls.append(m)
                         return need(m)
