@@ -4,8 +4,9 @@
 
 In-process: the median time of one full estimate (`vramcalc.api.plan`, the allocator
 replay on) for llama-3.1-8b, llama-2-70b and llama-3.1-405b, in child processes on this
-checkout's src/ (three per model, each after one warm-up call; nothing is kept from one
-call to the next but what the process loaded, so each call is a whole estimate): wall
+checkout's src/ (three per model, each after one warm-up call; the shapes of the cuts
+that step_templates keeps for the next estimate of a search or a sweep are dropped before
+each call, so each is a whole estimate, as a cold `plan` makes it): wall
 time (what the targets are), and the process's CPU time, which other processes on the
 machine disturb less.
 Cold processes: each command's median wall time over N runs, as a ratio to the median
@@ -65,11 +66,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # `vramcalc.api.plan(model)`; prints the wall and CPU seconds of each as JSON.
 _IN_PROCESS_CHILD = """
 import json, sys, time
+import vramcalc.step_templates as templates
 from vramcalc.api import plan
 model, runs = sys.argv[1], int(sys.argv[2])
 plan(model)  # warm-up: imports, the catalog, the corrections
+shapes = getattr(templates, "_SHAPES", {})  # the cut shapes seen: none kept between calls
 wall, cpu = [], []
 for _ in range(runs):
+    shapes.clear()
     t0, c0 = time.perf_counter(), time.process_time()
     plan(model)
     wall.append(time.perf_counter() - t0)
