@@ -1,9 +1,12 @@
 """How fast the engine answers, against the targets of issue 26 (Deliver 2).
 
-    python bench/engine_speed.py [--runs N] [--cold-runs N]
+    python bench/engine_speed.py [--runs N] [--cold-runs N] [--baseline SRC]
 
 In-process: the median time of one full estimate (`vramcalc.api.plan`, the allocator
-replay on) for llama-3.1-8b, llama-2-70b and llama-3.1-405b, after one warm-up call: wall
+replay on) for llama-3.1-8b, llama-2-70b and llama-3.1-405b, in child processes on this
+checkout's src/ (three per model, each after one warm-up call; the shapes of the cuts
+that step_templates keeps for the next estimate of a search or a sweep are dropped before
+each call, so each is a whole estimate, as a cold `plan` makes it): wall
 time (what the targets are), and the process's CPU time, which other processes on the
 machine disturb less.
 Cold processes: each command's median wall time over N runs, as a ratio to the median
@@ -11,21 +14,31 @@ of `python -c pass` measured in the same rounds (the commands and the baseline t
 turns, so a change in the machine's load reaches both). Prints PASS or MISS for each
 target, the replay that ran (`vramcalc --version`) and the load average before and after:
 other processes on the machine slow every number here, so run it when the load is low.
+
+The cold processes read their bytecode from a cache, as an installed package does (pip
+writes the .pyc files at install): one untimed run of each command writes it into a
+temporary PYTHONPYCACHEPREFIX (no source tree is written to), and every timed run,
+`python -c pass` included, reads from there. `--compile-sources` times them in the
+environment as it is, as this bench did before: with PYTHONDONTWRITEBYTECODE set (as on
+the dev machine) a source checkout compiles vramcalc's modules at every start, ~60 ms of
+a cold plan there (2026-12-07).
+`--baseline /other/checkout/src` times that checkout's code in the same rounds (each
+in-process model and each command takes turns between the two, the commands with
+PYTHONPATH set to each src/), for a before/after table under the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 IN_PROCESS = [  # model, target median in ms (None: reported only)
     ("llama-3.1-8b", 15.0),
@@ -47,21 +60,43 @@ COLD = [  # label, arguments to `vramcalc`, target ratio to `python -c pass`
 ]
 
 
-def median_ms(fn: Callable[[], object], runs: int) -> tuple[float, float]:
-    """Median wall and CPU time of `fn`, in ms."""
-    fn()  # warm-up: imports, the catalog, the corrections
-    wall_s, cpu_s = [], []
-    for _ in range(runs):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall_s.append(time.perf_counter() - t0)
-        cpu_s.append(time.process_time() - c0)
-    return 1e3 * statistics.median(wall_s), 1e3 * statistics.median(cpu_s)
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# One child process per (checkout, model, round): warm-up call, then `runs` timed calls of
+# `vramcalc.api.plan(model)`; prints the wall and CPU seconds of each as JSON.
+_IN_PROCESS_CHILD = """
+import json, sys, time
+import vramcalc.step_templates as templates
+from vramcalc.api import plan
+model, runs = sys.argv[1], int(sys.argv[2])
+plan(model)  # warm-up: imports, the catalog, the corrections
+shapes = getattr(templates, "_SHAPES", {})  # the cut shapes seen: none kept between calls
+wall, cpu = [], []
+for _ in range(runs):
+    shapes.clear()
+    t0, c0 = time.perf_counter(), time.process_time()
+    plan(model)
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+print(json.dumps([wall, cpu]))
+"""
 
 
-def wall(cmd: list[str]) -> float:
+def in_process(model: str, runs: int, src: Path) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of `runs` estimates of `model` in one process on `src`'s code."""
+    done = subprocess.run([sys.executable, "-c", _IN_PROCESS_CHILD, model, str(runs)],
+                          capture_output=True, text=True, cwd=tempfile.gettempdir(),
+                          env={**os.environ, "PYTHONPATH": str(src)})
+    if done.returncode:
+        raise SystemExit(f"in-process {model} on {src}: {done.stderr.strip()}")
+    wall_s, cpu_s = json.loads(done.stdout)
+    return wall_s, cpu_s
+
+
+def wall(cmd: list[str], env: dict[str, str] | None = None) -> float:
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=env)
     elapsed = time.perf_counter() - t0
     if done.returncode not in (0, 3):  # 3: estimated not to fit
         raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()}")
@@ -76,35 +111,70 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=21, help="in-process runs per model")
     parser.add_argument("--cold-runs", type=int, default=11, help="cold runs per command")
+    parser.add_argument("--compile-sources", action="store_true",
+                        help="cold runs without a bytecode cache (see the module docstring)")
+    parser.add_argument("--baseline", type=Path, metavar="SRC",
+                        help="another checkout's src/ (e.g. /work/main/src), timed in the "
+                        "same rounds, taking turns with this one")
     args = parser.parse_args()
     exe = shutil.which("vramcalc", path=str(Path(sys.executable).parent)) or "vramcalc"
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
-    print(f"{version}; python {sys.version.split()[0]}; load average before "
+    trees = {"this": SRC}
+    if args.baseline is not None:
+        trees = {"baseline": args.baseline.resolve(), "this": SRC}
+    for name, src in trees.items():
+        version = subprocess.run([exe, "--version"], capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(src)}).stdout.strip()
+        print(f"{name}: {src}: {version}")
+    print(f"python {sys.version.split()[0]}; load average before "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
-    from vramcalc.api import plan
-
-    print("\nin-process, one full estimate (vramcalc.api.plan), median of "
-          f"{args.runs}:")
+    rounds = 3  # each checkout's runs in three turns, so a change in load reaches both
+    print(f"\nin-process, one full estimate (vramcalc.api.plan), median of {args.runs} "
+          "(CPU: the process's CPU time, which other processes disturb less):")
     for model, target in IN_PROCESS:
-        ms, cpu = median_ms(lambda model=model: plan(model), args.runs)  # type: ignore[misc]
-        goal = "" if target is None else (f"  target <= {target:.0f} ms  "
-                                          f"{verdict(ms <= target)}")
-        print(f"  {model:<16} {ms:7.1f} ms (CPU {cpu:5.1f} ms){goal}")
+        times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in trees}
+        for r in range(rounds):
+            for name, src in trees.items():
+                w, c = in_process(model, args.runs // rounds + (r < args.runs % rounds), src)
+                times[name][0].extend(w)
+                times[name][1].extend(c)
+        for name in trees:
+            ms = 1e3 * statistics.median(times[name][0])
+            cpu = 1e3 * statistics.median(times[name][1])
+            goal = "" if target is None else (f"  target <= {target:.0f} ms  "
+                                              f"{verdict(ms <= target)}")
+            print(f"  {name:<8} {model:<16} {ms:7.1f} ms (CPU {cpu:5.1f} ms){goal}")
 
-    print(f"\ncold processes, median of {args.cold_runs}, ratio to `python -c pass`:")
+    cache = tempfile.TemporaryDirectory(prefix="vramcalc-pyc-")
+    env: dict[str, str] = dict(os.environ)
+    if not args.compile_sources:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["PYTHONPYCACHEPREFIX"] = cache.name
+    envs = {name: {**env, "PYTHONPATH": str(src)} for name, src in trees.items()}
+    if not args.compile_sources:  # untimed: writes the bytecode cache
+        wall([sys.executable, "-c", "pass"], env)
+        for name in trees:
+            for _, argv, _ in COLD:
+                wall([exe, *argv], envs[name])
+    print(f"\ncold processes, median of {args.cold_runs}, ratio to `python -c pass` "
+          f"({'sources compiled at every start' if args.compile_sources else 'bytecode cached'}"
+          "):")
     base: list[float] = []
-    runs: dict[str, list[float]] = {label: [] for label, _, _ in COLD}
+    runs: dict[tuple[str, str], list[float]] = {(n, label): [] for n in trees
+                                                for label, _, _ in COLD}
     for _ in range(args.cold_runs):
         for label, argv, _ in COLD:
-            base.append(wall([sys.executable, "-c", "pass"]))
-            runs[label].append(wall([exe, *argv]))
+            for name in trees:
+                base.append(wall([sys.executable, "-c", "pass"], env))
+                runs[name, label].append(wall([exe, *argv], envs[name]))
+    cache.cleanup()
     b = statistics.median(base)
-    print(f"  {'python -c pass':<30} {1e3 * b:7.1f} ms")
+    print(f"  {'python -c pass':<39} {1e3 * b:8.1f} ms")
     for label, _, target in COLD:
-        m = statistics.median(runs[label])
-        print(f"  {label:<30} {1e3 * m:7.1f} ms  {m / b:5.1f}x  target <= {target:.0f}x  "
-              f"{verdict(m / b <= target)}")
+        for name in trees:
+            m = statistics.median(runs[name, label])
+            print(f"  {name:<8} {label:<30} {1e3 * m:8.1f} ms  {m / b:5.1f}x  target <= "
+                  f"{target:.0f}x  {verdict(m / b <= target)}")
     print(f"\nload average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -24,7 +24,7 @@ from vramcalc.estimate import estimate
 from vramcalc.gpu_catalog import catalog, resolve_gpu
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.render import print_comparison, print_fit
-from vramcalc.search import UPPER_LIMIT, largest_at_most, largest_fitting
+from vramcalc.search import UPPER_LIMIT, largest_at_most, largest_fitting, largest_near
 from vramcalc.specs import ModelSpec, get_spec
 from vramcalc.specs import catalog as model_catalog
 from vramcalc.verdict import certain_need, fits_certainly
@@ -109,6 +109,46 @@ def test_search_agrees_with_plain_search_on_real_estimates(what: str) -> None:
             for gib in (8, 24, 80):
                 got = largest_fitting(spec, plan, what, gib * GIB, MARGIN)
                 assert got == _reference(need, gib * GIB, UPPER_LIMIT), (name, method, gib)
+
+
+def test_search_from_a_guess_and_a_slope_is_exact() -> None:
+    """largest_near with a slope (search.largest_from_guess's): exact for any guess and any
+    positive slope, near or far, on monotone shapes and random staircases; a guess on the
+    boundary with its true slope takes two estimates, one off by a few steps three."""
+    rng = random.Random(26)
+    for shape, need in SHAPES.items():
+        upper = 3000
+        for budget in [0, 5, 1037, 20000, 10**6 + 50]:
+            want = _brute(need, budget, upper)
+            for n in {1, 2, max(want, 1), want + 1, want + 7, rng.randint(1, upper), upper}:
+                for slope in (1, 37, 1000, 10**7):
+                    calls: list[int] = []
+
+                    def counted(m: int, need: Callable[[int], int] = need,
+                                calls: list[int] = calls, upper: int = upper) -> int:
+                        assert 1 <= m <= upper, m
+                        calls.append(m)
+                        return need(m)
+
+                    got = largest_near(counted, budget, min(n, upper), upper, slope)
+                    assert got == want, (shape, budget, n, slope)
+    for _ in range(300):
+        upper = rng.randint(1, 400)
+        steps = [rng.choice([0, 1, 5, 80]) for _ in range(upper)]
+        table = [-1] + [sum(steps[: i + 1]) for i in range(upper)]
+        budget = rng.randint(-1, table[-1] + 3)
+        n, slope = rng.randint(1, upper), rng.choice([1, 2, 5, 40, 1000])
+        assert largest_near(table.__getitem__, budget, n, upper, slope) == _brute(
+            table.__getitem__, budget, upper)
+    linear = SHAPES["linear"]
+    seen: list[int] = []
+    assert largest_near(lambda m: seen.append(m) or linear(m), 1000 + 37 * 50, 50, 3000,
+                        37) == 50
+    assert seen == [50, 51]
+    seen.clear()
+    assert largest_near(lambda m: seen.append(m) or linear(m), 1000 + 37 * 50, 46, 3000,
+                        37) == 50
+    assert seen == [46, 50, 51]
 
 
 def test_search_stops_at_the_upper_limit() -> None:

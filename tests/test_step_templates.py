@@ -108,3 +108,47 @@ def test_a_spec_the_cut_refuses_is_generated_whole(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(module, "depth_cut", refuse)
     _same_as_generated(depth_cut(get_spec("llama-3.2-1b"), 8), TrainPlan(**SHORT),
                        templated=False)
+
+
+def _blocks(program: object) -> object:
+    """A program's blocks, phases and length as plain lists (arrays compare by value)."""
+    if program is None:
+        return None
+    return ([(list(ids), list(strides), list(sizes), count)
+             for ids, strides, sizes, count in program.blocks],  # type: ignore[attr-defined]
+            program.phases, program.length)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "mixtral-8x7b", "gemma-2-2b", "phi-2"])
+@pytest.mark.parametrize("options", [{}, {"method": "qlora", "quant": "int8"},
+                                     {"method": "full", "optimizer": "adamw_torch"}])
+def test_a_shape_seen_before_gives_the_program_found_afresh(
+        name: str, options: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    """template_program keeps the shape of the cuts it has seen (step_templates._SHAPES):
+    the cuts of one plan at other batch sizes and lengths, read through a kept shape, give
+    the program found from nothing, and a cut whose middle layer allocates other sizes is
+    still refused on a kept shape."""
+    import vramcalc.step_templates as st
+
+    monkeypatch.setattr(st, "_SHAPES", {})
+    spec = depth_cut(get_spec(name), TEMPLATE_LAYERS)
+    reused = 0
+    for batch, seq in [(1, 256), (2, 256), (3, 256), (1, 300), (5, 1000), (2, 256)]:
+        cut = step_requests(spec, TrainPlan(batch_size=batch, seq_len=seq, **options))
+        kept = dict(st._SHAPES)
+        warm = template_program(cut.requests, cut.phases, cut.runs, 16)
+        reused += len(st._SHAPES) == len(kept) and warm is not None and bool(kept)
+        st._SHAPES.clear()
+        fresh = template_program(cut.requests, cut.phases, cut.runs, 16)
+        assert _blocks(warm) == _blocks(fresh), (batch, seq)
+        st._SHAPES.clear()
+        st._SHAPES.update(kept)
+        template_program(cut.requests, cut.phases, cut.runs, 16)
+        if fresh is not None:
+            layer_start = next(start for layer, start in cut.runs if layer == 3)
+            k = next(k for k in range(layer_start, len(cut.requests))
+                     if cut.requests[k][1] > 0)
+            changed = list(cut.requests)
+            changed[k] = (changed[k][0], changed[k][1] + 512)
+            assert template_program(changed, cut.phases, cut.runs, 16) is None
+    assert reused >= 1  # the repeated (2, 256) at least

@@ -230,10 +230,17 @@ class Graph:
         `passthrough`: an add or a clone, whose backward hands its output's gradient on to
         the inputs as it is."""
         grad_inputs = [v for v in inputs if v.requires_grad]
-        out = Var(self.alloc(size), size, size, bool(grad_inputs))
-        if mm:
+        # alloc(size), inline: op is the generator's most frequent call after alloc
+        if size < MIN_REQUEST:
+            buf = None
+        else:
+            self._next += 1
+            buf = Buf(size, self._next, 1, self.layer)
+            self.requests.append((buf.id, size))
+        out = Var(buf, size, size, bool(grad_inputs))
+        if mm and self.in_backward not in self._workspaces:
             self.workspace()
-        if self.grad_mode and grad_inputs:
+        if grad_inputs and self.grad_mode:
             saved = []
             offloaded: list[int] = []
             offload = self.offload == "all" and not self.noop and not self.recomputing
@@ -324,7 +331,12 @@ class Graph:
         lm_head's fp32 gradient is a fresh contiguous cast (ToCopyBackward), which the
         embedding's is added into in place."""
         if not v.has_grad:
-            v.grad = self.ref(given) if passed else self.alloc(v.grad_bytes)
+            if passed:
+                if given is not None:
+                    given.refs += 1
+                v.grad = given
+            else:
+                v.grad = self.alloc(v.grad_bytes)
             v.has_grad = True
             return
         incoming = self.ref(given) if passed else self.alloc(v.grad_bytes)
@@ -356,18 +368,19 @@ class Graph:
         back = [self.alloc(size) for size in n.offloaded]
         self.host -= sum(n.offloaded)
         # the node's temporaries live while it computes its input gradients
-        held = [self.alloc(t) for t in n.bwd_temps]
+        held = [self.alloc(t) for t in n.bwd_temps] if n.bwd_temps else ()
+        out = n.out
+        grad = out.grad
         for i, v in enumerate(n.inputs):
             # an add hands its gradient on as it is (AddBackward0, CloneBackward0); the
             # engine casts it where the input's dtype differs (validate_outputs)
-            passed = n.passthrough and v.grad_bytes == n.out.grad_bytes
-            self._grad_into(v, n.out.grad, passed)
+            self._grad_into(v, grad, n.passthrough and v.grad_bytes == out.grad_bytes)
             if n.mm and i == 0:
                 self.workspace()
         for tmp in held:
             self.unref(tmp)
-        self.unref(n.out.grad)
-        n.out.grad, n.out.has_grad = None, False
+        self.unref(grad)
+        out.grad, out.has_grad = None, False
         for b in n.saved:
             self.unref(b)
         for buf in back:
