@@ -23,6 +23,11 @@ Survives = Literal["nothing", "loss", "outputs"]
 MoeExperts = Literal["unquantized", "quantized"]
 ComputeDtype = Literal["bf16", "fp16", "fp32"]
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
+# The loss head (TrainPlan.loss_kernel): transformers' lm_head + ForCausalLMLoss (torch),
+# liger-kernel's fused linear cross-entropy with its RMSNorm / SwiGLU / RoPE kernels
+# (`use_liger_kernel=True`), Apple's cut-cross-entropy (`cce_patch`), or torchtune-style
+# chunked cross-entropy (CEWithChunkedOutputLoss, 8 chunks).
+LossKernel = Literal["torch", "liger", "cce", "chunked"]
 Optimizer = Literal[
     "adamw_torch",
     "adamw_torch_fused",
@@ -41,6 +46,17 @@ QUANTS: tuple[str, ...] = get_args(Quant)
 COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDtype)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+LOSS_KERNELS: tuple[str, ...] = get_args(LossKernel)
+# The model types each kernel patches: liger-kernel 0.8.2 transformers/monkey_patch.py
+# MODEL_TYPE_TO_APPLY_LIGER_FN (the dense and MoE text models of the catalog's families;
+# other types get no kernel: `_apply_liger_kernel_to_instance` logs and returns), and
+# cut-cross-entropy 25.6.4 transformers/patch.py PATCH_FNS (others raise).
+LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "gemma", "gemma2",
+                               "gemma3_text", "qwen2", "qwen3", "qwen3_moe", "phi3",
+                               "granite", "olmo2", "glm4", "smollm3"})
+CCE_MODEL_TYPES = frozenset({"llama", "phi3", "gemma2", "mistral", "qwen2"})
+# torchtune CEWithChunkedOutputLoss (modules/loss/ce_chunked_output_loss.py) default
+CHUNKED_LOSS_CHUNKS = 8
 
 # The loop names of calibration matrices and records made before issue 27 (runs 1-26):
 # their `plain` loops were plain steps on a model and optimizer a Trainer had built.
@@ -104,6 +120,7 @@ class TrainPlan(BaseModel):
     use_cache: bool | None = None
     expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     moe_experts: MoeExperts = "unquantized"
+    loss_kernel: LossKernel = "torch"
 
     @model_validator(mode="before")
     @classmethod

@@ -15,6 +15,7 @@ from vramcalc.plan_settings import (
     ATTENTIONS,
     COMPUTE_DTYPES,
     LOOPS,
+    LOSS_KERNELS,
     METHODS,
     MOE_EXPERTS,
     OPTIMIZERS,
@@ -89,6 +90,11 @@ ExpandableOpt = Annotated[
 MoeExpertsOpt = Annotated[
     str, typer.Option("--moe-experts", help=f"MoE experts: {'|'.join(MOE_EXPERTS)} "
                       "(transformers 5 leaves 3-D experts unquantized).")
+]
+LossKernelOpt = Annotated[
+    str, typer.Option("--loss-kernel", help=f"Loss head: {'|'.join(LOSS_KERNELS)} (liger: "
+                      "use_liger_kernel=True, its fused linear cross-entropy, RMSNorm, SwiGLU "
+                      "and RoPE; cce: cut-cross-entropy; chunked: torchtune-style, 8 chunks).")
 ]
 DoubleQuantOpt = Annotated[
     bool, typer.Option("--double-quant/--no-double-quant", help="Quantize the absmax constants.")
@@ -207,6 +213,7 @@ def build_plan(
     use_cache: bool | None = None,
     expandable_segments: bool | None = None,
     moe_experts: str = "unquantized",
+    loss_kernel: str = "torch",
     rank: int,
     alpha: float,
     targets: str,
@@ -264,6 +271,7 @@ def build_plan(
             use_cache=use_cache,
             expandable_segments=expandable_segments,
             moe_experts=_one_of("moe experts", moe_experts, MOE_EXPERTS),  # type: ignore[arg-type]
+            loss_kernel=_one_of("loss kernel", loss_kernel, LOSS_KERNELS),  # type: ignore[arg-type]
             rank=rank,
             alpha=alpha,
             targets=targets,
@@ -323,6 +331,7 @@ PLAN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "use_cache": (UseCacheOpt, None),
     "expandable_segments": (ExpandableOpt, None),
     "moe_experts": (MoeExpertsOpt, "unquantized"),
+    "loss_kernel": (LossKernelOpt, "torch"),
 }
 
 
