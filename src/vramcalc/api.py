@@ -25,6 +25,7 @@ from vramcalc.plan_settings import (
     Attention,
     ComputeDtype,
     Loop,
+    LossKernel,
     Method,
     MoeExperts,
     Optimizer,
@@ -254,6 +255,7 @@ def plan(
     use_cache: bool | None = None,
     expandable_segments: bool | None = None,
     moe_experts: MoeExperts | None = None,
+    loss_kernel: LossKernel | None = None,
     calibration: bool = True,
     gpu: str | None = None,
 ) -> PlanEstimate:
@@ -273,7 +275,7 @@ def plan(
         double_quant=double_quant, compute_dtype=compute_dtype, optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing, attn=attn, weights_dtype=weights_dtype,
         loop=loop, use_cache=use_cache, expandable_segments=expandable_segments,
-        moe_experts=moe_experts,
+        moe_experts=moe_experts, loss_kernel=loss_kernel,
     )
     fn, _ = estimator(gpu, use_calibration=calibration)
     return _with_plan(fn(spec, train), spec, train)

@@ -1486,11 +1486,13 @@ def _fused_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n: Var,
         elif plan.batch_size > 1:
             copy = g.op(rows_b, [v])
         xin = copy or v
-        if w_cast:
-            wc = weight_cast()
-            lg = g.op(rows_b // in_b * vocab // h * out_b, [head_w, xin], mm=True,
-                      save=(xin,) if trains else ())
-            g.unref(wc)
+        if w_cast and cached is None:
+            # autocast casts the frozen fp32 weight for each chunk's matmul, and each
+            # matmul keeps its cast for grad_input: one copy per chunk until backward
+            wcv = g.op(vocab * h * s.c, [head_w])
+            lg = g.op(rows_b // in_b * vocab // h * out_b, [wcv, xin], mm=True,
+                      save=(wcv, xin) if trains else (wcv,))
+            g.drop(wcv)
         else:
             lg = g.op(rows_b // in_b * vocab // h * out_b, [cached or head_w, xin], mm=True,
                       save=(xin,) if trains else ())
