@@ -196,7 +196,7 @@ def test_advice_checkpointing_optimizer_rank_targets_attn() -> None:
     margin = 4 * 2**30
     found = {s.kind: s for s in advice.candidates(spec, plan, peak - 1 + margin, margin)}
     assert set(found) == {"allocator", "gradient_checkpointing", "optimizer", "attn", "batch",
-                          "seq_len", "rank", "targets"}
+                          "seq_len", "rank", "targets", "loss_kernel"}
     assert found["targets"].changes == {"targets": "q_proj,k_proj,v_proj,o_proj"}
     assert found["rank"].changes == {"rank": 64}
     for s in found.values():

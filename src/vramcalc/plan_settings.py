@@ -47,10 +47,11 @@ COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDtype)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 LOSS_KERNELS: tuple[str, ...] = get_args(LossKernel)
-# The model types each kernel patches: liger-kernel 0.8.2 transformers/monkey_patch.py
+# The model types each kernel patches: liger-kernel 0.8.5 transformers/monkey_patch.py
 # MODEL_TYPE_TO_APPLY_LIGER_FN (the dense and MoE text models of the catalog's families;
 # other types get no kernel: `_apply_liger_kernel_to_instance` logs and returns), and
-# cut-cross-entropy 25.6.4 transformers/patch.py PATCH_FNS (others raise).
+# cut-cross-entropy's transformers/patch.py PATCH_FNS (upstream 25.6.4; others raise; the
+# 25.1.1 wheel ships the loss only, which the worker calls as the patch does).
 LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "gemma", "gemma2",
                                "gemma3_text", "qwen2", "qwen3", "qwen3_moe", "phi3",
                                "granite", "olmo2", "glm4", "smollm3"})

@@ -666,14 +666,15 @@ SM_COUNT = 132
 
 
 def _liger_norm(g: Graph, s: _Shapes, x: Var, t: int, width: int, in_bytes: int) -> Var:
-    """liger-kernel 0.8.2 LigerRMSNormFunction (ops/rms_norm.py rms_norm_forward): Y in the
+    """liger-kernel 0.8.5 LigerRMSNormFunction (ops/rms_norm.py rms_norm_forward): Y in the
     input's dtype and the fp32 per-row RSTD; keeps X and RSTD. Backward (rms_norm_backward):
-    the fp32 partial weight gradients `_dW` (sm_count x width) and dX written into dY
-    (`in_place=True`; the Gemma patches pass False: `torch.zeros_like(dY)`)."""
+    the fp32 partial weight gradients `_dW` (sm_count x width) where the weight trains, and
+    dX written into dY (`in_place=True`; the Gemma patches pass False:
+    `torch.zeros_like(dY)`)."""
     rstd = g.alloc(t * 4)
     inplace = s.liger_norm_in_place
-    out = g.op(t * width * in_bytes, [x], save=(x,), bwd_temps=(SM_COUNT * width * 4,),
-               passthrough=inplace)
+    temps = (SM_COUNT * width * 4,) if s.method == "full" else ()
+    out = g.op(t * width * in_bytes, [x], save=(x,), bwd_temps=temps, passthrough=inplace)
     if out.requires_grad and g.grad_mode and rstd is not None:
         node = g.nodes[-1]
         assert isinstance(node, Node)
@@ -697,7 +698,7 @@ def _softcap(g: Graph, x: Var) -> Var:
 
 def _rotary(g: Graph, q: Var, liger: bool = False) -> Var:
     if liger:
-        # liger-kernel 0.8.2 LigerRopeFunction (ops/rope.py): rotates q and k in place
+        # liger-kernel 0.8.5 LigerRopeFunction (ops/rope.py): rotates q and k in place
         # (the projections' outputs are contiguous in the kernel's layout) and keeps only
         # cos and sin; backward rotates dq, dk in place
         return g.in_place(q)
@@ -819,7 +820,7 @@ def _mlp(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, lins: dict[str, LinearSh
             gate = _linear(g, s, x, lins["gate"], rows, weights)
             keep = []
             if s.liger:
-                # liger-kernel 0.8.2 LigerSwiGLUMLP / LigerGEGLUMLP: LigerSiLUMulFunction
+                # liger-kernel 0.8.5 LigerSwiGLUMLP / LigerGEGLUMLP: LigerSiLUMulFunction
                 # (ops/swiglu.py; GELU alike, ops/geglu.py) keeps a and b and, in backward,
                 # writes their gradients into them (`return a, b`): one product, no
                 # activation output
@@ -1357,7 +1358,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
 
 
 def liger_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
-    """liger-kernel 0.8.2 fused_linear_cross_entropy_forward's chunk of rows:
+    """liger-kernel 0.8.5 fused_linear_cross_entropy_forward's chunk of rows:
     inc_factor = cdiv(V, H), chunk_size = next_power_of_2(cdiv(BT, inc_factor))."""
     inc = -(-vocab // hidden)
     rows = -(-tokens // inc)
@@ -1388,36 +1389,43 @@ def _fused_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n: Var,
         return g.alloc(vocab * h * s.c) if w_cast and cached is None else None
 
     if plan.loss_kernel == "liger":
-        # liger-kernel 0.8.2 ops/fused_linear_cross_entropy.py
+        # liger-kernel 0.8.5 ops/fused_linear_cross_entropy.py
         # fused_linear_cross_entropy_forward (as lce_forward calls it in training,
         # `skip_logits`): grad_input = zeros_like(_input), grad_weight = zeros_like(weight)
         # where it trains, loss_1d (fp32, per row), the target mask; per chunk of rows the
-        # logits (under autocast: torch.amp.custom_fwd leaves it on, so the matmuls cast),
-        # the cross-entropy kernel writing their gradient into them, grad_input's rows
-        # (`grad_logits_chunk @ weight`) and grad_weight's sum (`mm(...).float()`; the
-        # addmm(out_dtype=fp32) path for an fp32 grad_weight). The logits of the previous
-        # chunk go when `logits_chunk` is rebound. It keeps grad_input and grad_weight,
-        # which backward hands on (grad_output != 1 is multiplied in place).
+        # logits, the cross-entropy kernel writing their gradient into them, grad_input's
+        # rows (`grad_logits_chunk @ weight`) and grad_weight's sum (`mm(...).float()`; the
+        # addmm(out_dtype=fp32) path for an fp32 grad_weight). Where input and weight are
+        # already in the matmul's dtype (`_can_use_mm_out`: no autocast cast to make) the
+        # chunks' logits are one buffer made once and grad_input's rows are written in
+        # place (`torch.mm(..., out=)`); else (torch.amp.custom_fwd leaves autocast on:
+        # QLoRA's fp32 head and norm) each chunk's logits are new, the previous chunk's
+        # going when `logits_chunk` is rebound, and `@ weight` makes rows copied into
+        # grad_input. It keeps grad_input and grad_weight, which backward hands on
+        # (grad_output != 1 is multiplied in place).
         grad_in = g.alloc(t * h * in_b)
         grad_w = g.alloc(vocab * h * w_b) if trains else None
         loss_1d = g.alloc(t * 4)
         target_mask = g.alloc(t)
-        rows_per = liger_chunk_rows(t, vocab, h)
+        rows_per = min(liger_chunk_rows(t, vocab, h), t)
+        mm_out = in_b == w_b and (not s.autocast or in_b == s.c)
+        storage = g.alloc(rows_per * vocab * in_b) if mm_out else None
         prev: Buf | None = None
         g.workspace()
         for start in range(0, t, rows_per):
             rows = min(rows_per, t - start)
-            wc = weight_cast()
-            xc = g.alloc(rows * h * s.c) if x_cast else None
-            logits = g.alloc(rows * vocab * out_b)
-            g.unref(xc)
-            g.unref(wc)
-            g.unref(prev)
-            prev = logits
-            wc = weight_cast()
-            gi = g.alloc(rows * h * out_b)  # `@ weight`, copied into grad_input's rows
-            g.unref(wc)
-            g.unref(gi)
+            if storage is None:
+                wc = weight_cast()
+                xc = g.alloc(rows * h * s.c) if x_cast else None
+                logits = g.alloc(rows * vocab * out_b)
+                g.unref(xc)
+                g.unref(wc)
+                g.unref(prev)
+                prev = logits
+                wc = weight_cast()
+                gi = g.alloc(rows * h * out_b)  # `@ weight`, copied into grad_input's rows
+                g.unref(wc)
+                g.unref(gi)
             if trains:
                 xc = g.alloc(rows * h * s.c) if in_b != s.c else None
                 if w_b == 4:  # torch.addmm(grad_weight, ..., out_dtype=float32, out=...)
@@ -1429,32 +1437,37 @@ def _fused_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n: Var,
                     g.unref(mm)
                     g.unref(xc)
         g.unref(prev)
+        g.unref(storage)
         g.unref(target_mask)
         loss = g.op(4, [n, head_w], grads=(grad_in, grad_w))
         g.unref(loss_1d)
         return loss
     if plan.loss_kernel == "cce":
-        # cut-cross-entropy 25.6.4 cce.py LinearCrossEntropyFunction (cce_patch's forward in
-        # training): under autocast e and c are cast (`.to(get_autocast_gpu_dtype())`, not
-        # autocast's cache); cce_lse_forward gives the fp32 lse per row (and logit_avg per
-        # class, filter_eps "auto"); indexed_neg_dot the target logits; valids (the rows
-        # whose label is not ignored, utils._build_flat_valids: nonzero, then int32). Keeps
-        # e, c, lse, valids, logit_avg. Backward (cce_backward.py cce_backward_kernel): de =
-        # zeros_like(e), dc = zeros_like(c) where it trains, the class order
-        # (argsort of logit_avg), then both cast to their inputs' dtypes.
-        e = g.op(t * h * s.c, [n]) if x_cast else n
-        c = Var(g.alloc(vocab * h * s.c), vocab * h * s.c, 0, False) if w_cast else head_w
-        nz = g.alloc(t * 8)
-        valids = g.alloc(t * 4)
+        # cut-cross-entropy 25.1.1 cce.py (cce_linear_cross_entropy, LinearCrossEntropy
+        # Function), called as its transformers patch calls it in training
+        # (`linear_cross_entropy(hidden_states, lm_head.weight, labels, shift=True)`), with
+        # the hidden states and the classifier in the autocast dtype (upstream's
+        # LinearCrossEntropyFunction casts both under autocast; 25.1.1's backward refuses
+        # fp32 embeddings): utils._build_flat_valids (the rows whose label is not ignored:
+        # nonzero, int32, summed to int64 offsets), cce_lse_forward_kernel's fp32 lse per
+        # row and logit_avg per class (filter_eps set), indexed_neg_dot_forward_kernel's
+        # target logits (added into in place, averaged to the loss). Keeps e, c, lse,
+        # targets, valids, logit_avg. Backward (cce_backward.py cce_backward_kernel): the
+        # class order (argsort of logit_avg, int32), de = zeros_like(e), dc =
+        # zeros_like(c, dtype=e.dtype) where c trains; the casts' backward cast them back.
+        e = g.op(t * h * s.c, [n]) if in_b != s.c else n
+        c = g.op(vocab * h * s.c, [head_w]) if w_b != s.c else head_w
+        not_ignored = g.alloc(t)
+        nz = g.alloc(t * 16)
+        nz32 = g.alloc(t * 8)
         g.unref(nz)
+        valids = g.alloc(t * 8)
+        g.unref(nz32)
+        g.unref(not_ignored)
         lse = g.alloc(t * 4)
         logit_avg = g.alloc(vocab * 4)
         neg_dot = g.alloc(t * 4)
-        temps = [t * h * s.c] if x_cast else []
-        if trains and w_b != s.c:
-            temps.append(vocab * h * s.c)
-        temps.append(vocab * 4)
-        loss = g.op(4, [e, head_w], save=(e, c), bwd_temps=tuple(temps))
+        loss = g.op(4, [e, c], save=(e, c), bwd_temps=(vocab * 8, vocab * 4))
         if loss.requires_grad and g.grad_mode:
             node = g.nodes[-1]
             assert isinstance(node, Node)

@@ -180,7 +180,7 @@ class _Mapper:
                                             if str(k) not in self.data.read))
 
 
-# liger-kernel 0.8.2 apply_liger_kernel_to_* defaults, which `--loss-kernel liger` models:
+# liger-kernel 0.8.5 apply_liger_kernel_to_* defaults, which `--loss-kernel liger` models:
 # rope, rms_norm, swiglu (geglu for Gemma) and fused_linear_cross_entropy on,
 # cross_entropy off
 _LIGER_DEFAULTS = {"rope": True, "rms_norm": True, "swiglu": True, "geglu": True,
