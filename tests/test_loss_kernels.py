@@ -219,3 +219,42 @@ def test_compare_says_where_a_kernel_does_not_apply() -> None:
     cells = json.loads(r.stdout)["methods"][0]["loss_kernels"]
     assert cells["liger"]["required_device_bytes"] is None
     assert "no kernels for model type phi" in cells["liger"]["error"]
+
+
+# ---- the calibration worker's heads (CPU, a tiny random model) --------------------------------
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_worker_chunked_loss_is_the_models_loss(softcap: float | None) -> None:
+    """The worker's chunked head (calibrate/run.py `_head_loss_forward`) computes the same
+    loss as transformers' own forward, and its gradient reaches the lm_head and the
+    decoder; outside training it is the original forward."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from vramcalc.calibrate.run import apply_loss_kernel
+
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    if softcap:  # the config key gemma-2 has; llama's forward ignores it, so cap by hand
+        model.config.final_logit_softcapping = softcap
+    ids = torch.randint(0, 96, (2, 24))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    model.train()
+    ref = model(input_ids=ids).logits
+    if softcap:
+        ref = torch.tanh(ref / softcap) * softcap
+    want = torch.nn.functional.cross_entropy(
+        ref[:, :-1].reshape(-1, 96).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+    apply_loss_kernel(model, TrainPlan(method="full", quant="none", loss_kernel="chunked"))
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    assert torch.allclose(out.loss, want, atol=1e-5)
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None
+    assert model.model.layers[0].mlp.up_proj.weight.grad is not None
+    model.eval()
+    assert model(input_ids=ids).logits.shape == (2, 24, 96)
