@@ -424,6 +424,11 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
                      "it off in training (utils/generic.py merge_with_config_defaults)")
     if plan.attn == "flash_attention_2":
         notes.append("flash_attention_2 is modelled as sdpa (the same O(T) saved tensors)")
+    if plan.loss_kernel == "liger" and any(lin.role == "gate_up"
+                                           for lin in spec.block_linears()):
+        notes.append("Liger's SwiGLU on a fused gate_up projection is not modelled: the MLP "
+                     "is planned as transformers runs it (its RMSNorm, RoPE and loss are "
+                     "Liger's)")
     if spec.is_moe and plan.moe_experts == "unquantized" and plan.method == "qlora":
         notes.append("MoE experts are 3-D tensors that bitsandbytes leaves unquantized "
                      "(transformers 5); --moe-experts quantized for stacks that quantize them")
