@@ -819,7 +819,7 @@ def _mlp(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, lins: dict[str, LinearSh
         else:
             gate = _linear(g, s, x, lins["gate"], rows, weights)
             keep = []
-            if s.liger:
+            if s.liger and not spec.is_moe:
                 # liger-kernel 0.8.5 LigerSwiGLUMLP / LigerGEGLUMLP: LigerSiLUMulFunction
                 # (ops/swiglu.py; GELU alike, ops/geglu.py) keeps a and b and, in backward,
                 # writes their gradients into them (`return a, b`): one product, no
@@ -1260,24 +1260,26 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
             leaf_refs = [leaf_ref] if leaf_ref is not None else []
             g.set_layer(-1, new_run=True)
             phases.append(("backward", len(g.requests)))
-            for buf in cache:  # the output (no logits) goes with its cache
-                g.unref(buf)
             if plan.holds_output:
                 # the output keeps no logits (liger's lce_forward `skip_logits` in
-                # training, cce's patch: `logits=None`), only the graph its loss reaches
+                # training, cce's patch: `logits=None`): its cache and the graph its loss
+                # reaches
                 held = Var(None, 0, 0, False)
-                held_graph = g.backward(loss, keep_graph=True) + leaf_refs
+                held_graph = g.backward(loss, keep_graph=True) + cache + leaf_refs
                 if not plan.holds_output_past_step:
                     held = None
                     g.release(held_graph)
                     g.set_layer(-1)
                     held_graph = []
-            elif plan.survives == "loss":
-                for kept in held_graph:
-                    g.unref(kept)
-                held_graph = g.backward(loss, keep_graph=True) + leaf_refs
             else:
-                g.backward(loss)
+                for buf in cache:  # the output goes with its cache
+                    g.unref(buf)
+                if plan.survives == "loss":
+                    for kept in held_graph:
+                        g.unref(kept)
+                    held_graph = g.backward(loss, keep_graph=True) + leaf_refs
+                else:
+                    g.backward(loss)
             g.unref(mask)
             _optimizer_phase(g, opt, state_groups, params, layers, step, phases)
             continue
