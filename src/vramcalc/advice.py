@@ -72,7 +72,8 @@ class Suggestion(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    kind: str  # gradient_checkpointing, optimizer, batch, seq_len, rank, targets, attn, combined
+    kind: str  # COSTS keys: allocator, attn, loss_kernel, optimizer, gradient_checkpointing,
+    # batch, seq_len, rank, targets, combined
     description: str
     flags: str  # the vramcalc options that express the change
     changes: dict[str, Any]
