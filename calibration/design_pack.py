@@ -27,7 +27,8 @@ from vramcalc.specs import get_spec  # noqa: E402
 GiB = 2**30
 LIMIT_GIB = 70.0
 # the plan fields of the techniques: a point without them is its base (twin)
-TECHNIQUE = ("layout", "tokens_per_step", "offload_activations")  # every point's predicted peak device stays under this
+TECHNIQUE = ("layout", "tokens_per_step", "offload_activations")
+# every point's predicted peak device stays under LIMIT_GIB
 
 # (model, base plan, [(suffix, technique changes)])
 CASES: list[tuple[str, dict[str, Any], list[tuple[str, dict[str, Any]]]]] = [

@@ -196,7 +196,7 @@ def test_advice_checkpointing_optimizer_rank_targets_attn() -> None:
     margin = 4 * 2**30
     found = {s.kind: s for s in advice.candidates(spec, plan, peak - 1 + margin, margin)}
     assert set(found) == {"allocator", "gradient_checkpointing", "optimizer", "attn", "batch",
-                          "seq_len", "rank", "targets", "offload_activations"}
+                          "seq_len", "rank", "targets", "offload_activations", "loss_kernel"}
     assert found["offload_activations"].changes == {"offload_activations": "all"}
     assert "pinned host memory" in found["offload_activations"].cost
     assert found["targets"].changes == {"targets": "q_proj,k_proj,v_proj,o_proj"}

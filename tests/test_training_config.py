@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -42,8 +43,10 @@ def test_trl_training_arguments_json() -> None:
     assert tc.options == {
         "weights_dtype": "bf16", "batch": 4, "seq_len": 1024, "gradient_checkpointing": True,
         "optimizer": "adamw_torch_fused", "attn": "flash_attention_2", "compute_dtype": "bf16",
+        "loss_kernel": "liger",
     }
-    assert [u.split(":")[0] for u in tc.unmodelled] == ["use_liger_kernel"]
+    assert tc.used["loss_kernel"] == "use_liger_kernel"
+    assert tc.unmodelled == ()
 
 
 def test_trl_yaml_with_model_config_keys() -> None:
@@ -63,10 +66,10 @@ def test_llama_factory() -> None:
     assert tc.model == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert tc.options == {
         "quant": "nf4", "method": "qlora", "rank": 8, "alpha": 16.0, "targets": "all-linear",
-        "batch": 1, "seq_len": 2048, "compute_dtype": "bf16",
+        "batch": 1, "seq_len": 2048, "compute_dtype": "bf16", "loss_kernel": "liger",
     }
     assert tc.used["alpha"] == "lora_alpha (default: 2 x lora_rank)"
-    assert [u.split(":")[0] for u in tc.unmodelled] == ["enable_liger_kernel"]
+    assert tc.unmodelled == ()
 
 
 def test_unknown_optimizer_is_listed_not_ignored(tmp_path: Path) -> None:
@@ -104,7 +107,8 @@ def test_cli_from_config_flags_override_the_file() -> None:
     assert plan["seq_len"] == 2048 and plan["rank"] == 8 and plan["alpha"] == 16.0  # the file
     assert json.loads(r.stdout)["model"] == get_spec("meta-llama/Meta-Llama-3-8B-Instruct").name
     assert "command line overrides --batch" in r.stderr
-    assert "not modelled: enable_liger_kernel" in r.stderr
+    assert "not modelled" not in r.stderr
+    assert json.loads(r.stdout)["plan"]["loss_kernel"] == "liger"  # enable_liger_kernel
 
 
 def test_cli_default_valued_flag_still_overrides() -> None:
@@ -156,3 +160,61 @@ def test_trl_use_cache(tmp_path: Path) -> None:
     f.write_text(json.dumps({"per_device_train_batch_size": 2, "use_cache": "yes"}))
     with pytest.raises(PlanError, match="use_cache"):
         read_training_config(f)
+
+
+def _read(tmp_path: Path, text: str, name: str = "c.yml") -> Any:
+    f = tmp_path / name
+    f.write_text(text)
+    return read_training_config(f)
+
+
+AXO = "base_model: meta-llama/Llama-3.1-8B\nadapter: qlora\nload_in_4bit: true\n"
+AXO_LIGER = ("plugins:\n  - axolotl.integrations.liger.LigerPlugin\nliger_rope: true\n"
+             "liger_rms_norm: true\nliger_glu_activation: true\n"
+             "liger_fused_linear_cross_entropy: true\n")
+
+
+def test_axolotl_liger_plugin(tmp_path: Path) -> None:
+    tc = _read(tmp_path, AXO + AXO_LIGER)
+    assert tc.options["loss_kernel"] == "liger"
+    assert tc.used["loss_kernel"] == "liger_fused_linear_cross_entropy"
+    assert tc.unmodelled == ()
+
+
+def test_axolotl_partial_liger_is_listed(tmp_path: Path) -> None:
+    tc = _read(tmp_path, AXO + AXO_LIGER.replace("liger_rope: true", "liger_rope: false"))
+    assert "loss_kernel" not in tc.options
+    assert tc.unmodelled[0].startswith("liger_fused_linear_cross_entropy: Liger with "
+                                       "liger_rope: False is not modelled")
+
+
+def test_axolotl_liger_without_plugin_is_listed(tmp_path: Path) -> None:
+    tc = _read(tmp_path, AXO + "liger_fused_linear_cross_entropy: true\n")
+    assert "loss_kernel" not in tc.options
+    assert tc.unmodelled[0].startswith("liger_fused_linear_cross_entropy: without the "
+                                       "LigerPlugin")
+
+
+def test_axolotl_cut_cross_entropy(tmp_path: Path) -> None:
+    tc = _read(tmp_path, AXO + "plugins:\n  - axolotl.integrations.cut_cross_entropy."
+               "CutCrossEntropyPlugin\ncut_cross_entropy: true\n")
+    assert tc.options["loss_kernel"] == "cce"
+    assert tc.unmodelled == ()
+
+
+def test_trl_liger_kernel_config(tmp_path: Path) -> None:
+    base = {"model_name_or_path": "Qwen/Qwen2.5-1.5B", "use_liger_kernel": True}
+    tc = _read(tmp_path, json.dumps({**base, "liger_kernel_config": {"rope": True}}), "a.json")
+    assert tc.options["loss_kernel"] == "liger"
+    tc = _read(tmp_path, json.dumps({**base, "liger_kernel_config": {
+        "fused_linear_cross_entropy": False, "cross_entropy": True}}), "b.json")
+    assert "loss_kernel" not in tc.options
+    assert "liger_kernel_config.fused_linear_cross_entropy: False" in tc.unmodelled[0]
+
+
+def test_llama_factory_liger_off_the_fused_loss_stage(tmp_path: Path) -> None:
+    tc = _read(tmp_path, "model_name_or_path: x/y\nstage: dpo\nenable_liger_kernel: true\n"
+               "finetuning_type: lora\n")
+    assert "loss_kernel" not in tc.options
+    assert any(u.startswith("enable_liger_kernel: Liger without its fused loss")
+               for u in tc.unmodelled)

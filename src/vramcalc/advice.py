@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from vramcalc.estimate import estimate
+from vramcalc.errors import VramcalcError
+from vramcalc.estimate import check_loss_kernel, estimate
 from vramcalc.plan_settings import TrainPlan
 from vramcalc.planning import EstimateFn, memoized
 from vramcalc.search import largest_fitting
@@ -30,6 +31,36 @@ SMALLER_RANKS = (64, 32, 16, 8, 4)
 ATTENTION_ROLES = frozenset({"q", "k", "v", "qkv", "o"})
 MEMORY_SAVING_OPTIMIZER = "paged_adamw_8bit"
 
+# What each kind of change costs besides memory, and its rank (0 first): an order from the
+# mechanism, not a measurement. The allocator setting and sdpa cost nothing; the fused loss
+# kernels compute the same loss with other kernels (their authors report equal or higher
+# throughput: liger-kernel README, cut-cross-entropy paper; not measured here; a package
+# to install); the paged 8-bit optimizer keeps its states in managed memory that can page
+# to host RAM, and quantized states; checkpointing recomputes every layer's forward in
+# backward (about one forward more per step); a smaller batch with accumulation runs
+# smaller matmuls, more steps; a smaller rank or fewer targets change what trains; shorter
+# sequences change the data.
+COSTS: dict[str, tuple[int, str]] = {
+    "allocator": (0, "none (an environment variable)"),
+    "attn": (0, "none (sdpa is the faster kernel)"),
+    "loss_kernel": (1, "a package; the same loss, other kernels"),
+    "optimizer": (2, "host RAM for paged states; 8-bit quantized states"),
+    "gradient_checkpointing": (3, "throughput: one more forward per step"),
+    "batch": (3, "throughput: smaller matmuls, more steps (accumulation keeps the batch)"),
+    "combined": (3, "the costs of each change it makes"),
+    "rank": (4, "the adapter: fewer trainable parameters"),
+    "targets": (4, "the adapter: fewer modules trained"),
+    "seq_len": (5, "the data: sequences cut shorter"),
+}
+# The loss kernels check offers (TrainPlan.loss_kernel), in that order, with how a user
+# turns each on
+LOSS_KERNEL_OFFERS: dict[str, tuple[str, str]] = {
+    "liger": ("Liger fused linear cross-entropy", "use_liger_kernel=True"),
+    "cce": ("cut cross-entropy", "cut_cross_entropy.transformers.cce_patch(model)"),
+    "chunked": ("chunked cross-entropy (8 chunks, torchtune-style)",
+                "CEWithChunkedOutputLoss"),
+}
+
 
 class Suggestion(BaseModel):
     """One change to a plan and its estimated effect.
@@ -41,15 +72,16 @@ class Suggestion(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    kind: str  # gradient_checkpointing, optimizer, batch, seq_len, rank, targets, attn, combined
+    kind: str  # COSTS keys: allocator, attn, loss_kernel, optimizer, gradient_checkpointing,
+    # batch, seq_len, rank, targets, combined
     description: str
     flags: str  # the vramcalc options that express the change
     changes: dict[str, Any]
     gradient_accumulation_steps: int | None = None
     required_device_bytes: int  # free memory the changed plan needs (Estimate field)
     fits: bool  # what `plan` calls "fits" (not tight) for the changed plan
-    # what the change costs besides memory (host RAM, throughput); "" where nothing
-    cost: str = ""
+    cost_rank: int = 0  # COSTS: 0 costs nothing besides memory, higher costs more
+    cost: str = ""  # what the change costs besides memory (COSTS)
 
     def apply(self, plan: TrainPlan) -> TrainPlan:
         return plan.model_copy(update=self.changes)
@@ -66,6 +98,8 @@ def _flag(field: str, value: Any) -> str:
         return "--gradient-checkpointing" if value else "--no-gradient-checkpointing"
     if field == "expandable_segments":
         return "--expandable-segments" if value else "--no-expandable-segments"
+    if field == "loss_kernel":
+        return f"--loss-kernel {value}"
     name = {"batch_size": "batch", "seq_len": "seq-len"}.get(field, field.replace("_", "-"))
     return f"--{name} {value}"
 
@@ -84,7 +118,10 @@ def _suggestion(
     changes = with_real_tokens(plan, changes)
     new_plan = TrainPlan.model_validate({**plan.model_dump(), **changes})
     peak = estimate_fn(spec, new_plan).required_device_bytes
+    rank, cost = COSTS.get(kind, (0, ""))
     return Suggestion(
+        cost_rank=rank,
+        cost=cost,
         kind=kind,
         description=description,
         flags=" ".join(_flag(f, v) for f, v in changes.items()),
@@ -124,6 +161,31 @@ def allocator_suggestion(
     return switched.model_copy(update={"description": (
         f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ({saved / 2**30:.2f} GiB less "
         "required: the retry after a failed request can unmap free pages)")})
+
+
+def loss_kernel_suggestions(
+    spec: ModelSpec, plan: TrainPlan, memory_bytes: int, margin_bytes: int,
+    estimate_fn: EstimateFn = estimate,
+) -> list[Suggestion]:
+    """Each loss kernel the plan could use instead of transformers' lm_head +
+    cross-entropy (LOSS_KERNEL_OFFERS), estimated; those the model or the plan cannot
+    run (estimate.check_loss_kernel) are left out, and so are those that save nothing."""
+    if plan.loss_kernel != "torch":
+        return []
+    base = estimate_fn(spec, plan).required_device_bytes
+    out = []
+    for kernel, (name, how) in LOSS_KERNEL_OFFERS.items():
+        changed = plan.model_copy(update={"loss_kernel": kernel})
+        try:
+            check_loss_kernel(spec, changed)
+        except VramcalcError:
+            continue
+        s = _suggestion(spec, plan, memory_bytes, margin_bytes, "loss_kernel", "",
+                        {"loss_kernel": kernel}, None, estimate_fn)
+        if s.required_device_bytes >= base:
+            continue
+        out.append(s.model_copy(update={"description": f"{name} (`{how}`)"}))
+    return out
 
 
 def attention_targets(spec: ModelSpec) -> list[str]:
@@ -170,6 +232,7 @@ def candidates(
             {"optimizer": MEMORY_SAVING_OPTIMIZER})
     if plan.attn == "eager":
         add("attn", "use sdpa attention instead of eager", {"attn": "sdpa"})
+    out.extend(loss_kernel_suggestions(spec, plan, memory_bytes, margin_bytes, estimate_fn))
     if plan.batch_size > 1:
         batch = largest_fitting(spec, plan, "batch", memory_bytes, margin_bytes,
                                 estimate_fn=estimate_fn)
@@ -266,12 +329,14 @@ def suggest(
     estimate_fn: EstimateFn = estimate,
 ) -> list[Suggestion]:
     """The changes that make `plan` fit `memory_bytes` with `margin_bytes` to spare (as
-    `plan` calls "fits"), each estimated: single changes first,
+    `plan` calls "fits"), each estimated: single changes first, cheapest first (COSTS),
     then all switches together with the largest batch that fits, when no single change is
     enough or it keeps a larger batch than a smaller batch alone. Empty when nothing fits,
     not even batch 1."""
     fitting = [s for s in candidates(spec, plan, memory_bytes, margin_bytes, estimate_fn)
                if s.fits]
+    # the cheapest first (COSTS), then the one that needs the least memory
+    fitting.sort(key=lambda s: (s.cost_rank, s.required_device_bytes))
     both = combined(spec, plan, memory_bytes, margin_bytes, estimate_fn)
     if both is not None and both.fits:
         batch_alone = max((s.changes["batch_size"] for s in fitting if s.kind == "batch"),

@@ -26,6 +26,7 @@ from vramcalc.plan_settings import (
     ComputeDtype,
     Layout,
     Loop,
+    LossKernel,
     Method,
     MoeExperts,
     OffloadActivations,
@@ -264,6 +265,7 @@ def plan(
     layout: Layout | None = None,
     tokens_per_step: int | None = None,
     offload_activations: OffloadActivations | None = None,
+    loss_kernel: LossKernel | None = None,
     calibration: bool = True,
     gpu: str | None = None,
 ) -> PlanEstimate:
@@ -284,7 +286,7 @@ def plan(
         gradient_checkpointing=gradient_checkpointing, attn=attn, weights_dtype=weights_dtype,
         loop=loop, use_cache=use_cache, expandable_segments=expandable_segments,
         moe_experts=moe_experts, layout=layout, tokens_per_step=tokens_per_step,
-        offload_activations=offload_activations,
+        offload_activations=offload_activations, loss_kernel=loss_kernel,
     )
     fn, _ = estimator(gpu, use_calibration=calibration)
     return _with_plan(fn(spec, train), spec, train)

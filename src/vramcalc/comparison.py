@@ -25,7 +25,7 @@ from vramcalc.advice import for_gpu
 from vramcalc.errors import PlanError
 from vramcalc.estimate import estimate
 from vramcalc.gpu_catalog import GpuModel
-from vramcalc.plan_settings import Optimizer, TrainPlan
+from vramcalc.plan_settings import LOSS_KERNELS, Optimizer, TrainPlan
 from vramcalc.planning import EstimateFn, memoized
 from vramcalc.result import Estimate
 from vramcalc.search import largest_fitting
@@ -94,8 +94,19 @@ class SmallestGpu(BaseModel):
     verdict: Verdict
 
 
+class KernelCell(BaseModel):
+    """A method's plan with one loss kernel (TrainPlan.loss_kernel): its estimate, or why
+    the kernel does not apply."""
+
+    model_config = ConfigDict(frozen=True)
+
+    estimate: Estimate | None
+    error: str | None = None
+
+
 class MethodRow(BaseModel):
-    """One method of `compare`: its plan and estimate, or why it cannot start."""
+    """One method of `compare`: its plan and estimate, or why it cannot start; and the
+    same plan under each loss kernel (`loss_kernels`, LOSS_KERNELS order)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -105,6 +116,25 @@ class MethodRow(BaseModel):
     estimate: Estimate | None  # None: the run cannot start (see error)
     smallest_gpu: SmallestGpu | None  # None: no catalog GPU fits it (or it cannot start)
     error: str | None = None
+    loss_kernels: dict[str, KernelCell] = {}
+
+
+def kernel_cells(spec: ModelSpec, plan: TrainPlan, est: Estimate,
+                 estimate_fn: EstimateFn = estimate) -> dict[str, KernelCell]:
+    """`plan` under every loss kernel, each estimated as `plan --loss-kernel K` would
+    be (its own kernel's cell is `est`)."""
+    out: dict[str, KernelCell] = {}
+    for kernel in LOSS_KERNELS:
+        if kernel == plan.loss_kernel:
+            out[kernel] = KernelCell(estimate=est)
+            continue
+        try:
+            e = estimate_fn(spec, plan.model_copy(update={"loss_kernel": kernel}))
+        except PlanError as err:
+            out[kernel] = KernelCell(estimate=None, error=str(err))
+            continue
+        out[kernel] = KernelCell(estimate=e)
+    return out
 
 
 def smallest_gpu(
@@ -158,7 +188,8 @@ def compare(
             continue
         small = smallest_gpu(spec, p, margin_bytes, gpus, estimate_for)
         rows.append(MethodRow(method=name, label=label, plan=p, estimate=est,
-                              smallest_gpu=small))
+                              smallest_gpu=small,
+                              loss_kernels=kernel_cells(spec, p, est, estimate_fn)))
     return rows
 
 

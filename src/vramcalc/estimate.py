@@ -35,6 +35,7 @@ from vramcalc.allocator import (
     required_slack,
 )
 from vramcalc.effective import effective_train_plan
+from vramcalc.errors import PlanError
 from vramcalc.logits import (
     FORWARD_END_BYTES_PER_HIDDEN,
     LOGITS_BACKWARD_EXTRA_UNITS,
@@ -43,10 +44,15 @@ from vramcalc.logits import (
     SOFTCAP_SAVED_UNITS,
 )
 from vramcalc.optimizer import optimizer_bytes
-from vramcalc.plan_settings import TrainPlan
+from vramcalc.plan_settings import (
+    CCE_MODEL_TYPES,
+    CHUNKED_LOSS_CHUNKS,
+    LIGER_MODEL_TYPES,
+    TrainPlan,
+)
 from vramcalc.result import COMPONENTS, Components, Estimate
 from vramcalc.specs import ModelSpec
-from vramcalc.step_requests import offload_host_bytes, program_peaks
+from vramcalc.step_requests import liger_chunk_rows, offload_host_bytes, program_peaks
 from vramcalc.trainable import (
     check_lora_can_start,
     lora_on_experts,
@@ -82,6 +88,61 @@ def step_program_covers(spec: ModelSpec, plan: TrainPlan) -> bool:
     return spec.norms_per_layer != 1 and not frozen_upcast
 
 
+def fused_head_bytes(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
+    """The phase formula's logits-and-loss bytes of a fused or chunked head at the end of
+    the forward and in the loss's backward (the step program replays the requests:
+    step_requests._fused_head)."""
+    t, h, v = plan.tokens, spec.hidden_size, spec.vocab_size
+    c = DTYPE_BYTES[plan.compute_dtype]
+    act = residual_bytes(plan)
+    head_grad = v * h * DTYPE_BYTES[plan.load_dtype] if plan.method == "full" else 0
+    if plan.loss_kernel == "liger":
+        # grad_input and grad_weight made in forward, two chunks' logits at a time
+        rows = liger_chunk_rows(t, v, h)
+        kept = t * h * act + head_grad
+        return kept + 2 * min(rows, t) * v * c, kept
+    if plan.loss_kernel == "cce":
+        # the cast hidden states kept; backward's de (and dc) then their casts
+        kept = t * h * c + 12 * t
+        return kept, kept + t * h * (c + act) + 2 * head_grad
+    # chunked: every chunk's log-softmax kept (fp32) and the compute-dtype logits until
+    # the loss is summed, one fp32 copy at a time
+    units = 4 + c + 4 / CHUNKED_LOSS_CHUNKS
+    return int(units * t * v), int((4 + (4 + c) / CHUNKED_LOSS_CHUNKS) * t * v)
+
+
+def fused_head_largest(spec: ModelSpec, plan: TrainPlan) -> int:
+    """The largest request of a fused or chunked head (step_requests._fused_head): the
+    largest allocation a retry after an out-of-memory error may need as one block."""
+    t, h, v = plan.tokens, spec.hidden_size, spec.vocab_size
+    c = DTYPE_BYTES[plan.compute_dtype]
+    rows = {"liger": min(liger_chunk_rows(t, v, h), t), "cce": 0,
+            "chunked": -(-t // CHUNKED_LOSS_CHUNKS)}[plan.loss_kernel]
+    weight = v * h * max(c, DTYPE_BYTES[plan.load_dtype])
+    return max(rows * v * 4, t * h * 4, weight)
+
+
+def check_loss_kernel(spec: ModelSpec, plan: TrainPlan) -> None:
+    """Refuse a loss kernel (TrainPlan.loss_kernel) the model or the plan cannot run, or
+    whose mechanism the estimate cannot replay."""
+    kernel = plan.loss_kernel
+    if kernel == "torch":
+        return
+    flag = f"--loss-kernel {kernel}"
+    if kernel == "liger" and spec.model_type not in LIGER_MODEL_TYPES:
+        raise PlanError(f"{flag}: liger-kernel has no kernels for model type "
+                        f"{spec.model_type} ({spec.name}); use_liger_kernel leaves it as it is")
+    if kernel == "cce" and spec.model_type not in CCE_MODEL_TYPES:
+        raise PlanError(f"{flag}: cut-cross-entropy's cce_patch does not know model type "
+                        f"{spec.model_type} ({spec.name}): it raises")
+    if kernel == "chunked" and plan.holds_output:
+        raise PlanError(f"{flag}: not modelled with --loop {plan.loop} (a loop holding the "
+                        "output's list of logit chunks); use trainer, plain or trainer-plain")
+    if not step_program_covers(spec, plan):
+        raise PlanError(f"{flag}: not modelled for {spec.name} with this plan (the step "
+                        "program does not cover it, docs/memory-model.md)")
+
+
 def _program_breakdown(formula: dict[str, int], total: int) -> dict[str, int]:
     """The components of the phase formula's candidate for the program's peak phase,
     made to add up to the program's peak: weights, gradients and optimizer states are
@@ -112,6 +173,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
     estimate, for a search's first guess only (search.largest_fitting confirms every
     answer on the full estimate); no number a command shows comes from it."""
     check_lora_can_start(spec, plan)
+    check_loss_kernel(spec, plan)
     plan, planned_as, notes = effective_train_plan(spec, plan)
     wb = weight_bytes(spec, plan)
     opt = optimizer_bytes(spec, plan)
@@ -256,6 +318,11 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
     fwd_h = int(FORWARD_END_BYTES_PER_HIDDEN * tokens * h)
     logits_fwd = logits_saved + LOGITS_FORWARD_EXTRA_UNITS * logits_unit
     logits_ce = logits_saved + (LOGITS_BACKWARD_EXTRA_UNITS + held_logits) * logits_unit
+    if plan.loss_kernel != "torch":
+        # the fused / chunked heads (step_requests._fused_head; docs/memory-model.md
+        # "Loss kernels"): no logits are held by the output
+        held_logits = held_next = 0
+        logits_fwd, logits_ce = fused_head_bytes(spec, plan)
     candidates: dict[str, dict[str, int]] = {
         "load": {**weights, "adapter_weights": 0},
         "forward": {
@@ -352,7 +419,10 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
     peak_reserved = peak_allocated + slack
     paged = paged_resident(opt.paged)
     peak_device = peak_reserved + CUDA_CONTEXT + paged
-    low, high = required_slack(4 * logits_unit, compute * logits_unit, plan.holds_output,
+    # the largest request of the loss head: a fresh segment the retry may need whole
+    head_block = 4 * logits_unit if plan.loss_kernel == "torch" else fused_head_largest(spec,
+                                                                                      plan)
+    low, high = required_slack(head_block, compute * logits_unit, plan.holds_output,
                                plan.expandable_segments)
     required_device = required_peak + high + CUDA_CONTEXT + paged
     required_low = required_peak + low + CUDA_CONTEXT + paged
@@ -370,6 +440,11 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
         notes.append(f"offloaded activations take {host / 2**30:.2f} GiB of host memory "
                      f"({plan.offload_activations}); copies to and from the CPU cost "
                      "throughput")
+    if plan.loss_kernel == "liger" and any(lin.role == "gate_up"
+                                           for lin in spec.block_linears()):
+        notes.append("Liger's SwiGLU on a fused gate_up projection is not modelled: the MLP "
+                     "is planned as transformers runs it (its RMSNorm, RoPE and loss are "
+                     "Liger's)")
     if spec.is_moe and plan.moe_experts == "unquantized" and plan.method == "qlora":
         notes.append("MoE experts are 3-D tensors that bitsandbytes leaves unquantized "
                      "(transformers 5); --moe-experts quantized for stacks that quantize them")

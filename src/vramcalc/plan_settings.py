@@ -34,6 +34,11 @@ Layout = Literal["padded", "packed", "padding-free"]
 # cpu_checkpointing, axolotl gradient_checkpointing: offload); every saved tensor of the
 # forward outside the lm_head (torchtune / TRL OffloadActivations).
 OffloadActivations = Literal["none", "checkpoints", "all"]
+# The loss head (TrainPlan.loss_kernel): transformers' lm_head + ForCausalLMLoss (torch),
+# liger-kernel's fused linear cross-entropy with its RMSNorm / SwiGLU / RoPE kernels
+# (`use_liger_kernel=True`), Apple's cut-cross-entropy (`cce_patch`), or torchtune-style
+# chunked cross-entropy (CEWithChunkedOutputLoss, 8 chunks).
+LossKernel = Literal["torch", "liger", "cce", "chunked"]
 Optimizer = Literal[
     "adamw_torch",
     "adamw_torch_fused",
@@ -54,6 +59,18 @@ ATTENTIONS: tuple[str, ...] = get_args(Attention)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 OFFLOAD_ACTIVATIONS: tuple[str, ...] = get_args(OffloadActivations)
+LOSS_KERNELS: tuple[str, ...] = get_args(LossKernel)
+# The model types each kernel patches: liger-kernel 0.8.5 transformers/monkey_patch.py
+# MODEL_TYPE_TO_APPLY_LIGER_FN (the dense and MoE text models of the catalog's families;
+# other types get no kernel: `_apply_liger_kernel_to_instance` logs and returns), and
+# cut-cross-entropy's transformers/patch.py PATCH_FNS (upstream 25.6.4; others raise; the
+# 25.1.1 wheel ships the loss only, which the worker calls as the patch does).
+LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "gemma", "gemma2",
+                               "gemma3_text", "qwen2", "qwen3", "qwen3_moe", "phi3",
+                               "granite", "olmo2", "glm4", "smollm3"})
+CCE_MODEL_TYPES = frozenset({"llama", "phi3", "gemma2", "mistral", "qwen2"})
+# torchtune CEWithChunkedOutputLoss (modules/loss/ce_chunked_output_loss.py) default
+CHUNKED_LOSS_CHUNKS = 8
 
 # The loop names of calibration matrices and records made before issue 27 (runs 1-26):
 # their `plain` loops were plain steps on a model and optimizer a Trainer had built.
@@ -122,6 +139,7 @@ class TrainPlan(BaseModel):
     # row full, batch_size x seq_len
     tokens_per_step: PositiveInt | None = None
     offload_activations: OffloadActivations = "none"
+    loss_kernel: LossKernel = "torch"
 
     @model_validator(mode="before")
     @classmethod

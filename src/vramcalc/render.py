@@ -208,6 +208,14 @@ def comparison_to_dict(model: str, rows: list[Any], margin_bytes: int) -> dict[s
             "peak_device_bytes": None if e is None else e.peak_device_bytes,
             "required_device_bytes": None if e is None else e.required_device_bytes,
             "planned_as": None if e is None else e.planned_as,
+            # the same plan under each loss kernel (comparison.kernel_cells)
+            "loss_kernels": {
+                k: {"peak_allocated_bytes": None if c.estimate is None
+                    else c.estimate.peak_allocated_bytes,
+                    "required_device_bytes": None if c.estimate is None
+                    else c.estimate.required_device_bytes,
+                    "error": c.error}
+                for k, c in r.loss_kernels.items()},
             "smallest_gpu": None if s is None else {
                 "name": s.gpu, "compute_dtype": s.compute_dtype,
                 "memory_bytes": s.verdict.memory_bytes,
@@ -217,6 +225,30 @@ def comparison_to_dict(model: str, rows: list[Any], margin_bytes: int) -> dict[s
             },
         })
     return {"model": model, "margin_bytes": margin_bytes, "methods": out}
+
+
+def _print_loss_kernels(rows: list[Any], console: Console) -> None:
+    """What each loss kernel buys: every method's required free memory under each
+    (comparison.kernel_cells); '-' where the kernel does not apply."""
+    from rich.table import Table
+
+    kernels = [k for k in next((r.loss_kernels for r in rows if r.loss_kernels), {})]
+    if not kernels:
+        return
+    table = Table(title="Needs (GiB) with each loss kernel (--loss-kernel): torch is "
+                  "transformers' lm_head + cross-entropy", title_justify="left")
+    table.add_column("Method", no_wrap=True)
+    for k in kernels:
+        table.add_column(k, justify="right")
+    for r in rows:
+        if not r.loss_kernels:
+            continue
+        cells = []
+        for k in kernels:
+            c = r.loss_kernels[k]
+            cells.append("-" if c.estimate is None else gib(c.estimate.required_device_bytes))
+        table.add_row(r.label, *cells)
+    console.print(table)
 
 
 def print_comparison(model: str, params: int, rows: list[Any], margin_bytes: int,
@@ -249,6 +281,7 @@ def print_comparison(model: str, params: int, rows: list[Any], margin_bytes: int
         table.add_row(r.label, _count(e.trainable_params), gib(e.peak_allocated_bytes),
                       gib(e.required_device_bytes), where)
     console.print(table)
+    _print_loss_kernels(rows, console)
     by_optimizer: dict[str, list[str]] = {}
     for r in rows:
         by_optimizer.setdefault(r.plan.optimizer, []).append(r.method)

@@ -53,8 +53,8 @@ from vramcalc.activations import (
 from vramcalc.allocator_replay import Engine, replay_program, requested_run
 from vramcalc.errors import VramcalcError
 from vramcalc.load_requests import MIN_REQUEST, load_requests
-from vramcalc.optimizer import optimizer_bytes, optimizer_state_groups
-from vramcalc.plan_settings import TrainPlan
+from vramcalc.optimizer import OptimizerBytes, optimizer_bytes, optimizer_state_groups
+from vramcalc.plan_settings import CHUNKED_LOSS_CHUNKS, TrainPlan
 from vramcalc.specs import LinearShape, ModelSpec, depth_cut, sliding_past_window
 from vramcalc.step_templates import TEMPLATE_LAYERS, StepProgram, template_program
 from vramcalc.trainable import lora_on_experts, lora_targets
@@ -104,6 +104,10 @@ class Node:
     # the sizes of the saved tensors offloaded to host memory (Graph.offload "all"): their
     # backward brings each back as a new tensor first
     offloaded: list[int] = field(default_factory=list)
+    # the gradients of `inputs` its forward already made and keeps (fused kernels that
+    # compute them in forward, or write them into their saved inputs in backward): backward
+    # hands them on as they are
+    grads: list[Buf | None] | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -222,13 +226,14 @@ class Graph:
     # -- ops --------------------------------------------------------------------------
     def op(self, size: int, inputs: list[Var], save: tuple[Var, ...] = (),
            bwd_temps: tuple[int, ...] = (), save_out: bool = False, mm: bool = False,
-           passthrough: bool = False) -> Var:
+           passthrough: bool = False, grads: tuple[Buf | None, ...] | None = None) -> Var:
         """A forward op: its output (of `size` bytes, its gradient the same); keeps `save`
         (and its output with `save_out`) for backward when a gradient flows through it,
         and makes `bwd_temps` while its backward runs. `mm`: a cuBLAS matmul (its inputs
         listed weight first: the backward computes the weight's gradient first).
         `passthrough`: an add or a clone, whose backward hands its output's gradient on to
-        the inputs as it is."""
+        the inputs as it is. `grads`: one per input, the gradients its backward returns,
+        made (or kept) already: referenced by the node, handed on as they are."""
         grad_inputs = [v for v in inputs if v.requires_grad]
         # alloc(size), inline: op is the generator's most frequent call after alloc
         if size < MIN_REQUEST:
@@ -252,8 +257,23 @@ class Graph:
                         continue
                     b.refs += 1
                     saved.append(b)
+            kept: list[Buf | None] | None = None
+            if grads is not None:
+                kept = [b for v, b in zip(inputs, grads, strict=True) if v.requires_grad]
             self.nodes.append(Node(out, grad_inputs, saved, list(bwd_temps), mm, passthrough,
-                                   self.layer, offloaded))
+                                   self.layer, offloaded, kept))
+        elif grads is not None:
+            for b in grads:
+                self.unref(b)
+        return out
+
+    def in_place(self, x: Var) -> Var:
+        """An op that writes its result into its input and, in backward, its input's
+        gradient into its output's (liger-kernel's RoPE: ops/rope.py LigerRopeFunction):
+        the same buffer, the gradient handed on as it is."""
+        out = Var(self.ref(x.buf), x.size, x.grad_bytes, x.requires_grad)
+        if self.grad_mode and x.requires_grad:
+            self.nodes.append(Node(out, [x], [], [], False, True, self.layer))
         return out
 
     # -- activation offloading ----------------------------------------------------------
@@ -359,6 +379,18 @@ class Graph:
             v.grad, v.has_grad = None, False
 
     def _run(self, n: Node) -> None:
+        if n.grads is not None:
+            if n.out.has_grad:
+                for v, b in zip(n.inputs, n.grads, strict=True):
+                    self._grad_into(v, b, passed=True)
+            for b in n.grads:
+                self.unref(b)
+            n.grads = None
+            self.unref(n.out.grad)
+            n.out.grad, n.out.has_grad = None, False
+            for b in n.saved:
+                self.unref(b)
+            return
         if not n.out.has_grad:
             for b in n.saved:
                 self.unref(b)
@@ -535,6 +567,11 @@ class _Shapes:
     outlier_fraction: float = 1.0
     kv_cache: bool = False  # the forward fills a DynamicCache (TrainPlan.kv_cache)
     fp32_norm_scale: bool = False  # ModelSpec.norm_scales_in_fp32
+    # liger-kernel's RMSNorm, SwiGLU / GEGLU and RoPE replace the modeling code's
+    # (TrainPlan.loss_kernel "liger"); its RMSNorm writes dX into dY except for the Gemma
+    # families (monkey_patch.py apply_liger_kernel_to_gemma2: in_place=False)
+    liger: bool = False
+    liger_norm_in_place: bool = True
 
 
 # Linears whose input carries int8 outlier columns (the MLP's down projection input)
@@ -706,6 +743,8 @@ def _norm(g: Graph, s: _Shapes, x: Var, width: int, rows: int | None = None) -> 
     t = s.tokens if rows is None else rows
     n = t * width
     in_bytes = x.size // max(n, 1)
+    if s.liger:
+        return _liger_norm(g, s, x, t, width, in_bytes)
     xf = g.op(n * 4, [x]) if in_bytes != 4 else x
     g.temp(n * 4)  # pow, reduced by mean to the per-row inverse rms
     # rsqrt(pow(2).mean(-1) + eps): its backward (mean's expand / n, pow's self.pow(1) and
@@ -742,6 +781,30 @@ def _norm(g: Graph, s: _Shapes, x: Var, width: int, rows: int | None = None) -> 
     return out
 
 
+# torch.cuda.get_device_properties(...).multi_processor_count of the H100 / H200 (SXM): the
+# rows of liger's RMSNorm backward partial weight gradients
+SM_COUNT = 132
+
+
+def _liger_norm(g: Graph, s: _Shapes, x: Var, t: int, width: int, in_bytes: int) -> Var:
+    """liger-kernel 0.8.5 LigerRMSNormFunction (ops/rms_norm.py rms_norm_forward): Y in the
+    input's dtype and the fp32 per-row RSTD; keeps X and RSTD. Backward (rms_norm_backward):
+    the fp32 partial weight gradients `_dW` (sm_count x width) where the weight trains, and
+    dX written into dY (`in_place=True`; the Gemma patches pass False:
+    `torch.zeros_like(dY)`)."""
+    rstd = g.alloc(t * 4)
+    inplace = s.liger_norm_in_place
+    temps = (SM_COUNT * width * 4,) if s.method == "full" else ()
+    out = g.op(t * width * in_bytes, [x], save=(x,), bwd_temps=temps, passthrough=inplace)
+    if out.requires_grad and g.grad_mode and rstd is not None:
+        node = g.nodes[-1]
+        assert isinstance(node, Node)
+        node.saved.append(rstd)
+    else:
+        g.unref(rstd)
+    return out
+
+
 def _softcap(g: Graph, x: Var) -> Var:
     """Gemma-2's soft capping, cap * tanh(x / cap): tanh keeps its output for backward
     (modeling_gemma2: attention scores and final logits)."""
@@ -754,7 +817,12 @@ def _softcap(g: Graph, x: Var) -> Var:
     return out
 
 
-def _rotary(g: Graph, q: Var) -> Var:
+def _rotary(g: Graph, q: Var, liger: bool = False) -> Var:
+    if liger:
+        # liger-kernel 0.8.5 LigerRopeFunction (ops/rope.py): rotates q and k in place
+        # (the projections' outputs are contiguous in the kernel's layout) and keeps only
+        # cos and sin; backward rotates dq, dk in place
+        return g.in_place(q)
     n = q.size
     a = g.op(n, [q])
     neg = g.alloc(n // 2)
@@ -888,6 +956,18 @@ def _mlp(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, lins: dict[str, LinearSh
         else:
             gate = _linear(g, s, x, lins["gate"], rows, weights)
             keep = []
+            if s.liger and not spec.is_moe:
+                # liger-kernel 0.8.5 LigerSwiGLUMLP / LigerGEGLUMLP: LigerSiLUMulFunction
+                # (ops/swiglu.py; GELU alike, ops/geglu.py) keeps a and b and, in backward,
+                # writes their gradients into them (`return a, b`): one product, no
+                # activation output
+                up = _linear(g, s, x, lins["up"], rows, weights)
+                prod = g.op(gate.size, [gate, up], save=(gate, up),
+                            grads=(g.ref(gate.buf), g.ref(up.buf)))
+                g.drop(gate, up)
+                out = _linear(g, s, prod, lins["down"], rows, weights)
+                g.drop(prod)
+                return out
         act = g.op(gate.size, [gate], save=(gate,))
         g.drop(gate)
         if "gate_up" not in lins:
@@ -1138,7 +1218,7 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
             q2, k2 = _norm(g, s, q, wq, rq), _norm(g, s, k, wk, rk)
             g.drop(q, k)
             q, k = q2, k2
-        qe, ke = _rotary(g, q), _rotary(g, k)
+        qe, ke = _rotary(g, q, s.liger), _rotary(g, k, s.liger)
         g.drop(q, k)
         if kv is not None:
             ke, v = _cache_update(g, kv, ke, v)
@@ -1213,6 +1293,8 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
         outlier_fraction=int8_outlier_fraction(spec, plan.tokens),
         kv_cache=plan.kv_cache,
         fp32_norm_scale=spec.norm_scales_in_fp32,
+        liger=plan.loss_kernel == "liger",
+        liger_norm_in_place=not spec.model_type.startswith("gemma"),
     )
 
 
@@ -1310,6 +1392,44 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         g.set_layer(-1)
         n = _norm(g, s, x, h)
         g.drop(x)
+        if plan.loss_kernel != "torch":
+            loss = _fused_head(g, spec, plan, s, n, head_w)
+            if held is not None:  # the previous output, rebound (see below)
+                g.drop(held)
+                held = None
+                g.release(held_graph)
+                g.set_layer(-1)
+                held_graph = []
+            g.drop(n)
+            g.clear_cache()
+            cache, kv[:] = list(kv), []
+            leaf_refs = [leaf_ref] if leaf_ref is not None else []
+            g.set_layer(-1, new_run=True)
+            phases.append(("backward", len(g.requests)))
+            if plan.holds_output:
+                # the output keeps no logits (liger's lce_forward `skip_logits` in
+                # training, cce's patch: `logits=None`): its cache and the graph its loss
+                # reaches
+                held = Var(None, 0, 0, False)
+                held_graph = g.backward(loss, keep_graph=True) + cache + leaf_refs
+                if not plan.holds_output_past_step:
+                    held = None
+                    g.release(held_graph)
+                    g.set_layer(-1)
+                    held_graph = []
+            else:
+                for buf in cache:  # the output goes with its cache
+                    g.unref(buf)
+                if plan.survives == "loss":
+                    for kept in held_graph:
+                        g.unref(kept)
+                    held_graph = g.backward(loss, keep_graph=True) + leaf_refs
+                else:
+                    g.backward(loss)
+            for mask in masks:
+                g.unref(mask)
+            _optimizer_phase(g, opt, state_groups, params, layers, step, phases)
+            continue
         head_copy: Var | None = None
         if plan.method == "qlora" or s.autocast_weights:
             # the fp32 lm_head weight cast for the matmul (kept for backward); a trained
@@ -1384,35 +1504,218 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                 g.backward(loss)
         for mask in masks:
             g.unref(mask)
-        g.set_layer(-1, new_run=True)
-        phases.append(("optimizer", len(g.requests)))
-        # optimizer: states at the first step, then zero_grad frees every gradient
-        if step == 0:  # kept for good: never freed
-            for k, group in enumerate(state_groups):
-                _group_layer(g, k, layers)
-                for sz in group:
-                    g.alloc(sz)
-            g.set_layer(-1)
-        if opt.step_transient:
-            # foreach AdamW: torch._foreach_sqrt(exp_avg_sqs), one new tensor per state
-            # (torch/optim/adamw.py _multi_tensor_adamw), all alive until the step ends
-            # (each group holds whole parameters, two states each: [1::2] per group is
-            # [1::2] of them all)
-            sqrt: list[list[Buf | None]] = []
-            for k, group in enumerate(state_groups):
-                _group_layer(g, k, layers)
-                sqrt.append([g.alloc(sz) for sz in group[1::2]])
-            for k, bufs in enumerate(sqrt):
-                _group_layer(g, k, layers)
-                for b in bufs:
-                    g.unref(b)
-            g.set_layer(-1)
-        for i, v in params:
-            g.set_layer(i)
-            g.unref(v.grad)
-            v.grad, v.has_grad = None, False
-        g.set_layer(-1)
+        _optimizer_phase(g, opt, state_groups, params, layers, step, phases)
     return StepRequests(g.requests, steps, phases, g.runs, g.host_peak)
+
+
+
+def liger_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
+    """liger-kernel 0.8.5 fused_linear_cross_entropy_forward's chunk of rows:
+    inc_factor = cdiv(V, H), chunk_size = next_power_of_2(cdiv(BT, inc_factor))."""
+    inc = -(-vocab // hidden)
+    rows = -(-tokens // inc)
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def _fused_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n: Var,
+                head_w: Var) -> Var:
+    """The loss of a step whose head is not transformers' lm_head + ForCausalLMLoss
+    (TrainPlan.loss_kernel), from the final norm's output `n`: the scalar loss."""
+    t, h, vocab = s.tokens, spec.hidden_size, spec.vocab_size
+    in_b = n.size // max(t * h, 1)
+    wbytes = DTYPE_BYTES[plan.load_dtype]
+    # the lm_head weight's dtype: fp32 under QLoRA (prepare_model_for_kbit_training casts
+    # the non-quantized parameters up) and with fp32 master weights
+    w_b = 4 if plan.method == "qlora" else wbytes
+    trains = plan.method == "full"
+    # autocast's cast of the weight for a matmul: cached for a leaf that requires grad
+    # (torch autocast `cached_cast`), made per matmul for a frozen one
+    w_cast = s.autocast and w_b != s.c
+    x_cast = s.autocast and in_b != s.c
+    out_b = s.c if s.autocast else in_b
+    cached: Var | None = None
+    if w_cast and trains:
+        cached = g.cast_cached(head_w, vocab * h * s.c)
+
+    def weight_cast() -> Buf | None:
+        return g.alloc(vocab * h * s.c) if w_cast and cached is None else None
+
+    if plan.loss_kernel == "liger":
+        # liger-kernel 0.8.5 ops/fused_linear_cross_entropy.py
+        # fused_linear_cross_entropy_forward (as lce_forward calls it in training,
+        # `skip_logits`): grad_input = zeros_like(_input), grad_weight = zeros_like(weight)
+        # where it trains, loss_1d (fp32, per row), the target mask; per chunk of rows the
+        # logits, the cross-entropy kernel writing their gradient into them, grad_input's
+        # rows (`grad_logits_chunk @ weight`) and grad_weight's sum (`mm(...).float()`; the
+        # addmm(out_dtype=fp32) path for an fp32 grad_weight). Where input and weight are
+        # already in the matmul's dtype (`_can_use_mm_out`: no autocast cast to make) the
+        # chunks' logits are one buffer made once and grad_input's rows are written in
+        # place (`torch.mm(..., out=)`); else (torch.amp.custom_fwd leaves autocast on:
+        # QLoRA's fp32 head and norm) each chunk's logits are new, the previous chunk's
+        # going when `logits_chunk` is rebound, and `@ weight` makes rows copied into
+        # grad_input. It keeps grad_input and grad_weight, which backward hands on
+        # (grad_output != 1 is multiplied in place).
+        grad_in = g.alloc(t * h * in_b)
+        grad_w = g.alloc(vocab * h * w_b) if trains else None
+        loss_1d = g.alloc(t * 4)
+        target_mask = g.alloc(t)
+        rows_per = min(liger_chunk_rows(t, vocab, h), t)
+        mm_out = in_b == w_b and (not s.autocast or in_b == s.c)
+        storage = g.alloc(rows_per * vocab * in_b) if mm_out else None
+        prev: Buf | None = None
+        g.workspace()
+        for start in range(0, t, rows_per):
+            rows = min(rows_per, t - start)
+            if storage is None:
+                wc = weight_cast()
+                xc = g.alloc(rows * h * s.c) if x_cast else None
+                logits = g.alloc(rows * vocab * out_b)
+                g.unref(xc)
+                g.unref(wc)
+                g.unref(prev)
+                prev = logits
+                wc = weight_cast()
+                gi = g.alloc(rows * h * out_b)  # `@ weight`, copied into grad_input's rows
+                g.unref(wc)
+                g.unref(gi)
+            if trains:
+                xc = g.alloc(rows * h * s.c) if in_b != s.c else None
+                if w_b == 4:  # torch.addmm(grad_weight, ..., out_dtype=float32, out=...)
+                    g.unref(xc)
+                else:
+                    mm = g.alloc(vocab * h * out_b)
+                    up = g.alloc(vocab * h * 4)  # .float()
+                    g.unref(up)
+                    g.unref(mm)
+                    g.unref(xc)
+        g.unref(prev)
+        g.unref(storage)
+        g.unref(target_mask)
+        loss = g.op(4, [n, head_w], grads=(grad_in, grad_w))
+        g.unref(loss_1d)
+        return loss
+    if plan.loss_kernel == "cce":
+        # cut-cross-entropy 25.1.1 cce.py (cce_linear_cross_entropy, LinearCrossEntropy
+        # Function), called as its transformers patch calls it in training
+        # (`linear_cross_entropy(hidden_states, lm_head.weight, labels, shift=True)`), with
+        # the hidden states and the classifier in the autocast dtype (upstream's
+        # LinearCrossEntropyFunction casts both under autocast; 25.1.1's backward refuses
+        # fp32 embeddings): utils._build_flat_valids (the rows whose label is not ignored:
+        # nonzero, int32, summed to int64 offsets), cce_lse_forward_kernel's fp32 lse per
+        # row and logit_avg per class (filter_eps set), indexed_neg_dot_forward_kernel's
+        # target logits (added into in place, averaged to the loss). Keeps e, c, lse,
+        # targets, valids, logit_avg. Backward (cce_backward.py cce_backward_kernel): the
+        # class order (argsort of logit_avg, int32), de = zeros_like(e), dc =
+        # zeros_like(c, dtype=e.dtype) where c trains; the casts' backward cast them back.
+        e = g.op(t * h * s.c, [n]) if in_b != s.c else n
+        c = g.op(vocab * h * s.c, [head_w]) if w_b != s.c else head_w
+        not_ignored = g.alloc(t)
+        nz = g.alloc(t * 16)
+        nz32 = g.alloc(t * 8)
+        g.unref(nz)
+        valids = g.alloc(t * 8)
+        g.unref(nz32)
+        g.unref(not_ignored)
+        lse = g.alloc(t * 4)
+        logit_avg = g.alloc(vocab * 4)
+        neg_dot = g.alloc(t * 4)
+        loss = g.op(4, [e, c], save=(e, c), bwd_temps=(vocab * 8, vocab * 4))
+        if loss.requires_grad and g.grad_mode:
+            node = g.nodes[-1]
+            assert isinstance(node, Node)
+            node.saved.extend(b for b in (lse, valids, logit_avg) if b is not None)
+        else:
+            for b in (lse, valids, logit_avg):
+                g.unref(b)
+        g.unref(neg_dot)
+        if c is not head_w:
+            g.drop(c)
+        if e is not n:
+            g.drop(e)
+        return loss
+    # chunked: torchtune CEWithChunkedOutputLoss (modules/loss/ce_chunked_output_loss.py,
+    # num_output_chunks 8): the decoder's output projection per chunk of the sequence
+    # (`[self.output(chunk) for chunk in h.chunk(num_output_chunks, dim=1)]`), then per
+    # chunk `F.cross_entropy(logits.float(), labels, reduction="sum")`: each chunk's fp32
+    # copy lives only for its log_softmax, whose output is kept; the logits list is
+    # dropped after the loss. A chunk of the sequence is not contiguous where batch > 1:
+    # the matmul's reshape copies it (autocast's cast is that copy where there is one).
+    k = CHUNKED_LOSS_CHUNKS
+    views = g.chunk(n, k)
+    logits_list: list[Var] = []
+    for v in views:
+        rows_b = v.size  # bytes of the chunk
+        copy = None
+        if x_cast:
+            copy = g.op(rows_b // in_b * s.c, [v])
+        elif plan.batch_size > 1:
+            copy = g.op(rows_b, [v])
+        xin = copy or v
+        if w_cast and cached is None:
+            # autocast casts the frozen fp32 weight for each chunk's matmul, and each
+            # matmul keeps its cast for grad_input: one copy per chunk until backward
+            wcv = g.op(vocab * h * s.c, [head_w])
+            lg = g.op(rows_b // in_b * vocab // h * out_b, [wcv, xin], mm=True,
+                      save=(wcv, xin) if trains else (wcv,))
+            g.drop(wcv)
+        else:
+            lg = g.op(rows_b // in_b * vocab // h * out_b, [cached or head_w, xin], mm=True,
+                      save=(xin,) if trains else ())
+        if copy is not None:
+            g.drop(copy)
+        if spec.final_logit_softcapping:  # the model's capping, per chunk
+            lg = _softcap(g, lg)
+        logits_list.append(lg)
+    for v in views:
+        g.drop(v)
+    parts: list[Var] = []
+    for lg in logits_list:
+        rows = lg.size // (vocab * out_b)
+        up32 = g.op(rows * vocab * 4, [lg]) if out_b != 4 else lg
+        logp = g.op(rows * vocab * 4, [up32], save_out=True)
+        if up32 is not lg:
+            g.drop(up32)
+        parts.append(g.op(4, [logp]))
+        g.drop(logp)
+    loss = g.op(4, parts)
+    for lg in logits_list:
+        g.drop(lg)
+    return loss
+
+
+def _optimizer_phase(g: Graph, opt: OptimizerBytes, state_groups: list[list[int]],
+                     params: list[tuple[int, Var]], layers: int, step: int,
+                     phases: list[tuple[str, int]]) -> None:
+    """The optimizer step: its states at the first step, foreach temporaries, then
+    zero_grad(set_to_none=True) frees every gradient."""
+    g.set_layer(-1, new_run=True)
+    phases.append(("optimizer", len(g.requests)))
+    # optimizer: states at the first step, then zero_grad frees every gradient
+    if step == 0:  # kept for good: never freed
+        for k, group in enumerate(state_groups):
+            _group_layer(g, k, layers)
+            for sz in group:
+                g.alloc(sz)
+        g.set_layer(-1)
+    if opt.step_transient:
+        # foreach AdamW: torch._foreach_sqrt(exp_avg_sqs), one new tensor per state
+        # (torch/optim/adamw.py _multi_tensor_adamw), all alive until the step ends
+        # (each group holds whole parameters, two states each: [1::2] per group is
+        # [1::2] of them all)
+        sqrt: list[list[Buf | None]] = []
+        for k, group in enumerate(state_groups):
+            _group_layer(g, k, layers)
+            sqrt.append([g.alloc(sz) for sz in group[1::2]])
+        for k, bufs in enumerate(sqrt):
+            _group_layer(g, k, layers)
+            for b in bufs:
+                g.unref(b)
+        g.set_layer(-1)
+    for i, v in params:
+        g.set_layer(i)
+        g.unref(v.grad)
+        v.grad, v.has_grad = None, False
+    g.set_layer(-1)
 
 
 def _group_layer(g: Graph, k: int, layers: int) -> None:

@@ -180,6 +180,27 @@ class _Mapper:
                                             if str(k) not in self.data.read))
 
 
+# liger-kernel 0.8.5 apply_liger_kernel_to_* defaults, which `--loss-kernel liger` models:
+# rope, rms_norm, swiglu (geglu for Gemma) and fused_linear_cross_entropy on,
+# cross_entropy off
+_LIGER_DEFAULTS = {"rope": True, "rms_norm": True, "swiglu": True, "geglu": True,
+                   "fused_linear_cross_entropy": True, "cross_entropy": False}
+
+
+def _liger(m: _Mapper, key: str, kernels: dict[str, Any], keys: dict[str, str]) -> None:
+    """Liger turned on by `key`: --loss-kernel liger where every kernel is as
+    apply_liger_kernel_to_* leaves it by default; a partial set is listed as not
+    modelled (the estimate needs them all). `keys`: the kernel -> the config key that
+    named it, for the message."""
+    off = [keys.get(k, k) + f": {v}" for k, v in kernels.items()
+           if k in _LIGER_DEFAULTS and v is not None and bool(v) != _LIGER_DEFAULTS[k]]
+    if off:
+        m.unmodelled.append(f"{key}: Liger with {', '.join(off)} is not modelled (only "
+                            "its default kernels: --loss-kernel liger)")
+        return
+    m.set("loss_kernel", "liger", key)
+
+
 def _fsdp(m: _Mapper) -> None:
     """`fsdp:` (and `fsdp_config:`) -> --strategy fsdp; the number of GPUs is the launcher's,
     so --gpus N gives it (commands/from_config.py)."""
@@ -293,14 +314,42 @@ def _axolotl(m: _Mapper) -> TrainingConfig:
     elif d.get("eager_attention"):
         m.set("attn", "eager", "eager_attention")
     _fsdp(m)
+    plugins = d.get("plugins") or []
+    plugins = [str(p) for p in plugins] if isinstance(plugins, list) else [str(plugins)]
+    liger_plugin = any(p.endswith("LigerPlugin") for p in plugins)
+    cce_plugin = any(p.endswith("CutCrossEntropyPlugin") for p in plugins)
+    if d.get("cut_cross_entropy") and cce_plugin:
+        # axolotl integrations/cut_cross_entropy: CutCrossEntropyPlugin patches the model
+        # with cut_cross_entropy.transformers cce_patch when `cut_cross_entropy: true`
+        m.set("loss_kernel", "cce", "cut_cross_entropy")
+    elif d.get("cut_cross_entropy"):
+        m.unmodelled.append("cut_cross_entropy: without the CutCrossEntropyPlugin in "
+                            "`plugins` axolotl does not apply it; planned without")
+    if d.get("liger_fused_linear_cross_entropy") and liger_plugin:
+        if "loss_kernel" in m.options:
+            m.unmodelled.append("liger_fused_linear_cross_entropy: with cut_cross_entropy "
+                                "as well; planned as cut-cross-entropy")
+        else:
+            # axolotl integrations/liger LigerPlugin: apply_liger_kernel_to_* with
+            # rope=liger_rope, rms_norm=liger_rms_norm, swiglu=liger_glu_activation,
+            # fused_linear_cross_entropy=liger_fused_linear_cross_entropy
+            names = {"rope": "liger_rope", "rms_norm": "liger_rms_norm",
+                     "swiglu": "liger_glu_activation", "cross_entropy": "liger_cross_entropy"}
+            _liger(m, "liger_fused_linear_cross_entropy",
+                   {k: bool(d.get(v)) for k, v in names.items()}, names)
+    elif d.get("liger_fused_linear_cross_entropy"):
+        m.unmodelled.append("liger_fused_linear_cross_entropy: without the LigerPlugin in "
+                            "`plugins` axolotl does not apply it; planned without")
+    elif liger_plugin and any(d.get(k) for k in ("liger_rope", "liger_rms_norm",
+                                                 "liger_glu_activation")):
+        m.unmodelled.append("liger_rope / liger_rms_norm / liger_glu_activation without "
+                            "liger_fused_linear_cross_entropy are not modelled")
     m.unmodelled_keys({
         "deepspeed": MULTI_GPU,
         "xformers_attention": "xformers attention is not modelled",
         "s2_attention": "shifted-sparse attention is not modelled",
         "lora_modules_to_save": MODULES_TO_SAVE,
         "unfrozen_parameters": "partially unfrozen parameters are not modelled",
-        "cut_cross_entropy": "cut cross-entropy changes the logits memory; not modelled",
-        "liger_fused_linear_cross_entropy": "Liger's fused loss changes the logits memory",
         "unsloth_lora_mlp": "unsloth kernels are not modelled",
         "lora_mlp_kernel": "axolotl's LoRA kernels are not modelled",
         "torch_compile": TORCH_COMPILE,
@@ -384,10 +433,15 @@ def _trl(m: _Mapper) -> TrainingConfig:
         m.unmodelled.append(f"attn_implementation: {attn} (not modelled)")
     m.precision()
     _fsdp(m)
+    if d.get("use_liger_kernel") is True:
+        # transformers Trainer: _apply_liger_kernel_to_instance(model, **liger_kernel_config)
+        raw = d.get("liger_kernel_config")
+        config: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        _liger(m, "use_liger_kernel", config,
+               {k: f"liger_kernel_config.{k}" for k in config})
     m.unmodelled_keys({
         "deepspeed": MULTI_GPU,
         "torch_compile": TORCH_COMPILE,
-        "use_liger_kernel": "Liger kernels change the logits memory; not modelled",
         "lora_modules_to_save": MODULES_TO_SAVE,
         "modules_to_save": MODULES_TO_SAVE,
         "neftune_noise_alpha": "NEFTune noise is not modelled",
@@ -456,11 +510,17 @@ def _llama_factory(m: _Mapper) -> TrainingConfig:
     if stage not in ("sft", "pt"):
         m.unmodelled.append(f"stage: {stage} (reward / preference / PPO training is not "
                             "modelled: reference and value models)")
+    if d.get("enable_liger_kernel") is True and stage in ("sft", "pt"):
+        # llamafactory model/loader.py: apply_liger_kernel(..., require_logits=(stage not in
+        # ["pt", "sft"])): the fused loss only for pt and sft, with Liger's other defaults
+        m.set("loss_kernel", "liger", "enable_liger_kernel")
+    elif d.get("enable_liger_kernel") is True:
+        m.unmodelled.append(f"enable_liger_kernel: Liger without its fused loss (stage "
+                            f"{stage} keeps the logits) is not modelled")
     _fsdp(m)
     m.unmodelled_keys({
         "deepspeed": MULTI_GPU,
         "use_unsloth": "unsloth kernels are not modelled",
-        "enable_liger_kernel": "Liger kernels change the logits memory; not modelled",
         "use_galore": "GaLore optimizer states are not modelled",
         "use_badam": "BAdam is not modelled",
         "use_apollo": "APOLLO is not modelled",

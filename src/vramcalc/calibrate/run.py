@@ -322,6 +322,85 @@ def _wrap_for_method(model: Any, spec: ModelSpec, plan: TrainPlan) -> Any:
     return get_peft_model(model, lora)
 
 
+def _causal_lm(model: Any) -> Any:
+    """The transformers CausalLM under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def apply_loss_kernel(model: Any, plan: TrainPlan) -> None:
+    """Put the plan's loss kernel (TrainPlan.loss_kernel) on the model, as its users do.
+    Imports are lazy: liger-kernel and cut-cross-entropy are device-only wheels
+    (calibration/DEVICE.md).
+
+    liger: liger-kernel's `_apply_liger_kernel_to_instance` on the CausalLM, what
+    transformers' Trainer does for `use_liger_kernel=True` (trainer loops set that
+    argument instead, `_training_args`; this is for `--loop plain`, which has no Trainer).
+    cce and chunked: the CausalLM's forward replaced, in training with labels, by the
+    decoder, then the loss from its last hidden state (`_head_loss_forward`)."""
+    if plan.loss_kernel == "torch":
+        return
+    lm = _causal_lm(model)
+    if plan.loss_kernel == "liger":
+        if not plan.trainer_built:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+            _apply_liger_kernel_to_instance(model=lm)
+        return
+    import types
+
+    lm.forward = types.MethodType(_head_loss_forward(plan.loss_kernel, lm.forward), lm)
+
+
+def _head_loss_forward(kernel: str, original: Any) -> Any:
+    """A CausalLM forward that, in training with labels, runs the decoder and computes
+    the loss without the model's logits; otherwise the original forward.
+
+    cce: cut-cross-entropy's `linear_cross_entropy(e, c, labels, shift=True)` as its
+    transformers patch calls it (cut_cross_entropy/transformers/utils.py apply_lce), e and
+    c cast to the autocast dtype first as upstream's LinearCrossEntropyFunction does
+    (the 25.1.1 wheel's backward refuses fp32 embeddings), softcap from the config.
+    chunked: torchtune's CEWithChunkedOutputLoss (num_output_chunks 8): the lm_head on
+    each chunk of the sequence (with the model's final logit softcapping), then per chunk
+    `F.cross_entropy(logits.float(), labels, reduction="sum")`, divided by the labelled
+    tokens."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    def forward(self: Any, input_ids: Any = None, labels: Any = None, **kwargs: Any) -> Any:
+        if not (self.training and labels is not None):
+            return original(input_ids=input_ids, labels=labels, **kwargs)
+        kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("logits_to_keep", None)
+        out = self.model(input_ids=input_ids, **kwargs)
+        hidden = out[0]
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if kernel == "cce":
+            from cut_cross_entropy import linear_cross_entropy
+
+            e, c = hidden, self.lm_head.weight
+            if torch.is_autocast_enabled():
+                dtype = torch.get_autocast_gpu_dtype()
+                e, c = e.to(dtype), c.to(dtype)
+            loss = linear_cross_entropy(e, c, labels, shift=True, softcap=cap)
+        else:
+            # labels shifted as transformers' ForCausalLMLoss does: pad, then drop the first
+            shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+            logits = [self.lm_head(chunk) for chunk in hidden.chunk(8, dim=1)]
+            if cap:
+                logits = [torch.tanh(lg / cap) * cap for lg in logits]
+            total = sum(
+                F.cross_entropy(lg.float().reshape(-1, lg.size(-1)), y.reshape(-1),
+                                ignore_index=-100, reduction="sum")
+                for lg, y in zip(logits, shifted.chunk(8, dim=1), strict=True))
+            loss = total / (shifted != -100).sum()
+        return CausalLMOutputWithPast(loss=loss, past_key_values=getattr(
+            out, "past_key_values", None))
+
+    return forward
+
+
 def _known_addresses(model: Any, optimizer: Any) -> dict[int, str]:
     """data_ptr -> category for blocks the allocator trace may not have seen allocated."""
     known: dict[int, str] = {}
@@ -529,7 +608,10 @@ def measure_point(
             dataloader_num_workers=0,
             use_cpu=not on_gpu,
             disable_tqdm=True,
+            # Trainer.__init__ applies liger-kernel to the model (or peft's base model)
+            use_liger_kernel=plan.loss_kernel == "liger" and plan.trainer_built,
         )
+        apply_loss_kernel(model, plan)
         phase = "train"
         if plan.trainer_built:
             # Trainer.__init__ sets model.config.use_cache = args.use_cache (False)

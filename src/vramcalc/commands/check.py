@@ -269,11 +269,11 @@ def _render(
         console.print("it would fit on the empty card: other processes hold the memory it "
                       "needs")
     if suggestions:
-        console.print("Changes that make it fit (each estimated):")
+        console.print("Changes that make it fit (each estimated; the cheapest first):")
         for s in suggestions:
             cost = f"; costs {s.cost}" if s.cost else ""
-            console.print(f"  - {s.description}: needs {_gib(s.required_device_bytes)} GiB"
-                          f"{cost}  [dim]({s.command_flags})[/dim]", highlight=False)
+            console.print(f"  - {s.description}: needs {_gib(s.required_device_bytes)} GiB  "
+                          f"[dim]({s.command_flags}{cost})[/dim]", highlight=False)
         return
     console.print(f"it does not fit {best.target.where} even at batch 1 with every "
                   "memory-saving change", highlight=False)

@@ -16,6 +16,7 @@ from vramcalc.plan_settings import (
     COMPUTE_DTYPES,
     LAYOUTS,
     LOOPS,
+    LOSS_KERNELS,
     METHODS,
     MOE_EXPERTS,
     OFFLOAD_ACTIVATIONS,
@@ -123,6 +124,11 @@ TrainerOpt = Annotated[
     str | None,
     typer.Option("--trainer", help="Set the defaults as this trainer applies them: "
                  "trl|hf|unsloth|axolotl|plain (given options override; plain = --loop plain)."),
+]
+LossKernelOpt = Annotated[
+    str, typer.Option("--loss-kernel", help=f"Loss head: {'|'.join(LOSS_KERNELS)} (liger: "
+                      "use_liger_kernel=True, its fused linear cross-entropy, RMSNorm, SwiGLU "
+                      "and RoPE; cce: cut-cross-entropy; chunked: torchtune-style, 8 chunks).")
 ]
 DoubleQuantOpt = Annotated[
     bool, typer.Option("--double-quant/--no-double-quant", help="Quantize the absmax constants.")
@@ -241,6 +247,7 @@ def build_plan(
     use_cache: bool | None = None,
     expandable_segments: bool | None = None,
     moe_experts: str = "unquantized",
+    loss_kernel: str = "torch",
     rank: int,
     alpha: float,
     targets: str,
@@ -333,6 +340,7 @@ def build_plan(
             use_cache=use_cache,
             expandable_segments=expandable_segments,
             moe_experts=_one_of("moe experts", moe_experts, MOE_EXPERTS),  # type: ignore[arg-type]
+            loss_kernel=_one_of("loss kernel", loss_kernel, LOSS_KERNELS),  # type: ignore[arg-type]
             rank=rank,
             alpha=alpha,
             targets=targets,
@@ -447,6 +455,7 @@ PLAN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "lengths": (LengthsOpt, None),
     "offload_activations": (OffloadActivationsOpt, "none"),
     "trainer": (TrainerOpt, None),
+    "loss_kernel": (LossKernelOpt, "torch"),
 }
 
 

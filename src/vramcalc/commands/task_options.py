@@ -122,12 +122,14 @@ TRAIN_ONLY = ("method", "lora_dropout", "dora", "seq_len", "optimizer",
               "gradient_checkpointing", "weights_dtype", "loop", "expandable_segments",
               "moe_experts", "from_config", "no_calibration", "gpus", "strategy", "offload",
               "gpus_per_node", "sharding_strategy", "use_orig_params", "device_map",
-              "quant_storage")
+              "quant_storage", "loss_kernel")
 _TRAIN_ONLY_WHY = {
     "seq_len": "use --prompt-len and --new-tokens",
     "from_config": "it reads training settings",
     "no_calibration": "no fitted corrections exist for it",
     "gpus": "several GPUs are planned for training only",
+    "loss_kernel": "a training loss head; generate() keeps only the last position's "
+                   "logits in prefill",
 }
 
 
