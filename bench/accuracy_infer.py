@@ -25,13 +25,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vramcalc.calibrate.matrix import point_spec  # noqa: E402
-from vramcalc.inference import (  # noqa: E402
+from vramcalc.memory.inference import (  # noqa: E402
     InferPlan,
     MergePlan,
     estimate_inference,
     estimate_merge,
 )
-from vramcalc.result import Estimate  # noqa: E402
+from vramcalc.memory.result import Estimate  # noqa: E402
 
 GiB = 2**30
 ROOT = Path(__file__).resolve().parents[1] / "calibration"

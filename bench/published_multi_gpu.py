@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from vramcalc.multi_gpu import ParallelPlan, estimate_parallel
-from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import get_spec
+from vramcalc.memory.multi_gpu import ParallelPlan, estimate_parallel
+from vramcalc.models.spec import get_spec
+from vramcalc.plans import TrainPlan
 
 DATA = Path(__file__).parent / "data" / "published_multi_gpu.yaml"
 TOLERANCE = 0.10

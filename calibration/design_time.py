@@ -27,12 +27,12 @@ from typing import Any
 
 sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
 
-from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.gpu_catalog import resolve_gpu  # noqa: E402
-from vramcalc.gpu_speed import gpu_speed  # noqa: E402
-from vramcalc.plan_settings import TrainPlan  # noqa: E402
-from vramcalc.specs import depth_cut, get_spec  # noqa: E402
-from vramcalc.step_time import step_time, train_work  # noqa: E402
+from vramcalc.hardware.catalog import resolve_gpu  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.models.spec import depth_cut, get_spec  # noqa: E402
+from vramcalc.plans import TrainPlan  # noqa: E402
+from vramcalc.timing.gpu_speed import gpu_speed  # noqa: E402
+from vramcalc.timing.step_time import step_time, train_work  # noqa: E402
 
 GiB = 2**30
 TIME_WORKER = "vramcalc.calibrate.time_worker"

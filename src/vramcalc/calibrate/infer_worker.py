@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.calibrate.run import NvmlPoller, quant_config, torch_dtype
-from vramcalc.effective import attention_impl
-from vramcalc.inference import InferPlan, MergePlan
-from vramcalc.specs import ModelSpec
+from vramcalc.memory.effective import attention_impl
+from vramcalc.memory.inference import InferPlan, MergePlan
+from vramcalc.models.spec import ModelSpec
 
 
 def job_spec(job: dict[str, Any]) -> ModelSpec:

@@ -370,7 +370,7 @@ ACTIONS = ("alloc", "free_requested", "free_completed", "segment_alloc", "segmen
 
 def compact_trace(snap: dict[str, Any], device: int | None = None) -> dict[str, Any]:
     """The whole allocator trace without its stacks, for replaying it offline
-    (`vramcalc.allocator_replay`): the final segments and blocks, then every event as
+    (`vramcalc.memory.allocator.replay`): the final segments and blocks, then every event as
     [action code (ACTIONS), address, size, stream, frame index]; the frame index points
     into `frames` (the deciding frame of `classify`, -1 for none), kept so the request
     sequence of a step can be read by who asked."""

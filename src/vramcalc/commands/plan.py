@@ -46,12 +46,12 @@ from vramcalc.commands.time_options import (
     time_settings,
 )
 from vramcalc.errors import PlanError
-from vramcalc.verdict import DEFAULT_MARGIN_GIB
+from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB
 
 if TYPE_CHECKING:
-    from vramcalc.planning import EstimateFn
-    from vramcalc.specs import ModelSpec
-    from vramcalc.verdict import Target
+    from vramcalc.corrections.planning import EstimateFn
+    from vramcalc.models.spec import ModelSpec
+    from vramcalc.sizing.verdict import Target
 
 GiB = 2**30
 EXIT_DOES_NOT_FIT = 3
@@ -64,12 +64,12 @@ PlanGpuOpt = Annotated[
 
 
 def _target(gpu: str | None, gpu_memory: float | None) -> Target | None:
-    from vramcalc.verdict import catalog_target, sized_target
+    from vramcalc.sizing.verdict import catalog_target, sized_target
 
     if gpu is not None and gpu_memory is not None:
         raise PlanError("give either --gpu NAME or --gpu-memory GIB, not both")
     if gpu is not None:
-        from vramcalc.gpu_catalog import resolve_gpu
+        from vramcalc.hardware.catalog import resolve_gpu
 
         return catalog_target(resolve_gpu(gpu))
     if gpu_memory is not None:
@@ -129,7 +129,7 @@ def plan(
       vramcalc plan --from-config axolotl.yaml --batch 2
       vramcalc plan -m llama-3.1-8b --gpu h100-sxm --dataset-tokens 5000000
     """
-    from vramcalc.planning import calibration_note, estimator
+    from vramcalc.corrections.planning import calibration_note, estimator
     from vramcalc.render import estimate_to_dict
 
     given: frozenset[str] = getattr(plan_options, "given", frozenset())
@@ -185,8 +185,8 @@ def plan(
     v = None if gv is None else gv.now
     timed = None
     if gpu is not None:
-        from vramcalc.gpu_catalog import resolve_gpu
-        from vramcalc.time_cost import train_time
+        from vramcalc.hardware.catalog import resolve_gpu
+        from vramcalc.timing.cost import train_time
 
         timed = train_time(spec, train, resolve_gpu(gpu), timing.table(),
                            timing.dataset_tokens, timing.epochs)
@@ -221,7 +221,7 @@ def plan(
             if v.certainty == "tight":
                 console.print(v.tight_reason, highlight=False)
         if timed is not None:
-            from vramcalc.time_cost import describe
+            from vramcalc.timing.cost import describe
 
             console.print(describe(timed), highlight=False)
     if v is not None and not v.fits:
@@ -232,7 +232,7 @@ def _answer_max(
     spec: ModelSpec, train: Any, what: str, target: Target, margin_b: int, json_output: bool,
     estimate_fn: EstimateFn,
 ) -> None:
-    from vramcalc.search import largest_fitting
+    from vramcalc.sizing.search import largest_fitting
 
     best = largest_fitting(spec, train, what, target.free_bytes, margin_b,
                            estimate_fn=estimate_fn)

@@ -2,7 +2,7 @@
 
 `with_task_options("plan")` wraps a command that already has the plan options
 (`with_plan_options`): it adds --task and the inference / merge options, and runs
-`--task infer|merge` here (vramcalc.inference, pure arithmetic); `--task train` (the
+`--task infer|merge` here (vramcalc.memory.inference, pure arithmetic); `--task train` (the
 default) calls the command unchanged. Heavy or optional modules load inside the bodies.
 """
 
@@ -21,9 +21,9 @@ from vramcalc.errors import PlanError
 
 if TYPE_CHECKING:
     from vramcalc.api import GpuVerdict
-    from vramcalc.inference import InferPlan, MergePlan
-    from vramcalc.result import Estimate
-    from vramcalc.specs import ModelSpec
+    from vramcalc.memory.inference import InferPlan, MergePlan
+    from vramcalc.memory.result import Estimate
+    from vramcalc.models.spec import ModelSpec
 
 R = TypeVar("R")
 GiB = 2**30
@@ -153,7 +153,7 @@ def build_infer_plan(opts: dict[str, Any], kw: dict[str, Any]) -> InferPlan:
         bounded_count,
         refuse_given,
     )
-    from vramcalc.inference import ADAPTER_DTYPES, CACHES, INFER_QUANTS, InferPlan
+    from vramcalc.memory.inference import ADAPTER_DTYPES, CACHES, INFER_QUANTS, InferPlan
 
     for flag in ("dtype", "on"):
         if opts[flag] is not None:
@@ -193,7 +193,7 @@ def build_infer_plan(opts: dict[str, Any], kw: dict[str, Any]) -> InferPlan:
 
 def build_merge_plan(opts: dict[str, Any], kw: dict[str, Any]) -> MergePlan:
     from vramcalc.commands.options import MAX_RANK, bounded_count, refuse_given
-    from vramcalc.inference import ADAPTER_DTYPES, DTYPES16, MERGE_BASES, MERGE_ON, MergePlan
+    from vramcalc.memory.inference import ADAPTER_DTYPES, DTYPES16, MERGE_BASES, MERGE_ON, MergePlan
 
     for flag in ("prompt_len", "new_tokens", "cache", "merged"):
         if opts[flag] not in (None, False):
@@ -219,7 +219,7 @@ def build_merge_plan(opts: dict[str, Any], kw: dict[str, Any]) -> MergePlan:
 
 
 def _estimate(spec: ModelSpec, plan: InferPlan | MergePlan) -> Estimate:
-    from vramcalc.inference import InferPlan, estimate_inference, estimate_merge
+    from vramcalc.memory.inference import InferPlan, estimate_inference, estimate_merge
 
     if isinstance(plan, InferPlan):
         return estimate_inference(spec, plan)
@@ -231,9 +231,9 @@ def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, memory_by
     """Largest batch or prompt length that `plan --task infer` calls "fits" on a card
     offering `memory_bytes` with `margin_bytes` to spare (0: none), by the rule of every
     search (verdict.fits_certainly: "fits, tight" does not count)."""
-    from vramcalc.inference import estimate_inference
-    from vramcalc.search import largest_from_guess
-    from vramcalc.verdict import certain_need
+    from vramcalc.memory.inference import estimate_inference
+    from vramcalc.sizing.search import largest_from_guess
+    from vramcalc.sizing.verdict import certain_need
 
     field = {"batch": "batch_size", "prompt-len": "prompt_len"}[what]
 
@@ -250,13 +250,13 @@ def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, memory_by
 
 def _dtype(plan: InferPlan | MergePlan) -> str:
     """The dtype the plan computes in (a merge: its base's)."""
-    from vramcalc.inference import InferPlan
+    from vramcalc.memory.inference import InferPlan
 
     return plan.compute_dtype if isinstance(plan, InferPlan) else plan.dtype
 
 
 def _title(est: Estimate, plan: InferPlan | MergePlan) -> str:
-    from vramcalc.inference import InferPlan
+    from vramcalc.memory.inference import InferPlan
 
     head = f"{est.model} ({est.params / 1e9:.2f} B params)"
     if isinstance(plan, InferPlan):
@@ -276,9 +276,9 @@ def _infer_times(spec: ModelSpec, plan: InferPlan | MergePlan, names: list[str]
                  ) -> dict[str, Any]:
     """catalog name -> generate() speed (step_time.InferTime) of an inference plan."""
     from vramcalc.errors import UnknownGpuError
-    from vramcalc.gpu_catalog import resolve_gpu
-    from vramcalc.inference import InferPlan
-    from vramcalc.time_cost import infer_time_on
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.memory.inference import InferPlan
+    from vramcalc.timing.cost import infer_time_on
 
     if not isinstance(plan, InferPlan):
         return {}
@@ -318,10 +318,10 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
     spec = resolve_model_arg(kw["model"])  # the door of every command, with its notes
     announce_spec(spec)
     plan = build_infer_plan(opts, kw) if task == "infer" else build_merge_plan(opts, kw)
-    from vramcalc.trainable import lora_targets
+    from vramcalc.memory.program.trainable import lora_targets
 
     lora_targets(spec, plan.lora_plan())  # an unknown target module: one Error line
-    from vramcalc.inference import InferPlan
+    from vramcalc.memory.inference import InferPlan
 
     if isinstance(plan, InferPlan):
         limit = spec.max_position_embeddings
@@ -372,7 +372,7 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
 
 
 def _extras(spec: ModelSpec, plan: InferPlan | MergePlan) -> dict[str, Any]:
-    from vramcalc.inference import MergePlan, merge_sizes
+    from vramcalc.memory.inference import MergePlan, merge_sizes
 
     if not isinstance(plan, MergePlan):
         return {}
@@ -404,7 +404,7 @@ def _output(est: Estimate, plan: InferPlan | MergePlan, spec: ModelSpec, json_ou
     console = Console()
     print_task_breakdown(est, _title(est, plan), console, getattr(plan, "adapter_dtype", None))
     if speed is not None:
-        from vramcalc.time_cost import describe_infer
+        from vramcalc.timing.cost import describe_infer
 
         console.print(describe_infer(speed), highlight=False)
     if "disk_bytes" in extras:
@@ -465,7 +465,7 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
             # on stdout, like the training verdict
             typer.echo(f"does NOT fit on {where}: needs {est.required_device_bytes / GiB:.2f} "
                        f"GiB + {margin:g} GiB margin, {best.target.free_bytes / GiB:.2f} GiB free")
-        from vramcalc.time_cost import describe_infer
+        from vramcalc.timing.cost import describe_infer
 
         for t in times.values():
             typer.echo(describe_infer(t))
