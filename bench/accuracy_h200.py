@@ -29,8 +29,6 @@ from h200_points import ROOT, records  # noqa: E402
 
 from vramcalc.memory.estimate import estimate  # noqa: E402
 
-GiB = 2**30
-
 
 def regime(spec: Any, plan: Any) -> str:
     method = {"qlora": f"qlora-{plan.quant}", "lora": "lora-16bit", "full": "full"}[plan.method]

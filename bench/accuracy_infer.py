@@ -32,8 +32,8 @@ from vramcalc.memory.inference import (  # noqa: E402
     estimate_merge,
 )
 from vramcalc.memory.result import Estimate  # noqa: E402
+from vramcalc.units import GiB  # noqa: E402
 
-GiB = 2**30
 ROOT = Path(__file__).resolve().parents[1] / "calibration"
 RUNS = {  # run -> (records, matrix, title)
     "run3": (ROOT / "h200" / "run3-infer.jsonl", ROOT / "matrices" / "h200-infer2.json",

@@ -25,8 +25,7 @@ from vramcalc.memory.estimate import estimate  # noqa: E402
 from vramcalc.models.spec import get_spec  # noqa: E402
 from vramcalc.plans import TrainPlan, current_loop_names  # noqa: E402
 from vramcalc.sizing.verdict import certainty  # noqa: E402
-
-GiB = 2**30
+from vramcalc.units import GiB  # noqa: E402
 
 
 def verdict_of(rec: dict[str, Any], margin: int) -> tuple[str, float, float]:

@@ -20,10 +20,10 @@ import yaml
 from vramcalc.memory.multi_gpu import ParallelPlan, estimate_parallel
 from vramcalc.models.spec import get_spec
 from vramcalc.plans import TrainPlan
+from vramcalc.units import GiB
 
 DATA = Path(__file__).parent / "data" / "published_multi_gpu.yaml"
 TOLERANCE = 0.10
-GiB = 2**30
 PARALLEL_KEYS = ("gpus", "strategy", "offload", "sharding_strategy")
 METRIC_ATTR = {"device": "peak_device_bytes", "reserved": "peak_reserved_bytes",
                "allocated": "peak_allocated_bytes"}

@@ -30,8 +30,8 @@ from vramcalc.calibrate.matrix import emulated_card_bytes  # noqa: E402
 from vramcalc.memory.estimate import estimate  # noqa: E402
 from vramcalc.models.spec import get_spec  # noqa: E402
 from vramcalc.plans import TrainPlan, current_loop_names  # noqa: E402
+from vramcalc.units import GiB  # noqa: E402
 
-GiB = 2**30
 # "plain-outputs": runs 7 and 8 measured the loop that keeps `out` (named "plain" then)
 VARIANTS = [(loop, exp) for loop in ("trainer", "plain-outputs") for exp in (False, True)]
 

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vramcalc.memory.inference import InferPlan, MergePlan, estimate_inference, estimate_merge  # noqa: E402
 from vramcalc.models.spec import depth_cut, get_spec  # noqa: E402
+from vramcalc.units import GiB  # noqa: E402
 
 ARCHS = ["llama-3.1-8b", "llama-2-7b", "qwen2.5-7b", "gemma-2-2b", "phi-3-mini", "mistral-7b",
          "qwen3-8b"]
-GiB = 2**30
 
 
 def main() -> None:

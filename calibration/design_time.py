@@ -33,8 +33,8 @@ from vramcalc.models.spec import depth_cut, get_spec  # noqa: E402
 from vramcalc.plans import TrainPlan  # noqa: E402
 from vramcalc.timing.gpu_speed import gpu_speed  # noqa: E402
 from vramcalc.timing.step_time import step_time, train_work  # noqa: E402
+from vramcalc.units import GiB  # noqa: E402
 
-GiB = 2**30
 TIME_WORKER = "vramcalc.calibrate.time_worker"
 STEPS = 6  # one warm-up step, five timed (run.step_seconds: the median after the first)
 MAX_PEAK_GIB = 100  # one point at a time on a 141 GB H200: room for the process's leftovers

@@ -26,8 +26,7 @@ from vramcalc.calibrate.run import MARK_STEP  # noqa: E402
 from vramcalc.memory.allocator.replay import replay_requests, replay_trace  # noqa: E402
 from vramcalc.memory.effective import effective_train_plan  # noqa: E402
 from vramcalc.memory.program.step import StepRequests, step_requests  # noqa: E402
-
-MiB = 2**20
+from vramcalc.units import MiB  # noqa: E402
 
 
 def recorded_step(trace: dict, step: int) -> list[tuple[str, int]]:

@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 
 from vramcalc import api
+from vramcalc.units import GiB, MiB
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-GiB = 2**30
-MiB = 2**20
 
 
 def _args(tmp_path: Path, **kw: Any) -> Any:

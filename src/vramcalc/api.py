@@ -35,8 +35,8 @@ from vramcalc.plans import (
     WeightsDtype,
 )
 from vramcalc.sizing.verdict import CERTAINTY_WORDS, Certainty, Target, Verdict, verdict
+from vramcalc.units import GiB
 
-GiB = 2**30
 DEFAULT_MARGIN_GIB = 0.5  # as `vramcalc check --margin`
 
 __all__ = ["CheckResult", "GpuVerdict", "PlanEstimate", "check", "make_plan", "plan",

@@ -26,9 +26,7 @@ from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import TrainPlan
 from vramcalc.sizing.advice import Suggestion
 from vramcalc.sizing.verdict import CERTAINTY_WORDS, DEFAULT_MARGIN_GIB, Certainty, Target
-
-GiB = 2**30
-MiB = 2**20
+from vramcalc.units import GiB
 
 __all__ = ["DoesNotFitError", "PreflightResult", "PreflightVerdict", "preflight"]
 

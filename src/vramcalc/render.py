@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
     from vramcalc.plans import TrainPlan
 from vramcalc.memory.result import COMPONENTS, Estimate
+from vramcalc.units import GiB
 
-GiB = 2**30
 BAR_WIDTH = 24
 
 LABELS = {

@@ -30,8 +30,8 @@ from vramcalc.memory.program.weights import (
 )
 from vramcalc.models.spec import ModelSpec, get_spec
 from vramcalc.plans import TrainPlan
+from vramcalc.units import MiB
 
-MiB = 2**20
 REPO = Path(__file__).resolve().parents[2]
 H100 = "NVIDIA H100 80GB HBM3"
 

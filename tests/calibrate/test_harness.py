@@ -15,6 +15,7 @@ import pytest
 from vramcalc.errors import SpecError
 from vramcalc.models.spec import ModelSpec, depth_cut, get_spec
 from vramcalc.plans import TrainPlan
+from vramcalc.units import MiB
 
 TINY = ModelSpec(
     name="tiny-llama", model_type="llama", vocab_size=256, hidden_size=128,
@@ -171,7 +172,6 @@ def test_depth_cut_cuts_per_layer_lists() -> None:
 # ---- trace summary -----------------------------------------------------------------------
 
 SITE = "/venv/lib/python3.12/site-packages/"
-MiB = 2**20
 
 
 def _f(path: str, name: str, line: int = 1) -> dict[str, Any]:

@@ -19,8 +19,6 @@ from vramcalc.models.spec import get_spec
 from vramcalc.plans import TrainPlan
 from vramcalc.sizing.verdict import fits_certainly
 
-GiB = 2**30
-
 
 def test_parse_over() -> None:
     assert parse_over("seq-len=512:4096").values == [512, 1024, 2048, 4096]

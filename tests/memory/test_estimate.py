@@ -16,8 +16,7 @@ from vramcalc.memory.program.weights import (
 )
 from vramcalc.models.spec import ModelSpec, get_spec
 from vramcalc.plans import TrainPlan
-
-GiB = 2**30
+from vramcalc.units import GiB
 
 TINY = ModelSpec(
     name="tiny", model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=128,

@@ -44,8 +44,8 @@ from typing import IO, Any
 from vramcalc.memory.result import Estimate
 from vramcalc.models.spec import ModelSpec, depth_cut, resolve_model
 from vramcalc.plans import LOOP_NAMES, TrainPlan, current_loop_names
+from vramcalc.units import GiB
 
-GiB = 2**30
 TRAIN_WORKER = "vramcalc.calibrate.worker"
 SAFETY_FACTOR = 1.3
 SAFETY_BYTES = 2 * GiB

@@ -30,7 +30,8 @@ import linecache
 from collections.abc import Sequence
 from typing import Any
 
-MiB = 2**20
+from vramcalc.units import MiB
+
 SMALL_SEGMENT = 2 * MiB  # c10 CUDACachingAllocator kSmallBuffer: the small pool's segments
 MEDIUM_SEGMENT = 20 * MiB  # kLargeBuffer: segments for 1-10 MiB requests
 TOP_FRAMES = 25

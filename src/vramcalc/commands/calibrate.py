@@ -36,8 +36,8 @@ from vramcalc.commands.options import (
 )
 from vramcalc.errors import CalibrationError, MissingExtraError, NoGpuError, UnknownModelError
 from vramcalc.plans import TrainPlan
+from vramcalc.units import GiB
 
-GiB = 2**30
 EXTRAS = ("torch", "transformers", "bitsandbytes", "peft")
 NO_GPU = "no CUDA GPU: run calibrate on a machine with an NVIDIA GPU"
 NO_EXTRA = (

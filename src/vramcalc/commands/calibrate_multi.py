@@ -39,8 +39,8 @@ from vramcalc.commands.parallel import (
     parallel_from_options,
 )
 from vramcalc.errors import CalibrationError, MissingExtraError, NoGpuError
+from vramcalc.units import GiB
 
-GiB = 2**30
 NO_EXTRA = ("calibrate multi needs {} (missing); pip install 'qlora-vramcalc[calibrate]' "
             "(accelerate is part of it)")
 

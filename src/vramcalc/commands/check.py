@@ -45,6 +45,7 @@ from vramcalc.commands.time_options import (
 )
 from vramcalc.errors import PlanError
 from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB, Target
+from vramcalc.units import GiB
 
 if TYPE_CHECKING:
     from vramcalc.api import GpuVerdict
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
     from vramcalc.sizing.verdict import Verdict
     from vramcalc.timing.cost import TrainTime
 
-GiB = 2**30
 EXIT_DOES_NOT_FIT = 3
 
 CheckModelOpt = Annotated[

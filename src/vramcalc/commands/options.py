@@ -23,6 +23,7 @@ from vramcalc.plans import (
     WEIGHTS_DTYPES,
     TrainPlan,
 )
+from vramcalc.units import GiB
 
 R = TypeVar("R")
 
@@ -132,7 +133,6 @@ MaxOpt = Annotated[
                  "out of memory and does not count)."),
 ]
 
-GiB = 2**30
 # Upper bounds: past these an input is a typo, not a plan (and the arithmetic would overflow
 # or, for a search, run long). The largest context in model_specs/ is 131072 tokens
 # (max_position_embeddings); the token bounds are 128 times that.

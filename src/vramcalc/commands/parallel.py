@@ -12,6 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from vramcalc.errors import PlanError
+from vramcalc.units import GiB
 
 if TYPE_CHECKING:
     from vramcalc.memory.multi_gpu import ParallelEstimate, ParallelPlan
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
     from vramcalc.plans import TrainPlan
     from vramcalc.sizing.verdict import Target
 
-GiB = 2**30
 # The choices of vramcalc.memory.multi_gpu's Literals (Strategy, Offload, ShardingStrategy,
 # Balance),
 # spelled here so that `plan` without --gpus never imports multi_gpu (issue 9: cold start);

@@ -47,13 +47,13 @@ from vramcalc.commands.time_options import (
 )
 from vramcalc.errors import PlanError
 from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB
+from vramcalc.units import GiB
 
 if TYPE_CHECKING:
     from vramcalc.corrections.planning import EstimateFn
     from vramcalc.models.spec import ModelSpec
     from vramcalc.sizing.verdict import Target
 
-GiB = 2**30
 EXIT_DOES_NOT_FIT = 3
 
 PlanGpuOpt = Annotated[

@@ -37,6 +37,7 @@ from vramcalc.commands.options import (
 )
 from vramcalc.errors import PlanError
 from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB
+from vramcalc.units import GiB
 
 if TYPE_CHECKING:
     from vramcalc.corrections.planning import Estimators
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
     from vramcalc.plans import TrainPlan
     from vramcalc.sizing.verdict import Target
 
-GiB = 2**30
 CHART_WIDTH = 80
 MAX_POINTS = 64
 # --over name -> TrainPlan field

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from vramcalc.commands.common import print_json, warn
 from vramcalc.commands.options import with_signature
 from vramcalc.errors import PlanError
+from vramcalc.units import GiB
 
 if TYPE_CHECKING:
     from vramcalc.api import GpuVerdict
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from vramcalc.models.spec import ModelSpec
 
 R = TypeVar("R")
-GiB = 2**30
 EXIT_DOES_NOT_FIT = 3
 TASKS = ("train", "infer", "merge")
 INFER_MAX = ("batch", "prompt-len")

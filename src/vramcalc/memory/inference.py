@@ -41,8 +41,7 @@ from vramcalc.memory.program.weights import (
 from vramcalc.memory.result import Components, Estimate
 from vramcalc.models.spec import LinearShape, ModelSpec, layer_windows, sdpa_window_masks
 from vramcalc.plans import TrainPlan, normalize_targets
-
-MiB = 2**20
+from vramcalc.units import MiB
 
 InferQuant = Literal["nf4", "fp4", "int8", "none"]
 Dtype16 = Literal["bf16", "fp16"]

@@ -26,7 +26,6 @@ from vramcalc.errors import PlanError
 from vramcalc.memory.allocator.constants import (
     CUBLAS_WORKSPACES,
     CUDA_CONTEXT,
-    MiB,
     allocator_slack,
     required_slack,
 )
@@ -41,6 +40,7 @@ from vramcalc.memory.program.weights import (
 from vramcalc.memory.result import Components, Estimate
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import TrainPlan
+from vramcalc.units import MiB
 
 # a one-GPU estimate function (estimate.estimate, or planning.memoized of it)
 SingleEstimate = Callable[[ModelSpec, TrainPlan], Estimate]

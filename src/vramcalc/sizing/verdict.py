@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
+from vramcalc.units import GiB
+
 if TYPE_CHECKING:
     from vramcalc.hardware.catalog import GpuModel
     from vramcalc.hardware.devices import DeviceInfo
 
-GiB = 2**30
 DEFAULT_MARGIN_GIB = 0.5
 FIT_RULE = "fits: required free memory + margin <= memory"
 

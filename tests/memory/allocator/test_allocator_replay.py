@@ -17,8 +17,8 @@ from vramcalc.memory.allocator.replay import (
     replay_trace,
     round_size,
 )
+from vramcalc.units import MiB
 
-MiB = 2**20
 TRACES = Path(__file__).resolve().parents[3] / "calibration" / "h200" / "run14-traces"
 
 

@@ -16,8 +16,8 @@ from vramcalc.memory.allocator.replay import replay_requests
 from vramcalc.memory.effective import effective_train_plan
 from vramcalc.memory.program.load import EMPTY_CACHE, load_requests, warmup_bytes
 from vramcalc.plans import TrainPlan
+from vramcalc.units import MiB
 
-MiB = 2**20
 H200 = Path(__file__).resolve().parents[3] / "calibration" / "h200"
 MATRIX = H200.parent / "matrices" / "h200-traces18.json"
 

@@ -7,8 +7,7 @@ is in docs/memory-model.md.
 
 from __future__ import annotations
 
-MiB = 2**20
-GiB = 2**30
+from vramcalc.units import GiB, MiB
 
 # torch CublasHandlePool.cpp: a 32 MiB cuBLAS workspace per handle on Hopper; the forward
 # runs on the main thread and backward on autograd's device thread, two handles. Measured:

@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
-MiB = 2**20
+from vramcalc.units import MiB
+
 MIN_BLOCK = 512
 SMALL_SIZE = MiB
 SMALL_BUFFER = 2 * MiB

@@ -91,7 +91,6 @@ from vramcalc.memory.program.weights import DTYPE_BYTES, NF4_BLOCKSIZE, ceil_div
 from vramcalc.models.spec import LinearShape, ModelSpec, layer_windows, sdpa_window_masks
 from vramcalc.plans import TrainPlan
 
-MiB = 2**20
 # A decode step's temporaries of the small pool (1 MiB and less) are left out: they take
 # and give back the same small blocks every step, next to the large pool's cache tensors,
 # dequantized weights and logits, and left in they are most of the requests of a step.
