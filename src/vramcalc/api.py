@@ -82,7 +82,8 @@ class GpuVerdict(BaseModel):
     API and the CLI (`vramcalc check`'s rows and JSON are `to_dict`, `plan --gpu`'s
     `verdict_fields`)."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)  # built on first use (issue 9)
+    # built on first use (issue 9)
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     target: Target
     compute_dtype: str  # fp16 on a GPU without bf16
@@ -185,7 +186,7 @@ def verdict_on(target: Target, estimate: Estimate, compute_dtype: str,
 class CheckResult(BaseModel):
     """The plan's verdict on each GPU asked about; `estimate` is for the first."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     estimate: PlanEstimate
     verdicts: tuple[GpuVerdict, ...]

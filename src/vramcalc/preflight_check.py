@@ -61,7 +61,7 @@ class DoesNotFitError(VramcalcError):
 class PreflightVerdict(BaseModel):
     """The plan on one GPU: what it offers (free now, or an empty card), what it needs."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     gpu: str
     memory_bytes: int
@@ -76,7 +76,7 @@ class PreflightVerdict(BaseModel):
 class PreflightResult(BaseModel):
     """The estimate, a verdict per GPU, and what to change where it does not fit."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     estimate: PlanEstimate  # on the GPU with the least memory (the one that decides)
     verdicts: tuple[PreflightVerdict, ...]

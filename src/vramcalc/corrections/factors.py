@@ -124,7 +124,7 @@ class CorrectionsFile(BaseModel):
 class Observation(BaseModel):
     """One measured point next to its raw estimate: what `fit` needs, all in bytes."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     model: str
     gpu_family: str

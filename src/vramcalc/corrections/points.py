@@ -19,7 +19,7 @@ from vramcalc.plans import TrainPlan
 
 
 class MeasuredPoint(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     source: str
     model: str

@@ -33,7 +33,7 @@ BF16_MIN_CC = (8, 0)  # as vramcalc.hardware.catalog: bf16 tensor cores start wi
 class GpuProcess(BaseModel):
     """A compute process holding memory on a device (nvmlDeviceGetComputeRunningProcesses)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     pid: int
     used_bytes: NonNegativeInt | None  # None: NVML cannot tell (no permission, WDDM, ...)
@@ -46,7 +46,7 @@ class DeviceInfo(BaseModel):
     580.159.04: 81559 MiB = 81079 free + 0 used + 480 reserved); v1 folds reserved into used.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     index: NonNegativeInt  # NVML index of the GPU; of a MIG instance, its slot in the parent
     name: str

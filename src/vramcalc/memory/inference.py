@@ -142,7 +142,7 @@ class MergePlan(BaseModel):
 class MergeSizes(BaseModel):
     """What a merge produces besides its GPU peak."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     disk_bytes: int = Field(description="safetensors tensor bytes of the saved merged model")
     host_peak_bytes: int  # tensors in host RAM for --on cpu (process baseline not counted)

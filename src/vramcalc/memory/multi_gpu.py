@@ -150,7 +150,7 @@ class ParallelPlan(BaseModel):
 class ParallelEstimate(BaseModel):
     """The busiest GPU's estimate (same fields as one GPU), every GPU's, and host RAM."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     parallel: ParallelPlan
     busiest: Estimate
@@ -530,7 +530,7 @@ def estimate_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
 class ParallelOption(BaseModel):
     """The smallest GPU count with which a strategy fits a per-GPU budget."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     strategy: str
     gpus: int

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, computed_field
 class Components(BaseModel):
     """Bytes of each component at the peak moment. They add up to peak device bytes."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     base_weights: int = 0  # model weights in their storage dtype (4-bit packed, int8, 16/32-bit)
     quant_constants: int = 0  # absmax, nested absmax, code tables (4-bit); row scales (int8)
@@ -60,7 +60,7 @@ COMPONENTS: tuple[str, ...] = tuple(Components.model_fields)
 class Estimate(BaseModel):
     """A frozen, typed breakdown in integer bytes (components sum to peak_device_bytes)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str
     task: str = "train"

@@ -39,7 +39,7 @@ class Suggestion(BaseModel):
     effective batch through accumulation (a trainer setting, no memory effect).
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: str  # gradient_checkpointing, optimizer, batch, seq_len, rank, targets, attn, combined
     description: str

@@ -87,7 +87,7 @@ def method_label(name: str, plan: TrainPlan) -> str:
 class SmallestGpu(BaseModel):
     """The catalog GPU with the least usable memory a plan fits, and its verdict there."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     gpu: str
     compute_dtype: str  # fp16 on a GPU without bf16
@@ -97,7 +97,7 @@ class SmallestGpu(BaseModel):
 class MethodRow(BaseModel):
     """One method of `compare`: its plan and estimate, or why it cannot start."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     method: str
     label: str
@@ -169,7 +169,7 @@ class FitRow(BaseModel):
     """One model x method on one GPU: the verdict at batch 1 and the plan's seq-len, the
     largest batch (at that seq-len) and the longest sequence (at the plan's batch)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str
     params: int

@@ -83,7 +83,8 @@ def fits_certainly(memory_bytes: int, required_bytes: int, margin_bytes: int) ->
 class Verdict(BaseModel):
     """The answer for one card: memory it offers, memory the plan needs, and the margin."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)  # built on first use (issue 9)
+    # built on first use (issue 9)
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     memory_bytes: int  # what the card offers (free now, or an empty card's usable total)
     required_bytes: int  # Estimate.required_device_bytes: runs whatever the allocator did
@@ -148,7 +149,8 @@ class Target(BaseModel):
     an empty one); `empty_bytes` what it offers empty (total less the driver's reservation).
     """
 
-    model_config = ConfigDict(frozen=True, defer_build=True)  # built on first use (issue 9)
+    # built on first use (issue 9)
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     name: str
     index: int | None = None  # NVML index; None for --gpu / --gpu-memory
