@@ -92,7 +92,8 @@ def gpu_of(lines: list[str]) -> str:
 def current_prediction(spec_name: str, layers: int | None, plan: dict[str, Any],
                        gpu: str = "h200") -> float:
     from vramcalc.hardware.catalog import resolve_gpu
-    from vramcalc.models.spec import depth_cut, resolve_model
+    from vramcalc.models.resolve import resolve_model
+    from vramcalc.models.spec import depth_cut
     from vramcalc.plans import TrainPlan
     from vramcalc.timing.gpu_speed import gpu_speed
     from vramcalc.timing.step_time import step_time, train_work
@@ -110,7 +111,8 @@ def fit(points: list[dict[str, Any]], gpu: str) -> None:
     import itertools
 
     from vramcalc.hardware.catalog import resolve_gpu
-    from vramcalc.models.spec import depth_cut, resolve_model
+    from vramcalc.models.resolve import resolve_model
+    from vramcalc.models.spec import depth_cut
     from vramcalc.plans import TrainPlan
     from vramcalc.timing.gpu_speed import gpu_speed
     from vramcalc.timing.step_time import step_time, train_work

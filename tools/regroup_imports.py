@@ -84,6 +84,13 @@ MOVED: dict[str, str] = {
     "vramcalc.plan_settings": "vramcalc.plans",
 }
 
+# names moved out of a module after the regroup commit (to break import circles): old
+# dotted name -> new; `from M import NAME` is split and `as NAME` keeps the bound name
+SYMBOLS_MOVED: dict[str, str] = {
+    # models/resolve.py: the one door, so spec.py needs neither hf_config nor hub
+    "vramcalc.models.spec.resolve_model": "vramcalc.models.resolve.resolve_model",
+}
+
 # test files laid out like the package (paths in docs, comments and .ci/run)
 TESTS_MOVED: dict[str, str] = {
     "tests/test_allocator_replay.py": "tests/memory/allocator/test_allocator_replay.py",
@@ -126,8 +133,9 @@ DEFAULT_PATHS = ["src", "tests", "bench", "calibration", "docs", "tools", "READM
 SKIP_DIRS = {".git", "__pycache__", ".venv", ".venv-test", "build", "dist", ".dev", ".whl",
              "node_modules", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
 
-NEW = set(MOVED.values())
-KNOWN = set(MOVED) | NEW
+RENAMED = {**MOVED, **SYMBOLS_MOVED}
+NEW = set(RENAMED.values())
+KNOWN = set(RENAMED) | NEW
 IMPORTED = re.compile(r"[ \t]+import[ \t]+\(?\s*(\w+)")
 DOTTED = re.compile(r"(?<![\w.\-/])vramcalc(?:\.\w+)+")
 PATH = re.compile(r"(?<![\w.\-])vramcalc((?:/\w+)+)\.(pyi|py|c)\b")
@@ -141,14 +149,19 @@ FROM_IMPORT = re.compile(
 
 def rename(dotted: str) -> str:
     """The new name of a dotted name (module, or module.attribute...), by its longest prefix
-    that is a known old or new module; unchanged when that prefix is new or there is none."""
-    parts = dotted.split(".")
-    for k in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:k])
-        if prefix in KNOWN:
-            if prefix in MOVED and prefix not in NEW:
-                return ".".join([MOVED[prefix], *parts[k:]])
+    that is a known old or new name; unchanged when that prefix is new or there is none.
+    Repeated, so that a module move then a name move out of it both apply."""
+    for _ in range(4):
+        parts = dotted.split(".")
+        for k in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:k])
+            if prefix in KNOWN:
+                break
+        else:
             return dotted
+        if prefix not in RENAMED or prefix in NEW:
+            return dotted
+        dotted = ".".join([RENAMED[prefix], *parts[k:]])
     return dotted
 
 

@@ -222,7 +222,7 @@ def make_plan(**options: Any) -> TrainPlan:
 def _resolve(model: str | ModelSpec) -> ModelSpec:
     if isinstance(model, ModelSpec):
         return model
-    from vramcalc.models.spec import resolve_model
+    from vramcalc.models.resolve import resolve_model
 
     return resolve_model(model)
 

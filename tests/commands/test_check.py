@@ -16,7 +16,7 @@ from vramcalc.commands import check as check_mod
 from vramcalc.hardware.catalog import MIB, catalog, resolve_gpu
 from vramcalc.hardware.devices import DeviceInfo, GpuProcess
 from vramcalc.memory.estimate import estimate
-from vramcalc.models.spec import resolve_model
+from vramcalc.models.resolve import resolve_model
 from vramcalc.plans import TrainPlan
 from vramcalc.sizing import advice
 from vramcalc.sizing.verdict import fits_certainly

@@ -16,7 +16,8 @@ import pytest
 
 from vramcalc.errors import SpecError
 from vramcalc.models.hf_config import SUPPORTED_MODEL_TYPES, load_config_json, spec_from_hf_config
-from vramcalc.models.spec import catalog, resolve_model
+from vramcalc.models.resolve import resolve_model
+from vramcalc.models.spec import catalog
 
 
 @functools.cache

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from vramcalc.cli import app
 from vramcalc.errors import SpecError, UnknownModelError
 from vramcalc.models.hub import INDEX, is_hub_id, resolve_hub_model
-from vramcalc.models.spec import resolve_model
+from vramcalc.models.resolve import resolve_model
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hub"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -222,6 +222,6 @@ def test_is_hub_id() -> None:
 
 
 def test_catalog_names_do_not_import_huggingface_hub() -> None:
-    code = ("import sys\nfrom vramcalc.models.spec import resolve_model\n"
+    code = ("import sys\nfrom vramcalc.models.resolve import resolve_model\n"
             "resolve_model('llama-7b')\nassert 'huggingface_hub' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

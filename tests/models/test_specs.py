@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from vramcalc.errors import SpecError, UnknownModelError
+from vramcalc.models.resolve import resolve_model
 from vramcalc.models.spec import (
     ModelSpec,
     build_index,
     catalog,
     get_spec,
     load_spec_file,
-    resolve_model,
     spec_from_mapping,
 )
 

@@ -21,7 +21,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from vramcalc.models.spec import resolve_model
+from vramcalc.models.resolve import resolve_model
 from vramcalc.plans import TrainPlan
 
 WORKER_TIMEOUT_S = 240
@@ -35,7 +35,7 @@ def _run(cmd: list[str], timeout: float) -> tuple[int, str, str]:
 def build_weights(model: str, out_dir: str, device: str) -> float:
     t0 = time.perf_counter()
     code = (
-        "import sys; from vramcalc.models.spec import resolve_model;"
+        "import sys; from vramcalc.models.resolve import resolve_model;"
         "from vramcalc.calibrate.weights import save_random_weights;"
         "save_random_weights(resolve_model(sys.argv[1]), sys.argv[2], device=sys.argv[3])"
     )

@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from vramcalc.memory.result import Estimate
-from vramcalc.models.spec import ModelSpec, depth_cut, resolve_model
+from vramcalc.models.resolve import resolve_model
+from vramcalc.models.spec import ModelSpec, depth_cut
 from vramcalc.plans import LOOP_NAMES, TrainPlan, current_loop_names
 from vramcalc.units import GiB
 

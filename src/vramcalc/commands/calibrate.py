@@ -234,7 +234,7 @@ def run(
         raise CalibrationError("--model is required (see 'vramcalc calibrate run --help')")
     if steps <= 0:
         raise CalibrationError(f"--steps must be a positive integer, got {steps}")
-    from vramcalc.models.spec import resolve_model
+    from vramcalc.models.resolve import resolve_model
 
     spec = resolve_model(model)
     base = build_plan(**(plan_options or {}))
@@ -381,7 +381,7 @@ def replay(data: Path, skipped: Any = None) -> dict[str, Any]:
         validation_of,
     )
     from vramcalc.memory.estimate import estimate
-    from vramcalc.models.spec import resolve_model
+    from vramcalc.models.resolve import resolve_model
 
     rows: list[dict[str, Any]] = []
     usable: list[tuple[Any, Any, Any]] = []  # (point, estimate, observation)

@@ -15,7 +15,6 @@ import difflib
 import functools
 import json
 import re
-import stat
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -470,39 +469,6 @@ def get_spec(name: str) -> ModelSpec:
     raise UnknownModelError(
         f"unknown model '{name}'{hint} (see 'vramcalc models', or pass a path to a config.json)"
     )
-
-
-def resolve_model(arg: str) -> ModelSpec:
-    """A catalog name, an alias, a spec YAML, or a HF config.json (file or its folder)."""
-    from vramcalc.user_files import probe
-
-    path = Path(arg).expanduser()
-    found = probe(path, arg, SpecError)  # a locked folder on the way: one line, not a trace
-    if found is not None and stat.S_ISDIR(found.st_mode):
-        path = path / "config.json"
-        found = probe(path, str(path), SpecError)
-        if found is None or not stat.S_ISREG(found.st_mode):
-            raise SpecError(f"{arg}: folder has no config.json")
-    if found is not None and not stat.S_ISDIR(found.st_mode):
-        if path.suffix in {".yaml", ".yml"}:
-            return load_spec_file(path)
-        from vramcalc.models.hf_config import load_config_json
-
-        return load_config_json(path)
-    try:
-        return get_spec(arg)
-    except UnknownModelError:
-        # A hub id also contains '/', so only a path-shaped miss is reported as a file.
-        if path.suffix in {".json", ".yaml", ".yml"} or arg.startswith((".", "/", "~")):
-            raise SpecError(f"{arg}: no such file") from None
-        from vramcalc.models.hub import is_hub_id
-
-        if not is_hub_id(arg):
-            raise
-    # Not in the catalog: fetch the hub model's config.json (huggingface_hub loads here).
-    from vramcalc.models.hub import resolve_hub_model
-
-    return resolve_hub_model(arg)
 
 
 def parse_json_text(text: str, origin: str) -> Any:
