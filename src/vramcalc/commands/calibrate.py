@@ -40,11 +40,6 @@ from vramcalc.units import GiB
 
 EXTRAS = ("torch", "transformers", "bitsandbytes", "peft")
 NO_GPU = "no CUDA GPU: run calibrate on a machine with an NVIDIA GPU"
-NO_EXTRA = (
-    "calibrate needs torch, transformers, bitsandbytes and peft (missing: {}); "
-    "pip install 'qlora-vramcalc[calibrate]'"
-)
-
 app = typer.Typer(
     help="Measure real QLoRA steps on a GPU, fit corrections, replay the measurements.",
     pretty_exceptions_enable=False,
@@ -164,22 +159,6 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _fetch_weights(weights: str) -> str:
-    """A local folder as is; otherwise a hub id, downloaded (config + safetensors only)."""
-    import stat
-
-    from vramcalc.user_files import probe
-
-    local = probe(Path(weights).expanduser(), f"--weights {weights}", CalibrationError)
-    if local is not None and stat.S_ISDIR(local.st_mode):
-        return str(Path(weights).expanduser())
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise MissingExtraError(NO_EXTRA.format("huggingface_hub")) from None
-    return str(snapshot_download(weights, allow_patterns=["*.json", "*.safetensors"]))
-
-
 # ---- run ---------------------------------------------------------------------------------
 
 
@@ -246,6 +225,8 @@ def run(
     device = _require_gpu()
     missing = _missing_extras()
     if missing:
+        from vramcalc.calibrate.campaign import NO_EXTRA
+
         raise MissingExtraError(NO_EXTRA.format(", ".join(missing)))
     _run_points(spec, model, plans, device, steps, weights, trust_remote_code, _data_dir(out))
 
@@ -286,7 +267,7 @@ def _run_points(  # type: ignore[no-untyped-def]
                 campaign.build_weights(model_arg, scratch, "cuda")
                 weights_dir = scratch
             else:
-                weights_dir = _fetch_weights(weights)
+                weights_dir = campaign.fetch_weights(weights)
             for plan in plans:
                 progress.update(task, description=f"{spec.name} b{plan.batch_size} "
                                                   f"s{plan.seq_len}")

@@ -179,9 +179,7 @@ def multi(
                 raise CalibrationError(str(err).splitlines()[0]) from None
             source = scratch
         else:
-            from vramcalc.commands.calibrate import _fetch_weights
-
-            source = _fetch_weights(weights)
+            source = campaign.fetch_weights(weights)
         try:
             merged = run_point(source, plan, parallel, folder, steps=steps,
                                timeout_s=timeout, device=device)  # type: ignore[arg-type]
