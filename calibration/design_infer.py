@@ -21,8 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from vramcalc.memory.inference import InferPlan, MergePlan, estimate_inference, estimate_merge  # noqa: E402
+from vramcalc.memory.inference import estimate_inference, estimate_merge  # noqa: E402
 from vramcalc.models.spec import depth_cut, get_spec  # noqa: E402
+from vramcalc.plans import InferPlan, MergePlan
 from vramcalc.units import GiB  # noqa: E402
 
 ARCHS = ["llama-3.1-8b", "llama-2-7b", "qwen2.5-7b", "gemma-2-2b", "phi-3-mini", "mistral-7b",

@@ -89,6 +89,33 @@ MOVED: dict[str, str] = {
 SYMBOLS_MOVED: dict[str, str] = {
     # models/resolve.py: the one door, so spec.py needs neither hf_config nor hub
     "vramcalc.models.spec.resolve_model": "vramcalc.models.resolve.resolve_model",
+    # commands/targets.py: the cards of plan and check (task_options imported both)
+    "vramcalc.commands.check._detect_devices": "vramcalc.commands.targets.detect_devices",
+    "vramcalc.commands.check._targets": "vramcalc.commands.targets.check_targets",
+    "vramcalc.commands.plan._target": "vramcalc.commands.targets.plan_target",
+    # calibrate/campaign.py: what `calibrate` and `calibrate multi` both use
+    "vramcalc.commands.calibrate._fetch_weights": "vramcalc.calibrate.campaign.fetch_weights",
+    "vramcalc.commands.calibrate.NO_EXTRA": "vramcalc.calibrate.campaign.NO_EXTRA",
+    # plans.py: the inference and merge plan types; memory/program/kv_cache.py: what
+    # the inference estimate and the generate() program share (they imported each other)
+    "vramcalc.memory.inference.InferQuant": "vramcalc.plans.InferQuant",
+    "vramcalc.memory.inference.Dtype16": "vramcalc.plans.Dtype16",
+    "vramcalc.memory.inference.AdapterDtype": "vramcalc.plans.AdapterDtype",
+    "vramcalc.memory.inference.CacheKind": "vramcalc.plans.CacheKind",
+    "vramcalc.memory.inference.MergeOn": "vramcalc.plans.MergeOn",
+    "vramcalc.memory.inference.MergeBase": "vramcalc.plans.MergeBase",
+    "vramcalc.memory.inference.CACHES": "vramcalc.plans.CACHES",
+    "vramcalc.memory.inference.ADAPTER_DTYPES": "vramcalc.plans.ADAPTER_DTYPES",
+    "vramcalc.memory.inference.INFER_QUANTS": "vramcalc.plans.INFER_QUANTS",
+    "vramcalc.memory.inference.DTYPES16": "vramcalc.plans.DTYPES16",
+    "vramcalc.memory.inference.MERGE_ON": "vramcalc.plans.MERGE_ON",
+    "vramcalc.memory.inference.MERGE_BASES": "vramcalc.plans.MERGE_BASES",
+    "vramcalc.memory.inference.InferPlan": "vramcalc.plans.InferPlan",
+    "vramcalc.memory.inference.MergePlan": "vramcalc.plans.MergePlan",
+    "vramcalc.memory.inference.kv_token_bytes": "vramcalc.memory.program.kv_cache.kv_token_bytes",
+    "vramcalc.memory.inference._cached_len": "vramcalc.memory.program.kv_cache.cached_len",
+    "vramcalc.memory.inference.CUBLAS_WORKSPACE_INFER":
+        "vramcalc.memory.program.kv_cache.CUBLAS_WORKSPACE_INFER",
 }
 
 # test files laid out like the package (paths in docs, comments and .ci/run)
@@ -168,6 +195,11 @@ def rename(dotted: str) -> str:
 def _from_import(m: re.Match[str]) -> str:
     pkg, indent = m["pkg"], m["indent"]
     body = m["paren"] if m["paren"] is not None else m["line"]
+    tail = m["tail"]
+    comments = re.findall(r"#[^\n]*", body)  # a comment after `import (` is kept
+    if comments and not tail.strip():
+        tail = "  " + comments[0]
+    body = re.sub(r"#[^\n]*", "", body)
     names = [n.strip() for n in body.replace("\n", " ").split(",") if n.strip()]
     kept: list[str] = []
     moved: list[str] = []
@@ -185,9 +217,9 @@ def _from_import(m: re.Match[str]) -> str:
         return m.group(0)
     lines = []
     if kept:
-        lines.append(f"{indent}from {pkg} import {', '.join(kept)}{m['tail']}")
-    elif m["tail"].strip():
-        moved[0] += m["tail"]
+        lines.append(f"{indent}from {pkg} import {', '.join(kept)}{tail}")
+    elif tail.strip():
+        moved[0] += tail
     return "\n".join(lines + moved)
 
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vramcalc.cli import app
-from vramcalc.commands import check as check_mod
+from vramcalc.commands import targets as gpu_targets
 from vramcalc.hardware.catalog import MIB, catalog, resolve_gpu
 from vramcalc.hardware.devices import DeviceInfo, GpuProcess
 from vramcalc.memory.estimate import estimate
@@ -58,7 +58,7 @@ def gpus(monkeypatch: pytest.MonkeyPatch) -> Any:
         assert state["devices"] is not None, "NVML must not be called here"
         return state["devices"]
 
-    monkeypatch.setattr(check_mod, "_detect_devices", detect)
+    monkeypatch.setattr(gpu_targets, "detect_devices", detect)
 
     def set_devices(devices: list[DeviceInfo] | None) -> dict[str, Any]:
         state["devices"] = devices

@@ -11,8 +11,6 @@ from typer.testing import CliRunner
 from vramcalc.cli import app
 from vramcalc.memory.inference import (
     LARGE_BUFFER,
-    InferPlan,
-    MergePlan,
     MiB,
     adapter_bytes,
     estimate_inference,
@@ -26,6 +24,7 @@ from vramcalc.memory.inference import (
     segment_bytes,
 )
 from vramcalc.models.spec import ModelSpec, get_spec
+from vramcalc.plans import InferPlan, MergePlan
 
 # in / intermediate multiples of 64: bitsandbytes' CPU 4-bit path needs whole blocks per row
 TINY = dict(name="tiny-llama", model_type="llama", vocab_size=320, hidden_size=128,
@@ -354,7 +353,8 @@ def test_a_base_bitsandbytes_does_not_convert_loads_unquantized() -> None:
     """falcon's FalconLinear is not converted by transformers 5's bitsandbytes integration
     (effective.py): a 4-bit inference or merge of falcon holds the base in its load dtype,
     the same bytes as asking for no quantization, with planned_as and a note saying so."""
-    from vramcalc.memory.inference import MergePlan, estimate_merge
+    from vramcalc.memory.inference import estimate_merge
+    from vramcalc.plans import MergePlan
 
     falcon = get_spec("falcon-7b")
     nf4 = estimate_inference(falcon, InferPlan(quant="nf4"))

@@ -35,8 +35,8 @@ from typing import Any
 
 from vramcalc.calibrate.run import NvmlPoller, quant_config, torch_dtype
 from vramcalc.memory.effective import attention_impl
-from vramcalc.memory.inference import InferPlan, MergePlan
 from vramcalc.models.spec import ModelSpec
+from vramcalc.plans import InferPlan, MergePlan
 
 
 def job_spec(job: dict[str, Any]) -> ModelSpec:

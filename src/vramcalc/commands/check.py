@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
+from vramcalc.commands import targets as gpu_targets
 from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
 from vramcalc.commands.from_config import announce_spec, with_from_config
 from vramcalc.commands.options import (
@@ -75,13 +76,6 @@ GpuOpt = Annotated[
                  "driver's reservation) instead of detecting; repeat for several; see "
                  "'vramcalc gpus'."),
 ]
-
-
-def _detect_devices() -> list[DeviceInfo]:
-    """The GPUs NVML sees; tests replace this function with a fake."""
-    from vramcalc.hardware.devices import query_devices  # pynvml loads inside
-
-    return query_devices()
 
 
 class Checked(NamedTuple):
@@ -155,18 +149,6 @@ def _list_devices(devices: list[DeviceInfo], json_output: bool) -> None:
 
 
 # ---- checking -----------------------------------------------------------------------------
-
-
-def _targets(gpu: list[str], gpu_memory: float | None) -> list[Target]:
-    from vramcalc.sizing.verdict import catalog_target, detected_target, sized_target
-
-    if gpu:
-        from vramcalc.hardware.catalog import resolve_gpu
-
-        return [catalog_target(resolve_gpu(name)) for name in dict.fromkeys(gpu)]
-    if gpu_memory is not None:
-        return [sized_target(gpu_memory_bytes(gpu_memory), f"{gpu_memory:g} GiB card")]
-    return [detected_target(d) for d in _detect_devices()]
 
 
 def _estimators(use_calibration: bool) -> Estimators:
@@ -432,7 +414,7 @@ def check(
                             "check)")
         refuse_given(given, [n for n in given if n != "json_output"],
                      "plan options need --model MODEL (without it, check lists the GPUs)")
-        _list_devices(_detect_devices(), json_output)
+        _list_devices(gpu_targets.detect_devices(), json_output)
         return
     if gpu and gpu_memory is not None:
         raise PlanError("give either --gpu NAME or --gpu-memory GIB, not both")
@@ -453,7 +435,7 @@ def check(
     if long_seq:
         warn(long_seq)
     detected = not gpu and gpu_memory is None
-    targets_ = _targets(gpu, gpu_memory)
+    targets_ = gpu_targets.check_targets(gpu, gpu_memory)
     from vramcalc.commands.parallel import parallel_from_options
 
     for t in targets_:  # an explicit --compute-dtype bf16 on a card without bf16: refused

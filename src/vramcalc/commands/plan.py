@@ -19,7 +19,6 @@ from vramcalc.commands.options import (
     check_applies,
     check_max,
     for_target,
-    gpu_memory_bytes,
     margin_bytes,
     refuse_given,
     runnable_dropout,
@@ -37,6 +36,7 @@ from vramcalc.commands.parallel import (
     StrategyOpt,
     parallel_from_options,
 )
+from vramcalc.commands.targets import plan_target
 from vramcalc.commands.task_options import with_task_options
 from vramcalc.commands.time_options import (
     DatasetTokensOpt,
@@ -61,20 +61,6 @@ PlanGpuOpt = Annotated[
     typer.Option("--gpu", help="Check against an empty card of this catalog GPU (its total "
                  "less the driver's reservation); see 'vramcalc gpus'."),
 ]
-
-
-def _target(gpu: str | None, gpu_memory: float | None) -> Target | None:
-    from vramcalc.sizing.verdict import catalog_target, sized_target
-
-    if gpu is not None and gpu_memory is not None:
-        raise PlanError("give either --gpu NAME or --gpu-memory GIB, not both")
-    if gpu is not None:
-        from vramcalc.hardware.catalog import resolve_gpu
-
-        return catalog_target(resolve_gpu(gpu))
-    if gpu_memory is not None:
-        return sized_target(gpu_memory_bytes(gpu_memory), f"{gpu_memory:g} GiB card")
-    return None
 
 
 @reports_errors
@@ -136,7 +122,7 @@ def plan(
     check_max(max_)
     margin_b = margin_bytes(margin)
     timing = time_settings(dataset_tokens, epochs, price, prices)
-    target = _target(gpu, gpu_memory)
+    target = plan_target(gpu, gpu_memory)
     if max_ is not None and target is None:
         raise PlanError("--max needs --gpu NAME or --gpu-memory GIB (the card to fit in)")
     if target is None:

@@ -22,9 +22,9 @@ from vramcalc.units import GiB
 
 if TYPE_CHECKING:
     from vramcalc.api import GpuVerdict
-    from vramcalc.memory.inference import InferPlan, MergePlan
     from vramcalc.memory.result import Estimate
     from vramcalc.models.spec import ModelSpec
+    from vramcalc.plans import InferPlan, MergePlan
 
 R = TypeVar("R")
 EXIT_DOES_NOT_FIT = 3
@@ -153,7 +153,7 @@ def build_infer_plan(opts: dict[str, Any], kw: dict[str, Any]) -> InferPlan:
         bounded_count,
         refuse_given,
     )
-    from vramcalc.memory.inference import ADAPTER_DTYPES, CACHES, INFER_QUANTS, InferPlan
+    from vramcalc.plans import ADAPTER_DTYPES, CACHES, INFER_QUANTS, InferPlan
 
     for flag in ("dtype", "on"):
         if opts[flag] is not None:
@@ -193,7 +193,7 @@ def build_infer_plan(opts: dict[str, Any], kw: dict[str, Any]) -> InferPlan:
 
 def build_merge_plan(opts: dict[str, Any], kw: dict[str, Any]) -> MergePlan:
     from vramcalc.commands.options import MAX_RANK, bounded_count, refuse_given
-    from vramcalc.memory.inference import ADAPTER_DTYPES, DTYPES16, MERGE_BASES, MERGE_ON, MergePlan
+    from vramcalc.plans import ADAPTER_DTYPES, DTYPES16, MERGE_BASES, MERGE_ON, MergePlan
 
     for flag in ("prompt_len", "new_tokens", "cache", "merged"):
         if opts[flag] not in (None, False):
@@ -219,7 +219,8 @@ def build_merge_plan(opts: dict[str, Any], kw: dict[str, Any]) -> MergePlan:
 
 
 def _estimate(spec: ModelSpec, plan: InferPlan | MergePlan) -> Estimate:
-    from vramcalc.memory.inference import InferPlan, estimate_inference, estimate_merge
+    from vramcalc.memory.inference import estimate_inference, estimate_merge
+    from vramcalc.plans import InferPlan
 
     if isinstance(plan, InferPlan):
         return estimate_inference(spec, plan)
@@ -250,13 +251,13 @@ def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, memory_by
 
 def _dtype(plan: InferPlan | MergePlan) -> str:
     """The dtype the plan computes in (a merge: its base's)."""
-    from vramcalc.memory.inference import InferPlan
+    from vramcalc.plans import InferPlan
 
     return plan.compute_dtype if isinstance(plan, InferPlan) else plan.dtype
 
 
 def _title(est: Estimate, plan: InferPlan | MergePlan) -> str:
-    from vramcalc.memory.inference import InferPlan
+    from vramcalc.plans import InferPlan
 
     head = f"{est.model} ({est.params / 1e9:.2f} B params)"
     if isinstance(plan, InferPlan):
@@ -277,7 +278,7 @@ def _infer_times(spec: ModelSpec, plan: InferPlan | MergePlan, names: list[str]
     """catalog name -> generate() speed (step_time.InferTime) of an inference plan."""
     from vramcalc.errors import UnknownGpuError
     from vramcalc.hardware.catalog import resolve_gpu
-    from vramcalc.memory.inference import InferPlan
+    from vramcalc.plans import InferPlan
     from vramcalc.timing.cost import infer_time_on
 
     if not isinstance(plan, InferPlan):
@@ -309,9 +310,9 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
     margin_b = margin_bytes(kw["margin"])
     target = None
     if command == "plan":
-        from vramcalc.commands.plan import _target
+        from vramcalc.commands.targets import plan_target
 
-        target = _target(kw.get("gpu"), kw.get("gpu_memory"))
+        target = plan_target(kw.get("gpu"), kw.get("gpu_memory"))
         if target is None:
             refuse_given(kw.get("given", frozenset()), ("margin",),
                          "only with --gpu NAME or --gpu-memory GIB (the card to fit in)")
@@ -321,7 +322,7 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
     from vramcalc.memory.program.trainable import lora_targets
 
     lora_targets(spec, plan.lora_plan())  # an unknown target module: one Error line
-    from vramcalc.memory.inference import InferPlan
+    from vramcalc.plans import InferPlan
 
     if isinstance(plan, InferPlan):
         limit = spec.max_position_embeddings
@@ -372,7 +373,8 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
 
 
 def _extras(spec: ModelSpec, plan: InferPlan | MergePlan) -> dict[str, Any]:
-    from vramcalc.memory.inference import MergePlan, merge_sizes
+    from vramcalc.memory.inference import merge_sizes
+    from vramcalc.plans import MergePlan
 
     if not isinstance(plan, MergePlan):
         return {}
@@ -425,7 +427,7 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
     """`check --task infer|merge`: the estimate against each GPU (detected, --gpu, or
     --gpu-memory), by check's rule and verdict type (api.verdict_on: required + margin <=
     free memory, tight inside the band or the spread; empty: the usable total)."""
-    from vramcalc.commands import check as check_cmd
+    from vramcalc.commands.targets import check_targets
 
     gpu: list[str] = kw.get("gpu") or []  # no --gpu: detected GPUs or --gpu-memory
     gpu_memory: float | None = kw.get("gpu_memory")
@@ -438,7 +440,7 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
     margin_bytes = to_bytes(margin)
     est = _estimate(spec, plan)
     verdicts = [verdict_on(t, est, _dtype(plan), margin_bytes)
-                for t in check_cmd._targets(gpu, gpu_memory)]
+                for t in check_targets(gpu, gpu_memory)]
     times = _infer_times(spec, plan, [v.target.name for v in verdicts])
     best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals, as check's
     if kw["json_output"]:

@@ -21,12 +21,11 @@ those points (no fitted coefficient).
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from pydantic import BaseModel, ConfigDict, Field
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
-
-from vramcalc.memory.allocator.constants import CUBLAS_WORKSPACES, CUDA_CONTEXT
+from vramcalc.memory.allocator.constants import CUDA_CONTEXT
 from vramcalc.memory.effective import attention_impl, effective_load_plan
+from vramcalc.memory.program.kv_cache import CUBLAS_WORKSPACE_INFER, cached_len, kv_token_bytes
 from vramcalc.memory.program.trainable import lora_targets, lora_tensor_numels
 from vramcalc.memory.program.weights import (
     DTYPE_BYTES,
@@ -40,26 +39,8 @@ from vramcalc.memory.program.weights import (
 )
 from vramcalc.memory.result import Components, Estimate
 from vramcalc.models.spec import LinearShape, ModelSpec, layer_windows, sdpa_window_masks
-from vramcalc.plans import TrainPlan, normalize_targets
+from vramcalc.plans import InferPlan, MergePlan, TrainPlan
 from vramcalc.units import MiB
-
-InferQuant = Literal["nf4", "fp4", "int8", "none"]
-Dtype16 = Literal["bf16", "fp16"]
-AdapterDtype = Literal["fp32", "bf16", "fp16"]
-CacheKind = Literal["dynamic", "static"]
-MergeOn = Literal["gpu", "cpu"]
-MergeBase = Literal["none", "nf4", "fp4"]
-
-CACHES: tuple[str, ...] = get_args(CacheKind)
-ADAPTER_DTYPES: tuple[str, ...] = get_args(AdapterDtype)
-INFER_QUANTS: tuple[str, ...] = get_args(InferQuant)
-DTYPES16: tuple[str, ...] = get_args(Dtype16)
-MERGE_ON: tuple[str, ...] = get_args(MergeOn)
-MERGE_BASES: tuple[str, ...] = get_args(MergeBase)
-
-# torch CublasHandlePool.cpp: one 32 MiB cuBLAS workspace per handle on Hopper. Inference
-# runs under no_grad on the main thread only: one handle (training has two, allocator.py).
-CUBLAS_WORKSPACE_INFER = CUBLAS_WORKSPACES // 2
 
 # torch c10/cuda/CUDACachingAllocator.cpp (2.13): how a request becomes a segment.
 SMALL_SIZE = 1 * MiB  # kSmallSize: requests up to this share 2 MiB segments
@@ -78,65 +59,6 @@ LOGITS_FP32_TENSORS = 2
 
 def _dtype_bytes(name: str) -> int:
     return DTYPE_BYTES[name]
-
-
-class InferPlan(BaseModel):
-    """One generation run: `generate(input_ids[batch x prompt_len], max_new_tokens=N)`,
-    greedy, on a base loaded with `quant`, with a LoRA adapter of `rank` on `targets`
-    (unmerged, in `adapter_dtype`), or none when `merged`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    batch_size: PositiveInt = 1
-    prompt_len: PositiveInt = 512
-    new_tokens: PositiveInt = 128
-    quant: InferQuant = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    rank: PositiveInt = 16
-    targets: str = "all-linear"
-    adapter_dtype: AdapterDtype = "fp32"  # peft autocast_adapter_dtype=True: fp32
-    merged: bool = False  # adapter merged into the weights (or no adapter): no LoRA tensors
-    cache: CacheKind = "dynamic"
-    attn: Literal["sdpa", "eager"] = "sdpa"
-
-    @field_validator("targets")
-    @classmethod
-    def _normalize_targets(cls, value: str) -> str:
-        return normalize_targets(value)
-
-    @property
-    def total_len(self) -> int:
-        """Tokens in the cache after generate(): the last new token never goes through
-        the model, so prompt + new - 1 (the static cache's max_cache_len too, measured)."""
-        return self.prompt_len + self.new_tokens - 1
-
-    def lora_plan(self) -> TrainPlan:
-        """The adapter's shape as trainable.py reads it (rank, targets)."""
-        return TrainPlan(rank=self.rank, targets=self.targets, use_dora=False)
-
-
-class MergePlan(BaseModel):
-    """`merge_and_unload()` of a LoRA adapter into a base loaded in `dtype` (or into a
-    4-bit base, `base_quant`, dequantize + add + requantize), on the GPU or the CPU."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    rank: PositiveInt = 16
-    targets: str = "all-linear"
-    dtype: Dtype16 = "bf16"
-    adapter_dtype: AdapterDtype = "fp32"
-    on: MergeOn = "gpu"
-    base_quant: MergeBase = "none"
-    double_quant: bool = True
-
-    @field_validator("targets")
-    @classmethod
-    def _normalize_targets(cls, value: str) -> str:
-        return InferPlan._normalize_targets(value)
-
-    def lora_plan(self) -> TrainPlan:
-        return TrainPlan(rank=self.rank, targets=self.targets, use_dora=False)
 
 
 class MergeSizes(BaseModel):
@@ -192,23 +114,6 @@ def growing_tensors_reserved(count: int, sizes: list[int]) -> int:
 # ---- KV cache -------------------------------------------------------------------------
 
 
-def kv_token_bytes(spec: ModelSpec, plan: InferPlan) -> int:
-    """Bytes of one token of one layer's keys (or values) for the whole batch."""
-    return plan.batch_size * spec.kv_heads * spec.head_size * _dtype_bytes(plan.compute_dtype)
-
-
-def _cached_len(length: int, window: int | None, after_prefill: bool) -> int:
-    """Tokens held by one layer's tensor when `length` tokens have gone through it.
-
-    DynamicSlidingWindowLayer.update keeps `full[:, :, -window + 1:]`, a view of the
-    concatenated tensor: its storage is the whole concatenation, `window` tokens once
-    decoding, the whole prompt right after the prefill.
-    """
-    if window is None or after_prefill:
-        return length
-    return min(length, window)
-
-
 def kv_cache_bytes(spec: ModelSpec, plan: InferPlan, length: int | None = None,
                    after_prefill: bool = False) -> int:
     """Allocated bytes of keys + values of every layer after `length` tokens (default:
@@ -224,7 +129,7 @@ def kv_cache_bytes(spec: ModelSpec, plan: InferPlan, length: int | None = None,
         else:
             if length is None:  # the end of generate(); one new token: only the prefill ran
                 length, after_prefill = plan.total_len, plan.new_tokens == 1
-            n = _cached_len(length, window, after_prefill)
+            n = cached_len(length, window, after_prefill)
         total += 2 * rounded(per_token * n)
     return total
 
@@ -437,7 +342,7 @@ def estimate_inference(spec: ModelSpec, plan: InferPlan, replay: bool = True) ->
     per_token = kv_token_bytes(spec, plan)
     old = 0
     if plan.cache == "dynamic":
-        old = max(rounded(per_token * _cached_len(plan.total_len - 1, w, False))
+        old = max(rounded(per_token * cached_len(plan.total_len - 1, w, False))
                   for w in windows)
     decode_layer = layer_live_bytes(spec, plan, b, plan.total_len)
     carried = LOGITS_FP32_TENSORS * logits_32  # previous step's fp32 logits and scores

@@ -212,7 +212,7 @@ def describe(t: TrainTime) -> str:
 
 
 def infer_time_on(spec: ModelSpec, plan: Any, gpu: GpuModel) -> Any:
-    """`generate()` speed of an inference plan (vramcalc.memory.inference.InferPlan) on `gpu`:
+    """`generate()` speed of an inference plan (vramcalc.plans.InferPlan) on `gpu`:
     step_time.InferTime, or None when the GPU's peaks are not known."""
     from vramcalc.memory.program.trainable import lora_targets
     from vramcalc.timing.gpu_speed import gpu_speed

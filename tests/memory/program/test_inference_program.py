@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from vramcalc.calibrate.matrix import point_spec
-from vramcalc.memory.inference import InferPlan, MergePlan, estimate_inference, estimate_merge
+from vramcalc.memory.inference import estimate_inference, estimate_merge
 from vramcalc.memory.program.infer import infer_program_peaks
 from vramcalc.models.spec import ModelSpec, get_spec
+from vramcalc.plans import InferPlan, MergePlan
 
 ROOT = Path(__file__).resolve().parents[3] / "calibration"
 

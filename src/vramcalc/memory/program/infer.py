@@ -18,7 +18,7 @@ The program (one request per tensor of at least `load_requests.MIN_REQUEST` byte
 3. Decode steps: the same forward over `batch` tokens. The cache update of a
    `DynamicLayer` is `torch.cat([self.keys, key_states], dim=-2)`: a new tensor one token
    longer is allocated before the old one is freed; a sliding layer keeps a view of the
-   last `window - 1` tokens (`inference._cached_len`). A static cache is allocated at its
+   last `window - 1` tokens (`kv_cache.cached_len`). A static cache is allocated at its
    full length by the first update and written in place afterwards. The previous step's
    fp32 logits and scores are freed when the new ones replace them.
 
@@ -79,17 +79,12 @@ from vramcalc.memory.allocator.replay import (
     round_size,
 )
 from vramcalc.memory.effective import attention_impl
-from vramcalc.memory.inference import (
-    CUBLAS_WORKSPACE_INFER,
-    InferPlan,
-    _cached_len,
-    kv_token_bytes,
-)
+from vramcalc.memory.program.kv_cache import CUBLAS_WORKSPACE_INFER, cached_len, kv_token_bytes
 from vramcalc.memory.program.load import MIN_REQUEST, load_requests
 from vramcalc.memory.program.trainable import lora_targets
 from vramcalc.memory.program.weights import DTYPE_BYTES, NF4_BLOCKSIZE, ceil_div
 from vramcalc.models.spec import LinearShape, ModelSpec, layer_windows, sdpa_window_masks
-from vramcalc.plans import TrainPlan
+from vramcalc.plans import InferPlan, TrainPlan
 
 # A decode step's temporaries of the small pool (1 MiB and less) are left out: they take
 # and give back the same small blocks every step, next to the large pool's cache tensors,
@@ -222,7 +217,7 @@ def _update(e: _Emit, s: _Shape, cache: _Cache, new_tokens: int, length: int,
             cache.values = e.alloc(s.per_token * n, cache=True)
             cache.tokens = n
         return
-    n = _cached_len(length, cache.window, prefill)
+    n = cached_len(length, cache.window, prefill)
     for name in ("keys", "values"):
         new = e.alloc(s.per_token * n, cache=True)  # torch.cat: new before old is freed
         e.free(getattr(cache, name))
@@ -550,7 +545,7 @@ def _next_crossing(s: _Shape, caches: list[_Cache], n: int, last: int, prev_size
                    marks: list[int], offsets: list[int]) -> int:
     """The first length after `n` whose growing size crosses a mark or a grid point above
     the last replayed step's (`prev_sizes`), or where the set of growing sizes changes;
-    `last + 1` if none does. Every growing tensor holds `_cached_len` = the length tokens
+    `last + 1` if none does. Every growing tensor holds `cached_len` = the length tokens
     while it grows (a sliding one up to its window), so the growing sizes are one,
     round_size(per_token * length): its first value at or past the next threshold is
     `_first_length` of that threshold."""
@@ -567,7 +562,7 @@ def _growing_sizes(s: _Shape, caches: list[_Cache], length: int) -> list[int]:
     """Storage bytes of each still-growing cache group at `length` tokens."""
     if s.plan.cache == "static":
         return []
-    sizes = {round_size(s.per_token * _cached_len(length, c.window, False)) for c in caches
+    sizes = {round_size(s.per_token * cached_len(length, c.window, False)) for c in caches
              if c.window is None or length <= c.window}
     return sorted(sizes)
 
@@ -788,7 +783,7 @@ def _jump(s: _Shape, caches: list[_Cache], sim: CachingAllocator, live: dict[int
     the number of requests."""
     e = _Emit(ids)
     for cache in caches:
-        n = _cached_len(length, cache.window, False)
+        n = cached_len(length, cache.window, False)
         for name in ("keys", "values"):
             new = e.alloc(s.per_token * n, cache=True)
             e.free(getattr(cache, name))
