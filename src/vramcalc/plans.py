@@ -1,4 +1,5 @@
-"""TrainPlan: the training settings an estimate depends on (pure data, no torch)."""
+"""The plans an estimate takes (pure data, no torch): TrainPlan (a training step),
+InferPlan (generate), MergePlan (merge_and_unload)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,85 @@ def normalize_targets(value: str) -> str:
     if not parts:
         raise ValueError("targets is empty; use 'all-linear' or names like 'q_proj,v_proj'")
     return ",".join(parts)
+
+
+# ---- inference and merging ------------------------------------------------------
+
+InferQuant = Literal["nf4", "fp4", "int8", "none"]
+Dtype16 = Literal["bf16", "fp16"]
+AdapterDtype = Literal["fp32", "bf16", "fp16"]
+CacheKind = Literal["dynamic", "static"]
+MergeOn = Literal["gpu", "cpu"]
+MergeBase = Literal["none", "nf4", "fp4"]
+
+CACHES: tuple[str, ...] = get_args(CacheKind)
+ADAPTER_DTYPES: tuple[str, ...] = get_args(AdapterDtype)
+INFER_QUANTS: tuple[str, ...] = get_args(InferQuant)
+DTYPES16: tuple[str, ...] = get_args(Dtype16)
+MERGE_ON: tuple[str, ...] = get_args(MergeOn)
+MERGE_BASES: tuple[str, ...] = get_args(MergeBase)
+
+
+class InferPlan(BaseModel):
+    """One generation run: `generate(input_ids[batch x prompt_len], max_new_tokens=N)`,
+    greedy, on a base loaded with `quant`, with a LoRA adapter of `rank` on `targets`
+    (unmerged, in `adapter_dtype`), or none when `merged`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: PositiveInt = 1
+    prompt_len: PositiveInt = 512
+    new_tokens: PositiveInt = 128
+    quant: InferQuant = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    rank: PositiveInt = 16
+    targets: str = "all-linear"
+    adapter_dtype: AdapterDtype = "fp32"  # peft autocast_adapter_dtype=True: fp32
+    merged: bool = False  # adapter merged into the weights (or no adapter): no LoRA tensors
+    cache: CacheKind = "dynamic"
+    attn: Literal["sdpa", "eager"] = "sdpa"
+
+    @field_validator("targets")
+    @classmethod
+    def _normalize_targets(cls, value: str) -> str:
+        return normalize_targets(value)
+
+    @property
+    def total_len(self) -> int:
+        """Tokens in the cache after generate(): the last new token never goes through
+        the model, so prompt + new - 1 (the static cache's max_cache_len too, measured)."""
+        return self.prompt_len + self.new_tokens - 1
+
+    def lora_plan(self) -> TrainPlan:
+        """The adapter's shape as trainable.py reads it (rank, targets)."""
+        return TrainPlan(rank=self.rank, targets=self.targets, use_dora=False)
+
+
+class MergePlan(BaseModel):
+    """`merge_and_unload()` of a LoRA adapter into a base loaded in `dtype` (or into a
+    4-bit base, `base_quant`, dequantize + add + requantize), on the GPU or the CPU."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rank: PositiveInt = 16
+    targets: str = "all-linear"
+    dtype: Dtype16 = "bf16"
+    adapter_dtype: AdapterDtype = "fp32"
+    on: MergeOn = "gpu"
+    base_quant: MergeBase = "none"
+    double_quant: bool = True
+
+    @field_validator("targets")
+    @classmethod
+    def _normalize_targets(cls, value: str) -> str:
+        return InferPlan._normalize_targets(value)
+
+    def lora_plan(self) -> TrainPlan:
+        return TrainPlan(rank=self.rank, targets=self.targets, use_dora=False)
+
+
+# ---- training ---------------------------------------------------------------------
 
 
 class TrainPlan(BaseModel):
@@ -213,79 +293,3 @@ class TrainPlan(BaseModel):
 
     def target_list(self) -> list[str]:
         return self.targets.split(",")
-
-
-# ---- inference and merging ------------------------------------------------------
-
-InferQuant = Literal["nf4", "fp4", "int8", "none"]
-Dtype16 = Literal["bf16", "fp16"]
-AdapterDtype = Literal["fp32", "bf16", "fp16"]
-CacheKind = Literal["dynamic", "static"]
-MergeOn = Literal["gpu", "cpu"]
-MergeBase = Literal["none", "nf4", "fp4"]
-
-CACHES: tuple[str, ...] = get_args(CacheKind)
-ADAPTER_DTYPES: tuple[str, ...] = get_args(AdapterDtype)
-INFER_QUANTS: tuple[str, ...] = get_args(InferQuant)
-DTYPES16: tuple[str, ...] = get_args(Dtype16)
-MERGE_ON: tuple[str, ...] = get_args(MergeOn)
-MERGE_BASES: tuple[str, ...] = get_args(MergeBase)
-
-
-class InferPlan(BaseModel):
-    """One generation run: `generate(input_ids[batch x prompt_len], max_new_tokens=N)`,
-    greedy, on a base loaded with `quant`, with a LoRA adapter of `rank` on `targets`
-    (unmerged, in `adapter_dtype`), or none when `merged`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    batch_size: PositiveInt = 1
-    prompt_len: PositiveInt = 512
-    new_tokens: PositiveInt = 128
-    quant: InferQuant = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    rank: PositiveInt = 16
-    targets: str = "all-linear"
-    adapter_dtype: AdapterDtype = "fp32"  # peft autocast_adapter_dtype=True: fp32
-    merged: bool = False  # adapter merged into the weights (or no adapter): no LoRA tensors
-    cache: CacheKind = "dynamic"
-    attn: Literal["sdpa", "eager"] = "sdpa"
-
-    @field_validator("targets")
-    @classmethod
-    def _normalize_targets(cls, value: str) -> str:
-        return normalize_targets(value)
-
-    @property
-    def total_len(self) -> int:
-        """Tokens in the cache after generate(): the last new token never goes through
-        the model, so prompt + new - 1 (the static cache's max_cache_len too, measured)."""
-        return self.prompt_len + self.new_tokens - 1
-
-    def lora_plan(self) -> TrainPlan:
-        """The adapter's shape as trainable.py reads it (rank, targets)."""
-        return TrainPlan(rank=self.rank, targets=self.targets, use_dora=False)
-
-
-class MergePlan(BaseModel):
-    """`merge_and_unload()` of a LoRA adapter into a base loaded in `dtype` (or into a
-    4-bit base, `base_quant`, dequantize + add + requantize), on the GPU or the CPU."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    rank: PositiveInt = 16
-    targets: str = "all-linear"
-    dtype: Dtype16 = "bf16"
-    adapter_dtype: AdapterDtype = "fp32"
-    on: MergeOn = "gpu"
-    base_quant: MergeBase = "none"
-    double_quant: bool = True
-
-    @field_validator("targets")
-    @classmethod
-    def _normalize_targets(cls, value: str) -> str:
-        return InferPlan._normalize_targets(value)
-
-    def lora_plan(self) -> TrainPlan:
-        return TrainPlan(rank=self.rank, targets=self.targets, use_dora=False)
