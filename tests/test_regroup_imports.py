@@ -39,6 +39,13 @@ def test_every_new_name_exists_and_every_old_one_is_gone(tool: ModuleType) -> No
         assert (root / new).is_file() and not (root / old).exists(), old
 
 
+def test_this_file_is_left_alone(tool: ModuleType) -> None:
+    """The examples below are old names on purpose: a run over tests/ skips this file."""
+    files = tool.files([Path(__file__).resolve().parent])
+    assert Path(__file__).resolve() not in {p.resolve() for p in files}
+    assert files  # and it did walk tests/
+
+
 @pytest.mark.parametrize(("old", "new"), [
     ("from vramcalc.specs import ModelSpec, get_spec",
      "from vramcalc.models.spec import ModelSpec, get_spec"),

@@ -261,8 +261,10 @@ def files(paths: list[Path]) -> list[Path]:
             if p.is_file() and (p.suffix in TEXT_SUFFIXES or (p.suffix == "" and
                                                              root.name == ".ci")):
                 out.append(p)
-    this = Path(__file__).resolve()
-    return [p for p in out if p.resolve() != this]
+    # this file and its test hold the old names on purpose
+    keep = {Path(__file__).resolve(), Path(__file__).resolve().parents[1] / "tests" /
+            "test_regroup_imports.py"}
+    return [p for p in out if p.resolve() not in keep]
 
 
 def main(argv: list[str] | None = None) -> int:
