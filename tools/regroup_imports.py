@@ -116,6 +116,13 @@ SYMBOLS_MOVED: dict[str, str] = {
     "vramcalc.memory.inference._cached_len": "vramcalc.memory.program.kv_cache.cached_len",
     "vramcalc.memory.inference.CUBLAS_WORKSPACE_INFER":
         "vramcalc.memory.program.kv_cache.CUBLAS_WORKSPACE_INFER",
+    # the c10 allocator constants, defined once (memory/allocator/replay.py); units.py
+    "vramcalc.memory.inference.MiB": "vramcalc.units.MiB",
+    "vramcalc.memory.inference.SMALL_SIZE": "vramcalc.memory.allocator.replay.SMALL_SIZE",
+    "vramcalc.memory.inference.SMALL_BUFFER": "vramcalc.memory.allocator.replay.SMALL_BUFFER",
+    "vramcalc.memory.inference.LARGE_BUFFER": "vramcalc.memory.allocator.replay.LARGE_BUFFER",
+    "vramcalc.memory.inference.MIN_LARGE_ALLOC": "vramcalc.memory.allocator.replay.MIN_LARGE_ALLOC",
+    "vramcalc.memory.inference.ROUND_LARGE": "vramcalc.memory.allocator.replay.ROUND_LARGE",
 }
 
 # test files laid out like the package (paths in docs, comments and .ci/run)

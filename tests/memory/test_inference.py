@@ -9,9 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from vramcalc.cli import app
+from vramcalc.memory.allocator.replay import LARGE_BUFFER
 from vramcalc.memory.inference import (
-    LARGE_BUFFER,
-    MiB,
     adapter_bytes,
     estimate_inference,
     estimate_merge,
@@ -25,6 +24,7 @@ from vramcalc.memory.inference import (
 )
 from vramcalc.models.spec import ModelSpec, get_spec
 from vramcalc.plans import InferPlan, MergePlan
+from vramcalc.units import MiB
 
 # in / intermediate multiples of 64: bitsandbytes' CPU 4-bit path needs whole blocks per row
 TINY = dict(name="tiny-llama", model_type="llama", vocab_size=320, hidden_size=128,

@@ -24,6 +24,17 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from vramcalc.memory.allocator.constants import CUDA_CONTEXT
+
+# torch c10/cuda/CUDACachingAllocator.cpp (2.13), how a request becomes a segment: the
+# constants of the simulated allocator (kSmallSize, kSmallBuffer, kLargeBuffer,
+# kMinLargeAlloc, kRoundLarge), defined there once
+from vramcalc.memory.allocator.replay import (
+    LARGE_BUFFER,
+    MIN_LARGE_ALLOC,
+    ROUND_LARGE,
+    SMALL_BUFFER,
+    SMALL_SIZE,
+)
 from vramcalc.memory.effective import attention_impl, effective_load_plan
 from vramcalc.memory.program.kv_cache import CUBLAS_WORKSPACE_INFER, cached_len, kv_token_bytes
 from vramcalc.memory.program.trainable import lora_targets, lora_tensor_numels
@@ -40,14 +51,6 @@ from vramcalc.memory.program.weights import (
 from vramcalc.memory.result import Components, Estimate
 from vramcalc.models.spec import LinearShape, ModelSpec, layer_windows, sdpa_window_masks
 from vramcalc.plans import InferPlan, MergePlan, TrainPlan
-from vramcalc.units import MiB
-
-# torch c10/cuda/CUDACachingAllocator.cpp (2.13): how a request becomes a segment.
-SMALL_SIZE = 1 * MiB  # kSmallSize: requests up to this share 2 MiB segments
-SMALL_BUFFER = 2 * MiB  # kSmallBuffer
-LARGE_BUFFER = 20 * MiB  # kLargeBuffer: segment for requests in (1 MiB, 10 MiB)
-MIN_LARGE_ALLOC = 10 * MiB  # kMinLargeAlloc
-ROUND_LARGE = 2 * MiB  # kRoundLarge: requests of 10 MiB and more round up to 2 MiB
 
 # generate() after each forward (transformers generation/utils.py _sample):
 #   next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=float32)   4 B x V
