@@ -6,11 +6,11 @@ subpackage ships without editing anything) plus vramcalc.model_specs, which
 [tool.setuptools.package-dir] maps to the repo's top-level model_specs/ folder.
 
 The build step also writes vramcalc/model_specs/_catalog.json, the catalog's YAML files
-parsed once (src/vramcalc/catalog_index.py): a cold `vramcalc plan` then needs no PyYAML.
+parsed once (src/vramcalc/models/catalog_index.py): a cold `vramcalc plan` then needs no PyYAML.
 
-`vramcalc._replay` (src/vramcalc/_replay.c) is the compiled replay of an estimate's
-request program. It is optional: where no C compiler is found or the build fails, the
-install goes on without it and `vramcalc.allocator_replay` runs its pure-Python replay,
+`vramcalc.memory.allocator._replay` (src/vramcalc/memory/allocator/_replay.c) is the
+compiled replay of an estimate's request program. It is optional: where no C compiler is found or the build fails, the
+install goes on without it and `vramcalc.memory.allocator.replay` runs its pure-Python replay,
 which gives the same bytes (`vramcalc --version` says which one runs).
 """
 
@@ -27,7 +27,7 @@ class build_py_with_catalog_index(build_py):
     def run(self) -> None:
         super().run()
         spec = importlib.util.spec_from_file_location(
-            "catalog_index", ROOT / "src" / "vramcalc" / "catalog_index.py")
+            "catalog_index", ROOT / "src" / "vramcalc" / "models" / "catalog_index.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -39,5 +39,5 @@ class build_py_with_catalog_index(build_py):
 setup(
     packages=[*find_packages("src", include=["vramcalc", "vramcalc.*"]), "vramcalc.model_specs"],
     cmdclass={"build_py": build_py_with_catalog_index},
-    ext_modules=[Extension("vramcalc._replay", ["src/vramcalc/_replay.c"], optional=True)],
+    ext_modules=[Extension("vramcalc.memory.allocator._replay", ["src/vramcalc/memory/allocator/_replay.c"], optional=True)],
 )

@@ -53,7 +53,7 @@ smoke 0 python -m vramcalc --version
 # the catalog comes from the build-time JSON index: a cold plan imports no PyYAML
 smoke 0 python -c "
 import sys
-from vramcalc.specs import catalog, get_spec
+from vramcalc.models.spec import catalog, get_spec
 get_spec('llama-7b'); catalog()
 assert 'yaml' not in sys.modules, 'the wheel parsed YAML: model_specs/_catalog.json missing'
 "
@@ -64,7 +64,7 @@ assert 'site-packages' in vramcalc.__file__, vramcalc.__file__
 out = subprocess.run(['vramcalc', 'plan', '-m', 'llama-3.1-8b', '--json'], check=True,
                      capture_output=True, text=True).stdout
 assert json.loads(out)['peak_device_bytes'] > 0
-from vramcalc.corrections import shipped_entries
+from vramcalc.corrections.factors import shipped_entries
 assert shipped_entries(), 'shipped corrections missing from the wheel'
 "
 # the page of `vramcalc serve` ships in the wheel and is served from it

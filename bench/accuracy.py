@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from vramcalc.calibration_data import fit_calls, load_raw_points  # noqa: E402
-from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.specs import get_spec  # noqa: E402
+from vramcalc.corrections.points import fit_calls, load_raw_points  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.models.spec import get_spec  # noqa: E402
+from vramcalc.units import GiB  # noqa: E402
 
-GiB = 2**30
 CAPPED_NOTE = "  (capped by the card: reserved/device not compared)"
 
 

@@ -27,9 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from h200_points import ROOT, records  # noqa: E402
 
-from vramcalc.estimate import estimate  # noqa: E402
-
-GiB = 2**30
+from vramcalc.memory.estimate import estimate  # noqa: E402
 
 
 def regime(spec: Any, plan: Any) -> str:

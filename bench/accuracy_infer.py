@@ -25,15 +25,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vramcalc.calibrate.matrix import point_spec  # noqa: E402
-from vramcalc.inference import (  # noqa: E402
-    InferPlan,
-    MergePlan,
-    estimate_inference,
-    estimate_merge,
-)
-from vramcalc.result import Estimate  # noqa: E402
+from vramcalc.memory.inference import estimate_inference, estimate_merge  # noqa: E402
+from vramcalc.memory.result import Estimate  # noqa: E402
+from vramcalc.plans import InferPlan, MergePlan  # noqa: E402
+from vramcalc.units import GiB  # noqa: E402
 
-GiB = 2**30
 ROOT = Path(__file__).resolve().parents[1] / "calibration"
 RUNS: dict[str, tuple[Path | tuple[Path, ...], Path, str]] = {  # run -> (records, matrix, title)
     "run3": (ROOT / "h200" / "run3-infer.jsonl", ROOT / "matrices" / "h200-infer2.json",

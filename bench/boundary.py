@@ -21,12 +21,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vramcalc.calibrate.matrix import emulated_card_bytes  # noqa: E402
-from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.plan_settings import TrainPlan, current_loop_names  # noqa: E402
-from vramcalc.specs import get_spec  # noqa: E402
-from vramcalc.verdict import certainty  # noqa: E402
-
-GiB = 2**30
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.models.spec import get_spec  # noqa: E402
+from vramcalc.plans import TrainPlan, current_loop_names  # noqa: E402
+from vramcalc.sizing.verdict import certainty  # noqa: E402
+from vramcalc.units import GiB  # noqa: E402
 
 
 def verdict_of(rec: dict[str, Any], margin: int) -> tuple[str, float, float]:

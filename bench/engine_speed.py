@@ -66,7 +66,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # `vramcalc.api.plan(model)`; prints the wall and CPU seconds of each as JSON.
 _IN_PROCESS_CHILD = """
 import json, sys, time
-import vramcalc.step_templates as templates
+import vramcalc.memory.program.templates as templates
 from vramcalc.api import plan
 model, runs = sys.argv[1], int(sys.argv[2])
 plan(model)  # warm-up: imports, the catalog, the corrections

@@ -33,16 +33,11 @@ from h200_points import ROOT, measured_plan  # noqa: E402
 
 from vramcalc.calibrate.matrix import point_spec  # noqa: E402
 from vramcalc.errors import VramcalcError  # noqa: E402
-from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.inference import (  # noqa: E402
-    InferPlan,
-    MergePlan,
-    estimate_inference,
-    estimate_merge,
-)
-from vramcalc.multi_gpu import ParallelPlan, estimate_parallel  # noqa: E402
-from vramcalc.plan_settings import TrainPlan  # noqa: E402
-from vramcalc.specs import catalog, get_spec  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.memory.inference import estimate_inference, estimate_merge  # noqa: E402
+from vramcalc.memory.multi_gpu import ParallelPlan, estimate_parallel  # noqa: E402
+from vramcalc.models.spec import catalog, get_spec  # noqa: E402
+from vramcalc.plans import InferPlan, MergePlan, TrainPlan  # noqa: E402
 
 Job = tuple[str, Callable[[], Any]]
 

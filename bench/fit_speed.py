@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from vramcalc.comparison import fit_rows  # noqa: E402
-from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.gpu_catalog import resolve_gpu  # noqa: E402
-from vramcalc.plan_settings import TrainPlan  # noqa: E402
-from vramcalc.result import Estimate  # noqa: E402
-from vramcalc.specs import ModelSpec, catalog  # noqa: E402
+from vramcalc.hardware.catalog import resolve_gpu  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.memory.result import Estimate  # noqa: E402
+from vramcalc.models.spec import ModelSpec, catalog  # noqa: E402
+from vramcalc.plans import TrainPlan  # noqa: E402
+from vramcalc.sizing.comparison import fit_rows  # noqa: E402
 
 MARGIN = 2**29
 

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_h200 import HOLDOUTS  # noqa: E402
 from h200_points import ROOT, records  # noqa: E402
 
-from vramcalc import corrections as corr  # noqa: E402
-from vramcalc.estimate import estimate  # noqa: E402
+from vramcalc.corrections import factors as corr  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
 
 GPU = "NVIDIA H200"
 STACK = corr.stack_key("2.11.0+cu130", "5.17.0")

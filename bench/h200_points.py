@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from vramcalc.calibrate.matrix import matrix_points, point_spec  # noqa: E402
-from vramcalc.plan_settings import TrainPlan  # noqa: E402
-from vramcalc.specs import ModelSpec  # noqa: E402
+from vramcalc.models.spec import ModelSpec  # noqa: E402
+from vramcalc.plans import TrainPlan  # noqa: E402
 
 RUNS = {  # run file -> the matrix it measured
     "run1-design.jsonl": "h200-design.json",

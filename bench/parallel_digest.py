@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from estimates_digest import Job, run  # noqa: E402
 
-from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.multi_gpu import ParallelPlan, estimate_parallel  # noqa: E402
-from vramcalc.plan_settings import TrainPlan  # noqa: E402
-from vramcalc.planning import memoized  # noqa: E402
-from vramcalc.specs import get_spec  # noqa: E402
+from vramcalc.corrections.planning import memoized  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.memory.multi_gpu import ParallelPlan, estimate_parallel  # noqa: E402
+from vramcalc.models.spec import get_spec  # noqa: E402
+from vramcalc.plans import TrainPlan  # noqa: E402
 
 MODELS = ("llama-3.1-8b", "qwen2.5-14b", "mixtral-8x7b", "llama-2-70b", "llama-3.1-70b")
 METHODS: dict[str, dict[str, Any]] = {

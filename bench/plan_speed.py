@@ -31,10 +31,10 @@ def cold_plan_seconds(runs: int) -> list[float]:
 
 
 def search_seconds() -> tuple[float, int]:
-    from vramcalc.estimate import estimate
-    from vramcalc.plan_settings import TrainPlan
-    from vramcalc.search import largest_fitting
-    from vramcalc.specs import get_spec
+    from vramcalc.memory.estimate import estimate
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import TrainPlan
+    from vramcalc.sizing.search import largest_fitting
 
     spec = get_spec("llama-3.1-8b")
     t0 = time.perf_counter()

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from h200_points import records  # noqa: E402
 
-from vramcalc.effective import effective_train_plan  # noqa: E402
-from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.step_requests import program_peaks  # noqa: E402
+from vramcalc.memory.effective import effective_train_plan  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.memory.program.step import program_peaks  # noqa: E402
 
 
 def program_peak(spec: Any, plan: Any) -> int:

@@ -16,11 +16,11 @@ from typing import Any
 
 import yaml
 
-from vramcalc.gpu_catalog import resolve_gpu
-from vramcalc.multi_gpu import ParallelPlan, estimate_parallel
-from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import get_spec
-from vramcalc.verdict import DEFAULT_MARGIN_GIB, catalog_target, verdict
+from vramcalc.hardware.catalog import resolve_gpu
+from vramcalc.memory.multi_gpu import ParallelPlan, estimate_parallel
+from vramcalc.models.spec import get_spec
+from vramcalc.plans import TrainPlan
+from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB, catalog_target, verdict
 
 DATA = Path(__file__).parent / "data"
 GiB = 2**30

@@ -17,13 +17,13 @@ from typing import Any
 
 import yaml
 
-from vramcalc.multi_gpu import ParallelPlan, estimate_parallel
-from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import get_spec
+from vramcalc.memory.multi_gpu import ParallelPlan, estimate_parallel
+from vramcalc.models.spec import get_spec
+from vramcalc.plans import TrainPlan
+from vramcalc.units import GiB
 
 DATA = Path(__file__).parent / "data" / "published_multi_gpu.yaml"
 TOLERANCE = 0.10
-GiB = 2**30
 PARALLEL_KEYS = ("gpus", "strategy", "offload", "sharding_strategy")
 METRIC_ATTR = {"device": "peak_device_bytes", "reserved": "peak_reserved_bytes",
                "allocated": "peak_allocated_bytes"}

@@ -22,11 +22,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from vramcalc.gpu_catalog import resolve_gpu  # noqa: E402
-from vramcalc.gpu_speed import gpu_speed  # noqa: E402
-from vramcalc.plan_settings import TrainPlan  # noqa: E402
-from vramcalc.specs import get_spec  # noqa: E402
-from vramcalc.step_time import step_time, train_work  # noqa: E402
+from vramcalc.hardware.catalog import resolve_gpu  # noqa: E402
+from vramcalc.models.spec import get_spec  # noqa: E402
+from vramcalc.plans import TrainPlan  # noqa: E402
+from vramcalc.timing.gpu_speed import gpu_speed  # noqa: E402
+from vramcalc.timing.step_time import step_time, train_work  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "published_throughput.yaml"
 TARGET = 25.0

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from h200_points import ROOT, records  # noqa: E402
 
-from vramcalc.estimate import estimate  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
 
 SETS = [("run15-holdout6.jsonl", "h200-holdout6-predictions.json"),
         ("run16-holdout7.jsonl", "h200-holdout7-predictions.json")]

@@ -92,11 +92,12 @@ def gpu_of(lines: list[str]) -> str:
 
 def current_prediction(spec_name: str, layers: int | None, plan: dict[str, Any],
                        gpu: str = "h200") -> float:
-    from vramcalc.gpu_catalog import resolve_gpu
-    from vramcalc.gpu_speed import gpu_speed
-    from vramcalc.plan_settings import TrainPlan
-    from vramcalc.specs import depth_cut, resolve_model
-    from vramcalc.step_time import step_time, train_work
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.resolve import resolve_model
+    from vramcalc.models.spec import depth_cut
+    from vramcalc.plans import TrainPlan
+    from vramcalc.timing.gpu_speed import gpu_speed
+    from vramcalc.timing.step_time import step_time, train_work
 
     base = spec_name.split("@")[0]
     spec = resolve_model(base)
@@ -110,11 +111,12 @@ def fit(points: list[dict[str, Any]], gpu: str) -> None:
     """Grid search of (matmul, attention, memory, host factor) on the run's points."""
     import itertools
 
-    from vramcalc.gpu_catalog import resolve_gpu
-    from vramcalc.gpu_speed import gpu_speed
-    from vramcalc.plan_settings import TrainPlan
-    from vramcalc.specs import depth_cut, resolve_model
-    from vramcalc.step_time import step_time, train_work
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.resolve import resolve_model
+    from vramcalc.models.spec import depth_cut
+    from vramcalc.plans import TrainPlan
+    from vramcalc.timing.gpu_speed import gpu_speed
+    from vramcalc.timing.step_time import step_time, train_work
 
     base = gpu_speed(resolve_gpu(gpu))
     assert base is not None

@@ -32,12 +32,12 @@ from typing import Any
 sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
 
 from vramcalc.errors import PlanError  # noqa: E402
-from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.hf_config import spec_from_hf_config  # noqa: E402
-from vramcalc.plan_settings import LOOP_NAMES, TrainPlan, current_loop_names  # noqa: E402
-from vramcalc.specs import ModelSpec, depth_cut, get_spec  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.models.hf_config import spec_from_hf_config  # noqa: E402
+from vramcalc.models.spec import ModelSpec, depth_cut, get_spec  # noqa: E402
+from vramcalc.plans import LOOP_NAMES, TrainPlan, current_loop_names  # noqa: E402
+from vramcalc.units import GiB  # noqa: E402
 
-GiB = 2**30
 MAX_PEAK_GIB = 60
 
 # name -> layers measured (None: full depth)

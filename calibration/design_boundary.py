@@ -27,11 +27,11 @@ from typing import Any
 sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
 
 from vramcalc.calibrate.matrix import emulated_card_bytes  # noqa: E402
-from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.plan_settings import TrainPlan, current_loop_names  # noqa: E402
-from vramcalc.specs import get_spec  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.models.spec import get_spec  # noqa: E402
+from vramcalc.plans import TrainPlan, current_loop_names  # noqa: E402
+from vramcalc.units import GiB  # noqa: E402
 
-GiB = 2**30
 # "plain-outputs": runs 7 and 8 measured the loop that keeps `out` (named "plain" then)
 VARIANTS = [(loop, exp) for loop in ("trainer", "plain-outputs") for exp in (False, True)]
 
@@ -92,8 +92,8 @@ def holdout_points() -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The grid (cases x loops x allocators x repeats) and, for every variant that check
     calls "does not fit", each suggestion it prints, run once in the same loop and card.
     Returns the points and their predictions (certainty with no margin and with 0.5 GiB)."""
-    from vramcalc import advice
-    from vramcalc.verdict import certainty
+    from vramcalc.sizing import advice
+    from vramcalc.sizing.verdict import certainty
 
     pts: list[dict[str, Any]] = []
     preds: dict[str, Any] = {}
@@ -163,7 +163,7 @@ ISSUE_CASES = [  # (tag, loop, expandable, batch)
 
 def issue_points() -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Issue 11's H100 case on an emulated card; predictions (no margin) alongside."""
-    from vramcalc.verdict import certainty
+    from vramcalc.sizing.verdict import certainty
 
     spec = get_spec("llama-3.1-8b")
     pts, preds = [], {}

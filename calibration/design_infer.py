@@ -7,7 +7,7 @@
 
 24 generate() points and 3 merges drawn at random (seed 40) over 7 architectures (MHA and
 GQA, 32k-256k vocabularies), batch 1-64, prompt 128-32k, new tokens 1-2048, nf4 and bf16
-bases, each with the estimate of `vramcalc.inference` at commit time in "prediction".
+bases, each with the estimate of `vramcalc.memory.inference` at commit time in "prediction".
 Nothing here was measured when it was committed: the inference model was corrected on
 run 3 (bench/accuracy_infer.py), and this matrix is the holdout that has to confirm it.
 Run it as h200-infer2.json was run (calibration/DEVICE.md).
@@ -22,12 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from vramcalc.inference import InferPlan, MergePlan, estimate_inference, estimate_merge  # noqa: E402
-from vramcalc.specs import depth_cut, get_spec  # noqa: E402
+from vramcalc.memory.inference import estimate_inference, estimate_merge  # noqa: E402
+from vramcalc.models.spec import depth_cut, get_spec  # noqa: E402
+from vramcalc.plans import InferPlan, MergePlan
+from vramcalc.units import GiB  # noqa: E402
 
 ARCHS = ["llama-3.1-8b", "llama-2-7b", "qwen2.5-7b", "gemma-2-2b", "phi-3-mini", "mistral-7b",
          "qwen3-8b"]
-GiB = 2**30
 
 
 def main() -> None:

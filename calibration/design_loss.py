@@ -26,9 +26,9 @@ from typing import Any
 
 sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
 
-from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.plan_settings import LOOP_NAMES, TrainPlan  # noqa: E402
-from vramcalc.specs import get_spec  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.plans import LOOP_NAMES, TrainPlan  # noqa: E402
+from vramcalc.models.spec import get_spec  # noqa: E402
 
 GiB = 2**30
 MAX_DEVICE_GIB = 70

@@ -20,9 +20,9 @@ from typing import Any
 sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
 
 from vramcalc.calibrate.store import Prediction  # noqa: E402
-from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.plan_settings import TrainPlan  # noqa: E402
-from vramcalc.specs import get_spec  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.plans import TrainPlan  # noqa: E402
+from vramcalc.models.spec import get_spec  # noqa: E402
 
 GiB = 2**30
 LIMIT_GIB = 70.0

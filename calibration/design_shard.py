@@ -22,9 +22,9 @@ from typing import Any
 
 sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
 
-from vramcalc.multi_gpu import ParallelPlan, estimate_parallel  # noqa: E402
-from vramcalc.plan_settings import TrainPlan  # noqa: E402
-from vramcalc.specs import get_spec  # noqa: E402
+from vramcalc.memory.multi_gpu import ParallelPlan, estimate_parallel  # noqa: E402
+from vramcalc.plans import TrainPlan  # noqa: E402
+from vramcalc.models.spec import get_spec  # noqa: E402
 
 FULL = {"method": "full", "optimizer": "adamw_torch", "loop": "plain"}
 QLORA = {"method": "qlora", "quant": "nf4", "optimizer": "adamw_torch", "loop": "plain"}

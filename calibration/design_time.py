@@ -30,14 +30,14 @@ from typing import Any
 
 sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
 
-from vramcalc.estimate import estimate  # noqa: E402
-from vramcalc.gpu_catalog import resolve_gpu  # noqa: E402
-from vramcalc.gpu_speed import gpu_speed  # noqa: E402
-from vramcalc.plan_settings import TrainPlan  # noqa: E402
-from vramcalc.specs import depth_cut, get_spec  # noqa: E402
-from vramcalc.step_time import step_time, train_work  # noqa: E402
+from vramcalc.hardware.catalog import resolve_gpu  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.models.spec import depth_cut, get_spec  # noqa: E402
+from vramcalc.plans import TrainPlan  # noqa: E402
+from vramcalc.timing.gpu_speed import gpu_speed  # noqa: E402
+from vramcalc.timing.step_time import step_time, train_work  # noqa: E402
+from vramcalc.units import GiB  # noqa: E402
 
-GiB = 2**30
 TIME_WORKER = "vramcalc.calibrate.time_worker"
 STEPS = 6  # one warm-up step, five timed (run.step_seconds: the median after the first)
 MAX_PEAK_GIB = 100  # one point at a time on a 141 GB H200: room for the process's leftovers

@@ -1,6 +1,6 @@
 """Matrix of allocator-trace points: measured points of earlier runs, run again with the
-whole allocator trace written (`--trace-dir`), for `vramcalc.allocator_replay` and the step
-programs of `vramcalc.step_requests`.
+whole allocator trace written (`--trace-dir`), for `vramcalc.memory.allocator.replay` and the step
+programs of `vramcalc.memory.program.step`.
 
     python calibration/trace_matrix.py > calibration/matrices/h200-traces.json          # run 14
     python calibration/trace_matrix.py run17 > calibration/matrices/h200-traces17.json  # run 17

@@ -1,7 +1,7 @@
 """Compare the requests of a recorded step (calibration/h200/run14-traces, run17-traces,
 run23-traces)
-with the ones `vramcalc.step_requests` generates for the same point: counts of allocations by size,
-largest first, and the reserved bytes each sequence leaves.
+with the ones `vramcalc.memory.program.step` generates for the same point: counts of
+allocations by size, largest first, and the reserved bytes each sequence leaves.
 
     python calibration/trace_programs.py tr-d081-llama-3.1-8b [--min-mib 8] [--seq] [--diff]
 """
@@ -22,12 +22,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from h200_points import records  # noqa: E402
 
-from vramcalc.allocator_replay import replay_requests, replay_trace  # noqa: E402
 from vramcalc.calibrate.run import MARK_STEP  # noqa: E402
-from vramcalc.effective import effective_train_plan  # noqa: E402
-from vramcalc.step_requests import StepRequests, step_requests  # noqa: E402
-
-MiB = 2**20
+from vramcalc.memory.allocator.replay import replay_requests, replay_trace  # noqa: E402
+from vramcalc.memory.effective import effective_train_plan  # noqa: E402
+from vramcalc.memory.program.step import StepRequests, step_requests  # noqa: E402
+from vramcalc.units import MiB  # noqa: E402
 
 
 def recorded_step(trace: dict, step: int) -> list[tuple[str, int]]:

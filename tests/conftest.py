@@ -49,13 +49,13 @@ def _hub_offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempP
 @pytest.fixture(autouse=True)
 def _replay_only_where_marked(request: pytest.FixtureRequest,
                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The allocator replay (vramcalc.step_requests, ~0.1-0.7 s per estimate of a full-size
+    """The allocator replay (vramcalc.memory.program.step, ~0.1-0.7 s per estimate of a full-size
     model on a busy 2-core machine) is what every command shows; tests not marked `replay`
     run without it, on the phase formula and the linear slack rule, by switching the
     default of `estimate()`'s `replay` argument. Every command and search under test then
     still runs one estimator, the same in all of them; tests marked `replay` test the
     replayed numbers themselves."""
-    from vramcalc.estimate import estimate
+    from vramcalc.memory.estimate import estimate
 
     if request.node.get_closest_marker("replay"):
         return

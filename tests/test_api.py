@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from vramcalc import CheckResult, PlanEstimate, check, plan
 from vramcalc.cli import app
 from vramcalc.errors import PlanError, UnknownGpuError, UnknownModelError
-from vramcalc.result import Estimate
+from vramcalc.memory.result import Estimate
 
 
 def test_plan_matches_the_cli() -> None:

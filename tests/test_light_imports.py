@@ -57,7 +57,7 @@ def test_help_imports_no_command() -> None:
     loaded = _run_cli("--help")
     assert not loaded & set(HEAVY)
     assert not {m for m in loaded if m.startswith("vramcalc.commands.")}, loaded
-    assert "vramcalc.estimate" not in loaded and "vramcalc.specs" not in loaded
+    assert "vramcalc.memory.estimate" not in loaded and "vramcalc.models.spec" not in loaded
 
 
 def test_plan_imports_neither_heavy_nor_calibrate() -> None:
@@ -85,8 +85,8 @@ def test_compare_and_fit_import_nothing_heavy() -> None:
 
 def test_parallel_choices_match_multi_gpu() -> None:
     """commands/parallel.py spells the multi-GPU choices so `plan` need not load multi_gpu."""
-    from vramcalc import multi_gpu
     from vramcalc.commands import parallel
+    from vramcalc.memory import multi_gpu
 
     for name in ("STRATEGIES", "OFFLOADS", "SHARDING_STRATEGIES", "BALANCES", "QUANT_STORAGES"):
         assert getattr(parallel, name) == getattr(multi_gpu, name), name
@@ -94,13 +94,14 @@ def test_parallel_choices_match_multi_gpu() -> None:
 
 def test_plan_without_gpus_skips_multi_gpu() -> None:
     loaded = _run_cli("plan", "--model", "llama-7b")
-    assert "vramcalc.multi_gpu" not in loaded
+    assert "vramcalc.memory.multi_gpu" not in loaded
 
 
 # Modules a cold `vramcalc plan --model NAME` has no use for (issue 9: it runs in loops).
 NOT_ON_PLAN_PATH = (
-    "vramcalc.multi_gpu", "vramcalc.inference", "vramcalc.calibrate", "vramcalc.hub",
-    "vramcalc.hf_config", "vramcalc.gpu_catalog", "vramcalc.advice", "vramcalc.comparison",
+    "vramcalc.memory.multi_gpu", "vramcalc.memory.inference", "vramcalc.calibrate",
+    "vramcalc.models.hub", "vramcalc.models.hf_config", "vramcalc.hardware.catalog",
+    "vramcalc.sizing.advice", "vramcalc.sizing.comparison",
     "vramcalc.training_config", "vramcalc.api", "huggingface_hub", "platformdirs",
 )
 

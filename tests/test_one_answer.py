@@ -21,10 +21,10 @@ from typer.testing import CliRunner
 
 import vramcalc
 from vramcalc.cli import app
-from vramcalc.gpu_catalog import catalog as gpu_catalog
-from vramcalc.gpu_catalog import resolve_gpu
-from vramcalc.specs import ModelSpec, get_spec
-from vramcalc.specs import catalog as model_catalog
+from vramcalc.hardware.catalog import catalog as gpu_catalog
+from vramcalc.hardware.catalog import resolve_gpu
+from vramcalc.models.spec import ModelSpec, get_spec
+from vramcalc.models.spec import catalog as model_catalog
 
 runner = CliRunner()
 # fit's methods as plan options (comparison.METHOD_SETUPS, with each one's usual optimizer)
@@ -133,7 +133,7 @@ def assert_one_answer(d: Draw, monkeypatch: pytest.MonkeyPatch) -> None:
 
     # fit over a catalog of the drawn model: its row is plan's at batch 1 and --max
     with monkeypatch.context() as m:
-        m.setattr("vramcalc.specs.catalog", lambda: (spec,))
+        m.setattr("vramcalc.models.spec.catalog", lambda: (spec,))
         _, fit = cli("fit", "--gpu", d.gpu, *d.shared(), "--json")
     assert fit["gpu_memory_bytes"] == offered
     (row,) = [r for r in fit["rows"] if r["method"] == d.method]

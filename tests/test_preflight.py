@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 
 from vramcalc import api
+from vramcalc.units import GiB, MiB
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-GiB = 2**30
-MiB = 2**20
 
 
 def _args(tmp_path: Path, **kw: Any) -> Any:
@@ -174,14 +173,14 @@ def test_callback_not_strict_logs_and_goes_on(tmp_path: Path,
 def test_callback_without_a_gpu_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """gpus=None asks NVML; with no GPU the check is skipped with a line, never an error."""
-    import vramcalc.gpus
+    import vramcalc.hardware.devices
     from vramcalc.errors import NoGpuError
     from vramcalc.integrations import VramcalcCallback
 
     def no_gpu(nvml: Any = None) -> Any:
         raise NoGpuError("no NVIDIA driver found")
 
-    monkeypatch.setattr(vramcalc.gpus, "query_devices", no_gpu)
+    monkeypatch.setattr(vramcalc.hardware.devices, "query_devices", no_gpu)
     cb = VramcalcCallback(max_seq_len=32, strict=True)
     trainer = _tiny_trainer(tmp_path, cb)
     trainer.train()

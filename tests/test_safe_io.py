@@ -160,7 +160,7 @@ WRITERS = {
     "calibrate fit --out": Writer(".json", lambda t, a: [
         "calibrate", "fit", "--data", str(_data_folder(a)), "--out", str(t)], None),
     "corrections.save": Writer(".json", None, (
-        "from vramcalc.corrections import Corrections, save\n"
+        "from vramcalc.corrections.factors import Corrections, save\n"
         "save(PATH, [Corrections(gpu_family='H100', stack='torch2.13-transformers5.25')])")),
     "store.write_run": Writer(".json", None, (
         "from vramcalc.calibrate import store\n"
@@ -661,7 +661,7 @@ def test_fit_does_not_replace_a_file_that_is_not_corrections(content: bytes,
 
 
 def test_fit_keeps_other_entries_of_its_out_file(area: Path) -> None:
-    from vramcalc import corrections as corr
+    from vramcalc.corrections import factors as corr
 
     out = area / "c.json"
     other = corr.Corrections(gpu_family="A100", stack="torch2.11-transformers5.17")
@@ -673,8 +673,8 @@ def test_fit_keeps_other_entries_of_its_out_file(area: Path) -> None:
 
 def test_binary_cached_hub_config_is_one_error_line(area: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from vramcalc import hub
     from vramcalc.errors import SpecError
+    from vramcalc.models import hub
 
     cached = area / "config.json"
     cached.write_bytes(BINARY)

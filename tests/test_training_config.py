@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from vramcalc.cli import app
 from vramcalc.errors import PlanError
-from vramcalc.specs import get_spec
+from vramcalc.models.spec import get_spec
 from vramcalc.training_config import read_training_config
 
 FIX = Path(__file__).parent / "fixtures" / "training_configs"

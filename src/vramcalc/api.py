@@ -21,7 +21,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
 from vramcalc.errors import PlanError
-from vramcalc.plan_settings import (
+from vramcalc.memory.result import Estimate
+from vramcalc.models.spec import ModelSpec
+from vramcalc.plans import (
     Attention,
     ComputeDtype,
     Layout,
@@ -35,11 +37,9 @@ from vramcalc.plan_settings import (
     TrainPlan,
     WeightsDtype,
 )
-from vramcalc.result import Estimate
-from vramcalc.specs import ModelSpec
-from vramcalc.verdict import CERTAINTY_WORDS, Certainty, Target, Verdict, verdict
+from vramcalc.sizing.verdict import CERTAINTY_WORDS, Certainty, Target, Verdict, verdict
+from vramcalc.units import GiB
 
-GiB = 2**30
 DEFAULT_MARGIN_GIB = 0.5  # as `vramcalc check --margin`
 
 __all__ = ["CheckResult", "GpuVerdict", "PlanEstimate", "check", "make_plan", "plan",
@@ -85,7 +85,8 @@ class GpuVerdict(BaseModel):
     API and the CLI (`vramcalc check`'s rows and JSON are `to_dict`, `plan --gpu`'s
     `verdict_fields`)."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)  # built on first use (issue 9)
+    # built on first use (issue 9)
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     target: Target
     compute_dtype: str  # fp16 on a GPU without bf16
@@ -188,7 +189,7 @@ def verdict_on(target: Target, estimate: Estimate, compute_dtype: str,
 class CheckResult(BaseModel):
     """The plan's verdict on each GPU asked about; `estimate` is for the first."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     estimate: PlanEstimate
     verdicts: tuple[GpuVerdict, ...]
@@ -229,7 +230,7 @@ def make_plan(**options: Any) -> TrainPlan:
 def _resolve(model: str | ModelSpec) -> ModelSpec:
     if isinstance(model, ModelSpec):
         return model
-    from vramcalc.specs import resolve_model
+    from vramcalc.models.resolve import resolve_model
 
     return resolve_model(model)
 
@@ -276,7 +277,7 @@ def plan(
     that GPU family (as `vramcalc check --gpu`). Raises a VramcalcError subclass on a bad
     model or option.
     """
-    from vramcalc.planning import estimator
+    from vramcalc.corrections.planning import estimator
 
     spec = _resolve(model)
     train = _train_plan(
@@ -294,7 +295,7 @@ def plan(
 
 def _train_plan(spec: ModelSpec, **options: Any) -> TrainPlan:
     """make_plan, and the LoRA targets checked against the model (one PlanError)."""
-    from vramcalc.trainable import lora_targets
+    from vramcalc.memory.program.trainable import lora_targets
 
     train = make_plan(**options)
     lora_targets(spec, train)
@@ -314,10 +315,10 @@ def check(
     `options` are `plan`'s keyword options. Fits: required memory + margin <= the GPU's
     memory. A GPU without bf16 is planned with fp16 compute, as the CLI does.
     """
-    from vramcalc.advice import for_gpu
-    from vramcalc.gpu_catalog import resolve_gpu
-    from vramcalc.planning import Estimators
-    from vramcalc.verdict import catalog_target
+    from vramcalc.corrections.planning import Estimators
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.sizing.advice import for_gpu
+    from vramcalc.sizing.verdict import catalog_target
 
     if isinstance(gpus, str):
         gpus = [gpus]
@@ -355,7 +356,7 @@ def train_time(
 ) -> Any:
     """Seconds per step, tokens per second and, with `dataset_tokens`, the wall time and
     cost of a training plan on a catalog GPU: what `vramcalc plan --gpu GPU
-    --dataset-tokens N --epochs E --price GPU=USD` prints (vramcalc.time_cost.TrainTime;
+    --dataset-tokens N --epochs E --price GPU=USD` prints (vramcalc.timing.cost.TrainTime;
     `.fields()` is its --json). `prices` maps GPU names to $/GPU-hour over the shipped
     table. Raises PlanError when the GPU has no throughput figures.
 
@@ -363,9 +364,9 @@ def train_time(
         >>> t = train_time("llama-3.1-8b", "h100-sxm", batch_size=4, dataset_tokens=10**8)
         >>> t.total_seconds / 3600, t.cost_usd
     """
-    from vramcalc.gpu_catalog import resolve_gpu
-    from vramcalc.time_cost import price_table
-    from vramcalc.time_cost import train_time as _train_time
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.timing.cost import price_table
+    from vramcalc.timing.cost import train_time as _train_time
 
     if dataset_tokens is not None and dataset_tokens < 1:
         raise PlanError(f"dataset_tokens must be positive, got {dataset_tokens}")

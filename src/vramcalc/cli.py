@@ -207,7 +207,7 @@ def _version(value: bool) -> None:
     if value:
         # which allocator replay the estimates run (allocator_replay.ENGINE): the compiled
         # one where setup.py could build it, else the pure-Python one (the same bytes)
-        from vramcalc.allocator_replay import ENGINE
+        from vramcalc.memory.allocator.replay import ENGINE
 
         typer.echo(f"vramcalc {__version__} (replay: {ENGINE})")
         raise typer.Exit()

@@ -72,7 +72,7 @@ class _PreflightCheck:
                        **kwargs: Any) -> Any:
         from vramcalc.errors import NoGpuError
         from vramcalc.preflight_check import DoesNotFitError, preflight
-        from vramcalc.verdict import DEFAULT_MARGIN_GIB
+        from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB
 
         target = self.model_or_id if self.model_or_id is not None else model
         if target is None:

@@ -20,15 +20,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from vramcalc.advice import Suggestion
 from vramcalc.api import PlanEstimate, _with_plan, make_plan
 from vramcalc.errors import PlanError, VramcalcError
-from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import ModelSpec
-from vramcalc.verdict import CERTAINTY_WORDS, DEFAULT_MARGIN_GIB, Certainty, Target
-
-GiB = 2**30
-MiB = 2**20
+from vramcalc.models.spec import ModelSpec
+from vramcalc.plans import TrainPlan
+from vramcalc.sizing.advice import Suggestion
+from vramcalc.sizing.verdict import CERTAINTY_WORDS, DEFAULT_MARGIN_GIB, Certainty, Target
+from vramcalc.units import GiB
 
 __all__ = ["DoesNotFitError", "PreflightResult", "PreflightVerdict", "preflight"]
 
@@ -63,7 +61,7 @@ class DoesNotFitError(VramcalcError):
 class PreflightVerdict(BaseModel):
     """The plan on one GPU: what it offers (free now, or an empty card), what it needs."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     gpu: str
     memory_bytes: int
@@ -78,7 +76,7 @@ class PreflightVerdict(BaseModel):
 class PreflightResult(BaseModel):
     """The estimate, a verdict per GPU, and what to change where it does not fit."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     estimate: PlanEstimate  # on the GPU with the least memory (the one that decides)
     verdicts: tuple[PreflightVerdict, ...]
@@ -181,7 +179,7 @@ def _model_spec(model: Any) -> tuple[ModelSpec, dict[str, Any]]:
     if "model_type" not in data:
         raise PlanError(f"preflight: cannot read a model from {type(model).__name__}; give a "
                         "catalog name or hub id, a transformers model or its config")
-    from vramcalc.hf_config import spec_from_hf_config
+    from vramcalc.models.hf_config import spec_from_hf_config
 
     name = data.get("_name_or_path") or getattr(config, "name_or_path", None) or None
     origin = name or f"{data['model_type']} model"
@@ -284,7 +282,7 @@ def plan_from_objects(
         conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower()
         fields["expandable_segments"] = "expandable_segments:true" in conf
     train = make_plan(**fields)
-    from vramcalc.trainable import lora_targets
+    from vramcalc.memory.program.trainable import lora_targets
 
     lora_targets(spec, train)  # a target the model does not have: one PlanError
     notes = list(tc.notes)
@@ -301,10 +299,10 @@ def plan_from_objects(
 def _targets(gpus: Sequence[Any] | None) -> list[Target]:
     """gpus=None: this machine's (NVML); else each a catalog name, a number of bytes, a
     (name, bytes) pair, or a gpus.DeviceInfo."""
-    from vramcalc.verdict import catalog_target, detected_target, sized_target
+    from vramcalc.sizing.verdict import catalog_target, detected_target, sized_target
 
     if gpus is None:
-        from vramcalc.gpus import query_devices
+        from vramcalc.hardware.devices import query_devices
 
         return [detected_target(d) for d in query_devices()]
     if isinstance(gpus, (str, int, tuple)):
@@ -314,7 +312,7 @@ def _targets(gpus: Sequence[Any] | None) -> list[Target]:
     out = []
     for g in gpus:
         if isinstance(g, str):
-            from vramcalc.gpu_catalog import resolve_gpu
+            from vramcalc.hardware.catalog import resolve_gpu
 
             out.append(catalog_target(resolve_gpu(g)))
         elif isinstance(g, int) and not isinstance(g, bool) and g > 0:
@@ -361,9 +359,9 @@ def preflight(
     """
     import math
 
-    from vramcalc import advice
-    from vramcalc.planning import estimator
-    from vramcalc.verdict import verdict
+    from vramcalc.corrections.planning import estimator
+    from vramcalc.sizing import advice
+    from vramcalc.sizing.verdict import verdict
 
     if not math.isfinite(margin_gib) or margin_gib < 0:
         raise PlanError(f"margin_gib must be zero or more, got {margin_gib}")

@@ -12,10 +12,10 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from vramcalc.plan_settings import TrainPlan
-from vramcalc.result import COMPONENTS, Estimate
+    from vramcalc.plans import TrainPlan
+from vramcalc.memory.result import COMPONENTS, Estimate
+from vramcalc.units import GiB
 
-GiB = 2**30
 BAR_WIDTH = 24
 
 LABELS = {

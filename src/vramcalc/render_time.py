@@ -1,4 +1,4 @@
-"""Time and cost tables for compare and fit (vramcalc.time_cost.TrainTime rows)."""
+"""Time and cost tables for compare and fit (vramcalc.timing.cost.TrainTime rows)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from vramcalc.time_cost import TrainTime
+    from vramcalc.timing.cost import TrainTime
 
 
 def print_times(title: str, rows: list[tuple[str, str, TrainTime | None]],
@@ -15,7 +15,7 @@ def print_times(title: str, rows: list[tuple[str, str, TrainTime | None]],
     """One row per (label, gpu, time): s/step, tokens/s, and total and cost when known."""
     from rich.table import Table
 
-    from vramcalc.time_cost import format_duration
+    from vramcalc.timing.cost import format_duration
 
     with_total = any(t is not None and t.total_seconds is not None for _, _, t in rows)
     table = Table(title=title, title_justify="left")

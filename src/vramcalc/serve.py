@@ -326,8 +326,8 @@ class UploadStore:
     def add(self, body: bytes) -> tuple[str, Any]:
         """Check `body` is a config.json vramcalc can plan, store it; (ID, its spec)."""
         from vramcalc.errors import VramcalcError
-        from vramcalc.hf_config import spec_from_hf_config
-        from vramcalc.specs import parse_json_text
+        from vramcalc.models.hf_config import spec_from_hf_config
+        from vramcalc.models.spec import parse_json_text
 
         try:
             text = body.decode("utf-8")
@@ -362,7 +362,7 @@ def search_models(query: str, limit: int = MAX_MODEL_RESULTS) -> list[dict[str, 
     """Catalog models whose name or an alias contains every word of `query` (any case),
     as `vramcalc models --json` describes them (commands/models.py spec_summary)."""
     from vramcalc.commands.models import _natural_key, spec_summary
-    from vramcalc.specs import catalog
+    from vramcalc.models.spec import catalog
 
     words = query.lower().split()
     found = []
@@ -375,7 +375,7 @@ def search_models(query: str, limit: int = MAX_MODEL_RESULTS) -> list[dict[str, 
 
 def gpu_catalog() -> list[dict[str, Any]]:
     """The catalog GPUs for the page's GPU list: name, memory, bf16."""
-    from vramcalc.gpu_catalog import catalog
+    from vramcalc.hardware.catalog import catalog
 
     return [{"name": g.name, "memory_bytes": g.memory_bytes, "usable_bytes": g.usable_bytes,
              "bf16_supported": g.bf16_supported} for g in catalog()]

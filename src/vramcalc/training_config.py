@@ -55,7 +55,7 @@ MODULES_TO_SAVE = "fully trained modules (embeddings, lm_head) are not modelled"
 class TrainingConfig(BaseModel):
     """What a training config file says about memory."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     path: str
     format: Format

@@ -21,10 +21,14 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import resolve_model
+from vramcalc.models.resolve import resolve_model
+from vramcalc.plans import TrainPlan
 
 WORKER_TIMEOUT_S = 240
+NO_EXTRA = (
+    "calibrate needs torch, transformers, bitsandbytes and peft (missing: {}); "
+    "pip install 'qlora-vramcalc[calibrate]'"
+)
 
 
 def _run(cmd: list[str], timeout: float) -> tuple[int, str, str]:
@@ -35,7 +39,7 @@ def _run(cmd: list[str], timeout: float) -> tuple[int, str, str]:
 def build_weights(model: str, out_dir: str, device: str) -> float:
     t0 = time.perf_counter()
     code = (
-        "import sys; from vramcalc.specs import resolve_model;"
+        "import sys; from vramcalc.models.resolve import resolve_model;"
         "from vramcalc.calibrate.weights import save_random_weights;"
         "save_random_weights(resolve_model(sys.argv[1]), sys.argv[2], device=sys.argv[3])"
     )
@@ -43,6 +47,23 @@ def build_weights(model: str, out_dir: str, device: str) -> float:
     if rc != 0:
         raise RuntimeError(f"building weights for {model} failed: {err[-2000:]}")
     return time.perf_counter() - t0
+
+
+def fetch_weights(weights: str) -> str:
+    """A local folder as is; otherwise a hub id, downloaded (config + safetensors only)."""
+    import stat
+
+    from vramcalc.errors import CalibrationError, MissingExtraError
+    from vramcalc.user_files import probe
+
+    local = probe(Path(weights).expanduser(), f"--weights {weights}", CalibrationError)
+    if local is not None and stat.S_ISDIR(local.st_mode):
+        return str(Path(weights).expanduser())
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise MissingExtraError(NO_EXTRA.format("huggingface_hub")) from None
+    return str(snapshot_download(weights, allow_patterns=["*.json", "*.safetensors"]))
 
 
 def measure_in_subprocess(job: dict[str, Any]) -> dict[str, Any]:

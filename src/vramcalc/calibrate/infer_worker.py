@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.calibrate.run import NvmlPoller, quant_config, torch_dtype
-from vramcalc.effective import attention_impl
-from vramcalc.inference import InferPlan, MergePlan
-from vramcalc.specs import ModelSpec
+from vramcalc.memory.effective import attention_impl
+from vramcalc.models.spec import ModelSpec
+from vramcalc.plans import InferPlan, MergePlan
 
 
 def job_spec(job: dict[str, Any]) -> ModelSpec:
@@ -230,7 +230,7 @@ def _write_trace(trace_file: str, result: dict[str, Any]) -> None:
     import torch
 
     from vramcalc.calibrate.trace import compact_trace
-    from vramcalc.corrections import write_json_atomic
+    from vramcalc.corrections.factors import write_json_atomic
 
     try:
         snap = torch.cuda.memory._snapshot()

@@ -41,11 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from vramcalc.plan_settings import LOOP_NAMES, TrainPlan, current_loop_names
-from vramcalc.result import Estimate
-from vramcalc.specs import ModelSpec, depth_cut, resolve_model
+from vramcalc.memory.result import Estimate
+from vramcalc.models.resolve import resolve_model
+from vramcalc.models.spec import ModelSpec, depth_cut
+from vramcalc.plans import LOOP_NAMES, TrainPlan, current_loop_names
+from vramcalc.units import GiB
 
-GiB = 2**30
 TRAIN_WORKER = "vramcalc.calibrate.worker"
 SAFETY_FACTOR = 1.3
 SAFETY_BYTES = 2 * GiB
@@ -126,7 +127,7 @@ def load_points(raw_points: list[dict[str, Any]]) -> list[Point]:
     """Resolve specs, depth cuts, plans and predictions; a bad point is kept with `error`."""
     from vramcalc.calibrate.store import Prediction
     from vramcalc.errors import PlanError
-    from vramcalc.estimate import estimate
+    from vramcalc.memory.estimate import estimate
 
     points: list[Point] = []
     seen: set[str] = set()
@@ -200,7 +201,7 @@ def build_one(spec: ModelSpec, out_dir: Path, device: str, timeout_s: float) -> 
         return short
     tmp = out_dir.with_name(out_dir.name + ".partial")
     code = (
-        "import json, sys; from vramcalc.specs import ModelSpec;"
+        "import json, sys; from vramcalc.models.spec import ModelSpec;"
         "from vramcalc.calibrate.weights import save_random_weights;"
         "save_random_weights(ModelSpec.model_validate(json.loads(sys.argv[1])), sys.argv[2],"
         " device=sys.argv[3])"

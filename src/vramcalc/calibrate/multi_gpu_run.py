@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from vramcalc.multi_gpu import ParallelPlan
-from vramcalc.plan_settings import TrainPlan
+from vramcalc.memory.multi_gpu import ParallelPlan
+from vramcalc.plans import TrainPlan
 from vramcalc.user_files import check_writable, write_text
 
 Device = Literal["cuda", "cpu"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from vramcalc.plan_settings import TrainPlan
+from vramcalc.plans import TrainPlan
 
 MIN_OFFLOAD_BYTES = 1024  # OffloadActivations min_offload_size
 STASH = 5  # OffloadActivations max_fwd_stash_size

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import ModelSpec
+from vramcalc.models.spec import ModelSpec
+from vramcalc.plans import TrainPlan
 
 _TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -842,7 +842,7 @@ def _trace_summary(model: Any, optimizer: Any, trace_file: str | None = None
     import torch
 
     from vramcalc.calibrate.trace import compact_trace, summarize_snapshot
-    from vramcalc.corrections import write_json_atomic
+    from vramcalc.corrections.factors import write_json_atomic
 
     try:
         _trace_mark(MARK_END)

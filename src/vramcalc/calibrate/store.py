@@ -26,16 +26,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from vramcalc.calibration_data import (
+from vramcalc.corrections.factors import write_json_atomic
+from vramcalc.corrections.points import (
     ERROR_RECORD,
     MeasuredPoint,
     SkipLog,
     bad_peaks,
     peaks_from_record,
 )
-from vramcalc.corrections import write_json_atomic
-from vramcalc.estimate import Estimate
-from vramcalc.plan_settings import TrainPlan
+from vramcalc.memory.estimate import Estimate
+from vramcalc.plans import TrainPlan
 
 SCHEMA_VERSION = 1
 RUN_KIND = "vramcalc-calibration-run"
@@ -114,7 +114,7 @@ def new_run(environment: Environment) -> RunFile:
 
 
 def run_file_name(run: RunFile) -> str:
-    from vramcalc.corrections import gpu_family
+    from vramcalc.corrections.factors import gpu_family
 
     fam = gpu_family(run.environment.gpu_name or "gpu").lower().replace(" ", "")
     stamp = run.created.replace(":", "").replace("-", "")

@@ -26,8 +26,8 @@ import time
 from typing import Any
 
 from vramcalc.calibrate.worker import read_job
-from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import ModelSpec
+from vramcalc.models.spec import ModelSpec
+from vramcalc.plans import TrainPlan
 
 
 def time_points(job: dict[str, Any]) -> dict[str, Any]:

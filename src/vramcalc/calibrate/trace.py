@@ -30,7 +30,8 @@ import linecache
 from collections.abc import Sequence
 from typing import Any
 
-MiB = 2**20
+from vramcalc.units import MiB
+
 SMALL_SEGMENT = 2 * MiB  # c10 CUDACachingAllocator kSmallBuffer: the small pool's segments
 MEDIUM_SEGMENT = 20 * MiB  # kLargeBuffer: segments for 1-10 MiB requests
 TOP_FRAMES = 25
@@ -370,7 +371,7 @@ ACTIONS = ("alloc", "free_requested", "free_completed", "segment_alloc", "segmen
 
 def compact_trace(snap: dict[str, Any], device: int | None = None) -> dict[str, Any]:
     """The whole allocator trace without its stacks, for replaying it offline
-    (`vramcalc.allocator_replay`): the final segments and blocks, then every event as
+    (`vramcalc.memory.allocator.replay`): the final segments and blocks, then every event as
     [action code (ACTIONS), address, size, stream, frame index]; the frame index points
     into `frames` (the deciding frame of `classify`, -1 for none), kept so the request
     sequence of a step can be read by who asked."""

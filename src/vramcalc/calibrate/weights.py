@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vramcalc.specs import ModelSpec
+from vramcalc.models.spec import ModelSpec
 
 
 def hf_config(spec: ModelSpec) -> Any:

@@ -5,7 +5,7 @@ TrainPlan fields, "weights_dir", "steps", "device", "snapshot", "trace_file", "t
 Run once per point by the matrix driver, so every peak starts from a clean process.
 Prints one JSON object on the last line of stdout.
 
-Imports on this path before torch: vramcalc.specs and vramcalc.plan_settings (pydantic,
+Imports on this path before torch: vramcalc.models.spec and vramcalc.plans (pydantic,
 pyyaml). `expandable_segments` is put into PYTORCH_CUDA_ALLOC_CONF here too, before torch
 is imported, in case the caller did not.
 """
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vramcalc.plan_settings import TrainPlan
-from vramcalc.specs import ModelSpec
+from vramcalc.models.spec import ModelSpec
+from vramcalc.plans import TrainPlan
 
 
 def read_job(arg: str) -> dict[str, Any]:

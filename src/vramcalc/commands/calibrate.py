@@ -3,13 +3,13 @@
 - `calibrate run` (or `calibrate --model M`): a small matrix of points around one plan,
   each measured in a fresh process (vramcalc.calibrate.campaign), saved after every point
   to DATA/runs/<gpu>-<time>.json (vramcalc.calibrate.store);
-- `calibrate fit`: least-squares corrections (vramcalc.corrections) from every measurement
+- `calibrate fit`: least-squares corrections (vramcalc.corrections.factors) from every measurement
   under DATA, each entry with its leave-one-architecture-out verdict (`helps`), written
   atomically to the user's corrections file (merged with its other entries);
 - `calibrate report`: raw and corrected estimate vs measured peak for every point, with
   leave-one-architecture-out errors; no GPU needed.
 
-DATA defaults to the user data folder (vramcalc.corrections.user_data_dir: platformdirs,
+DATA defaults to the user data folder (vramcalc.corrections.factors.user_data_dir: platformdirs,
 or $VRAMCALC_DATA_DIR); in a source checkout, `--data calibration` replays the project's
 own measurements, and `fit --data calibration --out src/vramcalc/data/corrections.json`
 refits the shipped file.
@@ -35,16 +35,11 @@ from vramcalc.commands.options import (
     with_plan_options,
 )
 from vramcalc.errors import CalibrationError, MissingExtraError, NoGpuError, UnknownModelError
-from vramcalc.plan_settings import TrainPlan
+from vramcalc.plans import TrainPlan
+from vramcalc.units import GiB
 
-GiB = 2**30
 EXTRAS = ("torch", "transformers", "bitsandbytes", "peft")
 NO_GPU = "no CUDA GPU: run calibrate on a machine with an NVIDIA GPU"
-NO_EXTRA = (
-    "calibrate needs torch, transformers, bitsandbytes and peft (missing: {}); "
-    "pip install 'qlora-vramcalc[calibrate]'"
-)
-
 app = typer.Typer(
     help="Measure real QLoRA steps on a GPU, fit corrections, replay the measurements.",
     pretty_exceptions_enable=False,
@@ -89,7 +84,7 @@ FitOutOpt = Annotated[
 
 
 def _data_dir(arg: Path | None) -> Path:
-    from vramcalc.corrections import user_data_dir
+    from vramcalc.corrections.factors import user_data_dir
 
     return arg if arg is not None else user_data_dir()
 
@@ -142,7 +137,7 @@ def read_matrix(arg: str, plan: TrainPlan) -> list[TrainPlan]:
 
 def _require_gpu() -> Any:
     """The first NVIDIA device (gpus.DeviceInfo); NoGpuError (exit 4) when there is none."""
-    from vramcalc.gpus import query_devices
+    from vramcalc.hardware.devices import query_devices
 
     try:
         devices = query_devices()
@@ -164,22 +159,6 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _fetch_weights(weights: str) -> str:
-    """A local folder as is; otherwise a hub id, downloaded (config + safetensors only)."""
-    import stat
-
-    from vramcalc.user_files import probe
-
-    local = probe(Path(weights).expanduser(), f"--weights {weights}", CalibrationError)
-    if local is not None and stat.S_ISDIR(local.st_mode):
-        return str(Path(weights).expanduser())
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise MissingExtraError(NO_EXTRA.format("huggingface_hub")) from None
-    return str(snapshot_download(weights, allow_patterns=["*.json", "*.safetensors"]))
-
-
 # ---- run ---------------------------------------------------------------------------------
 
 
@@ -190,7 +169,7 @@ def _point_line(plan: TrainPlan, result: dict[str, Any], est_alloc: int) -> str:
         return f"{head}: error {str(result['error']).splitlines()[0][:120]}"
     if result.get("oom"):
         return f"{head}: out of memory ({result.get('oom_phase')})"
-    from vramcalc.calibration_data import peaks_from_record
+    from vramcalc.corrections.points import peaks_from_record
 
     alloc = peaks_from_record(result)[0] or 0
     err = f"{100 * (est_alloc / alloc - 1):+.1f}%" if alloc else "n/a"
@@ -234,7 +213,7 @@ def run(
         raise CalibrationError("--model is required (see 'vramcalc calibrate run --help')")
     if steps <= 0:
         raise CalibrationError(f"--steps must be a positive integer, got {steps}")
-    from vramcalc.specs import resolve_model
+    from vramcalc.models.resolve import resolve_model
 
     spec = resolve_model(model)
     base = build_plan(**(plan_options or {}))
@@ -246,6 +225,8 @@ def run(
     device = _require_gpu()
     missing = _missing_extras()
     if missing:
+        from vramcalc.calibrate.campaign import NO_EXTRA
+
         raise MissingExtraError(NO_EXTRA.format(", ".join(missing)))
     _run_points(spec, model, plans, device, steps, weights, trust_remote_code, _data_dir(out))
 
@@ -258,7 +239,7 @@ def _run_points(  # type: ignore[no-untyped-def]
 
     from vramcalc import __version__
     from vramcalc.calibrate import campaign, store
-    from vramcalc.estimate import estimate
+    from vramcalc.memory.estimate import estimate
 
     env = store.Environment(
         gpu_name=device.name,
@@ -286,7 +267,7 @@ def _run_points(  # type: ignore[no-untyped-def]
                 campaign.build_weights(model_arg, scratch, "cuda")
                 weights_dir = scratch
             else:
-                weights_dir = _fetch_weights(weights)
+                weights_dir = campaign.fetch_weights(weights)
             for plan in plans:
                 progress.update(task, description=f"{spec.name} b{plan.batch_size} "
                                                   f"s{plan.seq_len}")
@@ -349,7 +330,7 @@ def _all_points(data: Path, skipped: Any = None) -> list[Any]:
     """Every measured point under DATA (raw/*.jsonl, runs/*.json); what is left out is
     logged in `skipped` (a calibration_data.SkipLog)."""
     from vramcalc.calibrate import store
-    from vramcalc.calibration_data import SkipLog, load_raw_points
+    from vramcalc.corrections.points import SkipLog, load_raw_points
 
     log = skipped if skipped is not None else SkipLog()
     points = list(load_raw_points(data / "raw", log)) if _listable(data / "raw") else []
@@ -371,7 +352,7 @@ def replay(data: Path, skipped: Any = None) -> dict[str, Any]:
     """Every committed point: raw estimate, corrected estimate (factors fitted without
     the point's model: leave-one-architecture-out) and measured peaks. No GPU, no torch.
     Lines and files left out are logged in `skipped` (a calibration_data.SkipLog)."""
-    from vramcalc.corrections import (
+    from vramcalc.corrections.factors import (
         PEAKS,
         corrected,
         fit,
@@ -380,8 +361,8 @@ def replay(data: Path, skipped: Any = None) -> dict[str, Any]:
         stack_key,
         validation_of,
     )
-    from vramcalc.estimate import estimate
-    from vramcalc.specs import resolve_model
+    from vramcalc.memory.estimate import estimate
+    from vramcalc.models.resolve import resolve_model
 
     rows: list[dict[str, Any]] = []
     usable: list[tuple[Any, Any, Any]] = []  # (point, estimate, observation)
@@ -493,7 +474,7 @@ def _replay_folder(data: Path | None, *, refuse_unreadable: bool = False
     """replay() of DATA (default: the user data folder), after checking it is a folder;
     what was skipped is said on stderr, and with `refuse_unreadable` (a fit) more damaged
     lines than readable ones is a CalibrationError."""
-    from vramcalc.calibration_data import SkipLog
+    from vramcalc.corrections.points import SkipLog
 
     folder = _data_dir(data)
     if not _listable(folder) and data is not None:  # the default folder may not exist yet
@@ -513,7 +494,7 @@ def _replay_folder(data: Path | None, *, refuse_unreadable: bool = False
 
 def _print_installed() -> None:
     """The corrections plan / check may apply, their origin and held-out verdict."""
-    from vramcalc.corrections import SHIPPED, available, none_installed, verdict_text
+    from vramcalc.corrections.factors import SHIPPED, available, none_installed, verdict_text
 
     entries = available()
     if not entries:
@@ -598,7 +579,7 @@ def fit_cmd(data: DataOpt = None, out: FitOutOpt = None, json_output: JsonOpt = 
       vramcalc calibrate fit
       vramcalc calibrate fit --data ./calibration --out corrections.json
     """
-    from vramcalc.corrections import Corrections, read_entries, save, user_corrections_path
+    from vramcalc.corrections.factors import Corrections, read_entries, save, user_corrections_path
     from vramcalc.user_files import check_writable
 
     target = out if out is not None else user_corrections_path()
@@ -616,7 +597,7 @@ def fit_cmd(data: DataOpt = None, out: FitOutOpt = None, json_output: JsonOpt = 
         print_json({"path": str(target), "corrections": result["corrections"],
                     "summary": result["summary"]})
         return
-    from vramcalc.corrections import verdict_text
+    from vramcalc.corrections.factors import verdict_text
 
     for e in entries:
         typer.echo(

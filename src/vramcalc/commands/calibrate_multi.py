@@ -39,8 +39,8 @@ from vramcalc.commands.parallel import (
     parallel_from_options,
 )
 from vramcalc.errors import CalibrationError, MissingExtraError, NoGpuError
+from vramcalc.units import GiB
 
-GiB = 2**30
 NO_EXTRA = ("calibrate multi needs {} (missing); pip install 'qlora-vramcalc[calibrate]' "
             "(accelerate is part of it)")
 
@@ -74,7 +74,7 @@ def visible_gpus(environ: dict[str, str] | None = None, nvml: Any = None) -> int
     """GPUs the launched processes can use: CUDA_VISIBLE_DEVICES when set, else NVML's
     count. NoGpuError when NVML is missing or finds none."""
     env = os.environ if environ is None else environ
-    from vramcalc.gpus import query_devices
+    from vramcalc.hardware.devices import query_devices
 
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
@@ -155,8 +155,8 @@ def multi(
         raise MissingExtraError(NO_EXTRA.format(", ".join(missing)))
 
     from vramcalc.commands.parallel import parallel_to_dict
-    from vramcalc.corrections import user_data_dir
-    from vramcalc.multi_gpu import estimate_parallel
+    from vramcalc.corrections.factors import user_data_dir
+    from vramcalc.memory.multi_gpu import estimate_parallel
 
     pe = estimate_parallel(spec, plan, parallel)
     folder = out or user_data_dir() / "multi" / (
@@ -179,9 +179,7 @@ def multi(
                 raise CalibrationError(str(err).splitlines()[0]) from None
             source = scratch
         else:
-            from vramcalc.commands.calibrate import _fetch_weights
-
-            source = _fetch_weights(weights)
+            source = campaign.fetch_weights(weights)
         try:
             merged = run_point(source, plan, parallel, folder, steps=steps,
                                timeout_s=timeout, device=device)  # type: ignore[arg-type]

@@ -1,7 +1,7 @@
 """`vramcalc check`: the GPUs of this machine, and whether a plan fits them.
 
 Alone it lists the detected GPUs. With --model it estimates the plan once per compute dtype
-and corrections and gives a verdict per GPU (vramcalc.verdict: required free memory + margin
+and corrections and gives a verdict per GPU (vramcalc.sizing.verdict: required free memory + margin
 <= memory); with --gpu NAME (repeatable) or --gpu-memory GIB it checks empty cards instead
 and never calls NVML. rich, pynvml and the catalog load inside the function bodies.
 """
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
+from vramcalc.commands import targets as gpu_targets
 from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
 from vramcalc.commands.from_config import announce_spec, with_from_config
 from vramcalc.commands.options import (
@@ -44,21 +45,21 @@ from vramcalc.commands.time_options import (
     time_settings,
 )
 from vramcalc.errors import PlanError
-from vramcalc.verdict import DEFAULT_MARGIN_GIB, Target
+from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB, Target
+from vramcalc.units import GiB
 
 if TYPE_CHECKING:
-    from vramcalc.advice import GpuAnswer, Suggestion
     from vramcalc.api import GpuVerdict
-    from vramcalc.corrections import Selection
-    from vramcalc.estimate import Estimate
-    from vramcalc.gpus import DeviceInfo
-    from vramcalc.plan_settings import TrainPlan
-    from vramcalc.planning import EstimateFn, Estimators
-    from vramcalc.specs import ModelSpec
-    from vramcalc.time_cost import TrainTime
-    from vramcalc.verdict import Verdict
+    from vramcalc.corrections.factors import Selection
+    from vramcalc.corrections.planning import EstimateFn, Estimators
+    from vramcalc.hardware.devices import DeviceInfo
+    from vramcalc.memory.estimate import Estimate
+    from vramcalc.models.spec import ModelSpec
+    from vramcalc.plans import TrainPlan
+    from vramcalc.sizing.advice import GpuAnswer, Suggestion
+    from vramcalc.sizing.verdict import Verdict
+    from vramcalc.timing.cost import TrainTime
 
-GiB = 2**30
 EXIT_DOES_NOT_FIT = 3
 
 CheckModelOpt = Annotated[
@@ -75,13 +76,6 @@ GpuOpt = Annotated[
                  "driver's reservation) instead of detecting; repeat for several; see "
                  "'vramcalc gpus'."),
 ]
-
-
-def _detect_devices() -> list[DeviceInfo]:
-    """The GPUs NVML sees; tests replace this function with a fake."""
-    from vramcalc.gpus import query_devices  # pynvml loads inside
-
-    return query_devices()
 
 
 class Checked(NamedTuple):
@@ -157,21 +151,9 @@ def _list_devices(devices: list[DeviceInfo], json_output: bool) -> None:
 # ---- checking -----------------------------------------------------------------------------
 
 
-def _targets(gpu: list[str], gpu_memory: float | None) -> list[Target]:
-    from vramcalc.verdict import catalog_target, detected_target, sized_target
-
-    if gpu:
-        from vramcalc.gpu_catalog import resolve_gpu
-
-        return [catalog_target(resolve_gpu(name)) for name in dict.fromkeys(gpu)]
-    if gpu_memory is not None:
-        return [sized_target(gpu_memory_bytes(gpu_memory), f"{gpu_memory:g} GiB card")]
-    return [detected_target(d) for d in _detect_devices()]
-
-
 def _estimators(use_calibration: bool) -> Estimators:
     """Estimate functions per GPU; each corrections note said once, on stderr."""
-    from vramcalc.planning import Estimators, calibration_note
+    from vramcalc.corrections.planning import Estimators, calibration_note
 
     def say(selection: Selection | None) -> None:
         note = calibration_note(selection)
@@ -185,8 +167,8 @@ def _verdicts(
     spec: ModelSpec, train: TrainPlan, targets: list[Target], margin: int,
     estimators: Estimators,
 ) -> list[Checked]:
-    from vramcalc.advice import for_gpu
     from vramcalc.api import verdict_on
+    from vramcalc.sizing.advice import for_gpu
 
     cache: dict[tuple[int, str], Estimate] = {}
     out = []
@@ -316,7 +298,7 @@ def catalog_gpu_of(target: Target) -> Any:
     """The catalog entry of a target (a --gpu name or a detected card NVML names), or None
     (a --gpu-memory card, an unknown detected card)."""
     from vramcalc.errors import UnknownGpuError
-    from vramcalc.gpu_catalog import match_detected, resolve_gpu
+    from vramcalc.hardware.catalog import match_detected, resolve_gpu
 
     if target.index is None:
         try:
@@ -330,7 +312,7 @@ def _times(spec: ModelSpec, verdicts: list[Checked], timing: TimeSettings
            ) -> dict[int, TrainTime]:
     """Each verdict's time and cost on its card (index in `verdicts` -> time), where the card
     is a catalog GPU with throughput figures."""
-    from vramcalc.time_cost import train_time
+    from vramcalc.timing.cost import train_time
 
     table = timing.table()
     out: dict[int, TrainTime] = {}
@@ -345,7 +327,7 @@ def _times(spec: ModelSpec, verdicts: list[Checked], timing: TimeSettings
 
 def _ranking(verdicts: list[Checked], times: dict[int, TrainTime]) -> list[dict[str, Any]]:
     """The GPUs that fit, cheapest to finish first (then fastest): `check --gpu A --gpu B`."""
-    from vramcalc.time_cost import rank_by_cost
+    from vramcalc.timing.cost import rank_by_cost
 
     fitting = {id(times[k]): verdicts[k] for k in times if verdicts[k].fits_free}
     ranked = rank_by_cost([times[k] for k in times if verdicts[k].fits_free])
@@ -356,7 +338,7 @@ def _ranking(verdicts: list[Checked], times: dict[int, TrainTime]) -> list[dict[
 def _time_table(ranking: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
-    from vramcalc.time_cost import format_duration
+    from vramcalc.timing.cost import format_duration
 
     table = Table(title="Time and cost on the GPUs that fit (cheapest to finish first)",
                   title_justify="left")
@@ -433,7 +415,7 @@ def check(
                             "check)")
         refuse_given(given, [n for n in given if n != "json_output"],
                      "plan options need --model MODEL (without it, check lists the GPUs)")
-        _list_devices(_detect_devices(), json_output)
+        _list_devices(gpu_targets.detect_devices(), json_output)
         return
     if gpu and gpu_memory is not None:
         raise PlanError("give either --gpu NAME or --gpu-memory GIB, not both")
@@ -442,7 +424,7 @@ def check(
     if gpu_memory is not None:
         gpu_memory_bytes(gpu_memory)  # validated before the model loads
 
-    from vramcalc import advice
+    from vramcalc.sizing import advice
 
     spec = resolve_model_arg(model)
     announce_spec(spec)
@@ -454,7 +436,7 @@ def check(
     if long_seq:
         warn(long_seq)
     detected = not gpu and gpu_memory is None
-    targets_ = _targets(gpu, gpu_memory)
+    targets_ = gpu_targets.check_targets(gpu, gpu_memory)
     from vramcalc.commands.parallel import parallel_from_options
 
     for t in targets_:  # an explicit --compute-dtype bf16 on a card without bf16: refused
@@ -478,7 +460,7 @@ def check(
     estimators = _estimators(use_calibration=not no_calibration)
     verdicts = _verdicts(spec, train, targets_, margin_b, estimators)
     if max_ is not None:
-        from vramcalc.search import largest_fitting
+        from vramcalc.sizing.search import largest_fitting
 
         timing.refuse("not with --max (which plan would they time?)")
         rows = [(v, largest_fitting(spec, v.plan, max_, v.target.free_bytes, margin_b,
@@ -500,7 +482,7 @@ def check(
         else:
             suggestions = advice.suggest(spec, best.plan, room, margin_b, best.estimate_fn)
         if not suggestions and not best.fits_free:
-            from vramcalc.gpu_catalog import catalog
+            from vramcalc.hardware.catalog import catalog
 
             larger = advice.smallest_fitting_gpu(
                 spec, train, margin_b, catalog(), lambda g: estimators(g.name)

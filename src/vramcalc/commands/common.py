@@ -14,7 +14,7 @@ import typer
 from vramcalc.errors import VramcalcError
 
 if TYPE_CHECKING:
-    from vramcalc.specs import ModelSpec
+    from vramcalc.models.spec import ModelSpec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -59,7 +59,8 @@ def resolve_model_arg(arg: str) -> ModelSpec:
     the folder.
     """
     from vramcalc.errors import PlanError, SpecError, UnknownModelError
-    from vramcalc.specs import get_spec, resolve_model
+    from vramcalc.models.resolve import resolve_model
+    from vramcalc.models.spec import get_spec
 
     if not arg.strip():
         raise PlanError("--model is empty; give a catalog name (see 'vramcalc models'), "

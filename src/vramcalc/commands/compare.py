@@ -1,6 +1,6 @@
 """`vramcalc compare`: one model under every fine-tuning method, side by side.
 
-Parse -> vramcalc.comparison.compare (pure) -> vramcalc.render. The method, its
+Parse -> vramcalc.sizing.comparison.compare (pure) -> vramcalc.render. The method, its
 quantization and weights dtype are set per row; every other plan option applies to all
 rows, and --optimizer, when given, replaces each method's usual optimizer.
 """
@@ -32,10 +32,10 @@ from vramcalc.commands.time_options import (
     PricesOpt,
     time_settings,
 )
-from vramcalc.verdict import DEFAULT_MARGIN_GIB
+from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB
 
 if TYPE_CHECKING:
-    from vramcalc.plan_settings import Optimizer
+    from vramcalc.plans import Optimizer
 
 
 def user_optimizer(ctx: typer.Context, plan_options: dict[str, Any]) -> Optimizer | None:
@@ -85,8 +85,8 @@ def compare(
       vramcalc compare -m qwen2.5-7b --batch 4 --seq-len 2048 --json
       vramcalc compare -m mistral-7b --optimizer adamw_8bit --rank 64
     """
-    from vramcalc.comparison import compare as compare_methods
-    from vramcalc.gpu_catalog import catalog
+    from vramcalc.hardware.catalog import catalog
+    from vramcalc.sizing.comparison import compare as compare_methods
 
     margin_b = margin_bytes(margin)
     timing = time_settings(dataset_tokens, epochs, price, prices)
@@ -101,7 +101,7 @@ def compare(
     long_seq = warn_long_sequence(spec, base)
     if long_seq:
         warn(long_seq)
-    from vramcalc.planning import Estimators
+    from vramcalc.corrections.planning import Estimators
 
     estimators = Estimators(use_calibration=not no_calibration)
     rows = compare_methods(spec, base, margin_b, catalog(),
@@ -135,8 +135,8 @@ def compare(
 
 def _row_times(spec: Any, rows: list[Any], timing: Any) -> list[Any]:
     """Each method row's time on its smallest GPU (None: no GPU fits, or no peaks known)."""
-    from vramcalc.gpu_catalog import resolve_gpu
-    from vramcalc.time_cost import train_time
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.timing.cost import train_time
 
     table = timing.table()
     out: list[Any] = []

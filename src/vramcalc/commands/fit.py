@@ -1,9 +1,9 @@
 """`vramcalc fit`: every catalog model and method that fits one GPU.
 
-Parse -> vramcalc.comparison.fit_rows (pure) -> vramcalc.render. Each model x method
+Parse -> vramcalc.sizing.comparison.fit_rows (pure) -> vramcalc.render. Each model x method
 (full, lora, qlora, int8) is checked at batch 1 and the plan's seq-len on an empty card
 of the GPU (the rule of plan and check); for those that fit, the largest batch at that
-seq-len and the longest sequence at the plan's batch (vramcalc.search.largest_fitting).
+seq-len and the longest sequence at the plan's batch (vramcalc.sizing.search.largest_fitting).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from vramcalc.commands.time_options import (
     TimeSettings,
     time_settings,
 )
-from vramcalc.verdict import DEFAULT_MARGIN_GIB
+from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB
 
 FitGpuOpt = Annotated[
     str,
@@ -77,10 +77,10 @@ def fit(
       vramcalc fit --gpu a100-80gb --seq-len 4096 --json
       vramcalc fit --gpu l4 --rank 64 --batch 4
     """
-    from vramcalc.comparison import fit_rows
-    from vramcalc.gpu_catalog import resolve_gpu
-    from vramcalc.planning import calibration_note, estimator
-    from vramcalc.specs import catalog
+    from vramcalc.corrections.planning import calibration_note, estimator
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.spec import catalog
+    from vramcalc.sizing.comparison import fit_rows
 
     margin_b = margin_bytes(margin)
     timing = time_settings(dataset_tokens, epochs, price, prices)
@@ -121,10 +121,10 @@ def fit(
 def _fit_times(rows: list[Any], base: Any, card: Any, timing: TimeSettings,
                optimizer: Any) -> list[Any]:
     """Each fitting row's time at min(--batch, its largest batch); None otherwise."""
-    from vramcalc.advice import for_gpu
-    from vramcalc.comparison import method_plan
-    from vramcalc.specs import get_spec
-    from vramcalc.time_cost import train_time
+    from vramcalc.models.spec import get_spec
+    from vramcalc.sizing.advice import for_gpu
+    from vramcalc.sizing.comparison import method_plan
+    from vramcalc.timing.cost import train_time
 
     table = timing.table()
     out: list[Any] = []

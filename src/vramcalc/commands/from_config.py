@@ -19,7 +19,7 @@ import typer
 
 from vramcalc.commands.common import warn
 from vramcalc.commands.options import with_signature
-from vramcalc.specs import ModelSpec
+from vramcalc.models.spec import ModelSpec
 
 R = TypeVar("R")
 _CTX = "vramcalc_from_config_ctx"

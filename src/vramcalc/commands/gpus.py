@@ -9,7 +9,7 @@ import typer
 from vramcalc.commands.common import print_json, reports_errors
 
 if TYPE_CHECKING:
-    from vramcalc.gpu_catalog import GpuModel
+    from vramcalc.hardware.catalog import GpuModel
 
 GIB = 2**30
 
@@ -57,7 +57,7 @@ def gpus(
       vramcalc gpus
       vramcalc gpus --json
     """
-    from vramcalc.gpu_catalog import catalog  # the YAML loads only when listed
+    from vramcalc.hardware.catalog import catalog  # the YAML loads only when listed
 
     models = catalog()
     if json_output:

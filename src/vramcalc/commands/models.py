@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from vramcalc.commands.common import print_json, reports_errors
-from vramcalc.specs import ModelSpec, catalog
+from vramcalc.models.spec import ModelSpec, catalog
 
 
 def human_params(n: int) -> str:

@@ -11,7 +11,8 @@ import typer
 from pydantic import ValidationError
 
 from vramcalc.errors import PlanError
-from vramcalc.plan_settings import (
+from vramcalc.models.spec import ModelSpec
+from vramcalc.plans import (
     ATTENTIONS,
     COMPUTE_DTYPES,
     LAYOUTS,
@@ -25,7 +26,7 @@ from vramcalc.plan_settings import (
     WEIGHTS_DTYPES,
     TrainPlan,
 )
-from vramcalc.specs import ModelSpec
+from vramcalc.units import GiB
 
 R = TypeVar("R")
 
@@ -172,7 +173,6 @@ MaxOpt = Annotated[
                  "out of memory and does not count)."),
 ]
 
-GiB = 2**30
 # Upper bounds: past these an input is a typo, not a plan (and the arithmetic would overflow
 # or, for a search, run long). The largest context in model_specs/ is 131072 tokens
 # (max_position_embeddings); the token bounds are 128 times that.
@@ -208,7 +208,7 @@ def margin_bytes(gib: float) -> int:
 
 
 def check_max(what: str | None) -> None:
-    from vramcalc.search import SEARCHABLE
+    from vramcalc.sizing.search import SEARCHABLE
 
     if what is not None and what not in SEARCHABLE:
         raise PlanError(f"--max takes one of {', '.join(SEARCHABLE)}, got '{what}'")
@@ -422,7 +422,7 @@ def warn_long_sequence(spec: ModelSpec, plan: TrainPlan) -> str | None:
 
 def validate_targets(spec: ModelSpec, plan: TrainPlan) -> None:
     """Fail early (one PlanError line) on a target module the model does not have."""
-    from vramcalc.trainable import lora_targets
+    from vramcalc.memory.program.trainable import lora_targets
 
     lora_targets(spec, plan)
 
@@ -460,8 +460,8 @@ PLAN_OPTIONS: dict[str, tuple[Any, Any]] = {
 
 
 # The rule for the defaults that depend on the method: the optimizer each method is usually
-# trained with (the same as vramcalc.comparison FULL_OPTIMIZER / LORA_OPTIMIZER, which
-# compare and fit use; tests/test_input_rules.py keeps them equal), and LoRA dropout.
+# trained with (the same as vramcalc.sizing.comparison FULL_OPTIMIZER / LORA_OPTIMIZER, which
+# compare and fit use; tests/commands/test_input_rules.py keeps them equal), and LoRA dropout.
 DEFAULT_OPTIMIZER: dict[str, str] = {"full": "adamw_torch_fused", "lora": "paged_adamw_8bit"}
 DEFAULT_DROPOUT = 0.05
 _PLAN_CTX = "vramcalc_plan_ctx"
@@ -515,10 +515,10 @@ def check_applies(spec: ModelSpec, plan: TrainPlan, given: frozenset[str]) -> No
 
 def for_target(plan: TrainPlan, target: Any, given: frozenset[str],
                note: bool = True) -> TrainPlan:
-    """The plan for a card (vramcalc.advice `for_gpu`: fp16 compute on a card without bf16),
+    """The plan for a card (vramcalc.sizing.advice `for_gpu`: fp16 compute on a card without bf16),
     or a PlanError when the user asked for bf16 there: an explicit choice is never changed
     (HF Trainer refuses bf16=True on such a card, too)."""
-    from vramcalc.advice import for_gpu
+    from vramcalc.sizing.advice import for_gpu
 
     out = for_gpu(plan, target.bf16_supported)
     if out is not plan:
@@ -535,9 +535,9 @@ def for_target(plan: TrainPlan, target: Any, given: frozenset[str],
 
 def runnable_dropout(spec: ModelSpec, plan: TrainPlan, given: frozenset[str]) -> TrainPlan:
     """The default LoRA dropout where it can run: 0 when LoRA wraps a transformers-5 MoE's
-    3-D experts (peft ParamWrapper refuses dropout, vramcalc.trainable
+    3-D experts (peft ParamWrapper refuses dropout, vramcalc.memory.program.trainable
     `check_lora_can_start`) and the user gave no --lora-dropout; a note says so."""
-    from vramcalc.trainable import lora_on_experts
+    from vramcalc.memory.program.trainable import lora_on_experts
 
     if "lora_dropout" in given or plan.lora_dropout == 0 or not lora_on_experts(spec, plan):
         return plan

@@ -12,15 +12,16 @@ import typer
 from pydantic import ValidationError
 
 from vramcalc.errors import PlanError
+from vramcalc.units import GiB
 
 if TYPE_CHECKING:
-    from vramcalc.multi_gpu import ParallelEstimate, ParallelPlan
-    from vramcalc.plan_settings import TrainPlan
-    from vramcalc.specs import ModelSpec
-    from vramcalc.verdict import Target
+    from vramcalc.memory.multi_gpu import ParallelEstimate, ParallelPlan
+    from vramcalc.models.spec import ModelSpec
+    from vramcalc.plans import TrainPlan
+    from vramcalc.sizing.verdict import Target
 
-GiB = 2**30
-# The choices of vramcalc.multi_gpu's Literals (Strategy, Offload, ShardingStrategy, Balance),
+# The choices of vramcalc.memory.multi_gpu's Literals (Strategy, Offload, ShardingStrategy,
+# Balance),
 # spelled here so that `plan` without --gpus never imports multi_gpu (issue 9: cold start);
 # tests/test_light_imports.py keeps them equal.
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp", "zero2", "zero3", "device-map")
@@ -92,7 +93,7 @@ def parallel_from_options(
     if gpus is None and gpus_from == "--gpus N":
         refuse_given(given, ("strategy", "offload", "gpus_per_node"),
                      "needs --gpus N (the number of GPUs to split the step over)")
-    from vramcalc.multi_gpu import ParallelPlan
+    from vramcalc.memory.multi_gpu import ParallelPlan
 
     if gpus is not None:
         from vramcalc.commands.options import bounded_count
@@ -205,7 +206,7 @@ def parallel_suggestions(spec: ModelSpec, plan: TrainPlan, memory_bytes: int, ma
                          max_gpus: int = 8) -> list[dict[str, Any]]:
     """For `check`: the smallest N per strategy that fits cards offering `memory_bytes`
     each with `margin_bytes` to spare (the rule of every suggestion)."""
-    from vramcalc.multi_gpu import smallest_fitting_parallel
+    from vramcalc.memory.multi_gpu import smallest_fitting_parallel
 
     return [o.model_dump(mode="json")
             for o in smallest_fitting_parallel(spec, plan, memory_bytes, margin_bytes, max_gpus)]
@@ -216,15 +217,15 @@ def plan_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
                   json_output: bool) -> bool | None:
     """`plan --gpus N ...`: print the estimate (or --max per GPU) and return whether the
     busiest GPU fits each GPU's card (`target`, less `margin_b`; None when no card), by the
-    rule of the one-GPU plan (vramcalc.verdict). --json keeps the one-GPU keys' meaning:
+    rule of the one-GPU plan (vramcalc.sizing.verdict). --json keeps the one-GPU keys' meaning:
     gpu_memory_bytes is one card's memory, margin_bytes the margin. Raw estimate: the
     fitted corrections (calibration/) were measured on one GPU and are not applied."""
     from vramcalc.commands.common import print_json
-    from vramcalc.multi_gpu import estimate_parallel
-    from vramcalc.verdict import verdict
+    from vramcalc.memory.multi_gpu import estimate_parallel
+    from vramcalc.sizing.verdict import verdict
 
     if max_ is not None:
-        from vramcalc.search import largest_fitting, quick_estimate
+        from vramcalc.sizing.search import largest_fitting, quick_estimate
 
         assert target is not None  # checked by plan()
         best = largest_fitting(
@@ -275,11 +276,11 @@ def plan_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
 def check_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
                    memory_bytes: int, margin_b: int, where: str, json_output: bool) -> bool:
     """`check --gpus N --strategy ...`: whether the busiest GPU fits `memory_bytes` (the
-    smallest GPU's) with `margin_b`, by the rule of the one-GPU check (vramcalc.verdict);
+    smallest GPU's) with `margin_b`, by the rule of the one-GPU check (vramcalc.sizing.verdict);
     `where` names the GPUs."""
     from vramcalc.commands.common import print_json
-    from vramcalc.multi_gpu import estimate_parallel
-    from vramcalc.verdict import verdict
+    from vramcalc.memory.multi_gpu import estimate_parallel
+    from vramcalc.sizing.verdict import verdict
 
     pe = estimate_parallel(spec, plan, parallel)
     need = pe.busiest.required_device_bytes

@@ -19,7 +19,6 @@ from vramcalc.commands.options import (
     check_applies,
     check_max,
     for_target,
-    gpu_memory_bytes,
     margin_bytes,
     refuse_given,
     runnable_dropout,
@@ -38,6 +37,7 @@ from vramcalc.commands.parallel import (
     StrategyOpt,
     parallel_from_options,
 )
+from vramcalc.commands.targets import plan_target
 from vramcalc.commands.task_options import with_task_options
 from vramcalc.commands.time_options import (
     DatasetTokensOpt,
@@ -47,14 +47,14 @@ from vramcalc.commands.time_options import (
     time_settings,
 )
 from vramcalc.errors import PlanError
-from vramcalc.verdict import DEFAULT_MARGIN_GIB
+from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB
+from vramcalc.units import GiB
 
 if TYPE_CHECKING:
-    from vramcalc.planning import EstimateFn
-    from vramcalc.specs import ModelSpec
-    from vramcalc.verdict import Target
+    from vramcalc.corrections.planning import EstimateFn
+    from vramcalc.models.spec import ModelSpec
+    from vramcalc.sizing.verdict import Target
 
-GiB = 2**30
 EXIT_DOES_NOT_FIT = 3
 
 PlanGpuOpt = Annotated[
@@ -62,20 +62,6 @@ PlanGpuOpt = Annotated[
     typer.Option("--gpu", help="Check against an empty card of this catalog GPU (its total "
                  "less the driver's reservation); see 'vramcalc gpus'."),
 ]
-
-
-def _target(gpu: str | None, gpu_memory: float | None) -> Target | None:
-    from vramcalc.verdict import catalog_target, sized_target
-
-    if gpu is not None and gpu_memory is not None:
-        raise PlanError("give either --gpu NAME or --gpu-memory GIB, not both")
-    if gpu is not None:
-        from vramcalc.gpu_catalog import resolve_gpu
-
-        return catalog_target(resolve_gpu(gpu))
-    if gpu_memory is not None:
-        return sized_target(gpu_memory_bytes(gpu_memory), f"{gpu_memory:g} GiB card")
-    return None
 
 
 @reports_errors
@@ -131,14 +117,14 @@ def plan(
       vramcalc plan --from-config axolotl.yaml --batch 2
       vramcalc plan -m llama-3.1-8b --gpu h100-sxm --dataset-tokens 5000000
     """
-    from vramcalc.planning import calibration_note, estimator
+    from vramcalc.corrections.planning import calibration_note, estimator
     from vramcalc.render import estimate_to_dict
 
     given: frozenset[str] = getattr(plan_options, "given", frozenset())
     check_max(max_)
     margin_b = margin_bytes(margin)
     timing = time_settings(dataset_tokens, epochs, price, prices)
-    target = _target(gpu, gpu_memory)
+    target = plan_target(gpu, gpu_memory)
     if max_ is not None and target is None:
         raise PlanError("--max needs --gpu NAME or --gpu-memory GIB (the card to fit in)")
     if target is None:
@@ -188,8 +174,8 @@ def plan(
     v = None if gv is None else gv.now
     timed = None
     if gpu is not None:
-        from vramcalc.gpu_catalog import resolve_gpu
-        from vramcalc.time_cost import train_time
+        from vramcalc.hardware.catalog import resolve_gpu
+        from vramcalc.timing.cost import train_time
 
         timed = train_time(spec, train, resolve_gpu(gpu), timing.table(),
                            timing.dataset_tokens, timing.epochs)
@@ -224,7 +210,7 @@ def plan(
             if v.certainty == "tight":
                 console.print(v.tight_reason, highlight=False)
         if timed is not None:
-            from vramcalc.time_cost import describe
+            from vramcalc.timing.cost import describe
 
             console.print(describe(timed), highlight=False)
     if v is not None and not v.fits:
@@ -235,7 +221,7 @@ def _answer_max(
     spec: ModelSpec, train: Any, what: str, target: Target, margin_b: int, json_output: bool,
     estimate_fn: EstimateFn,
 ) -> None:
-    from vramcalc.search import largest_fitting
+    from vramcalc.sizing.search import largest_fitting
 
     best = largest_fitting(spec, train, what, target.free_bytes, margin_b,
                            estimate_fn=estimate_fn)

@@ -36,16 +36,16 @@ from vramcalc.commands.options import (
     with_plan_options,
 )
 from vramcalc.errors import PlanError
-from vramcalc.verdict import DEFAULT_MARGIN_GIB
+from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB
+from vramcalc.units import GiB
 
 if TYPE_CHECKING:
-    from vramcalc.plan_settings import TrainPlan
-    from vramcalc.planning import Estimators
-    from vramcalc.result import Estimate
-    from vramcalc.specs import ModelSpec
-    from vramcalc.verdict import Target
+    from vramcalc.corrections.planning import Estimators
+    from vramcalc.memory.result import Estimate
+    from vramcalc.models.spec import ModelSpec
+    from vramcalc.plans import TrainPlan
+    from vramcalc.sizing.verdict import Target
 
-GiB = 2**30
 CHART_WIDTH = 80
 MAX_POINTS = 64
 # --over name -> TrainPlan field
@@ -150,8 +150,8 @@ def capacities(sweep: Sweep, spec: ModelSpec, train: TrainPlan, points: list[Est
     """Each card's verdict at every swept value, as `plan --gpu` gives it: the plan as it
     runs there (fp16 without bf16) under that card's corrections; the series' own
     estimates where those are the same."""
-    from vramcalc.advice import for_gpu
-    from vramcalc.verdict import verdict
+    from vramcalc.sizing.advice import for_gpu
+    from vramcalc.sizing.verdict import verdict
 
     field = SWEEPABLE[sweep.name]
     series_fn = estimators(targets[0].corrections_gpu if targets else None)
@@ -280,9 +280,9 @@ def sweep(
       vramcalc sweep -m qwen2.5-7b --over batch=1:64 --seq-len 2048 --json
       vramcalc sweep -m llama-3.1-8b --over rank=8:256 --plot rank.svg
     """
-    from vramcalc.gpu_catalog import resolve_gpu
-    from vramcalc.planning import Estimators, calibration_note
-    from vramcalc.verdict import catalog_target
+    from vramcalc.corrections.planning import Estimators, calibration_note
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.sizing.verdict import catalog_target
 
     if plot is not None:  # before the sweep: a path that cannot be written fails at once
         from vramcalc.user_files import check_writable

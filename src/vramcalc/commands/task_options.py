@@ -2,7 +2,7 @@
 
 `with_task_options("plan")` wraps a command that already has the plan options
 (`with_plan_options`): it adds --task and the inference / merge options, and runs
-`--task infer|merge` here (vramcalc.inference, pure arithmetic); `--task train` (the
+`--task infer|merge` here (vramcalc.memory.inference, pure arithmetic); `--task train` (the
 default) calls the command unchanged. Heavy or optional modules load inside the bodies.
 """
 
@@ -18,15 +18,15 @@ from pydantic import BaseModel, ValidationError
 from vramcalc.commands.common import print_json, warn
 from vramcalc.commands.options import with_signature
 from vramcalc.errors import PlanError
+from vramcalc.units import GiB
 
 if TYPE_CHECKING:
     from vramcalc.api import GpuVerdict
-    from vramcalc.inference import InferPlan, MergePlan
-    from vramcalc.result import Estimate
-    from vramcalc.specs import ModelSpec
+    from vramcalc.memory.result import Estimate
+    from vramcalc.models.spec import ModelSpec
+    from vramcalc.plans import InferPlan, MergePlan
 
 R = TypeVar("R")
-GiB = 2**30
 EXIT_DOES_NOT_FIT = 3
 TASKS = ("train", "infer", "merge")
 INFER_MAX = ("batch", "prompt-len")
@@ -156,7 +156,7 @@ def build_infer_plan(opts: dict[str, Any], kw: dict[str, Any]) -> InferPlan:
         bounded_count,
         refuse_given,
     )
-    from vramcalc.inference import ADAPTER_DTYPES, CACHES, INFER_QUANTS, InferPlan
+    from vramcalc.plans import ADAPTER_DTYPES, CACHES, INFER_QUANTS, InferPlan
 
     for flag in ("dtype", "on"):
         if opts[flag] is not None:
@@ -196,7 +196,7 @@ def build_infer_plan(opts: dict[str, Any], kw: dict[str, Any]) -> InferPlan:
 
 def build_merge_plan(opts: dict[str, Any], kw: dict[str, Any]) -> MergePlan:
     from vramcalc.commands.options import MAX_RANK, bounded_count, refuse_given
-    from vramcalc.inference import ADAPTER_DTYPES, DTYPES16, MERGE_BASES, MERGE_ON, MergePlan
+    from vramcalc.plans import ADAPTER_DTYPES, DTYPES16, MERGE_BASES, MERGE_ON, MergePlan
 
     for flag in ("prompt_len", "new_tokens", "cache", "merged"):
         if opts[flag] not in (None, False):
@@ -222,7 +222,8 @@ def build_merge_plan(opts: dict[str, Any], kw: dict[str, Any]) -> MergePlan:
 
 
 def _estimate(spec: ModelSpec, plan: InferPlan | MergePlan) -> Estimate:
-    from vramcalc.inference import InferPlan, estimate_inference, estimate_merge
+    from vramcalc.memory.inference import estimate_inference, estimate_merge
+    from vramcalc.plans import InferPlan
 
     if isinstance(plan, InferPlan):
         return estimate_inference(spec, plan)
@@ -234,9 +235,9 @@ def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, memory_by
     """Largest batch or prompt length that `plan --task infer` calls "fits" on a card
     offering `memory_bytes` with `margin_bytes` to spare (0: none), by the rule of every
     search (verdict.fits_certainly: "fits, tight" does not count)."""
-    from vramcalc.inference import estimate_inference
-    from vramcalc.search import largest_from_guess
-    from vramcalc.verdict import certain_need
+    from vramcalc.memory.inference import estimate_inference
+    from vramcalc.sizing.search import largest_from_guess
+    from vramcalc.sizing.verdict import certain_need
 
     field = {"batch": "batch_size", "prompt-len": "prompt_len"}[what]
 
@@ -253,13 +254,13 @@ def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, memory_by
 
 def _dtype(plan: InferPlan | MergePlan) -> str:
     """The dtype the plan computes in (a merge: its base's)."""
-    from vramcalc.inference import InferPlan
+    from vramcalc.plans import InferPlan
 
     return plan.compute_dtype if isinstance(plan, InferPlan) else plan.dtype
 
 
 def _title(est: Estimate, plan: InferPlan | MergePlan) -> str:
-    from vramcalc.inference import InferPlan
+    from vramcalc.plans import InferPlan
 
     head = f"{est.model} ({est.params / 1e9:.2f} B params)"
     if isinstance(plan, InferPlan):
@@ -279,9 +280,9 @@ def _infer_times(spec: ModelSpec, plan: InferPlan | MergePlan, names: list[str]
                  ) -> dict[str, Any]:
     """catalog name -> generate() speed (step_time.InferTime) of an inference plan."""
     from vramcalc.errors import UnknownGpuError
-    from vramcalc.gpu_catalog import resolve_gpu
-    from vramcalc.inference import InferPlan
-    from vramcalc.time_cost import infer_time_on
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.plans import InferPlan
+    from vramcalc.timing.cost import infer_time_on
 
     if not isinstance(plan, InferPlan):
         return {}
@@ -312,19 +313,19 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
     margin_b = margin_bytes(kw["margin"])
     target = None
     if command == "plan":
-        from vramcalc.commands.plan import _target
+        from vramcalc.commands.targets import plan_target
 
-        target = _target(kw.get("gpu"), kw.get("gpu_memory"))
+        target = plan_target(kw.get("gpu"), kw.get("gpu_memory"))
         if target is None:
             refuse_given(kw.get("given", frozenset()), ("margin",),
                          "only with --gpu NAME or --gpu-memory GIB (the card to fit in)")
     spec = resolve_model_arg(kw["model"])  # the door of every command, with its notes
     announce_spec(spec)
     plan = build_infer_plan(opts, kw) if task == "infer" else build_merge_plan(opts, kw)
-    from vramcalc.trainable import lora_targets
+    from vramcalc.memory.program.trainable import lora_targets
 
     lora_targets(spec, plan.lora_plan())  # an unknown target module: one Error line
-    from vramcalc.inference import InferPlan
+    from vramcalc.plans import InferPlan
 
     if isinstance(plan, InferPlan):
         limit = spec.max_position_embeddings
@@ -375,7 +376,8 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
 
 
 def _extras(spec: ModelSpec, plan: InferPlan | MergePlan) -> dict[str, Any]:
-    from vramcalc.inference import MergePlan, merge_sizes
+    from vramcalc.memory.inference import merge_sizes
+    from vramcalc.plans import MergePlan
 
     if not isinstance(plan, MergePlan):
         return {}
@@ -407,7 +409,7 @@ def _output(est: Estimate, plan: InferPlan | MergePlan, spec: ModelSpec, json_ou
     console = Console()
     print_task_breakdown(est, _title(est, plan), console, getattr(plan, "adapter_dtype", None))
     if speed is not None:
-        from vramcalc.time_cost import describe_infer
+        from vramcalc.timing.cost import describe_infer
 
         console.print(describe_infer(speed), highlight=False)
     if "disk_bytes" in extras:
@@ -428,7 +430,7 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
     """`check --task infer|merge`: the estimate against each GPU (detected, --gpu, or
     --gpu-memory), by check's rule and verdict type (api.verdict_on: required + margin <=
     free memory, tight inside the band or the spread; empty: the usable total)."""
-    from vramcalc.commands import check as check_cmd
+    from vramcalc.commands.targets import check_targets
 
     gpu: list[str] = kw.get("gpu") or []  # no --gpu: detected GPUs or --gpu-memory
     gpu_memory: float | None = kw.get("gpu_memory")
@@ -441,7 +443,7 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
     margin_bytes = to_bytes(margin)
     est = _estimate(spec, plan)
     verdicts = [verdict_on(t, est, _dtype(plan), margin_bytes)
-                for t in check_cmd._targets(gpu, gpu_memory)]
+                for t in check_targets(gpu, gpu_memory)]
     times = _infer_times(spec, plan, [v.target.name for v in verdicts])
     best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals, as check's
     if kw["json_output"]:
@@ -468,7 +470,7 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
             # on stdout, like the training verdict
             typer.echo(f"does NOT fit on {where}: needs {est.required_device_bytes / GiB:.2f} "
                        f"GiB + {margin:g} GiB margin, {best.target.free_bytes / GiB:.2f} GiB free")
-        from vramcalc.time_cost import describe_infer
+        from vramcalc.timing.cost import describe_infer
 
         for t in times.values():
             typer.echo(describe_infer(t))

@@ -1,5 +1,5 @@
 """`--dataset-tokens`, `--epochs`, `--price GPU=USD` and `--prices FILE`: how long a plan
-takes on a catalog GPU and what it costs (vramcalc.time_cost). Shared by `plan`, `check`,
+takes on a catalog GPU and what it costs (vramcalc.timing.cost). Shared by `plan`, `check`,
 `compare` and `fit`; each command says where the time applies and refuses the options
 where it does not."""
 
@@ -13,7 +13,7 @@ import typer
 from vramcalc.errors import PlanError
 
 if TYPE_CHECKING:
-    from vramcalc.time_cost import PriceTable
+    from vramcalc.timing.cost import PriceTable
 
 DatasetTokensOpt = Annotated[
     int | None,
@@ -57,7 +57,7 @@ class TimeSettings(NamedTuple):
         return flags
 
     def table(self) -> PriceTable:
-        from vramcalc.time_cost import price_table
+        from vramcalc.timing.cost import price_table
 
         return price_table(self.prices_file, self.price)
 

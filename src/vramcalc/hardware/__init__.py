@@ -1,0 +1,1 @@
+"""GPUs: the catalog of cards (catalog) and the GPUs of this machine through NVML (devices)."""

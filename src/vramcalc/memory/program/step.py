@@ -1,0 +1,1837 @@
+"""The allocation requests of training steps, generated from the plan: what the caching
+allocator sees (sizes and order of every tensor of at least a few KiB), so that
+`allocator_replay` can give the reserved bytes they leave.
+
+A small autograd: every forward op allocates its temporaries and its output, and keeps
+the tensors its backward needs (saved tensors); backward runs the ops in reverse, each
+allocating the gradients of its inputs, then freeing its output's gradient and its saved
+tensors (torch/csrc/autograd: a node's SavedVariables are released after it runs). An
+add or a clone hands its output's gradient on to its inputs as the same tensor; a
+gradient that reaches a tensor twice is summed (input_buffer.cpp accumulate). Python
+references drop where the modeling code's locals go out of scope. Non-reentrant gradient
+checkpointing (torch/utils/checkpoint.py, use_reentrant=False) runs each layer's forward
+keeping only its input, and recomputes the layer right before its backward.
+
+The op programs follow the requests recorded on the H200 (calibration/h200/run14-traces,
+read with `calibration/trace_programs.py`): transformers 5 Llama-style decoder layers
+(RMSNorm in fp32, rotary by `rotate_half`, sdpa or eager attention, gated or plain MLP),
+peft 0.21 LoRA (input cast to the fp32 adapters, dropout mask, compute-dtype copy for
+lora_A), bitsandbytes 4-bit (dequantized weight per matmul), the fp32 upcast and
+log-softmax of the loss (transformers loss_utils.ForCausalLMLoss), accelerate's fp32 cast
+of the output under Trainer, the cuBLAS workspaces of the forward and backward threads, and
+the optimizer's state tensors, made at the first step. Sizes below 64 KiB are left out:
+they sit in the small pool's 2 MiB segments and move reserved memory by a few MiB.
+
+MoE layers (run17-traces t17-y013 / t17-x013 mixtral, t17-x014 / t17-q014 qwen3-moe): the
+top-k router, transformers 5 `grouped_mm_experts_forward` over the fused 3-D stacks in their
+own dtype (all tokens x top-k rows, gathered by expert: an even split or not, the grouped
+tensors are the same size), Qwen2-MoE's shared expert, and peft ParamWrapper's folded
+stacks where LoRA targets the experts.
+
+int8 bases (bnb Linear8bitLt) run their own program (run17-traces t17-w029, t17-y012).
+Not traced, so approximate: a frozen fp32 base under autocast (falcon "QLoRA", LoRA on
+fp32 weights) runs the 16-bit one; experts that a stack quantizes into per-expert Linears
+(`moe_experts="quantized"`) run every routed row through one gated MLP. Non-reentrant
+checkpointing: the backward nodes that run before the recompute is triggered (those
+without saved tensors) run after it here (they hand their gradient on without a copy, so
+no request moves).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vramcalc.errors import VramcalcError
+from vramcalc.memory.allocator.replay import Engine, replay_program, requested_run
+from vramcalc.memory.program.activations import (
+    expert_dtype_bytes,
+    int8_outlier_fraction,
+    masked_layers,
+    residual_bytes,
+    sdpa_masks,
+)
+from vramcalc.memory.program.load import MIN_REQUEST, load_requests
+from vramcalc.memory.program.optimizer import (
+    OptimizerBytes,
+    optimizer_bytes,
+    optimizer_state_groups,
+)
+from vramcalc.memory.program.templates import TEMPLATE_LAYERS, StepProgram, template_program
+from vramcalc.memory.program.trainable import lora_on_experts, lora_targets
+from vramcalc.memory.program.weights import DTYPE_BYTES, fused_experts
+from vramcalc.models.spec import LinearShape, ModelSpec, depth_cut, sliding_past_window
+from vramcalc.plans import CHUNKED_LOSS_CHUNKS, TrainPlan
+
+# torch CublasHandlePool.cpp: the cuBLAS workspace of a handle (32 MiB on Hopper) comes from
+# the caching allocator at the handle's first matmul and is kept for good. Forward runs on
+# the main thread, backward (and checkpoint recomputation) on autograd's device thread: two
+# handles, two workspaces (recorded: one after the first forward matmul's output, one after
+# the first backward matmul's, never freed).
+CUBLAS_WORKSPACE = 32 * 1024 * 1024
+
+
+@dataclass(eq=False, slots=True)
+class Buf:
+    size: int
+    id: int
+    refs: int = 1
+    layer: int = -1  # the layer whose requests allocated it (Graph.layer), -1 none
+
+
+@dataclass(eq=False, slots=True)
+class Var:
+    """A tensor in the forward: its buffer and whether a gradient flows to it."""
+
+    buf: Buf | None  # None: too small to track
+    size: int
+    grad_bytes: int  # bytes of its gradient
+    requires_grad: bool
+    param: bool = False  # a leaf parameter: its gradient stays until zero_grad
+    # a second gradient is summed into a new tensor (tied embeddings of 16-bit weights; see
+    # Graph._grad_into); otherwise it is added into the first in place
+    sum_out_of_place: bool = False
+    grad: Buf | None = None  # None also when the gradient is too small to track
+    has_grad: bool = False  # a gradient has reached it (tracked or not)
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    out: Var
+    inputs: list[Var]
+    saved: list[Buf]
+    bwd_temps: list[int] = field(default_factory=list)
+    mm: bool = False  # a cuBLAS matmul: its backward may make the backward thread's workspace
+    passthrough: bool = False  # add / clone: its inputs get its own gradient tensor
+    layer: int = -1  # the layer whose forward made it (Graph.layer)
+    # the sizes of the saved tensors offloaded to host memory (Graph.offload "all"): their
+    # backward brings each back as a new tensor first
+    offloaded: list[int] = field(default_factory=list)
+    # the gradients of `inputs` its forward already made and keeps (fused kernels that
+    # compute them in forward, or write them into their saved inputs in backward): backward
+    # hands them on as they are
+    grads: list[Buf | None] | None = None
+
+
+@dataclass(eq=False, slots=True)
+class ChunkNode:
+    """`chunk` of a tensor into views (views share its buffer): backward puts the views'
+    gradients together into one gradient of the whole (aten `cat`), then frees them."""
+
+    outs: list[Var]
+    inp: Var
+    layer: int = -1
+
+
+@dataclass(eq=False, slots=True)
+class CheckpointNode:
+    """A checkpointed layer: its input is kept; backward recomputes it first."""
+
+    out: Var
+    inp: Var
+    fn: Callable[[Graph, Var], Var]
+    layer: int = -1
+    offloaded: bool = False  # the input went to host memory (Graph.offload)
+
+
+class Graph:
+    def __init__(self) -> None:
+        self.requests: list[tuple[int, int]] = []  # (buffer id, size) / (id, 0) = free
+        self.nodes: list[Node | ChunkNode | CheckpointNode] = []
+        self.grad_mode = True
+        self.recomputing = False
+        self.cache: list[Var] = []
+        # tensors kept as autograd ctx attributes (bnb MatMul8bitLt `ctx.tensors`): not
+        # saved tensors, so released only when the graph is, after backward
+        self.graph_held: list[Buf] = []
+        # leaves outside the parameters that require grad (the embedding output under
+        # enable_input_require_grads): their `.grad` goes with the leaf, which the graph's
+        # AccumulateGrad node keeps until the graph is freed after backward
+        self.leaves: list[Var] = []
+        self.gone: set[int] = set()  # freed (or never made) outside unref: no request
+        self.for_good: set[int] = set()  # cuBLAS workspaces: never freed
+        self._next = 0
+        self.in_backward = False
+        self._workspaces: set[bool] = set()  # threads whose cuBLAS workspace exists
+        # the decoder layer whose work makes the requests (-1: the rest), and where each
+        # run of one layer's (or the rest's) requests starts: (layer, index of its first
+        # request); step_templates.py repeats a middle layer's runs
+        self.layer = -1
+        self.runs: list[tuple[int, int]] = [(-1, 0)]
+        # activation offloading (TrainPlan.offload_activations), see `_offload`
+        self.offload = "none"
+        self.noop = False  # inside the lm_head: TRL's NoOpManager keeps its saved tensors
+        self.stash: list[Buf] = []  # offloaded tensors still kept on the GPU
+        self.host = 0  # bytes of offloaded tensors in host memory now
+        self.host_peak = 0
+        self.offload_buffer: Buf | None = None  # Unsloth's GPU_BUFFERS (checkpoints)
+        self.checkpoints = 0  # checkpointed layers so far in this forward
+        self.last_checkpoint = -1  # the index of the last one (Unsloth keeps its input)
+
+    def set_layer(self, layer: int, new_run: bool = False) -> None:
+        """The requests from here on are `layer`'s (-1: no layer's); `new_run` starts a
+        new run even for the same layer (a phase of the step begins). Every loop over the
+        layers marks each layer's requests so, and the rest with -1 before and after:
+        step_templates repeats the middle layer's runs, and requests made layer by layer
+        under -1 would be repeated as often as the cut has layers
+        (tests/memory/program/test_step_templates.py compares with the full generation)."""
+        if layer != self.layer or new_run:
+            self.layer = layer
+            self.runs.append((layer, len(self.requests)))
+
+    # -- buffers ----------------------------------------------------------------------
+    def alloc(self, size: int) -> Buf | None:
+        if size < MIN_REQUEST:
+            return None
+        self._next += 1
+        b = Buf(size, self._next, 1, self.layer)
+        self.requests.append((b.id, size))
+        return b
+
+    def ref(self, b: Buf | None) -> Buf | None:
+        if b is not None:
+            b.refs += 1
+        return b
+
+    def unref(self, b: Buf | None) -> None:
+        if b is None:
+            return
+        b.refs -= 1
+        if b.refs == 0 and b.id not in self.gone:
+            self.requests.append((b.id, 0))
+
+    def temp(self, size: int) -> None:
+        """A temporary, made and freed."""
+        self.unref(self.alloc(size))
+
+    def temp_pair(self, first: int, second: int) -> None:
+        """Two temporaries alive together, freed second first."""
+        a = self.alloc(first)
+        self.unref(self.alloc(second))
+        self.unref(a)
+
+    def drop(self, *vs: Var) -> None:
+        for v in vs:
+            b = v.buf  # unref(v.buf), inline: the generator's most frequent call
+            if b is not None:
+                b.refs -= 1
+                if b.refs == 0 and b.id not in self.gone:
+                    self.requests.append((b.id, 0))
+
+    def workspace(self) -> None:
+        """A cuBLAS matmul ran on this thread: its handle's workspace, made once, kept."""
+        if self.in_backward not in self._workspaces:
+            self._workspaces.add(self.in_backward)
+            b = self.alloc(CUBLAS_WORKSPACE)
+            if b is not None:
+                self.for_good.add(b.id)
+
+    # -- ops --------------------------------------------------------------------------
+    def op(self, size: int, inputs: list[Var], save: tuple[Var, ...] = (),
+           bwd_temps: tuple[int, ...] = (), save_out: bool = False, mm: bool = False,
+           passthrough: bool = False, grads: tuple[Buf | None, ...] | None = None) -> Var:
+        """A forward op: its output (of `size` bytes, its gradient the same); keeps `save`
+        (and its output with `save_out`) for backward when a gradient flows through it,
+        and makes `bwd_temps` while its backward runs. `mm`: a cuBLAS matmul (its inputs
+        listed weight first: the backward computes the weight's gradient first).
+        `passthrough`: an add or a clone, whose backward hands its output's gradient on to
+        the inputs as it is. `grads`: one per input, the gradients its backward returns,
+        made (or kept) already: referenced by the node, handed on as they are."""
+        grad_inputs = [v for v in inputs if v.requires_grad]
+        # alloc(size), inline: op is the generator's most frequent call after alloc
+        if size < MIN_REQUEST:
+            buf = None
+        else:
+            self._next += 1
+            buf = Buf(size, self._next, 1, self.layer)
+            self.requests.append((buf.id, size))
+        out = Var(buf, size, size, bool(grad_inputs))
+        if mm and self.in_backward not in self._workspaces:
+            self.workspace()
+        if grad_inputs and self.grad_mode:
+            saved = []
+            offloaded: list[int] = []
+            offload = self.offload == "all" and not self.noop and not self.recomputing
+            for v in (*save, out) if save_out else save:
+                b = v.buf
+                if b is not None:
+                    if offload and b not in self.stash:
+                        offloaded.append(self._offload(b))
+                        continue
+                    b.refs += 1
+                    saved.append(b)
+            kept: list[Buf | None] | None = None
+            if grads is not None:
+                kept = [b for v, b in zip(inputs, grads, strict=True) if v.requires_grad]
+            self.nodes.append(Node(out, grad_inputs, saved, list(bwd_temps), mm, passthrough,
+                                   self.layer, offloaded, kept))
+        elif grads is not None:
+            for b in grads:
+                self.unref(b)
+        return out
+
+    def in_place(self, x: Var) -> Var:
+        """An op that writes its result into its input and, in backward, its input's
+        gradient into its output's (liger-kernel's RoPE: ops/rope.py LigerRopeFunction):
+        the same buffer, the gradient handed on as it is."""
+        out = Var(self.ref(x.buf), x.size, x.grad_bytes, x.requires_grad)
+        if self.grad_mode and x.requires_grad:
+            self.nodes.append(Node(out, [x], [], [], False, True, self.layer))
+        return out
+
+    # -- activation offloading ----------------------------------------------------------
+    # torchtune / TRL `OffloadActivations` (trl/models/activation_offloading.py, TRL 1.x;
+    # torchtune/training/_activation_offloading.py): a saved_tensors_hooks pack copies each
+    # saved tensor of at least 1 KiB that is no parameter into pinned host memory
+    # (`torch.empty_like(..., pin_memory=True)`, on a side stream) and the node keeps only
+    # an id; the GPU tensor stays in `fwd_stash` until `max_fwd_stash_size` (5) later
+    # tensors are offloaded, or backward begins. A tensor whose storage is still in the
+    # stash is not offloaded again: the node keeps it on the GPU. Unpack, when the node's
+    # backward runs, copies it back into a new GPU tensor, freed after the node (with
+    # streams: once the next node runs, not modelled). The lm_head runs under NoOpManager
+    # (get_act_offloading_ctx_manager). Inside a checkpointed layer the checkpoint's own
+    # hooks take over: only its inputs are packed (torch/utils/checkpoint.py
+    # `_NoopSaveInputs` saves them under the outer hooks).
+    STASH = 5
+
+    def _offload(self, b: Buf) -> int:
+        """`b` is saved for backward and goes to host memory; its size to bring back."""
+        self.host += b.size
+        self.host_peak = max(self.host_peak, self.host)
+        b.refs += 1
+        self.stash.append(b)
+        if len(self.stash) > self.STASH:
+            self.unref(self.stash.pop(0))
+        return b.size
+
+    def release_stash(self) -> None:
+        """Backward begins: the stash's GPU tensors go (OffloadActivations' first unpack
+        hook: "if there are still things in the fwd_stash, get rid of them")."""
+        stash, self.stash = self.stash, []
+        for b in stash:
+            self.unref(b)
+
+    def cast_cached(self, w: Var, size: int) -> Var:
+        """Autocast's cast of an fp32 leaf that requires grad: cached until the autocast
+        region ends (torch autocast `cached_cast`), so alive through the forward."""
+        wc = self.op(size, [w])
+        self.cache.append(wc)
+        return wc
+
+    def clear_cache(self) -> None:
+        for v in self.cache:
+            if v.buf is not None:
+                self.set_layer(v.buf.layer)
+            self.unref(v.buf)
+        self.cache = []
+
+    def release(self, bufs: list[Buf]) -> None:
+        """Let go of `bufs` in order, each among its own layer's requests."""
+        for b in bufs:
+            self.set_layer(b.layer)
+            self.unref(b)
+
+    def chunk(self, x: Var, n: int) -> list[Var]:
+        """`x.chunk(n, dim=-1)`: n views of x, no new memory; each view keeps x alive."""
+        outs = [Var(self.ref(x.buf), x.size // n, x.grad_bytes // n, x.requires_grad)
+                for _ in range(n)]
+        if self.grad_mode and x.requires_grad:
+            self.nodes.append(ChunkNode(outs, x, self.layer))
+        return outs
+
+    def leaf(self, size: int, requires_grad: bool, param: bool = False) -> Var:
+        return Var(None, size, size, requires_grad, param=param)
+
+    # -- backward ---------------------------------------------------------------------
+    def _grad_into(self, v: Var, given: Buf | None = None, passed: bool = False) -> None:
+        """A gradient for `v` arrives: a new tensor, or (`passed`) the tensor `given`
+        handed on by an add or a clone. The first is kept; a later one is added into it in
+        place (torch/csrc/autograd/input_buffer.cpp `accumulate`: into the buffer's tensor
+        where the buffer holds its last reference, else into the incoming one where that is
+        new), else the sum is a new tensor that replaces both: where both are shared, and
+        where `sum_out_of_place` (tied 16-bit embeddings: the embedding's gradient meets the
+        lm_head's, a transposed mm output the buffer cannot add into). Under autocast the
+        lm_head's fp32 gradient is a fresh contiguous cast (ToCopyBackward), which the
+        embedding's is added into in place."""
+        if not v.has_grad:
+            if passed:
+                if given is not None:
+                    given.refs += 1
+                v.grad = given
+            else:
+                v.grad = self.alloc(v.grad_bytes)
+            v.has_grad = True
+            return
+        incoming = self.ref(given) if passed else self.alloc(v.grad_bytes)
+        old_shared = v.grad is not None and v.grad.refs > 1
+        new_shared = passed and incoming is not None and incoming.refs > 1
+        if v.sum_out_of_place or (old_shared and new_shared):
+            total = self.alloc(v.grad_bytes)
+            self.unref(v.grad)
+            v.grad = total
+        elif old_shared:  # var.add_(old_var): the incoming tensor becomes the buffer's
+            self.unref(v.grad)
+            v.grad, incoming = incoming, None
+        self.unref(incoming)
+
+    def _run_chunk(self, n: ChunkNode) -> None:
+        if any(v.has_grad for v in n.outs):
+            self._grad_into(n.inp)
+        for v in n.outs:
+            self.unref(v.grad)
+            v.grad, v.has_grad = None, False
+
+    def _run(self, n: Node) -> None:
+        if n.grads is not None:
+            if n.out.has_grad:
+                for v, b in zip(n.inputs, n.grads, strict=True):
+                    self._grad_into(v, b, passed=True)
+            for b in n.grads:
+                self.unref(b)
+            n.grads = None
+            self.unref(n.out.grad)
+            n.out.grad, n.out.has_grad = None, False
+            for b in n.saved:
+                self.unref(b)
+            return
+        if not n.out.has_grad:
+            for b in n.saved:
+                self.unref(b)
+            self.host -= sum(n.offloaded)
+            return
+        # the offloaded saved tensors come back first (OffloadActivations' unpack)
+        back = [self.alloc(size) for size in n.offloaded]
+        self.host -= sum(n.offloaded)
+        # the node's temporaries live while it computes its input gradients
+        held = [self.alloc(t) for t in n.bwd_temps] if n.bwd_temps else ()
+        out = n.out
+        grad = out.grad
+        for i, v in enumerate(n.inputs):
+            # an add hands its gradient on as it is (AddBackward0, CloneBackward0); the
+            # engine casts it where the input's dtype differs (validate_outputs)
+            self._grad_into(v, grad, n.passthrough and v.grad_bytes == out.grad_bytes)
+            if n.mm and i == 0:
+                self.workspace()
+        for tmp in held:
+            self.unref(tmp)
+        self.unref(grad)
+        out.grad, out.has_grad = None, False
+        for b in n.saved:
+            self.unref(b)
+        for buf in back:
+            self.unref(buf)
+
+    def backward(self, loss: Var, keep_graph: bool = False) -> list[Buf]:
+        """Backward from a scalar loss (on autograd's device thread). What the graph's
+        nodes hold as ctx attributes (`graph_held`) and the gradients of its leaves go when
+        the graph is freed: at the end of backward, or, when the loop still holds a loss or
+        an output whose grad_fn reaches the graph (`keep_graph`), when that goes; those
+        buffers are returned."""
+        self.in_backward = True
+        self.release_stash()
+        loss.grad, loss.has_grad = self.alloc(loss.grad_bytes), True
+        nodes, self.nodes = self.nodes, []
+        self._backward(nodes)
+        self.set_layer(-1)
+        self.in_backward = False
+        kept = self.graph_held if keep_graph else []
+        if not keep_graph:
+            self.release(self.graph_held)
+            self.set_layer(-1)
+        self.graph_held = []
+        for v in self.leaves:
+            if keep_graph:  # the leaf's AccumulateGrad node keeps its `.grad` too
+                kept += [v.grad] if v.grad is not None else []
+            else:
+                self.unref(v.grad)
+            v.grad, v.has_grad = None, False
+        self.leaves = []
+        return kept
+
+    def _backward(self, nodes: list[Node | ChunkNode | CheckpointNode]) -> None:
+        for n in reversed(nodes):
+            if n.layer != self.layer:
+                self.set_layer(n.layer)
+            if isinstance(n, CheckpointNode):
+                self._recompute(n)
+            elif isinstance(n, ChunkNode):
+                self._run_chunk(n)
+            else:
+                self._run(n)
+
+    def _recompute(self, c: CheckpointNode) -> None:
+        """The layer's backward under non-reentrant checkpointing (torch/utils/checkpoint.py,
+        early stop on by default): the recompute stops (_StopRecomputationError) as soon as
+        the last saved tensor is packed again, so the ops after it are not rerun, and what
+        the interrupted forward held is freed as the exception unwinds it (innermost first;
+        recorded in run 14: the recompute ends at the last LoRA's lora_A). The layer's
+        trailing nodes that keep nothing (residual and LoRA sums) run before the recompute
+        there; here they run after it, which moves no request: they hand their gradient
+        on without a copy (Node.passthrough)."""
+        outer = self.nodes
+        self.nodes = []
+        if c.offloaded:
+            # the offloaded input comes back: into Unsloth's one GPU buffer, kept for good
+            # (unsloth_zoo UnslothCheckpointFunction.backward: `buffer.copy_(x)`), or as a
+            # new tensor (OffloadActivations' unpack), freed after the layer's backward
+            self.host -= c.inp.size
+            if self.offload == "checkpoints":
+                c.inp.buf = self.offload_buffer
+            else:
+                c.inp.buf = self.alloc(c.inp.size)
+        inp = Var(c.inp.buf, c.inp.size, c.inp.grad_bytes, c.inp.requires_grad)
+        self.recomputing = True
+        start = len(self.requests)
+        out = c.fn(self, inp)
+        self.recomputing = False
+        self.clear_cache()
+        inner, self.nodes = self.nodes, outer
+        assert self.runs[-1][1] <= start  # the rewrite below keeps the runs' starts
+        rerun = self.requests[start:]
+        saved = {b.id for n in inner if isinstance(n, Node) for b in n.saved}
+        last = len(rerun) - 1  # the last request that packs a saved tensor, else the end
+        for k in range(len(rerun) - 1, -1, -1):
+            bid, size = rerun[k]
+            if size and bid in saved:
+                last = k
+                break
+        kept = rerun[:last + 1]
+        live: dict[int, None] = {}
+        for bid, size in kept:
+            if size:
+                live[bid] = None
+            else:
+                live.pop(bid, None)
+        # (a cuBLAS workspace made by the recompute is the thread's, kept)
+        unwound = [bid for bid in reversed(live)
+                   if bid not in saved and bid not in self.for_good
+                   and (inp.buf is None or bid != inp.buf.id)]
+        # buffers the stopped forward never made, or let go as it unwound: no later free
+        self.gone.update(bid for bid, size in rerun[last + 1:] if size)
+        self.gone.update(unwound)
+        self.requests[start:] = kept + [(bid, 0) for bid in unwound]
+        out.grad, out.has_grad = c.out.grad, c.out.has_grad
+        c.out.grad, c.out.has_grad = None, False
+        self.drop(out)
+        self._backward(inner)
+        c.inp.grad, c.inp.has_grad = inp.grad, inp.has_grad
+        if c.offloaded and self.offload == "checkpoints":
+            return  # the GPU buffer stays
+        self.unref(c.inp.buf)  # the checkpoint's saved input
+
+    def checkpoint(self, layer: Callable[[Graph, Var], Var], x: Var) -> Var:
+        self.grad_mode = False
+        out = layer(self, x)
+        self.grad_mode = True
+        out.requires_grad = True
+        index, self.checkpoints = self.checkpoints, self.checkpoints + 1
+        offloaded = False
+        if self.offload == "all" and x.buf is not None and x.buf not in self.stash:
+            offloaded = True
+            self._offload(x.buf)
+        elif self.offload == "checkpoints" and x.requires_grad and index != self.last_checkpoint:
+            # unsloth_zoo gradient_checkpointing.py UnslothCheckpointFunction.forward: each
+            # checkpointed layer's hidden_states is copied into a pinned host buffer of its
+            # own (CPU_BUFFERS, kept for good), and brought back in backward into one GPU
+            # buffer (GPU_BUFFERS, grown to the largest input, kept); the last layer's input
+            # stays on the GPU (LAST_GC_INDEX); inputs under 1 Mi elements stay too
+            # (MINIMUM_SIZE, not modelled)
+            offloaded = True
+            self.host += x.size
+            self.host_peak = max(self.host_peak, self.host)
+            if self.offload_buffer is None and x.buf is not None:
+                self.offload_buffer = self.alloc(x.size)
+                if self.offload_buffer is not None:
+                    self.for_good.add(self.offload_buffer.id)
+        else:
+            self.ref(x.buf)
+        self.nodes.append(CheckpointNode(out, x, layer, self.layer, offloaded))
+        return out
+
+
+# ---- the model's programs -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    tokens: int
+    c: int  # compute dtype bytes
+    act: int  # residual stream bytes
+    targets: frozenset[str]
+    rank: int
+    dropout: bool
+    method: str
+    autocast_weights: bool  # 16-bit full fine-tuning with fp32 master weights
+    autocast: bool
+    expert_bytes: int  # the fused experts' dtype (activations.expert_dtype_bytes)
+    expert_fold: bool  # LoRA on the expert stacks (peft ParamWrapper)
+    int8: bool = False  # bnb Linear8bitLt bases (qlora with quant int8)
+    # the share of the down projection input's columns int8 keeps as subA (every token)
+    outlier_fraction: float = 1.0
+    kv_cache: bool = False  # the forward fills a DynamicCache (TrainPlan.kv_cache)
+    fp32_norm_scale: bool = False  # ModelSpec.norm_scales_in_fp32
+    # liger-kernel's RMSNorm, SwiGLU / GEGLU and RoPE replace the modeling code's
+    # (TrainPlan.loss_kernel "liger"); its RMSNorm writes dX into dY except for the Gemma
+    # families (monkey_patch.py apply_liger_kernel_to_gemma2: in_place=False)
+    liger: bool = False
+    liger_norm_in_place: bool = True
+
+
+# Linears whose input carries int8 outlier columns (the MLP's down projection input)
+OUTLIER_ROLES = frozenset({"down", "fc2"})
+
+
+def _int8_matmul(g: Graph, x: Var, t: int, i: int, o: int, in_bytes: int,
+                 outliers: float, c: int) -> Var:
+    """bitsandbytes 0.50.2 MatMul8bitLt on a frozen int8 weight (autograd/_functions.py):
+    the weight needs no gradient, so the forward takes int8_vectorwise_quant (no CAt):
+    A.to(float16), the int8 rows CA, `A.abs() >= threshold` and its bool, then
+    int8_scaled_mm: the int32 product, its fp16 dequant (`int8_mm_dequant`) and the cast
+    to A's dtype, the output (backends/cuda/ops.py). It keeps `ctx.tensors = (CAt, subA,
+    A)` as ctx attributes, which stay until the graph is freed after backward (also under
+    checkpointing; a recomputed layer's go with its backward), subA = A[:, outlier_cols]
+    (backends/default/ops.py int8_mixed_scaled_mm), `outliers` of the columns
+    (activations.int8_outlier_fraction).
+    Backward: `state.CB.to(A.dtype, copy=True)`, the dequantized weight in A's dtype,
+    then grad_A. Recorded order: H200 run 17 traces t17-y012, t17-w029."""
+    a16 = g.alloc(t * i * 2)
+    ca = g.alloc(t * i)
+    absa = g.alloc(t * i * 2)  # A.abs()
+    over = g.alloc(t * i)  # its >= threshold bool
+    g.unref(absa)
+    g.unref(over)
+    g.unref(a16)
+    cols = int(outliers * i)
+    sub = Var(g.alloc(t * cols * in_bytes) if cols else None, 0, 0, False)
+    # subB: the weight's outlier columns dequantized, `int8_vectorwise_dequant(
+    # CB[:, outlier_cols].contiguous(), SCB)` (int8 o x n, then `A * stats * scale`: two
+    # fp32 products) and `.to(A.dtype)` (H200 run 23 trace t23-j002: +o n, +4 o n, +4 o n)
+    subb = None
+    if cols:
+        cb_cols = g.alloc(o * cols)
+        first = g.alloc(o * cols * 4)
+        subb = g.alloc(o * cols * 4)
+        g.unref(first)
+        g.unref(cb_cols)
+        if in_bytes != 4:
+            cast = g.alloc(o * cols * in_bytes)
+            g.unref(subb)
+            subb = cast
+    prod32 = g.alloc(t * o * 4)
+    f16 = g.alloc(t * o * 2)
+    # a recomputed layer's ctx tensors go with its nodes; the first forward's stay
+    kept = (x, sub) if g.recomputing else ()
+    if not cols:
+        y = g.op(t * o * in_bytes, [x], save=kept, bwd_temps=(o * i * in_bytes,))
+        g.unref(f16)
+        g.unref(prod32)
+    else:
+        # `output.addmm(subA, subB)` inside the Function's forward: addmm is on autocast's
+        # lower-precision list, so subB, subA and the A-dtype output are cast to the
+        # compute dtype and the Function's output comes out in it (t23-j002: +2 o n,
+        # +2 t n, +2 t o, +2 t o; then the copies, the A-dtype output and subB go)
+        y_a = g.alloc(t * o * in_bytes)
+        g.unref(f16)
+        g.unref(prod32)
+        sizes = (o * cols * c, t * cols * c, t * o * c) if in_bytes != c else ()
+        copies = [g.alloc(size) for size in sizes]
+        y = g.op(t * o * c, [x], save=kept, bwd_temps=(o * i * in_bytes,))
+        for b in reversed(copies):
+            g.unref(b)
+        g.unref(y_a)
+        g.unref(subb)
+    g.unref(ca)
+    if x.requires_grad and not g.recomputing:
+        g.graph_held.extend(b for b in (g.ref(x.buf), g.ref(sub.buf)) if b is not None)
+    g.drop(sub)
+    return y
+
+
+def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = None,
+            weights: dict[str, Var] | None = None) -> Var:
+    t = s.tokens if rows is None else rows
+    i, o = lin.in_features, lin.out_features
+    in_bytes = x.size // max(t * i, 1)
+    if s.int8:
+        y = _int8_matmul(g, x, t, i, o, in_bytes,
+                         s.outlier_fraction if lin.role in OUTLIER_ROLES else 0.0, s.c)
+    elif s.method == "qlora":
+        # bnb Linear4bit: x to the compute dtype, the weight dequantized for the matmul,
+        # the output cast back to the input's dtype (nn/modules.py forward)
+        x16 = g.alloc(t * i * s.c) if in_bytes != s.c else None
+        deq = g.alloc(o * i * s.c)
+        # backward dequantizes the weight again for grad_input (bitsandbytes
+        # autograd/_functions.py MatMul4Bit.backward)
+        y = g.op(t * o * s.c, [x], bwd_temps=(o * i * s.c,), mm=True)
+        g.unref(deq)
+        if in_bytes != s.c:
+            y2 = g.op(t * o * in_bytes, [y])
+            g.drop(y)
+            y = y2
+        g.unref(x16)
+    elif s.method == "full":
+        w = (weights or {}).get(lin.name) or g.leaf(o * i * s.c, True, param=True)
+        if s.autocast_weights:
+            wc = g.cast_cached(w, o * i * s.c)
+            xc = g.op(t * i * s.c, [x]) if in_bytes != s.c else x
+            y = g.op(t * o * s.c, [wc, xc], save=(xc, wc), mm=True)
+            if xc is not x:
+                g.drop(xc)
+        else:
+            y = g.op(t * o * s.c, [w, x], save=(x,), mm=True)
+    else:
+        y = g.op(t * o * s.c, [x], mm=True)
+    if lin.name not in s.targets:
+        return y
+    # peft LoRA: result.clone() under bnb, x cast to the fp32 adapters, dropout, a
+    # compute-dtype copy for lora_A (autocast), lora_B, scaling, sum
+    if s.method == "qlora" and not s.int8:
+        y2 = g.op(y.size, [y], passthrough=True)
+        g.drop(y)
+        y = y2
+    # peft tuners/lora/bnb.py Linear4bit/Linear8bitLt.forward cast x to the adapters' fp32
+    # only where autocast is off (`requires_conversion = not torch.is_autocast_enabled()`),
+    # and every LoRA / QLoRA step here runs under autocast (TrainPlan.autocast): x goes to
+    # the dropout in its own dtype, lora_A's autocast copy only when that is not the
+    # compute dtype, and `result + output` promotes to the result's dtype (run 14 y028,
+    # t17-y012). peft 0.21 Linear8bitLt makes no result.clone(). tuners/lora/layer.py
+    # Linear.forward (16-bit bases) casts x always (_cast_input_dtype).
+    xb = in_bytes if s.method == "qlora" else 4
+    xv = g.op(t * i * xb, [x]) if xb != in_bytes else x
+    if s.dropout:
+        mask = g.op(t * i, [])
+        xd = g.op(t * i * xb, [xv], save=(mask,))
+        g.drop(mask)
+    else:
+        xd = xv
+    a_w = (weights or {}).get(lin.name + ".A") or g.leaf(i * s.rank * 4, True, param=True)
+    # autocast's copy for lora_A (none where x already is in the compute dtype)
+    xa = g.op(t * i * s.c, [xd]) if xb != s.c else xd
+    if s.int8:
+        if xd is not x and xd is not xa:
+            g.drop(xd)
+        if xv is not x and xv is not xd:
+            g.drop(xv)
+        a = g.op(t * s.rank * s.c, [a_w, xa], save=(xa,), mm=True)
+        if xa is not x:
+            g.drop(xa)
+    else:
+        a = g.op(t * s.rank * s.c, [a_w, xa], save=(xa,), mm=True)
+        # the cast inside F.linear goes first, then the dropout output, an argument of
+        # lora_A(...) (recorded: autocast copy, then dropout output freed, no grad)
+        if xa is not xd:
+            g.drop(xa)
+        if xd is not x and xd is not xv:
+            g.drop(xd)
+        if xv is not x:
+            g.drop(xv)
+    b_w = (weights or {}).get(lin.name + ".B") or g.leaf(s.rank * o * 4, True, param=True)
+    b = g.op(t * o * s.c, [b_w, a], save=(a,), mm=True)
+    g.drop(a)
+    sc = g.op(t * o * s.c, [b])
+    g.drop(b)
+    # `result + output`: type promotion makes the sum in the result's dtype (fp32 under
+    # QLoRA) without a cast of `output` first; its gradient is cast back to the compute
+    # dtype by the engine (recorded: one fp32 request at peft tuners/lora/bnb.py:552)
+    out = g.op(y.size, [y, sc], passthrough=True)
+    g.drop(y, sc)
+    return out
+
+
+def _norm(g: Graph, s: _Shapes, x: Var, width: int, rows: int | None = None) -> Var:
+    """RMSNorm in fp32 (modeling_llama LlamaRMSNorm: x.float(), pow, mean, x * rsqrt,
+    weight * x.to(dtype)): keeps the fp32 input; the cast back is kept only where the
+    norm's weight trains (full fine-tuning). Out in the input's dtype (fp32 under QLoRA,
+    whose norms prepare_model_for_kbit_training made fp32)."""
+    t = s.tokens if rows is None else rows
+    n = t * width
+    in_bytes = x.size // max(n, 1)
+    if s.liger:
+        return _liger_norm(g, s, x, t, width, in_bytes)
+    xf = g.op(n * 4, [x]) if in_bytes != 4 else x
+    g.temp(n * 4)  # pow, reduced by mean to the per-row inverse rms
+    # rsqrt(pow(2).mean(-1) + eps): its backward (mean's expand / n, pow's self.pow(1) and
+    # * 2, then grad * that, added into xf's gradient) makes input-sized fp32 tensors
+    # (recorded, run 14: four at the final norm, the sum among them)
+    r = g.op(t * 4, [xf], save=(xf,), bwd_temps=(n * 4, n * 4, n * 4))
+    # xf * r: grad * r for xf (xf's first gradient) and grad * xf, summed to r's shape
+    y = g.op(n * 4, [xf, r], save=(xf,), bwd_temps=(n * 4,))
+    g.drop(r)
+    trains = s.method == "full"
+    if in_bytes != 4 and s.fp32_norm_scale:
+        # (normed * weight) in fp32, then the cast: the product keeps the fp32 normalized
+        # tensor where the weight trains (specs.FP32_SCALED_NORM_FAMILIES; recorded, run 28
+        # trace g031-gemma-2-2b: one more input-sized fp32 tensor per norm and step)
+        # Its backward, where the weight trains, makes the weight's `grad * normed` (fp32,
+        # input-sized, before its sum over tokens) and, while it lives, one transient of
+        # twice that (recorded, run 28 g031: `+9 +9 +18 -18 -9` MiB in each norm's backward;
+        # which kernel asks for the second is not identified)
+        z = g.op(n * 4, [y], save=(y,) if trains else (),
+                 bwd_temps=(n * 4, 2 * n * 4) if trains else ())
+        g.drop(y)
+        out = g.op(n * in_bytes, [z])
+        g.drop(z)
+    elif in_bytes != 4:
+        yc = g.op(n * in_bytes, [y])
+        g.drop(y)
+        out = g.op(n * in_bytes, [yc], save=(yc,) if trains else ())
+        g.drop(yc)
+    else:
+        out = g.op(n * 4, [y], save=(y,) if trains else ())
+        g.drop(y)
+    if xf is not x:
+        g.drop(xf)
+    return out
+
+
+# torch.cuda.get_device_properties(...).multi_processor_count of the H100 / H200 (SXM): the
+# rows of liger's RMSNorm backward partial weight gradients
+SM_COUNT = 132
+
+
+def _liger_norm(g: Graph, s: _Shapes, x: Var, t: int, width: int, in_bytes: int) -> Var:
+    """liger-kernel 0.8.5 LigerRMSNormFunction (ops/rms_norm.py rms_norm_forward): Y in the
+    input's dtype and the fp32 per-row RSTD; keeps X and RSTD. Backward (rms_norm_backward):
+    the fp32 partial weight gradients `_dW` (sm_count x width) where the weight trains, and
+    dX written into dY (`in_place=True`; the Gemma patches pass False:
+    `torch.zeros_like(dY)`)."""
+    rstd = g.alloc(t * 4)
+    inplace = s.liger_norm_in_place
+    temps = (SM_COUNT * width * 4,) if s.method == "full" else ()
+    out = g.op(t * width * in_bytes, [x], save=(x,), bwd_temps=temps, passthrough=inplace)
+    if out.requires_grad and g.grad_mode and rstd is not None:
+        node = g.nodes[-1]
+        assert isinstance(node, Node)
+        node.saved.append(rstd)
+    else:
+        g.unref(rstd)
+    return out
+
+
+def _softcap(g: Graph, x: Var) -> Var:
+    """Gemma-2's soft capping, cap * tanh(x / cap): tanh keeps its output for backward
+    (modeling_gemma2: attention scores and final logits)."""
+    d = g.op(x.size, [x])
+    g.drop(x)
+    th = g.op(x.size, [d], save_out=True)
+    g.drop(d)
+    out = g.op(x.size, [th])
+    g.drop(th)
+    return out
+
+
+def _rotary(g: Graph, q: Var, liger: bool = False) -> Var:
+    if liger:
+        # liger-kernel 0.8.5 LigerRopeFunction (ops/rope.py): rotates q and k in place
+        # (the projections' outputs are contiguous in the kernel's layout) and keeps only
+        # cos and sin; backward rotates dq, dk in place
+        return g.in_place(q)
+    n = q.size
+    a = g.op(n, [q])
+    neg = g.alloc(n // 2)
+    cat = g.op(n, [q])
+    g.unref(neg)
+    b = g.op(n, [cat])
+    g.drop(cat)
+    out = g.op(n, [a, b], passthrough=True)
+    g.drop(a, b)
+    return out
+
+
+def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k: Var,
+               v: Var, window: bool = False) -> tuple[Var, Var | None]:
+    """The attention output, and eager attention's probabilities (`attn_weights`, which
+    the attention module returns and the decoder layer holds as `_` until it returns)."""
+    t = s.tokens
+    probs: Var | None = None
+    qb = q.size // max(t * spec.q_size, 1)
+    if plan.attn == "eager":
+        # transformers eager_attention_forward under autocast: q @ k^T in the compute
+        # dtype (fp32 q and k cast first), + mask, softmax(dtype=float32) (an fp32 copy of
+        # its input, then its output, kept), .to(q.dtype), dropout, probabilities @ v
+        b, seq = plan.rows  # padding-free: one row of the step's tokens
+        scores = b * spec.num_attention_heads * seq * seq
+        rep = spec.num_attention_heads != spec.kv_heads
+        kr = g.op(t * spec.q_size * qb, [k]) if rep else k  # repeat_kv
+        vr = g.op(t * spec.q_size * qb, [v]) if rep else v
+        qm, km = q, kr
+        if qb != s.c:
+            qm, km = g.op(t * spec.q_size * s.c, [q]), g.op(t * spec.q_size * s.c, [kr])
+        mm = g.op(scores * s.c, [qm, km], save=(qm, km), mm=True)
+        if qm is not q:
+            g.drop(qm, km)
+        sc = g.op(scores * s.c, [mm])  # matmul(q, k^T) * scaling: a new tensor
+        g.drop(mm)
+        if spec.attn_logit_softcapping:
+            sc = _softcap(g, sc)
+        # + the causal mask, made in the embeddings' dtype: fp32 under QLoRA (its embeddings
+        # are fp32 after prepare_model_for_kbit_training), so the sum is fp32 there
+        masked = g.op(scores * max(s.c, s.act), [sc])
+        g.drop(sc)
+        up = g.op(scores * 4, [masked]) if s.act != 4 else masked  # softmax's fp32 copy
+        # softmax backward: grad * output, a score-sized fp32 temporary (run 12 traces:
+        # four fp32 score blocks live at eager attention's backward peak)
+        p32 = g.op(scores * 4, [up], save_out=True, bwd_temps=(scores * 4,))
+        if up is not masked:
+            g.drop(up)
+        p = g.op(scores * qb, [p32]) if qb != 4 else p32
+        if p is not p32:
+            g.drop(p32)  # softmax's output: a temporary of `.to(q.dtype)` (unless saved)
+        g.drop(masked)  # `attn_weights` is rebound after softmax(...).to(...)
+        if spec.attention_dropout > 0:
+            mask = g.op(scores, [])
+            pd = g.op(scores * qb, [p], save=(mask,))
+            g.drop(mask)
+            g.drop(p)
+            p = pd
+        pm, vm = p, vr
+        if qb != s.c:
+            vm, pm = g.op(t * spec.q_size * s.c, [vr]), g.op(scores * s.c, [p])
+        o = g.op(t * spec.q_size * s.c, [pm, vm], save=(pm, vm), mm=True)
+        for tmp in {id(x): x for x in (pm, vm)}.values():
+            if tmp is not vr and tmp is not p:
+                g.drop(tmp)
+        probs = p
+        if rep:
+            g.drop(kr, vr)
+    else:
+        # scaled_dot_product_attention is on autocast's lower-precision list: fp32 q, k, v
+        # (QLoRA: fp32 norms, so fp32 projections and rotary) are cast to the compute dtype
+        # first, and the casts are what the kernel saves (recorded, run 14: three
+        # compute-dtype copies at transformers integrations/sdpa_attention.py
+        # sdpa_attention_forward, an output in the compute dtype). The fused kernels write
+        # their output in (batch, seq, heads, dim) order, so the `transpose(1, 2)
+        # .contiguous()` after it copies nothing (no request recorded there).
+        qc, kc, vc = q, k, v
+        if qb != s.c:
+            qc = g.op(t * spec.q_size * s.c, [q])
+            kc = g.op(k.size // qb * s.c, [k])
+            vc = g.op(v.size // qb * s.c, [v])
+        # the fused backward's one workspace: fp32 accumulators of dq and the softmax's
+        # per-row stats, batch x heads x seq in fp32 (recorded, run 14: t * q_size * 4 * k
+        # + that, one request per layer, k = 2 on most points, 1 on the long-sequence
+        # QLoRA ones, which is not modeled)
+        rows, seq = plan.rows
+        stats = rows * spec.num_attention_heads * seq * 4
+        # a sliding layer past its window gets the step's bool mask, which aten
+        # scaled_dot_product_attention turns into an additive one in the query dtype
+        # (`convert_boolean_attn_mask`); the memory-efficient kernel keeps it as attn_bias
+        # for backward (activations.window_mask_bytes; H200 run 1 d034)
+        bias = (g.op(rows * seq * seq * s.c, [])
+                if window else None)
+        # ... and with a mask, transformers repeats the grouped keys and values to every
+        # head before the call, since the CUDA kernels take GQA only without one
+        # (integrations/sdpa_attention.py use_gqa_in_sdpa, sdpa_attention_forward:
+        # repeat_kv, a copy; 5.17 and 5.25); the kernel saves the copies (recorded, run 28
+        # trace g004-gemma-2-2b: two 16 MiB requests in each sliding layer)
+        kr, vr = kc, vc
+        if bias is not None and spec.kv_heads != spec.num_attention_heads:
+            kr = g.op(t * spec.q_size * s.c, [kc])
+            vr = g.op(t * spec.q_size * s.c, [vc])
+        # With that mask sdpa runs the memory-efficient kernel, whose backward asks for one
+        # fp32 dq-sized workspace instead of two (recorded, run 28 trace g004-gemma-2-2b:
+        # 32.1 MiB in each of the 13 sliding layers, 64.1 MiB in the 13 full ones)
+        k_ws = 1 if bias is not None else 2
+        out = g.op(t * spec.q_size * s.c, [qc, kr, vr],
+                   save=(qc, kr, vr) if bias is None else (qc, kr, vr, bias), save_out=True,
+                   bwd_temps=(k_ws * t * spec.q_size * 4 + stats,))
+        if bias is not None:
+            g.drop(bias)
+        if kr is not kc:
+            g.drop(kr, vr)
+        if qc is not q:
+            g.drop(qc, kc, vc)
+        return out, None
+    out = g.op(o.size, [o])  # transpose(1, 2).contiguous()
+    g.drop(o)
+    return out, probs
+
+
+def _mlp(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, lins: dict[str, LinearShape],
+         rows: int | None = None, weights: dict[str, Var] | None = None) -> Var:
+    if "gate_up" in lins or "gate" in lins:
+        if "gate_up" in lins:
+            # `gate, up_states = up_states.chunk(2, dim=-1)` (modeling_phi3 Phi3MLP): two
+            # views of the fused output; backward joins their gradients (SplitBackward0)
+            gu = _linear(g, s, x, lins["gate_up"], rows, weights)
+            gate, up = g.chunk(gu, 2)
+            keep: list[Var] = [gu]
+        else:
+            gate = _linear(g, s, x, lins["gate"], rows, weights)
+            keep = []
+            if s.liger and not spec.is_moe:
+                # liger-kernel 0.8.5 LigerSwiGLUMLP / LigerGEGLUMLP: LigerSiLUMulFunction
+                # (ops/swiglu.py; GELU alike, ops/geglu.py) keeps a and b and, in backward,
+                # writes their gradients into them (`return a, b`): one product, no
+                # activation output
+                up = _linear(g, s, x, lins["up"], rows, weights)
+                prod = g.op(gate.size, [gate, up], save=(gate, up),
+                            grads=(g.ref(gate.buf), g.ref(up.buf)))
+                g.drop(gate, up)
+                out = _linear(g, s, prod, lins["down"], rows, weights)
+                g.drop(prod)
+                return out
+        act = g.op(gate.size, [gate], save=(gate,))
+        g.drop(gate)
+        if "gate_up" not in lins:
+            up = _linear(g, s, x, lins["up"], rows, weights)
+        prod = g.op(act.size, [act, up], save=(act, up))
+        g.drop(act, up, *keep)
+        out = _linear(g, s, prod, lins["down"], rows, weights)
+        g.drop(prod)
+        return out
+    f1 = _linear(g, s, x, lins["fc1"], rows, weights)
+    act = g.op(f1.size, [f1], save=(f1,))
+    g.drop(f1)
+    out = _linear(g, s, act, lins["fc2"], rows, weights)
+    g.drop(act)
+    return out
+
+
+def _expert_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """The fused expert stacks (modeling_mixtral MixtralExperts, qwen3_moe / qwen2_moe
+    alike): gate_up_proj (E, 2I, h) and down_proj (E, h, I), as (dim 1, dim 2)."""
+    inter = spec.expert_intermediate_size
+    h = spec.hidden_size
+    return {"gate_up": (2 * inter, h), "down": (h, inter)}
+
+
+def expert_weights(spec: ModelSpec, plan: TrainPlan) -> dict[str, Var]:
+    """One layer's trainable expert tensors: the stacks themselves (full fine-tuning) or
+    the ParamWrapper factors of their LoRA (rank 2r on the fused gate_up, r on down:
+    trainable.lora_tensor_numels), as (E, dim 1, rank) and (E, rank, dim 2) fp32 leaves."""
+    e = spec.num_local_experts
+    w: dict[str, Var] = {}
+    if not fused_experts(spec, plan):
+        return w
+    for name, (d1, d2) in _expert_shapes(spec).items():
+        if plan.method == "full":
+            n = e * d1 * d2 * DTYPE_BYTES[plan.load_dtype]
+            w["experts." + name] = Var(None, n, n, True, param=True)
+        elif lora_on_experts(spec, plan):
+            r = plan.rank * (2 if name == "gate_up" else 1)
+            w["experts." + name + ".lhs"] = Var(None, 0, e * d1 * r * 4, True, param=True)
+            w["experts." + name + ".rhs"] = Var(None, 0, e * r * d2 * 4, True, param=True)
+    return w
+
+
+def _router(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, trains: bool) -> Var:
+    """The top-k router (modeling_mixtral MixtralTopKRouter, Qwen3MoeTopKRouter):
+    F.linear under autocast (an fp32 input is cast to the compute dtype, kept for the
+    weight's gradient where the router trains: full fine-tuning, or peft's ParamWrapper on
+    `gate.weight`), softmax in fp32 (kept), topk. Returns the top-k weights: fp32 for
+    Mixtral, cast back to the logits' dtype for Qwen (`router_top_value.to(...)`)."""
+    t, h, e, k = s.tokens, spec.hidden_size, spec.num_local_experts, spec.num_experts_per_tok
+    in_bytes = x.size // max(t * h, 1)
+    xc = g.op(t * h * s.c, [x]) if in_bytes != s.c else x
+    logits = g.op(t * e * s.c, [xc], save=(xc,) if trains else ())
+    if xc is not x:
+        g.drop(xc)
+    probs = g.op(t * e * 4, [logits], save_out=True)  # softmax(..., dtype=float32)
+    g.drop(logits)
+    top = g.op(t * k * 4, [probs])
+    g.drop(probs)
+    if spec.model_type != "mixtral" and s.c != 4:
+        top2 = g.op(t * k * s.c, [top])
+        g.drop(top)
+        top = top2
+    return top
+
+
+def _fold(g: Graph, spec: ModelSpec, s: _Shapes, name: str, factors: tuple[Var, Var],
+          check: bool) -> Var:
+    """peft ParamWrapper's expert stack W + scaling * lhs @ rhs (tuners/lora/layer.py
+    `_LoraFactorsProxy.forward`: torch.baddbmm in the stack's dtype, with a temporary of
+    lhs's size). `register_parametrization` evaluates the parametrization once to check it
+    (torch/nn/utils/parametrize.py), a full stack made and freed; the fold used by the
+    experts is then cached (`parametrize.cached()`) until the experts' forward returns and
+    kept by `_grouped_mm` for backward. H200 traces t17-y013, t17-x014."""
+    e = spec.num_local_experts
+    d1, d2 = _expert_shapes(spec)[name]
+    eb = s.expert_bytes
+    lhs, rhs = factors
+    r = lhs.grad_bytes // max(e * d1 * 4, 1)
+    if check:
+        g.temp_pair(e * d1 * d2 * eb, e * d1 * r * eb)
+        return lhs
+    w = g.op(e * d1 * d2 * eb, [lhs, rhs], save=(lhs, rhs))
+    g.temp(e * d1 * r * eb)
+    return w
+
+
+def _experts(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, top: Var,
+             weights: dict[str, Var]) -> Var:
+    """transformers 5 `grouped_mm_experts_forward` (integrations/moe.py): the routed rows
+    gathered by expert (`hidden_states[perm // k]`), `_grouped_mm` with the gate_up stack,
+    `masked_fill` (a new tensor), the gate (`act(gate) * up` on chunks of it), `_grouped_mm`
+    with the down stack, `masked_fill`, the routing-weight product, the rows put back in
+    token order (`weighted_out[inv_perm]`) and summed over top-k (`sum` runs in fp32 under
+    autocast: `fp32_set_opt_dtype`), cast back to the input's dtype. `_grouped_mm` is on
+    no autocast list: the stacks compute in their own dtype (QLoRA: fp32 after
+    prepare_model_for_kbit_training; `input.to(weight.dtype)` first). Tokens per expert are
+    not needed: the grouped tensors hold all tokens x top-k rows."""
+    t, h, k = s.tokens, spec.hidden_size, spec.num_experts_per_tok
+    inter = spec.expert_intermediate_size
+    rows = t * k
+    eb = s.expert_bytes
+    in_bytes = x.size // max(t * h, 1)
+    top_bytes = top.size // max(t * k, 1)
+    fold = s.expert_fold
+    stacks: dict[str, Var] = {}
+    factors: dict[str, tuple[Var, Var]] = {}
+    casts: list[Var] = []
+    for name in ("down", "gate_up"):
+        if fold:
+            lhs, rhs = weights["experts." + name + ".lhs"], weights["experts." + name + ".rhs"]
+            if eb != 4:  # get_delta_factors: lhs.to(param.dtype), rhs.to(param.dtype)
+                lhs = g.op(lhs.grad_bytes // 4 * eb, [lhs])
+                rhs = g.op(rhs.grad_bytes // 4 * eb, [rhs])
+                casts += [lhs, rhs]
+            factors[name] = (lhs, rhs)
+            _fold(g, spec, s, name, factors[name], check=True)
+        else:
+            stacks[name] = weights.get("experts." + name) or g.leaf(0, False)
+    idx = g.alloc(rows * 8)  # perm // k, kept by the gather for backward
+    sel = g.op(rows * h * in_bytes, [x])
+    if in_bytes != eb:
+        sel2 = g.op(rows * h * eb, [sel])
+        g.drop(sel)
+        sel = sel2
+
+    def grouped(inp: Var, name: str, out_size: int) -> Var:
+        w = _fold(g, spec, s, name, factors[name], check=False) if fold else stacks[name]
+        save = tuple(v for v, other in ((inp, w), (w, inp)) if other.requires_grad)
+        y = g.op(out_size, [w, inp], save=save)
+        if fold:
+            g.drop(w)
+        return y
+
+    gu = grouped(sel, "gate_up", rows * 2 * inter * eb)
+    g.drop(sel)
+    m = g.op(gu.size, [gu])  # masked_fill: a new tensor
+    g.drop(gu)
+    gate, up = g.chunk(m, 2)
+    g.drop(m)
+    act = g.op(gate.size, [gate], save=(gate,))
+    g.drop(gate)
+    prod = g.op(act.size, [act, up], save=(act, up))
+    g.drop(act, up)
+    dn = grouped(prod, "down", rows * h * eb)
+    g.drop(prod)
+    m2 = g.op(dn.size, [dn])
+    g.drop(dn)
+    wb = max(eb, top_bytes)
+    # proj_out * sample_weights: backward also makes the product with the saved rows
+    # before reducing it to the weights' gradient
+    wo = g.op(rows * h * wb, [m2, top], save=(m2,), bwd_temps=(rows * h * wb,))
+    g.drop(m2)
+    inv = g.alloc(rows * 8)
+    wi = g.op(wo.size, [wo])  # weighted_out[inv_perm]
+    g.drop(wo)
+    sb = 4 if s.autocast else wb
+    out = g.op(t * h * sb, [wi])  # .view(t, k, h).sum(dim=1)
+    g.drop(wi)
+    if sb != in_bytes:
+        o2 = g.op(t * h * in_bytes, [out])
+        g.drop(out)
+        out = o2
+    g.unref(idx)
+    g.unref(inv)
+    g.drop(*casts)  # the proxies' factors, released with the parametrization
+    return out
+
+
+def _moe(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, x: Var,
+         lins: dict[str, LinearShape], weights: dict[str, Var]) -> Var:
+    """The sparse MoE block: router and fused experts (Mixtral, Qwen3-MoE), plus Qwen2-MoE's
+    shared expert (an MLP of Linears, run first) and its sigmoid gate
+    (modeling_qwen2_moe Qwen2MoeSparseMoeBlock.forward)."""
+    t, h = s.tokens, spec.hidden_size
+    shared: Var | None = None
+    if spec.shared_expert_intermediate_size:
+        shared = _mlp(g, spec, s, x, lins, weights=weights)
+    trains = plan.method == "full" or s.expert_fold
+    top = _router(g, spec, s, x, trains)
+    if fused_experts(spec, plan):
+        out = _experts(g, spec, s, x, top, weights)
+    else:
+        # per-expert Linears (experts quantized by the stack): every routed row through
+        # one gated MLP
+        rows = t * max(spec.num_experts_per_tok, 1)
+        inter = spec.expert_intermediate_size
+        moe = {"gate": LinearShape("experts.gate", "gate", h, inter, False),
+               "up": LinearShape("experts.up", "up", h, inter, False),
+               "down": LinearShape("experts.down", "down", inter, h, False)}
+        per = x.size // max(t, 1)
+        routed = g.op(rows * per, [x])
+        m0 = _mlp(g, spec, s, routed, moe, rows)
+        g.drop(routed)
+        out = g.op(x.size, [m0, top])
+        g.drop(m0)
+    g.drop(top)
+    if shared is not None:
+        # sigmoid(shared_expert_gate(x)) * shared, + the experts' output
+        gated = g.op(shared.size, [shared], save=(shared,))
+        g.drop(shared)
+        total = g.op(out.size, [out, gated])
+        g.drop(out, gated)
+        out = total
+    return out
+
+
+def _cache_update(g: Graph, kv: list[Buf], k: Var, v: Var) -> tuple[Var, Var]:
+    """transformers cache_utils.py `DynamicLayer.update` on an empty layer: `self.keys =
+    torch.cat([self.keys, key_states], dim=-2)` (and the values): a copy of the key (after
+    rotary) and of the value, which the cache keeps and the attention then uses as its key
+    and value; the layer's own `key_states` / `value_states` are rebound to them
+    (modeling_llama LlamaAttention.forward). CatBackward hands its gradient on as a view."""
+    kc = g.op(k.size, [k], passthrough=True)
+    g.drop(k)
+    vc = g.op(v.size, [v], passthrough=True)
+    g.drop(v)
+    kv.extend(b for b in (g.ref(kc.buf), g.ref(vc.buf)) if b is not None)
+    return kc, vc
+
+
+def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
+              weights: dict[str, Var], window: bool = False,
+              kv: list[Buf] | None = None) -> Callable[[Graph, Var], Var]:
+    """One decoder layer's program; `kv`: the DynamicCache's tensors, where the forward
+    fills one (TrainPlan.kv_cache)."""
+    lins = {lin.role: lin for lin in spec.block_linears()}
+    h = spec.hidden_size
+
+    def attn_block(g: Graph, n1: Var, held: list[Var]) -> Var:
+        if "qkv" in lins:
+            qkv = _linear(g, s, n1, lins["qkv"], weights=weights)
+            per = qkv.size // max(spec.q_size + 2 * spec.kv_size, 1)
+            q = g.op(per * spec.q_size, [qkv])
+            k = g.op(per * spec.kv_size, [qkv])
+            v = g.op(per * spec.kv_size, [qkv])
+            g.drop(qkv)
+        else:
+            q = _linear(g, s, n1, lins["q"], weights=weights)
+            k = _linear(g, s, n1, lins["k"], weights=weights)
+            v = _linear(g, s, n1, lins["v"], weights=weights)
+        if spec.qk_norm:
+            wq = spec.head_size if spec.qk_norm_width == "head" else spec.q_size
+            wk = spec.head_size if spec.qk_norm_width == "head" else spec.kv_size
+            rq = s.tokens * spec.q_size // wq
+            rk = s.tokens * spec.kv_size // wk
+            q2, k2 = _norm(g, s, q, wq, rq), _norm(g, s, k, wk, rk)
+            g.drop(q, k)
+            q, k = q2, k2
+        qe, ke = _rotary(g, q, s.liger), _rotary(g, k, s.liger)
+        g.drop(q, k)
+        if kv is not None:
+            ke, v = _cache_update(g, kv, ke, v)
+        a, probs = _attention(g, spec, plan, s, qe, ke, v, window)
+        if probs is not None:
+            held.append(probs)
+        o = _linear(g, s, a, lins["o"], weights=weights)
+        # `attn_output = self.o_proj(attn_output)` lets the attention output go; the
+        # query/key/value states are locals of the attention's forward, freed when it
+        # returns (transformers modeling_llama LlamaAttention.forward; recorded in run 14)
+        g.drop(a)
+        g.drop(qe, ke, v)
+        return o
+
+    def post_norm(g: Graph, v: Var) -> Var:
+        """Gemma-2/3's norm after attention and after the MLP (four norms a layer)."""
+        if spec.norms_per_layer != 4:
+            return v
+        out = _norm(g, s, v, h)
+        g.drop(v)
+        return out
+
+    def layer(g: Graph, x: Var) -> Var:
+        # eager attention's probabilities, held by the layer's `_` until it returns
+        # (`hidden_states, _ = self.self_attn(...)`)
+        held: list[Var] = []
+        if spec.norms_per_layer == 1:  # parallel attention and MLP (phi-2, falcon)
+            n1 = _norm(g, s, x, h)
+            o = attn_block(g, n1, held)
+            m = _mlp(g, spec, s, n1, lins, weights=weights)
+            g.drop(n1)
+            r1 = g.op(x.size, [x, o], passthrough=True)
+            g.drop(o)
+            out = g.op(x.size, [r1, m], passthrough=True)
+            g.drop(r1, m, *held)
+            return out
+        n1 = _norm(g, s, x, h)
+        o = attn_block(g, n1, held)
+        g.drop(n1)
+        o = post_norm(g, o)
+        r1 = g.op(x.size, [x, o], passthrough=True)
+        g.drop(o)
+        n2 = _norm(g, s, r1, h)
+        if spec.is_moe:
+            m = _moe(g, spec, plan, s, n2, lins, weights)
+        else:
+            m = _mlp(g, spec, s, n2, lins, weights=weights)
+        g.drop(n2)
+        m = post_norm(g, m)
+        out = g.op(x.size, [r1, m], passthrough=True)
+        g.drop(r1, m, *held)
+        return out
+
+    return layer
+
+
+def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
+    targets = {lin.name for lin in lora_targets(spec, plan)}
+    return _Shapes(
+        tokens=plan.tokens,
+        c=DTYPE_BYTES[plan.compute_dtype],
+        act=residual_bytes(plan),
+        targets=frozenset(targets),
+        rank=plan.rank,
+        dropout=plan.lora_dropout > 0,
+        method=plan.method,
+        autocast_weights=plan.method == "full" and DTYPE_BYTES[plan.load_dtype] == 4,
+        autocast=plan.autocast,
+        expert_bytes=expert_dtype_bytes(plan),
+        expert_fold=lora_on_experts(spec, plan),
+        int8=plan.method == "qlora" and plan.quant == "int8",
+        outlier_fraction=int8_outlier_fraction(spec, plan.tokens),
+        kv_cache=plan.kv_cache,
+        fp32_norm_scale=spec.norm_scales_in_fp32,
+        liger=plan.loss_kernel == "liger",
+        liger_norm_in_place=not spec.model_type.startswith("gemma"),
+    )
+
+
+@dataclass
+class StepRequests:
+    requests: list[tuple[int, int]]
+    steps: int
+    # (phase, index of its first request) of every step, in order: "forward" (with the
+    # loss), "backward", "optimizer" (with zero_grad)
+    phases: list[tuple[str, int]] = field(default_factory=list)
+    # (layer, index of its first request) of each run of one layer's requests (-1: the
+    # rest), Graph.runs
+    runs: list[tuple[int, int]] = field(default_factory=list)
+    # the most bytes of offloaded activations in host memory at once (Graph.host_peak)
+    host_peak: int = 0
+
+    @property
+    def starts(self) -> list[int]:
+        """Index of each step's first request."""
+        return [k for name, k in self.phases if name == "forward"]
+
+
+def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepRequests:
+    """The requests of `steps` training steps (forward, loss, backward, optimizer step,
+    zero_grad(set_to_none=True)), after the weights are loaded."""
+    s = _shapes(spec, plan)
+    g = Graph()
+    layers = spec.num_hidden_layers
+    g.offload = plan.offload_activations
+    g.last_checkpoint = layers - 1
+    t, h, vocab = s.tokens, spec.hidden_size, spec.vocab_size
+    full = plan.method == "full"
+    wbytes = DTYPE_BYTES[plan.load_dtype]
+    per_layer_weights: list[dict[str, Var]] = []
+    linears = spec.block_linears()
+    for _ in range(layers):
+        w: dict[str, Var] = {}
+        for lin in linears:
+            if full:
+                w[lin.name] = Var(None, lin.weight_numel * s.c, lin.weight_numel * wbytes,
+                                  True, param=True)
+            elif lin.name in s.targets:
+                w[lin.name + ".A"] = Var(None, 0, lin.in_features * s.rank * 4, True,
+                                         param=True)
+                w[lin.name + ".B"] = Var(None, 0, s.rank * lin.out_features * 4, True,
+                                         param=True)
+        w.update(expert_weights(spec, plan))
+        per_layer_weights.append(w)
+    # sdpa layers that slide past their window
+    # (and every layer of packed or padding-free rows: activations.masked_layers)
+    windows = masked_layers(spec, plan)
+    rows, seq = plan.rows
+    # the DynamicCache's keys and values of the current forward (TrainPlan.kv_cache)
+    kv: list[Buf] = []
+    fns = [_layer_fn(spec, plan, s, w, win, kv if s.kv_cache else None)
+           for w, win in zip(per_layer_weights, windows, strict=True)]
+    # tied 16-bit embeddings: the lm_head's gradient arrives first as a transposed mm
+    # output, so the embedding's is summed into a new tensor (Graph._grad_into)
+    embed_w = Var(None, vocab * h * wbytes, vocab * h * wbytes, full, param=True,
+                  sum_out_of_place=not s.autocast_weights)
+    head_w = embed_w if spec.tie_word_embeddings else Var(
+        None, vocab * h * wbytes, vocab * h * wbytes, full, param=True)
+    params = [(-1, embed_w), (-1, head_w)] + [(i, v) for i, w in enumerate(per_layer_weights)
+                                               for v in w.values()]
+    opt = optimizer_bytes(spec, plan)
+    # a group per copy of the trainable tensors: group k among layer k % layers' requests
+    state_groups = optimizer_state_groups(spec, plan)
+    ck = plan.gradient_checkpointing
+    held: Var | None = None
+    held_graph: list[Buf] = []  # what the previous step's surviving loss or output keeps
+    phases: list[tuple[str, int]] = []
+    for step in range(steps):
+        g.set_layer(-1, new_run=True)
+        phases.append(("forward", len(g.requests)))
+        g.checkpoints = 0
+        x = g.op(t * h * s.act, [embed_w])
+        # the (batch, 1, S, S) bool sliding-window mask, built once per forward
+        # (masking_utils create_sliding_window_causal_mask) and held by the layers'
+        # arguments through backward (checkpointing recomputes the layers with it)
+        # (packed rows: a block-causal one too, activations.sdpa_masks)
+        masks = [g.alloc(rows * seq * seq) for _ in range(sdpa_masks(spec, plan))]
+        leaf_ref: Buf | None = None
+        if ck and not full:
+            x.requires_grad = True  # enable_input_require_grads
+            g.leaves.append(x)
+            if plan.holds_graph_past_step:
+                # the leaf's AccumulateGrad node holds it (and its .grad) while the graph
+                # lives: past backward, where the loss or the output survives the step
+                leaf_ref = g.ref(x.buf)
+        for i, fn in enumerate(fns):
+            g.set_layer(i)
+            nx = g.checkpoint(fn, x) if ck else fn(g, x)
+            g.drop(x)
+            x = nx
+        g.set_layer(-1)
+        n = _norm(g, s, x, h)
+        g.drop(x)
+        if plan.loss_kernel != "torch":
+            loss = _fused_head(g, spec, plan, s, n, head_w)
+            if held is not None:  # the previous output, rebound (see below)
+                g.drop(held)
+                held = None
+                g.release(held_graph)
+                g.set_layer(-1)
+                held_graph = []
+            g.drop(n)
+            g.clear_cache()
+            cache, kv[:] = list(kv), []
+            leaf_refs = [leaf_ref] if leaf_ref is not None else []
+            g.set_layer(-1, new_run=True)
+            phases.append(("backward", len(g.requests)))
+            if plan.holds_output:
+                # the output keeps no logits (liger's lce_forward `skip_logits` in
+                # training, cce's patch: `logits=None`): its cache and the graph its loss
+                # reaches
+                held = Var(None, 0, 0, False)
+                held_graph = g.backward(loss, keep_graph=True) + cache + leaf_refs
+                if not plan.holds_output_past_step:
+                    held = None
+                    g.release(held_graph)
+                    g.set_layer(-1)
+                    held_graph = []
+            else:
+                for buf in cache:  # the output goes with its cache
+                    g.unref(buf)
+                if plan.survives == "loss":
+                    for kept in held_graph:
+                        g.unref(kept)
+                    held_graph = g.backward(loss, keep_graph=True) + leaf_refs
+                else:
+                    g.backward(loss)
+            for mask in masks:
+                g.unref(mask)
+            _optimizer_phase(g, opt, state_groups, params, layers, step, phases)
+            continue
+        head_copy: Var | None = None
+        if plan.method == "qlora" or s.autocast_weights:
+            # the fp32 lm_head weight cast for the matmul (kept for backward); a trained
+            # one gets its compute-dtype gradient first, then the fp32 cast of it
+            # (ToCopyBackward)
+            head_copy = g.op(vocab * h * s.c, [head_w])
+        # autocast casts an fp32 final hidden state (QLoRA's fp32 norm) for the matmul too;
+        # kept only where the head trains (recorded: a compute-dtype copy made and freed
+        # around the logits at modeling_llama LlamaForCausalLM.forward)
+        nc = g.op(t * h * s.c, [n]) if n.size != t * h * s.c else n
+        g.noop = True  # the lm_head's saved tensors stay (OffloadActivations' NoOpManager)
+        logits = g.op(t * vocab * s.c, [head_copy or head_w, nc], mm=True,
+                      save=tuple(v for v in ((nc if full else None), head_copy)
+                                 if v is not None))
+        g.noop = False
+        if nc is not n:
+            g.drop(nc)
+        if spec.final_logit_softcapping:
+            logits = _softcap(g, logits)
+        if head_copy is not None:
+            g.drop(head_copy)
+        up = g.op(t * vocab * 4, [logits])
+        logp = g.op(t * vocab * 4, [up], save_out=True)  # log_softmax keeps its output
+        g.drop(up)
+        if held is not None:  # `out` is rebound once the forward (with its loss) returns
+            # and the old output's graph goes with it (bitsandbytes int8's ctx.tensors:
+            # H200 run 13 z004: step 2 starts 4.16 GB above step 1, logits 1.24 GB)
+            g.drop(held)
+            held = None
+            g.release(held_graph)
+            g.set_layer(-1)
+            held_graph = []
+        loss = g.op(4, [logp])
+        g.drop(logp)
+        # the final hidden state is a local of the CausalLM forward: freed when it returns,
+        # after its loss (recorded in every run 14 trace)
+        g.drop(n)
+        g.clear_cache()  # autocast's region ends with the forward and loss
+        # the output's DynamicCache goes with the output (TrainPlan.kv_cache)
+        cache, kv[:] = list(kv), []
+        leaf_refs = [leaf_ref] if leaf_ref is not None else []
+        g.set_layer(-1, new_run=True)
+        phases.append(("backward", len(g.requests)))
+        if plan.holds_output:
+            held = logits
+            held_graph = g.backward(loss, keep_graph=True) + cache + leaf_refs
+            if not plan.holds_output_past_step:  # `del out` after backward
+                g.drop(held)
+                held = None
+                g.release(held_graph)
+                g.set_layer(-1)
+                held_graph = []
+        else:
+            if plan.loop == "trainer" and logits.size != t * vocab * 4:
+                # accelerate's convert_outputs_to_fp32 (utils/operations.py) replaces the
+                # output's logits by an fp32 copy, which Trainer.compute_loss drops with the
+                # output, keeping only the loss: both go before backward begins (recorded)
+                conv = g.alloc(t * vocab * 4)
+                g.drop(logits)
+                g.unref(conv)
+            else:
+                g.drop(logits)
+            for buf in cache:
+                g.unref(buf)
+            if plan.survives == "loss":
+                # `loss = model(...).loss` rebinds `loss` once the output is dropped: the
+                # previous loss goes, and the graph its grad_fn reached with it
+                for kept in held_graph:
+                    g.unref(kept)
+                held_graph = g.backward(loss, keep_graph=True) + leaf_refs
+            else:
+                g.backward(loss)
+        for mask in masks:
+            g.unref(mask)
+        _optimizer_phase(g, opt, state_groups, params, layers, step, phases)
+    return StepRequests(g.requests, steps, phases, g.runs, g.host_peak)
+
+
+
+def liger_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
+    """liger-kernel 0.8.5 fused_linear_cross_entropy_forward's chunk of rows:
+    inc_factor = cdiv(V, H), chunk_size = next_power_of_2(cdiv(BT, inc_factor))."""
+    inc = -(-vocab // hidden)
+    rows = -(-tokens // inc)
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def _fused_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n: Var,
+                head_w: Var) -> Var:
+    """The loss of a step whose head is not transformers' lm_head + ForCausalLMLoss
+    (TrainPlan.loss_kernel), from the final norm's output `n`: the scalar loss."""
+    t, h, vocab = s.tokens, spec.hidden_size, spec.vocab_size
+    in_b = n.size // max(t * h, 1)
+    wbytes = DTYPE_BYTES[plan.load_dtype]
+    # the lm_head weight's dtype: fp32 under QLoRA (prepare_model_for_kbit_training casts
+    # the non-quantized parameters up) and with fp32 master weights
+    w_b = 4 if plan.method == "qlora" else wbytes
+    trains = plan.method == "full"
+    # autocast's cast of the weight for a matmul: cached for a leaf that requires grad
+    # (torch autocast `cached_cast`), made per matmul for a frozen one
+    w_cast = s.autocast and w_b != s.c
+    x_cast = s.autocast and in_b != s.c
+    out_b = s.c if s.autocast else in_b
+    cached: Var | None = None
+    if w_cast and trains:
+        cached = g.cast_cached(head_w, vocab * h * s.c)
+
+    def weight_cast() -> Buf | None:
+        return g.alloc(vocab * h * s.c) if w_cast and cached is None else None
+
+    if plan.loss_kernel == "liger":
+        # liger-kernel 0.8.5 ops/fused_linear_cross_entropy.py
+        # fused_linear_cross_entropy_forward (as lce_forward calls it in training,
+        # `skip_logits`): grad_input = zeros_like(_input), grad_weight = zeros_like(weight)
+        # where it trains, loss_1d (fp32, per row), the target mask; per chunk of rows the
+        # logits, the cross-entropy kernel writing their gradient into them, grad_input's
+        # rows (`grad_logits_chunk @ weight`) and grad_weight's sum (`mm(...).float()`; the
+        # addmm(out_dtype=fp32) path for an fp32 grad_weight). Where input and weight are
+        # already in the matmul's dtype (`_can_use_mm_out`: no autocast cast to make) the
+        # chunks' logits are one buffer made once and grad_input's rows are written in
+        # place (`torch.mm(..., out=)`); else (torch.amp.custom_fwd leaves autocast on:
+        # QLoRA's fp32 head and norm) each chunk's logits are new, the previous chunk's
+        # going when `logits_chunk` is rebound, and `@ weight` makes rows copied into
+        # grad_input. It keeps grad_input and grad_weight, which backward hands on
+        # (grad_output != 1 is multiplied in place).
+        grad_in = g.alloc(t * h * in_b)
+        grad_w = g.alloc(vocab * h * w_b) if trains else None
+        loss_1d = g.alloc(t * 4)
+        target_mask = g.alloc(t)
+        rows_per = min(liger_chunk_rows(t, vocab, h), t)
+        mm_out = in_b == w_b and (not s.autocast or in_b == s.c)
+        storage = g.alloc(rows_per * vocab * in_b) if mm_out else None
+        prev: Buf | None = None
+        g.workspace()
+        for start in range(0, t, rows_per):
+            rows = min(rows_per, t - start)
+            if storage is None:
+                wc = weight_cast()
+                xc = g.alloc(rows * h * s.c) if x_cast else None
+                logits = g.alloc(rows * vocab * out_b)
+                g.unref(xc)
+                g.unref(wc)
+                g.unref(prev)
+                prev = logits
+                wc = weight_cast()
+                gi = g.alloc(rows * h * out_b)  # `@ weight`, copied into grad_input's rows
+                g.unref(wc)
+                g.unref(gi)
+            if trains:
+                xc = g.alloc(rows * h * s.c) if in_b != s.c else None
+                if w_b == 4:  # torch.addmm(grad_weight, ..., out_dtype=float32, out=...)
+                    g.unref(xc)
+                else:
+                    mm = g.alloc(vocab * h * out_b)
+                    up = g.alloc(vocab * h * 4)  # .float()
+                    g.unref(up)
+                    g.unref(mm)
+                    g.unref(xc)
+        g.unref(prev)
+        g.unref(storage)
+        g.unref(target_mask)
+        loss = g.op(4, [n, head_w], grads=(grad_in, grad_w))
+        g.unref(loss_1d)
+        return loss
+    if plan.loss_kernel == "cce":
+        # cut-cross-entropy 25.1.1 cce.py (cce_linear_cross_entropy, LinearCrossEntropy
+        # Function), called as its transformers patch calls it in training
+        # (`linear_cross_entropy(hidden_states, lm_head.weight, labels, shift=True)`), with
+        # the hidden states and the classifier in the autocast dtype (upstream's
+        # LinearCrossEntropyFunction casts both under autocast; 25.1.1's backward refuses
+        # fp32 embeddings): utils._build_flat_valids (the rows whose label is not ignored:
+        # nonzero, int32, summed to int64 offsets), cce_lse_forward_kernel's fp32 lse per
+        # row and logit_avg per class (filter_eps set), indexed_neg_dot_forward_kernel's
+        # target logits (added into in place, averaged to the loss). Keeps e, c, lse,
+        # targets, valids, logit_avg. Backward (cce_backward.py cce_backward_kernel): the
+        # class order (argsort of logit_avg, int32), de = zeros_like(e), dc =
+        # zeros_like(c, dtype=e.dtype) where c trains; the casts' backward cast them back.
+        e = g.op(t * h * s.c, [n]) if in_b != s.c else n
+        c = g.op(vocab * h * s.c, [head_w]) if w_b != s.c else head_w
+        not_ignored = g.alloc(t)
+        nz = g.alloc(t * 16)
+        nz32 = g.alloc(t * 8)
+        g.unref(nz)
+        valids = g.alloc(t * 8)
+        g.unref(nz32)
+        g.unref(not_ignored)
+        lse = g.alloc(t * 4)
+        logit_avg = g.alloc(vocab * 4)
+        neg_dot = g.alloc(t * 4)
+        loss = g.op(4, [e, c], save=(e, c), bwd_temps=(vocab * 8, vocab * 4))
+        if loss.requires_grad and g.grad_mode:
+            node = g.nodes[-1]
+            assert isinstance(node, Node)
+            node.saved.extend(b for b in (lse, valids, logit_avg) if b is not None)
+        else:
+            for b in (lse, valids, logit_avg):
+                g.unref(b)
+        g.unref(neg_dot)
+        if c is not head_w:
+            g.drop(c)
+        if e is not n:
+            g.drop(e)
+        return loss
+    # chunked: torchtune CEWithChunkedOutputLoss (modules/loss/ce_chunked_output_loss.py,
+    # num_output_chunks 8): the decoder's output projection per chunk of the sequence
+    # (`[self.output(chunk) for chunk in h.chunk(num_output_chunks, dim=1)]`), then per
+    # chunk `F.cross_entropy(logits.float(), labels, reduction="sum")`: each chunk's fp32
+    # copy lives only for its log_softmax, whose output is kept; the logits list is
+    # dropped after the loss. A chunk of the sequence is not contiguous where batch > 1:
+    # the matmul's reshape copies it (autocast's cast is that copy where there is one).
+    k = CHUNKED_LOSS_CHUNKS
+    views = g.chunk(n, k)
+    logits_list: list[Var] = []
+    for v in views:
+        rows_b = v.size  # bytes of the chunk
+        copy = None
+        if x_cast:
+            copy = g.op(rows_b // in_b * s.c, [v])
+        elif plan.batch_size > 1:
+            copy = g.op(rows_b, [v])
+        xin = copy or v
+        if w_cast and cached is None:
+            # autocast casts the frozen fp32 weight for each chunk's matmul, and each
+            # matmul keeps its cast for grad_input: one copy per chunk until backward
+            wcv = g.op(vocab * h * s.c, [head_w])
+            lg = g.op(rows_b // in_b * vocab // h * out_b, [wcv, xin], mm=True,
+                      save=(wcv, xin) if trains else (wcv,))
+            g.drop(wcv)
+        else:
+            lg = g.op(rows_b // in_b * vocab // h * out_b, [cached or head_w, xin], mm=True,
+                      save=(xin,) if trains else ())
+        if copy is not None:
+            g.drop(copy)
+        if spec.final_logit_softcapping:  # the model's capping, per chunk
+            lg = _softcap(g, lg)
+        logits_list.append(lg)
+    for v in views:
+        g.drop(v)
+    parts: list[Var] = []
+    for lg in logits_list:
+        rows = lg.size // (vocab * out_b)
+        up32 = g.op(rows * vocab * 4, [lg]) if out_b != 4 else lg
+        logp = g.op(rows * vocab * 4, [up32], save_out=True)
+        if up32 is not lg:
+            g.drop(up32)
+        parts.append(g.op(4, [logp]))
+        g.drop(logp)
+    loss = g.op(4, parts)
+    for lg in logits_list:
+        g.drop(lg)
+    return loss
+
+
+def _optimizer_phase(g: Graph, opt: OptimizerBytes, state_groups: list[list[int]],
+                     params: list[tuple[int, Var]], layers: int, step: int,
+                     phases: list[tuple[str, int]]) -> None:
+    """The optimizer step: its states at the first step, foreach temporaries, then
+    zero_grad(set_to_none=True) frees every gradient."""
+    g.set_layer(-1, new_run=True)
+    phases.append(("optimizer", len(g.requests)))
+    # optimizer: states at the first step, then zero_grad frees every gradient
+    if step == 0:  # kept for good: never freed
+        for k, group in enumerate(state_groups):
+            _group_layer(g, k, layers)
+            for sz in group:
+                g.alloc(sz)
+        g.set_layer(-1)
+    if opt.step_transient:
+        # foreach AdamW: torch._foreach_sqrt(exp_avg_sqs), one new tensor per state
+        # (torch/optim/adamw.py _multi_tensor_adamw), all alive until the step ends
+        # (each group holds whole parameters, two states each: [1::2] per group is
+        # [1::2] of them all)
+        sqrt: list[list[Buf | None]] = []
+        for k, group in enumerate(state_groups):
+            _group_layer(g, k, layers)
+            sqrt.append([g.alloc(sz) for sz in group[1::2]])
+        for k, bufs in enumerate(sqrt):
+            _group_layer(g, k, layers)
+            for b in bufs:
+                g.unref(b)
+        g.set_layer(-1)
+    for i, v in params:
+        g.set_layer(i)
+        g.unref(v.grad)
+        v.grad, v.has_grad = None, False
+    g.set_layer(-1)
+
+
+def _group_layer(g: Graph, k: int, layers: int) -> None:
+    """The requests of optimizer state group `k` (optimizer_state_groups) are layer
+    k % layers'; each pass over the layers is a run of its own."""
+    if k % layers == 0:
+        g.set_layer(-1)
+    g.set_layer(k % layers)
+
+
+@dataclass(frozen=True)
+class ProgramPeaks:
+    """The load and step programs replayed on the caching allocator: the peak allocated
+    of each phase (what `torch.cuda.max_memory_allocated` would read over it) and the
+    peaks over the steps, as `calibrate` measures them (peaks reset after loading)."""
+
+    phases: dict[str, int]  # "load", "forward", "backward", "optimizer"
+    peak_allocated: int  # over the steps
+    peak_reserved: int  # over the steps
+    load_reserved: int  # the peak reserved of loading and preparing the model
+    # the peak of the requested bytes alive (each rounded to 512 B, c10 round_size), per
+    # phase: what the allocator's allocated peak is before a block's unsplit rest, and,
+    # unlike it, independent of where the requests land (`requested_peaks`)
+    requested: dict[str, int] = field(default_factory=dict)
+
+
+def requested_peaks(load: list[tuple[int, int]], requests: list[tuple[int, int]],
+                    phases: list[tuple[str, int]]) -> dict[str, int]:
+    """The peak of the rounded requested bytes alive in loading and in each step phase.
+    The allocator's allocated bytes count a whole block where the rest is too small to
+    split off (c10 `should_split`), so they depend on which free block a request lands in,
+    and can fall when a tensor grows; these cannot: the requests are the same program
+    whatever the sizes, and every size grows with batch, sequence length and rank."""
+    sizes: dict[int, int] = {}
+    total, peak = requested_run(sizes, 0, load)
+    out = {"load": peak, "forward": 0, "backward": 0, "optimizer": 0}
+    bounds = [*phases, ("", len(requests))]
+    for (name, lo), (_, hi) in itertools.pairwise(bounds):
+        total, peak = requested_run(sizes, total, requests[lo:hi])
+        out[name] = max(out[name], peak)
+    return out
+
+
+def step_program(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepProgram:
+    """The requests of `step_requests` as a StepProgram: repeated from a cut of the model
+    to step_templates.TEMPLATE_LAYERS layers where its layers are alike (the same
+    sequence, tensor ids renumbered: step_templates.canonical), else generated whole."""
+    layers = spec.num_hidden_layers
+    # (OffloadActivations' stash frees a tensor of an earlier layer among a later one's
+    # requests: generated whole)
+    alike = (len(set(sliding_past_window(spec, plan.rows[1]))) == 1
+             and len(set(masked_layers(spec, plan))) == 1
+             and plan.offload_activations != "all")
+    if layers > TEMPLATE_LAYERS and alike:
+        try:
+            cut: StepRequests | None = step_requests(depth_cut(spec, TEMPLATE_LAYERS), plan,
+                                                     steps)
+        except (VramcalcError, ValueError):
+            cut = None  # a spec the cut does not validate for (a config from the hub)
+        if cut is not None:
+            program = template_program(cut.requests, cut.phases, cut.runs, layers)
+            if program is not None:
+                return program
+    gen = step_requests(spec, plan, steps)
+    return StepProgram.plain(gen.requests, gen.phases)
+
+
+def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3,
+                  engine: Engine | None = None) -> ProgramPeaks:
+    """Replay the requests of loading and preparing the model (load_requests), then of
+    `steps` training steps (step_program), phase by phase (`allocator_replay.
+    replay_program`; `engine` None: the compiled replay where it was built)."""
+    program = step_program(spec, plan, steps)
+    load = load_requests(spec, plan)
+    r = replay_program(load, program.blocks,
+                       [k for _, k in program.phases], plan.expandable_segments, engine)
+    phases = {"load": r.load_peak_allocated, "forward": 0, "backward": 0, "optimizer": 0}
+    requested = {"load": r.load_peak_requested, "forward": 0, "backward": 0, "optimizer": 0}
+    for (name, _), peak, req in zip(program.phases, r.segment_peaks, r.segment_requested,
+                                    strict=True):
+        phases[name] = max(phases[name], peak)
+        requested[name] = max(requested[name], req)
+    return ProgramPeaks(phases, r.peak_allocated, r.peak_reserved, r.load_peak_reserved,
+                        requested)
+
+
+def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
+    """Reserved - allocated at the steps' peak (`program_peaks`: what `calibrate` measures,
+    three steps, peaks reset after loading)."""
+    peaks = program_peaks(spec, plan, steps)
+    return peaks.peak_reserved - peaks.peak_allocated
+
+
+def offload_host_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
+    """The host memory the offloaded activations of a step take at most
+    (`Graph.host_peak`), pinned by every technique modelled but DeepSpeed's
+    cpu_checkpointing (`.cpu()`, pageable). Unsloth keeps its host buffers for good
+    (one per offloaded layer); torch's pinned CachingHostAllocator keeps OffloadActivations'
+    freed blocks cached, so the peak stays held too. The peak is at the forward's end, and
+    grows by the same bytes per alike layer: where the layers are alike (as
+    `step_program` repeats them), from cuts of 2 and 3 layers."""
+    if plan.offload_activations == "none":
+        return 0
+    layers = spec.num_hidden_layers
+    alike = (len(set(sliding_past_window(spec, plan.rows[1]))) == 1
+             and len(set(masked_layers(spec, plan))) == 1)
+    if layers > 3 and alike:
+        try:
+            two = step_requests(depth_cut(spec, 2), plan, steps=1).host_peak
+            three = step_requests(depth_cut(spec, 3), plan, steps=1).host_peak
+        except (VramcalcError, ValueError):
+            pass
+        else:
+            return two + (layers - 2) * (three - two)
+    return step_requests(spec, plan, steps=1).host_peak

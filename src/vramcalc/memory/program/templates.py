@@ -1,0 +1,331 @@
+"""The step requests of a deep model from those of a 6-layer cut of it: decoder layers of
+one shape make the same requests, so the cut's middle layer is repeated with renumbered
+tensor ids instead of running the small autograd (step_requests.Graph) through every
+layer. The result is a `StepProgram`: blocks of requests, a block repeated with ids that
+advance by a fixed stride, which `allocator_replay.replay_program` replays as the
+sequence it stands for.
+
+Graph marks whose requests are whose (`Graph.set_layer`, `StepRequests.runs`): each run
+of requests belongs to one layer or to none (embedding, head, loss, the phases' edges). A
+pass over the layers (the forward, the backward, releasing what the graph held, the
+optimizer's state groups, zero_grad) is a sweep: one run per layer, in order or reversed.
+In a cut of 6 layers, the first and last layer differ from the rest (the first forward
+matmul makes the cuBLAS workspace, the first layer's input is the embedding output, the
+last one's output goes to the head), and so may their neighbours, which refer to them.
+Layers 2 and 3, whose neighbours are neither, must make the same requests, each referring
+only to its own tensors or to those of the layer before or after it; layers 1 to 4 must
+allocate the same sizes in the same order (so that a tensor of layer 1 or 4 has the index
+it has in layer 2 or 3). The model of L layers is then layer 0, layer 1, L - 4 copies of
+layer 2, layer 4 (as layer L - 2) and layer 5 (as layer L - 1) in every sweep. Ids are
+numbered in the order they are allocated, from 1, as `canonical` numbers any request
+sequence: a program equals the full generation when both read the same under `canonical`
+(tests/memory/program/test_step_templates.py checks the catalog).
+
+Where the cut does not show that shape (layers that differ, a reference past a
+neighbouring layer, a middle layer's tensors used outside the sweeps), `template_program`
+returns None and the full generation is used.
+
+A search or a sweep estimates one plan at many batch sizes or lengths, whose cuts make the
+same requests with other sizes (llama-3.1-8b, batch 1 to 64: three shapes): the shape of a
+cut (everything but its sizes) is kept (`_SHAPES`), and a later cut with the same ids,
+allocating requests, runs, phases and depth is read through it, its sizes checked for the
+layers that must allocate alike (tests/memory/program/test_step_templates.py compares
+with the program found afresh). A 6-layer cut of llama-3.1-8b: 4.1 ms found, 1.2 ms read
+through a kept shape (2026-12-07, this 2-core machine, CPU time).
+"""
+
+from __future__ import annotations
+
+import itertools
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+
+from vramcalc.memory.allocator.replay import RequestBlock, expand
+
+TEMPLATE_LAYERS = 6  # first, second, two middle ones, second to last, last
+
+
+@dataclass(frozen=True)
+class StepProgram:
+    """Step requests as blocks (see RequestBlock) and the phases' starts in the sequence
+    they stand for."""
+
+    blocks: list[RequestBlock]
+    phases: list[tuple[str, int]]
+    length: int
+
+    def requests(self) -> list[tuple[int, int]]:
+        """The (id, bytes) sequence the blocks stand for."""
+        return expand(self.blocks)
+
+    @classmethod
+    def plain(cls, requests: Sequence[tuple[int, int]],
+              phases: list[tuple[str, int]]) -> StepProgram:
+        ids = array("q", (tid for tid, _ in requests))
+        sizes = array("q", (size for _, size in requests))
+        return cls([(ids, array("q", bytes(8 * len(ids))), sizes, 1)], phases, len(requests))
+
+
+def canonical(requests: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`requests` with each tensor id replaced by its allocation's rank (from 1); sizes
+    of 0 (free) and below (empty cache) keep their id's rank."""
+    rank: dict[int, int] = {}
+    out = []
+    for tid, size in requests:
+        if size > 0:
+            rank[tid] = len(rank) + 1
+        out.append((rank.get(tid, tid), size))
+    return out
+
+
+# A request of a run, as (key, offset): its tensor id is the first id of the run
+# that `key` names plus `offset` (the tensor's index among that run's allocations). Keys:
+#   _OWN                       the run's own (an allocation, bytes > 0)
+#   run                        a run of no layer (run >= 0)
+#   _LAYER + 3 * sweep + d + 1 layer (this one + d)'s run in a sweep, d in -1..1
+#   _END + 2 * sweep + end     (from a run of no layer) the first (end 0) or last (end 1)
+#                              layer's run in a sweep
+_OWN = -1
+_LAYER = 1 << 40
+_END = 1 << 50
+
+
+def _key(run: int, there: tuple[int, int] | None, here: tuple[int, int] | None,
+         n: int) -> int | None:
+    """The key (above) of a tensor of run `run`, at `there` (sweep, layer; None: of no
+    layer), from a run at `here`; None where the template cannot follow it."""
+    if there is None:
+        return run
+    if here is not None:
+        d = there[1] - here[1]
+        return _LAYER + 3 * there[0] + d + 1 if abs(d) <= 1 else None
+    if there[1] in (0, n - 1):
+        return _END + 2 * there[0] + int(there[1] == n - 1)
+    return None
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What `template_program` finds in a cut but its sizes: the program's blocks as (run,
+    ids, id strides or None, count), the sizes to come from the cut's run; the runs that
+    must allocate alike (per sweep, layers 1 to TEMPLATE_LAYERS - 2, whose first two,
+    layers 2 and 3, must make the same requests); the phases' starts and the length."""
+
+    spans: list[tuple[int, int, int]]  # run -> (layer, first request, end)
+    blocks: list[tuple[int, array[int], array[int] | None, int]]
+    alike: list[list[int]]
+    phases: list[tuple[str, int]]
+    length: int
+
+
+# The shapes of the cuts seen last: a search or a sweep estimates one plan at many batch
+# sizes or lengths, whose cuts make the same requests of other sizes. A shape depends on
+# the ids, on which requests allocate, on the runs, the phases and the depth (module
+# docstring): looked up by the last three and the count of requests, it is used where the
+# ids and the allocating requests are those of the cut it was found in (kept until a
+# second cut asks, then reduced to them); the sizes are checked (layers alike) and read
+# anew for each cut.
+_SHAPES: dict[tuple[object, ...], _Seen] = {}
+_SHAPES_KEPT = 8
+_ID, _SIZE = itemgetter(0), itemgetter(1)
+
+
+@dataclass
+class _Seen:
+    shape: _Shape
+    requests: Sequence[tuple[int, int]] | None  # the cut's, until `signature` is taken
+    signature: tuple[tuple[int, ...], bytes] | None = None
+
+
+def _signature(requests: Sequence[tuple[int, int]]) -> tuple[tuple[int, ...], bytes]:
+    """The ids of the requests and which of them allocate."""
+    return tuple(map(_ID, requests)), bytes(map(bool, map(_SIZE, requests)))
+
+
+def template_program(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
+                     runs: list[tuple[int, int]], layers: int) -> StepProgram | None:
+    """The program of a model of `layers` layers from the requests, phases and runs
+    (StepRequests) of its TEMPLATE_LAYERS-layer cut; None where the cut's layers do not
+    repeat (module docstring)."""
+    if layers <= TEMPLATE_LAYERS:
+        return None
+    sizes = tuple(map(_SIZE, requests))
+    if sizes and min(sizes) < 0:  # an empty_cache: not followed (`_shape`)
+        return None
+    key = (layers, tuple(runs), tuple(phases), len(requests))
+    seen = _SHAPES.get(key)
+    if seen is not None:
+        if seen.requests is not None:
+            seen.signature, seen.requests = _signature(seen.requests), None
+        if _signature(requests) == seen.signature:
+            return _program(seen.shape, sizes)
+    shape = _shape(requests, phases, runs, layers)
+    if shape is None:
+        return None
+    if len(_SHAPES) >= _SHAPES_KEPT:
+        _SHAPES.clear()
+    _SHAPES[key] = _Seen(shape, requests)
+    return _program(shape, sizes)
+
+
+def _program(shape: _Shape, sizes: Sequence[int]) -> StepProgram | None:
+    """The program of `shape` with the cut's `sizes`; None where the layers that must
+    allocate alike do not (sizes that differ)."""
+    spans = shape.spans
+    for alike in shape.alike:
+        allocs = [[size for size in sizes[spans[k][1]:spans[k][2]] if size > 0]
+                  for k in alike]
+        if any(a != allocs[0] for a in allocs):
+            return None
+        (_, lo2, hi2), (_, lo3, hi3) = spans[alike[1]], spans[alike[2]]
+        if sizes[lo2:hi2] != sizes[lo3:hi3]:
+            return None
+    run_sizes: dict[int, array[int]] = {}
+    zeros: dict[int, array[int]] = {}
+    blocks: list[RequestBlock] = []
+    for k, row, stride, count in shape.blocks:
+        if k not in run_sizes:
+            _, lo, hi = spans[k]
+            run_sizes[k] = array("q", sizes[lo:hi])
+            zeros[k] = array("q", bytes(8 * (hi - lo)))
+        blocks.append((row, zeros[k] if stride is None else stride, run_sizes[k], count))
+    return StepProgram(blocks, shape.phases, shape.length)
+
+
+def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
+           runs: list[tuple[int, int]], layers: int) -> _Shape | None:
+    """The shape (`_Shape`) of the cut's program, its sizes aside; None where the cut's
+    layers do not repeat, whatever their sizes."""
+    n = TEMPLATE_LAYERS
+    bounds = [*runs, (-2, len(requests))]
+    spans = [(layer, lo, hi) for (layer, lo), (_, hi) in itertools.pairwise(bounds)]
+    # sweeps: maximal stretches of layer runs
+    sweep_of: list[tuple[int, int] | None] = []  # run -> (sweep, layer) or None
+    sweeps: list[list[int]] = []  # sweep -> its runs, in order
+    for k, (layer, _, _) in enumerate(spans):
+        if layer < 0:
+            sweep_of.append(None)
+            continue
+        if k == 0 or spans[k - 1][0] < 0:
+            sweeps.append([])
+        sweeps[-1].append(k)
+        sweep_of.append((len(sweeps) - 1, layer))
+    for sw in sweeps:
+        layer_order = [spans[k][0] for k in sw]
+        if layer_order != list(range(n)) and layer_order != list(range(n - 1, -1, -1)):
+            return None
+    # the tokens (key, offset) of every run; the owner (run, offset) of every tensor id
+    owner: dict[int, tuple[int, int]] = {}
+    tokens: list[list[tuple[int, int]]] = []
+    counts: list[int] = []
+    for k, (_, lo, hi) in enumerate(spans):
+        here = sweep_of[k]
+        toks: list[tuple[int, int]] = []
+        append = toks.append
+        keys: dict[int, int | None] = {}  # owner run -> its key from here
+        local = 0
+        for tid, size in requests[lo:hi]:
+            if size > 0:
+                owner[tid] = (k, local)
+                append((_OWN, local))
+                local += 1
+                continue
+            found = owner.get(tid) if size == 0 else None
+            if found is None:
+                return None
+            ok, off = found
+            if ok not in keys:
+                keys[ok] = _key(ok, sweep_of[ok], here, n)
+            key = keys[ok]
+            if key is None:
+                return None
+            append((key, off))
+        tokens.append(toks)
+        counts.append(local)
+    by_layer = [{spans[k][0]: k for k in sw} for sw in sweeps]
+    # layers 1 to n - 2 allocate as many tensors (their sizes: `_program`), and layers 2
+    # and 3 make the same requests
+    alike = [[runs_of[j] for j in range(1, n - 1)] for runs_of in by_layer]
+    for ks in alike:
+        if len({counts[k] for k in ks}) > 1 or tokens[ks[1]] != tokens[ks[2]]:
+            return None
+
+    ends = {0: 0, 1: 1, layers - 2: n - 2, layers - 1: n - 1}
+
+    def template(i: int) -> int:  # instance i of a sweep -> the cut's layer it repeats
+        return ends.get(i, 2)
+
+    def order(w: int) -> range:  # a sweep's layers in the order it runs them
+        return range(layers) if spans[sweeps[w][0]][0] == 0 else range(layers - 1, -1, -1)
+
+    # the first id of every run of no layer and of every layer of every sweep
+    run_base: dict[int, int] = {}
+    sweep_base: list[list[int]] = [[0] * layers for _ in sweeps]
+    next_id = 1
+    for k, here in enumerate(sweep_of):
+        if here is None:
+            run_base[k] = next_id
+            next_id += counts[k]
+        elif k == sweeps[here[0]][0]:
+            w = here[0]
+            for i in order(w):
+                sweep_base[w][i] = next_id
+                next_id += counts[by_layer[w][template(i)]]
+
+    keys_of: dict[int, set[int]] = {}  # run -> the keys its tokens use, but _OWN
+
+    def ids(k: int, own: int, i: int) -> array[int]:
+        """Run k's ids as the run of layer i (of no layer: i unused) starting at `own`."""
+        if k not in keys_of:
+            keys_of[k] = {key for key, _ in tokens[k]} - {_OWN}
+        bases = {_OWN: own}
+        for key in keys_of[k]:
+            if key < _LAYER:
+                bases[key] = run_base[key]
+            elif key < _END:
+                w, d = divmod(key - _LAYER, 3)
+                bases[key] = sweep_base[w][i + d - 1]
+            else:
+                w, end = divmod(key - _END, 2)
+                bases[key] = sweep_base[w][layers - 1 if end else 0]
+        return array("q", [bases[key] + off for key, off in tokens[k]])
+
+    blocks: list[tuple[int, array[int], array[int] | None, int]] = []
+    starts: dict[int, int] = {}  # run of no layer -> its start in the program
+    length = 0
+    for k, here in enumerate(sweep_of):
+        if here is None:
+            starts[k] = length
+            blocks.append((k, ids(k, run_base[k], 0), None, 1))
+            length += len(tokens[k])
+            continue
+        w = here[0]
+        if k != sweeps[w][0]:
+            continue
+        middle = [i for i in order(w) if template(i) == 2]
+        for i in order(w):
+            tk = by_layer[w][template(i)]
+            if template(i) != 2:
+                blocks.append((tk, ids(tk, sweep_base[w][i], i), None, 1))
+                length += len(tokens[tk])
+            elif i == middle[0]:
+                # the middle copies refer to layers 1 to L - 2, which all allocate as
+                # many tensors: every id advances by the same stride from one to the next
+                first = ids(tk, sweep_base[w][i], i)
+                stride = None
+                if len(middle) > 1:
+                    second = ids(tk, sweep_base[w][middle[1]], middle[1])
+                    stride = array("q", [b - a for a, b in zip(first, second, strict=True)])
+                blocks.append((tk, first, stride, len(middle)))
+                length += len(tokens[tk]) * len(middle)
+    run_at = {}
+    for k, (layer, lo, _) in enumerate(spans):
+        if layer < 0:
+            run_at[lo] = k  # the last run of no layer starting there
+    try:
+        new_phases = [(name, starts[run_at[p]]) for name, p in phases]
+    except KeyError:
+        return None
+    return _Shape(spans, blocks, alike, new_phases, length)

@@ -1,0 +1,145 @@
+"""GPU throughput for the time model: dense peaks and bandwidth per catalog GPU, and the
+share of them a step reaches per architecture generation.
+
+The data is `vramcalc/data/gpu_speed.yaml` (keys: `vramcalc/data/gpus.yaml` names). Each
+efficiency says whether it was measured on our cards, derived (transferred by generation
+or assumed) or calibrated by the user (`TimeBasis`). Never imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from typing import Any, NamedTuple, get_args
+
+import yaml
+
+from vramcalc.errors import SpecError
+from vramcalc.hardware.catalog import GpuModel
+from vramcalc.timing.step_time import GpuSpeed, TimeBasis
+
+SPEED_ORIGIN = "vramcalc/data/gpu_speed.yaml"
+TERA = 1e12
+GIGA = 1e9
+
+
+class Efficiency(NamedTuple):
+    matmul: float
+    attention: float
+    memory: float
+    basis: TimeBasis
+
+
+class Peaks(NamedTuple):
+    """One card's dense figures as the yaml gives them (TFLOP/s, TOPS, GB/s)."""
+
+    fp32: float
+    bandwidth: float
+    source: str
+    tensor16: float | None = None
+    tensor16_from: str | None = None  # "fp32x2": GeForce fp32-accumulate tensor rate
+    int8: float | None = None
+
+    @property
+    def tensor16_tflops(self) -> float:
+        return self.tensor16 if self.tensor16 is not None else 2 * self.fp32
+
+
+class SpeedTable(NamedTuple):
+    efficiencies: dict[str, Efficiency]
+    gpus: dict[str, Peaks]
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load through libyaml when PyYAML has it (65 ms -> 1.5 ms for
+    gpu_speed.yaml on the dev machine), else the pure-Python loader."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
+
+
+def _number(where: str, value: Any, *, at_most_one: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if not ok or (at_most_one and value > 1):
+        bound = "in (0, 1]" if at_most_one else "a positive number"
+        raise ValueError(f"{where} must be {bound}, got {value!r}")
+    return float(value)
+
+
+def _keys(where: str, entry: Any, required: set[str], allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a mapping")
+    extra = set(entry) - allowed
+    missing = required - set(entry)
+    if extra:
+        raise ValueError(f"{where}: unknown key {sorted(extra)[0]!r}")
+    if missing:
+        raise ValueError(f"{where}: missing key {sorted(missing)[0]!r}")
+    return entry
+
+
+def _efficiency(arch: str, entry: Any) -> Efficiency:
+    where = f"efficiencies: {arch}"
+    e = _keys(where, entry, {"matmul", "attention", "memory", "basis"},
+              {"matmul", "attention", "memory", "basis"})
+    if e["basis"] not in get_args(TimeBasis):
+        raise ValueError(f"{where}: basis must be one of {', '.join(get_args(TimeBasis))}")
+    return Efficiency(matmul=_number(f"{where}: matmul", e["matmul"], at_most_one=True),
+                      attention=_number(f"{where}: attention", e["attention"],
+                                        at_most_one=True),
+                      memory=_number(f"{where}: memory", e["memory"], at_most_one=True),
+                      basis=e["basis"])
+
+
+def _peaks(name: str, entry: Any) -> Peaks:
+    where = f"gpu {name!r}"
+    g = _keys(where, entry, {"fp32", "bandwidth", "source"},
+              {"tensor16", "tensor16_from", "fp32", "int8", "bandwidth", "source"})
+    if ("tensor16" in g) == ("tensor16_from" in g):
+        raise ValueError(f"{where}: give exactly one of tensor16 and tensor16_from")
+    if "tensor16_from" in g and g["tensor16_from"] != "fp32x2":
+        raise ValueError(f"{where}: tensor16_from must be fp32x2")
+    if not isinstance(g["source"], str) or not g["source"]:
+        raise ValueError(f"{where}: source must be a non-empty string")
+    return Peaks(
+        tensor16=_number(f"{where}: tensor16", g["tensor16"]) if "tensor16" in g else None,
+        tensor16_from=g.get("tensor16_from"), fp32=_number(f"{where}: fp32", g["fp32"]),
+        int8=_number(f"{where}: int8", g["int8"]) if "int8" in g else None,
+        bandwidth=_number(f"{where}: bandwidth", g["bandwidth"]), source=g["source"])
+
+
+def parse_speed_table(text: str, origin: str = SPEED_ORIGIN) -> SpeedTable:
+    """Validate gpu_speed.yaml text: `efficiencies` per architecture, `gpus` per name."""
+    try:
+        data: Any = load_yaml(text)
+    except yaml.YAMLError:
+        raise SpecError(f"{origin}: malformed YAML") from None
+    try:
+        top = _keys("the file", data, {"efficiencies", "gpus"}, {"efficiencies", "gpus"})
+        effs, gpus = top["efficiencies"], top["gpus"]
+        if not isinstance(effs, dict) or not isinstance(gpus, dict):
+            raise ValueError("efficiencies and gpus must be mappings")
+        return SpeedTable({str(k): _efficiency(str(k), v) for k, v in effs.items()},
+                          {str(k): _peaks(str(k), v) for k, v in gpus.items()})
+    except ValueError as err:
+        raise SpecError(f"{origin}: {err}") from None
+
+
+@functools.cache
+def speed_table() -> SpeedTable:
+    text = (resources.files("vramcalc") / "data" / "gpu_speed.yaml").read_text(encoding="utf-8")
+    return parse_speed_table(text)
+
+
+def gpu_speed(gpu: GpuModel, efficiency: Efficiency | None = None) -> GpuSpeed | None:
+    """The time model's view of a catalog GPU, or None when its peaks are not known.
+    `efficiency` replaces its generation's (a user's calibration)."""
+    table = speed_table()
+    peaks = table.gpus.get(gpu.name)
+    eff = efficiency or table.efficiencies.get(gpu.architecture)
+    if peaks is None or eff is None:
+        return None
+    return GpuSpeed(
+        name=gpu.name, architecture=gpu.architecture,
+        tensor16_flops=peaks.tensor16_tflops * TERA, fp32_flops=peaks.fp32 * TERA,
+        int8_ops=peaks.int8 * TERA if peaks.int8 else None, bandwidth=peaks.bandwidth * GIGA,
+        matmul_efficiency=eff.matmul, attention_efficiency=eff.attention,
+        memory_efficiency=eff.memory, basis=eff.basis)
