@@ -42,6 +42,7 @@ from vramcalc.memory.program.weights import (
     DTYPE_BYTES,
     ceil_div,
     expert_bytes,
+    gemm_4bit_dequantizes,
     quant_constant_bytes,
     quantized_weight_bytes,
     rotary_buffer_bytes,
@@ -196,7 +197,8 @@ def linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, wrapped: bool) -
     c = _dtype_bytes(plan.compute_dtype)
     out_c = rounded(tokens * lin.out_features * c)
     base = out_c
-    if plan.quant in ("nf4", "fp4") and tokens > 1:
+    if plan.quant in ("nf4", "fp4") and gemm_4bit_dequantizes(tokens, lin.out_features,
+                                                             lin.in_features):
         base += rounded(lin.weight_numel * c)
     elif plan.quant == "int8":
         base += rounded(tokens * lin.in_features) + rounded(tokens * lin.out_features * 4)

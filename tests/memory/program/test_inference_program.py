@@ -14,7 +14,7 @@ import pytest
 from vramcalc.calibrate.matrix import point_spec
 from vramcalc.memory.inference import estimate_inference, estimate_merge
 from vramcalc.memory.program.infer import infer_program_peaks
-from vramcalc.models.spec import ModelSpec, get_spec
+from vramcalc.models.spec import ModelSpec, depth_cut, get_spec
 from vramcalc.plans import InferPlan, MergePlan
 
 ROOT = Path(__file__).resolve().parents[3] / "calibration"
@@ -229,3 +229,46 @@ def test_merge_replay_against_the_committed_records() -> None:
             device.append(abs(est.peak_device_bytes / rec["measurement"]["nvml_process_peak"] - 1))
     assert len(device) == 8
     assert max(device) <= 0.05
+
+
+def test_bitsandbytes_dequantizes_only_where_its_dispatch_says() -> None:
+    """bitsandbytes 0.50.2 gemm_4bit (backends/cuda/ops.py, sm90): the fused kernel for up
+    to 4 rows at any shape; the whole weight dequantized past 1536 rows, for an inner size
+    off the 64-block grid, and where `_gemm_4bit_use_custom_cuda` prefers dequant + linear
+    (llama-2-7b's MLP, 172 column blocks: fused up to 32 rows)."""
+    from vramcalc.memory.program.weights import gemm_4bit_dequantizes
+
+    assert not any(gemm_4bit_dequantizes(m, 11008, 4096) for m in (1, 2, 3, 4))
+    assert not gemm_4bit_dequantizes(32, 11008, 4096)
+    assert gemm_4bit_dequantizes(33, 11008, 4096)
+    assert gemm_4bit_dequantizes(512, 11008, 4096)
+    assert gemm_4bit_dequantizes(2048, 64, 64)
+    assert gemm_4bit_dequantizes(8, 4096, 4100)  # 4100 is not a multiple of 64
+    # a small weight with a short inner size (K < N / 2): fused up to 512 rows at low wave
+    assert not gemm_4bit_dequantizes(512, 2048, 512)
+    assert gemm_4bit_dequantizes(513, 2048, 512)
+
+
+def test_a_small_batch_decode_step_makes_no_dequantized_weight() -> None:
+    """At batch 4 the decode steps of an nf4 generate() call the fused kernel: none of
+    their requests is a dequantized MLP weight: three per layer (gate, up, down) come from
+    loading (the 16-bit weight before it is quantized) and three from the prefill (512
+    rows), none from the 7 decode steps (which would add 42)."""
+    import vramcalc.memory.program.infer as infer
+
+    spec = depth_cut(get_spec("llama-2-7b"), 2)
+    plan = InferPlan(batch_size=4, prompt_len=128, new_tokens=8, quant="nf4")
+    seen: list[int] = []
+    original = infer.replay_requests
+
+    def record(reqs: Any, **kw: Any) -> Any:
+        seen.extend(size for _, size in reqs)
+        return original(reqs, **kw)
+
+    infer.replay_requests = record  # type: ignore[assignment]
+    try:
+        infer.infer_program_peaks(spec, plan, shortcut=False)
+    finally:
+        infer.replay_requests = original  # type: ignore[assignment]
+    mlp_weight = spec.intermediate_size * spec.hidden_size * 2
+    assert seen.count(mlp_weight) == 2 * 3 * spec.num_hidden_layers

@@ -82,7 +82,12 @@ from vramcalc.memory.effective import attention_impl
 from vramcalc.memory.program.kv_cache import CUBLAS_WORKSPACE_INFER, cached_len, kv_token_bytes
 from vramcalc.memory.program.load import MIN_REQUEST, load_requests
 from vramcalc.memory.program.trainable import lora_targets
-from vramcalc.memory.program.weights import DTYPE_BYTES, NF4_BLOCKSIZE, ceil_div
+from vramcalc.memory.program.weights import (
+    DTYPE_BYTES,
+    NF4_BLOCKSIZE,
+    ceil_div,
+    gemm_4bit_dequantizes,
+)
 from vramcalc.models.spec import LinearShape, ModelSpec, layer_windows, sdpa_window_masks
 from vramcalc.plans import InferPlan, TrainPlan
 
@@ -149,7 +154,8 @@ def _linear(e: _Emit, s: _Shape, lin: LinearShape, tokens: int) -> int | None:
     plan, c = s.plan, s.c
     out_c = tokens * lin.out_features * c
     tmp: list[int | None] = []
-    if plan.quant in ("nf4", "fp4") and tokens > 1:
+    if plan.quant in ("nf4", "fp4") and gemm_4bit_dequantizes(tokens, lin.out_features,
+                                                             lin.in_features):
         # bitsandbytes functional.dequantize_4bit: with double quantization the fp32
         # absmax is dequantized first (freed when it returns), then the weight
         absmax = e.alloc(4 * ceil_div(lin.weight_numel, NF4_BLOCKSIZE)) \

@@ -186,3 +186,55 @@ def weight_bytes(spec: ModelSpec, plan: TrainPlan) -> WeightBytes:
         expert_weights=experts,
         buffers=rotary_buffer_bytes(spec),
     )
+
+
+# bitsandbytes 0.50.2 `bitsandbytes::gemm_4bit` on CUDA (backends/cuda/ops.py): a 4-bit
+# Linear without grad (generate(), merge checks) runs a fused kernel, with no dequantized
+# weight, for at most `_GEMM_4BIT_CUSTOM_FLOOR_M` rows, and up to 1536 rows where
+# `_gemm_4bit_use_custom_cuda` says it wins; else `_dequant_linear_fallback` dequantizes the
+# whole weight (`torch.empty(shapeB, dtype=A.dtype)`) and calls F.linear. The thresholds
+# depend on the card: the ones below are sm90's (H100 / H200, 132 SMs), the cards the
+# inference holdouts ran on.
+GEMM_4BIT_FUSED_ROWS = 4
+GEMM_4BIT_MAX_FUSED_ROWS = 1536
+SM90_SMS = 132
+
+
+def gemm_4bit_dequantizes(rows: int, out_features: int, in_features: int,
+                          blocksize: int = NF4_BLOCKSIZE) -> bool:
+    """Whether bitsandbytes 0.50.2 dequantizes the whole 4-bit weight for a no-grad matmul
+    of `rows` rows (`_gemm_4bit_use_custom_cuda` for sm90 with SM90_SMS multiprocessors,
+    the branches that apply to it)."""
+    m, n, k, sms = rows, out_features, in_features, SM90_SMS
+    if m <= GEMM_4BIT_FUSED_ROWS:
+        return False
+    if m > GEMM_4BIT_MAX_FUSED_ROWS or k % blocksize:
+        return True
+    n_blocks = (n + 63) // 64
+    fused: bool
+    if n * k < 4 * 1024 * 1024:  # small weights
+        if k * 2 < n:
+            fused = m <= (512 if n_blocks * 3 < sms else 320)
+        elif n_blocks * 4 <= sms:
+            fused = m <= 32
+        else:
+            fused = n_blocks * 2 <= sms and m <= 16
+    elif m > 512:
+        fused = False
+    elif m < 8:
+        fused = True
+        if m >= 6 and n_blocks >= 36:
+            below_75 = n_blocks * 4 < sms * 3
+            if (k > n and below_75) or (k == n and below_75 and n_blocks * 5 >= sms * 3):
+                fused = False
+    elif n_blocks >= sms * 3:
+        fused = m <= 64
+    elif n_blocks >= sms * 2:
+        fused = m <= 48
+    elif n_blocks >= sms:
+        fused = m <= 32
+    elif n_blocks >= sms // 2:
+        fused = not (k >= n and n_blocks * 4 < sms * 3) and m <= 16
+    else:
+        fused = False
+    return not fused
