@@ -273,9 +273,21 @@ def _attention(e: _Emit, s: _Shape, x: int | None, tokens: int, cache: _Cache, l
         out = e.alloc(q_c)
         e.free(*reps)
     else:
+        # A sliding layer past its window gets the prefill's bool mask (_forward): with a
+        # mask transformers repeats the grouped keys and values to every head first
+        # (integrations/sdpa_attention.py use_gqa_in_sdpa, sdpa_attention_forward:
+        # repeat_kv), and aten turns the bool mask into an additive one in the query dtype
+        # (convert_boolean_attn_mask), both freed after the call (step.py's _attention
+        # has the same, traced in run 28's g004)
+        temps: list[int | None] = []
+        if prefill and cache.window is not None and length >= cache.window:
+            if spec.kv_heads != spec.num_attention_heads:
+                full_kv = batch * spec.num_attention_heads * length * spec.head_size * c
+                temps += [e.alloc(full_kv), e.alloc(full_kv)]
+            temps.append(e.alloc(batch * queries * length * c))
         out = e.alloc(q_c)
         lse = e.alloc(batch * spec.num_attention_heads * queries * 4)
-        e.free(lse)
+        e.free(lse, *temps)
     o = _linear(e, s, lins["o"], tokens)
     e.free(out, q_rot, held)
     return o, probs
