@@ -59,6 +59,8 @@ LOSS_KERNEL_OFFERS: dict[str, tuple[str, str]] = {
     "cce": ("cut cross-entropy", "cut_cross_entropy.transformers.cce_patch(model)"),
     "chunked": ("chunked cross-entropy (8 chunks, torchtune-style)",
                 "CEWithChunkedOutputLoss"),
+    "trl-chunked": ("TRL chunked NLL (256-token checkpointed chunks)",
+                    'SFTTrainer with loss_type="chunked_nll", its default'),
 }
 
 
