@@ -129,7 +129,8 @@ TrainerOpt = Annotated[
 LossKernelOpt = Annotated[
     str, typer.Option("--loss-kernel", help=f"Loss head: {'|'.join(LOSS_KERNELS)} (liger: "
                       "use_liger_kernel=True, its fused linear cross-entropy, RMSNorm, SwiGLU "
-                      "and RoPE; cce: cut-cross-entropy; chunked: torchtune-style, 8 chunks).")
+                      "and RoPE; cce: cut-cross-entropy; chunked: torchtune-style, 8 chunks; "
+                      "trl-chunked: TRL SFTTrainer's default loss_type chunked_nll).")
 ]
 DoubleQuantOpt = Annotated[
     bool, typer.Option("--double-quant/--no-double-quant", help="Quantize the absmax constants.")
