@@ -57,3 +57,39 @@ def test_padding_free_cell_keeps_the_real_tokens() -> None:
     layout = rows[0]["switches"]["layout"]
     assert layout["padded"]["required_device_bytes"] > \
         layout["padding-free"]["required_device_bytes"]
+
+
+# ---- check offers padding-free batches where --lengths shows padding ------------------------
+
+def _lengths(tmp_path: Any, values: list[int]) -> str:
+    f = tmp_path / "lengths.txt"
+    f.write_text("\n".join(map(str, values)) + "\n")
+    return str(f)
+
+
+@pytest.mark.replay
+def test_check_offers_padding_free_with_plans_bytes(tmp_path: Any) -> None:
+    """Two long sequences among short ones: the padded worst step is 8 rows of the
+    longest, the padding-free one the 8 longest together; check offers it with the bytes
+    `plan --lengths F --batch-layout padding-free` gives, among the cheapest."""
+    f = _lengths(tmp_path, [4000, 3000] + [500, 300, 800, 200] * 50)
+    case = ["-m", "llama-3.1-8b", "--batch", "8", "--seq-len", "4096", "--lengths", f]
+    free = _json("plan", *case, "--batch-layout", "padding-free")["required_device_bytes"]
+    padded = _json("plan", *case)["required_device_bytes"]
+    assert free < padded
+    memory = (free + 2**30) / 2**30 + 3  # room for it, not for the padded step
+    assert padded > memory * 2**30
+    out = _json("check", *case, "--gpu-memory", f"{memory:.2f}")
+    (s,) = [s for s in out["suggestions"] if s["kind"] == "layout"]
+    assert s["required_device_bytes"] == free
+    assert s["changes"] == {"layout": "padding-free", "seq_len": 4096,
+                            "tokens_per_step": 4000 + 3000 + 800 * 6}
+    assert s["cost_rank"] == 1 and "flash_attention_2" in s["cost"]
+
+
+def test_no_padding_free_offer_without_padding(tmp_path: Any) -> None:
+    """Every row of the worst step is as long as the longest: nothing to drop."""
+    f = _lengths(tmp_path, [1000] * 20)
+    out = _json("check", "-m", "llama-3.1-8b", "--batch", "8", "--seq-len", "4096",
+                "--lengths", f, "--gpu-memory", "20")
+    assert not [s for s in out["suggestions"] if s["kind"] == "layout"]
