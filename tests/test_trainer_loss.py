@@ -82,3 +82,19 @@ def test_config_dft_is_listed_not_modelled(tmp_path: Path) -> None:
     tc = read_training_config(f)
     assert "loss_kernel" not in tc.options
     assert any(u.startswith("loss_type: dft") for u in tc.unmodelled)
+
+
+@pytest.mark.parametrize(("model", "trainer"), [("phi-2", "trl"), ("falcon-7b", "trl"),
+                                                 ("phi-2", "unsloth")])
+def test_preset_loss_falls_back_where_it_cannot_be_planned(model: str, trainer: str) -> None:
+    """phi-2 / falcon (parallel blocks: the step program does not cover a fused head) and
+    Liger's model types: the preset's loss is planned as the full logits, with a note;
+    a given --loss-kernel is still refused."""
+    extra = ["--targets", "all-linear"] if trainer == "unsloth" else []
+    got, err = _plan("-m", model, "--trainer", trainer, *extra)
+    assert got["plan"]["loss_kernel"] == "torch"
+    assert "cannot plan here" in " ".join(err.split())
+    r = runner.invoke(app, ["plan", "-m", model, "--trainer", trainer, *extra,
+                            "--loss-kernel", "trl-chunked" if trainer == "trl" else "liger"])
+    assert r.exit_code != 0
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("Error: --loss-kernel")]

@@ -35,6 +35,7 @@ Sources (read at the commits named):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,3 +142,34 @@ def apply_trainer(options: dict[str, Any], trainer: str, keep: frozenset[str] | 
                      f"planned with --loss-kernel {out.get('loss_kernel')} as given")
     notes += [f"not modelled: {u}" for u in preset.unmodelled]
     return out, notes
+
+
+def runnable_loss(options: dict[str, Any], trainer: str, model: str | None,
+                  build: Callable[..., Any]) -> tuple[dict[str, Any], str | None]:
+    """`options` (apply_trainer's, the loss kernel set by the preset, not given) with the
+    preset's kernel where vramcalc plans it for `model` (estimate.check_loss_kernel), else
+    the full-logits head (torch, an upper bound of the trainer's loss) and a note why.
+    `build`: commands/options.py build_plan. A model or options that do not resolve are
+    left to the command, which says what is wrong."""
+    kernel = options.get("loss_kernel", "torch")
+    if kernel == "torch" or model is None:
+        return options, None
+    from vramcalc.errors import VramcalcError
+    from vramcalc.memory.estimate import check_loss_kernel
+    from vramcalc.models.resolve import resolve_model
+
+    try:
+        spec = resolve_model(model)
+        # the kernel's rules do not depend on the step's tokens (--lengths is read later)
+        plan = build(**{**options, "lengths": None, "tokens_per_step": None})
+    except VramcalcError:
+        return options, None
+    try:
+        check_loss_kernel(spec, plan)
+    except VramcalcError as err:
+        preset = trainer_preset(trainer)
+        return {**options, "loss_kernel": "torch"}, (
+            f"trainer {trainer} applies the loss '{preset.loss_kernel}', which vramcalc "
+            f"cannot plan here ({str(err).split(': ', 1)[-1]}); planned with the full "
+            "logits (--loss-kernel torch, an upper bound)")
+    return options, None
