@@ -176,7 +176,7 @@ class ParallelPlan(BaseModel):
 class PeakTerm(BaseModel):
     """One term of the busiest GPU's peak: bytes and the mechanism behind them."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     bytes: int
@@ -392,7 +392,7 @@ class _Placed(BaseModel):
     phase's allocated peak, the communication terms of the busiest phase (with those that
     are reserved, not allocated), host bytes and notes."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     comps: dict[str, int]
     phases: dict[str, int]

@@ -98,7 +98,7 @@ class KernelCell(BaseModel):
     """A method's plan with one loss kernel (TrainPlan.loss_kernel): its estimate, or why
     the kernel does not apply."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     estimate: Estimate | None
     error: str | None = None
