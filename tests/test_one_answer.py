@@ -2,12 +2,13 @@
 same required memory to the byte, every "largest batch / longest sequence" is the same
 number and the largest value `plan` calls "fits", and a card offers the same bytes.
 
-Settings are drawn at random (seeded): a catalog model, a method, batch, seq-len, rank and
-a catalog GPU; each is run through `plan`, `check`, `compare`, `fit`, `sweep` (their
-`--json`) and the Python API. `fit` runs over a one-model catalog (the drawn model), the
-rest as a user runs them. Most draws run on the quick estimate (conftest: the replay off,
-the same estimator in every command); the `replay` draws run the full one, the estimate
-`plan` shows, so a command that still searched another engine would differ there.
+Settings are drawn at random (seeded): a catalog model, a method, batch, seq-len, rank, a
+loss kernel, a batch layout, activation offloading and a catalog GPU; each is run through
+`plan`, `check`, `compare`, `fit`, `sweep` (their `--json`) and the Python API. `fit` runs
+over a one-model catalog (the drawn model), the rest as a user runs them. Most draws run on
+the quick estimate (conftest: the replay off, the same estimator in every command); the
+`replay` draws run the full one, the estimate `plan` shows, so a command that still
+searched another engine would differ there.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from typer.testing import CliRunner
 
 import vramcalc
 from vramcalc.cli import app
+from vramcalc.errors import PlanError
 from vramcalc.hardware.catalog import catalog as gpu_catalog
 from vramcalc.hardware.catalog import resolve_gpu
+from vramcalc.memory.estimate import check_loss_kernel
 from vramcalc.models.spec import ModelSpec, get_spec
 from vramcalc.models.spec import catalog as model_catalog
+from vramcalc.plans import LAYOUTS, LOSS_KERNELS, OFFLOAD_ACTIVATIONS, TrainPlan
 
 runner = CliRunner()
 # fit's methods as plan options (comparison.METHOD_SETUPS, with each one's usual optimizer)
@@ -47,6 +51,10 @@ class Draw(NamedTuple):
     seq: int
     rank: int
     gpu: str
+    # the switches of issue 29 (TrainPlan.loss_kernel, layout, offload_activations)
+    loss_kernel: str = "torch"
+    layout: str = "padded"
+    offload: str = "none"
 
     def flags(self, batch: int | None = None, seq: int | None = None,
               swept: str | None = None) -> list[str]:
@@ -67,15 +75,39 @@ class Draw(NamedTuple):
         """The options compare / fit apply to every row."""
         dropout = ["--lora-dropout", "0"] if get_spec(self.model).is_moe else []
         return ["--batch", str(batch or self.batch), "--seq-len", str(seq or self.seq),
-                "--rank", str(self.rank), *dropout]
+                "--rank", str(self.rank), *dropout, "--loss-kernel", self.loss_kernel,
+                "--batch-layout", self.layout, "--offload-activations", self.offload]
+
+    def api(self) -> dict[str, Any]:
+        """The switches as API keywords."""
+        return {"loss_kernel": self.loss_kernel, "layout": self.layout,
+                "offload_activations": self.offload}
+
+
+def _runnable_kernel(spec: ModelSpec, kernel: str) -> str:
+    """The drawn kernel where the model runs it for every method, else torch (a refused
+    kernel is tested in tests/memory/program/test_loss_kernels.py)."""
+    for method in API_METHOD.values():
+        try:
+            check_loss_kernel(spec, TrainPlan(**{**method, "loss_kernel": kernel}))
+        except PlanError:
+            return "torch"
+    return kernel
 
 
 def draws(seed: int, n: int, models: list[ModelSpec]) -> list[Draw]:
     rng = random.Random(seed)
     gpus = [g.name for g in gpu_catalog()]
-    return [Draw(rng.choice(models).name, rng.choice(list(METHOD_FLAGS)), rng.randint(1, 8),
+    out = []
+    for _ in range(n):
+        spec = rng.choice(models)
+        d = Draw(spec.name, rng.choice(list(METHOD_FLAGS)), rng.randint(1, 8),
                  rng.choice([256, 512, 1024, 2048, 4096]), rng.choice([8, 16, 32, 64]),
-                 rng.choice(gpus)) for _ in range(n)]
+                 rng.choice(gpus))
+        out.append(d._replace(
+            loss_kernel=_runnable_kernel(spec, rng.choice(LOSS_KERNELS)),
+            layout=rng.choice(LAYOUTS), offload=rng.choice(OFFLOAD_ACTIVATIONS)))
+    return out
 
 
 def cli(*args: str) -> tuple[int, dict[str, Any]]:
@@ -112,7 +144,7 @@ def assert_one_answer(d: Draw, monkeypatch: pytest.MonkeyPatch) -> None:
 
     # the Python API
     api_options = {**API_METHOD[d.method], "batch_size": d.batch, "seq_len": d.seq,
-                   "rank": d.rank, "lora_dropout": 0.0 if spec.is_moe else None}
+                   "rank": d.rank, "lora_dropout": 0.0 if spec.is_moe else None, **d.api()}
     assert vramcalc.plan(d.model, **api_options).required_device_bytes == bare[
         "required_device_bytes"]
     (v,) = vramcalc.check(d.model, gpus=[d.gpu], **api_options).verdicts

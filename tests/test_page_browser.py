@@ -268,3 +268,44 @@ def test_slider_latency_is_reported(server: VramcalcServer, browser: Any) -> Non
     print("\nslider -> (chart, verdicts, test's own clock) ms:",
           [tuple(round(t) for t in row) for row in times])
     assert all(0 < chart <= verdicts for chart, verdicts, _ in times)
+
+
+def test_memory_saver_controls(server: VramcalcServer, browser: Any, tmp_path: Path) -> None:
+    """The loss kernel and offloading controls: the query carries them, the chart is the
+    API's plan with them, the total names the host memory, the link keeps them, and the
+    axolotl YAML exported, read back by `plan --from-config`, plans the same bytes; the
+    trainer preset sets the controls to its defaults."""
+    tab = Page(browser, f"{server.url}?model=qwen2.5-7b&batch=2&seq-len=1024&gpu=")
+    for control, value in (("#loss-kernel", "liger"), ("#offload-activations", "all")):
+        before = tab.generation()
+        tab.page.select_option(control, value)
+        tab.settle(before)
+    query, body = tab.shown("plan")
+    assert "loss-kernel=liger" in query and "offload-activations=all" in query
+    plan = json.loads(body)
+    assert plan["plan"]["loss_kernel"] == "liger" and plan["host_bytes"] > 0
+    assert tab.chart() == nonzero(api(server, "plan", query)["components"])
+    assert f"host {plan['host_bytes'] / 2**30:.2f} GiB" in tab.page.inner_text("#total")
+    assert "loss-kernel=liger" in tab.page.url
+    other = Page(browser, tab.page.url)
+    assert other.page.input_value("#loss-kernel") == "liger"
+    assert other.chart() == tab.chart()
+    yaml_text = tab.page.evaluate("document.querySelector('#export').dataset.axolotl")
+    assert "liger_fused_linear_cross_entropy: true" in yaml_text
+    (tmp_path / "axolotl.yml").write_text(yaml_text)
+    out = subprocess.run([sys.executable, "-m", "vramcalc", "plan", "--from-config",
+                          str(tmp_path / "axolotl.yml"), "--json"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == body
+    # a trainer preset: the controls take its defaults, the plan is `--trainer trl`'s
+    before = tab.generation()
+    tab.page.select_option("#trainer", "trl")
+    tab.settle(before)
+    assert tab.page.input_value("#loss-kernel") == "trl-chunked"
+    assert tab.page.input_value("#offload-activations") == "none"
+    query, body = tab.shown("plan")
+    assert "trainer=trl" in query
+    alone = api(server, "plan", "model=qwen2.5-7b&trainer=trl")
+    assert json.loads(body)["plan"] == alone["plan"]
+    assert tab.errors == [] and other.errors == []

@@ -113,6 +113,19 @@ def _random_input(rng: random.Random) -> list[tuple[str, str]]:
         p.append(("loop", rng.choice(["plain", "plain-outputs"])))
     if rng.random() < 0.2:
         p.append(("attn", rng.choice(["eager", "flash_attention_2"])))
+    # the memory savers (issue 29): a kernel a model may refuse (an Error line then, the
+    # same from both), a layout with or without the real tokens, offloading, a trainer
+    if rng.random() < 0.4:
+        p.append(("loss-kernel", rng.choice(["liger", "cce", "chunked", "trl-chunked"])))
+    if rng.random() < 0.3:
+        layout = rng.choice(["packed", "padding-free"])
+        p.append(("batch-layout", layout))
+        if layout == "padding-free" and rng.random() < 0.5:
+            p.append(("tokens-per-step", str(rng.choice([100, 700, 3000]))))
+    if rng.random() < 0.3:
+        p.append(("offload-activations", rng.choice(["checkpoints", "all"])))
+    if rng.random() < 0.2:
+        p.append(("trainer", rng.choice(["trl", "hf", "unsloth", "axolotl"])))
     if rng.random() < 0.3:
         p.append(("gpu", rng.choice(["rtx-4090", "a100-80gb", "t4"])))
     elif rng.random() < 0.2:
@@ -134,7 +147,7 @@ def _argv(params: list[tuple[str, str]]) -> list[str]:
 # The server's threads run the estimate as the command line does, with the allocator replay
 # (conftest.py turns it off in the test's own thread unless a test is marked `replay`).
 @pytest.mark.replay
-@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("seed", range(40))
 def test_api_plan_equals_plan_json(server: VramcalcServer, seed: int) -> None:
     params = _random_input(random.Random(seed))
     assert_same_as_cli(server, "plan", params, _argv(params))
@@ -159,6 +172,11 @@ def test_api_plan_equals_the_installed_command(server: VramcalcServer) -> None:
     ("check", [("model", "llama-3.1-8b"), ("batch", "16"), ("seq-len", "4096"),
                ("gpu", "rtx-4090")]),
     ("compare", [("model", "qwen2.5-0.5b"), ("batch", "2")]),
+    ("compare", [("model", "qwen2.5-0.5b"), ("batch", "2"), ("loss-kernel", "trl-chunked"),
+                 ("offload-activations", "all"), ("trainer", "trl")]),
+    ("sweep", [("model", "qwen2.5-0.5b"), ("over", "batch=1:4"), ("batch-layout",
+               "padding-free"), ("offload-activations", "checkpoints"),
+               ("loss-kernel", "liger")]),
     ("sweep", [("model", "qwen2.5-0.5b"), ("over", "batch=1:8"), ("gpu", "t4")]),
     ("plan", [("model", "llama-3.1-8b"), ("gpus", "2"), ("strategy", "fsdp"),
               ("method", "full"), ("gpu", "a100-80gb")]),
@@ -224,6 +242,7 @@ BAD = [
     ("/api/plan?model=upload:0123456789abcdef", 404, "upload the config.json again"),
     ("/api/plan?model=upload:../../etc", 400, "not an upload id"),
     ("/api/plan?from-config=/etc/passwd", 400, "reads a file"),
+    ("/api/plan?model=llama-3.1-8b&lengths=/etc/passwd", 400, "reads a file"),
     ("/api/sweep?model=llama-3.1-8b&plot=/tmp/x.png", 400, "writes a file"),
     ("/api/check?model=llama-3.1-8b" + "&gpu=t4" * 17, 400, "at most 16"),
     ("/api/sweep?model=llama-3.1-8b&over=seq-len=1:999999:%2B1", 400, "points"),
@@ -335,3 +354,25 @@ def test_default_host_is_loopback() -> None:
     from vramcalc.commands.serve import serve
 
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+
+
+def test_trainer_presets_for_the_page(server: VramcalcServer) -> None:
+    """/api/trainers: each preset's options (trainers.py) by the page's keys; the page
+    sets its controls to them, so its plan is `--trainer NAME` with those options."""
+    from vramcalc.trainers import TRAINERS
+
+    status, _, body = get(server, "/api/trainers")
+    assert status == 200
+    presets = json.loads(body)["trainers"]
+    assert set(presets) == set(TRAINERS)
+    trl = presets["trl"]["controls"]
+    assert trl["loss-kernel"] == "trl-chunked" and trl["seq-len"] == "1024"
+    assert presets["unsloth"]["controls"]["offload-activations"] == "checkpoints"
+    assert "--compute-dtype fp32" in presets["hf"]["other"]
+    # the controls given explicitly plan what the preset alone plans
+    given = [("model", "llama-3.2-1b"), ("trainer", "trl"), *trl.items()]
+    alone = [("model", "llama-3.2-1b"), ("trainer", "trl")]
+    a = json.loads(get(server, f"/api/plan?{urlencode(given)}")[2])
+    b = json.loads(get(server, f"/api/plan?{urlencode(alone)}")[2])
+    assert a["required_device_bytes"] == b["required_device_bytes"]
+    assert a["plan"] == b["plan"]

@@ -38,8 +38,9 @@ OffloadActivations = Literal["none", "checkpoints", "all"]
 # The loss head (TrainPlan.loss_kernel): transformers' lm_head + ForCausalLMLoss (torch),
 # liger-kernel's fused linear cross-entropy with its RMSNorm / SwiGLU / RoPE kernels
 # (`use_liger_kernel=True`), Apple's cut-cross-entropy (`cce_patch`), or torchtune-style
-# chunked cross-entropy (CEWithChunkedOutputLoss, 8 chunks).
-LossKernel = Literal["torch", "liger", "cce", "chunked"]
+# chunked cross-entropy (CEWithChunkedOutputLoss, 8 chunks), or TRL SFTTrainer's default
+# `loss_type="chunked_nll"` (trl-chunked: checkpointed chunks of 256 labelled tokens).
+LossKernel = Literal["torch", "liger", "cce", "chunked", "trl-chunked"]
 Optimizer = Literal[
     "adamw_torch",
     "adamw_torch_fused",

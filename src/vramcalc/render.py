@@ -216,6 +216,11 @@ def comparison_to_dict(model: str, rows: list[Any], margin_bytes: int) -> dict[s
                     else c.estimate.required_device_bytes,
                     "error": c.error}
                 for k, c in r.loss_kernels.items()},
+            # the same plan with each value of the other switches (comparison.switch_cells):
+            # field -> value -> cell; host_bytes is the offloaded activations' host memory
+            "switches": {
+                field: {v: _cell(c) for v, c in cells.items()}
+                for field, cells in r.switches.items()},
             "smallest_gpu": None if s is None else {
                 "name": s.gpu, "compute_dtype": s.compute_dtype,
                 "memory_bytes": s.verdict.memory_bytes,
@@ -225,6 +230,54 @@ def comparison_to_dict(model: str, rows: list[Any], margin_bytes: int) -> dict[s
             },
         })
     return {"model": model, "margin_bytes": margin_bytes, "methods": out}
+
+
+def _cell(c: Any) -> dict[str, Any]:
+    e = c.estimate
+    return {"peak_allocated_bytes": None if e is None else e.peak_allocated_bytes,
+            "required_device_bytes": None if e is None else e.required_device_bytes,
+            "host_bytes": None if e is None else e.host_bytes,
+            "error": c.error}
+
+
+# compare's switch columns: (field, value, header)
+_SWITCH_COLUMNS = (("offload_activations", "none", "no offload"),
+                   ("offload_activations", "checkpoints", "offload ckpts"),
+                   ("offload_activations", "all", "offload all"),
+                   ("layout", "padded", "padded"),
+                   ("layout", "packed", "packed"),
+                   ("layout", "padding-free", "padding-free"))
+
+
+def _print_switches(rows: list[Any], console: Console) -> None:
+    """What activation offloading and the batch layouts buy: every method's required
+    free memory with each (comparison.switch_cells), the host memory offloading takes in
+    parentheses; '-' where a value does not apply."""
+    from rich.table import Table
+
+    if not any(r.switches for r in rows):
+        return
+    table = Table(title="Needs (GiB) with activation offloading (--offload-activations; "
+                  "host GiB in parentheses) and each batch layout (--batch-layout)",
+                  title_justify="left")
+    table.add_column("Method", no_wrap=True)
+    for _, _, header in _SWITCH_COLUMNS:
+        table.add_column(header, justify="right")
+    for r in rows:
+        if not r.switches:
+            continue
+        cells = []
+        for field, value, _ in _SWITCH_COLUMNS:
+            c = r.switches[field][value]
+            if c.estimate is None:
+                cells.append("-")
+                continue
+            text = gib(c.estimate.required_device_bytes)
+            if c.estimate.host_bytes:
+                text += f" ({gib(c.estimate.host_bytes)})"
+            cells.append(text)
+        table.add_row(r.label, *cells)
+    console.print(table)
 
 
 def _print_loss_kernels(rows: list[Any], console: Console) -> None:
@@ -282,6 +335,7 @@ def print_comparison(model: str, params: int, rows: list[Any], margin_bytes: int
                       gib(e.required_device_bytes), where)
     console.print(table)
     _print_loss_kernels(rows, console)
+    _print_switches(rows, console)
     by_optimizer: dict[str, list[str]] = {}
     for r in rows:
         by_optimizer.setdefault(r.plan.optimizer, []).append(r.method)

@@ -51,7 +51,8 @@ API_COMMANDS = {"plan": "plan", "check": "check", "compare": "compare", "fit": "
                 "sweep": "sweep"}
 # Options the page may not pass: they read or write the user's files, or change the output
 # format the API promises (it always adds --json).
-REFUSED_OPTIONS = {"from-config": "reads a file", "plot": "writes a file",
+REFUSED_OPTIONS = {"from-config": "reads a file", "lengths": "reads a file",
+                   "plot": "writes a file",
                    "csv": "the API answers JSON", "json": "the API always answers JSON",
                    "help": "not an API option"}
 UPLOAD_PREFIX = "upload:"
@@ -381,6 +382,34 @@ def gpu_catalog() -> list[dict[str, Any]]:
              "bf16_supported": g.bf16_supported} for g in catalog()]
 
 
+# TrainPlan options (commands/options.py PLAN_OPTIONS names) -> the page's keys
+_PAGE_KEYS = {"batch": "batch", "seq_len": "seq-len", "method": "method", "quant": "quant",
+              "rank": "rank", "targets": "targets", "optimizer": "optimizer",
+              "gradient_checkpointing": "gradient-checkpointing", "loop": "loop",
+              "batch_layout": "batch-layout", "offload_activations": "offload-activations",
+              "loss_kernel": "loss-kernel"}
+
+
+def trainer_presets() -> dict[str, Any]:
+    """The trainer presets (trainers.py TRAINERS) for the page: each preset's options the
+    page has controls for, by the page's keys (the page sets its controls to them, so what
+    it shows is what `--trainer NAME` plans), and the rest as `--flag value` text."""
+    from vramcalc.trainers import TRAINERS
+
+    out: dict[str, Any] = {}
+    for name, preset in TRAINERS.items():
+        controls: dict[str, str] = {}
+        other: list[str] = []
+        for option, value in preset.options.items():
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            if option in _PAGE_KEYS:
+                controls[_PAGE_KEYS[option]] = text
+            else:
+                other.append(f"--{option.replace('_', '-')} {text}")
+        out[name] = {"controls": controls, "other": other, "loss": preset.loss_kernel}
+    return out
+
+
 def static_file(name: str) -> bytes | None:
     """A file of the page (vramcalc/web/, shipped in the wheel); None if there is none."""
     if "/" in name or name.startswith(".") or Path(name).suffix not in STATIC_TYPES:
@@ -396,7 +425,8 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """GET / and /static/*, GET /api/<command>?..., GET /api/models, POST /api/config."""
+    """GET / and /static/*, GET /api/<command>?..., GET /api/models, /api/gpus,
+    /api/trainers, POST /api/config."""
 
     server: VramcalcServer
     server_version = "vramcalc"
@@ -481,6 +511,9 @@ class Handler(BaseHTTPRequestHandler):
                        "application/json")
         elif route == "/api/gpus":
             self._send(HTTPStatus.OK, _json_bytes({"gpus": gpu_catalog()}), "application/json")
+        elif route == "/api/trainers":
+            self._send(HTTPStatus.OK, _json_bytes({"trainers": trainer_presets()}),
+                       "application/json")
         elif route.startswith("/api/") and route.removeprefix("/api/") in API_COMMANDS:
             self._api(API_COMMANDS[route.removeprefix("/api/")], pairs)
         else:

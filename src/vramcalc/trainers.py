@@ -14,7 +14,9 @@ Sources (read at the commits named):
            forces padding_free: sft_trainer.py `self.padding_free = args.padding_free or
            (args.packing and args.packing_strategy in {"bfd", "bfd_split"})`),
            padding_free False, gradient_checkpointing True, bf16 True unless fp16,
-           loss_type "chunked_nll" unless use_liger_kernel ("nll"), activation_offloading
+           loss_type "chunked_nll" unless use_liger_kernel ("nll"; sft_config.py
+           __post_init__; SFTTrainer.__init__ patches the model's forward with
+           _patch_chunked_ce_lm_head: --loss-kernel trl-chunked), activation_offloading
            False; TrainingArguments' batch 8 and optim. SFTTrainer.__init__ casts the
            trainable parameters of a quantized model to bf16 and calls no
            prepare_model_for_kbit_training; compute_loss sets use_cache False.
@@ -33,6 +35,7 @@ Sources (read at the commits named):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,18 +48,17 @@ TRAINER_NAMES = ("trl", "hf", "unsloth", "axolotl", "plain")
 class TrainerPreset:
     name: str
     options: dict[str, Any]  # build_plan keyword -> the trainer's default
-    # The loss kernel the trainer applies by default: "none" (transformers' loss_utils
-    # ForCausalLMLoss on full logits), "chunked_nll" (TRL), "unsloth_fused_ce" (Unsloth).
-    # TODO(integrator): a plan field `loss_kernel` (--loss-kernel liger|cce|chunked) is being
-    # added in parallel; map this value onto it once it exists (here it is data only: the
-    # plan is made with the full-logits loss, and a note says so).
+    # The loss the trainer applies by default, in its own words (the plan field it maps to
+    # is options["loss_kernel"]): "none" (transformers' loss_utils ForCausalLMLoss on full
+    # logits), "chunked_nll" (TRL), "unsloth_fused_ce" (Unsloth).
     loss_kernel: str = "none"
     unmodelled: tuple[str, ...] = field(default=())
 
 
 _TRL_ARGS = {"batch": 8, "optimizer": "adamw_torch_fused"}  # TrainingArguments'
 _TRL = {**_TRL_ARGS, "seq_len": 1024, "gradient_checkpointing": True,
-        "compute_dtype": "bf16", "batch_layout": "padded", "offload_activations": "none"}
+        "compute_dtype": "bf16", "batch_layout": "padded", "offload_activations": "none",
+        "loss_kernel": "trl-chunked"}
 _TRL_UNMODELLED = (
     "TRL casts a quantized model's trainable (LoRA) parameters to bf16 and does not call "
     "prepare_model_for_kbit_training: planned with fp32 adapters and fp32 norms/embeddings",
@@ -73,10 +75,20 @@ TRAINERS: dict[str, TrainerPreset] = {
         {"loop": "trainer", **_TRL, "seq_len": 2048, "method": "qlora", "quant": "nf4",
          "double_quant": True, "rank": 16, "alpha": 16.0, "lora_dropout": 0.0,
          "targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-         "offload_activations": "checkpoints"},
+         "offload_activations": "checkpoints",
+         # unsloth 015bdef models/llama.py CausalLM_fast_forward: in training with labels
+         # (UNSLOTH_RETURN_LOGITS unset) unsloth_zoo ce232d6 fused_losses/
+         # cross_entropy_loss.py unsloth_fused_ce_loss: grad_inputs (and the head's
+         # gradient where it trains) made in forward, the fp32 logits one chunk of rows at
+         # a time, no logits returned -- liger's fused linear cross-entropy's mechanism;
+         # its RMSNorm / RoPE / SwiGLU kernels stand for Unsloth's own
+         "loss_kernel": "liger"},
         loss_kernel="unsloth_fused_ce",
-        unmodelled=("Unsloth's own kernels (RMSNorm, RoPE, SwiGLU, LoRA MLP) and its fused "
-                    "cross-entropy: planned with transformers' modules and full logits",),
+        unmodelled=("Unsloth's fused cross-entropy planned as liger-kernel's (--loss-kernel "
+                    "liger): Unsloth sizes its chunks from the free GPU memory "
+                    "(get_chunk_size, target_gb) where liger takes rows from the vocabulary "
+                    "and hidden size, and its RMSNorm / RoPE / SwiGLU / LoRA MLP kernels "
+                    "are not liger's; not measured",),
     ),
     "axolotl": TrainerPreset("axolotl", {"loop": "trainer", "batch": 1, "seq_len": 512,
                                          "optimizer": "adamw_torch_fused",
@@ -125,8 +137,39 @@ def apply_trainer(options: dict[str, Any], trainer: str, keep: frozenset[str] | 
         set_.append(f"--{name.replace('_', '-')} {value}")
     check_loop(trainer, out.get("loop", "trainer"))
     notes = [f"trainer {trainer}: " + (", ".join(set_) or "nothing beyond the given options")]
-    if preset.loss_kernel != "none":
-        notes.append(f"trainer {trainer} applies the loss kernel '{preset.loss_kernel}': not "
-                     "modelled yet, planned with the full logits (an upper bound)")
+    if preset.loss_kernel != "none" and "loss_kernel" in keep:
+        notes.append(f"trainer {trainer} applies the loss '{preset.loss_kernel}' by default; "
+                     f"planned with --loss-kernel {out.get('loss_kernel')} as given")
     notes += [f"not modelled: {u}" for u in preset.unmodelled]
     return out, notes
+
+
+def runnable_loss(options: dict[str, Any], trainer: str, model: str | None,
+                  build: Callable[..., Any]) -> tuple[dict[str, Any], str | None]:
+    """`options` (apply_trainer's, the loss kernel set by the preset, not given) with the
+    preset's kernel where vramcalc plans it for `model` (estimate.check_loss_kernel), else
+    the full-logits head (torch, an upper bound of the trainer's loss) and a note why.
+    `build`: commands/options.py build_plan. A model or options that do not resolve are
+    left to the command, which says what is wrong."""
+    kernel = options.get("loss_kernel", "torch")
+    if kernel == "torch" or model is None:
+        return options, None
+    from vramcalc.errors import VramcalcError
+    from vramcalc.memory.estimate import check_loss_kernel
+    from vramcalc.models.resolve import resolve_model
+
+    try:
+        spec = resolve_model(model)
+        # the kernel's rules do not depend on the step's tokens (--lengths is read later)
+        plan = build(**{**options, "lengths": None, "tokens_per_step": None})
+    except VramcalcError:
+        return options, None
+    try:
+        check_loss_kernel(spec, plan)
+    except VramcalcError as err:
+        preset = trainer_preset(trainer)
+        return {**options, "loss_kernel": "torch"}, (
+            f"trainer {trainer} applies the loss '{preset.loss_kernel}', which vramcalc "
+            f"cannot plan here ({str(err).split(': ', 1)[-1]}); planned with the full "
+            "logits (--loss-kernel torch, an upper bound)")
+    return options, None

@@ -439,6 +439,17 @@ def _trl(m: _Mapper) -> TrainingConfig:
         config: dict[str, Any] = raw if isinstance(raw, dict) else {}
         _liger(m, "use_liger_kernel", config,
                {k: f"liger_kernel_config.{k}" for k in config})
+    # trl f2cd577 sft_config.py loss_type: "chunked_nll" (SFTTrainer patches the forward,
+    # sft_trainer.py _patch_chunked_ce_lm_head), "nll" (the model's own loss), "dft"; unset:
+    # chunked_nll unless use_liger_kernel (then TRL's preset, --trainer trl, supplies it)
+    loss_type = d.get("loss_type")
+    if loss_type == "chunked_nll" and d.get("use_liger_kernel") is not True:
+        m.set("loss_kernel", "trl-chunked", "loss_type")
+    elif loss_type == "nll" and d.get("use_liger_kernel") is not True:
+        m.set("loss_kernel", "torch", "loss_type")
+    elif loss_type is not None and loss_type not in ("nll", "chunked_nll"):
+        m.unmodelled.append(f"loss_type: {loss_type} (not modelled; planned as "
+                            "loss_type nll)")
     m.unmodelled_keys({
         "deepspeed": MULTI_GPU,
         "torch_compile": TORCH_COMPILE,

@@ -336,6 +336,7 @@ def apply_loss_kernel(model: Any, plan: TrainPlan) -> None:
     liger: liger-kernel's `_apply_liger_kernel_to_instance` on the CausalLM, what
     transformers' Trainer does for `use_liger_kernel=True` (trainer loops set that
     argument instead, `_training_args`; this is for `--loop plain`, which has no Trainer).
+    trl-chunked: TRL's own patch (`_patch_chunked_ce_lm_head`), as SFTTrainer applies it.
     cce and chunked: the CausalLM's forward replaced, in training with labels, by the
     decoder, then the loss from its last hidden state (`_head_loss_forward`)."""
     if plan.loss_kernel == "torch":
@@ -346,6 +347,13 @@ def apply_loss_kernel(model: Any, plan: TrainPlan) -> None:
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
             _apply_liger_kernel_to_instance(model=lm)
+        return
+    if plan.loss_kernel == "trl-chunked":
+        # what SFTTrainer.__init__ does for loss_type="chunked_nll" (trl 1.x
+        # sft_trainer.py): patch the inner CausalLM's forward, chunks of 256 tokens
+        from trl.trainer.sft_trainer import _CHUNKED_LM_HEAD_CHUNK_SIZE, _patch_chunked_ce_lm_head
+
+        _patch_chunked_ce_lm_head(lm, chunk_size=_CHUNKED_LM_HEAD_CHUNK_SIZE)
         return
     import types
 

@@ -480,7 +480,8 @@ def check(
                                                     best.estimate_fn)
             suggestions = [] if allocator is None else [allocator]
         else:
-            suggestions = advice.suggest(spec, best.plan, room, margin_b, best.estimate_fn)
+            suggestions = advice.suggest(spec, best.plan, room, margin_b, best.estimate_fn,
+                                         _padding_free_step(plan_options))
         if not suggestions and not best.fits_free:
             from vramcalc.hardware.catalog import catalog
 
@@ -529,3 +530,16 @@ def check(
                        f"{_gib(o['required_device_bytes'])} GiB per GPU")
     if not best.fits_free:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
+
+
+def _padding_free_step(plan_options: dict[str, Any] | None) -> tuple[int, int] | None:
+    """The padding-free worst step of --lengths (advice.padding_free_step), for check to
+    offer padding-free batches: the padded plan keeps only the longest row."""
+    options = plan_options or {}
+    if options.get("lengths") is None:
+        return None
+    from vramcalc.commands.options import read_lengths
+    from vramcalc.sizing.advice import padding_free_step
+
+    return padding_free_step(read_lengths(options["lengths"]), options["batch"],
+                             options["seq_len"])

@@ -129,7 +129,8 @@ TrainerOpt = Annotated[
 LossKernelOpt = Annotated[
     str, typer.Option("--loss-kernel", help=f"Loss head: {'|'.join(LOSS_KERNELS)} (liger: "
                       "use_liger_kernel=True, its fused linear cross-entropy, RMSNorm, SwiGLU "
-                      "and RoPE; cce: cut-cross-entropy; chunked: torchtune-style, 8 chunks).")
+                      "and RoPE; cce: cut-cross-entropy; chunked: torchtune-style, 8 chunks; "
+                      "trl-chunked: TRL SFTTrainer's default loss_type chunked_nll).")
 ]
 DoubleQuantOpt = Annotated[
     bool, typer.Option("--double-quant/--no-double-quant", help="Quantize the absmax constants.")
@@ -584,22 +585,27 @@ def with_plan_options(func: Callable[..., R],
                                for name in PLAN_OPTIONS})
         options.given = given_options(ctx, [*PLAN_OPTIONS, *kwargs])
         if options.get("trainer") is not None:
-            options = with_trainer(options, ctx, exclude)
+            options = with_trainer(options, ctx, exclude, kwargs.get("model"))
         return func(plan_options=options, **kwargs)
 
     return with_signature(wrapper, func, sig.replace(parameters=params))
 
 
-def with_trainer(options: PlanOptions, ctx: Any, exclude: tuple[str, ...]) -> PlanOptions:
+def with_trainer(options: PlanOptions, ctx: Any, exclude: tuple[str, ...],
+                 model: str | None = None) -> PlanOptions:
     """The options with --trainer's defaults for those neither given nor read from
     --from-config (commands/from_config.py CONFIG_FILLED) nor set per row (`exclude`); the
-    notes on stderr."""
+    preset's loss kernel only where `model` runs it (trainers.runnable_loss); the notes on
+    stderr."""
     from vramcalc.commands.common import warn
-    from vramcalc.trainers import apply_trainer
+    from vramcalc.trainers import apply_trainer, runnable_loss
 
     filled = set(ctx.meta.get("vramcalc_config_filled", ())) if ctx is not None else set()
     keep = options.given | filled | set(exclude)
     values, notes = apply_trainer(dict(options), options["trainer"], keep)
+    if "loss_kernel" not in keep:
+        values, why = runnable_loss(values, options["trainer"], model, build_plan)
+        notes += [why] if why else []
     out = PlanOptions(values)
     out.given = options.given
     for note in notes:

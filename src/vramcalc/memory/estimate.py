@@ -44,7 +44,12 @@ from vramcalc.memory.program.logits import (
     SOFTCAP_SAVED_UNITS,
 )
 from vramcalc.memory.program.optimizer import optimizer_bytes
-from vramcalc.memory.program.step import liger_chunk_rows, offload_host_bytes, program_peaks
+from vramcalc.memory.program.step import (
+    TRL_CHUNK_TOKENS,
+    liger_chunk_rows,
+    offload_host_bytes,
+    program_peaks,
+)
 from vramcalc.memory.program.trainable import (
     check_lora_can_start,
     lora_on_experts,
@@ -105,6 +110,14 @@ def fused_head_bytes(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
         # the cast hidden states kept; backward's de (and dc) then their casts
         kept = t * h * c + 12 * t
         return kept, kept + t * h * (c + act) + 2 * head_grad
+    if plan.loss_kernel == "trl-chunked":
+        # the gathered copy of the hidden states kept; one 256-row chunk's fp32 logits
+        # and the fp32 copy of the weight at a time, and in backward SliceBackward's zeros
+        # (step.py _trl_chunked_head)
+        rows = min(TRL_CHUNK_TOKENS, t)
+        kept = t * h * act + head_grad
+        chunk = v * h * (4 + c) + 4 * rows * v * 4
+        return kept + chunk, 2 * kept + chunk + 3 * rows * v * 4
     # chunked: every chunk's log-softmax kept (fp32) and the compute-dtype logits until
     # the loss is summed, one fp32 copy at a time
     units = 4 + c + 4 / CHUNKED_LOSS_CHUNKS
@@ -117,7 +130,8 @@ def fused_head_largest(spec: ModelSpec, plan: TrainPlan) -> int:
     t, h, v = plan.tokens, spec.hidden_size, spec.vocab_size
     c = DTYPE_BYTES[plan.compute_dtype]
     rows = {"liger": min(liger_chunk_rows(t, v, h), t), "cce": 0,
-            "chunked": -(-t // CHUNKED_LOSS_CHUNKS)}[plan.loss_kernel]
+            "chunked": -(-t // CHUNKED_LOSS_CHUNKS),
+            "trl-chunked": min(TRL_CHUNK_TOKENS, t)}[plan.loss_kernel]
     weight = v * h * max(c, DTYPE_BYTES[plan.load_dtype])
     return max(rows * v * 4, t * h * 4, weight)
 

@@ -44,6 +44,9 @@ COSTS: dict[str, tuple[int, str]] = {
     "allocator": (0, "none (an environment variable)"),
     "attn": (0, "none (sdpa is the faster kernel)"),
     "loss_kernel": (1, "a package; the same loss, other kernels"),
+    "layout": (1, "the collator: TRL padding_free=True (or packing=True, its bfd strategy); "
+               "sequences flattened into one row, which needs flash-attention's varlen "
+               "kernels (--attn flash_attention_2) to keep them apart"),
     "optimizer": (2, "host RAM for paged states; 8-bit quantized states"),
     "gradient_checkpointing": (3, "throughput: one more forward per step"),
     "batch": (3, "throughput: smaller matmuls, more steps (accumulation keeps the batch)"),
@@ -59,6 +62,8 @@ LOSS_KERNEL_OFFERS: dict[str, tuple[str, str]] = {
     "cce": ("cut cross-entropy", "cut_cross_entropy.transformers.cce_patch(model)"),
     "chunked": ("chunked cross-entropy (8 chunks, torchtune-style)",
                 "CEWithChunkedOutputLoss"),
+    "trl-chunked": ("TRL chunked NLL (256-token checkpointed chunks)",
+                    'SFTTrainer with loss_type="chunked_nll", its default'),
 }
 
 
@@ -100,6 +105,8 @@ def _flag(field: str, value: Any) -> str:
         return "--expandable-segments" if value else "--no-expandable-segments"
     if field == "loss_kernel":
         return f"--loss-kernel {value}"
+    if field == "layout":
+        return f"--batch-layout {value}"
     name = {"batch_size": "batch", "seq_len": "seq-len"}.get(field, field.replace("_", "-"))
     return f"--{name} {value}"
 
@@ -188,6 +195,40 @@ def loss_kernel_suggestions(
     return out
 
 
+def padding_free_step(lengths: list[int], batch: int, max_len: int) -> tuple[int, int]:
+    """(seq_len, tokens_per_step) of the padding-free step that needs the most memory on
+    these sequence lengths, each cut to `max_len`: the `batch` longest together (the rule
+    of commands/options.py worst_step, which `plan --lengths F --batch-layout
+    padding-free` plans)."""
+    cut = sorted((min(n, max_len) for n in lengths), reverse=True)
+    return max_len, sum(cut[:batch])
+
+
+def layout_suggestion(
+    spec: ModelSpec, plan: TrainPlan, memory_bytes: int, margin_bytes: int,
+    step: tuple[int, int] | None, estimate_fn: EstimateFn = estimate,
+) -> Suggestion | None:
+    """Padding-free batches where a padded plan's worst step (`--lengths`) pads: `step` is
+    the padding-free worst step of the same lengths (padding_free_step); None where the
+    plan is not padded, there is no padding to drop (the batch's longest rows all reach
+    the longest), or it saves nothing. Packed rows are not offered: they are filled to
+    --seq-len, never less than the padded worst step's rows."""
+    if step is None or plan.layout != "padded":
+        return None
+    seq_len, tokens = step
+    if tokens >= plan.batch_size * plan.seq_len:
+        return None
+    s = _suggestion(spec, plan, memory_bytes, margin_bytes, "layout", "",
+                    {"layout": "padding-free", "seq_len": seq_len, "tokens_per_step": tokens},
+                    None, estimate_fn)
+    if s.required_device_bytes >= estimate_fn(spec, plan).required_device_bytes:
+        return None
+    waste = 1 - tokens / (plan.batch_size * plan.seq_len)
+    return s.model_copy(update={"description": (
+        f"padding-free batches (TRL `padding_free=True`): the worst step's {tokens} real "
+        f"tokens instead of {plan.batch_size} x {plan.seq_len} padded ({waste:.0%} padding)")})
+
+
 def attention_targets(spec: ModelSpec) -> list[str]:
     """The module names of the attention projections (q, k, v or fused qkv, o)."""
     return [lin.name for lin in spec.block_linears() if lin.role in ATTENTION_ROLES]
@@ -207,13 +248,19 @@ def _batch_change(plan: TrainPlan, batch: int) -> tuple[str, dict[str, Any], int
 
 def candidates(
     spec: ModelSpec, plan: TrainPlan, memory_bytes: int, margin_bytes: int,
-    estimate_fn: EstimateFn = estimate,
+    estimate_fn: EstimateFn = estimate, padding_free: tuple[int, int] | None = None,
 ) -> list[Suggestion]:
     """Every single change that saves memory on `plan`, estimated; fitting or not.
+    `padding_free`: the padding-free worst step of the lengths the plan was made from
+    (padding_free_step), where there were some.
 
     Changes that do not apply (checkpointing already on, rank already 4, ...) are left out.
     """
     out: list[Suggestion] = []
+    layout = layout_suggestion(spec, plan, memory_bytes, margin_bytes, padding_free,
+                               estimate_fn)
+    if layout is not None:
+        out.append(layout)
 
     def add(kind: str, description: str, changes: dict[str, Any], acc: int | None = None) -> None:
         out.append(
@@ -326,15 +373,15 @@ def combined(
 
 def suggest(
     spec: ModelSpec, plan: TrainPlan, memory_bytes: int, margin_bytes: int,
-    estimate_fn: EstimateFn = estimate,
+    estimate_fn: EstimateFn = estimate, padding_free: tuple[int, int] | None = None,
 ) -> list[Suggestion]:
     """The changes that make `plan` fit `memory_bytes` with `margin_bytes` to spare (as
     `plan` calls "fits"), each estimated: single changes first, cheapest first (COSTS),
     then all switches together with the largest batch that fits, when no single change is
     enough or it keeps a larger batch than a smaller batch alone. Empty when nothing fits,
     not even batch 1."""
-    fitting = [s for s in candidates(spec, plan, memory_bytes, margin_bytes, estimate_fn)
-               if s.fits]
+    fitting = [s for s in candidates(spec, plan, memory_bytes, margin_bytes, estimate_fn,
+                                     padding_free) if s.fits]
     # the cheapest first (COSTS), then the one that needs the least memory
     fitting.sort(key=lambda s: (s.cost_rank, s.required_device_bytes))
     both = combined(spec, plan, memory_bytes, margin_bytes, estimate_fn)

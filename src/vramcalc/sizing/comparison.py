@@ -27,7 +27,7 @@ from vramcalc.hardware.catalog import GpuModel
 from vramcalc.memory.estimate import estimate
 from vramcalc.memory.result import Estimate
 from vramcalc.models.spec import ModelSpec
-from vramcalc.plans import LOSS_KERNELS, Optimizer, TrainPlan
+from vramcalc.plans import LAYOUTS, LOSS_KERNELS, OFFLOAD_ACTIVATIONS, Optimizer, TrainPlan
 from vramcalc.sizing.advice import for_gpu
 from vramcalc.sizing.search import largest_fitting
 from vramcalc.sizing.verdict import Verdict, verdict
@@ -104,9 +104,20 @@ class KernelCell(BaseModel):
     error: str | None = None
 
 
+# The memory-saving switches `compare` shows beside the loss kernels: each TrainPlan field
+# and its values, in the order of the table's columns (plans.py OFFLOAD_ACTIVATIONS,
+# LAYOUTS). A switched layout drops tokens_per_step (a padded or packed batch computes
+# every row in full: TrainPlan._check_layout_and_offload).
+SWITCHES: dict[str, tuple[str, ...]] = {
+    "offload_activations": OFFLOAD_ACTIVATIONS,
+    "layout": LAYOUTS,
+}
+
+
 class MethodRow(BaseModel):
     """One method of `compare`: its plan and estimate, or why it cannot start; and the
-    same plan under each loss kernel (`loss_kernels`, LOSS_KERNELS order)."""
+    same plan under each loss kernel (`loss_kernels`, LOSS_KERNELS order) and each value
+    of the other memory-saving switches (`switches`, SWITCHES: field -> value -> cell)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -117,6 +128,7 @@ class MethodRow(BaseModel):
     smallest_gpu: SmallestGpu | None  # None: no catalog GPU fits it (or it cannot start)
     error: str | None = None
     loss_kernels: dict[str, KernelCell] = {}
+    switches: dict[str, dict[str, KernelCell]] = {}
 
 
 def kernel_cells(spec: ModelSpec, plan: TrainPlan, est: Estimate,
@@ -134,6 +146,37 @@ def kernel_cells(spec: ModelSpec, plan: TrainPlan, est: Estimate,
             out[kernel] = KernelCell(estimate=None, error=str(err))
             continue
         out[kernel] = KernelCell(estimate=e)
+    return out
+
+
+def switch_cells(spec: ModelSpec, plan: TrainPlan, est: Estimate,
+                 estimate_fn: EstimateFn = estimate) -> dict[str, dict[str, KernelCell]]:
+    """`plan` with each value of each switch (SWITCHES), each estimated as `plan
+    --offload-activations V` / `--batch-layout V` would be (the plan's own value is
+    `est`); a value the plan cannot take (checkpoints offloading without gradient
+    checkpointing) is a cell with its error."""
+    out: dict[str, dict[str, KernelCell]] = {}
+    for field, values in SWITCHES.items():
+        cells: dict[str, KernelCell] = {}
+        for value in values:
+            if getattr(plan, field) == value:
+                cells[value] = KernelCell(estimate=est)
+                continue
+            update: dict[str, Any] = {field: value}
+            if field == "layout" and value != "padding-free":
+                update["tokens_per_step"] = None
+            if field == "offload_activations" and value == "checkpoints" and \
+                    not plan.gradient_checkpointing:
+                cells[value] = KernelCell(estimate=None, error=(
+                    "offloads the checkpointed layer inputs: needs gradient checkpointing"))
+                continue
+            try:
+                e = estimate_fn(spec, plan.model_copy(update=update))
+            except PlanError as err:
+                cells[value] = KernelCell(estimate=None, error=str(err))
+                continue
+            cells[value] = KernelCell(estimate=e)
+        out[field] = cells
     return out
 
 
@@ -189,7 +232,8 @@ def compare(
         small = smallest_gpu(spec, p, margin_bytes, gpus, estimate_for)
         rows.append(MethodRow(method=name, label=label, plan=p, estimate=est,
                               smallest_gpu=small,
-                              loss_kernels=kernel_cells(spec, p, est, estimate_fn)))
+                              loss_kernels=kernel_cells(spec, p, est, estimate_fn),
+                              switches=switch_cells(spec, p, est, estimate_fn)))
     return rows
 
 

@@ -12,11 +12,16 @@ const DEFAULTS = {
   dora: "false", batch: "1", "seq-len": "512", "gradient-checkpointing": "true",
   optimizer: "paged_adamw_8bit", loop: "trainer", attn: "sdpa",
   "expandable-segments": "false", "prompt-len": "512", "new-tokens": "128", gpus: "1",
-  strategy: "", gpu: "", gpu2: "",
+  strategy: "", gpu: "", gpu2: "", trainer: "", "loss-kernel": "torch",
+  "batch-layout": "padded", "tokens-per-step": "", "offload-activations": "none",
 };
 const STATE_KEYS = ["model", "task", "method", "quant", "rank", "targets", "dora", "batch",
   "seq-len", "prompt-len", "new-tokens", "gradient-checkpointing", "optimizer", "loop", "attn",
-  "expandable-segments", "gpu", "gpu2", "gpus", "strategy"];
+  "expandable-segments", "gpu", "gpu2", "gpus", "strategy", "trainer", "loss-kernel",
+  "batch-layout", "tokens-per-step", "offload-activations"];
+// The plan options of the memory savers (the command line's --loss-kernel, --batch-layout,
+// --tokens-per-step, --offload-activations, --trainer)
+const SAVER_SELECTS = ["trainer", "loss-kernel", "batch-layout", "offload-activations"];
 // One color per component (render.py LABELS' keys), the same in every chart.
 const COLORS = {
   base_weights: "#4e79a7", quant_constants: "#a0cbe8", unquantized_params: "#f28e2b",
@@ -44,6 +49,7 @@ const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({
   "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 
 let gpuCatalog = [];
+let trainerPresets = {};  // /api/trainers: name -> {controls, other, loss}
 let modelInfo = {};  // name -> models --json entry, for hub ids in the exports
 let lastPlan = null;
 let lastCheck = null;
@@ -75,6 +81,8 @@ function readState() {
   s.gpu2 = $("gpu2").value;
   s.gpus = $("gpus").value;
   s.strategy = $("strategy").value;
+  for (const k of SAVER_SELECTS) s[k] = $(k).value;
+  s["tokens-per-step"] = s["batch-layout"] === "padding-free" ? $("tokens-per-step").value.trim() : "";
   return s;
 }
 
@@ -86,10 +94,11 @@ function writeState(params) {
     const radio = document.querySelector(`input[name=task][value="${CSS.escape(task)}"]`);
     if (radio) radio.checked = true;
   }
-  for (const k of ["method", "quant", "optimizer", "loop", "attn", "strategy", "gpu", "gpu2"]) {
+  for (const k of ["method", "quant", "optimizer", "loop", "attn", "strategy", "gpu", "gpu2",
+    ...SAVER_SELECTS]) {
     if (get(k) !== null) setSelect($(k), get(k));
   }
-  for (const k of ["rank", "targets", "prompt-len", "new-tokens", "gpus"]) {
+  for (const k of ["rank", "targets", "prompt-len", "new-tokens", "gpus", "tokens-per-step"]) {
     if (get(k) !== null) $(k).value = get(k);
   }
   for (const k of ["dora", "gradient-checkpointing", "expandable-segments"]) {
@@ -141,9 +150,13 @@ function apiParams(s, endpoint) {
   if (s.method !== "full") { put("rank"); put("targets"); put("dora"); }
   put("batch");
   if (endpoint !== "sweep") put("seq-len");
-  for (const k of ["gradient-checkpointing", "optimizer", "loop", "attn", "expandable-segments"]) {
+  for (const k of ["gradient-checkpointing", "optimizer", "loop", "attn", "expandable-segments",
+    ...SAVER_SELECTS]) {
     put(k);
   }
+  // the memory curve sweeps the sequence length: a fixed token count would pass batch x
+  // seq-len at its short end, so the curve plans full padding-free rows
+  if (endpoint !== "sweep") put("tokens-per-step");
   if (s.strategy && (endpoint === "plan" || endpoint === "check")) {
     p.set("gpus", s.gpus);
     p.set("strategy", s.strategy);
@@ -311,8 +324,11 @@ function renderChart(plan, check) {
   });
   legend += "</tbody></table>";
   $("chart").innerHTML = svg + legend;
+  const host = plan.host_bytes || (plan.per_gpu && plan.per_gpu.host_bytes) || 0;
   $("total").textContent = required === null ? "" :
-    `(required ${gib(required)} GiB; peak on the device ${gib(total)} GiB)`;
+    `(required ${gib(required)} GiB; peak on the device ${gib(total)} GiB` +
+    (host ? `; host ${gib(host)} GiB for offloaded activations)` : ")");
+  $("total").dataset.hostBytes = String(host);
   $("total").dataset.requiredBytes = required === null ? "" : String(required);
   const notes = plan.notes || (plan.per_gpu && plan.per_gpu.notes) || [];
   $("notes").textContent = notes.join(" ");
@@ -491,10 +507,39 @@ async function showCompare() {
         `<td>${sg ? esc(sg.name) + (sg.certainty === "tight" ? " (tight)" : "") : "none"}</td>`) +
         "</tr>";
     }
-    $("tables").innerHTML = html + "</tbody></table>";
+    $("tables").innerHTML = html + "</tbody></table>" + saversTable(c);
   } catch (err) {
     $("tables").innerHTML = `<p class="error">${esc(err.message)}</p>`;
   }
+}
+
+// What each memory saver buys (compare --json loss_kernels and switches): every method's
+// required GiB under each; host GiB of offloading in parentheses; - where it does not apply
+function saversTable(c) {
+  const rows = c.methods.filter((m) => !m.error);
+  if (!rows.length) return "";
+  const cols = [];
+  for (const k of Object.keys(rows[0].loss_kernels)) cols.push([`loss ${k}`, (m) => m.loss_kernels[k]]);
+  for (const [field, cells] of Object.entries(rows[0].switches)) {
+    for (const v of Object.keys(cells)) {
+      cols.push([field === "layout" ? v : `offload ${v}`, (m) => m.switches[field][v]]);
+    }
+  }
+  let html = "<h3>Required GiB with each memory saver</h3>" +
+    '<table class="grid-table" id="savers-table"><thead><tr><th>Method</th>' +
+    cols.map(([h]) => `<th>${esc(h)}</th>`).join("") + "</tr></thead><tbody>";
+  for (const m of rows) {
+    html += `<tr><td>${esc(m.label)}</td>` + cols.map(([, get]) => {
+      const cell = get(m);
+      if (!cell || cell.required_device_bytes === null) {
+        return `<td class="num dim" title="${esc(cell ? cell.error : "")}">-</td>`;
+      }
+      const host = cell.host_bytes ? ` (${gib(cell.host_bytes)})` : "";
+      return `<td class="num" data-bytes="${cell.required_device_bytes}">` +
+        `${gib(cell.required_device_bytes)}${host}</td>`;
+    }).join("") + "</tr>";
+  }
+  return html + "</tbody></table>";
 }
 
 async function showFit() {
@@ -596,6 +641,7 @@ function trlSnippet(s) {
     `    gradient_checkpointing=${s["gradient-checkpointing"] === "true" ? "True" : "False"},`,
     `    optim="${s.optimizer}",`,
     "    bf16=True,",
+    ...trlSaverLines(s),
     ...(s.strategy ? [`    # ${s.gpus} GPUs, ${s.strategy}: launch with accelerate / torchrun and its config`] : []),
     "    model_init_kwargs={",
     '        "quantization_config": quantization_config,',
@@ -609,6 +655,31 @@ function trlSnippet(s) {
     "from vramcalc.integrations import VramcalcCallback",
     "trainer.add_callback(VramcalcCallback(strict=True))",
   ].join("\n");
+}
+
+// The memory savers as SFTConfig arguments (trl 1.x sft_config.py; what --from-config
+// reads back: training_config.py _trl)
+function trlSaverLines(s) {
+  const out = [];
+  const loss = {
+    torch: ['    loss_type="nll",  # the model\'s own loss on the full logits'],
+    liger: ["    use_liger_kernel=True,"],
+    "trl-chunked": ['    loss_type="chunked_nll",'],
+    cce: ['    loss_type="nll",  # cut-cross-entropy: cce_patch(model) before SFTTrainer'],
+    chunked: ['    loss_type="nll",  # torchtune CEWithChunkedOutputLoss: a loss of your own'],
+  }[s["loss-kernel"]];
+  out.push(...(loss || []));
+  if (s["batch-layout"] === "padding-free") {
+    out.push("    padding_free=True,  # needs attn_implementation flash_attention_2");
+    if (s["tokens-per-step"]) out.push(`    # planned: ${s["tokens-per-step"]} real tokens per step`);
+  } else if (s["batch-layout"] === "packed") {
+    out.push("    # packed rows with position_ids (axolotl sample_packing): TRL's packing=True is padding-free");
+  }
+  if (s["offload-activations"] === "all") out.push("    activation_offloading=True,");
+  if (s["offload-activations"] === "checkpoints") {
+    out.push('    gradient_checkpointing_kwargs={"use_reentrant": False, "offload": True},');
+  }
+  return out;
 }
 
 function axolotlSnippet(s) {
@@ -631,6 +702,23 @@ function axolotlSnippet(s) {
     "bf16: true");
   out.push({ sdpa: "sdp_attention: true", flash_attention_2: "flash_attention: true",
     eager: "eager_attention: true" }[s.attn]);
+  // the memory savers (axolotl schemas; what --from-config reads back: _axolotl)
+  if (s["loss-kernel"] === "liger") {
+    out.push("plugins:", "  - axolotl.integrations.liger.LigerPlugin", "liger_rope: true",
+      "liger_rms_norm: true", "liger_glu_activation: true",
+      "liger_fused_linear_cross_entropy: true");
+  } else if (s["loss-kernel"] === "cce") {
+    out.push("plugins:", "  - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin",
+      "cut_cross_entropy: true");
+  } else if (s["loss-kernel"] !== "torch") {
+    out.push(`# loss kernel ${s["loss-kernel"]}: not an axolotl option`);
+  }
+  if (s["batch-layout"] === "packed") out.push("sample_packing: true");
+  if (s["batch-layout"] === "padding-free") {
+    out.push("# padding-free batches: not an axolotl option (sample_packing packs rows)");
+  }
+  if (s["offload-activations"] === "all") out.push("activation_offloading: true");
+  if (s["offload-activations"] === "checkpoints") out.push("activation_offloading: hidden_states");
   return out.join("\n") + "\n";
 }
 
@@ -652,12 +740,26 @@ function renderExport(s) {
 function syncVisibility(s) {
   document.body.dataset.task = s.task;
   document.body.dataset.method = s.method;
+  document.body.dataset.layout = s["batch-layout"];
   $("seq-out").textContent = s["seq-len"];
   $("batch-out").textContent = s.batch;
   const quant = $("quant");
   quant.disabled = s.task === "train" && s.method !== "qlora";
   for (const o of quant.options) o.hidden = o.value === "none" && s.task === "train";
   if (!quant.querySelector('option[value="none"]')) quant.add(new Option("none (16-bit)", "none"));
+}
+
+// A trainer preset sets the controls to that trainer's defaults (trainers.py, as
+// `--trainer NAME` applies them to the options not given), so what the page shows is what
+// it plans; the preset's options the page has no control for are listed under it.
+function applyTrainer(name) {
+  const preset = trainerPresets[name];
+  $("trainer-info").textContent = "";
+  if (!preset) return;
+  writeState(new URLSearchParams(preset.controls));
+  const loss = preset.loss === "none" ? "" : ` Its default loss: ${preset.loss}.`;
+  $("trainer-info").textContent = (preset.other.length ?
+    `Also set: ${preset.other.join(", ")}.` : "") + loss;
 }
 
 async function loadModels(q) {
@@ -691,6 +793,7 @@ async function uploadConfig(file) {
 async function init() {
   const { gpus } = await api("gpus");
   gpuCatalog = gpus;
+  trainerPresets = (await api("trainers")).trainers;
   for (const sel of [$("gpu"), $("gpu2")]) {
     if (sel.id === "gpu") sel.add(new Option("(none)", ""));
     for (const g of gpus) sel.add(new Option(`${g.name} (${gib(g.memory_bytes)} GiB)`, g.name));
@@ -703,6 +806,7 @@ async function init() {
     if (ev.target.id === "upload") return;
     inputAt = performance.now();
     if (ev.target.id === "model") loadModels(ev.target.value);
+    if (ev.target.id === "trainer") applyTrainer(ev.target.value);
     // a slider moves many times a second: recompute once it pauses for 30 ms
     scheduleUpdate(ev.target.type === "range" ? 30 : 120);
   });

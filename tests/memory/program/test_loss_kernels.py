@@ -100,6 +100,34 @@ def test_every_kernel_lowers_a_logits_bound_peak(model: str) -> None:
     assert max(peak["liger"], peak["cce"]) < peak["chunked"] < peak["torch"]
 
 
+def test_trl_chunked_makes_256_row_chunks_and_keeps_the_gathered_rows() -> None:
+    """TRL's chunked_nll (trl sft_trainer.py _chunked_cross_entropy_loss): no request of
+    the logits; one 256-row chunk's fp32 logits, and (bf16 LoRA, autocast) the fp32 copy
+    of the weight per chunk; the gathered copy of the hidden states (tokens x hidden) is
+    made in forward and outlives it."""
+    spec = get_spec("qwen2.5-0.5b")
+    t, v, h = 2048, spec.vocab_size, spec.hidden_size
+    r, peaks = _program(spec.name, TrainPlan(method="lora", seq_len=t,
+                                             loss_kernel="trl-chunked"))
+    sizes = _sizes(r)
+    assert not any(s > 256 * v * 4 and s not in (v * h * 4, v * h * 2) for s in sizes)
+    assert 256 * v * 2 in sizes and 256 * v * 4 in sizes and v * h * 4 in sizes
+    start = dict(r.phases)["backward"]
+    made = {bid for bid, size in r.requests[:start] if size == t * h * 2}
+    freed = {bid for bid, size in r.requests[:start] if size == 0}
+    assert made - freed, "the gathered rows must outlive the forward"
+    _, torch_peaks = _program(spec.name, TrainPlan(method="lora", seq_len=t))
+    assert peaks["forward"] < torch_peaks["forward"]
+
+
+def test_trl_chunked_replays_a_partial_last_chunk() -> None:
+    """A step of 300 tokens: one full chunk of 256 rows and one of 44."""
+    spec = get_spec("qwen2.5-0.5b")
+    r, _ = _program(spec.name, TrainPlan(method="lora", seq_len=300,
+                                         loss_kernel="trl-chunked"))
+    assert {256 * spec.vocab_size * 4, 44 * spec.vocab_size * 4} <= _sizes(r)
+
+
 @pytest.mark.replay
 def test_default_is_the_torch_head() -> None:
     spec = get_spec("llama-3.2-1b")
@@ -116,7 +144,7 @@ def test_default_is_the_torch_head() -> None:
     (["--model", "llama-3.1-8b", "--task", "infer", "--loss-kernel", "liger"],
      "Error: --loss-kernel: not used by --task infer"),
     (["--model", "llama-3.1-8b", "--loss-kernel", "fused"],
-     "Error: unknown loss kernel 'fused'; valid: torch, liger, cce, chunked"),
+     "Error: unknown loss kernel 'fused'; valid: torch, liger, cce, chunked, trl-chunked"),
     (["--model", "phi-2", "--loss-kernel", "cce"],
      "Error: --loss-kernel cce: cut-cross-entropy's cce_patch does not know model type phi"),
     (["--model", "phi-2", "--loss-kernel", "liger"],
@@ -198,9 +226,9 @@ def test_compare_rows_and_one_answer() -> None:
     assert r.exit_code == 0, r.output
     rows = {m["method"]: m for m in json.loads(r.stdout)["methods"]}
     qlora = rows["qlora"]["loss_kernels"]
-    assert list(qlora) == ["torch", "liger", "cce", "chunked"]
+    assert list(qlora) == ["torch", "liger", "cce", "chunked", "trl-chunked"]
     assert qlora["torch"]["required_device_bytes"] == rows["qlora"]["required_device_bytes"]
-    for kernel in ("liger", "cce", "chunked"):
+    for kernel in ("liger", "cce", "chunked", "trl-chunked"):
         plan = _plan_json(*ISSUE_CASE, "--loss-kernel", kernel)
         assert qlora[kernel]["required_device_bytes"] == plan["required_device_bytes"]
         assert qlora[kernel]["peak_allocated_bytes"] == plan["peak_allocated_bytes"]

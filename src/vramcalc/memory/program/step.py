@@ -1637,6 +1637,8 @@ def _fused_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n: Var,
         if e is not n:
             g.drop(e)
         return loss
+    if plan.loss_kernel == "trl-chunked":
+        return _trl_chunked_head(g, spec, plan, s, n, head_w, w_b, in_b, trains)
     # chunked: torchtune CEWithChunkedOutputLoss (modules/loss/ce_chunked_output_loss.py,
     # num_output_chunks 8): the decoder's output projection per chunk of the sequence
     # (`[self.output(chunk) for chunk in h.chunk(num_output_chunks, dim=1)]`), then per
@@ -1684,6 +1686,84 @@ def _fused_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n: Var,
     loss = g.op(4, parts)
     for lg in logits_list:
         g.drop(lg)
+    return loss
+
+
+# TRL's chunk of valid tokens (trl/trainer/sft_trainer.py _CHUNKED_LM_HEAD_CHUNK_SIZE)
+TRL_CHUNK_TOKENS = 256
+
+
+def _trl_chunked_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n: Var,
+                      head_w: Var, w_b: int, in_b: int, trains: bool) -> Var:
+    """TRL SFTTrainer's default loss (`loss_type="chunked_nll"`, trl f2cd577
+    trl/trainer/sft_trainer.py `_patch_chunked_ce_lm_head` / `_chunked_cross_entropy_loss`):
+    the decoder's last hidden state without the lm_head, `hidden[..., :-1, :].reshape(-1,
+    h)` (a copy where batch > 1: the slice is not contiguous), the labelled rows gathered
+    to the front (`hidden[order]`, a copy kept: its chunks are the checkpoints' inputs;
+    IndexBackward keeps only the int64 order), then per chunk of 256 rows `_chunk` under
+    `torch.utils.checkpoint` (non-reentrant): nothing of a chunk outlives it in forward.
+    Backward reruns each chunk with its graph, then its gradients: the logits' and
+    log-softmax's (fp32), `@ w` back to the rows, SliceBackward's zeros of the whole
+    gathered tensor (added into the first), and the weight's gradient where the head
+    trains. Every row is planned labelled (n_valid = rows)."""
+    t, h, vocab = s.tokens, spec.hidden_size, spec.vocab_size
+    src = g.op(t * h * in_b, [n]) if plan.batch_size > 1 else n
+    order = g.alloc(t * 8)
+    gathered = g.op(t * h * in_b, [src])
+    if src is not n:
+        g.drop(src)
+    rows = min(TRL_CHUNK_TOKENS, t)
+    out_b = s.c if s.autocast else 4  # the matmul's output: autocast's dtype, else fp32
+    cap = bool(spec.final_logit_softcapping)
+    # Every full chunk makes and frees the same requests (the allocator hands the same
+    # blocks back): the first and the last, partial one are replayed.
+    for r in [rows] + ([t % rows] if t % rows else []):
+        # `h.float() @ w.float().t()`: the fp32 copies (none of an fp32 tensor), autocast's
+        # casts of both for the matmul (freed when it returns), the logits
+        h32 = g.alloc(r * h * 4) if in_b != 4 else None
+        w32 = g.alloc(vocab * h * 4) if w_b != 4 else None
+        hc = g.alloc(r * h * s.c) if s.autocast else None
+        wc = g.alloc(vocab * h * s.c) if s.autocast else None
+        logits = g.alloc(r * vocab * out_b)
+        g.workspace()
+        for b in (wc, hc, w32, h32):
+            g.unref(b)
+        if cap:  # `softcap * torch.tanh(logits / softcap)`
+            g.temp_pair(r * vocab * out_b, r * vocab * out_b)
+            capped = g.alloc(r * vocab * out_b)
+            g.unref(logits)
+            logits = capped
+        up = g.alloc(r * vocab * 4) if out_b != 4 else None  # autocast: log_softmax in fp32
+        logp = g.alloc(r * vocab * 4)
+        g.unref(up)
+        ex = g.alloc(r * vocab * 4)  # `-(log_p.exp() * log_p).sum(dim=-1)`
+        prod = g.alloc(r * vocab * 4)
+        g.unref(ex)
+        g.temp(r * vocab * 4)
+        g.unref(prod)
+        g.unref(logp)
+        g.unref(logits)
+    # backward, per chunk: the rerun forward with its graph (the fp32 weight copy and
+    # autocast's cast of it, the logits, log_p, exp), the gradients of the entropy's and
+    # the loss's terms and of the logits (fp32), the rows' gradient, and SliceBackward's
+    # zeros of the whole gathered tensor; the fp32 weight gradient where the head trains
+    temps = [vocab * h * 4 if w_b != 4 else 0, vocab * h * s.c if s.autocast else 0,
+             rows * h * (4 + s.c), rows * vocab * out_b * (2 if cap else 1),
+             rows * vocab * 4, rows * vocab * 4, rows * vocab * 4, rows * vocab * 4,
+             rows * vocab * 4, rows * h * 4, t * h * in_b]
+    if trains:
+        temps.append(vocab * h * 4)
+    temps = [x for x in temps if x]
+    inputs = [gathered, head_w] if trains else [gathered]
+    loss = g.op(4, inputs, save=(gathered,), bwd_temps=tuple(temps), mm=True)
+    if loss.requires_grad and g.grad_mode:
+        node = g.nodes[-1]
+        assert isinstance(node, Node)
+        if order is not None:
+            node.saved.append(order)
+    else:
+        g.unref(order)
+    g.drop(gathered)
     return loss
 
 
