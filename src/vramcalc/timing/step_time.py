@@ -106,6 +106,23 @@ INT8_ACT_OUT_BYTES = 6
 # (r p g, w p in the parameter dtype, r/w two 1-byte states); paged 32-bit (fp32 states);
 # SGD without momentum (r p g, w p).
 CLIP_ACCESSES = 3  # clip_grad_norm_: the norm reads every gradient, the scale r/w it
+# bitsandbytes 0.50.2's 8-bit blockwise update (csrc kOptimizerStatic8bit2StateBlockwise,
+# BLOCKSIZE_2STATE 256, NUM_2STATE 1): one element per thread, each 256-element block loads
+# the two 256-entry quantile maps into shared memory, dequantizes through them, reduces two
+# absmax values across the block (CUB BlockReduce), re-quantizes by a search in the maps,
+# with ten __syncthreads per block; its loads are 1- and 2-byte per thread. It moves its
+# bytes (3 x the parameter's + 4) at a small share of what a streaming kernel reaches:
+# BNB8_BANDWIDTH_SHARE of the memory efficiency, set from run 30's full fine-tuning points
+# without checkpointing (calibration/h100/run30-time2.jsonl u0/1, u1/1, u3/1 and the
+# checkpointed 4-layer u4/0: 30-40 G elements/s, 0.10-0.13; seen data, docs/time-model.md).
+BNB8_BANDWIDTH_SHARE = 0.13
+# The 32-bit path (kOptimizer32bit2State: 4 elements per thread, 1024 threads) streams.
+# bitsandbytes keeps tensors under `min_8bit_size` (4096 elements, optim/optimizer.py
+# Optimizer2State.init_state) in 32-bit states, and HF Trainer registers every nn.Embedding
+# weight for 32-bit states (`register_module_override(module, "weight", {"optim_bits":
+# 32})`, transformers trainer.py Trainer.create_optimizer, for bitsandbytes optimizers with
+# optim_bits 8): 3 x d + 16 bytes per parameter, as paged 32-bit.
+BNB8_MIN_SIZE = 4096
 # Launches and host time (eager PyTorch). The host issues every operator from Python
 # through the dispatcher (and records its autograd node in forward); the GPU runs the
 # kernels meanwhile. The counts are dispatched operators (aten ops, views included, and
@@ -163,9 +180,11 @@ KERNELS_PER_DEQUANT4 = 3  # nested absmax, + offset, dequantize_4bit per Linear 
 KERNELS_PER_INT8_FWD = 3
 KERNELS_PER_INT8_BWD = 2
 KERNEL_FLOOR_S = 3e-6  # the shortest kernel on the GPU, launch to end
-# Host seconds per dispatched operator on the reference host (the H100 SXM machine of
-# calibration/h100): set from run 28's host-bound points (docs/time-model.md, "measured").
-HOST_OP_S = 13e-6
+# Host seconds per dispatched operator on the reference host (the H100 SXM machines of
+# calibration/h100): 13 us from run 28's host-bound points, 14 us since runs 28 and 30
+# together (run 28 alone is best at 13, run 30 alone at 15-16; the same package versions,
+# the host CPUs not recorded; docs/time-model.md, "measured", seen data).
+HOST_OP_S = 14e-6
 # int8's `if outliers.any()` (int8_vectorwise_quant) copies a flag to the host in every
 # Linear's forward: the host waits for the GPU, and the GPU then idles until the host
 # has issued the next kernels (a round trip per sync).
@@ -215,6 +234,7 @@ class KernelClass(NamedTuple):
     kernels: int = 0
     peak: Peak = "tensor16"
     gemm_rows: int = 0  # rows (tokens) of its GEMMs: 0 = not GEMMs
+    bandwidth_share: float = 1.0  # of the memory efficiency its kernels reach (bnb 8-bit)
     grouped: bool = False
     forward_share: float = -1.0  # its forward passes' share of its time; < 0: by passes
 
@@ -570,13 +590,26 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
     trainer = plan.loop == "trainer"  # HF Trainer clips gradients; the plain loops do not
     clip = CLIP_ACCESSES if trainer else 0
     opt_bytes = 0.0
+    slow = 0.0  # bytes of bitsandbytes' 8-bit blockwise kernel, at BNB8_BANDWIDTH_SHARE
+    eight = plan.optimizer in ("adamw_8bit", "paged_adamw_8bit")
     for x in tensors:
-        per = _optimizer_bytes(plan.optimizer, x.dtype_bytes) + clip * x.dtype_bytes
-        opt_bytes += per * x.numel * x.copies
+        n = x.numel * x.copies
+        opt_bytes += clip * x.dtype_bytes * n
+        if eight and ((x.embedding and plan.trainer_built) or x.numel < BNB8_MIN_SIZE):
+            opt_bytes += _optimizer_bytes("paged_adamw_32bit", x.dtype_bytes) * n
+        elif eight:
+            b = _optimizer_bytes(plan.optimizer, x.dtype_bytes) * n
+            opt_bytes += b
+            slow += b
+        else:
+            opt_bytes += _optimizer_bytes(plan.optimizer, x.dtype_bytes) * n
+    # the one class's time = fast bytes at the memory efficiency + slow bytes at its share
+    share = opt_bytes / (opt_bytes - slow + slow / BNB8_BANDWIDTH_SHARE) if opt_bytes else 1.0
     per_tensor = (HOST_OPT_TENSOR_S.get(plan.optimizer, 4e-6)
                   + (HOST_CLIP_TENSOR_S if trainer else 0.0))
     opt_kernels = count if plan.optimizer in BNB_OPTIMIZERS else 0
-    optimizer = KernelClass(name="optimizer", bytes=opt_bytes, kernels=opt_kernels + 20)
+    optimizer = KernelClass(name="optimizer", bytes=opt_bytes, kernels=opt_kernels + 20,
+                            bandwidth_share=share)
     return StepWork(tokens=t, classes=tuple(classes), optimizer=optimizer,
                     host_fwd_bwd_s=host_fwd + host_bwd, host_forward_s=host_fwd,
                     serial_forward=quant == "int8", forward_passes=passes_fwd,
@@ -598,7 +631,8 @@ def class_seconds(c: KernelClass, speed: GpuSpeed) -> ClassTime:
         if c.grouped:
             eff *= GROUPED_MM_FACTOR
         compute = c.flops / (speed.peak(c.peak) * eff)
-    memory = c.bytes / (speed.bandwidth * speed.memory_efficiency) if c.bytes else 0.0
+    memory = c.bytes / (speed.bandwidth * speed.memory_efficiency * c.bandwidth_share) \
+        if c.bytes else 0.0
     launch = c.kernels * KERNEL_FLOOR_S
     seconds = max(compute, memory, launch)
     bound: Literal["compute", "memory", "launch"] = (
