@@ -20,8 +20,8 @@ A point's error or out-of-memory is its result; the next point still runs.
 from __future__ import annotations
 
 import gc
-import os
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -29,7 +29,6 @@ from typing import Any
 from vramcalc.calibrate.worker import read_job
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import TrainPlan
-
 
 PROBE_OPS = 2000
 
