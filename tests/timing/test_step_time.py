@@ -334,6 +334,69 @@ def test_time_holdout_2_is_new_serial_sized_and_fits_the_h100() -> None:
         assert peak <= 50 * 2**30, s["id"]
 
 
+def test_time_holdout_3_is_new_serial_sized_and_fits_the_h100() -> None:
+    """h200-time3: >= 30 points, every method with checkpointing on and off, batch 1 and
+    16, no (architecture, depth) of time 1 or 2, about a quarter at full depth, every
+    estimated peak <= 50 GiB, a prediction per point for both cards, the serial budget
+    <= 330 s by design_time's formula."""
+    from vramcalc.memory.estimate import estimate
+    from vramcalc.models.spec import depth_cut, get_spec
+
+    mats = ROOT / "calibration/matrices"
+    matrix = json.loads((mats / "h200-time3.json").read_text())
+    preds = json.loads((mats / "h200-time3-predictions.json").read_text())
+    subs = [(g, s) for g in matrix["points"] for s in g["job"]["points"]]
+    assert len(subs) >= 30
+    by_id = {p["id"]: p for p in preds["points"]}
+    assert {s["id"] for _, s in subs} == set(by_id)
+    assert all(set(p["by_gpu"]) == {"h200", "h100-sxm"} for p in by_id.values())
+    kinds = {(s["plan"]["method"], s["plan"].get("quant"), s["plan"]["gradient_checkpointing"])
+             for _, s in subs}
+    for method, quant in (("full", None), ("lora", None), ("qlora", "nf4"), ("qlora", "int8")):
+        assert (method, quant, True) in kinds and (method, quant, False) in kinds
+    assert {s["plan"]["batch_size"] for _, s in subs} >= {1, 16}
+    seen = {(g["spec"], g.get("layers")) for n in (1, 2)
+            for g in json.loads((mats / f"h200-time{n}.json").read_text())["points"]}
+    assert not {(g["spec"], g.get("layers")) for g in matrix["points"]} & seen
+    full_depth = sum(1 for g, _ in subs if not g.get("layers"))
+    assert 0.15 <= full_depth / len(subs) <= 0.35
+    for g, s in subs:
+        spec = get_spec(g["spec"])
+        spec = depth_cut(spec, g["layers"]) if g.get("layers") else spec
+        peak = estimate(spec, TrainPlan.model_validate(s["plan"])).peak_device_bytes
+        assert peak <= 50 * 2**30, s["id"]
+    sys.path.insert(0, str(ROOT / "calibration"))
+    try:
+        import design_time
+    finally:
+        sys.path.remove(str(ROOT / "calibration"))
+    assert design_time.budget(str(mats / "h200-time3.json")) <= 330
+
+
+def test_bnb_8bit_update_runs_at_its_own_share_and_keeps_embeddings_32bit() -> None:
+    """bitsandbytes' 8-bit blockwise update moves fewer bytes than foreach AdamW but at
+    BNB8_BANDWIDTH_SHARE of the bandwidth; under Trainer the nn.Embedding weight keeps
+    32-bit states (transformers Trainer.create_optimizer), in a plain loop it does not."""
+    from vramcalc.timing import step_time as st
+
+    def opt(**kw: object) -> st.KernelClass:
+        return train_work(TINY, plan(method="full", **kw)).optimizer
+
+    eight, torch_ = opt(optimizer="adamw_8bit"), opt(optimizer="adamw_torch")
+    assert eight.bytes < torch_.bytes
+    assert eight.bandwidth_share < 1.0 and torch_.bandwidth_share == 1.0
+    secs = st.class_seconds(eight, FLAT).seconds
+    assert secs > eight.bytes / FLAT.bandwidth  # slower than streaming its bytes
+    emb = TINY.vocab_size * TINY.hidden_size  # 256 x 64 = 16,384 >= BNB8_MIN_SIZE
+    plain = opt(optimizer="adamw_8bit", loop="plain")
+    # Trainer: the embedding's 3 x 2 + 16 bytes per element instead of 3 x 2 + 4, and its
+    # clipping (3 accesses of 2 bytes per parameter; the plain loop does not clip)
+    from vramcalc.memory.program.trainable import trainable_param_count
+    n = trainable_param_count(TINY, plan(method="full"))
+    assert eight.bytes - plain.bytes == pytest.approx(emb * 12 + n * 6)
+    assert eight.bandwidth_share > plain.bandwidth_share
+
+
 # ---- prices, JSON fields, ranking (the CLI) ----------------------------------------------
 
 
