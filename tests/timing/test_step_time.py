@@ -373,28 +373,39 @@ def test_time_holdout_3_is_new_serial_sized_and_fits_the_h100() -> None:
     assert design_time.budget(str(mats / "h200-time3.json")) <= 330
 
 
-def test_bnb_8bit_update_runs_at_its_own_share_and_keeps_embeddings_32bit() -> None:
-    """bitsandbytes' 8-bit blockwise update moves fewer bytes than foreach AdamW but at
-    BNB8_BANDWIDTH_SHARE of the bandwidth; under Trainer the nn.Embedding weight keeps
-    32-bit states (transformers Trainer.create_optimizer), in a plain loop it does not."""
+def test_bnb_8bit_update_is_sm_bound_and_keeps_embeddings_32bit() -> None:
+    """bitsandbytes' 8-bit blockwise update is timed on the SMs (BNB8_LANE_CYCLES per
+    element on the fp32 peak), after the streaming part; under Trainer the nn.Embedding
+    weight keeps 32-bit states (transformers Trainer.create_optimizer), in a plain loop it
+    does not."""
+    from vramcalc.memory.program.trainable import trainable_param_count
     from vramcalc.timing import step_time as st
 
     def opt(**kw: object) -> st.KernelClass:
         return train_work(TINY, plan(method="full", **kw)).optimizer
 
     eight, torch_ = opt(optimizer="adamw_8bit"), opt(optimizer="adamw_torch")
-    assert eight.bytes < torch_.bytes
-    assert eight.bandwidth_share < 1.0 and torch_.bandwidth_share == 1.0
-    secs = st.class_seconds(eight, FLAT).seconds
-    assert secs > eight.bytes / FLAT.bandwidth  # slower than streaming its bytes
+    assert torch_.sm_ops == 0 and eight.sm_ops > 0
     emb = TINY.vocab_size * TINY.hidden_size  # 256 x 64 = 16,384 >= BNB8_MIN_SIZE
-    plain = opt(optimizer="adamw_8bit", loop="plain")
-    # Trainer: the embedding's 3 x 2 + 16 bytes per element instead of 3 x 2 + 4, and its
-    # clipping (3 accesses of 2 bytes per parameter; the plain loop does not clip)
-    from vramcalc.memory.program.trainable import trainable_param_count
     n = trainable_param_count(TINY, plan(method="full"))
-    assert eight.bytes - plain.bytes == pytest.approx(emb * 12 + n * 6)
-    assert eight.bandwidth_share > plain.bandwidth_share
+    small = 2 * (2 * 64 * 32 + 2 * 64) + 64  # k, v and the norms (< BNB8_MIN_SIZE): 32-bit
+    assert eight.sm_ops == pytest.approx(st.BNB8_LANE_CYCLES * (n - emb - small))
+    secs = st.class_seconds(eight, FLAT).seconds
+    streaming = st.class_seconds(eight._replace(sm_ops=0.0), FLAT).seconds
+    assert secs == pytest.approx(streaming + eight.sm_ops / FLAT.fp32_flops)
+    # the SM-bound part follows the fp32 peak (half the peak: twice its time), and is never
+    # shorter than its bytes at the bandwidth (ten times the peak: the bytes bound it)
+    half = FLAT._replace(fp32_flops=FLAT.fp32_flops / 2)
+    assert st.class_seconds(eight, half).seconds == pytest.approx(
+        streaming + eight.sm_ops / half.fp32_flops)
+    fast = FLAT._replace(fp32_flops=10 * FLAT.fp32_flops)
+    assert st.class_seconds(eight, fast).seconds == pytest.approx(
+        streaming + eight.sm_bytes / FLAT.bandwidth)
+    plain = opt(optimizer="adamw_8bit", loop="plain")
+    assert plain.sm_ops == pytest.approx(st.BNB8_LANE_CYCLES * (n - small))
+    # Trainer: the embedding's 32-bit states (3 x 2 + 16 bytes per element) and clipping
+    # (3 accesses of 2 bytes per parameter; the plain loop does not clip)
+    assert eight.bytes - plain.bytes == pytest.approx(emb * 22 + n * 6)
 
 
 # ---- prices, JSON fields, ranking (the CLI) ----------------------------------------------

@@ -110,12 +110,16 @@ CLIP_ACCESSES = 3  # clip_grad_norm_: the norm reads every gradient, the scale r
 # BLOCKSIZE_2STATE 256, NUM_2STATE 1): one element per thread, each 256-element block loads
 # the two 256-entry quantile maps into shared memory, dequantizes through them, reduces two
 # absmax values across the block (CUB BlockReduce), re-quantizes by a search in the maps,
-# with ten __syncthreads per block; its loads are 1- and 2-byte per thread. It moves its
-# bytes (3 x the parameter's + 4) at a small share of what a streaming kernel reaches:
-# BNB8_BANDWIDTH_SHARE of the memory efficiency, set from run 30's full fine-tuning points
-# without checkpointing (calibration/h100/run30-time2.jsonl u0/1, u1/1, u3/1 and the
-# checkpointed 4-layer u4/0: 30-40 G elements/s, 0.10-0.13; seen data, docs/time-model.md).
-BNB8_BANDWIDTH_SHARE = 0.13
+# with ten __syncthreads per block; its loads are 1- and 2-byte per thread. It does not
+# stream: its 10 bytes per element (bf16) would take 4.7 ms per G elements on an H100 at
+# the memory efficiency, and run 30's full fine-tuning points imply 25-33 ms (30-40 G
+# elements/s: u0/1, u1/1, u3/1 without checkpointing and the 4-layer u4/0; seen data,
+# docs/time-model.md). The work is the SMs' (latency of the block's barriers and lookups
+# times blocks), so it is timed on the SMs' issue rate, the fp32 peak (SMs x clock x fp32
+# lanes): BNB8_LANE_CYCLES fp32-lane cycles per element, 67 TFLOP/s / 35 G elements/s
+# on the H100 SXM (15 SM cycles per element at 128 lanes), or its bytes at the memory
+# efficiency if that is longer.
+BNB8_LANE_CYCLES = 1900.0
 # The 32-bit path (kOptimizer32bit2State: 4 elements per thread, 1024 threads) streams.
 # bitsandbytes keeps tensors under `min_8bit_size` (4096 elements, optim/optimizer.py
 # Optimizer2State.init_state) in 32-bit states, and HF Trainer registers every nn.Embedding
@@ -234,7 +238,10 @@ class KernelClass(NamedTuple):
     kernels: int = 0
     peak: Peak = "tensor16"
     gemm_rows: int = 0  # rows (tokens) of its GEMMs: 0 = not GEMMs
-    bandwidth_share: float = 1.0  # of the memory efficiency its kernels reach (bnb 8-bit)
+    # work of an SM-bound kernel run after the rest (bnb 8-bit): fp32-lane cycles, timed on
+    # the fp32 peak, or its bytes at the memory efficiency if those take longer
+    sm_ops: float = 0.0
+    sm_bytes: float = 0.0
     grouped: bool = False
     forward_share: float = -1.0  # its forward passes' share of its time; < 0: by passes
 
@@ -590,7 +597,7 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
     trainer = plan.loop == "trainer"  # HF Trainer clips gradients; the plain loops do not
     clip = CLIP_ACCESSES if trainer else 0
     opt_bytes = 0.0
-    slow = 0.0  # bytes of bitsandbytes' 8-bit blockwise kernel, at BNB8_BANDWIDTH_SHARE
+    sm_ops = sm_bytes = 0.0  # bitsandbytes' 8-bit blockwise kernel (BNB8_LANE_CYCLES)
     eight = plan.optimizer in ("adamw_8bit", "paged_adamw_8bit")
     for x in tensors:
         n = x.numel * x.copies
@@ -598,18 +605,15 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
         if eight and ((x.embedding and plan.trainer_built) or x.numel < BNB8_MIN_SIZE):
             opt_bytes += _optimizer_bytes("paged_adamw_32bit", x.dtype_bytes) * n
         elif eight:
-            b = _optimizer_bytes(plan.optimizer, x.dtype_bytes) * n
-            opt_bytes += b
-            slow += b
+            sm_ops += BNB8_LANE_CYCLES * n
+            sm_bytes += _optimizer_bytes(plan.optimizer, x.dtype_bytes) * n
         else:
             opt_bytes += _optimizer_bytes(plan.optimizer, x.dtype_bytes) * n
-    # the one class's time = fast bytes at the memory efficiency + slow bytes at its share
-    share = opt_bytes / (opt_bytes - slow + slow / BNB8_BANDWIDTH_SHARE) if opt_bytes else 1.0
     per_tensor = (HOST_OPT_TENSOR_S.get(plan.optimizer, 4e-6)
                   + (HOST_CLIP_TENSOR_S if trainer else 0.0))
     opt_kernels = count if plan.optimizer in BNB_OPTIMIZERS else 0
     optimizer = KernelClass(name="optimizer", bytes=opt_bytes, kernels=opt_kernels + 20,
-                            bandwidth_share=share)
+                            sm_ops=sm_ops, sm_bytes=sm_bytes)
     return StepWork(tokens=t, classes=tuple(classes), optimizer=optimizer,
                     host_fwd_bwd_s=host_fwd + host_bwd, host_forward_s=host_fwd,
                     serial_forward=quant == "int8", forward_passes=passes_fwd,
@@ -631,10 +635,12 @@ def class_seconds(c: KernelClass, speed: GpuSpeed) -> ClassTime:
         if c.grouped:
             eff *= GROUPED_MM_FACTOR
         compute = c.flops / (speed.peak(c.peak) * eff)
-    memory = c.bytes / (speed.bandwidth * speed.memory_efficiency * c.bandwidth_share) \
-        if c.bytes else 0.0
+    memory = c.bytes / (speed.bandwidth * speed.memory_efficiency) if c.bytes else 0.0
     launch = c.kernels * KERNEL_FLOOR_S
     seconds = max(compute, memory, launch)
+    if c.sm_ops:
+        seconds += max(c.sm_ops / speed.fp32_flops,
+                       c.sm_bytes / (speed.bandwidth * speed.memory_efficiency))
     bound: Literal["compute", "memory", "launch"] = (
         "compute" if seconds == compute else "memory" if seconds == memory else "launch")
     return ClassTime(name=c.name, seconds=seconds, bound=bound)
