@@ -65,6 +65,9 @@ def host_probe(device: str) -> dict[str, Any]:
         runs.append((time.perf_counter() - t0) / PROBE_OPS)
         if on_gpu:
             torch.cuda.synchronize()
+    del x
+    if on_gpu:
+        torch.cuda.empty_cache()  # the probe's block back: the points start as before
     return {"cpu": cpu, "cpus": os.cpu_count(),
             "op_seconds": round(statistics.median(runs), 9), "device": device}
 
