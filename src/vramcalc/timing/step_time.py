@@ -35,8 +35,9 @@ Pure arithmetic on the spec and the plan, like `estimate`: no torch. Two halves:
     output): skinny GEMMs, memory-bound; they always train (weight gradients).
   - `casts`: autocast's 16-bit copies of fp32 weights (full fine-tuning with fp32 master
     weights; the fp32 lm_head after `prepare_model_for_kbit_training`).
-  - `optimizer`: bytes per trainable parameter per optimizer variant (`OPTIMIZER_ACCESSES`),
-    plus HF Trainer's gradient clipping (`clip_grad_norm_`, max_grad_norm=1.0).
+  - `optimizer`: bytes per trainable parameter per optimizer variant (`_optimizer_bytes`),
+    plus HF Trainer's gradient clipping (`clip_grad_norm_`, max_grad_norm=1.0);
+    bitsandbytes' 8-bit blockwise update is SM-bound work after that (`BNB8_LANE_CYCLES`).
 - `step_time(work, speed)` puts a GPU under it: each class takes
   max(FLOPs / (peak x efficiency), bytes / (bandwidth x efficiency), kernels x floor);
   the host launches the kernels meanwhile, so forward+backward takes the longer of the GPU
