@@ -189,8 +189,20 @@ def report(points: list[dict[str, Any]], predicted: dict[str, float],
     if current:
         now = [abs(pct(current[p["id"]], p["step_seconds"])) for p in points
                if p["id"] in current]
+        signed_now = [pct(current[p["id"]], p["step_seconds"]) for p in points
+                      if p["id"] in current]
         print(f"current model (not a holdout): median |err| {statistics.median(now):.1f} %, "
-              f"p90 {p90(now):.1f} %")
+              f"p90 {p90(now):.1f} %, worst {max(now):.1f} %, median signed "
+              f"{statistics.median(signed_now):+.1f} %")
+        now_by: dict[str, list[float]] = {}
+        for p in points:
+            if p["id"] in current:
+                now_by.setdefault(label(p["plan"]).split()[0], []).append(
+                    pct(current[p["id"]], p["step_seconds"]))
+        for method, errs in sorted(now_by.items()):
+            print(f"  now {method:5} n={len(errs):2d} median |err| "
+                  f"{statistics.median([abs(e) for e in errs]):5.1f} %  signed "
+                  f"{statistics.median(errs):+6.1f} %")
     return med, top, len(errors)
 
 

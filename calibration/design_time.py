@@ -7,6 +7,9 @@
     python calibration/design_time.py matrix2 > calibration/matrices/h200-time2.json
     python calibration/design_time.py predict calibration/matrices/h200-time2.json "NOTE" \
         > calibration/matrices/h200-time2-predictions.json
+    python calibration/design_time.py matrix3 > calibration/matrices/h200-time3.json
+    python calibration/design_time.py predict calibration/matrices/h200-time3.json "NOTE" \
+        > calibration/matrices/h200-time3-predictions.json
 
 Four catalog architectures (GQA and MHA, 32k-256k vocabularies, fused qkv/gate_up, Gemma-2's
 eager-only attention with soft capping, a 28-layer model at full depth), eight points each:
@@ -175,6 +178,40 @@ def matrix2() -> dict[str, Any]:
     return {"points": points}
 
 
+# ---- time holdout 3 (after runs 28 and 30 set the host constant and bitsandbytes' 8-bit
+# kernel share; docs/time-model.md) ------------------------------------------------------
+# Five architectures or sizes in neither holdout: qwen2.5-0.5b at full depth (24 layers,
+# hidden 896, 152k tied vocabulary; 10 of the 42 points, about a quarter), llama-3.2-3b@8L
+# (hidden 3072, 128k tied), qwen3-8b@4L (q/k norms, 152k untied), phi-2@8L (MHA, LayerNorm,
+# plain GELU MLP with biases, partial rotary, 51k untied), mistral-nemo-12b@2L (hidden
+# 5120 with 128-wide heads, 131k untied). Drawn as time 2 (plan2_for, _fit2: the same
+# ranges and peak limit) with a new seed.
+ARCHS3: dict[str, int | None] = {
+    "qwen2.5-0.5b": None, "llama-3.2-3b": 8, "qwen3-8b": 4, "phi-2": 8,
+    "mistral-nemo-12b": 2,
+}
+EXTRA3 = {"qwen2.5-0.5b": 2}
+SEED3 = 20261208
+
+
+def matrix3() -> dict[str, Any]:
+    import random
+
+    rng = random.Random(SEED3)
+    points = []
+    for a, (name, layers) in enumerate(ARCHS3.items()):
+        group = f"v{a}-{name}"
+        n = len(SLOTS) + EXTRA3.get(name, 0)
+        subs = [{"id": f"{group}/{j}", "plan": _fit2(name, layers, plan2_for(rng, j)),
+                 "steps": STEPS} for j in range(n)]
+        points.append({"id": group, "worker": TIME_WORKER, "spec": name, "layers": layers,
+                       "reserve_gib": RESERVE2_GIB, "job": {"points": subs}})
+    batches = {s["plan"]["batch_size"] for g in points for s in g["job"]["points"]}
+    if not {1, 16} <= batches:
+        raise SystemExit(f"draw lacks batch 1 or 16: {sorted(batches)}")
+    return {"points": points}
+
+
 PREDICTED_GPUS = ("h200", "h100-sxm")  # the run may get either card
 
 
@@ -224,13 +261,17 @@ def main(argv: list[str]) -> None:
     elif argv[:1] == ["matrix2"]:
         json.dump(matrix2(), sys.stdout, indent=1)
         sys.stdout.write("\n")
+    elif argv[:1] == ["matrix3"]:
+        json.dump(matrix3(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
     elif argv[:1] == ["predict"] and len(argv) == 3:
         json.dump(predictions(argv[1], argv[2]), sys.stdout, indent=1)
         sys.stdout.write("\n")
     elif argv[:1] == ["budget"] and len(argv) == 2:
         budget(argv[1])
     else:
-        raise SystemExit("usage: design_time.py matrix | matrix2 | predict MATRIX NOTE | "
+        raise SystemExit("usage: design_time.py matrix | matrix2 | matrix3 | predict MATRIX "
+                         "NOTE | "
                          "budget MATRIX")
 
 

@@ -70,6 +70,8 @@ def test_time_worker_through_the_matrix_on_cpu(tmp_path: Path) -> None:
         assert len(subs[pid]["step_seconds_each"]) == 3
         assert subs[pid]["step_seconds"] > 0
     assert rec["measurement"]["device_name"] == "cpu"
+    host = rec["measurement"]["host"]  # the host probe: which CPU, seconds per operator
+    assert host["device"] == "cpu" and 0 < host["op_seconds"] < 1e-3 and host["cpus"] >= 1
 
 
 def test_calibrate_point_line_shows_the_step_time() -> None:

@@ -334,6 +334,80 @@ def test_time_holdout_2_is_new_serial_sized_and_fits_the_h100() -> None:
         assert peak <= 50 * 2**30, s["id"]
 
 
+def test_time_holdout_3_is_new_serial_sized_and_fits_the_h100() -> None:
+    """h200-time3: >= 30 points, every method with checkpointing on and off, batch 1 and
+    16, no (architecture, depth) of time 1 or 2, about a quarter at full depth, every
+    estimated peak <= 50 GiB, a prediction per point for both cards, the serial budget
+    <= 330 s by design_time's formula."""
+    from vramcalc.memory.estimate import estimate
+    from vramcalc.models.spec import depth_cut, get_spec
+
+    mats = ROOT / "calibration/matrices"
+    matrix = json.loads((mats / "h200-time3.json").read_text())
+    preds = json.loads((mats / "h200-time3-predictions.json").read_text())
+    subs = [(g, s) for g in matrix["points"] for s in g["job"]["points"]]
+    assert len(subs) >= 30
+    by_id = {p["id"]: p for p in preds["points"]}
+    assert {s["id"] for _, s in subs} == set(by_id)
+    assert all(set(p["by_gpu"]) == {"h200", "h100-sxm"} for p in by_id.values())
+    kinds = {(s["plan"]["method"], s["plan"].get("quant"), s["plan"]["gradient_checkpointing"])
+             for _, s in subs}
+    for method, quant in (("full", None), ("lora", None), ("qlora", "nf4"), ("qlora", "int8")):
+        assert (method, quant, True) in kinds and (method, quant, False) in kinds
+    assert {s["plan"]["batch_size"] for _, s in subs} >= {1, 16}
+    seen = {(g["spec"], g.get("layers")) for n in (1, 2)
+            for g in json.loads((mats / f"h200-time{n}.json").read_text())["points"]}
+    assert not {(g["spec"], g.get("layers")) for g in matrix["points"]} & seen
+    full_depth = sum(1 for g, _ in subs if not g.get("layers"))
+    assert 0.15 <= full_depth / len(subs) <= 0.35
+    for g, s in subs:
+        spec = get_spec(g["spec"])
+        spec = depth_cut(spec, g["layers"]) if g.get("layers") else spec
+        peak = estimate(spec, TrainPlan.model_validate(s["plan"])).peak_device_bytes
+        assert peak <= 50 * 2**30, s["id"]
+    sys.path.insert(0, str(ROOT / "calibration"))
+    try:
+        import design_time
+    finally:
+        sys.path.remove(str(ROOT / "calibration"))
+    assert design_time.budget(str(mats / "h200-time3.json")) <= 330
+
+
+def test_bnb_8bit_update_is_sm_bound_and_keeps_embeddings_32bit() -> None:
+    """bitsandbytes' 8-bit blockwise update is timed on the SMs (BNB8_LANE_CYCLES per
+    element on the fp32 peak), after the streaming part; under Trainer the nn.Embedding
+    weight keeps 32-bit states (transformers Trainer.create_optimizer), in a plain loop it
+    does not."""
+    from vramcalc.memory.program.trainable import trainable_param_count
+    from vramcalc.timing import step_time as st
+
+    def opt(**kw: object) -> st.KernelClass:
+        return train_work(TINY, plan(method="full", **kw)).optimizer
+
+    eight, torch_ = opt(optimizer="adamw_8bit"), opt(optimizer="adamw_torch")
+    assert torch_.sm_ops == 0 and eight.sm_ops > 0
+    emb = TINY.vocab_size * TINY.hidden_size  # 256 x 64 = 16,384 >= BNB8_MIN_SIZE
+    n = trainable_param_count(TINY, plan(method="full"))
+    small = 2 * (2 * 64 * 32 + 2 * 64) + 64  # k, v and the norms (< BNB8_MIN_SIZE): 32-bit
+    assert eight.sm_ops == pytest.approx(st.BNB8_LANE_CYCLES * (n - emb - small))
+    secs = st.class_seconds(eight, FLAT).seconds
+    streaming = st.class_seconds(eight._replace(sm_ops=0.0), FLAT).seconds
+    assert secs == pytest.approx(streaming + eight.sm_ops / FLAT.fp32_flops)
+    # the SM-bound part follows the fp32 peak (half the peak: twice its time), and is never
+    # shorter than its bytes at the bandwidth (ten times the peak: the bytes bound it)
+    half = FLAT._replace(fp32_flops=FLAT.fp32_flops / 2)
+    assert st.class_seconds(eight, half).seconds == pytest.approx(
+        streaming + eight.sm_ops / half.fp32_flops)
+    fast = FLAT._replace(fp32_flops=10 * FLAT.fp32_flops)
+    assert st.class_seconds(eight, fast).seconds == pytest.approx(
+        streaming + eight.sm_bytes / FLAT.bandwidth)
+    plain = opt(optimizer="adamw_8bit", loop="plain")
+    assert plain.sm_ops == pytest.approx(st.BNB8_LANE_CYCLES * (n - small))
+    # Trainer: the embedding's 32-bit states (3 x 2 + 16 bytes per element) and clipping
+    # (3 accesses of 2 bytes per parameter; the plain loop does not clip)
+    assert eight.bytes - plain.bytes == pytest.approx(emb * 22 + n * 6)
+
+
 # ---- prices, JSON fields, ranking (the CLI) ----------------------------------------------
 
 

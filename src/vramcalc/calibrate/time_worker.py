@@ -13,7 +13,7 @@ when it ran alone on the GPU (`--max-parallel 1`).
 
 Prints one JSON object on the last line of stdout: {"points": [{"id", "plan", "status",
 "step_seconds", "step_seconds_each", "wall_s", "allocated_after_bytes", "error"?}],
-"versions", "device_name"}.
+"versions", "device_name", "host": `host_probe`}.
 A point's error or out-of-memory is its result; the next point still runs.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -28,6 +29,47 @@ from typing import Any
 from vramcalc.calibrate.worker import read_job
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import TrainPlan
+
+PROBE_OPS = 2000
+
+
+def host_probe(device: str) -> dict[str, Any]:
+    """What the host machine is, beside the step times: the CPU model (/proc/cpuinfo) and
+    the host seconds per dispatched operator of a fixed loop (`x.add_(1)` on a one-element
+    tensor, PROBE_OPS times, the queue drained before and after; the median of three).
+    step_time's HOST_OP_S holds for one host; runs 28 and 30 (both "H100 80GB HBM3",
+    the same package versions) wanted 13 and 15-16 us per operator, and neither recorded
+    its CPU (docs/time-model.md): this lets the next run say whether the host differs."""
+    import platform
+    import statistics
+
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    on_gpu = device == "cuda" and torch.cuda.is_available()
+    x = torch.zeros(1, device="cuda" if on_gpu else "cpu")
+    runs = []
+    for _ in range(3):
+        if on_gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(PROBE_OPS):
+            x.add_(1)
+        runs.append((time.perf_counter() - t0) / PROBE_OPS)
+        if on_gpu:
+            torch.cuda.synchronize()
+    del x
+    if on_gpu:
+        torch.cuda.empty_cache()  # the probe's block back: the points start as before
+    return {"cpu": cpu, "cpus": os.cpu_count(),
+            "op_seconds": round(statistics.median(runs), 9), "device": device}
 
 
 def time_points(job: dict[str, Any]) -> dict[str, Any]:
@@ -37,6 +79,7 @@ def time_points(job: dict[str, Any]) -> dict[str, Any]:
 
     spec = ModelSpec.model_validate(job["spec"])
     device = str(job.get("device", "cuda"))
+    probe = host_probe(device)
     out: list[dict[str, Any]] = []
     versions: dict[str, Any] = {}
     for raw in job.get("points", []):
@@ -71,7 +114,8 @@ def time_points(job: dict[str, Any]) -> dict[str, Any]:
             rec["allocated_after_bytes"] = torch.cuda.memory_allocated()
     name = torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() \
         else "cpu"
-    return {"points": out, "versions": versions, "timing": True, "device_name": name}
+    return {"points": out, "versions": versions, "timing": True, "device_name": name,
+            "host": probe}
 
 
 def main(argv: list[str]) -> int:

@@ -35,8 +35,9 @@ Pure arithmetic on the spec and the plan, like `estimate`: no torch. Two halves:
     output): skinny GEMMs, memory-bound; they always train (weight gradients).
   - `casts`: autocast's 16-bit copies of fp32 weights (full fine-tuning with fp32 master
     weights; the fp32 lm_head after `prepare_model_for_kbit_training`).
-  - `optimizer`: bytes per trainable parameter per optimizer variant (`OPTIMIZER_ACCESSES`),
-    plus HF Trainer's gradient clipping (`clip_grad_norm_`, max_grad_norm=1.0).
+  - `optimizer`: bytes per trainable parameter per optimizer variant (`_optimizer_bytes`),
+    plus HF Trainer's gradient clipping (`clip_grad_norm_`, max_grad_norm=1.0);
+    bitsandbytes' 8-bit blockwise update is SM-bound work after that (`BNB8_LANE_CYCLES`).
 - `step_time(work, speed)` puts a GPU under it: each class takes
   max(FLOPs / (peak x efficiency), bytes / (bandwidth x efficiency), kernels x floor);
   the host launches the kernels meanwhile, so forward+backward takes the longer of the GPU
@@ -106,6 +107,27 @@ INT8_ACT_OUT_BYTES = 6
 # (r p g, w p in the parameter dtype, r/w two 1-byte states); paged 32-bit (fp32 states);
 # SGD without momentum (r p g, w p).
 CLIP_ACCESSES = 3  # clip_grad_norm_: the norm reads every gradient, the scale r/w it
+# bitsandbytes 0.50.2's 8-bit blockwise update (csrc kOptimizerStatic8bit2StateBlockwise,
+# BLOCKSIZE_2STATE 256, NUM_2STATE 1): one element per thread, each 256-element block loads
+# the two 256-entry quantile maps into shared memory, dequantizes through them, reduces two
+# absmax values across the block (CUB BlockReduce), re-quantizes by a search in the maps,
+# with ten __syncthreads per block; its loads are 1- and 2-byte per thread. It does not
+# stream: its 10 bytes per element (bf16) would take 4.7 ms per G elements on an H100 at
+# the memory efficiency, and run 30's full fine-tuning points imply 25-33 ms (30-40 G
+# elements/s: u0/1, u1/1, u3/1 without checkpointing and the 4-layer u4/0; seen data,
+# docs/time-model.md). The work is the SMs' (latency of the block's barriers and lookups
+# times blocks), so it is timed on the SMs' issue rate, the fp32 peak (SMs x clock x fp32
+# lanes): BNB8_LANE_CYCLES fp32-lane cycles per element, 67 TFLOP/s / 35 G elements/s
+# on the H100 SXM (15 SM cycles per element at 128 lanes), or its bytes at the memory
+# efficiency if that is longer.
+BNB8_LANE_CYCLES = 1900.0
+# The 32-bit path (kOptimizer32bit2State: 4 elements per thread, 1024 threads) streams.
+# bitsandbytes keeps tensors under `min_8bit_size` (4096 elements, optim/optimizer.py
+# Optimizer2State.init_state) in 32-bit states, and HF Trainer registers every nn.Embedding
+# weight for 32-bit states (`register_module_override(module, "weight", {"optim_bits":
+# 32})`, transformers trainer.py Trainer.create_optimizer, for bitsandbytes optimizers with
+# optim_bits 8): 3 x d + 16 bytes per parameter, as paged 32-bit.
+BNB8_MIN_SIZE = 4096
 # Launches and host time (eager PyTorch). The host issues every operator from Python
 # through the dispatcher (and records its autograd node in forward); the GPU runs the
 # kernels meanwhile. The counts are dispatched operators (aten ops, views included, and
@@ -163,9 +185,11 @@ KERNELS_PER_DEQUANT4 = 3  # nested absmax, + offset, dequantize_4bit per Linear 
 KERNELS_PER_INT8_FWD = 3
 KERNELS_PER_INT8_BWD = 2
 KERNEL_FLOOR_S = 3e-6  # the shortest kernel on the GPU, launch to end
-# Host seconds per dispatched operator on the reference host (the H100 SXM machine of
-# calibration/h100): set from run 28's host-bound points (docs/time-model.md, "measured").
-HOST_OP_S = 13e-6
+# Host seconds per dispatched operator on the reference host (the H100 SXM machines of
+# calibration/h100): 13 us from run 28's host-bound points, 14 us since runs 28 and 30
+# together (run 28 alone is best at 13, run 30 alone at 15-16; the same package versions,
+# the host CPUs not recorded; docs/time-model.md, "measured", seen data).
+HOST_OP_S = 14e-6
 # int8's `if outliers.any()` (int8_vectorwise_quant) copies a flag to the host in every
 # Linear's forward: the host waits for the GPU, and the GPU then idles until the host
 # has issued the next kernels (a round trip per sync).
@@ -215,6 +239,10 @@ class KernelClass(NamedTuple):
     kernels: int = 0
     peak: Peak = "tensor16"
     gemm_rows: int = 0  # rows (tokens) of its GEMMs: 0 = not GEMMs
+    # work of an SM-bound kernel run after the rest (bnb 8-bit): fp32-lane cycles, timed on
+    # the fp32 peak, or its bytes at the memory efficiency if those take longer
+    sm_ops: float = 0.0
+    sm_bytes: float = 0.0
     grouped: bool = False
     forward_share: float = -1.0  # its forward passes' share of its time; < 0: by passes
 
@@ -570,13 +598,23 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
     trainer = plan.loop == "trainer"  # HF Trainer clips gradients; the plain loops do not
     clip = CLIP_ACCESSES if trainer else 0
     opt_bytes = 0.0
+    sm_ops = sm_bytes = 0.0  # bitsandbytes' 8-bit blockwise kernel (BNB8_LANE_CYCLES)
+    eight = plan.optimizer in ("adamw_8bit", "paged_adamw_8bit")
     for x in tensors:
-        per = _optimizer_bytes(plan.optimizer, x.dtype_bytes) + clip * x.dtype_bytes
-        opt_bytes += per * x.numel * x.copies
+        n = x.numel * x.copies
+        opt_bytes += clip * x.dtype_bytes * n
+        if eight and ((x.embedding and plan.trainer_built) or x.numel < BNB8_MIN_SIZE):
+            opt_bytes += _optimizer_bytes("paged_adamw_32bit", x.dtype_bytes) * n
+        elif eight:
+            sm_ops += BNB8_LANE_CYCLES * n
+            sm_bytes += _optimizer_bytes(plan.optimizer, x.dtype_bytes) * n
+        else:
+            opt_bytes += _optimizer_bytes(plan.optimizer, x.dtype_bytes) * n
     per_tensor = (HOST_OPT_TENSOR_S.get(plan.optimizer, 4e-6)
                   + (HOST_CLIP_TENSOR_S if trainer else 0.0))
     opt_kernels = count if plan.optimizer in BNB_OPTIMIZERS else 0
-    optimizer = KernelClass(name="optimizer", bytes=opt_bytes, kernels=opt_kernels + 20)
+    optimizer = KernelClass(name="optimizer", bytes=opt_bytes, kernels=opt_kernels + 20,
+                            sm_ops=sm_ops, sm_bytes=sm_bytes)
     return StepWork(tokens=t, classes=tuple(classes), optimizer=optimizer,
                     host_fwd_bwd_s=host_fwd + host_bwd, host_forward_s=host_fwd,
                     serial_forward=quant == "int8", forward_passes=passes_fwd,
@@ -601,6 +639,9 @@ def class_seconds(c: KernelClass, speed: GpuSpeed) -> ClassTime:
     memory = c.bytes / (speed.bandwidth * speed.memory_efficiency) if c.bytes else 0.0
     launch = c.kernels * KERNEL_FLOOR_S
     seconds = max(compute, memory, launch)
+    if c.sm_ops:
+        seconds += max(c.sm_ops / speed.fp32_flops,
+                       c.sm_bytes / (speed.bandwidth * speed.memory_efficiency))
     bound: Literal["compute", "memory", "launch"] = (
         "compute" if seconds == compute else "memory" if seconds == memory else "launch")
     return ClassTime(name=c.name, seconds=seconds, bound=bound)
