@@ -16,7 +16,7 @@ Importing it loads neither rich nor typer (nor torch).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
@@ -39,6 +39,9 @@ from vramcalc.plans import (
 )
 from vramcalc.sizing.verdict import CERTAINTY_WORDS, Certainty, Target, Verdict, verdict
 from vramcalc.units import GiB
+
+if TYPE_CHECKING:
+    from vramcalc.models.resolve import Resolved
 
 DEFAULT_MARGIN_GIB = 0.5  # as `vramcalc check --margin`
 
@@ -227,17 +230,17 @@ def make_plan(**options: Any) -> TrainPlan:
     return plan
 
 
-def _resolve(model: str | ModelSpec) -> ModelSpec:
-    if isinstance(model, ModelSpec):
-        return model
-    from vramcalc.models.resolve import resolve_model
+def _resolve(model: str | ModelSpec) -> Resolved:
+    """The one door of `--model` (models/resolve.py `resolve`), as the CLI and the page."""
+    from vramcalc.models.resolve import resolve
 
-    return resolve_model(model)
+    return resolve(model)
 
 
-def _with_plan(est: Estimate, spec: ModelSpec, train: TrainPlan) -> PlanEstimate:
+def _with_plan(est: Estimate, found: Resolved, train: TrainPlan) -> PlanEstimate:
     data = est.model_dump(exclude={"total"})
-    data["notes"] = (*spec.notes, *est.notes)
+    # the notes the CLI prints on stderr for this model (Resolved.lines), then the estimate's
+    data["notes"] = (*found.warnings, *found.spec.notes, *est.notes)
     return PlanEstimate(**data, plan=train)
 
 
@@ -279,7 +282,8 @@ def plan(
     """
     from vramcalc.corrections.planning import estimator
 
-    spec = _resolve(model)
+    found = _resolve(model)
+    spec = found.spec
     train = _train_plan(
         spec, method=method, quant=quant, rank=rank, alpha=alpha, targets=targets,
         lora_dropout=lora_dropout, use_dora=use_dora, batch_size=batch_size, seq_len=seq_len,
@@ -290,7 +294,7 @@ def plan(
         offload_activations=offload_activations, loss_kernel=loss_kernel,
     )
     fn, _ = estimator(gpu, use_calibration=calibration)
-    return _with_plan(fn(spec, train), spec, train)
+    return _with_plan(fn(spec, train), found, train)
 
 
 def _train_plan(spec: ModelSpec, **options: Any) -> TrainPlan:
@@ -328,7 +332,8 @@ def check(
         raise PlanError(f"margin_gib must be zero or more, got {margin_gib}")
     margin = int(margin_gib * GiB)
     models = [resolve_gpu(g) for g in gpus]
-    spec = _resolve(model)
+    found = _resolve(model)
+    spec = found.spec
     unknown = set(options) - set(TrainPlan.model_fields)
     if unknown:
         raise PlanError(f"unknown option(s) {', '.join(sorted(unknown))}; the options are "
@@ -338,7 +343,7 @@ def check(
     verdicts = []
     for g in models:
         p = for_gpu(train, g.bf16_supported)
-        est = _with_plan(estimators(g.name)(spec, p), spec, p)
+        est = _with_plan(estimators(g.name)(spec, p), found, p)
         verdicts.append(verdict_on(catalog_target(g), est, p.compute_dtype, margin))
     first = verdicts[0].estimate
     assert isinstance(first, PlanEstimate)
@@ -374,7 +379,7 @@ def train_time(
         raise PlanError(f"epochs must be more than 0, got {epochs}")
     card = resolve_gpu(gpu)
     table = price_table(None, [f"{name}={usd}" for name, usd in (prices or {}).items()])
-    t = _train_time(_resolve(model), make_plan(**options), card, table, dataset_tokens, epochs)
+    t = _train_time(_resolve(model).spec, make_plan(**options), card, table, dataset_tokens, epochs)
     if t is None:
         raise PlanError(f"no throughput figures for {card.name} (vramcalc/data/gpu_speed.yaml)")
     return t

@@ -15,7 +15,7 @@ import typer
 
 from vramcalc.commands import targets as gpu_targets
 from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
-from vramcalc.commands.from_config import announce_spec, with_from_config
+from vramcalc.commands.from_config import with_from_config
 from vramcalc.commands.options import (
     GpuMemOpt,
     JsonOpt,
@@ -427,7 +427,6 @@ def check(
     from vramcalc.sizing import advice
 
     spec = resolve_model_arg(model)
-    announce_spec(spec)
     train = build_plan(**(plan_options or {}))
     check_applies(spec, train, given)
     train = runnable_dropout(spec, train, given)

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
-from vramcalc.commands.from_config import announce_spec
 from vramcalc.commands.options import (
     JsonOpt,
     MarginOpt,
@@ -91,7 +90,6 @@ def compare(
     margin_b = margin_bytes(margin)
     timing = time_settings(dataset_tokens, epochs, price, prices)
     spec = resolve_model_arg(model)
-    announce_spec(spec)
     base = build_plan(**plan_options)
     given: frozenset[str] = getattr(plan_options, "given", frozenset())
     lora_row = runnable_dropout(spec, base.model_copy(update={"method": "lora",

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
-from vramcalc.commands.from_config import announce_spec, with_from_config
+from vramcalc.commands.from_config import with_from_config
 from vramcalc.commands.options import (
     GpuMemOpt,
     JsonOpt,
@@ -131,7 +131,6 @@ def plan(
         refuse_given(given, ("margin",), "only with --gpu NAME or --gpu-memory GIB (the card "
                      "to fit in)")
     spec = resolve_model_arg(model)
-    announce_spec(spec)
     train = build_plan(**plan_options)
     check_applies(spec, train, given)
     train = runnable_dropout(spec, train, given)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 import typer
 
 from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
-from vramcalc.commands.from_config import announce_spec, with_from_config
+from vramcalc.commands.from_config import with_from_config
 from vramcalc.commands.options import (
     JsonOpt,
     MarginOpt,
@@ -298,7 +298,6 @@ def sweep(
     margin_b = margin_bytes(margin)
     targets = [catalog_target(resolve_gpu(g)) for g in gpu or []]
     spec = resolve_model_arg(model)
-    announce_spec(spec)
     train = build_plan(**plan_options)
     build_plan(**{**plan_options, option: sw.values[-1]})  # the largest swept value: bounds
     check_applies(spec, train, given)

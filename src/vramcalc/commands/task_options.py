@@ -300,7 +300,6 @@ def _infer_times(spec: ModelSpec, plan: InferPlan | MergePlan, names: list[str]
 
 def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) -> None:
     from vramcalc.commands.common import resolve_model_arg
-    from vramcalc.commands.from_config import announce_spec
     from vramcalc.commands.options import margin_bytes, refuse_given
 
     given = [flag for name, flag in TIME_FLAGS.items() if kw.get(name)]
@@ -320,7 +319,6 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
             refuse_given(kw.get("given", frozenset()), ("margin",),
                          "only with --gpu NAME or --gpu-memory GIB (the card to fit in)")
     spec = resolve_model_arg(kw["model"])  # the door of every command, with its notes
-    announce_spec(spec)
     plan = build_infer_plan(opts, kw) if task == "infer" else build_merge_plan(opts, kw)
     from vramcalc.memory.program.trainable import lora_targets
 
