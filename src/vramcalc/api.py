@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MARGIN_GIB = 0.5  # as `vramcalc check --margin`
 
-__all__ = ["CheckResult", "GpuVerdict", "PlanEstimate", "check", "make_plan", "plan",
-           "verdict_on"]
+__all__ = ["CheckResult", "GpuVerdict", "ModelSummary", "PlanEstimate", "check", "gpus",
+           "make_plan", "models", "plan", "verdict_on"]
 
 
 def _gib(nbytes: int) -> str:
@@ -383,3 +383,67 @@ def train_time(
     if t is None:
         raise PlanError(f"no throughput figures for {card.name} (vramcalc/data/gpu_speed.yaml)")
     return t
+
+
+class ModelSummary(BaseModel):
+    """One catalog model as `vramcalc models` lists it (`to_json`: its row of --json)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    aliases: list[str]
+    model_type: str
+    params: int
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    linear_modules: list[str]
+    source: str | None
+    num_local_experts: int | None = None  # MoE only
+    num_experts_per_tok: int | None = None  # MoE only
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> ModelSummary:
+        moe = ({"num_local_experts": spec.num_local_experts,
+                "num_experts_per_tok": spec.num_experts_per_tok} if spec.is_moe else {})
+        return cls(
+            name=spec.name, aliases=list(spec.aliases), model_type=spec.model_type,
+            params=spec.num_params(), vocab_size=spec.vocab_size,
+            hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_hidden_layers,
+            num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.kv_heads,
+            head_dim=spec.head_size, tie_word_embeddings=spec.tie_word_embeddings,
+            linear_modules=spec.linear_names(), source=spec.source, **moe)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON of `models --json` for this model (the MoE keys for an MoE model only)."""
+        return self.model_dump(exclude=(set() if self.num_local_experts is not None else
+                                        {"num_local_experts", "num_experts_per_tok"}))
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort 'llama-2-7b' before 'llama-2-13b'."""
+    import re
+
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def models() -> list[ModelSummary]:
+    """The built-in models, in natural order ('llama-2-7b' before 'llama-2-13b'), as
+    `vramcalc models` lists them."""
+    from vramcalc.models.spec import catalog
+
+    return [ModelSummary.of(s) for s in sorted(catalog(), key=lambda s: _natural_key(s.name))]
+
+
+def gpus() -> tuple[Any, ...]:
+    """The GPU catalog (hardware.catalog.GpuModel, in the catalog's order), as `vramcalc
+    gpus` lists it; `model_dump(mode="json")` is its row of --json."""
+    from vramcalc.hardware.catalog import catalog
+
+    return catalog()
