@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
+FIXTURES = Path("tests") / "fixtures"  # relative: run from REPO, so two trees agree
 
 M8 = ["--model", "llama-3.1-8b"]
 SMALL = ["--model", "qwen2.5-0.5b"]
@@ -103,6 +103,11 @@ def _lines() -> list[list[str]]:
         ["--task", "infer", "--gpu", "t4", "--json"],
         ["--task", "infer", "--gpu", "rtx-4090", "--max", "batch"],
         ["--task", "infer", "--gpu-memory", "12", "--max", "batch", "--json"],
+        ["--task", "infer", "--gpu", "rtx-4090", "--max", "prompt-len", "--json"],
+        ["--task", "infer", "--gpu-memory", "2", "--max", "prompt-len"],
+        ["--task", "infer", "--gpu-memory", "2", "--max", "batch", "--json"],
+        ["--task", "infer", "--gpu", "t4", "--max", "seq-len"],
+        ["--task", "merge", "--gpu", "t4", "--max", "batch"],
         ["--task", "merge"], ["--task", "merge", "--json"],
         ["--task", "merge", "--on", "cpu"], ["--task", "merge", "--quant", "nf4", "--json"],
         ["--task", "merge", "--gpu", "rtx-4090"], ["--task", "merge", "--dtype", "fp16",
@@ -129,6 +134,8 @@ def _lines() -> list[list[str]]:
                                                     "32", "--json"],
         ["--gpu", "rtx-4090", "--task", "merge"], ["--gpu", "t4", "--task", "merge", "--json"],
         [], ["--json"], ["--batch", "16", "--seq-len", "4096"],
+        ["--gpu", "t4", "--task", "infer", "--max", "batch"],
+        ["--gpu-memory", "8", "--task", "infer", "--json"], ["--task", "merge", "--json"],
     ):
         out.append(["check", *M8, *extra])
     out += [["check"], ["check", "--json"],

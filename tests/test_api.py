@@ -60,3 +60,30 @@ def test_api_import_loads_no_cli_or_heavy_library() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_largest_is_plan_max_json_for_training_and_inference() -> None:
+    """`plan --max ... --json` is api.largest's MaxResult.to_json, for a training step and
+    for --task infer (one search door)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vramcalc.api import largest
+    from vramcalc.cli import app
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import InferPlan, TrainPlan
+    from vramcalc.sizing.verdict import catalog_target
+
+    spec, card = get_spec("qwen2.5-0.5b"), catalog_target(resolve_gpu("t4"))
+    r = CliRunner().invoke(app, ["plan", "-m", "qwen2.5-0.5b", "--gpu", "t4", "--max", "batch",
+                                 "--no-calibration", "--json"])
+    train = largest(spec, TrainPlan(), "batch", card, 2**29)
+    assert r.exit_code == 0 and json.loads(r.stdout) == train.to_json()
+    assert train.fits and "task" not in train.to_json()
+    r = CliRunner().invoke(app, ["plan", "-m", "qwen2.5-0.5b", "--task", "infer", "--gpu", "t4",
+                                 "--max", "prompt-len", "--json"])
+    infer = largest(spec, InferPlan(), "prompt-len", card, 2**29)
+    assert r.exit_code == 0 and json.loads(r.stdout) == infer.to_json()
+    assert infer.to_json()["task"] == "infer" and infer.value > 0

@@ -16,7 +16,7 @@ Importing it loads neither rich nor typer (nor torch).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
@@ -26,6 +26,7 @@ from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import (
     Attention,
     ComputeDtype,
+    InferPlan,
     Layout,
     Loop,
     LossKernel,
@@ -45,8 +46,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MARGIN_GIB = 0.5  # as `vramcalc check --margin`
 
-__all__ = ["CheckResult", "GpuVerdict", "ModelSummary", "PlanEstimate", "check", "gpus",
-           "make_plan", "models", "plan", "verdict_on"]
+__all__ = ["CheckResult", "GpuVerdict", "MaxResult", "ModelSummary", "PlanEstimate", "check",
+           "gpus", "largest", "make_plan", "models", "plan", "verdict_on"]
 
 
 def _gib(nbytes: int) -> str:
@@ -447,3 +448,52 @@ def gpus() -> tuple[Any, ...]:
     from vramcalc.hardware.catalog import catalog
 
     return catalog()
+
+
+class MaxResult(BaseModel):
+    """The largest batch or sequence (prompt, for inference) that `plan` calls "fits" on
+    one card: `plan --max`'s answer (`to_json` is its --json). "fits, tight" does not count
+    (verdict.fits_certainly), in every search."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    task: Literal["infer"] | None  # None: a training step
+    max: str  # batch, seq-len (training) or prompt-len (inference)
+    value: int  # 0: not even 1 fits
+    gpu: str
+    gpu_memory_bytes: int
+    margin_bytes: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def fits(self) -> bool:
+        return self.value > 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model}
+        if self.task is not None:
+            out["task"] = self.task
+        out.update(max=self.max, value=self.value, fits=self.fits, gpu=self.gpu,
+                   gpu_memory_bytes=self.gpu_memory_bytes, margin_bytes=self.margin_bytes)
+        return out
+
+
+def largest(spec: ModelSpec, plan: TrainPlan | InferPlan, what: str, target: Target,
+            margin_bytes: int, estimate_fn: Any = None) -> MaxResult:
+    """The largest `what` of `plan` that fits `target` (what it offers now) with
+    `margin_bytes` to spare: sizing/search.py largest_fitting (a training step, by
+    `estimate_fn`: the corrected estimator of `plan`) or largest_fitting_infer."""
+    from vramcalc.plans import InferPlan
+    from vramcalc.sizing.search import largest_fitting, largest_fitting_infer
+
+    if isinstance(plan, InferPlan):
+        best = largest_fitting_infer(spec, plan, what, target.free_bytes, margin_bytes)
+    elif estimate_fn is None:
+        best = largest_fitting(spec, plan, what, target.free_bytes, margin_bytes)
+    else:
+        best = largest_fitting(spec, plan, what, target.free_bytes, margin_bytes,
+                               estimate_fn=estimate_fn)
+    return MaxResult(model=spec.name, task="infer" if isinstance(plan, InferPlan) else None,
+                     max=what, value=best, gpu=target.name,
+                     gpu_memory_bytes=target.free_bytes, margin_bytes=margin_bytes)

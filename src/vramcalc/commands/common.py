@@ -13,6 +13,7 @@ import typer
 from vramcalc.errors import VramcalcError
 
 if TYPE_CHECKING:
+    from vramcalc.api import MaxResult
     from vramcalc.models.spec import ModelSpec
 
 P = ParamSpec("P")
@@ -76,3 +77,13 @@ def uninstalled(names: list[str] | tuple[str, ...], find: Any = None) -> list[st
         if not found:
             missing.append(name)
     return missing
+
+
+def echo_max(result: MaxResult, at: str) -> None:
+    """`plan --max`'s line (training and inference): the value, or that not even 1 fits."""
+    from vramcalc.units import GiB
+
+    where = (f"{result.gpu} ({result.gpu_memory_bytes / GiB:.2f} GiB, margin "
+             f"{result.margin_bytes / GiB:.2f}) at {at}")
+    typer.echo(f"largest {result.max} that fits {where}: {result.value}" if result.fits
+               else f"nothing fits {where}, not even {result.max} 1")

@@ -6,7 +6,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
+from vramcalc.commands.common import (
+    echo_max,
+    print_json,
+    reports_errors,
+    resolve_model_arg,
+    warn,
+)
 from vramcalc.commands.from_config import with_from_config
 from vramcalc.commands.options import (
     GpuMemOpt,
@@ -220,21 +226,14 @@ def _answer_max(
     spec: ModelSpec, train: Any, what: str, target: Target, margin_b: int, json_output: bool,
     estimate_fn: EstimateFn,
 ) -> None:
-    from vramcalc.sizing.search import largest_fitting
+    from vramcalc.api import largest
 
-    best = largest_fitting(spec, train, what, target.free_bytes, margin_b,
-                           estimate_fn=estimate_fn)
+    result = largest(spec, train, what, target, margin_b, estimate_fn=estimate_fn)
     if json_output:
-        print_json({"model": spec.name, "max": what, "value": best, "fits": best > 0,
-                    "gpu": target.name, "gpu_memory_bytes": target.free_bytes,
-                    "margin_bytes": margin_b})
+        print_json(result.to_json())
     else:
         other = ("--seq-len", train.seq_len) if what == "batch" else ("--batch", train.batch_size)
-        where = (f"{target.name} ({target.free_bytes / GiB:.2f} GiB, margin "
-                 f"{margin_b / GiB:.2f}) at {other[0]} {other[1]}")
-        typer.echo(
-            f"largest {what} that fits {where}: {best}" if best
-            else f"nothing fits {where}, not even {what} 1"
-        )
-    if best == 0:
+        echo_max(result, f"{other[0]} {other[1]}")
+    if not result.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
+

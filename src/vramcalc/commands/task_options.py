@@ -149,14 +149,15 @@ def refuse_train_only(task: str, kw: dict[str, Any]) -> None:
 
 
 def build_infer_plan(opts: dict[str, Any], kw: dict[str, Any]) -> InferPlan:
-    from vramcalc.commands.options import (
+    from vramcalc.commands.options import MAX_RANK, bounded_count, refuse_given
+    from vramcalc.plans import (
+        ADAPTER_DTYPES,
+        CACHES,
+        INFER_QUANTS,
         MAX_BATCH,
-        MAX_RANK,
         MAX_SEQ_LEN,
-        bounded_count,
-        refuse_given,
+        InferPlan,
     )
-    from vramcalc.plans import ADAPTER_DTYPES, CACHES, INFER_QUANTS, InferPlan
 
     for flag in ("dtype", "on"):
         if opts[flag] is not None:
@@ -228,28 +229,6 @@ def _estimate(spec: ModelSpec, plan: InferPlan | MergePlan) -> Estimate:
     if isinstance(plan, InferPlan):
         return estimate_inference(spec, plan)
     return estimate_merge(spec, plan)
-
-
-def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, memory_bytes: int,
-                          margin_bytes: int) -> int:
-    """Largest batch or prompt length that `plan --task infer` calls "fits" on a card
-    offering `memory_bytes` with `margin_bytes` to spare (0: none), by the rule of every
-    search (verdict.fits_certainly: "fits, tight" does not count)."""
-    from vramcalc.memory.inference import estimate_inference
-    from vramcalc.sizing.search import largest_from_guess
-    from vramcalc.sizing.verdict import certain_need
-
-    field = {"batch": "batch_size", "prompt-len": "prompt_len"}[what]
-
-    def need(n: int) -> int:
-        est = estimate_inference(spec, plan.model_copy(update={field: n}))
-        return certain_need(est.required_device_bytes, margin_bytes)
-
-    from vramcalc.commands.options import MAX_BATCH, MAX_SEQ_LEN
-
-    # the largest value the option itself accepts (build_infer_plan's bounds)
-    limit = MAX_BATCH if what == "batch" else MAX_SEQ_LEN - plan.new_tokens
-    return largest_from_guess(need, memory_bytes, limit)
 
 
 def _dtype(plan: InferPlan | MergePlan) -> str:
@@ -348,20 +327,17 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
                             f"got '{max_}'")
         if target is None:
             raise PlanError("--max needs --gpu NAME or --gpu-memory GIB (the card to fit in)")
-        best = largest_fitting_infer(spec, plan, max_, target.free_bytes, margin_b)  # type: ignore[arg-type]
+        from vramcalc.api import largest
+        from vramcalc.commands.common import echo_max
+
+        result = largest(spec, plan, max_, target, margin_b)  # type: ignore[arg-type]
         if kw["json_output"]:
-            print_json({"model": spec.name, "task": task, "max": max_, "value": best,
-                        "fits": best > 0, "gpu": target.name,
-                        "gpu_memory_bytes": target.free_bytes, "margin_bytes": margin_b})
+            print_json(result.to_json())
         else:
             other = (f"--batch {plan.batch_size}" if max_ == "prompt-len" else  # type: ignore[union-attr]
                      f"--prompt-len {plan.prompt_len}")  # type: ignore[union-attr]
-            where = (f"{target.name} ({target.free_bytes / GiB:.2f} GiB, margin "
-                     f"{margin_b / GiB:.2f}) at {other}, --new-tokens "
-                     f"{plan.new_tokens}")  # type: ignore[union-attr]
-            typer.echo(f"largest {max_} that fits {where}: {best}" if best
-                       else f"nothing fits {where}, not even {max_} 1")
-        if best == 0:
+            echo_max(result, f"{other}, --new-tokens {plan.new_tokens}")  # type: ignore[union-attr]
+        if not result.fits:
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
     est = _estimate(spec, plan)
