@@ -16,6 +16,7 @@ Importing it loads neither rich nor typer (nor torch).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
@@ -46,8 +47,9 @@ if TYPE_CHECKING:
 
 DEFAULT_MARGIN_GIB = 0.5  # as `vramcalc check --margin`
 
-__all__ = ["CheckResult", "GpuVerdict", "MaxResult", "ModelSummary", "PlanEstimate", "check",
-           "gpus", "largest", "make_plan", "models", "plan", "verdict_on"]
+__all__ = ["CheckResult", "GpuVerdict", "MaxResult", "ModelSummary", "PlanEstimate",
+           "PlanResult", "check", "gpus", "largest", "make_plan", "models", "plan", "plan_step",
+           "verdict_on"]
 
 
 def _gib(nbytes: int) -> str:
@@ -56,6 +58,9 @@ def _gib(nbytes: int) -> str:
 
 class PlanEstimate(Estimate):
     """An Estimate with the plan it was computed for (and the model's import notes)."""
+
+    # built on first use, as GpuVerdict: `plan` imports this module (issue 9)
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     plan: TrainPlan
 
@@ -193,7 +198,7 @@ def verdict_on(target: Target, estimate: Estimate, compute_dtype: str,
 class CheckResult(BaseModel):
     """The plan's verdict on each GPU asked about; `estimate` is for the first."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     estimate: PlanEstimate
     verdicts: tuple[GpuVerdict, ...]
@@ -386,10 +391,9 @@ def train_time(
     return t
 
 
-class ModelSummary(BaseModel):
+@dataclass(frozen=True)
+class ModelSummary:
     """One catalog model as `vramcalc models` lists it (`to_json`: its row of --json)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     aliases: list[str]
@@ -423,8 +427,10 @@ class ModelSummary(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         """The JSON of `models --json` for this model (the MoE keys for an MoE model only)."""
-        return self.model_dump(exclude=(set() if self.num_local_experts is not None else
-                                        {"num_local_experts", "num_experts_per_tok"}))
+        out = asdict(self)
+        if self.num_local_experts is None:
+            del out["num_local_experts"], out["num_experts_per_tok"]
+        return out
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -450,12 +456,11 @@ def gpus() -> tuple[Any, ...]:
     return catalog()
 
 
-class MaxResult(BaseModel):
+@dataclass(frozen=True)
+class MaxResult:
     """The largest batch or sequence (prompt, for inference) that `plan` calls "fits" on
     one card: `plan --max`'s answer (`to_json` is its --json). "fits, tight" does not count
     (verdict.fits_certainly), in every search."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str
     task: Literal["infer"] | None  # None: a training step
@@ -465,7 +470,6 @@ class MaxResult(BaseModel):
     gpu_memory_bytes: int
     margin_bytes: int
 
-    @computed_field  # type: ignore[prop-decorator]
     @property
     def fits(self) -> bool:
         return self.value > 0
@@ -497,3 +501,62 @@ def largest(spec: ModelSpec, plan: TrainPlan | InferPlan, what: str, target: Tar
     return MaxResult(model=spec.name, task="infer" if isinstance(plan, InferPlan) else None,
                      max=what, value=best, gpu=target.name,
                      gpu_memory_bytes=target.free_bytes, margin_bytes=margin_bytes)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """`vramcalc plan` for a training step on one card or none: the estimate, the plan it
+    was computed for (as it runs on that card), the card's verdict, the time on a catalog
+    card, and the corrections used. `to_json` is `plan --json`."""
+
+    estimate: Estimate
+    plan: TrainPlan
+    verdict: GpuVerdict | None = None  # with a card
+    time: Any = None  # timing.cost.TrainTime, with a catalog card that has throughput figures
+    time_missing: str | None = None  # the catalog card's name when it has no figures
+    calibration: str | None = None  # the corrections' key; None: the raw estimate
+    calibration_note: str | None = None  # corrections/planning.py calibration_note
+
+    @property
+    def fits(self) -> bool:
+        """No card, or fits / fits tight on it (exit 0)."""
+        return self.verdict is None or self.verdict.fits
+
+    def to_json(self) -> dict[str, Any]:
+        from vramcalc.render import estimate_to_dict
+
+        out = estimate_to_dict(self.estimate, self.plan)
+        if self.time is not None:
+            out.update(self.time.fields())
+        out["calibration"] = self.calibration
+        if self.verdict is not None:
+            out.update(self.verdict.verdict_fields())
+        return out
+
+
+def plan_step(spec: ModelSpec, train: TrainPlan, *, target: Target | None = None,
+              margin_bytes: int = 0, calibration: bool = True, time_gpu: str | None = None,
+              prices: Any = None, dataset_tokens: int | None = None,
+              epochs: float = 1.0) -> PlanResult:
+    """A training step of `train` (built and checked at the edge: `make_plan`, or the CLI's
+    options) estimated with the corrections of `target`'s GPU family, checked on `target`
+    (verdict_on), and timed on the catalog GPU `time_gpu` (timing/cost.py train_time, at
+    the $/GPU-hour of `prices`: a PriceTable, the shipped one when None)."""
+    from vramcalc.corrections.planning import calibration_note, estimator
+
+    fn, corrections = estimator(None if target is None else target.corrections_gpu,
+                                use_calibration=calibration)
+    est = fn(spec, train)
+    gv = None if target is None else verdict_on(target, est, train.compute_dtype, margin_bytes)
+    timed, missing = None, None
+    if time_gpu is not None:
+        from vramcalc.hardware.catalog import resolve_gpu
+        from vramcalc.timing.cost import price_table, train_time
+
+        card = resolve_gpu(time_gpu)
+        table = price_table(None, []) if prices is None else prices
+        timed = train_time(spec, train, card, table, dataset_tokens, epochs)
+        missing = card.name if timed is None else None
+    return PlanResult(estimate=est, plan=train, verdict=gv, time=timed, time_missing=missing,
+                      calibration=None if corrections is None else corrections.key,
+                      calibration_note=calibration_note(corrections))
