@@ -87,3 +87,30 @@ def test_largest_is_plan_max_json_for_training_and_inference() -> None:
     infer = largest(spec, InferPlan(), "prompt-len", card, 2**29)
     assert r.exit_code == 0 and json.loads(r.stdout) == infer.to_json()
     assert infer.to_json()["task"] == "infer" and infer.value > 0
+
+
+def test_check_json_is_check_step_to_json() -> None:
+    """`check --gpu ... --json` is api.check_step's CheckReport.to_json (one front door),
+    for a plan that fits one card and not the other (suggestions, several GPUs)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vramcalc.api import check_step
+    from vramcalc.cli import app
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import TrainPlan
+    from vramcalc.sizing.verdict import catalog_target
+
+    said: list[str] = []
+    targets = [catalog_target(resolve_gpu(g)) for g in ("t4", "rtx-4090")]
+    report = check_step(get_spec("llama-3.1-8b"), TrainPlan(batch_size=8, seq_len=2048),
+                        targets, 2**29, say=said.append)
+    r = CliRunner().invoke(app, ["check", "-m", "llama-3.1-8b", "--gpu", "t4", "--gpu",
+                                 "rtx-4090", "--batch", "8", "--seq-len", "2048", "--json"])
+    assert r.exit_code == (0 if report.fits else 3)
+    assert json.loads(r.stdout) == json.loads(json.dumps(report.to_json()))
+    assert report.best.target.name == "rtx-4090"
+    assert any("no bf16" in line for line in said)  # the T4 is planned in fp16
+    assert all(line in r.stderr for line in said)

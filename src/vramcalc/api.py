@@ -560,3 +560,195 @@ def plan_step(spec: ModelSpec, train: TrainPlan, *, target: Target | None = None
     return PlanResult(estimate=est, plan=train, verdict=gv, time=timed, time_missing=missing,
                       calibration=None if corrections is None else corrections.key,
                       calibration_note=calibration_note(corrections))
+
+
+@dataclass(frozen=True)
+class Checked:
+    """One card's verdict (GpuVerdict) with what the searches and suggestions on that card
+    need: the plan as it runs there and its estimate function (that GPU family's
+    corrections)."""
+
+    verdict: GpuVerdict
+    plan: TrainPlan
+    estimate_fn: Any  # corrections.planning.EstimateFn
+
+    @property
+    def target(self) -> Target:
+        return self.verdict.target
+
+    @property
+    def estimate(self) -> Estimate:
+        return self.verdict.estimate
+
+    @property
+    def now(self) -> Verdict:
+        return self.verdict.now
+
+    @property
+    def empty(self) -> Verdict:
+        return self.verdict.empty
+
+    @property
+    def fits_free(self) -> bool:
+        return self.verdict.fits_free
+
+    @property
+    def fits_empty(self) -> bool:
+        return self.verdict.fits_empty
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.verdict.headroom_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.verdict.to_dict()
+
+
+def _say_nothing(line: str) -> None:
+    """The default `say` of check_step: the notes are in the result's fields."""
+
+
+def checked_on(spec: ModelSpec, train: TrainPlan, targets: Sequence[Target],
+               margin_bytes: int, estimators: Any, say: Any = _say_nothing) -> list[Checked]:
+    """`train` on each target: estimated once per compute dtype and corrections (a card
+    without bf16 plans fp16, said through `say`), and checked (verdict_on)."""
+    from vramcalc.sizing.advice import for_gpu
+
+    cache: dict[tuple[int, str], Estimate] = {}
+    out = []
+    for t in targets:
+        p = for_gpu(train, t.bf16_supported)
+        if p is not train:
+            say(f"note: {t.where}, compute capability {t.compute_capability}, has no "
+                "bf16; planning with --compute-dtype fp16 for it")
+        fn = estimators(t.corrections_gpu)
+        key = (id(fn), p.compute_dtype)
+        if key not in cache:
+            cache[key] = fn(spec, p)
+        out.append(Checked(verdict_on(t, cache[key], p.compute_dtype, margin_bytes), p, fn))
+    return out
+
+
+def estimators_saying(calibration: bool, say: Any = _say_nothing) -> Any:
+    """corrections.planning.Estimators, each corrections note said once through `say`."""
+    from vramcalc.corrections.planning import Estimators, calibration_note
+
+    def said(selection: Any) -> None:
+        note = calibration_note(selection)
+        if note:
+            say(note)
+
+    return Estimators(calibration, on_new=said)
+
+
+def catalog_gpu_of(target: Target) -> Any:
+    """The catalog entry of a target (a --gpu name or a detected card NVML names), or None
+    (a --gpu-memory card, an unknown detected card)."""
+    from vramcalc.errors import UnknownGpuError
+    from vramcalc.hardware.catalog import match_detected, resolve_gpu
+
+    if target.index is None:
+        try:
+            return resolve_gpu(target.name)
+        except UnknownGpuError:
+            return None
+    return match_detected(target.name, target.total_bytes)
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """`vramcalc check` of a training step on one or more cards: each card's verdict, the
+    card that decides (`best`: the most memory, first of equals), the changes that make it
+    fit (or give more room when tight), the smallest catalog GPU when no change does, the
+    time on each catalog card, the cards that fit ranked by cost, the multi-GPU options,
+    and the corrections used. `to_json` is `check --json`."""
+
+    verdicts: tuple[Checked, ...]
+    best: Checked
+    margin_bytes: int
+    suggestions: tuple[Any, ...]  # sizing.advice.Suggestion
+    larger: Any  # sizing.advice.GpuAnswer | None
+    times: dict[int, Any]  # index in verdicts -> timing.cost.TrainTime
+    ranking: list[dict[str, Any]]
+    several: list[dict[str, Any]]
+    calibration: str | None
+
+    @property
+    def fits(self) -> bool:
+        return self.best.fits_free
+
+    def to_json(self) -> dict[str, Any]:
+        from vramcalc.render import estimate_to_dict
+
+        best, larger = self.best, self.larger
+        return {
+            "fits": best.fits_free,
+            "certainty": best.now.certainty,
+            "spread_bytes": best.now.spread_bytes,
+            "margin_bytes": self.margin_bytes,
+            "best_gpu": best.to_dict(),
+            "gpus": [{**v.to_dict(), **(self.times[k].fields() if k in self.times else {})}
+                     for k, v in enumerate(self.verdicts)],
+            "ranking": self.ranking,
+            "estimate": estimate_to_dict(best.estimate, best.plan),
+            "suggestions": [s.model_dump(mode="json") for s in self.suggestions],
+            "larger_gpu": None if larger is None else larger.gpu.name,
+            "larger_gpu_change": (None if larger is None or larger.suggestion is None
+                                  else larger.suggestion.model_dump(mode="json")),
+            "several_gpus": self.several,
+            "calibration": self.calibration,
+        }
+
+
+def check_step(spec: ModelSpec, train: TrainPlan, targets: Sequence[Target],
+               margin_bytes: int, *, calibration: bool = True, say: Any = _say_nothing,
+               prices: Any = None, dataset_tokens: int | None = None,
+               epochs: float = 1.0) -> CheckReport:
+    """A training step of `train` (built at the edge) checked on each of `targets`, by the
+    rule of plan and every search; `say` hears the notes as they arise (a card planned in
+    fp16, each corrections decision), in the order the CLI prints them."""
+    from vramcalc.sizing import advice
+    from vramcalc.timing.cost import price_table, rank_by_cost, train_time
+
+    estimators = estimators_saying(calibration, say)
+    verdicts = checked_on(spec, train, targets, margin_bytes, estimators, say)
+    best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals
+    suggestions: list[Any] = []
+    larger = None
+    if not best.fits_free or best.now.certainty == "tight":
+        room = best.target.free_bytes
+        if best.fits_free:  # tight: only the allocator switch, for more room
+            allocator = advice.allocator_suggestion(spec, best.plan, room, margin_bytes,
+                                                    best.estimate_fn)
+            suggestions = [] if allocator is None else [allocator]
+        else:
+            suggestions = advice.suggest(spec, best.plan, room, margin_bytes, best.estimate_fn)
+        if not suggestions and not best.fits_free:
+            from vramcalc.hardware.catalog import catalog
+
+            larger = advice.smallest_fitting_gpu(
+                spec, train, margin_bytes, catalog(), lambda g: estimators(g.name)
+            )
+    table = price_table(None, []) if prices is None else prices
+    times: dict[int, Any] = {}
+    for k, v in enumerate(verdicts):
+        model = catalog_gpu_of(v.target)
+        t = None if model is None else train_time(spec, v.plan, model, table, dataset_tokens,
+                                                  epochs)
+        if t is not None:
+            times[k] = t
+    # the cards that fit, cheapest to finish first (then fastest)
+    fitting = {id(times[k]): verdicts[k] for k in times if verdicts[k].fits_free}
+    ranked = rank_by_cost([times[k] for k in times if verdicts[k].fits_free])
+    ranking = [{"name": fitting[id(t)].target.name, "label": fitting[id(t)].target.label,
+                **t.fields()} for t in ranked]
+    several: list[dict[str, Any]] = []
+    if not best.fits_free:
+        from vramcalc.memory.multi_gpu import smallest_fitting_parallel
+
+        several = [o.model_dump(mode="json") for o in smallest_fitting_parallel(
+            spec, best.plan, best.target.empty_bytes, margin_bytes, 8)]
+    return CheckReport(verdicts=tuple(verdicts), best=best, margin_bytes=margin_bytes,
+                       suggestions=tuple(suggestions), larger=larger, times=times,
+                       ranking=ranking, several=several,
+                       calibration=next((s.key for s in estimators.applied()), None))
