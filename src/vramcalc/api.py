@@ -752,3 +752,53 @@ def check_step(spec: ModelSpec, train: TrainPlan, targets: Sequence[Target],
                        suggestions=tuple(suggestions), larger=larger, times=times,
                        ranking=ranking, several=several,
                        calibration=next((s.key for s in estimators.applied()), None))
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """`vramcalc compare`: one model under every fine-tuning method (sizing/comparison.py
+    rows), each timed on its smallest GPU. `to_json` is `compare --json`."""
+
+    model: str
+    params: int
+    rows: list[Any]  # sizing.comparison rows
+    times: list[Any]  # timing.cost.TrainTime | None per row
+    margin_bytes: int
+    calibration_notes: list[str]  # each corrections decision met, in first-use order
+
+    def to_json(self) -> dict[str, Any]:
+        from vramcalc.render import comparison_to_dict
+
+        out = comparison_to_dict(self.model, self.rows, self.margin_bytes)
+        for entry, t in zip(out["methods"], self.times, strict=True):
+            entry["time"] = None if t is None else t.fields()
+        return out
+
+
+def compare(spec: ModelSpec, base: TrainPlan, margin_bytes: int, *,
+            optimizer: Optimizer | None = None, calibration: bool = True, prices: Any = None,
+            dataset_tokens: int | None = None, epochs: float = 1.0) -> CompareResult:
+    """Every method of `base` (built at the edge) side by side (sizing/comparison.py
+    compare): each row's estimate and the smallest catalog GPU it fits, and its time there.
+    `optimizer` None: each method's usual one."""
+    from vramcalc.corrections.planning import Estimators
+    from vramcalc.hardware.catalog import catalog, resolve_gpu
+    from vramcalc.sizing.comparison import compare as compare_methods
+    from vramcalc.timing.cost import price_table, train_time
+
+    estimators = Estimators(use_calibration=calibration)
+    rows = compare_methods(spec, base, margin_bytes, catalog(), optimizer=optimizer,
+                           estimate_for=lambda gpu: estimators(gpu.name),
+                           estimate_fn=estimators(None))
+    table = price_table(None, []) if prices is None else prices
+    times: list[Any] = []
+    for r in rows:  # each row on its smallest GPU (none: no GPU fits)
+        if r.estimate is None or r.smallest_gpu is None:
+            times.append(None)
+            continue
+        plan = r.plan.model_copy(update={"compute_dtype": r.smallest_gpu.compute_dtype})
+        times.append(train_time(spec, plan, resolve_gpu(r.smallest_gpu.gpu), table,
+                                dataset_tokens, epochs))
+    return CompareResult(model=spec.name, params=spec.num_params(), rows=list(rows),
+                         times=times, margin_bytes=margin_bytes,
+                         calibration_notes=[s.note for s in estimators.applied()])
