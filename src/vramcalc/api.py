@@ -802,3 +802,58 @@ def compare(spec: ModelSpec, base: TrainPlan, margin_bytes: int, *,
     return CompareResult(model=spec.name, params=spec.num_params(), rows=list(rows),
                          times=times, margin_bytes=margin_bytes,
                          calibration_notes=[s.note for s in estimators.applied()])
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """`vramcalc fit`: every catalog model x method on one GPU (sizing/comparison.py
+    fit_rows), each pair that fits timed at min(batch, its largest batch). `to_json` is
+    `fit --json`."""
+
+    gpu: str
+    gpu_memory_bytes: int
+    margin_bytes: int
+    plan: TrainPlan
+    rows: list[Any]  # sizing.comparison.FitRow
+    times: list[Any]  # timing.cost.TrainTime | None per row
+    calibration_note: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        from vramcalc.render import fit_to_dict
+
+        out = fit_to_dict(self.gpu, self.gpu_memory_bytes, self.rows, self.margin_bytes,
+                          self.plan)
+        for entry, t in zip(out["rows"], self.times, strict=True):
+            entry["time"] = None if t is None else t.fields()
+        return out
+
+
+def fit(gpu: str, base: TrainPlan, margin_bytes: int, *, optimizer: Optimizer | None = None,
+        calibration: bool = True, prices: Any = None, dataset_tokens: int | None = None,
+        epochs: float = 1.0) -> FitResult:
+    """Every catalog model and method of `base` (built at the edge) on an empty card of the
+    catalog GPU `gpu`: whether it fits, its largest batch and longest sequence (the rule of
+    plan --max), and its time. `optimizer` None: each method's usual one."""
+    from vramcalc.corrections.planning import calibration_note, estimator
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.spec import catalog, get_spec
+    from vramcalc.sizing.advice import for_gpu
+    from vramcalc.sizing.comparison import fit_rows, method_plan
+    from vramcalc.timing.cost import price_table, train_time
+
+    card = resolve_gpu(gpu)
+    estimate_fn, corrections = estimator(card.name, use_calibration=calibration)
+    rows = fit_rows(catalog(), base, card, margin_bytes, optimizer=optimizer,
+                    estimate_fn=estimate_fn)
+    table = price_table(None, []) if prices is None else prices
+    times: list[Any] = []
+    for r in rows:  # each fitting row at min(--batch, its largest batch)
+        if not r.fits or r.max_batch < 1:
+            times.append(None)
+            continue
+        plan = for_gpu(method_plan(base, r.method, optimizer), card.bf16_supported)
+        plan = plan.model_copy(update={"batch_size": min(base.batch_size, r.max_batch)})
+        times.append(train_time(get_spec(r.model), plan, card, table, dataset_tokens, epochs))
+    return FitResult(gpu=card.name, gpu_memory_bytes=card.usable_bytes,
+                     margin_bytes=margin_bytes, plan=base, rows=list(rows), times=times,
+                     calibration_note=calibration_note(corrections))
