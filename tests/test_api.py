@@ -114,3 +114,29 @@ def test_check_json_is_check_step_to_json() -> None:
     assert report.best.target.name == "rtx-4090"
     assert any("no bf16" in line for line in said)  # the T4 is planned in fp16
     assert all(line in r.stderr for line in said)
+
+
+def test_sweep_json_is_api_sweep_to_json() -> None:
+    """`sweep --json` is api.sweep's SweepResult.to_json, and each card's "fits up to" is a
+    value plan --gpu calls "fits" (one answer)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vramcalc.api import plan_step, sweep
+    from vramcalc.cli import app
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import TrainPlan
+    from vramcalc.sizing.verdict import catalog_target
+
+    spec, card = get_spec("llama-3.1-8b"), catalog_target(resolve_gpu("rtx-4090"))
+    result = sweep(spec, TrainPlan(), "batch", [1, 2, 4, 8], [card], 2**29)
+    r = CliRunner().invoke(app, ["sweep", "-m", "llama-3.1-8b", "--over", "batch=1:8",
+                                 "--gpu", "rtx-4090", "--json"])
+    assert r.exit_code == 0
+    assert json.loads(r.stdout) == json.loads(json.dumps(result.to_json()))
+    best = result.gpus[0].fits_up_to
+    assert best is not None
+    at = plan_step(spec, TrainPlan(batch_size=best), target=card, margin_bytes=2**29)
+    assert at.verdict is not None and at.verdict.certainty == "fits"

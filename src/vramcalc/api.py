@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
@@ -857,3 +857,75 @@ def fit(gpu: str, base: TrainPlan, margin_bytes: int, *, optimizer: Optimizer | 
     return FitResult(gpu=card.name, gpu_memory_bytes=card.usable_bytes,
                      margin_bytes=margin_bytes, plan=base, rows=list(rows), times=times,
                      calibration_note=calibration_note(corrections))
+
+
+# sweep's --over name -> TrainPlan field
+SWEEPABLE = {"seq-len": "seq_len", "batch": "batch_size", "rank": "rank"}
+
+
+class Capacity(NamedTuple):
+    """One card's line in a sweep."""
+
+    name: str
+    memory_bytes: int  # what an empty card offers (verdict.Target.free_bytes), as plan --gpu
+    margin_bytes: int
+    fits_up_to: int | None  # the largest swept value `plan --gpu` calls "fits"; None: none
+    certainty: list[str]  # plan --gpu's verdict at each swept value (fits, tight, ...)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """`vramcalc sweep`: the plan's estimate at each swept value, and each card's verdicts
+    along it. `to_json` is `sweep --json`; `series` its points (and --csv's rows)."""
+
+    model: str
+    over: str  # seq-len | batch | rank
+    values: list[int]
+    plan: TrainPlan
+    points: list[Estimate]
+    gpus: list[Capacity]
+
+    def series(self) -> list[dict[str, Any]]:
+        return [
+            {self.over: v, "required_device_bytes": e.required_device_bytes,
+             "peak_device_bytes": e.peak_device_bytes, "peak_allocated_bytes":
+             e.peak_allocated_bytes, "peak_phase": e.peak_phase, **dict(e.components.items())}
+            for v, e in zip(self.values, self.points, strict=True)
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "over": self.over,
+                "plan": self.plan.model_dump(mode="json"),
+                "gpus": [c._asdict() for c in self.gpus], "points": self.series()}
+
+
+def sweep(spec: ModelSpec, train: TrainPlan, over: str, values: Sequence[int],
+          targets: Sequence[Target], margin_bytes: int, *, calibration: bool = True,
+          say: Any = _say_nothing) -> SweepResult:
+    """`train` (built at the edge) estimated at each of `values` of `over` (seq-len, batch
+    or rank) under the first card's corrections, and each card's verdict at every value as
+    `plan --gpu` gives it: the plan as it runs there (fp16 without bf16) under that card's
+    corrections; the series' own estimates where those are the same. `say` hears each
+    corrections note once."""
+    from vramcalc.sizing.advice import for_gpu
+    from vramcalc.sizing.verdict import verdict
+
+    estimators = estimators_saying(calibration, say)
+    field = SWEEPABLE[over]
+    series_fn = estimators(targets[0].corrections_gpu if targets else None)
+    points = [series_fn(spec, train.model_copy(update={field: v})) for v in values]
+    caps = []
+    for t in targets:
+        p = for_gpu(train, t.bf16_supported)
+        fn = estimators(t.corrections_gpu)
+        ests = points if (fn is series_fn and p == train) else [
+            fn(spec, p.model_copy(update={field: v})) for v in values]
+        words: list[str] = [
+            verdict(t.free_bytes, e.required_device_bytes, margin_bytes,
+                    e.required_low).certainty
+            for e in ests]
+        fitting = [v for v, c in zip(values, words, strict=True) if c == "fits"]
+        caps.append(Capacity(t.name, t.free_bytes, margin_bytes,
+                             max(fitting) if fitting else None, words))
+    return SweepResult(model=spec.name, over=over, values=list(values), plan=train,
+                       points=points, gpus=caps)
