@@ -140,3 +140,31 @@ def test_sweep_json_is_api_sweep_to_json() -> None:
     assert best is not None
     at = plan_step(spec, TrainPlan(batch_size=best), target=card, margin_bytes=2**29)
     assert at.verdict is not None and at.verdict.certainty == "fits"
+
+
+def test_task_json_is_api_task_step_and_check_task() -> None:
+    """`plan --task infer|merge --json` and `check --task ... --json` are api.task_step's
+    and api.check_task's to_json: the same bytes and verdicts."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vramcalc.api import check_task, task_step
+    from vramcalc.cli import app
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import InferPlan, MergePlan
+    from vramcalc.sizing.verdict import catalog_target
+
+    spec, card = get_spec("llama-3.1-8b"), catalog_target(resolve_gpu("rtx-4090"))
+    for task, task_plan in (("infer", InferPlan()), ("merge", MergePlan())):
+        r = CliRunner().invoke(app, ["plan", "-m", "llama-3.1-8b", "--task", task, "--gpu",
+                                     "rtx-4090", "--json"])
+        answer = task_step(spec, task_plan, target=card, margin_bytes=2**29, time_gpu="rtx-4090")
+        assert r.exit_code == (0 if answer.fits else 3)
+        assert json.loads(r.stdout) == json.loads(json.dumps(answer.to_json()))
+        r = CliRunner().invoke(app, ["check", "-m", "llama-3.1-8b", "--task", task, "--gpu",
+                                     "rtx-4090", "--json"])
+        report = check_task(spec, task_plan, [card], 2**29)
+        assert json.loads(r.stdout) == json.loads(json.dumps(report.to_json()))
+        assert report.best.required_bytes == answer.estimate.required_device_bytes

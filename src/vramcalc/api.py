@@ -31,6 +31,7 @@ from vramcalc.plans import (
     Layout,
     Loop,
     LossKernel,
+    MergePlan,
     Method,
     MoeExperts,
     OffloadActivations,
@@ -929,3 +930,135 @@ def sweep(spec: ModelSpec, train: TrainPlan, over: str, values: Sequence[int],
                              max(fitting) if fitting else None, words))
     return SweepResult(model=spec.name, over=over, values=list(values), plan=train,
                        points=points, gpus=caps)
+
+
+def _task_estimate(spec: ModelSpec, plan: InferPlan | MergePlan) -> Estimate:
+    from vramcalc.memory.inference import estimate_inference, estimate_merge
+
+    if isinstance(plan, InferPlan):
+        return estimate_inference(spec, plan)
+    return estimate_merge(spec, plan)
+
+
+def _task_dtype(plan: InferPlan | MergePlan) -> str:
+    """The dtype the plan computes in (a merge: its base's)."""
+    return plan.compute_dtype if isinstance(plan, InferPlan) else plan.dtype
+
+
+def _merge_extras(spec: ModelSpec, plan: InferPlan | MergePlan) -> dict[str, Any]:
+    """A merge's checkpoint on disk and host peak (memory/inference.py merge_sizes)."""
+    from vramcalc.memory.inference import merge_sizes
+
+    if not isinstance(plan, MergePlan):
+        return {}
+    sizes = merge_sizes(spec, plan)
+    return {"disk_bytes": sizes.disk_bytes, "host_peak_bytes": sizes.host_peak_bytes,
+            "device": plan.on}
+
+
+def _infer_times(spec: ModelSpec, plan: InferPlan | MergePlan, names: Sequence[str]
+                 ) -> dict[str, Any]:
+    """catalog name -> generate() speed (timing/cost.py infer_time_on) of an inference
+    plan; a name outside the catalog, or a card without figures, is left out."""
+    from vramcalc.errors import UnknownGpuError
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.timing.cost import infer_time_on
+
+    if not isinstance(plan, InferPlan):
+        return {}
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            gpu = resolve_gpu(name)
+        except UnknownGpuError:
+            continue
+        t = infer_time_on(spec, plan, gpu)
+        if t is not None:
+            out[name] = t
+    return out
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """`vramcalc plan --task infer|merge`: the estimate, the merge's disk and host sizes,
+    generate()'s speed on a catalog card, the card's verdict. `to_json` is its --json."""
+
+    estimate: Estimate
+    plan: InferPlan | MergePlan
+    extras: dict[str, Any]  # a merge's sizes (_merge_extras)
+    speed: Any = None  # timing.cost InferTime
+    verdict: GpuVerdict | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.verdict is None or self.verdict.fits
+
+    def to_json(self) -> dict[str, Any]:
+        from vramcalc.render import task_estimate_to_dict
+
+        out = task_estimate_to_dict(self.estimate, self.plan.model_dump(mode="json"))
+        out.update(self.extras)
+        if self.speed is not None:
+            out.update(self.speed._asdict())
+        if self.verdict is not None:  # as `plan --gpu` for a training step
+            out.update(self.verdict.verdict_fields())
+        return out
+
+
+def task_step(spec: ModelSpec, plan: InferPlan | MergePlan, *, target: Target | None = None,
+              margin_bytes: int = 0, time_gpu: str | None = None) -> TaskResult:
+    """An inference or merge plan (built at the edge) estimated (memory/inference.py),
+    checked on `target` by the rule of a training step (verdict_on), and, for inference,
+    timed on the catalog GPU `time_gpu`."""
+    est = _task_estimate(spec, plan)
+    times = _infer_times(spec, plan, [time_gpu] if time_gpu is not None else [])
+    v = None if target is None else verdict_on(target, est, _task_dtype(plan), margin_bytes)
+    return TaskResult(estimate=est, plan=plan, extras=_merge_extras(spec, plan),
+                      speed=next(iter(times.values()), None), verdict=v)
+
+
+@dataclass(frozen=True)
+class TaskCheckReport:
+    """`vramcalc check --task infer|merge`: the estimate against each card, the card that
+    decides (the most memory, first of equals), generate()'s speed on each catalog card.
+    `to_json` is its --json."""
+
+    estimate: Estimate
+    plan: InferPlan | MergePlan
+    extras: dict[str, Any]
+    verdicts: tuple[GpuVerdict, ...]
+    best: GpuVerdict
+    times: dict[str, Any]  # card name -> InferTime
+    margin_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.best.fits_free
+
+    def to_json(self) -> dict[str, Any]:
+        from vramcalc.render import task_estimate_to_dict
+
+        best = self.best
+        estimate = task_estimate_to_dict(self.estimate, self.plan.model_dump(mode="json"))
+        estimate.update(self.extras)
+        return {"fits": best.fits_free, "certainty": best.certainty,
+                "spread_bytes": best.spread_bytes, "margin_bytes": self.margin_bytes,
+                "best_gpu": best.to_dict(),
+                "gpus": [{**v.to_dict(), **(self.times[v.target.name]._asdict()
+                                            if v.target.name in self.times else {})}
+                         for v in self.verdicts],
+                "estimate": estimate}
+
+
+def check_task(spec: ModelSpec, plan: InferPlan | MergePlan, targets: Sequence[Target],
+               margin_bytes: int) -> TaskCheckReport:
+    """An inference or merge plan against each card, by check's rule and verdict type
+    (verdict_on: required + margin <= free memory, tight inside the band or the spread;
+    empty: the usable total)."""
+    est = _task_estimate(spec, plan)
+    verdicts = [verdict_on(t, est, _task_dtype(plan), margin_bytes) for t in targets]
+    times = _infer_times(spec, plan, [v.target.name for v in verdicts])
+    best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals, as check's
+    return TaskCheckReport(estimate=est, plan=plan, extras=_merge_extras(spec, plan),
+                           verdicts=tuple(verdicts), best=best, times=times,
+                           margin_bytes=margin_bytes)
