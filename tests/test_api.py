@@ -168,3 +168,33 @@ def test_task_json_is_api_task_step_and_check_task() -> None:
         report = check_task(spec, task_plan, [card], 2**29)
         assert json.loads(r.stdout) == json.loads(json.dumps(report.to_json()))
         assert report.best.required_bytes == answer.estimate.required_device_bytes
+
+
+def test_multi_gpu_json_is_api_parallel_step() -> None:
+    """`plan --gpus 2 --strategy fsdp --gpu X --json` and its --max are api.parallel_step
+    and api.largest_parallel serialized."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vramcalc.api import largest_parallel, parallel_step
+    from vramcalc.cli import app
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.memory.multi_gpu import ParallelPlan
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import TrainPlan
+    from vramcalc.sizing.verdict import catalog_target
+
+    spec, card = get_spec("llama-3.1-8b"), catalog_target(resolve_gpu("rtx-4090"))
+    argv = ["plan", "-m", "llama-3.1-8b", "--gpus", "2", "--strategy", "fsdp", "--gpu",
+            "rtx-4090", "--json"]
+    r = CliRunner().invoke(app, argv)
+    # the split as the CLI built it (its per-GPU budget for a device map included)
+    par = ParallelPlan(**json.loads(r.stdout)["parallel"])
+    assert (par.gpus, par.strategy) == (2, "fsdp")
+    result = parallel_step(spec, TrainPlan(), par, card.free_bytes, 2**29)
+    assert r.exit_code == (0 if result.fits else 3)
+    assert json.loads(r.stdout) == json.loads(json.dumps(result.plan_json(card.name)))
+    r = CliRunner().invoke(app, [*argv, "--max", "batch"])
+    best = largest_parallel(spec, TrainPlan(), par, "batch", card, 2**29)
+    assert json.loads(r.stdout) == best.to_json() and best.to_json()["per_gpu"] is True

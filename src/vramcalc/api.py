@@ -470,6 +470,8 @@ class MaxResult:
     gpu: str
     gpu_memory_bytes: int
     margin_bytes: int
+    gpus: int | None = None  # several GPUs (largest_parallel): the value is per GPU
+    strategy: str | None = None
 
     @property
     def fits(self) -> bool:
@@ -481,6 +483,8 @@ class MaxResult:
             out["task"] = self.task
         out.update(max=self.max, value=self.value, fits=self.fits, gpu=self.gpu,
                    gpu_memory_bytes=self.gpu_memory_bytes, margin_bytes=self.margin_bytes)
+        if self.gpus is not None:
+            out.update(gpus=self.gpus, strategy=self.strategy, per_gpu=True)
         return out
 
 
@@ -1062,3 +1066,95 @@ def check_task(spec: ModelSpec, plan: InferPlan | MergePlan, targets: Sequence[T
     return TaskCheckReport(estimate=est, plan=plan, extras=_merge_extras(spec, plan),
                            verdicts=tuple(verdicts), best=best, times=times,
                            margin_bytes=margin_bytes)
+
+
+def parallel_fields(pe: Any, plan: TrainPlan) -> dict[str, Any]:
+    """A multi-GPU estimate (memory/multi_gpu.py ParallelEstimate) as JSON: the busiest
+    GPU's totals under the one-GPU keys, then per_gpu and host RAM."""
+    from vramcalc.render import estimate_to_dict
+
+    out = estimate_to_dict(pe.busiest, plan)
+    out["parallel"] = pe.parallel.model_dump(mode="json")
+    out["busiest_gpu"] = pe.busiest_gpu
+    out["per_gpu"] = [
+        {"gpu": i, **{k: v for k, v in estimate_to_dict(e, plan).items() if k != "plan"}}
+        for i, e in enumerate(pe.per_gpu)
+    ]
+    out["placement"] = pe.placement
+    out["comm_detail"] = pe.comm_detail
+    out["layers_per_gpu"] = pe.layers_per_gpu
+    out["host_offload_bytes"] = pe.host_offload_bytes
+    out["host_loading_bytes"] = pe.host_loading_bytes
+    out["single_gpu_required_device_bytes"] = pe.single_gpu.required_device_bytes
+    out["notes"] = list(pe.notes)
+    # fsdp / zero: the busiest GPU's peak term by term (multi_gpu.PeakTerm)
+    out["peak_terms"] = [t.model_dump(mode="json") for t in pe.peak_terms]
+    return out
+
+
+@dataclass(frozen=True)
+class ParallelResult:
+    """A training step split over several GPUs (`plan --gpus N`, `check --gpus N`): the
+    estimate of each GPU, and the busiest one's verdict on a card offering
+    `memory_bytes` each (None: no card). `plan_json` / `check_json` are their --json."""
+
+    estimate: Any  # memory.multi_gpu.ParallelEstimate
+    plan: TrainPlan
+    memory_bytes: int | None
+    margin_bytes: int
+    verdict: Verdict | None
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.verdict is None else self.verdict.fits
+
+    def plan_json(self, gpu: str | None) -> dict[str, Any]:
+        out = parallel_fields(self.estimate, self.plan)
+        v = self.verdict
+        if v is not None and gpu is not None:
+            out.update(gpu=gpu, gpu_memory_bytes=self.memory_bytes,
+                       margin_bytes=self.margin_bytes, fits=v.fits, certainty=v.certainty,
+                       spread_bytes=v.spread_bytes, headroom_bytes=v.headroom_bytes)
+        return out
+
+    def check_json(self, where: str) -> dict[str, Any]:
+        out = parallel_fields(self.estimate, self.plan)
+        v, memory = self.verdict, self.memory_bytes
+        assert v is not None and memory is not None
+        out.update(fits=v.fits, certainty=v.certainty, spread_bytes=v.spread_bytes,
+                   gpu_memory_bytes=memory, margin_bytes=self.margin_bytes,
+                   headroom_bytes=v.headroom_bytes,
+                   budget_bytes_per_gpu=memory - self.margin_bytes, gpus_checked=where)
+        return out
+
+
+def parallel_step(spec: ModelSpec, plan: TrainPlan, parallel: Any,
+                  memory_bytes: int | None = None, margin_bytes: int = 0) -> ParallelResult:
+    """`plan` (built at the edge) over the GPUs of `parallel` (plans.ParallelPlan;
+    memory/multi_gpu.py estimate_parallel), the busiest GPU checked on a card offering
+    `memory_bytes` by the rule of the one-GPU plan. Raw estimate: the fitted corrections
+    were measured on one GPU and are not applied."""
+    from vramcalc.memory.multi_gpu import estimate_parallel
+
+    pe = estimate_parallel(spec, plan, parallel)
+    v = (None if memory_bytes is None else
+         verdict(memory_bytes, pe.busiest.required_device_bytes, margin_bytes,
+                 pe.busiest.required_low))
+    return ParallelResult(estimate=pe, plan=plan, memory_bytes=memory_bytes,
+                          margin_bytes=margin_bytes, verdict=v)
+
+
+def largest_parallel(spec: ModelSpec, plan: TrainPlan, parallel: Any, what: str,
+                     target: Target, margin_bytes: int) -> MaxResult:
+    """The largest `what` per GPU whose busiest GPU fits `target` (each card), by the rule
+    of every search (sizing/search.py largest_fitting on estimate_parallel's busiest)."""
+    from vramcalc.memory.multi_gpu import estimate_parallel
+    from vramcalc.sizing.search import largest_fitting, quick_estimate
+
+    best = largest_fitting(
+        spec, plan, what, target.free_bytes, margin_bytes,
+        estimate_fn=lambda s, p: estimate_parallel(s, p, parallel).busiest,
+        guess_fn=lambda s, p: estimate_parallel(s, p, parallel, quick_estimate).busiest)
+    return MaxResult(model=spec.name, task=None, max=what, value=best, gpu=target.name,
+                     gpu_memory_bytes=target.free_bytes, margin_bytes=margin_bytes,
+                     gpus=parallel.gpus, strategy=parallel.strategy)
