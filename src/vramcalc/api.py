@@ -328,7 +328,6 @@ def check(
     """
     from vramcalc.corrections.planning import Estimators
     from vramcalc.hardware.catalog import resolve_gpu
-    from vramcalc.sizing.advice import for_gpu
     from vramcalc.sizing.verdict import catalog_target
 
     if isinstance(gpus, str):
@@ -348,10 +347,11 @@ def check(
     train = _train_plan(spec, **options)
     estimators = Estimators(calibration)  # memoized: GPUs under the same corrections share
     verdicts = []
-    for g in models:
-        p = for_gpu(train, g.bf16_supported)
-        est = _with_plan(estimators(g.name)(spec, p), found, p)
-        verdicts.append(verdict_on(catalog_target(g), est, p.compute_dtype, margin))
+    # the cards as `vramcalc check --gpu` checks them (checked_on: fp16 without bf16, one
+    # estimate per dtype and corrections), each estimate with its plan and notes
+    for c in checked_on(spec, train, [catalog_target(g) for g in models], margin, estimators):
+        est = _with_plan(c.estimate, found, c.plan)
+        verdicts.append(verdict_on(c.target, est, c.plan.compute_dtype, margin))
     first = verdicts[0].estimate
     assert isinstance(first, PlanEstimate)
     return CheckResult(estimate=first, verdicts=tuple(verdicts))
