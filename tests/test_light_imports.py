@@ -106,7 +106,7 @@ NOT_ON_PLAN_PATH = (
 )
 # vramcalc.api is on the path on purpose: every command is parse -> api -> render (issue 26
 # Deliver 4); its pydantic types build on first use (defer_build), its results are
-# dataclasses. It stays free of rich and typer (test_api_loads_no_cli below).
+# NamedTuples (cheap to define). It stays free of rich and typer (test_api_loads_no_cli).
 
 
 def test_plan_imports_only_what_it_uses() -> None:

@@ -16,7 +16,6 @@ Importing it loads neither rich nor typer (nor torch).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
@@ -392,8 +391,7 @@ def train_time(
     return t
 
 
-@dataclass(frozen=True)
-class ModelSummary:
+class ModelSummary(NamedTuple):
     """One catalog model as `vramcalc models` lists it (`to_json`: its row of --json)."""
 
     name: str
@@ -428,7 +426,7 @@ class ModelSummary:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON of `models --json` for this model (the MoE keys for an MoE model only)."""
-        out = asdict(self)
+        out = self._asdict()
         if self.num_local_experts is None:
             del out["num_local_experts"], out["num_experts_per_tok"]
         return out
@@ -457,8 +455,7 @@ def gpus() -> tuple[Any, ...]:
     return catalog()
 
 
-@dataclass(frozen=True)
-class MaxResult:
+class MaxResult(NamedTuple):
     """The largest batch or sequence (prompt, for inference) that `plan` calls "fits" on
     one card: `plan --max`'s answer (`to_json` is its --json). "fits, tight" does not count
     (verdict.fits_certainly), in every search."""
@@ -508,8 +505,7 @@ def largest(spec: ModelSpec, plan: TrainPlan | InferPlan, what: str, target: Tar
                      gpu_memory_bytes=target.free_bytes, margin_bytes=margin_bytes)
 
 
-@dataclass(frozen=True)
-class PlanResult:
+class PlanResult(NamedTuple):
     """`vramcalc plan` for a training step on one card or none: the estimate, the plan it
     was computed for (as it runs on that card), the card's verdict, the time on a catalog
     card, and the corrections used. `to_json` is `plan --json`."""
@@ -567,8 +563,7 @@ def plan_step(spec: ModelSpec, train: TrainPlan, *, target: Target | None = None
                       calibration_note=calibration_note(corrections))
 
 
-@dataclass(frozen=True)
-class Checked:
+class Checked(NamedTuple):
     """One card's verdict (GpuVerdict) with what the searches and suggestions on that card
     need: the plan as it runs there and its estimate function (that GPU family's
     corrections)."""
@@ -660,8 +655,7 @@ def catalog_gpu_of(target: Target) -> Any:
     return match_detected(target.name, target.total_bytes)
 
 
-@dataclass(frozen=True)
-class CheckReport:
+class CheckReport(NamedTuple):
     """`vramcalc check` of a training step on one or more cards: each card's verdict, the
     card that decides (`best`: the most memory, first of equals), the changes that make it
     fit (or give more room when tight), the smallest catalog GPU when no change does, the
@@ -759,8 +753,7 @@ def check_step(spec: ModelSpec, train: TrainPlan, targets: Sequence[Target],
                        calibration=next((s.key for s in estimators.applied()), None))
 
 
-@dataclass(frozen=True)
-class CompareResult:
+class CompareResult(NamedTuple):
     """`vramcalc compare`: one model under every fine-tuning method (sizing/comparison.py
     rows), each timed on its smallest GPU. `to_json` is `compare --json`."""
 
@@ -809,8 +802,7 @@ def compare(spec: ModelSpec, base: TrainPlan, margin_bytes: int, *,
                          calibration_notes=[s.note for s in estimators.applied()])
 
 
-@dataclass(frozen=True)
-class FitResult:
+class FitResult(NamedTuple):
     """`vramcalc fit`: every catalog model x method on one GPU (sizing/comparison.py
     fit_rows), each pair that fits timed at min(batch, its largest batch). `to_json` is
     `fit --json`."""
@@ -878,8 +870,7 @@ class Capacity(NamedTuple):
     certainty: list[str]  # plan --gpu's verdict at each swept value (fits, tight, ...)
 
 
-@dataclass(frozen=True)
-class SweepResult:
+class SweepResult(NamedTuple):
     """`vramcalc sweep`: the plan's estimate at each swept value, and each card's verdicts
     along it. `to_json` is `sweep --json`; `series` its points (and --csv's rows)."""
 
@@ -982,8 +973,7 @@ def _infer_times(spec: ModelSpec, plan: InferPlan | MergePlan, names: Sequence[s
     return out
 
 
-@dataclass(frozen=True)
-class TaskResult:
+class TaskResult(NamedTuple):
     """`vramcalc plan --task infer|merge`: the estimate, the merge's disk and host sizes,
     generate()'s speed on a catalog card, the card's verdict. `to_json` is its --json."""
 
@@ -1021,8 +1011,7 @@ def task_step(spec: ModelSpec, plan: InferPlan | MergePlan, *, target: Target | 
                       speed=next(iter(times.values()), None), verdict=v)
 
 
-@dataclass(frozen=True)
-class TaskCheckReport:
+class TaskCheckReport(NamedTuple):
     """`vramcalc check --task infer|merge`: the estimate against each card, the card that
     decides (the most memory, first of equals), generate()'s speed on each catalog card.
     `to_json` is its --json."""
@@ -1092,8 +1081,7 @@ def parallel_fields(pe: Any, plan: TrainPlan) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True)
-class ParallelResult:
+class ParallelResult(NamedTuple):
     """A training step split over several GPUs (`plan --gpus N`, `check --gpus N`): the
     estimate of each GPU, and the busiest one's verdict on a card offering
     `memory_bytes` each (None: no card). `plan_json` / `check_json` are their --json."""
