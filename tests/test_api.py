@@ -60,3 +60,141 @@ def test_api_import_loads_no_cli_or_heavy_library() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_largest_is_plan_max_json_for_training_and_inference() -> None:
+    """`plan --max ... --json` is api.largest's MaxResult.to_json, for a training step and
+    for --task infer (one search door)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vramcalc.api import largest
+    from vramcalc.cli import app
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import InferPlan, TrainPlan
+    from vramcalc.sizing.verdict import catalog_target
+
+    spec, card = get_spec("qwen2.5-0.5b"), catalog_target(resolve_gpu("t4"))
+    r = CliRunner().invoke(app, ["plan", "-m", "qwen2.5-0.5b", "--gpu", "t4", "--max", "batch",
+                                 "--no-calibration", "--json"])
+    train = largest(spec, TrainPlan(), "batch", card, 2**29)
+    assert r.exit_code == 0 and json.loads(r.stdout) == train.to_json()
+    assert train.fits and "task" not in train.to_json()
+    r = CliRunner().invoke(app, ["plan", "-m", "qwen2.5-0.5b", "--task", "infer", "--gpu", "t4",
+                                 "--max", "prompt-len", "--json"])
+    infer = largest(spec, InferPlan(), "prompt-len", card, 2**29)
+    assert r.exit_code == 0 and json.loads(r.stdout) == infer.to_json()
+    assert infer.to_json()["task"] == "infer" and infer.value > 0
+
+
+def test_check_json_is_check_step_to_json() -> None:
+    """`check --gpu ... --json` is api.check_step's CheckReport.to_json (one front door),
+    for a plan that fits one card and not the other (suggestions, several GPUs)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vramcalc.api import check_step
+    from vramcalc.cli import app
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import TrainPlan
+    from vramcalc.sizing.verdict import catalog_target
+
+    said: list[str] = []
+    targets = [catalog_target(resolve_gpu(g)) for g in ("t4", "rtx-4090")]
+    report = check_step(get_spec("llama-3.1-8b"), TrainPlan(batch_size=8, seq_len=2048),
+                        targets, 2**29, say=said.append)
+    r = CliRunner().invoke(app, ["check", "-m", "llama-3.1-8b", "--gpu", "t4", "--gpu",
+                                 "rtx-4090", "--batch", "8", "--seq-len", "2048", "--json"])
+    assert r.exit_code == (0 if report.fits else 3)
+    assert json.loads(r.stdout) == json.loads(json.dumps(report.to_json()))
+    assert report.best.target.name == "rtx-4090"
+    assert any("no bf16" in line for line in said)  # the T4 is planned in fp16
+    assert all(line in r.stderr for line in said)
+
+
+def test_sweep_json_is_api_sweep_to_json() -> None:
+    """`sweep --json` is api.sweep's SweepResult.to_json, and each card's "fits up to" is a
+    value plan --gpu calls "fits" (one answer)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vramcalc.api import plan_step, sweep
+    from vramcalc.cli import app
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import TrainPlan
+    from vramcalc.sizing.verdict import catalog_target
+
+    spec, card = get_spec("llama-3.1-8b"), catalog_target(resolve_gpu("rtx-4090"))
+    result = sweep(spec, TrainPlan(), "batch", [1, 2, 4, 8], [card], 2**29)
+    r = CliRunner().invoke(app, ["sweep", "-m", "llama-3.1-8b", "--over", "batch=1:8",
+                                 "--gpu", "rtx-4090", "--json"])
+    assert r.exit_code == 0
+    assert json.loads(r.stdout) == json.loads(json.dumps(result.to_json()))
+    best = result.gpus[0].fits_up_to
+    assert best is not None
+    at = plan_step(spec, TrainPlan(batch_size=best), target=card, margin_bytes=2**29)
+    assert at.verdict is not None and at.verdict.certainty == "fits"
+
+
+def test_task_json_is_api_task_step_and_check_task() -> None:
+    """`plan --task infer|merge --json` and `check --task ... --json` are api.task_step's
+    and api.check_task's to_json: the same bytes and verdicts."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vramcalc.api import check_task, task_step
+    from vramcalc.cli import app
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import InferPlan, MergePlan
+    from vramcalc.sizing.verdict import catalog_target
+
+    spec, card = get_spec("llama-3.1-8b"), catalog_target(resolve_gpu("rtx-4090"))
+    for task, task_plan in (("infer", InferPlan()), ("merge", MergePlan())):
+        r = CliRunner().invoke(app, ["plan", "-m", "llama-3.1-8b", "--task", task, "--gpu",
+                                     "rtx-4090", "--json"])
+        answer = task_step(spec, task_plan, target=card, margin_bytes=2**29, time_gpu="rtx-4090")
+        assert r.exit_code == (0 if answer.fits else 3)
+        assert json.loads(r.stdout) == json.loads(json.dumps(answer.to_json()))
+        r = CliRunner().invoke(app, ["check", "-m", "llama-3.1-8b", "--task", task, "--gpu",
+                                     "rtx-4090", "--json"])
+        report = check_task(spec, task_plan, [card], 2**29)
+        assert json.loads(r.stdout) == json.loads(json.dumps(report.to_json()))
+        assert report.best.required_bytes == answer.estimate.required_device_bytes
+
+
+def test_multi_gpu_json_is_api_parallel_step() -> None:
+    """`plan --gpus 2 --strategy fsdp --gpu X --json` and its --max are api.parallel_step
+    and api.largest_parallel serialized."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vramcalc.api import largest_parallel, parallel_step
+    from vramcalc.cli import app
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.memory.multi_gpu import ParallelPlan
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import TrainPlan
+    from vramcalc.sizing.verdict import catalog_target
+
+    spec, card = get_spec("llama-3.1-8b"), catalog_target(resolve_gpu("rtx-4090"))
+    argv = ["plan", "-m", "llama-3.1-8b", "--gpus", "2", "--strategy", "fsdp", "--gpu",
+            "rtx-4090", "--json"]
+    r = CliRunner().invoke(app, argv)
+    # the split as the CLI built it (its per-GPU budget for a device map included)
+    par = ParallelPlan(**json.loads(r.stdout)["parallel"])
+    assert (par.gpus, par.strategy) == (2, "fsdp")
+    result = parallel_step(spec, TrainPlan(), par, card.free_bytes, 2**29)
+    assert r.exit_code == (0 if result.fits else 3)
+    assert json.loads(r.stdout) == json.loads(json.dumps(result.plan_json(card.name)))
+    r = CliRunner().invoke(app, [*argv, "--max", "batch"])
+    best = largest_parallel(spec, TrainPlan(), par, "batch", card, 2**29)
+    assert json.loads(r.stdout) == best.to_json() and best.to_json()["per_gpu"] is True

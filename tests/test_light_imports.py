@@ -102,8 +102,11 @@ NOT_ON_PLAN_PATH = (
     "vramcalc.memory.multi_gpu", "vramcalc.memory.inference", "vramcalc.calibrate",
     "vramcalc.models.hub", "vramcalc.models.hf_config", "vramcalc.hardware.catalog",
     "vramcalc.sizing.advice", "vramcalc.sizing.comparison",
-    "vramcalc.training_config", "vramcalc.api", "huggingface_hub", "platformdirs",
+    "vramcalc.training_config", "huggingface_hub", "platformdirs",
 )
+# vramcalc.api is on the path on purpose: every command is parse -> api -> render (issue 26
+# Deliver 4); its pydantic types build on first use (defer_build), its results are
+# NamedTuples (cheap to define). It stays free of rich and typer (test_api_loads_no_cli).
 
 
 def test_plan_imports_only_what_it_uses() -> None:
@@ -116,3 +119,9 @@ def test_plan_json_imports_no_rich_renderer() -> None:
     loaded = _run_cli("plan", "--model", "llama-7b", "--json")
     assert not {m for m in loaded if m.startswith("rich.")}, sorted(
         m for m in loaded if m.startswith("rich."))
+
+
+def test_api_loads_no_cli() -> None:
+    """The front door the commands call loads neither the CLI (typer, rich) nor torch."""
+    loaded = _modules_after("import vramcalc.api")
+    assert not {m for m in loaded if m.split(".")[0] in ("typer", "rich", "torch", "click")}

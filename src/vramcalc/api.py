@@ -16,7 +16,7 @@ Importing it loads neither rich nor typer (nor torch).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
@@ -26,9 +26,11 @@ from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import (
     Attention,
     ComputeDtype,
+    InferPlan,
     Layout,
     Loop,
     LossKernel,
+    MergePlan,
     Method,
     MoeExperts,
     OffloadActivations,
@@ -40,9 +42,13 @@ from vramcalc.plans import (
 from vramcalc.sizing.verdict import CERTAINTY_WORDS, Certainty, Target, Verdict, verdict
 from vramcalc.units import GiB
 
+if TYPE_CHECKING:
+    from vramcalc.models.resolve import Resolved
+
 DEFAULT_MARGIN_GIB = 0.5  # as `vramcalc check --margin`
 
-__all__ = ["CheckResult", "GpuVerdict", "PlanEstimate", "check", "make_plan", "plan",
+__all__ = ["CheckResult", "GpuVerdict", "MaxResult", "ModelSummary", "PlanEstimate",
+           "PlanResult", "check", "gpus", "largest", "make_plan", "models", "plan", "plan_step",
            "verdict_on"]
 
 
@@ -52,6 +58,9 @@ def _gib(nbytes: int) -> str:
 
 class PlanEstimate(Estimate):
     """An Estimate with the plan it was computed for (and the model's import notes)."""
+
+    # built on first use, as GpuVerdict: `plan` imports this module (issue 9)
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     plan: TrainPlan
 
@@ -189,7 +198,7 @@ def verdict_on(target: Target, estimate: Estimate, compute_dtype: str,
 class CheckResult(BaseModel):
     """The plan's verdict on each GPU asked about; `estimate` is for the first."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     estimate: PlanEstimate
     verdicts: tuple[GpuVerdict, ...]
@@ -227,17 +236,17 @@ def make_plan(**options: Any) -> TrainPlan:
     return plan
 
 
-def _resolve(model: str | ModelSpec) -> ModelSpec:
-    if isinstance(model, ModelSpec):
-        return model
-    from vramcalc.models.resolve import resolve_model
+def _resolve(model: str | ModelSpec) -> Resolved:
+    """The one door of `--model` (models/resolve.py `resolve`), as the CLI and the page."""
+    from vramcalc.models.resolve import resolve
 
-    return resolve_model(model)
+    return resolve(model)
 
 
-def _with_plan(est: Estimate, spec: ModelSpec, train: TrainPlan) -> PlanEstimate:
+def _with_plan(est: Estimate, found: Resolved, train: TrainPlan) -> PlanEstimate:
     data = est.model_dump(exclude={"total"})
-    data["notes"] = (*spec.notes, *est.notes)
+    # the notes the CLI prints on stderr for this model (Resolved.lines), then the estimate's
+    data["notes"] = (*found.warnings, *found.spec.notes, *est.notes)
     return PlanEstimate(**data, plan=train)
 
 
@@ -279,7 +288,8 @@ def plan(
     """
     from vramcalc.corrections.planning import estimator
 
-    spec = _resolve(model)
+    found = _resolve(model)
+    spec = found.spec
     train = _train_plan(
         spec, method=method, quant=quant, rank=rank, alpha=alpha, targets=targets,
         lora_dropout=lora_dropout, use_dora=use_dora, batch_size=batch_size, seq_len=seq_len,
@@ -290,7 +300,7 @@ def plan(
         offload_activations=offload_activations, loss_kernel=loss_kernel,
     )
     fn, _ = estimator(gpu, use_calibration=calibration)
-    return _with_plan(fn(spec, train), spec, train)
+    return _with_plan(fn(spec, train), found, train)
 
 
 def _train_plan(spec: ModelSpec, **options: Any) -> TrainPlan:
@@ -317,7 +327,6 @@ def check(
     """
     from vramcalc.corrections.planning import Estimators
     from vramcalc.hardware.catalog import resolve_gpu
-    from vramcalc.sizing.advice import for_gpu
     from vramcalc.sizing.verdict import catalog_target
 
     if isinstance(gpus, str):
@@ -328,7 +337,8 @@ def check(
         raise PlanError(f"margin_gib must be zero or more, got {margin_gib}")
     margin = int(margin_gib * GiB)
     models = [resolve_gpu(g) for g in gpus]
-    spec = _resolve(model)
+    found = _resolve(model)
+    spec = found.spec
     unknown = set(options) - set(TrainPlan.model_fields)
     if unknown:
         raise PlanError(f"unknown option(s) {', '.join(sorted(unknown))}; the options are "
@@ -336,10 +346,11 @@ def check(
     train = _train_plan(spec, **options)
     estimators = Estimators(calibration)  # memoized: GPUs under the same corrections share
     verdicts = []
-    for g in models:
-        p = for_gpu(train, g.bf16_supported)
-        est = _with_plan(estimators(g.name)(spec, p), spec, p)
-        verdicts.append(verdict_on(catalog_target(g), est, p.compute_dtype, margin))
+    # the cards as `vramcalc check --gpu` checks them (checked_on: fp16 without bf16, one
+    # estimate per dtype and corrections), each estimate with its plan and notes
+    for c in checked_on(spec, train, [catalog_target(g) for g in models], margin, estimators):
+        est = _with_plan(c.estimate, found, c.plan)
+        verdicts.append(verdict_on(c.target, est, c.plan.compute_dtype, margin))
     first = verdicts[0].estimate
     assert isinstance(first, PlanEstimate)
     return CheckResult(estimate=first, verdicts=tuple(verdicts))
@@ -374,7 +385,768 @@ def train_time(
         raise PlanError(f"epochs must be more than 0, got {epochs}")
     card = resolve_gpu(gpu)
     table = price_table(None, [f"{name}={usd}" for name, usd in (prices or {}).items()])
-    t = _train_time(_resolve(model), make_plan(**options), card, table, dataset_tokens, epochs)
+    t = _train_time(_resolve(model).spec, make_plan(**options), card, table, dataset_tokens, epochs)
     if t is None:
         raise PlanError(f"no throughput figures for {card.name} (vramcalc/data/gpu_speed.yaml)")
     return t
+
+
+class ModelSummary(NamedTuple):
+    """One catalog model as `vramcalc models` lists it (`to_json`: its row of --json)."""
+
+    name: str
+    aliases: list[str]
+    model_type: str
+    params: int
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    linear_modules: list[str]
+    source: str | None
+    num_local_experts: int | None = None  # MoE only
+    num_experts_per_tok: int | None = None  # MoE only
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> ModelSummary:
+        moe = ({"num_local_experts": spec.num_local_experts,
+                "num_experts_per_tok": spec.num_experts_per_tok} if spec.is_moe else {})
+        return cls(
+            name=spec.name, aliases=list(spec.aliases), model_type=spec.model_type,
+            params=spec.num_params(), vocab_size=spec.vocab_size,
+            hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_hidden_layers,
+            num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.kv_heads,
+            head_dim=spec.head_size, tie_word_embeddings=spec.tie_word_embeddings,
+            linear_modules=spec.linear_names(), source=spec.source, **moe)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON of `models --json` for this model (the MoE keys for an MoE model only)."""
+        out = self._asdict()
+        if self.num_local_experts is None:
+            del out["num_local_experts"], out["num_experts_per_tok"]
+        return out
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort 'llama-2-7b' before 'llama-2-13b'."""
+    import re
+
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def models() -> list[ModelSummary]:
+    """The built-in models, in natural order ('llama-2-7b' before 'llama-2-13b'), as
+    `vramcalc models` lists them."""
+    from vramcalc.models.spec import catalog
+
+    return [ModelSummary.of(s) for s in sorted(catalog(), key=lambda s: _natural_key(s.name))]
+
+
+def gpus() -> tuple[Any, ...]:
+    """The GPU catalog (hardware.catalog.GpuModel, in the catalog's order), as `vramcalc
+    gpus` lists it; `model_dump(mode="json")` is its row of --json."""
+    from vramcalc.hardware.catalog import catalog
+
+    return catalog()
+
+
+class MaxResult(NamedTuple):
+    """The largest batch or sequence (prompt, for inference) that `plan` calls "fits" on
+    one card: `plan --max`'s answer (`to_json` is its --json). "fits, tight" does not count
+    (verdict.fits_certainly), in every search."""
+
+    model: str
+    task: Literal["infer"] | None  # None: a training step
+    max: str  # batch, seq-len (training) or prompt-len (inference)
+    value: int  # 0: not even 1 fits
+    gpu: str
+    gpu_memory_bytes: int
+    margin_bytes: int
+    gpus: int | None = None  # several GPUs (largest_parallel): the value is per GPU
+    strategy: str | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.value > 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model}
+        if self.task is not None:
+            out["task"] = self.task
+        out.update(max=self.max, value=self.value, fits=self.fits, gpu=self.gpu,
+                   gpu_memory_bytes=self.gpu_memory_bytes, margin_bytes=self.margin_bytes)
+        if self.gpus is not None:
+            out.update(gpus=self.gpus, strategy=self.strategy, per_gpu=True)
+        return out
+
+
+def largest(spec: ModelSpec, plan: TrainPlan | InferPlan, what: str, target: Target,
+            margin_bytes: int, estimate_fn: Any = None) -> MaxResult:
+    """The largest `what` of `plan` that fits `target` (what it offers now) with
+    `margin_bytes` to spare: sizing/search.py largest_fitting (a training step, by
+    `estimate_fn`: the corrected estimator of `plan`) or largest_fitting_infer."""
+    from vramcalc.plans import InferPlan
+    from vramcalc.sizing.search import largest_fitting, largest_fitting_infer
+
+    if isinstance(plan, InferPlan):
+        best = largest_fitting_infer(spec, plan, what, target.free_bytes, margin_bytes)
+    elif estimate_fn is None:
+        best = largest_fitting(spec, plan, what, target.free_bytes, margin_bytes)
+    else:
+        best = largest_fitting(spec, plan, what, target.free_bytes, margin_bytes,
+                               estimate_fn=estimate_fn)
+    return MaxResult(model=spec.name, task="infer" if isinstance(plan, InferPlan) else None,
+                     max=what, value=best, gpu=target.name,
+                     gpu_memory_bytes=target.free_bytes, margin_bytes=margin_bytes)
+
+
+class PlanResult(NamedTuple):
+    """`vramcalc plan` for a training step on one card or none: the estimate, the plan it
+    was computed for (as it runs on that card), the card's verdict, the time on a catalog
+    card, and the corrections used. `to_json` is `plan --json`."""
+
+    estimate: Estimate
+    plan: TrainPlan
+    verdict: GpuVerdict | None = None  # with a card
+    time: Any = None  # timing.cost.TrainTime, with a catalog card that has throughput figures
+    time_missing: str | None = None  # the catalog card's name when it has no figures
+    calibration: str | None = None  # the corrections' key; None: the raw estimate
+    calibration_note: str | None = None  # corrections/planning.py calibration_note
+
+    @property
+    def fits(self) -> bool:
+        """No card, or fits / fits tight on it (exit 0)."""
+        return self.verdict is None or self.verdict.fits
+
+    def to_json(self) -> dict[str, Any]:
+        from vramcalc.render import estimate_to_dict
+
+        out = estimate_to_dict(self.estimate, self.plan)
+        if self.time is not None:
+            out.update(self.time.fields())
+        out["calibration"] = self.calibration
+        if self.verdict is not None:
+            out.update(self.verdict.verdict_fields())
+        return out
+
+
+def plan_step(spec: ModelSpec, train: TrainPlan, *, target: Target | None = None,
+              margin_bytes: int = 0, calibration: bool = True, time_gpu: str | None = None,
+              prices: Any = None, dataset_tokens: int | None = None,
+              epochs: float = 1.0) -> PlanResult:
+    """A training step of `train` (built and checked at the edge: `make_plan`, or the CLI's
+    options) estimated with the corrections of `target`'s GPU family, checked on `target`
+    (verdict_on), and timed on the catalog GPU `time_gpu` (timing/cost.py train_time, at
+    the $/GPU-hour of `prices`: a PriceTable, the shipped one when None)."""
+    from vramcalc.corrections.planning import calibration_note, estimator
+
+    fn, corrections = estimator(None if target is None else target.corrections_gpu,
+                                use_calibration=calibration)
+    est = fn(spec, train)
+    gv = None if target is None else verdict_on(target, est, train.compute_dtype, margin_bytes)
+    timed, missing = None, None
+    if time_gpu is not None:
+        from vramcalc.hardware.catalog import resolve_gpu
+        from vramcalc.timing.cost import price_table, train_time
+
+        card = resolve_gpu(time_gpu)
+        table = price_table(None, []) if prices is None else prices
+        timed = train_time(spec, train, card, table, dataset_tokens, epochs)
+        missing = card.name if timed is None else None
+    return PlanResult(estimate=est, plan=train, verdict=gv, time=timed, time_missing=missing,
+                      calibration=None if corrections is None else corrections.key,
+                      calibration_note=calibration_note(corrections))
+
+
+class Checked(NamedTuple):
+    """One card's verdict (GpuVerdict) with what the searches and suggestions on that card
+    need: the plan as it runs there and its estimate function (that GPU family's
+    corrections)."""
+
+    verdict: GpuVerdict
+    plan: TrainPlan
+    estimate_fn: Any  # corrections.planning.EstimateFn
+
+    @property
+    def target(self) -> Target:
+        return self.verdict.target
+
+    @property
+    def estimate(self) -> Estimate:
+        return self.verdict.estimate
+
+    @property
+    def now(self) -> Verdict:
+        return self.verdict.now
+
+    @property
+    def empty(self) -> Verdict:
+        return self.verdict.empty
+
+    @property
+    def fits_free(self) -> bool:
+        return self.verdict.fits_free
+
+    @property
+    def fits_empty(self) -> bool:
+        return self.verdict.fits_empty
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.verdict.headroom_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.verdict.to_dict()
+
+
+def _say_nothing(line: str) -> None:
+    """The default `say` of check_step: the notes are in the result's fields."""
+
+
+def checked_on(spec: ModelSpec, train: TrainPlan, targets: Sequence[Target],
+               margin_bytes: int, estimators: Any, say: Any = _say_nothing) -> list[Checked]:
+    """`train` on each target: estimated once per compute dtype and corrections (a card
+    without bf16 plans fp16, said through `say`), and checked (verdict_on)."""
+    from vramcalc.sizing.advice import for_gpu
+
+    cache: dict[tuple[int, str], Estimate] = {}
+    out = []
+    for t in targets:
+        p = for_gpu(train, t.bf16_supported)
+        if p is not train:
+            say(f"note: {t.where}, compute capability {t.compute_capability}, has no "
+                "bf16; planning with --compute-dtype fp16 for it")
+        fn = estimators(t.corrections_gpu)
+        key = (id(fn), p.compute_dtype)
+        if key not in cache:
+            cache[key] = fn(spec, p)
+        out.append(Checked(verdict_on(t, cache[key], p.compute_dtype, margin_bytes), p, fn))
+    return out
+
+
+def estimators_saying(calibration: bool, say: Any = _say_nothing) -> Any:
+    """corrections.planning.Estimators, each corrections note said once through `say`."""
+    from vramcalc.corrections.planning import Estimators, calibration_note
+
+    def said(selection: Any) -> None:
+        note = calibration_note(selection)
+        if note:
+            say(note)
+
+    return Estimators(calibration, on_new=said)
+
+
+def catalog_gpu_of(target: Target) -> Any:
+    """The catalog entry of a target (a --gpu name or a detected card NVML names), or None
+    (a --gpu-memory card, an unknown detected card)."""
+    from vramcalc.errors import UnknownGpuError
+    from vramcalc.hardware.catalog import match_detected, resolve_gpu
+
+    if target.index is None:
+        try:
+            return resolve_gpu(target.name)
+        except UnknownGpuError:
+            return None
+    return match_detected(target.name, target.total_bytes)
+
+
+class CheckReport(NamedTuple):
+    """`vramcalc check` of a training step on one or more cards: each card's verdict, the
+    card that decides (`best`: the most memory, first of equals), the changes that make it
+    fit (or give more room when tight), the smallest catalog GPU when no change does, the
+    time on each catalog card, the cards that fit ranked by cost, the multi-GPU options,
+    and the corrections used. `to_json` is `check --json`."""
+
+    verdicts: tuple[Checked, ...]
+    best: Checked
+    margin_bytes: int
+    suggestions: tuple[Any, ...]  # sizing.advice.Suggestion
+    larger: Any  # sizing.advice.GpuAnswer | None
+    times: dict[int, Any]  # index in verdicts -> timing.cost.TrainTime
+    ranking: list[dict[str, Any]]
+    several: list[dict[str, Any]]
+    calibration: str | None
+
+    @property
+    def fits(self) -> bool:
+        return self.best.fits_free
+
+    def to_json(self) -> dict[str, Any]:
+        from vramcalc.render import estimate_to_dict
+
+        best, larger = self.best, self.larger
+        return {
+            "fits": best.fits_free,
+            "certainty": best.now.certainty,
+            "spread_bytes": best.now.spread_bytes,
+            "margin_bytes": self.margin_bytes,
+            "best_gpu": best.to_dict(),
+            "gpus": [{**v.to_dict(), **(self.times[k].fields() if k in self.times else {})}
+                     for k, v in enumerate(self.verdicts)],
+            "ranking": self.ranking,
+            "estimate": estimate_to_dict(best.estimate, best.plan),
+            "suggestions": [s.model_dump(mode="json") for s in self.suggestions],
+            "larger_gpu": None if larger is None else larger.gpu.name,
+            "larger_gpu_change": (None if larger is None or larger.suggestion is None
+                                  else larger.suggestion.model_dump(mode="json")),
+            "several_gpus": self.several,
+            "calibration": self.calibration,
+        }
+
+
+def check_step(spec: ModelSpec, train: TrainPlan, targets: Sequence[Target],
+               margin_bytes: int, *, calibration: bool = True, say: Any = _say_nothing,
+               prices: Any = None, dataset_tokens: int | None = None,
+               epochs: float = 1.0, padding_free: tuple[int, int] | None = None
+               ) -> CheckReport:
+    """A training step of `train` (built at the edge) checked on each of `targets`, by the
+    rule of plan and every search; `say` hears the notes as they arise (a card planned in
+    fp16, each corrections decision), in the order the CLI prints them. `padding_free`:
+    the padding-free worst step of the user's lengths (sizing.advice.padding_free_step),
+    for the padding-free offer."""
+    from vramcalc.sizing import advice
+    from vramcalc.timing.cost import price_table, rank_by_cost, train_time
+
+    estimators = estimators_saying(calibration, say)
+    verdicts = checked_on(spec, train, targets, margin_bytes, estimators, say)
+    best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals
+    suggestions: list[Any] = []
+    larger = None
+    if not best.fits_free or best.now.certainty == "tight":
+        room = best.target.free_bytes
+        if best.fits_free:  # tight: only the allocator switch, for more room
+            allocator = advice.allocator_suggestion(spec, best.plan, room, margin_bytes,
+                                                    best.estimate_fn)
+            suggestions = [] if allocator is None else [allocator]
+        else:
+            suggestions = advice.suggest(spec, best.plan, room, margin_bytes, best.estimate_fn,
+                                         padding_free)
+        if not suggestions and not best.fits_free:
+            from vramcalc.hardware.catalog import catalog
+
+            larger = advice.smallest_fitting_gpu(
+                spec, train, margin_bytes, catalog(), lambda g: estimators(g.name)
+            )
+    table = price_table(None, []) if prices is None else prices
+    times: dict[int, Any] = {}
+    for k, v in enumerate(verdicts):
+        model = catalog_gpu_of(v.target)
+        t = None if model is None else train_time(spec, v.plan, model, table, dataset_tokens,
+                                                  epochs)
+        if t is not None:
+            times[k] = t
+    # the cards that fit, cheapest to finish first (then fastest)
+    fitting = {id(times[k]): verdicts[k] for k in times if verdicts[k].fits_free}
+    ranked = rank_by_cost([times[k] for k in times if verdicts[k].fits_free])
+    ranking = [{"name": fitting[id(t)].target.name, "label": fitting[id(t)].target.label,
+                **t.fields()} for t in ranked]
+    several: list[dict[str, Any]] = []
+    if not best.fits_free:
+        from vramcalc.memory.multi_gpu import smallest_fitting_parallel
+
+        several = [o.model_dump(mode="json") for o in smallest_fitting_parallel(
+            spec, best.plan, best.target.empty_bytes, margin_bytes, 8)]
+    return CheckReport(verdicts=tuple(verdicts), best=best, margin_bytes=margin_bytes,
+                       suggestions=tuple(suggestions), larger=larger, times=times,
+                       ranking=ranking, several=several,
+                       calibration=next((s.key for s in estimators.applied()), None))
+
+
+class CompareResult(NamedTuple):
+    """`vramcalc compare`: one model under every fine-tuning method (sizing/comparison.py
+    rows), each timed on its smallest GPU. `to_json` is `compare --json`."""
+
+    model: str
+    params: int
+    rows: list[Any]  # sizing.comparison rows
+    times: list[Any]  # timing.cost.TrainTime | None per row
+    margin_bytes: int
+    calibration_notes: list[str]  # each corrections decision met, in first-use order
+
+    def to_json(self) -> dict[str, Any]:
+        from vramcalc.render import comparison_to_dict
+
+        out = comparison_to_dict(self.model, self.rows, self.margin_bytes)
+        for entry, t in zip(out["methods"], self.times, strict=True):
+            entry["time"] = None if t is None else t.fields()
+        return out
+
+
+def compare(spec: ModelSpec, base: TrainPlan, margin_bytes: int, *,
+            optimizer: Optimizer | None = None, calibration: bool = True, prices: Any = None,
+            dataset_tokens: int | None = None, epochs: float = 1.0) -> CompareResult:
+    """Every method of `base` (built at the edge) side by side (sizing/comparison.py
+    compare): each row's estimate and the smallest catalog GPU it fits, and its time there.
+    `optimizer` None: each method's usual one."""
+    from vramcalc.corrections.planning import Estimators
+    from vramcalc.hardware.catalog import catalog, resolve_gpu
+    from vramcalc.sizing.comparison import compare as compare_methods
+    from vramcalc.timing.cost import price_table, train_time
+
+    estimators = Estimators(use_calibration=calibration)
+    rows = compare_methods(spec, base, margin_bytes, catalog(), optimizer=optimizer,
+                           estimate_for=lambda gpu: estimators(gpu.name),
+                           estimate_fn=estimators(None))
+    table = price_table(None, []) if prices is None else prices
+    times: list[Any] = []
+    for r in rows:  # each row on its smallest GPU (none: no GPU fits)
+        if r.estimate is None or r.smallest_gpu is None:
+            times.append(None)
+            continue
+        plan = r.plan.model_copy(update={"compute_dtype": r.smallest_gpu.compute_dtype})
+        times.append(train_time(spec, plan, resolve_gpu(r.smallest_gpu.gpu), table,
+                                dataset_tokens, epochs))
+    return CompareResult(model=spec.name, params=spec.num_params(), rows=list(rows),
+                         times=times, margin_bytes=margin_bytes,
+                         calibration_notes=[s.note for s in estimators.applied()])
+
+
+class FitResult(NamedTuple):
+    """`vramcalc fit`: every catalog model x method on one GPU (sizing/comparison.py
+    fit_rows), each pair that fits timed at min(batch, its largest batch). `to_json` is
+    `fit --json`."""
+
+    gpu: str
+    gpu_memory_bytes: int
+    margin_bytes: int
+    plan: TrainPlan
+    rows: list[Any]  # sizing.comparison.FitRow
+    times: list[Any]  # timing.cost.TrainTime | None per row
+    calibration_note: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        from vramcalc.render import fit_to_dict
+
+        out = fit_to_dict(self.gpu, self.gpu_memory_bytes, self.rows, self.margin_bytes,
+                          self.plan)
+        for entry, t in zip(out["rows"], self.times, strict=True):
+            entry["time"] = None if t is None else t.fields()
+        return out
+
+
+def fit(gpu: str, base: TrainPlan, margin_bytes: int, *, optimizer: Optimizer | None = None,
+        calibration: bool = True, prices: Any = None, dataset_tokens: int | None = None,
+        epochs: float = 1.0) -> FitResult:
+    """Every catalog model and method of `base` (built at the edge) on an empty card of the
+    catalog GPU `gpu`: whether it fits, its largest batch and longest sequence (the rule of
+    plan --max), and its time. `optimizer` None: each method's usual one."""
+    from vramcalc.corrections.planning import calibration_note, estimator
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.spec import catalog, get_spec
+    from vramcalc.sizing.advice import for_gpu
+    from vramcalc.sizing.comparison import fit_rows, method_plan
+    from vramcalc.timing.cost import price_table, train_time
+
+    card = resolve_gpu(gpu)
+    estimate_fn, corrections = estimator(card.name, use_calibration=calibration)
+    rows = fit_rows(catalog(), base, card, margin_bytes, optimizer=optimizer,
+                    estimate_fn=estimate_fn)
+    table = price_table(None, []) if prices is None else prices
+    times: list[Any] = []
+    for r in rows:  # each fitting row at min(--batch, its largest batch)
+        if not r.fits or r.max_batch < 1:
+            times.append(None)
+            continue
+        plan = for_gpu(method_plan(base, r.method, optimizer), card.bf16_supported)
+        plan = plan.model_copy(update={"batch_size": min(base.batch_size, r.max_batch)})
+        times.append(train_time(get_spec(r.model), plan, card, table, dataset_tokens, epochs))
+    return FitResult(gpu=card.name, gpu_memory_bytes=card.usable_bytes,
+                     margin_bytes=margin_bytes, plan=base, rows=list(rows), times=times,
+                     calibration_note=calibration_note(corrections))
+
+
+# sweep's --over name -> TrainPlan field
+SWEEPABLE = {"seq-len": "seq_len", "batch": "batch_size", "rank": "rank"}
+
+
+class Capacity(NamedTuple):
+    """One card's line in a sweep."""
+
+    name: str
+    memory_bytes: int  # what an empty card offers (verdict.Target.free_bytes), as plan --gpu
+    margin_bytes: int
+    fits_up_to: int | None  # the largest swept value `plan --gpu` calls "fits"; None: none
+    certainty: list[str]  # plan --gpu's verdict at each swept value (fits, tight, ...)
+
+
+class SweepResult(NamedTuple):
+    """`vramcalc sweep`: the plan's estimate at each swept value, and each card's verdicts
+    along it. `to_json` is `sweep --json`; `series` its points (and --csv's rows)."""
+
+    model: str
+    over: str  # seq-len | batch | rank
+    values: list[int]
+    plan: TrainPlan
+    points: list[Estimate]
+    gpus: list[Capacity]
+
+    def series(self) -> list[dict[str, Any]]:
+        return [
+            {self.over: v, "required_device_bytes": e.required_device_bytes,
+             "peak_device_bytes": e.peak_device_bytes, "peak_allocated_bytes":
+             e.peak_allocated_bytes, "peak_phase": e.peak_phase, **dict(e.components.items())}
+            for v, e in zip(self.values, self.points, strict=True)
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "over": self.over,
+                "plan": self.plan.model_dump(mode="json"),
+                "gpus": [c._asdict() for c in self.gpus], "points": self.series()}
+
+
+def sweep(spec: ModelSpec, train: TrainPlan, over: str, values: Sequence[int],
+          targets: Sequence[Target], margin_bytes: int, *, calibration: bool = True,
+          say: Any = _say_nothing) -> SweepResult:
+    """`train` (built at the edge) estimated at each of `values` of `over` (seq-len, batch
+    or rank) under the first card's corrections, and each card's verdict at every value as
+    `plan --gpu` gives it: the plan as it runs there (fp16 without bf16) under that card's
+    corrections; the series' own estimates where those are the same. `say` hears each
+    corrections note once."""
+    from vramcalc.sizing.advice import for_gpu
+    from vramcalc.sizing.verdict import verdict
+
+    estimators = estimators_saying(calibration, say)
+    field = SWEEPABLE[over]
+    series_fn = estimators(targets[0].corrections_gpu if targets else None)
+    points = [series_fn(spec, train.model_copy(update={field: v})) for v in values]
+    caps = []
+    for t in targets:
+        p = for_gpu(train, t.bf16_supported)
+        fn = estimators(t.corrections_gpu)
+        ests = points if (fn is series_fn and p == train) else [
+            fn(spec, p.model_copy(update={field: v})) for v in values]
+        words: list[str] = [
+            verdict(t.free_bytes, e.required_device_bytes, margin_bytes,
+                    e.required_low).certainty
+            for e in ests]
+        fitting = [v for v, c in zip(values, words, strict=True) if c == "fits"]
+        caps.append(Capacity(t.name, t.free_bytes, margin_bytes,
+                             max(fitting) if fitting else None, words))
+    return SweepResult(model=spec.name, over=over, values=list(values), plan=train,
+                       points=points, gpus=caps)
+
+
+def _task_estimate(spec: ModelSpec, plan: InferPlan | MergePlan) -> Estimate:
+    from vramcalc.memory.inference import estimate_inference, estimate_merge
+
+    if isinstance(plan, InferPlan):
+        return estimate_inference(spec, plan)
+    return estimate_merge(spec, plan)
+
+
+def _task_dtype(plan: InferPlan | MergePlan) -> str:
+    """The dtype the plan computes in (a merge: its base's)."""
+    return plan.compute_dtype if isinstance(plan, InferPlan) else plan.dtype
+
+
+def _merge_extras(spec: ModelSpec, plan: InferPlan | MergePlan) -> dict[str, Any]:
+    """A merge's checkpoint on disk and host peak (memory/inference.py merge_sizes)."""
+    from vramcalc.memory.inference import merge_sizes
+
+    if not isinstance(plan, MergePlan):
+        return {}
+    sizes = merge_sizes(spec, plan)
+    return {"disk_bytes": sizes.disk_bytes, "host_peak_bytes": sizes.host_peak_bytes,
+            "device": plan.on}
+
+
+def _infer_times(spec: ModelSpec, plan: InferPlan | MergePlan, names: Sequence[str]
+                 ) -> dict[str, Any]:
+    """catalog name -> generate() speed (timing/cost.py infer_time_on) of an inference
+    plan; a name outside the catalog, or a card without figures, is left out."""
+    from vramcalc.errors import UnknownGpuError
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.timing.cost import infer_time_on
+
+    if not isinstance(plan, InferPlan):
+        return {}
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            gpu = resolve_gpu(name)
+        except UnknownGpuError:
+            continue
+        t = infer_time_on(spec, plan, gpu)
+        if t is not None:
+            out[name] = t
+    return out
+
+
+class TaskResult(NamedTuple):
+    """`vramcalc plan --task infer|merge`: the estimate, the merge's disk and host sizes,
+    generate()'s speed on a catalog card, the card's verdict. `to_json` is its --json."""
+
+    estimate: Estimate
+    plan: InferPlan | MergePlan
+    extras: dict[str, Any]  # a merge's sizes (_merge_extras)
+    speed: Any = None  # timing.cost InferTime
+    verdict: GpuVerdict | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.verdict is None or self.verdict.fits
+
+    def to_json(self) -> dict[str, Any]:
+        from vramcalc.render import task_estimate_to_dict
+
+        out = task_estimate_to_dict(self.estimate, self.plan.model_dump(mode="json"))
+        out.update(self.extras)
+        if self.speed is not None:
+            out.update(self.speed._asdict())
+        if self.verdict is not None:  # as `plan --gpu` for a training step
+            out.update(self.verdict.verdict_fields())
+        return out
+
+
+def task_step(spec: ModelSpec, plan: InferPlan | MergePlan, *, target: Target | None = None,
+              margin_bytes: int = 0, time_gpu: str | None = None) -> TaskResult:
+    """An inference or merge plan (built at the edge) estimated (memory/inference.py),
+    checked on `target` by the rule of a training step (verdict_on), and, for inference,
+    timed on the catalog GPU `time_gpu`."""
+    est = _task_estimate(spec, plan)
+    times = _infer_times(spec, plan, [time_gpu] if time_gpu is not None else [])
+    v = None if target is None else verdict_on(target, est, _task_dtype(plan), margin_bytes)
+    return TaskResult(estimate=est, plan=plan, extras=_merge_extras(spec, plan),
+                      speed=next(iter(times.values()), None), verdict=v)
+
+
+class TaskCheckReport(NamedTuple):
+    """`vramcalc check --task infer|merge`: the estimate against each card, the card that
+    decides (the most memory, first of equals), generate()'s speed on each catalog card.
+    `to_json` is its --json."""
+
+    estimate: Estimate
+    plan: InferPlan | MergePlan
+    extras: dict[str, Any]
+    verdicts: tuple[GpuVerdict, ...]
+    best: GpuVerdict
+    times: dict[str, Any]  # card name -> InferTime
+    margin_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.best.fits_free
+
+    def to_json(self) -> dict[str, Any]:
+        from vramcalc.render import task_estimate_to_dict
+
+        best = self.best
+        estimate = task_estimate_to_dict(self.estimate, self.plan.model_dump(mode="json"))
+        estimate.update(self.extras)
+        return {"fits": best.fits_free, "certainty": best.certainty,
+                "spread_bytes": best.spread_bytes, "margin_bytes": self.margin_bytes,
+                "best_gpu": best.to_dict(),
+                "gpus": [{**v.to_dict(), **(self.times[v.target.name]._asdict()
+                                            if v.target.name in self.times else {})}
+                         for v in self.verdicts],
+                "estimate": estimate}
+
+
+def check_task(spec: ModelSpec, plan: InferPlan | MergePlan, targets: Sequence[Target],
+               margin_bytes: int) -> TaskCheckReport:
+    """An inference or merge plan against each card, by check's rule and verdict type
+    (verdict_on: required + margin <= free memory, tight inside the band or the spread;
+    empty: the usable total)."""
+    est = _task_estimate(spec, plan)
+    verdicts = [verdict_on(t, est, _task_dtype(plan), margin_bytes) for t in targets]
+    times = _infer_times(spec, plan, [v.target.name for v in verdicts])
+    best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals, as check's
+    return TaskCheckReport(estimate=est, plan=plan, extras=_merge_extras(spec, plan),
+                           verdicts=tuple(verdicts), best=best, times=times,
+                           margin_bytes=margin_bytes)
+
+
+def parallel_fields(pe: Any, plan: TrainPlan) -> dict[str, Any]:
+    """A multi-GPU estimate (memory/multi_gpu.py ParallelEstimate) as JSON: the busiest
+    GPU's totals under the one-GPU keys, then per_gpu and host RAM."""
+    from vramcalc.render import estimate_to_dict
+
+    out = estimate_to_dict(pe.busiest, plan)
+    out["parallel"] = pe.parallel.model_dump(mode="json")
+    out["busiest_gpu"] = pe.busiest_gpu
+    out["per_gpu"] = [
+        {"gpu": i, **{k: v for k, v in estimate_to_dict(e, plan).items() if k != "plan"}}
+        for i, e in enumerate(pe.per_gpu)
+    ]
+    out["placement"] = pe.placement
+    out["comm_detail"] = pe.comm_detail
+    out["layers_per_gpu"] = pe.layers_per_gpu
+    out["host_offload_bytes"] = pe.host_offload_bytes
+    out["host_loading_bytes"] = pe.host_loading_bytes
+    out["single_gpu_required_device_bytes"] = pe.single_gpu.required_device_bytes
+    out["notes"] = list(pe.notes)
+    # fsdp / zero: the busiest GPU's peak term by term (multi_gpu.PeakTerm)
+    out["peak_terms"] = [t.model_dump(mode="json") for t in pe.peak_terms]
+    return out
+
+
+class ParallelResult(NamedTuple):
+    """A training step split over several GPUs (`plan --gpus N`, `check --gpus N`): the
+    estimate of each GPU, and the busiest one's verdict on a card offering
+    `memory_bytes` each (None: no card). `plan_json` / `check_json` are their --json."""
+
+    estimate: Any  # memory.multi_gpu.ParallelEstimate
+    plan: TrainPlan
+    memory_bytes: int | None
+    margin_bytes: int
+    verdict: Verdict | None
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.verdict is None else self.verdict.fits
+
+    def plan_json(self, gpu: str | None) -> dict[str, Any]:
+        out = parallel_fields(self.estimate, self.plan)
+        v = self.verdict
+        if v is not None and gpu is not None:
+            out.update(gpu=gpu, gpu_memory_bytes=self.memory_bytes,
+                       margin_bytes=self.margin_bytes, fits=v.fits, certainty=v.certainty,
+                       spread_bytes=v.spread_bytes, headroom_bytes=v.headroom_bytes)
+        return out
+
+    def check_json(self, where: str) -> dict[str, Any]:
+        out = parallel_fields(self.estimate, self.plan)
+        v, memory = self.verdict, self.memory_bytes
+        assert v is not None and memory is not None
+        out.update(fits=v.fits, certainty=v.certainty, spread_bytes=v.spread_bytes,
+                   gpu_memory_bytes=memory, margin_bytes=self.margin_bytes,
+                   headroom_bytes=v.headroom_bytes,
+                   budget_bytes_per_gpu=memory - self.margin_bytes, gpus_checked=where)
+        return out
+
+
+def parallel_step(spec: ModelSpec, plan: TrainPlan, parallel: Any,
+                  memory_bytes: int | None = None, margin_bytes: int = 0) -> ParallelResult:
+    """`plan` (built at the edge) over the GPUs of `parallel` (plans.ParallelPlan;
+    memory/multi_gpu.py estimate_parallel), the busiest GPU checked on a card offering
+    `memory_bytes` by the rule of the one-GPU plan. Raw estimate: the fitted corrections
+    were measured on one GPU and are not applied."""
+    from vramcalc.memory.multi_gpu import estimate_parallel
+
+    pe = estimate_parallel(spec, plan, parallel)
+    v = (None if memory_bytes is None else
+         verdict(memory_bytes, pe.busiest.required_device_bytes, margin_bytes,
+                 pe.busiest.required_low))
+    return ParallelResult(estimate=pe, plan=plan, memory_bytes=memory_bytes,
+                          margin_bytes=margin_bytes, verdict=v)
+
+
+def largest_parallel(spec: ModelSpec, plan: TrainPlan, parallel: Any, what: str,
+                     target: Target, margin_bytes: int) -> MaxResult:
+    """The largest `what` per GPU whose busiest GPU fits `target` (each card), by the rule
+    of every search (sizing/search.py largest_fitting on estimate_parallel's busiest)."""
+    from vramcalc.memory.multi_gpu import estimate_parallel
+    from vramcalc.sizing.search import largest_fitting, quick_estimate
+
+    best = largest_fitting(
+        spec, plan, what, target.free_bytes, margin_bytes,
+        estimate_fn=lambda s, p: estimate_parallel(s, p, parallel).busiest,
+        guess_fn=lambda s, p: estimate_parallel(s, p, parallel, quick_estimate).busiest)
+    return MaxResult(model=spec.name, task=None, max=what, value=best, gpu=target.name,
+                     gpu_memory_bytes=target.free_bytes, margin_bytes=margin_bytes,
+                     gpus=parallel.gpus, strategy=parallel.strategy)

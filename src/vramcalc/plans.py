@@ -74,6 +74,11 @@ CCE_MODEL_TYPES = frozenset({"llama", "phi3", "gemma2", "mistral", "qwen2"})
 # torchtune CEWithChunkedOutputLoss (modules/loss/ce_chunked_output_loss.py) default
 CHUNKED_LOSS_CHUNKS = 8
 
+# The largest values the options accept (commands/options.py), and so the searches' upper
+# bounds (sizing/search.py largest_fitting_infer): past these an input is a typo, not a plan.
+MAX_SEQ_LEN = 2**24  # 16M tokens: 128 x the largest max_position_embeddings of the catalog
+MAX_BATCH = 2**20  # sequences per device per step
+
 # The loop names of calibration matrices and records made before issue 27 (runs 1-26):
 # their `plain` loops were plain steps on a model and optimizer a Trainer had built.
 # `loop_names` of a matrix file says which names it uses (absent: 1).

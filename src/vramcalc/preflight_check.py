@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from vramcalc.api import PlanEstimate, _with_plan, make_plan
+from vramcalc.api import PlanEstimate, _resolve, _with_plan, make_plan
 from vramcalc.errors import PlanError, VramcalcError
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import TrainPlan
@@ -160,9 +160,8 @@ def _model_spec(model: Any) -> tuple[ModelSpec, dict[str, Any]]:
     if isinstance(model, ModelSpec):
         return model, {}
     if isinstance(model, str):
-        from vramcalc.api import _resolve
 
-        return _resolve(model), {}
+        return _resolve(model).spec, {}
     config = getattr(model, "config", None)
     facts: dict[str, Any] = {}
     if config is not None:  # a model (transformers PreTrainedModel, or peft's wrapper)
@@ -384,7 +383,7 @@ def preflight(
         more = advice.allocator_suggestion(spec, p, t.free_bytes, margin, fn)
         suggestions = [] if more is None else [more]
     return PreflightResult(
-        estimate=_with_plan(est, spec, p),
+        estimate=_with_plan(est, _resolve(spec), p),
         verdicts=tuple(PreflightVerdict(
             gpu=tt.where, memory_bytes=vv.memory_bytes, required_bytes=vv.required_bytes,
             margin_bytes=margin, fits=vv.fits, certainty=vv.certainty,

@@ -10,6 +10,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from vramcalc.api import checked_on
 from vramcalc.commands import check as check_mod
 from vramcalc.corrections.planning import Estimators
 from vramcalc.hardware.catalog import MIB, catalog, resolve_gpu
@@ -62,8 +63,8 @@ def test_plan_and_check_agree_on_every_gpu_and_model(batch: int) -> None:
             plan = for_gpu(base, gpu.bf16_supported)
             est = estimate(spec, plan)
             by_plan = verdict(t.free_bytes, est.required_device_bytes, MARGIN, est.required_low)
-            by_check = check_mod._verdicts(spec, base, [t], MARGIN,
-                                           Estimators(False))[0]
+            by_check = checked_on(spec, base, [t], MARGIN,
+                                Estimators(False))[0]
             if by_plan.fits != by_check.fits_free or by_check.now != by_plan:
                 mismatches.append((spec.name, gpu.name))
     assert not mismatches
@@ -147,7 +148,7 @@ def test_check_tables_keep_whole_numbers_at_80_columns() -> None:
     targets = [catalog_target(g) for g in catalog()[:6]] + [
         Target(name="NVIDIA GeForce RTX 4090 with a very long name indeed", index=3, label="3",
                total_bytes=24564 * MIB, free_bytes=123 * MIB, empty_bytes=24000 * MIB)]
-    verdicts = check_mod._verdicts(spec, plan, targets, MARGIN, Estimators(False))
+    verdicts = checked_on(spec, plan, targets, MARGIN, Estimators(False))
     for detected in (True, False):
         console = Console(width=80, record=True, force_terminal=False)
         console.print(check_mod._verdict_table(verdicts, MARGIN, detected))

@@ -9,13 +9,13 @@ and never calls NVML. rich, pynvml and the catalog load inside the function bodi
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from vramcalc.commands import targets as gpu_targets
 from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
-from vramcalc.commands.from_config import announce_spec, with_from_config
+from vramcalc.commands.from_config import with_from_config
 from vramcalc.commands.options import (
     GpuMemOpt,
     JsonOpt,
@@ -41,24 +41,17 @@ from vramcalc.commands.time_options import (
     EpochsOpt,
     PriceOpt,
     PricesOpt,
-    TimeSettings,
     time_settings,
 )
 from vramcalc.errors import PlanError
-from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB, Target
+from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB
 from vramcalc.units import GiB
 
 if TYPE_CHECKING:
-    from vramcalc.api import GpuVerdict
-    from vramcalc.corrections.factors import Selection
-    from vramcalc.corrections.planning import EstimateFn, Estimators
+    from vramcalc.api import Checked
     from vramcalc.hardware.devices import DeviceInfo
-    from vramcalc.memory.estimate import Estimate
-    from vramcalc.models.spec import ModelSpec
-    from vramcalc.plans import TrainPlan
     from vramcalc.sizing.advice import GpuAnswer, Suggestion
     from vramcalc.sizing.verdict import Verdict
-    from vramcalc.timing.cost import TrainTime
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -76,47 +69,6 @@ GpuOpt = Annotated[
                  "driver's reservation) instead of detecting; repeat for several; see "
                  "'vramcalc gpus'."),
 ]
-
-
-class Checked(NamedTuple):
-    """One card's verdict (vramcalc.api.GpuVerdict, the API's type) with what the searches
-    and suggestions on that card need: the plan as it runs there and its estimate
-    function (that GPU family's corrections)."""
-
-    verdict: GpuVerdict
-    plan: TrainPlan
-    estimate_fn: EstimateFn
-
-    @property
-    def target(self) -> Target:
-        return self.verdict.target
-
-    @property
-    def estimate(self) -> Estimate:
-        return self.verdict.estimate
-
-    @property
-    def now(self) -> Verdict:
-        return self.verdict.now
-
-    @property
-    def empty(self) -> Verdict:
-        return self.verdict.empty
-
-    @property
-    def fits_free(self) -> bool:
-        return self.verdict.fits_free
-
-    @property
-    def fits_empty(self) -> bool:
-        return self.verdict.fits_empty
-
-    @property
-    def headroom_bytes(self) -> int:
-        return self.verdict.headroom_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.verdict.to_dict()
 
 
 def _gib(nbytes: int) -> str:
@@ -149,40 +101,6 @@ def _list_devices(devices: list[DeviceInfo], json_output: bool) -> None:
 
 
 # ---- checking -----------------------------------------------------------------------------
-
-
-def _estimators(use_calibration: bool) -> Estimators:
-    """Estimate functions per GPU; each corrections note said once, on stderr."""
-    from vramcalc.corrections.planning import Estimators, calibration_note
-
-    def say(selection: Selection | None) -> None:
-        note = calibration_note(selection)
-        if note:
-            warn(note)
-
-    return Estimators(use_calibration, on_new=say)
-
-
-def _verdicts(
-    spec: ModelSpec, train: TrainPlan, targets: list[Target], margin: int,
-    estimators: Estimators,
-) -> list[Checked]:
-    from vramcalc.api import verdict_on
-    from vramcalc.sizing.advice import for_gpu
-
-    cache: dict[tuple[int, str], Estimate] = {}
-    out = []
-    for t in targets:
-        p = for_gpu(train, t.bf16_supported)
-        if p is not train:
-            warn(f"note: {t.where}, compute capability {t.compute_capability}, has no "
-                 "bf16; planning with --compute-dtype fp16 for it")
-        fn = estimators(t.corrections_gpu)
-        key = (id(fn), p.compute_dtype)
-        if key not in cache:
-            cache[key] = fn(spec, p)
-        out.append(Checked(verdict_on(t, cache[key], p.compute_dtype, margin), p, fn))
-    return out
 
 
 def _fits_cell(v: Verdict) -> str:
@@ -294,47 +212,6 @@ def _render_max(
     Console().print(table)
 
 
-def catalog_gpu_of(target: Target) -> Any:
-    """The catalog entry of a target (a --gpu name or a detected card NVML names), or None
-    (a --gpu-memory card, an unknown detected card)."""
-    from vramcalc.errors import UnknownGpuError
-    from vramcalc.hardware.catalog import match_detected, resolve_gpu
-
-    if target.index is None:
-        try:
-            return resolve_gpu(target.name)
-        except UnknownGpuError:
-            return None
-    return match_detected(target.name, target.total_bytes)
-
-
-def _times(spec: ModelSpec, verdicts: list[Checked], timing: TimeSettings
-           ) -> dict[int, TrainTime]:
-    """Each verdict's time and cost on its card (index in `verdicts` -> time), where the card
-    is a catalog GPU with throughput figures."""
-    from vramcalc.timing.cost import train_time
-
-    table = timing.table()
-    out: dict[int, TrainTime] = {}
-    for k, v in enumerate(verdicts):
-        model = catalog_gpu_of(v.target)
-        t = None if model is None else train_time(spec, v.plan, model, table,
-                                                  timing.dataset_tokens, timing.epochs)
-        if t is not None:
-            out[k] = t
-    return out
-
-
-def _ranking(verdicts: list[Checked], times: dict[int, TrainTime]) -> list[dict[str, Any]]:
-    """The GPUs that fit, cheapest to finish first (then fastest): `check --gpu A --gpu B`."""
-    from vramcalc.timing.cost import rank_by_cost
-
-    fitting = {id(times[k]): verdicts[k] for k in times if verdicts[k].fits_free}
-    ranked = rank_by_cost([times[k] for k in times if verdicts[k].fits_free])
-    return [{"name": fitting[id(t)].target.name, "label": fitting[id(t)].target.label,
-             **t.fields()} for t in ranked]
-
-
 def _time_table(ranking: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
@@ -424,10 +301,8 @@ def check(
     if gpu_memory is not None:
         gpu_memory_bytes(gpu_memory)  # validated before the model loads
 
-    from vramcalc.sizing import advice
 
     spec = resolve_model_arg(model)
-    announce_spec(spec)
     train = build_plan(**(plan_options or {}))
     check_applies(spec, train, given)
     train = runnable_dropout(spec, train, given)
@@ -457,75 +332,36 @@ def check(
                               json_output):
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
-    estimators = _estimators(use_calibration=not no_calibration)
-    verdicts = _verdicts(spec, train, targets_, margin_b, estimators)
-    if max_ is not None:
-        from vramcalc.sizing.search import largest_fitting
+    from vramcalc.api import check_step, checked_on, estimators_saying, largest
 
+    if max_ is not None:
+        estimators = estimators_saying(not no_calibration, warn)
+        verdicts = checked_on(spec, train, targets_, margin_b, estimators, warn)
         timing.refuse("not with --max (which plan would they time?)")
-        rows = [(v, largest_fitting(spec, v.plan, max_, v.target.free_bytes, margin_b,
-                                    estimate_fn=v.estimate_fn))
+        rows = [(v, largest(spec, v.plan, max_, v.target, margin_b,
+                            estimate_fn=v.estimate_fn).value)
                 for v in verdicts]
         _render_max(max_, rows, margin_b, json_output)
         if not any(n for _, n in rows):
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
-    best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals
-    suggestions: list[Suggestion] = []
-    larger = None
-    if not best.fits_free or best.now.certainty == "tight":
-        room = best.target.free_bytes
-        if best.fits_free:  # tight: only the allocator switch, for more room
-            allocator = advice.allocator_suggestion(spec, best.plan, room, margin_b,
-                                                    best.estimate_fn)
-            suggestions = [] if allocator is None else [allocator]
-        else:
-            suggestions = advice.suggest(spec, best.plan, room, margin_b, best.estimate_fn,
-                                         _padding_free_step(plan_options))
-        if not suggestions and not best.fits_free:
-            from vramcalc.hardware.catalog import catalog
-
-            larger = advice.smallest_fitting_gpu(
-                spec, train, margin_b, catalog(), lambda g: estimators(g.name)
-            )
-
-    times = _times(spec, verdicts, timing)
-    if not times:
+    report = check_step(spec, train, targets_, margin_b, calibration=not no_calibration,
+                        say=warn, prices=timing.table(), dataset_tokens=timing.dataset_tokens,
+                        epochs=timing.epochs, padding_free=_padding_free_step(plan_options))
+    if not report.times:
         timing.refuse("no GPU checked here has throughput figures (name catalog GPUs with "
                       "--gpu; see vramcalc/data/gpu_speed.yaml)")
-    ranking = _ranking(verdicts, times)
-    several: list[dict[str, Any]] = []
-    if not best.fits_free:
-        from vramcalc.commands.parallel import parallel_suggestions
-
-        several = parallel_suggestions(spec, best.plan, best.target.empty_bytes, margin_b)
+    best = report.best
     if json_output:
-        from vramcalc.render import estimate_to_dict
-
-        print_json({
-            "fits": best.fits_free,
-            "certainty": best.now.certainty,
-            "spread_bytes": best.now.spread_bytes,
-            "margin_bytes": margin_b,
-            "best_gpu": best.to_dict(),
-            "gpus": [{**v.to_dict(), **(times[k].fields() if k in times else {})}
-                     for k, v in enumerate(verdicts)],
-            "ranking": ranking,
-            "estimate": estimate_to_dict(best.estimate, best.plan),
-            "suggestions": [s.model_dump(mode="json") for s in suggestions],
-            "larger_gpu": None if larger is None else larger.gpu.name,
-            "larger_gpu_change": (None if larger is None or larger.suggestion is None
-                                  else larger.suggestion.model_dump(mode="json")),
-            "several_gpus": several,
-            "calibration": next((s.key for s in estimators.applied()), None),
-        })
+        print_json(report.to_json())
     else:
-        _render(verdicts, best, margin_b, suggestions, larger, detected)
-        if ranking:
+        _render(list(report.verdicts), best, margin_b, list(report.suggestions), report.larger,
+                detected)
+        if report.ranking:
             from rich.console import Console
 
-            Console().print(_time_table(ranking))
-        for o in several[:3]:
+            Console().print(_time_table(report.ranking))
+        for o in report.several[:3]:
             typer.echo(f"  on several {best.target.name}: {o['flags']} needs "
                        f"{_gib(o['required_device_bytes'])} GiB per GPU")
     if not best.fits_free:

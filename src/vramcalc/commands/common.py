@@ -6,7 +6,6 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import typer
@@ -14,6 +13,7 @@ import typer
 from vramcalc.errors import VramcalcError
 
 if TYPE_CHECKING:
+    from vramcalc.api import MaxResult
     from vramcalc.models.spec import ModelSpec
 
 P = ParamSpec("P")
@@ -52,44 +52,14 @@ def warn(message: str) -> None:
 
 
 def resolve_model_arg(arg: str) -> ModelSpec:
-    """--model as the user meant it: a catalog name, alias, spec YAML or config.json.
+    """--model through the one door (models/resolve.py `resolve`), its warnings and notes
+    on stderr."""
+    from vramcalc.models.resolve import resolve
 
-    A bare name that is both a catalog entry and a folder here goes to the catalog, unless the
-    folder holds a config.json; either way a warning says which was used. `./name` is always
-    the folder.
-    """
-    from vramcalc.errors import PlanError, SpecError, UnknownModelError
-    from vramcalc.models.resolve import resolve_model
-    from vramcalc.models.spec import get_spec
-
-    if not arg.strip():
-        raise PlanError("--model is empty; give a catalog name (see 'vramcalc models'), "
-                        "a config.json or its folder, or a spec YAML")
-    import stat
-
-    from vramcalc.user_files import probe
-
-    path = Path(arg).expanduser()
-    path_like = arg.startswith((".", "/", "~")) or path.suffix in {".json", ".yaml", ".yml"}
-    found = probe(path, arg, SpecError)  # a locked folder on the way: one line
-    if not path_like and found is not None and stat.S_ISDIR(found.st_mode):
-        try:
-            spec = get_spec(arg)
-        except UnknownModelError:
-            pass
-        else:
-            config = probe(path / "config.json", f"{arg}/config.json", SpecError)
-            if config is None or not stat.S_ISREG(config.st_mode):
-                warn(f"warning: '{arg}' is a catalog model and a folder here without "
-                     f"config.json; using the catalog model (write ./{arg} for the folder)")
-                return spec
-            warn(f"warning: '{arg}' is a catalog model and a folder here with a config.json; "
-                 "using the folder's config.json (use an alias from 'vramcalc models --json' "
-                 "for the catalog model)")
-    if found is not None and not (stat.S_ISDIR(found.st_mode) or stat.S_ISREG(found.st_mode)):
-        raise SpecError(f"{arg}: not a file or folder; give a config.json, its folder or a "
-                        "spec YAML")
-    return resolve_model(arg)
+    found = resolve(arg)
+    for line in found.lines():
+        warn(line)
+    return found.spec
 
 
 def uninstalled(names: list[str] | tuple[str, ...], find: Any = None) -> list[str]:
@@ -107,3 +77,13 @@ def uninstalled(names: list[str] | tuple[str, ...], find: Any = None) -> list[st
         if not found:
             missing.append(name)
     return missing
+
+
+def echo_max(result: MaxResult, at: str) -> None:
+    """`plan --max`'s line (training and inference): the value, or that not even 1 fits."""
+    from vramcalc.units import GiB
+
+    where = (f"{result.gpu} ({result.gpu_memory_bytes / GiB:.2f} GiB, margin "
+             f"{result.margin_bytes / GiB:.2f}) at {at}")
+    typer.echo(f"largest {result.max} that fits {where}: {result.value}" if result.fits
+               else f"nothing fits {where}, not even {result.max} 1")

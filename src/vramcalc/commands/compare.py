@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
-from vramcalc.commands.from_config import announce_spec
 from vramcalc.commands.options import (
     JsonOpt,
     MarginOpt,
@@ -85,13 +84,9 @@ def compare(
       vramcalc compare -m qwen2.5-7b --batch 4 --seq-len 2048 --json
       vramcalc compare -m mistral-7b --optimizer adamw_8bit --rank 64
     """
-    from vramcalc.hardware.catalog import catalog
-    from vramcalc.sizing.comparison import compare as compare_methods
-
     margin_b = margin_bytes(margin)
     timing = time_settings(dataset_tokens, epochs, price, prices)
     spec = resolve_model_arg(model)
-    announce_spec(spec)
     base = build_plan(**plan_options)
     given: frozenset[str] = getattr(plan_options, "given", frozenset())
     lora_row = runnable_dropout(spec, base.model_copy(update={"method": "lora",
@@ -101,25 +96,17 @@ def compare(
     long_seq = warn_long_sequence(spec, base)
     if long_seq:
         warn(long_seq)
-    from vramcalc.corrections.planning import Estimators
+    from vramcalc.api import compare as compare_methods
 
-    estimators = Estimators(use_calibration=not no_calibration)
-    rows = compare_methods(spec, base, margin_b, catalog(),
-                           optimizer=user_optimizer(ctx, plan_options),
-                           estimate_for=lambda gpu: estimators(gpu.name),
-                           estimate_fn=estimators(None))
-    for selection in estimators.applied():
-        warn(selection.note)
-    times = _row_times(spec, rows, timing)
-    if not any(times):
+    result = compare_methods(spec, base, margin_b, optimizer=user_optimizer(ctx, plan_options),
+                             calibration=not no_calibration, prices=timing.table(),
+                             dataset_tokens=timing.dataset_tokens, epochs=timing.epochs)
+    for note in result.calibration_notes:
+        warn(note)
+    if not any(result.times):
         timing.refuse("no method fits a catalog GPU with throughput figures: nothing to time")
     if json_output:
-        from vramcalc.render import comparison_to_dict
-
-        out = comparison_to_dict(spec.name, rows, margin_b)
-        for entry, t in zip(out["methods"], times, strict=True):
-            entry["time"] = None if t is None else t.fields()
-        print_json(out)
+        print_json(result.to_json())
         return
     from rich.console import Console
 
@@ -127,24 +114,7 @@ def compare(
     from vramcalc.render_time import print_times
 
     console = Console()
-    print_comparison(spec.name, spec.num_params(), rows, margin_b, console)
+    print_comparison(result.model, result.params, result.rows, margin_b, console)
     print_times("Time on each method's smallest GPU", [
         (r.label, r.smallest_gpu.gpu if r.smallest_gpu else "-", t)
-        for r, t in zip(rows, times, strict=True)], console)
-
-
-def _row_times(spec: Any, rows: list[Any], timing: Any) -> list[Any]:
-    """Each method row's time on its smallest GPU (None: no GPU fits, or no peaks known)."""
-    from vramcalc.hardware.catalog import resolve_gpu
-    from vramcalc.timing.cost import train_time
-
-    table = timing.table()
-    out: list[Any] = []
-    for r in rows:
-        if r.estimate is None or r.smallest_gpu is None:
-            out.append(None)
-            continue
-        plan = r.plan.model_copy(update={"compute_dtype": r.smallest_gpu.compute_dtype})
-        out.append(train_time(spec, plan, resolve_gpu(r.smallest_gpu.gpu), table,
-                              timing.dataset_tokens, timing.epochs))
-    return out
+        for r, t in zip(result.rows, result.times, strict=True)], console)

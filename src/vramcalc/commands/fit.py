@@ -27,7 +27,6 @@ from vramcalc.commands.time_options import (
     EpochsOpt,
     PriceOpt,
     PricesOpt,
-    TimeSettings,
     time_settings,
 )
 from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB
@@ -77,32 +76,23 @@ def fit(
       vramcalc fit --gpu a100-80gb --seq-len 4096 --json
       vramcalc fit --gpu l4 --rank 64 --batch 4
     """
-    from vramcalc.corrections.planning import calibration_note, estimator
+    from vramcalc.api import fit as fit_gpu
     from vramcalc.hardware.catalog import resolve_gpu
-    from vramcalc.models.spec import catalog
-    from vramcalc.sizing.comparison import fit_rows
 
     margin_b = margin_bytes(margin)
     timing = time_settings(dataset_tokens, epochs, price, prices)
-    card = resolve_gpu(gpu)
+    resolve_gpu(gpu)  # an unknown GPU: its Error line before any plan option's
     base = build_plan(**plan_options)
-    estimate_fn, corrections = estimator(card.name, use_calibration=not no_calibration)
-    note = calibration_note(corrections)
-    if note:
-        warn(note)
-    rows = fit_rows(catalog(), base, card, margin_b, optimizer=user_optimizer(ctx, plan_options),
-                    estimate_fn=estimate_fn)
-    times = _fit_times(rows, base, card, timing, user_optimizer(ctx, plan_options))
-    if not any(times):
-        timing.refuse(f"nothing on {card.name} can be timed (no pair fits, or the card has no "
-                      "throughput figures in vramcalc/data/gpu_speed.yaml)")
+    result = fit_gpu(gpu, base, margin_b, optimizer=user_optimizer(ctx, plan_options),
+                     calibration=not no_calibration, prices=timing.table(),
+                     dataset_tokens=timing.dataset_tokens, epochs=timing.epochs)
+    if result.calibration_note:
+        warn(result.calibration_note)
+    if not any(result.times):
+        timing.refuse(f"nothing on {result.gpu} can be timed (no pair fits, or the card has "
+                      "no throughput figures in vramcalc/data/gpu_speed.yaml)")
     if json_output:
-        from vramcalc.render import fit_to_dict
-
-        out = fit_to_dict(card.name, card.usable_bytes, rows, margin_b, base)
-        for entry, t in zip(out["rows"], times, strict=True):
-            entry["time"] = None if t is None else t.fields()
-        print_json(out)
+        print_json(result.to_json())
         return
     from rich.console import Console
 
@@ -110,30 +100,9 @@ def fit(
     from vramcalc.render_time import print_times
 
     console = Console()
-    print_fit(card.name, card.usable_bytes, rows, margin_b, base, console)
-    timed = [(f"{r.model} {r.method} b{t.tokens_per_step // base.seq_len}", card.name, t)
-             for r, t in zip(rows, times, strict=True) if t is not None]
+    print_fit(result.gpu, result.gpu_memory_bytes, result.rows, margin_b, base, console)
+    timed = [(f"{r.model} {r.method} b{t.tokens_per_step // base.seq_len}", result.gpu, t)
+             for r, t in zip(result.rows, result.times, strict=True) if t is not None]
     if timed:
-        print_times(f"Time on {card.name} at --batch {base.batch_size} (or the largest batch "
+        print_times(f"Time on {result.gpu} at --batch {base.batch_size} (or the largest batch "
                     "that fits)", timed, console)
-
-
-def _fit_times(rows: list[Any], base: Any, card: Any, timing: TimeSettings,
-               optimizer: Any) -> list[Any]:
-    """Each fitting row's time at min(--batch, its largest batch); None otherwise."""
-    from vramcalc.models.spec import get_spec
-    from vramcalc.sizing.advice import for_gpu
-    from vramcalc.sizing.comparison import method_plan
-    from vramcalc.timing.cost import train_time
-
-    table = timing.table()
-    out: list[Any] = []
-    for r in rows:
-        if not r.fits or r.max_batch < 1:
-            out.append(None)
-            continue
-        plan = for_gpu(method_plan(base, r.method, optimizer), card.bf16_supported)
-        plan = plan.model_copy(update={"batch_size": min(base.batch_size, r.max_batch)})
-        out.append(train_time(get_spec(r.model), plan, card, table, timing.dataset_tokens,
-                              timing.epochs))
-    return out

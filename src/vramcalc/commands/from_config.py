@@ -1,4 +1,4 @@
-"""`--from-config FILE` for plan / check / sweep, and the notes a resolved model carries.
+"""`--from-config FILE` for plan / check / sweep.
 
 `with_from_config` wraps a command made by `options.with_plan_options`: it adds
 `--from-config FILE` (axolotl, TRL / TrainingArguments, LLaMA-Factory; see
@@ -19,7 +19,6 @@ import typer
 
 from vramcalc.commands.common import warn
 from vramcalc.commands.options import with_signature
-from vramcalc.models.spec import ModelSpec
 
 R = TypeVar("R")
 _CTX = "vramcalc_from_config_ctx"
@@ -34,12 +33,6 @@ FromConfigOpt = Annotated[
         dir_okay=False,
     ),
 ]
-
-
-def announce_spec(spec: ModelSpec) -> None:
-    """What importing the model assumed (hub fetch, vision tower), on stderr."""
-    for note in spec.notes:
-        warn(f"note: {note}")
 
 
 def _flag(option: str) -> str:

@@ -57,9 +57,9 @@ def gpus(
       vramcalc gpus
       vramcalc gpus --json
     """
-    from vramcalc.hardware.catalog import catalog  # the YAML loads only when listed
+    from vramcalc.api import gpus as list_gpus  # the YAML loads only when listed
 
-    models = catalog()
+    models = list_gpus()
     if json_output:
         print_json([gpu.model_dump(mode="json") for gpu in models])
         return

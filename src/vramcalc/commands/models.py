@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from vramcalc.commands.common import print_json, reports_errors
-from vramcalc.models.spec import ModelSpec, catalog
+
+if TYPE_CHECKING:
+    from vramcalc.models.spec import ModelSpec
 
 
 def human_params(n: int) -> str:
@@ -21,32 +22,17 @@ def human_params(n: int) -> str:
 
 
 def _natural_key(name: str) -> list[Any]:
-    """Sort 'llama-2-7b' before 'llama-2-13b'."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+    """Sort 'llama-2-7b' before 'llama-2-13b' (api._natural_key; serve.py uses this name)."""
+    from vramcalc.api import _natural_key as key
+
+    return key(name)
 
 
 def spec_summary(spec: ModelSpec) -> dict[str, Any]:
-    """What `models --json` prints for one spec."""
-    out: dict[str, Any] = {
-        "name": spec.name,
-        "aliases": list(spec.aliases),
-        "model_type": spec.model_type,
-        "params": spec.num_params(),
-        "vocab_size": spec.vocab_size,
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.num_hidden_layers,
-        "num_attention_heads": spec.num_attention_heads,
-        "num_key_value_heads": spec.kv_heads,
-        "head_dim": spec.head_size,
-        "tie_word_embeddings": spec.tie_word_embeddings,
-        "linear_modules": spec.linear_names(),
-        "source": spec.source,
-    }
-    if spec.is_moe:
-        out["num_local_experts"] = spec.num_local_experts
-        out["num_experts_per_tok"] = spec.num_experts_per_tok
-    return out
+    """What `models --json` prints for one spec (api.ModelSummary)."""
+    from vramcalc.api import ModelSummary
+
+    return ModelSummary.of(spec).to_json()
 
 
 @reports_errors
@@ -66,9 +52,11 @@ def models(
       vramcalc models
       vramcalc models --json
     """
-    specs = sorted(catalog(), key=lambda s: _natural_key(s.name))
+    from vramcalc.api import models as list_models
+
+    rows = list_models()
     if json_output:
-        print_json([spec_summary(s) for s in specs])
+        print_json([r.to_json() for r in rows])
         return
 
     from rich.console import Console
@@ -82,19 +70,19 @@ def models(
     table.add_column("heads/kv", justify="right", no_wrap=True)
     table.add_column("vocab", justify="right", no_wrap=True)
     table.add_column("tied", justify="center", no_wrap=True)
-    for s in specs:
-        moe = f" ({s.num_local_experts}x)" if s.is_moe else ""
+    for r in rows:
+        moe = f" ({r.num_local_experts}x)" if r.num_local_experts is not None else ""
         table.add_row(
-            s.name,
-            human_params(s.num_params()) + moe,
-            str(s.num_hidden_layers),
-            str(s.hidden_size),
-            f"{s.num_attention_heads} / {s.kv_heads}",
-            str(s.vocab_size),
-            "yes" if s.tie_word_embeddings else "no",
+            r.name,
+            human_params(r.params) + moe,
+            str(r.num_hidden_layers),
+            str(r.hidden_size),
+            f"{r.num_attention_heads} / {r.num_key_value_heads}",
+            str(r.vocab_size),
+            "yes" if r.tie_word_embeddings else "no",
         )
     Console().print(table)
     typer.echo(
-        f"{len(specs)} models. Aliases (hub ids) work too: 'vramcalc models --json' lists them.",
+        f"{len(rows)} models. Aliases (hub ids) work too: 'vramcalc models --json' lists them.",
         err=True,
     )

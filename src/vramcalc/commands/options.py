@@ -18,6 +18,8 @@ from vramcalc.plans import (
     LAYOUTS,
     LOOPS,
     LOSS_KERNELS,
+    MAX_BATCH,
+    MAX_SEQ_LEN,
     METHODS,
     MOE_EXPERTS,
     OFFLOAD_ACTIVATIONS,
@@ -179,8 +181,8 @@ MaxOpt = Annotated[
 # (max_position_embeddings); the token bounds are 128 times that.
 MAX_GPU_MEMORY_GIB = 2.0**20  # 1 PiB: a thousand times the largest card
 MAX_RANK = 2**16  # far past any hidden size in the catalog
-MAX_SEQ_LEN = 2**24  # 16M tokens: 128 x the largest max_position_embeddings of the catalog
-MAX_BATCH = 2**20  # sequences per device per step
+# MAX_SEQ_LEN (16M tokens) and MAX_BATCH (2**20 sequences): plans.py, where the searches
+# (sizing/search.py) read them too
 MAX_TOKENS = 2**40  # batch x seq-len per step
 
 

@@ -1,7 +1,8 @@
 """Options and output for several GPUs (`plan` / `check` --gpus N --strategy ...).
 
 Kept apart from plan.py / check.py so those commands only call `parallel_from_options`,
-`show_parallel` and `parallel_suggestions`. No torch; rich loads inside the functions.
+`plan_parallel` and `check_parallel`: parse -> api.parallel_step / api.largest_parallel ->
+render. No torch; rich loads inside the functions.
 """
 
 from __future__ import annotations
@@ -131,26 +132,11 @@ def parallel_from_options(
 
 
 def parallel_to_dict(pe: ParallelEstimate, plan: TrainPlan) -> dict[str, Any]:
-    """The busiest GPU's totals under the one-GPU keys, then per_gpu and host RAM."""
-    from vramcalc.render import estimate_to_dict
+    """The busiest GPU's totals under the one-GPU keys, then per_gpu and host RAM
+    (api.parallel_fields)."""
+    from vramcalc.api import parallel_fields
 
-    out = estimate_to_dict(pe.busiest, plan)
-    out["parallel"] = pe.parallel.model_dump(mode="json")
-    out["busiest_gpu"] = pe.busiest_gpu
-    out["per_gpu"] = [
-        {"gpu": i, **{k: v for k, v in estimate_to_dict(e, plan).items() if k != "plan"}}
-        for i, e in enumerate(pe.per_gpu)
-    ]
-    out["placement"] = pe.placement
-    out["comm_detail"] = pe.comm_detail
-    out["layers_per_gpu"] = pe.layers_per_gpu
-    out["host_offload_bytes"] = pe.host_offload_bytes
-    out["host_loading_bytes"] = pe.host_loading_bytes
-    out["single_gpu_required_device_bytes"] = pe.single_gpu.required_device_bytes
-    out["notes"] = list(pe.notes)
-    # fsdp / zero: the busiest GPU's peak term by term (multi_gpu.PeakTerm)
-    out["peak_terms"] = [t.model_dump(mode="json") for t in pe.peak_terms]
-    return out
+    return parallel_fields(pe, plan)
 
 
 def show_parallel(pe: ParallelEstimate, plan: TrainPlan) -> None:
@@ -202,16 +188,6 @@ def show_parallel(pe: ParallelEstimate, plan: TrainPlan) -> None:
         console.print(f"[dim]note: {note}[/dim]", highlight=False)
 
 
-def parallel_suggestions(spec: ModelSpec, plan: TrainPlan, memory_bytes: int, margin_bytes: int,
-                         max_gpus: int = 8) -> list[dict[str, Any]]:
-    """For `check`: the smallest N per strategy that fits cards offering `memory_bytes`
-    each with `margin_bytes` to spare (the rule of every suggestion)."""
-    from vramcalc.memory.multi_gpu import smallest_fitting_parallel
-
-    return [o.model_dump(mode="json")
-            for o in smallest_fitting_parallel(spec, plan, memory_bytes, margin_bytes, max_gpus)]
-
-
 def plan_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
                   target: Target | None, margin_b: int, max_: str | None,
                   json_output: bool) -> bool | None:
@@ -220,57 +196,39 @@ def plan_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
     rule of the one-GPU plan (vramcalc.sizing.verdict). --json keeps the one-GPU keys' meaning:
     gpu_memory_bytes is one card's memory, margin_bytes the margin. Raw estimate: the
     fitted corrections (calibration/) were measured on one GPU and are not applied."""
+    from vramcalc.api import largest_parallel, parallel_step
     from vramcalc.commands.common import print_json
-    from vramcalc.memory.multi_gpu import estimate_parallel
-    from vramcalc.sizing.verdict import verdict
 
     if max_ is not None:
-        from vramcalc.sizing.search import largest_fitting, quick_estimate
-
         assert target is not None  # checked by plan()
-        best = largest_fitting(
-            spec, plan, max_, target.free_bytes, margin_b,
-            estimate_fn=lambda s, p: estimate_parallel(s, p, parallel).busiest,
-            guess_fn=lambda s, p: estimate_parallel(s, p, parallel, quick_estimate).busiest)
+        best = largest_parallel(spec, plan, parallel, max_, target, margin_b)
         if json_output:
-            print_json({"model": spec.name, "max": max_, "value": best, "fits": best > 0,
-                        "gpu": target.name, "gpu_memory_bytes": target.free_bytes,
-                        "margin_bytes": margin_b, "gpus": parallel.gpus,
-                        "strategy": parallel.strategy, "per_gpu": True})
+            print_json(best.to_json())
         else:
             other = ("--seq-len", plan.seq_len) if max_ == "batch" else ("--batch",
                                                                          plan.batch_size)
             where = (f"{target.name} ({target.free_bytes / GiB:.2f} GiB, margin "
                      f"{margin_b / GiB:.2f}) on each of {parallel.label}, at {other[0]} "
                      f"{other[1]}")
-            typer.echo(f"largest {max_} per GPU that fits {where}: {best}" if best else
-                       f"nothing fits {where}, not even {max_} 1")
-        return best > 0
-    pe = estimate_parallel(spec, plan, parallel)
-    need = pe.busiest.required_device_bytes
-    v = (None if target is None
-         else verdict(target.free_bytes, need, margin_b, pe.busiest.required_low))
+            typer.echo(f"largest {max_} per GPU that fits {where}: {best.value}" if best.fits
+                       else f"nothing fits {where}, not even {max_} 1")
+        return best.fits
+    result = parallel_step(spec, plan, parallel, None if target is None else target.free_bytes,
+                           margin_b)
+    v = result.verdict
     if json_output:
-        out = parallel_to_dict(pe, plan)
-        if v is not None and target is not None:
-            out["gpu"] = target.name
-            out["gpu_memory_bytes"] = target.free_bytes
-            out["margin_bytes"] = margin_b
-            out["fits"] = v.fits
-            out["certainty"] = v.certainty
-            out["spread_bytes"] = v.spread_bytes
-            out["headroom_bytes"] = v.headroom_bytes
-        print_json(out)
+        print_json(result.plan_json(None if target is None else target.name))
     else:
-        show_parallel(pe, plan)
+        show_parallel(result.estimate, plan)
         if v is not None and target is not None:
+            need = result.estimate.busiest.required_device_bytes
             typer.echo(f"{v.word} {target.name}, per GPU: the busiest needs {need / GiB:.2f} "
                        f"GiB + {margin_b / GiB:.2f} GiB margin, the card offers "
                        f"{target.free_bytes / GiB:.2f} GiB (headroom "
                        f"{v.headroom_bytes / GiB:+.2f} GiB)")
             if v.certainty == "tight":
                 typer.echo(v.tight_reason)
-    return None if v is None else v.fits
+    return result.fits
 
 
 def check_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
@@ -278,22 +236,17 @@ def check_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
     """`check --gpus N --strategy ...`: whether the busiest GPU fits `memory_bytes` (the
     smallest GPU's) with `margin_b`, by the rule of the one-GPU check (vramcalc.sizing.verdict);
     `where` names the GPUs."""
+    from vramcalc.api import parallel_step
     from vramcalc.commands.common import print_json
-    from vramcalc.memory.multi_gpu import estimate_parallel
-    from vramcalc.sizing.verdict import verdict
 
-    pe = estimate_parallel(spec, plan, parallel)
-    need = pe.busiest.required_device_bytes
-    v = verdict(memory_bytes, need, margin_b, pe.busiest.required_low)
+    result = parallel_step(spec, plan, parallel, memory_bytes, margin_b)
+    v = result.verdict
+    assert v is not None
     if json_output:
-        out = parallel_to_dict(pe, plan)
-        out.update(fits=v.fits, certainty=v.certainty, spread_bytes=v.spread_bytes,
-                   gpu_memory_bytes=memory_bytes, margin_bytes=margin_b,
-                   headroom_bytes=v.headroom_bytes,
-                   budget_bytes_per_gpu=memory_bytes - margin_b, gpus_checked=where)
-        print_json(out)
+        print_json(result.check_json(where))
     else:
-        show_parallel(pe, plan)
+        need = result.estimate.busiest.required_device_bytes
+        show_parallel(result.estimate, plan)
         typer.echo(f"{v.word} on {where}: busiest GPU needs {need / GiB:.2f} GiB + "
                    f"{margin_b / GiB:.2f} GiB margin, each GPU offers "
                    f"{memory_bytes / GiB:.2f} GiB")

@@ -6,8 +6,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
-from vramcalc.commands.from_config import announce_spec, with_from_config
+from vramcalc.commands.common import (
+    echo_max,
+    print_json,
+    reports_errors,
+    resolve_model_arg,
+    warn,
+)
+from vramcalc.commands.from_config import with_from_config
 from vramcalc.commands.options import (
     GpuMemOpt,
     JsonOpt,
@@ -51,6 +57,7 @@ from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB
 from vramcalc.units import GiB
 
 if TYPE_CHECKING:
+    from vramcalc.api import PlanResult
     from vramcalc.corrections.planning import EstimateFn
     from vramcalc.models.spec import ModelSpec
     from vramcalc.sizing.verdict import Target
@@ -118,8 +125,6 @@ def plan(
       vramcalc plan -m llama-3.1-8b --gpu h100-sxm --dataset-tokens 5000000
     """
     from vramcalc.corrections.planning import calibration_note, estimator
-    from vramcalc.render import estimate_to_dict
-
     given: frozenset[str] = getattr(plan_options, "given", frozenset())
     check_max(max_)
     margin_b = margin_bytes(margin)
@@ -131,7 +136,6 @@ def plan(
         refuse_given(given, ("margin",), "only with --gpu NAME or --gpu-memory GIB (the card "
                      "to fit in)")
     spec = resolve_model_arg(model)
-    announce_spec(spec)
     train = build_plan(**plan_options)
     check_applies(spec, train, given)
     train = runnable_dropout(spec, train, given)
@@ -154,88 +158,75 @@ def plan(
         if plan_parallel(spec, train, parallel, target, margin_b, max_, json_output) is False:
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
-    estimate, corrections = estimator(
-        None if target is None else target.corrections_gpu, use_calibration=not no_calibration
-    )
-    note = calibration_note(corrections)
-    if note:
-        warn(note)
     if max_ is not None:
         assert target is not None
+        estimate, corrections = estimator(target.corrections_gpu,
+                                          use_calibration=not no_calibration)
+        note = calibration_note(corrections)
+        if note:
+            warn(note)
         timing.refuse("not with --max (which plan would they time?)")
         _answer_max(spec, train, max_, target, margin_b, json_output, estimate)
         return
-    est = estimate(spec, train)
-    gv = None
-    if target is not None:
-        from vramcalc.api import verdict_on
+    from vramcalc.api import plan_step
 
-        gv = verdict_on(target, est, train.compute_dtype, margin_b)
-    v = None if gv is None else gv.now
-    timed = None
-    if gpu is not None:
-        from vramcalc.hardware.catalog import resolve_gpu
-        from vramcalc.timing.cost import train_time
-
-        timed = train_time(spec, train, resolve_gpu(gpu), timing.table(),
-                           timing.dataset_tokens, timing.epochs)
-        if timed is None:
-            warn(f"time: no throughput figures for {resolve_gpu(gpu).name} "
-                 "(vramcalc/data/gpu_speed.yaml): no time or cost")
+    result = plan_step(spec, train, target=target, margin_bytes=margin_b,
+                       calibration=not no_calibration, time_gpu=gpu,
+                       prices=None if gpu is None else timing.table(),
+                       dataset_tokens=timing.dataset_tokens, epochs=timing.epochs)
+    if result.calibration_note:
+        warn(result.calibration_note)
+    if result.time_missing is not None:
+        warn(f"time: no throughput figures for {result.time_missing} "
+             "(vramcalc/data/gpu_speed.yaml): no time or cost")
     if json_output:
-        out = estimate_to_dict(est, train)
-        if timed is not None:
-            out.update(timed.fields())
-        out["calibration"] = None if corrections is None else corrections.key
-        if gv is not None:
-            out.update(gv.verdict_fields())
-        print_json(out)
+        print_json(result.to_json())
     else:
-        from rich.console import Console
-
-        from vramcalc.render import print_breakdown
-
-        # No :emoji: codes in a breakdown: not loading rich's emoji table saves ~3 ms.
-        console = Console(emoji=False)
-        print_breakdown(est, train, console)
-        if v is not None and target is not None:
-            color = {"fits": "green", "tight": "yellow"}.get(v.certainty, "red")
-            word = f"[{color}]{v.word}[/{color}]"
-            console.print(
-                f"{word} {target.name}: needs {est.required_device_bytes / GiB:.2f} GiB "
-                f"+ {margin_b / GiB:.2f} GiB margin, the card offers "
-                f"{target.free_bytes / GiB:.2f} GiB (headroom {v.headroom_bytes / GiB:+.2f} GiB)",
-                highlight=False,
-            )
-            if v.certainty == "tight":
-                console.print(v.tight_reason, highlight=False)
-        if timed is not None:
-            from vramcalc.timing.cost import describe
-
-            console.print(describe(timed), highlight=False)
-    if v is not None and not v.fits:
+        _render(result, margin_b)
+    if not result.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
+
+
+def _render(result: PlanResult, margin_b: int) -> None:
+    """plan's breakdown table, the card's verdict line and the time (rich)."""
+    from rich.console import Console
+
+    from vramcalc.render import print_breakdown
+
+    est, gv = result.estimate, result.verdict
+    # No :emoji: codes in a breakdown: not loading rich's emoji table saves ~3 ms.
+    console = Console(emoji=False)
+    print_breakdown(est, result.plan, console)
+    if gv is not None:
+        v, target = gv.now, gv.target
+        color = {"fits": "green", "tight": "yellow"}.get(v.certainty, "red")
+        word = f"[{color}]{v.word}[/{color}]"
+        console.print(
+            f"{word} {target.name}: needs {est.required_device_bytes / GiB:.2f} GiB "
+            f"+ {margin_b / GiB:.2f} GiB margin, the card offers "
+            f"{target.free_bytes / GiB:.2f} GiB (headroom {v.headroom_bytes / GiB:+.2f} GiB)",
+            highlight=False,
+        )
+        if v.certainty == "tight":
+            console.print(v.tight_reason, highlight=False)
+    if result.time is not None:
+        from vramcalc.timing.cost import describe
+
+        console.print(describe(result.time), highlight=False)
 
 
 def _answer_max(
     spec: ModelSpec, train: Any, what: str, target: Target, margin_b: int, json_output: bool,
     estimate_fn: EstimateFn,
 ) -> None:
-    from vramcalc.sizing.search import largest_fitting
+    from vramcalc.api import largest
 
-    best = largest_fitting(spec, train, what, target.free_bytes, margin_b,
-                           estimate_fn=estimate_fn)
+    result = largest(spec, train, what, target, margin_b, estimate_fn=estimate_fn)
     if json_output:
-        print_json({"model": spec.name, "max": what, "value": best, "fits": best > 0,
-                    "gpu": target.name, "gpu_memory_bytes": target.free_bytes,
-                    "margin_bytes": margin_b})
+        print_json(result.to_json())
     else:
         other = ("--seq-len", train.seq_len) if what == "batch" else ("--batch", train.batch_size)
-        where = (f"{target.name} ({target.free_bytes / GiB:.2f} GiB, margin "
-                 f"{margin_b / GiB:.2f}) at {other[0]} {other[1]}")
-        typer.echo(
-            f"largest {what} that fits {where}: {best}" if best
-            else f"nothing fits {where}, not even {what} 1"
-        )
-    if best == 0:
+        echo_max(result, f"{other[0]} {other[1]}")
+    if not result.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
+

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
+from vramcalc.api import SWEEPABLE
 from vramcalc.commands.common import print_json, reports_errors, resolve_model_arg, warn
-from vramcalc.commands.from_config import announce_spec, with_from_config
+from vramcalc.commands.from_config import with_from_config
 from vramcalc.commands.options import (
     JsonOpt,
     MarginOpt,
@@ -40,16 +41,12 @@ from vramcalc.sizing.verdict import DEFAULT_MARGIN_GIB
 from vramcalc.units import GiB
 
 if TYPE_CHECKING:
-    from vramcalc.corrections.planning import Estimators
+    from vramcalc.api import Capacity
     from vramcalc.memory.result import Estimate
-    from vramcalc.models.spec import ModelSpec
-    from vramcalc.plans import TrainPlan
-    from vramcalc.sizing.verdict import Target
 
 CHART_WIDTH = 80
 MAX_POINTS = 64
-# --over name -> TrainPlan field
-SWEEPABLE = {"seq-len": "seq_len", "batch": "batch_size", "rank": "rank"}
+# --over name -> TrainPlan field (SWEEPABLE) and a card's line (Capacity): api.py
 # The breakdown stacked in four groups (components of result.Components).
 GROUPS: dict[str, tuple[str, ...]] = {
     "weights": ("base_weights", "quant_constants", "unquantized_params", "expert_weights",
@@ -83,14 +80,6 @@ PlotOpt = Annotated[
 class Sweep(NamedTuple):
     name: str  # seq-len | batch | rank
     values: list[int]
-
-
-class Capacity(NamedTuple):
-    name: str
-    memory_bytes: int  # what an empty card offers (verdict.Target.free_bytes), as plan --gpu
-    margin_bytes: int
-    fits_up_to: int | None  # the largest swept value `plan --gpu` calls "fits"; None: none
-    certainty: list[str]  # plan --gpu's verdict at each swept value (fits, tight, ...)
 
 
 def parse_over(text: str) -> Sweep:
@@ -145,31 +134,6 @@ def group_bytes(est: Estimate) -> dict[str, int]:
     return {g: sum(est.components[c] for c in names) for g, names in GROUPS.items()}
 
 
-def capacities(sweep: Sweep, spec: ModelSpec, train: TrainPlan, points: list[Estimate],
-               targets: list[Target], margin: int, estimators: Estimators) -> list[Capacity]:
-    """Each card's verdict at every swept value, as `plan --gpu` gives it: the plan as it
-    runs there (fp16 without bf16) under that card's corrections; the series' own
-    estimates where those are the same."""
-    from vramcalc.sizing.advice import for_gpu
-    from vramcalc.sizing.verdict import verdict
-
-    field = SWEEPABLE[sweep.name]
-    series_fn = estimators(targets[0].corrections_gpu if targets else None)
-    out = []
-    for t in targets:
-        p = for_gpu(train, t.bf16_supported)
-        fn = estimators(t.corrections_gpu)
-        ests = points if (fn is series_fn and p == train) else [
-            fn(spec, p.model_copy(update={field: v})) for v in sweep.values]
-        words: list[str] = [
-            verdict(t.free_bytes, e.required_device_bytes, margin, e.required_low).certainty
-            for e in ests]
-        fitting = [v for v, c in zip(sweep.values, words, strict=True) if c == "fits"]
-        out.append(Capacity(t.name, t.free_bytes, margin, max(fitting) if fitting else None,
-                            words))
-    return out
-
-
 def render_chart(sweep: Sweep, points: list[Estimate], caps: list[Capacity],
                  width: int = CHART_WIDTH) -> str:
     """Plain-text chart: one stacked bar per value, GPU lines as '|' (80 columns)."""
@@ -195,15 +159,6 @@ def render_chart(sweep: Sweep, points: list[Estimate], caps: list[Capacity],
                  else f"does not fit even at {sweep.name} {sweep.values[0]}")
         lines.append(f"  |{i + 1}: {c.name} ({c.memory_bytes / GiB:.1f} GiB): {where}")
     return "\n".join(lines)
-
-
-def series(sweep: Sweep, points: list[Estimate]) -> list[dict[str, Any]]:
-    return [
-        {sweep.name: v, "required_device_bytes": e.required_device_bytes,
-         "peak_device_bytes": e.peak_device_bytes, "peak_allocated_bytes":
-         e.peak_allocated_bytes, "peak_phase": e.peak_phase, **dict(e.components.items())}
-        for v, e in zip(sweep.values, points, strict=True)
-    ]
 
 
 def plot_format(path: Path) -> str:
@@ -280,7 +235,6 @@ def sweep(
       vramcalc sweep -m qwen2.5-7b --over batch=1:64 --seq-len 2048 --json
       vramcalc sweep -m llama-3.1-8b --over rank=8:256 --plot rank.svg
     """
-    from vramcalc.corrections.planning import Estimators, calibration_note
     from vramcalc.hardware.catalog import resolve_gpu
     from vramcalc.sizing.verdict import catalog_target
 
@@ -298,7 +252,6 @@ def sweep(
     margin_b = margin_bytes(margin)
     targets = [catalog_target(resolve_gpu(g)) for g in gpu or []]
     spec = resolve_model_arg(model)
-    announce_spec(spec)
     train = build_plan(**plan_options)
     build_plan(**{**plan_options, option: sw.values[-1]})  # the largest swept value: bounds
     check_applies(spec, train, given)
@@ -307,26 +260,18 @@ def sweep(
     train = runnable_dropout(spec, train, given)
     validate_targets(spec, train)
 
-    def say(selection: Any) -> None:
-        note = calibration_note(selection)
-        if note:
-            warn(note)
+    from vramcalc.api import sweep as sweep_plan
 
-    estimators = Estimators(use_calibration=not no_calibration, on_new=say)
-    estimate_fn = estimators(targets[0].corrections_gpu if targets else None)
-    field = SWEEPABLE[sw.name]
-    points = [estimate_fn(spec, train.model_copy(update={field: v})) for v in sw.values]
-    caps = capacities(sw, spec, train, points, targets, margin_b, estimators)
+    result = sweep_plan(spec, train, sw.name, sw.values, targets, margin_b,
+                        calibration=not no_calibration, say=warn)
+    points, caps = result.points, result.gpus
     if plot is not None:
         write_plot(plot, spec.name, sw, points, caps)
         warn(f"wrote {plot}")
     if json_output:
-        print_json({
-            "model": spec.name, "over": sw.name, "plan": train.model_dump(mode="json"),
-            "gpus": [c._asdict() for c in caps], "points": series(sw, points),
-        })
+        print_json(result.to_json())
     elif csv_output:
-        rows = series(sw, points)
+        rows = result.series()
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()

@@ -21,7 +21,7 @@ from vramcalc.errors import PlanError
 from vramcalc.units import GiB
 
 if TYPE_CHECKING:
-    from vramcalc.api import GpuVerdict
+    from vramcalc.api import TaskResult
     from vramcalc.memory.result import Estimate
     from vramcalc.models.spec import ModelSpec
     from vramcalc.plans import InferPlan, MergePlan
@@ -149,14 +149,15 @@ def refuse_train_only(task: str, kw: dict[str, Any]) -> None:
 
 
 def build_infer_plan(opts: dict[str, Any], kw: dict[str, Any]) -> InferPlan:
-    from vramcalc.commands.options import (
+    from vramcalc.commands.options import MAX_RANK, bounded_count, refuse_given
+    from vramcalc.plans import (
+        ADAPTER_DTYPES,
+        CACHES,
+        INFER_QUANTS,
         MAX_BATCH,
-        MAX_RANK,
         MAX_SEQ_LEN,
-        bounded_count,
-        refuse_given,
+        InferPlan,
     )
-    from vramcalc.plans import ADAPTER_DTYPES, CACHES, INFER_QUANTS, InferPlan
 
     for flag in ("dtype", "on"):
         if opts[flag] is not None:
@@ -221,44 +222,6 @@ def build_merge_plan(opts: dict[str, Any], kw: dict[str, Any]) -> MergePlan:
 # ---- running ----------------------------------------------------------------------------
 
 
-def _estimate(spec: ModelSpec, plan: InferPlan | MergePlan) -> Estimate:
-    from vramcalc.memory.inference import estimate_inference, estimate_merge
-    from vramcalc.plans import InferPlan
-
-    if isinstance(plan, InferPlan):
-        return estimate_inference(spec, plan)
-    return estimate_merge(spec, plan)
-
-
-def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, memory_bytes: int,
-                          margin_bytes: int) -> int:
-    """Largest batch or prompt length that `plan --task infer` calls "fits" on a card
-    offering `memory_bytes` with `margin_bytes` to spare (0: none), by the rule of every
-    search (verdict.fits_certainly: "fits, tight" does not count)."""
-    from vramcalc.memory.inference import estimate_inference
-    from vramcalc.sizing.search import largest_from_guess
-    from vramcalc.sizing.verdict import certain_need
-
-    field = {"batch": "batch_size", "prompt-len": "prompt_len"}[what]
-
-    def need(n: int) -> int:
-        est = estimate_inference(spec, plan.model_copy(update={field: n}))
-        return certain_need(est.required_device_bytes, margin_bytes)
-
-    from vramcalc.commands.options import MAX_BATCH, MAX_SEQ_LEN
-
-    # the largest value the option itself accepts (build_infer_plan's bounds)
-    limit = MAX_BATCH if what == "batch" else MAX_SEQ_LEN - plan.new_tokens
-    return largest_from_guess(need, memory_bytes, limit)
-
-
-def _dtype(plan: InferPlan | MergePlan) -> str:
-    """The dtype the plan computes in (a merge: its base's)."""
-    from vramcalc.plans import InferPlan
-
-    return plan.compute_dtype if isinstance(plan, InferPlan) else plan.dtype
-
-
 def _title(est: Estimate, plan: InferPlan | MergePlan) -> str:
     from vramcalc.plans import InferPlan
 
@@ -276,31 +239,8 @@ TIME_FLAGS = {"dataset_tokens": "--dataset-tokens", "epochs": "--epochs", "price
               "prices": "--prices"}
 
 
-def _infer_times(spec: ModelSpec, plan: InferPlan | MergePlan, names: list[str]
-                 ) -> dict[str, Any]:
-    """catalog name -> generate() speed (step_time.InferTime) of an inference plan."""
-    from vramcalc.errors import UnknownGpuError
-    from vramcalc.hardware.catalog import resolve_gpu
-    from vramcalc.plans import InferPlan
-    from vramcalc.timing.cost import infer_time_on
-
-    if not isinstance(plan, InferPlan):
-        return {}
-    out: dict[str, Any] = {}
-    for name in names:
-        try:
-            gpu = resolve_gpu(name)
-        except UnknownGpuError:
-            continue
-        t = infer_time_on(spec, plan, gpu)
-        if t is not None:
-            out[name] = t
-    return out
-
-
 def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) -> None:
     from vramcalc.commands.common import resolve_model_arg
-    from vramcalc.commands.from_config import announce_spec
     from vramcalc.commands.options import margin_bytes, refuse_given
 
     given = [flag for name, flag in TIME_FLAGS.items() if kw.get(name)]
@@ -320,7 +260,6 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
             refuse_given(kw.get("given", frozenset()), ("margin",),
                          "only with --gpu NAME or --gpu-memory GIB (the card to fit in)")
     spec = resolve_model_arg(kw["model"])  # the door of every command, with its notes
-    announce_spec(spec)
     plan = build_infer_plan(opts, kw) if task == "infer" else build_merge_plan(opts, kw)
     from vramcalc.memory.program.trainable import lora_targets
 
@@ -339,7 +278,6 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
                             f"plan --task {task} --gpu NAME --max ...'")
         _check(spec, plan, kw)
         return
-    from vramcalc.api import verdict_on
 
     max_ = kw.get("max_")
     if max_ is not None:
@@ -350,70 +288,48 @@ def run_task(command: str, task: str, opts: dict[str, Any], kw: dict[str, Any]) 
                             f"got '{max_}'")
         if target is None:
             raise PlanError("--max needs --gpu NAME or --gpu-memory GIB (the card to fit in)")
-        best = largest_fitting_infer(spec, plan, max_, target.free_bytes, margin_b)  # type: ignore[arg-type]
+        from vramcalc.api import largest
+        from vramcalc.commands.common import echo_max
+
+        result = largest(spec, plan, max_, target, margin_b)  # type: ignore[arg-type]
         if kw["json_output"]:
-            print_json({"model": spec.name, "task": task, "max": max_, "value": best,
-                        "fits": best > 0, "gpu": target.name,
-                        "gpu_memory_bytes": target.free_bytes, "margin_bytes": margin_b})
+            print_json(result.to_json())
         else:
             other = (f"--batch {plan.batch_size}" if max_ == "prompt-len" else  # type: ignore[union-attr]
                      f"--prompt-len {plan.prompt_len}")  # type: ignore[union-attr]
-            where = (f"{target.name} ({target.free_bytes / GiB:.2f} GiB, margin "
-                     f"{margin_b / GiB:.2f}) at {other}, --new-tokens "
-                     f"{plan.new_tokens}")  # type: ignore[union-attr]
-            typer.echo(f"largest {max_} that fits {where}: {best}" if best
-                       else f"nothing fits {where}, not even {max_} 1")
-        if best == 0:
+            echo_max(result, f"{other}, --new-tokens {plan.new_tokens}")  # type: ignore[union-attr]
+        if not result.fits:
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
-    est = _estimate(spec, plan)
+    from vramcalc.api import task_step
+
     plan_gpu = kw.get("gpu")
-    times = _infer_times(spec, plan, [plan_gpu] if isinstance(plan_gpu, str) else [])
-    v = None if target is None else verdict_on(target, est, _dtype(plan), margin_b)
-    _output(est, plan, spec, kw["json_output"], v, next(iter(times.values()), None))
-    if v is not None and not v.fits:
+    answer = task_step(spec, plan, target=target, margin_bytes=margin_b,
+                       time_gpu=plan_gpu if isinstance(plan_gpu, str) else None)
+    if kw["json_output"]:
+        print_json(answer.to_json())
+    else:
+        _render(answer)
+    if not answer.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 
 
-def _extras(spec: ModelSpec, plan: InferPlan | MergePlan) -> dict[str, Any]:
-    from vramcalc.memory.inference import merge_sizes
-    from vramcalc.plans import MergePlan
-
-    if not isinstance(plan, MergePlan):
-        return {}
-    sizes = merge_sizes(spec, plan)
-    return {"disk_bytes": sizes.disk_bytes, "host_peak_bytes": sizes.host_peak_bytes,
-            "device": plan.on}
-
-
-def _output(est: Estimate, plan: InferPlan | MergePlan, spec: ModelSpec, json_output: bool,
-            v: GpuVerdict | None, speed: Any = None) -> None:
-    """The estimate, and with a card its verdict (api.verdict_on: the rule of a training
-    plan) and generate()'s speed on it (`speed`, step_time.InferTime)."""
-    from vramcalc.render import task_estimate_to_dict
-
-    extras = _extras(spec, plan)
-    if speed is not None:
-        extras.update(speed._asdict())
-    if json_output:
-        out = task_estimate_to_dict(est, plan.model_dump(mode="json"))
-        out.update(extras)
-        if v is not None:  # as `plan --gpu` for a training step
-            out.update(v.verdict_fields())
-        print_json(out)
-        return
+def _render(result: TaskResult) -> None:
+    """The estimate, generate()'s speed, a merge's size on disk, and with a card its
+    verdict (api.verdict_on: the rule of a training plan)."""
     from rich.console import Console
 
     from vramcalc.render import print_task_breakdown
 
+    est, plan, v, speed = result.estimate, result.plan, result.verdict, result.speed
     console = Console()
     print_task_breakdown(est, _title(est, plan), console, getattr(plan, "adapter_dtype", None))
     if speed is not None:
         from vramcalc.timing.cost import describe_infer
 
         console.print(describe_infer(speed), highlight=False)
-    if "disk_bytes" in extras:
-        console.print(f"merged checkpoint on disk: {extras['disk_bytes'] / GiB:.2f} GiB "
+    if "disk_bytes" in result.extras:
+        console.print(f"merged checkpoint on disk: {result.extras['disk_bytes'] / GiB:.2f} GiB "
                       "(safetensors tensors)")
     if v is not None:
         color = {"fits": "green", "tight": "yellow"}.get(v.certainty, "red")
@@ -437,29 +353,16 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
     margin = kw["margin"]
     if gpu and gpu_memory is not None:
         raise PlanError("give either --gpu NAME or --gpu-memory GIB, not both")
-    from vramcalc.api import verdict_on
+    from vramcalc.api import TaskResult, check_task
     from vramcalc.commands.options import margin_bytes as to_bytes
 
     margin_bytes = to_bytes(margin)
-    est = _estimate(spec, plan)
-    verdicts = [verdict_on(t, est, _dtype(plan), margin_bytes)
-                for t in check_targets(gpu, gpu_memory)]
-    times = _infer_times(spec, plan, [v.target.name for v in verdicts])
-    best = max(verdicts, key=lambda v: v.target.free_bytes)  # first of equals, as check's
+    report = check_task(spec, plan, check_targets(gpu, gpu_memory), margin_bytes)
+    best, est = report.best, report.estimate
     if kw["json_output"]:
-        from vramcalc.render import task_estimate_to_dict
-
-        estimate = task_estimate_to_dict(est, plan.model_dump(mode="json"))
-        estimate.update(_extras(spec, plan))
-        print_json({"fits": best.fits_free, "certainty": best.certainty,
-                    "spread_bytes": best.spread_bytes, "margin_bytes": margin_bytes,
-                    "best_gpu": best.to_dict(),
-                    "gpus": [{**v.to_dict(), **(times[v.target.name]._asdict()
-                                                if v.target.name in times else {})}
-                             for v in verdicts],
-                    "estimate": estimate})
+        print_json(report.to_json())
     else:
-        _output(est, plan, spec, False, None)
+        _render(TaskResult(estimate=est, plan=plan, extras=report.extras))
         where = best.target.where
         if best.fits_free:
             typer.echo(f"{best.now.word} on {where}: {best.headroom_bytes / GiB:+.2f} GiB "
@@ -472,7 +375,7 @@ def _check(spec: ModelSpec, plan: InferPlan | MergePlan, kw: dict[str, Any]) -> 
                        f"GiB + {margin:g} GiB margin, {best.target.free_bytes / GiB:.2f} GiB free")
         from vramcalc.timing.cost import describe_infer
 
-        for t in times.values():
+        for t in report.times.values():
             typer.echo(describe_infer(t))
     if not best.fits_free:
         raise typer.Exit(EXIT_DOES_NOT_FIT)

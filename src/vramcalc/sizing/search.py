@@ -22,7 +22,7 @@ from collections.abc import Callable
 from vramcalc.corrections.planning import EstimateFn
 from vramcalc.memory.estimate import Estimate, estimate
 from vramcalc.models.spec import ModelSpec
-from vramcalc.plans import TrainPlan
+from vramcalc.plans import InferPlan, TrainPlan
 from vramcalc.sizing.verdict import certain_need
 
 SEARCHABLE = ("batch", "seq-len")
@@ -171,3 +171,22 @@ def largest_at_most(need: Callable[[int], int], budget: int, upper: int) -> int:
             hi, f_hi = guess, f
         bisect = f_hi is not None and not bisect and 2 * (hi - lo) > width
     return lo
+
+
+def largest_fitting_infer(spec: ModelSpec, plan: InferPlan, what: str, memory_bytes: int,
+                          margin_bytes: int) -> int:
+    """Largest batch or prompt length that `plan --task infer` calls "fits" on a card
+    offering `memory_bytes` with `margin_bytes` to spare (0: none), by the rule of every
+    search (verdict.fits_certainly: "fits, tight" does not count)."""
+    from vramcalc.memory.inference import estimate_inference
+    from vramcalc.plans import MAX_BATCH, MAX_SEQ_LEN
+
+    field = {"batch": "batch_size", "prompt-len": "prompt_len"}[what]
+
+    def need(n: int) -> int:
+        est = estimate_inference(spec, plan.model_copy(update={field: n}))
+        return certain_need(est.required_device_bytes, margin_bytes)
+
+    # the largest value the option itself accepts (build_infer_plan's bounds)
+    limit = MAX_BATCH if what == "batch" else MAX_SEQ_LEN - plan.new_tokens
+    return largest_from_guess(need, memory_bytes, limit)
