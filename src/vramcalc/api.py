@@ -779,10 +779,12 @@ class CompareResult(NamedTuple):
 
 def compare(spec: ModelSpec, base: TrainPlan, margin_bytes: int, *,
             optimizer: Optimizer | None = None, calibration: bool = True, prices: Any = None,
-            dataset_tokens: int | None = None, epochs: float = 1.0) -> CompareResult:
+            dataset_tokens: int | None = None, epochs: float = 1.0,
+            switches: bool = False) -> CompareResult:
     """Every method of `base` (built at the edge) side by side (sizing/comparison.py
     compare): each row's estimate and the smallest catalog GPU it fits, and its time there.
-    `optimizer` None: each method's usual one."""
+    `optimizer` None: each method's usual one. `switches`: each row also under every loss
+    kernel, activation offloading mode and batch layout."""
     from vramcalc.corrections.planning import Estimators
     from vramcalc.hardware.catalog import catalog, resolve_gpu
     from vramcalc.sizing.comparison import compare as compare_methods
@@ -791,7 +793,7 @@ def compare(spec: ModelSpec, base: TrainPlan, margin_bytes: int, *,
     estimators = Estimators(use_calibration=calibration)
     rows = compare_methods(spec, base, margin_bytes, catalog(), optimizer=optimizer,
                            estimate_for=lambda gpu: estimators(gpu.name),
-                           estimate_fn=estimators(None))
+                           estimate_fn=estimators(None), switches=switches)
     table = price_table(None, []) if prices is None else prices
     times: list[Any] = []
     for r in rows:  # each row on its smallest GPU (none: no GPU fits)

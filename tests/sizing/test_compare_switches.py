@@ -24,7 +24,7 @@ def _json(*args: str) -> dict[str, Any]:
 
 @pytest.mark.replay
 def test_switch_cells_are_plans_bytes() -> None:
-    rows = {m["method"]: m for m in _json("compare", *CASE)["methods"]}
+    rows = {m["method"]: m for m in _json("compare", *CASE, "--switches")["methods"]}
     lora = rows["lora"]["switches"]
     assert list(lora) == ["offload_activations", "layout"]
     assert list(lora["offload_activations"]) == ["none", "checkpoints", "all"]
@@ -44,7 +44,7 @@ def test_switch_cells_are_plans_bytes() -> None:
 
 
 def test_checkpoint_offloading_needs_checkpointing() -> None:
-    rows = _json("compare", *CASE, "--no-gradient-checkpointing")["methods"]
+    rows = _json("compare", *CASE, "--switches", "--no-gradient-checkpointing")["methods"]
     cell = rows[0]["switches"]["offload_activations"]["checkpoints"]
     assert cell["required_device_bytes"] is None
     assert "needs gradient checkpointing" in cell["error"]
@@ -52,8 +52,8 @@ def test_checkpoint_offloading_needs_checkpointing() -> None:
 
 def test_padding_free_cell_keeps_the_real_tokens() -> None:
     """With --tokens-per-step (padding-free) the padded cell is full rows: more memory."""
-    rows = _json("compare", *CASE, "--batch-layout", "padding-free", "--tokens-per-step",
-                 "600")["methods"]
+    rows = _json("compare", *CASE, "--switches", "--batch-layout", "padding-free",
+                 "--tokens-per-step", "600")["methods"]
     layout = rows[0]["switches"]["layout"]
     assert layout["padded"]["required_device_bytes"] > \
         layout["padding-free"]["required_device_bytes"]

@@ -7,7 +7,7 @@ rows, and --optimizer, when given, replaces each method's usual optimizer.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -58,6 +58,10 @@ def compare(
     epochs: EpochsOpt = None,
     price: PriceOpt = None,
     prices: PricesOpt = None,
+    switches: Annotated[bool, typer.Option(
+        "--switches", help="Also estimate every method under each loss kernel, activation "
+        "offloading mode and batch layout: what each memory saver buys (about a dozen more "
+        "estimates a method).")] = False,
 ) -> None:
     """Compare full fine-tuning, LoRA, QLoRA and 8-bit LoRA of one model.
 
@@ -83,6 +87,7 @@ def compare(
       vramcalc compare --model llama-3.1-8b
       vramcalc compare -m qwen2.5-7b --batch 4 --seq-len 2048 --json
       vramcalc compare -m mistral-7b --optimizer adamw_8bit --rank 64
+      vramcalc compare -m llama-3.1-8b --batch 8 --seq-len 4096 --switches
     """
     margin_b = margin_bytes(margin)
     timing = time_settings(dataset_tokens, epochs, price, prices)
@@ -100,7 +105,8 @@ def compare(
 
     result = compare_methods(spec, base, margin_b, optimizer=user_optimizer(ctx, plan_options),
                              calibration=not no_calibration, prices=timing.table(),
-                             dataset_tokens=timing.dataset_tokens, epochs=timing.epochs)
+                             dataset_tokens=timing.dataset_tokens, epochs=timing.epochs,
+                             switches=switches)
     for note in result.calibration_notes:
         warn(note)
     if not any(result.times):

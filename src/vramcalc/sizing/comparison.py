@@ -214,9 +214,12 @@ def compare(
     methods: Sequence[str] = COMPARE_METHODS,
     estimate_for: Callable[[GpuModel], EstimateFn] = lambda _gpu: estimate,
     estimate_fn: EstimateFn = estimate,
+    switches: bool = False,
 ) -> list[MethodRow]:
     """`base` under each of `methods`: the estimate of `plan` without --gpu (`estimate_fn`)
-    and the smallest catalog GPU it fits (each GPU's `estimate_for`). A method that cannot
+    and the smallest catalog GPU it fits (each GPU's `estimate_for`); with `switches`, also
+    each row under every loss kernel and memory-saving switch (kernel_cells, switch_cells:
+    about a dozen more estimates a row, so only when asked). A method that cannot
     start (`estimate` raises PlanError, e.g. LoRA dropout on transformers-5 MoE experts) is
     a row with its error."""
     rows = []
@@ -232,8 +235,10 @@ def compare(
         small = smallest_gpu(spec, p, margin_bytes, gpus, estimate_for)
         rows.append(MethodRow(method=name, label=label, plan=p, estimate=est,
                               smallest_gpu=small,
-                              loss_kernels=kernel_cells(spec, p, est, estimate_fn),
-                              switches=switch_cells(spec, p, est, estimate_fn)))
+                              loss_kernels=(kernel_cells(spec, p, est, estimate_fn)
+                                            if switches else {}),
+                              switches=(switch_cells(spec, p, est, estimate_fn)
+                                        if switches else {})))
     return rows
 
 

@@ -492,6 +492,7 @@ async function showCompare() {
   const s = readState();
   const p = apiParams(s, "compare");
   for (const k of ["method", "quant", "optimizer"]) p.delete(k);
+  p.set("switches", "true");  // compare --switches: the memory-saver table below
   $("tables").innerHTML = '<p class="dim">comparing...</p>';
   try {
     const c = await api("compare", p);

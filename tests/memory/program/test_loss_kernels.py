@@ -222,7 +222,7 @@ def test_suggestions_come_cheapest_first() -> None:
 def test_compare_rows_and_one_answer() -> None:
     """compare's loss-kernel cells are `plan --loss-kernel K` of that method's plan, to the
     byte, and the API gives the same."""
-    r = runner.invoke(app, ["compare", *ISSUE_CASE, "--json"])
+    r = runner.invoke(app, ["compare", *ISSUE_CASE, "--switches", "--json"])
     assert r.exit_code == 0, r.output
     rows = {m["method"]: m for m in json.loads(r.stdout)["methods"]}
     qlora = rows["qlora"]["loss_kernels"]
@@ -242,7 +242,7 @@ def test_compare_rows_and_one_answer() -> None:
 
 
 def test_compare_says_where_a_kernel_does_not_apply() -> None:
-    r = runner.invoke(app, ["compare", "--model", "phi-2", "--json"])
+    r = runner.invoke(app, ["compare", "--model", "phi-2", "--switches", "--json"])
     assert r.exit_code == 0, r.output
     cells = json.loads(r.stdout)["methods"][0]["loss_kernels"]
     assert cells["liger"]["required_device_bytes"] is None
