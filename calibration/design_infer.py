@@ -4,6 +4,7 @@
     python calibration/design_infer.py holdout2 > calibration/matrices/h200-infer-holdout2.json
     python calibration/design_infer.py holdout3 > calibration/matrices/h200-infer-holdout3.json
     python calibration/design_infer.py holdout4 > calibration/matrices/h200-infer-holdout4.json
+    python calibration/design_infer.py holdout5 > calibration/matrices/h200-infer-holdout5.json
 
 24 generate() points and 3 merges drawn at random (seed 40) over 7 architectures (MHA and
 GQA, 32k-256k vocabularies), batch 1-64, prompt 128-32k, new tokens 1-2048, nf4 and bf16
@@ -40,6 +41,9 @@ def main() -> None:
         return
     if sys.argv[1:] == ["holdout4"]:
         holdout4()
+        return
+    if sys.argv[1:] == ["holdout5"]:
+        holdout5()
         return
     rng = random.Random(40)
     points = []
@@ -175,6 +179,41 @@ def holdout4() -> None:
     json.dump({"note": "pre-registered inference holdout 4 (after run 28): predictions made "
                "before any measurement of these points", "points": points}, sys.stdout,
               indent=1)
+    sys.stdout.write("\n")
+
+
+def holdout5() -> None:
+    """Inference holdout 5, pre-registered after run 29's trace (bitsandbytes' no-grad 4-bit
+    dispatch, repeat_kv under a masked sdpa prefill): seed 45, 12 generate() points where
+    those mechanisms act (nf4 at batch 1-16 across the fused / dequantize boundary, prompts
+    past mistral-7b's 4096-token window, gemma-2 long prompts), 4 of them at full depth,
+    sized like holdout 4 (estimated peak device <= 20 GiB, batch x new tokens <= 4096)."""
+    rng = random.Random(45)
+    archs = ["mistral-7b", "llama-2-7b", "qwen2.5-7b", "gemma-2-2b", "mistral-7b",
+             "llama-3.1-8b", "phi-3-mini", "qwen3-8b"]
+    points = []
+    while len(points) < 12:
+        full = len(points) >= 8
+        name = (FULL_DEPTH[rng.randrange(len(FULL_DEPTH))] if full
+                else archs[len(points) % len(archs)])
+        layers = None if full else 4
+        spec = get_spec(name) if full else depth_cut(get_spec(name), 4)
+        plan = {"batch_size": rng.choice([1, 2, 4, 6, 8, 16]),
+                "prompt_len": rng.choice([512, 2048, 4096, 5000, 8192]),
+                "new_tokens": rng.choice([64, 128, 256, 512]),
+                "quant": rng.choice(["nf4", "nf4", "nf4", "int8", "none"]),
+                "rank": rng.choice([8, 16, 64])}
+        if plan["batch_size"] * plan["new_tokens"] > 4096:
+            continue
+        est = estimate_inference(spec, InferPlan.model_validate(plan))
+        if est.peak_device_bytes > 20 * GiB:
+            continue
+        tag = "full" if full else "4L"
+        points.append(_point(f"io{len(points):02d}-{name}-{tag}", name, "infer", plan, est,
+                             layers))
+    json.dump({"note": "pre-registered inference holdout 5 (after run 29's trace): "
+               "predictions made before any measurement of these points", "points": points},
+              sys.stdout, indent=1)
     sys.stdout.write("\n")
 
 
