@@ -205,7 +205,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        # which allocator replay the estimates run (allocator_replay.ENGINE): the compiled
+        # which allocator replay the estimates run (allocator.replay.ENGINE): the compiled
         # one where setup.py could build it, else the pure-Python one (the same bytes)
         from vramcalc.memory.allocator.replay import ENGINE
 

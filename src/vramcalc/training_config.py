@@ -31,7 +31,7 @@ from vramcalc.errors import PlanError
 
 Format = Literal["axolotl", "trl", "llama-factory"]
 
-# HF / axolotl / LLaMA-Factory optimizer names -> vramcalc's (plan_settings.OPTIMIZERS)
+# HF / axolotl / LLaMA-Factory optimizer names -> vramcalc's (plans.OPTIMIZERS)
 _OPTIMIZERS = {
     "adamw_torch": "adamw_torch",
     "adamw_hf": "adamw_torch",

@@ -90,7 +90,7 @@ class Running:
 def matrix_points(data: Any) -> list[Any]:
     """The points of a matrix file (its JSON: `{"points": [...]}` or the list itself), their
     plans in today's loop names: a file without `loop_names` predates issue 27 and names
-    the Trainer-built plain loops `plain*` (plan_settings.current_loop_names)."""
+    the Trainer-built plain loops `plain*` (plans.current_loop_names)."""
     raw = data.get("points", []) if isinstance(data, dict) else data
     names = int(data.get("loop_names", 1)) if isinstance(data, dict) else 1
     return [{**p, "plan": current_loop_names(p["plan"], names)}
@@ -360,7 +360,7 @@ def _record(point: Point, status: str, measurement: dict[str, Any] | None,
         "worker": point.worker,
         "task": point.raw.get("task", "train"),
         "plan": point.plan.model_dump(mode="json") if point.plan is not None else None,
-        "loop_names": LOOP_NAMES,  # the plan's loop names (plan_settings.current_loop_names)
+        "loop_names": LOOP_NAMES,  # the plan's loop names (plans.current_loop_names)
         "steps": point.raw.get("steps", 3) if point.worker == TRAIN_WORKER else None,
         "admitted_bytes": point.need_bytes,
         "prediction": point.prediction,

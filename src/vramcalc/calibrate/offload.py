@@ -2,7 +2,7 @@
 
 Imported by `run.py` only (torch imported inside the functions): the rows a padded, packed
 or padding-free step feeds the model, and the two offloading techniques the step program
-models (`step_requests.Graph._offload`):
+models (`program.step.Graph._offload`):
 
 - `CheckpointOffload` ("checkpoints"): Unsloth's offloaded gradient checkpointing
   (unsloth-zoo ce232d6 gradient_checkpointing.py `UnslothCheckpointFunction`) rebuilt on

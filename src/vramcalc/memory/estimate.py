@@ -96,7 +96,7 @@ def step_program_covers(spec: ModelSpec, plan: TrainPlan) -> bool:
 def fused_head_bytes(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
     """The phase formula's logits-and-loss bytes of a fused or chunked head at the end of
     the forward and in the loss's backward (the step program replays the requests:
-    step_requests._fused_head)."""
+    program.step._fused_head)."""
     t, h, v = plan.tokens, spec.hidden_size, spec.vocab_size
     c = DTYPE_BYTES[plan.compute_dtype]
     act = residual_bytes(plan)
@@ -125,7 +125,7 @@ def fused_head_bytes(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
 
 
 def fused_head_largest(spec: ModelSpec, plan: TrainPlan) -> int:
-    """The largest request of a fused or chunked head (step_requests._fused_head): the
+    """The largest request of a fused or chunked head (program.step._fused_head): the
     largest allocation a retry after an out-of-memory error may need as one block."""
     t, h, v = plan.tokens, spec.hidden_size, spec.vocab_size
     c = DTYPE_BYTES[plan.compute_dtype]
@@ -182,7 +182,7 @@ def _program_breakdown(formula: dict[str, int], total: int) -> dict[str, int]:
 def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estimate:
     """Peak memory of `plan` on `spec`, by phase and component. See module docstring.
 
-    `replay=False` skips the step program's replay (step_requests.program_peaks) and gives
+    `replay=False` skips the step program's replay (program.step.program_peaks) and gives
     the phase formula with the linear slack rule: within a few percent of the full
     estimate, for a search's first guess only (search.largest_fitting confirms every
     answer on the full estimate); no number a command shows comes from it."""
@@ -255,7 +255,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
     # both before the optimizer step. A loss that survives the step (`--loop plain`: `loss`
     # is rebound once the next forward returns) keeps the same graph without the logits,
     # and, under checkpointing, the embedding output enable_input_require_grads made a leaf
-    # with its gradient (its AccumulateGrad node; step_requests `Graph.backward`).
+    # with its gradient (its AccumulateGrad node; program.step `Graph.backward`).
     held_next = held_logits if plan.holds_output_past_step else 0
     held_graph = 0
     if plan.holds_graph_past_step:
@@ -301,7 +301,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
         fold_transient += max(f_down, f_gate_up - f_down)
     if not plan.gradient_checkpointing:
         layer_acts += layers * fold
-    # Activation offloading (step_requests Graph._offload): what goes to host memory leaves
+    # Activation offloading (program.step Graph._offload): what goes to host memory leaves
     # the layers' saved activations on the GPU (the program brings each back around its
     # backward; the formula, a first guess, only takes it off).
     host = offload_host_bytes(spec, plan)
@@ -333,7 +333,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
     logits_fwd = logits_saved + LOGITS_FORWARD_EXTRA_UNITS * logits_unit
     logits_ce = logits_saved + (LOGITS_BACKWARD_EXTRA_UNITS + held_logits) * logits_unit
     if plan.loss_kernel != "torch":
-        # the fused / chunked heads (step_requests._fused_head; docs/memory-model.md
+        # the fused / chunked heads (program.step._fused_head; docs/memory-model.md
         # "Loss kernels"): no logits are held by the output
         held_logits = held_next = 0
         logits_fwd, logits_ce = fused_head_bytes(spec, plan)
@@ -399,7 +399,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
     peak_phase = max(phases, key=lambda k: phases[k])
     breakdown = candidates[phase_of[peak_phase]]
 
-    # The step program (step_requests: the requests of loading and of three steps,
+    # The step program (program.step: the requests of loading and of three steps,
     # replayed on the caching allocator) gives reserved - allocated and, where it models
     # every mechanism of the plan (`step_program_covers`), the peak allocated of each step
     # phase too; without the replay (`replay=False`, a search's first guess) the phase

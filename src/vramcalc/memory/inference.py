@@ -359,11 +359,11 @@ def estimate_inference(spec: ModelSpec, plan: InferPlan, replay: bool = True) ->
     peak_reserved = 0
     if replay:
         # The peaks come from generate()'s requests replayed on the caching allocator
-        # (infer_requests.py); the formulas above name the components at the peak.
+        # (memory/program/infer.py); the formulas above name the components at the peak.
         from vramcalc.memory.program.infer import infer_program_peaks
 
         program = infer_program_peaks(spec, plan)
-        # tensors under infer_requests' smallest request (norms, biases, small adapters)
+        # tensors under program.infer's smallest request (norms, biases, small adapters)
         # and per-tensor rounding: the static bytes are the formulas'; in small segments
         offset = static - program.load_allocated
         small_segments = ceil_div(max(offset, 0), SMALL_BUFFER) * SMALL_BUFFER
@@ -487,7 +487,7 @@ def estimate_merge(spec: ModelSpec, plan: MergePlan) -> Estimate:
     peak_reserved = peak_alloc
     if on_gpu:
         # reserved from the load and the merge's requests replayed on the caching
-        # allocator (infer_requests.merge_program_peaks); allocated stays the formulas'
+        # allocator (program.infer.merge_program_peaks); allocated stays the formulas'
         from vramcalc.memory.program.infer import merge_program_peaks
 
         program = merge_program_peaks(spec, InferPlan(

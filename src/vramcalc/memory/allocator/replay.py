@@ -29,7 +29,7 @@ left at their defaults (off).
 
 Pure Python, no torch. `replay_trace` replays a recorded trace (calibrate/trace.py
 `compact_trace`) as a check of these rules against the GPU. `replay_program` replays the
-load-and-steps program of an estimate (step_requests.program_peaks), here or in the
+load-and-steps program of an estimate (program.step.program_peaks), here or in the
 compiled extension `vramcalc.memory.allocator._replay`
 (src/vramcalc/memory/allocator/_replay.c, the same rules for one stream) where it was
 built: `ENGINE` says which runs by default.
@@ -545,7 +545,7 @@ def requested_run(sizes: dict[int, int], total: int,
     """The rounded request bytes alive (round_size per allocation, a free gives back its
     own; `sizes` holds the live ones) over `requests`, from `total`: the total after them
     and its peak. Unlike allocated bytes they do not depend on where a request lands
-    (step_requests.requested_peaks)."""
+    (program.step.requested_peaks)."""
     peak = total
     for tid, size in requests:
         if size > 0:
@@ -579,7 +579,7 @@ ENGINE: Engine = "compiled" if _COMPILED is not None else "python"
 
 
 # (ids, strides, sizes, count): the requests (ids[k] + r * strides[k], sizes[k]) for k in
-# order, for r in range(count) (step_templates.StepProgram), int64 arrays
+# order, for r in range(count) (program.templates.StepProgram), int64 arrays
 RequestBlock = tuple["array[int]", "array[int]", "array[int]", int]  # generic from 3.12
 
 
@@ -600,7 +600,7 @@ class ProgramReplay:
     peak_allocated: int  # over the steps, peaks reset after loading
     peak_reserved: int  # over the steps
     # the rounded (round_size) request bytes alive, which unlike allocated bytes do not
-    # depend on where a request lands (step_requests.requested_peaks): their peak in
+    # depend on where a request lands (program.step.requested_peaks): their peak in
     # loading, and in each step segment from its start
     load_peak_requested: int = 0
     segment_requested: tuple[int, ...] = ()
@@ -611,7 +611,7 @@ def replay_program(load: Sequence[tuple[int, int]], steps: Sequence[RequestBlock
                    engine: Engine | None = None) -> ProgramReplay:
     """Replay the requests of loading (`load`, from an empty allocator), reset the peaks
     (as `calibrate` does before the first step), then the step requests (`steps`, the
-    blocks of a step_templates.StepProgram) segment by segment: segment k is requests
+    blocks of a program.templates.StepProgram) segment by segment: segment k is requests
     bounds[k] to bounds[k + 1] of the sequence the blocks stand for, the last one to its
     end. Requests are (tensor id, bytes) as in `replay_requests`, ids distinct over both.
     `engine`: "compiled" (an error where it is not built), "python", or None for

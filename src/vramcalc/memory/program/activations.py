@@ -249,7 +249,7 @@ def int8_saved_bytes_per_token(spec: ModelSpec, plan: TrainPlan,
     backward, not by their layer's backward (H200 run 17 traces t17-w029, t17-y012).
     `after_backward`: what they hold once backward has freed the saved tensors (a loop
     that keeps the output keeps its graph, `Graph.backward(keep_graph)` in
-    step_requests): every distinct input, also those that were views of saved ones.
+    program.step): every distinct input, also those that were views of saved ones.
     """
     if plan.quant != "int8":
         return 0
@@ -299,7 +299,7 @@ def _norms_saved(spec: ModelSpec, plan: TrainPlan, norms: int | None = None) -> 
     per_norm = norm_in * h + RSQRT_BYTES
     if plan.method == "full" and spec.norm == "rmsnorm":
         # weight * normed keeps the normalized tensor for the weight's gradient; Gemma's
-        # `output * (1.0 + self.weight.float())` keeps it in fp32 (specs.norm_scales_in_fp32).
+        # `output * (1.0 + self.weight.float())` keeps it in fp32 (models.spec ModelSpec.norm_scales_in_fp32).
         per_norm += (4 if spec.norm_scales_in_fp32 else residual_bytes(plan)) * h
     total = (spec.norms_per_layer if norms is None else norms) * per_norm
     if spec.qk_norm:

@@ -2,7 +2,7 @@
 allocated and reserved memory of an inference run (load, prefill, decode).
 
 The program (one request per tensor of at least `load_requests.MIN_REQUEST` bytes, as in
-`step_requests` and `load_requests`):
+`program.step` and `load_requests`):
 
 1. Loading: `load_requests.load_requests(..., kbit_prepare=False)`: the warmup segment, the
    weights materialized and quantized in checkpoint order, the LoRA adapters (fp32).

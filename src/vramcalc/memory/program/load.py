@@ -32,7 +32,7 @@ run18-traces, H200, transformers 5.17, bitsandbytes 0.50.2, peft 0.21):
    ParamWrapper factors of MoE experts: `trainable.lora_tensor_numels`).
 
 Requests under `MIN_REQUEST` (norms, biases, small adapters) are left out, as in
-`step_requests`.
+`program.step`.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ _ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
 class _Requests:
     def __init__(self) -> None:
         self.out: list[tuple[int, int]] = []
-        self._ids = count(-1, -1)  # negative ids: apart from step_requests' buffers
+        self._ids = count(-1, -1)  # negative ids: apart from program.step's buffers
 
     def alloc(self, size: int) -> int | None:
         if size < MIN_REQUEST:

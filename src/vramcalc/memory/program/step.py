@@ -1,6 +1,6 @@
 """The allocation requests of training steps, generated from the plan: what the caching
 allocator sees (sizes and order of every tensor of at least a few KiB), so that
-`allocator_replay` can give the reserved bytes they leave.
+`allocator.replay` can give the reserved bytes they leave.
 
 A small autograd: every forward op allocates its temporaries and its output, and keeps
 the tensors its backward needs (saved tensors); backward runs the ops in reverse, each
@@ -156,7 +156,7 @@ class Graph:
         self._workspaces: set[bool] = set()  # threads whose cuBLAS workspace exists
         # the decoder layer whose work makes the requests (-1: the rest), and where each
         # run of one layer's (or the rest's) requests starts: (layer, index of its first
-        # request); step_templates.py repeats a middle layer's runs
+        # request); memory/program/templates.py repeats a middle layer's runs
         self.layer = -1
         self.runs: list[tuple[int, int]] = [(-1, 0)]
         # activation offloading (TrainPlan.offload_activations), see `_offload`
@@ -173,9 +173,10 @@ class Graph:
         """The requests from here on are `layer`'s (-1: no layer's); `new_run` starts a
         new run even for the same layer (a phase of the step begins). Every loop over the
         layers marks each layer's requests so, and the rest with -1 before and after:
-        step_templates repeats the middle layer's runs, and requests made layer by layer
+        program.templates repeats the middle layer's runs, and requests made layer by layer
         under -1 would be repeated as often as the cut has layers
-        (tests/memory/program/test_step_templates.py compares with the full generation)."""
+        (tests/memory/program/test_step_templates.py compares with the full
+        generation)."""
         if layer != self.layer or new_run:
             self.layer = layer
             self.runs.append((layer, len(self.requests)))
@@ -761,7 +762,7 @@ def _norm(g: Graph, s: _Shapes, x: Var, width: int, rows: int | None = None) -> 
     trains = s.method == "full"
     if in_bytes != 4 and s.fp32_norm_scale:
         # (normed * weight) in fp32, then the cast: the product keeps the fp32 normalized
-        # tensor where the weight trains (specs.FP32_SCALED_NORM_FAMILIES; recorded, run 28
+        # tensor where the weight trains (models.spec.FP32_SCALED_NORM_FAMILIES; recorded, run 28
         # trace g031-gemma-2-2b: one more input-sized fp32 tensor per norm and step)
         # Its backward, where the weight trains, makes the weight's `grad * normed` (fp32,
         # input-sized, before its sum over tokens) and, while it lives, one transient of
@@ -1844,9 +1845,9 @@ def requested_peaks(load: list[tuple[int, int]], requests: list[tuple[int, int]]
 
 
 def step_program(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepProgram:
-    """The requests of `step_requests` as a StepProgram: repeated from a cut of the model
-    to step_templates.TEMPLATE_LAYERS layers where its layers are alike (the same
-    sequence, tensor ids renumbered: step_templates.canonical), else generated whole."""
+    """The requests of `program.step` as a StepProgram: repeated from a cut of the model
+    to program.templates.TEMPLATE_LAYERS layers where its layers are alike (the same
+    sequence, tensor ids renumbered: program.templates.canonical), else generated whole."""
     layers = spec.num_hidden_layers
     # (OffloadActivations' stash frees a tensor of an earlier layer among a later one's
     # requests: generated whole)
@@ -1870,7 +1871,7 @@ def step_program(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepProgra
 def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3,
                   engine: Engine | None = None) -> ProgramPeaks:
     """Replay the requests of loading and preparing the model (load_requests), then of
-    `steps` training steps (step_program), phase by phase (`allocator_replay.
+    `steps` training steps (step_program), phase by phase (`allocator.replay.
     replay_program`; `engine` None: the compiled replay where it was built)."""
     program = step_program(spec, plan, steps)
     load = load_requests(spec, plan)

@@ -1,8 +1,8 @@
 """The step requests of a deep model from those of a 6-layer cut of it: decoder layers of
 one shape make the same requests, so the cut's middle layer is repeated with renumbered
-tensor ids instead of running the small autograd (step_requests.Graph) through every
+tensor ids instead of running the small autograd (program.step.Graph) through every
 layer. The result is a `StepProgram`: blocks of requests, a block repeated with ids that
-advance by a fixed stride, which `allocator_replay.replay_program` replays as the
+advance by a fixed stride, which `allocator.replay.replay_program` replays as the
 sequence it stands for.
 
 Graph marks whose requests are whose (`Graph.set_layer`, `StepRequests.runs`): each run

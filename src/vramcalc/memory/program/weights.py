@@ -104,7 +104,7 @@ def fused_experts(spec: ModelSpec, plan: TrainPlan) -> bool:
     `moe_experts="quantized"` (per-expert Linears, as transformers 4.x and axolotl load
     them) only changes that on a quantized base: a 16-bit base has nothing to quantize.
     The one rule that weight_bytes, trainable, activations, load_requests and
-    step_requests follow."""
+    program.step follow."""
     return spec.is_moe and not (plan.moe_experts == "quantized" and plan.quant != "none")
 
 
