@@ -299,7 +299,8 @@ def _norms_saved(spec: ModelSpec, plan: TrainPlan, norms: int | None = None) -> 
     per_norm = norm_in * h + RSQRT_BYTES
     if plan.method == "full" and spec.norm == "rmsnorm":
         # weight * normed keeps the normalized tensor for the weight's gradient; Gemma's
-        # `output * (1.0 + self.weight.float())` keeps it in fp32 (models.spec ModelSpec.norm_scales_in_fp32).
+        # `output * (1.0 + self.weight.float())` keeps it in fp32
+        # (models.spec ModelSpec.norm_scales_in_fp32).
         per_norm += (4 if spec.norm_scales_in_fp32 else residual_bytes(plan)) * h
     total = (spec.norms_per_layer if norms is None else norms) * per_norm
     if spec.qk_norm:
