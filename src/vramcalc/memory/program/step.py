@@ -1397,78 +1397,43 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         g.set_layer(-1)
         n = _norm(g, s, x, h)
         g.drop(x)
+        logits: Var | None = None
         if plan.loss_kernel != "torch":
+            # the output keeps no logits (liger's lce_forward `skip_logits` in training,
+            # cce's patch: `logits=None`): its cache and the graph its loss reaches
             loss = _fused_head(g, spec, plan, s, n, head_w)
-            if held is not None:  # the previous output, rebound (see below)
-                g.drop(held)
-                held = None
-                g.release(held_graph)
-                g.set_layer(-1)
-                held_graph = []
-            g.drop(n)
-            g.clear_cache()
-            cache, kv[:] = list(kv), []
-            leaf_refs = [leaf_ref] if leaf_ref is not None else []
-            g.set_layer(-1, new_run=True)
-            phases.append(("backward", len(g.requests)))
-            if plan.holds_output:
-                # the output keeps no logits (liger's lce_forward `skip_logits` in
-                # training, cce's patch: `logits=None`): its cache and the graph its loss
-                # reaches
-                held = Var(None, 0, 0, False)
-                held_graph = g.backward(loss, keep_graph=True) + cache + leaf_refs
-                if not plan.holds_output_past_step:
-                    held = None
-                    g.release(held_graph)
-                    g.set_layer(-1)
-                    held_graph = []
-            else:
-                for buf in cache:  # the output goes with its cache
-                    g.unref(buf)
-                if plan.survives == "loss":
-                    for kept in held_graph:
-                        g.unref(kept)
-                    held_graph = g.backward(loss, keep_graph=True) + leaf_refs
-                else:
-                    g.backward(loss)
-            for mask in masks:
-                g.unref(mask)
-            _optimizer_phase(g, opt, state_groups, params, layers, step, phases)
-            continue
-        head_copy: Var | None = None
-        if plan.method == "qlora" or s.autocast_weights:
-            # the fp32 lm_head weight cast for the matmul (kept for backward); a trained
-            # one gets its compute-dtype gradient first, then the fp32 cast of it
-            # (ToCopyBackward)
-            head_copy = g.op(vocab * h * s.c, [head_w])
-        # autocast casts an fp32 final hidden state (QLoRA's fp32 norm) for the matmul too;
-        # kept only where the head trains (recorded: a compute-dtype copy made and freed
-        # around the logits at modeling_llama LlamaForCausalLM.forward)
-        nc = g.op(t * h * s.c, [n]) if n.size != t * h * s.c else n
-        g.noop = True  # the lm_head's saved tensors stay (OffloadActivations' NoOpManager)
-        logits = g.op(t * vocab * s.c, [head_copy or head_w, nc], mm=True,
-                      save=tuple(v for v in ((nc if full else None), head_copy)
-                                 if v is not None))
-        g.noop = False
-        if nc is not n:
-            g.drop(nc)
-        if spec.final_logit_softcapping:
-            logits = _softcap(g, logits)
-        if head_copy is not None:
-            g.drop(head_copy)
-        up = g.op(t * vocab * 4, [logits])
-        logp = g.op(t * vocab * 4, [up], save_out=True)  # log_softmax keeps its output
-        g.drop(up)
-        if held is not None:  # `out` is rebound once the forward (with its loss) returns
-            # and the old output's graph goes with it (bitsandbytes int8's ctx.tensors:
-            # H200 run 13 z004: step 2 starts 4.16 GB above step 1, logits 1.24 GB)
-            g.drop(held)
-            held = None
-            g.release(held_graph)
-            g.set_layer(-1)
-            held_graph = []
-        loss = g.op(4, [logp])
-        g.drop(logp)
+            held, held_graph = _rebind(g, held, held_graph)
+        else:
+            head_copy: Var | None = None
+            if plan.method == "qlora" or s.autocast_weights:
+                # the fp32 lm_head weight cast for the matmul (kept for backward); a trained
+                # one gets its compute-dtype gradient first, then the fp32 cast of it
+                # (ToCopyBackward)
+                head_copy = g.op(vocab * h * s.c, [head_w])
+            # autocast casts an fp32 final hidden state (QLoRA's fp32 norm) for the matmul
+            # too; kept only where the head trains (recorded: a compute-dtype copy made and
+            # freed around the logits at modeling_llama LlamaForCausalLM.forward)
+            nc = g.op(t * h * s.c, [n]) if n.size != t * h * s.c else n
+            g.noop = True  # the lm_head's saved tensors stay (OffloadActivations' NoOpManager)
+            logits = g.op(t * vocab * s.c, [head_copy or head_w, nc], mm=True,
+                          save=tuple(v for v in ((nc if full else None), head_copy)
+                                     if v is not None))
+            g.noop = False
+            if nc is not n:
+                g.drop(nc)
+            if spec.final_logit_softcapping:
+                logits = _softcap(g, logits)
+            if head_copy is not None:
+                g.drop(head_copy)
+            up = g.op(t * vocab * 4, [logits])
+            logp = g.op(t * vocab * 4, [up], save_out=True)  # log_softmax keeps its output
+            g.drop(up)
+            # `out` is rebound once the forward (with its loss) returns, and the old
+            # output's graph goes with it (bitsandbytes int8's ctx.tensors: H200 run 13
+            # z004: step 2 starts 4.16 GB above step 1, logits 1.24 GB)
+            held, held_graph = _rebind(g, held, held_graph)
+            loss = g.op(4, [logp])
+            g.drop(logp)
         # the final hidden state is a local of the CausalLM forward: freed when it returns,
         # after its loss (recorded in every run 14 trace)
         g.drop(n)
@@ -1479,16 +1444,14 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         g.set_layer(-1, new_run=True)
         phases.append(("backward", len(g.requests)))
         if plan.holds_output:
-            held = logits
+            held = logits if logits is not None else Var(None, 0, 0, False)
             held_graph = g.backward(loss, keep_graph=True) + cache + leaf_refs
             if not plan.holds_output_past_step:  # `del out` after backward
-                g.drop(held)
-                held = None
-                g.release(held_graph)
-                g.set_layer(-1)
-                held_graph = []
+                held, held_graph = _rebind(g, held, held_graph)
         else:
-            if plan.loop == "trainer" and logits.size != t * vocab * 4:
+            if logits is None:
+                pass
+            elif plan.loop == "trainer" and logits.size != t * vocab * 4:
                 # accelerate's convert_outputs_to_fp32 (utils/operations.py) replaces the
                 # output's logits by an fp32 copy, which Trainer.compute_loss drops with the
                 # output, keeping only the loss: both go before backward begins (recorded)
@@ -1497,7 +1460,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                 g.unref(conv)
             else:
                 g.drop(logits)
-            for buf in cache:
+            for buf in cache:  # the output goes with its cache
                 g.unref(buf)
             if plan.survives == "loss":
                 # `loss = model(...).loss` rebinds `loss` once the output is dropped: the
@@ -1512,6 +1475,18 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         _optimizer_phase(g, opt, state_groups, params, layers, step, phases)
     return StepRequests(g.requests, steps, phases, g.runs, g.host_peak)
 
+
+
+def _rebind(g: Graph, held: Var | None, held_graph: list[Buf]
+            ) -> tuple[None, list[Buf]]:
+    """The previous step's surviving output goes (its name rebound, or `del out`), and
+    the graph it kept with it; returns the cleared (held, held_graph)."""
+    if held is not None:
+        g.drop(held)
+        g.release(held_graph)
+        g.set_layer(-1)
+        held_graph = []
+    return None, held_graph
 
 
 def liger_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
