@@ -112,27 +112,10 @@ def holdout3() -> None:
     and 4 at full depth over small models (FULL_DEPTH). Bounded to fit the matrix runner's
     parallel budget in about 240 s of one H200: estimated peak device <= 40 GiB, batch x
     new tokens <= 8192."""
-    rng = random.Random(43)
-    points = []
-    while len(points) < 16:
-        full = len(points) >= 12
-        name = (FULL_DEPTH[rng.randrange(len(FULL_DEPTH))] if full
-                else ARCHS[len(points) % len(ARCHS)])
-        layers = None if full else 4
-        spec = get_spec(name) if full else depth_cut(get_spec(name), 4)
-        plan = {"batch_size": rng.choice([1, 2, 4, 8, 16, 32]),
-                "prompt_len": rng.choice([128, 512, 1024, 2048, 4096, 8192]),
-                "new_tokens": rng.choice([64, 128, 256, 512, 1024]),
-                "quant": rng.choice(["nf4", "nf4", "int8", "none"]),
-                "rank": rng.choice([8, 16, 64])}
-        if plan["batch_size"] * plan["new_tokens"] > 8192:
-            continue
-        est = estimate_inference(spec, InferPlan.model_validate(plan))
-        if est.peak_device_bytes > 40 * GiB:
-            continue
-        tag = "full" if full else "4L"
-        points.append(_point(f"ik{len(points):02d}-{name}-{tag}", name, "infer", plan, est,
-                             layers))
+    points = _generate_draws(random.Random(43), "ik", 16, 12, ARCHS, {
+        "batch_size": [1, 2, 4, 8, 16, 32], "prompt_len": [128, 512, 1024, 2048, 4096, 8192],
+        "new_tokens": [64, 128, 256, 512, 1024], "quant": ["nf4", "nf4", "int8", "none"],
+        "rank": [8, 16, 64]}, max_batch_tokens=8192, max_device_gib=40)
     json.dump({"note": "pre-registered inference holdout 3 (issue 27: generate() replayed on "
                "the caching allocator): predictions made before any measurement of these "
                "points", "points": points}, sys.stdout, indent=1)
@@ -145,27 +128,10 @@ def holdout4() -> None:
     generate() points (4 at full depth over FULL_DEPTH, 6 at 4 layers) and 4 merges (2 at
     full depth), sized to share one H100 with three training matrices: estimated peak
     device <= 20 GiB, batch x new tokens <= 4096."""
-    rng = random.Random(44)
-    points = []
-    while len(points) < 10:
-        full = len(points) >= 6
-        name = (FULL_DEPTH[rng.randrange(len(FULL_DEPTH))] if full
-                else ARCHS[len(points) % len(ARCHS)])
-        layers = None if full else 4
-        spec = get_spec(name) if full else depth_cut(get_spec(name), 4)
-        plan = {"batch_size": rng.choice([1, 2, 4, 8, 16, 32]),
-                "prompt_len": rng.choice([128, 512, 1024, 2048, 4096, 8192]),
-                "new_tokens": rng.choice([64, 128, 256, 512]),
-                "quant": rng.choice(["nf4", "nf4", "int8", "none"]),
-                "rank": rng.choice([8, 16, 64])}
-        if plan["batch_size"] * plan["new_tokens"] > 4096:
-            continue
-        est = estimate_inference(spec, InferPlan.model_validate(plan))
-        if est.peak_device_bytes > 20 * GiB:
-            continue
-        tag = "full" if full else "4L"
-        points.append(_point(f"il{len(points):02d}-{name}-{tag}", name, "infer", plan, est,
-                             layers))
+    points = _generate_draws(random.Random(44), "il", 10, 6, ARCHS, {
+        "batch_size": [1, 2, 4, 8, 16, 32], "prompt_len": [128, 512, 1024, 2048, 4096, 8192],
+        "new_tokens": [64, 128, 256, 512], "quant": ["nf4", "nf4", "int8", "none"],
+        "rank": [8, 16, 64]}, max_batch_tokens=4096, max_device_gib=20)
     for i, (name, layers, plan) in enumerate([
         ("qwen2.5-1.5b", None, {"rank": 16, "dtype": "bf16", "on": "gpu", "base_quant": "none"}),
         ("llama-3.2-1b", None, {"rank": 64, "dtype": "bf16", "on": "gpu", "base_quant": "none"}),
@@ -188,33 +154,42 @@ def holdout5() -> None:
     those mechanisms act (nf4 at batch 1-16 across the fused / dequantize boundary, prompts
     past mistral-7b's 4096-token window, gemma-2 long prompts), 4 of them at full depth,
     sized like holdout 4 (estimated peak device <= 20 GiB, batch x new tokens <= 4096)."""
-    rng = random.Random(45)
     archs = ["mistral-7b", "llama-2-7b", "qwen2.5-7b", "gemma-2-2b", "mistral-7b",
              "llama-3.1-8b", "phi-3-mini", "qwen3-8b"]
-    points = []
-    while len(points) < 12:
-        full = len(points) >= 8
-        name = (FULL_DEPTH[rng.randrange(len(FULL_DEPTH))] if full
-                else archs[len(points) % len(archs)])
-        layers = None if full else 4
-        spec = get_spec(name) if full else depth_cut(get_spec(name), 4)
-        plan = {"batch_size": rng.choice([1, 2, 4, 6, 8, 16]),
-                "prompt_len": rng.choice([512, 2048, 4096, 5000, 8192]),
-                "new_tokens": rng.choice([64, 128, 256, 512]),
-                "quant": rng.choice(["nf4", "nf4", "nf4", "int8", "none"]),
-                "rank": rng.choice([8, 16, 64])}
-        if plan["batch_size"] * plan["new_tokens"] > 4096:
-            continue
-        est = estimate_inference(spec, InferPlan.model_validate(plan))
-        if est.peak_device_bytes > 20 * GiB:
-            continue
-        tag = "full" if full else "4L"
-        points.append(_point(f"io{len(points):02d}-{name}-{tag}", name, "infer", plan, est,
-                             layers))
+    points = _generate_draws(random.Random(45), "io", 12, 8, archs, {
+        "batch_size": [1, 2, 4, 6, 8, 16], "prompt_len": [512, 2048, 4096, 5000, 8192],
+        "new_tokens": [64, 128, 256, 512], "quant": ["nf4", "nf4", "nf4", "int8", "none"],
+        "rank": [8, 16, 64]}, max_batch_tokens=4096, max_device_gib=20)
     json.dump({"note": "pre-registered inference holdout 5 (after run 29's trace): "
                "predictions made before any measurement of these points", "points": points},
               sys.stdout, indent=1)
     sys.stdout.write("\n")
+
+
+def _generate_draws(rng: random.Random, prefix: str, n: int, cut: int, archs: list[str],
+                    choices: dict[str, list], max_batch_tokens: int,
+                    max_device_gib: int) -> list[dict]:
+    """`n` generate() points drawn by `rng`: the first `cut` at 4 layers over `archs` in
+    turn, the rest at full depth over FULL_DEPTH; each plan key drawn from its `choices` in
+    order; a draw whose batch x new tokens passes `max_batch_tokens` or whose estimated
+    peak device passes `max_device_gib` is drawn again."""
+    points: list[dict] = []
+    while len(points) < n:
+        full = len(points) >= cut
+        name = (FULL_DEPTH[rng.randrange(len(FULL_DEPTH))] if full
+                else archs[len(points) % len(archs)])
+        layers = None if full else 4
+        spec = get_spec(name) if full else depth_cut(get_spec(name), 4)
+        plan = {key: rng.choice(options) for key, options in choices.items()}
+        if plan["batch_size"] * plan["new_tokens"] > max_batch_tokens:
+            continue
+        est = estimate_inference(spec, InferPlan.model_validate(plan))
+        if est.peak_device_bytes > max_device_gib * GiB:
+            continue
+        tag = "full" if full else "4L"
+        points.append(_point(f"{prefix}{len(points):02d}-{name}-{tag}", name, "infer", plan,
+                             est, layers))
+    return points
 
 
 def _point(pid: str, name: str, task: str, plan: dict, est: object,
