@@ -479,6 +479,7 @@ def binary(area: Path) -> Path:
     ["sweep", "-m", "llama-7b", "--from-config", "{f}", "--over", "batch=1:2"],
     ["check", "-m", "llama-7b", "--from-config", "{f}", "--gpu", "rtx-4090"],
     ["calibrate", "run", "-m", "llama-7b", "--matrix", "{f}"],
+    ["plan", "-m", "llama-7b", "--lengths", "{f}"],
 ])
 def test_binary_file_is_one_error_line(args: list[str], binary: Path) -> None:
     o = run_cli([a.format(f=binary) for a in args])
@@ -538,6 +539,7 @@ def test_locked_data_dir_warns_on_check(area: Path) -> None:
     ["plan", "-m", "{p}.yaml"],
     ["plan", "-m", "{p}.json"],
     ["calibrate", "run", "-m", "llama-7b", "--matrix", "{p}.json"],
+    ["plan", "-m", "llama-7b", "--lengths", "{p}.yaml"],
 ])
 @pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
 def test_special_file_as_input_is_refused_without_hanging(args: list[str], kind: str,

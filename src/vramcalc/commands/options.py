@@ -372,13 +372,13 @@ MAX_LENGTHS = 10_000_000  # lines of a --lengths file
 
 def read_lengths(path: str) -> list[int]:
     """The sequence lengths of a --lengths file: one positive integer a line (blank lines
-    and `#` comments skipped); one PlanError line otherwise."""
+    and `#` comments skipped); one PlanError line otherwise. Read as the other named
+    inputs are (user_files.read_text): a FIFO, a device or a folder is refused unread."""
     from pathlib import Path
 
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise PlanError(f"--lengths {path}: cannot read it ({err.__class__.__name__})") from None
+    from vramcalc.user_files import read_text
+
+    text = read_text(Path(path), f"--lengths {path}", PlanError)
     out: list[int] = []
     for k, line in enumerate(text.splitlines(), 1):
         item = line.split("#", 1)[0].strip()
