@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -370,10 +371,12 @@ def build_plan(
 MAX_LENGTHS = 10_000_000  # lines of a --lengths file
 
 
-def read_lengths(path: str) -> list[int]:
+@functools.lru_cache(maxsize=4)
+def read_lengths(path: str) -> tuple[int, ...]:
     """The sequence lengths of a --lengths file: one positive integer a line (blank lines
     and `#` comments skipped); one PlanError line otherwise. Read as the other named
-    inputs are (user_files.read_text): a FIFO, a device or a folder is refused unread."""
+    inputs are (user_files.read_text): a FIFO, a device or a folder is refused unread.
+    Kept per path for the process: build_plan and check's padding-free offer read it once."""
     from pathlib import Path
 
     from vramcalc.user_files import read_text
@@ -392,10 +395,10 @@ def read_lengths(path: str) -> list[int]:
             raise PlanError(f"--lengths {path}: more than {MAX_LENGTHS} lengths")
     if not out:
         raise PlanError(f"--lengths {path}: no lengths in the file")
-    return out
+    return tuple(out)
 
 
-def worst_step(lengths: list[int], batch: int, seq_len: int, layout: str
+def worst_step(lengths: Sequence[int], batch: int, seq_len: int, layout: str
                ) -> tuple[int, int | None]:
     """(seq_len, tokens_per_step) of the step that needs the most memory, given the
     dataset's lengths, each truncated to `seq_len` (TRL max_length, axolotl sequence_len).
@@ -404,11 +407,12 @@ def worst_step(lengths: list[int], batch: int, seq_len: int, layout: str
     the longest sequence, whatever the rest, so the row length is the longest. Padding-free
     flattens the batch's real tokens: the worst step is the `batch` longest together.
     Packed rows are --seq-len long whatever the lengths: a PlanError."""
-    cut = sorted((min(n, seq_len) for n in lengths), reverse=True)
     if layout == "padded":
-        return cut[0], None
+        return min(max(lengths), seq_len), None
     if layout == "padding-free":
-        return seq_len, sum(cut[:batch])
+        from vramcalc.sizing.advice import padding_free_step
+
+        return padding_free_step(lengths, batch, seq_len)
     raise PlanError("--lengths: packed rows are filled to --seq-len whatever the lengths; "
                     "plan them with --seq-len (or use --batch-layout padding-free)")
 

@@ -9,7 +9,7 @@ rich, typer, pynvml or torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
@@ -195,11 +195,10 @@ def loss_kernel_suggestions(
     return out
 
 
-def padding_free_step(lengths: list[int], batch: int, max_len: int) -> tuple[int, int]:
+def padding_free_step(lengths: Sequence[int], batch: int, max_len: int) -> tuple[int, int]:
     """(seq_len, tokens_per_step) of the padding-free step that needs the most memory on
-    these sequence lengths, each cut to `max_len`: the `batch` longest together (the rule
-    of commands/options.py worst_step, which `plan --lengths F --batch-layout
-    padding-free` plans)."""
+    these sequence lengths, each cut to `max_len`: the `batch` longest together (what
+    `plan --lengths F --batch-layout padding-free` plans: commands/options.py worst_step)."""
     cut = sorted((min(n, max_len) for n in lengths), reverse=True)
     return max_len, sum(cut[:batch])
 
