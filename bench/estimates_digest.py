@@ -134,6 +134,21 @@ def run(jobs: Iterator[Job]) -> Iterator[tuple[str, str]]:
         yield key, text
 
 
+def digest_lines(results: Iterator[tuple[str, str]], out: Path | None
+                 ) -> tuple[str, list[str]]:
+    """The sha256 of the `key<TAB>text` lines of `results`, and the lines (written to
+    `out` when given)."""
+    digest = hashlib.sha256()
+    lines = []
+    for key, text in results:
+        line = f"{key}\t{text}\n"
+        digest.update(line.encode())
+        lines.append(line)
+    if out:
+        out.write_text("".join(lines))
+    return digest.hexdigest(), lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="one line per estimate: key, tab, JSON")
@@ -144,16 +159,9 @@ def main() -> None:
         jobs = measured_jobs()
     if args.set in ("catalog", "all"):
         jobs = iter([*jobs, *catalog_jobs()])
-    digest = hashlib.sha256()
-    lines = []
     t0 = time.perf_counter()
-    for key, text in run(jobs):
-        line = f"{key}\t{text}\n"
-        digest.update(line.encode())
-        lines.append(line)
-    if args.out:
-        args.out.write_text("".join(lines))
-    print(f"{digest.hexdigest()}  {len(lines)} estimates ({args.set}), "
+    hexdigest, lines = digest_lines(run(jobs), args.out)
+    print(f"{hexdigest}  {len(lines)} estimates ({args.set}), "
           f"{time.perf_counter() - t0:.1f} s")
 
 

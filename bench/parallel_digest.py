@@ -15,7 +15,6 @@ message, which is digested too.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from estimates_digest import Job, run  # noqa: E402
+from estimates_digest import Job, digest_lines, run  # noqa: E402
 
 from vramcalc.corrections.planning import memoized  # noqa: E402
 from vramcalc.memory.estimate import estimate  # noqa: E402
@@ -88,16 +87,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="one line per estimate: key, tab, JSON")
     args = parser.parse_args()
-    digest = hashlib.sha256()
-    lines = []
     t0 = time.perf_counter()
-    for key, text in run(jobs()):
-        line = f"{key}\t{text}\n"
-        digest.update(line.encode())
-        lines.append(line)
-    if args.out:
-        args.out.write_text("".join(lines))
-    print(f"{digest.hexdigest()}  {len(lines)} parallel estimates, "
+    hexdigest, lines = digest_lines(run(jobs()), args.out)
+    print(f"{hexdigest}  {len(lines)} parallel estimates, "
           f"{time.perf_counter() - t0:.1f} s")
 
 
