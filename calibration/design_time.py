@@ -160,13 +160,20 @@ def _fit2(name: str, layers: int | None, plan: dict[str, Any]) -> dict[str, Any]
 
 
 def matrix2() -> dict[str, Any]:
+    return _drawn_matrix(SEED2, ARCHS2, EXTRA2, "u")
+
+
+def _drawn_matrix(seed: int, archs: dict[str, int | None], extra: dict[str, int],
+                  prefix: str) -> dict[str, Any]:
+    """One time worker point per architecture (`prefix`, its index, its name), each timing
+    len(SLOTS) (+ `extra`) plans drawn by plan2_for from `seed` and fitted by _fit2."""
     import random
 
-    rng = random.Random(SEED2)
+    rng = random.Random(seed)
     points = []
-    for a, (name, layers) in enumerate(ARCHS2.items()):
-        group = f"u{a}-{name}"
-        n = len(SLOTS) + EXTRA2.get(name, 0)
+    for a, (name, layers) in enumerate(archs.items()):
+        group = f"{prefix}{a}-{name}"
+        n = len(SLOTS) + extra.get(name, 0)
         subs = [{"id": f"{group}/{j}", "plan": _fit2(name, layers, plan2_for(rng, j)),
                  "steps": STEPS} for j in range(n)]
         points.append({"id": group, "worker": TIME_WORKER, "spec": name, "layers": layers,
@@ -195,21 +202,7 @@ SEED3 = 20261208
 
 
 def matrix3() -> dict[str, Any]:
-    import random
-
-    rng = random.Random(SEED3)
-    points = []
-    for a, (name, layers) in enumerate(ARCHS3.items()):
-        group = f"v{a}-{name}"
-        n = len(SLOTS) + EXTRA3.get(name, 0)
-        subs = [{"id": f"{group}/{j}", "plan": _fit2(name, layers, plan2_for(rng, j)),
-                 "steps": STEPS} for j in range(n)]
-        points.append({"id": group, "worker": TIME_WORKER, "spec": name, "layers": layers,
-                       "reserve_gib": RESERVE2_GIB, "job": {"points": subs}})
-    batches = {s["plan"]["batch_size"] for g in points for s in g["job"]["points"]}
-    if not {1, 16} <= batches:
-        raise SystemExit(f"draw lacks batch 1 or 16: {sorted(batches)}")
-    return {"points": points}
+    return _drawn_matrix(SEED3, ARCHS3, EXTRA3, "v")
 
 
 PREDICTED_GPUS = ("h200", "h100-sxm")  # the run may get either card
