@@ -51,6 +51,10 @@ RUNS = {  # run file -> the matrix it measured
     "run28-gemma2-trace.jsonl": "h100-gemma2-trace28.json",
     "run29-holdout16.jsonl": "h200-holdout16.json",
     "run29b-holdout16.jsonl": "h200-holdout16.json",
+    "run30-pack1.jsonl": "h200-pack1.json",
+    "run31-pack1.jsonl": "h200-pack1.json",
+    "run31-loss1a.jsonl": "h200-loss1.json",
+    "run31-loss1b.jsonl": "h200-loss1.json",
 }
 # Runs measured on another card than the H200: the folder under calibration/ that holds
 # them (runs 27 and 28 were given an H100 80GB HBM3: calibration/h100/run27-gpu.txt,
@@ -61,6 +65,10 @@ RUN_DIRS = {
     "run28-gemma2-trace.jsonl": "h100",
     "run29-holdout16.jsonl": "h100",
     "run29b-holdout16.jsonl": "h100",
+    "run30-pack1.jsonl": "h100",
+    "run31-pack1.jsonl": "h100",
+    "run31-loss1a.jsonl": "h100",
+    "run31-loss1b.jsonl": "h100",
 }
 
 

@@ -1,0 +1,166 @@
+"""Issue 29's switches measured against their pre-registered predictions.
+
+    python bench/accuracy_switches.py [--points]
+
+Two matrices, every point at full depth:
+- `calibration/matrices/h200-loss1.json` (loss kernels: torch, liger, cce, chunked, on
+  llama-2-7b, llama-3.1-8b, qwen2.5-1.5b, gemma-2-2b), predictions in
+  `h200-loss1-predictions.json`;
+- `calibration/matrices/h200-pack1.json` (padding-free and packed batches, a token count
+  per step, activation offloading of the checkpoints or of everything), predictions in
+  `h200-pack1-predictions.json`; each technique point names its twin without it in `base`.
+
+For each point: peak allocated, reserved and device (NVML process peak, compared with the
+predicted device less the predicted resident paged bytes, as bench/accuracy_h200.py does)
+against the pre-registered prediction and against the current estimator. Then per technique
+the median and worst |error|. For the pack points, the technique's own effect (the point's
+peak allocated less its twin's) measured and predicted, and the host bytes the offloading
+held (`measurement.offload.host_peak_bytes`, else torch's pinned host allocator peak)
+against the prediction's `host_bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from h200_points import ROOT, records  # noqa: E402
+
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.units import GiB  # noqa: E402
+
+# matrix -> (its predictions, the runs that measured it)
+MATRICES = {
+    "h200-loss1.json": ("h200-loss1-predictions.json",
+                        ("run31-loss1a.jsonl", "run31-loss1b.jsonl")),
+    "h200-pack1.json": ("h200-pack1-predictions.json",
+                        ("run30-pack1.jsonl", "run31-pack1.jsonl")),
+}
+TARGET_ALLOC, TARGET_DEVICE = 3.0, 5.0  # issue 29: each technique, full depth
+
+
+def pct(pred: float, meas: float) -> float:
+    return 100.0 * (pred - meas) / meas
+
+
+def technique(point_id: str, plan: Any) -> str:
+    if point_id.startswith("k-"):
+        return f"loss {plan.loss_kernel}"
+    tag = point_id.rsplit("-", 1)[-1]
+    if tag.startswith("base"):
+        return "none (twin)"
+    return {"pf": "padding-free", "pf5000": "padding-free, 5000 tokens", "packed": "packed",
+            "ckoff": "offload checkpoints", "nogc": "offload all"}.get(tag, tag)
+
+
+def host_measured(m: dict[str, Any]) -> int | None:
+    off = m.get("offload") or {}
+    value = off.get("host_peak_bytes") or off.get("host_allocator_peak_bytes")
+    return int(value) if value else None
+
+
+def rows_of(matrix: str) -> list[dict[str, Any]]:
+    pred_file, runs = MATRICES[matrix]
+    pre = {p["id"]: p for p in json.loads(
+        (ROOT / "calibration" / "matrices" / pred_file).read_text())["points"]}
+    bases = {p["id"]: p.get("base") for p in json.loads(
+        (ROOT / "calibration" / "matrices" / matrix).read_text())["points"]}
+    rows = []
+    for run in runs:
+        for rec, spec, plan in records(run):
+            m = rec.get("measurement") or {}
+            if rec["status"] != "ok" or not m.get("peak_allocated_bytes"):
+                rows.append({"id": rec["id"], "status": rec["status"],
+                             "technique": technique(rec["id"], plan)})
+                continue
+            p = pre[rec["id"]]
+            est = estimate(spec, plan)
+            clean = not (m.get("num_alloc_retries") or m.get("memory_limit_bytes"))
+            dev = m.get("peak_device_bytes") if m.get("nvml_process_source") == "process" else None
+            row: dict[str, Any] = {
+                "id": rec["id"], "status": "ok", "technique": technique(rec["id"], plan),
+                "base": bases.get(rec["id"]), "run": run,
+                "meas_alloc": m["peak_allocated_bytes"], "pred_alloc": p["peak_allocated_bytes"],
+                "alloc": pct(p["peak_allocated_bytes"], m["peak_allocated_bytes"]),
+                "alloc_now": pct(est.peak_allocated_bytes, m["peak_allocated_bytes"]),
+                "reserved": (pct(p["peak_reserved_bytes"], m["peak_reserved_bytes"])
+                             if clean else None),
+                "device": (pct(p["peak_device_bytes"] - p.get("paged_bytes", 0), dev)
+                           if clean and dev else None),
+                "device_now": (pct(est.peak_device_bytes - est.paged_bytes, dev)
+                               if clean and dev else None),
+                "host_pred": p.get("host_bytes", 0), "host_meas": host_measured(m),
+                "retries": m.get("num_alloc_retries"),
+            }
+            rows.append(row)
+    measured = {r["id"] for r in rows if r["status"] == "ok"}  # a later run's record wins
+    seen: set[str] = set()
+    out = []
+    for r in rows:
+        if (r["status"] != "ok" and r["id"] in measured) or r["id"] in seen:
+            continue
+        seen.add(r["id"])
+        out.append(r)
+    return out
+
+
+def summary(errors: list[float]) -> str:
+    if not errors:
+        return "n=0"
+    a = sorted(abs(e) for e in errors)
+    p90 = a[min(len(a) - 1, int(round(0.9 * (len(a) - 1))))]
+    med = statistics.median(a)
+    return f"n={len(a):2d} median {med:5.2f}%  p90 {p90:5.2f}%  worst {a[-1]:6.2f}%"
+
+
+def report(matrix: str, show: bool) -> None:
+    rows = rows_of(matrix)
+    ok = [r for r in rows if r["status"] == "ok"]
+    print(f"\n== {matrix}: {len(ok)} of {len(rows)} measured (pre-registered predictions; "
+          f"targets per technique: allocated {TARGET_ALLOC} %, device {TARGET_DEVICE} %)")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"  {r['id']}: {r['status']}")
+    for key in ("alloc", "reserved", "device", "alloc_now", "device_now"):
+        print(f"  {key:10s} {summary([r[key] for r in ok if r[key] is not None])}")
+    print("  by technique (allocated; device):")
+    for tech in sorted({r["technique"] for r in ok}):
+        sub = [r for r in ok if r["technique"] == tech]
+        worst_a = max(abs(r["alloc"]) for r in sub)
+        devs = [abs(r["device"]) for r in sub if r["device"] is not None]
+        met = worst_a <= TARGET_ALLOC and all(d <= TARGET_DEVICE for d in devs)
+        print(f"    {tech:28s} {summary([r['alloc'] for r in sub])}")
+        dev_summary = summary([r["device"] for r in sub if r["device"] is not None])
+        print(f"    {'':28s} {dev_summary}  {'met' if met else 'MISSED'}")
+    by_id = {r["id"]: r for r in ok}
+    twins = [r for r in ok if r.get("base") and r["base"] in by_id]
+    if twins:
+        print("  the technique's effect (peak allocated less its twin's), GiB: measured / "
+              "predicted; host GiB measured / predicted")
+        for r in twins:
+            b = by_id[r["base"]]
+            meas = (r["meas_alloc"] - b["meas_alloc"]) / GiB
+            pred = (r["pred_alloc"] - b["pred_alloc"]) / GiB
+            host = ("-" if r["host_meas"] is None else f"{r['host_meas'] / GiB:.2f}")
+            print(f"    {r['id']:30s} {meas:+7.2f} / {pred:+7.2f}   host {host} / "
+                  f"{r['host_pred'] / GiB:.2f}")
+    if show:
+        for r in sorted(ok, key=lambda r: -abs(r["alloc"])):
+            dev = "" if r["device"] is None else f" device {r['device']:+6.2f}%"
+            res = "" if r["reserved"] is None else f" reserved {r['reserved']:+6.2f}%"
+            print(f"    {r['id']:30s} alloc {r['alloc']:+7.2f}%{res}{dev}"
+                  f"  (now {r['alloc_now']:+.2f}%)")
+
+
+def main(argv: list[str]) -> None:
+    for matrix in MATRICES:
+        report(matrix, "--points" in argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
