@@ -1501,6 +1501,8 @@ class _Unfollowed(Exception):
     """State `_Boundary` does not read: the steps are generated one by one."""
 
 
+_SCALARS = frozenset({bool, int, float, str})
+_HELD = frozenset({Buf, Var, Node, ChunkNode, CheckpointNode})  # (dataclasses with slots)
 # Graph attributes that are no state a step reads: what it writes (the requests, the
 # runs, the host peak, which only grows), the id counter, and the id sets, read for the
 # state's own buffers (`_Boundary`)
@@ -1540,23 +1542,25 @@ class _Boundary:
         gone, for_good = g.gone, g.for_good
 
         def of(x: object) -> object:
-            if x is None or isinstance(x, (bool, int, float, str)):
+            kind = type(x)
+            if x is None or kind in _SCALARS:
                 return x
-            if isinstance(x, (list, tuple)):
-                return (type(x).__name__, *map(of, x))
-            if isinstance(x, (set, frozenset)):
-                if all(isinstance(v, (bool, int, str)) for v in x):  # Graph._workspaces
-                    return ("set", *sorted(x, key=repr))
-                raise _Unfollowed
-            if isinstance(x, (Buf, Var, Node, ChunkNode, CheckpointNode)):
+            if kind in _HELD:
                 k = seen.get(id(x))
                 if k is not None:
                     return ("seen", k)
                 seen[id(x)] = len(seen)
-                if isinstance(x, Buf):
-                    ids.append(x.id)
-                    return ("buf", x.size, x.refs, x.layer, x.id in gone, x.id in for_good)
-                return (type(x).__name__, *(of(getattr(x, f)) for f in type(x).__slots__))
+                if kind is Buf:
+                    b: Buf = x  # type: ignore[assignment]
+                    ids.append(b.id)
+                    return ("buf", b.size, b.refs, b.layer, b.id in gone, b.id in for_good)
+                return (kind.__name__, *[of(getattr(x, f)) for f in kind.__slots__])
+            if kind is list or kind is tuple:
+                return (kind.__name__, *map(of, x))  # type: ignore[call-overload]
+            if kind is set or kind is frozenset:
+                if all(type(v) in _SCALARS for v in x):  # type: ignore[attr-defined]
+                    return ("set", *sorted(x, key=repr))  # type: ignore[call-overload]
+                raise _Unfollowed
             if callable(x):  # a layer's program (CheckpointNode.fn): the same each step
                 return ("fn", id(x))
             raise _Unfollowed
@@ -1583,13 +1587,16 @@ class _Boundary:
         # reached in (`frame`); those above, the step's own, shift by the count it made
         last, shift = self.next_id, here.next_id - self.next_id
         frame = dict(zip(self.ids, here.ids, strict=True))
-        if any(tid <= last and tid not in frame for tid, _ in step) or any(
-                tid <= last and tid not in frame for tid in here.ids):
+        if any(tid <= last and tid not in frame for tid in here.ids):
             return False
         runs = g.runs[self.run:here.run]
         own = phases[self.phase:here.phase]
         for _ in range(count):
-            step = [(frame[tid] if tid <= last else tid + shift, size) for tid, size in step]
+            try:
+                step = [(frame[tid] if tid <= last else tid + shift, size)
+                        for tid, size in step]
+            except KeyError:  # a buffer the state does not hold: only the first copy can
+                return False  # meet one (a later one's are the last copy's, in `frame`)
             base = len(g.requests) - self.start
             g.requests.extend(step)
             g.runs.extend((layer, k + base) for layer, k in runs)

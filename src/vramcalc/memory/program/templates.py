@@ -40,7 +40,7 @@ import itertools
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import itemgetter
+from operator import add, itemgetter
 
 from vramcalc.memory.allocator.replay import RequestBlock, expand
 
@@ -216,20 +216,23 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
         layer_order = [spans[k][0] for k in sw]
         if layer_order != list(range(n)) and layer_order != list(range(n - 1, -1, -1)):
             return None
-    # the tokens (key, offset) of every run; the owner (run, offset) of every tensor id
+    # the tokens (key, offset) of every run, as its keys and its offsets (two lists: `ids`
+    # adds them in C, map over map); the owner (run, offset) of every tensor id
     owner: dict[int, tuple[int, int]] = {}
-    tokens: list[list[tuple[int, int]]] = []
+    tokens: list[tuple[list[int], list[int]]] = []
     counts: list[int] = []
     for k, (_, lo, hi) in enumerate(spans):
         here = sweep_of[k]
-        toks: list[tuple[int, int]] = []
-        append = toks.append
+        run_keys: list[int] = []
+        run_offs: list[int] = []
+        add_key, add_off = run_keys.append, run_offs.append
         keys: dict[int, int | None] = {}  # owner run -> its key from here
         local = 0
         for tid, size in requests[lo:hi]:
             if size > 0:
                 owner[tid] = (k, local)
-                append((_OWN, local))
+                add_key(_OWN)
+                add_off(local)
                 local += 1
                 continue
             found = owner.get(tid) if size == 0 else None
@@ -241,8 +244,9 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
             key = keys[ok]
             if key is None:
                 return None
-            append((key, off))
-        tokens.append(toks)
+            add_key(key)
+            add_off(off)
+        tokens.append((run_keys, run_offs))
         counts.append(local)
     by_layer = [{spans[k][0]: k for k in sw} for sw in sweeps]
     # layers 1 to n - 2 allocate as many tensors (their sizes: `_program`), and layers 2
@@ -279,7 +283,7 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
     def ids(k: int, own: int, i: int) -> array[int]:
         """Run k's ids as the run of layer i (of no layer: i unused) starting at `own`."""
         if k not in keys_of:
-            keys_of[k] = {key for key, _ in tokens[k]} - {_OWN}
+            keys_of[k] = set(tokens[k][0]) - {_OWN}
         bases = {_OWN: own}
         for key in keys_of[k]:
             if key < _LAYER:
@@ -290,7 +294,7 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
             else:
                 w, end = divmod(key - _END, 2)
                 bases[key] = sweep_base[w][layers - 1 if end else 0]
-        return array("q", [bases[key] + off for key, off in tokens[k]])
+        return array("q", map(add, map(bases.__getitem__, tokens[k][0]), tokens[k][1]))
 
     blocks: list[tuple[int, array[int], array[int] | None, int]] = []
     starts: dict[int, int] = {}  # run of no layer -> its start in the program
@@ -299,7 +303,7 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
         if here is None:
             starts[k] = length
             blocks.append((k, ids(k, run_base[k], 0), None, 1))
-            length += len(tokens[k])
+            length += len(tokens[k][0])
             continue
         w = here[0]
         if k != sweeps[w][0]:
@@ -309,7 +313,7 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
             tk = by_layer[w][template(i)]
             if template(i) != 2:
                 blocks.append((tk, ids(tk, sweep_base[w][i], i), None, 1))
-                length += len(tokens[tk])
+                length += len(tokens[tk][0])
             elif i == middle[0]:
                 # the middle copies refer to layers 1 to L - 2, which all allocate as
                 # many tensors: every id advances by the same stride from one to the next
@@ -319,7 +323,7 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
                     second = ids(tk, sweep_base[w][middle[1]], middle[1])
                     stride = array("q", [b - a for a, b in zip(first, second, strict=True)])
                 blocks.append((tk, first, stride, len(middle)))
-                length += len(tokens[tk]) * len(middle)
+                length += len(tokens[tk][0]) * len(middle)
     run_at = {}
     for k, (layer, lo, _) in enumerate(spans):
         if layer < 0:
