@@ -1554,7 +1554,8 @@ class _Boundary:
                     b: Buf = x  # type: ignore[assignment]
                     ids.append(b.id)
                     return ("buf", b.size, b.refs, b.layer, b.id in gone, b.id in for_good)
-                return (kind.__name__, *[of(getattr(x, f)) for f in kind.__slots__])
+                fields: tuple[str, ...] = getattr(kind, "__slots__")  # noqa: B009
+                return (kind.__name__, *[of(getattr(x, f)) for f in fields])
             if kind is list or kind is tuple:
                 return (kind.__name__, *map(of, x))  # type: ignore[call-overload]
             if kind is set or kind is frozenset:
