@@ -42,9 +42,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import add, itemgetter
 
-from vramcalc.memory.allocator.replay import RequestBlock, expand
+from vramcalc.memory.allocator.replay import COMPILED, RequestBlock, expand
 
 TEMPLATE_LAYERS = 6  # first, second, two middle ones, second to last, last
+# the compiled pass over a cut's requests (`_tokens`), where the compiled replay is built
+# (and has it: one built before it had not)
+_OWNERS = getattr(COMPILED, "owners", None)
 
 
 @dataclass(frozen=True)
@@ -216,38 +219,10 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
         layer_order = [spans[k][0] for k in sw]
         if layer_order != list(range(n)) and layer_order != list(range(n - 1, -1, -1)):
             return None
-    # the tokens (key, offset) of every run, as its keys and its offsets (two lists: `ids`
-    # adds them in C, map over map); the owner (run, offset) of every tensor id
-    owner: dict[int, tuple[int, int]] = {}
-    tokens: list[tuple[list[int], list[int]]] = []
-    counts: list[int] = []
-    for k, (_, lo, hi) in enumerate(spans):
-        here = sweep_of[k]
-        run_keys: list[int] = []
-        run_offs: list[int] = []
-        add_key, add_off = run_keys.append, run_offs.append
-        keys: dict[int, int | None] = {}  # owner run -> its key from here
-        local = 0
-        for tid, size in requests[lo:hi]:
-            if size > 0:
-                owner[tid] = (k, local)
-                add_key(_OWN)
-                add_off(local)
-                local += 1
-                continue
-            found = owner.get(tid) if size == 0 else None
-            if found is None:
-                return None
-            ok, off = found
-            if ok not in keys:
-                keys[ok] = _key(ok, sweep_of[ok], here, n)
-            key = keys[ok]
-            if key is None:
-                return None
-            add_key(key)
-            add_off(off)
-        tokens.append((run_keys, run_offs))
-        counts.append(local)
+    found = _tokens(requests, spans, sweep_of, n)
+    if found is None:
+        return None
+    tokens, counts = found
     by_layer = [{spans[k][0]: k for k in sw} for sw in sweeps]
     # layers 1 to n - 2 allocate as many tensors (their sizes: `_program`), and layers 2
     # and 3 make the same requests
@@ -333,3 +308,77 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
     except KeyError:
         return None
     return _Shape(spans, blocks, alike, new_phases, length)
+
+
+# A run's tokens: the keys and the offsets of its requests (two lists: `ids` adds them in
+# C, map over map)
+_Tokens = tuple[list[int], list[int]]
+
+
+def _tokens(requests: Sequence[tuple[int, int]], spans: list[tuple[int, int, int]],
+            sweep_of: list[tuple[int, int] | None], n: int
+            ) -> tuple[list[_Tokens], list[int]] | None:
+    """The tokens (key, offset) of every run and the count of its allocations; None where
+    a request refers to a tensor no request before it allocated, or one the template
+    cannot follow (`_key`). The compiled replay finds each request's owner (`owners` in
+    allocator/_replay.c: llama-3.1-8b's cut, 10,682 requests, 0.6 ms where the loop of
+    `_tokens_python` takes 2.0 ms, 2026-12-07); both give the same tokens
+    (tests/memory/program/test_step_templates.py)."""
+    found = None if _OWNERS is None else _OWNERS(requests, [lo for _, lo, _ in spans])
+    if found is None:
+        return _tokens_python(requests, spans, sweep_of, n)
+    owner_runs, owner_offs = array("q"), array("q")
+    owner_runs.frombytes(found[0])
+    owner_offs.frombytes(found[1])
+    tokens: list[_Tokens] = []
+    counts: list[int] = []
+    for k, (_, lo, hi) in enumerate(spans):
+        here = sweep_of[k]
+        runs = owner_runs[lo:hi]
+        keys: dict[int, int] = {}  # owner run (-2: the run's own allocation) -> its key
+        for ok in set(runs):
+            key = _OWN if ok == -2 else None if ok < 0 else _key(ok, sweep_of[ok], here, n)
+            if key is None:
+                return None
+            keys[ok] = key
+        tokens.append((list(map(keys.__getitem__, runs)), owner_offs[lo:hi].tolist()))
+        counts.append(runs.count(-2))
+    return tokens, counts
+
+
+def _tokens_python(requests: Sequence[tuple[int, int]], spans: list[tuple[int, int, int]],
+                   sweep_of: list[tuple[int, int] | None], n: int
+                   ) -> tuple[list[_Tokens], list[int]] | None:
+    """`_tokens` without the compiled replay."""
+    # the owner (run, offset) of every tensor id
+    owner: dict[int, tuple[int, int]] = {}
+    tokens: list[_Tokens] = []
+    counts: list[int] = []
+    for k, (_, lo, hi) in enumerate(spans):
+        here = sweep_of[k]
+        run_keys: list[int] = []
+        run_offs: list[int] = []
+        add_key, add_off = run_keys.append, run_offs.append
+        keys: dict[int, int | None] = {}  # owner run -> its key from here
+        local = 0
+        for tid, size in requests[lo:hi]:
+            if size > 0:
+                owner[tid] = (k, local)
+                add_key(_OWN)
+                add_off(local)
+                local += 1
+                continue
+            found = owner.get(tid) if size == 0 else None
+            if found is None:
+                return None
+            ok, off = found
+            if ok not in keys:
+                keys[ok] = _key(ok, sweep_of[ok], here, n)
+            key = keys[ok]
+            if key is None:
+                return None
+            add_key(key)
+            add_off(off)
+        tokens.append((run_keys, run_offs))
+        counts.append(local)
+    return tokens, counts
