@@ -40,7 +40,7 @@ import itertools
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import add, itemgetter
+from operator import add, itemgetter, sub
 
 from vramcalc.memory.allocator.replay import COMPILED, RequestBlock, expand
 
@@ -269,7 +269,7 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
             else:
                 w, end = divmod(key - _END, 2)
                 bases[key] = sweep_base[w][layers - 1 if end else 0]
-        return array("q", map(add, map(bases.__getitem__, tokens[k][0]), tokens[k][1]))
+        return array("q", list(map(add, map(bases.__getitem__, tokens[k][0]), tokens[k][1])))
 
     blocks: list[tuple[int, array[int], array[int] | None, int]] = []
     starts: dict[int, int] = {}  # run of no layer -> its start in the program
@@ -296,7 +296,7 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
                 stride = None
                 if len(middle) > 1:
                     second = ids(tk, sweep_base[w][middle[1]], middle[1])
-                    stride = array("q", [b - a for a, b in zip(first, second, strict=True)])
+                    stride = array("q", map(sub, second, first))
                 blocks.append((tk, first, stride, len(middle)))
                 length += len(tokens[tk][0]) * len(middle)
     run_at = {}
