@@ -1555,7 +1555,8 @@ class _Boundary:
                     ids.append(b.id)
                     return ("buf", b.size, b.refs, b.layer, b.id in gone, b.id in for_good)
                 fields: tuple[str, ...] = getattr(kind, "__slots__")  # noqa: B009
-                return (kind.__name__, *[of(getattr(x, f)) for f in fields])
+                return (kind.__name__, *[v if v is None or type(v) in _SCALARS else of(v)
+                                         for v in [getattr(x, f) for f in fields]])
             if kind is list or kind is tuple:
                 return (kind.__name__, *map(of, x))  # type: ignore[call-overload]
             if kind is set or kind is frozenset:
