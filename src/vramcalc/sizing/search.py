@@ -13,6 +13,9 @@ on the full estimate, the one `plan` shows, by the rule `plan` uses for "fits"
 slope of its line, along which the full estimate's search steps from there
 (`largest_near`): over the catalog on an RTX 4090 (`vramcalc fit`), 493 full estimates in
 the searches where stepping from the guess one value at a time took 774 (2026-12-07).
+fit's searches start where the row's batch-1 estimate is known (`largest_from_guess`'s
+`anchor`): 444 full estimates in the searches, 484 unanchored, besides the 160 rows'
+batch-1 estimates (2026-12-07, counted at 8525100 and after).
 """
 
 from __future__ import annotations
@@ -81,9 +84,9 @@ def largest_from_guess(need: Callable[[int], int], budget: int, upper: int,
     miss there (the formula's required memory is off the full estimate's by an offset
     that varies slowly: 0.43 % median, issue 26), and `largest_near` steps along the
     secant through the full estimates from there on. Over the catalog on an RTX 4090
-    (`vramcalc fit`, each row anchored at its batch-1 estimate): 604 full estimates where
-    the formula's guess alone took 644 (2026-12-07); the answers are the same (every
-    search is exact for a non-decreasing need, whatever its guesses)."""
+    (`vramcalc fit`, each row anchored at its batch-1 estimate): 444 full estimates in
+    the searches where the formula's guess alone took 484 (2026-12-07); the answers are
+    the same (every search is exact for a non-decreasing need, whatever its guesses)."""
     memo: dict[int, int] = {}
 
     def cached(n: int) -> int:
