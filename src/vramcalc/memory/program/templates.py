@@ -178,8 +178,8 @@ def _program(shape: _Shape, sizes: Sequence[int]) -> StepProgram | None:
     allocate alike do not (sizes that differ)."""
     spans = shape.spans
     for alike in shape.alike:
-        allocs = [[size for size in sizes[spans[k][1]:spans[k][2]] if size > 0]
-                  for k in alike]
+        # (sizes >= 0 here, template_program: the allocations are the sizes not 0)
+        allocs = [list(filter(None, sizes[spans[k][1]:spans[k][2]])) for k in alike]
         if any(a != allocs[0] for a in allocs):
             return None
         (_, lo2, hi2), (_, lo3, hi3) = spans[alike[1]], spans[alike[2]]
