@@ -250,7 +250,12 @@ class Graph:
         `passthrough`: an add or a clone, whose backward hands its output's gradient on to
         the inputs as it is. `grads`: one per input, the gradients its backward returns,
         made (or kept) already: referenced by the node, handed on as they are."""
-        grad_inputs = [v for v in inputs if v.requires_grad]
+        # (a loop, not a comprehension: CPython 3.11 calls one as a function, and most ops
+        # have one or two inputs)
+        grad_inputs = []
+        for v in inputs:
+            if v.requires_grad:
+                grad_inputs.append(v)
         # alloc(size), inline: op is the generator's most frequent call after alloc
         if size < MIN_REQUEST:
             buf = None
