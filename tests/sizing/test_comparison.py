@@ -382,3 +382,33 @@ def test_compare_says_when_the_stack_runs_another_plan() -> None:
     qlora = next(m for m in data["methods"] if m["method"] == "qlora")
     assert qlora["planned_as"] == {"method": "lora", "quant": "none", "weights_dtype": "fp32",
                                    "attn": "eager"}
+
+
+def test_search_along_the_secant_of_known_points_is_exact() -> None:
+    """largest_near with a known point (search.largest_from_guess's anchor): exact for any
+    known value, however wrong its need, on monotone shapes and random staircases; on a
+    line, a slope off by a factor 3 reaches the boundary along the secant."""
+    rng = random.Random(27)
+    for shape, need in SHAPES.items():
+        upper = 3000
+        for budget in [0, 5, 1037, 20000, 10**6 + 50]:
+            want = _brute(need, budget, upper)
+            for n in {1, max(want, 1), want + 7, rng.randint(1, upper), upper}:
+                for known in {1, max(want - 40, 1), want + 3, rng.randint(1, upper)}:
+                    for lie in (0, 1, -(10**9)):
+                        got = largest_near(need, budget, min(n, upper), upper, 37,
+                                           (known, need(known) + lie))
+                        assert got == want, (shape, budget, n, known, lie)
+    for _ in range(300):
+        upper = rng.randint(1, 400)
+        steps = [rng.choice([0, 1, 5, 80]) for _ in range(upper)]
+        table = [-1] + [sum(steps[: i + 1]) for i in range(upper)]
+        budget = rng.randint(-1, table[-1] + 3)
+        n, known = rng.randint(1, upper), rng.randint(1, upper)
+        assert largest_near(table.__getitem__, budget, n, upper, rng.choice([1, 5, 1000]),
+                            (known, table[known])) == _brute(table.__getitem__, budget, upper)
+    linear = SHAPES["linear"]
+    seen: list[int] = []
+    assert largest_near(lambda m: seen.append(m) or linear(m), 1000 + 37 * 50, 20, 3000,
+                        3 * 37, (1, linear(1))) == 50
+    assert seen == [20, 50, 51]

@@ -303,10 +303,11 @@ def fit_rows(
             v = verdict(memory, need, margin_bytes, low)
             batch = seq = 0
             if v.fits:
+                # (anchored: `estimate_fn` remembers p where it is `one`)
                 batch = largest_fitting(spec, p, "batch", memory, margin_bytes,
-                                        estimate_fn=estimate_fn)
+                                        estimate_fn=estimate_fn, anchored=p == one)
                 seq = largest_fitting(spec, p, "seq-len", memory, margin_bytes,
-                                      estimate_fn=estimate_fn)
+                                      estimate_fn=estimate_fn, anchored=p == one)
             rows.append(FitRow(**common, required_device_bytes=need, verdict=v,
                                max_batch=batch, max_seq_len=seq))
     return rows

@@ -324,3 +324,73 @@ def test_a_gemma_norm_keeps_its_fp32_product_where_the_weight_trains(name: str) 
     assert spec.norm_scales_in_fp32
     assert layer(spec.model_type) - layer("llama") == pytest.approx(
         2 * spec.norms_per_layer * spec.hidden_size, rel=0.02)
+
+
+def _one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step generated (no state at a step's start is read: step._Boundary)."""
+    from vramcalc.memory.program import step as module
+
+    monkeypatch.setattr(module._Boundary, "of", classmethod(lambda cls, *args: None))
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("qwen2.5-0.5b", {}),
+    ("qwen2.5-0.5b", {"method": "lora", "gradient_checkpointing": False, "attn": "eager"}),
+    ("qwen2.5-0.5b", {"method": "lora", "loop": "trainer-plain-outputs", "lora_dropout": 0.0}),
+    ("qwen2.5-0.5b", {"method": "qlora", "quant": "int8", "loop": "plain"}),
+    ("qwen2.5-0.5b", {"method": "qlora", "quant": "int8", "loop": "trainer-plain-outputs-del",
+                      "gradient_checkpointing": False}),
+    ("qwen2.5-0.5b", {"method": "full", "weights_dtype": "fp32", "optimizer": "adamw_8bit",
+                      "gradient_checkpointing": False}),
+    ("qwen2.5-0.5b", {"method": "full", "optimizer": "adamw_8bit", "loop": "plain",
+                      "gradient_checkpointing": False}),
+    ("qwen2.5-0.5b", {"method": "lora", "loop": "plain", "gradient_checkpointing": False}),
+    ("qwen2.5-0.5b", {"offload_activations": "all"}),
+    ("qwen2.5-0.5b", {"offload_activations": "checkpoints"}),
+    ("qwen2.5-0.5b", {"loss_kernel": "liger"}),
+    ("qwen2.5-0.5b", {"loss_kernel": "trl-chunked", "layout": "padding-free"}),
+    ("qwen2.5-0.5b", {"layout": "packed", "expandable_segments": True}),
+    ("mixtral-8x7b", {"lora_dropout": 0.0}),
+    ("gemma-2-2b", {"seq_len": 4096, "attn": "eager"}),
+    ("phi-2", {"method": "full", "optimizer": "adamw_torch"}),
+])
+@pytest.mark.parametrize("steps", [3, 4])
+def test_steps_that_begin_alike_are_the_last_one_repeated(
+        monkeypatch: pytest.MonkeyPatch, name: str, options: dict[str, object],
+        steps: int) -> None:
+    """A step that begins in the state the last one began in is that step again, ids
+    renamed (step._Boundary): the requests, runs, phases and host peak are those of every
+    step generated one by one, and the repetition is taken (from the third step on here;
+    the first makes the optimizer's states)."""
+    from vramcalc.memory.program import step as module
+
+    settings: dict[str, object] = {"batch_size": 1, "seq_len": 256, **options}
+    spec, plan = depth_cut(get_spec(name), 3), TrainPlan(**settings)  # type: ignore[arg-type]
+    repeated: list[bool] = []
+    repeats = module._Boundary.repeats
+
+    def spy(self: object, *args: object) -> bool:
+        repeated.append(repeats(self, *args))  # type: ignore[arg-type]
+        return repeated[-1]
+
+    monkeypatch.setattr(module._Boundary, "repeats", spy)
+    fast = step_requests(spec, plan, steps)
+    assert repeated[-1:] == [True]
+    _one_by_one(monkeypatch)
+    slow = step_requests(spec, plan, steps)
+    assert fast.requests == slow.requests
+    assert (fast.runs, fast.phases, fast.host_peak) == (slow.runs, slow.phases, slow.host_peak)
+
+
+def test_a_step_that_begins_otherwise_is_generated() -> None:
+    """The second step begins with the optimizer's states made and the first step's
+    output gone: not the state the first began in, so it is generated, not repeated."""
+    from vramcalc.memory.program import step as module
+
+    g = module.Graph()
+    first = module._Boundary.of(g, ((), []), 0)
+    g.alloc(1 << 20)
+    b = g.alloc(1 << 20)
+    second = module._Boundary.of(g, ((b,), []), 0)
+    assert first is not None and second is not None
+    assert not first.repeats(second, g, [], 1)

@@ -4,8 +4,11 @@ for every catalog model and for each loop, method and attention the generator kn
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
+from vramcalc.memory.program import templates
 from vramcalc.memory.program.step import step_program, step_requests
 from vramcalc.memory.program.templates import TEMPLATE_LAYERS, canonical, template_program
 from vramcalc.models.spec import ModelSpec, catalog, depth_cut, get_spec
@@ -152,3 +155,33 @@ def test_a_shape_seen_before_gives_the_program_found_afresh(
             changed[k] = (changed[k][0], changed[k][1] + 512)
             assert template_program(changed, cut.phases, cut.runs, 16) is None
     assert reused >= 1  # the repeated (2, 256) at least
+
+
+@pytest.mark.skipif(templates._OWNERS is None, reason="the compiled replay is not built")
+@pytest.mark.parametrize("name", sorted(s.name for s in catalog()))
+def test_the_compiled_pass_finds_the_tokens_the_python_one_does(name: str) -> None:
+    """templates._tokens through the compiled replay's `owners` and through the Python
+    loop: the same tokens and counts for each catalog architecture's cut (QLoRA, and a
+    loop whose graph survives the step, which neither follows), and the same refusal of a
+    request whose tensor no request before it allocated."""
+    for options in ({}, {"method": "qlora", "quant": "int8", "loop": "plain"}):
+        cut = step_requests(depth_cut(get_spec(name), TEMPLATE_LAYERS),
+                            TrainPlan(**SHORT, **options))  # type: ignore[arg-type]
+        bounds = [*cut.runs, (-2, len(cut.requests))]
+        spans = [(layer, lo, hi) for (layer, lo), (_, hi) in itertools.pairwise(bounds)]
+        sweep_of: list[tuple[int, int] | None] = []
+        sweeps = 0
+        for k, (layer, _, _) in enumerate(spans):
+            if layer >= 0 and (k == 0 or spans[k - 1][0] < 0):
+                sweeps += 1
+            sweep_of.append(None if layer < 0 else (sweeps - 1, layer))
+        n = TEMPLATE_LAYERS
+        found = templates._tokens(cut.requests, spans, sweep_of, n)
+        assert found == templates._tokens_python(cut.requests, spans, sweep_of, n)
+        # (the int8 graph kept past the step is freed from a run of no layer: refused)
+        assert (found is None) == ("loop" in options)
+        k = next(k for k, (_, size) in enumerate(cut.requests) if size == 0)
+        stray = list(cut.requests)
+        stray[k] = (10**6, 0)  # a free of a tensor never allocated
+        assert templates._tokens(stray, spans, sweep_of, n) is None
+        assert templates._tokens_python(stray, spans, sweep_of, n) is None

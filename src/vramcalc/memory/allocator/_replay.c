@@ -892,6 +892,107 @@ done:
     return result;
 }
 
+/* owners(requests, starts) -> (runs, offsets) or None: program.templates._shape's pass
+ * over a cut's requests (its pure-Python loop there does the same). `requests`: (id,
+ * bytes) tuples; `starts`: the first request of each run, ascending from 0. For each
+ * request, two int64s (native order, as array("q") reads them): an allocation (bytes >
+ * 0) gives run -2 and its offset, its index among its run's allocations; a free (bytes 0)
+ * gives the run and offset of the last allocation of its id before it, run -1 where none;
+ * an empty_cache (bytes < 0) run -1. None where the ids are not a dense range. */
+static PyObject *owners(PyObject *self, PyObject *args) {
+    PyObject *req_seq, *starts_seq;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OO", &req_seq, &starts_seq)) {
+        return NULL;
+    }
+    Requests r = {0};
+    PyObject *starts = NULL, *runs = NULL, *offsets = NULL, *result = NULL;
+    int64_t *own_run = NULL, *own_off = NULL;
+    if (read_requests(req_seq, &r) < 0) {
+        goto done;
+    }
+    starts = PySequence_Fast(starts_seq, "starts must be a sequence of ints");
+    if (starts == NULL) {
+        goto done;
+    }
+    int64_t lo = INT64_MAX, hi = INT64_MIN;
+    id_range(&r, &lo, &hi);
+    if (lo > hi) {
+        lo = hi = 0;
+    }
+    if (hi - lo > 16 * (int64_t)r.n + 1024) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    Py_ssize_t span = (Py_ssize_t)(hi - lo + 1);
+    own_run = malloc((size_t)span * sizeof(int64_t));
+    own_off = malloc((size_t)span * sizeof(int64_t));
+    runs = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(r.n * 8));
+    offsets = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(r.n * 8));
+    if (own_run == NULL || own_off == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (runs == NULL || offsets == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < span; k++) {
+        own_run[k] = -1;
+        own_off[k] = 0;
+    }
+    int64_t *out_run = (int64_t *)PyBytes_AS_STRING(runs);
+    int64_t *out_off = (int64_t *)PyBytes_AS_STRING(offsets);
+    Py_ssize_t nstarts = PySequence_Fast_GET_SIZE(starts);
+    Py_ssize_t run = -1, next = 0; /* the run of request k; the next run's index */
+    int64_t next_start = 0, local = 0;
+    if (nstarts > 0) {
+        next_start = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(starts, 0));
+        if (PyErr_Occurred()) {
+            goto done;
+        }
+    } else {
+        next_start = INT64_MAX;
+    }
+    for (Py_ssize_t k = 0; k < r.n; k++) {
+        while (next_start <= k) { /* (an empty run starts where the next one does) */
+            run = next++;
+            local = 0;
+            if (next < nstarts) {
+                next_start = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(starts, next));
+                if (PyErr_Occurred()) {
+                    goto done;
+                }
+            } else {
+                next_start = INT64_MAX;
+            }
+        }
+        int64_t size = r.size[k];
+        if (size > 0) {
+            own_run[r.id[k] - lo] = run;
+            own_off[r.id[k] - lo] = local;
+            out_run[k] = -2;
+            out_off[k] = local++;
+        } else if (size == 0) {
+            out_run[k] = own_run[r.id[k] - lo];
+            out_off[k] = own_off[r.id[k] - lo];
+        } else {
+            out_run[k] = -1;
+            out_off[k] = 0;
+        }
+    }
+    result = PyTuple_Pack(2, runs, offsets);
+done:
+    Py_XDECREF(starts);
+    Py_XDECREF(runs);
+    Py_XDECREF(offsets);
+    free(own_run);
+    free(own_off);
+    free(r.id);
+    free(r.size);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"replay_program", replay_program, METH_VARARGS,
      "replay_program(load, steps, bounds, expandable) -> (load peak allocated, load peak "
@@ -900,6 +1001,10 @@ static PyMethodDef methods[] = {
      "requested: the rounded request bytes alive (step_requests.requested_peaks); "
      "`load` (id, bytes) tuples, `steps` request blocks; see "
      "vramcalc.memory.allocator.replay.replay_program."},
+    {"owners", owners, METH_VARARGS,
+     "owners(requests, starts) -> (runs, offsets) as int64 bytes, or None: the owner of "
+     "each request's tensor (run -2: an allocation, its offset; -1: none); see "
+     "vramcalc.memory.program.templates._shape."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -10,3 +10,9 @@ def replay_program(
     expandable: bool,
     /,
 ) -> tuple[int, int, tuple[int, ...], int, int, int, tuple[int, ...]]: ...
+
+def owners(
+    requests: Sequence[tuple[int, int]],
+    starts: Sequence[int],
+    /,
+) -> tuple[bytes, bytes] | None: ...

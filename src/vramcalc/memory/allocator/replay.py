@@ -574,6 +574,7 @@ def _compiled_module() -> ModuleType | None:
 
 
 _COMPILED = _compiled_module()
+COMPILED = _COMPILED  # (program.templates reads its `owners`)
 # the replay `replay_program` runs unless told otherwise (`vramcalc --version` says it)
 ENGINE: Engine = "compiled" if _COMPILED is not None else "python"
 
