@@ -16,11 +16,12 @@ Importing it loads neither rich nor typer (nor torch).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
-from vramcalc.errors import PlanError
+from vramcalc.errors import CalibrationError, PlanError
 from vramcalc.memory.result import Estimate
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import (
@@ -1152,3 +1153,87 @@ def largest_parallel(spec: ModelSpec, plan: TrainPlan, parallel: Any, what: str,
     return MaxResult(model=spec.name, task=None, max=what, value=best, gpu=target.name,
                      gpu_memory_bytes=target.free_bytes, margin_bytes=margin_bytes,
                      gpus=parallel.gpus, strategy=parallel.strategy)
+
+
+class CalibrationReport(NamedTuple):
+    """The measured points under `folder` replayed (corrections/report.py replay_points):
+    per point the raw estimate, the estimate corrected with factors fitted without its
+    model (leave-one-architecture-out) and the measured peaks; the summary; the
+    corrections a fit makes. `to_json` is `calibrate report --json`."""
+
+    folder: Path
+    points: list[dict[str, Any]]
+    summary: dict[str, Any]
+    corrections: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"points": self.points, "summary": self.summary,
+                "corrections": self.corrections}
+
+
+def calibration_report(data: Path | None = None, *, refuse_unreadable: bool = False,
+                       say: Any = _say_nothing) -> CalibrationReport:
+    """The points under `data` (default: the user data folder: corrections.factors
+    user_data_dir) replayed. What was left out is said through `say`; with
+    `refuse_unreadable` (a fit) more damaged lines than readable ones is a
+    CalibrationError. No GPU, no torch."""
+    from vramcalc.corrections.factors import user_data_dir
+    from vramcalc.corrections.points import SkipLog
+    from vramcalc.corrections.report import listable, replay_points
+
+    folder = data if data is not None else user_data_dir()
+    if not listable(folder) and data is not None:  # the default folder may not exist yet
+        raise CalibrationError(f"{folder}: no such folder; give --data the folder of measured "
+                               "points (raw/*.jsonl, runs/*.json), e.g. the repo's calibration/")
+    log = SkipLog()
+    warnings: list[str] = []
+    result = replay_points(folder, log, warnings)
+    for line in warnings:
+        say(line)
+    skipped = log.summary()
+    if skipped is not None:
+        if refuse_unreadable and log.unreadable() > log.read:
+            raise CalibrationError(f"most of the measurements under {folder} cannot be used, "
+                                   f"nothing fitted: {skipped}; fix or remove those lines")
+        say(f"warning: {skipped}")
+    result["summary"]["skipped"] = log.by_reason
+    return CalibrationReport(folder=folder, points=result["points"], summary=result["summary"],
+                             corrections=result["corrections"])
+
+
+class CorrectionsFit(NamedTuple):
+    """`calibrate fit`'s answer: the corrections file written (`path`), the entries fitted
+    (corrections.factors.Corrections) and the report they were fitted on. `to_json` is
+    `calibrate fit --json`."""
+
+    path: Path
+    entries: list[Any]
+    report: CalibrationReport
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "corrections": self.report.corrections,
+                "summary": self.report.summary}
+
+
+def fit_corrections(data: Path | None = None, out: Path | None = None, *,
+                    say: Any = _say_nothing) -> CorrectionsFit:
+    """Corrections fitted on every point under `data` and written atomically to `out`
+    (default: the user's corrections.json); the file's entries for other GPU families and
+    stacks are kept. A path that cannot be written, or a file that is not a corrections
+    file, is refused before the replay."""
+    from vramcalc.corrections.factors import Corrections, read_entries, save, user_corrections_path
+    from vramcalc.user_files import check_writable
+
+    target = out if out is not None else user_corrections_path()
+    what = "--out" if out is not None else "corrections file"
+    check_writable(target, what)  # before the replay: a path that cannot be written fails now
+    old = read_entries(target, what)  # a file that is not a corrections file is not replaced
+    report = calibration_report(data, refuse_unreadable=True, say=say)
+    entries = [Corrections.model_validate(e) for e in report.corrections]
+    if not entries:
+        raise CalibrationError(f"no measured points under {report.folder} "
+                               "(raw/*.jsonl, runs/*.json)")
+    new_keys = {e.key for e in entries}
+    kept = [e for e in old if e.key not in new_keys]
+    save(target, kept + entries, what)
+    return CorrectionsFit(path=target, entries=entries, report=report)

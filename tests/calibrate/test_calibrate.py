@@ -17,6 +17,7 @@ from vramcalc.calibrate import campaign, store
 from vramcalc.cli import app
 from vramcalc.commands import calibrate as calibrate_cmd
 from vramcalc.corrections import factors as corr
+from vramcalc.corrections.report import replay_points
 from vramcalc.errors import NoGpuError, OutputFileError
 from vramcalc.memory.estimate import CUDA_CONTEXT, estimate
 from vramcalc.memory.program.optimizer import optimizer_bytes
@@ -247,7 +248,7 @@ def test_broken_corrections_file_is_ignored(
 
 
 def test_report_replays_committed_data() -> None:
-    result = calibrate_cmd.replay(REPO / "calibration")
+    result = replay_points(REPO / "calibration")
     (entry,) = result["corrections"]
     assert entry["helps"] is not None and entry["validation"]["n_points"] >= 10
     summary = result["summary"]
@@ -358,7 +359,7 @@ def test_oom_points_are_recorded(
     ((path, run),) = store.load_runs(tmp_path / "runs")
     assert len(run.points) == 6 and all(p.oom for p in run.points)
     assert run.environment.gpu_name == H100 and run.points[0].prediction is not None
-    replayed = calibrate_cmd.replay(tmp_path)
+    replayed = replay_points(tmp_path)
     assert len(replayed["points"]) == 6 and all(p["oom"] for p in replayed["points"])
 
 

@@ -20,7 +20,6 @@ torch, transformers, bitsandbytes and peft are only ever imported by the worker 
 from __future__ import annotations
 
 import shutil
-import statistics
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -34,7 +33,7 @@ from vramcalc.commands.options import (
     build_plan,
     with_plan_options,
 )
-from vramcalc.errors import CalibrationError, MissingExtraError, NoGpuError, UnknownModelError
+from vramcalc.errors import CalibrationError, MissingExtraError, NoGpuError
 from vramcalc.plans import TrainPlan
 from vramcalc.units import GiB
 
@@ -304,156 +303,6 @@ def _run_points(  # type: ignore[no-untyped-def]
 # ---- replay, fit, report -------------------------------------------------------------------
 
 
-def _listable(folder: Path) -> bool:
-    """Whether `folder` is there to read; CalibrationError when it cannot be listed (a
-    locked folder would otherwise read as an empty one)."""
-    import os
-    import stat
-
-    from vramcalc.user_files import probe
-
-    found = probe(folder, str(folder), CalibrationError)
-    if found is None:
-        return False
-    if not stat.S_ISDIR(found.st_mode):
-        raise CalibrationError(f"{folder}: not a folder; the calibration folder holds "
-                               "raw/*.jsonl and runs/*.json")
-    try:
-        os.listdir(folder)
-    except OSError as err:
-        raise CalibrationError(f"{folder}: cannot read the folder: "
-                               f"{err.strerror or err}") from None
-    return True
-
-
-def _all_points(data: Path, skipped: Any = None) -> list[Any]:
-    """Every measured point under DATA (raw/*.jsonl, runs/*.json); what is left out is
-    logged in `skipped` (a calibration_data.SkipLog)."""
-    from vramcalc.calibrate import store
-    from vramcalc.corrections.points import SkipLog, load_raw_points
-
-    log = skipped if skipped is not None else SkipLog()
-    points = list(load_raw_points(data / "raw", log)) if _listable(data / "raw") else []
-    runs_dir = data / store.RUNS_DIR
-    if _listable(runs_dir):
-        runs = store.load_runs(runs_dir)
-        for path in sorted(set(runs_dir.glob("*.json")) - {p for p, _ in runs}):
-            log.add("unusable run file (above)", f"{runs_dir.name}/{path.name}")
-        for path, run_doc in runs:
-            points += store.measured_points(path, run_doc, log)
-    return points
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def replay(data: Path, skipped: Any = None) -> dict[str, Any]:
-    """Every committed point: raw estimate, corrected estimate (factors fitted without
-    the point's model: leave-one-architecture-out) and measured peaks. No GPU, no torch.
-    Lines and files left out are logged in `skipped` (a calibration_data.SkipLog)."""
-    from vramcalc.corrections.factors import (
-        PEAKS,
-        corrected,
-        fit,
-        match,
-        observation,
-        stack_key,
-        validation_of,
-    )
-    from vramcalc.memory.estimate import estimate
-    from vramcalc.models.resolve import resolve_model
-
-    rows: list[dict[str, Any]] = []
-    usable: list[tuple[Any, Any, Any]] = []  # (point, estimate, observation)
-    for point in _all_points(data, skipped):
-        try:
-            spec = resolve_model(point.model)
-        except (UnknownModelError, CalibrationError) as err:
-            warn(f"warning: skipping {point.source}: {err}")
-            continue
-        est = estimate(spec, point.plan)
-        stack = stack_key(point.versions.get("torch"), point.versions.get("transformers"))
-        obs = None
-        if not point.oom and point.peak_allocated_bytes:
-            obs = observation(
-                est, model=point.model, gpu=point.gpu, stack=stack,
-                meas_alloc=point.peak_allocated_bytes,
-                # a peak capped by the card (allocator retries) says nothing of the slack
-                meas_reserved=None if point.memory_capped else point.peak_reserved_bytes,
-                meas_device=None if point.memory_capped else point.peak_device_bytes,
-            )
-        usable.append((point, est, obs))
-
-    all_obs = [o for _, _, o in usable if o is not None]
-    entries = fit(all_obs)
-    held_out: dict[str, Any] = {}
-    for model in sorted({o.model for o in all_obs}):
-        held_out[model] = fit([o for o in all_obs if o.model != model])
-
-    errs: dict[str, dict[str, list[float]]] = {
-        k: {p: [] for p in PEAKS} for k in ("raw", "corrected")
-    }
-    # per entry key: (raw, held-out corrected) errors on the points that had a correction
-    by_key: dict[str, tuple[dict[str, list[float]], dict[str, list[float]]]] = {}
-    for point, est, obs in usable:
-        c = match(held_out.get(point.model, entries), point.gpu, obs.stack if obs else None)
-        cor = corrected(est, c) if c is not None else est
-        row: dict[str, Any] = {
-            "source": point.source,
-            "gpu": point.gpu,
-            "model": point.model,
-            **point.plan.model_dump(mode="json"),
-            "oom": point.oom,
-            "memory_capped": point.memory_capped,
-            "corrections_from": list(c.models) if c else [],
-        }
-        for kind, attr in (("allocated", "peak_allocated_bytes"),
-                           ("reserved", "peak_reserved_bytes"), ("device", "peak_device_bytes")):
-            meas = getattr(point, attr)
-            raw, fixed = getattr(est, attr), getattr(cor, attr)
-            row[f"measured_{attr}"] = meas
-            row[f"estimated_{attr}"] = {"raw": raw, "corrected": fixed}
-            capped = point.memory_capped and kind != "allocated"
-            if meas and not point.oom and not capped:
-                e_raw, e_cor = raw / meas - 1, fixed / meas - 1
-                row[f"error_{kind}"] = {"raw": round(e_raw, 6), "corrected": round(e_cor, 6)}
-                errs["raw"][kind].append(abs(e_raw))
-                if c is not None:
-                    errs["corrected"][kind].append(abs(e_cor))
-                    raw_k, cor_k = by_key.setdefault(
-                        c.key, ({p: [] for p in PEAKS}, {p: [] for p in PEAKS}))
-                    raw_k[kind].append(abs(e_raw))
-                    cor_k[kind].append(abs(e_cor))
-        rows.append(row)
-
-    def stats(kind: str) -> dict[str, Any]:
-        return {
-            k: {"n": len(v), "median_abs_error": _median(v),
-                "worst_abs_error": max(v, default=None)}
-            for k, v in errs[kind].items()
-        }
-
-    corrected_stats = stats("corrected")
-    judged = []
-    for e in entries:
-        helps, validation = validation_of(*by_key.get(e.key, ({}, {})))
-        judged.append(e.model_copy(update={"helps": helps, "validation": validation}))
-    return {
-        "points": rows,
-        "summary": {
-            "n_points": len(rows),
-            "n_measured": len(all_obs),
-            "models": sorted({o.model for o in all_obs}),
-            "median_abs_error": corrected_stats["allocated"]["median_abs_error"],
-            "validation": "leave-one-architecture-out",
-            "corrected": corrected_stats,
-            "raw": stats("raw"),
-        },
-        "corrections": [e.model_dump(mode="json") for e in judged],
-    }
-
-
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
@@ -467,29 +316,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"worst {_pct(r['worst_abs_error'])}; corrected (leave-one-architecture-out) "
             f"median {_pct(c['median_abs_error'])} worst {_pct(c['worst_abs_error'])}"
         )
-
-
-def _replay_folder(data: Path | None, *, refuse_unreadable: bool = False
-                   ) -> tuple[Path, dict[str, Any]]:
-    """replay() of DATA (default: the user data folder), after checking it is a folder;
-    what was skipped is said on stderr, and with `refuse_unreadable` (a fit) more damaged
-    lines than readable ones is a CalibrationError."""
-    from vramcalc.corrections.points import SkipLog
-
-    folder = _data_dir(data)
-    if not _listable(folder) and data is not None:  # the default folder may not exist yet
-        raise CalibrationError(f"{folder}: no such folder; give --data the folder of measured "
-                               "points (raw/*.jsonl, runs/*.json), e.g. the repo's calibration/")
-    log = SkipLog()
-    result = replay(folder, log)
-    summary = log.summary()
-    if summary is not None:
-        if refuse_unreadable and log.unreadable() > log.read:
-            raise CalibrationError(f"most of the measurements under {folder} cannot be used, "
-                                   f"nothing fitted: {summary}; fix or remove those lines")
-        warn(f"warning: {summary}")
-    result["summary"]["skipped"] = log.by_reason
-    return folder, result
 
 
 def _print_installed() -> None:
@@ -521,12 +347,14 @@ def report(data: DataOpt = None, json_output: JsonOpt = False) -> None:
       vramcalc calibrate report
       vramcalc calibrate report --data calibration --json
     """
-    folder, result = _replay_folder(data)
+    from vramcalc.api import calibration_report
+
+    result = calibration_report(data, say=warn)
     if json_output:
-        print_json(result)
+        print_json(result.to_json())
         return
-    if not result["points"]:
-        warn(f"no measured points under {folder} (raw/*.jsonl, runs/*.json): measure some "
+    if not result.points:
+        warn(f"no measured points under {result.folder} (raw/*.jsonl, runs/*.json): measure some "
              "with 'vramcalc calibrate run' on a GPU")
         _print_installed()
         return
@@ -543,7 +371,7 @@ def report(data: DataOpt = None, json_output: JsonOpt = False) -> None:
         text = not col.startswith(("meas", "raw", "corr"))
         table.add_column(col.replace(" err", "\nerr %"), justify="left" if text else "right",
                          no_wrap=not text, overflow="fold", ratio=1 if text else None)
-    for p in result["points"]:
+    for p in result.points:
         meas = p["measured_peak_allocated_bytes"]
         est = p["estimated_peak_allocated_bytes"]
         err = p.get("error_allocated", {})
@@ -558,7 +386,7 @@ def report(data: DataOpt = None, json_output: JsonOpt = False) -> None:
             _pct(err.get("corrected")).rstrip("%") if err else "-",
         )
     Console().print(table)
-    _print_summary(result["summary"])
+    _print_summary(result.summary)
     _print_installed()
 
 
@@ -579,34 +407,22 @@ def fit_cmd(data: DataOpt = None, out: FitOutOpt = None, json_output: JsonOpt = 
       vramcalc calibrate fit
       vramcalc calibrate fit --data ./calibration --out corrections.json
     """
-    from vramcalc.corrections.factors import Corrections, read_entries, save, user_corrections_path
-    from vramcalc.user_files import check_writable
+    from vramcalc.api import fit_corrections
 
-    target = out if out is not None else user_corrections_path()
-    what = "--out" if out is not None else "corrections file"
-    check_writable(target, what)  # before the replay: a path that cannot be written fails now
-    old = read_entries(target, what)  # a file that is not a corrections file is not replaced
-    folder, result = _replay_folder(data, refuse_unreadable=True)
-    entries = [Corrections.model_validate(e) for e in result["corrections"]]
-    if not entries:
-        raise CalibrationError(f"no measured points under {folder} (raw/*.jsonl, runs/*.json)")
-    new_keys = {e.key for e in entries}
-    kept = [e for e in old if e.key not in new_keys]
-    save(target, kept + entries, what)
+    fitted = fit_corrections(data, out, say=warn)
     if json_output:
-        print_json({"path": str(target), "corrections": result["corrections"],
-                    "summary": result["summary"]})
+        print_json(fitted.to_json())
         return
     from vramcalc.corrections.factors import verdict_text
 
-    for e in entries:
+    for e in fitted.entries:
         typer.echo(
             f"{e.key}: k_act {e.k_act:.4f}, k_slack {e.k_slack:.4f}, context "
             f"{e.context_bytes / 2**20:.0f} MiB ({e.n_points} points: {', '.join(e.models)}); "
             f"{verdict_text(e)}: {'applied' if e.helps else 'NOT applied (did not help)'}"
         )
-    _print_summary(result["summary"])
-    typer.echo(f"wrote {target}")
+    _print_summary(fitted.report.summary)
+    typer.echo(f"wrote {fitted.path}")
 
 
 app.callback(invoke_without_command=True)(run)
