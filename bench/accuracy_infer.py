@@ -47,6 +47,9 @@ RUNS: dict[str, tuple[Path | tuple[Path, ...], Path, str]] = {  # run -> (record
                ROOT / "h100" / "run29b-infer-holdout4.jsonl"),
               ROOT / "matrices" / "h200-infer-holdout4.json",
               "run 29 (H100): PRE-REGISTERED inference holdout 4, 10 generate() + 4 merges"),
+    "run31": (ROOT / "h100" / "run31-infer-holdout5.jsonl",
+              ROOT / "matrices" / "h200-infer-holdout5.json",
+              "run 31: PRE-REGISTERED inference holdout 5, 12 generate() after run 29's traces"),
 }
 H200_USABLE = 149557477376  # run1-gpu.txt: mem_get_info free of an empty H200
 
