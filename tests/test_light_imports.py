@@ -125,3 +125,59 @@ def test_api_loads_no_cli() -> None:
     """The front door the commands call loads neither the CLI (typer, rich) nor torch."""
     loaded = _modules_after("import vramcalc.api")
     assert not {m for m in loaded if m.split(".")[0] in ("typer", "rich", "torch", "click")}
+
+
+def _modules_in_env(code: str, env: dict[str, str]) -> set[str]:
+    import os
+
+    probe = code + "\nimport sys\nprint(','.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, env={**os.environ, **env}).stdout.strip().splitlines()[-1]
+    return set(out.split(","))
+
+
+def test_plan_reads_no_package_metadata() -> None:
+    """cli._skip_plugin_loader: with every pydantic plugin off (main's default), building
+    the validators does not import importlib.metadata (pydantic's plugin loader)."""
+    loaded = _run_cli("plan", "--model", "llama-7b")
+    assert "importlib.metadata" not in loaded
+    assert "vramcalc.models.spec" in loaded  # a validator was built (ModelSpec, TrainPlan)
+
+
+def test_pydantic_asks_its_plugin_loader_for_get_plugins_only() -> None:
+    """What _skip_plugin_loader replaces: pydantic imports its plugin loader in one place,
+    for `get_plugins` alone, and that function finds no plugin when all are off."""
+    import re
+    from pathlib import Path
+
+    import pydantic
+
+    root = Path(pydantic.__file__).parent
+    users = {str(p.relative_to(root)): re.findall(r"^\s*from \._loader import (.+)$|"
+                                                  r"^\s*(?:from|import) [\w.]*plugin\._loader",
+                                                  p.read_text(encoding="utf-8"), re.M)
+             for p in root.rglob("*.py")}
+    users = {k: v for k, v in users.items() if v}
+    assert users == {"plugin/_schema_validator.py": ["get_plugins"]}, users
+    code = ("from pydantic.plugin._loader import get_plugins\n"
+            "assert tuple(get_plugins()) == (), get_plugins()\n")
+    for value in ("__all__", "1", "true"):
+        loaded = _modules_in_env(code, {"PYDANTIC_DISABLE_PLUGINS": value})
+        assert "pydantic.plugin._loader" in loaded
+
+
+def test_a_users_plugin_setting_keeps_pydantic_loader() -> None:
+    """PYDANTIC_DISABLE_PLUGINS naming some plugins: pydantic's own loader runs."""
+    code = (
+        "import sys\n"
+        "sys.argv = ['vramcalc', 'plan', '--model', 'llama-7b']\n"
+        "from vramcalc.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "assert hasattr(sys.modules['pydantic.plugin._loader'], 'entry_points')\n"
+        "print()\n"
+    )
+    loaded = _modules_in_env(code, {"PYDANTIC_DISABLE_PLUGINS": "some-plugin"})
+    assert "importlib.metadata" in loaded

@@ -237,4 +237,37 @@ def main() -> None:
     # environment. The command line has no use for them; PYDANTIC_DISABLE_PLUGINS set to
     # anything (even empty) in the environment is left as the user set it.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    _skip_plugin_loader()
     app()
+
+
+# PYDANTIC_DISABLE_PLUGINS values for which pydantic loads no plugin at all
+# (pydantic 2.14 pydantic/plugin/_loader.py get_plugins: `disabled_plugins in ('__all__',
+# '1', 'true')` returns ()).
+_ALL_PLUGINS_OFF = ("__all__", "1", "true")
+
+
+def _no_plugins() -> tuple[()]:
+    return ()
+
+
+def _skip_plugin_loader() -> None:
+    """With every pydantic plugin turned off, the module that finds them is not imported.
+
+    pydantic builds each validator through pydantic/plugin/_schema_validator.py
+    create_schema_validator, which does `from ._loader import get_plugins`; _loader.py
+    imports importlib.metadata at its top (~10 ms of a cold command: email, zipfile,
+    csv...) although get_plugins returns () without reading any entry point when
+    PYDANTIC_DISABLE_PLUGINS is one of _ALL_PLUGINS_OFF. A module with that one function
+    answers the same; any other value (a list of plugin names, a user's own setting) keeps
+    pydantic's loader. tests/test_light_imports.py checks that pydantic still asks
+    _loader for get_plugins only, and that its answer is () as here."""
+    import sys
+    import types
+
+    if (os.environ.get("PYDANTIC_DISABLE_PLUGINS") not in _ALL_PLUGINS_OFF
+            or "pydantic.plugin._loader" in sys.modules):
+        return
+    loader = types.ModuleType("pydantic.plugin._loader", _skip_plugin_loader.__doc__)
+    loader.get_plugins = _no_plugins  # type: ignore[attr-defined]
+    sys.modules["pydantic.plugin._loader"] = loader
