@@ -164,9 +164,12 @@ def stack_key(torch_version: str | None, transformers_version: str | None) -> st
     return f"torch{major_minor(torch_version)}-transformers{major_minor(transformers_version)}"
 
 
+@lru_cache(maxsize=1)
 def installed_stack() -> str | None:
     """Stack key of this environment from package metadata (never imports torch);
-    None when torch or transformers is not installed (the light install)."""
+    None when torch or transformers is not installed (the light install). Read once per
+    process: each importlib.metadata.version call scans sys.path for the distribution
+    (~1-3 ms here), and `compare` asks once per catalog GPU of a corrected family."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
