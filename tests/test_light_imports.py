@@ -181,3 +181,15 @@ def test_a_users_plugin_setting_keeps_pydantic_loader() -> None:
     )
     loaded = _modules_in_env(code, {"PYDANTIC_DISABLE_PLUGINS": "some-plugin"})
     assert "importlib.metadata" in loaded
+
+
+def test_shipped_yaml_comes_from_the_indexes() -> None:
+    """plan, check and compare read the model catalog, gpus.yaml, gpu_speed.yaml and
+    prices.yaml from their committed JSON indexes (models/catalog_index.py): no PyYAML."""
+    for args in (("plan", "--model", "llama-7b"),
+                 ("plan", "-m", "llama-7b", "--gpu", "h100-sxm", "--dataset-tokens", "1000000"),
+                 ("check", "-m", "llama-7b", "--gpu", "rtx-4090"),
+                 ("compare", "-m", "qwen2.5-0.5b")):
+        loaded = _run_cli(*args)
+        assert "vramcalc.hardware.catalog" in loaded or args[0] == "plan", args
+        assert "yaml" not in loaded, args
