@@ -82,6 +82,14 @@ class Estimators:
                     self.on_new(selection)
         return self._fns[gpu_name]
 
+    def raw(self) -> EstimateFn:
+        """The raw estimate, memoized: the function of every GPU without corrections (or of
+        all of them with --no-calibration), shared with them, so a plan one of them
+        estimated is not estimated again (check's multi-GPU options start from it)."""
+        if None not in self._by_key:
+            self._by_key[None] = memoized(estimate)
+        return self._by_key[None]
+
     def applied(self) -> list[Selection]:
         """The corrections entries actually applied, in first-use order."""
         return [s for k, s in self.selections.items() if k is not None and s is not None]
