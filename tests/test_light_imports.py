@@ -193,3 +193,30 @@ def test_shipped_yaml_comes_from_the_indexes() -> None:
         loaded = _run_cli(*args)
         assert "vramcalc.hardware.catalog" in loaded or args[0] == "plan", args
         assert "yaml" not in loaded, args
+
+
+def test_a_command_runs_with_the_collector_on_and_its_threshold() -> None:
+    """cli.main: the cyclic collector waits while the command loads, then runs (every
+    COMMAND_GC_THRESHOLD allocations) while the command does."""
+    code = (
+        "import gc, sys\n"
+        "from vramcalc import cli\n"
+        "sys.argv = ['vramcalc', 'plan', '--model', 'llama-7b']\n"
+        "seen = []\n"
+        "run = cli.LazyGroup.get_command\n"
+        "def spy(self, ctx, name):\n"
+        "    seen.append((gc.isenabled(), gc.get_threshold()[0]))\n"
+        "    out = run(self, ctx, name)\n"
+        "    seen.append((gc.isenabled(), gc.get_threshold()[0]))\n"
+        "    return out\n"
+        "cli.LazyGroup.get_command = spy\n"
+        "try:\n"
+        "    cli.main()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "assert seen[0] == (False, 700), seen\n"
+        "assert seen[-1] == (True, cli.COMMAND_GC_THRESHOLD), seen\n"
+        "import gc\n"
+        "assert gc.collect() >= 0 and gc.isenabled()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
