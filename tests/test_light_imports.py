@@ -220,3 +220,19 @@ def test_a_command_runs_with_the_collector_on_and_its_threshold() -> None:
         "assert gc.collect() >= 0 and gc.isenabled()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_plan_reads_its_files_without_importlib_resources() -> None:
+    """catalog_index.package_folder: a package on disk is read as a folder; the folder is
+    the one importlib.resources gives."""
+    from importlib import resources
+    from pathlib import Path
+
+    from vramcalc.models.catalog_index import package_folder
+
+    for package in ("vramcalc", "vramcalc.data", "vramcalc.model_specs"):
+        folder = package_folder(package)
+        assert isinstance(folder, Path) and folder.is_dir()
+        assert folder.resolve() == Path(str(resources.files(package))).resolve()
+    loaded = _run_cli("plan", "--model", "llama-7b")
+    assert "importlib.resources" not in loaded

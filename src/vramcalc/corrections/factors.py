@@ -40,7 +40,6 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -377,7 +376,9 @@ def _load_cached(path: str) -> tuple[Corrections, ...]:
 def shipped_entries() -> tuple[Corrections, ...]:
     """The entries of vramcalc/data/corrections.json inside the installed package."""
     try:
-        text = (resources.files("vramcalc") / SHIPPED_RESOURCE).read_text(encoding="utf-8")
+        from vramcalc.models.catalog_index import package_folder
+
+        text = (package_folder("vramcalc") / SHIPPED_RESOURCE).read_text(encoding="utf-8")
     except (FileNotFoundError, OSError):
         return ()
     return tuple(_parse(text, f"vramcalc/{SHIPPED_RESOURCE}"))

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
-from vramcalc.models.catalog_index import FolderIndex
+from vramcalc.models.catalog_index import FolderIndex, package_folder
 
 
 @functools.cache
 def _index() -> FolderIndex:
-    return FolderIndex(resources.files("vramcalc") / "data")
+    return FolderIndex(package_folder("vramcalc.data"))
 
 
 def shipped_yaml(name: str, parse: Callable[[str], Any]) -> Any:
     """The parsed mapping of vramcalc/data/NAME: from the folder's index where it holds
     this file's text (models/catalog_index.py), else `parse(text)` (PyYAML)."""
-    text = (resources.files("vramcalc") / "data" / name).read_text(encoding="utf-8")
+    text = (package_folder("vramcalc.data") / name).read_text(encoding="utf-8")
     found, data = _index().parsed(name, text)
     return data if found else parse(text)

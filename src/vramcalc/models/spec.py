@@ -16,14 +16,13 @@ import functools
 import json
 import re
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from vramcalc.errors import SpecError, UnknownModelError
-from vramcalc.models.catalog_index import FolderIndex, load_yaml
+from vramcalc.models.catalog_index import FolderIndex, load_yaml, package_folder
 
 AttentionLayout = Literal["separate", "fused_qkv"]
 MlpLayout = Literal["gated", "fused_gated", "plain"]
@@ -377,7 +376,7 @@ def load_spec_file(path: Path) -> ModelSpec:
 def _catalog_root() -> Any:
     """The installed `vramcalc.model_specs` package, or the repo's folder in a source run."""
     try:
-        return resources.files("vramcalc.model_specs")
+        return package_folder("vramcalc.model_specs")
     except ModuleNotFoundError:  # PYTHONPATH=src without an install (GPU machine runs)
         return Path(__file__).resolve().parents[3] / "model_specs"
 
