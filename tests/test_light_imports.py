@@ -258,3 +258,12 @@ def test_importing_the_cli_runs_no_collection_and_leaves_the_collector_on() -> N
         "assert not gc.isenabled()  # left as it was\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_check_and_compare_load_no_emoji_table() -> None:
+    """check and compare print with Console(emoji=False), as plan does: rich's emoji
+    table (rich._emoji_codes) is never loaded."""
+    for args in (("check", "-m", "llama-7b", "--gpu", "rtx-4090"),
+                 ("compare", "-m", "qwen2.5-0.5b"), ("plan", "--model", "llama-7b")):
+        loaded = _run_cli(*args)
+        assert "rich.console" in loaded and "rich._emoji_codes" not in loaded, args
