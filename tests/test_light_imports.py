@@ -103,6 +103,7 @@ NOT_ON_PLAN_PATH = (
     "vramcalc.models.hub", "vramcalc.models.hf_config", "vramcalc.hardware.catalog",
     "vramcalc.sizing.advice", "vramcalc.sizing.comparison",
     "vramcalc.training_config", "huggingface_hub", "platformdirs",
+    "vramcalc.corrections.factors",  # no GPU named: corrections.selection decides
 )
 # vramcalc.api is on the path on purpose: every command is parse -> api -> render (issue 26
 # Deliver 4); its pydantic types build on first use (defer_build), its results are

@@ -38,12 +38,16 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vramcalc.corrections.selection import (
+    ENV_PATH,
+    Selection,
+    without_files,
+)
 from vramcalc.memory.allocator.constants import CUDA_CONTEXT
 from vramcalc.memory.result import Components, Estimate
 
@@ -65,7 +69,6 @@ DYNAMIC_COMPONENTS: tuple[str, ...] = ("gradients", "activations", "logits_loss"
 
 SHIPPED = "shipped"  # origin label of the file inside the package (vramcalc/data/)
 SHIPPED_RESOURCE = "data/corrections.json"  # relative to the vramcalc package
-ENV_PATH = "VRAMCALC_CORRECTIONS"  # one file instead of shipped + user ("" disables)
 ENV_DATA_DIR = "VRAMCALC_DATA_DIR"  # the user data folder instead of platformdirs'
 USER_FILE = "corrections.json"
 VALIDATION_METHOD = "leave-one-architecture-out"
@@ -512,20 +515,6 @@ def match(
     return max(found, key=lambda e: e.n_points) if found else None
 
 
-@dataclass(frozen=True)
-class Selection:
-    """What `plan` / `check` do about corrections: the entry applied (None: the raw
-    estimate), where it came from, and the one-line note saying so or why not."""
-
-    corrections: Corrections | None
-    origin: str | None
-    note: str
-
-    @property
-    def key(self) -> str | None:
-        return self.corrections.key if self.corrections is not None else None
-
-
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
@@ -547,12 +536,10 @@ def _origin_text(origin: str) -> str:
 def select_corrections(gpu_name: str | None) -> Selection:
     """The corrections `plan` / `check` apply for `gpu_name`, by the three rules of the
     module docstring; cheap: two small JSON files, package metadata, never torch."""
-    if os.environ.get(ENV_PATH) == "":
-        return Selection(None, None, "")  # turned off on purpose: nothing to say
-    if gpu_name is None:  # `plan`: no file to read
-        return Selection(None, None, (
-            "calibration: raw estimate (corrections are fitted per GPU family and no GPU is "
-            "named; 'vramcalc check --gpu NAME' applies them)"))
+    early = without_files(gpu_name)
+    if early is not None:
+        return early
+    assert gpu_name is not None
     entries = available()
     if not entries:
         return Selection(None, None, f"calibration: raw estimate ({none_installed()})")
