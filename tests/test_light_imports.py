@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("torch", "transformers", "bitsandbytes", "peft", "pynvml")
 
 
@@ -268,3 +270,28 @@ def test_check_and_compare_load_no_emoji_table() -> None:
                  ("compare", "-m", "qwen2.5-0.5b"), ("plan", "--model", "llama-7b")):
         loaded = _run_cli(*args)
         assert "rich.console" in loaded and "rich._emoji_codes" not in loaded, args
+
+
+@pytest.mark.replay
+def test_an_estimate_leaves_no_garbage_cycle() -> None:
+    """Why cli.main may collect cycles rarely (COMMAND_GC_THRESHOLD): a full estimate, its
+    step program replayed, leaves nothing for the cyclic collector to free."""
+    import gc
+
+    from vramcalc.memory.estimate import estimate
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import TrainPlan
+
+    spec = get_spec("llama-3.1-8b")
+    estimate(spec, TrainPlan())  # first use: caches, validators
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for plan in (TrainPlan(batch_size=2), TrainPlan(method="lora", quant="none"),
+                     TrainPlan(gradient_checkpointing=False, seq_len=1024)):
+            estimate(spec, plan)
+            assert gc.collect() == 0, plan
+    finally:
+        if was:
+            gc.enable()
