@@ -241,28 +241,6 @@ def test_plan_reads_its_files_without_importlib_resources() -> None:
     assert "importlib.resources" not in loaded
 
 
-def test_importing_the_cli_runs_no_collection_and_leaves_the_collector_on() -> None:
-    """cli.py pauses the cyclic collector while typer loads, and turns it back on."""
-    code = (
-        "import gc, traceback\n"
-        "in_typer = []\n"
-        "def seen(phase, info):\n"
-        "    if phase == 'start':\n"
-        "        in_typer.append(any('/typer/' in f.filename\n"
-        "                            for f in traceback.extract_stack()))\n"
-        "gc.callbacks.append(seen)\n"
-        "gc.set_threshold(50)  # a collection every few allocations, where allowed\n"
-        "import vramcalc.cli\n"
-        "assert in_typer and not any(in_typer), in_typer\n"
-        "assert gc.isenabled()\n"
-        "gc.disable()\n"
-        "import importlib\n"
-        "importlib.reload(vramcalc.cli)\n"
-        "assert not gc.isenabled()  # left as it was\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-
-
 def test_check_and_compare_load_no_emoji_table() -> None:
     """check and compare print with Console(emoji=False), as plan does: rich's emoji
     table (rich._emoji_codes) is never loaded."""

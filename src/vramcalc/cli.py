@@ -17,19 +17,10 @@ import types
 import typing
 from typing import Any, NamedTuple
 
-from vramcalc import __version__
+import typer
+from typer.core import TyperCommand, TyperGroup
 
-# No cyclic collection while typer and its vendored click load (~30 ms of imports that free
-# nothing): 22 collections, ~4 ms of every cold command (gc.callbacks, 2026-12-07). The
-# collector is on again after, as it was; main() then pauses it while the command loads.
-_collecting = gc.isenabled()
-gc.disable()
-try:
-    import typer
-    from typer.core import TyperCommand, TyperGroup
-finally:
-    if _collecting:
-        gc.enable()
+from vramcalc import __version__
 
 
 class LazyCommand(NamedTuple):
