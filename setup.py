@@ -5,8 +5,9 @@ built here: every package found under src/ (vramcalc and its subpackages, so a n
 subpackage ships without editing anything) plus vramcalc.model_specs, which
 [tool.setuptools.package-dir] maps to the repo's top-level model_specs/ folder.
 
-The build step also writes vramcalc/model_specs/_catalog.json, the catalog's YAML files
-parsed once (src/vramcalc/models/catalog_index.py): a cold `vramcalc plan` then needs no PyYAML.
+The build step also rewrites vramcalc/model_specs/_index.json and vramcalc/data/_index.json,
+the shipped YAML files parsed once (src/vramcalc/models/catalog_index.py; the repo commits
+them too): a cold `vramcalc plan` or `check` then needs no PyYAML.
 
 `vramcalc.memory.allocator._replay` (src/vramcalc/memory/allocator/_replay.c) is the
 compiled replay of an estimate's request program. It is optional: where no C compiler is found or the build fails, the
@@ -31,9 +32,11 @@ class build_py_with_catalog_index(build_py):
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        out_dir = Path(self.build_lib) / "vramcalc" / "model_specs"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        module.write_index(ROOT / "model_specs", out_dir)
+        for source, package in ((ROOT / "model_specs", "model_specs"),
+                                (ROOT / "src" / "vramcalc" / "data", "data")):
+            out_dir = Path(self.build_lib) / "vramcalc" / package
+            out_dir.mkdir(parents=True, exist_ok=True)
+            module.write_index(source, out_dir)
 
 
 setup(

@@ -19,7 +19,8 @@ The untimed warm-up run writes the .pyc files even under PYTHONDONTWRITEBYTECODE
 source tree is timed as an install is: with its bytecode cache.
 
 Time what users run: the wheel in a fresh venv (an editable install adds its import
-finder, ~10 ms, and a source tree has no catalog index, so it imports PyYAML):
+finder, ~10 ms; a source tree reads the same committed YAML indexes as the wheel,
+models/catalog_index.py, so neither imports PyYAML since 2026-12-07):
 
     pip wheel --no-deps -w /tmp/whl . && python3 -m venv /tmp/wv
     /tmp/wv/bin/pip install /tmp/whl/*.whl

@@ -198,3 +198,36 @@ def test_multi_gpu_json_is_api_parallel_step() -> None:
     r = CliRunner().invoke(app, [*argv, "--max", "batch"])
     best = largest_parallel(spec, TrainPlan(), par, "batch", card, 2**29)
     assert json.loads(r.stdout) == best.to_json() and best.to_json()["per_gpu"] is True
+
+
+def test_check_step_estimates_each_plan_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_step on a card the plan does not fit (suggestions, multi-GPU options): every
+    plan it estimates through its estimate functions (the cards', the suggestions', the
+    multi-GPU options' one-GPU reference) is estimated once (Estimators.raw shared with
+    memory.multi_gpu.smallest_fitting_parallel)."""
+    from collections import Counter
+
+    import vramcalc.corrections.planning as planning
+    import vramcalc.memory.multi_gpu as multi_gpu
+    from vramcalc.api import check_step
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.memory.estimate import estimate
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import TrainPlan
+    from vramcalc.sizing.verdict import catalog_target
+
+    seen: Counter[TrainPlan] = Counter()
+
+    def counting(spec, plan, **kw):  # type: ignore[no-untyped-def]
+        seen[plan] += 1
+        return estimate(spec, plan, **kw)
+
+    monkeypatch.setattr(planning, "estimate", counting)
+    monkeypatch.setattr(multi_gpu, "estimate", counting)
+    report = check_step(get_spec("llama-3.1-8b"), TrainPlan(batch_size=16, seq_len=4096),
+                        [catalog_target(resolve_gpu("rtx-4090"))], 2**29)
+    assert not report.fits and report.suggestions  # and the multi-GPU options ran
+    assert len(seen) > 5
+    assert max(seen.values()) == 1, [p for p, n in seen.items() if n > 1]
+    est = planning.Estimators(use_calibration=True)
+    assert est.raw() is est("rtx-4090")  # no corrections for an RTX 4090: the raw estimate

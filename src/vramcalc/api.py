@@ -751,7 +751,8 @@ def check_step(spec: ModelSpec, train: TrainPlan, targets: Sequence[Target],
         from vramcalc.memory.multi_gpu import smallest_fitting_parallel
 
         several = [o.model_dump(mode="json") for o in smallest_fitting_parallel(
-            spec, best.plan, best.target.empty_bytes, margin_bytes, 8)]
+            spec, best.plan, best.target.empty_bytes, margin_bytes, 8,
+            single=estimators.raw())]
     return CheckReport(verdicts=tuple(verdicts), best=best, margin_bytes=margin_bytes,
                        suggestions=tuple(suggestions), larger=larger, times=times,
                        ranking=ranking, several=several,

@@ -128,7 +128,9 @@ class InferPlan(BaseModel):
     greedy, on a base loaded with `quant`, with a LoRA adapter of `rank` on `targets`
     (unmerged, in `adapter_dtype`), or none when `merged`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # defer_build: a training plan (`plan` without --task) never validates one, so its
+    # validator is built on first use, not at import (~0.4 ms each, InferPlan and MergePlan)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     batch_size: PositiveInt = 1
     prompt_len: PositiveInt = 512
@@ -163,7 +165,7 @@ class MergePlan(BaseModel):
     """`merge_and_unload()` of a LoRA adapter into a base loaded in `dtype` (or into a
     4-bit base, `base_quant`, dequantize + add + requantize), on the GPU or the CPU."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # see InferPlan
 
     rank: PositiveInt = 16
     targets: str = "all-linear"

@@ -109,3 +109,21 @@ def test_user_entry_beats_the_shipped_one(monkeypatch: pytest.MonkeyPatch) -> No
     assert entry.k_act == 1.3 and origin == str(user)
     out, note = _check("h100")
     assert f"from {user} (user entry, replaces the shipped one)" in note
+
+
+def test_the_metadata_scan_agrees_with_importlib_metadata(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """factors._scanned_versions gives importlib.metadata.version for every installed
+    distribution (and None for one that is not), and leaves a zip on sys.path to it."""
+    import sys
+    from importlib.metadata import distributions, version
+
+    names = sorted({d.metadata["Name"] for d in distributions()})
+    assert len(names) > 20
+    scanned = corr._scanned_versions([*names, "no-such-distribution-x"])
+    assert scanned is not None
+    assert scanned[:-1] == [version(n) for n in names]
+    assert scanned[-1] is None
+    zipped = tmp_path / "lib.zip"
+    zipped.write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip archive
+    monkeypatch.setattr(sys, "path", [str(zipped), *sys.path])
+    assert corr._scanned_versions(["torch"]) is None

@@ -347,29 +347,86 @@ def test_named_file_lookup_agrees_with_the_index() -> None:
     assert specs._named_file_spec("no-such-model") is None
 
 
-def test_the_wheels_json_index_gives_the_same_catalog(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A wheel reads the catalog from the index setup.py writes (catalog_index.write_index);
-    a source tree reads the YAML files: both give the same specs, and with the index no
-    YAML is parsed."""
+def test_the_committed_indexes_are_current() -> None:
+    """model_specs/_index.json and src/vramcalc/data/_index.json are what
+    `python -m vramcalc.models.catalog_index` writes from the YAML files now."""
+    from vramcalc.models.catalog_index import INDEX_NAME, index_text, repo_folders
+
+    for folder in repo_folders():
+        committed = (folder / INDEX_NAME).read_text(encoding="utf-8")
+        assert committed == index_text(folder), (
+            f"{folder / INDEX_NAME} is stale: run python -m vramcalc.models.catalog_index")
+
+
+def test_the_index_gives_what_yaml_gives(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every shipped YAML file: its index entry is PyYAML's parse (dates included), and a
+    reader takes it from the index without parsing (load_yaml never called)."""
+    import datetime
+
+    from vramcalc.models import catalog_index
+
+    dates = 0
+    for folder in catalog_index.repo_folders():
+        index = catalog_index.FolderIndex(folder)
+        for path in sorted(folder.glob("*.yaml")):
+            text = path.read_text(encoding="utf-8")
+            found, data = index.parsed(path.name, text)
+            assert found, path
+            assert data == catalog_index.load_yaml(text), path
+            dates += str(data).count("datetime.date(")
+    assert dates > 0  # prices.yaml: dates come back as dates
+    assert catalog_index.decode('{"$date": "2026-03-10"}') == datetime.date(2026, 3, 10)
+
+
+def test_a_stale_index_entry_is_not_used(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A YAML file edited after its index was written is parsed from its text."""
+    from vramcalc.models.catalog_index import FolderIndex, write_index
+
+    (tmp_path / "a.yaml").write_text("x: 1\n", encoding="utf-8")
+    write_index(tmp_path, tmp_path)
+    assert FolderIndex(tmp_path).parsed("a.yaml", "x: 1\n") == (True, {"x": 1})
+    assert FolderIndex(tmp_path).parsed("a.yaml", "x: 2\n") == (False, None)
+    assert FolderIndex(tmp_path).parsed("b.yaml", "x: 1\n") == (False, None)
+    assert FolderIndex(tmp_path / "none").parsed("a.yaml", "x: 1\n") == (False, None)
+
+
+def test_the_catalog_reads_no_yaml_where_the_index_is_current(
+        tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The catalog from the index (no YAML parsed) and from the YAML files (index removed)
+    are the same specs; an edited file is read from its new text."""
     import shutil
     from pathlib import Path
 
     import vramcalc.models.spec as specs_mod
-    from vramcalc.models.catalog_index import write_index
+    from vramcalc.models import catalog_index
 
     src = Path(specs_mod.__file__).resolve().parents[3] / "model_specs"
-    from_yaml = specs_mod.catalog()
     shipped = tmp_path / "model_specs"
     shutil.copytree(src, shipped, ignore=shutil.ignore_patterns("__pycache__"))
-    write_index(src, shipped)
-    for f in shipped.glob("*.yaml"):  # prove the index alone is read
-        f.write_text("not: [valid", encoding="utf-8")
     monkeypatch.setattr(specs_mod, "_catalog_root", lambda: shipped)
-    for cached in (specs_mod._index, specs_mod._catalog, specs_mod._named_file_spec):
-        cached.cache_clear()
+    cached = (specs_mod._index, specs_mod._catalog, specs_mod._named_file_spec)
+
+    def fresh() -> tuple[object, ...]:
+        for c in cached:
+            c.cache_clear()
+        return specs_mod.catalog()
+
     try:
-        assert specs_mod.catalog() == from_yaml
-        assert specs_mod.get_spec("llama-7b") == specs_mod.get_spec("huggyllama/llama-7b")
+        (shipped / catalog_index.INDEX_NAME).unlink()
+        from_yaml = fresh()
+        catalog_index.write_index(shipped, shipped)
+
+        def no_yaml(text: str) -> None:
+            raise AssertionError("parsed a YAML file the index holds")
+
+        with monkeypatch.context() as m:
+            m.setattr(specs_mod, "load_yaml", no_yaml)
+            assert fresh() == from_yaml
+            assert specs_mod.get_spec("llama-7b") == specs_mod.get_spec("huggyllama/llama-7b")
+        edited = shipped / "llama-7b.yaml"
+        edited.write_text(edited.read_text(encoding="utf-8").replace(
+            "name: llama-7b", "name: llama-7b-edited"), encoding="utf-8")
+        assert "llama-7b-edited" in {s.name for s in fresh()}
     finally:
-        for cached in (specs_mod._index, specs_mod._catalog, specs_mod._named_file_spec):
-            cached.cache_clear()
+        for c in cached:
+            c.cache_clear()

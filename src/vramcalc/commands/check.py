@@ -97,7 +97,7 @@ def _list_devices(devices: list[DeviceInfo], json_output: bool) -> None:
             _gib(d.other_processes_bytes), f"{major}.{minor}",
             "yes" if d.bf16_supported else "no", "MIG" if d.is_mig else "",
         )
-    Console().print(table)
+    Console(emoji=False).print(table)
 
 
 # ---- checking -----------------------------------------------------------------------------
@@ -144,7 +144,9 @@ def _render(
 
     from vramcalc.render import print_breakdown
 
-    console = Console()
+    # no :emoji: codes in what check and compare print (plan._render does the same):
+    # rich loads its emoji table (~2.5 ms) on the first string it would search for them
+    console = Console(emoji=False)
     print_breakdown(best.estimate, best.plan, console)
     console.print(_verdict_table(verdicts, margin, detected))
     memory = "free memory" if detected else "memory"
@@ -209,7 +211,7 @@ def _render_max(
     for v, n in rows:
         table.add_row(v.target.label or "-", v.target.name, _gib(v.target.free_bytes),
                       str(n) if n else "none fits")
-    Console().print(table)
+    Console(emoji=False).print(table)
 
 
 def _time_table(ranking: list[dict[str, Any]]) -> Any:
@@ -360,7 +362,7 @@ def check(
         if report.ranking:
             from rich.console import Console
 
-            Console().print(_time_table(report.ranking))
+            Console(emoji=False).print(_time_table(report.ranking))
         for o in report.several[:3]:
             typer.echo(f"  on several {best.target.name}: {o['flags']} needs "
                        f"{_gib(o['required_device_bytes'])} GiB per GPU")

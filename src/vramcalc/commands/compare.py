@@ -119,7 +119,9 @@ def compare(
     from vramcalc.render import print_comparison
     from vramcalc.render_time import print_times
 
-    console = Console()
+    # no :emoji: codes in what check and compare print (plan._render does the same):
+    # rich loads its emoji table (~2.5 ms) on the first string it would search for them
+    console = Console(emoji=False)
     print_comparison(result.model, result.params, result.rows, margin_b, console)
     print_times("Time on each method's smallest GPU", [
         (r.label, r.smallest_gpu.gpu if r.smallest_gpu else "-", t)

@@ -38,13 +38,16 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vramcalc.corrections.selection import (
+    ENV_PATH,
+    Selection,
+    without_files,
+)
 from vramcalc.memory.allocator.constants import CUDA_CONTEXT
 from vramcalc.memory.result import Components, Estimate
 
@@ -66,7 +69,6 @@ DYNAMIC_COMPONENTS: tuple[str, ...] = ("gradients", "activations", "logits_loss"
 
 SHIPPED = "shipped"  # origin label of the file inside the package (vramcalc/data/)
 SHIPPED_RESOURCE = "data/corrections.json"  # relative to the vramcalc package
-ENV_PATH = "VRAMCALC_CORRECTIONS"  # one file instead of shipped + user ("" disables)
 ENV_DATA_DIR = "VRAMCALC_DATA_DIR"  # the user data folder instead of platformdirs'
 USER_FILE = "corrections.json"
 VALIDATION_METHOD = "leave-one-architecture-out"
@@ -164,15 +166,96 @@ def stack_key(torch_version: str | None, transformers_version: str | None) -> st
     return f"torch{major_minor(torch_version)}-transformers{major_minor(transformers_version)}"
 
 
+@lru_cache(maxsize=1)
 def installed_stack() -> str | None:
     """Stack key of this environment from package metadata (never imports torch);
-    None when torch or transformers is not installed (the light install)."""
-    from importlib.metadata import PackageNotFoundError, version
+    None when torch or transformers is not installed (the light install). Read once per
+    process: `compare` asks once per catalog GPU of a corrected family."""
+    found = _scanned_versions(("torch", "transformers"))
+    if found is None:  # a layout the scan leaves to importlib.metadata
+        from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return stack_key(version("torch"), version("transformers"))
-    except PackageNotFoundError:
+        try:
+            return stack_key(version("torch"), version("transformers"))
+        except PackageNotFoundError:
+            return None
+    torch_version, transformers_version = found
+    if torch_version is None or transformers_version is None:
         return None
+    return stack_key(torch_version, transformers_version)
+
+
+def _normalized(name: str) -> str:
+    # importlib.metadata Prepared.normalize (Python 3.10-3.13)
+    return re.sub(r"[-_.]+", "-", name).lower().replace("-", "_")
+
+
+def _scanned_versions(names: Sequence[str]) -> list[str | None] | None:
+    """importlib.metadata.version of each name (None: not installed) where every sys.path
+    entry is a folder or absent, without importing importlib.metadata (~10 ms of a cold
+    `compare`: email, zipfile, csv). The same search: Python 3.11 importlib/metadata
+    MetadataPathFinder over sys.path in order, each folder's `*.dist-info` / `*.egg-info`
+    children named by Prepared.normalize in os.listdir order (FastPath, Lookup), the
+    first found giving its METADATA (else PKG-INFO) `Version` header. None, for
+    importlib.metadata to answer, where anything else could take part: another meta path
+    finder that finds distributions, a zip or an .egg on sys.path, an .egg child, a
+    metadata folder without the header. tests/corrections checks both agree on every
+    installed distribution."""
+    import importlib.machinery
+
+    for finder in sys.meta_path:
+        if (getattr(finder, "find_distributions", None) is not None
+                and finder is not importlib.machinery.PathFinder):
+            return None
+    wanted = {_normalized(n): i for i, n in enumerate(names)}
+    found: list[str | None] = [None] * len(names)
+    for root in sys.path:
+        folder = root or "."
+        if not os.path.isdir(folder):
+            if os.path.exists(folder):
+                return None  # a zip file on sys.path
+            continue
+        if os.path.basename(root).lower().endswith(".egg"):
+            return None
+        try:
+            children = os.listdir(folder)
+        except OSError:
+            return None
+        for child in children:
+            low = child.lower()
+            if low.endswith(".egg"):
+                if low.rpartition(".")[0].partition("-")[0].replace("-", "_") in wanted:
+                    return None
+                continue
+            if not low.endswith((".dist-info", ".egg-info")):
+                continue
+            i = wanted.get(_normalized(low.rpartition(".")[0].partition("-")[0]))
+            if i is None or found[i] is not None:
+                continue
+            version = _metadata_version(os.path.join(folder, child))
+            if version is None:
+                return None
+            found[i] = version
+        if all(v is not None for v in found):
+            break
+    return found
+
+
+def _metadata_version(info: str) -> str | None:
+    """The `Version:` header of a metadata folder's METADATA (else PKG-INFO) file."""
+    for file in ("METADATA", "PKG-INFO"):
+        try:
+            with open(os.path.join(info, file), encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        return None  # the headers end: no Version
+                    key, sep, value = line.partition(":")
+                    if sep and key.strip().lower() == "version":
+                        return value.strip()
+        except OSError:
+            continue
+        return None
+    return None
 
 
 # ---- applying --------------------------------------------------------------------------------
@@ -374,7 +457,9 @@ def _load_cached(path: str) -> tuple[Corrections, ...]:
 def shipped_entries() -> tuple[Corrections, ...]:
     """The entries of vramcalc/data/corrections.json inside the installed package."""
     try:
-        text = (resources.files("vramcalc") / SHIPPED_RESOURCE).read_text(encoding="utf-8")
+        from vramcalc.models.catalog_index import package_folder
+
+        text = (package_folder("vramcalc") / SHIPPED_RESOURCE).read_text(encoding="utf-8")
     except (FileNotFoundError, OSError):
         return ()
     return tuple(_parse(text, f"vramcalc/{SHIPPED_RESOURCE}"))
@@ -430,20 +515,6 @@ def match(
     return max(found, key=lambda e: e.n_points) if found else None
 
 
-@dataclass(frozen=True)
-class Selection:
-    """What `plan` / `check` do about corrections: the entry applied (None: the raw
-    estimate), where it came from, and the one-line note saying so or why not."""
-
-    corrections: Corrections | None
-    origin: str | None
-    note: str
-
-    @property
-    def key(self) -> str | None:
-        return self.corrections.key if self.corrections is not None else None
-
-
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
@@ -465,12 +536,10 @@ def _origin_text(origin: str) -> str:
 def select_corrections(gpu_name: str | None) -> Selection:
     """The corrections `plan` / `check` apply for `gpu_name`, by the three rules of the
     module docstring; cheap: two small JSON files, package metadata, never torch."""
-    if os.environ.get(ENV_PATH) == "":
-        return Selection(None, None, "")  # turned off on purpose: nothing to say
-    if gpu_name is None:  # `plan`: no file to read
-        return Selection(None, None, (
-            "calibration: raw estimate (corrections are fitted per GPU family and no GPU is "
-            "named; 'vramcalc check --gpu NAME' applies them)"))
+    early = without_files(gpu_name)
+    if early is not None:
+        return early
+    assert gpu_name is not None
     entries = available()
     if not entries:
         return Selection(None, None, f"calibration: raw estimate ({none_installed()})")

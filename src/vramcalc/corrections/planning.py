@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vramcalc.corrections.factors import Selection, corrected, select_corrections
+from vramcalc.corrections.selection import Selection, without_files
 from vramcalc.memory.estimate import Estimate, estimate
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import TrainPlan
@@ -38,10 +38,15 @@ def estimator(gpu_name: str | None, use_calibration: bool) -> tuple[EstimateFn, 
     --no-calibration; `.key` is None when the raw estimate is used)."""
     if not use_calibration:
         return estimate, None
-    selection = select_corrections(gpu_name)
+    selection = without_files(gpu_name)  # plan without a GPU: factors is not imported
+    if selection is None:
+        from vramcalc.corrections.factors import select_corrections
+
+        selection = select_corrections(gpu_name)
     c = selection.corrections
     if c is None:
         return estimate, selection
+    from vramcalc.corrections.factors import corrected
 
     def corrected_estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
         return corrected(estimate(spec, plan), c)
@@ -81,6 +86,14 @@ class Estimators:
                 if self.on_new is not None:
                     self.on_new(selection)
         return self._fns[gpu_name]
+
+    def raw(self) -> EstimateFn:
+        """The raw estimate, memoized: the function of every GPU without corrections (or of
+        all of them with --no-calibration), shared with them, so a plan one of them
+        estimated is not estimated again (check's multi-GPU options start from it)."""
+        if None not in self._by_key:
+            self._by_key[None] = memoized(estimate)
+        return self._by_key[None]
 
     def applied(self) -> list[Selection]:
         """The corrections entries actually applied, in first-use order."""

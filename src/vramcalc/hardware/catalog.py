@@ -17,10 +17,8 @@ import difflib
 import functools
 import re
 from collections.abc import Iterable
-from importlib import resources
 from typing import Any, Literal, NamedTuple
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -194,14 +192,23 @@ def _format_validation_error(origin: str, position: int, data: Any, err: Validat
     return f"{origin}: {where}: key '{loc}': {msg}"
 
 
-def parse_catalog(text: str, origin: str = CATALOG_ORIGIN) -> tuple[GpuModel, ...]:
-    """Validate catalog YAML text: a top-level `gpus:` list of GpuModel mappings."""
+def _catalog_yaml(text: str, origin: str) -> Any:
+    import yaml
+
     try:
-        data = load_yaml(text)  # libyaml's C loader where PyYAML has it: ~2 ms, not ~20
+        return load_yaml(text)  # libyaml's C loader where PyYAML has it: ~2 ms, not ~20
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise SpecError(f"{origin}: malformed YAML{where}") from None
+
+
+def parse_catalog(text: str, origin: str = CATALOG_ORIGIN) -> tuple[GpuModel, ...]:
+    """Validate catalog YAML text: a top-level `gpus:` list of GpuModel mappings."""
+    return _catalog_from(_catalog_yaml(text, origin), origin)
+
+
+def _catalog_from(data: Any, origin: str) -> tuple[GpuModel, ...]:
     if not isinstance(data, dict) or not isinstance(data.get("gpus"), list):
         raise SpecError(f"{origin}: expected a top-level key 'gpus' holding a list")
     gpus: list[GpuModel] = []
@@ -216,8 +223,10 @@ def parse_catalog(text: str, origin: str = CATALOG_ORIGIN) -> tuple[GpuModel, ..
 
 @functools.cache
 def _catalog() -> tuple[tuple[GpuModel, ...], GpuIndex]:
-    text = (resources.files("vramcalc") / "data" / "gpus.yaml").read_text(encoding="utf-8")
-    gpus = parse_catalog(text)
+    from vramcalc.data import shipped_yaml
+
+    data = shipped_yaml("gpus.yaml", lambda text: _catalog_yaml(text, CATALOG_ORIGIN))
+    gpus = _catalog_from(data, CATALOG_ORIGIN)
     return gpus, build_index(gpus)
 
 

@@ -883,15 +883,19 @@ SUGGESTED = (("ddp", "none"), ("fsdp", "none"), ("zero3", "none"), ("device-map"
 
 def smallest_fitting_parallel(spec: ModelSpec, plan: TrainPlan, memory_bytes: int,
                               margin_bytes: int, max_gpus: int = 8,
-                              gpus_per_node: int | None = None) -> list[ParallelOption]:
+                              gpus_per_node: int | None = None,
+                              single: SingleEstimate | None = None) -> list[ParallelOption]:
     """For each strategy, the smallest N in 2..max_gpus whose busiest GPU "fits" a card
     offering `memory_bytes` with `margin_bytes` to spare (verdict.fits_certainly, the rule
     of every suggestion); sorted by N (then by what the busiest GPU needs). On the full
-    estimate: the one-GPU estimates every N and strategy start from are made once."""
+    estimate: the one-GPU estimates every N and strategy start from are made once.
+    `single`: the raw full estimate, memoized, where the caller has one with the plans it
+    already estimated (check: corrections.planning.Estimators.raw); None: a new one."""
     from vramcalc.corrections.planning import memoized
     from vramcalc.sizing.verdict import fits_certainly
 
-    single = memoized(estimate)
+    if single is None:
+        single = memoized(estimate)
     found: list[ParallelOption] = []
     for strategy, offload in SUGGESTED:
         for n in range(2, max_gpus + 1):

@@ -16,14 +16,13 @@ import functools
 import json
 import re
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from vramcalc.errors import SpecError, UnknownModelError
-from vramcalc.models.catalog_index import INDEX_NAME, INDEX_VERSION, load_yaml
+from vramcalc.models.catalog_index import FolderIndex, load_yaml, package_folder
 
 AttentionLayout = Literal["separate", "fused_qkv"]
 MlpLayout = Literal["gated", "fused_gated", "plain"]
@@ -355,7 +354,7 @@ def spec_from_mapping(data: Any, origin: str) -> ModelSpec:
 
 
 def _parse_yaml(text: str, origin: str) -> Any:
-    """A spec file's YAML (a wheel's catalog is a JSON index instead: `_index`)."""
+    """A spec file's YAML (a catalog file the index holds is not parsed: `_shipped_yaml`)."""
     import yaml
 
     try:
@@ -377,40 +376,30 @@ def load_spec_file(path: Path) -> ModelSpec:
 def _catalog_root() -> Any:
     """The installed `vramcalc.model_specs` package, or the repo's folder in a source run."""
     try:
-        return resources.files("vramcalc.model_specs")
+        return package_folder("vramcalc.model_specs")
     except ModuleNotFoundError:  # PYTHONPATH=src without an install (GPU machine runs)
         return Path(__file__).resolve().parents[3] / "model_specs"
 
 
 @functools.cache
-def _index() -> dict[str, Any] | None:
-    """The catalog files parsed at build time (catalog_index.py: a wheel has it), or None
-    in a source tree, which reads the YAML files."""
-    entry = _catalog_root() / INDEX_NAME
-    if not entry.is_file():
-        return None
-    try:
-        data = json.loads(entry.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # unreadable: the YAML files next to it are the source
-    if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
-        return None
-    specs = data.get("specs")
-    return specs if isinstance(specs, dict) else None
+def _index() -> FolderIndex:
+    """The catalog files parsed ahead (catalog_index.py: committed, rewritten in a wheel)."""
+    return FolderIndex(_catalog_root())
+
+
+def _shipped_yaml(name: str, text: str, origin: str) -> Any:
+    """A catalog file's mapping: from the index where it holds this text, else parsed."""
+    found, data = _index().parsed(name, text)
+    return data if found else _parse_yaml(text, origin)
 
 
 def _catalog_mappings() -> Iterator[tuple[str, Any]]:
     """(origin, parsed mapping) of every catalog file, sorted by file name."""
-    index = _index()
-    if index is not None:
-        for name in sorted(index):
-            yield f"model_specs/{name}", index[name]
-        return
     root = _catalog_root()
     for entry in sorted(root.iterdir(), key=lambda e: e.name):
         if entry.name.endswith((".yaml", ".yml")):
             origin = f"model_specs/{entry.name}"
-            yield origin, _parse_yaml(entry.read_text(encoding="utf-8"), origin)
+            yield origin, _shipped_yaml(entry.name, entry.read_text(encoding="utf-8"), origin)
 
 
 def build_index(specs: list[tuple[str, ModelSpec]]) -> dict[str, ModelSpec]:
@@ -453,17 +442,11 @@ def _named_file_spec(key: str) -> ModelSpec | None:
     if not _FILE_STEM.fullmatch(key):
         return None
     name = f"{key}.yaml"
+    entry = _catalog_root() / name
+    if not entry.is_file():
+        return None
     origin = f"model_specs/{name}"
-    index = _index()
-    if index is not None:
-        if name not in index:
-            return None
-        data = index[name]
-    else:
-        entry = _catalog_root() / name
-        if not entry.is_file():
-            return None
-        data = _parse_yaml(entry.read_text(encoding="utf-8"), origin)
+    data = _shipped_yaml(name, entry.read_text(encoding="utf-8"), origin)
     spec = spec_from_mapping(data, origin)
     return spec if spec.name.lower() == key else None
 

@@ -13,11 +13,8 @@ from __future__ import annotations
 import datetime
 import functools
 import math
-from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
-
-import yaml
 
 from vramcalc.errors import PlanError, SpecError, UnknownGpuError
 from vramcalc.hardware.catalog import GpuModel, resolve_gpu
@@ -66,15 +63,24 @@ def _price_entry(where: str, entry: Any) -> PriceEntry:
     return PriceEntry(float(usd), source, str(entry.get("provider") or ""), date)
 
 
-def parse_price_table(text: str, origin: str) -> PriceTable:
-    """A price table from YAML or JSON text: `prices: {GPU: {usd_per_hour, source,
-    provider?, date?}}`; keys may be any catalog name or alias (resolved to the name)."""
+def _prices_yaml(text: str, origin: str) -> Any:
+    import yaml
+
     from vramcalc.timing.gpu_speed import load_yaml
 
     try:
-        data: Any = load_yaml(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         raise SpecError(f"{origin}: malformed YAML/JSON") from None
+
+
+def parse_price_table(text: str, origin: str) -> PriceTable:
+    """A price table from YAML or JSON text: `prices: {GPU: {usd_per_hour, source,
+    provider?, date?}}`; keys may be any catalog name or alias (resolved to the name)."""
+    return _price_table_from(_prices_yaml(text, origin), origin)
+
+
+def _price_table_from(data: Any, origin: str) -> PriceTable:
     if not isinstance(data, dict) or set(data) != {"prices"} or not isinstance(
             data["prices"], dict):
         raise SpecError(f"{origin}: expected one top-level key 'prices' holding a mapping "
@@ -90,8 +96,10 @@ def parse_price_table(text: str, origin: str) -> PriceTable:
 
 @functools.cache
 def shipped_prices() -> PriceTable:
-    text = (resources.files("vramcalc") / "data" / "prices.yaml").read_text(encoding="utf-8")
-    return parse_price_table(text, PRICES_ORIGIN)
+    from vramcalc.data import shipped_yaml
+
+    data = shipped_yaml("prices.yaml", lambda text: _prices_yaml(text, PRICES_ORIGIN))
+    return _price_table_from(data, PRICES_ORIGIN)
 
 
 def load_price_file(path: Path) -> PriceTable:

@@ -9,10 +9,7 @@ or assumed) or calibrated by the user (`TimeBasis`). Never imports torch.
 from __future__ import annotations
 
 import functools
-from importlib import resources
 from typing import Any, NamedTuple, get_args
-
-import yaml
 
 from vramcalc.errors import SpecError
 from vramcalc.hardware.catalog import GpuModel
@@ -52,7 +49,10 @@ class SpeedTable(NamedTuple):
 
 def load_yaml(text: str) -> Any:
     """yaml.safe_load through libyaml when PyYAML has it (65 ms -> 1.5 ms for
-    gpu_speed.yaml on the dev machine), else the pure-Python loader."""
+    gpu_speed.yaml on the dev machine), else the pure-Python loader. PyYAML is imported
+    here: the shipped files come from their index (vramcalc.data.shipped_yaml)."""
+    import yaml
+
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
 
 
@@ -106,12 +106,21 @@ def _peaks(name: str, entry: Any) -> Peaks:
         bandwidth=_number(f"{where}: bandwidth", g["bandwidth"]), source=g["source"])
 
 
-def parse_speed_table(text: str, origin: str = SPEED_ORIGIN) -> SpeedTable:
-    """Validate gpu_speed.yaml text: `efficiencies` per architecture, `gpus` per name."""
+def _speed_yaml(text: str, origin: str) -> Any:
+    import yaml
+
     try:
-        data: Any = load_yaml(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         raise SpecError(f"{origin}: malformed YAML") from None
+
+
+def parse_speed_table(text: str, origin: str = SPEED_ORIGIN) -> SpeedTable:
+    """Validate gpu_speed.yaml text: `efficiencies` per architecture, `gpus` per name."""
+    return _speed_table_from(_speed_yaml(text, origin), origin)
+
+
+def _speed_table_from(data: Any, origin: str) -> SpeedTable:
     try:
         top = _keys("the file", data, {"efficiencies", "gpus"}, {"efficiencies", "gpus"})
         effs, gpus = top["efficiencies"], top["gpus"]
@@ -125,8 +134,10 @@ def parse_speed_table(text: str, origin: str = SPEED_ORIGIN) -> SpeedTable:
 
 @functools.cache
 def speed_table() -> SpeedTable:
-    text = (resources.files("vramcalc") / "data" / "gpu_speed.yaml").read_text(encoding="utf-8")
-    return parse_speed_table(text)
+    from vramcalc.data import shipped_yaml
+
+    data = shipped_yaml("gpu_speed.yaml", lambda text: _speed_yaml(text, SPEED_ORIGIN))
+    return _speed_table_from(data, SPEED_ORIGIN)
 
 
 def gpu_speed(gpu: GpuModel, efficiency: Efficiency | None = None) -> GpuSpeed | None:
