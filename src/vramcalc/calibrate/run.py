@@ -334,8 +334,11 @@ def apply_loss_kernel(model: Any, plan: TrainPlan) -> None:
     (calibration/DEVICE.md).
 
     liger: liger-kernel's `_apply_liger_kernel_to_instance` on the CausalLM, what
-    transformers' Trainer does for `use_liger_kernel=True` (trainer loops set that
-    argument instead, `_training_args`; this is for `--loop plain`, which has no Trainer).
+    transformers' Trainer does for `use_liger_kernel=True`. Trainer does it in `train()`
+    (transformers 5.x trainer.py `Trainer.train`: `apply_liger_kernel(self.model, ...)`),
+    not in `__init__`, so only the `trainer` loop gets it from TrainingArguments; the
+    loops that never call `train()` (`plain`, and the `trainer-plain*` loops, which only
+    build a Trainer for its optimizer) get it here.
     trl-chunked: TRL's own patch (`_patch_chunked_ce_lm_head`), as SFTTrainer applies it.
     cce and chunked: the CausalLM's forward replaced, in training with labels, by the
     decoder, then the loss from its last hidden state (`_head_loss_forward`)."""
@@ -343,7 +346,7 @@ def apply_loss_kernel(model: Any, plan: TrainPlan) -> None:
         return
     lm = _causal_lm(model)
     if plan.loss_kernel == "liger":
-        if not plan.trainer_built:
+        if plan.loop != "trainer":
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
             _apply_liger_kernel_to_instance(model=lm)
@@ -616,8 +619,9 @@ def measure_point(
             dataloader_num_workers=0,
             use_cpu=not on_gpu,
             disable_tqdm=True,
-            # Trainer.__init__ applies liger-kernel to the model (or peft's base model)
-            use_liger_kernel=plan.loss_kernel == "liger" and plan.trainer_built,
+            # Trainer.train applies liger-kernel to the model (or peft's base model); the
+            # loops that do not call train() get it from apply_loss_kernel
+            use_liger_kernel=plan.loss_kernel == "liger" and plan.loop == "trainer",
         )
         apply_loss_kernel(model, plan)
         phase = "train"

@@ -1,0 +1,56 @@
+"""Which loops the worker puts Liger on itself (calibrate/run.py apply_loss_kernel).
+
+transformers 5.x applies `use_liger_kernel=True` in `Trainer.train()`, not in
+`Trainer.__init__`, so a loop that only builds a Trainer (trainer-plain*) or none (plain)
+must apply it itself: run 31's k-g-liger-gemma-2-2b (trainer-plain) measured the torch
+loss's peak to the byte because it did not (calibration/h100/run31-loss1a.jsonl).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+import pytest
+
+from vramcalc.calibrate.run import apply_loss_kernel
+from vramcalc.plans import TrainPlan
+
+
+@pytest.fixture
+def liger_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    calls: list[Any] = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = lambda model: calls.append(model)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    return calls
+
+
+class _Peft:
+    """A peft wrapper: the CausalLM is its base model."""
+
+    def __init__(self, lm: object) -> None:
+        self.lm = lm
+
+    def get_base_model(self) -> object:
+        return self.lm
+
+
+@pytest.mark.parametrize("loop, applied", [
+    ("trainer", False),  # Trainer.train applies it from TrainingArguments
+    ("trainer-plain", True),
+    ("trainer-plain-outputs", True),
+    ("plain", True),
+])
+def test_liger_is_applied_by_every_loop_that_does_not_call_train(
+        liger_calls: list[Any], loop: str, applied: bool) -> None:
+    lm = object()
+    apply_loss_kernel(_Peft(lm), TrainPlan(loss_kernel="liger", loop=loop))
+    assert liger_calls == ([lm] if applied else [])
+
+
+def test_the_torch_loss_is_left_alone(liger_calls: list[Any]) -> None:
+    apply_loss_kernel(_Peft(object()), TrainPlan(loss_kernel="torch", loop="plain"))
+    assert liger_calls == []
