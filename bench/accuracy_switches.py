@@ -42,6 +42,12 @@ MATRICES = {
                         ("run30-pack1.jsonl", "run31-pack1.jsonl")),
 }
 TARGET_ALLOC, TARGET_DEVICE = 3.0, 5.0  # issue 29: each technique, full depth
+# Records whose technique the worker did not apply: reported, not scored. run 31's
+# k-g-liger-gemma-2-2b ran the trainer-plain loop, whose Trainer never calls train(), where
+# transformers 5.x applies use_liger_kernel: its peak is the torch twin's to the byte
+# (calibrate/run.py apply_loss_kernel since the fix; tests/calibrate/test_loss_kernel_apply.py).
+NOT_APPLIED = {("run31-loss1a.jsonl", "k-g-liger-gemma-2-2b"):
+               "Liger not applied by the worker (trainer-plain never calls Trainer.train)"}
 
 
 def pct(pred: float, meas: float) -> float:
@@ -55,7 +61,8 @@ def technique(point_id: str, plan: Any) -> str:
     if tag.startswith("base"):
         return "none (twin)"
     return {"pf": "padding-free", "pf5000": "padding-free, 5000 tokens", "packed": "packed",
-            "ckoff": "offload checkpoints", "nogc": "offload all"}.get(tag, tag)
+            "ckoff": "offload checkpoints", "nogc": "offload all",
+            "alloff": "offload all"}.get(tag, tag)
 
 
 def host_measured(m: dict[str, Any]) -> int | None:
@@ -74,6 +81,11 @@ def rows_of(matrix: str) -> list[dict[str, Any]]:
     for run in runs:
         for rec, spec, plan in records(run):
             m = rec.get("measurement") or {}
+            why = NOT_APPLIED.get((run, rec["id"]))
+            if why is not None:
+                rows.append({"id": rec["id"], "status": f"not scored: {why}",
+                             "technique": technique(rec["id"], plan)})
+                continue
             if rec["status"] != "ok" or not m.get("peak_allocated_bytes"):
                 rows.append({"id": rec["id"], "status": rec["status"],
                              "technique": technique(rec["id"], plan)})
@@ -98,15 +110,12 @@ def rows_of(matrix: str) -> list[dict[str, Any]]:
                 "retries": m.get("num_alloc_retries"),
             }
             rows.append(row)
-    measured = {r["id"] for r in rows if r["status"] == "ok"}  # a later run's record wins
-    seen: set[str] = set()
-    out = []
+    # one row per point: a measured record, else the last run's status
+    last: dict[str, dict[str, Any]] = {}
     for r in rows:
-        if (r["status"] != "ok" and r["id"] in measured) or r["id"] in seen:
-            continue
-        seen.add(r["id"])
-        out.append(r)
-    return out
+        if last.get(r["id"], {}).get("status") != "ok":
+            last[r["id"]] = r
+    return list(last.values())
 
 
 def summary(errors: list[float]) -> str:
