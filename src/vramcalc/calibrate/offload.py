@@ -88,11 +88,15 @@ class CheckpointOffload:
         if (index == self.layers - 1 or not isinstance(hidden, torch.Tensor)
                 or not hidden.requires_grad):
             return checkpoint(function, *args, use_reentrant=False, **kwargs)
-        target = hidden
+        # The layer input is recognised by its address and shape, not held: autograd keeps
+        # the pack hook (and what its closure holds) with every tensor it saved until
+        # backward, so a closure over the input kept its GPU copy alive beside the host one
+        # (run 31, k010/k021: host bytes as planned, device peak unchanged).
+        target_ptr, target_shape = hidden.data_ptr(), hidden.shape
+        del hidden
 
         def pack(t: Any) -> Any:
-            if t is not target and not (t.data_ptr() == target.data_ptr()
-                                        and t.shape == target.shape):
+            if not (t.data_ptr() == target_ptr and t.shape == target_shape):
                 return ("gpu", t)
             if self.buffer is None or self.buffer.numel() < t.numel():
                 self.buffer = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
