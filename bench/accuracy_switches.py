@@ -46,8 +46,17 @@ TARGET_ALLOC, TARGET_DEVICE = 3.0, 5.0  # issue 29: each technique, full depth
 # k-g-liger-gemma-2-2b ran the trainer-plain loop, whose Trainer never calls train(), where
 # transformers 5.x applies use_liger_kernel: its peak is the torch twin's to the byte
 # (calibrate/run.py apply_loss_kernel since the fix; tests/calibrate/test_loss_kernel_apply.py).
-NOT_APPLIED = {("run31-loss1a.jsonl", "k-g-liger-gemma-2-2b"):
-               "Liger not applied by the worker (trainer-plain never calls Trainer.train)"}
+# Run 31's k010/k021 offloaded the checkpoints to the host (host bytes as planned) but kept
+# their GPU copies too: the worker's pack hook held each layer input in its closure
+# (calibrate/offload.py CheckpointOffload since the fix; tests/calibrate/test_offload_harness.py).
+NOT_APPLIED = {
+    ("run31-loss1a.jsonl", "k-g-liger-gemma-2-2b"):
+        "Liger not applied by the worker (trainer-plain never calls Trainer.train)",
+    ("run31-pack1.jsonl", "k010-qwen2.5-1.5b-ckoff"):
+        "the worker kept the offloaded checkpoints' GPU copies (pack-hook closure)",
+    ("run31-pack1.jsonl", "k021-gemma-2-2b-ckoff"):
+        "the worker kept the offloaded checkpoints' GPU copies (pack-hook closure)",
+}
 
 
 def pct(pred: float, meas: float) -> float:
