@@ -1577,6 +1577,11 @@ class _Boundary:
             form = (state, of(carried))
         except _Unfollowed:
             return None
+        finally:
+            # `of` is recursive: its closure holds itself. Unbound here, it is freed by
+            # reference counting, not left for the cyclic collector (cli.main collects
+            # rarely: tests/test_light_imports.py test_an_estimate_leaves_no_garbage_cycle)
+            of = None  # type: ignore[assignment]
         if len(set(ids)) != len(ids):
             return None
         return cls(form, ids, g._next, len(g.requests), len(g.runs), phase)
