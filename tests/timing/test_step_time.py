@@ -378,6 +378,45 @@ def test_time_holdout_3_is_new_serial_sized_and_fits_the_h100() -> None:
     assert design_time.budget(str(mats / "h200-time3.json")) <= 330
 
 
+def test_time_holdout_4_is_new_serial_sized_and_fits_the_h100() -> None:
+    """h200-time4: >= 30 points, every method with checkpointing on and off, batch 1 and
+    16, no architecture of time 1, 2 or 3 at any depth, about a quarter at full depth, every
+    estimated peak <= 50 GiB, a prediction per point for both cards, the serial budget
+    <= 330 s by design_time's formula."""
+    from vramcalc.memory.estimate import estimate
+    from vramcalc.models.spec import depth_cut, get_spec
+
+    mats = ROOT / "calibration/matrices"
+    matrix = json.loads((mats / "h200-time4.json").read_text())
+    preds = json.loads((mats / "h200-time4-predictions.json").read_text())
+    subs = [(g, s) for g in matrix["points"] for s in g["job"]["points"]]
+    assert len(subs) >= 30
+    by_id = {p["id"]: p for p in preds["points"]}
+    assert {s["id"] for _, s in subs} == set(by_id)
+    assert all(set(p["by_gpu"]) == {"h200", "h100-sxm"} for p in by_id.values())
+    kinds = {(s["plan"]["method"], s["plan"].get("quant"), s["plan"]["gradient_checkpointing"])
+             for _, s in subs}
+    for method, quant in (("full", None), ("lora", None), ("qlora", "nf4"), ("qlora", "int8")):
+        assert (method, quant, True) in kinds and (method, quant, False) in kinds
+    assert {s["plan"]["batch_size"] for _, s in subs} >= {1, 16}
+    seen = {g["spec"] for n in (1, 2, 3)
+            for g in json.loads((mats / f"h200-time{n}.json").read_text())["points"]}
+    assert not {g["spec"] for g in matrix["points"]} & seen
+    full_depth = sum(1 for g, _ in subs if not g.get("layers"))
+    assert 0.15 <= full_depth / len(subs) <= 0.35
+    for g, s in subs:
+        spec = get_spec(g["spec"])
+        spec = depth_cut(spec, g["layers"]) if g.get("layers") else spec
+        peak = estimate(spec, TrainPlan.model_validate(s["plan"])).peak_device_bytes
+        assert peak <= 50 * 2**30, s["id"]
+    sys.path.insert(0, str(ROOT / "calibration"))
+    try:
+        import design_time
+    finally:
+        sys.path.remove(str(ROOT / "calibration"))
+    assert design_time.budget(str(mats / "h200-time4.json")) <= 330
+
+
 def test_bnb_8bit_update_is_sm_bound_and_keeps_embeddings_32bit() -> None:
     """bitsandbytes' 8-bit blockwise update is timed on the SMs (BNB8_LANE_CYCLES per
     element on the fp32 peak), after the streaming part; under Trainer the nn.Embedding
