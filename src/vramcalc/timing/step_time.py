@@ -202,17 +202,15 @@ KERNELS_PER_INT8_FWD = 3
 KERNELS_PER_INT8_BWD = 2
 KERNEL_FLOOR_S = 3e-6  # the shortest kernel on the GPU, launch to end
 # Host seconds per dispatched operator on the reference host (the H100 SXM machines of
-# calibration/h100): 13 us from run 28's host-bound points, 14 us since runs 28 and 30
-# together (run 28 alone is best at 13, run 30 alone at 15-16; the same package versions,
-# the host CPUs not recorded; docs/time-model.md, "measured", seen data).
-HOST_OP_S = 14e-6
-# Since run 31 (docs/time-model.md, "Time holdout 3"): an operator issued from Python (the
-# forward, the recompute, the checkpoint's hooks, bitsandbytes' Python autograd backward)
-# costs the host twice one the autograd engine's C++ thread issues in backward (the
-# ratio 0.5-0.6 fits runs 28, 30 and 31 best once each run's host speed is fitted; one
-# cost for both left every checkpointed point under-predicted against its no-ckpt twin);
-# 16 and 8 us on run 28's host, the middle of the three H100 hosts seen (run 30's host
-# took 1.20x as long per operator, run 31's 0.87x; seen data).
+# calibration/h100). Until run 31 one cost for every operator: 13 us from run 28's
+# host-bound points, 14 us from runs 28 and 30 together. Since run 31 (docs/time-model.md,
+# "Time holdout 3"): an operator issued from Python (the forward, the recompute, the
+# checkpoint's hooks, bitsandbytes' Python autograd backward) costs the host twice one
+# the autograd engine's C++ thread issues in backward (the ratio 0.5-0.6 fits runs 28,
+# 30 and 31 best once each run's host speed is fitted; one cost for both left every
+# checkpointed point under-predicted against its no-ckpt twin): 16 and 8 us on run 28's
+# host, the middle of the three H100 hosts seen (run 30's host took 1.20x as long per
+# operator, run 31's 0.87x; seen data).
 HOST_FWD_OP_S = 16e-6
 HOST_BWD_OP_S = 8e-6
 # The time worker's host probe (calibrate/time_worker.py host_probe: seconds per `x.add_(1)`
@@ -738,7 +736,8 @@ def step_time(work: StepWork, speed: GpuSpeed) -> StepTime:
 
 # Host time of one eager forward per decoder layer in generate() (no autograd records),
 # per LoRA module and per quantized Linear: priors, not yet measured (the training step's
-# per-operator cost, HOST_OP_S, was set from run 28; decode was not re-fitted with it).
+# per-operator costs, HOST_FWD_OP_S / HOST_BWD_OP_S, were fitted on runs 28-31; decode was
+# not re-fitted with them).
 HOST_LAYER_FWD_S = 350e-6
 HOST_LORA_FWD_S = 60e-6
 HOST_QUANT_FWD_S = 40e-6
