@@ -10,7 +10,9 @@ PREDICTIONS (default: calibration/matrices/h200-time1-predictions.json; time hol
 calibration/matrices/h200-time2-predictions.json) are the step times committed before the
 run, for the H200 (`step_seconds`) and the H100 SXM (`by_gpu`): the
 card the time workers report (`device_name`) picks which. `--current` also shows the time
-model as it is now, which is not a holdout result once the model has changed.
+model as it is now, which is not a holdout result once the model has changed; with
+`--host-probe` the current model's host time is scaled by each record's host probe
+(`measurement.host.op_seconds`, since run 31) over `step_time.HOST_PROBE_REF_S`.
 
 `--fit` searches the efficiencies (matmul, attention, memory) and a host-time factor that
 minimize the median |error| on this run and prints them with their errors: what to write
@@ -76,8 +78,11 @@ def timed_points(lines: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
             if not grade:
                 skipped.append(f"{sid}: not timing-grade (ran beside other points)")
                 continue
+            probe = (meas.get("host") or {}).get("op_seconds")
             points.append({"id": sid, "plan": sub.get("plan") or {}, "spec": rec.get("spec"),
-                           "layers": rec.get("layers"), "step_seconds": float(secs)})
+                           "layers": rec.get("layers"), "step_seconds": float(secs),
+                           "probe_s": float(probe) if isinstance(probe, (int, float))
+                           and probe > 0 else None})
     return points, skipped
 
 
@@ -91,19 +96,23 @@ def gpu_of(lines: list[str]) -> str:
 
 
 def current_prediction(spec_name: str, layers: int | None, plan: dict[str, Any],
-                       gpu: str = "h200") -> float:
+                       gpu: str = "h200", probe_s: float | None = None) -> float:
+    """The time model as it is now; with `probe_s` (the record's `measurement.host.op_seconds`)
+    the host time scaled by probe_s / HOST_PROBE_REF_S (step_time.host_factor_of_probe)."""
     from vramcalc.hardware.catalog import resolve_gpu
     from vramcalc.models.resolve import resolve_model
     from vramcalc.models.spec import depth_cut
     from vramcalc.plans import TrainPlan
     from vramcalc.timing.gpu_speed import gpu_speed
-    from vramcalc.timing.step_time import step_time, train_work
+    from vramcalc.timing.step_time import host_factor_of_probe, step_time, train_work
 
     base = spec_name.split("@")[0]
     spec = resolve_model(base)
     spec = depth_cut(spec, layers) if layers else spec
     speed = gpu_speed(resolve_gpu(gpu))
     assert speed is not None
+    if probe_s is not None:
+        speed = speed._replace(host_factor=speed.host_factor * host_factor_of_probe(probe_s))
     return step_time(train_work(spec, TrainPlan.model_validate(plan)), speed).step_seconds
 
 
@@ -209,10 +218,11 @@ def report(points: list[dict[str, Any]], predicted: dict[str, float],
 def main(argv: list[str]) -> int:
     args = [a for a in argv if not a.startswith("--")]
     flags = {a for a in argv if a.startswith("--")}
-    unknown = flags - {"--current", "--points", "--fit"}
-    if not args or len(args) > 2 or unknown:
-        print("usage: time_accuracy.py RESULTS.jsonl [PREDICTIONS.json] [--current] [--points] "
-              "[--fit]", file=sys.stderr)
+    unknown = flags - {"--current", "--points", "--fit", "--host-probe"}
+    if not args or len(args) > 2 or unknown or ("--host-probe" in flags
+                                                and "--current" not in flags):
+        print("usage: time_accuracy.py RESULTS.jsonl [PREDICTIONS.json] [--current "
+              "[--host-probe]] [--points] [--fit]", file=sys.stderr)
         return 2
     try:
         lines = Path(args[0]).read_text(encoding="utf-8").splitlines()
@@ -227,8 +237,14 @@ def main(argv: list[str]) -> int:
         return 1
     current = None
     if "--current" in flags:
-        current = {p["id"]: current_prediction(str(p["spec"]), p["layers"], p["plan"], gpu)
+        probe = "--host-probe" in flags
+        current = {p["id"]: current_prediction(str(p["spec"]), p["layers"], p["plan"], gpu,
+                                               p["probe_s"] if probe else None)
                    for p in points}
+        if probe:
+            probes = sorted({p["probe_s"] for p in points if p["probe_s"]})
+            print(f"--host-probe: the records' host probes {probes or 'none (factor 1)'} s per "
+                  "operator scale the host time (step_time.host_factor_of_probe)")
     if preds.get("note"):
         print(f"predictions: {preds['note']}")
     print(f"predictions read for: {gpu}")

@@ -205,6 +205,25 @@ def matrix3() -> dict[str, Any]:
     return _drawn_matrix(SEED3, ARCHS3, EXTRA3, "v")
 
 
+# ---- time holdout 4 (after run 31: Python- vs engine-issued operators, phi-2's block,
+# gelu_new's bytes, the host probe; docs/time-model.md) ----------------------------------
+# Five architectures, none in holdouts 1-3 at any depth: tinyllama-1.1b at full depth (22
+# layers, GQA 4 kv heads, 32k untied vocabulary; 10 of the 42 points, about a quarter),
+# qwen2.5-7b@4L (q/k/v biases, 4 kv heads, 152k untied), gemma-2b@6L (MQA with 256-wide
+# heads, GeGLU, 256k tied), llama-2-13b@2L (MHA, hidden 5120, 32k untied), qwen3-1.7b@8L
+# (q/k norms, 152k tied). Drawn as times 2 and 3 (plan2_for, _fit2) with a new seed.
+ARCHS4: dict[str, int | None] = {
+    "tinyllama-1.1b": None, "qwen2.5-7b": 4, "gemma-2b": 6, "llama-2-13b": 2,
+    "qwen3-1.7b": 8,
+}
+EXTRA4 = {"tinyllama-1.1b": 2}
+SEED4 = 20261209
+
+
+def matrix4() -> dict[str, Any]:
+    return _drawn_matrix(SEED4, ARCHS4, EXTRA4, "w")
+
+
 PREDICTED_GPUS = ("h200", "h100-sxm")  # the run may get either card
 
 
@@ -257,13 +276,17 @@ def main(argv: list[str]) -> None:
     elif argv[:1] == ["matrix3"]:
         json.dump(matrix3(), sys.stdout, indent=1)
         sys.stdout.write("\n")
+    elif argv[:1] == ["matrix4"]:
+        json.dump(matrix4(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
     elif argv[:1] == ["predict"] and len(argv) == 3:
         json.dump(predictions(argv[1], argv[2]), sys.stdout, indent=1)
         sys.stdout.write("\n")
     elif argv[:1] == ["budget"] and len(argv) == 2:
         budget(argv[1])
     else:
-        raise SystemExit("usage: design_time.py matrix | matrix2 | matrix3 | predict MATRIX "
+        raise SystemExit("usage: design_time.py matrix | matrix2 | matrix3 | matrix4 | "
+                         "predict MATRIX "
                          "NOTE | "
                          "budget MATRIX")
 

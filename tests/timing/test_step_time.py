@@ -117,26 +117,31 @@ def test_int8_input_gradient_is_fp32_under_the_fp32_stream() -> None:
 
 
 def test_host_time_counts_operators_per_module_and_recompute() -> None:
-    """Host time is operators x HOST_OP_S: each LoRA module and each quantized Linear adds
-    its operators; checkpointing adds the recompute; dropout 0 drops one each way."""
+    """Host time is operators x their issuing cost: Python-issued operators (forward,
+    recompute, hooks, bitsandbytes' Python backward) at HOST_FWD_OP_S, the autograd
+    engine's at HOST_BWD_OP_S; each LoRA module and each quantized Linear adds its
+    operators; dropout 0 drops one each way."""
     from vramcalc.timing import step_time as st
 
     def host(**kw: object) -> float:
         return train_work(TINY, plan(gradient_checkpointing=False, **kw)).host_fwd_bwd_s
 
     n_lin, layers = 7, 2
+    f_s, b_s = st.HOST_FWD_OP_S, st.HOST_BWD_OP_S
+    assert f_s > b_s  # Python dispatch costs more than the engine's C++ thread
     full, lora = host(method="full"), host(method="lora")
-    wgrad = st.OPS_WGRAD * (n_lin + TINY.norms_per_layer) * layers * st.HOST_OP_S
-    per_lora = (st.OPS_LORA_FWD + st.OPS_LORA_BWD) * n_lin * layers * st.HOST_OP_S
+    wgrad = st.OPS_WGRAD * (n_lin + TINY.norms_per_layer) * layers * b_s
+    per_lora = (st.OPS_LORA_FWD * f_s + st.OPS_LORA_BWD * b_s) * n_lin * layers
     assert lora - full == pytest.approx(per_lora - wgrad)
     nf4 = host(method="qlora", quant="nf4")
-    assert nf4 - lora == pytest.approx(
-        (st.OPS_NF4_FWD + st.OPS_NF4_BWD) * n_lin * layers * st.HOST_OP_S)
+    assert nf4 - lora == pytest.approx((st.OPS_NF4_FWD + st.OPS_NF4_BWD) * n_lin * layers * f_s)
     assert host(method="lora", lora_dropout=0.0) == pytest.approx(
-        lora - 2 * n_lin * layers * st.HOST_OP_S)
+        lora - n_lin * layers * (f_s + b_s))
     ckpt = train_work(TINY, plan(method="lora", gradient_checkpointing=True))
-    assert ckpt.host_forward_s == pytest.approx(
-        2 * train_work(TINY, plan(method="lora", gradient_checkpointing=False)).host_forward_s)
+    step = st.OPS_STEP_FWD * f_s  # embedding, lm_head, loss: outside the blocks, run once
+    assert ckpt.host_forward_s - step == pytest.approx(2 * (
+        train_work(TINY, plan(method="lora", gradient_checkpointing=False)).host_forward_s
+        - step))
 
 
 def test_int8_forward_is_serial() -> None:
@@ -373,6 +378,45 @@ def test_time_holdout_3_is_new_serial_sized_and_fits_the_h100() -> None:
     assert design_time.budget(str(mats / "h200-time3.json")) <= 330
 
 
+def test_time_holdout_4_is_new_serial_sized_and_fits_the_h100() -> None:
+    """h200-time4: >= 30 points, every method with checkpointing on and off, batch 1 and
+    16, no architecture of time 1, 2 or 3 at any depth, about a quarter at full depth, every
+    estimated peak <= 50 GiB, a prediction per point for both cards, the serial budget
+    <= 330 s by design_time's formula."""
+    from vramcalc.memory.estimate import estimate
+    from vramcalc.models.spec import depth_cut, get_spec
+
+    mats = ROOT / "calibration/matrices"
+    matrix = json.loads((mats / "h200-time4.json").read_text())
+    preds = json.loads((mats / "h200-time4-predictions.json").read_text())
+    subs = [(g, s) for g in matrix["points"] for s in g["job"]["points"]]
+    assert len(subs) >= 30
+    by_id = {p["id"]: p for p in preds["points"]}
+    assert {s["id"] for _, s in subs} == set(by_id)
+    assert all(set(p["by_gpu"]) == {"h200", "h100-sxm"} for p in by_id.values())
+    kinds = {(s["plan"]["method"], s["plan"].get("quant"), s["plan"]["gradient_checkpointing"])
+             for _, s in subs}
+    for method, quant in (("full", None), ("lora", None), ("qlora", "nf4"), ("qlora", "int8")):
+        assert (method, quant, True) in kinds and (method, quant, False) in kinds
+    assert {s["plan"]["batch_size"] for _, s in subs} >= {1, 16}
+    seen = {g["spec"] for n in (1, 2, 3)
+            for g in json.loads((mats / f"h200-time{n}.json").read_text())["points"]}
+    assert not {g["spec"] for g in matrix["points"]} & seen
+    full_depth = sum(1 for g, _ in subs if not g.get("layers"))
+    assert 0.15 <= full_depth / len(subs) <= 0.35
+    for g, s in subs:
+        spec = get_spec(g["spec"])
+        spec = depth_cut(spec, g["layers"]) if g.get("layers") else spec
+        peak = estimate(spec, TrainPlan.model_validate(s["plan"])).peak_device_bytes
+        assert peak <= 50 * 2**30, s["id"]
+    sys.path.insert(0, str(ROOT / "calibration"))
+    try:
+        import design_time
+    finally:
+        sys.path.remove(str(ROOT / "calibration"))
+    assert design_time.budget(str(mats / "h200-time4.json")) <= 330
+
+
 def test_bnb_8bit_update_is_sm_bound_and_keeps_embeddings_32bit() -> None:
     """bitsandbytes' 8-bit blockwise update is timed on the SMs (BNB8_LANE_CYCLES per
     element on the fp32 peak), after the streaming part; under Trainer the nn.Embedding
@@ -580,3 +624,40 @@ def test_time_options_refused_when_nothing_can_be_timed() -> None:
     r = _cli("check", "-m", "llama-3.1-8b", "--gpu", "h100-sxm", "--gpus", "2",
              "--strategy", "fsdp", "--dataset-tokens", "100")
     assert r.exit_code == 1 and "time of several GPUs is not modeled" in r.output
+
+
+def test_host_probe_scales_host_time() -> None:
+    """A run's host probe scales its host time linearly against HOST_PROBE_REF_S."""
+    from vramcalc.timing import step_time as st
+
+    assert st.host_factor_of_probe(st.HOST_PROBE_REF_S) == pytest.approx(1.0)
+    assert st.host_factor_of_probe(2 * st.HOST_PROBE_REF_S) == pytest.approx(2.0)
+
+
+def test_frozen_biases_dispatch_no_gradient_ops() -> None:
+    """Frozen Linears' biases get no gradient (count_ops.py: qwen2 LoRA backward 274, as
+    Llama's; full 151 = Llama's 142 + 3 per bias): LoRA's host time does not grow with
+    biases, full fine-tuning's does."""
+    from vramcalc.timing.step_time import _block_ops
+
+    biased = TINY.model_copy(update={"qkv_bias": True})
+    assert _block_ops(biased, "sdpa", False)[1] == _block_ops(TINY, "sdpa", False)[1]
+    assert _block_ops(biased, "sdpa", True)[1] == _block_ops(TINY, "sdpa", True)[1] + 9
+
+
+def test_phi_block_counted_whole_and_python_gelu_bytes() -> None:
+    """phi-2's block uses its own counted operators (70 / 132, hooks 38), and gelu_new's
+    Python GELU moves 36 + 56 bytes per intermediate element, not a fused kernel's 4 + 8."""
+    from vramcalc.models.resolve import resolve_model
+    from vramcalc.models.spec import depth_cut
+    from vramcalc.timing import step_time as st
+
+    phi = depth_cut(resolve_model("phi-2"), 2)
+    assert st._block_ops(phi, "sdpa", True) == (70, 132, 38.0)
+    fused = phi.model_copy(update={"hidden_act": "gelu"})
+    p = plan(method="full", gradient_checkpointing=False, batch_size=1, seq_len=256)
+    extra = (train_work(phi, p).of("elementwise").bytes
+             - train_work(fused, p).of("elementwise").bytes)
+    per = (st.PY_GELU_FWD_BYTES + st.PY_GELU_BWD_BYTES
+           - st.PLAIN_ACT_BYTES * (1 + st.BACKWARD_BYTES))
+    assert extra == pytest.approx(per * phi.intermediate_size * 256 * 2)

@@ -75,6 +75,15 @@ ROTARY_BYTES = 18
 # LlamaMLP: act_fn(gate) (r2 w2) * up (r2 r2 w2).
 GATED_ACT_BYTES = 10
 PLAIN_ACT_BYTES = 4
+# transformers' NewGELUActivation ("gelu_new", phi-2; activations.py, 5.25) is Python:
+# 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * pow(x, 3)))): eight elementwise kernels
+# in forward, eleven in backward (the gradients of each, summed into x's), per element of
+# the MLP's intermediate: 36 bytes forward, 56 backward (bf16; counted with
+# calibration/count_act_bytes.py, which sums every non-view operator's tensor inputs and
+# outputs; the fused silu / gelu / gelu_pytorch_tanh count 4 and 6 there).
+PY_GELU_FWD_BYTES = 36
+PY_GELU_BWD_BYTES = 56
+PY_GELU_ACTS = frozenset({"gelu_new"})
 # nn.Dropout: r2 w2 and a 1-byte mask.
 DROPOUT_BYTES = 5
 # A backward pass reads the saved input and the incoming gradient and writes a gradient:
@@ -150,8 +159,15 @@ OPS_SOFTCAP = (12, 20)  # the rest of Gemma-2's count: soft capping, sliding-win
 # tensor hooks): 57 for the Llama block, 75 with LoRA on its 7 Linears; more for blocks
 # with more operators (Qwen3 77, Gemma-2 79): 57 + 3 per LoRA module + half the extra
 OPS_CKPT_LAYER = 57
+# phi-2's PhiDecoderLayer (transformers 5.25 modeling_phi.py; calibration/count_ops.py phi):
+# forward 70, backward 132 with every weight and bias trained; the checkpoint's own
+# operators in backward 38 (+ 3 per LoRA module, as Llama's)
+OPS_PHI_LAYER = (70, 132)
+OPS_PHI_CKPT = 38
 OPS_CKPT_LORA = 3
-OPS_STEP = 85  # embedding, final norm, lm_head, loss: forward and backward (36-48 + 37)
+# embedding, final norm, lm_head, loss: forward 48 (36 with a tied head) and backward 37
+OPS_STEP_FWD = 48
+OPS_STEP_BWD = 37
 # peft LoraLayer.forward per targeted module: _cast_input_dtype (x to the fp32 adapters'
 # dtype), dropout, lora_A and lora_B under autocast (weight and input casts), * scaling,
 # the add, result.to(dtype): 18 forward, 23 backward (counted as above, the frozen base's
@@ -186,10 +202,29 @@ KERNELS_PER_INT8_FWD = 3
 KERNELS_PER_INT8_BWD = 2
 KERNEL_FLOOR_S = 3e-6  # the shortest kernel on the GPU, launch to end
 # Host seconds per dispatched operator on the reference host (the H100 SXM machines of
-# calibration/h100): 13 us from run 28's host-bound points, 14 us since runs 28 and 30
-# together (run 28 alone is best at 13, run 30 alone at 15-16; the same package versions,
-# the host CPUs not recorded; docs/time-model.md, "measured", seen data).
-HOST_OP_S = 14e-6
+# calibration/h100). Until run 31 one cost for every operator: 13 us from run 28's
+# host-bound points, 14 us from runs 28 and 30 together. Since run 31 (docs/time-model.md,
+# "Time holdout 3"): an operator issued from Python (the forward, the recompute, the
+# checkpoint's hooks, bitsandbytes' Python autograd backward) costs the host twice one
+# the autograd engine's C++ thread issues in backward (the ratio 0.5-0.6 fits runs 28,
+# 30 and 31 best once each run's host speed is fitted; one cost for both left every
+# checkpointed point under-predicted against its no-ckpt twin): 16 and 8 us on run 28's
+# host, the middle of the three H100 hosts seen (run 30's host took 1.20x as long per
+# operator, run 31's 0.87x; seen data).
+HOST_FWD_OP_S = 16e-6
+HOST_BWD_OP_S = 8e-6
+# The time worker's host probe (calibrate/time_worker.py host_probe: seconds per `x.add_(1)`
+# on the GPU, no autograd) that the host above would give: run 31 measured 6.2 us on a host
+# fitted at 0.87x run 28's, so 6.2 / 0.87 = 7.1 us. From one host only: a run with the
+# probe recorded scales its host time by probe / HOST_PROBE_REF_S (bench/time_accuracy.py
+# --host-probe); whether host time follows the probe is what the next run tests.
+HOST_PROBE_REF_S = 7.1e-6
+
+
+def host_factor_of_probe(probe_s: float) -> float:
+    """Host time relative to the reference host (HOST_FWD_OP_S, HOST_BWD_OP_S) of a machine
+    whose time-worker probe measured `probe_s` seconds per operator."""
+    return probe_s / HOST_PROBE_REF_S
 # int8's `if outliers.any()` (int8_vectorwise_quant) copies a flag to the host in every
 # Linear's forward: the host waits for the GPU, and the GPU then idles until the host
 # has issued the next kernels (a round trip per sync).
@@ -377,13 +412,20 @@ def _elementwise(spec: ModelSpec, plan: TrainPlan, passes_fwd: int, act_bytes: i
     resid = 2 * RESIDUAL_BYTES * h
     rotary = ROTARY_BYTES * (spec.q_size + spec.kv_size)
     act = (GATED_ACT_BYTES if spec.mlp_layout != "plain" else PLAIN_ACT_BYTES) * i
+    py_gelu = spec.hidden_act in PY_GELU_ACTS
+    if py_gelu:  # counted per pass below, its backward as counted (not 2x its forward)
+        act = 0
     drop = 0.0
     if spec.resid_dropout:
         drop += 2 * DROPOUT_BYTES * h
     stream = 4 if plan.method == "qlora" or plan.load_dtype == "fp32" else act_bytes
     per_token = (norms + resid + drop) * stream / 2 + (rotary + act) * act_bytes / 2
     fwd = per_token * plan.tokens * spec.num_hidden_layers
-    return KernelClass(name="elementwise", bytes=fwd * (passes_fwd + BACKWARD_BYTES))
+    nbytes = fwd * (passes_fwd + BACKWARD_BYTES)
+    if py_gelu:
+        nbytes += (PY_GELU_FWD_BYTES * passes_fwd + PY_GELU_BWD_BYTES) * act_bytes / 2 \
+            * i * plan.tokens * spec.num_hidden_layers
+    return KernelClass(name="elementwise", bytes=nbytes)
 
 
 def _optimizer_bytes(optimizer: str, dtype_bytes: int) -> float:
@@ -399,12 +441,25 @@ def _optimizer_bytes(optimizer: str, dtype_bytes: int) -> float:
     return 3 * d  # sgd
 
 
-def _block_ops(spec: ModelSpec, impl: str, full: bool) -> tuple[int, int]:
+def _block_ops(spec: ModelSpec, impl: str, full: bool) -> tuple[int, int, float]:
     """Dispatched operators of one decoder block's forward and backward (the OPS_* counts):
-    without weight gradients when the base is frozen."""
+    without weight and bias gradients when the base is frozen; and the checkpoint hooks'
+    operators in backward under checkpointing (OPS_CKPT_LAYER, scaled to the block)."""
     linears = spec.block_linears()
+    biases = sum(1 for lin in linears if lin.bias)
+    if spec.model_type == "phi":
+        # PhiDecoderLayer (modeling_phi.py): one LayerNorm, parallel attention and MLP,
+        # partial rotary, gelu_new, biases on every Linear: counted whole (OPS_PHI_LAYER)
+        fwd, bwd = OPS_PHI_LAYER
+        hooks = float(OPS_PHI_CKPT)
+        if impl == "eager":
+            fwd += OPS_EAGER[0]
+            bwd += OPS_EAGER[1]
+        if not full:
+            bwd -= OPS_WGRAD * (len(linears) + spec.norms_per_layer) + OPS_BIAS_BWD * biases
+        return fwd, bwd, hooks
     fwd, bwd = OPS_LAYER_FWD, OPS_LAYER_BWD
-    bwd += OPS_BIAS_BWD * sum(1 for lin in linears if lin.bias)
+    bwd += OPS_BIAS_BWD * biases
     extra_norms = max(0, spec.norms_per_layer - 2)
     fwd += extra_norms * OPS_NORM[0]
     bwd += extra_norms * OPS_NORM[1]
@@ -417,9 +472,9 @@ def _block_ops(spec: ModelSpec, impl: str, full: bool) -> tuple[int, int]:
         if spec.attn_logit_softcapping:
             fwd += OPS_SOFTCAP[0]
             bwd += OPS_SOFTCAP[1]
-    if not full:  # frozen: no weight gradients for the Linears and the norms
-        bwd -= OPS_WGRAD * (len(linears) + spec.norms_per_layer)
-    return fwd, bwd
+    if not full:  # frozen: no weight or bias gradients for the Linears and the norms
+        bwd -= OPS_WGRAD * (len(linears) + spec.norms_per_layer) + OPS_BIAS_BWD * biases
+    return fwd, bwd, OPS_CKPT_LAYER + (fwd - OPS_LAYER_FWD) / 2
 
 
 def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
@@ -580,16 +635,19 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
     # forward again under checkpointing
     q_fwd, q_bwd = {"int8": (OPS_INT8_FWD, OPS_INT8_BWD), "none": (0, 0)}.get(
         quant, (OPS_NF4_FWD, OPS_NF4_BWD))
-    block_f, block_b = _block_ops(spec, impl, full)
+    block_f, block_b, block_hooks = _block_ops(spec, impl, full)
     lora_drop = 0 if plan.lora_dropout > 0 else 1
     ops_fwd = block_f + n_lora * (OPS_LORA_FWD - lora_drop) + n_lin * q_fwd
-    ops_bwd = block_b + n_lora * (OPS_LORA_BWD - lora_drop) + n_lin * q_bwd
+    ops_bwd = block_b + n_lora * (OPS_LORA_BWD - lora_drop)
     # the recompute is a forward again (host_forward_s counts both: under int8 both wait
-    # on the syncs), plus the checkpoint's own operators in backward
-    hooks = (OPS_CKPT_LAYER + OPS_CKPT_LORA * n_lora
-             + (block_f - OPS_LAYER_FWD) / 2) if ckpt else 0.0
-    host_fwd = layers * ops_fwd * passes_fwd * HOST_OP_S
-    host_bwd = (layers * (ops_bwd + hooks) + OPS_STEP) * HOST_OP_S
+    # on the syncs), plus the checkpoint's own operators in backward. Python issues the
+    # forward passes, the checkpoint's hooks and bitsandbytes' autograd Functions'
+    # backward (MatMul4Bit / MatMul8bitLt.backward are Python); the autograd engine's C++
+    # thread issues the rest of the backward (HOST_FWD_OP_S vs HOST_BWD_OP_S)
+    hooks = (block_hooks + OPS_CKPT_LORA * n_lora) if ckpt else 0.0
+    host_fwd = (layers * ops_fwd * passes_fwd + OPS_STEP_FWD) * HOST_FWD_OP_S
+    host_bwd = ((layers * (hooks + n_lin * q_bwd)) * HOST_FWD_OP_S
+                + (layers * ops_bwd + OPS_STEP_BWD) * HOST_BWD_OP_S)
     # int8: one device-to-host sync per Linear per forward pass (the recompute's too)
     syncs = layers * n_lin * passes_fwd * HOST_SYNC_S if quant == "int8" else 0.0
 
@@ -678,7 +736,8 @@ def step_time(work: StepWork, speed: GpuSpeed) -> StepTime:
 
 # Host time of one eager forward per decoder layer in generate() (no autograd records),
 # per LoRA module and per quantized Linear: priors, not yet measured (the training step's
-# per-operator cost, HOST_OP_S, was set from run 28; decode was not re-fitted with it).
+# per-operator costs, HOST_FWD_OP_S / HOST_BWD_OP_S, were fitted on runs 28-31; decode was
+# not re-fitted with them).
 HOST_LAYER_FWD_S = 350e-6
 HOST_LORA_FWD_S = 60e-6
 HOST_QUANT_FWD_S = 40e-6
