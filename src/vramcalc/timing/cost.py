@@ -66,7 +66,7 @@ def _price_entry(where: str, entry: Any) -> PriceEntry:
 def _prices_yaml(text: str, origin: str) -> Any:
     import yaml
 
-    from vramcalc.timing.gpu_speed import load_yaml
+    from vramcalc.models.catalog_index import load_yaml
 
     try:
         return load_yaml(text)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, get_args
 
 from vramcalc.errors import SpecError
 from vramcalc.hardware.catalog import GpuModel
+from vramcalc.models.catalog_index import load_yaml
 from vramcalc.timing.step_time import GpuSpeed, TimeBasis
 
 SPEED_ORIGIN = "vramcalc/data/gpu_speed.yaml"
@@ -45,15 +46,6 @@ class Peaks(NamedTuple):
 class SpeedTable(NamedTuple):
     efficiencies: dict[str, Efficiency]
     gpus: dict[str, Peaks]
-
-
-def load_yaml(text: str) -> Any:
-    """yaml.safe_load through libyaml when PyYAML has it (65 ms -> 1.5 ms for
-    gpu_speed.yaml on the dev machine), else the pure-Python loader. PyYAML is imported
-    here: the shipped files come from their index (vramcalc.data.shipped_yaml)."""
-    import yaml
-
-    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
 
 
 def _number(where: str, value: Any, *, at_most_one: bool = False) -> float:
