@@ -22,13 +22,13 @@ against the prediction's `host_bytes`.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from accuracy_h200 import pct, summary  # noqa: E402
 from h200_points import ROOT, records  # noqa: E402
 
 from vramcalc.memory.estimate import estimate  # noqa: E402
@@ -57,10 +57,6 @@ NOT_APPLIED = {
     ("run31-pack1.jsonl", "k021-gemma-2-2b-ckoff"):
         "the worker kept the offloaded checkpoints' GPU copies (pack-hook closure)",
 }
-
-
-def pct(pred: float, meas: float) -> float:
-    return 100.0 * (pred - meas) / meas
 
 
 def technique(point_id: str, plan: Any) -> str:
@@ -125,15 +121,6 @@ def rows_of(matrix: str) -> list[dict[str, Any]]:
         if last.get(r["id"], {}).get("status") != "ok":
             last[r["id"]] = r
     return list(last.values())
-
-
-def summary(errors: list[float]) -> str:
-    if not errors:
-        return "n=0"
-    a = sorted(abs(e) for e in errors)
-    p90 = a[min(len(a) - 1, int(round(0.9 * (len(a) - 1))))]
-    med = statistics.median(a)
-    return f"n={len(a):2d} median {med:5.2f}%  p90 {p90:5.2f}%  worst {a[-1]:6.2f}%"
 
 
 def report(matrix: str, show: bool) -> None:
