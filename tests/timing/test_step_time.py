@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -308,16 +309,18 @@ def test_committed_time_holdout_is_predicted_and_serial_sized() -> None:
     assert {s["plan"]["batch_size"] for s in subs} >= {1, 16}
 
 
-def test_time_holdout_2_is_new_serial_sized_and_fits_the_h100() -> None:
-    """h200-time2: >= 30 points, every method with checkpointing on and off, batch 1 and
-    16, >= 4 architectures with at least one not in time 1, about a quarter at full depth,
-    every estimated peak <= 50 GiB (an 80 GB H100), a prediction per point for both cards."""
+def _checked_time_holdout(name: str) -> tuple[dict[str, Any], list[tuple[Any, Any]]]:
+    """What every pre-registered time holdout from time 2 on holds to (matrix NAME.json
+    and NAME-predictions.json): >= 30 points, a prediction per point for both cards, every
+    method with checkpointing on and off, batch 1 and 16, about a quarter at full depth,
+    every estimated peak <= 50 GiB (an 80 GB H100). The matrix and its (process, point)
+    pairs, for each holdout's own checks."""
     from vramcalc.memory.estimate import estimate
     from vramcalc.models.spec import depth_cut, get_spec
 
-    matrix = json.loads((ROOT / "calibration/matrices/h200-time2.json").read_text())
-    preds = json.loads((ROOT / "calibration/matrices/h200-time2-predictions.json").read_text())
-    time1 = json.loads((ROOT / "calibration/matrices/h200-time1.json").read_text())
+    mats = ROOT / "calibration/matrices"
+    matrix = json.loads((mats / f"{name}.json").read_text())
+    preds = json.loads((mats / f"{name}-predictions.json").read_text())
     subs = [(g, s) for g in matrix["points"] for s in g["job"]["points"]]
     assert len(subs) >= 30
     by_id = {p["id"]: p for p in preds["points"]}
@@ -328,8 +331,6 @@ def test_time_holdout_2_is_new_serial_sized_and_fits_the_h100() -> None:
     for method, quant in (("full", None), ("lora", None), ("qlora", "nf4"), ("qlora", "int8")):
         assert (method, quant, True) in kinds and (method, quant, False) in kinds
     assert {s["plan"]["batch_size"] for _, s in subs} >= {1, 16}
-    archs = {g["spec"] for g in matrix["points"]}
-    assert len(archs) >= 4 and archs - {g["spec"] for g in time1["points"]}
     full_depth = sum(1 for g, _ in subs if not g.get("layers"))
     assert 0.15 <= full_depth / len(subs) <= 0.35
     for g, s in subs:
@@ -337,84 +338,49 @@ def test_time_holdout_2_is_new_serial_sized_and_fits_the_h100() -> None:
         spec = depth_cut(spec, g["layers"]) if g.get("layers") else spec
         peak = estimate(spec, TrainPlan.model_validate(s["plan"])).peak_device_bytes
         assert peak <= 50 * 2**30, s["id"]
+    return matrix, subs
+
+
+def _serial_seconds(name: str) -> float:
+    """calibration/design_time.py's serial budget of matrix NAME.json."""
+    sys.path.insert(0, str(ROOT / "calibration"))
+    try:
+        import design_time
+    finally:
+        sys.path.remove(str(ROOT / "calibration"))
+    return float(design_time.budget(str(ROOT / "calibration/matrices" / f"{name}.json")))
+
+
+def _time_matrix(n: int) -> dict[str, Any]:
+    return dict(json.loads((ROOT / f"calibration/matrices/h200-time{n}.json").read_text()))
+
+
+def test_time_holdout_2_is_new_serial_sized_and_fits_the_h100() -> None:
+    """h200-time2: the checks of every time holdout (_checked_time_holdout), and >= 4
+    architectures with at least one not in time 1."""
+    matrix, _ = _checked_time_holdout("h200-time2")
+    archs = {g["spec"] for g in matrix["points"]}
+    assert len(archs) >= 4 and archs - {g["spec"] for g in _time_matrix(1)["points"]}
 
 
 def test_time_holdout_3_is_new_serial_sized_and_fits_the_h100() -> None:
-    """h200-time3: >= 30 points, every method with checkpointing on and off, batch 1 and
-    16, no (architecture, depth) of time 1 or 2, about a quarter at full depth, every
-    estimated peak <= 50 GiB, a prediction per point for both cards, the serial budget
-    <= 330 s by design_time's formula."""
-    from vramcalc.memory.estimate import estimate
-    from vramcalc.models.spec import depth_cut, get_spec
-
-    mats = ROOT / "calibration/matrices"
-    matrix = json.loads((mats / "h200-time3.json").read_text())
-    preds = json.loads((mats / "h200-time3-predictions.json").read_text())
-    subs = [(g, s) for g in matrix["points"] for s in g["job"]["points"]]
-    assert len(subs) >= 30
-    by_id = {p["id"]: p for p in preds["points"]}
-    assert {s["id"] for _, s in subs} == set(by_id)
-    assert all(set(p["by_gpu"]) == {"h200", "h100-sxm"} for p in by_id.values())
-    kinds = {(s["plan"]["method"], s["plan"].get("quant"), s["plan"]["gradient_checkpointing"])
-             for _, s in subs}
-    for method, quant in (("full", None), ("lora", None), ("qlora", "nf4"), ("qlora", "int8")):
-        assert (method, quant, True) in kinds and (method, quant, False) in kinds
-    assert {s["plan"]["batch_size"] for _, s in subs} >= {1, 16}
-    seen = {(g["spec"], g.get("layers")) for n in (1, 2)
-            for g in json.loads((mats / f"h200-time{n}.json").read_text())["points"]}
+    """h200-time3: the checks of every time holdout (_checked_time_holdout), no
+    (architecture, depth) of time 1 or 2, the serial budget <= 330 s by design_time's
+    formula."""
+    matrix, _ = _checked_time_holdout("h200-time3")
+    seen = {(g["spec"], g.get("layers")) for n in (1, 2) for g in _time_matrix(n)["points"]}
     assert not {(g["spec"], g.get("layers")) for g in matrix["points"]} & seen
-    full_depth = sum(1 for g, _ in subs if not g.get("layers"))
-    assert 0.15 <= full_depth / len(subs) <= 0.35
-    for g, s in subs:
-        spec = get_spec(g["spec"])
-        spec = depth_cut(spec, g["layers"]) if g.get("layers") else spec
-        peak = estimate(spec, TrainPlan.model_validate(s["plan"])).peak_device_bytes
-        assert peak <= 50 * 2**30, s["id"]
-    sys.path.insert(0, str(ROOT / "calibration"))
-    try:
-        import design_time
-    finally:
-        sys.path.remove(str(ROOT / "calibration"))
-    assert design_time.budget(str(mats / "h200-time3.json")) <= 330
+    assert _serial_seconds("h200-time3") <= 330
 
 
 def test_time_holdout_4_is_new_serial_sized_and_fits_the_h100() -> None:
-    """h200-time4: >= 30 points, every method with checkpointing on and off, batch 1 and
-    16, no architecture of time 1, 2 or 3 at any depth, about a quarter at full depth, every
-    estimated peak <= 50 GiB, a prediction per point for both cards, the serial budget
-    <= 330 s by design_time's formula."""
-    from vramcalc.memory.estimate import estimate
-    from vramcalc.models.spec import depth_cut, get_spec
-
-    mats = ROOT / "calibration/matrices"
-    matrix = json.loads((mats / "h200-time4.json").read_text())
-    preds = json.loads((mats / "h200-time4-predictions.json").read_text())
-    subs = [(g, s) for g in matrix["points"] for s in g["job"]["points"]]
-    assert len(subs) >= 30
-    by_id = {p["id"]: p for p in preds["points"]}
-    assert {s["id"] for _, s in subs} == set(by_id)
-    assert all(set(p["by_gpu"]) == {"h200", "h100-sxm"} for p in by_id.values())
-    kinds = {(s["plan"]["method"], s["plan"].get("quant"), s["plan"]["gradient_checkpointing"])
-             for _, s in subs}
-    for method, quant in (("full", None), ("lora", None), ("qlora", "nf4"), ("qlora", "int8")):
-        assert (method, quant, True) in kinds and (method, quant, False) in kinds
-    assert {s["plan"]["batch_size"] for _, s in subs} >= {1, 16}
-    seen = {g["spec"] for n in (1, 2, 3)
-            for g in json.loads((mats / f"h200-time{n}.json").read_text())["points"]}
+    """h200-time4: the checks of every time holdout (_checked_time_holdout), no
+    architecture of time 1, 2 or 3 at any depth, the serial budget <= 330 s by
+    design_time's formula."""
+    matrix, _ = _checked_time_holdout("h200-time4")
+    seen = {g["spec"] for n in (1, 2, 3) for g in _time_matrix(n)["points"]}
     assert not {g["spec"] for g in matrix["points"]} & seen
-    full_depth = sum(1 for g, _ in subs if not g.get("layers"))
-    assert 0.15 <= full_depth / len(subs) <= 0.35
-    for g, s in subs:
-        spec = get_spec(g["spec"])
-        spec = depth_cut(spec, g["layers"]) if g.get("layers") else spec
-        peak = estimate(spec, TrainPlan.model_validate(s["plan"])).peak_device_bytes
-        assert peak <= 50 * 2**30, s["id"]
-    sys.path.insert(0, str(ROOT / "calibration"))
-    try:
-        import design_time
-    finally:
-        sys.path.remove(str(ROOT / "calibration"))
-    assert design_time.budget(str(mats / "h200-time4.json")) <= 330
+    assert _serial_seconds("h200-time4") <= 330
 
 
 def test_bnb_8bit_update_is_sm_bound_and_keeps_embeddings_32bit() -> None:
