@@ -7,31 +7,17 @@ the parameter count of the transformers model built from the same dict on the me
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from meta_params import meta_param_count
 
 from vramcalc.errors import SpecError
 from vramcalc.models.hf_config import SUPPORTED_MODEL_TYPES, load_config_json, spec_from_hf_config
 from vramcalc.models.resolve import resolve_model
 from vramcalc.models.spec import catalog
-
-
-@functools.cache
-def meta_param_count(config_json: str) -> int:
-    """sum(p.numel()) of AutoModelForCausalLM built from a config dict on the meta device."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    cfg = json.loads(config_json)
-    model_type = cfg.pop("model_type")
-    config = transformers.AutoConfig.for_model(model_type, **cfg)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
 
 
 def count(cfg: dict[str, Any]) -> int:

@@ -6,11 +6,11 @@ parameter count of the transformers model built from `to_hf_config()` on the met
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import pytest
+from meta_params import meta_param_count
 
 from vramcalc.errors import SpecError, UnknownModelError
 from vramcalc.models.resolve import resolve_model
@@ -38,20 +38,6 @@ PUBLISHED = {
     "qwen2.5-7b": 7615616512,
     "mixtral-8x7b": 46702792704,
 }
-
-
-@functools.cache
-def meta_param_count(config_json: str) -> int:
-    """sum(p.numel()) of AutoModelForCausalLM built from a config dict on the meta device."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    cfg = json.loads(config_json)
-    model_type = cfg.pop("model_type")
-    config = transformers.AutoConfig.for_model(model_type, **cfg)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
 
 
 def tiny(**overrides: object) -> dict[str, object]:
