@@ -37,9 +37,9 @@ from vramcalc.units import GiB  # noqa: E402
 # matrix -> (its predictions, the runs that measured it)
 MATRICES = {
     "h200-loss1.json": ("h200-loss1-predictions.json",
-                        ("run31-loss1a.jsonl", "run31-loss1b.jsonl")),
+                        ("run31-loss1a.jsonl", "run31-loss1b.jsonl", "run32-loss1.jsonl")),
     "h200-pack1.json": ("h200-pack1-predictions.json",
-                        ("run30-pack1.jsonl", "run31-pack1.jsonl")),
+                        ("run30-pack1.jsonl", "run31-pack1.jsonl", "run32-pack1.jsonl")),
 }
 TARGET_ALLOC, TARGET_DEVICE = 3.0, 5.0  # issue 29: each technique, full depth
 # Records whose technique the worker did not apply: reported, not scored. run 31's
@@ -49,6 +49,7 @@ TARGET_ALLOC, TARGET_DEVICE = 3.0, 5.0  # issue 29: each technique, full depth
 # Run 31's k010/k021 offloaded the checkpoints to the host (host bytes as planned) but kept
 # their GPU copies too: the worker's pack hook held each layer input in its closure
 # (calibrate/offload.py CheckpointOffload since the fix; tests/calibrate/test_offload_harness.py).
+# Run 32 measured all three again with the fixed worker (run32-loss1.jsonl, run32-pack1.jsonl).
 NOT_APPLIED = {
     ("run31-loss1a.jsonl", "k-g-liger-gemma-2-2b"):
         "Liger not applied by the worker (trainer-plain never calls Trainer.train)",

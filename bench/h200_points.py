@@ -55,6 +55,8 @@ RUNS = {  # run file -> the matrix it measured
     "run31-pack1.jsonl": "h200-pack1.json",
     "run31-loss1a.jsonl": "h200-loss1.json",
     "run31-loss1b.jsonl": "h200-loss1.json",
+    "run32-pack1.jsonl": "h200-pack1.json",
+    "run32-loss1.jsonl": "h200-loss1.json",
 }
 # Runs measured on another card than the H200: the folder under calibration/ that holds
 # them (runs 27 and 28 were given an H100 80GB HBM3: calibration/h100/run27-gpu.txt,
@@ -69,6 +71,8 @@ RUN_DIRS = {
     "run31-pack1.jsonl": "h100",
     "run31-loss1a.jsonl": "h100",
     "run31-loss1b.jsonl": "h100",
+    "run32-pack1.jsonl": "h100",
+    "run32-loss1.jsonl": "h100",
 }
 
 
