@@ -1411,9 +1411,13 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         if ck and not full:
             x.requires_grad = True  # enable_input_require_grads
             g.leaves.append(x)
-            if plan.holds_graph_past_step:
+            if plan.holds_graph_past_step or plan.offload_activations == "checkpoints":
                 # the leaf's AccumulateGrad node holds it (and its .grad) while the graph
-                # lives: past backward, where the loss or the output survives the step
+                # lives: past backward, where the loss or the output survives the step;
+                # and through backward always, which only shows where the first layer's
+                # checkpointed input is offloaded: the host copy frees no GPU bytes
+                # (calibration/h100/run32/tr-k015-mistral-7b-ckoff.json.gz: the embedding
+                # output, 4 x 4096 x 4096 fp32, live at the backward peak)
                 leaf_ref = g.ref(x.buf)
         for i, fn in enumerate(fns):
             g.set_layer(i)
@@ -1496,6 +1500,8 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                 held_graph = g.backward(loss, keep_graph=True) + leaf_refs
             else:
                 g.backward(loss)
+                for kept in leaf_refs:  # the graph goes with the loss after backward
+                    g.unref(kept)
         for mask in masks:
             g.unref(mask)
         _optimizer_phase(g, opt, state_groups, params, layers, step, phases)
