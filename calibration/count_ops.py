@@ -9,8 +9,9 @@ and in loss.backward() of a tiny random model of each transformers architecture,
 trains) and peft LoRA on all Linears (dropout 0.05), each without and with non-reentrant
 checkpointing, and the block with eager attention instead of sdpa. The second step is the
 one counted (the first builds caches). What each operator costs the host on a machine is
-not counted here: step_time's HOST_FWD_OP_S / HOST_BWD_OP_S were fitted on runs 28, 30
-and 31 (docs/time-model.md). `count_ops.py phi` gives phi-2's block (OPS_PHI_LAYER).
+not counted here: step_time's HOST_FWD_OP_S / HOST_BWD_OP_S were fitted on runs 28, 30,
+31 and 32 (docs/time-model.md). `count_ops.py phi` gives phi-2's block (OPS_PHI_LAYER),
+`count_ops.py gemma` Gemma (1)'s (OPS_GEMMA).
 
 bitsandbytes' Linear4bit / Linear8bitLt ops are CUDA paths (backends/cuda/ops.py) that do
 not run here; step_time counts them from the source (OPS_NF4_*, OPS_INT8_*).

@@ -43,8 +43,10 @@ Pure arithmetic on the spec and the plan, like `estimate`: no torch. Two halves:
   the host launches the kernels meanwhile, so forward+backward takes the longer of the GPU
   and the host, and the optimizer likewise; HF Trainer synchronizes between them (its
   `logging_nan_inf_filter` reads the loss), and a fixed per-step cost comes on top. Where
-  the host waits for the GPU inside a phase (int8's outlier check in every Linear's
-  forward, bitsandbytes optimizers' synchronize after every tensor) the two add instead.
+  the host waits for the GPU inside a phase the overlap breaks: bitsandbytes optimizers'
+  synchronize after every tensor makes the optimizer's host and GPU time add, and int8's
+  outlier check in every Linear's forward cuts the forward into stretches, one per
+  Linear, each as long as the longer of its host and GPU share.
 
 What it ignores: the data loader (the batch is ready), communication between GPUs, torch
 compile / fused kernels (unsloth, liger), power throttling, the first step's warm-up.
@@ -155,6 +157,9 @@ OPS_QK_NORM = (18, 40)  # Qwen3's per-head q_norm and k_norm
 OPS_NORM = (9, 14)  # each norm beyond two (Gemma-2's four)
 OPS_EAGER = (25, 24)  # eager attention instead of sdpa (Llama block counted both ways)
 OPS_SOFTCAP = (12, 20)  # the rest of Gemma-2's count: soft capping, sliding-window masks
+# Gemma's (1) block beyond Llama's: GemmaRMSNorm's `* (1.0 + self.weight.float())`, GeGLU
+# (count_ops.py gemma, transformers 5.25: 81 forward, 144 backward; run 32 timed gemma-2b)
+OPS_GEMMA = (4, 2)
 # non-reentrant checkpointing's recompute beyond the forward's own operators (the saved-
 # tensor hooks): 57 for the Llama block, 75 with LoRA on its 7 Linears; more for blocks
 # with more operators (Qwen3 77, Gemma-2 79): 57 + 3 per LoRA module + half the extra
@@ -201,33 +206,50 @@ KERNELS_PER_DEQUANT4 = 3  # nested absmax, + offset, dequantize_4bit per Linear 
 KERNELS_PER_INT8_FWD = 3
 KERNELS_PER_INT8_BWD = 2
 KERNEL_FLOOR_S = 3e-6  # the shortest kernel on the GPU, launch to end
-# Host seconds per dispatched operator on the reference host (the H100 SXM machines of
-# calibration/h100). Until run 31 one cost for every operator: 13 us from run 28's
-# host-bound points, 14 us from runs 28 and 30 together. Since run 31 (docs/time-model.md,
-# "Time holdout 3"): an operator issued from Python (the forward, the recompute, the
-# checkpoint's hooks, bitsandbytes' Python autograd backward) costs the host twice one
-# the autograd engine's C++ thread issues in backward (the ratio 0.5-0.6 fits runs 28,
-# 30 and 31 best once each run's host speed is fitted; one cost for both left every
-# checkpointed point under-predicted against its no-ckpt twin): 16 and 8 us on run 28's
-# host, the middle of the three H100 hosts seen (run 30's host took 1.20x as long per
-# operator, run 31's 0.87x; seen data).
-HOST_FWD_OP_S = 16e-6
-HOST_BWD_OP_S = 8e-6
+# Host seconds per dispatched operator. Until run 31 one cost for every operator: 13 us
+# from run 28's host-bound points, 14 us from runs 28 and 30 together. Since run 31
+# (docs/time-model.md, "Time holdout 3"): an operator issued from Python (the forward, the
+# recompute, the checkpoint's hooks, bitsandbytes' Python autograd backward) costs the host
+# more than one the autograd engine's C++ thread issues in backward (one cost for both left
+# every checkpointed point under-predicted against its no-ckpt twin).
+# Since run 32 (time holdout 4): the four H100 SXM hosts seen (runs 28, 30, 31, 32; same
+# card name, same torch 2.11 / transformers 5.17 / peft 0.21 / bitsandbytes 0.50.2) differ
+# per operator by up to 1.8x (fitted per run: 0.87, 1.05, 0.77, 1.36 of the constants
+# below), and the time worker's probe does not say which host is which (HOST_PROBE_REF_S),
+# so the constants are the centre of the four (the geometric mean of the per-run factors
+# is 0.99), with the engine-to-Python ratio that fits the four runs with a factor each
+# (0.61; runs 28-31 alone wanted 0.5-0.6, run 32 alone 0.65-0.75): a host-bound prediction is
+# good to about +-30 % on an unknown host of this kind (seen data, docs/time-model.md).
+HOST_FWD_OP_S = 18e-6
+HOST_BWD_OP_S = 11e-6
 # The time worker's host probe (calibrate/time_worker.py host_probe: seconds per `x.add_(1)`
-# on the GPU, no autograd) that the host above would give: run 31 measured 6.2 us on a host
-# fitted at 0.87x run 28's, so 6.2 / 0.87 = 7.1 us. From one host only: a run with the
-# probe recorded scales its host time by probe / HOST_PROBE_REF_S (bench/time_accuracy.py
-# --host-probe); whether host time follows the probe is what the next run tests.
-HOST_PROBE_REF_S = 7.1e-6
+# on the GPU, no autograd, 3 x 2,000 operators once at the process's start). Holdout 4
+# tested whether host time follows it: it does not. On run 32's one machine the five
+# processes probed 6.7-10.3 us while their host-bound points wanted factors that do not
+# follow it (gemma-2b probed 10.3 us and wanted 1.36x run 28's host, llama-2-13b 6.7 us
+# and 1.12-1.53x, qwen3-1.7b 6.9 us and 1.10-1.81x), and across machines the probe moved 1.17x
+# (run 31's median 6.2 us, run 32's 7.3 us) where the steps' operators moved 1.8x (0.77 vs
+# 1.36). Probe / fitted factor: run 31 8.1 us, run 32 5.3 us; HOST_PROBE_REF_S is their
+# geometric mean, for `bench/time_accuracy.py --host-probe` only: not a calibration.
+HOST_PROBE_REF_S = 6.6e-6
 
 
 def host_factor_of_probe(probe_s: float) -> float:
     """Host time relative to the reference host (HOST_FWD_OP_S, HOST_BWD_OP_S) of a machine
     whose time-worker probe measured `probe_s` seconds per operator."""
     return probe_s / HOST_PROBE_REF_S
-# int8's `if outliers.any()` (int8_vectorwise_quant) copies a flag to the host in every
-# Linear's forward: the host waits for the GPU, and the GPU then idles until the host
-# has issued the next kernels (a round trip per sync).
+# int8's `if outliers.any()` (bitsandbytes 0.50.2 backends/cuda/ops.py
+# int8_vectorwise_quant, called by MatMul8bitLt.forward on each Linear's input before its
+# int8 GEMM) copies a flag to the host in every Linear's forward: the host waits for the
+# GPU, and the GPU then idles until the host has issued the next kernels (a round trip per
+# sync, HOST_SYNC_S: a prior). Between two syncs the two still overlap: the stretch from
+# one Linear's quantization to the next's holds that Linear's GEMM and the operators up to
+# the next Linear, and takes the longer of its host and its GPU time (StepWork
+# .serial_segments; the GPU's forward spread over the Linears by their weights, the host's
+# evenly). Until run 32 the whole forward was host + GPU: int8 was over-predicted on every
+# run (median signed +5.3, +7.8, +7.7, +11.2 % on runs 28, 30, 31, 32, each on its own
+# host; these constants); by stretches -4.6, -2.3, -3.9, +3.0 % (seen data,
+# docs/time-model.md).
 HOST_SYNC_S = 20e-6
 HOST_STEP_S = 6e-3  # HF Trainer per step: inputs to device, callbacks, scheduler, loss sync
 HOST_STEP_PLAIN_S = 1e-3  # a plain loop: the batch to the device, zero_grad
@@ -294,6 +316,9 @@ class StepWork(NamedTuple):
     serial_forward: bool = False  # the forward waits for the GPU in every layer (int8)
     forward_passes: int = 1  # forward passes (2 under checkpointing) of the blocks
     host_syncs_s: float = 0.0  # round trips of the forward's device-to-host syncs
+    # serial_forward: the stretches between two syncs, each one Linear's share of the
+    # forward's GPU time (its weights' share of the block's: its GEMM dominates the stretch)
+    serial_segments: tuple[float, ...] = ()
     serial_optimizer: bool = False  # a synchronize after every tensor (bitsandbytes)
     host_step_s: float = HOST_STEP_S
 
@@ -466,6 +491,9 @@ def _block_ops(spec: ModelSpec, impl: str, full: bool) -> tuple[int, int, float]
     if spec.qk_norm:
         fwd += OPS_QK_NORM[0]
         bwd += OPS_QK_NORM[1]
+    if spec.model_type == "gemma":
+        fwd += OPS_GEMMA[0]
+        bwd += OPS_GEMMA[1]
     if impl == "eager":
         fwd += OPS_EAGER[0]
         bwd += OPS_EAGER[1]
@@ -676,6 +704,8 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
     return StepWork(tokens=t, classes=tuple(classes), optimizer=optimizer,
                     host_fwd_bwd_s=host_fwd + host_bwd, host_forward_s=host_fwd,
                     serial_forward=quant == "int8", forward_passes=passes_fwd,
+                    serial_segments=tuple(lin.in_features * lin.out_features / numel
+                                          for lin in linears) if quant == "int8" else (),
                     host_syncs_s=syncs, host_optimizer_s=count * per_tensor,
                     serial_optimizer=plan.optimizer in BNB_OPTIMIZERS,
                     host_step_s=HOST_STEP_S if trainer else HOST_STEP_PLAIN_S)
@@ -721,7 +751,13 @@ def step_time(work: StepWork, speed: GpuSpeed) -> StepTime:
         gpu_f = sum(x.seconds * (c.forward_share if c.forward_share >= 0 else by_passes)
                     for x, c in zip(times, work.classes, strict=True))
         host_f = work.host_forward_s * speed.host_factor
-        fwd_bwd = (gpu_f + host_f + work.host_syncs_s * speed.host_factor
+        # between two syncs the host and the GPU still overlap: each stretch takes the
+        # longer of its share of the host's operators and its share of the GPU's work
+        # (HOST_SYNC_S: the stretches, not the whole forward, are serial)
+        shares = work.serial_segments or (1.0,)
+        n = len(shares)
+        serial = sum(max(host_f / n, gpu_f * s) for s in shares)
+        fwd_bwd = (serial + work.host_syncs_s * speed.host_factor
                    + max(gpu_fb - gpu_f, host_fb - host_f))
     else:
         fwd_bwd = max(gpu_fb, host_fb)
