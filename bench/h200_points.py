@@ -57,6 +57,8 @@ RUNS = {  # run file -> the matrix it measured
     "run31-loss1b.jsonl": "h200-loss1.json",
     "run32-pack1.jsonl": "h200-pack1.json",
     "run32-loss1.jsonl": "h200-loss1.json",
+    "run32-trace32.jsonl": "h100-trace32.json",
+    "run33-switch2.jsonl": "h100-switch2.json",
 }
 # Runs measured on another card than the H200: the folder under calibration/ that holds
 # them (runs 27 and 28 were given an H100 80GB HBM3: calibration/h100/run27-gpu.txt,
@@ -73,6 +75,8 @@ RUN_DIRS = {
     "run31-loss1b.jsonl": "h100",
     "run32-pack1.jsonl": "h100",
     "run32-loss1.jsonl": "h100",
+    "run32-trace32.jsonl": "h100",
+    "run33-switch2.jsonl": "h100",
 }
 
 

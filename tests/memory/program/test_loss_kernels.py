@@ -5,8 +5,10 @@ by `check` and shown by `compare`, with the same bytes everywhere."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from typer.testing import CliRunner
 
 from vramcalc.cli import app
 from vramcalc.errors import PlanError
+from vramcalc.memory.effective import effective_train_plan
 from vramcalc.memory.estimate import estimate
 from vramcalc.memory.program.step import requested_peaks, step_requests
 from vramcalc.models.spec import depth_cut, get_spec
@@ -286,3 +289,45 @@ def test_worker_chunked_loss_is_the_models_loss(softcap: float | None) -> None:
     assert model.model.layers[0].mlp.up_proj.weight.grad is not None
     model.eval()
     assert model(input_ids=ids).logits.shape == (2, 24, 96)
+
+
+RUN32 = Path(__file__).resolve().parents[3] / "calibration" / "h100" / "run32"
+
+
+def _recorded_step(trace: dict[str, Any], step: int, least: int) -> list[str]:
+    """'+size' / '-size' (MiB) of recorded step `step`'s requests of `least` bytes or more,
+    cut at the worker's step markers (calibrate/run.py MARK_STEP)."""
+    from vramcalc.calibrate.run import MARK_STEP
+
+    alloc, free = trace["actions"].index("alloc"), trace["actions"].index("free_completed")
+    ev = trace["events"]
+    marks = [i for i in range(len(ev) - 1) if ev[i][0] == alloc and ev[i][2] == MARK_STEP[0]
+             and ev[i + 1][0] == alloc and ev[i + 1][2] == MARK_STEP[1]]
+    return [("+" if e[0] == alloc else "-") + str(e[2] >> 20)
+            for e in ev[marks[step]:marks[step + 1]]
+            if e[0] in (alloc, free) and e[2] >= least]
+
+
+def test_chunked_capping_follows_every_chunks_matmul_as_traced() -> None:
+    """gemma-2's final logit capping under chunked CE: the worker caps the list of chunk
+    logits after every chunk's matmul ran; the program's step makes the same requests of
+    200 MiB or more, in the same order, as the recorded second step of run 32's trace
+    (tr-k-g-chunked-gemma-2-2b, H100; capping each chunk after its own matmul left 6.5
+    GiB less cache than measured)."""
+    trace = json.loads(gzip.open(RUN32 / "tr-k-g-chunked-gemma-2-2b.json.gz", "rt").read())
+    spec = get_spec("gemma-2-2b")
+    plan = TrainPlan(method="qlora", quant="nf4", batch_size=4, seq_len=2048,
+                     loop="trainer-plain", loss_kernel="chunked")
+    eff, _, _ = effective_train_plan(spec, plan)
+    gen = step_requests(spec, eff)
+    least = 200 * 2**20
+    sizes: dict[int, int] = {}
+    out: list[str] = []
+    lo, hi = gen.starts[1], (gen.starts[2] if len(gen.starts) > 2 else len(gen.requests))
+    for k, (tid, size) in enumerate(gen.requests[:hi]):
+        if size:
+            sizes[tid] = size
+        if k >= lo and (size or sizes[tid]) >= least:
+            out.append(f"+{size >> 20}" if size else f"-{sizes[tid] >> 20}")
+    recorded = _recorded_step(trace, 1, least)
+    assert len(recorded) > 1000 and out == recorded
