@@ -3,6 +3,8 @@ activation offloading, at full depth, on four architectures (vocabulary 32k to 2
 
     python calibration/design_pack.py calibration/matrices/h200-pack1-predictions.json \
         > calibration/matrices/h200-pack1.json
+    python calibration/design_pack.py --holdout2 \
+        calibration/matrices/h100-switch2-predictions.json > calibration/matrices/h100-switch2.json
 
 Each technique point has its padded / not-offloaded twin (`base` in the point): the
 measured difference is the technique's, and the predictions (the raw estimate at the
@@ -27,7 +29,7 @@ from vramcalc.models.spec import get_spec  # noqa: E402
 GiB = 2**30
 LIMIT_GIB = 70.0
 # the plan fields of the techniques: a point without them is its base (twin)
-TECHNIQUE = ("layout", "tokens_per_step", "offload_activations")
+TECHNIQUE = ("layout", "tokens_per_step", "offload_activations", "loss_kernel")
 # every point's predicted peak device stays under LIMIT_GIB
 
 # (model, base plan, [(suffix, technique changes)])
@@ -57,9 +59,28 @@ CASES: list[tuple[str, dict[str, Any], list[tuple[str, dict[str, Any]]]]] = [
                          "seq_len": 1024}),
     ]),
 ]
+# Switch holdout 2 (`--holdout2`, after run 32's traces: the first layer's offloaded input
+# held as a leaf, chunked CE's capping after every chunk's matmul): the two techniques
+# run 31/32 missed, at full depth, on architectures they were not measured on
+CASES2: list[tuple[str, dict[str, Any], list[tuple[str, dict[str, Any]]]]] = [
+    ("qwen2.5-7b", {"method": "qlora", "batch_size": 2, "seq_len": 4096}, [
+        ("ckoff", {"offload_activations": "checkpoints"}),
+    ]),
+    ("phi-3-mini", {"method": "qlora", "batch_size": 4, "seq_len": 2048}, [
+        ("ckoff", {"offload_activations": "checkpoints"}),
+    ]),
+    ("gemma-2-9b", {"method": "qlora", "batch_size": 2, "seq_len": 2048, "attn": "eager"}, [
+        ("ckoff", {"offload_activations": "checkpoints"}),
+        ("chunked", {"loss_kernel": "chunked"}),
+    ]),
+    ("gemma-2b", {"method": "qlora", "batch_size": 4, "seq_len": 2048}, [
+        ("chunked", {"loss_kernel": "chunked"}),
+    ]),
+]
 
 
-def points() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def points(cases: list[tuple[str, dict[str, Any], list[tuple[str, dict[str, Any]]]]] = CASES,
+           prefix: str = "k") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     out: list[dict[str, Any]] = []
     preds: list[dict[str, Any]] = []
     n = 0
@@ -70,7 +91,7 @@ def points() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         train = TrainPlan.model_validate(plan)
         est = estimate(spec, train)
         assert est.peak_device_bytes < LIMIT_GIB * GiB, (pid, est.peak_device_bytes / GiB)
-        point: dict[str, Any] = {"id": f"k{n:03d}-{pid}", "spec": model,
+        point: dict[str, Any] = {"id": f"{prefix}{n:03d}-{pid}", "spec": model,
                                  "plan": train.model_dump(mode="json", exclude_defaults=True),
                                  "steps": 3}
         if base is not None:
@@ -82,28 +103,37 @@ def points() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         n += 1
 
     bases: dict[str, str] = {}  # the twin's plan (JSON) -> its id
-    for model, base, techniques in CASES:
+    for model, base, techniques in cases:
         for suffix, changes in techniques:
             plan = {**base, **changes}
             twin = {k: v for k, v in plan.items() if k not in TECHNIQUE}
             key = json.dumps([model, twin], sort_keys=True)
             if key not in bases:
-                bases[key] = f"k{n:03d}-{model}-base{len(bases)}"
+                bases[key] = f"{prefix}{n:03d}-{model}-base{len(bases)}"
                 add(f"{model}-base{len(bases) - 1}", model, twin, None)
             add(f"{model}-{suffix}", model, plan, bases[key])
     return out, preds
 
 
 def main(argv: list[str]) -> int:
-    pts, preds = points()
-    note = ("issue 29 part B: packed / padding-free batches and activation offloading, full "
-            "depth, 4 architectures (vocab 32k-256k), each technique with its base; "
-            "predictions in h200-pack1-predictions.json, committed before any run")
+    name = "h200-pack1"
+    if argv[:1] == ["--holdout2"]:
+        argv, name = argv[1:], "h100-switch2"
+        pts, preds = points(CASES2, "s")
+        note = ("issue 29 switch holdout 2: offloaded checkpoints and chunked CE after run 32's "
+                "traces, full depth, 4 architectures not measured with them, each technique "
+                "with its base; predictions in h100-switch2-predictions.json, committed "
+                "before any run")
+    else:
+        pts, preds = points()
+        note = ("issue 29 part B: packed / padding-free batches and activation offloading, "
+                "full depth, 4 architectures (vocab 32k-256k), each technique with its base; "
+                "predictions in h200-pack1-predictions.json, committed before any run")
     json.dump({"note": note, "points": pts}, sys.stdout, indent=1)
     sys.stdout.write("\n")
     if argv:
         with open(argv[0], "w", encoding="utf-8") as f:
-            json.dump({"note": "raw estimator predictions (no correction) of h200-pack1.json, "
+            json.dump({"note": f"raw estimator predictions (no correction) of {name}.json, "
                        "written by calibration/design_pack.py before any run", "points": preds},
                       f, indent=1)
             f.write("\n")
