@@ -333,8 +333,9 @@ def _attention(e: _Emit, s: _Shape, x: int | None, tokens: int, cache: _Cache, l
         # transformers 5.17 modeling_llama / modeling_gemma2 eager_attention_forward:
         # repeat_kv (a copy only where heads are grouped), `torch.matmul(query,
         # key_states.transpose(2, 3))` (the query, a transposed view of q_proj's output,
-        # is copied to a contiguous one for the batched matmul when it has more than one
-        # position; freed after it), `* scaling`, Gemma-2's softcapping (/ cap, tanh,
+        # is copied for the batched matmul, freed after it, where aten matmul's fold of
+        # the batch and head dimensions (`reshape`) cannot be a view: more than one
+        # sequence and more than one position), `* scaling`, Gemma-2's softcapping (/ cap, tanh,
         # * cap), `+ attention_mask`: each a new scores-sized tensor, the previous one
         # freed. `softmax(attn_weights, dtype=float32).to(query.dtype)`: an fp32 copy of
         # the input and the softmax's result, then the cast, while the masked scores are
@@ -346,7 +347,7 @@ def _attention(e: _Emit, s: _Shape, x: int | None, tokens: int, cache: _Cache, l
         full_kv = batch * spec.num_attention_heads * kv_len * spec.head_size * c
         reps = [e.alloc(full_kv), e.alloc(full_kv)] if grouped else []  # repeat_kv
         scores_n = batch * spec.num_attention_heads * queries * kv_len
-        q_copy = e.alloc(q_c) if queries > 1 else None
+        q_copy = e.alloc(q_c) if queries > 1 and batch > 1 else None
         scores = e.alloc(scores_n * c)
         e.free(q_copy)
         for _ in range(1 + (3 if spec.attn_logit_softcapping else 0) + 1):
@@ -766,6 +767,22 @@ def _growing_sizes(s: _Shape, caches: list[_Cache], length: int) -> list[int]:
     return sorted(sizes)
 
 
+def _prefill(s: _Shape, ids: count[int]) -> tuple[_Emit, list[_Cache], list[int | None]]:
+    """The prefill's requests (the first forward over the prompt and its sampling), the
+    caches it fills and the fp32 logits it carries into the first decode step."""
+    caches = [_Cache(w) for w in layer_windows(s.spec)]
+    e = _Emit(ids)
+    p = s.plan.prompt_len
+    carried = _forward(e, s, caches, p, p, True, [None] * 2, workspace=True)
+    return e, caches, carried
+
+
+def prefill_requests(spec: ModelSpec, plan: InferPlan) -> list[tuple[int, int]]:
+    """The prefill's (tensor id, bytes) requests as `infer_program_peaks` replays them
+    after loading (ids from 1; bytes 0 frees), for comparing with a recorded trace."""
+    return _prefill(_shape(spec, plan), count(1))[0].out
+
+
 def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True) -> InferPeaks:
     """Replay the load, the prefill and the decode steps of `generate()` (module doc);
     `shortcut=False` replays every decode step (the reference of the shortcuts)."""
@@ -785,11 +802,8 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
         replay_requests(e.out, sim=sim, live=live)
         nreq += len(e.out)
     load_allocated, load_reserved = sim.allocated, sim.peak_reserved
-    caches = [_Cache(w) for w in layer_windows(spec)]
     p = plan.prompt_len
-
-    e = _Emit(ids)
-    carried = _forward(e, s, caches, p, p, True, [None] * 2, workspace=True)
+    e, caches, carried = _prefill(s, ids)
     sim.peak_allocated = sim.allocated
     replay_requests(e.out, sim=sim, live=live)
     nreq += len(e.out)
