@@ -6,15 +6,22 @@ The program (one request per tensor of at least `load_requests.MIN_REQUEST` byte
 
 1. Loading: `load_requests.load_requests(..., kbit_prepare=False)`: the warmup segment, the
    weights materialized and quantized in checkpoint order, the LoRA adapters (fp32).
-2. Prefill (`generate` -> `_sample`, first forward over `batch x prompt` tokens): the cuBLAS
-   workspace (torch CublasHandlePool.cpp, one handle under no_grad), the embeddings output
-   (`inputs_embeds`, alive through every layer), cos / sin of the rotary embedding, the
-   attention masks that are materialized (`inference.layer_live_bytes`), then each decoder
-   layer's tensors in the order `inference.layer_live_bytes` describes them (norm, q/k/v
-   projections with their dequantization buffers or int8 products, rotary temporaries,
-   the cache update, attention, o_proj, the residual sum, the MLP), the final norm, the
+2. Prefill (`generate` -> `_sample`, first forward over `batch x prompt` tokens, `_prefill`;
+   `prefill_requests` gives its requests): the embeddings output (`inputs_embeds`, alive
+   through every layer; Gemma's scaled copy), the attention masks that are materialized
+   with masking_utils' temporaries (`_mask`), cos / sin of the rotary embedding with their
+   fp32 temporaries and, at that first matmul, the cuBLAS workspace (torch
+   CublasHandlePool.cpp, one handle under no_grad; `_rope`), then each decoder layer's
+   tensors in their order (the RMSNorm's four fp32 tensors, q/k/v projections with their
+   dequantization buffers or int8 products and peft's LoRA tensors, Qwen-3's q/k norms,
+   rotary temporaries, the cache update, attention, o_proj, Gemma-2's post-attention
+   norm, the residual sum, the MLP, Gemma-2's post-feedforward norm), the final norm, the
    lm_head on the last position only (`logits_to_keep=1`), then `_sample`'s fp32 copy of
    the last logits and the logits processor's scores (`inference.LOGITS_FP32_TENSORS`).
+   The requests are those of the committed traces, one for one and in order: il03's 877
+   of 8 MiB and more (gemma-2-2b nf4 eager, calibration/h100/run32; from 1 MiB only
+   `_sample`'s logits differ) and ik08's 781 of 1 MiB and more (llama-2-7b nf4 sdpa,
+   run29) (tests/memory/program/test_infer_traces.py).
 3. Decode steps: the same forward over `batch` tokens. The cache update of a
    `DynamicLayer` is `torch.cat([self.keys, key_states], dim=-2)`: a new tensor one token
    longer is allocated before the old one is freed; a sliding layer keeps a view of the
