@@ -147,8 +147,10 @@ MISSES = [
     ("qwen2.5-0.5b", 2, InferPlan(batch_size=16, prompt_len=128, new_tokens=3000), 2),
     ("smollm2-1.7b", 2, InferPlan(batch_size=8, prompt_len=64, new_tokens=2000, merged=True),
      -726),
+    # -110 before eager attention's probabilities were allocated before the masked scores
+    # are freed (program.infer._attention, run 32 trace): +186 MiB (1.1 %) since
     ("llama-3.1-8b", 2, InferPlan(batch_size=8, prompt_len=128, new_tokens=3000, attn="eager"),
-     -110),
+     186),
     ("llama-2-7b", 2, InferPlan(batch_size=8, prompt_len=64, new_tokens=3000, attn="eager"),
      -1246),
     ("gemma-2-2b", 2, InferPlan(batch_size=8, prompt_len=128, new_tokens=3000), -42),

@@ -6,15 +6,22 @@ The program (one request per tensor of at least `load_requests.MIN_REQUEST` byte
 
 1. Loading: `load_requests.load_requests(..., kbit_prepare=False)`: the warmup segment, the
    weights materialized and quantized in checkpoint order, the LoRA adapters (fp32).
-2. Prefill (`generate` -> `_sample`, first forward over `batch x prompt` tokens): the cuBLAS
-   workspace (torch CublasHandlePool.cpp, one handle under no_grad), the embeddings output
-   (`inputs_embeds`, alive through every layer), cos / sin of the rotary embedding, the
-   attention masks that are materialized (`inference.layer_live_bytes`), then each decoder
-   layer's tensors in the order `inference.layer_live_bytes` describes them (norm, q/k/v
-   projections with their dequantization buffers or int8 products, rotary temporaries,
-   the cache update, attention, o_proj, the residual sum, the MLP), the final norm, the
+2. Prefill (`generate` -> `_sample`, first forward over `batch x prompt` tokens, `_prefill`;
+   `prefill_requests` gives its requests): the embeddings output (`inputs_embeds`, alive
+   through every layer; Gemma's scaled copy), the attention masks that are materialized
+   with masking_utils' temporaries (`_mask`), cos / sin of the rotary embedding with their
+   fp32 temporaries and, at that first matmul, the cuBLAS workspace (torch
+   CublasHandlePool.cpp, one handle under no_grad; `_rope`), then each decoder layer's
+   tensors in their order (the RMSNorm's four fp32 tensors, q/k/v projections with their
+   dequantization buffers or int8 products and peft's LoRA tensors, Qwen-3's q/k norms,
+   rotary temporaries, the cache update, attention, o_proj, Gemma-2's post-attention
+   norm, the residual sum, the MLP, Gemma-2's post-feedforward norm), the final norm, the
    lm_head on the last position only (`logits_to_keep=1`), then `_sample`'s fp32 copy of
    the last logits and the logits processor's scores (`inference.LOGITS_FP32_TENSORS`).
+   The requests are those of the committed traces, one for one and in order: il03's 877
+   of 8 MiB and more (gemma-2-2b nf4 eager, calibration/h100/run32; from 1 MiB only
+   `_sample`'s logits differ) and ik08's 781 of 1 MiB and more (llama-2-7b nf4 sdpa,
+   run29) (tests/memory/program/test_infer_traces.py).
 3. Decode steps: the same forward over `batch` tokens. The cache update of a
    `DynamicLayer` is `torch.cat([self.keys, key_states], dim=-2)`: a new tensor one token
    longer is allocated before the old one is freed; a sliding layer keeps a view of the
@@ -156,12 +163,14 @@ def _linear(e: _Emit, s: _Shape, lin: LinearShape, tokens: int) -> int | None:
     tmp: list[int | None] = []
     if plan.quant in ("nf4", "fp4") and gemm_4bit_dequantizes(tokens, lin.out_features,
                                                              lin.in_features):
-        # bitsandbytes functional.dequantize_4bit: with double quantization the fp32
-        # absmax is dequantized first (freed when it returns), then the weight
-        absmax = e.alloc(4 * ceil_div(lin.weight_numel, NF4_BLOCKSIZE)) \
-            if plan.double_quant else None
-        tmp.append(e.alloc(lin.weight_numel * c))  # MatMul4Bit: dequantized weight
-        e.free(absmax)
+        # bitsandbytes 0.50 backends/cuda/ops.py _dequant_linear_fallback: with double
+        # quantization the fp32 absmax is dequantized (`absmax_dq`) and offset (`absmax_dq
+        # + absmax_offset`, a second one), then the weight (`B_dq`), then F.linear; all
+        # three freed when it returns (recorded, run 32 tr-il03 at ops.py:911-916)
+        n_absmax = 4 * ceil_div(lin.weight_numel, NF4_BLOCKSIZE)
+        if plan.double_quant:
+            tmp += [e.alloc(n_absmax), e.alloc(n_absmax)]
+        tmp.append(e.alloc(lin.weight_numel * c))
     elif plan.quant == "int8":
         tmp.append(e.alloc(tokens * lin.in_features))  # int8 copy of x
         tmp.append(e.alloc(tokens * lin.out_features * 4))  # int32 product
@@ -169,17 +178,44 @@ def _linear(e: _Emit, s: _Shape, lin: LinearShape, tokens: int) -> int | None:
     e.free(*tmp)
     if lin.name not in s.targets:
         return out
-    # peft tuners/lora/bnb.py Linear4bit.forward / layer.py Linear.forward
+    # peft 0.21 tuners/lora/bnb.py Linear4bit.forward: `result = self.base_layer(x).clone()`
+    # (Linear8bitLt.forward makes no clone); then, with autocast off as in generate()
+    # (`requires_conversion`), x cast to the adapter dtype (_cast_input_dtype),
+    # `output = lora_B(lora_A(dropout(x))) * scaling` (lora_A's output, an argument, freed
+    # when lora_B returns), `output = output.to(expected_dtype)`, `result = result +
+    # output` in the result's dtype; x and output are freed when forward returns
+    # (recorded, run 32 tr-il03: `+clone -out +x32 +A +B -A +B*s -B +to -B*s +sum -clone
+    # -x32 -to` at bnb.py:533-552)
     wide = max(s.a, c)
+    x_a = None
     if plan.quant != "none":
-        clone = e.alloc(out_c)  # result = self.base_layer(x).clone()
-        e.free(out)
-        out = clone
+        if plan.quant in ("nf4", "fp4"):
+            clone = e.alloc(out_c)
+            e.free(out)
+            out = clone
+        x_a = e.alloc(tokens * lin.in_features * s.a) if s.a != c else None
+        a_out = e.alloc(tokens * plan.rank * s.a)
+        b_out = e.alloc(tokens * lin.out_features * s.a)
+        e.free(a_out)
+        scaled = e.alloc(tokens * lin.out_features * s.a)  # * scaling
+        e.free(b_out)
+        conv = None
+        if s.a != c:  # output.to(expected_dtype)
+            conv = e.alloc(out_c)
+            e.free(scaled)
+            scaled = conv
+        total = e.alloc(out_c)  # result + output
+        e.free(out, x_a, scaled)
+        return total
+    # tuners/lora/layer.py Linear.forward (16-bit bases): x cast to the adapter dtype,
+    # `result = result + lora_B(lora_A(dropout(x))) * scaling` (promoted to the wider
+    # dtype), then `result.to(torch_result_dtype)`
     x_a = e.alloc(tokens * lin.in_features * s.a) if s.a != c else None
     a_out = e.alloc(tokens * plan.rank * s.a)
-    b_out = e.alloc(tokens * lin.out_features * wide)
-    scaled = e.alloc(tokens * lin.out_features * wide)  # * scaling
-    e.free(b_out, a_out)
+    b_out = e.alloc(tokens * lin.out_features * s.a)
+    e.free(a_out)
+    scaled = e.alloc(tokens * lin.out_features * s.a)  # * scaling
+    e.free(b_out)
     total = e.alloc(tokens * lin.out_features * wide)  # result + output (promoted)
     e.free(scaled, out)
     if wide != c:  # result.to(torch_result_dtype)
@@ -190,25 +226,68 @@ def _linear(e: _Emit, s: _Shape, lin: LinearShape, tokens: int) -> int | None:
     return total
 
 
-def _norm(e: _Emit, s: _Shape, x_tokens: int) -> int | None:
-    """RMSNorm / LayerNorm: fp32 upcast and product (inference.layer_live_bytes)."""
-    width = s.spec.hidden_size
-    up = e.alloc(x_tokens * width * 4)
-    prod = e.alloc(x_tokens * width * 4)
+def _norm(e: _Emit, s: _Shape, tokens: int, width: int | None = None) -> int | None:
+    """One norm over `tokens` rows of `width` (the hidden size unless given).
+
+    RMSNorm, transformers 5.17 modeling_llama LlamaRMSNorm.forward: `x.to(float32)`, its
+    `pow(2)` (freed once `mean` reduced it), `x * rsqrt(...)` (the fp32 copy freed when
+    the name is rebound), `self.weight * x.to(input_dtype)` (the cast freed after the
+    product, the fp32 product when forward returns). Gemma's (models.spec
+    FP32_SCALED_NORM_FAMILIES; modeling_gemma2 Gemma2RMSNorm.forward `output =
+    self._norm(x.float()); output = output * (1.0 + self.weight.float()); return
+    output.type_as(x)`) scales in fp32 first (recorded, run 32 tr-il03: `+x32 +pow -pow
+    +normed -x32 +scaled -normed +out -scaled` at modeling_gemma2.py:56-63). In fp32
+    (compute dtype fp32) the casts are no-ops. LayerNorm is kept as an fp32 upcast and
+    product (not traced)."""
+    n = tokens * (s.spec.hidden_size if width is None else width)
+    c = s.c
+    if s.spec.norm != "rmsnorm":
+        up = e.alloc(n * 4)
+        prod = e.alloc(n * 4)
+        e.free(up)
+        out = e.alloc(n * c)
+        e.free(prod)
+        return out
+    up = e.alloc(n * 4) if c != 4 else None
+    e.free(e.alloc(n * 4))  # pow(2), reduced by mean
+    normed = e.alloc(n * 4)
     e.free(up)
-    out = e.alloc(x_tokens * width * s.c)
-    e.free(prod)
+    if s.spec.norm_scales_in_fp32:
+        scaled = e.alloc(n * 4)
+        e.free(normed)
+        if c == 4:
+            return scaled
+        out = e.alloc(n * c)
+        e.free(scaled)
+        return out
+    cast = e.alloc(n * c) if c != 4 else None
+    out = e.alloc(n * c)
+    e.free(cast, normed)
     return out
 
 
 def _rotary(e: _Emit, size: int) -> int | None:
-    """`x * cos + rotate_half(x) * sin`: three temporaries next to x."""
+    """`(x * cos) + (rotate_half(x) * sin)` (modeling_llama apply_rotary_pos_emb):
+    rotate_half is `torch.cat((-x2, x1), dim=-1)`, a half-size negation first (recorded,
+    run 32 tr-il03: `+x*cos +(-x2) +cat -(-x2) +*sin -cat +sum` at modeling_gemma2.py:143,
+    167)."""
     t1 = e.alloc(size)
+    neg = e.alloc(size // 2)
     rh = e.alloc(size)
+    e.free(neg)
     t2 = e.alloc(size)
     e.free(rh)
     out = e.alloc(size)
     e.free(t1, t2)
+    return out
+
+
+def _qk_norm(e: _Emit, s: _Shape, x: int | None, tokens: int, size: int) -> int | None:
+    """Qwen-3's q_norm / k_norm (an RMSNorm over each head, or over the whole projection:
+    ModelSpec.qk_norm_width) of a projection's output, which is freed after it."""
+    width = s.spec.head_size if s.spec.qk_norm_width == "head" else size
+    out = _norm(e, s, tokens * size // width, width)
+    e.free(x)
     return out
 
 
@@ -240,7 +319,11 @@ def _attention(e: _Emit, s: _Shape, x: int | None, tokens: int, cache: _Cache, l
     held = None
     if spec.attention_layout == "separate":
         q = _linear(e, s, lins["q"], tokens)
+        if spec.qk_norm:  # modeling_qwen3: `self.q_norm(self.q_proj(x).view(...))`
+            q = _qk_norm(e, s, q, tokens, spec.q_size)
         k = _linear(e, s, lins["k"], tokens)
+        if spec.qk_norm:
+            k = _qk_norm(e, s, k, tokens, spec.kv_size)
         v = _linear(e, s, lins["v"], tokens)
     else:
         held = _linear(e, s, lins["qkv"], tokens)
@@ -254,23 +337,44 @@ def _attention(e: _Emit, s: _Shape, x: int | None, tokens: int, cache: _Cache, l
     kv_len = length
     probs = None
     if s.eager:
-        # modeling_llama / gemma2 eager_attention_forward: repeat_kv, matmul * scaling,
-        # Gemma-2's softcapping (/ cap, tanh, * cap), + mask, softmax(dtype=float32),
-        # .to(dtype): each a new scores-sized tensor, the previous one freed
+        # transformers 5.17 modeling_llama / modeling_gemma2 eager_attention_forward:
+        # repeat_kv (a copy only where heads are grouped), `torch.matmul(query,
+        # key_states.transpose(2, 3))` (the query, a transposed view of q_proj's output,
+        # is copied for the batched matmul, freed after it, where aten matmul's fold of
+        # the batch and head dimensions (`reshape`) cannot be a view: more than one
+        # sequence and more than one position), `* scaling`, Gemma-2's softcapping (/ cap, tanh,
+        # * cap), `+ attention_mask`: each a new scores-sized tensor, the previous one
+        # freed. `softmax(attn_weights, dtype=float32).to(query.dtype)`: an fp32 copy of
+        # the input and the softmax's result, then the cast, while the masked scores are
+        # still bound to `attn_weights` (freed when the name is rebound, after the cast).
+        # `torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()`: the
+        # product and its copy. (Recorded, run 32 tr-il03: `+q +S -q +S -S ... +S32 +P32
+        # -S32 +P -P32 -S +O +Oc -O` at modeling_gemma2.py:201-214.)
+        grouped = spec.kv_heads != spec.num_attention_heads
         full_kv = batch * spec.num_attention_heads * kv_len * spec.head_size * c
-        reps = [e.alloc(full_kv), e.alloc(full_kv)]  # repeat_kv
+        reps = [e.alloc(full_kv), e.alloc(full_kv)] if grouped else []  # repeat_kv
         scores_n = batch * spec.num_attention_heads * queries * kv_len
+        q_copy = e.alloc(q_c) if queries > 1 and batch > 1 else None
         scores = e.alloc(scores_n * c)
+        e.free(q_copy)
         for _ in range(1 + (3 if spec.attn_logit_softcapping else 0) + 1):
             nxt = e.alloc(scores_n * c)
             e.free(scores)
             scores = nxt
-        s32 = e.alloc(scores_n * 4)  # softmax(dtype=float32): upcast, then result
+        s32 = e.alloc(scores_n * 4) if c != 4 else None  # softmax's fp32 copy
         p32 = e.alloc(scores_n * 4)
-        e.free(s32, scores)
-        probs = e.alloc(scores_n * c)  # .to(dtype), returned as attn_weights
-        e.free(p32)
+        e.free(s32)
+        if c != 4:
+            probs = e.alloc(scores_n * c)  # .to(dtype), returned as attn_weights
+            e.free(p32)
+        else:
+            probs = p32
+        e.free(scores)
         out = e.alloc(q_c)
+        if queries > 1:  # transpose(1, 2).contiguous()
+            cont = e.alloc(q_c)
+            e.free(out)
+            out = cont
         e.free(*reps)
     else:
         # A sliding layer past its window gets the prefill's bool mask (_forward): with a
@@ -335,31 +439,116 @@ def _mlp(e: _Emit, s: _Shape, x: int | None, tokens: int) -> int | None:
     return fc2
 
 
+# Families whose embedding module scales its output: transformers 5.17
+# GemmaTextScaledWordEmbedding (and Gemma2's, Gemma3's) `super().forward(input_ids) *
+# self.embed_scale`, the lookup freed once scaled (recorded, run 32 tr-il03: `+72 +72 -72`
+# MiB at modeling_gemma2.py:349)
+SCALED_EMBEDDING_FAMILIES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+
+
+def _mask(e: _Emit, s: _Shape, queries: int, length: int, sliding: bool,
+          additive: bool) -> int | None:
+    """One attention mask of the model's forward (transformers 5.17 masking_utils
+    sdpa_mask, non-vmap path): the mask function evaluated on broadcast indices, a
+    (queries x length) bool per function, each `&`-ed into a running result
+    (and_masks: `result = result & mask(...)`, the previous result and the function's
+    output freed); the padding mask (generate() passes an attention_mask) broadcasts it
+    to the batch; eager_mask then makes it additive in the compute dtype (`torch.where`).
+    The causal mask is and_masks(causal, padding); the sliding one and_masks(and_masks(
+    sliding_window_overlay, causal), padding). (Recorded, run 32 tr-il03: `+16 +16 -16
+    +64 -16 +128 -64` MiB at modeling_gemma2.py:439, `+16 +16 -16 +16 +16 -16 -16 +16
+    -16 +64 -16 +128 -64` at :440.)"""
+    b, base = s.plan.batch_size, queries * length
+    if sliding:
+        overlay = e.alloc(base)
+        r1 = e.alloc(base)
+        e.free(overlay)
+        causal = e.alloc(base)
+        r2 = e.alloc(base)
+        e.free(causal, r1)
+        result = e.alloc(base)  # the outer and_masks' ones() & the inner result
+        e.free(r2)
+    else:
+        causal = e.alloc(base)
+        result = e.alloc(base)
+        e.free(causal)
+    full = e.alloc(b * base)  # & padding: the batch
+    e.free(result)
+    if not additive:
+        return full
+    out = e.alloc(b * base * s.c)
+    e.free(full)
+    return out
+
+
+def _rope(e: _Emit, s: _Shape, tokens: int, workspace: bool) -> list[int | None]:
+    """cos and sin (modeling_llama LlamaRotaryEmbedding.forward, the same in gemma2):
+    `inv_freq_expanded @ position_ids_expanded` in fp32 (the forward's first matmul: the
+    cuBLAS workspace is allocated there, `workspace`), `emb = torch.cat((freqs, freqs))`,
+    `emb.cos() * self.attention_scaling` and the same for sin (each a new tensor),
+    `.to(dtype=x.dtype)`; the fp32 tensors freed when it returns (recorded, run 32
+    tr-il03 at modeling_gemma2.py:131-136: `+8 +32 +16 +16 +16 -16 +16 +16 -16 +8 +8
+    -8 -16 -16 -16` MiB)."""
+    d, c = s.spec.head_size, s.c
+    freqs = e.alloc(tokens * d // 2 * 4)
+    if workspace:
+        e.alloc(CUBLAS_WORKSPACE_INFER)  # kept
+    emb = e.alloc(tokens * d * 4)
+    fp32: list[int | None] = []
+    for _ in range(2):  # cos, sin
+        raw = e.alloc(tokens * d * 4)
+        fp32.append(e.alloc(tokens * d * 4))  # * attention_scaling
+        e.free(raw)
+    if c == 4:
+        e.free(freqs, emb)
+        return fp32
+    out = [e.alloc(tokens * d * c) for _ in range(2)]
+    e.free(freqs, emb, *fp32)
+    return out
+
+
 def _forward(e: _Emit, s: _Shape, caches: list[_Cache], queries: int, length: int,
-             prefill: bool, carried: list[int | None]) -> list[int | None]:
+             prefill: bool, carried: list[int | None],
+             workspace: bool = False) -> list[int | None]:
     """One model forward of `queries` tokens per sequence ending at `length` cached tokens,
-    and _sample's logits handling; returns the fp32 tensors carried into the next step."""
+    and _sample's logits handling; returns the fp32 tensors carried into the next step.
+    `workspace`: the cuBLAS workspace is allocated at this forward's first matmul."""
     spec, c, b = s.spec, s.c, s.plan.batch_size
     tokens = b * queries
     h_c = tokens * spec.hidden_size * c
     embed = e.alloc(h_c)
+    if spec.model_type in SCALED_EMBEDDING_FAMILIES:
+        scaled = e.alloc(h_c)
+        e.free(embed)
+        embed = scaled
     masks: list[int | None] = []
     if s.eager:
-        kinds = {w is None for w in layer_windows(spec)}
-        masks = [e.alloc(b * queries * length * c) for _ in kinds]
+        # the model's forward makes one mask per kind of layer, full attention first
+        # (modeling_gemma2 Gemma2Model.forward causal_mask_mapping)
+        kinds = sorted({w is not None for w in layer_windows(spec)})
+        masks = [_mask(e, s, queries, length, sliding, True) for sliding in kinds]
     elif prefill and sdpa_window_masks(spec, length):
-        masks = [e.alloc(tokens * length)]
-    rope = [e.alloc(tokens * spec.head_size * c) for _ in range(2)]
+        masks = [_mask(e, s, queries, length, True, False)]
+    rope = _rope(e, s, tokens, workspace)
+    post_norms = spec.norms_per_layer == 4  # Gemma-2/3: after attention and after the MLP
     x = embed
     for cache in caches:
         normed = _norm(e, s, tokens)
         attn, probs = _attention(e, s, normed, tokens, cache, length, prefill)
         e.free(normed)
+        if post_norms:  # post_attention_layernorm
+            post = _norm(e, s, tokens)
+            e.free(attn)
+            attn = post
         h = e.alloc(h_c)  # residual + attention output
         e.free(attn)
         normed = _norm(e, s, tokens)
         mlp = _mlp(e, s, normed, tokens)
         e.free(normed)
+        if post_norms:  # post_feedforward_layernorm
+            post = _norm(e, s, tokens)
+            e.free(mlp)
+            mlp = post
         out = e.alloc(h_c)
         e.free(mlp, h, probs)
         if x != embed:
@@ -368,7 +557,7 @@ def _forward(e: _Emit, s: _Shape, caches: list[_Cache], queries: int, length: in
     normed = _norm(e, s, tokens)
     if x != embed:
         e.free(x)
-    e.free(embed, *masks, *rope)
+    e.free(*masks, embed, *rope)  # the mask mapping, inputs_embeds, cos and sin
     logits = e.alloc(b * spec.vocab_size * c)  # logits_to_keep=1
     if spec.final_logit_softcapping:  # Gemma-2: / cap, tanh, * cap
         for _ in range(3):
@@ -585,6 +774,22 @@ def _growing_sizes(s: _Shape, caches: list[_Cache], length: int) -> list[int]:
     return sorted(sizes)
 
 
+def _prefill(s: _Shape, ids: count[int]) -> tuple[_Emit, list[_Cache], list[int | None]]:
+    """The prefill's requests (the first forward over the prompt and its sampling), the
+    caches it fills and the fp32 logits it carries into the first decode step."""
+    caches = [_Cache(w) for w in layer_windows(s.spec)]
+    e = _Emit(ids)
+    p = s.plan.prompt_len
+    carried = _forward(e, s, caches, p, p, True, [None] * 2, workspace=True)
+    return e, caches, carried
+
+
+def prefill_requests(spec: ModelSpec, plan: InferPlan) -> list[tuple[int, int]]:
+    """The prefill's (tensor id, bytes) requests as `infer_program_peaks` replays them
+    after loading (ids from 1; bytes 0 frees), for comparing with a recorded trace."""
+    return _prefill(_shape(spec, plan), count(1))[0].out
+
+
 def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True) -> InferPeaks:
     """Replay the load, the prefill and the decode steps of `generate()` (module doc);
     `shortcut=False` replays every decode step (the reference of the shortcuts)."""
@@ -604,12 +809,8 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
         replay_requests(e.out, sim=sim, live=live)
         nreq += len(e.out)
     load_allocated, load_reserved = sim.allocated, sim.peak_reserved
-    caches = [_Cache(w) for w in layer_windows(spec)]
     p = plan.prompt_len
-
-    e = _Emit(ids)
-    e.alloc(CUBLAS_WORKSPACE_INFER)  # the first matmul's workspace, kept
-    carried = _forward(e, s, caches, p, p, True, [None] * 2)
+    e, caches, carried = _prefill(s, ids)
     sim.peak_allocated = sim.allocated
     replay_requests(e.out, sim=sim, live=live)
     nreq += len(e.out)
