@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from itertools import repeat
 from operator import add, mul
 from typing import Any
@@ -254,19 +253,20 @@ def unread_by(fn: Callable[[Any], Any], plan: Any, fields: tuple[str, ...] = FIE
         return None
 
 
-@dataclass(frozen=True)
 class Traced:
     """A request sequence traced in `field` at the other field's value `other`, the same
     at every value of `field` where `trace` holds: each request's id and its size's
-    coefficients."""
+    coefficients (coefs[k][i]: request i's coefficient of x**k); `fixed`, the generator's
+    other results (runs, phases...), and `sym_fields`, those that are sizes (host_peak).
+    (A plain class, not a dataclass: this module is imported by every `plan`.)"""
 
-    field: str
-    other: int
-    trace: Trace
-    ids: list[int]
-    coefs: list[list[int]]  # coefs[k][i]: request i's coefficient of x**k
-    fixed: dict[str, Any]  # the generator's other results (runs, phases...)
-    sym_fields: dict[str, tuple[int, ...]]  # results that are sizes (host_peak)
+    __slots__ = ("field", "other", "trace", "ids", "coefs", "fixed", "sym_fields")
+
+    def __init__(self, field: str, other: int, trace: Trace, ids: list[int],
+                 coefs: list[list[int]], fixed: dict[str, Any],
+                 sym_fields: dict[str, tuple[int, ...]]) -> None:
+        self.field, self.other, self.trace, self.ids = field, other, trace, ids
+        self.coefs, self.fixed, self.sym_fields = coefs, fixed, sym_fields
 
     def sizes(self, x: int) -> list[int]:
         out = self.coefs[-1]
@@ -305,15 +305,18 @@ def trace(generate: Callable[[Any], Any], plan: Any, field: str) -> Traced | Non
                   {"host_peak": host})
 
 
-@dataclass
 class _Family:
-    """The traces of one plan (but its batch_size and seq_len), and its last point."""
+    """The traces of one plan (but its batch_size and seq_len), its last point, the
+    fields a trace of it failed in (not tried again), and the count of points met that
+    differ from the one before in one field only (`moves`)."""
 
-    last: tuple[int, int]
-    traces: list[Traced]
-    untraceable: set[str]  # the fields a trace of this plan failed in: not tried again
-    # points met that differ from the one before in that field only
-    moves: dict[str, int]
+    __slots__ = ("last", "traces", "untraceable", "moves")
+
+    def __init__(self, last: tuple[int, int]) -> None:
+        self.last = last
+        self.traces: list[Traced] = []
+        self.untraceable: set[str] = set()
+        self.moves: dict[str, int] = {}
 
 
 class StepCache:
@@ -361,7 +364,7 @@ class StepCache:
             if family is None:
                 if len(self._families) >= self.KEPT:
                     self._families.clear()
-                family = _Family(point, [], set(), {})
+                family = _Family(point)
                 self._families[key] = (owner, family)
             family.last = point
         if read is not None:
