@@ -1997,11 +1997,13 @@ STEP_CACHE = StepCache()
 
 def _cached_requests(spec: ModelSpec, plan: TrainPlan, steps: int, depth: int
                      ) -> StepRequests:
-    """`step_requests(depth_cut(spec, depth), plan, steps)`, through STEP_CACHE."""
+    """`step_requests` of `spec` cut to `depth` layers (the whole spec at its own depth),
+    through STEP_CACHE."""
     key = (id(spec), depth, steps, plan.model_copy(update={"batch_size": 0, "seq_len": 0}))
 
     def generate(p: TrainPlan) -> StepRequests:
-        return step_requests(depth_cut(spec, depth), p, steps)
+        return step_requests(spec if depth == spec.num_hidden_layers else
+                             depth_cut(spec, depth), p, steps)
 
     result: StepRequests = STEP_CACHE.get(spec, key, plan, generate, StepRequests)
     return result
