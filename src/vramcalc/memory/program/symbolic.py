@@ -324,6 +324,7 @@ class StepCache:
     turns a trace read at a value into the generator's result type."""
 
     KEPT = 16  # plans (without batch and seq) kept; all dropped past it
+    TRACES_KEPT = 8  # traces of one plan (decision regions), the oldest dropped past it
 
     def __init__(self, trace_after: int = 4) -> None:
         self.trace_after = trace_after
@@ -376,6 +377,8 @@ class StepCache:
                 if made is None:
                     family.untraceable.add(field)
                 else:
+                    if len(family.traces) >= self.TRACES_KEPT:
+                        del family.traces[0]
                     family.traces.append(made)
             if made is not None:
                 self.counts["traced"] += 1
