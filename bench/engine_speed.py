@@ -6,7 +6,8 @@ In-process: the median time of one full estimate (`vramcalc.api.plan`, the alloc
 replay on) for llama-3.1-8b, llama-2-70b and llama-3.1-405b, in child processes on this
 checkout's src/ (three per model, each after one warm-up call; the shapes of the cuts
 that step_templates keeps for the next estimate of a search or a sweep are dropped before
-each call, so each is a whole estimate, as a cold `plan` makes it): wall
+each call, and so are the load requests and the traces that program.step keeps, so each
+is a whole estimate, as a cold `plan` makes it): wall
 time (what the targets are), and the process's CPU time, which other processes on the
 machine disturb less.
 Cold processes: each command's median wall time over N runs, as a ratio to the median
@@ -71,9 +72,15 @@ from vramcalc.api import plan
 model, runs = sys.argv[1], int(sys.argv[2])
 plan(model)  # warm-up: imports, the catalog, the corrections
 shapes = getattr(templates, "_SHAPES", {})  # the cut shapes seen: none kept between calls
+import vramcalc.memory.program.step as step
+loads = getattr(step, "_LOADS", {})  # nor the load requests, nor the traces (symbolic.py)
+traces = getattr(step, "STEP_CACHE", None)
 wall, cpu = [], []
 for _ in range(runs):
     shapes.clear()
+    loads.clear()
+    if traces is not None:
+        traces.clear()
     t0, c0 = time.perf_counter(), time.process_time()
     plan(model)
     wall.append(time.perf_counter() - t0)

@@ -96,14 +96,27 @@ def largest_from_guess(need: Callable[[int], int], budget: int, upper: int,
 
     if guess_need is None:
         return largest_at_most(cached, budget, upper)
+    # the guess memoized too: the search below asks for some values twice (1, its answer
+    # n and n + 1 for the slope); the same values, so the same path and estimates
+    guess_memo: dict[int, int] = {}
+    cheap = guess_need
+
+    def guess(m: int) -> int:
+        if m not in guess_memo:
+            guess_memo[m] = cheap(m)
+        return guess_memo[m]
+
     known = None  # a value and its need, for the secant
+    offset = 0
     if anchor:
         known = (anchor, cached(anchor))
-        offset = known[1] - guess_need(anchor)
-        base_guess = guess_need
-        guess_need = lambda m: base_guess(m) + offset  # noqa: E731
-    n = max(largest_at_most(guess_need, budget, upper), 1)
-    slope = guess_need(n + 1) - guess_need(n) if n < upper else 0
+        offset = known[1] - guess(anchor)
+
+    def shifted(m: int) -> int:
+        return guess(m) + offset
+
+    n = max(largest_at_most(shifted, budget, upper), 1)
+    slope = shifted(n + 1) - shifted(n) if n < upper else 0
     return largest_near(cached, budget, n, upper, slope, known)
 
 

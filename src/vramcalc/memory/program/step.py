@@ -60,6 +60,7 @@ from vramcalc.memory.program.optimizer import (
     optimizer_bytes,
     optimizer_state_groups,
 )
+from vramcalc.memory.program.symbolic import StepCache, Sym, unread_by
 from vramcalc.memory.program.templates import TEMPLATE_LAYERS, StepProgram, template_program
 from vramcalc.memory.program.trainable import lora_on_experts, lora_targets
 from vramcalc.memory.program.weights import DTYPE_BYTES, fused_experts
@@ -1312,7 +1313,10 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
         expert_bytes=expert_dtype_bytes(plan),
         expert_fold=lora_on_experts(spec, plan),
         int8=plan.method == "qlora" and plan.quant == "int8",
-        outlier_fraction=int8_outlier_fraction(spec, plan.tokens),
+        # (read by the int8 matmul only: not computed for the other methods, whose traced
+        # sizes (program.symbolic) it would stop, a float of the tokens)
+        outlier_fraction=(int8_outlier_fraction(spec, plan.tokens)
+                          if plan.method == "qlora" and plan.quant == "int8" else 1.0),
         kv_cache=plan.kv_cache,
         fp32_norm_scale=spec.norm_scales_in_fp32,
         liger=plan.loss_kernel == "liger",
@@ -1512,7 +1516,7 @@ class _Unfollowed(Exception):
     """State `_Boundary` does not read: the steps are generated one by one."""
 
 
-_SCALARS = frozenset({bool, int, float, str})
+_SCALARS = frozenset({bool, int, float, str, Sym})  # Sym: a traced size (program.symbolic)
 _HELD = frozenset({Buf, Var, Node, ChunkNode, CheckpointNode})  # (dataclasses with slots)
 # Graph attributes that are no state a step reads: what it writes (the requests, the
 # runs, the host peak, which only grows), the id counter, and the id sets, read for the
@@ -1994,16 +1998,54 @@ def step_program(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepProgra
              and plan.offload_activations != "all")
     if layers > TEMPLATE_LAYERS and alike:
         try:
-            cut: StepRequests | None = step_requests(depth_cut(spec, TEMPLATE_LAYERS), plan,
-                                                     steps)
+            cut: StepRequests | None = _cached_requests(spec, plan, steps, TEMPLATE_LAYERS)
         except (VramcalcError, ValueError):
             cut = None  # a spec the cut does not validate for (a config from the hub)
         if cut is not None:
             program = template_program(cut.requests, cut.phases, cut.runs, layers)
             if program is not None:
                 return program
-    gen = step_requests(spec, plan, steps)
+    gen = _cached_requests(spec, plan, steps, layers)
     return StepProgram.plain(gen.requests, gen.phases)
+
+
+# The step requests of the plans estimated last, traced once a plan comes back at another
+# batch size or sequence length (a search, a sweep), and read from the trace after
+# (program.symbolic): the same requests as step_requests, generated once.
+STEP_CACHE = StepCache()
+
+
+def _cached_requests(spec: ModelSpec, plan: TrainPlan, steps: int, depth: int
+                     ) -> StepRequests:
+    """`step_requests` of `spec` cut to `depth` layers (the whole spec at its own depth),
+    through STEP_CACHE."""
+    key = (id(spec), depth, steps, plan.model_copy(update={"batch_size": 0, "seq_len": 0}))
+
+    def generate(p: TrainPlan) -> StepRequests:
+        return step_requests(spec if depth == spec.num_hidden_layers else
+                             depth_cut(spec, depth), p, steps)
+
+    result: StepRequests = STEP_CACHE.get(spec, key, plan, generate, StepRequests)
+    return result
+
+
+# load_requests of the plans met last, by (spec, plan but its batch_size and seq_len):
+# computed with those two fields Unread (program.symbolic.unread_by), so a result kept is
+# the one of every batch and length; None: the load read one of them (computed each time)
+_LOADS: dict[tuple[object, ...], tuple[ModelSpec, list[tuple[int, int]] | None]] = {}
+_LOADS_KEPT = 16
+
+
+def _cached_load(spec: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
+    """`load_requests(spec, plan)`, kept for the plan's other batch sizes and lengths (a
+    search, a sweep): the same list, which the replay only reads."""
+    key = (id(spec), plan.model_copy(update={"batch_size": 0, "seq_len": 0}))
+    hit = _LOADS.get(key)
+    if hit is None or hit[0] is not spec:
+        if len(_LOADS) >= _LOADS_KEPT:
+            _LOADS.clear()
+        hit = _LOADS[key] = (spec, unread_by(lambda p: load_requests(spec, p), plan))
+    return hit[1] if hit[1] is not None else load_requests(spec, plan)
 
 
 @contextmanager
@@ -2030,7 +2072,7 @@ def program_peaks(spec: ModelSpec, plan: TrainPlan, steps: int = 3,
     replay_program`; `engine` None: the compiled replay where it was built)."""
     with _collector_paused():
         program = step_program(spec, plan, steps)
-        load = load_requests(spec, plan)
+        load = _cached_load(spec, plan)
         r = replay_program(load, program.blocks,
                            [k for _, k in program.phases], plan.expandable_segments, engine)
     phases = {"load": r.load_peak_allocated, "forward": 0, "backward": 0, "optimizer": 0}
