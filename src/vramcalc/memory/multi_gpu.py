@@ -868,7 +868,8 @@ def estimate_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
 class ParallelOption(BaseModel):
     """The smallest GPU count with which a strategy fits a per-GPU budget."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # built on first use: only check's several-GPU offers make one
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     strategy: str
     gpus: int

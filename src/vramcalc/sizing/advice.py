@@ -75,7 +75,8 @@ class Suggestion(BaseModel):
     effective batch through accumulation (a trainer setting, no memory effect).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # built on first use: compare and fit import this module and never make one
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     kind: str  # COSTS keys: allocator, attn, loss_kernel, optimizer, gradient_checkpointing,
     # batch, seq_len, rank, targets, combined

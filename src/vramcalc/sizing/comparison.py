@@ -82,12 +82,14 @@ def method_label(name: str, plan: TrainPlan) -> str:
 
 
 # ---- compare: one model, every method --------------------------------------------------------
+# The result types build their validators on first use (defer_build): compare makes no
+# FitRow, fit no MethodRow, and neither makes a KernelCell without --switches.
 
 
 class SmallestGpu(BaseModel):
     """The catalog GPU with the least usable memory a plan fits, and its verdict there."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     gpu: str
     compute_dtype: str  # fp16 on a GPU without bf16
@@ -98,7 +100,7 @@ class KernelCell(BaseModel):
     """A method's plan with one loss kernel (TrainPlan.loss_kernel): its estimate, or why
     the kernel does not apply."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     estimate: Estimate | None
     error: str | None = None
@@ -119,7 +121,7 @@ class MethodRow(BaseModel):
     same plan under each loss kernel (`loss_kernels`, LOSS_KERNELS order) and each value
     of the other memory-saving switches (`switches`, SWITCHES: field -> value -> cell)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     method: str
     label: str
@@ -249,7 +251,7 @@ class FitRow(BaseModel):
     """One model x method on one GPU: the verdict at batch 1 and the plan's seq-len, the
     largest batch (at that seq-len) and the longest sequence (at the plan's batch)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     model: str
     params: int
