@@ -369,3 +369,29 @@ def test_a_base_bitsandbytes_does_not_convert_loads_unquantized() -> None:
     assert merge.peak_allocated_bytes == estimate_merge(falcon, MergePlan()).peak_allocated_bytes
     llama = estimate_inference(get_spec("llama-2-7b"), InferPlan(quant="nf4"))
     assert llama.planned_as == {}
+
+
+def test_required_never_falls_when_the_work_grows_by_one() -> None:
+    """Random generate() plans, each against the same plan with one more row, prompt token
+    or new token: required free memory never falls (issue 27). The replayed allocated peak
+    can (where a request lands decides whether a block's rest is split off: gemma-2-2b nf4
+    b3 p702 -> 703 fell by 1.1 MB before required rested on the requested bytes)."""
+    import random
+
+    rng = random.Random(20261207)
+    models = ["llama-3.1-8b", "gemma-2-2b", "gemma-2-9b", "qwen2.5-7b", "phi-3-mini"]
+    cases = [("gemma-2-2b", {"batch_size": 3, "prompt_len": 702, "new_tokens": 16,
+                             "quant": "nf4"}, "prompt_len")]
+    for _ in range(40):
+        cases.append((rng.choice(models),
+                      {"batch_size": rng.choice([1, 2, 3, 4, 8]),
+                       "prompt_len": rng.randint(16, 6000),
+                       "new_tokens": rng.choice([1, 16, 128]),
+                       "quant": rng.choice(["nf4", "int8", "none"])},
+                      rng.choice(["batch_size", "prompt_len", "new_tokens"])))
+    for model, fields, grown in cases:
+        spec = get_spec(model)
+        before = estimate_inference(spec, InferPlan(**fields))
+        after = estimate_inference(spec, InferPlan(**{**fields, grown: fields[grown] + 1}))
+        assert after.required_device_bytes >= before.required_device_bytes, (model, fields,
+                                                                             grown)

@@ -357,6 +357,7 @@ def estimate_inference(spec: ModelSpec, plan: InferPlan, replay: bool = True) ->
     decode = static + cache_end + carried + decode_act if plan.new_tokens > 1 else 0
     phases = {"load": static, "prefill": prefill, "decode": decode}
     peak_reserved = 0
+    required_phases: dict[str, int] = {}
     if replay:
         # The peaks come from generate()'s requests replayed on the caching allocator
         # (memory/program/infer.py); the formulas above name the components at the peak.
@@ -372,6 +373,13 @@ def estimate_inference(spec: ModelSpec, plan: InferPlan, replay: bool = True) ->
                   "decode": (program.decode_allocated + offset - CUBLAS_WORKSPACE_INFER
                              if plan.new_tokens > 1 else 0)}
         peak_reserved = program.peak_reserved + small_segments
+        # required memory rests on the requested bytes, which cannot fall when the work
+        # grows (a replayed allocated peak can: where a request lands decides whether a
+        # block's rest is split off)
+        required_phases = {"load": static + CUBLAS_WORKSPACE_INFER,
+                           "prefill": program.prefill_requested + offset,
+                           "decode": (program.decode_requested + offset
+                                      if plan.new_tokens > 1 else 0)}
     peak_phase = max(phases, key=lambda k: phases[k])
     peak_alloc = phases[peak_phase] + CUBLAS_WORKSPACE_INFER
     peak_reserved = max(peak_reserved, peak_alloc)
@@ -401,7 +409,7 @@ def estimate_inference(spec: ModelSpec, plan: InferPlan, replay: bool = True) ->
     )
     # The stale cache segments are released when an allocation would fail
     # (release_cached_blocks), so what must be free is the allocated peak.
-    required = peak_alloc + CUDA_CONTEXT
+    required = (max(required_phases.values()) if required_phases else peak_alloc) + CUDA_CONTEXT
     notes = [
         f"generate(): prompt {p} + {plan.new_tokens} new tokens, batch {b}, greedy, "
         f"{plan.cache} cache ({plan.total_len} tokens per layer at the end)",

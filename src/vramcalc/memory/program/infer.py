@@ -83,6 +83,7 @@ from vramcalc.memory.allocator.replay import (
     CachingAllocator,
     allocation_size,
     replay_requests,
+    requested_run,
     round_size,
 )
 from vramcalc.memory.effective import attention_impl
@@ -606,6 +607,13 @@ class InferPeaks:
     requests: int  # requests replayed (the cost)
     steps_replayed: int  # decode steps replayed one by one
     closed_form_bytes: int  # reserved added by the closed form past the replayed steps
+    # the rounded request bytes alive (replay.requested_run) at their peak over the prefill
+    # and over the decode: unlike allocated bytes they do not depend on where a request
+    # lands (a block's unsplit rest), so they grow with the batch, the prompt and the new
+    # tokens; required memory rests on them (docs/memory-model.md "Required memory never
+    # falls")
+    prefill_requested: int = 0
+    decode_requested: int = 0
 
 
 def _load_plan(plan: InferPlan) -> TrainPlan | None:
@@ -798,23 +806,34 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
     sim = CachingAllocator()
     live: dict[int, Block] = {}
     nreq = 0
+    alive: dict[int, int] = {}  # the rounded size of each live request
+    requested = [0, 0]  # their total, and its peak since the last reset
+
+    def run(reqs: list[tuple[int, int]]) -> None:
+        replay_requests(reqs, sim=sim, live=live)
+        total, peak = requested_run(alive, requested[0], reqs)
+        requested[:] = [total, max(requested[1], peak)]
+
     load_plan = _load_plan(plan)
     if load_plan is not None:
         reqs = load_requests(spec, load_plan, kbit_prepare=False)
         nreq += len(reqs)
-        replay_requests(reqs, sim=sim, live=live)
+        run(reqs)
     if plan.merged:
         e = _Emit(ids)
         _merge(e, s)
-        replay_requests(e.out, sim=sim, live=live)
+        run(e.out)
         nreq += len(e.out)
     load_allocated, load_reserved = sim.allocated, sim.peak_reserved
     p = plan.prompt_len
     e, caches, carried = _prefill(s, ids)
     sim.peak_allocated = sim.allocated
-    replay_requests(e.out, sim=sim, live=live)
+    requested[1] = requested[0]
+    run(e.out)
     nreq += len(e.out)
     prefill_allocated = sim.peak_allocated
+    prefill_requested = requested[1]
+    decode_requested = 0
     last = plan.total_len  # the cache's length after the last decode step
     decode_allocated = 0
     steps = 0
@@ -823,6 +842,7 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
     jumped = False
     if plan.new_tokens > 1:
         sim.peak_allocated = sim.allocated
+        requested[1] = requested[0]
         # the constant temporaries of a decode step, for the crossings' offsets
         probe = _Emit(count(1), DECODE_SMALLEST)
         _forward(probe, s, [_Cache(c.window, None, None, c.tokens) for c in caches], 1, p + 1,
@@ -871,7 +891,9 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
                 jumped_reserved = sim.peak_reserved
                 jumped = True
                 peak = sim.peak_allocated
-                nreq += _jump(s, caches, sim, live, ids, last - 1)
+                jump = _jump(s, caches, ids, last - 1)
+                run(jump)
+                nreq += len(jump)
                 sim.peak_allocated = max(peak, sim.allocated)
                 n = last
                 sizes = _growing_sizes(s, caches, n)
@@ -880,7 +902,7 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
                 e = _Emit(ids, DECODE_SMALLEST)
                 carried = _forward(e, s, caches, 1, n, False, carried)
                 segments, reserved = sim.segments, sim.reserved
-                replay_requests(e.out, sim=sim, live=live)
+                run(e.out)
                 seen.append((n, sim.segments - segments, sim.reserved - reserved))
                 if s.eager and shortcut and not jumped:
                     profile = _eager_profile(seen, x, _pool_changes(s, n, last),
@@ -907,13 +929,15 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
                             for k in transients]
                 n = min(m for m in nxt if m > n)
         decode_allocated = sim.peak_allocated
+        decode_requested = requested[1]
     peak_reserved = jumped_reserved + closed if jumped else sim.peak_reserved
     return InferPeaks(
         load_allocated=load_allocated, load_reserved=load_reserved,
         prefill_allocated=prefill_allocated, decode_allocated=decode_allocated,
         peak_allocated=max(prefill_allocated, decode_allocated),
         peak_reserved=peak_reserved, requests=nreq, steps_replayed=steps,
-        closed_form_bytes=closed)
+        closed_form_bytes=closed, prefill_requested=prefill_requested,
+        decode_requested=decode_requested)
 
 
 def _shared_marks(temps: list[int]) -> set[int]:
@@ -995,11 +1019,11 @@ def _closed_form(s: _Shape, caches: list[_Cache], done: int, last: int) -> int:
     return total
 
 
-def _jump(s: _Shape, caches: list[_Cache], sim: CachingAllocator, live: dict[int, Block],
-          ids: count[int], length: int) -> int:
-    """Bring every cache tensor to `length` tokens without the steps between, for the
-    allocated bytes of the last step (their reserved memory is `_closed_form`'s); returns
-    the number of requests."""
+def _jump(s: _Shape, caches: list[_Cache], ids: count[int],
+          length: int) -> list[tuple[int, int]]:
+    """The requests that bring every cache tensor to `length` tokens without the steps
+    between, for the allocated bytes of the last step (their reserved memory is
+    `_closed_form`'s)."""
     e = _Emit(ids)
     for cache in caches:
         n = cached_len(length, cache.window, False)
@@ -1008,8 +1032,7 @@ def _jump(s: _Shape, caches: list[_Cache], sim: CachingAllocator, live: dict[int
             e.free(getattr(cache, name))
             setattr(cache, name, new)
         cache.tokens = n
-    replay_requests(e.out, sim=sim, live=live)
-    return len(e.out)
+    return e.out
 
 
 @dataclass(frozen=True)
