@@ -5,6 +5,7 @@
     python calibration/design_infer.py holdout3 > calibration/matrices/h200-infer-holdout3.json
     python calibration/design_infer.py holdout4 > calibration/matrices/h200-infer-holdout4.json
     python calibration/design_infer.py holdout5 > calibration/matrices/h200-infer-holdout5.json
+    python calibration/design_infer.py holdout6 > calibration/matrices/h100-infer-holdout6.json
 
 24 generate() points and 3 merges drawn at random (seed 40) over 7 architectures (MHA and
 GQA, 32k-256k vocabularies), batch 1-64, prompt 128-32k, new tokens 1-2048, nf4 and bf16
@@ -44,6 +45,9 @@ def main() -> None:
         return
     if sys.argv[1:] == ["holdout5"]:
         holdout5()
+        return
+    if sys.argv[1:] == ["holdout6"]:
+        holdout6()
         return
     rng = random.Random(40)
     points = []
@@ -161,6 +165,26 @@ def holdout5() -> None:
         "new_tokens": [64, 128, 256, 512], "quant": ["nf4", "nf4", "nf4", "int8", "none"],
         "rank": [8, 16, 64]}, max_batch_tokens=4096, max_device_gib=20)
     json.dump({"note": "pre-registered inference holdout 5 (after run 29's trace): "
+               "predictions made before any measurement of these points", "points": points},
+              sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+def holdout6() -> None:
+    """Inference holdout 6, pre-registered after run 32's prefill trace (generate()'s
+    prefill requests in the order traced: norms, eager attention's copies, peft's output
+    cast, bitsandbytes' absmax; required memory on the requested peak): seed 46, 12
+    generate() points, 8 at 4 layers over architectures the trace was not read on
+    (gemma-2-9b eager, phi-3-mini, qwen2.5-3b, llama-3.2-3b, qwen3-4b, mistral-7b) and 4 at
+    full depth, sized like holdouts 4 and 5 (estimated peak device <= 20 GiB, batch x new
+    tokens <= 4096)."""
+    archs = ["gemma-2-9b", "phi-3-mini", "qwen2.5-3b", "llama-3.2-3b", "qwen3-4b",
+             "mistral-7b", "gemma-2-9b", "phi-3-mini"]
+    points = _generate_draws(random.Random(46), "ip", 12, 8, archs, {
+        "batch_size": [1, 2, 4, 6, 8, 16], "prompt_len": [512, 1024, 2048, 4096, 6000],
+        "new_tokens": [64, 128, 256, 512], "quant": ["nf4", "nf4", "int8", "none"],
+        "rank": [8, 16, 64]}, max_batch_tokens=4096, max_device_gib=20)
+    json.dump({"note": "pre-registered inference holdout 6 (after run 32's prefill trace): "
                "predictions made before any measurement of these points", "points": points},
               sys.stdout, indent=1)
     sys.stdout.write("\n")
