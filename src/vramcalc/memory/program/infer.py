@@ -188,19 +188,12 @@ def _linear(e: _Emit, s: _Shape, lin: LinearShape, tokens: int) -> int | None:
     # (recorded, run 32 tr-il03: `+clone -out +x32 +A +B -A +B*s -B +to -B*s +sum -clone
     # -x32 -to` at bnb.py:533-552)
     wide = max(s.a, c)
-    x_a = None
     if plan.quant != "none":
         if plan.quant in ("nf4", "fp4"):
             clone = e.alloc(out_c)
             e.free(out)
             out = clone
-        x_a = e.alloc(tokens * lin.in_features * s.a) if s.a != c else None
-        a_out = e.alloc(tokens * plan.rank * s.a)
-        b_out = e.alloc(tokens * lin.out_features * s.a)
-        e.free(a_out)
-        scaled = e.alloc(tokens * lin.out_features * s.a)  # * scaling
-        e.free(b_out)
-        conv = None
+        x_a, scaled = _adapter(e, s, lin, tokens)
         if s.a != c:  # output.to(expected_dtype)
             conv = e.alloc(out_c)
             e.free(scaled)
@@ -211,12 +204,7 @@ def _linear(e: _Emit, s: _Shape, lin: LinearShape, tokens: int) -> int | None:
     # tuners/lora/layer.py Linear.forward (16-bit bases): x cast to the adapter dtype,
     # `result = result + lora_B(lora_A(dropout(x))) * scaling` (promoted to the wider
     # dtype), then `result.to(torch_result_dtype)`
-    x_a = e.alloc(tokens * lin.in_features * s.a) if s.a != c else None
-    a_out = e.alloc(tokens * plan.rank * s.a)
-    b_out = e.alloc(tokens * lin.out_features * s.a)
-    e.free(a_out)
-    scaled = e.alloc(tokens * lin.out_features * s.a)  # * scaling
-    e.free(b_out)
+    x_a, scaled = _adapter(e, s, lin, tokens)
     total = e.alloc(tokens * lin.out_features * wide)  # result + output (promoted)
     e.free(scaled, out)
     if wide != c:  # result.to(torch_result_dtype)
@@ -225,6 +213,19 @@ def _linear(e: _Emit, s: _Shape, lin: LinearShape, tokens: int) -> int | None:
         total = back
     e.free(x_a)
     return total
+
+
+def _adapter(e: _Emit, s: _Shape, lin: LinearShape, tokens: int) -> tuple[int | None, int | None]:
+    """`lora_B(lora_A(dropout(x))) * scaling` in the adapter dtype, x cast to it first
+    where it differs from the compute dtype: the ids of that cast (None without one) and of
+    the scaled output; lora_A's and lora_B's outputs are freed."""
+    x_a = e.alloc(tokens * lin.in_features * s.a) if s.a != s.c else None
+    a_out = e.alloc(tokens * s.plan.rank * s.a)
+    b_out = e.alloc(tokens * lin.out_features * s.a)
+    e.free(a_out)
+    scaled = e.alloc(tokens * lin.out_features * s.a)  # * scaling
+    e.free(b_out)
+    return x_a, scaled
 
 
 def _norm(e: _Emit, s: _Shape, tokens: int, width: int | None = None) -> int | None:
