@@ -23,42 +23,11 @@ sys.path.insert(0, str(ROOT / "src"))
 from h200_points import records  # noqa: E402
 
 from vramcalc.calibrate.run import MARK_STEP  # noqa: E402
+from vramcalc.calibrate.trace import generated_step, recorded_step  # noqa: E402
 from vramcalc.memory.allocator.replay import replay_requests, replay_trace  # noqa: E402
 from vramcalc.memory.effective import effective_train_plan  # noqa: E402
-from vramcalc.memory.program.step import StepRequests, step_requests  # noqa: E402
+from vramcalc.memory.program.step import step_requests  # noqa: E402
 from vramcalc.units import MiB  # noqa: E402
-
-
-def recorded_step(trace: dict, step: int) -> list[tuple[str, int]]:
-    """(+/-, size) of the allocations and frees of recorded step `step` (0-based)."""
-    actions = trace["actions"]
-    alloc, free = actions.index("alloc"), actions.index("free_completed")
-    events = trace["events"]
-    marks = [i for i in range(len(events) - 1)
-             if events[i][0] == alloc and events[i][2] == MARK_STEP[0]
-             and events[i + 1][0] == alloc and events[i + 1][2] == MARK_STEP[1]]
-    lo = marks[step] if step < len(marks) else 0
-    hi = marks[step + 1] if step + 1 < len(marks) else len(events)
-    out = []
-    for e in events[lo:hi]:
-        if e[0] == alloc:
-            out.append(("+", e[2]))
-        elif e[0] == free:
-            out.append(("-", e[2]))
-    return out
-
-
-def generated_step(gen: StepRequests, step: int) -> list[tuple[str, int]]:
-    """(+/-, size) of generated step `step` (0-based), cut where the step begins."""
-    sizes: dict[int, int] = {}
-    bounds = [*gen.starts, len(gen.requests)]
-    out = []
-    for k, (tid, size) in enumerate(gen.requests[:bounds[step + 1]]):
-        if size:
-            sizes[tid] = size
-        if k >= bounds[step]:
-            out.append(("+", size) if size else ("-", sizes[tid]))
-    return out
 
 
 def main(argv: list[str]) -> None:
@@ -97,8 +66,8 @@ def main(argv: list[str]) -> None:
           f"{sim.peak_reserved / 2**30:.2f}, slack "
           f"{(sim.peak_reserved - sim.peak_allocated) / 2**30:.2f} GiB")
     lim = args.min_mib * MiB
-    r = [x for x in recorded_step(trace, args.step) if x[1] >= lim]
-    g = [x for x in generated_step(gen, args.step) if x[1] >= lim]
+    r = [x for x in recorded_step(trace, args.step, MARK_STEP) if x[1] >= lim]
+    g = [x for x in generated_step(gen.requests, gen.starts, args.step) if x[1] >= lim]
     rc = collections.Counter(round(s / MiB, 1) for a, s in r if a == "+")
     gc = collections.Counter(round(s / MiB, 1) for a, s in g if a == "+")
     print(f"{'MiB':>10s} {'recorded':>9s} {'generated':>9s}")

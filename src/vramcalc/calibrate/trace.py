@@ -405,3 +405,36 @@ def compact_trace(snap: dict[str, Any], device: int | None = None) -> dict[str, 
         })
     return {"actions": list(ACTIONS), "segments": segments, "events": out_events,
             "frames": frames}
+
+
+def recorded_step(trace: dict[str, Any], step: int,
+                  mark: tuple[int, int]) -> list[tuple[str, int]]:
+    """(+/-, bytes) of every allocation and completed free of recorded step `step`
+    (0-based) of a `compact_trace`: from the step's pair of `mark` allocations (the worker's
+    `run.MARK_STEP`) to the next pair, or the trace's start / end where there is none."""
+    actions = trace["actions"]
+    alloc, free = actions.index("alloc"), actions.index("free_completed")
+    events = trace["events"]
+    marks = [i for i in range(len(events) - 1)
+             if events[i][0] == alloc and events[i][2] == mark[0]
+             and events[i + 1][0] == alloc and events[i + 1][2] == mark[1]]
+    lo = marks[step] if step < len(marks) else 0
+    hi = marks[step + 1] if step + 1 < len(marks) else len(events)
+    return [("+" if e[0] == alloc else "-", e[2]) for e in events[lo:hi]
+            if e[0] in (alloc, free)]
+
+
+def generated_step(requests: Sequence[tuple[int, int]], starts: Sequence[int],
+                   step: int) -> list[tuple[str, int]]:
+    """(+/-, bytes) of generated step `step` (0-based) of a step program's requests
+    ((tensor id, bytes), 0 bytes a free) whose steps begin at `starts`
+    (program.step.StepRequests): a free carries the bytes its allocation asked for."""
+    sizes: dict[int, int] = {}
+    bounds = [*starts, len(requests)]
+    out = []
+    for k, (tid, size) in enumerate(requests[:bounds[step + 1]]):
+        if size:
+            sizes[tid] = size
+        if k >= bounds[step]:
+            out.append(("+", size) if size else ("-", sizes[tid]))
+    return out

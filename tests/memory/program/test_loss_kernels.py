@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from vramcalc.calibrate.run import MARK_STEP
+from vramcalc.calibrate.trace import generated_step, recorded_step
 from vramcalc.cli import app
 from vramcalc.errors import PlanError
 from vramcalc.memory.effective import effective_train_plan
@@ -294,20 +296,6 @@ def test_worker_chunked_loss_is_the_models_loss(softcap: float | None) -> None:
 RUN32 = Path(__file__).resolve().parents[3] / "calibration" / "h100" / "run32"
 
 
-def _recorded_step(trace: dict[str, Any], step: int, least: int) -> list[str]:
-    """'+size' / '-size' (MiB) of recorded step `step`'s requests of `least` bytes or more,
-    cut at the worker's step markers (calibrate/run.py MARK_STEP)."""
-    from vramcalc.calibrate.run import MARK_STEP
-
-    alloc, free = trace["actions"].index("alloc"), trace["actions"].index("free_completed")
-    ev = trace["events"]
-    marks = [i for i in range(len(ev) - 1) if ev[i][0] == alloc and ev[i][2] == MARK_STEP[0]
-             and ev[i + 1][0] == alloc and ev[i + 1][2] == MARK_STEP[1]]
-    return [("+" if e[0] == alloc else "-") + str(e[2] >> 20)
-            for e in ev[marks[step]:marks[step + 1]]
-            if e[0] in (alloc, free) and e[2] >= least]
-
-
 def test_chunked_capping_follows_every_chunks_matmul_as_traced() -> None:
     """gemma-2's final logit capping under chunked CE: the worker caps the list of chunk
     logits after every chunk's matmul ran; the program's step makes the same requests of
@@ -321,13 +309,6 @@ def test_chunked_capping_follows_every_chunks_matmul_as_traced() -> None:
     eff, _, _ = effective_train_plan(spec, plan)
     gen = step_requests(spec, eff)
     least = 200 * 2**20
-    sizes: dict[int, int] = {}
-    out: list[str] = []
-    lo, hi = gen.starts[1], (gen.starts[2] if len(gen.starts) > 2 else len(gen.requests))
-    for k, (tid, size) in enumerate(gen.requests[:hi]):
-        if size:
-            sizes[tid] = size
-        if k >= lo and (size or sizes[tid]) >= least:
-            out.append(f"+{size >> 20}" if size else f"-{sizes[tid] >> 20}")
-    recorded = _recorded_step(trace, 1, least)
-    assert len(recorded) > 1000 and out == recorded
+    generated = [r for r in generated_step(gen.requests, gen.starts, 1) if r[1] >= least]
+    recorded = [r for r in recorded_step(trace, 1, MARK_STEP) if r[1] >= least]
+    assert len(recorded) > 1000 and generated == recorded
