@@ -1415,14 +1415,13 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         if ck and not full:
             x.requires_grad = True  # enable_input_require_grads
             g.leaves.append(x)
-            if plan.holds_graph_past_step or plan.offload_activations == "checkpoints":
-                # the leaf's AccumulateGrad node holds it (and its .grad) while the graph
-                # lives: past backward, where the loss or the output survives the step;
-                # and through backward always, which only shows where the first layer's
-                # checkpointed input is offloaded: the host copy frees no GPU bytes
-                # (calibration/h100/run32/tr-k015-mistral-7b-ckoff.json.gz: the embedding
-                # output, 4 x 4096 x 4096 fp32, live at the backward peak)
-                leaf_ref = g.ref(x.buf)
+            # the leaf's AccumulateGrad node holds it (and its .grad) while the graph
+            # lives: through backward, and past it where the loss or the output survives
+            # the step. The checkpoint holds it too, so this shows only where the first
+            # layer's checkpointed input is offloaded: the host copy frees no GPU bytes
+            # (calibration/h100/run32/tr-k015-mistral-7b-ckoff.json.gz: the embedding
+            # output, 4 x 4096 x 4096 fp32, live at the backward peak)
+            leaf_ref = g.ref(x.buf)
         for i, fn in enumerate(fns):
             g.set_layer(i)
             nx = g.checkpoint(fn, x) if ck else fn(g, x)
