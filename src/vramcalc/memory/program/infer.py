@@ -808,12 +808,13 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
     live: dict[int, Block] = {}
     nreq = 0
     alive: dict[int, int] = {}  # the rounded size of each live request
-    requested = [0, 0]  # their total, and its peak since the last reset
+    requested = requested_peak = 0  # their total, and its peak since the last reset
 
     def run(reqs: list[tuple[int, int]]) -> None:
+        nonlocal requested, requested_peak
         replay_requests(reqs, sim=sim, live=live)
-        total, peak = requested_run(alive, requested[0], reqs)
-        requested[:] = [total, max(requested[1], peak)]
+        requested, peak = requested_run(alive, requested, reqs)
+        requested_peak = max(requested_peak, peak)
 
     load_plan = _load_plan(plan)
     if load_plan is not None:
@@ -829,11 +830,11 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
     p = plan.prompt_len
     e, caches, carried = _prefill(s, ids)
     sim.peak_allocated = sim.allocated
-    requested[1] = requested[0]
+    requested_peak = requested
     run(e.out)
     nreq += len(e.out)
     prefill_allocated = sim.peak_allocated
-    prefill_requested = requested[1]
+    prefill_requested = requested_peak
     decode_requested = 0
     last = plan.total_len  # the cache's length after the last decode step
     decode_allocated = 0
@@ -843,7 +844,7 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
     jumped = False
     if plan.new_tokens > 1:
         sim.peak_allocated = sim.allocated
-        requested[1] = requested[0]
+        requested_peak = requested
         # the constant temporaries of a decode step, for the crossings' offsets
         probe = _Emit(count(1), DECODE_SMALLEST)
         _forward(probe, s, [_Cache(c.window, None, None, c.tokens) for c in caches], 1, p + 1,
@@ -930,7 +931,7 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
                             for k in transients]
                 n = min(m for m in nxt if m > n)
         decode_allocated = sim.peak_allocated
-        decode_requested = requested[1]
+        decode_requested = requested_peak
     peak_reserved = jumped_reserved + closed if jumped else sim.peak_reserved
     return InferPeaks(
         load_allocated=load_allocated, load_reserved=load_reserved,
