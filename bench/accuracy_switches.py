@@ -40,7 +40,8 @@ MATRICES = {
                         ("run31-loss1a.jsonl", "run31-loss1b.jsonl", "run32-loss1.jsonl")),
     "h200-pack1.json": ("h200-pack1-predictions.json",
                         ("run30-pack1.jsonl", "run31-pack1.jsonl", "run32-pack1.jsonl")),
-    "h100-switch2.json": ("h100-switch2-predictions.json", ("run33-switch2.jsonl",)),
+    "h100-switch2.json": ("h100-switch2-predictions.json",
+                          ("run33-switch2.jsonl", "run33-switch2b.jsonl")),
 }
 TARGET_ALLOC, TARGET_DEVICE = 3.0, 5.0  # issue 29: each technique, full depth
 # Records whose technique the worker did not apply: reported, not scored. run 31's

@@ -59,6 +59,8 @@ RUNS = {  # run file -> the matrix it measured
     "run32-loss1.jsonl": "h200-loss1.json",
     "run32-trace32.jsonl": "h100-trace32.json",
     "run33-switch2.jsonl": "h100-switch2.json",
+    "run33-switch2b.jsonl": "h100-switch2.json",
+    "run34-trace.jsonl": "h100-trace34.json",
 }
 # Runs measured on another card than the H200: the folder under calibration/ that holds
 # them (runs 27 and 28 were given an H100 80GB HBM3: calibration/h100/run27-gpu.txt,
@@ -77,6 +79,8 @@ RUN_DIRS = {
     "run32-loss1.jsonl": "h100",
     "run32-trace32.jsonl": "h100",
     "run33-switch2.jsonl": "h100",
+    "run33-switch2b.jsonl": "h100",
+    "run34-trace.jsonl": "h100",
 }
 
 
