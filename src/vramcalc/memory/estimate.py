@@ -129,7 +129,7 @@ def fused_head_bytes(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
         _, nv = trl_fused_rows(plan)
         tile = min(nv, TRL_FUSED_TOKENS) * TRL_FUSED_COLUMNS * c
         cols = min(TRL_FUSED_COLUMNS, v) * h * c
-        kept = nv * h * act + 16 * nv + 12 * nv
+        kept = nv * h * act + 17 * nv  # the rows, targets, log_z, entropy, the mask
         train_w = v * h * 4 if plan.method == "full" else 0
         bwd = kept + tile + 2 * cols + nv * h * (4 + act) + train_w + head_grad
         return kept + tile + cols + 30 * nv, bwd

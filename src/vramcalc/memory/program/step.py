@@ -1936,11 +1936,11 @@ def _trl_fused_head(g: Graph, plan: TrainPlan, s: _Shapes, n: Var, head_w: Var,
     Triton (`compact`: only the labelled positions are scored).
 
     Forward (utils.py `_fused_forward`): `mask = labels[:, 1:] != -100` (bool);
-    `hidden_states[mask]` (nonzero's int64 [N, 2] indices, kept by IndexBackward; the N
-    rows); `labels[mask]` (its own nonzero, freed; the int64 targets, saved); then
-    kernels/chunked_logprob.py `ChunkedLogProbFunction.forward`: seven fp32 [N]
-    accumulators, `mm_buf` [min(N, 4096), 32768] in the compute dtype, per tile of 4096
-    rows `hidden[...].to(compute_dtype)` (a copy where the rows are not in it; rebound
+    `hidden_states[mask]` (nonzero's int64 [N, 2] indices for the index, freed; the N
+    rows; IndexBackward keeps the mask); `labels[mask]` (its own nonzero, freed; the
+    int64 targets, saved); then kernels/chunked_logprob.py
+    `ChunkedLogProbFunction.forward`: seven fp32 [N] accumulators, `mm_buf` [min(N,
+    4096), 32768] in the compute dtype, per tile of 4096 rows `hidden[...].to(compute_dtype)` (a copy where the rows are not in it; rebound
     per tile) and per 32768 vocabulary columns `weight[start:end].to(compute_dtype)` (a
     copy where the weight is not in it, freed after the mm); then log_z, logprobs,
     entropy (fp32 [N], `x_sum_exp / sum_exp` a temporary) and is_top1 (two bool
@@ -1956,25 +1956,32 @@ def _trl_fused_head(g: Graph, plan: TrainPlan, s: _Shapes, n: Var, head_w: Var,
     `grad_weight` (fp32 zeros, V x h) where the head trains, `mm_buf`, per tile the rows'
     and the weight columns' casts (a column cast rebound: the next one is made before the
     last goes), the gradients cast back to their dtypes (`.to(hidden.dtype)`, a no-op for
-    fp32); IndexBackward's zeros of the [B, S-1, h] slice, then SliceBackward's of the
-    whole hidden state (n's gradient). Entropy gets no gradient (only `.detach()` is read).
+    fp32); IndexBackward's zeros of the [B, S-1, h] slice (index_put_'s nonzero and sort
+    indices with them), then SliceBackward's of the whole hidden state (n's gradient).
+    Entropy gets no gradient (only `.detach()` is read).
     The loop's requests are held together in backward at their peak (two column casts
-    and one row cast with grad_hidden and mm_buf), not replayed one by one."""
+    and one row cast with grad_hidden and mm_buf), not replayed one by one; an fp32
+    grad_hidden (QLoRA's fp32 rows: it is the gradient) is made after them, where the
+    source makes it first (a node makes its inputs' gradients after its temporaries)."""
     m, nv = trl_fused_rows(plan)
     h = n.size // max(s.tokens * in_b, 1)
     c = s.c if s.autocast else in_b  # compute_dtype: autocast's, else the hidden states'
     cols = min(TRL_FUSED_COLUMNS, vocab)
     tile_rows = min(nv, TRL_FUSED_TOKENS)
     mask = g.alloc(m)
-    idx = g.alloc(nv * 16)  # hidden_states[mask]: nonzero, kept by IndexBackward
-    hidden = g.op(nv * h * in_b, [n], bwd_temps=(m * h * in_b,))
-    if hidden.requires_grad and g.grad_mode:
+    # hidden_states[mask]: the bool mask made indices (nonzero, int64 [N, 2]) for the
+    # index, freed after it; IndexBackward keeps the mask. Its backward: new_zeros of the
+    # [B, S-1, h] slice, index_put_(accumulate=True)'s nonzero and its sort's three int64
+    # [N] (linear, sorted, original indices), then SliceBackward's zeros (n's gradient)
+    idx = g.alloc(nv * 16)
+    hidden = g.op(nv * h * in_b, [n],
+                  bwd_temps=(m * h * in_b, nv * 16, nv * 8, nv * 8, nv * 8))
+    g.unref(idx)
+    if hidden.requires_grad and g.grad_mode and mask is not None:
         node = g.nodes[-1]
         assert isinstance(node, Node)
-        if idx is not None:
-            node.saved.append(idx)
-    else:
-        g.unref(idx)
+        mask.refs += 1
+        node.saved.append(mask)
     nz = g.alloc(nv * 16)  # labels[mask]
     targets = g.alloc(nv * 8)
     g.unref(nz)
