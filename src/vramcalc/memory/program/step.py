@@ -1940,8 +1940,9 @@ def _trl_fused_head(g: Graph, plan: TrainPlan, s: _Shapes, n: Var, head_w: Var,
     rows; IndexBackward keeps the mask); `labels[mask]` (its own nonzero, freed; the
     int64 targets, saved); then kernels/chunked_logprob.py
     `ChunkedLogProbFunction.forward`: seven fp32 [N] accumulators, `mm_buf` [min(N,
-    4096), 32768] in the compute dtype, per tile of 4096 rows `hidden[...].to(compute_dtype)` (a copy where the rows are not in it; rebound
-    per tile) and per 32768 vocabulary columns `weight[start:end].to(compute_dtype)` (a
+    4096), 32768] in the compute dtype, per tile of 4096 rows
+    `hidden[...].to(compute_dtype)` (a copy where the rows are not in it; rebound per
+    tile) and per 32768 vocabulary columns `weight[start:end].to(compute_dtype)` (a
     copy where the weight is not in it, freed after the mm); then log_z, logprobs,
     entropy (fp32 [N], `x_sum_exp / sum_exp` a temporary) and is_top1 (two bool
     comparisons and their `&`); it saves hidden, targets, log_z, entropy and frees the
