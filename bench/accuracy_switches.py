@@ -42,6 +42,8 @@ MATRICES = {
                         ("run30-pack1.jsonl", "run31-pack1.jsonl", "run32-pack1.jsonl")),
     "h100-switch2.json": ("h100-switch2-predictions.json",
                           ("run33-switch2.jsonl", "run33-switch2b.jsonl")),
+    # TRL >= 1.15 SFTTrainer's fused LM head (calibration/design_trl.py)
+    "h100-trl2.json": ("h100-trl2-predictions.json", ("run35-trl2.jsonl",)),
 }
 TARGET_ALLOC, TARGET_DEVICE = 3.0, 5.0  # issue 29: each technique, full depth
 # Records whose technique the worker did not apply: reported, not scored. run 31's
@@ -70,7 +72,8 @@ def technique(point_id: str, plan: Any) -> str:
         return "none (twin)"
     return {"pf": "padding-free", "pf5000": "padding-free, 5000 tokens", "packed": "packed",
             "ckoff": "offload checkpoints", "nogc": "offload all",
-            "alloff": "offload all", "chunked": "loss chunked"}.get(tag, tag)
+            "alloff": "offload all", "chunked": "loss chunked",
+            "fused": "loss trl-fused", "torch": "none (twin)"}.get(tag, tag)
 
 
 def host_measured(m: dict[str, Any]) -> int | None:
@@ -116,6 +119,11 @@ def rows_of(matrix: str) -> list[dict[str, Any]]:
                                if clean and dev else None),
                 "host_pred": p.get("host_bytes", 0), "host_meas": host_measured(m),
                 "retries": m.get("num_alloc_retries"),
+                # the forward's peak (the worker's forward hook, the largest over the
+                # steps) against the predicted forward phase, where predicted
+                "fwd": (pct(p["phase_peaks"]["forward"],
+                            max(f["fwd_peak"] for f in m["forward_marks"]))
+                        if "phase_peaks" in p and m.get("forward_marks") else None),
             }
             rows.append(row)
     # one row per point: a measured record, else the last run's status
@@ -134,7 +142,7 @@ def report(matrix: str, show: bool) -> None:
     for r in rows:
         if r["status"] != "ok":
             print(f"  {r['id']}: {r['status']}")
-    for key in ("alloc", "reserved", "device", "alloc_now", "device_now"):
+    for key in ("alloc", "reserved", "device", "alloc_now", "device_now", "fwd"):
         print(f"  {key:10s} {summary([r[key] for r in ok if r[key] is not None])}")
     print("  by technique (allocated; device):")
     for tech in sorted({r["technique"] for r in ok}):

@@ -302,7 +302,7 @@ def test_memory_saver_controls(server: VramcalcServer, browser: Any, tmp_path: P
     before = tab.generation()
     tab.page.select_option("#trainer", "trl")
     tab.settle(before)
-    assert tab.page.input_value("#loss-kernel") == "trl-chunked"
+    assert tab.page.input_value("#loss-kernel") == "trl-fused"
     assert tab.page.input_value("#offload-activations") == "none"
     query, body = tab.shown("plan")
     assert "trainer=trl" in query

@@ -366,7 +366,7 @@ def test_trainer_presets_for_the_page(server: VramcalcServer) -> None:
     presets = json.loads(body)["trainers"]
     assert set(presets) == set(TRAINERS)
     trl = presets["trl"]["controls"]
-    assert trl["loss-kernel"] == "trl-chunked" and trl["seq-len"] == "1024"
+    assert trl["loss-kernel"] == "trl-fused" and trl["seq-len"] == "1024"
     assert presets["unsloth"]["controls"]["offload-activations"] == "checkpoints"
     assert "--compute-dtype fp32" in presets["hf"]["other"]
     # the controls given explicitly plan what the preset alone plans

@@ -1,5 +1,6 @@
 """Trainer presets apply the loss their trainer applies by default (trainers.py): TRL
-SFTTrainer's chunked_nll (--loss-kernel trl-chunked), Unsloth's fused cross-entropy
+SFTTrainer's fused LM head of TRL >= 1.15 (--loss-kernel trl-fused; trl-chunked was TRL
+1.4-1.14's chunked_nll), Unsloth's fused cross-entropy
 (planned as liger's), none for the HF Trainer and axolotl; a given --loss-kernel or one
 read from --from-config wins."""
 
@@ -27,7 +28,7 @@ def _plan(*args: str) -> tuple[dict[str, Any], str]:
 
 
 @pytest.mark.parametrize(("trainer", "kernel"), [
-    ("trl", "trl-chunked"), ("unsloth", "liger"), ("hf", "torch"), ("axolotl", "torch"),
+    ("trl", "trl-fused"), ("unsloth", "liger"), ("hf", "torch"), ("axolotl", "torch"),
     ("plain", "torch"),
 ])
 def test_preset_plans_its_loss(trainer: str, kernel: str) -> None:
@@ -39,20 +40,20 @@ def test_preset_loss_is_the_estimate_of_that_kernel() -> None:
     """--trainer trl's bytes are the bytes of its options given by hand (one answer)."""
     got, _ = _plan("-m", "llama-3.2-1b", "--trainer", "trl")
     by_hand, _ = _plan("-m", "llama-3.2-1b", "--batch", "8", "--seq-len", "1024",
-                       "--optimizer", "adamw_torch_fused", "--loss-kernel", "trl-chunked")
+                       "--optimizer", "adamw_torch_fused", "--loss-kernel", "trl-fused")
     assert got["required_device_bytes"] == by_hand["required_device_bytes"]
     full, _ = _plan("-m", "llama-3.2-1b", "--batch", "8", "--seq-len", "1024",
                     "--optimizer", "adamw_torch_fused")
     assert got["peak_allocated_bytes"] < full["peak_allocated_bytes"]  # no full logits
     api = vramcalc.plan("llama-3.2-1b", batch_size=8, seq_len=1024,
-                        optimizer="adamw_torch_fused", loss_kernel="trl-chunked")
+                        optimizer="adamw_torch_fused", loss_kernel="trl-fused")
     assert api.required_device_bytes == got["required_device_bytes"]
 
 
 def test_given_loss_kernel_wins_with_a_note() -> None:
     got, err = _plan("-m", "llama-3.2-1b", "--trainer", "trl", "--loss-kernel", "torch")
     assert got["plan"]["loss_kernel"] == "torch"
-    assert "applies the loss 'chunked_nll' by default" in " ".join(err.split())
+    assert "applies the loss 'fused_lm_head' by default" in " ".join(err.split())
 
 
 def test_unsloth_note_says_what_differs() -> None:
@@ -63,8 +64,9 @@ def test_unsloth_note_says_what_differs() -> None:
 
 
 @pytest.mark.parametrize(("text", "kernel"), [
-    ("loss_type: chunked_nll\n", "trl-chunked"),
-    ("loss_type: nll\n", "torch"),
+    # trl 1.16.0: chunked_nll is an alias of nll; both run SFTTrainer's fused LM head
+    ("loss_type: chunked_nll\n", "trl-fused"),
+    ("loss_type: nll\n", "trl-fused"),
     ("use_liger_kernel: true\n", "liger"),
     ("loss_type: nll\nuse_liger_kernel: true\n", "liger"),
 ])
@@ -77,10 +79,12 @@ def test_config_loss_type(tmp_path: Path, text: str, kernel: str) -> None:
 
 
 def test_config_dft_is_listed_not_modelled(tmp_path: Path) -> None:
+    """dft runs the fused head too (trl 1.16.0 compute_loss): planned as it, its per-token
+    weights listed as not modelled."""
     f = tmp_path / "sft.yaml"
     f.write_text("model_name_or_path: m\nloss_type: dft\n")
     tc = read_training_config(f)
-    assert "loss_kernel" not in tc.options
+    assert tc.options["loss_kernel"] == "trl-fused"
     assert any(u.startswith("loss_type: dft") for u in tc.unmodelled)
 
 

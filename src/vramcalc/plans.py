@@ -39,8 +39,10 @@ OffloadActivations = Literal["none", "checkpoints", "all"]
 # liger-kernel's fused linear cross-entropy with its RMSNorm / SwiGLU / RoPE kernels
 # (`use_liger_kernel=True`), Apple's cut-cross-entropy (`cce_patch`), or torchtune-style
 # chunked cross-entropy (CEWithChunkedOutputLoss, 8 chunks), or TRL SFTTrainer's default
-# `loss_type="chunked_nll"` (trl-chunked: checkpointed chunks of 256 labelled tokens).
-LossKernel = Literal["torch", "liger", "cce", "chunked", "trl-chunked"]
+# `loss_type="chunked_nll"` of TRL 1.4-1.14 (trl-chunked: checkpointed chunks of 256
+# labelled tokens), or TRL SFTTrainer's fused LM head of TRL >= 1.15 (trl-fused:
+# `add_fused_lm_head`, ChunkedLogProbFunction tiles of 4096 rows x 32768 columns).
+LossKernel = Literal["torch", "liger", "cce", "chunked", "trl-chunked", "trl-fused"]
 Optimizer = Literal[
     "adamw_torch",
     "adamw_torch_fused",

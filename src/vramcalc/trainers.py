@@ -16,7 +16,12 @@ Sources (read at the commits named):
            padding_free False, gradient_checkpointing True, bf16 True unless fp16,
            loss_type "chunked_nll" unless use_liger_kernel ("nll"; sft_config.py
            __post_init__; SFTTrainer.__init__ patches the model's forward with
-           _patch_chunked_ce_lm_head: --loss-kernel trl-chunked), activation_offloading
+           _patch_chunked_ce_lm_head: --loss-kernel trl-chunked, TRL 1.4-1.14; from
+           trl 1.15.0 (read at 1.16.0) SFTTrainer.__init__ always calls
+           trainer/utils.py add_fused_lm_head(outputs=("log_probs", "entropy",
+           "is_top1")) and compute_loss calls the model with fused_lm_head=True, and
+           "chunked_nll" is a deprecated alias of "nll": --loss-kernel trl-fused, the
+           preset's), activation_offloading
            False; TrainingArguments' batch 8 and optim. SFTTrainer.__init__ casts the
            trainable parameters of a quantized model to bf16 and calls no
            prepare_model_for_kbit_training; compute_loss sets use_cache False.
@@ -50,7 +55,8 @@ class TrainerPreset:
     options: dict[str, Any]  # build_plan keyword -> the trainer's default
     # The loss the trainer applies by default, in its own words (the plan field it maps to
     # is options["loss_kernel"]): "none" (transformers' loss_utils ForCausalLMLoss on full
-    # logits), "chunked_nll" (TRL), "unsloth_fused_ce" (Unsloth).
+    # logits), "fused_lm_head" (TRL >= 1.15; "chunked_nll" in TRL 1.4-1.14),
+    # "unsloth_fused_ce" (Unsloth).
     loss_kernel: str = "none"
     unmodelled: tuple[str, ...] = field(default=())
 
@@ -58,7 +64,7 @@ class TrainerPreset:
 _TRL_ARGS = {"batch": 8, "optimizer": "adamw_torch_fused"}  # TrainingArguments'
 _TRL = {**_TRL_ARGS, "seq_len": 1024, "gradient_checkpointing": True,
         "compute_dtype": "bf16", "batch_layout": "padded", "offload_activations": "none",
-        "loss_kernel": "trl-chunked"}
+        "loss_kernel": "trl-fused"}
 _TRL_UNMODELLED = (
     "TRL casts a quantized model's trainable (LoRA) parameters to bf16 and does not call "
     "prepare_model_for_kbit_training: planned with fp32 adapters and fp32 norms/embeddings",
@@ -68,7 +74,7 @@ TRAINERS: dict[str, TrainerPreset] = {
     "hf": TrainerPreset("hf", {"loop": "trainer", "batch": 8,
                                "optimizer": "adamw_torch_fused",
                                "gradient_checkpointing": False, "compute_dtype": "fp32"}),
-    "trl": TrainerPreset("trl", {"loop": "trainer", **_TRL}, loss_kernel="chunked_nll",
+    "trl": TrainerPreset("trl", {"loop": "trainer", **_TRL}, loss_kernel="fused_lm_head",
                          unmodelled=_TRL_UNMODELLED),
     "unsloth": TrainerPreset(
         "unsloth",

@@ -439,15 +439,26 @@ def _trl(m: _Mapper) -> TrainingConfig:
         config: dict[str, Any] = raw if isinstance(raw, dict) else {}
         _liger(m, "use_liger_kernel", config,
                {k: f"liger_kernel_config.{k}" for k in config})
-    # trl f2cd577 sft_config.py loss_type: "chunked_nll" (SFTTrainer patches the forward,
-    # sft_trainer.py _patch_chunked_ce_lm_head), "nll" (the model's own loss), "dft"; unset:
-    # chunked_nll unless use_liger_kernel (then TRL's preset, --trainer trl, supplies it)
+    # trl 1.16.0 sft_config.py loss_type: "nll" (default), "dft", "chunked_nll" (a
+    # deprecated alias of "nll", __post_init__); whatever it is, SFTTrainer.__init__ adds
+    # the fused LM head (trainer/utils.py add_fused_lm_head) and compute_loss takes
+    # -log_probs from it (dft weights them by their exp: a few [B, S] fp32 tensors more,
+    # not modelled): --loss-kernel trl-fused. TRL 1.4-1.14 read "chunked_nll" (their
+    # default) as its _patch_chunked_ce_lm_head (--loss-kernel trl-chunked) and "nll" as
+    # the model's own loss (--loss-kernel torch): give --loss-kernel for those versions.
+    # use_liger_kernel: TRL >= 1.15 refuses Liger's fused linear cross-entropy and keeps
+    # its fused head with Liger's layer kernels, a mix not modelled (planned as liger's).
     loss_type = d.get("loss_type")
-    if loss_type == "chunked_nll" and d.get("use_liger_kernel") is not True:
-        m.set("loss_kernel", "trl-chunked", "loss_type")
-    elif loss_type == "nll" and d.get("use_liger_kernel") is not True:
-        m.set("loss_kernel", "torch", "loss_type")
-    elif loss_type is not None and loss_type not in ("nll", "chunked_nll"):
+    if d.get("use_liger_kernel") is True:
+        m.unmodelled.append("use_liger_kernel with TRL >= 1.15: Liger's layer kernels with "
+                            "TRL's fused LM head (TRL refuses Liger's fused linear "
+                            "cross-entropy); planned as --loss-kernel liger")
+    elif loss_type in ("nll", "chunked_nll", "dft"):
+        m.set("loss_kernel", "trl-fused", "loss_type")
+        if loss_type == "dft":
+            m.unmodelled.append("loss_type: dft (TRL's fused LM head; its per-token weights, "
+                                "log_probs.exp(), not modelled)")
+    elif loss_type is not None:
         m.unmodelled.append(f"loss_type: {loss_type} (not modelled; planned as "
                             "loss_type nll)")
     m.unmodelled_keys({

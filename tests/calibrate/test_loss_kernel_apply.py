@@ -54,3 +54,33 @@ def test_liger_is_applied_by_every_loop_that_does_not_call_train(
 def test_the_torch_loss_is_left_alone(liger_calls: list[Any]) -> None:
     apply_loss_kernel(_Peft(object()), TrainPlan(loss_kernel="torch", loop="plain"))
     assert liger_calls == []
+
+
+def test_trl_fused_runs_trls_own_head_in_the_trainer_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--loss-kernel trl-fused: the worker puts trl's add_fused_lm_head on the CausalLM
+    and computes the loss as SFTTrainer.compute_loss does (fused_lm_head=True): trl's
+    ChunkedLogProbFunction scores the step's rows (on CPU every shifted position: trl
+    scores only the labelled ones on Triton devices)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    utils = pytest.importorskip("trl.trainer.utils")
+    from vramcalc.calibrate.run import measure_point
+    from vramcalc.models.spec import ModelSpec
+
+    rows: list[tuple[int, ...]] = []
+    inner = utils._ChunkedLogProbFunction.apply
+
+    def spy(*a: Any, **k: Any) -> Any:
+        rows.append(tuple(a[0].shape))
+        return inner(*a, **k)
+
+    monkeypatch.setattr(utils._ChunkedLogProbFunction, "apply", spy)
+    spec = ModelSpec(name="tiny-llama", model_type="llama", vocab_size=256, hidden_size=128,
+                     intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2)
+    plan = TrainPlan(method="lora", batch_size=2, seq_len=16, optimizer="adamw_torch",
+                     loss_kernel="trl-fused")
+    result = measure_point(spec, plan, None, steps=2, device="cpu")
+    assert "error" not in result, result.get("error")
+    assert rows == [(2 * 15, 128)] * 2  # one call per step, B x (S - 1) rows

@@ -339,7 +339,9 @@ def apply_loss_kernel(model: Any, plan: TrainPlan) -> None:
     not in `__init__`, so only the `trainer` loop gets it from TrainingArguments; the
     loops that never call `train()` (`plain`, and the `trainer-plain*` loops, which only
     build a Trainer for its optimizer) get it here.
-    trl-chunked: TRL's own patch (`_patch_chunked_ce_lm_head`), as SFTTrainer applies it.
+    trl-chunked: TRL's own patch (`_patch_chunked_ce_lm_head`), as SFTTrainer 1.4-1.14
+    applies it. trl-fused: TRL's `add_fused_lm_head` (trl >= 1.15), as SFTTrainer applies
+    it; the loss is SFTTrainer.compute_loss's (`_sft_trainer`).
     cce and chunked: the CausalLM's forward replaced, in training with labels, by the
     decoder, then the loss from its last hidden state (`_head_loss_forward`)."""
     if plan.loss_kernel == "torch":
@@ -352,15 +354,60 @@ def apply_loss_kernel(model: Any, plan: TrainPlan) -> None:
             _apply_liger_kernel_to_instance(model=lm)
         return
     if plan.loss_kernel == "trl-chunked":
-        # what SFTTrainer.__init__ does for loss_type="chunked_nll" (trl 1.x
+        # what SFTTrainer.__init__ does for loss_type="chunked_nll" (trl 1.4-1.14
         # sft_trainer.py): patch the inner CausalLM's forward, chunks of 256 tokens
         from trl.trainer.sft_trainer import _CHUNKED_LM_HEAD_CHUNK_SIZE, _patch_chunked_ce_lm_head
 
         _patch_chunked_ce_lm_head(lm, chunk_size=_CHUNKED_LM_HEAD_CHUNK_SIZE)
         return
+    if plan.loss_kernel == "trl-fused":
+        # what SFTTrainer.__init__ does in trl 1.15+ (1.16.0 sft_trainer.py, after the peft
+        # wrapping, on `self.model.get_base_model()`): the fused LM head on the CausalLM;
+        # the trainer loop's compute_loss calls it (_SFTLoss.compute_loss)
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(lm, outputs=TRL_FUSED_OUTPUTS)
+        return
     import types
 
     lm.forward = types.MethodType(_head_loss_forward(plan.loss_kernel, lm.forward), lm)
+
+
+# trl 1.16.0 sft_trainer.py SFTTrainer.__init__: add_fused_lm_head's outputs (`is_top1`
+# feeds mean_token_accuracy)
+TRL_FUSED_OUTPUTS = ("log_probs", "entropy", "is_top1")
+
+
+def _sft_loss_trainer(base: Any) -> Any:
+    """`base` (transformers Trainer or a subclass) with TRL SFTTrainer's compute_loss for
+    its default loss (trl 1.16.0 sft_trainer.py SFTTrainer.compute_loss, loss_type "nll",
+    no compute_loss_func, no label smoothing, one process: gather_for_metrics is the
+    identity): `model(**inputs, fused_lm_head=True)`, `-outputs.log_probs` summed over the
+    labelled tokens, then the metrics SFTTrainer logs (entropy, mean_token_accuracy,
+    num_tokens), each read with `.item()` as it does."""
+
+    class SFTLossTrainer(base):  # type: ignore[misc,valid-type]
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            import torch
+
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)
+            per_token_loss = -outputs.log_probs  # zero on ignored positions
+            num_tokens = (outputs.label_mask.sum() if num_items_in_batch is None
+                          else num_items_in_batch)
+            loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            num_valid = outputs.label_mask.sum()
+            entropy_sum = outputs.entropy.detach().sum()
+            num_correct = outputs.is_top1.sum()
+            metrics = self.__dict__.setdefault("_sft_metrics", [])
+            metrics.append(((entropy_sum / num_valid).item() if num_valid > 0 else 0.0,
+                            (num_correct / num_valid).item() if num_valid > 0 else 0.0))
+            if "attention_mask" in inputs:
+                inputs["attention_mask"].sum().item()
+            return (loss, outputs) if return_outputs else loss
+
+    return SFTLossTrainer
 
 
 def _head_loss_forward(kernel: str, original: Any) -> Any:
@@ -640,6 +687,8 @@ def measure_point(
                             return super().training_step(*a, **kw)
 
                 trainer_cls = OffloadTrainer
+            if plan.loss_kernel == "trl-fused":
+                trainer_cls = _sft_loss_trainer(trainer_cls)
             trainer = trainer_cls(model=model, args=args, train_dataset=dataset,
                                   callbacks=[Recorder()])
         if plan.use_cache is not None:

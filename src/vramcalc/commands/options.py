@@ -133,7 +133,8 @@ LossKernelOpt = Annotated[
     str, typer.Option("--loss-kernel", help=f"Loss head: {'|'.join(LOSS_KERNELS)} (liger: "
                       "use_liger_kernel=True, its fused linear cross-entropy, RMSNorm, SwiGLU "
                       "and RoPE; cce: cut-cross-entropy; chunked: torchtune-style, 8 chunks; "
-                      "trl-chunked: TRL SFTTrainer's default loss_type chunked_nll).")
+                      "trl-chunked: TRL 1.4-1.14 SFTTrainer's default loss_type chunked_nll; "
+                      "trl-fused: TRL >= 1.15 SFTTrainer's fused LM head, always on).")
 ]
 DoubleQuantOpt = Annotated[
     bool, typer.Option("--double-quant/--no-double-quant", help="Quantize the absmax constants.")

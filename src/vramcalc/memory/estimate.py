@@ -46,9 +46,12 @@ from vramcalc.memory.program.logits import (
 from vramcalc.memory.program.optimizer import optimizer_bytes
 from vramcalc.memory.program.step import (
     TRL_CHUNK_TOKENS,
+    TRL_FUSED_COLUMNS,
+    TRL_FUSED_TOKENS,
     liger_chunk_rows,
     offload_host_bytes,
     program_peaks,
+    trl_fused_rows,
 )
 from vramcalc.memory.program.trainable import (
     check_lora_can_start,
@@ -118,6 +121,18 @@ def fused_head_bytes(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
         kept = t * h * act + head_grad
         chunk = v * h * (4 + c) + 4 * rows * v * 4
         return kept + chunk, 2 * kept + chunk + 3 * rows * v * 4
+    if plan.loss_kernel == "trl-fused":
+        # the scored rows kept (saved) with a few fp32 per-row vectors; one 4096 x 32768
+        # logits tile (and a weight column cast) at a time; in backward the fp32
+        # grad_hidden (and grad_weight), the tile, and IndexBackward's zeros
+        # (step.py _trl_fused_head)
+        _, nv = trl_fused_rows(plan)
+        tile = min(nv, TRL_FUSED_TOKENS) * TRL_FUSED_COLUMNS * c
+        cols = min(TRL_FUSED_COLUMNS, v) * h * c
+        kept = nv * h * act + 17 * nv  # the rows, targets, log_z, entropy, the mask
+        train_w = v * h * 4 if plan.method == "full" else 0
+        bwd = kept + tile + 2 * cols + nv * h * (4 + act) + train_w + head_grad
+        return kept + tile + cols + 30 * nv, bwd
     # chunked: every chunk's log-softmax kept (fp32) and the compute-dtype logits until
     # the loss is summed, one fp32 copy at a time
     units = 4 + c + 4 / CHUNKED_LOSS_CHUNKS
@@ -131,8 +146,11 @@ def fused_head_largest(spec: ModelSpec, plan: TrainPlan) -> int:
     c = DTYPE_BYTES[plan.compute_dtype]
     rows = {"liger": min(liger_chunk_rows(t, v, h), t), "cce": 0,
             "chunked": -(-t // CHUNKED_LOSS_CHUNKS),
-            "trl-chunked": min(TRL_CHUNK_TOKENS, t)}[plan.loss_kernel]
+            "trl-chunked": min(TRL_CHUNK_TOKENS, t), "trl-fused": 0}[plan.loss_kernel]
     weight = v * h * max(c, DTYPE_BYTES[plan.load_dtype])
+    if plan.loss_kernel == "trl-fused":  # the logits tile, the fp32 grad_hidden
+        tile = min(trl_fused_rows(plan)[1], TRL_FUSED_TOKENS) * TRL_FUSED_COLUMNS * c
+        return max(tile, t * h * 4, weight)
     return max(rows * v * 4, t * h * 4, weight)
 
 
@@ -152,6 +170,10 @@ def check_loss_kernel(spec: ModelSpec, plan: TrainPlan) -> None:
     if kernel == "chunked" and plan.holds_output:
         raise PlanError(f"{flag}: not modelled with --loop {plan.loop} (a loop holding the "
                         "output's list of logit chunks); use trainer, plain or trainer-plain")
+    if kernel == "trl-fused" and plan.loop != "trainer":
+        raise PlanError(f"{flag}: TRL's fused LM head is SFTTrainer's (its compute_loss "
+                        f"calls the model with fused_lm_head=True): use --loop trainer, "
+                        f"not {plan.loop}")
     if not step_program_covers(spec, plan):
         raise PlanError(f"{flag}: not modelled for {spec.name} with this plan (the step "
                         "program does not cover it, docs/memory-model.md)")

@@ -63,7 +63,9 @@ LOSS_KERNEL_OFFERS: dict[str, tuple[str, str]] = {
     "chunked": ("chunked cross-entropy (8 chunks, torchtune-style)",
                 "CEWithChunkedOutputLoss"),
     "trl-chunked": ("TRL chunked NLL (256-token checkpointed chunks)",
-                    'SFTTrainer with loss_type="chunked_nll", its default'),
+                    'SFTTrainer with loss_type="chunked_nll", its default in TRL 1.4-1.14'),
+    "trl-fused": ("TRL fused LM head (4096 x 32768 logit tiles)",
+                  "SFTTrainer of TRL >= 1.15 (add_fused_lm_head, always on)"),
 }
 
 

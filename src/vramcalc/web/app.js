@@ -663,9 +663,10 @@ function trlSnippet(s) {
 function trlSaverLines(s) {
   const out = [];
   const loss = {
-    torch: ['    loss_type="nll",  # the model\'s own loss on the full logits'],
+    torch: ['    loss_type="nll",  # TRL <= 1.14: the model\'s own loss on the full logits'],
     liger: ["    use_liger_kernel=True,"],
-    "trl-chunked": ['    loss_type="chunked_nll",'],
+    "trl-chunked": ['    loss_type="chunked_nll",  # TRL 1.4-1.14'],
+    "trl-fused": ['    loss_type="nll",  # TRL >= 1.15: SFTTrainer\'s fused LM head, always on'],
     cce: ['    loss_type="nll",  # cut-cross-entropy: cce_patch(model) before SFTTrainer'],
     chunked: ['    loss_type="nll",  # torchtune CEWithChunkedOutputLoss: a loss of your own'],
   }[s["loss-kernel"]];

@@ -231,9 +231,9 @@ def test_compare_rows_and_one_answer() -> None:
     assert r.exit_code == 0, r.output
     rows = {m["method"]: m for m in json.loads(r.stdout)["methods"]}
     qlora = rows["qlora"]["loss_kernels"]
-    assert list(qlora) == ["torch", "liger", "cce", "chunked", "trl-chunked"]
+    assert list(qlora) == ["torch", "liger", "cce", "chunked", "trl-chunked", "trl-fused"]
     assert qlora["torch"]["required_device_bytes"] == rows["qlora"]["required_device_bytes"]
-    for kernel in ("liger", "cce", "chunked", "trl-chunked"):
+    for kernel in ("liger", "cce", "chunked", "trl-chunked", "trl-fused"):
         plan = _plan_json(*ISSUE_CASE, "--loss-kernel", kernel)
         assert qlora[kernel]["required_device_bytes"] == plan["required_device_bytes"]
         assert qlora[kernel]["peak_allocated_bytes"] == plan["peak_allocated_bytes"]

@@ -28,6 +28,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("qwen3-1.7b", {"method": "lora", "quant": "none", "loss_kernel": "chunked"}),
     ("llama-3.2-1b", {"method": "full", "quant": "none", "optimizer": "adamw_torch_fused",
                       "loss_kernel": "trl-chunked"}),
+    ("qwen2.5-0.5b", {"method": "qlora", "loss_kernel": "trl-fused"}),
     ("llama-3.2-1b", {"method": "qlora", "layout": "packed"}),
     ("llama-3.2-3b", {"method": "lora", "quant": "none", "offload_activations": "all"}),
     ("llama-3.2-3b", {"method": "qlora", "offload_activations": "checkpoints"}),

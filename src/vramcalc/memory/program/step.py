@@ -1767,6 +1767,8 @@ def _fused_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n: Var,
         return loss
     if plan.loss_kernel == "trl-chunked":
         return _trl_chunked_head(g, spec, plan, s, n, head_w, w_b, in_b, trains)
+    if plan.loss_kernel == "trl-fused":
+        return _trl_fused_head(g, plan, s, n, head_w, vocab, w_b, in_b, trains)
     # chunked: torchtune CEWithChunkedOutputLoss (modules/loss/ce_chunked_output_loss.py,
     # num_output_chunks 8): the decoder's output projection per chunk of the sequence
     # (`[self.output(chunk) for chunk in h.chunk(num_output_chunks, dim=1)]`), then per
@@ -1906,6 +1908,150 @@ def _trl_chunked_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n:
     else:
         g.unref(order)
     g.drop(gathered)
+    return loss
+
+
+# trl 1.16.0 trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE (rows of a projection tile)
+# and trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE (its vocabulary columns)
+TRL_FUSED_TOKENS = 4096
+TRL_FUSED_COLUMNS = 32768
+
+
+def trl_fused_rows(plan: TrainPlan) -> tuple[int, int]:
+    """(positions, scored rows) of TRL's fused LM head: the label mask's positions after
+    the shift (`last_hidden_state[:, :-1]`, one fewer per sequence row) and the rows it
+    scores, every shifted position labelled (on a Triton device only the labelled rows
+    are scored: `compact`)."""
+    batch, seq = plan.rows
+    m = batch * (seq - 1)
+    return m, m
+
+
+def _trl_fused_head(g: Graph, plan: TrainPlan, s: _Shapes, n: Var, head_w: Var,
+                    vocab: int, w_b: int, in_b: int, trains: bool) -> Var:
+    """TRL SFTTrainer's LM head and loss from trl 1.15 on (trl 1.16.0: SFTTrainer.__init__
+    always calls trl/trainer/utils.py `add_fused_lm_head(model, outputs=("log_probs",
+    "entropy", "is_top1"))`; compute_loss calls `model(**inputs, fused_lm_head=True)` and
+    takes `-outputs.log_probs` summed over the labelled tokens), on a CUDA device with
+    Triton (`compact`: only the labelled positions are scored).
+
+    Forward (utils.py `_fused_forward`): `mask = labels[:, 1:] != -100` (bool);
+    `hidden_states[mask]` (nonzero's int64 [N, 2] indices for the index, freed; the N
+    rows; IndexBackward keeps the mask); `labels[mask]` (its own nonzero, freed; the
+    int64 targets, saved); then kernels/chunked_logprob.py
+    `ChunkedLogProbFunction.forward`: seven fp32 [N] accumulators, `mm_buf` [min(N,
+    4096), 32768] in the compute dtype, per tile of 4096 rows
+    `hidden[...].to(compute_dtype)` (a copy where the rows are not in it; rebound per
+    tile) and per 32768 vocabulary columns `weight[start:end].to(compute_dtype)` (a
+    copy where the weight is not in it, freed after the mm); then log_z, logprobs,
+    entropy (fp32 [N], `x_sum_exp / sum_exp` a temporary) and is_top1 (two bool
+    comparisons and their `&`); it saves hidden, targets, log_z, entropy and frees the
+    rest on return. Each output is scattered back (`x.new_zeros(mask.shape)
+    .masked_scatter(mask, x)`: the zeros, their clone, the int64 prefix sum of
+    masked_scatter_, the zeros freed). SFTTrainer.compute_loss: `per_token_loss =
+    -outputs.log_probs` (sum, divide: scalars; the metrics' sums and `.item()`), the
+    outputs go when it returns; MaskedScatterBackward keeps the mask.
+    Backward: NegBackward's gradient of log_probs (the sum's is an expanded scalar);
+    MaskedScatterBackward `grad.masked_select(mask)` (nonzero's indices, freed, and the N
+    fp32 rows); ChunkedLogProbFunction.backward: `grad_hidden` (fp32 zeros, N x h),
+    `grad_weight` (fp32 zeros, V x h) where the head trains, `mm_buf`, per tile the rows'
+    and the weight columns' casts (a column cast rebound: the next one is made before the
+    last goes), the gradients cast back to their dtypes (`.to(hidden.dtype)`, a no-op for
+    fp32); IndexBackward's zeros of the [B, S-1, h] slice (index_put_'s nonzero and sort
+    indices with them), then SliceBackward's of the whole hidden state (n's gradient).
+    Entropy gets no gradient (only `.detach()` is read).
+    The loop's requests are held together in backward at their peak (two column casts
+    and one row cast with grad_hidden and mm_buf), not replayed one by one; an fp32
+    grad_hidden (QLoRA's fp32 rows: it is the gradient) is made after them, where the
+    source makes it first (a node makes its inputs' gradients after its temporaries)."""
+    m, nv = trl_fused_rows(plan)
+    h = n.size // max(s.tokens * in_b, 1)
+    c = s.c if s.autocast else in_b  # compute_dtype: autocast's, else the hidden states'
+    cols = min(TRL_FUSED_COLUMNS, vocab)
+    tile_rows = min(nv, TRL_FUSED_TOKENS)
+    mask = g.alloc(m)
+    # hidden_states[mask]: the bool mask made indices (nonzero, int64 [N, 2]) for the
+    # index, freed after it; IndexBackward keeps the mask. Its backward: new_zeros of the
+    # [B, S-1, h] slice, index_put_(accumulate=True)'s nonzero and its sort's three int64
+    # [N] (linear, sorted, original indices), then SliceBackward's zeros (n's gradient)
+    idx = g.alloc(nv * 16)
+    hidden = g.op(nv * h * in_b, [n],
+                  bwd_temps=(m * h * in_b, nv * 16, nv * 8, nv * 8, nv * 8))
+    g.unref(idx)
+    if hidden.requires_grad and g.grad_mode and mask is not None:
+        node = g.nodes[-1]
+        assert isinstance(node, Node)
+        mask.refs += 1
+        node.saved.append(mask)
+    nz = g.alloc(nv * 16)  # labels[mask]
+    targets = g.alloc(nv * 8)
+    g.unref(nz)
+    accs = [g.alloc(nv * 4) for _ in range(7)]
+    mm_buf = g.alloc(tile_rows * TRL_FUSED_COLUMNS * c)
+    hc: Buf | None = None
+    for start in range(0, nv, TRL_FUSED_TOKENS):
+        rows = min(TRL_FUSED_TOKENS, nv - start)
+        new = g.alloc(rows * h * c) if in_b != c else None
+        g.unref(hc)
+        hc = new
+        for col in range(0, vocab, TRL_FUSED_COLUMNS):
+            wc = g.alloc(min(cols, vocab - col) * h * c) if w_b != c else None
+            g.workspace()
+            g.unref(wc)
+    g.temp(nv * 4)  # torch.log(sum_exp)
+    log_z = g.alloc(nv * 4)
+    trains_head = [head_w] if trains else []
+    temps = [nv * h * 4 if in_b != 4 else 0, vocab * h * 4 if trains and w_b != 4 else 0,
+             tile_rows * TRL_FUSED_COLUMNS * c, tile_rows * h * c if in_b != c else 0,
+             cols * h * c if w_b != c else 0, cols * h * c if w_b != c else 0]
+    logprobs = g.op(nv * 4, [hidden, *trains_head], save=(hidden,),
+                    bwd_temps=tuple(x for x in temps if x), mm=True)
+    g.temp(nv * 4)  # x_sum_exp / sum_exp
+    entropy = g.alloc(nv * 4)
+    ge = g.alloc(nv)
+    gt = g.alloc(nv)
+    top1 = g.alloc(nv)
+    g.unref(gt)
+    g.unref(ge)
+    if logprobs.requires_grad and g.grad_mode:
+        node = g.nodes[-1]
+        assert isinstance(node, Node)
+        for b in (targets, log_z, entropy):
+            if b is not None:
+                b.refs += 1
+                node.saved.append(b)
+    g.drop(hidden)
+    for b in (*accs, mm_buf, hc, targets, log_z):
+        g.unref(b)
+    # the outputs scattered back to [B, S-1]: log_probs (kept by the graph's chain),
+    # entropy (fp32), is_top1 (bool)
+    zeros = g.alloc(m * 4)
+    full = g.op(m * 4, [logprobs], bwd_temps=(nv * 16,))
+    if full.requires_grad and g.grad_mode:
+        node = g.nodes[-1]
+        assert isinstance(node, Node)
+        if mask is not None:
+            mask.refs += 1
+            node.saved.append(mask)
+    g.temp(m * 8)
+    g.unref(zeros)
+    outs: list[Buf | None] = []
+    for size in (4, 1):
+        zeros = g.alloc(m * size)
+        outs.append(g.alloc(m * size))
+        g.temp(m * 8)
+        g.unref(zeros)
+    g.drop(logprobs)
+    g.unref(entropy)
+    g.unref(top1)
+    # SFTTrainer.compute_loss: `-outputs.log_probs`, summed (the loss: its backward makes
+    # NegBackward's gradient of log_probs); the outputs go when it returns
+    per_token = g.alloc(m * 4)
+    loss = g.op(4, [full])
+    g.unref(per_token)
+    g.drop(full)
+    for b in (*outs, mask):
+        g.unref(b)
     return loss
 
 

@@ -1,0 +1,102 @@
+"""Pre-registered points for issue 29: TRL >= 1.15 SFTTrainer's fused LM head
+(`--loss-kernel trl-fused`, `--trainer trl`'s loss), at full depth, on five architectures
+(vocabulary 32k to 256k), QLoRA nf4 (TRL's common use) and 16-bit LoRA.
+
+    python calibration/design_trl.py calibration/matrices/h100-trl2-predictions.json \
+        > calibration/matrices/h100-trl2.json
+
+Each trl-fused point has its torch-loss twin (`base`: the same plan, the model's own
+lm_head + ForCausalLMLoss): the measured difference is the head's. The plans are TRL's
+defaults where they fit (--trainer trl: adamw_torch_fused, gradient checkpointing, bf16,
+max_length 1024, batch 8; trl 1.16.0 sft_config.py / TrainingArguments), with smaller
+batches where the twin's full logits would pass the budget. Every predicted peak allocated
+stays under LIMIT_GIB so that four points run side by side on an 80 GB H100. The
+predictions (the raw estimate at the commit that writes this file) are committed before
+any run. The worker applies trl's own add_fused_lm_head and SFTTrainer.compute_loss
+(calibrate/run.py apply_loss_kernel, _sft_loss_trainer): the device needs trl 1.16.0 and
+what it imports (`.whl/trl`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+sys.path.insert(0, __file__.rsplit("/calibration/", 1)[0] + "/src")
+
+from vramcalc.calibrate.store import Prediction  # noqa: E402
+from vramcalc.memory.estimate import estimate  # noqa: E402
+from vramcalc.models.spec import get_spec  # noqa: E402
+from vramcalc.plans import TrainPlan  # noqa: E402
+
+GiB = 2**30
+LIMIT_GIB = 30.0  # predicted peak allocated of each point
+NAME = "h100-trl2"
+# TRL's defaults (vramcalc/trainers.py _TRL) the points share
+TRL = {"optimizer": "adamw_torch_fused", "gradient_checkpointing": True,
+       "compute_dtype": "bf16", "loop": "trainer", "seq_len": 1024}
+# Mostly the layers' recomputed backward is the fused point's predicted peak: the point
+# tests that the fused head adds nothing above it (its twin's peak is the full logits').
+# For llama-3.1-8b at batch 1 the fused head's backward (QLoRA: the fp32 head's
+# 32768-column casts, two alive at a time, mm_buf, grad_hidden) and forward are the
+# predicted peaks: it tests the head's requests. (gemma-2-2b at batch 1 x 1024 would too,
+# but its predicted load peak is above the step's.)
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("mistral-7b", {"method": "qlora", "batch_size": 8}),  # 32k, TRL's batch
+    ("llama-3.1-8b", {"method": "qlora", "batch_size": 1}),  # 128k, the head's peak
+    ("qwen2.5-3b", {"method": "lora", "weights_dtype": "bf16", "batch_size": 4}),  # 152k
+    ("llama-3.2-3b", {"method": "lora", "weights_dtype": "bf16", "batch_size": 8}),  # 128k
+    ("gemma-2-2b", {"method": "qlora", "batch_size": 1, "seq_len": 2048, "attn": "eager"}),  # 256k
+]
+
+
+def points() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    out: list[dict[str, Any]] = []
+    preds: list[dict[str, Any]] = []
+    for i, (model, base) in enumerate(CASES):
+        spec = get_spec(model)
+        twin_id = ""
+        for kernel in ("torch", "trl-fused"):
+            plan = TrainPlan.model_validate({**TRL, **base, "loss_kernel": kernel})
+            est = estimate(spec, plan)
+            assert est.peak_allocated_bytes <= LIMIT_GIB * GiB, (
+                model, kernel, est.peak_allocated_bytes / GiB)
+            suffix = "torch" if kernel == "torch" else "fused"
+            pid = f"t{2 * i + (kernel != 'torch'):03d}-{model}-{suffix}"
+            point: dict[str, Any] = {"id": pid, "spec": model,
+                                     "plan": plan.model_dump(mode="json", exclude_defaults=True),
+                                     "steps": 3}
+            if kernel == "torch":
+                twin_id = pid
+            else:
+                point["base"] = twin_id
+            out.append(point)
+            preds.append({"id": pid, **Prediction.of(est).model_dump(mode="json"),
+                          "required_device_bytes": est.required_device_bytes,
+                          "host_bytes": est.host_bytes,
+                          # the peak allocated of each phase (the forward's: what the
+                          # worker's forward hook reads as fwd_peak)
+                          "phase_peaks": dict(est.phases)})
+    return out, preds
+
+
+def main(argv: list[str]) -> int:
+    pts, preds = points()
+    note = ("issue 29: TRL >= 1.15 SFTTrainer's fused LM head (trl-fused) against the torch "
+            "loss, full depth, 5 architectures (vocab 32k-256k), QLoRA nf4 and 16-bit LoRA, "
+            f"each with its twin; predictions in {NAME}-predictions.json, committed before "
+            "any run")
+    json.dump({"note": note, "points": pts}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    if argv:
+        with open(argv[0], "w", encoding="utf-8") as f:
+            json.dump({"note": f"raw estimator predictions (no correction) of {NAME}.json, "
+                       "written by calibration/design_trl.py before any run", "points": preds},
+                      f, indent=1)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
