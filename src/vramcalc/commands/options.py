@@ -319,10 +319,21 @@ def build_plan(
         extra["quant"] = _one_of("quantization", quant, QUANTS)
     if weights_dtype is not None:
         extra["weights_dtype"] = _one_of("weights dtype", weights_dtype, WEIGHTS_DTYPES)
+    base16 = method in ("lora", "full") or quant == "none"
     if kbit_prep is not None:
+        if kbit_prep is False and base16:
+            raise PlanError(f"--no-kbit-prep: prepare_model_for_kbit_training is for a "
+                            f"quantized base (--method qlora); --method {method or 'lora'} "
+                            "never runs it")
         extra["kbit_prep"] = kbit_prep
     if adapter_dtype is not None:
         extra["adapter_dtype"] = _one_of("--adapter-dtype", adapter_dtype, ADAPTER_DTYPES)
+        if adapter_dtype != "fp32" and method == "full":
+            raise PlanError("--adapter-dtype: --method full trains the weights themselves "
+                            "(in --weights-dtype), no adapter")
+        if adapter_dtype != "fp32" and dora:
+            raise PlanError("--adapter-dtype: with --dora not modelled (TRL keeps DoRA's "
+                            "lora_magnitude_vector in fp32)")
     if expandable_segments is None:
         expandable_segments = expandable_from_env()
     if optimizer is None:
