@@ -2,13 +2,17 @@
 
     python bench/accuracy_switches.py [--points]
 
-Two matrices, every point at full depth:
+The matrices of MATRICES, every point at full depth:
 - `calibration/matrices/h200-loss1.json` (loss kernels: torch, liger, cce, chunked, on
   llama-2-7b, llama-3.1-8b, qwen2.5-1.5b, gemma-2-2b), predictions in
   `h200-loss1-predictions.json`;
 - `calibration/matrices/h200-pack1.json` (padding-free and packed batches, a token count
   per step, activation offloading of the checkpoints or of everything), predictions in
   `h200-pack1-predictions.json`; each technique point names its twin without it in `base`.
+- `calibration/matrices/h100-switch2.json` (switch holdout 2), and
+  `calibration/matrices/h100-trlprep.json` (QLoRA as TRL's SFTTrainer prepares it:
+  kbit_prep false, bf16 adapters, each with its kbit-prepared twin; run file
+  `calibration/h100/run35-trlprep.jsonl`, not measured yet).
 
 For each point: peak allocated, reserved and device (NVML process peak, compared with the
 predicted device less the predicted resident paged bytes, as bench/accuracy_h200.py does)
@@ -44,6 +48,8 @@ MATRICES = {
                           ("run33-switch2.jsonl", "run33-switch2b.jsonl")),
     # TRL >= 1.15 SFTTrainer's fused LM head (calibration/design_trl.py)
     "h100-trl2.json": ("h100-trl2-predictions.json", ("run35-trl2.jsonl",)),
+    # TRL's QLoRA preparation (TrainPlan.kbit_prep False, adapter_dtype bf16) and twins
+    "h100-trlprep.json": ("h100-trlprep-predictions.json", ("run35-trlprep.jsonl",)),
 }
 TARGET_ALLOC, TARGET_DEVICE = 3.0, 5.0  # issue 29: each technique, full depth
 # Records whose technique the worker did not apply: reported, not scored. run 31's
@@ -73,7 +79,8 @@ def technique(point_id: str, plan: Any) -> str:
     return {"pf": "padding-free", "pf5000": "padding-free, 5000 tokens", "packed": "packed",
             "ckoff": "offload checkpoints", "nogc": "offload all",
             "alloff": "offload all", "chunked": "loss chunked",
-            "fused": "loss trl-fused", "torch": "none (twin)"}.get(tag, tag)
+            "fused": "loss trl-fused", "torch": "none (twin)",
+            "trl": "TRL prep (no kbit prep, bf16 adapters)"}.get(tag, tag)
 
 
 def host_measured(m: dict[str, Any]) -> int | None:

@@ -62,6 +62,7 @@ RUNS = {  # run file -> the matrix it measured
     "run33-switch2b.jsonl": "h100-switch2.json",
     "run34-trace.jsonl": "h100-trace34.json",
     "run35-trl2.jsonl": "h100-trl2.json",
+    "run35-trlprep.jsonl": "h100-trlprep.json",
 }
 # Runs measured on another card than the H200: the folder under calibration/ that holds
 # them (runs 27 and 28 were given an H100 80GB HBM3: calibration/h100/run27-gpu.txt,
@@ -83,6 +84,7 @@ RUN_DIRS = {
     "run33-switch2b.jsonl": "h100",
     "run34-trace.jsonl": "h100",
     "run35-trl2.jsonl": "h100",
+    "run35-trlprep.jsonl": "h100",
 }
 
 

@@ -5,6 +5,8 @@ activation offloading, at full depth, on four architectures (vocabulary 32k to 2
         > calibration/matrices/h200-pack1.json
     python calibration/design_pack.py --holdout2 \
         calibration/matrices/h100-switch2-predictions.json > calibration/matrices/h100-switch2.json
+    python calibration/design_pack.py --trlprep \
+        calibration/matrices/h100-trlprep-predictions.json > calibration/matrices/h100-trlprep.json
 
 Each technique point has its padded / not-offloaded twin (`base` in the point): the
 measured difference is the technique's, and the predictions (the raw estimate at the
@@ -29,7 +31,8 @@ from vramcalc.models.spec import get_spec  # noqa: E402
 GiB = 2**30
 LIMIT_GIB = 70.0
 # the plan fields of the techniques: a point without them is its base (twin)
-TECHNIQUE = ("layout", "tokens_per_step", "offload_activations", "loss_kernel")
+TECHNIQUE = ("layout", "tokens_per_step", "offload_activations", "loss_kernel", "kbit_prep",
+             "adapter_dtype")
 # every point's predicted peak device stays under LIMIT_GIB
 
 # (model, base plan, [(suffix, technique changes)])
@@ -79,6 +82,20 @@ CASES2: list[tuple[str, dict[str, Any], list[tuple[str, dict[str, Any]]]]] = [
 ]
 
 
+# TRL's QLoRA preparation (`--trlprep`, issue 29): SFTTrainer calls no
+# prepare_model_for_kbit_training and casts the adapters to bf16 (TrainPlan.kbit_prep False,
+# adapter_dtype bf16), each point with its kbit-prepared, fp32-adapter twin; full depth,
+# three architectures, torch loss, the trainer loop, adamw_torch_fused (TRL's optimizer:
+# its states follow the adapters' dtype), every predicted peak device under 30 GiB
+LIMIT_TRLPREP_GIB = 30.0
+TRL_PREP = {"kbit_prep": False, "adapter_dtype": "bf16"}
+CASES3: list[tuple[str, dict[str, Any], list[tuple[str, dict[str, Any]]]]] = [
+    (model, {"method": "qlora", "quant": "nf4", "batch_size": batch, "seq_len": 2048,
+             "optimizer": "adamw_torch_fused"}, [("trl", TRL_PREP)])
+    for model, batch in (("llama-3.2-3b", 4), ("qwen2.5-3b", 2), ("mistral-7b", 4))
+]
+
+
 def points(cases: list[tuple[str, dict[str, Any], list[tuple[str, dict[str, Any]]]]] = CASES,
            prefix: str = "k") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     out: list[dict[str, Any]] = []
@@ -117,7 +134,16 @@ def points(cases: list[tuple[str, dict[str, Any], list[tuple[str, dict[str, Any]
 
 def main(argv: list[str]) -> int:
     name = "h200-pack1"
-    if argv[:1] == ["--holdout2"]:
+    if argv[:1] == ["--trlprep"]:
+        global LIMIT_GIB
+        LIMIT_GIB = LIMIT_TRLPREP_GIB
+        argv, name = argv[1:], "h100-trlprep"
+        pts, preds = points(CASES3, "p")
+        note = ("issue 29: QLoRA as TRL's SFTTrainer prepares it (no "
+                "prepare_model_for_kbit_training, bf16 adapters: kbit_prep false, adapter_dtype "
+                "bf16), full depth, 3 architectures, each with its kbit-prepared twin; "
+                "predictions in h100-trlprep-predictions.json, committed before any run")
+    elif argv[:1] == ["--holdout2"]:
         argv, name = argv[1:], "h100-switch2"
         pts, preds = points(CASES2, "s")
         note = ("issue 29 switch holdout 2: offloaded checkpoints and chunked CE after run 32's "

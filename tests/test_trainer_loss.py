@@ -40,13 +40,16 @@ def test_preset_loss_is_the_estimate_of_that_kernel() -> None:
     """--trainer trl's bytes are the bytes of its options given by hand (one answer)."""
     got, _ = _plan("-m", "llama-3.2-1b", "--trainer", "trl")
     by_hand, _ = _plan("-m", "llama-3.2-1b", "--batch", "8", "--seq-len", "1024",
-                       "--optimizer", "adamw_torch_fused", "--loss-kernel", "trl-fused")
+                       "--optimizer", "adamw_torch_fused", "--loss-kernel", "trl-fused",
+                       "--no-kbit-prep", "--adapter-dtype", "bf16")
     assert got["required_device_bytes"] == by_hand["required_device_bytes"]
     full, _ = _plan("-m", "llama-3.2-1b", "--batch", "8", "--seq-len", "1024",
-                    "--optimizer", "adamw_torch_fused")
+                    "--optimizer", "adamw_torch_fused", "--no-kbit-prep", "--adapter-dtype",
+                    "bf16")
     assert got["peak_allocated_bytes"] < full["peak_allocated_bytes"]  # no full logits
     api = vramcalc.plan("llama-3.2-1b", batch_size=8, seq_len=1024,
-                        optimizer="adamw_torch_fused", loss_kernel="trl-fused")
+                        optimizer="adamw_torch_fused", loss_kernel="trl-fused",
+                        kbit_prep=False, adapter_dtype="bf16")
     assert api.required_device_bytes == got["required_device_bytes"]
 
 

@@ -57,6 +57,8 @@ def test_trl_yaml_with_model_config_keys() -> None:
         "targets": "q_proj,k_proj,v_proj,o_proj", "batch": 2, "seq_len": 2048,
         "gradient_checkpointing": True, "attn": "sdpa", "compute_dtype": "bf16",
         "batch_layout": "padding-free",  # packing: true, bfd by default
+        # SFTTrainer on a quantized model: no prepare_model_for_kbit_training, bf16 adapters
+        "kbit_prep": False, "adapter_dtype": "bf16",
     }
 
 

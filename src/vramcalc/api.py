@@ -25,6 +25,7 @@ from vramcalc.errors import CalibrationError, PlanError
 from vramcalc.memory.result import Estimate
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import (
+    AdapterDtype,
     Attention,
     ComputeDtype,
     InferPlan,
@@ -277,6 +278,8 @@ def plan(
     tokens_per_step: int | None = None,
     offload_activations: OffloadActivations | None = None,
     loss_kernel: LossKernel | None = None,
+    kbit_prep: bool | None = None,
+    adapter_dtype: AdapterDtype | None = None,
     calibration: bool = True,
     gpu: str | None = None,
 ) -> PlanEstimate:
@@ -299,6 +302,7 @@ def plan(
         loop=loop, use_cache=use_cache, expandable_segments=expandable_segments,
         moe_experts=moe_experts, layout=layout, tokens_per_step=tokens_per_step,
         offload_activations=offload_activations, loss_kernel=loss_kernel,
+        kbit_prep=kbit_prep, adapter_dtype=adapter_dtype,
     )
     fn, _ = estimator(gpu, use_calibration=calibration)
     return _with_plan(fn(spec, train), found, train)

@@ -230,6 +230,16 @@ class TrainPlan(BaseModel):
     tokens_per_step: PositiveInt | None = None
     offload_activations: OffloadActivations = "none"
     loss_kernel: LossKernel = "torch"
+    # QLoRA only: whether peft `prepare_model_for_kbit_training` ran (peft 0.21 utils/
+    # other.py: every non-quantized fp16/bf16 parameter cast to fp32). TRL's SFTTrainer
+    # does not call it (trl 1.16 sft_trainer.py SFTTrainer.__init__: get_peft_model only),
+    # so its norms, embeddings and lm_head stay in the load dtype (TrainPlan.param_dtype).
+    kbit_prep: bool = True
+    # LoRA / QLoRA: the adapters' dtype. peft get_peft_model(autocast_adapter_dtype=True)
+    # makes them fp32; TRL's SFTTrainer casts a quantized model's trainable parameters
+    # (but lora_magnitude_vector) to bf16 after it (sft_trainer.py, `param.data.to(
+    # torch.bfloat16)`).
+    adapter_dtype: AdapterDtype = "fp32"
 
     @model_validator(mode="before")
     @classmethod
@@ -265,6 +275,20 @@ class TrainPlan(BaseModel):
                              "inputs: it needs gradient checkpointing")
         return self
 
+    @model_validator(mode="after")
+    def _check_kbit_and_adapters(self) -> TrainPlan:
+        if not self.kbit_prep and self.method != "qlora":
+            raise ValueError("kbit_prep (prepare_model_for_kbit_training) is for a quantized "
+                             f"base (method qlora); method {self.method} never runs it")
+        if self.adapter_dtype != "fp32":
+            if self.method == "full":
+                raise ValueError("adapter_dtype is for LoRA / QLoRA adapters; full "
+                                 "fine-tuning trains the weights in weights_dtype")
+            if self.use_dora:
+                raise ValueError("adapter_dtype other than fp32 with DoRA is not modelled "
+                                 "(TRL keeps lora_magnitude_vector in fp32)")
+        return self
+
     @field_validator("targets")
     @classmethod
     def _normalize_targets(cls, value: str) -> str:
@@ -274,6 +298,22 @@ class TrainPlan(BaseModel):
     def load_dtype(self) -> str:
         """The dtype of the loaded (non-quantized) weights."""
         return self.weights_dtype or self.compute_dtype
+
+    @property
+    def kbit_upcast(self) -> bool:
+        """prepare_model_for_kbit_training ran (QLoRA with kbit_prep): the non-quantized
+        parameters are fp32, and so is every activation that follows from them."""
+        return self.method == "qlora" and self.kbit_prep
+
+    @property
+    def param_dtype(self) -> str:
+        """The one dtype decision of the model's non-quantized parameters (embeddings,
+        norms, lm_head, unquantized experts, 16-bit bases) as the step sees them: fp32
+        after prepare_model_for_kbit_training (peft 0.21 utils/other.py casts every
+        fp16/bf16 parameter that is not Params4bit / Int8Params), else the load dtype.
+        The residual stream, the norm and embedding outputs, the logits' input and the
+        experts' compute dtype follow it (memory/program/activations.py, step.py)."""
+        return "fp32" if self.kbit_upcast else self.load_dtype
 
     @property
     def trainer_built(self) -> bool:

@@ -78,10 +78,11 @@ def train_labels(plan: TrainPlan) -> dict[str, str]:
         labels["unquantized_params"] = f"embeddings, lm_head, norms ({plan.load_dtype})"
     else:
         labels["base_weights"] = f"quantized base weights ({plan.quant})"
-        labels["unquantized_params"] = "unquantized params (emb, lm_head, norms; fp32)"
+        labels["unquantized_params"] = (
+            f"unquantized params (emb, lm_head, norms; {plan.param_dtype})")
     if plan.method != "full":
-        labels["adapter_weights"] = "LoRA parameters (fp32)"
-        labels["gradients"] = "LoRA gradients (fp32)"
+        labels["adapter_weights"] = f"LoRA parameters ({plan.adapter_dtype})"
+        labels["gradients"] = f"LoRA gradients ({plan.adapter_dtype})"
     labels["expert_weights"] = ("MoE experts (3-D, not quantized)" if plan.method != "full"
                                 else "MoE experts (trained)")
     return labels
@@ -122,6 +123,10 @@ def print_breakdown(est: Estimate, plan: TrainPlan, console: Console) -> None:
     else:
         dq = "+dq" if p.double_quant and p.quant in ("nf4", "fp4") else ""
         what = f"QLoRA {p.quant}{dq}, r={p.rank}"
+        if not p.kbit_prep:
+            what += ", no kbit prep"
+    if p.method != "full" and p.adapter_dtype != "fp32":
+        what += f", {p.adapter_dtype} adapters"
     title = (
         f"{est.model} ({est.params / 1e9:.2f} B params, {est.trainable_params / 1e6:.1f} M "
         f"trainable): {what}, {p.compute_dtype} compute, batch {p.batch_size} x {p.seq_len} "

@@ -22,9 +22,11 @@ Sources (read at the commits named):
            "is_top1")) and compute_loss calls the model with fused_lm_head=True, and
            "chunked_nll" is a deprecated alias of "nll": --loss-kernel trl-fused, the
            preset's), activation_offloading
-           False; TrainingArguments' batch 8 and optim. SFTTrainer.__init__ casts the
-           trainable parameters of a quantized model to bf16 and calls no
-           prepare_model_for_kbit_training; compute_loss sets use_cache False.
+           False; TrainingArguments' batch 8 and optim. SFTTrainer.__init__ (trl 1.16.0
+           sft_trainer.py) calls get_peft_model and no prepare_model_for_kbit_training
+           (--no-kbit-prep), then, for a model `is_loaded_in_4bit` / `_8bit`, casts every
+           trainable parameter but lora_magnitude_vector to bf16 (--adapter-dtype bf16);
+           both for a quantized base only. compute_loss sets use_cache False.
   unsloth  unslothai/unsloth 015bdef (2026-08-22) models/loader.py FastLanguageModel.
            from_pretrained (load_in_4bit True, max_seq_length 2048; nf4 with double quant,
            models/llama.py) and models/llama.py get_peft_model (r 16, lora_alpha 16,
@@ -65,17 +67,15 @@ _TRL_ARGS = {"batch": 8, "optimizer": "adamw_torch_fused"}  # TrainingArguments'
 _TRL = {**_TRL_ARGS, "seq_len": 1024, "gradient_checkpointing": True,
         "compute_dtype": "bf16", "batch_layout": "padded", "offload_activations": "none",
         "loss_kernel": "trl-fused"}
-_TRL_UNMODELLED = (
-    "TRL casts a quantized model's trainable (LoRA) parameters to bf16 and does not call "
-    "prepare_model_for_kbit_training: planned with fp32 adapters and fp32 norms/embeddings",
-)
+# a quantized base only (TrainPlan.kbit_prep, adapter_dtype; apply_trainer skips them else)
+_TRL_KBIT = {"kbit_prep": False, "adapter_dtype": "bf16"}
 
 TRAINERS: dict[str, TrainerPreset] = {
     "hf": TrainerPreset("hf", {"loop": "trainer", "batch": 8,
                                "optimizer": "adamw_torch_fused",
                                "gradient_checkpointing": False, "compute_dtype": "fp32"}),
-    "trl": TrainerPreset("trl", {"loop": "trainer", **_TRL}, loss_kernel="fused_lm_head",
-                         unmodelled=_TRL_UNMODELLED),
+    "trl": TrainerPreset("trl", {"loop": "trainer", **_TRL, **_TRL_KBIT},
+                         loss_kernel="fused_lm_head"),
     "unsloth": TrainerPreset(
         "unsloth",
         {"loop": "trainer", **_TRL, "seq_len": 2048, "method": "qlora", "quant": "nf4",
@@ -139,6 +139,11 @@ def apply_trainer(options: dict[str, Any], trainer: str, keep: frozenset[str] | 
             continue  # --quant given: the method follows it
         if name == "offload_activations" and out.get("gradient_checkpointing") is False:
             continue  # Unsloth's offloading is its checkpointing's: off with it
+        if name in _TRL_KBIT and (out.get("method") not in (None, "qlora")
+                                  or out.get("quant") == "none"):
+            continue  # TRL skips kbit preparation and casts adapters for a quantized base only
+        if name == "adapter_dtype" and out.get("dora"):
+            continue  # DoRA's magnitude stays fp32 under TRL: not modelled, fp32 planned
         out[name] = value
         set_.append(f"--{name.replace('_', '-')} {value}")
     check_loop(trainer, out.get("loop", "trainer"))

@@ -384,6 +384,13 @@ def _trl(m: _Mapper) -> TrainingConfig:
     m.num("lora_alpha", "alpha")
     m.num("lora_dropout", "lora_dropout")
     m.bool_("use_dora", "dora")
+    if m.options.get("method") == "qlora":
+        # trl 1.16 sft_trainer.py SFTTrainer.__init__ on a quantized model: get_peft_model
+        # without prepare_model_for_kbit_training, then every trainable parameter but
+        # lora_magnitude_vector cast to bf16 (DoRA's magnitude stays fp32: not modelled)
+        m.set("kbit_prep", False, "use_peft (SFTTrainer: no prepare_model_for_kbit_training)")
+        if not m.options.get("dora"):
+            m.set("adapter_dtype", "bf16", "use_peft (SFTTrainer casts the adapters to bf16)")
     m.targets("lora_target_modules", d.get("lora_target_modules"))
     # TrainingArguments' default per_device_train_batch_size is 8
     if "per_device_train_batch_size" in d:

@@ -310,7 +310,7 @@ def rank_main(point_path: Path, out_dir: Path) -> None:
         poller.start()
     model = transformers.AutoModelForCausalLM.from_pretrained(point["model_id"], **kwargs)
     vocab = int(model.config.vocab_size)
-    if plan.method == "qlora" and not sharded:
+    if plan.kbit_upcast and not sharded:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=plan.gradient_checkpointing)
     elif plan.gradient_checkpointing:
@@ -321,6 +321,9 @@ def rank_main(point_path: Path, out_dir: Path) -> None:
             r=plan.rank, lora_alpha=plan.alpha, lora_dropout=plan.lora_dropout,
             target_modules=plan.targets if plan.targets == "all-linear" else plan.target_list(),
             task_type="CAUSAL_LM"))
+        from vramcalc.calibrate.run import cast_adapters
+
+        cast_adapters(model, plan.adapter_dtype)  # TrainPlan.adapter_dtype (TRL: bf16)
     optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], plan.optimizer)
     if accelerator is not None:
         if sharded and plan.is_lora:

@@ -290,15 +290,25 @@ def _load_model(spec: ModelSpec, plan: TrainPlan, weights_dir: str, on_gpu: bool
 
 
 def _wrap_for_method(model: Any, spec: ModelSpec, plan: TrainPlan) -> Any:
-    """prepare_model_for_kbit_training (qlora), get_peft_model (qlora, lora); full: as is.
+    """prepare_model_for_kbit_training (qlora with kbit_prep), get_peft_model (qlora,
+    lora); full: as is.
 
     lora with checkpointing calls `enable_input_require_grads()` as peft's
     prepare_model_for_kbit_training and TRL's SFTTrainer do, so that checkpointed blocks
     whose parameters are all frozen still get a gradient path.
+
+    qlora without kbit_prep is what TRL's SFTTrainer.__init__ does (trl 1.16.0
+    sft_trainer.py): `get_peft_model(model, peft_config)` on the quantized model as loaded
+    (norms, embeddings, lm_head in the load dtype), then `model.enable_input_require_grads()`
+    under gradient checkpointing; checkpointing itself is turned on as for lora (Trainer's
+    gradient_checkpointing argument, or `_checkpointing` in the loops outside Trainer).
+    Then, for any LoRA plan whose adapter_dtype is not fp32, every trainable parameter but
+    lora_magnitude_vector is cast to it as SFTTrainer casts a quantized model's
+    (`param.data = param.data.to(torch.bfloat16)`).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if plan.method == "qlora":
+    if plan.kbit_upcast:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=plan.gradient_checkpointing,
@@ -319,7 +329,23 @@ def _wrap_for_method(model: Any, spec: ModelSpec, plan: TrainPlan) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if plan.method == "qlora" and not plan.kbit_prep and plan.gradient_checkpointing:
+        model.enable_input_require_grads()
+    cast_adapters(model, plan.adapter_dtype)
+    return model
+
+
+def cast_adapters(model: Any, adapter_dtype: str) -> None:
+    """Every trainable parameter but DoRA's lora_magnitude_vector cast to `adapter_dtype`
+    (nothing for fp32, get_peft_model's autocast_adapter_dtype already made them fp32), as
+    trl 1.16.0 sft_trainer.py SFTTrainer.__init__ does for a quantized model."""
+    if adapter_dtype == "fp32":
+        return
+    wanted = torch_dtype(adapter_dtype)
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_magnitude_vector" not in name:
+            param.data = param.data.to(wanted)
 
 
 def _causal_lm(model: Any) -> Any:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from vramcalc.errors import PlanError
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import (
+    ADAPTER_DTYPES,
     ATTENTIONS,
     COMPUTE_DTYPES,
     LAYOUTS,
@@ -135,6 +136,20 @@ LossKernelOpt = Annotated[
                       "and RoPE; cce: cut-cross-entropy; chunked: torchtune-style, 8 chunks; "
                       "trl-chunked: TRL 1.4-1.14 SFTTrainer's default loss_type chunked_nll; "
                       "trl-fused: TRL >= 1.15 SFTTrainer's fused LM head, always on).")
+]
+KbitPrepOpt = Annotated[
+    bool | None,
+    typer.Option("--kbit-prep/--no-kbit-prep", help="QLoRA: whether peft "
+                 "prepare_model_for_kbit_training runs (default yes: norms, embeddings and "
+                 "lm_head cast to fp32, an fp32 residual stream). --no-kbit-prep: they stay in "
+                 "the load dtype, as TRL's SFTTrainer leaves them (trl 1.16 sft_trainer.py "
+                 "calls get_peft_model only)."),
+]
+AdapterDtypeOpt = Annotated[
+    str | None,
+    typer.Option("--adapter-dtype", help=f"LoRA adapters' dtype: {'|'.join(ADAPTER_DTYPES)} "
+                 "(default fp32: peft autocast_adapter_dtype; TRL's SFTTrainer casts a "
+                 "quantized model's adapters to bf16). Training, --task infer and merge."),
 ]
 DoubleQuantOpt = Annotated[
     bool, typer.Option("--double-quant/--no-double-quant", help="Quantize the absmax constants.")
@@ -271,6 +286,8 @@ def build_plan(
     lengths: str | None = None,
     offload_activations: str = "none",
     trainer: str | None = None,
+    kbit_prep: bool | None = None,
+    adapter_dtype: str | None = None,
 ) -> TrainPlan:
     """Validate the options into a TrainPlan; every problem is one PlanError line.
 
@@ -303,6 +320,21 @@ def build_plan(
         extra["quant"] = _one_of("quantization", quant, QUANTS)
     if weights_dtype is not None:
         extra["weights_dtype"] = _one_of("weights dtype", weights_dtype, WEIGHTS_DTYPES)
+    base16 = method in ("lora", "full") or quant == "none"
+    if kbit_prep is not None:
+        if kbit_prep is False and base16:
+            raise PlanError(f"--no-kbit-prep: prepare_model_for_kbit_training is for a "
+                            f"quantized base (--method qlora); --method {method or 'lora'} "
+                            "never runs it")
+        extra["kbit_prep"] = kbit_prep
+    if adapter_dtype is not None:
+        extra["adapter_dtype"] = _one_of("--adapter-dtype", adapter_dtype, ADAPTER_DTYPES)
+        if adapter_dtype != "fp32" and method == "full":
+            raise PlanError("--adapter-dtype: --method full trains the weights themselves "
+                            "(in --weights-dtype), no adapter")
+        if adapter_dtype != "fp32" and dora:
+            raise PlanError("--adapter-dtype: with --dora not modelled (TRL keeps DoRA's "
+                            "lora_magnitude_vector in fp32)")
     if expandable_segments is None:
         expandable_segments = expandable_from_env()
     if optimizer is None:
@@ -464,6 +496,8 @@ PLAN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "offload_activations": (OffloadActivationsOpt, "none"),
     "trainer": (TrainerOpt, None),
     "loss_kernel": (LossKernelOpt, "torch"),
+    "kbit_prep": (KbitPrepOpt, None),
+    "adapter_dtype": (AdapterDtypeOpt, None),
 }
 
 
@@ -516,6 +550,9 @@ def check_applies(spec: ModelSpec, plan: TrainPlan, given: frozenset[str]) -> No
     if plan.quant not in ("nf4", "fp4"):
         refuse_given(given, ("double_quant",), f"only with a 4-bit base (--quant nf4 or "
                      f"fp4); this plan's base is {plan.quant}")
+    if plan.method != "qlora":
+        refuse_given(given, ("kbit_prep",), "prepare_model_for_kbit_training is for a "
+                     f"quantized base (--method qlora); --method {plan.method} never runs it")
     if not spec.is_moe or plan.quant == "none":
         refuse_given(given, ("moe_experts",), "only with a quantized base of an MoE model "
                      f"({spec.name}, quant {plan.quant})")

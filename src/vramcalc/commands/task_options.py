@@ -40,8 +40,6 @@ PromptOpt = Annotated[int | None, typer.Option("--prompt-len", help="--task infe
                                                "new tokens up to 2**24).")]
 NewTokensOpt = Annotated[int | None, typer.Option("--new-tokens", help="--task infer: tokens "
                                                   "generated per sequence (default 128).")]
-AdapterDtypeOpt = Annotated[str | None, typer.Option(
-    "--adapter-dtype", help="infer/merge: LoRA weights fp32 (peft's default), bf16 or fp16.")]
 MergedOpt = Annotated[bool, typer.Option("--merged", help="--task infer: the adapter merged "
                                          "into the weights (no LoRA tensors).")]
 CacheOpt = Annotated[str | None, typer.Option("--cache", help="--task infer: KV cache dynamic "
@@ -55,7 +53,6 @@ TASK_OPTIONS: dict[str, tuple[Any, Any]] = {
     "task": (TaskOpt, "train"),
     "prompt_len": (PromptOpt, None),
     "new_tokens": (NewTokensOpt, None),
-    "adapter_dtype": (AdapterDtypeOpt, None),
     "merged": (MergedOpt, False),
     "cache": (CacheOpt, None),
     "dtype": (DtypeOpt, None),
@@ -86,6 +83,8 @@ def with_task_options(command: str) -> Callable[[Callable[..., R]], Callable[...
                 return func(**kwargs)
             from vramcalc.commands.options import given_options
 
+            # --adapter-dtype is a plan option (commands/options.py) that infer / merge read
+            opts["adapter_dtype"] = kwargs.get("adapter_dtype")
             ctx = next((v for k, v in kwargs.items() if k.endswith("_ctx")), None)
             kwargs["given"] = given_options(ctx, kwargs)
             run_task(command, task, opts, kwargs)
@@ -122,7 +121,7 @@ TRAIN_ONLY = ("method", "lora_dropout", "dora", "seq_len", "optimizer",
               "gradient_checkpointing", "weights_dtype", "loop", "expandable_segments",
               "moe_experts", "from_config", "no_calibration", "gpus", "strategy", "offload",
               "gpus_per_node", "sharding_strategy", "use_orig_params", "device_map",
-              "quant_storage", "loss_kernel")
+              "quant_storage", "loss_kernel", "kbit_prep")
 _TRAIN_ONLY_WHY = {
     "seq_len": "use --prompt-len and --new-tokens",
     "from_config": "it reads training settings",

@@ -29,6 +29,9 @@ UNQUANTIZED_BASE_NOTE = _NOT_QUANTIZED + (
     ", and prepare_model_for_kbit_training casts every weight to fp32: planned as LoRA on "
     "an fp32 base")
 UNQUANTIZED_LOAD_NOTE = _NOT_QUANTIZED + ": planned as a {dtype} base"
+UNQUANTIZED_NO_PREP_NOTE = _NOT_QUANTIZED + (
+    ", and without prepare_model_for_kbit_training (--no-kbit-prep) it stays in {dtype}: "
+    "planned as LoRA on a {dtype} base")
 
 
 def runs_math_sdpa(spec: ModelSpec, attn: str) -> bool:
@@ -62,14 +65,20 @@ def effective_train_plan(spec: ModelSpec, plan: TrainPlan
     notes: list[str] = []
     update: dict[str, str] = {}
     if base_left_unquantized(spec, plan):
-        notes.append(UNQUANTIZED_BASE_NOTE.format(name=spec.name))
-        update.update(method="lora", quant="none", weights_dtype="fp32")
+        if plan.kbit_prep:
+            notes.append(UNQUANTIZED_BASE_NOTE.format(name=spec.name))
+            update.update(method="lora", quant="none", weights_dtype="fp32")
+        else:
+            notes.append(UNQUANTIZED_NO_PREP_NOTE.format(name=spec.name, dtype=plan.load_dtype))
+            update.update(method="lora", quant="none")
     if runs_math_sdpa(spec, plan.attn):
         notes.append(MATH_SDPA_NOTE)
         update["attn"] = "eager"
     if not update:
         return plan, update, notes
-    return plan.model_copy(update=update), update, notes
+    # a LoRA plan has no kbit preparation to skip (TrainPlan._check_kbit_and_adapters)
+    fields = {**update, "kbit_prep": True} if "method" in update else update
+    return plan.model_copy(update=fields), update, notes
 
 
 PlanT = TypeVar("PlanT", bound=BaseModel)

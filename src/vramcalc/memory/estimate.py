@@ -235,7 +235,7 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
     lm_head_copy = 0
     weight_copies = 0  # autocast copies of the block Linears alive at the forward's end
     autocast_cast = DTYPE_BYTES[plan.load_dtype] > compute  # weights above the compute dtype
-    if plan.method == "qlora" or autocast_cast:
+    if plan.kbit_upcast or autocast_cast:
         lm_head_copy = rounded(v * h * compute)
     if autocast_cast and plan.method != "qlora":
         weight_copies = layers * sum(rounded(lin.weight_numel * compute)

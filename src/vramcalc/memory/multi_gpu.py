@@ -287,7 +287,7 @@ def _sharded_qlora_reference(spec: ModelSpec, plan: TrainPlan,
     bf16 base (method lora); weights are the 4-bit ones with the unquantized part in bf16.
     Packed 4-bit weights stored as bf16 are numel/4 elements: the same bytes as uint8.
     Returns the reference and the plan its step ran (the lora plan)."""
-    lora_plan = plan.model_copy(update={"method": "lora", "quant": "none"})
+    lora_plan = plan.model_copy(update={"method": "lora", "quant": "none", "kbit_prep": True})
     ref = estimate_fn(spec, lora_plan)
     wb = weight_bytes(spec, plan)
     load = DTYPE_BYTES[plan.load_dtype]
@@ -565,7 +565,7 @@ def _zero(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
     master = _div(4 * p_t, n)
     offload = par.offload == "cpu"
     adam_torch = plan.optimizer in ("adamw_torch", "adamw_torch_fused")
-    param_dtype = 4 if plan.is_lora else DTYPE_BYTES[plan.load_dtype]
+    param_dtype = DTYPE_BYTES[plan.adapter_dtype if plan.is_lora else plan.load_dtype]
     ipg = 2 * par.zero_reduce_bucket_elems
     # The step, without offload: rank by rank over its fp32 partition, stage 3 one sub-group
     # at a time: the sub-group's 16-bit gradient partition flattened and cast to fp32
@@ -758,11 +758,11 @@ def _device_map(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estima
     counts = device_map_layers(spec, plan, par)
     layers = spec.num_hidden_layers
     c = ref.components
-    load = DTYPE_BYTES[plan.load_dtype] if plan.quant == "none" else 4  # fp32 after prepare
+    load = DTYPE_BYTES[plan.param_dtype]  # fp32 after prepare_model_for_kbit_training
     embed = spec.embedding_params() * load
     head = (spec.lm_head_params() + spec.hidden_size) * load
     per_layer_unq = max(0, c.unquantized_params - embed - head)
-    checkpoints = layers * plan.tokens * (4 if plan.quant != "none" else load) * spec.hidden_size
+    checkpoints = layers * plan.tokens * load * spec.hidden_size
     checkpoints = checkpoints if plan.gradient_checkpointing else 0
     out: list[Estimate] = []
     notes = ["device_map splits the layers: one GPU computes at a time (no speed-up)"]

@@ -72,9 +72,15 @@ def method_plan(base: TrainPlan, name: str, optimizer: Optimizer | None = None) 
     """`base` trained by method `name`; `optimizer` (the user's) or the method's usual one.
 
     The changes are consistent TrainPlan values (method and quant set together), so the
-    copy skips validation."""
+    copy skips validation. `kbit_prep` (a quantized base's preparation, e.g. TRL's
+    --no-kbit-prep) is the QLoRA rows'; `adapter_dtype` the LoRA rows' (full has none)."""
     setup = METHOD_SETUPS[name]
-    return base.model_copy(update={**setup.changes, "optimizer": optimizer or setup.optimizer})
+    changes: dict[str, object] = {**setup.changes, "optimizer": optimizer or setup.optimizer}
+    if setup.changes["method"] != "qlora":
+        changes["kbit_prep"] = True
+    if setup.changes["method"] == "full":
+        changes["adapter_dtype"] = "fp32"
+    return base.model_copy(update=changes)
 
 
 def method_label(name: str, plan: TrainPlan) -> str:

@@ -443,7 +443,7 @@ def _elementwise(spec: ModelSpec, plan: TrainPlan, passes_fwd: int, act_bytes: i
     drop = 0.0
     if spec.resid_dropout:
         drop += 2 * DROPOUT_BYTES * h
-    stream = 4 if plan.method == "qlora" or plan.load_dtype == "fp32" else act_bytes
+    stream = 4 if plan.param_dtype == "fp32" else act_bytes
     per_token = (norms + resid + drop) * stream / 2 + (rotary + act) * act_bytes / 2
     fwd = per_token * plan.tokens * spec.num_hidden_layers
     nbytes = fwd * (passes_fwd + BACKWARD_BYTES)
@@ -536,7 +536,8 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
     # the residual stream is fp32 under prepare_model_for_kbit_training (norms and
     # embeddings cast to fp32): the norms hand the Linears fp32 inputs, sdpa (autocast)
     # hands o_proj a 16-bit one; a quantized Linear's output keeps its input's dtype
-    stream32 = plan.method == "qlora" or plan.load_dtype == "fp32"
+    stream32 = plan.param_dtype == "fp32"  # TrainPlan.param_dtype: the norms' and embeddings'
+
     fp32_in = [lin for lin in linears if stream32 and lin.role != "o"]
     numel32 = sum(lin.in_features * lin.out_features for lin in fp32_in) \
         if quant == "int8" and plan.compute_dtype != "fp32" else 0
@@ -628,7 +629,9 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
         for lin in targets:
             # a 16-bit input is copied to the adapters' fp32 first (none when fp32 already,
             # or when the compute dtype is fp32 and no autocast casts back)
-            cast_in = 0 if (lin.role in fp32_roles or act == 4) else LORA_CAST_IN_BYTES
+            # (none either for 16-bit adapters: TrainPlan.adapter_dtype)
+            cast_in = 0 if (lin.role in fp32_roles or act == 4
+                            or plan.adapter_dtype != "fp32") else LORA_CAST_IN_BYTES
             fwd_b += t * (lin.in_features * (cast_in + drop_f + LORA_AUTOCAST_IN_BYTES)
                           + 4 * lin.out_features * act)
             bwd_b += t * (lin.in_features * (LORA_IN_BWD_BYTES - LORA_DROPOUT_BWD_BYTES
@@ -649,7 +652,7 @@ def train_work(spec: ModelSpec, plan: TrainPlan) -> StepWork:
                 * fwd_gemms
             cast += numel * layers * 10.0  # 16-bit weight gradients into the fp32 .grad
             cast_kernels = (layers * n_lin + 1) * (fwd_gemms + 1)
-        elif plan.method == "qlora":
+        elif plan.kbit_upcast:
             # prepare_model_for_kbit_training leaves lm_head (or the tied embedding) fp32
             cast += h * v * 6.0
             cast_kernels = 1

@@ -59,10 +59,9 @@ EAGER_MASK_BYTES_PER_BS2 = 12
 
 
 def residual_bytes(plan: TrainPlan) -> int:
-    """Bytes per element of the hidden states between modules."""
-    if plan.method == "qlora":
-        return 4  # fp32 after prepare_model_for_kbit_training
-    return DTYPE_BYTES[plan.load_dtype]
+    """Bytes per element of the hidden states between modules: the embeddings' and norms'
+    dtype (fp32 after prepare_model_for_kbit_training: TrainPlan.param_dtype)."""
+    return DTYPE_BYTES[plan.param_dtype]
 
 
 def compute_bytes(plan: TrainPlan) -> int:
@@ -71,9 +70,9 @@ def compute_bytes(plan: TrainPlan) -> int:
 
 def mlp_bytes(plan: TrainPlan) -> int:
     """Bytes per element of base Linear outputs (see module docstring)."""
-    if plan.method == "qlora":
+    if plan.kbit_upcast:
         return 4
-    return min(DTYPE_BYTES[plan.load_dtype], compute_bytes(plan))
+    return min(DTYPE_BYTES[plan.param_dtype], compute_bytes(plan))
 
 
 def _intermediate(spec: ModelSpec) -> int:
@@ -333,7 +332,7 @@ def expert_dtype_bytes(plan: TrainPlan) -> int:
     list, so fp32 experts (QLoRA: prepare_model_for_kbit_training upcasts every non-4-bit
     parameter; full fine-tuning with fp32 master weights) run in fp32 (H200 run 5 trace
     d061: 4 B per element)."""
-    return 4 if plan.method == "qlora" else DTYPE_BYTES[plan.load_dtype]
+    return DTYPE_BYTES[plan.param_dtype]
 
 
 def experts_train(spec: ModelSpec, plan: TrainPlan) -> bool:

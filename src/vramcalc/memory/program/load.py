@@ -210,7 +210,7 @@ def load_requests(spec: ModelSpec, plan: TrainPlan, kbit_prepare: bool = True
     if pending:
         gate, up, down = pending
         _fuse_experts(r, spec, load, gate, up, down, layers[-1])
-    if plan.method == "qlora" and kbit_prepare:
+    if plan.kbit_upcast and kbit_prepare:
         # in model.parameters() order: the embeddings, the layers', the lm_head
         upcast = [(embed_id, embed)] + [t for keep in layers for t in keep]
         if head is not None:
@@ -221,7 +221,16 @@ def load_requests(spec: ModelSpec, plan: TrainPlan, kbit_prepare: bool = True
                 r.free(tid)
         r.out.append(EMPTY_CACHE)
     adapters = lora_tensor_numels(spec, plan) if plan.is_lora else []
+    made: list[tuple[int | None, int]] = []
     for _ in range(spec.num_hidden_layers):
         for numel in adapters:  # fp32 (peft autocast_adapter_dtype)
-            r.alloc(numel * 4)
+            made.append((r.alloc(numel * 4), numel))
+    a_bytes = DTYPE_BYTES[plan.adapter_dtype]
+    if a_bytes != 4:
+        # TRL SFTTrainer.__init__ (trl 1.16 sft_trainer.py): `param.data =
+        # param.data.to(torch.bfloat16)` parameter by parameter, each copy made before the
+        # fp32 one goes
+        for tid, numel in made:
+            r.alloc(numel * a_bytes)
+            r.free(tid)
     return r.out

@@ -595,6 +595,7 @@ class _Shapes:
     # families (monkey_patch.py apply_liger_kernel_to_gemma2: in_place=False)
     liger: bool = False
     liger_norm_in_place: bool = True
+    adapter: int = 4  # the LoRA adapters' bytes per element (TrainPlan.adapter_dtype)
 
 
 # Linears whose input carries int8 outlier columns (the MLP's down projection input)
@@ -716,7 +717,7 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
     # compute dtype, and `result + output` promotes to the result's dtype (run 14 y028,
     # t17-y012). peft 0.21 Linear8bitLt makes no result.clone(). tuners/lora/layer.py
     # Linear.forward (16-bit bases) casts x always (_cast_input_dtype).
-    xb = in_bytes if s.method == "qlora" else 4
+    xb = in_bytes if s.method == "qlora" else s.adapter
     xv = g.op(t * i * xb, [x]) if xb != in_bytes else x
     if s.dropout:
         mask = g.op(t * i, [])
@@ -724,7 +725,8 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
         g.drop(mask)
     else:
         xd = xv
-    a_w = (weights or {}).get(lin.name + ".A") or g.leaf(i * s.rank * 4, True, param=True)
+    a_w = (weights or {}).get(lin.name + ".A") or g.leaf(i * s.rank * s.adapter, True,
+                                                         param=True)
     # autocast's copy for lora_A (none where x already is in the compute dtype)
     xa = g.op(t * i * s.c, [xd]) if xb != s.c else xd
     if s.int8:
@@ -745,7 +747,8 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
             g.drop(xd)
         if xv is not x:
             g.drop(xv)
-    b_w = (weights or {}).get(lin.name + ".B") or g.leaf(s.rank * o * 4, True, param=True)
+    b_w = (weights or {}).get(lin.name + ".B") or g.leaf(s.rank * o * s.adapter, True,
+                                                         param=True)
     b = g.op(t * o * s.c, [b_w, a], save=(a,), mm=True)
     g.drop(a)
     sc = g.op(t * o * s.c, [b])
@@ -1030,8 +1033,9 @@ def expert_weights(spec: ModelSpec, plan: TrainPlan) -> dict[str, Var]:
             w["experts." + name] = Var(None, n, n, True, param=True)
         elif lora_on_experts(spec, plan):
             r = plan.rank * (2 if name == "gate_up" else 1)
-            w["experts." + name + ".lhs"] = Var(None, 0, e * d1 * r * 4, True, param=True)
-            w["experts." + name + ".rhs"] = Var(None, 0, e * r * d2 * 4, True, param=True)
+            a = DTYPE_BYTES[plan.adapter_dtype]
+            w["experts." + name + ".lhs"] = Var(None, 0, e * d1 * r * a, True, param=True)
+            w["experts." + name + ".rhs"] = Var(None, 0, e * r * d2 * a, True, param=True)
     return w
 
 
@@ -1321,6 +1325,7 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
         fp32_norm_scale=spec.norm_scales_in_fp32,
         liger=plan.loss_kernel == "liger",
         liger_norm_in_place=not spec.model_type.startswith("gemma"),
+        adapter=DTYPE_BYTES[plan.adapter_dtype],
     )
 
 
@@ -1363,10 +1368,10 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                 w[lin.name] = Var(None, lin.weight_numel * s.c, lin.weight_numel * wbytes,
                                   True, param=True)
             elif lin.name in s.targets:
-                w[lin.name + ".A"] = Var(None, 0, lin.in_features * s.rank * 4, True,
-                                         param=True)
-                w[lin.name + ".B"] = Var(None, 0, s.rank * lin.out_features * 4, True,
-                                         param=True)
+                w[lin.name + ".A"] = Var(None, 0, lin.in_features * s.rank * s.adapter,
+                                         True, param=True)
+                w[lin.name + ".B"] = Var(None, 0, s.rank * lin.out_features * s.adapter,
+                                         True, param=True)
         w.update(expert_weights(spec, plan))
         per_layer_weights.append(w)
     # sdpa layers that slide past their window
@@ -1438,7 +1443,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
             held, held_graph = _rebind(g, held, held_graph)
         else:
             head_copy: Var | None = None
-            if plan.method == "qlora" or s.autocast_weights:
+            if plan.kbit_upcast or s.autocast_weights:
                 # the fp32 lm_head weight cast for the matmul (kept for backward); a trained
                 # one gets its compute-dtype gradient first, then the fp32 cast of it
                 # (ToCopyBackward)
@@ -1655,10 +1660,9 @@ def _fused_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n: Var,
     (TrainPlan.loss_kernel), from the final norm's output `n`: the scalar loss."""
     t, h, vocab = s.tokens, spec.hidden_size, spec.vocab_size
     in_b = n.size // max(t * h, 1)
-    wbytes = DTYPE_BYTES[plan.load_dtype]
-    # the lm_head weight's dtype: fp32 under QLoRA (prepare_model_for_kbit_training casts
+    # the lm_head weight's dtype (TrainPlan.param_dtype): fp32 under QLoRA (kbit prep casts
     # the non-quantized parameters up) and with fp32 master weights
-    w_b = 4 if plan.method == "qlora" else wbytes
+    w_b = DTYPE_BYTES[plan.param_dtype]
     trains = plan.method == "full"
     # autocast's cast of the weight for a matmul: cached for a leaf that requires grad
     # (torch autocast `cached_cast`), made per matmul for a frozen one

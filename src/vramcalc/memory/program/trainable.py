@@ -18,7 +18,7 @@ from vramcalc.memory.program.weights import DTYPE_BYTES, fused_experts, rounded
 from vramcalc.models.spec import LinearShape, ModelSpec
 from vramcalc.plans import TrainPlan
 
-LORA_DTYPE_BYTES = 4  # peft autocast_adapter_dtype=True: adapters in fp32
+LORA_DTYPE_BYTES = 4  # peft autocast_adapter_dtype=True: adapters in fp32 (TrainPlan.adapter_dtype)
 
 
 class TrainableTensor(NamedTuple):
@@ -155,7 +155,8 @@ def trainable_tensors(spec: ModelSpec, plan: TrainPlan) -> list[TrainableTensor]
         return [TrainableTensor(n, dtype, c, embedding=(i == 0)) for i, (n, c) in
                 enumerate(tensors)]
     layers = spec.num_hidden_layers
-    return [TrainableTensor(n, LORA_DTYPE_BYTES, layers) for n in lora_tensor_numels(spec, plan)]
+    dtype = DTYPE_BYTES[plan.adapter_dtype]  # fp32 unless the trainer cast them (TRL: bf16)
+    return [TrainableTensor(n, dtype, layers) for n in lora_tensor_numels(spec, plan)]
 
 
 def trainable_param_count(spec: ModelSpec, plan: TrainPlan) -> int:
@@ -172,5 +173,6 @@ def lora_param_count(spec: ModelSpec, plan: TrainPlan) -> int:
 
 
 def lora_param_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
-    """LoRA weights are fp32 (peft autocast_adapter_dtype=True upcasts bf16 adapters)."""
+    """LoRA weights in TrainPlan.adapter_dtype: fp32 by default (peft
+    autocast_adapter_dtype=True upcasts bf16 adapters), bf16 where TRL casts them."""
     return 0 if plan.method == "full" else trainable_param_bytes(spec, plan)

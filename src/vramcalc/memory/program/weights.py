@@ -167,8 +167,10 @@ def weight_bytes(spec: ModelSpec, plan: TrainPlan) -> WeightBytes:
             for lin in linears
         )
         # prepare_model_for_kbit_training casts every non-Params4bit fp16/bf16 param to fp32
-        # (peft utils/other.py); Int8Params are int8, so only the rest is upcast.
-        unquantized = unquantized_param_bytes(spec, 4)
+        # (peft utils/other.py); Int8Params are int8, so only the rest is upcast. Without it
+        # (TRL's SFTTrainer) they stay in the load dtype: TrainPlan.param_dtype.
+        pbytes = DTYPE_BYTES[plan.param_dtype]
+        unquantized = unquantized_param_bytes(spec, pbytes)
         if spec.is_moe and not fused_experts(spec, plan):
             # per-expert nn.Linear modules (transformers 4.x, axolotl): quantized like the rest
             e_lin = expert_linear_numels(spec)
@@ -176,9 +178,9 @@ def weight_bytes(spec: ModelSpec, plan: TrainPlan) -> WeightBytes:
                 quantized_weight_bytes(n, plan.quant) for n, _ in e_lin)
             constants += layers * spec.num_local_experts * sum(
                 quant_constant_bytes(n, out, plan.quant, plan.double_quant) for n, out in e_lin)
-            experts = layers * rounded(4 * spec.num_local_experts * spec.hidden_size)  # router
+            experts = layers * rounded(pbytes * spec.num_local_experts * spec.hidden_size)  # router
         else:
-            experts = layers * expert_bytes(spec, 4)
+            experts = layers * expert_bytes(spec, pbytes)
     return WeightBytes(
         base_weights=weights,
         quant_constants=constants,
