@@ -47,7 +47,7 @@ MATRICES = {
     "h100-switch2.json": ("h100-switch2-predictions.json",
                           ("run33-switch2.jsonl", "run33-switch2b.jsonl")),
     # TRL >= 1.15 SFTTrainer's fused LM head (calibration/design_trl.py)
-    "h100-trl2.json": ("h100-trl2-predictions.json", ("run35-trl2.jsonl",)),
+    "h100-trl2.json": ("h100-trl2-predictions.json", ("run35-trl2.jsonl", "run35b-trl2.jsonl")),
     # TRL's QLoRA preparation (TrainPlan.kbit_prep False, adapter_dtype bf16) and twins
     "h100-trlprep.json": ("h100-trlprep-predictions.json", ("run35-trlprep.jsonl",)),
 }

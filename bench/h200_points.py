@@ -62,6 +62,7 @@ RUNS = {  # run file -> the matrix it measured
     "run33-switch2b.jsonl": "h100-switch2.json",
     "run34-trace.jsonl": "h100-trace34.json",
     "run35-trl2.jsonl": "h100-trl2.json",
+    "run35b-trl2.jsonl": "h100-trl2.json",
     "run35-trlprep.jsonl": "h100-trlprep.json",
 }
 # Runs measured on another card than the H200: the folder under calibration/ that holds
@@ -84,6 +85,7 @@ RUN_DIRS = {
     "run33-switch2b.jsonl": "h100",
     "run34-trace.jsonl": "h100",
     "run35-trl2.jsonl": "h100",
+    "run35b-trl2.jsonl": "h100",
     "run35-trlprep.jsonl": "h100",
 }
 
