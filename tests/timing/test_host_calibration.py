@@ -176,3 +176,27 @@ def test_fit_prefers_the_reference_where_steps_say_nothing_of_the_host() -> None
     # one host-bound step and one GPU-bound one: the median is the mean of the two errors,
     # smallest where the host-bound one is met (h = 3)
     assert fit_host_factor([(lambda h: 0.1 * h, 0.3), (lambda h: 2.0, 2.0)]) == 3.0
+
+
+def test_runs_folder_is_the_one_calibrate_writes() -> None:
+    from vramcalc.timing.host_calibration import RUNS_DIR, runs_folder
+
+    assert RUNS_DIR == store.RUNS_DIR and runs_folder() == _data() / store.RUNS_DIR
+
+
+def test_plan_with_runs_imports_nothing_heavy() -> None:
+    """With run files to read, `plan --gpu` still loads no torch (the run files are parsed
+    by calibrate/store.py, which imports none)."""
+    import subprocess
+    import sys
+
+    _write_run(1.5)
+    code = ("import sys\nsys.argv = ['vramcalc', *" + repr(PLAN) + "]\n"
+            "from vramcalc.cli import main\ntry:\n    main()\nexcept SystemExit as e:\n"
+            "    assert e.code in (0, None), e.code\n"
+            "print()\nprint(','.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()
+    loaded = set(out[-1].split(","))
+    assert '"host_factor": 1.5' in "\n".join(out[:-1])
+    assert not loaded & {"torch", "transformers", "bitsandbytes", "peft", "pynvml"}

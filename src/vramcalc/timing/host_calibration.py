@@ -13,10 +13,10 @@ after the first) in DATA/runs/*.json (`calibrate/store.py`). Here:
 - the host factor `h` is the one that minimizes the median |log(pred(h) / measured)| over
   those points, where pred(h) is `step_time.step_at_host`: the model's own step at `h`
   times the reference host's operator costs (its own split of host and GPU time; the GPU's
-  efficiencies stay what `gpu_speed` gives). Searched on a log grid of 0.1-10 (1 % steps)
+  efficiencies stay what `gpu_speed` gives). Searched on a log grid of 0.1-10 (5 % steps)
   with each point's own root (pred(h) = measured, by bisection), then refined around the
-  best in 0.05 % steps; of equally good factors the one nearest 1 wins (a GPU-bound point
-  says nothing of the host); rounded to 0.001;
+  best in 0.5 % and 0.05 % steps; of equally good factors the one nearest 1 wins (a
+  GPU-bound point says nothing of the host); rounded to 0.001;
 - `timing/cost.py train_time` times every training plan of `plan`, `check`, `compare`,
   `fit` and the API on that GPU with it (`time_basis` "calibrated", `host_factor`,
   `time_calibration` saying from how many steps and which files); `--no-calibration`
@@ -33,7 +33,6 @@ import functools
 import math
 import os
 import re
-import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,10 +45,13 @@ if TYPE_CHECKING:
 
 H_MIN = 0.1  # the search's bounds: ten times faster or slower than the reference host
 H_MAX = 10.0
-GRID_STEP = 0.01  # log-grid step (1 %)
-REFINE_STEP = 0.0005  # around the grid's best (0.05 %), 40 steps each way
-REFINE_STEPS = 40
+GRID_STEP = 0.05  # log-grid step (5 %)
+REFINE = ((0.005, 10), (0.0005, 10))  # then around the best: 10 steps of 0.5 % each way,
+# then 10 of 0.05 %
 DECIMALS = 3  # the factor used and reported
+# calibrate/store.py RUNS_DIR, not imported: without run files `plan`, `compare` and `fit`
+# load nothing of vramcalc.calibrate (tests/test_light_imports.py)
+RUNS_DIR = "runs"
 _CUT = re.compile(r"^(?P<base>.+)@(?P<layers>\d+)L$")  # models.spec.depth_cut's names
 
 
@@ -94,7 +96,6 @@ class HostFit(NamedTuple):
 def runs_folder() -> Path:
     """DATA/runs: where `vramcalc calibrate run` saves its points (the user data folder,
     corrections.factors.user_data_dir, or $VRAMCALC_DATA_DIR)."""
-    from vramcalc.calibrate.store import RUNS_DIR
     from vramcalc.corrections.factors import user_data_dir
 
     return user_data_dir() / RUNS_DIR
@@ -187,6 +188,14 @@ def _timed(folder: str, listing: tuple[tuple[str, int, int], ...]) -> Timed:
     return Timed({k: tuple(v) for k, v in by_gpu.items()}, unknown)
 
 
+def _median(values: list[float]) -> float:
+    """statistics.median, without importing statistics (~5 ms of a cold `plan`: it loads
+    fractions, decimal and random)."""
+    a = sorted(values)
+    mid = len(a) // 2
+    return a[mid] if len(a) % 2 else (a[mid - 1] + a[mid]) / 2
+
+
 def fit_host_factor(points: Sequence[tuple[Callable[[float], float], float]]) -> float:
     """The host factor h minimizing the median |log(pred(h) / measured)| over `points`
     (pred: a step's seconds at host factor h, non-decreasing in h; measured seconds), in
@@ -195,7 +204,7 @@ def fit_host_factor(points: Sequence[tuple[Callable[[float], float], float]]) ->
         raise ValueError("no timed points")
 
     def objective(h: float) -> float:
-        return statistics.median(abs(math.log(pred(h) / meas)) for pred, meas in points)
+        return _median([abs(math.log(pred(h) / meas)) for pred, meas in points])
 
     def key(h: float) -> tuple[float, float]:
         return (round(objective(h), 12), abs(math.log(h)))
@@ -212,8 +221,9 @@ def fit_host_factor(points: Sequence[tuple[Callable[[float], float], float]]) ->
             a, b = (mid, b) if pred(math.exp(mid)) < meas else (a, mid)
         candidates.append(math.exp((a + b) / 2))
     best = min(candidates, key=key)
-    around = [best * math.exp(k * REFINE_STEP) for k in range(-REFINE_STEPS, REFINE_STEPS + 1)]
-    best = min([best, *(h for h in around if H_MIN <= h <= H_MAX)], key=key)
+    for step, steps in REFINE:
+        around = [best * math.exp(k * step) for k in range(-steps, steps + 1)]
+        best = min([best, *(h for h in around if H_MIN <= h <= H_MAX)], key=key)
     return round(best, DECIMALS)
 
 
@@ -228,7 +238,7 @@ def fit_steps(steps: Sequence[TimedStep], speed: GpuSpeed, left_out: int = 0) ->
     h = fit_host_factor(points)
 
     def median_error(factor: float) -> float:
-        return statistics.median(abs(math.log(p(factor) / m)) for p, m in points)
+        return _median([abs(math.log(p(factor) / m)) for p, m in points])
 
     fitted = [f(h) for f, _ in at]
     return HostFit(factor=h, steps=len(steps),
