@@ -134,6 +134,13 @@ def test_every_command_and_the_api_give_the_same_step_seconds() -> None:
     assert times and all(t["host_factor"] == 0.8 for t in times)
     raw_fit = json.loads(_cli("fit", "--gpu", "h100-sxm", "--json", "--no-calibration").stdout)
     assert all("host_factor" not in r["time"] for r in raw_fit["rows"] if r["time"])
+    # compare times each method on its smallest GPU: the calibrated one only on the H100
+    methods = json.loads(_cli("compare", "-m", "llama-3.1-8b", "--json").stdout)["methods"]
+    timed = {m["time"]["gpu"]: m["time"] for m in methods if m["time"] is not None}
+    assert "h100-sxm" in timed and len(timed) > 1
+    for gpu, t in timed.items():
+        assert (t.get("host_factor"), t["time_basis"] == "calibrated") == (
+            (0.8, True) if gpu == "h100-sxm" else (None, False))
 
 
 def test_a_bad_run_file_is_one_line_and_the_good_ones_still_count() -> None:
