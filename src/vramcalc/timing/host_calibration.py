@@ -42,6 +42,7 @@ from vramcalc.timing.step_time import GpuSpeed, StepTime, StepWork, step_at_host
 
 if TYPE_CHECKING:
     from vramcalc.hardware.catalog import GpuModel
+    from vramcalc.models.spec import ModelSpec
 
 H_MIN = 0.1  # the search's bounds: ten times faster or slower than the reference host
 H_MAX = 10.0
@@ -67,7 +68,8 @@ class Timed(NamedTuple):
     """Every timed step under DATA/runs by catalog GPU name, and what was left out."""
 
     by_gpu: dict[str, tuple[TimedStep, ...]]
-    unknown_models: dict[str, int]  # catalog GPU name -> timed steps of non-catalog models
+    unknown_models: dict[str, int]  # catalog GPU name -> timed steps left out (a model
+    # outside the catalog, or a plan its catalog spec refuses)
 
 
 class HostFit(NamedTuple):
@@ -79,7 +81,7 @@ class HostFit(NamedTuple):
     sources: tuple[Path, ...]
     median_error_reference: float  # median |log(pred/meas)| at host factor 1
     median_error_fitted: float  # at `factor`
-    left_out: int = 0  # timed steps of models outside the catalog
+    left_out: int = 0  # timed steps of models outside the catalog (Timed.unknown_models)
 
     def note(self) -> str:
         """'host factor 1.42 from 6 timed steps on this machine, DATA/runs/h100-...json'."""
@@ -125,7 +127,7 @@ def _listing(folder: Path) -> tuple[tuple[str, int, int], ...] | None:
     return tuple(sorted(out))
 
 
-def _spec_of(name: str) -> object | None:
+def _spec_of(name: str) -> ModelSpec | None:
     """The catalog spec of a run point's model name (a depth cut `NAME@4L` too), or None:
     a model outside the catalog (a spec file, a hub id) is not looked up again here, since
     `plan` reads no file and fetches nothing for it."""
@@ -146,9 +148,8 @@ def _timed(folder: str, listing: tuple[tuple[str, int, int], ...]) -> Timed:
     """The timed steps of the run files `listing` names in `folder` (read once per
     process and listing)."""
     from vramcalc.calibrate.store import run_from_text
-    from vramcalc.errors import CalibrationError, UnknownGpuError
+    from vramcalc.errors import CalibrationError, UnknownGpuError, VramcalcError
     from vramcalc.hardware.catalog import match_detected, resolve_gpu
-    from vramcalc.models.spec import ModelSpec
     from vramcalc.timing.step_time import train_work
     from vramcalc.user_files import read_text
 
@@ -180,11 +181,14 @@ def _timed(folder: str, listing: tuple[tuple[str, int, int], ...]) -> Timed:
                     or not isinstance(secs, (int, float)) or not 0 < secs < math.inf):
                 continue
             spec = _spec_of(p.model)
-            if not isinstance(spec, ModelSpec):
+            try:
+                if spec is None:
+                    raise VramcalcError(p.model)
+                work = train_work(spec, p.plan)
+            except VramcalcError:  # not in the catalog, or a plan its spec refuses
                 unknown[gpu.name] = unknown.get(gpu.name, 0) + 1
                 continue
-            by_gpu.setdefault(gpu.name, []).append(
-                TimedStep(train_work(spec, p.plan), float(secs), path))
+            by_gpu.setdefault(gpu.name, []).append(TimedStep(work, float(secs), path))
     return Timed({k: tuple(v) for k, v in by_gpu.items()}, unknown)
 
 
