@@ -368,13 +368,16 @@ def train_time(
     dataset_tokens: int | None = None,
     epochs: float = 1.0,
     prices: dict[str, float] | None = None,
+    calibration: bool = True,
     **options: Any,
 ) -> Any:
     """Seconds per step, tokens per second and, with `dataset_tokens`, the wall time and
     cost of a training plan on a catalog GPU: what `vramcalc plan --gpu GPU
     --dataset-tokens N --epochs E --price GPU=USD` prints (vramcalc.timing.cost.TrainTime;
     `.fields()` is its --json). `prices` maps GPU names to $/GPU-hour over the shipped
-    table. Raises PlanError when the GPU has no throughput figures.
+    table. `calibration=False` leaves out this machine's host factor (timing/
+    host_calibration.py), as `--no-calibration`. Raises PlanError when the GPU has no
+    throughput figures.
 
         >>> from vramcalc.api import train_time
         >>> t = train_time("llama-3.1-8b", "h100-sxm", batch_size=4, dataset_tokens=10**8)
@@ -390,7 +393,8 @@ def train_time(
         raise PlanError(f"epochs must be more than 0, got {epochs}")
     card = resolve_gpu(gpu)
     table = price_table(None, [f"{name}={usd}" for name, usd in (prices or {}).items()])
-    t = _train_time(_resolve(model).spec, make_plan(**options), card, table, dataset_tokens, epochs)
+    t = _train_time(_resolve(model).spec, make_plan(**options), card, table, dataset_tokens,
+                    epochs, calibration=calibration)
     if t is None:
         raise PlanError(f"no throughput figures for {card.name} (vramcalc/data/gpu_speed.yaml)")
     return t
@@ -561,7 +565,8 @@ def plan_step(spec: ModelSpec, train: TrainPlan, *, target: Target | None = None
 
         card = resolve_gpu(time_gpu)
         table = price_table(None, []) if prices is None else prices
-        timed = train_time(spec, train, card, table, dataset_tokens, epochs)
+        timed = train_time(spec, train, card, table, dataset_tokens, epochs,
+                           calibration=calibration)
         missing = card.name if timed is None else None
     return PlanResult(estimate=est, plan=train, verdict=gv, time=timed, time_missing=missing,
                       calibration=None if corrections is None else corrections.key,
@@ -742,7 +747,7 @@ def check_step(spec: ModelSpec, train: TrainPlan, targets: Sequence[Target],
     for k, v in enumerate(verdicts):
         model = catalog_gpu_of(v.target)
         t = None if model is None else train_time(spec, v.plan, model, table, dataset_tokens,
-                                                  epochs)
+                                                  epochs, calibration=calibration)
         if t is not None:
             times[k] = t
     # the cards that fit, cheapest to finish first (then fastest)
@@ -808,7 +813,7 @@ def compare(spec: ModelSpec, base: TrainPlan, margin_bytes: int, *,
             continue
         plan = r.plan.model_copy(update={"compute_dtype": r.smallest_gpu.compute_dtype})
         times.append(train_time(spec, plan, resolve_gpu(r.smallest_gpu.gpu), table,
-                                dataset_tokens, epochs))
+                                dataset_tokens, epochs, calibration=calibration))
     return CompareResult(model=spec.name, params=spec.num_params(), rows=list(rows),
                          times=times, margin_bytes=margin_bytes,
                          calibration_notes=[s.note for s in estimators.applied()])
@@ -862,7 +867,8 @@ def fit(gpu: str, base: TrainPlan, margin_bytes: int, *, optimizer: Optimizer | 
             continue
         plan = for_gpu(method_plan(base, r.method, optimizer), card.bf16_supported)
         plan = plan.model_copy(update={"batch_size": min(base.batch_size, r.max_batch)})
-        times.append(train_time(get_spec(r.model), plan, card, table, dataset_tokens, epochs))
+        times.append(train_time(get_spec(r.model), plan, card, table, dataset_tokens, epochs,
+                                calibration=calibration))
     return FitResult(gpu=card.name, gpu_memory_bytes=card.usable_bytes,
                      margin_bytes=margin_bytes, plan=base, rows=list(rows), times=times,
                      calibration_note=calibration_note(corrections))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,3 +38,14 @@ def print_times(title: str, rows: list[tuple[str, str, TrainTime | None]],
     if bases:
         console.print(f"time basis: {', '.join(bases)} (derived: catalog peaks x efficiencies "
                       "by architecture, docs/time-model.md)", highlight=False)
+    for gpu, note in calibration_notes(t for _, _, t in rows):
+        console.print(f"time on {gpu} calibrated: {note}", highlight=False)
+
+
+def calibration_notes(times: Iterable[TrainTime | None]) -> list[tuple[str, str]]:
+    """(GPU, note) of each GPU timed under this machine's host factor, once each."""
+    seen: dict[str, str] = {}
+    for t in times:
+        if t is not None and t.time_calibration is not None:
+            seen.setdefault(t.gpu, t.time_calibration)
+    return list(seen.items())

@@ -129,8 +129,19 @@ def write_run(path: Path, run: RunFile) -> None:
 def read_run(path: Path) -> RunFile | None:
     """The run in `path`, or None after one line on stderr saying why it was skipped."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        print(f"warning: skipping {path}: not readable JSON ({err})", file=sys.stderr)
+        return None
+    return run_from_text(text, path)
+
+
+def run_from_text(text: str, path: Path) -> RunFile | None:
+    """The run file `path` holds as `text`, or None after one line on stderr saying why it
+    was skipped (not JSON, not a calibration run, another schema version, a bad field)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
         print(f"warning: skipping {path}: not readable JSON ({err})", file=sys.stderr)
         return None
     if not isinstance(data, dict) or data.get("kind") != RUN_KIND:

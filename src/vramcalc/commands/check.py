@@ -363,6 +363,10 @@ def check(
             from rich.console import Console
 
             Console(emoji=False).print(_time_table(report.ranking))
+            notes = {r["name"]: r["time_calibration"] for r in report.ranking
+                     if r.get("time_calibration")}
+            for gpu, note in notes.items():
+                typer.echo(f"time on {gpu} calibrated: {note}")
         for o in report.several[:3]:
             typer.echo(f"  on several {best.target.name}: {o['flags']} needs "
                        f"{_gib(o['required_device_bytes'])} GiB per GPU")

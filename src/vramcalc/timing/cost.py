@@ -149,6 +149,17 @@ class TrainTime(NamedTuple):
     price_source: str | None = None
     price_date: str | None = None
     cost_usd: float | None = None
+    # a user's calibration (timing/host_calibration.py): the host factor fitted on this
+    # machine's timed steps of the GPU, and where it comes from; None: the shipped constants
+    host_factor: float | None = None
+    time_calibration: str | None = None
+
+    @property
+    def basis_text(self) -> str:
+        """'measured', or 'calibrated: host factor 1.42 from 6 timed steps ...'."""
+        if self.time_calibration is None:
+            return self.time_basis
+        return f"{self.time_basis}: {self.time_calibration}"
 
     def fields(self) -> dict[str, Any]:
         """The JSON fields `plan` / `check` add (None values left out)."""
@@ -157,15 +168,23 @@ class TrainTime(NamedTuple):
 
 def train_time(spec: ModelSpec, plan: TrainPlan, gpu: GpuModel, prices: PriceTable,
                dataset_tokens: int | None = None, epochs: float = 1.0,
-               step: StepTime | None = None) -> TrainTime | None:
+               step: StepTime | None = None, *, calibration: bool) -> TrainTime | None:
     """Time per step on `gpu`, and with `dataset_tokens` the wall time of `epochs` passes
-    and its cost; None when the GPU's peaks are not known (gpu_speed.yaml)."""
+    and its cost; None when the GPU's peaks are not known (gpu_speed.yaml). `calibration`:
+    the host factor fitted on this machine's timed steps of `gpu`, where DATA/runs holds
+    any (timing/host_calibration.py; every command's --no-calibration turns it off, as the
+    memory corrections). A given `step` is used as it is."""
     from vramcalc.timing.gpu_speed import gpu_speed
 
+    fit = None
     if step is None:
         speed = gpu_speed(gpu)
         if speed is None:
             return None
+        if calibration:
+            from vramcalc.timing.host_calibration import calibrated
+
+            speed, fit = calibrated(gpu, speed)
         step = step_time(train_work(spec, plan), speed)
     price = prices.prices.get(gpu.name)
     steps = total = cost = None
@@ -181,7 +200,8 @@ def train_time(spec: ModelSpec, plan: TrainPlan, gpu: GpuModel, prices: PriceTab
         price_source=None if price is None else (
             f"{price.provider}: {price.source}" if price.provider else price.source),
         price_date=None if price is None or price.date is None else price.date.isoformat(),
-        cost_usd=cost)
+        cost_usd=cost, host_factor=None if fit is None else fit.factor,
+        time_calibration=None if fit is None else fit.note())
 
 
 def rank_by_cost(times: list[TrainTime]) -> list[TrainTime]:
@@ -207,7 +227,7 @@ def format_duration(seconds: float) -> str:
 
 def describe(t: TrainTime) -> str:
     """One line for the text output."""
-    line = (f"time on {t.gpu} ({t.time_basis}): {t.step_seconds:.3g} s/step, "
+    line = (f"time on {t.gpu} ({t.basis_text}): {t.step_seconds:.3g} s/step, "
             f"{t.tokens_per_second:,.0f} tokens/s")
     if t.total_seconds is not None:
         line += f"; {t.steps:,} steps: {format_duration(t.total_seconds)}"

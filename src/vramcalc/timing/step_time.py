@@ -54,6 +54,7 @@ compile / fused kernels (unsloth, liger), power throttling, the first step's war
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 from vramcalc.memory.effective import attention_impl, effective_train_plan
@@ -741,34 +742,50 @@ def class_seconds(c: KernelClass, speed: GpuSpeed) -> ClassTime:
 def step_time(work: StepWork, speed: GpuSpeed) -> StepTime:
     """Seconds per step of `work` on `speed` (module docstring: GPU and host overlap within
     forward+backward and within the optimizer step, not across them)."""
+    return step_at_host(work, speed)(speed.host_factor)
+
+
+def step_at_host(work: StepWork, speed: GpuSpeed) -> Callable[[float], StepTime]:
+    """`step_time` of `work` on `speed` as a function of the host factor: the GPU's kernel
+    classes are timed once, and each call puts a host `h` times the reference host's
+    (HOST_FWD_OP_S, HOST_BWD_OP_S, ...) under them. `step_at_host(w, s)(s.host_factor)` is
+    `step_time(w, s)`; timing/host_calibration.py fits `h` to a user's timed steps with it."""
     times = [class_seconds(c, speed) for c in work.classes]
     opt = class_seconds(work.optimizer, speed)
     gpu_fb = sum(x.seconds for x in times)
-    host_fb = work.host_fwd_bwd_s * speed.host_factor
-    host_opt = work.host_optimizer_s * speed.host_factor
-    host_step = work.host_step_s * speed.host_factor
+    gpu_f = 0.0  # the forward passes' GPU time, where the forward is serial (int8)
     if work.serial_forward:
-        # the forward's syncs (int8) empty the GPU's queue in every Linear: the host's
-        # forward and the GPU's no longer overlap; the backward still does
         by_passes = work.forward_passes / (work.forward_passes + 2.0)
         gpu_f = sum(x.seconds * (c.forward_share if c.forward_share >= 0 else by_passes)
                     for x, c in zip(times, work.classes, strict=True))
-        host_f = work.host_forward_s * speed.host_factor
-        # between two syncs the host and the GPU still overlap: each stretch takes the
-        # longer of its share of the host's operators and its share of the GPU's work
-        # (HOST_SYNC_S: the stretches, not the whole forward, are serial)
-        shares = work.serial_segments or (1.0,)
-        n = len(shares)
-        serial = sum(max(host_f / n, gpu_f * s) for s in shares)
-        fwd_bwd = (serial + work.host_syncs_s * speed.host_factor
-                   + max(gpu_fb - gpu_f, host_fb - host_f))
-    else:
-        fwd_bwd = max(gpu_fb, host_fb)
-    opt_s = host_opt + opt.seconds if work.serial_optimizer else max(opt.seconds, host_opt)
-    step = fwd_bwd + opt_s + host_step
-    return StepTime(gpu=speed.name, basis=speed.basis, tokens=work.tokens,
-                    step_seconds=step, gpu_seconds=gpu_fb + opt.seconds,
-                    host_seconds=host_fb + host_opt + host_step, classes=(*times, opt))
+    classes = (*times, opt)
+
+    def at(host_factor: float) -> StepTime:
+        host_fb = work.host_fwd_bwd_s * host_factor
+        host_opt = work.host_optimizer_s * host_factor
+        host_step = work.host_step_s * host_factor
+        if work.serial_forward:
+            # the forward's syncs (int8) empty the GPU's queue in every Linear: the host's
+            # forward and the GPU's no longer overlap; the backward still does
+            host_f = work.host_forward_s * host_factor
+            # between two syncs the host and the GPU still overlap: each stretch takes the
+            # longer of its share of the host's operators and its share of the GPU's work
+            # (HOST_SYNC_S: the stretches, not the whole forward, are serial)
+            shares = work.serial_segments or (1.0,)
+            n = len(shares)
+            serial = sum(max(host_f / n, gpu_f * s) for s in shares)
+            fwd_bwd = (serial + work.host_syncs_s * host_factor
+                       + max(gpu_fb - gpu_f, host_fb - host_f))
+        else:
+            fwd_bwd = max(gpu_fb, host_fb)
+        opt_s = (host_opt + opt.seconds if work.serial_optimizer
+                 else max(opt.seconds, host_opt))
+        step = fwd_bwd + opt_s + host_step
+        return StepTime(gpu=speed.name, basis=speed.basis, tokens=work.tokens,
+                        step_seconds=step, gpu_seconds=gpu_fb + opt.seconds,
+                        host_seconds=host_fb + host_opt + host_step, classes=classes)
+
+    return at
 
 
 # ---- inference: prefill and decode ------------------------------------------------------
