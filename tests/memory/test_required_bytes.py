@@ -9,6 +9,7 @@ import pytest
 
 from vramcalc.errors import PlanError
 from vramcalc.memory.estimate import estimate, required_bytes
+from vramcalc.memory.program import step
 from vramcalc.memory.program.step import program_peaks, requested_peak
 from vramcalc.models.spec import catalog, depth_cut, get_spec
 from vramcalc.plans import TrainPlan
@@ -66,3 +67,20 @@ def test_requested_peak_is_the_replays(changes: dict[str, object]) -> None:
         if spec.name == "qwen2.5-0.5b":
             py = program_peaks(spec, plan, engine="python")
             assert max(py.requested.values()) == want
+
+
+@pytest.mark.skipif(step._SPAN_CHANGES is None, reason="the compiled replay is not built")
+def test_both_span_passes_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled `span_changes` and its pure-Python fallback give the same spans."""
+    for name, method in (("llama-3.1-8b", "qlora"), ("gemma-2-2b", "int8"),
+                         ("qwen2.5-0.5b", "full")):
+        plan = method_plan(TrainPlan(), method).model_copy(update={"batch_size": 3})
+        spec = get_spec(name)
+        compiled = requested_peak(spec, plan)
+        requests = step.step_requests(depth_cut(spec, 6), plan).requests
+        spans = [(0, len(requests)), (5, 5), (10, 2000), (len(requests) // 2, len(requests))]
+        c = step._span_changes(requests, spans)
+        monkeypatch.setattr(step, "_SPAN_CHANGES", None)
+        assert step._span_changes(requests, spans) == c
+        assert requested_peak(spec, plan) == compiled
+        monkeypatch.undo()

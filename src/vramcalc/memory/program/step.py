@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 from vramcalc.errors import VramcalcError
 from vramcalc.memory.allocator.replay import (
+    COMPILED,
     Engine,
     replay_program,
     requested_run,
@@ -2049,22 +2050,37 @@ def requested_peak(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
             requests = _cached_requests(spec, plan, steps, spec.num_hidden_layers).requests
             total, steps_peak = requested_run({}, total, requests)
             return max(peak, steps_peak)
-        # each request of the cut as the change it makes to the bytes alive (the steps
-        # free none of the load's tensors: its ids are negative, load.py _Requests; Graph
-        # numbers each tensor once), as requested_run counts them
-        rounded = {tid: round_size(size) for tid, size in cut.requests if size > 0}
-        deltas = [rounded[tid] if size > 0 else -rounded[tid] if size == 0 else 0
-                  for tid, size in cut.requests]
-        spans: dict[tuple[int, int], tuple[int, int]] = {}  # (lo, hi) -> its change, peak
+        spans = sorted({(lo, hi) for lo, hi, _ in order})
+        changes = dict(zip(spans, _span_changes(cut.requests, spans), strict=True))
         for lo, hi, count in order:
-            span = spans.get((lo, hi))
-            if span is None:
-                run = list(itertools.accumulate(deltas[lo:hi]))
-                span = spans[(lo, hi)] = (run[-1], max(run)) if run else (0, 0)
-            change, top = span
+            change, top = changes[(lo, hi)]
             peak = max(peak, total + top + max(0, (count - 1) * change))
             total += count * change
         return peak
+
+
+_SPAN_CHANGES = getattr(COMPILED, "span_changes", None)
+
+
+def _span_changes(requests: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+                  ) -> list[tuple[int, int]]:
+    """For each span (lo, hi) of `requests`: the change of the rounded requested bytes
+    alive over it and the largest running sum inside it (0, 0 for an empty span), each
+    request counted as `allocator.replay.requested_run` counts it (the steps free none of
+    the load's tensors: its ids are negative, program.load _Requests; Graph numbers each
+    tensor once). The compiled replay's `span_changes` where it is built (llama-3.1-8b's
+    cut, ~11,000 requests); the same numbers (tests/memory/test_required_bytes.py)."""
+    found = None if _SPAN_CHANGES is None else _SPAN_CHANGES(requests, spans)
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    rounded = {tid: round_size(size) for tid, size in requests if size > 0}
+    deltas = [rounded[tid] if size > 0 else -rounded[tid] if size == 0 else 0
+              for tid, size in requests]
+    out = []
+    for lo, hi in spans:
+        run = list(itertools.accumulate(deltas[lo:hi]))
+        out.append((run[-1], max(run)) if run else (0, 0))
+    return out
 
 
 # The step requests of the plans estimated last, traced once a plan comes back at another
