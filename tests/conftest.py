@@ -55,9 +55,11 @@ def _replay_only_where_marked(request: pytest.FixtureRequest,
     default of `estimate()`'s `replay` argument. Every command and search under test then
     still runs one estimator, the same in all of them; tests marked `replay` test the
     replayed numbers themselves."""
-    from vramcalc.memory.estimate import estimate
+    from vramcalc.memory.estimate import estimate, required_bytes
 
     if request.node.get_closest_marker("replay"):
         return
-    assert estimate.__kwdefaults__ is not None
-    monkeypatch.setitem(estimate.__kwdefaults__, "replay", False)
+    # (required_bytes: the estimate's required bytes without building it, fit's rows)
+    for fn in (estimate, required_bytes):
+        assert fn.__kwdefaults__ is not None
+        monkeypatch.setitem(fn.__kwdefaults__, "replay", False)

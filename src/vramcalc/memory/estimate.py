@@ -51,6 +51,7 @@ from vramcalc.memory.program.step import (
     liger_chunk_rows,
     offload_host_bytes,
     program_peaks,
+    requested_peak,
     trl_fused_rows,
 )
 from vramcalc.memory.program.trainable import (
@@ -69,7 +70,7 @@ from vramcalc.plans import (
     TrainPlan,
 )
 
-__all__ = ["COMPONENTS", "CUDA_CONTEXT", "Components", "Estimate", "estimate"]
+__all__ = ["COMPONENTS", "CUDA_CONTEXT", "Components", "Estimate", "estimate", "required_bytes"]
 
 # Backward through eager attention (eager_attention_forward: fp32 softmax, `.to(bf16)`,
 # `probs @ v`): at its peak the saved fp32 probabilities and three fp32 score-sized
@@ -516,3 +517,28 @@ def estimate(spec: ModelSpec, plan: TrainPlan, *, replay: bool = True) -> Estima
         phase_components=phase_components,
         host_bytes=host,
     )
+
+
+def required_bytes(spec: ModelSpec, plan: TrainPlan, formula: Estimate | None = None, *,
+                   replay: bool = True) -> tuple[int, int]:
+    """`estimate(spec, plan)`'s required_device_bytes and required_low, byte for byte,
+    without the allocator's replay: what a verdict and a search read (sizing.verdict).
+
+    They rest on the required peak (`estimate`): where the step program covers the plan,
+    the largest of the formula's load phase and the program's requested peaks, which do
+    not depend on where a request lands (program.step.requested_peak reads them off the
+    requests alone); elsewhere the formula's peak. Everything added to it (the allocator
+    band, the CUDA context, the paged optimizer) is the same as in the formula's estimate
+    (`formula`: `estimate(spec, plan, replay=False)`, made here if not given), so each is
+    the formula's, shifted by the difference of the two peaks. Not for a corrected
+    estimate (corrections.factors.corrected reads the replay's allocated peak).
+    `replay=False`: the formula's own, as `estimate(..., replay=False)` gives them.
+    tests/memory/test_required_bytes.py compares with `estimate` on the catalog."""
+    if formula is None:
+        formula = estimate(spec, plan, replay=False)
+    effective, _, _ = effective_train_plan(spec, plan)
+    if not replay or not step_program_covers(spec, effective):
+        return formula.required_device_bytes, formula.required_low
+    shift = (max(formula.phases["load"], requested_peak(spec, effective))
+             - max(formula.phases.values()))
+    return formula.required_device_bytes + shift, formula.required_low + shift

@@ -29,7 +29,13 @@ from vramcalc.memory.result import Estimate
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import LAYOUTS, LOSS_KERNELS, OFFLOAD_ACTIVATIONS, Optimizer, TrainPlan
 from vramcalc.sizing.advice import for_gpu
-from vramcalc.sizing.search import largest_fitting
+from vramcalc.sizing.search import (
+    RequiredFn,
+    largest_fitting,
+    memoized_quick,
+    quick_estimate,
+    raw_required,
+)
 from vramcalc.sizing.verdict import Verdict, verdict
 
 FULL_OPTIMIZER: Optimizer = "adamw_torch_fused"
@@ -288,8 +294,16 @@ def fit_rows(
 
     The searches run only for rows that fit at batch 1 (fits or fits, tight); the largest
     batch and the longest sequence (at the plan's batch) are the largest values `plan`
-    calls "fits" (search.largest_fitting), 0 when none is (a row tight at batch 1)."""
+    calls "fits" (search.largest_fitting), 0 when none is (a row tight at batch 1).
+    Where `estimate_fn` is the raw `estimate` (no corrections), the rows read its required
+    bytes without the allocator's replay (search.raw_required: the same bytes), the
+    searches' guesses and they on one phase-formula estimate per plan."""
     memory = gpu.usable_bytes
+    required_fn: RequiredFn | None = None
+    guess_fn: EstimateFn = quick_estimate
+    if estimate_fn is estimate:
+        guess_fn = memoized_quick()
+        required_fn = raw_required(guess_fn)
     estimate_fn = memoized(estimate_fn)
     rows = []
     for spec in specs:
@@ -302,8 +316,11 @@ def fit_rows(
                 "max_position_embeddings": spec.max_position_embeddings,
             }
             try:
-                e = estimate_fn(spec, one)
-                need, low = e.required_device_bytes, e.required_low
+                if required_fn is not None:
+                    need, low = required_fn(spec, one)
+                else:
+                    e = estimate_fn(spec, one)
+                    need, low = e.required_device_bytes, e.required_low
             except PlanError as err:
                 rows.append(FitRow(**common, required_device_bytes=None, verdict=None,
                                    max_batch=0, max_seq_len=0, error=str(err)))
@@ -311,11 +328,13 @@ def fit_rows(
             v = verdict(memory, need, margin_bytes, low)
             batch = seq = 0
             if v.fits:
-                # (anchored: `estimate_fn` remembers p where it is `one`)
+                # (anchored: `estimate_fn` or `required_fn` remembers p where it is `one`)
                 batch = largest_fitting(spec, p, "batch", memory, margin_bytes,
-                                        estimate_fn=estimate_fn, anchored=p == one)
+                                        estimate_fn=estimate_fn, guess_fn=guess_fn,
+                                        anchored=p == one, required_fn=required_fn)
                 seq = largest_fitting(spec, p, "seq-len", memory, margin_bytes,
-                                      estimate_fn=estimate_fn, anchored=p == one)
+                                      estimate_fn=estimate_fn, guess_fn=guess_fn,
+                                      anchored=p == one, required_fn=required_fn)
             rows.append(FitRow(**common, required_device_bytes=need, verdict=v,
                                max_batch=batch, max_seq_len=seq))
     return rows

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vramcalc.corrections.planning import EstimateFn
-from vramcalc.memory.estimate import Estimate, estimate
+from vramcalc.memory.estimate import Estimate, estimate, required_bytes
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import InferPlan, TrainPlan
 from vramcalc.sizing.verdict import certain_need
@@ -31,12 +31,44 @@ from vramcalc.sizing.verdict import certain_need
 SEARCHABLE = ("batch", "seq-len")
 _FIELD = {"batch": "batch_size", "seq-len": "seq_len"}
 UPPER_LIMIT = 1 << 22  # 4M tokens per sequence or sequences per batch: far past any GPU
+# (spec, plan) -> the raw estimate's (required_device_bytes, required_low)
+RequiredFn = Callable[[ModelSpec, TrainPlan], tuple[int, int]]
 
 
 def quick_estimate(spec: ModelSpec, plan: TrainPlan) -> Estimate:
     """The phase formula without the replay (`estimate(..., replay=False)`): a first guess
     for a search, never a number shown."""
     return estimate(spec, plan, replay=False)
+
+
+def memoized_quick() -> EstimateFn:
+    """`quick_estimate`, each (spec, plan) once (the spec kept: its id stays its own)."""
+    memo: dict[tuple[int, TrainPlan], tuple[ModelSpec, Estimate]] = {}
+
+    def quick(spec: ModelSpec, plan: TrainPlan) -> Estimate:
+        key = (id(spec), plan)
+        hit = memo.get(key)
+        if hit is None or hit[0] is not spec:
+            hit = memo[key] = (spec, quick_estimate(spec, plan))
+        return hit[1]
+
+    return quick
+
+
+def raw_required(quick: EstimateFn) -> RequiredFn:
+    """The raw estimate's required bytes (`estimate.required_bytes`: no allocator replay),
+    each (spec, plan) once, on the phase formula's estimate `quick` gives (a
+    `memoized_quick`, which a search's guesses share: the same plans)."""
+    memo: dict[tuple[int, TrainPlan], tuple[ModelSpec, tuple[int, int]]] = {}
+
+    def required(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
+        key = (id(spec), plan)
+        hit = memo.get(key)
+        if hit is None or hit[0] is not spec:
+            hit = memo[key] = (spec, required_bytes(spec, plan, quick(spec, plan)))
+        return hit[1]
+
+    return required
 
 
 def largest_fitting(
@@ -48,6 +80,7 @@ def largest_fitting(
     estimate_fn: EstimateFn = estimate,
     guess_fn: EstimateFn | None = quick_estimate,
     anchored: bool = False,
+    required_fn: RequiredFn | None = None,
 ) -> int:
     """Largest value of `what` (batch or seq-len), at most UPPER_LIMIT, that `plan` calls
     "fits" on a card offering `memory_bytes` with `margin_bytes` to spare
@@ -59,7 +92,8 @@ def largest_fitting(
     full estimates (each value is estimated once). `guess_fn=None` searches `estimate_fn`
     alone. `anchored`: `estimate_fn` has estimated `plan` itself already and remembers it
     (corrections.planning.memoized): the search starts from there (`largest_from_guess`'s
-    `anchor`), at no cost."""
+    `anchor`), at no cost. `required_fn` (`raw_required`, where `estimate_fn` is the raw
+    `estimate`): its required bytes, the same, read without the replay."""
     field = _FIELD[what]
 
     def need_of(fn: EstimateFn) -> Callable[[int], int]:
@@ -69,7 +103,13 @@ def largest_fitting(
 
         return need
 
-    return largest_from_guess(need_of(estimate_fn), memory_bytes, UPPER_LIMIT,
+    def need_required(n: int) -> int:
+        assert required_fn is not None
+        return certain_need(required_fn(spec, plan.model_copy(update={field: n}))[0],
+                            margin_bytes)
+
+    full = need_of(estimate_fn) if required_fn is None else need_required
+    return largest_from_guess(full, memory_bytes, UPPER_LIMIT,
                               None if guess_fn is None else need_of(guess_fn),
                               getattr(plan, field) if anchored else None)
 

@@ -993,6 +993,102 @@ done:
     return result;
 }
 
+/* span_changes(requests, spans) -> [(change, top), ...] or None: program.step.
+ * requested_peak's pass over a cut's requests (its pure-Python comprehensions there do the
+ * same). Each request changes the rounded requested bytes alive (replay.requested_run): an
+ * allocation (bytes > 0) by its round_size, a free (bytes 0) by minus its tensor's, an
+ * empty_cache (bytes < 0) by 0. For each span (lo, hi) of the requests: the sum of the
+ * changes of requests lo..hi-1 and the largest of their running sums (0 for an empty span).
+ * None where the ids are not a dense range or a free's tensor was never allocated. */
+static PyObject *span_changes(PyObject *self, PyObject *args) {
+    PyObject *req_seq, *spans_seq;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OO", &req_seq, &spans_seq)) {
+        return NULL;
+    }
+    Requests r = {0};
+    PyObject *spans = NULL, *out = NULL, *result = NULL;
+    int64_t *rounded = NULL, *delta = NULL;
+    if (read_requests(req_seq, &r) < 0) {
+        goto done;
+    }
+    spans = PySequence_Fast(spans_seq, "spans must be a sequence of (lo, hi)");
+    if (spans == NULL) {
+        goto done;
+    }
+    int64_t lo = INT64_MAX, hi = INT64_MIN;
+    id_range(&r, &lo, &hi);
+    if (lo > hi) {
+        lo = hi = 0;
+    }
+    if (hi - lo > 16 * (int64_t)r.n + 1024) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    Py_ssize_t span = (Py_ssize_t)(hi - lo + 1);
+    rounded = calloc((size_t)span, sizeof(int64_t));
+    delta = malloc((size_t)(r.n + 1) * sizeof(int64_t));
+    if (rounded == NULL || delta == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < r.n; k++) {
+        int64_t size = r.size[k];
+        if (size > 0) {
+            int64_t v = size < 512 ? 512 : ((size + 511) / 512) * 512;
+            rounded[r.id[k] - lo] = v;
+            delta[k] = v;
+        } else if (size == 0) {
+            if (rounded[r.id[k] - lo] == 0) {
+                result = Py_None;
+                Py_INCREF(result);
+                goto done;
+            }
+            delta[k] = -rounded[r.id[k] - lo];
+        } else {
+            delta[k] = 0;
+        }
+    }
+    Py_ssize_t ns = PySequence_Fast_GET_SIZE(spans);
+    out = PyList_New(ns);
+    if (out == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < ns; j++) {
+        Py_ssize_t a, b;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(spans, j), "nn", &a, &b)) {
+            goto done;
+        }
+        if (a < 0 || b > r.n || a > b) {
+            PyErr_SetString(PyExc_ValueError, "a span must lie inside the requests");
+            goto done;
+        }
+        int64_t run = 0, top = 0;
+        for (Py_ssize_t k = a; k < b; k++) {
+            run += delta[k];
+            if (k == a || run > top) {
+                top = run;
+            }
+        }
+        PyObject *t = Py_BuildValue("LL", (long long)run, (long long)top);
+        if (t == NULL) {
+            goto done;
+        }
+        PyList_SET_ITEM(out, j, t);
+    }
+    result = out;
+    out = NULL;
+done:
+    Py_XDECREF(spans);
+    Py_XDECREF(out);
+    free(rounded);
+    free(delta);
+    free(r.id);
+    free(r.size);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"replay_program", replay_program, METH_VARARGS,
      "replay_program(load, steps, bounds, expandable) -> (load peak allocated, load peak "
@@ -1005,6 +1101,10 @@ static PyMethodDef methods[] = {
      "owners(requests, starts) -> (runs, offsets) as int64 bytes, or None: the owner of "
      "each request's tensor (run -2: an allocation, its offset; -1: none); see "
      "vramcalc.memory.program.templates._shape."},
+    {"span_changes", span_changes, METH_VARARGS,
+     "span_changes(requests, spans) -> [(change, top)] or None: for each span (lo, hi) "
+     "the change of the rounded requested bytes alive over its requests and the largest "
+     "running sum; see vramcalc.memory.program.step.requested_peak."},
     {NULL, NULL, 0, NULL},
 };
 

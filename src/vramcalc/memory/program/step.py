@@ -46,7 +46,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vramcalc.errors import VramcalcError
-from vramcalc.memory.allocator.replay import Engine, replay_program, requested_run
+from vramcalc.memory.allocator.replay import (
+    COMPILED,
+    Engine,
+    replay_program,
+    requested_run,
+    round_size,
+)
 from vramcalc.memory.program.activations import (
     expert_dtype_bytes,
     int8_outlier_fraction,
@@ -61,7 +67,12 @@ from vramcalc.memory.program.optimizer import (
     optimizer_state_groups,
 )
 from vramcalc.memory.program.symbolic import StepCache, Sym, unread_by
-from vramcalc.memory.program.templates import TEMPLATE_LAYERS, StepProgram, template_program
+from vramcalc.memory.program.templates import (
+    TEMPLATE_LAYERS,
+    StepProgram,
+    template_program,
+    template_runs,
+)
 from vramcalc.memory.program.trainable import lora_on_experts, lora_targets
 from vramcalc.memory.program.weights import DTYPE_BYTES, fused_experts
 from vramcalc.models.spec import LinearShape, ModelSpec, depth_cut, sliding_past_window
@@ -2140,22 +2151,86 @@ def step_program(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepProgra
     to program.templates.TEMPLATE_LAYERS layers where its layers are alike (the same
     sequence, tensor ids renumbered: program.templates.canonical), else generated whole."""
     layers = spec.num_hidden_layers
+    cut = _template_cut(spec, plan, steps)
+    if cut is not None:
+        program = template_program(cut.requests, cut.phases, cut.runs, layers)
+        if program is not None:
+            return program
+    gen = _cached_requests(spec, plan, steps, layers)
+    return StepProgram.plain(gen.requests, gen.phases)
+
+
+def _template_cut(spec: ModelSpec, plan: TrainPlan, steps: int) -> StepRequests | None:
+    """The requests of the TEMPLATE_LAYERS-layer cut that `step_program` repeats, where
+    the model's layers may be alike (None: the model is generated whole)."""
     # (OffloadActivations' stash frees a tensor of an earlier layer among a later one's
     # requests: generated whole)
     alike = (len(set(sliding_past_window(spec, plan.rows[1]))) == 1
              and len(set(masked_layers(spec, plan))) == 1
              and plan.offload_activations != "all")
-    if layers > TEMPLATE_LAYERS and alike:
-        try:
-            cut: StepRequests | None = _cached_requests(spec, plan, steps, TEMPLATE_LAYERS)
-        except (VramcalcError, ValueError):
-            cut = None  # a spec the cut does not validate for (a config from the hub)
-        if cut is not None:
-            program = template_program(cut.requests, cut.phases, cut.runs, layers)
-            if program is not None:
-                return program
-    gen = _cached_requests(spec, plan, steps, layers)
-    return StepProgram.plain(gen.requests, gen.phases)
+    if spec.num_hidden_layers <= TEMPLATE_LAYERS or not alike:
+        return None
+    try:
+        return _cached_requests(spec, plan, steps, TEMPLATE_LAYERS)
+    except (VramcalcError, ValueError):
+        return None  # a spec the cut does not validate for (a config from the hub)
+
+
+def requested_peak(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
+    """The peak of the rounded requested bytes alive (`allocator.replay.requested_run`)
+    over loading and the steps of `program_peaks`: its largest `requested` value, byte
+    for byte, without the allocator.
+
+    These depend on each request's size and on which tensor each free gives back, not on
+    where a request lands, so the program's sequence is not built: where `step_program`
+    repeats a cut (`templates.template_runs`: the same validity), each request of the cut
+    adds its rounded size or takes off its tensor's, and a span the program runs `count`
+    times in a row (the middle layer's copies) adds the same sequence each time: the
+    copies' requests are the middle layer's with advanced ids, and every tensor they free
+    is of a layer between the second and the second to last, which allocate the same
+    sizes in the same order (`templates._alike`). A span whose bytes change by `d` over
+    one run peaks at its first run's peak + max(0, (count - 1) * d).
+    tests/memory/program/test_requested_peak.py compares with the replay on the catalog."""
+    with _collector_paused():
+        total, peak = _load_requested(spec, plan)
+        cut = _template_cut(spec, plan, steps)
+        order = (None if cut is None else
+                 template_runs(cut.requests, cut.phases, cut.runs, spec.num_hidden_layers))
+        if cut is None or order is None:
+            requests = _cached_requests(spec, plan, steps, spec.num_hidden_layers).requests
+            total, steps_peak = requested_run({}, total, requests)
+            return max(peak, steps_peak)
+        spans = sorted({(lo, hi) for lo, hi, _ in order})
+        changes = dict(zip(spans, _span_changes(cut.requests, spans), strict=True))
+        for lo, hi, count in order:
+            change, top = changes[(lo, hi)]
+            peak = max(peak, total + top + max(0, (count - 1) * change))
+            total += count * change
+        return peak
+
+
+_SPAN_CHANGES = getattr(COMPILED, "span_changes", None)
+
+
+def _span_changes(requests: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+                  ) -> list[tuple[int, int]]:
+    """For each span (lo, hi) of `requests`: the change of the rounded requested bytes
+    alive over it and the largest running sum inside it (0, 0 for an empty span), each
+    request counted as `allocator.replay.requested_run` counts it (the steps free none of
+    the load's tensors: its ids are negative, program.load _Requests; Graph numbers each
+    tensor once). The compiled replay's `span_changes` where it is built (llama-3.1-8b's
+    cut, ~11,000 requests); the same numbers (tests/memory/test_required_bytes.py)."""
+    found = None if _SPAN_CHANGES is None else _SPAN_CHANGES(requests, spans)
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    rounded = {tid: round_size(size) for tid, size in requests if size > 0}
+    deltas = [rounded[tid] if size > 0 else -rounded[tid] if size == 0 else 0
+              for tid, size in requests]
+    out = []
+    for lo, hi in spans:
+        run = list(itertools.accumulate(deltas[lo:hi]))
+        out.append((run[-1], max(run)) if run else (0, 0))
+    return out
 
 
 # The step requests of the plans estimated last, traced once a plan comes back at another
@@ -2195,6 +2270,23 @@ def _cached_load(spec: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
             _LOADS.clear()
         hit = _LOADS[key] = (spec, unread_by(lambda p: load_requests(spec, p), plan))
     return hit[1] if hit[1] is not None else load_requests(spec, plan)
+
+
+# the load's rounded requested bytes alive at its end and their peak
+# (allocator.replay.requested_run), by the very list _cached_load keeps
+_LOAD_REQUESTED: dict[int, tuple[list[tuple[int, int]], int, int]] = {}
+
+
+def _load_requested(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
+    """requested_run over `_cached_load(spec, plan)` from nothing: (total, peak), kept
+    with the list it was counted on."""
+    load = _cached_load(spec, plan)
+    hit = _LOAD_REQUESTED.get(id(load))
+    if hit is None or hit[0] is not load:
+        if len(_LOAD_REQUESTED) >= _LOADS_KEPT:
+            _LOAD_REQUESTED.clear()
+        hit = _LOAD_REQUESTED[id(load)] = (load, *requested_run({}, 0, load))
+    return hit[1], hit[2]
 
 
 @contextmanager

@@ -154,6 +154,29 @@ def template_program(requests: Sequence[tuple[int, int]], phases: list[tuple[str
     """The program of a model of `layers` layers from the requests, phases and runs
     (StepRequests) of its TEMPLATE_LAYERS-layer cut; None where the cut's layers do not
     repeat (module docstring)."""
+    found = _found(requests, phases, runs, layers)
+    return None if found is None else _program(*found)
+
+
+def template_runs(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
+                  runs: list[tuple[int, int]], layers: int
+                  ) -> list[tuple[int, int, int]] | None:
+    """The sequence `template_program` stands for, as spans of the cut's requests: (first
+    request, end, count), the span run `count` times in a row (the middle layer's copies:
+    the same requests with ids that advance by a stride); None where `template_program`
+    is None. What depends only on the sizes and on which tensor each request frees
+    (program.step.requested_peak) reads it without building the program."""
+    found = _found(requests, phases, runs, layers)
+    if found is None:
+        return None
+    spans = found[0].spans
+    return [(spans[k][1], spans[k][2], count) for k, _, _, count in found[0].blocks]
+
+
+def _found(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
+           runs: list[tuple[int, int]], layers: int) -> tuple[_Shape, tuple[int, ...]] | None:
+    """The shape of the cut's program (kept in `_SHAPES`) and the cut's sizes; None where
+    the cut's layers do not repeat, or those that must allocate alike do not."""
     if layers <= TEMPLATE_LAYERS:
         return None
     sizes = tuple(map(_SIZE, requests))
@@ -163,28 +186,35 @@ def template_program(requests: Sequence[tuple[int, int]], phases: list[tuple[str
     seen = _SHAPES.get(key)
     signature = _signature(requests)
     if seen is not None and signature == seen.signature:
-        return _program(seen.shape, sizes)
-    shape = _shape(requests, phases, runs, layers)
-    if shape is None:
-        return None
-    if len(_SHAPES) >= _SHAPES_KEPT:
-        _SHAPES.clear()
-    _SHAPES[key] = _Seen(shape, signature)
-    return _program(shape, sizes)
+        shape = seen.shape
+    else:
+        found = _shape(requests, phases, runs, layers)
+        if found is None:
+            return None
+        shape = found
+        if len(_SHAPES) >= _SHAPES_KEPT:
+            _SHAPES.clear()
+        _SHAPES[key] = _Seen(shape, signature)
+    return (shape, sizes) if _alike(shape, sizes) else None
 
 
-def _program(shape: _Shape, sizes: Sequence[int]) -> StepProgram | None:
-    """The program of `shape` with the cut's `sizes`; None where the layers that must
-    allocate alike do not (sizes that differ)."""
+def _alike(shape: _Shape, sizes: Sequence[int]) -> bool:
+    """Whether the layers that must allocate alike do with the cut's `sizes`."""
     spans = shape.spans
     for alike in shape.alike:
         # (sizes >= 0 here, template_program: the allocations are the sizes not 0)
         allocs = [list(filter(None, sizes[spans[k][1]:spans[k][2]])) for k in alike]
         if any(a != allocs[0] for a in allocs):
-            return None
+            return False
         (_, lo2, hi2), (_, lo3, hi3) = spans[alike[1]], spans[alike[2]]
         if sizes[lo2:hi2] != sizes[lo3:hi3]:
-            return None
+            return False
+    return True
+
+
+def _program(shape: _Shape, sizes: Sequence[int]) -> StepProgram:
+    """The program of `shape` with the cut's `sizes` (`_alike`)."""
+    spans = shape.spans
     run_sizes: dict[int, array[int]] = {}
     zeros: dict[int, array[int]] = {}
     blocks: list[RequestBlock] = []
