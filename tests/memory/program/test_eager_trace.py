@@ -68,6 +68,7 @@ def test_requests_of_8_mib_or_more_differ_only_at_the_step_ends(k022: Any) -> No
     assert len(r) - matched == 7 and len(g) - matched == 1
 
 
+@pytest.mark.replay
 def test_k022_reserved_as_measured(k022: Any) -> None:
     """Replayed, the program reserves what the GPU reserved (run 34 and run 31 alike:
     27.36 GiB); a replay 2 GiB over (one 2000 MiB logits segment more) is what the
