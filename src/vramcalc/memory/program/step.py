@@ -126,6 +126,9 @@ class Node:
     # compute them in forward, or write them into their saved inputs in backward): backward
     # hands them on as they are
     grads: list[Buf | None] | None = None
+    # its backward hands each input a view of its incoming gradient, whatever the sizes
+    # (CatBackward0: narrow views, no new tensor)
+    views: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -369,6 +372,26 @@ class Graph:
             self.nodes.append(ChunkNode(outs, x, self.layer))
         return outs
 
+    def view(self, x: Var, size: int) -> Var:
+        """A view of `x` of `size` bytes, no new memory (it keeps x's buffer), whose
+        backward makes a new gradient of x's size: a slice (`x[..., :half]`,
+        SliceBackward0: zeros with the slice's gradient copied in), or `.view(...)
+        .transpose(1, 2)` (the gradient comes back transposed, and ViewBackward0's
+        reshape copies it)."""
+        out = Var(self.ref(x.buf), size, size, x.requires_grad)
+        if self.grad_mode and x.requires_grad:
+            self.nodes.append(Node(out, [x], [], (), False, False, self.layer))
+        return out
+
+    def cat(self, size: int, inputs: list[Var]) -> Var:
+        """torch.cat of `inputs` into a new tensor of `size` bytes; its backward hands
+        each input a view of its gradient (CatBackward0), no new tensor."""
+        out = self.op(size, inputs)
+        node = self.nodes[-1] if self.nodes else None
+        if isinstance(node, Node) and node.out is out:
+            node.views = True
+        return out
+
     def leaf(self, size: int, requires_grad: bool, param: bool = False) -> Var:
         return Var(None, size, size, requires_grad, param=param)
 
@@ -392,7 +415,11 @@ class Graph:
                 v.grad = self.alloc(v.grad_bytes)
             v.has_grad = True
             return
-        incoming = self.ref(given) if passed else self.alloc(v.grad_bytes)
+        self._add_into(v, self.ref(given) if passed else self.alloc(v.grad_bytes), passed)
+
+    def _add_into(self, v: Var, incoming: Buf | None, passed: bool) -> None:
+        """Add `incoming` (new, or handed on as it is where `passed`) into the gradient
+        `v` already has (`_grad_into`)."""
         old_shared = v.grad is not None and v.grad.refs > 1
         new_shared = passed and incoming is not None and incoming.refs > 1
         if v.sum_out_of_place or (old_shared and new_shared):
@@ -438,10 +465,24 @@ class Graph:
         held = [self.alloc(t) for t in n.bwd_temps] if n.bwd_temps else ()
         grad = out.grad
         passthrough = n.passthrough
+        # gradients for inputs that have one already: added into it once the node is done
+        # (torch/csrc/autograd/engine.cpp evaluate_function: call_function runs the node,
+        # casts its outputs (validate_outputs) and lets go of its incoming gradient; then
+        # release_variables frees what it saved; only then does InputBuffer::add add each
+        # output into the next node's buffer). Recorded, run 34 tr-k022-gemma-2-2b: the
+        # fp32 gradient of a QLoRA projection's input (ToCopyBackward of its cast to the
+        # compute dtype) is made, the incoming compute-dtype one freed, then it is added
+        # into the input's gradient and freed: `+72 -36 -72` MiB at each down projection.
+        later: list[tuple[Var, Buf | None, bool]] = []
         for i, v in enumerate(n.inputs):
             # an add hands its gradient on as it is (AddBackward0, CloneBackward0); the
             # engine casts it where the input's dtype differs (validate_outputs)
-            self._grad_into(v, grad, passthrough and v.grad_bytes == out.grad_bytes)
+            passed = (passthrough and v.grad_bytes == out.grad_bytes) or n.views
+            if v.has_grad:
+                later.append((v, self.ref(grad) if passed else self.alloc(v.grad_bytes),
+                              passed))
+            else:
+                self._grad_into(v, grad, passed)
             if i == 0 and n.mm:
                 self.workspace()
         if held:
@@ -449,6 +490,8 @@ class Graph:
         self.unref(grad)
         out.grad, out.has_grad = None, False
         self._release(n.saved)
+        for v, incoming, passed in later:
+            self._add_into(v, incoming, passed)
         if back:
             self._release(back)
 
@@ -690,17 +733,18 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
     elif s.method == "qlora":
         # bnb Linear4bit: x to the compute dtype, the weight dequantized for the matmul,
         # the output cast back to the input's dtype (nn/modules.py forward)
-        x16 = g.alloc(t * i * s.c) if in_bytes != s.c else None
+        x16 = g.op(t * i * s.c, [x]) if in_bytes != s.c else x
         deq = g.alloc(o * i * s.c)
         # backward dequantizes the weight again for grad_input (bitsandbytes
         # autograd/_functions.py MatMul4Bit.backward)
-        y = g.op(t * o * s.c, [x], bwd_temps=(o * i * s.c,), mm=True)
+        y = g.op(t * o * s.c, [x16], bwd_temps=(o * i * s.c,), mm=True)
         g.unref(deq)
         if in_bytes != s.c:
             y2 = g.op(t * o * in_bytes, [y])
             g.drop(y)
             y = y2
-        g.unref(x16)
+        if x16 is not x:
+            g.drop(x16)
     elif s.method == "full":
         w = (weights or {}).get(lin.name) or g.leaf(o * i * s.c, True, param=True)
         if s.autocast_weights:
@@ -860,11 +904,18 @@ def _rotary(g: Graph, q: Var, liger: bool = False) -> Var:
         # (the projections' outputs are contiguous in the kernel's layout) and keeps only
         # cos and sin; backward rotates dq, dk in place
         return g.in_place(q)
+    # transformers apply_rotary_pos_emb: `(q * cos) + (rotate_half(q) * sin)`, rotate_half
+    # `torch.cat((-x2, x1), dim=-1)` of the halves x1, x2 (slices, views of q). Backward
+    # (recorded, run 34 tr-k022-gemma-2-2b, per key: `+8 +4 +8 -4 +8 -8 -8` MiB): the
+    # gradient of the cat's output is handed to -x2 and x1 as views; -x2's backward makes a
+    # half-sized one, and each slice's (SliceBackward0) a new q-sized one, the second added
+    # into the first.
     n = q.size
     a = g.op(n, [q])
-    neg = g.alloc(n // 2)
-    cat = g.op(n, [q])
-    g.unref(neg)
+    x1, x2 = g.view(q, n // 2), g.view(q, n // 2)
+    neg = g.op(n // 2, [x2])
+    cat = g.cat(n, [neg, x1])
+    g.drop(neg, x1, x2)
     b = g.op(n, [cat])
     g.drop(cat)
     out = g.op(n, [a, b], passthrough=True)
@@ -889,9 +940,18 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
         kr = g.op(t * spec.q_size * qb, [k]) if rep else k  # repeat_kv
         vr = g.op(t * spec.q_size * qb, [v]) if rep else v
         qm, km = q, kr
+        kt = None
         if qb != s.c:
-            qm, km = g.op(t * spec.q_size * s.c, [q]), g.op(t * spec.q_size * s.c, [kr])
+            # autocast casts q and `key_states.transpose(2, 3)`; three compute-dtype
+            # key-sized requests at the matmul, the second freed once the product is made,
+            # the first and the third kept for backward (recorded, run 34
+            # tr-k022-gemma-2-2b: `+8 +8 +8 +32 -8` MiB at eager_attention_forward's
+            # matmul, transformers 5.17; which kernel asks for the third is not identified)
+            qm = g.op(t * spec.q_size * s.c, [q])
+            kt = g.alloc(t * spec.q_size * s.c)
+            km = g.op(t * spec.q_size * s.c, [kr])
         mm = g.op(scores * s.c, [qm, km], save=(qm, km), mm=True)
+        g.unref(kt)
         if qm is not q:
             g.drop(qm, km)
         sc = g.op(scores * s.c, [mm])  # matmul(q, k^T) * scaling: a new tensor
@@ -921,13 +981,22 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
         pm, vm = p, vr
         if qb != s.c:
             vm, pm = g.op(t * spec.q_size * s.c, [vr]), g.op(scores * s.c, [p])
-        o = g.op(t * spec.q_size * s.c, [pm, vm], save=(pm, vm), mm=True)
+        # backward makes the values' gradient before the probabilities' and lets the
+        # values go first (recorded, run 34 tr-k022-gemma-2-2b: `+8 +32`, then `-8 -32` MiB
+        # of the saved casts)
+        o = g.op(t * spec.q_size * s.c, [vm, pm], save=(vm, pm), mm=True)
         for tmp in {id(x): x for x in (pm, vm)}.values():
             if tmp is not vr and tmp is not p:
                 g.drop(tmp)
         probs = p
+        # `transpose(1, 2).contiguous()`; the repeated keys and values are locals of
+        # eager_attention_forward, freed when it returns, after it (recorded, run 34
+        # tr-k022-gemma-2-2b: `+8 -8 -16 -16` MiB)
+        out = g.op(o.size, [o])
+        g.drop(o)
         if rep:
             g.drop(kr, vr)
+        return out, probs
     else:
         # scaled_dot_product_attention is on autocast's lower-precision list: fp32 q, k, v
         # (QLoRA: fp32 norms, so fp32 projections and rotary) are cast to the compute dtype
@@ -976,9 +1045,6 @@ def _attention(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, q: Var, k
         if qc is not q:
             g.drop(qc, kc, vc)
         return out, None
-    out = g.op(o.size, [o])  # transpose(1, 2).contiguous()
-    g.drop(o)
-    return out, probs
 
 
 def _mlp(g: Graph, spec: ModelSpec, s: _Shapes, x: Var, lins: dict[str, LinearShape],
@@ -1236,6 +1302,15 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
     lins = {lin.role: lin for lin in spec.block_linears()}
     h = spec.hidden_size
 
+    def heads(g: Graph, x: Var) -> Var:
+        """`self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)` (and k, v;
+        modeling_llama LlamaAttention.forward and its copies): a view, whose backward
+        copies the transposed gradient back (recorded, run 34 tr-k022-gemma-2-2b, eager:
+        `+16 -16` MiB before q_proj's backward, `+8 -8` before k_proj's and v_proj's)."""
+        out = g.view(x, x.size)
+        g.drop(x)
+        return out
+
     def attn_block(g: Graph, n1: Var, held: list[Var]) -> Var:
         if "qkv" in lins:
             qkv = _linear(g, s, n1, lins["qkv"], weights=weights)
@@ -1245,9 +1320,9 @@ def _layer_fn(spec: ModelSpec, plan: TrainPlan, s: _Shapes,
             v = g.op(per * spec.kv_size, [qkv])
             g.drop(qkv)
         else:
-            q = _linear(g, s, n1, lins["q"], weights=weights)
-            k = _linear(g, s, n1, lins["k"], weights=weights)
-            v = _linear(g, s, n1, lins["v"], weights=weights)
+            q = heads(g, _linear(g, s, n1, lins["q"], weights=weights))
+            k = heads(g, _linear(g, s, n1, lins["k"], weights=weights))
+            v = heads(g, _linear(g, s, n1, lins["v"], weights=weights))
         if spec.qk_norm:
             wq = spec.head_size if spec.qk_norm_width == "head" else spec.q_size
             wk = spec.head_size if spec.qk_norm_width == "head" else spec.kv_size
