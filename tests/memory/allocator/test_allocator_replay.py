@@ -42,6 +42,22 @@ def test_best_fit_takes_the_smallest_block_and_splits_the_front() -> None:
     del c
 
 
+@pytest.mark.parametrize("descending", [False, True])
+def test_a_tie_goes_to_the_lowest_address(descending: bool) -> None:
+    """Two free blocks of one size: best fit takes the lower address (c10
+    BlockComparatorSize), the oldest segment's with ascending segment addresses, the
+    newest one's with descending ones (program.infer, as CUDA gave them in the run 34 / 35
+    traces)."""
+    sim = CachingAllocator(descending=descending)
+    old, new = sim.malloc(64 * MiB), sim.malloc(64 * MiB)
+    assert (new.addr < old.addr) == descending
+    sim.free(old)
+    sim.free(new)
+    again = sim.malloc(64 * MiB)
+    assert again.addr == (new.addr if descending else old.addr)
+    assert sim.reserved == 128 * MiB
+
+
 def test_a_large_block_keeps_a_rest_of_at_most_1_mib() -> None:
     sim = CachingAllocator()
     a = sim.malloc(12 * MiB)

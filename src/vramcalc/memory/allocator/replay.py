@@ -146,8 +146,13 @@ _UNBOUNDED = 1 << 50
 class CachingAllocator:
     """One device's caching allocator; `malloc` returns a block, `free` takes it back."""
 
-    def __init__(self, expandable: bool = False) -> None:
+    def __init__(self, expandable: bool = False, descending: bool = False) -> None:
         self.expandable = expandable
+        # new segments at ever lower addresses (`descending`) or ever higher ones: where
+        # free blocks of one size tie, best fit takes the lowest address (c10
+        # CUDACachingAllocator.cpp BlockComparatorSize), so the newest segment's block
+        # (descending) or the oldest one's
+        self.descending = descending
         self.pools: dict[tuple[bool, int], _Pool] = {}
         self.reserved = 0
         self.allocated = 0
@@ -156,6 +161,7 @@ class CachingAllocator:
         self.segments = 0  # cudaMalloc'd segments, or map calls of expandable ones
         self.next_segment_addr: int | None = None  # replay: the address CUDA gave next
         self._next_addr = _SEGMENT_GAP
+        self._next_down = 1 << (_ADDR_BITS - 1)
         # expandable: the first block of each (small, stream) segment's chain
         self._chains: dict[tuple[bool, int], Block] = {}
 
@@ -169,6 +175,10 @@ class CachingAllocator:
         if self.next_segment_addr is not None:
             addr, self.next_segment_addr = self.next_segment_addr, None
             return addr
+        if self.descending:
+            self._next_down -= _SEGMENT_GAP + size
+            assert self._next_down > 0
+            return self._next_down
         addr = self._next_addr
         self._next_addr += _SEGMENT_GAP + size
         assert self._next_addr < 1 << _ADDR_BITS

@@ -5,7 +5,9 @@ The program (one request per tensor of at least `load_requests.MIN_REQUEST` byte
 `program.step` and `load_requests`):
 
 1. Loading: `load_requests.load_requests(..., kbit_prepare=False)`: the warmup segment, the
-   weights materialized and quantized in checkpoint order, the LoRA adapters (fp32).
+   weights materialized and quantized in checkpoint order, the LoRA adapters as
+   `PeftModel.from_pretrained` makes them (in the base layer's dtype, cast, the file's
+   copy read and freed: `load._from_pretrained_adapters`).
 2. Prefill (`generate` -> `_sample`, first forward over `batch x prompt` tokens, `_prefill`;
    `prefill_requests` gives its requests): the embeddings output (`inputs_embeds`, alive
    through every layer; Gemma's scaled copy), the attention masks that are materialized
@@ -20,8 +22,10 @@ The program (one request per tensor of at least `load_requests.MIN_REQUEST` byte
    the last logits and the logits processor's scores (`inference.LOGITS_FP32_TENSORS`).
    The requests are those of the committed traces, one for one and in order: il03's 877
    of 8 MiB and more (gemma-2-2b nf4 eager, calibration/h100/run32; from 1 MiB only
-   `_sample`'s logits differ) and ik08's 781 of 1 MiB and more (llama-2-7b nf4 sdpa,
-   run29) (tests/memory/program/test_infer_traces.py).
+   `_sample`'s logits differ), ik08's 781 of 1 MiB and more (llama-2-7b nf4 sdpa,
+   run29), ih04's 575 of 512 KiB and more (phi-3-mini nf4 sdpa, run34) and ip00's 989 of
+   1 MiB and more (gemma-2-9b nf4 eager, run35) (tests/memory/program/test_infer_traces.py).
+   The allocator gives new segments descending addresses, as CUDA did in those traces.
 3. Decode steps: the same forward over `batch` tokens. The cache update of a
    `DynamicLayer` is `torch.cat([self.keys, key_states], dim=-2)`: a new tensor one token
    longer is allocated before the old one is freed; a sliding layer keeps a view of the
@@ -268,11 +272,14 @@ def _norm(e: _Emit, s: _Shape, tokens: int, width: int | None = None) -> int | N
     return out
 
 
-def _rotary(e: _Emit, size: int) -> int | None:
+def _rotary(e: _Emit, size: int, passthrough: bool = False) -> int | None:
     """`(x * cos) + (rotate_half(x) * sin)` (modeling_llama apply_rotary_pos_emb):
     rotate_half is `torch.cat((-x2, x1), dim=-1)`, a half-size negation first (recorded,
     run 32 tr-il03: `+x*cos +(-x2) +cat -(-x2) +*sin -cat +sum` at modeling_gemma2.py:143,
-    167)."""
+    167). `passthrough` (ROTARY_PASSTHROUGH_FAMILIES): the sum is then concatenated with
+    the unrotated part, `torch.cat([(x_rot * cos) + ..., x_pass], dim=-1)`, a copy even
+    where `x_pass` is empty, and the sum is freed (recorded, run 34 tr-ih04: `... +sum -x*cos
+    -*sin +cat -sum` at modeling_phi3.py:195)."""
     t1 = e.alloc(size)
     neg = e.alloc(size // 2)
     rh = e.alloc(size)
@@ -281,6 +288,10 @@ def _rotary(e: _Emit, size: int) -> int | None:
     e.free(rh)
     out = e.alloc(size)
     e.free(t1, t2)
+    if passthrough:
+        cat = e.alloc(size)
+        e.free(out)
+        out = cat
     return out
 
 
@@ -329,9 +340,13 @@ def _attention(e: _Emit, s: _Shape, x: int | None, tokens: int, cache: _Cache, l
         v = _linear(e, s, lins["v"], tokens)
     else:
         held = _linear(e, s, lins["qkv"], tokens)
-        q, k, v = e.alloc(q_c), e.alloc(kv_c), e.alloc(kv_c)
-    q_rot = _rotary(e, q_c)
-    k_rot = _rotary(e, kv_c)
+        if spec.model_type in QKV_VIEW_FAMILIES:
+            q = k = v = None  # views of the fused output (QKV_VIEW_FAMILIES)
+        else:
+            q, k, v = e.alloc(q_c), e.alloc(kv_c), e.alloc(kv_c)
+    passthrough = spec.model_type in ROTARY_PASSTHROUGH_FAMILIES
+    q_rot = _rotary(e, q_c, passthrough)
+    k_rot = _rotary(e, kv_c, passthrough)
     e.free(q, k)
     _update(e, s, cache, tokens // batch, length, prefill)
     e.free(k_rot, v)
@@ -394,8 +409,25 @@ def _attention(e: _Emit, s: _Shape, x: int | None, tokens: int, cache: _Cache, l
         out = e.alloc(q_c)
         lse = e.alloc(batch * spec.num_attention_heads * queries * 4)
         e.free(lse, *temps)
+        # Without a mask, in bf16 / fp16, sdpa runs the flash kernel, whose output takes
+        # the query's strides (torch 2.11 aten/src/ATen/native/transformers/cuda/
+        # attention.cu _scaled_dot_product_flash_attention_cuda passes
+        # `query.transpose(1, 2)` to flash_attn/flash_api.cpp mha_fwd, which makes `out =
+        # at::empty_like(q_padded)`, and returns `output.transpose(1, 2)`). A query that
+        # a cat made (ROTARY_PASSTHROUGH_FAMILIES) is contiguous in (batch, heads, seq,
+        # dim) order, so sdpa_attention_forward's `attn_output.transpose(1, 2)
+        # .contiguous()` copies it (recorded, run 34 tr-ih04: `+out +copy -out` at
+        # sdpa_attention.py:158, 168); llama's rotary sum keeps the projection's (batch,
+        # seq, heads, dim) order, and there it copies nothing (ik08).
+        if passthrough and not temps and c != 4 and queries > 1:
+            cont = e.alloc(q_c)
+            e.free(out)
+            out = cont
     o = _linear(e, s, lins["o"], tokens)
-    e.free(out, q_rot, held)
+    # attn_output is freed when o_proj's output is bound to its name, then the fused
+    # projection and the rotated query when the attention's forward returns (recorded, run
+    # 34 tr-ih04: `-out -qkv -q` after o_proj, modeling_phi3.py)
+    e.free(out, held, q_rot)
     return o, probs
 
 
@@ -439,6 +471,18 @@ def _mlp(e: _Emit, s: _Shape, x: int | None, tokens: int) -> int | None:
     fc2 = _linear(e, s, lins["fc2"], tokens)
     e.free(act)
     return fc2
+
+
+# Families whose attention takes q, k and v as views of the fused projection: transformers
+# 5.17 modeling_phi3 Phi3Attention.forward slices `qkv[..., :query_pos]` (and k, v), then
+# `.view(hidden_shape).transpose(1, 2)`: no copy (recorded, run 34 tr-ih04: no request
+# between qkv_proj's output and the rotary's first product). Falcon's `_split_heads`
+# reshapes a transposed view, a copy, and keeps the three copies (not traced).
+QKV_VIEW_FAMILIES = frozenset({"phi3"})
+# Families whose apply_rotary_pos_emb concatenates the rotated part with the rest of the
+# head (partial rotary): transformers 5.17 modeling_phi3 apply_rotary_pos_emb `q_embed =
+# torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin), q_pass], dim=-1)` (`_rotary`).
+ROTARY_PASSTHROUGH_FAMILIES = frozenset({"phi3"})
 
 
 # Families whose embedding module scales its output: transformers 5.17
@@ -804,7 +848,11 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
     `shortcut=False` replays every decode step (the reference of the shortcuts)."""
     s = _shape(spec, plan)
     ids = count(1)
-    sim = CachingAllocator()
+    # new segments at descending addresses, as CUDA gave them (run 34 tr-ih04, run 34b
+    # tr-ip00: every large segment of generate() below the one before), since best fit
+    # breaks ties between free blocks of one size by address (replay.CachingAllocator);
+    # ascending, the same requests reserve 1332 MiB against the measured 1268 (ih04)
+    sim = CachingAllocator(descending=True)
     live: dict[int, Block] = {}
     nreq = 0
     alive: dict[int, int] = {}  # the rounded size of each live request
@@ -818,7 +866,8 @@ def infer_program_peaks(spec: ModelSpec, plan: InferPlan, shortcut: bool = True)
 
     load_plan = _load_plan(plan)
     if load_plan is not None:
-        reqs = load_requests(spec, load_plan, kbit_prepare=False)
+        reqs = load_requests(spec, load_plan, kbit_prepare=False,
+                             adapter_dtype=plan.adapter_dtype)
         nreq += len(reqs)
         run(reqs)
     if plan.merged:
@@ -1051,11 +1100,12 @@ def merge_program_peaks(spec: ModelSpec, plan: InferPlan) -> MergePeaks:
     every targeted Linear (`_merge`), after the cuBLAS workspace of the first B @ A."""
     s = _shape(spec, plan.model_copy(update={"merged": False}))
     ids = count(1)
-    sim = CachingAllocator()
+    sim = CachingAllocator(descending=True)  # as infer_program_peaks
     live: dict[int, Block] = {}
     load_plan = _load_plan(plan)
     if load_plan is not None:
-        replay_requests(load_requests(spec, load_plan, kbit_prepare=False), sim=sim, live=live)
+        replay_requests(load_requests(spec, load_plan, kbit_prepare=False,
+                                      adapter_dtype=plan.adapter_dtype), sim=sim, live=live)
     load_allocated = sim.allocated
     e = _Emit(ids)
     e.alloc(CUBLAS_WORKSPACE_INFER)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from itertools import count
 
-from vramcalc.memory.program.trainable import lora_tensor_numels
+from vramcalc.memory.program.trainable import lora_targets, lora_tensor_numels
 from vramcalc.memory.program.weights import (
     DTYPE_BYTES,
     NESTED_BLOCKSIZE,
@@ -159,12 +159,66 @@ def _fuse_experts(r: _Requests, spec: ModelSpec, load: int, gate: list[int | Non
     keep += [(gate_up, 2 * stack), (down_proj, stack)]
 
 
-def load_requests(spec: ModelSpec, plan: TrainPlan, kbit_prepare: bool = True
-                  ) -> list[tuple[int, int]]:
+def _from_pretrained_adapters(r: _Requests, spec: ModelSpec, plan: TrainPlan,
+                              adapter_dtype: str) -> None:
+    """The adapter of `PeftModel.from_pretrained(base, path, autocast_adapter_dtype=
+    adapter_dtype == "fp32")` (peft 0.21), saved in fp32 (calibrate.infer_worker
+    make_adapter), then cast to `adapter_dtype` (infer_worker load_with_adapter):
+
+    1. every layer's adapters are created and moved to the GPU in the base layer's dtype
+       (tuners_utils.py `_move_adapter_to_device_of_base_layer`, dtype from
+       `_get_base_layer_device_and_dtype`: bnb Linear4bit's `compute_dtype`, a 16-bit
+       weight's dtype, none for int8 weights: the fp32 they were made in), layer by
+       layer, lora_A then lora_B of each module in the model's order;
+    2. with autocast, `cast_adapter_dtype` casts the 16-bit ones to fp32 in the same
+       order, each new tensor before the old one is freed;
+    3. `load_peft_weights` reads the file's tensors (fp32) onto the GPU in its key order
+       (sorted names: layer numbers as text, `mlp.*` before `self_attn.*`), which
+       `set_peft_model_state_dict` copies into the adapters; the read tensors are freed in
+       that order when `from_pretrained` returns;
+    4. the worker casts adapters that are not in `adapter_dtype` (a new tensor each).
+    (Recorded, run 34b tr-ip00 gemma-2-9b nf4 r64: 56 bf16 adapters, 56 fp32 casts, 56
+    fp32 reads and their frees, in these orders; run 34 tr-ih04 phi-3 and run 34b tr-ip11
+    llama-3.2-1b, both nf4, the same; run 34b tr-ip10 gemma-2-2b int8: 364 fp32 adapters,
+    no cast, 364 reads.)"""
+    targets = {lin.name for lin in lora_targets(spec, plan)}
+    numels = lora_tensor_numels(spec, plan)
+    created: str = plan.load_dtype  # a 16-bit weight's dtype
+    if plan.quant in ("nf4", "fp4") and spec.bnb_quantizes_linears:
+        created = plan.compute_dtype  # bnb Linear4bit.compute_dtype
+    elif plan.quant == "int8" and spec.bnb_quantizes_linears:
+        created = "fp32"  # an int8 weight: no cast
+    # the file's key order: a layer's targeted Linears in checkpoint order (lora_A,
+    # lora_B each), then its other adapter tensors (MoE, not traced) in the model's order
+    per_layer = [n for lin in _checkpoint_order(spec) if lin.name in targets
+                 for n in (plan.rank * lin.in_features, lin.out_features * plan.rank)]
+    extra = numels[2 * len(targets):]
+    live: list[tuple[int | None, int]] = []
+    for _ in range(spec.num_hidden_layers):
+        live += [(r.alloc(n * DTYPE_BYTES[created]), n) for n in numels]
+    dtype = created
+    if adapter_dtype == "fp32" and created in ("bf16", "fp16"):
+        for k, (tid, n) in enumerate(live):
+            live[k] = (r.alloc(n * 4), n)
+            r.free(tid)
+        dtype = "fp32"
+    read = [r.alloc(n * 4) for _ in sorted(range(spec.num_hidden_layers), key=str)
+            for n in per_layer + extra]
+    for tid in read:
+        r.free(tid)
+    if dtype != adapter_dtype:
+        for tid, n in live:
+            r.alloc(n * DTYPE_BYTES[adapter_dtype])
+            r.free(tid)
+
+
+def load_requests(spec: ModelSpec, plan: TrainPlan, kbit_prepare: bool = True,
+                  adapter_dtype: str = "fp32") -> list[tuple[int, int]]:
     """(id, bytes) requests from an empty allocator to the start of training: a size of 0
     frees tensor `id`, `EMPTY_CACHE` empties the cache. `kbit_prepare=False`: a load for
     inference (`PeftModel.from_pretrained` on the base, no `prepare_model_for_kbit_training`,
-    step 4 above left out)."""
+    step 4 above left out; the adapter read from a file, `_from_pretrained_adapters`, in
+    `adapter_dtype`)."""
     r = _Requests()
     load = DTYPE_BYTES[plan.load_dtype]
     quantized = plan.quant != "none" and spec.bnb_quantizes_linears
@@ -220,6 +274,10 @@ def load_requests(spec: ModelSpec, plan: TrainPlan, kbit_prepare: bool = True
                 r.alloc(size * 2)
                 r.free(tid)
         r.out.append(EMPTY_CACHE)
+    if not kbit_prepare:
+        if plan.is_lora:
+            _from_pretrained_adapters(r, spec, plan, adapter_dtype)
+        return r.out
     adapters = lora_tensor_numels(spec, plan) if plan.is_lora else []
     made: list[tuple[int | None, int]] = []
     for _ in range(spec.num_hidden_layers):
