@@ -53,7 +53,7 @@ RUNS: dict[str, tuple[Path | tuple[Path, ...], Path, str]] = {  # run -> (record
     "run33": (ROOT / "h100" / "run33-infer6.jsonl",
               ROOT / "matrices" / "h100-infer-holdout6.json",
               "run 33: PRE-REGISTERED inference holdout 6, 12 generate() after run 32's "
-              "prefill order (seen since infer7: ip00, ip10, ip11 traced in run 34b)"),
+              "prefill order (seen since: ip00, ip10, ip11 traced in run 34b)"),
 }
 H200_USABLE = 149557477376  # run1-gpu.txt: mem_get_info free of an empty H200
 

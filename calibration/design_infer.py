@@ -6,6 +6,7 @@
     python calibration/design_infer.py holdout4 > calibration/matrices/h200-infer-holdout4.json
     python calibration/design_infer.py holdout5 > calibration/matrices/h200-infer-holdout5.json
     python calibration/design_infer.py holdout6 > calibration/matrices/h100-infer-holdout6.json
+    python calibration/design_infer.py holdout7 > calibration/matrices/h100-infer-holdout7.json
 
 24 generate() points and 3 merges drawn at random (seed 40) over 7 architectures (MHA and
 GQA, 32k-256k vocabularies), batch 1-64, prompt 128-32k, new tokens 1-2048, nf4 and bf16
@@ -48,6 +49,9 @@ def main() -> None:
         return
     if sys.argv[1:] == ["holdout6"]:
         holdout6()
+        return
+    if sys.argv[1:] == ["holdout7"]:
+        holdout7()
         return
     rng = random.Random(40)
     points = []
@@ -185,6 +189,25 @@ def holdout6() -> None:
         "new_tokens": [64, 128, 256, 512], "quant": ["nf4", "nf4", "int8", "none"],
         "rank": [8, 16, 64]}, max_batch_tokens=4096, max_device_gib=20)
     json.dump({"note": "pre-registered inference holdout 6 (after run 32's prefill trace): "
+               "predictions made before any measurement of these points", "points": points},
+              sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+def holdout7() -> None:
+    """Inference holdout 7, pre-registered after run 34/34b's traces (phi-3's views and
+    copies, new segments at descending addresses, the adapter read from its file): seed 47,
+    12 generate() points, 8 at 4 layers over architectures none of those traces was read on
+    (qwen2.5-7b, llama-3.1-8b, mistral-7b, qwen3-8b, qwen2.5-3b, llama-3.2-3b), int8 drawn
+    more often (ik09's int8 miss is untraced), and 4 at full depth, sized like holdouts 4-6
+    (estimated peak device <= 20 GiB, batch x new tokens <= 4096)."""
+    archs = ["qwen2.5-7b", "llama-3.1-8b", "mistral-7b", "qwen3-8b", "qwen2.5-3b",
+             "llama-3.2-3b", "qwen2.5-7b", "llama-3.1-8b"]
+    points = _generate_draws(random.Random(47), "iq", 12, 8, archs, {
+        "batch_size": [1, 2, 4, 6, 8, 16], "prompt_len": [512, 1024, 2048, 4096, 8192],
+        "new_tokens": [64, 128, 256, 512], "quant": ["nf4", "int8", "int8", "none"],
+        "rank": [8, 16, 64]}, max_batch_tokens=4096, max_device_gib=20)
+    json.dump({"note": "pre-registered inference holdout 7 (after run 34/34b's traces): "
                "predictions made before any measurement of these points", "points": points},
               sys.stdout, indent=1)
     sys.stdout.write("\n")
