@@ -63,6 +63,40 @@ def test_both_replays_give_the_same_peaks(name: str, options: dict[str, object])
 
 
 @compiled
+@pytest.mark.parametrize(("name", "options"), PLANS)
+def test_both_replays_give_the_same_peaks_with_descending_segments(
+        name: str, options: dict[str, object]) -> None:
+    spec, plan = _case(name, options)
+    py = program_peaks(spec, plan, engine="python", descending=True)  # type: ignore[arg-type]
+    c = program_peaks(spec, plan, engine="compiled", descending=True)  # type: ignore[arg-type]
+    assert c == py
+
+
+def _tie_program() -> list[tuple[int, int]]:
+    """Two free 40 MiB blocks tie for a 20 MiB request: the front of a 60 MiB segment (its
+    back still held) and a whole 40 MiB segment made after it. Where the request lands
+    decides whether a 60 MiB request then fits in the first segment, freed whole."""
+    mib = 1 << 20
+    return [(0, 60 * mib), (0, 0), (1, 40 * mib), (2, 20 * mib), (3, 40 * mib),
+            (1, 0), (3, 0), (4, 20 * mib), (2, 0), (5, 60 * mib)]
+
+
+@pytest.mark.parametrize("engine", ["python", "compiled"])
+def test_descending_segments_break_a_tie_toward_the_newest(engine: str) -> None:
+    """Best fit takes the lower address among equal free blocks (c10 BlockComparatorSize):
+    the old segment's with rising addresses, the new one's with descending ones."""
+    if engine == "compiled" and ENGINE != "compiled":
+        pytest.skip("the compiled replay is not built here")
+    mib = 1 << 20
+    blocks = StepProgram.plain(_tie_program(), []).blocks
+    rising = replay_program([], blocks, [0], False, engine=engine)  # type: ignore[arg-type]
+    falling = replay_program([], blocks, [0], False, engine=engine,  # type: ignore[arg-type]
+                             descending=True)
+    assert rising.peak_reserved == 160 * mib
+    assert falling.peak_reserved == 100 * mib
+
+
+@compiled
 def test_both_replays_give_the_same_peaks_on_a_plain_program() -> None:
     """A program of one block (no template) and a load that empties the cache (QLoRA)."""
     spec, plan = _case("llama-3.2-1b", {"expandable_segments": True})
@@ -71,9 +105,12 @@ def test_both_replays_give_the_same_peaks_on_a_plain_program() -> None:
     load = load_requests(spec, plan)
     bounds = [k for _, k in plain.phases]
     for expandable in (False, True):
-        py = replay_program(load, plain.blocks, bounds, expandable, engine="python")
-        c = replay_program(load, plain.blocks, bounds, expandable, engine="compiled")
-        assert c == py
+        for descending in (False, True):
+            py = replay_program(load, plain.blocks, bounds, expandable, engine="python",
+                                descending=descending)
+            c = replay_program(load, plain.blocks, bounds, expandable, engine="compiled",
+                               descending=descending)
+            assert c == py
 
 
 @compiled

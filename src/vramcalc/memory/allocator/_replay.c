@@ -66,6 +66,10 @@ typedef struct {
     int32_t chains[2]; /* expandable: first block of each pool's segment, -1 none */
     int expandable;
     int64_t reserved, allocated, peak_reserved, peak_allocated, next_addr;
+    /* CachingAllocator.descending: new segments at ever lower addresses, from 2**63 down
+     * (CachingAllocator._next_down) */
+    int descending;
+    uint64_t next_down;
     /* the rounded requested bytes alive, and their peak (step_requests.requested_peaks) */
     int64_t requested, peak_requested;
     int oom; /* 1 after a failed realloc */
@@ -288,6 +292,10 @@ static int64_t allocation_size(int64_t size) {
 }
 
 static int64_t address(Sim *s, int64_t size) {
+    if (s->descending) {
+        s->next_down -= (uint64_t)(SEGMENT_GAP + size);
+        return (int64_t)s->next_down;
+    }
     int64_t addr = s->next_addr;
     s->next_addr += SEGMENT_GAP + size;
     return addr;
@@ -781,9 +789,10 @@ static void id_range(const Requests *r, int64_t *lo, int64_t *hi) {
 
 static PyObject *replay_program(PyObject *self, PyObject *args) {
     PyObject *load_seq, *steps_seq, *bounds_seq;
-    int expandable;
+    int expandable, descending = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOp", &load_seq, &steps_seq, &bounds_seq, &expandable)) {
+    if (!PyArg_ParseTuple(args, "OOOp|p", &load_seq, &steps_seq, &bounds_seq, &expandable,
+                          &descending)) {
         return NULL;
     }
     Requests load = {0}, steps = {0};
@@ -792,6 +801,8 @@ static PyObject *replay_program(PyObject *self, PyObject *args) {
     s.expandable = expandable;
     s.chains[0] = s.chains[1] = -1;
     s.next_addr = SEGMENT_GAP;
+    s.descending = descending;
+    s.next_down = 1ULL << 63;
     Live live = {0};
     PyObject *bounds = NULL, *result = NULL, *peaks = NULL, *req_peaks = NULL;
     if (read_requests(load_seq, &load) < 0 || read_blocks(steps_seq, &steps) < 0) {
@@ -1091,9 +1102,10 @@ done:
 
 static PyMethodDef methods[] = {
     {"replay_program", replay_program, METH_VARARGS,
-     "replay_program(load, steps, bounds, expandable) -> (load peak allocated, load peak "
-     "reserved, peak allocated of each step segment, peak allocated over the steps, peak "
-     "reserved over the steps, load peak requested, peak requested of each step segment); "
+     "replay_program(load, steps, bounds, expandable, descending=False) -> (load peak "
+     "allocated, load peak reserved, peak allocated of each step segment, peak "
+     "allocated over the steps, peak reserved over the steps, load peak requested, peak "
+     "requested of each step segment); "
      "requested: the rounded request bytes alive (step_requests.requested_peaks); "
      "`load` (id, bytes) tuples, `steps` request blocks; see "
      "vramcalc.memory.allocator.replay.replay_program."},

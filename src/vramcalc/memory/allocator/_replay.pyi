@@ -8,6 +8,7 @@ def replay_program(
     steps: Sequence[tuple[array[int], array[int], array[int], int]],
     bounds: Sequence[int],
     expandable: bool,
+    descending: bool = False,
     /,
 ) -> tuple[int, int, tuple[int, ...], int, int, int, tuple[int, ...]]: ...
 

@@ -619,27 +619,28 @@ class ProgramReplay:
 
 def replay_program(load: Sequence[tuple[int, int]], steps: Sequence[RequestBlock],
                    bounds: Sequence[int], expandable: bool,
-                   engine: Engine | None = None) -> ProgramReplay:
+                   engine: Engine | None = None, descending: bool = False) -> ProgramReplay:
     """Replay the requests of loading (`load`, from an empty allocator), reset the peaks
     (as `calibrate` does before the first step), then the step requests (`steps`, the
     blocks of a program.templates.StepProgram) segment by segment: segment k is requests
     bounds[k] to bounds[k + 1] of the sequence the blocks stand for, the last one to its
     end. Requests are (tensor id, bytes) as in `replay_requests`, ids distinct over both.
     `engine`: "compiled" (an error where it is not built), "python", or None for
-    `ENGINE`; both give the same numbers (tests/memory/allocator/test_replay_engines.py)."""
+    `ENGINE`; both give the same numbers (tests/memory/allocator/test_replay_engines.py).
+    `descending`: new segments at ever lower addresses (`CachingAllocator`)."""
     engine = engine or ENGINE
     if engine == "compiled":
         if _COMPILED is None:
             raise RuntimeError(
                 "the compiled replay (vramcalc.memory.allocator._replay) is not built here")
         load_alloc, load_res, peaks, overall, reserved, load_req, req_peaks = (
-            _COMPILED.replay_program(load, steps, bounds, expandable))
+            _COMPILED.replay_program(load, steps, bounds, expandable, descending))
         return ProgramReplay(load_alloc, load_res, peaks, overall, reserved, load_req,
                              req_peaks)
     requests = expand(steps)
     sizes: dict[int, int] = {}
     requested, load_req = requested_run(sizes, 0, load)
-    sim = replay_requests(load, expandable=expandable)
+    sim = replay_requests(load, sim=CachingAllocator(expandable, descending))
     load_alloc, load_res = sim.peak_allocated, sim.peak_reserved
     sim.peak_reserved, sim.peak_allocated = sim.reserved, sim.allocated
     overall = sim.peak_allocated
