@@ -209,9 +209,10 @@ def test_check_step_estimates_each_plan_once(monkeypatch: pytest.MonkeyPatch) ->
 
     import vramcalc.corrections.planning as planning
     import vramcalc.memory.multi_gpu as multi_gpu
+    import vramcalc.sizing.search as search
     from vramcalc.api import check_step
     from vramcalc.hardware.catalog import resolve_gpu
-    from vramcalc.memory.estimate import estimate
+    from vramcalc.memory.estimate import estimate, required_bytes
     from vramcalc.models.spec import get_spec
     from vramcalc.plans import TrainPlan
     from vramcalc.sizing.verdict import catalog_target
@@ -222,12 +223,23 @@ def test_check_step_estimates_each_plan_once(monkeypatch: pytest.MonkeyPatch) ->
         seen[plan] += 1
         return estimate(spec, plan, **kw)
 
+    read: Counter[TrainPlan] = Counter()  # required bytes read without the replay
+
+    def counting_required(spec, plan, formula=None, **kw):  # type: ignore[no-untyped-def]
+        read[plan] += 1
+        return required_bytes(spec, plan, formula, **kw)
+
     monkeypatch.setattr(planning, "estimate", counting)
     monkeypatch.setattr(multi_gpu, "estimate", counting)
+    monkeypatch.setattr(search, "required_bytes", counting_required)
     report = check_step(get_spec("llama-3.1-8b"), TrainPlan(batch_size=16, seq_len=4096),
                         [catalog_target(resolve_gpu("rtx-4090"))], 2**29)
     assert not report.fits and report.suggestions  # and the multi-GPU options ran
-    assert len(seen) > 5
+    # the suggestions' and searches' probes read the required bytes (sizing.search
+    # raw_probes: the raw estimate), each plan once, and none of a plan estimated before
+    assert len(read) > 5
     assert max(seen.values()) == 1, [p for p, n in seen.items() if n > 1]
+    assert max(read.values()) == 1, [p for p, n in read.items() if n > 1]
+    assert not set(read) & set(seen)
     est = planning.Estimators(use_calibration=True)
     assert est.raw() is est("rtx-4090")  # no corrections for an RTX 4090: the raw estimate

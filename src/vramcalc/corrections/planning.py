@@ -17,20 +17,38 @@ from vramcalc.plans import TrainPlan
 EstimateFn = Callable[[ModelSpec, TrainPlan], Estimate]
 
 
-def memoized(fn: EstimateFn) -> EstimateFn:
+class Memoized:
     """`fn` estimating each (spec, plan) once: for a command whose searches revisit plans
     (the suggestions on each catalog GPU, a search after the verdict). The estimate is
     pure, so a repeat is the same answer; a raised error is not kept."""
-    memo: dict[tuple[int, TrainPlan], tuple[ModelSpec, Estimate]] = {}
 
-    def cached(spec: ModelSpec, plan: TrainPlan) -> Estimate:
+    def __init__(self, fn: EstimateFn) -> None:
+        self.wrapped = fn  # what it memoizes (is_raw)
+        self._memo: dict[tuple[int, TrainPlan], tuple[ModelSpec, Estimate]] = {}
+
+    def __call__(self, spec: ModelSpec, plan: TrainPlan) -> Estimate:
         key = (id(spec), plan)
-        hit = memo.get(key)
+        hit = self._memo.get(key)
         if hit is None or hit[0] is not spec:
-            hit = memo[key] = (spec, fn(spec, plan))  # the spec kept: its id stays its own
+            # the spec kept: its id stays its own
+            hit = self._memo[key] = (spec, self.wrapped(spec, plan))
         return hit[1]
 
-    return cached
+    def known(self, spec: ModelSpec, plan: TrainPlan) -> Estimate | None:
+        """The estimate of (spec, plan) if it was made already, else None (nothing made)."""
+        hit = self._memo.get((id(spec), plan))
+        return None if hit is None or hit[0] is not spec else hit[1]
+
+
+def memoized(fn: EstimateFn) -> Memoized:
+    """`fn` estimating each (spec, plan) once (Memoized)."""
+    return Memoized(fn)
+
+
+def is_raw(fn: EstimateFn) -> bool:
+    """Whether `fn` is the raw `estimate` (no corrections), bare or `memoized`: its
+    required bytes can be read without the replay (estimate.required_bytes)."""
+    return fn is estimate or (isinstance(fn, Memoized) and fn.wrapped is estimate)
 
 
 def estimator(gpu_name: str | None, use_calibration: bool) -> tuple[EstimateFn, Selection | None]:

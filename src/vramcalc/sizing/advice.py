@@ -1,10 +1,14 @@
 """What to change when a plan does not fit: each suggestion is computed by the estimator.
 
 Pure functions over (spec, plan, memory, margin): every candidate change is applied to the
-plan and estimated again (the full estimate, as `plan` shows it), and only the ones that
-`plan` would call "fits" on a card offering `memory_bytes` with `margin_bytes` to spare
-(verdict.fits_certainly; "fits, tight" does not count) are offered. Nothing here imports
-rich, typer, pynvml or torch.
+plan and estimated again (the required free memory of the full estimate, as `plan` shows
+it), and only the ones that `plan` would call "fits" on a card offering `memory_bytes` with
+`margin_bytes` to spare (verdict.fits_certainly; "fits, tight" does not count) are offered.
+A suggestion shows only that number (and the host memory of offloading), so where the
+estimate is the raw one (no corrections) it is read without the allocator's replay
+(search.required_device: estimate.required_bytes, the same bytes; the memory the host
+holds does not depend on the replay either). Nothing here imports rich, typer, pynvml or
+torch.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from vramcalc.errors import VramcalcError
 from vramcalc.memory.estimate import check_loss_kernel, estimate
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import TrainPlan
-from vramcalc.sizing.search import largest_fitting
+from vramcalc.sizing.search import largest_fitting, raw_probes, required_device
 from vramcalc.sizing.verdict import fits_certainly
 
 if TYPE_CHECKING:
@@ -127,7 +131,7 @@ def _suggestion(
 ) -> Suggestion:
     changes = with_real_tokens(plan, changes)
     new_plan = TrainPlan.model_validate({**plan.model_dump(), **changes})
-    peak = estimate_fn(spec, new_plan).required_device_bytes
+    peak = required_device(estimate_fn)(spec, new_plan)
     rank, cost = COSTS.get(kind, (0, ""))
     return Suggestion(
         cost_rank=rank,
@@ -165,7 +169,7 @@ def allocator_suggestion(
         return None
     switched = _suggestion(spec, plan, memory_bytes, margin_bytes, "allocator", "",
                            {"expandable_segments": True}, None, estimate_fn)
-    saved = estimate_fn(spec, plan).required_device_bytes - switched.required_device_bytes
+    saved = required_device(estimate_fn)(spec, plan) - switched.required_device_bytes
     if saved <= 0:
         return None
     return switched.model_copy(update={"description": (
@@ -182,7 +186,7 @@ def loss_kernel_suggestions(
     run (estimate.check_loss_kernel) are left out, and so are those that save nothing."""
     if plan.loss_kernel != "torch":
         return []
-    base = estimate_fn(spec, plan).required_device_bytes
+    base = required_device(estimate_fn)(spec, plan)
     out = []
     for kernel, (name, how) in LOSS_KERNEL_OFFERS.items():
         changed = plan.model_copy(update={"loss_kernel": kernel})
@@ -223,7 +227,7 @@ def layout_suggestion(
     s = _suggestion(spec, plan, memory_bytes, margin_bytes, "layout", "",
                     {"layout": "padding-free", "seq_len": seq_len, "tokens_per_step": tokens},
                     None, estimate_fn)
-    if s.required_device_bytes >= estimate_fn(spec, plan).required_device_bytes:
+    if s.required_device_bytes >= required_device(estimate_fn)(spec, plan):
         return None
     waste = 1 - tokens / (plan.batch_size * plan.seq_len)
     return s.model_copy(update={"description": (
@@ -259,6 +263,8 @@ def candidates(
     Changes that do not apply (checkpointing already on, rank already 4, ...) are left out.
     """
     out: list[Suggestion] = []
+    need = required_device(estimate_fn)
+    probes = raw_probes(estimate_fn)
     layout = layout_suggestion(spec, plan, memory_bytes, margin_bytes, padding_free,
                                estimate_fn)
     if layout is not None:
@@ -296,13 +302,15 @@ def candidates(
                 {"seq_len": seq})
     smaller = [r for r in SMALLER_RANKS if r < plan.rank]
     for rank in smaller:  # largest first: the first that fits, else the smallest tried
-        peak = estimate_fn(spec, plan.model_copy(update={"rank": rank})).required_device_bytes
+        peak = need(spec, plan.model_copy(update={"rank": rank}))
         if fits_certainly(memory_bytes, peak, margin_bytes) or rank == smaller[-1]:
             add("rank", f"LoRA rank {rank} (was {plan.rank})", {"rank": rank})
             break
     for mode in offload_modes(plan):
         changes = {"offload_activations": mode}
-        host = estimate_fn(spec, TrainPlan.model_validate(
+        # the formula's host bytes where the estimate is raw: the replay does not set them
+        # (estimate.estimate: offload_host_bytes)
+        host = (estimate_fn if probes is None else probes.guess)(spec, TrainPlan.model_validate(
             {**plan.model_dump(), **changes})).host_bytes
         out.append(_suggestion(spec, plan, memory_bytes, margin_bytes, "offload_activations",
                                OFFLOAD_TEXT[mode], changes, None, estimate_fn)
@@ -382,6 +390,8 @@ def suggest(
     then all switches together with the largest batch that fits, when no single change is
     enough or it keeps a larger batch than a smaller batch alone. Empty when nothing fits,
     not even batch 1."""
+    if estimate_fn is estimate:  # one memo for the candidates and the searches
+        estimate_fn = memoized(estimate)
     fitting = [s for s in candidates(spec, plan, memory_bytes, margin_bytes, estimate_fn,
                                      padding_free) if s.fits]
     # the cheapest first (COSTS), then the one that needs the least memory
@@ -426,7 +436,7 @@ def smallest_fitting_gpu(
     for gpu in sorted(gpus, key=lambda g: g.usable_bytes):
         fn = raw if estimate_for is None else estimate_for(gpu)
         p = for_gpu(plan, gpu.bf16_supported)
-        if fits_certainly(gpu.usable_bytes, fn(spec, p).required_device_bytes, margin_bytes):
+        if fits_certainly(gpu.usable_bytes, required_device(fn)(spec, p), margin_bytes):
             return GpuAnswer(gpu, None)
         found = suggest(spec, p, gpu.usable_bytes, margin_bytes, fn)
         if found:

@@ -34,6 +34,7 @@ from vramcalc.sizing.search import (
     largest_fitting,
     memoized_quick,
     quick_estimate,
+    raw_probes,
     raw_required,
 )
 from vramcalc.sizing.verdict import Verdict, verdict
@@ -204,16 +205,24 @@ def smallest_gpu(
     """The catalog GPU with the least usable memory on which `plan` (fp16 compute where
     bf16 is missing) fits an empty card with `margin_bytes` to spare: its verdict is
     "fits", as `plan --gpu` gives it (a GPU on which it is "fits, tight" is not one to
-    rent); None if none does. Ties in usable memory go to the first in catalog order."""
-    cache: dict[tuple[int, str], Estimate] = {}
+    rent); None if none does. Ties in usable memory go to the first in catalog order.
+    Where a GPU's estimate is the raw one, its required bytes are read without the replay
+    (search.raw_probes: estimate.required_bytes, the same bytes): the verdict is all this
+    column shows."""
+    cache: dict[tuple[int, str], tuple[int, int]] = {}
     for gpu in sorted(gpus, key=lambda g: g.usable_bytes):
         fn = estimate_for(gpu)
         p = for_gpu(plan, gpu.bf16_supported)
         key = (id(fn), p.compute_dtype)
         if key not in cache:  # a GPU to rent: it must fit whatever the allocator does
-            cache[key] = fn(spec, p)
-        est = cache[key]
-        v = verdict(gpu.usable_bytes, est.required_device_bytes, margin_bytes, est.required_low)
+            probes = raw_probes(fn)
+            if probes is None:
+                est = fn(spec, p)
+                cache[key] = (est.required_device_bytes, est.required_low)
+            else:
+                cache[key] = probes.required(spec, p)
+        need, low = cache[key]
+        v = verdict(gpu.usable_bytes, need, margin_bytes, low)
         if v.certainty == "fits":
             return SmallestGpu(gpu=gpu.name, compute_dtype=p.compute_dtype, verdict=v)
     return None

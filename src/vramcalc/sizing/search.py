@@ -16,13 +16,19 @@ the searches where stepping from the guess one value at a time took 774 (2026-12
 fit's searches start where the row's batch-1 estimate is known (`largest_from_guess`'s
 `anchor`): 444 full estimates in the searches, 484 unanchored, besides the 160 rows'
 batch-1 estimates (2026-12-07, counted at 8525100 and after).
+Where the full estimate is the raw one (no corrections for the card), a search reads its
+required bytes without the allocator's replay (`raw_probes`: `estimate.required_bytes`, the
+same bytes), and so do check's suggestions, `plan --max`/`check --max` and compare's
+smallest-GPU column (sizing/advice.py, sizing/comparison.py smallest_gpu).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
+from weakref import WeakKeyDictionary
 
-from vramcalc.corrections.planning import EstimateFn
+from vramcalc.corrections.planning import EstimateFn, Memoized, is_raw
 from vramcalc.memory.estimate import Estimate, estimate, required_bytes
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import InferPlan, TrainPlan
@@ -55,20 +61,67 @@ def memoized_quick() -> EstimateFn:
     return quick
 
 
-def raw_required(quick: EstimateFn) -> RequiredFn:
+def raw_required(quick: EstimateFn,
+                 known: Callable[[ModelSpec, TrainPlan], Estimate | None] | None = None
+                 ) -> RequiredFn:
     """The raw estimate's required bytes (`estimate.required_bytes`: no allocator replay),
     each (spec, plan) once, on the phase formula's estimate `quick` gives (a
-    `memoized_quick`, which a search's guesses share: the same plans)."""
+    `memoized_quick`, which a search's guesses share: the same plans). `known`: the full
+    raw estimate of a plan where it was made already (Memoized.known), read instead."""
     memo: dict[tuple[int, TrainPlan], tuple[ModelSpec, tuple[int, int]]] = {}
 
     def required(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
         key = (id(spec), plan)
         hit = memo.get(key)
         if hit is None or hit[0] is not spec:
-            hit = memo[key] = (spec, required_bytes(spec, plan, quick(spec, plan)))
+            full = None if known is None else known(spec, plan)
+            hit = memo[key] = (spec, required_bytes(spec, plan, quick(spec, plan))
+                               if full is None else
+                               (full.required_device_bytes, full.required_low))
         return hit[1]
 
     return required
+
+
+class RawProbes(NamedTuple):
+    """A search's probes of the raw estimate: the phase formula's estimate (memoized: the
+    first guesses) and the required bytes read off it without the replay (raw_required)."""
+
+    guess: EstimateFn
+    required: RequiredFn
+
+
+# a memoized raw estimate -> its probes, shared by every search of the command that made it
+# (check's suggestions on each catalog GPU revisit the same plans); weak: they go with it
+_PROBES: WeakKeyDictionary[EstimateFn, RawProbes] = WeakKeyDictionary()
+
+
+def raw_probes(estimate_fn: EstimateFn) -> RawProbes | None:
+    """The probes that read `estimate_fn`'s required bytes without the replay where it is
+    the raw estimate (corrections.planning.is_raw), byte for byte the same; None where it
+    is not (a corrected estimate reads the replay's allocated peak). A `memoized` raw
+    estimate keeps its probes (one memo for the command); the bare `estimate` gets new."""
+    if not is_raw(estimate_fn):
+        return None
+    if not isinstance(estimate_fn, Memoized):
+        guess = memoized_quick()
+        return RawProbes(guess, raw_required(guess))
+    probes = _PROBES.get(estimate_fn)
+    if probes is None:
+        guess = memoized_quick()
+        probes = _PROBES[estimate_fn] = RawProbes(
+            guess, raw_required(guess, known=estimate_fn.known))
+    return probes
+
+
+def required_device(estimate_fn: EstimateFn) -> Callable[[ModelSpec, TrainPlan], int]:
+    """(spec, plan) -> `estimate_fn`'s required_device_bytes: off the raw probes (no
+    replay) where it is the raw estimate, else off the estimate itself."""
+    probes = raw_probes(estimate_fn)
+    if probes is None:
+        return lambda spec, plan: estimate_fn(spec, plan).required_device_bytes
+    required = probes.required
+    return lambda spec, plan: required(spec, plan)[0]
 
 
 def largest_fitting(
@@ -93,8 +146,14 @@ def largest_fitting(
     alone. `anchored`: `estimate_fn` has estimated `plan` itself already and remembers it
     (corrections.planning.memoized): the search starts from there (`largest_from_guess`'s
     `anchor`), at no cost. `required_fn` (`raw_required`, where `estimate_fn` is the raw
-    `estimate`): its required bytes, the same, read without the replay."""
+    `estimate`): its required bytes, the same, read without the replay; where it is not
+    given and `estimate_fn` is the raw estimate with the default `guess_fn`, the search
+    reads them so by itself (raw_probes)."""
     field = _FIELD[what]
+    if required_fn is None and guess_fn is quick_estimate:
+        probes = raw_probes(estimate_fn)
+        if probes is not None:
+            guess_fn, required_fn = probes
 
     def need_of(fn: EstimateFn) -> Callable[[int], int]:
         def need(n: int) -> int:
