@@ -787,6 +787,16 @@ static void id_range(const Requests *r, int64_t *lo, int64_t *hi) {
     }
 }
 
+/* After id_range over n requests: an empty range becomes [0, 0]; whether the ids are a
+ * dense range, as the programs' counters make them (load_requests, step_requests), so that
+ * a table indexed by id - lo stays small. */
+static int dense_ids(int64_t *lo, int64_t *hi, Py_ssize_t n) {
+    if (*lo > *hi) {
+        *lo = *hi = 0;
+    }
+    return *hi - *lo <= 16 * (int64_t)n + 1024;
+}
+
 static PyObject *replay_program(PyObject *self, PyObject *args) {
     PyObject *load_seq, *steps_seq, *bounds_seq;
     int expandable, descending = 0;
@@ -815,11 +825,7 @@ static PyObject *replay_program(PyObject *self, PyObject *args) {
     int64_t lo = INT64_MAX, hi = INT64_MIN;
     id_range(&load, &lo, &hi);
     id_range(&steps, &lo, &hi);
-    if (lo > hi) {
-        lo = hi = 0;
-    }
-    /* ids come from counters (load_requests, step_requests): a dense range */
-    if (hi - lo > 16 * (int64_t)(load.n + steps.n) + 1024) {
+    if (!dense_ids(&lo, &hi, load.n + steps.n)) {
         PyErr_SetString(PyExc_ValueError, "tensor ids are not a dense range");
         goto done;
     }
@@ -928,10 +934,7 @@ static PyObject *owners(PyObject *self, PyObject *args) {
     }
     int64_t lo = INT64_MAX, hi = INT64_MIN;
     id_range(&r, &lo, &hi);
-    if (lo > hi) {
-        lo = hi = 0;
-    }
-    if (hi - lo > 16 * (int64_t)r.n + 1024) {
+    if (!dense_ids(&lo, &hi, r.n)) {
         result = Py_None;
         Py_INCREF(result);
         goto done;
@@ -1029,10 +1032,7 @@ static PyObject *span_changes(PyObject *self, PyObject *args) {
     }
     int64_t lo = INT64_MAX, hi = INT64_MIN;
     id_range(&r, &lo, &hi);
-    if (lo > hi) {
-        lo = hi = 0;
-    }
-    if (hi - lo > 16 * (int64_t)r.n + 1024) {
+    if (!dense_ids(&lo, &hi, r.n)) {
         result = Py_None;
         Py_INCREF(result);
         goto done;
