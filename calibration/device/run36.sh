@@ -1,10 +1,10 @@
 #!/bin/bash
 # Run 36, one device call (calibration/DEVICE.md): inference holdout 7
 # (h100-infer-holdout7.json, 12 generate() points, 4 at a time) beside the traces of p009 and
-# ik09 (h100-trace36.json, serial, --trace-dir). From the repo root with `carry: [".whl"]`.
+# ik09 (h100-trace36.json, serial, --trace-dir). From the repo root with `carry: [".whl/trl"]` and W=.whl/trl (its bitsandbytes keeps only the cuda130/132 libraries, so the call stays under 64 MiB).
 # Everything goes into one tar under $OUT; DL (seconds, default 420) bounds the holdout.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${W:-.whl}/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
 R=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $R/gpu.txt
