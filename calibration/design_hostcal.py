@@ -1,0 +1,314 @@
+"""Run 37: a user's calibration sets the host factor, measured end to end (issue 30).
+
+    python calibration/design_hostcal.py matrix > calibration/matrices/h100-hostcal37.json
+    python calibration/design_hostcal.py cal          # writes the calibrate-run matrices
+    python calibration/design_hostcal.py specs DIR    # writes the depth cuts as spec YAMLs
+    python calibration/design_hostcal.py budget calibration/matrices/h100-hostcal37.json
+    python calibration/design_hostcal.py predict MATRIX SPECS GPU OUT.json [--no-calibration]
+    python calibration/design_hostcal.py fake DATA OUT.jsonl GPU H   # the dry run's inputs
+
+The protocol (calibration/device/run37-hostcal.sh, docs/time-model.md "End-to-end host
+calibration"): on the device, (a) `vramcalc calibrate run` as a user runs it, on two
+catalog models at full depth, three plans each (CAL, below: the `--matrix` files), into a
+fresh DATA folder; (b) before any test point is measured, `vramcalc plan --json` for every
+test point with VRAMCALC_DATA_DIR=DATA (the host factor fitted on step a's runs,
+`timing/host_calibration.py`) and with `--no-calibration`, both saved; (c) the test matrix
+(this file's `matrix`) timed by the time worker, serially.
+
+The test matrix: three architectures, none of step a's models: tinyllama-1.1b at full
+depth (22 layers, hidden 2048: host-bound at small batches), smollm2-1.7b@8L (MHA, 49k
+vocabulary) and llama-3.1-8b@4L (hidden 4096, 128k vocabulary: GPU-bound at 4k-16k tokens
+per step). Eight plans each: full, 16-bit LoRA, QLoRA nf4 and int8 LoRA, each with
+checkpointing on (even slots) and off; batches and sequences chosen per architecture
+(BATCH_SEQ) so that every method has a batch 1-2 point and the 8B cut has GPU-bound ones.
+Every estimated peak <= MAX_PEAK_GIB (design_time._fit2).
+
+`predict` runs `python -m vramcalc plan ... --json` (the user's command; a depth cut is
+the spec YAML `specs` wrote, `-m DIR/NAME@nL.yaml`) for every test point, eight at a time,
+and writes {"gpu", "calibration", "points": [{"id", "argv", "plan_json"}]}. It exits 1
+with one line when a plan fails, or when a calibrated plan is not "calibrated"
+(time_basis) -- the calibration was not found.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "calibration"))
+
+from design_time import (  # noqa: E402
+    BUILD_PARALLEL,
+    POINT_SETUP_S,
+    PROCESS_START_S,
+    STEPS,
+    TIME_WORKER,
+    WEIGHTS_S,
+    _fit2,
+)
+
+MATRIX = "calibration/matrices/h100-hostcal37.json"
+RESERVE_GIB = 60
+ARCHS: dict[str, int | None] = {
+    "tinyllama-1.1b": None, "smollm2-1.7b": 8, "llama-3.1-8b": 4,
+}
+SLOT_METHODS: list[dict[str, Any]] = [
+    {"method": "full"}, {"method": "full"},
+    {"method": "lora"}, {"method": "lora"},
+    {"method": "qlora", "quant": "nf4"}, {"method": "qlora", "quant": "nf4"},
+    {"method": "qlora", "quant": "int8"}, {"method": "qlora", "quant": "int8"},
+]
+# (batch, sequence) per slot: the small model host-bound, the 8B cut mostly GPU-bound
+BATCH_SEQ: dict[str, list[tuple[int, int]]] = {
+    "tinyllama-1.1b": [(2, 512), (1, 1024), (1, 512), (2, 256), (1, 1024), (2, 512),
+                       (4, 512), (1, 256)],
+    "smollm2-1.7b": [(8, 1024), (2, 512), (1, 512), (16, 512), (4, 1024), (1, 256),
+                     (2, 1024), (8, 512)],
+    "llama-3.1-8b": [(8, 2048), (4, 1024), (16, 1024), (2, 2048), (8, 2048), (1, 1024),
+                     (4, 2048), (16, 512)],
+}
+OPTIMIZER = {"full": ["adamw_torch_fused", "adamw_torch"], "lora": ["adamw_torch"],
+             "nf4": ["paged_adamw_8bit"], "int8": ["adamw_8bit"]}
+
+# Step a: what a user calibrating small models runs (`calibrate run -m M ... --matrix F
+# --out DATA`), three plans per model, its defaults otherwise (--steps 3: the median of
+# steps 2 and 3, calibrate/run.py step_seconds). Models outside the test matrix.
+CAL: dict[str, list[dict[str, Any]]] = {
+    "qwen2.5-0.5b": [
+        {"method": "lora", "quant": "none", "batch_size": 2, "seq_len": 512,
+         "optimizer": "adamw_torch", "gradient_checkpointing": True},
+        {"method": "qlora", "quant": "nf4", "batch_size": 1, "seq_len": 1024,
+         "optimizer": "paged_adamw_8bit", "gradient_checkpointing": False},
+        {"method": "full", "quant": "none", "batch_size": 8, "seq_len": 512,
+         "optimizer": "adamw_torch_fused", "gradient_checkpointing": True},
+    ],
+    "llama-3.2-1b": [
+        {"method": "qlora", "quant": "nf4", "batch_size": 2, "seq_len": 512,
+         "optimizer": "paged_adamw_8bit", "gradient_checkpointing": True},
+        {"method": "lora", "quant": "none", "batch_size": 4, "seq_len": 1024,
+         "optimizer": "adamw_torch", "gradient_checkpointing": False},
+        {"method": "qlora", "quant": "int8", "batch_size": 1, "seq_len": 512,
+         "optimizer": "adamw_8bit", "gradient_checkpointing": False},
+    ],
+}
+
+
+def cal_path(model: str) -> str:
+    return f"calibration/matrices/hostcal37-cal-{model}.json"
+
+
+def spec_name(name: str, layers: int | None) -> str:
+    return f"{name}@{layers}L" if layers else name
+
+
+def plan_for(name: str, slot: int) -> dict[str, Any]:
+    plan: dict[str, Any] = dict(SLOT_METHODS[slot])
+    plan["gradient_checkpointing"] = slot % 2 == 0
+    plan["batch_size"], plan["seq_len"] = BATCH_SEQ[name][slot]
+    kind = plan.get("quant", plan["method"])
+    opts = OPTIMIZER[kind]
+    plan["optimizer"] = opts[slot // 2 % len(opts) if kind != "full" else slot % len(opts)]
+    return plan
+
+
+def matrix() -> dict[str, Any]:
+    points = []
+    for a, (name, layers) in enumerate(ARCHS.items()):
+        group = f"h{a}-{name}"
+        subs = [{"id": f"{group}/{j}", "plan": _fit2(name, layers, plan_for(name, j)),
+                 "steps": STEPS} for j in range(len(SLOT_METHODS))]
+        points.append({"id": group, "worker": TIME_WORKER, "spec": name, "layers": layers,
+                       "reserve_gib": RESERVE_GIB, "job": {"points": subs}})
+    return {"points": points}
+
+
+def write_cal() -> None:
+    for model, plans in CAL.items():
+        path = ROOT / cal_path(model)
+        path.write_text(json.dumps([{"plan": p} for p in plans], indent=1) + "\n",
+                        encoding="utf-8")
+        print(path.relative_to(ROOT))
+
+
+def write_specs(folder: Path) -> None:
+    """The matrix's depth cuts as spec YAMLs (`plan -m FILE.yaml`: a user's own spec)."""
+    import yaml
+
+    from vramcalc.models.spec import depth_cut, get_spec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, layers in ARCHS.items():
+        if not layers:
+            continue
+        spec = depth_cut(get_spec(name), layers)
+        (folder / f"{spec.name}.yaml").write_text(
+            yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False),
+            encoding="utf-8")
+        print(folder / f"{spec.name}.yaml")
+
+
+# TrainPlan field -> `plan` option; booleans are --x / --no-x
+FLAGS = {"method": "--method", "quant": "--quant", "batch_size": "--batch",
+         "seq_len": "--seq-len", "optimizer": "--optimizer", "rank": "--rank",
+         "alpha": "--alpha", "lora_dropout": "--lora-dropout", "targets": "--targets",
+         "attn": "--attn"}
+BOOLS = {"gradient_checkpointing": "gradient-checkpointing"}
+
+
+def plan_argv(group: dict[str, Any], plan: dict[str, Any], specs: Path, gpu: str,
+              calibration: bool) -> list[str]:
+    """`python -m vramcalc plan` for one matrix point (an unknown plan field is an error:
+    the mapping must cover every field the matrix sets)."""
+    layers = group.get("layers")
+    model = str(specs / f"{group['spec']}@{layers}L.yaml") if layers else group["spec"]
+    argv = [sys.executable, "-m", "vramcalc", "plan", "-m", model]
+    if plan.get("method") == "qlora" and "quant" not in plan:
+        raise SystemExit(f"{group['id']}: a qlora plan without quant")
+    for key, value in plan.items():
+        if key in FLAGS:
+            argv += [FLAGS[key], str(value)]
+        elif key in BOOLS:
+            argv.append(f"--{BOOLS[key]}" if value else f"--no-{BOOLS[key]}")
+        else:
+            raise SystemExit(f"{group['id']}: plan field {key!r} has no option here")
+    if plan.get("method") in ("lora", "full") and "quant" not in plan:
+        argv += ["--quant", "none"]
+    argv += ["--gpu", gpu, "--json"]
+    if not calibration:
+        argv.append("--no-calibration")
+    return argv
+
+
+def predict(matrix_path: str, specs: Path, gpu: str, out: Path, calibration: bool) -> int:
+    groups = json.loads(Path(matrix_path).read_text(encoding="utf-8"))["points"]
+    jobs = [(sub["id"], plan_argv(g, sub["plan"], specs, gpu, calibration))
+            for g in groups for sub in g["job"]["points"]]
+
+    def one(job: tuple[str, list[str]]) -> tuple[str, list[str], subprocess.CompletedProcess[str]]:
+        return job[0], job[1], subprocess.run(job[1], capture_output=True, text=True,
+                                              timeout=120)
+
+    def good(proc: subprocess.CompletedProcess[str]) -> bool:
+        if proc.returncode not in (0, 3):
+            return False
+        try:
+            return not calibration or json.loads(proc.stdout).get("time_basis") == "calibrated"
+        except ValueError:
+            return False
+
+    done = [one(jobs[0])]  # the first alone: a missing calibration fails in a second
+    if good(done[0][2]):
+        with ThreadPoolExecutor(8) as pool:
+            done += list(pool.map(one, jobs[1:]))
+    points = []
+    for pid, argv, proc in done:
+        if proc.returncode not in (0, 3):  # 3: does not fit the card (still timed)
+            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"Error: plan for {pid} exited {proc.returncode}: {err}", file=sys.stderr)
+            return 1
+        doc = json.loads(proc.stdout)
+        if calibration and doc.get("time_basis") != "calibrated":
+            print(f"Error: plan for {pid} is not calibrated (time_basis "
+                  f"{doc.get('time_basis')!r}: no run of this card under the data folder)",
+                  file=sys.stderr)
+            return 1
+        points.append({"id": pid, "argv": argv[3:], "plan_json": doc})
+    out.write_text(json.dumps({"gpu": gpu, "calibration": calibration, "points": points},
+                              indent=1) + "\n", encoding="utf-8")
+    first = points[0]["plan_json"]
+    print(f"{len(points)} plans on {gpu}, calibration {'on' if calibration else 'off'}: "
+          f"basis {first.get('time_basis')}, host factor {first.get('host_factor')}; "
+          f"{first.get('time_calibration') or ''}")
+    return 0
+
+
+def _model_seconds(spec: Any, plan: dict[str, Any], gpu: str, h: float) -> float:
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.plans import TrainPlan
+    from vramcalc.timing.gpu_speed import gpu_speed
+    from vramcalc.timing.step_time import step_time, train_work
+
+    speed = gpu_speed(resolve_gpu(gpu))
+    assert speed is not None
+    return step_time(train_work(spec, TrainPlan.model_validate(plan)),
+                     speed._replace(host_factor=h)).step_seconds
+
+
+def fake(data: Path, out: Path, gpu: str, h: float) -> None:
+    """What the device would leave, made by the time model at host factor `h` (no GPU: the
+    dry run of run37-hostcal.sh and tests/timing/test_hostcal_e2e.py): DATA/runs/ a run of
+    CAL's points (calibrate/store.py, the card's NVML name and memory) and OUT a matrix
+    driver's jsonl of the test matrix, each test step `h` x the model's times 1.0 / 1.1
+    alternately (a known error to score)."""
+    from vramcalc.calibrate import store
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.spec import depth_cut, get_spec
+    from vramcalc.plans import TrainPlan
+
+    card = resolve_gpu(gpu)
+    run = store.new_run(store.Environment(gpu_name=card.nvml_names[0],
+                                          gpu_memory_bytes=card.memory_bytes))
+    for model, plans in CAL.items():
+        for plan in plans:
+            secs = _model_seconds(get_spec(model), plan, gpu, h)
+            run.points.append(store.RunPoint(model=model, plan=TrainPlan.model_validate(plan),
+                                             steps=3, measurement={"step_seconds": secs}))
+    store.write_run(data / store.RUNS_DIR / store.run_file_name(run), run)
+    lines = []
+    for g in json.loads((ROOT / MATRIX).read_text(encoding="utf-8"))["points"]:
+        spec = get_spec(g["spec"])
+        spec = depth_cut(spec, g["layers"]) if g.get("layers") else spec
+        subs = [{"id": s["id"], "plan": s["plan"], "status": "ok",
+                 "step_seconds": _model_seconds(spec, s["plan"], gpu, h) * (1 + 0.1 * (k % 2))}
+                for k, s in enumerate(g["job"]["points"])]
+        meas = {"points": subs, "device_name": card.nvml_names[0]}
+        lines.append(json.dumps({"id": g["id"], "status": "ok", "spec": g["spec"],
+                                 "layers": g.get("layers"), "timing_grade": True,
+                                 "measurement": meas}))
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def budget(path: str) -> float:
+    from design_time import _predict_all
+
+    preds = _predict_all(path)
+    groups = json.loads(Path(path).read_text(encoding="utf-8"))["points"]
+    weights = WEIGHTS_S * -(-len(groups) // BUILD_PARALLEL)
+    steps = sum(p["by_gpu"]["h100-sxm"] * (p["steps"] + 1) for p in preds)
+    total = weights + PROCESS_START_S * len(groups) + POINT_SETUP_S * len(preds) + steps
+    print(f"{len(groups)} processes, {len(preds)} points: weights {weights:.0f} s, starts "
+          f"{PROCESS_START_S * len(groups):.0f} s, set-up {POINT_SETUP_S * len(preds):.0f} s, "
+          f"steps {steps:.0f} s (h100-sxm, host factor 1); total {total:.0f} s")
+    return total
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["matrix"]:
+        json.dump(matrix(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif argv[:1] == ["cal"]:
+        write_cal()
+    elif argv[:1] == ["specs"] and len(argv) == 2:
+        write_specs(Path(argv[1]))
+    elif argv[:1] == ["fake"] and len(argv) == 5:
+        fake(Path(argv[1]), Path(argv[2]), argv[3], float(argv[4]))
+    elif argv[:1] == ["budget"] and len(argv) == 2:
+        budget(argv[1])
+    elif argv[:1] == ["predict"] and len(argv) in (5, 6) and argv[5:] in ([], ["--no-calibration"]):
+        return predict(argv[1], Path(argv[2]), argv[3], Path(argv[4]), len(argv) == 5)
+    else:
+        print("usage: design_hostcal.py matrix | cal | specs DIR | budget MATRIX | "
+              "predict MATRIX SPECS GPU OUT.json [--no-calibration] | "
+              "fake DATA OUT.jsonl GPU H", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
