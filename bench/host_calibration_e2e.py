@@ -52,13 +52,6 @@ def stats(errs: list[float]) -> tuple[float, float, float, float]:
     return statistics.median(a), p90(a), max(a), statistics.median(errs)
 
 
-def _folder(arg: Path) -> Path:
-    if arg.is_dir():
-        return arg
-    out = Path(tempfile.mkdtemp(prefix="run37-"))
-    with tarfile.open(arg) as tar:
-        tar.extractall(out, filter="data")
-    return out
 
 
 def _predictions(path: Path) -> dict[str, Any]:
@@ -76,7 +69,22 @@ def main(argv: list[str]) -> int:
     if not src.exists():
         print(f"Error: {src} does not exist", file=sys.stderr)
         return 1
-    run = _folder(src)
+    if src.is_dir():
+        return score(src, argv)
+    with tempfile.TemporaryDirectory(prefix="run37-") as tmp:
+        try:
+            with tarfile.open(src) as tar:
+                tar.extractall(tmp, filter="data")
+        except (OSError, tarfile.TarError) as err:
+            print(f"Error: {src}: {err}", file=sys.stderr)
+            return 1
+        return score(Path(tmp), argv)
+
+
+def score(run: Path, argv: list[str]) -> int:
+    """Print the scores of the run folder `run` (module docstring); 1 after one line when
+    a file is missing or changed since it was registered."""
+    src = run
     try:
         cal = _predictions(run / "pred-cal.json")
         nocal = _predictions(run / "pred-nocal.json")

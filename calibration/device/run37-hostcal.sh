@@ -28,7 +28,7 @@ DATA=$R/data
 M=calibration/matrices/h100-hostcal37.json
 SPECS=calibration/matrices/hostcal37-specs
 pack() { rm -rf /tmp/w37; tar -C "$R" -czf "$OUT/run37.tar.gz" . ; }
-fail() { echo "Error: $*" >&2; pack; exit 1; }
+fail() { echo "Error: $*" >&2; pack; rm -rf "$R"; exit 1; }
 stamp() { echo "$1 $(date -u +%Y-%m-%dT%H:%M:%SZ) t+$(( $(date +%s) - S ))s" | tee -a "$R/prereg.txt"; }
 
 if [ "${DRY:-0}" != 1 ]; then
@@ -93,5 +93,6 @@ if [ "${DRY:-0}" != 1 ]; then
     tail -6 "$R/hostcal37.log"
 fi
 pack
-$PY bench/host_calibration_e2e.py "$R" || fail "scoring failed"
+$PY bench/host_calibration_e2e.py "$R" --points || fail "scoring failed"
+rm -rf "$R"
 echo "total $(( $(date +%s) - S )) s; $OUT/run37.tar.gz"
