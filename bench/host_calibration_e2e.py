@@ -102,6 +102,15 @@ def score(run: Path, argv: list[str]) -> int:
                 if len(ln.split()) == 2 and len(ln.split()[0]) == 64}
         print("pre-registration:", " | ".join(
             ln for ln in text if ln.strip() and ln.split()[0] not in sums.values()))
+        at = {ln.split()[0]: int(ln.split()[-1][2:-1]) for ln in text  # run37's stamp()
+              if len(ln.split()) >= 3 and ln.split()[-1].startswith("t+")}
+        if "predictions-written" in at and "matrix-start" in at:
+            if at["predictions-written"] > at["matrix-start"]:
+                print("Error: the predictions were written after the test points started",
+                      file=sys.stderr)
+                return 1
+            print(f"predictions written {at['matrix-start'] - at['predictions-written']} s "
+                  "before the first test point")
         for name in ("pred-cal.json", "pred-nocal.json"):
             now = hashlib.sha256((run / name).read_bytes()).hexdigest()
             if sums.get(name) not in (None, now):
