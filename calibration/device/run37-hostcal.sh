@@ -87,7 +87,7 @@ if [ "${DRY:-0}" != 1 ]; then
     stamp "matrix-start (deadline $DL s)"
     $PY -m vramcalc.calibrate.matrix $M --out "$R/hostcal37.jsonl" --weights-cache /tmp/w37 \
         --max-parallel 1 --build-parallel 4 --gpu-budget-gib 75 --deadline-s "$DL" \
-        --point-timeout-s 200 > "$R/hostcal37.log" 2>&1
+        --point-timeout-s 240 > "$R/hostcal37.log" 2>&1
     echo "matrix exit $?" >> "$R/hostcal37.log"
     stamp "matrix-end"
     tail -6 "$R/hostcal37.log"
