@@ -51,6 +51,7 @@ def test_matrix_is_the_design_and_disjoint_from_the_calibration(design: Any) -> 
              for i, p in enumerate(subs)}
     assert kinds == {(k, c) for k in ("full", "lora", "nf4", "int8") for c in (True, False)}
     assert {1, 2, 16} <= {p["batch_size"] for p in subs}
+    assert design.budget(str(ROOT / design.MATRIX)) <= 250  # the script's bound on step c
 
 
 def test_calibrate_run_gets_the_designed_plans(design: Any,
