@@ -103,17 +103,12 @@ def cal_path(model: str) -> str:
     return f"calibration/matrices/hostcal37-cal-{model}.json"
 
 
-def spec_name(name: str, layers: int | None) -> str:
-    return f"{name}@{layers}L" if layers else name
-
-
 def plan_for(name: str, slot: int) -> dict[str, Any]:
     plan: dict[str, Any] = dict(SLOT_METHODS[slot])
     plan["gradient_checkpointing"] = slot % 2 == 0
     plan["batch_size"], plan["seq_len"] = BATCH_SEQ[name][slot]
     kind = plan.get("quant", plan["method"])
-    opts = OPTIMIZER[kind]
-    plan["optimizer"] = opts[slot // 2 % len(opts) if kind != "full" else slot % len(opts)]
+    plan["optimizer"] = OPTIMIZER[kind][slot % len(OPTIMIZER[kind])]
     return plan
 
 
