@@ -1,7 +1,8 @@
 #!/bin/bash
 # Run 37, one device call (calibration/DEVICE.md): a user's calibration sets the host
 # factor, end to end (docs/time-model.md "End-to-end host calibration (run 37)";
-# calibration/design_hostcal.py). From the repo root with `carry: [".whl/trl"]`, W=.whl/trl:
+# calibration/design_hostcal.py). From the repo root with `carry: [".whl/trl", ".whl/cli"]`,
+# W=.whl/trl (.whl/cli: typer, rich and what they import, for the CLI, if the image lacks them):
 #   a. `vramcalc calibrate run` as a user runs it (VRAMCALC_DATA_DIR=DATA, the folder
 #      `plan` reads too) on qwen2.5-0.5b and llama-3.2-1b, three plans each
 #      (calibration/matrices/hostcal37-cal-*.json), at most CAL seconds (default 120;
@@ -33,7 +34,7 @@ stamp() { echo "$1 $(date -u +%Y-%m-%dT%H:%M:%SZ) t+$(( $(date +%s) - S ))s" | t
 
 if [ "${DRY:-0}" != 1 ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site ${W:-.whl/trl}/*.whl > "$R/pip.log" 2>&1 || fail "pip install failed ($(tail -1 "$R/pip.log"))"
+        --target /tmp/site ${W:-.whl/trl}/*.whl $(ls .whl/cli/*.whl 2> /dev/null) > "$R/pip.log" 2>&1 || fail "pip install failed ($(tail -1 "$R/pip.log"))"
     export PYTHONPATH=/tmp/site:$PWD/src
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpu.txt"
     GPU=$($PY -c "from vramcalc.hardware.devices import query_devices as q
