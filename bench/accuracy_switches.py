@@ -12,7 +12,10 @@ The matrices of MATRICES, every point at full depth:
 - `calibration/matrices/h100-switch2.json` (switch holdout 2), and
   `calibration/matrices/h100-trlprep.json` (QLoRA as TRL's SFTTrainer prepares it:
   kbit_prep false, bf16 adapters, each with its kbit-prepared twin; run file
-  `calibration/h100/run35-trlprep.jsonl`, not measured yet).
+  `calibration/h100/run35-trlprep.jsonl`).
+- `calibration/matrices/h100-trl3.json` (TRL 1.4-1.14's chunked_nll, trl-chunked, as trl
+  1.14.0 patches it; run file `calibration/h100/run37-trl3.jsonl`, not measured yet): its
+  points name as `base` their torch twins of h100-trl2 (TWIN_MATRICES), measured in run 35.
 
 For each point: peak allocated, reserved and device (NVML process peak, compared with the
 predicted device less the predicted resident paged bytes, as bench/accuracy_h200.py does)
@@ -50,7 +53,11 @@ MATRICES = {
     "h100-trl2.json": ("h100-trl2-predictions.json", ("run35-trl2.jsonl", "run35b-trl2.jsonl")),
     # TRL's QLoRA preparation (TrainPlan.kbit_prep False, adapter_dtype bf16) and twins
     "h100-trlprep.json": ("h100-trlprep-predictions.json", ("run35-trlprep.jsonl",)),
+    # TRL 1.4-1.14 SFTTrainer's chunked_nll (calibration/design_trl.py --trl3)
+    "h100-trl3.json": ("h100-trl3-predictions.json", ("run37-trl3.jsonl",)),
 }
+# matrix -> the matrix whose measured points its `base` twins are
+TWIN_MATRICES = {"h100-trl3.json": "h100-trl2.json"}
 TARGET_ALLOC, TARGET_DEVICE = 3.0, 5.0  # issue 29: each technique, full depth
 # Records whose technique the worker did not apply: reported, not scored. run 31's
 # k-g-liger-gemma-2-2b ran the trainer-plain loop, whose Trainer never calls train(), where
@@ -78,7 +85,7 @@ def technique(point_id: str, plan: Any) -> str:
         return "none (twin)"
     return {"pf": "padding-free", "pf5000": "padding-free, 5000 tokens", "packed": "packed",
             "ckoff": "offload checkpoints", "nogc": "offload all",
-            "alloff": "offload all", "chunked": "loss chunked",
+            "alloff": "offload all", "chunked": f"loss {plan.loss_kernel}",
             "fused": "loss trl-fused", "torch": "none (twin)",
             "trl": "TRL prep (no kbit prep, bf16 adapters)"}.get(tag, tag)
 
@@ -161,6 +168,9 @@ def report(matrix: str, show: bool) -> None:
         dev_summary = summary([r["device"] for r in sub if r["device"] is not None])
         print(f"    {'':28s} {dev_summary}  {'met' if met else 'MISSED'}")
     by_id = {r["id"]: r for r in ok}
+    if matrix in TWIN_MATRICES:
+        by_id.update((r["id"], r) for r in rows_of(TWIN_MATRICES[matrix])
+                     if r["status"] == "ok" and r["id"] not in by_id)
     twins = [r for r in ok if r.get("base") and r["base"] in by_id]
     if twins:
         print("  the technique's effect (peak allocated less its twin's), GiB: measured / "

@@ -15,6 +15,19 @@ predictions (the raw estimate at the commit that writes this file) are committed
 any run. The worker applies trl's own add_fused_lm_head and SFTTrainer.compute_loss
 (calibrate/run.py apply_loss_kernel, _sft_loss_trainer): the device needs trl 1.16.0 and
 what it imports (`.whl/trl`).
+
+    python calibration/design_trl.py --trl3 calibration/matrices/h100-trl3-predictions.json \
+        > calibration/matrices/h100-trl3.json
+
+`--trl3`: the same five CASES with TRL 1.4-1.14's chunked_nll (`--loss-kernel
+trl-chunked`, ids t3NN-<model>-chunked), each naming as `base` its torch twin of
+h100-trl2 (t000, t002, ..., t008, measured in run 35: calibration/h100/run35-trl2.jsonl,
+run35b-trl2.jsonl), plus EXTRA points without a twin: 16-bit LoRA at batch 1, where the
+head's chunk is the predicted peak and trl 1.14's `(h @ w.to(h.dtype).t()).float()`
+differs most from 1.4-1.12's `h.float() @ w.float().t()` (no fp32 copy of the weight
+per chunk). The worker applies trl's own `_patch_chunked_ce_lm_head` (calibrate/run.py
+apply_loss_kernel): the device needs trl 1.14.0 in place of 1.16.0 (`.whl/trl14`,
+calibration/DEVICE.md).
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from vramcalc.plans import TrainPlan  # noqa: E402
 GiB = 2**30
 LIMIT_GIB = 30.0  # predicted peak allocated of each point
 NAME = "h100-trl2"
+NAME3 = "h100-trl3"
 # TRL's defaults (vramcalc/trainers.py _TRL) the points share
 TRL = {"optimizer": "adamw_torch_fused", "gradient_checkpointing": True,
        "compute_dtype": "bf16", "loop": "trainer", "seq_len": 1024}
@@ -49,6 +63,44 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("llama-3.2-3b", {"method": "lora", "weights_dtype": "bf16", "batch_size": 8}),  # 128k
     ("gemma-2-2b", {"method": "qlora", "batch_size": 1, "seq_len": 2048, "attn": "eager"}),  # 256k
 ]
+
+# trl3's extra points (no measured twin): 16-bit LoRA at batch 1, the chunk's requests the
+# predicted peak (gemma-2's 256k vocabulary with its capping; llama-3.2's 128k)
+EXTRA: list[tuple[str, dict[str, Any]]] = [
+    ("gemma-2-2b", {"method": "lora", "weights_dtype": "bf16", "batch_size": 1,
+                    "seq_len": 2048, "attn": "eager"}),
+    ("llama-3.2-3b", {"method": "lora", "weights_dtype": "bf16", "batch_size": 1}),
+]
+
+
+def _prediction(pid: str, est: Any) -> dict[str, Any]:
+    return {"id": pid, **Prediction.of(est).model_dump(mode="json"),
+            "required_device_bytes": est.required_device_bytes,
+            "host_bytes": est.host_bytes,
+            # the peak allocated of each phase (the forward's: what the worker's forward
+            # hook reads as fwd_peak)
+            "phase_peaks": dict(est.phases)}
+
+
+def points_trl3() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """trl-chunked on CASES (base: the trl2 torch twin, t{2i:03d}) and EXTRA."""
+    out: list[dict[str, Any]] = []
+    preds: list[dict[str, Any]] = []
+    for i, (model, base) in enumerate([*CASES, *EXTRA]):
+        spec = get_spec(model)
+        plan = TrainPlan.model_validate({**TRL, **base, "loss_kernel": "trl-chunked"})
+        est = estimate(spec, plan)
+        assert est.peak_allocated_bytes <= LIMIT_GIB * GiB, (model, est.peak_allocated_bytes)
+        tag = "-lora-b1" if i >= len(CASES) else ""
+        pid = f"t{300 + 2 * i:03d}-{model}{tag}-chunked"
+        point: dict[str, Any] = {"id": pid, "spec": model,
+                                 "plan": plan.model_dump(mode="json", exclude_defaults=True),
+                                 "steps": 3}
+        if i < len(CASES):
+            point["base"] = f"t{2 * i:03d}-{model}-torch"
+        out.append(point)
+        preds.append(_prediction(pid, est))
+    return out, preds
 
 
 def points() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -72,26 +124,32 @@ def points() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             else:
                 point["base"] = twin_id
             out.append(point)
-            preds.append({"id": pid, **Prediction.of(est).model_dump(mode="json"),
-                          "required_device_bytes": est.required_device_bytes,
-                          "host_bytes": est.host_bytes,
-                          # the peak allocated of each phase (the forward's: what the
-                          # worker's forward hook reads as fwd_peak)
-                          "phase_peaks": dict(est.phases)})
+            preds.append(_prediction(pid, est))
     return out, preds
 
 
 def main(argv: list[str]) -> int:
-    pts, preds = points()
-    note = ("issue 29: TRL >= 1.15 SFTTrainer's fused LM head (trl-fused) against the torch "
-            "loss, full depth, 5 architectures (vocab 32k-256k), QLoRA nf4 and 16-bit LoRA, "
-            f"each with its twin; predictions in {NAME}-predictions.json, committed before "
-            "any run")
+    name = NAME
+    if argv[:1] == ["--trl3"]:
+        argv = argv[1:]
+        name = NAME3
+        pts, preds = points_trl3()
+        note = ("issue 29: TRL 1.4-1.14 SFTTrainer's chunked_nll (trl-chunked, trl 1.14.0 "
+                "on the device), full depth, the five h100-trl2 cases (vocab 32k-256k, QLoRA "
+                "nf4 and 16-bit LoRA; `base`: their torch twins measured in run 35) and two "
+                "16-bit LoRA points at batch 1 where the chunk is the predicted peak; "
+                f"predictions in {name}-predictions.json, committed before any run")
+    else:
+        pts, preds = points()
+        note = ("issue 29: TRL >= 1.15 SFTTrainer's fused LM head (trl-fused) against the "
+                "torch loss, full depth, 5 architectures (vocab 32k-256k), QLoRA nf4 and "
+                f"16-bit LoRA, each with its twin; predictions in {name}-predictions.json, "
+                "committed before any run")
     json.dump({"note": note, "points": pts}, sys.stdout, indent=1)
     sys.stdout.write("\n")
     if argv:
         with open(argv[0], "w", encoding="utf-8") as f:
-            json.dump({"note": f"raw estimator predictions (no correction) of {NAME}.json, "
+            json.dump({"note": f"raw estimator predictions (no correction) of {name}.json, "
                        "written by calibration/design_trl.py before any run", "points": preds},
                       f, indent=1)
             f.write("\n")

@@ -65,6 +65,8 @@ def test_trl_fused_runs_trls_own_head_in_the_trainer_loop(
     pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
     utils = pytest.importorskip("trl.trainer.utils")
+    if not hasattr(utils, "add_fused_lm_head"):
+        pytest.skip("trl < 1.15 has no add_fused_lm_head")
     from vramcalc.calibrate.run import measure_point
     from vramcalc.models.spec import ModelSpec
 
@@ -84,3 +86,38 @@ def test_trl_fused_runs_trls_own_head_in_the_trainer_loop(
     result = measure_point(spec, plan, None, steps=2, device="cpu")
     assert "error" not in result, result.get("error")
     assert rows == [(2 * 15, 128)] * 2  # one call per step, B x (S - 1) rows
+
+
+def test_trl_chunked_runs_trls_own_patch_in_the_trainer_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--loss-kernel trl-chunked: the worker puts trl 1.4-1.14's _patch_chunked_ce_lm_head
+    on the CausalLM (trl 1.14.0 sft_trainer.py SFTTrainer.__init__, loss_type
+    "chunked_nll"); each step's B x (S - 1) = 598 labelled rows run as ceil(598 / 256) = 3
+    checkpointed `_chunk` calls in forward and 3 again in backward's recomputation, last
+    chunk first (autograd reaches the last chunk's loss add first). Skipped
+    where trl is 1.15+ (the patch is gone): run with trl 1.14 first on PYTHONPATH."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    sft = pytest.importorskip("trl.trainer.sft_trainer")
+    if not hasattr(sft, "_patch_chunked_ce_lm_head"):
+        pytest.skip("trl >= 1.15 has no _patch_chunked_ce_lm_head")
+    from vramcalc.calibrate.run import measure_point
+    from vramcalc.models.spec import ModelSpec
+
+    rows: list[int] = []
+    inner = sft._chunk
+
+    def spy(h: Any, *a: Any) -> Any:
+        rows.append(int(h.shape[0]))
+        return inner(h, *a)
+
+    monkeypatch.setattr(sft, "_chunk", spy)
+    spec = ModelSpec(name="tiny-llama", model_type="llama", vocab_size=512, hidden_size=128,
+                     intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2)
+    plan = TrainPlan(method="lora", batch_size=2, seq_len=300, optimizer="adamw_torch",
+                     loss_kernel="trl-chunked", gradient_checkpointing=True)
+    result = measure_point(spec, plan, None, steps=2, device="cpu")
+    assert "error" not in result, result.get("error")
+    # per step: forward 256, 256, 86 (598 rows), then the three recomputed in reverse
+    assert rows == [256, 256, 86, 86, 256, 256] * 2

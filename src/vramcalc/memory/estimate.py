@@ -115,13 +115,14 @@ def fused_head_bytes(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
         kept = t * h * c + 12 * t
         return kept, kept + t * h * (c + act) + 2 * head_grad
     if plan.loss_kernel == "trl-chunked":
-        # the gathered copy of the hidden states kept; one 256-row chunk's fp32 logits
-        # and the fp32 copy of the weight at a time, and in backward SliceBackward's zeros
-        # (step.py _trl_chunked_head)
+        # the gathered copy of the hidden states kept; one 256-row chunk's fp32 logits,
+        # log_p, exp and product at a time (with autocast's cast of the weight where the
+        # rows are not in the compute dtype), and in backward SliceBackward's zeros
+        # (step.py _trl_chunked_head, trl 1.14.0)
         rows = min(TRL_CHUNK_TOKENS, t)
         kept = t * h * act + head_grad
-        chunk = v * h * (4 + c) + 4 * rows * v * 4
-        return kept + chunk, 2 * kept + chunk + 3 * rows * v * 4
+        chunk = (v * h * c if act != c else 0) + 4 * rows * v * 4
+        return kept + chunk, 2 * kept + chunk
     if plan.loss_kernel == "trl-fused":
         # the scored rows kept (saved) with a few fp32 per-row vectors; one 4096 x 32768
         # logits tile (and a weight column cast) at a time; in backward the fp32

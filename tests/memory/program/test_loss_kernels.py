@@ -106,17 +106,25 @@ def test_every_kernel_lowers_a_logits_bound_peak(model: str) -> None:
 
 
 def test_trl_chunked_makes_256_row_chunks_and_keeps_the_gathered_rows() -> None:
-    """TRL's chunked_nll (trl sft_trainer.py _chunked_cross_entropy_loss): no request of
-    the logits; one 256-row chunk's fp32 logits, and (bf16 LoRA, autocast) the fp32 copy
-    of the weight per chunk; the gathered copy of the hidden states (tokens x hidden) is
-    made in forward and outlives it."""
+    """TRL's chunked_nll (trl 1.14.0 sft_trainer.py _chunked_cross_entropy_loss, _chunk):
+    no request of the logits; one 256-row chunk's logits in the matmul's dtype and their
+    fp32 copy; for bf16 LoRA no copy or cast of the weight (`w.to(h.dtype)` is a no-op and
+    autocast leaves bf16 alone; trl 1.4-1.12's `w.float()` made an fp32 one per chunk),
+    under QLoRA (fp32 rows and head) autocast's bf16 cast of the weight per chunk; the
+    gathered copy of the hidden states (tokens x hidden) is made in forward and outlives
+    it."""
     spec = get_spec("qwen2.5-0.5b")
     t, v, h = 2048, spec.vocab_size, spec.hidden_size
     r, peaks = _program(spec.name, TrainPlan(method="lora", seq_len=t,
                                              loss_kernel="trl-chunked"))
     sizes = _sizes(r)
-    assert not any(s > 256 * v * 4 and s not in (v * h * 4, v * h * 2) for s in sizes)
-    assert 256 * v * 2 in sizes and 256 * v * 4 in sizes and v * h * 4 in sizes
+    assert not any(s > 256 * v * 4 for s in sizes)
+    assert 256 * v * 2 in sizes and 256 * v * 4 in sizes
+    assert v * h * 4 not in sizes and v * h * 2 not in sizes
+    q, _ = _program(spec.name, TrainPlan(method="qlora", seq_len=t, loss_kernel="trl-chunked"))
+    q_sizes = _sizes(q)
+    assert v * h * 2 in q_sizes and v * h * 4 not in q_sizes
+    assert not any(s > 256 * v * 4 and s != v * h * 2 for s in q_sizes)
     start = dict(r.phases)["backward"]
     made = {bid for bid, size in r.requests[:start] if size == t * h * 2}
     freed = {bid for bid, size in r.requests[:start] if size == 0}

@@ -1923,23 +1923,35 @@ def _fused_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n: Var,
     return loss
 
 
-# TRL's chunk of valid tokens (trl/trainer/sft_trainer.py _CHUNKED_LM_HEAD_CHUNK_SIZE)
+# TRL's chunk of valid tokens (trl 1.4-1.14 trl/trainer/sft_trainer.py
+# _CHUNKED_LM_HEAD_CHUNK_SIZE)
 TRL_CHUNK_TOKENS = 256
 
 
 def _trl_chunked_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n: Var,
                       head_w: Var, w_b: int, in_b: int, trains: bool) -> Var:
-    """TRL SFTTrainer's default loss (`loss_type="chunked_nll"`, trl f2cd577
-    trl/trainer/sft_trainer.py `_patch_chunked_ce_lm_head` / `_chunked_cross_entropy_loss`):
-    the decoder's last hidden state without the lm_head, `hidden[..., :-1, :].reshape(-1,
-    h)` (a copy where batch > 1: the slice is not contiguous), the labelled rows gathered
-    to the front (`hidden[order]`, a copy kept: its chunks are the checkpoints' inputs;
-    IndexBackward keeps only the int64 order), then per chunk of 256 rows `_chunk` under
+    """TRL SFTTrainer's default loss of trl 1.4-1.14 (`loss_type="chunked_nll"`; modelled
+    as trl 1.14.0 trl/trainer/sft_trainer.py `_patch_chunked_ce_lm_head` /
+    `_chunked_cross_entropy_loss` / `_chunk` do it): the decoder's last hidden state
+    without the lm_head, `hidden[..., :-1, :].reshape(-1, h)` (a copy where batch > 1: the
+    slice is not contiguous), the labelled rows packed to the front (`valid.argsort()`'s
+    int64 order; `hidden[order]`, a copy kept: its chunks are the checkpoints' inputs;
+    IndexBackward keeps only the order), then per chunk of 256 rows `_chunk` under
     `torch.utils.checkpoint` (non-reentrant): nothing of a chunk outlives it in forward.
-    Backward reruns each chunk with its graph, then its gradients: the logits' and
-    log-softmax's (fp32), `@ w` back to the rows, SliceBackward's zeros of the whole
-    gathered tensor (added into the first), and the weight's gradient where the head
-    trains. Every row is planned labelled (n_valid = rows)."""
+    `_chunk` (1.14.0): `(h @ w.to(h.dtype).t()).float()`: the weight converted to the rows'
+    dtype (a copy only where they differ), autocast's casts of both to the compute dtype
+    (only where the rows are not in it: QLoRA's fp32 norm output and head), the logits in
+    the matmul's dtype, their fp32 copy (the matmul's output freed), the capping in fp32,
+    log_softmax, nll_loss, argmax, and the entropy `-(log_p.exp() * log_p).sum(-1)`
+    (exp and the product alive together), all freed when the chunk returns.
+    (trl 1.4-1.12 computed `h.float() @ w.float().t()`: an fp32 copy of the weight per
+    chunk and then autocast's casts; not modelled.)
+    Backward reruns each chunk with its graph (what the loss's nodes save: the matmul's
+    inputs, log_p; the entropy's are not kept: the trainer drops the outputs that hold
+    them before backward), then its gradients: log_p's and the logits' (fp32), the cast
+    back to the matmul's dtype, `@ w` back to the rows (and cast to their dtype), the
+    weight's gradient where the head trains, and SliceBackward's zeros of the whole
+    gathered tensor (added into the first). Every row is planned labelled (n_valid = rows)."""
     t, h, vocab = s.tokens, spec.hidden_size, spec.vocab_size
     src = g.op(t * h * in_b, [n]) if plan.batch_size > 1 else n
     order = g.alloc(t * 8)
@@ -1947,44 +1959,46 @@ def _trl_chunked_head(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes, n:
     if src is not n:
         g.drop(src)
     rows = min(TRL_CHUNK_TOKENS, t)
-    out_b = s.c if s.autocast else 4  # the matmul's output: autocast's dtype, else fp32
+    cast = s.autocast and in_b != s.c  # autocast casts the rows and the weight
+    mm_b = s.c if s.autocast else in_b  # the matmul's output dtype
+    w_conv = vocab * h * in_b if w_b != in_b else 0  # `w.to(h.dtype)`
     cap = bool(spec.final_logit_softcapping)
     # Every full chunk makes and frees the same requests (the allocator hands the same
     # blocks back): the first and the last, partial one are replayed.
     for r in [rows] + ([t % rows] if t % rows else []):
-        # `h.float() @ w.float().t()`: the fp32 copies (none of an fp32 tensor), autocast's
-        # casts of both for the matmul (freed when it returns), the logits
-        h32 = g.alloc(r * h * 4) if in_b != 4 else None
-        w32 = g.alloc(vocab * h * 4) if w_b != 4 else None
-        hc = g.alloc(r * h * s.c) if s.autocast else None
-        wc = g.alloc(vocab * h * s.c) if s.autocast else None
-        logits = g.alloc(r * vocab * out_b)
+        wv = g.alloc(w_conv) if w_conv else None
+        hc = g.alloc(r * h * s.c) if cast else None
+        wc = g.alloc(vocab * h * s.c) if cast else None
+        mm = g.alloc(r * vocab * mm_b)
         g.workspace()
-        for b in (wc, hc, w32, h32):
+        for b in (wc, hc, wv):
             g.unref(b)
-        if cap:  # `softcap * torch.tanh(logits / softcap)`
-            g.temp_pair(r * vocab * out_b, r * vocab * out_b)
-            capped = g.alloc(r * vocab * out_b)
+        logits = mm
+        if mm_b != 4:  # `.float()`
+            logits = g.alloc(r * vocab * 4)
+            g.unref(mm)
+        if cap:  # `softcap * torch.tanh(logits / softcap)`, fp32
+            g.temp_pair(r * vocab * 4, r * vocab * 4)
+            capped = g.alloc(r * vocab * 4)
             g.unref(logits)
             logits = capped
-        up = g.alloc(r * vocab * 4) if out_b != 4 else None  # autocast: log_softmax in fp32
         logp = g.alloc(r * vocab * 4)
-        g.unref(up)
         ex = g.alloc(r * vocab * 4)  # `-(log_p.exp() * log_p).sum(dim=-1)`
         prod = g.alloc(r * vocab * 4)
         g.unref(ex)
-        g.temp(r * vocab * 4)
         g.unref(prod)
         g.unref(logp)
         g.unref(logits)
-    # backward, per chunk: the rerun forward with its graph (the fp32 weight copy and
-    # autocast's cast of it, the logits, log_p, exp), the gradients of the entropy's and
-    # the loss's terms and of the logits (fp32), the rows' gradient, and SliceBackward's
-    # zeros of the whole gathered tensor; the fp32 weight gradient where the head trains
-    temps = [vocab * h * 4 if w_b != 4 else 0, vocab * h * s.c if s.autocast else 0,
-             rows * h * (4 + s.c), rows * vocab * out_b * (2 if cap else 1),
-             rows * vocab * 4, rows * vocab * 4, rows * vocab * 4, rows * vocab * 4,
-             rows * vocab * 4, rows * h * 4, t * h * in_b]
+    # backward, per chunk, held together: the weight's conversion and autocast's casts
+    # (the matmul's saved inputs), the rerun forward's peak (the fp32 logits, log_p, exp
+    # and the product; the capping's saved tanh: four or five fp32 [rows, vocab]; the
+    # gradients that follow, log_p's and the logits' (fp32) and their cast to the
+    # matmul's dtype, beside the saved log_p, need no more), the rows' gradient (and its
+    # cast to their dtype), and SliceBackward's zeros of the whole gathered tensor; the
+    # weight's gradient (fp32) where the head trains
+    temps = [w_conv, vocab * h * s.c if cast else 0, rows * h * s.c if cast else 0,
+             *[rows * vocab * 4] * (5 if cap else 4), rows * h * mm_b,
+             rows * h * in_b if in_b != mm_b else 0, t * h * in_b]
     if trains:
         temps.append(vocab * h * 4)
     temps = [x for x in temps if x]
