@@ -14,7 +14,7 @@ The matrices of MATRICES, every point at full depth:
   kbit_prep false, bf16 adapters, each with its kbit-prepared twin; run file
   `calibration/h100/run35-trlprep.jsonl`).
 - `calibration/matrices/h100-trl3.json` (TRL 1.4-1.14's chunked_nll, trl-chunked, as trl
-  1.14.0 patches it; run file `calibration/h100/run37-trl3.jsonl`, not measured yet): its
+  1.14.0 patches it; run file `calibration/h100/run36-trl3.jsonl`, not measured yet): its
   points name as `base` their torch twins of h100-trl2 (TWIN_MATRICES), measured in run 35.
 
 For each point: peak allocated, reserved and device (NVML process peak, compared with the
@@ -54,7 +54,7 @@ MATRICES = {
     # TRL's QLoRA preparation (TrainPlan.kbit_prep False, adapter_dtype bf16) and twins
     "h100-trlprep.json": ("h100-trlprep-predictions.json", ("run35-trlprep.jsonl",)),
     # TRL 1.4-1.14 SFTTrainer's chunked_nll (calibration/design_trl.py --trl3)
-    "h100-trl3.json": ("h100-trl3-predictions.json", ("run37-trl3.jsonl",)),
+    "h100-trl3.json": ("h100-trl3-predictions.json", ("run36-trl3.jsonl",)),
 }
 # matrix -> the matrix whose measured points its `base` twins are
 TWIN_MATRICES = {"h100-trl3.json": "h100-trl2.json"}
