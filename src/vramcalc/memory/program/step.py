@@ -44,6 +44,7 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from vramcalc.errors import VramcalcError
 from vramcalc.memory.allocator.replay import (
@@ -202,10 +203,9 @@ class Graph:
     def alloc(self, size: int) -> Buf | None:
         if size < MIN_REQUEST:
             return None
-        self._next += 1
-        b = Buf(size, self._next, 1, self.layer)
-        self.requests.append((b.id, size))
-        return b
+        tid = self._next = self._next + 1
+        self.requests.append((tid, size))
+        return Buf(size, tid, 1, self.layer)
 
     def ref(self, b: Buf | None) -> Buf | None:
         if b is not None:
@@ -275,24 +275,31 @@ class Graph:
         if size < MIN_REQUEST:
             buf = None
         else:
-            self._next += 1
-            buf = Buf(size, self._next, 1, self.layer)
-            self.requests.append((buf.id, size))
-        out = Var(buf, size, size, bool(grad_inputs))
+            tid = self._next = self._next + 1
+            buf = Buf(size, tid, 1, self.layer)
+            self.requests.append((tid, size))
+        # (a conditional, not bool(): no call)
+        out = Var(buf, size, size, True if grad_inputs else False)
         if mm and self.in_backward not in self._workspaces:
             self.workspace()
         if grad_inputs and self.grad_mode:
             saved = []
             offloaded: list[int] = []
-            offload = self.offload == "all" and not self.noop and not self.recomputing
-            for v in (*save, out) if save_out else save:
-                b = v.buf
-                if b is not None:
-                    if offload and b not in self.stash:
-                        offloaded.append(self._offload(b))
-                        continue
-                    b.refs += 1
-                    saved.append(b)
+            if self.offload == "all" and not self.noop and not self.recomputing:
+                for v in (*save, out) if save_out else save:
+                    b = v.buf
+                    if b is not None:
+                        if b not in self.stash:
+                            offloaded.append(self._offload(b))
+                            continue
+                        b.refs += 1
+                        saved.append(b)
+            else:  # (the same loop without offloading: most ops)
+                for v in (*save, out) if save_out else save:
+                    b = v.buf
+                    if b is not None:
+                        b.refs += 1
+                        saved.append(b)
             kept: list[Buf | None] | None = None
             if grads is not None:
                 kept = [b for v, b in zip(inputs, grads, strict=True) if v.requires_grad]
@@ -458,11 +465,12 @@ class Graph:
                 self.host -= sum(n.offloaded)
             return
         # the offloaded saved tensors come back first (OffloadActivations' unpack)
-        back = [self.alloc(size) for size in n.offloaded] if n.offloaded else ()
+        # (map, not a comprehension: CPython 3.11 calls a comprehension as a function)
+        back = list(map(self.alloc, n.offloaded)) if n.offloaded else ()
         if n.offloaded:
             self.host -= sum(n.offloaded)
         # the node's temporaries live while it computes its input gradients
-        held = [self.alloc(t) for t in n.bwd_temps] if n.bwd_temps else ()
+        held = list(map(self.alloc, n.bwd_temps)) if n.bwd_temps else ()
         grad = out.grad
         passthrough = n.passthrough
         # gradients for inputs that have one already: added into it once the node is done
@@ -474,20 +482,28 @@ class Graph:
         # compute dtype) is made, the incoming compute-dtype one freed, then it is added
         # into the input's gradient and freed: `+72 -36 -72` MiB at each down projection.
         later: list[tuple[Var, Buf | None, bool]] = []
+        views = n.views
         for i, v in enumerate(n.inputs):
             # an add hands its gradient on as it is (AddBackward0, CloneBackward0); the
             # engine casts it where the input's dtype differs (validate_outputs)
-            passed = (passthrough and v.grad_bytes == out.grad_bytes) or n.views
+            passed = (passthrough and v.grad_bytes == out.grad_bytes) or views
             if v.has_grad:
                 later.append((v, self.ref(grad) if passed else self.alloc(v.grad_bytes),
                               passed))
+            elif passed:  # its first gradient (_grad_into, inline: the most frequent case)
+                if grad is not None:
+                    grad.refs += 1
+                v.grad, v.has_grad = grad, True
             else:
-                self._grad_into(v, grad, passed)
-            if i == 0 and n.mm:
+                v.grad, v.has_grad = self.alloc(v.grad_bytes), True
+            if i == 0 and n.mm and self.in_backward not in self._workspaces:
                 self.workspace()
         if held:
             self._release(held)
-        self.unref(grad)
+        if grad is not None:  # unref(grad), inline
+            grad.refs -= 1
+            if grad.refs == 0 and grad.id not in self.gone:
+                self.requests.append((grad.id, 0))
         out.grad, out.has_grad = None, False
         self._release(n.saved)
         for v, incoming, passed in later:
@@ -523,15 +539,17 @@ class Graph:
         return kept
 
     def _backward(self, nodes: list[Node | ChunkNode | CheckpointNode]) -> None:
+        run = self._run
         for n in reversed(nodes):
             if n.layer != self.layer:
                 self.set_layer(n.layer)
-            if isinstance(n, CheckpointNode):
-                self._recompute(n)
-            elif isinstance(n, ChunkNode):
-                self._run_chunk(n)
+            kind = type(n)  # (the classes are final: a type test, most often Node)
+            if kind is Node:
+                run(n)  # type: ignore[arg-type]
+            elif kind is CheckpointNode:
+                self._recompute(n)  # type: ignore[arg-type]
             else:
-                self._run(n)
+                self._run_chunk(n)  # type: ignore[arg-type]
 
     def _recompute(self, c: CheckpointNode) -> None:
         """The layer's backward under non-reentrant checkpointing (torch/utils/checkpoint.py,
@@ -1608,6 +1626,8 @@ class _Unfollowed(Exception):
 
 _SCALARS = frozenset({bool, int, float, str, Sym})  # Sym: a traced size (program.symbolic)
 _HELD = frozenset({Buf, Var, Node, ChunkNode, CheckpointNode})  # (dataclasses with slots)
+# each one's field values, in its slots' order (attrgetter of two or more names: a tuple)
+_FIELDS_OF = {kind: attrgetter(*getattr(kind, "__slots__")) for kind in _HELD}  # noqa: B009
 # Graph attributes that are no state a step reads: what it writes (the requests, the
 # runs, the host peak, which only grows), the id counter, and the id sets, read for the
 # state's own buffers (`_Boundary`)
@@ -1659,9 +1679,8 @@ class _Boundary:
                     b: Buf = x  # type: ignore[assignment]
                     ids.append(b.id)
                     return ("buf", b.size, b.refs, b.layer, b.id in gone, b.id in for_good)
-                fields: tuple[str, ...] = getattr(kind, "__slots__")  # noqa: B009
                 return (kind.__name__, *[v if v is None or type(v) in _SCALARS else of(v)
-                                         for v in [getattr(x, f) for f in fields]])
+                                         for v in _FIELDS_OF[kind](x)])
             if kind is list or kind is tuple:
                 return (kind.__name__, *map(of, x))  # type: ignore[call-overload]
             if kind is set or kind is frozenset:
