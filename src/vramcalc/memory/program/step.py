@@ -2347,10 +2347,36 @@ def _span_changes(requests: Sequence[tuple[int, int]], spans: Sequence[tuple[int
 STEP_CACHE = StepCache()
 
 
+# the plan's fields that name a dtype (every other field is read as it is)
+_DTYPE_FIELDS = ("compute_dtype", "weights_dtype", "adapter_dtype")
+# what the generator and the load do not read: the replay's allocator setting
+# (program_peaks reads it off the caller's plan) and LoRA's alpha (a scale, no tensor)
+_UNREAD = {"expandable_segments": False, "alpha": TrainPlan.model_fields["alpha"].default}
+
+
+def as_generated(plan: TrainPlan) -> TrainPlan:
+    """The plan whose requests are `plan`'s, as the caches of the generation key it: the
+    fields the generator and the load do not read at their defaults, and fp16 read as
+    bf16 where no dtype field is bf16. They read a 16-bit dtype only through its size
+    (weights.DTYPE_BYTES) and through comparisons between the plan's dtype fields, or with
+    "fp32", which the renaming keeps (load.py reads `in ("bf16", "fp16")`); so a GPU
+    without bf16 (compare's smallest GPU) and `check`'s expandable-segments suggestion
+    reuse a generation. tests/memory/program/test_step_dtypes.py generates both sides
+    over the catalog."""
+    update: dict[str, object] = {name: value for name, value in _UNREAD.items()
+                                 if getattr(plan, name) != value}
+    values = [getattr(plan, name) for name in _DTYPE_FIELDS]
+    if "fp16" in values and "bf16" not in values:
+        update.update({name: "bf16" for name, value in zip(_DTYPE_FIELDS, values, strict=True)
+                       if value == "fp16"})
+    return plan.model_copy(update=update) if update else plan
+
+
 def _cached_requests(spec: ModelSpec, plan: TrainPlan, steps: int, depth: int
                      ) -> StepRequests:
     """`step_requests` of `spec` cut to `depth` layers (the whole spec at its own depth),
-    through STEP_CACHE."""
+    through STEP_CACHE (fp16 plans as their bf16 twins: `as_generated`)."""
+    plan = as_generated(plan)
     key = (id(spec), depth, steps, plan.model_copy(update={"batch_size": 0, "seq_len": 0}))
 
     def generate(p: TrainPlan) -> StepRequests:
@@ -2370,7 +2396,9 @@ _LOADS_KEPT = 16
 
 def _cached_load(spec: ModelSpec, plan: TrainPlan) -> list[tuple[int, int]]:
     """`load_requests(spec, plan)`, kept for the plan's other batch sizes and lengths (a
-    search, a sweep): the same list, which the replay only reads."""
+    search, a sweep; fp16 plans as their bf16 twins, `as_generated`): the same list,
+    which the replay only reads."""
+    plan = as_generated(plan)
     key = (id(spec), plan.model_copy(update={"batch_size": 0, "seq_len": 0}))
     hit = _LOADS.get(key)
     if hit is None or hit[0] is not spec:

@@ -306,14 +306,17 @@ def trace(generate: Callable[[Any], Any], plan: Any, field: str) -> Traced | Non
 
 
 class _Family:
-    """The traces of one plan (but its batch_size and seq_len), its last point, the
-    fields a trace of it failed in (not tried again), and the count of points met that
-    differ from the one before in one field only (`moves`)."""
+    """The traces of one plan (but its batch_size and seq_len), its last point and the
+    result made for it (`made`: a plan asked again at the same point, as `compare` asks
+    its estimate and then its smallest GPU's required bytes, gets the same object; its
+    readers only read it), the fields a trace of it failed in (not tried again), and the
+    count of points met that differ from the one before in one field only (`moves`)."""
 
-    __slots__ = ("last", "traces", "untraceable", "moves")
+    __slots__ = ("last", "made", "traces", "untraceable", "moves")
 
     def __init__(self, last: tuple[int, int]) -> None:
         self.last = last
+        self.made: tuple[tuple[int, int], Any] | None = None  # (point, result)
         self.traces: list[Traced] = []
         self.untraceable: set[str] = set()
         self.moves: dict[str, int] = {}
@@ -330,7 +333,7 @@ class StepCache:
         self.trace_after = trace_after
         self._families: dict[tuple[object, ...], tuple[object, _Family]] = {}
         self._lock = threading.Lock()
-        self.counts = {"generated": 0, "traced": 0, "read": 0}
+        self.counts = {"generated": 0, "traced": 0, "read": 0, "again": 0}
 
     def clear(self) -> None:
         with self._lock:
@@ -344,6 +347,9 @@ class StepCache:
         with self._lock:
             hit = self._families.get(key)
             family = hit[1] if hit is not None and hit[0] is owner else None
+            if family is not None and family.made is not None and family.made[0] == point:
+                self.counts["again"] += 1
+                return family.made[1]
             read = None
             if family is not None:
                 for tr in family.traces:
@@ -370,7 +376,9 @@ class StepCache:
             family.last = point
         if read is not None:
             self.counts["read"] += 1
-            return _read(read, plan, build)
+            result = _read(read, plan, build)
+            family.made = (point, result)
+            return result
         if field is not None:
             made = trace(generate, plan, field)
             with self._lock:
@@ -382,9 +390,13 @@ class StepCache:
                     family.traces.append(made)
             if made is not None:
                 self.counts["traced"] += 1
-                return _read(made, plan, build)
+                result = _read(made, plan, build)
+                family.made = (point, result)
+                return result
         self.counts["generated"] += 1
-        return generate(plan)
+        result = generate(plan)
+        family.made = (point, result)
+        return result
 
 
 def _read(tr: Traced, plan: Any, build: Callable[..., Any]) -> Any:
