@@ -306,17 +306,14 @@ def trace(generate: Callable[[Any], Any], plan: Any, field: str) -> Traced | Non
 
 
 class _Family:
-    """The traces of one plan (but its batch_size and seq_len), its last point and the
-    result made for it (`made`: a plan asked again at the same point, as `compare` asks
-    its estimate and then its smallest GPU's required bytes, gets the same object; its
-    readers only read it), the fields a trace of it failed in (not tried again), and the
-    count of points met that differ from the one before in one field only (`moves`)."""
+    """The traces of one plan (but its batch_size and seq_len), its last point, the
+    fields a trace of it failed in (not tried again), and the count of points met that
+    differ from the one before in one field only (`moves`)."""
 
-    __slots__ = ("last", "made", "traces", "untraceable", "moves")
+    __slots__ = ("last", "traces", "untraceable", "moves")
 
     def __init__(self, last: tuple[int, int]) -> None:
         self.last = last
-        self.made: tuple[tuple[int, int], Any] | None = None  # (point, result)
         self.traces: list[Traced] = []
         self.untraceable: set[str] = set()
         self.moves: dict[str, int] = {}
@@ -334,10 +331,16 @@ class StepCache:
         self._families: dict[tuple[object, ...], tuple[object, _Family]] = {}
         self._lock = threading.Lock()
         self.counts = {"generated": 0, "traced": 0, "read": 0, "again": 0}
+        # the last result, with its key, owner and point: a plan asked again at once at
+        # the same point (compare asks its estimate, then its smallest GPU's required
+        # bytes) gets the same object, which its readers only read. One, not one per
+        # plan: keeping more costs a search (fit) more than it saves.
+        self._made: tuple[tuple[object, ...], object, tuple[int, int], Any] | None = None
 
     def clear(self) -> None:
         with self._lock:
             self._families.clear()
+            self._made = None
 
     def get(self, owner: object, key: tuple[object, ...], plan: Any,
             generate: Callable[[Any], Any], build: Callable[..., Any]) -> Any:
@@ -347,9 +350,10 @@ class StepCache:
         with self._lock:
             hit = self._families.get(key)
             family = hit[1] if hit is not None and hit[0] is owner else None
-            if family is not None and family.made is not None and family.made[0] == point:
+            last = self._made
+            if last is not None and last[1] is owner and last[2] == point and last[0] == key:
                 self.counts["again"] += 1
-                return family.made[1]
+                return last[3]
             read = None
             if family is not None:
                 for tr in family.traces:
@@ -377,7 +381,7 @@ class StepCache:
         if read is not None:
             self.counts["read"] += 1
             result = _read(read, plan, build)
-            family.made = (point, result)
+            self._made = (key, owner, point, result)
             return result
         if field is not None:
             made = trace(generate, plan, field)
@@ -391,11 +395,11 @@ class StepCache:
             if made is not None:
                 self.counts["traced"] += 1
                 result = _read(made, plan, build)
-                family.made = (point, result)
+                self._made = (key, owner, point, result)
                 return result
         self.counts["generated"] += 1
         result = generate(plan)
-        family.made = (point, result)
+        self._made = (key, owner, point, result)
         return result
 
 
