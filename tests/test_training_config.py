@@ -30,6 +30,9 @@ def test_axolotl() -> None:
         "targets": "all-linear", "batch": 2, "seq_len": 4096, "gradient_checkpointing": True,
         "optimizer": "paged_adamw_32bit", "compute_dtype": "bf16", "attn": "flash_attention_2",
         "batch_layout": "packed",
+        # axolotl 067b021 loaders/model.py: prepare_model_for_kbit_training, then the norms,
+        # embeddings and lm_head back to bf16; peft's fp32 adapters
+        "kbit_prep": False, "adapter_dtype": "fp32",
     }
     assert tc.used["batch"] == "micro_batch_size"
     assert tc.used["batch_layout"] == "sample_packing"
@@ -70,6 +73,8 @@ def test_llama_factory() -> None:
     assert tc.options == {
         "quant": "nf4", "method": "qlora", "rank": 8, "alpha": 16.0, "targets": "all-linear",
         "batch": 1, "seq_len": 2048, "compute_dtype": "bf16", "loss_kernel": "liger",
+        # LLaMA-Factory ff6d4d1: no prepare_model_for_kbit_training; init_adapter fp32
+        "kbit_prep": False, "adapter_dtype": "fp32",
     }
     assert tc.used["alpha"] == "lora_alpha (default: 2 x lora_rank)"
     assert tc.unmodelled == ()
@@ -221,3 +226,72 @@ def test_llama_factory_liger_off_the_fused_loss_stage(tmp_path: Path) -> None:
     assert "loss_kernel" not in tc.options
     assert any(u.startswith("enable_liger_kernel: Liger without its fused loss")
                for u in tc.unmodelled)
+
+
+# the quantized-base preparation each trainer applies (kbit_prep / adapter_dtype): a 4-bit
+# and an 8-bit base get them, a 16-bit LoRA keeps the defaults (None: not set)
+@pytest.mark.parametrize(("text", "quant"), [
+    ("base_model: x/y\nadapter: qlora\nload_in_4bit: true\n", "nf4"),
+    ("base_model: x/y\nadapter: lora\nload_in_8bit: true\n", "int8"),
+    ("base_model: x/y\nadapter: lora\nmicro_batch_size: 1\n", None),
+    ("model_name_or_path: x/y\nfinetuning_type: lora\nquantization_bit: 4\n", "nf4"),
+    ("model_name_or_path: x/y\nfinetuning_type: lora\nquantization_bit: 8\n", "int8"),
+    ("model_name_or_path: x/y\nfinetuning_type: lora\ncutoff_len: 512\n", None),
+])
+def test_kbit_preparation_of_axolotl_and_llama_factory(tmp_path: Path, text: str,
+                                                      quant: str | None) -> None:
+    f = tmp_path / "c.yml"
+    f.write_text(text)
+    tc = read_training_config(f)
+    assert tc.options.get("quant") == quant
+    if quant is None:
+        assert tc.options["method"] == "lora"
+        assert "kbit_prep" not in tc.options and "adapter_dtype" not in tc.options
+        assert not any("quantized base" in n for n in tc.notes)
+    else:
+        assert tc.options["method"] == "qlora"
+        assert tc.options["kbit_prep"] is False and tc.options["adapter_dtype"] == "fp32"
+        assert any("quantized base" in n and "not measured" in n for n in tc.notes)
+
+
+def test_axolotl_peft_autocast_adapter_dtype(tmp_path: Path) -> None:
+    f = tmp_path / "c.yml"
+    f.write_text("base_model: x/y\nadapter: lora\nbf16: true\n"
+                 "peft_autocast_adapter_dtype: false\n")
+    assert read_training_config(f).options["adapter_dtype"] == "bf16"
+    # on a 4-bit base peft makes the adapters fp32 whatever the key says
+    f.write_text("base_model: x/y\nadapter: qlora\nload_in_4bit: true\n"
+                 "peft_autocast_adapter_dtype: false\n")
+    tc = read_training_config(f)
+    assert tc.options["adapter_dtype"] == "fp32"
+    assert any(n.startswith("peft_autocast_adapter_dtype") for n in tc.notes)
+
+
+def test_llama_factory_upcast_keys_are_listed(tmp_path: Path) -> None:
+    f = tmp_path / "c.yml"
+    f.write_text("model_name_or_path: x/y\nfinetuning_type: lora\nquantization_bit: 4\n"
+                 "upcast_layernorm: true\nupcast_lmhead_output: true\npure_bf16: true\n")
+    tc = read_training_config(f)
+    assert [u.split(":")[0] for u in tc.unmodelled] == ["upcast_layernorm",
+                                                         "upcast_lmhead_output"]
+    # pure_bf16 keeps the adapters fp32 (peft autocast_adapter_dtype)
+    assert tc.options["adapter_dtype"] == "fp32"
+    assert any(n.startswith("pure_bf16") for n in tc.notes)
+
+
+def test_cli_llama_factory_qlora_plans_without_kbit_prep() -> None:
+    """The mapped options reach the estimate: the fixture's plan is --no-kbit-prep's, bf16
+    norms / embeddings / lm_head, less than the same file with the preparation given."""
+    f = str(FIX / "llama-factory-qlora.yaml")
+    r = runner_invoke(["plan", "--from-config", f, "-m", "llama-3.2-1b", "--json"])
+    prepared = runner_invoke(["plan", "--from-config", f, "-m", "llama-3.2-1b",
+                              "--kbit-prep", "--json"])
+    assert r["plan"]["kbit_prep"] is False and prepared["plan"]["kbit_prep"] is True
+    assert (r["components"]["unquantized_params"]
+            < prepared["components"]["unquantized_params"])
+
+
+def runner_invoke(args: list[str]) -> dict[str, Any]:
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    return dict(json.loads(r.stdout))

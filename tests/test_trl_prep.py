@@ -81,3 +81,21 @@ def test_one_answer_cli_api_check() -> None:
     chk = vramcalc.check("llama-3.2-3b", gpus=["H100 80GB"], kbit_prep=False,
                          adapter_dtype="bf16", batch_size=2, seq_len=1024, calibration=False)
     assert chk.estimate.required_device_bytes == cli["required_device_bytes"]
+
+
+def test_axolotl_preset_plans_its_kbit_preparation() -> None:
+    """axolotl 067b021 loaders/model.py: prepare_model_for_kbit_training, then the norms,
+    embeddings and lm_head back to the load dtype (--no-kbit-prep), peft's fp32 adapters;
+    for a 4-bit and an 8-bit base, not for a 16-bit LoRA."""
+    for args in ((), ("--quant", "int8")):
+        got = _plan("-m", "llama-3.2-1b", "--trainer", "axolotl", *args)
+        assert got["plan"]["kbit_prep"] is False and got["plan"]["adapter_dtype"] == "fp32"
+        prepared = _plan("-m", "llama-3.2-1b", "--trainer", "axolotl", "--kbit-prep", *args)
+        assert prepared["plan"]["kbit_prep"] is True
+        assert (got["components"]["unquantized_params"]
+                < prepared["components"]["unquantized_params"])
+    lora = _plan("-m", "llama-3.2-1b", "--trainer", "axolotl", "--method", "lora")
+    assert lora["plan"]["kbit_prep"] is True and lora["plan"]["adapter_dtype"] == "fp32"
+    r = runner.invoke(app, ["plan", "-m", "llama-3.2-1b", "--trainer", "axolotl",
+                            "--method", "lora", "--json"])
+    assert "prepare_model_for_kbit_training" not in r.stderr

@@ -36,7 +36,17 @@ Sources (read at the commits named):
   axolotl  axolotl-ai-cloud/axolotl 067b021 (2026-07-24) src/axolotl/utils/schemas:
            micro_batch_size 1, sequence_len 512, optimizer adamw_torch_fused,
            gradient_checkpointing False, sample_packing None (off), bf16 "auto" (bf16 where
-           the card has it).
+           the card has it). A quantized base (load_in_4bit / load_in_8bit, adapter lora or
+           qlora): src/axolotl/loaders/model.py ModelLoader._configure_embedding_dtypes
+           calls _prepare_model_for_quantization (peft prepare_model_for_kbit_training,
+           every non-quantized parameter to fp32; skipped under qlora + FSDP and ZeRO-3),
+           then, for any LoRA adapter (needs_fa2_dtype) but qlora + FSDP,
+           _convert_embedding_modules_dtype(dist_dtype=cfg.torch_dtype) casts every module
+           with "norm" in its name and embed_tokens / lm_head back to the load dtype: the
+           trained state is kbit_prep False's (--no-kbit-prep). load_lora calls
+           get_peft_model (peft autocast_adapter_dtype True unless
+           peft_autocast_adapter_dtype is set; on a 4/8-bit base the adapters are made fp32
+           either way): --adapter-dtype fp32. Both for a quantized base only.
   plain    the tutorial loop (`--loop plain`): vramcalc's own defaults.
 """
 
@@ -61,6 +71,9 @@ class TrainerPreset:
     # "unsloth_fused_ce" (Unsloth).
     loss_kernel: str = "none"
     unmodelled: tuple[str, ...] = field(default=())
+    # what the trainer does to a quantized base that kbit_prep / adapter_dtype do not say
+    # (shown only when the plan's base is quantized)
+    kbit_unmodelled: tuple[str, ...] = field(default=())
 
 
 _TRL_ARGS = {"batch": 8, "optimizer": "adamw_torch_fused"}  # TrainingArguments'
@@ -68,7 +81,11 @@ _TRL = {**_TRL_ARGS, "seq_len": 1024, "gradient_checkpointing": True,
         "compute_dtype": "bf16", "batch_layout": "padded", "offload_activations": "none",
         "loss_kernel": "trl-fused"}
 # a quantized base only (TrainPlan.kbit_prep, adapter_dtype; apply_trainer skips them else)
+_KBIT = ("kbit_prep", "adapter_dtype")
 _TRL_KBIT = {"kbit_prep": False, "adapter_dtype": "bf16"}
+# axolotl 067b021 loaders/model.py: prepare_model_for_kbit_training, then the norms,
+# embeddings and lm_head cast back to the load dtype; adapters fp32 (module docstring)
+_AXOLOTL_KBIT = {"kbit_prep": False, "adapter_dtype": "fp32"}
 
 TRAINERS: dict[str, TrainerPreset] = {
     "hf": TrainerPreset("hf", {"loop": "trainer", "batch": 8,
@@ -99,7 +116,15 @@ TRAINERS: dict[str, TrainerPreset] = {
     "axolotl": TrainerPreset("axolotl", {"loop": "trainer", "batch": 1, "seq_len": 512,
                                          "optimizer": "adamw_torch_fused",
                                          "gradient_checkpointing": False,
-                                         "compute_dtype": "bf16", "batch_layout": "padded"}),
+                                         "compute_dtype": "bf16", "batch_layout": "padded",
+                                         **_AXOLOTL_KBIT},
+                               kbit_unmodelled=(
+                                   "axolotl's prepare_model_for_kbit_training, then the "
+                                   "norms, embeddings and lm_head cast back to the load "
+                                   "dtype, is planned as --no-kbit-prep: the biases of "
+                                   "quantized layers and MoE router gates that stay fp32, "
+                                   "and the fp32 embeddings / lm_head while the model "
+                                   "loads; not measured on a GPU",)),
     "plain": TrainerPreset("plain", {"loop": "plain"}),
 }
 
@@ -139,9 +164,8 @@ def apply_trainer(options: dict[str, Any], trainer: str, keep: frozenset[str] | 
             continue  # --quant given: the method follows it
         if name == "offload_activations" and out.get("gradient_checkpointing") is False:
             continue  # Unsloth's offloading is its checkpointing's: off with it
-        if name in _TRL_KBIT and (out.get("method") not in (None, "qlora")
-                                  or out.get("quant") == "none"):
-            continue  # TRL skips kbit preparation and casts adapters for a quantized base only
+        if name in _KBIT and not _quantized(out):
+            continue  # the trainers' kbit preparation and adapter casts: a quantized base only
         if name == "adapter_dtype" and out.get("dora"):
             continue  # DoRA's magnitude stays fp32 under TRL: not modelled, fp32 planned
         out[name] = value
@@ -152,7 +176,14 @@ def apply_trainer(options: dict[str, Any], trainer: str, keep: frozenset[str] | 
         notes.append(f"trainer {trainer} applies the loss '{preset.loss_kernel}' by default; "
                      f"planned with --loss-kernel {out.get('loss_kernel')} as given")
     notes += [f"not modelled: {u}" for u in preset.unmodelled]
+    if _quantized(out):
+        notes += [f"not modelled: {u}" for u in preset.kbit_unmodelled]
     return out, notes
+
+
+def _quantized(options: dict[str, Any]) -> bool:
+    """The options plan a quantized base (method qlora, or a quant other than none)."""
+    return options.get("method") in (None, "qlora") and options.get("quant") != "none"
 
 
 def runnable_loss(options: dict[str, Any], trainer: str, model: str | None,

@@ -314,6 +314,7 @@ def _axolotl(m: _Mapper) -> TrainingConfig:
     elif d.get("eager_attention"):
         m.set("attn", "eager", "eager_attention")
     _fsdp(m)
+    _axolotl_kbit(m)
     plugins = d.get("plugins") or []
     plugins = [str(p) for p in plugins] if isinstance(plugins, list) else [str(plugins)]
     liger_plugin = any(p.endswith("LigerPlugin") for p in plugins)
@@ -356,8 +357,50 @@ def _axolotl(m: _Mapper) -> TrainingConfig:
         "rl": "preference training (reference model, pairs) is not modelled",
         "relora_steps": "ReLoRA is not modelled",
         "gptq": "GPTQ weights are not modelled",
+        "fp32_norms": "fp32 norm weights (utils/fp32_norms.py) are not modelled",
+        "embeddings_skip_upcast": "skips the embeddings' fp32 pass while the model loads "
+                                  "(not modelled: the trained state is the same)",
     })
     return m.result("axolotl", d.get("base_model"))
+
+
+def _axolotl_kbit(m: _Mapper) -> None:
+    """axolotl 067b021 (2026-07-24) src/axolotl/loaders/model.py: on a 4/8-bit base with a
+    LoRA adapter, ModelLoader._configure_embedding_dtypes calls
+    _prepare_model_for_quantization (peft prepare_model_for_kbit_training: every
+    non-quantized parameter to fp32; skipped under qlora + FSDP, FSDP
+    cpu_ram_efficient_loading and ZeRO-3), then, for any LoRA adapter but qlora + FSDP,
+    _convert_embedding_modules_dtype(dist_dtype=cfg.torch_dtype) casts every module named
+    "*norm*" and embed_tokens / lm_head back to the load dtype: kbit_prep False's trained
+    state. loaders/adapter.py load_lora: get_peft_model(autocast_adapter_dtype=
+    peft_autocast_adapter_dtype if set, else peft's True); peft 0.21 tuners_utils.py
+    _move_adapter_to_device_of_base_layer never casts the adapters to an integer base's
+    dtype, so on a 4/8-bit base they are fp32 either way."""
+    d = m.data
+    method = m.options.get("method")
+    autocast = d.get("peft_autocast_adapter_dtype")
+    if method == "qlora":
+        m.set("kbit_prep", False, "adapter (norms, embeddings, lm_head back to the load "
+              "dtype)")
+        m.set("adapter_dtype", "fp32", "adapter (peft's fp32 adapters)")
+        m.notes.append("axolotl on a quantized base: prepare_model_for_kbit_training, then "
+                       "the norms, embeddings and lm_head back to the load dtype (planned "
+                       "--no-kbit-prep --adapter-dtype fp32); the biases of quantized "
+                       "layers and MoE router gates stay fp32 (not modelled); not measured "
+                       "on a GPU")
+        if autocast is False:
+            m.notes.append("peft_autocast_adapter_dtype: false does not change a quantized "
+                           "base's adapters (peft makes them fp32)")
+    elif method == "lora" and autocast is False:
+        # peft 0.21 _move_adapter_to_device_of_base_layer: the adapters in the base
+        # layer's float dtype (axolotl loads it in cfg.torch_dtype: bf16 "auto" default)
+        dtype = m.options.get("compute_dtype", "bf16")
+        if m.options.get("dora"):
+            m.unmodelled.append("peft_autocast_adapter_dtype: false with DoRA (adapters in "
+                                f"{dtype}) is not modelled; planned fp32")
+        elif dtype in ("bf16", "fp16"):
+            m.set("adapter_dtype", dtype, "peft_autocast_adapter_dtype (adapters in the "
+                  "load dtype)")
 
 
 def _trl(m: _Mapper) -> TrainingConfig:
@@ -547,6 +590,22 @@ def _llama_factory(m: _Mapper) -> TrainingConfig:
         m.unmodelled.append(f"enable_liger_kernel: Liger without its fused loss (stage "
                             f"{stage} keeps the logits) is not modelled")
     _fsdp(m)
+    if m.options.get("method") == "qlora":
+        # LLaMA-Factory ff6d4d1 (2026-08-18): src/llamafactory/model never calls peft
+        # prepare_model_for_kbit_training (patcher.py patch_model ->
+        # model_utils/checkpointing.py prepare_model_for_training: fp32 layernorms only
+        # with upcast_layernorm); adapter.py init_adapter casts every trainable parameter
+        # to fp32 (cast_trainable_params_to_fp32) unless pure_bf16 / use_badam, and then
+        # peft get_peft_model (autocast_adapter_dtype True) has made a quantized base's
+        # adapters fp32 anyway
+        m.set("kbit_prep", False, "quantization_bit (no prepare_model_for_kbit_training)")
+        m.set("adapter_dtype", "fp32", "quantization_bit (trainable params fp32)")
+        m.notes.append("LLaMA-Factory on a quantized base: no prepare_model_for_kbit_training, "
+                       "adapters fp32 (planned --no-kbit-prep --adapter-dtype fp32); not "
+                       "measured on a GPU")
+    if d.get("pure_bf16") and m.options.get("method") in ("lora", "qlora"):
+        m.notes.append("pure_bf16: the LoRA adapters stay fp32 (peft get_peft_model "
+                       "autocast_adapter_dtype True), as planned")
     m.unmodelled_keys({
         "deepspeed": MULTI_GPU,
         "use_unsloth": "unsloth kernels are not modelled",
@@ -554,7 +613,11 @@ def _llama_factory(m: _Mapper) -> TrainingConfig:
         "use_badam": "BAdam is not modelled",
         "use_apollo": "APOLLO is not modelled",
         "additional_target": "fully trained modules are not modelled",
-        "upcast_layernorm": "fp32 layernorms are not modelled",
+        "upcast_layernorm": "fp32 layernorm weights (model_utils/checkpointing.py "
+                            "prepare_model_for_training) are not modelled; planned in the "
+                            "load dtype",
+        "upcast_lmhead_output": "the lm_head output cast to fp32 by a forward hook "
+                                "(prepare_model_for_training) is not modelled",
         "mixture_of_depths": "mixture of depths is not modelled",
     })
     return m.result("llama-factory", d.get("model_name_or_path"))
