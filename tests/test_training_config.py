@@ -295,3 +295,16 @@ def runner_invoke(args: list[str]) -> dict[str, Any]:
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     return dict(json.loads(r.stdout))
+
+
+def test_cli_16bit_override_drops_the_quantized_preparation() -> None:
+    """--method lora --quant none over a QLoRA file: the trainer's kbit options for the
+    quantized base are not carried into the 16-bit plan (they would be refused)."""
+    f = str(FIX / "llama-factory-qlora.yaml")
+    r = CliRunner().invoke(app, ["plan", "--from-config", f, "-m", "llama-3.2-1b",
+                                 "--method", "lora", "--quant", "none", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got["plan"]["method"] == "lora" and got["plan"]["kbit_prep"] is True
+    assert "preparation of a quantized base (--kbit-prep, --adapter-dtype) not used" in (
+        " ".join(r.stderr.split()))

@@ -60,6 +60,12 @@ def apply_training_config(
             later.append(f"note: {tc.used[option]}: planned for one GPU; give --gpus N to "
                          "plan it over N GPUs (--strategy fsdp)")
             continue
+        if option in ("kbit_prep", "adapter_dtype") and _base16_given(tc.options, kwargs,
+                                                                   given):
+            note = (f"note: {tc.format}'s preparation of a quantized base (--kbit-prep, "
+                    "--adapter-dtype) not used: the command line plans a 16-bit base")
+            later += [] if note in later else [note]
+            continue
         if option in kwargs and option not in given:
             kwargs[option] = value
             filled.add(option)
@@ -83,6 +89,16 @@ def apply_training_config(
     if tc.ignored:
         warn(f"ignored keys (no memory effect, or unknown to vramcalc): {', '.join(tc.ignored)}")
     return filled
+
+
+def _base16_given(options: dict[str, Any], kwargs: dict[str, Any], given: set[str]) -> bool:
+    """The file plans a quantized base (method qlora) and the command line a 16-bit one
+    (--method lora / full, or --quant none): the trainer's kbit_prep / adapter_dtype for the
+    quantized base (training_config.py) do not apply."""
+    if options.get("method") != "qlora":
+        return False
+    return (("method" in given and kwargs.get("method") in ("lora", "full"))
+            or ("quant" in given and kwargs.get("quant") == "none"))
 
 
 def with_from_config(
