@@ -111,6 +111,31 @@ def api(server: VramcalcServer, endpoint: str, query: str) -> Any:
         return json.loads(res.read())
 
 
+def assert_axolotl_read_back(tab: Page, tmp_path: Path) -> None:
+    """The page's axolotl YAML, read back by `plan --from-config`, plans the page's settings
+    as axolotl prepares them: for a 4/8-bit base, norms, embeddings and lm_head in the load
+    dtype and fp32 adapters (trainers.py `_AXOLOTL_KBIT` sources; the YAML says so in a
+    comment), i.e. the page's exported `plan` command with --no-kbit-prep, to the byte;
+    every other field of the plan is the page's."""
+    yaml_text = tab.page.evaluate("document.querySelector('#export').dataset.axolotl")
+    (tmp_path / "axolotl.yml").write_text(yaml_text)
+    out = subprocess.run([sys.executable, "-m", "vramcalc", "plan", "--from-config",
+                          str(tmp_path / "axolotl.yml"), "--json"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(tab.shown("plan")[1])
+    read = json.loads(out.stdout)
+    assert shown["plan"]["method"] == "qlora" and shown["plan"]["kbit_prep"] is True
+    assert "prepares a 4/8-bit model its own way" in yaml_text
+    assert read["plan"] == {**shown["plan"], "kbit_prep": False}
+    argv = shlex.split(tab.page.evaluate("document.querySelector('#export').dataset.command"))
+    assert argv[:2] == ["vramcalc", "plan"]
+    same = subprocess.run([sys.executable, "-m", "vramcalc", *argv[1:], "--no-kbit-prep",
+                           "--json"], capture_output=True, text=True)
+    assert same.returncode == 0, same.stderr
+    assert out.stdout == same.stdout
+
+
 def nonzero(components: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in components.items() if v > 0}
 
@@ -167,16 +192,11 @@ def test_page_slider_chart_verdicts_link_and_exports(server: VramcalcServer, bro
                          capture_output=True, text=True)
     assert out.returncode in (0, 3), out.stderr
     assert json.loads(out.stdout) == check
-    # the axolotl YAML, read back by `plan --from-config`, is the page's plan
+    # the axolotl YAML, read back by `plan --from-config`, is the page's plan as axolotl
+    # prepares a 4-bit model
     one_gpu = Page(browser, f"{server.url}?model=qwen2.5-7b&batch=2&seq-len=1024&rank=32"
                    "&targets=q_proj,v_proj&optimizer=adamw_8bit&gpu=")
-    yaml_text = one_gpu.page.evaluate("document.querySelector('#export').dataset.axolotl")
-    (tmp_path / "axolotl.yml").write_text(yaml_text)
-    out = subprocess.run([sys.executable, "-m", "vramcalc", "plan", "--from-config",
-                          str(tmp_path / "axolotl.yml"), "--json"], capture_output=True,
-                         text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout == one_gpu.shown("plan")[1]
+    assert_axolotl_read_back(one_gpu, tmp_path)
     # the command for one GPU is `plan`; run it, the same bytes as the API
     argv = shlex.split(one_gpu.page.evaluate("document.querySelector('#export').dataset.command"))
     assert argv[:2] == ["vramcalc", "plan"]
@@ -292,12 +312,7 @@ def test_memory_saver_controls(server: VramcalcServer, browser: Any, tmp_path: P
     assert other.chart() == tab.chart()
     yaml_text = tab.page.evaluate("document.querySelector('#export').dataset.axolotl")
     assert "liger_fused_linear_cross_entropy: true" in yaml_text
-    (tmp_path / "axolotl.yml").write_text(yaml_text)
-    out = subprocess.run([sys.executable, "-m", "vramcalc", "plan", "--from-config",
-                          str(tmp_path / "axolotl.yml"), "--json"], capture_output=True,
-                         text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout == body
+    assert_axolotl_read_back(tab, tmp_path)
     # a trainer preset: the controls take its defaults, the plan is `--trainer trl`'s
     before = tab.generation()
     tab.page.select_option("#trainer", "trl")

@@ -690,6 +690,9 @@ function axolotlSnippet(s) {
     out.push(s.quant === "int8" ? "load_in_8bit: true" : "load_in_4bit: true");
     out.push("adapter: qlora");
     if (s.quant === "fp4") out.push("bnb_config_kwargs:", "  bnb_4bit_quant_type: fp4");
+    // trainers.py _AXOLOTL_KBIT: what --from-config reads back
+    out.push("# axolotl prepares a 4/8-bit model its own way (norms, embeddings and lm_head " +
+      "in bf16, fp32 adapters): vramcalc plans it as --no-kbit-prep");
   } else if (s.method === "lora") {
     out.push("adapter: lora");
   }
