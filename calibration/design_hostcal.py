@@ -47,10 +47,9 @@ from design_time import (  # noqa: E402
     BUILD_PARALLEL,
     POINT_SETUP_S,
     PROCESS_START_S,
-    STEPS,
-    TIME_WORKER,
     WEIGHTS_S,
     _fit2,
+    time_group,
 )
 
 MATRIX = "calibration/matrices/h100-hostcal37.json"
@@ -113,14 +112,11 @@ def plan_for(name: str, slot: int) -> dict[str, Any]:
 
 
 def matrix() -> dict[str, Any]:
-    points = []
-    for a, (name, layers) in enumerate(ARCHS.items()):
-        group = f"h{a}-{name}"
-        subs = [{"id": f"{group}/{j}", "plan": _fit2(name, layers, plan_for(name, j)),
-                 "steps": STEPS} for j in range(len(SLOT_METHODS))]
-        points.append({"id": group, "worker": TIME_WORKER, "spec": name, "layers": layers,
-                       "reserve_gib": RESERVE_GIB, "job": {"points": subs}})
-    return {"points": points}
+    return {"points": [
+        time_group(f"h{a}-{name}", name, layers,
+                   [_fit2(name, layers, plan_for(name, j)) for j in range(len(SLOT_METHODS))],
+                   RESERVE_GIB)
+        for a, (name, layers) in enumerate(ARCHS.items())]}
 
 
 def write_cal() -> None:

@@ -79,9 +79,8 @@ def main() -> None:
         spec = depth_cut(get_spec(name), 4)
         est = estimate_merge(spec, MergePlan.model_validate(plan))
         points.append(_point(f"im{i}-{name}", name, "merge", plan, est))
-    json.dump({"note": "pre-registered inference holdout: predictions made before any "
-               "measurement of these points", "points": points}, sys.stdout, indent=1)
-    sys.stdout.write("\n")
+    _print_holdout("pre-registered inference holdout: predictions made before any "
+                   "measurement of these points", points)
 
 
 def holdout2() -> None:
@@ -104,10 +103,8 @@ def holdout2() -> None:
         if est.peak_device_bytes > 60 * GiB:
             continue
         points.append(_point(f"ij{len(points):02d}-{name}", name, "infer", plan, est))
-    json.dump({"note": "pre-registered inference holdout 2 (after the sliding-window fix): "
-               "predictions made before any measurement of these points", "points": points},
-              sys.stdout, indent=1)
-    sys.stdout.write("\n")
+    _print_holdout("pre-registered inference holdout 2 (after the sliding-window fix): "
+                   "predictions made before any measurement of these points", points)
 
 
 FULL_DEPTH = ["qwen2.5-0.5b", "qwen2.5-1.5b", "gemma-2-2b", "llama-3.2-1b", "smollm2-1.7b"]
@@ -124,10 +121,9 @@ def holdout3() -> None:
         "batch_size": [1, 2, 4, 8, 16, 32], "prompt_len": [128, 512, 1024, 2048, 4096, 8192],
         "new_tokens": [64, 128, 256, 512, 1024], "quant": ["nf4", "nf4", "int8", "none"],
         "rank": [8, 16, 64]}, max_batch_tokens=8192, max_device_gib=40)
-    json.dump({"note": "pre-registered inference holdout 3 (issue 27: generate() replayed on "
-               "the caching allocator): predictions made before any measurement of these "
-               "points", "points": points}, sys.stdout, indent=1)
-    sys.stdout.write("\n")
+    _print_holdout("pre-registered inference holdout 3 (issue 27: generate() replayed on "
+                   "the caching allocator): predictions made before any measurement of these "
+                   "points", points)
 
 
 def holdout4() -> None:
@@ -150,10 +146,8 @@ def holdout4() -> None:
         est = estimate_merge(spec, MergePlan.model_validate(plan))
         points.append(_point(f"in{i}-{name}-{'full' if layers is None else '4L'}", name,
                              "merge", plan, est, layers))
-    json.dump({"note": "pre-registered inference holdout 4 (after run 28): predictions made "
-               "before any measurement of these points", "points": points}, sys.stdout,
-              indent=1)
-    sys.stdout.write("\n")
+    _print_holdout("pre-registered inference holdout 4 (after run 28): predictions made "
+                   "before any measurement of these points", points)
 
 
 def holdout5() -> None:
@@ -168,10 +162,8 @@ def holdout5() -> None:
         "batch_size": [1, 2, 4, 6, 8, 16], "prompt_len": [512, 2048, 4096, 5000, 8192],
         "new_tokens": [64, 128, 256, 512], "quant": ["nf4", "nf4", "nf4", "int8", "none"],
         "rank": [8, 16, 64]}, max_batch_tokens=4096, max_device_gib=20)
-    json.dump({"note": "pre-registered inference holdout 5 (after run 29's trace): "
-               "predictions made before any measurement of these points", "points": points},
-              sys.stdout, indent=1)
-    sys.stdout.write("\n")
+    _print_holdout("pre-registered inference holdout 5 (after run 29's trace): "
+                   "predictions made before any measurement of these points", points)
 
 
 def holdout6() -> None:
@@ -188,10 +180,8 @@ def holdout6() -> None:
         "batch_size": [1, 2, 4, 6, 8, 16], "prompt_len": [512, 1024, 2048, 4096, 6000],
         "new_tokens": [64, 128, 256, 512], "quant": ["nf4", "nf4", "int8", "none"],
         "rank": [8, 16, 64]}, max_batch_tokens=4096, max_device_gib=20)
-    json.dump({"note": "pre-registered inference holdout 6 (after run 32's prefill trace): "
-               "predictions made before any measurement of these points", "points": points},
-              sys.stdout, indent=1)
-    sys.stdout.write("\n")
+    _print_holdout("pre-registered inference holdout 6 (after run 32's prefill trace): "
+                   "predictions made before any measurement of these points", points)
 
 
 def holdout7() -> None:
@@ -207,9 +197,13 @@ def holdout7() -> None:
         "batch_size": [1, 2, 4, 6, 8, 16], "prompt_len": [512, 1024, 2048, 4096, 8192],
         "new_tokens": [64, 128, 256, 512], "quant": ["nf4", "int8", "int8", "none"],
         "rank": [8, 16, 64]}, max_batch_tokens=4096, max_device_gib=20)
-    json.dump({"note": "pre-registered inference holdout 7 (after run 34/34b's traces): "
-               "predictions made before any measurement of these points", "points": points},
-              sys.stdout, indent=1)
+    _print_holdout("pre-registered inference holdout 7 (after run 34/34b's traces): "
+                   "predictions made before any measurement of these points", points)
+
+
+def _print_holdout(note: str, points: list[dict]) -> None:
+    """A holdout's matrix on stdout: its note and its points."""
+    json.dump({"note": note, "points": points}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 
 

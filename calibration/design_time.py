@@ -93,15 +93,22 @@ def _fit(name: str, layers: int | None, plan: dict[str, Any]) -> dict[str, Any]:
     return plan
 
 
+def time_group(group: str, name: str, layers: int | None, plans: list[dict[str, Any]],
+               reserve_gib: float) -> dict[str, Any]:
+    """One time worker point: `plans` timed one after another on `name` (cut to
+    `layers`), each `STEPS` steps, as `group`/0, `group`/1, ..."""
+    subs = [{"id": f"{group}/{j}", "plan": plan, "steps": STEPS}
+            for j, plan in enumerate(plans)]
+    return {"id": group, "worker": TIME_WORKER, "spec": name, "layers": layers,
+            "reserve_gib": reserve_gib, "job": {"points": subs}}
+
+
 def matrix() -> dict[str, Any]:
-    points = []
-    for a, (name, layers) in enumerate(ARCHS.items()):
-        group = f"t{a}-{name}"
-        subs = [{"id": f"{group}/{j}", "plan": _fit(name, layers, plan_for(a, j)),
-                 "steps": STEPS} for j in range(len(SLOTS))]
-        points.append({"id": group, "worker": TIME_WORKER, "spec": name, "layers": layers,
-                       "reserve_gib": MAX_PEAK_GIB, "job": {"points": subs}})
-    return {"points": points}
+    return {"points": [
+        time_group(f"t{a}-{name}", name, layers,
+                   [_fit(name, layers, plan_for(a, j)) for j in range(len(SLOTS))],
+                   MAX_PEAK_GIB)
+        for a, (name, layers) in enumerate(ARCHS.items())]}
 
 
 # ---- time holdout 2 (after run 28 set the host constants; docs/time-model.md) ----------
@@ -181,12 +188,10 @@ def _drawn_matrix(seed: int, archs: dict[str, int | None], extra: dict[str, int]
     rng = random.Random(seed)
     points = []
     for a, (name, layers) in enumerate(archs.items()):
-        group = f"{prefix}{a}-{name}"
         n = len(SLOTS) + extra.get(name, 0)
-        subs = [{"id": f"{group}/{j}", "plan": _fit2(name, layers, plan2_for(rng, j)),
-                 "steps": STEPS} for j in range(n)]
-        points.append({"id": group, "worker": TIME_WORKER, "spec": name, "layers": layers,
-                       "reserve_gib": RESERVE2_GIB, "job": {"points": subs}})
+        points.append(time_group(f"{prefix}{a}-{name}", name, layers,
+                                 [_fit2(name, layers, plan2_for(rng, j)) for j in range(n)],
+                                 RESERVE2_GIB))
     # batch 1 and 16 both present (the issue's range): the draws are checked, not forced
     batches = {s["plan"]["batch_size"] for g in points for s in g["job"]["points"]}
     if not {1, 16} <= batches:
