@@ -84,8 +84,9 @@ _TRL = {**_TRL_ARGS, "seq_len": 1024, "gradient_checkpointing": True,
 _KBIT = ("kbit_prep", "adapter_dtype")
 _TRL_KBIT = {"kbit_prep": False, "adapter_dtype": "bf16"}
 # axolotl 067b021 loaders/model.py: prepare_model_for_kbit_training, then the norms,
-# embeddings and lm_head cast back to the load dtype; adapters fp32 (module docstring)
-_AXOLOTL_KBIT = {"kbit_prep": False, "adapter_dtype": "fp32"}
+# embeddings and lm_head cast back to the load dtype; adapters fp32 (module docstring);
+# the preset's and an axolotl config's (training_config._axolotl_kbit)
+AXOLOTL_KBIT = {"kbit_prep": False, "adapter_dtype": "fp32"}
 
 TRAINERS: dict[str, TrainerPreset] = {
     "hf": TrainerPreset("hf", {"loop": "trainer", "batch": 8,
@@ -117,7 +118,7 @@ TRAINERS: dict[str, TrainerPreset] = {
                                          "optimizer": "adamw_torch_fused",
                                          "gradient_checkpointing": False,
                                          "compute_dtype": "bf16", "batch_layout": "padded",
-                                         **_AXOLOTL_KBIT},
+                                         **AXOLOTL_KBIT},
                                kbit_unmodelled=(
                                    "axolotl's prepare_model_for_kbit_training, then the "
                                    "norms, embeddings and lm_head cast back to the load "

@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from vramcalc.errors import PlanError
+from vramcalc.trainers import AXOLOTL_KBIT
 
 Format = Literal["axolotl", "trl", "llama-factory"]
 
@@ -365,24 +366,21 @@ def _axolotl(m: _Mapper) -> TrainingConfig:
 
 
 def _axolotl_kbit(m: _Mapper) -> None:
-    """axolotl 067b021 (2026-07-24) src/axolotl/loaders/model.py: on a 4/8-bit base with a
-    LoRA adapter, ModelLoader._configure_embedding_dtypes calls
-    _prepare_model_for_quantization (peft prepare_model_for_kbit_training: every
-    non-quantized parameter to fp32; skipped under qlora + FSDP, FSDP
-    cpu_ram_efficient_loading and ZeRO-3), then, for any LoRA adapter but qlora + FSDP,
-    _convert_embedding_modules_dtype(dist_dtype=cfg.torch_dtype) casts every module named
-    "*norm*" and embed_tokens / lm_head back to the load dtype: kbit_prep False's trained
-    state. loaders/adapter.py load_lora: get_peft_model(autocast_adapter_dtype=
-    peft_autocast_adapter_dtype if set, else peft's True); peft 0.21 tuners_utils.py
-    _move_adapter_to_device_of_base_layer never casts the adapters to an integer base's
-    dtype, so on a 4/8-bit base they are fp32 either way."""
+    """axolotl's preparation of a 4/8-bit base, as `--trainer axolotl` plans it
+    (trainers.AXOLOTL_KBIT; trainers.py's docstring has the source: axolotl 067b021
+    loaders/model.py, kbit_prep False's trained state, fp32 adapters). loaders/adapter.py
+    load_lora: get_peft_model(autocast_adapter_dtype=peft_autocast_adapter_dtype if set,
+    else peft's True); peft 0.21 tuners_utils.py _move_adapter_to_device_of_base_layer
+    never casts the adapters to an integer base's dtype, so on a 4/8-bit base they are
+    fp32 either way."""
     d = m.data
     method = m.options.get("method")
     autocast = d.get("peft_autocast_adapter_dtype")
     if method == "qlora":
-        m.set("kbit_prep", False, "adapter (norms, embeddings, lm_head back to the load "
-              "dtype)")
-        m.set("adapter_dtype", "fp32", "adapter (peft's fp32 adapters)")
+        why = {"kbit_prep": "adapter (norms, embeddings, lm_head back to the load dtype)",
+               "adapter_dtype": "adapter (peft's fp32 adapters)"}
+        for name, value in AXOLOTL_KBIT.items():
+            m.set(name, value, why[name])
         m.notes.append("axolotl on a quantized base: prepare_model_for_kbit_training, then "
                        "the norms, embeddings and lm_head back to the load dtype (planned "
                        "--no-kbit-prep --adapter-dtype fp32); the biases of quantized "

@@ -64,7 +64,8 @@ def apply_training_config(
                                                                    given):
             note = (f"note: {tc.format}'s preparation of a quantized base (--kbit-prep, "
                     "--adapter-dtype) not used: the command line plans a 16-bit base")
-            later += [] if note in later else [note]
+            if note not in later:
+                later.append(note)
             continue
         if option in kwargs and option not in given:
             kwargs[option] = value

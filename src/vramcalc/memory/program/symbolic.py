@@ -380,10 +380,7 @@ class StepCache:
             family.last = point
         if read is not None:
             self.counts["read"] += 1
-            result = _read(read, plan, build)
-            self._made = (key, owner, point, result)
-            return result
-        if field is not None:
+        elif field is not None:
             made = trace(generate, plan, field)
             with self._lock:
                 if made is None:
@@ -394,11 +391,12 @@ class StepCache:
                     family.traces.append(made)
             if made is not None:
                 self.counts["traced"] += 1
-                result = _read(made, plan, build)
-                self._made = (key, owner, point, result)
-                return result
-        self.counts["generated"] += 1
-        result = generate(plan)
+                read = made
+        if read is not None:
+            result = _read(read, plan, build)
+        else:
+            self.counts["generated"] += 1
+            result = generate(plan)
         self._made = (key, owner, point, result)
         return result
 
