@@ -54,6 +54,10 @@ RUNS: dict[str, tuple[Path | tuple[Path, ...], Path, str]] = {  # run -> (record
               ROOT / "matrices" / "h100-infer-holdout6.json",
               "run 33: PRE-REGISTERED inference holdout 6, 12 generate() after run 32's "
               "prefill order (seen since: ip00, ip10, ip11 traced in run 34b)"),
+    "run36": (ROOT / "h100" / "run36-infer7.jsonl",
+              ROOT / "matrices" / "h100-infer-holdout7.json",
+              "run 36: PRE-REGISTERED inference holdout 7, 12 generate() after run 34/34b's "
+              "mechanisms (predictions at 9aac1c5)"),
 }
 H200_USABLE = 149557477376  # run1-gpu.txt: mem_get_info free of an empty H200
 
