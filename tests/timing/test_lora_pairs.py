@@ -1,0 +1,100 @@
+"""The LoRA vs full pair matrix (calibration/matrices/h100-lorapair.json, pre-registered) and
+its scorer bench/lora_pairs.py (docs/time-model.md "LoRA vs full fine-tuning on a small
+model")."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+MATRIX = ROOT / "calibration/matrices/h100-lorapair.json"
+PREDS = ROOT / "calibration/matrices/h100-lorapair-predictions.json"
+
+
+def _design_time() -> Any:
+    sys.path.insert(0, str(ROOT / "calibration"))
+    try:
+        import design_time
+    finally:
+        sys.path.remove(str(ROOT / "calibration"))
+    return design_time
+
+
+def test_pair_matrix_is_pairs_predicted_and_small() -> None:
+    """Each model times full, LoRA and QLoRA nf4 at the same batch, sequence and
+    checkpointing (batch 1 and 8), plus LoRA with full's optimizer; every point has a
+    committed prediction for both device cards and the RTX cards in question; the committed
+    matrix is what design_time.matrix_pairs builds; peaks fit an 80 GB card; the serial
+    budget is small."""
+    from vramcalc.memory.estimate import estimate
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import TrainPlan
+
+    dt = _design_time()
+    matrix = json.loads(MATRIX.read_text())
+    assert matrix == json.loads(json.dumps(dt.matrix_pairs()))
+    preds = {p["id"]: p for p in json.loads(PREDS.read_text())["points"]}
+    subs = [(g, s) for g in matrix["points"] for s in g["job"]["points"]]
+    assert {s["id"] for _, s in subs} == set(preds)
+    for p in preds.values():
+        assert set(p["by_gpu"]) == {"h200", "h100-sxm", "rtx-4060-ti-16gb", "rtx-4090"}
+    assert {g["spec"] for g in matrix["points"]} == {"qwen2.5-0.5b", "llama-3.2-1b"}
+    for g in matrix["points"]:
+        assert not g.get("layers")  # full depth: the host-bound regime of the question
+        by: dict[tuple[int, int, bool], set[str]] = {}
+        for s in g["job"]["points"]:
+            p = s["plan"]
+            k = p.get("quant", p["method"]) + ("-fused" if p["method"] == "lora" and
+                                               p["optimizer"] == "adamw_torch_fused" else "")
+            by.setdefault((p["batch_size"], p["seq_len"], p["gradient_checkpointing"]),
+                          set()).add(k)
+            peak = estimate(get_spec(g["spec"]), TrainPlan.model_validate(p)).peak_device_bytes
+            assert peak <= 40 * 2**30, s["id"]
+        assert by == {(1, 512, True): {"full", "lora", "nf4", "lora-fused"},
+                      (8, 512, True): {"full", "lora", "nf4"}}
+    assert dt.budget(str(MATRIX)) <= 200
+
+
+def _lora_pairs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "lora_pairs.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_lora_pairs_reports_measured_and_predicted_ratios(tmp_path: Path) -> None:
+    """A synthetic run 1.25x the committed H100 predictions: every measured ratio equals
+    the predicted one and every error is -20 %; a point that ran beside another is left
+    out."""
+    matrix = json.loads(MATRIX.read_text())
+    preds = {p["id"]: p["by_gpu"]["h100-sxm"]
+             for p in json.loads(PREDS.read_text())["points"]}
+    lines = []
+    for g, grade in zip(matrix["points"], (True, False), strict=True):
+        subs = [{"id": s["id"], "plan": s["plan"], "status": "ok",
+                 "step_seconds": 1.25 * preds[s["id"]]} for s in g["job"]["points"]]
+        lines.append(json.dumps({"id": g["id"], "status": "ok", "spec": g["spec"],
+                                 "layers": None, "timing_grade": grade,
+                                 "measurement": {"points": subs,
+                                                 "device_name": "NVIDIA H100 80GB HBM3"}}))
+    res = tmp_path / "r.jsonl"
+    res.write_text("\n".join(lines) + "\n")
+    proc = _lora_pairs(str(res))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "predictions read for: h100-sxm" in proc.stdout
+    rows = [r.split() for r in proc.stdout.splitlines() if r.startswith("qwen2.5-0.5b")]
+    assert len(rows) == 7
+    for r in rows:
+        assert r[5] == "-20.0"
+        if r[2] != "full":
+            assert r[-1] == r[-2]  # measured ratio == predicted ratio
+    assert "left out: p1-llama-3.2-1b/0: not timing-grade" in proc.stdout
+
+
+def test_lora_pairs_bad_input(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    proc = _lora_pairs(str(bad))
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: ")
