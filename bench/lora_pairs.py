@@ -1,6 +1,7 @@
 """LoRA vs full fine-tuning, measured in pairs: the step-time ratios of a pair matrix.
 
     python bench/lora_pairs.py RESULTS.jsonl [PREDICTIONS.json]
+    python bench/lora_pairs.py --host-by-method RESULTS.jsonl ...
 
 RESULTS is the matrix driver's output for calibration/matrices/h100-lorapair.json
 (calibration/design_time.py matrix_pairs); PREDICTIONS (default:
@@ -14,6 +15,12 @@ beyond the host's reach, or faster than the model's GPU time). If the model coun
 host work right, the host-bound points of one machine want about the same factor,
 whatever their method (docs/time-model.md "LoRA vs full fine-tuning on a small model").
 Only timing-grade points count (time_accuracy.timed_points). Exit 0, or 1 on bad input.
+
+`--host-by-method` reads any timing runs (the committed time holdouts have no full/LoRA
+pair: their plans are drawn apart) and prints, per run, the median host factor its
+host-bound points want per method (host-bound: the model's host time at factor 1 more than
+HOST_BOUND x its GPU time): the test of LoRA's host operators without pairs, since one
+machine's host costs the same per operator whichever method issues it.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from time_accuracy import gpu_of, timed_points  # noqa: E402
 
 DEFAULT_PREDICTIONS = ROOT / "calibration" / "matrices" / "h100-lorapair-predictions.json"
+HOST_BOUND = 1.5
 
 
 def kind(plan: dict[str, Any]) -> str:
@@ -43,8 +51,9 @@ def kind(plan: dict[str, Any]) -> str:
 
 
 def host_root(spec_name: str, layers: int | None, plan: dict[str, Any], gpu: str,
-              measured: float) -> float | None:
-    """The host factor at which the time model gives `measured` (None: none in 0.05-20)."""
+              measured: float, host_bound: float = 0.0) -> float | None:
+    """The host factor at which the time model gives `measured` (None: none in 0.05-20, or
+    the model's host time at factor 1 is not more than `host_bound` x its GPU time)."""
     from vramcalc.hardware.catalog import resolve_gpu
     from vramcalc.models.resolve import resolve_model
     from vramcalc.models.spec import depth_cut
@@ -57,6 +66,9 @@ def host_root(spec_name: str, layers: int | None, plan: dict[str, Any], gpu: str
     speed = gpu_speed(resolve_gpu(gpu))
     assert speed is not None
     at = step_at_host(train_work(spec, TrainPlan.model_validate(plan)), speed)
+    one = at(1.0)
+    if one.host_seconds <= host_bound * one.gpu_seconds:
+        return None
     lo, hi = 0.05, 20.0
     if not at(lo).step_seconds <= measured <= at(hi).step_seconds:
         return None
@@ -69,9 +81,37 @@ def host_root(spec_name: str, layers: int | None, plan: dict[str, Any], gpu: str
     return (lo * hi) ** 0.5
 
 
+def host_by_method(paths: list[str]) -> int:
+    import statistics
+
+    print(f"median host factor of the host-bound points (host > {HOST_BOUND} x GPU at "
+          "factor 1), per run and method: n, median [min-max]")
+    for path in paths:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+            points, _ = timed_points(lines)
+        except (OSError, ValueError) as err:
+            print(f"Error: {err}", file=sys.stderr)
+            return 1
+        gpu = gpu_of(lines)
+        by: dict[str, list[float]] = {}
+        for p in points:
+            h = host_root(str(p["spec"]), p["layers"], p["plan"], gpu, p["step_seconds"],
+                          HOST_BOUND)
+            if h is not None:
+                by.setdefault(kind(p["plan"]).replace("-fused", ""), []).append(h)
+        cells = [f"{k} {len(v)}, {statistics.median(v):.2f} [{min(v):.2f}-{max(v):.2f}]"
+                 for k, v in sorted(by.items())]
+        print(f"{Path(path).name} ({gpu}): " + "; ".join(cells))
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--host-by-method"] and len(argv) > 1:
+        return host_by_method(argv[1:])
     if not 1 <= len(argv) <= 2 or any(a.startswith("--") for a in argv):
-        print("usage: lora_pairs.py RESULTS.jsonl [PREDICTIONS.json]", file=sys.stderr)
+        print("usage: lora_pairs.py RESULTS.jsonl [PREDICTIONS.json] | --host-by-method "
+              "RESULTS.jsonl ...", file=sys.stderr)
         return 2
     try:
         lines = Path(argv[0]).read_text(encoding="utf-8").splitlines()

@@ -98,3 +98,41 @@ def test_lora_pairs_bad_input(tmp_path: Path) -> None:
     bad.write_text("{not json\n")
     proc = _lora_pairs(str(bad))
     assert proc.returncode == 1 and proc.stderr.startswith("Error: ")
+
+
+def test_host_by_method_recovers_one_host_factor(tmp_path: Path) -> None:
+    """Steps timed as the model gives them on a host 1.3x the reference: every method's
+    host-bound points want 1.30; the others (llama-3.2-1b full at batch 8 is GPU-bound)
+    are not counted."""
+    from vramcalc.hardware.catalog import resolve_gpu
+    from vramcalc.models.spec import get_spec
+    from vramcalc.plans import TrainPlan
+    from vramcalc.timing.gpu_speed import gpu_speed
+    from vramcalc.timing.step_time import step_at_host, train_work
+
+    speed = gpu_speed(resolve_gpu("h100-sxm"))
+    assert speed is not None
+    lines = []
+    bound: dict[str, int] = {}
+    for g in json.loads(MATRIX.read_text())["points"]:
+        spec = get_spec(g["spec"])
+        subs = []
+        for s in g["job"]["points"]:
+            at = step_at_host(train_work(spec, TrainPlan.model_validate(s["plan"])), speed)
+            subs.append({"id": s["id"], "plan": s["plan"], "status": "ok",
+                         "step_seconds": at(1.3).step_seconds})
+            if at(1.0).host_seconds > 1.5 * at(1.0).gpu_seconds:
+                k = s["plan"].get("quant", s["plan"]["method"])
+                bound[k] = bound.get(k, 0) + 1
+        lines.append(json.dumps({"id": g["id"], "status": "ok", "spec": g["spec"],
+                                 "layers": None, "timing_grade": True,
+                                 "measurement": {"points": subs, "device_name": "H100"}}))
+    res = tmp_path / "r.jsonl"
+    res.write_text("\n".join(lines) + "\n")
+    proc = _lora_pairs("--host-by-method", str(res))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = proc.stdout.splitlines()[-1]
+    assert row.startswith("r.jsonl (h100-sxm): ")
+    assert bound["full"] < 4  # llama-3.2-1b full at batch 8
+    cells = row.split(": ", 1)[1].split("; ")
+    assert cells == [f"{k} {n}, 1.30 [1.30-1.30]" for k, n in sorted(bound.items())]
