@@ -20,7 +20,10 @@ Only timing-grade points count (time_accuracy.timed_points). Exit 0, or 1 on bad
 pair: their plans are drawn apart) and prints, per run, the median host factor its
 host-bound points want per method (host-bound: the model's host time at factor 1 more than
 HOST_BOUND x its GPU time): the test of LoRA's host operators without pairs, since one
-machine's host costs the same per operator whichever method issues it.
+machine's host costs the same per operator whichever method issues it; and the median
+signed error of its GPU-bound points per method (the model's GPU time more than its host
+time at factor 1): LoRA's adapter kernels (the `lora` class) against full's weight
+gradients and optimizer where the GPU decides.
 """
 
 from __future__ import annotations
@@ -50,10 +53,8 @@ def kind(plan: dict[str, Any]) -> str:
     return method
 
 
-def host_root(spec_name: str, layers: int | None, plan: dict[str, Any], gpu: str,
-              measured: float, host_bound: float = 0.0) -> float | None:
-    """The host factor at which the time model gives `measured` (None: none in 0.05-20, or
-    the model's host time at factor 1 is not more than `host_bound` x its GPU time)."""
+def _at(spec_name: str, layers: int | None, plan: dict[str, Any], gpu: str) -> Any:
+    """step_time.step_at_host of the plan on the catalog `gpu`."""
     from vramcalc.hardware.catalog import resolve_gpu
     from vramcalc.models.resolve import resolve_model
     from vramcalc.models.spec import depth_cut
@@ -65,7 +66,14 @@ def host_root(spec_name: str, layers: int | None, plan: dict[str, Any], gpu: str
     spec = depth_cut(spec, layers) if layers else spec
     speed = gpu_speed(resolve_gpu(gpu))
     assert speed is not None
-    at = step_at_host(train_work(spec, TrainPlan.model_validate(plan)), speed)
+    return step_at_host(train_work(spec, TrainPlan.model_validate(plan)), speed)
+
+
+def host_root(spec_name: str, layers: int | None, plan: dict[str, Any], gpu: str,
+              measured: float, host_bound: float = 0.0) -> float | None:
+    """The host factor at which the time model gives `measured` (None: none in 0.05-20, or
+    the model's host time at factor 1 is not more than `host_bound` x its GPU time)."""
+    at = _at(spec_name, layers, plan, gpu)
     one = at(1.0)
     if one.host_seconds <= host_bound * one.gpu_seconds:
         return None
@@ -95,14 +103,23 @@ def host_by_method(paths: list[str]) -> int:
             return 1
         gpu = gpu_of(lines)
         by: dict[str, list[float]] = {}
+        gpu_bound: dict[str, list[float]] = {}
         for p in points:
+            k = kind(p["plan"]).replace("-fused", "")
             h = host_root(str(p["spec"]), p["layers"], p["plan"], gpu, p["step_seconds"],
                           HOST_BOUND)
             if h is not None:
-                by.setdefault(kind(p["plan"]).replace("-fused", ""), []).append(h)
+                by.setdefault(k, []).append(h)
+            one = _at(str(p["spec"]), p["layers"], p["plan"], gpu)(1.0)
+            if one.gpu_seconds > one.host_seconds:
+                gpu_bound.setdefault(k, []).append(
+                    100 * (one.step_seconds - p["step_seconds"]) / p["step_seconds"])
         cells = [f"{k} {len(v)}, {statistics.median(v):.2f} [{min(v):.2f}-{max(v):.2f}]"
                  for k, v in sorted(by.items())]
         print(f"{Path(path).name} ({gpu}): " + "; ".join(cells))
+        cells = [f"{k} {len(v)}, {statistics.median(v):+.1f} %"
+                 for k, v in sorted(gpu_bound.items())]
+        print("  GPU-bound (GPU > host at factor 1), median signed error: " + "; ".join(cells))
     return 0
 
 

@@ -114,6 +114,7 @@ def test_host_by_method_recovers_one_host_factor(tmp_path: Path) -> None:
     assert speed is not None
     lines = []
     bound: dict[str, int] = {}
+    gpu_errs: list[str] = []
     for g in json.loads(MATRIX.read_text())["points"]:
         spec = get_spec(g["spec"])
         subs = []
@@ -121,7 +122,11 @@ def test_host_by_method_recovers_one_host_factor(tmp_path: Path) -> None:
             at = step_at_host(train_work(spec, TrainPlan.model_validate(s["plan"])), speed)
             subs.append({"id": s["id"], "plan": s["plan"], "status": "ok",
                          "step_seconds": at(1.3).step_seconds})
-            if at(1.0).host_seconds > 1.5 * at(1.0).gpu_seconds:
+            one, slow = at(1.0), at(1.3)
+            if one.gpu_seconds > one.host_seconds:
+                gpu_errs.append(f"{s['plan']['method']} 1, "
+                                f"{100 * (one.step_seconds / slow.step_seconds - 1):+.1f} %")
+            if one.host_seconds > 1.5 * one.gpu_seconds:
                 k = s["plan"].get("quant", s["plan"]["method"])
                 bound[k] = bound.get(k, 0) + 1
         lines.append(json.dumps({"id": g["id"], "status": "ok", "spec": g["spec"],
@@ -131,8 +136,13 @@ def test_host_by_method_recovers_one_host_factor(tmp_path: Path) -> None:
     res.write_text("\n".join(lines) + "\n")
     proc = _lora_pairs("--host-by-method", str(res))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    row = proc.stdout.splitlines()[-1]
+    rows = proc.stdout.splitlines()
+    row = rows[-2]
     assert row.startswith("r.jsonl (h100-sxm): ")
+    # the GPU-bound point (full at batch 8 of llama-3.2-1b): its error at factor 1
+    assert gpu_errs and gpu_errs[0].startswith("full 1, ")
+    assert rows[-1] == "  GPU-bound (GPU > host at factor 1), median signed error: " \
+        + "; ".join(gpu_errs)
     assert bound["full"] < 4  # llama-3.2-1b full at batch 8
     cells = row.split(": ", 1)[1].split("; ")
     assert cells == [f"{k} {n}, 1.30 [1.30-1.30]" for k, n in sorted(bound.items())]
