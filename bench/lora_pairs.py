@@ -2,6 +2,7 @@
 
     python bench/lora_pairs.py RESULTS.jsonl [PREDICTIONS.json]
     python bench/lora_pairs.py --host-by-method RESULTS.jsonl ...
+    python bench/lora_pairs.py --pairs RESULTS.jsonl ...
 
 RESULTS is the matrix driver's output for calibration/matrices/h100-lorapair.json
 (calibration/design_time.py matrix_pairs); PREDICTIONS (default:
@@ -23,7 +24,13 @@ HOST_BOUND x its GPU time): the test of LoRA's host operators without pairs, sin
 machine's host costs the same per operator whichever method issues it; and the median
 signed error of its GPU-bound points per method (the model's GPU time more than its host
 time at factor 1): LoRA's adapter kernels (the `lora` class) against full's weight
-gradients and optimizer where the GPU decides.
+gradients and optimizer where the GPU decides; then, over all the files, the median signed
+error per method of the GPU-bound, balanced (host / GPU within HOST_BOUND) and host-bound
+points.
+
+`--pairs` lists, per file, the timing-grade points that share model, depth, batch,
+sequence, checkpointing and loop but not the method, with the measured and predicted
+ratio of their step times.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from time_accuracy import gpu_of, timed_points  # noqa: E402
 
 DEFAULT_PREDICTIONS = ROOT / "calibration" / "matrices" / "h100-lorapair-predictions.json"
 HOST_BOUND = 1.5
+ORDER = ["full", "lora", "lora-fused", "nf4", "fp4", "int8"]  # a pair's ratio: later / earlier
 
 
 def kind(plan: dict[str, Any]) -> str:
@@ -94,6 +102,7 @@ def host_by_method(paths: list[str]) -> int:
 
     print(f"median host factor of the host-bound points (host > {HOST_BOUND} x GPU at "
           "factor 1), per run and method: n, median [min-max]")
+    regimes: dict[str, dict[str, list[float]]] = {}
     for path in paths:
         try:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -120,15 +129,72 @@ def host_by_method(paths: list[str]) -> int:
         cells = [f"{k} {len(v)}, {statistics.median(v):+.1f} %"
                  for k, v in sorted(gpu_bound.items())]
         print("  GPU-bound (GPU > host at factor 1), median signed error: " + "; ".join(cells))
+        for p in points:
+            one = _at(str(p["spec"]), p["layers"], p["plan"], gpu)(1.0)
+            x = one.host_seconds / one.gpu_seconds
+            regime = ("GPU-bound" if x < 1 / HOST_BOUND else "host-bound" if x > HOST_BOUND
+                      else "balanced")
+            regimes.setdefault(regime, {}).setdefault(
+                kind(p["plan"]).replace("-fused", ""), []).append(
+                100 * (one.step_seconds - p["step_seconds"]) / p["step_seconds"])
+    print(f"all runs, median signed error at factor 1 by the model's host / GPU ratio "
+          f"(GPU-bound < 1/{HOST_BOUND}, balanced, host-bound > {HOST_BOUND}):")
+    for regime in ("GPU-bound", "balanced", "host-bound"):
+        cells = [f"{k} {len(v)}, {statistics.median(v):+.1f} %"
+                 for k, v in sorted(regimes.get(regime, {}).items())]
+        print(f"  {regime}: " + "; ".join(cells))
+    return 0
+
+
+def same_setting_pairs(paths: list[str]) -> int:
+    """Timing-grade points of one file with the same model, depth, batch, sequence,
+    checkpointing and loop but another method: measured and predicted ratios, the method
+    later in ORDER over the earlier."""
+    print("same-setting pairs (one file: model, depth, batch, sequence, checkpointing, "
+          "loop), method b / method a: measured, predicted at factor 1")
+    n = 0
+    for path in paths:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+            points, _ = timed_points(lines)
+        except (OSError, ValueError) as err:
+            print(f"Error: {path}: {err}", file=sys.stderr)
+            return 1
+        gpu = gpu_of(lines)
+        groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for p in points:
+            pl = p["plan"]
+            if "method" not in pl:
+                continue
+            key = (p["spec"], p["layers"], pl.get("batch_size", 1), pl.get("seq_len", 512),
+                   pl.get("gradient_checkpointing", True), pl.get("loop", "trainer"))
+            groups.setdefault(key, []).append(p)
+        for key, ps in groups.items():
+            for i, a in enumerate(ps):
+                for b in ps[i + 1:]:
+                    if kind(a["plan"]) == kind(b["plan"]):
+                        continue
+                    if ORDER.index(kind(a["plan"])) > ORDER.index(kind(b["plan"])):
+                        a, b = b, a
+                    pa = _at(str(a["spec"]), a["layers"], a["plan"], gpu)(1.0).step_seconds
+                    pb = _at(str(b["spec"]), b["layers"], b["plan"], gpu)(1.0).step_seconds
+                    n += 1
+                    print(f"{Path(path).name} {key[0]} b{key[2]} s{key[3]} "
+                          f"{'ckpt' if key[4] else 'no-ckpt'} {kind(b['plan'])} / "
+                          f"{kind(a['plan'])}: {b['step_seconds'] / a['step_seconds']:.2f}, "
+                          f"{pb / pa:.2f}")
+    print(f"{n} pairs")
     return 0
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--host-by-method"] and len(argv) > 1:
         return host_by_method(argv[1:])
+    if argv[:1] == ["--pairs"] and len(argv) > 1:
+        return same_setting_pairs(argv[1:])
     if not 1 <= len(argv) <= 2 or any(a.startswith("--") for a in argv):
         print("usage: lora_pairs.py RESULTS.jsonl [PREDICTIONS.json] | --host-by-method "
-              "RESULTS.jsonl ...", file=sys.stderr)
+              "RESULTS.jsonl ... | --pairs RESULTS.jsonl ...", file=sys.stderr)
         return 2
     try:
         lines = Path(argv[0]).read_text(encoding="utf-8").splitlines()

@@ -137,12 +137,34 @@ def test_host_by_method_recovers_one_host_factor(tmp_path: Path) -> None:
     proc = _lora_pairs("--host-by-method", str(res))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = proc.stdout.splitlines()
-    row = rows[-2]
-    assert row.startswith("r.jsonl (h100-sxm): ")
+    i = next(n for n, r in enumerate(rows) if r.startswith("r.jsonl (h100-sxm): "))
+    row = rows[i]
     # the GPU-bound point (full at batch 8 of llama-3.2-1b): its error at factor 1
     assert gpu_errs and gpu_errs[0].startswith("full 1, ")
-    assert rows[-1] == "  GPU-bound (GPU > host at factor 1), median signed error: " \
+    assert rows[i + 1] == "  GPU-bound (GPU > host at factor 1), median signed error: " \
         + "; ".join(gpu_errs)
     assert bound["full"] < 4  # llama-3.2-1b full at batch 8
     cells = row.split(": ", 1)[1].split("; ")
     assert cells == [f"{k} {n}, 1.30 [1.30-1.30]" for k, n in sorted(bound.items())]
+
+
+def test_pairs_lists_same_setting_points_of_one_file(tmp_path: Path) -> None:
+    """Two methods at one setting make a pair, with their measured ratio; another batch or
+    the same method does not."""
+    def sub(i: int, method: str, batch: int, secs: float) -> dict[str, Any]:
+        return {"id": f"g/{i}", "status": "ok", "step_seconds": secs,
+                "plan": {"method": method, "batch_size": batch, "seq_len": 512,
+                         "gradient_checkpointing": True, "optimizer": "adamw_torch"}}
+    rec = {"id": "g", "status": "ok", "spec": "qwen2.5-0.5b", "layers": None,
+           "timing_grade": True, "measurement": {"device_name": "H100", "points": [
+               sub(0, "full", 1, 0.10), sub(1, "lora", 1, 0.25), sub(2, "lora", 2, 0.30),
+               sub(3, "full", 2, 0.12), sub(4, "full", 1, 0.11)]}}
+    res = tmp_path / "r.jsonl"
+    res.write_text(json.dumps(rec) + "\n")
+    proc = _lora_pairs("--pairs", str(res))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [r for r in proc.stdout.splitlines() if r.startswith("r.jsonl ")]
+    assert [r.split(": ")[1].split(",")[0] for r in rows] == ["2.50", "2.27", "2.50"]
+    # 0.25 / 0.10, 0.25 / 0.11, 0.30 / 0.12
+    assert all(" lora / full: " in r for r in rows)
+    assert proc.stdout.splitlines()[-1] == "3 pairs"
