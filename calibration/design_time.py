@@ -13,6 +13,9 @@
     python calibration/design_time.py matrix5 > calibration/matrices/h200-time5.json
     python calibration/design_time.py predict calibration/matrices/h200-time5.json "NOTE" \
         > calibration/matrices/h200-time5-predictions.json
+    python calibration/design_time.py matrix_pairs > calibration/matrices/h100-lorapair.json
+    python calibration/design_time.py predict calibration/matrices/h100-lorapair.json "NOTE" \
+        rtx-4060-ti-16gb rtx-4090 > calibration/matrices/h100-lorapair-predictions.json
 
 Four catalog architectures (GQA and MHA, 32k-256k vocabularies, fused qkv/gate_up, Gemma-2's
 eager-only attention with soft capping, a 28-layer model at full depth), eight points each:
@@ -264,11 +267,53 @@ def matrix5() -> dict[str, Any]:
     return _drawn_matrix(SEED5, ARCHS5, EXTRA5, "x")
 
 
+# ---- LoRA vs full pairs (issue 30: "is LoRA really slower than full fine-tuning for small
+# models?"; docs/time-model.md "LoRA vs full fine-tuning on a small model") -------------
+# `vramcalc plan -m qwen2.5-0.5b --gpu rtx-4060-ti-16gb` says LoRA 0.309 s/step, full 0.181,
+# QLoRA 0.414 (batch 1 x 512, checkpointing): LoRA's step there is the host's, the peft
+# operators per adapted Linear (OPS_LORA_FWD / OPS_LORA_BWD) at the H100 hosts' cost. The
+# committed step times hold no such pair (times 1-5 draw each method's batch, sequence and
+# optimizer apart), so this matrix times the pairs themselves: the two small catalog models
+# at full depth, each plan at batch 1 and 8 x 512 with checkpointing, the CLI's defaults
+# (full: adamw_torch_fused; LoRA and QLoRA nf4: paged_adamw_8bit, r 16, alpha 32, dropout
+# 0.05, all-linear, fp32 adapters), and LoRA at batch 1 with full's optimizer (the adapters
+# without the optimizer's difference). Serial on one card (--max-parallel 1).
+PAIR_ARCHS: dict[str, int | None] = {"qwen2.5-0.5b": None, "llama-3.2-1b": None}
+PAIR_METHODS: list[dict[str, Any]] = [
+    {"method": "full", "optimizer": "adamw_torch_fused"},
+    {"method": "lora", "optimizer": "paged_adamw_8bit"},
+    {"method": "qlora", "quant": "nf4", "optimizer": "paged_adamw_8bit"},
+]
+PAIR_BATCHES = [1, 8]
+PAIR_RESERVE_GIB = 40
+PAIR_GPUS = ("rtx-4060-ti-16gb", "rtx-4090")  # the derived cards the question is about
+
+
+def pair_plans() -> list[dict[str, Any]]:
+    plans = []
+    for batch in PAIR_BATCHES:
+        for m in PAIR_METHODS:
+            plan: dict[str, Any] = {**m, "batch_size": batch, "seq_len": 512,
+                                    "gradient_checkpointing": True}
+            if m["method"] != "full":
+                plan.update(rank=16, alpha=32.0, lora_dropout=0.05, targets="all-linear")
+            plans.append(plan)
+    plans.append({**plans[1], "optimizer": "adamw_torch_fused"})  # LoRA, full's optimizer
+    return plans
+
+
+def matrix_pairs() -> dict[str, Any]:
+    return {"points": [
+        time_group(f"p{a}-{name}", name, layers,
+                   [_fit2(name, layers, plan) for plan in pair_plans()], PAIR_RESERVE_GIB)
+        for a, (name, layers) in enumerate(PAIR_ARCHS.items())]}
+
+
 PREDICTED_GPUS = ("h200", "h100-sxm")  # the run may get either card
 
 
-def _predict_all(path: str) -> list[dict[str, Any]]:
-    speeds = {name: gpu_speed(resolve_gpu(name)) for name in PREDICTED_GPUS}
+def _predict_all(path: str, extra_gpus: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    speeds = {name: gpu_speed(resolve_gpu(name)) for name in (*PREDICTED_GPUS, *extra_gpus)}
     speed = speeds["h200"]
     assert speed is not None
     out = []
@@ -290,8 +335,10 @@ def _predict_all(path: str) -> list[dict[str, Any]]:
     return out
 
 
-def predictions(path: str, note: str) -> dict[str, Any]:
-    return {"note": note, "points": _predict_all(path)}
+def predictions(path: str, note: str, extra_gpus: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The step time of every point of matrix `path` on the H200 (`step_seconds`) and in
+    `by_gpu` on the H100 SXM, the H200 and any `extra_gpus` (catalog names)."""
+    return {"note": note, "points": _predict_all(path, extra_gpus)}
 
 
 def budget(path: str) -> float:
@@ -322,16 +369,17 @@ def main(argv: list[str]) -> None:
     elif argv[:1] == ["matrix5"]:
         json.dump(matrix5(), sys.stdout, indent=1)
         sys.stdout.write("\n")
-    elif argv[:1] == ["predict"] and len(argv) == 3:
-        json.dump(predictions(argv[1], argv[2]), sys.stdout, indent=1)
+    elif argv[:1] == ["matrix_pairs"]:
+        json.dump(matrix_pairs(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif argv[:1] == ["predict"] and len(argv) >= 3:
+        json.dump(predictions(argv[1], argv[2], tuple(argv[3:])), sys.stdout, indent=1)
         sys.stdout.write("\n")
     elif argv[:1] == ["budget"] and len(argv) == 2:
         budget(argv[1])
     else:
         raise SystemExit("usage: design_time.py matrix | matrix2 | matrix3 | matrix4 | matrix5 | "
-                         "predict MATRIX "
-                         "NOTE | "
-                         "budget MATRIX")
+                         "matrix_pairs | predict MATRIX NOTE [GPU ...] | budget MATRIX")
 
 
 if __name__ == "__main__":
