@@ -134,6 +134,8 @@ def test_axolotl_leaves_the_biases_fp32_until_the_first_forward(tmp_path: Path) 
     model = _prepared(TINY_QWEN, plan, "axolotl", True, tmp_path)
     biases = {n: p for n, p in model.named_parameters() if n.endswith("bias")}
     assert biases and {p.dtype for p in biases.values()} == {torch.float32}
+    model.activation_checkpointing_enable(  # as the Trainer does (axolotl's kwargs)
+        activation_checkpointing_kwargs={"use_reentrant": True})
     _forward_backward(model, TINY_QWEN)
     assert {p.dtype for p in biases.values()} == {torch.bfloat16}
 
