@@ -16,6 +16,12 @@ The matrices of MATRICES, every point at full depth:
 - `calibration/matrices/h100-trl3.json` (TRL 1.4-1.14's chunked_nll, trl-chunked, as trl
   1.14.0 patches it; run file `calibration/h100/run36-trl3.jsonl`, not measured yet): its
   points name as `base` their torch twins of h100-trl2 (TWIN_MATRICES), measured in run 35.
+- `calibration/matrices/h100-kbit3.json` (QLoRA as axolotl and LLaMA-Factory prepare it:
+  kbit_prep false, fp32 adapters, the worker's `prep`; run file
+  `calibration/h100/run38-kbit3.jsonl`, not measured yet): each trainer-prepared point
+  (non-reentrant checkpointing) names its kbit-prepared twin as `base`; each reentrant
+  point (the trainers' default, not modelled: the same prediction) names the
+  non-reentrant one, so its effect is what reentrant checkpointing does.
 
 For each point: peak allocated, reserved and device (NVML process peak, compared with the
 predicted device less the predicted resident paged bytes, as bench/accuracy_h200.py does)
@@ -55,6 +61,9 @@ MATRICES = {
     "h100-trlprep.json": ("h100-trlprep-predictions.json", ("run35-trlprep.jsonl",)),
     # TRL 1.4-1.14 SFTTrainer's chunked_nll (calibration/design_trl.py --trl3)
     "h100-trl3.json": ("h100-trl3-predictions.json", ("run36-trl3.jsonl",)),
+    # QLoRA as axolotl / LLaMA-Factory prepare it (kbit_prep False, fp32 adapters; the
+    # worker's prep) and twins; calibration/design_kbit3.py
+    "h100-kbit3.json": ("h100-kbit3-predictions.json", ("run38-kbit3.jsonl",)),
 }
 # matrix -> the matrix whose measured points its `base` twins are
 TWIN_MATRICES = {"h100-trl3.json": "h100-trl2.json"}
@@ -87,7 +96,11 @@ def technique(point_id: str, plan: Any) -> str:
             "ckoff": "offload checkpoints", "nogc": "offload all",
             "alloff": "offload all", "chunked": f"loss {plan.loss_kernel}",
             "fused": "loss trl-fused", "torch": "none (twin)",
-            "trl": "TRL prep (no kbit prep, bf16 adapters)"}.get(tag, tag)
+            "trl": "TRL prep (no kbit prep, bf16 adapters)",
+            "axolotl": "axolotl prep",
+            "llamafactory": "LLaMA-Factory prep",
+            "axolotlre": "axolotl prep, reentrant",
+            "llamafactoryre": "LLaMA-Factory prep, reentrant"}.get(tag, tag)
 
 
 def host_measured(m: dict[str, Any]) -> int | None:

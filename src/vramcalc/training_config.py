@@ -383,9 +383,10 @@ def _axolotl_kbit(m: _Mapper) -> None:
             m.set(name, value, why[name])
         m.notes.append("axolotl on a quantized base: prepare_model_for_kbit_training, then "
                        "the norms, embeddings and lm_head back to the load dtype (planned "
-                       "--no-kbit-prep --adapter-dtype fp32); the biases of quantized "
-                       "layers and MoE router gates stay fp32 (not modelled); not measured "
-                       "on a GPU")
+                       "--no-kbit-prep --adapter-dtype fp32); MoE router gates stay fp32 "
+                       "and the biases of quantized layers are fp32 until bitsandbytes "
+                       "casts them in the first forward (not modelled); not measured on a "
+                       "GPU")
         if autocast is False:
             m.notes.append("peft_autocast_adapter_dtype: false does not change a quantized "
                            "base's adapters (peft makes them fp32)")

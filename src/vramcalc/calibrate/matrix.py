@@ -5,7 +5,9 @@
 
 MATRIX is a JSON list of points (or {"points": [...]}), each:
   {"id": "p1", "spec": catalog name | inline spec dict, "layers": 4 (optional depth cut),
-   "plan": {TrainPlan fields}, "steps": 3, "snapshot": false, "task": "train"}
+   "plan": {TrainPlan fields}, "steps": 3, "snapshot": false, "task": "train",
+   "prep": "peft" | "axolotl" | "llama-factory", "gc_reentrant": true | false (optional:
+   the model prepared as that trainer does it, calibrate/run.py TRAINER_PREPS)}
 A point may name another worker module and its job instead:
   {"id": "i1", "worker": "vramcalc.calibrate.infer_worker", "job": {...},
    "spec": ..., "layers": ..., "reserve_gib": 10}
@@ -125,6 +127,7 @@ def _need_bytes(spec: ModelSpec, plan: TrainPlan, predicted_device: int) -> int:
 
 def load_points(raw_points: list[dict[str, Any]]) -> list[Point]:
     """Resolve specs, depth cuts, plans and predictions; a bad point is kept with `error`."""
+    from vramcalc.calibrate.run import prep_error
     from vramcalc.calibrate.store import Prediction
     from vramcalc.errors import PlanError
     from vramcalc.memory.estimate import estimate
@@ -145,6 +148,10 @@ def load_points(raw_points: list[dict[str, Any]]) -> list[Point]:
                 if point.spec is None:
                     raise ValueError("a train point needs a spec")
                 point.plan = TrainPlan.model_validate(raw.get("plan", {}))
+                why = prep_error(point.plan, str(raw.get("prep", "peft")),
+                                 raw.get("gc_reentrant"))
+                if why is not None:
+                    raise ValueError(why)
                 try:
                     est = estimate(point.spec, point.plan)
                 except PlanError as err:  # predicted not to start: run it to see
@@ -289,6 +296,8 @@ def _job_for(point: Point, device: str, trace_dir: Path | None = None) -> dict[s
             "memory_limit_gib": point.raw.get("memory_limit_gib"),
             "trace_file": _trace_file(point, trace_dir),
             "device": device,
+            "prep": str(point.raw.get("prep", "peft")),
+            "gc_reentrant": point.raw.get("gc_reentrant"),
         }
     job = dict(point.job)
     job["device"] = device
@@ -368,6 +377,8 @@ def _record(point: Point, status: str, measurement: dict[str, Any] | None,
         "wall_s": wall_s,
         "max_running": max_running,
         "timing_grade": max_running == 1,
+        # how the model was prepared (calibrate/run.py TRAINER_PREPS), where the point says
+        **{k: point.raw[k] for k in ("prep", "gc_reentrant") if k in point.raw},
     }
 
 

@@ -182,27 +182,78 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, _TORCH_DTYPES[name])
 
 
-def quant_config(quant: str, compute_dtype: str, double_quant: bool) -> Any:
-    """The BitsAndBytesConfig of a base: None for a 16/32-bit one (quant none)."""
+def quant_config(quant: str, compute_dtype: str, double_quant: bool,
+                 quant_storage: str | None = None) -> Any:
+    """The BitsAndBytesConfig of a base: None for a 16/32-bit one (quant none).
+    `quant_storage`: the dtype the packed 4-bit weights are stored in (bitsandbytes' default
+    uint8 when None; the same bytes either way)."""
     from transformers import BitsAndBytesConfig
 
     if quant == "none":
         return None
     if quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
+    extra = {} if quant_storage is None else {
+        "bnb_4bit_quant_storage": torch_dtype(quant_storage)}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
+        **extra,
     )
 
 
-def _bnb_config(plan: TrainPlan) -> Any:
-    """The quantization config of the plan: None for lora/full (a 16/32-bit base)."""
+# How the model is prepared for training (a worker job's "prep", a matrix point's): "peft"
+# is the worker's own recipe, chosen by the plan's fields (`_wrap_for_method`); "axolotl"
+# and "llama-factory" repeat those trainers' own calls on a 4/8-bit base, the plan they map
+# to being kbit_prep False with fp32 adapters (trainers.AXOLOTL_KBIT, training_config.
+# _axolotl_kbit / _llama_factory). Both trainers checkpoint reentrant by default (axolotl
+# 067b021 utils/config/__init__.py normalize_config: gradient_checkpointing_kwargs
+# {"use_reentrant": True}; LLaMA-Factory ff6d4d1 hparams/model_args.py use_reentrant_gc
+# True); a job's "gc_reentrant" overrides it (their configs' `gradient_checkpointing_kwargs:
+# {use_reentrant: false}` / `use_reentrant_gc: false`). The estimator models non-reentrant
+# checkpointing only (memory/program/step.py), the peft recipe's.
+TRAINER_PREPS = ("peft", "axolotl", "llama-factory")
+_PREP_REENTRANT = {"peft": False, "axolotl": True, "llama-factory": True}
+
+
+def prep_error(plan: TrainPlan, prep: str, gc_reentrant: bool | None) -> str | None:
+    """Why a point cannot be prepared with `prep` (and `gc_reentrant`), or None."""
+    if prep not in TRAINER_PREPS:
+        return f"prep must be one of {', '.join(TRAINER_PREPS)}, got {prep!r}"
+    if prep == "peft":
+        if gc_reentrant:
+            return ("gc_reentrant is for prep axolotl / llama-factory (the peft recipe "
+                    "checkpoints non-reentrant, as the estimator models)")
+        return None
+    if plan.method != "qlora" or plan.kbit_prep or plan.adapter_dtype != "fp32":
+        return (f"prep {prep} prepares a 4/8-bit base as planned with kbit_prep false and "
+                f"adapter_dtype fp32 (method qlora); this plan: method {plan.method}, "
+                f"kbit_prep {str(plan.kbit_prep).lower()}, adapter_dtype {plan.adapter_dtype}")
+    if plan.loop != "trainer" or plan.loss_kernel != "torch" or plan.layout != "padded" \
+            or plan.offload_activations != "none":
+        return (f"prep {prep} is measured under loop trainer with the torch loss, padded "
+                "rows and no offloading (the preparation alone)")
+    if gc_reentrant is not None and not plan.gradient_checkpointing:
+        return "gc_reentrant needs gradient checkpointing"
+    return None
+
+
+def gc_reentrant_of(prep: str, gc_reentrant: bool | None) -> bool:
+    """The use_reentrant a point checkpoints with: the job's, else its trainer's default."""
+    return _PREP_REENTRANT[prep] if gc_reentrant is None else gc_reentrant
+
+
+def _bnb_config(plan: TrainPlan, prep: str = "peft") -> Any:
+    """The quantization config of the plan: None for lora/full (a 16/32-bit base). The
+    trainers store the packed 4-bit weights in bf16 (axolotl 067b021 loaders/model.py
+    `bnb_4bit_quant_storage: torch.bfloat16`; LLaMA-Factory ff6d4d1 model_utils/
+    quantization.py `bnb_4bit_quant_storage=model_args.compute_dtype`)."""
     if plan.method != "qlora":
         return None
-    return quant_config(plan.quant, plan.compute_dtype, plan.double_quant)
+    storage = {"peft": None, "axolotl": "bf16", "llama-factory": plan.compute_dtype}[prep]
+    return quant_config(plan.quant, plan.compute_dtype, plan.double_quant, storage)
 
 
 def lora_target_modules(spec: ModelSpec, plan: TrainPlan) -> Any:
@@ -276,12 +327,12 @@ def _after_optimizer(readings: list[dict[str, int]]) -> None:
 
 
 def _load_model(spec: ModelSpec, plan: TrainPlan, weights_dir: str, on_gpu: bool,
-                trust_remote_code: bool) -> Any:
+                trust_remote_code: bool, prep: str = "peft") -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
         weights_dir,
-        quantization_config=_bnb_config(plan),
+        quantization_config=_bnb_config(plan, prep),
         dtype=torch_dtype(plan.load_dtype),
         device_map={"": 0} if on_gpu else {"": "cpu"},
         attn_implementation=plan.attn,
@@ -289,9 +340,12 @@ def _load_model(spec: ModelSpec, plan: TrainPlan, weights_dir: str, on_gpu: bool
     )
 
 
-def _wrap_for_method(model: Any, spec: ModelSpec, plan: TrainPlan) -> Any:
+def _wrap_for_method(model: Any, spec: ModelSpec, plan: TrainPlan, prep: str = "peft",
+                     gc_reentrant: bool = False) -> Any:
     """prepare_model_for_kbit_training (qlora with kbit_prep), get_peft_model (qlora,
-    lora); full: as is.
+    lora); full: as is. `prep` "axolotl" / "llama-factory": those trainers' own calls
+    (`_axolotl_prepare`, `_llama_factory_prepare`; prep_error has checked the plan),
+    checkpointing with `gc_reentrant`.
 
     lora with checkpointing calls `enable_input_require_grads()` as peft's
     prepare_model_for_kbit_training and TRL's SFTTrainer do, so that checkpointed blocks
@@ -306,8 +360,12 @@ def _wrap_for_method(model: Any, spec: ModelSpec, plan: TrainPlan) -> Any:
     lora_magnitude_vector is cast to it as SFTTrainer casts a quantized model's
     (`param.data = param.data.to(torch.bfloat16)`).
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if prep == "axolotl":
+        return _axolotl_prepare(model, spec, plan, gc_reentrant)
+    if prep == "llama-factory":
+        return _llama_factory_prepare(model, spec, plan, gc_reentrant)
     if plan.kbit_upcast:
         model = prepare_model_for_kbit_training(
             model,
@@ -320,7 +378,17 @@ def _wrap_for_method(model: Any, spec: ModelSpec, plan: TrainPlan) -> Any:
         return model
     if plan.method == "lora" and plan.gradient_checkpointing:
         model.enable_input_require_grads()
-    lora = LoraConfig(
+    model = get_peft_model(model, _lora_config(spec, plan))
+    if plan.method == "qlora" and not plan.kbit_prep and plan.gradient_checkpointing:
+        model.enable_input_require_grads()
+    cast_adapters(model, plan.adapter_dtype)
+    return model
+
+
+def _lora_config(spec: ModelSpec, plan: TrainPlan) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=plan.rank,
         lora_alpha=plan.alpha,
         lora_dropout=plan.lora_dropout,
@@ -329,10 +397,138 @@ def _wrap_for_method(model: Any, spec: ModelSpec, plan: TrainPlan) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
-    if plan.method == "qlora" and not plan.kbit_prep and plan.gradient_checkpointing:
-        model.enable_input_require_grads()
-    cast_adapters(model, plan.adapter_dtype)
+
+
+# axolotl 067b021 src/axolotl/loaders/utils.py get_linear_embedding_layers (by model_type;
+# every other type: embed_tokens, lm_head)
+_AXOLOTL_EMBEDDINGS = {"gpt_neox": ("embed_in", "embed_out"),
+                       "falcon": ("word_embeddings", "lm_head"),
+                       "nemotron_h": ("embeddings", "lm_head")}
+
+
+def _axolotl_convert(model: Any, embeddings: tuple[str, ...], dtype: Any,
+                     before_kbit: bool) -> None:
+    """axolotl 067b021 loaders/model.py ModelLoader._convert_embedding_modules_dtype (no
+    fp32_norms, no lora_on_cpu, not btlm): every module with "norm" in its name to `dtype`;
+    before the kbit preparation also every router `.gate`; the embedding modules too."""
+    for name, module in model.named_modules():
+        if "norm" in name:
+            module.to(dtype)
+        if before_kbit and name.endswith(".gate"):
+            module.to(dtype)
+        if any(m in name for m in embeddings) and hasattr(module, "weight"):
+            module.to(dtype=dtype)
+
+
+def _axolotl_prepare(model: Any, spec: ModelSpec, plan: TrainPlan, reentrant: bool) -> Any:
+    """A quantized base as axolotl 067b021 prepares it for adapter lora / qlora with
+    load_in_4bit / load_in_8bit, one GPU, no FSDP / DeepSpeed (src/axolotl/loaders/model.py
+    ModelLoader.load -> _apply_post_model_load_setup -> _configure_embedding_dtypes, then
+    _load_adapters -> loaders/adapter.py load_lora, then _apply_post_lora_load_setup):
+
+    1. `_convert_embedding_modules_dtype(float32, before_kbit_train_or_finetune=True)`: the
+       norms, routers and embed_tokens / lm_head to fp32;
+    2. with gradient checkpointing, `gradient_checkpointing_enable(gradient_checkpointing_
+       kwargs=cfg.gradient_checkpointing_kwargs)` ({"use_reentrant": True} unless the
+       config says otherwise);
+    3. `_prepare_model_for_quantization`: peft `prepare_model_for_kbit_training(model,
+       use_gradient_checkpointing=cfg.gradient_checkpointing)` (every remaining 16-bit
+       parameter, e.g. the quantized layers' biases, to fp32; input grads);
+    4. `_convert_embedding_modules_dtype(cfg.torch_dtype, False)` (adapter lora / qlora:
+       needs_fa2_dtype): the norms and embed_tokens / lm_head back to the load dtype (the
+       routers and biases stay fp32);
+    5. load_lora: `get_peft_model(model, lora_config)` (autocast_adapter_dtype: fp32
+       adapters), no cast of them;
+    6. `gc.collect(); torch.cuda.empty_cache()` three times.
+    The Trainer then checkpoints with the same kwargs (core/builders/base.py
+    _configure_gradient_checkpointing; `measure_point`'s TrainingArguments)."""
+    import gc
+
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    embeddings = _AXOLOTL_EMBEDDINGS.get(spec.model_type, ("embed_tokens", "lm_head"))
+    _axolotl_convert(model, embeddings, torch.float32, True)
+    if plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=plan.gradient_checkpointing)
+    _axolotl_convert(model, embeddings, torch_dtype(plan.load_dtype), False)
+    model = get_peft_model(model, _lora_config(spec, plan))
+    for _ in range(3):
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return model
+
+
+def _checkpointed_module(func: Any) -> Any:
+    """The layer a GradientCheckpointingLayer hands to its checkpoint function:
+    LLaMA-Factory reads `func.func.__self__` (transformers <= 5.8 pass `partial(super().
+    __call__, **kwargs)`); later ones pass `partial(forward, self, **kwargs)` (transformers
+    5.25 modeling_layers.py), whose layer is the partial's first argument."""
+    from functools import partial
+
+    target = func.func if isinstance(func, partial) else func
+    module = getattr(target, "__self__", None)
+    if module is None and isinstance(func, partial) and func.args:
+        module = func.args[0]
+    return module
+
+
+def llama_factory_checkpoint_func(reentrant: bool) -> Any:
+    """LLaMA-Factory ff6d4d1 model/model_utils/checkpointing.py
+    get_custom_gradient_checkpointing_func over `partial(checkpoint, use_reentrant=...)`:
+    a layer with a trainable parameter is checkpointed, its first floating tensor argument
+    (the hidden states) made to require grad first; a layer without one runs as is."""
+    from functools import partial
+
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    inner = partial(checkpoint, use_reentrant=reentrant)
+
+    def custom_gradient_checkpointing_func(func: Any, *args: Any, **kwargs: Any) -> Any:
+        module = _checkpointed_module(func)
+        if any(param.requires_grad for param in module.parameters()):
+            for arg in args:
+                if torch.is_tensor(arg) and torch.is_floating_point(arg):
+                    arg.requires_grad_(True)
+                    break
+            return inner(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    return custom_gradient_checkpointing_func
+
+
+def _llama_factory_prepare(model: Any, spec: ModelSpec, plan: TrainPlan,
+                           reentrant: bool) -> Any:
+    """A quantized base as LLaMA-Factory ff6d4d1 prepares it for LoRA (src/llamafactory/
+    model/loader.py load_model: patcher.py patch_model, then adapter.py init_adapter):
+
+    1. model_utils/checkpointing.py prepare_model_for_training: no norm upcast
+       (upcast_layernorm false); with gradient checkpointing (disable_gradient_checkpointing
+       false) its own `_gradient_checkpointing_enable` installs
+       `llama_factory_checkpoint_func` through `_set_gradient_checkpointing(enable=True,
+       gradient_checkpointing_func=...)` (no enable_input_require_grads: the function makes
+       the hidden states require grad) and sets config.use_cache False; no lm_head output
+       hook (upcast_lmhead_output false). No prepare_model_for_kbit_training anywhere.
+    2. init_adapter -> _setup_lora_tuning: `get_peft_model(model, peft_config)`, then
+       every trainable parameter to fp32 (cast_trainable_params_to_fp32: not pure_bf16).
+    The HF Trainer does not checkpoint again (TrainingArguments.gradient_checkpointing
+    stays False: `measure_point`)."""
+    import torch
+    from peft import get_peft_model
+
+    if plan.gradient_checkpointing:
+        model._set_gradient_checkpointing(
+            enable=True, gradient_checkpointing_func=llama_factory_checkpoint_func(reentrant))
+        model.config.use_cache = False
+    model = get_peft_model(model, _lora_config(spec, plan))
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.float32)
     return model
 
 
@@ -522,6 +718,8 @@ def measure_point(
     memory_limit_gib: float | None = None,
     trace_file: str | None = None,
     poll_nvml: bool = True,
+    prep: str = "peft",
+    gc_reentrant: bool | None = None,
 ) -> dict[str, Any]:
     """Run `plan` for `steps` optimizer steps and return every reading.
 
@@ -547,6 +745,11 @@ def measure_point(
     median over the steps after the first (`step_seconds()`). `poll_nvml=False` leaves the
     NVML polling thread off (a timing run: the thread takes the GIL every 5 ms; device
     peaks are then not read).
+
+    `prep`: how the model is prepared (TRAINER_PREPS: the worker's peft recipe, or as
+    axolotl / LLaMA-Factory do it), checkpointing reentrant or not as `gc_reentrant` says
+    (None: that trainer's default); a point they do not apply to is a result
+    (`cannot_start`, prep_error). Both are returned with the readings.
     """
     import torch
     import transformers
@@ -564,7 +767,12 @@ def measure_point(
         "method": plan.method,
         "loop": plan.loop,
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+        "prep": prep,
     }
+    prep_why = prep_error(plan, prep, gc_reentrant)
+    reentrant = False if prep_why else gc_reentrant_of(prep, gc_reentrant)
+    if plan.gradient_checkpointing:
+        result["gc_reentrant"] = reentrant
     readings: list[dict[str, int]] = []
     forward_marks: list[dict[str, int]] = []
     t0 = time.perf_counter()
@@ -597,6 +805,11 @@ def measure_point(
     trainer: Any = None
     optimizer: Any = None
     try:
+        if prep_why is not None:
+            result["error"] = prep_why
+            result["cannot_start"] = True
+            result["error_phase"] = phase
+            raise _Stop
         if weights_dir is None:
             from vramcalc.calibrate.weights import save_random_weights
 
@@ -604,11 +817,11 @@ def measure_point(
             save_random_weights(spec, tmp.name, device="cpu")
             weights_dir = tmp.name
         try:
-            model = _load_model(spec, plan, weights_dir, on_gpu, trust_remote_code)
+            model = _load_model(spec, plan, weights_dir, on_gpu, trust_remote_code, prep)
             log.mark("after_load")
             result["static_after_load"] = static_tensor_bytes(model)
             phase = "prepare"
-            model = _wrap_for_method(model, spec, plan)
+            model = _wrap_for_method(model, spec, plan, prep, reentrant)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as err:  # peft/transformers refused the setup: a result
@@ -684,8 +897,9 @@ def measure_point(
             bf16=on_gpu and plan.compute_dtype == "bf16",
             fp16=on_gpu and plan.compute_dtype == "fp16",
             optim=plan.optimizer,
-            gradient_checkpointing=plan.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            # LLaMA-Factory's model checkpoints itself (_llama_factory_prepare)
+            gradient_checkpointing=plan.gradient_checkpointing and prep != "llama-factory",
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant},
             logging_strategy="no",
             save_strategy="no",
             report_to=[],

@@ -1,7 +1,8 @@
 """`python -m vramcalc.calibrate.worker JOB`: measure one training point in this process.
 
 JOB is a JSON object or the path of a file holding one: {"spec": ModelSpec fields, "plan":
-TrainPlan fields, "weights_dir", "steps", "device", "snapshot", "trace_file", "trust_remote_code"}.
+TrainPlan fields, "weights_dir", "steps", "device", "snapshot", "trace_file", "trust_remote_code",
+"prep", "gc_reentrant"} (prep: how the model is prepared, calibrate/run.py TRAINER_PREPS).
 Run once per point by the matrix driver, so every peak starts from a clean process.
 Prints one JSON object on the last line of stdout.
 
@@ -48,6 +49,8 @@ def main(argv: list[str]) -> int:
         snapshot=bool(job.get("snapshot", False)),
         memory_limit_gib=job.get("memory_limit_gib"),
         trace_file=job.get("trace_file"),
+        prep=str(job.get("prep", "peft")),
+        gc_reentrant=job.get("gc_reentrant"),
     )
     sys.stdout.write("\n" + json.dumps(result) + "\n")
     sys.stdout.flush()
