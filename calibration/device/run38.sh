@@ -7,7 +7,12 @@
 # bf16 weights in the cache), at most 3 at once within --gpu-budget-gib 76 (110 on an H200).
 # From the repo root with `carry: [".whl/trl"]` (peft 0.21.0, bitsandbytes 0.50.2 with its
 # cuda130/132 libraries, pydantic and its parts; trl and datasets ride along unused).
-# TOTAL seconds (default 300) bound the call; everything goes into $OUT/run38.tar.gz.
+# Phase 1, before it, alone on the GPU: the pre-registered time pairs h100-lorapair
+# (calibration/design_time.py matrix_pairs; predictions in h100-lorapair-predictions.json,
+# committed before any run; docs/time-model.md "LoRA vs full fine-tuning on a small
+# model"), serial, within LP seconds (default 150).
+# TOTAL seconds (default 300, phase 1 not counted) bound the kbit3 phase; everything goes
+# into $OUT/run38.tar.gz.
 set -u
 S=$(date +%s)
 TOTAL=${TOTAL:-300}
@@ -24,6 +29,14 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'acc
       accelerate.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__,
       'pydantic', pydantic.__version__, 'preps', TRAINER_PREPS)" > $R/versions.txt 2>&1 \
     || { cat $R/versions.txt; exit 1; }
+LP=${LP:-150}
+echo "lorapair deadline $LP s"
+python3 -m vramcalc.calibrate.matrix calibration/matrices/h100-lorapair.json --out $R/run38-lorapair.jsonl \
+    --weights-cache /tmp/wl --max-parallel 1 --build-parallel 4 --gpu-budget-gib 75 --deadline-s $LP \
+    --point-timeout-s 120 > $R/run38-lorapair.log 2>&1
+rm -rf /tmp/wl
+tail -6 $R/run38-lorapair.log
+S=$(date +%s)
 MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 if [ "$MEM" -gt 100000 ]; then B=110; else B=76; fi  # an H200 if one comes instead
 DL=$((TOTAL - $(date +%s) + S - 20))
