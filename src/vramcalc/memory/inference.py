@@ -36,6 +36,7 @@ from vramcalc.memory.allocator.replay import (
     SMALL_SIZE,
 )
 from vramcalc.memory.effective import attention_impl, effective_load_plan
+from vramcalc.memory.program.activations import OUTLIER_ROLES, int8_outlier_fraction
 from vramcalc.memory.program.kv_cache import CUBLAS_WORKSPACE_INFER, cached_len, kv_token_bytes
 from vramcalc.memory.program.trainable import lora_targets, lora_tensor_numels
 from vramcalc.memory.program.weights import (
@@ -178,12 +179,14 @@ def adapter_param_count(spec: ModelSpec, lora: TrainPlan) -> int:
 # ---- the prefill's live tensors ------------------------------------------------------------
 
 
-def linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, wrapped: bool) -> int:
+def linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, wrapped: bool,
+                outliers: float = 0.0) -> int:
     """Peak bytes alive inside one Linear call, its output included, its input not.
 
     bitsandbytes `matmul_4bit` (more than one token): `MatMul4Bit` dequantizes the weight
     to the compute dtype (out x in) for `F.linear`; a single token (decode, batch 1) takes
-    the gemv path without it. int8: the int8 copy of x and the int32 product.
+    the gemv path without it. int8: `_int8_linear_peak`, `outliers` the share of x's
+    columns kept as subA (activations.int8_outlier_fraction on the down projection).
     Unmerged LoRA (peft 0.21 tuners/lora/bnb.py `Linear4bit.forward`):
     `result = self.base_layer(x).clone()` (the base output is freed once cloned), then
     `x = self._cast_input_dtype(x, lora_A.weight.dtype)` (alive until the call returns),
@@ -201,7 +204,7 @@ def linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, wrapped: bool) -
                                                              lin.in_features):
         base += rounded(lin.weight_numel * c)
     elif plan.quant == "int8":
-        base += rounded(tokens * lin.in_features) + rounded(tokens * lin.out_features * 4)
+        base = _int8_linear_peak(tokens, lin, plan, c, outliers)
     if not wrapped or plan.merged:
         return base
     a = _dtype_bytes(plan.adapter_dtype)
@@ -210,6 +213,25 @@ def linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, wrapped: bool) -
             + rounded(tokens * plan.rank * a)
             + 2 * rounded(tokens * lin.out_features * max(a, c)))
     return max(base, clone, lora)
+
+
+def _int8_linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, c: int,
+                      outliers: float) -> int:
+    """The larger of bnb MatMul8bitLt's stretches under no_grad (bitsandbytes 0.50.2;
+    program.infer._int8_matmul has the order): quantizing x (its fp16 copy unless fp16,
+    the row stats, the int8 rows CA, `A.abs()` and its `>= threshold` bool), the product
+    (CA, the `outliers` share of x's columns as subA and their weight columns as subB,
+    the int32 product, its fp16 dequant and the cast to the compute dtype) and the
+    outliers' `addmm` (a second output)."""
+    t, i, o = tokens, lin.in_features, lin.out_features
+    fp16 = plan.compute_dtype == "fp16"
+    ca = rounded(t * i)
+    quant = (0 if fp16 else rounded(t * i * 2)) + rounded(t * 4) + ca + rounded(t * i * 2) + ca
+    cols = int(outliers * i)
+    out_c = rounded(t * o * c)
+    sub = rounded(t * cols * c) + rounded(o * cols * c) if cols else 0
+    product = ca + sub + rounded(t * o * 4) + rounded(t * o * 2) + (0 if fp16 else out_c)
+    return max(quant, product, ca + sub + 2 * out_c if cols else 0)
 
 
 def _attention_peak(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int,
@@ -289,7 +311,9 @@ def layer_live_bytes(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int)
     h_c = rounded(tokens * spec.hidden_size * c)
     targets = {lin.name for lin in lora_targets(spec, plan.lora_plan())} if not plan.merged \
         else set()
-    peak = {lin.role: linear_peak(tokens, lin, plan, lin.name in targets)
+    outliers = int8_outlier_fraction(spec, tokens) if plan.quant == "int8" else 0.0
+    peak = {lin.role: linear_peak(tokens, lin, plan, lin.name in targets,
+                                  outliers if lin.role in OUTLIER_ROLES else 0.0)
             for lin in spec.block_linears()}
     norm_tmp = 2 * rounded(tokens * spec.hidden_size * 4)
     attn = h_c + max(h_c + _attention_peak(spec, plan, tokens, kv_len, peak), norm_tmp)
