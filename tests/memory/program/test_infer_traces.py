@@ -3,9 +3,10 @@ points (calibration/h100/run29 ik08 llama-2-7b nf4 sdpa b4 p128; run32 il03 gemm
 eager b4 p4096, whose reserved memory the program under-predicted by 19 % before the
 program followed the trace; run34 ih04 phi-3-mini nf4 sdpa b4 p512, over by 10.1 % before
 phi-3's views and copies and the descending segment addresses; run 34b ip00 gemma-2-9b nf4
-eager b1 p4096, over by 17.1 % before the adapter was read from its file): the requests in
-the recorded order, and the segments and peaks they leave on the simulated caching
-allocator."""
+eager b1 p4096, over by 17.1 % before the adapter was read from its file; run 36 ik09
+qwen2.5-7b int8 sdpa b8 p8192, under by 6.8 % before int8's no-grad matmul chain): the
+requests in the recorded order, and the segments and peaks they leave on the simulated
+caching allocator."""
 
 from __future__ import annotations
 
