@@ -217,21 +217,26 @@ def linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, wrapped: bool,
 
 def _int8_linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, c: int,
                       outliers: float) -> int:
-    """The larger of bnb MatMul8bitLt's stretches under no_grad (bitsandbytes 0.50.2;
-    program.infer._int8_matmul has the order): quantizing x (its fp16 copy unless fp16,
-    the row stats, the int8 rows CA, `A.abs()` and its `>= threshold` bool), the product
-    (CA, the `outliers` share of x's columns as subA and their weight columns as subB,
-    the int32 product, its fp16 dequant and the cast to the compute dtype) and the
-    outliers' `addmm` (a second output)."""
+    """The largest of bnb MatMul8bitLt's stretches under no_grad (bitsandbytes 0.50.2;
+    program.infer._int8_matmul has the order), each next to the row stats and the int8
+    rows CA: quantizing x (its fp16 copy unless fp16, `A.abs()` and its `>= threshold`
+    bool); dequantizing the outlier columns' weights (subA, the `outliers` share of x's
+    columns, the int8 columns and two fp32 products); the product (subA, subB, the int32
+    product, its fp16 dequant and the cast to the compute dtype); the outliers' `addmm`
+    (a second output)."""
     t, i, o = tokens, lin.in_features, lin.out_features
     fp16 = plan.compute_dtype == "fp16"
-    ca = rounded(t * i)
-    quant = (0 if fp16 else rounded(t * i * 2)) + rounded(t * 4) + ca + rounded(t * i * 2) + ca
+    held = rounded(t * 4) + rounded(t * i)  # row stats, CA
+    quant = (0 if fp16 else rounded(t * i * 2)) + rounded(t * i * 2) + rounded(t * i)
     cols = int(outliers * i)
     out_c = rounded(t * o * c)
-    sub = rounded(t * cols * c) + rounded(o * cols * c) if cols else 0
-    product = ca + sub + rounded(t * o * 4) + rounded(t * o * 2) + (0 if fp16 else out_c)
-    return max(quant, product, ca + sub + 2 * out_c if cols else 0)
+    product = rounded(t * o * 4) + rounded(t * o * 2) + (0 if fp16 else out_c)
+    if not cols:
+        return held + max(quant, product)
+    sub_a = rounded(t * cols * c)
+    sub_b = rounded(o * cols * c)
+    dequant = sub_a + rounded(o * cols) + 2 * rounded(o * cols * 4)
+    return held + max(quant, dequant, sub_a + sub_b + product, sub_a + sub_b + 2 * out_c)
 
 
 def _attention_peak(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int,
