@@ -179,7 +179,11 @@ def report(records_path: Path | tuple[Path, ...], matrix_path: Path, title: str)
               f"{m['alloc'] / GiB:8.2f} {pre['peak_allocated_bytes'] / GiB:8.2f} "
               f"{now.peak_allocated_bytes / GiB:8.2f} {pct(e_pre['alloc'])} "
               f"{pct(e_now['alloc'])} {pct(e_pre['reserved']):>8} {pct(e_now['reserved']):>8} "
-              f"{pct(e_pre['device']):>8} {pct(e_now['device']):>8} {now.peak_phase}")
+              f"{pct(e_pre['device']):>8} {pct(e_now['device']):>8} {now.peak_phase}"
+              # cudaMalloc failed and the allocator freed its cache to retry: the GPU was
+              # shared and short, so the reserved bytes are not those of plentiful memory
+              + (f" (alloc retries {meas['num_alloc_retries']}: reserved under pressure)"
+                 if meas.get("num_alloc_retries") else ""))
     print()
     for who, label in (("pre", "pre-registered"), ("now", "current model")):
         for k in keys:

@@ -7,6 +7,7 @@
     python calibration/design_infer.py holdout5 > calibration/matrices/h200-infer-holdout5.json
     python calibration/design_infer.py holdout6 > calibration/matrices/h100-infer-holdout6.json
     python calibration/design_infer.py holdout7 > calibration/matrices/h100-infer-holdout7.json
+    python calibration/design_infer.py holdout8 > calibration/matrices/h100-infer-holdout8.json
 
 24 generate() points and 3 merges drawn at random (seed 40) over 7 architectures (MHA and
 GQA, 32k-256k vocabularies), batch 1-64, prompt 128-32k, new tokens 1-2048, nf4 and bf16
@@ -52,6 +53,9 @@ def main() -> None:
         return
     if sys.argv[1:] == ["holdout7"]:
         holdout7()
+        return
+    if sys.argv[1:] == ["holdout8"]:
+        holdout8()
         return
     rng = random.Random(40)
     points = []
@@ -201,6 +205,33 @@ def holdout7() -> None:
                    "predictions made before any measurement of these points", points)
 
 
+# holdout 8's full-depth models: none in holdouts 6-7, each cached in bf16 at <= 5 GiB
+FULL_DEPTH_8 = ["tinyllama-1.1b", "qwen3-1.7b", "gemma-2b"]
+
+
+def holdout8() -> None:
+    """Inference holdout 8, pre-registered after run 36's trace of ik09 (bitsandbytes'
+    no-grad int8 matmul chain, program.infer._int8_matmul): seed 48, 8 generate() points,
+    6 of them int8: 3 at 4 layers over architectures no inference holdout 6-7 point used
+    (mistral-nemo-12b, qwen2.5-14b, gemma-7b) and 3 at full depth over FULL_DEPTH_8
+    (tinyllama-1.1b, qwen3-1.7b, gemma-2b); then 2 nf4 / 16-bit points at 4 layers
+    (phi-3-medium, qwen3-14b). Batches and prompt lengths are ones holdouts 6-7 did not draw
+    (batch 3-24, prompt 768-12288); sized like holdouts 4-7 (estimated peak device <= 20
+    GiB, batch x new tokens <= 4096). The drawn points' weights caches (bf16 checkpoints,
+    one per model and depth) total 28.2 GiB."""
+    rng = random.Random(48)
+    sizes = {"batch_size": [3, 5, 12, 24], "prompt_len": [768, 1536, 3072, 6144, 12288],
+             "new_tokens": [64, 128, 256, 384]}
+    points = _generate_draws(rng, "ir", 6, 3, ["mistral-nemo-12b", "qwen2.5-14b", "gemma-7b"],
+                             {**sizes, "quant": ["int8"], "rank": [8, 16, 64]},
+                             max_batch_tokens=4096, max_device_gib=20, full_depth=FULL_DEPTH_8)
+    points += _generate_draws(rng, "ir", 2, 2, ["phi-3-medium", "qwen3-14b"],
+                              {**sizes, "quant": ["nf4", "none"], "rank": [8, 16, 64]},
+                              max_batch_tokens=4096, max_device_gib=20, start=len(points))
+    _print_holdout("pre-registered inference holdout 8 (after run 36's int8 trace): "
+                   "predictions made before any measurement of these points", points)
+
+
 def _print_holdout(note: str, points: list[dict]) -> None:
     """A holdout's matrix on stdout: its note and its points."""
     json.dump({"note": note, "points": points}, sys.stdout, indent=1)
@@ -209,15 +240,18 @@ def _print_holdout(note: str, points: list[dict]) -> None:
 
 def _generate_draws(rng: random.Random, prefix: str, n: int, cut: int, archs: list[str],
                     choices: dict[str, list], max_batch_tokens: int,
-                    max_device_gib: int) -> list[dict]:
+                    max_device_gib: int, full_depth: list[str] | None = None,
+                    start: int = 0) -> list[dict]:
     """`n` generate() points drawn by `rng`: the first `cut` at 4 layers over `archs` in
-    turn, the rest at full depth over FULL_DEPTH; each plan key drawn from its `choices` in
-    order; a draw whose batch x new tokens passes `max_batch_tokens` or whose estimated
-    peak device passes `max_device_gib` is drawn again."""
+    turn, the rest at full depth over `full_depth` (FULL_DEPTH unless given); each plan key
+    drawn from its `choices` in order; a draw whose batch x new tokens passes
+    `max_batch_tokens` or whose estimated peak device passes `max_device_gib` is drawn
+    again. Ids are `prefix` and the point's number from `start`."""
+    full_depth = FULL_DEPTH if full_depth is None else full_depth
     points: list[dict] = []
     while len(points) < n:
         full = len(points) >= cut
-        name = (FULL_DEPTH[rng.randrange(len(FULL_DEPTH))] if full
+        name = (full_depth[rng.randrange(len(full_depth))] if full
                 else archs[len(points) % len(archs)])
         layers = None if full else 4
         spec = get_spec(name) if full else depth_cut(get_spec(name), 4)
@@ -228,8 +262,8 @@ def _generate_draws(rng: random.Random, prefix: str, n: int, cut: int, archs: li
         if est.peak_device_bytes > max_device_gib * GiB:
             continue
         tag = "full" if full else "4L"
-        points.append(_point(f"{prefix}{len(points):02d}-{name}-{tag}", name, "infer", plan,
-                             est, layers))
+        points.append(_point(f"{prefix}{start + len(points):02d}-{name}-{tag}", name, "infer",
+                             plan, est, layers))
     return points
 
 

@@ -395,3 +395,37 @@ def test_required_never_falls_when_the_work_grows_by_one() -> None:
         after = estimate_inference(spec, InferPlan(**{**fields, grown: fields[grown] + 1}))
         assert after.required_device_bytes >= before.required_device_bytes, (model, fields,
                                                                              grown)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_int8_linear_peak_is_the_programs(dtype: str) -> None:
+    """The phase formula's int8 Linear (linear_peak, the searches' first guess) holds the
+    largest live set of the program's MatMul8bitLt chain (program.infer._int8_matmul):
+    the fp16 copy of x only off fp16, the cast of the output only off fp16, the down
+    projection's subA / subB / addmm at its outlier fraction. Before the chain it counted
+    the int8 rows and the int32 product only."""
+    from itertools import count
+
+    from vramcalc.memory.allocator.replay import round_size
+    from vramcalc.memory.program.activations import OUTLIER_ROLES, int8_outlier_fraction
+    from vramcalc.memory.program.infer import _Emit, _int8_matmul, _shape
+    from vramcalc.models.spec import depth_cut
+
+    spec = depth_cut(get_spec("llama-3.1-8b"), 2)
+    plan = InferPlan(quant="int8", compute_dtype=dtype, merged=True)
+    tokens = 32768
+    shape = _shape(spec, plan)
+    for lin in spec.block_linears():
+        e = _Emit(count(1))
+        _int8_matmul(e, shape, lin, tokens)
+        live: dict[int, int] = {}
+        peak = 0
+        for tid, size in e.out:
+            if size:
+                live[tid] = round_size(size)
+            else:
+                del live[tid]
+            peak = max(peak, sum(live.values()))
+        outliers = int8_outlier_fraction(spec, tokens) if lin.role in OUTLIER_ROLES else 0.0
+        assert linear_peak(tokens, lin, plan, False, outliers) == peak, lin.role
+    assert any(lin.role in OUTLIER_ROLES for lin in spec.block_linears())

@@ -36,6 +36,7 @@ from vramcalc.memory.allocator.replay import (
     SMALL_SIZE,
 )
 from vramcalc.memory.effective import attention_impl, effective_load_plan
+from vramcalc.memory.program.activations import OUTLIER_ROLES, int8_outlier_fraction
 from vramcalc.memory.program.kv_cache import CUBLAS_WORKSPACE_INFER, cached_len, kv_token_bytes
 from vramcalc.memory.program.trainable import lora_targets, lora_tensor_numels
 from vramcalc.memory.program.weights import (
@@ -178,12 +179,14 @@ def adapter_param_count(spec: ModelSpec, lora: TrainPlan) -> int:
 # ---- the prefill's live tensors ------------------------------------------------------------
 
 
-def linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, wrapped: bool) -> int:
+def linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, wrapped: bool,
+                outliers: float = 0.0) -> int:
     """Peak bytes alive inside one Linear call, its output included, its input not.
 
     bitsandbytes `matmul_4bit` (more than one token): `MatMul4Bit` dequantizes the weight
     to the compute dtype (out x in) for `F.linear`; a single token (decode, batch 1) takes
-    the gemv path without it. int8: the int8 copy of x and the int32 product.
+    the gemv path without it. int8: `_int8_linear_peak`, `outliers` the share of x's
+    columns kept as subA (activations.int8_outlier_fraction on the down projection).
     Unmerged LoRA (peft 0.21 tuners/lora/bnb.py `Linear4bit.forward`):
     `result = self.base_layer(x).clone()` (the base output is freed once cloned), then
     `x = self._cast_input_dtype(x, lora_A.weight.dtype)` (alive until the call returns),
@@ -201,7 +204,7 @@ def linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, wrapped: bool) -
                                                              lin.in_features):
         base += rounded(lin.weight_numel * c)
     elif plan.quant == "int8":
-        base += rounded(tokens * lin.in_features) + rounded(tokens * lin.out_features * 4)
+        base = _int8_linear_peak(tokens, lin, plan, c, outliers)
     if not wrapped or plan.merged:
         return base
     a = _dtype_bytes(plan.adapter_dtype)
@@ -210,6 +213,30 @@ def linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, wrapped: bool) -
             + rounded(tokens * plan.rank * a)
             + 2 * rounded(tokens * lin.out_features * max(a, c)))
     return max(base, clone, lora)
+
+
+def _int8_linear_peak(tokens: int, lin: LinearShape, plan: InferPlan, c: int,
+                      outliers: float) -> int:
+    """The largest of bnb MatMul8bitLt's stretches under no_grad (bitsandbytes 0.50.2;
+    program.infer._int8_matmul has the order), each next to the row stats and the int8
+    rows CA: quantizing x (its fp16 copy unless fp16, `A.abs()` and its `>= threshold`
+    bool); dequantizing the outlier columns' weights (subA, the `outliers` share of x's
+    columns, the int8 columns and two fp32 products); the product (subA, subB, the int32
+    product, its fp16 dequant and the cast to the compute dtype); the outliers' `addmm`
+    (a second output)."""
+    t, i, o = tokens, lin.in_features, lin.out_features
+    fp16 = plan.compute_dtype == "fp16"
+    held = rounded(t * 4) + rounded(t * i)  # row stats, CA
+    quant = (0 if fp16 else rounded(t * i * 2)) + rounded(t * i * 2) + rounded(t * i)
+    cols = int(outliers * i)
+    out_c = rounded(t * o * c)
+    product = rounded(t * o * 4) + rounded(t * o * 2) + (0 if fp16 else out_c)
+    if not cols:
+        return held + max(quant, product)
+    sub_a = rounded(t * cols * c)
+    sub_b = rounded(o * cols * c)
+    dequant = sub_a + rounded(o * cols) + 2 * rounded(o * cols * 4)
+    return held + max(quant, dequant, sub_a + sub_b + product, sub_a + sub_b + 2 * out_c)
 
 
 def _attention_peak(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int,
@@ -289,7 +316,9 @@ def layer_live_bytes(spec: ModelSpec, plan: InferPlan, tokens: int, kv_len: int)
     h_c = rounded(tokens * spec.hidden_size * c)
     targets = {lin.name for lin in lora_targets(spec, plan.lora_plan())} if not plan.merged \
         else set()
-    peak = {lin.role: linear_peak(tokens, lin, plan, lin.name in targets)
+    outliers = int8_outlier_fraction(spec, tokens) if plan.quant == "int8" else 0.0
+    peak = {lin.role: linear_peak(tokens, lin, plan, lin.name in targets,
+                                  outliers if lin.role in OUTLIER_ROLES else 0.0)
             for lin in spec.block_linears()}
     norm_tmp = 2 * rounded(tokens * spec.hidden_size * 4)
     attn = h_c + max(h_c + _attention_peak(spec, plan, tokens, kv_len, peak), norm_tmp)

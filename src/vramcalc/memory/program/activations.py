@@ -165,6 +165,8 @@ def _base_linear_saved(spec: ModelSpec, plan: TrainPlan, sources: set[str] | Non
 # `_init_weights`: Linear weights ~ N(0, initializer_range^2), zero biases, unit norm
 # weights) it follows from the shapes; see `int8_outlier_fraction`.
 INT8_THRESHOLD = 6.0  # transformers BitsAndBytesConfig llm_int8_threshold default
+# Linears whose input carries int8 outlier columns (the MLP's down projection input)
+OUTLIER_ROLES = frozenset({"down", "fc2"})
 # initializer_range of transformers' config classes where it is not 0.02
 # (configuration_starcoder2.py Starcoder2Config); a config.json's own value wins.
 _INIT_STD_DEFAULTS = {"starcoder2": 0.018042}

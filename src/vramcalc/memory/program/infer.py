@@ -15,16 +15,18 @@ The program (one request per tensor of at least `load_requests.MIN_REQUEST` byte
    fp32 temporaries and, at that first matmul, the cuBLAS workspace (torch
    CublasHandlePool.cpp, one handle under no_grad; `_rope`), then each decoder layer's
    tensors in their order (the RMSNorm's four fp32 tensors, q/k/v projections with their
-   dequantization buffers or int8 products and peft's LoRA tensors, Qwen-3's q/k norms,
-   rotary temporaries, the cache update, attention, o_proj, Gemma-2's post-attention
-   norm, the residual sum, the MLP, Gemma-2's post-feedforward norm), the final norm, the
-   lm_head on the last position only (`logits_to_keep=1`), then `_sample`'s fp32 copy of
-   the last logits and the logits processor's scores (`inference.LOGITS_FP32_TENSORS`).
+   dequantization buffers or int8's quantization chain (`_int8_matmul`) and peft's LoRA
+   tensors, Qwen-3's q/k norms, rotary temporaries, the cache update, attention, o_proj,
+   Gemma-2's post-attention norm, the residual sum, the MLP, Gemma-2's post-feedforward
+   norm), the final norm, the lm_head on the last position only (`logits_to_keep=1`),
+   then `_sample`'s fp32 copy of the last logits and the logits processor's scores
+   (`inference.LOGITS_FP32_TENSORS`).
    The requests are those of the committed traces, one for one and in order: il03's 877
    of 8 MiB and more (gemma-2-2b nf4 eager, calibration/h100/run32; from 1 MiB only
    `_sample`'s logits differ), ik08's 781 of 1 MiB and more (llama-2-7b nf4 sdpa,
    run29), ih04's 575 of 512 KiB and more (phi-3-mini nf4 sdpa, run34) and ip00's 989 of
-   1 MiB and more (gemma-2-9b nf4 eager, run35) (tests/memory/program/test_infer_traces.py).
+   1 MiB and more (gemma-2-9b nf4 eager, run35); ik09's 28 int8 matmuls (qwen2.5-7b int8
+   sdpa, run36) (tests/memory/program/test_infer_traces.py).
    The allocator gives new segments descending addresses, as CUDA did in those traces.
 3. Decode steps: the same forward over `batch` tokens. The cache update of a
    `DynamicLayer` is `torch.cat([self.keys, key_states], dim=-2)`: a new tensor one token
@@ -91,6 +93,7 @@ from vramcalc.memory.allocator.replay import (
     round_size,
 )
 from vramcalc.memory.effective import attention_impl
+from vramcalc.memory.program.activations import OUTLIER_ROLES, int8_outlier_fraction
 from vramcalc.memory.program.kv_cache import CUBLAS_WORKSPACE_INFER, cached_len, kv_token_bytes
 from vramcalc.memory.program.load import MIN_REQUEST, load_requests
 from vramcalc.memory.program.trainable import lora_targets
@@ -176,10 +179,10 @@ def _linear(e: _Emit, s: _Shape, lin: LinearShape, tokens: int) -> int | None:
         if plan.double_quant:
             tmp += [e.alloc(n_absmax), e.alloc(n_absmax)]
         tmp.append(e.alloc(lin.weight_numel * c))
-    elif plan.quant == "int8":
-        tmp.append(e.alloc(tokens * lin.in_features))  # int8 copy of x
-        tmp.append(e.alloc(tokens * lin.out_features * 4))  # int32 product
-    out = e.alloc(out_c)
+    if plan.quant == "int8":
+        out = _int8_matmul(e, s, lin, tokens)
+    else:
+        out = e.alloc(out_c)
     e.free(*tmp)
     if lin.name not in s.targets:
         return out
@@ -217,6 +220,68 @@ def _linear(e: _Emit, s: _Shape, lin: LinearShape, tokens: int) -> int | None:
         total = back
     e.free(x_a)
     return total
+
+
+def _int8_matmul(e: _Emit, s: _Shape, lin: LinearShape, tokens: int) -> int | None:
+    """bnb Linear8bitLt.forward under no_grad (bitsandbytes 0.50.2 nn/modules.py ->
+    autograd/_functions.py `MatMul8bitLt.forward`, has_fp16_weights False, threshold 6.0):
+    returns its output's id.
+
+    `F.int8_vectorwise_quant(A.to(torch.float16), threshold)` (backends/cuda/ops.py):
+    the fp16 copy of x (none for an fp16 x), the row stats (fp32, one per row), the int8
+    rows CA, `outliers = A.abs() >= threshold` (the fp16 abs, freed once compared, and
+    the bool), then, where any element passes, `argwhere(outliers.any(dim=0))`; the bool
+    and the fp16 copy are freed when it returns. `int8_mixed_scaled_mm`
+    (backends/default/ops.py) with outlier columns: subA = `A[:, outlier_cols]
+    .contiguous()` in x's dtype, subB = `int8_vectorwise_dequant(CB[:, cols]
+    .contiguous(), SCB)` (int8 o x n, two fp32 products, `.to(A.dtype)`); then
+    `int8_scaled_mm`: the int32 product (`int8_linear_matmul`), its fp16 dequant
+    (`int8_mm_dequant`, `out.to(dtype)` a copy unless fp16), the int32 and the fp16
+    freed; with outlier columns `output.addmm(subA, subB)` is a new output, the old one and
+    subB freed. Under no_grad `ctx.tensors` keeps nothing: CA, the row stats and subA are
+    freed when forward returns, in that order (its locals). Which columns pass depends
+    on the weights and the data: the down projection's input is counted as
+    `activations.int8_outlier_fraction` (as the training program, step._int8_matmul),
+    every other Linear's input (a norm output or the attention output) as none.
+    (Recorded, run 36 tr-ik09 qwen2.5-7b@4L int8 b8 p8192, events 602-671 (q_proj) and
+    1230-1300 (down_proj, every column an outlier): `+A16 +SCA +CA +abs +bool -abs -bool
+    -A16 [+subA +CBc +f32 +f32 -f32 -CBc +subB -f32] +i32 +f16 +out -f16 -i32 [+addmm
+    -out -subB] -CA -SCA [-subA]`.)"""
+    c = s.c
+    fp16 = s.plan.compute_dtype == "fp16"  # `.to(torch.float16)` returns x itself
+    t, i, o = tokens, lin.in_features, lin.out_features
+    a16 = None if fp16 else e.alloc(t * i * 2)
+    sca = e.alloc(t * 4)
+    ca = e.alloc(t * i)
+    absa = e.alloc(t * i * 2)  # A.abs()
+    over = e.alloc(t * i)  # >= threshold
+    e.free(absa, over, a16)
+    frac = int8_outlier_fraction(s.spec, t) if lin.role in OUTLIER_ROLES else 0.0
+    cols = int(frac * i)
+    sub_a = sub_b = None
+    if cols:
+        sub_a = e.alloc(t * cols * c)
+        cb_cols = e.alloc(o * cols)
+        first = e.alloc(o * cols * 4)
+        sub_b = e.alloc(o * cols * 4)
+        e.free(first, cb_cols)
+        if c != 4:
+            cast = e.alloc(o * cols * c)
+            e.free(sub_b)
+            sub_b = cast
+    prod = e.alloc(t * o * 4)
+    out = e.alloc(t * o * 2)
+    if not fp16:
+        cast = e.alloc(t * o * c)
+        e.free(out)
+        out = cast
+    e.free(prod)
+    if cols:
+        summed = e.alloc(t * o * c)
+        e.free(out, sub_b)
+        out = summed
+    e.free(ca, sca, sub_a)
+    return out
 
 
 def _adapter(e: _Emit, s: _Shape, lin: LinearShape, tokens: int) -> tuple[int | None, int | None]:

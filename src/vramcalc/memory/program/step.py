@@ -55,6 +55,7 @@ from vramcalc.memory.allocator.replay import (
     round_size,
 )
 from vramcalc.memory.program.activations import (
+    OUTLIER_ROLES,
     expert_dtype_bytes,
     int8_outlier_fraction,
     masked_layers,
@@ -670,8 +671,6 @@ class _Shapes:
     adapter: int = 4  # the LoRA adapters' bytes per element (TrainPlan.adapter_dtype)
 
 
-# Linears whose input carries int8 outlier columns (the MLP's down projection input)
-OUTLIER_ROLES = frozenset({"down", "fc2"})
 
 
 def _int8_matmul(g: Graph, x: Var, t: int, i: int, o: int, in_bytes: int,
