@@ -16,6 +16,12 @@ import zipfile
 from pathlib import Path
 
 
+def _points_into(line: str, folder: str) -> bool:
+    """An entry point line `name = module:attr` whose module is in `folder`."""
+    target = line.partition("=")[2].strip()
+    return bool(target) and target.split(":")[0].replace(".", "/").startswith(folder.rstrip("/"))
+
+
 def strip(src: Path, out_dir: Path, drop: list[str]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / src.name
@@ -28,13 +34,11 @@ def strip(src: Path, out_dir: Path, drop: list[str]) -> Path:
             data = zin.read(name)
             if name.endswith(".dist-info/RECORD"):
                 lines = data.decode().splitlines()
-                data = ("\n".join(ln for ln in lines if not ln.startswith(prefixes)) + "\n").encode()
+                kept = [ln for ln in lines if not ln.startswith(prefixes)]
+                data = ("\n".join(kept) + "\n").encode()
             elif name.endswith(".dist-info/entry_points.txt"):
-                kept = [
-                    ln
-                    for ln in data.decode().splitlines()
-                    if not any(f"= {d.rstrip('/')}" in ln or f"={d.rstrip('/')}" in ln for d in drop)
-                ]
+                kept = [ln for ln in data.decode().splitlines()
+                        if not any(_points_into(ln, d) for d in drop)]
                 data = ("\n".join(kept) + "\n").encode()
             zout.writestr(info, data)
     return dst

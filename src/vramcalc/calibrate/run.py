@@ -777,7 +777,7 @@ def measure_point(
     }
     prep_why = prep_error(plan, prep, gc_reentrant)
     reentrant = False if prep_why else gc_reentrant_of(prep, gc_reentrant)
-    if plan.gradient_checkpointing:
+    if plan.gradient_checkpointing and prep != "unsloth":  # (Unsloth's own checkpointing)
         result["gc_reentrant"] = reentrant
     readings: list[dict[str, int]] = []
     forward_marks: list[dict[str, int]] = []

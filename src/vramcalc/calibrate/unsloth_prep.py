@@ -35,6 +35,8 @@ for its patches (unsloth/_gpu_init.py warns otherwise): the worker imports it fi
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +109,16 @@ def write_tokenizer(weights_dir: str, spec: ModelSpec) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", pad_token="<pad>",
                                    model_max_length=spec.max_position_embeddings or 131072)
-    fast.save_pretrained(weights_dir)
+    # written beside, then moved in (tokenizer_config.json last): two workers of one cached
+    # checkpoint may get here at once, and a reader must never see half a file
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=weights_dir))
+    try:
+        fast.save_pretrained(str(tmp))
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in [n for n in names if n != "tokenizer_config.json"] + ["tokenizer_config.json"]:
+            os.replace(tmp / name, Path(weights_dir) / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load(spec: ModelSpec, plan: TrainPlan, weights_dir: str) -> Any:

@@ -68,12 +68,16 @@ def main(argv: list[str]) -> int:
 def import_unsloth_first() -> dict[str, Any] | None:
     """`import unsloth` offline, its compile cache in a folder of this worker; None when it
     imports, else the point's result: cannot_start and the error in one line."""
+    import atexit
+    import shutil
     import tempfile
 
     from vramcalc.calibrate.unsloth_prep import import_unsloth
 
+    compile_dir = tempfile.mkdtemp(prefix="vramcalc-unsloth-compile-")
+    atexit.register(shutil.rmtree, compile_dir, True)  # removed when the worker exits
     try:
-        import_unsloth(tempfile.mkdtemp(prefix="vramcalc-unsloth-compile-"))
+        import_unsloth(compile_dir)
     except Exception as err:  # ImportError, or unsloth's own NotImplementedError / RuntimeError
         line = " ".join(f"{type(err).__name__}: {err}".split())[:800]
         return {"error": f"import unsloth failed: {line}", "cannot_start": True,
