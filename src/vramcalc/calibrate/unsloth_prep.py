@@ -7,7 +7,8 @@ Unsloth: read at unsloth 2026.10.9 / unsloth_zoo 2026.10.9 (PyPI wheels;
 calibration/DEVICE.md "Unsloth" for the carried wheels),
 
 1. `FastLanguageModel.from_pretrained(weights_dir, max_seq_length=seq_len,
-   dtype=torch.bfloat16, load_in_4bit=True, use_exact_model_name=True)`: models/loader.py
+   dtype=torch.bfloat16, load_in_4bit=True, use_exact_model_name=True,
+   offload_embedding=False)`: models/loader.py
    dispatches by model_type to FastLlamaModel / FastMistralModel / FastQwen2Model /
    FastGemma2Model (models/llama.py `from_pretrained`: BitsAndBytesConfig nf4, double
    quant, compute dtype bf16, its own llm_int8_skip_modules);
@@ -133,6 +134,10 @@ def load(spec: ModelSpec, plan: TrainPlan, weights_dir: str) -> Any:
         dtype=torch.bfloat16,
         load_in_4bit=True,
         use_exact_model_name=True,
+        # its default "auto" moves embed_tokens to the host only when free VRAM asks for it
+        # (models/vision.py _resolve_offload_embedding), never for these points on an
+        # 80 GB card; fixed off so that parallel points cannot change it
+        offload_embedding=False,
     )
     return model
 
