@@ -183,7 +183,8 @@ def test_measure_point_steps_with_prep(prep: str, reentrant: bool | None) -> Non
     ({"kbit_prep": False, "gradient_checkpointing": False}, "axolotl", True,
      "needs gradient checkpointing"),
     ({}, "peft", True, "gc_reentrant is for"),
-    ({}, "unsloth", None, "prep must be one of"),
+    ({}, "bogus", None, "prep must be one of"),
+    ({}, "unsloth", None, "--trainer unsloth plan"),
 ])
 def test_prep_refused_where_it_does_not_apply(fields: dict[str, Any], prep: str,
                                               reentrant: bool | None, word: str) -> None:
@@ -204,8 +205,8 @@ def test_refused_prep_is_a_result_before_any_load() -> None:
 
 
 def test_trainer_defaults_checkpoint_reentrant() -> None:
-    assert set(TRAINER_PREPS) == {"peft", "axolotl", "llama-factory"}
-    assert [gc_reentrant_of(p, None) for p in TRAINER_PREPS] == [False, True, True]
+    assert set(TRAINER_PREPS) == {"peft", "axolotl", "llama-factory", "unsloth"}
+    assert [gc_reentrant_of(p, None) for p in TRAINER_PREPS] == [False, True, True, False]
     assert gc_reentrant_of("axolotl", False) is False
 
 

@@ -6,7 +6,7 @@
 MATRIX is a JSON list of points (or {"points": [...]}), each:
   {"id": "p1", "spec": catalog name | inline spec dict, "layers": 4 (optional depth cut),
    "plan": {TrainPlan fields}, "steps": 3, "snapshot": false, "task": "train",
-   "prep": "peft" | "axolotl" | "llama-factory", "gc_reentrant": true | false (optional:
+   "prep": "peft" | "axolotl" | "llama-factory" | "unsloth", "gc_reentrant": true | false (optional:
    the model prepared as that trainer does it, calibrate/run.py TRAINER_PREPS)}
 A point may name another worker module and its job instead:
   {"id": "i1", "worker": "vramcalc.calibrate.infer_worker", "job": {...},

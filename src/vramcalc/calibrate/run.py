@@ -214,8 +214,10 @@ def quant_config(quant: str, compute_dtype: str, double_quant: bool,
 # True); a job's "gc_reentrant" overrides it (their configs' `gradient_checkpointing_kwargs:
 # {use_reentrant: false}` / `use_reentrant_gc: false`). The estimator models non-reentrant
 # checkpointing only (memory/program/step.py), the peft recipe's.
-TRAINER_PREPS = ("peft", "axolotl", "llama-factory")
-_PREP_REENTRANT = {"peft": False, "axolotl": True, "llama-factory": True}
+# "unsloth": Unsloth itself loads and wraps the model (calibrate/unsloth_prep.py), the plan
+# being the --trainer unsloth preset's; its checkpointing is its own (no use_reentrant).
+TRAINER_PREPS = ("peft", "axolotl", "llama-factory", "unsloth")
+_PREP_REENTRANT = {"peft": False, "axolotl": True, "llama-factory": True, "unsloth": False}
 
 
 def prep_error(plan: TrainPlan, prep: str, gc_reentrant: bool | None) -> str | None:
@@ -227,6 +229,10 @@ def prep_error(plan: TrainPlan, prep: str, gc_reentrant: bool | None) -> str | N
             return ("gc_reentrant is for prep axolotl / llama-factory (the peft recipe "
                     "checkpoints non-reentrant, as the estimator models)")
         return None
+    if prep == "unsloth":
+        from vramcalc.calibrate.unsloth_prep import unsloth_error
+
+        return unsloth_error(plan, gc_reentrant)
     if plan.method != "qlora" or plan.kbit_prep or plan.adapter_dtype != "fp32":
         return (f"prep {prep} prepares a 4/8-bit base as planned with kbit_prep false and "
                 f"adapter_dtype fp32 (method qlora); this plan: method {plan.method}, "
@@ -771,7 +777,7 @@ def measure_point(
     }
     prep_why = prep_error(plan, prep, gc_reentrant)
     reentrant = False if prep_why else gc_reentrant_of(prep, gc_reentrant)
-    if plan.gradient_checkpointing:
+    if plan.gradient_checkpointing and prep != "unsloth":  # (Unsloth's own checkpointing)
         result["gc_reentrant"] = reentrant
     readings: list[dict[str, int]] = []
     forward_marks: list[dict[str, int]] = []
@@ -817,11 +823,19 @@ def measure_point(
             save_random_weights(spec, tmp.name, device="cpu")
             weights_dir = tmp.name
         try:
-            model = _load_model(spec, plan, weights_dir, on_gpu, trust_remote_code, prep)
+            if prep == "unsloth":
+                from vramcalc.calibrate import unsloth_prep
+
+                model = unsloth_prep.load(spec, plan, weights_dir)
+            else:
+                model = _load_model(spec, plan, weights_dir, on_gpu, trust_remote_code, prep)
             log.mark("after_load")
             result["static_after_load"] = static_tensor_bytes(model)
             phase = "prepare"
-            model = _wrap_for_method(model, spec, plan, prep, reentrant)
+            if prep == "unsloth":
+                model = unsloth_prep.wrap(model, plan)
+            else:
+                model = _wrap_for_method(model, spec, plan, prep, reentrant)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as err:  # peft/transformers refused the setup: a result
@@ -885,7 +899,8 @@ def measure_point(
                 raise _Stop
             dataset = off.layout_rows(plan, spec.vocab_size,
                                       off.per_device_batch(plan) * steps * 2)
-            if plan.offload_activations == "checkpoints":
+            if plan.offload_activations == "checkpoints" and prep != "unsloth":
+                # (prep unsloth: Unsloth's own offloading checkpoint function)
                 offloader = off.CheckpointOffload(spec.num_hidden_layers)
         out_dir = tempfile.mkdtemp(prefix="vramcalc-trainer-")  # removed in `finally`
         args = TrainingArguments(
@@ -897,8 +912,10 @@ def measure_point(
             bf16=on_gpu and plan.compute_dtype == "bf16",
             fp16=on_gpu and plan.compute_dtype == "fp16",
             optim=plan.optimizer,
-            # LLaMA-Factory's model checkpoints itself (_llama_factory_prepare)
-            gradient_checkpointing=plan.gradient_checkpointing and prep != "llama-factory",
+            # LLaMA-Factory's model checkpoints itself (_llama_factory_prepare), Unsloth's
+            # too (get_peft_model's use_gradient_checkpointing="unsloth")
+            gradient_checkpointing=plan.gradient_checkpointing
+            and prep not in ("llama-factory", "unsloth"),
             gradient_checkpointing_kwargs={"use_reentrant": reentrant},
             logging_strategy="no",
             save_strategy="no",
@@ -908,9 +925,12 @@ def measure_point(
             disable_tqdm=True,
             # Trainer.train applies liger-kernel to the model (or peft's base model); the
             # loops that do not call train() get it from apply_loss_kernel
-            use_liger_kernel=plan.loss_kernel == "liger" and plan.loop == "trainer",
+            # (prep unsloth: Unsloth's fused loss in its own forward, unsloth_prep.py)
+            use_liger_kernel=plan.loss_kernel == "liger" and plan.loop == "trainer"
+            and prep != "unsloth",
         )
-        apply_loss_kernel(model, plan)
+        if prep != "unsloth":
+            apply_loss_kernel(model, plan)
         phase = "train"
         if plan.trainer_built:
             # Trainer.__init__ sets model.config.use_cache = args.use_cache (False)
@@ -1004,6 +1024,9 @@ def measure_point(
         "accelerate": _version("accelerate"),
         "cuda": torch.version.cuda,
     }
+    if prep == "unsloth":
+        result["versions"].update(unsloth=_version("unsloth"), unsloth_zoo=_version("unsloth_zoo"),
+                                  trl=_version("trl"))
     return result
 
 

@@ -2,7 +2,8 @@
 
 JOB is a JSON object or the path of a file holding one: {"spec": ModelSpec fields, "plan":
 TrainPlan fields, "weights_dir", "steps", "device", "snapshot", "trace_file", "trust_remote_code",
-"prep", "gc_reentrant"} (prep: how the model is prepared, calibrate/run.py TRAINER_PREPS).
+"prep", "gc_reentrant"} (prep: how the model is prepared, calibrate/run.py TRAINER_PREPS;
+"unsloth" imports unsloth first, calibrate/unsloth_prep.py).
 Run once per point by the matrix driver, so every peak starts from a clean process.
 Prints one JSON object on the last line of stdout.
 
@@ -37,6 +38,13 @@ def main(argv: list[str]) -> int:
     plan = TrainPlan.model_validate(job["plan"])
     if plan.expandable_segments and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if job.get("prep") == "unsloth":
+        # before transformers / peft / trl, for its patches (calibrate/unsloth_prep.py); a
+        # failed import is the point's result, one line
+        failed = import_unsloth_first()
+        if failed is not None:
+            sys.stdout.write("\n" + json.dumps(failed) + "\n")
+            return 0
     from vramcalc.calibrate.run import measure_point
 
     result = measure_point(
@@ -55,6 +63,26 @@ def main(argv: list[str]) -> int:
     sys.stdout.write("\n" + json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0
+
+
+def import_unsloth_first() -> dict[str, Any] | None:
+    """`import unsloth` offline, its compile cache in a folder of this worker; None when it
+    imports, else the point's result: cannot_start and the error in one line."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from vramcalc.calibrate.unsloth_prep import import_unsloth
+
+    compile_dir = tempfile.mkdtemp(prefix="vramcalc-unsloth-compile-")
+    atexit.register(shutil.rmtree, compile_dir, True)  # removed when the worker exits
+    try:
+        import_unsloth(compile_dir)
+    except Exception as err:  # ImportError, or unsloth's own NotImplementedError / RuntimeError
+        line = " ".join(f"{type(err).__name__}: {err}".split())[:800]
+        return {"error": f"import unsloth failed: {line}", "cannot_start": True,
+                "error_phase": "import", "prep": "unsloth", "oom": False}
+    return None
 
 
 if __name__ == "__main__":
