@@ -24,7 +24,7 @@ The matrices of MATRICES, every point at full depth:
   non-reentrant one, so its effect is what reentrant checkpointing does.
 - `calibration/matrices/h100-unsloth.json` (Unsloth itself: FastLanguageModel's 4-bit
   load, get_peft_model with its offloading checkpointing, its kernels and fused loss; the
-  worker's prep "unsloth"; run file `calibration/h100/run39-unsloth.jsonl`, not measured
+  worker's prep "unsloth"; run file `calibration/h100/run40-unsloth.jsonl`, not measured
   yet): against `vramcalc plan --trainer unsloth`, no twins.
 
 For each point: peak allocated, reserved and device (NVML process peak, compared with the
@@ -70,7 +70,7 @@ MATRICES = {
     "h100-kbit3.json": ("h100-kbit3-predictions.json", ("run38-kbit3.jsonl",)),
     # Unsloth itself (the worker's prep "unsloth") against --trainer unsloth;
     # calibration/design_unsloth.py
-    "h100-unsloth.json": ("h100-unsloth-predictions.json", ("run39-unsloth.jsonl",)),
+    "h100-unsloth.json": ("h100-unsloth-predictions.json", ("run40-unsloth.jsonl",)),
 }
 # matrix -> the matrix whose measured points its `base` twins are
 TWIN_MATRICES = {"h100-trl3.json": "h100-trl2.json"}

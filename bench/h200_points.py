@@ -66,7 +66,7 @@ RUNS = {  # run file -> the matrix it measured
     "run35-trlprep.jsonl": "h100-trlprep.json",
     "run36-trl3.jsonl": "h100-trl3.json",
     "run38-kbit3.jsonl": "h100-kbit3.json",
-    "run39-unsloth.jsonl": "h100-unsloth.json",
+    "run40-unsloth.jsonl": "h100-unsloth.json",
 }
 # Runs measured on another card than the H200: the folder under calibration/ that holds
 # them (runs 27 and 28 were given an H100 80GB HBM3: calibration/h100/run27-gpu.txt,
@@ -92,7 +92,7 @@ RUN_DIRS = {
     "run35-trlprep.jsonl": "h100",
     "run36-trl3.jsonl": "h100",
     "run38-kbit3.jsonl": "h100",
-    "run39-unsloth.jsonl": "h100",
+    "run40-unsloth.jsonl": "h100",
 }
 
 

@@ -2,7 +2,7 @@
 --trainer unsloth preset's, as the pre-registered matrix has them), the fail-fast result of
 a worker whose `import unsloth` fails, the offline switches, and the tokenizer written
 beside a random-weight checkpoint. Unsloth itself is a device-only wheel
-(calibration/DEVICE.md "Run 39"): the end-to-end worker test runs only where `unsloth`
+(calibration/DEVICE.md "Run 40"): the end-to-end worker test runs only where `unsloth`
 imports (in a subprocess, so its patches never reach this process), else it is skipped."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Run 39, one device call (calibration/DEVICE.md "Run 39"): the pre-registered h100-unsloth
+# Run 40, one device call (calibration/DEVICE.md "Run 40"): the pre-registered h100-unsloth
 # matrix (calibration/design_unsloth.py; predictions in h100-unsloth-predictions.json,
 # committed before any run): Unsloth itself prepares each point (the worker's prep
 # "unsloth", calibrate/unsloth_prep.py: FastLanguageModel.from_pretrained load_in_4bit,
@@ -13,7 +13,7 @@
 # certifi). No xformers (Unsloth falls back to torch SDPA), no torchvision / torchao.
 # It stops within seconds, with one line, if unsloth cannot import here.
 # TOTAL seconds (default 150) bound the matrix (from after the import check; the wheels and
-# the check take ~30 s before it); everything goes into $OUT/run39.tar.gz.
+# the check take ~30 s before it); everything goes into $OUT/run40.tar.gz.
 set -u
 TOTAL=${TOTAL:-150}
 W=${W:-.whl/unsloth}
@@ -38,16 +38,16 @@ print('unsloth', unsloth.__version__, 'unsloth_zoo', version('unsloth_zoo'), 'to
 rc=$?
 if [ $rc -ne 0 ]; then
     echo "Error: import unsloth failed on the device (exit $rc): $(grep -E '^[A-Za-z_.]*(Error|Exception)' $R/import.err | tail -1)"
-    tail -25 $R/import.err; tar -C $R -czf $OUT/run39.tar.gz .; exit 1
+    tail -25 $R/import.err; tar -C $R -czf $OUT/run40.tar.gz .; exit 1
 fi
 cat $R/versions.txt; grep -i "xformers\|sdpa\|warn" $R/import.err | head -5
 MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 if [ "$MEM" -gt 100000 ]; then B=110; else B=76; fi  # an H200 if one comes instead
 DL=$TOTAL
 echo "unsloth deadline $DL s"
-python3 -m vramcalc.calibrate.matrix calibration/matrices/h100-unsloth.json --out $R/run39-unsloth.jsonl \
-    --weights-cache /tmp/w39 --max-parallel 3 --build-parallel 4 --gpu-budget-gib $B --deadline-s $DL \
-    --point-timeout-s 120 > $R/run39-unsloth.log 2>&1
-rm -rf /tmp/w39 /tmp/unsloth_compiled_cache
-tar -C $R -czf $OUT/run39.tar.gz .
-cat $R/gpu.txt; tail -12 $R/run39-unsloth.log
+python3 -m vramcalc.calibrate.matrix calibration/matrices/h100-unsloth.json --out $R/run40-unsloth.jsonl \
+    --weights-cache /tmp/w40 --max-parallel 3 --build-parallel 4 --gpu-budget-gib $B --deadline-s $DL \
+    --point-timeout-s 120 > $R/run40-unsloth.log 2>&1
+rm -rf /tmp/w40 /tmp/unsloth_compiled_cache
+tar -C $R -czf $OUT/run40.tar.gz .
+cat $R/gpu.txt; tail -12 $R/run40-unsloth.log
