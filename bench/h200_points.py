@@ -65,6 +65,7 @@ RUNS = {  # run file -> the matrix it measured
     "run35b-trl2.jsonl": "h100-trl2.json",
     "run35-trlprep.jsonl": "h100-trlprep.json",
     "run36-trl3.jsonl": "h100-trl3.json",
+    "run36-trace.jsonl": "h100-trace36.json",
 }
 # Runs measured on another card than the H200: the folder under calibration/ that holds
 # them (runs 27 and 28 were given an H100 80GB HBM3: calibration/h100/run27-gpu.txt,
@@ -89,6 +90,7 @@ RUN_DIRS = {
     "run35b-trl2.jsonl": "h100",
     "run35-trlprep.jsonl": "h100",
     "run36-trl3.jsonl": "h100",
+    "run36-trace.jsonl": "h100/run36",
 }
 
 
