@@ -941,7 +941,7 @@ def _rope_tables(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes) -> tupl
     rows, seq = plan.rows
     pos = seq * (1 if plan.layout == "padded" else rows)
     d = spec.head_size
-    freqs = g.alloc(pos * d // 2 * 4)
+    freqs = g.alloc(pos * (d // 2) * 4)
     g.workspace()
     emb = g.alloc(pos * d * 4)
     fp32: list[Buf | None] = []
