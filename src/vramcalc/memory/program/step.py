@@ -76,7 +76,13 @@ from vramcalc.memory.program.templates import (
     template_runs,
 )
 from vramcalc.memory.program.trainable import lora_on_experts, lora_targets
-from vramcalc.memory.program.weights import DTYPE_BYTES, fused_experts
+from vramcalc.memory.program.weights import (
+    DTYPE_BYTES,
+    NF4_BLOCKSIZE,
+    ceil_div,
+    fused_experts,
+    gemm_4bit_dequantizes,
+)
 from vramcalc.models.spec import (
     LinearShape,
     ModelSpec,
@@ -137,6 +143,9 @@ class Node:
     # its backward hands each input a view of its incoming gradient, whatever the sizes
     # (CatBackward0: narrow views, no new tensor)
     views: bool = False
+    # a temporary its backward makes before `bwd_temps` and frees once they are made
+    # (bitsandbytes' nested absmax, dequantized before the weight: `_linear`)
+    bwd_first: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -267,7 +276,8 @@ class Graph:
     # -- ops --------------------------------------------------------------------------
     def op(self, size: int, inputs: list[Var], save: tuple[Var, ...] = (),
            bwd_temps: tuple[int, ...] = (), save_out: bool = False, mm: bool = False,
-           passthrough: bool = False, grads: tuple[Buf | None, ...] | None = None) -> Var:
+           passthrough: bool = False, grads: tuple[Buf | None, ...] | None = None,
+           bwd_first: int = 0) -> Var:
         """A forward op: its output (of `size` bytes, its gradient the same); keeps `save`
         (and its output with `save_out`) for backward when a gradient flows through it,
         and makes `bwd_temps` while its backward runs. `mm`: a cuBLAS matmul (its inputs
@@ -314,7 +324,7 @@ class Graph:
             if grads is not None:
                 kept = [b for v, b in zip(inputs, grads, strict=True) if v.requires_grad]
             self.nodes.append(Node(out, grad_inputs, saved, bwd_temps, mm, passthrough,
-                                   self.layer, offloaded or (), kept))
+                                   self.layer, offloaded or (), kept, bwd_first=bwd_first))
         elif grads is not None:
             for b in grads:
                 self.unref(b)
@@ -480,7 +490,10 @@ class Graph:
         if n.offloaded:
             self.host -= sum(n.offloaded)
         # the node's temporaries live while it computes its input gradients
+        first = self.alloc(n.bwd_first) if n.bwd_first else None
         held = list(map(self.alloc, n.bwd_temps)) if n.bwd_temps else ()
+        if first is not None:
+            self.unref(first)
         grad = out.grad
         passthrough = n.passthrough
         # gradients for inputs that have one already: added into it once the node is done
@@ -678,6 +691,9 @@ class _Shapes:
     liger: bool = False
     liger_norm_in_place: bool = True
     adapter: int = 4  # the LoRA adapters' bytes per element (TrainPlan.adapter_dtype)
+    # 4-bit bases double-quantized (TrainPlan.double_quant): their fp32 absmax is
+    # dequantized before each weight (`_linear`)
+    nested_absmax: bool = False
 
 
 # Linears whose input carries int8 outlier columns (the MLP's down projection input)
@@ -762,10 +778,24 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
         # bnb Linear4bit: x to the compute dtype, the weight dequantized for the matmul,
         # the output cast back to the input's dtype (nn/modules.py forward)
         x16 = g.op(t * i * s.c, [x]) if in_bytes != s.c else x
-        deq = g.alloc(o * i * s.c)
+        # bitsandbytes 0.50.2 MatMul4Bit.forward -> gemm_4bit: past the rows where its
+        # fused kernel wins (weights.gemm_4bit_dequantizes) _dequant_linear_fallback
+        # (backends/cuda/ops.py) dequantizes the double-quantized fp32 absmax
+        # (`absmax_dq`) and offsets it (`absmax_dq + absmax_offset`, a second one), then
+        # the weight (`B_dq`), then F.linear; the three freed, absmax last made first, when
+        # it returns (recorded, run 36 tr-p009-gemma-2-9b-2L events 2610-2619: `+3.06
+        # +3.06 +98 +56 -3.06 -3.06 -98` MiB at each MLP projection, as program.infer)
+        absmax = 4 * ceil_div(i * o, NF4_BLOCKSIZE) if s.nested_absmax else 0
+        dequantizes = gemm_4bit_dequantizes(t, o, i)
+        tmp = [g.alloc(absmax), g.alloc(absmax)] if absmax and dequantizes else []
+        deq = g.alloc(o * i * s.c) if dequantizes else None
         # backward dequantizes the weight again for grad_input (bitsandbytes
-        # autograd/_functions.py MatMul4Bit.backward)
-        y = g.op(t * o * s.c, [x16], bwd_temps=(o * i * s.c,), mm=True)
+        # autograd/_functions.py MatMul4Bit.backward, F.dequantize_4bit): the nested
+        # absmax first, freed once the weight is made (events 3590-3596: `+3.06 +98 -3.06
+        # +56 -98` MiB)
+        y = g.op(t * o * s.c, [x16], bwd_temps=(o * i * s.c,), mm=True, bwd_first=absmax)
+        for held in reversed(tmp):
+            g.unref(held)
         g.unref(deq)
         if in_bytes != s.c:
             y2 = g.op(t * o * in_bytes, [y])
@@ -1514,6 +1544,8 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
         liger=plan.loss_kernel == "liger",
         liger_norm_in_place=not spec.model_type.startswith("gemma"),
         adapter=DTYPE_BYTES[plan.adapter_dtype],
+        nested_absmax=(plan.method == "qlora" and plan.quant in ("nf4", "fp4")
+                       and plan.double_quant),
     )
 
 
