@@ -67,6 +67,7 @@ RUNS = {  # run file -> the matrix it measured
     "run36-trl3.jsonl": "h100-trl3.json",
     "run38-kbit3.jsonl": "h100-kbit3.json",
     "run40-unsloth.jsonl": "h100-unsloth.json",
+    "run36-trace.jsonl": "h100-trace36.json",
 }
 # Runs measured on another card than the H200: the folder under calibration/ that holds
 # them (runs 27 and 28 were given an H100 80GB HBM3: calibration/h100/run27-gpu.txt,
@@ -93,6 +94,7 @@ RUN_DIRS = {
     "run36-trl3.jsonl": "h100",
     "run38-kbit3.jsonl": "h100",
     "run40-unsloth.jsonl": "h100",
+    "run36-trace.jsonl": "h100/run36",
 }
 
 

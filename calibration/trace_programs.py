@@ -47,6 +47,7 @@ def main(argv: list[str]) -> None:
         "g004": ("run28-gemma2-trace.jsonl", "h100/traces28"),
         "g031": ("run28-gemma2-trace.jsonl", "h100/traces28"),
         "tr-k": ("run32-trace32.jsonl", "h100/run32"),
+        "tr-p": ("run36-trace.jsonl", "h100/run36/traces"),
     }.get(args.point[:4], ("run14-traces.jsonl", "h200/run14-traces"))
     trace = json.loads(gzip.open(ROOT / "calibration" / folder / f"{args.point}.json.gz",
                                  "rt").read())

@@ -303,7 +303,9 @@ def test_the_tutorial_loop_in_the_step_program() -> None:
              + 2 * plan.tokens * spec.hidden_size * 4)
     for phase in ("forward", "optimizer"):
         assert abs(kept.phases[phase] - dropped.phases[phase] - graph) < 2**20
-    assert kept.phases["backward"] == dropped.phases["backward"]
+    # the kept graph goes as backward begins; its saved rotary tables (cos and sin, 512 KiB
+    # each here) moved where the forward's blocks landed, by less than a MiB of unsplit rest
+    assert abs(kept.phases["backward"] - dropped.phases["backward"]) < 2**20
 
 
 @pytest.mark.parametrize("name", ["gemma-2-2b", "gemma-7b"])

@@ -62,6 +62,7 @@ from vramcalc.memory.program.activations import (
     residual_bytes,
     sdpa_masks,
 )
+from vramcalc.memory.program.infer import SCALED_EMBEDDING_FAMILIES
 from vramcalc.memory.program.load import MIN_REQUEST, load_requests
 from vramcalc.memory.program.optimizer import (
     OptimizerBytes,
@@ -76,8 +77,20 @@ from vramcalc.memory.program.templates import (
     template_runs,
 )
 from vramcalc.memory.program.trainable import lora_on_experts, lora_targets
-from vramcalc.memory.program.weights import DTYPE_BYTES, fused_experts
-from vramcalc.models.spec import LinearShape, ModelSpec, depth_cut, sliding_past_window
+from vramcalc.memory.program.weights import (
+    DTYPE_BYTES,
+    NF4_BLOCKSIZE,
+    ceil_div,
+    fused_experts,
+    gemm_4bit_dequantizes,
+)
+from vramcalc.models.spec import (
+    LinearShape,
+    ModelSpec,
+    depth_cut,
+    layer_windows,
+    sliding_past_window,
+)
 from vramcalc.plans import CHUNKED_LOSS_CHUNKS, TrainPlan
 
 # torch CublasHandlePool.cpp: the cuBLAS workspace of a handle (32 MiB on Hopper) comes from
@@ -131,6 +144,9 @@ class Node:
     # its backward hands each input a view of its incoming gradient, whatever the sizes
     # (CatBackward0: narrow views, no new tensor)
     views: bool = False
+    # a temporary its backward makes before `bwd_temps` and frees once they are made
+    # (bitsandbytes' nested absmax, dequantized before the weight: `_linear`)
+    bwd_first: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -187,6 +203,9 @@ class Graph:
         self.offload_buffer: Buf | None = None  # Unsloth's GPU_BUFFERS (checkpoints)
         self.checkpoints = 0  # checkpointed layers so far in this forward
         self.last_checkpoint = -1  # the index of the last one (Unsloth keeps its input)
+        # cos and sin of the step's forward (`_rope_tables`): apply_rotary_pos_emb's
+        # products save them for backward (`_rotary`); None outside a step
+        self.rope: tuple[Var, Var] | None = None
 
     def set_layer(self, layer: int, new_run: bool = False) -> None:
         """The requests from here on are `layer`'s (-1: no layer's); `new_run` starts a
@@ -258,7 +277,8 @@ class Graph:
     # -- ops --------------------------------------------------------------------------
     def op(self, size: int, inputs: list[Var], save: tuple[Var, ...] = (),
            bwd_temps: tuple[int, ...] = (), save_out: bool = False, mm: bool = False,
-           passthrough: bool = False, grads: tuple[Buf | None, ...] | None = None) -> Var:
+           passthrough: bool = False, grads: tuple[Buf | None, ...] | None = None,
+           bwd_first: int = 0) -> Var:
         """A forward op: its output (of `size` bytes, its gradient the same); keeps `save`
         (and its output with `save_out`) for backward when a gradient flows through it,
         and makes `bwd_temps` while its backward runs. `mm`: a cuBLAS matmul (its inputs
@@ -305,7 +325,7 @@ class Graph:
             if grads is not None:
                 kept = [b for v, b in zip(inputs, grads, strict=True) if v.requires_grad]
             self.nodes.append(Node(out, grad_inputs, saved, bwd_temps, mm, passthrough,
-                                   self.layer, offloaded or (), kept))
+                                   self.layer, offloaded or (), kept, bwd_first=bwd_first))
         elif grads is not None:
             for b in grads:
                 self.unref(b)
@@ -471,7 +491,10 @@ class Graph:
         if n.offloaded:
             self.host -= sum(n.offloaded)
         # the node's temporaries live while it computes its input gradients
+        first = self.alloc(n.bwd_first) if n.bwd_first else None
         held = list(map(self.alloc, n.bwd_temps)) if n.bwd_temps else ()
+        if first is not None:
+            self.unref(first)
         grad = out.grad
         passthrough = n.passthrough
         # gradients for inputs that have one already: added into it once the node is done
@@ -669,6 +692,9 @@ class _Shapes:
     liger: bool = False
     liger_norm_in_place: bool = True
     adapter: int = 4  # the LoRA adapters' bytes per element (TrainPlan.adapter_dtype)
+    # 4-bit bases double-quantized (TrainPlan.double_quant): their fp32 absmax is
+    # dequantized before each weight (`_linear`)
+    nested_absmax: bool = False
 
 
 
@@ -751,10 +777,24 @@ def _linear(g: Graph, s: _Shapes, x: Var, lin: LinearShape, rows: int | None = N
         # bnb Linear4bit: x to the compute dtype, the weight dequantized for the matmul,
         # the output cast back to the input's dtype (nn/modules.py forward)
         x16 = g.op(t * i * s.c, [x]) if in_bytes != s.c else x
-        deq = g.alloc(o * i * s.c)
+        # bitsandbytes 0.50.2 MatMul4Bit.forward -> gemm_4bit: past the rows where its
+        # fused kernel wins (weights.gemm_4bit_dequantizes) _dequant_linear_fallback
+        # (backends/cuda/ops.py) dequantizes the double-quantized fp32 absmax
+        # (`absmax_dq`) and offsets it (`absmax_dq + absmax_offset`, a second one), then
+        # the weight (`B_dq`), then F.linear; the three freed, absmax last made first, when
+        # it returns (recorded, run 36 tr-p009-gemma-2-9b-2L events 2610-2619: `+3.06
+        # +3.06 +98 +56 -3.06 -3.06 -98` MiB at each MLP projection, as program.infer)
+        absmax = 4 * ceil_div(i * o, NF4_BLOCKSIZE) if s.nested_absmax else 0
+        dequantizes = gemm_4bit_dequantizes(t, o, i)
+        tmp = [g.alloc(absmax), g.alloc(absmax)] if absmax and dequantizes else []
+        deq = g.alloc(o * i * s.c) if dequantizes else None
         # backward dequantizes the weight again for grad_input (bitsandbytes
-        # autograd/_functions.py MatMul4Bit.backward)
-        y = g.op(t * o * s.c, [x16], bwd_temps=(o * i * s.c,), mm=True)
+        # autograd/_functions.py MatMul4Bit.backward, F.dequantize_4bit): the nested
+        # absmax first, freed once the weight is made (events 3590-3596: `+3.06 +98 -3.06
+        # +56 -98` MiB)
+        y = g.op(t * o * s.c, [x16], bwd_temps=(o * i * s.c,), mm=True, bwd_first=absmax)
+        for held in reversed(tmp):
+            g.unref(held)
         g.unref(deq)
         if in_bytes != s.c:
             y2 = g.op(t * o * in_bytes, [y])
@@ -915,6 +955,75 @@ def _softcap(g: Graph, x: Var) -> Var:
     return out
 
 
+def _rope_tables(g: Graph, spec: ModelSpec, plan: TrainPlan, s: _Shapes) -> tuple[Var, Var]:
+    """cos and sin of the model's rotary embedding, once per forward, before the first layer
+    (transformers 5.17 modeling_gemma2 Gemma2RotaryEmbedding.forward, the same in
+    modeling_llama and its copies): `inv_freq_expanded @ position_ids_expanded` in fp32 --
+    the forward's first cuBLAS matmul, so the main thread's workspace is made there --
+    `emb = torch.cat((freqs, freqs))`, `emb.cos() * self.attention_scaling` and the same
+    for sin (each a new tensor), `.to(dtype=x.dtype)` (the embeddings' dtype); the fp32
+    tensors are freed when it returns (recorded, run 36 tr-p009-gemma-2-9b-2L events
+    609-625, fp32 embeddings: `+1 +32 +2 +2 +2 -2 +2 +2 -2 -1 -2` MiB at
+    modeling_gemma2.py:131-134). Without position_ids the model makes
+    `arange(S).unsqueeze(0)`: one row, broadcast over the batch; packed and padding-free
+    rows pass theirs (program.infer._rope: generate() passes a row per sequence)."""
+    rows, seq = plan.rows
+    pos = seq * (1 if plan.layout == "padded" else rows)
+    d = spec.head_size
+    freqs = g.alloc(pos * (d // 2) * 4)
+    g.workspace()
+    emb = g.alloc(pos * d * 4)
+    fp32: list[Buf | None] = []
+    for _ in range(2):  # cos, sin
+        raw = g.alloc(pos * d * 4)
+        fp32.append(g.alloc(pos * d * 4))  # * attention_scaling
+        g.unref(raw)
+    size = pos * d * s.act
+    if s.act == 4:
+        tables = fp32
+    else:
+        tables = [g.alloc(size) for _ in range(2)]
+    for b in (freqs, emb, *(fp32 if tables is not fp32 else ())):
+        g.unref(b)
+    return Var(tables[0], size, size, False), Var(tables[1], size, size, False)
+
+
+def _eager_mask(g: Graph, plan: TrainPlan, s: _Shapes, sliding: bool) -> Buf | None:
+    """One additive attention mask of an eager forward (transformers 5.17 masking_utils
+    eager_mask -> sdpa_mask, non-vmap path, no 2-D attention_mask): the mask function on
+    broadcast indices, a (S x S) bool per function, each `&`-ed into a running result
+    (and_masks: `result = result & mask(...)`, the function's output freed, then the
+    previous result); `torch.where(mask, 0, min)` makes it additive in the embeddings'
+    dtype over the batch (`.expand(batch_size, ...)` is a view), the bool freed. The
+    causal mask is causal_mask_function, the sliding one and_masks(sliding_window_overlay,
+    causal); packed and padding-free rows add and_masks(..., packed_sequence_mask_function)
+    (a (B, 1, S, S) equality). Recorded, run 36 tr-p009-gemma-2-9b-2L (fp32 embeddings,
+    1 x 2048): `+4 +16 -4` MiB at modeling_gemma2.py:439, `+4 +4 -4 +4 +4 -4 -4 +16 -4` at
+    :440 (events 520-607)."""
+    rows, seq = plan.rows
+    base = seq * seq
+    if sliding:
+        overlay = g.alloc(base)
+        r1 = g.alloc(base)
+        g.unref(overlay)
+        causal = g.alloc(base)
+        result = g.alloc(base)
+        g.unref(causal)
+        g.unref(r1)
+    else:
+        result = g.alloc(base)
+    if plan.layout != "padded":
+        r0 = g.alloc(base)  # the outer and_masks: ones() & the causal part
+        g.unref(result)
+        eq = g.alloc(rows * base)
+        result = g.alloc(rows * base)
+        g.unref(eq)
+        g.unref(r0)
+    additive = g.alloc(rows * base * s.act)
+    g.unref(result)
+    return additive
+
+
 def _rotary(g: Graph, q: Var, liger: bool = False) -> Var:
     if liger:
         # liger-kernel 0.8.5 LigerRopeFunction (ops/rope.py): rotates q and k in place
@@ -927,13 +1036,18 @@ def _rotary(g: Graph, q: Var, liger: bool = False) -> Var:
     # gradient of the cat's output is handed to -x2 and x1 as views; -x2's backward makes a
     # half-sized one, and each slice's (SliceBackward0) a new q-sized one, the second added
     # into the first.
+    # `q * cos` saves cos for q's gradient, `rotate_half(q) * sin` saves sin (MulBackward0
+    # keeps the other factor): the rotary tables live until the first layer's rotary
+    # backward (recorded, run 36 tr-p009-gemma-2-9b-2L: cos and sin, 2 MiB each, freed at
+    # events 2062 and 2048, in layer 0's backward)
+    cos, sin = g.rope if g.rope is not None and g.offload != "all" else (None, None)
     n = q.size
-    a = g.op(n, [q])
+    a = g.op(n, [q], save=(cos,) if cos is not None else ())
     x1, x2 = g.view(q, n // 2), g.view(q, n // 2)
     neg = g.op(n // 2, [x2])
     cat = g.cat(n, [neg, x1])
     g.drop(neg, x1, x2)
-    b = g.op(n, [cat])
+    b = g.op(n, [cat], save=(sin,) if sin is not None else ())
     g.drop(cat)
     out = g.op(n, [a, b], passthrough=True)
     g.drop(a, b)
@@ -1429,6 +1543,8 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
         liger=plan.loss_kernel == "liger",
         liger_norm_in_place=not spec.model_type.startswith("gemma"),
         adapter=DTYPE_BYTES[plan.adapter_dtype],
+        nested_absmax=(plan.method == "qlora" and plan.quant in ("nf4", "fp4")
+                       and plan.double_quant),
     )
 
 
@@ -1514,11 +1630,36 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         phases.append(("forward", len(g.requests)))
         g.checkpoints = 0
         x = g.op(t * h * s.act, [embed_w])
+        if spec.model_type in SCALED_EMBEDDING_FAMILIES:
+            # `super().forward(input_ids) * self.embed_scale`: the lookup freed once scaled
+            # (transformers 5.17 Gemma2TextScaledWordEmbedding.forward; recorded, run 36
+            # tr-p009-gemma-2-9b-2L: `+28 +28 -28` MiB at modeling_gemma2.py:349)
+            scaled = g.op(t * h * s.act, [x], passthrough=True)
+            g.drop(x)
+            x = scaled
+        # `inputs_embeds` (and the mask arguments' reference to it) lives until the model's
+        # forward returns (recorded, run 36 tr-p009: freed at event 1232, after the final
+        # norm and the masks)
+        embeds = g.ref(x.buf)
         # the (batch, 1, S, S) bool sliding-window mask, built once per forward
         # (masking_utils create_sliding_window_causal_mask) and held by the layers'
         # arguments through backward (checkpointing recomputes the layers with it)
         # (packed rows: a block-causal one too, activations.sdpa_masks)
         masks = [g.alloc(rows * seq * seq) for _ in range(sdpa_masks(spec, plan))]
+        # eager attention: one additive mask per kind of layer, full attention first
+        # (modeling_gemma2 Gemma2Model.forward causal_mask_mapping; a model with one kind
+        # builds one), freed when the forward returns -- `attn_weights + attention_mask`
+        # saves neither -- or, checkpointed, held by the layers' arguments through backward
+        eager = ([_eager_mask(g, plan, s, sliding)
+                  for sliding in sorted({w is not None for w in layer_windows(spec)})]
+                 if plan.attn == "eager" else [])
+        if ck:
+            masks += eager
+            eager = []
+        # cos and sin: the products of every layer's rotary save them where a gradient
+        # flows (`_rotary`); checkpointed layers are recomputed with them in backward
+        g.rope = _rope_tables(g, spec, plan, s)
+        tables = [v.buf for v in g.rope]
         leaf_ref: Buf | None = None
         if ck and not full:
             x.requires_grad = True  # enable_input_require_grads
@@ -1538,6 +1679,10 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         g.set_layer(-1)
         n = _norm(g, s, x, h)
         g.drop(x)
+        # the model's forward returns: the mask mapping, inputs_embeds and (where nothing
+        # saved them, or the layers are recomputed in backward: after it) cos and sin go
+        for b in (*eager, embeds, *(() if ck or g.offload == "all" else tables)):
+            g.unref(b)
         logits: Var | None = None
         if plan.loss_kernel != "torch":
             # the output keeps no logits (liger's lce_forward `skip_logits` in training,
@@ -1615,6 +1760,10 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                     g.unref(kept)
         for mask in masks:
             g.unref(mask)
+        if ck or g.offload == "all":
+            for b in tables:
+                g.unref(b)
+        g.rope = None
         _optimizer_phase(g, opt, state_groups, params, layers, step, phases)
     return StepRequests(g.requests, steps, phases, g.runs, g.host_peak)
 
