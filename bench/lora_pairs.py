@@ -35,7 +35,6 @@ ratio of their step times.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from time_accuracy import gpu_of, timed_points  # noqa: E402
+from time_accuracy import gpu_of, read_run, timed_points  # noqa: E402
 
 DEFAULT_PREDICTIONS = ROOT / "calibration" / "matrices" / "h100-lorapair-predictions.json"
 HOST_BOUND = 1.5
@@ -197,13 +196,8 @@ def main(argv: list[str]) -> int:
               "RESULTS.jsonl ... | --pairs RESULTS.jsonl ...", file=sys.stderr)
         return 2
     try:
-        lines = Path(argv[0]).read_text(encoding="utf-8").splitlines()
-        preds = json.loads(Path(argv[1] if len(argv) > 1 else DEFAULT_PREDICTIONS)
-                           .read_text(encoding="utf-8"))
-        gpu = gpu_of(lines)
-        predicted = {str(p["id"]): float(p.get("by_gpu", {}).get(gpu, p["step_seconds"]))
-                     for p in preds["points"]}
-        points, skipped = timed_points(lines)
+        gpu, predicted, points, skipped, _ = read_run(
+            Path(argv[0]), Path(argv[1]) if len(argv) > 1 else DEFAULT_PREDICTIONS)
     except (OSError, ValueError, KeyError, TypeError) as err:
         print(f"Error: {err}", file=sys.stderr)
         return 1

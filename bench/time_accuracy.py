@@ -215,6 +215,20 @@ def report(points: list[dict[str, Any]], predicted: dict[str, float],
     return med, top, len(errors)
 
 
+def read_run(results: Path, predictions: Path) -> tuple[
+        str, dict[str, float], list[dict[str, Any]], list[str], str]:
+    """The card a time run's workers report, each point's predicted step seconds for that
+    card (a predictions file's `by_gpu`, else its `step_seconds`), the timing-grade points
+    with the ids left out (`timed_points`), and the predictions' note ("" if none)."""
+    lines = results.read_text(encoding="utf-8").splitlines()
+    preds = json.loads(predictions.read_text(encoding="utf-8"))
+    gpu = gpu_of(lines)
+    predicted = {str(p["id"]): float(p.get("by_gpu", {}).get(gpu, p["step_seconds"]))
+                 for p in preds["points"]}
+    points, skipped = timed_points(lines)
+    return gpu, predicted, points, skipped, str(preds.get("note") or "")
+
+
 def main(argv: list[str]) -> int:
     args = [a for a in argv if not a.startswith("--")]
     flags = {a for a in argv if a.startswith("--")}
@@ -225,13 +239,8 @@ def main(argv: list[str]) -> int:
               "[--host-probe]] [--points] [--fit]", file=sys.stderr)
         return 2
     try:
-        lines = Path(args[0]).read_text(encoding="utf-8").splitlines()
-        pred_path = Path(args[1]) if len(args) > 1 else DEFAULT_PREDICTIONS
-        preds = json.loads(pred_path.read_text(encoding="utf-8"))
-        gpu = gpu_of(lines)
-        predicted = {str(p["id"]): float(p.get("by_gpu", {}).get(gpu, p["step_seconds"]))
-                     for p in preds["points"]}
-        points, skipped = timed_points(lines)
+        gpu, predicted, points, skipped, note = read_run(
+            Path(args[0]), Path(args[1]) if len(args) > 1 else DEFAULT_PREDICTIONS)
     except (OSError, ValueError, KeyError, TypeError) as err:
         print(f"Error: {err}", file=sys.stderr)
         return 1
@@ -245,8 +254,8 @@ def main(argv: list[str]) -> int:
             probes = sorted({p["probe_s"] for p in points if p["probe_s"]})
             print(f"--host-probe: the records' host probes {probes or 'none (factor 1)'} s per "
                   "operator scale the host time (step_time.host_factor_of_probe)")
-    if preds.get("note"):
-        print(f"predictions: {preds['note']}")
+    if note:
+        print(f"predictions: {note}")
     print(f"predictions read for: {gpu}")
     med, top, n = report(points, predicted, current, "--points" in flags)
     for s in skipped:
