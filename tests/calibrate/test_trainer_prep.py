@@ -102,10 +102,12 @@ def test_prepared_state_is_the_plans(prep: str, quant: str, reentrant: bool,
     assert all(layer.gradient_checkpointing for layer in layers)
     func = layers[0]._gradient_checkpointing_func
     if prep == "axolotl":
-        # peft's prepare_model_for_kbit_training enabled it last, with no kwargs; the
-        # Trainer enables it again with axolotl's (transformers Trainer.train:
-        # activation_checkpointing_enable(args.gradient_checkpointing_kwargs))
-        assert isinstance(func, partial) and func.keywords == {}
+        # peft's prepare_model_for_kbit_training enabled it last, with its own kwargs (none
+        # in peft 0.21; peft 0.22 utils/other.py passes activation_checkpointing_kwargs=None
+        # to transformers >= 5.23's activation_checkpointing_enable, whose default is
+        # use_reentrant False); the Trainer enables it again with axolotl's (transformers
+        # Trainer.train: activation_checkpointing_enable(args.gradient_checkpointing_kwargs))
+        assert isinstance(func, partial) and func.keywords in ({}, {"use_reentrant": False})
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": reentrant})
         func = layers[0]._gradient_checkpointing_func
