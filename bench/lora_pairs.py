@@ -119,23 +119,19 @@ def host_by_method(paths: list[str]) -> int:
             if h is not None:
                 by.setdefault(k, []).append(h)
             one = _at(str(p["spec"]), p["layers"], p["plan"], gpu)(1.0)
+            err = 100 * (one.step_seconds - p["step_seconds"]) / p["step_seconds"]
             if one.gpu_seconds > one.host_seconds:
-                gpu_bound.setdefault(k, []).append(
-                    100 * (one.step_seconds - p["step_seconds"]) / p["step_seconds"])
+                gpu_bound.setdefault(k, []).append(err)
+            x = one.host_seconds / one.gpu_seconds
+            regime = ("GPU-bound" if x < 1 / HOST_BOUND else "host-bound" if x > HOST_BOUND
+                      else "balanced")
+            regimes.setdefault(regime, {}).setdefault(k, []).append(err)
         cells = [f"{k} {len(v)}, {statistics.median(v):.2f} [{min(v):.2f}-{max(v):.2f}]"
                  for k, v in sorted(by.items())]
         print(f"{Path(path).name} ({gpu}): " + "; ".join(cells))
         cells = [f"{k} {len(v)}, {statistics.median(v):+.1f} %"
                  for k, v in sorted(gpu_bound.items())]
         print("  GPU-bound (GPU > host at factor 1), median signed error: " + "; ".join(cells))
-        for p in points:
-            one = _at(str(p["spec"]), p["layers"], p["plan"], gpu)(1.0)
-            x = one.host_seconds / one.gpu_seconds
-            regime = ("GPU-bound" if x < 1 / HOST_BOUND else "host-bound" if x > HOST_BOUND
-                      else "balanced")
-            regimes.setdefault(regime, {}).setdefault(
-                kind(p["plan"]).replace("-fused", ""), []).append(
-                100 * (one.step_seconds - p["step_seconds"]) / p["step_seconds"])
     print(f"all runs, median signed error at factor 1 by the model's host / GPU ratio "
           f"(GPU-bound < 1/{HOST_BOUND}, balanced, host-bound > {HOST_BOUND}):")
     for regime in ("GPU-bound", "balanced", "host-bound"):
