@@ -1660,6 +1660,11 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         # flows (`_rotary`); checkpointed layers are recomputed with them in backward
         g.rope = _rope_tables(g, spec, plan, s)
         tables = [v.buf for v in g.rope]
+        # freed with the masks once backward ends: checkpointed layers are recomputed with
+        # them; under offload "all" `_rotary` saves no reference and they are held here
+        if ck or g.offload == "all":
+            masks += tables
+            tables = []
         leaf_ref: Buf | None = None
         if ck and not full:
             x.requires_grad = True  # enable_input_require_grads
@@ -1681,7 +1686,7 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
         g.drop(x)
         # the model's forward returns: the mask mapping, inputs_embeds and (where nothing
         # saved them, or the layers are recomputed in backward: after it) cos and sin go
-        for b in (*eager, embeds, *(() if ck or g.offload == "all" else tables)):
+        for b in (*eager, embeds, *tables):
             g.unref(b)
         logits: Var | None = None
         if plan.loss_kernel != "torch":
@@ -1760,9 +1765,6 @@ def step_requests(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> StepReque
                     g.unref(kept)
         for mask in masks:
             g.unref(mask)
-        if ck or g.offload == "all":
-            for b in tables:
-                g.unref(b)
         g.rope = None
         _optimizer_phase(g, opt, state_groups, params, layers, step, phases)
     return StepRequests(g.requests, steps, phases, g.runs, g.host_peak)
