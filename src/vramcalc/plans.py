@@ -31,9 +31,11 @@ Attention = Literal["sdpa", "eager", "flash_attention_2"]
 # padding_free, and TRL packing=True, whose default "bfd" strategy forces padding-free).
 Layout = Literal["padded", "packed", "padding-free"]
 # Activation offloading to host memory (TrainPlan.offload_activations): none; the inputs of
-# the checkpointed layers (Unsloth use_gradient_checkpointing="unsloth", DeepSpeed
-# cpu_checkpointing, axolotl gradient_checkpointing: offload); every saved tensor of the
-# forward outside the lm_head (torchtune / TRL OffloadActivations).
+# the checkpointed layers (Unsloth use_gradient_checkpointing="unsloth", axolotl
+# activation_offloading: hidden_states); every saved tensor of the forward outside the
+# lm_head (torchtune / TRL OffloadActivations, axolotl gradient_checkpointing: offload).
+# DeepSpeed's activation_checkpointing.cpu_checkpointing is neither: it acts only inside
+# deepspeed.checkpointing.checkpoint, which Hugging Face models never call (docs/memory-model.md).
 OffloadActivations = Literal["none", "checkpoints", "all"]
 # The loss head (TrainPlan.loss_kernel): transformers' lm_head + ForCausalLMLoss (torch),
 # liger-kernel's fused linear cross-entropy with its RMSNorm / SwiGLU / RoPE kernels

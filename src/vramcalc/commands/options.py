@@ -121,7 +121,7 @@ LengthsOpt = Annotated[
 OffloadActivationsOpt = Annotated[
     str, typer.Option("--offload-activations", help=f"{'|'.join(OFFLOAD_ACTIVATIONS)}. "
                       "checkpoints: the checkpointed layer inputs go to host memory (Unsloth "
-                      "use_gradient_checkpointing='unsloth', DeepSpeed cpu_checkpointing; needs "
+                      "use_gradient_checkpointing='unsloth'; needs "
                       "gradient checkpointing). all: every saved activation outside the "
                       "lm_head (torchtune / TRL activation_offloading).")
 ]

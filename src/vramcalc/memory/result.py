@@ -90,8 +90,8 @@ class Estimate(BaseModel):
     # gathered only while forward and backward run). Left out of model_dump / JSON: derived
     # from the same attribution as `components`; empty where no one filled it in.
     phase_components: dict[str, dict[str, int]] = Field(default_factory=dict, exclude=True)
-    # Host memory the offloaded activations take (TrainPlan.offload_activations; pinned but
-    # for DeepSpeed cpu_checkpointing): program.step.offload_host_bytes. Left out of the
+    # Host memory the offloaded activations take (TrainPlan.offload_activations; pinned):
+    # program.step.offload_host_bytes. Left out of the
     # dump when 0, so the estimates of plans without offloading dump as before.
     host_bytes: int = Field(default=0, exclude_if=lambda v: v == 0)
 

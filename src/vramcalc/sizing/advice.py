@@ -328,7 +328,7 @@ def candidates(
 # --offload-activations, as check offers it (commands/options.py OffloadActivationsOpt)
 OFFLOAD_TEXT = {
     "checkpoints": "offload the checkpointed layer inputs to host memory (Unsloth "
-                   "use_gradient_checkpointing=\"unsloth\", DeepSpeed cpu_checkpointing)",
+                   "use_gradient_checkpointing=\"unsloth\")",
     "all": "offload the saved activations to host memory (TRL / axolotl "
            "activation_offloading=True, torchtune OffloadActivations)",
 }

@@ -2635,8 +2635,7 @@ def replayed_slack(spec: ModelSpec, plan: TrainPlan, steps: int = 3) -> int:
 
 def offload_host_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
     """The host memory the offloaded activations of a step take at most
-    (`Graph.host_peak`), pinned by every technique modelled but DeepSpeed's
-    cpu_checkpointing (`.cpu()`, pageable). Unsloth keeps its host buffers for good
+    (`Graph.host_peak`), pinned by every technique modelled. Unsloth keeps its host buffers for good
     (one per offloaded layer); torch's pinned CachingHostAllocator keeps OffloadActivations'
     freed blocks cached, so the peak stays held too. The peak is at the forward's end, and
     grows by the same bytes per alike layer: where the layers are alike (as
