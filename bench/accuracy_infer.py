@@ -58,6 +58,10 @@ RUNS: dict[str, tuple[Path | tuple[Path, ...], Path, str]] = {  # run -> (record
               ROOT / "matrices" / "h100-infer-holdout7.json",
               "run 36: PRE-REGISTERED inference holdout 7, 12 generate() after run 34/34b's "
               "mechanisms (predictions at 9aac1c5)"),
+    "run39": (ROOT / "h100" / "run39-infer8.jsonl",
+              ROOT / "matrices" / "h100-infer-holdout8.json",
+              "run 39: PRE-REGISTERED inference holdout 8, 8 generate() (6 int8) after run 36's "
+              "int8 trace"),
 }
 H200_USABLE = 149557477376  # run1-gpu.txt: mem_get_info free of an empty H200
 
