@@ -1,19 +1,19 @@
-"""Run 37 scored: a user's calibration sets the host factor, end to end (issue 30).
+"""Runs 37 and 42 scored: a user's calibration sets the host factor, end to end (issue 30).
 
-    python bench/host_calibration_e2e.py RUN37 [--points]
+    python bench/host_calibration_e2e.py RUN [--points]
 
-RUN37 is what calibration/device/run37-hostcal.sh leaves: its tar (run37.tar.gz) or the
-folder it was made from, holding pred-cal.json and pred-nocal.json (`vramcalc plan --json`
-for every test point, with the calibration of data/runs/ and with --no-calibration,
-written before any test point ran: prereg.txt has the times and sha256), hostcal37.jsonl
-(the test matrix as the time worker measured it) and data/runs/*.json (step a's
-`calibrate run` files).
+RUN is what calibration/device/run37-hostcal.sh or run42-time6.sh leaves: its tar
+(run37.tar.gz, run42.tar.gz) or the folder it was made from, holding pred-cal.json and
+pred-nocal.json (`vramcalc plan --json` for every test point, with the calibration of
+data/runs/ and with --no-calibration, written before any test point ran: prereg.txt has
+the times and sha256), one NAME.jsonl (the test matrix as the time worker measured it:
+hostcal37.jsonl, time6.jsonl) and data/runs/*.json (step a's `calibrate run` files).
 
 For each reading (calibrated, uncalibrated) over the timing-grade test points: median,
 p90 and worst |pred / measured - 1| and the signed median, overall and per method (full,
 lora, nf4, int8); the issue's target is median <= 10 % and p90 <= 25 %. The uncalibrated
 predictions are also checked against the ones committed before the run
-(calibration/matrices/h100-hostcal37-predictions-GPU.json): their step times must agree.
+(calibration/matrices/h100-NAME-predictions-GPU.json): their step times must agree.
 Nothing here fits anything: the predictions are read as `plan` wrote them.
 """
 
@@ -36,7 +36,7 @@ from time_accuracy import p90, timed_points  # noqa: E402
 
 TARGET_MEDIAN = 10.0  # issue 30: step time median error <= 10 %, p90 <= 25 %
 TARGET_P90 = 25.0
-COMMITTED = "calibration/matrices/h100-hostcal37-predictions-{gpu}.json"
+COMMITTED = "calibration/matrices/h100-{name}-predictions-{gpu}.json"
 METHODS = ("full", "lora", "nf4", "int8")
 
 
@@ -62,7 +62,7 @@ def _predictions(path: Path) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     args = [a for a in argv if not a.startswith("--")]
     if len(args) != 1 or set(argv) - {*args, "--points"}:
-        print("usage: host_calibration_e2e.py RUN37(.tar.gz or folder) [--points]",
+        print("usage: host_calibration_e2e.py RUN(.tar.gz or folder) [--points]",
               file=sys.stderr)
         return 2
     src = Path(args[0])
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
         return 1
     if src.is_dir():
         return score(src, argv)
-    with tempfile.TemporaryDirectory(prefix="run37-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="hostcal-") as tmp:
         try:
             with tarfile.open(src) as tar:
                 tar.extractall(tmp, filter="data")
@@ -85,11 +85,16 @@ def score(run: Path, argv: list[str]) -> int:
     """Print the scores of the run folder `run` (module docstring); 1 after one line when
     a file is missing or changed since it was registered."""
     src = run
+    measured = sorted(run.glob("*.jsonl"))
+    if len(measured) != 1:
+        print(f"Error: {src}: {len(measured)} .jsonl files, one expected (the test points)",
+              file=sys.stderr)
+        return 1
     try:
         cal = _predictions(run / "pred-cal.json")
         nocal = _predictions(run / "pred-nocal.json")
         gpu = json.loads((run / "pred-cal.json").read_text(encoding="utf-8"))["gpu"]
-        lines = (run / "hostcal37.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = measured[0].read_text(encoding="utf-8").splitlines()
     except (OSError, ValueError, KeyError) as err:
         print(f"Error: {src}: {err}", file=sys.stderr)
         return 1
@@ -125,7 +130,7 @@ def score(run: Path, argv: list[str]) -> int:
         print(f"  {f.name}: {doc['environment'].get('gpu_name')}; " + ", ".join(
             f"{m} {s:.3f} s" if isinstance(s, (int, float)) else f"{m} -" for m, s in steps))
 
-    committed_path = ROOT / COMMITTED.format(gpu=gpu)
+    committed_path = ROOT / COMMITTED.format(name=measured[0].stem, gpu=gpu)
     if committed_path.exists():
         committed = _predictions(committed_path)
         diffs = [abs(nocal[k]["step_seconds"] / committed[k]["step_seconds"] - 1)

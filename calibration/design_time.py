@@ -142,14 +142,14 @@ TARGETS2 = ["all-linear", "all-linear", "all-linear", "q_proj,k_proj,v_proj,o_pr
             "q_proj,v_proj"]
 
 
-def plan2_for(rng: Any, slot: int) -> dict[str, Any]:
+def plan2_for(rng: Any, slot: int, seqs: list[int] = SEQS2) -> dict[str, Any]:
     kind = ["full", "lora", "nf4", "int8"][(slot // 2) % 4]
     plan: dict[str, Any] = (
         {"method": kind} if kind in ("full", "lora")
         else {"method": "qlora", "quant": kind})
     plan["gradient_checkpointing"] = slot % 2 == 0
     plan["batch_size"] = rng.choice(BATCHES2)
-    plan["seq_len"] = rng.choice(SEQS2)
+    plan["seq_len"] = rng.choice(seqs)
     plan["optimizer"] = rng.choice(OPTIMIZERS2[kind])
     if kind != "full":
         plan["rank"] = rng.choice([8, 16, 64])

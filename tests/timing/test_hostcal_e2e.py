@@ -1,7 +1,9 @@
 """Run 37's protocol without a GPU (calibration/device/run37-hostcal.sh DRY=1,
 calibration/design_hostcal.py, bench/host_calibration_e2e.py): the user's calibrate
 commands get the designed plans, `plan` times every test point as the time model does
-with and without the calibration, and each failing step is one `Error:` line."""
+with and without the calibration, and each failing step is one `Error:` line. Run 42
+(time holdout 6, run42-time6.sh) is the same protocol on a new matrix: its design, its
+dry run end to end."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from vramcalc.timing.step_time import step_time, train_work
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "calibration/device/run37-hostcal.sh"
+SCRIPT42 = ROOT / "calibration/device/run42-time6.sh"
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +111,11 @@ def test_predict_without_a_calibration_is_one_error_line(design: Any, tmp_path: 
     assert "not calibrated" in err[0] and not (tmp_path / "p.json").exists()
 
 
-def _script(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def _script(tmp_path: Path, script: Path = SCRIPT, **env: str
+            ) -> subprocess.CompletedProcess[str]:
     out = tmp_path / "out"
     out.mkdir()
-    return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run(["bash", str(script)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OUT": str(out), "DRY": "1",
                                             "PY": sys.executable, **env})
 
@@ -150,3 +154,63 @@ def test_a_failed_step_is_one_error_line(tmp_path: Path) -> None:
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("Error: vramcalc plan does not run here: ")
     assert (tmp_path / "out/run37.tar.gz").exists()
+
+
+def test_time6_is_new_complete_and_within_the_budget(design: Any) -> None:
+    """Run 42's matrix is its design, at model depths no earlier time matrix holds, every
+    method with checkpointing on and off per model, batch 1 and 16, sequences 256-4096,
+    and the whole call within 330 s by the budget; the script bounds step a as designed."""
+    run = design.RUN42
+    groups = json.loads((ROOT / run.matrix).read_text())["points"]
+    assert {"points": groups} == design.matrix6()
+    earlier = [*ROOT.glob("calibration/matrices/h200-time[0-9].json"),
+               ROOT / design.MATRIX, ROOT / "calibration/matrices/h100-lorapair.json"]
+    assert len(earlier) == 7  # time holdouts 1-5, run 37 and the LoRA pairs
+    timed = {(g["spec"], g.get("layers"))
+             for f in earlier for g in json.loads(f.read_text())["points"]}
+    assert not {(g["spec"], g.get("layers")) for g in groups} & timed
+    assert not {g["spec"] for g in groups} & {*run.cal, *design.CAL}
+    subs = [s["plan"] for g in groups for s in g["job"]["points"]]
+    assert len(subs) >= 32
+    for g in groups:
+        kinds = {(s["plan"].get("quant", s["plan"]["method"]), s["plan"]["gradient_checkpointing"])
+                 for s in g["job"]["points"]}
+        assert kinds == {(k, c) for k in ("full", "lora", "nf4", "int8") for c in (True, False)}
+    assert {1, 16} <= {p["batch_size"] for p in subs} <= {1, 2, 4, 8, 16}
+    assert {p["seq_len"] for p in subs} <= set(design.SEQS6)
+    for gpu in ("h100-sxm", "h200"):
+        committed = json.loads((ROOT / f"calibration/matrices/h100-time6-predictions-{gpu}.json")
+                               .read_text())["points"]
+        assert [p["id"] for p in committed] == [s["id"] for g in groups for s in g["job"]["points"]]
+    assert design.call_budget(run) <= 330
+    text = SCRIPT42.read_text()
+    assert f"CAL=${{CAL:-{run.cal_s}}}" in text and f"M={run.matrix}" in text
+    assert f"SPECS={run.specs}" in text and f"J={run.jsonl}" in text
+    for model in run.cal:
+        assert (ROOT / design.cal_path(model, run)).exists()
+
+
+def test_time6_dry_run_registers_then_scores(tmp_path: Path) -> None:
+    """Run 42's script end to end on made-up data (host factor 1.5, the test steps x1.0
+    and x1.1 alternately: 17 of 32 exact, 15 at -1/11); the committed uncalibrated
+    predictions are the model's now."""
+    r = _script(tmp_path, SCRIPT42, DRY_H="1.5")
+    assert r.returncode == 0, r.stderr
+    assert "basis calibrated, host factor 1.5" in r.stdout
+    assert "uncalibrated vs committed (h100-time6-predictions-h100-sxm.json): 32 points, " \
+        "largest step-time difference 0.000 %" in r.stdout
+    row = next(ln for ln in r.stdout.splitlines() if ln.startswith("calibrated "))
+    assert row.split()[1:4] == ["32", "0.0%", "9.1%"]
+    assert "calibrated: MET" in r.stdout and "uncalibrated: MISSED" in r.stdout
+    with tarfile.open(tmp_path / "out/run42.tar.gz") as t:
+        names = set(t.getnames())
+    assert {"./pred-cal.json", "./pred-nocal.json", "./prereg.txt", "./time6.jsonl"} <= names
+
+
+def test_scoring_wants_one_jsonl(tmp_path: Path) -> None:
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text("")
+    s = subprocess.run([sys.executable, str(ROOT / "bench/host_calibration_e2e.py"),
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert s.returncode == 1
+    assert s.stderr.strip() == f"Error: {tmp_path}: 2 .jsonl files, one expected (the test points)"
