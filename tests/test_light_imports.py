@@ -102,6 +102,7 @@ def test_plan_without_gpus_skips_multi_gpu() -> None:
 # Modules a cold `vramcalc plan --model NAME` has no use for (issue 9: it runs in loops).
 NOT_ON_PLAN_PATH = (
     "vramcalc.memory.multi_gpu", "vramcalc.memory.inference", "vramcalc.calibrate",
+    "vramcalc.memory.program.infer",  # the inference and merge programs (2.5 ms of imports)
     "vramcalc.models.hub", "vramcalc.models.hf_config", "vramcalc.hardware.catalog",
     "vramcalc.sizing.advice", "vramcalc.sizing.comparison",
     "vramcalc.training_config", "huggingface_hub", "platformdirs",

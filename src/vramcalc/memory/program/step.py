@@ -62,7 +62,6 @@ from vramcalc.memory.program.activations import (
     residual_bytes,
     sdpa_masks,
 )
-from vramcalc.memory.program.infer import SCALED_EMBEDDING_FAMILIES
 from vramcalc.memory.program.load import MIN_REQUEST, load_requests
 from vramcalc.memory.program.optimizer import (
     OptimizerBytes,
@@ -85,6 +84,7 @@ from vramcalc.memory.program.weights import (
     gemm_4bit_dequantizes,
 )
 from vramcalc.models.spec import (
+    SCALED_EMBEDDING_FAMILIES,
     LinearShape,
     ModelSpec,
     depth_cut,
