@@ -39,10 +39,10 @@ from __future__ import annotations
 import itertools
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
 from operator import add, itemgetter, sub
 
 from vramcalc.memory.allocator.replay import COMPILED, RequestBlock, expand
+from vramcalc.records import Frozen, Value
 
 TEMPLATE_LAYERS = 6  # first, second, two middle ones, second to last, last
 # the compiled pass over a cut's requests (`_tokens`), where the compiled replay is built
@@ -50,14 +50,18 @@ TEMPLATE_LAYERS = 6  # first, second, two middle ones, second to last, last
 _OWNERS = getattr(COMPILED, "owners", None)
 
 
-@dataclass(frozen=True)
-class StepProgram:
+class StepProgram(Frozen):
     """Step requests as blocks (see RequestBlock) and the phases' starts in the sequence
     they stand for."""
 
+    _fields = ("blocks", "phases", "length")
     blocks: list[RequestBlock]
     phases: list[tuple[str, int]]
     length: int
+
+    def __init__(self, blocks: list[RequestBlock], phases: list[tuple[str, int]],
+                 length: int) -> None:
+        self.__dict__.update(blocks=blocks, phases=phases, length=length)
 
     def requests(self) -> list[tuple[int, int]]:
         """The (id, bytes) sequence the blocks stand for."""
@@ -109,18 +113,24 @@ def _key(run: int, there: tuple[int, int] | None, here: tuple[int, int] | None,
     return None
 
 
-@dataclass(frozen=True)
-class _Shape:
+class _Shape(Frozen):
     """What `template_program` finds in a cut but its sizes: the program's blocks as (run,
     ids, id strides or None, count), the sizes to come from the cut's run; the runs that
     must allocate alike (per sweep, layers 1 to TEMPLATE_LAYERS - 2, whose first two,
     layers 2 and 3, must make the same requests); the phases' starts and the length."""
 
+    _fields = ("spans", "blocks", "alike", "phases", "length")
     spans: list[tuple[int, int, int]]  # run -> (layer, first request, end)
     blocks: list[tuple[int, array[int], array[int] | None, int]]
     alike: list[list[int]]
     phases: list[tuple[str, int]]
     length: int
+
+    def __init__(self, spans: list[tuple[int, int, int]],
+                 blocks: list[tuple[int, array[int], array[int] | None, int]],
+                 alike: list[list[int]], phases: list[tuple[str, int]], length: int) -> None:
+        self.__dict__.update(spans=spans, blocks=blocks, alike=alike, phases=phases,
+                             length=length)
 
 
 # The shapes of the cuts seen last: a search or a sweep estimates one plan at many batch
@@ -134,10 +144,14 @@ _SHAPES_KEPT = 8
 _ID, _SIZE = itemgetter(0), itemgetter(1)
 
 
-@dataclass
-class _Seen:
+class _Seen(Value):
+    _fields = ("shape", "signature")
     shape: _Shape
     signature: tuple[int, ...]
+
+    def __init__(self, shape: _Shape, signature: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.signature = signature
 
 
 def _signature(requests: Sequence[tuple[int, int]]) -> tuple[int, ...]:
