@@ -17,10 +17,15 @@ import types
 import typing
 from typing import Any, NamedTuple
 
-import typer
-from typer.core import TyperCommand, TyperGroup
+from vramcalc import dataclass_code
 
-from vramcalc import __version__
+# before typer, pydantic and rich make their dataclasses (vramcalc/dataclass_code.py)
+dataclass_code.install()
+
+import typer  # noqa: E402
+from typer.core import TyperCommand, TyperGroup  # noqa: E402
+
+from vramcalc import __version__  # noqa: E402
 
 
 class LazyCommand(NamedTuple):

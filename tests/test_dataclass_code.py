@@ -1,0 +1,85 @@
+"""vramcalc/dataclass_code.py: dataclasses made from the kept code objects are the classes
+dataclasses makes itself, in fresh interpreters (the table written by one, read by the next)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Prints, for dataclasses of the command line's libraries and one of its own with every
+# kind of generated method, each method's code (bytecode, constants, names, annotations,
+# defaults) and a few calls, and how many texts were compiled here rather than read.
+_PROBE = r"""
+import dataclasses, json, sys
+from pathlib import Path
+if sys.argv[1] == "cached":
+    from vramcalc import dataclass_code
+    dataclass_code.install(Path(sys.argv[2]))
+import typer._coercion, pydantic.fields, annotated_types, rich.table
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Point:
+    x: int
+    y: "list[int]" = dataclasses.field(default_factory=list)
+    z: float = 1.5
+
+def const(v):  # a nested code object by its content, not its address
+    return [v.co_qualname, v.co_code.hex()] if hasattr(v, "co_code") else repr(v)
+
+def code_of(f):
+    c = f.__code__
+    return [c.co_code.hex(), [const(v) for v in c.co_consts], c.co_names, c.co_varnames,
+            c.co_qualname, c.co_filename, c.co_firstlineno, c.co_flags, repr(f.__defaults__),
+            repr(f.__kwdefaults__), repr(getattr(f, "__annotations__", None)), f.__qualname__]
+
+out = {}
+for cls in (typer._coercion.TypeDescriptor, pydantic.fields.ComputedFieldInfo,
+            annotated_types.Gt, rich.table.Column, Point):
+    out[cls.__qualname__] = {name: code_of(f) for name, f in sorted(vars(cls).items())
+                             if callable(f) and hasattr(f, "__code__")}
+p = Point(1, [2], 3.0)
+try:
+    p.x = 2
+    frozen = "assigned"
+except dataclasses.FrozenInstanceError as err:
+    frozen = str(err)
+out["calls"] = [repr(p), p == Point(1, [2], 3.0), p < Point(2), hash(Point(1, (), 2.0)) ==
+                hash(Point(1, (), 2.0)), frozen, repr(annotated_types.Gt(3))]
+compiled = getattr(dataclasses, "exec", None)
+out["compiled_here"] = None if compiled is None else len(compiled.made)
+print(json.dumps(out))
+"""
+
+
+def _probe(mode: str, table: Path) -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    done = subprocess.run([sys.executable, "-c", _PROBE, mode, str(table)], env=env,
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_classes_from_the_kept_code_are_the_classes_dataclasses_makes(tmp_path: Path) -> None:
+    table = tmp_path / "table.bin"
+    plain = _probe("plain", table)
+    first = _probe("cached", table)  # compiles every text, writes the table at exit
+    assert table.is_file()
+    second = _probe("cached", table)  # reads them all
+    assert plain.pop("compiled_here") is None
+    assert first.pop("compiled_here") > 0  # type: ignore[operator]
+    assert second.pop("compiled_here") == 0
+    assert first == plain
+    assert second == plain
+    assert plain["calls"][4] == "cannot assign to field 'x'"  # type: ignore[index]
+
+
+def test_an_unreadable_table_is_compiled_anew(tmp_path: Path) -> None:
+    table = tmp_path / "table.bin"
+    table.write_bytes(b"not marshal data")
+    plain = _probe("plain", tmp_path / "unused.bin")
+    broken = _probe("cached", table)
+    assert broken.pop("compiled_here") > 0  # type: ignore[operator]
+    plain.pop("compiled_here")
+    assert broken == plain
