@@ -17,10 +17,10 @@ import types
 import typing
 from typing import Any, NamedTuple
 
-from vramcalc import dataclass_code
+from vramcalc import code_cache
 
-# before typer, pydantic and rich make their dataclasses (vramcalc/dataclass_code.py)
-dataclass_code.install()
+# before typer, pydantic and rich compile their dataclasses and annotations (code_cache.py)
+code_cache.install()
 
 import typer  # noqa: E402
 from typer.core import TyperCommand, TyperGroup  # noqa: E402

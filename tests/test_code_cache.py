@@ -1,5 +1,6 @@
-"""vramcalc/dataclass_code.py: dataclasses made from the kept code objects are the classes
-dataclasses makes itself, in fresh interpreters (the table written by one, read by the next)."""
+"""vramcalc/code_cache.py: dataclasses and string annotations made from the kept code
+objects are those the libraries make themselves, in fresh interpreters (the table written by
+one, read by the next)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from pathlib import Path
 _PROBE = r"""
 import dataclasses, json, sys
 from pathlib import Path
+cache = None
 if sys.argv[1] == "cached":
-    from vramcalc import dataclass_code
-    dataclass_code.install(Path(sys.argv[2]))
+    from vramcalc import code_cache
+    cache = code_cache.install(Path(sys.argv[2]))
+import typing
 import typer._coercion, pydantic.fields, annotated_types, rich.table
+from pydantic_core import core_schema
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Point:
@@ -28,6 +32,10 @@ class Point:
 
 def const(v):  # a nested code object by its content, not its address
     return [v.co_qualname, v.co_code.hex()] if hasattr(v, "co_code") else repr(v)
+
+def code_of_code(c):
+    return [c.co_code.hex(), [const(v) for v in c.co_consts], c.co_names, c.co_flags,
+            c.co_filename, c.co_qualname]
 
 def code_of(f):
     c = f.__code__
@@ -48,8 +56,21 @@ except dataclasses.FrozenInstanceError as err:
     frozen = str(err)
 out["calls"] = [repr(p), p == Point(1, [2], 3.0), p < Point(2), hash(Point(1, (), 2.0)) ==
                 hash(Point(1, (), 2.0)), frozen, repr(annotated_types.Gt(3))]
-compiled = getattr(dataclasses, "exec", None)
-out["compiled_here"] = None if compiled is None else len(compiled.made)
+# string annotations (typing.ForwardRef compiles each): core_schema's TypedDicts, and
+# ones evaluated here
+refs = [(f"{td.__name__}.{k}", v) for td in (core_schema.IntSchema, core_schema.ModelSchema)
+        for k, v in td.__annotations__.items()]
+refs += [("made", typing.ForwardRef("dict[str, list[int]] | None")),
+         ("unpacked", typing.ForwardRef("*tuple[int, str]"))]
+out["refs"] = [[name, ref.__forward_arg__, code_of_code(ref.__forward_code__),
+                repr(eval(ref.__forward_code__, vars(core_schema)))] for name, ref in refs]
+try:
+    typing.ForwardRef("not an expression (")
+    bad = "compiled"
+except SyntaxError as err:
+    bad = str(err)
+out["bad"] = bad
+out["compiled_here"] = None if cache is None else len(cache.made)
 print(json.dumps(out))
 """
 
@@ -73,6 +94,8 @@ def test_classes_from_the_kept_code_are_the_classes_dataclasses_makes(tmp_path: 
     assert first == plain
     assert second == plain
     assert plain["calls"][4] == "cannot assign to field 'x'"  # type: ignore[index]
+    assert len(plain["refs"]) > 10  # type: ignore[arg-type]
+    assert plain["bad"].startswith("Forward reference must be an expression")  # type: ignore[union-attr]
 
 
 def test_an_unreadable_table_is_compiled_anew(tmp_path: Path) -> None:

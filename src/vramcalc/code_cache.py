@@ -1,0 +1,128 @@
+"""Code the command line's libraries compile from text at every start, kept between runs.
+
+Two kinds of text are compiled anew in every process, for every class that defines them:
+- `@dataclass` writes each method of a class (__init__, __repr__, __eq__, __setattr__...)
+  as source text and `exec`s it (CPython 3.11 Lib/dataclasses.py `_create_fn`:
+  `exec(txt, globals, ns)`). A cold `vramcalc plan` meets 59 dataclasses of pydantic,
+  annotated_types, typer and rich (252 methods); making them took 21.3-21.5 ms, 15.2-15.9
+  of it in that exec (2026-12-08, timed around dataclasses._process_class and its exec,
+  load average ~5 on the shared 2-core dev machine).
+- `typing.ForwardRef` compiles each annotation given as a string (Lib/typing.py
+  ForwardRef.__init__: `compile(arg_to_compile, '<string>', 'eval')`): the fields of
+  pydantic_core.core_schema's 88 TypedDicts (its annotations are strings: `from
+  __future__ import annotations`), and those pydantic and typer resolve. A cold plan
+  compiles 1035 of them, 8.3 ms; compare 1210, 10.5 ms; check 1233, 9.7 ms (2026-12-08,
+  timed around typing's compile, load average ~1.4).
+
+`install` gives the dataclasses module an `exec`, and the typing module a `compile`, that
+look the text up in one table of code objects read from a marshal file (`cache_file`),
+compile a text the table does not hold as the library's own call would (file name
+"<string>", no inherited __future__ flags: dataclasses.py and typing.py have none), and,
+once the command is done, write the table back with the texts compiled in this run (never
+where bytecode is not written: PYTHONDONTWRITEBYTECODE, sys.dont_write_bytecode). The
+same text compiled by the same interpreter is the same code object, so every class and
+annotation comes out as before; a text that does not compile raises as before (and is not
+kept). The file is named by the interpreter's cache tag (cpython-311) and marshal's
+version, like a .pyc; one that cannot be read or written is ignored (the texts are
+compiled, as before). Only the command line installs it (`vramcalc.cli`); `import
+vramcalc.api` leaves both modules as they are.
+"""
+
+from __future__ import annotations
+
+import atexit
+import builtins
+import marshal
+import os
+import sys
+from pathlib import Path
+from types import CodeType
+from typing import Any
+
+# texts kept at most: every command's are well under (plan: 212 methods, ~1000 annotations)
+KEPT = 8192
+
+Key = tuple[str, str]  # (compile mode, source text)
+
+
+def cache_file() -> Path:
+    """Where the table lives: beside vramcalc's bytecode (its __pycache__, or under
+    sys.pycache_prefix where one is set, as the .pyc files are)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    name = f"code_cache.{sys.implementation.cache_tag}.m{marshal.version}.bin"
+    if sys.pycache_prefix:
+        return Path(sys.pycache_prefix + here) / name
+    return Path(here) / "__pycache__" / name
+
+
+def _read(path: Path) -> dict[Key, CodeType]:
+    try:
+        table = marshal.loads(path.read_bytes())
+    except (OSError, EOFError, ValueError, TypeError):
+        return {}
+    if not isinstance(table, dict):
+        return {}
+    return {k: v for k, v in table.items()
+            if type(k) is tuple and len(k) == 2 and isinstance(v, CodeType)}
+
+
+class CodeCache:
+    """Code objects by (mode, text): from `table`, else compiled and kept in `made`."""
+
+    def __init__(self, table: dict[Key, CodeType]) -> None:
+        self.table = table
+        self.made: dict[Key, CodeType] = {}
+
+    def code(self, source: str, mode: str) -> CodeType:
+        key = (mode, source)
+        code = self.table.get(key)
+        if code is None:
+            code = self.made[key] = compile(source, "<string>", mode, dont_inherit=True)
+        return code
+
+    def exec(self, source: Any, globals: Any = None, locals: Any = None) -> None:  # noqa: A002
+        """dataclasses' `exec(txt, globals, ns)`."""
+        exec(self.code(source, "exec") if type(source) is str else source, globals, locals)
+
+    def compile(self, source: Any, filename: Any, mode: Any, flags: int = 0,
+                dont_inherit: bool = False, optimize: int = -1) -> Any:
+        """typing's `compile(arg, '<string>', 'eval')`; another call is compiled as it
+        asks (with typing's own flags: none)."""
+        if type(source) is str and filename == "<string>" and not flags and optimize == -1:
+            return self.code(source, mode)
+        return builtins.compile(source, filename, mode, flags, True, optimize)
+
+
+def install(path: Path | None = None) -> CodeCache | None:
+    """Give dataclasses and typing the cached `exec` and `compile` of one CodeCache
+    reading and writing `path` (None: `cache_file()`; module docstring). None (nothing
+    done) where dataclasses has an `exec` of its own already."""
+    import dataclasses
+    import typing
+
+    if getattr(dataclasses, "exec", None) is not None:
+        return None
+    if path is None:
+        path = cache_file()
+    cache = CodeCache(_read(path))
+    dataclasses.exec = cache.exec  # type: ignore[attr-defined]
+    typing.compile = cache.compile  # type: ignore[attr-defined]
+    if not sys.dont_write_bytecode:
+        atexit.register(_write, path, cache)
+    return cache
+
+
+def _write(path: Path, cache: CodeCache) -> None:
+    """The table with this run's texts, where it compiled any (all of them replace a table
+    past KEPT texts)."""
+    made, table = cache.made, cache.table
+    if not made:
+        return
+    merged = {**table, **made} if len(table) + len(made) <= KEPT else made
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(marshal.dumps(merged))
+        os.replace(tmp, path)
+    except OSError:
+        pass
