@@ -70,6 +70,12 @@ try:
 except SyntaxError as err:
     bad = str(err)
 out["bad"] = bad
+# namedtuples (collections evaluates each __new__ from a text)
+import collections
+Pair = collections.namedtuple("Pair", "left right", defaults=[0])
+out["tuples"] = [[cls.__name__, code_of(cls.__new__), repr(cls._field_defaults)]
+                 for cls in (Pair, rich.table._Cell)]
+out["pair"] = [repr(Pair(1)), Pair(1, 2) == (1, 2)]
 out["compiled_here"] = None if cache is None else len(cache.made)
 print(json.dumps(out))
 """
