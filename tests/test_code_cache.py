@@ -112,3 +112,17 @@ def test_an_unreadable_table_is_compiled_anew(tmp_path: Path) -> None:
     assert broken.pop("compiled_here") > 0  # type: ignore[operator]
     plain.pop("compiled_here")
     assert broken == plain
+
+
+def test_only_the_light_commands_keep_their_code() -> None:
+    """`vramcalc plan` installs the table (its own); `calibrate` (torch) and no command do
+    not: their libraries' texts would make every table slower to read."""
+    probe = ("import sys; sys.argv = ['vramcalc', *sys.argv[1:]]; import dataclasses, typing, "
+             "collections, vramcalc.cli; ex = getattr(dataclasses, 'exec', None); "
+             "print(ex is not None, getattr(typing, 'compile', None) is not None, "
+             "getattr(collections, 'eval', None) is not None)")
+    for argv, want in ((["plan"], "True True True"), (["calibrate"], "False False False"),
+                       ([], "False False False"), (["--help"], "False False False")):
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True,
+                              text=True, check=True)
+        assert done.stdout.strip() == want, argv

@@ -13,14 +13,20 @@ import functools
 import gc
 import importlib
 import os
+import sys
 import types
 import typing
 from typing import Any, NamedTuple
 
 from vramcalc import code_cache
 
-# before typer, pydantic and rich compile their dataclasses and annotations (code_cache.py)
-code_cache.install()
+# The commands whose imports code_cache keeps compiled, one table each (not `calibrate`,
+# which imports torch, nor `serve`, which runs for long); a command is `sys.argv[1]`, as
+# `vramcalc plan ...` and `python -m vramcalc plan ...` give it.
+CACHED_COMMANDS = ("plan", "check", "compare", "fit", "sweep", "models", "gpus")
+if len(sys.argv) > 1 and sys.argv[1] in CACHED_COMMANDS:
+    # before typer, pydantic and rich compile their dataclasses and annotations
+    code_cache.install(code_cache.cache_file(sys.argv[1]))
 
 import typer  # noqa: E402
 from typer.core import TyperCommand, TyperGroup  # noqa: E402

@@ -31,7 +31,10 @@ in dataclasses' exec, 0.6 in typing's compile and 0.24 in namedtuple's eval, 1.3
 reading the table (531 code objects, 241 KB). The file is named by the interpreter's
 cache tag (cpython-311) and marshal's version, like a .pyc; one that cannot be read or
 written is ignored (the texts are compiled, as before). Only the command line installs it
-(`vramcalc.cli`); `import vramcalc.api` leaves the three modules as they are.
+(`vramcalc.cli`), and only for the light commands (`vramcalc.cli.CACHED_COMMANDS`), one
+table each: `calibrate` imports torch and transformers, whose thousands of dataclasses and
+annotations would make every command's table slower to read than compiling its own
+texts. `import vramcalc.api` leaves the three modules as they are.
 """
 
 from __future__ import annotations
@@ -51,11 +54,11 @@ KEPT = 8192
 Key = tuple[str, str]  # (compile mode, source text)
 
 
-def cache_file() -> Path:
-    """Where the table lives: beside vramcalc's bytecode (its __pycache__, or under
-    sys.pycache_prefix where one is set, as the .pyc files are)."""
+def cache_file(command: str) -> Path:
+    """Where the table of `command` lives: beside vramcalc's bytecode (its __pycache__, or
+    under sys.pycache_prefix where one is set, as the .pyc files are)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    name = f"code_cache.{sys.implementation.cache_tag}.m{marshal.version}.bin"
+    name = f"code_cache.{command}.{sys.implementation.cache_tag}.m{marshal.version}.bin"
     if sys.pycache_prefix:
         return Path(sys.pycache_prefix + here) / name
     return Path(here) / "__pycache__" / name
@@ -106,9 +109,9 @@ class CodeCache:
         return builtins.compile(source, filename, mode, flags, True, optimize)
 
 
-def install(path: Path | None = None) -> CodeCache | None:
-    """Give dataclasses, typing and collections the `exec`, `compile` and `eval` of one CodeCache
-    reading and writing `path` (None: `cache_file()`; module docstring). None (nothing
+def install(path: Path) -> CodeCache | None:
+    """Give dataclasses, typing and collections the `exec`, `compile` and `eval` of one
+    CodeCache reading and writing `path` (`cache_file`; module docstring). None (nothing
     done) where dataclasses has an `exec` of its own already."""
     import collections
     import dataclasses
@@ -116,8 +119,6 @@ def install(path: Path | None = None) -> CodeCache | None:
 
     if getattr(dataclasses, "exec", None) is not None:
         return None
-    if path is None:
-        path = cache_file()
     cache = CodeCache(_read(path))
     dataclasses.exec = cache.exec  # type: ignore[attr-defined]
     typing.compile = cache.compile  # type: ignore[attr-defined]
