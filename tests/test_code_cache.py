@@ -126,3 +126,17 @@ def test_only_the_light_commands_keep_their_code() -> None:
         done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True,
                               text=True, check=True)
         assert done.stdout.strip() == want, argv
+
+
+def test_a_table_of_another_bytecode_is_not_read(tmp_path: Path) -> None:
+    """A table begins with the bytecode's MAGIC_NUMBER (as a .pyc): one written by another
+    interpreter's bytecode is ignored, every text compiled anew."""
+    table = tmp_path / "table.bin"
+    _probe("cached", table)  # writes it
+    data = table.read_bytes()
+    table.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # another magic number
+    again = _probe("cached", table)
+    assert again.pop("compiled_here") > 0  # type: ignore[operator]
+    plain = _probe("plain", tmp_path / "unused.bin")
+    plain.pop("compiled_here")
+    assert again == plain

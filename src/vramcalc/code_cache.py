@@ -29,8 +29,9 @@ object, so every class, annotation and tuple comes out as before; a text that do
 compile raises as before (and is not kept). With the table, a cold plan spends 0.4-0.6 ms
 in dataclasses' exec, 0.6 in typing's compile and 0.24 in namedtuple's eval, 1.3 ms
 reading the table (531 code objects, 241 KB). The file is named by the interpreter's
-cache tag (cpython-311) and marshal's version, like a .pyc; one that cannot be read or
-written is ignored (the texts are compiled, as before). Only the command line installs it
+cache tag (cpython-311) and marshal's version, like a .pyc, and begins with the bytecode's
+MAGIC_NUMBER, as a .pyc does; one that cannot be read or written, or of another bytecode,
+is ignored (the texts are compiled, as before). Only the command line installs it
 (`vramcalc.cli`), and only for the light commands (`vramcalc.cli.CACHED_COMMANDS`), one
 table each: `calibrate` imports torch and transformers, whose thousands of dataclasses and
 annotations would make every command's table slower to read than compiling its own
@@ -44,6 +45,7 @@ import builtins
 import marshal
 import os
 import sys
+from importlib._bootstrap_external import MAGIC_NUMBER
 from pathlib import Path
 from types import CodeType
 from typing import Any
@@ -65,8 +67,13 @@ def cache_file(command: str) -> Path:
 
 
 def _read(path: Path) -> dict[Key, CodeType]:
+    """The table in `path`: {} where there is none, it is not one, or another bytecode
+    (MAGIC_NUMBER, the .pyc files' first 4 bytes) wrote it."""
     try:
-        table = marshal.loads(path.read_bytes())
+        data = path.read_bytes()
+        if data[:4] != MAGIC_NUMBER:
+            return {}
+        table = marshal.loads(memoryview(data)[4:])
     except (OSError, EOFError, ValueError, TypeError):
         return {}
     if not isinstance(table, dict):
@@ -138,7 +145,7 @@ def _write(path: Path, cache: CodeCache) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(marshal.dumps(merged))
+        tmp.write_bytes(MAGIC_NUMBER + marshal.dumps(merged))
         os.replace(tmp, path)
     except OSError:
         pass
