@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,13 @@ def test_a_light_command_skips_the_teardown_and_another_does_not() -> None:
     assert light.returncode == other.returncode == 0
     assert light.stderr.endswith("os._exit")
     assert "os._exit" not in other.stderr
+
+
+def test_a_profiled_command_exits_normally(tmp_path: Path) -> None:
+    """Under a profiler (python -m cProfile writes its stats once the program returns)
+    a light command takes the normal exit."""
+    stats = tmp_path / "models.prof"
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(stats), "-m",
+                           "vramcalc", "models"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert stats.is_file() and stats.stat().st_size > 0

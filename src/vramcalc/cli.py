@@ -287,10 +287,13 @@ def _exit_now(code: object) -> None:
     runs each once: atexit._run_exitfuncs clears them), and stdout and stderr flushed.
     The light commands (CACHED_COMMANDS) write nothing else that is left open (their
     files are written and closed or replaced: user_files.write_bytes, sweep --plot) and
-    start no thread. Where a flush fails (a closed pipe: `vramcalc plan | head -1`) or the
-    code is not an int (click's own message), the normal exit follows, as before."""
+    start no thread. Where a flush fails (a closed pipe: `vramcalc plan | head -1`), the
+    code is not an int (click's own message) or a profiler or tracer runs (`python -m
+    cProfile` writes its stats after the program returns), the normal exit follows."""
     if code is not None and type(code) is not int:
         return
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return  # a profiler or a tracer (python -m cProfile, coverage) reports at its exit
     try:
         atexit._run_exitfuncs()
         sys.stdout.flush()
