@@ -12,7 +12,9 @@ time (what the targets are), and the process's CPU time, which other processes o
 machine disturb less.
 Cold processes: each command's median wall time over N runs, as a ratio to the median
 of `python -c pass` measured in the same rounds (the commands and the baseline take
-turns, so a change in the machine's load reaches both). Prints PASS or MISS for each
+turns, so a change in the machine's load reaches both), and the median CPU time of the
+process (user + system, os.wait4), which other processes disturb less, with its ratio
+to `python -c pass`'s. Prints PASS or MISS (on the wall ratio) for each
 target, the replay that ran (`vramcalc --version`) and the load average before and after:
 other processes on the machine slow every number here, so run it when the load is low.
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -100,14 +103,32 @@ def in_process(model: str, runs: int, src: Path) -> tuple[list[float], list[floa
     return wall_s, cpu_s
 
 
-def wall(cmd: list[str], env: dict[str, str] | None = None) -> float:
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Wall seconds of `cmd` and its process's CPU seconds (user + system)."""
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, err = proc.communicate()
     elapsed = time.perf_counter() - t0
-    if done.returncode not in (0, 3):  # 3: estimated not to fit
-        raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()}")
-    return elapsed
+    # (communicate waited for it: its rusage is read off the children's total)
+    if proc.returncode not in (0, 3):  # 3: estimated not to fit
+        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}: {err.decode().strip()}")
+    return elapsed, _last_child_cpu()
+
+
+_CHILDREN_CPU = [0.0]
+
+
+def _last_child_cpu() -> float:
+    """CPU seconds of the child reaped last: the growth of RUSAGE_CHILDREN since the call
+    before (each command is waited for before the next starts)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = ru.ru_utime + ru.ru_stime
+    cpu, _CHILDREN_CPU[0] = total - _CHILDREN_CPU[0], total
+    return cpu
+
+
+def wall(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    return timed(cmd, env)[0]
 
 
 def verdict(ok: bool) -> str:
@@ -166,22 +187,26 @@ def main() -> None:
     print(f"\ncold processes, median of {args.cold_runs}, ratio to `python -c pass` "
           f"({'sources compiled at every start' if args.compile_sources else 'bytecode cached'}"
           "):")
-    base: list[float] = []
-    runs: dict[tuple[str, str], list[float]] = {(n, label): [] for n in trees
-                                                for label, _, _ in COLD}
+    base: list[tuple[float, float]] = []
+    runs: dict[tuple[str, str], list[tuple[float, float]]] = {
+        (n, label): [] for n in trees for label, _, _ in COLD}
+    _last_child_cpu()  # (the untimed runs' CPU left out)
     for _ in range(args.cold_runs):
         for label, argv, _ in COLD:
             for name in trees:
-                base.append(wall([sys.executable, "-c", "pass"], env))
-                runs[name, label].append(wall([exe, *argv], envs[name]))
+                base.append(timed([sys.executable, "-c", "pass"], env))
+                runs[name, label].append(timed([exe, *argv], envs[name]))
     cache.cleanup()
-    b = statistics.median(base)
-    print(f"  {'python -c pass':<39} {1e3 * b:8.1f} ms")
+    b = statistics.median(w for w, _ in base)
+    bc = statistics.median(c for _, c in base)
+    print(f"  {'python -c pass':<39} {1e3 * b:8.1f} ms (CPU {1e3 * bc:6.1f} ms)")
     for label, _, target in COLD:
         for name in trees:
-            m = statistics.median(runs[name, label])
+            m = statistics.median(w for w, _ in runs[name, label])
+            mc = statistics.median(c for _, c in runs[name, label])
             print(f"  {name:<8} {label:<30} {1e3 * m:8.1f} ms  {m / b:5.1f}x  target <= "
-                  f"{target:.0f}x  {verdict(m / b <= target)}")
+                  f"{target:.0f}x  {verdict(m / b <= target)}  (CPU {1e3 * mc:7.1f} ms, "
+                  f"{mc / bc:5.1f}x)")
     print(f"\nload average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

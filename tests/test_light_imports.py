@@ -47,7 +47,7 @@ def _run_cli(*args: str) -> set[str]:
         f"sys.argv = ['vramcalc', *{list(args)!r}]\n"
         "from vramcalc.cli import main\n"
         "try:\n"
-        "    main()\n"
+        "    main(exit_now=False)\n"
         "except SystemExit as e:\n"
         "    assert e.code in (0, None), e.code\n"
         "print()\n"
@@ -102,6 +102,7 @@ def test_plan_without_gpus_skips_multi_gpu() -> None:
 # Modules a cold `vramcalc plan --model NAME` has no use for (issue 9: it runs in loops).
 NOT_ON_PLAN_PATH = (
     "vramcalc.memory.multi_gpu", "vramcalc.memory.inference", "vramcalc.calibrate",
+    "vramcalc.memory.program.infer",  # the inference and merge programs (2.5 ms of imports)
     "vramcalc.models.hub", "vramcalc.models.hf_config", "vramcalc.hardware.catalog",
     "vramcalc.sizing.advice", "vramcalc.sizing.comparison",
     "vramcalc.training_config", "huggingface_hub", "platformdirs",
@@ -176,7 +177,7 @@ def test_a_users_plugin_setting_keeps_pydantic_loader() -> None:
         "sys.argv = ['vramcalc', 'plan', '--model', 'llama-7b']\n"
         "from vramcalc.cli import main\n"
         "try:\n"
-        "    main()\n"
+        "    main(exit_now=False)\n"
         "except SystemExit as e:\n"
         "    assert e.code in (0, None), e.code\n"
         "assert hasattr(sys.modules['pydantic.plugin._loader'], 'entry_points')\n"
@@ -214,7 +215,7 @@ def test_a_command_runs_with_the_collector_on_and_its_threshold() -> None:
         "    return out\n"
         "cli.LazyGroup.get_command = spy\n"
         "try:\n"
-        "    cli.main()\n"
+        "    cli.main(exit_now=False)\n"
         "except SystemExit as e:\n"
         "    assert e.code in (0, None), e.code\n"
         "assert seen[0] == (False, 700), seen\n"

@@ -199,7 +199,8 @@ def test_plan_with_runs_imports_nothing_heavy() -> None:
 
     _write_run(1.5)
     code = ("import sys\nsys.argv = ['vramcalc', *" + repr(PLAN) + "]\n"
-            "from vramcalc.cli import main\ntry:\n    main()\nexcept SystemExit as e:\n"
+            "from vramcalc.cli import main\ntry:\n    main(exit_now=False)\n"
+            "except SystemExit as e:\n"
             "    assert e.code in (0, None), e.code\n"
             "print()\nprint(','.join(sorted(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

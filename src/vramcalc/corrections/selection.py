@@ -9,24 +9,28 @@ models and file readers, ~2.5 ms of a cold plan, 2026-12-07).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
+
+from vramcalc.records import Frozen
 
 ENV_PATH = "VRAMCALC_CORRECTIONS"  # one file instead of shipped + user ("" disables)
 NO_GPU_NOTE = ("calibration: raw estimate (corrections are fitted per GPU family and no GPU "
                "is named; 'vramcalc check --gpu NAME' applies them)")
 
 
-@dataclass(frozen=True)
-class Selection:
+class Selection(Frozen):
     """What `plan` / `check` do about corrections: the entry applied (None: the raw
     estimate), where it came from, and the one-line note saying so or why not."""
 
+    _fields = ("corrections", "origin", "note")
     # a factors.Corrections entry or None; typed Any because this module imports nothing
     # of factors (not even for type checking: tests/test_layout.py finds no import circle)
     corrections: Any
     origin: str | None
     note: str
+
+    def __init__(self, corrections: Any, origin: str | None, note: str) -> None:
+        self.__dict__.update(corrections=corrections, origin=origin, note=note)
 
     @property
     def key(self) -> str | None:

@@ -93,6 +93,14 @@ MAX_EXPERTS = 2**13  # 21 x the most routed experts (384)
 # LlamaRMSNorm and its copies cast first: `self.weight * hidden_states.to(input_dtype)`.
 FP32_SCALED_NORM_FAMILIES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "olmo2"})
 
+# Families whose embedding module scales its output: transformers 5.17
+# GemmaTextScaledWordEmbedding (and Gemma2's, Gemma3's) `super().forward(input_ids) *
+# self.embed_scale`, the lookup freed once scaled (recorded, run 32 tr-il03: `+72 +72 -72`
+# MiB at modeling_gemma2.py:349). Read by the training and the inference programs
+# (memory/program/step.py, infer.py): defined here so that a training estimate does not
+# import program.infer.
+SCALED_EMBEDDING_FAMILIES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+
 
 class ModelSpec(BaseModel):
     """Architecture of one decoder-only causal LM (keys as in HF config.json)."""

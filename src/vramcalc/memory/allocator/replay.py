@@ -41,10 +41,10 @@ import bisect
 import os
 from array import array
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
+from vramcalc.records import Frozen
 from vramcalc.units import MiB
 
 MIN_BLOCK = 512
@@ -418,16 +418,26 @@ class CachingAllocator:
         return None
 
 
-@dataclass(frozen=True)
-class ReplayResult:
+class ReplayResult(Frozen):
     """A replay against the trace it came from."""
 
+    _fields = ("events", "measured_reserved_end", "replayed_reserved_end",
+               "measured_peak_allocated", "replayed_peak_allocated", "unmatched_frees")
     events: int
     measured_reserved_end: int
     replayed_reserved_end: int
     measured_peak_allocated: int
     replayed_peak_allocated: int
     unmatched_frees: int
+
+    def __init__(self, events: int, measured_reserved_end: int, replayed_reserved_end: int,
+                 measured_peak_allocated: int, replayed_peak_allocated: int,
+                 unmatched_frees: int) -> None:
+        self.__dict__.update(
+            events=events, measured_reserved_end=measured_reserved_end,
+            replayed_reserved_end=replayed_reserved_end,
+            measured_peak_allocated=measured_peak_allocated,
+            replayed_peak_allocated=replayed_peak_allocated, unmatched_frees=unmatched_frees)
 
 
 def replay_trace(trace: dict[str, Any], expandable: bool | None = None,
@@ -601,10 +611,11 @@ def expand(blocks: Sequence[RequestBlock]) -> list[tuple[int, int]]:
                                                                 strict=True)]
 
 
-@dataclass(frozen=True)
-class ProgramReplay:
+class ProgramReplay(Frozen):
     """What `replay_program` reads off the simulated allocator."""
 
+    _fields = ("load_peak_allocated", "load_peak_reserved", "segment_peaks", "peak_allocated",
+               "peak_reserved", "load_peak_requested", "segment_requested")
     load_peak_allocated: int
     load_peak_reserved: int
     segment_peaks: tuple[int, ...]  # peak allocated of each step segment, from its start
@@ -613,8 +624,18 @@ class ProgramReplay:
     # the rounded (round_size) request bytes alive, which unlike allocated bytes do not
     # depend on where a request lands (program.step.requested_peaks): their peak in
     # loading, and in each step segment from its start
-    load_peak_requested: int = 0
-    segment_requested: tuple[int, ...] = ()
+    load_peak_requested: int
+    segment_requested: tuple[int, ...]
+
+    def __init__(self, load_peak_allocated: int, load_peak_reserved: int,
+                 segment_peaks: tuple[int, ...], peak_allocated: int, peak_reserved: int,
+                 load_peak_requested: int = 0, segment_requested: tuple[int, ...] = ()
+                 ) -> None:
+        self.__dict__.update(
+            load_peak_allocated=load_peak_allocated, load_peak_reserved=load_peak_reserved,
+            segment_peaks=segment_peaks, peak_allocated=peak_allocated,
+            peak_reserved=peak_reserved, load_peak_requested=load_peak_requested,
+            segment_requested=segment_requested)
 
 
 def replay_program(load: Sequence[tuple[int, int]], steps: Sequence[RequestBlock],

@@ -103,7 +103,13 @@ from vramcalc.memory.program.weights import (
     ceil_div,
     gemm_4bit_dequantizes,
 )
-from vramcalc.models.spec import LinearShape, ModelSpec, layer_windows, sdpa_window_masks
+from vramcalc.models.spec import (
+    SCALED_EMBEDDING_FAMILIES,
+    LinearShape,
+    ModelSpec,
+    layer_windows,
+    sdpa_window_masks,
+)
 from vramcalc.plans import InferPlan, TrainPlan
 
 # A decode step's temporaries of the small pool (1 MiB and less) are left out: they take
@@ -548,13 +554,6 @@ QKV_VIEW_FAMILIES = frozenset({"phi3"})
 # head (partial rotary): transformers 5.17 modeling_phi3 apply_rotary_pos_emb `q_embed =
 # torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin), q_pass], dim=-1)` (`_rotary`).
 ROTARY_PASSTHROUGH_FAMILIES = frozenset({"phi3"})
-
-
-# Families whose embedding module scales its output: transformers 5.17
-# GemmaTextScaledWordEmbedding (and Gemma2's, Gemma3's) `super().forward(input_ids) *
-# self.embed_scale`, the lookup freed once scaled (recorded, run 32 tr-il03: `+72 +72 -72`
-# MiB at modeling_gemma2.py:349)
-SCALED_EMBEDDING_FAMILIES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
 
 
 def _mask(e: _Emit, s: _Shape, queries: int, length: int, sliding: bool,

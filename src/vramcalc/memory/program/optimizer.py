@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from vramcalc.memory.program.trainable import trainable_tensors
 from vramcalc.memory.program.weights import DYNAMIC_MAP_BYTES, ceil_div, rounded
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import TrainPlan
+from vramcalc.records import Frozen
 
 ADAM_8BIT_MIN_SIZE = 4096  # bnb optim.Optimizer8bit min_8bit_size: smaller tensors stay 32-bit
 ADAM_8BIT_BLOCKSIZE = 256  # bnb blockwise 8-bit optimizer states: one fp32 absmax per 256
@@ -17,11 +16,14 @@ PAGED_MIN_NUMEL = 100_000  # bnb Optimizer8bit.get_state_buffer: numel < 1e5 is 
 # ---- optimizer ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class OptimizerBytes:
+class OptimizerBytes(Frozen):
+    _fields = ("device", "paged", "step_transient")
     device: int  # allocated through torch (counted by max_memory_allocated)
     paged: int  # cudaMallocManaged by bitsandbytes: outside torch's statistics
     step_transient: int  # extra allocated while optimizer.step() runs
+
+    def __init__(self, device: int, paged: int, step_transient: int) -> None:
+        self.__dict__.update(device=device, paged=paged, step_transient=step_transient)
 
 
 def _states_32bit(embedding: bool, plan: TrainPlan) -> bool:

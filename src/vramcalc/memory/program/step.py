@@ -43,7 +43,6 @@ import gc
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from operator import attrgetter
 
 from vramcalc.errors import VramcalcError
@@ -62,7 +61,6 @@ from vramcalc.memory.program.activations import (
     residual_bytes,
     sdpa_masks,
 )
-from vramcalc.memory.program.infer import SCALED_EMBEDDING_FAMILIES
 from vramcalc.memory.program.load import MIN_REQUEST, load_requests
 from vramcalc.memory.program.optimizer import (
     OptimizerBytes,
@@ -85,6 +83,7 @@ from vramcalc.memory.program.weights import (
     gemm_4bit_dequantizes,
 )
 from vramcalc.models.spec import (
+    SCALED_EMBEDDING_FAMILIES,
     LinearShape,
     ModelSpec,
     depth_cut,
@@ -92,6 +91,7 @@ from vramcalc.models.spec import (
     sliding_past_window,
 )
 from vramcalc.plans import CHUNKED_LOSS_CHUNKS, TrainPlan
+from vramcalc.records import Frozen, Record, Value
 
 # torch CublasHandlePool.cpp: the cuBLAS workspace of a handle (32 MiB on Hopper) comes from
 # the caching allocator at the handle's first matmul and is kept for good. Forward runs on
@@ -101,73 +101,123 @@ from vramcalc.plans import CHUNKED_LOSS_CHUNKS, TrainPlan
 CUBLAS_WORKSPACE = 32 * 1024 * 1024
 
 
-@dataclass(eq=False, slots=True)
-class Buf:
+class Buf(Record):
+    __slots__ = _fields = ("size", "id", "refs", "layer")
     size: int
     id: int
-    refs: int = 1
-    layer: int = -1  # the layer whose requests allocated it (Graph.layer), -1 none
+    refs: int
+    layer: int  # the layer whose requests allocated it (Graph.layer), -1 none
+
+    def __init__(self, size: int, id: int, refs: int = 1, layer: int = -1) -> None:  # noqa: A002
+        self.size = size
+        self.id = id
+        self.refs = refs
+        self.layer = layer
 
 
-@dataclass(eq=False, slots=True)
-class Var:
+class Var(Record):
     """A tensor in the forward: its buffer and whether a gradient flows to it."""
 
+    __slots__ = _fields = ("buf", "size", "grad_bytes", "requires_grad", "param",
+                           "sum_out_of_place", "grad", "has_grad")
     buf: Buf | None  # None: too small to track
     size: int
     grad_bytes: int  # bytes of its gradient
     requires_grad: bool
-    param: bool = False  # a leaf parameter: its gradient stays until zero_grad
+    param: bool  # a leaf parameter: its gradient stays until zero_grad
     # a second gradient is summed into a new tensor (tied embeddings of 16-bit weights; see
     # Graph._grad_into); otherwise it is added into the first in place
-    sum_out_of_place: bool = False
-    grad: Buf | None = None  # None also when the gradient is too small to track
-    has_grad: bool = False  # a gradient has reached it (tracked or not)
+    sum_out_of_place: bool
+    grad: Buf | None  # None also when the gradient is too small to track
+    has_grad: bool  # a gradient has reached it (tracked or not)
+
+    def __init__(self, buf: Buf | None, size: int, grad_bytes: int, requires_grad: bool,
+                 param: bool = False, sum_out_of_place: bool = False,
+                 grad: Buf | None = None, has_grad: bool = False) -> None:
+        self.buf = buf
+        self.size = size
+        self.grad_bytes = grad_bytes
+        self.requires_grad = requires_grad
+        self.param = param
+        self.sum_out_of_place = sum_out_of_place
+        self.grad = grad
+        self.has_grad = has_grad
 
 
-@dataclass(eq=False, slots=True)
-class Node:
+class Node(Record):
+    __slots__ = _fields = ("out", "inputs", "saved", "bwd_temps", "mm", "passthrough",
+                           "layer", "offloaded", "grads", "views", "bwd_first")
     out: Var
     inputs: list[Var]
     saved: list[Buf]
-    bwd_temps: Sequence[int] = ()
-    mm: bool = False  # a cuBLAS matmul: its backward may make the backward thread's workspace
-    passthrough: bool = False  # add / clone: its inputs get its own gradient tensor
-    layer: int = -1  # the layer whose forward made it (Graph.layer)
+    bwd_temps: Sequence[int]
+    mm: bool  # a cuBLAS matmul: its backward may make the backward thread's workspace
+    passthrough: bool  # add / clone: its inputs get its own gradient tensor
+    layer: int  # the layer whose forward made it (Graph.layer)
     # the sizes of the saved tensors offloaded to host memory (Graph.offload "all"): their
     # backward brings each back as a new tensor first
-    offloaded: Sequence[int] = ()
+    offloaded: Sequence[int]
     # the gradients of `inputs` its forward already made and keeps (fused kernels that
     # compute them in forward, or write them into their saved inputs in backward): backward
     # hands them on as they are
-    grads: list[Buf | None] | None = None
+    grads: list[Buf | None] | None
     # its backward hands each input a view of its incoming gradient, whatever the sizes
     # (CatBackward0: narrow views, no new tensor)
-    views: bool = False
+    views: bool
     # a temporary its backward makes before `bwd_temps` and frees once they are made
     # (bitsandbytes' nested absmax, dequantized before the weight: `_linear`)
-    bwd_first: int = 0
+    bwd_first: int
+
+    def __init__(self, out: Var, inputs: list[Var], saved: list[Buf],
+                 bwd_temps: Sequence[int] = (), mm: bool = False, passthrough: bool = False,
+                 layer: int = -1, offloaded: Sequence[int] = (),
+                 grads: list[Buf | None] | None = None, views: bool = False,
+                 bwd_first: int = 0) -> None:
+        self.out = out
+        self.inputs = inputs
+        self.saved = saved
+        self.bwd_temps = bwd_temps
+        self.mm = mm
+        self.passthrough = passthrough
+        self.layer = layer
+        self.offloaded = offloaded
+        self.grads = grads
+        self.views = views
+        self.bwd_first = bwd_first
 
 
-@dataclass(eq=False, slots=True)
-class ChunkNode:
+class ChunkNode(Record):
     """`chunk` of a tensor into views (views share its buffer): backward puts the views'
     gradients together into one gradient of the whole (aten `cat`), then frees them."""
 
+    __slots__ = _fields = ("outs", "inp", "layer")
     outs: list[Var]
     inp: Var
-    layer: int = -1
+    layer: int
+
+    def __init__(self, outs: list[Var], inp: Var, layer: int = -1) -> None:
+        self.outs = outs
+        self.inp = inp
+        self.layer = layer
 
 
-@dataclass(eq=False, slots=True)
-class CheckpointNode:
+class CheckpointNode(Record):
     """A checkpointed layer: its input is kept; backward recomputes it first."""
 
+    __slots__ = _fields = ("out", "inp", "fn", "layer", "offloaded")
     out: Var
     inp: Var
     fn: Callable[[Graph, Var], Var]
-    layer: int = -1
-    offloaded: bool = False  # the input went to host memory (Graph.offload)
+    layer: int
+    offloaded: bool  # the input went to host memory (Graph.offload)
+
+    def __init__(self, out: Var, inp: Var, fn: Callable[[Graph, Var], Var], layer: int = -1,
+                 offloaded: bool = False) -> None:
+        self.out = out
+        self.inp = inp
+        self.fn = fn
+        self.layer = layer
+        self.offloaded = offloaded
 
 
 class Graph:
@@ -668,8 +718,11 @@ class Graph:
 # ---- the model's programs -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Shapes:
+class _Shapes(Frozen):
+    _fields = ("tokens", "c", "act", "targets", "rank", "dropout", "method", "autocast_weights",
+               "autocast", "expert_bytes", "expert_fold", "int8", "outlier_fraction",
+               "kv_cache", "fp32_norm_scale", "liger", "liger_norm_in_place", "adapter",
+               "nested_absmax")
     tokens: int
     c: int  # compute dtype bytes
     act: int  # residual stream bytes
@@ -681,20 +734,36 @@ class _Shapes:
     autocast: bool
     expert_bytes: int  # the fused experts' dtype (activations.expert_dtype_bytes)
     expert_fold: bool  # LoRA on the expert stacks (peft ParamWrapper)
-    int8: bool = False  # bnb Linear8bitLt bases (qlora with quant int8)
+    int8: bool  # bnb Linear8bitLt bases (qlora with quant int8)
     # the share of the down projection input's columns int8 keeps as subA (every token)
-    outlier_fraction: float = 1.0
-    kv_cache: bool = False  # the forward fills a DynamicCache (TrainPlan.kv_cache)
-    fp32_norm_scale: bool = False  # ModelSpec.norm_scales_in_fp32
+    outlier_fraction: float
+    kv_cache: bool  # the forward fills a DynamicCache (TrainPlan.kv_cache)
+    fp32_norm_scale: bool  # ModelSpec.norm_scales_in_fp32
     # liger-kernel's RMSNorm, SwiGLU / GEGLU and RoPE replace the modeling code's
     # (TrainPlan.loss_kernel "liger"); its RMSNorm writes dX into dY except for the Gemma
     # families (monkey_patch.py apply_liger_kernel_to_gemma2: in_place=False)
-    liger: bool = False
-    liger_norm_in_place: bool = True
-    adapter: int = 4  # the LoRA adapters' bytes per element (TrainPlan.adapter_dtype)
+    liger: bool
+    liger_norm_in_place: bool
+    adapter: int  # the LoRA adapters' bytes per element (TrainPlan.adapter_dtype)
     # 4-bit bases double-quantized (TrainPlan.double_quant): their fp32 absmax is
     # dequantized before each weight (`_linear`)
-    nested_absmax: bool = False
+    nested_absmax: bool
+
+    def __init__(self, tokens: int, c: int, act: int, targets: frozenset[str], rank: int,
+                 dropout: bool, method: str, autocast_weights: bool, autocast: bool,
+                 expert_bytes: int, expert_fold: bool, int8: bool = False,
+                 outlier_fraction: float = 1.0, kv_cache: bool = False,
+                 fp32_norm_scale: bool = False, liger: bool = False,
+                 liger_norm_in_place: bool = True, adapter: int = 4,
+                 nested_absmax: bool = False) -> None:
+        self.__dict__.update(
+            tokens=tokens, c=c, act=act, targets=targets, rank=rank, dropout=dropout,
+            method=method, autocast_weights=autocast_weights, autocast=autocast,
+            expert_bytes=expert_bytes, expert_fold=expert_fold, int8=int8,
+            outlier_fraction=outlier_fraction, kv_cache=kv_cache,
+            fp32_norm_scale=fp32_norm_scale, liger=liger,
+            liger_norm_in_place=liger_norm_in_place, adapter=adapter,
+            nested_absmax=nested_absmax)
 
 
 
@@ -1548,18 +1617,27 @@ def _shapes(spec: ModelSpec, plan: TrainPlan) -> _Shapes:
     )
 
 
-@dataclass
-class StepRequests:
+class StepRequests(Value):
+    _fields = ("requests", "steps", "phases", "runs", "host_peak")
     requests: list[tuple[int, int]]
     steps: int
     # (phase, index of its first request) of every step, in order: "forward" (with the
     # loss), "backward", "optimizer" (with zero_grad)
-    phases: list[tuple[str, int]] = field(default_factory=list)
+    phases: list[tuple[str, int]]
     # (layer, index of its first request) of each run of one layer's requests (-1: the
     # rest), Graph.runs
-    runs: list[tuple[int, int]] = field(default_factory=list)
+    runs: list[tuple[int, int]]
     # the most bytes of offloaded activations in host memory at once (Graph.host_peak)
-    host_peak: int = 0
+    host_peak: int
+
+    def __init__(self, requests: list[tuple[int, int]], steps: int,
+                 phases: list[tuple[str, int]] | None = None,
+                 runs: list[tuple[int, int]] | None = None, host_peak: int = 0) -> None:
+        self.requests = requests
+        self.steps = steps
+        self.phases = [] if phases is None else phases
+        self.runs = [] if runs is None else runs
+        self.host_peak = host_peak
 
     @property
     def starts(self) -> list[int]:
@@ -1775,7 +1853,7 @@ class _Unfollowed(Exception):
 
 
 _SCALARS = frozenset({bool, int, float, str, Sym})  # Sym: a traced size (program.symbolic)
-_HELD = frozenset({Buf, Var, Node, ChunkNode, CheckpointNode})  # (dataclasses with slots)
+_HELD = frozenset({Buf, Var, Node, ChunkNode, CheckpointNode})  # (records with slots)
 # each one's field values, in its slots' order (attrgetter of two or more names: a tuple)
 _FIELDS_OF = {kind: attrgetter(*getattr(kind, "__slots__")) for kind in _HELD}  # noqa: B009
 # Graph attributes that are no state a step reads: what it writes (the requests, the
@@ -1784,8 +1862,7 @@ _FIELDS_OF = {kind: attrgetter(*getattr(kind, "__slots__")) for kind in _HELD}  
 _OUTPUTS = frozenset({"requests", "runs", "host_peak", "_next", "gone", "for_good"})
 
 
-@dataclass
-class _Boundary:
+class _Boundary(Value):
     """The state of the step loop where a step begins, up to the tensor ids: every
     object the loop and the Graph hold (`step_requests`' loop carries the held output,
     its graph, the cache list and the parameters; every Graph attribute but _OUTPUTS),
@@ -1801,12 +1878,22 @@ class _Boundary:
     2.6 ms (2026-12-07, this 2-core machine); `tests/memory/program/test_step_requests.py`
     compares with the steps generated one by one."""
 
+    _fields = ("form", "ids", "next_id", "start", "run", "phase")
     form: tuple[object, ...]
     ids: list[int]  # the buffers' ids, by the order they are reached in
     next_id: int  # Graph._next: the last id given
     start: int  # the step's first request
     run: int  # its first run (Graph.runs)
     phase: int  # its first phase
+
+    def __init__(self, form: tuple[object, ...], ids: list[int], next_id: int, start: int,
+                 run: int, phase: int) -> None:
+        self.form = form
+        self.ids = ids
+        self.next_id = next_id
+        self.start = start
+        self.run = run
+        self.phase = phase
 
     @classmethod
     def of(cls, g: Graph, carried: tuple[object, ...], phase: int) -> _Boundary | None:
@@ -2371,12 +2458,12 @@ def _group_layer(g: Graph, k: int, layers: int) -> None:
     g.set_layer(k % layers)
 
 
-@dataclass(frozen=True)
-class ProgramPeaks:
+class ProgramPeaks(Frozen):
     """The load and step programs replayed on the caching allocator: the peak allocated
     of each phase (what `torch.cuda.max_memory_allocated` would read over it) and the
     peaks over the steps, as `calibrate` measures them (peaks reset after loading)."""
 
+    _fields = ("phases", "peak_allocated", "peak_reserved", "load_reserved", "requested")
     phases: dict[str, int]  # "load", "forward", "backward", "optimizer"
     peak_allocated: int  # over the steps
     peak_reserved: int  # over the steps
@@ -2384,7 +2471,13 @@ class ProgramPeaks:
     # the peak of the requested bytes alive (each rounded to 512 B, c10 round_size), per
     # phase: what the allocator's allocated peak is before a block's unsplit rest, and,
     # unlike it, independent of where the requests land (`requested_peaks`)
-    requested: dict[str, int] = field(default_factory=dict)
+    requested: dict[str, int]
+
+    def __init__(self, phases: dict[str, int], peak_allocated: int, peak_reserved: int,
+                 load_reserved: int, requested: dict[str, int] | None = None) -> None:
+        self.__dict__.update(phases=phases, peak_allocated=peak_allocated,
+                             peak_reserved=peak_reserved, load_reserved=load_reserved,
+                             requested={} if requested is None else requested)
 
 
 def requested_peaks(load: list[tuple[int, int]], requests: list[tuple[int, int]],

@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import itertools
 from array import array
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from operator import add, itemgetter, sub
 
 from vramcalc.memory.allocator.replay import COMPILED, RequestBlock, expand
+from vramcalc.records import Frozen, Value
 
 TEMPLATE_LAYERS = 6  # first, second, two middle ones, second to last, last
 # the compiled pass over a cut's requests (`_tokens`), where the compiled replay is built
@@ -50,14 +50,18 @@ TEMPLATE_LAYERS = 6  # first, second, two middle ones, second to last, last
 _OWNERS = getattr(COMPILED, "owners", None)
 
 
-@dataclass(frozen=True)
-class StepProgram:
+class StepProgram(Frozen):
     """Step requests as blocks (see RequestBlock) and the phases' starts in the sequence
     they stand for."""
 
+    _fields = ("blocks", "phases", "length")
     blocks: list[RequestBlock]
     phases: list[tuple[str, int]]
     length: int
+
+    def __init__(self, blocks: list[RequestBlock], phases: list[tuple[str, int]],
+                 length: int) -> None:
+        self.__dict__.update(blocks=blocks, phases=phases, length=length)
 
     def requests(self) -> list[tuple[int, int]]:
         """The (id, bytes) sequence the blocks stand for."""
@@ -109,18 +113,39 @@ def _key(run: int, there: tuple[int, int] | None, here: tuple[int, int] | None,
     return None
 
 
-@dataclass(frozen=True)
-class _Shape:
+Block = tuple[int, "array[int]", "array[int] | None", int]  # (run, ids, strides, count)
+
+
+class _Shape(Frozen):
     """What `template_program` finds in a cut but its sizes: the program's blocks as (run,
     ids, id strides or None, count), the sizes to come from the cut's run; the runs that
     must allocate alike (per sweep, layers 1 to TEMPLATE_LAYERS - 2, whose first two,
-    layers 2 and 3, must make the same requests); the phases' starts and the length."""
+    layers 2 and 3, must make the same requests); the phases' starts and the length.
+    `runs`: each block's (run, count), which is all `template_runs` reads; the blocks'
+    ids are made on first use (`make_blocks`, then dropped): program.step.requested_peak
+    (check's suggestions, the searches) reads a new cut's runs and never its ids, 1.2 of
+    the 2.9 ms `_shape` took for llama-3.1-8b's cut (2026-12-08, cProfile)."""
 
+    _fields = ("spans", "blocks", "alike", "phases", "length")
     spans: list[tuple[int, int, int]]  # run -> (layer, first request, end)
-    blocks: list[tuple[int, array[int], array[int] | None, int]]
+    runs: list[tuple[int, int]]
     alike: list[list[int]]
     phases: list[tuple[str, int]]
     length: int
+
+    def __init__(self, spans: list[tuple[int, int, int]], runs: list[tuple[int, int]],
+                 make_blocks: Callable[[], list[Block]], alike: list[list[int]],
+                 phases: list[tuple[str, int]], length: int) -> None:
+        self.__dict__.update(spans=spans, runs=runs, _blocks=None, _make=make_blocks,
+                             alike=alike, phases=phases, length=length)
+
+    @property
+    def blocks(self) -> list[Block]:
+        made: list[Block] | None = self.__dict__["_blocks"]
+        if made is None:
+            made = self.__dict__["_blocks"] = self.__dict__["_make"]()
+            self.__dict__["_make"] = None  # (its closure holds the cut's tokens)
+        return made
 
 
 # The shapes of the cuts seen last: a search or a sweep estimates one plan at many batch
@@ -134,10 +159,14 @@ _SHAPES_KEPT = 8
 _ID, _SIZE = itemgetter(0), itemgetter(1)
 
 
-@dataclass
-class _Seen:
+class _Seen(Value):
+    _fields = ("shape", "signature")
     shape: _Shape
     signature: tuple[int, ...]
+
+    def __init__(self, shape: _Shape, signature: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.signature = signature
 
 
 def _signature(requests: Sequence[tuple[int, int]]) -> tuple[int, ...]:
@@ -170,7 +199,7 @@ def template_runs(requests: Sequence[tuple[int, int]], phases: list[tuple[str, i
     if found is None:
         return None
     spans = found[0].spans
-    return [(spans[k][1], spans[k][2], count) for k, _, _, count in found[0].blocks]
+    return [(spans[k][1], spans[k][2], count) for k, count in found[0].runs]
 
 
 def _found(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
@@ -305,13 +334,16 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
                 bases[key] = sweep_base[w][layers - 1 if end else 0]
         return array("q", list(map(add, map(bases.__getitem__, tokens[k][0]), tokens[k][1])))
 
-    blocks: list[tuple[int, array[int], array[int] | None, int]] = []
+    # each block: (run, the first id of its (first) copy, the layer it stands for, the
+    # first id and layer of the second copy where the middle copies advance by a stride,
+    # count); its ids are made by `make_blocks`
+    layout: list[tuple[int, int, int, tuple[int, int] | None, int]] = []
     starts: dict[int, int] = {}  # run of no layer -> its start in the program
     length = 0
     for k, here in enumerate(sweep_of):
         if here is None:
             starts[k] = length
-            blocks.append((k, ids(k, run_base[k], 0), None, 1))
+            layout.append((k, run_base[k], 0, None, 1))
             length += len(tokens[k][0])
             continue
         w = here[0]
@@ -324,17 +356,14 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
         for i in (*ordered[:2], middle[0], *ordered[-2:]):
             tk = by_layer[w][template(i)]
             if template(i) != 2:
-                blocks.append((tk, ids(tk, sweep_base[w][i], i), None, 1))
+                layout.append((tk, sweep_base[w][i], i, None, 1))
                 length += len(tokens[tk][0])
             elif i == middle[0]:
                 # the middle copies refer to layers 1 to L - 2, which all allocate as
                 # many tensors: every id advances by the same stride from one to the next
-                first = ids(tk, sweep_base[w][i], i)
-                stride = None
-                if len(middle) > 1:
-                    second = ids(tk, sweep_base[w][middle[1]], middle[1])
-                    stride = array("q", map(sub, second, first))
-                blocks.append((tk, first, stride, len(middle)))
+                second = ((sweep_base[w][middle[1]], middle[1]) if len(middle) > 1
+                          else None)
+                layout.append((tk, sweep_base[w][i], i, second, len(middle)))
                 length += len(tokens[tk][0]) * len(middle)
     run_at = {}
     for k, (layer, lo, _) in enumerate(spans):
@@ -344,7 +373,17 @@ def _shape(requests: Sequence[tuple[int, int]], phases: list[tuple[str, int]],
         new_phases = [(name, starts[run_at[p]]) for name, p in phases]
     except KeyError:
         return None
-    return _Shape(spans, blocks, alike, new_phases, length)
+
+    def make_blocks() -> list[Block]:
+        blocks: list[Block] = []
+        for k, own, i, second, count in layout:
+            first = ids(k, own, i)
+            stride = None if second is None else array("q", map(sub, ids(k, *second), first))
+            blocks.append((k, first, stride, count))
+        return blocks
+
+    return _Shape(spans, [(k, count) for k, _, _, _, count in layout], make_blocks, alike,
+                  new_phases, length)
 
 
 # A run's tokens: the keys and the offsets of its requests (two lists: `ids` adds them in

@@ -9,10 +9,9 @@ H100 (docs/memory-model.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from vramcalc.models.spec import ModelSpec
 from vramcalc.plans import TrainPlan
+from vramcalc.records import Frozen
 
 ALLOC_ROUND = 512  # CUDACachingAllocator kMinBlockSize: every block is a multiple of 512 B
 
@@ -67,15 +66,22 @@ def quant_constant_bytes(numel: int, out_features: int, quant: str, double_quant
     return rounded(blocks) + rounded(4 * nested) + rounded(4) + code + rounded(DYNAMIC_MAP_BYTES)
 
 
-@dataclass(frozen=True)
-class WeightBytes:
+class WeightBytes(Frozen):
     """Allocated bytes of the model's own tensors after loading (and kbit preparation)."""
 
+    _fields = ("base_weights", "quant_constants", "unquantized_params", "expert_weights",
+               "buffers")
     base_weights: int  # block Linear weights: packed 4-bit, int8, or 16/32-bit
     quant_constants: int
     unquantized_params: int  # embeddings, lm_head, norms, biases
     expert_weights: int  # MoE experts (3-D tensors bitsandbytes does not quantize)
     buffers: int  # rotary inv_freq and the like
+
+    def __init__(self, base_weights: int, quant_constants: int, unquantized_params: int,
+                 expert_weights: int, buffers: int) -> None:
+        self.__dict__.update(base_weights=base_weights, quant_constants=quant_constants,
+                             unquantized_params=unquantized_params,
+                             expert_weights=expert_weights, buffers=buffers)
 
 
 def _norm_tensors(spec: ModelSpec) -> list[int]:
