@@ -142,10 +142,13 @@ def _write(path: Path, cache: CodeCache) -> None:
     if not made:
         return
     merged = {**table, **made} if len(table) + len(made) <= KEPT else made
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(MAGIC_NUMBER + marshal.dumps(merged))
         os.replace(tmp, path)
     except OSError:
-        pass
+        try:  # a partly written table is not left behind (a full disk, say)
+            tmp.unlink()
+        except OSError:
+            pass
