@@ -3,7 +3,7 @@
 #   1. run 39, the pre-registered inference holdout 8 (h100-infer-holdout8.json, 8 generate()
 #      points, 4 at a time) beside run 41, the allocator traces of m031, a007 and ip06
 #      (h100-trace41.json, serial, --trace-dir; not a holdout), both within DL1 seconds;
-#   2. run 40, the pre-registered Unsloth matrix (run40-unsloth.sh, TOTAL seconds).
+#   2. run 40, the pre-registered Unsloth matrix (run40-unsloth.sh, TOTAL seconds; RUN40=0 skips it).
 # From the repo root with `carry: [".whl/unsloth"]` (bitsandbytes 0.50.2, peft 0.21.0 and
 # pydantic serve phase 1 too). Output: $OUT/run39.tar.gz (unpack into calibration/h100/run39/),
 # $OUT/run41.tar.gz (calibration/h100/run41/), $OUT/run40.tar.gz (calibration/h100/run40/).
@@ -33,4 +33,5 @@ rm -rf /tmp/wi /tmp/wt
 tar -C $R -czf $OUT/run39.tar.gz .
 tar -C $T -czf $OUT/run41.tar.gz .
 cat $R/gpu.txt $R/versions.txt; tail -12 $R/run39-infer8.log; tail -5 $T/run41-trace.log; ls -la $T/traces
-TOTAL=${TOTAL:-100} bash calibration/device/run40-unsloth.sh
+# RUN40=0: phase 1 only (run 40 in a later call: TOTAL=100 bash calibration/device/run40-unsloth.sh)
+[ "${RUN40:-1}" = 1 ] && TOTAL=${TOTAL:-100} bash calibration/device/run40-unsloth.sh
