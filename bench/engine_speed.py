@@ -25,6 +25,14 @@ temporary PYTHONPYCACHEPREFIX (no source tree is written to), and every timed ru
 environment as it is, as this bench did before: with PYTHONDONTWRITEBYTECODE set (as on
 the dev machine) a source checkout compiles vramcalc's modules at every start, ~60 ms of
 a cold plan there (2026-12-07).
+`--installed VENV` times the cold commands as a user's install runs them: VENV/bin/vramcalc
+against VENV/bin/python -c pass, with neither PYTHONPATH nor a bytecode prefix (the .pyc
+files pip wrote, and the code_cache tables the untimed first run writes beside them). A
+source checkout's editable install adds its path finder to every interpreter start,
+`python -c pass` included, and the dev venv's other .pth files more: there `python -c
+pass` took 25-32 ms, in a fresh venv holding only the wheel 12.2 ms, so the ratios from a
+checkout read about half a wheel's (2026-12-08: a cold `plan` 185-198 ms, 5.7-6.1x, from
+the checkout at 02:00 UTC; 167-197 ms, 13.6-16.1x, from the wheel at 02:19).
 `--baseline /other/checkout/src` times that checkout's code in the same rounds (each
 in-process model and each command takes turns between the two, the commands with
 PYTHONPATH set to each src/), for a before/after table under the same load.
@@ -141,10 +149,16 @@ def main() -> None:
     parser.add_argument("--cold-runs", type=int, default=11, help="cold runs per command")
     parser.add_argument("--compile-sources", action="store_true",
                         help="cold runs without a bytecode cache (see the module docstring)")
+    parser.add_argument("--installed", type=Path, metavar="VENV",
+                        help="time the cold commands of this venv's install (e.g. the "
+                        "wheel's), against its own python -c pass; no in-process part")
     parser.add_argument("--baseline", type=Path, metavar="SRC",
                         help="another checkout's src/ (e.g. /work/main/src), timed in the "
                         "same rounds, taking turns with this one")
     args = parser.parse_args()
+    if args.installed is not None:
+        installed(args.installed.resolve(), args.cold_runs)
+        return
     exe = shutil.which("vramcalc", path=str(Path(sys.executable).parent)) or "vramcalc"
     trees = {"this": SRC}
     if args.baseline is not None:
@@ -207,6 +221,40 @@ def main() -> None:
             print(f"  {name:<8} {label:<30} {1e3 * m:8.1f} ms  {m / b:5.1f}x  target <= "
                   f"{target:.0f}x  {verdict(m / b <= target)}  (CPU {1e3 * mc:7.1f} ms, "
                   f"{mc / bc:5.1f}x)")
+    print(f"\nload average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def installed(venv: Path, cold_runs: int) -> None:
+    """The cold table of an installed vramcalc (`--installed`, module docstring)."""
+    py, exe = venv / "bin" / "python", venv / "bin" / "vramcalc"
+    if not exe.exists():
+        raise SystemExit(f"{exe}: no vramcalc installed in {venv}")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPATH", "PYTHONPYCACHEPREFIX")}
+    version = subprocess.run([str(exe), "--version"], capture_output=True, text=True,
+                             env=env).stdout.strip()
+    print(f"installed: {venv}: {version}; load average before "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    wall([str(py), "-c", "pass"], env)  # untimed: the tables code_cache writes
+    for _, argv, _ in COLD:
+        wall([str(exe), *argv], env)
+    base: list[tuple[float, float]] = []
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in COLD}
+    _last_child_cpu()
+    for _ in range(cold_runs):
+        for label, argv, _ in COLD:
+            base.append(timed([str(py), "-c", "pass"], env))
+            runs[label].append(timed([str(exe), *argv], env))
+    b = statistics.median(w for w, _ in base)
+    bc = statistics.median(c for _, c in base)
+    print(f"\ncold processes of the install, median of {cold_runs}, ratio to its "
+          "`python -c pass`:")
+    print(f"  {'python -c pass':<39} {1e3 * b:8.1f} ms (CPU {1e3 * bc:6.1f} ms)")
+    for label, _, target in COLD:
+        m = statistics.median(w for w, _ in runs[label])
+        mc = statistics.median(c for _, c in runs[label])
+        print(f"  {label:<39} {1e3 * m:8.1f} ms  {m / b:5.1f}x  target <= {target:.0f}x  "
+              f"{verdict(m / b <= target)}  (CPU {1e3 * mc:7.1f} ms, {mc / bc:5.1f}x)")
     print(f"\nload average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
