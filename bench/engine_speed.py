@@ -211,17 +211,23 @@ def main() -> None:
                 base.append(timed([sys.executable, "-c", "pass"], env))
                 runs[name, label].append(timed([exe, *argv], envs[name]))
     cache.cleanup()
+    cold_table(base, [(f"{name:<8} {label:<30}", runs[name, label], target)
+                      for label, _, target in COLD for name in trees])
+    print(f"\nload average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def cold_table(base: list[tuple[float, float]],
+               rows: list[tuple[str, list[tuple[float, float]], float]]) -> None:
+    """The cold table: `python -c pass`'s median (wall, CPU) from `base`, then each row's
+    (label, its (wall, CPU) samples, its target ratio) against it."""
     b = statistics.median(w for w, _ in base)
     bc = statistics.median(c for _, c in base)
     print(f"  {'python -c pass':<39} {1e3 * b:8.1f} ms (CPU {1e3 * bc:6.1f} ms)")
-    for label, _, target in COLD:
-        for name in trees:
-            m = statistics.median(w for w, _ in runs[name, label])
-            mc = statistics.median(c for _, c in runs[name, label])
-            print(f"  {name:<8} {label:<30} {1e3 * m:8.1f} ms  {m / b:5.1f}x  target <= "
-                  f"{target:.0f}x  {verdict(m / b <= target)}  (CPU {1e3 * mc:7.1f} ms, "
-                  f"{mc / bc:5.1f}x)")
-    print(f"\nload average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for label, samples, target in rows:
+        m = statistics.median(w for w, _ in samples)
+        mc = statistics.median(c for _, c in samples)
+        print(f"  {label:<39} {1e3 * m:8.1f} ms  {m / b:5.1f}x  target <= {target:.0f}x  "
+              f"{verdict(m / b <= target)}  (CPU {1e3 * mc:7.1f} ms, {mc / bc:5.1f}x)")
 
 
 def installed(venv: Path, cold_runs: int) -> None:
@@ -245,16 +251,9 @@ def installed(venv: Path, cold_runs: int) -> None:
         for label, argv, _ in COLD:
             base.append(timed([str(py), "-c", "pass"], env))
             runs[label].append(timed([str(exe), *argv], env))
-    b = statistics.median(w for w, _ in base)
-    bc = statistics.median(c for _, c in base)
     print(f"\ncold processes of the install, median of {cold_runs}, ratio to its "
           "`python -c pass`:")
-    print(f"  {'python -c pass':<39} {1e3 * b:8.1f} ms (CPU {1e3 * bc:6.1f} ms)")
-    for label, _, target in COLD:
-        m = statistics.median(w for w, _ in runs[label])
-        mc = statistics.median(c for _, c in runs[label])
-        print(f"  {label:<39} {1e3 * m:8.1f} ms  {m / b:5.1f}x  target <= {target:.0f}x  "
-              f"{verdict(m / b <= target)}  (CPU {1e3 * mc:7.1f} ms, {mc / bc:5.1f}x)")
+    cold_table(base, [(label, runs[label], target) for label, _, target in COLD])
     print(f"\nload average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
