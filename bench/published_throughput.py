@@ -23,9 +23,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vramcalc.hardware.catalog import resolve_gpu  # noqa: E402
+from vramcalc.memory.multi_gpu import ParallelPlan  # noqa: E402
 from vramcalc.models.spec import get_spec  # noqa: E402
 from vramcalc.plans import TrainPlan  # noqa: E402
-from vramcalc.timing.gpu_speed import gpu_speed  # noqa: E402
+from vramcalc.timing.gpu_speed import gpu_link, gpu_speed  # noqa: E402
+from vramcalc.timing.parallel_time import parallel_step_time  # noqa: E402
 from vramcalc.timing.step_time import step_time, train_work  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "published_throughput.yaml"
@@ -33,11 +35,21 @@ TARGET = 25.0
 
 
 def predict(row: dict[str, Any]) -> float:
-    speed = gpu_speed(resolve_gpu(row["gpu"]))
+    """Tokens per second per GPU: one GPU's step (step_time), or on `gpus` of them with the
+    row's `strategy` (timing/parallel_time.py: the collectives over the card's link)."""
+    card = resolve_gpu(row["gpu"])
+    speed = gpu_speed(card)
     if speed is None:
         raise SystemExit(f"{row['id']}: no throughput figures for {row['gpu']}")
     plan = TrainPlan.model_validate(row["plan"])
-    return step_time(train_work(get_spec(row["spec"]), plan), speed).tokens_per_second
+    spec = get_spec(row["spec"])
+    gpus = row.get("gpus", 1)
+    if gpus > 1:
+        link = gpu_link(card)
+        assert link is not None, row["id"]
+        par = ParallelPlan(gpus=gpus, strategy=row["strategy"])
+        return parallel_step_time(spec, plan, par, speed, link).tokens_per_second / gpus
+    return step_time(train_work(spec, plan), speed).tokens_per_second
 
 
 def main() -> int:
@@ -54,7 +66,7 @@ def main() -> int:
             eager.append(err)
         mark = " (compiled)" if row.get("compiled") else ""
         if row.get("gpus", 1) > 1:
-            mark += f" ({row['gpus']} GPUs, per GPU)"
+            mark += f" ({row['gpus']} GPUs {row['strategy']}, per GPU)"
         print(f"{row['id']:32} {row['gpu']:15} {pub:9.0f} {pred:9.0f} {err:+7.1f}{mark}")
     med = statistics.median(abs(e) for e in errors)
     print(f"median |error| {med:.1f} % over {len(errors)} rows (target <= {TARGET:.0f} %), "

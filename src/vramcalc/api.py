@@ -1109,6 +1109,8 @@ class ParallelResult(NamedTuple):
     memory_bytes: int | None
     margin_bytes: int
     verdict: Verdict | None
+    time: Any = None  # timing.cost.TrainTime on several GPUs of the named catalog card
+    time_missing: str | None = None  # why there is no time for the named card
 
     @property
     def fits(self) -> bool | None:
@@ -1116,6 +1118,8 @@ class ParallelResult(NamedTuple):
 
     def plan_json(self, gpu: str | None) -> dict[str, Any]:
         out = parallel_fields(self.estimate, self.plan)
+        if self.time is not None:
+            out.update(self.time.fields())
         v = self.verdict
         if v is not None and gpu is not None:
             out.update(gpu=gpu, gpu_memory_bytes=self.memory_bytes,
@@ -1125,6 +1129,8 @@ class ParallelResult(NamedTuple):
 
     def check_json(self, where: str) -> dict[str, Any]:
         out = parallel_fields(self.estimate, self.plan)
+        if self.time is not None:
+            out.update(self.time.fields())
         v, memory = self.verdict, self.memory_bytes
         assert v is not None and memory is not None
         out.update(fits=v.fits, certainty=v.certainty, spread_bytes=v.spread_bytes,
@@ -1135,19 +1141,37 @@ class ParallelResult(NamedTuple):
 
 
 def parallel_step(spec: ModelSpec, plan: TrainPlan, parallel: Any,
-                  memory_bytes: int | None = None, margin_bytes: int = 0) -> ParallelResult:
+                  memory_bytes: int | None = None, margin_bytes: int = 0, *,
+                  time_gpu: str | None = None, prices: Any = None,
+                  dataset_tokens: int | None = None, epochs: float = 1.0,
+                  calibration: bool = True) -> ParallelResult:
     """`plan` (built at the edge) over the GPUs of `parallel` (plans.ParallelPlan;
     memory/multi_gpu.py estimate_parallel), the busiest GPU checked on a card offering
-    `memory_bytes` by the rule of the one-GPU plan. Raw estimate: the fitted corrections
-    were measured on one GPU and are not applied."""
+    `memory_bytes` by the rule of the one-GPU plan, and timed on `parallel.gpus` of the
+    catalog GPU `time_gpu` (timing/cost.py train_time_parallel; `prices` a PriceTable, the
+    shipped one when None). Raw estimate: the fitted corrections were measured on one GPU
+    and are not applied."""
     from vramcalc.memory.multi_gpu import estimate_parallel
 
     pe = estimate_parallel(spec, plan, parallel)
     v = (None if memory_bytes is None else
          verdict(memory_bytes, pe.busiest.required_device_bytes, margin_bytes,
                  pe.busiest.required_low))
+    timed, missing = None, None
+    if time_gpu is not None:
+        from vramcalc.hardware.catalog import resolve_gpu
+        from vramcalc.timing.cost import price_table, train_time_parallel
+
+        table = price_table(None, []) if prices is None else prices
+        found = train_time_parallel(spec, plan, parallel, resolve_gpu(time_gpu), table,
+                                    dataset_tokens, epochs, calibration=calibration)
+        if isinstance(found, str):
+            missing = found
+        else:
+            timed = found
     return ParallelResult(estimate=pe, plan=plan, memory_bytes=memory_bytes,
-                          margin_bytes=margin_bytes, verdict=v)
+                          margin_bytes=margin_bytes, verdict=v, time=timed,
+                          time_missing=missing)
 
 
 def largest_parallel(spec: ModelSpec, plan: TrainPlan, parallel: Any, what: str,

@@ -642,8 +642,12 @@ def test_time_options_refused_when_nothing_can_be_timed() -> None:
     r = _cli("fit", "--gpu", "a10g", "--price", "a10g=1")
     assert r.exit_code == 1 and "nothing on a10g can be timed" in r.output
     r = _cli("check", "-m", "llama-3.1-8b", "--gpu", "h100-sxm", "--gpus", "2",
-             "--strategy", "fsdp", "--dataset-tokens", "100")
-    assert r.exit_code == 1 and "time of several GPUs is not modeled" in r.output
+             "--strategy", "fsdp", "--offload", "cpu", "--dataset-tokens", "100")
+    assert r.exit_code == 1 and "--dataset-tokens: no time here: the optimizer step on the " \
+        "host (--offload cpu) is not modelled" in r.output
+    r = _cli("plan", "-m", "llama-3.1-8b", "--gpu", "h100-sxm", "--gpus", "4",
+             "--gpus-per-node", "2", "--strategy", "fsdp", "--price", "h100-sxm=2")
+    assert r.exit_code == 1 and "links between machines" in r.output
 
 
 def test_host_probe_scales_host_time() -> None:

@@ -321,7 +321,8 @@ def check(
     parallel = parallel_from_options(gpus or (len(targets_) if strategy else None), strategy,
                                      offload, given=given, gpus_from="the GPUs checked")
     if parallel is not None:  # several GPUs: the busiest one against the smallest of them
-        timing.refuse("not with --gpus N (the time of several GPUs is not modeled)")
+        if max_ is not None:
+            timing.refuse("not with --max (which plan would they time?)")
         from vramcalc.commands.parallel import check_parallel
 
         used = targets_ if detected else targets_ * parallel.gpus
@@ -330,8 +331,15 @@ def check(
                             "--gpu NAME --gpus N to plan for GPUs this machine lacks")
         smallest = min(used[: parallel.gpus], key=lambda t: t.free_bytes)
         where = f"{parallel.gpus} x {smallest.name}"
+        from vramcalc.api import catalog_gpu_of
+
+        card = catalog_gpu_of(smallest)
+        if card is None:
+            timing.refuse(f"{smallest.name} is no catalog GPU (the time model needs its "
+                          "throughput)")
         if not check_parallel(spec, train, parallel, smallest.free_bytes, margin_b, where,
-                              json_output):
+                              json_output, time_gpu=None if card is None else card.name,
+                              timing=timing, calibration=not no_calibration):
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
     from vramcalc.api import check_step, checked_on, estimators_saying, largest

@@ -16,6 +16,7 @@ from vramcalc.errors import PlanError
 from vramcalc.units import GiB
 
 if TYPE_CHECKING:
+    from vramcalc.commands.time_options import TimeSettings
     from vramcalc.memory.multi_gpu import ParallelEstimate, ParallelPlan
     from vramcalc.models.spec import ModelSpec
     from vramcalc.plans import TrainPlan
@@ -190,7 +191,9 @@ def show_parallel(pe: ParallelEstimate, plan: TrainPlan) -> None:
 
 def plan_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
                   target: Target | None, margin_b: int, max_: str | None,
-                  json_output: bool) -> bool | None:
+                  json_output: bool, *, time_gpu: str | None = None,
+                  timing: TimeSettings | None = None, calibration: bool = True
+                  ) -> bool | None:
     """`plan --gpus N ...`: print the estimate (or --max per GPU) and return whether the
     busiest GPU fits each GPU's card (`target`, less `margin_b`; None when no card), by the
     rule of the one-GPU plan (vramcalc.sizing.verdict). --json keeps the one-GPU keys' meaning:
@@ -214,7 +217,8 @@ def plan_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
                        else f"nothing fits {where}, not even {max_} 1")
         return best.fits
     result = parallel_step(spec, plan, parallel, None if target is None else target.free_bytes,
-                           margin_b)
+                           margin_b, **_time_args(time_gpu, timing, calibration))
+    _refuse_untimed(result, timing)
     v = result.verdict
     if json_output:
         print_json(result.plan_json(None if target is None else target.name))
@@ -228,18 +232,53 @@ def plan_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
                        f"{v.headroom_bytes / GiB:+.2f} GiB)")
             if v.certainty == "tight":
                 typer.echo(v.tight_reason)
+        _echo_time(result)
     return result.fits
 
 
+def _time_args(time_gpu: str | None, timing: TimeSettings | None,
+               calibration: bool) -> dict[str, Any]:
+    """parallel_step's time arguments: the catalog card to time on (None: no time)."""
+    if time_gpu is None or timing is None:
+        return {}
+    return dict(time_gpu=time_gpu, prices=timing.table(), dataset_tokens=timing.dataset_tokens,
+                epochs=timing.epochs, calibration=calibration)
+
+
+def _refuse_untimed(result: Any, timing: TimeSettings | None) -> None:
+    """Time options given where the time of these GPUs is not modelled: one error line."""
+    if timing is not None and result.time_missing is not None:
+        timing.refuse(f"no time here: {result.time_missing}")
+
+
+def _echo_time(result: Any) -> None:
+    """The time line of several GPUs, or why there is none."""
+    if result.time is not None:
+        from vramcalc.timing.cost import describe
+
+        typer.echo(describe(result.time))
+        typer.echo("  (derived: no multi-GPU step has been timed by vramcalc; the NCCL "
+                   "kernels' share of the SMs is left out)")
+    elif result.time_missing is not None:
+        from vramcalc.commands.common import warn
+
+        warn(f"time: {result.time_missing}")
+
+
 def check_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
-                   memory_bytes: int, margin_b: int, where: str, json_output: bool) -> bool:
+                   memory_bytes: int, margin_b: int, where: str, json_output: bool, *,
+                   time_gpu: str | None = None, timing: TimeSettings | None = None,
+                   calibration: bool = True) -> bool:
     """`check --gpus N --strategy ...`: whether the busiest GPU fits `memory_bytes` (the
     smallest GPU's) with `margin_b`, by the rule of the one-GPU check (vramcalc.sizing.verdict);
-    `where` names the GPUs."""
+    `where` names the GPUs; timed on `time_gpu` (the smallest one, where it is a catalog
+    GPU)."""
     from vramcalc.api import parallel_step
     from vramcalc.commands.common import print_json
 
-    result = parallel_step(spec, plan, parallel, memory_bytes, margin_b)
+    result = parallel_step(spec, plan, parallel, memory_bytes, margin_b,
+                           **_time_args(time_gpu, timing, calibration))
+    _refuse_untimed(result, timing)
     v = result.verdict
     assert v is not None
     if json_output:
@@ -252,4 +291,5 @@ def check_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
                    f"{memory_bytes / GiB:.2f} GiB")
         if v.certainty == "tight":
             typer.echo(v.tight_reason)
+        _echo_time(result)
     return v.fits

@@ -152,10 +152,13 @@ def plan(
     if gpu is None:
         timing.refuse("need --gpu NAME (a catalog GPU: the time model uses its throughput)")
     if parallel is not None:
-        timing.refuse("not with --gpus N (the time of several GPUs is not modeled)")
+        if max_ is not None:
+            timing.refuse("not with --max (which plan would they time?)")
         from vramcalc.commands.parallel import plan_parallel
 
-        if plan_parallel(spec, train, parallel, target, margin_b, max_, json_output) is False:
+        if plan_parallel(spec, train, parallel, target, margin_b, max_, json_output,
+                         time_gpu=gpu, timing=timing,
+                         calibration=not no_calibration) is False:
             raise typer.Exit(EXIT_DOES_NOT_FIT)
         return
     if max_ is not None:

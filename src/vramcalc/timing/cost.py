@@ -153,6 +153,13 @@ class TrainTime(NamedTuple):
     # machine's timed steps of the GPU, and where it comes from; None: the shipped constants
     host_factor: float | None = None
     time_calibration: str | None = None
+    # several GPUs (train_time_parallel): their count (the cost is theirs together), the
+    # link between them, the collectives' time back to back and what the compute does not
+    # hide of it; None on one GPU
+    gpus: int | None = None
+    link: str | None = None
+    communication_seconds: float | None = None
+    exposed_communication_seconds: float | None = None
 
     @property
     def basis_text(self) -> str:
@@ -204,6 +211,53 @@ def train_time(spec: ModelSpec, plan: TrainPlan, gpu: GpuModel, prices: PriceTab
         time_calibration=None if fit is None else fit.note())
 
 
+def train_time_parallel(spec: ModelSpec, plan: TrainPlan, parallel: Any, gpu: GpuModel,
+                        prices: PriceTable, dataset_tokens: int | None = None,
+                        epochs: float = 1.0, *, calibration: bool) -> TrainTime | str:
+    """`plan` (per-device batch) on `parallel.gpus` GPUs of `gpu`'s kind in one machine
+    (timing/parallel_time.py): seconds per step, every GPU's tokens, and with
+    `dataset_tokens` the wall time and the cost of all the GPUs. A string says why there
+    is no time (the card's peaks or link unknown, a setting the model leaves out).
+    `calibration`: the host factor fitted on this machine's timed steps of `gpu`, as on
+    one GPU."""
+    from vramcalc.timing.gpu_speed import gpu_link, gpu_speed
+    from vramcalc.timing.parallel_time import not_timed, parallel_step_time
+
+    why = not_timed(plan, parallel)
+    if why is not None:
+        return why
+    speed = gpu_speed(gpu)
+    if speed is None:
+        return f"no throughput figures for {gpu.name} (vramcalc/data/gpu_speed.yaml)"
+    link = gpu_link(gpu)
+    if link is None:
+        return f"no link between {gpu.name} cards (vramcalc/data/gpu_speed.yaml links)"
+    fit = None
+    if calibration:
+        from vramcalc.timing.host_calibration import calibrated
+
+        speed, fit = calibrated(gpu, speed)
+    pt = parallel_step_time(spec, plan, parallel, speed, link)
+    price = prices.prices.get(gpu.name)
+    steps = total = cost = None
+    if dataset_tokens is not None:
+        steps = math.ceil(dataset_tokens * epochs / pt.tokens)
+        total = steps * pt.step_seconds
+        if price is not None:
+            cost = total / HOUR * price.usd_per_hour * parallel.gpus
+    return TrainTime(
+        gpu=gpu.name, time_basis="derived", step_seconds=pt.step_seconds,
+        tokens_per_step=pt.tokens, tokens_per_second=pt.tokens_per_second, steps=steps,
+        total_seconds=total, usd_per_hour=None if price is None else price.usd_per_hour,
+        price_source=None if price is None else (
+            f"{price.provider}: {price.source}" if price.provider else price.source),
+        price_date=None if price is None or price.date is None else price.date.isoformat(),
+        cost_usd=cost, host_factor=None if fit is None else fit.factor,
+        time_calibration=None if fit is None else fit.note(), gpus=parallel.gpus,
+        link=link.kind, communication_seconds=pt.comm_seconds,
+        exposed_communication_seconds=pt.exposed_seconds)
+
+
 def rank_by_cost(times: list[TrainTime]) -> list[TrainTime]:
     """Cheapest to finish first (cost when every entry has one), then fastest; entries
     without a cost after those with one."""
@@ -227,12 +281,20 @@ def format_duration(seconds: float) -> str:
 
 def describe(t: TrainTime) -> str:
     """One line for the text output."""
-    line = (f"time on {t.gpu} ({t.basis_text}): {t.step_seconds:.3g} s/step, "
+    on = t.gpu if t.gpus is None else f"{t.gpus} x {t.gpu}"
+    line = (f"time on {on} ({t.basis_text}): {t.step_seconds:.3g} s/step, "
             f"{t.tokens_per_second:,.0f} tokens/s")
+    if t.gpus is not None and not t.communication_seconds:
+        line += " (no collectives: the GPUs run their layers in turn)"
+    elif t.gpus is not None and t.exposed_communication_seconds is not None:
+        line += (f" ({t.tokens_per_second / t.gpus:,.0f} per GPU; collectives over "
+                 f"{t.link} {t.communication_seconds:.3g} s, "
+                 f"{t.exposed_communication_seconds:.3g} s of it not hidden by compute)")
     if t.total_seconds is not None:
         line += f"; {t.steps:,} steps: {format_duration(t.total_seconds)}"
         if t.cost_usd is not None:
-            line += f", ${t.cost_usd:,.2f} at ${t.usd_per_hour:g}/h ({t.price_source}"
+            per = "/h" if t.gpus is None else f"/h per GPU x {t.gpus}"
+            line += f", ${t.cost_usd:,.2f} at ${t.usd_per_hour:g}{per} ({t.price_source}"
             line += f", {t.price_date})" if t.price_date else ")"
         else:
             line += " (no price for this GPU: --price GPU=USD)"

@@ -43,9 +43,21 @@ class Peaks(NamedTuple):
         return self.tensor16 if self.tensor16 is not None else 2 * self.fp32
 
 
+class Link(NamedTuple):
+    """How a card reaches its peers inside one machine (gpu_speed.yaml `links`): bytes/s
+    each way per GPU, and the share of it a large NCCL collective's bus bandwidth reaches."""
+
+    kind: str
+    bandwidth: float  # bytes/s, per direction
+    efficiency: float
+    basis: TimeBasis
+    source: str
+
+
 class SpeedTable(NamedTuple):
     efficiencies: dict[str, Efficiency]
     gpus: dict[str, Peaks]
+    links: dict[str, Link] = {}  # catalog GPU name -> its link
 
 
 def _number(where: str, value: Any, *, at_most_one: bool = False) -> float:
@@ -98,6 +110,34 @@ def _peaks(name: str, entry: Any) -> Peaks:
         bandwidth=_number(f"{where}: bandwidth", g["bandwidth"]), source=g["source"])
 
 
+def _links(entries: Any, gpus: dict[str, Peaks]) -> dict[str, Link]:
+    """`links`: kind -> {bandwidth, efficiency, basis, gpus, source}; each GPU of `gpus`
+    in at most one kind."""
+    if not isinstance(entries, dict):
+        raise ValueError("links must be a mapping")
+    out: dict[str, Link] = {}
+    for kind, entry in entries.items():
+        where = f"links: {kind}"
+        e = _keys(where, entry, {"bandwidth", "efficiency", "basis", "gpus", "source"},
+                  {"bandwidth", "efficiency", "basis", "gpus", "source"})
+        if e["basis"] not in get_args(TimeBasis):
+            raise ValueError(f"{where}: basis must be one of {', '.join(get_args(TimeBasis))}")
+        if not isinstance(e["source"], str) or not e["source"]:
+            raise ValueError(f"{where}: source must be a non-empty string")
+        if not isinstance(e["gpus"], list) or not e["gpus"]:
+            raise ValueError(f"{where}: gpus must be a non-empty list")
+        link = Link(kind=str(kind), bandwidth=_number(f"{where}: bandwidth", e["bandwidth"]) * GIGA,
+                    efficiency=_number(f"{where}: efficiency", e["efficiency"], at_most_one=True),
+                    basis=e["basis"], source=e["source"])
+        for name in e["gpus"]:
+            if name not in gpus:
+                raise ValueError(f"{where}: {name!r} is not a GPU of this file")
+            if name in out:
+                raise ValueError(f"{where}: {name!r} is also under {out[name].kind}")
+            out[name] = link
+    return out
+
+
 def _speed_yaml(text: str, origin: str) -> Any:
     import yaml
 
@@ -114,12 +154,14 @@ def parse_speed_table(text: str, origin: str = SPEED_ORIGIN) -> SpeedTable:
 
 def _speed_table_from(data: Any, origin: str) -> SpeedTable:
     try:
-        top = _keys("the file", data, {"efficiencies", "gpus"}, {"efficiencies", "gpus"})
+        top = _keys("the file", data, {"efficiencies", "gpus"},
+                    {"efficiencies", "gpus", "links"})
         effs, gpus = top["efficiencies"], top["gpus"]
         if not isinstance(effs, dict) or not isinstance(gpus, dict):
             raise ValueError("efficiencies and gpus must be mappings")
-        return SpeedTable({str(k): _efficiency(str(k), v) for k, v in effs.items()},
-                          {str(k): _peaks(str(k), v) for k, v in gpus.items()})
+        peaks = {str(k): _peaks(str(k), v) for k, v in gpus.items()}
+        return SpeedTable({str(k): _efficiency(str(k), v) for k, v in effs.items()}, peaks,
+                          _links(top.get("links", {}), peaks))
     except ValueError as err:
         raise SpecError(f"{origin}: {err}") from None
 
@@ -146,3 +188,9 @@ def gpu_speed(gpu: GpuModel, efficiency: Efficiency | None = None) -> GpuSpeed |
         int8_ops=peaks.int8 * TERA if peaks.int8 else None, bandwidth=peaks.bandwidth * GIGA,
         matmul_efficiency=eff.matmul, attention_efficiency=eff.attention,
         memory_efficiency=eff.memory, basis=eff.basis)
+
+
+def gpu_link(gpu: GpuModel) -> Link | None:
+    """The link `gpu` reaches its peers over inside one machine, or None when the file
+    names none for it (no time on several GPUs)."""
+    return speed_table().links.get(gpu.name)

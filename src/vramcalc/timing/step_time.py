@@ -376,6 +376,13 @@ class StepTime(NamedTuple):
     gpu_seconds: float
     host_seconds: float
     classes: tuple[ClassTime, ...]
+    # the step's wall time split: its first forward (before backward begins), the rest of
+    # forward+backward (recompute and backward), and the optimizer step; step_seconds is
+    # their sum plus the fixed per-step cost (timing/parallel_time.py overlaps the
+    # collectives of several GPUs with the first two)
+    forward_seconds: float = 0.0
+    backward_seconds: float = 0.0
+    optimizer_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -753,11 +760,13 @@ def step_at_host(work: StepWork, speed: GpuSpeed) -> Callable[[float], StepTime]
     times = [class_seconds(c, speed) for c in work.classes]
     opt = class_seconds(work.optimizer, speed)
     gpu_fb = sum(x.seconds for x in times)
-    gpu_f = 0.0  # the forward passes' GPU time, where the forward is serial (int8)
-    if work.serial_forward:
-        by_passes = work.forward_passes / (work.forward_passes + 2.0)
-        gpu_f = sum(x.seconds * (c.forward_share if c.forward_share >= 0 else by_passes)
-                    for x, c in zip(times, work.classes, strict=True))
+    # the forward passes' GPU time (each class's forward share, else by passes: a forward
+    # pass costs one, a backward two); the first forward's is 1 / forward_passes of it
+    by_passes = work.forward_passes / (work.forward_passes + 2.0)
+    forward_gpu = sum(x.seconds * (c.forward_share if c.forward_share >= 0 else by_passes)
+                      for x, c in zip(times, work.classes, strict=True))
+    first_share = forward_gpu / work.forward_passes / gpu_fb if gpu_fb else 0.0
+    gpu_f = forward_gpu if work.serial_forward else 0.0  # the serial forward's (int8)
     classes = (*times, opt)
 
     def at(host_factor: float) -> StepTime:
@@ -781,9 +790,12 @@ def step_at_host(work: StepWork, speed: GpuSpeed) -> Callable[[float], StepTime]
         opt_s = (host_opt + opt.seconds if work.serial_optimizer
                  else max(opt.seconds, host_opt))
         step = fwd_bwd + opt_s + host_step
+        forward = fwd_bwd * first_share
         return StepTime(gpu=speed.name, basis=speed.basis, tokens=work.tokens,
                         step_seconds=step, gpu_seconds=gpu_fb + opt.seconds,
-                        host_seconds=host_fb + host_opt + host_step, classes=classes)
+                        host_seconds=host_fb + host_opt + host_step, classes=classes,
+                        forward_seconds=forward, backward_seconds=fwd_bwd - forward,
+                        optimizer_seconds=opt_s)
 
     return at
 
