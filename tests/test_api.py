@@ -192,8 +192,9 @@ def test_multi_gpu_json_is_api_parallel_step() -> None:
     # the split as the CLI built it (its per-GPU budget for a device map included)
     par = ParallelPlan(**json.loads(r.stdout)["parallel"])
     assert (par.gpus, par.strategy) == (2, "fsdp")
-    result = parallel_step(spec, TrainPlan(), par, card.free_bytes, 2**29)
-    assert r.exit_code == (0 if result.fits else 3)
+    result = parallel_step(spec, TrainPlan(), par, card.free_bytes, 2**29,
+                           time_gpu="rtx-4090")
+    assert r.exit_code == (0 if result.fits else 3) and result.time is not None
     assert json.loads(r.stdout) == json.loads(json.dumps(result.plan_json(card.name)))
     r = CliRunner().invoke(app, [*argv, "--max", "batch"])
     best = largest_parallel(spec, TrainPlan(), par, "batch", card, 2**29)

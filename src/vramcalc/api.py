@@ -759,13 +759,42 @@ def check_step(spec: ModelSpec, train: TrainPlan, targets: Sequence[Target],
     if not best.fits_free:
         from vramcalc.memory.multi_gpu import smallest_fitting_parallel
 
-        several = [o.model_dump(mode="json") for o in smallest_fitting_parallel(
-            spec, best.plan, best.target.empty_bytes, margin_bytes, 8,
-            single=estimators.raw())]
+        options = smallest_fitting_parallel(spec, best.plan, best.target.empty_bytes,
+                                            margin_bytes, 8, single=estimators.raw())
+        several = _timed_options(spec, best.plan, options, catalog_gpu_of(best.target),
+                                 table, dataset_tokens, epochs, calibration)
     return CheckReport(verdicts=tuple(verdicts), best=best, margin_bytes=margin_bytes,
                        suggestions=tuple(suggestions), larger=larger, times=times,
                        ranking=ranking, several=several,
                        calibration=next((s.key for s in estimators.applied()), None))
+
+
+def _timed_options(spec: ModelSpec, plan: TrainPlan, options: Sequence[Any], card: Any,
+                   prices: Any, dataset_tokens: int | None, epochs: float,
+                   calibration: bool) -> list[dict[str, Any]]:
+    """check's several-GPU options (multi_gpu.ParallelOption) as JSON, each with its time
+    on `card` (the catalog card checked; None: untimed) under "time" (None where the time
+    of that option is not modelled: timing/parallel_time.py not_timed), the cheapest to
+    finish first where times are known (timing/cost.py rank_by_cost), then the untimed in
+    their order (fewest GPUs first)."""
+    from vramcalc.memory.multi_gpu import ParallelPlan
+    from vramcalc.timing.cost import rank_by_cost, train_time_parallel
+
+    out = [o.model_dump(mode="json") for o in options]
+    timed: dict[int, Any] = {}
+    for k, o in enumerate(options):
+        out[k]["time"] = None
+        if card is None:
+            continue
+        par = ParallelPlan(gpus=o.gpus, strategy=o.strategy, offload=o.offload)
+        t = train_time_parallel(spec, plan, par, card, prices, dataset_tokens, epochs,
+                                calibration=calibration)
+        if not isinstance(t, str):
+            out[k]["time"] = t.fields()
+            timed[id(t)] = (k, t)
+    order = [timed[id(t)][0] for t in rank_by_cost([t for _, t in timed.values()])]
+    order += [k for k in range(len(out)) if k not in order]
+    return [out[k] for k in order]
 
 
 class CompareResult(NamedTuple):

@@ -220,3 +220,16 @@ def test_every_catalog_gpu_with_peaks_can_time_several() -> None:
     for gpu in gpu_catalog():
         if gpu_speed(gpu) is not None:
             assert gpu_link(gpu) is not None, gpu.name
+
+
+def test_fp32_weights_are_gathered_in_the_compute_dtype() -> None:
+    """FSDP MixedPrecision / DeepSpeed bf16 over fp32 weights: 16-bit gathers, the root
+    left out of the backward's at the same width."""
+    spec, n = _spec("qwen2.5-1.5b"), 2
+    fp32 = FULL.model_copy(update={"weights_dtype": "fp32"})
+    assert gathered_bytes(spec, fp32) == gathered_bytes(spec, FULL)
+    found = {c.name: c for c in collectives(spec, fp32, ParallelPlan(gpus=n, strategy="fsdp"),
+                                            _link("h100-sxm"))}
+    root = (spec.embedding_params() + spec.lm_head_params()) * 2
+    assert found["all-gather parameters (backward)"].bus_bytes == pytest.approx(
+        (n - 1) / n * (gathered_bytes(spec, fp32) - root))

@@ -376,8 +376,13 @@ def check(
             for gpu, note in notes.items():
                 typer.echo(f"time on {gpu} calibrated: {note}")
         for o in report.several[:3]:
+            t = o["time"]
+            when = "" if t is None else (
+                f"; {t['step_seconds']:.3g} s/step, {t['tokens_per_second']:,.0f} tokens/s"
+                + ("" if t.get("cost_usd") is None else f", ${t['cost_usd']:,.2f}")
+                + " (derived)")
             typer.echo(f"  on several {best.target.name}: {o['flags']} needs "
-                       f"{_gib(o['required_device_bytes'])} GiB per GPU")
+                       f"{_gib(o['required_device_bytes'])} GiB per GPU{when}")
     if not best.fits_free:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 

@@ -113,20 +113,35 @@ def _seconds(bus_bytes: float, calls: int, link: Link) -> float:
     return bus_bytes / (link.bandwidth * link.efficiency) + calls * NCCL_CALL_S
 
 
+def _gather_scale(plan: TrainPlan) -> tuple[int, int]:
+    """(numerator, denominator) from the weights' bytes as loaded to as gathered: the
+    compute dtype's over the load dtype's where the strategy casts fp32 weights down
+    (multi_gpu._low_precision_compute; not QLoRA), else 1."""
+    load, compute = DTYPE_BYTES[plan.load_dtype], DTYPE_BYTES[plan.compute_dtype]
+    return (compute, load) if load > compute and plan.method != "qlora" else (1, 1)
+
+
 def gathered_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
     """The parameters a sharded strategy all-gathers per pass, as it gathers them: the
     weights as loaded (QLoRA: the packed 4-bit bytes, which quant_storage keeps the same;
     quantization constants stay replicated), LoRA adapters included, in the compute dtype
-    where the strategy casts fp32 weights down (multi_gpu._low_precision_compute)."""
+    where the strategy casts fp32 weights down (`_gather_scale`)."""
     load = DTYPE_BYTES[plan.load_dtype]
     wb = weight_bytes(spec, plan)
     total = (wb.base_weights + unquantized_param_bytes(spec, load)
              + spec.num_hidden_layers * expert_bytes(spec, load))
     if plan.is_lora:
         total += lora_param_bytes(spec, plan)
-    if load > DTYPE_BYTES[plan.compute_dtype] and plan.method != "qlora":
-        total = total * DTYPE_BYTES[plan.compute_dtype] // load
-    return total
+    num, den = _gather_scale(plan)
+    return total * num // den
+
+
+def _root_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
+    """The root unit FSDP keeps gathered after the forward (embeddings, lm_head), as
+    gathered."""
+    num, den = _gather_scale(plan)
+    loaded = (spec.embedding_params() + spec.lm_head_params()) * DTYPE_BYTES[plan.load_dtype]
+    return loaded * num // den
 
 
 def _reduced_grad_bytes(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan) -> int:
@@ -172,8 +187,7 @@ def collectives(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, link: Link
     # fsdp FULL_SHARD / SHARD_GRAD_OP, zero3
     add("all-gather parameters (forward)", "forward", ring * gathered, units)
     if par.strategy == "zero3" or par.sharding_strategy == "FULL_SHARD":
-        root = ((spec.embedding_params() + spec.lm_head_params()) * DTYPE_BYTES[plan.load_dtype]
-                if par.strategy == "fsdp" else 0)  # FSDP keeps the root gathered
+        root = _root_bytes(spec, plan) if par.strategy == "fsdp" else 0  # kept gathered
         add("all-gather parameters (backward)", "backward", ring * max(0, gathered - root),
             units - (1 if root else 0))
     add("reduce-scatter gradients", "backward", ring * grads, units)
@@ -208,13 +222,13 @@ def parallel_step_time(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan,
     found = collectives(spec, plan, par, link)
     comm = sum(c.seconds for c in found)
     exposed = 0.0
+    overlapped = par.strategy != "zero2"  # overlap_comm: False below stage 3
     for phase, compute in (("forward", step.forward_seconds),
                            ("backward", step.backward_seconds)):
         mine = [c for c in found if c.phase == phase]
         total = sum(c.seconds for c in mine)
         if not total:
             continue
-        overlapped = not (par.strategy == "zero2")
         if overlapped:
             # prefetched or bucketed: what outlasts the compute, and one call's share of
             # each collective that cannot overlap (the first gather, the last reduction)
