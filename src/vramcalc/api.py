@@ -774,9 +774,9 @@ def _timed_options(spec: ModelSpec, plan: TrainPlan, options: Sequence[Any], car
                    calibration: bool) -> list[dict[str, Any]]:
     """check's several-GPU options (multi_gpu.ParallelOption) as JSON, each with its time
     on `card` (the catalog card checked; None: untimed) under "time" (None where the time
-    of that option is not modelled: timing/parallel_time.py not_timed), the cheapest to
-    finish first where times are known (timing/cost.py rank_by_cost), then the untimed in
-    their order (fewest GPUs first)."""
+    of that option is not modelled: timing/parallel_time.py not_timed). With
+    `dataset_tokens` (the wall time asked for): the cheapest to finish first (timing/cost.py
+    rank_by_cost), then the untimed; else in their order, fewest GPUs first."""
     from vramcalc.memory.multi_gpu import ParallelPlan
     from vramcalc.timing.cost import rank_by_cost, train_time_parallel
 
@@ -792,6 +792,8 @@ def _timed_options(spec: ModelSpec, plan: TrainPlan, options: Sequence[Any], car
         if not isinstance(t, str):
             out[k]["time"] = t.fields()
             timed[id(t)] = (k, t)
+    if dataset_tokens is None:
+        return out
     order = [timed[id(t)][0] for t in rank_by_cost([t for _, t in timed.values()])]
     order += [k for k in range(len(out)) if k not in order]
     return [out[k] for k in order]

@@ -233,3 +233,19 @@ def test_fp32_weights_are_gathered_in_the_compute_dtype() -> None:
     root = (spec.embedding_params() + spec.lm_head_params()) * 2
     assert found["all-gather parameters (backward)"].bus_bytes == pytest.approx(
         (n - 1) / n * (gathered_bytes(spec, fp32) - root))
+
+
+def test_checks_several_gpu_options_carry_their_time() -> None:
+    argv = ["check", "-m", "llama-2-70b", "--gpu", "rtx-4090", "--method", "lora", "--quant",
+            "none", "--json"]
+    plain = json.loads(_cli(*argv).output)["several_gpus"]
+    assert [o["gpus"] for o in plain] == sorted(o["gpus"] for o in plain)  # fewest first
+    for o in plain:
+        if o["offload"] == "cpu":
+            assert o["time"] is None  # the host's step is not modelled
+        else:
+            assert o["time"]["gpus"] == o["gpus"] and o["time"]["time_basis"] == "derived"
+    costed = json.loads(_cli(*argv, "--dataset-tokens", "1000000").output)["several_gpus"]
+    costs = [o["time"]["cost_usd"] for o in costed if o["time"] is not None]
+    assert costs and costs == sorted(costs)
+    assert all(o["time"] is None for o in costed[len(costs):])

@@ -173,6 +173,43 @@ class TrainTime(NamedTuple):
         return {k: v for k, v in self._asdict().items() if v is not None}
 
 
+def _calibrated_speed(gpu: GpuModel, calibration: bool) -> tuple[Any, Any]:
+    """The time model's view of `gpu` (None: its peaks are not known) and the host factor
+    fitted on this machine's timed steps of it where `calibration` (None: none)."""
+    from vramcalc.timing.gpu_speed import gpu_speed
+
+    speed = gpu_speed(gpu)
+    if speed is None or not calibration:
+        return speed, None
+    from vramcalc.timing.host_calibration import calibrated
+
+    return calibrated(gpu, speed)
+
+
+def _timed(gpu: GpuModel, basis: TimeBasis, step_seconds: float, tokens: int,
+           prices: PriceTable, dataset_tokens: int | None, epochs: float, fit: Any,
+           cards: int = 1, **several: Any) -> TrainTime:
+    """A TrainTime of a step of `step_seconds` training `tokens`, with `dataset_tokens`
+    the wall time of `epochs` passes and the cost of `cards` cards at `gpu`'s price;
+    `several`: the fields of several GPUs (train_time_parallel)."""
+    price = prices.prices.get(gpu.name)
+    steps = total = cost = None
+    if dataset_tokens is not None:
+        steps = math.ceil(dataset_tokens * epochs / tokens)
+        total = steps * step_seconds
+        if price is not None:
+            cost = total / HOUR * price.usd_per_hour * cards
+    return TrainTime(
+        gpu=gpu.name, time_basis=basis, step_seconds=step_seconds,
+        tokens_per_step=tokens, tokens_per_second=tokens / step_seconds, steps=steps,
+        total_seconds=total, usd_per_hour=None if price is None else price.usd_per_hour,
+        price_source=None if price is None else (
+            f"{price.provider}: {price.source}" if price.provider else price.source),
+        price_date=None if price is None or price.date is None else price.date.isoformat(),
+        cost_usd=cost, host_factor=None if fit is None else fit.factor,
+        time_calibration=None if fit is None else fit.note(), **several)
+
+
 def train_time(spec: ModelSpec, plan: TrainPlan, gpu: GpuModel, prices: PriceTable,
                dataset_tokens: int | None = None, epochs: float = 1.0,
                step: StepTime | None = None, *, calibration: bool) -> TrainTime | None:
@@ -181,34 +218,14 @@ def train_time(spec: ModelSpec, plan: TrainPlan, gpu: GpuModel, prices: PriceTab
     the host factor fitted on this machine's timed steps of `gpu`, where DATA/runs holds
     any (timing/host_calibration.py; every command's --no-calibration turns it off, as the
     memory corrections). A given `step` is used as it is."""
-    from vramcalc.timing.gpu_speed import gpu_speed
-
     fit = None
     if step is None:
-        speed = gpu_speed(gpu)
+        speed, fit = _calibrated_speed(gpu, calibration)
         if speed is None:
             return None
-        if calibration:
-            from vramcalc.timing.host_calibration import calibrated
-
-            speed, fit = calibrated(gpu, speed)
         step = step_time(train_work(spec, plan), speed)
-    price = prices.prices.get(gpu.name)
-    steps = total = cost = None
-    if dataset_tokens is not None:
-        steps = math.ceil(dataset_tokens * epochs / step.tokens)
-        total = steps * step.step_seconds
-        if price is not None:
-            cost = total / HOUR * price.usd_per_hour
-    return TrainTime(
-        gpu=gpu.name, time_basis=step.basis, step_seconds=step.step_seconds,
-        tokens_per_step=step.tokens, tokens_per_second=step.tokens_per_second, steps=steps,
-        total_seconds=total, usd_per_hour=None if price is None else price.usd_per_hour,
-        price_source=None if price is None else (
-            f"{price.provider}: {price.source}" if price.provider else price.source),
-        price_date=None if price is None or price.date is None else price.date.isoformat(),
-        cost_usd=cost, host_factor=None if fit is None else fit.factor,
-        time_calibration=None if fit is None else fit.note())
+    return _timed(gpu, step.basis, step.step_seconds, step.tokens, prices, dataset_tokens,
+                  epochs, fit)
 
 
 def train_time_parallel(spec: ModelSpec, plan: TrainPlan, parallel: Any, gpu: GpuModel,
@@ -220,42 +237,23 @@ def train_time_parallel(spec: ModelSpec, plan: TrainPlan, parallel: Any, gpu: Gp
     is no time (the card's peaks or link unknown, a setting the model leaves out).
     `calibration`: the host factor fitted on this machine's timed steps of `gpu`, as on
     one GPU."""
-    from vramcalc.timing.gpu_speed import gpu_link, gpu_speed
+    from vramcalc.timing.gpu_speed import gpu_link
     from vramcalc.timing.parallel_time import not_timed, parallel_step_time
 
     why = not_timed(plan, parallel)
     if why is not None:
         return why
-    speed = gpu_speed(gpu)
+    speed, fit = _calibrated_speed(gpu, calibration)
     if speed is None:
         return f"no throughput figures for {gpu.name} (vramcalc/data/gpu_speed.yaml)"
     link = gpu_link(gpu)
     if link is None:
         return f"no link between {gpu.name} cards (vramcalc/data/gpu_speed.yaml links)"
-    fit = None
-    if calibration:
-        from vramcalc.timing.host_calibration import calibrated
-
-        speed, fit = calibrated(gpu, speed)
     pt = parallel_step_time(spec, plan, parallel, speed, link)
-    price = prices.prices.get(gpu.name)
-    steps = total = cost = None
-    if dataset_tokens is not None:
-        steps = math.ceil(dataset_tokens * epochs / pt.tokens)
-        total = steps * pt.step_seconds
-        if price is not None:
-            cost = total / HOUR * price.usd_per_hour * parallel.gpus
-    return TrainTime(
-        gpu=gpu.name, time_basis="derived", step_seconds=pt.step_seconds,
-        tokens_per_step=pt.tokens, tokens_per_second=pt.tokens_per_second, steps=steps,
-        total_seconds=total, usd_per_hour=None if price is None else price.usd_per_hour,
-        price_source=None if price is None else (
-            f"{price.provider}: {price.source}" if price.provider else price.source),
-        price_date=None if price is None or price.date is None else price.date.isoformat(),
-        cost_usd=cost, host_factor=None if fit is None else fit.factor,
-        time_calibration=None if fit is None else fit.note(), gpus=parallel.gpus,
-        link=link.kind, communication_seconds=pt.comm_seconds,
-        exposed_communication_seconds=pt.exposed_seconds)
+    return _timed(gpu, "derived", pt.step_seconds, pt.tokens, prices, dataset_tokens, epochs,
+                  fit, parallel.gpus, gpus=parallel.gpus, link=link.kind,
+                  communication_seconds=pt.comm_seconds,
+                  exposed_communication_seconds=pt.exposed_seconds)
 
 
 def rank_by_cost(times: list[TrainTime]) -> list[TrainTime]:
