@@ -100,6 +100,11 @@ class Page:
             "Object.fromEntries([...document.querySelectorAll('#legend tr')]"
             ".map(r => [r.dataset.component, r.querySelector('td.num').textContent]))")
 
+    def step_seconds(self) -> dict[str, float]:
+        return self.page.evaluate(
+            "Object.fromEntries([...document.querySelectorAll('.verdict[data-step-seconds]')]"
+            ".map(v => [v.dataset.gpu, Number(v.dataset.stepSeconds)]))")
+
     def verdicts(self) -> dict[str, str]:
         return self.page.evaluate(
             "Object.fromEntries([...document.querySelectorAll('.verdict[data-gpu]')]"
@@ -150,6 +155,8 @@ def test_page_slider_chart_verdicts_link_and_exports(server: VramcalcServer, bro
     assert tab.legend() == {k: f"{v / 2**30:.2f}" for k, v in nonzero(plan["components"]).items()}
     check = json.loads(tab.shown("check")[1])
     assert tab.verdicts() == {g["name"]: g["certainty"] for g in check["gpus"]}
+    # each catalog card's time is check's, to the digit (the one estimator of time)
+    assert tab.step_seconds() == {g["name"]: g["step_seconds"] for g in check["gpus"]}
 
     # move the batch slider: the chart and the verdicts follow, and the URL holds the state
     latencies = []

@@ -334,14 +334,26 @@ function renderChart(plan, check) {
   $("notes").textContent = notes.join(" ");
 }
 
+// A check's time on a catalog card (timing/cost.py TrainTime fields): one line, and the
+// seconds per step as a data attribute (the browser test compares them with the API's)
+function timeOf(t) {
+  if (t.step_seconds === undefined) return ["", ""];
+  const every = t.gpus ? ` on ${t.gpus} GPUs` : "";
+  return [` data-step-seconds="${t.step_seconds}"`,
+    `<div class="dim time">${t.step_seconds.toPrecision(3)} s/step, ` +
+    `${Math.round(t.tokens_per_second).toLocaleString("en-US")} tokens/s${every} ` +
+    `(${esc(t.time_basis)})</div>`];
+}
+
 function renderVerdicts(check) {
   if (check && check.gpus_checked) {  // several GPUs (--gpus N --strategy): the busiest one
     const c = check.fits ? "fits" : "does_not_fit";
+    const [attr, line] = timeOf(check);
     $("verdicts").innerHTML = `<div class="verdict ${c}" data-gpu="${esc(check.gpus_checked)}" ` +
-      `data-certainty="${c}"><div class="word">${CERTAINTY[c]}</div>` +
+      `data-certainty="${c}"${attr}><div class="word">${CERTAINTY[c]}</div>` +
       `<div class="gpu">${esc(check.gpus_checked)}</div><div class="dim">the busiest GPU needs ` +
       `${gib(check.required_device_bytes)} GiB of ${gib(check.budget_bytes_per_gpu)} GiB ` +
-      "(memory less the margin)</div></div>";
+      `(memory less the margin)</div>${line}</div>`;
     return;
   }
   if (!check || !check.gpus) {
@@ -352,12 +364,13 @@ function renderVerdicts(check) {
     // --task infer|merge answers fits_free without a certainty band
     const certainty = g.certainty || (g.fits_free ? "fits" : "does_not_fit");
     const word = CERTAINTY[certainty];
+    const [attr, line] = timeOf(g);
     return `<div class="verdict ${esc(certainty)}" data-gpu="${esc(g.name)}" ` +
-      `data-certainty="${esc(certainty)}" data-required="${g.required_device_bytes}">` +
+      `data-certainty="${esc(certainty)}" data-required="${g.required_device_bytes}"${attr}>` +
       `<div class="word">${esc(word)}</div><div class="gpu">${esc(g.name)}</div>` +
       `<div class="dim">needs ${gib(g.required_device_bytes)} + ` +
       `${gib(check.margin_bytes)} GiB margin of ${gib(g.free_bytes)} GiB; headroom ` +
-      `${g.headroom_bytes >= 0 ? "+" : ""}${gib(g.headroom_bytes)} GiB</div></div>`;
+      `${g.headroom_bytes >= 0 ? "+" : ""}${gib(g.headroom_bytes)} GiB</div>${line}</div>`;
   }).join("");
 }
 
