@@ -249,3 +249,14 @@ def test_checks_several_gpu_options_carry_their_time() -> None:
     costs = [o["time"]["cost_usd"] for o in costed if o["time"] is not None]
     assert costs and costs == sorted(costs)
     assert all(o["time"] is None for o in costed[len(costs):])
+
+
+def test_mixed_cards_are_not_timed() -> None:
+    """Data parallel runs at the slowest card's pace over the slowest link: several GPUs
+    of different kinds get no time, and the time options are refused there."""
+    argv = ["check", "-m", "llama-3.1-8b", "--gpus", "2", "--strategy", "fsdp", "--gpu",
+            "h100-sxm", "--gpu", "a100-80gb"]
+    r = _cli(*argv, "--dataset-tokens", "1000")
+    assert r.exit_code == 1 and "the time of mixed GPUs" in r.output
+    out = json.loads(_cli(*argv, "--json").stdout)
+    assert "step_seconds" not in out and out["fits"] is True

@@ -333,8 +333,15 @@ def check(
         where = f"{parallel.gpus} x {smallest.name}"
         from vramcalc.api import catalog_gpu_of
 
-        card = catalog_gpu_of(smallest)
-        if card is None:
+        # the time of one kind of card (data parallel runs at the slowest GPU's pace, over
+        # the slowest link: mixed cards are not timed)
+        kinds = {t.name for t in used[: parallel.gpus]}
+        card = catalog_gpu_of(smallest) if len(kinds) == 1 else None
+        if len(kinds) > 1:
+            mixed = f"the time of mixed GPUs ({', '.join(sorted(kinds))}) is not modelled"
+            timing.refuse(mixed)
+            warn(f"time: {mixed}")
+        elif card is None:
             timing.refuse(f"{smallest.name} is no catalog GPU (the time model needs its "
                           "throughput)")
         if not check_parallel(spec, train, parallel, smallest.free_bytes, margin_b, where,
