@@ -58,9 +58,12 @@ def test_cpu_ddp_two_processes(tiny: Path, tmp_path: Path) -> None:
         assert r["distributed_type"] == "MULTI_CPU" and r["wrapper"] == "DistributedDataParallel"
         assert r["env"] == SAFE_ENV  # every launched process kept the no-multicast switches
         assert len(r["losses"]) == 2 and r["host_peak_rss"] > 0
+        assert len(r["step_seconds"]) == 2 and all(t > 0 for t in r["step_seconds"])
         assert r["max_allocated"] is None and r["nvml_peak_used"] is None  # no GPU: unknown
         assert r["point"]["parallel"]["strategy"] == "ddp"
     assert merged["max_allocated"] is None and merged["host_peak_rss"] > 0
+    assert merged["step_seconds"] == [max(a, b) for a, b in zip(
+        merged["ranks"][0]["step_seconds"], merged["ranks"][1]["step_seconds"], strict=True)]
     # random init, random tokens: every rank's loss is about ln(vocab)
     assert all(abs(x - math.log(1000)) < 1 for r in merged["ranks"] for x in r["losses"])
     plan = json.loads((out / "plan.json").read_text())

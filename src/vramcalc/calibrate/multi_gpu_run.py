@@ -48,9 +48,9 @@ SAFE_ENV = {
 }
 # What every rank file holds (merge_ranks checks it; tests assert it).
 RANK_FIELDS = ("rank", "local_rank", "world_size", "device", "distributed_type", "backend",
-               "wrapper", "steps", "losses", "max_allocated", "max_reserved", "per_device",
-               "nvml_peak_used", "nvml_process_peak_used", "host_peak_rss", "wall_s", "env",
-               "versions", "point")
+               "wrapper", "steps", "losses", "step_seconds", "max_allocated", "max_reserved",
+               "per_device", "nvml_peak_used", "nvml_process_peak_used", "host_peak_rss",
+               "wall_s", "env", "versions", "point")
 
 
 class LaunchError(RuntimeError):
@@ -176,6 +176,9 @@ def merge_ranks(out_dir: Path, expected: int | None = None) -> dict[str, Any]:
         "max_reserved": _max_of(ranks, "max_reserved"),
         "nvml_peak_used": _max_of(ranks, "nvml_peak_used"),
         "host_peak_rss": _max_of(ranks, "host_peak_rss"),
+        # each step as long as its slowest rank's (the collectives make them wait for it)
+        "step_seconds": [max(t) for t in zip(*(r["step_seconds"] for r in ranks), strict=True)]
+        if all(r.get("step_seconds") for r in ranks) else None,
     }
 
 
@@ -338,13 +341,22 @@ def rank_main(point_path: Path, out_dir: Path) -> None:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     losses = []
+    # each step's wall time, synchronized on both ends: what timing/parallel_time.py
+    # predicts for the step of several GPUs (the first step's includes warm-up)
+    step_seconds = []
     for _ in range(point["steps"]):
+        if on_gpu:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
         ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len), device=first)
         loss = model(input_ids=ids, labels=ids).loss
         (accelerator.backward(loss) if accelerator is not None else loss.backward())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        if on_gpu:
+            torch.cuda.synchronize()
+        step_seconds.append(round(time.perf_counter() - started, 6))
     record: dict[str, Any] = {
         "rank": rank, "local_rank": local,
         "world_size": 1 if accelerator is None else accelerator.num_processes,
@@ -353,6 +365,7 @@ def rank_main(point_path: Path, out_dir: Path) -> None:
         else str(accelerator.distributed_type).split(".")[-1],
         "backend": None if accelerator is None else accelerator.state.backend,
         "wrapper": type(model).__name__, "steps": point["steps"], "losses": losses,
+        "step_seconds": step_seconds,
         "max_allocated": None, "max_reserved": None, "per_device": {},
         "nvml_peak_used": None, "nvml_process_peak_used": None,
     }
