@@ -260,3 +260,18 @@ def test_mixed_cards_are_not_timed() -> None:
     assert r.exit_code == 1 and "the time of mixed GPUs" in r.output
     out = json.loads(_cli(*argv, "--json").stdout)
     assert "step_seconds" not in out and out["fits"] is True
+
+
+def test_sharded_qlora_is_timed_without_kbit_preparation() -> None:
+    """fsdp / zero3 over 4-bit weights: the step of the plan without kbit preparation (the
+    memory of several GPUs assumes TRL's is_sharded_qlora path); ddp keeps it."""
+    spec, speed, link = _spec("llama-3.1-8b"), _speed("h100-sxm"), _link("h100-sxm")
+    qlora = TrainPlan(batch_size=4, seq_len=1024)
+    bare = qlora.model_copy(update={"kbit_prep": False})
+    one_bare = step_time(train_work(spec, bare), speed)
+    one_prep = step_time(train_work(spec, qlora), speed)
+    assert one_bare.step_seconds < one_prep.step_seconds
+    for strategy, expected in (("fsdp", one_bare), ("zero3", one_bare), ("ddp", one_prep)):
+        pt = parallel_step_time(spec, qlora, ParallelPlan(gpus=2, strategy=strategy), speed,
+                                link)
+        assert pt.step.forward_seconds == pytest.approx(expected.forward_seconds), strategy

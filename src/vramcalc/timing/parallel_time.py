@@ -197,7 +197,13 @@ def collectives(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, link: Link
 def _sharded_work_step(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan,
                        speed: GpuSpeed) -> StepTime:
     """One GPU's step: the plan's own, its optimizer's kernels over 1/n of the parameters
-    where the strategy shards the optimizer (fsdp but NO_SHARD, zero2, zero3)."""
+    where the strategy shards the optimizer (fsdp but NO_SHARD, zero2, zero3). Sharded
+    QLoRA (fsdp or zero3 over 4-bit weights) runs without kbit preparation, as the memory
+    of several GPUs has it (TRL's `is_sharded_qlora` skips prepare_model_for_kbit_training:
+    multi_gpu._sharded_qlora_reference): no fp32 norms, embeddings or residual stream."""
+    if (plan.method == "qlora" and plan.quant in ("nf4", "fp4")
+            and par.strategy in ("fsdp", "zero3")):
+        plan = plan.model_copy(update={"kbit_prep": False})
     work = train_work(spec, plan)
     sharded = par.strategy in ("zero2", "zero3") or (
         par.strategy == "fsdp" and par.sharding_strategy != "NO_SHARD")
