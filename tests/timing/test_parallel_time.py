@@ -98,7 +98,7 @@ def test_fsdp_gathers_twice_and_reduce_scatters_once() -> None:
     assert gathered == pytest.approx(2 * spec.num_params(), rel=1e-4)
     assert found["all-gather parameters (forward)"].bus_bytes == pytest.approx(
         (n - 1) / n * gathered)
-    root = (spec.embedding_params() + spec.lm_head_params()) * 2
+    root = (spec.embedding_params() + spec.lm_head_params() + spec.hidden_size) * 2
     assert found["all-gather parameters (backward)"].bus_bytes == pytest.approx(
         (n - 1) / n * (gathered - root))
     assert found["reduce-scatter gradients"].bus_bytes == pytest.approx(
@@ -230,7 +230,7 @@ def test_fp32_weights_are_gathered_in_the_compute_dtype() -> None:
     assert gathered_bytes(spec, fp32) == gathered_bytes(spec, FULL)
     found = {c.name: c for c in collectives(spec, fp32, ParallelPlan(gpus=n, strategy="fsdp"),
                                             _link("h100-sxm"))}
-    root = (spec.embedding_params() + spec.lm_head_params()) * 2
+    root = (spec.embedding_params() + spec.lm_head_params() + spec.hidden_size) * 2
     assert found["all-gather parameters (backward)"].bus_bytes == pytest.approx(
         (n - 1) / n * (gathered_bytes(spec, fp32) - root))
 

@@ -273,7 +273,7 @@ def trainable_grad_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
     return spec.num_params() * DTYPE_BYTES[plan.load_dtype]
 
 
-def _trainable_count(spec: ModelSpec, plan: TrainPlan) -> int:
+def trainable_count(spec: ModelSpec, plan: TrainPlan) -> int:
     return lora_param_count(spec, plan) if plan.is_lora else spec.num_params()
 
 
@@ -310,12 +310,12 @@ def _layer_unit_bytes(spec: ModelSpec, plan: TrainPlan, ref: Estimate) -> int:
     (PEFT's fsdp_auto_wrap_policy wraps them as their own units inside the layer)."""
     c = ref.components
     layers = spec.num_hidden_layers
-    root = _root_unit_bytes(spec, plan)
+    root = root_unit_bytes(spec, plan)
     per_layer_small = max(0, c.unquantized_params - root)
     return _div(c.base_weights + c.expert_weights + c.adapter_weights + per_layer_small, layers)
 
 
-def _root_unit_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
+def root_unit_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
     """Embeddings, untied lm_head and final norm: the root FSDP unit (outside every layer),
     in the load dtype (sharded QLoRA: the quant_storage dtype, which FSDP's uniform-dtype
     flat parameter makes the same)."""
@@ -323,12 +323,22 @@ def _root_unit_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
     return (spec.embedding_params() + spec.lm_head_params() + spec.hidden_size) * dtype
 
 
-def _low_precision_compute(plan: TrainPlan) -> bool:
+def casts_weights_down(plan: TrainPlan) -> bool:
     """Weights stored above the compute dtype (fp32 weights, bf16 compute) that the
     strategy casts itself: FSDP MixedPrecision(param_dtype=bf16) (accelerate's
     FullyShardedDataParallelPlugin.set_mixed_precision for mixed_precision bf16) gathers
-    16-bit copies; DeepSpeed bf16 casts the module (engine.py `module.bfloat16()`)."""
-    return DTYPE_BYTES[plan.load_dtype] > DTYPE_BYTES[plan.compute_dtype]
+    16-bit copies; DeepSpeed bf16 casts the module (engine.py `module.bfloat16()`). Not
+    QLoRA: its 4-bit weights are gathered as stored. Also the time of several GPUs'
+    gathered bytes (timing/parallel_time.py)."""
+    return (DTYPE_BYTES[plan.load_dtype] > DTYPE_BYTES[plan.compute_dtype]
+            and plan.method != "qlora")
+
+
+def is_sharded_qlora(plan: TrainPlan, parallel: ParallelPlan) -> bool:
+    """4-bit QLoRA weights sharded by FSDP or ZeRO-3 (PEFT's FSDP-QLoRA recipe, TRL's
+    `is_sharded_qlora`: no prepare_model_for_kbit_training, `_sharded_qlora_reference`)."""
+    return plan.method == "qlora" and plan.quant in ("nf4", "fp4") and (
+        parallel.strategy == "fsdp" or parallel.strategy == "zero3")
 
 
 def _autocast_copies(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
@@ -337,7 +347,7 @@ def _autocast_copies(spec: ModelSpec, plan: TrainPlan) -> tuple[int, int]:
     do not exist when the strategy hands the layers 16-bit parameters (autocast's
     `cached_cast` casts only tensors above the compute dtype). 0 where the weights are in
     the compute dtype."""
-    if not _low_precision_compute(plan) or plan.method == "qlora":
+    if not casts_weights_down(plan):
         return 0, 0
     compute = DTYPE_BYTES[plan.compute_dtype]
     layers = spec.num_hidden_layers
@@ -418,7 +428,7 @@ def _fsdp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
     placement: dict[str, str] = {}
     notes: list[str] = []
     unit = _layer_unit_bytes(spec, plan, ref)
-    root = _root_unit_bytes(spec, plan)
+    root = root_unit_bytes(spec, plan)
     shardable = ("base_weights", "unquantized_params", "expert_weights", "adapter_weights")
     offload = par.offload == "cpu"
     # MixedPrecision(param_dtype=bf16) over fp32 parameters: each unit's shard is cast to a
@@ -426,7 +436,7 @@ def _fsdp(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
     # 16-bit unsharded flat parameter; the unsharded gradient is 16-bit too (param_dtype)
     # and its reduced shard is cast back to fp32 (`_cast_grad_to_param_dtype`). No autocast
     # casts of the weights are left to make.
-    mp = _low_precision_compute(plan) and plan.method != "qlora"
+    mp = casts_weights_down(plan)
     casts = _autocast_copies(spec, plan) if mp else (0, 0)
     scale = (DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.load_dtype]) if mp else (1, 1)
     if mp:
@@ -554,7 +564,7 @@ def _zero(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
     stage3 = par.strategy == "zero3"
     placement: dict[str, str] = {}
     notes: list[str] = []
-    p_t = _trainable_count(spec, plan)
+    p_t = trainable_count(spec, plan)
     # DeepSpeed bf16 (runtime/engine.py _configure_distributed_model casts the module with
     # module.bfloat16() up to v0.19.1; #8066 changed that): 16-bit trainable params on the
     # GPU, fp32 master partition (4 B) in the optimizer, 16-bit gradient partition; the
@@ -581,12 +591,12 @@ def _zero(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, ref: Estimate,
     host = 0
     gathered_of: dict[str, int] = {}
     unit = _layer_unit_bytes(spec, plan, ref)
-    if _low_precision_compute(plan) and plan.method != "qlora":
+    if casts_weights_down(plan):
         unit = unit * DTYPE_BYTES[plan.compute_dtype] // DTYPE_BYTES[plan.load_dtype]
     lm = max(spec.embedding_params(), spec.lm_head_params()) * 2
     # bf16 over fp32 weights: DeepSpeed casts the module to 16 bits (engine.py
     # `_configure_distributed_model`: module.bfloat16()): 16-bit weights, no autocast casts
-    cast16 = _low_precision_compute(plan) and plan.method != "qlora"
+    cast16 = casts_weights_down(plan)
     casts = _autocast_copies(spec, plan) if cast16 else (0, 0)
     if cast16:
         notes.append(f"DeepSpeed bf16 casts the {plan.load_dtype} module to "
@@ -804,8 +814,7 @@ def estimate_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
         raise PlanError("int8 (LLM.int8) weights cannot be sharded by FSDP or ZeRO-3; use "
                         "--quant nf4 (FSDP-QLoRA) or --strategy ddp / zero2 / device-map")
     single = estimate_fn(spec, plan)
-    sharded_qlora = plan.method == "qlora" and plan.quant in ("nf4", "fp4") and (
-        parallel.strategy == "fsdp" or parallel.strategy == "zero3")
+    sharded_qlora = is_sharded_qlora(plan, parallel)
     storage = parallel.quant_storage
     if storage is not None and not sharded_qlora:
         raise PlanError("--quant-storage is the storage dtype of 4-bit weights: it needs "
@@ -838,7 +847,7 @@ def estimate_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
         return pe
     if parallel.strategy == "ddp":
         comps, placement, detail, notes = _ddp(spec, plan, parallel, ref)
-        est = _assemble(ref, comps, trainable=_trainable_count(spec, plan),
+        est = _assemble(ref, comps, trainable=trainable_count(spec, plan),
                         expandable=plan.expandable_segments)
         return ParallelEstimate(
             parallel=parallel, busiest=est, busiest_gpu=0, per_gpu=[est] * parallel.gpus,
@@ -852,7 +861,7 @@ def estimate_parallel(spec: ModelSpec, plan: TrainPlan, parallel: ParallelPlan,
     else:
         placed = _zero(spec, plan, parallel, ref, step_transient)
     # each phase placed on the GPU as the strategy puts it; the busiest phase is the peak
-    est = _assemble(ref, placed.comps, trainable=_trainable_count(spec, plan),
+    est = _assemble(ref, placed.comps, trainable=trainable_count(spec, plan),
                     expandable=plan.expandable_segments, phases=placed.phases,
                     peak_phase=placed.peak_phase, phase_components=placed.phase_components)
     return ParallelEstimate(

@@ -42,8 +42,15 @@ import math
 from typing import NamedTuple
 
 from vramcalc.errors import PlanError
-from vramcalc.memory.multi_gpu import ParallelPlan, trainable_grad_bytes
-from vramcalc.memory.program.trainable import lora_param_bytes, lora_param_count
+from vramcalc.memory.multi_gpu import (
+    ParallelPlan,
+    casts_weights_down,
+    is_sharded_qlora,
+    root_unit_bytes,
+    trainable_count,
+    trainable_grad_bytes,
+)
+from vramcalc.memory.program.trainable import lora_param_bytes
 from vramcalc.memory.program.weights import (
     DTYPE_BYTES,
     expert_bytes,
@@ -115,10 +122,11 @@ def _seconds(bus_bytes: float, calls: int, link: Link) -> float:
 
 def _gather_scale(plan: TrainPlan) -> tuple[int, int]:
     """(numerator, denominator) from the weights' bytes as loaded to as gathered: the
-    compute dtype's over the load dtype's where the strategy casts fp32 weights down
-    (multi_gpu._low_precision_compute; not QLoRA), else 1."""
-    load, compute = DTYPE_BYTES[plan.load_dtype], DTYPE_BYTES[plan.compute_dtype]
-    return (compute, load) if load > compute and plan.method != "qlora" else (1, 1)
+    compute dtype's over the load dtype's where the strategy casts the weights down
+    (multi_gpu.casts_weights_down), else 1."""
+    if casts_weights_down(plan):
+        return DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.load_dtype]
+    return 1, 1
 
 
 def gathered_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
@@ -136,25 +144,15 @@ def gathered_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
     return total * num // den
 
 
-def _root_bytes(spec: ModelSpec, plan: TrainPlan) -> int:
-    """The root unit FSDP keeps gathered after the forward (embeddings, lm_head), as
-    gathered."""
-    num, den = _gather_scale(plan)
-    loaded = (spec.embedding_params() + spec.lm_head_params()) * DTYPE_BYTES[plan.load_dtype]
-    return loaded * num // den
-
-
 def _reduced_grad_bytes(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan) -> int:
     """The gradients a step reduces: DDP in their own dtype; FSDP in param_dtype where it
     casts fp32 weights down; DeepSpeed in 16 bits."""
     if par.strategy in ("zero2", "zero3"):
-        count = lora_param_count(spec, plan) if plan.is_lora else spec.num_params()
-        return 2 * count
+        return 2 * trainable_count(spec, plan)
     grads = trainable_grad_bytes(spec, plan)
-    load = DTYPE_BYTES[plan.load_dtype]
-    if (par.strategy == "fsdp" and not plan.is_lora
-            and load > DTYPE_BYTES[plan.compute_dtype]):
-        grads = grads * DTYPE_BYTES[plan.compute_dtype] // load
+    if par.strategy == "fsdp" and not plan.is_lora:
+        num, den = _gather_scale(plan)
+        grads = grads * num // den
     return grads
 
 
@@ -181,13 +179,14 @@ def collectives(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan, link: Link
     if par.strategy == "zero2":
         add("reduce-scatter gradients", "backward", ring * grads,
             max(1, math.ceil(grads / (2 * par.zero_reduce_bucket_elems))))
-        params16 = 2 * (lora_param_count(spec, plan) if plan.is_lora else spec.num_params())
-        add("all-gather updated parameters", "after", ring * params16, 1)
+        add("all-gather updated parameters", "after", ring * 2 * trainable_count(spec, plan), 1)
         return out
     # fsdp FULL_SHARD / SHARD_GRAD_OP, zero3
     add("all-gather parameters (forward)", "forward", ring * gathered, units)
     if par.strategy == "zero3" or par.sharding_strategy == "FULL_SHARD":
-        root = _root_bytes(spec, plan) if par.strategy == "fsdp" else 0  # kept gathered
+        # FSDP keeps the root unit gathered after the forward (_post_forward_reshard)
+        num, den = _gather_scale(plan)
+        root = root_unit_bytes(spec, plan) * num // den if par.strategy == "fsdp" else 0
         add("all-gather parameters (backward)", "backward", ring * max(0, gathered - root),
             units - (1 if root else 0))
     add("reduce-scatter gradients", "backward", ring * grads, units)
@@ -201,14 +200,12 @@ def _sharded_work_step(spec: ModelSpec, plan: TrainPlan, par: ParallelPlan,
     QLoRA (fsdp or zero3 over 4-bit weights) runs without kbit preparation, as the memory
     of several GPUs has it (TRL's `is_sharded_qlora` skips prepare_model_for_kbit_training:
     multi_gpu._sharded_qlora_reference): no fp32 norms, embeddings or residual stream."""
-    if (plan.method == "qlora" and plan.quant in ("nf4", "fp4")
-            and par.strategy in ("fsdp", "zero3")):
+    if is_sharded_qlora(plan, par):
         plan = plan.model_copy(update={"kbit_prep": False})
     work = train_work(spec, plan)
-    sharded = par.strategy in ("zero2", "zero3") or (
-        par.strategy == "fsdp" and par.sharding_strategy != "NO_SHARD")
-    if sharded and par.gpus > 1:
-        o, n = work.optimizer, par.gpus
+    n = par.shard_group  # 1 where nothing is sharded (ddp, device-map, fsdp NO_SHARD)
+    if n > 1:
+        o = work.optimizer
         work = work._replace(optimizer=o._replace(
             flops=o.flops / n, bytes=o.bytes / n, sm_ops=o.sm_ops / n,
             sm_bytes=o.sm_bytes / n))
